@@ -1,0 +1,142 @@
+//! The per-connection classifier hash (PCC).
+//!
+//! One function, used by the XDP program to pick a bucket for a new flow and
+//! by tests to predict that choice. It is keyed with a random per-boot seed so
+//! that nobody outside can craft flows that all land on one uplink. It must
+//! stay cheap: a handful of multiplies and rotates, no loops with a variable
+//! bound, nothing the verifier could object to.
+
+/// Which parts of a packet pick its uplink (as MikroTik's PCC classifiers).
+pub mod mode {
+    /// Source and destination address and port, and protocol (the default).
+    pub const FIVE_TUPLE: u32 = 0;
+    /// Source and destination address: all connections between two hosts
+    /// share an uplink.
+    pub const SRC_DST_ADDRESS: u32 = 1;
+    /// Source address only: every connection of one client uses one uplink,
+    /// for sites that pin a session to the client's public address.
+    pub const SRC_ADDRESS: u32 = 2;
+}
+
+/// The fields of a packet the classifier may look at, in host order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuple {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+}
+
+// Murmur3's 32-bit mixing constants: well studied, and a multiply-rotate
+// round is all the kernel side can afford per packet.
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn finish(mut h: u32, len: u32) -> u32 {
+    h ^= len;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Seeded hash of the fields `mode` selects. An unknown mode hashes like
+/// [`mode::FIVE_TUPLE`], so a bad value can never leave the data plane
+/// without a choice.
+#[inline(always)]
+pub fn classify(seed: u32, mode: u32, t: &Tuple) -> u32 {
+    let h = mix(seed, t.src_addr);
+    match mode {
+        mode::SRC_ADDRESS => finish(h, 4),
+        mode::SRC_DST_ADDRESS => finish(mix(h, t.dst_addr), 8),
+        _ => {
+            let h = mix(h, t.dst_addr);
+            let h = mix(h, (u32::from(t.src_port) << 16) | u32::from(t.dst_port));
+            finish(mix(h, u32::from(t.proto)), 16)
+        }
+    }
+}
+
+/// The bucket a hash falls into.
+#[inline(always)]
+pub fn bucket(hash: u32) -> u32 {
+    hash & (crate::BUCKETS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuple(i: u32) -> Tuple {
+        Tuple {
+            src_addr: 0x0a0a_0002,
+            dst_addr: 0xc633_640a,
+            src_port: 1024 + (i as u16),
+            dst_port: 443,
+            proto: 6,
+        }
+    }
+
+    #[test]
+    fn seed_changes_the_hash() {
+        let t = tuple(1);
+        assert_ne!(
+            classify(1, mode::FIVE_TUPLE, &t),
+            classify(2, mode::FIVE_TUPLE, &t)
+        );
+    }
+
+    #[test]
+    fn modes_ignore_what_they_should() {
+        let (a, mut b) = (tuple(1), tuple(2));
+        assert_ne!(
+            classify(7, mode::FIVE_TUPLE, &a),
+            classify(7, mode::FIVE_TUPLE, &b)
+        );
+        // Ports differ: address modes must not care.
+        assert_eq!(
+            classify(7, mode::SRC_DST_ADDRESS, &a),
+            classify(7, mode::SRC_DST_ADDRESS, &b)
+        );
+        b.dst_addr ^= 1;
+        assert_ne!(
+            classify(7, mode::SRC_DST_ADDRESS, &a),
+            classify(7, mode::SRC_DST_ADDRESS, &b)
+        );
+        assert_eq!(
+            classify(7, mode::SRC_ADDRESS, &a),
+            classify(7, mode::SRC_ADDRESS, &b)
+        );
+    }
+
+    #[test]
+    fn buckets_are_spread_evenly_over_ports() {
+        // 64k flows from one client into 4096 buckets: 16 per bucket on
+        // average; no bucket should be wildly over- or under-used.
+        let mut counts = [0u32; crate::BUCKETS as usize];
+        for i in 0..65_536u32 {
+            let t = Tuple {
+                src_port: i as u16,
+                ..tuple(0)
+            };
+            counts[bucket(classify(0xdead_beef, mode::FIVE_TUPLE, &t)) as usize] += 1;
+        }
+        let (min, max) = (counts.iter().min(), counts.iter().max());
+        assert!(
+            min >= Some(&2) && max <= Some(&40),
+            "min {min:?} max {max:?}"
+        );
+    }
+}

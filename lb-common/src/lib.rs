@@ -1,0 +1,31 @@
+//! Types and pure logic shared by the XDP programs (`lb-ebpf`) and user space
+//! (`lb-daemon`, tests, benchmarks).
+//!
+//! Everything here is `no_std` and allocation-free so that the kernel side can
+//! use the very same code: map layouts (`#[repr(C)]`, fixed-width integers,
+//! explicit padding, sizes asserted at compile time), the counter and verdict
+//! reason numbers, the classifier hash, checksum arithmetic and the bucket
+//! table builder. Nothing here touches a map, a socket or the clock.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+pub mod maps;
+pub mod reason;
+pub mod table;
+
+/// Number of entries of the bucket table. A power of two, so the kernel finds
+/// a bucket with a mask instead of a division.
+pub const BUCKETS: u32 = 4096;
+const _: () = assert!(BUCKETS.is_power_of_two());
+
+/// Most uplinks one router can have; sizes the per-uplink maps.
+pub const MAX_UPLINKS: u32 = 16;
+
+/// Bucket table value meaning "no uplink can take new flows": packets of new
+/// flows are dropped and counted rather than leaked to the kernel unNATed.
+pub const NO_UPLINK: u32 = u32::MAX;
+
+/// Default size of the flow table (entries); the daemon overrides it from its
+/// configuration at load time.
+pub const DEFAULT_MAX_FLOWS: u32 = 65_536;

@@ -1,0 +1,44 @@
+//! Why the fast path gave a packet to the kernel or dropped it.
+//!
+//! Each reason is an index into the per-CPU `REASONS` counter array. The
+//! numbers are part of the contract between kernel and user space: append new
+//! reasons, never renumber. Every `XDP_DROP` the programs return has one.
+
+/// Not IPv4 (ARP, IPv6, LLDP, ...).
+pub const PASS_NOT_IPV4: u32 = 0;
+/// Shorter than the headers it claims, or a header field out of range.
+pub const PASS_MALFORMED: u32 = 1;
+/// A fragment: without its first piece the ports are unknown.
+pub const PASS_FRAGMENT: u32 = 2;
+/// For the router itself or another LAN subnet (the bypass table).
+pub const PASS_LOCAL: u32 = 3;
+/// TTL would expire here: the kernel answers with ICMP time exceeded.
+pub const PASS_TTL: u32 = 4;
+/// A protocol or ICMP type the fast path does not forward.
+pub const PASS_UNSUPPORTED: u32 = 5;
+/// A configured uplink has no device or MAC yet.
+pub const PASS_UPLINK_UNREADY: u32 = 6;
+/// Arrived on an interface that is not a configured uplink.
+pub const PASS_UNKNOWN_UPLINK: u32 = 7;
+/// A new flow found no uplink that takes new flows: dropped rather than sent
+/// out unNATed.
+pub const DROP_NO_UPLINK: u32 = 8;
+/// The device map had no entry for the chosen uplink.
+pub const DROP_REDIRECT_FAILED: u32 = 9;
+
+/// Number of reasons; size of the `REASONS` map.
+pub const COUNT: u32 = 10;
+
+/// Names for user space, indexed by reason.
+pub const NAMES: [&str; COUNT as usize] = [
+    "pass_not_ipv4",
+    "pass_malformed",
+    "pass_fragment",
+    "pass_local",
+    "pass_ttl",
+    "pass_unsupported",
+    "pass_uplink_unready",
+    "pass_unknown_uplink",
+    "drop_no_uplink",
+    "drop_redirect_failed",
+];

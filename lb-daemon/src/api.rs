@@ -1,0 +1,103 @@
+//! The control socket: the requests `lbctl` sends, the replies `lbd` gives,
+//! and the framing (one JSON object per line over a Unix stream socket).
+//!
+//! Both sides use these types, so the protocol cannot drift. The server side
+//! only parses and dispatches: it never decides anything itself.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Status(Status),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The classifier mode, as in the configuration.
+    pub mode: String,
+    pub uplinks: Vec<UplinkStatus>,
+    /// Packets the fast path gave to the kernel or dropped, by reason.
+    pub reasons: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UplinkStatus {
+    pub name: String,
+    pub interface: String,
+    pub address: String,
+    pub gateway: String,
+    pub weight: u32,
+    pub tier: u8,
+    /// Operator state: enabled, disabled or drain.
+    pub admin: String,
+    /// Health: up or down.
+    pub health: String,
+    /// What the data plane does with it: active, drain or down.
+    pub state: String,
+    /// Share of the bucket table (new flows), in buckets.
+    pub buckets: u32,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Why a request could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "lbd is not running (no control socket at {path}: {source}); start it, or pass --socket"
+    )]
+    NotRunning {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to lbd at {path} failed: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("lbd sent a reply lbctl does not understand: {0}")]
+    BadReply(serde_json::Error),
+}
+
+/// Send one request and read its reply (blocking; for lbctl and tests).
+pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    let path = socket.display().to_string();
+    let io = |source| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::NotRunning {
+        path: path.clone(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(req).map_err(ClientError::BadReply)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    serde_json::from_str(&reply).map_err(ClientError::BadReply)
+}

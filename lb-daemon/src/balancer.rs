@@ -1,0 +1,67 @@
+//! From uplink states, weights and tiers to the weights the bucket table is
+//! built from. Pure: no I/O, no clock; `lb_common::table` does the bucket
+//! arithmetic.
+//!
+//! Tiers give active/backup: only the best (lowest-numbered) tier that has
+//! an uplink able to take new flows gets any; the tiers behind it carry
+//! traffic only when every uplink ahead of them is down.
+
+use lb_common::MAX_UPLINKS;
+
+/// What the balancer needs to know about one uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub weight: u32,
+    pub tier: u8,
+    /// Healthy and enabled (not drained, disabled or down).
+    pub takes_new_flows: bool,
+}
+
+/// Weights per uplink index for `lb_common::table::rebalance`: the weights
+/// of the best tier's uplinks that take new flows, zero for all others.
+pub fn weights(uplinks: &[Candidate]) -> [u32; MAX_UPLINKS as usize] {
+    let mut out = [0; MAX_UPLINKS as usize];
+    let best = uplinks
+        .iter()
+        .filter(|u| u.takes_new_flows && u.weight > 0)
+        .map(|u| u.tier)
+        .min();
+    for (slot, u) in out.iter_mut().zip(uplinks) {
+        if u.takes_new_flows && Some(u.tier) == best {
+            *slot = u.weight;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(weight: u32, tier: u8, up: bool) -> Candidate {
+        Candidate {
+            weight,
+            tier,
+            takes_new_flows: up,
+        }
+    }
+
+    #[test]
+    fn backup_tier_idle_while_a_primary_is_up() {
+        let w = weights(&[c(1, 0, true), c(3, 0, false), c(5, 1, true)]);
+        assert_eq!(w[..3], [1, 0, 0]);
+    }
+
+    #[test]
+    fn backup_tier_takes_over_when_all_primaries_are_down() {
+        let w = weights(&[c(1, 0, false), c(3, 0, false), c(5, 1, true), c(2, 1, true)]);
+        assert_eq!(w[..4], [0, 0, 5, 2]);
+    }
+
+    #[test]
+    fn nothing_up_gives_no_weights() {
+        assert!(weights(&[c(1, 0, false), c(1, 1, false)])
+            .iter()
+            .all(|&w| w == 0));
+    }
+}

@@ -1,0 +1,99 @@
+//! lbctl: the operator's view of lbd.
+//!
+//! Exit codes: 0 success, 1 lbd refused the request or failed, 2 bad
+//! command line, 3 lbd not reachable.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use lb_daemon::api::{self, ClientError, Request, Response, Status};
+
+#[derive(Parser)]
+#[command(version, about = "Control and inspect the lb daemon")]
+struct Args {
+    /// lbd's control socket.
+    #[arg(long, global = true, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Uplinks with their state and counters.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let request = match args.command {
+        Command::Status => Request::Status,
+    };
+    match api::call(&args.socket, &request) {
+        Ok(Response::Status(status)) => {
+            if args.json {
+                match serde_json::to_string_pretty(&status) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("lbctl: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            } else {
+                print_status(&status);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("lbctl: {message}");
+            ExitCode::from(1)
+        }
+        Err(e @ ClientError::NotRunning { .. }) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_status(s: &Status) {
+    println!("classifier: {}", s.mode);
+    println!(
+        "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<6} {:<6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
+        "UPLINK",
+        "IFACE",
+        "ADDRESS",
+        "WEIGHT",
+        "TIER",
+        "ADMIN",
+        "HEALTH",
+        "STATE",
+        "BUCKETS",
+        "TX_PKTS",
+        "TX_BYTES",
+        "RX_PKTS",
+        "RX_BYTES",
+        "NEW_FLOWS"
+    );
+    for u in &s.uplinks {
+        println!(
+            "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<6} {:<6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
+            u.name, u.interface, u.address, u.weight, u.tier, u.admin, u.health, u.state, u.buckets, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.new_flows
+        );
+    }
+    let nonzero: Vec<String> = s
+        .reasons
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect();
+    if !nonzero.is_empty() {
+        println!("to kernel / dropped: {}", nonzero.join(" "));
+    }
+}

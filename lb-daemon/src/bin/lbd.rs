@@ -1,0 +1,163 @@
+//! lbd: the lb daemon. Validates its configuration, sets up the XDP data
+//! plane, serves the control socket, and cleans up on SIGINT/SIGTERM.
+//!
+//! Exit codes: 0 clean shutdown, 64 bad configuration (nothing was touched),
+//! 1 any other failure (the data plane is detached again).
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use lb_daemon::{
+    api::{Request, Response},
+    config,
+    daemon::Daemon,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+};
+
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "lb daemon: XDP multi-WAN load balancing with failover"
+)]
+struct Args {
+    /// Configuration file.
+    #[arg(short, long, default_value = "/etc/lb/lbd.toml")]
+    config: PathBuf,
+    /// Only validate the configuration, then exit (0 if valid, 64 if not).
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lbd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check {
+        println!("{}: configuration is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lbd: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: config::Config) -> Result<()> {
+    log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
+    let socket = config.daemon.socket.clone();
+    let listener = bind_control_socket(&socket)?;
+    let daemon = match Daemon::start(config).await {
+        Ok(d) => Arc::new(Mutex::new(d)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    log::info!("ready; control socket {}", socket.display());
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => { tokio::spawn(serve(stream, daemon.clone())); }
+                Err(e) => log::warn!("control socket accept failed: {e}"),
+            },
+        }
+    }
+    log::info!("shutting down: detaching XDP programs");
+    let _ = std::fs::remove_file(&socket);
+    drop(daemon);
+    Ok(())
+}
+
+/// Bind the control socket, refusing to start beside a running lbd.
+fn bind_control_socket(path: &Path) -> Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "another lbd is already running (its control socket {} answers); stop it first",
+            path.display()
+        );
+    }
+    // A socket file nobody answers on is left over from a crash.
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    // Root only: the socket changes how the router forwards.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restricting {} to root", path.display()))?;
+    Ok(listener)
+}
+
+/// Answer requests on one connection, one JSON line each.
+async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(req, &daemon),
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        let Ok(mut out) = serde_json::to_vec(&response) else {
+            break;
+        };
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+}
+
+fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
+    let Ok(d) = daemon.lock() else {
+        return Response::Error {
+            message: "daemon state is poisoned; restart lbd".into(),
+        };
+    };
+    match req {
+        Request::Status => match d.status() {
+            Ok(s) => Response::Status(s),
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        },
+    }
+}

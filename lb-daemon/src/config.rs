@@ -1,0 +1,2515 @@
+//! lbd's configuration: parse the TOML file, validate it as a whole, and hand
+//! back a plain, typed [`Config`] in which every value is already checked.
+//!
+//! This module owns the file format (keys, defaults, limits) and its error
+//! messages: every problem names the file, the line and the key, and all the
+//! problems of a file are reported together, so that an operator fixes them
+//! in one pass. Parsing happens in two steps: serde reads the file into `Raw*`
+//! structs whose leaves are `Spanned<toml::Value>` (so a wrong type is a
+//! collected problem with a line, not an abort), and a checker turns those
+//! into the output types, collecting problems as it goes.
+//!
+//! It never touches the kernel: no maps, no netlink, no sockets, no sysctl
+//! writes. The only files it reads are the configuration file ([`load`]) and,
+//! when asked, the `ip_local_port_range` sysctl ([`read_local_port_range`]).
+//! The daemon validates the whole configuration before it binds or attaches
+//! anything.
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::{Spanned, Value};
+
+/// Most uplinks the data plane can steer to.
+///
+/// Must match `lb_common`'s `MAX_UPLINKS` (the size of the kernel's uplink
+/// arrays); it is defined here until the two are wired together.
+pub const MAX_UPLINKS: usize = 16;
+
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
+/// Smallest flow table.
+pub const MIN_FLOWS: u32 = 1024;
+/// Largest flow table (16 Mi entries).
+pub const MAX_FLOWS: u32 = 16 * 1024 * 1024;
+/// Default flow table size.
+pub const DEFAULT_FLOWS: u32 = 65536;
+/// Largest uplink weight.
+pub const MAX_WEIGHT: u32 = 1000;
+/// Highest (least preferred) tier.
+pub const MAX_TIER: u8 = 7;
+/// Largest `rise` and `fall` count.
+pub const MAX_RISE_FALL: u32 = 1000;
+/// A probe's timeout may be at most this many intervals.
+pub const MAX_TIMEOUT_INTERVALS: u32 = 10;
+/// Lowest port the NAT range may use: below are the well-known ports.
+pub const MIN_NAT_PORT: u16 = 1024;
+/// Default NAT port range; clear of the kernel's default
+/// `ip_local_port_range` (32768-60999).
+pub const DEFAULT_NAT_PORTS: (u16, u16) = (20000, 29999);
+/// Where the kernel publishes the port range of the host's own sockets.
+pub const LOCAL_PORT_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Longest Linux interface name (`IFNAMSIZ` - 1).
+const MAX_IFNAME_LEN: usize = 15;
+/// Longest uplink name (the same as an interface name, so names fit anywhere
+/// an interface name fits).
+const MAX_UPLINK_NAME_LEN: usize = 15;
+/// Longest path in a `sockaddr_un` (108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH_LEN: usize = 107;
+
+// ---------------------------------------------------------------------------
+// Output types: plain, validated.
+
+/// The daemon's whole configuration, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub balance: BalanceConfig,
+    pub flows: FlowConfig,
+    pub nat: NatConfig,
+    /// At least one.
+    pub lans: Vec<LanConfig>,
+    /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
+    pub uplinks: Vec<UplinkConfig>,
+}
+
+/// `[daemon]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Control socket path: absolute, at most 107 bytes.
+    pub socket: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+}
+
+/// `[balance]`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BalanceConfig {
+    pub mode: ClassifierMode,
+}
+
+/// Which fields of a new connection pick its uplink (as MikroTik's PCC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum ClassifierMode {
+    /// Protocol, addresses and ports: connections spread independently.
+    #[default]
+    #[serde(rename = "5-tuple")]
+    FiveTuple,
+    /// Source and destination address: one client's connections to one
+    /// server share an uplink.
+    #[serde(rename = "src-dst-address")]
+    SrcDstAddress,
+    /// Source address: all of a client's connections share an uplink.
+    #[serde(rename = "src-address")]
+    SrcAddress,
+}
+
+impl ClassifierMode {
+    /// Every mode, in the order the documentation lists them.
+    pub const ALL: [ClassifierMode; 3] = [Self::FiveTuple, Self::SrcDstAddress, Self::SrcAddress];
+
+    /// The spelling used in the TOML file, in JSON and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FiveTuple => "5-tuple",
+            Self::SrcDstAddress => "src-dst-address",
+            Self::SrcAddress => "src-address",
+        }
+    }
+}
+
+impl fmt::Display for ClassifierMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[flows]`: the data plane's flow table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowConfig {
+    /// Entries, [`MIN_FLOWS`]..=[`MAX_FLOWS`].
+    pub max: u32,
+    pub tcp_established_timeout: Duration,
+    pub tcp_transitory_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub icmp_timeout: Duration,
+}
+
+impl Default for FlowConfig {
+    /// Idle timeouts after RFC 5382 (TCP), RFC 4787 (UDP) and RFC 5508 (ICMP).
+    fn default() -> Self {
+        Self {
+            max: DEFAULT_FLOWS,
+            tcp_established_timeout: Duration::from_secs(2 * 3600),
+            tcp_transitory_timeout: Duration::from_secs(4 * 60),
+            udp_timeout: Duration::from_secs(5 * 60),
+            icmp_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[nat]`: the source ports NAT may pick, `port_min..=port_max`, within
+/// [`MIN_NAT_PORT`]..=65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatConfig {
+    pub port_min: u16,
+    pub port_max: u16,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            port_min: DEFAULT_NAT_PORTS.0,
+            port_max: DEFAULT_NAT_PORTS.1,
+        }
+    }
+}
+
+/// `[[lan]]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanConfig {
+    /// A valid interface name, unique among LANs and uplinks.
+    pub interface: String,
+}
+
+/// `[[uplink]]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkConfig {
+    /// `[a-z0-9_-]`, 1..=15 characters, unique.
+    pub name: String,
+    /// A valid interface name, unique, not a LAN interface.
+    pub interface: String,
+    /// A unicast IPv4 address.
+    pub gateway: Ipv4Addr,
+    /// 1..=[`MAX_WEIGHT`].
+    pub weight: u32,
+    /// 0..=[`MAX_TIER`]; lower is preferred, higher tiers are backups.
+    pub tier: u8,
+    pub health: HealthConfig,
+    /// Zero or more, no two the same; with none, the uplink's health follows
+    /// its link state only.
+    pub probes: Vec<ProbeConfig>,
+}
+
+/// `[uplink.health]`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Time between two probes of each target; non-zero.
+    pub interval: Duration,
+    /// Non-zero, at most [`MAX_TIMEOUT_INTERVALS`] intervals.
+    pub timeout: Duration,
+    /// Consecutive good rounds to go up, 1..=[`MAX_RISE_FALL`].
+    pub rise: u32,
+    /// Consecutive bad rounds to go down, 1..=[`MAX_RISE_FALL`].
+    pub fall: u32,
+    /// A round is good when at least this many probes answer; 1..=the number
+    /// of probes (1 when there are none: it is then unused).
+    pub quorum: u32,
+    /// Degraded while loss is above this, 0..=100.
+    pub max_loss_percent: Option<u8>,
+    /// Degraded while the round-trip time is above this; non-zero.
+    pub max_rtt: Option<Duration>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(150),
+            rise: 5,
+            fall: 3,
+            quorum: 1,
+            max_loss_percent: None,
+            max_rtt: None,
+        }
+    }
+}
+
+/// `[[uplink.probe]]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub kind: ProbeKind,
+}
+
+/// What a probe sends, and where. Addresses are IPv4 literals: probes never
+/// resolve names, so that a DNS failure cannot look like an uplink failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// ICMP echo.
+    Icmp { target: Ipv4Addr },
+    /// TCP connect (a SYN answered by SYN-ACK or RST counts as an answer).
+    Tcp { target: SocketAddrV4 },
+    /// HTTP/1.1 GET `path` with `Host: host`; answered when the status is
+    /// `expect_status`.
+    Http {
+        target: SocketAddrV4,
+        host: String,
+        path: String,
+        expect_status: u16,
+    },
+    /// DNS query for the A record of `query`.
+    Dns { server: SocketAddrV4, query: String },
+}
+
+impl ProbeKind {
+    /// The `kind` key's spelling.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Icmp { .. } => "icmp",
+            Self::Tcp { .. } => "tcp",
+            Self::Http { .. } => "http",
+            Self::Dns { .. } => "dns",
+        }
+    }
+}
+
+impl fmt::Display for ProbeKind {
+    /// One line for logs and the CLI, e.g. `http http://198.51.100.10/ (expect 200)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Icmp { target } => write!(f, "icmp {target}"),
+            Self::Tcp { target } => write!(f, "tcp {target}"),
+            Self::Http {
+                host,
+                path,
+                expect_status,
+                ..
+            } => write!(f, "http http://{host}{path} (expect {expect_status})"),
+            Self::Dns { server, query } => write!(f, "dns {server} A {query}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read; the OS error is the source.
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not TOML, or its shape is wrong (an unknown key, a table
+    /// where an array of tables belongs). Nothing else was checked.
+    #[error("{0}")]
+    Parse(Box<Problem>),
+    /// The file is well formed but breaks these rules (all of them, in line
+    /// order; never empty).
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// The problems found in the file (none for [`ConfigError::Read`]).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Parse(problem) => std::slice::from_ref(problem.as_ref()),
+            Self::Invalid(problems) => problems,
+        }
+    }
+}
+
+/// One thing wrong with a configuration file, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file name as given to [`parse`] (the path for [`load`]).
+    pub file: String,
+    /// 1-based; `None` for problems of the file as a whole.
+    pub line: Option<usize>,
+    /// 1-based; only for syntax errors.
+    pub column: Option<usize>,
+    /// Where in the file, e.g. `flows`, `uplink "isp1" health`, `lan #2`, or
+    /// a dotted key path for parse errors.
+    pub section: Option<String>,
+    /// The key within the section.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    /// `lbd.toml:14: uplink "isp2" key weight: must be between 1 and 1000, got 0`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        f.write_str(": ")?;
+        match (&self.section, &self.key) {
+            (Some(section), Some(key)) => write!(f, "{section} key {key}: ")?,
+            (Some(section), None) => write!(f, "{section}: ")?,
+            (None, Some(key)) => write!(f, "key {key}: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Displays problems one per line.
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a duration string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("expected a duration like \"50ms\", \"2s\", \"5m\" or \"2h\", got an empty string")]
+    Empty,
+    #[error("must not be negative, got \"{0}\"")]
+    Negative(String),
+    #[error("expected a whole number and a unit (ms, s, m, h), like \"50ms\", got \"{0}\"")]
+    BadNumber(String),
+    #[error("\"{0}\" has no unit; add one of ms, s, m, h (like \"{0}s\")")]
+    MissingUnit(String),
+    #[error("unknown unit \"{unit}\" in \"{text}\"; use ms, s, m or h")]
+    UnknownUnit { text: String, unit: String },
+    #[error("must be greater than zero, got \"{0}\"")]
+    Zero(String),
+    #[error("\"{0}\" is too long (at most about 584 years)")]
+    Overflow(String),
+}
+
+// ---------------------------------------------------------------------------
+// Entry points.
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates a configuration; `file_name` is used in messages.
+pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigError> {
+    let deserializer = toml::de::Deserializer::parse(text)
+        .map_err(|err| ConfigError::Parse(Box::new(parse_problem(&err, text, file_name, true))))?;
+    let raw = RawConfig::deserialize(deserializer)
+        .map_err(|err| ConfigError::Parse(Box::new(parse_problem(&err, text, file_name, false))))?;
+    let mut checker = Checker {
+        text,
+        file: file_name,
+        problems: Vec::new(),
+    };
+    let config = checker.config(&raw);
+    if checker.problems.is_empty() {
+        Ok(config)
+    } else {
+        // Stable: problems on one line keep the order they were found in;
+        // problems of the whole file come first.
+        checker.problems.sort_by_key(|p| p.line);
+        Err(ConfigError::Invalid(checker.problems))
+    }
+}
+
+/// Parses a duration: a whole number and one of the units `ms`, `s`, `m`,
+/// `h`, e.g. `"50ms"`. Zero, negative, fractional, unit-less and durations
+/// that do not fit in 64-bit nanoseconds are refused.
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    if text.is_empty() {
+        return Err(DurationError::Empty);
+    }
+    if text.starts_with('-') {
+        return Err(DurationError::Negative(text.to_owned()));
+    }
+    let unit_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(unit_at);
+    if digits.is_empty() {
+        return Err(DurationError::BadNumber(text.to_owned()));
+    }
+    let nanos_per_unit: u64 = match unit {
+        "" => return Err(DurationError::MissingUnit(text.to_owned())),
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60 * 1_000_000_000,
+        "h" => 3600 * 1_000_000_000,
+        _ if unit.starts_with(|c: char| c == '.' || c == ',' || c.is_whitespace()) => {
+            return Err(DurationError::BadNumber(text.to_owned()))
+        }
+        _ => {
+            return Err(DurationError::UnknownUnit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            })
+        }
+    };
+    // Only digits are left, so the one way to fail is a number too large.
+    let count: u64 = digits
+        .parse()
+        .map_err(|_| DurationError::Overflow(text.to_owned()))?;
+    let nanos = count
+        .checked_mul(nanos_per_unit)
+        .ok_or_else(|| DurationError::Overflow(text.to_owned()))?;
+    if nanos == 0 {
+        return Err(DurationError::Zero(text.to_owned()));
+    }
+    Ok(Duration::from_nanos(nanos))
+}
+
+/// Checks the NAT port range against the kernel's `ip_local_port_range`
+/// (`local`, as `(low, high)`): the two must not overlap, or the router's own
+/// connections could take a port that NAT hands out. Returns a message that
+/// names both ranges and what to change, or `None` when they are disjoint.
+pub fn nat_range_conflict(nat: &NatConfig, local: (u16, u16)) -> Option<String> {
+    let (lo, hi) = (local.0.min(local.1), local.0.max(local.1));
+    if nat.port_max < lo || nat.port_min > hi {
+        return None;
+    }
+    // The larger free stretch of 1024..=65535 outside the kernel's range.
+    let below = (lo > MIN_NAT_PORT).then(|| (MIN_NAT_PORT, lo - 1));
+    let above = (hi < u16::MAX).then(|| (hi + 1, u16::MAX));
+    let size = |r: Option<(u16, u16)>| r.map_or(0, |(a, b)| u32::from(b) - u32::from(a) + 1);
+    let room = if size(below) >= size(above) {
+        below
+    } else {
+        above
+    };
+    let fix = match room {
+        Some((a, b)) => format!(
+            "move [nat] port_range outside it (for example \"{a}-{b}\"), or narrow the kernel's \
+             range with sysctl net.ipv4.ip_local_port_range"
+        ),
+        None => "narrow the kernel's range with sysctl net.ipv4.ip_local_port_range to make \
+                 room for [nat] port_range"
+            .to_owned(),
+    };
+    Some(format!(
+        "NAT port range {}-{} overlaps the kernel's ip_local_port_range {lo}-{hi}, so the \
+         router's own connections could collide with NAT; {fix}",
+        nat.port_min, nat.port_max
+    ))
+}
+
+/// Reads the kernel's `ip_local_port_range` (of the caller's network
+/// namespace) from [`LOCAL_PORT_RANGE_PATH`].
+pub fn read_local_port_range() -> io::Result<(u16, u16)> {
+    let text = std::fs::read_to_string(LOCAL_PORT_RANGE_PATH)
+        .map_err(|e| io::Error::new(e.kind(), format!("{LOCAL_PORT_RANGE_PATH}: {e}")))?;
+    parse_local_port_range(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{LOCAL_PORT_RANGE_PATH}: expected two port numbers, got {text:?}"),
+        )
+    })
+}
+
+/// Parses the contents of `ip_local_port_range` ("32768\t60999\n").
+pub fn parse_local_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next(), ports.next()) {
+        (Some(Ok(lo)), Some(Ok(hi)), None) => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as serde reads it: every leaf is a spanned TOML value, so that a
+// wrong type becomes a collected problem with a line number. Unknown keys are
+// refused here, by serde, with the key's position.
+
+type Field = Option<Spanned<Value>>;
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawConfig {
+    daemon: Option<RawDaemon>,
+    balance: Option<RawBalance>,
+    flows: Option<RawFlows>,
+    nat: Option<RawNat>,
+    #[serde(default)]
+    lan: Vec<Spanned<RawLan>>,
+    #[serde(default)]
+    uplink: Vec<Spanned<RawUplink>>,
+}
+
+// `expecting` is what serde says when a key holds something else
+// ("invalid type: integer `4`, expected a table").
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawDaemon {
+    socket: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawBalance {
+    mode: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawFlows {
+    max: Field,
+    tcp_established_timeout: Field,
+    tcp_transitory_timeout: Field,
+    udp_timeout: Field,
+    icmp_timeout: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawNat {
+    port_range: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawLan {
+    interface: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawUplink {
+    name: Field,
+    interface: Field,
+    gateway: Field,
+    weight: Field,
+    tier: Field,
+    health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    probe: Vec<Spanned<RawProbe>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawHealth {
+    interval: Field,
+    timeout: Field,
+    rise: Field,
+    fall: Field,
+    quorum: Field,
+    max_loss_percent: Field,
+    max_rtt: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawProbe {
+    kind: Field,
+    target: Field,
+    expect_status: Field,
+    query: Field,
+}
+
+/// A parse or shape error from the toml crate, as a [`Problem`].
+fn parse_problem(err: &toml::de::Error, text: &str, file: &str, syntax: bool) -> Problem {
+    let (line, column) = match err.span() {
+        Some(span) => {
+            let (line, column) = line_col(text, span.start);
+            (Some(line), syntax.then_some(column))
+        }
+        None => (None, None),
+    };
+    let section = key_path(err).filter(|p| !p.is_empty());
+    let mut message = if syntax {
+        format!("syntax error: {}", err.message())
+    } else {
+        err.message().to_owned()
+    };
+    if let Some(section) = &section {
+        if ["lan", "uplink", "uplink.probe"].contains(&section.as_str())
+            && message.contains("expected a sequence")
+        {
+            message.push_str(&format!(
+                "; write [[{section}]] (an array of tables), not [{section}]"
+            ));
+        }
+    }
+    Problem {
+        file: file.to_owned(),
+        line,
+        column,
+        section,
+        key: None,
+        message,
+    }
+}
+
+/// The dotted key path of a shape error ("uplink.health").
+///
+/// toml 0.9's error keeps the path private and shows it, as a last line
+/// "in `a.b`", only when it has no input to quote; so ask for that form.
+fn key_path(err: &toml::de::Error) -> Option<String> {
+    let mut bare = err.clone();
+    bare.set_input(None);
+    let shown = bare.to_string();
+    let last = shown.lines().last()?;
+    let path = last.strip_prefix("in `")?.strip_suffix('`')?;
+    Some(path.to_owned())
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let bytes = text.as_bytes();
+    let before = bytes.get(..offset).unwrap_or(bytes);
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(before.get(line_start..).unwrap_or_default())
+        .chars()
+        .count()
+        + 1;
+    (line, column)
+}
+
+// ---------------------------------------------------------------------------
+// Validation.
+
+/// Walks the raw file, builds the output and collects problems. Where a value
+/// is wrong it records a problem and carries on with a placeholder, so that
+/// every problem is found; the output is only returned when there were none.
+struct Checker<'a> {
+    text: &'a str,
+    file: &'a str,
+    problems: Vec<Problem>,
+}
+
+/// Where a valid uplink name or interface was found, for cross-checks.
+struct Seen {
+    value: String,
+    line: usize,
+    span: Range<usize>,
+}
+
+impl Checker<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+
+    fn report(
+        &mut self,
+        span: Option<&Range<usize>>,
+        section: &str,
+        key: Option<&str>,
+        message: impl Into<String>,
+    ) {
+        let line = span.map(|s| self.line(s));
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line,
+            column: None,
+            section: Some(section.to_owned()),
+            key: key.map(str::to_owned),
+            message: message.into(),
+        });
+    }
+
+    /// Converts an optional key with `convert`; `None` when it is absent or
+    /// wrong (then a problem is recorded at the key's line).
+    fn field<T>(
+        &mut self,
+        field: &Field,
+        section: &str,
+        key: &str,
+        convert: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> Option<T> {
+        let spanned = field.as_ref()?;
+        match convert(spanned.get_ref()) {
+            Ok(value) => Some(value),
+            Err(message) => {
+                self.report(Some(&spanned.span()), section, Some(key), message);
+                None
+            }
+        }
+    }
+
+    /// As [`Checker::field`], and a missing key is a problem at the line of
+    /// its table's header (`table`).
+    fn required<T>(
+        &mut self,
+        field: &Field,
+        table: &Range<usize>,
+        section: &str,
+        key: &str,
+        convert: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> Option<T> {
+        if field.is_none() {
+            self.report(Some(table), section, Some(key), "missing (required)");
+            return None;
+        }
+        self.field(field, section, key, convert)
+    }
+
+    fn duration(&mut self, field: &Field, section: &str, key: &str) -> Option<Duration> {
+        self.field(field, section, key, |v| {
+            parse_duration(as_str(v)?).map_err(|e| e.to_string())
+        })
+    }
+
+    fn config(&mut self, raw: &RawConfig) -> Config {
+        let daemon = raw
+            .daemon
+            .as_ref()
+            .map_or_else(DaemonConfig::default, |d| self.daemon(d));
+        let balance = raw
+            .balance
+            .as_ref()
+            .map_or_else(BalanceConfig::default, |b| self.balance(b));
+        let flows = raw
+            .flows
+            .as_ref()
+            .map_or_else(FlowConfig::default, |f| self.flows(f));
+        let nat = raw
+            .nat
+            .as_ref()
+            .map_or_else(NatConfig::default, |n| self.nat(n));
+
+        let mut lan_seen = Vec::new();
+        let mut lans = Vec::new();
+        for (i, lan) in raw.lan.iter().enumerate() {
+            let (config, seen) = self.lan(i, lan);
+            lans.push(config);
+            lan_seen.extend(seen);
+        }
+        if raw.lan.is_empty() {
+            self.report(
+                None,
+                "lan",
+                None,
+                "no [[lan]] section: at least one LAN interface is required",
+            );
+        }
+
+        let mut names = Vec::new();
+        let mut interfaces = Vec::new();
+        let mut uplinks = Vec::new();
+        for (i, uplink) in raw.uplink.iter().enumerate() {
+            let (config, name, interface) = self.uplink(i, uplink);
+            uplinks.push(config);
+            names.extend(name);
+            interfaces.extend(interface.map(|seen| (uplink_label(i, uplink.get_ref()), seen)));
+        }
+        if raw.uplink.is_empty() {
+            self.report(
+                None,
+                "uplink",
+                None,
+                "no [[uplink]] section: at least one uplink is required",
+            );
+        }
+        if let Some(extra) = raw.uplink.get(MAX_UPLINKS) {
+            let section = uplink_label(MAX_UPLINKS, extra.get_ref());
+            self.report(
+                Some(&extra.span()),
+                &section,
+                None,
+                format!(
+                    "too many uplinks: at most {MAX_UPLINKS} are supported, this file has {}",
+                    raw.uplink.len()
+                ),
+            );
+        }
+
+        self.cross_check(&lan_seen, &names, &interfaces);
+
+        Config {
+            daemon,
+            balance,
+            flows,
+            nat,
+            lans,
+            uplinks,
+        }
+    }
+
+    /// Uniqueness across sections: LAN interfaces, uplink names, uplink
+    /// interfaces, and no interface both LAN and uplink.
+    fn cross_check(&mut self, lans: &[(String, Seen)], names: &[Seen], uplinks: &[(String, Seen)]) {
+        for (i, (section, seen)) in lans.iter().enumerate() {
+            if let Some((_, first)) = lans[..i].iter().find(|(_, s)| s.value == seen.value) {
+                let message = format!(
+                    "interface {:?} is already a LAN interface (line {})",
+                    seen.value, first.line
+                );
+                self.report(Some(&seen.span), section, Some("interface"), message);
+            }
+        }
+        for (i, seen) in names.iter().enumerate() {
+            if let Some(first) = names[..i].iter().find(|s| s.value == seen.value) {
+                let section = format!("uplink {:?}", seen.value);
+                let message = format!(
+                    "duplicate uplink name {:?} (first used on line {})",
+                    seen.value, first.line
+                );
+                self.report(Some(&seen.span), &section, Some("name"), message);
+            }
+        }
+        for (i, (section, seen)) in uplinks.iter().enumerate() {
+            if let Some((_, lan)) = lans.iter().find(|(_, s)| s.value == seen.value) {
+                let message = format!(
+                    "interface {:?} is a LAN interface (line {}); an interface is either LAN or \
+                     uplink",
+                    seen.value, lan.line
+                );
+                self.report(Some(&seen.span), section, Some("interface"), message);
+            } else if let Some((other, first)) =
+                uplinks[..i].iter().find(|(_, s)| s.value == seen.value)
+            {
+                let message = format!(
+                    "interface {:?} is already used by {other} (line {})",
+                    seen.value, first.line
+                );
+                self.report(Some(&seen.span), section, Some("interface"), message);
+            }
+        }
+    }
+
+    fn daemon(&mut self, raw: &RawDaemon) -> DaemonConfig {
+        let socket = self
+            .field(&raw.socket, "daemon", "socket", |v| {
+                let path = as_str(v)?;
+                check_socket_path(path)?;
+                Ok(PathBuf::from(path))
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        DaemonConfig { socket }
+    }
+
+    fn balance(&mut self, raw: &RawBalance) -> BalanceConfig {
+        let mode = self
+            .field(&raw.mode, "balance", "mode", |v| {
+                let text = as_str(v)?;
+                ClassifierMode::ALL
+                    .into_iter()
+                    .find(|m| m.as_str() == text)
+                    .ok_or_else(|| {
+                        format!(
+                            "must be one of \"5-tuple\", \"src-dst-address\", \"src-address\"; \
+                             got {text:?}"
+                        )
+                    })
+            })
+            .unwrap_or_default();
+        BalanceConfig { mode }
+    }
+
+    fn flows(&mut self, raw: &RawFlows) -> FlowConfig {
+        let default = FlowConfig::default();
+        let s = "flows";
+        FlowConfig {
+            max: self
+                .field(&raw.max, s, "max", |v| as_int(v, MIN_FLOWS, MAX_FLOWS))
+                .unwrap_or(default.max),
+            tcp_established_timeout: self
+                .duration(&raw.tcp_established_timeout, s, "tcp_established_timeout")
+                .unwrap_or(default.tcp_established_timeout),
+            tcp_transitory_timeout: self
+                .duration(&raw.tcp_transitory_timeout, s, "tcp_transitory_timeout")
+                .unwrap_or(default.tcp_transitory_timeout),
+            udp_timeout: self
+                .duration(&raw.udp_timeout, s, "udp_timeout")
+                .unwrap_or(default.udp_timeout),
+            icmp_timeout: self
+                .duration(&raw.icmp_timeout, s, "icmp_timeout")
+                .unwrap_or(default.icmp_timeout),
+        }
+    }
+
+    fn nat(&mut self, raw: &RawNat) -> NatConfig {
+        self.field(&raw.port_range, "nat", "port_range", |v| {
+            parse_port_range(as_str(v)?)
+        })
+        .map_or_else(NatConfig::default, |(port_min, port_max)| NatConfig {
+            port_min,
+            port_max,
+        })
+    }
+
+    fn lan(&mut self, index: usize, raw: &Spanned<RawLan>) -> (LanConfig, Option<(String, Seen)>) {
+        let section = format!("lan #{}", index + 1);
+        let interface = self.required(
+            &raw.get_ref().interface,
+            &raw.span(),
+            &section,
+            "interface",
+            |v| {
+                let name = as_str(v)?;
+                check_ifname(name)?;
+                Ok(name.to_owned())
+            },
+        );
+        let seen = match (&interface, &raw.get_ref().interface) {
+            (Some(name), Some(field)) => Some((section, self.seen(name, field))),
+            _ => None,
+        };
+        (
+            LanConfig {
+                interface: interface.unwrap_or_default(),
+            },
+            seen,
+        )
+    }
+
+    fn seen(&self, value: &str, field: &Spanned<Value>) -> Seen {
+        let span = field.span();
+        Seen {
+            value: value.to_owned(),
+            line: self.line(&span),
+            span,
+        }
+    }
+
+    /// One uplink, and where its valid name and interface were found.
+    fn uplink(
+        &mut self,
+        index: usize,
+        raw: &Spanned<RawUplink>,
+    ) -> (UplinkConfig, Option<Seen>, Option<Seen>) {
+        let table = raw.span();
+        let u = raw.get_ref();
+        let section = uplink_label(index, u);
+        let s = section.as_str();
+
+        let name = self.required(&u.name, &table, s, "name", |v| {
+            let name = as_str(v)?;
+            check_uplink_name(name)?;
+            Ok(name.to_owned())
+        });
+        let interface = self.required(&u.interface, &table, s, "interface", |v| {
+            let name = as_str(v)?;
+            check_ifname(name)?;
+            Ok(name.to_owned())
+        });
+        let gateway = self.required(&u.gateway, &table, s, "gateway", |v| {
+            let text = as_str(v)?;
+            let ip = text
+                .parse::<Ipv4Addr>()
+                .map_err(|_| format!("expected an IPv4 address, got {text:?}"))?;
+            check_unicast(ip)?;
+            Ok(ip)
+        });
+        let weight = self
+            .field(&u.weight, s, "weight", |v| as_int(v, 1, MAX_WEIGHT))
+            .unwrap_or(1);
+        let tier = self
+            .field(&u.tier, s, "tier", |v| as_int(v, 0, MAX_TIER))
+            .unwrap_or(0);
+
+        // Valid probes with their place in the file.
+        let mut probes: Vec<(usize, ProbeConfig)> = Vec::new();
+        for (i, probe) in u.probe.iter().enumerate() {
+            let probe_section = format!("{section} probe #{}", i + 1);
+            let Some(config) = self.probe(&probe_section, probe) else {
+                continue;
+            };
+            if let Some((first, _)) = probes.iter().find(|(_, p)| *p == config) {
+                let target = probe.get_ref().target.as_ref().map(Spanned::span);
+                self.report(
+                    target.as_ref(),
+                    &probe_section,
+                    Some("target"),
+                    format!("the same probe as probe #{}", first + 1),
+                );
+            }
+            probes.push((i, config));
+        }
+
+        let health = match &u.health {
+            Some(h) => self.health(&section, h.get_ref(), u.probe.len()),
+            None => HealthConfig::default(),
+        };
+
+        let name_seen = match (&name, &u.name) {
+            (Some(n), Some(field)) => Some(self.seen(n, field)),
+            _ => None,
+        };
+        let interface_seen = match (&interface, &u.interface) {
+            (Some(n), Some(field)) => Some(self.seen(n, field)),
+            _ => None,
+        };
+        let config = UplinkConfig {
+            name: name.unwrap_or_default(),
+            interface: interface.unwrap_or_default(),
+            gateway: gateway.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            weight,
+            tier,
+            health,
+            probes: probes.into_iter().map(|(_, p)| p).collect(),
+        };
+        (config, name_seen, interface_seen)
+    }
+
+    fn health(&mut self, uplink: &str, raw: &RawHealth, probes: usize) -> HealthConfig {
+        let section = format!("{uplink} health");
+        let s = section.as_str();
+        let default = HealthConfig::default();
+        let interval = self.duration(&raw.interval, s, "interval");
+        let timeout = self.duration(&raw.timeout, s, "timeout");
+        let rise = self.field(&raw.rise, s, "rise", |v| as_int(v, 1, MAX_RISE_FALL));
+        let fall = self.field(&raw.fall, s, "fall", |v| as_int(v, 1, MAX_RISE_FALL));
+        // With no probes the quorum is unused, but only its default makes sense.
+        let most = u32::try_from(probes.max(1)).unwrap_or(u32::MAX);
+        let quorum = self.field(&raw.quorum, s, "quorum", |v| {
+            let n = as_int::<i64>(v, i64::MIN, i64::MAX)?;
+            match u32::try_from(n) {
+                Ok(q) if (1..=most).contains(&q) => Ok(q),
+                _ if probes == 0 => Err(format!(
+                    "must be 1 when the uplink has no probes (health then follows the link \
+                     state), got {n}"
+                )),
+                _ => Err(format!(
+                    "must be between 1 and the number of probes ({most}), got {n}"
+                )),
+            }
+        });
+        let max_loss_percent = self.field(&raw.max_loss_percent, s, "max_loss_percent", |v| {
+            as_int(v, 0u8, 100)
+        });
+        let max_rtt = self.duration(&raw.max_rtt, s, "max_rtt");
+
+        let health = HealthConfig {
+            interval: interval.unwrap_or(default.interval),
+            timeout: timeout.unwrap_or(default.timeout),
+            rise: rise.unwrap_or(default.rise),
+            fall: fall.unwrap_or(default.fall),
+            quorum: quorum.unwrap_or(default.quorum),
+            max_loss_percent,
+            max_rtt,
+        };
+        let limit = health.interval.saturating_mul(MAX_TIMEOUT_INTERVALS);
+        // Only when both are valid (or defaulted), and on the key that was set.
+        let both_ok = raw.interval.is_none() == interval.is_none()
+            && raw.timeout.is_none() == timeout.is_none();
+        if both_ok && health.timeout > limit {
+            let (key, field) = match (&raw.timeout, &raw.interval) {
+                (Some(t), _) => ("timeout", t),
+                (None, Some(i)) => ("interval", i),
+                // Both defaulted: the defaults satisfy the rule.
+                (None, None) => return health,
+            };
+            let message = format!(
+                "timeout {:?}{} must be at most {MAX_TIMEOUT_INTERVALS} x interval ({:?})",
+                health.timeout,
+                if raw.timeout.is_none() {
+                    " (the default; set timeout too)"
+                } else {
+                    ""
+                },
+                health.interval,
+            );
+            self.report(Some(&field.span()), s, Some(key), message);
+        }
+        health
+    }
+
+    fn probe(&mut self, section: &str, raw: &Spanned<RawProbe>) -> Option<ProbeConfig> {
+        let table = raw.span();
+        let p = raw.get_ref();
+        let kind = self.required(&p.kind, &table, section, "kind", |v| {
+            let text = as_str(v)?;
+            match text {
+                "icmp" | "tcp" | "http" | "dns" => Ok(text.to_owned()),
+                _ => Err(format!(
+                    "must be one of \"icmp\", \"tcp\", \"http\", \"dns\"; got {text:?}"
+                )),
+            }
+        });
+        let kind = kind.as_deref();
+        let is_http = kind == Some("http");
+        let is_dns = kind == Some("dns");
+
+        // Keys that belong to one kind only (when the kind is known).
+        if let (Some(kind), Some(field)) = (kind, &p.expect_status) {
+            if !is_http {
+                let message = format!("only for kind = \"http\", not {kind:?}");
+                self.report(Some(&field.span()), section, Some("expect_status"), message);
+            }
+        }
+        if let (Some(kind), Some(field)) = (kind, &p.query) {
+            if !is_dns {
+                let message = format!("only for kind = \"dns\", not {kind:?}");
+                self.report(Some(&field.span()), section, Some("query"), message);
+            }
+        }
+        let expect_status = if is_http {
+            self.field(&p.expect_status, section, "expect_status", |v| {
+                as_int(v, 100u16, 599)
+            })
+        } else {
+            None
+        };
+        let query = if is_dns {
+            self.required(&p.query, &table, section, "query", |v| {
+                let name = as_str(v)?;
+                check_dns_name(name)?;
+                Ok(name.to_owned())
+            })
+        } else {
+            None
+        };
+
+        let kind = match kind {
+            Some(kind) => kind,
+            None => {
+                // Without a kind the target cannot be checked; still require it.
+                if p.target.is_none() {
+                    self.report(Some(&table), section, Some("target"), "missing (required)");
+                }
+                return None;
+            }
+        };
+        let target = self.required(&p.target, &table, section, "target", |v| {
+            let text = as_str(v)?;
+            match kind {
+                "icmp" => parse_icmp_target(text).map(|target| ProbeKind::Icmp { target }),
+                "tcp" => parse_tcp_target(text).map(|target| ProbeKind::Tcp { target }),
+                "http" => parse_http_target(text).map(|(target, host, path)| ProbeKind::Http {
+                    target,
+                    host,
+                    path,
+                    expect_status: 200,
+                }),
+                _ => parse_dns_target(text).map(|server| ProbeKind::Dns {
+                    server,
+                    query: String::new(),
+                }),
+            }
+        })?;
+        let kind = match target {
+            ProbeKind::Http {
+                target, host, path, ..
+            } => ProbeKind::Http {
+                target,
+                host,
+                path,
+                expect_status: expect_status.unwrap_or(200),
+            },
+            ProbeKind::Dns { server, .. } => ProbeKind::Dns {
+                server,
+                query: query?,
+            },
+            other => other,
+        };
+        Some(ProbeConfig { kind })
+    }
+}
+
+/// How messages name uplink `index`: by its name when it has a string one.
+fn uplink_label(index: usize, raw: &RawUplink) -> String {
+    match raw.name.as_ref().map(Spanned::get_ref) {
+        Some(Value::String(name)) => format!("uplink {name:?}"),
+        _ => format!("uplink #{}", index + 1),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Value checks: pure, each returns the message of a problem.
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Array(_) => "an array".to_owned(),
+        Value::Table(_) => "a table".to_owned(),
+        _ => format!("{} {value}", value.type_str()),
+    }
+}
+
+fn as_str(value: &Value) -> Result<&str, String> {
+    match value {
+        Value::String(s) => Ok(s),
+        other => Err(format!("expected a string, got {}", describe(other))),
+    }
+}
+
+/// An integer in `lo..=hi`.
+fn as_int<T>(value: &Value, lo: T, hi: T) -> Result<T, String>
+where
+    T: Copy + Into<i64> + TryFrom<i64> + fmt::Display,
+{
+    let Value::Integer(n) = value else {
+        return Err(format!("expected an integer, got {}", describe(value)));
+    };
+    let n = *n;
+    if n < lo.into() || n > hi.into() {
+        return Err(format!("must be between {lo} and {hi}, got {n}"));
+    }
+    T::try_from(n).map_err(|_| format!("must be between {lo} and {hi}, got {n}"))
+}
+
+/// `"MIN-MAX"` within [`MIN_NAT_PORT`]..=65535, `MIN <= MAX`.
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let shape = || format!("expected \"MIN-MAX\" like \"20000-29999\", got {text:?}");
+    let (lo, hi) = text.split_once('-').ok_or_else(shape)?;
+    let port = |s: &str| -> Result<u16, String> {
+        let n: u32 = s.trim().parse().map_err(|_| shape())?;
+        u16::try_from(n)
+            .ok()
+            .filter(|&p| p >= MIN_NAT_PORT)
+            .ok_or_else(|| format!("ports must be between {MIN_NAT_PORT} and 65535, got {n}"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!(
+            "the first port must not be above the second, got {lo}-{hi}"
+        ));
+    }
+    Ok((lo, hi))
+}
+
+/// The kernel's rule for interface names (`dev_valid_name`): 1..=15 bytes,
+/// not `.` or `..`, no `/`, `:` or whitespace; and no control characters.
+fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_IFNAME_LEN {
+        return Err(format!(
+            "an interface name has 1 to {MAX_IFNAME_LEN} bytes, got {name:?} ({} bytes)",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "an interface name cannot contain {c:?}, got {name:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_uplink_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if name.is_empty() || name.len() > MAX_UPLINK_NAME_LEN || !valid_chars {
+        return Err(format!(
+            "must be 1 to {MAX_UPLINK_NAME_LEN} characters of a-z, 0-9, '_' and '-', got {name:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_socket_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("must be an absolute path, got {path:?}"));
+    }
+    if path.len() > MAX_SOCKET_PATH_LEN || path.contains('\0') {
+        return Err(format!(
+            "a Unix socket path has at most {MAX_SOCKET_PATH_LEN} bytes and no NUL, got {} bytes",
+            path.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A gateway or probe target must be a unicast address.
+fn check_unicast(ip: Ipv4Addr) -> Result<(), String> {
+    let what = if ip.is_unspecified() {
+        "the unspecified address"
+    } else if ip.is_broadcast() {
+        "the broadcast address"
+    } else if ip.is_multicast() {
+        "a multicast address"
+    } else if ip.is_loopback() {
+        "a loopback address"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{ip} is {what}; expected a unicast address"))
+}
+
+/// A name to ask for: 1..=253 bytes, labels of 1..=63 letters, digits, '-'
+/// or '_', an optional final dot.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    let valid = !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a domain name like \"example.com\", got {name:?}"
+        ))
+    }
+}
+
+fn parse_ipv4(text: &str, shape: &str) -> Result<Ipv4Addr, String> {
+    let ip: Ipv4Addr = text
+        .parse()
+        .map_err(|_| format!("expected {shape}, got {text:?}"))?;
+    check_unicast(ip)?;
+    Ok(ip)
+}
+
+/// `IPv4:port`, or `IPv4` with `default_port` when there is one.
+fn parse_socket(
+    text: &str,
+    shape: &str,
+    default_port: Option<u16>,
+) -> Result<SocketAddrV4, String> {
+    let bad = || format!("expected {shape}, got {text:?}");
+    let addr = match (text.parse::<SocketAddrV4>(), default_port) {
+        (Ok(addr), _) => addr,
+        (Err(_), Some(port)) => SocketAddrV4::new(text.parse().map_err(|_| bad())?, port),
+        (Err(_), None) => return Err(bad()),
+    };
+    if addr.port() == 0 {
+        return Err(format!("port 0 is not a valid target port, in {text:?}"));
+    }
+    check_unicast(*addr.ip())?;
+    Ok(addr)
+}
+
+fn parse_icmp_target(text: &str) -> Result<Ipv4Addr, String> {
+    parse_ipv4(text, "an IPv4 address like \"198.51.100.10\"")
+}
+
+fn parse_tcp_target(text: &str) -> Result<SocketAddrV4, String> {
+    parse_socket(text, "IPv4:port like \"198.51.100.10:443\"", None)
+}
+
+fn parse_dns_target(text: &str) -> Result<SocketAddrV4, String> {
+    parse_socket(
+        text,
+        "the resolver as IPv4[:port] like \"198.51.100.10\" or \"198.51.100.10:53\"",
+        Some(53),
+    )
+}
+
+/// `http://IPv4[:port][/path]` into (address, Host header, path); the path
+/// defaults to `/`.
+fn parse_http_target(text: &str) -> Result<(SocketAddrV4, String, String), String> {
+    let shape = "http://IPv4[:port]/path like \"http://198.51.100.10/health\"";
+    let Some(rest) = text.strip_prefix("http://") else {
+        return Err(if text.starts_with("https://") {
+            format!("https is not supported, use http://; got {text:?}")
+        } else {
+            format!("expected {shape}, got {text:?}")
+        });
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, "/"),
+    };
+    let host = authority
+        .split_once(':')
+        .map_or(authority, |(host, _)| host);
+    let target = parse_socket(authority, shape, Some(80)).map_err(|e| {
+        if host.bytes().any(|b| b.is_ascii_alphabetic()) && !host.contains('@') {
+            format!("the host must be an IPv4 address (probes do not resolve names), got {host:?}")
+        } else {
+            e
+        }
+    })?;
+    if let Some(c) = path.chars().find(|&c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("the path cannot contain {c:?}, in {text:?}"));
+    }
+    Ok((target, authority.to_owned(), path.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/lbd.toml");
+
+    const MINIMAL: &str = r#"
+[[lan]]
+interface = "lan0"
+
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1.1"
+"#;
+
+    /// One LAN and two uplinks; tests append to it or replace in it.
+    const TWO: &str = r#"[[lan]]
+interface = "lan0"
+
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1.1"
+
+[[uplink]]
+name = "isp2"
+interface = "wan2"
+gateway = "100.64.2.1"
+"#;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(text, "t.toml") {
+            Ok(config) => panic!("expected problems, got {config:#?}"),
+            Err(err) => err.problems().to_vec(),
+        }
+    }
+
+    /// The 1-based line of the `nth` (0-based) line that contains `needle`.
+    fn line_of_nth(text: &str, needle: &str, nth: usize) -> usize {
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| line.contains(needle))
+            .nth(nth)
+            .map(|(i, _)| i + 1)
+            .unwrap_or_else(|| panic!("{needle:?} not in the text"))
+    }
+
+    fn line_of(text: &str, needle: &str) -> usize {
+        line_of_nth(text, needle, 0)
+    }
+
+    /// Asserts that `text` has exactly one problem, on `line`, naming `key`
+    /// (as "key KEY:") and saying `says`; returns the rendered message.
+    fn assert_one(text: &str, line: usize, key: &str, says: &str) -> String {
+        let found = problems(text);
+        let rendered: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(found.len(), 1, "{rendered:#?}");
+        let message = &rendered[0];
+        assert!(
+            message.starts_with(&format!("t.toml:{line}: ")),
+            "line {line}: {message}"
+        );
+        assert!(
+            message.contains(&format!("key {key}: ")),
+            "key {key}: {message}"
+        );
+        assert!(message.contains(says), "{says:?}: {message}");
+        assert_eq!(found[0].line, Some(line));
+        assert_eq!(found[0].key.as_deref(), Some(key));
+        message.clone()
+    }
+
+    fn ok(text: &str) -> Config {
+        parse(text, "t.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn example_parses() {
+        let config = ok(EXAMPLE);
+        assert_eq!(config.daemon.socket, PathBuf::from("/run/lb/lbd.sock"));
+        assert_eq!(config.balance.mode, ClassifierMode::FiveTuple);
+        assert_eq!(config.flows, FlowConfig::default());
+        assert_eq!(config.nat, NatConfig::default());
+        assert_eq!(
+            config.lans,
+            [LanConfig {
+                interface: "lan0".into()
+            }]
+        );
+        assert_eq!(config.uplinks.len(), 2);
+        let icmp = ProbeConfig {
+            kind: ProbeKind::Icmp {
+                target: Ipv4Addr::new(198, 51, 100, 10),
+            },
+        };
+        for (uplink, (name, interface, gateway)) in config.uplinks.iter().zip([
+            ("isp1", "wan1", Ipv4Addr::new(100, 64, 1, 1)),
+            ("isp2", "wan2", Ipv4Addr::new(100, 64, 2, 1)),
+        ]) {
+            assert_eq!(uplink.name, name);
+            assert_eq!(uplink.interface, interface);
+            assert_eq!(uplink.gateway, gateway);
+            assert_eq!((uplink.weight, uplink.tier), (1, 0));
+            assert_eq!(uplink.health, HealthConfig::default());
+            assert_eq!(uplink.probes, std::slice::from_ref(&icmp));
+        }
+    }
+
+    #[test]
+    fn example_probe_kinds_in_comments_parse() {
+        // The commented-out keys of the example are valid too.
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|line| {
+                let Some(rest) = line.strip_prefix("# ") else {
+                    return line;
+                };
+                let is_key = rest.split_once(" = ").is_some_and(|(key, _)| {
+                    key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                });
+                if is_key || rest.starts_with("[[uplink.probe]]") {
+                    rest
+                } else {
+                    line
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = ok(&uncommented);
+        let isp2 = &config.uplinks[1];
+        assert_eq!(isp2.probes.len(), 4);
+        assert_eq!(
+            isp2.probes[2].kind,
+            ProbeKind::Http {
+                target: "198.51.100.10:8080".parse().expect("address"),
+                host: "198.51.100.10:8080".into(),
+                path: "/health".into(),
+                expect_status: 200,
+            }
+        );
+        assert_eq!(
+            isp2.probes[3].kind,
+            ProbeKind::Dns {
+                server: "198.51.100.10:53".parse().expect("address"),
+                query: "example.com".into(),
+            }
+        );
+        assert_eq!(config.uplinks[0].health.max_loss_percent, Some(20));
+        assert_eq!(
+            config.uplinks[0].health.max_rtt,
+            Some(Duration::from_millis(200))
+        );
+    }
+
+    #[test]
+    fn minimal_config_gets_the_defaults() {
+        let config = ok(MINIMAL);
+        assert_eq!(config.daemon, DaemonConfig::default());
+        assert_eq!(config.daemon.socket, PathBuf::from("/run/lb/lbd.sock"));
+        assert_eq!(config.balance.mode, ClassifierMode::FiveTuple);
+        assert_eq!(
+            config.flows,
+            FlowConfig {
+                max: 65536,
+                tcp_established_timeout: Duration::from_secs(7200),
+                tcp_transitory_timeout: Duration::from_secs(240),
+                udp_timeout: Duration::from_secs(300),
+                icmp_timeout: Duration::from_secs(60),
+            }
+        );
+        assert_eq!(
+            config.nat,
+            NatConfig {
+                port_min: 20000,
+                port_max: 29999
+            }
+        );
+        assert_eq!(
+            config.uplinks,
+            [UplinkConfig {
+                name: "isp1".into(),
+                interface: "wan1".into(),
+                gateway: Ipv4Addr::new(100, 64, 1, 1),
+                weight: 1,
+                tier: 0,
+                health: HealthConfig {
+                    interval: Duration::from_millis(50),
+                    timeout: Duration::from_millis(150),
+                    rise: 5,
+                    fall: 3,
+                    quorum: 1,
+                    max_loss_percent: None,
+                    max_rtt: None,
+                },
+                probes: vec![],
+            }]
+        );
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let text = r#"
+[daemon]
+socket = "/tmp/x.sock"
+[balance]
+mode = "src-address"
+[flows]
+max = 1024
+tcp_established_timeout = "3h"
+tcp_transitory_timeout = "30s"
+udp_timeout = "90s"
+icmp_timeout = "500ms"
+[nat]
+port_range = "1024-65535"
+[[lan]]
+interface = "br-lan"
+[[lan]]
+interface = "lan1.10"
+[[uplink]]
+name = "lte_0-b"
+interface = "wwan0"
+gateway = "10.0.0.1"
+weight = 1000
+tier = 7
+[uplink.health]
+interval = "1s"
+timeout = "10s"
+rise = 1000
+fall = 1
+quorum = 2
+max_loss_percent = 0
+max_rtt = "1s"
+[[uplink.probe]]
+kind = "tcp"
+target = "198.51.100.10:443"
+[[uplink.probe]]
+kind = "http"
+target = "http://198.51.100.10"
+expect_status = 204
+"#;
+        let config = ok(text);
+        assert_eq!(config.daemon.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(config.balance.mode, ClassifierMode::SrcAddress);
+        assert_eq!(config.flows.max, 1024);
+        assert_eq!(
+            config.flows.tcp_established_timeout,
+            Duration::from_secs(3 * 3600)
+        );
+        assert_eq!(config.flows.tcp_transitory_timeout, Duration::from_secs(30));
+        assert_eq!(config.flows.udp_timeout, Duration::from_secs(90));
+        assert_eq!(config.flows.icmp_timeout, Duration::from_millis(500));
+        assert_eq!((config.nat.port_min, config.nat.port_max), (1024, 65535));
+        assert_eq!(config.lans.len(), 2);
+        let uplink = &config.uplinks[0];
+        assert_eq!((uplink.weight, uplink.tier), (1000, 7));
+        assert_eq!(
+            uplink.health,
+            HealthConfig {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(10),
+                rise: 1000,
+                fall: 1,
+                quorum: 2,
+                max_loss_percent: Some(0),
+                max_rtt: Some(Duration::from_secs(1)),
+            }
+        );
+        assert_eq!(
+            uplink.probes[1].kind,
+            ProbeKind::Http {
+                target: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80),
+                host: "198.51.100.10".into(),
+                path: "/".into(),
+                expect_status: 204,
+            }
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_line_and_column() {
+        let text = format!("{TWO}weight = \n");
+        let err = parse(&text, "t.toml").expect_err("syntax error");
+        assert!(matches!(err, ConfigError::Parse(_)), "{err:?}");
+        let line = line_of(&text, "weight =");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("t.toml:{line}:10: syntax error: ")),
+            "{message}"
+        );
+
+        let text = "[[lan]]\ninterface = \"lan0\"\n[[uplink]\n";
+        let message = parse(text, "t.toml").expect_err("syntax error").to_string();
+        assert!(message.starts_with("t.toml:3:"), "{message}");
+        assert!(message.contains("syntax error"), "{message}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = TWO.replace(
+            "gateway = \"100.64.2.1\"",
+            "gateway = \"100.64.2.1\"\nwieght = 2",
+        );
+        let err = parse(&text, "t.toml").expect_err("unknown key");
+        let message = err.to_string();
+        let line = line_of(&text, "wieght");
+        assert!(message.starts_with(&format!("t.toml:{line}:")), "{message}");
+        assert!(
+            message.contains("uplink: unknown field `wieght`"),
+            "{message}"
+        );
+        assert_eq!(err.problems()[0].section.as_deref(), Some("uplink"));
+
+        let text = format!("{TWO}[uplink.health]\nintervl = \"1s\"\n");
+        let message = parse(&text, "t.toml").expect_err("unknown").to_string();
+        let line = line_of(&text, "intervl");
+        assert!(message.starts_with(&format!("t.toml:{line}:")), "{message}");
+        assert!(
+            message.contains("uplink.health: unknown field `intervl`"),
+            "{message}"
+        );
+
+        let text = format!("[flows]\nudp = \"1m\"\n{TWO}");
+        let message = parse(&text, "t.toml").expect_err("unknown").to_string();
+        assert!(message.starts_with("t.toml:2:"), "{message}");
+        assert!(message.contains("flows: unknown field `udp`"), "{message}");
+
+        let text = format!("{TWO}[demon]\n");
+        let message = parse(&text, "t.toml").expect_err("unknown").to_string();
+        assert!(message.contains("unknown field `demon`"), "{message}");
+        assert!(message.starts_with(&format!("t.toml:{}:", line_of(&text, "[demon]"))));
+    }
+
+    #[test]
+    fn single_bracket_array_table_gets_a_hint() {
+        let text = "[lan]\ninterface = \"lan0\"\n";
+        let message = parse(text, "t.toml").expect_err("shape").to_string();
+        assert!(message.starts_with("t.toml:1:"), "{message}");
+        assert!(message.contains("write [[lan]]"), "{message}");
+
+        let text = "daemon = 4\n";
+        let message = parse(text, "t.toml").expect_err("shape").to_string();
+        assert!(
+            message.contains("daemon: invalid type: integer `4`, expected a table"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn bad_weight_names_uplink_line_and_key() {
+        let text = TWO.replace(
+            "gateway = \"100.64.2.1\"",
+            "gateway = \"100.64.2.1\"\nweight = 0",
+        );
+        let line = line_of(&text, "weight = 0");
+        let message = assert_one(&text, line, "weight", "got 0");
+        assert_eq!(
+            message,
+            format!("t.toml:{line}: uplink \"isp2\" key weight: must be between 1 and 1000, got 0")
+        );
+        let text = TWO.replace(
+            "gateway = \"100.64.2.1\"",
+            "gateway = \"100.64.2.1\"\nweight = 1001",
+        );
+        assert_one(&text, line, "weight", "got 1001");
+    }
+
+    #[test]
+    fn wrong_type_is_a_collected_problem() {
+        let text = TWO.replace(
+            "gateway = \"100.64.2.1\"",
+            "gateway = \"100.64.2.1\"\nweight = \"2\"",
+        );
+        let line = line_of(&text, "weight =");
+        assert_one(
+            &text,
+            line,
+            "weight",
+            "expected an integer, got string \"2\"",
+        );
+        let text = TWO.replace("name = \"isp1\"", "name = 1");
+        assert_one(
+            &text,
+            line_of(&text, "name = 1"),
+            "name",
+            "expected a string, got integer 1",
+        );
+    }
+
+    #[test]
+    fn bad_tier() {
+        let text = TWO.replace("name = \"isp2\"", "name = \"isp2\"\ntier = 8");
+        assert_one(
+            &text,
+            line_of(&text, "tier"),
+            "tier",
+            "between 0 and 7, got 8",
+        );
+    }
+
+    #[test]
+    fn duplicate_uplink_name() {
+        let text = TWO.replace("name = \"isp2\"", "name = \"isp1\"");
+        let message = assert_one(
+            &text,
+            line_of_nth(&text, "name = \"isp1\"", 1),
+            "name",
+            "duplicate uplink name \"isp1\"",
+        );
+        assert!(
+            message.contains(&format!("first used on line {}", line_of(&text, "isp1"))),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn duplicate_uplink_interface() {
+        let text = TWO.replace("\"wan2\"", "\"wan1\"");
+        let message = assert_one(
+            &text,
+            line_of_nth(&text, "wan1", 1),
+            "interface",
+            "interface \"wan1\" is already used by uplink \"isp1\"",
+        );
+        assert!(
+            message.contains("uplink \"isp2\" key interface"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn duplicate_lan_interface() {
+        let text = format!("{TWO}[[lan]]\ninterface = \"lan0\"\n");
+        assert_one(
+            &text,
+            line_of_nth(&text, "lan0", 1),
+            "interface",
+            "\"lan0\" is already a LAN interface (line 2)",
+        );
+    }
+
+    #[test]
+    fn lan_interface_cannot_be_an_uplink() {
+        let text = TWO.replace("\"wan2\"", "\"lan0\"");
+        let message = assert_one(
+            &text,
+            line_of_nth(&text, "lan0", 1),
+            "interface",
+            "\"lan0\" is a LAN interface (line 2)",
+        );
+        assert!(message.contains("uplink \"isp2\""), "{message}");
+    }
+
+    #[test]
+    fn bad_interface_names() {
+        for name in ["", "wan/1", "wan 1", "wan:1", "..", "a23456789012345x"] {
+            let text = TWO.replace("\"wan2\"", &format!("{name:?}"));
+            assert_one(
+                &text,
+                line_of_nth(&text, "interface =", 2),
+                "interface",
+                "interface name",
+            );
+        }
+        ok(&TWO.replace("\"wan2\"", "\"a23456789012345\""));
+    }
+
+    #[test]
+    fn bad_uplink_names() {
+        for name in ["", "ISP2", "isp 2", "isp.2", "a234567890123456"] {
+            let text = TWO.replace("\"isp2\"", &format!("{name:?}"));
+            assert_one(&text, line_of_nth(&text, "name =", 1), "name", "a-z, 0-9");
+        }
+    }
+
+    #[test]
+    fn bad_gateway() {
+        for (gateway, says) in [
+            ("100.64.2", "expected an IPv4 address, got \"100.64.2\""),
+            ("fe80::1", "expected an IPv4 address"),
+            ("224.0.0.1", "multicast"),
+            ("0.0.0.0", "unspecified"),
+            ("127.0.0.1", "loopback"),
+        ] {
+            let text = TWO.replace("100.64.2.1", gateway);
+            assert_one(&text, line_of(&text, gateway), "gateway", says);
+        }
+        let text = TWO.replace("gateway = \"100.64.2.1\"\n", "");
+        let message = assert_one(
+            &text,
+            line_of_nth(&text, "[[uplink]]", 1),
+            "gateway",
+            "missing (required)",
+        );
+        assert!(message.contains("uplink \"isp2\""), "{message}");
+    }
+
+    #[test]
+    fn bad_durations() {
+        for (value, says) in [
+            ("\"0\"", "has no unit"),
+            ("\"0s\"", "greater than zero"),
+            ("\"-5m\"", "negative"),
+            ("\"5 m\"", "whole number"),
+            ("\"1.5s\"", "whole number"),
+            ("\"5d\"", "unknown unit \"d\""),
+            ("\"99999999999999999999h\"", "too long"),
+            ("\"6000000h\"", "too long"),
+            ("300", "expected a string, got integer 300"),
+        ] {
+            let text = format!("[flows]\nudp_timeout = {value}\n{TWO}");
+            assert_one(&text, 2, "udp_timeout", says);
+            let text = format!("{TWO}[uplink.health]\nmax_rtt = {value}\n");
+            let message = assert_one(&text, line_of(&text, "max_rtt"), "max_rtt", says);
+            assert!(
+                message.contains("uplink \"isp2\" health key max_rtt"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_port_ranges() {
+        for (range, says) in [
+            ("\"80-100\"", "between 1024 and 65535, got 80"),
+            (
+                "\"30000-20000\"",
+                "not be above the second, got 30000-20000",
+            ),
+            ("\"20000\"", "expected \"MIN-MAX\""),
+            ("\"20000-70000\"", "between 1024 and 65535, got 70000"),
+            ("\"a-b\"", "expected \"MIN-MAX\""),
+            ("20000", "expected a string"),
+        ] {
+            let text = format!("{TWO}[nat]\nport_range = {range}\n");
+            assert_one(&text, line_of(&text, "port_range"), "port_range", says);
+        }
+        assert_eq!(parse_port_range("1024-1024"), Ok((1024, 1024)));
+    }
+
+    #[test]
+    fn bad_flow_table_size_and_mode() {
+        let text = format!("[flows]\nmax = 1023\n[balance]\nmode = \"round-robin\"\n{TWO}");
+        let found = problems(&text);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert_eq!(
+            found[0].to_string(),
+            "t.toml:2: flows key max: must be between 1024 and 16777216, got 1023"
+        );
+        assert!(found[1]
+            .to_string()
+            .starts_with("t.toml:4: balance key mode: must be one of"));
+    }
+
+    #[test]
+    fn bad_socket_paths() {
+        let long = format!("/{}", "x".repeat(107));
+        for (path, says) in [("run/lbd.sock", "absolute"), (long.as_str(), "at most 107")] {
+            let text = format!("[daemon]\nsocket = {path:?}\n{TWO}");
+            assert_one(&text, 2, "socket", says);
+        }
+    }
+
+    #[test]
+    fn too_many_uplinks() {
+        let mut text = String::from("[[lan]]\ninterface = \"lan0\"\n");
+        for i in 1..=MAX_UPLINKS + 1 {
+            text.push_str(&format!(
+                "[[uplink]]\nname = \"isp{i}\"\ninterface = \"wan{i}\"\ngateway = \"100.64.{i}.1\"\n"
+            ));
+        }
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        let message = found[0].to_string();
+        let line = line_of_nth(&text, "[[uplink]]", MAX_UPLINKS);
+        assert_eq!(
+            message,
+            format!(
+                "t.toml:{line}: uplink \"isp17\": too many uplinks: at most 16 are supported, this \
+                 file has 17"
+            )
+        );
+        // Sixteen are fine.
+        let cut = text
+            .find("[[uplink]]\nname = \"isp17\"")
+            .expect("17th uplink");
+        assert_eq!(ok(&text[..cut]).uplinks.len(), MAX_UPLINKS);
+    }
+
+    #[test]
+    fn a_lan_and_an_uplink_are_required() {
+        let found = problems("");
+        let rendered: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rendered,
+            [
+                "t.toml: lan: no [[lan]] section: at least one LAN interface is required",
+                "t.toml: uplink: no [[uplink]] section: at least one uplink is required",
+            ]
+        );
+        let text = "[[lan]]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n";
+        assert_one(text, 1, "interface", "missing (required)");
+    }
+
+    #[test]
+    fn quorum_cannot_exceed_probes() {
+        let probe = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"\n";
+        let text = format!("{TWO}[uplink.health]\nquorum = 2\n{probe}");
+        let message = assert_one(
+            &text,
+            line_of(&text, "quorum"),
+            "quorum",
+            "between 1 and the number of probes (1), got 2",
+        );
+        assert!(
+            message.contains("uplink \"isp2\" health key quorum"),
+            "{message}"
+        );
+
+        let text = format!("{TWO}[uplink.health]\nquorum = 2\n");
+        assert_one(
+            &text,
+            line_of(&text, "quorum"),
+            "quorum",
+            "must be 1 when the uplink has no probes",
+        );
+
+        let text = format!("{TWO}[uplink.health]\nquorum = 0\n{probe}");
+        assert_one(&text, line_of(&text, "quorum"), "quorum", "got 0");
+
+        let second = probe.replace("198.51.100.10", "198.51.100.11");
+        let config = ok(&format!(
+            "{TWO}[uplink.health]\nquorum = 2\n{probe}{second}"
+        ));
+        assert_eq!(config.uplinks[1].health.quorum, 2);
+    }
+
+    #[test]
+    fn health_counts_and_thresholds() {
+        for (line, key, says) in [
+            ("rise = 0", "rise", "between 1 and 1000, got 0"),
+            ("fall = 1001", "fall", "between 1 and 1000, got 1001"),
+            (
+                "max_loss_percent = 101",
+                "max_loss_percent",
+                "between 0 and 100, got 101",
+            ),
+            ("max_loss_percent = -1", "max_loss_percent", "got -1"),
+        ] {
+            let text = format!("{TWO}[uplink.health]\n{line}\n");
+            assert_one(&text, line_of(&text, line), key, says);
+        }
+    }
+
+    #[test]
+    fn timeout_at_most_ten_intervals() {
+        let text = format!("{TWO}[uplink.health]\ninterval = \"100ms\"\ntimeout = \"1001ms\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "timeout ="),
+            "timeout",
+            "at most 10 x interval (100ms)",
+        );
+        ok(&format!(
+            "{TWO}[uplink.health]\ninterval = \"100ms\"\ntimeout = \"1s\"\n"
+        ));
+        // Only the interval set: the default timeout is too long for it.
+        let text = format!("{TWO}[uplink.health]\ninterval = \"10ms\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "interval"),
+            "interval",
+            "(the default; set timeout too)",
+        );
+        // A bad interval is reported once, not again as a timeout problem.
+        let text = format!("{TWO}[uplink.health]\ninterval = \"0ms\"\ntimeout = \"1h\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "interval"),
+            "interval",
+            "greater than zero",
+        );
+    }
+
+    fn probe_text(kind: &str, target: &str, extra: &str) -> String {
+        format!("{TWO}[[uplink.probe]]\nkind = \"{kind}\"\ntarget = \"{target}\"\n{extra}")
+    }
+
+    #[test]
+    fn bad_probe_targets_per_kind() {
+        for (kind, target, says) in [
+            ("icmp", "198.51.100", "expected an IPv4 address"),
+            ("icmp", "198.51.100.10:80", "expected an IPv4 address"),
+            ("icmp", "example.com", "expected an IPv4 address"),
+            ("icmp", "255.255.255.255", "broadcast"),
+            ("tcp", "198.51.100.10", "expected IPv4:port"),
+            ("tcp", "198.51.100.10:0", "port 0"),
+            ("tcp", "198.51.100.10:65536", "expected IPv4:port"),
+            (
+                "http",
+                "198.51.100.10/health",
+                "expected http://IPv4[:port]/path",
+            ),
+            ("http", "https://198.51.100.10/", "https is not supported"),
+            ("http", "http://example.com/", "probes do not resolve names"),
+            ("http", "http://198.51.100.10:x/", "expected http://"),
+            ("http", "http:///health", "expected http://"),
+            (
+                "http",
+                "http://198.51.100.10/a b",
+                "the path cannot contain ' '",
+            ),
+            ("dns", "198.51.100", "expected the resolver as IPv4[:port]"),
+            ("dns", "dns.google", "expected the resolver"),
+            ("dns", "224.0.0.251:5353", "multicast"),
+        ] {
+            let extra = if kind == "dns" {
+                "query = \"example.com\"\n"
+            } else {
+                ""
+            };
+            let text = probe_text(kind, target, extra);
+            let message = assert_one(&text, line_of(&text, "target ="), "target", says);
+            assert!(
+                message.contains("uplink \"isp2\" probe #1 key target"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn good_probe_targets_per_kind() {
+        let config = ok(&format!(
+            "{}{}{}{}",
+            probe_text("icmp", "198.51.100.10", ""),
+            "[[uplink.probe]]\nkind = \"tcp\"\ntarget = \"198.51.100.10:22\"\n",
+            "[[uplink.probe]]\nkind = \"http\"\ntarget = \"http://198.51.100.10:8080/a?b=c\"\nexpect_status = 301\n",
+            "[[uplink.probe]]\nkind = \"dns\"\ntarget = \"198.51.100.53:5353\"\nquery = \"example.com.\"\n",
+        ));
+        let kinds: Vec<String> = config.uplinks[1]
+            .probes
+            .iter()
+            .map(|p| p.kind.to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "icmp 198.51.100.10",
+                "tcp 198.51.100.10:22",
+                "http http://198.51.100.10:8080/a?b=c (expect 301)",
+                "dns 198.51.100.53:5353 A example.com.",
+            ]
+        );
+    }
+
+    #[test]
+    fn probe_keys_that_do_not_fit_the_kind() {
+        let text = probe_text("icmp", "198.51.100.10", "expect_status = 200\n");
+        assert_one(
+            &text,
+            line_of(&text, "expect_status"),
+            "expect_status",
+            "only for kind = \"http\"",
+        );
+        let text = probe_text("http", "http://198.51.100.10/", "query = \"example.com\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "query"),
+            "query",
+            "only for kind = \"dns\"",
+        );
+        let text = probe_text("http", "http://198.51.100.10/", "expect_status = 42\n");
+        assert_one(
+            &text,
+            line_of(&text, "expect_status"),
+            "expect_status",
+            "between 100 and 599",
+        );
+        let text = probe_text("dns", "198.51.100.10", "");
+        assert_one(
+            &text,
+            line_of(&text, "[[uplink.probe]]"),
+            "query",
+            "missing (required)",
+        );
+        let text = probe_text("dns", "198.51.100.10", "query = \"-a..b\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "query"),
+            "query",
+            "expected a domain name",
+        );
+        let text = probe_text("ping", "198.51.100.10", "");
+        assert_one(
+            &text,
+            line_of(&text, "kind"),
+            "kind",
+            "must be one of \"icmp\"",
+        );
+        let text = format!("{TWO}[[uplink.probe]]\ntarget = \"198.51.100.10\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "[[uplink.probe]]"),
+            "kind",
+            "missing (required)",
+        );
+        let text = format!("{TWO}[[uplink.probe]]\nkind = \"icmp\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "[[uplink.probe]]"),
+            "target",
+            "missing (required)",
+        );
+    }
+
+    #[test]
+    fn duplicate_probe() {
+        let probe = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"\n";
+        let text = format!("{TWO}{probe}{probe}");
+        assert_one(
+            &text,
+            line_of_nth(&text, "target", 1),
+            "target",
+            "the same probe as probe #1",
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_in_line_order() {
+        let text = r#"[flows]
+udp_timeout = "5"
+
+[[lan]]
+interface = "wan1"
+
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1"
+weight = 0
+
+[[uplink]]
+name = "isp1"
+interface = "wan2"
+gateway = "100.64.2.1"
+tier = 9
+
+[[uplink.probe]]
+kind = "tcp"
+target = "198.51.100.10"
+
+[nat]
+port_range = "1-2"
+"#;
+        let found = problems(text);
+        let summary: Vec<(Option<usize>, Option<&str>)> =
+            found.iter().map(|p| (p.line, p.key.as_deref())).collect();
+        assert_eq!(
+            summary,
+            [
+                (Some(2), Some("udp_timeout")),
+                (Some(9), Some("interface")),
+                (Some(10), Some("gateway")),
+                (Some(11), Some("weight")),
+                (Some(14), Some("name")),
+                (Some(17), Some("tier")),
+                (Some(21), Some("target")),
+                (Some(24), Some("port_range")),
+            ],
+            "{found:#?}"
+        );
+        let err = parse(text, "t.toml").expect_err("invalid");
+        let shown = err.to_string();
+        assert_eq!(shown.lines().count(), 8, "{shown}");
+        assert!(shown.lines().all(|l| l.starts_with("t.toml:")), "{shown}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("50ms"), Ok(Duration::from_millis(50)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("007s"), Ok(Duration::from_secs(7)));
+        assert_eq!(
+            parse_duration("5124095h"),
+            Ok(Duration::from_secs(5_124_095 * 3600))
+        );
+        assert_eq!(parse_duration(""), Err(DurationError::Empty));
+        assert_eq!(
+            parse_duration("0"),
+            Err(DurationError::MissingUnit("0".into()))
+        );
+        assert_eq!(
+            parse_duration("10"),
+            Err(DurationError::MissingUnit("10".into()))
+        );
+        assert_eq!(
+            parse_duration("0ms"),
+            Err(DurationError::Zero("0ms".into()))
+        );
+        assert_eq!(
+            parse_duration("-1s"),
+            Err(DurationError::Negative("-1s".into()))
+        );
+        assert_eq!(
+            parse_duration("s"),
+            Err(DurationError::BadNumber("s".into()))
+        );
+        assert_eq!(
+            parse_duration("+1s"),
+            Err(DurationError::BadNumber("+1s".into()))
+        );
+        assert_eq!(
+            parse_duration("1.5s"),
+            Err(DurationError::BadNumber("1.5s".into()))
+        );
+        assert_eq!(
+            parse_duration(" 1s"),
+            Err(DurationError::BadNumber(" 1s".into()))
+        );
+        assert_eq!(
+            parse_duration("1us"),
+            Err(DurationError::UnknownUnit {
+                text: "1us".into(),
+                unit: "us".into()
+            })
+        );
+        assert_eq!(
+            parse_duration("1m30s"),
+            Err(DurationError::UnknownUnit {
+                text: "1m30s".into(),
+                unit: "m30s".into()
+            })
+        );
+        assert_eq!(
+            parse_duration("5124096h"),
+            Err(DurationError::Overflow("5124096h".into()))
+        );
+        assert_eq!(
+            parse_duration("18446744073709551616ms"),
+            Err(DurationError::Overflow("18446744073709551616ms".into()))
+        );
+        assert!(parse_duration("१s").is_err(), "non-ASCII digits");
+    }
+
+    #[test]
+    fn nat_against_local_port_range() {
+        let nat = NatConfig::default();
+        assert_eq!(nat_range_conflict(&nat, (32768, 60999)), None);
+        assert_eq!(nat_range_conflict(&nat, (30000, 60999)), None);
+        assert_eq!(nat_range_conflict(&nat, (1024, 19999)), None);
+        let message = nat_range_conflict(&nat, (25000, 60999)).expect("overlap");
+        assert!(message.contains("NAT port range 20000-29999"), "{message}");
+        assert!(
+            message.contains("ip_local_port_range 25000-60999"),
+            "{message}"
+        );
+        assert!(message.contains("\"1024-24999\""), "{message}");
+        assert!(
+            message.contains("sysctl net.ipv4.ip_local_port_range"),
+            "{message}"
+        );
+        // The suggestion is the larger free stretch.
+        let message = nat_range_conflict(&nat, (10000, 29999)).expect("overlap");
+        assert!(message.contains("\"30000-65535\""), "{message}");
+        // Edges touch.
+        assert!(nat_range_conflict(&nat, (29999, 40000)).is_some());
+        assert!(nat_range_conflict(&nat, (1024, 20000)).is_some());
+        // No room left at all.
+        let message = nat_range_conflict(&nat, (1024, 65535)).expect("overlap");
+        assert!(message.contains("narrow the kernel's range"), "{message}");
+        // A reversed pair is read as a range.
+        assert!(nat_range_conflict(&nat, (26000, 25000)).is_some());
+    }
+
+    #[test]
+    fn local_port_range_text() {
+        assert_eq!(
+            parse_local_port_range("32768\t60999\n"),
+            Some((32768, 60999))
+        );
+        assert_eq!(parse_local_port_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_local_port_range("32768\n"), None);
+        assert_eq!(parse_local_port_range("1 2 3"), None);
+        assert_eq!(parse_local_port_range("a b"), None);
+        assert_eq!(parse_local_port_range("70000 80000"), None);
+    }
+
+    #[test]
+    fn reads_this_hosts_local_port_range() {
+        // Read-only; a machine without /proc is an explicit skip.
+        match read_local_port_range() {
+            Ok((lo, hi)) => assert!(lo <= hi),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                eprintln!("skipped: {LOCAL_PORT_RANGE_PATH} not found");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn load_names_the_path_and_the_os_error() {
+        let path = Path::new("/nonexistent/lb/lbd.toml");
+        let err = load(path).expect_err("missing file");
+        assert_eq!(
+            err.to_string(),
+            "cannot read config file /nonexistent/lb/lbd.toml"
+        );
+        let source = std::error::Error::source(&err).expect("source");
+        let io = source.downcast_ref::<io::Error>().expect("io::Error");
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
+        assert!(err.problems().is_empty());
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it_in_problems() {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let good = dir.join("good.toml");
+        std::fs::write(&good, EXAMPLE).expect("write");
+        let loaded = load(&good);
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, TWO.replace("\"wan2\"", "\"wan1\"")).expect("write");
+        let failed = load(&bad);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert_eq!(loaded.expect("example").uplinks.len(), 2);
+        let message = failed.expect_err("duplicate").to_string();
+        assert!(
+            message.starts_with(&format!("{}:11: ", bad.display())),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn classifier_mode_spelling() {
+        for mode in ClassifierMode::ALL {
+            let text = format!("[balance]\nmode = \"{mode}\"\n{TWO}");
+            assert_eq!(ok(&text).balance.mode, mode);
+            assert_eq!(
+                Value::try_from(mode).expect("serialize"),
+                Value::String(mode.as_str().to_owned())
+            );
+        }
+        assert_eq!(ClassifierMode::FiveTuple.to_string(), "5-tuple");
+        assert_eq!(ClassifierMode::SrcDstAddress.to_string(), "src-dst-address");
+        assert_eq!(ClassifierMode::SrcAddress.to_string(), "src-address");
+    }
+
+    #[test]
+    fn lines_and_columns_count_characters() {
+        let text = "a\nbé = 1\n\nx";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 2), (2, 1));
+        assert_eq!(line_col(text, 5), (2, 3)); // after "bé", a 2-byte char
+        assert_eq!(line_col(text, text.len()), (4, 2));
+        assert_eq!(line_col(text, 1000), (4, 2));
+        assert_eq!(line_col(text, 4), (2, 3)); // inside "é": no panic
+    }
+
+    #[test]
+    fn non_ascii_and_odd_input_does_not_panic() {
+        for text in [
+            "[[uplink]]\nname = \"ïsp\"\ninterface = \"wän1\"\ngateway = \"1.2.3.4\"\n",
+            "\u{feff}[[lan]]\ninterface = \"lan0\"\n",
+            "[[uplink]]\n[uplink.health]\n[[uplink.probe]]\n[[uplink.probe]]\n",
+            "lan = []\nuplink = []\n",
+            "[[uplink]]\nname = \"a\"\ngateway = 1e400\n",
+        ] {
+            let _ = parse(text, "t.toml");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The XDP data plane as user space sees it: loads the embedded object,
+//! attaches the programs, and reads and writes the maps.
+//!
+//! This module owns every `aya` handle. It knows the map layouts
+//! (`lb_common::maps`) but no policy: which uplink gets which buckets, or
+//! when an uplink is down, is decided elsewhere and handed in here.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, DevMap, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    maps::{name, program, BypassKey, FlowKey, FlowValue, Settings, UplinkInfo, UplinkStats},
+    reason,
+    table::Table,
+    BUCKETS, MAX_UPLINKS,
+};
+
+/// The XDP object built by build.rs from lb-ebpf.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
+
+/// How a program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    Native,
+    Generic,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    active_table: u32,
+    settings: Settings,
+}
+
+impl Dataplane {
+    /// Load the object and both programs into the kernel (not attached).
+    pub fn load(max_flows: u32) -> Result<Self> {
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(name::FLOWS, max_flows)
+            .load(OBJECT)
+            .context("loading the XDP object into the kernel failed (needs root, and a kernel with BPF and BTF)")?;
+        let mut dp = Self {
+            ebpf,
+            active_table: 0,
+            settings: Settings::default(),
+        };
+        for prog in [program::LAN_INGRESS, program::WAN_INGRESS] {
+            dp.xdp(prog)?
+                .load()
+                .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
+        }
+        Ok(dp)
+    }
+
+    /// The loaded program `name` (for attaching, and for test runs).
+    pub fn xdp(&mut self, prog: &str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the XDP object"))?
+            .try_into()
+            .with_context(|| format!("program {prog} is not an XDP program"))
+    }
+
+    /// Attach program `prog` to `interface`: native mode if the driver has
+    /// it, generic mode otherwise.
+    pub fn attach(&mut self, prog: &str, interface: &str) -> Result<AttachMode> {
+        let xdp = self.xdp(prog)?;
+        match xdp.attach(interface, XdpMode::Driver) {
+            Ok(_) => Ok(AttachMode::Native),
+            Err(native) => {
+                xdp.attach(interface, XdpMode::Skb).with_context(|| {
+                    format!("attaching {prog} to {interface} failed in native mode ({native}) and in generic mode")
+                })?;
+                Ok(AttachMode::Generic)
+            }
+        }
+    }
+
+    fn array<T: aya::Pod>(&mut self, map: &str) -> Result<Array<&mut MapData, T>> {
+        let m = self
+            .ebpf
+            .map_mut(map)
+            .with_context(|| format!("map {map} missing"))?;
+        Array::try_from(m).with_context(|| format!("map {map} has an unexpected type"))
+    }
+
+    /// Set the classifier seed and mode.
+    pub fn set_classifier(&mut self, seed: u32, mode: u32) -> Result<()> {
+        self.settings.seed = seed;
+        self.settings.mode = mode;
+        self.write_settings()
+    }
+
+    fn write_settings(&mut self) -> Result<()> {
+        let settings = Settings {
+            active_table: self.active_table,
+            ..self.settings
+        };
+        self.array::<Settings>(name::SETTINGS)?
+            .set(0, settings, 0)
+            .context("writing SETTINGS")
+    }
+
+    /// Make `table` the live bucket table in one step: write it into the
+    /// idle half of the map, then flip `active_table`.
+    pub fn set_buckets(&mut self, table: &Table) -> Result<()> {
+        let idle = self.active_table ^ 1;
+        let mut buckets = self.array::<u32>(name::BUCKETS)?;
+        for (i, &uplink) in table.iter().enumerate() {
+            buckets
+                .set(idle * BUCKETS + i as u32, uplink, 0)
+                .with_context(|| format!("writing bucket {i}"))?;
+        }
+        self.active_table = idle;
+        self.write_settings()
+    }
+
+    /// Describe uplink `index` to the data plane: its device, addresses and
+    /// state.
+    pub fn set_uplink(&mut self, index: u32, info: &UplinkInfo) -> Result<()> {
+        if index >= MAX_UPLINKS {
+            return Err(anyhow!(
+                "uplink index {index} out of range (max {MAX_UPLINKS})"
+            ));
+        }
+        {
+            let m = self
+                .ebpf
+                .map_mut(name::TX_PORTS)
+                .context("map TX_PORTS missing")?;
+            let mut ports = DevMap::try_from(m).context("map TX_PORTS has an unexpected type")?;
+            ports
+                .set(index, info.ifindex, None, 0)
+                .with_context(|| format!("adding ifindex {} to the device map", info.ifindex))?;
+        }
+        {
+            let m = self
+                .ebpf
+                .map_mut(name::UPLINK_BY_IFINDEX)
+                .context("map UPLINK_BY_IFINDEX missing")?;
+            let mut by_ifindex: HashMap<_, u32, u32> =
+                HashMap::try_from(m).context("map UPLINK_BY_IFINDEX has an unexpected type")?;
+            by_ifindex
+                .insert(info.ifindex, index, 0)
+                .context("writing UPLINK_BY_IFINDEX")?;
+        }
+        self.array::<UplinkInfo>(name::UPLINKS)?
+            .set(index, info, 0)
+            .context("writing UPLINKS")
+    }
+
+    /// Change only the state of uplink `index`.
+    pub fn set_uplink_state(&mut self, index: u32, state: u32) -> Result<()> {
+        let mut uplinks = self.array::<UplinkInfo>(name::UPLINKS)?;
+        let mut info = uplinks.get(&index, 0).context("reading UPLINKS")?;
+        info.state = state;
+        uplinks.set(index, info, 0).context("writing UPLINKS")
+    }
+
+    /// Leave destinations in `addr/prefix_len` to the kernel.
+    pub fn add_bypass(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::BYPASS)
+            .context("map BYPASS missing")?;
+        let mut trie: LpmTrie<_, [u8; 4], u32> =
+            LpmTrie::try_from(m).context("map BYPASS has an unexpected type")?;
+        let key = Key::new(u32::from(prefix_len), mask(addr, prefix_len).octets());
+        trie.insert(&key, 1, 0)
+            .with_context(|| format!("adding {addr}/{prefix_len} to BYPASS"))
+    }
+
+    /// Counters of uplink `index`, summed over CPUs.
+    pub fn uplink_stats(&self, index: u32) -> Result<UplinkStats> {
+        let m = self
+            .ebpf
+            .map(name::UPLINK_STATS)
+            .context("map UPLINK_STATS missing")?;
+        let stats: PerCpuArray<_, UplinkStats> = PerCpuArray::try_from(m)?;
+        let per_cpu = stats.get(&index, 0).context("reading UPLINK_STATS")?;
+        Ok(per_cpu
+            .iter()
+            .fold(UplinkStats::default(), |a, s| UplinkStats {
+                tx_packets: a.tx_packets + s.tx_packets,
+                tx_bytes: a.tx_bytes + s.tx_bytes,
+                rx_packets: a.rx_packets + s.rx_packets,
+                rx_bytes: a.rx_bytes + s.rx_bytes,
+                new_flows: a.new_flows + s.new_flows,
+                moved_away: a.moved_away + s.moved_away,
+            }))
+    }
+
+    /// Pass/drop counters by reason, summed over CPUs.
+    pub fn reasons(&self) -> Result<[u64; reason::COUNT as usize]> {
+        let m = self
+            .ebpf
+            .map(name::REASONS)
+            .context("map REASONS missing")?;
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+        let mut out = [0u64; reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = counters
+                .get(&(i as u32), 0)
+                .context("reading REASONS")?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+
+    /// Every flow in the table (for `lbctl flows`, and tests).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        let m = self.ebpf.map(name::FLOWS).context("map FLOWS missing")?;
+        let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;
+        flows.iter().map(|r| r.context("reading FLOWS")).collect()
+    }
+}
+
+fn mask(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let bits = u32::from(addr);
+    let mask = if prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix_len.min(32)))
+    };
+    Ipv4Addr::from(bits & mask)
+}
+
+// Keep the bypass key layout and aya's LPM key in step.
+const _: () = assert!(std::mem::size_of::<BypassKey>() == std::mem::size_of::<Key<[u8; 4]>>());

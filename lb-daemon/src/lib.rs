@@ -1,0 +1,9 @@
+//! lb's control plane: the `lbd` daemon and the `lbctl` CLI share this
+//! library. One module per concern; see DESIGN.md "Control plane".
+
+pub mod api;
+pub mod balancer;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod netlink;

@@ -1,0 +1,214 @@
+//! What the kernel knows about interfaces and neighbours, through
+//! rtnetlink: interface indexes, MAC and IPv4 addresses, and gateway MACs.
+//!
+//! Read-only towards the kernel's configuration: lb never adds addresses or
+//! routes. The one thing it provokes is ARP resolution of a gateway, by
+//! sending it a datagram, as any first packet to it would.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use futures::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, State},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        AddressFamily,
+    },
+    Handle,
+};
+
+/// An interface as lb needs it.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    /// Operationally up (carrier and admin state).
+    pub up: bool,
+}
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Open a netlink connection; its I/O runs on the tokio runtime.
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink socket failed")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// The interface called `name`.
+    pub async fn link(&self, name: &str) -> Result<Link> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) | Err(_) => bail!("interface {name} not found (see `ip link`; is lbd running in the right network namespace?)"),
+        };
+        let mut mac = [0u8; 6];
+        let mut up = false;
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::Address(bytes) if bytes.len() == 6 => mac.copy_from_slice(bytes),
+                LinkAttribute::OperState(state) => up = matches!(state, State::Up | State::Unknown),
+                _ => {}
+            }
+        }
+        if mac == [0; 6] {
+            bail!("interface {name} has no Ethernet address; lb forwards only between Ethernet interfaces");
+        }
+        Ok(Link {
+            name: name.to_string(),
+            index: msg.header.index,
+            mac,
+            up,
+        })
+    }
+
+    /// IPv4 addresses and prefix lengths on interface `index`, or on every
+    /// interface when `index` is `None`.
+    pub async fn ipv4_addresses(&self, index: Option<u32>) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let mut req = self.handle.address().get();
+        if let Some(index) = index {
+            req = req.set_link_index_filter(index);
+        }
+        let mut stream = req.execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .context("listing addresses over netlink failed")?
+        {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(a))
+                | AddressAttribute::Address(IpAddr::V4(a)) = attr
+                {
+                    let entry = (*a, msg.header.prefix_len);
+                    if !out.contains(&entry) {
+                        out.push(entry);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The MAC address the neighbour table holds for `ip` on interface
+    /// `index`, if it holds a usable one.
+    pub async fn neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .context("listing neighbours over netlink failed")?
+        {
+            if msg.header.ifindex != index
+                || matches!(
+                    msg.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+                )
+            {
+                continue;
+            }
+            let mut dest = None;
+            let mut mac = None;
+            for attr in &msg.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dest = Some(*a),
+                    NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                        let mut m = [0u8; 6];
+                        m.copy_from_slice(b);
+                        mac = Some(m);
+                    }
+                    _ => {}
+                }
+            }
+            if dest == Some(ip) {
+                return Ok(mac);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resolve the MAC address of `gateway` on `link`, asking the kernel to
+    /// ARP for it if it is not known yet; waits at most `wait`.
+    pub async fn resolve_gateway(
+        &self,
+        link: &Link,
+        gateway: Ipv4Addr,
+        wait: Duration,
+    ) -> Result<[u8; 6]> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut poked = false;
+        loop {
+            if let Some(mac) = self.neighbour(link.index, gateway).await? {
+                return Ok(mac);
+            }
+            if !poked {
+                poke(&link.name, gateway).with_context(|| {
+                    format!(
+                        "sending a packet to gateway {gateway} on {} to resolve it",
+                        link.name
+                    )
+                })?;
+                poked = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "gateway {gateway} did not answer ARP on {} within {:?}; check the cable and the gateway address (`ip neigh show dev {}`)",
+                    link.name,
+                    wait,
+                    link.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Send one empty datagram to `gateway` (discard port) out of `ifname`, so
+/// that the kernel resolves the gateway's MAC address.
+fn poke(ifname: &str, gateway: Ipv4Addr) -> Result<()> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    bind_to_device(&sock, ifname)?;
+    sock.send_to(&[], SocketAddrV4::new(gateway, 9))?;
+    Ok(())
+}
+
+/// `SO_BINDTODEVICE`: the socket's traffic leaves by `ifname` only.
+pub fn bind_to_device(sock: &impl AsRawFd, ifname: &str) -> Result<()> {
+    let name = ifname.as_bytes();
+    // SAFETY: passing a pointer and length of a live byte slice.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("binding a socket to {ifname}"));
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! lb's XDP programs: thin entry points over the modules that do the work.
+//!
+//! Both programs fail open: whatever they cannot or should not handle goes
+//! to the kernel stack with `XDP_PASS` and a counted reason, so the router
+//! stays an ordinary Linux router for everything but the fast path.
+#![no_std]
+#![no_main]
+
+mod lan;
+mod maps;
+mod parse;
+mod rewrite;
+mod stats;
+mod wan;
+
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
+
+/// Packets from LAN clients: steer each connection to an uplink and send it.
+#[xdp]
+pub fn lan_ingress(ctx: XdpContext) -> u32 {
+    lan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))
+}
+
+/// Packets arriving on an uplink: count them and hand them to the kernel.
+#[xdp]
+pub fn wan_ingress(ctx: XdpContext) -> u32 {
+    wan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here; nothing to do.
+    loop {}
+}
+
+// Every program's fallback is the kernel stack.
+const _: u32 = XDP_PASS;
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

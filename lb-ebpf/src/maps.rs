@@ -1,0 +1,52 @@
+//! The maps the programs share with the daemon. Layouts and names come from
+//! `lb_common::maps`; sizes here are defaults that the daemon may override
+//! at load time (the flow table's, from its configuration).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{FlowKey, FlowValue, Settings, UplinkInfo, UplinkStats},
+    reason, BUCKETS as BUCKET_COUNT, DEFAULT_MAX_FLOWS, MAX_UPLINKS,
+};
+
+/// Global knobs, one entry.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Bucket -> uplink index for new flows ([`lb_common::NO_UPLINK`]: none).
+/// Two tables back to back; `Settings::active_table` says which is live.
+#[map]
+pub static BUCKETS: Array<u32> = Array::with_max_entries(2 * BUCKET_COUNT, 0);
+
+/// Uplink index -> how to send through it.
+#[map]
+pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(MAX_UPLINKS, 0);
+
+/// Interface index of an uplink -> its uplink index, for `wan_ingress`.
+#[map]
+pub static UPLINK_BY_IFINDEX: HashMap<u32, u32> = HashMap::with_max_entries(MAX_UPLINKS, 0);
+
+/// Uplink index -> device, for `bpf_redirect_map`.
+#[map]
+pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_UPLINKS, 0);
+
+/// Connections and the uplink each is pinned to. LRU: when full, the least
+/// recently used flow makes room.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Destinations the fast path leaves to the kernel (router addresses, LAN
+/// subnets), by longest prefix.
+#[map]
+pub static BYPASS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(256, 0);
+
+/// Per-CPU counters per uplink.
+#[map]
+pub static UPLINK_STATS: PerCpuArray<UplinkStats> = PerCpuArray::with_max_entries(MAX_UPLINKS, 0);
+
+/// Per-CPU count of packets per pass/drop reason.
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);

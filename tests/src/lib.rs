@@ -1,0 +1,23 @@
+//! Lab harness for lb: network-namespace labs described in TOML files, and
+//! the tools tests use to drive traffic through them and see where it went.
+//!
+//! Used by `cargo xtask lab up|down` and `cargo xtask run` (one long-lived
+//! lab with the fixed prefix [`LAB_PREFIX`]) and by the integration tests in
+//! `tests/` (a lab per test, with a [`unique_prefix`], gone when dropped).
+//!
+//! - [`desc`]: the lab file format and its validation.
+//! - [`netns`]: namespaces, commands inside them, [`in_netns`].
+//! - [`lab`]: bringing a lab up and down, and operating it.
+//! - [`observe`]: nftables witnesses of which flows crossed an interface.
+//! - [`traffic`]: echo servers and multi-flow TCP/UDP clients.
+
+pub mod desc;
+pub mod lab;
+pub mod netns;
+pub mod observe;
+pub mod traffic;
+
+pub use desc::LabDesc;
+pub use lab::{unique_prefix, Lab, LinkStats, LAB_PREFIX, TEST_PREFIX_ROOT};
+pub use netns::{in_netns, require_root};
+pub use observe::{watch_flows, FlowWatch};

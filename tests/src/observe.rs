@@ -1,0 +1,169 @@
+//! Independent witnesses of where traffic went, with nftables.
+//!
+//! Owns one `netdev` table per watched interface, `lb_watch_IFNAME`, hooked
+//! at ingress of that device: a dynamic set of the (L4 protocol, source
+//! port) of every TCP and UDP packet that arrives, and a packet counter.
+//! Placed on the ISP side of each uplink, it tells which uplink carried which
+//! flow without asking the data plane under test. Never drops, rewrites or
+//! delays a packet (the chain's policy is accept and it has no verdicts), and
+//! never touches tables it did not create.
+
+use std::collections::BTreeSet;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::lab::Lab;
+use crate::netns;
+
+/// A watch installed by [`watch_flows`]. Removed with its namespace.
+#[derive(Debug, Clone)]
+pub struct FlowWatch {
+    ns: String,
+    host: String,
+    ifname: String,
+    table: String,
+}
+
+/// Starts recording the flows that arrive on `host:ifname`.
+pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
+    ensure!(
+        !ifname.is_empty()
+            && ifname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+        "cannot watch interface `{ifname}`: only letters, digits, `-`, `_` and `.` are supported"
+    );
+    let table = format!("lb_watch_{}", ifname.replace(['-', '.'], "_"));
+    // Declaring then deleting the table first makes a second watch start
+    // afresh. Priority -500: before anything else at ingress, so that it
+    // sees packets another ingress hook would drop.
+    let ruleset = format!(
+        r#"table netdev {table} {{}}
+           delete table netdev {table}
+           table netdev {table} {{
+             counter arrived {{}}
+             set flows {{ type inet_proto . inet_service; flags dynamic; size 65536; }}
+             chain ingress {{
+               type filter hook ingress device "{ifname}" priority -500; policy accept;
+               counter name "arrived"
+               meta l4proto {{ tcp, udp }} add @flows {{ meta l4proto . th sport }}
+             }}
+           }}"#
+    );
+    let ns = lab.ns(host)?;
+    netns::exec(ns, &["nft", &ruleset])
+        .with_context(|| format!("installing the flow watch on {host}:{ifname}"))?;
+    Ok(FlowWatch {
+        ns: ns.to_owned(),
+        host: host.to_owned(),
+        ifname: ifname.to_owned(),
+        table,
+    })
+}
+
+impl FlowWatch {
+    /// Every distinct (IP protocol number, source port) seen so far.
+    pub fn seen_flows(&self) -> Result<BTreeSet<(u8, u16)>> {
+        let json = self.nft(&["-j", "list", "set", "netdev", &self.table, "flows"])?;
+        let set = self.object(&json, "set")?;
+        let Some(elems) = set.get("elem").and_then(Value::as_array) else {
+            return Ok(BTreeSet::new()); // An empty set has no `elem`.
+        };
+        elems
+            .iter()
+            .map(parse_flow)
+            .collect::<Result<_>>()
+            .with_context(|| self.context("reading flows"))
+    }
+
+    /// Packets (of any protocol) that arrived so far.
+    pub fn packets(&self) -> Result<u64> {
+        let json = self.nft(&["-j", "list", "counter", "netdev", &self.table, "arrived"])?;
+        let counter = self.object(&json, "counter")?;
+        counter
+            .get("packets")
+            .and_then(Value::as_u64)
+            .with_context(|| {
+                self.context("reading the packet counter: no `packets` number in nft's answer")
+            })
+    }
+
+    /// Forgets the flows and packets seen so far.
+    pub fn clear(&self) -> Result<()> {
+        self.nft(&["flush", "set", "netdev", &self.table, "flows"])?;
+        self.nft(&["reset", "counter", "netdev", &self.table, "arrived"])?;
+        Ok(())
+    }
+
+    fn nft(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = vec!["nft"];
+        cmd.extend(args);
+        netns::exec(&self.ns, &cmd).with_context(|| self.context("querying"))
+    }
+
+    /// The first `{kind: {...}}` object of an `nft -j` answer.
+    fn object(&self, json: &str, kind: &str) -> Result<Value> {
+        let mut doc: Value =
+            serde_json::from_str(json).with_context(|| self.context("parsing `nft -j` output"))?;
+        let found = doc
+            .get_mut("nftables")
+            .and_then(Value::as_array_mut)
+            .and_then(|items| {
+                items
+                    .iter_mut()
+                    .find_map(|item| item.get_mut(kind).map(Value::take))
+            });
+        found.with_context(|| self.context(&format!("no `{kind}` in `nft -j` output: {json}")))
+    }
+
+    fn context(&self, what: &str) -> String {
+        format!("flow watch on {}:{}: {what}", self.host, self.ifname)
+    }
+}
+
+/// One set element: `{"concat": ["tcp", 40000]}`, possibly wrapped as
+/// `{"elem": {"val": ...}}`; the protocol may be a name or a number.
+fn parse_flow(elem: &Value) -> Result<(u8, u16)> {
+    let elem = elem.get("elem").and_then(|e| e.get("val")).unwrap_or(elem);
+    let parts = elem
+        .get("concat")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice);
+    let Some([proto, port]) = parts else {
+        bail!("set element {elem} is not a (protocol . port) pair");
+    };
+    let proto = match proto {
+        Value::String(name) if name == "tcp" => 6,
+        Value::String(name) if name == "udp" => 17,
+        other => other
+            .as_u64()
+            .and_then(|n| u8::try_from(n).ok())
+            .with_context(|| format!("protocol {other} in set element {elem}"))?,
+    };
+    let port = port
+        .as_u64()
+        .and_then(|n| u16::try_from(n).ok())
+        .with_context(|| format!("port {port} in set element {elem}"))?;
+    Ok((proto, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_set_elements() -> Result<()> {
+        let plain: Value = serde_json::from_str(r#"{"concat": ["udp", 56922]}"#)?;
+        let wrapped: Value =
+            serde_json::from_str(r#"{"elem": {"val": {"concat": [6, 80]}, "expires": 1}}"#)?;
+        assert_eq!(parse_flow(&plain)?, (17, 56922));
+        assert_eq!(parse_flow(&wrapped)?, (6, 80));
+        let bad: Value = serde_json::from_str(r#"{"concat": ["tcp", 70000]}"#)?;
+        assert!(
+            format!("{:#}", parse_flow(&bad).err().context("expected an error")?)
+                .contains("port 70000")
+        );
+        Ok(())
+    }
+}

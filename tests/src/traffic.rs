@@ -1,0 +1,366 @@
+//! Test traffic from inside lab namespaces: echo servers and flow clients.
+//!
+//! Owns TCP and UDP echo servers (a thread each, stopped on drop) and
+//! clients that open many distinct flows and check each one's echo. Sockets
+//! are created in their namespace through [`in_netns`] and used from
+//! ordinary threads after. Never waits unbounded: every connect, read and
+//! write has a timeout, and server threads wake up regularly to see whether
+//! they should stop.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::in_netns;
+
+/// How often server threads look at their stop flag.
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number, as [`crate::observe::FlowWatch::seen_flows`] reports it.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+}
+
+/// How one client flow went.
+#[derive(Debug)]
+pub struct FlowResult {
+    pub proto: Proto,
+    /// The client's source port.
+    pub local_port: u16,
+    pub outcome: Result<()>,
+}
+
+impl FlowResult {
+    /// (protocol number, source port), comparable with `seen_flows`.
+    pub fn flow(&self) -> (u8, u16) {
+        (self.proto.number(), self.local_port)
+    }
+}
+
+/// A running server thread and the flag that stops it.
+#[derive(Debug)]
+struct Stopper {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Stopper {
+    fn start(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Stopper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        Stopper {
+            stop,
+            thread: Some(thread::spawn(move || body(flag))),
+        }
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                eprintln!("warning: an echo server thread panicked");
+            }
+        }
+    }
+}
+
+/// Echoes every TCP connection back to its sender until dropped.
+#[derive(Debug)]
+pub struct TcpEchoServer {
+    addr: SocketAddr,
+    _thread: Stopper,
+}
+
+impl TcpEchoServer {
+    /// Listens on `addr` (port 0 picks one) in namespace `ns`.
+    pub fn start(ns: &str, addr: SocketAddr) -> Result<TcpEchoServer> {
+        let listener = in_netns(ns, || {
+            TcpListener::bind(addr)
+                .with_context(|| format!("TCP echo server: binding {addr} in {ns}"))
+        })?;
+        let addr = listener.local_addr()?;
+        let thread = Stopper::start(move |stop| serve_tcp(&listener, &stop));
+        Ok(TcpEchoServer {
+            addr,
+            _thread: thread,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn serve_tcp(listener: &TcpListener, stop: &Arc<AtomicBool>) {
+    let mut connections: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        connections.retain(|c| !c.is_finished());
+        match readable(listener, TICK) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) => {
+                eprintln!("TCP echo server: poll failed: {e}");
+                break;
+            }
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let stop = Arc::clone(stop);
+                connections.push(thread::spawn(move || echo_tcp(stream, &stop)));
+            }
+            Err(e) => eprintln!("TCP echo server: accept failed: {e}"),
+        }
+    }
+    for connection in connections {
+        // A connection thread only ends by returning; nothing to report.
+        let _ = connection.join();
+    }
+}
+
+fn echo_tcp(mut stream: TcpStream, stop: &AtomicBool) {
+    if stream.set_read_timeout(Some(TICK)).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Echoes every UDP datagram back to its sender until dropped.
+#[derive(Debug)]
+pub struct UdpEchoServer {
+    addr: SocketAddr,
+    _thread: Stopper,
+}
+
+impl UdpEchoServer {
+    /// Binds `addr` (port 0 picks one) in namespace `ns`.
+    pub fn start(ns: &str, addr: SocketAddr) -> Result<UdpEchoServer> {
+        let socket = in_netns(ns, || {
+            UdpSocket::bind(addr)
+                .with_context(|| format!("UDP echo server: binding {addr} in {ns}"))
+        })?;
+        socket.set_read_timeout(Some(TICK))?;
+        let addr = socket.local_addr()?;
+        let thread = Stopper::start(move |stop| {
+            let mut buf = [0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match socket.recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        if let Err(e) = socket.send_to(&buf[..n], peer) {
+                            eprintln!("UDP echo server: replying to {peer}: {e}");
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => eprintln!("UDP echo server: receive failed: {e}"),
+                }
+            }
+        });
+        Ok(UdpEchoServer {
+            addr,
+            _thread: thread,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Opens `count` TCP connections from `ns` to `server`, each from its own
+/// kernel-chosen source port (bound before any connects, and all held open
+/// until the end, so no port is reused), and checks that a short message on each comes back.
+/// `timeout` bounds each connect and each echo.
+pub fn tcp_flows(
+    ns: &str,
+    server: SocketAddr,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<FlowResult>> {
+    let sockets = in_netns(ns, || {
+        (0..count)
+            .map(|_| bound_socket(server, Type::STREAM, Protocol::TCP))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let connected: Vec<(u16, Result<TcpStream>)> = sockets
+        .into_iter()
+        .map(|(socket, port)| {
+            let stream = socket
+                .connect_timeout(&server.into(), timeout)
+                .map(|()| TcpStream::from(socket))
+                .with_context(|| format!("TCP connect from port {port} to {server}"));
+            (port, stream)
+        })
+        .collect();
+    let mut open = Vec::new(); // Closed only at the end, so no port is reused.
+    let results = connected
+        .into_iter()
+        .enumerate()
+        .map(|(i, (port, stream))| {
+            let outcome = stream.and_then(|s| {
+                let echoed = tcp_echo(&s, i, timeout);
+                open.push(s);
+                echoed
+            });
+            FlowResult {
+                proto: Proto::Tcp,
+                local_port: port,
+                outcome: outcome.with_context(|| format!("TCP flow from port {port} to {server}")),
+            }
+        })
+        .collect();
+    drop(open);
+    Ok(results)
+}
+
+fn tcp_echo(mut stream: &TcpStream, i: usize, timeout: Duration) -> Result<()> {
+    let message = format!("lb-tests tcp flow {i}");
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(message.as_bytes()).context("sending")?;
+    let mut echo = vec![0u8; message.len()];
+    stream.read_exact(&mut echo).context("reading the echo")?;
+    ensure!(
+        echo == message.as_bytes(),
+        "the echo differs: {:?}",
+        String::from_utf8_lossy(&echo)
+    );
+    Ok(())
+}
+
+/// Sends one request from each of `count` UDP sockets in `ns` (distinct
+/// kernel-chosen source ports) to `server` and waits for its echo, sending
+/// again up to three times within `timeout` per flow.
+pub fn udp_flows(
+    ns: &str,
+    server: SocketAddr,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<FlowResult>> {
+    let sockets = in_netns(ns, || {
+        (0..count)
+            .map(|_| bound_socket(server, Type::DGRAM, Protocol::UDP))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    Ok(sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, (socket, port))| FlowResult {
+            proto: Proto::Udp,
+            local_port: port,
+            outcome: udp_echo(UdpSocket::from(socket), server, i, timeout)
+                .with_context(|| format!("UDP flow from port {port} to {server}")),
+        })
+        .collect())
+}
+
+fn udp_echo(socket: UdpSocket, server: SocketAddr, i: usize, timeout: Duration) -> Result<()> {
+    const ATTEMPTS: u32 = 3;
+    let message = format!("lb-tests udp flow {i}");
+    socket.connect(server).context("connecting")?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1024];
+    let mut last_error = None;
+    for _ in 0..ATTEMPTS {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        socket.set_read_timeout(Some((timeout / ATTEMPTS).min(left)))?;
+        socket.send(message.as_bytes()).context("sending")?;
+        match socket.recv(&mut buf) {
+            Ok(n) if &buf[..n] == message.as_bytes() => return Ok(()),
+            Ok(n) => {
+                last_error = Some(anyhow::anyhow!(
+                    "the echo differs: {:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                ))
+            }
+            // Includes ECONNREFUSED from an ICMP error, which may be transient.
+            Err(e) => last_error = Some(anyhow::Error::new(e).context("waiting for the echo")),
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| anyhow::anyhow!("no time left to send"))
+        .context(format!("no echo after {ATTEMPTS} tries in {timeout:?}")))
+}
+
+/// A socket of `server`'s family bound to port 0, and the port it got.
+fn bound_socket(server: SocketAddr, ty: Type, proto: Protocol) -> Result<(Socket, u16)> {
+    let socket = Socket::new(Domain::for_address(server), ty, Some(proto))
+        .context("creating a client socket")?;
+    let any: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    socket
+        .bind(&any.into())
+        .context("binding a client socket to port 0")?;
+    let port = socket
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .context("a client socket has no IP address")?;
+    Ok((socket, port))
+}
+
+/// Waits up to `timeout` for `fd` to become readable.
+fn readable(fd: &impl AsRawFd, timeout: Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call, count 1.
+    match unsafe { libc::poll(&mut pfd, 1, ms) } {
+        -1 => {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(err)
+            }
+        }
+        n => Ok(n > 0),
+    }
+}
