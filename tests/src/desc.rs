@@ -352,6 +352,15 @@ impl LabDesc {
         Ok(())
     }
 
+    /// The other end of the veth whose one end is `host:ifname`, if any.
+    pub fn peer(&self, host: &str, ifname: &str) -> Option<&End> {
+        self.links.iter().find_map(|l| match l.ends() {
+            [a, b] if a.host == host && a.ifname == ifname => Some(b),
+            [a, b] if b.host == host && b.ifname == ifname => Some(a),
+            _ => None,
+        })
+    }
+
     /// Every address configured on `host`'s interface `ifname`.
     pub fn addresses(&self, host: &str, ifname: &str) -> Vec<Cidr> {
         let on_links = self
@@ -450,6 +459,8 @@ mod tests {
         let link = &desc.links[0];
         assert_eq!(link.a.offload.get("tso"), Some(&false));
         assert_eq!(link.b.mtu, Some(1400));
+        assert_eq!(desc.peer("a", "eth0").map(|e| e.host.as_str()), Some("b"));
+        assert!(desc.peer("a", "srv0").is_none());
         assert_eq!(link.tbf.as_ref().map(|t| t.burst.as_str()), Some("64kb"));
         assert_eq!(
             desc.addresses("a", "eth0"),

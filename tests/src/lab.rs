@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::desc::{LabDesc, Link};
@@ -28,6 +29,9 @@ pub const TEST_PREFIX_ROOT: &str = "lbt";
 
 /// How long a spawned process gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// How long an interface that was set up gets to become operational.
+const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A prefix no other lab of this or another test process uses, short enough
 /// that `{prefix}{host}` stays readable: `lbt{pid}x{n}-`.
@@ -47,6 +51,11 @@ pub struct LinkStats {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+}
+
+struct LinkState {
+    admin_up: bool,
+    oper_up: bool,
 }
 
 /// A lab that is up. Dropping it tears it down, unless it was [`Lab::leak`]ed
@@ -162,7 +171,11 @@ impl Lab {
         }
         // The kernel starts transmitting on a veth only once its link watch
         // has seen the carrier, asynchronously; until then it drops.
-        let all: Vec<(&str, &str)> = (self.desc.links.iter().flat_map(|l| l.ends()))
+        let all: Vec<(&str, &str)> = self
+            .desc
+            .links
+            .iter()
+            .flat_map(|l| l.ends())
             .map(|e| (e.host.as_str(), e.ifname.as_str()))
             .collect();
         self.wait_operational(&all)
@@ -182,15 +195,6 @@ impl Lab {
             if let Some(mtu) = end.mtu {
                 self.sh(host, &format!("ip link set dev {ifname} mtu {mtu}"))?;
             }
-            if !end.offload.is_empty() {
-                let features: Vec<String> = (end.offload.iter())
-                    .map(|(feature, on)| format!("{feature} {}", if *on { "on" } else { "off" }))
-                    .collect();
-                self.sh(host, &format!("ethtool -K {ifname} {}", features.join(" ")))
-                    .with_context(|| {
-                        format!("setting offloads (`ethtool -k {ifname}` lists feature names)")
-                    })?;
-            }
             if let Some(t) = &link.tbf {
                 let (rate, burst, latency) = (&t.rate, &t.burst, &t.latency);
                 let tbf = format!("rate {rate} burst {burst} latency {latency}");
@@ -200,6 +204,24 @@ impl Lab {
                 )?;
             }
             self.configure(host, ifname)?;
+        }
+        // Offloads last, with both ends up: veth advertises that it can take
+        // XDP-redirected frames (NDO_XMIT) only when its peer's GRO is turned
+        // on while the pair is up; set earlier, GRO is on but every redirect
+        // into the pair fails with EOPNOTSUPP.
+        for end in link.ends() {
+            let (host, ifname) = (end.host.as_str(), end.ifname.as_str());
+            if !end.offload.is_empty() {
+                let features: Vec<String> = end
+                    .offload
+                    .iter()
+                    .map(|(feature, on)| format!("{feature} {}", if *on { "on" } else { "off" }))
+                    .collect();
+                self.sh(host, &format!("ethtool -K {ifname} {}", features.join(" ")))
+                    .with_context(|| {
+                        format!("setting offloads (`ethtool -k {ifname}` lists feature names)")
+                    })?;
+            }
         }
         Ok(())
     }
@@ -279,15 +301,6 @@ impl Lab {
         if !up {
             return Ok(());
         }
-        // A veth end only comes up with its peer: wait when that can happen.
-        let mut wait = vec![(host, ifname)];
-        if let Some(peer) = self.desc.peer(host, ifname) {
-            if !self.link_state(&peer.host, &peer.ifname)?.0 {
-                wait.clear();
-            }
-            wait.push((&peer.host, &peer.ifname));
-            wait.retain(|_| true);
-        }
         let subnets = self.desc.addresses(host, ifname);
         let routes = self
             .desc
@@ -302,7 +315,13 @@ impl Lab {
             self.sh(host, &format!("ip route replace {route}"))
                 .with_context(|| format!("restoring a route after {ifname} came up"))?;
         }
-        Ok(())
+        // A veth end comes up only with its peer: wait for both, unless the
+        // peer is administratively down (then neither will come up).
+        match self.desc.peer(host, ifname) {
+            Some(peer) if !self.link_state(&peer.host, &peer.ifname)?.admin_up => Ok(()),
+            Some(peer) => self.wait_operational(&[(host, ifname), (&peer.host, &peer.ifname)]),
+            None => self.wait_operational(&[(host, ifname)]),
+        }
     }
 
     /// Packet and byte counters of `host:ifname`.
@@ -330,23 +349,26 @@ impl Lab {
         })
     }
 
-    /// Whether `host:ifname` is administratively up, and operationally up.
-    fn link_state(&self, host: &str, ifname: &str) -> Result<(bool, bool)> {
+    /// Whether `host:ifname` is administratively and operationally up.
+    fn link_state(&self, host: &str, ifname: &str) -> Result<LinkState> {
         #[derive(Deserialize)]
-        struct State {
+        struct Shown {
             flags: Vec<String>,
             operstate: String,
         }
-        let state: State = self.show_link(host, ifname, &[])?;
-        let admin_up = state.flags.iter().any(|f| f == "UP");
-        Ok((admin_up, matches!(state.operstate.as_str(), "UP" | "UNKNOWN")))
+        let shown: Shown = self.show_link(host, ifname, &[])?;
+        Ok(LinkState {
+            admin_up: shown.flags.iter().any(|f| f == "UP"),
+            // Interfaces without a carrier notion (lo, ifb) report UNKNOWN.
+            oper_up: matches!(shown.operstate.as_str(), "UP" | "UNKNOWN"),
+        })
     }
 
     /// Polls, with a bound, until each of `ifaces` is operationally up.
     fn wait_operational(&self, ifaces: &[(&str, &str)]) -> Result<()> {
         let deadline = Instant::now() + LINK_UP_TIMEOUT;
         for &(host, ifname) in ifaces {
-            while !self.link_state(host, ifname)?.1 {
+            while !self.link_state(host, ifname)?.oper_up {
                 ensure!(
                     Instant::now() < deadline,
                     "{host}:{ifname} is not operationally up after {LINK_UP_TIMEOUT:?}: \
@@ -360,7 +382,12 @@ impl Lab {
     }
 
     /// `ip -j [EXTRA] link show dev IFNAME`, parsed.
-    fn show_link<T: DeserializeOwned>(&self, host: &str, ifname: &str, extra: &[&str]) -> Result<T> {
+    fn show_link<T: DeserializeOwned>(
+        &self,
+        host: &str,
+        ifname: &str,
+        extra: &[&str],
+    ) -> Result<T> {
         let mut args = vec!["ip", "-j"];
         args.extend(extra);
         args.extend(["link", "show", "dev", ifname]);

@@ -150,11 +150,7 @@ fn echo_tcp(mut stream: TcpStream, stop: &AtomicBool) {
                     return;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_timeout(&e) => {}
             Err(_) => return,
         }
     }
@@ -185,11 +181,7 @@ impl UdpEchoServer {
                             eprintln!("UDP echo server: replying to {peer}: {e}");
                         }
                     }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                        ) => {}
+                    Err(e) if is_timeout(&e) => {}
                     Err(e) => eprintln!("UDP echo server: receive failed: {e}"),
                 }
             }
@@ -206,9 +198,9 @@ impl UdpEchoServer {
 }
 
 /// Opens `count` TCP connections from `ns` to `server`, each from its own
-/// kernel-chosen source port (bound before any connects, and all held open
-/// until the end, so no port is reused), and checks that a short message on each comes back.
-/// `timeout` bounds each connect and each echo.
+/// kernel-chosen source port, and checks that a short message on each comes
+/// back. All sockets are bound before the first connect and held open until
+/// the end, so no port is used twice. `timeout` bounds each connect and echo.
 pub fn tcp_flows(
     ns: &str,
     server: SocketAddr,
@@ -220,38 +212,28 @@ pub fn tcp_flows(
             .map(|_| bound_socket(server, Type::STREAM, Protocol::TCP))
             .collect::<Result<Vec<_>>>()
     })?;
-    let connected: Vec<(u16, Result<TcpStream>)> = sockets
-        .into_iter()
-        .map(|(socket, port)| {
-            let stream = socket
-                .connect_timeout(&server.into(), timeout)
-                .map(|()| TcpStream::from(socket))
-                .with_context(|| format!("TCP connect from port {port} to {server}"));
-            (port, stream)
-        })
-        .collect();
-    let mut open = Vec::new(); // Closed only at the end, so no port is reused.
-    let results = connected
+    let mut open = Vec::new();
+    let results = sockets
         .into_iter()
         .enumerate()
-        .map(|(i, (port, stream))| {
-            let outcome = stream.and_then(|s| {
-                let echoed = tcp_echo(&s, i, timeout);
-                open.push(s);
-                echoed
-            });
-            FlowResult {
-                proto: Proto::Tcp,
-                local_port: port,
-                outcome: outcome.with_context(|| format!("TCP flow from port {port} to {server}")),
-            }
+        .map(|(i, (socket, port))| FlowResult {
+            proto: Proto::Tcp,
+            local_port: port,
+            outcome: tcp_echo(socket, server, i, timeout)
+                .map(|stream| open.push(stream))
+                .with_context(|| format!("TCP flow from port {port} to {server}")),
         })
         .collect();
     drop(open);
     Ok(results)
 }
 
-fn tcp_echo(mut stream: &TcpStream, i: usize, timeout: Duration) -> Result<()> {
+/// Connects, sends a message, checks its echo; returns the open stream.
+fn tcp_echo(socket: Socket, server: SocketAddr, i: usize, timeout: Duration) -> Result<TcpStream> {
+    socket
+        .connect_timeout(&server.into(), timeout)
+        .context("connecting")?;
+    let mut stream = TcpStream::from(socket);
     let message = format!("lb-tests tcp flow {i}");
     stream.set_write_timeout(Some(timeout))?;
     stream.set_read_timeout(Some(timeout))?;
@@ -263,7 +245,7 @@ fn tcp_echo(mut stream: &TcpStream, i: usize, timeout: Duration) -> Result<()> {
         "the echo differs: {:?}",
         String::from_utf8_lossy(&echo)
     );
-    Ok(())
+    Ok(stream)
 }
 
 /// Sends one request from each of `count` UDP sockets in `ns` (distinct
@@ -314,6 +296,7 @@ fn udp_echo(socket: UdpSocket, server: SocketAddr, i: usize, timeout: Duration) 
                     String::from_utf8_lossy(&buf[..n])
                 ))
             }
+            Err(e) if is_timeout(&e) => last_error = Some(anyhow::anyhow!("no echo in time")),
             // Includes ECONNREFUSED from an ICMP error, which may be transient.
             Err(e) => last_error = Some(anyhow::Error::new(e).context("waiting for the echo")),
         }
@@ -341,6 +324,14 @@ fn bound_socket(server: SocketAddr, ty: Type, proto: Protocol) -> Result<(Socket
         .map(|a| a.port())
         .context("a client socket has no IP address")?;
     Ok((socket, port))
+}
+
+/// Whether a socket call returned only because its timeout expired.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
 }
 
 /// Waits up to `timeout` for `fd` to become readable.

@@ -1,0 +1,107 @@
+//! `cargo xtask run` and `cargo xtask lab up|down`: the interactive lab.
+//!
+//! The lab's namespaces are named `lb-<host>` (tests use generated prefixes,
+//! so both can exist side by side). `run` owns the lab for its lifetime and
+//! tears it down on Ctrl-C; `lab up` leaves it up until `lab down`.
+
+use std::{
+    path::Path,
+    process::Command,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_tests::{desc::LabDesc, lab::Lab};
+
+use crate::root;
+
+/// The lab `run` and `lab up` use unless told otherwise.
+pub const DEFAULT_LAB: &str = "routed";
+/// Namespace prefix of the interactive lab.
+const PREFIX: &str = "lb-";
+/// How long lbd gets to come up and answer on its control socket.
+const LBD_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn lab_up(name: &str) -> Result<()> {
+    crate::setup::run()?;
+    let lab = bring_up(name)?;
+    lab.leak();
+    println!("lab {name} is up (namespaces {PREFIX}*); `cargo xtask lab down` removes it");
+    Ok(())
+}
+
+pub fn lab_down() -> Result<()> {
+    let removed = Lab::down(PREFIX)?;
+    if removed.is_empty() {
+        println!("lab: nothing to take down");
+    } else {
+        println!("lab: removed {}", removed.join(" "));
+    }
+    Ok(())
+}
+
+fn bring_up(name: &str) -> Result<Lab> {
+    // A lab left over from a crash would make `up` fail half-way.
+    Lab::down(PREFIX)?;
+    let desc = LabDesc::shipped(name).with_context(|| format!("loading lab {name} from tests/labs"))?;
+    Lab::up(&desc, PREFIX)
+}
+
+pub fn run(lab_name: &str) -> Result<()> {
+    let bin = crate::build::release()?;
+    let (lbd, lbctl) = (bin.join("lbd"), bin.join("lbctl"));
+    let config = root().join("lb-daemon/examples/lbd.toml");
+
+    let (stop_tx, stop_rx) = mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.send(());
+    })
+    .context("installing the Ctrl-C handler")?;
+
+    println!("run: bringing up lab {lab_name}");
+    let mut lab = bring_up(lab_name)?;
+    let router = lab.ns("router")?.to_string();
+    lab.spawn("router", &[path_str(&lbd)?, "--config", path_str(&config)?])?;
+    wait_for_lbd(&lbctl)?;
+
+    let status = Command::new(&lbctl).arg("status").output().context("running lbctl status")?;
+    print!("{}", String::from_utf8_lossy(&status.stdout));
+    let client = lab.ns("client")?;
+    let inet = lab.ns("inet")?;
+    println!(
+        "
+lb is running in namespace {router} with {config}.
+Try, in another terminal:
+  ip netns exec {client} ping -c 3 198.51.100.10
+  ip netns exec {inet} iperf3 -s -D && ip netns exec {client} iperf3 -c 198.51.100.10 -P 8 -t 5
+  {lbctl} status            # per-uplink counters; --json for scripts
+  ip netns exec {router} ip -s link show wan1
+Ctrl-C stops lbd and tears the lab down.",
+        config = config.display(),
+        lbctl = lbctl.display(),
+    );
+    let _ = stop_rx.recv();
+    println!("\nrun: stopping lbd and tearing the lab down");
+    drop(lab);
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// Poll `lbctl status` until lbd answers, with a bound.
+fn wait_for_lbd(lbctl: &Path) -> Result<()> {
+    let deadline = Instant::now() + LBD_START_TIMEOUT;
+    loop {
+        let out = Command::new(lbctl).arg("status").output().context("running lbctl")?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("lbd did not answer within {LBD_START_TIMEOUT:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
