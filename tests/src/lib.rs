@@ -10,7 +10,9 @@
 //! - [`lab`]: bringing a lab up and down, and operating it.
 //! - [`observe`]: nftables witnesses of which flows crossed an interface.
 //! - [`traffic`]: echo servers and multi-flow TCP/UDP clients.
+//! - [`daemon`]: lbd running in a lab's router, and `lbctl` against it.
 
+pub mod daemon;
 pub mod desc;
 pub mod lab;
 pub mod netns;

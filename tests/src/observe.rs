@@ -46,8 +46,7 @@ pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
              set flows {{ type inet_proto . inet_service; flags dynamic; size 65536; }}
              chain ingress {{
                type filter hook ingress device "{ifname}" priority -500; policy accept;
-               counter name "arrived"
-               meta l4proto {{ tcp, udp }} add @flows {{ meta l4proto . th sport }}
+               meta l4proto {{ tcp, udp }} counter name "arrived" add @flows {{ meta l4proto . th sport }}
              }}
            }}"#
     );
@@ -77,7 +76,8 @@ impl FlowWatch {
             .with_context(|| self.context("reading flows"))
     }
 
-    /// Packets (of any protocol) that arrived so far.
+    /// TCP and UDP packets that arrived so far (ARP and the like are not
+    /// counted: they are the kernel's business, not the data plane's).
     pub fn packets(&self) -> Result<u64> {
         let json = self.nft(&["-j", "list", "counter", "netdev", &self.table, "arrived"])?;
         let counter = self.object(&json, "counter")?;

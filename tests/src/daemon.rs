@@ -1,0 +1,123 @@
+//! lbd inside a lab: write its configuration, start it in the router
+//! namespace, wait (bounded) until it answers, and query it with lbctl.
+//!
+//! Uses the binaries cargo built for this workspace (`cargo xtask test`
+//! builds them before the tests run). Never touches the host's /run/lb:
+//! each daemon gets its own directory and control socket.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use crate::Lab;
+
+/// How long lbd gets to load, attach and answer.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where cargo put the workspace's binaries for this profile.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LB_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug")
+}
+
+/// A running lbd. Stopped when the lab is torn down, or by [`Lbd::stop`].
+pub struct Lbd {
+    pid: u32,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Lbd {
+    /// Start lbd in `lab`'s router with `config` (TOML) and wait until it
+    /// answers `lbctl status`. A `{socket}` in `config` is replaced by this
+    /// daemon's own socket path.
+    pub fn start(lab: &mut Lab, config: &str) -> Result<Lbd> {
+        let lbd = bin_dir().join("lbd");
+        ensure!(
+            lbd.exists(),
+            "{} not found: build it first (`cargo build -p lb-daemon --bins`; `cargo xtask test` does)",
+            lbd.display()
+        );
+        let dir = std::env::temp_dir().join(format!("{}lbd", lab.prefix()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let socket = dir.join("lbd.sock");
+        let config_path = dir.join("lbd.toml");
+        let text = config.replace("{socket}", &socket.display().to_string());
+        std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
+        let pid = lab.spawn(
+            "router",
+            &[path(&lbd)?, "--config", path(&config_path)?],
+        )?;
+        let me = Lbd { pid, dir, socket };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match me.lbctl(&["status", "--json"]) {
+                Ok(_) => return Ok(me),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("lbd did not answer within {START_TIMEOUT:?}")))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Run lbctl against this daemon; its stdout on success.
+    pub fn lbctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(bin_dir().join("lbctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("running lbctl")?;
+        if !out.status.success() {
+            bail!(
+                "lbctl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `lbctl status --json`, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let text = self.lbctl(&["status", "--json"])?;
+        serde_json::from_str(&text).context("parsing lbctl status --json")
+    }
+
+    /// A counter of uplink `name` from `lbctl status --json`.
+    pub fn uplink_counter(&self, name: &str, counter: &str) -> Result<u64> {
+        let status = self.status()?;
+        let uplinks = status["uplinks"].as_array().context("no uplinks in status")?;
+        let uplink = uplinks
+            .iter()
+            .find(|u| u["name"] == name)
+            .with_context(|| format!("uplink {name} not in status"))?;
+        uplink[counter]
+            .as_u64()
+            .with_context(|| format!("uplink {name} has no counter {counter}"))
+    }
+
+    /// Stop the daemon (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop(self, lab: &mut Lab) -> Result<()> {
+        let status = lab.stop(self.pid)?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        ensure!(status.success(), "lbd exited with {status}");
+        Ok(())
+    }
+}
+
+fn path(p: &Path) -> Result<&str> {
+    p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
+}
