@@ -53,11 +53,9 @@ impl Lbd {
         let socket = dir.join("lbd.sock");
         let config_path = dir.join("lbd.toml");
         let text = config.replace("{socket}", &socket.display().to_string());
-        std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
-        let pid = lab.spawn(
-            "router",
-            &[path(&lbd)?, "--config", path(&config_path)?],
-        )?;
+        std::fs::write(&config_path, text)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let pid = lab.spawn("router", &[path(&lbd)?, "--config", path(&config_path)?])?;
         let me = Lbd { pid, dir, socket };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -99,7 +97,9 @@ impl Lbd {
     /// A counter of uplink `name` from `lbctl status --json`.
     pub fn uplink_counter(&self, name: &str, counter: &str) -> Result<u64> {
         let status = self.status()?;
-        let uplinks = status["uplinks"].as_array().context("no uplinks in status")?;
+        let uplinks = status["uplinks"]
+            .as_array()
+            .context("no uplinks in status")?;
         let uplink = uplinks
             .iter()
             .find(|u| u["name"] == name)
@@ -119,5 +119,6 @@ impl Lbd {
 }
 
 fn path(p: &Path) -> Result<&str> {
-    p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
+    p.to_str()
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
 }

@@ -53,20 +53,39 @@ weight = {}
 /// Run the flows with lbd at `weights`; check the split and the counters.
 fn check_split(lab: &mut Lab, weights: (u32, u32)) -> Result<()> {
     let lbd = Lbd::start(lab, &config(weights))?;
-    let watches = [watch_flows(lab, "isp1", "down0")?, watch_flows(lab, "isp2", "down0")?];
+    let watches = [
+        watch_flows(lab, "isp1", "down0")?,
+        watch_flows(lab, "isp2", "down0")?,
+    ];
+    // Receive counters: lb's (XDP on the uplink) against the interface's own,
+    // both as differences from here on.
+    let rx_base = rx_counters(lab, &lbd)?;
 
     let server: SocketAddr = SERVER.parse()?;
     let client = lab.ns("client")?.to_string();
     let mut flows = tcp_flows(&client, server, FLOWS_PER_PROTO, FLOW_TIMEOUT)?;
     flows.extend(udp_flows(&client, server, FLOWS_PER_PROTO, FLOW_TIMEOUT)?);
-    let failed: Vec<_> = flows.iter().filter(|f| f.outcome.is_err()).map(|f| f.flow()).collect();
-    ensure!(failed.is_empty(), "{} of {} flows failed: {failed:?}", failed.len(), flows.len());
+    let failed: Vec<_> = flows
+        .iter()
+        .filter(|f| f.outcome.is_err())
+        .map(|f| f.flow())
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {} flows failed: {failed:?}",
+        failed.len(),
+        flows.len()
+    );
 
     let seen = [watches[0].seen_flows()?, watches[1].seen_flows()?];
     let mut per_uplink = [0usize; 2];
     for f in &flows {
         let on: Vec<usize> = (0..2).filter(|&i| seen[i].contains(&f.flow())).collect();
-        ensure!(on.len() == 1, "flow {:?} seen on uplinks {on:?}, expected exactly one", f.flow());
+        ensure!(
+            on.len() == 1,
+            "flow {:?} seen on uplinks {on:?}, expected exactly one",
+            f.flow()
+        );
         per_uplink[on[0]] += 1;
     }
     let share = per_uplink[0] as f64 / flows.len() as f64;
@@ -89,7 +108,9 @@ fn check_split(lab: &mut Lab, weights: (u32, u32)) -> Result<()> {
             let sent = lbd.uplink_counter(name, "tx_packets")?;
             let received = watches[i].packets()?;
             if sent == received && sent > 0 {
-                eprintln!("{name}: lbctl tx_packets {sent} = ISP received {received} TCP/UDP packets");
+                eprintln!(
+                    "{name}: lbctl tx_packets {sent} = ISP received {received} TCP/UDP packets"
+                );
                 break;
             }
             ensure!(
@@ -100,7 +121,37 @@ fn check_split(lab: &mut Lab, weights: (u32, u32)) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let now = rx_counters(lab, &lbd)?;
+        let deltas: Vec<(u64, u64)> = now
+            .iter()
+            .zip(&rx_base)
+            .map(|(n, b)| (n.0 - b.0, n.1 - b.1))
+            .collect();
+        if deltas.iter().all(|(lb, link)| lb == link) {
+            eprintln!("received (lbctl rx_packets, interface rx_packets) per uplink: {deltas:?}");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "rx counters disagree (lbctl, interface): {deltas:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     lbd.stop(lab)
+}
+
+/// (lbctl rx_packets, router interface rx_packets) for isp1 and isp2.
+fn rx_counters(lab: &Lab, lbd: &Lbd) -> Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for (name, ifname) in [("isp1", "wan1"), ("isp2", "wan2")] {
+        out.push((
+            lbd.uplink_counter(name, "rx_packets")?,
+            lab.link_stats("router", ifname)?.rx_packets,
+        ));
+    }
+    Ok(out)
 }
 
 #[test]

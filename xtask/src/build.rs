@@ -12,8 +12,15 @@ use crate::{cmd, root};
 /// Build lbd and lbctl in release mode; returns the directory they are in.
 pub fn release() -> Result<PathBuf> {
     crate::setup::run()?;
-    cmd("cargo", &["build", "--release", "--package", "lb-daemon", "--bins"])?;
+    cmd(
+        "cargo",
+        &["build", "--release", "--package", "lb-daemon", "--bins"],
+    )?;
     let dir = root().join("target/release");
-    println!("build: {} and {} (the XDP object is embedded in lbd)", dir.join("lbd").display(), dir.join("lbctl").display());
+    println!(
+        "build: {} and {} (the XDP object is embedded in lbd)",
+        dir.join("lbd").display(),
+        dir.join("lbctl").display()
+    );
     Ok(dir)
 }

@@ -58,8 +58,12 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::Build => build::release().map(|_| ()),
         Command::Run { lab } => run::run(&lab),
-        Command::Lab { action: LabAction::Up { lab } } => run::lab_up(&lab),
-        Command::Lab { action: LabAction::Down } => run::lab_down(),
+        Command::Lab {
+            action: LabAction::Up { lab },
+        } => run::lab_up(&lab),
+        Command::Lab {
+            action: LabAction::Down,
+        } => run::lab_down(),
         Command::Test => test::run(),
     };
     match result {
@@ -85,6 +89,10 @@ pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
         .current_dir(root())
         .status()
         .with_context(|| format!("could not start {program}"))?;
-    anyhow::ensure!(status.success(), "`{program} {}` failed ({status})", args.join(" "));
+    anyhow::ensure!(
+        status.success(),
+        "`{program} {}` failed ({status})",
+        args.join(" ")
+    );
     Ok(())
 }

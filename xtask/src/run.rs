@@ -44,7 +44,8 @@ pub fn lab_down() -> Result<()> {
 fn bring_up(name: &str) -> Result<Lab> {
     // A lab left over from a crash would make `up` fail half-way.
     Lab::down(PREFIX)?;
-    let desc = LabDesc::shipped(name).with_context(|| format!("loading lab {name} from tests/labs"))?;
+    let desc =
+        LabDesc::shipped(name).with_context(|| format!("loading lab {name} from tests/labs"))?;
     Lab::up(&desc, PREFIX)
 }
 
@@ -65,7 +66,10 @@ pub fn run(lab_name: &str) -> Result<()> {
     lab.spawn("router", &[path_str(&lbd)?, "--config", path_str(&config)?])?;
     wait_for_lbd(&lbctl)?;
 
-    let status = Command::new(&lbctl).arg("status").output().context("running lbctl status")?;
+    let status = Command::new(&lbctl)
+        .arg("status")
+        .output()
+        .context("running lbctl status")?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
     let client = lab.ns("client")?;
     let inet = lab.ns("inet")?;
@@ -88,19 +92,26 @@ Ctrl-C stops lbd and tears the lab down.",
 }
 
 fn path_str(p: &Path) -> Result<&str> {
-    p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
+    p.to_str()
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
 /// Poll `lbctl status` until lbd answers, with a bound.
 fn wait_for_lbd(lbctl: &Path) -> Result<()> {
     let deadline = Instant::now() + LBD_START_TIMEOUT;
     loop {
-        let out = Command::new(lbctl).arg("status").output().context("running lbctl")?;
+        let out = Command::new(lbctl)
+            .arg("status")
+            .output()
+            .context("running lbctl")?;
         if out.status.success() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("lbd did not answer within {LBD_START_TIMEOUT:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "lbd did not answer within {LBD_START_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
     ("bpftool", "bpftool"),
+    ("ping", "iputils-ping"),
+    ("traceroute", "traceroute"),
 ];
 
 pub fn run() -> Result<()> {
@@ -35,25 +37,49 @@ pub fn run() -> Result<()> {
 /// The channel pinned in lb-ebpf/rust-toolchain.toml.
 pub fn pinned_nightly() -> Result<String> {
     let path = root().join("lb-ebpf/rust-toolchain.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
-        .find_map(|l| l.trim().strip_prefix("channel").map(|rest| rest.trim_start_matches([' ', '=']).trim_matches('"').to_string()))
+        .find_map(|l| {
+            l.trim().strip_prefix("channel").map(|rest| {
+                rest.trim_start_matches([' ', '='])
+                    .trim_matches('"')
+                    .to_string()
+            })
+        })
         .with_context(|| format!("no channel in {}", path.display()))
 }
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn nightly() -> Result<()> {
     let channel = pinned_nightly()?;
-    let installed = output("rustup", &["component", "list", "--installed", "--toolchain", &channel]).unwrap_or_default();
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", &channel],
+    )
+    .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     println!("setup: installing Rust {channel} with rust-src (builds the XDP programs)");
-    cmd("rustup", &["toolchain", "install", &channel, "--profile", "minimal", "--component", "rust-src"])
+    cmd(
+        "rustup",
+        &[
+            "toolchain",
+            "install",
+            &channel,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ],
+    )
 }
 
 fn bpf_linker() -> Result<()> {
@@ -62,7 +88,15 @@ fn bpf_linker() -> Result<()> {
         return Ok(());
     }
     println!("setup: installing bpf-linker {BPF_LINKER_VERSION} (links the XDP object; takes a few minutes once)");
-    cmd("cargo", &["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+    cmd(
+        "cargo",
+        &[
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ],
+    )
 }
 
 fn packages() -> Result<()> {
@@ -74,7 +108,10 @@ fn packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    println!("setup: installing Debian packages {} (labs and tests)", missing.join(" "));
+    println!(
+        "setup: installing Debian packages {} (labs and tests)",
+        missing.join(" ")
+    );
     cmd("apt-get", &["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
@@ -91,7 +128,10 @@ fn packages() -> Result<()> {
 
 fn bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     println!("setup: mounting bpffs at /sys/fs/bpf");

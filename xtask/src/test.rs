@@ -10,7 +10,10 @@ pub fn run() -> Result<()> {
     println!("test: formatting");
     cmd("cargo", &["fmt", "--all", "--", "--check"])?;
     println!("test: clippy");
-    cmd("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    cmd(
+        "cargo",
+        &["clippy", "--all-targets", "--", "-D", "warnings"],
+    )?;
     // Lab tests start the daemon from target/debug; build it first.
     cmd("cargo", &["build", "--package", "lb-daemon", "--bins"])?;
     println!("test: unit, BPF test-run and lab tests");

@@ -40,7 +40,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,netlink_proto=error")).init();
     let args = Args::parse();
     let config = match config::load(&args.config) {
         Ok(c) => c,
