@@ -11,6 +11,7 @@
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod nat;
 pub mod reason;
 pub mod table;
 
@@ -21,6 +22,9 @@ const _: () = assert!(BUCKETS.is_power_of_two());
 
 /// Most uplinks one router can have; sizes the per-uplink maps.
 pub const MAX_UPLINKS: u32 = 16;
+
+/// Most LAN interfaces one router can have.
+pub const MAX_LANS: u32 = 16;
 
 /// Bucket table value meaning "no uplink can take new flows": packets of new
 /// flows are dropped and counted rather than leaked to the kernel unNATed.

@@ -14,7 +14,9 @@ pub mod name {
     pub const UPLINKS: &str = "UPLINKS";
     pub const UPLINK_BY_IFINDEX: &str = "UPLINK_BY_IFINDEX";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const LAN_PORTS: &str = "LAN_PORTS";
     pub const FLOWS: &str = "FLOWS";
+    pub const NAT_REV: &str = "NAT_REV";
     pub const BYPASS: &str = "BYPASS";
     pub const UPLINK_STATS: &str = "UPLINK_STATS";
     pub const REASONS: &str = "REASONS";
@@ -38,6 +40,15 @@ pub struct Settings {
     /// the other half and then flips this, so a new table takes effect in
     /// one step and no packet ever sees half of each.
     pub active_table: u32,
+    /// NAT source ports (host order, inclusive) a new mapping may take when
+    /// the client's own port is not free.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// The router's own ephemeral ports (`ip_local_port_range`): a client
+    /// port in here is never kept, so NAT and the router's own sockets can
+    /// never claim the same port.
+    pub local_port_min: u16,
+    pub local_port_max: u16,
     pub _pad: u32,
 }
 
@@ -73,6 +84,8 @@ pub struct UplinkInfo {
     pub src_mac: [u8; 6],
     /// MAC address of the uplink's gateway: the new Ethernet destination.
     pub gw_mac: [u8; 6],
+    /// Largest IPv4 packet the uplink takes (its MTU).
+    pub mtu: u32,
 }
 
 /// Key of the flow table: a connection as the client sent it.
@@ -90,15 +103,65 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of the flow table: where a connection is pinned.
+/// Value of the flow table: where a connection is pinned and how it is
+/// translated.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// `bpf_ktime_get_ns` of the last packet seen.
+    /// `bpf_ktime_get_coarse_ns` of the last packet seen, either way.
     pub last_seen_ns: u64,
     /// Index of the uplink the flow is pinned to.
     pub uplink: u32,
-    pub _pad: [u8; 4],
+    /// The source port (ICMP: identifier) the flow has on its uplink.
+    pub nat_port: [u8; 2],
+    /// One of [`tcp_state`]; zero for UDP and ICMP.
+    pub tcp_state: u8,
+    pub _pad: u8,
+}
+
+/// How far a TCP connection has got, as far as timeouts care (RFC 5382:
+/// short while opening or closing, long once established).
+pub mod tcp_state {
+    /// Only the client has spoken (SYN sent).
+    pub const OPENING: u8 = 0;
+    /// The server answered: established.
+    pub const ESTABLISHED: u8 = 1;
+    /// A FIN or RST went by: closing.
+    pub const CLOSING: u8 = 2;
+}
+
+/// Key of the reverse NAT table: a reply as it arrives on an uplink.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatKey {
+    /// The uplink's address (the reply's destination).
+    pub nat_addr: [u8; 4],
+    /// The server's address (the reply's source).
+    pub remote_addr: [u8; 4],
+    /// The NAT port (the reply's destination port; ICMP: identifier).
+    pub nat_port: [u8; 2],
+    /// The server's port (the reply's source port; zero for ICMP).
+    pub remote_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the reverse NAT table: where a reply goes back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatValue {
+    pub client_addr: [u8; 4],
+    /// The client's own source port (ICMP: identifier).
+    pub client_port: [u8; 2],
+    /// The client's 802.1Q tag control (VLAN id), zero when untagged.
+    pub vlan_tci: [u8; 2],
+    pub client_mac: [u8; 6],
+    /// The router's MAC on the client's LAN: the reply's new source.
+    pub lan_mac: [u8; 6],
+    /// The LAN interface the client is on.
+    pub lan_ifindex: u32,
+    /// The uplink the mapping belongs to.
+    pub uplink: u32,
 }
 
 /// Per-uplink counters; one per CPU, summed by user space.
@@ -115,25 +178,20 @@ pub struct UplinkStats {
     pub new_flows: u64,
     /// Flows moved away from this uplink because it went down.
     pub moved_away: u64,
-}
-
-/// Key of the bypass trie: destinations the fast path leaves to the kernel
-/// (the router's own addresses, LAN subnets). Same layout as aya's
-/// `LpmTrie` key: prefix length, then the address in network order.
-#[repr(C, packed)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BypassKey {
-    pub prefix_len: u32,
-    pub addr: [u8; 4],
+    /// New flows that found no free NAT port on this uplink (dropped).
+    pub nat_failures: u64,
+    /// Replies translated back to a client.
+    pub replies: u64,
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Settings>() == 16);
-    assert!(core::mem::size_of::<UplinkInfo>() == 24);
+    assert!(core::mem::size_of::<Settings>() == 24);
+    assert!(core::mem::size_of::<UplinkInfo>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowValue>() == 16);
-    assert!(core::mem::size_of::<UplinkStats>() == 48);
-    assert!(core::mem::size_of::<BypassKey>() == 8);
+    assert!(core::mem::size_of::<NatKey>() == 16);
+    assert!(core::mem::size_of::<NatValue>() == 28);
+    assert!(core::mem::size_of::<UplinkStats>() == 64);
 };
 
 #[cfg(feature = "user")]
@@ -145,5 +203,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::UplinkStats {}
-    unsafe impl aya::Pod for super::BypassKey {}
+    unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::NatValue {}
 }

@@ -26,8 +26,19 @@ pub const DROP_NO_UPLINK: u32 = 8;
 /// The device map had no entry for the chosen uplink.
 pub const DROP_REDIRECT_FAILED: u32 = 9;
 
+/// A reply on an uplink that matches no NAT mapping: the router's own.
+pub const PASS_NO_MAPPING: u32 = 10;
+/// Larger than the uplink's MTU with DF set: the kernel answers with ICMP
+/// "fragmentation needed".
+pub const PASS_TOO_BIG: u32 = 11;
+/// Larger than the uplink's MTU without DF: XDP cannot fragment, and the
+/// kernel would send it out unNATed.
+pub const DROP_TOO_BIG: u32 = 12;
+/// No free NAT port for a new flow.
+pub const DROP_NAT_EXHAUSTED: u32 = 13;
+
 /// Number of reasons; size of the `REASONS` map.
-pub const COUNT: u32 = 10;
+pub const COUNT: u32 = 14;
 
 /// Names for user space, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -41,4 +52,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_unknown_uplink",
     "drop_no_uplink",
     "drop_redirect_failed",
+    "pass_no_mapping",
+    "pass_too_big",
+    "drop_too_big",
+    "drop_nat_exhausted",
 ];

@@ -59,6 +59,12 @@ pub struct UplinkStatus {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub new_flows: u64,
+    /// Flows pinned to this uplink now.
+    pub flows: u64,
+    /// Replies translated back to clients.
+    pub replies: u64,
+    /// New flows dropped for want of a free NAT port.
+    pub nat_failures: u64,
 }
 
 /// Why a request could not be answered.

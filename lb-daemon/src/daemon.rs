@@ -11,7 +11,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use anyhow::{bail, Context, Result};
 use lb_common::{
     hash,
-    maps::{program, uplink_state, UplinkInfo},
+    maps::{program, tcp_state, uplink_state, FlowKey, FlowValue, NatKey, UplinkInfo},
     reason,
     table::{self, Table},
 };
@@ -92,7 +92,9 @@ impl Daemon {
     /// Resolve every interface and gateway, load the data plane, fill its
     /// maps and attach the programs. Nothing is attached unless everything
     /// before succeeded.
-    pub async fn start(config: Config) -> Result<Self> {
+    /// `local_ports` is the kernel's `ip_local_port_range`, which NAT keeps
+    /// clear of.
+    pub async fn start(config: Config, local_ports: (u16, u16)) -> Result<Self> {
         let nl = Netlink::connect()?;
 
         let mut uplinks = Vec::new();
@@ -127,6 +129,7 @@ impl Daemon {
                 addr: addr.octets(),
                 src_mac: link.mac,
                 gw_mac,
+                mtu: link.mtu,
             });
             uplinks.push(uplink);
         }
@@ -150,6 +153,10 @@ impl Daemon {
 
         let mut dataplane = Dataplane::load(config.flows.max)?;
         dataplane.set_classifier(rand::random(), mode_number(config.balance.mode))?;
+        dataplane.set_nat_ports((config.nat.port_min, config.nat.port_max), local_ports)?;
+        for lan in &lans {
+            dataplane.add_lan(lan.index)?;
+        }
         for (uplink, info) in uplinks.iter().zip(&infos) {
             dataplane
                 .set_uplink(uplink.index, info)
@@ -210,8 +217,75 @@ impl Daemon {
         Ok(())
     }
 
+    /// Remove flows idle for longer than their timeout, with their NAT
+    /// mappings, and NAT mappings whose flow is gone. Returns how many flows
+    /// were removed.
+    pub fn collect_expired(&mut self, now_ns: u64) -> Result<usize> {
+        let flows = self.dataplane.flows()?;
+        let mut removed = 0;
+        let mut live = std::collections::HashSet::new();
+        for (key, value) in &flows {
+            let idle = Duration::from_nanos(now_ns.saturating_sub(value.last_seen_ns));
+            let rev = self.rev_key(key, value);
+            if idle > self.timeout(key, value) {
+                self.dataplane.remove_flow(key, rev.as_ref())?;
+                removed += 1;
+            } else if let Some(rev) = rev {
+                live.insert(rev);
+            }
+        }
+        // A mapping without its flow (the flow table evicted it when full)
+        // would hold its port forever.
+        for (rev, back) in self.dataplane.nat_entries()? {
+            if !live.contains(&rev) {
+                let key = FlowKey {
+                    src_addr: back.client_addr,
+                    dst_addr: rev.remote_addr,
+                    src_port: back.client_port,
+                    dst_port: rev.remote_port,
+                    proto: rev.proto,
+                    _pad: [0; 3],
+                };
+                if !flows.iter().any(|(k, _)| *k == key) {
+                    self.dataplane.remove_nat(&rev)?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn rev_key(&self, key: &FlowKey, value: &FlowValue) -> Option<NatKey> {
+        let uplink = self.uplinks.get(value.uplink as usize)?;
+        Some(NatKey {
+            nat_addr: uplink.addr.octets(),
+            remote_addr: key.dst_addr,
+            nat_port: value.nat_port,
+            remote_port: key.dst_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        })
+    }
+
+    /// Idle timeout of a flow: RFC 5382 for TCP (long once established,
+    /// short while opening or closing), RFC 4787 for UDP.
+    fn timeout(&self, key: &FlowKey, value: &FlowValue) -> Duration {
+        let t = &self.config.flows;
+        match (key.proto, value.tcp_state) {
+            (6, tcp_state::ESTABLISHED) => t.tcp_established_timeout,
+            (6, _) => t.tcp_transitory_timeout,
+            (17, _) => t.udp_timeout,
+            _ => t.icmp_timeout,
+        }
+    }
+
     pub fn status(&self) -> Result<Status> {
         let counts = table::counts(&self.table);
+        let mut flows = vec![0u64; self.uplinks.len()];
+        for (_, v) in self.dataplane.flows()? {
+            if let Some(n) = flows.get_mut(v.uplink as usize) {
+                *n += 1;
+            }
+        }
         let mut uplinks = Vec::new();
         for u in &self.uplinks {
             let s = self.dataplane.uplink_stats(u.index)?;
@@ -231,6 +305,9 @@ impl Daemon {
                 rx_packets: s.rx_packets,
                 rx_bytes: s.rx_bytes,
                 new_flows: s.new_flows,
+                flows: flows[u.index as usize],
+                replies: s.replies,
+                nat_failures: s.nat_failures,
             });
         }
         let reasons = self.dataplane.reasons()?;

@@ -9,12 +9,14 @@ use std::net::Ipv4Addr;
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, DevMap, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, DevMap, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps::{name, program, BypassKey, FlowKey, FlowValue, Settings, UplinkInfo, UplinkStats},
+    maps::{
+        name, program, FlowKey, FlowValue, NatKey, NatValue, Settings, UplinkInfo, UplinkStats,
+    },
     reason,
     table::Table,
     BUCKETS, MAX_UPLINKS,
@@ -41,6 +43,7 @@ impl Dataplane {
     pub fn load(max_flows: u32) -> Result<Self> {
         let ebpf = EbpfLoader::new()
             .map_max_entries(name::FLOWS, max_flows)
+            .map_max_entries(name::NAT_REV, max_flows)
             .load(OBJECT)
             .context("loading the XDP object into the kernel failed (needs root, and a kernel with BPF and BTF)")?;
         let mut dp = Self {
@@ -93,6 +96,26 @@ impl Dataplane {
         self.settings.seed = seed;
         self.settings.mode = mode;
         self.write_settings()
+    }
+
+    /// Set the NAT port range and the router's own ephemeral port range
+    /// (both inclusive, host order).
+    pub fn set_nat_ports(&mut self, nat: (u16, u16), local: (u16, u16)) -> Result<()> {
+        (self.settings.nat_port_min, self.settings.nat_port_max) = nat;
+        (self.settings.local_port_min, self.settings.local_port_max) = local;
+        self.write_settings()
+    }
+
+    /// Let replies be redirected to LAN interface `ifindex`.
+    pub fn add_lan(&mut self, ifindex: u32) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::LAN_PORTS)
+            .context("map LAN_PORTS missing")?;
+        let mut ports = DevMapHash::try_from(m).context("map LAN_PORTS has an unexpected type")?;
+        ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding LAN ifindex {ifindex} to the device map"))
     }
 
     fn write_settings(&mut self) -> Result<()> {
@@ -191,6 +214,8 @@ impl Dataplane {
                 rx_bytes: a.rx_bytes + s.rx_bytes,
                 new_flows: a.new_flows + s.new_flows,
                 moved_away: a.moved_away + s.moved_away,
+                nat_failures: a.nat_failures + s.nat_failures,
+                replies: a.replies + s.replies,
             }))
     }
 
@@ -220,6 +245,63 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// Every reverse NAT entry.
+    pub fn nat_entries(&self) -> Result<Vec<(NatKey, NatValue)>> {
+        let m = self
+            .ebpf
+            .map(name::NAT_REV)
+            .context("map NAT_REV missing")?;
+        let rev: HashMap<_, NatKey, NatValue> = HashMap::try_from(m)?;
+        rev.iter().map(|r| r.context("reading NAT_REV")).collect()
+    }
+
+    /// Remove a flow and its reverse entry (either may already be gone).
+    pub fn remove_flow(&mut self, key: &FlowKey, rev: Option<&NatKey>) -> Result<()> {
+        {
+            let m = self
+                .ebpf
+                .map_mut(name::FLOWS)
+                .context("map FLOWS missing")?;
+            let mut flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;
+            ignore_missing(flows.remove(key))?;
+        }
+        if let Some(rev_key) = rev {
+            let m = self
+                .ebpf
+                .map_mut(name::NAT_REV)
+                .context("map NAT_REV missing")?;
+            let mut nat: HashMap<_, NatKey, NatValue> = HashMap::try_from(m)?;
+            ignore_missing(nat.remove(rev_key))?;
+        }
+        Ok(())
+    }
+
+    /// Remove a reverse entry whose flow is gone.
+    pub fn remove_nat(&mut self, key: &NatKey) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::NAT_REV)
+            .context("map NAT_REV missing")?;
+        let mut nat: HashMap<_, NatKey, NatValue> = HashMap::try_from(m)?;
+        ignore_missing(nat.remove(key))
+    }
+}
+
+/// A delete that finds nothing is fine: the kernel's LRU (or the data
+/// plane itself) got there first.
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn mask(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
     let bits = u32::from(addr);
     let mask = if prefix_len == 0 {
@@ -229,6 +311,3 @@ fn mask(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
     };
     Ipv4Addr::from(bits & mask)
 }
-
-// Keep the bypass key layout and aya's LPM key in step.
-const _: () = assert!(std::mem::size_of::<BypassKey>() == std::mem::size_of::<Key<[u8; 4]>>());

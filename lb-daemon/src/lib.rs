@@ -6,4 +6,7 @@ pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
+pub mod linkwatch;
 pub mod netlink;
+pub mod probe;

@@ -31,6 +31,7 @@ pub struct Link {
     pub mac: [u8; 6],
     /// Operationally up (carrier and admin state).
     pub up: bool,
+    pub mtu: u32,
 }
 
 pub struct Netlink {
@@ -60,8 +61,10 @@ impl Netlink {
         };
         let mut mac = [0u8; 6];
         let mut up = false;
+        let mut mtu = 1500;
         for attr in &msg.attributes {
             match attr {
+                LinkAttribute::Mtu(m) => mtu = *m,
                 LinkAttribute::Address(bytes) if bytes.len() == 6 => mac.copy_from_slice(bytes),
                 LinkAttribute::OperState(state) => up = matches!(state, State::Up | State::Unknown),
                 _ => {}
@@ -75,6 +78,7 @@ impl Netlink {
             index: msg.header.index,
             mac,
             up,
+            mtu,
         })
     }
 

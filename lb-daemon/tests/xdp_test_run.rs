@@ -12,7 +12,7 @@ use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSl
 use lb_common::{
     hash,
     maps::{program, uplink_state, UplinkInfo},
-    reason,
+    nat, reason,
     table::{self, Table},
     MAX_UPLINKS,
 };
@@ -27,6 +27,8 @@ const ROUTER_LAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT: [u8; 4] = [10, 10, 0, 2];
 const SERVER: [u8; 4] = [198, 51, 100, 10];
 const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+const NAT_PORTS: (u16, u16) = (20_000, 29_999);
+const LOCAL_PORTS: (u16, u16) = (32_768, 60_999);
 
 fn uplink_info(n: u8, state: u32) -> UplinkInfo {
     UplinkInfo {
@@ -36,6 +38,7 @@ fn uplink_info(n: u8, state: u32) -> UplinkInfo {
         addr: [100, 64, n, 2],
         src_mac: [0x02, 0xaa, 0, 0, n, 2],
         gw_mac: [0x02, 0xbb, 0, 0, n, 1],
+        mtu: 1500,
     }
 }
 
@@ -58,6 +61,9 @@ impl Harness {
         let mut dp = Dataplane::load(1024).expect("load the XDP object");
         dp.set_classifier(0x1234_5678, hash::mode::FIVE_TUPLE)
             .expect("settings");
+        dp.set_nat_ports(NAT_PORTS, LOCAL_PORTS).expect("nat ports");
+        // Test runs arrive on loopback: it stands in for the LAN port.
+        dp.add_lan(1).expect("lan");
         for (i, state) in states.iter().enumerate() {
             dp.set_uplink(i as u32, &uplink_info(i as u8 + 1, *state))
                 .expect("uplink");
@@ -138,10 +144,11 @@ builder!(
     etherparse::Icmpv4Header
 );
 
-/// Check what `lan_ingress` sent: new MACs, TTL one less, valid IP and L4
-/// checksums, and everything else as it came in.
-fn assert_forwarded(input: &[u8], output: &[u8], uplink: &UplinkInfo) {
-    let pin = SlicedPacket::from_ethernet(input).expect("input parses");
+/// Check what `lan_ingress` sent: byte for byte what the reference model
+/// in lb-common makes of the input with the NAT port the data plane chose,
+/// and, independently, valid checksums and the right fields (etherparse).
+/// Returns the NAT port.
+fn assert_forwarded(input: &[u8], output: &[u8], uplink: &UplinkInfo) -> u16 {
     let pout = SlicedPacket::from_ethernet(output).expect("output parses");
     let eth = match &pout.link {
         Some(etherparse::LinkSlice::Ethernet2(e)) => e.to_header(),
@@ -153,34 +160,27 @@ fn assert_forwarded(input: &[u8], output: &[u8], uplink: &UplinkInfo) {
     );
     assert_eq!(eth.source, uplink.src_mac, "source MAC is the uplink's");
     assert!(pout.vlan.is_none(), "no VLAN tag leaves by an uplink");
-    let (Some(etherparse::NetSlice::Ipv4(ip_in)), Some(etherparse::NetSlice::Ipv4(ip_out))) =
-        (&pin.net, &pout.net)
-    else {
-        panic!("IPv4 in and out");
+    let Some(etherparse::NetSlice::Ipv4(ip_out)) = &pout.net else {
+        panic!("IPv4 out")
     };
-    let (hin, hout) = (ip_in.header().to_header(), ip_out.header().to_header());
-    assert_eq!(hout.time_to_live, hin.time_to_live - 1, "TTL decremented");
+    let hout = ip_out.header().to_header();
+    assert_eq!(
+        hout.source, uplink.addr,
+        "source NATed to the uplink's address"
+    );
     assert_eq!(
         hout.header_checksum,
         hout.calc_header_checksum(),
         "IP header checksum valid"
     );
-    let mut expect = hin.clone();
-    expect.time_to_live -= 1;
-    expect.header_checksum = expect.calc_header_checksum();
-    assert_eq!(hout, expect, "nothing else in the IP header changed");
-    assert_eq!(
-        ip_in.payload().payload,
-        ip_out.payload().payload,
-        "payload untouched"
-    );
-    match &pout.transport {
+    let nat_port = match &pout.transport {
         Some(TransportSlice::Udp(u)) => {
             let calc = u
                 .to_header()
                 .calc_checksum_ipv4(&hout, u.payload())
                 .expect("udp checksum");
             assert_eq!(u.checksum(), calc, "UDP checksum valid");
+            u.source_port()
         }
         Some(TransportSlice::Tcp(t)) => {
             let calc = t
@@ -188,10 +188,29 @@ fn assert_forwarded(input: &[u8], output: &[u8], uplink: &UplinkInfo) {
                 .calc_checksum_ipv4(&hout, t.payload())
                 .expect("tcp checksum");
             assert_eq!(t.checksum(), calc, "TCP checksum valid");
+            t.source_port()
         }
-        Some(TransportSlice::Icmpv4(_)) => {}
+        Some(TransportSlice::Icmpv4(i)) => {
+            let h = i.header();
+            assert_eq!(
+                h.checksum,
+                h.icmp_type.calc_checksum(i.payload()),
+                "ICMP checksum valid"
+            );
+            u16::from_be_bytes([i.slice()[4], i.slice()[5]])
+        }
         other => panic!("unexpected transport {other:?}"),
-    }
+    };
+    let t = nat::Outbound {
+        src_mac: uplink.src_mac,
+        dst_mac: uplink.gw_mac,
+        nat_addr: uplink.addr,
+        nat_port,
+    };
+    let mut model = vec![0u8; input.len()];
+    let n = nat::outbound(input, &t, &mut model).expect("model translates");
+    assert_eq!(output, &model[..n], "data plane and reference model agree");
+    nat_port
 }
 
 /// Which uplink a forwarded frame went to, by its source MAC.
@@ -449,4 +468,297 @@ fn wan_ingress_counts_and_passes() {
     let (verdict, out) = h.run(program::WAN_INGRESS, &frame);
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, frame);
+}
+
+/// A reply from the server to uplink 2 (the one loopback stands for in
+/// `wan_ingress` test runs), for a flow that went out with `nat_port`.
+fn reply_to(proto: &str, nat_port: u16, server_port: u16) -> Vec<u8> {
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    let b = PacketBuilder::ethernet2(up.gw_mac, up.src_mac).ipv4(SERVER, up.addr, 60);
+    match proto {
+        "udp" => build(b.udp(server_port, nat_port), b"answer"),
+        _ => build(
+            b.tcp(server_port, nat_port, 5000, 65535).syn().ack(1001),
+            b"",
+        ),
+    }
+}
+
+/// Send `frame` out through `lan_ingress` until it leaves by uplink 2 (the
+/// one `wan_ingress` test runs can answer for); returns its NAT port and
+/// the frame that left.
+fn out_via_uplink2(h: &mut Harness, make: impl Fn(u16) -> Vec<u8>) -> (u16, Vec<u8>, Vec<u8>) {
+    for port in 5000..5200u16 {
+        let frame = make(port);
+        let (verdict, out) = h.lan(&frame);
+        assert_eq!(verdict, XDP_REDIRECT);
+        if uplink_of(&out) == 2 {
+            let nat_port = assert_forwarded(&frame, &out, &uplink_info(2, uplink_state::ACTIVE));
+            return (nat_port, frame, out);
+        }
+    }
+    panic!("no flow landed on uplink 2");
+}
+
+fn inbound_model(frame: &[u8], client_port: u16, icmp_error: bool) -> Vec<u8> {
+    let t = nat::Inbound {
+        src_mac: ROUTER_LAN_MAC,
+        dst_mac: CLIENT_MAC,
+        vlan_tci: 0,
+        client_addr: CLIENT,
+        client_port,
+    };
+    let mut out = vec![0u8; frame.len() + 4];
+    let n = if icmp_error {
+        nat::icmp_error_inbound(frame, &t, &mut out)
+    } else {
+        nat::inbound(frame, &t, &mut out)
+    }
+    .expect("model translates");
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn replies_are_translated_back_to_the_client() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    for proto in ["udp", "tcp"] {
+        let (nat_port, frame, _) =
+            out_via_uplink2(&mut h, |p| if proto == "udp" { udp(p, 64) } else { tcp(p) });
+        let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+        assert_eq!(
+            nat_port, client_port,
+            "{proto}: a free client port outside the router's range is kept"
+        );
+        let server_port = if proto == "udp" { 53 } else { 443 };
+        let reply = reply_to(proto, nat_port, server_port);
+        let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
+        assert_eq!(verdict, XDP_REDIRECT, "{proto} reply goes to the LAN");
+        assert_eq!(
+            back,
+            inbound_model(&reply, client_port, false),
+            "{proto}: data plane and model agree"
+        );
+        let p = SlicedPacket::from_ethernet(&back).expect("parses");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+            panic!("IPv4")
+        };
+        let hdr = ip.header().to_header();
+        assert_eq!(hdr.destination, CLIENT);
+        assert_eq!(hdr.header_checksum, hdr.calc_header_checksum());
+    }
+    assert_eq!(h.dp.uplink_stats(1).expect("stats").replies, 2);
+}
+
+#[test]
+fn client_ports_the_router_may_use_are_remapped_into_the_nat_range() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let (verdict, out) = h.lan(&udp(40_000, 64));
+    assert_eq!(verdict, XDP_REDIRECT);
+    let port = assert_forwarded(
+        &udp(40_000, 64),
+        &out,
+        &uplink_info(uplink_of(&out), uplink_state::ACTIVE),
+    );
+    assert!(
+        (NAT_PORTS.0..=NAT_PORTS.1).contains(&port),
+        "port {port} in the NAT range"
+    );
+}
+
+#[test]
+fn two_clients_with_one_source_port_get_two_mappings() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // Both clients' flows must land on uplink 2 to collide: find a port for
+    // which both do.
+    let second_client = [10, 10, 0, 3];
+    let make = |client: [u8; 4], port: u16| {
+        build(
+            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv4(client, SERVER, 64)
+                .udp(port, 53),
+            b"q",
+        )
+    };
+    let mut ports = None;
+    for port in 5000..6000u16 {
+        let (_, a) = h.lan(&make(CLIENT, port));
+        let (_, b) = h.lan(&make(second_client, port));
+        if uplink_of(&a) == 2 && uplink_of(&b) == 2 {
+            let up = uplink_info(2, uplink_state::ACTIVE);
+            ports = Some((
+                port,
+                assert_forwarded(&make(CLIENT, port), &a, &up),
+                assert_forwarded(&make(second_client, port), &b, &up),
+            ));
+            break;
+        }
+    }
+    let (client_port, first, second) = ports.expect("a port where both clients use uplink 2");
+    assert_eq!(first, client_port, "the first keeps its port");
+    assert_ne!(second, first, "the second gets another mapping");
+    assert!((NAT_PORTS.0..=NAT_PORTS.1).contains(&second));
+    // Each reply goes back to its own client.
+    for (nat_port, client) in [(first, CLIENT), (second, second_client)] {
+        let (verdict, back) = h.run(program::WAN_INGRESS, &reply_to("udp", nat_port, 53));
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            &back[30..34],
+            &client,
+            "reply to {nat_port} goes to {client:?}"
+        );
+        assert_eq!(u16::from_be_bytes([back[36], back[37]]), client_port);
+    }
+}
+
+#[test]
+fn icmp_errors_about_natted_packets_reach_the_client() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let (nat_port, frame, out) = out_via_uplink2(&mut h, |p| udp(p, 64));
+    let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    // Time exceeded from a router beyond the ISP, quoting what left.
+    let quoted = &out[14..14 + 28];
+    for (kind, code) in [(11u8, 0u8), (3, 4), (3, 3)] {
+        let mut icmp = vec![
+            kind,
+            code,
+            0,
+            0,
+            0,
+            0,
+            if code == 4 { 0x05 } else { 0 },
+            if code == 4 { 0x78 } else { 0 },
+        ];
+        icmp.extend_from_slice(quoted);
+        let c = lb_common::csum::checksum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let b = PacketBuilder::ethernet2(up.gw_mac, up.src_mac).ipv4([100, 65, 2, 1], up.addr, 60);
+        let mut err = Vec::new();
+        b.write(&mut err, etherparse::IpNumber::ICMP, &icmp)
+            .expect("build");
+        let (verdict, back) = h.run(program::WAN_INGRESS, &err);
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "ICMP {kind}/{code} goes to the client"
+        );
+        assert_eq!(
+            back,
+            inbound_model(&err, client_port, true),
+            "ICMP {kind}/{code}: data plane and model agree"
+        );
+        // Independently: outer and quoted headers carry the client, and the
+        // ICMP checksum verifies.
+        assert_eq!(&back[30..34], &CLIENT);
+        assert_eq!(
+            &back[34 + 8 + 12..34 + 8 + 16],
+            &CLIENT,
+            "quoted source is the client"
+        );
+        let icmp_len = back.len() - 34;
+        assert!(
+            lb_common::csum::verifies(&back[34..34 + icmp_len], 0),
+            "ICMP checksum"
+        );
+        assert!(
+            lb_common::csum::verifies(&back[42..62], 0),
+            "quoted IP checksum"
+        );
+        let _ = nat_port;
+    }
+}
+
+#[test]
+fn ping_goes_out_and_its_reply_comes_back() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let echo = |id: u16| {
+        build(
+            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv4(CLIENT, SERVER, 64)
+                .icmpv4_echo_request(id, 1),
+            b"ping",
+        )
+    };
+    let (nat_id, frame, _) = out_via_uplink2(&mut h, echo);
+    let id = u16::from_be_bytes([frame[38], frame[39]]);
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    let reply = build(
+        PacketBuilder::ethernet2(up.gw_mac, up.src_mac)
+            .ipv4(SERVER, up.addr, 60)
+            .icmpv4_echo_reply(nat_id, 1),
+        b"ping",
+    );
+    let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(back, inbound_model(&reply, id, false));
+}
+
+#[test]
+fn wan_traffic_without_a_mapping_and_ttl_one_go_to_the_kernel() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    let ssh = build(
+        PacketBuilder::ethernet2(up.gw_mac, up.src_mac)
+            .ipv4(SERVER, up.addr, 60)
+            .tcp(50_000, 22, 1, 100)
+            .syn(),
+        b"",
+    );
+    let (nat_port, _, _) = out_via_uplink2(&mut h, |p| udp(p, 64));
+    let mut ttl_one = reply_to("udp", nat_port, 53);
+    ttl_one[22] = 1;
+    let c = lb_common::csum::checksum(
+        &{
+            let mut x = ttl_one[14..34].to_vec();
+            x[10] = 0;
+            x[11] = 0;
+            x
+        },
+        0,
+    );
+    ttl_one[24..26].copy_from_slice(&c.to_be_bytes());
+    let truncated_error = {
+        let b = PacketBuilder::ethernet2(up.gw_mac, up.src_mac).ipv4([100, 65, 2, 1], up.addr, 60);
+        let mut f = Vec::new();
+        b.write(
+            &mut f,
+            etherparse::IpNumber::ICMP,
+            &[11, 0, 0, 0, 0, 0, 0, 0, 0x45, 0],
+        )
+        .expect("build");
+        f
+    };
+    for (what, frame, why) in [
+        ("SSH to the router", &ssh, reason::PASS_NO_MAPPING),
+        ("reply with TTL 1", &ttl_one, reason::PASS_TTL),
+        (
+            "ICMP error with a truncated quote",
+            &truncated_error,
+            reason::PASS_MALFORMED,
+        ),
+    ] {
+        let before = h.reason(why);
+        let (verdict, out) = h.run(program::WAN_INGRESS, frame);
+        assert_eq!(verdict, XDP_PASS, "{what}");
+        assert_eq!(&out, frame, "{what}: untouched");
+        assert_eq!(h.reason(why), before + 1, "{what}: counted");
+    }
 }

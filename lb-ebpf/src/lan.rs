@@ -1,10 +1,11 @@
 //! `lan_ingress`: packets from clients.
 //!
-//! Owns the decision "which uplink does this packet leave by": look the
-//! connection up in the flow table, or, for a new connection (or one whose
-//! uplink died), hash it into a bucket and pin it to that bucket's uplink.
-//! It never forwards what it did not parse, and never lets a new flow out
-//! when no uplink takes new flows.
+//! Owns the decision "which uplink, and which NAT mapping, does this
+//! connection use": look it up in the flow table, or, for a new connection
+//! (or one whose uplink died), hash it into a bucket, reserve a NAT port on
+//! that bucket's uplink, and pin it. Then translate and send. It never
+//! forwards what it did not parse, and never lets a packet out without its
+//! translation: no uplink or no free port means a counted drop.
 
 use aya_ebpf::{
     bindings::{xdp_action::XDP_REDIRECT, BPF_NOEXIST},
@@ -14,22 +15,37 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::{self, Tuple},
-    maps::{uplink_state, FlowKey, FlowValue},
+    maps::{tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo},
+    nat::{self, PORT_ATTEMPTS},
     reason, NO_UPLINK,
 };
 
 use crate::{
-    maps::{BUCKETS, BYPASS, FLOWS, SETTINGS, TX_PORTS, UPLINKS},
-    parse, rewrite, stats,
+    maps::{BUCKETS, BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
+    nat::{translate, End},
+    parse::{self, EthHdr, Ipv4Packet, ICMP_ECHO_REQUEST, TCP_FIN, TCP_RST},
+    rewrite, stats,
 };
 
-/// `Ok(verdict)` for packets the fast path handled (sent or dropped with a
+/// Don't-fragment bit of the IPv4 flags field.
+const IP_DF: u16 = 0x4000;
+
+/// `Ok(verdict)` for packets the fast path handled (sent, or dropped with a
 /// counted reason), `Err(reason)` for packets the kernel should have.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let pkt = parse::ipv4(ctx)?;
+    let (src_port, dst_port) = parse::ports(ctx, &pkt, ICMP_ECHO_REQUEST)?;
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
-    let (src, dst, ttl) = unsafe { ((*pkt.ip).src, (*pkt.ip).dst, (*pkt.ip).ttl) };
+    let (src, dst, ttl, total_len, frag) = unsafe {
+        (
+            (*pkt.ip).src,
+            (*pkt.ip).dst,
+            (*pkt.ip).ttl,
+            (*pkt.ip).total_len,
+            (*pkt.ip).frag,
+        )
+    };
     if BYPASS.get(Key::new(32, dst)).is_some() {
         return Err(reason::PASS_LOCAL);
     }
@@ -40,22 +56,30 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let key = FlowKey {
         src_addr: src,
         dst_addr: dst,
-        src_port: pkt.src_port,
-        dst_port: pkt.dst_port,
+        src_port,
+        dst_port,
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    let Some(uplink) = select_uplink(&key) else {
-        return Ok(stats::drop(reason::DROP_NO_UPLINK));
+    let (uplink, nat_port) = match flow(ctx, &pkt, &key) {
+        Ok(found) => found,
+        Err(drop_reason) => return Ok(stats::drop(drop_reason)),
     };
     let Some(info) = UPLINKS.get(uplink) else {
         return Ok(stats::drop(reason::DROP_NO_UPLINK));
     };
-    if info.ifindex == 0 || info.gw_mac == [0; 6] {
-        return Err(reason::PASS_UPLINK_UNREADY);
+    if u32::from(u16::from_be_bytes(total_len)) > info.mtu {
+        // The kernel answers "fragmentation needed" for DF packets; without
+        // DF it would fragment and send them unNATed, so those are dropped.
+        if u16::from_be_bytes(frag) & IP_DF != 0 {
+            return Err(reason::PASS_TOO_BIG);
+        }
+        return Ok(stats::drop(reason::DROP_TOO_BIG));
     }
 
-    let len = rewrite::to_uplink(ctx, &pkt, info)?;
+    translate(ctx, &pkt, End::Source, info.addr, nat_port)?;
+    rewrite::decrement_ttl(&pkt);
+    let len = rewrite::untagged(ctx, &pkt, info.src_mac, info.gw_mac)?;
     stats::uplink(uplink, |s| {
         s.tx_packets += 1;
         s.tx_bytes += len as u64;
@@ -66,71 +90,159 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }
 }
 
-/// The uplink for this connection: the one it is pinned to while that uplink
-/// keeps flows, otherwise a new choice from the bucket table, pinned.
+/// The uplink and NAT port of this connection: its pinned ones while that
+/// uplink keeps flows; otherwise a new choice, pinned. `Err` is a drop
+/// reason.
 #[inline(always)]
-fn select_uplink(key: &FlowKey) -> Option<u32> {
-    // SAFETY: reading the monotonic coarse clock has no preconditions.
+fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 2]), u32> {
+    // SAFETY: reading the coarse monotonic clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let closing = parse::tcp_flags(ctx, pkt) & (TCP_FIN | TCP_RST) != 0;
+
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: a pointer into the map's value; a racing CPU may write the
-        // same fields, which at worst loses a timestamp update.
-        let pinned = unsafe { (*flow).uplink };
-        if UPLINKS
-            .get(pinned)
-            .is_some_and(|u| uplink_state::keeps_flows(u.state))
-        {
-            unsafe { (*flow).last_seen_ns = now };
-            return Some(pinned);
+        // SAFETY: a pointer into the map's value. A racing CPU may write the
+        // same fields; at worst a timestamp or state update is lost.
+        let (pinned, old_port) = unsafe { ((*flow).uplink, (*flow).nat_port) };
+        let old_info = UPLINKS.get(pinned);
+        if old_info.is_some_and(|u| uplink_state::keeps_flows(u.state)) {
+            unsafe {
+                (*flow).last_seen_ns = now;
+                if closing {
+                    (*flow).tcp_state = tcp_state::CLOSING;
+                }
+            }
+            return Ok((pinned, old_port));
         }
-        // Its uplink is gone: move the flow, in place.
-        let moved = new_uplink(key)?;
+        // Its uplink is gone: a new mapping on a live uplink, in place of
+        // the old one.
+        let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
+        let port = reserve_port(ctx, pkt, key, uplink)?;
+        if let Some(old) = old_info {
+            let _ = NAT_REV.remove(&rev_key(key, old, old_port));
+        }
         unsafe {
-            (*flow).uplink = moved;
+            (*flow).uplink = uplink;
+            (*flow).nat_port = port;
             (*flow).last_seen_ns = now;
         }
         stats::uplink(pinned, |s| s.moved_away += 1);
-        stats::uplink(moved, |s| s.new_flows += 1);
-        return Some(moved);
+        stats::uplink(uplink, |s| s.new_flows += 1);
+        return Ok((uplink, port));
     }
 
-    let uplink = new_uplink(key)?;
+    let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
+    let port = reserve_port(ctx, pkt, key, uplink)?;
+    let state = if closing {
+        tcp_state::CLOSING
+    } else {
+        tcp_state::OPENING
+    };
     let value = FlowValue {
         last_seen_ns: now,
         uplink,
-        _pad: [0; 4],
+        nat_port: port,
+        tcp_state: state,
+        _pad: 0,
     };
     if FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)).is_err() {
-        // Another CPU pinned the same connection first (or the table could
-        // not take it): follow whatever is there, so one connection never
-        // leaves by two uplinks.
-        // SAFETY: as above.
-        if let Some(flow) = FLOWS.get_ptr(key) {
-            return Some(unsafe { (*flow).uplink });
+        // Another CPU pinned the same connection first: give back our port
+        // and follow its choice, so one connection never has two mappings.
+        if let Some(info) = UPLINKS.get(uplink) {
+            let _ = NAT_REV.remove(&rev_key(key, info, port));
         }
-        return Some(uplink);
+        // SAFETY: as above.
+        return match FLOWS.get_ptr(key) {
+            Some(flow) => Ok(unsafe { ((*flow).uplink, (*flow).nat_port) }),
+            None => Err(reason::DROP_NAT_EXHAUSTED),
+        };
     }
     stats::uplink(uplink, |s| s.new_flows += 1);
-    Some(uplink)
+    Ok((uplink, port))
+}
+
+/// The reverse-table key of `key`'s replies on `uplink` with `port`.
+#[inline(always)]
+fn rev_key(key: &FlowKey, uplink: &UplinkInfo, port: [u8; 2]) -> NatKey {
+    NatKey {
+        nat_addr: uplink.addr,
+        remote_addr: key.dst_addr,
+        nat_port: port,
+        remote_port: key.dst_port,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Claim a NAT port on `uplink` for `key` by inserting its reverse entry;
+/// the insert is atomic, so two flows (on two CPUs) can never claim the
+/// same mapping.
+#[inline(always)]
+fn reserve_port(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    key: &FlowKey,
+    uplink: u32,
+) -> Result<[u8; 2], u32> {
+    let settings = SETTINGS.get(0).ok_or(reason::DROP_NAT_EXHAUSTED)?;
+    let info = UPLINKS.get(uplink).ok_or(reason::DROP_NO_UPLINK)?;
+    let eth: *const EthHdr = parse::ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let (client_mac, lan_mac) = unsafe { ((*eth).src, (*eth).dst) };
+    let value = NatValue {
+        client_addr: key.src_addr,
+        client_port: key.src_port,
+        vlan_tci: pkt.vlan_tci,
+        client_mac,
+        lan_mac,
+        lan_ifindex: ctx.ingress_ifindex() as u32,
+        uplink,
+    };
+    // Where in the NAT range this flow starts looking: a second, differently
+    // keyed hash of the connection.
+    let spread = hash::classify(
+        settings.seed ^ 0x9e37_79b9,
+        hash::mode::FIVE_TUPLE,
+        &tuple(key),
+    );
+    let client_port = u16::from_be_bytes(key.src_port);
+    for i in 0..PORT_ATTEMPTS {
+        let Some(port) = nat::candidate(i, client_port, spread, settings) else {
+            continue;
+        };
+        let port = port.to_be_bytes();
+        if NAT_REV
+            .insert(&rev_key(key, info, port), &value, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    stats::uplink(uplink, |s| s.nat_failures += 1);
+    Err(reason::DROP_NAT_EXHAUSTED)
+}
+
+#[inline(always)]
+fn tuple(key: &FlowKey) -> Tuple {
+    Tuple {
+        src_addr: u32::from_be_bytes(key.src_addr),
+        dst_addr: u32::from_be_bytes(key.dst_addr),
+        src_port: u16::from_be_bytes(key.src_port),
+        dst_port: u16::from_be_bytes(key.dst_port),
+        proto: key.proto,
+    }
 }
 
 /// The bucket table's uplink for a new connection, if it takes new flows.
 #[inline(always)]
 fn new_uplink(key: &FlowKey) -> Option<u32> {
     let settings = SETTINGS.get(0)?;
-    let tuple = Tuple {
-        src_addr: u32::from_be_bytes(key.src_addr),
-        dst_addr: u32::from_be_bytes(key.dst_addr),
-        src_port: u16::from_be_bytes(key.src_port),
-        dst_port: u16::from_be_bytes(key.dst_port),
-        proto: key.proto,
-    };
-    let bucket = hash::bucket(hash::classify(settings.seed, settings.mode, &tuple));
+    let bucket = hash::bucket(hash::classify(settings.seed, settings.mode, &tuple(key)));
     let table = (settings.active_table & 1) * lb_common::BUCKETS;
     let uplink = *BUCKETS.get(table + bucket)?;
     if uplink == NO_UPLINK {
         return None;
     }
     let info = UPLINKS.get(uplink)?;
-    (info.state == uplink_state::ACTIVE).then_some(uplink)
+    (info.state == uplink_state::ACTIVE && info.ifindex != 0 && info.gw_mac != [0; 6])
+        .then_some(uplink)
 }

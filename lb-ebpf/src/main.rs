@@ -8,6 +8,7 @@
 
 mod lan;
 mod maps;
+mod nat;
 mod parse;
 mod rewrite;
 mod stats;
@@ -21,7 +22,7 @@ pub fn lan_ingress(ctx: XdpContext) -> u32 {
     lan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))
 }
 
-/// Packets arriving on an uplink: count them and hand them to the kernel.
+/// Packets arriving on an uplink: translate replies back to their clients.
 #[xdp]
 pub fn wan_ingress(ctx: XdpContext) -> u32 {
     wan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))

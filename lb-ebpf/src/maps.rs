@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    maps::{FlowKey, FlowValue, Settings, UplinkInfo, UplinkStats},
-    reason, BUCKETS as BUCKET_COUNT, DEFAULT_MAX_FLOWS, MAX_UPLINKS,
+    maps::{FlowKey, FlowValue, NatKey, NatValue, Settings, UplinkInfo, UplinkStats},
+    reason, BUCKETS as BUCKET_COUNT, DEFAULT_MAX_FLOWS, MAX_LANS, MAX_UPLINKS,
 };
 
 /// Global knobs, one entry.
@@ -37,6 +37,16 @@ pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_UPLINKS, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Replies as they arrive on an uplink -> the client they go back to. Same
+/// size as `FLOWS`; entries are made and removed together with their flow.
+#[map]
+pub static NAT_REV: LruHashMap<NatKey, NatValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// LAN interfaces by ifindex, for redirecting replies to clients.
+#[map]
+pub static LAN_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_LANS, 0);
 
 /// Destinations the fast path leaves to the kernel (router addresses, LAN
 /// subnets), by longest prefix.

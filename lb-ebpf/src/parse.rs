@@ -46,21 +46,46 @@ pub struct Ipv4Hdr {
     pub dst: [u8; 4],
 }
 
-/// The first four bytes of TCP and UDP headers.
+/// TCP header up to the checksum.
 #[repr(C)]
-pub struct Ports {
+pub struct TcpHdr {
     pub src: [u8; 2],
     pub dst: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub off_res: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
 }
 
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
 #[repr(C)]
-pub struct IcmpEcho {
+pub struct UdpHdr {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// ICMP header with the echo identifier and sequence (for errors, those
+/// four bytes are unused or hold the next-hop MTU).
+#[repr(C)]
+pub struct IcmpHdr {
     pub kind: u8,
     pub code: u8,
     pub check: [u8; 2],
     pub id: [u8; 2],
     pub seq: [u8; 2],
 }
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAM_PROBLEM: u8 = 12;
 
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet is
 /// long enough to hold it.
@@ -74,38 +99,40 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, u32> {
     Ok((start + offset) as *mut T)
 }
 
-/// What the fast path needs to know about an IPv4 packet.
+/// Where the headers of an IPv4 packet are.
 pub struct Ipv4Packet {
     /// Offset of the IPv4 header (14, or 18 behind a VLAN tag).
     pub l3_off: usize,
+    /// Offset of the TCP/UDP/ICMP header.
+    pub l4_off: usize,
     pub ip: *mut Ipv4Hdr,
     pub proto: u8,
-    /// Source and destination port, or ICMP echo identifier and zero.
-    pub src_port: [u8; 2],
-    pub dst_port: [u8; 2],
+    /// 802.1Q tag control of a tagged frame, zero otherwise.
+    pub vlan_tci: [u8; 2],
 }
 
 impl Ipv4Packet {
-    /// Whether the packet carried an 802.1Q tag that must go before it
-    /// leaves by an (untagged) uplink.
+    /// Whether the packet carried an 802.1Q tag.
     #[inline(always)]
     pub fn tagged(&self) -> bool {
         self.l3_off != size_of::<EthHdr>()
     }
 }
 
-/// Parse Ethernet (one VLAN tag allowed), IPv4 (options allowed) and the
-/// TCP/UDP ports or ICMP echo identifier. `Err` carries the reason to give
-/// the packet to the kernel.
+/// Parse Ethernet (one VLAN tag allowed) and IPv4 (options allowed). `Err`
+/// carries the reason to give the packet to the kernel: not IPv4, a
+/// fragment, or a header that does not fit the frame.
 #[inline(always)]
 pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: `ptr_at` checked the bounds.
+    // SAFETY: `ptr_at` checked the bounds, for this and every read below.
     let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
     let mut l3_off = size_of::<EthHdr>();
+    let mut vlan_tci = [0, 0];
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         let vlan: *const VlanHdr = ptr_at(ctx, l3_off)?;
         ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
+        vlan_tci = unsafe { (*vlan).tci };
         l3_off += size_of::<VlanHdr>();
     }
     if ether_type != ETH_P_IPV4 {
@@ -113,7 +140,6 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
     }
 
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
-    // SAFETY: as above, for every read through `ip`.
     let version_ihl = unsafe { (*ip).version_ihl };
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
@@ -126,28 +152,47 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
     if u16::from_be_bytes(unsafe { (*ip).frag }) & IP_MF_AND_OFFSET != 0 {
         return Err(reason::PASS_FRAGMENT);
     }
-
     let proto = unsafe { (*ip).proto };
-    let l4_off = l3_off + ihl;
-    let (src_port, dst_port) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            let ports: *const Ports = ptr_at(ctx, l4_off)?;
-            unsafe { ((*ports).src, (*ports).dst) }
-        }
-        IPPROTO_ICMP => {
-            let icmp: *const IcmpEcho = ptr_at(ctx, l4_off)?;
-            if unsafe { (*icmp).kind } != ICMP_ECHO_REQUEST {
-                return Err(reason::PASS_UNSUPPORTED);
-            }
-            (unsafe { (*icmp).id }, [0, 0])
-        }
-        _ => return Err(reason::PASS_UNSUPPORTED),
-    };
     Ok(Ipv4Packet {
         l3_off,
+        l4_off: l3_off + ihl,
         ip,
         proto,
-        src_port,
-        dst_port,
+        vlan_tci,
     })
+}
+
+/// Source and destination port of a TCP or UDP packet, or the identifier
+/// (and zero) of an ICMP echo of `echo_kind`; `Err` for anything else.
+#[inline(always)]
+pub fn ports(ctx: &XdpContext, pkt: &Ipv4Packet, echo_kind: u8) -> Result<([u8; 2], [u8; 2]), u32> {
+    match pkt.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, pkt.l4_off)?;
+            // SAFETY: bounds-checked; TCP and UDP share the port layout.
+            Ok(unsafe { ((*udp).src, (*udp).dst) })
+        }
+        IPPROTO_ICMP => {
+            let icmp: *const IcmpHdr = ptr_at(ctx, pkt.l4_off)?;
+            // SAFETY: bounds-checked.
+            if unsafe { (*icmp).kind } != echo_kind {
+                return Err(reason::PASS_UNSUPPORTED);
+            }
+            Ok((unsafe { (*icmp).id }, [0, 0]))
+        }
+        _ => Err(reason::PASS_UNSUPPORTED),
+    }
+}
+
+/// TCP flags of a TCP packet, zero for anything else.
+#[inline(always)]
+pub fn tcp_flags(ctx: &XdpContext, pkt: &Ipv4Packet) -> u8 {
+    if pkt.proto != IPPROTO_TCP {
+        return 0;
+    }
+    match ptr_at::<TcpHdr>(ctx, pkt.l4_off) {
+        // SAFETY: bounds-checked.
+        Ok(tcp) => unsafe { (*tcp).flags },
+        Err(_) => 0,
+    }
 }

@@ -1,48 +1,21 @@
-//! Packet rewriting on the way out: TTL and IP checksum, Ethernet addresses,
-//! and the removal of a LAN VLAN tag (uplinks are untagged).
+//! Link-layer rewriting for forwarding: TTL and IP checksum, Ethernet
+//! addresses, and removing (towards an uplink) or adding (towards a tagged
+//! LAN client) an 802.1Q tag.
 //!
-//! Only touches headers `parse` has already bounds-checked, through
-//! `parse::ptr_at`; checksum arithmetic is `lb_common::csum`'s.
+//! Called last: after `bpf_xdp_adjust_head` every earlier packet pointer is
+//! stale, so nothing may touch the packet through one afterwards.
 
 use core::mem::size_of;
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext, EbpfContext};
-use lb_common::{csum, maps::UplinkInfo, reason};
+use lb_common::{csum, reason};
 
-use crate::parse::{self, EthHdr, Ipv4Packet, VlanHdr, ETH_P_IPV4};
-
-/// Make the packet ready to leave by `uplink`; returns its new length.
-#[inline(always)]
-pub fn to_uplink(ctx: &XdpContext, pkt: &Ipv4Packet, uplink: &UplinkInfo) -> Result<usize, u32> {
-    decrement_ttl(pkt);
-
-    // Write the new Ethernet header where it will start once a VLAN tag, if
-    // any, is cut off: 4 bytes further in.
-    let eth_off = if pkt.tagged() {
-        size_of::<VlanHdr>()
-    } else {
-        0
-    };
-    let eth: *mut EthHdr = parse::ptr_at(ctx, eth_off)?;
-    // SAFETY: bounds-checked by `ptr_at`.
-    unsafe {
-        (*eth).dst = uplink.gw_mac;
-        (*eth).src = uplink.src_mac;
-        (*eth).ether_type = ETH_P_IPV4.to_be_bytes();
-    }
-    if pkt.tagged() {
-        // SAFETY: shrinking the head by the tag's size; the helper checks it.
-        if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), size_of::<VlanHdr>() as i32) } != 0 {
-            return Err(reason::PASS_MALFORMED);
-        }
-    }
-    Ok(ctx.data_end() - ctx.data())
-}
+use crate::parse::{self, EthHdr, Ipv4Packet, VlanHdr, ETH_P_8021Q, ETH_P_IPV4};
 
 /// TTL minus one, with the header checksum updated incrementally: the TTL
 /// shares a 16-bit word with the protocol number.
 #[inline(always)]
-fn decrement_ttl(pkt: &Ipv4Packet) {
+pub fn decrement_ttl(pkt: &Ipv4Packet) {
     let ip = pkt.ip;
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
     unsafe {
@@ -52,4 +25,69 @@ fn decrement_ttl(pkt: &Ipv4Packet) {
         let check = csum::replace16(u16::from_be_bytes((*ip).check), old, new);
         (*ip).check = check.to_be_bytes();
     }
+}
+
+/// New Ethernet addresses, no VLAN tag (uplinks are untagged). Returns the
+/// frame's new length.
+#[inline(always)]
+pub fn untagged(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    src: [u8; 6],
+    dst: [u8; 6],
+) -> Result<usize, u32> {
+    // Write the new header where it starts once a tag is cut off.
+    let eth_off = if pkt.tagged() {
+        size_of::<VlanHdr>()
+    } else {
+        0
+    };
+    let eth: *mut EthHdr = parse::ptr_at(ctx, eth_off)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe {
+        (*eth).dst = dst;
+        (*eth).src = src;
+        (*eth).ether_type = ETH_P_IPV4.to_be_bytes();
+    }
+    if pkt.tagged() {
+        adjust_head(ctx, size_of::<VlanHdr>() as i32)?;
+    }
+    Ok(ctx.data_end() - ctx.data())
+}
+
+/// New Ethernet addresses and, when `tci` is non-zero, an 802.1Q tag (the
+/// frame arrives untagged from an uplink). Returns the new length.
+#[inline(always)]
+pub fn tagged(ctx: &XdpContext, src: [u8; 6], dst: [u8; 6], tci: [u8; 2]) -> Result<usize, u32> {
+    if tci != [0, 0] {
+        adjust_head(ctx, -(size_of::<VlanHdr>() as i32))?;
+        let vlan: *mut VlanHdr = parse::ptr_at(ctx, size_of::<EthHdr>())?;
+        // SAFETY: bounds-checked by `ptr_at`.
+        unsafe {
+            (*vlan).tci = tci;
+            (*vlan).ether_type = ETH_P_IPV4.to_be_bytes();
+        }
+    }
+    let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe {
+        (*eth).dst = dst;
+        (*eth).src = src;
+        (*eth).ether_type = if tci != [0, 0] {
+            ETH_P_8021Q
+        } else {
+            ETH_P_IPV4
+        }
+        .to_be_bytes();
+    }
+    Ok(ctx.data_end() - ctx.data())
+}
+
+#[inline(always)]
+fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), u32> {
+    // SAFETY: the helper checks that the new head stays within the buffer.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), delta) } != 0 {
+        return Err(reason::PASS_MALFORMED);
+    }
+    Ok(())
 }

@@ -1,18 +1,35 @@
 //! `wan_ingress`: packets arriving on an uplink.
 //!
-//! For now it counts what each uplink receives and leaves every packet to
-//! the kernel; reply translation (NAT) comes with its own change. It must
-//! never drop: the router's own sessions (probes, SSH) arrive here too.
+//! Owns the way back: a reply (or an ICMP error about a packet we sent)
+//! that matches a NAT mapping is translated to its client and sent out of
+//! the client's LAN interface. Everything else, above all the router's own
+//! traffic (its probes, SSH, routing protocols), goes to the kernel
+//! untouched: this program never drops.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
-use lb_common::reason;
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_PASS, XDP_REDIRECT},
+    helpers::bpf_ktime_get_coarse_ns,
+    programs::XdpContext,
+};
+use lb_common::{
+    maps::{tcp_state, FlowKey, NatKey},
+    reason,
+};
 
-use crate::{maps::UPLINK_BY_IFINDEX, stats};
+use crate::{
+    maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_BY_IFINDEX},
+    nat::{self, End},
+    parse::{
+        self, IcmpHdr, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED,
+        IPPROTO_ICMP, TCP_FIN, TCP_RST, TCP_SYN,
+    },
+    rewrite, stats,
+};
 
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: a plain lookup; the value is a u32 copied out at once.
+    // SAFETY: a plain lookup; the value is copied out at once.
     let uplink = unsafe { UPLINK_BY_IFINDEX.get(&ifindex) }
         .copied()
         .ok_or(reason::PASS_UNKNOWN_UPLINK)?;
@@ -21,5 +38,117 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         s.rx_packets += 1;
         s.rx_bytes += len;
     });
-    Ok(XDP_PASS)
+
+    let pkt = parse::ipv4(ctx)?;
+    let info = UPLINKS.get(uplink).ok_or(reason::PASS_UNKNOWN_UPLINK)?;
+    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
+    let (src, dst, ttl) = unsafe { ((*pkt.ip).src, (*pkt.ip).dst, (*pkt.ip).ttl) };
+    if dst != info.addr {
+        return Err(reason::PASS_NO_MAPPING);
+    }
+
+    // An ICMP error quotes the packet we sent: its source is our mapping.
+    let icmp_kind = if pkt.proto == IPPROTO_ICMP {
+        // SAFETY: bounds-checked by `ptr_at`.
+        parse::ptr_at::<IcmpHdr>(ctx, pkt.l4_off).map(|h| unsafe { (*h).kind })?
+    } else {
+        ICMP_ECHO_REPLY
+    };
+    let error = matches!(
+        icmp_kind,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+    );
+    let (key, inner) = if error {
+        let inner = nat::embedded(ctx, &pkt)?;
+        if inner.src != info.addr {
+            return Err(reason::PASS_NO_MAPPING);
+        }
+        let key = NatKey {
+            nat_addr: inner.src,
+            remote_addr: inner.dst,
+            nat_port: inner.src_port,
+            remote_port: inner.dst_port,
+            proto: inner.proto,
+            _pad: [0; 3],
+        };
+        (key, Some(inner))
+    } else {
+        let (src_port, dst_port) = parse::ports(ctx, &pkt, ICMP_ECHO_REPLY)?;
+        // An echo reply carries our identifier where a reply would carry
+        // our port, and has no server port.
+        let (nat_port, remote_port) = if pkt.proto == IPPROTO_ICMP {
+            (src_port, [0, 0])
+        } else {
+            (dst_port, src_port)
+        };
+        let key = NatKey {
+            nat_addr: dst,
+            remote_addr: src,
+            nat_port,
+            remote_port,
+            proto: pkt.proto,
+            _pad: [0; 3],
+        };
+        (key, None)
+    };
+    // SAFETY: a lookup; the value is copied out at once.
+    let Some(back) = (unsafe { NAT_REV.get(&key) }).copied() else {
+        return Err(reason::PASS_NO_MAPPING);
+    };
+    if ttl <= 1 {
+        return Err(reason::PASS_TTL);
+    }
+
+    let flags = parse::tcp_flags(ctx, &pkt);
+    match &inner {
+        Some(inner) => {
+            nat::translate_icmp_error(ctx, &pkt, inner, back.client_addr, back.client_port)?
+        }
+        None => nat::translate(
+            ctx,
+            &pkt,
+            End::Destination,
+            back.client_addr,
+            back.client_port,
+        )?,
+    }
+    rewrite::decrement_ttl(&pkt);
+    if inner.is_none() {
+        touch_flow(&key, back.client_addr, back.client_port, flags);
+    }
+    rewrite::tagged(ctx, back.lan_mac, back.client_mac, back.vlan_tci)?;
+    stats::uplink(uplink, |s| s.replies += 1);
+    match LAN_PORTS.redirect(back.lan_ifindex, 0) {
+        Ok(XDP_REDIRECT) => Ok(XDP_REDIRECT),
+        _ => Ok(stats::drop(reason::DROP_REDIRECT_FAILED)),
+    }
 }
+
+/// A reply keeps its flow alive and moves its TCP state along.
+#[inline(always)]
+fn touch_flow(key: &NatKey, client_addr: [u8; 4], client_port: [u8; 2], flags: u8) {
+    let flow_key = FlowKey {
+        src_addr: client_addr,
+        dst_addr: key.remote_addr,
+        src_port: client_port,
+        dst_port: key.remote_port,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let Some(flow) = FLOWS.get_ptr_mut(&flow_key) else {
+        return;
+    };
+    // SAFETY: a pointer into the map's value; racing writers at worst lose
+    // an update.
+    unsafe {
+        (*flow).last_seen_ns = bpf_ktime_get_coarse_ns();
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            (*flow).tcp_state = tcp_state::CLOSING;
+        } else if flags & TCP_SYN != 0 && (*flow).tcp_state == tcp_state::OPENING {
+            (*flow).tcp_state = tcp_state::ESTABLISHED;
+        }
+    }
+}
+
+// Replies the fast path does not handle go to the kernel as they are.
+const _: u32 = XDP_PASS;

@@ -17,7 +17,7 @@ use lb_tests::{desc::LabDesc, lab::Lab};
 use crate::root;
 
 /// The lab `run` and `lab up` use unless told otherwise.
-pub const DEFAULT_LAB: &str = "routed";
+pub const DEFAULT_LAB: &str = "default";
 /// Namespace prefix of the interactive lab.
 const PREFIX: &str = "lb-";
 /// How long lbd gets to come up and answer on its control socket.

@@ -84,7 +84,7 @@ fn print_status(s: &Status) {
     for u in &s.uplinks {
         println!(
             "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<6} {:<6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
-            u.name, u.interface, u.address, u.weight, u.tier, u.admin, u.health, u.state, u.buckets, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.new_flows
+            u.name, u.interface, u.address, u.weight, u.tier, u.admin, u.health, u.state, u.buckets, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.flows
         );
     }
     let nonzero: Vec<String> = s

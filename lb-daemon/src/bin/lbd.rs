@@ -8,6 +8,7 @@ use std::{
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -40,7 +41,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,netlink_proto=error")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,netlink_proto=error"),
+    )
+    .init();
     let args = Args::parse();
     let config = match config::load(&args.config) {
         Ok(c) => c,
@@ -49,6 +53,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // NAT ports must never be ports the router's own sockets may take.
+    let local_ports = match config::read_local_port_range() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lbd: reading the kernel's ephemeral port range failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(conflict) = config::nat_range_conflict(&config.nat, local_ports) {
+        eprintln!("lbd: {}: {conflict}", args.config.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if args.check {
         println!("{}: configuration is valid", args.config.display());
         return ExitCode::SUCCESS;
@@ -64,7 +80,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, local_ports)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lbd: {e:#}");
@@ -73,11 +89,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: config::Config) -> Result<()> {
+/// How often expired flows are collected.
+const GC_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
     let socket = config.daemon.socket.clone();
     let listener = bind_control_socket(&socket)?;
-    let daemon = match Daemon::start(config).await {
+    let daemon = match Daemon::start(config, local_ports).await {
         Ok(d) => Arc::new(Mutex::new(d)),
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -86,12 +105,14 @@ async fn run(config: config::Config) -> Result<()> {
     };
     log::info!("ready; control socket {}", socket.display());
 
+    let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = gc.tick() => collect_expired(&daemon),
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => { tokio::spawn(serve(stream, daemon.clone())); }
                 Err(e) => log::warn!("control socket accept failed: {e}"),
@@ -102,6 +123,28 @@ async fn run(config: config::Config) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     drop(daemon);
     Ok(())
+}
+
+fn collect_expired(daemon: &Mutex<Daemon>) {
+    let Ok(mut d) = daemon.lock() else { return };
+    match d.collect_expired(monotonic_coarse_ns()) {
+        Ok(0) => {}
+        Ok(n) => log::debug!("collected {n} expired flows"),
+        Err(e) => log::warn!("collecting expired flows failed: {e:#}"),
+    }
+}
+
+/// The clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
+fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec for the kernel to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Bind the control socket, refusing to start beside a running lbd.

@@ -1,0 +1,221 @@
+//! Address and port translation of packets in place, with incremental
+//! checksum updates (RFC 1624, through `lb_common::csum`).
+//!
+//! Owns the byte-level rewriting of IPv4, TCP, UDP and ICMP headers,
+//! including the packet embedded in an ICMP error. It does not decide
+//! mappings: `lan` and `wan` look those up and hand them in. The reference
+//! model in `lb_common::nat` must produce the same bytes; the test-run tests
+//! compare the two.
+
+use lb_common::csum;
+
+use crate::parse::{
+    ptr_at, IcmpHdr, Ipv4Hdr, Ipv4Packet, TcpHdr, UdpHdr, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
+use aya_ebpf::programs::XdpContext;
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn be32(b: [u8; 4]) -> u32 {
+    u32::from_be_bytes(b)
+}
+
+/// A UDP checksum after an update: zero means "no checksum" on the wire, so
+/// a computed zero is sent as all ones.
+#[inline(always)]
+fn udp_sum(c: u16) -> [u8; 2] {
+    if c == 0 { 0xffff_u16 } else { c }.to_be_bytes()
+}
+
+/// Which end of the packet a translation rewrites.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Source address and port: outbound (SNAT).
+    Source,
+    /// Destination address and port: replies coming back.
+    Destination,
+}
+
+/// Rewrite one end's address and port (ICMP: the echo identifier) to
+/// `addr`/`port`, fixing the IP and L4 checksums.
+#[inline(always)]
+pub fn translate(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    end: End,
+    addr: [u8; 4],
+    port: [u8; 2],
+) -> Result<(), u32> {
+    let ip = pkt.ip;
+    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header; L4 headers are
+    // checked by `ptr_at` below.
+    let old_addr = unsafe {
+        if end == End::Source {
+            (*ip).src
+        } else {
+            (*ip).dst
+        }
+    };
+    match pkt.proto {
+        IPPROTO_TCP => {
+            let tcp: *mut TcpHdr = ptr_at(ctx, pkt.l4_off)?;
+            unsafe {
+                let field = if end == End::Source {
+                    &mut (*tcp).src
+                } else {
+                    &mut (*tcp).dst
+                };
+                let old_port = *field;
+                *field = port;
+                let c = csum::replace32(be16((*tcp).check), be32(old_addr), be32(addr));
+                (*tcp).check = csum::replace16(c, be16(old_port), be16(port)).to_be_bytes();
+            }
+        }
+        IPPROTO_UDP => {
+            let udp: *mut UdpHdr = ptr_at(ctx, pkt.l4_off)?;
+            unsafe {
+                let field = if end == End::Source {
+                    &mut (*udp).src
+                } else {
+                    &mut (*udp).dst
+                };
+                let old_port = *field;
+                *field = port;
+                if (*udp).check != [0, 0] {
+                    let c = csum::replace32(be16((*udp).check), be32(old_addr), be32(addr));
+                    (*udp).check = udp_sum(csum::replace16(c, be16(old_port), be16(port)));
+                }
+            }
+        }
+        IPPROTO_ICMP => {
+            let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4_off)?;
+            unsafe {
+                let old_id = (*icmp).id;
+                (*icmp).id = port;
+                (*icmp).check =
+                    csum::replace16(be16((*icmp).check), be16(old_id), be16(port)).to_be_bytes();
+            }
+        }
+        _ => {}
+    }
+    unsafe {
+        if end == End::Source {
+            (*ip).src = addr;
+        } else {
+            (*ip).dst = addr;
+        }
+        (*ip).check = csum::replace32(be16((*ip).check), be32(old_addr), be32(addr)).to_be_bytes();
+    }
+    Ok(())
+}
+
+/// The packet an ICMP error quotes: where its header is, and its fields.
+pub struct Embedded {
+    pub ip_off: usize,
+    pub l4_off: usize,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    /// Source and destination port, or echo identifier and zero.
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+}
+
+/// Parse the packet quoted by the ICMP error at `pkt.l4_off`.
+#[inline(always)]
+pub fn embedded(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
+    let ip_off = pkt.l4_off + core::mem::size_of::<IcmpHdr>();
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off)?;
+    // SAFETY: bounds-checked, here and below.
+    let (version_ihl, src, dst, proto) =
+        unsafe { ((*ip).version_ihl, (*ip).src, (*ip).dst, (*ip).proto) };
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if ihl < core::mem::size_of::<Ipv4Hdr>() {
+        return Err(lb_common::reason::PASS_MALFORMED);
+    }
+    let l4_off = ip_off + ihl;
+    let (src_port, dst_port) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            // Only the ports are sure to be quoted (RFC 792: 8 bytes).
+            let ports: *const [[u8; 2]; 2] = ptr_at(ctx, l4_off)?;
+            unsafe { ((*ports)[0], (*ports)[1]) }
+        }
+        IPPROTO_ICMP => {
+            let icmp: *const IcmpHdr = ptr_at(ctx, l4_off)?;
+            (unsafe { (*icmp).id }, [0, 0])
+        }
+        _ => return Err(lb_common::reason::PASS_UNSUPPORTED),
+    };
+    Ok(Embedded {
+        ip_off,
+        l4_off,
+        src,
+        dst,
+        proto,
+        src_port,
+        dst_port,
+    })
+}
+
+/// Translate an ICMP error about a NATed packet back to the client: the
+/// outer destination, and the quoted packet's source address and port,
+/// become `addr`/`port`. Fixes the quoted IP checksum, a quoted UDP
+/// checksum if present, the ICMP checksum and the outer IP checksum.
+#[inline(always)]
+pub fn translate_icmp_error(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    inner: &Embedded,
+    addr: [u8; 4],
+    port: [u8; 2],
+) -> Result<(), u32> {
+    let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4_off)?;
+    let inner_ip: *mut Ipv4Hdr = ptr_at(ctx, inner.ip_off)?;
+    // SAFETY: bounds-checked by `ptr_at` (and `parse::ipv4` for `pkt.ip`).
+    unsafe {
+        let mut icmp_c = be16((*icmp).check);
+
+        // Quoted source address, and the quoted header's checksum.
+        let old_inner_c = (*inner_ip).check;
+        (*inner_ip).src = addr;
+        let inner_c = csum::replace32(be16(old_inner_c), be32(inner.src), be32(addr)).to_be_bytes();
+        (*inner_ip).check = inner_c;
+        icmp_c = csum::replace32(icmp_c, be32(inner.src), be32(addr));
+        icmp_c = csum::replace16(icmp_c, be16(old_inner_c), be16(inner_c));
+
+        // Quoted source port (or echo identifier).
+        let port_off = if inner.proto == IPPROTO_ICMP {
+            inner.l4_off + 4
+        } else {
+            inner.l4_off
+        };
+        let port_field: *mut [u8; 2] = ptr_at(ctx, port_off)?;
+        *port_field = port;
+        icmp_c = csum::replace16(icmp_c, be16(inner.src_port), be16(port));
+
+        // A quoted UDP checksum, when the quote reaches it and it is in use.
+        if inner.proto == IPPROTO_UDP {
+            if let Ok(udp) = ptr_at::<UdpHdr>(ctx, inner.l4_off) {
+                let old = (*udp).check;
+                if old != [0, 0] {
+                    let c = csum::replace32(be16(old), be32(inner.src), be32(addr));
+                    let new = udp_sum(csum::replace16(c, be16(inner.src_port), be16(port)));
+                    (*udp).check = new;
+                    icmp_c = csum::replace16(icmp_c, be16(old), be16(new));
+                }
+            }
+        }
+        (*icmp).check = icmp_c.to_be_bytes();
+
+        // Outer destination.
+        let ip = pkt.ip;
+        let old_dst = (*ip).dst;
+        (*ip).dst = addr;
+        (*ip).check = csum::replace32(be16((*ip).check), be32(old_dst), be32(addr)).to_be_bytes();
+    }
+    Ok(())
+}
