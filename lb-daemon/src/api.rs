@@ -20,12 +20,27 @@ pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// An operator's change to one uplink.
+    Uplink {
+        name: String,
+        action: UplinkAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum UplinkAction {
+    Enable,
+    Disable,
+    Drain,
+    Weight { weight: u32 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Status),
+    Done { message: String },
     Error { message: String },
 }
 
@@ -48,8 +63,14 @@ pub struct UplinkStatus {
     pub tier: u8,
     /// Operator state: enabled, disabled or drain.
     pub admin: String,
-    /// Health: up or down.
+    /// Health: up, degraded or down.
     pub health: String,
+    /// Why it is in its state (the last transition).
+    pub reason: String,
+    /// Probe round-trip time, jitter and loss over the recent window.
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub loss_percent: f64,
     /// What the data plane does with it: active, drain or down.
     pub state: String,
     /// Share of the bucket table (new flows), in buckets.

@@ -15,6 +15,9 @@ pub struct Candidate {
     pub tier: u8,
     /// Healthy and enabled (not drained, disabled or down).
     pub takes_new_flows: bool,
+    /// Over its loss or latency threshold: new flows only when no healthy
+    /// uplink can take them.
+    pub degraded: bool,
 }
 
 /// Weights per uplink index for `lb_common::table::rebalance`: the weights
@@ -43,7 +46,26 @@ mod tests {
             weight,
             tier,
             takes_new_flows: up,
+            degraded: false,
         }
+    }
+
+    #[test]
+    fn degraded_uplinks_only_when_nothing_healthy_is_up() {
+        let degraded = Candidate {
+            degraded: true,
+            ..c(4, 0, true)
+        };
+        assert_eq!(
+            weights(&[degraded, c(1, 1, true)])[..2],
+            [0, 1],
+            "a healthy backup beats a degraded primary"
+        );
+        assert_eq!(
+            weights(&[degraded, c(1, 1, false)])[..2],
+            [4, 0],
+            "degraded is better than nothing"
+        );
     }
 
     #[test]

@@ -62,6 +62,8 @@ const MAX_IFNAME_LEN: usize = 15;
 const MAX_UPLINK_NAME_LEN: usize = 15;
 /// Longest path in a `sockaddr_un` (108 bytes with the terminating NUL).
 const MAX_SOCKET_PATH_LEN: usize = 107;
+/// How long a hook may run by default.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------
 // Output types: plain, validated.
@@ -84,12 +86,18 @@ pub struct Config {
 pub struct DaemonConfig {
     /// Control socket path: absolute, at most 107 bytes.
     pub socket: PathBuf,
+    /// Commands run on every uplink state change (argv, no shell).
+    pub hooks: Vec<Vec<String>>,
+    /// How long a hook may run before it is killed.
+    pub hook_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(DEFAULT_SOCKET),
+            hooks: Vec::new(),
+            hook_timeout: DEFAULT_HOOK_TIMEOUT,
         }
     }
 }
@@ -560,6 +568,8 @@ struct RawConfig {
 #[serde(expecting = "a table", deny_unknown_fields)]
 struct RawDaemon {
     socket: Field,
+    hooks: Field,
+    hook_timeout: Field,
 }
 
 #[derive(Debug, Deserialize)]
@@ -897,7 +907,34 @@ impl Checker<'_> {
                 Ok(PathBuf::from(path))
             })
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-        DaemonConfig { socket }
+        let hooks = self
+            .field(&raw.hooks, "daemon", "hooks", |v| {
+                let list = v.as_array().ok_or("must be a list of commands, each a list of strings")?;
+                list.iter()
+                    .map(|cmd| {
+                        let argv: Vec<String> = cmd
+                            .as_array()
+                            .ok_or("each hook must be a list of strings: [\"/path/to/program\", \"arg\", ...]")?
+                            .iter()
+                            .map(|a| a.as_str().map(str::to_string).ok_or("hook arguments must be strings"))
+                            .collect::<Result<_, _>>()?;
+                        match argv.first() {
+                            Some(program) if program.starts_with('/') => Ok(argv),
+                            _ => Err("a hook starts with the program's absolute path (hooks run without a shell)"),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(str::to_string)
+            })
+            .unwrap_or_default();
+        let hook_timeout = self
+            .duration(&raw.hook_timeout, "daemon", "hook_timeout")
+            .unwrap_or(DEFAULT_HOOK_TIMEOUT);
+        DaemonConfig {
+            socket,
+            hooks,
+            hook_timeout,
+        }
     }
 
     fn balance(&mut self, raw: &RawBalance) -> BalanceConfig {

@@ -16,12 +16,18 @@ use lb_common::{
     table::{self, Table},
 };
 
+use tokio::sync::{mpsc, watch};
+
 use crate::{
-    api::{Status, UplinkStatus},
+    api::{Status, UplinkAction, UplinkStatus},
     balancer::{self, Candidate},
-    config::{ClassifierMode, Config, UplinkConfig},
+    config::{ClassifierMode, Config, UplinkConfig, MAX_WEIGHT},
     dataplane::{AttachMode, Dataplane},
+    health::{self, HealthEvent, Monitor, Snapshot, State as Health},
+    hooks,
+    linkwatch::LinkWatch,
     netlink::Netlink,
+    probe::{self, Binding, UplinkProbe},
 };
 
 /// How long to wait for a gateway to answer ARP at startup.
@@ -35,13 +41,6 @@ pub enum Admin {
     Drain,
 }
 
-/// What probes and link events say about an uplink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    Up,
-    Down,
-}
-
 #[derive(Debug)]
 pub struct Uplink {
     pub cfg: UplinkConfig,
@@ -49,17 +48,24 @@ pub struct Uplink {
     pub ifindex: u32,
     pub addr: Ipv4Addr,
     pub admin: Admin,
+    /// What probes and link events say (Up, Degraded or Down).
     pub health: Health,
     pub weight: u32,
+    /// Why the uplink is in its state: the last transition's reason.
+    pub reason: String,
+    /// The health monitor's latest view (RTT, loss, jitter).
+    pub snapshot: watch::Receiver<Snapshot>,
 }
 
 impl Uplink {
     /// The state the data plane should have for this uplink.
     pub fn dataplane_state(&self) -> u32 {
+        // Degraded uplinks keep their flows; whether they get new ones is
+        // the balancer's call.
         match (self.admin, self.health) {
             (Admin::Disabled, _) | (_, Health::Down) => uplink_state::DOWN,
-            (Admin::Drain, Health::Up) => uplink_state::DRAIN,
-            (Admin::Enabled, Health::Up) => uplink_state::ACTIVE,
+            (Admin::Drain, _) => uplink_state::DRAIN,
+            (Admin::Enabled, _) => uplink_state::ACTIVE,
         }
     }
 }
@@ -94,8 +100,17 @@ impl Daemon {
     /// before succeeded.
     /// `local_ports` is the kernel's `ip_local_port_range`, which NAT keeps
     /// clear of.
-    pub async fn start(config: Config, local_ports: (u16, u16)) -> Result<Self> {
+    /// Also starts the health monitors and the link watch; their
+    /// transitions arrive on the returned channel, for [`Daemon::on_health`].
+    pub async fn start(
+        config: Config,
+        local_ports: (u16, u16),
+    ) -> Result<(Self, mpsc::Receiver<HealthEvent>)> {
+        // Subscribe before reading link states: a change in between waits
+        // in the socket instead of being lost.
+        let mut links = LinkWatch::subscribe().context("subscribing to link events")?;
         let nl = Netlink::connect()?;
+        let (health_tx, health_rx) = mpsc::channel(64);
 
         let mut uplinks = Vec::new();
         let mut infos = Vec::new();
@@ -113,7 +128,32 @@ impl Daemon {
                 .resolve_gateway(&link, cfg.gateway, GATEWAY_ARP_WAIT)
                 .await
                 .with_context(ctx)?;
+            // Optimistic while the carrier is up: probes take it down
+            // within `fall` rounds if the path behind it is broken.
             let health = if link.up { Health::Up } else { Health::Down };
+            let (link_tx, link_rx) = mpsc::channel(8);
+            links.watch(link.index, &link.name, link.up, link_tx);
+            let ident = probe::icmp_identifier(index, local_ports).with_context(|| {
+                format!(
+                    "uplink {}: no ICMP identifier left in the local port range",
+                    cfg.name
+                )
+            })?;
+            let binding = Binding {
+                ifname: cfg.interface.clone(),
+                source: addr,
+            };
+            let probes = UplinkProbe::for_uplink(binding, ident, &cfg.probes)
+                .with_context(|| format!("uplink {}: setting up its probes", cfg.name))?;
+            let (snap_tx, snap_rx) = watch::channel(Snapshot::new(health));
+            let monitor = Monitor {
+                uplink: index,
+                name: cfg.name.clone(),
+                config: cfg.health,
+                probes,
+                initial: health,
+            };
+            tokio::spawn(health::run(monitor, link_rx, health_tx.clone(), snap_tx));
             let uplink = Uplink {
                 cfg: cfg.clone(),
                 index: index as u32,
@@ -122,6 +162,12 @@ impl Daemon {
                 admin: Admin::Enabled,
                 health,
                 weight: cfg.weight,
+                reason: if link.up {
+                    "started".into()
+                } else {
+                    "carrier down at start".into()
+                },
+                snapshot: snap_rx,
             };
             infos.push(UplinkInfo {
                 ifindex: link.index,
@@ -185,7 +231,80 @@ impl Daemon {
                 .attach(program::LAN_INGRESS, &lan.interface)?;
             log_attach(program::LAN_INGRESS, &lan.interface, mode);
         }
-        Ok(daemon)
+        tokio::spawn(async move {
+            if let Err(e) = links.run().await {
+                log::error!("link watch stopped: {e}; carrier changes are now seen by probes only");
+            }
+        });
+        Ok((daemon, health_rx))
+    }
+
+    /// Apply a health transition: data plane first, then log and hooks.
+    pub fn on_health(&mut self, event: HealthEvent) -> Result<()> {
+        let Some(u) = self.uplinks.get_mut(event.uplink) else {
+            return Ok(());
+        };
+        let previous = u.health;
+        u.health = event.transition.to;
+        u.reason = event.transition.reason.clone();
+        self.apply()?;
+        let u = &self.uplinks[event.uplink];
+        log::info!(
+            "uplink {}: {} -> {} ({})",
+            u.cfg.name,
+            previous,
+            u.health,
+            u.reason
+        );
+        let hook = hooks::Event {
+            uplink: u.cfg.name.clone(),
+            interface: u.cfg.interface.clone(),
+            state: u.health.to_string(),
+            previous: previous.to_string(),
+            reason: u.reason.clone(),
+            rtt_ms: event.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            loss_percent: event.stats.loss_percent(),
+        };
+        hooks::run_all(
+            &self.config.daemon.hooks,
+            self.config.daemon.hook_timeout,
+            &hook,
+        );
+        Ok(())
+    }
+
+    /// An operator's change to uplink `name`. Refused, with nothing changed,
+    /// for an unknown uplink or a bad value.
+    pub fn operate(&mut self, name: &str, action: UplinkAction) -> Result<String> {
+        let Some(u) = self.uplinks.iter_mut().find(|u| u.cfg.name == name) else {
+            let known: Vec<&str> = self.uplinks.iter().map(|u| u.cfg.name.as_str()).collect();
+            bail!("no uplink named {name:?} (uplinks: {})", known.join(", "));
+        };
+        let done = match action {
+            UplinkAction::Enable => {
+                u.admin = Admin::Enabled;
+                format!("uplink {name} enabled")
+            }
+            UplinkAction::Disable => {
+                u.admin = Admin::Disabled;
+                format!("uplink {name} disabled: its flows move to other uplinks")
+            }
+            UplinkAction::Drain => {
+                u.admin = Admin::Drain;
+                format!("uplink {name} draining: no new flows, existing ones finish")
+            }
+            UplinkAction::Weight { weight } => {
+                if weight == 0 || weight > MAX_WEIGHT {
+                    bail!("weight must be between 1 and {MAX_WEIGHT}, got {weight} (use drain to stop new flows)");
+                }
+                u.weight = weight;
+                format!("uplink {name} weight {weight}")
+            }
+        };
+        u.reason = format!("operator: {done}");
+        self.apply()?;
+        log::info!("{done} (operator)");
+        Ok(done)
     }
 
     /// Push every uplink's state to the data plane, then the bucket table
@@ -202,6 +321,7 @@ impl Daemon {
                 weight: u.weight,
                 tier: u.cfg.tier,
                 takes_new_flows: u.dataplane_state() == uplink_state::ACTIVE,
+                degraded: u.health == Health::Degraded,
             })
             .collect();
         let mut next = self.table;
@@ -289,6 +409,7 @@ impl Daemon {
         let mut uplinks = Vec::new();
         for u in &self.uplinks {
             let s = self.dataplane.uplink_stats(u.index)?;
+            let snap = u.snapshot.borrow().clone();
             uplinks.push(UplinkStatus {
                 name: u.cfg.name.clone(),
                 interface: u.cfg.interface.clone(),
@@ -297,7 +418,11 @@ impl Daemon {
                 weight: u.weight,
                 tier: u.cfg.tier,
                 admin: format!("{:?}", u.admin).to_lowercase(),
-                health: format!("{:?}", u.health).to_lowercase(),
+                health: u.health.to_string(),
+                reason: u.reason.clone(),
+                rtt_ms: snap.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                jitter_ms: snap.stats.jitter.map(|d| d.as_secs_f64() * 1000.0),
+                loss_percent: snap.stats.loss_percent(),
                 state: state_name(u.dataplane_state()).to_string(),
                 buckets: counts[u.index as usize],
                 tx_packets: s.tx_packets,

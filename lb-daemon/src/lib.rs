@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod hooks;
 pub mod linkwatch;
 pub mod netlink;
 pub mod probe;

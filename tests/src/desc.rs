@@ -211,21 +211,35 @@ impl fmt::Display for Cidr {
     }
 }
 
-/// `default via GW` or `NET/LEN via GW`. Displays as `ip route` arguments.
+/// `default via GW` or `NET/LEN via GW`, optionally followed by
+/// `metric N` (a second default route through a backup uplink needs one).
+/// Displays as `ip route` arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Route {
     /// `None` is the default route.
     pub dest: Option<Cidr>,
     pub via: IpAddr,
+    pub metric: Option<u32>,
 }
 
 impl FromStr for Route {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         let words: Vec<&str> = s.split_whitespace().collect();
-        let [dest, "via", via] = words[..] else {
-            bail!("route `{s}` is not `DEST via GATEWAY` (DEST is `default` or NET/LEN)");
+        let (dest, via, metric) = match words[..] {
+            [dest, "via", via] => (dest, via, None),
+            [dest, "via", via, "metric", m] => (
+                dest,
+                via,
+                Some(
+                    m.parse()
+                        .with_context(|| format!("metric `{m}` in route `{s}`"))?,
+                ),
+            ),
+            _ => bail!(
+                "route `{s}` is not `DEST via GATEWAY [metric N]` (DEST is `default` or NET/LEN)"
+            ),
         };
         let dest = match dest {
             "default" => None,
@@ -234,7 +248,7 @@ impl FromStr for Route {
         let via = via
             .parse()
             .with_context(|| format!("gateway `{via}` in route `{s}` is not an IP address"))?;
-        Ok(Route { dest, via })
+        Ok(Route { dest, via, metric })
     }
 }
 
@@ -248,8 +262,12 @@ impl TryFrom<String> for Route {
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.dest {
-            None => write!(f, "default via {}", self.via),
-            Some(net) => write!(f, "{net} via {}", self.via),
+            None => write!(f, "default via {}", self.via)?,
+            Some(net) => write!(f, "{net} via {}", self.via)?,
+        }
+        match self.metric {
+            Some(m) => write!(f, " metric {m}"),
+            None => Ok(()),
         }
     }
 }
@@ -475,10 +493,11 @@ mod tests {
 
     #[test]
     fn shipped_labs_parse() -> Result<()> {
-        for name in ["default", "routed"] {
+        // `default` has a second LAN (client2) that `routed` lacks.
+        for (name, hosts) in [("default", 6), ("routed", 5)] {
             let desc = LabDesc::shipped(name)?;
-            assert_eq!(desc.hosts.len(), 5, "{name}");
-            assert_eq!(desc.links.len(), 5, "{name}");
+            assert_eq!(desc.hosts.len(), hosts, "{name}");
+            assert_eq!(desc.links.len(), hosts, "{name}");
         }
         let lan_route: Route = "10.10.0.0/24 via 100.64.1.2".parse()?;
         assert!(!LabDesc::shipped("default")?.hosts["isp1"]
@@ -507,7 +526,7 @@ mod tests {
             ),
             (
                 SMALL.replace("default via", "default dev"),
-                "is not `DEST via GATEWAY`",
+                "is not `DEST via GATEWAY",
             ),
             (SMALL.replace("mtu = 1400", "mtu = 14"), "mtu 14"),
             (

@@ -6,7 +6,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use lb_daemon::api::{self, ClientError, Request, Response, Status};
+use lb_daemon::api::{self, ClientError, Request, Response, Status, UplinkAction};
 
 #[derive(Parser)]
 #[command(version, about = "Control and inspect the lb daemon")]
@@ -25,12 +25,42 @@ struct Args {
 enum Command {
     /// Uplinks with their state and counters.
     Status,
+    /// Change one uplink: takes effect in the data plane at once.
+    Uplink {
+        #[command(subcommand)]
+        action: UplinkCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UplinkCommand {
+    /// Put an uplink back into service.
+    Enable { name: String },
+    /// Take an uplink out now; its flows move to other uplinks.
+    Disable { name: String },
+    /// No new flows; existing ones finish on it.
+    Drain { name: String },
+    /// Set the share of new flows (1-1000).
+    Weight {
+        name: String,
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=1000))]
+        weight: u32,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let request = match args.command {
         Command::Status => Request::Status,
+        Command::Uplink { action } => {
+            let (name, action) = match action {
+                UplinkCommand::Enable { name } => (name, UplinkAction::Enable),
+                UplinkCommand::Disable { name } => (name, UplinkAction::Disable),
+                UplinkCommand::Drain { name } => (name, UplinkAction::Drain),
+                UplinkCommand::Weight { name, weight } => (name, UplinkAction::Weight { weight }),
+            };
+            Request::Uplink { name, action }
+        }
     };
     match api::call(&args.socket, &request) {
         Ok(Response::Status(status)) => {
@@ -44,6 +74,14 @@ fn main() -> ExitCode {
                 }
             } else {
                 print_status(&status);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Done { message }) => {
+            if args.json {
+                println!("{}", serde_json::json!({ "ok": true, "message": message }));
+            } else {
+                println!("{message}");
             }
             ExitCode::SUCCESS
         }
@@ -65,26 +103,18 @@ fn main() -> ExitCode {
 fn print_status(s: &Status) {
     println!("classifier: {}", s.mode);
     println!(
-        "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<6} {:<6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
-        "UPLINK",
-        "IFACE",
-        "ADDRESS",
-        "WEIGHT",
-        "TIER",
-        "ADMIN",
-        "HEALTH",
-        "STATE",
-        "BUCKETS",
-        "TX_PKTS",
-        "TX_BYTES",
-        "RX_PKTS",
-        "RX_BYTES",
-        "NEW_FLOWS"
+        "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<8} {:<6} {:>7} {:>8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12}  REASON",
+        "UPLINK", "IFACE", "ADDRESS", "WEIGHT", "TIER", "ADMIN", "HEALTH", "STATE", "BUCKETS", "RTT_MS", "LOSS%", "FLOWS",
+        "TX_PKTS", "TX_BYTES", "RX_PKTS", "RX_BYTES"
     );
     for u in &s.uplinks {
+        let rtt = u
+            .rtt_ms
+            .map_or_else(|| "-".to_string(), |r| format!("{r:.2}"));
         println!(
-            "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<6} {:<6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
-            u.name, u.interface, u.address, u.weight, u.tier, u.admin, u.health, u.state, u.buckets, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.flows
+            "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<8} {:<6} {:>7} {:>8} {:>6.1} {:>7} {:>10} {:>12} {:>10} {:>12}  {}",
+            u.name, u.interface, u.address, u.weight, u.tier, u.admin, u.health, u.state, u.buckets, rtt, u.loss_percent,
+            u.flows, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.reason
         );
     }
     let nonzero: Vec<String> = s

@@ -96,8 +96,8 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
     let socket = config.daemon.socket.clone();
     let listener = bind_control_socket(&socket)?;
-    let daemon = match Daemon::start(config, local_ports).await {
-        Ok(d) => Arc::new(Mutex::new(d)),
+    let (daemon, mut health_events) = match Daemon::start(config, local_ports).await {
+        Ok((d, events)) => (Arc::new(Mutex::new(d)), events),
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
             return Err(e);
@@ -113,6 +113,12 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = gc.tick() => collect_expired(&daemon),
+            Some(event) = health_events.recv() => match daemon.lock() {
+                Ok(mut d) => if let Err(e) = d.on_health(event) {
+                    log::error!("applying a health change failed: {e:#}");
+                },
+                Err(_) => break,
+            },
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => { tokio::spawn(serve(stream, daemon.clone())); }
                 Err(e) => log::warn!("control socket accept failed: {e}"),
@@ -190,7 +196,7 @@ async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>) {
 }
 
 fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
-    let Ok(d) = daemon.lock() else {
+    let Ok(mut d) = daemon.lock() else {
         return Response::Error {
             message: "daemon state is poisoned; restart lbd".into(),
         };
@@ -198,6 +204,12 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
     match req {
         Request::Status => match d.status() {
             Ok(s) => Response::Status(s),
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        },
+        Request::Uplink { name, action } => match d.operate(&name, action) {
+            Ok(message) => Response::Done { message },
             Err(e) => Response::Error {
                 message: format!("{e:#}"),
             },
