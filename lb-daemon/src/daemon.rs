@@ -409,7 +409,7 @@ impl Daemon {
         let mut uplinks = Vec::new();
         for u in &self.uplinks {
             let s = self.dataplane.uplink_stats(u.index)?;
-            let snap = u.snapshot.borrow().clone();
+            let snap = *u.snapshot.borrow();
             uplinks.push(UplinkStatus {
                 name: u.cfg.name.clone(),
                 interface: u.cfg.interface.clone(),

@@ -1,15 +1,18 @@
 //! Test traffic from inside lab namespaces: echo servers and flow clients.
 //!
 //! Owns TCP and UDP echo servers (a thread each, stopped on drop) and
-//! clients that open many distinct flows and check each one's echo. Sockets
-//! are created in their namespace through [`in_netns`] and used from
-//! ordinary threads after. Never waits unbounded: every connect, read and
-//! write has a timeout, and server threads wake up regularly to see whether
-//! they should stop.
+//! clients that open many distinct flows and check each one's echo; for NAT
+//! tests also an HTTP file server and downloader, a TCP sink and uploader,
+//! and sockets bound to chosen ports. Sockets are created in their namespace
+//! through [`in_netns`] and used from ordinary threads after. Never waits
+//! unbounded: every connect, read and write has a timeout, and server
+//! threads wake up regularly to see whether they should stop.
 
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -353,5 +356,331 @@ fn readable(fd: &impl AsRawFd, timeout: Duration) -> std::io::Result<bool> {
             }
         }
         n => Ok(n > 0),
+    }
+}
+
+/// Serves one file over HTTP/1.0 to every GET, whatever the path, until
+/// dropped: a download source for tests that compare what arrives.
+#[derive(Debug)]
+pub struct HttpFileServer {
+    addr: SocketAddr,
+    _thread: Stopper,
+}
+
+impl HttpFileServer {
+    /// Listens on `addr` (port 0 picks one) in namespace `ns`, serving `file`.
+    pub fn start(ns: &str, addr: SocketAddr, file: &Path) -> Result<HttpFileServer> {
+        let listener = in_netns(ns, || {
+            TcpListener::bind(addr)
+                .with_context(|| format!("HTTP server: binding {addr} in {ns}"))
+        })?;
+        let addr = listener.local_addr()?;
+        let file = file.to_owned();
+        let thread = Stopper::start(move |stop| {
+            let mut connections: Vec<JoinHandle<()>> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                connections.retain(|c| !c.is_finished());
+                match readable(&listener, TICK) {
+                    Ok(false) => continue,
+                    Ok(true) => {}
+                    Err(e) => {
+                        eprintln!("HTTP server: poll failed: {e}");
+                        break;
+                    }
+                }
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let file = file.clone();
+                        connections.push(thread::spawn(move || {
+                            if let Err(e) = serve_http(stream, &file) {
+                                eprintln!("HTTP server: serving {peer}: {e:#}");
+                            }
+                        }));
+                    }
+                    Err(e) => eprintln!("HTTP server: accept failed: {e}"),
+                }
+            }
+            for connection in connections {
+                // A connection thread reports its own errors.
+                let _ = connection.join();
+            }
+        });
+        Ok(HttpFileServer {
+            addr,
+            _thread: thread,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// How long an HTTP or sink connection may stay silent before it is given up.
+const IDLE: Duration = Duration::from_secs(10);
+
+fn serve_http(mut stream: TcpStream, file: &Path) -> Result<()> {
+    stream.set_read_timeout(Some(IDLE))?;
+    stream.set_write_timeout(Some(IDLE))?;
+    let (head, _) = read_head(&mut stream).context("reading the request")?;
+    ensure!(
+        head.starts_with("GET "),
+        "not a GET request: {:?}",
+        head.lines().next()
+    );
+    let mut body = File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = body.metadata()?.len();
+    write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    )?;
+    let sent = std::io::copy(&mut body, &mut stream).context("sending the body")?;
+    ensure!(sent == len, "sent {sent} of {len} bytes");
+    Ok(())
+}
+
+/// Reads up to the end of an HTTP head (`\r\n\r\n`); returns the head and
+/// the bytes after it that arrived with it.
+fn read_head(stream: &mut TcpStream) -> Result<(String, Vec<u8>)> {
+    const MAX_HEAD: usize = 16 * 1024;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        ensure!(buf.len() < MAX_HEAD, "no end of the HTTP head in {MAX_HEAD} bytes");
+        let n = stream.read(&mut chunk).context("reading")?;
+        ensure!(n > 0, "the connection closed inside the HTTP head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `GET path` from `server`, from namespace `ns`, with the body written to
+/// `dest`. Fails unless the status is 200 and exactly `Content-Length`
+/// bytes arrive within `timeout`. Returns the body's length.
+pub fn http_download(
+    ns: &str,
+    server: SocketAddr,
+    path: &str,
+    dest: &Path,
+    timeout: Duration,
+) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    let socket = in_netns(ns, || {
+        Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))
+            .context("creating an HTTP client socket")
+    })?;
+    socket
+        .connect_timeout(&server.into(), timeout)
+        .with_context(|| format!("connecting to {server}"))?;
+    let mut stream = TcpStream::from(socket);
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_read_timeout(Some(IDLE.min(timeout)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n").context("sending the request")?;
+    let (head, first) = read_head(&mut stream).context("reading the response head")?;
+    let status = head.lines().next().unwrap_or_default();
+    ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "GET {path} from {server}: {status}"
+    );
+    let length: u64 = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .with_context(|| format!("no Content-Length in the response: {head:?}"))?;
+    let mut out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    out.write_all(&first)?;
+    let mut got = first.len() as u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    while got < length {
+        ensure!(
+            Instant::now() < deadline,
+            "GET {path} from {server}: {got} of {length} bytes after {timeout:?}"
+        );
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.write_all(&buf[..n])?;
+                got += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("GET {path} from {server}: reading after {got} of {length} bytes")
+                })
+            }
+        }
+    }
+    ensure!(
+        got == length,
+        "GET {path} from {server}: {got} bytes arrived, Content-Length is {length}"
+    );
+    Ok(got)
+}
+
+/// Reads every TCP connection to its end and answers with the number of
+/// bytes it read (8 bytes, big endian), until dropped: the far end of an
+/// upload.
+#[derive(Debug)]
+pub struct TcpSinkServer {
+    addr: SocketAddr,
+    _thread: Stopper,
+}
+
+impl TcpSinkServer {
+    /// Listens on `addr` (port 0 picks one) in namespace `ns`.
+    pub fn start(ns: &str, addr: SocketAddr) -> Result<TcpSinkServer> {
+        let listener = in_netns(ns, || {
+            TcpListener::bind(addr)
+                .with_context(|| format!("TCP sink: binding {addr} in {ns}"))
+        })?;
+        let addr = listener.local_addr()?;
+        let thread = Stopper::start(move |stop| {
+            let mut connections: Vec<JoinHandle<()>> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                connections.retain(|c| !c.is_finished());
+                match readable(&listener, TICK) {
+                    Ok(false) => continue,
+                    Ok(true) => {}
+                    Err(e) => {
+                        eprintln!("TCP sink: poll failed: {e}");
+                        break;
+                    }
+                }
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        connections.push(thread::spawn(move || {
+                            if let Err(e) = sink(&mut stream) {
+                                eprintln!("TCP sink: connection from {peer}: {e:#}");
+                            }
+                        }));
+                    }
+                    Err(e) => eprintln!("TCP sink: accept failed: {e}"),
+                }
+            }
+            for connection in connections {
+                // A connection thread reports its own errors.
+                let _ = connection.join();
+            }
+        });
+        Ok(TcpSinkServer {
+            addr,
+            _thread: thread,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn sink(stream: &mut TcpStream) -> Result<()> {
+    stream.set_read_timeout(Some(IDLE))?;
+    stream.set_write_timeout(Some(IDLE))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("reading after {total} bytes")),
+        }
+    }
+    stream.write_all(&total.to_be_bytes())?;
+    Ok(())
+}
+
+/// Sends `bytes` bytes from namespace `ns` to a [`TcpSinkServer`] at
+/// `server` and returns how many it says it read; everything within
+/// `timeout`.
+pub fn tcp_upload(ns: &str, server: SocketAddr, bytes: usize, timeout: Duration) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    let socket = in_netns(ns, || {
+        Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))
+            .context("creating an upload socket")
+    })?;
+    socket
+        .connect_timeout(&server.into(), timeout)
+        .with_context(|| format!("connecting to {server}"))?;
+    let mut stream = TcpStream::from(socket);
+    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut sent = 0;
+    while sent < bytes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        ensure!(
+            !left.is_zero(),
+            "upload to {server}: {sent} of {bytes} bytes sent after {timeout:?}"
+        );
+        stream.set_write_timeout(Some(left))?;
+        let n = chunk.len().min(bytes - sent);
+        stream
+            .write_all(&chunk[..n])
+            .with_context(|| format!("upload to {server}: sending after {sent} of {bytes} bytes"))?;
+        sent += n;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    ensure!(!left.is_zero(), "upload to {server}: no time left for the answer");
+    stream.set_read_timeout(Some(left))?;
+    let mut answer = [0u8; 8];
+    stream
+        .read_exact(&mut answer)
+        .with_context(|| format!("upload to {server}: waiting for the byte count"))?;
+    Ok(u64::from_be_bytes(answer))
+}
+
+/// A UDP socket in namespace `ns` bound to `local` (e.g. a fixed port).
+pub fn udp_socket(ns: &str, local: SocketAddr) -> Result<UdpSocket> {
+    in_netns(ns, || {
+        UdpSocket::bind(local).with_context(|| format!("binding UDP {local} in {ns}"))
+    })
+}
+
+/// A TCP connection from namespace `ns`, from `local` (e.g. a fixed port),
+/// to `server`, with `timeout` on connect, reads and writes.
+pub fn tcp_connect_from(
+    ns: &str,
+    local: SocketAddr,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let socket = in_netns(ns, || {
+        let socket = Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))
+            .context("creating a TCP socket")?;
+        socket
+            .bind(&local.into())
+            .with_context(|| format!("binding TCP {local} in {ns}"))?;
+        Ok(socket)
+    })?;
+    socket
+        .connect_timeout(&server.into(), timeout)
+        .with_context(|| format!("connecting from {local} in {ns} to {server}"))?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// Waits up to `timeout` until something in namespace `ns` listens on TCP
+/// `port` (`ss -ltn`): for servers started as separate programs.
+pub fn wait_tcp_listener(ns: &str, port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let filter = format!("sport = :{port}");
+    loop {
+        let out = crate::netns::exec(ns, &["ss", "-Hltn", &filter])?;
+        if !out.trim().is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "nothing listens on TCP port {port} in {ns} after {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
     }
 }
