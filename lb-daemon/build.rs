@@ -1,5 +1,6 @@
-//! Builds the XDP object (lb-ebpf) with the pinned nightly and puts it in
-//! OUT_DIR, where `dataplane` embeds it into `lbd`.
+//! Builds the XDP objects (lb-ebpf) with the pinned nightly and puts them in
+//! OUT_DIR, where `dataplane` embeds lb's into `lbd` and `bench_support`
+//! the benchmark's.
 //!
 //! The nested cargo runs from lb-ebpf/, so rustup picks the toolchain pinned
 //! in lb-ebpf/rust-toolchain.toml. Variables the outer cargo sets for build
@@ -57,10 +58,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let object = target_dir.join("bpfel-unknown-none/release/lb");
-    if let Err(e) = std::fs::copy(&object, out_dir.join("lb.bpf.o")) {
-        println!("cargo:warning=copying {} failed: {e}", object.display());
-        return ExitCode::FAILURE;
+    // `lb` is lbd's data plane; `lb-bench` holds the benchmark's programs
+    // (`cargo xtask bench`, through `bench_support`).
+    for (bin, object_name) in [("lb", "lb.bpf.o"), ("lb-bench", "lb-bench.bpf.o")] {
+        let object = target_dir.join("bpfel-unknown-none/release").join(bin);
+        if let Err(e) = std::fs::copy(&object, out_dir.join(object_name)) {
+            println!("cargo:warning=copying {} failed: {e}", object.display());
+            return ExitCode::FAILURE;
+        }
     }
     ExitCode::SUCCESS
 }

@@ -67,6 +67,8 @@ pub struct UplinkStatus {
     pub health: String,
     /// Why it is in its state (the last transition).
     pub reason: String,
+    /// Health transitions since lbd started (a flapping line shows here).
+    pub transitions: u64,
     /// Probe round-trip time, jitter and loss over the recent window.
     pub rtt_ms: Option<f64>,
     pub jitter_ms: Option<f64>,

@@ -236,7 +236,9 @@ impl Default for HealthConfig {
         Self {
             interval: Duration::from_millis(50),
             timeout: Duration::from_millis(150),
-            rise: 5,
+            // 500 ms of good rounds: longer than a line that bounces every few
+            // hundred milliseconds stays up, so flapping gives no failback storm.
+            rise: 10,
             fall: 3,
             quorum: 1,
             max_loss_percent: None,
@@ -1666,7 +1668,7 @@ gateway = "100.64.2.1"
                 health: HealthConfig {
                     interval: Duration::from_millis(50),
                     timeout: Duration::from_millis(150),
-                    rise: 5,
+                    rise: 10,
                     fall: 3,
                     quorum: 1,
                     max_loss_percent: None,

@@ -55,6 +55,8 @@ pub struct Uplink {
     pub reason: String,
     /// The health monitor's latest view (RTT, loss, jitter).
     pub snapshot: watch::Receiver<Snapshot>,
+    /// Health transitions so far.
+    pub transitions: u64,
 }
 
 impl Uplink {
@@ -168,6 +170,7 @@ impl Daemon {
                     "carrier down at start".into()
                 },
                 snapshot: snap_rx,
+                transitions: 0,
             };
             infos.push(UplinkInfo {
                 ifindex: link.index,
@@ -247,6 +250,7 @@ impl Daemon {
         let previous = u.health;
         u.health = event.transition.to;
         u.reason = event.transition.reason.clone();
+        u.transitions += 1;
         self.apply()?;
         let u = &self.uplinks[event.uplink];
         log::info!(
@@ -420,6 +424,7 @@ impl Daemon {
                 admin: format!("{:?}", u.admin).to_lowercase(),
                 health: u.health.to_string(),
                 reason: u.reason.clone(),
+                transitions: u.transitions,
                 rtt_ms: snap.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 jitter_ms: snap.stats.jitter.map(|d| d.as_secs_f64() * 1000.0),
                 loss_percent: snap.stats.loss_percent(),

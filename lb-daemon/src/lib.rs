@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod balancer;
+pub mod bench_support;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

@@ -109,6 +109,20 @@ impl Lbd {
             .with_context(|| format!("uplink {name} has no counter {counter}"))
     }
 
+    /// How many packets the data plane gave to the kernel or dropped for
+    /// `reason` (a name such as `pass_no_mapping`), from `lbctl status --json`.
+    pub fn reason(&self, reason: &str) -> Result<u64> {
+        let status = self.status()?;
+        let reasons = status["reasons"]
+            .as_array()
+            .context("no reasons in status")?;
+        reasons
+            .iter()
+            .find(|r| r[0] == reason)
+            .and_then(|r| r[1].as_u64())
+            .with_context(|| format!("reason {reason} not in status: {}", status["reasons"]))
+    }
+
     /// Stop the daemon (SIGTERM, then SIGKILL after a grace period).
     pub fn stop(self, lab: &mut Lab) -> Result<()> {
         let status = lab.stop(self.pid)?;

@@ -6,7 +6,8 @@
 //! Placed on the ISP side of each uplink, it tells which uplink carried which
 //! flow without asking the data plane under test. Never drops, rewrites or
 //! delays a packet (the chain's policy is accept and it has no verdicts), and
-//! never touches tables it did not create.
+//! never touches tables it did not create. [`watch_echo_ids`] does the same
+//! for the identifiers of ICMP echo requests (`lb_echo_IFNAME`).
 
 use std::collections::BTreeSet;
 
@@ -119,6 +120,81 @@ impl FlowWatch {
 
     fn context(&self, what: &str) -> String {
         format!("flow watch on {}:{}: {what}", self.host, self.ifname)
+    }
+}
+
+/// A watch installed by [`watch_echo_ids`]. Removed with its namespace.
+#[derive(Debug, Clone)]
+pub struct EchoWatch {
+    ns: String,
+    host: String,
+    ifname: String,
+    table: String,
+}
+
+/// Starts recording the identifiers of the ICMP echo requests that arrive
+/// on `host:ifname`: behind NAT, which identifier each ping went out with.
+/// Same rules as [`watch_flows`]: a table of its own
+/// (`lb_echo_IFNAME`), ingress priority -500, never a verdict.
+pub fn watch_echo_ids(lab: &Lab, host: &str, ifname: &str) -> Result<EchoWatch> {
+    ensure!(
+        !ifname.is_empty()
+            && ifname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+        "cannot watch interface `{ifname}`: only letters, digits, `-`, `_` and `.` are supported"
+    );
+    let table = format!("lb_echo_{}", ifname.replace(['-', '.'], "_"));
+    let ruleset = format!(
+        r#"table netdev {table} {{}}
+           delete table netdev {table}
+           table netdev {table} {{
+             set ids {{ typeof icmp id; flags dynamic; size 65536; }}
+             chain ingress {{
+               type filter hook ingress device "{ifname}" priority -500; policy accept;
+               icmp type echo-request add @ids {{ icmp id }}
+             }}
+           }}"#
+    );
+    let ns = lab.ns(host)?;
+    netns::exec(ns, &["nft", &ruleset])
+        .with_context(|| format!("installing the echo watch on {host}:{ifname}"))?;
+    Ok(EchoWatch {
+        ns: ns.to_owned(),
+        host: host.to_owned(),
+        ifname: ifname.to_owned(),
+        table,
+    })
+}
+
+impl EchoWatch {
+    /// Every distinct echo identifier seen so far.
+    pub fn seen_ids(&self) -> Result<BTreeSet<u16>> {
+        let context = || format!("echo watch on {}:{}", self.host, self.ifname);
+        let json = netns::exec(
+            &self.ns,
+            &["nft", "-j", "list", "set", "netdev", &self.table, "ids"],
+        )
+        .with_context(context)?;
+        let doc: Value = serde_json::from_str(&json).with_context(context)?;
+        let set = doc
+            .get("nftables")
+            .and_then(Value::as_array)
+            .and_then(|items| items.iter().find_map(|item| item.get("set")))
+            .with_context(|| format!("{}: no `set` in `nft -j` output: {json}", context()))?;
+        let Some(elems) = set.get("elem").and_then(Value::as_array) else {
+            return Ok(BTreeSet::new()); // An empty set has no `elem`.
+        };
+        elems
+            .iter()
+            .map(|elem| {
+                let value = elem.get("elem").and_then(|e| e.get("val")).unwrap_or(elem);
+                value
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .with_context(|| format!("{}: set element {elem} is not an identifier", context()))
+            })
+            .collect()
     }
 }
 

@@ -371,8 +371,7 @@ impl HttpFileServer {
     /// Listens on `addr` (port 0 picks one) in namespace `ns`, serving `file`.
     pub fn start(ns: &str, addr: SocketAddr, file: &Path) -> Result<HttpFileServer> {
         let listener = in_netns(ns, || {
-            TcpListener::bind(addr)
-                .with_context(|| format!("HTTP server: binding {addr} in {ns}"))
+            TcpListener::bind(addr).with_context(|| format!("HTTP server: binding {addr} in {ns}"))
         })?;
         let addr = listener.local_addr()?;
         let file = file.to_owned();
@@ -450,7 +449,10 @@ fn read_head(stream: &mut TcpStream) -> Result<(String, Vec<u8>)> {
             let rest = buf.split_off(end + 4);
             return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
         }
-        ensure!(buf.len() < MAX_HEAD, "no end of the HTTP head in {MAX_HEAD} bytes");
+        ensure!(
+            buf.len() < MAX_HEAD,
+            "no end of the HTTP head in {MAX_HEAD} bytes"
+        );
         let n = stream.read(&mut chunk).context("reading")?;
         ensure!(n > 0, "the connection closed inside the HTTP head");
         buf.extend_from_slice(&chunk[..n]);
@@ -469,8 +471,12 @@ pub fn http_download(
 ) -> Result<u64> {
     let deadline = Instant::now() + timeout;
     let socket = in_netns(ns, || {
-        Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))
-            .context("creating an HTTP client socket")
+        Socket::new(
+            Domain::for_address(server),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .context("creating an HTTP client socket")
     })?;
     socket
         .connect_timeout(&server.into(), timeout)
@@ -478,7 +484,8 @@ pub fn http_download(
     let mut stream = TcpStream::from(socket);
     stream.set_write_timeout(Some(timeout))?;
     stream.set_read_timeout(Some(IDLE.min(timeout)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n").context("sending the request")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n")
+        .context("sending the request")?;
     let (head, first) = read_head(&mut stream).context("reading the response head")?;
     let status = head.lines().next().unwrap_or_default();
     ensure!(
@@ -536,8 +543,7 @@ impl TcpSinkServer {
     /// Listens on `addr` (port 0 picks one) in namespace `ns`.
     pub fn start(ns: &str, addr: SocketAddr) -> Result<TcpSinkServer> {
         let listener = in_netns(ns, || {
-            TcpListener::bind(addr)
-                .with_context(|| format!("TCP sink: binding {addr} in {ns}"))
+            TcpListener::bind(addr).with_context(|| format!("TCP sink: binding {addr} in {ns}"))
         })?;
         let addr = listener.local_addr()?;
         let thread = Stopper::start(move |stop| {
@@ -602,8 +608,12 @@ fn sink(stream: &mut TcpStream) -> Result<()> {
 pub fn tcp_upload(ns: &str, server: SocketAddr, bytes: usize, timeout: Duration) -> Result<u64> {
     let deadline = Instant::now() + timeout;
     let socket = in_netns(ns, || {
-        Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))
-            .context("creating an upload socket")
+        Socket::new(
+            Domain::for_address(server),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .context("creating an upload socket")
     })?;
     socket
         .connect_timeout(&server.into(), timeout)
@@ -619,14 +629,17 @@ pub fn tcp_upload(ns: &str, server: SocketAddr, bytes: usize, timeout: Duration)
         );
         stream.set_write_timeout(Some(left))?;
         let n = chunk.len().min(bytes - sent);
-        stream
-            .write_all(&chunk[..n])
-            .with_context(|| format!("upload to {server}: sending after {sent} of {bytes} bytes"))?;
+        stream.write_all(&chunk[..n]).with_context(|| {
+            format!("upload to {server}: sending after {sent} of {bytes} bytes")
+        })?;
         sent += n;
     }
     stream.shutdown(std::net::Shutdown::Write)?;
     let left = deadline.saturating_duration_since(Instant::now());
-    ensure!(!left.is_zero(), "upload to {server}: no time left for the answer");
+    ensure!(
+        !left.is_zero(),
+        "upload to {server}: no time left for the answer"
+    );
     stream.set_read_timeout(Some(left))?;
     let mut answer = [0u8; 8];
     stream
@@ -651,8 +664,12 @@ pub fn tcp_connect_from(
     timeout: Duration,
 ) -> Result<TcpStream> {
     let socket = in_netns(ns, || {
-        let socket = Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))
-            .context("creating a TCP socket")?;
+        let socket = Socket::new(
+            Domain::for_address(server),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .context("creating a TCP socket")?;
         socket
             .bind(&local.into())
             .with_context(|| format!("binding TCP {local} in {ns}"))?;
