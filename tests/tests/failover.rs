@@ -428,3 +428,32 @@ fn operator_toggles_and_tiers_act_in_the_data_plane() -> Result<()> {
     }
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn carrier_loss_fails_over_at_once() -> Result<()> {
+    if !require_root("carrier_loss_fails_over_at_once") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let lbd = Lbd::start(&mut lab, &config("", "", ""))?;
+    let sink = Sink::start(&lab)?;
+    let p1 = port_on(&lab, &sink, ISP1_NAT, 5400)?;
+    let s1 = Stream::start(&lab, p1)?;
+    wait_for("the stream flowing", Duration::from_secs(3), || Ok(sink.stream(p1).len() > 20))?;
+    // The ISP's end goes away: the router's wan1 loses its carrier.
+    lab.set_link_up("isp1", "down0", false)?;
+    wait_for("the stream through isp2", Duration::from_secs(3), || {
+        Ok(sink.stream(p1).iter().any(|&(_, _, a)| a == ISP2_NAT))
+    })?;
+    thread::sleep(Duration::from_millis(200));
+    let (lost, gap) = outage(&sink, &s1, ISP2_NAT);
+    let status = lbd.status()?;
+    eprintln!(
+        "carrier loss: lost {lost} datagrams, resumed after {gap:?}; isp1 reason: {}",
+        status["uplinks"][0]["reason"]
+    );
+    ensure!(lost <= 2, "{lost} datagrams lost on carrier loss");
+    drop(s1);
+    lab.set_link_up("isp1", "down0", true)?;
+    lbd.stop(&mut lab)
+}
