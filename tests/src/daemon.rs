@@ -30,7 +30,8 @@ pub fn bin_dir() -> PathBuf {
     target.join("debug")
 }
 
-/// A running lbd. Stopped when the lab is torn down, or by [`Lbd::stop`].
+/// A running lbd. Stopped when the lab is torn down, or by [`Lbd::stop`];
+/// its directory goes when this value does.
 pub struct Lbd {
     pid: u32,
     dir: PathBuf,
@@ -126,9 +127,21 @@ impl Lbd {
     /// Stop the daemon (SIGTERM, then SIGKILL after a grace period).
     pub fn stop(self, lab: &mut Lab) -> Result<()> {
         let status = lab.stop(self.pid)?;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Dropping `self` removes its directory.
         ensure!(status.success(), "lbd exited with {status}");
         Ok(())
+    }
+}
+
+impl Drop for Lbd {
+    /// Removes the daemon's directory (config and socket), also when a test
+    /// fails before [`Lbd::stop`]; the lab stops the process itself.
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("warning: removing {}: {e}", self.dir.display());
+            }
+        }
     }
 }
 

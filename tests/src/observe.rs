@@ -192,7 +192,9 @@ impl EchoWatch {
                 value
                     .as_u64()
                     .and_then(|n| u16::try_from(n).ok())
-                    .with_context(|| format!("{}: set element {elem} is not an identifier", context()))
+                    .with_context(|| {
+                        format!("{}: set element {elem} is not an identifier", context())
+                    })
             })
             .collect()
     }

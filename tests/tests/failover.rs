@@ -439,7 +439,9 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
     let sink = Sink::start(&lab)?;
     let p1 = port_on(&lab, &sink, ISP1_NAT, 5400)?;
     let s1 = Stream::start(&lab, p1)?;
-    wait_for("the stream flowing", Duration::from_secs(3), || Ok(sink.stream(p1).len() > 20))?;
+    wait_for("the stream flowing", Duration::from_secs(3), || {
+        Ok(sink.stream(p1).len() > 20)
+    })?;
     // The ISP's end goes away: the router's wan1 loses its carrier.
     lab.set_link_up("isp1", "down0", false)?;
     wait_for("the stream through isp2", Duration::from_secs(3), || {

@@ -32,7 +32,7 @@ use lb_tests::{
         http_download, tcp_connect_from, tcp_flows, tcp_upload, udp_flows, udp_socket,
         wait_tcp_listener, HttpFileServer, Proto, TcpEchoServer, TcpSinkServer, UdpEchoServer,
     },
-    unique_prefix, watch_flows, FlowWatch, Lab, LabDesc,
+    unique_prefix, watch_echo_ids, watch_flows, FlowWatch, Lab, LabDesc,
 };
 use serde_json::Value;
 
@@ -356,15 +356,19 @@ fn iperf3_tcp_over_both_uplinks() -> Result<()> {
                 lbd.status()?
             );
         }
-        return Ok(());
+        return lbd.stop(&mut lab);
     }
     bail!("every attempt hashed all connections to one uplink")
 }
 
 /// 3. UDP request/reply and ping from the client: replies come back, so
-///    ports and ICMP echo identifiers are translated both ways.
+///    ports and ICMP echo identifiers are translated both ways. A ping
+///    whose identifier lies in the router's own port range must leave with
+///    another one, from the NAT range, and its replies still reach it.
 #[test]
 fn udp_and_ping_through_nat() -> Result<()> {
+    /// In the router's `ip_local_port_range`: NAT may not keep it.
+    const ROUTER_RANGE_ID: u16 = 40000;
     if !require_root("udp_and_ping_through_nat") {
         return Ok(());
     }
@@ -376,21 +380,39 @@ fn udp_and_ping_through_nat() -> Result<()> {
     for flow in udp_flows(lab.ns("client")?, server(ECHO_PORT), 4, FLOW_TIMEOUT)? {
         flow.outcome?;
     }
-    let text = ping(&lab, "client").with_context(|| format!("status: {:?}", lbd.status()))?;
+    let text = ping(&lab, "client", &[]).with_context(|| format!("status: {:?}", lbd.status()))?;
     eprintln!("{}", text.trim());
+
+    let watches = [
+        watch_echo_ids(&lab, ISP1.isp, "down0")?,
+        watch_echo_ids(&lab, ISP2.isp, "down0")?,
+    ];
+    let id = ROUTER_RANGE_ID.to_string();
+    ping(&lab, "client", &["-e", &id])
+        .with_context(|| format!("ping -e {id}; status: {:?}", lbd.status()))?;
+    let mut seen = watches[0].seen_ids()?;
+    seen.extend(watches[1].seen_ids()?);
+    eprintln!("ping -e {id}: the ISPs saw echo identifiers {seen:?}");
+    ensure!(
+        seen.len() == 1 && seen.iter().all(|i| NAT_PORTS.contains(i)),
+        "ping -e {id} left with identifiers {seen:?}; expected one in {NAT_PORTS:?}"
+    );
+
     let replies = lbd.uplink_counter("isp1", "replies")? + lbd.uplink_counter("isp2", "replies")?;
     ensure!(
-        replies >= 4 + 3,
-        "lbctl counts {replies} replies translated, expected at least 7 (4 UDP, 3 ICMP)"
+        replies >= 4 + 6,
+        "lbctl counts {replies} replies translated, expected at least 10 (4 UDP, 6 ICMP)"
     );
-    Ok(())
+    lbd.stop(&mut lab)
 }
 
-/// `ping -c 3` from `host` to the server: all three must be answered.
-/// Returns ping's report.
-fn ping(lab: &Lab, host: &str) -> Result<String> {
+/// `ping -c 3 [EXTRA]` from `host` to the server: all three must be
+/// answered. Returns ping's report.
+fn ping(lab: &Lab, host: &str, extra: &[&str]) -> Result<String> {
     let target = SERVER_IP.to_string();
-    let args = ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", &target];
+    let mut args = vec!["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2"];
+    args.extend(extra);
+    args.push(&target);
     let out = run(lab, host, &args)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
@@ -515,7 +537,7 @@ fn two_clients_with_one_source_port() -> Result<()> {
     }
     let failures = lbd.uplink_counter("isp1", "nat_failures")?;
     ensure!(failures == 0, "{failures} NAT failures");
-    Ok(())
+    lbd.stop(&mut lab)
 }
 
 /// One hop of `traceroute -n -q1`: its number and who answered (`None` for
@@ -567,7 +589,7 @@ fn traceroute_lists_every_hop() -> Result<()> {
         "expected hops 10.10.0.1, 100.64.N.1, {SERVER_IP}; got {hops:?}; status: {}",
         lbd.status()?
     );
-    Ok(())
+    lbd.stop(&mut lab)
 }
 
 /// 6. Path MTU discovery: with a 1400-byte link between isp1 and inet, a
@@ -637,7 +659,7 @@ fn path_mtu_discovery_through_nat() -> Result<()> {
         route.contains("mtu 1400"),
         "the client did not learn the path MTU: {route}"
     );
-    Ok(())
+    lbd.stop(&mut lab)
 }
 
 /// 7. While lbd NATs the client's flows, the router's own TCP connections
@@ -694,7 +716,7 @@ fn router_own_connections_beside_nat() -> Result<()> {
                     flow.local_port
                 );
             }
-            ping(&lab, "router")?;
+            ping(&lab, "router", &[])?;
             // The router's own traffic leaves by its default route, isp1,
             // untranslated: isp1 saw its very ports.
             let seen = watch.seen_flows()?;
@@ -738,5 +760,5 @@ fn router_own_connections_beside_nat() -> Result<()> {
         "the client completed only {} flows",
         client_flows.load(Ordering::Relaxed)
     );
-    Ok(())
+    lbd.stop(&mut lab)
 }
