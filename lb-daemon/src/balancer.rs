@@ -22,15 +22,20 @@ pub struct Candidate {
 
 /// Weights per uplink index for `lb_common::table::rebalance`: the weights
 /// of the best tier's uplinks that take new flows, zero for all others.
+/// Degraded uplinks count only when no healthy one can take new flows.
 pub fn weights(uplinks: &[Candidate]) -> [u32; MAX_UPLINKS as usize] {
+    let usable = |u: &Candidate, degraded_ok: bool| {
+        u.takes_new_flows && u.weight > 0 && (degraded_ok || !u.degraded)
+    };
+    let degraded_ok = !uplinks.iter().any(|u| usable(u, false));
     let mut out = [0; MAX_UPLINKS as usize];
     let best = uplinks
         .iter()
-        .filter(|u| u.takes_new_flows && u.weight > 0)
+        .filter(|u| usable(u, degraded_ok))
         .map(|u| u.tier)
         .min();
     for (slot, u) in out.iter_mut().zip(uplinks) {
-        if u.takes_new_flows && Some(u.tier) == best {
+        if usable(u, degraded_ok) && Some(u.tier) == best {
             *slot = u.weight;
         }
     }

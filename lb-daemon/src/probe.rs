@@ -1463,7 +1463,10 @@ mod tests {
                     let monitor = Monitor {
                         uplink: 0,
                         name: "a".into(),
-                        config: crate::config::HealthConfig::default(),
+                        config: crate::config::HealthConfig {
+                            rise: 5,
+                            ..crate::config::HealthConfig::default()
+                        },
                         probes: UplinkProbe::for_uplink(wan_a(), 0xfff4, &configs).expect("probes"),
                         initial: State::Up,
                     };
