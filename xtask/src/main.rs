@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module; this file only parses the
 //! command line. See the README for what each one does.
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -39,6 +40,8 @@ enum Command {
     },
     /// Everything CI runs: fmt, clippy, unit, BPF test-run and lab tests.
     Test,
+    /// Per-packet cost and lab forwarding rate against the kernel's way; writes BENCHMARKS.md.
+    Bench(bench::Args),
 }
 
 #[derive(Subcommand)]
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
             action: LabAction::Down,
         } => run::lab_down(),
         Command::Test => test::run(),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

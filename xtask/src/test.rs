@@ -12,7 +12,14 @@ pub fn run() -> Result<()> {
     println!("test: clippy");
     cmd(
         "cargo",
-        &["clippy", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
     )?;
     // Lab tests start the daemon from target/debug; build it first.
     cmd("cargo", &["build", "--package", "lb-daemon", "--bins"])?;

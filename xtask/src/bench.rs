@@ -1,0 +1,188 @@
+//! `cargo xtask bench`: what lb costs per packet, and how many packets per
+//! second a lab router forwards with lb, with the Linux kernel doing the
+//! same job (nftables PCC, policy routing, masquerade) and with a bare XDP
+//! redirect, all in one run; prints the tables and writes BENCHMARKS.md.
+//! A benchmark, not a test: it reports what it measures, targets met or not.
+//!
+//! The benchmark links lb-daemon (lb's data plane and the embedded lb-bench
+//! object), whose build script needs the eBPF toolchain that `cargo xtask
+//! setup` installs. So the everyday xtask is built without it: this command
+//! runs setup, builds lbd and an xtask with the `bench` feature (release),
+//! and runs that one, which does the work:
+//!
+//! - [`object`]: the lb-bench XDP object, the frames it stamps, test runs.
+//! - [`cost`]: ns per packet of each path through lb's programs.
+//! - [`forward`]: Mpps through the lab router, three ways.
+//! - [`report`]: the tables, and BENCHMARKS.md.
+
+#[cfg(feature = "bench")]
+mod cost;
+#[cfg(feature = "bench")]
+mod forward;
+#[cfg(feature = "bench")]
+mod object;
+#[cfg(feature = "bench")]
+mod report;
+
+use anyhow::Result;
+
+/// What to measure and for how long; the defaults are the published run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Measured windows per way of forwarding (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// Length of each window, in seconds.
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+    /// Distinct UDP flows the generator cycles through.
+    #[arg(long, default_value_t = 4096)]
+    pub flows: u32,
+    /// Repetitions of each BPF_PROG_TEST_RUN measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub repeat: u32,
+    /// CPU the generator (and with it the router's softirq work) runs on;
+    /// the last CPU if not given.
+    #[arg(long)]
+    pub cpu: Option<usize>,
+}
+
+/// Without the `bench` feature: install what is missing, build the real
+/// benchmark, and run it with the same arguments.
+#[cfg(not(feature = "bench"))]
+pub fn run(_args: &Args) -> Result<()> {
+    use anyhow::{ensure, Context};
+
+    crate::setup::run()?;
+    println!("bench: building lbd and the benchmark (release)");
+    crate::cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "lb-daemon",
+            "--bins",
+            "--package",
+            "xtask",
+            "--features",
+            "xtask/bench",
+        ],
+    )?;
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::root().join("target"))
+        .join("release");
+    // Everything after the program name, starting with `bench`.
+    let mut child = std::process::Command::new(bin.join("xtask"))
+        .args(std::env::args_os().skip(1))
+        .env("LB_BIN_DIR", &bin)
+        // lbd starts and stops once per round: keep its log to warnings
+        // (and, as lbd's own default does, netlink_proto's to errors).
+        .env(
+            "RUST_LOG",
+            std::env::var_os("RUST_LOG").unwrap_or_else(|| "warn,netlink_proto=error".into()),
+        )
+        .current_dir(crate::root())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.join("xtask").display()))?;
+    // The benchmark moves to a session of its own (`prioritize`), out of
+    // reach of the terminal's Ctrl-C: pass it on, so it tears its lab down.
+    let pid = child.id().to_string();
+    ctrlc::set_handler(move || {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status();
+    })
+    .context("installing the Ctrl-C handler")?;
+    let status = child.wait().context("waiting for the benchmark")?;
+    ensure!(status.success(), "the benchmark failed ({status})");
+    Ok(())
+}
+
+/// With the `bench` feature: measure, print, and write BENCHMARKS.md.
+#[cfg(feature = "bench")]
+pub fn run(args: &Args) -> Result<()> {
+    use anyhow::{ensure, Context};
+
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    ensure!(
+        euid == 0,
+        "the benchmark loads XDP programs and builds network namespaces: run it as root"
+    );
+    ensure!(
+        args.runs > 0 && args.seconds > 0 && args.flows > 0 && args.repeat > 0,
+        "--runs, --seconds, --flows and --repeat must be positive"
+    );
+    let cpus = std::thread::available_parallelism()
+        .context("counting CPUs")?
+        .get();
+    let cpu = args.cpu.unwrap_or(cpus - 1);
+    ensure!(cpu < cpus, "--cpu {cpu}: this machine has {cpus} CPUs");
+
+    let machine = report::Machine::probe(prioritize())?;
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+
+    println!(
+        "bench: per-packet cost with BPF_PROG_TEST_RUN ({} repetitions each)",
+        args.repeat
+    );
+    let costs = cost::measure(args.repeat, cpu)?;
+    println!("bench: packets per second through the lab router");
+    let ways = forward::measure(args, cpu, &interrupted)?;
+
+    let report = report::Report::new(machine, args, cpu, costs, ways)?;
+    let text = report.markdown();
+    println!("\n{text}");
+    let path = crate::root().join("BENCHMARKS.md");
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    println!("bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// Nice value of the benchmark's scheduling group.
+#[cfg(feature = "bench")]
+const NICE: i32 = -10;
+
+/// Give the benchmark more of the CPU than other work on the machine (a
+/// compiler next door would otherwise take half of the generator's CPU).
+/// With autogroup scheduling, nice values count only within a session, so
+/// this process starts a session of its own and lowers that group's nice
+/// value; lbd, started from here, belongs to it too. Returns what it did,
+/// for the report.
+#[cfg(feature = "bench")]
+fn prioritize() -> String {
+    // SAFETY: setsid has no preconditions; it fails (and changes nothing)
+    // when this process leads a process group.
+    if unsafe { libc::setsid() } < 0 {
+        return "default priority (could not start a session of its own)".into();
+    }
+    match std::fs::write("/proc/self/autogroup", NICE.to_string()) {
+        Ok(()) => format!("its own scheduling group at nice {NICE}"),
+        // No autogroup scheduling: the generator's thread nice value counts.
+        Err(_) => format!("generator thread at nice {NICE}"),
+    }
+}
+
+/// Pin the calling thread to `cpu`.
+#[cfg(feature = "bench")]
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it for cpu < CPU_SETSIZE (callers pass a CPU that exists), and
+    // sched_setaffinity(0) changes only the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        use anyhow::Context;
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning a thread to CPU {cpu}"));
+    }
+    Ok(())
+}

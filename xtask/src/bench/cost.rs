@@ -1,0 +1,463 @@
+//! Per-packet cost of lb's programs with `BPF_PROG_TEST_RUN`: the real
+//! verifier-approved `lan_ingress` and `wan_ingress` with the real maps, no
+//! interfaces, set up as lb-daemon/tests/xdp_test_run.rs does.
+//!
+//! A test run repeats the program on one buffer and keeps what it wrote
+//! (rewritten addresses, a decremented TTL), so timing lb directly would
+//! time whatever path the 60th rewrite of a packet takes. Instead lb-bench's
+//! `bench_run` restores the frame (and, for new flows, makes each
+//! repetition a flow never seen before) and tail-calls the program under
+//! test; the same harness tail-calling `bench_nop` is timed as well, and
+//! its cost subtracted. Every measurement checks lb's counters: each
+//! repetition must have taken the path it is reported under.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{ensure, Context, Result};
+use lb_common::{
+    hash,
+    maps::{program, uplink_state, UplinkInfo},
+    reason,
+    table::{self, Table},
+    DEFAULT_MAX_FLOWS, MAX_UPLINKS,
+};
+use lb_daemon::dataplane::Dataplane;
+
+use super::object::{self, BenchObject, Stamp, Udp, XDP_PASS, XDP_REDIRECT};
+
+/// Timed test runs per path; the median is reported.
+const RUNS: usize = 5;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const ROUTER_LAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// New flows go to 198.18.0.0/16 (RFC 2544's benchmarking range), one
+/// destination per 16,384 source ports, so none repeats within a run.
+const FRESH_DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+const FRESH_PORTS: u16 = 16_384;
+const FRESH_ADDRS: u16 = 65_535;
+const NAT_PORTS: (u16, u16) = (20_000, 29_999);
+const LOCAL_PORTS: (u16, u16) = (32_768, 60_999);
+/// `wan_ingress` test runs arrive on loopback, which stands for both
+/// uplinks; the ifindex map keeps the last one set, so replies belong to
+/// this uplink.
+const REPLY_UPLINK: u32 = 1;
+/// Flow table size for new flows without eviction (about 200 MB of maps),
+/// and repetitions per run there: all runs together fit into the table.
+const ROOMY_TABLE: u32 = 1 << 20;
+const ROOMY_REPEAT: u32 = 100_000;
+
+/// The cost of one path.
+pub struct Cost {
+    pub path: &'static str,
+    pub program: &'static str,
+    pub verdict: &'static str,
+    /// Repetitions per test run.
+    pub repeat: u32,
+    /// ns per packet with the harness's cost subtracted: median, min, max.
+    pub median_ns: i64,
+    pub min_ns: i64,
+    pub max_ns: i64,
+}
+
+pub struct Costs {
+    pub runs: usize,
+    /// ns per packet of the harness alone (restore + tail call), median,
+    /// restoring a fixed frame and making each repetition a new flow.
+    pub harness_ns: u64,
+    pub harness_varied_ns: u64,
+    /// Flow table size of the "no eviction" row.
+    pub roomy_table: u32,
+    pub paths: Vec<Cost>,
+}
+
+impl Costs {
+    pub fn get(&self, path: &str) -> Option<&Cost> {
+        self.paths.iter().find(|c| c.path == path)
+    }
+}
+
+pub const NEW_FLOW: &str = "new flow";
+pub const NEW_FLOW_ROOMY: &str = "new flow, no eviction";
+pub const ESTABLISHED: &str = "established outbound";
+pub const REPLY: &str = "reply inbound";
+pub const PASS_LOCAL: &str = "pass-through: to the router";
+pub const PASS_ARP: &str = "pass-through: ARP";
+
+/// What every repetition of a path must have done, by lb's counters.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Forwarded out of an uplink; a new flow each time, or none.
+    Forwarded { new_flows: bool },
+    /// Translated back to the client.
+    Reply,
+    /// Passed to the kernel for `reason`.
+    Passed(u32),
+}
+
+#[derive(Clone)]
+struct Path {
+    name: &'static str,
+    program: &'static str,
+    frame: Vec<u8>,
+    stamp: Stamp,
+    verdict: u32,
+    expect: Expect,
+    /// Untimed repetitions first (to fill the flow table).
+    warmup: u32,
+}
+
+/// Measure every path, on a thread pinned to `cpu`.
+pub fn measure(repeat: u32, cpu: usize) -> Result<Costs> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            super::pin_to_cpu(cpu)?;
+            measure_here(repeat)
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn measure_here(repeat: u32) -> Result<Costs> {
+    let mut dp = dataplane()?;
+    let mut bench = BenchObject::load(&["bench_run", "bench_nop"])?;
+    let (client_port, nat_port) = flow_on_reply_uplink(&mut dp)?;
+    let reply_uplink = uplink_info(REPLY_UPLINK);
+    let outbound = Udp {
+        src_mac: CLIENT_MAC,
+        dst_mac: ROUTER_LAN_MAC,
+        src: CLIENT,
+        dst: SERVER,
+        src_port: client_port,
+        dst_port: 53,
+        ttl: 64,
+    };
+    let reply = Udp {
+        src_mac: reply_uplink.gw_mac,
+        dst_mac: reply_uplink.src_mac,
+        src: SERVER,
+        dst: reply_uplink.addr.into(),
+        src_port: 53,
+        dst_port: nat_port,
+        ttl: 60,
+    }
+    .frame();
+    let to_router = Udp {
+        dst: ROUTER_LAN,
+        dst_port: 22,
+        ..outbound
+    }
+    .frame();
+    let arp = object::arp(CLIENT_MAC, CLIENT, ROUTER_LAN);
+    let fresh = Udp {
+        dst: FRESH_DST,
+        src_port: 1024,
+        ..outbound
+    }
+    .frame();
+    let outbound = outbound.frame();
+
+    // The harness alone, restoring a fixed frame and varying the flow.
+    let nop = bench.xdp("bench_nop")?.fd()?.try_clone()?;
+    bench.set_target(&nop)?;
+    let harness = Harness {
+        fixed: harness_cost(&mut bench, &Stamp::fixed(&outbound)?, &outbound, repeat)?,
+        varied: harness_cost(
+            &mut bench,
+            &Stamp::flows(&fresh, FRESH_PORTS, FRESH_ADDRS)?,
+            &fresh,
+            repeat,
+        )?,
+    };
+
+    let paths = [
+        Path {
+            name: ESTABLISHED,
+            program: program::LAN_INGRESS,
+            stamp: Stamp::fixed(&outbound)?,
+            frame: outbound,
+            verdict: XDP_REDIRECT,
+            expect: Expect::Forwarded { new_flows: false },
+            warmup: 0,
+        },
+        Path {
+            name: REPLY,
+            program: program::WAN_INGRESS,
+            stamp: Stamp::fixed(&reply)?,
+            frame: reply,
+            verdict: XDP_REDIRECT,
+            expect: Expect::Reply,
+            warmup: 0,
+        },
+        Path {
+            name: PASS_LOCAL,
+            program: program::LAN_INGRESS,
+            stamp: Stamp::fixed(&to_router)?,
+            frame: to_router,
+            verdict: XDP_PASS,
+            expect: Expect::Passed(reason::PASS_LOCAL),
+            warmup: 0,
+        },
+        Path {
+            name: PASS_ARP,
+            program: program::LAN_INGRESS,
+            stamp: Stamp::fixed(&arp)?,
+            frame: arp,
+            verdict: XDP_PASS,
+            expect: Expect::Passed(reason::PASS_NOT_IPV4),
+            warmup: 0,
+        },
+        // Last: it evicts the flows above from the full table.
+        Path {
+            name: NEW_FLOW,
+            program: program::LAN_INGRESS,
+            stamp: Stamp::flows(&fresh, FRESH_PORTS, FRESH_ADDRS)?,
+            frame: fresh,
+            verdict: XDP_REDIRECT,
+            expect: Expect::Forwarded { new_flows: true },
+            warmup: 2 * DEFAULT_MAX_FLOWS,
+        },
+    ];
+    let mut costs = Vec::new();
+    for path in &paths {
+        costs.push(measure_path(&mut bench, &mut dp, path, repeat, &harness)?);
+    }
+
+    // New flows again, into a table big enough never to evict: what the
+    // eviction above costs. Fewer repetitions, so the table holds them all.
+    const _: () = assert!(ROOMY_REPEAT as usize * RUNS < ROOMY_TABLE as usize);
+    let mut roomy = Dataplane::load(ROOMY_TABLE).context("a data plane with a large flow table")?;
+    configure(&mut roomy)?;
+    let path = Path {
+        name: NEW_FLOW_ROOMY,
+        warmup: 0,
+        ..paths[4].clone()
+    };
+    costs.push(measure_path(
+        &mut bench,
+        &mut roomy,
+        &path,
+        ROOMY_REPEAT,
+        &harness,
+    )?);
+
+    Ok(Costs {
+        runs: RUNS,
+        harness_ns: harness.fixed.max(0) as u64,
+        harness_varied_ns: harness.varied.max(0) as u64,
+        roomy_table: ROOMY_TABLE,
+        paths: costs,
+    })
+}
+
+/// The harness's own cost per packet (`bench_run` tail-calling
+/// `bench_nop`), for a fixed frame and for one that varies the flow.
+struct Harness {
+    fixed: i64,
+    varied: i64,
+}
+
+fn harness_cost(bench: &mut BenchObject, stamp: &Stamp, frame: &[u8], repeat: u32) -> Result<i64> {
+    bench.set_stamp(stamp)?;
+    let mut ns = Vec::new();
+    for _ in 0..RUNS {
+        let (verdict, t) = object::time(bench.xdp("bench_run")?, frame, repeat)?;
+        ensure!(
+            verdict == XDP_PASS,
+            "the harness with bench_nop returned {verdict}"
+        );
+        ns.push(t as i64);
+    }
+    Ok(median(&ns))
+}
+
+/// Time `path` [`RUNS`] times, `repeat` repetitions each, checking lb's
+/// counters after each run.
+fn measure_path(
+    bench: &mut BenchObject,
+    dp: &mut Dataplane,
+    path: &Path,
+    repeat: u32,
+    harness: &Harness,
+) -> Result<Cost> {
+    let fd = dp.xdp(path.program)?.fd()?.try_clone()?;
+    bench.set_target(&fd)?;
+    bench.set_stamp(&path.stamp)?;
+    let overhead = if path.stamp.varies() {
+        harness.varied
+    } else {
+        harness.fixed
+    };
+    let run = bench.xdp("bench_run")?;
+    if path.warmup > 0 {
+        object::time(run, &path.frame, path.warmup)
+            .with_context(|| format!("{}: warming up", path.name))?;
+    }
+    let mut ns = Vec::new();
+    for _ in 0..RUNS {
+        let before = Counters::read(dp)?;
+        let (verdict, t) = object::time(run, &path.frame, repeat)?;
+        let after = Counters::read(dp)?;
+        ensure!(
+            verdict == path.verdict,
+            "{}: {} returned {verdict}, expected {}",
+            path.name,
+            path.program,
+            path.verdict
+        );
+        after
+            .check(&before, path.expect, u64::from(repeat))
+            .with_context(|| format!("{}: not every repetition took this path", path.name))?;
+        ns.push(t as i64 - overhead);
+    }
+    let cost = Cost {
+        path: path.name,
+        program: path.program,
+        verdict: if path.verdict == XDP_PASS {
+            "XDP_PASS"
+        } else {
+            "XDP_REDIRECT"
+        },
+        repeat,
+        median_ns: median(&ns),
+        min_ns: ns.iter().copied().min().unwrap_or_default(),
+        max_ns: ns.iter().copied().max().unwrap_or_default(),
+    };
+    println!("  {:<40} {:>5} ns/packet", cost.path, cost.median_ns);
+    Ok(cost)
+}
+
+pub fn median(values: &[i64]) -> i64 {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn uplink_info(index: u32) -> UplinkInfo {
+    let n = index as u8 + 1;
+    UplinkInfo {
+        // Loopback: any existing device will do, test runs never transmit.
+        ifindex: 1,
+        state: uplink_state::ACTIVE,
+        addr: [100, 64, n, 2],
+        src_mac: [0x02, 0xaa, 0, 0, n, 2],
+        gw_mac: [0x02, 0xbb, 0, 0, n, 1],
+        mtu: 1500,
+    }
+}
+
+/// lb's data plane with the default flow table, two uplinks sharing the
+/// buckets 1:1 and the LAN's addresses left to the kernel.
+fn dataplane() -> Result<Dataplane> {
+    let mut dp = Dataplane::load(DEFAULT_MAX_FLOWS)?;
+    configure(&mut dp)?;
+    Ok(dp)
+}
+
+fn configure(dp: &mut Dataplane) -> Result<()> {
+    dp.set_classifier(0x1234_5678, hash::mode::FIVE_TUPLE)?;
+    dp.set_nat_ports(NAT_PORTS, LOCAL_PORTS)?;
+    dp.add_lan(1)?;
+    for i in 0..2 {
+        dp.set_uplink(i, &uplink_info(i))?;
+    }
+    dp.add_bypass(ROUTER_LAN, 32)?;
+    dp.add_bypass(Ipv4Addr::new(10, 10, 0, 0), 24)?;
+    let mut weights = [0u32; MAX_UPLINKS as usize];
+    weights[..2].fill(1);
+    let mut t: Table = table::empty();
+    table::rebalance(&mut t, &weights);
+    dp.set_buckets(&t)
+}
+
+/// Open flows from the client until one is pinned to [`REPLY_UPLINK`];
+/// returns its client port and NAT port.
+fn flow_on_reply_uplink(dp: &mut Dataplane) -> Result<(u16, u16)> {
+    let uplink = uplink_info(REPLY_UPLINK);
+    for port in 5000..5200u16 {
+        let frame = Udp {
+            src_mac: CLIENT_MAC,
+            dst_mac: ROUTER_LAN_MAC,
+            src: CLIENT,
+            dst: SERVER,
+            src_port: port,
+            dst_port: 53,
+            ttl: 64,
+        }
+        .frame();
+        let (verdict, out) = object::run_once(dp.xdp(program::LAN_INGRESS)?, &frame)?;
+        ensure!(
+            verdict == XDP_REDIRECT && out.len() >= 36,
+            "lan_ingress did not forward a new UDP flow (verdict {verdict})"
+        );
+        if out[6..12] == uplink.src_mac {
+            object::check_ipv4_udp(&out).context("lan_ingress's output")?;
+            return Ok((port, u16::from_be_bytes([out[34], out[35]])));
+        }
+    }
+    anyhow::bail!("none of 200 flows was pinned to uplink {REPLY_UPLINK}")
+}
+
+/// lb's counters, summed over uplinks and CPUs.
+struct Counters {
+    tx_packets: u64,
+    new_flows: u64,
+    nat_failures: u64,
+    replies: u64,
+    reasons: [u64; reason::COUNT as usize],
+}
+
+impl Counters {
+    fn read(dp: &Dataplane) -> Result<Counters> {
+        let mut c = Counters {
+            tx_packets: 0,
+            new_flows: 0,
+            nat_failures: 0,
+            replies: 0,
+            reasons: dp.reasons()?,
+        };
+        for i in 0..2 {
+            let s = dp.uplink_stats(i)?;
+            c.tx_packets += s.tx_packets;
+            c.new_flows += s.new_flows;
+            c.nat_failures += s.nat_failures;
+            c.replies += s.replies;
+        }
+        Ok(c)
+    }
+
+    /// That the `n` repetitions between `before` and `self` all did what
+    /// `expect` says.
+    fn check(&self, before: &Counters, expect: Expect, n: u64) -> Result<()> {
+        let tx = self.tx_packets - before.tx_packets;
+        let new = self.new_flows - before.new_flows;
+        let failed = self.nat_failures - before.nat_failures;
+        let replies = self.replies - before.replies;
+        match expect {
+            Expect::Forwarded { new_flows } => {
+                let want_new = if new_flows { n } else { 0 };
+                ensure!(
+                    tx == n && new == want_new && failed == 0,
+                    "{n} repetitions: {tx} forwarded, {new} new flows (want {want_new}), {failed} NAT failures"
+                );
+            }
+            Expect::Reply => {
+                ensure!(
+                    replies == n,
+                    "{n} repetitions: {replies} replies translated"
+                );
+            }
+            Expect::Passed(why) => {
+                let passed = self.reasons[why as usize] - before.reasons[why as usize];
+                ensure!(
+                    passed == n,
+                    "{n} repetitions: {passed} passed for reason {why}"
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,575 @@
+//! Packets per second through the lab router, three ways in the same run on
+//! the same lab: the Linux kernel doing lb's job (nftables PCC marks, policy
+//! routing, masquerade), lb (lbd with its XDP data plane), and a bare XDP
+//! redirect (the lab's ceiling). Each round runs every way once, so drifting
+//! background load hits all three alike.
+//!
+//! Traffic (DESIGN.md, "Facts about veth labs"): lb-bench's `bench_gen` runs
+//! as a live-frames test run from a thread in the client's namespace, pinned
+//! to one CPU; each `XDP_TX` leaves the client's eth0, so the router's lan0
+//! receives it in NAPI on that same CPU, in softirq, right after each batch.
+//! The generator and the router thus share one CPU and the router paces the
+//! generator. `bench_sink` on each ISP's down0 counts and drops: pps is what
+//! the sinks count per second. Since the sinks drop ARP too, the router has
+//! static neighbours for the gateways and the client one for the router.
+//!
+//! CPU: the router is a namespace, not a machine, so its CPU is measured on
+//! the whole system from /proc/stat: softirq time on the generator's CPU is
+//! the router's forwarding (and the sinks' drop); system time there is the
+//! generator; the other CPU is whatever else the machine runs.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use aya::programs::{xdp::XdpLinkId, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use lb_tests::{daemon::Lbd, in_netns, Lab, LabDesc};
+
+use super::{
+    object::{self, BenchObject, Stamp, Udp},
+    Args,
+};
+
+/// Namespace prefix of the benchmark's lab.
+const PREFIX: &str = "lbb-";
+const LAB: &str = "default";
+/// Traffic before each measured window: lb and conntrack learn the flows.
+const WARMUP: Duration = Duration::from_secs(1);
+/// Frames per live-frames test run call, and per batch within it.
+const GEN_CHUNK: u32 = 1 << 16;
+const GEN_BATCH: u32 = 64;
+/// The generator's flows: UDP from these source ports to the discard port
+/// of the internet host; outside both the NAT range and the router's own
+/// port range, so lb keeps them.
+const GEN_PORT_BASE: u16 = 10_000;
+const XDP_TX: u32 = 3;
+
+/// lbd as the lab runs it, without health probes: the sinks drop every
+/// probe, which would take both uplinks down. Everything else is default
+/// (5-tuple classifier, 65,536 flows, NAT ports 20000-29999, weights 1:1).
+const LBD_CONFIG: &str = r#"
+[daemon]
+socket = "{socket}"
+
+[[lan]]
+interface = "lan0"
+
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1.1"
+
+[[uplink]]
+name = "isp2"
+interface = "wan2"
+gateway = "100.64.2.1"
+"#;
+
+/// The kernel's way (MikroTik's PCC in nftables): a new connection gets a
+/// conntrack mark from a hash of its 5-tuple, every packet takes its
+/// connection's mark, policy routing sends mark N to uplink N, and each
+/// uplink masquerades.
+const NFT_PCC: &str = r#"
+table ip lbbench {
+    chain prerouting {
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "lan0" ct mark 0 ct mark set jhash ip saddr . ip daddr . udp sport . udp dport mod 2 offset 1
+        iifname "lan0" meta mark set ct mark
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan1" masquerade
+        oifname "wan2" masquerade
+    }
+}
+"#;
+
+/// One way of forwarding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    Kernel,
+    Lb,
+    Bare,
+}
+
+impl Way {
+    pub const ALL: [Way; 3] = [Way::Kernel, Way::Lb, Way::Bare];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Way::Kernel => "kernel (nftables PCC + policy routing + masquerade)",
+            Way::Lb => "lb (lbd, XDP)",
+            Way::Bare => "bare XDP redirect (lab ceiling)",
+        }
+    }
+}
+
+/// One measured window.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    /// Frames the sinks counted, per second.
+    pub pps: f64,
+    /// Frames the generator made, per second.
+    pub offered_pps: f64,
+    /// Share of the frames that reached ISP 1.
+    pub isp1_share: f64,
+    /// Shares of the generator's CPU, in percent: softirq (the router),
+    /// system (the generator), and anything else that ran there.
+    pub softirq_pct: f64,
+    pub system_pct: f64,
+    pub other_pct: f64,
+    /// Busy share of all CPUs together, in percent.
+    pub busy_pct: f64,
+    /// Softirq (router) and system (generator) time on the generator's CPU
+    /// per forwarded frame, ns.
+    pub softirq_ns: f64,
+    pub system_ns: f64,
+}
+
+pub struct WayResult {
+    pub way: Way,
+    pub windows: Vec<Window>,
+}
+
+/// Bring the lab up, measure every way `args.runs` times, and take the lab
+/// down again (also on error).
+pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<WayResult>> {
+    // A lab left over from a crashed run would make `up` fail half-way.
+    Lab::down(PREFIX)?;
+    let desc = LabDesc::shipped(LAB).with_context(|| format!("loading lab {LAB}"))?;
+    let mut lab = Lab::up(&desc, PREFIX)?;
+    let mut results: Vec<WayResult> = Way::ALL
+        .iter()
+        .map(|&way| WayResult {
+            way,
+            windows: Vec::new(),
+        })
+        .collect();
+    {
+        let mut rig = Rig::new(&mut lab, args.flows, cpu)?;
+        for round in 1..=args.runs {
+            for result in &mut results {
+                ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
+                let window = rig
+                    .window(result.way, Duration::from_secs(args.seconds), interrupted)
+                    .with_context(|| format!("round {round}, {}", result.way.label()))?;
+                println!(
+                    "  round {round}/{}: {:<52} {:>6.3} Mpps",
+                    args.runs,
+                    result.way.label(),
+                    window.pps / 1e6
+                );
+                result.windows.push(window);
+            }
+        }
+        // The rig's programs detach here, before the lab goes.
+    }
+    drop(lab);
+    Ok(results)
+}
+
+/// The lab with the benchmark's programs in place.
+struct Rig<'a> {
+    lab: &'a mut Lab,
+    cpu: usize,
+    /// `bench_gen` and the frame it starts from.
+    gen: BenchObject,
+    frame: Vec<u8>,
+    client_eth0: u32,
+    /// `bench_sink` on isp1's and isp2's down0 (each its own counter).
+    sinks: [BenchObject; 2],
+    /// `bench_redirect`, attached to lan0 only for its own windows.
+    bare: BenchObject,
+}
+
+impl<'a> Rig<'a> {
+    fn new(lab: &'a mut Lab, flows: u32, cpu: usize) -> Result<Rig<'a>> {
+        let flows = u16::try_from(flows)
+            .ok()
+            .filter(|&f| u32::from(GEN_PORT_BASE) + u32::from(f) <= 20_000)
+            .with_context(|| format!("--flows {flows}: at most {}", 20_000 - GEN_PORT_BASE))?;
+        let lan0 = mac(lab, "router", "lan0")?;
+        let eth0 = mac(lab, "client", "eth0")?;
+        let wan = [mac(lab, "router", "wan1")?, mac(lab, "router", "wan2")?];
+        let isp = [mac(lab, "isp1", "down0")?, mac(lab, "isp2", "down0")?];
+        let wan_index = [
+            ifindex(lab, "router", "wan1")?,
+            ifindex(lab, "router", "wan2")?,
+        ];
+        let client_eth0 = ifindex(lab, "client", "eth0")?;
+
+        for (n, isp_mac) in isp.iter().enumerate() {
+            let n = n + 1;
+            let (gateway, dev) = (format!("100.64.{n}.1"), format!("wan{n}"));
+            static_neighbour(lab, "router", &gateway, isp_mac, &dev)?;
+        }
+        static_neighbour(lab, "client", "10.10.0.1", &lan0, "eth0")?;
+        // The kernel's way has no XDP program on lan0: without GRO, veth
+        // would drop the generator's frames (DESIGN.md).
+        lab.exec("router", &["ethtool", "-K", "lan0", "gro", "on"])?;
+
+        let mut sinks = [
+            BenchObject::load(&["bench_sink"])?,
+            BenchObject::load(&["bench_sink"])?,
+        ];
+        for (sink, host) in sinks.iter_mut().zip(["isp1", "isp2"]) {
+            in_netns(lab.ns(host)?, || {
+                sink.xdp_mut("bench_sink")?
+                    .attach("down0", XdpMode::Driver)
+                    .with_context(|| format!("attaching bench_sink to {host}'s down0 (native)"))
+            })?;
+        }
+
+        let mut bare = BenchObject::load(&["bench_redirect"])?;
+        in_netns(lab.ns("router")?, || {
+            for i in 0..2 {
+                bare.set_redirect(i as u32, wan_index[i], isp[i], wan[i])?;
+            }
+            Ok(())
+        })?;
+
+        let frame = Udp {
+            src_mac: eth0,
+            dst_mac: lan0,
+            src: [10, 10, 0, 2].into(),
+            dst: [198, 51, 100, 10].into(),
+            src_port: GEN_PORT_BASE,
+            dst_port: 9,
+            ttl: 64,
+        }
+        .frame();
+        let mut gen = BenchObject::load(&["bench_gen"])?;
+        gen.set_stamp(&Stamp::flows(&frame, flows, 1)?)?;
+        // One ordinary test run: the generator's frames must be right.
+        let (verdict, out) = object::run_once(gen.xdp("bench_gen")?, &frame)?;
+        ensure!(
+            verdict == XDP_TX,
+            "bench_gen returned {verdict}, not XDP_TX"
+        );
+        object::check_ipv4_udp(&out).context("bench_gen's frame")?;
+
+        Ok(Rig {
+            lab,
+            cpu,
+            gen,
+            frame,
+            client_eth0,
+            sinks,
+            bare,
+        })
+    }
+
+    /// Set `way` up, measure one window, and take `way` down again.
+    fn window(&mut self, way: Way, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
+        match way {
+            Way::Kernel => {
+                kernel_on(self.lab)?;
+                let window = self.traffic(length, interrupted);
+                first_error(window, kernel_off(self.lab))
+            }
+            Way::Lb => {
+                let lbd = Lbd::start(self.lab, LBD_CONFIG)?;
+                let window = self.traffic(length, interrupted);
+                first_error(window, lbd.stop(self.lab))
+            }
+            Way::Bare => {
+                let bare = &mut self.bare;
+                let link = in_netns(self.lab.ns("router")?, || {
+                    bare.xdp_mut("bench_redirect")?
+                        .attach("lan0", XdpMode::Driver)
+                        .context("attaching bench_redirect to lan0 (native)")
+                })?;
+                let window = self.traffic(length, interrupted);
+                first_error(window, self.detach_bare(link))
+            }
+        }
+    }
+
+    fn detach_bare(&mut self, link: XdpLinkId) -> Result<()> {
+        self.bare
+            .xdp_mut("bench_redirect")?
+            .detach(link)
+            .context("detaching bench_redirect from lan0")
+    }
+
+    /// Run the generator: warm up, then measure one window.
+    ///
+    /// Every live-frames test run sets up and tears down a page pool, and
+    /// the teardown waits for an RCU grace period (about 20 ms here, idle),
+    /// so the window is one long test run, sized from the warm-up's rate.
+    fn traffic(&self, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
+        let gen = self.gen.xdp("bench_gen")?;
+        let (before, after) = in_netns(self.lab.ns("client")?, || {
+            generator_thread(self.cpu)?;
+            let md = xdp_md(self.frame.len(), self.client_eth0);
+            let start = Instant::now();
+            let (mut frames, mut busy_ns) = (0u64, 0u64);
+            while start.elapsed() < WARMUP {
+                let ns = live_run(gen, &self.frame, &md, GEN_CHUNK, interrupted)?;
+                frames += u64::from(GEN_CHUNK);
+                busy_ns += ns * u64::from(GEN_CHUNK);
+            }
+            let rate = frames as f64 * 1e9 / busy_ns.max(1) as f64;
+            let repeat =
+                (rate * length.as_secs_f64()).clamp(f64::from(GEN_CHUNK), f64::from(u32::MAX));
+            let before = self.sample()?;
+            live_run(gen, &self.frame, &md, repeat as u32, interrupted)?;
+            let after = self.sample()?;
+            Ok((before, after))
+        })?;
+        after.since(&before, self.cpu)
+    }
+
+    fn sample(&self) -> Result<Sample> {
+        Ok(Sample {
+            at: Instant::now(),
+            sinks: [
+                self.sinks[0].counter("SINK")?,
+                self.sinks[1].counter("SINK")?,
+            ],
+            generated: self.gen.counter("SEQ")?,
+            cpus: cpu_times()?,
+        })
+    }
+}
+
+/// The window, unless measuring it or taking its way down again failed
+/// (the measurement's error first).
+fn first_error(window: Result<Window>, teardown: Result<()>) -> Result<Window> {
+    let window = window?;
+    teardown?;
+    Ok(window)
+}
+
+/// `ip neigh replace IP lladdr MAC dev DEV nud permanent` on `host`.
+fn static_neighbour(lab: &Lab, host: &str, ip: &str, mac: &[u8; 6], dev: &str) -> Result<()> {
+    let mac = mac_text(mac);
+    let args = [
+        "ip",
+        "neigh",
+        "replace",
+        ip,
+        "lladdr",
+        &mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ];
+    lab.exec(host, &args)
+        .with_context(|| format!("a static neighbour for {ip} on {host}"))?;
+    Ok(())
+}
+
+/// Pin the generator's thread to `cpu` and raise its priority.
+fn generator_thread(cpu: usize) -> Result<()> {
+    super::pin_to_cpu(cpu)?;
+    // Other work takes less of this CPU (see `prioritize`); the router's
+    // softirq work runs in this thread's context, so it gains too.
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id
+    // changes only this thread's nice value.
+    let rc = unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            super::NICE,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setting the generator's nice value to {}", super::NICE));
+    }
+    Ok(())
+}
+
+/// `struct xdp_md` for a frame of `len` bytes arriving on `ifindex`: data,
+/// data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect()
+}
+
+/// One live-frames test run of `bench_gen`: `repeat` frames, as if they
+/// arrived on the interface in `md`, each sent back out of it (`XDP_TX`).
+/// Returns the kernel's time per frame, in ns.
+fn live_run(
+    gen: &Xdp,
+    frame: &[u8],
+    md: &[u8],
+    repeat: u32,
+    interrupted: &AtomicBool,
+) -> Result<u64> {
+    let run = gen.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(md),
+        repeat,
+        attrs: TestRunAttrs::new().xdp_live_frames(GEN_BATCH),
+        ..TestRunOptions::default()
+    });
+    match run {
+        Ok(result) => Ok(result.duration.as_nanos() as u64),
+        // A signal (Ctrl-C) ends the run early with EINTR.
+        Err(_) if interrupted.load(Ordering::Relaxed) => bail!("interrupted"),
+        Err(e) => Err(e).context("live-frames test run of bench_gen"),
+    }
+}
+
+fn kernel_on(lab: &Lab) -> Result<()> {
+    let rules = std::env::temp_dir().join(format!("{PREFIX}pcc.nft"));
+    std::fs::write(&rules, NFT_PCC).with_context(|| format!("writing {}", rules.display()))?;
+    let path = rules.to_str().context("temporary directory is not UTF-8")?;
+    lab.exec("router", &["nft", "-f", path])
+        .context("loading the nftables PCC rules (is nf_conntrack available?)")?;
+    let _ = std::fs::remove_file(&rules);
+    for n in 1..=2 {
+        let (n, gw, dev) = (n.to_string(), format!("100.64.{n}.1"), format!("wan{n}"));
+        lab.exec(
+            "router",
+            &[
+                "ip", "route", "replace", "default", "via", &gw, "dev", &dev, "table", &n,
+            ],
+        )?;
+        lab.exec("router", &["ip", "rule", "add", "fwmark", &n, "table", &n])?;
+    }
+    Ok(())
+}
+
+fn kernel_off(lab: &Lab) -> Result<()> {
+    for n in ["1", "2"] {
+        lab.exec("router", &["ip", "rule", "del", "fwmark", n, "table", n])?;
+        lab.exec("router", &["ip", "route", "flush", "table", n])?;
+    }
+    lab.exec("router", &["nft", "delete", "table", "ip", "lbbench"])?;
+    Ok(())
+}
+
+/// Counters and CPU times at one instant.
+struct Sample {
+    at: Instant,
+    sinks: [u64; 2],
+    generated: u64,
+    cpus: Vec<CpuTimes>,
+}
+
+impl Sample {
+    fn since(&self, before: &Sample, cpu: usize) -> Result<Window> {
+        let secs = (self.at - before.at).as_secs_f64();
+        let isp1 = self.sinks[0] - before.sinks[0];
+        let isp2 = self.sinks[1] - before.sinks[1];
+        let delivered = isp1 + isp2;
+        ensure!(delivered > 0, "no frame reached either ISP");
+        let generated = self.generated - before.generated;
+        // cpus[0] is the "cpu" line (all CPUs), cpus[1 + n] is CPU n.
+        let all = self.cpus[0].since(&before.cpus[0]);
+        let mine = self
+            .cpus
+            .get(1 + cpu)
+            .zip(before.cpus.get(1 + cpu))
+            .map(|(a, b)| a.since(b))
+            .with_context(|| format!("CPU {cpu} missing from /proc/stat"))?;
+        let tick_ns = 1e9 / ticks_per_second()?;
+        let pct = |part: u64, whole: u64| 100.0 * part as f64 / whole.max(1) as f64;
+        Ok(Window {
+            pps: delivered as f64 / secs,
+            offered_pps: generated as f64 / secs,
+            isp1_share: isp1 as f64 / delivered as f64,
+            softirq_pct: pct(mine.softirq, mine.total),
+            system_pct: pct(mine.system, mine.total),
+            other_pct: pct(
+                mine.total - mine.idle - mine.softirq - mine.system,
+                mine.total,
+            ),
+            busy_pct: pct(all.total - all.idle, all.total),
+            softirq_ns: mine.softirq as f64 * tick_ns / delivered as f64,
+            system_ns: mine.system as f64 * tick_ns / delivered as f64,
+        })
+    }
+}
+
+/// One line of /proc/stat, in clock ticks.
+#[derive(Clone, Copy, Default)]
+struct CpuTimes {
+    total: u64,
+    idle: u64,
+    system: u64,
+    softirq: u64,
+}
+
+impl CpuTimes {
+    fn since(&self, before: &CpuTimes) -> CpuTimes {
+        CpuTimes {
+            total: self.total - before.total,
+            idle: self.idle - before.idle,
+            system: self.system - before.system,
+            softirq: self.softirq - before.softirq,
+        }
+    }
+}
+
+/// The "cpu" line, then one per CPU.
+fn cpu_times() -> Result<Vec<CpuTimes>> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    text.lines()
+        .filter(|l| l.starts_with("cpu"))
+        .map(|line| {
+            // user nice system idle iowait irq softirq steal (guest time is
+            // already in user and nice)
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .take(8)
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("parsing /proc/stat line `{line}`"))?;
+            ensure!(f.len() == 8, "short /proc/stat line `{line}`");
+            Ok(CpuTimes {
+                total: f.iter().sum(),
+                idle: f[3] + f[4],
+                system: f[2],
+                softirq: f[6],
+            })
+        })
+        .collect()
+}
+
+fn ticks_per_second() -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) failed");
+    }
+    Ok(hz as f64)
+}
+
+/// The MAC address of `host:ifname`.
+fn mac(lab: &Lab, host: &str, ifname: &str) -> Result<[u8; 6]> {
+    let text = lab.exec(host, &["cat", &format!("/sys/class/net/{ifname}/address")])?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{host}:{ifname} has MAC address `{}`", text.trim()))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{host}:{ifname} has MAC address `{}`", text.trim()))
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The interface index of `host:ifname`, in its namespace.
+fn ifindex(lab: &Lab, host: &str, ifname: &str) -> Result<u32> {
+    let text = lab.exec(host, &["cat", &format!("/sys/class/net/{ifname}/ifindex")])?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{host}:{ifname} has ifindex `{}`", text.trim()))
+}

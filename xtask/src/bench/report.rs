@@ -1,0 +1,372 @@
+//! The benchmark's results as Markdown: printed, and written to
+//! BENCHMARKS.md with the date, the machine, the exact command, the tables,
+//! and what the figures mean against the targets of the issue.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+
+use super::{
+    cost::{self, Costs},
+    forward::{Way, WayResult, Window},
+    Args,
+};
+
+/// Targets: established outbound path, lb against the kernel's way, and lb
+/// against the bare redirect.
+const ESTABLISHED_MAX_NS: i64 = 100;
+const VS_KERNEL_MIN: f64 = 5.0;
+const VS_BARE_MIN: f64 = 0.60;
+
+pub struct Report {
+    date: String,
+    machine: Machine,
+    command: String,
+    args: Args,
+    cpu: usize,
+    costs: Costs,
+    ways: Vec<WayResult>,
+}
+
+/// The machine, as it was before the run.
+pub struct Machine {
+    priority: String,
+    cpus: usize,
+    model: String,
+    kernel: String,
+    load: String,
+}
+
+/// Median, min and max of one way's windows, for one figure.
+#[derive(Clone, Copy, Default)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(windows: &[Window], figure: impl Fn(&Window) -> f64) -> Spread {
+        let mut v: Vec<f64> = windows.iter().map(figure).collect();
+        v.sort_by(f64::total_cmp);
+        match (v.first(), v.last()) {
+            (Some(&min), Some(&max)) => Spread {
+                median: v[v.len() / 2],
+                min,
+                max,
+            },
+            _ => Spread::default(),
+        }
+    }
+}
+
+impl Report {
+    pub fn new(
+        machine: Machine,
+        args: &Args,
+        cpu: usize,
+        costs: Costs,
+        ways: Vec<WayResult>,
+    ) -> Result<Report> {
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .context("running date")?;
+        let date = String::from_utf8_lossy(&date.stdout);
+        let rest: Vec<String> = std::env::args().skip(2).collect();
+        let command = ["cargo xtask bench".to_string()]
+            .into_iter()
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Report {
+            date: date.trim().to_string(),
+            machine,
+            command,
+            args: args.clone(),
+            cpu,
+            costs,
+            ways,
+        })
+    }
+
+    fn way(&self, way: Way) -> &[Window] {
+        self.ways
+            .iter()
+            .find(|w| w.way == way)
+            .map(|w| w.windows.as_slice())
+            .unwrap_or_default()
+    }
+
+    fn mpps(&self, way: Way) -> Spread {
+        Spread::of(self.way(way), |w| w.pps / 1e6)
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        self.header(&mut md);
+        self.cost_table(&mut md);
+        self.forward_table(&mut md);
+        self.meaning(&mut md);
+        md
+    }
+
+    fn header(&self, md: &mut String) {
+        let m = &self.machine;
+        let _ = write!(
+            md,
+            "# Benchmarks\n\n\
+             Written by `cargo xtask bench` (xtask/src/bench.rs); run it again to\n\
+             replace this file. A benchmark, not a test: it reports what it measures.\n\n\
+             - Date: {}\n\
+             - Command: `{}`\n\
+             - Machine: {} CPUs ({}), Linux {}\n\
+             - Load average before the run: {}; the benchmark ran in {}, and\n  \
+               other work on the machine still competed for the same CPUs\n\n",
+            self.date, self.command, m.cpus, m.model, m.kernel, m.load, m.priority
+        );
+    }
+
+    fn cost_table(&self, md: &mut String) {
+        let c = &self.costs;
+        let _ = write!(
+            md,
+            "## Per-packet cost (BPF_PROG_TEST_RUN)\n\n\
+             lb's `lan_ingress` and `wan_ingress` as the verifier accepted them, with\n\
+             their maps (65,536-entry flow table unless said otherwise, two uplinks),\n\
+             no interfaces; median, min and max of {runs} test runs on CPU {cpu}.\n\
+             A test run repeats the program on one buffer and keeps its rewrites\n\
+             (after 63 repetitions a forwarded packet has TTL 1 and the rest would\n\
+             time the TTL check), so a harness in lb-bench (`bench_run`) restores\n\
+             the frame, or stamps a new flow, before it tail-calls lb. The harness alone (tail-calling\n\
+             `bench_nop`: {fixed} ns/packet, {varied} ns when it stamps a new flow)\n\
+             is subtracted. lb's counters confirm that every repetition took the\n\
+             path it is listed under.\n\n\
+             | path | program | verdict | repetitions per run | ns/packet | min | max |\n\
+             | --- | --- | --- | ---: | ---: | ---: | ---: |\n",
+            runs = c.runs,
+            cpu = self.cpu,
+            fixed = c.harness_ns,
+            varied = c.harness_varied_ns,
+        );
+        for p in &c.paths {
+            let path = match p.path {
+                cost::NEW_FLOW => {
+                    "new flow: each repetition a new one; the tables are full, so each \
+                                   insert evicts the least recently used entry"
+                        .to_string()
+                }
+                cost::NEW_FLOW_ROOMY => format!(
+                    "new flow, no eviction: the same into a {}-entry table",
+                    thousands(u64::from(c.roomy_table))
+                ),
+                other => other.to_string(),
+            };
+            let _ = writeln!(
+                md,
+                "| {path} | `{}` | {} | {} | {} | {} | {} |",
+                p.program,
+                p.verdict,
+                thousands(u64::from(p.repeat)),
+                p.median_ns,
+                p.min_ns,
+                p.max_ns
+            );
+        }
+        md.push('\n');
+    }
+
+    fn forward_table(&self, md: &mut String) {
+        let _ = write!(
+            md,
+            "## Packets per second through the lab router\n\n\
+             Lab `default` (client - router - isp1/isp2), {flows} UDP flows of 60-byte\n\
+             frames from the client to 198.51.100.10. The generator is lb-bench's\n\
+             `bench_gen` in a live-frames BPF_PROG_TEST_RUN from the client's\n\
+             namespace, on a thread pinned to CPU {cpu}; its frames reach the\n\
+             router's lan0 in NAPI on that same CPU, so the router forwards them\n\
+             there, in softirq, after each batch of 64, and paces the generator.\n\
+             `bench_sink` on each ISP's down0 counts and drops: Mpps is what the\n\
+             sinks counted. Each way ran {runs} windows of {secs} s (after 1 s of\n\
+             warm-up), the three ways taking turns; a window is one long test run\n\
+             (each ends in `page_pool_destroy`, which waits, idle, for an RCU grace\n\
+             period: about 20 ms here). The kernel's way is nftables\n\
+             PCC: a new connection's conntrack mark is `jhash ip saddr . ip daddr .\n\
+             udp sport . udp dport mod 2 offset 1`, `ip rule fwmark N table N` with\n\
+             a default route per table via ISP N, `masquerade` per uplink. lbd runs\n\
+             with the defaults and no health probes (the sinks would drop them).\n\n\
+             CPU is measured system-wide from /proc/stat (the router is a namespace,\n\
+             not a machine). On CPU {cpu}, softirq time is the router's work (and the\n\
+             sinks' drop), system time the generator's, and \"other\" whatever else\n\
+             the machine ran there. \"Mpps per CPU\" divides the rate by the share of\n\
+             CPU {cpu} that generator and router had, to take that other work out;\n\
+             \"router\" and \"generator\" ns/frame are softirq and system time per\n\
+             frame. \"Lost\": frames generated that no sink counted.\n\n\
+             | way | Mpps (median) | min | max | Mpps per CPU | lost | to isp1 | router ns/frame | generator ns/frame | CPU {cpu}: softirq / system / other | all CPUs busy |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            flows = thousands(u64::from(self.args.flows)),
+            cpu = self.cpu,
+            runs = self.args.runs,
+            secs = self.args.seconds,
+        );
+        for result in &self.ways {
+            let w = &result.windows;
+            let mpps = Spread::of(w, |w| w.pps / 1e6);
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} % | {:.0} % | {:.0} | {:.0} | {:.0} % / {:.0} % / {:.0} % | {:.0} % |",
+                result.way.label(),
+                mpps.median,
+                mpps.min,
+                mpps.max,
+                Spread::of(w, per_cpu_mpps).median,
+                Spread::of(w, |w| (100.0 * (1.0 - w.pps / w.offered_pps.max(1.0))).max(0.0)).median,
+                Spread::of(w, |w| 100.0 * w.isp1_share).median,
+                Spread::of(w, |w| w.softirq_ns).median,
+                Spread::of(w, |w| w.system_ns).median,
+                Spread::of(w, |w| w.softirq_pct).median,
+                Spread::of(w, |w| w.system_pct).median,
+                Spread::of(w, |w| w.other_pct).median,
+                Spread::of(w, |w| w.busy_pct).median,
+            );
+        }
+        let (vs_kernel, vs_bare) = self.ratios(|w: &Window| w.pps);
+        let (cpu_vs_kernel, cpu_vs_bare) = self.ratios(per_cpu_mpps);
+        let _ = write!(
+            md,
+            "\n- lb / kernel: **{vs_kernel:.1}×** (target ≥ {VS_KERNEL_MIN:.0}×: {}); per CPU {cpu_vs_kernel:.1}×\n\
+             - lb / bare redirect: **{:.0} %** (target ≥ {:.0} %: {}); per CPU {:.0} %\n\n",
+            verdict(vs_kernel >= VS_KERNEL_MIN),
+            100.0 * vs_bare,
+            100.0 * VS_BARE_MIN,
+            verdict(vs_bare >= VS_BARE_MIN),
+            100.0 * cpu_vs_bare,
+        );
+    }
+
+    /// lb's median of `figure` over the kernel's and over the bare
+    /// redirect's.
+    fn ratios(&self, figure: impl Fn(&Window) -> f64 + Copy) -> (f64, f64) {
+        let median = |way| Spread::of(self.way(way), figure).median;
+        let lb = median(Way::Lb);
+        let ratio = |other: f64| if other > 0.0 { lb / other } else { 0.0 };
+        (ratio(median(Way::Kernel)), ratio(median(Way::Bare)))
+    }
+
+    fn meaning(&self, md: &mut String) {
+        md.push_str("## What it means\n\n");
+        let ns = |path| self.costs.get(path).map(|c| c.median_ns);
+        if let (Some(est), Some(reply)) = (ns(cost::ESTABLISHED), ns(cost::REPLY)) {
+            let _ = writeln!(
+                md,
+                "- An established outbound packet costs lb {est} ns in `lan_ingress` (target\n  \
+                 ≤ {ESTABLISHED_MAX_NS} ns: {}); a reply costs {reply} ns in `wan_ingress`.",
+                verdict(est <= ESTABLISHED_MAX_NS)
+            );
+        }
+        if let (Some(full), Some(roomy)) = (ns(cost::NEW_FLOW), ns(cost::NEW_FLOW_ROOMY)) {
+            let _ = writeln!(
+                md,
+                "- A new flow costs {full} ns with full tables and {roomy} ns with room to\n  \
+                 spare: evicting is not what makes it dear, the new-flow path is (a flow\n  \
+                 lookup that misses, two hashes, and two LRU-hash inserts: the reverse\n  \
+                 NAT entry, then the flow)."
+            );
+        }
+        let median = |way, figure: fn(&Window) -> f64| Spread::of(self.way(way), figure).median;
+        let router = |way| median(way, |w| w.softirq_ns);
+        let (kernel, lb, bare) = (router(Way::Kernel), router(Way::Lb), router(Way::Bare));
+        let generator = median(Way::Lb, |w| w.system_ns);
+        let _ = write!(
+            md,
+            "- Per forwarded frame the router spent {kernel:.0} ns of softirq time the\n  \
+             kernel's way, {lb:.0} ns with lb and {bare:.0} ns with the bare redirect: lb's own\n  \
+             work (parse, flow lookup, NAT rewrite with checksums, counters) adds\n  \
+             about {:.0} ns to what any XDP forwarding through these veths costs.\n\
+             - Generator and router share CPU {cpu} (that is what keeps the generator\n  \
+             from overrunning the veth ring), so each rate is about 1 / (generator +\n  \
+             router time per frame), and the generator's ~{generator:.0} ns per frame dilute\n  \
+             every ratio. Router time alone gives lb / kernel = {:.1}× and lb / bare\n  \
+             = {:.0} %.\n",
+            lb - bare,
+            if lb > 0.0 { kernel / lb } else { 0.0 },
+            if lb > 0.0 { 100.0 * bare / lb } else { 0.0 },
+            cpu = self.cpu,
+        );
+        let (vs_kernel, vs_bare) = self.ratios(|w: &Window| w.pps);
+        if vs_kernel < VS_KERNEL_MIN {
+            let _ = writeln!(
+                md,
+                "- lb / kernel misses {VS_KERNEL_MIN:.0}×: the kernel's way forwarded {:.3} Mpps, lb\n  \
+                 {:.3} Mpps. If \"other\" work took a share of CPU {} above, compare\n  \
+                 \"Mpps per CPU\"; otherwise lb's router time per frame ({lb:.0} ns) is\n  \
+                 what has to come down.",
+                self.mpps(Way::Kernel).median,
+                self.mpps(Way::Lb).median,
+                self.cpu,
+            );
+        }
+        if vs_bare < VS_BARE_MIN {
+            let _ = writeln!(
+                md,
+                "- lb / bare redirect misses {:.0} %: lb spends {:.0} ns per frame more than\n  \
+                 the bare redirect; the per-path costs above show where.",
+                100.0 * VS_BARE_MIN,
+                lb - bare,
+            );
+        }
+    }
+}
+
+impl Machine {
+    pub fn probe(priority: String) -> Result<Machine> {
+        let read =
+            |path: &str| std::fs::read_to_string(path).with_context(|| format!("reading {path}"));
+        let cpuinfo = read("/proc/cpuinfo")?;
+        let model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|rest| rest.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            .unwrap_or_else(|| "model unknown".into());
+        let load = read("/proc/loadavg")?
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Machine {
+            priority,
+            cpus: std::thread::available_parallelism()
+                .context("counting CPUs")?
+                .get(),
+            model,
+            kernel: read("/proc/sys/kernel/osrelease")?.trim().to_string(),
+            load,
+        })
+    }
+}
+
+/// Mpps had generator and router had their CPU to themselves.
+fn per_cpu_mpps(w: &Window) -> f64 {
+    w.pps / 1e6 / ((w.softirq_pct + w.system_pct) / 100.0).max(0.01)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "missed"
+    }
+}
+
+/// 1000000 as "1,000,000".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
