@@ -51,6 +51,10 @@ pub struct Status {
     pub uplinks: Vec<UplinkStatus>,
     /// Packets the fast path gave to the kernel or dropped, by reason.
     pub reasons: Vec<(String, u64)>,
+    /// Flows removed after their idle timeout.
+    pub flows_expired: u64,
+    /// Flows the full table evicted (least recently used first).
+    pub flows_evicted: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -77,6 +77,8 @@ pub struct Daemon {
     pub uplinks: Vec<Uplink>,
     dataplane: Dataplane,
     table: Table,
+    /// Flows removed as expired since start.
+    expired: u64,
 }
 
 fn mode_number(mode: ClassifierMode) -> u32 {
@@ -219,6 +221,7 @@ impl Daemon {
             uplinks,
             dataplane,
             table: table::empty(),
+            expired: 0,
         };
         daemon.apply()?;
 
@@ -375,6 +378,7 @@ impl Daemon {
                 }
             }
         }
+        self.expired += removed as u64;
         Ok(removed)
     }
 
@@ -442,6 +446,10 @@ impl Daemon {
         }
         let reasons = self.dataplane.reasons()?;
         Ok(Status {
+            flows_expired: self.expired,
+            flows_evicted: self
+                .dataplane
+                .evicted_flows(self.uplinks.len() as u32, self.expired)?,
             mode: self.config.balance.mode.to_string(),
             uplinks,
             reasons: reason::NAMES

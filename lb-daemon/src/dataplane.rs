@@ -238,6 +238,19 @@ impl Dataplane {
     }
 
     /// Every flow in the table (for `lbctl flows`, and tests).
+    /// Flows the kernel's LRU evicted to make room: every flow pinned
+    /// (new flows, not moves) that is neither in the table now nor among
+    /// the `collected` ones the daemon removed as expired.
+    pub fn evicted_flows(&self, uplinks: u32, collected: u64) -> Result<u64> {
+        let mut pinned = 0u64;
+        for i in 0..uplinks {
+            let s = self.uplink_stats(i)?;
+            pinned += s.new_flows.saturating_sub(s.moved_away);
+        }
+        let now = self.flows()?.len() as u64;
+        Ok(pinned.saturating_sub(collected).saturating_sub(now))
+    }
+
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
         let m = self.ebpf.map(name::FLOWS).context("map FLOWS missing")?;
         let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;

@@ -762,3 +762,29 @@ fn wan_traffic_without_a_mapping_and_ttl_one_go_to_the_kernel() {
         assert_eq!(h.reason(why), before + 1, "{what}: counted");
     }
 }
+
+#[test]
+fn a_full_flow_table_evicts_and_counts() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // The harness's table holds 1024 flows; push 4096 distinct ones.
+    for i in 0..4096u32 {
+        let frame = build(
+            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv4([10, 10, (i >> 8) as u8 + 1, i as u8], SERVER, 64)
+                .udp(5000, 53),
+            b"q",
+        );
+        assert_eq!(h.lan(&frame).0, XDP_REDIRECT, "flow {i} forwarded");
+    }
+    let now = h.dp.flows().expect("flows").len() as u64;
+    let evicted = h.dp.evicted_flows(2, 0).expect("evictions");
+    assert!(now <= 1024, "{now} flows in a 1024-entry table");
+    assert_eq!(
+        evicted + now,
+        4096,
+        "every flow is either in the table or counted as evicted"
+    );
+}

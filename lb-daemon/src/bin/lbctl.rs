@@ -117,6 +117,10 @@ fn print_status(s: &Status) {
             u.flows, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.reason
         );
     }
+    println!(
+        "flows expired: {}, evicted (table full): {}",
+        s.flows_expired, s.flows_evicted
+    );
     let nonzero: Vec<String> = s
         .reasons
         .iter()
