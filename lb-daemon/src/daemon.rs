@@ -362,20 +362,23 @@ impl Daemon {
             }
         }
         // A mapping without its flow (the flow table evicted it when full)
-        // would hold its port forever.
+        // would hold its port forever. The flow is looked up afresh: one
+        // created since the snapshot above must keep its mapping.
         for (rev, back) in self.dataplane.nat_entries()? {
-            if !live.contains(&rev) {
-                let key = FlowKey {
-                    src_addr: back.client_addr,
-                    dst_addr: rev.remote_addr,
-                    src_port: back.client_port,
-                    dst_port: rev.remote_port,
-                    proto: rev.proto,
-                    _pad: [0; 3],
-                };
-                if !flows.iter().any(|(k, _)| *k == key) {
-                    self.dataplane.remove_nat(&rev)?;
-                }
+            if live.contains(&rev) {
+                continue;
+            }
+            let key = FlowKey {
+                src_addr: back.client_addr,
+                dst_addr: rev.remote_addr,
+                src_port: back.client_port,
+                dst_port: rev.remote_port,
+                proto: rev.proto,
+                _pad: [0; 3],
+            };
+            let current = self.dataplane.flow(&key)?;
+            if current.and_then(|v| self.rev_key(&key, &v)) != Some(rev) {
+                self.dataplane.remove_nat(&rev)?;
             }
         }
         self.expired += removed as u64;

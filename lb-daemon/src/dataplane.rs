@@ -251,6 +251,17 @@ impl Dataplane {
         Ok(pinned.saturating_sub(collected).saturating_sub(now))
     }
 
+    /// One flow, if the table holds it.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        let m = self.ebpf.map(name::FLOWS).context("map FLOWS missing")?;
+        let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;
+        match flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading FLOWS"),
+        }
+    }
+
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
         let m = self.ebpf.map(name::FLOWS).context("map FLOWS missing")?;
         let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;

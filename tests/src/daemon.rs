@@ -30,6 +30,51 @@ pub fn bin_dir() -> PathBuf {
     target.join("debug")
 }
 
+/// An lbd configuration for the shipped labs, from their address plan:
+/// uplink N is `ispN` on `wanN` with gateway 100.64.N.1. `{socket}` is left
+/// for [`Lbd::start`] to fill in.
+#[derive(Debug, Clone, Copy)]
+pub struct LabConfig<'a> {
+    /// More keys for `[daemon]` (e.g. `hooks = ...`).
+    pub daemon: &'a str,
+    /// Whole sections, e.g. `[flows]` with its keys.
+    pub sections: &'a str,
+    pub lans: &'a [&'a str],
+    /// Uplink number and the lines to add to its `[[uplink]]` (weight,
+    /// tier, `[[uplink.probe]]` tables).
+    pub uplinks: &'a [(u8, &'a str)],
+}
+
+impl Default for LabConfig<'_> {
+    /// Both uplinks with their defaults, LAN lan0.
+    fn default() -> Self {
+        LabConfig {
+            daemon: "",
+            sections: "",
+            lans: &["lan0"],
+            uplinks: &[(1, ""), (2, "")],
+        }
+    }
+}
+
+impl LabConfig<'_> {
+    pub fn render(&self) -> String {
+        let mut text = format!(
+            "[daemon]\nsocket = \"{{socket}}\"\n{}\n{}\n",
+            self.daemon, self.sections
+        );
+        for lan in self.lans {
+            text += &format!("\n[[lan]]\ninterface = \"{lan}\"\n");
+        }
+        for (n, extra) in self.uplinks {
+            text += &format!(
+                "\n[[uplink]]\nname = \"isp{n}\"\ninterface = \"wan{n}\"\ngateway = \"100.64.{n}.1\"\n{extra}\n"
+            );
+        }
+        text
+    }
+}
+
 /// A running lbd. Stopped when the lab is torn down, or by [`Lbd::stop`];
 /// its directory goes when this value does.
 pub struct Lbd {

@@ -26,8 +26,9 @@ pub struct FlowWatch {
     table: String,
 }
 
-/// Starts recording the flows that arrive on `host:ifname`.
-pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
+/// The nftables table a watch of `kind` on `ifname` uses: one per
+/// interface, so watches on different interfaces never meet.
+fn table_name(kind: &str, ifname: &str) -> Result<String> {
     ensure!(
         !ifname.is_empty()
             && ifname
@@ -35,7 +36,12 @@ pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
         "cannot watch interface `{ifname}`: only letters, digits, `-`, `_` and `.` are supported"
     );
-    let table = format!("lb_watch_{}", ifname.replace(['-', '.'], "_"));
+    Ok(format!("{kind}_{}", ifname.replace(['-', '.'], "_")))
+}
+
+/// Starts recording the flows that arrive on `host:ifname`.
+pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
+    let table = table_name("lb_watch", ifname)?;
     // Declaring then deleting the table first makes a second watch start
     // afresh. Priority -500: before anything else at ingress, so that it
     // sees packets another ingress hook would drop.
@@ -137,14 +143,7 @@ pub struct EchoWatch {
 /// Same rules as [`watch_flows`]: a table of its own
 /// (`lb_echo_IFNAME`), ingress priority -500, never a verdict.
 pub fn watch_echo_ids(lab: &Lab, host: &str, ifname: &str) -> Result<EchoWatch> {
-    ensure!(
-        !ifname.is_empty()
-            && ifname
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
-        "cannot watch interface `{ifname}`: only letters, digits, `-`, `_` and `.` are supported"
-    );
-    let table = format!("lb_echo_{}", ifname.replace(['-', '.'], "_"));
+    let table = table_name("lb_echo", ifname)?;
     let ruleset = format!(
         r#"table netdev {table} {{}}
            delete table netdev {table}

@@ -97,12 +97,9 @@ pub struct TcpEchoServer {
 impl TcpEchoServer {
     /// Listens on `addr` (port 0 picks one) in namespace `ns`.
     pub fn start(ns: &str, addr: SocketAddr) -> Result<TcpEchoServer> {
-        let listener = in_netns(ns, || {
-            TcpListener::bind(addr)
-                .with_context(|| format!("TCP echo server: binding {addr} in {ns}"))
+        let (addr, thread) = tcp_server(ns, addr, "TCP echo server", |stream, _, stop| {
+            echo_tcp(stream, stop)
         })?;
-        let addr = listener.local_addr()?;
-        let thread = Stopper::start(move |stop| serve_tcp(&listener, &stop));
         Ok(TcpEchoServer {
             addr,
             _thread: thread,
@@ -114,30 +111,48 @@ impl TcpEchoServer {
     }
 }
 
-fn serve_tcp(listener: &TcpListener, stop: &Arc<AtomicBool>) {
-    let mut connections: Vec<JoinHandle<()>> = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        connections.retain(|c| !c.is_finished());
-        match readable(listener, TICK) {
-            Ok(false) => continue,
-            Ok(true) => {}
-            Err(e) => {
-                eprintln!("TCP echo server: poll failed: {e}");
-                break;
+/// Listens on `addr` in namespace `ns` and hands every connection to
+/// `handle` on a thread of its own, until the returned [`Stopper`] is
+/// dropped. `what` names the server in its error messages.
+fn tcp_server<H>(
+    ns: &str,
+    addr: SocketAddr,
+    what: &'static str,
+    handle: H,
+) -> Result<(SocketAddr, Stopper)>
+where
+    H: Fn(TcpStream, SocketAddr, &AtomicBool) + Clone + Send + 'static,
+{
+    let listener = in_netns(ns, || {
+        TcpListener::bind(addr).with_context(|| format!("{what}: binding {addr} in {ns}"))
+    })?;
+    let addr = listener.local_addr()?;
+    let thread = Stopper::start(move |stop| {
+        let mut connections: Vec<JoinHandle<()>> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            connections.retain(|c| !c.is_finished());
+            match readable(&listener, TICK) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    eprintln!("{what}: poll failed: {e}");
+                    break;
+                }
+            }
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let (handle, stop) = (handle.clone(), Arc::clone(&stop));
+                    connections.push(thread::spawn(move || handle(stream, peer, &stop)));
+                }
+                Err(e) => eprintln!("{what}: accept failed: {e}"),
             }
         }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let stop = Arc::clone(stop);
-                connections.push(thread::spawn(move || echo_tcp(stream, &stop)));
-            }
-            Err(e) => eprintln!("TCP echo server: accept failed: {e}"),
+        for connection in connections {
+            // A connection thread reports its own errors.
+            let _ = connection.join();
         }
-    }
-    for connection in connections {
-        // A connection thread only ends by returning; nothing to report.
-        let _ = connection.join();
-    }
+    });
+    Ok((addr, thread))
 }
 
 fn echo_tcp(mut stream: TcpStream, stop: &AtomicBool) {
@@ -370,40 +385,12 @@ pub struct HttpFileServer {
 impl HttpFileServer {
     /// Listens on `addr` (port 0 picks one) in namespace `ns`, serving `file`.
     pub fn start(ns: &str, addr: SocketAddr, file: &Path) -> Result<HttpFileServer> {
-        let listener = in_netns(ns, || {
-            TcpListener::bind(addr).with_context(|| format!("HTTP server: binding {addr} in {ns}"))
-        })?;
-        let addr = listener.local_addr()?;
         let file = file.to_owned();
-        let thread = Stopper::start(move |stop| {
-            let mut connections: Vec<JoinHandle<()>> = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                connections.retain(|c| !c.is_finished());
-                match readable(&listener, TICK) {
-                    Ok(false) => continue,
-                    Ok(true) => {}
-                    Err(e) => {
-                        eprintln!("HTTP server: poll failed: {e}");
-                        break;
-                    }
-                }
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        let file = file.clone();
-                        connections.push(thread::spawn(move || {
-                            if let Err(e) = serve_http(stream, &file) {
-                                eprintln!("HTTP server: serving {peer}: {e:#}");
-                            }
-                        }));
-                    }
-                    Err(e) => eprintln!("HTTP server: accept failed: {e}"),
-                }
+        let (addr, thread) = tcp_server(ns, addr, "HTTP server", move |stream, peer, _| {
+            if let Err(e) = serve_http(stream, &file) {
+                eprintln!("HTTP server: serving {peer}: {e:#}");
             }
-            for connection in connections {
-                // A connection thread reports its own errors.
-                let _ = connection.join();
-            }
-        });
+        })?;
         Ok(HttpFileServer {
             addr,
             _thread: thread,
@@ -542,38 +529,11 @@ pub struct TcpSinkServer {
 impl TcpSinkServer {
     /// Listens on `addr` (port 0 picks one) in namespace `ns`.
     pub fn start(ns: &str, addr: SocketAddr) -> Result<TcpSinkServer> {
-        let listener = in_netns(ns, || {
-            TcpListener::bind(addr).with_context(|| format!("TCP sink: binding {addr} in {ns}"))
+        let (addr, thread) = tcp_server(ns, addr, "TCP sink", |mut stream, peer, _| {
+            if let Err(e) = sink(&mut stream) {
+                eprintln!("TCP sink: connection from {peer}: {e:#}");
+            }
         })?;
-        let addr = listener.local_addr()?;
-        let thread = Stopper::start(move |stop| {
-            let mut connections: Vec<JoinHandle<()>> = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                connections.retain(|c| !c.is_finished());
-                match readable(&listener, TICK) {
-                    Ok(false) => continue,
-                    Ok(true) => {}
-                    Err(e) => {
-                        eprintln!("TCP sink: poll failed: {e}");
-                        break;
-                    }
-                }
-                match listener.accept() {
-                    Ok((mut stream, peer)) => {
-                        connections.push(thread::spawn(move || {
-                            if let Err(e) = sink(&mut stream) {
-                                eprintln!("TCP sink: connection from {peer}: {e:#}");
-                            }
-                        }));
-                    }
-                    Err(e) => eprintln!("TCP sink: accept failed: {e}"),
-                }
-            }
-            for connection in connections {
-                // A connection thread reports its own errors.
-                let _ = connection.join();
-            }
-        });
         Ok(TcpSinkServer {
             addr,
             _thread: thread,

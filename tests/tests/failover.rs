@@ -19,7 +19,10 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use lb_tests::{daemon::Lbd, in_netns, require_root, unique_prefix, watch_flows, Lab, LabDesc};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    in_netns, require_root, unique_prefix, watch_flows, Lab, LabDesc,
+};
 
 const SINK: &str = "198.51.100.10:9000";
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
@@ -28,35 +31,20 @@ const PACE: Duration = Duration::from_millis(10);
 /// Sequence number of the one-datagram probes that find a port's uplink.
 const PROBE_SEQ: u32 = u32::MAX;
 
+/// Both uplinks, each probing the internet host with ICMP; `extra_*` go
+/// into each uplink's table, `hooks` into `[daemon]`.
 fn config(extra_uplink1: &str, extra_uplink2: &str, hooks: &str) -> String {
-    format!(
-        r#"
-[daemon]
-socket = "{{socket}}"
-{hooks}
-
-[[lan]]
-interface = "lan0"
-
-[[uplink]]
-name = "isp1"
-interface = "wan1"
-gateway = "100.64.1.1"
-{extra_uplink1}
-[[uplink.probe]]
-kind = "icmp"
-target = "198.51.100.10"
-
-[[uplink]]
-name = "isp2"
-interface = "wan2"
-gateway = "100.64.2.1"
-{extra_uplink2}
-[[uplink.probe]]
-kind = "icmp"
-target = "198.51.100.10"
-"#
-    )
+    const PROBE: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"";
+    let (u1, u2) = (
+        format!("{extra_uplink1}\n{PROBE}"),
+        format!("{extra_uplink2}\n{PROBE}"),
+    );
+    LabConfig {
+        daemon: hooks,
+        uplinks: &[(1, &u1), (2, &u2)],
+        ..LabConfig::default()
+    }
+    .render()
 }
 
 /// What the sink saw: per sequence number, when and from which address.

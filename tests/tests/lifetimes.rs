@@ -8,32 +8,13 @@ use std::{
 
 use anyhow::{ensure, Result};
 use lb_tests::{
-    daemon::Lbd,
+    daemon::{LabConfig, Lbd},
     require_root,
     traffic::{udp_flows, UdpEchoServer},
     unique_prefix, Lab, LabDesc,
 };
 
-const CONFIG: &str = r#"
-[daemon]
-socket = "{socket}"
-
-[flows]
-udp_timeout = "1s"
-
-[[lan]]
-interface = "lan0"
-
-[[uplink]]
-name = "isp1"
-interface = "wan1"
-gateway = "100.64.1.1"
-
-[[uplink]]
-name = "isp2"
-interface = "wan2"
-gateway = "100.64.2.1"
-"#;
+const FLOWS: &str = "[flows]\nudp_timeout = \"1s\"";
 
 #[test]
 fn idle_flows_are_collected_after_their_timeout() -> Result<()> {
@@ -41,7 +22,12 @@ fn idle_flows_are_collected_after_their_timeout() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
-    let lbd = Lbd::start(&mut lab, CONFIG)?;
+    let config = LabConfig {
+        sections: FLOWS,
+        ..LabConfig::default()
+    }
+    .render();
+    let lbd = Lbd::start(&mut lab, &config)?;
     let server: SocketAddr = "198.51.100.10:7000".parse()?;
     let _udp = UdpEchoServer::start(lab.ns("inet")?, server)?;
     let flows = udp_flows(lab.ns("client")?, server, 50, Duration::from_secs(5))?;

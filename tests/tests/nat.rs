@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_tests::{
-    daemon::Lbd,
+    daemon::{LabConfig, Lbd},
     require_root,
     traffic::{
         http_download, tcp_connect_from, tcp_flows, tcp_upload, udp_flows, udp_socket,
@@ -52,21 +52,22 @@ const FLOW_TIMEOUT: Duration = Duration::from_secs(5);
 /// One uplink of the default lab: lbd's name, the router's interface, the
 /// gateway, and the ISP host whose `down0` faces the router.
 struct Uplink {
+    /// Its number in the lab's address plan (ispN on wanN).
+    n: u8,
     name: &'static str,
-    interface: &'static str,
     gateway: &'static str,
     isp: &'static str,
 }
 
 const ISP1: Uplink = Uplink {
+    n: 1,
     name: "isp1",
-    interface: "wan1",
     gateway: "100.64.1.1",
     isp: "isp1",
 };
 const ISP2: Uplink = Uplink {
+    n: 2,
     name: "isp2",
-    interface: "wan2",
     gateway: "100.64.2.1",
     isp: "isp2",
 };
@@ -75,17 +76,13 @@ const BOTH: [&Uplink; 2] = [&ISP1, &ISP2];
 /// An lbd configuration with these uplinks (weight 1 each, no probes:
 /// health follows the link) and LAN interfaces.
 fn config(uplinks: &[&Uplink], lans: &[&str]) -> String {
-    let mut text = String::from("[daemon]\nsocket = \"{socket}\"\n");
-    for lan in lans {
-        text += &format!("\n[[lan]]\ninterface = \"{lan}\"\n");
+    let uplinks: Vec<(u8, &str)> = uplinks.iter().map(|u| (u.n, "weight = 1")).collect();
+    LabConfig {
+        lans,
+        uplinks: &uplinks,
+        ..LabConfig::default()
     }
-    for u in uplinks {
-        text += &format!(
-            "\n[[uplink]]\nname = \"{}\"\ninterface = \"{}\"\ngateway = \"{}\"\nweight = 1\n",
-            u.name, u.interface, u.gateway
-        );
-    }
-    text
+    .render()
 }
 
 /// One test at a time: two cores, and throughput figures to keep honest.

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{ensure, Result};
 use lb_tests::{
-    daemon::Lbd,
+    daemon::{LabConfig, Lbd},
     require_root,
     traffic::{tcp_flows, udp_flows, TcpEchoServer, UdpEchoServer},
     unique_prefix, watch_flows, Lab, LabDesc,
@@ -26,28 +26,15 @@ const FLOW_TIMEOUT: Duration = Duration::from_secs(5);
 const SETTLE: Duration = Duration::from_secs(3);
 
 fn config(weights: (u32, u32)) -> String {
-    format!(
-        r#"
-[daemon]
-socket = "{{socket}}"
-
-[[lan]]
-interface = "lan0"
-
-[[uplink]]
-name = "isp1"
-interface = "wan1"
-gateway = "100.64.1.1"
-weight = {}
-
-[[uplink]]
-name = "isp2"
-interface = "wan2"
-gateway = "100.64.2.1"
-weight = {}
-"#,
-        weights.0, weights.1
-    )
+    let (w1, w2) = (
+        format!("weight = {}", weights.0),
+        format!("weight = {}", weights.1),
+    );
+    LabConfig {
+        uplinks: &[(1, &w1), (2, &w2)],
+        ..LabConfig::default()
+    }
+    .render()
 }
 
 /// Run the flows with lbd at `weights`; check the split and the counters.

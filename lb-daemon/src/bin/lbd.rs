@@ -106,13 +106,19 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     log::info!("ready; control socket {}", socket.display());
 
     let mut gc = tokio::time::interval(GC_INTERVAL);
+    // The collection walks the whole flow table with one syscall per entry:
+    // it runs off the async runtime, one at a time.
+    let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = gc.tick() => collect_expired(&daemon),
+            _ = gc.tick() => if gc_task.as_ref().is_none_or(|t| t.is_finished()) {
+                let daemon = daemon.clone();
+                gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&daemon)));
+            },
             Some(event) = health_events.recv() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = d.on_health(event) {
                     log::error!("applying a health change failed: {e:#}");

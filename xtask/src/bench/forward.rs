@@ -25,7 +25,10 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::programs::{xdp::XdpLinkId, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
-use lb_tests::{daemon::Lbd, in_netns, Lab, LabDesc};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    in_netns, Lab, LabDesc,
+};
 
 use super::{
     object::{self, BenchObject, Stamp, Udp},
@@ -45,27 +48,6 @@ const GEN_BATCH: u32 = 64;
 /// port range, so lb keeps them.
 const GEN_PORT_BASE: u16 = 10_000;
 const XDP_TX: u32 = 3;
-
-/// lbd as the lab runs it, without health probes: the sinks drop every
-/// probe, which would take both uplinks down. Everything else is default
-/// (5-tuple classifier, 65,536 flows, NAT ports 20000-29999, weights 1:1).
-const LBD_CONFIG: &str = r#"
-[daemon]
-socket = "{socket}"
-
-[[lan]]
-interface = "lan0"
-
-[[uplink]]
-name = "isp1"
-interface = "wan1"
-gateway = "100.64.1.1"
-
-[[uplink]]
-name = "isp2"
-interface = "wan2"
-gateway = "100.64.2.1"
-"#;
 
 /// The kernel's way (MikroTik's PCC in nftables): a new connection gets a
 /// conntrack mark from a hash of its 5-tuple, every packet takes its
@@ -270,7 +252,10 @@ impl<'a> Rig<'a> {
                 first_error(window, kernel_off(self.lab))
             }
             Way::Lb => {
-                let lbd = Lbd::start(self.lab, LBD_CONFIG)?;
+                // lbd as the lab runs it, without health probes (the sinks drop
+                // every probe, which would take both uplinks down); all else
+                // default: 5-tuple, 65,536 flows, NAT 20000-29999, 1:1.
+                let lbd = Lbd::start(self.lab, &LabConfig::default().render())?;
                 let window = self.traffic(length, interrupted);
                 first_error(window, lbd.stop(self.lab))
             }
