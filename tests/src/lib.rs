@@ -10,6 +10,7 @@
 //! - [`lab`]: bringing a lab up and down, and operating it.
 //! - [`observe`]: nftables witnesses of which flows crossed an interface.
 //! - [`traffic`]: echo servers and multi-flow TCP/UDP clients.
+//! - [`stream`]: numbered UDP streams and a sink, for failover timing.
 //! - [`daemon`]: lbd running in a lab's router, and `lbctl` against it.
 
 pub mod daemon;
@@ -17,6 +18,7 @@ pub mod desc;
 pub mod lab;
 pub mod netns;
 pub mod observe;
+pub mod stream;
 pub mod traffic;
 
 pub use desc::LabDesc;

@@ -3,17 +3,12 @@
 //!
 //! A client sends numbered UDP datagrams at 100 per second on flows pinned
 //! to one uplink; a sink on the internet host records which sequence
-//! numbers arrived, when, and from which uplink address (the NAT source).
-//! Uplinks fail by cutting the ISP's link to the internet while its gateway
-//! still answers (the case Netwatch-style probes exist for).
+//! numbers arrived, when, and from which uplink address (the NAT source):
+//! see `lb_tests::stream`. Uplinks fail by cutting the ISP's link to the
+//! internet while its gateway still answers (the case Netwatch-style probes
+//! exist for).
 
 use std::{
-    collections::BTreeMap,
-    net::{SocketAddr, UdpSocket},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -21,15 +16,14 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use lb_tests::{
     daemon::{LabConfig, Lbd},
-    in_netns, require_root, unique_prefix, watch_flows, Lab, LabDesc,
+    require_root,
+    stream::{outage, port_on, wait_for, Outage, Sink, Stream},
+    unique_prefix, watch_flows, Lab, LabDesc,
 };
 
-const SINK: &str = "198.51.100.10:9000";
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
 const ISP2_NAT: [u8; 4] = [100, 64, 2, 2];
 const PACE: Duration = Duration::from_millis(10);
-/// Sequence number of the one-datagram probes that find a port's uplink.
-const PROBE_SEQ: u32 = u32::MAX;
 
 /// Both uplinks, each probing the internet host with ICMP; `extra_*` go
 /// into each uplink's table, `hooks` into `[daemon]`.
@@ -47,181 +41,6 @@ fn config(extra_uplink1: &str, extra_uplink2: &str, hooks: &str) -> String {
     .render()
 }
 
-/// What the sink saw: per sequence number, when and from which address.
-type Arrivals = Arc<Mutex<BTreeMap<(u16, u32), (Instant, [u8; 4])>>>;
-
-/// Receives datagrams `[client port: u16][seq: u32]` on the internet host.
-struct Sink {
-    arrivals: Arrivals,
-    stop: Arc<AtomicBool>,
-}
-
-impl Sink {
-    fn start(lab: &Lab) -> Result<Sink> {
-        let addr: SocketAddr = SINK.parse()?;
-        let socket = in_netns(lab.ns("inet")?, || Ok(UdpSocket::bind(addr)?))?;
-        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let arrivals: Arrivals = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (arrivals.clone(), stop.clone());
-        thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !s.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                    continue;
-                };
-                let (SocketAddr::V4(from), 6) = (from, n) else {
-                    continue;
-                };
-                let port = u16::from_be_bytes([buf[0], buf[1]]);
-                let seq = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
-                if let Ok(mut m) = a.lock() {
-                    m.insert((port, seq), (Instant::now(), from.ip().octets()));
-                }
-            }
-        });
-        Ok(Sink { arrivals, stop })
-    }
-
-    /// (sequence number, arrival, source address) of every datagram of the
-    /// stream from client port `port`, in sequence order.
-    fn stream(&self, port: u16) -> Vec<(u32, Instant, [u8; 4])> {
-        let m = self.arrivals.lock().map(|m| m.clone()).unwrap_or_default();
-        m.range((port, 0)..(port, PROBE_SEQ))
-            .map(|(&(_, seq), &(t, a))| (seq, t, a))
-            .collect()
-    }
-
-    /// The source address the probe datagram from `port` arrived with.
-    fn probe_via(&self, port: u16) -> Option<[u8; 4]> {
-        self.arrivals
-            .lock()
-            .ok()?
-            .get(&(port, PROBE_SEQ))
-            .map(|&(_, a)| a)
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// A client stream at 100 datagrams per second from one source port.
-struct Stream {
-    port: u16,
-    sent: Arc<Mutex<Vec<Instant>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Stream {
-    fn start(lab: &Lab, port: u16) -> Result<Stream> {
-        let socket = in_netns(lab.ns("client")?, || {
-            Ok(UdpSocket::bind(("10.10.0.2", port))?)
-        })?;
-        let to: SocketAddr = SINK.parse()?;
-        let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (sent2, stop2) = (sent.clone(), stop.clone());
-        thread::spawn(move || {
-            let start = Instant::now();
-            let mut seq: u32 = 0;
-            while !stop2.load(Ordering::Relaxed) {
-                let mut msg = [0u8; 6];
-                msg[..2].copy_from_slice(&port.to_be_bytes());
-                msg[2..].copy_from_slice(&seq.to_be_bytes());
-                let _ = socket.send_to(&msg, to);
-                if let Ok(mut s) = sent2.lock() {
-                    s.push(Instant::now());
-                }
-                seq += 1;
-                // Paced against the start, so a late wake-up does not slow
-                // the stream down.
-                let next = start + PACE * seq;
-                thread::sleep(next.saturating_duration_since(Instant::now()));
-            }
-        });
-        Ok(Stream { port, sent, stop })
-    }
-
-    /// Send time of datagram `seq`.
-    fn sent_at(&self, seq: u32) -> Option<Instant> {
-        self.sent.lock().ok()?.get(seq as usize).copied()
-    }
-
-    fn sent(&self) -> u32 {
-        self.sent.lock().map(|s| s.len() as u32).unwrap_or(0)
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Wait (bounded) until `f` holds.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while !f()? {
-        ensure!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}
-
-/// Find a client port (outside the router's ephemeral range, so NAT keeps
-/// it) whose flow lbd steers to the uplink with NAT address `want`, using
-/// one-datagram probes the sink records.
-fn port_on(lab: &Lab, sink: &Sink, want: [u8; 4], from: u16) -> Result<u16> {
-    for port in from..from + 64 {
-        let socket = in_netns(lab.ns("client")?, || {
-            Ok(UdpSocket::bind(("10.10.0.2", port))?)
-        })?;
-        let mut msg = [0u8; 6];
-        msg[..2].copy_from_slice(&port.to_be_bytes());
-        msg[2..].copy_from_slice(&PROBE_SEQ.to_be_bytes());
-        socket.send_to(&msg, SINK)?;
-        let mut via = None;
-        wait_for(
-            "a probe datagram at the sink",
-            Duration::from_secs(2),
-            || {
-                via = sink.probe_via(port);
-                Ok(via.is_some())
-            },
-        )?;
-        if via == Some(want) {
-            return Ok(port);
-        }
-    }
-    anyhow::bail!("no port in {from}..{} landed on {want:?}", from + 64)
-}
-
-/// Datagrams of `stream` lost (sent, never arrived), and the gap from the
-/// first lost datagram's send time to the first arrival via `now_via`.
-fn outage(sink: &Sink, stream: &Stream, now_via: [u8; 4]) -> (u32, Option<Duration>) {
-    let got = sink.stream(stream.port);
-    let sent = stream.sent();
-    let arrived: std::collections::HashSet<u32> = got.iter().map(|&(s, _, _)| s).collect();
-    let lost: Vec<u32> = (0..sent.saturating_sub(10))
-        .filter(|s| !arrived.contains(s))
-        .collect();
-    let resumed = got
-        .iter()
-        .find(|&&(_, _, a)| a == now_via)
-        .map(|&(_, t, _)| t);
-    let gap = match (lost.first().and_then(|&s| stream.sent_at(s)), resumed) {
-        (Some(cut), Some(back)) => Some(back.saturating_duration_since(cut)),
-        _ => None,
-    };
-    (lost.len() as u32, gap)
-}
-
 #[test]
 fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<()> {
     if !require_root("upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers") {
@@ -237,7 +56,10 @@ fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<(
     let sink = Sink::start(&lab)?;
     let p1 = port_on(&lab, &sink, ISP1_NAT, 5000)?;
     let p2 = port_on(&lab, &sink, ISP2_NAT, 5100)?;
-    let (s1, s2) = (Stream::start(&lab, p1)?, Stream::start(&lab, p2)?);
+    let (s1, s2) = (
+        Stream::start(&lab, p1, PACE)?,
+        Stream::start(&lab, p2, PACE)?,
+    );
     wait_for("both streams flowing", Duration::from_secs(3), || {
         Ok(sink.stream(p1).len() > 20 && sink.stream(p2).len() > 20)
     })?;
@@ -250,8 +72,8 @@ fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<(
         || Ok(sink.stream(p1).iter().any(|&(_, _, a)| a == ISP2_NAT)),
     )?;
     thread::sleep(Duration::from_millis(300)); // let both streams run on
-    let (lost1, gap) = outage(&sink, &s1, ISP2_NAT);
-    let (lost2, _) = outage(&sink, &s2, ISP2_NAT);
+    let Outage { lost: lost1, gap } = outage(&sink, &s1, ISP2_NAT);
+    let Outage { lost: lost2, .. } = outage(&sink, &s2, ISP2_NAT);
     eprintln!("upstream failure: isp1 stream lost {lost1} datagrams, resumed after {gap:?}; isp2 stream lost {lost2}");
     let gap = gap.context("no outage measured on the isp1 stream")?;
     ensure!(
@@ -318,7 +140,7 @@ fn flapping_upstream_gives_few_transitions() -> Result<()> {
     let lbd = Lbd::start(&mut lab, &config("", "", ""))?;
     let sink = Sink::start(&lab)?;
     let p2 = port_on(&lab, &sink, ISP2_NAT, 5300)?;
-    let s2 = Stream::start(&lab, p2)?;
+    let s2 = Stream::start(&lab, p2, PACE)?;
     let before = lbd.uplink_counter("isp1", "transitions")?;
     let end = Instant::now() + Duration::from_secs(10);
     let mut up = true;
@@ -329,7 +151,7 @@ fn flapping_upstream_gives_few_transitions() -> Result<()> {
     }
     lab.set_link_up("isp1", "up0", true)?;
     let flips = lbd.uplink_counter("isp1", "transitions")? - before;
-    let (lost2, _) = outage(&sink, &s2, ISP2_NAT);
+    let Outage { lost: lost2, .. } = outage(&sink, &s2, ISP2_NAT);
     eprintln!(
         "flapping every 300 ms for 10 s: {flips} transitions of isp1; isp2 stream lost {lost2}"
     );
@@ -362,7 +184,7 @@ fn operator_toggles_and_tiers_act_in_the_data_plane() -> Result<()> {
     );
 
     // Disable isp1: a running stream moves to isp2 within 100 ms.
-    let s = Stream::start(&lab, 6100)?;
+    let s = Stream::start(&lab, 6100, PACE)?;
     wait_for("stream on isp1", Duration::from_secs(2), || {
         Ok(sink.stream(6100).len() > 5)
     })?;
@@ -426,7 +248,7 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
     let lbd = Lbd::start(&mut lab, &config("", "", ""))?;
     let sink = Sink::start(&lab)?;
     let p1 = port_on(&lab, &sink, ISP1_NAT, 5400)?;
-    let s1 = Stream::start(&lab, p1)?;
+    let s1 = Stream::start(&lab, p1, PACE)?;
     wait_for("the stream flowing", Duration::from_secs(3), || {
         Ok(sink.stream(p1).len() > 20)
     })?;
@@ -436,7 +258,7 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
         Ok(sink.stream(p1).iter().any(|&(_, _, a)| a == ISP2_NAT))
     })?;
     thread::sleep(Duration::from_millis(200));
-    let (lost, gap) = outage(&sink, &s1, ISP2_NAT);
+    let Outage { lost, gap } = outage(&sink, &s1, ISP2_NAT);
     let status = lbd.status()?;
     eprintln!(
         "carrier loss: lost {lost} datagrams, resumed after {gap:?}; isp1 reason: {}",

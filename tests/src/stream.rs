@@ -1,0 +1,240 @@
+//! Numbered UDP streams for failover measurements: a client sends
+//! datagrams `[client port: u16][seq: u32]` at a fixed pace on one flow,
+//! and a sink on the internet host records, per datagram, when it arrived
+//! and from which address (the NAT source, so the uplink it took).
+//!
+//! Used by the failover tests and by `cargo xtask bench`'s failover times.
+//! It only sends and watches; failing links is the caller's business.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Result};
+
+use crate::{in_netns, Lab};
+
+/// Where the streams go: the internet host's server address.
+pub const SINK: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 9000);
+/// The client's address in the lab (`default`).
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+/// Sequence number of the one-datagram probes that find a port's uplink.
+const PROBE_SEQ: u32 = u32::MAX;
+/// Datagrams at the end of a stream not counted as lost: they may still be
+/// on their way when the count is taken.
+const IN_FLIGHT: u32 = 10;
+
+/// What the sink saw: per (client port, sequence number), when and from
+/// which address.
+type Arrivals = Arc<Mutex<BTreeMap<(u16, u32), (Instant, [u8; 4])>>>;
+
+/// Receives the streams' datagrams on the lab's `inet` host; stops when
+/// dropped.
+pub struct Sink {
+    arrivals: Arrivals,
+    stop: Arc<AtomicBool>,
+}
+
+impl Sink {
+    pub fn start(lab: &Lab) -> Result<Sink> {
+        let socket = in_netns(lab.ns("inet")?, || Ok(UdpSocket::bind(SINK)?))?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let arrivals: Arrivals = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (arrivals.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                // Anything but a stream's datagram is not ours: ignore it.
+                let (SocketAddr::V4(from), 6) = (from, n) else {
+                    continue;
+                };
+                let port = u16::from_be_bytes([buf[0], buf[1]]);
+                let seq = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
+                if let Ok(mut m) = a.lock() {
+                    m.insert((port, seq), (Instant::now(), from.ip().octets()));
+                }
+            }
+        });
+        Ok(Sink { arrivals, stop })
+    }
+
+    /// (sequence number, arrival, source address) of every datagram of the
+    /// stream from client port `port`, in sequence order.
+    pub fn stream(&self, port: u16) -> Vec<(u32, Instant, [u8; 4])> {
+        let m = self.arrivals.lock().map(|m| m.clone()).unwrap_or_default();
+        m.range((port, 0)..(port, PROBE_SEQ))
+            .map(|(&(_, seq), &(t, a))| (seq, t, a))
+            .collect()
+    }
+
+    /// When the first datagram from `port` that arrived after `since` with
+    /// source address `via` arrived.
+    pub fn first_via(&self, port: u16, via: [u8; 4], since: Instant) -> Option<Instant> {
+        self.stream(port)
+            .into_iter()
+            .filter(|&(_, t, a)| a == via && t >= since)
+            .map(|(_, t, _)| t)
+            .min()
+    }
+
+    /// The source address the probe datagram from `port` arrived with.
+    fn probe_via(&self, port: u16) -> Option<[u8; 4]> {
+        self.arrivals
+            .lock()
+            .ok()?
+            .get(&(port, PROBE_SEQ))
+            .map(|&(_, a)| a)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A client stream from one source port at one datagram per `pace`; stops
+/// when dropped.
+pub struct Stream {
+    port: u16,
+    sent: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Stream {
+    pub fn start(lab: &Lab, port: u16, pace: Duration) -> Result<Stream> {
+        let socket = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, port))?))?;
+        let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent2, stop2) = (sent.clone(), stop.clone());
+        thread::spawn(move || {
+            let start = Instant::now();
+            let mut seq: u32 = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                let mut msg = [0u8; 6];
+                msg[..2].copy_from_slice(&port.to_be_bytes());
+                msg[2..].copy_from_slice(&seq.to_be_bytes());
+                // A send that fails (an ICMP error from a dead path) is a
+                // datagram lost, which is what the caller measures.
+                let _ = socket.send_to(&msg, SINK);
+                if let Ok(mut s) = sent2.lock() {
+                    s.push(Instant::now());
+                }
+                seq += 1;
+                // Paced against the start, so a late wake-up does not slow
+                // the stream down.
+                let next = start + pace * seq;
+                thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        });
+        Ok(Stream { port, sent, stop })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Send time of datagram `seq`.
+    fn sent_at(&self, seq: u32) -> Option<Instant> {
+        self.sent.lock().ok()?.get(seq as usize).copied()
+    }
+
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u32 {
+        self.sent.lock().map(|s| s.len() as u32).unwrap_or(0)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a stream went through.
+#[derive(Clone, Copy, Debug)]
+pub struct Outage {
+    /// Datagrams sent that never arrived (the last few, maybe still in
+    /// flight, not counted).
+    pub lost: u32,
+    /// From the send time of the first lost datagram to the first arrival
+    /// from the address the stream moved to; `None` if none was lost or it
+    /// never arrived that way.
+    pub gap: Option<Duration>,
+}
+
+/// The outage of `stream` as the sink saw it, `now_via` being the source
+/// address it should arrive from after a failover.
+pub fn outage(sink: &Sink, stream: &Stream, now_via: [u8; 4]) -> Outage {
+    let got = sink.stream(stream.port);
+    let arrived: HashSet<u32> = got.iter().map(|&(s, _, _)| s).collect();
+    let lost: Vec<u32> = (0..stream.sent().saturating_sub(IN_FLIGHT))
+        .filter(|s| !arrived.contains(s))
+        .collect();
+    let resumed = got
+        .iter()
+        .find(|&&(_, _, a)| a == now_via)
+        .map(|&(_, t, _)| t);
+    let gap = match (lost.first().and_then(|&s| stream.sent_at(s)), resumed) {
+        (Some(cut), Some(back)) => Some(back.saturating_duration_since(cut)),
+        _ => None,
+    };
+    Outage {
+        lost: lost.len() as u32,
+        gap,
+    }
+}
+
+/// Find a client port in `from..from + 64` whose flow leaves through the
+/// uplink with NAT address `want`, using one-datagram probes the sink
+/// records. Ports outside the router's own ephemeral range keep their
+/// number through NAT, which is how the sink tells the streams apart.
+pub fn port_on(lab: &Lab, sink: &Sink, want: [u8; 4], from: u16) -> Result<u16> {
+    for port in from..from.saturating_add(64) {
+        let socket = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, port))?))?;
+        let mut msg = [0u8; 6];
+        msg[..2].copy_from_slice(&port.to_be_bytes());
+        msg[2..].copy_from_slice(&PROBE_SEQ.to_be_bytes());
+        socket.send_to(&msg, SINK)?;
+        let mut via = None;
+        wait_for(
+            "a probe datagram at the sink",
+            Duration::from_secs(2),
+            || {
+                via = sink.probe_via(port);
+                Ok(via.is_some())
+            },
+        )?;
+        if via == Some(want) {
+            return Ok(port);
+        }
+    }
+    bail!(
+        "no port in {from}..{} left through {want:?}",
+        from.saturating_add(64)
+    )
+}
+
+/// Wait until `f` holds, polling every 10 ms, for at most `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !f()? {
+        ensure!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
