@@ -1,8 +1,9 @@
-//! `cargo xtask bench`: what lb costs per packet, and how many packets per
+//! `cargo xtask bench`: what lb costs per packet; how many packets per
 //! second a lab router forwards with lb, with the Linux kernel doing the
 //! same job (nftables PCC, policy routing, masquerade) and with a bare XDP
-//! redirect, all in one run; prints the tables and writes BENCHMARKS.md.
-//! A benchmark, not a test: it reports what it measures, targets met or not.
+//! redirect; and how fast lb fails over beside a Netwatch-style script, all
+//! in one run; prints the tables and writes BENCHMARKS.md. A benchmark, not
+//! a test: it reports what it measures, targets met or not.
 //!
 //! The benchmark links lb-daemon (lb's data plane and the embedded lb-bench
 //! object), whose build script needs the eBPF toolchain that `cargo xtask
@@ -13,10 +14,13 @@
 //! - [`object`]: the lb-bench XDP object, the frames it stamps, test runs.
 //! - [`cost`]: ns per packet of each path through lb's programs.
 //! - [`forward`]: Mpps through the lab router, three ways.
+//! - [`failover`]: failover times, lb beside a Netwatch-style script.
 //! - [`report`]: the tables, and BENCHMARKS.md.
 
 #[cfg(feature = "bench")]
 mod cost;
+#[cfg(feature = "bench")]
+mod failover;
 #[cfg(feature = "bench")]
 mod forward;
 #[cfg(feature = "bench")]
@@ -45,6 +49,32 @@ pub struct Args {
     /// the last CPU if not given.
     #[arg(long)]
     pub cpu: Option<usize>,
+    /// Failovers per failure and way (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    pub failover_runs: u32,
+    /// Measure only these parts (repeat the flag for more); the results are
+    /// printed, and BENCHMARKS.md is left as it is.
+    #[arg(long, value_enum)]
+    pub only: Vec<Part>,
+}
+
+/// The benchmark's parts, in the order they run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Per-packet cost with BPF_PROG_TEST_RUN.
+    Cost,
+    /// Packets per second through the lab router.
+    Forward,
+    /// Failover times.
+    Failover,
+}
+
+#[cfg(feature = "bench")]
+impl Args {
+    /// Whether this run measures `part`.
+    fn measures(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 /// Without the `bench` feature: install what is missing, build the real
@@ -112,8 +142,12 @@ pub fn run(args: &Args) -> Result<()> {
         "the benchmark loads XDP programs and builds network namespaces: run it as root"
     );
     ensure!(
-        args.runs > 0 && args.seconds > 0 && args.flows > 0 && args.repeat > 0,
-        "--runs, --seconds, --flows and --repeat must be positive"
+        args.runs > 0
+            && args.seconds > 0
+            && args.flows > 0
+            && args.repeat > 0
+            && args.failover_runs > 0,
+        "--runs, --seconds, --flows, --repeat and --failover-runs must be positive"
     );
     let cpus = std::thread::available_parallelism()
         .context("counting CPUs")?
@@ -127,17 +161,29 @@ pub fn run(args: &Args) -> Result<()> {
     ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::Relaxed))
         .context("installing the Ctrl-C handler")?;
 
-    println!(
-        "bench: per-packet cost with BPF_PROG_TEST_RUN ({} repetitions each)",
-        args.repeat
-    );
-    let costs = cost::measure(args.repeat, cpu)?;
-    println!("bench: packets per second through the lab router");
-    let ways = forward::measure(args, cpu, &interrupted)?;
+    let mut report = report::Report::new(machine, args, cpu)?;
+    if args.measures(Part::Cost) {
+        println!(
+            "bench: per-packet cost with BPF_PROG_TEST_RUN ({} repetitions each)",
+            args.repeat
+        );
+        report.costs = Some(cost::measure(args.repeat, cpu)?);
+    }
+    if args.measures(Part::Forward) {
+        println!("bench: packets per second through the lab router");
+        report.ways = forward::measure(args, cpu, &interrupted)?;
+    }
+    if args.measures(Part::Failover) {
+        println!("bench: failover times, lb and a Netwatch-style script");
+        report.failovers = failover::measure(args.failover_runs, &interrupted)?;
+    }
 
-    let report = report::Report::new(machine, args, cpu, costs, ways)?;
     let text = report.markdown();
     println!("\n{text}");
+    if !args.only.is_empty() {
+        println!("bench: --only given: BENCHMARKS.md left as it is");
+        return Ok(());
+    }
     let path = crate::root().join("BENCHMARKS.md");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
     println!("bench: wrote {}", path.display());

@@ -40,7 +40,8 @@ enum Command {
     },
     /// Everything CI runs: fmt, clippy, unit, BPF test-run and lab tests.
     Test,
-    /// Per-packet cost and lab forwarding rate against the kernel's way; writes BENCHMARKS.md.
+    /// Per-packet cost, lab forwarding rate against the kernel's way, and
+    /// failover time against a Netwatch-style script; writes BENCHMARKS.md.
     Bench(bench::Args),
 }
 

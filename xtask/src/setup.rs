@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ping", "iputils-ping"),
     ("traceroute", "traceroute"),
+    ("conntrack", "conntrack"),
 ];
 
 pub fn run() -> Result<()> {

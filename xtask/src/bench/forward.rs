@@ -403,7 +403,7 @@ fn live_run(
     }
 }
 
-fn kernel_on(lab: &Lab) -> Result<()> {
+pub(super) fn kernel_on(lab: &Lab) -> Result<()> {
     let rules = std::env::temp_dir().join(format!("{PREFIX}pcc.nft"));
     std::fs::write(&rules, NFT_PCC).with_context(|| format!("writing {}", rules.display()))?;
     let path = rules.to_str().context("temporary directory is not UTF-8")?;
@@ -423,7 +423,7 @@ fn kernel_on(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-fn kernel_off(lab: &Lab) -> Result<()> {
+pub(super) fn kernel_off(lab: &Lab) -> Result<()> {
     for n in ["1", "2"] {
         lab.exec("router", &["ip", "rule", "del", "fwmark", n, "table", n])?;
         lab.exec("router", &["ip", "route", "flush", "table", n])?;

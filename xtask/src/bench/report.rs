@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 
 use super::{
     cost::{self, Costs},
+    failover::{self, Case, Failure},
     forward::{Way, WayResult, Window},
     Args,
 };
@@ -17,15 +18,25 @@ use super::{
 const ESTABLISHED_MAX_NS: i64 = 100;
 const VS_KERNEL_MIN: f64 = 5.0;
 const VS_BARE_MIN: f64 = 0.60;
+/// Targets of lb's failover, per failure (the lab tests' limits), in ms.
+fn failover_max_ms(failure: Failure) -> f64 {
+    match failure {
+        Failure::UpstreamCut => 400.0,
+        Failure::CarrierLoss => 20.0,
+    }
+}
 
+/// What the run measured; a part left out (`--only`) is `None` or empty,
+/// and its section is left out too.
 pub struct Report {
     date: String,
     machine: Machine,
     command: String,
     args: Args,
     cpu: usize,
-    costs: Costs,
-    ways: Vec<WayResult>,
+    pub costs: Option<Costs>,
+    pub ways: Vec<WayResult>,
+    pub failovers: Vec<Case>,
 }
 
 /// The machine, as it was before the run.
@@ -46,8 +57,8 @@ struct Spread {
 }
 
 impl Spread {
-    fn of(windows: &[Window], figure: impl Fn(&Window) -> f64) -> Spread {
-        let mut v: Vec<f64> = windows.iter().map(figure).collect();
+    fn of<T>(items: &[T], figure: impl Fn(&T) -> f64) -> Spread {
+        let mut v: Vec<f64> = items.iter().map(figure).collect();
         v.sort_by(f64::total_cmp);
         match (v.first(), v.last()) {
             (Some(&min), Some(&max)) => Spread {
@@ -61,13 +72,7 @@ impl Spread {
 }
 
 impl Report {
-    pub fn new(
-        machine: Machine,
-        args: &Args,
-        cpu: usize,
-        costs: Costs,
-        ways: Vec<WayResult>,
-    ) -> Result<Report> {
+    pub fn new(machine: Machine, args: &Args, cpu: usize) -> Result<Report> {
         let date = std::process::Command::new("date")
             .args(["-u", "+%Y-%m-%d %H:%M UTC"])
             .output()
@@ -85,8 +90,9 @@ impl Report {
             command,
             args: args.clone(),
             cpu,
-            costs,
-            ways,
+            costs: None,
+            ways: Vec::new(),
+            failovers: Vec::new(),
         })
     }
 
@@ -105,8 +111,15 @@ impl Report {
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         self.header(&mut md);
-        self.cost_table(&mut md);
-        self.forward_table(&mut md);
+        if let Some(costs) = &self.costs {
+            self.cost_table(&mut md, costs);
+        }
+        if !self.ways.is_empty() {
+            self.forward_table(&mut md);
+        }
+        if !self.failovers.is_empty() {
+            self.failover_table(&mut md);
+        }
         self.meaning(&mut md);
         md
     }
@@ -127,8 +140,7 @@ impl Report {
         );
     }
 
-    fn cost_table(&self, md: &mut String) {
-        let c = &self.costs;
+    fn cost_table(&self, md: &mut String, c: &Costs) {
         let _ = write!(
             md,
             "## Per-packet cost (BPF_PROG_TEST_RUN)\n\n\
@@ -244,6 +256,108 @@ impl Report {
         );
     }
 
+    fn failover_table(&self, md: &mut String) {
+        let runs = self.failovers.first().map_or(0, |c| c.runs.len());
+        let _ = write!(
+            md,
+            "## Failover time\n\n\
+             Lab `default`, all links as they are. A client flow that uses isp1\n\
+             sends a UDP datagram to 198.51.100.10 every millisecond; the benchmark\n\
+             notes the time, takes a link down (`ip link set`, whose own few ms\n\
+             are included), and the failover time runs until the internet host\n\
+             receives the first datagram of that flow from isp2's address. Each\n\
+             failure and way ran {runs} times, the ways taking turns; a run restores\n\
+             the link and waits until new flows use isp1 again, and the next one\n\
+             starts a new flow. \"Lost\": datagrams of the flow that never arrived.\n\n\
+             Both ways probe in rounds, and where in its round a failure strikes\n\
+             decides much of how long it takes to notice, so run k of n waits\n\
+             (k + 1/2) / n s after the flow starts before it cuts, spreading the\n\
+             cuts evenly over the script's 1 s round, the same for both ways.\n\
+             The `ip link set` that fails the link took {cut:.1} ms (median).\n\n\
+             - Upstream cut: isp1's link to the internet goes down; isp1's gateway\n  \
+               still answers the router.\n\
+             - Carrier loss: isp1's end of the router's wan1 goes down.\n\
+             - lb: lbd with an ICMP probe per uplink to 198.51.100.10 and the\n  \
+               default health settings (a probe every 50 ms, 150 ms timeout, down\n  \
+               after 3 rounds without an answer), and netlink link events.\n\
+             - Netwatch-style script (`xtask/src/bench/netwatch.sh`): the kernel\n  \
+               forwards (nftables PCC marks, `ip rule fwmark N table N`, masquerade);\n  \
+               once a second the script pings 198.51.100.10 through each uplink\n  \
+               (1 s timeout), and one failed probe points the uplink's routing\n  \
+               table at the other uplink and deletes the conntrack entries of its\n  \
+               mark: MikroTik's Netwatch with down/up scripts, set as quick as it\n  \
+               goes.\n\n\
+             | failure | way | failover time, ms (median) | min | max | datagrams lost (median) |\n\
+             | --- | --- | ---: | ---: | ---: | ---: |\n",
+            cut = self.cut_command_ms(),
+        );
+        for case in &self.failovers {
+            let ms = Spread::of(&case.runs, |r| r.time.as_secs_f64() * 1e3);
+            let lost = Spread::of(&case.runs, |r| f64::from(r.lost));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                case.failure.label(),
+                case.way.label(),
+                ms.median,
+                ms.min,
+                ms.max,
+                lost.median,
+            );
+        }
+        md.push('\n');
+    }
+
+    /// How long the `ip link set` that failed a link took, median of all
+    /// runs, in ms.
+    fn cut_command_ms(&self) -> f64 {
+        let runs: Vec<failover::Run> = self
+            .failovers
+            .iter()
+            .flat_map(|c| c.runs.iter().copied())
+            .collect();
+        Spread::of(&runs, |r| r.cut_command.as_secs_f64() * 1e3).median
+    }
+
+    /// Median failover time of `way` on `failure`, in ms.
+    fn failover_ms(&self, failure: Failure, way: failover::Way) -> Option<f64> {
+        self.failovers
+            .iter()
+            .find(|c| c.failure == failure && c.way == way)
+            .filter(|c| !c.runs.is_empty())
+            .map(|c| Spread::of(&c.runs, |r| r.time.as_secs_f64() * 1e3).median)
+    }
+
+    fn failover_meaning(&self, md: &mut String) {
+        let cut = self.cut_command_ms();
+        let _ = writeln!(
+            md,
+            "- lb notices an upstream cut when 3 probe rounds in a row go\n  \
+             unanswered: the first unanswered probe leaves up to 50 ms after the\n  \
+             cut, the third 100 ms later, and its 150 ms timeout ends it, so 250 to\n  \
+             300 ms. A carrier loss reaches lbd as a netlink event at once; about\n  \
+             {cut:.0} ms of what is measured is the `ip link set` command itself. The\n  \
+             script learns of either failure only from its next probe, which leaves\n  \
+             up to 1 s after the failure and is judged 1 s later: 1 to 2 s."
+        );
+        for failure in Failure::ALL {
+            let lb = self.failover_ms(failure, failover::Way::Lb);
+            let script = self.failover_ms(failure, failover::Way::Netwatch);
+            let (Some(lb), Some(script)) = (lb, script) else {
+                continue;
+            };
+            let max = failover_max_ms(failure);
+            let _ = writeln!(
+                md,
+                "- {}: lb fails over in {lb:.0} ms (target ≤ {max:.0} ms: {}), the\n  \
+                 Netwatch-style script in {script:.0} ms: {:.1}× as long.",
+                capitalized(failure.label()),
+                verdict(lb <= max),
+                if lb > 0.0 { script / lb } else { 0.0 },
+            );
+        }
+    }
+
     /// lb's median of `figure` over the kernel's and over the bare
     /// redirect's.
     fn ratios(&self, figure: impl Fn(&Window) -> f64 + Copy) -> (f64, f64) {
@@ -255,7 +369,22 @@ impl Report {
 
     fn meaning(&self, md: &mut String) {
         md.push_str("## What it means\n\n");
-        let ns = |path| self.costs.get(path).map(|c| c.median_ns);
+        self.cost_meaning(md);
+        if !self.ways.is_empty() {
+            self.forward_meaning(md);
+        }
+        if !self.failovers.is_empty() {
+            self.failover_meaning(md);
+        }
+    }
+
+    fn cost_meaning(&self, md: &mut String) {
+        let ns = |path| {
+            self.costs
+                .as_ref()
+                .and_then(|c| c.get(path))
+                .map(|c| c.median_ns)
+        };
         if let (Some(est), Some(reply)) = (ns(cost::ESTABLISHED), ns(cost::REPLY)) {
             let _ = writeln!(
                 md,
@@ -273,6 +402,9 @@ impl Report {
                  NAT entry, then the flow)."
             );
         }
+    }
+
+    fn forward_meaning(&self, md: &mut String) {
         let median = |way, figure: fn(&Window) -> f64| Spread::of(self.way(way), figure).median;
         let router = |way| median(way, |w| w.softirq_ns);
         let (kernel, lb, bare) = (router(Way::Kernel), router(Way::Lb), router(Way::Bare));
@@ -355,6 +487,15 @@ fn verdict(met: bool) -> &'static str {
         "met"
     } else {
         "missed"
+    }
+}
+
+/// `text` with its first letter in upper case.
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 
