@@ -63,6 +63,9 @@ pub struct UplinkStatus {
     pub interface: String,
     pub address: String,
     pub gateway: String,
+    /// The gateway's Ethernet address, where the data plane sends to.
+    #[serde(default)]
+    pub gateway_mac: String,
     pub weight: u32,
     pub tier: u8,
     /// Operator state: enabled, disabled or drain.

@@ -25,7 +25,7 @@ use crate::{
     dataplane::{AttachMode, Dataplane},
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
     hooks,
-    linkwatch::LinkWatch,
+    linkwatch::{GatewayEvent, LinkWatch},
     netlink::Netlink,
     probe::{self, Binding, UplinkProbe},
 };
@@ -57,6 +57,8 @@ pub struct Uplink {
     pub snapshot: watch::Receiver<Snapshot>,
     /// Health transitions so far.
     pub transitions: u64,
+    /// The gateway's Ethernet address, as the data plane has it.
+    pub gateway_mac: [u8; 6],
 }
 
 impl Uplink {
@@ -70,6 +72,13 @@ impl Uplink {
             (Admin::Enabled, _) => uplink_state::ACTIVE,
         }
     }
+}
+
+/// What the daemon reacts to besides the operator: health transitions, and
+/// gateways that moved to another Ethernet address.
+pub struct Events {
+    pub health: mpsc::Receiver<HealthEvent>,
+    pub gateways: mpsc::Receiver<GatewayEvent>,
 }
 
 pub struct Daemon {
@@ -104,17 +113,16 @@ impl Daemon {
     /// before succeeded.
     /// `local_ports` is the kernel's `ip_local_port_range`, which NAT keeps
     /// clear of.
-    /// Also starts the health monitors and the link watch; their
-    /// transitions arrive on the returned channel, for [`Daemon::on_health`].
-    pub async fn start(
-        config: Config,
-        local_ports: (u16, u16),
-    ) -> Result<(Self, mpsc::Receiver<HealthEvent>)> {
+    /// Also starts the health monitors and the link watch; what they report
+    /// arrives on the returned channels, for [`Daemon::on_health`] and
+    /// [`Daemon::on_gateway`].
+    pub async fn start(config: Config, local_ports: (u16, u16)) -> Result<(Self, Events)> {
         // Subscribe before reading link states: a change in between waits
         // in the socket instead of being lost.
         let mut links = LinkWatch::subscribe().context("subscribing to link events")?;
         let nl = Netlink::connect()?;
         let (health_tx, health_rx) = mpsc::channel(64);
+        let (gateway_tx, gateway_rx) = mpsc::channel(16);
 
         let mut uplinks = Vec::new();
         let mut infos = Vec::new();
@@ -137,6 +145,7 @@ impl Daemon {
             let health = if link.up { Health::Up } else { Health::Down };
             let (link_tx, link_rx) = mpsc::channel(8);
             links.watch(link.index, &link.name, link.up, link_tx);
+            links.watch_gateway(link.index, cfg.gateway, index, gw_mac, gateway_tx.clone());
             let ident = probe::icmp_identifier(index, local_ports).with_context(|| {
                 format!(
                     "uplink {}: no ICMP identifier left in the local port range",
@@ -173,6 +182,7 @@ impl Daemon {
                 },
                 snapshot: snap_rx,
                 transitions: 0,
+                gateway_mac: gw_mac,
             };
             infos.push(UplinkInfo {
                 ifindex: link.index,
@@ -242,7 +252,11 @@ impl Daemon {
                 log::error!("link watch stopped: {e}; carrier changes are now seen by probes only");
             }
         });
-        Ok((daemon, health_rx))
+        let events = Events {
+            health: health_rx,
+            gateways: gateway_rx,
+        };
+        Ok((daemon, events))
     }
 
     /// Apply a health transition: data plane first, then log and hooks.
@@ -277,6 +291,26 @@ impl Daemon {
             self.config.daemon.hook_timeout,
             &hook,
         );
+        Ok(())
+    }
+
+    /// The kernel now reaches an uplink's gateway at another Ethernet
+    /// address: send the uplink's traffic there.
+    pub fn on_gateway(&mut self, event: GatewayEvent) -> Result<()> {
+        let Some(u) = self.uplinks.get_mut(event.uplink) else {
+            return Ok(());
+        };
+        self.dataplane
+            .set_gateway_mac(u.index, event.mac)
+            .with_context(|| format!("uplink {}: updating its gateway address", u.cfg.name))?;
+        log::info!(
+            "uplink {}: gateway {} is now at {} (was {})",
+            u.cfg.name,
+            event.gateway,
+            mac_text(&event.mac),
+            mac_text(&u.gateway_mac)
+        );
+        u.gateway_mac = event.mac;
         Ok(())
     }
 
@@ -426,6 +460,7 @@ impl Daemon {
                 interface: u.cfg.interface.clone(),
                 address: u.addr.to_string(),
                 gateway: u.cfg.gateway.to_string(),
+                gateway_mac: mac_text(&u.gateway_mac),
                 weight: u.weight,
                 tier: u.cfg.tier,
                 admin: format!("{:?}", u.admin).to_lowercase(),
@@ -462,6 +497,14 @@ impl Daemon {
                 .collect(),
         })
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn log_attach(prog: &str, ifname: &str, mode: AttachMode) {

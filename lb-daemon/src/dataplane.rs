@@ -178,9 +178,23 @@ impl Dataplane {
 
     /// Change only the state of uplink `index`.
     pub fn set_uplink_state(&mut self, index: u32, state: u32) -> Result<()> {
+        self.update_uplink(index, |info| info.state = state)
+    }
+
+    /// Send uplink `index`'s traffic to its gateway at Ethernet address
+    /// `mac` from now on.
+    pub fn set_gateway_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+        self.update_uplink(index, |info| info.gw_mac = mac)
+    }
+
+    /// Read, change and write back one uplink's entry. An array element is
+    /// overwritten in place, so a packet read at that instant may see part
+    /// of the change: for a state or a gateway address, that costs at most
+    /// that packet.
+    fn update_uplink(&mut self, index: u32, change: impl FnOnce(&mut UplinkInfo)) -> Result<()> {
         let mut uplinks = self.array::<UplinkInfo>(name::UPLINKS)?;
         let mut info = uplinks.get(&index, 0).context("reading UPLINKS")?;
-        info.state = state;
+        change(&mut info);
         uplinks.set(index, info, 0).context("writing UPLINKS")
     }
 

@@ -1,6 +1,9 @@
-//! Link events: a netlink subscription to the kernel's link notifications
-//! (`RTNLGRP_LINK`) that tells each subscriber when its interface's
-//! operational state or carrier changes, as it happens.
+//! Link and neighbour events: a netlink subscription to the kernel's link
+//! and neighbour notifications (`RTNLGRP_LINK`, `RTNLGRP_NEIGH`) that tells
+//! each subscriber when its interface's operational state or carrier
+//! changes, and when the Ethernet address the kernel holds for a watched
+//! gateway changes (the ISP swapped its router, or a VRRP pair failed
+//! over), as it happens.
 //!
 //! Owns the multicast netlink socket and the notion of an interface being
 //! "up" for lb ([`is_up`]: administratively up, with carrier, and an
@@ -9,22 +12,26 @@
 //! with what changed before the watch ran, and one after the socket's buffer
 //! overflowed and messages were lost.
 //!
-//! It never polls, never changes an interface, and never judges an uplink's
-//! health: it reports edges (up -> down, down -> up) of watched interfaces
-//! only, and `health` decides what they mean.
+//! It never polls, never changes an interface or a neighbour, and never
+//! judges an uplink's health: it reports edges (up -> down, down -> up) of
+//! watched interfaces and new gateway addresses only, and `health` and the
+//! daemon decide what they mean.
 
 use std::collections::HashMap;
 use std::io;
+use std::net::Ipv4Addr;
 
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, State};
-use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::proto::Connection;
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::mpsc;
+
+use crate::netlink::{usable_neighbour, Neighbour};
 
 /// A watched interface went up or down.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,12 +42,24 @@ pub struct LinkEvent {
     pub up: bool,
 }
 
+/// The kernel now reaches a watched gateway at another Ethernet address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEvent {
+    /// The uplink the gateway belongs to, as given to
+    /// [`LinkWatch::watch_gateway`].
+    pub uplink: usize,
+    pub gateway: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinkWatchError {
-    #[error("cannot subscribe to netlink link events")]
+    #[error("cannot subscribe to netlink link and neighbour events")]
     Subscribe(#[source] io::Error),
     #[error("listing interfaces over netlink failed")]
     Dump(#[source] rtnetlink::Error),
+    #[error("listing neighbours over netlink failed")]
+    NeighbourDump(#[source] rtnetlink::Error),
     #[error("the netlink socket for link events closed")]
     Closed,
 }
@@ -75,6 +94,16 @@ struct Watched {
     events: mpsc::Sender<LinkEvent>,
 }
 
+/// A watched gateway: whose it is, and the address last reported.
+struct Gateway {
+    uplink: usize,
+    mac: [u8; 6],
+    events: mpsc::Sender<GatewayEvent>,
+}
+
+/// Watched gateways by (interface index, gateway address).
+type Gateways = HashMap<(u32, Ipv4Addr), Gateway>;
+
 type Messages = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
 
 /// The subscription, and who is told about which interface.
@@ -87,21 +116,46 @@ pub struct LinkWatch {
     handle: Handle,
     messages: Messages,
     watched: HashMap<u32, Watched>,
+    gateways: Gateways,
 }
 
 impl LinkWatch {
     /// Opens a netlink socket in the current network namespace and joins
-    /// the link notification group. Nothing is read until [`run`](Self::run).
+    /// the link and neighbour notification groups. Nothing is read until
+    /// [`run`](Self::run).
     pub fn subscribe() -> Result<Self, LinkWatchError> {
         let (connection, handle, messages) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])
                 .map_err(LinkWatchError::Subscribe)?;
         Ok(Self {
             connection,
             handle,
             messages,
             watched: HashMap::new(),
+            gateways: HashMap::new(),
         })
+    }
+
+    /// Reports on `events` when the kernel's neighbour table gives
+    /// `gateway` on interface `ifindex` another Ethernet address than
+    /// `mac`, the one the subscriber uses now. Entries being resolved or
+    /// failed are not reported: the last address that worked stays.
+    pub fn watch_gateway(
+        &mut self,
+        ifindex: u32,
+        gateway: Ipv4Addr,
+        uplink: usize,
+        mac: [u8; 6],
+        events: mpsc::Sender<GatewayEvent>,
+    ) {
+        self.gateways.insert(
+            (ifindex, gateway),
+            Gateway {
+                uplink,
+                mac,
+                events,
+            },
+        );
     }
 
     /// Reports changes of interface `ifindex` (called `ifname`) on `events`.
@@ -127,16 +181,19 @@ impl LinkWatch {
             handle,
             mut messages,
             mut watched,
+            mut gateways,
         } = self;
         // Ends by itself once `handle` and `messages` are dropped.
         tokio::spawn(connection);
 
         catch_up(&handle, &mut watched).await?;
-        while !watched.is_empty() {
+        catch_up_gateways(&handle, &mut gateways).await?;
+        while !watched.is_empty() || !gateways.is_empty() {
             let Some((message, _)) = messages.next().await else {
                 return Err(LinkWatchError::Closed);
             };
             watched.retain(|_, w| !w.events.is_closed());
+            gateways.retain(|_, g| !g.events.is_closed());
             match message.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
                     let up = is_up(&link);
@@ -145,9 +202,15 @@ impl LinkWatch {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                     update(&mut watched, link.header.index, name_of(&link), false).await;
                 }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(neighbour)) => {
+                    if let Some(neighbour) = usable_neighbour(&neighbour) {
+                        update_gateway(&mut gateways, neighbour).await;
+                    }
+                }
                 NetlinkPayload::Overrun(_) => {
-                    log::warn!("netlink link events were lost (socket buffer full); re-reading all interfaces");
+                    log::warn!("netlink link or neighbour events were lost (socket buffer full); re-reading interfaces and neighbours");
                     catch_up(&handle, &mut watched).await?;
+                    catch_up_gateways(&handle, &mut gateways).await?;
                 }
                 _ => {}
             }
@@ -176,6 +239,52 @@ async fn catch_up(
         update(watched, ifindex, name.as_deref(), up).await;
     }
     Ok(())
+}
+
+/// Dumps the IPv4 neighbours and reports the watched gateways whose address
+/// is not the one their subscriber uses.
+async fn catch_up_gateways(handle: &Handle, gateways: &mut Gateways) -> Result<(), LinkWatchError> {
+    if gateways.is_empty() {
+        return Ok(());
+    }
+    let mut dump = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    let mut found = Vec::new();
+    while let Some(message) = dump
+        .try_next()
+        .await
+        .map_err(LinkWatchError::NeighbourDump)?
+    {
+        found.extend(usable_neighbour(&message));
+    }
+    for neighbour in found {
+        update_gateway(gateways, neighbour).await;
+    }
+    Ok(())
+}
+
+/// Tells a watched gateway's subscriber when its address changed; forgets
+/// subscribers that are gone.
+async fn update_gateway(gateways: &mut Gateways, neighbour: Neighbour) {
+    let key = (neighbour.ifindex, neighbour.ip);
+    let Some(entry) = gateways.get_mut(&key) else {
+        return;
+    };
+    if entry.mac == neighbour.mac {
+        return;
+    }
+    entry.mac = neighbour.mac;
+    let event = GatewayEvent {
+        uplink: entry.uplink,
+        gateway: neighbour.ip,
+        mac: neighbour.mac,
+    };
+    if entry.events.send(event).await.is_err() {
+        gateways.remove(&key);
+    }
 }
 
 /// Records the state of `ifindex` and tells its subscriber when it changed;

@@ -17,7 +17,7 @@ use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
         link::{LinkAttribute, State},
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         AddressFamily,
     },
     Handle,
@@ -124,29 +124,10 @@ impl Netlink {
             .await
             .context("listing neighbours over netlink failed")?
         {
-            if msg.header.ifindex != index
-                || matches!(
-                    msg.header.state,
-                    NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
-                )
-            {
-                continue;
-            }
-            let mut dest = None;
-            let mut mac = None;
-            for attr in &msg.attributes {
-                match attr {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dest = Some(*a),
-                    NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
-                        let mut m = [0u8; 6];
-                        m.copy_from_slice(b);
-                        mac = Some(m);
-                    }
-                    _ => {}
+            if let Some(entry) = usable_neighbour(&msg) {
+                if entry.ifindex == index && entry.ip == ip {
+                    return Ok(Some(entry.mac));
                 }
-            }
-            if dest == Some(ip) {
-                return Ok(mac);
             }
         }
         Ok(None)
@@ -186,6 +167,40 @@ impl Netlink {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// An IPv4 neighbour whose Ethernet address the kernel holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+/// The neighbour in `msg`, if it is an IPv4 one with a usable Ethernet
+/// address: not still being resolved, not failed (a failed entry may
+/// still carry the address that stopped answering).
+pub fn usable_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
+    if matches!(
+        msg.header.state,
+        NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+    ) {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+            NeighbourAttribute::LinkLayerAddress(b) => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        ifindex: msg.header.ifindex,
+        ip: ip?,
+        mac: mac?,
+    })
 }
 
 /// Send one empty datagram to `gateway` (discard port) out of `ifname`, so

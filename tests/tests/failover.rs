@@ -269,3 +269,59 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
     lab.set_link_up("isp1", "down0", true)?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn a_gateway_that_moves_to_another_mac_is_followed() -> Result<()> {
+    if !require_root("a_gateway_that_moves_to_another_mac_is_followed") {
+        return Ok(());
+    }
+    // isp1 swaps its router: same address, another Ethernet address,
+    // announced with a gratuitous ARP, as routers and VRRP pairs do.
+    const NEW_MAC: &str = "02:00:5e:00:01:99";
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    // No probes: health stays up, so only following the neighbour table
+    // can bring the stream back through isp1.
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    let sink = Sink::start(&lab)?;
+    let p1 = port_on(&lab, &sink, ISP1_NAT, 5500)?;
+    let s1 = Stream::start(&lab, p1, PACE)?;
+    wait_for("the stream flowing", Duration::from_secs(3), || {
+        Ok(sink.stream(p1).len() > 20)
+    })?;
+
+    lab.exec(
+        "isp1",
+        &["ip", "link", "set", "dev", "down0", "address", NEW_MAC],
+    )?;
+    let before = sink.stream(p1).len();
+    let announced = Instant::now();
+    lab.exec(
+        "isp1",
+        &["arping", "-q", "-U", "-c", "1", "-I", "down0", "100.64.1.1"],
+    )?;
+    let arping = announced.elapsed();
+    wait_for(
+        "the stream through isp1's new MAC",
+        Duration::from_secs(3),
+        || Ok(sink.stream(p1).len() > before + 20),
+    )?;
+    eprintln!(
+        "gateway moved to {NEW_MAC}: 20 more datagrams through isp1 {:?} after arping started (arping itself took {arping:?})",
+        announced.elapsed()
+    );
+    ensure!(
+        sink.stream(p1)
+            .iter()
+            .skip(before)
+            .all(|&(_, _, a)| a == ISP1_NAT),
+        "the stream left isp1"
+    );
+    let status = lbd.status()?;
+    ensure!(
+        status["uplinks"][0]["gateway_mac"] == NEW_MAC,
+        "status shows gateway MAC {}",
+        status["uplinks"][0]["gateway_mac"]
+    );
+    drop(s1);
+    lbd.stop(&mut lab)
+}

@@ -24,6 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("traceroute", "traceroute"),
     ("conntrack", "conntrack"),
+    ("arping", "iputils-arping"),
 ];
 
 pub fn run() -> Result<()> {

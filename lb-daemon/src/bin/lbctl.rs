@@ -117,6 +117,12 @@ fn print_status(s: &Status) {
             u.flows, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.reason
         );
     }
+    let gateways: Vec<String> = s
+        .uplinks
+        .iter()
+        .map(|u| format!("{} {} at {}", u.name, u.gateway, u.gateway_mac))
+        .collect();
+    println!("gateways: {}", gateways.join(", "));
     println!(
         "flows expired: {}, evicted (table full): {}",
         s.flows_expired, s.flows_evicted

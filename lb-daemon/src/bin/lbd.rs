@@ -96,7 +96,7 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
     let socket = config.daemon.socket.clone();
     let listener = bind_control_socket(&socket)?;
-    let (daemon, mut health_events) = match Daemon::start(config, local_ports).await {
+    let (daemon, mut events) = match Daemon::start(config, local_ports).await {
         Ok((d, events)) => (Arc::new(Mutex::new(d)), events),
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -119,9 +119,15 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
                 let daemon = daemon.clone();
                 gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&daemon)));
             },
-            Some(event) = health_events.recv() => match daemon.lock() {
+            Some(event) = events.health.recv() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = d.on_health(event) {
                     log::error!("applying a health change failed: {e:#}");
+                },
+                Err(_) => break,
+            },
+            Some(event) = events.gateways.recv() => match daemon.lock() {
+                Ok(mut d) => if let Err(e) = d.on_gateway(event) {
+                    log::error!("following a gateway's new address failed: {e:#}");
                 },
                 Err(_) => break,
             },
