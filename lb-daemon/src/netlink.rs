@@ -231,3 +231,68 @@ pub fn bind_to_device(sock: &impl AsRawFd, ifname: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: NeighbourState, attributes: Vec<NeighbourAttribute>) -> NeighbourMessage {
+        let mut msg = NeighbourMessage::default();
+        msg.header.ifindex = 4;
+        msg.header.state = state;
+        msg.attributes = attributes;
+        msg
+    }
+
+    #[test]
+    fn only_resolved_ipv4_neighbours_with_an_ethernet_address_are_usable() {
+        let gw = Ipv4Addr::new(100, 64, 1, 1);
+        let mac = [2, 0, 0x5e, 0, 1, 0x99];
+        let attrs = || {
+            vec![
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(gw)),
+                NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+            ]
+        };
+        let usable = Some(Neighbour {
+            ifindex: 4,
+            ip: gw,
+            mac,
+        });
+        for state in [
+            NeighbourState::Reachable,
+            NeighbourState::Stale,
+            NeighbourState::Delay,
+            NeighbourState::Probe,
+            NeighbourState::Permanent,
+        ] {
+            assert_eq!(
+                usable_neighbour(&entry(state, attrs())),
+                usable,
+                "{state:?}"
+            );
+        }
+        for state in [
+            NeighbourState::Incomplete,
+            NeighbourState::Failed,
+            NeighbourState::None,
+        ] {
+            assert_eq!(usable_neighbour(&entry(state, attrs())), None, "{state:?}");
+        }
+        let v6 =
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6("fe80::1".parse().unwrap()));
+        let no_v4 = vec![v6, NeighbourAttribute::LinkLayerAddress(mac.to_vec())];
+        assert_eq!(
+            usable_neighbour(&entry(NeighbourState::Reachable, no_v4)),
+            None
+        );
+        let short = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(gw)),
+            NeighbourAttribute::LinkLayerAddress(vec![1, 2, 3]),
+        ];
+        assert_eq!(
+            usable_neighbour(&entry(NeighbourState::Reachable, short)),
+            None
+        );
+    }
+}
