@@ -6,12 +6,12 @@
 //! uplink the data plane believes is down. Startup (`Daemon::start`) checks
 //! everything it needs from the kernel before it attaches anything.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use lb_common::{
     hash,
-    maps::{program, tcp_state, uplink_state, FlowKey, FlowValue, NatKey, UplinkInfo},
+    maps::{program, uplink_state, UplinkInfo},
     reason,
     table::{self, Table},
 };
@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     api::{Status, UplinkAction, UplinkStatus},
     balancer::{self, Candidate},
-    config::{ClassifierMode, Config, UplinkConfig, MAX_WEIGHT},
+    config::{ClassifierMode, Config, FlowConfig, UplinkConfig, MAX_WEIGHT},
     dataplane::{AttachMode, Dataplane},
+    flows::FlowTables,
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
     hooks,
     linkwatch::{GatewayEvent, LinkWatch},
@@ -88,6 +89,8 @@ pub struct Daemon {
     table: Table,
     /// Flows removed as expired since start.
     expired: u64,
+    /// For `status`: flows per uplink.
+    flow_reader: Arc<FlowTables>,
 }
 
 fn mode_number(mode: ClassifierMode) -> u32 {
@@ -226,12 +229,14 @@ impl Daemon {
         for (addr, len) in bypass {
             dataplane.add_bypass(addr, len)?;
         }
+        let flow_reader = Arc::new(open_flow_tables(&dataplane, &uplinks, config.flows)?);
         let mut daemon = Self {
             config,
             uplinks,
             dataplane,
             table: table::empty(),
             expired: 0,
+            flow_reader,
         };
         daemon.apply()?;
 
@@ -378,79 +383,22 @@ impl Daemon {
         Ok(())
     }
 
-    /// Remove flows idle for longer than their timeout, with their NAT
-    /// mappings, and NAT mappings whose flow is gone. Returns how many flows
-    /// were removed.
-    pub fn collect_expired(&mut self, now_ns: u64) -> Result<usize> {
-        let flows = self.dataplane.flows()?;
-        let mut removed = 0;
-        let mut live = std::collections::HashSet::new();
-        for (key, value) in &flows {
-            let idle = Duration::from_nanos(now_ns.saturating_sub(value.last_seen_ns));
-            let rev = self.rev_key(key, value);
-            if idle > self.timeout(key, value) {
-                self.dataplane.remove_flow(key, rev.as_ref())?;
-                removed += 1;
-            } else if let Some(rev) = rev {
-                live.insert(rev);
-            }
-        }
-        // A mapping without its flow (the flow table evicted it when full)
-        // would hold its port forever. The flow is looked up afresh: one
-        // created since the snapshot above must keep its mapping.
-        for (rev, back) in self.dataplane.nat_entries()? {
-            if live.contains(&rev) {
-                continue;
-            }
-            let key = FlowKey {
-                src_addr: back.client_addr,
-                dst_addr: rev.remote_addr,
-                src_port: back.client_port,
-                dst_port: rev.remote_port,
-                proto: rev.proto,
-                _pad: [0; 3],
-            };
-            let current = self.dataplane.flow(&key)?;
-            if current.and_then(|v| self.rev_key(&key, &v)) != Some(rev) {
-                self.dataplane.remove_nat(&rev)?;
-            }
-        }
-        self.expired += removed as u64;
-        Ok(removed)
+    /// Handles of their own to the flow tables, for the flow collector:
+    /// it walks them without holding the daemon (see `flows`).
+    pub fn flow_tables(&self) -> Result<FlowTables> {
+        open_flow_tables(&self.dataplane, &self.uplinks, self.config.flows)
     }
 
-    fn rev_key(&self, key: &FlowKey, value: &FlowValue) -> Option<NatKey> {
-        let uplink = self.uplinks.get(value.uplink as usize)?;
-        Some(NatKey {
-            nat_addr: uplink.addr.octets(),
-            remote_addr: key.dst_addr,
-            nat_port: value.nat_port,
-            remote_port: key.dst_port,
-            proto: key.proto,
-            _pad: [0; 3],
-        })
+    /// Count `n` flows the collector removed as expired.
+    pub fn count_expired(&mut self, n: usize) {
+        self.expired += n as u64;
     }
 
-    /// Idle timeout of a flow: RFC 5382 for TCP (long once established,
-    /// short while opening or closing), RFC 4787 for UDP.
-    fn timeout(&self, key: &FlowKey, value: &FlowValue) -> Duration {
-        let t = &self.config.flows;
-        match (key.proto, value.tcp_state) {
-            (6, tcp_state::ESTABLISHED) => t.tcp_established_timeout,
-            (6, _) => t.tcp_transitory_timeout,
-            (17, _) => t.udp_timeout,
-            _ => t.icmp_timeout,
-        }
-    }
-
-    pub fn status(&self) -> Result<Status> {
+    /// Everything `lbctl status` shows but the flow counts, which need a
+    /// walk of the flow table: [`StatusDraft::finish`] does that walk, so
+    /// that the caller can do it after letting go of the daemon.
+    pub fn status(&self) -> Result<StatusDraft> {
         let counts = table::counts(&self.table);
-        let mut flows = vec![0u64; self.uplinks.len()];
-        for (_, v) in self.dataplane.flows()? {
-            if let Some(n) = flows.get_mut(v.uplink as usize) {
-                *n += 1;
-            }
-        }
         let mut uplinks = Vec::new();
         for u in &self.uplinks {
             let s = self.dataplane.uplink_stats(u.index)?;
@@ -477,17 +425,20 @@ impl Daemon {
                 rx_packets: s.rx_packets,
                 rx_bytes: s.rx_bytes,
                 new_flows: s.new_flows,
-                flows: flows[u.index as usize],
+                flows: 0,
                 replies: s.replies,
                 nat_failures: s.nat_failures,
             });
         }
         let reasons = self.dataplane.reasons()?;
-        Ok(Status {
+        let status = Status {
             flows_expired: self.expired,
-            flows_evicted: self
-                .dataplane
-                .evicted_flows(self.uplinks.len() as u32, self.expired)?,
+            // Less the flows in the table now: see `finish`.
+            flows_evicted: self.dataplane.evicted_flows(
+                self.uplinks.len() as u32,
+                self.expired,
+                0,
+            )?,
             mode: self.config.balance.mode.to_string(),
             uplinks,
             reasons: reason::NAMES
@@ -495,8 +446,43 @@ impl Daemon {
                 .zip(reasons)
                 .map(|(n, c)| (n.to_string(), c))
                 .collect(),
+        };
+        Ok(StatusDraft {
+            status,
+            flows: self.flow_reader.clone(),
         })
     }
+}
+
+/// A status waiting for its flow counts.
+pub struct StatusDraft {
+    status: Status,
+    flows: Arc<FlowTables>,
+}
+
+impl StatusDraft {
+    /// Walk the flow table (tenths of a second when it is full) and fill in
+    /// the flows per uplink, and the evictions, which are the flows pinned
+    /// that are neither collected nor still in the table.
+    pub fn finish(mut self) -> Result<Status> {
+        let counts = self.flows.count_by_uplink()?;
+        for (uplink, n) in self.status.uplinks.iter_mut().zip(&counts) {
+            uplink.flows = *n;
+        }
+        self.status.flows_evicted = self
+            .status
+            .flows_evicted
+            .saturating_sub(counts.iter().sum());
+        Ok(self.status)
+    }
+}
+
+fn open_flow_tables(
+    dataplane: &Dataplane,
+    uplinks: &[Uplink],
+    timeouts: FlowConfig,
+) -> Result<FlowTables> {
+    dataplane.flow_tables(uplinks.iter().map(|u| u.addr).collect(), timeouts)
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

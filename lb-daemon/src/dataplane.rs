@@ -5,22 +5,25 @@
 //! (`lb_common::maps`) but no policy: which uplink gets which buckets, or
 //! when an uplink is down, is decided elsewhere and handed in here.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, os::fd::AsFd};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, DevMap, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::Key, Array, DevMap, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData,
+        PerCpuArray,
+    },
     programs::{Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    maps::{
-        name, program, FlowKey, FlowValue, NatKey, NatValue, Settings, UplinkInfo, UplinkStats,
-    },
+    maps::{name, program, Settings, UplinkInfo, UplinkStats},
     reason,
     table::Table,
     BUCKETS, MAX_UPLINKS,
 };
+
+use crate::{config::FlowConfig, flows::FlowTables};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -251,92 +254,51 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Every flow in the table (for `lbctl flows`, and tests).
     /// Flows the kernel's LRU evicted to make room: every flow pinned
     /// (new flows, not moves) that is neither in the table now nor among
     /// the `collected` ones the daemon removed as expired.
-    pub fn evicted_flows(&self, uplinks: u32, collected: u64) -> Result<u64> {
+    pub fn evicted_flows(&self, uplinks: u32, collected: u64, now: u64) -> Result<u64> {
         let mut pinned = 0u64;
         for i in 0..uplinks {
             let s = self.uplink_stats(i)?;
             pinned += s.new_flows.saturating_sub(s.moved_away);
         }
-        let now = self.flows()?.len() as u64;
         Ok(pinned.saturating_sub(collected).saturating_sub(now))
     }
 
-    /// One flow, if the table holds it.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
-        let m = self.ebpf.map(name::FLOWS).context("map FLOWS missing")?;
-        let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;
-        match flows.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading FLOWS"),
-        }
+    /// Handles of its own to the flow and NAT tables, for walks that must
+    /// not hold up whoever owns this data plane. `uplink_addrs` are the
+    /// uplinks' NAT addresses by index.
+    pub fn flow_tables(
+        &self,
+        uplink_addrs: Vec<Ipv4Addr>,
+        timeouts: FlowConfig,
+    ) -> Result<FlowTables> {
+        Ok(FlowTables::new(
+            self.reopen(name::FLOWS)?,
+            self.reopen(name::NAT_REV)?,
+            uplink_addrs,
+            timeouts,
+        ))
     }
 
-    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let m = self.ebpf.map(name::FLOWS).context("map FLOWS missing")?;
-        let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;
-        flows.iter().map(|r| r.context("reading FLOWS")).collect()
-    }
-}
-
-impl Dataplane {
-    /// Every reverse NAT entry.
-    pub fn nat_entries(&self) -> Result<Vec<(NatKey, NatValue)>> {
+    /// A second handle to map `map` (the same kernel map, a new fd).
+    fn reopen<K: Pod, V: Pod>(&self, map: &str) -> Result<HashMap<MapData, K, V>> {
         let m = self
             .ebpf
-            .map(name::NAT_REV)
-            .context("map NAT_REV missing")?;
-        let rev: HashMap<_, NatKey, NatValue> = HashMap::try_from(m)?;
-        rev.iter().map(|r| r.context("reading NAT_REV")).collect()
-    }
-
-    /// Remove a flow and its reverse entry (either may already be gone).
-    pub fn remove_flow(&mut self, key: &FlowKey, rev: Option<&NatKey>) -> Result<()> {
-        {
-            let m = self
-                .ebpf
-                .map_mut(name::FLOWS)
-                .context("map FLOWS missing")?;
-            let mut flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(m)?;
-            ignore_missing(flows.remove(key))?;
-        }
-        if let Some(rev_key) = rev {
-            let m = self
-                .ebpf
-                .map_mut(name::NAT_REV)
-                .context("map NAT_REV missing")?;
-            let mut nat: HashMap<_, NatKey, NatValue> = HashMap::try_from(m)?;
-            ignore_missing(nat.remove(rev_key))?;
-        }
-        Ok(())
-    }
-
-    /// Remove a reverse entry whose flow is gone.
-    pub fn remove_nat(&mut self, key: &NatKey) -> Result<()> {
-        let m = self
-            .ebpf
-            .map_mut(name::NAT_REV)
-            .context("map NAT_REV missing")?;
-        let mut nat: HashMap<_, NatKey, NatValue> = HashMap::try_from(m)?;
-        ignore_missing(nat.remove(key))
-    }
-}
-
-/// A delete that finds nothing is fine: the kernel's LRU (or the data
-/// plane itself) got there first.
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
-    match r {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+            .map(map)
+            .with_context(|| format!("map {map} missing"))?;
+        let hash: HashMap<&MapData, K, V> =
+            HashMap::try_from(m).with_context(|| format!("map {map} has an unexpected type"))?;
+        let fd = hash
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .with_context(|| format!("duplicating the fd of map {map}"))?;
+        let data = MapData::from_fd(fd).with_context(|| format!("reopening map {map}"))?;
+        let map_again = Map::from_map_data(data).with_context(|| format!("reopening map {map}"))?;
+        HashMap::try_from(map_again).with_context(|| format!("map {map} has an unexpected type"))
     }
 }
 

@@ -279,8 +279,9 @@ mod tests {
         ] {
             assert_eq!(usable_neighbour(&entry(state, attrs())), None, "{state:?}");
         }
-        let v6 =
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6("fe80::1".parse().unwrap()));
+        let v6 = NeighbourAttribute::Destination(NeighbourAddress::Inet6(std::net::Ipv6Addr::new(
+            0xfe80, 0, 0, 0, 0, 0, 0, 1,
+        )));
         let no_v4 = vec![v6, NeighbourAttribute::LinkLayerAddress(mac.to_vec())];
         assert_eq!(
             usable_neighbour(&entry(NeighbourState::Reachable, no_v4)),

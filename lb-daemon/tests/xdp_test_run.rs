@@ -16,7 +16,7 @@ use lb_common::{
     table::{self, Table},
     MAX_UPLINKS,
 };
-use lb_daemon::dataplane::Dataplane;
+use lb_daemon::{config::FlowConfig, dataplane::Dataplane, flows::FlowTables};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -101,6 +101,14 @@ impl Harness {
 
     fn reason(&self, r: u32) -> u64 {
         self.dp.reasons().expect("reasons")[r as usize]
+    }
+
+    /// The flow collector's view of the tables, with the default timeouts.
+    fn flow_tables(&self) -> FlowTables {
+        let addrs = (1..=2).map(|n| Ipv4Addr::new(100, 64, n, 2)).collect();
+        self.dp
+            .flow_tables(addrs, FlowConfig::default())
+            .expect("flow tables")
     }
 }
 
@@ -779,12 +787,76 @@ fn a_full_flow_table_evicts_and_counts() {
         );
         assert_eq!(h.lan(&frame).0, XDP_REDIRECT, "flow {i} forwarded");
     }
-    let now = h.dp.flows().expect("flows").len() as u64;
-    let evicted = h.dp.evicted_flows(2, 0).expect("evictions");
+    let now = h.flow_tables().flows().expect("flows").len() as u64;
+    let evicted = h.dp.evicted_flows(2, 0, now).expect("evictions");
     assert!(now <= 1024, "{now} flows in a 1024-entry table");
     assert_eq!(
         evicted + now,
         4096,
         "every flow is either in the table or counted as evicted"
     );
+}
+
+#[test]
+fn the_collector_removes_idle_flows_with_their_mappings_and_keeps_the_rest() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // 10 UDP flows, each with its reverse mapping; replies find them.
+    for port in 5000..5010 {
+        assert_eq!(h.lan(&udp(port, 64)).0, XDP_REDIRECT, "flow {port}");
+    }
+    // A reply to port 5000, through each uplink: one of them has its flow.
+    let replies: Vec<Vec<u8>> = (1..=2)
+        .map(|n| {
+            build(
+                PacketBuilder::ethernet2([0x02, 0xbb, 0, 0, n, 1], [0x02, 0xaa, 0, 0, n, 2])
+                    .ipv4(SERVER, [100, 64, n, 2], 64)
+                    .udp(53, 5000),
+                b"answer",
+            )
+        })
+        .collect();
+    let translated = |h: &mut Harness| {
+        replies
+            .iter()
+            .filter(|r| h.run(program::WAN_INGRESS, r).0 == XDP_REDIRECT)
+            .count()
+    };
+    assert_eq!(translated(&mut h), 1, "the reply finds its mapping");
+    let mut tables = h.flow_tables();
+    let stamped: Vec<u64> = tables
+        .flows()
+        .expect("flows")
+        .iter()
+        .map(|(_, v)| v.last_seen_ns)
+        .collect();
+    assert_eq!(stamped.len(), 10);
+    let counts = tables.count_by_uplink().expect("counts");
+    assert_eq!(counts.iter().sum::<u64>(), 10, "{counts:?}");
+    let newest = stamped.iter().copied().max().unwrap_or(0);
+    let oldest = stamped.iter().copied().min().unwrap_or(0);
+
+    // Just inside the UDP timeout (measured from the newest packet as seen
+    // from the oldest): nothing goes.
+    let udp_timeout = FlowConfig::default().udp_timeout.as_nanos() as u64;
+    assert_eq!(
+        tables
+            .collect_expired(oldest + udp_timeout)
+            .expect("collect"),
+        0
+    );
+    assert_eq!(tables.flows().expect("flows").len(), 10);
+
+    // Past it for all of them: every flow goes, and with it every mapping,
+    // so a reply now finds nothing and goes to the kernel.
+    let removed = tables
+        .collect_expired(newest + udp_timeout + 1)
+        .expect("collect");
+    assert_eq!(removed, 10);
+    assert!(tables.flows().expect("flows").is_empty());
+    let before = h.reason(reason::PASS_NO_MAPPING);
+    assert_eq!(translated(&mut h), 0, "a mapping outlived its flow");
+    assert_eq!(h.reason(reason::PASS_NO_MAPPING), before + 2);
 }

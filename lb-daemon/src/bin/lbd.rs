@@ -17,6 +17,7 @@ use lb_daemon::{
     api::{Request, Response},
     config,
     daemon::Daemon,
+    flows::FlowTables,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -107,7 +108,12 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
 
     let mut gc = tokio::time::interval(GC_INTERVAL);
     // The collection walks the whole flow table with one syscall per entry:
-    // it runs off the async runtime, one at a time.
+    // it runs off the async runtime, one at a time, on handles of its own,
+    // without holding the daemon.
+    let collector = match daemon.lock() {
+        Ok(d) => Arc::new(Mutex::new(d.flow_tables()?)),
+        Err(_) => bail!("daemon state poisoned at start"),
+    };
     let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -116,8 +122,8 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = gc.tick() => if gc_task.as_ref().is_none_or(|t| t.is_finished()) {
-                let daemon = daemon.clone();
-                gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&daemon)));
+                let (daemon, collector) = (daemon.clone(), collector.clone());
+                gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&daemon, &collector)));
             },
             Some(event) = events.health.recv() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = d.on_health(event) {
@@ -143,11 +149,19 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     Ok(())
 }
 
-fn collect_expired(daemon: &Mutex<Daemon>) {
-    let Ok(mut d) = daemon.lock() else { return };
-    match d.collect_expired(monotonic_coarse_ns()) {
+/// Remove expired flows; the daemon is locked only to count them.
+fn collect_expired(daemon: &Mutex<Daemon>, tables: &Mutex<FlowTables>) {
+    let Ok(mut tables) = tables.lock() else {
+        return;
+    };
+    match tables.collect_expired(monotonic_coarse_ns()) {
         Ok(0) => {}
-        Ok(n) => log::debug!("collected {n} expired flows"),
+        Ok(n) => {
+            if let Ok(mut d) = daemon.lock() {
+                d.count_expired(n);
+            }
+            log::debug!("collected {n} expired flows");
+        }
         Err(e) => log::warn!("collecting expired flows failed: {e:#}"),
     }
 }
@@ -192,7 +206,9 @@ async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>) {
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req, &daemon),
+            // A status walks the flow table: let the runtime move other
+            // tasks off this thread meanwhile.
+            Ok(req) => tokio::task::block_in_place(|| handle(req, &daemon)),
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
@@ -214,12 +230,18 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
         };
     };
     match req {
-        Request::Status => match d.status() {
-            Ok(s) => Response::Status(s),
-            Err(e) => Response::Error {
-                message: format!("{e:#}"),
-            },
-        },
+        Request::Status => {
+            let draft = d.status();
+            // The flow count walks the whole table: not while holding the
+            // daemon, or health changes would wait for it.
+            drop(d);
+            match draft.and_then(|draft| draft.finish()) {
+                Ok(s) => Response::Status(s),
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
         Request::Uplink { name, action } => match d.operate(&name, action) {
             Ok(message) => Response::Done { message },
             Err(e) => Response::Error {
