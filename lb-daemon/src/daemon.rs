@@ -6,7 +6,11 @@
 //! uplink the data plane believes is down. Startup (`Daemon::start`) checks
 //! everything it needs from the kernel before it attaches anything.
 
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use lb_common::{
@@ -21,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     api::{Status, UplinkAction, UplinkStatus},
     balancer::{self, Candidate},
-    config::{ClassifierMode, Config, FlowConfig, UplinkConfig, MAX_WEIGHT},
+    config::{ClassifierMode, Config, UplinkConfig, MAX_WEIGHT},
     dataplane::{AttachMode, Dataplane},
     flows::FlowTables,
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
@@ -87,10 +91,10 @@ pub struct Daemon {
     pub uplinks: Vec<Uplink>,
     dataplane: Dataplane,
     table: Table,
-    /// Flows removed as expired since start.
-    expired: u64,
-    /// For `status`: flows per uplink.
-    flow_reader: Arc<FlowTables>,
+    /// The flow tables as the collector and `status` walk them, on handles
+    /// of their own (see `flows`); the lock keeps the two walks apart (a
+    /// walk beside deletions may see an entry twice).
+    flow_tables: Arc<Mutex<FlowTables>>,
 }
 
 fn mode_number(mode: ClassifierMode) -> u32 {
@@ -148,7 +152,7 @@ impl Daemon {
             let health = if link.up { Health::Up } else { Health::Down };
             let (link_tx, link_rx) = mpsc::channel(8);
             links.watch(link.index, &link.name, link.up, link_tx);
-            links.watch_gateway(link.index, cfg.gateway, index, gw_mac, gateway_tx.clone());
+            links.watch_gateway(link.index, cfg.gateway, index, gateway_tx.clone());
             let ident = probe::icmp_identifier(index, local_ports).with_context(|| {
                 format!(
                     "uplink {}: no ICMP identifier left in the local port range",
@@ -229,14 +233,14 @@ impl Daemon {
         for (addr, len) in bypass {
             dataplane.add_bypass(addr, len)?;
         }
-        let flow_reader = Arc::new(open_flow_tables(&dataplane, &uplinks, config.flows)?);
+        let addrs = uplinks.iter().map(|u| u.addr).collect();
+        let flow_tables = Arc::new(Mutex::new(dataplane.flow_tables(addrs, config.flows)?));
         let mut daemon = Self {
             config,
             uplinks,
             dataplane,
             table: table::empty(),
-            expired: 0,
-            flow_reader,
+            flow_tables,
         };
         daemon.apply()?;
 
@@ -299,12 +303,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// The kernel now reaches an uplink's gateway at another Ethernet
-    /// address: send the uplink's traffic there.
+    /// The kernel's neighbour entry for an uplink's gateway changed: if it
+    /// now has another Ethernet address, send the uplink's traffic there.
     pub fn on_gateway(&mut self, event: GatewayEvent) -> Result<()> {
         let Some(u) = self.uplinks.get_mut(event.uplink) else {
             return Ok(());
         };
+        if u.gateway_mac == event.mac {
+            return Ok(());
+        }
         self.dataplane
             .set_gateway_mac(u.index, event.mac)
             .with_context(|| format!("uplink {}: updating its gateway address", u.cfg.name))?;
@@ -383,15 +390,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// Handles of their own to the flow tables, for the flow collector:
-    /// it walks them without holding the daemon (see `flows`).
-    pub fn flow_tables(&self) -> Result<FlowTables> {
-        open_flow_tables(&self.dataplane, &self.uplinks, self.config.flows)
-    }
-
-    /// Count `n` flows the collector removed as expired.
-    pub fn count_expired(&mut self, n: usize) {
-        self.expired += n as u64;
+    /// The flow tables, for the flow collector: it walks them without
+    /// holding the daemon.
+    pub fn flow_tables(&self) -> Arc<Mutex<FlowTables>> {
+        self.flow_tables.clone()
     }
 
     /// Everything `lbctl status` shows but the flow counts, which need a
@@ -432,13 +434,9 @@ impl Daemon {
         }
         let reasons = self.dataplane.reasons()?;
         let status = Status {
-            flows_expired: self.expired,
-            // Less the flows in the table now: see `finish`.
-            flows_evicted: self.dataplane.evicted_flows(
-                self.uplinks.len() as u32,
-                self.expired,
-                0,
-            )?,
+            // Filled in by `finish`.
+            flows_expired: 0,
+            flows_evicted: 0,
             mode: self.config.balance.mode.to_string(),
             uplinks,
             reasons: reason::NAMES
@@ -449,7 +447,8 @@ impl Daemon {
         };
         Ok(StatusDraft {
             status,
-            flows: self.flow_reader.clone(),
+            pinned: self.dataplane.pinned_flows(self.uplinks.len() as u32)?,
+            tables: self.flow_tables.clone(),
         })
     }
 }
@@ -457,32 +456,34 @@ impl Daemon {
 /// A status waiting for its flow counts.
 pub struct StatusDraft {
     status: Status,
-    flows: Arc<FlowTables>,
+    /// Flows pinned to an uplink since start.
+    pinned: u64,
+    tables: Arc<Mutex<FlowTables>>,
 }
 
 impl StatusDraft {
     /// Walk the flow table (tenths of a second when it is full) and fill in
     /// the flows per uplink, and the evictions, which are the flows pinned
     /// that are neither collected nor still in the table.
+    /// Waits for a collection that is under way, so that a flow is counted
+    /// once: in the table, expired, or evicted.
     pub fn finish(mut self) -> Result<Status> {
-        let counts = self.flows.count_by_uplink()?;
+        let tables = self
+            .tables
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?;
+        let counts = tables.count_by_uplink()?;
         for (uplink, n) in self.status.uplinks.iter_mut().zip(&counts) {
             uplink.flows = *n;
         }
+        let expired = tables.expired();
+        self.status.flows_expired = expired;
         self.status.flows_evicted = self
-            .status
-            .flows_evicted
+            .pinned
+            .saturating_sub(expired)
             .saturating_sub(counts.iter().sum());
         Ok(self.status)
     }
-}
-
-fn open_flow_tables(
-    dataplane: &Dataplane,
-    uplinks: &[Uplink],
-    timeouts: FlowConfig,
-) -> Result<FlowTables> {
-    dataplane.flow_tables(uplinks.iter().map(|u| u.addr).collect(), timeouts)
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

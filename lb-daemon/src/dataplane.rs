@@ -254,16 +254,16 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Flows the kernel's LRU evicted to make room: every flow pinned
-    /// (new flows, not moves) that is neither in the table now nor among
-    /// the `collected` ones the daemon removed as expired.
-    pub fn evicted_flows(&self, uplinks: u32, collected: u64, now: u64) -> Result<u64> {
+    /// Flows pinned to an uplink since start (new flows, not moves). Those
+    /// neither in the table now nor collected as expired, the kernel's LRU
+    /// evicted to make room.
+    pub fn pinned_flows(&self, uplinks: u32) -> Result<u64> {
         let mut pinned = 0u64;
         for i in 0..uplinks {
             let s = self.uplink_stats(i)?;
             pinned += s.new_flows.saturating_sub(s.moved_away);
         }
-        Ok(pinned.saturating_sub(collected).saturating_sub(now))
+        Ok(pinned)
     }
 
     /// Handles of its own to the flow and NAT tables, for walks that must

@@ -25,6 +25,8 @@ pub struct FlowTables {
     /// Each uplink's NAT address, by uplink index.
     uplink_addrs: Vec<Ipv4Addr>,
     timeouts: FlowConfig,
+    /// Flows removed as expired so far.
+    expired: u64,
 }
 
 impl FlowTables {
@@ -41,7 +43,13 @@ impl FlowTables {
             nat,
             uplink_addrs,
             timeouts,
+            expired: 0,
         }
+    }
+
+    /// Flows removed as expired so far.
+    pub fn expired(&self) -> u64 {
+        self.expired
     }
 
     /// Every flow, as the walk found it.
@@ -80,6 +88,7 @@ impl FlowTables {
                     ignore_missing(self.nat.remove(rev)).context("removing from NAT_REV")?;
                 }
                 removed += 1;
+                self.expired += 1;
             } else if let Some(rev) = rev {
                 live.insert(rev);
             }

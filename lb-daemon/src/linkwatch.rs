@@ -14,8 +14,8 @@
 //!
 //! It never polls, never changes an interface or a neighbour, and never
 //! judges an uplink's health: it reports edges (up -> down, down -> up) of
-//! watched interfaces and new gateway addresses only, and `health` and the
-//! daemon decide what they mean.
+//! watched interfaces and the addresses of watched gateways only, and
+//! `health` and the daemon decide what they mean.
 
 use std::collections::HashMap;
 use std::io;
@@ -42,7 +42,8 @@ pub struct LinkEvent {
     pub up: bool,
 }
 
-/// The kernel now reaches a watched gateway at another Ethernet address.
+/// The Ethernet address the kernel holds for a watched gateway, on each
+/// change of its neighbour entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayEvent {
     /// The uplink the gateway belongs to, as given to
@@ -94,10 +95,9 @@ struct Watched {
     events: mpsc::Sender<LinkEvent>,
 }
 
-/// A watched gateway: whose it is, and the address last reported.
+/// A watched gateway: whose it is, and who is told.
 struct Gateway {
     uplink: usize,
-    mac: [u8; 6],
     events: mpsc::Sender<GatewayEvent>,
 }
 
@@ -136,26 +136,20 @@ impl LinkWatch {
         })
     }
 
-    /// Reports on `events` when the kernel's neighbour table gives
-    /// `gateway` on interface `ifindex` another Ethernet address than
-    /// `mac`, the one the subscriber uses now. Entries being resolved or
+    /// Reports on `events` the Ethernet address of `gateway` on interface
+    /// `ifindex` whenever the kernel's neighbour entry for it changes (its
+    /// state, mostly; the subscriber looks for a new address, and a change
+    /// it failed to apply comes round again). Entries being resolved or
     /// failed are not reported: the last address that worked stays.
     pub fn watch_gateway(
         &mut self,
         ifindex: u32,
         gateway: Ipv4Addr,
         uplink: usize,
-        mac: [u8; 6],
         events: mpsc::Sender<GatewayEvent>,
     ) {
-        self.gateways.insert(
-            (ifindex, gateway),
-            Gateway {
-                uplink,
-                mac,
-                events,
-            },
-        );
+        self.gateways
+            .insert((ifindex, gateway), Gateway { uplink, events });
     }
 
     /// Reports changes of interface `ifindex` (called `ifname`) on `events`.
@@ -241,8 +235,7 @@ async fn catch_up(
     Ok(())
 }
 
-/// Dumps the IPv4 neighbours and reports the watched gateways whose address
-/// is not the one their subscriber uses.
+/// Dumps the IPv4 neighbours and reports the watched gateways'.
 async fn catch_up_gateways(handle: &Handle, gateways: &mut Gateways) -> Result<(), LinkWatchError> {
     if gateways.is_empty() {
         return Ok(());
@@ -266,17 +259,13 @@ async fn catch_up_gateways(handle: &Handle, gateways: &mut Gateways) -> Result<(
     Ok(())
 }
 
-/// Tells a watched gateway's subscriber when its address changed; forgets
-/// subscribers that are gone.
+/// Tells a watched gateway's subscriber its address; forgets subscribers
+/// that are gone.
 async fn update_gateway(gateways: &mut Gateways, neighbour: Neighbour) {
     let key = (neighbour.ifindex, neighbour.ip);
-    let Some(entry) = gateways.get_mut(&key) else {
+    let Some(entry) = gateways.get(&key) else {
         return;
     };
-    if entry.mac == neighbour.mac {
-        return;
-    }
-    entry.mac = neighbour.mac;
     let event = GatewayEvent {
         uplink: entry.uplink,
         gateway: neighbour.ip,

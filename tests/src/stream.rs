@@ -55,6 +55,9 @@ impl Sink {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
+                // Stamped before the lock: a reader holding it must not
+                // delay the arrival time.
+                let at = Instant::now();
                 // Anything but a stream's datagram is not ours: ignore it.
                 let (SocketAddr::V4(from), 6) = (from, n) else {
                     continue;
@@ -62,7 +65,7 @@ impl Sink {
                 let port = u16::from_be_bytes([buf[0], buf[1]]);
                 let seq = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
                 if let Ok(mut m) = a.lock() {
-                    m.insert((port, seq), (Instant::now(), from.ip().octets()));
+                    m.insert((port, seq), (at, from.ip().octets()));
                 }
             }
         });
@@ -72,7 +75,9 @@ impl Sink {
     /// (sequence number, arrival, source address) of every datagram of the
     /// stream from client port `port`, in sequence order.
     pub fn stream(&self, port: u16) -> Vec<(u32, Instant, [u8; 4])> {
-        let m = self.arrivals.lock().map(|m| m.clone()).unwrap_or_default();
+        let Ok(m) = self.arrivals.lock() else {
+            return Vec::new();
+        };
         m.range((port, 0)..(port, PROBE_SEQ))
             .map(|(&(_, seq), &(t, a))| (seq, t, a))
             .collect()

@@ -97,8 +97,11 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
     let socket = config.daemon.socket.clone();
     let listener = bind_control_socket(&socket)?;
-    let (daemon, mut events) = match Daemon::start(config, local_ports).await {
-        Ok((d, events)) => (Arc::new(Mutex::new(d)), events),
+    let (daemon, mut events, collector) = match Daemon::start(config, local_ports).await {
+        Ok((d, events)) => {
+            let collector = d.flow_tables();
+            (Arc::new(Mutex::new(d)), events, collector)
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
             return Err(e);
@@ -110,10 +113,6 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     // The collection walks the whole flow table with one syscall per entry:
     // it runs off the async runtime, one at a time, on handles of its own,
     // without holding the daemon.
-    let collector = match daemon.lock() {
-        Ok(d) => Arc::new(Mutex::new(d.flow_tables()?)),
-        Err(_) => bail!("daemon state poisoned at start"),
-    };
     let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -122,8 +121,8 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = gc.tick() => if gc_task.as_ref().is_none_or(|t| t.is_finished()) {
-                let (daemon, collector) = (daemon.clone(), collector.clone());
-                gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&daemon, &collector)));
+                let collector = collector.clone();
+                gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&collector)));
             },
             Some(event) = events.health.recv() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = d.on_health(event) {
@@ -149,19 +148,14 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     Ok(())
 }
 
-/// Remove expired flows; the daemon is locked only to count them.
-fn collect_expired(daemon: &Mutex<Daemon>, tables: &Mutex<FlowTables>) {
+/// Remove expired flows, without holding the daemon.
+fn collect_expired(tables: &Mutex<FlowTables>) {
     let Ok(mut tables) = tables.lock() else {
         return;
     };
     match tables.collect_expired(monotonic_coarse_ns()) {
         Ok(0) => {}
-        Ok(n) => {
-            if let Ok(mut d) = daemon.lock() {
-                d.count_expired(n);
-            }
-            log::debug!("collected {n} expired flows");
-        }
+        Ok(n) => log::debug!("collected {n} expired flows"),
         Err(e) => log::warn!("collecting expired flows failed: {e:#}"),
     }
 }

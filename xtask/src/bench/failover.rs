@@ -16,9 +16,10 @@
 //! Both ways probe in rounds (lbd every 50 ms, the script every second),
 //! and when in its round a failure strikes decides much of how long it
 //! takes to notice. A run that started right after the way noticed the
-//! recovery would always strike at the same point of the round, so the
-//! runs wait before the cut for a delay spread evenly over one second:
-//! run k of n waits (k + 1/2) / n s, for both ways alike.
+//! recovery would always strike at the same point of the round, so once
+//! the flow runs, run k of n waits (k + u) / n s before the cut, u random
+//! in [0, 1): the cuts cover the script's 1 s round evenly and fall at
+//! random points of lbd's, the same delays for both ways.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -46,14 +47,14 @@ const STEADY: usize = 50;
 /// Longest wait for a failover (the script's is 1 to 2 s) or a recovery.
 const LIMIT: Duration = Duration::from_secs(10);
 /// The longest probe round of the two ways (the script's): the cuts'
-/// delays spread over it.
+/// delays cover it.
 const ROUND: Duration = Duration::from_secs(1);
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
 const ISP2_NAT: [u8; 4] = [100, 64, 2, 2];
 /// Where both ways probe, through each uplink.
 const TARGET: &str = "198.51.100.10";
-/// First client port the runs use; each run takes new ones (a flow moved
-/// to isp2 stays there, in lb and in conntrack alike).
+/// First client port the runs use; each run takes new ones (in lb a flow
+/// moved to isp2 stays there).
 const FIRST_PORT: u16 = 5000;
 const NETWATCH: &str = include_str!("netwatch.sh");
 
@@ -138,8 +139,12 @@ pub fn measure(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Case>> {
         })
         .collect();
     let mut next_port = FIRST_PORT;
+    use std::hash::BuildHasher as _;
+    let random = std::collections::hash_map::RandomState::new();
     for round in 1..=runs {
-        let delay = ROUND * (2 * round - 1) / (2 * runs);
+        // u in [0, 1) from a randomly seeded hash: no generator needed.
+        let u = random.hash_one(round) as f64 / (u64::MAX as f64 + 1.0);
+        let delay = ROUND.mul_f64((f64::from(round - 1) + u) / f64::from(runs));
         for way in Way::ALL {
             let mut running = Running::start(&mut lab, way)?;
             for failure in Failure::ALL {
@@ -210,13 +215,17 @@ impl<'a> Running<'a> {
             }
             Way::Netwatch => {
                 kernel_on(lab)?;
-                let script = std::env::temp_dir().join(format!("{PREFIX}netwatch.sh"));
-                std::fs::write(&script, NETWATCH)
-                    .with_context(|| format!("writing {}", script.display()))?;
-                let path = script
-                    .to_str()
-                    .context("temporary directory is not UTF-8")?;
-                let args = ["bash", path, TARGET, "wan1:100.64.1.1", "wan2:100.64.2.1"];
+                // The script's text as an argument: no file for anyone to
+                // swap between writing and running it.
+                let args = [
+                    "bash",
+                    "-c",
+                    NETWATCH,
+                    "netwatch.sh",
+                    TARGET,
+                    "wan1:100.64.1.1",
+                    "wan2:100.64.2.1",
+                ];
                 RunningWay::Netwatch(lab.spawn("router", &args)?)
             }
         };

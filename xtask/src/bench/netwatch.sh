@@ -11,8 +11,8 @@
 # Uplink N (the Nth DEV:GATEWAY) owns routing table N and conntrack mark N.
 # Once a second, in parallel, one ICMP echo to TARGET leaves through each
 # uplink (`ping -I DEV`, 1 s timeout). A probe that fails marks its uplink
-# down, one that succeeds marks it up, as Netwatch's ICMP check does with
-# no thresholds (the quickest it can be set). On a change, each uplink's
+# down, one that succeeds marks it up: no thresholds, no counts, so it
+# reacts to the first round that sees a change. On a change, each uplink's
 # table routes through itself if it is up, else through the first uplink
 # that is; and the conntrack entries of the changed uplink's mark are
 # deleted, since masquerade keeps a connection's address for its lifetime

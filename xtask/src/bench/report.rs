@@ -270,9 +270,10 @@ impl Report {
              the link and waits until new flows use isp1 again, and the next one\n\
              starts a new flow. \"Lost\": datagrams of the flow that never arrived.\n\n\
              Both ways probe in rounds, and where in its round a failure strikes\n\
-             decides much of how long it takes to notice, so run k of n waits\n\
-             (k + 1/2) / n s after the flow starts before it cuts, spreading the\n\
-             cuts evenly over the script's 1 s round, the same for both ways.\n\
+             decides much of how long it takes to notice, so once 50 datagrams\n\
+             arrived through isp1, run k of n waits (k + u) / n s before it cuts,\n\
+             u random in [0, 1): the cuts cover the script's 1 s round evenly and\n\
+             fall at random points of lbd's 50 ms one, the same for both ways.\n\
              The `ip link set` that fails the link took {cut:.1} ms (median).\n\n\
              - Upstream cut: isp1's link to the internet goes down; isp1's gateway\n  \
                still answers the router.\n\
@@ -285,8 +286,8 @@ impl Report {
                once a second the script pings 198.51.100.10 through each uplink\n  \
                (1 s timeout), and one failed probe points the uplink's routing\n  \
                table at the other uplink and deletes the conntrack entries of its\n  \
-               mark: MikroTik's Netwatch with down/up scripts, set as quick as it\n  \
-               goes.\n\n\
+               mark: Netwatch's down/up scripts with a 1 s interval, a 1 s timeout\n  \
+               and no thresholds.\n\n\
              | failure | way | failover time, ms (median) | min | max | datagrams lost (median) |\n\
              | --- | --- | ---: | ---: | ---: | ---: |\n",
             cut = self.cut_command_ms(),
