@@ -457,19 +457,7 @@ pub fn http_download(
     timeout: Duration,
 ) -> Result<u64> {
     let deadline = Instant::now() + timeout;
-    let socket = in_netns(ns, || {
-        Socket::new(
-            Domain::for_address(server),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )
-        .context("creating an HTTP client socket")
-    })?;
-    socket
-        .connect_timeout(&server.into(), timeout)
-        .with_context(|| format!("connecting to {server}"))?;
-    let mut stream = TcpStream::from(socket);
-    stream.set_write_timeout(Some(timeout))?;
+    let mut stream = tcp_connect(ns, None, server, timeout)?;
     stream.set_read_timeout(Some(IDLE.min(timeout)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n")
         .context("sending the request")?;
@@ -567,18 +555,7 @@ fn sink(stream: &mut TcpStream) -> Result<()> {
 /// `timeout`.
 pub fn tcp_upload(ns: &str, server: SocketAddr, bytes: usize, timeout: Duration) -> Result<u64> {
     let deadline = Instant::now() + timeout;
-    let socket = in_netns(ns, || {
-        Socket::new(
-            Domain::for_address(server),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )
-        .context("creating an upload socket")
-    })?;
-    socket
-        .connect_timeout(&server.into(), timeout)
-        .with_context(|| format!("connecting to {server}"))?;
-    let mut stream = TcpStream::from(socket);
+    let mut stream = tcp_connect(ns, None, server, timeout)?;
     let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
     let mut sent = 0;
     while sent < bytes {
@@ -623,6 +600,18 @@ pub fn tcp_connect_from(
     server: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream> {
+    tcp_connect(ns, Some(local), server, timeout)
+}
+
+/// A TCP connection from namespace `ns` to `server`, from `local` if given
+/// (else the kernel picks the port), with `timeout` on connect, reads and
+/// writes.
+fn tcp_connect(
+    ns: &str,
+    local: Option<SocketAddr>,
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
     let socket = in_netns(ns, || {
         let socket = Socket::new(
             Domain::for_address(server),
@@ -630,14 +619,16 @@ pub fn tcp_connect_from(
             Some(Protocol::TCP),
         )
         .context("creating a TCP socket")?;
-        socket
-            .bind(&local.into())
-            .with_context(|| format!("binding TCP {local} in {ns}"))?;
+        if let Some(local) = local {
+            socket
+                .bind(&local.into())
+                .with_context(|| format!("binding TCP {local} in {ns}"))?;
+        }
         Ok(socket)
     })?;
     socket
         .connect_timeout(&server.into(), timeout)
-        .with_context(|| format!("connecting from {local} in {ns} to {server}"))?;
+        .with_context(|| format!("connecting from {ns} to {server}"))?;
     let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

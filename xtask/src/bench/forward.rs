@@ -25,6 +25,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::programs::{xdp::XdpLinkId, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use lb_daemon::daemon::mac_text;
 use lb_tests::{
     daemon::{LabConfig, Lbd},
     in_netns, Lab, LabDesc,
@@ -542,13 +543,6 @@ fn mac(lab: &Lab, host: &str, ifname: &str) -> Result<[u8; 6]> {
     bytes
         .try_into()
         .map_err(|_| anyhow::anyhow!("{host}:{ifname} has MAC address `{}`", text.trim()))
-}
-
-fn mac_text(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The interface index of `host:ifname`, in its namespace.
