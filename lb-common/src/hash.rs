@@ -75,6 +75,20 @@ pub fn bucket(hash: u32) -> u32 {
     hash & (crate::BUCKETS - 1)
 }
 
+/// The bucket a new flow with classifier hash `hash` looks at on its
+/// `attempt`: 0 is its own bucket ([`bucket`]); later attempts, used only
+/// while the own bucket's uplink cannot take new flows, are other buckets
+/// picked by a remix of the same hash, so a flow always retries the same
+/// ones and the classifier mode still decides which flows go together.
+#[inline(always)]
+pub fn bucket_for(hash: u32, attempt: u32) -> u32 {
+    if attempt == 0 {
+        bucket(hash)
+    } else {
+        bucket(finish(mix(hash, attempt), 8))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +133,15 @@ mod tests {
             classify(7, mode::SRC_ADDRESS, &a),
             classify(7, mode::SRC_ADDRESS, &b)
         );
+    }
+
+    #[test]
+    fn later_attempts_look_elsewhere() {
+        let h = classify(7, mode::FIVE_TUPLE, &tuple(1));
+        assert_eq!(bucket_for(h, 0), bucket(h));
+        let others: [u32; 4] = core::array::from_fn(|i| bucket_for(h, i as u32 + 1));
+        assert!(others.iter().any(|&b| b != bucket(h)));
+        assert_eq!(bucket_for(h, 3), bucket_for(h, 3), "deterministic");
     }
 
     #[test]

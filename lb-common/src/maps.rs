@@ -36,9 +36,10 @@ pub struct Settings {
     pub seed: u32,
     /// One of [`crate::hash::mode`].
     pub mode: u32,
-    /// Which half of the `BUCKETS` map is live (0 or 1). The daemon writes
-    /// the other half and then flips this, so a new table takes effect in
-    /// one step and no packet ever sees half of each.
+    /// Which of the two tables in the `BUCKETS` map is live (0 or 1). The
+    /// daemon writes the other one (one map write) and then flips this, so
+    /// a new table takes effect in one step and no packet ever sees half of
+    /// each.
     pub active_table: u32,
     /// NAT source ports (host order, inclusive) a new mapping may take when
     /// the client's own port is not free.
@@ -50,6 +51,15 @@ pub struct Settings {
     pub local_port_min: u16,
     pub local_port_max: u16,
     pub _pad: u32,
+}
+
+/// One bucket table, a single map value: the daemon replaces a whole table
+/// with one write. `uplinks[bucket]` is an uplink index or
+/// [`crate::NO_UPLINK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketTable {
+    pub uplinks: crate::table::Table,
 }
 
 /// Operator and health state of an uplink as the data plane sees it.
@@ -192,6 +202,7 @@ const _: () = {
     assert!(core::mem::size_of::<NatKey>() == 16);
     assert!(core::mem::size_of::<NatValue>() == 28);
     assert!(core::mem::size_of::<UplinkStats>() == 64);
+    assert!(core::mem::size_of::<BucketTable>() == 4 * crate::BUCKETS as usize);
 };
 
 #[cfg(feature = "user")]
@@ -199,6 +210,7 @@ mod pod {
     // SAFETY: every type here is `repr(C)`, made only of integers and byte
     // arrays with explicit padding, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::BucketTable {}
     unsafe impl aya::Pod for super::UplinkInfo {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}

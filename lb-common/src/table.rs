@@ -11,8 +11,17 @@
 //!
 //! Existing flows never look at this table (they are pinned in the flow
 //! table), so a move here only changes where *new* flows go.
+//!
+//! [`steer`] is how the data plane reads the table, here so that the kernel
+//! and user space (tests, `explain`) share it. When a flow's bucket points
+//! at an uplink that cannot take new flows (it has just been marked down,
+//! and the daemon's rebalanced table is not written yet), the flow tries
+//! [`FALLBACK_TRIES`] other buckets of the same table. The data plane thus
+//! moves traffic off a dead uplink as soon as that uplink's *state* changes,
+//! one map write, and weights and tiers still hold for the flows that move:
+//! the other buckets belong to the live uplinks in proportion.
 
-use crate::{BUCKETS, MAX_UPLINKS, NO_UPLINK};
+use crate::{hash, BUCKETS, MAX_UPLINKS, NO_UPLINK};
 
 const B: usize = BUCKETS as usize;
 const N: usize = MAX_UPLINKS as usize;
@@ -124,6 +133,30 @@ pub fn rebalance(table: &mut Table, weights: &[u32; N]) -> usize {
     moved
 }
 
+/// Other buckets a new flow tries when its own bucket's uplink cannot take
+/// it. With half the buckets dead, a flow finds none alive in 1 of 512
+/// cases, and waits (dropped, counted) for the daemon's new table.
+pub const FALLBACK_TRIES: u32 = 8;
+
+/// The uplink a new flow with classifier hash `hash` goes to: the owner of
+/// its bucket if `takes_new_flows` says that uplink can take it, else the
+/// first such owner of its fallback buckets ([`hash::bucket_for`]).
+/// `owner(bucket)` reads the live table; `None` means no uplink.
+#[inline(always)]
+pub fn steer(
+    hash: u32,
+    mut owner: impl FnMut(u32) -> Option<u32>,
+    mut takes_new_flows: impl FnMut(u32) -> bool,
+) -> Option<u32> {
+    for attempt in 0..=FALLBACK_TRIES {
+        match owner(hash::bucket_for(hash, attempt)) {
+            Some(uplink) if uplink != NO_UPLINK && takes_new_flows(uplink) => return Some(uplink),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// How many buckets each uplink owns.
 pub fn counts(table: &Table) -> [u32; N] {
     let mut c = [0u32; N];
@@ -182,6 +215,34 @@ mod tests {
         rebalance(&mut t, &weights(&[1, 1]));
         // Alternating, not two halves: no run longer than one.
         assert!(t.windows(2).all(|p| p[0] != p[1]));
+    }
+
+    #[test]
+    fn steer_keeps_live_buckets_and_skips_dead_ones() {
+        let mut t = empty();
+        rebalance(&mut t, &weights(&[1, 1, 1]));
+        let owner = |b: u32| t.get(b as usize).copied();
+        let mut moved = [0u32; 3];
+        for h in 0..20_000u32 {
+            let h = h.wrapping_mul(0x9e37_79b9);
+            let own = t[hash::bucket(h) as usize];
+            // All alive: always the own bucket's uplink.
+            assert_eq!(steer(h, owner, |_| true), Some(own));
+            // Uplink 0 dead: its flows go to 1 or 2, the others stay.
+            let got = steer(h, owner, |u| u != 0);
+            if own == 0 {
+                if let Some(u) = got {
+                    moved[u as usize] += 1;
+                }
+            } else {
+                assert_eq!(got, Some(own));
+            }
+            assert_eq!(steer(h, owner, |_| false), None);
+        }
+        assert_eq!(moved[0], 0);
+        // Spread over both survivors, roughly evenly.
+        let (a, b) = (moved[1], moved[2]);
+        assert!(a > 2_500 && b > 2_500, "moved to 1: {a}, to 2: {b}");
     }
 
     proptest! {

@@ -95,6 +95,26 @@ pub struct UplinkStatus {
     pub replies: u64,
     /// New flows dropped for want of a free NAT port.
     pub nat_failures: u64,
+    /// How fast the last change of its state reached the data plane.
+    #[serde(default)]
+    pub last_change: Option<Reaction>,
+}
+
+/// The path of one state change, from what lbd saw to the data plane.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reaction {
+    /// From the moment lbd read the kernel's event (or judged the probe
+    /// round, or took the operator's command) to the moment the daemon
+    /// took the change up, in microseconds.
+    pub queued_us: u64,
+    /// Writing the uplink's state to the data plane, in microseconds: from
+    /// here on its traffic moves.
+    pub write_us: u64,
+    /// Then rebalancing and writing the bucket table, in microseconds.
+    pub table_us: u64,
+    /// When the data plane had it, on the machine's monotonic clock
+    /// (`CLOCK_MONOTONIC`, ns), to line it up with what other processes saw.
+    pub applied_monotonic_ns: u64,
 }
 
 /// Why a request could not be answered.

@@ -23,7 +23,7 @@ use lb_common::{
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    api::{Status, UplinkAction, UplinkStatus},
+    api::{Reaction, Status, UplinkAction, UplinkStatus},
     balancer::{self, Candidate},
     config::{ClassifierMode, Config, UplinkConfig, MAX_WEIGHT},
     dataplane::{AttachMode, Dataplane},
@@ -64,6 +64,10 @@ pub struct Uplink {
     pub transitions: u64,
     /// The gateway's Ethernet address, as the data plane has it.
     pub gateway_mac: [u8; 6],
+    /// The state the data plane has for it (see `dataplane_state`).
+    written_state: u32,
+    /// How the last change of its state reached the data plane.
+    pub last_change: Option<Reaction>,
 }
 
 impl Uplink {
@@ -174,7 +178,7 @@ impl Daemon {
                 initial: health,
             };
             tokio::spawn(health::run(monitor, link_rx, health_tx.clone(), snap_tx));
-            let uplink = Uplink {
+            let mut uplink = Uplink {
                 cfg: cfg.clone(),
                 index: index as u32,
                 ifindex: link.index,
@@ -190,10 +194,13 @@ impl Daemon {
                 snapshot: snap_rx,
                 transitions: 0,
                 gateway_mac: gw_mac,
+                written_state: uplink_state::UNUSED,
+                last_change: None,
             };
+            uplink.written_state = uplink.dataplane_state();
             infos.push(UplinkInfo {
                 ifindex: link.index,
-                state: uplink.dataplane_state(),
+                state: uplink.written_state,
                 addr: addr.octets(),
                 src_mac: link.mac,
                 gw_mac,
@@ -270,6 +277,7 @@ impl Daemon {
 
     /// Apply a health transition: data plane first, then log and hooks.
     pub fn on_health(&mut self, event: HealthEvent) -> Result<()> {
+        let taken = std::time::Instant::now();
         let Some(u) = self.uplinks.get_mut(event.uplink) else {
             return Ok(());
         };
@@ -277,10 +285,22 @@ impl Daemon {
         u.health = event.transition.to;
         u.reason = event.transition.reason.clone();
         u.transitions += 1;
-        self.apply()?;
+        self.apply_timed(event.uplink, event.at.into_std(), taken)?;
         let u = &self.uplinks[event.uplink];
+        let timing = u
+            .last_change
+            .map(|r| {
+                format!(
+                    "; in the data plane {} µs after the event ({} µs to the daemon, state written in {} µs, table in {} µs)",
+                    r.queued_us + r.write_us,
+                    r.queued_us,
+                    r.write_us,
+                    r.table_us
+                )
+            })
+            .unwrap_or_default();
         log::info!(
-            "uplink {}: {} -> {} ({})",
+            "uplink {}: {} -> {} ({}){timing}",
             u.cfg.name,
             previous,
             u.health,
@@ -329,10 +349,12 @@ impl Daemon {
     /// An operator's change to uplink `name`. Refused, with nothing changed,
     /// for an unknown uplink or a bad value.
     pub fn operate(&mut self, name: &str, action: UplinkAction) -> Result<String> {
-        let Some(u) = self.uplinks.iter_mut().find(|u| u.cfg.name == name) else {
+        let taken = std::time::Instant::now();
+        let Some(index) = self.uplinks.iter().position(|u| u.cfg.name == name) else {
             let known: Vec<&str> = self.uplinks.iter().map(|u| u.cfg.name.as_str()).collect();
             bail!("no uplink named {name:?} (uplinks: {})", known.join(", "));
         };
+        let u = &mut self.uplinks[index];
         let done = match action {
             UplinkAction::Enable => {
                 u.admin = Admin::Enabled;
@@ -355,18 +377,65 @@ impl Daemon {
             }
         };
         u.reason = format!("operator: {done}");
-        self.apply()?;
+        self.apply_timed(index, taken, taken)?;
         log::info!("{done} (operator)");
         Ok(done)
     }
 
     /// Push every uplink's state to the data plane, then the bucket table
-    /// that follows from it.
+    /// that follows from it. The state write alone already moves traffic
+    /// (the data plane steers new and orphaned flows past buckets whose
+    /// uplink cannot take them, `lb_common::table::steer`); the table then
+    /// spreads the moved buckets by weight.
     pub fn apply(&mut self) -> Result<()> {
-        for u in &self.uplinks {
-            self.dataplane
-                .set_uplink_state(u.index, u.dataplane_state())?;
+        self.apply_states()?;
+        self.apply_table()
+    }
+
+    /// [`apply`](Self::apply), recording in uplink `index`'s `last_change`
+    /// how long it took from `seen` (the cause) through `taken` (the daemon
+    /// took it up) to the data plane.
+    fn apply_timed(
+        &mut self,
+        index: usize,
+        seen: std::time::Instant,
+        taken: std::time::Instant,
+    ) -> Result<()> {
+        self.apply_states()?;
+        let states = std::time::Instant::now();
+        let applied_monotonic_ns = monotonic_ns();
+        self.apply_table()?;
+        let table = std::time::Instant::now();
+        let micros = |d: Duration| d.as_micros() as u64;
+        if let Some(u) = self.uplinks.get_mut(index) {
+            u.last_change = Some(Reaction {
+                queued_us: micros(taken.saturating_duration_since(seen)),
+                write_us: micros(states - taken),
+                table_us: micros(table - states),
+                applied_monotonic_ns,
+            });
         }
+        Ok(())
+    }
+
+    /// Write the state of every uplink whose state changed, one map write
+    /// each.
+    fn apply_states(&mut self) -> Result<()> {
+        for u in &mut self.uplinks {
+            let state = u.dataplane_state();
+            if state != u.written_state {
+                self.dataplane
+                    .set_uplink_state(u.index, state)
+                    .with_context(|| format!("uplink {}: writing its state", u.cfg.name))?;
+                u.written_state = state;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebalance the bucket table for the current states and weights, and
+    /// make it live if it changed (two map writes).
+    fn apply_table(&mut self) -> Result<()> {
         let candidates: Vec<Candidate> = self
             .uplinks
             .iter()
@@ -430,6 +499,7 @@ impl Daemon {
                 flows: 0,
                 replies: s.replies,
                 nat_failures: s.nat_failures,
+                last_change: u.last_change,
             });
         }
         let reasons = self.dataplane.reasons()?;
@@ -484,6 +554,20 @@ impl StatusDraft {
             .saturating_sub(counts.iter().sum());
         Ok(self.status)
     }
+}
+
+/// The machine's monotonic clock (`CLOCK_MONOTONIC`, what Rust's `Instant`
+/// reads on Linux), in ns: comparable across processes.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec for the kernel to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

@@ -17,10 +17,10 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    maps::{name, program, Settings, UplinkInfo, UplinkStats},
+    maps::{name, program, BucketTable, Settings, UplinkInfo, UplinkStats},
     reason,
     table::Table,
-    BUCKETS, MAX_UPLINKS,
+    MAX_UPLINKS,
 };
 
 use crate::{config::FlowConfig, flows::FlowTables};
@@ -132,15 +132,14 @@ impl Dataplane {
     }
 
     /// Make `table` the live bucket table in one step: write it into the
-    /// idle half of the map, then flip `active_table`.
+    /// idle one of the two tables (one map write), then flip
+    /// `active_table`.
     pub fn set_buckets(&mut self, table: &Table) -> Result<()> {
         let idle = self.active_table ^ 1;
-        let mut buckets = self.array::<u32>(name::BUCKETS)?;
-        for (i, &uplink) in table.iter().enumerate() {
-            buckets
-                .set(idle * BUCKETS + i as u32, uplink, 0)
-                .with_context(|| format!("writing bucket {i}"))?;
-        }
+        let value = BucketTable { uplinks: *table };
+        self.array::<BucketTable>(name::BUCKETS)?
+            .set(idle, value, 0)
+            .context("writing the bucket table")?;
         self.active_table = idle;
         self.write_settings()
     }

@@ -418,7 +418,8 @@ pub struct HealthEvent {
     pub transition: Transition,
     /// The window's statistics when it happened.
     pub stats: Stats,
-    /// When it was decided (tokio time).
+    /// When what caused it was seen (tokio time): the kernel's link event
+    /// read, or the probe round judged.
     pub at: Instant,
 }
 
@@ -470,11 +471,15 @@ pub async fn run<P: Probe>(
     let mut links_open = true;
 
     loop {
+        let mut seen = None;
         let transition = tokio::select! {
             biased;
             () = events.closed() => return,
             event = link_events.recv(), if links_open => match event {
-                Some(event) => machine.link(event.up, &event.ifname),
+                Some(event) => {
+                    seen = Some(event.at);
+                    machine.link(event.up, &event.ifname)
+                }
                 None => {
                     log::debug!("uplink {name}: link events ended; probing on");
                     links_open = false;
@@ -514,7 +519,7 @@ pub async fn run<P: Probe>(
                 uplink,
                 transition,
                 stats: machine.stats(),
-                at: Instant::now(),
+                at: seen.unwrap_or_else(Instant::now),
             };
             if events.send(event).await.is_err() {
                 return;
@@ -999,6 +1004,7 @@ mod tests {
             ifindex: 7,
             ifname: "wan1".into(),
             up: false,
+            at: Instant::now(),
         };
         d.link.send(down).await.expect("driver running");
         let event = d.events.recv().await.expect("an event");
@@ -1010,6 +1016,7 @@ mod tests {
             ifindex: 7,
             ifname: "wan1".into(),
             up: true,
+            at: Instant::now(),
         };
         d.link.send(up).await.expect("driver running");
         let back = Instant::now();
@@ -1087,6 +1094,7 @@ mod tests {
             ifindex: 7,
             ifname: "wan1".into(),
             up: false,
+            at: Instant::now(),
         };
         d.link.send(event.clone()).await.expect("running");
         assert_eq!(

@@ -17,7 +17,7 @@ use lb_common::{
     hash::{self, Tuple},
     maps::{tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo},
     nat::{self, PORT_ATTEMPTS},
-    reason, NO_UPLINK,
+    reason, table,
 };
 
 use crate::{
@@ -232,17 +232,21 @@ fn tuple(key: &FlowKey) -> Tuple {
     }
 }
 
-/// The bucket table's uplink for a new connection, if it takes new flows.
+/// The uplink a new connection goes to: its bucket's, or while that one
+/// cannot take new flows, another bucket's (`lb_common::table::steer`), so
+/// a state write alone moves traffic off a dead uplink.
 #[inline(always)]
 fn new_uplink(key: &FlowKey) -> Option<u32> {
     let settings = SETTINGS.get(0)?;
-    let bucket = hash::bucket(hash::classify(settings.seed, settings.mode, &tuple(key)));
-    let table = (settings.active_table & 1) * lb_common::BUCKETS;
-    let uplink = *BUCKETS.get(table + bucket)?;
-    if uplink == NO_UPLINK {
-        return None;
-    }
-    let info = UPLINKS.get(uplink)?;
-    (info.state == uplink_state::ACTIVE && info.ifindex != 0 && info.gw_mac != [0; 6])
-        .then_some(uplink)
+    let table = BUCKETS.get(settings.active_table & 1)?;
+    let hash = hash::classify(settings.seed, settings.mode, &tuple(key));
+    table::steer(
+        hash,
+        |bucket| table.uplinks.get(bucket as usize).copied(),
+        |uplink| {
+            UPLINKS.get(uplink).is_some_and(|info| {
+                info.state == uplink_state::ACTIVE && info.ifindex != 0 && info.gw_mac != [0; 6]
+            })
+        },
+    )
 }

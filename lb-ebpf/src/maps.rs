@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    maps::{FlowKey, FlowValue, NatKey, NatValue, Settings, UplinkInfo, UplinkStats},
-    reason, BUCKETS as BUCKET_COUNT, DEFAULT_MAX_FLOWS, MAX_LANS, MAX_UPLINKS,
+    maps::{BucketTable, FlowKey, FlowValue, NatKey, NatValue, Settings, UplinkInfo, UplinkStats},
+    reason, DEFAULT_MAX_FLOWS, MAX_LANS, MAX_UPLINKS,
 };
 
 /// Global knobs, one entry.
@@ -16,9 +16,10 @@ use lb_common::{
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// Bucket -> uplink index for new flows ([`lb_common::NO_UPLINK`]: none).
-/// Two tables back to back; `Settings::active_table` says which is live.
+/// Two whole tables, one map value each; `Settings::active_table` says
+/// which is live.
 #[map]
-pub static BUCKETS: Array<u32> = Array::with_max_entries(2 * BUCKET_COUNT, 0);
+pub static BUCKETS: Array<BucketTable> = Array::with_max_entries(2, 0);
 
 /// Uplink index -> how to send through it.
 #[map]

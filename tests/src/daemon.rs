@@ -169,6 +169,19 @@ impl Lbd {
             .with_context(|| format!("reason {reason} not in status: {}", status["reasons"]))
     }
 
+    /// When the data plane got uplink `name`'s current state, if lbd
+    /// changed it since it started (`last_change` in `lbctl status`).
+    pub fn changed_at(&self, name: &str) -> Result<Option<Instant>> {
+        let status = self.status()?;
+        let uplink = status["uplinks"]
+            .as_array()
+            .and_then(|u| u.iter().find(|u| u["name"] == name))
+            .with_context(|| format!("uplink {name} not in status"))?;
+        Ok(uplink["last_change"]["applied_monotonic_ns"]
+            .as_u64()
+            .map(crate::stream::instant_of_monotonic_ns))
+    }
+
     /// Stop the daemon (SIGTERM, then SIGKILL after a grace period).
     pub fn stop(self, lab: &mut Lab) -> Result<()> {
         let status = lab.stop(self.pid)?;

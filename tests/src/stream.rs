@@ -132,9 +132,13 @@ impl Stream {
                 msg[2..].copy_from_slice(&seq.to_be_bytes());
                 // A send that fails (an ICMP error from a dead path) is a
                 // datagram lost, which is what the caller measures.
+                // Stamped before the send: a datagram stamped after a
+                // moment reached the router after it, which is what the
+                // failover tests' causal bounds rely on.
+                let at = Instant::now();
                 let _ = socket.send_to(&msg, SINK);
                 if let Ok(mut s) = sent2.lock() {
-                    s.push(Instant::now());
+                    s.push(at);
                 }
                 seq += 1;
                 // Paced against the start, so a late wake-up does not slow
@@ -150,8 +154,8 @@ impl Stream {
         self.port
     }
 
-    /// Send time of datagram `seq`.
-    fn sent_at(&self, seq: u32) -> Option<Instant> {
+    /// Send time of datagram `seq` (taken just before it was sent).
+    pub fn sent_at(&self, seq: u32) -> Option<Instant> {
         self.sent.lock().ok()?.get(seq as usize).copied()
     }
 
@@ -198,6 +202,52 @@ pub fn outage(sink: &Sink, stream: &Stream, now_via: [u8; 4]) -> Outage {
     Outage {
         lost: lost.len() as u32,
         gap,
+    }
+}
+
+/// The datagrams of `stream` numbered below `upto` that never arrived, with
+/// their send times. Waits (bounded) until the sink has a datagram of the
+/// stream numbered `upto` or later, so that none of those counted can still
+/// be on its way: a stream takes one path at a time and is not reordered.
+pub fn lost_before(sink: &Sink, stream: &Stream, upto: u32) -> Result<Vec<(u32, Instant)>> {
+    wait_for(
+        "the stream to run past the datagrams counted",
+        Duration::from_secs(10),
+        || {
+            Ok(sink
+                .stream(stream.port)
+                .last()
+                .is_some_and(|&(seq, _, _)| seq >= upto))
+        },
+    )?;
+    let arrived: HashSet<u32> = sink
+        .stream(stream.port)
+        .iter()
+        .map(|&(s, _, _)| s)
+        .collect();
+    Ok((0..upto)
+        .filter(|s| !arrived.contains(s))
+        .filter_map(|s| stream.sent_at(s).map(|t| (s, t)))
+        .collect())
+}
+
+/// The `Instant` of a reading of the machine's monotonic clock in ns (as lbd
+/// reports when it changed the data plane): `Instant` reads the same clock.
+pub fn instant_of_monotonic_ns(ns: u64) -> Instant {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let now = Instant::now();
+    // SAFETY: a valid pointer to a timespec for the kernel to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now_ns = (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64);
+    if ns <= now_ns {
+        now - Duration::from_nanos(now_ns - ns)
+    } else {
+        now + Duration::from_nanos(ns - now_ns)
     }
 }
 

@@ -17,7 +17,7 @@ use anyhow::{ensure, Context, Result};
 use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
-    stream::{outage, port_on, wait_for, Outage, Sink, Stream},
+    stream::{lost_before, outage, port_on, wait_for, Outage, Sink, Stream},
     unique_prefix, watch_flows, Lab, LabDesc,
 };
 
@@ -65,22 +65,9 @@ fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<(
     })?;
 
     // Cut isp1 from the internet; its gateway still answers ARP and ping.
+    let cut = Instant::now();
     lab.set_link_up("isp1", "up0", false)?;
-    wait_for(
-        "the isp1 stream through isp2",
-        Duration::from_secs(3),
-        || Ok(sink.stream(p1).iter().any(|&(_, _, a)| a == ISP2_NAT)),
-    )?;
-    thread::sleep(Duration::from_millis(300)); // let both streams run on
-    let Outage { lost: lost1, gap } = outage(&sink, &s1, ISP2_NAT);
-    let Outage { lost: lost2, .. } = outage(&sink, &s2, ISP2_NAT);
-    eprintln!("upstream failure: isp1 stream lost {lost1} datagrams, resumed after {gap:?}; isp2 stream lost {lost2}");
-    let gap = gap.context("no outage measured on the isp1 stream")?;
-    ensure!(
-        gap <= Duration::from_millis(400) && lost1 <= 40,
-        "isp1 stream: {lost1} lost, resumed after {gap:?}"
-    );
-    ensure!(lost2 == 0, "the isp2 stream lost {lost2} datagrams");
+    judge_failover(&lbd, &sink, &s1, &s2, cut, "upstream failure")?;
     let status = lbd.status()?;
     ensure!(
         status["uplinks"][0]["health"] == "down",
@@ -137,7 +124,10 @@ fn flapping_upstream_gives_few_transitions() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
-    let lbd = Lbd::start(&mut lab, &config("", "", ""))?;
+    // isp1 comes back only after 40 good rounds (2 s): the flaps' up times
+    // (300 ms, plus however long a busy machine takes to run `ip`) stay far
+    // below that, so what is judged is the hysteresis, not the clock.
+    let lbd = Lbd::start(&mut lab, &config("[uplink.health]\nrise = 40", "", ""))?;
     let sink = Sink::start(&lab)?;
     let p2 = port_on(&lab, &sink, ISP2_NAT, 5300)?;
     let s2 = Stream::start(&lab, p2, PACE)?;
@@ -248,26 +238,96 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
     let lbd = Lbd::start(&mut lab, &config("", "", ""))?;
     let sink = Sink::start(&lab)?;
     let p1 = port_on(&lab, &sink, ISP1_NAT, 5400)?;
-    let s1 = Stream::start(&lab, p1, PACE)?;
-    wait_for("the stream flowing", Duration::from_secs(3), || {
-        Ok(sink.stream(p1).len() > 20)
+    let p2 = port_on(&lab, &sink, ISP2_NAT, 5450)?;
+    let (s1, s2) = (
+        Stream::start(&lab, p1, PACE)?,
+        Stream::start(&lab, p2, PACE)?,
+    );
+    wait_for("both streams flowing", Duration::from_secs(3), || {
+        Ok(sink.stream(p1).len() > 20 && sink.stream(p2).len() > 20)
     })?;
     // The ISP's end goes away: the router's wan1 loses its carrier.
+    let cut = Instant::now();
     lab.set_link_up("isp1", "down0", false)?;
-    wait_for("the stream through isp2", Duration::from_secs(3), || {
-        Ok(sink.stream(p1).iter().any(|&(_, _, a)| a == ISP2_NAT))
-    })?;
-    thread::sleep(Duration::from_millis(200));
-    let Outage { lost, gap } = outage(&sink, &s1, ISP2_NAT);
+    judge_failover(&lbd, &sink, &s1, &s2, cut, "carrier loss")?;
     let status = lbd.status()?;
-    eprintln!(
-        "carrier loss: lost {lost} datagrams, resumed after {gap:?}; isp1 reason: {}",
+    ensure!(
+        status["uplinks"][0]["reason"] == "carrier lost on wan1",
+        "isp1 went down for another reason: {}",
         status["uplinks"][0]["reason"]
     );
-    ensure!(lost <= 2, "{lost} datagrams lost on carrier loss");
-    drop(s1);
+    drop((s1, s2));
     lab.set_link_up("isp1", "down0", true)?;
     lbd.stop(&mut lab)
+}
+
+/// Judge a failover of isp1, cut at `cut`, by cause and effect rather than
+/// by the clock: the `moved` stream (on isp1) ends up on isp2 and stays
+/// there; every datagram it lost was sent before the data plane had isp1
+/// down (as lbd reports the moment); and the `kept` stream (on isp2) loses
+/// nothing. How many were lost and how long it took is printed, not judged:
+/// that is the benchmark's business.
+fn judge_failover(
+    lbd: &Lbd,
+    sink: &Sink,
+    moved: &Stream,
+    kept: &Stream,
+    cut: Instant,
+    what: &str,
+) -> Result<()> {
+    let port = moved.port();
+    wait_for(
+        "the isp1 stream through isp2",
+        Duration::from_secs(10),
+        || Ok(sink.stream(port).iter().any(|&(_, _, a)| a == ISP2_NAT)),
+    )?;
+    let mut applied = None;
+    wait_for("lbd to report isp1 down", Duration::from_secs(10), || {
+        if lbd.status()?["uplinks"][0]["health"] != "down" {
+            return Ok(false);
+        }
+        applied = lbd.changed_at("isp1")?;
+        Ok(applied.is_some())
+    })?;
+    let applied = applied.context("lbd reported no change of isp1")?;
+    ensure!(applied >= cut, "lbd's last change of isp1 predates the cut");
+
+    // Count up to a little past the datagrams sent by now, all after the
+    // change: every one of those must have arrived.
+    let lost = lost_before(sink, moved, moved.sent() + 10)?;
+    let late: Vec<u32> = lost
+        .iter()
+        .filter(|&&(_, sent)| sent > applied)
+        .map(|&(seq, _)| seq)
+        .collect();
+    ensure!(
+        late.is_empty(),
+        "{what}: datagrams {late:?} were sent after the data plane had isp1 down, and lost"
+    );
+    let arrivals = sink.stream(port);
+    let first_moved = arrivals
+        .iter()
+        .position(|&(_, _, a)| a == ISP2_NAT)
+        .context("no datagram through isp2")?;
+    ensure!(
+        arrivals[first_moved..]
+            .iter()
+            .all(|&(_, _, a)| a == ISP2_NAT),
+        "{what}: the moved stream went back to isp1"
+    );
+    let kept_lost = lost_before(sink, kept, kept.sent() + 10)?;
+    ensure!(
+        kept_lost.is_empty(),
+        "{what}: the isp2 stream lost {} datagrams",
+        kept_lost.len()
+    );
+    let gap = arrivals[first_moved].1.saturating_duration_since(cut);
+    eprintln!(
+        "{what}: the isp1 stream lost {} datagrams, all sent before the data plane changed {:?} after the cut; through isp2 {gap:?} after the cut; the isp2 stream lost none",
+        lost.len(),
+        applied - cut
+    );
+    Ok(())
 }
 
 #[test]
