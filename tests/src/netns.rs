@@ -134,6 +134,24 @@ where
     })
 }
 
+/// Moves the calling thread into the network namespace `ns` for the rest
+/// of its life. Only for threads the caller started and that end with their
+/// work (as [`in_netns`]'s worker does): a thread of a pool would carry the
+/// namespace into unrelated work.
+pub fn enter_for_good(ns: &str) -> Result<()> {
+    let path = Path::new(NETNS_DIR).join(ns);
+    let file = File::open(&path)
+        .with_context(|| format!("opening {} (does namespace {ns} exist?)", path.display()))?;
+    // SAFETY: `file` is an open namespace file; setns(CLONE_NEWNET) moves
+    // only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("entering namespace {ns} (setns)"));
+    }
+    Ok(())
+}
+
 /// Whether lab tests can run here. When they cannot, prints why, as an
 /// explicit skip: `if !require_root("my_test") { return Ok(()); }`.
 pub fn require_root(test: &str) -> bool {

@@ -109,6 +109,14 @@ impl Drop for Sink {
     }
 }
 
+/// Where a stream's datagrams leave from.
+enum Source {
+    /// One socket: one flow.
+    Fixed(UdpSocket),
+    /// A new socket per datagram, in this namespace: a new flow each.
+    Fresh(String),
+}
+
 /// A client stream from one source port at one datagram per `pace`; stops
 /// when dropped.
 pub struct Stream {
@@ -120,23 +128,57 @@ pub struct Stream {
 impl Stream {
     pub fn start(lab: &Lab, port: u16, pace: Duration) -> Result<Stream> {
         let socket = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, port))?))?;
+        Self::spawn(port, pace, Source::Fixed(socket))
+    }
+
+    /// A stream of new connections: each datagram from a socket of its own,
+    /// on a port the client's kernel picks, so that each one is a new flow
+    /// for whoever forwards it. `id` stands in for the port in the
+    /// datagrams, for the sink to tell the stream apart.
+    pub fn start_fresh(lab: &Lab, id: u16, pace: Duration) -> Result<Stream> {
+        Self::spawn(id, pace, Source::Fresh(lab.ns("client")?.to_owned()))
+    }
+
+    fn spawn(port: u16, pace: Duration, source: Source) -> Result<Stream> {
         let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (sent2, stop2) = (sent.clone(), stop.clone());
+        let (ready_tx, ready) = std::sync::mpsc::channel();
         thread::spawn(move || {
+            let fixed = match source {
+                Source::Fixed(socket) => Some(socket),
+                Source::Fresh(ns) => {
+                    // This thread is the stream's alone and ends with it.
+                    if let Err(e) = crate::netns::enter_for_good(&ns) {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                    None
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
             let start = Instant::now();
             let mut seq: u32 = 0;
             while !stop2.load(Ordering::Relaxed) {
                 let mut msg = [0u8; 6];
                 msg[..2].copy_from_slice(&port.to_be_bytes());
                 msg[2..].copy_from_slice(&seq.to_be_bytes());
-                // A send that fails (an ICMP error from a dead path) is a
-                // datagram lost, which is what the caller measures.
                 // Stamped before the send: a datagram stamped after a
                 // moment reached the router after it, which is what the
                 // failover tests' causal bounds rely on.
                 let at = Instant::now();
-                let _ = socket.send_to(&msg, SINK);
+                // A send that fails (an ICMP error from a dead path) is a
+                // datagram lost, which is what the caller measures.
+                match &fixed {
+                    Some(socket) => {
+                        let _ = socket.send_to(&msg, SINK);
+                    }
+                    None => {
+                        if let Ok(socket) = UdpSocket::bind((CLIENT, 0)) {
+                            let _ = socket.send_to(&msg, SINK);
+                        }
+                    }
+                }
                 if let Ok(mut s) = sent2.lock() {
                     s.push(at);
                 }
@@ -147,7 +189,11 @@ impl Stream {
                 thread::sleep(next.saturating_duration_since(Instant::now()));
             }
         });
-        Ok(Stream { port, sent, stop })
+        match ready.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(Stream { port, sent, stop }),
+            Ok(Err(e)) => Err(e.context("starting a stream")),
+            Err(_) => bail!("the stream's thread did not start"),
+        }
     }
 
     pub fn port(&self) -> u16 {

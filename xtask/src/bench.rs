@@ -174,7 +174,7 @@ pub fn run(args: &Args) -> Result<()> {
         report.ways = forward::measure(args, cpu, &interrupted)?;
     }
     if args.measures(Part::Failover) {
-        println!("bench: failover times, lb and a Netwatch-style script");
+        println!("bench: failover times: lb, a Netwatch-style script, the kernel alone");
         report.failovers = failover::measure(args.failover_runs, &interrupted)?;
     }
 

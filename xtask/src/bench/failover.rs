@@ -1,27 +1,40 @@
-//! Failover time: from the moment an uplink fails to the first packet of a
-//! flow that used it arriving at the internet host through the other
-//! uplink. Two failures (the ISP's upstream cut while its gateway still
-//! answers; the router's uplink interface losing its carrier), two ways of
-//! failing over (lb: lbd with its default probes; the kernel's way with a
-//! Netwatch-style script, `netwatch.sh`, that probes once a second and
-//! rewrites routes), measured alike and taking turns, so drifting load on
-//! the machine hits both.
+//! Failover time: from the moment an uplink fails to the moment traffic
+//! that used it arrives at the internet host through the other uplink.
 //!
-//! One run: a new flow pinned to isp1 (found with one-datagram probes, see
-//! `lb_tests::stream`) sends a datagram every millisecond; the benchmark
-//! notes the time, fails the link, and waits for the sink to see the flow
-//! arrive from isp2's address. Then it restores the link and waits until
-//! the way in turn uses isp1 again, ready for the next run.
+//! Two failures, each against the way routers without lb handle it:
 //!
-//! Both ways probe in rounds (lbd every 50 ms, the script every second),
-//! and when in its round a failure strikes decides much of how long it
-//! takes to notice. A run that started right after the way noticed the
-//! recovery would always strike at the same point of the round, so once
-//! the flow runs, run k of n waits (k + u) / n s before the cut, u random
-//! in [0, 1): the cuts cover the script's 1 s round evenly and fall at
-//! random points of lbd's, the same delays for both ways.
+//! - An upstream cut (isp1's link to the internet; its gateway still
+//!   answers). Only probes beyond the gateway can see it, so lb (lbd with
+//!   its default probes) runs beside a Netwatch-style script (`netwatch.sh`)
+//!   that probes once a second and rewrites routes. Measured on an
+//!   established flow pinned to isp1: until its first datagram arrives from
+//!   isp2's address.
+//! - A carrier loss on the router's wan1. The kernel sees this one at once,
+//!   so lb runs beside the kernel on its own (nftables PCC marks, a routing
+//!   table per uplink, a default route per uplink in main, routes over a
+//!   link without carrier ignored): no script, nothing in user space.
+//!   Measured on an established flow pinned to isp1, as above (the kernel
+//!   moves it too: a masqueraded connection whose packets now leave by
+//!   another interface is dropped and forgotten by conntrack, and its next
+//!   packet starts a new one), and in the same cut on a stream of new
+//!   connections (each datagram from a new port), until the last datagram
+//!   that was lost.
+//!
+//! One run of a way: start the streams, note the time, fail the link, wait
+//! until the traffic has moved, restore the link, and wait until the way
+//! uses isp1 again. The ways take turns, so drifting load on the machine
+//! hits all of them.
+//!
+//! Both probing ways probe in rounds (lbd every 50 ms, the script every
+//! second), and when in its round a failure strikes decides much of how long
+//! it takes to notice. A run that started right after the way noticed the
+//! recovery would always strike at the same point of the round, so once the
+//! traffic runs, run k of n waits (k + u) / n s before the cut, u random in
+//! [0, 1): the cuts cover the script's 1 s round evenly and fall at random
+//! points of lbd's 50 ms one, the same delays for every way.
 
 use std::{
+    collections::HashSet,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -44,18 +57,25 @@ const PACE: Duration = Duration::from_millis(1);
 /// Datagrams that must arrive, before the cut through isp1 and after it
 /// through isp2, for a run to count.
 const STEADY: usize = 50;
+/// Consecutive datagrams of the new-connection stream that must arrive
+/// after a cut for the traffic to count as moved: with new connections
+/// split 1:1, a run this long that still used the dead uplink has odds of
+/// 2^-100.
+const MOVED_RUN: u32 = 100;
 /// Longest wait for a failover (the script's is 1 to 2 s) or a recovery.
 const LIMIT: Duration = Duration::from_secs(10);
-/// The longest probe round of the two ways (the script's): the cuts'
-/// delays cover it.
+/// The longest probe round of the ways (the script's): the cuts' delays
+/// cover it.
 const ROUND: Duration = Duration::from_secs(1);
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
 const ISP2_NAT: [u8; 4] = [100, 64, 2, 2];
-/// Where both ways probe, through each uplink.
+/// Where the probing ways probe, through each uplink.
 const TARGET: &str = "198.51.100.10";
-/// First client port the runs use; each run takes new ones (in lb a flow
-/// moved to isp2 stays there).
+/// First client port the established flows use; each run takes new ones
+/// (in lb a flow moved to isp2 stays there).
 const FIRST_PORT: u16 = 5000;
+/// Stream id (in place of a port) of the new-connection streams.
+const FRESH_ID: u16 = 4000;
 const NETWATCH: &str = include_str!("netwatch.sh");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,15 +109,44 @@ impl Failure {
 pub enum Way {
     Lb,
     Netwatch,
+    Kernel,
 }
 
 impl Way {
-    pub const ALL: [Way; 2] = [Way::Lb, Way::Netwatch];
+    pub const ALL: [Way; 3] = [Way::Lb, Way::Netwatch, Way::Kernel];
 
     pub fn label(self) -> &'static str {
         match self {
             Way::Lb => "lb (lbd, default probes)",
             Way::Netwatch => "Netwatch-style script",
+            Way::Kernel => "kernel alone (PCC, linkdown routes ignored)",
+        }
+    }
+
+    /// The failures this way is compared on.
+    pub fn failures(self) -> &'static [Failure] {
+        match self {
+            Way::Lb => &Failure::ALL,
+            Way::Netwatch => &[Failure::UpstreamCut],
+            Way::Kernel => &[Failure::CarrierLoss],
+        }
+    }
+}
+
+/// What was measured of one failover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// One flow pinned to isp1 before the cut.
+    Established,
+    /// A new connection per datagram.
+    NewConnections,
+}
+
+impl Traffic {
+    pub fn label(self) -> &'static str {
+        match self {
+            Traffic::Established => "established flow",
+            Traffic::NewConnections => "new connections",
         }
     }
 }
@@ -105,19 +154,35 @@ impl Way {
 /// One failover.
 #[derive(Clone, Copy, Debug)]
 pub struct Run {
-    /// From just before the link went down to the first datagram through
-    /// isp2.
+    /// From just before the link went down until the traffic arrived
+    /// through isp2: the first datagram of an established flow from isp2's
+    /// address, or the last lost datagram of new connections.
     pub time: Duration,
     /// Datagrams of the stream that never arrived.
     pub lost: u32,
     /// How long the `ip link set` command that failed the link took (it is
     /// part of `time`: the link went down at some point within it).
     pub cut_command: Duration,
+    /// lb only: how lbd's reaction went (see [`Reaction`]).
+    pub reaction: Option<Reaction>,
+}
+
+/// lbd's part of a failover, as it reports it (`lbctl status`).
+#[derive(Clone, Copy, Debug)]
+pub struct Reaction {
+    /// From lbd reading the kernel's event (or judging the probe round) to
+    /// the uplink's state written in the data plane.
+    pub event_to_dataplane: Duration,
+    /// Of that, until the daemon took the change up.
+    pub queued: Duration,
+    /// From the cut to the data plane having it.
+    pub cut_to_dataplane: Duration,
 }
 
 pub struct Case {
     pub failure: Failure,
     pub way: Way,
+    pub traffic: Traffic,
     pub runs: Vec<Run>,
 }
 
@@ -128,17 +193,9 @@ pub fn measure(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Case>> {
     let desc = LabDesc::shipped(LAB).with_context(|| format!("loading lab {LAB}"))?;
     let mut lab = Lab::up(&desc, PREFIX)?;
     let sink = Sink::start(&lab)?;
-    let mut cases: Vec<Case> = Failure::ALL
-        .iter()
-        .flat_map(|&failure| {
-            Way::ALL.iter().map(move |&way| Case {
-                failure,
-                way,
-                runs: Vec::new(),
-            })
-        })
-        .collect();
+    let mut cases: Vec<Case> = Vec::new();
     let mut next_port = FIRST_PORT;
+    let mut next_id = FRESH_ID;
     use std::hash::BuildHasher as _;
     let random = std::collections::hash_map::RandomState::new();
     for round in 1..=runs {
@@ -147,29 +204,43 @@ pub fn measure(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Case>> {
         let delay = ROUND.mul_f64((f64::from(round - 1) + u) / f64::from(runs));
         for way in Way::ALL {
             let mut running = Running::start(&mut lab, way)?;
-            for failure in Failure::ALL {
+            for &failure in way.failures() {
                 ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
-                let run = running
-                    .failover(&sink, failure, delay, &mut next_port)
+                let mut streams = Streams {
+                    sink: &sink,
+                    next_port: &mut next_port,
+                    next_id: &mut next_id,
+                };
+                let measured = running
+                    .failover(&mut streams, failure, delay)
                     .with_context(|| {
                         format!("round {round}, {}, {}", way.label(), failure.label())
                     });
-                let run = match run {
-                    Ok(run) => run,
+                let measured = match measured {
+                    Ok(m) => m,
                     Err(e) => return Err(first_error(e, running.stop())),
                 };
-                println!(
-                    "  round {round}/{runs}: {:<24} {:<34} {:>5.0} ms, {:>4} datagrams lost",
-                    way.label(),
-                    failure.label(),
-                    run.time.as_secs_f64() * 1e3,
-                    run.lost
-                );
-                if let Some(case) = cases
-                    .iter_mut()
-                    .find(|c| c.way == way && c.failure == failure)
-                {
-                    case.runs.push(run);
+                for (traffic, run) in measured {
+                    println!(
+                        "  round {round}/{runs}: {:<44} {:<34} {:<16} {:>7.1} ms, {:>4} datagrams lost",
+                        way.label(),
+                        failure.label(),
+                        traffic.label(),
+                        run.time.as_secs_f64() * 1e3,
+                        run.lost
+                    );
+                    match cases
+                        .iter_mut()
+                        .find(|c| c.way == way && c.failure == failure && c.traffic == traffic)
+                    {
+                        Some(case) => case.runs.push(run),
+                        None => cases.push(Case {
+                            failure,
+                            way,
+                            traffic,
+                            runs: vec![run],
+                        }),
+                    }
                 }
             }
             running.stop()?;
@@ -188,6 +259,29 @@ fn first_error(error: anyhow::Error, stop: Result<()>) -> anyhow::Error {
     }
 }
 
+/// The sink, and the ports and ids not used yet.
+struct Streams<'a> {
+    sink: &'a Sink,
+    next_port: &'a mut u16,
+    next_id: &'a mut u16,
+}
+
+impl Streams<'_> {
+    /// A new flow that leaves through isp1, sending.
+    fn established(&mut self, lab: &Lab) -> Result<Stream> {
+        let port = port_on(lab, self.sink, ISP1_NAT, *self.next_port)?;
+        *self.next_port = port + 1;
+        Stream::start(lab, port, PACE)
+    }
+
+    /// A new stream of new connections, sending.
+    fn new_connections(&mut self, lab: &Lab) -> Result<Stream> {
+        let id = *self.next_id;
+        *self.next_id += 1;
+        Stream::start_fresh(lab, id, PACE)
+    }
+}
+
 /// A way of failing over, running in the lab.
 struct Running<'a> {
     lab: &'a mut Lab,
@@ -198,6 +292,7 @@ enum RunningWay {
     Lb(Lbd),
     /// The script's pid.
     Netwatch(u32),
+    Kernel,
 }
 
 impl<'a> Running<'a> {
@@ -228,6 +323,14 @@ impl<'a> Running<'a> {
                 ];
                 RunningWay::Netwatch(lab.spawn("router", &args)?)
             }
+            Way::Kernel => {
+                kernel_on(lab)?;
+                // A route over a link without carrier is skipped, so the
+                // lookup in table 1 finds nothing and falls through to the
+                // main table's default route through wan2.
+                set_ignore_linkdown(lab, true)?;
+                RunningWay::Kernel
+            }
         };
         let running = Running { lab, way };
         running.wait_until_isp1_in_use()?;
@@ -241,22 +344,33 @@ impl<'a> Running<'a> {
                 self.lab.stop(pid)?;
                 kernel_off(self.lab)
             }
+            RunningWay::Kernel => {
+                set_ignore_linkdown(self.lab, false)?;
+                kernel_off(self.lab)
+            }
         }
     }
 
-    /// One failover of a new flow on isp1, `delay` after it flows, and back.
+    /// One failover, `delay` after the traffic flows, and back: what each
+    /// kind of traffic went through.
     fn failover(
         &mut self,
-        sink: &Sink,
+        streams: &mut Streams,
         failure: Failure,
         delay: Duration,
-        next_port: &mut u16,
-    ) -> Result<Run> {
-        let port = port_on(self.lab, sink, ISP1_NAT, *next_port)?;
-        *next_port = port + 1;
-        let stream = Stream::start(self.lab, port, PACE)?;
+    ) -> Result<Vec<(Traffic, Run)>> {
+        let sink = streams.sink;
+        let flow = streams.established(self.lab)?;
+        let fresh = match failure {
+            Failure::CarrierLoss => Some(streams.new_connections(self.lab)?),
+            Failure::UpstreamCut => None,
+        };
         wait_for("the stream through isp1", LIMIT, || {
-            Ok(arrived_via(sink, port, ISP1_NAT) >= STEADY)
+            Ok(arrived_via(sink, flow.port(), ISP1_NAT) >= STEADY
+                && fresh.as_ref().is_none_or(|f| {
+                    arrived_via(sink, f.port(), ISP1_NAT) >= STEADY
+                        && arrived_via(sink, f.port(), ISP2_NAT) >= STEADY
+                }))
         })?;
 
         // A deliberate wait, not a stand-in for a condition: see the top.
@@ -265,26 +379,54 @@ impl<'a> Running<'a> {
         let cut = Instant::now();
         self.lab.set_link_up(host, ifname, false)?;
         let cut_command = cut.elapsed();
+
+        let mut measured = Vec::new();
+        if let Some(fresh) = fresh {
+            let (time, lost) = new_connections_outage(sink, &fresh, cut)?;
+            measured.push((
+                Traffic::NewConnections,
+                Run {
+                    time,
+                    lost,
+                    cut_command,
+                    reaction: None,
+                },
+            ));
+        }
         wait_for("the stream through isp2", LIMIT, || {
-            Ok(arrived_via(sink, port, ISP2_NAT) >= STEADY)
+            Ok(arrived_via(sink, flow.port(), ISP2_NAT) >= STEADY)
         })?;
-        let moved = sink
-            .first_via(port, ISP2_NAT, cut)
-            .context("the stream's first datagram through isp2 is gone")?;
-        let lost = outage(sink, &stream, ISP2_NAT).lost;
-        drop(stream);
+        let time = sink
+            .first_via(flow.port(), ISP2_NAT, cut)
+            .context("the stream's first datagram through isp2 is gone")?
+            .saturating_duration_since(cut);
+        let lost = outage(sink, &flow, ISP2_NAT).lost;
+        drop(flow);
+        let reaction = match &self.way {
+            RunningWay::Lb(lbd) => Some(reaction(lbd, cut)?),
+            _ => None,
+        };
+        for (_, run) in &mut measured {
+            run.reaction = reaction;
+        }
+        measured.push((
+            Traffic::Established,
+            Run {
+                time,
+                lost,
+                cut_command,
+                reaction,
+            },
+        ));
 
         self.lab.set_link_up(host, ifname, true)?;
         self.wait_until_isp1_in_use()?;
-        Ok(Run {
-            time: moved.saturating_duration_since(cut),
-            lost,
-            cut_command,
-        })
+        Ok(measured)
     }
 
     /// Wait until the way sends new flows through isp1 again: lbd reports
-    /// it up, or the script has routed table 1 back through wan1.
+    /// it up, the script has routed table 1 back through wan1, or (the
+    /// kernel alone) wan1 has its carrier, which `set_link_up` waited for.
     fn wait_until_isp1_in_use(&self) -> Result<()> {
         match &self.way {
             RunningWay::Lb(lbd) => {
@@ -300,8 +442,72 @@ impl<'a> Running<'a> {
                     .exec("router", &["ip", "route", "show", "table", "1"])?;
                 Ok(routes.contains("dev wan1"))
             }),
+            RunningWay::Kernel => Ok(()),
         }
     }
+}
+
+/// lbd's own account of its last change of isp1.
+fn reaction(lbd: &Lbd, cut: Instant) -> Result<Reaction> {
+    let status = lbd.status()?;
+    let change = &status["uplinks"][0]["last_change"];
+    let micros = |key: &str| {
+        change[key]
+            .as_u64()
+            .map(Duration::from_micros)
+            .with_context(|| format!("lbctl status has no last_change.{key} for isp1"))
+    };
+    let (queued, write) = (micros("queued_us")?, micros("write_us")?);
+    let applied = lbd
+        .changed_at("isp1")?
+        .context("lbd reports no change of isp1")?;
+    Ok(Reaction {
+        event_to_dataplane: queued + write,
+        queued,
+        cut_to_dataplane: applied.saturating_duration_since(cut),
+    })
+}
+
+/// How long new connections failed after `cut`: until the send time of the
+/// last datagram that never arrived (zero if none did), and how many did
+/// not. Waits until [`MOVED_RUN`] datagrams in a row, all sent after the
+/// cut, have arrived.
+fn new_connections_outage(sink: &Sink, stream: &Stream, cut: Instant) -> Result<(Duration, u32)> {
+    let first_after =
+        |s: &Stream| (0..s.sent()).find(|&seq| s.sent_at(seq).is_some_and(|t| t >= cut));
+    let mut settled = None;
+    wait_for("new connections through isp2", LIMIT, || {
+        let Some(start) = first_after(stream) else {
+            return Ok(false);
+        };
+        let arrived: HashSet<u32> = sink.stream(stream.port()).iter().map(|a| a.0).collect();
+        let mut run = 0;
+        for seq in start..stream.sent() {
+            run = if arrived.contains(&seq) { run + 1 } else { 0 };
+            if run == MOVED_RUN {
+                settled = Some(seq + 1 - MOVED_RUN);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })?;
+    let settled = settled.context("no run of arrivals")?;
+    let arrived: HashSet<u32> = sink.stream(stream.port()).iter().map(|a| a.0).collect();
+    let lost: Vec<u32> = (0..settled).filter(|s| !arrived.contains(s)).collect();
+    let last = lost.last().and_then(|&s| stream.sent_at(s));
+    let time = last.map_or(Duration::ZERO, |t| t.saturating_duration_since(cut));
+    Ok((time, lost.len() as u32))
+}
+
+/// `net.ipv4.conf.all.ignore_routes_with_linkdown` in the router.
+fn set_ignore_linkdown(lab: &Lab, on: bool) -> Result<()> {
+    let value = format!(
+        "net.ipv4.conf.all.ignore_routes_with_linkdown={}",
+        u8::from(on)
+    );
+    lab.exec("router", &["sysctl", "-q", "-w", &value])
+        .map(|_| ())
+        .context("setting ignore_routes_with_linkdown in the router")
 }
 
 /// Datagrams from client port `port` that arrived from address `via`.
