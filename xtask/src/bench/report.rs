@@ -555,15 +555,6 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-/// `text` with its first letter in upper case.
-fn capitalized(text: &str) -> String {
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
-
 /// 1000000 as "1,000,000".
 fn thousands(n: u64) -> String {
     let digits = n.to_string();
