@@ -1070,7 +1070,9 @@ mod tests {
         const HTTP_PORT: u16 = 7002;
         const CLOSED_PORT: u16 = 7003;
         const DNS_PORT: u16 = 7053;
-        const TIMEOUT: Duration = Duration::from_millis(300);
+        // A bound for answers that do come, not a speed target: a busy
+        // machine may take a while to schedule the far end's servers.
+        const TIMEOUT: Duration = Duration::from_secs(2);
 
         fn wan_a() -> Binding {
             Binding {

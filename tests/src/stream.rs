@@ -311,7 +311,7 @@ pub fn port_on(lab: &Lab, sink: &Sink, want: [u8; 4], from: u16) -> Result<u16> 
         let mut via = None;
         wait_for(
             "a probe datagram at the sink",
-            Duration::from_secs(2),
+            Duration::from_secs(10),
             || {
                 via = sink.probe_via(port);
                 Ok(via.is_some())

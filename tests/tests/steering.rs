@@ -23,7 +23,7 @@ const SERVER: &str = "198.51.100.10:7000";
 const FLOWS_PER_PROTO: usize = 200;
 const FLOW_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight packets get to arrive before counters must agree.
-const SETTLE: Duration = Duration::from_secs(3);
+const SETTLE: Duration = Duration::from_secs(10);
 
 fn config(weights: (u32, u32)) -> String {
     let (w1, w2) = (
