@@ -1163,7 +1163,7 @@ mod tests {
             }
         }
 
-        /// `/ok`: 200; `/slow`: 200 after 2 s; `/garbage`: not HTTP;
+        /// `/ok`: 200; `/slow`: 200 after ten probe timeouts; `/garbage`: not HTTP;
         /// anything else: 503.
         async fn answer_http(mut stream: TcpStream) {
             let mut request = Vec::new();
@@ -1177,7 +1177,8 @@ mod tests {
             let reply: &[u8] = if request.starts_with(b"GET /ok ") {
                 b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             } else if request.starts_with(b"GET /slow ") {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                // Far beyond any probe's timeout.
+                tokio::time::sleep(TIMEOUT * 10).await;
                 b"HTTP/1.1 200 OK\r\n\r\n"
             } else if request.starts_with(b"GET /garbage ") {
                 b"SSH-2.0-OpenSSH_9.6\r\n"

@@ -45,8 +45,23 @@ fn check_split(lab: &mut Lab, weights: (u32, u32)) -> Result<()> {
         watch_flows(lab, "isp2", "down0")?,
     ];
     // Receive counters: lb's (XDP on the uplink) against the interface's own,
-    // both as differences from here on.
-    let rx_base = rx_counters(lab, &lbd)?;
+    // both as differences from here on. Taken while nothing arrives (two
+    // readings in a row the same), so that no packet can be counted by one
+    // and not yet by the other: late packets of an earlier check would.
+    let mut rx_base = rx_counters(lab, &lbd)?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let again = rx_counters(lab, &lbd)?;
+        if again == rx_base {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the uplinks never went quiet before the flows: {rx_base:?}, then {again:?}"
+        );
+        rx_base = again;
+    }
 
     let server: SocketAddr = SERVER.parse()?;
     let client = lab.ns("client")?.to_string();
