@@ -96,6 +96,11 @@ pub struct UplinkInfo {
     pub gw_mac: [u8; 6],
     /// Largest IPv4 packet the uplink takes (its MTU).
     pub mtu: u32,
+    /// Bumped by the daemon whenever `addr` changes. A flow pinned under
+    /// another epoch has a NAT mapping for an address the uplink no longer
+    /// has: it is moved (given a new mapping) on its next packet, so that
+    /// nothing leaves with an old address.
+    pub epoch: u32,
 }
 
 /// Key of the flow table: a connection as the client sent it.
@@ -126,7 +131,8 @@ pub struct FlowValue {
     pub nat_port: [u8; 2],
     /// One of [`tcp_state`]; zero for UDP and ICMP.
     pub tcp_state: u8,
-    pub _pad: u8,
+    /// Its uplink's `epoch` when it was pinned (the low 8 bits).
+    pub epoch: u8,
 }
 
 /// How far a TCP connection has got, as far as timeouts care (RFC 5382:
@@ -196,7 +202,7 @@ pub struct UplinkStats {
 
 const _: () = {
     assert!(core::mem::size_of::<Settings>() == 24);
-    assert!(core::mem::size_of::<UplinkInfo>() == 28);
+    assert!(core::mem::size_of::<UplinkInfo>() == 32);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowValue>() == 16);
     assert!(core::mem::size_of::<NatKey>() == 16);

@@ -55,14 +55,33 @@ pub struct Status {
     pub flows_expired: u64,
     /// Flows the full table evicted (least recently used first).
     pub flows_evicted: u64,
+    /// Destinations the fast path leaves to the kernel (the router's own
+    /// addresses, and what the main table routes other than by default).
+    #[serde(default)]
+    pub kernel_destinations: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UplinkStatus {
     pub name: String,
     pub interface: String,
+    /// Its IPv4 address now, or `-`.
     pub address: String,
+    /// Its gateway now, or `-`.
     pub gateway: String,
+    /// The gateway as configured: an address, or `auto`.
+    #[serde(default)]
+    pub gateway_config: String,
+    /// Where it stands: waiting for carrier, for an address, for a
+    /// gateway, gateway not resolved, probing, in service, down, disabled,
+    /// draining.
+    #[serde(default)]
+    pub lifecycle: String,
+    /// lbd's routing table for it, and its rule's priority.
+    #[serde(default)]
+    pub table: u32,
+    #[serde(default)]
+    pub rule_priority: u32,
     /// The gateway's Ethernet address, where the data plane sends to.
     #[serde(default)]
     pub gateway_mac: String,
@@ -70,7 +89,7 @@ pub struct UplinkStatus {
     pub tier: u8,
     /// Operator state: enabled, disabled or drain.
     pub admin: String,
-    /// Health: up, degraded or down.
+    /// Health: up, degraded or down; `-` while not probed.
     pub health: String,
     /// Why it is in its state (the last transition).
     pub reason: String,

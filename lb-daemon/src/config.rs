@@ -75,6 +75,7 @@ pub struct Config {
     pub balance: BalanceConfig,
     pub flows: FlowConfig,
     pub nat: NatConfig,
+    pub routing: RoutingConfig,
     /// At least one.
     pub lans: Vec<LanConfig>,
     /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
@@ -185,6 +186,75 @@ impl Default for NatConfig {
     }
 }
 
+/// An uplink's next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gateway {
+    /// The next hop of the kernel's default route through the uplink's
+    /// interface, in any table (what a DHCP or PPPoE client installs),
+    /// followed as it changes. The default.
+    Auto,
+    /// A unicast IPv4 address.
+    Fixed(Ipv4Addr),
+}
+
+impl std::fmt::Display for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Gateway::Auto => f.write_str("auto"),
+            Gateway::Fixed(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// `[routing]`: the kernel routing state lbd owns, per uplink: a table
+/// with a default route through the uplink's gateway, and a rule that sends
+/// traffic from the uplink's address to that table (so that the probes and
+/// the router's own sockets bound to an uplink leave through it, whatever
+/// the main table says).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// Uplink N (from 0, in file order) uses table `first_table + N`.
+    pub first_table: u32,
+    /// Uplink N's rule has priority `first_priority + N`.
+    pub first_priority: u32,
+    /// More tables whose routes, like the main table's, send a destination
+    /// to the kernel instead of balancing it (mwan3's `rt_table_lookup`).
+    pub lookup_tables: Vec<u32>,
+}
+
+/// Default first routing table of lbd's (mwan3 numbers from 1, and
+/// distributions use 1..=252 for their own; 4000 is clear of both).
+pub const DEFAULT_FIRST_TABLE: u32 = 4000;
+/// Default priority of lbd's first rule: before the main table's (32766)
+/// and the default one's, after the local table's (0); clear of mwan3's
+/// 1000..=3000 and of `ip rule add` without a priority (just below 32766).
+pub const DEFAULT_FIRST_PRIORITY: u32 = 4000;
+/// Tables a routing config must never take: unspec, compat, default, main,
+/// local.
+const RESERVED_TABLES: [u32; 5] = [0, 252, 253, 254, 255];
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            first_table: DEFAULT_FIRST_TABLE,
+            first_priority: DEFAULT_FIRST_PRIORITY,
+            lookup_tables: Vec::new(),
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// Uplink `index`'s table.
+    pub fn table(&self, index: usize) -> u32 {
+        self.first_table + index as u32
+    }
+
+    /// Uplink `index`'s rule priority.
+    pub fn priority(&self, index: usize) -> u32 {
+        self.first_priority + index as u32
+    }
+}
+
 /// `[[lan]]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LanConfig {
@@ -199,8 +269,8 @@ pub struct UplinkConfig {
     pub name: String,
     /// A valid interface name, unique, not a LAN interface.
     pub interface: String,
-    /// A unicast IPv4 address.
-    pub gateway: Ipv4Addr,
+    /// Where this uplink's traffic goes next.
+    pub gateway: Gateway,
     /// 1..=[`MAX_WEIGHT`].
     pub weight: u32,
     /// 0..=[`MAX_TIER`]; lower is preferred, higher tiers are backups.
@@ -558,6 +628,7 @@ struct RawConfig {
     balance: Option<RawBalance>,
     flows: Option<RawFlows>,
     nat: Option<RawNat>,
+    routing: Option<RawRouting>,
     #[serde(default)]
     lan: Vec<Spanned<RawLan>>,
     #[serde(default)]
@@ -594,6 +665,14 @@ struct RawFlows {
 #[serde(expecting = "a table", deny_unknown_fields)]
 struct RawNat {
     port_range: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawRouting {
+    first_table: Field,
+    first_priority: Field,
+    lookup_tables: Field,
 }
 
 #[derive(Debug, Deserialize)]
@@ -801,6 +880,11 @@ impl Checker<'_> {
             .as_ref()
             .map_or_else(NatConfig::default, |n| self.nat(n));
 
+        let routing = raw
+            .routing
+            .as_ref()
+            .map_or_else(RoutingConfig::default, |r| self.routing(r));
+
         let mut lan_seen = Vec::new();
         let mut lans = Vec::new();
         for (i, lan) in raw.lan.iter().enumerate() {
@@ -854,6 +938,7 @@ impl Checker<'_> {
             balance,
             flows,
             nat,
+            routing,
             lans,
             uplinks,
         }
@@ -989,6 +1074,51 @@ impl Checker<'_> {
         })
     }
 
+    fn routing(&mut self, raw: &RawRouting) -> RoutingConfig {
+        let default = RoutingConfig::default();
+        let s = "routing";
+        // Room for every uplink's table after the first, below the
+        // reserved ones at the top of the 32-bit range.
+        let span = MAX_UPLINKS as u32;
+        let first_table = self
+            .field(&raw.first_table, s, "first_table", |v| {
+                let t: u32 = as_int(v, 1, u32::MAX - span)?;
+                match RESERVED_TABLES
+                    .iter()
+                    .find(|&&r| (t..t + span).contains(&r))
+                {
+                    Some(r) => Err(format!(
+                        "tables {t}..{} would take reserved table {r} (main is 254, local 255, \
+                         default 253); pick one clear of 252..=255, e.g. {DEFAULT_FIRST_TABLE}",
+                        t + span - 1
+                    )),
+                    None => Ok(t),
+                }
+            })
+            .unwrap_or(default.first_table);
+        let first_priority = self
+            .field(&raw.first_priority, s, "first_priority", |v| {
+                // Rules at 32766 and up are the main and default tables'.
+                as_int(v, 1, 32766 - span)
+            })
+            .unwrap_or(default.first_priority);
+        let lookup_tables = self
+            .field(&raw.lookup_tables, s, "lookup_tables", |v| {
+                let list = v
+                    .as_array()
+                    .ok_or("must be a list of table numbers, e.g. [100, 200]")?;
+                list.iter()
+                    .map(|t| as_int::<u32>(t, 1, u32::MAX))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_default();
+        RoutingConfig {
+            first_table,
+            first_priority,
+            lookup_tables,
+        }
+    }
+
     fn lan(&mut self, index: usize, raw: &Spanned<RawLan>) -> (LanConfig, Option<(String, Seen)>) {
         let section = format!("lan #{}", index + 1);
         let interface = self.required(
@@ -1044,14 +1174,19 @@ impl Checker<'_> {
             check_ifname(name)?;
             Ok(name.to_owned())
         });
-        let gateway = self.required(&u.gateway, &table, s, "gateway", |v| {
-            let text = as_str(v)?;
-            let ip = text
-                .parse::<Ipv4Addr>()
-                .map_err(|_| format!("expected an IPv4 address, got {text:?}"))?;
-            check_unicast(ip)?;
-            Ok(ip)
-        });
+        let gateway = self
+            .field(&u.gateway, s, "gateway", |v| {
+                let text = as_str(v)?;
+                if text == "auto" {
+                    return Ok(Gateway::Auto);
+                }
+                let ip = text
+                    .parse::<Ipv4Addr>()
+                    .map_err(|_| format!("expected an IPv4 address or \"auto\", got {text:?}"))?;
+                check_unicast(ip)?;
+                Ok(Gateway::Fixed(ip))
+            })
+            .unwrap_or(Gateway::Auto);
         let weight = self
             .field(&u.weight, s, "weight", |v| as_int(v, 1, MAX_WEIGHT))
             .unwrap_or(1);
@@ -1094,7 +1229,7 @@ impl Checker<'_> {
         let config = UplinkConfig {
             name: name.unwrap_or_default(),
             interface: interface.unwrap_or_default(),
-            gateway: gateway.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            gateway,
             weight,
             tier,
             health,
@@ -1581,7 +1716,7 @@ gateway = "100.64.2.1"
         ]) {
             assert_eq!(uplink.name, name);
             assert_eq!(uplink.interface, interface);
-            assert_eq!(uplink.gateway, gateway);
+            assert_eq!(uplink.gateway, Gateway::Fixed(gateway));
             assert_eq!((uplink.weight, uplink.tier), (1, 0));
             assert_eq!(uplink.health, HealthConfig::default());
             assert_eq!(uplink.probes, std::slice::from_ref(&icmp));
@@ -1662,7 +1797,7 @@ gateway = "100.64.2.1"
             [UplinkConfig {
                 name: "isp1".into(),
                 interface: "wan1".into(),
-                gateway: Ipv4Addr::new(100, 64, 1, 1),
+                gateway: Gateway::Fixed(Ipv4Addr::new(100, 64, 1, 1)),
                 weight: 1,
                 tier: 0,
                 health: HealthConfig {
@@ -1957,7 +2092,10 @@ expect_status = 204
     #[test]
     fn bad_gateway() {
         for (gateway, says) in [
-            ("100.64.2", "expected an IPv4 address, got \"100.64.2\""),
+            (
+                "100.64.2",
+                "expected an IPv4 address or \"auto\", got \"100.64.2\"",
+            ),
             ("fe80::1", "expected an IPv4 address"),
             ("224.0.0.1", "multicast"),
             ("0.0.0.0", "unspecified"),
@@ -1966,14 +2104,54 @@ expect_status = 204
             let text = TWO.replace("100.64.2.1", gateway);
             assert_one(&text, line_of(&text, gateway), "gateway", says);
         }
-        let text = TWO.replace("gateway = \"100.64.2.1\"\n", "");
-        let message = assert_one(
-            &text,
-            line_of_nth(&text, "[[uplink]]", 1),
-            "gateway",
-            "missing (required)",
+    }
+
+    #[test]
+    fn gateway_is_auto_when_absent_or_said() {
+        for text in [
+            TWO.replace("gateway = \"100.64.2.1\"\n", ""),
+            TWO.replace("\"100.64.2.1\"", "\"auto\""),
+        ] {
+            let config = parse(&text, "lbd.toml").expect("valid");
+            assert_eq!(config.uplinks[1].gateway, Gateway::Auto);
+            assert_eq!(
+                config.uplinks[0].gateway,
+                Gateway::Fixed(Ipv4Addr::new(100, 64, 1, 1))
+            );
+        }
+    }
+
+    #[test]
+    fn routing_tables_and_priorities() {
+        let config = parse(TWO, "lbd.toml").expect("valid");
+        assert_eq!(config.routing, RoutingConfig::default());
+        assert_eq!(config.routing.table(1), DEFAULT_FIRST_TABLE + 1);
+        let text = format!(
+            "{TWO}\n[routing]\nfirst_table = 100\nfirst_priority = 900\nlookup_tables = [7, 8]\n"
         );
-        assert!(message.contains("uplink \"isp2\""), "{message}");
+        let config = parse(&text, "lbd.toml").expect("valid");
+        assert_eq!(
+            config.routing,
+            RoutingConfig {
+                first_table: 100,
+                first_priority: 900,
+                lookup_tables: vec![7, 8],
+            }
+        );
+        for (line, says) in [
+            ("first_table = 250", "reserved table 252"),
+            ("first_table = 0", "between 1 and"),
+            ("first_priority = 32760", "between 1 and"),
+            ("lookup_tables = 5", "list of table numbers"),
+        ] {
+            let text = format!("{TWO}\n[routing]\n{line}\n");
+            assert_one(
+                &text,
+                line_of(&text, line),
+                line.split(' ').next().unwrap_or(""),
+                says,
+            );
+        }
     }
 
     #[test]

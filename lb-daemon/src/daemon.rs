@@ -1,15 +1,24 @@
-//! The daemon's state and its one write path to the data plane.
+//! The daemon's state, and its one write path to the kernel: a reconciler.
 //!
-//! Owns the runtime view of every uplink (operator state, health, weight)
-//! and turns it into data-plane state: per-uplink states, then a rebalanced
-//! bucket table, always in that order so that no bucket ever points at an
-//! uplink the data plane believes is down. Startup (`Daemon::start`) checks
-//! everything it needs from the kernel before it attaches anything.
+//! Owns the runtime view of every uplink (operator state, what the kernel
+//! says about it, health, weight) and converges what lbd owns in the kernel
+//! towards what that view calls for: the data plane's per-uplink entries,
+//! states and bucket table; the XDP attachments; the health monitors; the
+//! destinations left to the kernel; and lbd's routing tables and rules
+//! (`kernel`). It converges on every kernel event, every health transition,
+//! every operator command and once a second, and every step is idempotent:
+//! nothing is read once at start, and nothing is assumed to stay as it was
+//! left.
+//!
+//! The order of the writes is what keeps packets safe: an uplink's entry
+//! and state first (an uplink that lost its address is down before anything
+//! else changes), then the bucket table in one step, then the routing.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -19,8 +28,11 @@ use lb_common::{
     reason,
     table::{self, Table},
 };
-
-use tokio::sync::{mpsc, watch};
+use rtnetlink::Handle;
+use tokio::{
+    sync::{mpsc, watch, Notify},
+    task::JoinHandle,
+};
 
 use crate::{
     api::{Reaction, Status, UplinkAction, UplinkStatus},
@@ -30,64 +42,112 @@ use crate::{
     flows::FlowTables,
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
     hooks,
-    linkwatch::{GatewayEvent, LinkWatch},
-    netlink::Netlink,
+    kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Wanted},
+    linkwatch::{LinkEvent, LinkWatch, Watchers},
+    netlink,
     probe::{self, Binding, UplinkProbe},
+    uplink::{self, Admin, Facts, Lifecycle},
 };
 
-/// How long to wait for a gateway to answer ARP at startup.
-const GATEWAY_ARP_WAIT: Duration = Duration::from_secs(3);
-
-/// The operator's say over an uplink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admin {
-    Enabled,
-    Disabled,
-    Drain,
-}
+/// How often an unresolved gateway is asked for again (ARP).
+const POKE_EVERY: Duration = Duration::from_secs(1);
+/// Uplinks that become ready this soon after lbd starts (a gateway
+/// resolved by the first ARP) begin in service, as those ready at once do;
+/// later ones are late (a modem that booted, a lease that came) and first
+/// pass `rise` good rounds.
+const START_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct Uplink {
     pub cfg: UplinkConfig,
     pub index: u32,
-    pub ifindex: u32,
-    pub addr: Ipv4Addr,
     pub admin: Admin,
-    /// What probes and link events say (Up, Degraded or Down).
-    pub health: Health,
+    /// What the kernel says about it, as last observed.
+    pub facts: Facts,
+    /// What its probes and link say; `None` while no monitor runs (its
+    /// facts are incomplete).
+    pub health: Option<Health>,
+    /// Whether its health has been up since its monitor started: tells
+    /// probing from down.
+    proven: bool,
     pub weight: u32,
     /// Why the uplink is in its state: the last transition's reason.
     pub reason: String,
     /// The health monitor's latest view (RTT, loss, jitter).
-    pub snapshot: watch::Receiver<Snapshot>,
+    pub snapshot: Option<watch::Receiver<Snapshot>>,
     /// Health transitions so far.
     pub transitions: u64,
-    /// The gateway's Ethernet address, as the data plane has it.
-    pub gateway_mac: [u8; 6],
-    /// The state the data plane has for it (see `dataplane_state`).
-    written_state: u32,
     /// How the last change of its state reached the data plane.
     pub last_change: Option<Reaction>,
+    /// Bumped when its address changes (see `UplinkInfo::epoch`).
+    epoch: u32,
+    /// What the data plane has for it, if anything.
+    written: Option<UplinkInfo>,
+    /// The interface `wan_ingress` is attached to.
+    attached: Option<u32>,
+    monitor: Option<Running>,
+    last_poke: Option<Instant>,
+    lifecycle: Lifecycle,
 }
 
-impl Uplink {
-    /// The state the data plane should have for this uplink.
-    pub fn dataplane_state(&self) -> u32 {
-        // Degraded uplinks keep their flows; whether they get new ones is
-        // the balancer's call.
-        match (self.admin, self.health) {
-            (Admin::Disabled, _) | (_, Health::Down) => uplink_state::DOWN,
-            (Admin::Drain, _) => uplink_state::DRAIN,
-            (Admin::Enabled, _) => uplink_state::ACTIVE,
-        }
+/// A health monitor that runs.
+#[derive(Debug)]
+struct Running {
+    binding: Binding,
+    generation: u64,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
-/// What the daemon reacts to besides the operator: health transitions, and
-/// gateways that moved to another Ethernet address.
+impl Uplink {
+    fn new(cfg: &UplinkConfig, index: usize) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            index: index as u32,
+            admin: Admin::Enabled,
+            facts: Facts::default(),
+            health: None,
+            proven: false,
+            weight: cfg.weight,
+            reason: "starting".into(),
+            snapshot: None,
+            transitions: 0,
+            last_change: None,
+            epoch: 0,
+            written: None,
+            attached: None,
+            monitor: None,
+            last_poke: None,
+            lifecycle: Lifecycle::WaitingInterface,
+        }
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        uplink::lifecycle(self.admin, &self.facts, self.health, self.proven)
+    }
+
+    /// The state the data plane should have for this uplink.
+    pub fn dataplane_state(&self) -> u32 {
+        self.lifecycle().dataplane_state()
+    }
+}
+
+/// What the daemon reacts to besides the operator and the kernel's state.
 pub struct Events {
     pub health: mpsc::Receiver<HealthEvent>,
-    pub gateways: mpsc::Receiver<GatewayEvent>,
+}
+
+/// The reconciler's line to the kernel: a netlink handle, and the wake-up
+/// the kernel's events ring.
+#[derive(Clone)]
+pub struct KernelLink {
+    pub handle: Handle,
+    pub changed: Arc<Notify>,
 }
 
 pub struct Daemon {
@@ -99,6 +159,19 @@ pub struct Daemon {
     /// of their own (see `flows`); the lock keeps the two walks apart (a
     /// walk beside deletions may see an entry twice).
     flow_tables: Arc<Mutex<FlowTables>>,
+    /// Destinations the data plane leaves to the kernel now.
+    bypass: BTreeSet<(Ipv4Addr, u8)>,
+    watchers: Watchers,
+    health_tx: mpsc::Sender<HealthEvent>,
+    local_ports: (u16, u16),
+    /// Monitors started so far (tells a late event of an old one apart).
+    generations: u64,
+    /// When lbd started: uplinks ready within [`START_GRACE`] of it start
+    /// optimistic (in service, taken down by `fall` bad rounds); uplinks
+    /// that become ready later must first pass `rise` good rounds.
+    started: Instant,
+    /// Whether the data plane has a bucket table from this daemon yet.
+    table_written: bool,
 }
 
 fn mode_number(mode: ClassifierMode) -> u32 {
@@ -119,143 +192,84 @@ fn state_name(state: u32) -> &'static str {
 }
 
 impl Daemon {
-    /// Resolve every interface and gateway, load the data plane, fill its
-    /// maps and attach the programs. Nothing is attached unless everything
-    /// before succeeded.
+    /// Load the data plane, attach it to the LANs, converge once with what
+    /// the kernel holds now, and start watching the kernel. Any subset of
+    /// the uplinks may be usable, none included: what is missing is waited
+    /// for. Refused: a LAN interface that does not exist, routing tables or
+    /// rule priorities that someone else uses, and what the kernel cannot
+    /// do (load or attach XDP).
     /// `local_ports` is the kernel's `ip_local_port_range`, which NAT keeps
     /// clear of.
-    /// Also starts the health monitors and the link watch; what they report
-    /// arrives on the returned channels, for [`Daemon::on_health`] and
-    /// [`Daemon::on_gateway`].
-    pub async fn start(config: Config, local_ports: (u16, u16)) -> Result<(Self, Events)> {
-        // Subscribe before reading link states: a change in between waits
-        // in the socket instead of being lost.
-        let mut links = LinkWatch::subscribe().context("subscribing to link events")?;
-        let nl = Netlink::connect()?;
-        let (health_tx, health_rx) = mpsc::channel(64);
-        let (gateway_tx, gateway_rx) = mpsc::channel(16);
-
-        let mut uplinks = Vec::new();
-        let mut infos = Vec::new();
-        for (index, cfg) in config.uplinks.iter().enumerate() {
-            let ctx = || format!("uplink {} ({})", cfg.name, cfg.interface);
-            let link = nl.link(&cfg.interface).await.with_context(ctx)?;
-            let addrs = nl
-                .ipv4_addresses(Some(link.index))
-                .await
-                .with_context(ctx)?;
-            let Some(&(addr, _)) = addrs.first() else {
-                bail!("uplink {}: interface {} has no IPv4 address; lb uses it as the uplink's source address", cfg.name, cfg.interface);
-            };
-            let gw_mac = nl
-                .resolve_gateway(&link, cfg.gateway, GATEWAY_ARP_WAIT)
-                .await
-                .with_context(ctx)?;
-            // Optimistic while the carrier is up: probes take it down
-            // within `fall` rounds if the path behind it is broken.
-            let health = if link.up { Health::Up } else { Health::Down };
-            let (link_tx, link_rx) = mpsc::channel(8);
-            links.watch(link.index, &link.name, link.up, link_tx);
-            links.watch_gateway(link.index, cfg.gateway, index, gateway_tx.clone());
-            let ident = probe::icmp_identifier(index, local_ports).with_context(|| {
-                format!(
-                    "uplink {}: no ICMP identifier left in the local port range",
-                    cfg.name
-                )
-            })?;
-            let binding = Binding {
-                ifname: cfg.interface.clone(),
-                source: addr,
-            };
-            let probes = UplinkProbe::for_uplink(binding, ident, &cfg.probes)
-                .with_context(|| format!("uplink {}: setting up its probes", cfg.name))?;
-            let (snap_tx, snap_rx) = watch::channel(Snapshot::new(health));
-            let monitor = Monitor {
-                uplink: index,
-                name: cfg.name.clone(),
-                config: cfg.health,
-                probes,
-                initial: health,
-            };
-            tokio::spawn(health::run(monitor, link_rx, health_tx.clone(), snap_tx));
-            let mut uplink = Uplink {
-                cfg: cfg.clone(),
-                index: index as u32,
-                ifindex: link.index,
-                addr,
-                admin: Admin::Enabled,
-                health,
-                weight: cfg.weight,
-                reason: if link.up {
-                    "started".into()
-                } else {
-                    "carrier down at start".into()
-                },
-                snapshot: snap_rx,
-                transitions: 0,
-                gateway_mac: gw_mac,
-                written_state: uplink_state::UNUSED,
-                last_change: None,
-            };
-            uplink.written_state = uplink.dataplane_state();
-            infos.push(UplinkInfo {
-                ifindex: link.index,
-                state: uplink.written_state,
-                addr: addr.octets(),
-                src_mac: link.mac,
-                gw_mac,
-                mtu: link.mtu,
-            });
-            uplinks.push(uplink);
+    pub async fn start(
+        config: Config,
+        local_ports: (u16, u16),
+    ) -> Result<(Self, Events, KernelLink)> {
+        // Subscribe before reading anything: a change in between waits in
+        // the socket instead of being lost.
+        let links = LinkWatch::subscribe().context("subscribing to kernel events")?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink socket failed")?;
+        tokio::spawn(conn);
+        let observed = Observed::take(&handle).await?;
+        let clashes = observed.clashes(&config.routing, config.uplinks.len());
+        if !clashes.is_empty() {
+            bail!("{}", clashes.join("; "));
         }
         let mut lans = Vec::new();
         for lan in &config.lans {
-            lans.push(
-                nl.link(&lan.interface)
-                    .await
-                    .with_context(|| format!("LAN interface {}", lan.interface))?,
-            );
-        }
-        // Traffic for the router itself and between its own subnets is the
-        // kernel's: every local address, and every LAN subnet.
-        let mut bypass = Vec::new();
-        for (addr, _) in nl.ipv4_addresses(None).await? {
-            bypass.push((addr, 32));
-        }
-        for lan in &lans {
-            bypass.extend(nl.ipv4_addresses(Some(lan.index)).await?);
+            let link = observed.link(&lan.interface).with_context(|| {
+                format!(
+                    "LAN interface {} not found (see `ip link`; is lbd running in the right network namespace?)",
+                    lan.interface
+                )
+            })?;
+            lans.push(link.index);
         }
 
         let mut dataplane = Dataplane::load(config.flows.max)?;
         dataplane.set_classifier(rand::random(), mode_number(config.balance.mode))?;
         dataplane.set_nat_ports((config.nat.port_min, config.nat.port_max), local_ports)?;
-        for lan in &lans {
-            dataplane.add_lan(lan.index)?;
+        for &lan in &lans {
+            dataplane.add_lan(lan)?;
         }
-        for (uplink, info) in uplinks.iter().zip(&infos) {
-            dataplane
-                .set_uplink(uplink.index, info)
-                .with_context(|| format!("uplink {}", uplink.cfg.name))?;
-        }
-        for (addr, len) in bypass {
-            dataplane.add_bypass(addr, len)?;
-        }
-        let addrs = uplinks.iter().map(|u| u.addr).collect();
+        let addrs = vec![Ipv4Addr::UNSPECIFIED; config.uplinks.len()];
         let flow_tables = Arc::new(Mutex::new(dataplane.flow_tables(addrs, config.flows)?));
+        let (health_tx, health_rx) = mpsc::channel(64);
         let mut daemon = Self {
+            uplinks: config
+                .uplinks
+                .iter()
+                .enumerate()
+                .map(|(i, u)| Uplink::new(u, i))
+                .collect(),
             config,
-            uplinks,
             dataplane,
             table: table::empty(),
             flow_tables,
+            bypass: BTreeSet::new(),
+            watchers: links.watchers(),
+            health_tx,
+            local_ports,
+            generations: 0,
+            started: Instant::now(),
+            table_written: false,
         };
-        daemon.apply()?;
-
-        for uplink in &daemon.uplinks {
-            let mode = daemon
-                .dataplane
-                .attach(program::WAN_INGRESS, &uplink.cfg.interface)?;
-            log_attach(program::WAN_INGRESS, &uplink.cfg.interface, mode);
+        let mut changes = daemon.converge(&observed)?;
+        // Gateways are asked for (ARP) by the first convergence; give their
+        // answers a moment, so that lbd is ready with the uplinks that can
+        // be. Modems that stay mute are waited for after start.
+        let asked = Instant::now();
+        while asked.elapsed() < START_GRACE / 2
+            && daemon
+                .uplinks
+                .iter()
+                .any(|u| u.lifecycle() == Lifecycle::GatewayUnresolved)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            changes = daemon.converge(&Observed::take(&handle).await?)?;
+        }
+        for error in kernel::apply(&handle, changes).await {
+            log::warn!("routing: {error}; retrying on the next change");
         }
         for lan in &daemon.config.lans {
             let mode = daemon
@@ -263,26 +277,292 @@ impl Daemon {
                 .attach(program::LAN_INGRESS, &lan.interface)?;
             log_attach(program::LAN_INGRESS, &lan.interface, mode);
         }
+        let changed = links.changed();
         tokio::spawn(async move {
             if let Err(e) = links.run().await {
-                log::error!("link watch stopped: {e}; carrier changes are now seen by probes only");
+                log::error!(
+                    "kernel event watch stopped: {e}; lbd now follows the kernel once a second"
+                );
             }
         });
-        let events = Events {
-            health: health_rx,
-            gateways: gateway_rx,
+        let events = Events { health: health_rx };
+        Ok((daemon, events, KernelLink { handle, changed }))
+    }
+
+    /// Converge everything lbd owns towards what `observed` and the
+    /// daemon's view call for. Returns the routing changes, for the caller
+    /// to make without holding the daemon.
+    pub fn converge(&mut self, observed: &Observed) -> Result<Changes> {
+        for i in 0..self.uplinks.len() {
+            let u = &self.uplinks[i];
+            let facts = Facts::observe(observed, &u.cfg.interface, u.cfg.gateway, &u.facts);
+            self.follow(i, facts)
+                .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
+        }
+        self.apply()?;
+
+        let uplink_ifindexes: Vec<u32> = self
+            .uplinks
+            .iter()
+            .filter_map(|u| u.facts.ifindex)
+            .collect();
+        let bypass =
+            observed.kernel_destinations(&uplink_ifindexes, &self.config.routing.lookup_tables);
+        for &(addr, len) in bypass.difference(&self.bypass) {
+            self.dataplane.add_bypass(addr, len)?;
+            log::debug!("{addr}/{len} is left to the kernel");
+        }
+        for &(addr, len) in self.bypass.difference(&bypass) {
+            self.dataplane.remove_bypass(addr, len)?;
+            log::debug!("{addr}/{len} is no longer left to the kernel");
+        }
+        self.bypass = bypass;
+
+        if let Ok(mut tables) = self.flow_tables.lock() {
+            tables.set_uplink_addrs(
+                self.uplinks
+                    .iter()
+                    .map(|u| u.facts.addr.unwrap_or(Ipv4Addr::UNSPECIFIED))
+                    .collect(),
+            );
+        }
+        Ok(observed.changes(&self.wanted_routing()))
+    }
+
+    /// lbd's routing tables and rules as they should be: for each uplink
+    /// with carrier, an address and a gateway.
+    fn wanted_routing(&self) -> Wanted {
+        let mut wanted = Wanted::default();
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let f = &u.facts;
+            let (Some(ifindex), Some(addr), Some(gateway), true) =
+                (f.ifindex, f.addr, f.gateway, f.carrier)
+            else {
+                continue;
+            };
+            let table = self.config.routing.table(i);
+            wanted.routes.insert(OwnedRoute {
+                table,
+                gateway,
+                ifindex,
+            });
+            wanted.rules.insert(OwnedRule {
+                priority: self.config.routing.priority(i),
+                source: addr,
+                table,
+            });
+        }
+        wanted
+    }
+
+    /// Remove lbd's routing tables and rules (on the way out).
+    pub async fn remove_routing(link: &KernelLink) -> Result<()> {
+        let observed = Observed::take(&link.handle).await?;
+        let errors = kernel::apply(&link.handle, observed.changes(&Wanted::default())).await;
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Take in uplink `i`'s new facts: its data-plane entry, its XDP
+    /// attachment, its health monitor, and asking for its gateway.
+    fn follow(&mut self, i: usize, facts: Facts) -> Result<()> {
+        let old = self.uplinks[i].facts;
+        if old.ifindex.is_some() && old.ifindex != facts.ifindex {
+            if let Some(gone) = old.ifindex {
+                self.dataplane.forget_uplink_ifindex(gone)?;
+            }
+        }
+        {
+            let u = &mut self.uplinks[i];
+            if old.addr.is_some() && old.addr != facts.addr {
+                u.epoch = u.epoch.wrapping_add(1);
+                log::info!(
+                    "uplink {}: address {} -> {}; its flows move on their next packet",
+                    u.cfg.name,
+                    text_or_none(old.addr),
+                    text_or_none(facts.addr)
+                );
+            }
+            if facts.gateway != old.gateway {
+                log::info!(
+                    "uplink {}: gateway {} -> {}",
+                    u.cfg.name,
+                    text_or_none(old.gateway),
+                    text_or_none(facts.gateway)
+                );
+            }
+            if let (Some(before), Some(now)) = (old.gateway_mac, facts.gateway_mac) {
+                if before != now {
+                    log::info!(
+                        "uplink {}: gateway {} is now at {} (was {})",
+                        u.cfg.name,
+                        text_or_none(facts.gateway),
+                        mac_text(&now),
+                        mac_text(&before)
+                    );
+                }
+            }
+            if !facts.carrier {
+                // Back from a carrier loss, it has to prove itself again.
+                u.proven = false;
+            }
+            u.facts = facts;
+        }
+        self.monitor(i)?;
+        let u = &mut self.uplinks[i];
+
+        // The entry, with the state these facts call for, in one write.
+        if let (Some(ifindex), Some(mac)) = (facts.ifindex, facts.mac) {
+            let info = UplinkInfo {
+                ifindex,
+                state: u.dataplane_state(),
+                addr: facts.addr.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+                src_mac: mac,
+                gw_mac: facts.gateway_mac.unwrap_or_default(),
+                mtu: facts.mtu,
+                epoch: u.epoch,
+            };
+            if u.written != Some(info) {
+                self.dataplane.set_uplink(u.index, &info)?;
+                u.written = Some(info);
+            }
+            if u.attached != Some(ifindex) {
+                let mode = self
+                    .dataplane
+                    .attach(program::WAN_INGRESS, &u.cfg.interface)?;
+                log_attach(program::WAN_INGRESS, &u.cfg.interface, mode);
+                u.attached = Some(ifindex);
+            }
+        } else if let Some(mut info) = u.written {
+            // The interface is gone: keep its entry, down.
+            if info.state != uplink_state::DOWN {
+                info.state = uplink_state::DOWN;
+                self.dataplane.set_uplink_state(u.index, info.state)?;
+                u.written = Some(info);
+            }
+            u.attached = None;
+        }
+
+        // A gateway the kernel holds no address for: make it ask (ARP),
+        // as a first packet to it would.
+        if let (Some(gateway), None, true) = (facts.gateway, facts.gateway_mac, facts.carrier) {
+            if u.last_poke.is_none_or(|t| t.elapsed() >= POKE_EVERY) {
+                u.last_poke = Some(Instant::now());
+                if let Err(e) = netlink::poke(&u.cfg.interface, gateway) {
+                    log::debug!("uplink {}: asking for gateway {gateway}: {e:#}", u.cfg.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Start, restart or stop uplink `i`'s health monitor as its facts
+    /// call for: one runs while the facts are complete, bound to the
+    /// uplink's interface and address.
+    fn monitor(&mut self, i: usize) -> Result<()> {
+        let late = self.started.elapsed() >= START_GRACE;
+        let u = &mut self.uplinks[i];
+        let wanted = match (u.facts.complete(), u.facts.addr) {
+            (true, Some(source)) => Some(Binding {
+                ifname: u.cfg.interface.clone(),
+                source,
+            }),
+            _ => None,
         };
-        Ok((daemon, events))
+        if u.monitor.as_ref().map(|m| &m.binding) == wanted.as_ref() {
+            return Ok(());
+        }
+        let Some(binding) = wanted else {
+            // Nothing to probe through any more.
+            u.monitor = None;
+            u.health = None;
+            u.snapshot = None;
+            u.proven = false;
+            self.watchers.unwatch(&u.cfg.interface);
+            return Ok(());
+        };
+        // Uplinks ready at start, and uplinks without probes (they follow
+        // their carrier), are in service at once; any other has to pass
+        // `rise` good rounds. An address change keeps the health it had.
+        let initial = match (u.health, late && !u.cfg.probes.is_empty()) {
+            (Some(health), _) => health,
+            (None, false) => Health::Up,
+            (None, true) => Health::Down,
+        };
+        if u.health.is_none() {
+            u.proven = initial == Health::Up;
+            u.reason = if initial == Health::Up {
+                "ready".into()
+            } else {
+                format!("probing: {} good rounds needed", u.cfg.health.rise)
+            };
+        }
+        let ident = probe::icmp_identifier(i, self.local_ports).with_context(|| {
+            "no ICMP identifier left in the local port range for its probes".to_string()
+        })?;
+        let probes = UplinkProbe::for_uplink(binding.clone(), ident, &u.cfg.probes)
+            .context("setting up its probes")?;
+        self.generations += 1;
+        let generation = self.generations;
+        let (link_tx, link_rx) = mpsc::channel(8);
+        self.watchers
+            .watch(&u.cfg.interface, u.facts.carrier, link_tx.clone());
+        let (snap_tx, snap_rx) = watch::channel(Snapshot::new(initial));
+        let monitor = Monitor {
+            uplink: i,
+            generation,
+            name: u.cfg.name.clone(),
+            config: u.cfg.health,
+            probes,
+            initial,
+        };
+        if !u.facts.carrier {
+            let _ = link_tx.try_send(LinkEvent {
+                ifindex: u.facts.ifindex.unwrap_or(0),
+                ifname: u.cfg.interface.clone(),
+                up: false,
+                at: tokio::time::Instant::now(),
+            });
+        }
+        log::info!(
+            "uplink {}: probing through {} from {} ({initial} to begin with)",
+            u.cfg.name,
+            binding.ifname,
+            binding.source
+        );
+        let task = tokio::spawn(health::run(
+            monitor,
+            link_rx,
+            self.health_tx.clone(),
+            snap_tx,
+        ));
+        u.monitor = Some(Running {
+            binding,
+            generation,
+            task,
+        });
+        u.health = Some(initial);
+        u.snapshot = Some(snap_rx);
+        Ok(())
     }
 
     /// Apply a health transition: data plane first, then log and hooks.
     pub fn on_health(&mut self, event: HealthEvent) -> Result<()> {
-        let taken = std::time::Instant::now();
+        let taken = Instant::now();
         let Some(u) = self.uplinks.get_mut(event.uplink) else {
             return Ok(());
         };
+        if u.monitor.as_ref().map(|m| m.generation) != Some(event.generation) {
+            // From a monitor that has since been replaced or stopped.
+            return Ok(());
+        }
         let previous = u.health;
-        u.health = event.transition.to;
+        u.health = Some(event.transition.to);
+        if event.transition.to == Health::Up {
+            u.proven = true;
+        }
         u.reason = event.transition.reason.clone();
         u.transitions += 1;
         self.apply_timed(event.uplink, event.at.into_std(), taken)?;
@@ -299,17 +579,17 @@ impl Daemon {
                 )
             })
             .unwrap_or_default();
+        let previous = previous.map_or("-", Health::as_str);
+        let now = u.health.map_or("-", Health::as_str);
         log::info!(
-            "uplink {}: {} -> {} ({}){timing}",
+            "uplink {}: {previous} -> {now} ({}){timing}",
             u.cfg.name,
-            previous,
-            u.health,
             u.reason
         );
         let hook = hooks::Event {
             uplink: u.cfg.name.clone(),
             interface: u.cfg.interface.clone(),
-            state: u.health.to_string(),
+            state: now.to_string(),
             previous: previous.to_string(),
             reason: u.reason.clone(),
             rtt_ms: event.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
@@ -323,33 +603,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// The kernel's neighbour entry for an uplink's gateway changed: if it
-    /// now has another Ethernet address, send the uplink's traffic there.
-    pub fn on_gateway(&mut self, event: GatewayEvent) -> Result<()> {
-        let Some(u) = self.uplinks.get_mut(event.uplink) else {
-            return Ok(());
-        };
-        if u.gateway_mac == event.mac {
-            return Ok(());
-        }
-        self.dataplane
-            .set_gateway_mac(u.index, event.mac)
-            .with_context(|| format!("uplink {}: updating its gateway address", u.cfg.name))?;
-        log::info!(
-            "uplink {}: gateway {} is now at {} (was {})",
-            u.cfg.name,
-            event.gateway,
-            mac_text(&event.mac),
-            mac_text(&u.gateway_mac)
-        );
-        u.gateway_mac = event.mac;
-        Ok(())
-    }
-
     /// An operator's change to uplink `name`. Refused, with nothing changed,
     /// for an unknown uplink or a bad value.
     pub fn operate(&mut self, name: &str, action: UplinkAction) -> Result<String> {
-        let taken = std::time::Instant::now();
+        let taken = Instant::now();
         let Some(index) = self.uplinks.iter().position(|u| u.cfg.name == name) else {
             let known: Vec<&str> = self.uplinks.iter().map(|u| u.cfg.name.as_str()).collect();
             bail!("no uplink named {name:?} (uplinks: {})", known.join(", "));
@@ -395,17 +652,12 @@ impl Daemon {
     /// [`apply`](Self::apply), recording in uplink `index`'s `last_change`
     /// how long it took from `seen` (the cause) through `taken` (the daemon
     /// took it up) to the data plane.
-    fn apply_timed(
-        &mut self,
-        index: usize,
-        seen: std::time::Instant,
-        taken: std::time::Instant,
-    ) -> Result<()> {
+    fn apply_timed(&mut self, index: usize, seen: Instant, taken: Instant) -> Result<()> {
         self.apply_states()?;
-        let states = std::time::Instant::now();
+        let states = Instant::now();
         let applied_monotonic_ns = monotonic_ns();
         self.apply_table()?;
-        let table = std::time::Instant::now();
+        let table = Instant::now();
         let micros = |d: Duration| d.as_micros() as u64;
         if let Some(u) = self.uplinks.get_mut(index) {
             u.last_change = Some(Reaction {
@@ -419,15 +671,28 @@ impl Daemon {
     }
 
     /// Write the state of every uplink whose state changed, one map write
-    /// each.
+    /// each, and log where each uplink now stands.
     fn apply_states(&mut self) -> Result<()> {
         for u in &mut self.uplinks {
-            let state = u.dataplane_state();
-            if state != u.written_state {
+            let lifecycle = u.lifecycle();
+            if lifecycle != u.lifecycle {
+                log::info!(
+                    "uplink {}: {} -> {lifecycle} ({})",
+                    u.cfg.name,
+                    u.lifecycle,
+                    u.reason
+                );
+                u.lifecycle = lifecycle;
+            }
+            let state = lifecycle.dataplane_state();
+            let Some(info) = u.written.as_mut() else {
+                continue;
+            };
+            if state != info.state {
                 self.dataplane
                     .set_uplink_state(u.index, state)
                     .with_context(|| format!("uplink {}: writing its state", u.cfg.name))?;
-                u.written_state = state;
+                info.state = state;
             }
         }
         Ok(())
@@ -443,13 +708,14 @@ impl Daemon {
                 weight: u.weight,
                 tier: u.cfg.tier,
                 takes_new_flows: u.dataplane_state() == uplink_state::ACTIVE,
-                degraded: u.health == Health::Degraded,
+                degraded: u.health == Some(Health::Degraded),
             })
             .collect();
         let mut next = self.table;
         let moved = table::rebalance(&mut next, &balancer::weights(&candidates));
-        if moved > 0 || self.table == table::empty() {
+        if moved > 0 || !self.table_written {
             self.dataplane.set_buckets(&next)?;
+            self.table_written = true;
             log::info!(
                 "bucket table updated: {moved} of {} buckets moved",
                 lb_common::BUCKETS
@@ -471,24 +737,32 @@ impl Daemon {
     pub fn status(&self) -> Result<StatusDraft> {
         let counts = table::counts(&self.table);
         let mut uplinks = Vec::new();
-        for u in &self.uplinks {
+        for (i, u) in self.uplinks.iter().enumerate() {
             let s = self.dataplane.uplink_stats(u.index)?;
-            let snap = *u.snapshot.borrow();
+            let snap = u.snapshot.as_ref().map(|s| *s.borrow());
+            let stats = snap.map(|s| s.stats).unwrap_or_default();
             uplinks.push(UplinkStatus {
                 name: u.cfg.name.clone(),
                 interface: u.cfg.interface.clone(),
-                address: u.addr.to_string(),
-                gateway: u.cfg.gateway.to_string(),
-                gateway_mac: mac_text(&u.gateway_mac),
+                address: text_or_none(u.facts.addr),
+                gateway: text_or_none(u.facts.gateway),
+                gateway_config: u.cfg.gateway.to_string(),
+                gateway_mac: u
+                    .facts
+                    .gateway_mac
+                    .map_or_else(|| "-".into(), |m| mac_text(&m)),
+                lifecycle: u.lifecycle().to_string(),
+                table: self.config.routing.table(i),
+                rule_priority: self.config.routing.priority(i),
                 weight: u.weight,
                 tier: u.cfg.tier,
                 admin: format!("{:?}", u.admin).to_lowercase(),
-                health: u.health.to_string(),
+                health: u.health.map_or("-", Health::as_str).to_string(),
                 reason: u.reason.clone(),
                 transitions: u.transitions,
-                rtt_ms: snap.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                jitter_ms: snap.stats.jitter.map(|d| d.as_secs_f64() * 1000.0),
-                loss_percent: snap.stats.loss_percent(),
+                rtt_ms: stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                jitter_ms: stats.jitter.map(|d| d.as_secs_f64() * 1000.0),
+                loss_percent: stats.loss_percent(),
                 state: state_name(u.dataplane_state()).to_string(),
                 buckets: counts[u.index as usize],
                 tx_packets: s.tx_packets,
@@ -514,6 +788,11 @@ impl Daemon {
                 .zip(reasons)
                 .map(|(n, c)| (n.to_string(), c))
                 .collect(),
+            kernel_destinations: self
+                .bypass
+                .iter()
+                .map(|(a, l)| format!("{a}/{l}"))
+                .collect(),
         };
         Ok(StatusDraft {
             status,
@@ -521,6 +800,26 @@ impl Daemon {
             tables: self.flow_tables.clone(),
         })
     }
+}
+
+/// One round of the reconciler: read what the kernel holds, converge, and
+/// make the routing changes. Errors are the caller's to log: the next
+/// round (the next event, or a second later) tries again.
+pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
+    let observed = Observed::take(&link.handle).await?;
+    let changes = {
+        let mut d = daemon
+            .lock()
+            .map_err(|_| anyhow::anyhow!("daemon state is poisoned"))?;
+        d.converge(&observed)?
+    };
+    if !changes.is_empty() {
+        let errors = kernel::apply(&link.handle, changes).await;
+        if !errors.is_empty() {
+            bail!("routing: {}", errors.join("; "));
+        }
+    }
+    Ok(())
 }
 
 /// A status waiting for its flow counts.
@@ -568,6 +867,11 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
+}
+
+/// An address, or `-`.
+fn text_or_none(addr: Option<Ipv4Addr>) -> String {
+    addr.map_or_else(|| "-".into(), |a| a.to_string())
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

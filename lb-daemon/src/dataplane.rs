@@ -178,6 +178,18 @@ impl Dataplane {
             .context("writing UPLINKS")
     }
 
+    /// Stop taking packets arriving on `ifindex` for an uplink's replies
+    /// (the uplink's interface is gone, or has another index now).
+    pub fn forget_uplink_ifindex(&mut self, ifindex: u32) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::UPLINK_BY_IFINDEX)
+            .context("map UPLINK_BY_IFINDEX missing")?;
+        let mut by_ifindex: HashMap<_, u32, u32> =
+            HashMap::try_from(m).context("map UPLINK_BY_IFINDEX has an unexpected type")?;
+        missing_is_fine(by_ifindex.remove(&ifindex)).context("removing from UPLINK_BY_IFINDEX")
+    }
+
     /// Change only the state of uplink `index`.
     pub fn set_uplink_state(&mut self, index: u32, state: u32) -> Result<()> {
         self.update_uplink(index, |info| info.state = state)
@@ -211,6 +223,19 @@ impl Dataplane {
         let key = Key::new(u32::from(prefix_len), mask(addr, prefix_len).octets());
         trie.insert(&key, 1, 0)
             .with_context(|| format!("adding {addr}/{prefix_len} to BYPASS"))
+    }
+
+    /// Stop leaving destinations in `addr/prefix_len` to the kernel.
+    pub fn remove_bypass(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::BYPASS)
+            .context("map BYPASS missing")?;
+        let mut trie: LpmTrie<_, [u8; 4], u32> =
+            LpmTrie::try_from(m).context("map BYPASS has an unexpected type")?;
+        let key = Key::new(u32::from(prefix_len), mask(addr, prefix_len).octets());
+        missing_is_fine(trie.remove(&key))
+            .with_context(|| format!("removing {addr}/{prefix_len} from BYPASS"))
     }
 
     /// Counters of uplink `index`, summed over CPUs.
@@ -298,6 +323,21 @@ impl Dataplane {
         let data = MapData::from_fd(fd).with_context(|| format!("reopening map {map}"))?;
         let map_again = Map::from_map_data(data).with_context(|| format!("reopening map {map}"))?;
         HashMap::try_from(map_again).with_context(|| format!("map {map} has an unexpected type"))
+    }
+}
+
+/// A removal of something already gone is a success.
+pub(crate) fn missing_is_fine(
+    result: Result<(), aya::maps::MapError>,
+) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 

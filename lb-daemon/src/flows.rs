@@ -47,6 +47,12 @@ impl FlowTables {
         }
     }
 
+    /// The uplinks' NAT addresses now, by uplink index (unspecified for one
+    /// without an address).
+    pub fn set_uplink_addrs(&mut self, addrs: Vec<Ipv4Addr>) {
+        self.uplink_addrs = addrs;
+    }
+
     /// Flows removed as expired so far.
     pub fn expired(&self) -> u64 {
         self.expired
@@ -155,9 +161,5 @@ impl FlowTables {
 /// A delete that finds nothing is fine: the kernel's LRU (or the data
 /// plane itself) got there first.
 fn ignore_missing(r: Result<(), MapError>) -> Result<()> {
-    match r {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    Ok(crate::dataplane::missing_is_fine(r)?)
 }

@@ -415,6 +415,8 @@ impl Snapshot {
 pub struct HealthEvent {
     /// [`Monitor::uplink`].
     pub uplink: usize,
+    /// [`Monitor::generation`].
+    pub generation: u64,
     pub transition: Transition,
     /// The window's statistics when it happened.
     pub stats: Stats,
@@ -428,6 +430,10 @@ pub struct HealthEvent {
 pub struct Monitor<P> {
     /// The daemon's index of the uplink, copied into every [`HealthEvent`].
     pub uplink: usize,
+    /// Which of the uplink's monitors this is (the daemon starts a new one
+    /// when the uplink's address changes), copied into every
+    /// [`HealthEvent`], so that a late event of an old one is recognised.
+    pub generation: u64,
     /// The uplink's name, for logs.
     pub name: String,
     pub config: HealthConfig,
@@ -456,6 +462,7 @@ pub async fn run<P: Probe>(
 ) {
     let Monitor {
         uplink,
+        generation,
         name,
         config,
         probes,
@@ -517,6 +524,7 @@ pub async fn run<P: Probe>(
         if let Some(transition) = transition {
             let event = HealthEvent {
                 uplink,
+                generation,
                 transition,
                 stats: machine.stats(),
                 at: seen.unwrap_or_else(Instant::now),
@@ -924,6 +932,7 @@ mod tests {
         let (snap_tx, snapshots) = watch::channel(Snapshot::new(initial));
         let monitor = Monitor {
             uplink: 3,
+            generation: 0,
             name: "isp1".into(),
             config,
             probes,

@@ -10,6 +10,8 @@ pub mod dataplane;
 pub mod flows;
 pub mod health;
 pub mod hooks;
+pub mod kernel;
 pub mod linkwatch;
 pub mod netlink;
 pub mod probe;
+pub mod uplink;

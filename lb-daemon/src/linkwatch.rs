@@ -1,37 +1,40 @@
-//! Link and neighbour events: a netlink subscription to the kernel's link
-//! and neighbour notifications (`RTNLGRP_LINK`, `RTNLGRP_NEIGH`) that tells
-//! each subscriber when its interface's operational state or carrier
-//! changes, and when the Ethernet address the kernel holds for a watched
-//! gateway changes (the ISP swapped its router, or a VRRP pair failed
-//! over), as it happens.
+//! Kernel events: one netlink subscription to the kernel's link, address,
+//! route and neighbour notifications. It does two things with them:
+//!
+//! - It tells each watched interface's subscriber (an uplink's health
+//!   monitor) when that interface's carrier comes or goes, as the message
+//!   arrives: the fast path of a carrier loss, which must not wait for
+//!   anything else.
+//! - It wakes the reconciler ([`LinkWatch::changed`]) on anything that may
+//!   change what lbd observes: interfaces appearing, going or changing,
+//!   addresses, routes, and neighbours on watched interfaces. The reconciler
+//!   then reads the whole picture again (`kernel::Observed`); these events
+//!   say only *that* something changed.
 //!
 //! Owns the multicast netlink socket and the notion of an interface being
 //! "up" for lb ([`is_up`]: administratively up, with carrier, and an
-//! operational state of up or unknown). Event-driven: the kernel pushes a
-//! message on every change; the only dumps are one at start, to catch up
-//! with what changed before the watch ran, and one after the socket's buffer
-//! overflowed and messages were lost.
+//! operational state of up or unknown). Interfaces are watched by name, so
+//! one that appears later (a PPPoE session, a USB modem) or comes back
+//! with a new index is followed. The only dumps are one at start, to catch
+//! up with what changed before the watch ran, and one after the socket's
+//! buffer overflowed and messages were lost.
 //!
-//! It never polls, never changes an interface or a neighbour, and never
-//! judges an uplink's health: it reports edges (up -> down, down -> up) of
-//! watched interfaces and the addresses of watched gateways only, and
-//! `health` and the daemon decide what they mean.
+//! It never polls, never changes anything, and never judges an uplink's
+//! health: `health` and the daemon decide what events mean.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, State};
-use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::proto::Connection;
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::{Handle, MulticastGroup};
-use tokio::sync::mpsc;
-
-use crate::netlink::{usable_neighbour, Neighbour};
+use tokio::sync::{mpsc, Notify};
 
 /// A watched interface went up or down.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,26 +48,13 @@ pub struct LinkEvent {
     pub at: tokio::time::Instant,
 }
 
-/// The Ethernet address the kernel holds for a watched gateway, on each
-/// change of its neighbour entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewayEvent {
-    /// The uplink the gateway belongs to, as given to
-    /// [`LinkWatch::watch_gateway`].
-    pub uplink: usize,
-    pub gateway: Ipv4Addr,
-    pub mac: [u8; 6],
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum LinkWatchError {
-    #[error("cannot subscribe to netlink link and neighbour events")]
+    #[error("cannot subscribe to netlink link, address, route and neighbour events")]
     Subscribe(#[source] io::Error),
     #[error("listing interfaces over netlink failed")]
     Dump(#[source] rtnetlink::Error),
-    #[error("listing neighbours over netlink failed")]
-    NeighbourDump(#[source] rtnetlink::Error),
-    #[error("the netlink socket for link events closed")]
+    #[error("the netlink socket for kernel events closed")]
     Closed,
 }
 
@@ -92,222 +82,220 @@ fn name_of(link: &LinkMessage) -> Option<&str> {
 }
 
 struct Watched {
-    ifname: String,
+    /// Its index when last seen (0: not seen yet).
+    ifindex: u32,
     /// As last reported to (or believed by) the subscriber.
     up: bool,
     events: mpsc::Sender<LinkEvent>,
 }
 
-/// A watched gateway: whose it is, and who is told.
-struct Gateway {
-    uplink: usize,
-    events: mpsc::Sender<GatewayEvent>,
-}
+/// Who is told about which interface, by name. Shared between the watch
+/// and the daemon, which adds and removes subscribers as uplinks come and
+/// go.
+#[derive(Clone, Default)]
+pub struct Watchers(Arc<Mutex<HashMap<String, Watched>>>);
 
-/// Watched gateways by (interface index, gateway address).
-type Gateways = HashMap<(u32, Ipv4Addr), Gateway>;
-
-type Messages = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
-
-/// The subscription, and who is told about which interface.
-///
-/// Subscribe first, then read the interfaces' state and build the health
-/// checks, then [`run`](LinkWatch::run): changes in between wait in the
-/// socket, and the dump at the start of `run` catches up with the rest.
-pub struct LinkWatch {
-    connection: Connection<RouteNetlinkMessage>,
-    handle: Handle,
-    messages: Messages,
-    watched: HashMap<u32, Watched>,
-    gateways: Gateways,
-}
-
-impl LinkWatch {
-    /// Opens a netlink socket in the current network namespace and joins
-    /// the link and neighbour notification groups. Nothing is read until
-    /// [`run`](Self::run).
-    pub fn subscribe() -> Result<Self, LinkWatchError> {
-        let (connection, handle, messages) =
-            rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])
-                .map_err(LinkWatchError::Subscribe)?;
-        Ok(Self {
-            connection,
-            handle,
-            messages,
-            watched: HashMap::new(),
-            gateways: HashMap::new(),
-        })
-    }
-
-    /// Reports on `events` the Ethernet address of `gateway` on interface
-    /// `ifindex` whenever the kernel's neighbour entry for it changes (its
-    /// state, mostly; the subscriber looks for a new address, and a change
-    /// it failed to apply comes round again). Entries being resolved or
-    /// failed are not reported: the last address that worked stays.
-    pub fn watch_gateway(
-        &mut self,
-        ifindex: u32,
-        gateway: Ipv4Addr,
-        uplink: usize,
-        events: mpsc::Sender<GatewayEvent>,
-    ) {
-        self.gateways
-            .insert((ifindex, gateway), Gateway { uplink, events });
-    }
-
-    /// Reports changes of interface `ifindex` (called `ifname`) on `events`.
-    /// `up` is what the subscriber believes now; if the interface is found
-    /// otherwise when `run` starts, that is reported at once.
-    pub fn watch(&mut self, ifindex: u32, ifname: &str, up: bool, events: mpsc::Sender<LinkEvent>) {
-        self.watched.insert(
-            ifindex,
+impl Watchers {
+    /// Reports carrier changes of interface `ifname` on `events` from now
+    /// on, in place of any earlier subscriber. `up` is what the subscriber
+    /// believes now.
+    pub fn watch(&self, ifname: &str, up: bool, events: mpsc::Sender<LinkEvent>) {
+        self.lock().insert(
+            ifname.to_owned(),
             Watched {
-                ifname: ifname.to_owned(),
+                ifindex: 0,
                 up,
                 events,
             },
         );
     }
 
-    /// Reports changes until every subscriber has dropped its receiver
-    /// (`Ok`, noticed at the next link message) or the socket fails. Must
-    /// run on the tokio runtime.
+    /// Stops reporting on `ifname`.
+    pub fn unwatch(&self, ifname: &str) {
+        self.lock().remove(ifname);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watched>> {
+        // The map stays consistent whatever a panicking holder did.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `ifindex` is a watched interface's.
+    fn has_index(&self, ifindex: u32) -> bool {
+        self.lock().values().any(|w| w.ifindex == ifindex)
+    }
+
+    /// Records the state of interface `name` (index `ifindex`) and tells
+    /// its subscriber if it changed; forgets subscribers that are gone.
+    async fn update(&self, ifindex: u32, name: &str, up: bool) {
+        let send = {
+            let mut map = self.lock();
+            let Some(entry) = map.get_mut(name) else {
+                return;
+            };
+            if entry.events.is_closed() {
+                map.remove(name);
+                return;
+            }
+            entry.ifindex = ifindex;
+            if entry.up == up {
+                return;
+            }
+            entry.up = up;
+            log::debug!(
+                "link {name} (index {ifindex}) is {}",
+                if up { "up" } else { "down" }
+            );
+            (
+                entry.events.clone(),
+                LinkEvent {
+                    ifindex,
+                    ifname: name.to_owned(),
+                    up,
+                    at: tokio::time::Instant::now(),
+                },
+            )
+        };
+        // Sent without the lock: the subscriber may be slow.
+        let (events, event) = send;
+        let _ = events.send(event).await;
+    }
+
+    /// An interface that is gone: down for its subscriber.
+    async fn gone(&self, ifindex: u32) {
+        let name = self
+            .lock()
+            .iter()
+            .find(|(_, w)| w.ifindex == ifindex)
+            .map(|(n, _)| n.clone());
+        if let Some(name) = name {
+            self.update(ifindex, &name, false).await;
+        }
+    }
+}
+
+type Messages = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
+
+/// The subscription, who is told about which interface, and the
+/// reconciler's wake-up.
+///
+/// Subscribe first, then read the kernel's state, then [`run`](Self::run):
+/// changes in between wait in the socket, and the dump at the start of
+/// `run` catches up with the rest.
+pub struct LinkWatch {
+    connection: Connection<RouteNetlinkMessage>,
+    handle: Handle,
+    messages: Messages,
+    watchers: Watchers,
+    changed: Arc<Notify>,
+}
+
+impl LinkWatch {
+    /// Opens a netlink socket in the current network namespace and joins
+    /// the link, IPv4 address, IPv4 route and neighbour notification
+    /// groups. Nothing is read until [`run`](Self::run).
+    pub fn subscribe() -> Result<Self, LinkWatchError> {
+        let (connection, handle, messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv4Route,
+        ])
+        .map_err(LinkWatchError::Subscribe)?;
+        Ok(Self {
+            connection,
+            handle,
+            messages,
+            watchers: Watchers::default(),
+            changed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// The subscribers to carrier changes, for adding and removing them.
+    pub fn watchers(&self) -> Watchers {
+        self.watchers.clone()
+    }
+
+    /// Notified (one stored wake-up, however many events) when anything
+    /// that lbd observes may have changed.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// Reports changes until the socket fails. Must run on the tokio
+    /// runtime.
     pub async fn run(self) -> Result<(), LinkWatchError> {
         let Self {
             connection,
             handle,
             mut messages,
-            mut watched,
-            mut gateways,
+            watchers,
+            changed,
         } = self;
         // Ends by itself once `handle` and `messages` are dropped.
         tokio::spawn(connection);
 
-        catch_up(&handle, &mut watched).await?;
-        catch_up_gateways(&handle, &mut gateways).await?;
-        while !watched.is_empty() || !gateways.is_empty() {
+        catch_up(&handle, &watchers).await?;
+        changed.notify_one();
+        loop {
             let Some((message, _)) = messages.next().await else {
                 return Err(LinkWatchError::Closed);
             };
-            watched.retain(|_, w| !w.events.is_closed());
-            gateways.retain(|_, g| !g.events.is_closed());
-            match message.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                    let up = is_up(&link);
-                    update(&mut watched, link.header.index, name_of(&link), up).await;
+            let NetlinkPayload::InnerMessage(message) = message.payload else {
+                if let NetlinkPayload::Overrun(_) = message.payload {
+                    log::warn!(
+                        "netlink events were lost (socket buffer full); re-reading the kernel's state"
+                    );
+                    catch_up(&handle, &watchers).await?;
+                    changed.notify_one();
                 }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
-                    update(&mut watched, link.header.index, name_of(&link), false).await;
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(neighbour)) => {
-                    if let Some(neighbour) = usable_neighbour(&neighbour) {
-                        update_gateway(&mut gateways, neighbour).await;
+                continue;
+            };
+            match &message {
+                RouteNetlinkMessage::NewLink(link) => {
+                    if let Some(name) = name_of(link) {
+                        watchers.update(link.header.index, name, is_up(link)).await;
                     }
+                    changed.notify_one();
                 }
-                NetlinkPayload::Overrun(_) => {
-                    log::warn!("netlink link or neighbour events were lost (socket buffer full); re-reading interfaces and neighbours");
-                    catch_up(&handle, &mut watched).await?;
-                    catch_up_gateways(&handle, &mut gateways).await?;
+                RouteNetlinkMessage::DelLink(link) => {
+                    watchers.gone(link.header.index).await;
+                    changed.notify_one();
+                }
+                RouteNetlinkMessage::NewAddress(_)
+                | RouteNetlinkMessage::DelAddress(_)
+                | RouteNetlinkMessage::NewRoute(_)
+                | RouteNetlinkMessage::DelRoute(_) => changed.notify_one(),
+                // Neighbours come and go all the time on a LAN: only an
+                // uplink's (its gateway's) matter.
+                RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n)
+                    if watchers.has_index(n.header.ifindex) =>
+                {
+                    changed.notify_one();
                 }
                 _ => {}
             }
         }
-        Ok(())
     }
 }
 
 /// Dumps every interface and reports the watched ones whose state is not
-/// what their subscriber believes; a watched interface that is gone is down.
-async fn catch_up(
-    handle: &Handle,
-    watched: &mut HashMap<u32, Watched>,
-) -> Result<(), LinkWatchError> {
+/// what their subscriber believes; a watched interface that is missing is
+/// down.
+async fn catch_up(handle: &Handle, watchers: &Watchers) -> Result<(), LinkWatchError> {
     let mut links = handle.link().get().execute();
-    let mut current: HashMap<u32, (Option<String>, bool)> = HashMap::new();
+    let mut current: HashMap<String, (u32, bool)> = HashMap::new();
     while let Some(link) = links.try_next().await.map_err(LinkWatchError::Dump)? {
-        if watched.contains_key(&link.header.index) {
-            let name = name_of(&link).map(str::to_owned);
-            current.insert(link.header.index, (name, is_up(&link)));
+        if let Some(name) = name_of(&link) {
+            current.insert(name.to_owned(), (link.header.index, is_up(&link)));
         }
     }
-    let indexes: Vec<u32> = watched.keys().copied().collect();
-    for ifindex in indexes {
-        let (name, up) = current.remove(&ifindex).unwrap_or((None, false));
-        update(watched, ifindex, name.as_deref(), up).await;
+    let names: Vec<String> = watchers.lock().keys().cloned().collect();
+    for name in names {
+        let (ifindex, up) = current.get(&name).copied().unwrap_or((0, false));
+        watchers.update(ifindex, &name, up).await;
     }
     Ok(())
-}
-
-/// Dumps the IPv4 neighbours and reports the watched gateways'.
-async fn catch_up_gateways(handle: &Handle, gateways: &mut Gateways) -> Result<(), LinkWatchError> {
-    if gateways.is_empty() {
-        return Ok(());
-    }
-    let mut dump = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute();
-    let mut found = Vec::new();
-    while let Some(message) = dump
-        .try_next()
-        .await
-        .map_err(LinkWatchError::NeighbourDump)?
-    {
-        found.extend(usable_neighbour(&message));
-    }
-    for neighbour in found {
-        update_gateway(gateways, neighbour).await;
-    }
-    Ok(())
-}
-
-/// Tells a watched gateway's subscriber its address; forgets subscribers
-/// that are gone.
-async fn update_gateway(gateways: &mut Gateways, neighbour: Neighbour) {
-    let key = (neighbour.ifindex, neighbour.ip);
-    let Some(entry) = gateways.get(&key) else {
-        return;
-    };
-    let event = GatewayEvent {
-        uplink: entry.uplink,
-        gateway: neighbour.ip,
-        mac: neighbour.mac,
-    };
-    if entry.events.send(event).await.is_err() {
-        gateways.remove(&key);
-    }
-}
-
-/// Records the state of `ifindex` and tells its subscriber when it changed;
-/// forgets subscribers that are gone.
-async fn update(watched: &mut HashMap<u32, Watched>, ifindex: u32, name: Option<&str>, up: bool) {
-    let Some(entry) = watched.get_mut(&ifindex) else {
-        return;
-    };
-    if let Some(name) = name {
-        if entry.ifname != name {
-            entry.ifname = name.to_owned();
-        }
-    }
-    if entry.up == up {
-        return;
-    }
-    entry.up = up;
-    let event = LinkEvent {
-        ifindex,
-        ifname: entry.ifname.clone(),
-        up,
-        at: tokio::time::Instant::now(),
-    };
-    log::debug!(
-        "link {} (index {ifindex}) is {}",
-        event.ifname,
-        if up { "up" } else { "down" }
-    );
-    if entry.events.send(event).await.is_err() {
-        watched.remove(&ifindex);
-    }
 }
 
 /// Network namespaces for root tests: created with a unique `hdev-` name,
@@ -513,9 +501,9 @@ mod tests {
                 .build()
                 .expect("a runtime");
             runtime.block_on(async move {
-                let mut watch = LinkWatch::subscribe().expect("subscribed");
+                let watch = LinkWatch::subscribe().expect("subscribed");
                 let (tx, mut rx) = mpsc::channel(16);
-                watch.watch(ifindex, "v0", true, tx);
+                watch.watchers().watch("v0", true, tx);
                 let running = tokio::spawn(watch.run());
                 ready_tx.send(()).expect("test waiting");
                 tokio::select! {
@@ -560,46 +548,56 @@ mod tests {
     }
 
     #[test]
-    fn catches_up_with_changes_before_run() {
-        let Some(ns) = NetNs::create("linkwatch::catches_up_with_changes_before_run") else {
+    fn catches_up_with_changes_before_run_and_follows_an_interface_made_later() {
+        let Some(ns) = NetNs::create(
+            "linkwatch::catches_up_with_changes_before_run_and_follows_an_interface_made_later",
+        ) else {
             return;
         };
         ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
         let ifindex = ns.ifindex("v0");
         let (forward, events) = std_mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let watcher = ns.spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a runtime");
             runtime.block_on(async move {
-                let mut watch = LinkWatch::subscribe().expect("subscribed");
+                let watch = LinkWatch::subscribe().expect("subscribed");
                 let (tx, mut rx) = mpsc::channel(16);
-                // Believed up, but v0 was never set up.
-                watch.watch(ifindex, "v0", true, tx);
+                // Believed up, but v0 was never set up; p0 does not exist yet.
+                watch.watchers().watch("v0", true, tx.clone());
+                watch.watchers().watch("p0", false, tx);
                 let running = tokio::spawn(watch.run());
-                let first = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
-                let _ = forward.send(first.ok().flatten());
-                // Dropping the last receiver ends the watch.
-                drop(rx);
-                let _ = forward.send(None);
-                tokio::time::timeout(Duration::from_secs(2), running)
-                    .await
-                    .map(|joined| joined.map(|result| result.is_ok()))
-            })
+                tokio::select! {
+                    () = async {
+                        while let Some(event) = rx.recv().await {
+                            if forward.send(event).is_err() {
+                                break;
+                            }
+                        }
+                    } => {}
+                    _ = stopped => {}
+                }
+                running.abort();
+            });
         });
-        let first = events
-            .recv_timeout(Duration::from_secs(5))
-            .expect("a result");
+        let bound = Duration::from_secs(10);
+        let first = events.recv_timeout(bound).expect("a first event");
         assert_eq!(
-            first.map(|e| (e.ifindex, e.ifname, e.up)),
-            Some((ifindex, "v0".to_string(), false))
+            (first.ifindex, first.ifname.as_str(), first.up),
+            (ifindex, "v0", false)
         );
-        let _ = events.recv_timeout(Duration::from_secs(5));
-        // Nudge: the watch notices its last subscriber is gone on the next
-        // message.
-        ns.ip(&["link", "set", "v0", "up"]);
-        let ended = watcher.join().expect("watcher thread");
-        assert!(matches!(ended, Ok(Ok(true))), "{ended:?}");
+        // An interface that appears later, and comes up, is reported.
+        ns.ip(&["link", "add", "p0", "type", "veth", "peer", "name", "p1"]);
+        ns.ip(&["link", "set", "p1", "up"]);
+        let (event, _) = provoke(&ns, &["link", "set", "p0", "up"], &events, bound);
+        assert_eq!(
+            (event.ifindex, event.ifname.as_str(), event.up),
+            (ns.ifindex("p0"), "p0", true)
+        );
+        let _ = stop.send(());
+        watcher.join().expect("watcher thread");
     }
 }

@@ -1,173 +1,16 @@
-//! What the kernel knows about interfaces and neighbours, through
-//! rtnetlink: interface indexes, MAC and IPv4 addresses, and gateway MACs.
-//!
-//! Read-only towards the kernel's configuration: lb never adds addresses or
-//! routes. The one thing it provokes is ARP resolution of a gateway, by
-//! sending it a datagram, as any first packet to it would.
+//! Small netlink and socket helpers: which neighbour entries are usable,
+//! provoking ARP resolution of a gateway (by sending it a datagram, as any
+//! first packet to it would), and binding a socket to an interface.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
-    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
-use futures::TryStreamExt;
-use rtnetlink::{
-    packet_route::{
-        address::AddressAttribute,
-        link::{LinkAttribute, State},
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-        AddressFamily,
-    },
-    Handle,
+use anyhow::{Context, Result};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
-
-/// An interface as lb needs it.
-#[derive(Debug, Clone)]
-pub struct Link {
-    pub name: String,
-    pub index: u32,
-    pub mac: [u8; 6],
-    /// Operationally up (carrier and admin state).
-    pub up: bool,
-    pub mtu: u32,
-}
-
-pub struct Netlink {
-    handle: Handle,
-}
-
-impl Netlink {
-    /// Open a netlink connection; its I/O runs on the tokio runtime.
-    pub fn connect() -> Result<Self> {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().context("opening a netlink socket failed")?;
-        tokio::spawn(conn);
-        Ok(Self { handle })
-    }
-
-    /// The interface called `name`.
-    pub async fn link(&self, name: &str) -> Result<Link> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let msg = match links.try_next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) | Err(_) => bail!("interface {name} not found (see `ip link`; is lbd running in the right network namespace?)"),
-        };
-        let mut mac = [0u8; 6];
-        let mut up = false;
-        let mut mtu = 1500;
-        for attr in &msg.attributes {
-            match attr {
-                LinkAttribute::Mtu(m) => mtu = *m,
-                LinkAttribute::Address(bytes) if bytes.len() == 6 => mac.copy_from_slice(bytes),
-                LinkAttribute::OperState(state) => up = matches!(state, State::Up | State::Unknown),
-                _ => {}
-            }
-        }
-        if mac == [0; 6] {
-            bail!("interface {name} has no Ethernet address; lb forwards only between Ethernet interfaces");
-        }
-        Ok(Link {
-            name: name.to_string(),
-            index: msg.header.index,
-            mac,
-            up,
-            mtu,
-        })
-    }
-
-    /// IPv4 addresses and prefix lengths on interface `index`, or on every
-    /// interface when `index` is `None`.
-    pub async fn ipv4_addresses(&self, index: Option<u32>) -> Result<Vec<(Ipv4Addr, u8)>> {
-        let mut req = self.handle.address().get();
-        if let Some(index) = index {
-            req = req.set_link_index_filter(index);
-        }
-        let mut stream = req.execute();
-        let mut out = Vec::new();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .context("listing addresses over netlink failed")?
-        {
-            for attr in &msg.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(a))
-                | AddressAttribute::Address(IpAddr::V4(a)) = attr
-                {
-                    let entry = (*a, msg.header.prefix_len);
-                    if !out.contains(&entry) {
-                        out.push(entry);
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The MAC address the neighbour table holds for `ip` on interface
-    /// `index`, if it holds a usable one.
-    pub async fn neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>> {
-        let mut stream = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .context("listing neighbours over netlink failed")?
-        {
-            if let Some(entry) = usable_neighbour(&msg) {
-                if entry.ifindex == index && entry.ip == ip {
-                    return Ok(Some(entry.mac));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Resolve the MAC address of `gateway` on `link`, asking the kernel to
-    /// ARP for it if it is not known yet; waits at most `wait`.
-    pub async fn resolve_gateway(
-        &self,
-        link: &Link,
-        gateway: Ipv4Addr,
-        wait: Duration,
-    ) -> Result<[u8; 6]> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut poked = false;
-        loop {
-            if let Some(mac) = self.neighbour(link.index, gateway).await? {
-                return Ok(mac);
-            }
-            if !poked {
-                poke(&link.name, gateway).with_context(|| {
-                    format!(
-                        "sending a packet to gateway {gateway} on {} to resolve it",
-                        link.name
-                    )
-                })?;
-                poked = true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "gateway {gateway} did not answer ARP on {} within {:?}; check the cable and the gateway address (`ip neigh show dev {}`)",
-                    link.name,
-                    wait,
-                    link.name
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
 
 /// An IPv4 neighbour whose Ethernet address the kernel holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +48,7 @@ pub fn usable_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
 
 /// Send one empty datagram to `gateway` (discard port) out of `ifname`, so
 /// that the kernel resolves the gateway's MAC address.
-fn poke(ifname: &str, gateway: Ipv4Addr) -> Result<()> {
+pub fn poke(ifname: &str, gateway: Ipv4Addr) -> Result<()> {
     let sock = UdpSocket::bind("0.0.0.0:0")?;
     bind_to_device(&sock, ifname)?;
     sock.send_to(&[], SocketAddrV4::new(gateway, 9))?;

@@ -1442,7 +1442,6 @@ mod tests {
                 return;
             };
             let _servers = start_servers(&far);
-            let r0 = router.ifindex("r0");
             let (forward, events) = std_mpsc::channel::<HealthEvent>();
             let (ready_tx, ready) = std_mpsc::channel();
             let (stop, stopped) = oneshot::channel::<()>();
@@ -1452,9 +1451,9 @@ mod tests {
                     .build()
                     .expect("a runtime");
                 runtime.block_on(async move {
-                    let mut links = LinkWatch::subscribe().expect("netlink");
+                    let links = LinkWatch::subscribe().expect("netlink");
                     let (link_tx, link_rx) = tokio::sync::mpsc::channel(8);
-                    links.watch(r0, "r0", true, link_tx);
+                    links.watchers().watch("r0", true, link_tx);
                     tokio::spawn(links.run());
                     let configs = [
                         ProbeKind::Icmp { target: FAR },
@@ -1465,6 +1464,7 @@ mod tests {
                     .map(|kind| ProbeConfig { kind });
                     let monitor = Monitor {
                         uplink: 0,
+                        generation: 0,
                         name: "a".into(),
                         config: crate::config::HealthConfig {
                             rise: 5,

@@ -39,6 +39,7 @@ fn uplink_info(n: u8, state: u32) -> UplinkInfo {
         src_mac: [0x02, 0xaa, 0, 0, n, 2],
         gw_mac: [0x02, 0xbb, 0, 0, n, 1],
         mtu: 1500,
+        epoch: 0,
     }
 }
 

@@ -104,7 +104,9 @@ fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 
         // same fields; at worst a timestamp or state update is lost.
         let (pinned, old_port) = unsafe { ((*flow).uplink, (*flow).nat_port) };
         let old_info = UPLINKS.get(pinned);
-        if old_info.is_some_and(|u| uplink_state::keeps_flows(u.state)) {
+        // SAFETY: as above.
+        let epoch = unsafe { (*flow).epoch };
+        if old_info.is_some_and(|u| uplink_state::keeps_flows(u.state) && epoch == u.epoch as u8) {
             unsafe {
                 (*flow).last_seen_ns = now;
                 if closing {
@@ -113,16 +115,19 @@ fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 
             }
             return Ok((pinned, old_port));
         }
-        // Its uplink is gone: a new mapping on a live uplink, in place of
-        // the old one.
+        // Its uplink is gone, or has another address now: a new mapping on
+        // a live uplink, in place of the old one. (After an address change
+        // the old reverse entry is keyed by the old address: the collector
+        // removes it, as an orphan.)
         let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
-        let port = reserve_port(ctx, pkt, key, uplink)?;
+        let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
         if let Some(old) = old_info {
             let _ = NAT_REV.remove(&rev_key(key, old, old_port));
         }
         unsafe {
             (*flow).uplink = uplink;
             (*flow).nat_port = port;
+            (*flow).epoch = epoch;
             (*flow).last_seen_ns = now;
         }
         stats::uplink(pinned, |s| s.moved_away += 1);
@@ -131,7 +136,7 @@ fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 
     }
 
     let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
-    let port = reserve_port(ctx, pkt, key, uplink)?;
+    let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
     let state = if closing {
         tcp_state::CLOSING
     } else {
@@ -142,7 +147,7 @@ fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 
         uplink,
         nat_port: port,
         tcp_state: state,
-        _pad: 0,
+        epoch,
     };
     if FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU pinned the same connection first: give back our port
@@ -175,14 +180,15 @@ fn rev_key(key: &FlowKey, uplink: &UplinkInfo, port: [u8; 2]) -> NatKey {
 
 /// Claim a NAT port on `uplink` for `key` by inserting its reverse entry;
 /// the insert is atomic, so two flows (on two CPUs) can never claim the
-/// same mapping.
+/// same mapping. Returns the port and the uplink's address epoch (low 8
+/// bits) the mapping was made under.
 #[inline(always)]
 fn reserve_port(
     ctx: &XdpContext,
     pkt: &Ipv4Packet,
     key: &FlowKey,
     uplink: u32,
-) -> Result<[u8; 2], u32> {
+) -> Result<([u8; 2], u8), u32> {
     let settings = SETTINGS.get(0).ok_or(reason::DROP_NAT_EXHAUSTED)?;
     let info = UPLINKS.get(uplink).ok_or(reason::DROP_NO_UPLINK)?;
     let eth: *const EthHdr = parse::ptr_at(ctx, 0)?;
@@ -214,7 +220,7 @@ fn reserve_port(
             .insert(&rev_key(key, info, port), &value, u64::from(BPF_NOEXIST))
             .is_ok()
         {
-            return Ok(port);
+            return Ok((port, info.epoch as u8));
         }
     }
     stats::uplink(uplink, |s| s.nat_failures += 1);

@@ -103,8 +103,8 @@ fn main() -> ExitCode {
 fn print_status(s: &Status) {
     println!("classifier: {}", s.mode);
     println!(
-        "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<8} {:<6} {:>7} {:>8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12}  REASON",
-        "UPLINK", "IFACE", "ADDRESS", "WEIGHT", "TIER", "ADMIN", "HEALTH", "STATE", "BUCKETS", "RTT_MS", "LOSS%", "FLOWS",
+        "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<25} {:<6} {:>7} {:>8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12}  REASON",
+        "UPLINK", "IFACE", "ADDRESS", "WEIGHT", "TIER", "ADMIN", "LIFECYCLE", "STATE", "BUCKETS", "RTT_MS", "LOSS%", "FLOWS",
         "TX_PKTS", "TX_BYTES", "RX_PKTS", "RX_BYTES"
     );
     for u in &s.uplinks {
@@ -112,17 +112,25 @@ fn print_status(s: &Status) {
             .rtt_ms
             .map_or_else(|| "-".to_string(), |r| format!("{r:.2}"));
         println!(
-            "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<8} {:<6} {:>7} {:>8} {:>6.1} {:>7} {:>10} {:>12} {:>10} {:>12}  {}",
-            u.name, u.interface, u.address, u.weight, u.tier, u.admin, u.health, u.state, u.buckets, rtt, u.loss_percent,
+            "{:<10} {:<8} {:<15} {:>6} {:>4} {:<8} {:<25} {:<6} {:>7} {:>8} {:>6.1} {:>7} {:>10} {:>12} {:>10} {:>12}  {}",
+            u.name, u.interface, u.address, u.weight, u.tier, u.admin, u.lifecycle, u.state, u.buckets, rtt, u.loss_percent,
             u.flows, u.tx_packets, u.tx_bytes, u.rx_packets, u.rx_bytes, u.reason
         );
     }
     let gateways: Vec<String> = s
         .uplinks
         .iter()
-        .map(|u| format!("{} {} at {}", u.name, u.gateway, u.gateway_mac))
+        .map(|u| {
+            format!(
+                "{} {} ({}) at {}, table {} rule {}",
+                u.name, u.gateway, u.gateway_config, u.gateway_mac, u.table, u.rule_priority
+            )
+        })
         .collect();
-    println!("gateways: {}", gateways.join(", "));
+    println!("gateways: {}", gateways.join("; "));
+    if !s.kernel_destinations.is_empty() {
+        println!("left to the kernel: {}", s.kernel_destinations.join(" "));
+    }
     println!(
         "flows expired: {}, evicted (table full): {}",
         s.flows_expired, s.flows_evicted

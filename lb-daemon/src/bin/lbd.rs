@@ -16,7 +16,7 @@ use clap::Parser;
 use lb_daemon::{
     api::{Request, Response},
     config,
-    daemon::Daemon,
+    daemon::{self, Daemon, KernelLink},
     flows::FlowTables,
 };
 use tokio::{
@@ -93,14 +93,18 @@ fn main() -> ExitCode {
 /// How often expired flows are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the reconciler converges without being woken by the kernel:
+/// a safety net, and the pace of asking for unresolved gateways.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+
 async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
     let socket = config.daemon.socket.clone();
     let listener = bind_control_socket(&socket)?;
-    let (daemon, mut events, collector) = match Daemon::start(config, local_ports).await {
-        Ok((d, events)) => {
+    let (daemon, mut events, kernel, collector) = match Daemon::start(config, local_ports).await {
+        Ok((d, events, kernel)) => {
             let collector = d.flow_tables();
-            (Arc::new(Mutex::new(d)), events, collector)
+            (Arc::new(Mutex::new(d)), events, kernel, collector)
         }
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -108,6 +112,7 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
         }
     };
     log::info!("ready; control socket {}", socket.display());
+    let reconciler = tokio::spawn(reconcile_forever(daemon.clone(), kernel.clone()));
 
     let mut gc = tokio::time::interval(GC_INTERVAL);
     // The collection walks the whole flow table with one syscall per entry:
@@ -130,22 +135,47 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
                 },
                 Err(_) => break,
             },
-            Some(event) = events.gateways.recv() => match daemon.lock() {
-                Ok(mut d) => if let Err(e) = d.on_gateway(event) {
-                    log::error!("following a gateway's new address failed: {e:#}");
-                },
-                Err(_) => break,
-            },
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => { tokio::spawn(serve(stream, daemon.clone())); }
                 Err(e) => log::warn!("control socket accept failed: {e}"),
             },
         }
     }
-    log::info!("shutting down: detaching XDP programs");
+    reconciler.abort();
+    log::info!("shutting down: removing lbd's routing tables and rules, detaching XDP programs");
+    if let Err(e) = Daemon::remove_routing(&kernel).await {
+        log::warn!("removing lbd's routes and rules: {e:#} (`ip rule show`, `ip route show table all proto 251`)");
+    }
     let _ = std::fs::remove_file(&socket);
     drop(daemon);
     Ok(())
+}
+
+/// Converge on every kernel event, and once a second.
+async fn reconcile_forever(daemon: Arc<Mutex<Daemon>>, kernel: KernelLink) {
+    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = kernel.changed.notified() => {}
+            _ = tick.tick() => {}
+        }
+        match daemon::reconcile(&daemon, &kernel).await {
+            Ok(()) => {
+                if failing {
+                    log::info!("converged again");
+                }
+                failing = false;
+            }
+            // Said once, not once a second.
+            Err(e) if !failing => {
+                log::warn!("converging failed: {e:#}; retrying on every change and once a second");
+                failing = true;
+            }
+            Err(e) => log::debug!("converging failed again: {e:#}"),
+        }
+    }
 }
 
 /// Remove expired flows, without holding the daemon.

@@ -1,0 +1,657 @@
+//! The kernel state lbd observes, and the routing state it owns.
+//!
+//! Observes, in one [`Observed`] snapshot taken whenever the kernel reports
+//! a change that may matter: interfaces, IPv4 addresses, IPv4 routes of
+//! every table, IPv4 neighbours, and IPv4 rules. Nothing is read once: the
+//! reconciler takes a new snapshot on every event and converges towards it.
+//!
+//! Owns, per uplink that has an address and a gateway: a routing table with
+//! one default route through the gateway, and a rule `from <uplink address>
+//! lookup <that table>` (mwan3's approach), so that the probes and the
+//! router's own sockets bound to an uplink leave through it however many
+//! default routes the main table has. Everything lbd adds carries the route
+//! protocol [`ROUTE_PROTOCOL`]: that is how it finds its own routes and rules
+//! again (after a crash, too) and how it knows never to touch anyone else's.
+//!
+//! The pure parts (which gateway, which destinations the kernel keeps, what
+//! to add and remove) are functions of a snapshot, tested without a kernel.
+//! It never changes an interface, an address, or a route or rule that does
+//! not carry lbd's protocol.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkMessage},
+        route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+        },
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+        AddressFamily,
+    },
+    Handle, IpVersion, RouteMessageBuilder,
+};
+
+use crate::{
+    config::RoutingConfig,
+    linkwatch::is_up,
+    netlink::{usable_neighbour, Neighbour},
+};
+
+/// The route protocol number on lbd's routes and rules (`ip route show proto
+/// 251`). Unassigned in iproute2's `rt_protos`.
+pub const ROUTE_PROTOCOL: u8 = 251;
+/// The main routing table.
+pub const MAIN_TABLE: u32 = 254;
+/// The local routing table (the router's own addresses).
+pub const LOCAL_TABLE: u32 = 255;
+
+/// An interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub name: String,
+    pub index: u32,
+    pub mac: Option<[u8; 6]>,
+    /// Administratively up, with carrier (see `linkwatch::is_up`).
+    pub up: bool,
+    pub mtu: u32,
+}
+
+/// An IPv4 address on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    pub ifindex: u32,
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// An IPv4 route, as far as lbd cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub table: u32,
+    pub dst: Ipv4Addr,
+    pub dst_len: u8,
+    pub kind: RouteType,
+    pub protocol: u8,
+    pub gateway: Option<Ipv4Addr>,
+    /// Output interfaces: one, or each next hop's of a multipath route.
+    pub oifs: Vec<u32>,
+    /// The metric.
+    pub priority: u32,
+    /// As dumped, for deleting it.
+    pub message: RouteMessage,
+}
+
+/// An IPv4 rule, as far as lbd cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub priority: u32,
+    /// Whether it looks a table up (the other actions: goto, nop,
+    /// blackhole, unreachable, prohibit).
+    pub looks_up: bool,
+    pub table: u32,
+    pub source: Option<(Ipv4Addr, u8)>,
+    pub protocol: u8,
+    pub message: RuleMessage,
+}
+
+/// What the kernel holds now.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub links: Vec<LinkFacts>,
+    pub addresses: Vec<Address>,
+    pub routes: Vec<Route>,
+    pub neighbours: Vec<Neighbour>,
+    pub rules: Vec<Rule>,
+}
+
+/// A route lbd wants: in `table`, the default route via `gateway` on
+/// `ifindex`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OwnedRoute {
+    pub table: u32,
+    pub gateway: Ipv4Addr,
+    pub ifindex: u32,
+}
+
+/// A rule lbd wants: from `source`/32 look up `table`, at `priority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OwnedRule {
+    pub priority: u32,
+    pub source: Ipv4Addr,
+    pub table: u32,
+}
+
+/// lbd's routing, as it should be.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wanted {
+    pub routes: BTreeSet<OwnedRoute>,
+    pub rules: BTreeSet<OwnedRule>,
+}
+
+/// What to change to get from what is to what is wanted.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub add_routes: Vec<OwnedRoute>,
+    pub del_routes: Vec<RouteMessage>,
+    pub add_rules: Vec<OwnedRule>,
+    pub del_rules: Vec<RuleMessage>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.add_routes.is_empty()
+            && self.del_routes.is_empty()
+            && self.add_rules.is_empty()
+            && self.del_rules.is_empty()
+    }
+}
+
+impl Observed {
+    /// Dump everything lbd looks at.
+    pub async fn take(handle: &Handle) -> Result<Observed> {
+        let links: Vec<LinkMessage> = handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .context("listing interfaces over netlink")?;
+        let addresses: Vec<_> = handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .context("listing addresses over netlink")?;
+        let routes: Vec<RouteMessage> = handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .context("listing routes over netlink")?;
+        let neighbours: Vec<_> = handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing neighbours over netlink")?;
+        let rules: Vec<RuleMessage> = handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing rules over netlink")?;
+        Ok(Observed {
+            links: links.iter().filter_map(link_facts).collect(),
+            addresses: addresses
+                .iter()
+                .flat_map(|msg| {
+                    let (ifindex, prefix_len) = (msg.header.index, msg.header.prefix_len);
+                    // `Local` is the address itself (`Address` is the peer's
+                    // on point-to-point links such as PPPoE).
+                    msg.attributes.iter().filter_map(move |a| match a {
+                        AddressAttribute::Local(std::net::IpAddr::V4(addr)) => Some(Address {
+                            ifindex,
+                            addr: *addr,
+                            prefix_len,
+                        }),
+                        _ => None,
+                    })
+                })
+                .collect(),
+            routes: routes.into_iter().filter_map(route).collect(),
+            neighbours: neighbours.iter().filter_map(usable_neighbour).collect(),
+            rules: rules.into_iter().filter_map(rule).collect(),
+        })
+    }
+
+    pub fn link(&self, name: &str) -> Option<&LinkFacts> {
+        self.links.iter().find(|l| l.name == name)
+    }
+
+    /// The first (primary) IPv4 address of interface `ifindex`.
+    pub fn address_of(&self, ifindex: u32) -> Option<Ipv4Addr> {
+        self.addresses
+            .iter()
+            .find(|a| a.ifindex == ifindex)
+            .map(|a| a.addr)
+    }
+
+    /// The next hop of the kernel's default route through `ifindex`, in any
+    /// table but lbd's own: the main table's first, then the lowest metric.
+    pub fn default_gateway(&self, ifindex: u32) -> Option<Ipv4Addr> {
+        self.routes
+            .iter()
+            .filter(|r| {
+                r.dst_len == 0
+                    && r.kind == RouteType::Unicast
+                    && r.protocol != ROUTE_PROTOCOL
+                    && r.oifs == [ifindex]
+                    && r.gateway.is_some()
+            })
+            .min_by_key(|r| (r.table != MAIN_TABLE, r.priority))
+            .and_then(|r| r.gateway)
+    }
+
+    /// The Ethernet address the kernel holds for `ip` on `ifindex`.
+    pub fn neighbour(&self, ifindex: u32, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        self.neighbours
+            .iter()
+            .find(|n| n.ifindex == ifindex && n.ip == ip)
+            .map(|n| n.mac)
+    }
+
+    /// Destinations the kernel keeps, which the fast path must hand to it:
+    /// the router's own addresses (the local table), and everything the
+    /// main table and `lookup_tables` route other than by a default route
+    /// (connected LAN subnets, static routes, VPN routes), unless it leaves
+    /// through an uplink: that traffic is the internet's, and is NATed like
+    /// the rest.
+    pub fn kernel_destinations(
+        &self,
+        uplinks: &[u32],
+        lookup_tables: &[u32],
+    ) -> BTreeSet<(Ipv4Addr, u8)> {
+        self.routes
+            .iter()
+            .filter(|r| {
+                if r.table == LOCAL_TABLE {
+                    return r.kind == RouteType::Local;
+                }
+                (r.table == MAIN_TABLE || lookup_tables.contains(&r.table))
+                    && r.dst_len > 0
+                    && r.protocol != ROUTE_PROTOCOL
+                    && !r.oifs.iter().any(|oif| uplinks.contains(oif))
+            })
+            .map(|r| (r.dst, r.dst_len))
+            .collect()
+    }
+
+    /// Routes and rules in the places lbd would use that are not lbd's: a
+    /// table of its range with someone else's routes, or a rule at one of
+    /// its priorities. Each is a sentence for the operator.
+    pub fn clashes(&self, routing: &RoutingConfig, uplinks: usize) -> Vec<String> {
+        let tables = routing.first_table..routing.first_table + uplinks as u32;
+        let priorities = routing.first_priority..routing.first_priority + uplinks as u32;
+        let mut out = Vec::new();
+        for table in tables {
+            if let Some(r) = self
+                .routes
+                .iter()
+                .find(|r| r.table == table && r.protocol != ROUTE_PROTOCOL)
+            {
+                out.push(format!(
+                    "routing table {table} already holds routes lbd did not make (e.g. {}/{} \
+                     proto {}; `ip route show table {table}`); set [routing] first_table to a \
+                     free range",
+                    r.dst, r.dst_len, r.protocol
+                ));
+            }
+        }
+        for priority in priorities {
+            if let Some(r) = self
+                .rules
+                .iter()
+                .find(|r| r.priority == priority && r.protocol != ROUTE_PROTOCOL)
+            {
+                out.push(format!(
+                    "a rule at priority {priority} is not lbd's (it looks up table {}; `ip rule \
+                     show`); set [routing] first_priority to a free range",
+                    r.table
+                ));
+            }
+        }
+        out
+    }
+
+    /// What to add and remove so that lbd's routes and rules are `wanted`:
+    /// its own that are not wanted go, wanted ones that are missing come.
+    pub fn changes(&self, wanted: &Wanted) -> Changes {
+        let mut changes = Changes::default();
+        let mut have_routes = BTreeSet::new();
+        for r in self.routes.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
+            let owned = match (r.dst_len, r.gateway, r.oifs.as_slice()) {
+                (0, Some(gateway), &[ifindex]) => Some(OwnedRoute {
+                    table: r.table,
+                    gateway,
+                    ifindex,
+                }),
+                _ => None,
+            };
+            match owned {
+                Some(o) if wanted.routes.contains(&o) => {
+                    have_routes.insert(o);
+                }
+                _ => changes.del_routes.push(r.message.clone()),
+            }
+        }
+        let mut have_rules = BTreeSet::new();
+        for r in self.rules.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
+            let owned = r.source.and_then(|(source, len)| {
+                (len == 32 && r.looks_up).then_some(OwnedRule {
+                    priority: r.priority,
+                    source,
+                    table: r.table,
+                })
+            });
+            match owned {
+                Some(o) if wanted.rules.contains(&o) => {
+                    have_rules.insert(o);
+                }
+                _ => changes.del_rules.push(r.message.clone()),
+            }
+        }
+        changes.add_routes = wanted.routes.difference(&have_routes).copied().collect();
+        changes.add_rules = wanted.rules.difference(&have_rules).copied().collect();
+        changes
+    }
+}
+
+/// Apply `changes`: removals first (an old rule for an address that moved
+/// must not outlive it), then additions. Every step is tried; the errors
+/// are returned together, for the next round to retry.
+pub async fn apply(handle: &Handle, changes: Changes) -> Vec<String> {
+    let mut errors = Vec::new();
+    for msg in changes.del_rules {
+        if let Err(e) = handle.rule().del(msg.clone()).execute().await {
+            errors.push(format!("removing rule {msg:?}: {e}"));
+        }
+    }
+    for msg in changes.del_routes {
+        if let Err(e) = handle.route().del(msg.clone()).execute().await {
+            errors.push(format!("removing route {msg:?}: {e}"));
+        }
+    }
+    for r in changes.add_routes {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(r.table)
+            .gateway(r.gateway)
+            .output_interface(r.ifindex)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            // The gateway is on the uplink's link by definition; the kernel
+            // need not look for a route to it in this table.
+            .onlink()
+            .build();
+        if let Err(e) = handle.route().add(msg).replace().execute().await {
+            errors.push(format!(
+                "adding default via {} (ifindex {}) to table {}: {e}",
+                r.gateway, r.ifindex, r.table
+            ));
+        }
+    }
+    for r in changes.add_rules {
+        let mut req = handle
+            .rule()
+            .add()
+            .v4()
+            .action(RuleAction::ToTable)
+            .table_id(r.table)
+            .priority(r.priority)
+            .source_prefix(r.source, 32);
+        req.message_mut()
+            .attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                ROUTE_PROTOCOL,
+            )));
+        if let Err(e) = req.execute().await {
+            errors.push(format!(
+                "adding rule from {} lookup {} priority {}: {e}",
+                r.source, r.table, r.priority
+            ));
+        }
+    }
+    errors
+}
+
+fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
+    let mut name = None;
+    let mut mac = None;
+    let mut mtu = 1500;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Address(b) => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
+            LinkAttribute::Mtu(m) => mtu = *m,
+            _ => {}
+        }
+    }
+    Some(LinkFacts {
+        name: name?,
+        index: msg.header.index,
+        mac,
+        up: is_up(msg),
+        mtu,
+    })
+}
+
+fn protocol_number(p: RouteProtocol) -> u8 {
+    u8::from(p)
+}
+
+fn route(msg: RouteMessage) -> Option<Route> {
+    let RouteHeader {
+        address_family,
+        destination_prefix_length,
+        table,
+        protocol,
+        kind,
+        ..
+    } = msg.header;
+    if address_family != AddressFamily::Inet {
+        return None;
+    }
+    let mut r = Route {
+        table: u32::from(table),
+        dst: Ipv4Addr::UNSPECIFIED,
+        dst_len: destination_prefix_length,
+        kind,
+        protocol: protocol_number(protocol),
+        gateway: None,
+        oifs: Vec::new(),
+        priority: 0,
+        message: msg.clone(),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => r.table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => r.dst = *a,
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => r.gateway = Some(*a),
+            RouteAttribute::Oif(i) => r.oifs.push(*i),
+            RouteAttribute::Priority(p) => r.priority = *p,
+            RouteAttribute::MultiPath(hops) => {
+                r.oifs.extend(hops.iter().map(|h| h.interface_index));
+            }
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
+fn rule(msg: RuleMessage) -> Option<Rule> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let mut r = Rule {
+        priority: 0,
+        looks_up: msg.header.action == RuleAction::ToTable,
+        table: u32::from(msg.header.table),
+        source: None,
+        protocol: 0,
+        message: msg.clone(),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            RuleAttribute::Priority(p) => r.priority = *p,
+            RuleAttribute::Table(t) => r.table = *t,
+            RuleAttribute::Source(std::net::IpAddr::V4(a)) => {
+                r.source = Some((*a, msg.header.src_len));
+            }
+            RuleAttribute::Protocol(p) => r.protocol = protocol_number(*p),
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    fn route(table: u32, dst: &str, len: u8, gw: Option<&str>, oif: u32, proto: u8) -> Route {
+        Route {
+            table,
+            dst: ip(dst),
+            dst_len: len,
+            kind: RouteType::Unicast,
+            protocol: proto,
+            gateway: gw.map(ip),
+            oifs: vec![oif],
+            priority: 0,
+            message: RouteMessage::default(),
+        }
+    }
+
+    const DHCP: u8 = 16;
+    const KERNEL: u8 = 2;
+    const WAN1: u32 = 3;
+    const WAN2: u32 = 4;
+    const LAN: u32 = 2;
+    const VPN: u32 = 9;
+
+    fn router() -> Observed {
+        let mut local = route(LOCAL_TABLE, "100.64.1.2", 32, None, WAN1, KERNEL);
+        local.kind = RouteType::Local;
+        let mut broadcast = route(LOCAL_TABLE, "10.10.0.255", 32, None, LAN, KERNEL);
+        broadcast.kind = RouteType::Broadcast;
+        Observed {
+            routes: vec![
+                route(MAIN_TABLE, "0.0.0.0", 0, Some("100.64.1.1"), WAN1, DHCP),
+                route(102, "0.0.0.0", 0, Some("100.64.2.1"), WAN2, DHCP),
+                route(MAIN_TABLE, "100.64.1.0", 30, None, WAN1, KERNEL),
+                route(MAIN_TABLE, "10.10.0.0", 24, None, LAN, KERNEL),
+                route(MAIN_TABLE, "172.16.0.0", 12, Some("10.8.0.1"), VPN, 4),
+                route(4000, "0.0.0.0", 0, Some("100.64.1.9"), WAN1, ROUTE_PROTOCOL),
+                local,
+                broadcast,
+            ],
+            ..Observed::default()
+        }
+    }
+
+    #[test]
+    fn the_gateway_is_the_default_routes_next_hop_in_any_table_but_lbds() {
+        let o = router();
+        assert_eq!(o.default_gateway(WAN1), Some(ip("100.64.1.1")));
+        assert_eq!(o.default_gateway(WAN2), Some(ip("100.64.2.1")));
+        assert_eq!(o.default_gateway(LAN), None);
+    }
+
+    #[test]
+    fn the_kernel_keeps_local_connected_static_and_vpn_routes_but_not_uplinks() {
+        let kept = router().kernel_destinations(&[WAN1, WAN2], &[]);
+        let want: BTreeSet<_> = [
+            (ip("100.64.1.2"), 32),
+            (ip("10.10.0.0"), 24),
+            (ip("172.16.0.0"), 12),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(kept, want);
+        // A table named in lookup_tables counts too.
+        let mut o = router();
+        o.routes
+            .push(route(77, "192.0.2.0", 24, Some("10.8.0.1"), VPN, 4));
+        assert!(o
+            .kernel_destinations(&[WAN1, WAN2], &[77])
+            .contains(&(ip("192.0.2.0"), 24)));
+        assert!(!o
+            .kernel_destinations(&[WAN1, WAN2], &[])
+            .contains(&(ip("192.0.2.0"), 24)));
+    }
+
+    #[test]
+    fn changes_replace_lbds_stale_routes_and_leave_others_alone() {
+        let o = router();
+        let wanted = Wanted {
+            routes: [OwnedRoute {
+                table: 4000,
+                gateway: ip("100.64.1.1"),
+                ifindex: WAN1,
+            }]
+            .into_iter()
+            .collect(),
+            rules: [OwnedRule {
+                priority: 4000,
+                source: ip("100.64.1.2"),
+                table: 4000,
+            }]
+            .into_iter()
+            .collect(),
+        };
+        let c = o.changes(&wanted);
+        assert_eq!(c.add_routes.len(), 1);
+        // Only lbd's own stale route (via .9) goes.
+        assert_eq!(c.del_routes.len(), 1);
+        assert_eq!(c.add_rules.len(), 1);
+        assert!(c.del_rules.is_empty());
+        // Once it is there, nothing to do.
+        let mut o2 = o.clone();
+        o2.routes.retain(|r| r.protocol != ROUTE_PROTOCOL);
+        o2.routes.push(route(
+            4000,
+            "0.0.0.0",
+            0,
+            Some("100.64.1.1"),
+            WAN1,
+            ROUTE_PROTOCOL,
+        ));
+        o2.rules.push(Rule {
+            priority: 4000,
+            looks_up: true,
+            table: 4000,
+            source: Some((ip("100.64.1.2"), 32)),
+            protocol: ROUTE_PROTOCOL,
+            message: RuleMessage::default(),
+        });
+        assert!(o2.changes(&wanted).is_empty());
+        // Wanting nothing removes all of lbd's, and only lbd's.
+        let c = o2.changes(&Wanted::default());
+        assert_eq!((c.del_routes.len(), c.del_rules.len()), (1, 1));
+    }
+
+    #[test]
+    fn clashes_name_foreign_routes_and_rules_in_lbds_range() {
+        let mut o = router();
+        let routing = RoutingConfig::default();
+        assert!(
+            o.clashes(&routing, 2).is_empty(),
+            "lbd's own route is no clash"
+        );
+        o.routes
+            .push(route(4001, "0.0.0.0", 0, Some("100.64.2.1"), WAN2, DHCP));
+        o.rules.push(Rule {
+            priority: 4000,
+            looks_up: true,
+            table: 100,
+            source: None,
+            protocol: 0,
+            message: RuleMessage::default(),
+        });
+        let clashes = o.clashes(&routing, 2);
+        assert_eq!(clashes.len(), 2, "{clashes:?}");
+        assert!(clashes[0].contains("table 4001"), "{}", clashes[0]);
+        assert!(clashes[1].contains("priority 4000"), "{}", clashes[1]);
+    }
+}

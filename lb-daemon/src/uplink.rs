@@ -1,0 +1,303 @@
+//! One uplink as lbd sees it: what the kernel says about it (its
+//! [`Facts`]), and how far it is from carrying traffic (its [`Lifecycle`]),
+//! from which follows the state the data plane gets.
+//!
+//! Pure: no kernel, no data plane, no clock. The daemon gathers the facts
+//! (`kernel::Observed`) and the health (`health`), and acts on what this
+//! module concludes.
+
+use std::{fmt, net::Ipv4Addr};
+
+use lb_common::maps::uplink_state;
+
+use crate::{config::Gateway, health::State as Health, kernel::Observed};
+
+/// The operator's say over an uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admin {
+    Enabled,
+    Disabled,
+    Drain,
+}
+
+/// What the kernel says about an uplink, as far as lb needs it to send
+/// traffic through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Facts {
+    /// Its interface, when it exists.
+    pub ifindex: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
+    /// Administratively up with carrier.
+    pub carrier: bool,
+    /// Its IPv4 address: the NAT source of its flows.
+    pub addr: Option<Ipv4Addr>,
+    /// Its next hop.
+    pub gateway: Option<Ipv4Addr>,
+    /// The gateway's Ethernet address.
+    pub gateway_mac: Option<[u8; 6]>,
+}
+
+impl Facts {
+    /// The facts of the uplink on interface `ifname` with `gateway`, as
+    /// `observed` has them. A gateway's Ethernet address the kernel no
+    /// longer holds (its entry was flushed with a carrier loss, or is being
+    /// re-resolved) is taken from `previous` while the gateway stays the
+    /// same: the last address that worked is the best guess.
+    pub fn observe(observed: &Observed, ifname: &str, gateway: Gateway, previous: &Facts) -> Facts {
+        let Some(link) = observed.link(ifname) else {
+            return Facts::default();
+        };
+        let addr = observed.address_of(link.index);
+        let gateway = match gateway {
+            Gateway::Fixed(ip) => Some(ip),
+            Gateway::Auto => observed.default_gateway(link.index),
+        };
+        let same_gateway = previous.ifindex == Some(link.index) && previous.gateway == gateway;
+        let gateway_mac = gateway
+            .and_then(|gw| observed.neighbour(link.index, gw))
+            .or(if same_gateway {
+                previous.gateway_mac
+            } else {
+                None
+            });
+        Facts {
+            ifindex: Some(link.index),
+            mac: link.mac,
+            mtu: link.mtu,
+            carrier: link.up,
+            addr,
+            gateway,
+            gateway_mac,
+        }
+    }
+
+    /// Everything needed to send through the uplink is known (whether it
+    /// works is health's business).
+    pub fn complete(&self) -> bool {
+        self.ifindex.is_some()
+            && self.mac.is_some()
+            && self.addr.is_some()
+            && self.gateway.is_some()
+            && self.gateway_mac.is_some()
+    }
+}
+
+/// How far an uplink is from carrying traffic, first missing thing first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Its interface does not exist (yet).
+    WaitingInterface,
+    WaitingCarrier,
+    WaitingAddress,
+    /// No gateway: none configured, and no default route through it.
+    WaitingGateway,
+    /// The gateway does not answer ARP (yet).
+    GatewayUnresolved,
+    /// Ready, and its probes have not yet had `rise` good rounds.
+    Probing,
+    InService,
+    /// In service, but over a loss or latency limit.
+    Degraded,
+    /// Its probes fail.
+    Down,
+    /// The operator's doing.
+    Disabled,
+    Draining,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WaitingInterface => "waiting for its interface",
+            Self::WaitingCarrier => "waiting for carrier",
+            Self::WaitingAddress => "waiting for an address",
+            Self::WaitingGateway => "waiting for a gateway",
+            Self::GatewayUnresolved => "gateway not resolved",
+            Self::Probing => "probing",
+            Self::InService => "in service",
+            Self::Degraded => "in service, degraded",
+            Self::Down => "down",
+            Self::Disabled => "disabled",
+            Self::Draining => "draining",
+        }
+    }
+
+    /// The state the data plane gets: only an uplink in service takes new
+    /// flows; a draining one keeps its flows while it could carry them.
+    pub fn dataplane_state(self) -> u32 {
+        match self {
+            Self::InService | Self::Degraded => uplink_state::ACTIVE,
+            Self::Draining => uplink_state::DRAIN,
+            _ => uplink_state::DOWN,
+        }
+    }
+}
+
+impl fmt::Display for Lifecycle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an uplink stands. `health` is `None` while no health monitor runs
+/// (its facts are incomplete); `proven` says whether its health has been up
+/// since its monitor started, which tells probing from down.
+pub fn lifecycle(admin: Admin, facts: &Facts, health: Option<Health>, proven: bool) -> Lifecycle {
+    let ready = if facts.ifindex.is_none() || facts.mac.is_none() {
+        Err(Lifecycle::WaitingInterface)
+    } else if !facts.carrier {
+        Err(Lifecycle::WaitingCarrier)
+    } else if facts.addr.is_none() {
+        Err(Lifecycle::WaitingAddress)
+    } else if facts.gateway.is_none() {
+        Err(Lifecycle::WaitingGateway)
+    } else if facts.gateway_mac.is_none() {
+        Err(Lifecycle::GatewayUnresolved)
+    } else {
+        Ok(match health {
+            None => Lifecycle::Probing,
+            Some(Health::Up) => Lifecycle::InService,
+            Some(Health::Degraded) => Lifecycle::Degraded,
+            Some(Health::Down) if proven => Lifecycle::Down,
+            Some(Health::Down) => Lifecycle::Probing,
+        })
+    };
+    match (admin, ready) {
+        (Admin::Disabled, _) => Lifecycle::Disabled,
+        (Admin::Drain, Ok(Lifecycle::InService | Lifecycle::Degraded)) => Lifecycle::Draining,
+        (_, Ok(l) | Err(l)) => l,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::{Address, LinkFacts};
+    use crate::netlink::Neighbour;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 1);
+
+    fn ready() -> Facts {
+        Facts {
+            ifindex: Some(3),
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+            carrier: true,
+            addr: Some(Ipv4Addr::new(100, 64, 1, 2)),
+            gateway: Some(GW),
+            gateway_mac: Some([2, 0, 0, 0, 0, 2]),
+        }
+    }
+
+    #[test]
+    fn the_first_missing_thing_is_the_state() {
+        let l = |f: Facts| lifecycle(Admin::Enabled, &f, Some(Health::Up), true);
+        assert_eq!(l(Facts::default()), Lifecycle::WaitingInterface);
+        assert_eq!(
+            l(Facts {
+                carrier: false,
+                addr: None,
+                ..ready()
+            }),
+            Lifecycle::WaitingCarrier
+        );
+        assert_eq!(
+            l(Facts {
+                addr: None,
+                ..ready()
+            }),
+            Lifecycle::WaitingAddress
+        );
+        assert_eq!(
+            l(Facts {
+                gateway: None,
+                gateway_mac: None,
+                ..ready()
+            }),
+            Lifecycle::WaitingGateway
+        );
+        assert_eq!(
+            l(Facts {
+                gateway_mac: None,
+                ..ready()
+            }),
+            Lifecycle::GatewayUnresolved
+        );
+        assert_eq!(l(ready()), Lifecycle::InService);
+    }
+
+    #[test]
+    fn health_and_the_operator() {
+        let f = ready();
+        assert_eq!(
+            lifecycle(Admin::Enabled, &f, None, false),
+            Lifecycle::Probing
+        );
+        assert_eq!(
+            lifecycle(Admin::Enabled, &f, Some(Health::Down), false),
+            Lifecycle::Probing
+        );
+        assert_eq!(
+            lifecycle(Admin::Enabled, &f, Some(Health::Down), true),
+            Lifecycle::Down
+        );
+        assert_eq!(
+            lifecycle(Admin::Drain, &f, Some(Health::Up), true),
+            Lifecycle::Draining
+        );
+        assert_eq!(
+            lifecycle(Admin::Drain, &f, Some(Health::Down), true),
+            Lifecycle::Down,
+            "a dead uplink does not keep its flows by draining"
+        );
+        assert_eq!(
+            lifecycle(Admin::Disabled, &f, Some(Health::Up), true),
+            Lifecycle::Disabled
+        );
+        assert_eq!(Lifecycle::Draining.dataplane_state(), uplink_state::DRAIN);
+        assert_eq!(Lifecycle::Probing.dataplane_state(), uplink_state::DOWN);
+        assert_eq!(Lifecycle::Degraded.dataplane_state(), uplink_state::ACTIVE);
+    }
+
+    #[test]
+    fn facts_follow_the_kernel_and_keep_a_flushed_gateway_mac() {
+        let mut o = Observed {
+            links: vec![LinkFacts {
+                name: "wan1".into(),
+                index: 3,
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                up: true,
+                mtu: 1500,
+            }],
+            addresses: vec![Address {
+                ifindex: 3,
+                addr: Ipv4Addr::new(100, 64, 1, 2),
+                prefix_len: 30,
+            }],
+            neighbours: vec![Neighbour {
+                ifindex: 3,
+                ip: GW,
+                mac: [2, 0, 0, 0, 0, 2],
+            }],
+            ..Observed::default()
+        };
+        let f = Facts::observe(&o, "wan1", Gateway::Fixed(GW), &Facts::default());
+        assert_eq!(f, ready());
+        assert_eq!(
+            Facts::observe(&o, "wan9", Gateway::Fixed(GW), &f),
+            Facts::default()
+        );
+        // Auto: no default route through wan1 yet.
+        assert_eq!(Facts::observe(&o, "wan1", Gateway::Auto, &f).gateway, None);
+        // The neighbour entry goes (carrier loss flushes it): kept.
+        o.neighbours.clear();
+        assert_eq!(
+            Facts::observe(&o, "wan1", Gateway::Fixed(GW), &f).gateway_mac,
+            f.gateway_mac
+        );
+        // Another gateway: not the old one's address.
+        let other = Gateway::Fixed(Ipv4Addr::new(100, 64, 1, 5));
+        assert_eq!(Facts::observe(&o, "wan1", other, &f).gateway_mac, None);
+    }
+}
