@@ -1704,19 +1704,22 @@ gateway = "100.64.2.1"
                 interface: "lan0".into()
             }]
         );
-        assert_eq!(config.uplinks.len(), 2);
+        assert_eq!(config.routing, RoutingConfig::default());
+        assert_eq!(config.uplinks.len(), 3);
         let icmp = ProbeConfig {
             kind: ProbeKind::Icmp {
                 target: Ipv4Addr::new(198, 51, 100, 10),
             },
         };
-        for (uplink, (name, interface, gateway)) in config.uplinks.iter().zip([
-            ("isp1", "wan1", Ipv4Addr::new(100, 64, 1, 1)),
-            ("isp2", "wan2", Ipv4Addr::new(100, 64, 2, 1)),
-        ]) {
+        for (uplink, (name, interface)) in
+            config
+                .uplinks
+                .iter()
+                .zip([("isp1", "wan1"), ("isp2", "wan2"), ("isp3", "wan3")])
+        {
             assert_eq!(uplink.name, name);
             assert_eq!(uplink.interface, interface);
-            assert_eq!(uplink.gateway, Gateway::Fixed(gateway));
+            assert_eq!(uplink.gateway, Gateway::Auto);
             assert_eq!((uplink.weight, uplink.tier), (1, 0));
             assert_eq!(uplink.health, HealthConfig::default());
             assert_eq!(uplink.probes, std::slice::from_ref(&icmp));
@@ -2683,7 +2686,7 @@ port_range = "1-2"
         std::fs::write(&bad, TWO.replace("\"wan2\"", "\"wan1\"")).expect("write");
         let failed = load(&bad);
         std::fs::remove_dir_all(&dir).expect("clean up");
-        assert_eq!(loaded.expect("example").uplinks.len(), 2);
+        assert_eq!(loaded.expect("example").uplinks.len(), 3);
         let message = failed.expect_err("duplicate").to_string();
         assert!(
             message.starts_with(&format!("{}:11: ", bad.display())),

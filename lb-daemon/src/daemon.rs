@@ -161,6 +161,8 @@ pub struct Daemon {
     flow_tables: Arc<Mutex<FlowTables>>,
     /// Destinations the data plane leaves to the kernel now.
     bypass: BTreeSet<(Ipv4Addr, u8)>,
+    /// The uplinks' addresses as the flow collector has them.
+    flow_addrs: Vec<Ipv4Addr>,
     watchers: Watchers,
     health_tx: mpsc::Sender<HealthEvent>,
     local_ports: (u16, u16),
@@ -247,6 +249,7 @@ impl Daemon {
             table: table::empty(),
             flow_tables,
             bypass: BTreeSet::new(),
+            flow_addrs: Vec::new(),
             watchers: links.watchers(),
             health_tx,
             local_ports,
@@ -318,13 +321,18 @@ impl Daemon {
         }
         self.bypass = bypass;
 
-        if let Ok(mut tables) = self.flow_tables.lock() {
-            tables.set_uplink_addrs(
-                self.uplinks
-                    .iter()
-                    .map(|u| u.facts.addr.unwrap_or(Ipv4Addr::UNSPECIFIED))
-                    .collect(),
-            );
+        let addrs: Vec<Ipv4Addr> = self
+            .uplinks
+            .iter()
+            .map(|u| u.facts.addr.unwrap_or(Ipv4Addr::UNSPECIFIED))
+            .collect();
+        if addrs != self.flow_addrs {
+            // Rare (an address changed): worth waiting for a collection
+            // under way.
+            if let Ok(mut tables) = self.flow_tables.lock() {
+                tables.set_uplink_addrs(addrs.clone());
+            }
+            self.flow_addrs = addrs;
         }
         Ok(observed.changes(&self.wanted_routing()))
     }
@@ -675,6 +683,9 @@ impl Daemon {
     fn apply_states(&mut self) -> Result<()> {
         for u in &mut self.uplinks {
             let lifecycle = u.lifecycle();
+            if let Some(why) = waiting_reason(lifecycle, &u.cfg, &u.facts) {
+                u.reason = why;
+            }
             if lifecycle != u.lifecycle {
                 log::info!(
                     "uplink {}: {} -> {lifecycle} ({})",
@@ -867,6 +878,29 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Why an uplink waits, in the kernel's terms, for the operator; `None`
+/// when it does not wait for the kernel.
+fn waiting_reason(lifecycle: Lifecycle, cfg: &UplinkConfig, facts: &Facts) -> Option<String> {
+    let ifname = &cfg.interface;
+    Some(match lifecycle {
+        Lifecycle::WaitingInterface => format!("no interface {ifname} (`ip link`)"),
+        Lifecycle::WaitingCarrier => format!("{ifname} is down or has no carrier"),
+        Lifecycle::WaitingAddress => {
+            format!("no IPv4 address on {ifname} (DHCP or PPPoE pending?)")
+        }
+        Lifecycle::WaitingGateway => {
+            format!(
+                "no gateway: no default route through {ifname} in any table, and none configured"
+            )
+        }
+        Lifecycle::GatewayUnresolved => format!(
+            "gateway {} does not answer ARP on {ifname}",
+            text_or_none(facts.gateway)
+        ),
+        _ => return None,
+    })
 }
 
 /// An address, or `-`.

@@ -43,6 +43,9 @@ pub struct LabConfig<'a> {
     /// Uplink number and the lines to add to its `[[uplink]]` (weight,
     /// tier, `[[uplink.probe]]` tables).
     pub uplinks: &'a [(u8, &'a str)],
+    /// Leave the gateways to lbd (`auto`: the DHCP lab) instead of naming
+    /// 100.64.N.1.
+    pub auto_gateway: bool,
 }
 
 impl Default for LabConfig<'_> {
@@ -53,6 +56,7 @@ impl Default for LabConfig<'_> {
             sections: "",
             lans: &["lan0"],
             uplinks: &[(1, ""), (2, "")],
+            auto_gateway: false,
         }
     }
 }
@@ -67,8 +71,13 @@ impl LabConfig<'_> {
             text += &format!("\n[[lan]]\ninterface = \"{lan}\"\n");
         }
         for (n, extra) in self.uplinks {
+            let gateway = if self.auto_gateway {
+                String::new()
+            } else {
+                format!("gateway = \"100.64.{n}.1\"\n")
+            };
             text += &format!(
-                "\n[[uplink]]\nname = \"isp{n}\"\ninterface = \"wan{n}\"\ngateway = \"100.64.{n}.1\"\n{extra}\n"
+                "\n[[uplink]]\nname = \"isp{n}\"\ninterface = \"wan{n}\"\n{gateway}{extra}\n"
             );
         }
         text
@@ -180,6 +189,35 @@ impl Lbd {
         Ok(uplink["last_change"]["applied_monotonic_ns"]
             .as_u64()
             .map(crate::stream::instant_of_monotonic_ns))
+    }
+
+    /// Uplink `name`'s entry in `lbctl status --json`.
+    pub fn uplink(&self, name: &str) -> Result<Value> {
+        let status = self.status()?;
+        status["uplinks"]
+            .as_array()
+            .and_then(|u| u.iter().find(|u| u["name"] == name))
+            .cloned()
+            .with_context(|| format!("uplink {name} not in status"))
+    }
+
+    /// Wait until uplink `name`'s lifecycle is `lifecycle` (as `lbctl
+    /// status` says it), at most `limit`; how long it took.
+    pub fn wait_lifecycle(&self, name: &str, lifecycle: &str, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = Value::Null;
+        while start.elapsed() < limit {
+            last = self.uplink(name)?;
+            if last["lifecycle"] == lifecycle {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "uplink {name} not {lifecycle} after {limit:?}: {} ({})",
+            last["lifecycle"],
+            last["reason"]
+        )
     }
 
     /// Stop the daemon (SIGTERM, then SIGKILL after a grace period).

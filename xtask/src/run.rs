@@ -17,7 +17,7 @@ use lb_tests::{desc::LabDesc, lab::Lab};
 use crate::root;
 
 /// The lab `run` and `lab up` use unless told otherwise.
-pub const DEFAULT_LAB: &str = "default";
+pub const DEFAULT_LAB: &str = "dhcp";
 /// Namespace prefix of the interactive lab.
 const PREFIX: &str = "lb-";
 /// How long lbd gets to come up and answer on its control socket.
@@ -62,6 +62,10 @@ pub fn run(lab_name: &str) -> Result<()> {
 
     println!("run: bringing up lab {lab_name}");
     let mut lab = bring_up(lab_name)?;
+    if lab_name == DEFAULT_LAB {
+        println!("run: starting the ISPs' DHCP servers and the router's DHCP clients");
+        lb_tests::dhcp::start(&mut lab, &[1, 2, 3])?;
+    }
     let router = lab.ns("router")?.to_string();
     lab.spawn("router", &[path_str(&lbd)?, "--config", path_str(&config)?])?;
     wait_for_lbd(&lbctl)?;
@@ -79,7 +83,8 @@ lb is running in namespace {router} with {config}.
 Try, in another terminal:
   ip netns exec {client} ping -c 3 198.51.100.10
   ip netns exec {inet} iperf3 -s -D && ip netns exec {client} iperf3 -c 198.51.100.10 -P 8 -t 5
-  {lbctl} status            # per-uplink counters; --json for scripts
+  {lbctl} status            # per-uplink state and why, counters; --json for scripts
+  ip netns exec {router} ip rule; ip netns exec {router} ip route show table all proto 251
   ip netns exec {router} ip -s link show wan1
 Ctrl-C stops lbd and tears the lab down.",
         config = config.display(),

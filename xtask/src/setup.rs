@@ -25,6 +25,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("traceroute", "traceroute"),
     ("conntrack", "conntrack"),
     ("arping", "iputils-arping"),
+    // The DHCP lab: a DHCP server in the ISPs, a DHCP client on the router
+    // (busybox's, as OpenWrt has).
+    ("dnsmasq", "dnsmasq-base"),
+    ("udhcpc", "udhcpc"),
 ];
 
 pub fn run() -> Result<()> {

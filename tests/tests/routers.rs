@@ -1,0 +1,264 @@
+//! lbd on a router shaped like the ones it is for (lab `dhcp`): uplink
+//! addresses from real DHCP servers through a real DHCP client, one default
+//! route in the main table, modems that are late, leases that change,
+//! carriers that come back, and networks the kernel routes elsewhere.
+//!
+//! Each test checks what the clients, the servers and the ISPs see, and
+//! that no packet with a LAN source address reached an ISP. How fast lbd
+//! follows is printed (the figures of the issue), not judged: a bound here
+//! only says that a test must end.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Result};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    dhcp, require_root,
+    stream::{port_on, wait_for, Sink, Stream},
+    unique_prefix, watch_sources, FlowWatch, Lab, LabDesc,
+};
+
+const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
+const ISP2_NAT: [u8; 4] = [100, 64, 2, 2];
+const ISP3_NAT: [u8; 4] = [100, 64, 3, 2];
+/// How long to wait for something that must happen: a bound for a test
+/// that must end, not a speed target.
+const BOUND: Duration = Duration::from_secs(15);
+const PROBE: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"";
+
+/// lbd on all three uplinks, gateways `auto`, an ICMP probe each.
+fn config() -> String {
+    LabConfig {
+        uplinks: &[(1, PROBE), (2, PROBE), (3, PROBE)],
+        auto_gateway: true,
+        ..LabConfig::default()
+    }
+    .render()
+}
+
+/// Counters, on every ISP's side of its uplink, of packets with a LAN
+/// source address: there must never be one.
+struct LeakWatch(Vec<(String, FlowWatch)>);
+
+impl LeakWatch {
+    fn install(lab: &Lab) -> Result<LeakWatch> {
+        let mut watches = Vec::new();
+        for isp in ["isp1", "isp2", "isp3"] {
+            let w = watch_sources(lab, isp, "down0", "lan", "10.10.0.0/16")?;
+            watches.push((isp.to_string(), w));
+        }
+        Ok(LeakWatch(watches))
+    }
+
+    fn check(&self) -> Result<()> {
+        for (isp, watch) in &self.0 {
+            let leaked = watch.packets()?;
+            ensure!(
+                leaked == 0,
+                "{leaked} packets with a LAN source address reached {isp}"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come() -> Result<()> {
+    if !require_root("boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    let leaks = LeakWatch::install(&lab)?;
+    // isp2's modem does not answer ARP yet; isp3's DHCP server is not up.
+    lab.exec("isp2", &["ip", "link", "set", "dev", "down0", "arp", "off"])?;
+    dhcp::start(&mut lab, &[1, 2])?;
+
+    let started = Instant::now();
+    let lbd = Lbd::start(&mut lab, &config())?;
+    let ready = started.elapsed();
+    lbd.wait_lifecycle("isp1", "in service", BOUND)?;
+    let isp2 = lbd.uplink("isp2")?;
+    let isp3 = lbd.uplink("isp3")?;
+    eprintln!(
+        "lbd answered {ready:?} after it started; isp2: {} ({}), isp3: {}",
+        isp2["lifecycle"], isp2["gateway"], isp3["lifecycle"]
+    );
+    ensure!(isp2["lifecycle"] == "gateway not resolved", "isp2: {isp2}");
+    ensure!(
+        isp3["lifecycle"] == "waiting for an address",
+        "isp3: {isp3}"
+    );
+    // Every new flow takes the one uplink in service.
+    let sink = Sink::start(&lab)?;
+    for port in 7000..7010 {
+        ensure!(
+            port_on(&lab, &sink, ISP1_NAT, port)? == port,
+            "flow {port} did not leave through isp1"
+        );
+    }
+
+    // The modem wakes up.
+    lab.exec("isp2", &["ip", "link", "set", "dev", "down0", "arp", "on"])?;
+    let joined = lbd.wait_lifecycle("isp2", "in service", BOUND)?;
+    eprintln!("isp2 in service {joined:?} after its modem answered ARP");
+    port_on(&lab, &sink, ISP2_NAT, 7100)?;
+
+    // The lease comes.
+    dhcp::start_server(&mut lab, 3, 2)?;
+    dhcp::wait_lease(&lab, 3, dhcp::uplink_addr(3, 2))?;
+    let joined = lbd.wait_lifecycle("isp3", "in service", BOUND)?;
+    eprintln!("isp3 in service {joined:?} after its lease arrived");
+    port_on(&lab, &sink, ISP3_NAT, 7200)?;
+
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn a_new_address_from_the_isp_is_followed_and_the_old_one_never_used_again() -> Result<()> {
+    if !require_root("a_new_address_from_the_isp_is_followed_and_the_old_one_never_used_again") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    let leaks = LeakWatch::install(&lab)?;
+    let procs = dhcp::start(&mut lab, &[1, 2, 3])?;
+    let lbd = Lbd::start(&mut lab, &config())?;
+    for n in 1..=3 {
+        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
+    }
+    let sink = Sink::start(&lab)?;
+    let port = port_on(&lab, &sink, ISP1_NAT, 7300)?;
+    let stream = Stream::start(&lab, port, Duration::from_millis(10))?;
+    wait_for("the stream through isp1", BOUND, || {
+        Ok(sink.stream(port).len() > 20)
+    })?;
+
+    // isp1 moves the router to another address: its server now leases .3,
+    // and the client's next renewal is told no and starts over.
+    let (old, new) = (dhcp::uplink_addr(1, 2), dhcp::uplink_addr(1, 3));
+    lab.stop(procs.server(1)?)?;
+    dhcp::start_server(&mut lab, 1, 3)?;
+    dhcp::renew(&lab, procs.client(1)?)?;
+    dhcp::wait_lease(&lab, 1, new)?;
+    let changed = Instant::now();
+    wait_for("lbd to take isp1's new address", BOUND, || {
+        let u = lbd.uplink("isp1")?;
+        Ok(u["address"] == new.to_string() && u["lifecycle"] == "in service")
+    })?;
+    eprintln!(
+        "isp1 in service with {new} {:?} after the lease",
+        changed.elapsed()
+    );
+
+    // From here on, nothing may leave through isp1 with the old address.
+    let stale = watch_sources(&lab, "isp1", "down0", "old", &format!("{old}/32"))?;
+    let fresh = port_on(&lab, &sink, new.octets(), 7400)?;
+    eprintln!("a new flow from port {fresh} leaves through isp1 with {new}");
+    let before = sink.stream(port).len();
+    wait_for("the running stream after the change", BOUND, || {
+        Ok(sink.stream(port).len() > before + 20)
+    })?;
+    let moved_to: Vec<Ipv4Addr> = sink
+        .stream(port)
+        .iter()
+        .skip(before)
+        .map(|&(_, _, a)| Ipv4Addr::from(a))
+        .collect();
+    ensure!(
+        !moved_to.contains(&old),
+        "the running stream still arrived from {old}"
+    );
+    drop(stream);
+    let stale = stale.packets()?;
+    ensure!(
+        stale == 0,
+        "{stale} packets left through isp1 with the old address {old} after lbd had the new one"
+    );
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn carrier_loss_and_return_need_no_help() -> Result<()> {
+    if !require_root("carrier_loss_and_return_need_no_help") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    let leaks = LeakWatch::install(&lab)?;
+    dhcp::start(&mut lab, &[1, 2, 3])?;
+    let lbd = Lbd::start(&mut lab, &config())?;
+    for n in 1..=3 {
+        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
+    }
+    lab.set_link_up("isp1", "down0", false)?;
+    lbd.wait_lifecycle("isp1", "waiting for carrier", BOUND)?;
+    let table = lbd.uplink("isp1")?["table"].to_string();
+    lab.set_link_up("isp1", "down0", true)?;
+    let back = lbd.wait_lifecycle("isp1", "in service", BOUND)?;
+    let routes = lab.exec("router", &["ip", "route", "show", "table", &table])?;
+    eprintln!("isp1 back in service {back:?} after its carrier; table {table}: {routes}");
+    ensure!(
+        routes.contains("default via 100.64.1.1 dev wan1"),
+        "lbd's table {table} for isp1 lacks its default route: {routes}"
+    );
+    let sink = Sink::start(&lab)?;
+    port_on(&lab, &sink, ISP1_NAT, 7500)?;
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn networks_the_kernel_routes_elsewhere_are_reached_unnated() -> Result<()> {
+    if !require_root("networks_the_kernel_routes_elsewhere_are_reached_unnated") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    let leaks = LeakWatch::install(&lab)?;
+    let unnated = watch_sources(&lab, "branch", "eth0", "lan", "10.10.0.2/32")?;
+    dhcp::start(&mut lab, &[1, 2, 3])?;
+    let lbd = Lbd::start(&mut lab, &config())?;
+    for n in 1..=3 {
+        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
+    }
+    let ping = |dst: &str| {
+        lab.exec("client", &["ping", "-c", "1", "-W", "1", dst])
+            .is_ok()
+    };
+    // A connected subnet and a static route.
+    for dst in ["10.20.0.2", "10.21.0.1"] {
+        ensure!(ping(dst), "the client cannot reach {dst}");
+    }
+    let seen = unnated.packets()?;
+    ensure!(
+        seen >= 2,
+        "the branch saw {seen} packets from the client's own address"
+    );
+    // A route added while lbd runs.
+    lab.exec(
+        "router",
+        &["ip", "route", "add", "10.22.0.0/24", "via", "10.20.0.2"],
+    )?;
+    let added = Instant::now();
+    wait_for("10.22.0.1 reached through the kernel", BOUND, || {
+        Ok(ping("10.22.0.1"))
+    })?;
+    eprintln!(
+        "a route added while lbd runs: reached through it {:?} later",
+        added.elapsed()
+    );
+    let kept = lbd.status()?["kernel_destinations"].to_string();
+    ensure!(
+        kept.contains("10.22.0.0/24") && kept.contains("10.21.0.0/24"),
+        "left to the kernel: {kept}"
+    );
+    ensure!(
+        unnated.packets()? > seen,
+        "the branch did not see the client's own address"
+    );
+    // Traffic for the branch never went to an ISP.
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
