@@ -262,3 +262,65 @@ fn networks_the_kernel_routes_elsewhere_are_reached_unnated() -> Result<()> {
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn tables_and_rules_of_someone_else_are_refused_with_a_clear_message() -> Result<()> {
+    if !require_root("tables_and_rules_of_someone_else_are_refused_with_a_clear_message") {
+        return Ok(());
+    }
+    let lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let dir = std::env::temp_dir().join(format!("{}clash", lab.prefix()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("lbd.sock");
+    let config = dir.join("lbd.toml");
+    let text = LabConfig::default()
+        .render()
+        .replace("{socket}", &socket.display().to_string());
+    std::fs::write(&config, text)?;
+    let lbd = lb_tests::daemon::bin_dir().join("lbd");
+    let run = || {
+        lab.exec(
+            "router",
+            &[
+                &lbd.display().to_string(),
+                "--config",
+                &config.display().to_string(),
+            ],
+        )
+    };
+    // Another program's route in lbd's first table (4000 by default).
+    lab.exec(
+        "router",
+        &[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "100.64.1.1",
+            "table",
+            "4000",
+        ],
+    )?;
+    let refused = run().err().map(|e| format!("{e:#}")).unwrap_or_default();
+    eprintln!("{refused}");
+    ensure!(
+        refused.contains("routing table 4000 already holds routes lbd did not make")
+            && refused.contains("first_table"),
+        "lbd did not refuse a foreign table 4000: {refused:?}"
+    );
+    lab.exec("router", &["ip", "route", "flush", "table", "4000"])?;
+    // Another program's rule at lbd's second priority.
+    lab.exec(
+        "router",
+        &["ip", "rule", "add", "pref", "4001", "lookup", "main"],
+    )?;
+    let refused = run().err().map(|e| format!("{e:#}")).unwrap_or_default();
+    ensure!(
+        refused.contains("a rule at priority 4001 is not lbd's")
+            && refused.contains("first_priority"),
+        "lbd did not refuse a foreign rule at 4001: {refused:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
