@@ -49,7 +49,7 @@ pub fn start_server(lab: &mut Lab, n: u8, host: u8) -> Result<u32> {
         // DHCP only: no DNS.
         "--port=0".into(),
         "--interface=down0".into(),
-        "--bind-interfaces".into(),
+        "--bind-dynamic".into(),
         format!("--dhcp-range=100.64.{n}.2,100.64.{n}.6,255.255.255.248,2m"),
         format!("--dhcp-host={mac},{}", uplink_addr(n, host)),
         format!("--dhcp-option=option:router,100.64.{n}.1"),
