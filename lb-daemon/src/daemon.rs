@@ -869,12 +869,18 @@ impl StatusDraft {
 /// The machine's monotonic clock (`CLOCK_MONOTONIC`, what Rust's `Instant`
 /// reads on Linux), in ns: comparable across processes.
 fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Clock `clock` in ns (`CLOCK_MONOTONIC_COARSE` is the data plane's
+/// `bpf_ktime_get_coarse_ns`).
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a valid pointer to a timespec for the kernel to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)

@@ -453,6 +453,54 @@ mod tests {
         assert_eq!(name_of(&link(up_flags, vec![])), None);
     }
 
+    /// A link watch in `ns` with subscribers for `watched` (name, believed
+    /// up), on a thread of its own, subscribed before this returns. Its
+    /// events arrive on the receiver; sending on the stopper ends it.
+    fn spawn_watcher(
+        ns: &NetNs,
+        watched: &[(&str, bool)],
+    ) -> (
+        std_mpsc::Receiver<LinkEvent>,
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let watched: Vec<(String, bool)> =
+            watched.iter().map(|(n, up)| (n.to_string(), *up)).collect();
+        let (forward, events) = std_mpsc::channel();
+        let (ready_tx, ready) = std_mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let watcher = ns.spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let watch = LinkWatch::subscribe().expect("subscribed");
+                let (tx, mut rx) = mpsc::channel(16);
+                for (name, up) in &watched {
+                    watch.watchers().watch(name, *up, tx.clone());
+                }
+                let running = tokio::spawn(watch.run());
+                ready_tx.send(()).expect("test waiting");
+                tokio::select! {
+                    () = async {
+                        while let Some(event) = rx.recv().await {
+                            if forward.send(event).is_err() {
+                                break;
+                            }
+                        }
+                    } => {}
+                    _ = stopped => {}
+                }
+                running.abort();
+            });
+        });
+        ready
+            .recv_timeout(Duration::from_secs(5))
+            .expect("watcher subscribed");
+        (events, stop, watcher)
+    }
+
     /// Runs `ip -n NS ARGS...` and waits for the next event, at most
     /// `within`; the event and how long it took since the command started.
     fn provoke(
@@ -492,36 +540,7 @@ mod tests {
             std::thread::yield_now();
         }
 
-        let (forward, events) = std_mpsc::channel();
-        let (ready_tx, ready) = std_mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let watcher = ns.spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async move {
-                let watch = LinkWatch::subscribe().expect("subscribed");
-                let (tx, mut rx) = mpsc::channel(16);
-                watch.watchers().watch("v0", true, tx);
-                let running = tokio::spawn(watch.run());
-                ready_tx.send(()).expect("test waiting");
-                tokio::select! {
-                    () = async {
-                        while let Some(event) = rx.recv().await {
-                            if forward.send(event).is_err() {
-                                break;
-                            }
-                        }
-                    } => {}
-                    _ = stopped => {}
-                }
-                running.abort();
-            });
-        });
-        ready
-            .recv_timeout(Duration::from_secs(5))
-            .expect("watcher subscribed");
+        let (events, stop, watcher) = spawn_watcher(&ns, &[("v0", true)]);
 
         // A bound for a test that must end, not a speed target: the
         // events come in milliseconds, on a busy machine in more.
@@ -556,33 +575,8 @@ mod tests {
         };
         ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
         let ifindex = ns.ifindex("v0");
-        let (forward, events) = std_mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let watcher = ns.spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async move {
-                let watch = LinkWatch::subscribe().expect("subscribed");
-                let (tx, mut rx) = mpsc::channel(16);
-                // Believed up, but v0 was never set up; p0 does not exist yet.
-                watch.watchers().watch("v0", true, tx.clone());
-                watch.watchers().watch("p0", false, tx);
-                let running = tokio::spawn(watch.run());
-                tokio::select! {
-                    () = async {
-                        while let Some(event) = rx.recv().await {
-                            if forward.send(event).is_err() {
-                                break;
-                            }
-                        }
-                    } => {}
-                    _ = stopped => {}
-                }
-                running.abort();
-            });
-        });
+        // Believed up, but v0 was never set up; p0 does not exist yet.
+        let (events, stop, watcher) = spawn_watcher(&ns, &[("v0", true), ("p0", false)]);
         let bound = Duration::from_secs(10);
         let first = events.recv_timeout(bound).expect("a first event");
         assert_eq!(

@@ -183,24 +183,11 @@ fn collect_expired(tables: &Mutex<FlowTables>) {
     let Ok(mut tables) = tables.lock() else {
         return;
     };
-    match tables.collect_expired(monotonic_coarse_ns()) {
+    match tables.collect_expired(daemon::clock_ns(libc::CLOCK_MONOTONIC_COARSE)) {
         Ok(0) => {}
         Ok(n) => log::debug!("collected {n} expired flows"),
         Err(e) => log::warn!("collecting expired flows failed: {e:#}"),
     }
-}
-
-/// The clock the data plane stamps flows with (`bpf_ktime_get_coarse_ns`).
-fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid pointer to a timespec for the kernel to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Bind the control socket, refusing to start beside a running lbd.
