@@ -55,6 +55,10 @@ pub struct Status {
     pub flows_expired: u64,
     /// Flows the full table evicted (least recently used first).
     pub flows_evicted: u64,
+    /// Packets with a LAN source address that lb's nftables guard dropped
+    /// as they were about to leave an uplink un-NATed.
+    #[serde(default)]
+    pub guard_dropped: u64,
     /// Destinations the fast path leaves to the kernel (the router's own
     /// addresses, and what the main table routes other than by default).
     #[serde(default)]

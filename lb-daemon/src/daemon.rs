@@ -46,6 +46,7 @@ use crate::{
     linkwatch::{LinkEvent, LinkWatch, Watchers},
     netlink,
     probe::{self, Binding, UplinkProbe},
+    slowpath,
     uplink::{self, Admin, Facts, Lifecycle},
 };
 
@@ -163,6 +164,12 @@ pub struct Daemon {
     bypass: BTreeSet<(Ipv4Addr, u8)>,
     /// The uplinks' addresses as the flow collector has them.
     flow_addrs: Vec<Ipv4Addr>,
+    /// The LAN interfaces' indexes.
+    lans: Vec<u32>,
+    /// lb's nftables table as last put in place.
+    slowpath: Option<slowpath::Wanted>,
+    /// Packets the guard dropped in tables since replaced.
+    guard_dropped_before: u64,
     watchers: Watchers,
     health_tx: mpsc::Sender<HealthEvent>,
     local_ports: (u16, u16),
@@ -250,6 +257,9 @@ impl Daemon {
             flow_tables,
             bypass: BTreeSet::new(),
             flow_addrs: Vec::new(),
+            lans: lans.clone(),
+            slowpath: None,
+            guard_dropped_before: 0,
             watchers: links.watchers(),
             health_tx,
             local_ports,
@@ -271,8 +281,14 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(20)).await;
             changes = daemon.converge(&Observed::take(&handle).await?)?;
         }
-        for error in kernel::apply(&handle, changes).await {
+        for error in kernel::apply(&handle, changes.routing).await {
             log::warn!("routing: {error}; retrying on the next change");
+        }
+        if let Some(wanted) = changes.slowpath {
+            // Before any program is attached: nothing may leak from the
+            // first packet on.
+            slowpath::apply(&wanted)?;
+            daemon.slowpath = Some(wanted);
         }
         for lan in &daemon.config.lans {
             let mode = daemon
@@ -293,9 +309,10 @@ impl Daemon {
     }
 
     /// Converge everything lbd owns towards what `observed` and the
-    /// daemon's view call for. Returns the routing changes, for the caller
-    /// to make without holding the daemon.
-    pub fn converge(&mut self, observed: &Observed) -> Result<Changes> {
+    /// daemon's view call for. Returns the routing changes and the
+    /// nftables table, if it must change, for the caller to make without
+    /// holding the daemon.
+    pub fn converge(&mut self, observed: &Observed) -> Result<Converged> {
         for i in 0..self.uplinks.len() {
             let u = &self.uplinks[i];
             let facts = Facts::observe(observed, &u.cfg.interface, u.cfg.gateway, &u.facts);
@@ -334,7 +351,26 @@ impl Daemon {
             }
             self.flow_addrs = addrs;
         }
-        Ok(observed.changes(&self.wanted_routing()))
+        let slowpath = slowpath::Wanted {
+            lans: observed.connected(&self.lans),
+            uplinks: self
+                .uplinks
+                .iter()
+                .map(|u| u.cfg.interface.clone())
+                .collect(),
+            ports: self.local_ports,
+        };
+        Ok(Converged {
+            routing: observed.changes(&self.wanted_routing()),
+            slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
+        })
+    }
+
+    /// lb's nftables table was replaced by `wanted`; the one before had
+    /// dropped `dropped` packets.
+    fn slowpath_applied(&mut self, wanted: slowpath::Wanted, dropped: u64) {
+        self.guard_dropped_before += dropped;
+        self.slowpath = Some(wanted);
     }
 
     /// lbd's routing tables and rules as they should be: for each uplink
@@ -363,10 +399,14 @@ impl Daemon {
         wanted
     }
 
-    /// Remove lbd's routing tables and rules (on the way out).
+    /// Remove lbd's routing tables and rules, and its nftables table (on
+    /// the way out).
     pub async fn remove_routing(link: &KernelLink) -> Result<()> {
         let observed = Observed::take(&link.handle).await?;
-        let errors = kernel::apply(&link.handle, observed.changes(&Wanted::default())).await;
+        let mut errors = kernel::apply(&link.handle, observed.changes(&Wanted::default())).await;
+        if let Err(e) = tokio::task::block_in_place(slowpath::remove) {
+            errors.push(format!("{e:#}"));
+        }
         if !errors.is_empty() {
             bail!("{}", errors.join("; "));
         }
@@ -799,6 +839,7 @@ impl Daemon {
                 .zip(reasons)
                 .map(|(n, c)| (n.to_string(), c))
                 .collect(),
+            guard_dropped: 0,
             kernel_destinations: self
                 .bypass
                 .iter()
@@ -809,6 +850,7 @@ impl Daemon {
             status,
             pinned: self.dataplane.pinned_flows(self.uplinks.len() as u32)?,
             tables: self.flow_tables.clone(),
+            guard_dropped_before: self.guard_dropped_before,
         })
     }
 }
@@ -818,19 +860,34 @@ impl Daemon {
 /// round (the next event, or a second later) tries again.
 pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
     let observed = Observed::take(&link.handle).await?;
-    let changes = {
-        let mut d = daemon
+    let lock = || {
+        daemon
             .lock()
-            .map_err(|_| anyhow::anyhow!("daemon state is poisoned"))?;
-        d.converge(&observed)?
+            .map_err(|_| anyhow::anyhow!("daemon state is poisoned"))
     };
-    if !changes.is_empty() {
-        let errors = kernel::apply(&link.handle, changes).await;
+    let Converged { routing, slowpath } = lock()?.converge(&observed)?;
+    if let Some(wanted) = slowpath {
+        let dropped = tokio::task::block_in_place(|| {
+            // The table may not be there (yet): nothing dropped then.
+            let dropped = slowpath::leaked().unwrap_or(0);
+            slowpath::apply(&wanted).map(|()| dropped)
+        })?;
+        lock()?.slowpath_applied(wanted, dropped);
+    }
+    if !routing.is_empty() {
+        let errors = kernel::apply(&link.handle, routing).await;
         if !errors.is_empty() {
             bail!("routing: {}", errors.join("; "));
         }
     }
     Ok(())
+}
+
+/// What a convergence leaves to be done outside the daemon's lock.
+pub struct Converged {
+    pub routing: Changes,
+    /// lb's nftables table, when it must change.
+    pub slowpath: Option<slowpath::Wanted>,
 }
 
 /// A status waiting for its flow counts.
@@ -839,6 +896,7 @@ pub struct StatusDraft {
     /// Flows pinned to an uplink since start.
     pinned: u64,
     tables: Arc<Mutex<FlowTables>>,
+    guard_dropped_before: u64,
 }
 
 impl StatusDraft {
@@ -848,6 +906,9 @@ impl StatusDraft {
     /// Waits for a collection that is under way, so that a flow is counted
     /// once: in the table, expired, or evicted.
     pub fn finish(mut self) -> Result<Status> {
+        // Counted by nftables, read with `nft`: not under the daemon's lock.
+        self.status.guard_dropped =
+            self.guard_dropped_before + slowpath::leaked().unwrap_or_default();
         let tables = self
             .tables
             .lock()

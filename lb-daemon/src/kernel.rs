@@ -275,6 +275,27 @@ impl Observed {
             .collect()
     }
 
+    /// The subnets connected to the interfaces `ifindexes` (the main
+    /// table's routes of kind link through them: a LAN's prefixes).
+    pub fn connected(&self, ifindexes: &[u32]) -> Vec<(Ipv4Addr, u8)> {
+        let mut out: Vec<(Ipv4Addr, u8)> = self
+            .routes
+            .iter()
+            .filter(|r| {
+                r.table == MAIN_TABLE
+                    && r.kind == RouteType::Unicast
+                    && r.dst_len > 0
+                    && r.gateway.is_none()
+                    && r.oifs.len() == 1
+                    && r.oifs.iter().all(|oif| ifindexes.contains(oif))
+            })
+            .map(|r| (r.dst, r.dst_len))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Routes and rules in the places lbd would use that are not lbd's: a
     /// table of its range with someone else's routes, or a rule at one of
     /// its priorities. Each is a sentence for the operator.
@@ -556,6 +577,15 @@ mod tests {
         assert_eq!(o.default_gateway(WAN1), Some(ip("100.64.1.1")));
         assert_eq!(o.default_gateway(WAN2), Some(ip("100.64.2.1")));
         assert_eq!(o.default_gateway(LAN), None);
+    }
+
+    #[test]
+    fn a_lans_prefixes_are_its_connected_routes() {
+        assert_eq!(router().connected(&[LAN]), [(ip("10.10.0.0"), 24)]);
+        assert!(
+            router().connected(&[VPN]).is_empty(),
+            "a gateway route is not connected"
+        );
     }
 
     #[test]

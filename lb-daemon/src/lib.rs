@@ -14,4 +14,5 @@ pub mod kernel;
 pub mod linkwatch;
 pub mod netlink;
 pub mod probe;
+pub mod slowpath;
 pub mod uplink;

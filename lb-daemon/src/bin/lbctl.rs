@@ -135,6 +135,10 @@ fn print_status(s: &Status) {
         "flows expired: {}, evicted (table full): {}",
         s.flows_expired, s.flows_evicted
     );
+    println!(
+        "guard: {} packets with a LAN source dropped on their way out of an uplink",
+        s.guard_dropped
+    );
     let nonzero: Vec<String> = s
         .reasons
         .iter()

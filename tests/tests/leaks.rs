@@ -1,0 +1,170 @@
+//! Nothing leaks: what the fast path hands to the kernel (ESP, GRE,
+//! fragments) leaves the router with an uplink's address, through lb's
+//! nftables table, and its guard drops, and counts, whatever would still
+//! leave an uplink with a LAN source address.
+//!
+//! Every test watches the ISPs' side of the uplinks for packets with a LAN
+//! source address: there must be none.
+
+use std::{
+    mem::MaybeUninit,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    in_netns, require_root,
+    stream::wait_for,
+    traffic::UdpEchoServer,
+    unique_prefix, watch_sources, FlowWatch, Lab, LabDesc,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const UPLINK_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(100, 64, 1, 2), Ipv4Addr::new(100, 64, 2, 2)];
+const GRE: i32 = 47;
+const ESP: i32 = 50;
+/// A bound for a test that must end, not a speed target.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// Counters of packets with a LAN source address on both ISPs' sides.
+fn leak_watches(lab: &Lab) -> Result<Vec<FlowWatch>> {
+    ["isp1", "isp2"]
+        .iter()
+        .map(|isp| watch_sources(lab, isp, "down0", "lan", "10.10.0.0/16"))
+        .collect()
+}
+
+fn no_leaks(watches: &[FlowWatch]) -> Result<()> {
+    for (i, w) in watches.iter().enumerate() {
+        let leaked = w.packets()?;
+        ensure!(
+            leaked == 0,
+            "{leaked} packets with a LAN source address reached isp{}",
+            i + 1
+        );
+    }
+    Ok(())
+}
+
+/// A raw IP socket of protocol `proto` in namespace `ns`.
+fn raw(ns: &str, proto: i32) -> Result<Socket> {
+    in_netns(ns, || {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(proto)))?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })
+}
+
+/// The source addresses of the packets that `socket` receives until one
+/// arrives or `wait` passes.
+fn sources(socket: &Socket, wait: Duration) -> Result<Vec<Ipv4Addr>> {
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + wait;
+    while seen.is_empty() && std::time::Instant::now() < deadline {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            if let Some(SocketAddr::V4(from)) = from.as_socket() {
+                seen.push(*from.ip());
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// Send a few packets of protocol `proto` from the client to the server.
+fn send_from_client(lab: &Lab, proto: i32) -> Result<()> {
+    let socket = raw(lab.ns("client")?, proto)?;
+    // GRE: flags and protocol (IPv4), then a payload; ESP: SPI and
+    // sequence number, then a payload. Neither is ever decoded here.
+    let packet = b"\x00\x00\x08\x00lb leak test payload";
+    let to = SocketAddrV4::new(SERVER, 0);
+    for _ in 0..5 {
+        socket
+            .send_to(packet, &to.into())
+            .with_context(|| format!("sending protocol {proto} from the client"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn esp_gre_and_fragments_leave_natted_through_the_kernel() -> Result<()> {
+    if !require_root("esp_gre_and_fragments_leave_natted_through_the_kernel") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let watches = leak_watches(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+
+    for (proto, name) in [(GRE, "GRE"), (ESP, "ESP")] {
+        let listener = raw(lab.ns("inet")?, proto)?;
+        send_from_client(&lab, proto)?;
+        let seen = sources(&listener, BOUND)?;
+        eprintln!("{name} from the client arrived from {seen:?}");
+        ensure!(!seen.is_empty(), "no {name} packet reached the server");
+        ensure!(
+            seen.iter().all(|s| UPLINK_ADDRS.contains(s)),
+            "{name} arrived from {seen:?}, not from an uplink's address"
+        );
+    }
+
+    // Fragments: a big ping, and a 3000-byte datagram and its echo.
+    let ping = lab.exec(
+        "client",
+        &["ping", "-c", "2", "-W", "2", "-s", "2500", "198.51.100.10"],
+    )?;
+    ensure!(ping.contains(" 0% packet loss"), "big ping: {ping}");
+    let server: SocketAddr = "198.51.100.10:7100".parse()?;
+    let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    let client = in_netns(lab.ns("client")?, || {
+        let s = std::net::UdpSocket::bind("10.10.0.2:0")?;
+        s.set_read_timeout(Some(BOUND))?;
+        Ok(s)
+    })?;
+    let big = vec![0x5a_u8; 3000];
+    client.send_to(&big, server)?;
+    let mut back = vec![0u8; 4000];
+    let (n, from) = client
+        .recv_from(&mut back)
+        .context("no echo of the 3000-byte datagram")?;
+    ensure!(n == 3000 && from == server, "echo of {n} bytes from {from}");
+    eprintln!("a 2500-byte ping and a 3000-byte UDP datagram went and came back");
+
+    no_leaks(&watches)?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn the_guard_drops_what_would_leave_an_uplink_unnatted() -> Result<()> {
+    if !require_root("the_guard_drops_what_would_leave_an_uplink_unnatted") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let watches = leak_watches(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    // An operator's rule that keeps GRE out of connection tracking: no NAT
+    // can apply to it any more.
+    lab.exec(
+        "router",
+        &[
+            "nft",
+            "add table ip operator; add chain ip operator raw { type filter hook prerouting priority raw; }; add rule ip operator raw ip protocol gre notrack",
+        ],
+    )?;
+    let listener = raw(lab.ns("inet")?, GRE)?;
+    send_from_client(&lab, GRE)?;
+    wait_for("the guard to drop the GRE packets", BOUND, || {
+        Ok(lbd.status()?["guard_dropped"].as_u64().unwrap_or(0) >= 5)
+    })?;
+    // The guard counted them all: any that got past it would be here by now.
+    let seen = sources(&listener, Duration::from_secs(1))?;
+    ensure!(seen.is_empty(), "GRE reached the server from {seen:?}");
+    eprintln!(
+        "untracked GRE: {} packets dropped by the guard, none reached an ISP",
+        lbd.status()?["guard_dropped"]
+    );
+    no_leaks(&watches)?;
+    lbd.stop(&mut lab)
+}
