@@ -55,6 +55,11 @@ pub struct Status {
     pub flows_expired: u64,
     /// Flows the full table evicted (least recently used first).
     pub flows_evicted: u64,
+    /// The uplink that carries what the LAN sends through the kernel (ESP,
+    /// GRE, fragments), as lbd's rules have it; none when no uplink is in
+    /// service (the main table decides then).
+    #[serde(default)]
+    pub slow_path: Option<String>,
     /// Packets with a LAN source address that lb's nftables guard dropped
     /// as they were about to leave an uplink un-NATed.
     #[serde(default)]

@@ -210,7 +210,9 @@ impl std::fmt::Display for Gateway {
 /// with a default route through the uplink's gateway, and a rule that sends
 /// traffic from the uplink's address to that table (so that the probes and
 /// the router's own sockets bound to an uplink leave through it, whatever
-/// the main table says).
+/// the main table says); and for the slow path, two rules that send what
+/// the LAN's clients send through the kernel to the internet by an uplink
+/// in service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingConfig {
     /// Uplink N (from 0, in file order) uses table `first_table + N`.
@@ -252,6 +254,14 @@ impl RoutingConfig {
     /// Uplink `index`'s rule priority.
     pub fn priority(&self, index: usize) -> u32 {
         self.first_priority + index as u32
+    }
+
+    /// The priorities of the slow path's two rules, after every uplink's:
+    /// the main table without its default routes, then the LAN's
+    /// traffic to the table of the uplink the slow path uses.
+    pub fn slow_path_priorities(&self) -> (u32, u32) {
+        let first = self.first_priority + MAX_UPLINKS as u32;
+        (first, first + 1)
     }
 }
 
@@ -1098,8 +1108,9 @@ impl Checker<'_> {
             .unwrap_or(default.first_table);
         let first_priority = self
             .field(&raw.first_priority, s, "first_priority", |v| {
-                // Rules at 32766 and up are the main and default tables'.
-                as_int(v, 1, 32766 - span)
+                // Rules at 32766 and up are the main and default tables';
+                // lbd's take one per uplink and two for the slow path.
+                as_int(v, 1, 32766 - span - 2)
             })
             .unwrap_or(default.first_priority);
         let lookup_tables = self

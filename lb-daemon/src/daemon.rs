@@ -42,7 +42,7 @@ use crate::{
     flows::FlowTables,
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
     hooks,
-    kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Wanted},
+    kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Selector, Wanted},
     linkwatch::{LinkEvent, LinkWatch, Watchers},
     netlink,
     probe::{self, Binding, UplinkProbe},
@@ -170,6 +170,8 @@ pub struct Daemon {
     slowpath: Option<slowpath::Wanted>,
     /// Packets the guard dropped in tables since replaced.
     guard_dropped_before: u64,
+    /// The slow path's uplink as the kernel's rules have it.
+    slow_path_applied: Option<usize>,
     watchers: Watchers,
     health_tx: mpsc::Sender<HealthEvent>,
     local_ports: (u16, u16),
@@ -260,6 +262,7 @@ impl Daemon {
             lans: lans.clone(),
             slowpath: None,
             guard_dropped_before: 0,
+            slow_path_applied: None,
             watchers: links.watchers(),
             health_tx,
             local_ports,
@@ -281,8 +284,12 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(20)).await;
             changes = daemon.converge(&Observed::take(&handle).await?)?;
         }
-        for error in kernel::apply(&handle, changes.routing).await {
+        let errors = kernel::apply(&handle, changes.routing).await;
+        for error in &errors {
             log::warn!("routing: {error}; retrying on the next change");
+        }
+        if errors.is_empty() {
+            daemon.slow_path_applied = changes.slow_path_uplink;
         }
         if let Some(wanted) = changes.slowpath {
             // Before any program is attached: nothing may leak from the
@@ -362,6 +369,7 @@ impl Daemon {
         };
         Ok(Converged {
             routing: observed.changes(&self.wanted_routing()),
+            slow_path_uplink: self.slow_path_uplink(),
             slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
         })
     }
@@ -374,9 +382,13 @@ impl Daemon {
     }
 
     /// lbd's routing tables and rules as they should be: for each uplink
-    /// with carrier, an address and a gateway.
+    /// with carrier, an address and a gateway, its table and its rule; and
+    /// the slow path's rules, which send what the LAN's clients send
+    /// through the kernel to the internet (ESP, GRE, fragments) by the
+    /// uplink the slow path uses now ([`Daemon::slow_path_uplink`]).
     fn wanted_routing(&self) -> Wanted {
         let mut wanted = Wanted::default();
+        let routing = &self.config.routing;
         for (i, u) in self.uplinks.iter().enumerate() {
             let f = &u.facts;
             let (Some(ifindex), Some(addr), Some(gateway), true) =
@@ -384,19 +396,55 @@ impl Daemon {
             else {
                 continue;
             };
-            let table = self.config.routing.table(i);
+            let table = routing.table(i);
             wanted.routes.insert(OwnedRoute {
                 table,
                 gateway,
                 ifindex,
             });
             wanted.rules.insert(OwnedRule {
-                priority: self.config.routing.priority(i),
-                source: addr,
+                priority: routing.priority(i),
+                selector: Selector::From(addr),
                 table,
             });
         }
+        if let Some(i) = self.slow_path_uplink() {
+            let (main_first, from_lan) = routing.slow_path_priorities();
+            // The main table keeps what it routes more specifically than
+            // by default (the LAN, static and VPN routes)...
+            wanted.rules.insert(OwnedRule {
+                priority: main_first,
+                selector: Selector::AllButDefault,
+                table: kernel::MAIN_TABLE,
+            });
+            // ... and the rest from the LAN goes by an uplink in service.
+            for lan in &self.config.lans {
+                wanted.rules.insert(OwnedRule {
+                    priority: from_lan,
+                    selector: Selector::Iif(lan.interface.clone()),
+                    table: routing.table(i),
+                });
+            }
+        }
         wanted
+    }
+
+    /// The uplink that carries the slow path: in service with its table in
+    /// place, the lowest tier, then the heaviest weight, then the first.
+    /// `None` when none is: the main table decides then.
+    pub fn slow_path_uplink(&self) -> Option<usize> {
+        self.uplinks
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| {
+                let f = &u.facts;
+                u.dataplane_state() == uplink_state::ACTIVE
+                    && f.carrier
+                    && f.addr.is_some()
+                    && f.gateway.is_some()
+            })
+            .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
+            .map(|(i, _)| i)
     }
 
     /// Remove lbd's routing tables and rules, and its nftables table (on
@@ -840,6 +888,9 @@ impl Daemon {
                 .map(|(n, c)| (n.to_string(), c))
                 .collect(),
             guard_dropped: 0,
+            slow_path: self
+                .slow_path_applied
+                .map(|i| self.uplinks[i].cfg.name.clone()),
             kernel_destinations: self
                 .bypass
                 .iter()
@@ -865,7 +916,11 @@ pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> 
             .lock()
             .map_err(|_| anyhow::anyhow!("daemon state is poisoned"))
     };
-    let Converged { routing, slowpath } = lock()?.converge(&observed)?;
+    let Converged {
+        routing,
+        slow_path_uplink,
+        slowpath,
+    } = lock()?.converge(&observed)?;
     if let Some(wanted) = slowpath {
         let dropped = tokio::task::block_in_place(|| {
             // The table may not be there (yet): nothing dropped then.
@@ -880,12 +935,15 @@ pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> 
             bail!("routing: {}", errors.join("; "));
         }
     }
+    lock()?.slow_path_applied = slow_path_uplink;
     Ok(())
 }
 
 /// What a convergence leaves to be done outside the daemon's lock.
 pub struct Converged {
     pub routing: Changes,
+    /// The slow path's uplink that `routing` puts in place.
+    pub slow_path_uplink: Option<usize>,
     /// lb's nftables table, when it must change.
     pub slowpath: Option<slowpath::Wanted>,
 }

@@ -94,6 +94,9 @@ pub struct Rule {
     pub looks_up: bool,
     pub table: u32,
     pub source: Option<(Ipv4Addr, u8)>,
+    pub iif: Option<String>,
+    /// `suppress_prefixlength`, if set.
+    pub suppress: Option<u32>,
     pub protocol: u8,
     pub message: RuleMessage,
 }
@@ -117,12 +120,39 @@ pub struct OwnedRoute {
     pub ifindex: u32,
 }
 
-/// A rule lbd wants: from `source`/32 look up `table`, at `priority`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A rule lbd wants: at `priority`, what `selector` picks looks up
+/// `table`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OwnedRule {
     pub priority: u32,
-    pub source: Ipv4Addr,
+    pub selector: Selector,
     pub table: u32,
+}
+
+/// Which packets an owned rule is for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Selector {
+    /// `from ADDR/32`: an uplink's own traffic.
+    From(Ipv4Addr),
+    /// `iif NAME`: what arrives on a LAN interface.
+    Iif(String),
+    /// Every packet, with routes of prefix length 0 (default routes)
+    /// ignored (`suppress_prefixlength 0`): whatever the table routes more
+    /// specifically than by default stays routed so.
+    AllButDefault,
+}
+
+impl std::fmt::Display for OwnedRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (priority, table) = (self.priority, self.table);
+        match &self.selector {
+            Selector::From(a) => write!(f, "{priority}: from {a} lookup {table}"),
+            Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
+            Selector::AllButDefault => {
+                write!(f, "{priority}: lookup {table} suppress_prefixlength 0")
+            }
+        }
+    }
 }
 
 /// lbd's routing, as it should be.
@@ -301,7 +331,9 @@ impl Observed {
     /// its priorities. Each is a sentence for the operator.
     pub fn clashes(&self, routing: &RoutingConfig, uplinks: usize) -> Vec<String> {
         let tables = routing.first_table..routing.first_table + uplinks as u32;
-        let priorities = routing.first_priority..routing.first_priority + uplinks as u32;
+        let (slow, slow_lan) = routing.slow_path_priorities();
+        let priorities = (routing.first_priority..routing.first_priority + uplinks as u32)
+            .chain([slow, slow_lan]);
         let mut out = Vec::new();
         for table in tables {
             if let Some(r) = self
@@ -356,12 +388,16 @@ impl Observed {
         }
         let mut have_rules = BTreeSet::new();
         for r in self.rules.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
-            let owned = r.source.and_then(|(source, len)| {
-                (len == 32 && r.looks_up).then_some(OwnedRule {
-                    priority: r.priority,
-                    source,
-                    table: r.table,
-                })
+            let selector = match (r.source, &r.iif, r.suppress) {
+                (Some((source, 32)), None, None) => Some(Selector::From(source)),
+                (None, Some(iif), None) => Some(Selector::Iif(iif.clone())),
+                (None, None, Some(0)) => Some(Selector::AllButDefault),
+                _ => None,
+            };
+            let owned = selector.filter(|_| r.looks_up).map(|selector| OwnedRule {
+                priority: r.priority,
+                selector,
+                table: r.table,
             });
             match owned {
                 Some(o) if wanted.rules.contains(&o) => {
@@ -371,7 +407,7 @@ impl Observed {
             }
         }
         changes.add_routes = wanted.routes.difference(&have_routes).copied().collect();
-        changes.add_rules = wanted.rules.difference(&have_rules).copied().collect();
+        changes.add_rules = wanted.rules.difference(&have_rules).cloned().collect();
         changes
     }
 }
@@ -409,24 +445,31 @@ pub async fn apply(handle: &Handle, changes: Changes) -> Vec<String> {
         }
     }
     for r in changes.add_rules {
-        let mut req = handle
+        let req = handle
             .rule()
             .add()
             .v4()
             .action(RuleAction::ToTable)
             .table_id(r.table)
-            .priority(r.priority)
-            .source_prefix(r.source, 32);
+            .priority(r.priority);
+        let mut req = match &r.selector {
+            Selector::From(source) => req.source_prefix(*source, 32),
+            Selector::Iif(name) => req.input_interface(name.clone()),
+            Selector::AllButDefault => {
+                let mut req = req;
+                req.message_mut()
+                    .attributes
+                    .push(RuleAttribute::SuppressPrefixLen(0));
+                req
+            }
+        };
         req.message_mut()
             .attributes
             .push(RuleAttribute::Protocol(RouteProtocol::Other(
                 ROUTE_PROTOCOL,
             )));
         if let Err(e) = req.execute().await {
-            errors.push(format!(
-                "adding rule from {} lookup {} priority {}: {e}",
-                r.source, r.table, r.priority
-            ));
+            errors.push(format!("adding rule {r}: {e}"));
         }
     }
     errors
@@ -505,6 +548,8 @@ fn rule(msg: RuleMessage) -> Option<Rule> {
         looks_up: msg.header.action == RuleAction::ToTable,
         table: u32::from(msg.header.table),
         source: None,
+        iif: None,
+        suppress: None,
         protocol: 0,
         message: msg.clone(),
     };
@@ -516,6 +561,8 @@ fn rule(msg: RuleMessage) -> Option<Rule> {
                 r.source = Some((*a, msg.header.src_len));
             }
             RuleAttribute::Protocol(p) => r.protocol = protocol_number(*p),
+            RuleAttribute::Iifname(n) => r.iif = Some(n.clone()),
+            RuleAttribute::SuppressPrefixLen(n) => r.suppress = Some(*n),
             _ => {}
         }
     }
@@ -624,7 +671,7 @@ mod tests {
             .collect(),
             rules: [OwnedRule {
                 priority: 4000,
-                source: ip("100.64.1.2"),
+                selector: Selector::From(ip("100.64.1.2")),
                 table: 4000,
             }]
             .into_iter()
@@ -652,6 +699,8 @@ mod tests {
             looks_up: true,
             table: 4000,
             source: Some((ip("100.64.1.2"), 32)),
+            iif: None,
+            suppress: None,
             protocol: ROUTE_PROTOCOL,
             message: RuleMessage::default(),
         });
@@ -676,6 +725,8 @@ mod tests {
             looks_up: true,
             table: 100,
             source: None,
+            iif: None,
+            suppress: None,
             protocol: 0,
             message: RuleMessage::default(),
         });

@@ -168,3 +168,62 @@ fn the_guard_drops_what_would_leave_an_uplink_unnatted() -> Result<()> {
     no_leaks(&watches)?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn the_slow_path_follows_health_and_the_operator() -> Result<()> {
+    if !require_root("the_slow_path_follows_health_and_the_operator") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let watches = leak_watches(&lab)?;
+    const PROBE: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"";
+    let config = LabConfig {
+        uplinks: &[(1, PROBE), (2, PROBE)],
+        ..LabConfig::default()
+    };
+    let lbd = Lbd::start(&mut lab, &config.render())?;
+    let gre_source = |lab: &Lab| -> Result<Vec<Ipv4Addr>> {
+        let listener = raw(lab.ns("inet")?, GRE)?;
+        send_from_client(lab, GRE)?;
+        sources(&listener, BOUND)
+    };
+    // Both in service: the first uplink carries the slow path.
+    wait_for("the slow path through isp1", BOUND, || {
+        Ok(lbd.status()?["slow_path"] == "isp1")
+    })?;
+    let seen = gre_source(&lab)?;
+    ensure!(
+        !seen.is_empty() && seen.iter().all(|&s| s == UPLINK_ADDRS[0]),
+        "with both uplinks up, GRE arrived from {seen:?}"
+    );
+    // isp1's upstream fails (the main table's default route still points
+    // at it): the slow path moves to isp2.
+    lab.set_link_up("isp1", "up0", false)?;
+    lbd.wait_lifecycle("isp1", "down", BOUND)?;
+    wait_for("the slow path through isp2", BOUND, || {
+        Ok(lbd.status()?["slow_path"] == "isp2")
+    })?;
+    let seen = gre_source(&lab)?;
+    eprintln!("isp1 down: GRE arrived from {seen:?}");
+    ensure!(
+        !seen.is_empty() && seen.iter().all(|&s| s == UPLINK_ADDRS[1]),
+        "with isp1 down, GRE arrived from {seen:?}"
+    );
+    lab.set_link_up("isp1", "up0", true)?;
+    lbd.wait_lifecycle("isp1", "in service", BOUND)?;
+    // The operator takes isp1 out: the same.
+    wait_for("the slow path back through isp1", BOUND, || {
+        Ok(lbd.status()?["slow_path"] == "isp1")
+    })?;
+    lbd.lbctl(&["uplink", "disable", "isp1"])?;
+    wait_for("the slow path through isp2", BOUND, || {
+        Ok(lbd.status()?["slow_path"] == "isp2")
+    })?;
+    let seen = gre_source(&lab)?;
+    ensure!(
+        !seen.is_empty() && seen.iter().all(|&s| s == UPLINK_ADDRS[1]),
+        "with isp1 disabled, GRE arrived from {seen:?}"
+    );
+    no_leaks(&watches)?;
+    lbd.stop(&mut lab)
+}

@@ -136,7 +136,8 @@ fn print_status(s: &Status) {
         s.flows_expired, s.flows_evicted
     );
     println!(
-        "guard: {} packets with a LAN source dropped on their way out of an uplink",
+        "slow path (ESP, GRE, fragments): {}; guard: {} packets with a LAN source dropped on their way out of an uplink",
+        s.slow_path.as_deref().unwrap_or("by the main table"),
         s.guard_dropped
     );
     let nonzero: Vec<String> = s

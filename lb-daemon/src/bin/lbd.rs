@@ -129,14 +129,21 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
                 let collector = collector.clone();
                 gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&collector)));
             },
-            Some(event) = events.health.recv() => match daemon.lock() {
-                Ok(mut d) => if let Err(e) = d.on_health(event) {
-                    log::error!("applying a health change failed: {e:#}");
-                },
-                Err(_) => break,
+            Some(event) = events.health.recv() => {
+                match daemon.lock() {
+                    Ok(mut d) => if let Err(e) = d.on_health(event) {
+                        log::error!("applying a health change failed: {e:#}");
+                    },
+                    Err(_) => break,
+                }
+                // The data plane has it; the kernel's side (the slow path's
+                // routing) follows in the reconciler.
+                kernel.changed.notify_one();
             },
             conn = listener.accept() => match conn {
-                Ok((stream, _)) => { tokio::spawn(serve(stream, daemon.clone())); }
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, daemon.clone(), kernel.changed.clone()));
+                }
                 Err(e) => log::warn!("control socket accept failed: {e}"),
             },
         }
@@ -211,15 +218,23 @@ fn bind_control_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Answer requests on one connection, one JSON line each.
-async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>) {
+/// Answer requests on one connection, one JSON line each; an operator's
+/// change wakes the reconciler (`changed`) for the kernel's side of it.
+async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, changed: Arc<tokio::sync::Notify>) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let response = match serde_json::from_str::<Request>(&line) {
             // A status walks the flow table: let the runtime move other
             // tasks off this thread meanwhile.
-            Ok(req) => tokio::task::block_in_place(|| handle(req, &daemon)),
+            Ok(req) => {
+                let changes = matches!(req, Request::Uplink { .. });
+                let response = tokio::task::block_in_place(|| handle(req, &daemon));
+                if changes {
+                    changed.notify_one();
+                }
+                response
+            }
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
