@@ -163,6 +163,44 @@ impl FlowWatch {
     }
 }
 
+/// Counters, on each ISP's side of its uplink (every host named `isp*`, on
+/// its link to the router), of packets with a source address in the LANs
+/// (10.10.0.0/16): lb must never let one reach an ISP. Install it before
+/// traffic starts; [`LanLeaks::check`] at the end.
+pub struct LanLeaks(Vec<(String, FlowWatch)>);
+
+impl LanLeaks {
+    pub fn install(lab: &Lab) -> Result<LanLeaks> {
+        let mut watches = Vec::new();
+        for link in &lab.desc().links {
+            let [a, b] = link.ends();
+            for (isp, other) in [(a, b), (b, a)] {
+                if isp.host.starts_with("isp") && other.host == "router" {
+                    let w = watch_sources(lab, &isp.host, &isp.ifname, "lan", "10.10.0.0/16")?;
+                    watches.push((isp.host.clone(), w));
+                }
+            }
+        }
+        ensure!(
+            !watches.is_empty(),
+            "the lab has no ISP linked to the router"
+        );
+        Ok(LanLeaks(watches))
+    }
+
+    /// Fails if any packet with a LAN source reached an ISP.
+    pub fn check(&self) -> Result<()> {
+        for (isp, watch) in &self.0 {
+            let leaked = watch.packets()?;
+            ensure!(
+                leaked == 0,
+                "{leaked} packets with a LAN source address reached {isp}"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// A watch installed by [`watch_echo_ids`]. Removed with its namespace.
 #[derive(Debug, Clone)]
 pub struct EchoWatch {

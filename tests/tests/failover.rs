@@ -18,7 +18,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     stream::{lost_before, outage, port_on, wait_for, Outage, Sink, Stream},
-    unique_prefix, watch_flows, Lab, LabDesc,
+    unique_prefix, watch_flows, Lab, LabDesc, LanLeaks,
 };
 
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
@@ -50,6 +50,7 @@ fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<(
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
     let hook_out = std::env::temp_dir().join(format!("{}hook.env", lab.prefix()));
     let hooks = format!(
         r#"hooks = [["/bin/sh", "-c", "env | grep ^LB_ >> {}"]]"#,
@@ -118,6 +119,7 @@ fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<(
             "hook environment lacks {needle}: {env}"
         );
     }
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -127,6 +129,7 @@ fn flapping_upstream_gives_few_transitions() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
     // isp1 comes back only after 40 good rounds (2 s): the flaps' up times
     // (300 ms, plus however long a busy machine takes to run `ip`) stay far
     // below that, so what is judged is the hysteresis, not the clock.
@@ -151,6 +154,7 @@ fn flapping_upstream_gives_few_transitions() -> Result<()> {
     ensure!(flips <= 4, "{flips} transitions: no hysteresis");
     ensure!(lost2 == 0, "isp2 stream lost {lost2}");
     drop(s2);
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -160,6 +164,7 @@ fn operator_toggles_and_tiers_act_in_the_data_plane() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
     // isp2 is a backup: tier 1.
     let lbd = Lbd::start(&mut lab, &config("", "tier = 1", ""))?;
     let sink = Sink::start(&lab)?;
@@ -227,6 +232,7 @@ fn operator_toggles_and_tiers_act_in_the_data_plane() -> Result<()> {
     ] {
         ensure!(lbd.lbctl(bad).is_err(), "lbctl {bad:?} was accepted");
     }
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -236,6 +242,7 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &config("", "", ""))?;
     let sink = Sink::start(&lab)?;
     let p1 = port_on(&lab, &sink, ISP1_NAT, 5400)?;
@@ -261,6 +268,7 @@ fn carrier_loss_fails_over_at_once() -> Result<()> {
     );
     drop((s1, s2));
     lab.set_link_up("isp1", "down0", true)?;
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -342,6 +350,7 @@ fn a_gateway_that_moves_to_another_mac_is_followed() -> Result<()> {
     // announced with a gratuitous ARP, as routers and VRRP pairs do.
     const NEW_MAC: &str = "02:00:5e:00:01:99";
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
     // No probes: health stays up, so only following the neighbour table
     // can bring the stream back through isp1.
     let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
@@ -384,5 +393,6 @@ fn a_gateway_that_moves_to_another_mac_is_followed() -> Result<()> {
         status["uplinks"][0]["gateway_mac"]
     );
     drop(s1);
+    leaks.check()?;
     lbd.stop(&mut lab)
 }

@@ -18,7 +18,7 @@ use lb_tests::{
     in_netns, require_root,
     stream::wait_for,
     traffic::UdpEchoServer,
-    unique_prefix, watch_sources, FlowWatch, Lab, LabDesc,
+    unique_prefix, Lab, LabDesc, LanLeaks,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -28,26 +28,6 @@ const GRE: i32 = 47;
 const ESP: i32 = 50;
 /// A bound for a test that must end, not a speed target.
 const BOUND: Duration = Duration::from_secs(10);
-
-/// Counters of packets with a LAN source address on both ISPs' sides.
-fn leak_watches(lab: &Lab) -> Result<Vec<FlowWatch>> {
-    ["isp1", "isp2"]
-        .iter()
-        .map(|isp| watch_sources(lab, isp, "down0", "lan", "10.10.0.0/16"))
-        .collect()
-}
-
-fn no_leaks(watches: &[FlowWatch]) -> Result<()> {
-    for (i, w) in watches.iter().enumerate() {
-        let leaked = w.packets()?;
-        ensure!(
-            leaked == 0,
-            "{leaked} packets with a LAN source address reached isp{}",
-            i + 1
-        );
-    }
-    Ok(())
-}
 
 /// A raw IP socket of protocol `proto` in namespace `ns`.
 fn raw(ns: &str, proto: i32) -> Result<Socket> {
@@ -95,7 +75,7 @@ fn esp_gre_and_fragments_leave_natted_through_the_kernel() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
-    let watches = leak_watches(&lab)?;
+    let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
 
     for (proto, name) in [(GRE, "GRE"), (ESP, "ESP")] {
@@ -132,7 +112,7 @@ fn esp_gre_and_fragments_leave_natted_through_the_kernel() -> Result<()> {
     ensure!(n == 3000 && from == server, "echo of {n} bytes from {from}");
     eprintln!("a 2500-byte ping and a 3000-byte UDP datagram went and came back");
 
-    no_leaks(&watches)?;
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -142,7 +122,7 @@ fn the_guard_drops_what_would_leave_an_uplink_unnatted() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
-    let watches = leak_watches(&lab)?;
+    let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
     // An operator's rule that keeps GRE out of connection tracking: no NAT
     // can apply to it any more.
@@ -165,7 +145,7 @@ fn the_guard_drops_what_would_leave_an_uplink_unnatted() -> Result<()> {
         "untracked GRE: {} packets dropped by the guard, none reached an ISP",
         lbd.status()?["guard_dropped"]
     );
-    no_leaks(&watches)?;
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -175,7 +155,7 @@ fn the_slow_path_follows_health_and_the_operator() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
-    let watches = leak_watches(&lab)?;
+    let leaks = LanLeaks::install(&lab)?;
     const PROBE: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"";
     let config = LabConfig {
         uplinks: &[(1, PROBE), (2, PROBE)],
@@ -224,6 +204,6 @@ fn the_slow_path_follows_health_and_the_operator() -> Result<()> {
         !seen.is_empty() && seen.iter().all(|&s| s == UPLINK_ADDRS[1]),
         "with isp1 disabled, GRE arrived from {seen:?}"
     );
-    no_leaks(&watches)?;
+    leaks.check()?;
     lbd.stop(&mut lab)
 }

@@ -11,7 +11,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     traffic::{udp_flows, UdpEchoServer},
-    unique_prefix, Lab, LabDesc,
+    unique_prefix, Lab, LabDesc, LanLeaks,
 };
 
 const FLOWS: &str = "[flows]\nudp_timeout = \"1s\"";
@@ -22,6 +22,7 @@ fn idle_flows_are_collected_after_their_timeout() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
     let config = LabConfig {
         sections: FLOWS,
         ..LabConfig::default()
@@ -64,5 +65,6 @@ fn idle_flows_are_collected_after_their_timeout() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    leaks.check()?;
     lbd.stop(&mut lab)
 }

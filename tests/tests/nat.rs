@@ -32,7 +32,7 @@ use lb_tests::{
         http_download, tcp_connect_from, tcp_flows, tcp_upload, udp_flows, udp_socket,
         wait_tcp_listener, HttpFileServer, Proto, TcpEchoServer, TcpSinkServer, UdpEchoServer,
     },
-    unique_prefix, watch_echo_ids, watch_flows, FlowWatch, Lab, LabDesc,
+    unique_prefix, watch_echo_ids, watch_flows, FlowWatch, Lab, LabDesc, LanLeaks,
 };
 use serde_json::Value;
 
@@ -179,6 +179,7 @@ fn http_download_is_exact_over_each_uplink() -> Result<()> {
     }
     let _serial = serial();
     let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
     let scratch = Scratch::new(&lab)?;
     let blob = scratch.path("blob");
     let mut random = std::fs::File::open("/dev/urandom")?;
@@ -258,6 +259,7 @@ fn http_download_is_exact_over_each_uplink() -> Result<()> {
             used.name,
             lbd.status()?
         );
+        leaks.check()?;
         lbd.stop(&mut lab)?;
     }
     Ok(())
@@ -276,6 +278,7 @@ fn iperf3_tcp_over_both_uplinks() -> Result<()> {
     }
     let _serial = serial();
     let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &config(&BOTH, &["lan0"]))?;
     let port = IPERF_PORT.to_string();
     let scratch = Scratch::new(&lab)?;
@@ -353,6 +356,7 @@ fn iperf3_tcp_over_both_uplinks() -> Result<()> {
                 lbd.status()?
             );
         }
+        leaks.check()?;
         return lbd.stop(&mut lab);
     }
     bail!("every attempt hashed all connections to one uplink")
@@ -371,6 +375,7 @@ fn udp_and_ping_through_nat() -> Result<()> {
     }
     let _serial = serial();
     let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &config(&BOTH, &["lan0"]))?;
     let _udp = UdpEchoServer::start(lab.ns("inet")?, server(ECHO_PORT))?;
 
@@ -400,6 +405,7 @@ fn udp_and_ping_through_nat() -> Result<()> {
         replies >= 4 + 6,
         "lbctl counts {replies} replies translated, expected at least 10 (4 UDP, 6 ICMP)"
     );
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -480,6 +486,7 @@ fn two_clients_with_one_source_port() -> Result<()> {
     }
     let _serial = serial();
     let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
     // One uplink, so that the two flows must share its address.
     let lbd = Lbd::start(&mut lab, &config(&[&ISP1], &["lan0", "lan1"]))?;
     let _udp = UdpEchoServer::start(lab.ns("inet")?, server(ECHO_PORT))?;
@@ -534,6 +541,7 @@ fn two_clients_with_one_source_port() -> Result<()> {
     }
     let failures = lbd.uplink_counter("isp1", "nat_failures")?;
     ensure!(failures == 0, "{failures} NAT failures");
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -559,6 +567,7 @@ fn traceroute_lists_every_hop() -> Result<()> {
     }
     let _serial = serial();
     let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &config(&BOTH, &["lan0"]))?;
     let target = SERVER_IP.to_string();
     let out = run(
@@ -586,6 +595,7 @@ fn traceroute_lists_every_hop() -> Result<()> {
         "expected hops 10.10.0.1, 100.64.N.1, {SERVER_IP}; got {hops:?}; status: {}",
         lbd.status()?
     );
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -601,6 +611,7 @@ fn path_mtu_discovery_through_nat() -> Result<()> {
     }
     let _serial = serial();
     let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
     lab.exec("isp1", &["ip", "link", "set", "dev", "up0", "mtu", "1400"])?;
     lab.exec("inet", &["ip", "link", "set", "dev", "isp1", "mtu", "1400"])?;
     // inet would advertise an MSS that fits its 1400-byte link, and the
@@ -656,6 +667,7 @@ fn path_mtu_discovery_through_nat() -> Result<()> {
         route.contains("mtu 1400"),
         "the client did not learn the path MTU: {route}"
     );
+    leaks.check()?;
     lbd.stop(&mut lab)
 }
 
@@ -669,6 +681,7 @@ fn router_own_connections_beside_nat() -> Result<()> {
     }
     let _serial = serial();
     let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &config(&BOTH, &["lan0"]))?;
     let _tcp = TcpEchoServer::start(lab.ns("inet")?, server(ECHO_PORT))?;
     let _udp = UdpEchoServer::start(lab.ns("inet")?, server(ECHO_PORT))?;
@@ -757,5 +770,6 @@ fn router_own_connections_beside_nat() -> Result<()> {
         "the client completed only {} flows",
         client_flows.load(Ordering::Relaxed)
     );
+    leaks.check()?;
     lbd.stop(&mut lab)
 }

@@ -18,7 +18,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     dhcp, require_root,
     stream::{port_on, wait_for, Sink, Stream},
-    unique_prefix, watch_sources, FlowWatch, Lab, LabDesc,
+    unique_prefix, watch_sources, Lab, LabDesc, LanLeaks,
 };
 
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
@@ -39,39 +39,13 @@ fn config() -> String {
     .render()
 }
 
-/// Counters, on every ISP's side of its uplink, of packets with a LAN
-/// source address: there must never be one.
-struct LeakWatch(Vec<(String, FlowWatch)>);
-
-impl LeakWatch {
-    fn install(lab: &Lab) -> Result<LeakWatch> {
-        let mut watches = Vec::new();
-        for isp in ["isp1", "isp2", "isp3"] {
-            let w = watch_sources(lab, isp, "down0", "lan", "10.10.0.0/16")?;
-            watches.push((isp.to_string(), w));
-        }
-        Ok(LeakWatch(watches))
-    }
-
-    fn check(&self) -> Result<()> {
-        for (isp, watch) in &self.0 {
-            let leaked = watch.packets()?;
-            ensure!(
-                leaked == 0,
-                "{leaked} packets with a LAN source address reached {isp}"
-            );
-        }
-        Ok(())
-    }
-}
-
 #[test]
 fn boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come() -> Result<()> {
     if !require_root("boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come") {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
-    let leaks = LeakWatch::install(&lab)?;
+    let leaks = LanLeaks::install(&lab)?;
     // isp2's modem does not answer ARP yet; isp3's DHCP server is not up.
     lab.exec("isp2", &["ip", "link", "set", "dev", "down0", "arp", "off"])?;
     dhcp::start(&mut lab, &[1, 2])?;
@@ -123,7 +97,7 @@ fn a_new_address_from_the_isp_is_followed_and_the_old_one_never_used_again() -> 
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
-    let leaks = LeakWatch::install(&lab)?;
+    let leaks = LanLeaks::install(&lab)?;
     let procs = dhcp::start(&mut lab, &[1, 2, 3])?;
     let lbd = Lbd::start(&mut lab, &config())?;
     for n in 1..=3 {
@@ -187,7 +161,7 @@ fn carrier_loss_and_return_need_no_help() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
-    let leaks = LeakWatch::install(&lab)?;
+    let leaks = LanLeaks::install(&lab)?;
     dhcp::start(&mut lab, &[1, 2, 3])?;
     let lbd = Lbd::start(&mut lab, &config())?;
     for n in 1..=3 {
@@ -216,7 +190,7 @@ fn networks_the_kernel_routes_elsewhere_are_reached_unnated() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
-    let leaks = LeakWatch::install(&lab)?;
+    let leaks = LanLeaks::install(&lab)?;
     let unnated = watch_sources(&lab, "branch", "eth0", "lan", "10.10.0.2/32")?;
     dhcp::start(&mut lab, &[1, 2, 3])?;
     let lbd = Lbd::start(&mut lab, &config())?;

@@ -16,7 +16,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     traffic::{tcp_flows, udp_flows, TcpEchoServer, UdpEchoServer},
-    unique_prefix, watch_flows, Lab, LabDesc,
+    unique_prefix, watch_flows, Lab, LabDesc, LanLeaks,
 };
 
 const SERVER: &str = "198.51.100.10:7000";
@@ -164,10 +164,11 @@ fn flows_spread_by_weight_and_counters_agree() -> Result<()> {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
     let server: SocketAddr = SERVER.parse()?;
     let _tcp = TcpEchoServer::start(lab.ns("inet")?, server)?;
     let _udp = UdpEchoServer::start(lab.ns("inet")?, server)?;
     check_split(&mut lab, (1, 1))?;
     check_split(&mut lab, (3, 1))?;
-    Ok(())
+    leaks.check()
 }
