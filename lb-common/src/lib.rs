@@ -30,6 +30,11 @@ pub const MAX_LANS: u32 = 16;
 /// flows are dropped and counted rather than leaked to the kernel unNATed.
 pub const NO_UPLINK: u32 = u32::MAX;
 
+/// Datagrams whose fragments the fast path follows at once (LRU: the
+/// oldest make room). Fragments of one datagram arrive within
+/// milliseconds of each other; this many is far more than in flight.
+pub const FRAG_ENTRIES: u32 = 8192;
+
 /// Default size of the flow table (entries); the daemon overrides it from its
 /// configuration at load time.
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;

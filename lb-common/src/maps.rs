@@ -20,6 +20,7 @@ pub mod name {
     pub const BYPASS: &str = "BYPASS";
     pub const UPLINK_STATS: &str = "UPLINK_STATS";
     pub const REASONS: &str = "REASONS";
+    pub const FRAGS: &str = "FRAGS";
 }
 
 /// Program names in the XDP object.
@@ -180,6 +181,29 @@ pub struct NatValue {
     pub uplink: u32,
 }
 
+/// Key of the fragment table: one IPv4 datagram in flight, as its
+/// fragments carry it (RFC 791: source, destination, identification,
+/// protocol), before any translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragment table: the ports (ICMP echo: identifier and zero)
+/// that the datagram's first fragment carried, before translation; later
+/// fragments, which carry none, are translated as their first one was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+}
+
 /// Per-uplink counters; one per CPU, summed by user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,6 +232,8 @@ const _: () = {
     assert!(core::mem::size_of::<NatKey>() == 16);
     assert!(core::mem::size_of::<NatValue>() == 28);
     assert!(core::mem::size_of::<UplinkStats>() == 64);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<BucketTable>() == 4 * crate::BUCKETS as usize);
 };
 
@@ -223,4 +249,6 @@ mod pod {
     unsafe impl aya::Pod for super::UplinkStats {}
     unsafe impl aya::Pod for super::NatKey {}
     unsafe impl aya::Pod for super::NatValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }

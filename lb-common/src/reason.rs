@@ -8,7 +8,10 @@
 pub const PASS_NOT_IPV4: u32 = 0;
 /// Shorter than the headers it claims, or a header field out of range.
 pub const PASS_MALFORMED: u32 = 1;
-/// A fragment: without its first piece the ports are unknown.
+/// A later fragment of a datagram whose first fragment the fast path did
+/// not translate (it went to the kernel, which reassembles it with its
+/// first piece, or drops it when that never comes), or of a protocol the
+/// fast path does not translate.
 pub const PASS_FRAGMENT: u32 = 2;
 /// For the router itself or another LAN subnet (the bypass table).
 pub const PASS_LOCAL: u32 = 3;

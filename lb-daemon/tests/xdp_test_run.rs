@@ -352,8 +352,10 @@ fn what_the_fast_path_does_not_handle_passes_untouched() {
     let runt = full[..14].to_vec();
     let mut lying_length = full.clone();
     lying_length[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    // A later fragment (offset 185 x 8 bytes) whose first one never came.
     let mut fragment = full.clone();
-    fragment[20] |= 0x20; // more fragments
+    fragment[20] = 0x00;
+    fragment[21] = 0xb9;
     let to_router = build(
         PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
             .ipv4(CLIENT, ROUTER_LAN.octets(), 64)
@@ -392,7 +394,11 @@ fn what_the_fast_path_does_not_handle_passes_untouched() {
             &lying_length,
             reason::PASS_MALFORMED,
         ),
-        ("fragment", &fragment, reason::PASS_FRAGMENT),
+        (
+            "later fragment, first unseen",
+            &fragment,
+            reason::PASS_FRAGMENT,
+        ),
         ("to the router", &to_router, reason::PASS_LOCAL),
         ("to another LAN host", &lan_neighbour, reason::PASS_LOCAL),
         ("TTL 1", &ttl_one, reason::PASS_TTL),
@@ -895,4 +901,117 @@ fn the_collector_removes_idle_flows_with_their_mappings_and_keeps_the_rest() {
     let before = h.reason(reason::PASS_NO_MAPPING);
     assert_eq!(translated(&mut h), 0, "a mapping outlived its flow");
     assert_eq!(h.reason(reason::PASS_NO_MAPPING), before + 2);
+}
+
+/// Split an Ethernet + IPv4 frame (no options, no VLAN) into two IPv4
+/// fragments at `at` bytes of IP payload (a multiple of 8), headers and
+/// checksums fixed as a router that fragments would.
+fn fragments(frame: &[u8], at: usize) -> (Vec<u8>, Vec<u8>) {
+    const L3: usize = 14;
+    const IHL: usize = 20;
+    assert_eq!(at % 8, 0);
+    let payload = &frame[L3 + IHL..];
+    let piece = |data: &[u8], offset: usize, more: bool| {
+        let mut f = frame[..L3 + IHL].to_vec();
+        f.extend_from_slice(data);
+        let total = (IHL + data.len()) as u16;
+        f[L3 + 2..L3 + 4].copy_from_slice(&total.to_be_bytes());
+        let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        f[L3 + 6..L3 + 8].copy_from_slice(&flags.to_be_bytes());
+        f[L3 + 10..L3 + 12].copy_from_slice(&[0, 0]);
+        let sum = ip_checksum(&f[L3..L3 + IHL]);
+        f[L3 + 10..L3 + 12].copy_from_slice(&sum.to_be_bytes());
+        f
+    };
+    (
+        piece(&payload[..at], 0, true),
+        piece(&payload[at..], at, false),
+    )
+}
+
+fn ones_complement_sum(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn ip_checksum(header: &[u8]) -> u16 {
+    !fold(ones_complement_sum(header, 0))
+}
+
+/// Whether the UDP datagram made of the IP payloads of `pieces` (in order),
+/// between `src` and `dst`, has a valid checksum.
+fn udp_checksum_ok(pieces: &[&[u8]], src: [u8; 4], dst: [u8; 4]) -> bool {
+    let data: Vec<u8> = pieces.iter().flat_map(|f| f[34..].to_vec()).collect();
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    fold(ones_complement_sum(&data, ones_complement_sum(&pseudo, 0))) == 0xffff
+}
+
+#[test]
+fn fragments_follow_their_first_one_both_ways() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let payload = vec![0x5a_u8; 2000];
+    let request = build(
+        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv4(CLIENT, SERVER, 64)
+            .udp(8800, 53),
+        &payload,
+    );
+    let (first, later) = fragments(&request, 1480);
+    // A later fragment before its first one: the kernel's.
+    assert_eq!(h.lan(&later).0, XDP_PASS);
+    let (verdict, out_first) = h.lan(&first);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let (verdict, out_later) = h.lan(&later);
+    assert_eq!(
+        verdict, XDP_REDIRECT,
+        "the later fragment follows its first"
+    );
+    let uplink = uplink_of(&out_first);
+    assert_eq!(uplink_of(&out_later), uplink, "both by one uplink");
+    let nat_addr = [100, 64, uplink, 2];
+    for f in [&out_first, &out_later] {
+        assert_eq!(f[26..30], nat_addr, "source translated");
+        assert_eq!(ip_checksum(&f[14..34]), 0, "IP header checksum");
+    }
+    let nat_port = [out_first[34], out_first[35]];
+    assert!(
+        udp_checksum_ok(&[&out_first, &out_later], nat_addr, SERVER),
+        "the reassembled datagram's UDP checksum holds after translation"
+    );
+
+    // The reply, in fragments too.
+    let reply = build(
+        PacketBuilder::ethernet2([0x02, 0xbb, 0, 0, uplink, 1], [0x02, 0xaa, 0, 0, uplink, 2])
+            .ipv4(SERVER, nat_addr, 64)
+            .udp(53, u16::from_be_bytes(nat_port)),
+        &payload,
+    );
+    let (first, later) = fragments(&reply, 1480);
+    let (verdict, back_first) = h.run(program::WAN_INGRESS, &first);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let (verdict, back_later) = h.run(program::WAN_INGRESS, &later);
+    assert_eq!(verdict, XDP_REDIRECT, "the reply's later fragment follows");
+    for f in [&back_first, &back_later] {
+        assert_eq!(f[30..34], CLIENT, "destination translated back");
+        assert_eq!(ip_checksum(&f[14..34]), 0, "IP header checksum");
+    }
+    assert_eq!(back_first[36..38], 8800u16.to_be_bytes(), "client port");
+    assert!(udp_checksum_ok(&[&back_first, &back_later], SERVER, CLIENT));
 }

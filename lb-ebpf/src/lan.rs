@@ -21,9 +21,10 @@ use lb_common::{
 };
 
 use crate::{
+    frags,
     maps::{BUCKETS, BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
-    parse::{self, EthHdr, Ipv4Packet, ICMP_ECHO_REQUEST, TCP_FIN, TCP_RST},
+    parse::{self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, TCP_FIN, TCP_RST},
     rewrite, stats,
 };
 
@@ -35,7 +36,11 @@ const IP_DF: u16 = 0x4000;
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let pkt = parse::ipv4(ctx)?;
-    let (src_port, dst_port) = parse::ports(ctx, &pkt, ICMP_ECHO_REQUEST)?;
+    let (src_port, dst_port) = match pkt.fragment {
+        Fragment::Later => frags::ports_of(&pkt)?,
+        _ => parse::ports(ctx, &pkt, ICMP_ECHO_REQUEST)?,
+    };
+    let datagram = frags::first(&pkt);
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
     let (src, dst, ttl, total_len, frag) = unsafe {
         (
@@ -61,9 +66,13 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    let (uplink, nat_port) = match flow(ctx, &pkt, &key) {
-        Ok(found) => found,
-        Err(drop_reason) => return Ok(stats::drop(drop_reason)),
+    let (uplink, nat_port) = if pkt.fragment == Fragment::Later {
+        later_fragment(&key)?
+    } else {
+        match flow(ctx, &pkt, &key) {
+            Ok(found) => found,
+            Err(drop_reason) => return Ok(stats::drop(drop_reason)),
+        }
     };
     let Some(info) = UPLINKS.get(uplink) else {
         return Ok(stats::drop(reason::DROP_NO_UPLINK));
@@ -78,6 +87,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }
 
     translate(ctx, &pkt, End::Source, info.addr, nat_port)?;
+    if let Some(datagram) = &datagram {
+        frags::remember(datagram, src_port, dst_port);
+    }
     rewrite::decrement_ttl(&pkt);
     let len = rewrite::untagged(ctx, &pkt, info.src_mac, info.gw_mac)?;
     stats::uplink(uplink, |s| {
@@ -162,6 +174,23 @@ fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 
         };
     }
     stats::uplink(uplink, |s| s.new_flows += 1);
+    Ok((uplink, port))
+}
+
+/// The uplink and NAT port of the flow a later fragment belongs to: its
+/// first fragment pinned it. `Err` (to the kernel) when that flow is gone
+/// or has to move: a datagram's fragments never leave by two uplinks.
+#[inline(always)]
+fn later_fragment(key: &FlowKey) -> Result<(u32, [u8; 2]), u32> {
+    let flow = FLOWS.get_ptr_mut(key).ok_or(reason::PASS_FRAGMENT)?;
+    // SAFETY: a pointer into the map's value; see `flow`.
+    let (uplink, port, epoch) = unsafe { ((*flow).uplink, (*flow).nat_port, (*flow).epoch) };
+    let info = UPLINKS.get(uplink).ok_or(reason::PASS_FRAGMENT)?;
+    if !uplink_state::keeps_flows(info.state) || epoch != info.epoch as u8 {
+        return Err(reason::PASS_FRAGMENT);
+    }
+    // SAFETY: as above.
+    unsafe { (*flow).last_seen_ns = bpf_ktime_get_coarse_ns() };
     Ok((uplink, port))
 }
 

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod frags;
 mod lan;
 mod maps;
 mod nat;

@@ -7,8 +7,11 @@ use aya_ebpf::{
     maps::{Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    maps::{BucketTable, FlowKey, FlowValue, NatKey, NatValue, Settings, UplinkInfo, UplinkStats},
-    reason, DEFAULT_MAX_FLOWS, MAX_LANS, MAX_UPLINKS,
+    maps::{
+        BucketTable, FlowKey, FlowValue, FragKey, FragValue, NatKey, NatValue, Settings,
+        UplinkInfo, UplinkStats,
+    },
+    reason, DEFAULT_MAX_FLOWS, FRAG_ENTRIES, MAX_LANS, MAX_UPLINKS,
 };
 
 /// Global knobs, one entry.
@@ -44,6 +47,11 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
 #[map]
 pub static NAT_REV: LruHashMap<NatKey, NatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Datagrams being forwarded in fragments, both ways: the ports their
+/// first fragment carried (see `frags`).
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
 
 /// LAN interfaces by ifindex, for redirecting replies to clients.
 #[map]

@@ -60,7 +60,10 @@ pub fn translate(
             (*ip).dst
         }
     };
-    match pkt.proto {
+    // A later fragment has no transport header: its address alone changes
+    // (the transport checksum, in the first fragment, covered it).
+    let l4 = if pkt.has_l4() { pkt.proto } else { 0 };
+    match l4 {
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, pkt.l4_off)?;
             unsafe {

@@ -16,8 +16,10 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
-/// "More fragments" flag and fragment offset bits of the IPv4 header.
-const IP_MF_AND_OFFSET: u16 = 0x3fff;
+/// "More fragments" flag of the IPv4 header's flags and offset field.
+const IP_MF: u16 = 0x2000;
+/// Fragment offset bits of the same field.
+const IP_OFFSET: u16 = 0x1fff;
 
 #[repr(C)]
 pub struct EthHdr {
@@ -99,6 +101,17 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, u32> {
     Ok((start + offset) as *mut T)
 }
 
+/// Where a packet stands in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the transport header.
+    First,
+    /// Any later fragment: no transport header, only more payload.
+    Later,
+}
+
 /// Where the headers of an IPv4 packet are.
 pub struct Ipv4Packet {
     /// Offset of the IPv4 header (14, or 18 behind a VLAN tag).
@@ -109,9 +122,17 @@ pub struct Ipv4Packet {
     pub proto: u8,
     /// 802.1Q tag control of a tagged frame, zero otherwise.
     pub vlan_tci: [u8; 2],
+    pub fragment: Fragment,
 }
 
 impl Ipv4Packet {
+    /// Whether a transport header follows the IPv4 header (not in a later
+    /// fragment).
+    #[inline(always)]
+    pub fn has_l4(&self) -> bool {
+        self.fragment != Fragment::Later
+    }
+
     /// Whether the packet carried an 802.1Q tag.
     #[inline(always)]
     pub fn tagged(&self) -> bool {
@@ -120,8 +141,9 @@ impl Ipv4Packet {
 }
 
 /// Parse Ethernet (one VLAN tag allowed) and IPv4 (options allowed). `Err`
-/// carries the reason to give the packet to the kernel: not IPv4, a
-/// fragment, or a header that does not fit the frame.
+/// carries the reason to give the packet to the kernel: not IPv4, or a
+/// header that does not fit the frame. Fragments are parsed like whole
+/// packets; [`Ipv4Packet::fragment`] says which they are.
 #[inline(always)]
 pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
@@ -149,9 +171,14 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
     if total_len < ihl || l3_off + total_len > ctx.data_end() - ctx.data() {
         return Err(reason::PASS_MALFORMED);
     }
-    if u16::from_be_bytes(unsafe { (*ip).frag }) & IP_MF_AND_OFFSET != 0 {
-        return Err(reason::PASS_FRAGMENT);
-    }
+    let frag = u16::from_be_bytes(unsafe { (*ip).frag });
+    let fragment = if frag & IP_OFFSET != 0 {
+        Fragment::Later
+    } else if frag & IP_MF != 0 {
+        Fragment::First
+    } else {
+        Fragment::Whole
+    };
     let proto = unsafe { (*ip).proto };
     Ok(Ipv4Packet {
         l3_off,
@@ -159,6 +186,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
         ip,
         proto,
         vlan_tci,
+        fragment,
     })
 }
 
@@ -184,10 +212,11 @@ pub fn ports(ctx: &XdpContext, pkt: &Ipv4Packet, echo_kind: u8) -> Result<([u8; 
     }
 }
 
-/// TCP flags of a TCP packet, zero for anything else.
+/// TCP flags of a TCP packet, zero for anything else (and for a later
+/// fragment, which has no TCP header).
 #[inline(always)]
 pub fn tcp_flags(ctx: &XdpContext, pkt: &Ipv4Packet) -> u8 {
-    if pkt.proto != IPPROTO_TCP {
+    if pkt.proto != IPPROTO_TCP || !pkt.has_l4() {
         return 0;
     }
     match ptr_at::<TcpHdr>(ctx, pkt.l4_off) {

@@ -17,11 +17,12 @@ use lb_common::{
 };
 
 use crate::{
+    frags,
     maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_BY_IFINDEX},
     nat::{self, End},
     parse::{
-        self, IcmpHdr, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED,
-        IPPROTO_ICMP, TCP_FIN, TCP_RST, TCP_SYN,
+        self, Fragment, IcmpHdr, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_PARAM_PROBLEM,
+        ICMP_TIME_EXCEEDED, IPPROTO_ICMP, TCP_FIN, TCP_RST, TCP_SYN,
     },
     rewrite, stats,
 };
@@ -48,7 +49,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }
 
     // An ICMP error quotes the packet we sent: its source is our mapping.
-    let icmp_kind = if pkt.proto == IPPROTO_ICMP {
+    let icmp_kind = if pkt.proto == IPPROTO_ICMP && pkt.has_l4() {
         // SAFETY: bounds-checked by `ptr_at`.
         parse::ptr_at::<IcmpHdr>(ctx, pkt.l4_off).map(|h| unsafe { (*h).kind })?
     } else {
@@ -58,6 +59,11 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         icmp_kind,
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
     );
+    if error && pkt.fragment != Fragment::Whole {
+        // Errors are small; a fragmented one is not worth a fast path.
+        return Err(reason::PASS_FRAGMENT);
+    }
+    let datagram = frags::first(&pkt);
     let (key, inner) = if error {
         let inner = nat::embedded(ctx, &pkt)?;
         if inner.src != info.addr {
@@ -73,7 +79,16 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         };
         (key, Some(inner))
     } else {
-        let (src_port, dst_port) = parse::ports(ctx, &pkt, ICMP_ECHO_REPLY)?;
+        let (src_port, dst_port) = match pkt.fragment {
+            Fragment::Later => frags::ports_of(&pkt)?,
+            _ => parse::ports(ctx, &pkt, ICMP_ECHO_REPLY)?,
+        };
+        if let Some(datagram) = &datagram {
+            // Remembered before the mapping is looked up: the later
+            // fragments of a datagram for the router itself find no mapping
+            // either, and go to the kernel with their first one.
+            frags::remember(datagram, src_port, dst_port);
+        }
         // An echo reply carries our identifier where a reply would carry
         // our port, and has no server port.
         let (nat_port, remote_port) = if pkt.proto == IPPROTO_ICMP {

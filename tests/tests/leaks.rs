@@ -70,8 +70,9 @@ fn send_from_client(lab: &Lab, proto: i32) -> Result<()> {
 }
 
 #[test]
-fn esp_gre_and_fragments_leave_natted_through_the_kernel() -> Result<()> {
-    if !require_root("esp_gre_and_fragments_leave_natted_through_the_kernel") {
+fn esp_and_gre_leave_natted_through_the_kernel_and_fragments_take_the_fast_path() -> Result<()> {
+    if !require_root("esp_and_gre_leave_natted_through_the_kernel_and_fragments_take_the_fast_path")
+    {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
@@ -90,27 +91,48 @@ fn esp_gre_and_fragments_leave_natted_through_the_kernel() -> Result<()> {
         );
     }
 
-    // Fragments: a big ping, and a 3000-byte datagram and its echo.
-    let ping = lab.exec(
-        "client",
-        &["ping", "-c", "2", "-W", "2", "-s", "2500", "198.51.100.10"],
-    )?;
-    ensure!(ping.contains(" 0% packet loss"), "big ping: {ping}");
+    // Fragments, in the fast path both ways: 2500-byte pings, and
+    // 3000-byte datagrams from 20 ports (so through both uplinks) echoed.
+    for _ in 0..4 {
+        let ping = lab.exec(
+            "client",
+            &["ping", "-c", "1", "-W", "2", "-s", "2500", "198.51.100.10"],
+        )?;
+        ensure!(ping.contains(" 0% packet loss"), "big ping: {ping}");
+    }
     let server: SocketAddr = "198.51.100.10:7100".parse()?;
     let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
-    let client = in_netns(lab.ns("client")?, || {
-        let s = std::net::UdpSocket::bind("10.10.0.2:0")?;
-        s.set_read_timeout(Some(BOUND))?;
-        Ok(s)
-    })?;
     let big = vec![0x5a_u8; 3000];
-    client.send_to(&big, server)?;
-    let mut back = vec![0u8; 4000];
-    let (n, from) = client
-        .recv_from(&mut back)
-        .context("no echo of the 3000-byte datagram")?;
-    ensure!(n == 3000 && from == server, "echo of {n} bytes from {from}");
-    eprintln!("a 2500-byte ping and a 3000-byte UDP datagram went and came back");
+    for port in 7200..7220u16 {
+        let client = in_netns(lab.ns("client")?, || {
+            let s = std::net::UdpSocket::bind(("10.10.0.2", port))?;
+            s.set_read_timeout(Some(BOUND))?;
+            Ok(s)
+        })?;
+        client.send_to(&big, server)?;
+        let mut back = vec![0u8; 4000];
+        let (n, from) = client
+            .recv_from(&mut back)
+            .with_context(|| format!("no echo of the 3000-byte datagram from port {port}"))?;
+        ensure!(n == 3000 && from == server, "echo of {n} bytes from {from}");
+    }
+    let status = lbd.status()?;
+    let fragments_to_kernel = lbd.reason("pass_fragment")?;
+    let replies: Vec<u64> = status["uplinks"]
+        .as_array()
+        .map(|u| u.iter().filter_map(|u| u["replies"].as_u64()).collect())
+        .unwrap_or_default();
+    eprintln!(
+        "2500-byte pings and 3000-byte datagrams came back; fragments left to the kernel: {fragments_to_kernel}; replies per uplink {replies:?}"
+    );
+    ensure!(
+        fragments_to_kernel == 0,
+        "{fragments_to_kernel} fragments went to the kernel"
+    );
+    ensure!(
+        replies.len() == 2 && replies.iter().all(|&r| r >= 2),
+        "replies per uplink {replies:?}: not both uplinks carried fragments"
+    );
 
     leaks.check()?;
     lbd.stop(&mut lab)
