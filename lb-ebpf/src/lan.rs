@@ -51,9 +51,6 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
             (*pkt.ip).frag,
         )
     };
-    if BYPASS.get(Key::new(32, dst)).is_some() {
-        return Err(reason::PASS_LOCAL);
-    }
     if ttl <= 1 {
         return Err(reason::PASS_TTL);
     }
@@ -66,10 +63,17 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         proto: pkt.proto,
         _pad: [0; 3],
     };
+    let existing = FLOWS.get_ptr_mut(&key);
+    // Destinations the kernel keeps are looked up only for packets of no
+    // flow: a flow is only ever made for one it does not keep, so an
+    // established packet pays one lookup, not two.
+    if existing.is_none() && BYPASS.get(Key::new(32, dst)).is_some() {
+        return Err(reason::PASS_LOCAL);
+    }
     let (uplink, nat_port) = if pkt.fragment == Fragment::Later {
-        later_fragment(&key)?
+        later_fragment(existing)?
     } else {
-        match flow(ctx, &pkt, &key) {
+        match flow(ctx, &pkt, &key, existing) {
             Ok(found) => found,
             Err(drop_reason) => return Ok(stats::drop(drop_reason)),
         }
@@ -103,15 +107,20 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
 }
 
 /// The uplink and NAT port of this connection: its pinned ones while that
-/// uplink keeps flows; otherwise a new choice, pinned. `Err` is a drop
-/// reason.
+/// uplink keeps flows; otherwise a new choice, pinned. `existing` is the
+/// flow table's entry for it, if any. `Err` is a drop reason.
 #[inline(always)]
-fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 2]), u32> {
+fn flow(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    key: &FlowKey,
+    existing: Option<*mut FlowValue>,
+) -> Result<(u32, [u8; 2]), u32> {
     // SAFETY: reading the coarse monotonic clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let closing = parse::tcp_flags(ctx, pkt) & (TCP_FIN | TCP_RST) != 0;
 
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+    if let Some(flow) = existing {
         // SAFETY: a pointer into the map's value. A racing CPU may write the
         // same fields; at worst a timestamp or state update is lost.
         let (pinned, old_port) = unsafe { ((*flow).uplink, (*flow).nat_port) };
@@ -181,8 +190,8 @@ fn flow(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey) -> Result<(u32, [u8; 
 /// first fragment pinned it. `Err` (to the kernel) when that flow is gone
 /// or has to move: a datagram's fragments never leave by two uplinks.
 #[inline(always)]
-fn later_fragment(key: &FlowKey) -> Result<(u32, [u8; 2]), u32> {
-    let flow = FLOWS.get_ptr_mut(key).ok_or(reason::PASS_FRAGMENT)?;
+fn later_fragment(existing: Option<*mut FlowValue>) -> Result<(u32, [u8; 2]), u32> {
+    let flow = existing.ok_or(reason::PASS_FRAGMENT)?;
     // SAFETY: a pointer into the map's value; see `flow`.
     let (uplink, port, epoch) = unsafe { ((*flow).uplink, (*flow).nat_port, (*flow).epoch) };
     let info = UPLINKS.get(uplink).ok_or(reason::PASS_FRAGMENT)?;
