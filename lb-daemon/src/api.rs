@@ -55,6 +55,10 @@ pub struct Status {
     pub flows_expired: u64,
     /// Flows the full table evicted (least recently used first).
     pub flows_evicted: u64,
+    /// The interfaces `lan_ingress` is attached to: the LAN interfaces, or
+    /// a bridge's ports.
+    #[serde(default)]
+    pub lan_ports: Vec<String>,
     /// The uplink that carries what the LAN sends through the kernel (ESP,
     /// GRE, fragments), as lbd's rules have it; none when no uplink is in
     /// service (the main table decides then).

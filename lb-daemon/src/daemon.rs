@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use aya::programs::xdp::XdpLinkId;
 use lb_common::{
     hash,
     maps::{program, uplink_state, UplinkInfo},
@@ -164,8 +165,13 @@ pub struct Daemon {
     bypass: BTreeSet<(Ipv4Addr, u8)>,
     /// The uplinks' addresses as the flow collector has them.
     flow_addrs: Vec<Ipv4Addr>,
-    /// The LAN interfaces' indexes.
+    /// The LAN interfaces' indexes (a bridge's own, not its ports').
     lans: Vec<u32>,
+    /// The interfaces `lan_ingress` is attached to: the LAN interfaces, or
+    /// a bridge's ports, as they come and go. Only once the slow path's
+    /// guard is in place (`lans_open`).
+    lan_ports: std::collections::BTreeMap<u32, (String, XdpLinkId)>,
+    lans_open: bool,
     /// lb's nftables table as last put in place.
     slowpath: Option<slowpath::Wanted>,
     /// Packets the guard dropped in tables since replaced.
@@ -236,13 +242,20 @@ impl Daemon {
             })?;
             lans.push(link.index);
         }
+        for u in &config.uplinks {
+            if observed.link(&u.interface).and_then(|l| l.kind.as_deref()) == Some("bridge") {
+                bail!(
+                    "uplink {}: {} is a bridge, and XDP cannot send into a bridge; give lbd the \
+                     bridge's port towards the ISP instead",
+                    u.name,
+                    u.interface
+                );
+            }
+        }
 
         let mut dataplane = Dataplane::load(config.flows.max)?;
         dataplane.set_classifier(rand::random(), mode_number(config.balance.mode))?;
         dataplane.set_nat_ports((config.nat.port_min, config.nat.port_max), local_ports)?;
-        for &lan in &lans {
-            dataplane.add_lan(lan)?;
-        }
         let addrs = vec![Ipv4Addr::UNSPECIFIED; config.uplinks.len()];
         let flow_tables = Arc::new(Mutex::new(dataplane.flow_tables(addrs, config.flows)?));
         let (health_tx, health_rx) = mpsc::channel(64);
@@ -260,6 +273,8 @@ impl Daemon {
             bypass: BTreeSet::new(),
             flow_addrs: Vec::new(),
             lans: lans.clone(),
+            lan_ports: std::collections::BTreeMap::new(),
+            lans_open: false,
             slowpath: None,
             guard_dropped_before: 0,
             slow_path_applied: None,
@@ -297,12 +312,8 @@ impl Daemon {
             slowpath::apply(&wanted)?;
             daemon.slowpath = Some(wanted);
         }
-        for lan in &daemon.config.lans {
-            let mode = daemon
-                .dataplane
-                .attach(program::LAN_INGRESS, &lan.interface)?;
-            log_attach(program::LAN_INGRESS, &lan.interface, mode);
-        }
+        daemon.lans_open = true;
+        daemon.follow_lans(&Observed::take(&handle).await?)?;
         let changed = links.changed();
         tokio::spawn(async move {
             if let Err(e) = links.run().await {
@@ -327,6 +338,8 @@ impl Daemon {
                 .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
         }
         self.apply()?;
+
+        self.follow_lans(observed)?;
 
         let uplink_ifindexes: Vec<u32> = self
             .uplinks
@@ -379,6 +392,47 @@ impl Daemon {
     fn slowpath_applied(&mut self, wanted: slowpath::Wanted, dropped: u64) {
         self.guard_dropped_before += dropped;
         self.slowpath = Some(wanted);
+    }
+
+    /// Attach `lan_ingress` to every interface the LANs' frames arrive on
+    /// (a bridge's ports: those that join it while lbd runs too), and
+    /// detach it from those that left; replies are redirected to them.
+    fn follow_lans(&mut self, observed: &Observed) -> Result<()> {
+        if !self.lans_open {
+            return Ok(());
+        }
+        let wanted: std::collections::BTreeMap<u32, String> = self
+            .config
+            .lans
+            .iter()
+            .flat_map(|lan| observed.lan_ports(&lan.interface))
+            .collect();
+        let gone: Vec<u32> = self
+            .lan_ports
+            .iter()
+            .filter(|(i, (name, _))| wanted.get(i) != Some(name))
+            .map(|(i, _)| *i)
+            .collect();
+        for ifindex in gone {
+            if let Some((name, link)) = self.lan_ports.remove(&ifindex) {
+                self.dataplane.detach(program::LAN_INGRESS, link)?;
+                self.dataplane.remove_lan(ifindex)?;
+                log::info!("LAN port {name} left: lan_ingress detached from it");
+            }
+        }
+        for (ifindex, name) in wanted {
+            if self.lan_ports.contains_key(&ifindex) {
+                continue;
+            }
+            self.dataplane.add_lan(ifindex)?;
+            let (mode, link) = self
+                .dataplane
+                .attach(program::LAN_INGRESS, &name)
+                .with_context(|| format!("LAN port {name}"))?;
+            log_attach(program::LAN_INGRESS, &name, mode);
+            self.lan_ports.insert(ifindex, (name, link));
+        }
+        Ok(())
     }
 
     /// lbd's routing tables and rules as they should be: for each uplink
@@ -525,7 +579,7 @@ impl Daemon {
                 u.written = Some(info);
             }
             if u.attached != Some(ifindex) {
-                let mode = self
+                let (mode, _) = self
                     .dataplane
                     .attach(program::WAN_INGRESS, &u.cfg.interface)?;
                 log_attach(program::WAN_INGRESS, &u.cfg.interface, mode);
@@ -891,6 +945,7 @@ impl Daemon {
             slow_path: self
                 .slow_path_applied
                 .map(|i| self.uplinks[i].cfg.name.clone()),
+            lan_ports: self.lan_ports.values().map(|(n, _)| n.clone()).collect(),
             kernel_destinations: self
                 .bypass
                 .iter()

@@ -13,7 +13,7 @@ use aya::{
         lpm_trie::Key, Array, DevMap, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData,
         PerCpuArray,
     },
-    programs::{Xdp, XdpMode},
+    programs::{xdp::XdpLinkId, Xdp, XdpMode},
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
@@ -72,18 +72,29 @@ impl Dataplane {
     }
 
     /// Attach program `prog` to `interface`: native mode if the driver has
-    /// it, generic mode otherwise.
-    pub fn attach(&mut self, prog: &str, interface: &str) -> Result<AttachMode> {
+    /// it, generic mode otherwise. The link stays until [`Self::detach`]
+    /// or the program goes.
+    pub fn attach(&mut self, prog: &str, interface: &str) -> Result<(AttachMode, XdpLinkId)> {
         let xdp = self.xdp(prog)?;
         match xdp.attach(interface, XdpMode::Driver) {
-            Ok(_) => Ok(AttachMode::Native),
+            Ok(link) => Ok((AttachMode::Native, link)),
             Err(native) => {
-                xdp.attach(interface, XdpMode::Skb).with_context(|| {
+                let link = xdp.attach(interface, XdpMode::Skb).with_context(|| {
                     format!("attaching {prog} to {interface} failed in native mode ({native}) and in generic mode")
                 })?;
-                Ok(AttachMode::Generic)
+                Ok((AttachMode::Generic, link))
             }
         }
+    }
+
+    /// Detach program `prog` from where `link` attached it. An interface
+    /// that is gone took the attachment with it: fine too.
+    pub fn detach(&mut self, prog: &str, link: XdpLinkId) -> Result<()> {
+        let xdp = self.xdp(prog)?;
+        if let Err(e) = xdp.detach(link) {
+            log::debug!("detaching {prog}: {e} (its interface may be gone)");
+        }
+        Ok(())
     }
 
     fn array<T: aya::Pod>(&mut self, map: &str) -> Result<Array<&mut MapData, T>> {
@@ -107,6 +118,17 @@ impl Dataplane {
         (self.settings.nat_port_min, self.settings.nat_port_max) = nat;
         (self.settings.local_port_min, self.settings.local_port_max) = local;
         self.write_settings()
+    }
+
+    /// Stop redirecting replies to LAN interface `ifindex`.
+    pub fn remove_lan(&mut self, ifindex: u32) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::LAN_PORTS)
+            .context("map LAN_PORTS missing")?;
+        let mut ports = DevMapHash::try_from(m).context("map LAN_PORTS has an unexpected type")?;
+        missing_is_fine(ports.remove(ifindex))
+            .with_context(|| format!("removing LAN ifindex {ifindex} from the device map"))
     }
 
     /// Let replies be redirected to LAN interface `ifindex`.

@@ -25,7 +25,7 @@ use futures::TryStreamExt;
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage},
+        link::{LinkAttribute, LinkInfo, LinkMessage},
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
         },
@@ -58,6 +58,10 @@ pub struct LinkFacts {
     /// Administratively up, with carrier (see `linkwatch::is_up`).
     pub up: bool,
     pub mtu: u32,
+    /// Its kind (`bridge`, `veth`, ...), when the kernel says.
+    pub kind: Option<String>,
+    /// The bridge (or bond) it is a port of.
+    pub master: Option<u32>,
 }
 
 /// An IPv4 address on an interface.
@@ -245,6 +249,24 @@ impl Observed {
 
     pub fn link(&self, name: &str) -> Option<&LinkFacts> {
         self.links.iter().find(|l| l.name == name)
+    }
+
+    /// The interfaces that frames from a LAN arrive on: the interface
+    /// itself, or, for a bridge, its ports (XDP sees frames on the ports;
+    /// a bridge has no XDP of its own to redirect into). By index, with
+    /// their names.
+    pub fn lan_ports(&self, lan: &str) -> Vec<(u32, String)> {
+        let Some(link) = self.link(lan) else {
+            return Vec::new();
+        };
+        if link.kind.as_deref() != Some("bridge") {
+            return vec![(link.index, link.name.clone())];
+        }
+        self.links
+            .iter()
+            .filter(|l| l.master == Some(link.index))
+            .map(|l| (l.index, l.name.clone()))
+            .collect()
     }
 
     /// The first (primary) IPv4 address of interface `ifindex`.
@@ -479,11 +501,20 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
     let mut name = None;
     let mut mac = None;
     let mut mtu = 1500;
+    let mut kind = None;
+    let mut master = None;
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Address(b) => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
             LinkAttribute::Mtu(m) => mtu = *m,
+            LinkAttribute::Controller(m) => master = Some(*m),
+            LinkAttribute::LinkInfo(infos) => {
+                kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                });
+            }
             _ => {}
         }
     }
@@ -493,6 +524,8 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
         mac,
         up: is_up(msg),
         mtu,
+        kind,
+        master,
     })
 }
 

@@ -269,6 +269,8 @@ mod tests {
                 mac: Some([2, 0, 0, 0, 0, 1]),
                 up: true,
                 mtu: 1500,
+                kind: Some("veth".into()),
+                master: None,
             }],
             addresses: vec![Address {
                 ifindex: 3,

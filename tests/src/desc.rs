@@ -25,6 +25,8 @@
 //! address = "10.10.0.2/24"
 //! mtu = 1500                   # optional
 //! offload = { tso = false, gro = true }   # optional, `ethtool -K` features
+//! master = "br-lan"            # optional: a port of this host's bridge
+//!                              # (an iface with kind = "bridge")
 //! [link.b]
 //! host = "router"
 //! ifname = "lan0"
@@ -83,6 +85,8 @@ pub struct Iface {
 pub enum IfaceKind {
     Dummy,
     Ifb,
+    /// A Linux bridge; link ends join it with `master`.
+    Bridge,
 }
 
 impl IfaceKind {
@@ -91,6 +95,7 @@ impl IfaceKind {
         match self {
             IfaceKind::Dummy => "dummy",
             IfaceKind::Ifb => "ifb",
+            IfaceKind::Bridge => "bridge",
         }
     }
 }
@@ -129,6 +134,9 @@ pub struct End {
     pub ifname: String,
     pub address: Option<Cidr>,
     pub mtu: Option<u32>,
+    /// A bridge of the same host (a `kind = "bridge"` iface) this end is a
+    /// port of.
+    pub master: Option<String>,
     /// `ethtool -K` features: `tso = false` becomes `tso off`.
     #[serde(default)]
     pub offload: BTreeMap<String, bool>,
@@ -342,6 +350,18 @@ impl LabDesc {
                     self.hosts.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
                 check_ifname(&end.host, &end.ifname, &mut taken).with_context(what)?;
+                if let Some(master) = &end.master {
+                    let is_bridge = self.hosts[&end.host]
+                        .ifaces
+                        .iter()
+                        .any(|i| &i.name == master && i.kind == IfaceKind::Bridge);
+                    ensure!(
+                        is_bridge,
+                        "{}: master `{master}` is not a bridge of host {} (an iface with kind = \"bridge\")",
+                        what(),
+                        end.host
+                    );
+                }
                 if let Some(mtu) = end.mtu {
                     ensure!(
                         (68..=65535).contains(&mtu),

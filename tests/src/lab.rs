@@ -195,6 +195,9 @@ impl Lab {
             if let Some(mtu) = end.mtu {
                 self.sh(host, &format!("ip link set dev {ifname} mtu {mtu}"))?;
             }
+            if let Some(master) = &end.master {
+                self.sh(host, &format!("ip link set dev {ifname} master {master}"))?;
+            }
             if let Some(t) = &link.tbf {
                 let (rate, burst, latency) = (&t.rate, &t.burst, &t.latency);
                 let tbf = format!("rate {rate} burst {burst} latency {latency}");

@@ -1,0 +1,99 @@
+//! A LAN on a Linux bridge (lab `bridge`), as most routers have it: lbd is
+//! given the bridge, attaches its fast path to the bridge's ports, sends
+//! replies out of the port each client is on, leaves traffic between the
+//! clients to the bridge, and follows ports that join while it runs.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{ensure, Result};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    require_root,
+    stream::wait_for,
+    traffic::{udp_flows, UdpEchoServer},
+    unique_prefix, Lab, LabDesc, LanLeaks,
+};
+
+/// A bound for a test that must end, not a speed target.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// New flows pinned so far, over both uplinks.
+fn new_flows(lbd: &Lbd) -> Result<u64> {
+    Ok(lbd.uplink_counter("isp1", "new_flows")? + lbd.uplink_counter("isp2", "new_flows")?)
+}
+
+/// `count` UDP flows from `host` to `server`, every one answered.
+fn flows_answered(lab: &Lab, host: &str, server: SocketAddr, count: usize) -> Result<()> {
+    let flows = udp_flows(lab.ns(host)?, server, count, BOUND)?;
+    let failed: Vec<String> = flows
+        .iter()
+        .filter_map(|f| f.outcome.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{host}: {} of {count} flows failed: {failed:?}",
+        failed.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn clients_on_a_bridges_ports_are_balanced_and_natted_and_new_ports_followed() -> Result<()> {
+    if !require_root("clients_on_a_bridges_ports_are_balanced_and_natted_and_new_ports_followed") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let config = LabConfig {
+        lans: &["br-lan"],
+        ..LabConfig::default()
+    };
+    let lbd = Lbd::start(&mut lab, &config.render())?;
+    let ports = lbd.status()?["lan_ports"].to_string();
+    ensure!(
+        ports.contains("lan1") && ports.contains("lan2") && !ports.contains("br-lan"),
+        "lan_ingress is on {ports}, not on the bridge's ports"
+    );
+
+    let server: SocketAddr = "198.51.100.10:7000".parse()?;
+    let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    for host in ["client", "client2"] {
+        flows_answered(&lab, host, server, 30)?;
+    }
+    let (isp1, isp2) = (
+        lbd.uplink_counter("isp1", "new_flows")?,
+        lbd.uplink_counter("isp2", "new_flows")?,
+    );
+    eprintln!("60 flows from two bridge ports: {isp1} through isp1, {isp2} through isp2");
+    ensure!(
+        isp1 + isp2 >= 60 && isp1 > 0 && isp2 > 0,
+        "the fast path pinned {isp1} + {isp2} flows"
+    );
+    // Between the clients: the bridge's business.
+    lab.exec("client", &["ping", "-c", "1", "-W", "2", "10.10.0.3"])?;
+
+    // A port that joins the bridge while lbd runs is followed.
+    lab.exec(
+        "router",
+        &["ip", "link", "set", "dev", "lan3", "master", "br-lan"],
+    )?;
+    wait_for("lbd on the new port", BOUND, || {
+        Ok(lbd.status()?["lan_ports"].to_string().contains("lan3"))
+    })?;
+    let before = new_flows(&lbd)?;
+    flows_answered(&lab, "client3", server, 20)?;
+    let pinned = new_flows(&lbd)? - before;
+    eprintln!("20 flows from a port that joined later: {pinned} pinned by the fast path");
+    ensure!(
+        pinned >= 20,
+        "only {pinned} of client3's 20 flows took the fast path"
+    );
+    // And one that leaves is let go.
+    lab.exec("router", &["ip", "link", "set", "dev", "lan3", "nomaster"])?;
+    wait_for("lbd off the port that left", BOUND, || {
+        Ok(!lbd.status()?["lan_ports"].to_string().contains("lan3"))
+    })?;
+
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
