@@ -21,7 +21,29 @@ pub mod name {
     pub const UPLINK_STATS: &str = "UPLINK_STATS";
     pub const REASONS: &str = "REASONS";
     pub const FRAGS: &str = "FRAGS";
+
+    /// Every map, for pinning them all.
+    pub const ALL: [&str; 12] = [
+        SETTINGS,
+        BUCKETS,
+        UPLINKS,
+        UPLINK_BY_IFINDEX,
+        TX_PORTS,
+        LAN_PORTS,
+        FLOWS,
+        NAT_REV,
+        BYPASS,
+        UPLINK_STATS,
+        REASONS,
+        FRAGS,
+    ];
 }
+
+/// The version of the maps' layouts (their names, key and value types and
+/// meanings). A data plane pinned by an lbd of another layout is never
+/// adopted: its maps would be misread. Bump it with any change to a type
+/// below or to what a map holds.
+pub const LAYOUT: u32 = 1;
 
 /// Program names in the XDP object.
 pub mod program {

@@ -55,6 +55,13 @@ pub struct Status {
     pub flows_expired: u64,
     /// Flows the full table evicted (least recently used first).
     pub flows_evicted: u64,
+    /// Where the data plane is pinned (it outlives lbd there).
+    #[serde(default)]
+    pub pinned_at: String,
+    /// Flows of a pinned data plane this lbd adopted at start; none when it
+    /// built a new one.
+    #[serde(default)]
+    pub adopted_flows: Option<u64>,
     /// The interfaces `lan_ingress` is attached to: the LAN interfaces, or
     /// a bridge's ports.
     #[serde(default)]

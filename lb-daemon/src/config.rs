@@ -91,7 +91,13 @@ pub struct DaemonConfig {
     pub hooks: Vec<Vec<String>>,
     /// How long a hook may run before it is killed.
     pub hook_timeout: Duration,
+    /// Where the data plane is pinned (a bpffs directory): it outlives lbd
+    /// there, and a starting lbd adopts it.
+    pub bpffs: PathBuf,
 }
+
+/// Default pin directory of the data plane.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -99,6 +105,7 @@ impl Default for DaemonConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
             hooks: Vec::new(),
             hook_timeout: DEFAULT_HOOK_TIMEOUT,
+            bpffs: PathBuf::from(DEFAULT_BPFFS),
         }
     }
 }
@@ -653,6 +660,7 @@ struct RawDaemon {
     socket: Field,
     hooks: Field,
     hook_timeout: Field,
+    bpffs: Field,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1027,10 +1035,20 @@ impl Checker<'_> {
         let hook_timeout = self
             .duration(&raw.hook_timeout, "daemon", "hook_timeout")
             .unwrap_or(DEFAULT_HOOK_TIMEOUT);
+        let bpffs = self
+            .field(&raw.bpffs, "daemon", "bpffs", |v| {
+                let path = as_str(v)?;
+                if !path.starts_with('/') {
+                    return Err(format!("must be an absolute path on a bpffs, got {path:?}"));
+                }
+                Ok(PathBuf::from(path))
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
         DaemonConfig {
             socket,
             hooks,
             hook_timeout,
+            bpffs,
         }
     }
 

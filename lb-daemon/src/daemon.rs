@@ -46,6 +46,7 @@ use crate::{
     kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Selector, Wanted},
     linkwatch::{LinkEvent, LinkWatch, Watchers},
     netlink,
+    pins::{Found, Pins},
     probe::{self, Binding, UplinkProbe},
     slowpath,
     uplink::{self, Admin, Facts, Lifecycle},
@@ -85,6 +86,9 @@ pub struct Uplink {
     epoch: u32,
     /// What the data plane has for it, if anything.
     written: Option<UplinkInfo>,
+    /// The interface and address an adopted data plane had for it, until
+    /// the first convergence has compared them with the kernel's.
+    adopted: Option<(u32, [u8; 4])>,
     /// The interface `wan_ingress` is attached to.
     attached: Option<u32>,
     monitor: Option<Running>,
@@ -122,6 +126,7 @@ impl Uplink {
             last_change: None,
             epoch: 0,
             written: None,
+            adopted: None,
             attached: None,
             monitor: None,
             last_poke: None,
@@ -189,6 +194,8 @@ pub struct Daemon {
     started: Instant,
     /// Whether the data plane has a bucket table from this daemon yet.
     table_written: bool,
+    /// Flows an adopted data plane held at start; `None`: a new one.
+    adopted_flows: Option<u64>,
 }
 
 fn mode_number(mode: ClassifierMode) -> u32 {
@@ -253,8 +260,30 @@ impl Daemon {
             }
         }
 
-        let mut dataplane = Dataplane::load(config.flows.max)?;
-        dataplane.set_classifier(rand::random(), mode_number(config.balance.mode))?;
+        let pins = Pins::new(&config.daemon.bpffs);
+        let found = pins.prepare()?;
+        if let Found::Replaced(old) = &found {
+            for (dir, flows) in old {
+                let flows =
+                    flows.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string());
+                log::warn!(
+                    "the data plane pinned at {dir} has another layout than this lbd's (v{}): removed, with {flows} flows; a new one takes its place",
+                    lb_common::maps::LAYOUT
+                );
+            }
+        }
+        let mut dataplane = Dataplane::load_pinned(config.flows.max, Some(&pins))?;
+        let adopted = if found == Found::Adoptable {
+            Some(dataplane.adopt()?)
+        } else {
+            None
+        };
+        let seed = if adopted.is_some() {
+            dataplane.seed()
+        } else {
+            rand::random()
+        };
+        dataplane.set_classifier(seed, mode_number(config.balance.mode))?;
         dataplane.set_nat_ports((config.nat.port_min, config.nat.port_max), local_ports)?;
         let addrs = vec![Ipv4Addr::UNSPECIFIED; config.uplinks.len()];
         let flow_tables = Arc::new(Mutex::new(dataplane.flow_tables(addrs, config.flows)?));
@@ -284,7 +313,11 @@ impl Daemon {
             generations: 0,
             started: Instant::now(),
             table_written: false,
+            adopted_flows: None,
         };
+        if let Some(table) = adopted {
+            daemon.adopt(table)?;
+        }
         let mut changes = daemon.converge(&observed)?;
         // Gateways are asked for (ARP) by the first convergence; give their
         // answers a moment, so that lbd is ready with the uplinks that can
@@ -324,6 +357,34 @@ impl Daemon {
         });
         let events = Events { health: health_rx };
         Ok((daemon, events, KernelLink { handle, changed }))
+    }
+
+    /// Take over the state of an adopted data plane: its live bucket
+    /// `table` (so that rebalancing moves nothing that need not move) and
+    /// each uplink's entry (so that its flows keep their mappings).
+    fn adopt(&mut self, table: Table) -> Result<()> {
+        self.table = table;
+        self.table_written = true;
+        for u in &mut self.uplinks {
+            if let Some(info) = self.dataplane.pinned_uplink(u.index)? {
+                u.written = Some(info);
+                u.epoch = info.epoch;
+                u.adopted = Some((info.ifindex, info.addr));
+            }
+        }
+        let flows = self
+            .flow_tables
+            .lock()
+            .map_err(|_| anyhow::anyhow!("flow tables poisoned"))?
+            .flows()
+            .map(|f| f.len())
+            .unwrap_or(0);
+        self.adopted_flows = Some(flows as u64);
+        log::info!(
+            "adopted the data plane pinned at {}: {flows} flows kept, with their mappings; health checks were paused while no lbd ran",
+            self.config.daemon.bpffs.display()
+        );
+        Ok(())
     }
 
     /// Converge everything lbd owns towards what `observed` and the
@@ -415,7 +476,7 @@ impl Daemon {
             .collect();
         for ifindex in gone {
             if let Some((name, link)) = self.lan_ports.remove(&ifindex) {
-                self.dataplane.detach(program::LAN_INGRESS, link)?;
+                self.dataplane.detach(program::LAN_INGRESS, &name, link)?;
                 self.dataplane.remove_lan(ifindex)?;
                 log::info!("LAN port {name} left: lan_ingress detached from it");
             }
@@ -501,6 +562,21 @@ impl Daemon {
             .map(|(i, _)| i)
     }
 
+    /// Remove everything lbd owns in the kernel (`lbd --teardown`): the
+    /// pinned data plane (its programs detach), the routing tables and
+    /// rules, and the nftables table.
+    pub async fn teardown(config: &Config) -> Result<()> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink socket failed")?;
+        tokio::spawn(conn);
+        Pins::new(&config.daemon.bpffs).remove()?;
+        Self::remove_routing(&KernelLink {
+            handle,
+            changed: Arc::new(Notify::new()),
+        })
+        .await
+    }
+
     /// Remove lbd's routing tables and rules, and its nftables table (on
     /// the way out).
     pub async fn remove_routing(link: &KernelLink) -> Result<()> {
@@ -526,6 +602,13 @@ impl Daemon {
         }
         {
             let u = &mut self.uplinks[i];
+            if let Some((ifindex, addr)) = u.adopted.take() {
+                if facts.ifindex != Some(ifindex) || facts.addr.map(|a| a.octets()) != Some(addr) {
+                    // The pinned flows of this uplink were made for another
+                    // interface or address: they move.
+                    u.epoch = u.epoch.wrapping_add(1);
+                }
+            }
             if old.addr.is_some() && old.addr != facts.addr {
                 u.epoch = u.epoch.wrapping_add(1);
                 log::info!(
@@ -946,6 +1029,8 @@ impl Daemon {
                 .slow_path_applied
                 .map(|i| self.uplinks[i].cfg.name.clone()),
             lan_ports: self.lan_ports.values().map(|(n, _)| n.clone()).collect(),
+            pinned_at: self.config.daemon.bpffs.display().to_string(),
+            adopted_flows: self.adopted_flows,
             kernel_destinations: self
                 .bypass
                 .iter()
@@ -1099,6 +1184,9 @@ pub fn mac_text(mac: &[u8; 6]) -> String {
 fn log_attach(prog: &str, ifname: &str, mode: AttachMode) {
     match mode {
         AttachMode::Native => log::info!("attached {prog} to {ifname} (native XDP)"),
+        AttachMode::Adopted => {
+            log::info!("took over {prog} on {ifname} from the pinned data plane (no packet missed)")
+        }
         AttachMode::Generic => {
             log::warn!("attached {prog} to {ifname} in generic (skb) mode: the driver has no native XDP, expect lower throughput")
         }

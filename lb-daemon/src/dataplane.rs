@@ -5,7 +5,11 @@
 //! (`lb_common::maps`) but no policy: which uplink gets which buckets, or
 //! when an uplink is down, is decided elsewhere and handed in here.
 
-use std::{net::Ipv4Addr, os::fd::AsFd};
+use std::{
+    net::Ipv4Addr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
@@ -13,7 +17,11 @@ use aya::{
         lpm_trie::Key, Array, DevMap, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData,
         PerCpuArray,
     },
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
@@ -23,7 +31,7 @@ use lb_common::{
     MAX_UPLINKS,
 };
 
-use crate::{config::FlowConfig, flows::FlowTables};
+use crate::{config::FlowConfig, flows::FlowTables, pins::Pins};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -33,26 +41,47 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub enum AttachMode {
     Native,
     Generic,
+    /// Taken over from a pinned data plane, in the mode it had.
+    Adopted,
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
     active_table: u32,
     settings: Settings,
+    /// Where the maps and links are pinned, if they are.
+    pins: Option<Pins>,
 }
 
 impl Dataplane {
-    /// Load the object and both programs into the kernel (not attached).
+    /// Load the object and both programs into the kernel (not attached),
+    /// with fresh maps.
     pub fn load(max_flows: u32) -> Result<Self> {
-        let ebpf = EbpfLoader::new()
+        Self::load_pinned(max_flows, None)
+    }
+
+    /// Load the object and both programs; with `pins`, onto the maps
+    /// pinned there (created and pinned if absent).
+    pub fn load_pinned(max_flows: u32, pins: Option<&Pins>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(name::FLOWS, max_flows)
-            .map_max_entries(name::NAT_REV, max_flows)
+            .map_max_entries(name::NAT_REV, max_flows);
+        let paths: Vec<(&str, PathBuf)> = match pins {
+            Some(p) => name::ALL.iter().map(|&m| (m, p.map(m))).collect(),
+            None => Vec::new(),
+        };
+        for (map, path) in &paths {
+            loader.map_pin_path(map, path.as_path());
+        }
+        let ebpf = loader
             .load(OBJECT)
             .context("loading the XDP object into the kernel failed (needs root, and a kernel with BPF and BTF)")?;
         let mut dp = Self {
             ebpf,
             active_table: 0,
             settings: Settings::default(),
+            pins: pins.cloned(),
         };
         for prog in [program::LAN_INGRESS, program::WAN_INGRESS] {
             dp.xdp(prog)?
@@ -60,6 +89,38 @@ impl Dataplane {
                 .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
         }
         Ok(dp)
+    }
+
+    /// Take over the state a pinned data plane holds: the classifier
+    /// settings (its seed above all: flows keep hashing as before), which
+    /// bucket table is live, and that table.
+    pub fn adopt(&mut self) -> Result<Table> {
+        let settings = self
+            .array::<Settings>(name::SETTINGS)?
+            .get(&0, 0)
+            .context("reading the pinned SETTINGS")?;
+        self.settings = settings;
+        let active = settings.active_table & 1;
+        self.active_table = active;
+        let table = self
+            .array::<BucketTable>(name::BUCKETS)?
+            .get(&active, 0)
+            .context("reading the pinned bucket table")?;
+        Ok(table.uplinks)
+    }
+
+    /// The pinned entry of uplink `index`, if it has one.
+    pub fn pinned_uplink(&mut self, index: u32) -> Result<Option<UplinkInfo>> {
+        let info = self
+            .array::<UplinkInfo>(name::UPLINKS)?
+            .get(&index, 0)
+            .context("reading the pinned UPLINKS")?;
+        Ok((info.ifindex != 0).then_some(info))
+    }
+
+    /// The classifier seed in use.
+    pub fn seed(&self) -> u32 {
+        self.settings.seed
     }
 
     /// The loaded program `name` (for attaching, and for test runs).
@@ -72,24 +133,62 @@ impl Dataplane {
     }
 
     /// Attach program `prog` to `interface`: native mode if the driver has
-    /// it, generic mode otherwise. The link stays until [`Self::detach`]
-    /// or the program goes.
+    /// it, generic mode otherwise; with pins, the attachment is pinned and
+    /// outlives lbd, and an attachment pinned by an earlier lbd is taken
+    /// over (the new program swapped in atomically: not a packet missed).
+    /// The link stays until [`Self::detach`] or the program goes.
     pub fn attach(&mut self, prog: &str, interface: &str) -> Result<(AttachMode, XdpLinkId)> {
+        let pin = self.pins.as_ref().map(|p| p.link(prog, interface));
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            match self.take_over(prog, pin) {
+                Ok(link) => return Ok((AttachMode::Adopted, link)),
+                Err(e) => {
+                    // The interface it was on is gone (or another lbd's
+                    // leftover): a fresh attachment replaces it.
+                    log::info!("not taking over {}: {e:#}; attaching anew", pin.display());
+                    let _ = PinnedLink::from_pin(pin).map(PinnedLink::unpin);
+                }
+            }
+        }
         let xdp = self.xdp(prog)?;
-        match xdp.attach(interface, XdpMode::Driver) {
-            Ok(link) => Ok((AttachMode::Native, link)),
+        let (mode, link) = match xdp.attach(interface, XdpMode::Driver) {
+            Ok(link) => (AttachMode::Native, link),
             Err(native) => {
                 let link = xdp.attach(interface, XdpMode::Skb).with_context(|| {
                     format!("attaching {prog} to {interface} failed in native mode ({native}) and in generic mode")
                 })?;
-                Ok((AttachMode::Generic, link))
+                (AttachMode::Generic, link)
             }
-        }
+        };
+        let Some(pin) = pin else {
+            return Ok((mode, link));
+        };
+        // Pin it, then hand it back to the program, which owns its links.
+        let xdp = self.xdp(prog)?;
+        let fd: FdLink = xdp.take_link(link)?.try_into().with_context(|| {
+            format!("{prog} on {interface} is not a bpf_link (kernel too old?)")
+        })?;
+        let pinned = fd
+            .pin(&pin)
+            .with_context(|| format!("pinning {prog} on {interface} at {}", pin.display()))?;
+        let link = xdp.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?;
+        Ok((mode, link))
     }
 
-    /// Detach program `prog` from where `link` attached it. An interface
-    /// that is gone took the attachment with it: fine too.
-    pub fn detach(&mut self, prog: &str, link: XdpLinkId) -> Result<()> {
+    /// Swap `prog` into the attachment pinned at `pin`.
+    fn take_over(&mut self, prog: &str, pin: &Path) -> Result<XdpLinkId> {
+        let pinned = PinnedLink::from_pin(pin).context("opening the pin")?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).context("not an XDP link")?;
+        Ok(self.xdp(prog)?.attach_to_link(link)?)
+    }
+
+    /// Detach program `prog` from `interface`, where `link` attached it,
+    /// pin and all. An interface that is gone took the attachment with it:
+    /// fine too.
+    pub fn detach(&mut self, prog: &str, interface: &str, link: XdpLinkId) -> Result<()> {
+        if let Some(pins) = &self.pins {
+            let _ = std::fs::remove_file(pins.link(prog, interface));
+        }
         let xdp = self.xdp(prog)?;
         if let Err(e) = xdp.detach(link) {
             log::debug!("detaching {prog}: {e} (its interface may be gone)");

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod kernel;
 pub mod linkwatch;
 pub mod netlink;
+pub mod pins;
 pub mod probe;
 pub mod slowpath;
 pub mod uplink;

@@ -64,7 +64,7 @@ impl Default for LabConfig<'_> {
 impl LabConfig<'_> {
     pub fn render(&self) -> String {
         let mut text = format!(
-            "[daemon]\nsocket = \"{{socket}}\"\n{}\n{}\n",
+            "[daemon]\nsocket = \"{{socket}}\"\nbpffs = \"{{bpffs}}\"\n{}\n{}\n",
             self.daemon, self.sections
         );
         for lan in self.lans {
@@ -85,11 +85,26 @@ impl LabConfig<'_> {
 }
 
 /// A running lbd. Stopped when the lab is torn down, or by [`Lbd::stop`];
-/// its directory goes when this value does.
+/// its directory, and the data plane it pinned, go when this value does.
 pub struct Lbd {
     pid: u32,
     dir: PathBuf,
     socket: PathBuf,
+    config: PathBuf,
+    /// Where it pins its data plane: one per lab, on the host's bpffs.
+    bpffs: PathBuf,
+}
+
+/// A configuration for lbd in `lab`, with `{socket}` and `{bpffs}` filled
+/// in: its socket in `dir`, and a data plane pin directory of the lab's own
+/// (bpffs is shared by every namespace).
+pub fn fill(config: &str, lab: &Lab, dir: &Path) -> (String, PathBuf, PathBuf) {
+    let socket = dir.join("lbd.sock");
+    let bpffs = Path::new("/sys/fs/bpf").join(format!("{}lb", lab.prefix()));
+    let text = config
+        .replace("{socket}", &socket.display().to_string())
+        .replace("{bpffs}", &bpffs.display().to_string());
+    (text, socket, bpffs)
 }
 
 impl Lbd {
@@ -105,17 +120,63 @@ impl Lbd {
         );
         let dir = std::env::temp_dir().join(format!("{}lbd", lab.prefix()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let socket = dir.join("lbd.sock");
         let config_path = dir.join("lbd.toml");
-        let text = config.replace("{socket}", &socket.display().to_string());
+        let (text, socket, bpffs) = fill(config, lab, &dir);
         std::fs::write(&config_path, text)
             .with_context(|| format!("writing {}", config_path.display()))?;
-        let pid = lab.spawn("router", &[path(&lbd)?, "--config", path(&config_path)?])?;
-        let me = Lbd { pid, dir, socket };
+        // In the router's network namespace, with the host's bpffs: the
+        // data plane it pins outlives it, as on a router.
+        let pid = lab.spawn_net_only("router", &[path(&lbd)?, "--config", path(&config_path)?])?;
+        let me = Lbd {
+            pid,
+            dir,
+            socket,
+            config: config_path,
+            bpffs,
+        };
+        me.wait_answering()?;
+        Ok(me)
+    }
+
+    /// Start lbd again (after [`Lbd::stop_keeping`] or [`Lbd::kill`]) with
+    /// the same configuration: it adopts the data plane left pinned.
+    pub fn restart(&mut self, lab: &mut Lab) -> Result<()> {
+        let lbd = bin_dir().join("lbd");
+        self.pid = lab.spawn_net_only("router", &[path(&lbd)?, "--config", path(&self.config)?])?;
+        self.wait_answering()
+    }
+
+    /// Stop lbd with SIGTERM, as a restart or an upgrade does: the data
+    /// plane keeps forwarding.
+    pub fn stop_keeping(&self, lab: &mut Lab) -> Result<()> {
+        let status = lab.stop(self.pid)?;
+        ensure!(status.success(), "lbd exited with {status}");
+        Ok(())
+    }
+
+    /// Kill lbd (SIGKILL), as a crash or the OOM killer does.
+    pub fn kill(&self, lab: &mut Lab) -> Result<()> {
+        let pid = self.pid.to_string();
+        lab.exec("router", &["kill", "-KILL", &pid])?;
+        let _ = lab.stop(self.pid);
+        Ok(())
+    }
+
+    /// `lbd --teardown` with this daemon's configuration.
+    pub fn teardown(&self, lab: &Lab) -> Result<String> {
+        let lbd = bin_dir().join("lbd");
+        lab.exec_net_only(
+            "router",
+            &[path(&lbd)?, "--teardown", "--config", path(&self.config)?],
+        )
+    }
+
+    fn wait_answering(&self) -> Result<()> {
+        let me = self;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match me.lbctl(&["status", "--json"]) {
-                Ok(_) => return Ok(me),
+                Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     return Err(e.context(format!("lbd did not answer within {START_TIMEOUT:?}")))
                 }
@@ -221,10 +282,13 @@ impl Lbd {
     }
 
     /// Stop the daemon (SIGTERM, then SIGKILL after a grace period).
+    /// Stop the daemon (SIGTERM, then SIGKILL after a grace period), and
+    /// remove everything it left in the kernel (`lbd --teardown`).
     pub fn stop(self, lab: &mut Lab) -> Result<()> {
         let status = lab.stop(self.pid)?;
         // Dropping `self` removes its directory.
         ensure!(status.success(), "lbd exited with {status}");
+        self.teardown(lab)?;
         Ok(())
     }
 }
@@ -233,6 +297,13 @@ impl Drop for Lbd {
     /// Removes the daemon's directory (config and socket), also when a test
     /// fails before [`Lbd::stop`]; the lab stops the process itself.
     fn drop(&mut self) {
+        // The pinned data plane, if a failed test left it: unpinning its
+        // links detaches its programs.
+        if let Err(e) = std::fs::remove_dir_all(&self.bpffs) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("warning: removing {}: {e}", self.bpffs.display());
+            }
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 eprintln!("warning: removing {}: {e}", self.dir.display());

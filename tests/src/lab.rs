@@ -284,6 +284,20 @@ impl Lab {
         Ok(pid)
     }
 
+    /// As [`Lab::spawn`], in the host's network namespace only: the
+    /// process keeps the host's mounts (its bpffs above all).
+    pub fn spawn_net_only(&mut self, host: &str, args: &[&str]) -> Result<u32> {
+        let child = netns::spawn_net_only(self.ns(host)?, args)?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// As [`Lab::exec`], in the host's network namespace only.
+    pub fn exec_net_only(&self, host: &str, args: &[&str]) -> Result<String> {
+        netns::exec_net_only(self.ns(host)?, args)
+    }
+
     /// Stops a process started with [`Lab::spawn`]: SIGTERM, then SIGKILL
     /// if it has not exited after a grace period. Returns how it exited.
     pub fn stop(&mut self, pid: u32) -> Result<ExitStatus> {

@@ -93,6 +93,28 @@ pub fn exec(ns: &str, args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(["netns", "exec", ns]).args(args))
 }
 
+/// Starts `args` in `ns`'s network namespace only (`nsenter --net`), with
+/// stdin closed and stdout/stderr inherited: unlike `ip netns exec`, it
+/// keeps the host's mounts, so its /sys/fs/bpf is the host's bpffs, where
+/// what it pins outlives it (lbd's data plane).
+pub fn spawn_net_only(ns: &str, args: &[&str]) -> Result<Child> {
+    let netns = format!("--net={}", Path::new(NETNS_DIR).join(ns).display());
+    Command::new("nsenter")
+        .arg(&netns)
+        .arg("--")
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting `{}` in namespace {ns}", args.join(" ")))
+}
+
+/// Runs `args` in `ns`'s network namespace only (see [`spawn_net_only`])
+/// and returns its stdout.
+pub fn exec_net_only(ns: &str, args: &[&str]) -> Result<String> {
+    let netns = format!("--net={}", Path::new(NETNS_DIR).join(ns).display());
+    run(Command::new("nsenter").arg(&netns).arg("--").args(args))
+}
+
 /// Starts `args` in `ns` with stdin closed and stdout/stderr inherited.
 /// `ip netns exec` execs the program, so the child's pid is the program's.
 pub fn spawn(ns: &str, args: &[&str]) -> Result<Child> {

@@ -245,15 +245,12 @@ fn tables_and_rules_of_someone_else_are_refused_with_a_clear_message() -> Result
     let lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
     let dir = std::env::temp_dir().join(format!("{}clash", lab.prefix()));
     std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("lbd.sock");
     let config = dir.join("lbd.toml");
-    let text = LabConfig::default()
-        .render()
-        .replace("{socket}", &socket.display().to_string());
+    let (text, _, _) = lb_tests::daemon::fill(&LabConfig::default().render(), &lab, &dir);
     std::fs::write(&config, text)?;
     let lbd = lb_tests::daemon::bin_dir().join("lbd");
     let run = || {
-        lab.exec(
+        lab.exec_net_only(
             "router",
             &[
                 &lbd.display().to_string(),

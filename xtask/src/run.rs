@@ -67,7 +67,9 @@ pub fn run(lab_name: &str) -> Result<()> {
         lb_tests::dhcp::start(&mut lab, &[1, 2, 3])?;
     }
     let router = lab.ns("router")?.to_string();
-    lab.spawn("router", &[path_str(&lbd)?, "--config", path_str(&config)?])?;
+    // The router's network namespace with the host's bpffs, where lbd pins
+    // its data plane.
+    let pid = lab.spawn_net_only("router", &[path_str(&lbd)?, "--config", path_str(&config)?])?;
     wait_for_lbd(&lbctl)?;
 
     let status = Command::new(&lbctl)
@@ -91,7 +93,17 @@ Ctrl-C stops lbd and tears the lab down.",
         lbctl = lbctl.display(),
     );
     let _ = stop_rx.recv();
-    println!("\nrun: stopping lbd and tearing the lab down");
+    println!("\nrun: stopping lbd, removing what it pinned, tearing the lab down");
+    lab.stop(pid)?;
+    lab.exec_net_only(
+        "router",
+        &[
+            path_str(&lbd)?,
+            "--teardown",
+            "--config",
+            path_str(&config)?,
+        ],
+    )?;
     drop(lab);
     Ok(())
 }

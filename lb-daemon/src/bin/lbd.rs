@@ -1,8 +1,12 @@
-//! lbd: the lb daemon. Validates its configuration, sets up the XDP data
-//! plane, serves the control socket, and cleans up on SIGINT/SIGTERM.
+//! lbd: the lb daemon. Validates its configuration, sets up (or adopts) the
+//! XDP data plane, keeps it converged, and serves the control socket.
+//!
+//! Stopping (SIGTERM, SIGINT) leaves the data plane forwarding, pinned on
+//! bpffs, with lbd's routes, rules and nftables guard: the next lbd adopts
+//! it with its flows. `lbd --teardown` removes all of it.
 //!
 //! Exit codes: 0 clean shutdown, 64 bad configuration (nothing was touched),
-//! 1 any other failure (the data plane is detached again).
+//! 1 any other failure.
 
 use std::{
     path::{Path, PathBuf},
@@ -39,6 +43,12 @@ struct Args {
     /// Only validate the configuration, then exit (0 if valid, 64 if not).
     #[arg(long)]
     check: bool,
+    /// Remove everything lbd owns in the kernel (the pinned data plane, so
+    /// its programs detach; lbd's routing tables and rules; its nftables
+    /// table), then exit. Stop lbd first. Without this, stopping lbd leaves
+    /// the data plane forwarding for the next lbd to adopt.
+    #[arg(long, conflicts_with = "check")]
+    teardown: bool,
 }
 
 fn main() -> ExitCode {
@@ -81,6 +91,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.teardown {
+        return match runtime.block_on(Daemon::teardown(&config)) {
+            Ok(()) => {
+                println!(
+                    "lbd: removed the data plane pinned at {}, lbd's routing tables and rules, and its nftables table",
+                    config.daemon.bpffs.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lbd: tearing down: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(config, local_ports)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -149,10 +174,13 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
         }
     }
     reconciler.abort();
-    log::info!("shutting down: removing lbd's routing tables and rules, detaching XDP programs");
-    if let Err(e) = Daemon::remove_routing(&kernel).await {
-        log::warn!("removing lbd's routes and rules: {e:#} (`ip rule show`, `ip route show table all proto 251`)");
-    }
+    let pinned = daemon
+        .lock()
+        .map(|d| d.config.daemon.bpffs.display().to_string())
+        .unwrap_or_default();
+    log::info!(
+        "stopping: the data plane keeps forwarding (pinned at {pinned}), with lbd's routes, rules and guard; health checks stop until lbd runs again; `lbd --teardown` removes it all"
+    );
     let _ = std::fs::remove_file(&socket);
     drop(daemon);
     Ok(())

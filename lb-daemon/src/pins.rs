@@ -1,0 +1,142 @@
+//! Where the data plane lives on bpffs, so that it outlives lbd.
+//!
+//! `ROOT/vLAYOUT/maps/NAME` pins every map, `ROOT/vLAYOUT/links/PROG@IFACE`
+//! every XDP attachment (a bpf_link: the program stays attached while the
+//! pin exists, whatever happens to lbd). A starting lbd that finds its own
+//! layout adopts it: the same maps, so the same flows, NAT mappings,
+//! classifier seed and counters, and its programs swapped into the pinned
+//! links atomically. A directory of another layout is never read by the
+//! new programs: its flows are counted, it is removed (which detaches its
+//! programs), and a new data plane is built.
+//!
+//! Owns those paths and their removal; `dataplane` does the loading and
+//! attaching. Never touches anything outside `ROOT`.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::links::PinnedLink,
+};
+use lb_common::maps::{name, FlowKey, FlowValue, LAYOUT};
+
+/// The pinned data plane's directories.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+/// What a start found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing pinned: a new data plane.
+    Nothing,
+    /// A data plane of this layout, to adopt.
+    Adoptable,
+    /// Data planes of other layouts, removed: their directories, and the
+    /// flows they held (`None`: could not be counted).
+    Replaced(Vec<(String, Option<u64>)>),
+}
+
+impl Pins {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// This layout's directory.
+    fn dir(&self) -> PathBuf {
+        self.root.join(format!("v{LAYOUT}"))
+    }
+
+    pub fn map(&self, map: &str) -> PathBuf {
+        self.dir().join("maps").join(map)
+    }
+
+    /// bpffs refuses names with a dot (it keeps them for itself), and
+    /// interface names may have one (VLANs: `eth0.100`).
+    pub fn link(&self, prog: &str, ifname: &str) -> PathBuf {
+        self.dir()
+            .join("links")
+            .join(format!("{prog}@{}", ifname.replace('.', "%")))
+    }
+
+    /// Make the directories, remove data planes of other layouts, and say
+    /// what there was.
+    pub fn prepare(&self) -> Result<Found> {
+        for dir in [self.dir().join("maps"), self.dir().join("links")] {
+            fs::create_dir_all(&dir).with_context(|| {
+                format!(
+                    "creating {} (is bpffs mounted at /sys/fs/bpf? `mount -t bpf bpf /sys/fs/bpf`)",
+                    dir.display()
+                )
+            })?;
+        }
+        let mut replaced = Vec::new();
+        let ours = self.dir();
+        for entry in
+            fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))?
+        {
+            let path = entry?.path();
+            if path == ours || !path.is_dir() {
+                continue;
+            }
+            let flows = count_flows(&path.join("maps").join(name::FLOWS));
+            remove_tree(&path)?;
+            replaced.push((path.display().to_string(), flows));
+        }
+        if !replaced.is_empty() {
+            return Ok(Found::Replaced(replaced));
+        }
+        Ok(if self.map(name::FLOWS).exists() {
+            Found::Adoptable
+        } else {
+            Found::Nothing
+        })
+    }
+
+    /// Remove the whole pinned data plane: unpinning its links detaches
+    /// its programs, unpinning its maps frees them once no program holds
+    /// them.
+    pub fn remove(&self) -> Result<()> {
+        match fs::metadata(&self.root) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            _ => remove_tree(&self.root),
+        }
+    }
+}
+
+/// Flows in a pinned flow table, if it can be read as one.
+fn count_flows(path: &Path) -> Option<u64> {
+    let data = MapData::from_pin(path).ok()?;
+    let map = Map::from_map_data(data).ok()?;
+    let flows: HashMap<MapData, FlowKey, FlowValue> = HashMap::try_from(map).ok()?;
+    Some(flows.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Remove a pinned tree: links through their pins (so that they detach),
+/// everything else as files.
+fn remove_tree(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            remove_tree(&path)?;
+        } else if let Ok(link) = PinnedLink::from_pin(&path) {
+            link.unpin()
+                .with_context(|| format!("unpinning {}", path.display()))?;
+        } else {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
