@@ -372,6 +372,15 @@ impl Daemon {
                 u.adopted = Some((info.ifindex, info.addr));
             }
         }
+        // Uplinks the configuration no longer has: down, so that their
+        // flows move on their next packet (the rebalance takes their
+        // buckets).
+        for index in self.uplinks.len() as u32..lb_common::MAX_UPLINKS {
+            if self.dataplane.pinned_uplink(index)?.is_some() {
+                self.dataplane.set_uplink_state(index, uplink_state::DOWN)?;
+                log::info!("uplink #{index} of the adopted data plane is no longer configured: its flows move");
+            }
+        }
         let flows = self
             .flow_tables
             .lock()

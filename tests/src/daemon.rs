@@ -146,6 +146,15 @@ impl Lbd {
         self.wait_answering()
     }
 
+    /// As [`Lbd::restart`], with another configuration (an operator's
+    /// change between two runs).
+    pub fn restart_with(&mut self, lab: &mut Lab, config: &str) -> Result<()> {
+        let (text, _, _) = fill(config, lab, &self.dir);
+        std::fs::write(&self.config, text)
+            .with_context(|| format!("writing {}", self.config.display()))?;
+        self.restart(lab)
+    }
+
     /// Stop lbd with SIGTERM, as a restart or an upgrade does: the data
     /// plane keeps forwarding.
     pub fn stop_keeping(&self, lab: &mut Lab) -> Result<()> {

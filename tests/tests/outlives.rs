@@ -13,7 +13,8 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     stream::{lost_before, port_on, wait_for, Sink, Stream},
-    unique_prefix, Lab, LabDesc, LanLeaks,
+    traffic::{http_download, udp_flows, HttpFileServer, UdpEchoServer},
+    unique_prefix, watch_flows, FlowWatch, Lab, LabDesc, LanLeaks,
 };
 
 const PACE: Duration = Duration::from_millis(10);
@@ -85,6 +86,114 @@ impl Running {
     }
 }
 
+/// A TCP download that runs while lbd is stopped and started: a 16 MB file
+/// from the internet host, its sending side held to 40 Mbit/s so that it
+/// lasts seconds. `finish` checks that every byte arrived, unchanged, on
+/// one connection with one NAT source.
+struct Download {
+    thread: std::thread::JoinHandle<Result<u64>>,
+    blob: std::path::PathBuf,
+    got: std::path::PathBuf,
+    watches: [FlowWatch; 2],
+    _server: HttpFileServer,
+}
+
+const DOWNLOAD: u64 = 16 * 1024 * 1024;
+
+impl Download {
+    fn start(lab: &Lab) -> Result<Download> {
+        for ifname in ["isp1", "isp2"] {
+            lab.exec(
+                "inet",
+                &[
+                    "tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", "40mbit",
+                    "burst", "64kb", "latency", "1s",
+                ],
+            )?;
+        }
+        let dir = std::env::temp_dir();
+        let blob = dir.join(format!("{}blob", lab.prefix()));
+        let got = dir.join(format!("{}got", lab.prefix()));
+        let mut random = std::fs::File::open("/dev/urandom")?;
+        let mut file = std::fs::File::create(&blob)?;
+        std::io::copy(&mut std::io::Read::take(&mut random, DOWNLOAD), &mut file)?;
+        let server: std::net::SocketAddr = "198.51.100.10:8080".parse()?;
+        let _server = HttpFileServer::start(lab.ns("inet")?, server, &blob)?;
+        let watches = [
+            watch_flows(lab, "isp1", "down0")?,
+            watch_flows(lab, "isp2", "down0")?,
+        ];
+        let ns = lab.ns("client")?.to_owned();
+        let dest = got.clone();
+        let thread = std::thread::spawn(move || {
+            http_download(&ns, server, "/blob", &dest, Duration::from_secs(60))
+        });
+        Ok(Download {
+            thread,
+            blob,
+            got,
+            watches,
+            _server,
+        })
+    }
+
+    fn finish(self) -> Result<()> {
+        let length = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the download thread panicked"))??;
+        ensure!(length == DOWNLOAD, "{length} of {DOWNLOAD} bytes arrived");
+        let same = std::fs::read(&self.got)? == std::fs::read(&self.blob)?;
+        let _ = std::fs::remove_file(&self.got);
+        let _ = std::fs::remove_file(&self.blob);
+        ensure!(same, "the downloaded bytes differ from the file");
+        // One connection, one NAT source: one (TCP, port) at one ISP.
+        let tcp: Vec<usize> = self
+            .watches
+            .iter()
+            .map(|w| {
+                w.seen_flows()
+                    .map(|f| f.iter().filter(|(p, _)| *p == 6).count())
+            })
+            .collect::<Result<_>>()?;
+        ensure!(
+            tcp.iter().sum::<usize>() == 1,
+            "the download's connection left as {tcp:?} TCP flows at (isp1, isp2)"
+        );
+        eprintln!("the 16 MB download completed byte-exact, on one NAT source");
+        Ok(())
+    }
+}
+
+/// 40 new UDP flows from the client, every one answered, through both
+/// uplinks.
+fn new_flows_balanced(lab: &Lab) -> Result<()> {
+    let watches = [
+        watch_flows(lab, "isp1", "down0")?,
+        watch_flows(lab, "isp2", "down0")?,
+    ];
+    let server: std::net::SocketAddr = "198.51.100.10:7300".parse()?;
+    let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    let flows = udp_flows(lab.ns("client")?, server, 40, BOUND)?;
+    ensure!(
+        flows.iter().all(|f| f.outcome.is_ok()),
+        "some new flows failed"
+    );
+    let seen: Vec<usize> = watches
+        .iter()
+        .map(|w| {
+            w.seen_flows()
+                .map(|f| f.iter().filter(|(p, _)| *p == 17).count())
+        })
+        .collect::<Result<_>>()?;
+    eprintln!("40 new UDP flows: {seen:?} at (isp1, isp2)");
+    ensure!(
+        seen.iter().all(|&n| n > 0),
+        "new flows were not balanced: {seen:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing() -> Result<()> {
     if !require_root("a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing") {
@@ -95,6 +204,7 @@ fn a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing() -> Result<()>
     let mut lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
     let sink = Sink::start(&lab)?;
     let running = start_streams(&lab, &sink)?;
+    let download = Download::start(&lab)?;
 
     // SIGTERM, as `systemctl restart` and upgrades do.
     lbd.stop_keeping(&mut lab)?;
@@ -109,6 +219,7 @@ fn a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing() -> Result<()>
         "the new lbd adopted {adopted} flows, not the {STREAMS} running"
     );
     running.still_flowing(&sink, 20, "after the restart")?;
+    download.finish()?;
     drop(running);
     leaks.check()?;
     lbd.stop(&mut lab)
@@ -124,14 +235,50 @@ fn a_killed_lbd_leaves_forwarding_and_nothing_leaks() -> Result<()> {
     let mut lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
     let sink = Sink::start(&lab)?;
     let running = start_streams(&lab, &sink)?;
+    let download = Download::start(&lab)?;
 
     // SIGKILL, as a crash or the OOM killer.
     lbd.kill(&mut lab)?;
     running.still_flowing(&sink, 30, "after lbd was killed")?;
-    port_on(&lab, &sink, [100, 64, 1, 2], 6700)?;
+    new_flows_balanced(&lab)?;
+    download.finish()?;
     leaks.check()?;
     lbd.restart(&mut lab)?;
     running.still_flowing(&sink, 10, "after lbd came back")?;
+    drop(running);
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn a_restart_with_another_configuration_keeps_the_flows() -> Result<()> {
+    if !require_root("a_restart_with_another_configuration_keeps_the_flows") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    // isp1 alone first: every stream on it.
+    let alone = LabConfig {
+        uplinks: &[(1, "")],
+        ..LabConfig::default()
+    };
+    let mut lbd = Lbd::start(&mut lab, &alone.render())?;
+    let sink = Sink::start(&lab)?;
+    let running = start_streams(&lab, &sink)?;
+    lbd.stop_keeping(&mut lab)?;
+    // Then isp1 with another weight, and isp2 added.
+    let both = LabConfig {
+        uplinks: &[(1, "weight = 3"), (2, "")],
+        ..LabConfig::default()
+    };
+    lbd.restart_with(&mut lab, &both.render())?;
+    running.still_flowing(&sink, 20, "after a restart with isp2 added")?;
+    let status = lbd.status()?;
+    ensure!(
+        status["uplinks"][0]["weight"] == 3 && status["uplinks"][1]["lifecycle"] == "in service",
+        "the new configuration is not applied: {status}"
+    );
+    new_flows_balanced(&lab)?;
     drop(running);
     leaks.check()?;
     lbd.stop(&mut lab)
