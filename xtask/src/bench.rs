@@ -176,6 +176,8 @@ pub fn run(args: &Args) -> Result<()> {
     if args.measures(Part::Failover) {
         println!("bench: failover times: lb, a Netwatch-style script, the kernel alone");
         report.failovers = failover::measure(args.failover_runs, &interrupted)?;
+        println!("bench: restarts of lbd under a running stream");
+        report.restarts = failover::restarts(args.failover_runs, &interrupted)?;
     }
 
     let text = report.markdown();

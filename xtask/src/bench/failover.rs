@@ -251,6 +251,64 @@ pub fn measure(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Case>> {
     Ok(cases)
 }
 
+/// One restart of lbd under a running stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Restart {
+    /// Datagrams of the 1 ms stream that never arrived.
+    pub lost: u32,
+    /// From SIGTERM to the new lbd answering.
+    pub downtime: Duration,
+}
+
+/// Restart lbd `runs` times (SIGTERM, start again: it adopts the pinned
+/// data plane) while a flow sends a datagram every millisecond; what each
+/// restart cost the flow. Its own lab, taken down again.
+pub fn restarts(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Restart>> {
+    Lab::down(PREFIX)?;
+    let desc = LabDesc::shipped(LAB).with_context(|| format!("loading lab {LAB}"))?;
+    let mut lab = Lab::up(&desc, PREFIX)?;
+    let sink = Sink::start(&lab)?;
+    let mut lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    let result = (|| {
+        let stream = Stream::start(&lab, FIRST_PORT, PACE)?;
+        wait_for("the stream", LIMIT, || Ok(sink.stream(FIRST_PORT).len() >= STEADY))?;
+        let mut out = Vec::new();
+        for run in 1..=runs {
+            ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
+            let stopped = Instant::now();
+            lbd.stop_keeping(&mut lab)?;
+            lbd.restart(&mut lab)?;
+            let downtime = stopped.elapsed();
+            // Counted once datagrams sent after the restart have arrived.
+            let upto = stream.sent();
+            wait_for("the stream after the restart", LIMIT, || {
+                Ok(sink
+                    .stream(FIRST_PORT)
+                    .last()
+                    .is_some_and(|&(seq, _, _)| seq >= upto + STEADY as u32))
+            })?;
+            let lost = outage(&sink, &stream, ISP1_NAT).lost;
+            let before: u32 = out.iter().map(|r: &Restart| r.lost).sum();
+            println!(
+                "  restart {run}/{runs}: lbd away {:.0} ms, {} datagrams lost",
+                downtime.as_secs_f64() * 1e3,
+                lost - before
+            );
+            out.push(Restart {
+                lost: lost - before,
+                downtime,
+            });
+        }
+        Ok(out)
+    })();
+    let stopped = lbd.stop(&mut lab);
+    drop(sink);
+    drop(lab);
+    let out = result?;
+    stopped?;
+    Ok(out)
+}
+
 /// `error`, noting a failure to stop the way that came after it.
 fn first_error(error: anyhow::Error, stop: Result<()>) -> anyhow::Error {
     match stop {
