@@ -1730,7 +1730,7 @@ gateway = "100.64.2.1"
         assert_eq!(
             config.lans,
             [LanConfig {
-                interface: "lan0".into()
+                interface: "br-lan".into()
             }]
         );
         assert_eq!(config.routing, RoutingConfig::default());

@@ -29,9 +29,11 @@ const ISP3_NAT: [u8; 4] = [100, 64, 3, 2];
 const BOUND: Duration = Duration::from_secs(15);
 const PROBE: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"";
 
-/// lbd on all three uplinks, gateways `auto`, an ICMP probe each.
+/// lbd on all three uplinks, gateways `auto`, an ICMP probe each; the LAN
+/// is the bridge.
 fn config() -> String {
     LabConfig {
+        lans: &["br-lan"],
         uplinks: &[(1, PROBE), (2, PROBE), (3, PROBE)],
         auto_gateway: true,
         ..LabConfig::default()

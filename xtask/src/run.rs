@@ -52,7 +52,18 @@ fn bring_up(name: &str) -> Result<Lab> {
 pub fn run(lab_name: &str) -> Result<()> {
     let bin = crate::build::release()?;
     let (lbd, lbctl) = (bin.join("lbd"), bin.join("lbctl"));
-    let config = root().join("lb-daemon/examples/lbd.toml");
+    let example = root().join("lb-daemon/examples/lbd.toml");
+    // The example's LAN is the DHCP lab's bridge; the static labs' is lan0.
+    let config = if lab_name == DEFAULT_LAB {
+        example
+    } else {
+        let text = std::fs::read_to_string(&example)
+            .with_context(|| format!("reading {}", example.display()))?;
+        let adapted = std::env::temp_dir().join(format!("lbd-{lab_name}.toml"));
+        std::fs::write(&adapted, text.replace("\"br-lan\"", "\"lan0\""))
+            .with_context(|| format!("writing {}", adapted.display()))?;
+        adapted
+    };
 
     let (stop_tx, stop_rx) = mpsc::channel();
     ctrlc::set_handler(move || {
