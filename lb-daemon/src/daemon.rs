@@ -249,6 +249,7 @@ impl Daemon {
             })?;
             lans.push(link.index);
         }
+        check_xdp_targets(&config, &observed)?;
         for u in &config.uplinks {
             if observed.link(&u.interface).and_then(|l| l.kind.as_deref()) == Some("bridge") {
                 bail!(
@@ -1132,6 +1133,42 @@ impl StatusDraft {
             .saturating_sub(counts.iter().sum());
         Ok(self.status)
     }
+}
+
+/// Refuse an interface lb would redirect into (an uplink, a LAN port) that
+/// the kernel says cannot take redirected frames: every packet sent there
+/// would be lost without a word. Interfaces that do not exist yet are
+/// checked by nobody (they are waited for); a kernel without the netdev
+/// family (before 6.3) cannot say, and nothing is checked.
+fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<()> {
+    let Some(mut caps) = crate::xdpcaps::XdpCaps::open()? else {
+        log::info!("the kernel does not report XDP features (before Linux 6.3): redirect targets not checked");
+        return Ok(());
+    };
+    let uplinks = config.uplinks.iter().map(|u| u.interface.clone());
+    let lan_ports = config
+        .lans
+        .iter()
+        .flat_map(|l| observed.lan_ports(&l.interface))
+        .map(|(_, name)| name);
+    let mut refused = Vec::new();
+    for ifname in uplinks.chain(lan_ports) {
+        let Some(link) = observed.link(&ifname) else {
+            continue;
+        };
+        let features = caps
+            .features(link.index)
+            .with_context(|| format!("asking the kernel for the XDP features of {ifname}"))?;
+        refused.extend(crate::xdpcaps::refusal(
+            &ifname,
+            link.kind.as_deref(),
+            features,
+        ));
+    }
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
+    }
+    Ok(())
 }
 
 /// The machine's monotonic clock (`CLOCK_MONOTONIC`, what Rust's `Instant`

@@ -17,3 +17,4 @@ pub mod pins;
 pub mod probe;
 pub mod slowpath;
 pub mod uplink;
+pub mod xdpcaps;

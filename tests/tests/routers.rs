@@ -297,3 +297,40 @@ fn tables_and_rules_of_someone_else_are_refused_with_a_clear_message() -> Result
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn an_interface_that_cannot_take_redirected_frames_is_refused() -> Result<()> {
+    if !require_root("an_interface_that_cannot_take_redirected_frames_is_refused") {
+        return Ok(());
+    }
+    let lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    // A veth takes XDP-redirected frames only while its peer has GRO on (or
+    // an XDP program): with isp1's end without it, wan1 would drop every
+    // frame lb sent there.
+    lab.exec("isp1", &["ethtool", "-K", "down0", "gro", "off"])?;
+    let dir = std::env::temp_dir().join(format!("{}xdpcaps", lab.prefix()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("lbd.toml");
+    let (text, _, _) = lb_tests::daemon::fill(&LabConfig::default().render(), &lab, &dir);
+    std::fs::write(&config, text)?;
+    let lbd = lb_tests::daemon::bin_dir().join("lbd");
+    let refused = lab
+        .exec_net_only(
+            "router",
+            &[
+                &lbd.display().to_string(),
+                "--config",
+                &config.display().to_string(),
+            ],
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("{refused}");
+    ensure!(
+        refused.contains("wan1 cannot take frames redirected by XDP") && refused.contains("gro on"),
+        "lbd did not refuse wan1: {refused:?}"
+    );
+    Ok(())
+}

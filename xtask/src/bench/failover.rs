@@ -271,7 +271,9 @@ pub fn restarts(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Restart>> {
     let mut lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
     let result = (|| {
         let stream = Stream::start(&lab, FIRST_PORT, PACE)?;
-        wait_for("the stream", LIMIT, || Ok(sink.stream(FIRST_PORT).len() >= STEADY))?;
+        wait_for("the stream", LIMIT, || {
+            Ok(sink.stream(FIRST_PORT).len() >= STEADY)
+        })?;
         let mut out = Vec::new();
         for run in 1..=runs {
             ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
