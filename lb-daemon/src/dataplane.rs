@@ -335,28 +335,25 @@ impl Dataplane {
 
     /// Leave destinations in `addr/prefix_len` to the kernel.
     pub fn add_bypass(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
-        let m = self
-            .ebpf
-            .map_mut(name::BYPASS)
-            .context("map BYPASS missing")?;
-        let mut trie: LpmTrie<_, [u8; 4], u32> =
-            LpmTrie::try_from(m).context("map BYPASS has an unexpected type")?;
         let key = Key::new(u32::from(prefix_len), mask(addr, prefix_len).octets());
-        trie.insert(&key, 1, 0)
+        self.bypass()?
+            .insert(&key, 1, 0)
             .with_context(|| format!("adding {addr}/{prefix_len} to BYPASS"))
     }
 
     /// Stop leaving destinations in `addr/prefix_len` to the kernel.
     pub fn remove_bypass(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let key = Key::new(u32::from(prefix_len), mask(addr, prefix_len).octets());
+        missing_is_fine(self.bypass()?.remove(&key))
+            .with_context(|| format!("removing {addr}/{prefix_len} from BYPASS"))
+    }
+
+    fn bypass(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>> {
         let m = self
             .ebpf
             .map_mut(name::BYPASS)
             .context("map BYPASS missing")?;
-        let mut trie: LpmTrie<_, [u8; 4], u32> =
-            LpmTrie::try_from(m).context("map BYPASS has an unexpected type")?;
-        let key = Key::new(u32::from(prefix_len), mask(addr, prefix_len).octets());
-        missing_is_fine(trie.remove(&key))
-            .with_context(|| format!("removing {addr}/{prefix_len} from BYPASS"))
+        LpmTrie::try_from(m).context("map BYPASS has an unexpected type")
     }
 
     /// Counters of uplink `index`, summed over CPUs.

@@ -54,17 +54,10 @@ pub struct Wanted {
 impl Wanted {
     /// The whole table, as one transaction that replaces any earlier one.
     pub fn ruleset(&self) -> schema::Nftables<'static> {
-        let mut batch = Batch::new();
-        let table = Table {
-            family: NfFamily::IP,
-            name: TABLE.into(),
-            ..Table::default()
-        };
-        // Declare, delete, declare: replaces the table whether or not it
-        // existed, atomically.
-        batch.add(NfListObject::Table(table.clone()));
-        batch.delete(NfListObject::Table(table.clone()));
-        batch.add(NfListObject::Table(table));
+        // Gone (whether or not it existed), then built anew: one
+        // transaction, so no packet sees the table half made.
+        let mut batch = without_table();
+        batch.add(NfListObject::Table(table()));
         batch.add(NfListObject::Counter(schema::Counter {
             family: NfFamily::IP,
             table: TABLE.into(),
@@ -229,17 +222,27 @@ pub fn leaked() -> Result<u64> {
     Ok(packets)
 }
 
-/// Remove the table (when lbd stops).
+/// Remove the table (`lbd --teardown`).
 pub fn remove() -> Result<()> {
-    let mut batch = Batch::new();
-    let table = Table {
+    helper::apply_ruleset(&without_table().to_nftables())
+        .context("removing lbd's nftables table `ip lb`")
+}
+
+fn table() -> Table<'static> {
+    Table {
         family: NfFamily::IP,
         name: TABLE.into(),
         ..Table::default()
-    };
-    batch.add(NfListObject::Table(table.clone()));
-    batch.delete(NfListObject::Table(table));
-    helper::apply_ruleset(&batch.to_nftables()).context("removing lbd's nftables table `ip lb`")
+    }
+}
+
+/// A batch that removes the table whether or not it exists: declaring it
+/// first makes the delete never fail.
+fn without_table() -> Batch<'static> {
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(table()));
+    batch.delete(NfListObject::Table(table()));
+    batch
 }
 
 #[cfg(test)]

@@ -148,14 +148,7 @@ impl Download {
         let _ = std::fs::remove_file(&self.blob);
         ensure!(same, "the downloaded bytes differ from the file");
         // One connection, one NAT source: one (TCP, port) at one ISP.
-        let tcp: Vec<usize> = self
-            .watches
-            .iter()
-            .map(|w| {
-                w.seen_flows()
-                    .map(|f| f.iter().filter(|(p, _)| *p == 6).count())
-            })
-            .collect::<Result<_>>()?;
+        let tcp = flows_seen(&self.watches, 6)?;
         ensure!(
             tcp.iter().sum::<usize>() == 1,
             "the download's connection left as {tcp:?} TCP flows at (isp1, isp2)"
@@ -163,6 +156,17 @@ impl Download {
         eprintln!("the 16 MB download completed byte-exact, on one NAT source");
         Ok(())
     }
+}
+
+/// How many flows of IP protocol `proto` each watch saw.
+fn flows_seen(watches: &[FlowWatch], proto: u8) -> Result<Vec<usize>> {
+    watches
+        .iter()
+        .map(|w| {
+            w.seen_flows()
+                .map(|f| f.iter().filter(|(p, _)| *p == proto).count())
+        })
+        .collect()
 }
 
 /// 40 new UDP flows from the client, every one answered, through both
@@ -179,13 +183,7 @@ fn new_flows_balanced(lab: &Lab) -> Result<()> {
         flows.iter().all(|f| f.outcome.is_ok()),
         "some new flows failed"
     );
-    let seen: Vec<usize> = watches
-        .iter()
-        .map(|w| {
-            w.seen_flows()
-                .map(|f| f.iter().filter(|(p, _)| *p == 17).count())
-        })
-        .collect::<Result<_>>()?;
+    let seen = flows_seen(&watches, 17)?;
     eprintln!("40 new UDP flows: {seen:?} at (isp1, isp2)");
     ensure!(
         seen.iter().all(|&n| n > 0),
