@@ -76,6 +76,8 @@ pub struct Config {
     pub flows: FlowConfig,
     pub nat: NatConfig,
     pub routing: RoutingConfig,
+    /// `[metrics] listen`: where Prometheus scrapes lbd; `None`: off.
+    pub metrics: Option<std::net::SocketAddr>,
     /// At least one.
     pub lans: Vec<LanConfig>,
     /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
@@ -646,6 +648,7 @@ struct RawConfig {
     flows: Option<RawFlows>,
     nat: Option<RawNat>,
     routing: Option<RawRouting>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     lan: Vec<Spanned<RawLan>>,
     #[serde(default)]
@@ -683,6 +686,12 @@ struct RawFlows {
 #[serde(expecting = "a table", deny_unknown_fields)]
 struct RawNat {
     port_range: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawMetrics {
+    listen: Field,
 }
 
 #[derive(Debug, Deserialize)]
@@ -902,6 +911,14 @@ impl Checker<'_> {
             .routing
             .as_ref()
             .map_or_else(RoutingConfig::default, |r| self.routing(r));
+        let metrics = raw.metrics.as_ref().and_then(|m| {
+            self.field(&m.listen, "metrics", "listen", |v| {
+                let text = as_str(v)?;
+                text.parse::<std::net::SocketAddr>().map_err(|_| {
+                    format!("expected ADDRESS:PORT like \"127.0.0.1:9725\", got {text:?}")
+                })
+            })
+        });
 
         let mut lan_seen = Vec::new();
         let mut lans = Vec::new();
@@ -957,6 +974,7 @@ impl Checker<'_> {
             flows,
             nat,
             routing,
+            metrics,
             lans,
             uplinks,
         }
@@ -2151,6 +2169,18 @@ expect_status = 204
                 Gateway::Fixed(Ipv4Addr::new(100, 64, 1, 1))
             );
         }
+    }
+
+    #[test]
+    fn metrics_are_off_unless_asked_for() {
+        assert_eq!(parse(TWO, "lbd.toml").expect("valid").metrics, None);
+        let text = format!("{TWO}\n[metrics]\nlisten = \"127.0.0.1:9725\"\n");
+        assert_eq!(
+            parse(&text, "lbd.toml").expect("valid").metrics,
+            Some("127.0.0.1:9725".parse().expect("address"))
+        );
+        let text = format!("{TWO}\n[metrics]\nlisten = \"localhost\"\n");
+        assert_one(&text, line_of(&text, "localhost"), "listen", "ADDRESS:PORT");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod health;
 pub mod hooks;
 pub mod kernel;
 pub mod linkwatch;
+pub mod metrics;
 pub mod netlink;
 pub mod pins;
 pub mod probe;

@@ -29,6 +29,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // (busybox's, as OpenWrt has).
     ("dnsmasq", "dnsmasq-base"),
     ("udhcpc", "udhcpc"),
+    // Checks lbd's metrics as Prometheus would read them.
+    ("promtool", "prometheus"),
 ];
 
 pub fn run() -> Result<()> {

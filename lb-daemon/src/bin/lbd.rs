@@ -22,6 +22,7 @@ use lb_daemon::{
     config,
     daemon::{self, Daemon, KernelLink},
     flows::FlowTables,
+    metrics,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -138,6 +139,16 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     };
     log::info!("ready; control socket {}", socket.display());
     let reconciler = tokio::spawn(reconcile_forever(daemon.clone(), kernel.clone()));
+    let metrics_listen = daemon.lock().ok().and_then(|d| d.config.metrics);
+    if let Some(listen) = metrics_listen {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let status = move || status_of(&daemon);
+            if let Err(e) = metrics::serve(listen, status).await {
+                log::error!("metrics: {e:#}");
+            }
+        });
+    }
 
     let mut gc = tokio::time::interval(GC_INTERVAL);
     // The collection walks the whole flow table with one syscall per entry:
@@ -275,6 +286,16 @@ async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, changed: Arc<toki
             break;
         }
     }
+}
+
+/// A whole status: the daemon's part under its lock, the flow counts
+/// after letting go of it.
+fn status_of(daemon: &Mutex<Daemon>) -> Result<lb_daemon::api::Status> {
+    let draft = daemon
+        .lock()
+        .map_err(|_| anyhow::anyhow!("daemon state is poisoned; restart lbd"))?
+        .status()?;
+    draft.finish()
 }
 
 fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {

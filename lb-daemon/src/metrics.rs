@@ -1,0 +1,298 @@
+//! Prometheus metrics: what `lbctl status` shows, as a scrape target on
+//! `[metrics] listen` (loopback by default; off without the key).
+//!
+//! Owns the mapping from a [`Status`] to metric families (names, help,
+//! labels, types) and the small HTTP endpoint that serves them. The text
+//! exposition is the `prometheus-client` crate's; nothing here formats a
+//! metric by hand. Each scrape takes a fresh status: the counters are the
+//! data plane's own, never kept twice.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::api::{Status, UplinkStatus};
+
+/// A status, as metric families.
+#[derive(Debug)]
+struct Snapshot(Status);
+
+type Labels = Vec<(&'static str, String)>;
+
+impl Snapshot {
+    fn uplink_labels(u: &UplinkStatus) -> Labels {
+        vec![("uplink", u.name.clone())]
+    }
+}
+
+/// One metric family: its name (counters without `_total`, which the
+/// encoder adds), help, type and samples.
+fn family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let sample = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value).encode(sample)?,
+            _ => ConstGauge::new(value).encode(sample)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let per_uplink = |value: fn(&UplinkStatus) -> f64| {
+            s.uplinks
+                .iter()
+                .map(move |u| (Snapshot::uplink_labels(u), value(u)))
+                .collect::<Vec<_>>()
+        };
+        let e = &mut encoder;
+        family(
+            e,
+            "lb_build_info",
+            "lb's version",
+            MetricType::Gauge,
+            [(
+                vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+                1.0,
+            )],
+        )?;
+        family(
+            e,
+            "lb_uplink_in_service",
+            "1 while the uplink takes new flows (in service, or degraded), else 0",
+            MetricType::Gauge,
+            per_uplink(|u| f64::from(u8::from(u.state == "active"))),
+        )?;
+        family(
+            e,
+            "lb_uplink_lifecycle",
+            "Where the uplink stands (1 for its current lifecycle)",
+            MetricType::Gauge,
+            s.uplinks.iter().map(|u| {
+                let mut labels = Snapshot::uplink_labels(u);
+                labels.push(("lifecycle", u.lifecycle.clone()));
+                (labels, 1.0)
+            }),
+        )?;
+        family(
+            e,
+            "lb_uplink_health_up",
+            "1 while the uplink's probes say up or degraded, else 0",
+            MetricType::Gauge,
+            per_uplink(|u| f64::from(u8::from(u.health == "up" || u.health == "degraded"))),
+        )?;
+        family(
+            e,
+            "lb_uplink_transitions",
+            "Health transitions since lbd started",
+            MetricType::Counter,
+            per_uplink(|u| u.transitions as f64),
+        )?;
+        family(
+            e,
+            "lb_uplink_weight",
+            "The uplink's weight",
+            MetricType::Gauge,
+            per_uplink(|u| f64::from(u.weight)),
+        )?;
+        family(
+            e,
+            "lb_uplink_buckets",
+            "Buckets of the table that send new flows to the uplink",
+            MetricType::Gauge,
+            per_uplink(|u| f64::from(u.buckets)),
+        )?;
+        family(
+            e,
+            "lb_uplink_rtt_seconds",
+            "Probe round-trip time over the recent window",
+            MetricType::Gauge,
+            s.uplinks
+                .iter()
+                .filter_map(|u| u.rtt_ms.map(|r| (Snapshot::uplink_labels(u), r / 1e3))),
+        )?;
+        family(
+            e,
+            "lb_uplink_jitter_seconds",
+            "Probe round-trip time jitter over the recent window",
+            MetricType::Gauge,
+            s.uplinks
+                .iter()
+                .filter_map(|u| u.jitter_ms.map(|j| (Snapshot::uplink_labels(u), j / 1e3))),
+        )?;
+        family(
+            e,
+            "lb_uplink_loss_ratio",
+            "Probes lost over the recent window, 0 to 1",
+            MetricType::Gauge,
+            per_uplink(|u| u.loss_percent / 100.0),
+        )?;
+        for (name, help, value) in [
+            (
+                "lb_uplink_tx_packets",
+                "Packets the fast path sent out of the uplink",
+                (|u: &UplinkStatus| u.tx_packets as f64) as fn(&UplinkStatus) -> f64,
+            ),
+            (
+                "lb_uplink_tx_bytes",
+                "Bytes (whole frames) the fast path sent out of the uplink",
+                |u| u.tx_bytes as f64,
+            ),
+            (
+                "lb_uplink_rx_packets",
+                "Packets arriving on the uplink",
+                |u| u.rx_packets as f64,
+            ),
+            ("lb_uplink_rx_bytes", "Bytes arriving on the uplink", |u| {
+                u.rx_bytes as f64
+            }),
+            (
+                "lb_uplink_new_flows",
+                "Flows pinned to the uplink (new, or moved to it)",
+                |u| u.new_flows as f64,
+            ),
+            (
+                "lb_uplink_nat_failures",
+                "New flows dropped for want of a free NAT port",
+                |u| u.nat_failures as f64,
+            ),
+            (
+                "lb_uplink_replies",
+                "Replies translated back to a client",
+                |u| u.replies as f64,
+            ),
+        ] {
+            family(e, name, help, MetricType::Counter, per_uplink(value))?;
+        }
+        family(
+            e,
+            "lb_uplink_flows",
+            "Flows pinned to the uplink now",
+            MetricType::Gauge,
+            per_uplink(|u| u.flows as f64),
+        )?;
+        family(
+            e,
+            "lb_packets",
+            "Packets the fast path gave to the kernel (pass_*) or dropped (drop_*), by reason",
+            MetricType::Counter,
+            s.reasons
+                .iter()
+                .map(|(reason, n)| (vec![("reason", reason.clone())], *n as f64)),
+        )?;
+        family(
+            e,
+            "lb_flows_expired",
+            "Flows removed after their idle timeout",
+            MetricType::Counter,
+            [(Vec::new(), s.flows_expired as f64)],
+        )?;
+        family(
+            e,
+            "lb_flows_evicted",
+            "Flows the full table evicted",
+            MetricType::Counter,
+            [(Vec::new(), s.flows_evicted as f64)],
+        )?;
+        family(
+            e,
+            "lb_guard_dropped_packets",
+            "Packets with a LAN source dropped on their way out of an uplink un-NATed",
+            MetricType::Counter,
+            [(Vec::new(), s.guard_dropped as f64)],
+        )?;
+        Ok(())
+    }
+}
+
+/// The exposition of `status`, in Prometheus' text format.
+pub fn render(status: Status) -> Result<String> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(status)));
+    let mut text = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+        .context("encoding the metrics")?;
+    Ok(text)
+}
+
+/// Serve `GET /metrics` on `listen`, each scrape from `status()`.
+pub async fn serve(
+    listen: SocketAddr,
+    status: impl Fn() -> Result<Status> + Send + Sync + Clone + 'static,
+) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening for metrics scrapes on {listen}"))?;
+    log::info!("metrics on http://{listen}/metrics");
+    loop {
+        let (stream, _) = listener.accept().await.context("accepting a scrape")?;
+        let status = status.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, status).await {
+                log::debug!("a metrics scrape failed: {e:#}");
+            }
+        });
+    }
+}
+
+/// Longest request head read from a scraper.
+const MAX_REQUEST: usize = 8 * 1024;
+
+async fn answer(mut stream: TcpStream, status: impl Fn() -> Result<Status>) -> Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .context("a scraper too slow to ask")??;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let (code, kind, body) = if head.starts_with(b"GET /metrics ") {
+        match tokio::task::block_in_place(&status).and_then(render) {
+            Ok(text) => (
+                "200 OK",
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                text,
+            ),
+            Err(e) => (
+                "500 Internal Server Error",
+                "text/plain",
+                format!("{e:#}\n"),
+            ),
+        }
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "lbd serves /metrics\n".to_string(),
+        )
+    };
+    let reply = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Prometheus metrics: scraped from lbd during traffic, checked with
+//! Prometheus' own `promtool`, and moving with the traffic.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    in_netns, require_root,
+    traffic::{udp_flows, UdpEchoServer},
+    unique_prefix, Lab, LabDesc, LanLeaks,
+};
+
+const LISTEN: &str = "127.0.0.1:9725";
+
+/// `GET /metrics` from inside the router (lbd's loopback).
+fn scrape(lab: &Lab) -> Result<String> {
+    let reply = in_netns(lab.ns("router")?, || {
+        let mut stream = TcpStream::connect(LISTEN)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: lbd\r\n\r\n")?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply)
+    })?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .context("no HTTP head in the reply")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "scrape answered {head}");
+    Ok(body.to_string())
+}
+
+/// The sum of the samples of `metric` (all label sets).
+fn sum(metrics: &str, metric: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `promtool check metrics` on `text`: its verdict.
+fn promtool(text: &str) -> Result<()> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running promtool (Debian's prometheus package)")?;
+    child
+        .stdin
+        .take()
+        .context("promtool's stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn metrics_pass_promtool_and_move_with_the_traffic() -> Result<()> {
+    if !require_root("metrics_pass_promtool_and_move_with_the_traffic") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let sections = format!("[metrics]\nlisten = \"{LISTEN}\"");
+    let config = LabConfig {
+        sections: &sections,
+        ..LabConfig::default()
+    };
+    let lbd = Lbd::start(&mut lab, &config.render())?;
+    let before = scrape(&lab)?;
+    promtool(&before)?;
+
+    let server: SocketAddr = "198.51.100.10:7400".parse()?;
+    let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    let flows = udp_flows(lab.ns("client")?, server, 30, Duration::from_secs(10))?;
+    ensure!(flows.iter().all(|f| f.outcome.is_ok()), "some flows failed");
+
+    let after = scrape(&lab)?;
+    promtool(&after)?;
+    for (metric, at_least) in [
+        ("lb_uplink_new_flows_total", 30.0),
+        ("lb_uplink_tx_packets_total", 30.0),
+        ("lb_uplink_replies_total", 30.0),
+        ("lb_uplink_flows", 30.0),
+    ] {
+        let (was, is) = (sum(&before, metric), sum(&after, metric));
+        eprintln!("{metric}: {was} -> {is}");
+        ensure!(
+            is - was >= at_least,
+            "{metric} moved from {was} to {is} with 30 flows"
+        );
+    }
+    ensure!(
+        sum(&after, "lb_uplink_in_service") == 2.0,
+        "not both uplinks in service: {after}"
+    );
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
