@@ -20,6 +20,12 @@ pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// The flow table, filtered, at most `limit` flows.
+    Flows {
+        uplink: Option<String>,
+        client: Option<std::net::Ipv4Addr>,
+        limit: usize,
+    },
     /// An operator's change to one uplink.
     Uplink {
         name: String,
@@ -40,6 +46,7 @@ pub enum UplinkAction {
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Status),
+    Flows(FlowList),
     Done { message: String },
     Error { message: String },
 }
@@ -154,6 +161,35 @@ pub struct Reaction {
     /// When the data plane had it, on the machine's monotonic clock
     /// (`CLOCK_MONOTONIC`, ns), to line it up with what other processes saw.
     pub applied_monotonic_ns: u64,
+}
+
+/// Flows of the flow table, as `lbctl flows` shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowList {
+    pub flows: Vec<FlowEntry>,
+    /// Flows looked at to find them (all of them when fewer matched than
+    /// the limit).
+    pub walked: u64,
+    /// Whether the walk stopped at the limit: there may be more.
+    pub truncated: bool,
+}
+
+/// One connection: where it is pinned and how it is translated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowEntry {
+    /// `tcp`, `udp`, `icmp`.
+    pub proto: String,
+    /// The client, `address:port` (ICMP: the echo identifier as port).
+    pub client: String,
+    /// The remote end, `address:port`.
+    pub remote: String,
+    /// The address and port it has on its uplink.
+    pub nat: String,
+    pub uplink: String,
+    /// `opening`, `established`, `closing` (TCP); `active` otherwise.
+    pub state: String,
+    /// Seconds since its last packet.
+    pub idle_s: f64,
 }
 
 /// Why a request could not be answered.

@@ -1056,6 +1056,80 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// What `lbctl flows` needs besides the walk: the tables, and each
+    /// uplink's name and address by index. The walk itself
+    /// ([`FlowQuery::run`]) happens without the daemon.
+    pub fn flow_query(&self) -> FlowQuery {
+        FlowQuery {
+            tables: self.flow_tables.clone(),
+            uplinks: self
+                .uplinks
+                .iter()
+                .map(|u| (u.cfg.name.clone(), u.facts.addr))
+                .collect(),
+        }
+    }
+}
+
+/// A walk of the flow table for `lbctl flows`.
+pub struct FlowQuery {
+    tables: Arc<Mutex<FlowTables>>,
+    uplinks: Vec<(String, Option<Ipv4Addr>)>,
+}
+
+impl FlowQuery {
+    /// The flows of `uplink` (by name) and of `client`, at most `limit`.
+    /// The walk stops at the limit: bounded on a full table.
+    pub fn run(
+        &self,
+        uplink: Option<&str>,
+        client: Option<Ipv4Addr>,
+        limit: usize,
+    ) -> Result<crate::api::FlowList> {
+        let wanted_uplink = match uplink {
+            Some(name) => Some(
+                self.uplinks
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .with_context(|| format!("no uplink named {name:?}"))? as u32,
+            ),
+            None => None,
+        };
+        let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+        let tables = self
+            .tables
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?;
+        let mut out = Vec::new();
+        let mut walked = 0u64;
+        let mut truncated = false;
+        for (key, value) in tables.walk()? {
+            walked += 1;
+            if wanted_uplink.is_some_and(|u| u != value.uplink)
+                || client.is_some_and(|c| c.octets() != key.src_addr)
+            {
+                continue;
+            }
+            if out.len() == limit {
+                truncated = true;
+                break;
+            }
+            let (name, addr) = self
+                .uplinks
+                .get(value.uplink as usize)
+                .cloned()
+                .unwrap_or_else(|| (format!("#{}", value.uplink), None));
+            out.push(crate::flows::describe(&key, &value, &name, addr, now));
+        }
+        Ok(crate::api::FlowList {
+            flows: out,
+            walked,
+            truncated,
+        })
+    }
+}
+
 /// One round of the reconciler: read what the kernel holds, converge, and
 /// make the routing changes. Errors are the caller's to log: the next
 /// round (the next event, or a second later) tries again.

@@ -66,6 +66,12 @@ impl FlowTables {
             .collect()
     }
 
+    /// The flows, one map lookup each, as the walk finds them: a caller
+    /// that stops early reads no more.
+    pub fn walk(&self) -> Result<impl Iterator<Item = (FlowKey, FlowValue)> + '_> {
+        Ok(self.flows.iter().filter_map(Result::ok))
+    }
+
     /// Flows pinned to each uplink now, by uplink index.
     pub fn count_by_uplink(&self) -> Result<Vec<u64>> {
         let mut counts = vec![0u64; self.uplink_addrs.len()];
@@ -155,6 +161,40 @@ impl FlowTables {
             (17, _) => t.udp_timeout,
             _ => t.icmp_timeout,
         }
+    }
+}
+
+/// How `lbctl flows` shows a flow of uplink `uplink` (name) with NAT
+/// address `nat_addr`; `now_ns` on the data plane's clock.
+pub fn describe(
+    key: &FlowKey,
+    value: &FlowValue,
+    uplink: &str,
+    nat_addr: Option<Ipv4Addr>,
+    now_ns: u64,
+) -> crate::api::FlowEntry {
+    let port = |p: [u8; 2]| u16::from_be_bytes(p);
+    let proto = match key.proto {
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        1 => "icmp".to_string(),
+        n => n.to_string(),
+    };
+    let state = match (key.proto, value.tcp_state) {
+        (6, tcp_state::OPENING) => "opening",
+        (6, tcp_state::ESTABLISHED) => "established",
+        (6, _) => "closing",
+        _ => "active",
+    };
+    let nat = nat_addr.map_or_else(|| "-".to_string(), |a| a.to_string());
+    crate::api::FlowEntry {
+        proto,
+        client: format!("{}:{}", Ipv4Addr::from(key.src_addr), port(key.src_port)),
+        remote: format!("{}:{}", Ipv4Addr::from(key.dst_addr), port(key.dst_port)),
+        nat: format!("{nat}:{}", port(value.nat_port)),
+        uplink: uplink.to_string(),
+        state: state.to_string(),
+        idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
     }
 }
 

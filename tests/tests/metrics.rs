@@ -111,3 +111,71 @@ fn metrics_pass_promtool_and_move_with_the_traffic() -> Result<()> {
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn lbctl_flows_lists_filters_and_stops_at_the_limit() -> Result<()> {
+    if !require_root("lbctl_flows_lists_filters_and_stops_at_the_limit") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    let server: SocketAddr = "198.51.100.10:7500".parse()?;
+    let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    let flows = udp_flows(lab.ns("client")?, server, 20, Duration::from_secs(10))?;
+    ensure!(flows.iter().all(|f| f.outcome.is_ok()), "some flows failed");
+
+    let list = |args: &[&str]| -> Result<serde_json::Value> {
+        let mut all = vec!["flows", "--json"];
+        all.extend_from_slice(args);
+        Ok(serde_json::from_str(&lbd.lbctl(&all)?)?)
+    };
+    let every = list(&[])?;
+    let entries = every["flows"].as_array().context("no flows")?;
+    ensure!(
+        entries.len() == 20,
+        "{} flows listed, 20 made",
+        entries.len()
+    );
+    for f in entries {
+        let nat = f["nat"].as_str().unwrap_or_default();
+        let uplink = f["uplink"].as_str().unwrap_or_default();
+        let want = match uplink {
+            "isp1" => "100.64.1.2:",
+            "isp2" => "100.64.2.2:",
+            other => anyhow::bail!("flow on uplink {other:?}: {f}"),
+        };
+        ensure!(
+            nat.starts_with(want)
+                && f["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("10.10.0.2:"))
+                && f["remote"] == "198.51.100.10:7500"
+                && f["proto"] == "udp",
+            "flow {f}"
+        );
+    }
+    let isp1 = list(&["--uplink", "isp1"])?["flows"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0) as u64;
+    ensure!(
+        isp1 == lbd.uplink_counter("isp1", "flows")?,
+        "--uplink isp1 listed {isp1}, status says {}",
+        lbd.uplink_counter("isp1", "flows")?
+    );
+    let nobody = list(&["--client", "10.10.0.9"])?;
+    ensure!(nobody["flows"].as_array().is_some_and(Vec::is_empty));
+    let five = list(&["--limit", "5"])?;
+    ensure!(
+        five["flows"].as_array().map(Vec::len) == Some(5) && five["truncated"] == true,
+        "--limit 5: {five}"
+    );
+    ensure!(
+        lbd.lbctl(&["flows", "--uplink", "nope"]).is_err(),
+        "an unknown uplink was accepted"
+    );
+    println!("{}", lbd.lbctl(&["flows", "--limit", "3"])?);
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}

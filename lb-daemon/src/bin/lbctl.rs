@@ -25,6 +25,19 @@ struct Args {
 enum Command {
     /// Uplinks with their state and counters.
     Status,
+    /// Connections in the flow table: client, remote, NAT address and
+    /// port, uplink, state, idle time.
+    Flows {
+        /// Only this uplink's.
+        #[arg(long)]
+        uplink: Option<String>,
+        /// Only this client's (an IPv4 address).
+        #[arg(long)]
+        client: Option<std::net::Ipv4Addr>,
+        /// At most this many (the walk stops there).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Change one uplink: takes effect in the data plane at once.
     Uplink {
         #[command(subcommand)]
@@ -52,6 +65,15 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let request = match args.command {
         Command::Status => Request::Status,
+        Command::Flows {
+            uplink,
+            client,
+            limit,
+        } => Request::Flows {
+            uplink,
+            client,
+            limit,
+        },
         Command::Uplink { action } => {
             let (name, action) = match action {
                 UplinkCommand::Enable { name } => (name, UplinkAction::Enable),
@@ -77,6 +99,20 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Ok(Response::Flows(list)) => {
+            if args.json {
+                match serde_json::to_string_pretty(&list) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("lbctl: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            } else {
+                print_flows(&list);
+            }
+            ExitCode::SUCCESS
+        }
         Ok(Response::Done { message }) => {
             if args.json {
                 println!("{}", serde_json::json!({ "ok": true, "message": message }));
@@ -98,6 +134,29 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn print_flows(list: &api::FlowList) {
+    println!(
+        "{:<5} {:<21} {:<21} {:<21} {:<10} {:<11} {:>8}",
+        "PROTO", "CLIENT", "REMOTE", "NAT", "UPLINK", "STATE", "IDLE_S"
+    );
+    for f in &list.flows {
+        println!(
+            "{:<5} {:<21} {:<21} {:<21} {:<10} {:<11} {:>8.1}",
+            f.proto, f.client, f.remote, f.nat, f.uplink, f.state, f.idle_s
+        );
+    }
+    let more = if list.truncated {
+        " (stopped at the limit: there may be more; --limit)"
+    } else {
+        ""
+    };
+    println!(
+        "{} flows shown, {} looked at{more}",
+        list.flows.len(),
+        list.walked
+    );
 }
 
 fn print_status(s: &Status) {

@@ -317,6 +317,21 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
                 },
             }
         }
+        Request::Flows {
+            uplink,
+            client,
+            limit,
+        } => {
+            let query = d.flow_query();
+            // The walk: not while holding the daemon.
+            drop(d);
+            match query.run(uplink.as_deref(), client, limit) {
+                Ok(list) => Response::Flows(list),
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
         Request::Uplink { name, action } => match d.operate(&name, action) {
             Ok(message) => Response::Done { message },
             Err(e) => Response::Error {
