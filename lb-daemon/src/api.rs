@@ -20,6 +20,11 @@ pub const DEFAULT_SOCKET: &str = "/run/lb/lbd.sock";
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// The recent events; with `follow`, then every new one as it comes
+    /// (one reply line each, until the client goes).
+    Events {
+        follow: bool,
+    },
     /// The flow table, filtered, at most `limit` flows.
     Flows {
         uplink: Option<String>,
@@ -47,8 +52,16 @@ pub enum UplinkAction {
 pub enum Response {
     Status(Status),
     Flows(FlowList),
-    Done { message: String },
-    Error { message: String },
+    /// The recent events, oldest first.
+    Events(Vec<crate::events::Event>),
+    /// One new event, for a follower.
+    Event(crate::events::Event),
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,6 +226,29 @@ pub enum ClientError {
 
 /// Send one request and read its reply (blocking; for lbctl and tests).
 pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    let mut first = None;
+    call_stream(socket, req, Some(Duration::from_secs(5)), |reply| {
+        first = Some(reply);
+        false
+    })?;
+    first.ok_or_else(|| ClientError::Io {
+        path: socket.display().to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "lbd closed without a reply",
+        ),
+    })
+}
+
+/// Send one request and hand each reply line to `on` until it returns
+/// false or lbd closes the connection (`lbctl events --follow`). Each line
+/// must come within `timeout`, if one is given.
+pub fn call_stream(
+    socket: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+    mut on: impl FnMut(Response) -> bool,
+) -> Result<(), ClientError> {
     let path = socket.display().to_string();
     let io = |source| ClientError::Io {
         path: path.clone(),
@@ -222,13 +258,19 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
         path: path.clone(),
         source,
     })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
+    stream.set_read_timeout(timeout).map_err(io)?;
     let mut line = serde_json::to_vec(req).map_err(ClientError::BadReply)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
-    serde_json::from_str(&reply).map_err(ClientError::BadReply)
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut reply = String::new();
+        if reader.read_line(&mut reply).map_err(io)? == 0 {
+            return Ok(());
+        }
+        let reply = serde_json::from_str(&reply).map_err(ClientError::BadReply)?;
+        if !on(reply) {
+            return Ok(());
+        }
+    }
 }

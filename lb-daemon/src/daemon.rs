@@ -196,6 +196,8 @@ pub struct Daemon {
     table_written: bool,
     /// Flows an adopted data plane held at start; `None`: a new one.
     adopted_flows: Option<u64>,
+    /// What happened, for `lbctl events`.
+    history: crate::events::History,
 }
 
 fn mode_number(mode: ClassifierMode) -> u32 {
@@ -315,7 +317,13 @@ impl Daemon {
             started: Instant::now(),
             table_written: false,
             adopted_flows: None,
+            history: crate::events::History::default(),
         };
+        daemon.history.say(
+            "daemon",
+            None,
+            format!("lbd {} started", env!("CARGO_PKG_VERSION")),
+        );
         if let Some(table) = adopted {
             daemon.adopt(table)?;
         }
@@ -390,6 +398,11 @@ impl Daemon {
             .map(|f| f.len())
             .unwrap_or(0);
         self.adopted_flows = Some(flows as u64);
+        self.history.say(
+            "daemon",
+            None,
+            format!("adopted the pinned data plane with {flows} flows; health checks were paused while no lbd ran"),
+        );
         log::info!(
             "adopted the data plane pinned at {}: {flows} flows kept, with their mappings; health checks were paused while no lbd ran",
             self.config.daemon.bpffs.display()
@@ -621,30 +634,33 @@ impl Daemon {
             }
             if old.addr.is_some() && old.addr != facts.addr {
                 u.epoch = u.epoch.wrapping_add(1);
-                log::info!(
-                    "uplink {}: address {} -> {}; its flows move on their next packet",
-                    u.cfg.name,
+                let said = format!(
+                    "address {} -> {}; its flows move on their next packet",
                     text_or_none(old.addr),
                     text_or_none(facts.addr)
                 );
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("address", Some(&u.cfg.name), said);
             }
             if facts.gateway != old.gateway {
-                log::info!(
-                    "uplink {}: gateway {} -> {}",
-                    u.cfg.name,
+                let said = format!(
+                    "gateway {} -> {}",
                     text_or_none(old.gateway),
                     text_or_none(facts.gateway)
                 );
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("gateway", Some(&u.cfg.name), said);
             }
             if let (Some(before), Some(now)) = (old.gateway_mac, facts.gateway_mac) {
                 if before != now {
-                    log::info!(
-                        "uplink {}: gateway {} is now at {} (was {})",
-                        u.cfg.name,
+                    let said = format!(
+                        "gateway {} is now at {} (was {})",
                         text_or_none(facts.gateway),
                         mac_text(&now),
                         mac_text(&before)
                     );
+                    log::info!("uplink {}: {said}", u.cfg.name);
+                    self.history.say("gateway", Some(&u.cfg.name), said);
                 }
             }
             if !facts.carrier {
@@ -824,17 +840,22 @@ impl Daemon {
             .unwrap_or_default();
         let previous = previous.map_or("-", Health::as_str);
         let now = u.health.map_or("-", Health::as_str);
+        // The transition's own reason: applying it may have put a waiting
+        // state's in `u.reason` meanwhile.
+        let reason = &event.transition.reason;
         log::info!(
-            "uplink {}: {previous} -> {now} ({}){timing}",
+            "uplink {}: {previous} -> {now} ({reason}){timing}",
             u.cfg.name,
-            u.reason
         );
+        let (name, said) = (u.cfg.name.clone(), format!("{previous} -> {now}: {reason}"));
+        self.history.say("health", Some(&name), said);
+        let u = &self.uplinks[event.uplink];
         let hook = hooks::Event {
             uplink: u.cfg.name.clone(),
             interface: u.cfg.interface.clone(),
             state: now.to_string(),
             previous: previous.to_string(),
-            reason: u.reason.clone(),
+            reason: reason.clone(),
             rtt_ms: event.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
             loss_percent: event.stats.loss_percent(),
         };
@@ -879,6 +900,7 @@ impl Daemon {
         u.reason = format!("operator: {done}");
         self.apply_timed(index, taken, taken)?;
         log::info!("{done} (operator)");
+        self.history.say("operator", Some(name), done.clone());
         Ok(done)
     }
 
@@ -922,12 +944,9 @@ impl Daemon {
                 u.reason = why;
             }
             if lifecycle != u.lifecycle {
-                log::info!(
-                    "uplink {}: {} -> {lifecycle} ({})",
-                    u.cfg.name,
-                    u.lifecycle,
-                    u.reason
-                );
+                let said = format!("{} -> {lifecycle} ({})", u.lifecycle, u.reason);
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("lifecycle", Some(&u.cfg.name), said);
                 u.lifecycle = lifecycle;
             }
             let state = lifecycle.dataplane_state();
@@ -969,6 +988,16 @@ impl Daemon {
         }
         self.table = next;
         Ok(())
+    }
+
+    /// The recent events, and a line to the new ones.
+    pub fn events(
+        &self,
+    ) -> (
+        Vec<crate::events::Event>,
+        tokio::sync::broadcast::Receiver<crate::events::Event>,
+    ) {
+        (self.history.recent(), self.history.follow())
     }
 
     /// The flow tables, for the flow collector: it walks them without

@@ -213,6 +213,18 @@ impl Lbd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Start lbctl against this daemon and leave it running (`events
+    /// --follow`), its stdout piped.
+    pub fn lbctl_spawn(&self, args: &[&str]) -> Result<std::process::Child> {
+        Command::new(bin_dir().join("lbctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting lbctl")
+    }
+
     /// `lbctl status --json`, parsed.
     pub fn status(&self) -> Result<Value> {
         let text = self.lbctl(&["status", "--json"])?;

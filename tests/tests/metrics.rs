@@ -179,3 +179,63 @@ fn lbctl_flows_lists_filters_and_stops_at_the_limit() -> Result<()> {
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn events_tell_what_happened_and_follow_streams_them() -> Result<()> {
+    if !require_root("events_tell_what_happened_and_follow_streams_them") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    let mut follower = lbd.lbctl_spawn(&["events", "--follow", "--json"])?;
+    let stdout = follower.stdout.take().context("the follower's stdout")?;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let lines = seen.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(mut l) = lines.lock() {
+                l.push(line);
+            }
+        }
+    });
+
+    lbd.lbctl(&["uplink", "disable", "isp1"])?;
+    lbd.lbctl(&["uplink", "enable", "isp1"])?;
+    lab.set_link_up("isp1", "down0", false)?;
+    let has = |kind: &str, text: &str| {
+        seen.lock().is_ok_and(|l| {
+            l.iter()
+                .any(|e| e.contains(&format!("\"kind\":\"{kind}\"")) && e.contains(text))
+        })
+    };
+    let heard = lb_tests::stream::wait_for(
+        "the follower to hear it all",
+        Duration::from_secs(10),
+        || {
+            Ok(has("operator", "uplink isp1 disabled")
+                && has("operator", "uplink isp1 enabled")
+                && has("health", "carrier lost on wan1")
+                && has("lifecycle", "waiting for carrier"))
+        },
+    );
+    if heard.is_err() {
+        eprintln!("the follower heard: {:?}", seen.lock().map(|l| l.clone()));
+    }
+    heard?;
+    let _ = follower.kill();
+    let _ = follower.wait();
+    // The history holds it too, from lbd's start on.
+    let history = lbd.lbctl(&["events"])?;
+    eprintln!("{history}");
+    for needle in ["started", "disabled", "carrier lost on wan1"] {
+        ensure!(history.contains(needle), "no {needle:?} in:\n{history}");
+    }
+    lab.set_link_up("isp1", "down0", true)?;
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}

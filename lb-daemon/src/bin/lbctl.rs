@@ -25,6 +25,13 @@ struct Args {
 enum Command {
     /// Uplinks with their state and counters.
     Status,
+    /// What happened recently: health transitions, lifecycle changes,
+    /// operator actions, address and gateway changes.
+    Events {
+        /// Then keep printing new events as they happen (Ctrl-C ends).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Connections in the flow table: client, remote, NAT address and
     /// port, uplink, state, idle time.
     Flows {
@@ -65,6 +72,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let request = match args.command {
         Command::Status => Request::Status,
+        Command::Events { follow } => {
+            return events(&args.socket, follow, args.json);
+        }
         Command::Flows {
             uplink,
             client,
@@ -113,6 +123,10 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Ok(Response::Events(_) | Response::Event(_)) => {
+            eprintln!("lbctl: lbd sent events to a request for something else");
+            ExitCode::from(1)
+        }
         Ok(Response::Done { message }) => {
             if args.json {
                 println!("{}", serde_json::json!({ "ok": true, "message": message }));
@@ -130,6 +144,58 @@ fn main() -> ExitCode {
             ExitCode::from(3)
         }
         Err(e) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `lbctl events [--follow]`: one line an event.
+fn events(socket: &std::path::Path, follow: bool, json: bool) -> ExitCode {
+    let print = |e: &lb_daemon::events::Event| {
+        if json {
+            if let Ok(line) = serde_json::to_string(e) {
+                println!("{line}");
+            }
+        } else {
+            println!(
+                "{}  {:<9} {:<8} {}",
+                e.at,
+                e.kind,
+                e.uplink.as_deref().unwrap_or("-"),
+                e.message
+            );
+        }
+    };
+    let mut failed = None;
+    // A follower waits as long as it takes for the next event.
+    let timeout = (!follow).then(|| std::time::Duration::from_secs(5));
+    let result = api::call_stream(socket, &Request::Events { follow }, timeout, |reply| {
+        match reply {
+            Response::Events(list) => list.iter().for_each(print),
+            Response::Event(e) => print(&e),
+            Response::Error { message } => {
+                failed = Some(message);
+                return false;
+            }
+            _ => {
+                failed = Some("lbd sent something else than events".into());
+                return false;
+            }
+        }
+        follow
+    });
+    match (result, failed) {
+        (Ok(()), None) => ExitCode::SUCCESS,
+        (Ok(()), Some(message)) => {
+            eprintln!("lbctl: {message}");
+            ExitCode::from(1)
+        }
+        (Err(e @ ClientError::NotRunning { .. }), _) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::from(3)
+        }
+        (Err(e), _) => {
             eprintln!("lbctl: {e}");
             ExitCode::from(1)
         }

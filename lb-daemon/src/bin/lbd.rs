@@ -263,6 +263,10 @@ async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, changed: Arc<toki
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if let Ok(Request::Events { follow: true }) = serde_json::from_str::<Request>(&line) {
+            follow_events(&mut write, &daemon).await;
+            return;
+        }
         let response = match serde_json::from_str::<Request>(&line) {
             // A status walks the flow table: let the runtime move other
             // tasks off this thread meanwhile.
@@ -285,6 +289,37 @@ async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, changed: Arc<toki
         if write.write_all(&out).await.is_err() {
             break;
         }
+    }
+}
+
+/// `lbctl events --follow`: the recent events, then each new one, until
+/// the client goes. A follower too slow to keep up is told how many it
+/// missed.
+async fn follow_events(write: &mut tokio::net::unix::OwnedWriteHalf, daemon: &Mutex<Daemon>) {
+    let Ok((recent, mut new)) = daemon.lock().map(|d| d.events()) else {
+        return;
+    };
+    let mut reply = Response::Events(recent);
+    loop {
+        let Ok(mut out) = serde_json::to_vec(&reply) else {
+            return;
+        };
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() {
+            return;
+        }
+        reply = match new.recv().await {
+            Ok(event) => Response::Event(event),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                Response::Event(lb_daemon::events::Event {
+                    at: lb_daemon::events::rfc3339(std::time::SystemTime::now()),
+                    kind: "daemon".into(),
+                    uplink: None,
+                    message: format!("{missed} events missed: this follower was too slow"),
+                })
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
     }
 }
 
@@ -317,6 +352,7 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
                 },
             }
         }
+        Request::Events { .. } => Response::Events(d.events().0),
         Request::Flows {
             uplink,
             client,
