@@ -25,6 +25,15 @@ pub enum Request {
     Events {
         follow: bool,
     },
+    /// Where a connection goes, and why.
+    Explain {
+        src: std::net::Ipv4Addr,
+        src_port: u16,
+        dst: std::net::Ipv4Addr,
+        dst_port: u16,
+        /// IP protocol number (6, 17, 1).
+        proto: u8,
+    },
     /// The flow table, filtered, at most `limit` flows.
     Flows {
         uplink: Option<String>,
@@ -56,6 +65,7 @@ pub enum Response {
     Events(Vec<crate::events::Event>),
     /// One new event, for a follower.
     Event(crate::events::Event),
+    Explained(Explanation),
     Done {
         message: String,
     },
@@ -174,6 +184,20 @@ pub struct Reaction {
     /// When the data plane had it, on the machine's monotonic clock
     /// (`CLOCK_MONOTONIC`, ns), to line it up with what other processes saw.
     pub applied_monotonic_ns: u64,
+}
+
+/// Where a connection goes and why (`lbctl explain`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Explanation {
+    /// `existing` (a flow pinned already), `kernel` (left to the kernel),
+    /// `new` (a new flow, steered), `dropped` (no uplink takes it).
+    pub verdict: String,
+    /// The uplink it leaves by, if it is balanced.
+    pub uplink: Option<String>,
+    /// The bucket its hash falls into, for a new flow.
+    pub bucket: Option<u32>,
+    /// The reasons, for people.
+    pub why: Vec<String>,
 }
 
 /// Flows of the flow table, as `lbctl flows` shows them.

@@ -72,6 +72,15 @@ impl FlowTables {
         Ok(self.flows.iter().filter_map(Result::ok))
     }
 
+    /// The flow of `key`, if the table has it.
+    pub fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        match self.flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading FLOWS"),
+        }
+    }
+
     /// Flows pinned to each uplink now, by uplink index.
     pub fn count_by_uplink(&self) -> Result<Vec<u64>> {
         let mut counts = vec![0u64; self.uplink_addrs.len()];

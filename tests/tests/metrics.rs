@@ -239,3 +239,62 @@ fn events_tell_what_happened_and_follow_streams_them() -> Result<()> {
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn explain_predicts_where_connections_go() -> Result<()> {
+    if !require_root("explain_predicts_where_connections_go") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    let sink = lb_tests::stream::Sink::start(&lab)?;
+    let explain = |args: &[&str]| -> Result<serde_json::Value> {
+        let mut all = vec!["explain", "--json"];
+        all.extend_from_slice(args);
+        Ok(serde_json::from_str(&lbd.lbctl(&all)?)?)
+    };
+    let nat = |uplink: &serde_json::Value| -> Result<[u8; 4]> {
+        match uplink.as_str() {
+            Some("isp1") => Ok([100, 64, 1, 2]),
+            Some("isp2") => Ok([100, 64, 2, 2]),
+            other => anyhow::bail!("uplink {other:?}"),
+        }
+    };
+    // New flows: the prediction is where they really go.
+    for port in 8100..8110u16 {
+        let src = format!("10.10.0.2:{port}");
+        let said = explain(&[&src, "198.51.100.10:9000", "udp"])?;
+        ensure!(
+            said["verdict"] == "new" && said["bucket"].is_u64(),
+            "{said}"
+        );
+        let want = nat(&said["uplink"])?;
+        ensure!(
+            lb_tests::stream::port_on(&lab, &sink, want, port)? == port,
+            "port {port}: explain said {}, it went elsewhere",
+            said["uplink"]
+        );
+        // Now it is an existing flow, on the same uplink.
+        let again = explain(&[&src, "198.51.100.10:9000", "udp"])?;
+        ensure!(
+            again["verdict"] == "existing" && again["uplink"] == said["uplink"],
+            "{again}"
+        );
+    }
+    // The router and the LAN are the kernel's.
+    for dst in ["10.10.0.1:22", "10.10.0.3:80"] {
+        let said = explain(&["10.10.0.2:5555", dst])?;
+        ensure!(said["verdict"] == "kernel", "{dst}: {said}");
+    }
+    // With isp1 out, a flow of its buckets goes to isp2, and says why.
+    lbd.lbctl(&["uplink", "disable", "isp1"])?;
+    let said = explain(&["10.10.0.2:9999", "198.51.100.10:443"])?;
+    ensure!(said["uplink"] == "isp2", "{said}");
+    println!(
+        "{}",
+        lbd.lbctl(&["explain", "10.10.0.2:9999", "198.51.100.10:443"])?
+    );
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}

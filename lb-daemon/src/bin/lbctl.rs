@@ -32,6 +32,20 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Where a connection goes, and why: an existing flow's uplink, left
+    /// to the kernel, or a new flow's bucket and uplink. Decided by the data
+    /// plane's own code on its own state.
+    Explain {
+        /// The client: ADDRESS[:PORT] (ICMP echo: the identifier as port).
+        #[arg(value_parser = endpoint)]
+        src: (std::net::Ipv4Addr, u16),
+        /// The remote end: ADDRESS[:PORT].
+        #[arg(value_parser = endpoint)]
+        dst: (std::net::Ipv4Addr, u16),
+        /// tcp, udp or icmp.
+        #[arg(default_value = "tcp", value_parser = ["tcp", "udp", "icmp"])]
+        proto: String,
+    },
     /// Connections in the flow table: client, remote, NAT address and
     /// port, uplink, state, idle time.
     Flows {
@@ -72,6 +86,18 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let request = match args.command {
         Command::Status => Request::Status,
+        Command::Explain { src, dst, proto } => Request::Explain {
+            src: src.0,
+            src_port: src.1,
+            dst: dst.0,
+            // ICMP echo has no destination port.
+            dst_port: if proto == "icmp" { 0 } else { dst.1 },
+            proto: match proto.as_str() {
+                "udp" => 17,
+                "icmp" => 1,
+                _ => 6,
+            },
+        },
         Command::Events { follow } => {
             return events(&args.socket, follow, args.json);
         }
@@ -123,6 +149,27 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Ok(Response::Explained(e)) => {
+            if args.json {
+                match serde_json::to_string_pretty(&e) {
+                    Ok(s) => println!("{s}"),
+                    Err(err) => {
+                        eprintln!("lbctl: {err}");
+                        return ExitCode::from(1);
+                    }
+                }
+            } else {
+                println!(
+                    "{}{}",
+                    e.verdict,
+                    e.uplink.map(|u| format!(" via {u}")).unwrap_or_default()
+                );
+                for why in &e.why {
+                    println!("  {why}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Ok(Response::Events(_) | Response::Event(_)) => {
             eprintln!("lbctl: lbd sent events to a request for something else");
             ExitCode::from(1)
@@ -148,6 +195,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `ADDRESS[:PORT]`, the port 0 when left out.
+fn endpoint(text: &str) -> Result<(std::net::Ipv4Addr, u16), String> {
+    let (addr, port) = text.split_once(':').unwrap_or((text, "0"));
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("expected an IPv4 ADDRESS[:PORT], got {text:?}"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("expected a port (0-65535) after ':', got {text:?}"))?;
+    Ok((addr, port))
 }
 
 /// `lbctl events [--follow]`: one line an event.

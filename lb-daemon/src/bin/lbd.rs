@@ -353,6 +353,28 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
             }
         }
         Request::Events { .. } => Response::Events(d.events().0),
+        Request::Explain {
+            src,
+            src_port,
+            dst,
+            dst_port,
+            proto,
+        } => {
+            let key = lb_common::maps::FlowKey {
+                src_addr: src.octets(),
+                dst_addr: dst.octets(),
+                src_port: src_port.to_be_bytes(),
+                dst_port: dst_port.to_be_bytes(),
+                proto,
+                _pad: [0; 3],
+            };
+            match d.explain(&key) {
+                Ok(e) => Response::Explained(e),
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
         Request::Flows {
             uplink,
             client,
