@@ -54,6 +54,18 @@ enum LabAction {
     },
     /// Tear the lab down; safe to run twice or after a crash.
     Down,
+    /// Fail an ISP in the running lab, to watch lb fail over (`lbctl
+    /// status`, `lbctl events --follow`): `upstream` cuts the ISP from the
+    /// internet while its gateway still answers; `carrier` takes the
+    /// router's uplink's carrier away.
+    Fail {
+        /// isp1, isp2, ...
+        isp: String,
+        #[arg(value_enum, default_value = "upstream")]
+        how: run::Failure,
+    },
+    /// Undo `lab fail`: the ISP's links come back up.
+    Restore { isp: String },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +80,12 @@ fn main() -> ExitCode {
         Command::Lab {
             action: LabAction::Down,
         } => run::lab_down(),
+        Command::Lab {
+            action: LabAction::Fail { isp, how },
+        } => run::lab_fail(&isp, how),
+        Command::Lab {
+            action: LabAction::Restore { isp },
+        } => run::lab_restore(&isp),
         Command::Test => test::run(),
         Command::Bench(args) => bench::run(&args),
     };

@@ -31,6 +31,80 @@ pub fn lab_up(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// How `lab fail` fails an ISP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Failure {
+    /// The ISP's link to the internet goes down; its gateway still answers.
+    Upstream,
+    /// The ISP's end of the router's uplink goes down: no carrier.
+    Carrier,
+}
+
+/// The ISP host `isp` of the running lab (`lb-isp1`, ...), checked.
+fn isp_ns(isp: &str) -> Result<String> {
+    anyhow::ensure!(
+        isp.starts_with("isp") && isp[3..].parse::<u8>().is_ok(),
+        "expected an ISP like isp1, got {isp:?}"
+    );
+    let ns = format!("{PREFIX}{isp}");
+    let existing = Command::new("ip").args(["netns", "list"]).output()?;
+    anyhow::ensure!(
+        String::from_utf8_lossy(&existing.stdout)
+            .split_whitespace()
+            .any(|n| n == ns),
+        "no namespace {ns}: is the lab up (`cargo xtask run` or `cargo xtask lab up`)?"
+    );
+    Ok(ns)
+}
+
+fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .status()
+        .context("running ip")?;
+    anyhow::ensure!(status.success(), "`ip -n {ns} {}` failed", args.join(" "));
+    Ok(())
+}
+
+pub fn lab_fail(isp: &str, how: Failure) -> Result<()> {
+    let ns = isp_ns(isp)?;
+    let ifname = match how {
+        Failure::Upstream => "up0",
+        Failure::Carrier => "down0",
+    };
+    ip_in(&ns, &["link", "set", "dev", ifname, "down"])?;
+    println!(
+        "lab: {isp}'s {ifname} is down ({}); watch `lbctl status` and `lbctl events --follow`; `cargo xtask lab restore {isp}` undoes it",
+        match how {
+            Failure::Upstream => "cut from the internet, its gateway still answers",
+            Failure::Carrier => "the router's uplink lost its carrier",
+        }
+    );
+    Ok(())
+}
+
+pub fn lab_restore(isp: &str) -> Result<()> {
+    let ns = isp_ns(isp)?;
+    for ifname in ["down0", "up0"] {
+        ip_in(&ns, &["link", "set", "dev", ifname, "up"])?;
+    }
+    // Taking up0 down deleted the ISP's default route through it.
+    let n = &isp[3..];
+    ip_in(
+        &ns,
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &format!("100.65.{n}.2"),
+        ],
+    )?;
+    println!("lab: {isp}'s links are up again; lb takes it back after `rise` good probe rounds");
+    Ok(())
+}
+
 pub fn lab_down() -> Result<()> {
     let removed = Lab::down(PREFIX)?;
     if removed.is_empty() {

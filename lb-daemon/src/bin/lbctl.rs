@@ -24,7 +24,11 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Uplinks with their state and counters.
-    Status,
+    Status {
+        /// Refresh every second, with per-uplink rates (Ctrl-C ends).
+        #[arg(long)]
+        watch: bool,
+    },
     /// What happened recently: health transitions, lifecycle changes,
     /// operator actions, address and gateway changes.
     Events {
@@ -85,7 +89,8 @@ enum UplinkCommand {
 fn main() -> ExitCode {
     let args = Args::parse();
     let request = match args.command {
-        Command::Status => Request::Status,
+        Command::Status { watch: true } => return watch(&args.socket),
+        Command::Status { watch: false } => Request::Status,
         Command::Explain { src, dst, proto } => Request::Explain {
             src: src.0,
             src_port: src.1,
@@ -194,6 +199,55 @@ fn main() -> ExitCode {
             eprintln!("lbctl: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `lbctl status --watch`: the status every second, with the rates since
+/// the last one.
+fn watch(socket: &std::path::Path) -> ExitCode {
+    let mut last: Option<(std::time::Instant, Status)> = None;
+    loop {
+        let status = match api::call(socket, &Request::Status) {
+            Ok(Response::Status(s)) => s,
+            Ok(Response::Error { message }) => {
+                eprintln!("lbctl: {message}");
+                return ExitCode::from(1);
+            }
+            Ok(_) => {
+                eprintln!("lbctl: lbd sent something else than a status");
+                return ExitCode::from(1);
+            }
+            Err(e @ ClientError::NotRunning { .. }) => {
+                eprintln!("lbctl: {e}");
+                return ExitCode::from(3);
+            }
+            Err(e) => {
+                eprintln!("lbctl: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let now = std::time::Instant::now();
+        // Clear the terminal, then the status and the rates.
+        print!("\x1b[2J\x1b[H");
+        print_status(&status);
+        if let Some((then, before)) = &last {
+            let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
+            println!("\nrates over the last {secs:.1} s:");
+            for (u, b) in status.uplinks.iter().zip(&before.uplinks) {
+                let rate = |now: u64, was: u64| now.saturating_sub(was) as f64 / secs;
+                println!(
+                    "  {:<10} tx {:>10.0} pkt/s {:>10.2} Mbit/s   rx {:>10.0} pkt/s {:>10.2} Mbit/s   {:>6.0} new flows/s",
+                    u.name,
+                    rate(u.tx_packets, b.tx_packets),
+                    rate(u.tx_bytes, b.tx_bytes) * 8.0 / 1e6,
+                    rate(u.rx_packets, b.rx_packets),
+                    rate(u.rx_bytes, b.rx_bytes) * 8.0 / 1e6,
+                    rate(u.new_flows, b.new_flows),
+                );
+            }
+        }
+        last = Some((now, status));
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
