@@ -25,6 +25,8 @@ pub enum Request {
     Events {
         follow: bool,
     },
+    /// Re-read the configuration file and take it up (as SIGHUP does).
+    Reload,
     /// Where a connection goes, and why.
     Explain {
         src: std::net::Ipv4Addr,

@@ -1085,7 +1085,118 @@ impl Daemon {
     }
 }
 
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconfigured {
+    /// Applied in place: what changed.
+    Applied(Vec<String>),
+    /// Changes lbd takes up only by starting again (it then adopts its own
+    /// data plane: no flow is dropped): what they are.
+    NeedsRestart(Vec<String>),
+}
+
 impl Daemon {
+    /// Take up configuration `new` (already validated whole). What can
+    /// change in place does, with the data plane converged after it, and
+    /// existing flows untouched: weights, tiers, health settings and
+    /// probes, gateways, the classifier mode, NAT ports, flow timeouts,
+    /// hooks. Anything else (uplinks added, removed or renamed, the LANs,
+    /// routing, metrics, socket, pin directory, flow table size) is left
+    /// for a restart, which is said.
+    pub fn reconfigure(&mut self, new: Config) -> Result<Reconfigured> {
+        let old = &self.config;
+        let mut restart = Vec::new();
+        let uplinks = |c: &Config| -> Vec<(String, String)> {
+            c.uplinks
+                .iter()
+                .map(|u| (u.name.clone(), u.interface.clone()))
+                .collect()
+        };
+        if uplinks(old) != uplinks(&new) {
+            restart.push("the uplinks (added, removed, renamed or moved)".to_string());
+        }
+        if old.lans != new.lans {
+            restart.push("the LANs".into());
+        }
+        if old.routing != new.routing {
+            restart.push("[routing]".into());
+        }
+        if old.metrics != new.metrics {
+            restart.push("[metrics]".into());
+        }
+        if old.daemon.socket != new.daemon.socket || old.daemon.bpffs != new.daemon.bpffs {
+            restart.push("[daemon] socket or bpffs".into());
+        }
+        if old.flows.max != new.flows.max {
+            restart.push("[flows] max (the size of the pinned flow table)".into());
+        }
+        if !restart.is_empty() {
+            return Ok(Reconfigured::NeedsRestart(restart));
+        }
+
+        let mut done = Vec::new();
+        for (u, cfg) in self.uplinks.iter_mut().zip(&new.uplinks) {
+            if u.cfg.weight != cfg.weight {
+                done.push(format!(
+                    "{}: weight {} -> {}",
+                    cfg.name, u.cfg.weight, cfg.weight
+                ));
+                u.weight = cfg.weight;
+            }
+            if u.cfg.tier != cfg.tier {
+                done.push(format!("{}: tier {} -> {}", cfg.name, u.cfg.tier, cfg.tier));
+            }
+            if u.cfg.gateway != cfg.gateway {
+                done.push(format!(
+                    "{}: gateway {} -> {}",
+                    cfg.name, u.cfg.gateway, cfg.gateway
+                ));
+            }
+            if u.cfg.health != cfg.health || u.cfg.probes != cfg.probes {
+                done.push(format!("{}: health checks", cfg.name));
+                // A new monitor, starting from the health it had.
+                u.monitor = None;
+            }
+            u.cfg = cfg.clone();
+        }
+        if old.balance != new.balance {
+            self.dataplane
+                .set_classifier(self.dataplane.seed(), mode_number(new.balance.mode))?;
+            done.push(format!(
+                "classifier {} -> {} (new flows)",
+                old.balance.mode, new.balance.mode
+            ));
+        }
+        if old.nat != new.nat {
+            self.dataplane
+                .set_nat_ports((new.nat.port_min, new.nat.port_max), self.local_ports)?;
+            done.push("NAT ports (new flows)".into());
+        }
+        if old.flows != new.flows {
+            if let Ok(mut tables) = self.flow_tables.lock() {
+                tables.set_timeouts(new.flows);
+            }
+            done.push("flow timeouts".into());
+        }
+        if old.daemon.hooks != new.daemon.hooks
+            || old.daemon.hook_timeout != new.daemon.hook_timeout
+        {
+            done.push("hooks".into());
+        }
+        self.config = new;
+        for i in 0..self.uplinks.len() {
+            self.monitor(i)?;
+        }
+        self.apply()?;
+        let said = if done.is_empty() {
+            "reloaded: nothing changed".to_string()
+        } else {
+            format!("reloaded: {}", done.join("; "))
+        };
+        self.history.say("daemon", None, said);
+        Ok(Reconfigured::Applied(done))
+    }
+
     /// Where a connection goes and why, decided by the data plane's own
     /// code (`lb_common::hash` and `lb_common::table::steer`) on the data
     /// plane's own state: its flow table, the destinations it leaves to

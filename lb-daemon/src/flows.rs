@@ -47,6 +47,11 @@ impl FlowTables {
         }
     }
 
+    /// New idle timeouts (a reload).
+    pub fn set_timeouts(&mut self, timeouts: FlowConfig) {
+        self.timeouts = timeouts;
+    }
+
     /// The uplinks' NAT addresses now, by uplink index (unspecified for one
     /// without an address).
     pub fn set_uplink_addrs(&mut self, addrs: Vec<Ipv4Addr>) {

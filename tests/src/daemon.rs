@@ -149,10 +149,22 @@ impl Lbd {
     /// As [`Lbd::restart`], with another configuration (an operator's
     /// change between two runs).
     pub fn restart_with(&mut self, lab: &mut Lab, config: &str) -> Result<()> {
+        self.write_config(lab, config)?;
+        self.restart(lab)
+    }
+
+    /// Replace the configuration file (for a reload).
+    pub fn write_config(&self, lab: &Lab, config: &str) -> Result<()> {
         let (text, _, _) = fill(config, lab, &self.dir);
         std::fs::write(&self.config, text)
-            .with_context(|| format!("writing {}", self.config.display()))?;
-        self.restart(lab)
+            .with_context(|| format!("writing {}", self.config.display()))
+    }
+
+    /// Send lbd a signal (`HUP`, ...).
+    pub fn signal(&self, lab: &Lab, signal: &str) -> Result<()> {
+        let pid = self.pid.to_string();
+        lab.exec("router", &["kill", &format!("-{signal}"), &pid])
+            .map(|_| ())
     }
 
     /// Stop lbd with SIGTERM, as a restart or an upgrade does: the data

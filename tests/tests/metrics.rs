@@ -298,3 +298,120 @@ fn explain_predicts_where_connections_go() -> Result<()> {
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+/// A numbered stream through the lab, and a check that it lost nothing and
+/// kept its address.
+fn steady_stream(
+    lab: &Lab,
+    sink: &lb_tests::stream::Sink,
+    port: u16,
+) -> Result<(lb_tests::stream::Stream, [u8; 4])> {
+    let stream = lb_tests::stream::Stream::start(lab, port, Duration::from_millis(10))?;
+    lb_tests::stream::wait_for("the stream", Duration::from_secs(10), || {
+        Ok(sink.stream(port).len() >= 10)
+    })?;
+    let via = sink.stream(port)[0].2;
+    Ok((stream, via))
+}
+
+fn unbroken(
+    sink: &lb_tests::stream::Sink,
+    stream: &lb_tests::stream::Stream,
+    via: [u8; 4],
+) -> Result<()> {
+    let upto = stream.sent() + 10;
+    let lost = lb_tests::stream::lost_before(sink, stream, upto)?;
+    ensure!(lost.is_empty(), "the stream lost {} datagrams", lost.len());
+    ensure!(
+        sink.stream(stream.port()).iter().all(|&(_, _, a)| a == via),
+        "the stream changed address"
+    );
+    Ok(())
+}
+
+#[test]
+fn reload_applies_changes_in_place_and_refuses_a_bad_file() -> Result<()> {
+    if !require_root("reload_applies_changes_in_place_and_refuses_a_bad_file") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    let sink = lb_tests::stream::Sink::start(&lab)?;
+    let (stream, via) = steady_stream(&lab, &sink, 8300)?;
+
+    let weighted = |w: &str| {
+        LabConfig {
+            uplinks: &[(1, w), (2, "")],
+            ..LabConfig::default()
+        }
+        .render()
+    };
+    lbd.write_config(&lab, &weighted("weight = 3"))?;
+    let said = lbd.lbctl(&["reload"])?;
+    ensure!(said.contains("isp1: weight 1 -> 3"), "{said}");
+    let status = lbd.status()?;
+    ensure!(
+        status["uplinks"][0]["buckets"] == 3072 && status["uplinks"][1]["buckets"] == 1024,
+        "buckets after the reload: {status}"
+    );
+
+    // A bad file: refused with what --check says, nothing changed.
+    lbd.write_config(&lab, &weighted("weight = \"x\""))?;
+    let refused = lbd
+        .lbctl(&["reload"])
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    eprintln!("{refused}");
+    ensure!(
+        refused.contains("nothing changed")
+            && refused.contains("weight")
+            && refused.contains("lbd.toml:"),
+        "a bad file was not refused as --check would: {refused:?}"
+    );
+    ensure!(
+        lbd.status()?["uplinks"][0]["weight"] == 3,
+        "the bad file changed something"
+    );
+
+    // SIGHUP does the same.
+    lbd.write_config(&lab, &weighted("weight = 5"))?;
+    lbd.signal(&lab, "HUP")?;
+    lb_tests::stream::wait_for("SIGHUP's reload", Duration::from_secs(10), || {
+        Ok(lbd.status()?["uplinks"][0]["weight"] == 5)
+    })?;
+    unbroken(&sink, &stream, via)?;
+    drop(stream);
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn reload_with_an_uplink_added_starts_again_without_dropping_a_flow() -> Result<()> {
+    if !require_root("reload_with_an_uplink_added_starts_again_without_dropping_a_flow") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let alone = LabConfig {
+        uplinks: &[(1, "")],
+        ..LabConfig::default()
+    };
+    let lbd = Lbd::start(&mut lab, &alone.render())?;
+    let sink = lb_tests::stream::Sink::start(&lab)?;
+    let (stream, via) = steady_stream(&lab, &sink, 8400)?;
+    lbd.write_config(&lab, &LabConfig::default().render())?;
+    let said = lbd.lbctl(&["reload"])?;
+    eprintln!("{said}");
+    ensure!(said.contains("starting again"), "{said}");
+    lb_tests::stream::wait_for("isp2 in service", Duration::from_secs(20), || {
+        Ok(lbd
+            .status()
+            .is_ok_and(|s| s["uplinks"][1]["lifecycle"] == "in service"))
+    })?;
+    unbroken(&sink, &stream, via)?;
+    drop(stream);
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}

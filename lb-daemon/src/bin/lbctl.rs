@@ -36,6 +36,9 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Re-read lbd's configuration file and take it up without dropping a
+    /// flow (as SIGHUP does); an invalid file changes nothing.
+    Reload,
     /// Where a connection goes, and why: an existing flow's uplink, left
     /// to the kernel, or a new flow's bucket and uplink. Decided by the data
     /// plane's own code on its own state.
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
     let request = match args.command {
         Command::Status { watch: true } => return watch(&args.socket),
         Command::Status { watch: false } => Request::Status,
+        Command::Reload => Request::Reload,
         Command::Explain { src, dst, proto } => Request::Explain {
             src: src.0,
             src_port: src.1,

@@ -20,7 +20,7 @@ use clap::Parser;
 use lb_daemon::{
     api::{Request, Response},
     config,
-    daemon::{self, Daemon, KernelLink},
+    daemon::{self, Daemon, KernelLink, Reconfigured},
     flows::FlowTables,
     metrics,
 };
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match runtime.block_on(run(config, local_ports)) {
+    match runtime.block_on(run(config, local_ports, args.config.clone())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lbd: {e:#}");
@@ -123,7 +123,7 @@ const GC_INTERVAL: Duration = Duration::from_secs(1);
 /// a safety net, and the pace of asking for unresolved gateways.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
-async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
+async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathBuf) -> Result<()> {
     log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
     let socket = config.daemon.socket.clone();
     let listener = bind_control_socket(&socket)?;
@@ -157,10 +157,27 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
     let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let reloader = Reloader {
+        path: config_path,
+        local_ports,
+        changed: kernel.changed.clone(),
+    };
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                let (said, restart) = tokio::task::block_in_place(|| reloader.reload(&daemon));
+                match said {
+                    Response::Error { message } => log::error!("reload (SIGHUP) refused: {message}"),
+                    Response::Done { message } => log::info!("{message}"),
+                    _ => {}
+                }
+                if restart {
+                    reloader.restart_in_place(&socket);
+                }
+            },
             _ = gc.tick() => if gc_task.as_ref().is_none_or(|t| t.is_finished()) {
                 let collector = collector.clone();
                 gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&collector)));
@@ -178,7 +195,7 @@ async fn run(config: config::Config, local_ports: (u16, u16)) -> Result<()> {
             },
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, daemon.clone(), kernel.changed.clone()));
+                    tokio::spawn(serve(stream, daemon.clone(), kernel.changed.clone(), reloader.clone()));
                 }
                 Err(e) => log::warn!("control socket accept failed: {e}"),
             },
@@ -259,13 +276,33 @@ fn bind_control_socket(path: &Path) -> Result<UnixListener> {
 
 /// Answer requests on one connection, one JSON line each; an operator's
 /// change wakes the reconciler (`changed`) for the kernel's side of it.
-async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, changed: Arc<tokio::sync::Notify>) {
+async fn serve(
+    stream: UnixStream,
+    daemon: Arc<Mutex<Daemon>>,
+    changed: Arc<tokio::sync::Notify>,
+    reloader: Reloader,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         if let Ok(Request::Events { follow: true }) = serde_json::from_str::<Request>(&line) {
             follow_events(&mut write, &daemon).await;
             return;
+        }
+        if let Ok(Request::Reload) = serde_json::from_str::<Request>(&line) {
+            let (said, restart) = tokio::task::block_in_place(|| reloader.reload(&daemon));
+            if let Ok(mut out) = serde_json::to_vec(&said) {
+                out.push(b'\n');
+                let _ = write.write_all(&out).await;
+                let _ = write.flush().await;
+            }
+            if restart {
+                let socket = daemon.lock().map(|d| d.config.daemon.socket.clone());
+                if let Ok(socket) = socket {
+                    reloader.restart_in_place(&socket);
+                }
+            }
+            continue;
         }
         let response = match serde_json::from_str::<Request>(&line) {
             // A status walks the flow table: let the runtime move other
@@ -289,6 +326,81 @@ async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, changed: Arc<toki
         if write.write_all(&out).await.is_err() {
             break;
         }
+    }
+}
+
+/// Reloads: SIGHUP and `lbctl reload`.
+#[derive(Clone)]
+struct Reloader {
+    path: PathBuf,
+    local_ports: (u16, u16),
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Reloader {
+    /// Re-read and validate the file whole, then take it up: in place, or
+    /// (`true`) by starting again. An invalid file changes nothing and is
+    /// refused with what `lbd --check` would say.
+    fn reload(&self, daemon: &Mutex<Daemon>) -> (Response, bool) {
+        let refuse = |message: String| {
+            (
+                Response::Error {
+                    message: format!("reload refused, nothing changed: {message}"),
+                },
+                false,
+            )
+        };
+        let new = match config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => return refuse(e.to_string()),
+        };
+        if let Some(conflict) = config::nat_range_conflict(&new.nat, self.local_ports) {
+            return refuse(format!("{}: {conflict}", self.path.display()));
+        }
+        let Ok(mut d) = daemon.lock() else {
+            return refuse("daemon state is poisoned; restart lbd".into());
+        };
+        match d.reconfigure(new) {
+            Ok(Reconfigured::Applied(done)) => {
+                self.changed.notify_one();
+                let message = if done.is_empty() {
+                    "reloaded: nothing changed".to_string()
+                } else {
+                    format!("reloaded: {}", done.join("; "))
+                };
+                (Response::Done { message }, false)
+            }
+            Ok(Reconfigured::NeedsRestart(what)) => (
+                Response::Done {
+                    message: format!(
+                        "reloading by starting again, for {}: the new lbd adopts the data plane, no flow is dropped",
+                        what.join(", ")
+                    ),
+                },
+                true,
+            ),
+            Err(e) => refuse(format!("{e:#}")),
+        }
+    }
+
+    /// Start this lbd again in place (same pid, same arguments): the data
+    /// plane stays pinned and the new one adopts it. Returns only if that
+    /// fails.
+    fn restart_in_place(&self, socket: &Path) {
+        use std::os::unix::process::CommandExt as _;
+        log::info!("starting again to take up the new configuration (the data plane stays)");
+        let _ = std::fs::remove_file(socket);
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => {
+                log::error!("cannot find lbd's own executable to start again: {e}");
+                return;
+            }
+        };
+        let error = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec();
+        log::error!("starting again failed: {error}; this lbd goes on with the old configuration");
     }
 }
 
@@ -353,6 +465,10 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
             }
         }
         Request::Events { .. } => Response::Events(d.events().0),
+        // Answered by `serve` itself: it may start lbd again.
+        Request::Reload => Response::Error {
+            message: "reload is answered elsewhere".into(),
+        },
         Request::Explain {
             src,
             src_port,
