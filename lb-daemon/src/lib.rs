@@ -7,6 +7,7 @@ pub mod bench_support;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod docs;
 pub mod events;
 pub mod flows;
 pub mod health;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use lb_daemon::api::{self, ClientError, Request, Response, Status, UplinkAction};
 
 #[derive(Parser)]
-#[command(version, about = "Control and inspect the lb daemon")]
+#[command(name = "lbctl", version, about = "Control and inspect the lb daemon")]
 struct Args {
     /// lbd's control socket.
     #[arg(long, global = true, default_value = api::DEFAULT_SOCKET)]
@@ -36,6 +36,9 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Write lbctl's man page and shell completions into DIR (packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Re-read lbd's configuration file and take it up without dropping a
     /// flow (as SIGHUP does); an invalid file changes nothing.
     Reload,
@@ -95,6 +98,16 @@ fn main() -> ExitCode {
         Command::Status { watch: true } => return watch(&args.socket),
         Command::Status { watch: false } => Request::Status,
         Command::Reload => Request::Reload,
+        Command::GenerateDocs { dir } => {
+            use clap::CommandFactory as _;
+            return match lb_daemon::docs::generate(Args::command(), "1", &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lbctl: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Command::Explain { src, dst, proto } => Request::Explain {
             src: src.0,
             src_port: src.1,

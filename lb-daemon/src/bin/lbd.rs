@@ -34,6 +34,7 @@ const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
 #[command(
+    name = "lbd",
     version,
     about = "lb daemon: XDP multi-WAN load balancing with failover"
 )]
@@ -50,6 +51,10 @@ struct Args {
     /// the data plane forwarding for the next lbd to adopt.
     #[arg(long, conflicts_with = "check")]
     teardown: bool,
+    /// Write lbd's man page and shell completions into DIR, then exit (for
+    /// packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,16 @@ fn main() -> ExitCode {
     )
     .init();
     let args = Args::parse();
+    if let Some(dir) = &args.generate_docs {
+        use clap::CommandFactory as _;
+        return match lb_daemon::docs::generate(Args::command(), "8", dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbd: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -138,6 +153,8 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
         }
     };
     log::info!("ready; control socket {}", socket.display());
+    // systemd's Type=notify: ready now (nothing happens without systemd).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let reconciler = tokio::spawn(reconcile_forever(daemon.clone(), kernel.clone()));
     let metrics_listen = daemon.lock().ok().and_then(|d| d.config.metrics);
     if let Some(listen) = metrics_listen {
