@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod dist;
 mod run;
 mod setup;
 mod test;
@@ -27,6 +28,9 @@ enum Command {
     Setup,
     /// Build the XDP object and the lbd/lbctl binaries (release).
     Build,
+    /// Build the Debian package (target/dist/lb_VERSION_ARCH.deb): lbd,
+    /// lbctl, the systemd unit, man pages and completions.
+    Dist,
     /// Build, bring up the lab, start lbd in it, and wait for Ctrl-C.
     Run {
         /// Lab file from tests/labs (without .toml).
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Setup => setup::run(),
         Command::Build => build::release().map(|_| ()),
+        Command::Dist => dist::build().map(|_| ()),
         Command::Run { lab } => run::run(&lab),
         Command::Lab {
             action: LabAction::Up { lab },

@@ -31,6 +31,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("udhcpc", "udhcpc"),
     // Checks lbd's metrics as Prometheus would read them.
     ("promtool", "prometheus"),
+    // Build and check the package: dpkg-deb, man, systemd-analyze verify.
+    ("dpkg-deb", "dpkg"),
+    ("gzip", "gzip"),
+    ("man", "man-db"),
+    ("systemd-analyze", "systemd"),
 ];
 
 pub fn run() -> Result<()> {

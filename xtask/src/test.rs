@@ -25,6 +25,9 @@ pub fn run() -> Result<()> {
     cmd("cargo", &["build", "--package", "lb-daemon", "--bins"])?;
     println!("test: unit, BPF test-run and lab tests");
     cmd("cargo", &["test", "--", "--test-threads", "2"])?;
+    println!("test: the Debian package");
+    let deb = crate::dist::build()?;
+    crate::dist::check(&deb)?;
     println!("test: all passed");
     Ok(())
 }

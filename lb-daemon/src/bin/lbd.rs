@@ -36,7 +36,20 @@ const EXIT_CONFIG: u8 = 64;
 #[command(
     name = "lbd",
     version,
-    about = "lb daemon: XDP multi-WAN load balancing with failover"
+    about = "lb daemon: XDP multi-WAN load balancing with failover",
+    long_about = "lb daemon: XDP multi-WAN load balancing with failover.\n\n\
+        lbd spreads the LAN's new connections over the router's uplinks in an XDP \
+        program, NATs them to the chosen uplink's address and forwards them; it probes \
+        every uplink and moves new connections off one that fails. It follows the \
+        uplinks' interfaces, addresses and gateways as they come and go (DHCP, PPPoE, \
+        late modems).\n\n\
+        Signals: SIGHUP reloads the configuration (as `lbctl reload`; an invalid file \
+        changes nothing). SIGTERM and SIGINT stop lbd and leave the data plane \
+        forwarding, pinned in the bpffs directory, for the next lbd to adopt with its \
+        flows; `lbd --teardown` removes it.\n\n\
+        Files: /etc/lb/lbd.toml (configuration; every key is documented in \
+        /usr/share/doc/lb/examples/lbd.toml), /run/lb/lbd.sock (control socket, see \
+        lbctl(1)), /sys/fs/bpf/lb (the pinned data plane)."
 )]
 struct Args {
     /// Configuration file.
