@@ -4,10 +4,10 @@
 //! The package is staged as a plain tree and built with `dpkg-deb`, so
 //! what goes where is all in this file: the binaries, lbd's systemd unit
 //! (lb-daemon/packaging/lbd.service), man pages and completions generated from the
-//! clap definitions, and the example configuration. It ships no
-//! /etc/lb/lbd.toml: lbd on a router with the lab's interface names would
-//! do no good, so the unit waits (ConditionPathExists) until the operator
-//! writes one.
+//! clap definitions, and the commented example configuration as the
+//! conffile /etc/lb/lbd.toml. Installing enables nothing: lbd changes a
+//! router's forwarding only once the operator has edited the file and
+//! enabled the unit.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +18,8 @@ use crate::{cmd, root};
 
 const PACKAGE: &str = "lb";
 const UNIT: &str = "lib/systemd/system/lbd.service";
+/// The configuration, a conffile: an upgrade keeps the operator's edits.
+const CONFFILE: &str = "/etc/lb/lbd.toml";
 
 /// Build the package; returns its path.
 pub fn build() -> Result<PathBuf> {
@@ -38,12 +40,12 @@ pub fn build() -> Result<PathBuf> {
         &stage.join(UNIT),
         0o644,
     )?;
-    let doc = stage.join("usr/share/doc").join(PACKAGE);
     install(
         &root().join("lb-daemon/examples/lbd.toml"),
-        &doc.join("examples/lbd.toml"),
+        &stage.join(CONFFILE.trim_start_matches('/')),
         0o644,
     )?;
+    let doc = stage.join("usr/share/doc").join(PACKAGE);
     install(&root().join("README.md"), &doc.join("README.md"), 0o644)?;
     write(
         &doc.join("copyright"),
@@ -70,6 +72,11 @@ pub fn build() -> Result<PathBuf> {
              NATs and forwards them at line rate, probes every uplink and fails\n \
              over in well under a second. lbctl shows and steers it.\n"
         ),
+        0o644,
+    )?;
+    write(
+        &stage.join("DEBIAN/conffiles"),
+        &format!("{CONFFILE}\n"),
         0o644,
     )?;
     // An upgrade restarts a running lbd on the new binary; it adopts the
@@ -176,7 +183,12 @@ pub fn check(deb: &Path) -> Result<()> {
     let removed = cmd("dpkg", &["--purge", PACKAGE]);
     checked?;
     removed?;
-    for gone in ["/usr/sbin/lbd", "/usr/bin/lbctl", &format!("/{UNIT}")] {
+    for gone in [
+        "/usr/sbin/lbd",
+        "/usr/bin/lbctl",
+        &format!("/{UNIT}"),
+        CONFFILE,
+    ] {
         ensure!(
             !Path::new(gone).exists(),
             "{gone} is still there after dpkg --purge"
@@ -195,6 +207,16 @@ fn check_installed() -> Result<()> {
         "man lbd does not document --teardown"
     );
     output("man", &["-w", "lbctl-explain"])?;
+    let conffiles = output(
+        "dpkg-query",
+        &["--showformat=${Conffiles}", "--show", PACKAGE],
+    )?;
+    ensure!(
+        conffiles.contains(CONFFILE),
+        "{CONFFILE} is not a conffile: {conffiles:?}"
+    );
+    // The shipped example is a configuration lbd accepts.
+    output("lbd", &["--check", "--config", CONFFILE])?;
     let help = output("lbctl", &["--help"])?;
     for sub in ["status", "flows", "explain", "events", "reload", "uplink"] {
         ensure!(help.contains(sub), "lbctl --help does not list {sub}");

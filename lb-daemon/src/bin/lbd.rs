@@ -47,8 +47,8 @@ const EXIT_CONFIG: u8 = 64;
         changes nothing). SIGTERM and SIGINT stop lbd and leave the data plane \
         forwarding, pinned in the bpffs directory, for the next lbd to adopt with its \
         flows; `lbd --teardown` removes it.\n\n\
-        Files: /etc/lb/lbd.toml (configuration; every key is documented in \
-        /usr/share/doc/lb/examples/lbd.toml), /run/lb/lbd.sock (control socket, see \
+        Files: /etc/lb/lbd.toml (configuration; the package's copy documents every \
+        key), /run/lb/lbd.sock (control socket, see \
         lbctl(1)), /sys/fs/bpf/lb (the pinned data plane)."
 )]
 struct Args {
