@@ -169,6 +169,25 @@ pub struct UplinkStatus {
     /// How fast the last change of its state reached the data plane.
     #[serde(default)]
     pub last_change: Option<Reaction>,
+    /// Its volume quota and the usage in the current period, if it has one.
+    #[serde(default)]
+    pub quota: Option<QuotaStatus>,
+}
+
+/// An uplink's quota as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuotaStatus {
+    pub limit_bytes: u64,
+    pub used_bytes: u64,
+    /// day, week or month.
+    pub period: String,
+    /// When the current period began and the next begins (Unix seconds).
+    pub period_start: u64,
+    pub next_period: u64,
+    /// drain or disable.
+    pub action: String,
+    /// Whether it was reached in this period (its action taken).
+    pub reached: bool,
 }
 
 /// The path of one state change, from what lbd saw to the data plane.

@@ -96,7 +96,13 @@ pub struct DaemonConfig {
     /// Where the data plane is pinned (a bpffs directory): it outlives lbd
     /// there, and a starting lbd adopts it.
     pub bpffs: PathBuf,
+    /// Where lbd keeps what must outlive it besides the data plane: the
+    /// quotas' usage. Written only when an uplink has a quota.
+    pub state_dir: PathBuf,
 }
+
+/// Default state directory (systemd's `StateDirectory=lb`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
 
 /// Default pin directory of the data plane.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
@@ -108,6 +114,7 @@ impl Default for DaemonConfig {
             hooks: Vec::new(),
             hook_timeout: DEFAULT_HOOK_TIMEOUT,
             bpffs: PathBuf::from(DEFAULT_BPFFS),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
@@ -298,6 +305,8 @@ pub struct UplinkConfig {
     /// Zero or more, no two the same; with none, the uplink's health follows
     /// its link state only.
     pub probes: Vec<ProbeConfig>,
+    /// A volume cap and what reaching it does.
+    pub quota: Option<crate::quota::QuotaConfig>,
 }
 
 /// `[uplink.health]`
@@ -664,6 +673,7 @@ struct RawDaemon {
     hooks: Field,
     hook_timeout: Field,
     bpffs: Field,
+    state_dir: Field,
 }
 
 #[derive(Debug, Deserialize)]
@@ -716,6 +726,7 @@ struct RawUplink {
     gateway: Field,
     weight: Field,
     tier: Field,
+    quota: Field,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     probe: Vec<Spanned<RawProbe>>,
@@ -1062,11 +1073,21 @@ impl Checker<'_> {
                 Ok(PathBuf::from(path))
             })
             .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
+        let state_dir = self
+            .field(&raw.state_dir, "daemon", "state_dir", |v| {
+                let path = as_str(v)?;
+                if !path.starts_with('/') {
+                    return Err(format!("must be an absolute path, got {path:?}"));
+                }
+                Ok(PathBuf::from(path))
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         DaemonConfig {
             socket,
             hooks,
             hook_timeout,
             bpffs,
+            state_dir,
         }
     }
 
@@ -1240,6 +1261,7 @@ impl Checker<'_> {
         let tier = self
             .field(&u.tier, s, "tier", |v| as_int(v, 0, MAX_TIER))
             .unwrap_or(0);
+        let quota = self.field(&u.quota, s, "quota", parse_quota);
 
         // Valid probes with their place in the file.
         let mut probes: Vec<(usize, ProbeConfig)> = Vec::new();
@@ -1281,6 +1303,7 @@ impl Checker<'_> {
             tier,
             health,
             probes: probes.into_iter().map(|(_, p)| p).collect(),
+            quota,
         };
         (config, name_seen, interface_seen)
     }
@@ -1457,6 +1480,71 @@ fn describe(value: &Value) -> String {
         Value::Table(_) => "a table".to_owned(),
         _ => format!("{} {value}", value.type_str()),
     }
+}
+
+/// `quota = { bytes = "500GB", period = "month", reset_day = 1, action = "drain" }`:
+/// `bytes` required; a month from day 1, a week from Monday (1); drain.
+fn parse_quota(value: &Value) -> Result<crate::quota::QuotaConfig, String> {
+    use crate::quota::{parse_bytes, Action, Period, QuotaConfig};
+    const SHAPE: &str =
+        "write quota = { bytes = \"500GB\", period = \"month\", reset_day = 1, action = \"drain\" }";
+    let Value::Table(table) = value else {
+        return Err(format!(
+            "expected a table, got {}; {SHAPE}",
+            describe(value)
+        ));
+    };
+    if let Some(key) = table
+        .keys()
+        .find(|k| !["bytes", "period", "reset_day", "action"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown key {key:?} (bytes, period, reset_day, action)"
+        ));
+    }
+    let bytes = table
+        .get("bytes")
+        .ok_or_else(|| format!("the volume is missing; {SHAPE}"))
+        .and_then(|v| as_str(v).map_err(|e| format!("bytes: {e}")))
+        .and_then(|t| parse_bytes(t).map_err(|e| format!("bytes: {e}")))?;
+    let period = match table.get("period").map(as_str).transpose()? {
+        None | Some("month") => Period::Month,
+        Some("week") => Period::Week,
+        Some("day") => Period::Day,
+        Some(other) => {
+            return Err(format!(
+                "period: expected \"day\", \"week\" or \"month\", got {other:?}"
+            ))
+        }
+    };
+    let most = match period {
+        Period::Month => 28,
+        Period::Week => 7,
+        Period::Day => 1,
+    };
+    let reset_day = match table.get("reset_day") {
+        None => 1,
+        Some(v) => as_int(v, 1, most).map_err(|e| {
+            format!(
+                "reset_day: {e} (a month's day 1..=28, a week's 1 = Monday..=7; a day has none)"
+            )
+        })?,
+    };
+    let action = match table.get("action").map(as_str).transpose()? {
+        None | Some("drain") => Action::Drain,
+        Some("disable") => Action::Disable,
+        Some(other) => {
+            return Err(format!(
+                "action: expected \"drain\" or \"disable\", got {other:?}"
+            ))
+        }
+    };
+    Ok(QuotaConfig {
+        bytes,
+        period,
+        reset_day,
+        action,
+    })
 }
 
 fn as_str(value: &Value) -> Result<&str, String> {
@@ -1860,6 +1948,7 @@ gateway = "100.64.2.1"
                     max_rtt: None,
                 },
                 probes: vec![],
+                quota: None,
             }]
         );
     }
@@ -2029,6 +2118,41 @@ expect_status = 204
             "gateway = \"100.64.2.1\"\nweight = 1001",
         );
         assert_one(&text, line, "weight", "got 1001");
+    }
+
+    #[test]
+    fn quotas_parse_and_bad_ones_are_named() {
+        let with = |quota: &str| {
+            TWO.replace(
+                "gateway = \"100.64.2.1\"",
+                &format!("gateway = \"100.64.2.1\"\nquota = {quota}"),
+            )
+        };
+        let text =
+            with("{ bytes = \"500GB\", period = \"week\", reset_day = 7, action = \"disable\" }");
+        let config = parse(&text, "lbd.toml").expect("valid");
+        assert_eq!(
+            config.uplinks[1].quota,
+            Some(crate::quota::QuotaConfig {
+                bytes: 500_000_000_000,
+                period: crate::quota::Period::Week,
+                reset_day: 7,
+                action: crate::quota::Action::Disable,
+            })
+        );
+        assert_eq!(config.uplinks[0].quota, None);
+        for (quota, says) in [
+            ("\"500GB\"", "expected a table"),
+            ("{ period = \"month\" }", "the volume is missing"),
+            ("{ bytes = \"500\" }", "has no unit"),
+            ("{ bytes = \"5GB\", reset_day = 31 }", "reset_day"),
+            ("{ bytes = \"5GB\", period = \"year\" }", "period"),
+            ("{ bytes = \"5GB\", action = \"stop\" }", "action"),
+            ("{ bytes = \"5GB\", byte = 1 }", "unknown key \"byte\""),
+        ] {
+            let text = with(quota);
+            assert_one(&text, line_of(&text, "quota ="), "quota", says);
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{Reaction, Status, UplinkAction, UplinkStatus},
+    api::{QuotaStatus, Reaction, Status, UplinkAction, UplinkStatus},
     balancer::{self, Candidate},
     config::{ClassifierMode, Config, UplinkConfig, MAX_WEIGHT},
     dataplane::{AttachMode, Dataplane},
@@ -48,6 +48,7 @@ use crate::{
     netlink,
     pins::{Found, Pins},
     probe::{self, Binding, UplinkProbe},
+    quota::{self, Outcome, QuotaConfig},
     slowpath,
     uplink::{self, Admin, Facts, Lifecycle},
 };
@@ -198,6 +199,42 @@ pub struct Daemon {
     adopted_flows: Option<u64>,
     /// What happened, for `lbctl events`.
     history: crate::events::History,
+    /// The quotas' usage by uplink name, and whether it changed since it
+    /// was last written to the usage file, and when that was.
+    quota: quota::Book,
+    quota_unsaved: bool,
+    quota_saved: Instant,
+}
+
+/// How often the quotas' usage is written while it changes. What a crash
+/// loses of it is not lost: the next lbd reads the rest from the pinned
+/// data plane's counters.
+const QUOTA_SAVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The usage file in the state directory.
+const QUOTA_FILE: &str = "quota.json";
+
+/// What reaching quota `q` makes of the uplink.
+fn quota_admin(q: &QuotaConfig) -> Admin {
+    match q.action {
+        quota::Action::Drain => Admin::Drain,
+        quota::Action::Disable => Admin::Disabled,
+    }
+}
+
+fn admin_name(admin: Admin) -> &'static str {
+    match admin {
+        Admin::Enabled => "enabled",
+        Admin::Disabled => "disabled",
+        Admin::Drain => "drain",
+    }
+}
+
+/// Now, in Unix seconds (0 on a clock before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn mode_number(mode: ClassifierMode) -> u32 {
@@ -318,7 +355,11 @@ impl Daemon {
             table_written: false,
             adopted_flows: None,
             history: crate::events::History::default(),
+            quota: quota::Book::new(),
+            quota_unsaved: false,
+            quota_saved: Instant::now(),
         };
+        daemon.load_quota();
         daemon.history.say(
             "daemon",
             None,
@@ -851,6 +892,7 @@ impl Daemon {
         self.history.say("health", Some(&name), said);
         let u = &self.uplinks[event.uplink];
         let hook = hooks::Event {
+            kind: "health",
             uplink: u.cfg.name.clone(),
             interface: u.cfg.interface.clone(),
             state: now.to_string(),
@@ -902,6 +944,151 @@ impl Daemon {
         log::info!("{done} (operator)");
         self.history.say("operator", Some(name), done.clone());
         Ok(done)
+    }
+
+    /// Read the usage file, and put back in force the quotas reached in
+    /// the current period. A file lbd cannot read is moved aside (and
+    /// said): counting starts afresh rather than lbd not starting.
+    fn load_quota(&mut self) {
+        if self.uplinks.iter().all(|u| u.cfg.quota.is_none()) {
+            return;
+        }
+        let path = self.config.daemon.state_dir.join(QUOTA_FILE);
+        self.quota = match quota::load(&path) {
+            Ok(book) => book,
+            Err(e) => {
+                let aside = path.with_extension("bad");
+                let _ = std::fs::rename(&path, &aside);
+                log::error!(
+                    "quota: {e:#}; moved to {}, counting afresh",
+                    aside.display()
+                );
+                quota::Book::new()
+            }
+        };
+        let now = unix_now();
+        for u in &mut self.uplinks {
+            let (Some(q), Some(usage)) = (u.cfg.quota, self.quota.get(&u.cfg.name)) else {
+                continue;
+            };
+            if usage.reached && usage.period_start == quota::period_start(&q, now) {
+                u.admin = quota_admin(&q);
+                u.reason = format!(
+                    "quota reached this {} (kept from before lbd started)",
+                    q.period.as_str()
+                );
+            }
+        }
+    }
+
+    /// Take up the data plane's byte counters into the quotas' usage: an
+    /// uplink that reaches its quota is drained or disabled (with the
+    /// hooks run), and put back in service when a new period begins or a
+    /// reload raises the quota above what it used (unless the operator
+    /// changed it meanwhile). Called every second.
+    pub fn account_quota(&mut self) -> Result<()> {
+        let now = unix_now();
+        let mut acted = false;
+        for i in 0..self.uplinks.len() {
+            let Some(q) = self.uplinks[i].cfg.quota else {
+                continue;
+            };
+            let s = self.dataplane.uplink_stats(self.uplinks[i].index)?;
+            let counter = s.tx_bytes.saturating_add(s.rx_bytes);
+            let usage = self
+                .quota
+                .entry(self.uplinks[i].cfg.name.clone())
+                .or_insert_with(|| quota::Usage::new(&q, counter, now));
+            let before = *usage;
+            let outcome = usage.account(&q, counter, now);
+            self.quota_unsaved |= *usage != before;
+            if outcome != Outcome::Nothing {
+                self.quota_act(i, &q, outcome)?;
+                acted = true;
+            }
+        }
+        if self.quota_unsaved && (acted || self.quota_saved.elapsed() >= QUOTA_SAVE_INTERVAL) {
+            self.save_quota();
+        }
+        Ok(())
+    }
+
+    fn quota_act(&mut self, i: usize, q: &QuotaConfig, outcome: Outcome) -> Result<()> {
+        let taken = Instant::now();
+        let u = &self.uplinks[i];
+        let used = self.quota.get(&u.cfg.name).map_or(0, |usage| usage.used);
+        let (admin, said) = match outcome {
+            Outcome::Nothing => return Ok(()),
+            Outcome::Reached => (
+                Some(quota_admin(q)),
+                format!(
+                    "quota reached: {} of {} used this {}; uplink {}",
+                    quota::human(used),
+                    quota::human(q.bytes),
+                    q.period.as_str(),
+                    match q.action {
+                        quota::Action::Drain => "draining (no new flows)",
+                        quota::Action::Disable => "disabled (its flows move)",
+                    }
+                ),
+            ),
+            // Only what the quota did is undone.
+            Outcome::Renewed => (
+                (u.admin == quota_admin(q)).then_some(Admin::Enabled),
+                format!(
+                    "quota renewed ({} of {} used this {}); uplink back in service",
+                    quota::human(used),
+                    quota::human(q.bytes),
+                    q.period.as_str()
+                ),
+            ),
+        };
+        let Some(admin) = admin else {
+            self.history.say("quota", Some(&u.cfg.name), said);
+            return Ok(());
+        };
+        let previous = admin_name(u.admin);
+        let u = &mut self.uplinks[i];
+        u.admin = admin;
+        u.reason = said.clone();
+        self.apply_timed(i, taken, taken)?;
+        let u = &self.uplinks[i];
+        match outcome {
+            Outcome::Reached => log::warn!("uplink {}: {said}", u.cfg.name),
+            _ => log::info!("uplink {}: {said}", u.cfg.name),
+        }
+        let name = u.cfg.name.clone();
+        let hook = hooks::Event {
+            kind: "quota",
+            uplink: name.clone(),
+            interface: u.cfg.interface.clone(),
+            state: admin_name(admin).to_string(),
+            previous: previous.to_string(),
+            reason: said.clone(),
+            rtt_ms: None,
+            loss_percent: 0.0,
+        };
+        self.history.say("quota", Some(&name), said);
+        hooks::run_all(
+            &self.config.daemon.hooks,
+            self.config.daemon.hook_timeout,
+            &hook,
+        );
+        self.save_quota();
+        Ok(())
+    }
+
+    /// Write the usage file now (also on the way out).
+    pub fn save_quota(&mut self) {
+        if self.quota.is_empty() {
+            return;
+        }
+        let path = self.config.daemon.state_dir.join(QUOTA_FILE);
+        match quota::save(&path, &self.quota) {
+            Ok(()) => self.quota_unsaved = false,
+            Err(e) => log::warn!("quota: {e:#} (usage kept in memory; trying again)"),
+        }
+        self.quota_saved = Instant::now();
     }
 
     /// Push every uplink's state to the data plane, then the bucket table
@@ -1049,6 +1236,18 @@ impl Daemon {
                 replies: s.replies,
                 nat_failures: s.nat_failures,
                 last_change: u.last_change,
+                quota: u.cfg.quota.map(|q| {
+                    let usage = self.quota.get(&u.cfg.name).copied().unwrap_or_default();
+                    QuotaStatus {
+                        limit_bytes: q.bytes,
+                        used_bytes: usage.used,
+                        period: q.period.as_str().into(),
+                        period_start: usage.period_start,
+                        next_period: quota::next_start(&q, usage.period_start),
+                        action: q.action.as_str().into(),
+                        reached: usage.reached,
+                    }
+                }),
             });
         }
         let reasons = self.dataplane.reasons()?;
@@ -1151,6 +1350,9 @@ impl Daemon {
                     "{}: gateway {} -> {}",
                     cfg.name, u.cfg.gateway, cfg.gateway
                 ));
+            }
+            if u.cfg.quota != cfg.quota {
+                done.push(format!("{}: quota", cfg.name));
             }
             if u.cfg.health != cfg.health || u.cfg.probes != cfg.probes {
                 done.push(format!("{}: health checks", cfg.name));

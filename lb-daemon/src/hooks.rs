@@ -13,6 +13,10 @@ use tokio::process::Command;
 /// One state change, as hooks see it.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// What happened: `health` (a health transition; `state` is the new
+    /// health) or `quota` (a quota reached or renewed; `state` is the
+    /// uplink's admin state: drain, disabled, enabled).
+    pub kind: &'static str,
     pub uplink: String,
     pub interface: String,
     pub state: String,
@@ -26,6 +30,7 @@ impl Event {
     /// The environment a hook runs with.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
+            ("LB_EVENT", self.kind.to_string()),
             ("LB_UPLINK", self.uplink.clone()),
             ("LB_INTERFACE", self.interface.clone()),
             ("LB_STATE", self.state.clone()),

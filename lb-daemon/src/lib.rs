@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod pins;
 pub mod probe;
+pub mod quota;
 pub mod slowpath;
 pub mod uplink;
 pub mod xdpcaps;

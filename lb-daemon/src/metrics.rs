@@ -183,6 +183,33 @@ impl Collector for Snapshot {
         ] {
             family(e, name, help, MetricType::Counter, per_uplink(value))?;
         }
+        // Only the uplinks that have a quota.
+        let quota = |f: fn(&crate::api::QuotaStatus) -> f64| {
+            s.uplinks
+                .iter()
+                .filter_map(move |u| Some((Snapshot::uplink_labels(u), f(u.quota.as_ref()?))))
+        };
+        family(
+            e,
+            "lb_uplink_quota_bytes",
+            "The uplink's volume quota per period",
+            MetricType::Gauge,
+            quota(|q| q.limit_bytes as f64),
+        )?;
+        family(
+            e,
+            "lb_uplink_quota_used_bytes",
+            "Bytes the uplink carried (both ways) in the current quota period",
+            MetricType::Gauge,
+            quota(|q| q.used_bytes as f64),
+        )?;
+        family(
+            e,
+            "lb_uplink_quota_reached",
+            "1 while the uplink's quota is reached and its action in force",
+            MetricType::Gauge,
+            quota(|q| f64::from(u8::from(q.reached))),
+        )?;
         family(
             e,
             "lb_uplink_flows",

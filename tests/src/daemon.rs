@@ -95,15 +95,17 @@ pub struct Lbd {
     bpffs: PathBuf,
 }
 
-/// A configuration for lbd in `lab`, with `{socket}` and `{bpffs}` filled
-/// in: its socket in `dir`, and a data plane pin directory of the lab's own
-/// (bpffs is shared by every namespace).
+/// A configuration for lbd in `lab`, with `{socket}`, `{bpffs}` and
+/// `{state}` filled in: its socket and state directory in `dir`, and a data
+/// plane pin directory of the lab's own (bpffs is shared by every
+/// namespace).
 pub fn fill(config: &str, lab: &Lab, dir: &Path) -> (String, PathBuf, PathBuf) {
     let socket = dir.join("lbd.sock");
     let bpffs = Path::new("/sys/fs/bpf").join(format!("{}lb", lab.prefix()));
     let text = config
         .replace("{socket}", &socket.display().to_string())
-        .replace("{bpffs}", &bpffs.display().to_string());
+        .replace("{bpffs}", &bpffs.display().to_string())
+        .replace("{state}", &dir.join("state").display().to_string());
     (text, socket, bpffs)
 }
 

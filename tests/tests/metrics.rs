@@ -76,8 +76,12 @@ fn metrics_pass_promtool_and_move_with_the_traffic() -> Result<()> {
     let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
     let leaks = LanLeaks::install(&lab)?;
     let sections = format!("[metrics]\nlisten = \"{LISTEN}\"");
+    // Quotas far from reached, for their gauges.
+    let quota = "quota = { bytes = \"1GB\", period = \"month\" }";
     let config = LabConfig {
+        daemon: "state_dir = \"{state}\"",
         sections: &sections,
+        uplinks: &[(1, quota), (2, quota)],
         ..LabConfig::default()
     };
     let lbd = Lbd::start(&mut lab, &config.render())?;
@@ -108,6 +112,15 @@ fn metrics_pass_promtool_and_move_with_the_traffic() -> Result<()> {
         sum(&after, "lb_uplink_in_service") == 2.0,
         "not both uplinks in service: {after}"
     );
+    ensure!(
+        sum(&after, "lb_uplink_quota_bytes") == 2e9,
+        "quotas: {after}"
+    );
+    // The usage is brought up to date once a second.
+    let was = sum(&before, "lb_uplink_quota_used_bytes");
+    lb_tests::stream::wait_for("the quota usage to move", Duration::from_secs(10), || {
+        Ok(sum(&scrape(&lab)?, "lb_uplink_quota_used_bytes") > was)
+    })?;
     leaks.check()?;
     lbd.stop(&mut lab)
 }

@@ -7,6 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use lb_daemon::api::{self, ClientError, Request, Response, Status, UplinkAction};
+use lb_daemon::quota;
 
 #[derive(Parser)]
 #[command(name = "lbctl", version, about = "Control and inspect the lb daemon")]
@@ -383,6 +384,29 @@ fn print_status(s: &Status) {
         })
         .collect();
     println!("gateways: {}", gateways.join("; "));
+    let quotas: Vec<String> = s
+        .uplinks
+        .iter()
+        .filter_map(|u| {
+            let q = u.quota.as_ref()?;
+            let state = if q.reached {
+                format!("reached: {}", q.action)
+            } else {
+                format!("{} when reached", q.action)
+            };
+            Some(format!(
+                "{} {} of {} this {} ({state}), renews {}",
+                u.name,
+                quota::human(q.used_bytes),
+                quota::human(q.limit_bytes),
+                q.period,
+                quota::utc_text(q.next_period)
+            ))
+        })
+        .collect();
+    if !quotas.is_empty() {
+        println!("quotas: {}", quotas.join("; "));
+    }
     if !s.kernel_destinations.is_empty() {
         println!("left to the kernel: {}", s.kernel_destinations.join(" "));
     }

@@ -147,6 +147,10 @@ fn main() -> ExitCode {
 /// How often expired flows are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the quotas' usage is brought up to date from the data plane's
+/// counters (each reading is one map lookup per uplink with a quota).
+const QUOTA_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often the reconciler converges without being woken by the kernel:
 /// a safety net, and the pace of asking for unresolved gateways.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -181,6 +185,7 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
     }
 
     let mut gc = tokio::time::interval(GC_INTERVAL);
+    let mut quota = tokio::time::interval(QUOTA_INTERVAL);
     // The collection walks the whole flow table with one syscall per entry:
     // it runs off the async runtime, one at a time, on handles of its own,
     // without holding the daemon.
@@ -212,6 +217,12 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
                 let collector = collector.clone();
                 gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&collector)));
             },
+            _ = quota.tick() => match daemon.lock() {
+                Ok(mut d) => if let Err(e) = d.account_quota() {
+                    log::warn!("quota: reading the data plane's counters failed: {e:#}");
+                },
+                Err(_) => break,
+            },
             Some(event) = events.health.recv() => {
                 match daemon.lock() {
                     Ok(mut d) => if let Err(e) = d.on_health(event) {
@@ -239,6 +250,9 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
     log::info!(
         "stopping: the data plane keeps forwarding (pinned at {pinned}), with lbd's routes, rules and guard; health checks stop until lbd runs again; `lbd --teardown` removes it all"
     );
+    if let Ok(mut d) = daemon.lock() {
+        d.save_quota();
+    }
     let _ = std::fs::remove_file(&socket);
     drop(daemon);
     Ok(())
@@ -401,11 +415,15 @@ impl Reloader {
                 (Response::Done { message }, false)
             }
             Ok(Reconfigured::NeedsRestart(what)) => (
-                Response::Done {
+                {
+                    // The next lbd reads the quotas' usage from the file.
+                    d.save_quota();
+                    Response::Done {
                     message: format!(
                         "reloading by starting again, for {}: the new lbd adopts the data plane, no flow is dropped",
                         what.join(", ")
                     ),
+                    }
                 },
                 true,
             ),

@@ -1,0 +1,402 @@
+//! Volume quotas: the fair-usage caps of many ISP plans ("500 GB a month,
+//! from the 1st"). This module owns the arithmetic (periods, usage from the
+//! data plane's byte counters) and the usage file that carries it across
+//! restarts; the daemon acts on what it says. It never touches the kernel.
+//!
+//! Usage is what lb forwards through the uplink, both ways, as the data
+//! plane counts it (its per-uplink byte counters survive lbd restarts with
+//! the pinned data plane). Periods start at 00:00 UTC.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+const DAY: u64 = 24 * 60 * 60;
+
+/// How long one quota lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    /// Starts on `reset_day` (1 = Monday .. 7 = Sunday).
+    Week,
+    /// Starts on day `reset_day` (1..=28) of the month.
+    Month,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+}
+
+/// What reaching the quota does to the uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// No new flows; existing ones finish.
+    Drain,
+    /// Its flows move to other uplinks.
+    Disable,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Drain => "drain",
+            Action::Disable => "disable",
+        }
+    }
+}
+
+/// `quota = { bytes = "500GB", period = "month", reset_day = 1, action = "drain" }`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaConfig {
+    pub bytes: u64,
+    pub period: Period,
+    pub reset_day: u8,
+    pub action: Action,
+}
+
+/// Parse a volume: a number with a unit, decimal (`KB`, `MB`, `GB`, `TB`,
+/// as ISPs count) or binary (`KiB` .. `TiB`), or plain bytes (`B`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_size: u64 = match unit.trim() {
+        "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "" => {
+            return Err(format!(
+                "{text:?} has no unit: write e.g. \"500GB\" or \"2TiB\""
+            ))
+        }
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("expected a number and a unit like \"500GB\", got {text:?}"))?;
+    let bytes = value * unit_size as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is out of range (at least 1 byte)"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A volume for people: "1.23 GB" (decimal units, as ISPs count).
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// A Unix time as "2026-12-01 00:00 UTC".
+pub fn utc_text(secs: u64) -> String {
+    let (year, month, day) = civil_from_days((secs / DAY) as i64);
+    let minutes = secs % DAY / 60;
+    format!(
+        "{year}-{month:02}-{day:02} {:02}:{:02} UTC",
+        minutes / 60,
+        minutes % 60
+    )
+}
+
+/// The day number (days since 1970-01-01) of a civil date.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    // Shift the year to start in March so that February's length is last.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The civil date (year, month, day) of a day number.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// When (Unix seconds) the period holding `now` began.
+pub fn period_start(config: &QuotaConfig, now: u64) -> u64 {
+    let today = (now / DAY) as i64;
+    let start_day = match config.period {
+        Period::Day => today,
+        Period::Week => {
+            // 1970-01-01 was a Thursday (4).
+            let weekday = (today + 3).rem_euclid(7) + 1;
+            today - (weekday - i64::from(config.reset_day)).rem_euclid(7)
+        }
+        Period::Month => {
+            let (year, month, day) = civil_from_days(today);
+            let reset = u32::from(config.reset_day);
+            if day >= reset {
+                days_from_civil(year, month, reset)
+            } else if month == 1 {
+                days_from_civil(year - 1, 12, reset)
+            } else {
+                days_from_civil(year, month - 1, reset)
+            }
+        }
+    };
+    start_day.max(0) as u64 * DAY
+}
+
+/// When (Unix seconds) the period after the one that began at `start` begins.
+pub fn next_start(config: &QuotaConfig, start: u64) -> u64 {
+    match config.period {
+        Period::Day => start + DAY,
+        Period::Week => start + 7 * DAY,
+        // Any day of the next month, then back to its reset day.
+        Period::Month => period_start(config, start + 31 * DAY),
+    }
+}
+
+/// One uplink's usage in its current period, as kept in the usage file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// When the period began (Unix seconds).
+    pub period_start: u64,
+    /// Bytes used in it.
+    pub used: u64,
+    /// The data plane's byte counter (in + out) at the last reading.
+    pub counter: u64,
+    /// Whether the quota was reached in this period (its action taken).
+    pub reached: bool,
+}
+
+/// What a reading changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Nothing,
+    /// The quota was reached now.
+    Reached,
+    /// A new period began; the quota had been reached in the old one.
+    Renewed,
+}
+
+impl Usage {
+    /// A first reading: nothing used yet in the current period.
+    pub fn new(config: &QuotaConfig, counter: u64, now: u64) -> Usage {
+        Usage {
+            period_start: period_start(config, now),
+            used: 0,
+            counter,
+            reached: false,
+        }
+    }
+
+    /// Take up the data plane's counter (`counter`, bytes both ways) at
+    /// `now`. A counter lower than the last one means a new data plane
+    /// (after `lbd --teardown`): all of it is new.
+    pub fn account(&mut self, config: &QuotaConfig, counter: u64, now: u64) -> Outcome {
+        let delta = counter.checked_sub(self.counter).unwrap_or(counter);
+        self.counter = counter;
+        let start = period_start(config, now);
+        let mut outcome = Outcome::Nothing;
+        if start != self.period_start {
+            if self.reached {
+                outcome = Outcome::Renewed;
+            }
+            *self = Usage {
+                period_start: start,
+                used: 0,
+                counter,
+                reached: false,
+            };
+        }
+        self.used = self.used.saturating_add(delta);
+        // A reload raised the quota above what was used.
+        if self.reached && self.used < config.bytes {
+            self.reached = false;
+            outcome = Outcome::Renewed;
+        }
+        if !self.reached && self.used >= config.bytes {
+            self.reached = true;
+            outcome = Outcome::Reached;
+        }
+        outcome
+    }
+}
+
+/// The usage file: each uplink's usage by name.
+pub type Book = BTreeMap<String, Usage>;
+
+/// Read the usage file; none yet is an empty book.
+pub fn load(path: &Path) -> Result<Book> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a usage file lbd wrote (move it away to start counting afresh)",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Book::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Write the usage file whole or not at all (a new file renamed over the
+/// old one), so that a crash never leaves half of it.
+pub fn save(path: &Path, book: &Book) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(book).context("encoding the usage")?;
+    let new = path.with_extension("new");
+    std::fs::write(&new, text).with_context(|| format!("writing {}", new.display()))?;
+    std::fs::rename(&new, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn month(reset_day: u8) -> QuotaConfig {
+        QuotaConfig {
+            bytes: 1000,
+            period: Period::Month,
+            reset_day,
+            action: Action::Drain,
+        }
+    }
+
+    fn at(year: i64, month: u32, day: u32, secs: u64) -> u64 {
+        days_from_civil(year, month, day) as u64 * DAY + secs
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for days in [-800_000, -1, 0, 1, 59, 365, 11_016, 20_000, 2_000_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(days_from_civil(2026, 11, 29), 20_786);
+        assert_eq!(utc_text(at(2026, 12, 1, 3660)), "2026-12-01 01:01 UTC");
+        assert_eq!(human(999), "999 B");
+        assert_eq!(human(1_234_567_890), "1.23 GB");
+    }
+
+    #[test]
+    fn months_start_on_the_reset_day() {
+        let q = month(15);
+        assert_eq!(
+            period_start(&q, at(2026, 11, 29, 3600)),
+            at(2026, 11, 15, 0)
+        );
+        assert_eq!(
+            period_start(&q, at(2026, 11, 14, 86_399)),
+            at(2026, 10, 15, 0)
+        );
+        assert_eq!(period_start(&q, at(2026, 1, 3, 0)), at(2025, 12, 15, 0));
+        assert_eq!(next_start(&q, at(2026, 12, 15, 0)), at(2027, 1, 15, 0));
+        assert_eq!(next_start(&month(1), at(2027, 1, 1, 0)), at(2027, 2, 1, 0));
+        assert_eq!(
+            next_start(&month(28), at(2027, 1, 28, 0)),
+            at(2027, 2, 28, 0)
+        );
+    }
+
+    #[test]
+    fn weeks_start_on_the_reset_weekday() {
+        // 2026-11-29 is a Sunday; Monday (1) weeks began on the 23rd.
+        let q = QuotaConfig {
+            period: Period::Week,
+            reset_day: 1,
+            ..month(1)
+        };
+        assert_eq!(period_start(&q, at(2026, 11, 29, 100)), at(2026, 11, 23, 0));
+        assert_eq!(period_start(&q, at(2026, 11, 30, 0)), at(2026, 11, 30, 0));
+        let sunday = QuotaConfig { reset_day: 7, ..q };
+        assert_eq!(
+            period_start(&sunday, at(2026, 11, 29, 100)),
+            at(2026, 11, 29, 0)
+        );
+    }
+
+    #[test]
+    fn usage_reaches_the_quota_once_and_a_new_period_renews_it() {
+        let q = QuotaConfig {
+            period: Period::Day,
+            ..month(1)
+        };
+        let t = at(2026, 11, 29, 0);
+        let mut usage = Usage::new(&q, 5000, t);
+        assert_eq!(usage.account(&q, 5600, t + 10), Outcome::Nothing);
+        assert_eq!(usage.used, 600);
+        assert_eq!(usage.account(&q, 6000, t + 20), Outcome::Reached);
+        assert_eq!(usage.account(&q, 9000, t + 30), Outcome::Nothing);
+        assert_eq!(usage.used, 4000);
+        // A new data plane: its counter starts from zero.
+        assert_eq!(usage.account(&q, 100, t + 40), Outcome::Nothing);
+        assert_eq!(usage.used, 4100);
+        assert_eq!(usage.account(&q, 150, t + DAY), Outcome::Renewed);
+        assert_eq!((usage.used, usage.reached), (50, false));
+        assert_eq!(usage.period_start, t + DAY);
+    }
+
+    #[test]
+    fn volumes_parse_with_their_units() {
+        assert_eq!(parse_bytes("500GB"), Ok(500_000_000_000));
+        assert_eq!(parse_bytes("1.5 TB"), Ok(1_500_000_000_000));
+        assert_eq!(parse_bytes("2TiB"), Ok(2 << 40));
+        assert_eq!(parse_bytes("300KB"), Ok(300_000));
+        for bad in ["500", "500 GiG", "GB", "0GB", "-1GB", "1e30TB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad} was taken");
+        }
+    }
+
+    #[test]
+    fn the_usage_file_round_trips_and_a_bad_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("lb-quota-test-{}", std::process::id()));
+        let path = dir.join("usage.json");
+        assert_eq!(load(&path).ok(), Some(Book::new()));
+        let mut book = Book::new();
+        book.insert("isp1".into(), Usage::new(&month(1), 7, 1_000_000));
+        save(&path, &book).expect("saving");
+        assert_eq!(load(&path).ok(), Some(book));
+        std::fs::write(&path, "{ not json").expect("writing");
+        let err = load(&path).expect_err("a bad file was read").to_string();
+        assert!(err.contains("usage.json"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
