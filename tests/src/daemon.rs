@@ -208,6 +208,11 @@ impl Lbd {
         }
     }
 
+    /// Where it pins its data plane.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
     /// Run lbctl against this daemon; its stdout on success.
     pub fn lbctl(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(bin_dir().join("lbctl"))

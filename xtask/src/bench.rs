@@ -15,6 +15,8 @@
 //! - [`cost`]: ns per packet of each path through lb's programs.
 //! - [`forward`]: Mpps through the lab router, three ways.
 //! - [`failover`]: failover times, lb beside a Netwatch-style script.
+//! - [`flows`]: `lbctl flows` on a table of a million flows.
+//! - [`picture`]: the failover as an SVG of per-uplink throughput.
 //! - [`report`]: the tables, and BENCHMARKS.md.
 
 #[cfg(feature = "bench")]
@@ -22,9 +24,13 @@ mod cost;
 #[cfg(feature = "bench")]
 mod failover;
 #[cfg(feature = "bench")]
+mod flows;
+#[cfg(feature = "bench")]
 mod forward;
 #[cfg(feature = "bench")]
 mod object;
+#[cfg(feature = "bench")]
+mod picture;
 #[cfg(feature = "bench")]
 mod report;
 
@@ -67,6 +73,8 @@ pub enum Part {
     Forward,
     /// Failover times.
     Failover,
+    /// `lbctl flows` on a million flows.
+    Flows,
 }
 
 #[cfg(feature = "bench")]
@@ -179,6 +187,10 @@ pub fn run(args: &Args) -> Result<()> {
         println!("bench: restarts of lbd under a running stream");
         report.restarts = failover::restarts(args.failover_runs, &interrupted)?;
     }
+    if args.measures(Part::Flows) {
+        println!("bench: lbctl flows on {} flows", flows::FLOWS);
+        report.flows = flows::measure(args.failover_runs, &interrupted)?;
+    }
 
     let text = report.markdown();
     println!("\n{text}");
@@ -189,6 +201,11 @@ pub fn run(args: &Args) -> Result<()> {
     let path = crate::root().join("BENCHMARKS.md");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
     println!("bench: wrote {}", path.display());
+    if let Some(svg) = report.failover_svg() {
+        let path = crate::root().join(report::FAILOVER_SVG);
+        std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+        println!("bench: wrote {}", path.display());
+    }
     Ok(())
 }
 

@@ -47,6 +47,7 @@ use lb_tests::{
 };
 
 use super::forward::{kernel_off, kernel_on};
+use super::picture::Trace;
 
 /// Namespace prefix of this part's lab (not the forwarding lab's: that one
 /// drops everything at the ISPs).
@@ -184,6 +185,8 @@ pub struct Case {
     pub way: Way,
     pub traffic: Traffic,
     pub runs: Vec<Run>,
+    /// The established flow per uplink around the first run's cut.
+    pub trace: Option<Trace>,
 }
 
 /// Bring the lab up, fail over `runs` times per failure and way, and take
@@ -216,7 +219,7 @@ pub fn measure(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Case>> {
                     .with_context(|| {
                         format!("round {round}, {}, {}", way.label(), failure.label())
                     });
-                let measured = match measured {
+                let (measured, trace) = match measured {
                     Ok(m) => m,
                     Err(e) => return Err(first_error(e, running.stop())),
                 };
@@ -239,6 +242,7 @@ pub fn measure(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Case>> {
                             way,
                             traffic,
                             runs: vec![run],
+                            trace: (traffic == Traffic::Established).then(|| trace.clone()),
                         }),
                     }
                 }
@@ -418,7 +422,7 @@ impl<'a> Running<'a> {
         streams: &mut Streams,
         failure: Failure,
         delay: Duration,
-    ) -> Result<Vec<(Traffic, Run)>> {
+    ) -> Result<(Vec<(Traffic, Run)>, Trace)> {
         let sink = streams.sink;
         let flow = streams.established(self.lab)?;
         let fresh = match failure {
@@ -461,6 +465,7 @@ impl<'a> Running<'a> {
             .context("the stream's first datagram through isp2 is gone")?
             .saturating_duration_since(cut);
         let lost = outage(sink, &flow, ISP2_NAT).lost;
+        let trace = Trace::of(&sink.stream(flow.port()), cut, ISP1_NAT, ISP2_NAT);
         drop(flow);
         let reaction = match &self.way {
             RunningWay::Lb(lbd) => Some(reaction(lbd, cut)?),
@@ -481,7 +486,7 @@ impl<'a> Running<'a> {
 
         self.lab.set_link_up(host, ifname, true)?;
         self.wait_until_isp1_in_use()?;
-        Ok(measured)
+        Ok((measured, trace))
     }
 
     /// Wait until the way sends new flows through isp1 again: lbd reports

@@ -18,6 +18,9 @@ use super::{
 const ESTABLISHED_MAX_NS: i64 = 100;
 const VS_KERNEL_MIN: f64 = 5.0;
 const VS_BARE_MIN: f64 = 0.60;
+/// The failover picture, beside BENCHMARKS.md.
+pub const FAILOVER_SVG: &str = "BENCHMARKS-failover.svg";
+
 /// Target of lb's failover after an upstream cut, in ms. After a carrier
 /// loss the target is the kernel's own time, measured in the same run.
 const UPSTREAM_MAX_MS: f64 = 400.0;
@@ -34,6 +37,7 @@ pub struct Report {
     pub ways: Vec<WayResult>,
     pub failovers: Vec<Case>,
     pub restarts: Vec<failover::Restart>,
+    pub flows: Vec<super::flows::Listing>,
 }
 
 /// The machine, as it was before the run.
@@ -90,6 +94,7 @@ impl Report {
             costs: None,
             ways: Vec::new(),
             failovers: Vec::new(),
+            flows: Vec::new(),
             restarts: Vec::new(),
         })
     }
@@ -117,6 +122,9 @@ impl Report {
         }
         if !self.failovers.is_empty() {
             self.failover_table(&mut md);
+        }
+        if !self.flows.is_empty() {
+            self.flows_table(&mut md);
         }
         self.meaning(&mut md);
         md
@@ -314,8 +322,41 @@ impl Report {
             );
         }
         md.push('\n');
+        if self.failover_svg().is_some() {
+            let _ = write!(
+                md,
+                "The established flow around the first upstream cut, per uplink:\n\n\
+                 ![per-uplink throughput around an upstream cut]({FAILOVER_SVG})\n\n"
+            );
+        }
         self.reaction_table(md);
         self.restart_table(md);
+    }
+
+    /// `lbctl flows` on a full table.
+    fn flows_table(&self, md: &mut String) {
+        let _ = write!(
+            md,
+            "## lbctl flows on a million flows\n\n\
+             lbd in lab `default` with `[flows] max = {n}`, the table filled with\n\
+             {n} UDP flows through the pinned map; the time from starting lbctl\n\
+             to its exit (median of {runs}), while lbd's collector walks the same\n\
+             table every second.\n\n\
+             | command | time, ms | flows shown |\n\
+             | --- | ---: | ---: |\n",
+            n = thousands(u64::from(super::flows::FLOWS)),
+            runs = self.args.failover_runs,
+        );
+        for l in &self.flows {
+            let _ = writeln!(
+                md,
+                "| `{}` | {:.1} | {} |",
+                l.command,
+                l.time.as_secs_f64() * 1e3,
+                l.shown
+            );
+        }
+        md.push('\n');
     }
 
     /// What restarting lbd costs a running flow.
@@ -377,6 +418,23 @@ impl Report {
             );
         }
         md.push('\n');
+    }
+
+    /// The picture of the first upstream cut: lb above the script.
+    pub fn failover_svg(&self) -> Option<String> {
+        use failover::Way;
+        let trace = |way| {
+            self.case(Failure::UpstreamCut, way, Traffic::Established)
+                .and_then(|c| c.trace.as_ref())
+        };
+        let (lb, script) = (trace(Way::Lb)?, trace(Way::Netwatch)?);
+        Some(super::picture::svg(
+            "An established flow around an upstream cut behind isp1",
+            &[
+                (Way::Lb.label().to_string(), lb),
+                (Way::Netwatch.label().to_string(), script),
+            ],
+        ))
     }
 
     fn case(&self, failure: Failure, way: failover::Way, traffic: Traffic) -> Option<&Case> {
