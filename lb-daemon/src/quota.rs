@@ -140,8 +140,9 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// The civil date (year, month, day) of a day number.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+/// The civil date (year, month, day) of a day number (days since
+/// 1970-01-01; Howard Hinnant's algorithm). Also dates `lbctl events`.
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
