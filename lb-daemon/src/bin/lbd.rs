@@ -11,8 +11,11 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -144,8 +147,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// How often expired flows are collected.
+/// How often expired flows are collected (at most).
 const GC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A collection starts no sooner than this many times the last one's
+/// duration after that one started: the collector's share of a core is at
+/// most 1 / GC_DUTY.
+const GC_DUTY: u32 = 10;
 
 /// How often the quotas' usage is brought up to date from the data plane's
 /// counters (each reading is one map lookup per uplink with a quota).
@@ -188,8 +196,13 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
     let mut quota = tokio::time::interval(QUOTA_INTERVAL);
     // The collection walks the whole flow table with one syscall per entry:
     // it runs off the async runtime, one at a time, on handles of its own,
-    // without holding the daemon.
+    // without holding the daemon. On a big table a walk takes seconds
+    // (3.6 s on a million flows, see BENCHMARKS.md): the next one waits
+    // GC_DUTY times as long as the last took, so that the collector keeps
+    // to a tenth of a core and leaves the flow table to `lbctl flows`.
     let mut gc_task: Option<tokio::task::JoinHandle<()>> = None;
+    let gc_took = Arc::new(AtomicU64::new(0));
+    let mut gc_started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -213,9 +226,17 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
                     reloader.restart_in_place(&socket);
                 }
             },
-            _ = gc.tick() => if gc_task.as_ref().is_none_or(|t| t.is_finished()) {
-                let collector = collector.clone();
-                gc_task = Some(tokio::task::spawn_blocking(move || collect_expired(&collector)));
+            _ = gc.tick() => if gc_task.as_ref().is_none_or(|t| t.is_finished())
+                && gc_started.elapsed() >= Duration::from_nanos(gc_took.load(Ordering::Relaxed)) * GC_DUTY
+            {
+                let (collector, took) = (collector.clone(), gc_took.clone());
+                gc_started = Instant::now();
+                gc_task = Some(tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    collect_expired(&collector);
+                    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    took.store(nanos, Ordering::Relaxed);
+                }));
             },
             _ = quota.tick() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = d.account_quota() {
