@@ -114,6 +114,12 @@ impl Lbd {
     /// answers `lbctl status`. A `{socket}` in `config` is replaced by this
     /// daemon's own socket path.
     pub fn start(lab: &mut Lab, config: &str) -> Result<Lbd> {
+        Self::start_with_env(lab, config, &[])
+    }
+
+    /// As [`Lbd::start`], with `env` (`NAME=value`) added to lbd's
+    /// environment (systemd's `NOTIFY_SOCKET`, `RUST_LOG`).
+    pub fn start_with_env(lab: &mut Lab, config: &str, env: &[&str]) -> Result<Lbd> {
         let lbd = bin_dir().join("lbd");
         ensure!(
             lbd.exists(),
@@ -128,7 +134,10 @@ impl Lbd {
             .with_context(|| format!("writing {}", config_path.display()))?;
         // In the router's network namespace, with the host's bpffs: the
         // data plane it pins outlives it, as on a router.
-        let pid = lab.spawn_net_only("router", &[path(&lbd)?, "--config", path(&config_path)?])?;
+        let mut args = vec!["env"];
+        args.extend_from_slice(env);
+        args.extend([path(&lbd)?, "--config", path(&config_path)?]);
+        let pid = lab.spawn_net_only("router", &args)?;
         let me = Lbd {
             pid,
             dir,

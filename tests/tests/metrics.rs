@@ -428,3 +428,30 @@ fn reload_with_an_uplink_added_starts_again_without_dropping_a_flow() -> Result<
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn lbd_tells_systemd_it_is_ready_once_it_answers() -> Result<()> {
+    if !require_root("lbd_tells_systemd_it_is_ready_once_it_answers") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    // systemd's side of Type=notify: a datagram socket named in
+    // NOTIFY_SOCKET.
+    let path = std::env::temp_dir().join(format!("{}notify", lab.prefix()));
+    let _ = std::fs::remove_file(&path);
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    systemd.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let env = format!("NOTIFY_SOCKET={}", path.display());
+    // `start` returns once lbd answers lbctl; READY=1 must be there by then.
+    let lbd = Lbd::start_with_env(&mut lab, &LabConfig::default().render(), &[&env])?;
+    let mut buf = [0u8; 512];
+    let n = systemd.recv(&mut buf).context("no notification from lbd")?;
+    let said = String::from_utf8_lossy(&buf[..n]).to_string();
+    let _ = std::fs::remove_file(&path);
+    ensure!(
+        said.lines().any(|l| l == "READY=1"),
+        "lbd told systemd {said:?}"
+    );
+    lbd.stop(&mut lab)
+}

@@ -194,15 +194,18 @@ pub fn run(args: &Args) -> Result<()> {
 
     let text = report.markdown();
     println!("\n{text}");
-    if !args.only.is_empty() {
+    // With --only, the published files stay; the picture goes to target/.
+    let dir = if args.only.is_empty() {
+        let path = crate::root().join("BENCHMARKS.md");
+        std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        println!("bench: wrote {}", path.display());
+        crate::root()
+    } else {
         println!("bench: --only given: BENCHMARKS.md left as it is");
-        return Ok(());
-    }
-    let path = crate::root().join("BENCHMARKS.md");
-    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-    println!("bench: wrote {}", path.display());
+        crate::root().join("target")
+    };
     if let Some(svg) = report.failover_svg() {
-        let path = crate::root().join(report::FAILOVER_SVG);
+        let path = dir.join(report::FAILOVER_SVG);
         std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
         println!("bench: wrote {}", path.display());
     }

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 /// Width of one bin of the trace.
 const BIN: Duration = Duration::from_millis(20);
 /// The window drawn, relative to the cut, in ms.
-const FROM_MS: f64 = -500.0;
-const TO_MS: f64 = 2000.0;
+const FROM_MS: f64 = -250.0;
+const TO_MS: f64 = 2500.0;
 
 /// Datagrams per second through each uplink, in bins from `FROM_MS`, up to
 /// the stream's last arrival.
 #[derive(Clone, Debug)]
 pub struct Trace {
+    /// The bin of the stream's first arrival: nothing is drawn before it.
+    pub first: usize,
     pub isp1: Vec<f64>,
     pub isp2: Vec<f64>,
 }
@@ -37,12 +39,18 @@ impl Trace {
                 -((cut - t).as_secs_f64() * 1e3)
             }
         };
+        let bin_of = |ms: f64| ((ms - FROM_MS) / (BIN.as_secs_f64() * 1e3)).max(0.0) as usize;
         let last = arrivals
             .iter()
             .map(|&(_, t, _)| since_cut_ms(t))
             .fold(FROM_MS, f64::max);
-        let used = (((last - FROM_MS) / (BIN.as_secs_f64() * 1e3)) as usize).min(bins);
+        let first = arrivals
+            .iter()
+            .map(|&(_, t, _)| since_cut_ms(t))
+            .fold(TO_MS, f64::min);
+        let used = (bin_of(last) + 1).min(bins);
         let mut trace = Trace {
+            first: bin_of(first).min(used),
             isp1: vec![0.0; used],
             isp2: vec![0.0; used],
         };
@@ -73,7 +81,7 @@ const ISP2_COLOUR: &str = "#ff7f0e";
 
 /// One SVG with a panel per (title, trace), on the same axes.
 pub fn svg(title: &str, panels: &[(String, &Trace)]) -> String {
-    let height = TOP + panels.len() as f64 * (PANEL + GAP);
+    let height = TOP + panels.len() as f64 * (PANEL + GAP) + 30.0;
     let peak = panels
         .iter()
         .flat_map(|(_, t)| t.isp1.iter().chain(&t.isp2))
@@ -145,6 +153,7 @@ pub fn svg(title: &str, panels: &[(String, &Trace)]) -> String {
             let points: Vec<String> = values
                 .iter()
                 .enumerate()
+                .skip(trace.first)
                 .map(|(b, &v)| {
                     let ms = FROM_MS + (b as f64 + 0.5) * BIN.as_secs_f64() * 1e3;
                     format!("{:.1},{:.1}", x(ms), y(v))
@@ -169,12 +178,14 @@ pub fn svg(title: &str, panels: &[(String, &Trace)]) -> String {
         .iter()
         .enumerate()
     {
-        let lx = WIDTH - RIGHT - 230.0 + i as f64 * 115.0;
+        let lx = LEFT + i as f64 * 115.0;
+        let ly = height - 12.0;
         let _ = writeln!(
             s,
-            r#"<line x1="{lx}" x2="{}" y1="16" y2="16" stroke="{colour}" stroke-width="3"/><text x="{}" y="20">{label}</text>"#,
+            r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{colour}" stroke-width="3"/><text x="{}" y="{}">{label}</text>"#,
             lx + 20.0,
-            lx + 25.0
+            lx + 25.0,
+            ly + 4.0
         );
     }
     s.push_str("</svg>\n");
