@@ -1673,6 +1673,17 @@ impl StatusDraft {
     }
 }
 
+/// What `lbd --check` can say of the machine besides the file: whether
+/// the uplinks and LAN ports that exist now can take redirected frames (as
+/// the start checks). Reads the kernel, changes nothing.
+pub async fn check_machine(config: &Config) -> Result<()> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket failed")?;
+    tokio::spawn(conn);
+    let observed = Observed::take(&handle).await?;
+    check_xdp_targets(config, &observed)
+}
+
 /// Refuse an interface lb would redirect into (an uplink, a LAN port) that
 /// the kernel says cannot take redirected frames: every packet sent there
 /// would be lost without a word. Interfaces that do not exist yet are

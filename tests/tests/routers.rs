@@ -314,23 +314,26 @@ fn an_interface_that_cannot_take_redirected_frames_is_refused() -> Result<()> {
     let (text, _, _) = lb_tests::daemon::fill(&LabConfig::default().render(), &lab, &dir);
     std::fs::write(&config, text)?;
     let lbd = lb_tests::daemon::bin_dir().join("lbd");
-    let refused = lab
-        .exec_net_only(
-            "router",
-            &[
-                &lbd.display().to_string(),
-                "--config",
-                &config.display().to_string(),
-            ],
-        )
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
+    let (lbd, config) = (lbd.display().to_string(), config.display().to_string());
+    // `lbd --check` says so too (the unit's ExecStartPre), and the start.
+    let refusal = |check: bool| -> String {
+        let mut args = vec![lbd.as_str(), "--config", config.as_str()];
+        if check {
+            args.push("--check");
+        }
+        lab.exec_net_only("router", &args)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    };
+    let (checked, refused) = (refusal(true), refusal(false));
     let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("{refused}");
-    ensure!(
-        refused.contains("wan1 cannot take frames redirected by XDP") && refused.contains("gro on"),
-        "lbd did not refuse wan1: {refused:?}"
-    );
+    for (what, said) in [("lbd --check", &checked), ("lbd", &refused)] {
+        eprintln!("{what}: {said}");
+        ensure!(
+            said.contains("wan1 cannot take frames redirected by XDP") && said.contains("gro on"),
+            "{what} did not refuse wan1: {said:?}"
+        );
+    }
     Ok(())
 }

@@ -58,7 +58,9 @@ struct Args {
     /// Configuration file.
     #[arg(short, long, default_value = "/etc/lb/lbd.toml")]
     config: PathBuf,
-    /// Only validate the configuration, then exit (0 if valid, 64 if not).
+    /// Only validate the configuration, and check that the interfaces that
+    /// exist now can take XDP-redirected frames, then exit (0 if both hold,
+    /// 64 if the file is invalid, 1 if an interface would be refused).
     #[arg(long)]
     check: bool,
     /// Remove everything lbd owns in the kernel (the pinned data plane, so
@@ -110,7 +112,6 @@ fn main() -> ExitCode {
     }
     if args.check {
         println!("{}: configuration is valid", args.config.display());
-        return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,6 +124,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.check {
+        // The interfaces as they are now: one that cannot take redirected
+        // frames would be refused at start.
+        return match runtime.block_on(lb_daemon::daemon::check_machine(&config)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbd: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.teardown {
         return match runtime.block_on(Daemon::teardown(&config)) {
             Ok(()) => {
