@@ -250,8 +250,10 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
                     took.store(nanos, Ordering::Relaxed);
                 }));
             },
+            // The usage file is written from here now and then: off the
+            // async workers, as the reload's file reading is.
             _ = quota.tick() => match daemon.lock() {
-                Ok(mut d) => if let Err(e) = d.account_quota() {
+                Ok(mut d) => if let Err(e) = tokio::task::block_in_place(|| d.account_quota()) {
                     log::warn!("quota: reading the data plane's counters failed: {e:#}");
                 },
                 Err(_) => break,
