@@ -62,6 +62,8 @@ pub struct LinkFacts {
     pub kind: Option<String>,
     /// The bridge (or bond) it is a port of.
     pub master: Option<u32>,
+    /// The device it sits on (a VLAN's parent), when it has one.
+    pub lower: Option<u32>,
 }
 
 /// An IPv4 address on an interface.
@@ -327,9 +329,20 @@ impl Observed {
             .collect()
     }
 
-    /// The subnets connected to the interfaces `ifindexes` (the main
-    /// table's routes of kind link through them: a LAN's prefixes).
+    /// The subnets connected to the interfaces `ifindexes`, or to VLANs
+    /// on them (the main table's routes of kind link through them: a LAN's
+    /// prefixes). The data plane sees a VLAN's frames, tagged, on its
+    /// parent, so a LAN configured as `lan0` with its subnet on `lan0.10`
+    /// is guarded like one with its subnet on `lan0`.
     pub fn connected(&self, ifindexes: &[u32]) -> Vec<(Ipv4Addr, u8)> {
+        let vlans = self.links.iter().filter(|l| {
+            l.kind.as_deref() == Some("vlan") && l.lower.is_some_and(|p| ifindexes.contains(&p))
+        });
+        let ifindexes: Vec<u32> = ifindexes
+            .iter()
+            .copied()
+            .chain(vlans.map(|l| l.index))
+            .collect();
         let mut out: Vec<(Ipv4Addr, u8)> = self
             .routes
             .iter()
@@ -503,12 +516,14 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
     let mut mtu = 1500;
     let mut kind = None;
     let mut master = None;
+    let mut lower = None;
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Address(b) => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
             LinkAttribute::Mtu(m) => mtu = *m,
             LinkAttribute::Controller(m) => master = Some(*m),
+            LinkAttribute::Link(l) => lower = Some(*l),
             LinkAttribute::LinkInfo(infos) => {
                 kind = infos.iter().find_map(|i| match i {
                     LinkInfo::Kind(k) => Some(k.to_string()),
@@ -526,6 +541,7 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
         mtu,
         kind,
         master,
+        lower,
     })
 }
 
@@ -665,6 +681,34 @@ mod tests {
         assert!(
             router().connected(&[VPN]).is_empty(),
             "a gateway route is not connected"
+        );
+    }
+
+    #[test]
+    fn a_vlan_on_a_lan_brings_its_subnet_to_the_lan() {
+        const VLAN: u32 = 12;
+        let mut o = router();
+        let link = |index, kind: &str, lower| LinkFacts {
+            name: format!("if{index}"),
+            index,
+            mac: None,
+            up: true,
+            mtu: 1500,
+            kind: Some(kind.into()),
+            master: None,
+            lower,
+        };
+        o.links.push(link(LAN, "veth", None));
+        o.links.push(link(VLAN, "vlan", Some(LAN)));
+        // A VLAN on the VPN's device is not the LAN's.
+        o.links.push(link(13, "vlan", Some(VPN)));
+        o.routes
+            .push(route(MAIN_TABLE, "10.20.0.0", 24, None, VLAN, KERNEL));
+        o.routes
+            .push(route(MAIN_TABLE, "10.30.0.0", 24, None, 13, KERNEL));
+        assert_eq!(
+            o.connected(&[LAN]),
+            [(ip("10.10.0.0"), 24), (ip("10.20.0.0"), 24)]
         );
     }
 

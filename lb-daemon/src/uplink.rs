@@ -271,6 +271,7 @@ mod tests {
                 mtu: 1500,
                 kind: Some("veth".into()),
                 master: None,
+                lower: None,
             }],
             addresses: vec![Address {
                 ifindex: 3,
