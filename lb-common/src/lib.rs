@@ -9,6 +9,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod egress;
 pub mod hash;
 pub mod maps;
 pub mod nat;

@@ -21,9 +21,10 @@ pub mod name {
     pub const UPLINK_STATS: &str = "UPLINK_STATS";
     pub const REASONS: &str = "REASONS";
     pub const FRAGS: &str = "FRAGS";
+    pub const EGRESS: &str = "EGRESS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -36,6 +37,7 @@ pub mod name {
         UPLINK_STATS,
         REASONS,
         FRAGS,
+        EGRESS,
     ];
 }
 
@@ -49,6 +51,9 @@ pub const LAYOUT: u32 = 1;
 pub mod program {
     pub const LAN_INGRESS: &str = "lan_ingress";
     pub const WAN_INGRESS: &str = "wan_ingress";
+    /// The tc program that sends what the XDP programs hand over through
+    /// the target device's qdisc (see `crate::egress`).
+    pub const HANDOFF: &str = "handoff";
 }
 
 /// Global knobs the daemon may change at run time (one entry, index 0).
@@ -273,4 +278,5 @@ mod pod {
     unsafe impl aya::Pod for super::NatValue {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for crate::egress::Egress {}
 }

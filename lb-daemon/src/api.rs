@@ -111,6 +111,19 @@ pub struct Status {
     /// addresses, and what the main table routes other than by default).
     #[serde(default)]
     pub kernel_destinations: Vec<String>,
+    /// How lb's replies leave each LAN port: XDP, or through a qdisc.
+    #[serde(default)]
+    pub lan_egress: Vec<EgressStatus>,
+}
+
+/// How lb's packets leave one device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EgressStatus {
+    pub device: String,
+    /// `xdp` (straight into the device) or `qdisc` (through its qdisc).
+    pub path: String,
+    /// Why: the qdisc that counts, or why none does.
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +185,10 @@ pub struct UplinkStatus {
     /// Its volume quota and the usage in the current period, if it has one.
     #[serde(default)]
     pub quota: Option<QuotaStatus>,
+    /// How its packets leave: XDP, or through its qdisc; none until it is
+    /// attached.
+    #[serde(default)]
+    pub egress: Option<EgressStatus>,
 }
 
 /// An uplink's quota as `status` shows it.

@@ -307,6 +307,8 @@ pub struct UplinkConfig {
     pub probes: Vec<ProbeConfig>,
     /// A volume cap and what reaching it does.
     pub quota: Option<crate::quota::QuotaConfig>,
+    /// `[uplink.shape]`: rates lbd shapes this uplink's traffic to.
+    pub shape: crate::egress::Shape,
 }
 
 /// `[uplink.health]`
@@ -727,6 +729,7 @@ struct RawUplink {
     weight: Field,
     tier: Field,
     quota: Field,
+    shape: Field,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     probe: Vec<Spanned<RawProbe>>,
@@ -1262,6 +1265,9 @@ impl Checker<'_> {
             .field(&u.tier, s, "tier", |v| as_int(v, 0, MAX_TIER))
             .unwrap_or(0);
         let quota = self.field(&u.quota, s, "quota", parse_quota);
+        let shape = self
+            .field(&u.shape, s, "shape", parse_shape)
+            .unwrap_or_default();
 
         // Valid probes with their place in the file.
         let mut probes: Vec<(usize, ProbeConfig)> = Vec::new();
@@ -1304,6 +1310,7 @@ impl Checker<'_> {
             health,
             probes: probes.into_iter().map(|(_, p)| p).collect(),
             quota,
+            shape,
         };
         (config, name_seen, interface_seen)
     }
@@ -1545,6 +1552,41 @@ fn parse_quota(value: &Value) -> Result<crate::quota::QuotaConfig, String> {
         reset_day,
         action,
     })
+}
+
+/// `[uplink.shape]` with `upload` and/or `download` rates (`"20mbit"`).
+fn parse_shape(value: &Value) -> Result<crate::egress::Shape, String> {
+    use crate::egress::{parse_rate, Shape};
+    let Value::Table(table) = value else {
+        return Err(format!(
+            "expected a table, got {}; write [uplink.shape] with upload = \"20mbit\" and/or download = \"20mbit\"",
+            describe(value)
+        ));
+    };
+    if let Some(key) = table
+        .keys()
+        .find(|k| !["upload", "download"].contains(&k.as_str()))
+    {
+        return Err(format!("unknown key {key:?} (upload, download)"));
+    }
+    let rate = |key: &str| -> Result<Option<u64>, String> {
+        table
+            .get(key)
+            .map(|v| {
+                as_str(v)
+                    .and_then(parse_rate)
+                    .map_err(|e| format!("{key}: {e}"))
+            })
+            .transpose()
+    };
+    let shape = Shape {
+        upload: rate("upload")?,
+        download: rate("download")?,
+    };
+    if shape == Shape::default() {
+        return Err("neither upload nor download is set".into());
+    }
+    Ok(shape)
 }
 
 fn as_str(value: &Value) -> Result<&str, String> {
@@ -1949,6 +1991,7 @@ gateway = "100.64.2.1"
                 },
                 probes: vec![],
                 quota: None,
+                shape: crate::egress::Shape::default(),
             }]
         );
     }
@@ -2152,6 +2195,38 @@ expect_status = 204
         ] {
             let text = with(quota);
             assert_one(&text, line_of(&text, "quota ="), "quota", says);
+        }
+    }
+
+    #[test]
+    fn shapes_parse_and_bad_ones_are_named() {
+        let with = |shape: &str| {
+            TWO.replace(
+                "gateway = \"100.64.2.1\"",
+                &format!("gateway = \"100.64.2.1\"\n[uplink.shape]\n{shape}"),
+            )
+        };
+        let text = with("upload = \"20mbit\"\ndownload = \"100mbit\"");
+        let config = parse(&text, "lbd.toml").expect("valid");
+        assert_eq!(
+            config.uplinks[1].shape,
+            crate::egress::Shape {
+                upload: Some(20_000_000),
+                download: Some(100_000_000),
+            }
+        );
+        assert_eq!(config.uplinks[0].shape, crate::egress::Shape::default());
+        for (shape, says) in [
+            (
+                "upload = \"20mbps\"",
+                "upload: \"20mbps\": tc's bps units are bytes",
+            ),
+            ("download = 20", "download: expected a string"),
+            ("uplaod = \"20mbit\"", "unknown key \"uplaod\""),
+        ] {
+            let text = with(shape);
+            let e = parse(&text, "lbd.toml").expect_err("invalid").to_string();
+            assert!(e.contains(says), "{shape}: {e}");
         }
     }
 

@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::programs::xdp::XdpLinkId;
+use aya::programs::{tc::SchedClassifierLinkId, xdp::XdpLinkId};
 use lb_common::{
     hash,
     maps::{program, uplink_state, UplinkInfo},
@@ -36,10 +36,11 @@ use tokio::{
 };
 
 use crate::{
-    api::{QuotaStatus, Reaction, Status, UplinkAction, UplinkStatus},
+    api::{EgressStatus, QuotaStatus, Reaction, Status, UplinkAction, UplinkStatus},
     balancer::{self, Candidate},
     config::{ClassifierMode, Config, UplinkConfig, MAX_WEIGHT},
     dataplane::{AttachMode, Dataplane},
+    egress,
     flows::FlowTables,
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
     hooks,
@@ -178,6 +179,11 @@ pub struct Daemon {
     /// guard is in place (`lans_open`).
     lan_ports: std::collections::BTreeMap<u32, (String, XdpLinkId)>,
     lans_open: bool,
+    /// The hand-off program's attachments (tc ingress), by interface: on
+    /// the LAN ports and the uplinks, beside `lan_ingress`/`wan_ingress`.
+    handoffs: std::collections::BTreeMap<String, SchedClassifierLinkId>,
+    /// Each device's way out (XDP or its qdisc) and lb's shapers.
+    egress: egress::Owned,
     /// lb's nftables table as last put in place.
     slowpath: Option<slowpath::Wanted>,
     /// Packets the guard dropped in tables since replaced.
@@ -289,6 +295,7 @@ impl Daemon {
             lans.push(link.index);
         }
         check_xdp_targets(&config, &observed)?;
+        check_ingress_shapers(&config, &observed)?;
         for u in &config.uplinks {
             if observed.link(&u.interface).and_then(|l| l.kind.as_deref()) == Some("bridge") {
                 bail!(
@@ -344,6 +351,8 @@ impl Daemon {
             lans: lans.clone(),
             lan_ports: std::collections::BTreeMap::new(),
             lans_open: false,
+            handoffs: std::collections::BTreeMap::new(),
+            egress: egress::Owned::default(),
             slowpath: None,
             guard_dropped_before: 0,
             slow_path_applied: None,
@@ -465,6 +474,7 @@ impl Daemon {
         self.apply()?;
 
         self.follow_lans(observed)?;
+        self.follow_egress(observed)?;
 
         let uplink_ifindexes: Vec<u32> = self
             .uplinks
@@ -541,6 +551,9 @@ impl Daemon {
         for ifindex in gone {
             if let Some((name, link)) = self.lan_ports.remove(&ifindex) {
                 self.dataplane.detach(program::LAN_INGRESS, &name, link)?;
+                if let Some(link) = self.handoffs.remove(&name) {
+                    self.dataplane.detach_handoff(&name, link)?;
+                }
                 self.dataplane.remove_lan(ifindex)?;
                 log::info!("LAN port {name} left: lan_ingress detached from it");
             }
@@ -555,7 +568,84 @@ impl Daemon {
                 .attach(program::LAN_INGRESS, &name)
                 .with_context(|| format!("LAN port {name}"))?;
             log_attach(program::LAN_INGRESS, &name, mode);
+            self.attach_handoff(&name)?;
             self.lan_ports.insert(ifindex, (name, link));
+        }
+        Ok(())
+    }
+
+    fn egress_status(&self, device: &str) -> Option<EgressStatus> {
+        self.egress.choices.get(device).map(|c| EgressStatus {
+            device: device.to_owned(),
+            path: c.path().to_owned(),
+            why: c.why.clone(),
+        })
+    }
+
+    /// (Re)attach the hand-off program to `interface`'s tc ingress.
+    fn attach_handoff(&mut self, interface: &str) -> Result<()> {
+        let link = self
+            .dataplane
+            .attach_handoff(interface)
+            .with_context(|| format!("interface {interface}"))?;
+        self.handoffs.insert(interface.to_owned(), link);
+        Ok(())
+    }
+
+    /// Converge lb's shapers, and tell the data plane which devices'
+    /// qdiscs its packets must pass (see `egress`).
+    fn follow_egress(&mut self, observed: &Observed) -> Result<()> {
+        let uplinks: Vec<(u32, &str, egress::Shape)> = self
+            .uplinks
+            .iter()
+            .map(|u| (u.index, u.cfg.interface.as_str(), u.cfg.shape))
+            .collect();
+        let lans: Vec<&str> = self
+            .config
+            .lans
+            .iter()
+            .map(|l| l.interface.as_str())
+            .collect();
+        let shapers = egress::wanted(&uplinks, &lans);
+        let mut devices: Vec<egress::Device> = self
+            .uplinks
+            .iter()
+            .filter(|u| u.attached.is_some())
+            .filter_map(|u| {
+                Some(egress::Device {
+                    ifindex: u.facts.ifindex?,
+                    name: u.cfg.interface.clone(),
+                    bridge: None,
+                })
+            })
+            .collect();
+        for lan in &self.config.lans {
+            let bridge = observed
+                .link(&lan.interface)
+                .filter(|l| l.kind.as_deref() == Some("bridge"))
+                .map(|l| l.index);
+            for (ifindex, name) in observed.lan_ports(&lan.interface) {
+                if self.lan_ports.contains_key(&ifindex) {
+                    devices.push(egress::Device {
+                        ifindex,
+                        name,
+                        bridge,
+                    });
+                }
+            }
+        }
+        let managed: Vec<&str> = uplinks
+            .iter()
+            .map(|u| u.1)
+            .chain(lans.iter().copied())
+            .collect();
+        let writes = self
+            .egress
+            .converge(&observed.qdiscs, &devices, &shapers, &managed, |name| {
+                observed.link(name).map(|l| l.index)
+            });
+        for (ifindex, out) in writes {
+            self.dataplane.set_egress(ifindex, out)?;
         }
         Ok(())
     }
@@ -634,6 +724,17 @@ impl Daemon {
             rtnetlink::new_connection().context("opening a netlink socket failed")?;
         tokio::spawn(conn);
         Pins::new(&config.daemon.bpffs).remove()?;
+        let observed = Observed::take(&handle).await?;
+        let devices = config
+            .uplinks
+            .iter()
+            .map(|u| u.interface.as_str())
+            .chain(config.lans.iter().map(|l| l.interface.as_str()));
+        for device in devices {
+            if let Some(link) = observed.link(device) {
+                egress::remove(device, &observed.qdiscs, link.index)?;
+            }
+        }
         Self::remove_routing(&KernelLink {
             handle,
             changed: Arc::new(Notify::new()),
@@ -734,6 +835,11 @@ impl Daemon {
                     .attach(program::WAN_INGRESS, &u.cfg.interface)?;
                 log_attach(program::WAN_INGRESS, &u.cfg.interface, mode);
                 u.attached = Some(ifindex);
+                let link = self
+                    .dataplane
+                    .attach_handoff(&u.cfg.interface)
+                    .with_context(|| format!("interface {}", u.cfg.interface))?;
+                self.handoffs.insert(u.cfg.interface.clone(), link);
             }
         } else if let Some(mut info) = u.written {
             // The interface is gone: keep its entry, down.
@@ -1248,6 +1354,7 @@ impl Daemon {
                         reached: usage.reached,
                     }
                 }),
+                egress: self.egress_status(&u.cfg.interface),
             });
         }
         let reasons = self.dataplane.reasons()?;
@@ -1273,6 +1380,11 @@ impl Daemon {
                 .bypass
                 .iter()
                 .map(|(a, l)| format!("{a}/{l}"))
+                .collect(),
+            lan_egress: self
+                .lan_ports
+                .values()
+                .filter_map(|(name, _)| self.egress_status(name))
                 .collect(),
         };
         Ok(StatusDraft {
@@ -1681,7 +1793,27 @@ pub async fn check_machine(config: &Config) -> Result<()> {
         rtnetlink::new_connection().context("opening a netlink socket failed")?;
     tokio::spawn(conn);
     let observed = Observed::take(&handle).await?;
-    check_xdp_targets(config, &observed)
+    check_xdp_targets(config, &observed)?;
+    check_ingress_shapers(config, &observed)
+}
+
+/// Refuse an uplink with an ingress shaper (an `ingress` qdisc feeding an
+/// IFB, as SQM sets up): XDP forwards replies before it, so it would
+/// silently shape nothing. `[uplink.shape] download` is the way lb shapes
+/// downloads.
+fn check_ingress_shapers(config: &Config, observed: &Observed) -> Result<()> {
+    let refused: Vec<String> = config
+        .uplinks
+        .iter()
+        .filter_map(|u| {
+            let link = observed.link(&u.interface)?;
+            egress::ingress_shaper(&observed.qdiscs, link.index, &u.name, &u.interface)
+        })
+        .collect();
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
+    }
+    Ok(())
 }
 
 /// Refuse an interface lb would redirect into (an uplink, a LAN port) that

@@ -19,12 +19,14 @@ use aya::{
     },
     programs::{
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
+    egress::Egress,
     maps::{name, program, BucketTable, Settings, UplinkInfo, UplinkStats},
     reason,
     table::Table,
@@ -88,6 +90,9 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
         }
+        dp.handoff()?.load().with_context(|| {
+            format!("the kernel's verifier refused program {}", program::HANDOFF)
+        })?;
         Ok(dp)
     }
 
@@ -194,6 +199,88 @@ impl Dataplane {
             log::debug!("detaching {prog}: {e} (its interface may be gone)");
         }
         Ok(())
+    }
+
+    /// The tc program that carries hand-offs through a device's qdisc.
+    fn handoff(&mut self) -> Result<&mut SchedClassifier> {
+        let prog = program::HANDOFF;
+        self.ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the XDP object"))?
+            .try_into()
+            .with_context(|| format!("program {prog} is not a tc program"))
+    }
+
+    /// Attach the hand-off program to `interface`'s tc ingress (TCX, first
+    /// in line), beside an XDP program there: what XDP hands over arrives
+    /// there. Pinned like the XDP attachments, and taken over the same way.
+    pub fn attach_handoff(&mut self, interface: &str) -> Result<SchedClassifierLinkId> {
+        let prog = program::HANDOFF;
+        let pin = self.pins.as_ref().map(|p| p.link(prog, interface));
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let taken = PinnedLink::from_pin(pin)
+                .context("opening the pin")
+                .and_then(|p| {
+                    SchedClassifierLink::try_from(FdLink::from(p)).context("not a tc link")
+                })
+                .and_then(|link| Ok(self.handoff()?.attach_to_link(link)?));
+            match taken {
+                Ok(link) => return Ok(link),
+                Err(e) => {
+                    log::info!("not taking over {}: {e:#}; attaching anew", pin.display());
+                    let _ = PinnedLink::from_pin(pin).map(PinnedLink::unpin);
+                }
+            }
+        }
+        let tc = self.handoff()?;
+        let link = tc
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .with_context(|| {
+                format!("attaching {prog} to the tc ingress of {interface} (needs TCX: Linux 6.6 or later)")
+            })?;
+        let Some(pin) = pin else {
+            return Ok(link);
+        };
+        let fd: FdLink = tc.take_link(link)?.try_into()?;
+        let pinned = fd
+            .pin(&pin)
+            .with_context(|| format!("pinning {prog} on {interface} at {}", pin.display()))?;
+        Ok(tc.attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)?)
+    }
+
+    /// Detach the hand-off program from `interface`, pin and all.
+    pub fn detach_handoff(&mut self, interface: &str, link: SchedClassifierLinkId) -> Result<()> {
+        if let Some(pins) = &self.pins {
+            let _ = std::fs::remove_file(pins.link(program::HANDOFF, interface));
+        }
+        if let Err(e) = self.handoff()?.detach(link) {
+            log::debug!(
+                "detaching {}: {e} (its interface may be gone)",
+                program::HANDOFF
+            );
+        }
+        Ok(())
+    }
+
+    /// How packets leave device `ifindex` (`None`: the XDP path).
+    pub fn set_egress(&mut self, ifindex: u32, egress: Option<Egress>) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::EGRESS)
+            .context("map EGRESS missing")?;
+        let mut map: HashMap<&mut MapData, u32, Egress> =
+            HashMap::try_from(m).context("map EGRESS has an unexpected type")?;
+        match egress {
+            Some(e) => map
+                .insert(ifindex, e, 0)
+                .with_context(|| format!("writing the egress path of ifindex {ifindex}")),
+            None => missing_is_fine(map.remove(&ifindex))
+                .with_context(|| format!("removing the egress path of ifindex {ifindex}")),
+        }
     }
 
     fn array<T: aya::Pod>(&mut self, map: &str) -> Result<Array<&mut MapData, T>> {

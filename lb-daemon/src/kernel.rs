@@ -30,6 +30,7 @@ use rtnetlink::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
         },
         rule::{RuleAction, RuleAttribute, RuleMessage},
+        tc::{TcAttribute, TcHandle, TcMessage},
         AddressFamily,
     },
     Handle, IpVersion, RouteMessageBuilder,
@@ -115,6 +116,8 @@ pub struct Observed {
     pub routes: Vec<Route>,
     pub neighbours: Vec<Neighbour>,
     pub rules: Vec<Rule>,
+    /// Every qdisc (root, ingress and inner ones).
+    pub qdiscs: Vec<crate::egress::Qdisc>,
 }
 
 /// A route lbd wants: in `table`, the default route via `gateway` on
@@ -225,6 +228,13 @@ impl Observed {
             .try_collect()
             .await
             .context("listing rules over netlink")?;
+        let qdiscs: Vec<TcMessage> = handle
+            .qdisc()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .context("listing qdiscs over netlink")?;
         Ok(Observed {
             links: links.iter().filter_map(link_facts).collect(),
             addresses: addresses
@@ -246,6 +256,7 @@ impl Observed {
             routes: routes.into_iter().filter_map(route).collect(),
             neighbours: neighbours.iter().filter_map(usable_neighbour).collect(),
             rules: rules.into_iter().filter_map(rule).collect(),
+            qdiscs: qdiscs.iter().filter_map(qdisc).collect(),
         })
     }
 
@@ -542,6 +553,20 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
         kind,
         master,
         lower,
+    })
+}
+
+fn qdisc(msg: &TcMessage) -> Option<crate::egress::Qdisc> {
+    let number = |h: TcHandle| (u32::from(h.major) << 16) | u32::from(h.minor);
+    let kind = msg.attributes.iter().find_map(|a| match a {
+        TcAttribute::Kind(k) => Some(k.clone()),
+        _ => None,
+    })?;
+    Some(crate::egress::Qdisc {
+        ifindex: u32::try_from(msg.header.index).ok()?,
+        handle: number(msg.header.handle),
+        parent: number(msg.header.parent),
+        kind,
     })
 }
 

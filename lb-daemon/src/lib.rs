@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod docs;
+pub mod egress;
 pub mod events;
 pub mod flows;
 pub mod health;

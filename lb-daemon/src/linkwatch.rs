@@ -193,13 +193,14 @@ pub struct LinkWatch {
 impl LinkWatch {
     /// Opens a netlink socket in the current network namespace and joins
     /// the link, IPv4 address, IPv4 route and neighbour notification
-    /// groups. Nothing is read until [`run`](Self::run).
+    /// groups, and tc's (qdiscs). Nothing is read until [`run`](Self::run).
     pub fn subscribe() -> Result<Self, LinkWatchError> {
         let (connection, handle, messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Link,
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Ifaddr,
             MulticastGroup::Ipv4Route,
+            MulticastGroup::Tc,
         ])
         .map_err(LinkWatchError::Subscribe)?;
         Ok(Self {
@@ -265,7 +266,9 @@ impl LinkWatch {
                 RouteNetlinkMessage::NewAddress(_)
                 | RouteNetlinkMessage::DelAddress(_)
                 | RouteNetlinkMessage::NewRoute(_)
-                | RouteNetlinkMessage::DelRoute(_) => changed.notify_one(),
+                | RouteNetlinkMessage::DelRoute(_)
+                | RouteNetlinkMessage::NewQueueDiscipline(_)
+                | RouteNetlinkMessage::DelQueueDiscipline(_) => changed.notify_one(),
                 // Neighbours come and go all the time on a LAN: only an
                 // uplink's (its gateway's) matter.
                 RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n)

@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{
+    egress::{self, Egress, HandOff},
     hash,
     maps::{program, uplink_state, UplinkInfo},
     nat, reason,
@@ -1014,4 +1015,83 @@ fn fragments_follow_their_first_one_both_ways() {
     }
     assert_eq!(back_first[36..38], 8800u16.to_be_bytes(), "client port");
     assert!(udp_checksum_ok(&[&back_first, &back_later], SERVER, CLIENT));
+}
+
+/// The note a handed-over frame carries in front of it, and the frame.
+fn hand_off_of(out: &[u8]) -> (HandOff, &[u8]) {
+    let word = |i: usize| u32::from_ne_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]);
+    let note = HandOff {
+        magic: word(0),
+        ifindex: word(4),
+        priority: word(8),
+    };
+    (note, &out[std::mem::size_of::<HandOff>()..])
+}
+
+#[test]
+fn a_device_whose_qdisc_counts_gets_the_same_frame_handed_to_tc() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // Uplinks and LAN are all loopback (ifindex 1) here; lb shapes it.
+    h.dp.set_egress(
+        1,
+        Some(Egress {
+            path: egress::path::QDISC,
+            shaper_major: egress::SHAPER_MAJOR,
+            ifindex: 0,
+        }),
+    )
+    .expect("egress");
+    let frame = udp(7100, 64);
+    let (verdict, out) = h.lan(&frame);
+    assert_eq!(verdict, XDP_PASS, "handed to tc, not redirected");
+    let (note, rewritten) = hand_off_of(&out);
+    let uplink = uplink_of(rewritten);
+    assert_forwarded(
+        &frame,
+        rewritten,
+        &uplink_info(uplink, uplink_state::ACTIVE),
+    );
+    assert_eq!(note.magic, egress::HANDOFF_MAGIC);
+    assert_eq!(note.ifindex, 1, "to the uplink's device");
+    assert_eq!(
+        note.priority,
+        egress::priority(egress::SHAPER_MAJOR, u32::from(uplink) - 1, CLIENT),
+        "in the client's leaf of its uplink's class"
+    );
+
+    // A reply to a LAN port whose bridge (ifindex 7) holds the shaper
+    // goes to the bridge, translated as ever.
+    let (nat_port, sent, _) = {
+        // Outbound again by the XDP path, to find a flow on uplink 2.
+        h.dp.set_egress(1, None).expect("egress");
+        let found = out_via_uplink2(&mut h, |p| udp(p, 64));
+        h.dp.set_egress(
+            1,
+            Some(Egress {
+                path: egress::path::QDISC,
+                shaper_major: egress::SHAPER_MAJOR,
+                ifindex: 7,
+            }),
+        )
+        .expect("egress");
+        found
+    };
+    let client_port = u16::from_be_bytes([sent[34], sent[35]]);
+    let reply = reply_to("udp", nat_port, 53);
+    let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
+    assert_eq!(verdict, XDP_PASS);
+    let (note, rewritten) = hand_off_of(&back);
+    assert_eq!(rewritten, inbound_model(&reply, client_port, false));
+    assert_eq!(note.ifindex, 7, "to the bridge");
+    assert_eq!(
+        note.priority,
+        egress::priority(egress::SHAPER_MAJOR, 1, CLIENT)
+    );
+
+    // Back on the XDP path once the entry goes.
+    h.dp.set_egress(1, None).expect("egress");
+    assert_eq!(h.lan(&udp(7100, 64)).0, XDP_REDIRECT);
 }

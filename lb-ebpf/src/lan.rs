@@ -8,9 +8,7 @@
 //! translation: no uplink or no free port means a counted drop.
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_REDIRECT, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
-    maps::lpm_trie::Key,
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use lb_common::{
@@ -21,7 +19,7 @@ use lb_common::{
 };
 
 use crate::{
-    frags,
+    egress, frags,
     maps::{BUCKETS, BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, TCP_FIN, TCP_RST},
@@ -100,10 +98,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         s.tx_packets += 1;
         s.tx_bytes += len as u64;
     });
-    match TX_PORTS.redirect(uplink, 0) {
-        Ok(XDP_REDIRECT) => Ok(XDP_REDIRECT),
-        _ => Ok(stats::drop(reason::DROP_REDIRECT_FAILED)),
-    }
+    Ok(egress::send(ctx, info.ifindex, uplink, src, || {
+        TX_PORTS.redirect(uplink, 0)
+    }))
 }
 
 /// The uplink and NAT port of this connection: its pinned ones while that

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod egress;
 mod frags;
 mod lan;
 mod maps;
@@ -15,7 +16,11 @@ mod rewrite;
 mod stats;
 mod wan;
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action::XDP_PASS,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// Packets from LAN clients: steer each connection to an uplink and send it.
 #[xdp]
@@ -27,6 +32,13 @@ pub fn lan_ingress(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn wan_ingress(ctx: XdpContext) -> u32 {
     wan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))
+}
+
+/// tc ingress of the same devices: sends what the two programs above hand
+/// over through the target device's qdisc (see `egress`).
+#[classifier]
+pub fn handoff(ctx: TcContext) -> i32 {
+    egress::carry(&ctx)
 }
 
 #[cfg(not(test))]

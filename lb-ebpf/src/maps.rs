@@ -7,6 +7,7 @@ use aya_ebpf::{
     maps::{Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
+    egress::Egress,
     maps::{
         BucketTable, FlowKey, FlowValue, FragKey, FragValue, NatKey, NatValue, Settings,
         UplinkInfo, UplinkStats,
@@ -69,3 +70,8 @@ pub static UPLINK_STATS: PerCpuArray<UplinkStats> = PerCpuArray::with_max_entrie
 /// Per-CPU count of packets per pass/drop reason.
 #[map]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+/// Devices whose qdisc lb's packets pass, by ifindex (see
+/// `lb_common::egress`). No entry: the XDP path.
+#[map]
+pub static EGRESS: HashMap<u32, Egress> = HashMap::with_max_entries(MAX_UPLINKS + MAX_LANS, 0);

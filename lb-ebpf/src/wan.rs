@@ -7,9 +7,7 @@
 //! untouched: this program never drops.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_REDIRECT},
-    helpers::bpf_ktime_get_coarse_ns,
-    programs::XdpContext,
+    bindings::xdp_action::XDP_PASS, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use lb_common::{
     maps::{tcp_state, FlowKey, NatKey},
@@ -17,7 +15,7 @@ use lb_common::{
 };
 
 use crate::{
-    frags,
+    egress, frags,
     maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_BY_IFINDEX},
     nat::{self, End},
     parse::{
@@ -133,10 +131,13 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }
     rewrite::tagged(ctx, back.lan_mac, back.client_mac, back.vlan_tci)?;
     stats::uplink(uplink, |s| s.replies += 1);
-    match LAN_PORTS.redirect(back.lan_ifindex, 0) {
-        Ok(XDP_REDIRECT) => Ok(XDP_REDIRECT),
-        _ => Ok(stats::drop(reason::DROP_REDIRECT_FAILED)),
-    }
+    Ok(egress::send(
+        ctx,
+        back.lan_ifindex,
+        uplink,
+        back.client_addr,
+        || LAN_PORTS.redirect(back.lan_ifindex, 0),
+    ))
 }
 
 /// A reply keeps its flow alive and moves its TCP state along.

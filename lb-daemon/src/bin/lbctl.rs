@@ -407,6 +407,16 @@ fn print_status(s: &Status) {
     if !quotas.is_empty() {
         println!("quotas: {}", quotas.join("; "));
     }
+    let egress: Vec<String> = s
+        .uplinks
+        .iter()
+        .filter_map(|u| u.egress.as_ref())
+        .chain(&s.lan_egress)
+        .map(|e| format!("{} by {} ({})", e.device, e.path, e.why))
+        .collect();
+    if !egress.is_empty() {
+        println!("egress: {}", egress.join("; "));
+    }
     if !s.kernel_destinations.is_empty() {
         println!("left to the kernel: {}", s.kernel_destinations.join(" "));
     }

@@ -1,0 +1,133 @@
+//! How a forwarded packet leaves: straight into the device's transmit ring
+//! (`XDP_REDIRECT`), or through the device's queueing discipline.
+//!
+//! `XDP_REDIRECT` skips the egress qdisc, so a device with a qdisc that
+//! shapes or queues (SQM's, an operator's `tbf`, lb's own shaper) is sent
+//! to differently: the XDP program makes the whole decision and rewrite as
+//! usual, then leaves a [`HandOff`] note in the frame's metadata and passes
+//! it up; lb's tc program on the same device reads the note and redirects
+//! the packet to the target's egress, where its qdisc sees it. One decision
+//! and one rewrite, in one place; tc only carries the result.
+//!
+//! Also owns the numbering of lb's shaper classes (HTB class ids), which
+//! the data plane writes into `skb->priority` and lbd creates with `tc`.
+
+/// Values of [`Egress::path`].
+pub mod path {
+    /// `XDP_REDIRECT`: no qdisc on the way.
+    pub const XDP: u32 = 0;
+    /// Through the device's qdisc, by lb's tc program.
+    pub const QDISC: u32 = 1;
+}
+
+/// How to send out of one device (map `EGRESS`, keyed by ifindex; a device
+/// without an entry takes the XDP path).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// One of [`path`].
+    pub path: u32,
+    /// Handle major of lb's HTB shaper on this device, 0 when lb does not
+    /// shape it: the packet's class is then left to the device's qdisc.
+    pub shaper_major: u32,
+    /// Where to send instead, when not 0: a LAN port's bridge, whose qdisc
+    /// holds the download shaper that all its ports share.
+    pub ifindex: u32,
+}
+
+/// The note `lan_ingress`/`wan_ingress` leave in front of a frame for lb's
+/// tc program: where it goes, and in which class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandOff {
+    /// [`HANDOFF_MAGIC`]: metadata that something else left is not a note.
+    pub magic: u32,
+    /// The device to send it out of (its egress, through its qdisc).
+    pub ifindex: u32,
+    /// `skb->priority` to set: an HTB class id of lb's shaper, or 0.
+    pub priority: u32,
+}
+
+/// "lbH1".
+pub const HANDOFF_MAGIC: u32 = 0x6c62_4831;
+
+/// Handle major of lb's HTB shapers (`1b:`), on uplinks and LAN ports.
+pub const SHAPER_MAJOR: u32 = 0x1b;
+/// Class of everything that is not lb's forwarded traffic (the router's
+/// own, bridged LAN traffic): `1b:1`.
+pub const DEFAULT_MINOR: u32 = 0x1;
+/// Fair leaves per uplink class: clients are hashed into this many.
+pub const LEAVES: u32 = 16;
+
+/// Minor of uplink `uplink`'s class (its rate): `0x10 + uplink`.
+pub const fn uplink_minor(uplink: u32) -> u32 {
+    0x10 + uplink
+}
+
+/// Minor of the leaf of `uplink` that client hash `client` falls into:
+/// `0x100 + 0x10 * uplink + client % LEAVES`. Leaves of one uplink share
+/// its rate equally while they are busy: fairness per client.
+pub const fn leaf_minor(uplink: u32, client: u32) -> u32 {
+    0x100 + 0x10 * uplink + client % LEAVES
+}
+
+/// The class id (`major:minor`) a packet of `uplink` from or to client
+/// `client` (its IPv4 address, network order) takes on a device shaped by
+/// lb (`shaper_major` non-zero); 0 elsewhere.
+pub fn priority(shaper_major: u32, uplink: u32, client: [u8; 4]) -> u32 {
+    if shaper_major == 0 {
+        return 0;
+    }
+    // Fold the address so that neighbours land in different leaves.
+    let a = u32::from_be_bytes(client);
+    let spread = (a ^ (a >> 8) ^ (a >> 16) ^ (a >> 24)) & 0xff;
+    (shaper_major << 16) | leaf_minor(uplink, spread)
+}
+
+const _: () = assert!(core::mem::size_of::<Egress>() == 12);
+const _: () = assert!(core::mem::size_of::<HandOff>() == 12);
+const _: () = assert!(crate::MAX_UPLINKS * 0x10 + 0x100 <= 0xffff);
+const _: () = assert!(uplink_minor(crate::MAX_UPLINKS - 1) < 0x100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unshaped_devices_leave_the_class_alone() {
+        assert_eq!(priority(0, 3, [10, 10, 0, 2]), 0);
+    }
+
+    #[test]
+    fn classes_are_under_their_uplink_and_clients_spread_over_leaves() {
+        let mut leaves = [false; LEAVES as usize];
+        for host in 1..=32u8 {
+            let p = priority(SHAPER_MAJOR, 2, [10, 10, 0, host]);
+            assert_eq!(p >> 16, SHAPER_MAJOR);
+            let minor = p & 0xffff;
+            assert!((0x120..0x130).contains(&minor), "{minor:#x}");
+            leaves[(minor - 0x120) as usize] = true;
+        }
+        assert!(
+            leaves.iter().all(|&l| l),
+            "32 neighbours fill all 16 leaves"
+        );
+        // Two neighbours never share a leaf.
+        assert_ne!(
+            priority(SHAPER_MAJOR, 0, [10, 10, 0, 2]),
+            priority(SHAPER_MAJOR, 0, [10, 10, 0, 3])
+        );
+    }
+
+    #[test]
+    fn class_ids_of_all_uplinks_are_distinct() {
+        let mut minors: [u32; 2 * crate::MAX_UPLINKS as usize] = [0; 32];
+        for u in 0..crate::MAX_UPLINKS {
+            minors[u as usize * 2] = uplink_minor(u);
+            minors[u as usize * 2 + 1] = leaf_minor(u, 0);
+        }
+        minors.sort_unstable();
+        assert!(minors.windows(2).all(|w| w[0] != w[1]));
+        assert!(!minors.contains(&DEFAULT_MINOR));
+    }
+}

@@ -1,0 +1,103 @@
+//! The last step of forwarding: out of the target device by `XDP_REDIRECT`,
+//! or, when that device's qdisc is to be honoured, handed over to lb's tc
+//! program (`handoff`), which sends it through the qdisc. See
+//! `lb_common::egress`.
+//!
+//! Owns the hand-off note and nothing else: the decision and the rewrite
+//! are done before `send` and are the same on both paths. Never drops what
+//! it cannot hand over: a driver without XDP metadata gets the XDP path.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{xdp_action::XDP_PASS, xdp_action::XDP_REDIRECT, TC_ACT_UNSPEC},
+    helpers::{bpf_redirect, bpf_xdp_adjust_meta},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use lb_common::{
+    egress::{self, path, HandOff, HANDOFF_MAGIC},
+    reason,
+};
+
+use crate::{maps::EGRESS, stats};
+
+/// Send the rewritten frame out of device `ifindex`: `redirect` does it
+/// the XDP way; a device whose qdisc counts gets a hand-off instead.
+/// `uplink` and `client` (its address) pick the class on a device lb
+/// shapes.
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    ifindex: u32,
+    uplink: u32,
+    client: [u8; 4],
+    redirect: impl FnOnce() -> Result<u32, u32>,
+) -> u32 {
+    // SAFETY: a lookup; the value is copied out at once.
+    if let Some(out) = unsafe { EGRESS.get(&ifindex) }.copied() {
+        if out.path == path::QDISC {
+            let priority = egress::priority(out.shaper_major, uplink, client);
+            let to = if out.ifindex != 0 {
+                out.ifindex
+            } else {
+                ifindex
+            };
+            if hand_off(ctx, to, priority) {
+                return XDP_PASS;
+            }
+        }
+    }
+    match redirect() {
+        Ok(XDP_REDIRECT) => XDP_REDIRECT,
+        _ => stats::drop(reason::DROP_REDIRECT_FAILED),
+    }
+}
+
+/// Write the note in front of the frame. `false` when the driver keeps no
+/// metadata.
+#[inline(always)]
+fn hand_off(ctx: &XdpContext, ifindex: u32, priority: u32) -> bool {
+    const LEN: usize = size_of::<HandOff>();
+    // SAFETY: the helper checks that the metadata fits the headroom.
+    if unsafe { bpf_xdp_adjust_meta(ctx.as_ptr().cast(), -(LEN as i32)) } != 0 {
+        return false;
+    }
+    let meta = ctx.metadata();
+    if meta + LEN > ctx.metadata_end() {
+        return false;
+    }
+    // SAFETY: bounds-checked just above.
+    unsafe {
+        *(meta as *mut HandOff) = HandOff {
+            magic: HANDOFF_MAGIC,
+            ifindex,
+            priority,
+        };
+    }
+    true
+}
+
+/// lb's tc program: a packet that carries a note goes out of the note's
+/// device, through its qdisc, in the note's class. Anything else goes on
+/// to whatever else the device has (tc's "next").
+#[inline(always)]
+pub fn carry(ctx: &TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading the context's packet pointers.
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    if meta + size_of::<HandOff>() > data {
+        return TC_ACT_UNSPEC;
+    }
+    // SAFETY: bounds-checked just above.
+    let note = unsafe { *(meta as *const HandOff) };
+    if note.magic != HANDOFF_MAGIC {
+        return TC_ACT_UNSPEC;
+    }
+    if note.priority != 0 {
+        // SAFETY: tc programs may write `priority`.
+        unsafe { (*skb).priority = note.priority };
+    }
+    // SAFETY: no preconditions; it names the device and tc does the rest.
+    unsafe { bpf_redirect(note.ifindex, 0) as i32 }
+}

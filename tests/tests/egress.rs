@@ -1,0 +1,415 @@
+//! Bandwidth management: lb's packets pass the queues the operator put on
+//! an uplink or a LAN port (an SQM-style `tbf`), lb shapes per uplink when
+//! asked (`[uplink.shape]`), with a fair share per client, and an uplink
+//! without a shaper keeps the XDP path.
+//!
+//! Rates are the behaviour under test here, not the machine's speed: a
+//! shaper holds traffic to its configured rate on any machine that can go
+//! faster than it, and these rates (20 Mbit/s) are a hundredth of what the
+//! slowest lab machine forwards.
+
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    require_root,
+    stream::wait_for,
+    traffic::wait_tcp_listener,
+    unique_prefix, Lab, LabDesc, LanLeaks,
+};
+use serde_json::Value;
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const IPERF_PORTS: [u16; 2] = [5201, 5202];
+/// The rate of every shaper here, in bit/s.
+const RATE: f64 = 20e6;
+/// A bound for a test that must end, not a speed target.
+const BOUND: Duration = Duration::from_secs(10);
+
+fn run(lab: &Lab, host: &str, args: &[&str]) -> Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", lab.ns(host)?])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running `{}` on {host}", args.join(" ")))
+}
+
+/// Start iperf3 servers in inet and wait for them.
+fn iperf_servers(lab: &mut Lab) -> Result<()> {
+    for port in IPERF_PORTS {
+        lab.spawn(
+            "inet",
+            &[
+                "iperf3",
+                "-s",
+                "-p",
+                &port.to_string(),
+                "--logfile",
+                "/dev/null",
+            ],
+        )?;
+    }
+    for port in IPERF_PORTS {
+        wait_tcp_listener(lab.ns("inet")?, port, BOUND)?;
+    }
+    Ok(())
+}
+
+/// iperf3 from `host` to server port `port` with 8 streams for 6 s (the
+/// first second, TCP's slow start, not counted): received bit/s. With
+/// `download`, the server sends.
+fn iperf(lab: &Lab, host: &str, port: u16, download: bool) -> Result<f64> {
+    let port = port.to_string();
+    let server = SERVER.to_string();
+    let mut args = vec![
+        "timeout", "40", "iperf3", "-c", &server, "-p", &port, "-P", "8", "-t", "6", "-O", "1",
+        "-J",
+    ];
+    if download {
+        args.push("-R");
+    }
+    let out = run(lab, host, &args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "iperf3 on {host} failed ({}): {}{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).context("parsing iperf3 -J")?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no end.sum_received in iperf3's report: {stdout}"))
+}
+
+/// Bytes the root qdisc of `dev` on the router has sent.
+fn qdisc_sent(lab: &Lab, dev: &str) -> Result<u64> {
+    let out = lab.exec(
+        "router",
+        &["tc", "-s", "-j", "qdisc", "show", "dev", dev, "root"],
+    )?;
+    let qdiscs: Value = serde_json::from_str(&out).context("parsing tc -j")?;
+    Ok(qdiscs[0]["bytes"].as_u64().unwrap_or(0))
+}
+
+/// `device`'s egress in lbd's status: (path, why).
+fn egress_of(lbd: &Lbd, device: &str) -> Result<Option<(String, String)>> {
+    let status = lbd.status()?;
+    let uplinks = status["uplinks"].as_array().cloned().unwrap_or_default();
+    let all = uplinks
+        .iter()
+        .map(|u| u["egress"].clone())
+        .chain(status["lan_egress"].as_array().cloned().unwrap_or_default());
+    Ok(all
+        .filter(|e| e["device"] == device)
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap_or("").to_owned(),
+                e["why"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .next())
+}
+
+fn wait_egress(lbd: &Lbd, device: &str, path: &str) -> Result<String> {
+    wait_for(&format!("{device}'s egress to be {path}"), BOUND, || {
+        Ok(egress_of(lbd, device)?.is_some_and(|(p, _)| p == path))
+    })?;
+    Ok(egress_of(lbd, device)?
+        .map(|(_, why)| why)
+        .unwrap_or_default())
+}
+
+fn within(rate: f64, want: f64, share: f64) -> bool {
+    (rate - want).abs() <= want * share
+}
+
+/// An operator's `tbf` (what an SQM setup amounts to) on uplink wan1 and
+/// on LAN port lan0: lb's uploads and downloads keep to it, within 10 %,
+/// because they pass it; wan2, without one, keeps the XDP path.
+#[test]
+fn an_operators_shaper_on_an_uplink_and_a_lan_port_holds_lbs_traffic() -> Result<()> {
+    if !require_root("an_operators_shaper_on_an_uplink_and_a_lan_port_holds_lbs_traffic") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    for dev in ["wan1", "lan0"] {
+        lab.exec(
+            "router",
+            &[
+                "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "20mbit", "burst", "32kb",
+                "latency", "20ms",
+            ],
+        )?;
+    }
+    // Followed while lbd runs: no restart.
+    let why = wait_egress(&lbd, "wan1", "qdisc")?;
+    ensure!(why.contains("tbf"), "wan1: {why}");
+    wait_egress(&lbd, "lan0", "qdisc")?;
+    let why2 = wait_egress(&lbd, "wan2", "xdp")?;
+    eprintln!("egress: wan1 by qdisc ({why}); lan0 by qdisc; wan2 by xdp ({why2})");
+
+    iperf_servers(&mut lab)?;
+    lbd.lbctl(&["uplink", "disable", "isp2"])?;
+    let before = qdisc_sent(&lab, "wan1")?;
+    let up = iperf(&lab, "client", IPERF_PORTS[0], false)?;
+    let through = qdisc_sent(&lab, "wan1")? - before;
+    let down = iperf(&lab, "client", IPERF_PORTS[0], true)?;
+    eprintln!(
+        "through isp1 with a 20 Mbit/s tbf on wan1 and lan0: upload {:.2} Mbit/s ({through} bytes through wan1's tbf), download {:.2} Mbit/s",
+        up / 1e6,
+        down / 1e6
+    );
+    ensure!(within(up, RATE, 0.10), "upload at {:.2} Mbit/s", up / 1e6);
+    ensure!(
+        within(down, RATE, 0.10),
+        "download at {:.2} Mbit/s",
+        down / 1e6
+    );
+    ensure!(
+        through > 4_000_000,
+        "only {through} bytes passed wan1's tbf"
+    );
+
+    // wan2 has no shaper: its traffic takes the XDP path, past no qdisc.
+    lbd.lbctl(&["uplink", "enable", "isp2"])?;
+    lbd.lbctl(&["uplink", "disable", "isp1"])?;
+    let tx_before = lbd.uplink_counter("isp2", "tx_bytes")?;
+    let before = qdisc_sent(&lab, "wan1")?;
+    let up2 = iperf(&lab, "client", IPERF_PORTS[1], false)?;
+    let tx = lbd.uplink_counter("isp2", "tx_bytes")? - tx_before;
+    let wan1_more = qdisc_sent(&lab, "wan1")? - before;
+    eprintln!(
+        "through isp2 (no shaper, XDP): upload {:.2} Mbit/s, {tx} bytes by lb's XDP path; wan1's tbf saw {wan1_more} bytes meanwhile",
+        up2 / 1e6
+    );
+    ensure!(tx > 4_000_000, "isp2 sent only {tx} bytes");
+    ensure!(
+        wan1_more < 100_000,
+        "wan1's tbf carried {wan1_more} bytes of isp2's run"
+    );
+
+    // The operator removes the shaper: back to XDP.
+    lab.exec("router", &["tc", "qdisc", "del", "dev", "wan1", "root"])?;
+    wait_egress(&lbd, "wan1", "xdp")?;
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+/// A ping beside 8 saturating TCP uploads, with a slower "modem" beyond
+/// the router that has a deep buffer (400 ms), and an SQM-style tbf on the
+/// router below the modem's rate with a 20 ms queue: the ping waits in the
+/// router's short queue, not in the modem's long one, because lb's packets
+/// pass the router's queue.
+#[test]
+fn a_ping_beside_saturating_uploads_waits_only_in_the_routers_short_queue() -> Result<()> {
+    if !require_root("a_ping_beside_saturating_uploads_waits_only_in_the_routers_short_queue") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let config = LabConfig {
+        uplinks: &[(1, "")],
+        ..LabConfig::default()
+    };
+    // The modem: 25 Mbit/s with 400 ms of buffer, on the ISP's way up.
+    lab.exec(
+        "isp1",
+        &[
+            "tc", "qdisc", "add", "dev", "up0", "root", "tbf", "rate", "25mbit", "burst", "32kb",
+            "latency", "400ms",
+        ],
+    )?;
+    lab.exec(
+        "router",
+        &[
+            "tc", "qdisc", "add", "dev", "wan1", "root", "tbf", "rate", "20mbit", "burst", "32kb",
+            "latency", "20ms",
+        ],
+    )?;
+    let lbd = Lbd::start(&mut lab, &config.render())?;
+    wait_egress(&lbd, "wan1", "qdisc")?;
+    iperf_servers(&mut lab)?;
+
+    let ns = lab.ns("client")?.to_owned();
+    let server = SERVER.to_string();
+    let port = IPERF_PORTS[0].to_string();
+    let load = std::thread::spawn(move || {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "timeout", "40", "iperf3", "-c", &server, "-p", &port,
+            ])
+            .args(["-P", "8", "-t", "8"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+    });
+    // Let the streams fill whatever queue they fill (TCP's slow start is
+    // over within a second here), then ping through it, watching the
+    // modem's queue meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    let ns = lab.ns("client")?.to_owned();
+    let server = SERVER.to_string();
+    let ping = std::thread::spawn(move || {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "ping", "-c", "20", "-i", "0.2", "-W", "2", &server,
+            ])
+            .stdin(Stdio::null())
+            .output()
+    });
+    let mut modem_backlog = 0;
+    while !ping.is_finished() {
+        modem_backlog = modem_backlog.max(modem_backlog_now(&lab)?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = ping
+        .join()
+        .map_err(|_| anyhow::anyhow!("the ping thread panicked"))??;
+    let _ = load.join();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    ensure!(
+        rtts.len() >= 15,
+        "only {} of 20 pings answered: {text}",
+        rtts.len()
+    );
+    let median = rtts[rtts.len() / 2];
+    let p95 = rtts[rtts.len() * 95 / 100];
+    eprintln!(
+        "ping beside 8 uploads: median {median:.1} ms, p95 {p95:.1} ms, worst {:.1} ms (router's queue 20 ms, modem's 400 ms); the modem's backlog peaked at {modem_backlog} bytes of its {MODEM_BUFFER}",
+        rtts[rtts.len() - 1]
+    );
+    // In the modem's queue a ping waits up to 400 ms (185 ms median when
+    // lb skipped the router's queue); the router's holds 20 ms.
+    ensure!(
+        median < 100.0,
+        "the median ping took {median:.1} ms: packets queue in the modem, not in the router's shaper"
+    );
+    // Fed below its rate, the modem never builds a queue.
+    ensure!(
+        modem_backlog < MODEM_BUFFER / 10,
+        "the modem queued {modem_backlog} bytes: lb's packets skip the router's shaper"
+    );
+    lbd.stop(&mut lab)
+}
+
+/// The modem's buffer: 400 ms at 25 Mbit/s, in bytes.
+const MODEM_BUFFER: u64 = 25_000_000 / 8 * 400 / 1000;
+
+/// The backlog of the modem's queue now, in bytes.
+fn modem_backlog_now(lab: &Lab) -> Result<u64> {
+    let out = lab.exec(
+        "isp1",
+        &["tc", "-s", "-j", "qdisc", "show", "dev", "up0", "root"],
+    )?;
+    let qdiscs: Value = serde_json::from_str(&out).context("parsing tc -j")?;
+    Ok(qdiscs[0]["backlog"].as_u64().unwrap_or(0))
+}
+
+/// `[uplink.shape]`: lbd builds an HTB on the uplink (uploads) and on the
+/// LAN bridge (downloads, one class per uplink for all its ports), with a
+/// fair leaf per client; two clients downloading at once through the same
+/// uplink get a fair share each, and the total keeps to the rate. lbd's
+/// teardown removes it all.
+#[test]
+fn lbs_shaper_gives_two_clients_on_one_uplink_a_fair_share() -> Result<()> {
+    if !require_root("lbs_shaper_gives_two_clients_on_one_uplink_a_fair_share") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let shape = "[uplink.shape]\nupload = \"20mbit\"\ndownload = \"20mbit\"\n";
+    let config = LabConfig {
+        lans: &["br-lan"],
+        uplinks: &[(1, shape), (2, "")],
+        ..LabConfig::default()
+    };
+    let lbd = Lbd::start(&mut lab, &config.render())?;
+    let why = wait_egress(&lbd, "wan1", "qdisc")?;
+    ensure!(why.contains("lb's shaper"), "wan1: {why}");
+    for port in ["lan1", "lan2"] {
+        let why = wait_egress(&lbd, port, "qdisc")?;
+        ensure!(why.contains("bridge"), "{port}: {why}");
+    }
+    wait_egress(&lbd, "wan2", "xdp")?;
+    iperf_servers(&mut lab)?;
+    lbd.lbctl(&["uplink", "disable", "isp2"])?;
+
+    // Both clients download at once.
+    let ns = lab.ns("client2")?.to_owned();
+    let server = SERVER.to_string();
+    let port = IPERF_PORTS[1].to_string();
+    let second = std::thread::spawn(move || {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "timeout", "40", "iperf3", "-c", &server, "-p", &port,
+            ])
+            .args(["-P", "8", "-t", "6", "-O", "1", "-J", "-R"])
+            .stdin(Stdio::null())
+            .output()
+    });
+    let first = iperf(&lab, "client", IPERF_PORTS[0], true)?;
+    let out = second
+        .join()
+        .map_err(|_| anyhow::anyhow!("the second client's thread panicked"))??;
+    let report: Value =
+        serde_json::from_slice(&out.stdout).context("parsing client2's iperf3 -J")?;
+    let other = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no end.sum_received in client2's iperf3 report")?;
+    let total = first + other;
+    eprintln!(
+        "two clients downloading through isp1 shaped to 20 Mbit/s: {:.2} and {:.2} Mbit/s, {:.2} in total",
+        first / 1e6,
+        other / 1e6,
+        total / 1e6
+    );
+    let fair = total / 2.0;
+    ensure!(
+        within(first, fair, 0.20) && within(other, fair, 0.20),
+        "not a fair share: {:.2} and {:.2} Mbit/s",
+        first / 1e6,
+        other / 1e6
+    );
+    ensure!(within(total, RATE, 0.10), "total {:.2} Mbit/s", total / 1e6);
+
+    // Uploads keep to the rate too.
+    let up = iperf(&lab, "client", IPERF_PORTS[0], false)?;
+    eprintln!(
+        "upload through isp1 shaped to 20 Mbit/s: {:.2} Mbit/s",
+        up / 1e6
+    );
+    ensure!(within(up, RATE, 0.10), "upload at {:.2} Mbit/s", up / 1e6);
+    leaks.check()?;
+
+    // Stopping lbd keeps the data plane, shaper and all; the teardown
+    // removes it.
+    lbd.stop_keeping(&mut lab)?;
+    let kept = lab.exec("router", &["tc", "qdisc", "show", "dev", "wan1"])?;
+    ensure!(
+        kept.contains("htb 1b:"),
+        "lbd's stop removed its shaper: {kept}"
+    );
+    let said = lbd.teardown(&lab)?;
+    for dev in ["wan1", "br-lan"] {
+        let qdiscs = lab.exec("router", &["tc", "qdisc", "show", "dev", dev])?;
+        ensure!(
+            !qdiscs.contains("htb 1b:"),
+            "lb's shaper is still on {dev} after the teardown ({said}): {qdiscs}"
+        );
+    }
+    Ok(())
+}
