@@ -1463,6 +1463,9 @@ impl Daemon {
                     cfg.name, u.cfg.gateway, cfg.gateway
                 ));
             }
+            if u.cfg.shape != cfg.shape {
+                done.push(format!("{}: shape", cfg.name));
+            }
             if u.cfg.quota != cfg.quota {
                 done.push(format!("{}: quota", cfg.name));
             }

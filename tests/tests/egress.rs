@@ -413,3 +413,70 @@ fn lbs_shaper_gives_two_clients_on_one_uplink_a_fair_share() -> Result<()> {
     }
     Ok(())
 }
+
+/// An ingress shaper on an uplink (SQM's: an `ingress` qdisc feeding an
+/// IFB) cannot be honoured, since XDP forwards replies before it: `lbd
+/// --check` and lbd's start refuse it, naming `[uplink.shape]` instead.
+#[test]
+fn an_ingress_shaper_on_an_uplink_is_refused_at_start() -> Result<()> {
+    if !require_root("an_ingress_shaper_on_an_uplink_is_refused_at_start") {
+        return Ok(());
+    }
+    let lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    // What SQM does for downloads: arrivals on wan1 go through ifb4wan1's
+    // shaper.
+    lab.exec(
+        "router",
+        &["ip", "link", "add", "name", "ifb4wan1", "type", "ifb"],
+    )?;
+    lab.exec("router", &["ip", "link", "set", "ifb4wan1", "up"])?;
+    lab.exec(
+        "router",
+        &[
+            "tc", "qdisc", "add", "dev", "ifb4wan1", "root", "tbf", "rate", "20mbit", "burst",
+            "32kb", "latency", "20ms",
+        ],
+    )?;
+    lab.exec(
+        "router",
+        &[
+            "tc", "qdisc", "add", "dev", "wan1", "handle", "ffff:", "ingress",
+        ],
+    )?;
+    lab.exec(
+        "router",
+        &[
+            "tc", "filter", "add", "dev", "wan1", "parent", "ffff:", "protocol", "all", "u32",
+            "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", "ifb4wan1",
+        ],
+    )?;
+    let dir = std::env::temp_dir().join(format!("{}ifb", lab.prefix()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("lbd.toml");
+    let (text, _, _) = lb_tests::daemon::fill(&LabConfig::default().render(), &lab, &dir);
+    std::fs::write(&config, text)?;
+    let lbd = lb_tests::daemon::bin_dir().join("lbd");
+    let (lbd, config) = (lbd.display().to_string(), config.display().to_string());
+    let refusal = |check: bool| -> String {
+        let mut args = vec![lbd.as_str(), "--config", config.as_str()];
+        if check {
+            args.push("--check");
+        }
+        lab.exec_net_only("router", &args)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    };
+    let (checked, refused) = (refusal(true), refusal(false));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (what, said) in [("lbd --check", &checked), ("lbd", &refused)] {
+        eprintln!("{what}: {said}");
+        ensure!(
+            said.contains("wan1 has an ingress qdisc")
+                && said.contains("[uplink.shape] download")
+                && said.contains("tc qdisc del dev wan1 ingress"),
+            "{what} did not refuse wan1's ingress shaper: {said:?}"
+        );
+    }
+    Ok(())
+}
