@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: what lb costs per packet; how many packets per
 //! second a lab router forwards with lb, with the Linux kernel doing the
 //! same job (nftables PCC, policy routing, masquerade) and with a bare XDP
-//! redirect; and how fast lb fails over beside a Netwatch-style script, all
+//! redirect; latency under load with and without a shaper; and how fast lb
+//! fails over beside a Netwatch-style script, all
 //! in one run; prints the tables and writes BENCHMARKS.md. A benchmark, not
 //! a test: it reports what it measures, targets met or not.
 //!
@@ -13,7 +14,9 @@
 //!
 //! - [`object`]: the lb-bench XDP object, the frames it stamps, test runs.
 //! - [`cost`]: ns per packet of each path through lb's programs.
-//! - [`forward`]: Mpps through the lab router, three ways.
+//! - [`forward`]: Mpps through the lab router, four ways.
+//! - [`latency`]: a ping's round trip beside saturating uploads, with the
+//!   router's shaper and without.
 //! - [`failover`]: failover times, lb beside a Netwatch-style script.
 //! - [`flows`]: `lbctl flows` on a table of a million flows.
 //! - [`picture`]: the failover as an SVG of per-uplink throughput.
@@ -27,6 +30,8 @@ mod failover;
 mod flows;
 #[cfg(feature = "bench")]
 mod forward;
+#[cfg(feature = "bench")]
+mod latency;
 #[cfg(feature = "bench")]
 mod object;
 #[cfg(feature = "bench")]
@@ -75,6 +80,9 @@ pub enum Part {
     Failover,
     /// `lbctl flows` on a million flows.
     Flows,
+    /// A ping's round trip beside saturating uploads, with and without a
+    /// shaper.
+    Latency,
 }
 
 #[cfg(feature = "bench")]
@@ -186,6 +194,10 @@ pub fn run(args: &Args) -> Result<()> {
         report.failovers = failover::measure(args.failover_runs, &interrupted)?;
         println!("bench: restarts of lbd under a running stream");
         report.restarts = failover::restarts(args.failover_runs, &interrupted)?;
+    }
+    if args.measures(Part::Latency) {
+        println!("bench: latency under load, with and without a shaper");
+        report.latency = latency::measure(args.failover_runs, &interrupted)?;
     }
     if args.measures(Part::Flows) {
         println!("bench: lbctl flows on {} flows", flows::FLOWS);

@@ -74,20 +74,28 @@ table ip lbbench {
 pub enum Way {
     Kernel,
     Lb,
+    /// lb with a qdisc on each uplink that it must honour: the hand-off to
+    /// tc and the device's queue on every packet.
+    LbQdisc,
     Bare,
 }
 
 impl Way {
-    pub const ALL: [Way; 3] = [Way::Kernel, Way::Lb, Way::Bare];
+    pub const ALL: [Way; 4] = [Way::Kernel, Way::Lb, Way::LbQdisc, Way::Bare];
 
     pub fn label(self) -> &'static str {
         match self {
             Way::Kernel => "kernel (nftables PCC + policy routing + masquerade)",
             Way::Lb => "lb (lbd, XDP)",
+            Way::LbQdisc => "lb through the uplinks' qdisc (pfifo)",
             Way::Bare => "bare XDP redirect (lab ceiling)",
         }
     }
 }
+
+/// The qdisc of the qdisc way: the cheapest one that counts as an
+/// operator's (it has a handle), so that what is measured is the path.
+const QDISC: [&str; 6] = ["root", "handle", "1:", "pfifo", "limit", "1000"];
 
 /// One measured window.
 #[derive(Clone, Copy, Debug)]
@@ -260,6 +268,24 @@ impl<'a> Rig<'a> {
                 let window = self.traffic(length, interrupted);
                 first_error(window, lbd.stop(self.lab))
             }
+            Way::LbQdisc => {
+                for dev in ["wan1", "wan2"] {
+                    let mut args = vec!["tc", "qdisc", "add", "dev", dev];
+                    args.extend(QDISC);
+                    self.lab.exec("router", &args)?;
+                }
+                let lbd = Lbd::start(self.lab, &LabConfig::default().render())?;
+                let window = wait_qdisc_path(&lbd).and_then(|()| self.traffic(length, interrupted));
+                let stopped = lbd.stop(self.lab);
+                let mut removed = Ok(String::new());
+                for dev in ["wan1", "wan2"] {
+                    removed = removed.and(
+                        self.lab
+                            .exec("router", &["tc", "qdisc", "del", "dev", dev, "root"]),
+                    );
+                }
+                first_error(window, stopped.and(removed.map(drop)))
+            }
             Way::Bare => {
                 let bare = &mut self.bare;
                 let link = in_netns(self.lab.ns("router")?, || {
@@ -319,6 +345,19 @@ impl<'a> Rig<'a> {
             cpus: cpu_times()?,
         })
     }
+}
+
+/// Wait until lbd sends through both uplinks' qdiscs.
+fn wait_qdisc_path(lbd: &Lbd) -> Result<()> {
+    lb_tests::stream::wait_for(
+        "lbd to take the qdisc path",
+        Duration::from_secs(10),
+        || {
+            let status = lbd.status()?;
+            let uplinks = status["uplinks"].as_array().cloned().unwrap_or_default();
+            Ok(uplinks.len() == 2 && uplinks.iter().all(|u| u["egress"]["path"] == "qdisc"))
+        },
+    )
 }
 
 /// The window, unless measuring it or taking its way down again failed

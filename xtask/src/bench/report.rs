@@ -38,6 +38,7 @@ pub struct Report {
     pub failovers: Vec<Case>,
     pub restarts: Vec<failover::Restart>,
     pub flows: Vec<super::flows::Listing>,
+    pub latency: Vec<super::latency::WayRtts>,
 }
 
 /// The machine, as it was before the run.
@@ -96,6 +97,7 @@ impl Report {
             failovers: Vec::new(),
             flows: Vec::new(),
             restarts: Vec::new(),
+            latency: Vec::new(),
         })
     }
 
@@ -122,6 +124,9 @@ impl Report {
         }
         if !self.failovers.is_empty() {
             self.failover_table(&mut md);
+        }
+        if !self.latency.is_empty() {
+            self.latency_table(&mut md);
         }
         if !self.flows.is_empty() {
             self.flows_table(&mut md);
@@ -206,13 +211,17 @@ impl Report {
              there, in softirq, after each batch of 64, and paces the generator.\n\
              `bench_sink` on each ISP's down0 counts and drops: Mpps is what the\n\
              sinks counted. Each way ran {runs} windows of {secs} s (after 1 s of\n\
-             warm-up), the three ways taking turns; a window is one long test run\n\
+             warm-up), the ways taking turns; a window is one long test run\n\
              (each ends in `page_pool_destroy`, which waits, idle, for an RCU grace\n\
              period: about 20 ms here). The kernel's way is nftables\n\
              PCC: a new connection's conntrack mark is `jhash ip saddr . ip daddr .\n\
              udp sport . udp dport mod 2 offset 1`, `ip rule fwmark N table N` with\n\
              a default route per table via ISP N, `masquerade` per uplink. lbd runs\n\
-             with the defaults and no health probes (the sinks would drop them).\n\n\
+             with the defaults and no health probes (the sinks would drop them).\n\
+             \"Through the uplinks' qdisc\" is lbd with a `pfifo` root qdisc (with a\n\
+             handle: an operator's) on wan1 and wan2, which lb's packets must pass:\n\
+             XDP rewrites, hands over to lb's tc program, which redirects to the\n\
+             uplink's egress.\n\n\
              CPU is measured system-wide from /proc/stat (the router is a namespace,\n\
              not a machine). On CPU {cpu}, softirq time is the router's work (and the\n\
              sinks' drop), system time the generator's, and \"other\" whatever else\n\
@@ -331,6 +340,46 @@ impl Report {
         }
         self.reaction_table(md);
         self.restart_table(md);
+    }
+
+    /// A ping's round trip under load, per way of queueing.
+    fn latency_table(&self, md: &mut String) {
+        let _ = write!(
+            md,
+            "## Latency under load
+
+             Lab `default` with lbd on isp1 alone; isp1 has a \"modem\" on its way up:
+             a 25 Mbit/s `tbf` with 400 ms of buffer. The client uploads with 8 TCP
+             streams (iperf3) for 6 s and, from the third second, pings the server
+             {pings} times, 200 ms apart. Each way ran {runs} times, the ways taking
+             turns; the round trips of all its runs together.
+
+             | router's queueing | pings answered | RTT median, ms | p95, ms | worst, ms |
+             | --- | ---: | ---: | ---: | ---: |
+",
+            pings = super::latency::PINGS,
+            runs = self.args.failover_runs,
+        );
+        for w in &self.latency {
+            let mut rtts = w.rtts.clone();
+            rtts.sort_by(f64::total_cmp);
+            let at = |q: f64| {
+                rtts.get(((rtts.len() as f64 - 1.0) * q).round() as usize)
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} of {} | {:.1} | {:.1} | {:.1} |",
+                w.way.label(),
+                rtts.len(),
+                w.sent,
+                at(0.5),
+                at(0.95),
+                at(1.0)
+            );
+        }
+        md.push('\n');
     }
 
     /// `lbctl flows` on a full table.
@@ -571,6 +620,23 @@ impl Report {
             if lb > 0.0 { 100.0 * bare / lb } else { 0.0 },
             cpu = self.cpu,
         );
+        let qdisc = router(Way::LbQdisc);
+        if qdisc > 0.0 {
+            let pps = |way| self.mpps(way).median;
+            let _ = write!(
+                md,
+                "- Through an uplink's qdisc lb forwarded {:.3} Mpps, {:.0} % of its XDP path\n  \
+                 and {:.1}× the kernel's way: the router spent {qdisc:.0} ns per frame, {:.0} ns\n  \
+                 more than with XDP alone (an skb is built, tc runs, the frame passes the\n  \
+                 qdisc and the device's transmit path). That is the price of honouring a\n  \
+                 shaper, and paid only on uplinks that have one; at the rates such\n  \
+                 uplinks shape to (tens of Mbit/s) it is far below one CPU.\n",
+                pps(Way::LbQdisc),
+                100.0 * pps(Way::LbQdisc) / pps(Way::Lb).max(1e-9),
+                pps(Way::LbQdisc) / pps(Way::Kernel).max(1e-9),
+                qdisc - lb,
+            );
+        }
         let (vs_kernel, vs_bare) = self.ratios(|w: &Window| w.pps);
         if vs_kernel < VS_KERNEL_MIN {
             let _ = writeln!(
