@@ -346,17 +346,14 @@ impl Report {
     fn latency_table(&self, md: &mut String) {
         let _ = write!(
             md,
-            "## Latency under load
-
-             Lab `default` with lbd on isp1 alone; isp1 has a \"modem\" on its way up:
-             a 25 Mbit/s `tbf` with 400 ms of buffer. The client uploads with 8 TCP
-             streams (iperf3) for 6 s and, from the third second, pings the server
-             {pings} times, 200 ms apart. Each way ran {runs} times, the ways taking
-             turns; the round trips of all its runs together.
-
-             | router's queueing | pings answered | RTT median, ms | p95, ms | worst, ms |
-             | --- | ---: | ---: | ---: | ---: |
-",
+            "## Latency under load\n\n\
+             Lab `default` with lbd on isp1 alone; isp1 has a \"modem\" on its way up:\n\
+             a 25 Mbit/s `tbf` with 400 ms of buffer. The client uploads with 8 TCP\n\
+             streams (iperf3) for 6 s and, from the third second, pings the server\n\
+             {pings} times, 200 ms apart. Each way ran {runs} times, the ways taking\n\
+             turns; the round trips of all its runs together.\n\n\
+             | router's queueing | pings answered | RTT median, ms | p95, ms | worst, ms |\n\
+             | --- | ---: | ---: | ---: | ---: |\n",
             pings = super::latency::PINGS,
             runs = self.args.failover_runs,
         );
