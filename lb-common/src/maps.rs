@@ -22,9 +22,10 @@ pub mod name {
     pub const REASONS: &str = "REASONS";
     pub const FRAGS: &str = "FRAGS";
     pub const EGRESS: &str = "EGRESS";
+    pub const EGRESS_ANY: &str = "EGRESS_ANY";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -38,6 +39,7 @@ pub mod name {
         REASONS,
         FRAGS,
         EGRESS,
+        EGRESS_ANY,
     ];
 }
 

@@ -1101,12 +1101,13 @@ impl Daemon {
             };
             let s = self.dataplane.uplink_stats(self.uplinks[i].index)?;
             let counter = s.tx_bytes.saturating_add(s.rx_bytes);
+            let slot = self.uplinks[i].index;
             let usage = self
                 .quota
                 .entry(self.uplinks[i].cfg.name.clone())
-                .or_insert_with(|| quota::Usage::new(&q, counter, now));
+                .or_insert_with(|| quota::Usage::new(&q, slot, counter, now));
             let before = *usage;
-            let outcome = usage.account(&q, counter, now);
+            let outcome = usage.account(&q, slot, counter, now);
             self.quota_unsaved |= *usage != before;
             if outcome != Outcome::Nothing {
                 self.quota_act(i, &q, outcome)?;
@@ -1446,6 +1447,12 @@ impl Daemon {
         }
 
         let mut done = Vec::new();
+        let reached: Vec<String> = self
+            .quota
+            .iter()
+            .filter(|(_, usage)| usage.reached)
+            .map(|(name, _)| name.clone())
+            .collect();
         for (u, cfg) in self.uplinks.iter_mut().zip(&new.uplinks) {
             if u.cfg.weight != cfg.weight {
                 done.push(format!(
@@ -1468,6 +1475,15 @@ impl Daemon {
             }
             if u.cfg.quota != cfg.quota {
                 done.push(format!("{}: quota", cfg.name));
+                // A reached quota that is gone no longer holds the uplink
+                // back (a raised one is taken up by the next accounting).
+                if let (Some(old_q), None) = (u.cfg.quota, cfg.quota) {
+                    if reached.contains(&cfg.name) && u.admin == quota_admin(&old_q) {
+                        u.admin = Admin::Enabled;
+                        u.reason = "quota removed by a reload: back in service".into();
+                        done.push(format!("{}: back in service (its quota is gone)", cfg.name));
+                    }
+                }
             }
             if u.cfg.health != cfg.health || u.cfg.probes != cfg.probes {
                 done.push(format!("{}: health checks", cfg.name));

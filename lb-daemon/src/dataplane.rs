@@ -277,10 +277,14 @@ impl Dataplane {
         match egress {
             Some(e) => map
                 .insert(ifindex, e, 0)
-                .with_context(|| format!("writing the egress path of ifindex {ifindex}")),
+                .with_context(|| format!("writing the egress path of ifindex {ifindex}"))?,
             None => missing_is_fine(map.remove(&ifindex))
-                .with_context(|| format!("removing the egress path of ifindex {ifindex}")),
+                .with_context(|| format!("removing the egress path of ifindex {ifindex}"))?,
         }
+        let entries = map.keys().filter(Result::is_ok).count() as u32;
+        self.array::<u32>(name::EGRESS_ANY)?
+            .set(0, entries, 0)
+            .context("writing EGRESS_ANY")
     }
 
     fn array<T: aya::Pod>(&mut self, map: &str) -> Result<Array<&mut MapData, T>> {

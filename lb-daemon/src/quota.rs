@@ -201,6 +201,12 @@ pub struct Usage {
     pub counter: u64,
     /// Whether the quota was reached in this period (its action taken).
     pub reached: bool,
+    /// The data plane's counter slot (uplink index) `counter` was read
+    /// from; none in files of earlier lbds. Uplinks reordered in the
+    /// configuration read another slot: the new one's counter is taken as
+    /// it is, not as a difference to the old one's.
+    #[serde(default)]
+    pub slot: Option<u32>,
 }
 
 /// What a reading changed.
@@ -215,21 +221,29 @@ pub enum Outcome {
 
 impl Usage {
     /// A first reading: nothing used yet in the current period.
-    pub fn new(config: &QuotaConfig, counter: u64, now: u64) -> Usage {
+    pub fn new(config: &QuotaConfig, slot: u32, counter: u64, now: u64) -> Usage {
         Usage {
             period_start: period_start(config, now),
             used: 0,
             counter,
             reached: false,
+            slot: Some(slot),
         }
     }
 
     /// Take up the data plane's counter (`counter`, bytes both ways) at
-    /// `now`. A counter lower than the last one means a new data plane
-    /// (after `lbd --teardown`): all of it is new.
-    pub fn account(&mut self, config: &QuotaConfig, counter: u64, now: u64) -> Outcome {
-        let delta = counter.checked_sub(self.counter).unwrap_or(counter);
+    /// `now`, from counter slot `slot`. A counter lower than the last one
+    /// means a new data plane (after `lbd --teardown`): all of it is new.
+    /// Another slot than the last (uplinks reordered) starts a new baseline:
+    /// at most one reading's traffic goes uncounted, none is counted twice.
+    pub fn account(&mut self, config: &QuotaConfig, slot: u32, counter: u64, now: u64) -> Outcome {
+        let delta = if self.slot.is_some_and(|s| s != slot) {
+            0
+        } else {
+            counter.checked_sub(self.counter).unwrap_or(counter)
+        };
         self.counter = counter;
+        self.slot = Some(slot);
         let start = period_start(config, now);
         let mut outcome = Outcome::Nothing;
         if start != self.period_start {
@@ -241,6 +255,7 @@ impl Usage {
                 used: 0,
                 counter,
                 reached: false,
+                slot: Some(slot),
             };
         }
         self.used = self.used.saturating_add(delta);
@@ -361,18 +376,24 @@ mod tests {
             ..month(1)
         };
         let t = at(2026, 11, 29, 0);
-        let mut usage = Usage::new(&q, 5000, t);
-        assert_eq!(usage.account(&q, 5600, t + 10), Outcome::Nothing);
+        let mut usage = Usage::new(&q, 0, 5000, t);
+        assert_eq!(usage.account(&q, 0, 5600, t + 10), Outcome::Nothing);
         assert_eq!(usage.used, 600);
-        assert_eq!(usage.account(&q, 6000, t + 20), Outcome::Reached);
-        assert_eq!(usage.account(&q, 9000, t + 30), Outcome::Nothing);
+        assert_eq!(usage.account(&q, 0, 6000, t + 20), Outcome::Reached);
+        assert_eq!(usage.account(&q, 0, 9000, t + 30), Outcome::Nothing);
         assert_eq!(usage.used, 4000);
         // A new data plane: its counter starts from zero.
-        assert_eq!(usage.account(&q, 100, t + 40), Outcome::Nothing);
+        assert_eq!(usage.account(&q, 0, 100, t + 40), Outcome::Nothing);
         assert_eq!(usage.used, 4100);
-        assert_eq!(usage.account(&q, 150, t + DAY), Outcome::Renewed);
+        assert_eq!(usage.account(&q, 0, 150, t + DAY), Outcome::Renewed);
         assert_eq!((usage.used, usage.reached), (50, false));
         assert_eq!(usage.period_start, t + DAY);
+        // Uplinks reordered: slot 1's counter is a new baseline, not a
+        // difference to slot 0's.
+        assert_eq!(usage.account(&q, 1, 70_000, t + DAY + 10), Outcome::Nothing);
+        assert_eq!(usage.used, 50);
+        assert_eq!(usage.account(&q, 1, 70_030, t + DAY + 20), Outcome::Nothing);
+        assert_eq!(usage.used, 80);
     }
 
     #[test]
@@ -392,7 +413,7 @@ mod tests {
         let path = dir.join("usage.json");
         assert_eq!(load(&path).ok(), Some(Book::new()));
         let mut book = Book::new();
-        book.insert("isp1".into(), Usage::new(&month(1), 7, 1_000_000));
+        book.insert("isp1".into(), Usage::new(&month(1), 0, 7, 1_000_000));
         save(&path, &book).expect("saving");
         assert_eq!(load(&path).ok(), Some(book));
         std::fs::write(&path, "{ not json").expect("writing");

@@ -20,7 +20,10 @@ use lb_common::{
     reason,
 };
 
-use crate::{maps::EGRESS, stats};
+use crate::{
+    maps::{EGRESS, EGRESS_ANY},
+    stats,
+};
 
 /// Send the rewritten frame out of device `ifindex`: `redirect` does it
 /// the XDP way; a device whose qdisc counts gets a hand-off instead.
@@ -34,8 +37,12 @@ pub fn send(
     client: [u8; 4],
     redirect: impl FnOnce() -> Result<u32, u32>,
 ) -> u32 {
+    let any = EGRESS_ANY.get(0).is_some_and(|&n| n != 0);
     // SAFETY: a lookup; the value is copied out at once.
-    if let Some(out) = unsafe { EGRESS.get(&ifindex) }.copied() {
+    if let Some(out) = any
+        .then(|| unsafe { EGRESS.get(&ifindex) }.copied())
+        .flatten()
+    {
         if out.path == path::QDISC {
             let priority = egress::priority(out.shaper_major, uplink, client);
             let to = if out.ifindex != 0 {

@@ -75,3 +75,8 @@ pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COU
 /// `lb_common::egress`). No entry: the XDP path.
 #[map]
 pub static EGRESS: HashMap<u32, Egress> = HashMap::with_max_entries(MAX_UPLINKS + MAX_LANS, 0);
+
+/// How many entries `EGRESS` has (one entry): while none, not a packet
+/// pays for a hash lookup in it, only for this array's.
+#[map]
+pub static EGRESS_ANY: Array<u32> = Array::with_max_entries(1, 0);

@@ -1,7 +1,7 @@
 //! Volume quotas in the lab: an uplink that reaches its quota is drained
 //! (its new flows go elsewhere) and the hooks hear of it; the usage and the
-//! drain outlive a restart of lbd; a reload that raises the quota puts the
-//! uplink back in service.
+//! drain outlive a restart of lbd; a reload that raises the quota, or
+//! removes it, puts the uplink back in service.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -134,6 +134,30 @@ fn a_quota_reached_drains_the_uplink_outlives_a_restart_and_a_raise_renews_it() 
     wait_for("the hook on the renewal", Duration::from_secs(10), || {
         Ok(logged(&hooks, "quota isp1 enabled"))
     })?;
+
+    // Lowered below what was used, the quota holds isp1 back again; removed
+    // by a reload, it no longer does.
+    lbd.write_config(&lab, &config(&daemon, "200KB"))?;
+    lbd.lbctl(&["reload"])?;
+    wait_for("isp1 drained again", Duration::from_secs(10), || {
+        Ok(lbd.uplink("isp1")?["admin"] == "drain")
+    })?;
+    let without = LabConfig {
+        daemon: &daemon,
+        ..LabConfig::default()
+    }
+    .render();
+    lbd.write_config(&lab, &without)?;
+    let said = lbd.lbctl(&["reload"])?;
+    ensure!(said.contains("back in service"), "reload said {said:?}");
+    wait_for(
+        "isp1 back in service without its quota",
+        Duration::from_secs(10),
+        || {
+            let isp1 = lbd.uplink("isp1")?;
+            Ok(isp1["admin"] == "enabled" && isp1["state"] == "active")
+        },
+    )?;
     let _ = std::fs::remove_file(&hooks);
     leaks.check()?;
     lbd.stop(&mut lab)
