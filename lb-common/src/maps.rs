@@ -23,9 +23,10 @@ pub mod name {
     pub const FRAGS: &str = "FRAGS";
     pub const EGRESS: &str = "EGRESS";
     pub const EGRESS_ANY: &str = "EGRESS_ANY";
+    pub const SIGNALS: &str = "SIGNALS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -40,6 +41,7 @@ pub mod name {
         FRAGS,
         EGRESS,
         EGRESS_ANY,
+        SIGNALS,
     ];
 }
 
@@ -80,7 +82,33 @@ pub struct Settings {
     /// never claim the same port.
     pub local_port_min: u16,
     pub local_port_max: u16,
-    pub _pad: u32,
+    /// [`settings_flags`]: switches.
+    pub flags: u32,
+}
+
+/// Bits of [`Settings::flags`].
+pub mod settings_flags {
+    /// A SYN sent again for a connection still waiting for its answer
+    /// moves to another uplink (a new mapping: nothing was committed).
+    pub const RESTEER_SYN: u32 = 1;
+}
+
+/// What the traffic says about one uplink's path, per CPU (map `SIGNALS`,
+/// by uplink index): read by lbd's passive failure detection. Times are
+/// `bpf_ktime_get_coarse_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signals {
+    /// A reply (a packet that matched a NAT mapping) last arrived.
+    pub last_reply_ns: u64,
+    /// A packet was last sent.
+    pub last_sent_ns: u64,
+    /// Flows and destinations that sent since this CPU's last reply: one
+    /// bit each, by hash (mod 64).
+    pub flows: u64,
+    pub destinations: u64,
+    /// SYNs sent again for connections still waiting for their answer.
+    pub syn_retries: u64,
 }
 
 /// One bucket table, a single map value: the daemon replaces a whole table
@@ -261,6 +289,7 @@ const _: () = {
     assert!(core::mem::size_of::<NatKey>() == 16);
     assert!(core::mem::size_of::<NatValue>() == 28);
     assert!(core::mem::size_of::<UplinkStats>() == 64);
+    assert!(core::mem::size_of::<Signals>() == 40);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<BucketTable>() == 4 * crate::BUCKETS as usize);
@@ -276,6 +305,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::UplinkStats {}
+    unsafe impl aya::Pod for super::Signals {}
     unsafe impl aya::Pod for super::NatKey {}
     unsafe impl aya::Pod for super::NatValue {}
     unsafe impl aya::Pod for super::FragKey {}

@@ -189,6 +189,15 @@ pub struct UplinkStatus {
     /// attached.
     #[serde(default)]
     pub egress: Option<EgressStatus>,
+    /// Passive detection: bursts of probes the traffic asked for, how many
+    /// of them proved the suspicion false, and SYNs sent again without an
+    /// answer (as the data plane counts them).
+    #[serde(default)]
+    pub suspicions: u64,
+    #[serde(default)]
+    pub false_alarms: u64,
+    #[serde(default)]
+    pub syn_retries: u64,
 }
 
 /// An uplink's quota as `status` shows it.

@@ -78,6 +78,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// `[metrics] listen`: where Prometheus scrapes lbd; `None`: off.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `[passive]`: failure detection from the traffic lb forwards.
+    pub passive: crate::passive::PassiveConfig,
     /// At least one.
     pub lans: Vec<LanConfig>,
     /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
@@ -334,11 +336,15 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {
-            interval: Duration::from_millis(50),
-            timeout: Duration::from_millis(150),
-            // 500 ms of good rounds: longer than a line that bounces every few
-            // hundred milliseconds stays up, so flapping gives no failback storm.
-            rise: 10,
+            // One probe a second per target: what a metered backup line can
+            // afford (about 230 MB of IP a month), and what public targets
+            // tolerate. The traffic itself finds failures faster (see
+            // `passive`): probes confirm, and watch idle uplinks.
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            // 5 s of good rounds: longer than a line that bounces every few
+            // seconds stays up, so flapping gives no failback storm.
+            rise: 5,
             fall: 3,
             quorum: 1,
             max_loss_percent: None,
@@ -660,6 +666,7 @@ struct RawConfig {
     nat: Option<RawNat>,
     routing: Option<RawRouting>,
     metrics: Option<RawMetrics>,
+    passive: Option<RawPassive>,
     #[serde(default)]
     lan: Vec<Spanned<RawLan>>,
     #[serde(default)]
@@ -698,6 +705,18 @@ struct RawFlows {
 #[serde(expecting = "a table", deny_unknown_fields)]
 struct RawNat {
     port_range: Field,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a table", deny_unknown_fields)]
+struct RawPassive {
+    enabled: Field,
+    floor: Field,
+    rtt_factor: Field,
+    burst: Field,
+    burst_timeout: Field,
+    hold_down: Field,
+    resteer_syn: Field,
 }
 
 #[derive(Debug, Deserialize)]
@@ -934,6 +953,11 @@ impl Checker<'_> {
             })
         });
 
+        let passive = raw
+            .passive
+            .as_ref()
+            .map_or_else(crate::passive::PassiveConfig::default, |p| self.passive(p));
+
         let mut lan_seen = Vec::new();
         let mut lans = Vec::new();
         for (i, lan) in raw.lan.iter().enumerate() {
@@ -989,8 +1013,48 @@ impl Checker<'_> {
             nat,
             routing,
             metrics,
+            passive,
             lans,
             uplinks,
+        }
+    }
+
+    fn passive(&mut self, raw: &RawPassive) -> crate::passive::PassiveConfig {
+        let d = crate::passive::PassiveConfig::default();
+        let s = "passive";
+        let boolean = |v: &Value| match v {
+            Value::Boolean(b) => Ok(*b),
+            other => Err(format!("expected true or false, got {}", describe(other))),
+        };
+        let bounded = |this: &mut Self, field: &Field, key: &str, lo: Duration, hi: Duration| {
+            this.field(field, s, key, |v| {
+                let d = parse_duration(as_str(v)?).map_err(|e| e.to_string())?;
+                if (lo..=hi).contains(&d) {
+                    Ok(d)
+                } else {
+                    Err(format!("{d:?} is outside {lo:?}..={hi:?}"))
+                }
+            })
+        };
+        let ms = Duration::from_millis;
+        crate::passive::PassiveConfig {
+            enabled: self
+                .field(&raw.enabled, s, "enabled", boolean)
+                .unwrap_or(d.enabled),
+            floor: bounded(self, &raw.floor, "floor", ms(10), ms(10_000)).unwrap_or(d.floor),
+            rtt_factor: self
+                .field(&raw.rtt_factor, s, "rtt_factor", |v| as_int(v, 1, 100))
+                .unwrap_or(d.rtt_factor),
+            burst: self
+                .field(&raw.burst, s, "burst", |v| as_int(v, 1, 10))
+                .unwrap_or(d.burst),
+            burst_timeout: bounded(self, &raw.burst_timeout, "burst_timeout", ms(10), ms(5_000))
+                .unwrap_or(d.burst_timeout),
+            hold_down: bounded(self, &raw.hold_down, "hold_down", ms(1), ms(3_600_000))
+                .unwrap_or(d.hold_down),
+            resteer_syn: self
+                .field(&raw.resteer_syn, s, "resteer_syn", boolean)
+                .unwrap_or(d.resteer_syn),
         }
     }
 
@@ -1915,7 +1979,10 @@ gateway = "100.64.2.1"
                 let is_key = rest.split_once(" = ").is_some_and(|(key, _)| {
                     key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
                 });
-                if is_key || rest.starts_with("[[uplink.probe]]") {
+                if is_key
+                    || rest.starts_with("[[uplink.probe]]")
+                    || rest.starts_with("[uplink.shape]")
+                {
                     rest
                 } else {
                     line
@@ -1924,6 +1991,8 @@ gateway = "100.64.2.1"
             .collect::<Vec<_>>()
             .join("\n");
         let config = ok(&uncommented);
+        assert_eq!(config.uplinks[0].shape.upload, Some(20_000_000));
+        assert_eq!(config.uplinks[0].shape.download, Some(100_000_000));
         let isp2 = &config.uplinks[1];
         assert_eq!(isp2.probes.len(), 4);
         assert_eq!(
@@ -1981,9 +2050,9 @@ gateway = "100.64.2.1"
                 weight: 1,
                 tier: 0,
                 health: HealthConfig {
-                    interval: Duration::from_millis(50),
-                    timeout: Duration::from_millis(150),
-                    rise: 10,
+                    interval: Duration::from_secs(1),
+                    timeout: Duration::from_secs(1),
+                    rise: 5,
                     fall: 3,
                     quorum: 1,
                     max_loss_percent: None,
@@ -2195,6 +2264,40 @@ expect_status = 204
         ] {
             let text = with(quota);
             assert_one(&text, line_of(&text, "quota ="), "quota", says);
+        }
+    }
+
+    #[test]
+    fn passive_detection_parses_and_bad_values_are_named() {
+        assert_eq!(
+            ok(EXAMPLE).passive,
+            crate::passive::PassiveConfig::default()
+        );
+        let text = format!(
+            "{TWO}\n[passive]\nenabled = false\nfloor = \"100ms\"\nrtt_factor = 6\nburst = 2\nburst_timeout = \"80ms\"\nhold_down = \"30s\"\nresteer_syn = false\n"
+        );
+        let p = ok(&text).passive;
+        assert_eq!(
+            p,
+            crate::passive::PassiveConfig {
+                enabled: false,
+                floor: Duration::from_millis(100),
+                rtt_factor: 6,
+                burst: 2,
+                burst_timeout: Duration::from_millis(80),
+                hold_down: Duration::from_secs(30),
+                resteer_syn: false,
+            }
+        );
+        for (line, says) in [
+            ("floor = \"1ms\"", "outside"),
+            ("burst = 0", "burst"),
+            ("enabled = \"yes\"", "expected true or false"),
+            ("rtt_factor = 1000", "rtt_factor"),
+        ] {
+            let text = format!("{TWO}\n[passive]\n{line}\n");
+            let e = parse(&text, "lbd.toml").expect_err(line).to_string();
+            assert!(e.contains(says), "{line}: {e}");
         }
     }
 

@@ -46,7 +46,7 @@ use crate::{
     hooks,
     kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Selector, Wanted},
     linkwatch::{LinkEvent, LinkWatch, Watchers},
-    netlink,
+    netlink, passive,
     pins::{Found, Pins},
     probe::{self, Binding, UplinkProbe},
     quota::{self, Outcome, QuotaConfig},
@@ -96,6 +96,12 @@ pub struct Uplink {
     monitor: Option<Running>,
     last_poke: Option<Instant>,
     lifecycle: Lifecycle,
+    /// What the traffic says (see `passive`), and the verdict of the burst
+    /// it asked for, while one is out.
+    watch: passive::Watch,
+    verdict: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// SYNs sent again on it without an answer, as the data plane counts.
+    syn_retries: u64,
 }
 
 /// A health monitor that runs.
@@ -104,6 +110,8 @@ struct Running {
     binding: Binding,
     generation: u64,
     task: JoinHandle<()>,
+    /// Where suspicions go, for a burst of probes.
+    bursts: mpsc::Sender<health::Burst>,
 }
 
 impl Drop for Running {
@@ -113,7 +121,7 @@ impl Drop for Running {
 }
 
 impl Uplink {
-    fn new(cfg: &UplinkConfig, index: usize) -> Self {
+    fn new(cfg: &UplinkConfig, index: usize, passive: passive::PassiveConfig) -> Self {
         Self {
             cfg: cfg.clone(),
             index: index as u32,
@@ -133,6 +141,9 @@ impl Uplink {
             monitor: None,
             last_poke: None,
             lifecycle: Lifecycle::WaitingInterface,
+            watch: passive::Watch::new(passive),
+            verdict: None,
+            syn_retries: 0,
         }
     }
 
@@ -332,6 +343,7 @@ impl Daemon {
         };
         dataplane.set_classifier(seed, mode_number(config.balance.mode))?;
         dataplane.set_nat_ports((config.nat.port_min, config.nat.port_max), local_ports)?;
+        dataplane.set_resteer_syn(config.passive.enabled && config.passive.resteer_syn)?;
         let addrs = vec![Ipv4Addr::UNSPECIFIED; config.uplinks.len()];
         let flow_tables = Arc::new(Mutex::new(dataplane.flow_tables(addrs, config.flows)?));
         let (health_tx, health_rx) = mpsc::channel(64);
@@ -340,7 +352,7 @@ impl Daemon {
                 .uplinks
                 .iter()
                 .enumerate()
-                .map(|(i, u)| Uplink::new(u, i))
+                .map(|(i, u)| Uplink::new(u, i, config.passive))
                 .collect(),
             config,
             dataplane,
@@ -916,6 +928,7 @@ impl Daemon {
         self.watchers
             .watch(&u.cfg.interface, u.facts.carrier, link_tx.clone());
         let (snap_tx, snap_rx) = watch::channel(Snapshot::new(initial));
+        let (bursts_tx, bursts_rx) = mpsc::channel(1);
         let monitor = Monitor {
             uplink: i,
             generation,
@@ -923,6 +936,8 @@ impl Daemon {
             config: u.cfg.health,
             probes,
             initial,
+            bursts: Some(bursts_rx),
+            passive: self.config.passive,
         };
         if !u.facts.carrier {
             let _ = link_tx.try_send(LinkEvent {
@@ -948,7 +963,9 @@ impl Daemon {
             binding,
             generation,
             task,
+            bursts: bursts_tx,
         });
+        u.verdict = None;
         u.health = Some(initial);
         u.snapshot = Some(snap_rx);
         Ok(())
@@ -1050,6 +1067,60 @@ impl Daemon {
         log::info!("{done} (operator)");
         self.history.say("operator", Some(name), done.clone());
         Ok(done)
+    }
+
+    /// Listen to the traffic (every [`PASSIVE_INTERVAL`]): an uplink in
+    /// service that has sent for a suspicious while without a reply gets a
+    /// burst of probes from its monitor, which takes it down if nobody
+    /// answers. Never for the last uplink in service: passive evidence
+    /// does not take the office offline.
+    pub fn passive_tick(&mut self) -> Result<()> {
+        if !self.config.passive.enabled {
+            return Ok(());
+        }
+        let now_ns = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+        let in_service: Vec<bool> = self
+            .uplinks
+            .iter()
+            .map(|u| u.dataplane_state() == uplink_state::ACTIVE && u.health == Some(Health::Up))
+            .collect();
+        for i in 0..self.uplinks.len() {
+            let sample = self.dataplane.signals(self.uplinks[i].index, now_ns)?;
+            let others = in_service.iter().enumerate().any(|(j, &up)| j != i && up);
+            let u = &mut self.uplinks[i];
+            u.syn_retries = sample.syn_retries;
+            if let Some(rx) = &mut u.verdict {
+                match rx.try_recv() {
+                    Ok(answered) => {
+                        u.watch.verdict(answered, now_ns);
+                        u.verdict = None;
+                    }
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => u.verdict = None,
+                }
+            }
+            let (Some(monitor), true, true) = (&u.monitor, in_service[i], others) else {
+                continue;
+            };
+            let rtt = u.snapshot.as_ref().and_then(|s| s.borrow().stats.rtt);
+            let Some(suspicion) = u.watch.sample(&sample, rtt) else {
+                continue;
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let burst = health::Burst {
+                suspicion,
+                verdict: tx,
+            };
+            if monitor.bursts.try_send(burst).is_ok() {
+                log::info!(
+                    "uplink {}: suspect ({}): probing it now",
+                    u.cfg.name,
+                    suspicion.describe()
+                );
+                u.verdict = Some(rx);
+            }
+        }
+        Ok(())
     }
 
     /// Read the usage file, and put back in force the quotas reached in
@@ -1356,6 +1427,9 @@ impl Daemon {
                     }
                 }),
                 egress: self.egress_status(&u.cfg.interface),
+                suspicions: u.watch.bursts,
+                false_alarms: u.watch.false_alarms,
+                syn_retries: u.syn_retries,
             });
         }
         let reasons = self.dataplane.reasons()?;
@@ -1499,6 +1573,17 @@ impl Daemon {
                 "classifier {} -> {} (new flows)",
                 old.balance.mode, new.balance.mode
             ));
+        }
+        if old.passive != new.passive {
+            self.dataplane
+                .set_resteer_syn(new.passive.enabled && new.passive.resteer_syn)?;
+            for u in &mut self.uplinks {
+                u.watch = passive::Watch::new(new.passive);
+                u.verdict = None;
+                // New monitors, with the new bursts, from the health they had.
+                u.monitor = None;
+            }
+            done.push("[passive]".into());
         }
         if old.nat != new.nat {
             self.dataplane

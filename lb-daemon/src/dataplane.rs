@@ -27,7 +27,9 @@ use aya::{
 };
 use lb_common::{
     egress::Egress,
-    maps::{name, program, BucketTable, Settings, UplinkInfo, UplinkStats},
+    maps::{
+        name, program, settings_flags, BucketTable, Settings, Signals, UplinkInfo, UplinkStats,
+    },
     reason,
     table::Table,
     MAX_UPLINKS,
@@ -467,6 +469,48 @@ impl Dataplane {
                 nat_failures: a.nat_failures + s.nat_failures,
                 replies: a.replies + s.replies,
             }))
+    }
+
+    /// What the traffic says about uplink `index`'s path, all CPUs
+    /// together (see `passive`), read at `now_ns` (the data plane's clock).
+    pub fn signals(&self, index: u32, now_ns: u64) -> Result<crate::passive::Sample> {
+        let m = self
+            .ebpf
+            .map(name::SIGNALS)
+            .context("map SIGNALS missing")?;
+        let signals: PerCpuArray<_, Signals> = PerCpuArray::try_from(m)?;
+        let per_cpu = signals.get(&index, 0).context("reading SIGNALS")?;
+        let (mut flows, mut destinations) = (0u64, 0u64);
+        let mut sample = crate::passive::Sample {
+            now_ns,
+            ..Default::default()
+        };
+        for s in per_cpu.iter() {
+            sample.last_reply_ns = sample.last_reply_ns.max(s.last_reply_ns);
+            sample.last_sent_ns = sample.last_sent_ns.max(s.last_sent_ns);
+            sample.syn_retries += s.syn_retries;
+        }
+        for s in per_cpu.iter() {
+            // A CPU whose last send is older than the latest reply has
+            // nothing waiting.
+            if s.last_sent_ns > sample.last_reply_ns {
+                flows |= s.flows;
+                destinations |= s.destinations;
+            }
+        }
+        sample.flows = flows.count_ones();
+        sample.destinations = destinations.count_ones();
+        Ok(sample)
+    }
+
+    /// Let a retried SYN move to another uplink (`[passive] resteer_syn`).
+    pub fn set_resteer_syn(&mut self, on: bool) -> Result<()> {
+        if on {
+            self.settings.flags |= settings_flags::RESTEER_SYN;
+        } else {
+            self.settings.flags &= !settings_flags::RESTEER_SYN;
+        }
+        self.write_settings()
     }
 
     /// Pass/drop counters by reason, summed over CPUs.

@@ -9,8 +9,10 @@
 //! ([`run`]) owns the timing: a round (every target probed once) starts every
 //! `interval`, is judged at the latest `timeout` after it started, and rounds
 //! are fed to the machine in the order they started, even when they overlap.
-//! With the defaults (50 ms, 150 ms, fall 3) a dead path is declared down at
-//! most 300 ms after it died; a carrier loss at once.
+//! With the defaults (1 s, 1 s, fall 3) probes alone declare a dead path
+//! down within 4 s; under traffic a suspicion from the data plane (see
+//! `passive`) sends a burst of probes at once, and a burst that nobody
+//! answers takes the uplink down then. A carrier loss counts at once.
 //!
 //! It never touches the data plane, the bucket table or the operator's say
 //! over an uplink (the daemon acts on the transitions), never opens a socket
@@ -27,7 +29,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::HealthConfig;
 use crate::linkwatch::LinkEvent;
+use crate::passive::{PassiveConfig, Suspicion};
 use crate::probe::{Probe, ProbeError};
+
+/// Time between two rounds of a burst.
+const BURST_SPACING: Duration = Duration::from_millis(10);
 
 /// The statistics window holds the results of this many rounds (times the
 /// number of targets): 2.5 s of history at the default 50 ms interval.
@@ -365,6 +371,15 @@ impl Machine {
         (!over.is_empty()).then(|| over.join(" and "))
     }
 
+    /// A burst of probes sent on suspicion found nobody answering: down
+    /// now, with `reason`; `rise` good rounds bring it back, as after any
+    /// failure.
+    pub fn confirmed(&mut self, reason: String) -> Option<Transition> {
+        self.good = 0;
+        self.bad = self.fall;
+        self.enter(State::Down, reason)
+    }
+
     fn enter(&mut self, to: State, reason: String) -> Option<Transition> {
         let from = self.state;
         if from == to {
@@ -440,6 +455,19 @@ pub struct Monitor<P> {
     /// One per target, in configuration order; none to follow the link only.
     pub probes: Vec<P>,
     pub initial: State,
+    /// Suspicions from the traffic (see `passive`), each to be confirmed
+    /// or cleared by a burst of probes; none without passive detection.
+    pub bursts: Option<mpsc::Receiver<Burst>>,
+    /// The bursts' size and timeout, and the hold-down after one failed.
+    pub passive: PassiveConfig,
+}
+
+/// A suspicion to check with a burst of probes; the verdict (`true`: some
+/// probe answered, the suspicion was false) goes back on `verdict`.
+#[derive(Debug)]
+pub struct Burst {
+    pub suspicion: Suspicion,
+    pub verdict: tokio::sync::oneshot::Sender<bool>,
 }
 
 /// Runs one uplink's health checks until the receiver of `events` is
@@ -467,6 +495,8 @@ pub async fn run<P: Probe>(
         config,
         probes,
         initial,
+        mut bursts,
+        passive,
     } = monitor;
     let mut machine = Machine::new(&config, probes.len(), initial);
     // The configuration guarantees a non-zero interval; `interval` would
@@ -476,6 +506,11 @@ pub async fn run<P: Probe>(
     let mut pending = FuturesOrdered::new();
     let mut judged: u64 = 0;
     let mut links_open = true;
+    // The burst under way, and what asked for it.
+    let mut burst_pending = FuturesOrdered::new();
+    let mut burst_asked: Option<Burst> = None;
+    // After a burst took the uplink down, rounds are not judged until this.
+    let mut hold_until: Option<Instant> = None;
 
     loop {
         let mut seen = None;
@@ -493,9 +528,44 @@ pub async fn run<P: Probe>(
                     continue;
                 }
             },
+            request = next_burst(&mut bursts), if burst_asked.is_none() => match request {
+                Some(request) if probes.is_empty() => {
+                    // Nothing to confirm with: passive evidence alone never
+                    // takes an uplink down.
+                    let _ = request.verdict.send(true);
+                    continue;
+                }
+                Some(request) => {
+                    let timeout = passive.burst_timeout.max(machine.stats().rtt.unwrap_or_default() * 3);
+                    burst_pending.push_back(burst(&probes, passive.burst, timeout));
+                    burst_asked = Some(request);
+                    continue;
+                }
+                None => {
+                    bursts = None;
+                    continue;
+                }
+            },
+            Some((answered, sent)) = burst_pending.next(), if !burst_pending.is_empty() => {
+                let Some(asked) = burst_asked.take() else { continue };
+                let what = asked.suspicion.describe();
+                if answered > 0 {
+                    log::info!("uplink {name}: suspect ({what}), but {answered} of {sent} probes answered: stays up");
+                    let _ = asked.verdict.send(true);
+                    continue;
+                }
+                let _ = asked.verdict.send(false);
+                hold_until = Some(Instant::now() + passive.hold_down);
+                machine.confirmed(format!("{what}; 0 of {sent} probes answered"))
+            }
             Some(results) = pending.next(), if !pending.is_empty() => {
                 let results: Vec<Result<Duration, ProbeError>> = results;
                 judged += 1;
+                if hold_until.is_some_and(|t| Instant::now() < t) {
+                    // Held down after a confirmed suspicion: whatever this
+                    // round says, flows are not moved back yet.
+                    continue;
+                }
                 let answers: Vec<Option<Duration>> =
                     results.iter().map(|r| r.as_ref().ok().copied()).collect();
                 for (probe, result) in probes.iter().zip(&results) {
@@ -534,6 +604,26 @@ pub async fn run<P: Probe>(
             }
         }
     }
+}
+
+/// The next burst request, or never without a channel.
+async fn next_burst(bursts: &mut Option<mpsc::Receiver<Burst>>) -> Option<Burst> {
+    match bursts {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `n` rounds, [`BURST_SPACING`] apart, each probing every target within
+/// `timeout`: (answers, probes sent).
+async fn burst<P: Probe>(probes: &[P], n: u32, timeout: Duration) -> (usize, usize) {
+    let rounds = (0..n).map(|k| async move {
+        tokio::time::sleep(BURST_SPACING * k).await;
+        round(probes, timeout).await
+    });
+    let results = futures::future::join_all(rounds).await;
+    let all = results.iter().flatten();
+    (all.clone().filter(|r| r.is_ok()).count(), all.count())
 }
 
 /// Probes every target once, concurrently; each result within `timeout`.
@@ -588,9 +678,13 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn config() -> HealthConfig {
-        // The figures these tests assert were worked out for rise 5.
+        // The figures these tests assert were worked out for 50 ms rounds
+        // judged within 150 ms, rise 5, fall 3.
         HealthConfig {
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(150),
             rise: 5,
+            fall: 3,
             ..HealthConfig::default()
         }
     }
@@ -937,6 +1031,8 @@ mod tests {
             config,
             probes,
             initial,
+            bursts: None,
+            passive: PassiveConfig::default(),
         };
         let task = tokio::spawn(run(monitor, link_rx, events_tx, snap_tx));
         Driven {

@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod linkwatch;
 pub mod metrics;
 pub mod netlink;
+pub mod passive;
 pub mod pins;
 pub mod probe;
 pub mod quota;

@@ -1467,11 +1467,15 @@ mod tests {
                         generation: 0,
                         name: "a".into(),
                         config: crate::config::HealthConfig {
+                            interval: Duration::from_millis(50),
+                            timeout: Duration::from_millis(150),
                             rise: 5,
                             ..crate::config::HealthConfig::default()
                         },
                         probes: UplinkProbe::for_uplink(wan_a(), 0xfff4, &configs).expect("probes"),
                         initial: State::Up,
+                        bursts: None,
+                        passive: crate::passive::PassiveConfig::default(),
                     };
                     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(8);
                     let (snapshots, _) = tokio::sync::watch::channel(Snapshot::new(State::Up));

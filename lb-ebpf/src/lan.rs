@@ -13,16 +13,20 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::{self, Tuple},
-    maps::{tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo},
+    maps::{
+        settings_flags, tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo,
+    },
     nat::{self, PORT_ATTEMPTS},
-    reason, table,
+    reason, table, NO_UPLINK,
 };
 
 use crate::{
     egress, frags,
     maps::{BUCKETS, BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
-    parse::{self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, TCP_FIN, TCP_RST},
+    parse::{
+        self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
     rewrite, stats,
 };
 
@@ -61,6 +65,8 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         proto: pkt.proto,
         _pad: [0; 3],
     };
+    // SAFETY: reading the coarse monotonic clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let existing = FLOWS.get_ptr_mut(&key);
     // Destinations the kernel keeps are looked up only for packets of no
     // flow: a flow is only ever made for one it does not keep, so an
@@ -69,9 +75,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         return Err(reason::PASS_LOCAL);
     }
     let (uplink, nat_port) = if pkt.fragment == Fragment::Later {
-        later_fragment(existing)?
+        later_fragment(existing, now)?
     } else {
-        match flow(ctx, &pkt, &key, existing) {
+        match flow(ctx, &pkt, &key, existing, now) {
             Ok(found) => found,
             Err(drop_reason) => return Ok(stats::drop(drop_reason)),
         }
@@ -98,6 +104,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         s.tx_packets += 1;
         s.tx_bytes += len as u64;
     });
+    stats::sent(uplink, now, &key);
     Ok(egress::send(ctx, info.ifindex, uplink, src, || {
         TX_PORTS.redirect(uplink, 0)
     }))
@@ -105,26 +112,41 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
 
 /// The uplink and NAT port of this connection: its pinned ones while that
 /// uplink keeps flows; otherwise a new choice, pinned. `existing` is the
-/// flow table's entry for it, if any. `Err` is a drop reason.
+/// flow table's entry for it, if any; `now` the coarse clock. `Err` is a
+/// drop reason.
 #[inline(always)]
 fn flow(
     ctx: &XdpContext,
     pkt: &Ipv4Packet,
     key: &FlowKey,
     existing: Option<*mut FlowValue>,
+    now: u64,
 ) -> Result<(u32, [u8; 2]), u32> {
-    // SAFETY: reading the coarse monotonic clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let closing = parse::tcp_flags(ctx, pkt) & (TCP_FIN | TCP_RST) != 0;
+    let flags = parse::tcp_flags(ctx, pkt);
+    let closing = flags & (TCP_FIN | TCP_RST) != 0;
 
     if let Some(flow) = existing {
         // SAFETY: a pointer into the map's value. A racing CPU may write the
         // same fields; at worst a timestamp or state update is lost.
-        let (pinned, old_port) = unsafe { ((*flow).uplink, (*flow).nat_port) };
+        let (pinned, old_port, state) =
+            unsafe { ((*flow).uplink, (*flow).nat_port, (*flow).tcp_state) };
         let old_info = UPLINKS.get(pinned);
         // SAFETY: as above.
         let epoch = unsafe { (*flow).epoch };
-        if old_info.is_some_and(|u| uplink_state::keeps_flows(u.state) && epoch == u.epoch as u8) {
+        let keeps =
+            old_info.is_some_and(|u| uplink_state::keeps_flows(u.state) && epoch == u.epoch as u8);
+        // A SYN again, and still no answer: that uplink may be what fails.
+        // Nothing was committed yet, so it may try another one.
+        let retry = keeps && state == tcp_state::OPENING && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if retry {
+            stats::syn_retry(pinned);
+        }
+        let elsewhere = if retry && resteer_syn() {
+            new_uplink_except(key, pinned)
+        } else {
+            None
+        };
+        if keeps && elsewhere.is_none() {
             unsafe {
                 (*flow).last_seen_ns = now;
                 if closing {
@@ -133,11 +155,14 @@ fn flow(
             }
             return Ok((pinned, old_port));
         }
-        // Its uplink is gone, or has another address now: a new mapping on
-        // a live uplink, in place of the old one. (After an address change
-        // the old reverse entry is keyed by the old address: the collector
-        // removes it, as an orphan.)
-        let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
+        // Its uplink is gone, or has another address now, or its SYN goes
+        // elsewhere: a new mapping on a live uplink, in place of the old
+        // one. (After an address change the old reverse entry is keyed by
+        // the old address: the collector removes it, as an orphan.)
+        let uplink = match elsewhere {
+            Some(uplink) => uplink,
+            None => new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?,
+        };
         let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
         if let Some(old) = old_info {
             let _ = NAT_REV.remove(&rev_key(key, old, old_port));
@@ -187,7 +212,7 @@ fn flow(
 /// first fragment pinned it. `Err` (to the kernel) when that flow is gone
 /// or has to move: a datagram's fragments never leave by two uplinks.
 #[inline(always)]
-fn later_fragment(existing: Option<*mut FlowValue>) -> Result<(u32, [u8; 2]), u32> {
+fn later_fragment(existing: Option<*mut FlowValue>, now: u64) -> Result<(u32, [u8; 2]), u32> {
     let flow = existing.ok_or(reason::PASS_FRAGMENT)?;
     // SAFETY: a pointer into the map's value; see `flow`.
     let (uplink, port, epoch) = unsafe { ((*flow).uplink, (*flow).nat_port, (*flow).epoch) };
@@ -196,7 +221,7 @@ fn later_fragment(existing: Option<*mut FlowValue>) -> Result<(u32, [u8; 2]), u3
         return Err(reason::PASS_FRAGMENT);
     }
     // SAFETY: as above.
-    unsafe { (*flow).last_seen_ns = bpf_ktime_get_coarse_ns() };
+    unsafe { (*flow).last_seen_ns = now };
     Ok((uplink, port))
 }
 
@@ -273,11 +298,25 @@ fn tuple(key: &FlowKey) -> Tuple {
     }
 }
 
+/// Whether a retried SYN may move (`[passive] resteer_syn`).
+#[inline(always)]
+fn resteer_syn() -> bool {
+    SETTINGS
+        .get(0)
+        .is_some_and(|s| s.flags & settings_flags::RESTEER_SYN != 0)
+}
+
 /// The uplink a new connection goes to: its bucket's, or while that one
 /// cannot take new flows, another bucket's (`lb_common::table::steer`), so
 /// a state write alone moves traffic off a dead uplink.
 #[inline(always)]
 fn new_uplink(key: &FlowKey) -> Option<u32> {
+    new_uplink_except(key, NO_UPLINK)
+}
+
+/// As [`new_uplink`], never `except`.
+#[inline(always)]
+fn new_uplink_except(key: &FlowKey, except: u32) -> Option<u32> {
     let settings = SETTINGS.get(0)?;
     let table = BUCKETS.get(settings.active_table & 1)?;
     let hash = hash::classify(settings.seed, settings.mode, &tuple(key));
@@ -285,9 +324,10 @@ fn new_uplink(key: &FlowKey) -> Option<u32> {
         hash,
         |bucket| table.uplinks.get(bucket as usize).copied(),
         |uplink| {
-            UPLINKS.get(uplink).is_some_and(|info| {
-                info.state == uplink_state::ACTIVE && info.ifindex != 0 && info.gw_mac != [0; 6]
-            })
+            uplink != except
+                && UPLINKS.get(uplink).is_some_and(|info| {
+                    info.state == uplink_state::ACTIVE && info.ifindex != 0 && info.gw_mac != [0; 6]
+                })
         },
     )
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     egress::Egress,
     maps::{
-        BucketTable, FlowKey, FlowValue, FragKey, FragValue, NatKey, NatValue, Settings,
+        BucketTable, FlowKey, FlowValue, FragKey, FragValue, NatKey, NatValue, Settings, Signals,
         UplinkInfo, UplinkStats,
     },
     reason, DEFAULT_MAX_FLOWS, FRAG_ENTRIES, MAX_LANS, MAX_UPLINKS,
@@ -66,6 +66,11 @@ pub static BYPASS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(256, 0);
 /// Per-CPU counters per uplink.
 #[map]
 pub static UPLINK_STATS: PerCpuArray<UplinkStats> = PerCpuArray::with_max_entries(MAX_UPLINKS, 0);
+
+/// Per-CPU, per uplink: what the traffic says about its path (replies,
+/// sends, flows waiting), for lbd's passive failure detection.
+#[map]
+pub static SIGNALS: PerCpuArray<Signals> = PerCpuArray::with_max_entries(MAX_UPLINKS, 0);
 
 /// Per-CPU count of packets per pass/drop reason.
 #[map]

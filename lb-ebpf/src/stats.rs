@@ -2,9 +2,9 @@
 //! Per-CPU arrays, so no atomics on the fast path; user space sums the CPUs.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::maps::UplinkStats;
+use lb_common::maps::{FlowKey, Signals, UplinkStats};
 
-use crate::maps::{REASONS, UPLINK_STATS};
+use crate::maps::{REASONS, SIGNALS, UPLINK_STATS};
 
 #[inline(always)]
 fn bump_reason(reason: u32) {
@@ -35,4 +35,53 @@ pub fn uplink(uplink: u32, f: impl FnOnce(&mut UplinkStats)) {
         // SAFETY: per-CPU slot, as above.
         f(unsafe { &mut *s });
     }
+}
+
+/// Update the signals of `uplink` with `f`.
+#[inline(always)]
+fn signals(uplink: u32, f: impl FnOnce(&mut Signals)) {
+    if let Some(s) = SIGNALS.get_ptr_mut(uplink) {
+        // SAFETY: per-CPU slot, as above.
+        f(unsafe { &mut *s });
+    }
+}
+
+/// Multiplier of the 64-bit masks' hashes (Knuth's, 2^32 / phi).
+const SPREAD: u32 = 0x9e37_79b1;
+
+/// The bit of `x` in a 64-bit mask.
+#[inline(always)]
+fn bit(x: u32) -> u64 {
+    1 << (x.wrapping_mul(SPREAD) >> 26)
+}
+
+/// A packet of flow `key` left by `uplink` at `now`.
+#[inline(always)]
+pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
+    let dst = u32::from_be_bytes(key.dst_addr);
+    let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
+        | u32::from(u16::from_be_bytes(key.dst_port));
+    let flow = dst ^ u32::from_be_bytes(key.src_addr) ^ ports ^ u32::from(key.proto);
+    signals(uplink, |s| {
+        s.last_sent_ns = now;
+        s.flows |= bit(flow);
+        s.destinations |= bit(dst);
+    });
+}
+
+/// A reply came back through `uplink` at `now`: the path works; what sent
+/// before it was heard.
+#[inline(always)]
+pub fn replied(uplink: u32, now: u64) {
+    signals(uplink, |s| {
+        s.last_reply_ns = now;
+        s.flows = 0;
+        s.destinations = 0;
+    });
+}
+
+/// A SYN went again on `uplink` for a connection still waiting.
+#[inline(always)]
+pub fn syn_retry(uplink: u32) {
+    signals(uplink, |s| s.syn_retries += 1);
 }

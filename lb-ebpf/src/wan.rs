@@ -127,7 +127,12 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }
     rewrite::decrement_ttl(&pkt);
     if inner.is_none() {
-        touch_flow(&key, back.client_addr, back.client_port, flags);
+        // SAFETY: reading the coarse monotonic clock has no preconditions.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        touch_flow(&key, back.client_addr, back.client_port, flags, now);
+        // An answer: the path works (ICMP errors say otherwise, and do not
+        // count).
+        stats::replied(uplink, now);
     }
     rewrite::tagged(ctx, back.lan_mac, back.client_mac, back.vlan_tci)?;
     stats::uplink(uplink, |s| s.replies += 1);
@@ -142,7 +147,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
 
 /// A reply keeps its flow alive and moves its TCP state along.
 #[inline(always)]
-fn touch_flow(key: &NatKey, client_addr: [u8; 4], client_port: [u8; 2], flags: u8) {
+fn touch_flow(key: &NatKey, client_addr: [u8; 4], client_port: [u8; 2], flags: u8, now: u64) {
     let flow_key = FlowKey {
         src_addr: client_addr,
         dst_addr: key.remote_addr,
@@ -157,7 +162,7 @@ fn touch_flow(key: &NatKey, client_addr: [u8; 4], client_port: [u8; 2], flags: u
     // SAFETY: a pointer into the map's value; racing writers at worst lose
     // an update.
     unsafe {
-        (*flow).last_seen_ns = bpf_ktime_get_coarse_ns();
+        (*flow).last_seen_ns = now;
         if flags & (TCP_FIN | TCP_RST) != 0 {
             (*flow).tcp_state = tcp_state::CLOSING;
         } else if flags & TCP_SYN != 0 && (*flow).tcp_state == tcp_state::OPENING {

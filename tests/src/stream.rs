@@ -40,15 +40,27 @@ type Arrivals = Arc<Mutex<BTreeMap<(u16, u32), (Instant, [u8; 4])>>>;
 pub struct Sink {
     arrivals: Arrivals,
     stop: Arc<AtomicBool>,
+    echo: Arc<AtomicBool>,
 }
 
 impl Sink {
     pub fn start(lab: &Lab) -> Result<Sink> {
+        Self::start_with(lab, false)
+    }
+
+    /// A sink that also answers every datagram (echoes it back): the
+    /// streams are then two-way, as a call is.
+    pub fn start_echoing(lab: &Lab) -> Result<Sink> {
+        Self::start_with(lab, true)
+    }
+
+    fn start_with(lab: &Lab, echo: bool) -> Result<Sink> {
         let socket = in_netns(lab.ns("inet")?, || Ok(UdpSocket::bind(SINK)?))?;
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let arrivals: Arrivals = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (arrivals.clone(), stop.clone());
+        let echo = Arc::new(AtomicBool::new(echo));
+        let (a, s, e) = (arrivals.clone(), stop.clone(), echo.clone());
         thread::spawn(move || {
             let mut buf = [0u8; 64];
             while !s.load(Ordering::Relaxed) {
@@ -62,6 +74,9 @@ impl Sink {
                 let (SocketAddr::V4(from), 6) = (from, n) else {
                     continue;
                 };
+                if e.load(Ordering::Relaxed) {
+                    let _ = socket.send_to(&buf[..n], from);
+                }
                 let port = u16::from_be_bytes([buf[0], buf[1]]);
                 let seq = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
                 if let Ok(mut m) = a.lock() {
@@ -69,7 +84,11 @@ impl Sink {
                 }
             }
         });
-        Ok(Sink { arrivals, stop })
+        Ok(Sink {
+            arrivals,
+            stop,
+            echo,
+        })
     }
 
     /// (sequence number, arrival, source address) of every datagram of the
@@ -100,6 +119,13 @@ impl Sink {
             .ok()?
             .get(&(port, PROBE_SEQ))
             .map(|&(_, a)| a)
+    }
+}
+
+impl Sink {
+    /// Answer (or stop answering) the streams: a far end that goes quiet.
+    pub fn set_echo(&self, on: bool) {
+        self.echo.store(on, Ordering::Relaxed);
     }
 }
 

@@ -56,8 +56,11 @@ fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<(
         r#"hooks = [["/bin/sh", "-c", "env | grep ^LB_ >> {}"]]"#,
         hook_out.display()
     );
+    // The defaults: a probe a second, and the traffic listened to. The
+    // streams are answered (two-way, as calls are), so that the traffic
+    // has something to say.
     let lbd = Lbd::start(&mut lab, &config("", "", &hooks))?;
-    let sink = Sink::start(&lab)?;
+    let sink = Sink::start_echoing(&lab)?;
     let p1 = port_on(&lab, &sink, ISP1_NAT, 5000)?;
     let p2 = port_on(&lab, &sink, ISP2_NAT, 5100)?;
     let (s1, s2) = (
@@ -77,11 +80,17 @@ fn upstream_failure_moves_only_the_dead_uplinks_flows_and_recovers() -> Result<(
         status["uplinks"][0]["health"] == "down",
         "isp1 not down: {status}"
     );
+    // Found by the traffic and confirmed by a burst, not by 3 s of probes.
+    let reason = status["uplinks"][0]["reason"].as_str().unwrap_or("");
+    ensure!(
+        reason.contains("no replies from") && reason.contains("probes answered"),
+        "isp1 went down for another reason: {reason}"
+    );
 
-    // Recovery: after `rise` good rounds new flows use isp1 again; the moved
-    // flow stays on isp2.
+    // Recovery: after the hold-down (10 s) and `rise` good rounds (5 s), new
+    // flows use isp1 again; the moved flow stays on isp2.
     lab.set_link_up("isp1", "up0", true)?;
-    wait_for("isp1 up again", BOUND, || {
+    wait_for("isp1 up again", Duration::from_secs(30), || {
         Ok(lbd.status()?["uplinks"][0]["health"] == "up")
     })?;
     let before = sink.stream(p1).len();
@@ -133,7 +142,8 @@ fn flapping_upstream_gives_few_transitions() -> Result<()> {
     // isp1 comes back only after 40 good rounds (2 s): the flaps' up times
     // (300 ms, plus however long a busy machine takes to run `ip`) stay far
     // below that, so what is judged is the hysteresis, not the clock.
-    let lbd = Lbd::start(&mut lab, &config("[uplink.health]\nrise = 40", "", ""))?;
+    let fast = "[uplink.health]\ninterval = \"50ms\"\ntimeout = \"150ms\"\nrise = 40";
+    let lbd = Lbd::start(&mut lab, &config(fast, "", ""))?;
     let sink = Sink::start(&lab)?;
     let p2 = port_on(&lab, &sink, ISP2_NAT, 5300)?;
     let s2 = Stream::start(&lab, p2, PACE)?;

@@ -171,6 +171,11 @@ const GC_DUTY: u32 = 10;
 /// counters (each reading is one map lookup per uplink with a quota).
 const QUOTA_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the data plane's signals are read for passive failure
+/// detection (one per-CPU map lookup per uplink): the resolution of its
+/// suspicion.
+const PASSIVE_INTERVAL: Duration = Duration::from_millis(10);
+
 /// How often the reconciler converges without being woken by the kernel:
 /// a safety net, and the pace of asking for unresolved gateways.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -206,6 +211,8 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
 
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut quota = tokio::time::interval(QUOTA_INTERVAL);
+    let mut passive = tokio::time::interval(PASSIVE_INTERVAL);
+    passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // The collection walks the whole flow table with one syscall per entry:
     // it runs off the async runtime, one at a time, on handles of its own,
     // without holding the daemon. On a big table a walk takes seconds
@@ -255,6 +262,12 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
             _ = quota.tick() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = tokio::task::block_in_place(|| d.account_quota()) {
                     log::warn!("quota: reading the data plane's counters failed: {e:#}");
+                },
+                Err(_) => break,
+            },
+            _ = passive.tick() => match daemon.lock() {
+                Ok(mut d) => if let Err(e) = d.passive_tick() {
+                    log::warn!("passive detection: reading the data plane's signals failed: {e:#}");
                 },
                 Err(_) => break,
             },

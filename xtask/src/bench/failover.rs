@@ -64,7 +64,9 @@ const STEADY: usize = 50;
 /// 2^-100.
 const MOVED_RUN: u32 = 100;
 /// Longest wait for a failover (the script's is 1 to 2 s) or a recovery.
-const LIMIT: Duration = Duration::from_secs(10);
+/// A bound for what must happen (a passive failover holds the uplink down
+/// for 10 s, then 5 good rounds of 1 s bring it back).
+const LIMIT: Duration = Duration::from_secs(30);
 /// The longest probe round of the ways (the script's): the cuts' delays
 /// cover it.
 const ROUND: Duration = Duration::from_secs(1);
@@ -109,16 +111,19 @@ impl Failure {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Way {
     Lb,
+    /// lbd as it was before passive detection: 20 probes a second.
+    LbFastProbes,
     Netwatch,
     Kernel,
 }
 
 impl Way {
-    pub const ALL: [Way; 3] = [Way::Lb, Way::Netwatch, Way::Kernel];
+    pub const ALL: [Way; 4] = [Way::Lb, Way::LbFastProbes, Way::Netwatch, Way::Kernel];
 
     pub fn label(self) -> &'static str {
         match self {
-            Way::Lb => "lb (lbd, default probes)",
+            Way::Lb => "lb (lbd, defaults: 1 probe/s, passive)",
+            Way::LbFastProbes => "lb (50 ms probes, passive off)",
             Way::Netwatch => "Netwatch-style script",
             Way::Kernel => "kernel alone (PCC, linkdown routes ignored)",
         }
@@ -128,6 +133,7 @@ impl Way {
     pub fn failures(self) -> &'static [Failure] {
         match self {
             Way::Lb => &Failure::ALL,
+            Way::LbFastProbes => &[Failure::UpstreamCut],
             Way::Netwatch => &[Failure::UpstreamCut],
             Way::Kernel => &[Failure::CarrierLoss],
         }
@@ -195,7 +201,9 @@ pub fn measure(runs: u32, interrupted: &AtomicBool) -> Result<Vec<Case>> {
     Lab::down(PREFIX)?;
     let desc = LabDesc::shipped(LAB).with_context(|| format!("loading lab {LAB}"))?;
     let mut lab = Lab::up(&desc, PREFIX)?;
-    let sink = Sink::start(&lab)?;
+    // The streams are answered, as calls are: two-way traffic, which lb's
+    // passive detection listens to.
+    let sink = Sink::start_echoing(&lab)?;
     let mut cases: Vec<Case> = Vec::new();
     let mut next_port = FIRST_PORT;
     let mut next_id = FRESH_ID;
@@ -367,6 +375,19 @@ impl<'a> Running<'a> {
                 // to the internet host, every other setting its default.
                 let probe = format!("[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"{TARGET}\"");
                 let config = LabConfig {
+                    uplinks: &[(1, &probe), (2, &probe)],
+                    ..LabConfig::default()
+                };
+                RunningWay::Lb(Lbd::start(lab, &config.render())?)
+            }
+            Way::LbFastProbes => {
+                // The defaults before passive detection.
+                let probe = format!(
+                    "[uplink.health]\ninterval = \"50ms\"\ntimeout = \"150ms\"\nrise = 10\n\
+                     [[uplink.probe]]\nkind = \"icmp\"\ntarget = \"{TARGET}\""
+                );
+                let config = LabConfig {
+                    sections: "[passive]\nenabled = false\n",
                     uplinks: &[(1, &probe), (2, &probe)],
                     ..LabConfig::default()
                 };
