@@ -614,12 +614,14 @@ async fn next_burst(bursts: &mut Option<mpsc::Receiver<Burst>>) -> Option<Burst>
     }
 }
 
-/// `n` rounds, [`BURST_SPACING`] apart, each probing every target within
-/// `timeout`: (answers, probes sent).
+/// `n` rounds, [`BURST_SPACING`] apart, each probing every target, all of
+/// them judged `timeout` after the burst began (a later round has that
+/// much less time, at least one spacing): (answers, probes sent).
 async fn burst<P: Probe>(probes: &[P], n: u32, timeout: Duration) -> (usize, usize) {
     let rounds = (0..n).map(|k| async move {
-        tokio::time::sleep(BURST_SPACING * k).await;
-        round(probes, timeout).await
+        let start = BURST_SPACING * k;
+        tokio::time::sleep(start).await;
+        round(probes, timeout.saturating_sub(start).max(BURST_SPACING)).await
     });
     let results = futures::future::join_all(rounds).await;
     let all = results.iter().flatten();
@@ -1078,6 +1080,79 @@ mod tests {
         assert_eq!(snapshot.state, State::Up);
         assert!(snapshot.rounds > 20);
         d.task.abort();
+    }
+
+    /// A burst on suspicion: answered, nothing changes and the verdict says
+    /// so; unanswered, down at once with the suspicion's reason, and held
+    /// down for `hold_down` whatever the rounds say after.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_confirms_or_clears_a_suspicion_and_a_confirmed_one_holds_down() {
+        use crate::passive::Suspicion;
+        let (fake, behaviour) = Fake::new(Behaviour::Answer(MS * 5));
+        let (_link, link_rx) = mpsc::channel(4);
+        let (events_tx, mut events) = mpsc::channel(16);
+        let (snap_tx, _snapshots) = watch::channel(Snapshot::new(State::Up));
+        let (bursts_tx, bursts_rx) = mpsc::channel(1);
+        let passive = PassiveConfig {
+            hold_down: MS * 2000,
+            ..PassiveConfig::default()
+        };
+        let monitor = Monitor {
+            uplink: 0,
+            generation: 0,
+            name: "isp1".into(),
+            config: HealthConfig {
+                interval: MS * 1000,
+                timeout: MS * 1000,
+                rise: 2,
+                fall: 3,
+                ..HealthConfig::default()
+            },
+            probes: vec![fake],
+            initial: State::Up,
+            bursts: Some(bursts_rx),
+            passive,
+        };
+        let task = tokio::spawn(run(monitor, link_rx, events_tx, snap_tx));
+        let suspicion = Suspicion {
+            silent: Some(MS * 60),
+            flows: 2,
+            destinations: 1,
+        };
+        let ask = |bursts: &mpsc::Sender<Burst>| {
+            let (verdict, rx) = tokio::sync::oneshot::channel();
+            let sent = bursts.try_send(Burst { suspicion, verdict });
+            assert!(sent.is_ok(), "the monitor takes a burst");
+            rx
+        };
+        tokio::time::sleep(MS * 1500).await;
+        assert_eq!(
+            ask(&bursts_tx).await.ok(),
+            Some(true),
+            "answered: a false alarm"
+        );
+
+        *behaviour.lock().expect("not poisoned") = Behaviour::Silent;
+        let asked = Instant::now();
+        let verdict = ask(&bursts_tx);
+        let event = events.recv().await.expect("an event");
+        assert_eq!(verdict.await.ok(), Some(false));
+        assert_eq!(event.transition.to, State::Down);
+        assert_eq!(
+            event.transition.reason,
+            "no replies from 2 flows (to 1 destination) for 60 ms; 0 of 3 probes answered"
+        );
+        // All three rounds are judged 50 ms after the burst began.
+        assert_eq!(event.at - asked, MS * 50);
+
+        // Answering again at once, but held down for 2 s, then 2 good
+        // rounds of 1 s.
+        *behaviour.lock().expect("not poisoned") = Behaviour::Answer(MS * 5);
+        let event = events.recv().await.expect("an event");
+        assert_eq!(event.transition.to, State::Up);
+        let back = event.at - asked;
+        assert!(back >= MS * 2000 + MS * 1000, "up again after {back:?}");
+        task.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -514,8 +514,8 @@ impl Report {
             "- With its defaults lb notices an upstream cut from the traffic: the\n  \
              stream goes on being sent and nothing comes back; after 60 ms of that\n  \
              (the floor; 4 round trips on a slower line) the uplink is suspect, a\n  \
-             burst of 3 probes goes out at once, and 50 ms without an answer take\n  \
-             it down: about 110 to 130 ms, at one probe a second otherwise. With\n  \
+             burst of 3 probe rounds goes out at once, and 50 ms without an answer\n  \
+             take it down: 110 to 130 ms, at one probe a second otherwise. With\n  \
              50 ms probes and no listening, 3 unanswered rounds in a row take 250\n  \
              to 300 ms, at 20 probes a second. The script learns of it only from\n  \
              its next probe, which leaves up to 1 s after the failure and is judged\n  \
