@@ -109,6 +109,32 @@ pub fn fill(config: &str, lab: &Lab, dir: &Path) -> (String, PathBuf, PathBuf) {
     (text, socket, bpffs)
 }
 
+/// What `lbd --check` and lbd's start say when they refuse `config` in
+/// `lab`'s router: (the check's error, the start's error); an empty string
+/// where one did not refuse.
+pub fn refusals(lab: &Lab, config: &str) -> Result<(String, String)> {
+    let dir = std::env::temp_dir().join(format!("{}refused", lab.prefix()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("lbd.toml");
+    let (text, _, _) = fill(config, lab, &dir);
+    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+    let lbd = bin_dir().join("lbd");
+    let refusal = |check: bool| -> Result<String> {
+        let mut args = vec![path(&lbd)?, "--config", path(&file)?];
+        if check {
+            args.push("--check");
+        }
+        Ok(lab
+            .exec_net_only("router", &args)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default())
+    };
+    let said = (refusal(true), refusal(false));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((said.0?, said.1?))
+}
+
 impl Lbd {
     /// Start lbd in `lab`'s router with `config` (TOML) and wait until it
     /// answers `lbctl status`. A `{socket}` in `config` is replaced by this

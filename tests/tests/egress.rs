@@ -450,25 +450,7 @@ fn an_ingress_shaper_on_an_uplink_is_refused_at_start() -> Result<()> {
             "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", "ifb4wan1",
         ],
     )?;
-    let dir = std::env::temp_dir().join(format!("{}ifb", lab.prefix()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("lbd.toml");
-    let (text, _, _) = lb_tests::daemon::fill(&LabConfig::default().render(), &lab, &dir);
-    std::fs::write(&config, text)?;
-    let lbd = lb_tests::daemon::bin_dir().join("lbd");
-    let (lbd, config) = (lbd.display().to_string(), config.display().to_string());
-    let refusal = |check: bool| -> String {
-        let mut args = vec![lbd.as_str(), "--config", config.as_str()];
-        if check {
-            args.push("--check");
-        }
-        lab.exec_net_only("router", &args)
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default()
-    };
-    let (checked, refused) = (refusal(true), refusal(false));
-    let _ = std::fs::remove_dir_all(&dir);
+    let (checked, refused) = lb_tests::daemon::refusals(&lab, &LabConfig::default().render())?;
     for (what, said) in [("lbd --check", &checked), ("lbd", &refused)] {
         eprintln!("{what}: {said}");
         ensure!(

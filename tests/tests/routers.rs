@@ -308,26 +308,8 @@ fn an_interface_that_cannot_take_redirected_frames_is_refused() -> Result<()> {
     // an XDP program): with isp1's end without it, wan1 would drop every
     // frame lb sent there.
     lab.exec("isp1", &["ethtool", "-K", "down0", "gro", "off"])?;
-    let dir = std::env::temp_dir().join(format!("{}xdpcaps", lab.prefix()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("lbd.toml");
-    let (text, _, _) = lb_tests::daemon::fill(&LabConfig::default().render(), &lab, &dir);
-    std::fs::write(&config, text)?;
-    let lbd = lb_tests::daemon::bin_dir().join("lbd");
-    let (lbd, config) = (lbd.display().to_string(), config.display().to_string());
     // `lbd --check` says so too (the unit's ExecStartPre), and the start.
-    let refusal = |check: bool| -> String {
-        let mut args = vec![lbd.as_str(), "--config", config.as_str()];
-        if check {
-            args.push("--check");
-        }
-        lab.exec_net_only("router", &args)
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default()
-    };
-    let (checked, refused) = (refusal(true), refusal(false));
-    let _ = std::fs::remove_dir_all(&dir);
+    let (checked, refused) = lb_tests::daemon::refusals(&lab, &LabConfig::default().render())?;
     for (what, said) in [("lbd --check", &checked), ("lbd", &refused)] {
         eprintln!("{what}: {said}");
         ensure!(
