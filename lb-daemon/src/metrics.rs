@@ -180,9 +180,43 @@ impl Collector for Snapshot {
                 "Replies translated back to a client",
                 |u| u.replies as f64,
             ),
+            (
+                "lb_uplink_suspicions",
+                "Bursts of probes the traffic asked for (passive detection)",
+                |u| u.suspicions as f64,
+            ),
+            (
+                "lb_uplink_false_alarms",
+                "Bursts whose probes answered: the traffic's suspicion was false",
+                |u| u.false_alarms as f64,
+            ),
+            (
+                "lb_uplink_syn_retries",
+                "SYNs sent again without an answer on the uplink",
+                |u| u.syn_retries as f64,
+            ),
         ] {
             family(e, name, help, MetricType::Counter, per_uplink(value))?;
         }
+        // How lb's packets leave each device: 1 through its qdisc, 0 by XDP.
+        let egress = s
+            .uplinks
+            .iter()
+            .filter_map(|u| u.egress.as_ref())
+            .chain(&s.lan_egress)
+            .map(|out| {
+                (
+                    vec![("device", out.device.clone())],
+                    f64::from(u8::from(out.path == "qdisc")),
+                )
+            });
+        family(
+            e,
+            "lb_egress_qdisc",
+            "1 when lb's packets leave the device through its qdisc, 0 by XDP",
+            MetricType::Gauge,
+            egress,
+        )?;
         // Only the uplinks that have a quota.
         let quota = |f: fn(&crate::api::QuotaStatus) -> f64| {
             s.uplinks

@@ -112,6 +112,23 @@ fn metrics_pass_promtool_and_move_with_the_traffic() -> Result<()> {
         sum(&after, "lb_uplink_in_service") == 2.0,
         "not both uplinks in service: {after}"
     );
+    // Both uplinks and lan0 leave by XDP (no qdisc of anyone's): the
+    // family is there, at 0 for each of the three.
+    let egress: Vec<&str> = after
+        .lines()
+        .filter(|l| l.starts_with("lb_egress_qdisc{"))
+        .collect();
+    ensure!(
+        egress.len() == 3 && egress.iter().all(|l| l.ends_with(" 0.0")),
+        "lb_egress_qdisc: {egress:?}"
+    );
+    for family in [
+        "lb_uplink_suspicions_total",
+        "lb_uplink_false_alarms_total",
+        "lb_uplink_syn_retries_total",
+    ] {
+        ensure!(after.contains(family), "no {family} in {after}");
+    }
     ensure!(
         sum(&after, "lb_uplink_quota_bytes") == 2e9,
         "quotas: {after}"

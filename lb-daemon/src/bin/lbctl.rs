@@ -407,6 +407,20 @@ fn print_status(s: &Status) {
     if !quotas.is_empty() {
         println!("quotas: {}", quotas.join("; "));
     }
+    let passive: Vec<String> = s
+        .uplinks
+        .iter()
+        .filter(|u| u.suspicions > 0 || u.syn_retries > 0)
+        .map(|u| {
+            format!(
+                "{} {} bursts ({} proved false), {} SYNs sent again",
+                u.name, u.suspicions, u.false_alarms, u.syn_retries
+            )
+        })
+        .collect();
+    if !passive.is_empty() {
+        println!("traffic's suspicions: {}", passive.join("; "));
+    }
     let egress: Vec<String> = s
         .uplinks
         .iter()
