@@ -193,6 +193,9 @@ pub struct Daemon {
     /// The hand-off program's attachments (tc ingress), by interface: on
     /// the LAN ports and the uplinks, beside `lan_ingress`/`wan_ingress`.
     handoffs: std::collections::BTreeMap<String, SchedClassifierLinkId>,
+    /// Why the hand-off program could not be attached somewhere, if it
+    /// could not: no qdisc is honoured then.
+    handoff_failed: Option<String>,
     /// Each device's way out (XDP or its qdisc) and lb's shapers.
     egress: egress::Owned,
     /// lb's nftables table as last put in place.
@@ -346,6 +349,9 @@ impl Daemon {
         dataplane.set_resteer_syn(config.passive.enabled && config.passive.resteer_syn)?;
         let addrs = vec![Ipv4Addr::UNSPECIFIED; config.uplinks.len()];
         let flow_tables = Arc::new(Mutex::new(dataplane.flow_tables(addrs, config.flows)?));
+        // An adopted data plane's egress entries, to converge from.
+        let mut egress_owned = egress::Owned::default();
+        egress_owned.seed(dataplane.egress_entries()?);
         let (health_tx, health_rx) = mpsc::channel(64);
         let mut daemon = Self {
             uplinks: config
@@ -364,7 +370,8 @@ impl Daemon {
             lan_ports: std::collections::BTreeMap::new(),
             lans_open: false,
             handoffs: std::collections::BTreeMap::new(),
-            egress: egress::Owned::default(),
+            handoff_failed: None,
+            egress: egress_owned,
             slowpath: None,
             guard_dropped_before: 0,
             slow_path_applied: None,
@@ -574,13 +581,13 @@ impl Daemon {
             if self.lan_ports.contains_key(&ifindex) {
                 continue;
             }
+            self.attach_handoff(&name);
             self.dataplane.add_lan(ifindex)?;
             let (mode, link) = self
                 .dataplane
                 .attach(program::LAN_INGRESS, &name)
                 .with_context(|| format!("LAN port {name}"))?;
             log_attach(program::LAN_INGRESS, &name, mode);
-            self.attach_handoff(&name)?;
             self.lan_ports.insert(ifindex, (name, link));
         }
         Ok(())
@@ -595,13 +602,22 @@ impl Daemon {
     }
 
     /// (Re)attach the hand-off program to `interface`'s tc ingress.
-    fn attach_handoff(&mut self, interface: &str) -> Result<()> {
-        let link = self
-            .dataplane
-            .attach_handoff(interface)
-            .with_context(|| format!("interface {interface}"))?;
-        self.handoffs.insert(interface.to_owned(), link);
-        Ok(())
+    /// Before the XDP program goes on: a frame XDP hands over must always
+    /// find it. A kernel without TCX (before 6.6) cannot have it: lb then
+    /// sends by XDP alone, says so once, and honours no qdisc.
+    fn attach_handoff(&mut self, interface: &str) {
+        match self.dataplane.attach_handoff(interface) {
+            Ok(link) => {
+                self.handoffs.insert(interface.to_owned(), link);
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.handoff_failed.is_none() {
+                    log::warn!("{interface}: {e}; lb's packets skip every qdisc (XDP alone)");
+                }
+                self.handoff_failed = Some(e);
+            }
+        }
     }
 
     /// Converge lb's shapers, and tell the data plane which devices'
@@ -619,6 +635,18 @@ impl Daemon {
             .map(|l| l.interface.as_str())
             .collect();
         let shapers = egress::wanted(&uplinks, &lans);
+        // Refused at start; one that appears later can only be reported.
+        for u in &self.uplinks {
+            let key = format!("ingress {}", u.cfg.interface);
+            let found = observed.link(&u.cfg.interface).and_then(|l| {
+                egress::ingress_shaper(&observed.qdiscs, l.index, &u.cfg.name, &u.cfg.interface)
+            });
+            match found {
+                Some(said) if self.egress.say_once(&key) => log::error!("{said}"),
+                Some(_) => {}
+                None => self.egress.unsay(&key),
+            }
+        }
         let mut devices: Vec<egress::Device> = self
             .uplinks
             .iter()
@@ -651,13 +679,21 @@ impl Daemon {
             .map(|u| u.1)
             .chain(lans.iter().copied())
             .collect();
-        let writes = self
-            .egress
-            .converge(&observed.qdiscs, &devices, &shapers, &managed, |name| {
-                observed.link(name).map(|l| l.index)
-            });
+        let writes = self.egress.converge(
+            &observed.qdiscs,
+            &devices,
+            &shapers,
+            &managed,
+            self.handoff_failed.as_deref(),
+            |name| observed.link(name).map(|l| l.index),
+        );
         for (ifindex, out) in writes {
-            self.dataplane.set_egress(ifindex, out)?;
+            if let Err(e) = self.dataplane.set_egress(ifindex, out) {
+                // Mend from what the map really holds, next time round.
+                self.egress
+                    .seed(self.dataplane.egress_entries().unwrap_or_default());
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -842,16 +878,14 @@ impl Daemon {
                 u.written = Some(info);
             }
             if u.attached != Some(ifindex) {
+                let interface = u.cfg.interface.clone();
+                self.attach_handoff(&interface);
+                let u = &mut self.uplinks[i];
                 let (mode, _) = self
                     .dataplane
                     .attach(program::WAN_INGRESS, &u.cfg.interface)?;
                 log_attach(program::WAN_INGRESS, &u.cfg.interface, mode);
                 u.attached = Some(ifindex);
-                let link = self
-                    .dataplane
-                    .attach_handoff(&u.cfg.interface)
-                    .with_context(|| format!("interface {}", u.cfg.interface))?;
-                self.handoffs.insert(u.cfg.interface.clone(), link);
             }
         } else if let Some(mut info) = u.written {
             // The interface is gone: keep its entry, down.
@@ -865,6 +899,7 @@ impl Daemon {
 
         // A gateway the kernel holds no address for: make it ask (ARP),
         // as a first packet to it would.
+        let u = &mut self.uplinks[i];
         if let (Some(gateway), None, true) = (facts.gateway, facts.gateway_mac, facts.carrier) {
             if u.last_poke.is_none_or(|t| t.elapsed() >= POKE_EVERY) {
                 u.last_poke = Some(Instant::now());
@@ -1084,6 +1119,9 @@ impl Daemon {
             .iter()
             .map(|u| u.dataplane_state() == uplink_state::ACTIVE && u.health == Some(Health::Up))
             .collect();
+        // One burst at a time: two uplinks suspect at once (a probe target
+        // gone) must not both be taken down on the same evidence.
+        let mut busy = self.uplinks.iter().any(|u| u.verdict.is_some());
         for i in 0..self.uplinks.len() {
             let sample = self.dataplane.signals(self.uplinks[i].index, now_ns)?;
             let others = in_service.iter().enumerate().any(|(j, &up)| j != i && up);
@@ -1099,7 +1137,10 @@ impl Daemon {
                     Err(tokio::sync::oneshot::error::TryRecvError::Closed) => u.verdict = None,
                 }
             }
-            let (Some(monitor), true, true) = (&u.monitor, in_service[i], others) else {
+            let (Some(monitor), true, true, false) = (&u.monitor, in_service[i], others, busy)
+            else {
+                // Still watched, so that the silence is dated right.
+                u.watch.observe(&sample);
                 continue;
             };
             let rtt = u.snapshot.as_ref().and_then(|s| s.borrow().stats.rtt);
@@ -1118,6 +1159,7 @@ impl Daemon {
                     suspicion.describe()
                 );
                 u.verdict = Some(rx);
+                busy = true;
             }
         }
         Ok(())
@@ -1527,6 +1569,9 @@ impl Daemon {
             .filter(|(_, usage)| usage.reached)
             .map(|(name, _)| name.clone())
             .collect();
+        // Quotas removed: not reached any more, should they come back in
+        // this period.
+        let mut unreached = Vec::new();
         for (u, cfg) in self.uplinks.iter_mut().zip(&new.uplinks) {
             if u.cfg.weight != cfg.weight {
                 done.push(format!(
@@ -1552,6 +1597,7 @@ impl Daemon {
                 // A reached quota that is gone no longer holds the uplink
                 // back (a raised one is taken up by the next accounting).
                 if let (Some(old_q), None) = (u.cfg.quota, cfg.quota) {
+                    unreached.push(cfg.name.clone());
                     if reached.contains(&cfg.name) && u.admin == quota_admin(&old_q) {
                         u.admin = Admin::Enabled;
                         u.reason = "quota removed by a reload: back in service".into();
@@ -1565,6 +1611,12 @@ impl Daemon {
                 u.monitor = None;
             }
             u.cfg = cfg.clone();
+        }
+        for name in unreached {
+            if let Some(usage) = self.quota.get_mut(&name) {
+                usage.reached = false;
+                self.quota_unsaved = true;
+            }
         }
         if old.balance != new.balance {
             self.dataplane

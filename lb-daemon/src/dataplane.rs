@@ -289,6 +289,16 @@ impl Dataplane {
             .context("writing EGRESS_ANY")
     }
 
+    /// What the `EGRESS` map holds now.
+    pub fn egress_entries(&self) -> Result<Vec<(u32, Egress)>> {
+        let m = self.ebpf.map(name::EGRESS).context("map EGRESS missing")?;
+        let map: HashMap<&MapData, u32, Egress> =
+            HashMap::try_from(m).context("map EGRESS has an unexpected type")?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading EGRESS")
+    }
+
     fn array<T: aya::Pod>(&mut self, map: &str) -> Result<Array<&mut MapData, T>> {
         let m = self
             .ebpf

@@ -165,7 +165,8 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         "" => return Err(format!("{text:?} has no unit: write \"{number}mbit\" or \"{number}kbit\"")),
         "kbps" | "mbps" | "gbps" | "bps" => {
             return Err(format!(
-                "{text:?}: tc's bps units are bytes per second; write bits, as ISPs sell them: \"{}bit\"",
+                "{text:?}: tc's bps units are bytes per second; write bits, as ISPs sell them: \"{}{}bit\" is the same rate",
+                number.saturating_mul(8),
                 &unit[..unit.len() - 3]
             ))
         }
@@ -244,6 +245,22 @@ impl Shaper {
     /// it alone: fairness per client.
     pub fn batch(&self, leaf: Leaf) -> String {
         self.root() + &self.classes(leaf)
+    }
+
+    /// The minors of every class it has.
+    pub fn minors(&self) -> Vec<u32> {
+        let mut out = vec![common::DEFAULT_MINOR];
+        let with_leaves = |u: u32| {
+            std::iter::once(common::uplink_minor(u))
+                .chain((0..common::LEAVES).map(move |i| common::leaf_minor(u, i)))
+        };
+        if let Some(u) = self.on_uplink {
+            out.extend(with_leaves(u));
+        }
+        for &(u, _) in &self.classes {
+            out.extend(with_leaves(u));
+        }
+        out
     }
 
     /// The root line alone (HTB cannot "change" a root in place: a rebuild
@@ -372,12 +389,61 @@ pub fn apply(shaper: &Shaper, leaf: Option<Leaf>, root_is_lbs: bool) -> Result<L
     if !root_is_lbs {
         tc_batch(&shaper.root()).with_context(what)?;
     }
-    if leaf.is_none() && tc_batch(&shaper.classes(Leaf::FqCodel)).is_ok() {
-        return Ok(Leaf::FqCodel);
+    let built = build_classes(shaper, leaf).and_then(|leaf| {
+        remove_stale_classes(shaper)?;
+        Ok(leaf)
+    });
+    if built.is_err() && !root_is_lbs {
+        // Not half a shaper: a root without its classes would send
+        // everything through HTB's direct queue, unshaped, under lb's name.
+        let _ = tc_batch(&format!("qdisc del dev {} root\n", shaper.device));
     }
-    let leaf = leaf.unwrap_or(Leaf::Fifo);
-    tc_batch(&shaper.classes(leaf)).with_context(what)?;
-    Ok(leaf)
+    built.with_context(what)
+}
+
+/// The classes and leaves, with `leaf` leaves, or when there is no telling
+/// yet fq_codel, and FIFOs if this kernel has no fq_codel.
+fn build_classes(shaper: &Shaper, leaf: Option<Leaf>) -> Result<Leaf> {
+    if let Some(leaf) = leaf {
+        tc_batch(&shaper.classes(leaf))?;
+        return Ok(leaf);
+    }
+    match tc_batch(&shaper.classes(Leaf::FqCodel)) {
+        Ok(()) => Ok(Leaf::FqCodel),
+        Err(e) if format!("{e:#}").contains("kind is unknown") => {
+            tc_batch(&shaper.classes(Leaf::Fifo))?;
+            Ok(Leaf::Fifo)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Delete the classes of lb's shaper on the device that `shaper` no longer
+/// has (an uplink whose rate was removed by a reload, or by a configuration
+/// changed while lbd was stopped): leaves first, their qdiscs with them.
+fn remove_stale_classes(shaper: &Shaper) -> Result<()> {
+    let out = Command::new("tc")
+        .args(["class", "show", "dev", &shaper.device])
+        .output()
+        .context("running tc (is iproute2 installed?)")?;
+    let wanted = shaper.minors();
+    let prefix = format!("{SHAPER_MAJOR:x}:");
+    let mut stale: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|id| id.strip_prefix(&prefix))
+        .filter_map(|minor| u32::from_str_radix(minor, 16).ok())
+        .filter(|minor| !wanted.contains(minor))
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    stale.sort_unstable_by(|a, b| b.cmp(a));
+    let lines: String = stale
+        .iter()
+        .map(|m| format!("class del dev {} classid {prefix}{m:x}\n", shaper.device))
+        .collect();
+    tc_batch(&lines)
 }
 
 /// Remove lb's shaper from `device`, if it is lb's (handle `1b:`): the
@@ -431,13 +497,15 @@ impl Owned {
     /// device with someone else's qdisc, and removing lb's from `managed`
     /// devices that should have none), then choose each device's way out.
     /// Returns the `EGRESS` writes to make (`None`: remove). `ifindex_of`
-    /// names devices.
+    /// names devices. With `no_handoff` (why lb's tc program is missing),
+    /// every device takes the XDP path: a hand-off would find nobody.
     pub fn converge(
         &mut self,
         qdiscs: &[Qdisc],
         devices: &[Device],
         shapers: &[Shaper],
         managed: &[&str],
+        no_handoff: Option<&str>,
         ifindex_of: impl Fn(&str) -> Option<u32>,
     ) -> Vec<(u32, Option<Egress>)> {
         for shaper in shapers {
@@ -500,9 +568,10 @@ impl Owned {
         let mut writes = Vec::new();
         let mut seen = BTreeSet::new();
         for d in devices {
-            let choice = match d.bridge {
-                Some(bridge) => decide_port(qdiscs, d.ifindex, bridge),
-                None => decide(qdiscs, d.ifindex),
+            let choice = match (no_handoff, d.bridge) {
+                (Some(why), _) => xdp(&format!("lb's tc program is missing ({why})")),
+                (None, Some(bridge)) => decide_port(qdiscs, d.ifindex, bridge),
+                (None, None) => decide(qdiscs, d.ifindex),
             };
             seen.insert(d.ifindex);
             if self.written.get(&d.ifindex).copied() != choice.egress {
@@ -537,9 +606,20 @@ impl Owned {
         writes
     }
 
-    /// Forget what was written (the data plane's map is new).
-    pub fn forget_written(&mut self) {
-        self.written.clear();
+    /// Whether `what` is said for the first time (until `unsay`).
+    pub fn say_once(&mut self, what: &str) -> bool {
+        self.warned.insert(what.to_owned())
+    }
+
+    pub fn unsay(&mut self, what: &str) {
+        self.warned.remove(what);
+    }
+
+    /// Take what the data plane's `EGRESS` map holds as what was written:
+    /// at start (a pinned map from an earlier lbd), and after a failed
+    /// write, so that the next convergence mends exactly what differs.
+    pub fn seed(&mut self, entries: impl IntoIterator<Item = (u32, Egress)>) {
+        self.written = entries.into_iter().collect();
     }
 }
 
@@ -645,6 +725,30 @@ mod tests {
             let e = parse_rate(bad).expect_err(bad);
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_shapers_minors_are_the_classes_it_builds() {
+        let s = Shaper {
+            device: "br-lan".into(),
+            default_rate: UNLIMITED,
+            on_uplink: None,
+            classes: vec![(0, 30_000_000), (2, 10_000_000)],
+        };
+        let mut built: Vec<u32> = s
+            .batch(Leaf::Fifo)
+            .lines()
+            .filter_map(|l| l.split(" classid 1b:").nth(1))
+            .filter_map(|rest| u32::from_str_radix(rest.split(' ').next()?, 16).ok())
+            .collect();
+        let mut minors = s.minors();
+        built.sort_unstable();
+        minors.sort_unstable();
+        assert_eq!(built, minors);
+        assert_eq!(minors.len(), 1 + 2 * 17);
+        assert!(parse_rate("100kbps")
+            .expect_err("bytes")
+            .contains("\"800kbit\" is the same rate"));
     }
 
     #[test]

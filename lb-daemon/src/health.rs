@@ -536,7 +536,11 @@ pub async fn run<P: Probe>(
                     continue;
                 }
                 Some(request) => {
-                    let timeout = passive.burst_timeout.max(machine.stats().rtt.unwrap_or_default() * 3);
+                    // Three round trips, with their jitter: a loaded line's
+                    // answers come late, and late is not dead.
+                    let stats = machine.stats();
+                    let rtt = stats.rtt.unwrap_or_default() + stats.jitter.unwrap_or_default();
+                    let timeout = passive.burst_timeout.max(rtt * 3);
                     burst_pending.push_back(burst(&probes, passive.burst, timeout));
                     burst_asked = Some(request);
                     continue;

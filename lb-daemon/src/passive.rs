@@ -6,9 +6,12 @@
 //! last sent, which flows and destinations sent since the last reply (a
 //! 64-bit hash mask each), and how many SYNs were sent again for a
 //! connection still waiting for its answer. When an uplink's upstream dies,
-//! clients keep sending and nothing comes back: sending goes on past the
-//! last reply. An uplink is *suspect* once it has for `T`, with `T` derived
-//! from its measured round trip (`rtt_factor` × RTT, at least `floor`).
+//! clients keep sending and nothing comes back. An uplink is *suspect* once
+//! sending has gone on for `T` since the first send that no reply has
+//! followed, with `T` derived from its measured round trip (`rtt_factor` ×
+//! RTT, at least `floor`). Measured from that first unanswered send, not
+//! from the last reply: one packet after a quiet minute is not a silence,
+//! its answer simply has not had time to come.
 //!
 //! Suspicion never takes an uplink down by itself: it buys a burst of
 //! probes (see `health`), and only a burst that nobody answers does. A
@@ -132,6 +135,12 @@ pub struct Watch {
     /// The silence a burst is out for (its last reply), so that one
     /// silence buys one burst, however long it lasts.
     asked_about: Option<u64>,
+    /// The first send seen after the latest reply (the data plane's clock,
+    /// as of the reading that first saw it), while no reply has followed.
+    unanswered_since: Option<u64>,
+    /// When the last burst was asked for: a long quiet spell after it
+    /// forgets the backoff.
+    last_burst_ns: u64,
     /// Bursts asked for, and how many of them proved false.
     pub bursts: u64,
     pub false_alarms: u64,
@@ -144,19 +153,27 @@ impl Watch {
             quiet_until_ns: 0,
             backoff: FIRST_BACKOFF,
             asked_about: None,
+            unanswered_since: None,
+            last_burst_ns: 0,
             bursts: 0,
             false_alarms: 0,
         }
     }
 
-    /// Take in a reading. `Some` when a burst should go out now: the
-    /// uplink has sent for at least the suspicious silence past its last
-    /// reply, this silence has not had its burst yet, and no backoff holds.
+    /// Take in a reading (one every few milliseconds). `Some` when a burst
+    /// should go out now: sending has gone on for at least the suspicious
+    /// silence since the first send no reply has followed, this silence has
+    /// not had its burst yet, and no backoff holds.
     pub fn sample(&mut self, s: &Sample, rtt: Option<Duration>) -> Option<Suspicion> {
-        if !self.config.enabled || s.last_sent_ns <= s.last_reply_ns {
-            return None;
+        self.observe(s);
+        let since = self.unanswered_since.filter(|_| self.config.enabled)?;
+        if self.last_burst_ns != 0
+            && s.now_ns.saturating_sub(self.last_burst_ns) > 2 * MAX_BACKOFF.as_nanos() as u64
+        {
+            // Quiet for long: what backed off back then says nothing now.
+            self.backoff = FIRST_BACKOFF;
         }
-        let silent = Duration::from_nanos(s.last_sent_ns - s.last_reply_ns);
+        let silent = Duration::from_nanos(s.last_sent_ns - since);
         if silent < self.config.silence(rtt)
             || self.asked_about == Some(s.last_reply_ns)
             || s.now_ns < self.quiet_until_ns
@@ -164,12 +181,29 @@ impl Watch {
             return None;
         }
         self.asked_about = Some(s.last_reply_ns);
+        self.last_burst_ns = s.now_ns;
         self.bursts += 1;
         Some(Suspicion {
-            silent: (s.last_reply_ns != 0).then_some(silent),
+            silent: (s.last_reply_ns != 0)
+                .then(|| Duration::from_nanos(s.last_sent_ns - s.last_reply_ns)),
             flows: s.flows,
             destinations: s.destinations,
         })
+    }
+
+    /// Take in a reading while no burst may go out (another is out, or
+    /// this uplink is not in service): the silence is still dated. The
+    /// first reading that sees a send after the latest reply dates the
+    /// silence from that send: the earliest one it can vouch for.
+    pub fn observe(&mut self, s: &Sample) {
+        if s.last_sent_ns <= s.last_reply_ns {
+            self.unanswered_since = None;
+        } else if self
+            .unanswered_since
+            .is_none_or(|since| since <= s.last_reply_ns)
+        {
+            self.unanswered_since = Some(s.last_sent_ns);
+        }
     }
 
     /// A burst's verdict, at `now_ns`: `answered`, the suspicion was false:
@@ -220,25 +254,54 @@ mod tests {
         }
     }
 
+    /// Readings every 10 ms of a stream that keeps sending from `from`
+    /// with its last reply at `reply`: the first that raises suspicion.
+    fn first_suspicion(w: &mut Watch, reply: u64, from: u64, rtt: Option<Duration>) -> Option<u64> {
+        (from..from + 1000)
+            .step_by(10)
+            .find(|&t| w.sample(&sample(t, reply, t), rtt).is_some())
+    }
+
     #[test]
-    fn sending_on_past_the_last_reply_raises_suspicion_once() {
+    fn sending_on_without_a_reply_raises_suspicion_once() {
         let mut w = Watch::new(PassiveConfig::default());
         let rtt = Some(Duration::from_millis(5));
-        // 4 x 5 ms = 20 ms, below the 60 ms floor: the floor counts.
-        assert_eq!(w.sample(&sample(1050, 1000, 1050), rtt), None);
-        let s = w.sample(&sample(1061, 1000, 1061), rtt).expect("suspect");
-        assert_eq!(s.silent, Some(Duration::from_millis(61)));
-        assert_eq!(
-            s.describe(),
-            "no replies from 1 flow (to 1 destination) for 61 ms"
-        );
+        // 4 x 5 ms = 20 ms, below the 60 ms floor: the floor counts, from
+        // the first reading that saw the unanswered sending (1010).
+        assert_eq!(first_suspicion(&mut w, 1000, 1010, rtt), Some(1070));
         // The same silence does not buy a second burst.
-        assert_eq!(w.sample(&sample(1100, 1000, 1100), rtt), None);
+        assert_eq!(first_suspicion(&mut w, 1000, 1080, rtt), None);
         // A slow uplink waits longer: 4 x 40 ms.
         let mut w = Watch::new(PassiveConfig::default());
         let slow = Some(Duration::from_millis(40));
-        assert_eq!(w.sample(&sample(1150, 1000, 1150), slow), None);
-        assert!(w.sample(&sample(1161, 1000, 1161), slow).is_some());
+        assert_eq!(first_suspicion(&mut w, 1000, 1010, slow), Some(1170));
+        // What the suspicion says: silent since the last reply.
+        let mut w = Watch::new(PassiveConfig::default());
+        for t in (1010..1070).step_by(10) {
+            assert_eq!(w.sample(&sample(t, 1000, t), rtt), None);
+        }
+        let s = w.sample(&sample(1070, 1000, 1070), rtt).expect("suspect");
+        assert_eq!(s.silent, Some(Duration::from_millis(70)));
+        assert_eq!(
+            s.describe(),
+            "no replies from 1 flow (to 1 destination) for 70 ms"
+        );
+    }
+
+    #[test]
+    fn one_send_after_a_quiet_spell_is_not_a_silence() {
+        let mut w = Watch::new(PassiveConfig::default());
+        // Nothing for a minute after the last reply, then a DNS query,
+        // answered 30 ms later.
+        assert_eq!(w.sample(&sample(61_000, 1000, 61_000), None), None);
+        assert_eq!(w.sample(&sample(61_010, 1000, 61_000), None), None);
+        assert_eq!(w.sample(&sample(61_020, 1000, 61_000), None), None);
+        assert_eq!(w.sample(&sample(61_030, 61_030, 61_000), None), None);
+        // Answered traffic never adds up to a silence.
+        for t in (61_040..70_000).step_by(10) {
+            assert_eq!(w.sample(&sample(t, t - 5, t), None), None);
+        }
+        assert_eq!(w.bursts, 0);
     }
 
     #[test]
@@ -260,9 +323,9 @@ mod tests {
     fn false_alarms_back_off_and_a_real_failure_starts_over() {
         let mut w = Watch::new(PassiveConfig::default());
         // A client blasting UDP at a server that never answers: no reply,
-        // ever, and sending all the time.
+        // ever, and sending all the time (from 40 ms on).
         let mut bursts = Vec::new();
-        for t in (100..200_000).step_by(10) {
+        for t in (40..200_000).step_by(10) {
             if w.sample(&sample(t, 0, t), None).is_some() {
                 bursts.push(t);
                 w.verdict(true, t * MS);
@@ -283,6 +346,21 @@ mod tests {
         assert_eq!(w.false_alarms, bursts.len() as u64);
         // A burst that fails starts the backoff over.
         w.verdict(false, 300_000 * MS);
+        assert_eq!(w.backoff, FIRST_BACKOFF);
+        // So does a long quiet spell after false alarms.
+        let mut w = Watch::new(PassiveConfig::default());
+        for t in (40..100_000).step_by(10) {
+            if w.sample(&sample(t, 0, t), None).is_some() {
+                w.verdict(true, t * MS);
+            }
+        }
+        assert_eq!(w.backoff, MAX_BACKOFF);
+        let later = 400_000;
+        assert_eq!(w.sample(&sample(later, later - 1, later), None), None);
+        assert_eq!(
+            w.sample(&sample(later + 10, later - 1, later + 10), None),
+            None
+        );
         assert_eq!(w.backoff, FIRST_BACKOFF);
     }
 }
