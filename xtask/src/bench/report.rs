@@ -283,14 +283,17 @@ impl Report {
              Each failure and way ran {runs} times, the ways taking turns; a run\n\
              restores the link and waits until the way uses isp1 again.\n\n\
              - Upstream cut: isp1's link to the internet goes down; isp1's gateway\n  \
-               still answers the router. Only probes see it, so lb is compared\n  \
-               with a Netwatch-style script (`xtask/src/bench/netwatch.sh`): the\n  \
+               still answers the router. Probes see it, and traffic that goes\n  \
+               unanswered; lb with its defaults (a probe a second, the traffic\n  \
+               listened to) and with 50 ms probes alone is compared with a\n  \
+               Netwatch-style script (`xtask/src/bench/netwatch.sh`): the\n  \
                kernel forwards (nftables PCC marks, `ip rule fwmark N table N`,\n  \
                masquerade); once a second the script pings 198.51.100.10 through\n  \
                each uplink (1 s timeout), and one failed probe points the uplink's\n  \
                routing table at the other uplink and deletes the conntrack entries\n  \
-               of its mark. Traffic: an established flow pinned to isp1, until its\n  \
-               first datagram from isp2's address.\n\
+               of its mark. Traffic: an established flow pinned to isp1, answered\n  \
+               by the server datagram for datagram (as a call is), until its first\n  \
+               datagram from isp2's address.\n\
              - Carrier loss: isp1's end of the router's wan1 goes down. The kernel\n  \
                sees this at once, so lb is compared with the kernel alone: the same\n  \
                PCC marks and tables, a default route per uplink in main, and\n  \
