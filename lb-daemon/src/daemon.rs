@@ -1137,7 +1137,11 @@ impl Daemon {
                     Err(tokio::sync::oneshot::error::TryRecvError::Closed) => u.verdict = None,
                 }
             }
-            let (Some(monitor), true, true, false) = (&u.monitor, in_service[i], others, busy)
+            // Without probes nothing could confirm a suspicion: passive
+            // evidence alone never takes an uplink down.
+            let confirmable = !u.cfg.probes.is_empty();
+            let (Some(monitor), true, true, false, true) =
+                (&u.monitor, in_service[i], others, busy, confirmable)
             else {
                 // Still watched, so that the silence is dated right.
                 u.watch.observe(&sample);
