@@ -25,6 +25,29 @@ use crate::{in_netns, Lab};
 pub const SINK: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 9000);
 /// The client's address in the lab (`default`).
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+/// A UDP socket on the client's `port`. A port just closed by this
+/// process can still be held for a moment by a child that another test
+/// thread is starting (forked, not yet exec'd: close-on-exec has not run),
+/// so "in use" is retried for a bounded while.
+fn client_socket(lab: &Lab, port: u16) -> Result<UdpSocket> {
+    let ns = lab.ns("client")?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match in_netns(ns, || Ok(UdpSocket::bind((CLIENT, port)))) {
+            Ok(Ok(socket)) => return Ok(socket),
+            Ok(Err(e))
+                if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+            {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(Err(e)) => {
+                return Err(anyhow::Error::new(e).context(format!("binding client port {port}")))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Sequence number of the one-datagram probes that find a port's uplink.
 const PROBE_SEQ: u32 = u32::MAX;
 /// Datagrams at the end of a stream not counted as lost: they may still be
@@ -153,7 +176,7 @@ pub struct Stream {
 
 impl Stream {
     pub fn start(lab: &Lab, port: u16, pace: Duration) -> Result<Stream> {
-        let socket = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, port))?))?;
+        let socket = client_socket(lab, port)?;
         Self::spawn(port, pace, Source::Fixed(socket))
     }
 
@@ -329,7 +352,7 @@ pub fn instant_of_monotonic_ns(ns: u64) -> Instant {
 /// number through NAT, which is how the sink tells the streams apart.
 pub fn port_on(lab: &Lab, sink: &Sink, want: [u8; 4], from: u16) -> Result<u16> {
     for port in from..from.saturating_add(64) {
-        let socket = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, port))?))?;
+        let socket = client_socket(lab, port)?;
         let mut msg = [0u8; 6];
         msg[..2].copy_from_slice(&port.to_be_bytes());
         msg[2..].copy_from_slice(&PROBE_SEQ.to_be_bytes());
