@@ -275,6 +275,17 @@ impl Lab {
         netns::exec(self.ns(host)?, args)
     }
 
+    /// Runs `args` on `host` and returns how it went, whatever its exit
+    /// status (for tools whose output says why they failed).
+    pub fn output(&self, host: &str, args: &[&str]) -> Result<std::process::Output> {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", self.ns(host)?])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running `{}` on {host}", args.join(" ")))
+    }
+
     /// Starts a long-lived process on `host`; it is stopped on teardown, or
     /// earlier with [`Lab::stop`]. Returns its pid.
     pub fn spawn(&mut self, host: &str, args: &[&str]) -> Result<u32> {

@@ -10,7 +10,7 @@
 
 use std::{
     net::Ipv4Addr,
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -30,15 +30,6 @@ const IPERF_PORTS: [u16; 2] = [5201, 5202];
 const RATE: f64 = 20e6;
 /// A bound for a test that must end, not a speed target.
 const BOUND: Duration = Duration::from_secs(10);
-
-fn run(lab: &Lab, host: &str, args: &[&str]) -> Result<Output> {
-    Command::new("ip")
-        .args(["netns", "exec", lab.ns(host)?])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running `{}` on {host}", args.join(" ")))
-}
 
 /// Start iperf3 servers in inet and wait for them.
 fn iperf_servers(lab: &mut Lab) -> Result<()> {
@@ -74,7 +65,7 @@ fn iperf(lab: &Lab, host: &str, port: u16, download: bool) -> Result<f64> {
     if download {
         args.push("-R");
     }
-    let out = run(lab, host, &args)?;
+    let out = lab.output(host, &args)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),

@@ -15,7 +15,6 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Mutex, MutexGuard,
@@ -99,17 +98,6 @@ fn lab_up() -> Result<Lab> {
 
 fn server(port: u16) -> SocketAddr {
     (SERVER_IP, port).into()
-}
-
-/// Runs `args` on `host` and returns how it went, whatever its exit status
-/// (for tools whose stdout says why they failed).
-fn run(lab: &Lab, host: &str, args: &[&str]) -> Result<Output> {
-    Command::new("ip")
-        .args(["netns", "exec", lab.ns(host)?])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running `{}` on {host}", args.join(" ")))
 }
 
 /// A directory for a test's files, removed on drop.
@@ -290,8 +278,7 @@ fn iperf3_tcp_over_both_uplinks() -> Result<()> {
     for attempt in 1..=ATTEMPTS {
         let watches = watch_isps(&lab)?;
         let before = [isp_bytes(&lab, &ISP1)?, isp_bytes(&lab, &ISP2)?];
-        let out = run(
-            &lab,
+        let out = lab.output(
             "client",
             &[
                 "timeout",
@@ -416,7 +403,7 @@ fn ping(lab: &Lab, host: &str, extra: &[&str]) -> Result<String> {
     let mut args = vec!["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2"];
     args.extend(extra);
     args.push(&target);
-    let out = run(lab, host, &args)?;
+    let out = lab.output(host, &args)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         out.status.success() && text.contains("3 packets transmitted, 3 received"),
@@ -570,8 +557,7 @@ fn traceroute_lists_every_hop() -> Result<()> {
     let leaks = LanLeaks::install(&lab)?;
     let lbd = Lbd::start(&mut lab, &config(&BOTH, &["lan0"]))?;
     let target = SERVER_IP.to_string();
-    let out = run(
-        &lab,
+    let out = lab.output(
         "client",
         &["timeout", "30", "traceroute", "-n", "-q1", "-w1", &target],
     )?;
