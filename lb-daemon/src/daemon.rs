@@ -396,7 +396,8 @@ impl Daemon {
         if let Some(table) = adopted {
             daemon.adopt(table)?;
         }
-        let mut changes = daemon.converge(&observed)?;
+        // Off the async workers: a convergence may run `tc` (lb's shapers).
+        let mut changes = tokio::task::block_in_place(|| daemon.converge(&observed))?;
         // Gateways are asked for (ARP) by the first convergence; give their
         // answers a moment, so that lbd is ready with the uplinks that can
         // be. Modems that stay mute are waited for after start.
@@ -408,7 +409,8 @@ impl Daemon {
                 .any(|u| u.lifecycle() == Lifecycle::GatewayUnresolved)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            changes = daemon.converge(&Observed::take(&handle).await?)?;
+            let observed = Observed::take(&handle).await?;
+            changes = tokio::task::block_in_place(|| daemon.converge(&observed))?;
         }
         let errors = kernel::apply(&handle, changes.routing).await;
         for error in &errors {
@@ -1876,11 +1878,12 @@ pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> 
             .lock()
             .map_err(|_| anyhow::anyhow!("daemon state is poisoned"))
     };
+    // Off the async workers: a convergence may run `tc` (lb's shapers).
     let Converged {
         routing,
         slow_path_uplink,
         slowpath,
-    } = lock()?.converge(&observed)?;
+    } = tokio::task::block_in_place(|| lock()?.converge(&observed))?;
     if let Some(wanted) = slowpath {
         let dropped = tokio::task::block_in_place(|| {
             // The table may not be there (yet): nothing dropped then.

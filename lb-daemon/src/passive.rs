@@ -223,23 +223,23 @@ impl Watch {
     }
 }
 
-/// Bursts one never-answered silence can cost in the first `window`, and
-/// then per minute: the figure the README states.
-pub fn bursts_within(window: Duration) -> u32 {
-    let mut at = Duration::ZERO;
-    let mut backoff = FIRST_BACKOFF;
-    let mut n = 0;
-    while at <= window {
-        n += 1;
-        at += backoff;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bursts one never-answered silence can cost in the first `window`, and
+    /// then per minute: the figure the README states.
+    fn bursts_within(window: Duration) -> u32 {
+        let mut at = Duration::ZERO;
+        let mut backoff = FIRST_BACKOFF;
+        let mut n = 0;
+        while at <= window {
+            n += 1;
+            at += backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        n
+    }
 
     const MS: u64 = 1_000_000;
 
