@@ -11,6 +11,7 @@
 pub mod csum;
 pub mod egress;
 pub mod hash;
+pub mod kfunc;
 pub mod maps;
 pub mod nat;
 pub mod reason;
@@ -30,6 +31,11 @@ pub const MAX_LANS: u32 = 16;
 /// Bucket table value meaning "no uplink can take new flows": packets of new
 /// flows are dropped and counted rather than leaked to the kernel unNATed.
 pub const NO_UPLINK: u32 = u32::MAX;
+
+/// Flow table value of `uplink` for a connection the kernel owns (its
+/// conntrack had it when the fast path first saw it: the reply of a port
+/// forward). Its packets go to the kernel, with no second lookup.
+pub const KERNEL_OWNED: u32 = u32::MAX - 1;
 
 /// Datagrams whose fragments the fast path follows at once (LRU: the
 /// oldest make room). Fragments of one datagram arrive within

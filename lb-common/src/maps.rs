@@ -49,7 +49,7 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 1;
+pub const LAYOUT: u32 = 2;
 
 /// Program names in the XDP object.
 pub mod program {
@@ -183,7 +183,8 @@ pub struct FlowKey {
 pub struct FlowValue {
     /// `bpf_ktime_get_coarse_ns` of the last packet seen, either way.
     pub last_seen_ns: u64,
-    /// Index of the uplink the flow is pinned to.
+    /// Index of the uplink the flow is pinned to, or
+    /// [`crate::KERNEL_OWNED`].
     pub uplink: u32,
     /// The source port (ICMP: identifier) the flow has on its uplink.
     pub nat_port: [u8; 2],

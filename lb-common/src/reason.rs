@@ -39,9 +39,16 @@ pub const PASS_TOO_BIG: u32 = 11;
 pub const DROP_TOO_BIG: u32 = 12;
 /// No free NAT port for a new flow.
 pub const DROP_NAT_EXHAUSTED: u32 = 13;
+/// A packet of a connection the kernel's conntrack owns (the reply of a
+/// port forward): the kernel translates and routes it.
+pub const PASS_KERNEL_CONNECTION: u32 = 14;
 
-/// Number of reasons; size of the `REASONS` map.
-pub const COUNT: u32 = 14;
+/// Number of reasons.
+pub const COUNT: u32 = 15;
+/// Size of the `REASONS` map: room for reasons to come, so that adding
+/// one does not change the pinned map (nor the layout).
+pub const CAPACITY: u32 = 32;
+const _: () = assert!(COUNT <= CAPACITY);
 
 /// Names for user space, indexed by reason.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -59,4 +66,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_too_big",
     "drop_too_big",
     "drop_nat_exhausted",
+    "pass_kernel_connection",
 ];

@@ -78,8 +78,17 @@ impl Dataplane {
         for (map, path) in &paths {
             loader.map_pin_path(map, path.as_path());
         }
+        let (object, absent) = crate::kfuncs::bind(OBJECT)?;
+        if !absent.is_empty() {
+            log::warn!(
+                "this kernel's BTF lacks {}: the fast path cannot ask conntrack, so replies of \
+                 port forwards are taken for new flows (a kernel with CONFIG_NF_CONNTRACK=y and \
+                 BTF has them)",
+                absent.join(" and ")
+            );
+        }
         let ebpf = loader
-            .load(OBJECT)
+            .load(&object)
             .context("loading the XDP object into the kernel failed (needs root, and a kernel with BPF and BTF)")?;
         let mut dp = Self {
             ebpf,

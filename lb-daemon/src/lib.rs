@@ -14,6 +14,7 @@ pub mod flows;
 pub mod health;
 pub mod hooks;
 pub mod kernel;
+pub mod kfuncs;
 pub mod linkwatch;
 pub mod metrics;
 pub mod netlink;

@@ -1095,3 +1095,98 @@ fn a_device_whose_qdisc_counts_gets_the_same_frame_handed_to_tc() {
     h.dp.set_egress(1, None).expect("egress");
     assert_eq!(h.lan(&udp(7100, 64)).0, XDP_REDIRECT);
 }
+
+/// Run `f` on a thread of its own in a new, empty network namespace (with
+/// its loopback up), which goes when the thread ends: test runs then see
+/// that namespace's conntrack, and nothing touches the host's.
+fn in_new_netns(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread, which ends with `f`.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            r,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        run_here(&["ip", "link", "set", "lo", "up"]);
+        f();
+    })
+    .join()
+    .expect("the test thread panicked");
+}
+
+/// Run a command in the calling thread's namespaces; it must succeed.
+fn run_here(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {}: {e} (installed by `cargo xtask setup`)",
+                args[0]
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_connection_conntrack_holds_is_left_to_the_kernel_and_remembered() {
+    if !is_root() {
+        return;
+    }
+    in_new_netns(|| {
+        // A rule that needs conntrack makes the kernel track this
+        // namespace; one datagram over loopback is then a connection.
+        run_here(&["nft", "add table ip t"]);
+        run_here(&[
+            "nft",
+            "add chain ip t out { type filter hook output priority 0; ct state new counter; }",
+        ]);
+        let (server, client) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::from(client), 40_000)).expect("bind");
+        socket
+            .send_to(b"in", (Ipv4Addr::from(server), 9000))
+            .expect("send");
+
+        let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+        // The server's answer, as it would reach lan_ingress: conntrack
+        // holds it as the reply direction of the connection above.
+        let reply = |src_port| {
+            build(
+                PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                    .ipv4(server, client, 64)
+                    .udp(src_port, 40_000),
+                b"out",
+            )
+        };
+        let frame = reply(9000);
+        for _ in 0..2 {
+            let (verdict, out) = h.lan(&frame);
+            assert_eq!(verdict, XDP_PASS, "a kernel connection's packet passes");
+            assert_eq!(out, frame, "and is not touched");
+        }
+        assert_eq!(h.reason(reason::PASS_KERNEL_CONNECTION), 2);
+        // Remembered in the flow table, so that later packets need no
+        // lookup.
+        let key = lb_common::maps::FlowKey {
+            src_addr: server,
+            dst_addr: client,
+            src_port: 9000u16.to_be_bytes(),
+            dst_port: 40_000u16.to_be_bytes(),
+            proto: 17,
+            _pad: [0; 3],
+        };
+        let flow = h.flow_tables().get(&key).expect("read FLOWS");
+        assert_eq!(flow.map(|f| f.uplink), Some(lb_common::KERNEL_OWNED));
+        // Another port of the same hosts is no connection of the kernel's:
+        // a new flow of the fast path.
+        let (verdict, _) = h.lan(&reply(9001));
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(h.reason(reason::PASS_KERNEL_CONNECTION), 2);
+    });
+}

@@ -17,15 +17,16 @@ use lb_common::{
         settings_flags, tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo,
     },
     nat::{self, PORT_ATTEMPTS},
-    reason, table, NO_UPLINK,
+    reason, table, KERNEL_OWNED, NO_UPLINK,
 };
 
 use crate::{
-    egress, frags,
+    conntrack, egress, frags,
     maps::{BUCKETS, BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{
-        self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
+        TCP_FIN, TCP_RST, TCP_SYN,
     },
     rewrite, stats,
 };
@@ -82,6 +83,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
             Err(drop_reason) => return Ok(stats::drop(drop_reason)),
         }
     };
+    if uplink == KERNEL_OWNED {
+        return Err(reason::PASS_KERNEL_CONNECTION);
+    }
     let Some(info) = UPLINKS.get(uplink) else {
         return Ok(stats::drop(reason::DROP_NO_UPLINK));
     };
@@ -130,6 +134,16 @@ fn flow(
         // same fields; at worst a timestamp or state update is lost.
         let (pinned, old_port, state) =
             unsafe { ((*flow).uplink, (*flow).nat_port, (*flow).tcp_state) };
+        if pinned == KERNEL_OWNED {
+            // SAFETY: as above.
+            unsafe {
+                (*flow).last_seen_ns = now;
+                if closing {
+                    (*flow).tcp_state = tcp_state::CLOSING;
+                }
+            }
+            return Ok((KERNEL_OWNED, old_port));
+        }
         let old_info = UPLINKS.get(pinned);
         // SAFETY: as above.
         let epoch = unsafe { (*flow).epoch };
@@ -178,13 +192,26 @@ fn flow(
         return Ok((uplink, port));
     }
 
-    let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
-    let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
     let state = if closing {
         tcp_state::CLOSING
     } else {
         tcp_state::OPENING
     };
+    if kernel_owns(ctx, key) {
+        let value = FlowValue {
+            last_seen_ns: now,
+            uplink: KERNEL_OWNED,
+            nat_port: [0; 2],
+            tcp_state: state,
+            epoch: 0,
+        };
+        // Remembered for the next packets; if another CPU was first, its
+        // entry says the same.
+        let _ = FLOWS.insert(key, &value, u64::from(BPF_NOEXIST));
+        return Ok((KERNEL_OWNED, [0; 2]));
+    }
+    let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
+    let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
     let value = FlowValue {
         last_seen_ns: now,
         uplink,
@@ -206,6 +233,21 @@ fn flow(
     }
     stats::uplink(uplink, |s| s.new_flows += 1);
     Ok((uplink, port))
+}
+
+/// Whether the kernel's conntrack already has `key`'s connection (TCP and
+/// UDP: the kinds a port forward carries and conntrack can be asked for).
+#[inline(always)]
+fn kernel_owns(ctx: &XdpContext, key: &FlowKey) -> bool {
+    (key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP)
+        && conntrack::tracks(
+            ctx,
+            key.proto,
+            key.src_addr,
+            key.dst_addr,
+            key.src_port,
+            key.dst_port,
+        )
 }
 
 /// The uplink and NAT port of the flow a later fragment belongs to: its

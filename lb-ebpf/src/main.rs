@@ -5,7 +5,10 @@
 //! stays an ordinary Linux router for everything but the fast path.
 #![no_std]
 #![no_main]
+// Kfunc calls are written out in assembly (see `conntrack`).
+#![feature(asm_experimental_arch)]
 
+mod conntrack;
 mod egress;
 mod frags;
 mod lan;

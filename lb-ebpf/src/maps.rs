@@ -74,7 +74,7 @@ pub static SIGNALS: PerCpuArray<Signals> = PerCpuArray::with_max_entries(MAX_UPL
 
 /// Per-CPU count of packets per pass/drop reason.
 #[map]
-pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::CAPACITY, 0);
 
 /// Devices whose qdisc lb's packets pass, by ifindex (see
 /// `lb_common::egress`). No entry: the XDP path.
