@@ -99,12 +99,14 @@ pub struct Status {
     #[serde(default)]
     pub lan_ports: Vec<String>,
     /// The uplink that carries what the LAN sends through the kernel (ESP,
-    /// GRE, fragments), as lbd's rules have it; none when no uplink is in
-    /// service (the main table decides then).
+    /// GRE, fragments) and what the router itself sends unbound (its DNS
+    /// forwarder, NTP, updates), as lbd's rules have it; none when no
+    /// uplink is in service (the main table decides then).
     #[serde(default)]
     pub slow_path: Option<String>,
-    /// Packets with a LAN source address that lb's nftables guard dropped
-    /// as they were about to leave an uplink un-NATed.
+    /// Packets lb's nftables guard dropped as they were about to leave an
+    /// uplink with a source that is neither the uplink's own address nor
+    /// a prefix routed through it (BCP38).
     #[serde(default)]
     pub guard_dropped: u64,
     /// Destinations the fast path leaves to the kernel (the router's own
@@ -175,6 +177,10 @@ pub struct UplinkStatus {
     pub new_flows: u64,
     /// Flows pinned to this uplink now.
     pub flows: u64,
+    /// Connections that came in on it (port forwards, the router's own
+    /// services), as lb's nftables table counts them.
+    #[serde(default)]
+    pub inbound: u64,
     /// Replies translated back to clients.
     pub replies: u64,
     /// New flows dropped for want of a free NAT port.

@@ -84,6 +84,9 @@ pub struct Config {
     pub lans: Vec<LanConfig>,
     /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
     pub uplinks: Vec<UplinkConfig>,
+    /// The file it was read from, as given: what checks against the
+    /// machine (a LAN's prefixes) name in their messages.
+    pub file: String,
 }
 
 /// `[daemon]`
@@ -274,12 +277,32 @@ impl RoutingConfig {
         self.first_priority + index as u32
     }
 
-    /// The priorities of the slow path's two rules, after every uplink's:
-    /// the main table without its default routes, then the LAN's
-    /// traffic to the table of the uplink the slow path uses.
-    pub fn slow_path_priorities(&self) -> (u32, u32) {
+    /// The priorities of lbd's rules after every uplink's own, in order:
+    /// the main table without its default routes; the replies of inbound
+    /// connections, by their mark, to their uplink's table; the slow path
+    /// (the LAN's traffic that the kernel forwards, and the router's own)
+    /// to the table of the uplink the slow path uses.
+    pub fn later_priorities(&self) -> LaterPriorities {
         let first = self.first_priority + MAX_UPLINKS as u32;
-        (first, first + 1)
+        LaterPriorities {
+            main: first,
+            inbound: first + 1,
+            slow_path: first + 2,
+        }
+    }
+}
+
+/// See [`RoutingConfig::later_priorities`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaterPriorities {
+    pub main: u32,
+    pub inbound: u32,
+    pub slow_path: u32,
+}
+
+impl LaterPriorities {
+    pub fn all(self) -> [u32; 3] {
+        [self.main, self.inbound, self.slow_path]
     }
 }
 
@@ -311,6 +334,39 @@ pub struct UplinkConfig {
     pub quota: Option<crate::quota::QuotaConfig>,
     /// `[uplink.shape]`: rates lbd shapes this uplink's traffic to.
     pub shape: crate::egress::Shape,
+    /// `routed`: prefixes routed to the router through this uplink (a
+    /// public subnet for a DMZ): they leave it untranslated, and the
+    /// guard lets them. No two uplinks' overlap.
+    pub routed: Vec<Routed>,
+}
+
+/// A prefix of `[[uplink]] routed`, and where the file gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+    /// The line of the `routed` key, for messages about it.
+    pub line: usize,
+}
+
+impl Routed {
+    /// Whether `self` and the prefix `addr/len` share an address.
+    pub fn overlaps(&self, addr: Ipv4Addr, len: u8) -> bool {
+        let shorter = self.len.min(len);
+        prefix_bits(self.addr, shorter) == prefix_bits(addr, shorter)
+    }
+}
+
+impl fmt::Display for Routed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// The first `len` bits of `addr`.
+fn prefix_bits(addr: Ipv4Addr, len: u8) -> u32 {
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    u32::from(addr) & mask
 }
 
 /// `[uplink.health]`
@@ -749,6 +805,7 @@ struct RawUplink {
     tier: Field,
     quota: Field,
     shape: Field,
+    routed: Field,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     probe: Vec<Spanned<RawProbe>>,
@@ -1005,6 +1062,7 @@ impl Checker<'_> {
         }
 
         self.cross_check(&lan_seen, &names, &interfaces);
+        self.routed_apart(raw, &uplinks);
 
         Config {
             daemon,
@@ -1016,6 +1074,7 @@ impl Checker<'_> {
             passive,
             lans,
             uplinks,
+            file: self.file.to_owned(),
         }
     }
 
@@ -1055,6 +1114,32 @@ impl Checker<'_> {
             resteer_syn: self
                 .field(&raw.resteer_syn, s, "resteer_syn", boolean)
                 .unwrap_or(d.resteer_syn),
+        }
+    }
+
+    /// No prefix routed through two uplinks: the guard and the NAT of
+    /// each would disagree on whose it is.
+    fn routed_apart(&mut self, raw: &RawConfig, uplinks: &[UplinkConfig]) {
+        for (i, u) in uplinks.iter().enumerate() {
+            for r in &u.routed {
+                let earlier = uplinks[..i].iter().find_map(|other| {
+                    other
+                        .routed
+                        .iter()
+                        .find(|o| o.overlaps(r.addr, r.len))
+                        .map(|o| (other, o))
+                });
+                if let Some((other, o)) = earlier {
+                    let span = raw.uplink[i].get_ref().routed.as_ref().map(Spanned::span);
+                    let message = format!(
+                        "{r} overlaps {o}, routed through uplink {:?} (line {}); a prefix is \
+                         routed through one uplink",
+                        other.name, o.line
+                    );
+                    let section = uplink_label(i, raw.uplink[i].get_ref());
+                    self.report(span.as_ref(), &section, Some("routed"), message);
+                }
+            }
         }
     }
 
@@ -1233,8 +1318,8 @@ impl Checker<'_> {
         let first_priority = self
             .field(&raw.first_priority, s, "first_priority", |v| {
                 // Rules at 32766 and up are the main and default tables';
-                // lbd's take one per uplink and two for the slow path.
-                as_int(v, 1, 32766 - span - 2)
+                // lbd's take one per uplink and three after them.
+                as_int(v, 1, 32766 - span - 3)
             })
             .unwrap_or(default.first_priority);
         let lookup_tables = self
@@ -1332,6 +1417,24 @@ impl Checker<'_> {
         let shape = self
             .field(&u.shape, s, "shape", parse_shape)
             .unwrap_or_default();
+        let routed_line = u.routed.as_ref().map_or(0, |f| self.line(&f.span()));
+        let routed = self
+            .field(&u.routed, s, "routed", |v| {
+                let list = v
+                    .as_array()
+                    .ok_or("must be a list of prefixes, e.g. [\"203.0.113.8/29\"]")?;
+                list.iter()
+                    .map(|p| {
+                        let (addr, len) = parse_prefix(as_str(p)?)?;
+                        Ok(Routed {
+                            addr,
+                            len,
+                            line: routed_line,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .unwrap_or_default();
 
         // Valid probes with their place in the file.
         let mut probes: Vec<(usize, ProbeConfig)> = Vec::new();
@@ -1375,6 +1478,7 @@ impl Checker<'_> {
             probes: probes.into_iter().map(|(_, p)| p).collect(),
             quota,
             shape,
+            routed,
         };
         (config, name_seen, interface_seen)
     }
@@ -1744,6 +1848,27 @@ fn check_socket_path(path: &str) -> Result<(), String> {
 }
 
 /// A gateway or probe target must be a unicast address.
+/// `ADDRESS/LENGTH`, length 1..=32, no host bits set.
+fn parse_prefix(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("expected a prefix like \"203.0.113.8/29\", got {text:?}");
+    let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(1..=32).contains(&len) {
+        return Err(format!(
+            "{text:?}: the length must be between 1 and 32 (a routed prefix is never the \
+             whole internet)"
+        ));
+    }
+    let network = Ipv4Addr::from(prefix_bits(addr, len));
+    if network != addr {
+        return Err(format!(
+            "{text:?} has host bits set; the prefix is {network}/{len}"
+        ));
+    }
+    Ok((addr, len))
+}
+
 fn check_unicast(ip: Ipv4Addr) -> Result<(), String> {
     let what = if ip.is_unspecified() {
         "the unspecified address"
@@ -2061,8 +2186,65 @@ gateway = "100.64.2.1"
                 probes: vec![],
                 quota: None,
                 shape: crate::egress::Shape::default(),
+                routed: vec![],
             }]
         );
+    }
+
+    #[test]
+    fn routed_prefixes_are_read_and_must_be_networks_on_one_uplink() {
+        let text = format!("{TWO}routed = [\"203.0.113.8/29\", \"198.18.0.0/24\"]\n");
+        let config = ok(&text);
+        let routed: Vec<String> = config.uplinks[1]
+            .routed
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(routed, ["203.0.113.8/29", "198.18.0.0/24"]);
+        assert_eq!(config.uplinks[1].routed[0].line, line_of(&text, "routed"));
+        assert!(config.uplinks[0].routed.is_empty());
+
+        let host_bits = format!("{TWO}routed = [\"203.0.113.9/29\"]\n");
+        assert_one(
+            &host_bits,
+            line_of(&host_bits, "routed"),
+            "routed",
+            "the prefix is 203.0.113.8/29",
+        );
+        let everything = format!("{TWO}routed = [\"0.0.0.0/0\"]\n");
+        assert_one(
+            &everything,
+            line_of(&everything, "routed"),
+            "routed",
+            "between 1 and 32",
+        );
+        let not_a_list = format!("{TWO}routed = \"203.0.113.8/29\"\n");
+        assert_one(
+            &not_a_list,
+            line_of(&not_a_list, "routed"),
+            "routed",
+            "list of prefixes",
+        );
+    }
+
+    #[test]
+    fn a_prefix_routed_through_two_uplinks_is_refused_where_it_comes_again() {
+        let text = TWO
+            .replace(
+                "gateway = \"100.64.1.1\"\n",
+                "gateway = \"100.64.1.1\"\nrouted = [\"203.0.113.0/28\"]\n",
+            )
+            .replace(
+                "gateway = \"100.64.2.1\"\n",
+                "gateway = \"100.64.2.1\"\nrouted = [\"203.0.113.8/29\"]\n",
+            );
+        let message = assert_one(
+            &text,
+            line_of_nth(&text, "routed", 1),
+            "routed",
+            "overlaps 203.0.113.0/28",
+        );
+        assert!(message.contains("uplink \"isp1\""), "{message}");
     }
 
     #[test]

@@ -54,6 +54,8 @@ use crate::{
     uplink::{self, Admin, Facts, Lifecycle},
 };
 
+/// The interface a rule's `iif` names for what the router itself sends.
+const LOOPBACK: &str = "lo";
 /// How often an unresolved gateway is asked for again (ARP).
 const POKE_EVERY: Duration = Duration::from_secs(1);
 /// Uplinks that become ready this soon after lbd starts (a gateway
@@ -183,8 +185,6 @@ pub struct Daemon {
     bypass: BTreeSet<(Ipv4Addr, u8)>,
     /// The uplinks' addresses as the flow collector has them.
     flow_addrs: Vec<Ipv4Addr>,
-    /// The LAN interfaces' indexes (a bridge's own, not its ports').
-    lans: Vec<u32>,
     /// The interfaces `lan_ingress` is attached to: the LAN interfaces, or
     /// a bridge's ports, as they come and go. Only once the slow path's
     /// guard is in place (`lans_open`).
@@ -200,8 +200,8 @@ pub struct Daemon {
     egress: egress::Owned,
     /// lb's nftables table as last put in place.
     slowpath: Option<slowpath::Wanted>,
-    /// Packets the guard dropped in tables since replaced.
-    guard_dropped_before: u64,
+    /// What lb's nftables tables since replaced counted.
+    counted_before: slowpath::Counted,
     /// The slow path's uplink as the kernel's rules have it.
     slow_path_applied: Option<usize>,
     watchers: Watchers,
@@ -298,16 +298,15 @@ impl Daemon {
         if !clashes.is_empty() {
             bail!("{}", clashes.join("; "));
         }
-        let mut lans = Vec::new();
         for lan in &config.lans {
-            let link = observed.link(&lan.interface).with_context(|| {
+            observed.link(&lan.interface).with_context(|| {
                 format!(
                     "LAN interface {} not found (see `ip link`; is lbd running in the right network namespace?)",
                     lan.interface
                 )
             })?;
-            lans.push(link.index);
         }
+        check_lans(&config, &observed)?;
         check_xdp_targets(&config, &observed)?;
         check_ingress_shapers(&config, &observed)?;
         for u in &config.uplinks {
@@ -366,14 +365,13 @@ impl Daemon {
             flow_tables,
             bypass: BTreeSet::new(),
             flow_addrs: Vec::new(),
-            lans: lans.clone(),
             lan_ports: std::collections::BTreeMap::new(),
             lans_open: false,
             handoffs: std::collections::BTreeMap::new(),
             handoff_failed: None,
             egress: egress_owned,
             slowpath: None,
-            guard_dropped_before: 0,
+            counted_before: slowpath::Counted::default(),
             slow_path_applied: None,
             watchers: links.watchers(),
             health_tx,
@@ -528,11 +526,18 @@ impl Daemon {
             self.flow_addrs = addrs;
         }
         let slowpath = slowpath::Wanted {
-            lans: observed.connected(&self.lans),
             uplinks: self
                 .uplinks
                 .iter()
-                .map(|u| u.cfg.interface.clone())
+                .map(|u| slowpath::UplinkRules {
+                    interface: u.cfg.interface.clone(),
+                    addrs: u
+                        .facts
+                        .ifindex
+                        .map(|i| observed.addresses_of(i))
+                        .unwrap_or_default(),
+                    routed: u.cfg.routed.iter().map(|r| (r.addr, r.len)).collect(),
+                })
                 .collect(),
             ports: self.local_ports,
         };
@@ -544,9 +549,9 @@ impl Daemon {
     }
 
     /// lb's nftables table was replaced by `wanted`; the one before had
-    /// dropped `dropped` packets.
-    fn slowpath_applied(&mut self, wanted: slowpath::Wanted, dropped: u64) {
-        self.guard_dropped_before += dropped;
+    /// counted `counted`.
+    fn slowpath_applied(&mut self, wanted: slowpath::Wanted, counted: &slowpath::Counted) {
+        self.counted_before.add(counted);
         self.slowpath = Some(wanted);
     }
 
@@ -701,13 +706,17 @@ impl Daemon {
     }
 
     /// lbd's routing tables and rules as they should be: for each uplink
-    /// with carrier, an address and a gateway, its table and its rule; and
-    /// the slow path's rules, which send what the LAN's clients send
-    /// through the kernel to the internet (ESP, GRE, fragments) by the
-    /// uplink the slow path uses now ([`Daemon::slow_path_uplink`]).
+    /// with carrier, an address and a gateway, its table, its rule for its
+    /// own address and its rule for the replies of the connections that
+    /// came in on it (by their mark); and the slow path's rules, which send
+    /// what the LAN's clients send through the kernel to the internet (ESP,
+    /// GRE, fragments) and what the router itself sends (its DNS
+    /// forwarder, NTP, updates) by the uplink the slow path uses now
+    /// ([`Daemon::slow_path_uplink`]).
     fn wanted_routing(&self) -> Wanted {
         let mut wanted = Wanted::default();
         let routing = &self.config.routing;
+        let later = routing.later_priorities();
         for (i, u) in self.uplinks.iter().enumerate() {
             let f = &u.facts;
             let (Some(ifindex), Some(addr), Some(gateway), true) =
@@ -726,21 +735,31 @@ impl Daemon {
                 selector: Selector::From(addr),
                 table,
             });
-        }
-        if let Some(i) = self.slow_path_uplink() {
-            let (main_first, from_lan) = routing.slow_path_priorities();
-            // The main table keeps what it routes more specifically than
-            // by default (the LAN, static and VPN routes)...
             wanted.rules.insert(OwnedRule {
-                priority: main_first,
+                priority: later.inbound,
+                selector: Selector::Mark(slowpath::mark(i)),
+                table,
+            });
+        }
+        if !wanted.routes.is_empty() {
+            // The main table keeps what it routes more specifically than
+            // by default (the LAN, static and VPN routes), before any of
+            // lbd's tables is asked for a default route.
+            wanted.rules.insert(OwnedRule {
+                priority: later.main,
                 selector: Selector::AllButDefault,
                 table: kernel::MAIN_TABLE,
             });
-            // ... and the rest from the LAN goes by an uplink in service.
-            for lan in &self.config.lans {
+        }
+        if let Some(i) = self.slow_path_uplink() {
+            // The rest from the LAN, and what the router sends unbound,
+            // goes by an uplink in service. (A socket bound to an uplink's
+            // address has its own rule above.)
+            let lans = self.config.lans.iter().map(|l| l.interface.as_str());
+            for iif in lans.chain([LOOPBACK]) {
                 wanted.rules.insert(OwnedRule {
-                    priority: from_lan,
-                    selector: Selector::Iif(lan.interface.clone()),
+                    priority: later.slow_path,
+                    selector: Selector::Iif(iif.to_owned()),
                     table: routing.table(i),
                 });
             }
@@ -1459,6 +1478,7 @@ impl Daemon {
                 rx_bytes: s.rx_bytes,
                 new_flows: s.new_flows,
                 flows: 0,
+                inbound: 0,
                 replies: s.replies,
                 nat_failures: s.nat_failures,
                 last_change: u.last_change,
@@ -1514,7 +1534,7 @@ impl Daemon {
             status,
             pinned: self.dataplane.pinned_flows(self.uplinks.len() as u32)?,
             tables: self.flow_tables.clone(),
-            guard_dropped_before: self.guard_dropped_before,
+            counted_before: self.counted_before.clone(),
         })
     }
 }
@@ -1885,12 +1905,12 @@ pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> 
         slowpath,
     } = tokio::task::block_in_place(|| lock()?.converge(&observed))?;
     if let Some(wanted) = slowpath {
-        let dropped = tokio::task::block_in_place(|| {
-            // The table may not be there (yet): nothing dropped then.
-            let dropped = slowpath::leaked().unwrap_or(0);
-            slowpath::apply(&wanted).map(|()| dropped)
+        let counted = tokio::task::block_in_place(|| {
+            // The table may not be there (yet): nothing counted then.
+            let counted = slowpath::counted().unwrap_or_default();
+            slowpath::apply(&wanted).map(|()| counted)
         })?;
-        lock()?.slowpath_applied(wanted, dropped);
+        lock()?.slowpath_applied(wanted, &counted);
     }
     if !routing.is_empty() {
         let errors = kernel::apply(&link.handle, routing).await;
@@ -1917,7 +1937,7 @@ pub struct StatusDraft {
     /// Flows pinned to an uplink since start.
     pinned: u64,
     tables: Arc<Mutex<FlowTables>>,
-    guard_dropped_before: u64,
+    counted_before: slowpath::Counted,
 }
 
 impl StatusDraft {
@@ -1928,8 +1948,12 @@ impl StatusDraft {
     /// once: in the table, expired, or evicted.
     pub fn finish(mut self) -> Result<Status> {
         // Counted by nftables, read with `nft`: not under the daemon's lock.
-        self.status.guard_dropped =
-            self.guard_dropped_before + slowpath::leaked().unwrap_or_default();
+        let mut counted = self.counted_before.clone();
+        counted.add(&slowpath::counted().unwrap_or_default());
+        self.status.guard_dropped = counted.leaked;
+        for (i, uplink) in self.status.uplinks.iter_mut().enumerate() {
+            uplink.inbound = counted.inbound(i);
+        }
         let tables = self
             .tables
             .lock()
@@ -1956,8 +1980,53 @@ pub async fn check_machine(config: &Config) -> Result<()> {
         rtnetlink::new_connection().context("opening a netlink socket failed")?;
     tokio::spawn(conn);
     let observed = Observed::take(&handle).await?;
+    check_lans(config, &observed)?;
     check_xdp_targets(config, &observed)?;
     check_ingress_shapers(config, &observed)
+}
+
+/// Refuse a LAN given as a port of a bridge (the kernel routes its
+/// traffic as the bridge's, so rules and addresses are the bridge's: give
+/// the bridge, and lbd works on its ports), and an uplink's `routed`
+/// prefix that overlaps a LAN's (it would be the LAN's and the ISP's at
+/// once). LANs that do not exist yet are not checked here.
+fn check_lans(config: &Config, observed: &Observed) -> Result<()> {
+    let mut refused = Vec::new();
+    let mut lan_indexes = Vec::new();
+    for lan in &config.lans {
+        let Some(link) = observed.link(&lan.interface) else {
+            continue;
+        };
+        lan_indexes.push(link.index);
+        let bridge = link
+            .master
+            .and_then(|m| observed.links.iter().find(|l| l.index == m))
+            .filter(|m| m.kind.as_deref() == Some("bridge"));
+        if let Some(bridge) = bridge {
+            refused.push(format!(
+                "LAN interface {} is a port of bridge {b}: give the bridge ([[lan]] interface = \"{b}\"); \
+                 the LAN's addresses and routes are the bridge's, and lbd works on all its ports",
+                lan.interface,
+                b = bridge.name
+            ));
+        }
+    }
+    let lan_prefixes = observed.connected(&lan_indexes);
+    for u in &config.uplinks {
+        for r in &u.routed {
+            if let Some((addr, len)) = lan_prefixes.iter().find(|(a, l)| r.overlaps(*a, *l)) {
+                refused.push(format!(
+                    "{}:{}: uplink {:?} key routed: {r} overlaps the LAN's {addr}/{len}; a prefix \
+                     routed through an uplink is not a LAN's (lb would translate the LAN's)",
+                    config.file, r.line, u.name
+                ));
+            }
+        }
+    }
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
+    }
+    Ok(())
 }
 
 /// Refuse an uplink with an ingress shaper (an `ingress` qdisc feeding an

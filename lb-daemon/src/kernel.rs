@@ -9,7 +9,12 @@
 //! one default route through the gateway, and a rule `from <uplink address>
 //! lookup <that table>` (mwan3's approach), so that the probes and the
 //! router's own sockets bound to an uplink leave through it however many
-//! default routes the main table has. Everything lbd adds carries the route
+//! default routes the main table has; a rule `fwmark <uplink's mark>` to the
+//! same table for the replies of connections that came in on that uplink
+//! (marked by lbd's nftables table, `slowpath`); and the slow path's rules
+//! (the main table without default routes first, then what the LAN sends
+//! through the kernel and what the router itself sends, to the table of the
+//! uplink the slow path uses). Everything lbd adds carries the route
 //! protocol [`ROUTE_PROTOCOL`]: that is how it finds its own routes and rules
 //! again (after a crash, too) and how it knows never to touch anyone else's.
 //!
@@ -40,6 +45,7 @@ use crate::{
     config::RoutingConfig,
     linkwatch::is_up,
     netlink::{usable_neighbour, Neighbour},
+    slowpath::MARK_MASK,
 };
 
 /// The route protocol number on lbd's routes and rules (`ip route show proto
@@ -104,6 +110,8 @@ pub struct Rule {
     pub iif: Option<String>,
     /// `suppress_prefixlength`, if set.
     pub suppress: Option<u32>,
+    /// `fwmark MARK/MASK`, if set.
+    pub fwmark: Option<(u32, u32)>,
     pub protocol: u8,
     pub message: RuleMessage,
 }
@@ -143,8 +151,12 @@ pub struct OwnedRule {
 pub enum Selector {
     /// `from ADDR/32`: an uplink's own traffic.
     From(Ipv4Addr),
-    /// `iif NAME`: what arrives on a LAN interface.
+    /// `iif NAME`: what arrives on a LAN interface (`lo`: what the router
+    /// itself sends).
     Iif(String),
+    /// `fwmark MARK/`[`MARK_MASK`]: the replies of the connections that
+    /// came in on an uplink.
+    Mark(u32),
     /// Every packet, with routes of prefix length 0 (default routes)
     /// ignored (`suppress_prefixlength 0`): whatever the table routes more
     /// specifically than by default stays routed so.
@@ -157,6 +169,9 @@ impl std::fmt::Display for OwnedRule {
         match &self.selector {
             Selector::From(a) => write!(f, "{priority}: from {a} lookup {table}"),
             Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
+            Selector::Mark(m) => {
+                write!(f, "{priority}: fwmark {m:#x}/{MARK_MASK:#x} lookup {table}")
+            }
             Selector::AllButDefault => {
                 write!(f, "{priority}: lookup {table} suppress_prefixlength 0")
             }
@@ -290,6 +305,15 @@ impl Observed {
             .map(|a| a.addr)
     }
 
+    /// Every IPv4 address of interface `ifindex`.
+    pub fn addresses_of(&self, ifindex: u32) -> Vec<Ipv4Addr> {
+        self.addresses
+            .iter()
+            .filter(|a| a.ifindex == ifindex)
+            .map(|a| a.addr)
+            .collect()
+    }
+
     /// The next hop of the kernel's default route through `ifindex`, in any
     /// table but lbd's own: the main table's first, then the lowest metric.
     pub fn default_gateway(&self, ifindex: u32) -> Option<Ipv4Addr> {
@@ -377,9 +401,8 @@ impl Observed {
     /// its priorities. Each is a sentence for the operator.
     pub fn clashes(&self, routing: &RoutingConfig, uplinks: usize) -> Vec<String> {
         let tables = routing.first_table..routing.first_table + uplinks as u32;
-        let (slow, slow_lan) = routing.slow_path_priorities();
         let priorities = (routing.first_priority..routing.first_priority + uplinks as u32)
-            .chain([slow, slow_lan]);
+            .chain(routing.later_priorities().all());
         let mut out = Vec::new();
         for table in tables {
             if let Some(r) = self
@@ -434,10 +457,11 @@ impl Observed {
         }
         let mut have_rules = BTreeSet::new();
         for r in self.rules.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
-            let selector = match (r.source, &r.iif, r.suppress) {
-                (Some((source, 32)), None, None) => Some(Selector::From(source)),
-                (None, Some(iif), None) => Some(Selector::Iif(iif.clone())),
-                (None, None, Some(0)) => Some(Selector::AllButDefault),
+            let selector = match (r.source, &r.iif, r.suppress, r.fwmark) {
+                (Some((source, 32)), None, None, None) => Some(Selector::From(source)),
+                (None, Some(iif), None, None) => Some(Selector::Iif(iif.clone())),
+                (None, None, Some(0), None) => Some(Selector::AllButDefault),
+                (None, None, None, Some((mark, MARK_MASK))) => Some(Selector::Mark(mark)),
                 _ => None,
             };
             let owned = selector.filter(|_| r.looks_up).map(|selector| OwnedRule {
@@ -501,6 +525,14 @@ pub async fn apply(handle: &Handle, changes: Changes) -> Vec<String> {
         let mut req = match &r.selector {
             Selector::From(source) => req.source_prefix(*source, 32),
             Selector::Iif(name) => req.input_interface(name.clone()),
+            Selector::Mark(mark) => {
+                let mut req = req;
+                req.message_mut().attributes.extend([
+                    RuleAttribute::FwMark(*mark),
+                    RuleAttribute::FwMask(MARK_MASK),
+                ]);
+                req
+            }
             Selector::AllButDefault => {
                 let mut req = req;
                 req.message_mut()
@@ -624,6 +656,7 @@ fn rule(msg: RuleMessage) -> Option<Rule> {
         source: None,
         iif: None,
         suppress: None,
+        fwmark: None,
         protocol: 0,
         message: msg.clone(),
     };
@@ -637,6 +670,14 @@ fn rule(msg: RuleMessage) -> Option<Rule> {
             RuleAttribute::Protocol(p) => r.protocol = protocol_number(*p),
             RuleAttribute::Iifname(n) => r.iif = Some(n.clone()),
             RuleAttribute::SuppressPrefixLen(n) => r.suppress = Some(*n),
+            RuleAttribute::FwMark(m) => {
+                let mask = r.fwmark.map_or(u32::MAX, |(_, mask)| mask);
+                r.fwmark = Some((*m, mask));
+            }
+            RuleAttribute::FwMask(mask) => {
+                let mark = r.fwmark.map_or(0, |(mark, _)| mark);
+                r.fwmark = Some((mark, *mask));
+            }
             _ => {}
         }
     }
@@ -803,6 +844,7 @@ mod tests {
             source: Some((ip("100.64.1.2"), 32)),
             iif: None,
             suppress: None,
+            fwmark: None,
             protocol: ROUTE_PROTOCOL,
             message: RuleMessage::default(),
         });
@@ -829,6 +871,7 @@ mod tests {
             source: None,
             iif: None,
             suppress: None,
+            fwmark: None,
             protocol: 0,
             message: RuleMessage::default(),
         });

@@ -181,6 +181,11 @@ impl Collector for Snapshot {
                 |u| u.replies as f64,
             ),
             (
+                "lb_uplink_inbound_connections",
+                "Connections that came in on the uplink (port forwards, the router's own services)",
+                |u| u.inbound as f64,
+            ),
+            (
                 "lb_uplink_suspicions",
                 "Bursts of probes the traffic asked for (passive detection)",
                 |u| u.suspicions as f64,
@@ -277,7 +282,7 @@ impl Collector for Snapshot {
         family(
             e,
             "lb_guard_dropped_packets",
-            "Packets with a LAN source dropped on their way out of an uplink un-NATed",
+            "Packets dropped on their way out of an uplink with a source that is not the uplink's own nor routed through it (BCP38)",
             MetricType::Counter,
             [(Vec::new(), s.guard_dropped as f64)],
         )?;

@@ -1,268 +1,363 @@
-//! lb's nftables table, `ip lb`: the kernel's side of "nothing leaks".
+//! lb's nftables table, `ip lb`: the kernel's side of lb, for the traffic
+//! the fast path does not translate.
 //!
-//! What the fast path hands to the kernel and the kernel then forwards out
-//! of an uplink (ESP, GRE, fragments, ICMP other than echo: anything XDP
-//! does not translate) is masqueraded there to that uplink's address; and a
-//! guard drops, and counts, any packet that would still leave an uplink
-//! with a LAN source address, whatever path it took.
+//! Owns exactly that table, and in it:
+//! - **NAT** (`nat`, after the kernel's own source NAT hook priority): what
+//!   the kernel forwards out of an uplink (ESP, GRE, fragments, ICMP other
+//!   than echo, connections it owns) leaves masqueraded to that uplink's
+//!   address, unless its source is already one of the uplink's own
+//!   addresses or a prefix declared as routed through it.
+//! - **The guard** (`guard`, after NAT): a packet about to leave an uplink
+//!   with any other source is dropped and counted (BCP38 egress
+//!   filtering). It is built from what each uplink owns, never from a guess
+//!   of what the LAN is, so it holds however the LAN is configured.
+//! - **Inbound connections** (`inbound`, before routing): a connection that
+//!   arrives on an uplink (a port forward, the router's own SSH or VPN
+//!   server) is counted and marked with its uplink in conntrack (connmark);
+//!   the packets of its reply direction carry that mark, and lbd's rule
+//!   `fwmark` (see `kernel`) routes them out of the uplink they came in
+//!   on, whatever the main table says.
 //!
-//! Owns exactly that table: built whole from the LAN prefixes and the
-//! uplinks' interfaces, replaced in one nftables transaction when they
-//! change, deleted when lbd stops. Goes through libnftables' JSON interface
-//! with the `nftables` crate (its typed schema, and `nft -j -f -`). Never
-//! touches another table: a firewall beside it keeps working, and sees
-//! whatever the fast path hands to the kernel.
+//! Built whole from [`Wanted`] as an `nft -f` script (the syntax operators
+//! know), replaced in one transaction when it changes, deleted when lbd is
+//! torn down. Never touches another table: a firewall beside it keeps
+//! working, and sees whatever the fast path hands to the kernel. Its
+//! connmark bits are [`MARK_MASK`]; other bits of the mark are left alone.
 //!
 //! The masquerade uses the router's own ephemeral port range: the fast path
 //! never takes a port there (see `lb_common::nat`), so a connection the
 //! kernel translates can never share a mapping with one XDP translates.
 
-use std::{borrow::Cow, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context, Result};
-use nftables::{
-    batch::Batch,
-    expr::{
-        Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, Range, SetItem,
-    },
-    helper,
-    schema::{self, Chain, NfListObject, Rule, Table},
-    stmt::{self, Match, Operator, Statement, NAT},
-    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
-};
 
 /// The table's name (family `ip`).
 pub const TABLE: &str = "lb";
 /// The guard's counter of dropped packets.
 const LEAKED: &str = "leaked";
-/// After source NAT (`srcnat`, 100), so that the guard sees the address a
-/// packet really leaves with.
-const GUARD_PRIORITY: i32 = 110;
+/// The bits of the packet and connection marks lbd uses: which uplink a
+/// connection came in on (`mark(index)`), for 1 to 255 uplinks.
+pub const MARK_MASK: u32 = 0x00ff_0000;
+/// Before routing and after conntrack (`mangle`).
+const INBOUND_PRIORITY: i32 = -150;
+/// The kernel's source NAT hook priority (`srcnat`).
 const NAT_PRIORITY: i32 = 100;
+/// After source NAT, so that the guard sees the address a packet really
+/// leaves with.
+const GUARD_PRIORITY: i32 = 110;
+
+/// The connmark and fwmark of the connections that came in on uplink
+/// `index` (within [`MARK_MASK`]).
+pub fn mark(index: usize) -> u32 {
+    ((index as u32 + 1) << MARK_MASK.trailing_zeros()) & MARK_MASK
+}
 
 /// What the table is made of.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Wanted {
-    /// The LANs' prefixes: what must never leave an uplink as a source.
-    pub lans: Vec<(Ipv4Addr, u8)>,
-    /// The uplinks' interface names.
-    pub uplinks: Vec<String>,
+    /// Every configured uplink, by index.
+    pub uplinks: Vec<UplinkRules>,
     /// The router's own ephemeral ports (`ip_local_port_range`).
     pub ports: (u16, u16),
 }
 
-impl Wanted {
-    /// The whole table, as one transaction that replaces any earlier one.
-    pub fn ruleset(&self) -> schema::Nftables<'static> {
-        // Gone (whether or not it existed), then built anew: one
-        // transaction, so no packet sees the table half made.
-        let mut batch = without_table();
-        batch.add(NfListObject::Table(table()));
-        batch.add(NfListObject::Counter(schema::Counter {
-            family: NfFamily::IP,
-            table: TABLE.into(),
-            name: LEAKED.into(),
-            handle: None,
-            packets: None,
-            bytes: None,
-        }));
-        for (name, kind, priority) in [
-            ("nat", NfChainType::NAT, NAT_PRIORITY),
-            ("guard", NfChainType::Filter, GUARD_PRIORITY),
-        ] {
-            batch.add(NfListObject::Chain(Chain {
-                family: NfFamily::IP,
-                table: TABLE.into(),
-                name: name.into(),
-                _type: Some(kind),
-                hook: Some(NfHook::Postrouting),
-                prio: Some(priority),
-                policy: Some(NfChainPolicy::Accept),
-                ..Chain::default()
-            }));
-        }
-        if self.lans.is_empty() || self.uplinks.is_empty() {
-            return batch.to_nftables();
-        }
-        for uplink in &self.uplinks {
-            // Ports of TCP and UDP into the router's own range; other
-            // protocols (ESP, GRE, ICMP) have none to choose.
-            batch.add(rule(
-                "nat",
-                vec![
-                    out_of(std::slice::from_ref(uplink)),
-                    self.lan_source(),
-                    tcp_or_udp(),
-                    Statement::Masquerade(Some(NAT {
-                        addr: None,
-                        family: None,
-                        port: Some(Expression::Range(Box::new(Range {
-                            range: [
-                                Expression::Number(u32::from(self.ports.0)),
-                                Expression::Number(u32::from(self.ports.1)),
-                            ],
-                        }))),
-                        flags: None,
-                    })),
-                ],
-            ));
-            batch.add(rule(
-                "nat",
-                vec![
-                    out_of(std::slice::from_ref(uplink)),
-                    self.lan_source(),
-                    Statement::Masquerade(None),
-                ],
-            ));
-        }
-        batch.add(rule(
-            "guard",
-            vec![
-                out_of(&self.uplinks),
-                self.lan_source(),
-                Statement::Counter(stmt::Counter::Named(LEAKED.into())),
-                Statement::Drop(None),
-            ],
-        ));
-        batch.to_nftables()
-    }
+/// One uplink's part of the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkRules {
+    /// Its interface (it may not exist yet: rules match by name).
+    pub interface: String,
+    /// The addresses on its interface now: the only sources that may
+    /// leave through it, with `routed`.
+    pub addrs: Vec<Ipv4Addr>,
+    /// Prefixes the operator declared as routed through it
+    /// (`[[uplink]] routed`): they leave as they are.
+    pub routed: Vec<(Ipv4Addr, u8)>,
+}
 
-    /// `ip saddr { LAN prefixes }`.
-    fn lan_source(&self) -> Statement<'static> {
-        let prefixes = self
-            .lans
+impl UplinkRules {
+    /// `ip saddr != { own addresses, routed prefixes }`, or nothing when
+    /// it owns none (then every source is foreign).
+    fn foreign_source(&self) -> String {
+        let own: Vec<String> = self
+            .addrs
             .iter()
-            .map(|(addr, len)| {
-                SetItem::Element(Expression::Named(NamedExpression::Prefix(Prefix {
-                    addr: Box::new(Expression::String(Cow::Owned(addr.to_string()))),
-                    len: u32::from(*len),
-                })))
-            })
+            .map(|a| a.to_string())
+            .chain(self.routed.iter().map(|(a, len)| format!("{a}/{len}")))
             .collect();
-        Statement::Match(Match {
-            left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                PayloadField {
-                    protocol: "ip".into(),
-                    field: "saddr".into(),
-                },
-            ))),
-            right: Expression::Named(NamedExpression::Set(prefixes)),
-            op: Operator::EQ,
-        })
+        if own.is_empty() {
+            String::new()
+        } else {
+            format!("ip saddr != {{ {} }} ", own.join(", "))
+        }
     }
 }
 
-/// `meta l4proto { tcp, udp }`.
-fn tcp_or_udp() -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Meta(Meta {
-            key: MetaKey::L4proto,
-        })),
-        right: Expression::Named(NamedExpression::Set(vec![
-            SetItem::Element(Expression::String("tcp".into())),
-            SetItem::Element(Expression::String("udp".into())),
-        ])),
-        op: Operator::EQ,
-    })
+/// The name of uplink `index`'s counter of inbound connections.
+fn inbound_counter(index: usize) -> String {
+    format!("inbound_{index}")
 }
 
-/// `oifname { names }`.
-fn out_of(names: &[String]) -> Statement<'static> {
-    let names = names
-        .iter()
-        .map(|n| SetItem::Element(Expression::String(Cow::Owned(n.clone()))))
-        .collect();
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Meta(Meta {
-            key: MetaKey::Oifname,
-        })),
-        right: Expression::Named(NamedExpression::Set(names)),
-        op: Operator::EQ,
-    })
+impl Wanted {
+    /// The whole table as an `nft -f` script: one transaction that
+    /// replaces any earlier table (so no packet sees it half made).
+    pub fn script(&self) -> String {
+        let mut s = String::new();
+        // Declared, then deleted, then built: the delete never fails.
+        let _ = writeln!(s, "table ip {TABLE}\ndelete table ip {TABLE}");
+        let _ = writeln!(s, "table ip {TABLE} {{");
+        let _ = writeln!(s, "  counter {LEAKED} {{ }}");
+        for i in 0..self.uplinks.len() {
+            let _ = writeln!(s, "  counter {} {{ }}", inbound_counter(i));
+        }
+        let keep = !MARK_MASK;
+
+        let _ = writeln!(s, "  chain inbound {{");
+        let _ = writeln!(
+            s,
+            "    type filter hook prerouting priority {INBOUND_PRIORITY}; policy accept;"
+        );
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let (iface, mark) = (&u.interface, mark(i));
+            let _ = writeln!(
+                s,
+                "    iifname \"{iface}\" ct state new ct mark set ct mark & {keep:#010x} | {mark:#010x} counter name \"{}\"",
+                inbound_counter(i)
+            );
+            // Its replies (from a LAN server behind a port forward) are
+            // routed by the mark; what comes in is routed as ever.
+            let _ = writeln!(
+                s,
+                "    ct direction reply ct mark & {MARK_MASK:#010x} == {mark:#010x} meta mark set meta mark & {keep:#010x} | {mark:#010x}"
+            );
+        }
+        let _ = writeln!(s, "  }}");
+
+        let _ = writeln!(s, "  chain nat {{");
+        let _ = writeln!(
+            s,
+            "    type nat hook postrouting priority {NAT_PRIORITY}; policy accept;"
+        );
+        let (low, high) = self.ports;
+        for u in &self.uplinks {
+            let (iface, foreign) = (&u.interface, u.foreign_source());
+            // TCP and UDP ports into the router's own range; other
+            // protocols (ESP, GRE, ICMP) have none to choose.
+            let _ = writeln!(
+                s,
+                "    oifname \"{iface}\" {foreign}meta l4proto {{ tcp, udp }} masquerade to :{low}-{high}"
+            );
+            let _ = writeln!(s, "    oifname \"{iface}\" {foreign}masquerade");
+        }
+        let _ = writeln!(s, "  }}");
+
+        let _ = writeln!(s, "  chain guard {{");
+        let _ = writeln!(
+            s,
+            "    type filter hook postrouting priority {GUARD_PRIORITY}; policy accept;"
+        );
+        for u in &self.uplinks {
+            let (iface, foreign) = (&u.interface, u.foreign_source());
+            // A DHCP client asking for its first lease has no address yet
+            // (most use packet sockets, which nftables never sees; this is
+            // for those that do not).
+            let _ = writeln!(
+                s,
+                "    oifname \"{iface}\" ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept"
+            );
+            let _ = writeln!(
+                s,
+                "    oifname \"{iface}\" {foreign}counter name \"{LEAKED}\" drop"
+            );
+        }
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "}}");
+        s
+    }
 }
 
-fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
-    NfListObject::Rule(Rule {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        chain: chain.into(),
-        expr: expr.into(),
-        ..Rule::default()
-    })
+/// Run `nft -f -` with `script` (blocking).
+fn nft_script(script: &str) -> Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (is nftables installed?)")?;
+    child
+        .stdin
+        .take()
+        .context("nft's standard input")?
+        .write_all(script.as_bytes())
+        .context("writing to nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft refused the script: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 /// Put the table in place (blocking: runs `nft`).
 pub fn apply(wanted: &Wanted) -> Result<()> {
-    helper::apply_ruleset(&wanted.ruleset()).context(
-        "installing lbd's nftables table `ip lb` (is nftables installed, and the kernel's nf_nat?)",
+    nft_script(&wanted.script()).context(
+        "installing lbd's nftables table `ip lb` (is nftables installed, and the kernel's nf_nat and conntrack?)",
     )
 }
 
-/// Packets the guard dropped so far (since the table was last replaced).
-pub fn leaked() -> Result<u64> {
-    let out = std::process::Command::new("nft")
-        .args(["-j", "list", "counter", "ip", TABLE, LEAKED])
+/// What the table's counters say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// Packets the guard dropped.
+    pub leaked: u64,
+    /// Connections that came in, by uplink index.
+    pub inbound: BTreeMap<usize, u64>,
+}
+
+impl Counted {
+    /// Add `other`'s counts to these (a table about to be replaced).
+    pub fn add(&mut self, other: &Counted) {
+        self.leaked += other.leaked;
+        for (i, n) in &other.inbound {
+            *self.inbound.entry(*i).or_default() += n;
+        }
+    }
+
+    /// Inbound connections of uplink `index`.
+    pub fn inbound(&self, index: usize) -> u64 {
+        self.inbound.get(&index).copied().unwrap_or(0)
+    }
+
+    /// The counters in `nft -j list counters table ip lb`'s answer.
+    fn parse(json: &[u8]) -> Result<Counted> {
+        let doc: serde_json::Value =
+            serde_json::from_slice(json).context("parsing nft's answer")?;
+        let mut counted = Counted::default();
+        let items = doc["nftables"]
+            .as_array()
+            .context("no list in nft's answer")?;
+        for counter in items.iter().filter_map(|i| i.get("counter")) {
+            let packets = counter["packets"].as_u64().unwrap_or(0);
+            match counter["name"].as_str() {
+                Some(LEAKED) => counted.leaked = packets,
+                Some(name) => {
+                    if let Some(i) = name
+                        .strip_prefix("inbound_")
+                        .and_then(|i| i.parse::<usize>().ok())
+                    {
+                        counted.inbound.insert(i, packets);
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(counted)
+    }
+}
+
+/// The table's counters now (blocking: runs `nft`).
+pub fn counted() -> Result<Counted> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "counters", "table", "ip", TABLE])
         .output()
         .context("running nft")?;
     anyhow::ensure!(
         out.status.success(),
-        "nft list counter ip {TABLE} {LEAKED}: {}",
+        "nft list counters table ip {TABLE}: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    let doc: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing nft's answer")?;
-    let packets = doc["nftables"]
-        .as_array()
-        .and_then(|items| {
-            items
-                .iter()
-                .find_map(|i| i.get("counter").and_then(|c| c["packets"].as_u64()))
-        })
-        .context("no counter in nft's answer")?;
-    Ok(packets)
+    Counted::parse(&out.stdout)
 }
 
 /// Remove the table (`lbd --teardown`).
 pub fn remove() -> Result<()> {
-    helper::apply_ruleset(&without_table().to_nftables())
+    nft_script(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
         .context("removing lbd's nftables table `ip lb`")
-}
-
-fn table() -> Table<'static> {
-    Table {
-        family: NfFamily::IP,
-        name: TABLE.into(),
-        ..Table::default()
-    }
-}
-
-/// A batch that removes the table whether or not it exists: declaring it
-/// first makes the delete never fail.
-fn without_table() -> Batch<'static> {
-    let mut batch = Batch::new();
-    batch.add(NfListObject::Table(table()));
-    batch.delete(NfListObject::Table(table()));
-    batch
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_table_masquerades_per_uplink_and_guards_all() {
-        let wanted = Wanted {
-            lans: vec![(Ipv4Addr::new(10, 10, 0, 0), 24)],
-            uplinks: vec!["wan1".into(), "wan2".into()],
+    fn wanted() -> Wanted {
+        Wanted {
+            uplinks: vec![
+                UplinkRules {
+                    interface: "wan1".into(),
+                    addrs: vec![Ipv4Addr::new(100, 64, 1, 2)],
+                    routed: vec![(Ipv4Addr::new(203, 0, 113, 8), 29)],
+                },
+                UplinkRules {
+                    interface: "wan2".into(),
+                    addrs: Vec::new(),
+                    routed: Vec::new(),
+                },
+            ],
             ports: (32768, 60999),
-        };
-        let json = serde_json::to_string(&wanted.ruleset()).expect("serialises");
-        assert_eq!(json.matches("\"masquerade\"").count(), 4, "{json}");
-        assert_eq!(json.matches("\"drop\"").count(), 1, "{json}");
-        assert!(json.contains("\"10.10.0.0\""), "{json}");
-        assert!(json.contains("32768") && json.contains("60999"), "{json}");
-        // Nothing to guard: chains without rules.
-        let empty = serde_json::to_string(&Wanted::default().ruleset()).expect("serialises");
-        assert!(!empty.contains("\"drop\""), "{empty}");
+        }
+    }
+
+    #[test]
+    fn each_uplink_masquerades_and_guards_all_but_its_own_sources() {
+        let script = wanted().script();
+        assert!(
+            script.contains(
+                "oifname \"wan1\" ip saddr != { 100.64.1.2, 203.0.113.8/29 } meta l4proto { tcp, udp } masquerade to :32768-60999"
+            ),
+            "{script}"
+        );
+        assert!(
+            script.contains(
+                "oifname \"wan1\" ip saddr != { 100.64.1.2, 203.0.113.8/29 } counter name \"leaked\" drop"
+            ),
+            "{script}"
+        );
+        // An uplink without an address owns no source: all are foreign.
+        assert!(
+            script.contains("oifname \"wan2\" counter name \"leaked\" drop"),
+            "{script}"
+        );
+        // Nothing of the LAN is needed.
+        assert!(!script.contains("10.10."), "{script}");
+    }
+
+    #[test]
+    fn inbound_connections_are_counted_and_marked_by_uplink() {
+        let script = wanted().script();
+        assert_eq!(mark(0), 0x0001_0000);
+        assert_eq!(mark(1), 0x0002_0000);
+        assert!(
+            script.contains(
+                "iifname \"wan2\" ct state new ct mark set ct mark & 0xff00ffff | 0x00020000 counter name \"inbound_1\""
+            ),
+            "{script}"
+        );
+        assert!(
+            script.contains(
+                "ct direction reply ct mark & 0x00ff0000 == 0x00020000 meta mark set meta mark & 0xff00ffff | 0x00020000"
+            ),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn counters_are_read_from_nfts_json() {
+        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"counter": {"family": "ip", "name": "leaked", "table": "lb", "handle": 1, "packets": 3, "bytes": 180}},
+            {"counter": {"family": "ip", "name": "inbound_1", "table": "lb", "handle": 3, "packets": 7, "bytes": 420}}]}"#;
+        let mut counted = Counted::parse(json).expect("parses");
+        assert_eq!(counted.leaked, 3);
+        assert_eq!((counted.inbound(0), counted.inbound(1)), (0, 7));
+        let before = counted.clone();
+        counted.add(&before);
+        assert_eq!((counted.leaked, counted.inbound(1)), (6, 14));
     }
 }

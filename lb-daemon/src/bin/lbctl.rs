@@ -438,8 +438,20 @@ fn print_status(s: &Status) {
         "flows expired: {}, evicted (table full): {}",
         s.flows_expired, s.flows_evicted
     );
+    let inbound: Vec<String> = s
+        .uplinks
+        .iter()
+        .filter(|u| u.inbound > 0)
+        .map(|u| format!("{} {}", u.name, u.inbound))
+        .collect();
+    if !inbound.is_empty() {
+        println!(
+            "inbound connections (port forwards, the router's services; their replies leave the way they came): {}",
+            inbound.join("; ")
+        );
+    }
     println!(
-        "slow path (ESP, GRE, fragments): {}; guard: {} packets with a LAN source dropped on their way out of an uplink",
+        "slow path (ESP, GRE, fragments, the router's own traffic): {}; guard: {} packets dropped on their way out of an uplink with a source not its own",
         s.slow_path.as_deref().unwrap_or("by the main table"),
         s.guard_dropped
     );
