@@ -1693,12 +1693,84 @@ impl Daemon {
         Ok(Reconfigured::Applied(done))
     }
 
+    /// What conntrack says of `key`'s connection, as an explanation of a
+    /// packet the data plane leaves to the kernel (`remembered`: its flow
+    /// table says so already); verdict "new" when conntrack has none.
+    fn kernel_connection(
+        &self,
+        key: &lb_common::maps::FlowKey,
+        remembered: bool,
+    ) -> crate::api::Explanation {
+        use crate::conntrack;
+        let port = |p: [u8; 2]| u16::from_be_bytes(p);
+        let tuple = conntrack::Tuple {
+            src: key.src_addr.into(),
+            dst: key.dst_addr.into(),
+            src_port: port(key.src_port),
+            dst_port: port(key.dst_port),
+            proto: key.proto,
+        };
+        let found = conntrack::lookup(&tuple);
+        let mut why = Vec::new();
+        if remembered {
+            why.push(
+                "a connection of the kernel's: conntrack had it when the fast path first saw it, \
+                 and the flow table remembers that"
+                    .to_string(),
+            );
+        }
+        match &found {
+            Ok(Some(c)) => {
+                let index = (c.mark & slowpath::MARK_MASK) >> slowpath::MARK_MASK.trailing_zeros();
+                let uplink = index
+                    .checked_sub(1)
+                    .and_then(|i| self.uplinks.get(i as usize))
+                    .map(|u| u.cfg.name.clone());
+                let came = uplink
+                    .as_ref()
+                    .map_or_else(String::new, |u| format!(", arrived on {u}"));
+                let o = &c.original;
+                why.push(match c.forwarded_to() {
+                    Some((addr, p)) => format!(
+                        "port forward to {addr}:{p} of {}:{} from {}:{}{came}: the kernel \
+                         translates it back and sends it out {}",
+                        o.dst,
+                        o.dst_port,
+                        o.src,
+                        o.src_port,
+                        uplink.as_deref().unwrap_or("by its routes")
+                    ),
+                    None => format!(
+                        "a connection the kernel tracks, from {}:{} to {}:{}{came}: the kernel \
+                         routes it",
+                        o.src, o.src_port, o.dst, o.dst_port
+                    ),
+                });
+            }
+            Ok(None) if remembered => why.push(
+                "conntrack no longer has it: its next packets stay the kernel's until the flow \
+                 idles out"
+                    .into(),
+            ),
+            Ok(None) => {}
+            Err(e) => why.push(format!("conntrack could not be asked: {e:#}")),
+        }
+        let kernel = remembered || matches!(found, Ok(Some(_)));
+        crate::api::Explanation {
+            verdict: if kernel { "kernel" } else { "new" }.into(),
+            uplink: None,
+            bucket: None,
+            why,
+        }
+    }
+
     /// Where a connection goes and why, decided by the data plane's own
     /// code (`lb_common::hash` and `lb_common::table::steer`) on the data
     /// plane's own state: its flow table, the destinations it leaves to
     /// the kernel, its seed, bucket table and uplink states. The order is
     /// the data plane's: a pinned flow first, then the kernel's
-    /// destinations, then the bucket table.
+    /// destinations, then the kernel's connections (conntrack, asked as
+    /// the data plane asks it), then the bucket table.
     pub fn explain(&self, key: &lb_common::maps::FlowKey) -> Result<crate::api::Explanation> {
         use crate::api::Explanation;
         let name = |i: u32| {
@@ -1711,6 +1783,9 @@ impl Daemon {
             .lock()
             .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?
             .get(key)?;
+        if existing.is_some_and(|f| f.uplink == lb_common::KERNEL_OWNED) {
+            return Ok(self.kernel_connection(key, true));
+        }
         if let Some(flow) = existing {
             let uplink = self.uplinks.get(flow.uplink as usize);
             let keeps = uplink.is_some_and(|u| {
@@ -1749,6 +1824,12 @@ impl Daemon {
                     "{dst} is in {prefix}/{len}, which the kernel routes other than by a default route (or is the router's own): left to the kernel untouched"
                 )],
             });
+        }
+        if existing.is_none() && matches!(key.proto, 6 | 17) {
+            let explained = self.kernel_connection(key, false);
+            if explained.verdict == "kernel" {
+                return Ok(explained);
+            }
         }
         let tuple = lb_common::hash::Tuple {
             src_addr: u32::from_be_bytes(key.src_addr),
@@ -1873,11 +1954,14 @@ impl FlowQuery {
                 truncated = true;
                 break;
             }
-            let (name, addr) = self
-                .uplinks
-                .get(value.uplink as usize)
-                .cloned()
-                .unwrap_or_else(|| (format!("#{}", value.uplink), None));
+            let (name, addr) = if value.uplink == lb_common::KERNEL_OWNED {
+                ("kernel".to_string(), None)
+            } else {
+                self.uplinks
+                    .get(value.uplink as usize)
+                    .cloned()
+                    .unwrap_or_else(|| (format!("#{}", value.uplink), None))
+            };
             out.push(crate::flows::describe(&key, &value, &name, addr, now));
         }
         Ok(crate::api::FlowList {

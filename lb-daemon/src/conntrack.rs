@@ -1,0 +1,223 @@
+//! What the kernel's connection tracking holds for one connection, asked
+//! over ctnetlink (`IPCTNL_MSG_CT_GET`), for `lbctl explain`.
+//!
+//! The data plane asks conntrack the same question on its new-flow path
+//! (`bpf_xdp_ct_lookup`) and leaves a connection conntrack holds to the
+//! kernel; this tells the operator which connection that is: a port
+//! forward (its original destination is not where the packet comes from),
+//! and the uplink it came in on (lbd's connmark, see `slowpath`). The
+//! request and the reading of the answer are pure and tested without a
+//! kernel. It never changes a connection.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use netlink_sys::protocols::NETLINK_NETFILTER;
+
+use crate::nlmsg::{self, NLA_F_NESTED, NLM_F_REQUEST};
+
+/// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET`.
+const CT_GET: u16 = (1 << 8) | 1;
+const NFNETLINK_V0: u8 = 0;
+const AF_INET: u8 = 2;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_MARK: u16 = 8;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+
+/// One direction of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuple {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+}
+
+/// A connection as conntrack holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    /// As its first packet came.
+    pub original: Tuple,
+    /// As its answers are expected to come (after NAT).
+    pub reply: Tuple,
+    pub mark: u32,
+}
+
+impl Connection {
+    /// Whether its original destination was rewritten (DNAT: a port
+    /// forward), and to what.
+    pub fn forwarded_to(&self) -> Option<(Ipv4Addr, u16)> {
+        let to = (self.reply.src, self.reply.src_port);
+        (to != (self.original.dst, self.original.dst_port)).then_some(to)
+    }
+}
+
+/// The request for the connection `tuple` belongs to (either direction:
+/// conntrack finds a connection by the tuples of both).
+fn request(tuple: &Tuple, seq: u32) -> Vec<u8> {
+    let ip = [
+        nlmsg::attribute(CTA_IP_V4_SRC, &tuple.src.octets()),
+        nlmsg::attribute(CTA_IP_V4_DST, &tuple.dst.octets()),
+    ]
+    .concat();
+    let proto = [
+        nlmsg::attribute(CTA_PROTO_NUM, &[tuple.proto]),
+        nlmsg::attribute(CTA_PROTO_SRC_PORT, &tuple.src_port.to_be_bytes()),
+        nlmsg::attribute(CTA_PROTO_DST_PORT, &tuple.dst_port.to_be_bytes()),
+    ]
+    .concat();
+    let orig = [
+        nlmsg::attribute(CTA_TUPLE_IP | NLA_F_NESTED, &ip),
+        nlmsg::attribute(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto),
+    ]
+    .concat();
+    nlmsg::message(
+        CT_GET,
+        NLM_F_REQUEST,
+        seq,
+        [AF_INET, NFNETLINK_V0, 0, 0],
+        &[(CTA_TUPLE_ORIG | NLA_F_NESTED, &orig)],
+    )
+}
+
+/// A tuple from its nested attributes.
+fn tuple(value: &[u8]) -> Result<Tuple> {
+    let mut t = Tuple {
+        src: Ipv4Addr::UNSPECIFIED,
+        dst: Ipv4Addr::UNSPECIFIED,
+        src_port: 0,
+        dst_port: 0,
+        proto: 0,
+    };
+    let addr = |v: &[u8]| -> Result<Ipv4Addr> {
+        Ok(<[u8; 4]>::try_from(v.get(..4).context("a short address")?)?.into())
+    };
+    let port = |v: &[u8]| -> Result<u16> {
+        Ok(u16::from_be_bytes(
+            v.get(..2).context("a short port")?.try_into()?,
+        ))
+    };
+    for (kind, v) in nlmsg::attributes(value)? {
+        match kind {
+            CTA_TUPLE_IP => {
+                for (k, v) in nlmsg::attributes(v)? {
+                    match k {
+                        CTA_IP_V4_SRC => t.src = addr(v)?,
+                        CTA_IP_V4_DST => t.dst = addr(v)?,
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (k, v) in nlmsg::attributes(v)? {
+                    match k {
+                        CTA_PROTO_NUM => t.proto = *v.first().context("no protocol")?,
+                        CTA_PROTO_SRC_PORT => t.src_port = port(v)?,
+                        CTA_PROTO_DST_PORT => t.dst_port = port(v)?,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+/// The connection in the kernel's answer.
+fn connection(reply: &[u8]) -> Result<Connection> {
+    let attrs = nlmsg::reply_attributes(reply)?;
+    let find = |kind| {
+        attrs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| *v)
+            .with_context(|| format!("no attribute {kind} in conntrack's answer"))
+    };
+    let mark = attrs
+        .iter()
+        .find(|(k, _)| *k == CTA_MARK)
+        .and_then(|(_, v)| v.get(..4))
+        .map_or(0, |v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+    Ok(Connection {
+        original: tuple(find(CTA_TUPLE_ORIG)?)?,
+        reply: tuple(find(CTA_TUPLE_REPLY)?)?,
+        mark,
+    })
+}
+
+/// The connection conntrack holds for `tuple`, if any (blocking).
+pub fn lookup(tuple: &Tuple) -> Result<Option<Connection>> {
+    let socket = nlmsg::open(NETLINK_NETFILTER).context("ctnetlink")?;
+    let reply = nlmsg::ask(&socket, &request(tuple, 1))?;
+    match connection(&reply) {
+        Ok(c) => Ok(Some(c)),
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(libc::ENOENT)) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).context("asking conntrack for a connection"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Tuple {
+        Tuple {
+            src: src.into(),
+            dst: dst.into(),
+            src_port: sp,
+            dst_port: dp,
+            proto: 17,
+        }
+    }
+
+    #[test]
+    fn a_port_forward_is_read_from_the_answer_and_told_apart() {
+        let original = t([198, 51, 100, 10], 5555, [100, 64, 2, 2], 9090);
+        let reply = t([10, 10, 0, 2], 9000, [198, 51, 100, 10], 5555);
+        // The kernel's answer has the shape of our request, with both
+        // tuples and the mark.
+        let req = request(&original, 1);
+        let orig_attr = nlmsg::reply_attributes(&req).expect("parses")[0].1.to_vec();
+        let reply_attr = nlmsg::reply_attributes(&request(&reply, 1)).expect("parses")[0]
+            .1
+            .to_vec();
+        let answer = nlmsg::message(
+            0x100,
+            0,
+            1,
+            [AF_INET, 0, 0, 0],
+            &[
+                (CTA_TUPLE_ORIG | NLA_F_NESTED, &orig_attr),
+                (CTA_TUPLE_REPLY | NLA_F_NESTED, &reply_attr),
+                (CTA_MARK, &0x0002_0000u32.to_be_bytes()),
+            ],
+        );
+        let c = connection(&answer).expect("reads");
+        assert_eq!(
+            (c.original, c.reply, c.mark),
+            (original, reply, 0x0002_0000)
+        );
+        assert_eq!(c.forwarded_to(), Some((Ipv4Addr::new(10, 10, 0, 2), 9000)));
+        // A connection to the router itself is no forward.
+        let own = Connection {
+            original,
+            reply: t([100, 64, 2, 2], 9090, [198, 51, 100, 10], 5555),
+            mark: 0,
+        };
+        assert_eq!(own.forwarded_to(), None);
+    }
+}
