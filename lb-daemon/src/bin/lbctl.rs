@@ -94,6 +94,11 @@ enum UplinkCommand {
 }
 
 fn main() -> ExitCode {
+    // Output cut short by a reader that went away (`lbctl status | head`)
+    // ends lbctl quietly, as it does any Unix filter, instead of a panic.
+    // SAFETY: setting a signal's disposition to its default, before any
+    // thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     let request = match args.command {
         Command::Status { watch: true } => return watch(&args.socket),

@@ -85,6 +85,13 @@ pub const ESTABLISHED: &str = "established outbound";
 pub const REPLY: &str = "reply inbound";
 pub const PASS_LOCAL: &str = "pass-through: to the router";
 pub const PASS_ARP: &str = "pass-through: ARP";
+pub const KERNEL_CONNECTION: &str = "a port forward's reply, after its first packet";
+
+/// The connection conntrack holds for the kernel-connection path: a
+/// "LAN server" answering an "internet client" (over loopback, in the
+/// measuring thread's own network namespace).
+const FORWARDED_SERVER: (Ipv4Addr, u16) = (Ipv4Addr::new(127, 0, 0, 1), 9000);
+const FORWARDED_CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(127, 0, 0, 2), 40_000);
 
 /// What every repetition of a path must have done, by lb's counters.
 #[derive(Clone, Copy, Debug)]
@@ -114,11 +121,45 @@ pub fn measure(repeat: u32, cpu: usize) -> Result<Costs> {
     std::thread::scope(|s| {
         s.spawn(|| {
             super::pin_to_cpu(cpu)?;
+            track_a_connection()?;
             measure_here(repeat)
         })
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// Move the calling thread into a network namespace of its own (test runs
+/// then see its conntrack; it goes with the thread) and make conntrack
+/// track one UDP connection there, from [`FORWARDED_CLIENT`] to
+/// [`FORWARDED_SERVER`]: what the kernel holds for a port forward.
+fn track_a_connection() -> Result<()> {
+    // SAFETY: unshare changes only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+    }
+    // Children forked from this thread are in its namespace.
+    for args in [
+        &["ip", "link", "set", "lo", "up"][..],
+        &["nft", "add table ip bench"],
+        &[
+            "nft",
+            "add chain ip bench out { type filter hook output priority 0; ct state new counter; }",
+        ],
+    ] {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .with_context(|| format!("running {} (cargo xtask setup installs it)", args[0]))?;
+        ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let socket = std::net::UdpSocket::bind(FORWARDED_CLIENT)?;
+    socket.send_to(b"in", FORWARDED_SERVER)?;
+    Ok(())
 }
 
 fn measure_here(repeat: u32) -> Result<Costs> {
@@ -152,6 +193,14 @@ fn measure_here(repeat: u32) -> Result<Costs> {
     }
     .frame();
     let arp = object::arp(CLIENT_MAC, CLIENT, ROUTER_LAN);
+    let forwarded_reply = Udp {
+        src: FORWARDED_SERVER.0,
+        dst: FORWARDED_CLIENT.0,
+        src_port: FORWARDED_SERVER.1,
+        dst_port: FORWARDED_CLIENT.1,
+        ..outbound
+    }
+    .frame();
     let fresh = Udp {
         dst: FRESH_DST,
         src_port: 1024,
@@ -210,6 +259,17 @@ fn measure_here(repeat: u32) -> Result<Costs> {
             expect: Expect::Passed(reason::PASS_NOT_IPV4),
             warmup: 0,
         },
+        // Its first packet asks conntrack and remembers the answer; the
+        // rest are timed.
+        Path {
+            name: KERNEL_CONNECTION,
+            program: program::LAN_INGRESS,
+            stamp: Stamp::fixed(&forwarded_reply)?,
+            frame: forwarded_reply,
+            verdict: XDP_PASS,
+            expect: Expect::Passed(reason::PASS_KERNEL_CONNECTION),
+            warmup: 1,
+        },
         // Last: it evicts the flows above from the full table.
         Path {
             name: NEW_FLOW,
@@ -231,10 +291,14 @@ fn measure_here(repeat: u32) -> Result<Costs> {
     const _: () = assert!(ROOMY_REPEAT as usize * RUNS < ROOMY_TABLE as usize);
     let mut roomy = Dataplane::load(ROOMY_TABLE).context("a data plane with a large flow table")?;
     configure(&mut roomy)?;
+    let new_flow = paths
+        .iter()
+        .find(|p| p.name == NEW_FLOW)
+        .context("the new-flow path")?;
     let path = Path {
         name: NEW_FLOW_ROOMY,
         warmup: 0,
-        ..paths[4].clone()
+        ..new_flow.clone()
     };
     costs.push(measure_path(
         &mut bench,

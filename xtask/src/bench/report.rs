@@ -606,7 +606,15 @@ impl Report {
                 "- A new flow costs {full} ns with full tables and {roomy} ns with room to\n  \
                  spare: evicting is not what makes it dear, the new-flow path is (a flow\n  \
                  lookup that misses, two hashes, and two LRU-hash inserts: the reverse\n  \
-                 NAT entry, then the flow)."
+                 NAT entry, then the flow), now with a conntrack lookup that misses."
+            );
+        }
+        if let (Some(est), Some(kernel)) = (ns(cost::ESTABLISHED), ns(cost::KERNEL_CONNECTION)) {
+            let _ = writeln!(
+                md,
+                "- A port forward's reply costs {kernel} ns after its first packet (which asks\n  \
+                 conntrack): one flow lookup that finds the kernel's verdict, then the\n  \
+                 kernel's stack (not counted here). An established outbound packet: {est} ns."
             );
         }
     }
