@@ -1631,6 +1631,13 @@ impl Daemon {
                     }
                 }
             }
+            let prefixes = |c: &UplinkConfig| -> Vec<(Ipv4Addr, u8)> {
+                c.routed.iter().map(|r| (r.addr, r.len)).collect()
+            };
+            if prefixes(&u.cfg) != prefixes(cfg) {
+                // The next convergence puts them in lb's nftables table.
+                done.push(format!("{}: routed prefixes", cfg.name));
+            }
             if u.cfg.health != cfg.health || u.cfg.probes != cfg.probes {
                 done.push(format!("{}: health checks", cfg.name));
                 // A new monitor, starting from the health it had.

@@ -111,28 +111,118 @@ pub fn fill(config: &str, lab: &Lab, dir: &Path) -> (String, PathBuf, PathBuf) {
 
 /// What `lbd --check` and lbd's start say when they refuse `config` in
 /// `lab`'s router: (the check's error, the start's error); an empty string
-/// where one did not refuse.
+/// where one did not refuse (see [`refusals_within`]).
 pub fn refusals(lab: &Lab, config: &str) -> Result<(String, String)> {
+    refusals_within(lab, config, START_TIMEOUT)
+}
+
+/// What `lbd --check` and lbd's start say when they refuse `config`,
+/// waiting no longer than `limit`: a `lbd` (or `lbd --check`) that has
+/// neither refused nor finished by then counts as not refusing; a start that runs is stopped (SIGTERM), and what it left in
+/// the kernel removed (`lbd --teardown`, its pins). For checks that lbd
+/// may not make yet: the test then fails, it does not hang.
+pub fn refusals_within(lab: &Lab, config: &str, limit: Duration) -> Result<(String, String)> {
     let dir = std::env::temp_dir().join(format!("{}refused", lab.prefix()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = dir.join("lbd.toml");
-    let (text, _, _) = fill(config, lab, &dir);
+    let (text, _, bpffs) = fill(config, lab, &dir);
     std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
     let lbd = bin_dir().join("lbd");
+    let netns = format!("--net=/run/netns/{}", lab.ns("router")?);
     let refusal = |check: bool| -> Result<String> {
-        let mut args = vec![path(&lbd)?, "--config", path(&file)?];
+        // Its stderr into a file: a pipe nobody reads while it runs could
+        // fill and stop it.
+        let log = dir.join(if check {
+            "check.stderr"
+        } else {
+            "start.stderr"
+        });
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(&netns)
+            .arg("--")
+            .arg(&lbd)
+            .arg("--config")
+            .arg(&file);
         if check {
-            args.push("--check");
+            cmd.arg("--check");
         }
-        Ok(lab
-            .exec_net_only("router", &args)
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default())
+        // nsenter without --fork execs lbd: the child's pid is lbd's.
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("starting lbd with nsenter")?;
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().context("waiting for lbd")? {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let said = || std::fs::read_to_string(&log).unwrap_or_default();
+        match status {
+            Some(status) if status.success() => Ok(String::new()),
+            Some(status) => Ok(format!("lbd exited with {status}: {}", said().trim())),
+            None => {
+                eprintln!(
+                    "lbd{} still ran after {limit:?}: stopping it; it said: {}",
+                    if check { " --check" } else { "" },
+                    said().trim()
+                );
+                stop_started(&mut child)?;
+                let teardown = Command::new("nsenter")
+                    .arg(&netns)
+                    .arg("--")
+                    .arg(&lbd)
+                    .arg("--teardown")
+                    .arg("--config")
+                    .arg(&file)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .context("running lbd --teardown")?;
+                if !teardown.status.success() {
+                    eprintln!(
+                        "warning: lbd --teardown: {}",
+                        String::from_utf8_lossy(&teardown.stderr).trim()
+                    );
+                }
+                if let Err(e) = std::fs::remove_dir_all(&bpffs) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        eprintln!("warning: removing {}: {e}", bpffs.display());
+                    }
+                }
+                Ok(String::new())
+            }
+        }
     };
     let said = (refusal(true), refusal(false));
     let _ = std::fs::remove_dir_all(&dir);
     Ok((said.0?, said.1?))
+}
+
+/// SIGTERM to a process started by [`refusals_within`], a bounded wait,
+/// then SIGKILL.
+fn stop_started(child: &mut std::process::Child) -> Result<()> {
+    let pid = libc::pid_t::try_from(child.id()).context("lbd's pid is out of range")?;
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our child,
+    // not yet reaped, so it names that process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if child.try_wait().context("waiting for lbd")?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().context("killing lbd")?;
+    child.wait().context("reaping lbd")?;
+    Ok(())
 }
 
 impl Lbd {
