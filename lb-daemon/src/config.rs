@@ -79,7 +79,7 @@ pub struct Config {
     /// `[metrics] listen`: where Prometheus scrapes lbd; `None`: off.
     pub metrics: Option<std::net::SocketAddr>,
     /// `[passive]`: failure detection from the traffic lb forwards.
-    pub passive: crate::passive::PassiveConfig,
+    pub passive: crate::health::passive::PassiveConfig,
     /// At least one.
     pub lans: Vec<LanConfig>,
     /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
@@ -331,9 +331,9 @@ pub struct UplinkConfig {
     /// its link state only.
     pub probes: Vec<ProbeConfig>,
     /// A volume cap and what reaching it does.
-    pub quota: Option<crate::quota::QuotaConfig>,
+    pub quota: Option<crate::daemon::quota::QuotaConfig>,
     /// `[uplink.shape]`: rates lbd shapes this uplink's traffic to.
-    pub shape: crate::egress::Shape,
+    pub shape: crate::reconcile::egress::Shape,
     /// `routed`: prefixes routed to the router through this uplink (a
     /// public subnet for a DMZ): they leave it untranslated, and the
     /// guard lets them. No two uplinks' overlap.
@@ -1013,7 +1013,9 @@ impl Checker<'_> {
         let passive = raw
             .passive
             .as_ref()
-            .map_or_else(crate::passive::PassiveConfig::default, |p| self.passive(p));
+            .map_or_else(crate::health::passive::PassiveConfig::default, |p| {
+                self.passive(p)
+            });
 
         let mut lan_seen = Vec::new();
         let mut lans = Vec::new();
@@ -1078,8 +1080,8 @@ impl Checker<'_> {
         }
     }
 
-    fn passive(&mut self, raw: &RawPassive) -> crate::passive::PassiveConfig {
-        let d = crate::passive::PassiveConfig::default();
+    fn passive(&mut self, raw: &RawPassive) -> crate::health::passive::PassiveConfig {
+        let d = crate::health::passive::PassiveConfig::default();
         let s = "passive";
         let boolean = |v: &Value| match v {
             Value::Boolean(b) => Ok(*b),
@@ -1096,7 +1098,7 @@ impl Checker<'_> {
             })
         };
         let ms = Duration::from_millis;
-        crate::passive::PassiveConfig {
+        crate::health::passive::PassiveConfig {
             enabled: self
                 .field(&raw.enabled, s, "enabled", boolean)
                 .unwrap_or(d.enabled),
@@ -1659,8 +1661,8 @@ fn describe(value: &Value) -> String {
 
 /// `quota = { bytes = "500GB", period = "month", reset_day = 1, action = "drain" }`:
 /// `bytes` required; a month from day 1, a week from Monday (1); drain.
-fn parse_quota(value: &Value) -> Result<crate::quota::QuotaConfig, String> {
-    use crate::quota::{parse_bytes, Action, Period, QuotaConfig};
+fn parse_quota(value: &Value) -> Result<crate::daemon::quota::QuotaConfig, String> {
+    use crate::daemon::quota::{parse_bytes, Action, Period, QuotaConfig};
     const SHAPE: &str =
         "write quota = { bytes = \"500GB\", period = \"month\", reset_day = 1, action = \"drain\" }";
     let Value::Table(table) = value else {
@@ -1723,8 +1725,8 @@ fn parse_quota(value: &Value) -> Result<crate::quota::QuotaConfig, String> {
 }
 
 /// `[uplink.shape]` with `upload` and/or `download` rates (`"20mbit"`).
-fn parse_shape(value: &Value) -> Result<crate::egress::Shape, String> {
-    use crate::egress::{parse_rate, Shape};
+fn parse_shape(value: &Value) -> Result<crate::reconcile::egress::Shape, String> {
+    use crate::reconcile::egress::{parse_rate, Shape};
     let Value::Table(table) = value else {
         return Err(format!(
             "expected a table, got {}; write [uplink.shape] with upload = \"20mbit\" and/or download = \"20mbit\"",
@@ -2185,7 +2187,7 @@ gateway = "100.64.2.1"
                 },
                 probes: vec![],
                 quota: None,
-                shape: crate::egress::Shape::default(),
+                shape: crate::reconcile::egress::Shape::default(),
                 routed: vec![],
             }]
         );
@@ -2427,11 +2429,11 @@ expect_status = 204
         let config = parse(&text, "lbd.toml").expect("valid");
         assert_eq!(
             config.uplinks[1].quota,
-            Some(crate::quota::QuotaConfig {
+            Some(crate::daemon::quota::QuotaConfig {
                 bytes: 500_000_000_000,
-                period: crate::quota::Period::Week,
+                period: crate::daemon::quota::Period::Week,
                 reset_day: 7,
-                action: crate::quota::Action::Disable,
+                action: crate::daemon::quota::Action::Disable,
             })
         );
         assert_eq!(config.uplinks[0].quota, None);
@@ -2453,7 +2455,7 @@ expect_status = 204
     fn passive_detection_parses_and_bad_values_are_named() {
         assert_eq!(
             ok(EXAMPLE).passive,
-            crate::passive::PassiveConfig::default()
+            crate::health::passive::PassiveConfig::default()
         );
         let text = format!(
             "{TWO}\n[passive]\nenabled = false\nfloor = \"100ms\"\nrtt_factor = 6\nburst = 2\nburst_timeout = \"80ms\"\nhold_down = \"30s\"\nresteer_syn = false\n"
@@ -2461,7 +2463,7 @@ expect_status = 204
         let p = ok(&text).passive;
         assert_eq!(
             p,
-            crate::passive::PassiveConfig {
+            crate::health::passive::PassiveConfig {
                 enabled: false,
                 floor: Duration::from_millis(100),
                 rtt_factor: 6,
@@ -2495,12 +2497,15 @@ expect_status = 204
         let config = parse(&text, "lbd.toml").expect("valid");
         assert_eq!(
             config.uplinks[1].shape,
-            crate::egress::Shape {
+            crate::reconcile::egress::Shape {
                 upload: Some(20_000_000),
                 download: Some(100_000_000),
             }
         );
-        assert_eq!(config.uplinks[0].shape, crate::egress::Shape::default());
+        assert_eq!(
+            config.uplinks[0].shape,
+            crate::reconcile::egress::Shape::default()
+        );
         for (shape, says) in [
             (
                 "upload = \"20mbps\"",

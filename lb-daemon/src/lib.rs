@@ -1,29 +1,24 @@
 //! lb's control plane: the `lbd` daemon and the `lbctl` CLI share this
-//! library. One module per concern; see DESIGN.md "Control plane".
+//! library. The tree is the architecture (DESIGN.md, "Control plane"):
+//!
+//! - [`config`]: the TOML file, validated as a whole into a typed config.
+//! - [`daemon`]: the view (uplinks and their lifecycle, operator actions,
+//!   quotas, status, explain) and the loop that runs rounds.
+//! - [`reconcile`]: one module per kind lbd owns in the kernel, each what
+//!   it wants (pure) and how it converges; one round calls them in order.
+//! - [`observe`]: what lbd reads from the kernel (netlink, XDP features,
+//!   conntrack).
+//! - [`dataplane`]: the XDP object: loading, pins and adoption, maps, flow
+//!   walks.
+//! - [`health`]: probes, passive detection, the health state machine.
+//! - [`control`]: the operator's side: socket protocol, metrics, events,
+//!   hooks, man pages.
 
-pub mod api;
-pub mod balancer;
 pub mod bench_support;
 pub mod config;
-pub mod conntrack;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod docs;
-pub mod egress;
-pub mod events;
-pub mod flows;
 pub mod health;
-pub mod hooks;
-pub mod kernel;
-pub mod kfuncs;
-pub mod linkwatch;
-pub mod metrics;
-pub mod netlink;
-pub mod nlmsg;
-pub mod passive;
-pub mod pins;
-pub mod probe;
-pub mod quota;
-pub mod slowpath;
-pub mod uplink;
-pub mod xdpcaps;
+pub mod observe;
+pub mod reconcile;

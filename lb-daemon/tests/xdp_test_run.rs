@@ -17,7 +17,10 @@ use lb_common::{
     table::{self, Table},
     MAX_UPLINKS,
 };
-use lb_daemon::{config::FlowConfig, dataplane::Dataplane, flows::FlowTables};
+use lb_daemon::{
+    config::FlowConfig,
+    dataplane::{flows::FlowTables, Dataplane},
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

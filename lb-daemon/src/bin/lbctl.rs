@@ -6,8 +6,8 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use lb_daemon::api::{self, ClientError, Request, Response, Status, UplinkAction};
-use lb_daemon::quota;
+use lb_daemon::control::api::{self, ClientError, Request, Response, Status, UplinkAction};
+use lb_daemon::daemon::quota;
 
 #[derive(Parser)]
 #[command(name = "lbctl", version, about = "Control and inspect the lb daemon")]
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
         Command::Reload => Request::Reload,
         Command::GenerateDocs { dir } => {
             use clap::CommandFactory as _;
-            return match lb_daemon::docs::generate(Args::command(), "1", &dir) {
+            return match lb_daemon::control::docs::generate(Args::command(), "1", &dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("lbctl: {e:#}");
@@ -288,7 +288,7 @@ fn endpoint(text: &str) -> Result<(std::net::Ipv4Addr, u16), String> {
 
 /// `lbctl events [--follow]`: one line an event.
 fn events(socket: &std::path::Path, follow: bool, json: bool) -> ExitCode {
-    let print = |e: &lb_daemon::events::Event| {
+    let print = |e: &lb_daemon::control::events::Event| {
         if json {
             if let Ok(line) = serde_json::to_string(e) {
                 println!("{line}");

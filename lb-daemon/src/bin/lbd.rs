@@ -21,11 +21,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use lb_daemon::{
-    api::{Request, Response},
     config,
+    control::api::{Request, Response},
+    control::metrics,
     daemon::{self, Daemon, KernelLink, Reconfigured},
-    flows::FlowTables,
-    metrics,
+    dataplane::flows::FlowTables,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -83,7 +83,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(dir) = &args.generate_docs {
         use clap::CommandFactory as _;
-        return match lb_daemon::docs::generate(Args::command(), "8", dir) {
+        return match lb_daemon::control::docs::generate(Args::command(), "8", dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("lbd: {e:#}");
@@ -519,8 +519,8 @@ async fn follow_events(write: &mut tokio::net::unix::OwnedWriteHalf, daemon: &Mu
         reply = match new.recv().await {
             Ok(event) => Response::Event(event),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                Response::Event(lb_daemon::events::Event {
-                    at: lb_daemon::events::rfc3339(std::time::SystemTime::now()),
+                Response::Event(lb_daemon::control::events::Event {
+                    at: lb_daemon::control::events::rfc3339(std::time::SystemTime::now()),
                     kind: "daemon".into(),
                     uplink: None,
                     message: format!("{missed} events missed: this follower was too slow"),
@@ -533,7 +533,7 @@ async fn follow_events(write: &mut tokio::net::unix::OwnedWriteHalf, daemon: &Mu
 
 /// A whole status: the daemon's part under its lock, the flow counts
 /// after letting go of it.
-fn status_of(daemon: &Mutex<Daemon>) -> Result<lb_daemon::api::Status> {
+fn status_of(daemon: &Mutex<Daemon>) -> Result<lb_daemon::control::api::Status> {
     let draft = daemon
         .lock()
         .map_err(|_| anyhow::anyhow!("daemon state is poisoned; restart lbd"))?

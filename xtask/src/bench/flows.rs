@@ -12,7 +12,7 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::maps::{name, FlowKey, FlowValue};
-use lb_daemon::pins::Pins;
+use lb_daemon::dataplane::pins::Pins;
 use lb_tests::{
     daemon::{LabConfig, Lbd},
     Lab, LabDesc,

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use netlink_sys::protocols::NETLINK_NETFILTER;
 
-use crate::nlmsg::{self, NLA_F_NESTED, NLM_F_REQUEST};
+use crate::observe::nlmsg::{self, NLA_F_NESTED, NLM_F_REQUEST};
 
 /// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET`.
 const CT_GET: u16 = (1 << 8) | 1;

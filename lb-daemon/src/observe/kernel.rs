@@ -43,9 +43,9 @@ use rtnetlink::{
 
 use crate::{
     config::RoutingConfig,
-    linkwatch::is_up,
-    netlink::{usable_neighbour, Neighbour},
-    slowpath::MARK_MASK,
+    observe::linkwatch::is_up,
+    observe::netlink::{usable_neighbour, Neighbour},
+    reconcile::nftables::MARK_MASK,
 };
 
 /// The route protocol number on lbd's routes and rules (`ip route show proto
@@ -125,7 +125,7 @@ pub struct Observed {
     pub neighbours: Vec<Neighbour>,
     pub rules: Vec<Rule>,
     /// Every qdisc (root, ingress and inner ones).
-    pub qdiscs: Vec<crate::egress::Qdisc>,
+    pub qdiscs: Vec<crate::reconcile::egress::Qdisc>,
 }
 
 /// A route lbd wants: in `table`, the default route via `gateway` on
@@ -588,13 +588,13 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
     })
 }
 
-fn qdisc(msg: &TcMessage) -> Option<crate::egress::Qdisc> {
+fn qdisc(msg: &TcMessage) -> Option<crate::reconcile::egress::Qdisc> {
     let number = |h: TcHandle| (u32::from(h.major) << 16) | u32::from(h.minor);
     let kind = msg.attributes.iter().find_map(|a| match a {
         TcAttribute::Kind(k) => Some(k.clone()),
         _ => None,
     })?;
-    Some(crate::egress::Qdisc {
+    Some(crate::reconcile::egress::Qdisc {
         ifindex: u32::try_from(msg.header.index).ok()?,
         handle: number(msg.header.handle),
         parent: number(msg.header.parent),

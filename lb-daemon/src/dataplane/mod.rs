@@ -5,6 +5,10 @@
 //! (`lb_common::maps`) but no policy: which uplink gets which buckets, or
 //! when an uplink is down, is decided elsewhere and handed in here.
 
+pub mod flows;
+pub mod kfuncs;
+pub mod pins;
+
 use std::{
     net::Ipv4Addr,
     os::fd::AsFd,
@@ -35,7 +39,7 @@ use lb_common::{
     MAX_UPLINKS,
 };
 
-use crate::{config::FlowConfig, flows::FlowTables, pins::Pins};
+use crate::{config::FlowConfig, dataplane::flows::FlowTables, dataplane::pins::Pins};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -78,7 +82,7 @@ impl Dataplane {
         for (map, path) in &paths {
             loader.map_pin_path(map, path.as_path());
         }
-        let (object, absent) = crate::kfuncs::bind(OBJECT)?;
+        let (object, absent) = crate::dataplane::kfuncs::bind(OBJECT)?;
         if !absent.is_empty() {
             log::warn!(
                 "this kernel's BTF lacks {}: the fast path cannot ask conntrack, so replies of \
@@ -492,7 +496,7 @@ impl Dataplane {
 
     /// What the traffic says about uplink `index`'s path, all CPUs
     /// together (see `passive`), read at `now_ns` (the data plane's clock).
-    pub fn signals(&self, index: u32, now_ns: u64) -> Result<crate::passive::Sample> {
+    pub fn signals(&self, index: u32, now_ns: u64) -> Result<crate::health::passive::Sample> {
         let m = self
             .ebpf
             .map(name::SIGNALS)
@@ -500,7 +504,7 @@ impl Dataplane {
         let signals: PerCpuArray<_, Signals> = PerCpuArray::try_from(m)?;
         let per_cpu = signals.get(&index, 0).context("reading SIGNALS")?;
         let (mut flows, mut destinations) = (0u64, 0u64);
-        let mut sample = crate::passive::Sample {
+        let mut sample = crate::health::passive::Sample {
             now_ns,
             ..Default::default()
         };

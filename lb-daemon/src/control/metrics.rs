@@ -21,7 +21,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::api::{Status, UplinkStatus};
+use crate::control::api::{Status, UplinkStatus};
 
 /// A status, as metric families.
 #[derive(Debug)]
@@ -223,7 +223,7 @@ impl Collector for Snapshot {
             egress,
         )?;
         // Only the uplinks that have a quota.
-        let quota = |f: fn(&crate::api::QuotaStatus) -> f64| {
+        let quota = |f: fn(&crate::control::api::QuotaStatus) -> f64| {
             s.uplinks
                 .iter()
                 .filter_map(move |u| Some((Snapshot::uplink_labels(u), f(u.quota.as_ref()?))))

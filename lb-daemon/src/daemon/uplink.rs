@@ -10,7 +10,7 @@ use std::{fmt, net::Ipv4Addr};
 
 use lb_common::maps::uplink_state;
 
-use crate::{config::Gateway, health::State as Health, kernel::Observed};
+use crate::{config::Gateway, health::State as Health, observe::kernel::Observed};
 
 /// The operator's say over an uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,8 +173,8 @@ pub fn lifecycle(admin: Admin, facts: &Facts, health: Option<Health>, proven: bo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::{Address, LinkFacts};
-    use crate::netlink::Neighbour;
+    use crate::observe::kernel::{Address, LinkFacts};
+    use crate::observe::netlink::Neighbour;
 
     const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 1);
 

@@ -18,6 +18,9 @@
 //! over an uplink (the daemon acts on the transitions), never opens a socket
 //! (that is `probe`), and never reads the clock outside the driver.
 
+pub mod passive;
+pub mod probe;
+
 use std::collections::VecDeque;
 use std::error::Error as _;
 use std::fmt;
@@ -28,9 +31,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::HealthConfig;
-use crate::linkwatch::LinkEvent;
-use crate::passive::{PassiveConfig, Suspicion};
-use crate::probe::{Probe, ProbeError};
+use crate::health::passive::{PassiveConfig, Suspicion};
+use crate::health::probe::{Probe, ProbeError};
+use crate::observe::linkwatch::LinkEvent;
 
 /// Time between two rounds of a burst.
 const BURST_SPACING: Duration = Duration::from_millis(10);
@@ -1091,7 +1094,7 @@ mod tests {
     /// down for `hold_down` whatever the rounds say after.
     #[tokio::test(start_paused = true)]
     async fn a_burst_confirms_or_clears_a_suspicion_and_a_confirmed_one_holds_down() {
-        use crate::passive::Suspicion;
+        use crate::health::passive::Suspicion;
         let (fake, behaviour) = Fake::new(Behaviour::Answer(MS * 5));
         let (_link, link_rx) = mpsc::channel(4);
         let (events_tx, mut events) = mpsc::channel(16);

@@ -1061,7 +1061,7 @@ mod tests {
         use tokio::net::{TcpListener, UdpSocket};
 
         use super::*;
-        use crate::linkwatch::testns::NetNs;
+        use crate::observe::linkwatch::testns::NetNs;
 
         const FAR: Ipv4Addr = Ipv4Addr::new(10, 201, 9, 9);
         const GATEWAY_A: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 1);
@@ -1436,7 +1436,7 @@ mod tests {
         #[test]
         fn health_driver_on_real_probes_and_link_events() {
             use crate::health::{self, HealthEvent, Monitor, Snapshot, State};
-            use crate::linkwatch::LinkWatch;
+            use crate::observe::linkwatch::LinkWatch;
 
             let Some((router, far, _other)) = build() else {
                 return;
@@ -1475,7 +1475,7 @@ mod tests {
                         probes: UplinkProbe::for_uplink(wan_a(), 0xfff4, &configs).expect("probes"),
                         initial: State::Up,
                         bursts: None,
-                        passive: crate::passive::PassiveConfig::default(),
+                        passive: crate::health::passive::PassiveConfig::default(),
                     };
                     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(8);
                     let (snapshots, _) = tokio::sync::watch::channel(Snapshot::new(State::Up));

@@ -11,7 +11,7 @@
 use anyhow::{Context, Result};
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket};
 
-use crate::nlmsg::{self, NLM_F_REQUEST};
+use crate::observe::nlmsg::{self, NLM_F_REQUEST};
 
 /// `NETDEV_XDP_ACT_NDO_XMIT`: the device takes frames redirected to it.
 pub const NDO_XMIT: u64 = 1 << 2;

@@ -14,6 +14,9 @@
 //! and state first (an uplink that lost its address is down before anything
 //! else changes), then the bucket table in one step, then the routing.
 
+pub mod quota;
+pub mod uplink;
+
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -36,22 +39,23 @@ use tokio::{
 };
 
 use crate::{
-    api::{EgressStatus, QuotaStatus, Reaction, Status, UplinkAction, UplinkStatus},
-    balancer::{self, Candidate},
     config::{ClassifierMode, Config, UplinkConfig, MAX_WEIGHT},
+    control::api::{EgressStatus, QuotaStatus, Reaction, Status, UplinkAction, UplinkStatus},
+    control::hooks,
+    daemon::quota::{Outcome, QuotaConfig},
+    daemon::uplink::{Admin, Facts, Lifecycle},
+    dataplane::flows::FlowTables,
+    dataplane::pins::{Found, Pins},
     dataplane::{AttachMode, Dataplane},
-    egress,
-    flows::FlowTables,
+    health::passive,
+    health::probe::{self, Binding, UplinkProbe},
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
-    hooks,
-    kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Selector, Wanted},
-    linkwatch::{LinkEvent, LinkWatch, Watchers},
-    netlink, passive,
-    pins::{Found, Pins},
-    probe::{self, Binding, UplinkProbe},
-    quota::{self, Outcome, QuotaConfig},
-    slowpath,
-    uplink::{self, Admin, Facts, Lifecycle},
+    observe::kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Selector, Wanted},
+    observe::linkwatch::{LinkEvent, LinkWatch, Watchers},
+    observe::netlink,
+    reconcile::buckets::{self, Candidate},
+    reconcile::egress,
+    reconcile::nftables,
 };
 
 /// The interface a rule's `iif` names for what the router itself sends.
@@ -199,9 +203,9 @@ pub struct Daemon {
     /// Each device's way out (XDP or its qdisc) and lb's shapers.
     egress: egress::Owned,
     /// lb's nftables table as last put in place.
-    slowpath: Option<slowpath::Wanted>,
+    slowpath: Option<nftables::Wanted>,
     /// What lb's nftables tables since replaced counted.
-    counted_before: slowpath::Counted,
+    counted_before: nftables::Counted,
     /// The slow path's uplink as the kernel's rules have it.
     slow_path_applied: Option<usize>,
     watchers: Watchers,
@@ -218,7 +222,7 @@ pub struct Daemon {
     /// Flows an adopted data plane held at start; `None`: a new one.
     adopted_flows: Option<u64>,
     /// What happened, for `lbctl events`.
-    history: crate::events::History,
+    history: crate::control::events::History,
     /// The quotas' usage by uplink name, and whether it changed since it
     /// was last written to the usage file, and when that was.
     quota: quota::Book,
@@ -371,7 +375,7 @@ impl Daemon {
             handoff_failed: None,
             egress: egress_owned,
             slowpath: None,
-            counted_before: slowpath::Counted::default(),
+            counted_before: nftables::Counted::default(),
             slow_path_applied: None,
             watchers: links.watchers(),
             health_tx,
@@ -380,7 +384,7 @@ impl Daemon {
             started: Instant::now(),
             table_written: false,
             adopted_flows: None,
-            history: crate::events::History::default(),
+            history: crate::control::events::History::default(),
             quota: quota::Book::new(),
             quota_unsaved: false,
             quota_saved: Instant::now(),
@@ -420,7 +424,7 @@ impl Daemon {
         if let Some(wanted) = changes.slowpath {
             // Before any program is attached: nothing may leak from the
             // first packet on.
-            slowpath::apply(&wanted)?;
+            nftables::apply(&wanted)?;
             daemon.slowpath = Some(wanted);
         }
         daemon.lans_open = true;
@@ -525,11 +529,11 @@ impl Daemon {
             }
             self.flow_addrs = addrs;
         }
-        let slowpath = slowpath::Wanted {
+        let slowpath = nftables::Wanted {
             uplinks: self
                 .uplinks
                 .iter()
-                .map(|u| slowpath::UplinkRules {
+                .map(|u| nftables::UplinkRules {
                     interface: u.cfg.interface.clone(),
                     addrs: u
                         .facts
@@ -550,7 +554,7 @@ impl Daemon {
 
     /// lb's nftables table was replaced by `wanted`; the one before had
     /// counted `counted`.
-    fn slowpath_applied(&mut self, wanted: slowpath::Wanted, counted: &slowpath::Counted) {
+    fn slowpath_applied(&mut self, wanted: nftables::Wanted, counted: &nftables::Counted) {
         self.counted_before.add(counted);
         self.slowpath = Some(wanted);
     }
@@ -737,7 +741,7 @@ impl Daemon {
             });
             wanted.rules.insert(OwnedRule {
                 priority: later.inbound,
-                selector: Selector::Mark(slowpath::mark(i)),
+                selector: Selector::Mark(nftables::mark(i)),
                 table,
             });
         }
@@ -816,7 +820,7 @@ impl Daemon {
     pub async fn remove_routing(link: &KernelLink) -> Result<()> {
         let observed = Observed::take(&link.handle).await?;
         let mut errors = kernel::apply(&link.handle, observed.changes(&Wanted::default())).await;
-        if let Err(e) = tokio::task::block_in_place(slowpath::remove) {
+        if let Err(e) = tokio::task::block_in_place(nftables::remove) {
             errors.push(format!("{e:#}"));
         }
         if !errors.is_empty() {
@@ -1409,7 +1413,7 @@ impl Daemon {
             })
             .collect();
         let mut next = self.table;
-        let moved = table::rebalance(&mut next, &balancer::weights(&candidates));
+        let moved = table::rebalance(&mut next, &buckets::weights(&candidates));
         if moved > 0 || !self.table_written {
             self.dataplane.set_buckets(&next)?;
             self.table_written = true;
@@ -1426,8 +1430,8 @@ impl Daemon {
     pub fn events(
         &self,
     ) -> (
-        Vec<crate::events::Event>,
-        tokio::sync::broadcast::Receiver<crate::events::Event>,
+        Vec<crate::control::events::Event>,
+        tokio::sync::broadcast::Receiver<crate::control::events::Event>,
     ) {
         (self.history.recent(), self.history.follow())
     }
@@ -1707,8 +1711,8 @@ impl Daemon {
         &self,
         key: &lb_common::maps::FlowKey,
         remembered: bool,
-    ) -> crate::api::Explanation {
-        use crate::conntrack;
+    ) -> crate::control::api::Explanation {
+        use crate::observe::conntrack;
         let port = |p: [u8; 2]| u16::from_be_bytes(p);
         let tuple = conntrack::Tuple {
             src: key.src_addr.into(),
@@ -1728,7 +1732,7 @@ impl Daemon {
         }
         match &found {
             Ok(Some(c)) => {
-                let index = (c.mark & slowpath::MARK_MASK) >> slowpath::MARK_MASK.trailing_zeros();
+                let index = (c.mark & nftables::MARK_MASK) >> nftables::MARK_MASK.trailing_zeros();
                 let uplink = index
                     .checked_sub(1)
                     .and_then(|i| self.uplinks.get(i as usize))
@@ -1763,7 +1767,7 @@ impl Daemon {
             Err(e) => why.push(format!("conntrack could not be asked: {e:#}")),
         }
         let kernel = remembered || matches!(found, Ok(Some(_)));
-        crate::api::Explanation {
+        crate::control::api::Explanation {
             verdict: if kernel { "kernel" } else { "new" }.into(),
             uplink: None,
             bucket: None,
@@ -1778,8 +1782,11 @@ impl Daemon {
     /// the data plane's: a pinned flow first, then the kernel's
     /// destinations, then the kernel's connections (conntrack, asked as
     /// the data plane asks it), then the bucket table.
-    pub fn explain(&self, key: &lb_common::maps::FlowKey) -> Result<crate::api::Explanation> {
-        use crate::api::Explanation;
+    pub fn explain(
+        &self,
+        key: &lb_common::maps::FlowKey,
+    ) -> Result<crate::control::api::Explanation> {
+        use crate::control::api::Explanation;
         let name = |i: u32| {
             self.uplinks
                 .get(i as usize)
@@ -1932,7 +1939,7 @@ impl FlowQuery {
         uplink: Option<&str>,
         client: Option<Ipv4Addr>,
         limit: usize,
-    ) -> Result<crate::api::FlowList> {
+    ) -> Result<crate::control::api::FlowList> {
         let wanted_uplink = match uplink {
             Some(name) => Some(
                 self.uplinks
@@ -1969,9 +1976,11 @@ impl FlowQuery {
                     .cloned()
                     .unwrap_or_else(|| (format!("#{}", value.uplink), None))
             };
-            out.push(crate::flows::describe(&key, &value, &name, addr, now));
+            out.push(crate::dataplane::flows::describe(
+                &key, &value, &name, addr, now,
+            ));
         }
-        Ok(crate::api::FlowList {
+        Ok(crate::control::api::FlowList {
             flows: out,
             walked,
             truncated,
@@ -1998,8 +2007,8 @@ pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> 
     if let Some(wanted) = slowpath {
         let counted = tokio::task::block_in_place(|| {
             // The table may not be there (yet): nothing counted then.
-            let counted = slowpath::counted().unwrap_or_default();
-            slowpath::apply(&wanted).map(|()| counted)
+            let counted = nftables::counted().unwrap_or_default();
+            nftables::apply(&wanted).map(|()| counted)
         })?;
         lock()?.slowpath_applied(wanted, &counted);
     }
@@ -2019,7 +2028,7 @@ pub struct Converged {
     /// The slow path's uplink that `routing` puts in place.
     pub slow_path_uplink: Option<usize>,
     /// lb's nftables table, when it must change.
-    pub slowpath: Option<slowpath::Wanted>,
+    pub slowpath: Option<nftables::Wanted>,
 }
 
 /// A status waiting for its flow counts.
@@ -2028,7 +2037,7 @@ pub struct StatusDraft {
     /// Flows pinned to an uplink since start.
     pinned: u64,
     tables: Arc<Mutex<FlowTables>>,
-    counted_before: slowpath::Counted,
+    counted_before: nftables::Counted,
 }
 
 impl StatusDraft {
@@ -2040,7 +2049,7 @@ impl StatusDraft {
     pub fn finish(mut self) -> Result<Status> {
         // Counted by nftables, read with `nft`: not under the daemon's lock.
         let mut counted = self.counted_before.clone();
-        counted.add(&slowpath::counted().unwrap_or_default());
+        counted.add(&nftables::counted().unwrap_or_default());
         self.status.guard_dropped = counted.leaked;
         for (i, uplink) in self.status.uplinks.iter_mut().enumerate() {
             uplink.inbound = counted.inbound(i);
@@ -2145,7 +2154,7 @@ fn check_ingress_shapers(config: &Config, observed: &Observed) -> Result<()> {
 /// checked by nobody (they are waited for); a kernel without the netdev
 /// family (before 6.3) cannot say, and nothing is checked.
 fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<()> {
-    let Some(mut caps) = crate::xdpcaps::XdpCaps::open()? else {
+    let Some(mut caps) = crate::observe::xdpcaps::XdpCaps::open()? else {
         log::info!("the kernel does not report XDP features (before Linux 6.3): redirect targets not checked");
         return Ok(());
     };
@@ -2163,7 +2172,7 @@ fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<()> {
         let features = caps
             .features(link.index)
             .with_context(|| format!("asking the kernel for the XDP features of {ifname}"))?;
-        refused.extend(crate::xdpcaps::refusal(
+        refused.extend(crate::observe::xdpcaps::refusal(
             &ifname,
             link.kind.as_deref(),
             features,

@@ -64,9 +64,9 @@ pub enum Response {
     Status(Status),
     Flows(FlowList),
     /// The recent events, oldest first.
-    Events(Vec<crate::events::Event>),
+    Events(Vec<crate::control::events::Event>),
     /// One new event, for a follower.
-    Event(crate::events::Event),
+    Event(crate::control::events::Event),
     Explained(Explanation),
     Done {
         message: String,

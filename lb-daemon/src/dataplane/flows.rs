@@ -186,7 +186,7 @@ pub fn describe(
     uplink: &str,
     nat_addr: Option<Ipv4Addr>,
     now_ns: u64,
-) -> crate::api::FlowEntry {
+) -> crate::control::api::FlowEntry {
     let port = |p: [u8; 2]| u16::from_be_bytes(p);
     let proto = match key.proto {
         6 => "tcp".to_string(),
@@ -201,7 +201,7 @@ pub fn describe(
         _ => "active",
     };
     let nat = nat_addr.map_or_else(|| "-".to_string(), |a| a.to_string());
-    crate::api::FlowEntry {
+    crate::control::api::FlowEntry {
         proto,
         client: format!("{}:{}", Ipv4Addr::from(key.src_addr), port(key.src_port)),
         remote: format!("{}:{}", Ipv4Addr::from(key.dst_addr), port(key.dst_port)),

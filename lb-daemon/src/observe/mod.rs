@@ -1,0 +1,12 @@
+//! What lbd reads from the kernel, and never writes: one snapshot of
+//! links, addresses, routes, neighbours, rules and qdiscs (`kernel`),
+//! the event stream that says when to take another (`linkwatch`), the
+//! XDP features of devices (`xdpcaps`), and conntrack's view of one
+//! connection (`conntrack`), over the netlink helpers they share.
+
+pub mod conntrack;
+pub mod kernel;
+pub mod linkwatch;
+pub mod netlink;
+pub mod nlmsg;
+pub mod xdpcaps;

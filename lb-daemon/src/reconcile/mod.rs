@@ -1,0 +1,11 @@
+//! One module per kind of kernel state lbd owns besides the data plane's
+//! flows: what it wants, as a pure function of the view and what the
+//! kernel holds, and how it converges there, writing only its own kind.
+//! A round (see `daemon`) converges them in this order, so that no packet
+//! sees a state that sends it to a dead uplink or out untranslated:
+//! uplink entries and states, bucket tables, attachments, bypass, qdiscs,
+//! routes and rules, nftables.
+
+pub mod buckets;
+pub mod egress;
+pub mod nftables;
