@@ -50,16 +50,15 @@ use crate::{
     health::passive,
     health::probe::{self, Binding, UplinkProbe},
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
-    observe::kernel::{self, Changes, Observed, OwnedRoute, OwnedRule, Selector, Wanted},
+    observe::kernel::Observed,
     observe::linkwatch::{LinkEvent, LinkWatch, Watchers},
     observe::netlink,
     reconcile::buckets::{self, Candidate},
     reconcile::egress,
     reconcile::nftables,
+    reconcile::routing,
 };
 
-/// The interface a rule's `iif` names for what the router itself sends.
-const LOOPBACK: &str = "lo";
 /// How often an unresolved gateway is asked for again (ARP).
 const POKE_EVERY: Duration = Duration::from_secs(1);
 /// Uplinks that become ready this soon after lbd starts (a gateway
@@ -298,7 +297,7 @@ impl Daemon {
             rtnetlink::new_connection().context("opening a netlink socket failed")?;
         tokio::spawn(conn);
         let observed = Observed::take(&handle).await?;
-        let clashes = observed.clashes(&config.routing, config.uplinks.len());
+        let clashes = routing::clashes(&observed, &config.routing, config.uplinks.len());
         if !clashes.is_empty() {
             bail!("{}", clashes.join("; "));
         }
@@ -414,7 +413,7 @@ impl Daemon {
             let observed = Observed::take(&handle).await?;
             changes = tokio::task::block_in_place(|| daemon.converge(&observed))?;
         }
-        let errors = kernel::apply(&handle, changes.routing).await;
+        let errors = routing::converge(&handle, changes.routing).await;
         for error in &errors {
             log::warn!("routing: {error}; retrying on the next change");
         }
@@ -546,7 +545,7 @@ impl Daemon {
             ports: self.local_ports,
         };
         Ok(Converged {
-            routing: observed.changes(&self.wanted_routing()),
+            routing: routing::changes(observed, &self.wanted_routing()),
             slow_path_uplink: self.slow_path_uplink(),
             slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
         })
@@ -709,66 +708,31 @@ impl Daemon {
         Ok(())
     }
 
-    /// lbd's routing tables and rules as they should be: for each uplink
-    /// with carrier, an address and a gateway, its table, its rule for its
-    /// own address and its rule for the replies of the connections that
-    /// came in on it (by their mark); and the slow path's rules, which send
-    /// what the LAN's clients send through the kernel to the internet (ESP,
-    /// GRE, fragments) and what the router itself sends (its DNS
-    /// forwarder, NTP, updates) by the uplink the slow path uses now
-    /// ([`Daemon::slow_path_uplink`]).
-    fn wanted_routing(&self) -> Wanted {
-        let mut wanted = Wanted::default();
-        let routing = &self.config.routing;
-        let later = routing.later_priorities();
-        for (i, u) in self.uplinks.iter().enumerate() {
-            let f = &u.facts;
-            let (Some(ifindex), Some(addr), Some(gateway), true) =
-                (f.ifindex, f.addr, f.gateway, f.carrier)
-            else {
-                continue;
-            };
-            let table = routing.table(i);
-            wanted.routes.insert(OwnedRoute {
-                table,
-                gateway,
-                ifindex,
-            });
-            wanted.rules.insert(OwnedRule {
-                priority: routing.priority(i),
-                selector: Selector::From(addr),
-                table,
-            });
-            wanted.rules.insert(OwnedRule {
-                priority: later.inbound,
-                selector: Selector::Mark(nftables::mark(i)),
-                table,
-            });
-        }
-        if !wanted.routes.is_empty() {
-            // The main table keeps what it routes more specifically than
-            // by default (the LAN, static and VPN routes), before any of
-            // lbd's tables is asked for a default route.
-            wanted.rules.insert(OwnedRule {
-                priority: later.main,
-                selector: Selector::AllButDefault,
-                table: kernel::MAIN_TABLE,
-            });
-        }
-        if let Some(i) = self.slow_path_uplink() {
-            // The rest from the LAN, and what the router sends unbound,
-            // goes by an uplink in service. (A socket bound to an uplink's
-            // address has its own rule above.)
-            let lans = self.config.lans.iter().map(|l| l.interface.as_str());
-            for iif in lans.chain([LOOPBACK]) {
-                wanted.rules.insert(OwnedRule {
-                    priority: later.slow_path,
-                    selector: Selector::Iif(iif.to_owned()),
-                    table: routing.table(i),
-                });
-            }
-        }
-        wanted
+    /// lbd's routing tables and rules as the view calls for (see
+    /// `reconcile::routing::wanted`).
+    fn wanted_routing(&self) -> routing::Wanted {
+        let ready: Vec<Option<routing::Ready>> = self
+            .uplinks
+            .iter()
+            .map(|u| {
+                let f = &u.facts;
+                match (f.ifindex, f.addr, f.gateway, f.carrier) {
+                    (Some(ifindex), Some(addr), Some(gateway), true) => Some(routing::Ready {
+                        ifindex,
+                        addr,
+                        gateway,
+                    }),
+                    _ => None,
+                }
+            })
+            .collect();
+        let lans: Vec<&str> = self
+            .config
+            .lans
+            .iter()
+            .map(|l| l.interface.as_str())
+            .collect();
+        routing::wanted(&self.config.routing, &ready, self.slow_path_uplink(), &lans)
     }
 
     /// The uplink that carries the slow path: in service with its table in
@@ -819,7 +783,11 @@ impl Daemon {
     /// the way out).
     pub async fn remove_routing(link: &KernelLink) -> Result<()> {
         let observed = Observed::take(&link.handle).await?;
-        let mut errors = kernel::apply(&link.handle, observed.changes(&Wanted::default())).await;
+        let mut errors = routing::converge(
+            &link.handle,
+            routing::changes(&observed, &routing::Wanted::default()),
+        )
+        .await;
         if let Err(e) = tokio::task::block_in_place(nftables::remove) {
             errors.push(format!("{e:#}"));
         }
@@ -2013,7 +1981,7 @@ pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> 
         lock()?.slowpath_applied(wanted, &counted);
     }
     if !routing.is_empty() {
-        let errors = kernel::apply(&link.handle, routing).await;
+        let errors = routing::converge(&link.handle, routing).await;
         if !errors.is_empty() {
             bail!("routing: {}", errors.join("; "));
         }
@@ -2024,7 +1992,7 @@ pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> 
 
 /// What a convergence leaves to be done outside the daemon's lock.
 pub struct Converged {
-    pub routing: Changes,
+    pub routing: routing::Changes,
     /// The slow path's uplink that `routing` puts in place.
     pub slow_path_uplink: Option<usize>,
     /// lb's nftables table, when it must change.

@@ -1,27 +1,13 @@
-//! The kernel state lbd observes, and the routing state it owns.
+//! The kernel state lbd observes: one [`Observed`] snapshot, taken
+//! whenever the kernel reports a change that may matter, of interfaces,
+//! IPv4 addresses, IPv4 routes of every table, IPv4 neighbours, IPv4 rules
+//! and qdiscs. Nothing is read once: the reconciler takes a new snapshot on
+//! every event and converges towards it.
 //!
-//! Observes, in one [`Observed`] snapshot taken whenever the kernel reports
-//! a change that may matter: interfaces, IPv4 addresses, IPv4 routes of
-//! every table, IPv4 neighbours, and IPv4 rules. Nothing is read once: the
-//! reconciler takes a new snapshot on every event and converges towards it.
-//!
-//! Owns, per uplink that has an address and a gateway: a routing table with
-//! one default route through the gateway, and a rule `from <uplink address>
-//! lookup <that table>` (mwan3's approach), so that the probes and the
-//! router's own sockets bound to an uplink leave through it however many
-//! default routes the main table has; a rule `fwmark <uplink's mark>` to the
-//! same table for the replies of connections that came in on that uplink
-//! (marked by lbd's nftables table, `slowpath`); and the slow path's rules
-//! (the main table without default routes first, then what the LAN sends
-//! through the kernel and what the router itself sends, to the table of the
-//! uplink the slow path uses). Everything lbd adds carries the route
-//! protocol [`ROUTE_PROTOCOL`]: that is how it finds its own routes and rules
-//! again (after a crash, too) and how it knows never to touch anyone else's.
-//!
-//! The pure parts (which gateway, which destinations the kernel keeps, what
-//! to add and remove) are functions of a snapshot, tested without a kernel.
-//! It never changes an interface, an address, or a route or rule that does
-//! not carry lbd's protocol.
+//! The questions lbd asks of a snapshot (which gateway, which destinations
+//! the kernel keeps, which prefixes a LAN has) are pure functions, tested
+//! without a kernel. It never changes anything; `reconcile::routing` owns
+//! lbd's routes and rules.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
@@ -41,11 +27,9 @@ use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
 };
 
-use crate::{
-    config::RoutingConfig,
-    observe::linkwatch::is_up,
-    observe::netlink::{usable_neighbour, Neighbour},
-    reconcile::nftables::MARK_MASK,
+use crate::observe::{
+    linkwatch::is_up,
+    netlink::{usable_neighbour, Neighbour},
 };
 
 /// The route protocol number on lbd's routes and rules (`ip route show proto
@@ -126,82 +110,6 @@ pub struct Observed {
     pub rules: Vec<Rule>,
     /// Every qdisc (root, ingress and inner ones).
     pub qdiscs: Vec<crate::reconcile::egress::Qdisc>,
-}
-
-/// A route lbd wants: in `table`, the default route via `gateway` on
-/// `ifindex`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OwnedRoute {
-    pub table: u32,
-    pub gateway: Ipv4Addr,
-    pub ifindex: u32,
-}
-
-/// A rule lbd wants: at `priority`, what `selector` picks looks up
-/// `table`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OwnedRule {
-    pub priority: u32,
-    pub selector: Selector,
-    pub table: u32,
-}
-
-/// Which packets an owned rule is for.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Selector {
-    /// `from ADDR/32`: an uplink's own traffic.
-    From(Ipv4Addr),
-    /// `iif NAME`: what arrives on a LAN interface (`lo`: what the router
-    /// itself sends).
-    Iif(String),
-    /// `fwmark MARK/`[`MARK_MASK`]: the replies of the connections that
-    /// came in on an uplink.
-    Mark(u32),
-    /// Every packet, with routes of prefix length 0 (default routes)
-    /// ignored (`suppress_prefixlength 0`): whatever the table routes more
-    /// specifically than by default stays routed so.
-    AllButDefault,
-}
-
-impl std::fmt::Display for OwnedRule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (priority, table) = (self.priority, self.table);
-        match &self.selector {
-            Selector::From(a) => write!(f, "{priority}: from {a} lookup {table}"),
-            Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
-            Selector::Mark(m) => {
-                write!(f, "{priority}: fwmark {m:#x}/{MARK_MASK:#x} lookup {table}")
-            }
-            Selector::AllButDefault => {
-                write!(f, "{priority}: lookup {table} suppress_prefixlength 0")
-            }
-        }
-    }
-}
-
-/// lbd's routing, as it should be.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Wanted {
-    pub routes: BTreeSet<OwnedRoute>,
-    pub rules: BTreeSet<OwnedRule>,
-}
-
-/// What to change to get from what is to what is wanted.
-#[derive(Debug, Clone, Default)]
-pub struct Changes {
-    pub add_routes: Vec<OwnedRoute>,
-    pub del_routes: Vec<RouteMessage>,
-    pub add_rules: Vec<OwnedRule>,
-    pub del_rules: Vec<RuleMessage>,
-}
-
-impl Changes {
-    pub fn is_empty(&self) -> bool {
-        self.add_routes.is_empty()
-            && self.del_routes.is_empty()
-            && self.add_rules.is_empty()
-            && self.del_rules.is_empty()
-    }
 }
 
 impl Observed {
@@ -395,162 +303,6 @@ impl Observed {
         out.dedup();
         out
     }
-
-    /// Routes and rules in the places lbd would use that are not lbd's: a
-    /// table of its range with someone else's routes, or a rule at one of
-    /// its priorities. Each is a sentence for the operator.
-    pub fn clashes(&self, routing: &RoutingConfig, uplinks: usize) -> Vec<String> {
-        let tables = routing.first_table..routing.first_table + uplinks as u32;
-        let priorities = (routing.first_priority..routing.first_priority + uplinks as u32)
-            .chain(routing.later_priorities().all());
-        let mut out = Vec::new();
-        for table in tables {
-            if let Some(r) = self
-                .routes
-                .iter()
-                .find(|r| r.table == table && r.protocol != ROUTE_PROTOCOL)
-            {
-                out.push(format!(
-                    "routing table {table} already holds routes lbd did not make (e.g. {}/{} \
-                     proto {}; `ip route show table {table}`); set [routing] first_table to a \
-                     free range",
-                    r.dst, r.dst_len, r.protocol
-                ));
-            }
-        }
-        for priority in priorities {
-            if let Some(r) = self
-                .rules
-                .iter()
-                .find(|r| r.priority == priority && r.protocol != ROUTE_PROTOCOL)
-            {
-                out.push(format!(
-                    "a rule at priority {priority} is not lbd's (it looks up table {}; `ip rule \
-                     show`); set [routing] first_priority to a free range",
-                    r.table
-                ));
-            }
-        }
-        out
-    }
-
-    /// What to add and remove so that lbd's routes and rules are `wanted`:
-    /// its own that are not wanted go, wanted ones that are missing come.
-    pub fn changes(&self, wanted: &Wanted) -> Changes {
-        let mut changes = Changes::default();
-        let mut have_routes = BTreeSet::new();
-        for r in self.routes.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
-            let owned = match (r.dst_len, r.gateway, r.oifs.as_slice()) {
-                (0, Some(gateway), &[ifindex]) => Some(OwnedRoute {
-                    table: r.table,
-                    gateway,
-                    ifindex,
-                }),
-                _ => None,
-            };
-            match owned {
-                Some(o) if wanted.routes.contains(&o) => {
-                    have_routes.insert(o);
-                }
-                _ => changes.del_routes.push(r.message.clone()),
-            }
-        }
-        let mut have_rules = BTreeSet::new();
-        for r in self.rules.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
-            let selector = match (r.source, &r.iif, r.suppress, r.fwmark) {
-                (Some((source, 32)), None, None, None) => Some(Selector::From(source)),
-                (None, Some(iif), None, None) => Some(Selector::Iif(iif.clone())),
-                (None, None, Some(0), None) => Some(Selector::AllButDefault),
-                (None, None, None, Some((mark, MARK_MASK))) => Some(Selector::Mark(mark)),
-                _ => None,
-            };
-            let owned = selector.filter(|_| r.looks_up).map(|selector| OwnedRule {
-                priority: r.priority,
-                selector,
-                table: r.table,
-            });
-            match owned {
-                Some(o) if wanted.rules.contains(&o) => {
-                    have_rules.insert(o);
-                }
-                _ => changes.del_rules.push(r.message.clone()),
-            }
-        }
-        changes.add_routes = wanted.routes.difference(&have_routes).copied().collect();
-        changes.add_rules = wanted.rules.difference(&have_rules).cloned().collect();
-        changes
-    }
-}
-
-/// Apply `changes`: removals first (an old rule for an address that moved
-/// must not outlive it), then additions. Every step is tried; the errors
-/// are returned together, for the next round to retry.
-pub async fn apply(handle: &Handle, changes: Changes) -> Vec<String> {
-    let mut errors = Vec::new();
-    for msg in changes.del_rules {
-        if let Err(e) = handle.rule().del(msg.clone()).execute().await {
-            errors.push(format!("removing rule {msg:?}: {e}"));
-        }
-    }
-    for msg in changes.del_routes {
-        if let Err(e) = handle.route().del(msg.clone()).execute().await {
-            errors.push(format!("removing route {msg:?}: {e}"));
-        }
-    }
-    for r in changes.add_routes {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .table_id(r.table)
-            .gateway(r.gateway)
-            .output_interface(r.ifindex)
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-            // The gateway is on the uplink's link by definition; the kernel
-            // need not look for a route to it in this table.
-            .onlink()
-            .build();
-        if let Err(e) = handle.route().add(msg).replace().execute().await {
-            errors.push(format!(
-                "adding default via {} (ifindex {}) to table {}: {e}",
-                r.gateway, r.ifindex, r.table
-            ));
-        }
-    }
-    for r in changes.add_rules {
-        let req = handle
-            .rule()
-            .add()
-            .v4()
-            .action(RuleAction::ToTable)
-            .table_id(r.table)
-            .priority(r.priority);
-        let mut req = match &r.selector {
-            Selector::From(source) => req.source_prefix(*source, 32),
-            Selector::Iif(name) => req.input_interface(name.clone()),
-            Selector::Mark(mark) => {
-                let mut req = req;
-                req.message_mut().attributes.extend([
-                    RuleAttribute::FwMark(*mark),
-                    RuleAttribute::FwMask(MARK_MASK),
-                ]);
-                req
-            }
-            Selector::AllButDefault => {
-                let mut req = req;
-                req.message_mut()
-                    .attributes
-                    .push(RuleAttribute::SuppressPrefixLen(0));
-                req
-            }
-        };
-        req.message_mut()
-            .attributes
-            .push(RuleAttribute::Protocol(RouteProtocol::Other(
-                ROUTE_PROTOCOL,
-            )));
-        if let Err(e) = req.execute().await {
-            errors.push(format!("adding rule {r}: {e}"));
-        }
-    }
-    errors
 }
 
 fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
@@ -684,15 +436,24 @@ fn rule(msg: RuleMessage) -> Option<Rule> {
     Some(r)
 }
 
+/// A router's snapshot and the means to make others, for tests here and
+/// in `reconcile`.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    pub fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
-    fn route(table: u32, dst: &str, len: u8, gw: Option<&str>, oif: u32, proto: u8) -> Route {
+    pub fn route_in(
+        table: u32,
+        dst: &str,
+        len: u8,
+        gw: Option<&str>,
+        oif: u32,
+        proto: u8,
+    ) -> Route {
         Route {
             table,
             dst: ip(dst),
@@ -706,32 +467,37 @@ mod tests {
         }
     }
 
-    const DHCP: u8 = 16;
-    const KERNEL: u8 = 2;
-    const WAN1: u32 = 3;
-    const WAN2: u32 = 4;
-    const LAN: u32 = 2;
-    const VPN: u32 = 9;
+    pub const DHCP: u8 = 16;
+    pub const KERNEL: u8 = 2;
+    pub const WAN1: u32 = 3;
+    pub const WAN2: u32 = 4;
+    pub const LAN: u32 = 2;
+    pub const VPN: u32 = 9;
 
-    fn router() -> Observed {
-        let mut local = route(LOCAL_TABLE, "100.64.1.2", 32, None, WAN1, KERNEL);
+    pub fn router() -> Observed {
+        let mut local = route_in(LOCAL_TABLE, "100.64.1.2", 32, None, WAN1, KERNEL);
         local.kind = RouteType::Local;
-        let mut broadcast = route(LOCAL_TABLE, "10.10.0.255", 32, None, LAN, KERNEL);
+        let mut broadcast = route_in(LOCAL_TABLE, "10.10.0.255", 32, None, LAN, KERNEL);
         broadcast.kind = RouteType::Broadcast;
         Observed {
             routes: vec![
-                route(MAIN_TABLE, "0.0.0.0", 0, Some("100.64.1.1"), WAN1, DHCP),
-                route(102, "0.0.0.0", 0, Some("100.64.2.1"), WAN2, DHCP),
-                route(MAIN_TABLE, "100.64.1.0", 30, None, WAN1, KERNEL),
-                route(MAIN_TABLE, "10.10.0.0", 24, None, LAN, KERNEL),
-                route(MAIN_TABLE, "172.16.0.0", 12, Some("10.8.0.1"), VPN, 4),
-                route(4000, "0.0.0.0", 0, Some("100.64.1.9"), WAN1, ROUTE_PROTOCOL),
+                route_in(MAIN_TABLE, "0.0.0.0", 0, Some("100.64.1.1"), WAN1, DHCP),
+                route_in(102, "0.0.0.0", 0, Some("100.64.2.1"), WAN2, DHCP),
+                route_in(MAIN_TABLE, "100.64.1.0", 30, None, WAN1, KERNEL),
+                route_in(MAIN_TABLE, "10.10.0.0", 24, None, LAN, KERNEL),
+                route_in(MAIN_TABLE, "172.16.0.0", 12, Some("10.8.0.1"), VPN, 4),
+                route_in(4000, "0.0.0.0", 0, Some("100.64.1.9"), WAN1, ROUTE_PROTOCOL),
                 local,
                 broadcast,
             ],
             ..Observed::default()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
 
     #[test]
     fn the_gateway_is_the_default_routes_next_hop_in_any_table_but_lbds() {
@@ -769,9 +535,9 @@ mod tests {
         // A VLAN on the VPN's device is not the LAN's.
         o.links.push(link(13, "vlan", Some(VPN)));
         o.routes
-            .push(route(MAIN_TABLE, "10.20.0.0", 24, None, VLAN, KERNEL));
+            .push(route_in(MAIN_TABLE, "10.20.0.0", 24, None, VLAN, KERNEL));
         o.routes
-            .push(route(MAIN_TABLE, "10.30.0.0", 24, None, 13, KERNEL));
+            .push(route_in(MAIN_TABLE, "10.30.0.0", 24, None, 13, KERNEL));
         assert_eq!(
             o.connected(&[LAN]),
             [(ip("10.10.0.0"), 24), (ip("10.20.0.0"), 24)]
@@ -792,92 +558,12 @@ mod tests {
         // A table named in lookup_tables counts too.
         let mut o = router();
         o.routes
-            .push(route(77, "192.0.2.0", 24, Some("10.8.0.1"), VPN, 4));
+            .push(route_in(77, "192.0.2.0", 24, Some("10.8.0.1"), VPN, 4));
         assert!(o
             .kernel_destinations(&[WAN1, WAN2], &[77])
             .contains(&(ip("192.0.2.0"), 24)));
         assert!(!o
             .kernel_destinations(&[WAN1, WAN2], &[])
             .contains(&(ip("192.0.2.0"), 24)));
-    }
-
-    #[test]
-    fn changes_replace_lbds_stale_routes_and_leave_others_alone() {
-        let o = router();
-        let wanted = Wanted {
-            routes: [OwnedRoute {
-                table: 4000,
-                gateway: ip("100.64.1.1"),
-                ifindex: WAN1,
-            }]
-            .into_iter()
-            .collect(),
-            rules: [OwnedRule {
-                priority: 4000,
-                selector: Selector::From(ip("100.64.1.2")),
-                table: 4000,
-            }]
-            .into_iter()
-            .collect(),
-        };
-        let c = o.changes(&wanted);
-        assert_eq!(c.add_routes.len(), 1);
-        // Only lbd's own stale route (via .9) goes.
-        assert_eq!(c.del_routes.len(), 1);
-        assert_eq!(c.add_rules.len(), 1);
-        assert!(c.del_rules.is_empty());
-        // Once it is there, nothing to do.
-        let mut o2 = o.clone();
-        o2.routes.retain(|r| r.protocol != ROUTE_PROTOCOL);
-        o2.routes.push(route(
-            4000,
-            "0.0.0.0",
-            0,
-            Some("100.64.1.1"),
-            WAN1,
-            ROUTE_PROTOCOL,
-        ));
-        o2.rules.push(Rule {
-            priority: 4000,
-            looks_up: true,
-            table: 4000,
-            source: Some((ip("100.64.1.2"), 32)),
-            iif: None,
-            suppress: None,
-            fwmark: None,
-            protocol: ROUTE_PROTOCOL,
-            message: RuleMessage::default(),
-        });
-        assert!(o2.changes(&wanted).is_empty());
-        // Wanting nothing removes all of lbd's, and only lbd's.
-        let c = o2.changes(&Wanted::default());
-        assert_eq!((c.del_routes.len(), c.del_rules.len()), (1, 1));
-    }
-
-    #[test]
-    fn clashes_name_foreign_routes_and_rules_in_lbds_range() {
-        let mut o = router();
-        let routing = RoutingConfig::default();
-        assert!(
-            o.clashes(&routing, 2).is_empty(),
-            "lbd's own route is no clash"
-        );
-        o.routes
-            .push(route(4001, "0.0.0.0", 0, Some("100.64.2.1"), WAN2, DHCP));
-        o.rules.push(Rule {
-            priority: 4000,
-            looks_up: true,
-            table: 100,
-            source: None,
-            iif: None,
-            suppress: None,
-            fwmark: None,
-            protocol: 0,
-            message: RuleMessage::default(),
-        });
-        let clashes = o.clashes(&routing, 2);
-        assert_eq!(clashes.len(), 2, "{clashes:?}");
-        assert!(clashes[0].contains("table 4001"), "{}", clashes[0]);
-        assert!(clashes[1].contains("priority 4000"), "{}", clashes[1]);
     }
 }

@@ -9,3 +9,4 @@
 pub mod buckets;
 pub mod egress;
 pub mod nftables;
+pub mod routing;
