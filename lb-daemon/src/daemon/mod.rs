@@ -18,7 +18,6 @@ pub mod quota;
 pub mod uplink;
 
 use std::{
-    collections::BTreeSet,
     net::Ipv4Addr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -54,6 +53,7 @@ use crate::{
     observe::linkwatch::{LinkEvent, LinkWatch, Watchers},
     observe::netlink,
     reconcile::buckets::{self, Candidate},
+    reconcile::bypass,
     reconcile::egress,
     reconcile::nftables,
     reconcile::routing,
@@ -185,7 +185,7 @@ pub struct Daemon {
     /// walk beside deletions may see an entry twice).
     flow_tables: Arc<Mutex<FlowTables>>,
     /// Destinations the data plane leaves to the kernel now.
-    bypass: BTreeSet<(Ipv4Addr, u8)>,
+    bypass: bypass::Bypass,
     /// The uplinks' addresses as the flow collector has them.
     flow_addrs: Vec<Ipv4Addr>,
     /// The interfaces `lan_ingress` is attached to: the LAN interfaces, or
@@ -366,7 +366,7 @@ impl Daemon {
             dataplane,
             table: table::empty(),
             flow_tables,
-            bypass: BTreeSet::new(),
+            bypass: bypass::Bypass::default(),
             flow_addrs: Vec::new(),
             lan_ports: std::collections::BTreeMap::new(),
             lans_open: false,
@@ -503,17 +503,12 @@ impl Daemon {
             .iter()
             .filter_map(|u| u.facts.ifindex)
             .collect();
-        let bypass =
-            observed.kernel_destinations(&uplink_ifindexes, &self.config.routing.lookup_tables);
-        for &(addr, len) in bypass.difference(&self.bypass) {
-            self.dataplane.add_bypass(addr, len)?;
-            log::debug!("{addr}/{len} is left to the kernel");
-        }
-        for &(addr, len) in self.bypass.difference(&bypass) {
-            self.dataplane.remove_bypass(addr, len)?;
-            log::debug!("{addr}/{len} is no longer left to the kernel");
-        }
-        self.bypass = bypass;
+        let bypass = bypass::wanted(
+            observed,
+            &uplink_ifindexes,
+            &self.config.routing.lookup_tables,
+        );
+        self.bypass.converge(bypass, &mut self.dataplane)?;
 
         let addrs: Vec<Ipv4Addr> = self
             .uplinks
@@ -528,22 +523,11 @@ impl Daemon {
             }
             self.flow_addrs = addrs;
         }
-        let slowpath = nftables::Wanted {
-            uplinks: self
-                .uplinks
-                .iter()
-                .map(|u| nftables::UplinkRules {
-                    interface: u.cfg.interface.clone(),
-                    addrs: u
-                        .facts
-                        .ifindex
-                        .map(|i| observed.addresses_of(i))
-                        .unwrap_or_default(),
-                    routed: u.cfg.routed.iter().map(|r| (r.addr, r.len)).collect(),
-                })
-                .collect(),
-            ports: self.local_ports,
-        };
+        let slowpath = nftables::wanted(
+            self.uplinks.iter().map(|u| (&u.cfg, u.facts.ifindex)),
+            observed,
+            self.local_ports,
+        );
         Ok(Converged {
             routing: routing::changes(observed, &self.wanted_routing()),
             slow_path_uplink: self.slow_path_uplink(),
@@ -1493,6 +1477,7 @@ impl Daemon {
             adopted_flows: self.adopted_flows,
             kernel_destinations: self
                 .bypass
+                .prefixes()
                 .iter()
                 .map(|(a, l)| format!("{a}/{l}"))
                 .collect(),
@@ -1794,6 +1779,7 @@ impl Daemon {
         let dst = Ipv4Addr::from(key.dst_addr);
         if let Some((prefix, len)) = self
             .bypass
+            .prefixes()
             .iter()
             .filter(|(p, l)| contains(*p, *l, dst))
             .max_by_key(|(_, l)| *l)

@@ -7,6 +7,7 @@
 //! routes and rules, nftables.
 
 pub mod buckets;
+pub mod bypass;
 pub mod egress;
 pub mod nftables;
 pub mod routing;

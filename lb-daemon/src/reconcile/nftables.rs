@@ -38,6 +38,8 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use crate::{config::UplinkConfig, observe::kernel::Observed};
+
 /// The table's name (family `ip`).
 pub const TABLE: &str = "lb";
 /// The guard's counter of dropped packets.
@@ -57,6 +59,29 @@ const GUARD_PRIORITY: i32 = 110;
 /// `index` (within [`MARK_MASK`]).
 pub fn mark(index: usize) -> u32 {
     ((index as u32 + 1) << MARK_MASK.trailing_zeros()) & MARK_MASK
+}
+
+/// The table for these uplinks (their configuration, and their interface
+/// now, if it exists) as the kernel has them now (`observed`): each may
+/// send from its own addresses and its routed prefixes. `ports`: the
+/// router's own ephemeral ports, for the masquerade.
+pub fn wanted<'a>(
+    uplinks: impl Iterator<Item = (&'a UplinkConfig, Option<u32>)>,
+    observed: &Observed,
+    ports: (u16, u16),
+) -> Wanted {
+    Wanted {
+        uplinks: uplinks
+            .map(|(cfg, ifindex)| UplinkRules {
+                interface: cfg.interface.clone(),
+                addrs: ifindex
+                    .map(|i| observed.addresses_of(i))
+                    .unwrap_or_default(),
+                routed: cfg.routed.iter().map(|r| (r.addr, r.len)).collect(),
+            })
+            .collect(),
+        ports,
+    }
 }
 
 /// What the table is made of.

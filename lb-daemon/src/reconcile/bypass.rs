@@ -1,0 +1,59 @@
+//! Destinations the data plane leaves to the kernel: the router's own
+//! addresses, and everything the main table (and `[routing]
+//! lookup_tables`) routes other than by a default route, unless it leaves
+//! through an uplink (connected LAN subnets, static and VPN routes). The
+//! data plane looks them up for packets of no flow only (`BYPASS`).
+//!
+//! [`wanted`] is a function of the kernel's snapshot; [`Bypass::converge`]
+//! writes the difference to the data plane's trie and remembers what it
+//! wrote. It never touches a flow.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::Result;
+
+use crate::{dataplane::Dataplane, observe::kernel::Observed};
+
+/// The destinations the kernel keeps, given the uplinks' interfaces (their
+/// routes are the internet's, NATed like the rest).
+pub fn wanted(
+    observed: &Observed,
+    uplink_ifindexes: &[u32],
+    lookup_tables: &[u32],
+) -> BTreeSet<(Ipv4Addr, u8)> {
+    observed.kernel_destinations(uplink_ifindexes, lookup_tables)
+}
+
+/// What the data plane's bypass trie holds, as lbd wrote it.
+#[derive(Debug, Default)]
+pub struct Bypass {
+    written: BTreeSet<(Ipv4Addr, u8)>,
+}
+
+impl Bypass {
+    /// Make the trie hold `wanted`: new prefixes added, gone ones removed.
+    pub fn converge(
+        &mut self,
+        wanted: BTreeSet<(Ipv4Addr, u8)>,
+        dataplane: &mut Dataplane,
+    ) -> Result<()> {
+        let new: Vec<_> = wanted.difference(&self.written).copied().collect();
+        for (addr, len) in new {
+            dataplane.add_bypass(addr, len)?;
+            self.written.insert((addr, len));
+            log::debug!("{addr}/{len} is left to the kernel");
+        }
+        let gone: Vec<_> = self.written.difference(&wanted).copied().collect();
+        for (addr, len) in gone {
+            dataplane.remove_bypass(addr, len)?;
+            self.written.remove(&(addr, len));
+            log::debug!("{addr}/{len} is no longer left to the kernel");
+        }
+        Ok(())
+    }
+
+    /// The prefixes left to the kernel now.
+    pub fn prefixes(&self) -> &BTreeSet<(Ipv4Addr, u8)> {
+        &self.written
+    }
+}
