@@ -203,6 +203,16 @@ pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;
     /// A FIN or RST went by: closing.
     pub const CLOSING: u8 = 2;
+    /// Only the client has spoken, and its SYN, sent again, was moved to
+    /// another uplink once: it is not moved again (an answer that is only
+    /// late must still find its mapping, and two uplinks are not played
+    /// off against each other).
+    pub const OPENING_MOVED: u8 = 3;
+
+    /// Whether the server has not answered yet.
+    pub const fn opening(state: u8) -> bool {
+        state == OPENING || state == OPENING_MOVED
+    }
 }
 
 /// Key of the reverse NAT table: a reply as it arrives on an uplink.

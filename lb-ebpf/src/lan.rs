@@ -150,12 +150,12 @@ fn flow(
         let keeps =
             old_info.is_some_and(|u| uplink_state::keeps_flows(u.state) && epoch == u.epoch as u8);
         // A SYN again, and still no answer: that uplink may be what fails.
-        // Nothing was committed yet, so it may try another one.
-        let retry = keeps && state == tcp_state::OPENING && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        // Nothing was committed yet, so it may try another one, once.
+        let retry = keeps && tcp_state::opening(state) && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if retry {
             stats::syn_retry(pinned);
         }
-        let elsewhere = if retry && resteer_syn() {
+        let elsewhere = if retry && state == tcp_state::OPENING && resteer_syn() {
             new_uplink_except(key, pinned)
         } else {
             None
@@ -182,6 +182,9 @@ fn flow(
             let _ = NAT_REV.remove(&rev_key(key, old, old_port));
         }
         unsafe {
+            if elsewhere.is_some() {
+                (*flow).tcp_state = tcp_state::OPENING_MOVED;
+            }
             (*flow).uplink = uplink;
             (*flow).nat_port = port;
             (*flow).epoch = epoch;

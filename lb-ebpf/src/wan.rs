@@ -165,7 +165,7 @@ fn touch_flow(key: &NatKey, client_addr: [u8; 4], client_port: [u8; 2], flags: u
         (*flow).last_seen_ns = now;
         if flags & (TCP_FIN | TCP_RST) != 0 {
             (*flow).tcp_state = tcp_state::CLOSING;
-        } else if flags & TCP_SYN != 0 && (*flow).tcp_state == tcp_state::OPENING {
+        } else if flags & TCP_SYN != 0 && tcp_state::opening((*flow).tcp_state) {
             (*flow).tcp_state = tcp_state::ESTABLISHED;
         }
     }

@@ -195,7 +195,7 @@ pub fn describe(
         n => n.to_string(),
     };
     let state = match (key.proto, value.tcp_state) {
-        (6, tcp_state::OPENING) => "opening",
+        (6, tcp_state::OPENING | tcp_state::OPENING_MOVED) => "opening",
         (6, tcp_state::ESTABLISHED) => "established",
         (6, _) => "closing",
         _ => "active",
