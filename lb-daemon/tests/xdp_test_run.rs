@@ -3,7 +3,9 @@
 //! no interfaces. Packets are built and checked with `etherparse`, so the
 //! checksums are verified by code independent of the data plane's.
 //!
-//! Needs root (loading BPF); without it every test says so and skips.
+//! Needs root (loading BPF); without it every test fails naming it under
+//! `cargo xtask test` (`LB_REQUIRE_PREREQUISITES`), and says so and skips
+//! under a plain `cargo test`.
 
 use std::net::Ipv4Addr;
 
@@ -47,13 +49,36 @@ fn uplink_info(n: u8, state: u32) -> UplinkInfo {
     }
 }
 
+/// Set (to anything but `0`) by `cargo xtask test`: a missing
+/// prerequisite fails the test instead of skipping it (as in lb-tests'
+/// `REQUIRE_PREREQUISITES`).
+const REQUIRE_PREREQUISITES: &str = "LB_REQUIRE_PREREQUISITES";
+
+/// Whether these tests can run: loading BPF needs root. Without it, the
+/// test fails naming it when [`REQUIRE_PREREQUISITES`] is set (CI), and is
+/// skipped, said past the harness's capture, when not.
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIPPED: BPF_PROG_TEST_RUN tests need root to load programs");
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
     }
-    root
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a BPF_PROG_TEST_RUN test")
+        .to_owned();
+    let reason = format!(
+        "BPF_PROG_TEST_RUN tests load programs and need root (euid is {euid}); run them with sudo"
+    );
+    if std::env::var_os(REQUIRE_PREREQUISITES).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("{test} cannot run: {reason} ({REQUIRE_PREREQUISITES} is set: a missing prerequisite fails the test)");
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {reason} (with {REQUIRE_PREREQUISITES}=1, as under `cargo xtask test`, this fails)"
+    );
+    false
 }
 
 /// A data plane with two uplinks sharing the buckets 1:1.
@@ -517,11 +542,72 @@ fn wan_ingress_counts_and_passes() {
     if !is_root() {
         return;
     }
+    // Test runs arrive on loopback, which stands for uplink 2 (index 1):
+    // what arrives there is counted on it, whatever becomes of it.
     let mut h = Harness::new([uplink_state::ACTIVE; 2]);
-    let frame = udp(53, 60);
-    let (verdict, out) = h.run(program::WAN_INGRESS, &frame);
-    assert_eq!(verdict, XDP_PASS);
-    assert_eq!(out, frame);
+    let reasons_before = h.dp.reasons().expect("reasons");
+    // Not addressed to the uplink (no NAT mapping can match): the kernel's.
+    let stray = udp(53, 60);
+    // Not IPv4 at all: an ARP request from the gateway for the uplink's
+    // address, which the router must answer.
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    let arp: Vec<u8> = [
+        &[0xff; 6][..],
+        &up.gw_mac,
+        &[0x08, 0x06],
+        &[0, 1, 8, 0, 6, 4, 0, 1],
+        &up.gw_mac,
+        &[100, 64, 2, 1],
+        &[0; 6],
+        &up.addr,
+    ]
+    .concat();
+    for (what, frame, why) in [
+        ("IPv4 not for the uplink", &stray, reason::PASS_NO_MAPPING),
+        ("ARP", &arp, reason::PASS_NOT_IPV4),
+    ] {
+        let before = h.reason(why);
+        let (verdict, out) = h.run(program::WAN_INGRESS, frame);
+        assert_eq!(verdict, XDP_PASS, "{what}: to the kernel");
+        assert_eq!(&out, frame, "{what}: untouched");
+        assert_eq!(h.reason(why), before + 1, "{what}: counted as {why}");
+    }
+
+    let stats = h.dp.uplink_stats(1).expect("stats");
+    assert_eq!(stats.rx_packets, 2, "both arrivals counted on uplink 2");
+    assert_eq!(
+        stats.rx_bytes,
+        (stray.len() + arp.len()) as u64,
+        "their whole frames' bytes counted on uplink 2"
+    );
+    assert_eq!(
+        (stats.tx_packets, stats.replies, stats.new_flows),
+        (0, 0, 0),
+        "nothing sent, translated or pinned on uplink 2"
+    );
+    let other = h.dp.uplink_stats(0).expect("stats");
+    assert_eq!(
+        (other.rx_packets, other.rx_bytes),
+        (0, 0),
+        "nothing counted on uplink 1, where nothing arrived"
+    );
+    // Exactly the two passes, no other verdict.
+    let reasons = h.dp.reasons().expect("reasons");
+    let moved: Vec<(usize, u64)> = reasons
+        .iter()
+        .zip(reasons_before)
+        .enumerate()
+        .filter(|(_, (now, before))| *now != before)
+        .map(|(r, (now, before))| (r, now - before))
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            (reason::PASS_NOT_IPV4 as usize, 1),
+            (reason::PASS_NO_MAPPING as usize, 1)
+        ],
+        "no other reason counted"
+    );
 }
 
 /// A reply from the server to uplink 2 (the one loopback stands for in

@@ -6,8 +6,14 @@
 //! each daemon gets its own directory and control socket.
 
 use std::{
+    fs::File,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{ChildStderr, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -93,6 +99,54 @@ pub struct Lbd {
     config: PathBuf,
     /// Where it pins its data plane: one per lab, on the host's bpffs.
     bpffs: PathBuf,
+    /// What the current (or last) run writes to stderr.
+    stderr: Said,
+}
+
+/// What one run of lbd wrote to its stderr, read as it comes by a thread
+/// that also passes each line on (to the test's output, which the harness
+/// shows when the test fails), and whether lbd (and whatever inherited its
+/// stderr) has closed it.
+#[derive(Clone, Default)]
+struct Said {
+    text: Arc<Mutex<String>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Said {
+    /// Reads `stderr` of lbd `pid` on a thread of its own until it closes.
+    fn read(stderr: ChildStderr, pid: u32) -> Said {
+        let said = Said::default();
+        let (text, closed) = (said.text.clone(), said.closed.clone());
+        // Spawned from the caller's thread, the reader writes into the
+        // same test output.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("lbd[{pid}]: {line}");
+                if let Ok(mut t) = text.lock() {
+                    t.push_str(&line);
+                    t.push('\n');
+                }
+            }
+            closed.store(true, Ordering::Release);
+        });
+        said
+    }
+
+    fn text(&self) -> String {
+        self.text.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+}
+
+/// How a run of lbd ended when it was stopped: its exit status and what
+/// it wrote to stderr in that run.
+#[derive(Debug)]
+pub struct Ended {
+    pub status: ExitStatus,
+    pub stderr: String,
+    /// Whether `stderr` is all of it: the pipe closed after lbd exited
+    /// (not when a child of lbd's, a hook, still holds it open).
+    pub stderr_complete: bool,
 }
 
 /// A configuration for lbd in `lab`, with `{socket}`, `{bpffs}` and
@@ -109,6 +163,116 @@ pub fn fill(config: &str, lab: &Lab, dir: &Path) -> (String, PathBuf, PathBuf) {
     (text, socket, bpffs)
 }
 
+/// How long a run of lbd that is expected to end by itself (`--check`,
+/// `--teardown`, a start that must be refused) gets before it counts as
+/// hanging: a bound so that a regression fails a test instead of hanging
+/// it, not a speed target.
+pub const RUN_TIMEOUT: Duration = START_TIMEOUT;
+
+/// How a run of lbd that ended by itself went.
+#[derive(Debug)]
+pub struct Ran {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    /// Its stdout when it succeeded; else an error with its exit status
+    /// and stderr.
+    pub fn ok(self) -> Result<String> {
+        ensure!(
+            self.status.success(),
+            "lbd exited with {}: {}",
+            self.status,
+            self.stderr.trim()
+        );
+        Ok(self.stdout)
+    }
+
+    /// What it said when it refused (`lbd exited with STATUS: STDERR`); an
+    /// empty string when it succeeded.
+    pub fn refusal(&self) -> String {
+        if self.status.success() {
+            String::new()
+        } else {
+            format!("lbd exited with {}: {}", self.status, self.stderr.trim())
+        }
+    }
+}
+
+/// Runs lbd with `args` in `lab`'s router (its network namespace only, so
+/// with the host's bpffs, as [`Lbd::start`] does) and waits at most
+/// `limit` for it to end. An lbd that still runs then is stopped
+/// (SIGTERM, then SIGKILL) and the run is an error that says what it
+/// printed: the test fails, it does not hang.
+pub fn run_lbd(lab: &Lab, args: &[&str], limit: Duration) -> Result<Ran> {
+    match run_within(lab, args, limit)? {
+        Ok(ran) => Ok(ran),
+        Err(said) => bail!(
+            "`lbd {}` still ran after {limit:?}, so it was stopped; it said: {}",
+            args.join(" "),
+            said.trim()
+        ),
+    }
+}
+
+/// As [`run_lbd`]: `Err` (in `Ok`) with what lbd wrote to stderr when it
+/// still ran after `limit` and was stopped.
+fn run_within(lab: &Lab, args: &[&str], limit: Duration) -> Result<Result<Ran, String>> {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{}run{}",
+        lab.prefix(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ran = run_into(lab, args, limit, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    ran
+}
+
+fn run_into(lab: &Lab, args: &[&str], limit: Duration, dir: &Path) -> Result<Result<Ran, String>> {
+    // Its output into files: a pipe nobody reads while it runs could fill
+    // and stop it.
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let file = |p: &Path| File::create(p).with_context(|| format!("creating {}", p.display()));
+    let lbd = bin_dir().join("lbd");
+    // nsenter without --fork execs lbd: the child's pid is lbd's.
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns("router")?))
+        .arg("--")
+        .arg(&lbd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file(&out_path)?)
+        .stderr(file(&err_path)?)
+        .spawn()
+        .with_context(|| format!("starting `{} {}`", lbd.display(), args.join(" ")))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for lbd")? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.is_none() {
+        stop_started(&mut child)?;
+    }
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    Ok(match status {
+        Some(status) => Ok(Ran {
+            status,
+            stdout: read(&out_path),
+            stderr: read(&err_path),
+        }),
+        None => Err(read(&err_path)),
+    })
+}
+
 /// What `lbd --check` and lbd's start say when they refuse `config` in
 /// `lab`'s router: (the check's error, the start's error); an empty string
 /// where one did not refuse (see [`refusals_within`]).
@@ -116,98 +280,78 @@ pub fn refusals(lab: &Lab, config: &str) -> Result<(String, String)> {
     refusals_within(lab, config, START_TIMEOUT)
 }
 
-/// What `lbd --check` and lbd's start say when they refuse `config`,
-/// waiting no longer than `limit`: a `lbd` (or `lbd --check`) that has
-/// neither refused nor finished by then counts as not refusing; a start that runs is stopped (SIGTERM), and what it left in
-/// the kernel removed (`lbd --teardown`, its pins). For checks that lbd
-/// may not make yet: the test then fails, it does not hang.
-pub fn refusals_within(lab: &Lab, config: &str, limit: Duration) -> Result<(String, String)> {
-    let dir = std::env::temp_dir().join(format!("{}refused", lab.prefix()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file = dir.join("lbd.toml");
-    let (text, _, bpffs) = fill(config, lab, &dir);
-    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
-    let lbd = bin_dir().join("lbd");
-    let netns = format!("--net=/run/netns/{}", lab.ns("router")?);
-    let refusal = |check: bool| -> Result<String> {
-        // Its stderr into a file: a pipe nobody reads while it runs could
-        // fill and stop it.
-        let log = dir.join(if check {
-            "check.stderr"
-        } else {
-            "start.stderr"
-        });
-        let stderr =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(&netns)
-            .arg("--")
-            .arg(&lbd)
-            .arg("--config")
-            .arg(&file);
-        if check {
-            cmd.arg("--check");
-        }
-        // nsenter without --fork execs lbd: the child's pid is lbd's.
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .context("starting lbd with nsenter")?;
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = child.try_wait().context("waiting for lbd")? {
-                break Some(status);
-            }
-            if Instant::now() >= deadline {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let said = || std::fs::read_to_string(&log).unwrap_or_default();
-        match status {
-            Some(status) if status.success() => Ok(String::new()),
-            Some(status) => Ok(format!("lbd exited with {status}: {}", said().trim())),
-            None => {
-                eprintln!(
-                    "lbd{} still ran after {limit:?}: stopping it; it said: {}",
-                    if check { " --check" } else { "" },
-                    said().trim()
-                );
-                stop_started(&mut child)?;
-                let teardown = Command::new("nsenter")
-                    .arg(&netns)
-                    .arg("--")
-                    .arg(&lbd)
-                    .arg("--teardown")
-                    .arg("--config")
-                    .arg(&file)
-                    .stdin(std::process::Stdio::null())
-                    .output()
-                    .context("running lbd --teardown")?;
-                if !teardown.status.success() {
-                    eprintln!(
-                        "warning: lbd --teardown: {}",
-                        String::from_utf8_lossy(&teardown.stderr).trim()
-                    );
-                }
-                if let Err(e) = std::fs::remove_dir_all(&bpffs) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        eprintln!("warning: removing {}: {e}", bpffs.display());
-                    }
-                }
-                Ok(String::new())
-            }
-        }
-    };
-    let said = (refusal(true), refusal(false));
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok((said.0?, said.1?))
+/// What `lbd --check` says when it refuses `config`; an empty string when
+/// it accepts it. A check that has not ended after [`RUN_TIMEOUT`] is an
+/// error.
+pub fn check_refusal(lab: &Lab, config: &str) -> Result<String> {
+    refusal(lab, config, true, RUN_TIMEOUT)
 }
 
-/// SIGTERM to a process started by [`refusals_within`], a bounded wait,
-/// then SIGKILL.
+/// What lbd's start says when it refuses `config`; an empty string when
+/// it started instead (and was stopped, and what it left in the kernel
+/// removed, after [`START_TIMEOUT`]).
+pub fn start_refusal(lab: &Lab, config: &str) -> Result<String> {
+    refusal(lab, config, false, START_TIMEOUT)
+}
+
+/// What `lbd --check` and lbd's start say when they refuse `config`,
+/// waiting no longer than `limit`: a `lbd` (or `lbd --check`) that has
+/// neither refused nor finished by then counts as not refusing; a start
+/// that runs is stopped (SIGTERM), and what it left in the kernel removed
+/// (`lbd --teardown`, its pins). For checks that lbd may not make yet: the
+/// test then fails, it does not hang.
+pub fn refusals_within(lab: &Lab, config: &str, limit: Duration) -> Result<(String, String)> {
+    let check = refusal(lab, config, true, limit);
+    let start = refusal(lab, config, false, limit);
+    Ok((check?, start?))
+}
+
+/// What lbd (`check`: `lbd --check`) says when it refuses `config`, as
+/// [`refusals_within`] says.
+fn refusal(lab: &Lab, config: &str, check: bool, limit: Duration) -> Result<String> {
+    let dir = std::env::temp_dir().join(format!(
+        "{}refused{}",
+        lab.prefix(),
+        if check { "check" } else { "start" }
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let said = refusal_in(lab, config, check, limit, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    said
+}
+
+fn refusal_in(lab: &Lab, config: &str, check: bool, limit: Duration, dir: &Path) -> Result<String> {
+    let file = dir.join("lbd.toml");
+    let (text, _, bpffs) = fill(config, lab, dir);
+    std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+    let mut args = vec!["--config", path(&file)?];
+    if check {
+        args.push("--check");
+    }
+    let said = match run_within(lab, &args, limit)? {
+        Ok(ran) => return Ok(ran.refusal()),
+        Err(said) => said,
+    };
+    eprintln!(
+        "lbd{} still ran after {limit:?}: stopped it; it said: {}",
+        if check { " --check" } else { "" },
+        said.trim()
+    );
+    if let Err(e) =
+        run_lbd(lab, &["--teardown", "--config", path(&file)?], RUN_TIMEOUT).and_then(Ran::ok)
+    {
+        eprintln!("warning: lbd --teardown: {e:#}");
+    }
+    if let Err(e) = std::fs::remove_dir_all(&bpffs) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("warning: removing {}: {e}", bpffs.display());
+        }
+    }
+    Ok(String::new())
+}
+
+/// SIGTERM to a process started by [`run_within`], a bounded wait, then
+/// SIGKILL.
 fn stop_started(child: &mut std::process::Child) -> Result<()> {
     let pid = libc::pid_t::try_from(child.id()).context("lbd's pid is out of range")?;
     // SAFETY: kill has no memory-safety preconditions; `pid` is our child,
@@ -253,13 +397,14 @@ impl Lbd {
         let mut args = vec!["env"];
         args.extend_from_slice(env);
         args.extend([path(&lbd)?, "--config", path(&config_path)?]);
-        let pid = lab.spawn_net_only("router", &args)?;
+        let (pid, stderr) = lab.spawn_net_only_piped("router", &args)?;
         let me = Lbd {
             pid,
             dir,
             socket,
             config: config_path,
             bpffs,
+            stderr: Said::read(stderr, pid),
         };
         me.wait_answering()?;
         Ok(me)
@@ -269,7 +414,10 @@ impl Lbd {
     /// the same configuration: it adopts the data plane left pinned.
     pub fn restart(&mut self, lab: &mut Lab) -> Result<()> {
         let lbd = bin_dir().join("lbd");
-        self.pid = lab.spawn_net_only("router", &[path(&lbd)?, "--config", path(&self.config)?])?;
+        let (pid, stderr) =
+            lab.spawn_net_only_piped("router", &[path(&lbd)?, "--config", path(&self.config)?])?;
+        self.pid = pid;
+        self.stderr = Said::read(stderr, pid);
         self.wait_answering()
     }
 
@@ -297,9 +445,38 @@ impl Lbd {
     /// Stop lbd with SIGTERM, as a restart or an upgrade does: the data
     /// plane keeps forwarding.
     pub fn stop_keeping(&self, lab: &mut Lab) -> Result<()> {
-        let status = lab.stop(self.pid)?;
-        ensure!(status.success(), "lbd exited with {status}");
+        let ended = self.stop_with(lab, libc::SIGTERM)?;
+        ensure!(
+            ended.status.success(),
+            "lbd exited with {}; it said: {}",
+            ended.status,
+            ended.stderr.trim()
+        );
         Ok(())
+    }
+
+    /// Stop lbd with `signal` (SIGTERM as systemd does, SIGINT as Ctrl-C
+    /// does) and return how it ended; the data plane stays. Bounded: an
+    /// lbd that has not exited after the lab's grace period is killed
+    /// (its status then says SIGKILL), and its stderr is waited for a
+    /// bounded while only (see [`Ended::stderr_complete`]).
+    pub fn stop_with(&self, lab: &mut Lab, signal: libc::c_int) -> Result<Ended> {
+        let status = lab.stop_with(self.pid, signal)?;
+        let closed = crate::stream::wait_for(
+            "lbd's stderr to close after it exited",
+            Duration::from_secs(5),
+            || Ok(self.stderr.closed.load(Ordering::Acquire)),
+        );
+        Ok(Ended {
+            status,
+            stderr: self.stderr.text(),
+            stderr_complete: closed.is_ok(),
+        })
+    }
+
+    /// What lbd wrote to stderr so far in its current (or last) run.
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
     }
 
     /// Kill lbd (SIGKILL), as a crash or the OOM killer does.
@@ -310,13 +487,16 @@ impl Lbd {
         Ok(())
     }
 
-    /// `lbd --teardown` with this daemon's configuration.
+    /// `lbd --teardown` with this daemon's configuration (bounded: see
+    /// [`run_lbd`]); its stdout.
     pub fn teardown(&self, lab: &Lab) -> Result<String> {
-        let lbd = bin_dir().join("lbd");
-        lab.exec_net_only(
-            "router",
-            &[path(&lbd)?, "--teardown", "--config", path(&self.config)?],
-        )
+        run_lbd(
+            lab,
+            &["--teardown", "--config", path(&self.config)?],
+            RUN_TIMEOUT,
+        )?
+        .ok()
+        .context("lbd --teardown")
     }
 
     fn wait_answering(&self) -> Result<()> {
@@ -446,13 +626,11 @@ impl Lbd {
         )
     }
 
-    /// Stop the daemon (SIGTERM, then SIGKILL after a grace period).
     /// Stop the daemon (SIGTERM, then SIGKILL after a grace period), and
     /// remove everything it left in the kernel (`lbd --teardown`).
     pub fn stop(self, lab: &mut Lab) -> Result<()> {
-        let status = lab.stop(self.pid)?;
         // Dropping `self` removes its directory.
-        ensure!(status.success(), "lbd exited with {status}");
+        self.stop_keeping(lab)?;
         self.teardown(lab)?;
         Ok(())
     }

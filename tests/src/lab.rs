@@ -304,6 +304,23 @@ impl Lab {
         Ok(pid)
     }
 
+    /// As [`Lab::spawn_net_only`], with the process's stderr piped to the
+    /// caller, who must read it: returns its pid and the reading end.
+    pub fn spawn_net_only_piped(
+        &mut self,
+        host: &str,
+        args: &[&str],
+    ) -> Result<(u32, std::process::ChildStderr)> {
+        let mut child = netns::spawn_net_only_piped(self.ns(host)?, args)?;
+        let stderr = child
+            .stderr
+            .take()
+            .context("a piped stderr of the spawned process")?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok((pid, stderr))
+    }
+
     /// As [`Lab::exec`], in the host's network namespace only.
     pub fn exec_net_only(&self, host: &str, args: &[&str]) -> Result<String> {
         netns::exec_net_only(self.ns(host)?, args)
@@ -312,10 +329,15 @@ impl Lab {
     /// Stops a process started with [`Lab::spawn`]: SIGTERM, then SIGKILL
     /// if it has not exited after a grace period. Returns how it exited.
     pub fn stop(&mut self, pid: u32) -> Result<ExitStatus> {
+        self.stop_with(pid, libc::SIGTERM)
+    }
+
+    /// As [`Lab::stop`], with `signal` (e.g. SIGINT) instead of SIGTERM.
+    pub fn stop_with(&mut self, pid: u32, signal: libc::c_int) -> Result<ExitStatus> {
         let Some(index) = self.children.iter().position(|c| c.id() == pid) else {
             bail!("pid {pid} was not spawned by lab {}*", self.prefix);
         };
-        stop_child(self.children.swap_remove(index))
+        stop_child(self.children.swap_remove(index), signal)
     }
 
     /// Sets `host:ifname` administratively up or down. Taking a link down
@@ -438,7 +460,7 @@ impl Lab {
     fn teardown(&mut self) -> Result<()> {
         let mut failures = Vec::new();
         for child in self.children.drain(..) {
-            if let Err(e) = stop_child(child) {
+            if let Err(e) = stop_child(child, libc::SIGTERM) {
                 failures.push(format!("{e:#}"));
             }
         }
@@ -470,8 +492,8 @@ impl Drop for Lab {
     }
 }
 
-/// SIGTERM, a bounded wait, then SIGKILL.
-fn stop_child(mut child: Child) -> Result<ExitStatus> {
+/// `sig` (SIGTERM, SIGINT), a bounded wait, then SIGKILL.
+fn stop_child(mut child: Child, sig: libc::c_int) -> Result<ExitStatus> {
     let pid = child.id();
     if let Some(status) = child
         .try_wait()
@@ -479,7 +501,7 @@ fn stop_child(mut child: Child) -> Result<ExitStatus> {
     {
         return Ok(status);
     }
-    signal(pid, libc::SIGTERM)?;
+    signal(pid, sig)?;
     let deadline = Instant::now() + STOP_GRACE;
     while Instant::now() < deadline {
         if let Some(status) = child
@@ -492,7 +514,7 @@ fn stop_child(mut child: Child) -> Result<ExitStatus> {
     }
     child
         .kill()
-        .with_context(|| format!("killing pid {pid}, which ignored SIGTERM"))?;
+        .with_context(|| format!("killing pid {pid}, which ignored signal {sig}"))?;
     child.wait().with_context(|| format!("reaping pid {pid}"))
 }
 

@@ -17,14 +17,28 @@ use anyhow::{bail, Context, Result};
 /// Where `ip netns add` bind-mounts a namespace.
 const NETNS_DIR: &str = "/run/netns";
 
-/// Tools the lab shells out to, with the package that provides them.
-const TOOLS: [(&str, &str); 5] = [
+/// Tools every lab shells out to, with the package that provides them
+/// (`cargo xtask setup` installs them all; tools that only some tests use,
+/// iperf3 or dnsmasq, fail those tests by name when missing).
+const TOOLS: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("sysctl", "procps"),
     ("ethtool", "ethtool"),
     ("nft", "nftables"),
+    ("nsenter", "util-linux"),
 ];
+
+/// The environment variable that turns a missing prerequisite of a test
+/// (root, a lab's tool) from a skip into a failure: set to anything but
+/// `0` or nothing, a test that cannot run fails, naming what is missing.
+/// `cargo xtask test` (CI) sets it; a plain `cargo test` skips, loudly.
+pub const REQUIRE_PREREQUISITES: &str = "LB_REQUIRE_PREREQUISITES";
+
+/// Whether [`REQUIRE_PREREQUISITES`] is set: a missing prerequisite fails.
+pub fn prerequisites_required() -> bool {
+    std::env::var_os(REQUIRE_PREREQUISITES).is_some_and(|v| !v.is_empty() && v != "0")
+}
 
 /// Runs `cmd` to completion; returns its stdout, or an error with its stderr.
 pub(crate) fn run(cmd: &mut Command) -> Result<String> {
@@ -98,12 +112,24 @@ pub fn exec(ns: &str, args: &[&str]) -> Result<String> {
 /// keeps the host's mounts, so its /sys/fs/bpf is the host's bpffs, where
 /// what it pins outlives it (lbd's data plane).
 pub fn spawn_net_only(ns: &str, args: &[&str]) -> Result<Child> {
+    spawn_net_only_with(ns, args, Stdio::inherit())
+}
+
+/// As [`spawn_net_only`], with its stderr piped: the child's `stderr` is
+/// the reading end, for the caller to read (it must: a full pipe stops the
+/// child).
+pub fn spawn_net_only_piped(ns: &str, args: &[&str]) -> Result<Child> {
+    spawn_net_only_with(ns, args, Stdio::piped())
+}
+
+fn spawn_net_only_with(ns: &str, args: &[&str], stderr: Stdio) -> Result<Child> {
     let netns = format!("--net={}", Path::new(NETNS_DIR).join(ns).display());
     Command::new("nsenter")
         .arg(&netns)
         .arg("--")
         .args(args)
         .stdin(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("starting `{}` in namespace {ns}", args.join(" ")))
 }
@@ -174,16 +200,34 @@ pub fn enter_for_good(ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether lab tests can run here. When they cannot, prints why, as an
-/// explicit skip: `if !require_root("my_test") { return Ok(()); }`.
+/// Whether lab tests can run here: `if !require_root("my_test") { return
+/// Ok(()); }`. When they cannot, either the test fails, naming what is
+/// missing (with [`REQUIRE_PREREQUISITES`] set, as under `cargo xtask
+/// test`), or it is skipped, said on the terminal past the test harness's
+/// capture so that a skip is never silent.
+///
+/// # Panics
+///
+/// When a prerequisite is missing and [`REQUIRE_PREREQUISITES`] is set.
 pub fn require_root(test: &str) -> bool {
-    match missing_prerequisite() {
-        None => true,
-        Some(reason) => {
-            eprintln!("SKIPPED {test}: {reason}");
-            false
-        }
+    let Some(reason) = missing_prerequisite() else {
+        return true;
+    };
+    if prerequisites_required() {
+        panic!("{test} cannot run: {reason} ({REQUIRE_PREREQUISITES} is set: a missing prerequisite fails the test)");
     }
+    skipped(test, &reason);
+    false
+}
+
+/// Says that `test` was skipped and why, on the process's stderr itself:
+/// `eprintln!` in a test is captured and shown only when it fails.
+pub fn skipped(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {reason} (with {REQUIRE_PREREQUISITES}=1, as under `cargo xtask test`, this fails)"
+    );
 }
 
 fn missing_prerequisite() -> Option<String> {
@@ -193,8 +237,15 @@ fn missing_prerequisite() -> Option<String> {
         return Some(format!("lab tests create network namespaces and need root (euid is {euid}); run them with sudo"));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    TOOLS
+    let missing: Vec<String> = TOOLS
         .iter()
-        .find(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .map(|(tool, package)| format!("`{tool}` is not on PATH; install {package}"))
+        .filter(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .map(|(tool, package)| format!("`{tool}` (package {package})"))
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "not on PATH: {}; `cargo xtask setup` installs them",
+            missing.join(", ")
+        )
+    })
 }

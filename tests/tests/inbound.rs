@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use lb_tests::{
-    daemon::{refusals, LabConfig, Lbd},
+    daemon::{check_refusal, refusals, LabConfig, Lbd},
     dhcp, in_netns, require_root,
     stream::wait_for,
     traffic::{tcp_flows, udp_flows, wait_tcp_listener, FlowResult, TcpEchoServer, UdpEchoServer},
@@ -770,32 +770,10 @@ fn a_routed_prefix_overlapping_the_lan_is_refused_with_file_line_and_key() -> Re
     }
     // A prefix apart from the LAN passes the same check.
     let apart = config_with(&["br-lan"], "routed = [\"203.0.113.8/29\"]");
-    let checked = check_only(&lab, &apart)?;
+    let checked = check_refusal(&lab, &apart)?;
     ensure!(
         checked.is_empty(),
         "lbd --check refused a routed prefix apart from the LAN: {checked}"
     );
     Ok(())
-}
-
-/// What `lbd --check` says when it refuses `config` in `lab`'s router; an
-/// empty string when it does not.
-fn check_only(lab: &Lab, config: &str) -> Result<String> {
-    let dir = std::env::temp_dir().join(format!("{}checked", lab.prefix()));
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join("lbd.toml");
-    let (text, _, _) = lb_tests::daemon::fill(config, lab, &dir);
-    std::fs::write(&file, text)?;
-    let lbd = lb_tests::daemon::bin_dir().join("lbd");
-    let said = lab.exec_net_only(
-        "router",
-        &[
-            &lbd.display().to_string(),
-            "--config",
-            &file.display().to_string(),
-            "--check",
-        ],
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(said.err().map(|e| format!("{e:#}")).unwrap_or_default())
 }

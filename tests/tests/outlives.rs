@@ -192,6 +192,30 @@ fn new_flows_balanced(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// The lbd just started adopted the data plane its predecessor pinned,
+/// with at least the running streams' flows: its status says how many
+/// flows it adopted, and its events say it adopted.
+fn adopted_the_streams(lbd: &Lbd) -> Result<()> {
+    let status = lbd.status()?;
+    let adopted = status["adopted_flows"].as_u64().with_context(|| {
+        format!(
+            "the new lbd adopted no data plane (adopted_flows is {})",
+            status["adopted_flows"]
+        )
+    })?;
+    eprintln!("the new lbd adopted {adopted} flows");
+    ensure!(
+        adopted >= u64::from(STREAMS),
+        "the new lbd adopted {adopted} flows, not the {STREAMS} running"
+    );
+    let events = lbd.lbctl(&["events"])?;
+    ensure!(
+        events.contains("adopted the pinned data plane"),
+        "lbd's events do not say it adopted the pinned data plane:\n{events}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing() -> Result<()> {
     if !require_root("a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing") {
@@ -210,12 +234,7 @@ fn a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing() -> Result<()>
     // New flows too.
     port_on(&lab, &sink, [100, 64, 1, 2], 6600)?;
     lbd.restart(&mut lab)?;
-    let adopted = lbd.status()?["adopted_flows"].as_u64().unwrap_or(0);
-    eprintln!("the new lbd adopted {adopted} flows");
-    ensure!(
-        adopted >= u64::from(STREAMS),
-        "the new lbd adopted {adopted} flows, not the {STREAMS} running"
-    );
+    adopted_the_streams(&lbd)?;
     running.still_flowing(&sink, 20, "after the restart")?;
     download.finish()?;
     drop(running);
@@ -242,6 +261,7 @@ fn a_killed_lbd_leaves_forwarding_and_nothing_leaks() -> Result<()> {
     download.finish()?;
     leaks.check()?;
     lbd.restart(&mut lab)?;
+    adopted_the_streams(&lbd)?;
     running.still_flowing(&sink, 10, "after lbd came back")?;
     drop(running);
     leaks.check()?;

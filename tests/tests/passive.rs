@@ -21,6 +21,7 @@ use lb_tests::{
     traffic::{http_download, tcp_connect_from, HttpFileServer, TcpEchoServer},
     unique_prefix, Lab, LabDesc, LanLeaks,
 };
+use serde_json::Value;
 
 const PROBE: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"";
 /// A bound for what must happen, not a speed target.
@@ -41,13 +42,24 @@ fn most_bursts(window: Duration) -> u64 {
     n
 }
 
+/// Counter `key` of `uplink` (an entry of `lbctl status --json`); a
+/// missing one fails the test, it does not read as zero.
+fn counter(uplink: &Value, key: &str) -> Result<u64> {
+    uplink[key]
+        .as_u64()
+        .with_context(|| format!("no counter `{key}` in lbd's status of the uplink: {uplink}"))
+}
+
 fn counters(lbd: &Lbd) -> Result<(u64, u64, String, u64)> {
     let isp1 = lbd.uplink("isp1")?;
     Ok((
-        isp1["suspicions"].as_u64().unwrap_or(0),
-        isp1["transitions"].as_u64().unwrap_or(0),
-        isp1["health"].as_str().unwrap_or("").to_owned(),
-        isp1["false_alarms"].as_u64().unwrap_or(0),
+        counter(&isp1, "suspicions")?,
+        counter(&isp1, "transitions")?,
+        isp1["health"]
+            .as_str()
+            .with_context(|| format!("no `health` in lbd's status of isp1: {isp1}"))?
+            .to_owned(),
+        counter(&isp1, "false_alarms")?,
     ))
 }
 
@@ -199,10 +211,10 @@ fn a_syn_sent_again_without_an_answer_moves_to_another_uplink() -> Result<()> {
             .filter(|_| tcp_connect_from(&client, local, echo.local_addr(), timeout).is_ok())
             .count()
     };
-    let before = lbd.uplink("isp1")?["syn_retries"].as_u64().unwrap_or(0);
+    let before = counter(&lbd.uplink("isp1")?, "syn_retries")?;
     let connected = connect_all(BOUND);
     let isp1 = lbd.uplink("isp1")?;
-    let retries = isp1["syn_retries"].as_u64().unwrap_or(0) - before;
+    let retries = counter(&isp1, "syn_retries")? - before;
     eprintln!(
         "isp1 cut upstream, no probes: {connected} of {CONNECTIONS} connections made; {retries} SYNs sent again on isp1 and moved; isp1 {}",
         isp1["health"]

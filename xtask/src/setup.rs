@@ -16,6 +16,12 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 /// provides, and the package name.
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    // sysctl for every lab's hosts; kill for signals to lbd in a lab.
+    ("sysctl", "procps"),
+    // nsenter runs lbd in a lab's router with the host's bpffs.
+    ("nsenter", "util-linux"),
+    // The lab's DHCP client hook (tests/labs/udhcpc.sh).
+    ("awk", "mawk"),
     ("nft", "nftables"),
     ("ethtool", "ethtool"),
     ("iperf3", "iperf3"),

@@ -150,7 +150,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    match runtime.block_on(run(config, local_ports, args.config.clone())) {
+    let result = runtime.block_on(run(config, local_ports, args.config.clone()));
+    // Whatever still runs (a flow collection, a client's request) gets a
+    // moment to end; none may hold the exit.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lbd: {e:#}");
@@ -159,6 +163,8 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long tasks still running at exit get to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often expired flows are collected (at most).
 const GC_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -197,7 +203,8 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
     log::info!("ready; control socket {}", socket.display());
     // systemd's Type=notify: ready now (nothing happens without systemd).
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let reconciler = tokio::spawn(reconcile_forever(daemon.clone(), kernel.clone()));
+    let (stop_reconciling, stopping) = tokio::sync::watch::channel(false);
+    let reconciler = tokio::spawn(reconcile_forever(daemon.clone(), kernel.clone(), stopping));
     let metrics_listen = daemon.lock().ok().and_then(|d| d.config.metrics);
     if let Some(listen) = metrics_listen {
         let daemon = daemon.clone();
@@ -290,7 +297,13 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
             },
         }
     }
-    reconciler.abort();
+    // The reconciler ends its round (it may be inside `block_in_place`,
+    // where aborting cannot reach it) before the runtime goes: a round that
+    // outlived the runtime would find its timers gone, and panic.
+    let _ = stop_reconciling.send(true);
+    if let Err(e) = reconciler.await {
+        log::warn!("the reconciler ended badly: {e}");
+    }
     let pinned = daemon
         .lock()
         .map(|d| d.config.daemon.bpffs.display().to_string())
@@ -306,13 +319,19 @@ async fn run(config: config::Config, local_ports: (u16, u16), config_path: PathB
     Ok(())
 }
 
-/// Converge on every kernel event, and once a second.
-async fn reconcile_forever(daemon: Arc<Mutex<Daemon>>, kernel: KernelLink) {
+/// Converge on every kernel event, and once a second, until `stopping`.
+async fn reconcile_forever(
+    daemon: Arc<Mutex<Daemon>>,
+    kernel: KernelLink,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tokio::select! {
+            biased;
+            _ = stopping.changed() => return,
             () = kernel.changed.notified() => {}
             _ = tick.tick() => {}
         }

@@ -319,12 +319,20 @@ pub(crate) mod testns {
 
     impl NetNs {
         /// A new namespace, or `None` after printing why the test is
-        /// skipped (not root, or no `ip`).
+        /// skipped (not root, or no `ip`); under `cargo xtask test`
+        /// (`LB_REQUIRE_PREREQUISITES` set) a missing prerequisite fails
+        /// the test instead, naming it.
         pub(crate) fn create(test: &str) -> Option<NetNs> {
+            let skip = |why: String| {
+                let required = std::env::var("LB_REQUIRE_PREREQUISITES")
+                    .is_ok_and(|v| !v.is_empty() && v != "0");
+                assert!(!required, "{test}: {why}");
+                eprintln!("SKIPPED {test}: {why}");
+                None
+            };
             // SAFETY: geteuid has no preconditions and cannot fail.
             if unsafe { libc::geteuid() } != 0 {
-                eprintln!("SKIPPED {test}: needs root to create network namespaces");
-                return None;
+                return skip("needs root to create network namespaces".into());
             }
             let name = format!(
                 "hdev-{}-{}",
@@ -333,10 +341,7 @@ pub(crate) mod testns {
             );
             match run(&["netns", "add", &name]) {
                 Ok(_) => Some(NetNs { name }),
-                Err(e) => {
-                    eprintln!("SKIPPED {test}: cannot create a network namespace: {e}");
-                    None
-                }
+                Err(e) => skip(format!("cannot create a network namespace: {e}")),
             }
         }
 
