@@ -24,10 +24,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{tc::SchedClassifierLinkId, xdp::XdpLinkId};
 use lb_common::{
     hash,
-    maps::{program, uplink_state, UplinkInfo},
+    maps::{uplink_state, UplinkInfo},
     reason,
     table::{self, Table},
 };
@@ -45,18 +44,20 @@ use crate::{
     daemon::uplink::{Admin, Facts, Lifecycle},
     dataplane::flows::FlowTables,
     dataplane::pins::{Found, Pins},
-    dataplane::{AttachMode, Dataplane},
+    dataplane::Dataplane,
     health::passive,
     health::probe::{self, Binding, UplinkProbe},
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
     observe::kernel::Observed,
     observe::linkwatch::{LinkEvent, LinkWatch, Watchers},
     observe::netlink,
+    reconcile::attachments,
     reconcile::buckets::{self, Candidate},
     reconcile::bypass,
     reconcile::egress,
     reconcile::nftables,
     reconcile::routing,
+    reconcile::uplinks,
 };
 
 /// How often an unresolved gateway is asked for again (ARP).
@@ -179,7 +180,8 @@ pub struct Daemon {
     pub config: Config,
     pub uplinks: Vec<Uplink>,
     dataplane: Dataplane,
-    table: Table,
+    /// The bucket table, as written to the data plane.
+    buckets: buckets::Buckets,
     /// The flow tables as the collector and `status` walk them, on handles
     /// of their own (see `flows`); the lock keeps the two walks apart (a
     /// walk beside deletions may see an entry twice).
@@ -188,17 +190,10 @@ pub struct Daemon {
     bypass: bypass::Bypass,
     /// The uplinks' addresses as the flow collector has them.
     flow_addrs: Vec<Ipv4Addr>,
-    /// The interfaces `lan_ingress` is attached to: the LAN interfaces, or
-    /// a bridge's ports, as they come and go. Only once the slow path's
-    /// guard is in place (`lans_open`).
-    lan_ports: std::collections::BTreeMap<u32, (String, XdpLinkId)>,
+    /// Where lb's programs are attached. `lan_ingress` only once the
+    /// slow path's guard is in place (`lans_open`).
+    attachments: attachments::Attachments,
     lans_open: bool,
-    /// The hand-off program's attachments (tc ingress), by interface: on
-    /// the LAN ports and the uplinks, beside `lan_ingress`/`wan_ingress`.
-    handoffs: std::collections::BTreeMap<String, SchedClassifierLinkId>,
-    /// Why the hand-off program could not be attached somewhere, if it
-    /// could not: no qdisc is honoured then.
-    handoff_failed: Option<String>,
     /// Each device's way out (XDP or its qdisc) and lb's shapers.
     egress: egress::Owned,
     /// lb's nftables table as last put in place.
@@ -216,8 +211,6 @@ pub struct Daemon {
     /// optimistic (in service, taken down by `fall` bad rounds); uplinks
     /// that become ready later must first pass `rise` good rounds.
     started: Instant,
-    /// Whether the data plane has a bucket table from this daemon yet.
-    table_written: bool,
     /// Flows an adopted data plane held at start; `None`: a new one.
     adopted_flows: Option<u64>,
     /// What happened, for `lbctl events`.
@@ -364,14 +357,12 @@ impl Daemon {
                 .collect(),
             config,
             dataplane,
-            table: table::empty(),
+            buckets: buckets::Buckets::default(),
             flow_tables,
             bypass: bypass::Bypass::default(),
             flow_addrs: Vec::new(),
-            lan_ports: std::collections::BTreeMap::new(),
+            attachments: attachments::Attachments::default(),
             lans_open: false,
-            handoffs: std::collections::BTreeMap::new(),
-            handoff_failed: None,
             egress: egress_owned,
             slowpath: None,
             counted_before: nftables::Counted::default(),
@@ -381,7 +372,6 @@ impl Daemon {
             local_ports,
             generations: 0,
             started: Instant::now(),
-            table_written: false,
             adopted_flows: None,
             history: crate::control::events::History::default(),
             quota: quota::Book::new(),
@@ -444,8 +434,7 @@ impl Daemon {
     /// `table` (so that rebalancing moves nothing that need not move) and
     /// each uplink's entry (so that its flows keep their mappings).
     fn adopt(&mut self, table: Table) -> Result<()> {
-        self.table = table;
-        self.table_written = true;
+        self.buckets = buckets::Buckets::adopted(table);
         for u in &mut self.uplinks {
             if let Some(info) = self.dataplane.pinned_uplink(u.index)? {
                 u.written = Some(info);
@@ -542,49 +531,14 @@ impl Daemon {
         self.slowpath = Some(wanted);
     }
 
-    /// Attach `lan_ingress` to every interface the LANs' frames arrive on
-    /// (a bridge's ports: those that join it while lbd runs too), and
-    /// detach it from those that left; replies are redirected to them.
+    /// Attach `lan_ingress` where the LANs' frames arrive (see
+    /// `reconcile::attachments`), once the guard is in place.
     fn follow_lans(&mut self, observed: &Observed) -> Result<()> {
         if !self.lans_open {
             return Ok(());
         }
-        let wanted: std::collections::BTreeMap<u32, String> = self
-            .config
-            .lans
-            .iter()
-            .flat_map(|lan| observed.lan_ports(&lan.interface))
-            .collect();
-        let gone: Vec<u32> = self
-            .lan_ports
-            .iter()
-            .filter(|(i, (name, _))| wanted.get(i) != Some(name))
-            .map(|(i, _)| *i)
-            .collect();
-        for ifindex in gone {
-            if let Some((name, link)) = self.lan_ports.remove(&ifindex) {
-                self.dataplane.detach(program::LAN_INGRESS, &name, link)?;
-                if let Some(link) = self.handoffs.remove(&name) {
-                    self.dataplane.detach_handoff(&name, link)?;
-                }
-                self.dataplane.remove_lan(ifindex)?;
-                log::info!("LAN port {name} left: lan_ingress detached from it");
-            }
-        }
-        for (ifindex, name) in wanted {
-            if self.lan_ports.contains_key(&ifindex) {
-                continue;
-            }
-            self.attach_handoff(&name);
-            self.dataplane.add_lan(ifindex)?;
-            let (mode, link) = self
-                .dataplane
-                .attach(program::LAN_INGRESS, &name)
-                .with_context(|| format!("LAN port {name}"))?;
-            log_attach(program::LAN_INGRESS, &name, mode);
-            self.lan_ports.insert(ifindex, (name, link));
-        }
-        Ok(())
+        let wanted = attachments::wanted_lan_ports(&self.config.lans, observed);
+        self.attachments.converge_lans(wanted, &mut self.dataplane)
     }
 
     fn egress_status(&self, device: &str) -> Option<EgressStatus> {
@@ -593,25 +547,6 @@ impl Daemon {
             path: c.path().to_owned(),
             why: c.why.clone(),
         })
-    }
-
-    /// (Re)attach the hand-off program to `interface`'s tc ingress.
-    /// Before the XDP program goes on: a frame XDP hands over must always
-    /// find it. A kernel without TCX (before 6.6) cannot have it: lb then
-    /// sends by XDP alone, says so once, and honours no qdisc.
-    fn attach_handoff(&mut self, interface: &str) {
-        match self.dataplane.attach_handoff(interface) {
-            Ok(link) => {
-                self.handoffs.insert(interface.to_owned(), link);
-            }
-            Err(e) => {
-                let e = format!("{e:#}");
-                if self.handoff_failed.is_none() {
-                    log::warn!("{interface}: {e}; lb's packets skip every qdisc (XDP alone)");
-                }
-                self.handoff_failed = Some(e);
-            }
-        }
     }
 
     /// Converge lb's shapers, and tell the data plane which devices'
@@ -659,7 +594,7 @@ impl Daemon {
                 .filter(|l| l.kind.as_deref() == Some("bridge"))
                 .map(|l| l.index);
             for (ifindex, name) in observed.lan_ports(&lan.interface) {
-                if self.lan_ports.contains_key(&ifindex) {
+                if self.attachments.has_lan_port(ifindex) {
                     devices.push(egress::Device {
                         ifindex,
                         name,
@@ -678,7 +613,7 @@ impl Daemon {
             &devices,
             &shapers,
             &managed,
-            self.handoff_failed.as_deref(),
+            self.attachments.handoff_failed(),
             |name| observed.link(name).map(|l| l.index),
         );
         for (ifindex, out) in writes {
@@ -840,39 +775,14 @@ impl Daemon {
         let u = &mut self.uplinks[i];
 
         // The entry, with the state these facts call for, in one write.
-        if let (Some(ifindex), Some(mac)) = (facts.ifindex, facts.mac) {
-            let info = UplinkInfo {
-                ifindex,
-                state: u.dataplane_state(),
-                addr: facts.addr.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
-                src_mac: mac,
-                gw_mac: facts.gateway_mac.unwrap_or_default(),
-                mtu: facts.mtu,
-                epoch: u.epoch,
-            };
-            if u.written != Some(info) {
-                self.dataplane.set_uplink(u.index, &info)?;
-                u.written = Some(info);
-            }
-            if u.attached != Some(ifindex) {
-                let interface = u.cfg.interface.clone();
-                self.attach_handoff(&interface);
-                let u = &mut self.uplinks[i];
-                let (mode, _) = self
-                    .dataplane
-                    .attach(program::WAN_INGRESS, &u.cfg.interface)?;
-                log_attach(program::WAN_INGRESS, &u.cfg.interface, mode);
-                u.attached = Some(ifindex);
-            }
-        } else if let Some(mut info) = u.written {
-            // The interface is gone: keep its entry, down.
-            if info.state != uplink_state::DOWN {
-                info.state = uplink_state::DOWN;
-                self.dataplane.set_uplink_state(u.index, info.state)?;
-                u.written = Some(info);
-            }
-            u.attached = None;
-        }
+        let entry = uplinks::wanted(&facts, u.dataplane_state(), u.epoch, u.written);
+        uplinks::converge(u.index, &mut u.written, entry, &mut self.dataplane)?;
+        self.attachments.converge_uplink(
+            &u.cfg.interface,
+            facts.ifindex.filter(|_| facts.mac.is_some()),
+            &mut u.attached,
+            &mut self.dataplane,
+        )?;
 
         // A gateway the kernel holds no address for: make it ask (ARP),
         // as a first packet to it would.
@@ -1337,22 +1247,15 @@ impl Daemon {
                 self.history.say("lifecycle", Some(&u.cfg.name), said);
                 u.lifecycle = lifecycle;
             }
-            let state = lifecycle.dataplane_state();
-            let Some(info) = u.written.as_mut() else {
-                continue;
-            };
-            if state != info.state {
-                self.dataplane
-                    .set_uplink_state(u.index, state)
-                    .with_context(|| format!("uplink {}: writing its state", u.cfg.name))?;
-                info.state = state;
-            }
+            let entry = uplinks::wanted(&u.facts, lifecycle.dataplane_state(), u.epoch, u.written);
+            uplinks::converge(u.index, &mut u.written, entry, &mut self.dataplane)
+                .with_context(|| format!("uplink {}", u.cfg.name))?;
         }
         Ok(())
     }
 
-    /// Rebalance the bucket table for the current states and weights, and
-    /// make it live if it changed (two map writes).
+    /// Rebalance the bucket table for the current states and weights (see
+    /// `reconcile::buckets`).
     fn apply_table(&mut self) -> Result<()> {
         let candidates: Vec<Candidate> = self
             .uplinks
@@ -1364,17 +1267,7 @@ impl Daemon {
                 degraded: u.health == Some(Health::Degraded),
             })
             .collect();
-        let mut next = self.table;
-        let moved = table::rebalance(&mut next, &buckets::weights(&candidates));
-        if moved > 0 || !self.table_written {
-            self.dataplane.set_buckets(&next)?;
-            self.table_written = true;
-            log::info!(
-                "bucket table updated: {moved} of {} buckets moved",
-                lb_common::BUCKETS
-            );
-        }
-        self.table = next;
+        self.buckets.converge(&candidates, &mut self.dataplane)?;
         Ok(())
     }
 
@@ -1398,7 +1291,7 @@ impl Daemon {
     /// walk of the flow table: [`StatusDraft::finish`] does that walk, so
     /// that the caller can do it after letting go of the daemon.
     pub fn status(&self) -> Result<StatusDraft> {
-        let counts = table::counts(&self.table);
+        let counts = table::counts(self.buckets.table());
         let mut uplinks = Vec::new();
         for (i, u) in self.uplinks.iter().enumerate() {
             let s = self.dataplane.uplink_stats(u.index)?;
@@ -1472,7 +1365,11 @@ impl Daemon {
             slow_path: self
                 .slow_path_applied
                 .map(|i| self.uplinks[i].cfg.name.clone()),
-            lan_ports: self.lan_ports.values().map(|(n, _)| n.clone()).collect(),
+            lan_ports: self
+                .attachments
+                .lan_ports()
+                .map(|(_, n)| n.to_owned())
+                .collect(),
             pinned_at: self.config.daemon.bpffs.display().to_string(),
             adopted_flows: self.adopted_flows,
             kernel_destinations: self
@@ -1482,9 +1379,9 @@ impl Daemon {
                 .map(|(a, l)| format!("{a}/{l}"))
                 .collect(),
             lan_egress: self
-                .lan_ports
-                .values()
-                .filter_map(|(name, _)| self.egress_status(name))
+                .attachments
+                .lan_ports()
+                .filter_map(|(_, name)| self.egress_status(name))
                 .collect(),
         };
         Ok(StatusDraft {
@@ -1817,7 +1714,7 @@ impl Daemon {
                 .get(i as usize)
                 .is_some_and(|u| u.dataplane_state() == uplink_state::ACTIVE)
         };
-        let owner = |b: u32| self.table.get(b as usize).copied();
+        let owner = |b: u32| self.buckets.table().get(b as usize).copied();
         let mut why = Vec::new();
         if existing.is_some() {
             why.push("its flow's uplink is down or has another address now: it moves".into());
@@ -2202,16 +2099,4 @@ pub fn mac_text(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-fn log_attach(prog: &str, ifname: &str, mode: AttachMode) {
-    match mode {
-        AttachMode::Native => log::info!("attached {prog} to {ifname} (native XDP)"),
-        AttachMode::Adopted => {
-            log::info!("took over {prog} on {ifname} from the pinned data plane (no packet missed)")
-        }
-        AttachMode::Generic => {
-            log::warn!("attached {prog} to {ifname} in generic (skb) mode: the driver has no native XDP, expect lower throughput")
-        }
-    }
 }

@@ -1,12 +1,72 @@
-//! From uplink states, weights and tiers to the weights the bucket table is
-//! built from. Pure: no I/O, no clock; `lb_common::table` does the bucket
-//! arithmetic.
+//! The bucket table: from uplink states, weights and tiers to the weights
+//! it is built from ([`weights`], pure: no I/O, no clock;
+//! `lb_common::table` does the bucket arithmetic), and the table the data
+//! plane has ([`Buckets`]), rebalanced with minimal disruption and made
+//! live in one step when it changes.
 //!
 //! Tiers give active/backup: only the best (lowest-numbered) tier that has
 //! an uplink able to take new flows gets any; the tiers behind it carry
 //! traffic only when every uplink ahead of them is down.
 
-use lb_common::MAX_UPLINKS;
+use anyhow::Result;
+use lb_common::{
+    table::{self, Table},
+    BUCKETS, MAX_UPLINKS,
+};
+
+use crate::dataplane::Dataplane;
+
+/// The bucket table the data plane has, as lbd last wrote it.
+#[derive(Debug)]
+pub struct Buckets {
+    live: Table,
+    /// Whether the data plane has a table from this lbd (or adopted) yet.
+    written: bool,
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Self {
+            live: table::empty(),
+            written: false,
+        }
+    }
+}
+
+impl Buckets {
+    /// The live table of an adopted data plane: rebalancing from it moves
+    /// nothing that need not move.
+    pub fn adopted(live: Table) -> Self {
+        Self {
+            live,
+            written: true,
+        }
+    }
+
+    /// The table as the data plane has it.
+    pub fn table(&self) -> &Table {
+        &self.live
+    }
+
+    /// Rebalance for `candidates` (by uplink index), moving only the
+    /// buckets that must move, and make the result live if it changed (two
+    /// map writes). Returns how many buckets moved.
+    pub fn converge(
+        &mut self,
+        candidates: &[Candidate],
+        dataplane: &mut Dataplane,
+    ) -> Result<usize> {
+        let mut next = self.live;
+        let moved = table::rebalance(&mut next, &weights(candidates));
+        if moved > 0 || !self.written {
+            dataplane.set_buckets(&next)?;
+            self.written = true;
+            log::info!("bucket table updated: {moved} of {BUCKETS} buckets moved");
+        }
+        self.live = next;
+        Ok(moved)
+    }
+}
 
 /// What the balancer needs to know about one uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

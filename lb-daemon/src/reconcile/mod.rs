@@ -6,8 +6,10 @@
 //! uplink entries and states, bucket tables, attachments, bypass, qdiscs,
 //! routes and rules, nftables.
 
+pub mod attachments;
 pub mod buckets;
 pub mod bypass;
 pub mod egress;
 pub mod nftables;
 pub mod routing;
+pub mod uplinks;

@@ -1,0 +1,150 @@
+//! Where lb's programs are attached: `lan_ingress` on every interface the
+//! LANs' frames arrive on (a LAN interface, or each port of a LAN bridge:
+//! XDP cannot redirect into a bridge), `wan_ingress` on every uplink whose
+//! interface exists, and the hand-off program (tc ingress) beside each,
+//! attached first: a frame XDP hands over must always find it.
+//!
+//! [`wanted_lan_ports`] is a function of the config and the snapshot;
+//! [`Attachments`] converges and remembers the links it holds. It never
+//! attaches to an interface nobody configured.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use aya::programs::{tc::SchedClassifierLinkId, xdp::XdpLinkId};
+use lb_common::maps::program;
+
+use crate::{
+    config::LanConfig,
+    dataplane::{AttachMode, Dataplane},
+    observe::kernel::Observed,
+};
+
+/// The interfaces `lan_ingress` belongs on, by index: every LAN's, or its
+/// bridge's ports, as the kernel has them now.
+pub fn wanted_lan_ports(lans: &[LanConfig], observed: &Observed) -> BTreeMap<u32, String> {
+    lans.iter()
+        .flat_map(|lan| observed.lan_ports(&lan.interface))
+        .collect()
+}
+
+/// The attachments lbd holds.
+#[derive(Debug, Default)]
+pub struct Attachments {
+    /// `lan_ingress`'s, by interface index.
+    lan_ports: BTreeMap<u32, (String, XdpLinkId)>,
+    /// The hand-off program's, by interface name.
+    handoffs: BTreeMap<String, SchedClassifierLinkId>,
+    /// Why the hand-off program could not be attached somewhere, if it
+    /// could not: no qdisc is honoured then.
+    handoff_failed: Option<String>,
+}
+
+impl Attachments {
+    /// Attach `lan_ingress` to every interface of `wanted` (ports that
+    /// join a bridge while lbd runs too), and detach it from those that
+    /// left; replies are redirected to them.
+    pub fn converge_lans(
+        &mut self,
+        wanted: BTreeMap<u32, String>,
+        dataplane: &mut Dataplane,
+    ) -> Result<()> {
+        let gone: Vec<u32> = self
+            .lan_ports
+            .iter()
+            .filter(|(i, (name, _))| wanted.get(i) != Some(name))
+            .map(|(i, _)| *i)
+            .collect();
+        for ifindex in gone {
+            if let Some((name, link)) = self.lan_ports.remove(&ifindex) {
+                dataplane.detach(program::LAN_INGRESS, &name, link)?;
+                if let Some(link) = self.handoffs.remove(&name) {
+                    dataplane.detach_handoff(&name, link)?;
+                }
+                dataplane.remove_lan(ifindex)?;
+                log::info!("LAN port {name} left: lan_ingress detached from it");
+            }
+        }
+        for (ifindex, name) in wanted {
+            if self.lan_ports.contains_key(&ifindex) {
+                continue;
+            }
+            self.attach_handoff(&name, dataplane);
+            dataplane.add_lan(ifindex)?;
+            let (mode, link) = dataplane
+                .attach(program::LAN_INGRESS, &name)
+                .with_context(|| format!("LAN port {name}"))?;
+            log_attach(program::LAN_INGRESS, &name, mode);
+            self.lan_ports.insert(ifindex, (name, link));
+        }
+        Ok(())
+    }
+
+    /// Attach `wan_ingress` to uplink interface `interface` (index
+    /// `ifindex`, `None` while it does not exist), unless `attached` says
+    /// it is there already; records it in `attached`.
+    pub fn converge_uplink(
+        &mut self,
+        interface: &str,
+        ifindex: Option<u32>,
+        attached: &mut Option<u32>,
+        dataplane: &mut Dataplane,
+    ) -> Result<()> {
+        let Some(ifindex) = ifindex else {
+            *attached = None;
+            return Ok(());
+        };
+        if *attached != Some(ifindex) {
+            self.attach_handoff(interface, dataplane);
+            let (mode, _) = dataplane.attach(program::WAN_INGRESS, interface)?;
+            log_attach(program::WAN_INGRESS, interface, mode);
+            *attached = Some(ifindex);
+        }
+        Ok(())
+    }
+
+    /// The LAN ports `lan_ingress` is attached to, by index.
+    pub fn lan_ports(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.lan_ports.iter().map(|(i, (n, _))| (*i, n.as_str()))
+    }
+
+    /// Whether `lan_ingress` is attached to interface `ifindex`.
+    pub fn has_lan_port(&self, ifindex: u32) -> bool {
+        self.lan_ports.contains_key(&ifindex)
+    }
+
+    /// Why the hand-off program is missing somewhere, if it is.
+    pub fn handoff_failed(&self) -> Option<&str> {
+        self.handoff_failed.as_deref()
+    }
+
+    /// (Re)attach the hand-off program to `interface`'s tc ingress. A
+    /// kernel without TCX (before 6.6) cannot have it: lb then sends by
+    /// XDP alone, says so once, and honours no qdisc.
+    fn attach_handoff(&mut self, interface: &str, dataplane: &mut Dataplane) {
+        match dataplane.attach_handoff(interface) {
+            Ok(link) => {
+                self.handoffs.insert(interface.to_owned(), link);
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.handoff_failed.is_none() {
+                    log::warn!("{interface}: {e}; lb's packets skip every qdisc (XDP alone)");
+                }
+                self.handoff_failed = Some(e);
+            }
+        }
+    }
+}
+
+fn log_attach(prog: &str, ifname: &str, mode: AttachMode) {
+    match mode {
+        AttachMode::Native => log::info!("attached {prog} to {ifname} (native XDP)"),
+        AttachMode::Adopted => {
+            log::info!("took over {prog} on {ifname} from the pinned data plane (no packet missed)")
+        }
+        AttachMode::Generic => {
+            log::warn!("attached {prog} to {ifname} in generic (skb) mode: the driver has no native XDP, expect lower throughput")
+        }
+    }
+}
