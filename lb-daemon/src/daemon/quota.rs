@@ -13,6 +13,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+// The daemon's side of quotas (below the book): its view and its imports.
+#[allow(unused_imports)]
+use super::*;
+
 const DAY: u64 = 24 * 60 * 60;
 
 /// How long one quota lasts.
@@ -299,6 +303,177 @@ pub fn save(path: &Path, book: &Book) -> Result<()> {
     let new = path.with_extension("new");
     std::fs::write(&new, text).with_context(|| format!("writing {}", new.display()))?;
     std::fs::rename(&new, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// How often the quotas' usage is written while it changes. What a crash
+/// loses of it is not lost: the next lbd reads the rest from the pinned
+/// data plane's counters.
+pub(super) const QUOTA_SAVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The usage file in the state directory.
+pub(super) const QUOTA_FILE: &str = "quota.json";
+
+/// What reaching quota `q` makes of the uplink.
+pub(super) fn quota_admin(q: &QuotaConfig) -> Admin {
+    match q.action {
+        Action::Drain => Admin::Drain,
+        Action::Disable => Admin::Disabled,
+    }
+}
+
+/// Now, in Unix seconds (0 on a clock before 1970).
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Daemon {
+    /// Read the usage file, and put back in force the quotas reached in
+    /// the current period. A file lbd cannot read is moved aside (and
+    /// said): counting starts afresh rather than lbd not starting.
+    pub(super) fn load_quota(&mut self) {
+        if self.uplinks.iter().all(|u| u.cfg.quota.is_none()) {
+            return;
+        }
+        let path = self.config.daemon.state_dir.join(QUOTA_FILE);
+        self.quota = match load(&path) {
+            Ok(book) => book,
+            Err(e) => {
+                let aside = path.with_extension("bad");
+                let _ = std::fs::rename(&path, &aside);
+                log::error!(
+                    "quota: {e:#}; moved to {}, counting afresh",
+                    aside.display()
+                );
+                Book::new()
+            }
+        };
+        let now = unix_now();
+        for u in &mut self.uplinks {
+            let (Some(q), Some(usage)) = (u.cfg.quota, self.quota.get(&u.cfg.name)) else {
+                continue;
+            };
+            if usage.reached && usage.period_start == period_start(&q, now) {
+                u.admin = quota_admin(&q);
+                u.reason = format!(
+                    "quota reached this {} (kept from before lbd started)",
+                    q.period.as_str()
+                );
+            }
+        }
+    }
+
+    /// Take up the data plane's byte counters into the quotas' usage: an
+    /// uplink that reaches its quota is drained or disabled (with the
+    /// hooks run), and put back in service when a new period begins or a
+    /// reload raises the quota above what it used (unless the operator
+    /// changed it meanwhile). Called every second.
+    pub fn account_quota(&mut self) -> Result<()> {
+        let now = unix_now();
+        let mut acted = false;
+        for i in 0..self.uplinks.len() {
+            let Some(q) = self.uplinks[i].cfg.quota else {
+                continue;
+            };
+            let s = self.dataplane.uplink_stats(self.uplinks[i].index)?;
+            let counter = s.tx_bytes.saturating_add(s.rx_bytes);
+            let slot = self.uplinks[i].index;
+            let usage = self
+                .quota
+                .entry(self.uplinks[i].cfg.name.clone())
+                .or_insert_with(|| Usage::new(&q, slot, counter, now));
+            let before = *usage;
+            let outcome = usage.account(&q, slot, counter, now);
+            self.quota_unsaved |= *usage != before;
+            if outcome != Outcome::Nothing {
+                self.quota_act(i, &q, outcome)?;
+                acted = true;
+            }
+        }
+        if self.quota_unsaved && (acted || self.quota_saved.elapsed() >= QUOTA_SAVE_INTERVAL) {
+            self.save_quota();
+        }
+        Ok(())
+    }
+
+    pub(super) fn quota_act(&mut self, i: usize, q: &QuotaConfig, outcome: Outcome) -> Result<()> {
+        let taken = Instant::now();
+        let u = &self.uplinks[i];
+        let used = self.quota.get(&u.cfg.name).map_or(0, |usage| usage.used);
+        let (admin, said) = match outcome {
+            Outcome::Nothing => return Ok(()),
+            Outcome::Reached => (
+                Some(quota_admin(q)),
+                format!(
+                    "quota reached: {} of {} used this {}; uplink {}",
+                    human(used),
+                    human(q.bytes),
+                    q.period.as_str(),
+                    match q.action {
+                        Action::Drain => "draining (no new flows)",
+                        Action::Disable => "disabled (its flows move)",
+                    }
+                ),
+            ),
+            // Only what the quota did is undone.
+            Outcome::Renewed => (
+                (u.admin == quota_admin(q)).then_some(Admin::Enabled),
+                format!(
+                    "quota renewed ({} of {} used this {}); uplink back in service",
+                    human(used),
+                    human(q.bytes),
+                    q.period.as_str()
+                ),
+            ),
+        };
+        let Some(admin) = admin else {
+            self.history.say("quota", Some(&u.cfg.name), said);
+            return Ok(());
+        };
+        let previous = u.admin.as_str();
+        let u = &mut self.uplinks[i];
+        u.admin = admin;
+        u.reason = said.clone();
+        self.apply_timed(i, taken, taken)?;
+        let u = &self.uplinks[i];
+        match outcome {
+            Outcome::Reached => log::warn!("uplink {}: {said}", u.cfg.name),
+            _ => log::info!("uplink {}: {said}", u.cfg.name),
+        }
+        let name = u.cfg.name.clone();
+        let hook = hooks::Event {
+            kind: "quota",
+            uplink: name.clone(),
+            interface: u.cfg.interface.clone(),
+            state: admin.as_str().to_string(),
+            previous: previous.to_string(),
+            reason: said.clone(),
+            rtt_ms: None,
+            loss_percent: 0.0,
+        };
+        self.history.say("quota", Some(&name), said);
+        hooks::run_all(
+            &self.config.daemon.hooks,
+            self.config.daemon.hook_timeout,
+            &hook,
+        );
+        self.save_quota();
+        Ok(())
+    }
+
+    /// Write the usage file now (also on the way out).
+    pub fn save_quota(&mut self) {
+        if self.quota.is_empty() {
+            return;
+        }
+        let path = self.config.daemon.state_dir.join(QUOTA_FILE);
+        match save(&path, &self.quota) {
+            Ok(()) => self.quota_unsaved = false,
+            Err(e) => log::warn!("quota: {e:#} (usage kept in memory; trying again)"),
+        }
+        self.quota_saved = Instant::now();
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,17 @@ pub enum Admin {
     Drain,
 }
 
+impl Admin {
+    /// As `lbctl`, hooks and the status say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admin::Enabled => "enabled",
+            Admin::Disabled => "disabled",
+            Admin::Drain => "drain",
+        }
+    }
+}
+
 /// What the kernel says about an uplink, as far as lb needs it to send
 /// traffic through it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,0 +1,345 @@
+//! What changes the view besides the kernel: health verdicts (probes and
+//! the traffic's signals), the operator's commands, and reloads. Each
+//! changes the view and runs the data plane's part of a round; none writes
+//! anything else itself.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::{bail, Result};
+use lb_common::maps::uplink_state;
+
+use crate::{
+    config::{Config, UplinkConfig, MAX_WEIGHT},
+    control::api::UplinkAction,
+    control::hooks,
+    daemon::uplink::Admin,
+    health::passive,
+    health::{self, HealthEvent, State as Health},
+};
+
+use super::*;
+
+impl Daemon {
+    /// Apply a health transition: data plane first, then log and hooks.
+    pub fn on_health(&mut self, event: HealthEvent) -> Result<()> {
+        let taken = Instant::now();
+        let Some(u) = self.uplinks.get_mut(event.uplink) else {
+            return Ok(());
+        };
+        if u.monitor.as_ref().map(|m| m.generation) != Some(event.generation) {
+            // From a monitor that has since been replaced or stopped.
+            return Ok(());
+        }
+        let previous = u.health;
+        u.health = Some(event.transition.to);
+        if event.transition.to == Health::Up {
+            u.proven = true;
+        }
+        u.reason = event.transition.reason.clone();
+        u.transitions += 1;
+        self.apply_timed(event.uplink, event.at.into_std(), taken)?;
+        let u = &self.uplinks[event.uplink];
+        let timing = u
+            .last_change
+            .map(|r| {
+                format!(
+                    "; in the data plane {} µs after the event ({} µs to the daemon, state written in {} µs, table in {} µs)",
+                    r.queued_us + r.write_us,
+                    r.queued_us,
+                    r.write_us,
+                    r.table_us
+                )
+            })
+            .unwrap_or_default();
+        let previous = previous.map_or("-", Health::as_str);
+        let now = u.health.map_or("-", Health::as_str);
+        // The transition's own reason: applying it may have put a waiting
+        // state's in `u.reason` meanwhile.
+        let reason = &event.transition.reason;
+        log::info!(
+            "uplink {}: {previous} -> {now} ({reason}){timing}",
+            u.cfg.name,
+        );
+        let (name, said) = (u.cfg.name.clone(), format!("{previous} -> {now}: {reason}"));
+        self.history.say("health", Some(&name), said);
+        let u = &self.uplinks[event.uplink];
+        let hook = hooks::Event {
+            kind: "health",
+            uplink: u.cfg.name.clone(),
+            interface: u.cfg.interface.clone(),
+            state: now.to_string(),
+            previous: previous.to_string(),
+            reason: reason.clone(),
+            rtt_ms: event.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            loss_percent: event.stats.loss_percent(),
+        };
+        hooks::run_all(
+            &self.config.daemon.hooks,
+            self.config.daemon.hook_timeout,
+            &hook,
+        );
+        Ok(())
+    }
+
+    /// Listen to the traffic (every [`PASSIVE_INTERVAL`]): an uplink in
+    /// service that has sent for a suspicious while without a reply gets a
+    /// burst of probes from its monitor, which takes it down if nobody
+    /// answers. Never for the last uplink in service: passive evidence
+    /// does not take the office offline.
+    pub fn passive_tick(&mut self) -> Result<()> {
+        if !self.config.passive.enabled {
+            return Ok(());
+        }
+        let now_ns = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+        let in_service: Vec<bool> = self
+            .uplinks
+            .iter()
+            .map(|u| u.dataplane_state() == uplink_state::ACTIVE && u.health == Some(Health::Up))
+            .collect();
+        // One burst at a time: two uplinks suspect at once (a probe target
+        // gone) must not both be taken down on the same evidence.
+        let mut busy = self.uplinks.iter().any(|u| u.verdict.is_some());
+        for i in 0..self.uplinks.len() {
+            let sample = self.dataplane.signals(self.uplinks[i].index, now_ns)?;
+            let others = in_service.iter().enumerate().any(|(j, &up)| j != i && up);
+            let u = &mut self.uplinks[i];
+            u.syn_retries = sample.syn_retries;
+            if let Some(rx) = &mut u.verdict {
+                match rx.try_recv() {
+                    Ok(answered) => {
+                        u.watch.verdict(answered, now_ns);
+                        u.verdict = None;
+                    }
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => u.verdict = None,
+                }
+            }
+            // Without probes nothing could confirm a suspicion: passive
+            // evidence alone never takes an uplink down.
+            let confirmable = !u.cfg.probes.is_empty();
+            let (Some(monitor), true, true, false, true) =
+                (&u.monitor, in_service[i], others, busy, confirmable)
+            else {
+                // Still watched, so that the silence is dated right.
+                u.watch.observe(&sample);
+                continue;
+            };
+            let rtt = u.snapshot.as_ref().and_then(|s| s.borrow().stats.rtt);
+            let Some(suspicion) = u.watch.sample(&sample, rtt) else {
+                continue;
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let burst = health::Burst {
+                suspicion,
+                verdict: tx,
+            };
+            if monitor.bursts.try_send(burst).is_ok() {
+                log::info!(
+                    "uplink {}: suspect ({}): probing it now",
+                    u.cfg.name,
+                    suspicion.describe()
+                );
+                u.verdict = Some(rx);
+                busy = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// An operator's change to uplink `name`. Refused, with nothing changed,
+    /// for an unknown uplink or a bad value.
+    pub fn operate(&mut self, name: &str, action: UplinkAction) -> Result<String> {
+        let taken = Instant::now();
+        let Some(index) = self.uplinks.iter().position(|u| u.cfg.name == name) else {
+            let known: Vec<&str> = self.uplinks.iter().map(|u| u.cfg.name.as_str()).collect();
+            bail!("no uplink named {name:?} (uplinks: {})", known.join(", "));
+        };
+        let u = &mut self.uplinks[index];
+        let done = match action {
+            UplinkAction::Enable => {
+                u.admin = Admin::Enabled;
+                format!("uplink {name} enabled")
+            }
+            UplinkAction::Disable => {
+                u.admin = Admin::Disabled;
+                format!("uplink {name} disabled: its flows move to other uplinks")
+            }
+            UplinkAction::Drain => {
+                u.admin = Admin::Drain;
+                format!("uplink {name} draining: no new flows, existing ones finish")
+            }
+            UplinkAction::Weight { weight } => {
+                if weight == 0 || weight > MAX_WEIGHT {
+                    bail!("weight must be between 1 and {MAX_WEIGHT}, got {weight} (use drain to stop new flows)");
+                }
+                u.weight = weight;
+                format!("uplink {name} weight {weight}")
+            }
+        };
+        u.reason = format!("operator: {done}");
+        self.apply_timed(index, taken, taken)?;
+        log::info!("{done} (operator)");
+        self.history.say("operator", Some(name), done.clone());
+        Ok(done)
+    }
+
+    /// Take up configuration `new` (already validated whole). What can
+    /// change in place does, with the data plane converged after it, and
+    /// existing flows untouched: weights, tiers, health settings and
+    /// probes, gateways, the classifier mode, NAT ports, flow timeouts,
+    /// hooks. Anything else (uplinks added, removed or renamed, the LANs,
+    /// routing, metrics, socket, pin directory, flow table size) is left
+    /// for a restart, which is said.
+    pub fn reconfigure(&mut self, new: Config) -> Result<Reconfigured> {
+        let old = &self.config;
+        let mut restart = Vec::new();
+        let uplinks = |c: &Config| -> Vec<(String, String)> {
+            c.uplinks
+                .iter()
+                .map(|u| (u.name.clone(), u.interface.clone()))
+                .collect()
+        };
+        if uplinks(old) != uplinks(&new) {
+            restart.push("the uplinks (added, removed, renamed or moved)".to_string());
+        }
+        if old.lans != new.lans {
+            restart.push("the LANs".into());
+        }
+        if old.routing != new.routing {
+            restart.push("[routing]".into());
+        }
+        if old.metrics != new.metrics {
+            restart.push("[metrics]".into());
+        }
+        if old.daemon.socket != new.daemon.socket || old.daemon.bpffs != new.daemon.bpffs {
+            restart.push("[daemon] socket or bpffs".into());
+        }
+        if old.flows.max != new.flows.max {
+            restart.push("[flows] max (the size of the pinned flow table)".into());
+        }
+        if !restart.is_empty() {
+            return Ok(Reconfigured::NeedsRestart(restart));
+        }
+
+        let mut done = Vec::new();
+        let reached: Vec<String> = self
+            .quota
+            .iter()
+            .filter(|(_, usage)| usage.reached)
+            .map(|(name, _)| name.clone())
+            .collect();
+        // Quotas removed: not reached any more, should they come back in
+        // this period.
+        let mut unreached = Vec::new();
+        for (u, cfg) in self.uplinks.iter_mut().zip(&new.uplinks) {
+            if u.cfg.weight != cfg.weight {
+                done.push(format!(
+                    "{}: weight {} -> {}",
+                    cfg.name, u.cfg.weight, cfg.weight
+                ));
+                u.weight = cfg.weight;
+            }
+            if u.cfg.tier != cfg.tier {
+                done.push(format!("{}: tier {} -> {}", cfg.name, u.cfg.tier, cfg.tier));
+            }
+            if u.cfg.gateway != cfg.gateway {
+                done.push(format!(
+                    "{}: gateway {} -> {}",
+                    cfg.name, u.cfg.gateway, cfg.gateway
+                ));
+            }
+            if u.cfg.shape != cfg.shape {
+                done.push(format!("{}: shape", cfg.name));
+            }
+            if u.cfg.quota != cfg.quota {
+                done.push(format!("{}: quota", cfg.name));
+                // A reached quota that is gone no longer holds the uplink
+                // back (a raised one is taken up by the next accounting).
+                if let (Some(old_q), None) = (u.cfg.quota, cfg.quota) {
+                    unreached.push(cfg.name.clone());
+                    if reached.contains(&cfg.name) && u.admin == quota_admin(&old_q) {
+                        u.admin = Admin::Enabled;
+                        u.reason = "quota removed by a reload: back in service".into();
+                        done.push(format!("{}: back in service (its quota is gone)", cfg.name));
+                    }
+                }
+            }
+            let prefixes = |c: &UplinkConfig| -> Vec<(Ipv4Addr, u8)> {
+                c.routed.iter().map(|r| (r.addr, r.len)).collect()
+            };
+            if prefixes(&u.cfg) != prefixes(cfg) {
+                // The next convergence puts them in lb's nftables table.
+                done.push(format!("{}: routed prefixes", cfg.name));
+            }
+            if u.cfg.health != cfg.health || u.cfg.probes != cfg.probes {
+                done.push(format!("{}: health checks", cfg.name));
+                // A new monitor, starting from the health it had.
+                u.monitor = None;
+            }
+            u.cfg = cfg.clone();
+        }
+        for name in unreached {
+            if let Some(usage) = self.quota.get_mut(&name) {
+                usage.reached = false;
+                self.quota_unsaved = true;
+            }
+        }
+        if old.balance != new.balance {
+            self.dataplane
+                .set_classifier(self.dataplane.seed(), mode_number(new.balance.mode))?;
+            done.push(format!(
+                "classifier {} -> {} (new flows)",
+                old.balance.mode, new.balance.mode
+            ));
+        }
+        if old.passive != new.passive {
+            self.dataplane
+                .set_resteer_syn(new.passive.enabled && new.passive.resteer_syn)?;
+            for u in &mut self.uplinks {
+                u.watch = passive::Watch::new(new.passive);
+                u.verdict = None;
+                // New monitors, with the new bursts, from the health they had.
+                u.monitor = None;
+            }
+            done.push("[passive]".into());
+        }
+        if old.nat != new.nat {
+            self.dataplane
+                .set_nat_ports((new.nat.port_min, new.nat.port_max), self.local_ports)?;
+            done.push("NAT ports (new flows)".into());
+        }
+        if old.flows != new.flows {
+            if let Ok(mut tables) = self.flow_tables.lock() {
+                tables.set_timeouts(new.flows);
+            }
+            done.push("flow timeouts".into());
+        }
+        if old.daemon.hooks != new.daemon.hooks
+            || old.daemon.hook_timeout != new.daemon.hook_timeout
+        {
+            done.push("hooks".into());
+        }
+        self.config = new;
+        for i in 0..self.uplinks.len() {
+            self.monitor(i)?;
+        }
+        self.apply()?;
+        let said = if done.is_empty() {
+            "reloaded: nothing changed".to_string()
+        } else {
+            format!("reloaded: {}", done.join("; "))
+        };
+        self.history.say("daemon", None, said);
+        Ok(Reconfigured::Applied(done))
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconfigured {
+    /// Applied in place: what changed.
+    Applied(Vec<String>),
+    /// Changes lbd takes up only by starting again (it then adopts its own
+    /// data plane: no flow is dropped): what they are.
+    NeedsRestart(Vec<String>),
+}

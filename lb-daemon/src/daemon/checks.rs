@@ -1,0 +1,120 @@
+//! What lbd refuses about the machine before it touches anything (at
+//! start, and for `lbd --check`): a LAN given as a bridge port, routed
+//! prefixes that are a LAN's, uplinks with an ingress shaper, interfaces
+//! that cannot take redirected frames. Reads the kernel, changes nothing.
+
+use anyhow::{bail, Context, Result};
+
+use crate::{config::Config, observe::kernel::Observed, reconcile::egress};
+
+/// What `lbd --check` can say of the machine besides the file: whether
+/// the uplinks and LAN ports that exist now can take redirected frames (as
+/// the start checks). Reads the kernel, changes nothing.
+pub async fn check_machine(config: &Config) -> Result<()> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket failed")?;
+    tokio::spawn(conn);
+    let observed = Observed::take(&handle).await?;
+    check_lans(config, &observed)?;
+    check_xdp_targets(config, &observed)?;
+    check_ingress_shapers(config, &observed)
+}
+
+/// Refuse a LAN given as a port of a bridge (the kernel routes its
+/// traffic as the bridge's, so rules and addresses are the bridge's: give
+/// the bridge, and lbd works on its ports), and an uplink's `routed`
+/// prefix that overlaps a LAN's (it would be the LAN's and the ISP's at
+/// once). LANs that do not exist yet are not checked here.
+pub(super) fn check_lans(config: &Config, observed: &Observed) -> Result<()> {
+    let mut refused = Vec::new();
+    let mut lan_indexes = Vec::new();
+    for lan in &config.lans {
+        let Some(link) = observed.link(&lan.interface) else {
+            continue;
+        };
+        lan_indexes.push(link.index);
+        let bridge = link
+            .master
+            .and_then(|m| observed.links.iter().find(|l| l.index == m))
+            .filter(|m| m.kind.as_deref() == Some("bridge"));
+        if let Some(bridge) = bridge {
+            refused.push(format!(
+                "LAN interface {} is a port of bridge {b}: give the bridge ([[lan]] interface = \"{b}\"); \
+                 the LAN's addresses and routes are the bridge's, and lbd works on all its ports",
+                lan.interface,
+                b = bridge.name
+            ));
+        }
+    }
+    let lan_prefixes = observed.connected(&lan_indexes);
+    for u in &config.uplinks {
+        for r in &u.routed {
+            if let Some((addr, len)) = lan_prefixes.iter().find(|(a, l)| r.overlaps(*a, *l)) {
+                refused.push(format!(
+                    "{}:{}: uplink {:?} key routed: {r} overlaps the LAN's {addr}/{len}; a prefix \
+                     routed through an uplink is not a LAN's (lb would translate the LAN's)",
+                    config.file, r.line, u.name
+                ));
+            }
+        }
+    }
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
+    }
+    Ok(())
+}
+
+/// Refuse an uplink with an ingress shaper (an `ingress` qdisc feeding an
+/// IFB, as SQM sets up): XDP forwards replies before it, so it would
+/// silently shape nothing. `[uplink.shape] download` is the way lb shapes
+/// downloads.
+pub(super) fn check_ingress_shapers(config: &Config, observed: &Observed) -> Result<()> {
+    let refused: Vec<String> = config
+        .uplinks
+        .iter()
+        .filter_map(|u| {
+            let link = observed.link(&u.interface)?;
+            egress::ingress_shaper(&observed.qdiscs, link.index, &u.name, &u.interface)
+        })
+        .collect();
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
+    }
+    Ok(())
+}
+
+/// Refuse an interface lb would redirect into (an uplink, a LAN port) that
+/// the kernel says cannot take redirected frames: every packet sent there
+/// would be lost without a word. Interfaces that do not exist yet are
+/// checked by nobody (they are waited for); a kernel without the netdev
+/// family (before 6.3) cannot say, and nothing is checked.
+pub(super) fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<()> {
+    let Some(mut caps) = crate::observe::xdpcaps::XdpCaps::open()? else {
+        log::info!("the kernel does not report XDP features (before Linux 6.3): redirect targets not checked");
+        return Ok(());
+    };
+    let uplinks = config.uplinks.iter().map(|u| u.interface.clone());
+    let lan_ports = config
+        .lans
+        .iter()
+        .flat_map(|l| observed.lan_ports(&l.interface))
+        .map(|(_, name)| name);
+    let mut refused = Vec::new();
+    for ifname in uplinks.chain(lan_ports) {
+        let Some(link) = observed.link(&ifname) else {
+            continue;
+        };
+        let features = caps
+            .features(link.index)
+            .with_context(|| format!("asking the kernel for the XDP features of {ifname}"))?;
+        refused.extend(crate::observe::xdpcaps::refusal(
+            &ifname,
+            link.kind.as_deref(),
+            features,
+        ));
+    }
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! `lbctl explain`: where a connection goes and why, decided by the data
+//! plane's own code on the data plane's own state. Reads only.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use lb_common::{maps::uplink_state, table};
+
+use crate::reconcile::nftables;
+
+use super::*;
+
+impl Daemon {
+    /// What conntrack says of `key`'s connection, as an explanation of a
+    /// packet the data plane leaves to the kernel (`remembered`: its flow
+    /// table says so already); verdict "new" when conntrack has none.
+    pub(super) fn kernel_connection(
+        &self,
+        key: &lb_common::maps::FlowKey,
+        remembered: bool,
+    ) -> crate::control::api::Explanation {
+        use crate::observe::conntrack;
+        let port = |p: [u8; 2]| u16::from_be_bytes(p);
+        let tuple = conntrack::Tuple {
+            src: key.src_addr.into(),
+            dst: key.dst_addr.into(),
+            src_port: port(key.src_port),
+            dst_port: port(key.dst_port),
+            proto: key.proto,
+        };
+        let found = conntrack::lookup(&tuple);
+        let mut why = Vec::new();
+        if remembered {
+            why.push(
+                "a connection of the kernel's: conntrack had it when the fast path first saw it, \
+                 and the flow table remembers that"
+                    .to_string(),
+            );
+        }
+        match &found {
+            Ok(Some(c)) => {
+                let index = (c.mark & nftables::MARK_MASK) >> nftables::MARK_MASK.trailing_zeros();
+                let uplink = index
+                    .checked_sub(1)
+                    .and_then(|i| self.uplinks.get(i as usize))
+                    .map(|u| u.cfg.name.clone());
+                let came = uplink
+                    .as_ref()
+                    .map_or_else(String::new, |u| format!(", arrived on {u}"));
+                let o = &c.original;
+                why.push(match c.forwarded_to() {
+                    Some((addr, p)) => format!(
+                        "port forward to {addr}:{p} of {}:{} from {}:{}{came}: the kernel \
+                         translates it back and sends it out {}",
+                        o.dst,
+                        o.dst_port,
+                        o.src,
+                        o.src_port,
+                        uplink.as_deref().unwrap_or("by its routes")
+                    ),
+                    None => format!(
+                        "a connection the kernel tracks, from {}:{} to {}:{}{came}: the kernel \
+                         routes it",
+                        o.src, o.src_port, o.dst, o.dst_port
+                    ),
+                });
+            }
+            Ok(None) if remembered => why.push(
+                "conntrack no longer has it: its next packets stay the kernel's until the flow \
+                 idles out"
+                    .into(),
+            ),
+            Ok(None) => {}
+            Err(e) => why.push(format!("conntrack could not be asked: {e:#}")),
+        }
+        let kernel = remembered || matches!(found, Ok(Some(_)));
+        crate::control::api::Explanation {
+            verdict: if kernel { "kernel" } else { "new" }.into(),
+            uplink: None,
+            bucket: None,
+            why,
+        }
+    }
+
+    /// Where a connection goes and why, decided by the data plane's own
+    /// code (`lb_common::hash` and `lb_common::table::steer`) on the data
+    /// plane's own state: its flow table, the destinations it leaves to
+    /// the kernel, its seed, bucket table and uplink states. The order is
+    /// the data plane's: a pinned flow first, then the kernel's
+    /// destinations, then the kernel's connections (conntrack, asked as
+    /// the data plane asks it), then the bucket table.
+    pub fn explain(
+        &self,
+        key: &lb_common::maps::FlowKey,
+    ) -> Result<crate::control::api::Explanation> {
+        use crate::control::api::Explanation;
+        let name = |i: u32| {
+            self.uplinks
+                .get(i as usize)
+                .map_or_else(|| format!("#{i}"), |u| u.cfg.name.clone())
+        };
+        let existing = self
+            .flow_tables
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?
+            .get(key)?;
+        if existing.is_some_and(|f| f.uplink == lb_common::KERNEL_OWNED) {
+            return Ok(self.kernel_connection(key, true));
+        }
+        if let Some(flow) = existing {
+            let uplink = self.uplinks.get(flow.uplink as usize);
+            let keeps = uplink.is_some_and(|u| {
+                uplink_state::keeps_flows(u.dataplane_state()) && flow.epoch == u.epoch as u8
+            });
+            if keeps {
+                return Ok(Explanation {
+                    verdict: "existing".into(),
+                    uplink: Some(name(flow.uplink)),
+                    bucket: None,
+                    why: vec![format!(
+                        "a flow pinned to {} with NAT port {} ({})",
+                        name(flow.uplink),
+                        u16::from_be_bytes(flow.nat_port),
+                        if key.proto == 6 {
+                            "TCP"
+                        } else {
+                            "kept for its whole life"
+                        }
+                    )],
+                });
+            }
+        }
+        let dst = Ipv4Addr::from(key.dst_addr);
+        if let Some((prefix, len)) = self
+            .bypass
+            .prefixes()
+            .iter()
+            .filter(|(p, l)| contains(*p, *l, dst))
+            .max_by_key(|(_, l)| *l)
+        {
+            return Ok(Explanation {
+                verdict: "kernel".into(),
+                uplink: None,
+                bucket: None,
+                why: vec![format!(
+                    "{dst} is in {prefix}/{len}, which the kernel routes other than by a default route (or is the router's own): left to the kernel untouched"
+                )],
+            });
+        }
+        if existing.is_none() && matches!(key.proto, 6 | 17) {
+            let explained = self.kernel_connection(key, false);
+            if explained.verdict == "kernel" {
+                return Ok(explained);
+            }
+        }
+        let tuple = lb_common::hash::Tuple {
+            src_addr: u32::from_be_bytes(key.src_addr),
+            dst_addr: u32::from_be_bytes(key.dst_addr),
+            src_port: u16::from_be_bytes(key.src_port),
+            dst_port: u16::from_be_bytes(key.dst_port),
+            proto: key.proto,
+        };
+        let hash = lb_common::hash::classify(
+            self.dataplane.seed(),
+            mode_number(self.config.balance.mode),
+            &tuple,
+        );
+        let own = lb_common::hash::bucket(hash);
+        let takes = |i: u32| {
+            self.uplinks
+                .get(i as usize)
+                .is_some_and(|u| u.dataplane_state() == uplink_state::ACTIVE)
+        };
+        let owner = |b: u32| self.buckets.table().get(b as usize).copied();
+        let mut why = Vec::new();
+        if existing.is_some() {
+            why.push("its flow's uplink is down or has another address now: it moves".into());
+        }
+        let owner_of_own = owner(own).unwrap_or(lb_common::NO_UPLINK);
+        why.push(format!(
+            "a new flow: its {} hash falls into bucket {own} of {}, which belongs to {}",
+            self.config.balance.mode,
+            lb_common::BUCKETS,
+            if owner_of_own == lb_common::NO_UPLINK {
+                "no uplink".to_string()
+            } else {
+                name(owner_of_own)
+            }
+        ));
+        let chosen = table::steer(hash, owner, takes);
+        let verdict = match chosen {
+            Some(u) if u == owner_of_own => {
+                why.push(format!(
+                    "{} takes new flows (weight {}, tier {}): it goes there",
+                    name(u),
+                    self.uplinks[u as usize].weight,
+                    self.uplinks[u as usize].cfg.tier
+                ));
+                "new"
+            }
+            Some(u) => {
+                why.push(format!(
+                    "that uplink takes no new flows now: the next of its buckets that does belongs to {}",
+                    name(u)
+                ));
+                "new"
+            }
+            None => {
+                why.push("no uplink takes new flows: it would be dropped and counted".into());
+                "dropped"
+            }
+        };
+        Ok(Explanation {
+            verdict: verdict.into(),
+            uplink: chosen.map(name),
+            bucket: Some(own),
+            why,
+        })
+    }
+}
+
+/// Whether `addr` is in `prefix/len`.
+pub(super) fn contains(prefix: Ipv4Addr, len: u8, addr: Ipv4Addr) -> bool {
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    };
+    u32::from(prefix) & mask == u32::from(addr) & mask
+}

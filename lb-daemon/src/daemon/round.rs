@@ -1,0 +1,459 @@
+//! One round of the reconciler: the view and the kernel's snapshot in,
+//! every kind lbd owns converged in the order that keeps packets safe
+//! (`reconcile`): uplink entries and states, bucket table, attachments,
+//! bypass, qdiscs, then, outside the daemon's lock, routes and rules and
+//! nftables. Health verdicts, operator actions and quota actions change
+//! the view and run the data plane's part of a round at once
+//! ([`Daemon::apply`]); the kernel's part follows in the next round.
+
+use std::{
+    net::Ipv4Addr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_common::maps::uplink_state;
+
+use crate::{
+    config::UplinkConfig,
+    control::api::Reaction,
+    daemon::uplink::{Facts, Lifecycle},
+    health::State as Health,
+    observe::kernel::Observed,
+    observe::netlink,
+    reconcile::attachments,
+    reconcile::buckets::Candidate,
+    reconcile::bypass,
+    reconcile::egress,
+    reconcile::nftables,
+    reconcile::routing,
+    reconcile::uplinks,
+};
+
+use super::*;
+
+impl Daemon {
+    /// Converge everything lbd owns towards what `observed` and the
+    /// daemon's view call for. Returns the routing changes and the
+    /// nftables table, if it must change, for the caller to make without
+    /// holding the daemon.
+    pub fn converge(&mut self, observed: &Observed) -> Result<Converged> {
+        for i in 0..self.uplinks.len() {
+            let u = &self.uplinks[i];
+            let facts = Facts::observe(observed, &u.cfg.interface, u.cfg.gateway, &u.facts);
+            self.follow(i, facts)
+                .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
+        }
+        self.apply()?;
+
+        self.follow_lans(observed)?;
+        self.follow_egress(observed)?;
+
+        let uplink_ifindexes: Vec<u32> = self
+            .uplinks
+            .iter()
+            .filter_map(|u| u.facts.ifindex)
+            .collect();
+        let bypass = bypass::wanted(
+            observed,
+            &uplink_ifindexes,
+            &self.config.routing.lookup_tables,
+        );
+        self.bypass.converge(bypass, &mut self.dataplane)?;
+
+        let addrs: Vec<Ipv4Addr> = self
+            .uplinks
+            .iter()
+            .map(|u| u.facts.addr.unwrap_or(Ipv4Addr::UNSPECIFIED))
+            .collect();
+        if addrs != self.flow_addrs {
+            // Rare (an address changed): worth waiting for a collection
+            // under way.
+            if let Ok(mut tables) = self.flow_tables.lock() {
+                tables.set_uplink_addrs(addrs.clone());
+            }
+            self.flow_addrs = addrs;
+        }
+        let slowpath = nftables::wanted(
+            self.uplinks.iter().map(|u| (&u.cfg, u.facts.ifindex)),
+            observed,
+            self.local_ports,
+        );
+        Ok(Converged {
+            routing: routing::changes(observed, &self.wanted_routing()),
+            slow_path_uplink: self.slow_path_uplink(),
+            slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
+        })
+    }
+
+    /// lb's nftables table was replaced by `wanted`; the one before had
+    /// counted `counted`.
+    pub(super) fn slowpath_applied(
+        &mut self,
+        wanted: nftables::Wanted,
+        counted: &nftables::Counted,
+    ) {
+        self.counted_before.add(counted);
+        self.slowpath = Some(wanted);
+    }
+
+    /// Take in uplink `i`'s new facts: its data-plane entry, its XDP
+    /// attachment, its health monitor, and asking for its gateway.
+    pub(super) fn follow(&mut self, i: usize, facts: Facts) -> Result<()> {
+        let old = self.uplinks[i].facts;
+        if old.ifindex.is_some() && old.ifindex != facts.ifindex {
+            if let Some(gone) = old.ifindex {
+                self.dataplane.forget_uplink_ifindex(gone)?;
+            }
+        }
+        {
+            let u = &mut self.uplinks[i];
+            if let Some((ifindex, addr)) = u.adopted.take() {
+                if facts.ifindex != Some(ifindex) || facts.addr.map(|a| a.octets()) != Some(addr) {
+                    // The pinned flows of this uplink were made for another
+                    // interface or address: they move.
+                    u.epoch = u.epoch.wrapping_add(1);
+                }
+            }
+            if old.addr.is_some() && old.addr != facts.addr {
+                u.epoch = u.epoch.wrapping_add(1);
+                let said = format!(
+                    "address {} -> {}; its flows move on their next packet",
+                    text_or_none(old.addr),
+                    text_or_none(facts.addr)
+                );
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("address", Some(&u.cfg.name), said);
+            }
+            if facts.gateway != old.gateway {
+                let said = format!(
+                    "gateway {} -> {}",
+                    text_or_none(old.gateway),
+                    text_or_none(facts.gateway)
+                );
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("gateway", Some(&u.cfg.name), said);
+            }
+            if let (Some(before), Some(now)) = (old.gateway_mac, facts.gateway_mac) {
+                if before != now {
+                    let said = format!(
+                        "gateway {} is now at {} (was {})",
+                        text_or_none(facts.gateway),
+                        mac_text(&now),
+                        mac_text(&before)
+                    );
+                    log::info!("uplink {}: {said}", u.cfg.name);
+                    self.history.say("gateway", Some(&u.cfg.name), said);
+                }
+            }
+            if !facts.carrier {
+                // Back from a carrier loss, it has to prove itself again.
+                u.proven = false;
+            }
+            u.facts = facts;
+        }
+        self.monitor(i)?;
+        let u = &mut self.uplinks[i];
+
+        // The entry, with the state these facts call for, in one write.
+        let entry = uplinks::wanted(&facts, u.dataplane_state(), u.epoch, u.written);
+        uplinks::converge(u.index, &mut u.written, entry, &mut self.dataplane)?;
+        self.attachments.converge_uplink(
+            &u.cfg.interface,
+            facts.ifindex.filter(|_| facts.mac.is_some()),
+            &mut u.attached,
+            &mut self.dataplane,
+        )?;
+
+        // A gateway the kernel holds no address for: make it ask (ARP),
+        // as a first packet to it would.
+        let u = &mut self.uplinks[i];
+        if let (Some(gateway), None, true) = (facts.gateway, facts.gateway_mac, facts.carrier) {
+            if u.last_poke.is_none_or(|t| t.elapsed() >= POKE_EVERY) {
+                u.last_poke = Some(Instant::now());
+                if let Err(e) = netlink::poke(&u.cfg.interface, gateway) {
+                    log::debug!("uplink {}: asking for gateway {gateway}: {e:#}", u.cfg.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attach `lan_ingress` where the LANs' frames arrive (see
+    /// `reconcile::attachments`), once the guard is in place.
+    pub(super) fn follow_lans(&mut self, observed: &Observed) -> Result<()> {
+        if !self.lans_open {
+            return Ok(());
+        }
+        let wanted = attachments::wanted_lan_ports(&self.config.lans, observed);
+        self.attachments.converge_lans(wanted, &mut self.dataplane)
+    }
+
+    /// Converge lb's shapers, and tell the data plane which devices'
+    /// qdiscs its packets must pass (see `egress`).
+    pub(super) fn follow_egress(&mut self, observed: &Observed) -> Result<()> {
+        let uplinks: Vec<(u32, &str, egress::Shape)> = self
+            .uplinks
+            .iter()
+            .map(|u| (u.index, u.cfg.interface.as_str(), u.cfg.shape))
+            .collect();
+        let lans: Vec<&str> = self
+            .config
+            .lans
+            .iter()
+            .map(|l| l.interface.as_str())
+            .collect();
+        let shapers = egress::wanted(&uplinks, &lans);
+        // Refused at start; one that appears later can only be reported.
+        for u in &self.uplinks {
+            let key = format!("ingress {}", u.cfg.interface);
+            let found = observed.link(&u.cfg.interface).and_then(|l| {
+                egress::ingress_shaper(&observed.qdiscs, l.index, &u.cfg.name, &u.cfg.interface)
+            });
+            match found {
+                Some(said) if self.egress.say_once(&key) => log::error!("{said}"),
+                Some(_) => {}
+                None => self.egress.unsay(&key),
+            }
+        }
+        let mut devices: Vec<egress::Device> = self
+            .uplinks
+            .iter()
+            .filter(|u| u.attached.is_some())
+            .filter_map(|u| {
+                Some(egress::Device {
+                    ifindex: u.facts.ifindex?,
+                    name: u.cfg.interface.clone(),
+                    bridge: None,
+                })
+            })
+            .collect();
+        for lan in &self.config.lans {
+            let bridge = observed
+                .link(&lan.interface)
+                .filter(|l| l.kind.as_deref() == Some("bridge"))
+                .map(|l| l.index);
+            for (ifindex, name) in observed.lan_ports(&lan.interface) {
+                if self.attachments.has_lan_port(ifindex) {
+                    devices.push(egress::Device {
+                        ifindex,
+                        name,
+                        bridge,
+                    });
+                }
+            }
+        }
+        let managed: Vec<&str> = uplinks
+            .iter()
+            .map(|u| u.1)
+            .chain(lans.iter().copied())
+            .collect();
+        let writes = self.egress.converge(
+            &observed.qdiscs,
+            &devices,
+            &shapers,
+            &managed,
+            self.attachments.handoff_failed(),
+            |name| observed.link(name).map(|l| l.index),
+        );
+        for (ifindex, out) in writes {
+            if let Err(e) = self.dataplane.set_egress(ifindex, out) {
+                // Mend from what the map really holds, next time round.
+                self.egress
+                    .seed(self.dataplane.egress_entries().unwrap_or_default());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// lbd's routing tables and rules as the view calls for (see
+    /// `reconcile::routing::wanted`).
+    pub(super) fn wanted_routing(&self) -> routing::Wanted {
+        let ready: Vec<Option<routing::Ready>> = self
+            .uplinks
+            .iter()
+            .map(|u| {
+                let f = &u.facts;
+                match (f.ifindex, f.addr, f.gateway, f.carrier) {
+                    (Some(ifindex), Some(addr), Some(gateway), true) => Some(routing::Ready {
+                        ifindex,
+                        addr,
+                        gateway,
+                    }),
+                    _ => None,
+                }
+            })
+            .collect();
+        let lans: Vec<&str> = self
+            .config
+            .lans
+            .iter()
+            .map(|l| l.interface.as_str())
+            .collect();
+        routing::wanted(&self.config.routing, &ready, self.slow_path_uplink(), &lans)
+    }
+
+    /// The uplink that carries the slow path: in service with its table in
+    /// place, the lowest tier, then the heaviest weight, then the first.
+    /// `None` when none is: the main table decides then.
+    pub fn slow_path_uplink(&self) -> Option<usize> {
+        self.uplinks
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| {
+                let f = &u.facts;
+                u.dataplane_state() == uplink_state::ACTIVE
+                    && f.carrier
+                    && f.addr.is_some()
+                    && f.gateway.is_some()
+            })
+            .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
+            .map(|(i, _)| i)
+    }
+
+    /// Push every uplink's state to the data plane, then the bucket table
+    /// that follows from it. The state write alone already moves traffic
+    /// (the data plane steers new and orphaned flows past buckets whose
+    /// uplink cannot take them, `lb_common::table::steer`); the table then
+    /// spreads the moved buckets by weight.
+    pub fn apply(&mut self) -> Result<()> {
+        self.apply_states()?;
+        self.apply_table()
+    }
+
+    /// [`apply`](Self::apply), recording in uplink `index`'s `last_change`
+    /// how long it took from `seen` (the cause) through `taken` (the daemon
+    /// took it up) to the data plane.
+    pub(super) fn apply_timed(
+        &mut self,
+        index: usize,
+        seen: Instant,
+        taken: Instant,
+    ) -> Result<()> {
+        self.apply_states()?;
+        let states = Instant::now();
+        let applied_monotonic_ns = monotonic_ns();
+        self.apply_table()?;
+        let table = Instant::now();
+        let micros = |d: Duration| d.as_micros() as u64;
+        if let Some(u) = self.uplinks.get_mut(index) {
+            u.last_change = Some(Reaction {
+                queued_us: micros(taken.saturating_duration_since(seen)),
+                write_us: micros(states - taken),
+                table_us: micros(table - states),
+                applied_monotonic_ns,
+            });
+        }
+        Ok(())
+    }
+
+    /// Write the state of every uplink whose state changed, one map write
+    /// each, and log where each uplink now stands.
+    pub(super) fn apply_states(&mut self) -> Result<()> {
+        for u in &mut self.uplinks {
+            let lifecycle = u.lifecycle();
+            if let Some(why) = waiting_reason(lifecycle, &u.cfg, &u.facts) {
+                u.reason = why;
+            }
+            if lifecycle != u.lifecycle {
+                let said = format!("{} -> {lifecycle} ({})", u.lifecycle, u.reason);
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("lifecycle", Some(&u.cfg.name), said);
+                u.lifecycle = lifecycle;
+            }
+            let entry = uplinks::wanted(&u.facts, lifecycle.dataplane_state(), u.epoch, u.written);
+            uplinks::converge(u.index, &mut u.written, entry, &mut self.dataplane)
+                .with_context(|| format!("uplink {}", u.cfg.name))?;
+        }
+        Ok(())
+    }
+
+    /// Rebalance the bucket table for the current states and weights (see
+    /// `reconcile::buckets`).
+    pub(super) fn apply_table(&mut self) -> Result<()> {
+        let candidates: Vec<Candidate> = self
+            .uplinks
+            .iter()
+            .map(|u| Candidate {
+                weight: u.weight,
+                tier: u.cfg.tier,
+                takes_new_flows: u.dataplane_state() == uplink_state::ACTIVE,
+                degraded: u.health == Some(Health::Degraded),
+            })
+            .collect();
+        self.buckets.converge(&candidates, &mut self.dataplane)?;
+        Ok(())
+    }
+}
+
+/// One round of the reconciler: read what the kernel holds, converge, and
+/// make the routing changes. Errors are the caller's to log: the next
+/// round (the next event, or a second later) tries again.
+pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
+    let observed = Observed::take(&link.handle).await?;
+    let lock = || {
+        daemon
+            .lock()
+            .map_err(|_| anyhow::anyhow!("daemon state is poisoned"))
+    };
+    // Off the async workers: a convergence may run `tc` (lb's shapers).
+    let Converged {
+        routing,
+        slow_path_uplink,
+        slowpath,
+    } = tokio::task::block_in_place(|| lock()?.converge(&observed))?;
+    if let Some(wanted) = slowpath {
+        let counted = tokio::task::block_in_place(|| {
+            // The table may not be there (yet): nothing counted then.
+            let counted = nftables::counted().unwrap_or_default();
+            nftables::apply(&wanted).map(|()| counted)
+        })?;
+        lock()?.slowpath_applied(wanted, &counted);
+    }
+    if !routing.is_empty() {
+        let errors = routing::converge(&link.handle, routing).await;
+        if !errors.is_empty() {
+            bail!("routing: {}", errors.join("; "));
+        }
+    }
+    lock()?.slow_path_applied = slow_path_uplink;
+    Ok(())
+}
+
+/// What a convergence leaves to be done outside the daemon's lock.
+pub struct Converged {
+    pub routing: routing::Changes,
+    /// The slow path's uplink that `routing` puts in place.
+    pub slow_path_uplink: Option<usize>,
+    /// lb's nftables table, when it must change.
+    pub slowpath: Option<nftables::Wanted>,
+}
+
+/// Why an uplink waits, in the kernel's terms, for the operator; `None`
+/// when it does not wait for the kernel.
+pub(super) fn waiting_reason(
+    lifecycle: Lifecycle,
+    cfg: &UplinkConfig,
+    facts: &Facts,
+) -> Option<String> {
+    let ifname = &cfg.interface;
+    Some(match lifecycle {
+        Lifecycle::WaitingInterface => format!("no interface {ifname} (`ip link`)"),
+        Lifecycle::WaitingCarrier => format!("{ifname} is down or has no carrier"),
+        Lifecycle::WaitingAddress => {
+            format!("no IPv4 address on {ifname} (DHCP or PPPoE pending?)")
+        }
+        Lifecycle::WaitingGateway => {
+            format!(
+                "no gateway: no default route through {ifname} in any table, and none configured"
+            )
+        }
+        Lifecycle::GatewayUnresolved => format!(
+            "gateway {} does not answer ARP on {ifname}",
+            text_or_none(facts.gateway)
+        ),
+        _ => return None,
+    })
+}

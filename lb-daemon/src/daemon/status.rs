@@ -1,0 +1,262 @@
+//! What `lbctl status` and `lbctl flows` show, and the metrics read: the
+//! view, the data plane's counters and lb's nftables counters, by uplink.
+//! Reads only.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use lb_common::{maps::uplink_state, reason, table};
+
+use crate::{
+    control::api::{EgressStatus, QuotaStatus, Status, UplinkStatus},
+    dataplane::flows::FlowTables,
+    health::State as Health,
+    reconcile::nftables,
+};
+
+use super::*;
+
+pub(super) fn state_name(state: u32) -> &'static str {
+    match state {
+        uplink_state::ACTIVE => "active",
+        uplink_state::DRAIN => "drain",
+        uplink_state::DOWN => "down",
+        _ => "unused",
+    }
+}
+
+impl Daemon {
+    pub(super) fn egress_status(&self, device: &str) -> Option<EgressStatus> {
+        self.egress.choices.get(device).map(|c| EgressStatus {
+            device: device.to_owned(),
+            path: c.path().to_owned(),
+            why: c.why.clone(),
+        })
+    }
+
+    /// Everything `lbctl status` shows but the flow counts, which need a
+    /// walk of the flow table: [`StatusDraft::finish`] does that walk, so
+    /// that the caller can do it after letting go of the daemon.
+    pub fn status(&self) -> Result<StatusDraft> {
+        let counts = table::counts(self.buckets.table());
+        let mut uplinks = Vec::new();
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let s = self.dataplane.uplink_stats(u.index)?;
+            let snap = u.snapshot.as_ref().map(|s| *s.borrow());
+            let stats = snap.map(|s| s.stats).unwrap_or_default();
+            uplinks.push(UplinkStatus {
+                name: u.cfg.name.clone(),
+                interface: u.cfg.interface.clone(),
+                address: text_or_none(u.facts.addr),
+                gateway: text_or_none(u.facts.gateway),
+                gateway_config: u.cfg.gateway.to_string(),
+                gateway_mac: u
+                    .facts
+                    .gateway_mac
+                    .map_or_else(|| "-".into(), |m| mac_text(&m)),
+                lifecycle: u.lifecycle().to_string(),
+                table: self.config.routing.table(i),
+                rule_priority: self.config.routing.priority(i),
+                weight: u.weight,
+                tier: u.cfg.tier,
+                admin: u.admin.as_str().to_string(),
+                health: u.health.map_or("-", Health::as_str).to_string(),
+                reason: u.reason.clone(),
+                transitions: u.transitions,
+                rtt_ms: stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                jitter_ms: stats.jitter.map(|d| d.as_secs_f64() * 1000.0),
+                loss_percent: stats.loss_percent(),
+                state: state_name(u.dataplane_state()).to_string(),
+                buckets: counts[u.index as usize],
+                tx_packets: s.tx_packets,
+                tx_bytes: s.tx_bytes,
+                rx_packets: s.rx_packets,
+                rx_bytes: s.rx_bytes,
+                new_flows: s.new_flows,
+                flows: 0,
+                inbound: 0,
+                replies: s.replies,
+                nat_failures: s.nat_failures,
+                last_change: u.last_change,
+                quota: u.cfg.quota.map(|q| {
+                    let usage = self.quota.get(&u.cfg.name).copied().unwrap_or_default();
+                    QuotaStatus {
+                        limit_bytes: q.bytes,
+                        used_bytes: usage.used,
+                        period: q.period.as_str().into(),
+                        period_start: usage.period_start,
+                        next_period: quota::next_start(&q, usage.period_start),
+                        action: q.action.as_str().into(),
+                        reached: usage.reached,
+                    }
+                }),
+                egress: self.egress_status(&u.cfg.interface),
+                suspicions: u.watch.bursts,
+                false_alarms: u.watch.false_alarms,
+                syn_retries: u.syn_retries,
+            });
+        }
+        let reasons = self.dataplane.reasons()?;
+        let status = Status {
+            // Filled in by `finish`.
+            flows_expired: 0,
+            flows_evicted: 0,
+            mode: self.config.balance.mode.to_string(),
+            uplinks,
+            reasons: reason::NAMES
+                .iter()
+                .zip(reasons)
+                .map(|(n, c)| (n.to_string(), c))
+                .collect(),
+            guard_dropped: 0,
+            slow_path: self
+                .slow_path_applied
+                .map(|i| self.uplinks[i].cfg.name.clone()),
+            lan_ports: self
+                .attachments
+                .lan_ports()
+                .map(|(_, n)| n.to_owned())
+                .collect(),
+            pinned_at: self.config.daemon.bpffs.display().to_string(),
+            adopted_flows: self.adopted_flows,
+            kernel_destinations: self
+                .bypass
+                .prefixes()
+                .iter()
+                .map(|(a, l)| format!("{a}/{l}"))
+                .collect(),
+            lan_egress: self
+                .attachments
+                .lan_ports()
+                .filter_map(|(_, name)| self.egress_status(name))
+                .collect(),
+        };
+        Ok(StatusDraft {
+            status,
+            pinned: self.dataplane.pinned_flows(self.uplinks.len() as u32)?,
+            tables: self.flow_tables.clone(),
+            counted_before: self.counted_before.clone(),
+        })
+    }
+
+    /// What `lbctl flows` needs besides the walk: the tables, and each
+    /// uplink's name and address by index. The walk itself
+    /// ([`FlowQuery::run`]) happens without the daemon.
+    pub fn flow_query(&self) -> FlowQuery {
+        FlowQuery {
+            tables: self.flow_tables.clone(),
+            uplinks: self
+                .uplinks
+                .iter()
+                .map(|u| (u.cfg.name.clone(), u.facts.addr))
+                .collect(),
+        }
+    }
+}
+
+/// A walk of the flow table for `lbctl flows`.
+pub struct FlowQuery {
+    tables: Arc<Mutex<FlowTables>>,
+    uplinks: Vec<(String, Option<Ipv4Addr>)>,
+}
+
+impl FlowQuery {
+    /// The flows of `uplink` (by name) and of `client`, at most `limit`.
+    /// The walk stops at the limit: bounded on a full table.
+    pub fn run(
+        &self,
+        uplink: Option<&str>,
+        client: Option<Ipv4Addr>,
+        limit: usize,
+    ) -> Result<crate::control::api::FlowList> {
+        let wanted_uplink = match uplink {
+            Some(name) => Some(
+                self.uplinks
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .with_context(|| format!("no uplink named {name:?}"))? as u32,
+            ),
+            None => None,
+        };
+        let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+        let tables = self
+            .tables
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?;
+        let mut out = Vec::new();
+        let mut walked = 0u64;
+        let mut truncated = false;
+        for (key, value) in tables.walk()? {
+            walked += 1;
+            if wanted_uplink.is_some_and(|u| u != value.uplink)
+                || client.is_some_and(|c| c.octets() != key.src_addr)
+            {
+                continue;
+            }
+            if out.len() == limit {
+                truncated = true;
+                break;
+            }
+            let (name, addr) = if value.uplink == lb_common::KERNEL_OWNED {
+                ("kernel".to_string(), None)
+            } else {
+                self.uplinks
+                    .get(value.uplink as usize)
+                    .cloned()
+                    .unwrap_or_else(|| (format!("#{}", value.uplink), None))
+            };
+            out.push(crate::dataplane::flows::describe(
+                &key, &value, &name, addr, now,
+            ));
+        }
+        Ok(crate::control::api::FlowList {
+            flows: out,
+            walked,
+            truncated,
+        })
+    }
+}
+
+/// A status waiting for its flow counts.
+pub struct StatusDraft {
+    status: Status,
+    /// Flows pinned to an uplink since start.
+    pinned: u64,
+    tables: Arc<Mutex<FlowTables>>,
+    counted_before: nftables::Counted,
+}
+
+impl StatusDraft {
+    /// Walk the flow table (tenths of a second when it is full) and fill in
+    /// the flows per uplink, and the evictions, which are the flows pinned
+    /// that are neither collected nor still in the table.
+    /// Waits for a collection that is under way, so that a flow is counted
+    /// once: in the table, expired, or evicted.
+    pub fn finish(mut self) -> Result<Status> {
+        // Counted by nftables, read with `nft`: not under the daemon's lock.
+        let mut counted = self.counted_before.clone();
+        counted.add(&nftables::counted().unwrap_or_default());
+        self.status.guard_dropped = counted.leaked;
+        for (i, uplink) in self.status.uplinks.iter_mut().enumerate() {
+            uplink.inbound = counted.inbound(i);
+        }
+        let tables = self
+            .tables
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?;
+        let counts = tables.count_by_uplink()?;
+        for (uplink, n) in self.status.uplinks.iter_mut().zip(&counts) {
+            uplink.flows = *n;
+        }
+        let expired = tables.expired();
+        self.status.flows_expired = expired;
+        self.status.flows_evicted = self
+            .pinned
+            .saturating_sub(expired)
+            .saturating_sub(counts.iter().sum());
+        Ok(self.status)
+    }
+}
