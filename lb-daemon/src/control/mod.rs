@@ -7,3 +7,4 @@ pub mod docs;
 pub mod events;
 pub mod hooks;
 pub mod metrics;
+pub mod socket;

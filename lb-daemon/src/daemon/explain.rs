@@ -99,11 +99,7 @@ impl Daemon {
                 .get(i as usize)
                 .map_or_else(|| format!("#{i}"), |u| u.cfg.name.clone())
         };
-        let existing = self
-            .flow_tables
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?
-            .get(key)?;
+        let existing = lock(&self.flow_tables, FLOW_TABLES)?.get(key)?;
         if existing.is_some_and(|f| f.uplink == lb_common::KERNEL_OWNED) {
             return Ok(self.kernel_connection(key, true));
         }

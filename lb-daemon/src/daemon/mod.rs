@@ -18,7 +18,9 @@ mod actions;
 mod checks;
 mod explain;
 pub mod quota;
+pub mod reload;
 mod round;
+pub mod run;
 mod status;
 pub mod uplink;
 
@@ -31,7 +33,7 @@ pub use status::{FlowQuery, StatusDraft};
 
 use std::{
     net::Ipv4Addr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -419,10 +421,7 @@ impl Daemon {
                 log::info!("uplink #{index} of the adopted data plane is no longer configured: its flows move");
             }
         }
-        let flows = self
-            .flow_tables
-            .lock()
-            .map_err(|_| anyhow::anyhow!("flow tables poisoned"))?
+        let flows = lock(&self.flow_tables, FLOW_TABLES)?
             .flows()
             .map(|f| f.len())
             .unwrap_or(0);
@@ -596,6 +595,21 @@ impl Daemon {
 }
 
 impl Daemon {}
+
+/// What [`lock`] calls the flow tables' lock.
+const FLOW_TABLES: &str = "the flow tables (as the collector walks them)";
+
+/// Lock `mutex`, which holds `what`. A lock is poisoned when a thread
+/// panicked while holding it (a bug): every later use fails, saying so and
+/// what to do, rather than acting on a state left half changed.
+pub fn lock<'a, T>(mutex: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
+    mutex.lock().map_err(|_| {
+        anyhow::anyhow!(
+            "{what} is unusable: a thread panicked while holding it; restart lbd (the data \
+             plane and its flows stay)"
+        )
+    })
+}
 
 /// The machine's monotonic clock (`CLOCK_MONOTONIC`, what Rust's `Instant`
 /// reads on Linux), in ns: comparable across processes.

@@ -393,11 +393,7 @@ impl Daemon {
 /// round (the next event, or a second later) tries again.
 pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
     let observed = Observed::take(&link.handle).await?;
-    let lock = || {
-        daemon
-            .lock()
-            .map_err(|_| anyhow::anyhow!("daemon state is poisoned"))
-    };
+    let lock = || lock(daemon, "the daemon's state");
     // Off the async workers: a convergence may run `tc` (lb's shapers).
     let Converged {
         routing,

@@ -182,10 +182,7 @@ impl FlowQuery {
             None => None,
         };
         let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
-        let tables = self
-            .tables
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?;
+        let tables = lock(&self.tables, FLOW_TABLES)?;
         let mut out = Vec::new();
         let mut walked = 0u64;
         let mut truncated = false;
@@ -243,10 +240,7 @@ impl StatusDraft {
         for (i, uplink) in self.status.uplinks.iter_mut().enumerate() {
             uplink.inbound = counted.inbound(i);
         }
-        let tables = self
-            .tables
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the flow collector panicked; restart lbd"))?;
+        let tables = lock(&self.tables, FLOW_TABLES)?;
         let counts = tables.count_by_uplink()?;
         for (uplink, n) in self.status.uplinks.iter_mut().zip(&counts) {
             uplink.flows = *n;
