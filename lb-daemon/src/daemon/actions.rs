@@ -37,7 +37,7 @@ impl Daemon {
         }
         u.reason = event.transition.reason.clone();
         u.transitions += 1;
-        self.apply_timed(event.uplink, event.at.into_std(), taken)?;
+        self.converge_dataplane_timed(event.uplink, event.at.into_std(), taken)?;
         let u = &self.uplinks[event.uplink];
         let timing = u
             .last_change
@@ -177,7 +177,7 @@ impl Daemon {
             }
         };
         u.reason = format!("operator: {done}");
-        self.apply_timed(index, taken, taken)?;
+        self.converge_dataplane_timed(index, taken, taken)?;
         log::info!("{done} (operator)");
         self.history.say("operator", Some(name), done.clone());
         Ok(done)
@@ -321,9 +321,9 @@ impl Daemon {
         }
         self.config = new;
         for i in 0..self.uplinks.len() {
-            self.monitor(i)?;
+            self.converge_monitor(i)?;
         }
-        self.apply()?;
+        self.converge_dataplane()?;
         let said = if done.is_empty() {
             "reloaded: nothing changed".to_string()
         } else {

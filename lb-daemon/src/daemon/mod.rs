@@ -28,7 +28,7 @@ pub use actions::Reconfigured;
 pub use checks::check_machine;
 use checks::{check_ingress_shapers, check_lans, check_xdp_targets};
 use quota::quota_admin;
-pub use round::{reconcile, Converged};
+pub use round::{round, Converged};
 pub use status::{FlowQuery, StatusDraft};
 
 use std::{
@@ -387,7 +387,7 @@ impl Daemon {
             daemon.slowpath = Some(wanted);
         }
         daemon.lans_open = true;
-        daemon.follow_lans(&Observed::take(&handle).await?)?;
+        daemon.converge_lan_ports(&Observed::take(&handle).await?)?;
         let changed = links.changed();
         tokio::spawn(async move {
             if let Err(e) = links.run().await {
@@ -485,7 +485,7 @@ impl Daemon {
     /// Start, restart or stop uplink `i`'s health monitor as its facts
     /// call for: one runs while the facts are complete, bound to the
     /// uplink's interface and address.
-    fn monitor(&mut self, i: usize) -> Result<()> {
+    fn converge_monitor(&mut self, i: usize) -> Result<()> {
         let late = self.started.elapsed() >= START_GRACE;
         let u = &mut self.uplinks[i];
         let wanted = match (u.facts.complete(), u.facts.addr) {

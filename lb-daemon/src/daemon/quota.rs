@@ -435,7 +435,7 @@ impl Daemon {
         let u = &mut self.uplinks[i];
         u.admin = admin;
         u.reason = said.clone();
-        self.apply_timed(i, taken, taken)?;
+        self.converge_dataplane_timed(i, taken, taken)?;
         let u = &self.uplinks[i];
         match outcome {
             Outcome::Reached => log::warn!("uplink {}: {said}", u.cfg.name),

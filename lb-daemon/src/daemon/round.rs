@@ -4,7 +4,7 @@
 //! bypass, qdiscs, then, outside the daemon's lock, routes and rules and
 //! nftables. Health verdicts, operator actions and quota actions change
 //! the view and run the data plane's part of a round at once
-//! ([`Daemon::apply`]); the kernel's part follows in the next round.
+//! ([`Daemon::converge_dataplane`]); the kernel's part follows in the next round.
 
 use std::{
     net::Ipv4Addr,
@@ -42,13 +42,13 @@ impl Daemon {
         for i in 0..self.uplinks.len() {
             let u = &self.uplinks[i];
             let facts = Facts::observe(observed, &u.cfg.interface, u.cfg.gateway, &u.facts);
-            self.follow(i, facts)
+            self.converge_uplink(i, facts)
                 .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
         }
-        self.apply()?;
+        self.converge_dataplane()?;
 
-        self.follow_lans(observed)?;
-        self.follow_egress(observed)?;
+        self.converge_lan_ports(observed)?;
+        self.converge_egress(observed)?;
 
         let uplink_ifindexes: Vec<u32> = self
             .uplinks
@@ -100,7 +100,7 @@ impl Daemon {
 
     /// Take in uplink `i`'s new facts: its data-plane entry, its XDP
     /// attachment, its health monitor, and asking for its gateway.
-    pub(super) fn follow(&mut self, i: usize, facts: Facts) -> Result<()> {
+    pub(super) fn converge_uplink(&mut self, i: usize, facts: Facts) -> Result<()> {
         let old = self.uplinks[i].facts;
         if old.ifindex.is_some() && old.ifindex != facts.ifindex {
             if let Some(gone) = old.ifindex {
@@ -153,7 +153,7 @@ impl Daemon {
             }
             u.facts = facts;
         }
-        self.monitor(i)?;
+        self.converge_monitor(i)?;
         let u = &mut self.uplinks[i];
 
         // The entry, with the state these facts call for, in one write.
@@ -182,7 +182,7 @@ impl Daemon {
 
     /// Attach `lan_ingress` where the LANs' frames arrive (see
     /// `reconcile::attachments`), once the guard is in place.
-    pub(super) fn follow_lans(&mut self, observed: &Observed) -> Result<()> {
+    pub(super) fn converge_lan_ports(&mut self, observed: &Observed) -> Result<()> {
         if !self.lans_open {
             return Ok(());
         }
@@ -192,7 +192,7 @@ impl Daemon {
 
     /// Converge lb's shapers, and tell the data plane which devices'
     /// qdiscs its packets must pass (see `egress`).
-    pub(super) fn follow_egress(&mut self, observed: &Observed) -> Result<()> {
+    pub(super) fn converge_egress(&mut self, observed: &Observed) -> Result<()> {
         let uplinks: Vec<(u32, &str, egress::Shape)> = self
             .uplinks
             .iter()
@@ -318,24 +318,24 @@ impl Daemon {
     /// (the data plane steers new and orphaned flows past buckets whose
     /// uplink cannot take them, `lb_common::table::steer`); the table then
     /// spreads the moved buckets by weight.
-    pub fn apply(&mut self) -> Result<()> {
-        self.apply_states()?;
-        self.apply_table()
+    pub fn converge_dataplane(&mut self) -> Result<()> {
+        self.converge_uplink_entries()?;
+        self.converge_buckets()
     }
 
-    /// [`apply`](Self::apply), recording in uplink `index`'s `last_change`
+    /// [`converge_dataplane`](Self::converge_dataplane), recording in uplink `index`'s `last_change`
     /// how long it took from `seen` (the cause) through `taken` (the daemon
     /// took it up) to the data plane.
-    pub(super) fn apply_timed(
+    pub(super) fn converge_dataplane_timed(
         &mut self,
         index: usize,
         seen: Instant,
         taken: Instant,
     ) -> Result<()> {
-        self.apply_states()?;
+        self.converge_uplink_entries()?;
         let states = Instant::now();
         let applied_monotonic_ns = monotonic_ns();
-        self.apply_table()?;
+        self.converge_buckets()?;
         let table = Instant::now();
         let micros = |d: Duration| d.as_micros() as u64;
         if let Some(u) = self.uplinks.get_mut(index) {
@@ -351,7 +351,7 @@ impl Daemon {
 
     /// Write the state of every uplink whose state changed, one map write
     /// each, and log where each uplink now stands.
-    pub(super) fn apply_states(&mut self) -> Result<()> {
+    pub(super) fn converge_uplink_entries(&mut self) -> Result<()> {
         for u in &mut self.uplinks {
             let lifecycle = u.lifecycle();
             if let Some(why) = waiting_reason(lifecycle, &u.cfg, &u.facts) {
@@ -372,7 +372,7 @@ impl Daemon {
 
     /// Rebalance the bucket table for the current states and weights (see
     /// `reconcile::buckets`).
-    pub(super) fn apply_table(&mut self) -> Result<()> {
+    pub(super) fn converge_buckets(&mut self) -> Result<()> {
         let candidates: Vec<Candidate> = self
             .uplinks
             .iter()
@@ -391,7 +391,7 @@ impl Daemon {
 /// One round of the reconciler: read what the kernel holds, converge, and
 /// make the routing changes. Errors are the caller's to log: the next
 /// round (the next event, or a second later) tries again.
-pub async fn reconcile(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
+pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
     let observed = Observed::take(&link.handle).await?;
     let lock = || lock(daemon, "the daemon's state");
     // Off the async workers: a convergence may run `tc` (lb's shapers).

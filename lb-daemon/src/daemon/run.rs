@@ -17,7 +17,7 @@ use std::{
 use anyhow::Result;
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{clock_ns, reconcile, reload::Reloader, Daemon, KernelLink};
+use super::{clock_ns, reload::Reloader, round, Daemon, KernelLink};
 use crate::{
     config::Config,
     control::{
@@ -67,7 +67,7 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
     // systemd's Type=notify: ready now (nothing happens without systemd).
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let (stop_reconciling, stopping) = tokio::sync::watch::channel(false);
-    let reconciler = tokio::spawn(reconcile_forever(daemon.clone(), kernel.clone(), stopping));
+    let reconciler = tokio::spawn(converge_forever(daemon.clone(), kernel.clone(), stopping));
     let metrics_listen = daemon.lock().ok().and_then(|d| d.config.metrics);
     if let Some(listen) = metrics_listen {
         let daemon = daemon.clone();
@@ -183,7 +183,7 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
 }
 
 /// Converge on every kernel event, and once a second, until `stopping`.
-async fn reconcile_forever(
+async fn converge_forever(
     daemon: Arc<Mutex<Daemon>>,
     kernel: KernelLink,
     mut stopping: tokio::sync::watch::Receiver<bool>,
@@ -198,7 +198,7 @@ async fn reconcile_forever(
             () = kernel.changed.notified() => {}
             _ = tick.tick() => {}
         }
-        match reconcile(&daemon, &kernel).await {
+        match round(&daemon, &kernel).await {
             Ok(()) => {
                 if failing {
                     log::info!("converged again");
