@@ -1,6 +1,6 @@
 //! Builds the XDP objects (lb-ebpf) with the pinned nightly and puts them in
-//! OUT_DIR, where `dataplane` embeds lb's into `lbd` and `bench_support`
-//! the benchmark's.
+//! OUT_DIR, where `dataplane` embeds lb's into `lbd`; the benchmark's is
+//! named to `cargo xtask bench` (xtask's build script), which embeds it.
 //!
 //! The nested cargo runs from lb-ebpf/, so rustup picks the toolchain pinned
 //! in lb-ebpf/rust-toolchain.toml. Variables the outer cargo sets for build
@@ -58,8 +58,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    // `lb` is lbd's data plane; `lb-bench` holds the benchmark's programs
-    // (`cargo xtask bench`, through `bench_support`).
+    // `lb` is lbd's data plane; `lb-bench` holds the benchmark's programs,
+    // built in the same run and handed to `cargo xtask bench` (xtask's
+    // build script reads DEP_LB_DATAPLANE_BENCH_OBJECT).
     for (bin, object_name) in [("lb", "lb.bpf.o"), ("lb-bench", "lb-bench.bpf.o")] {
         let object = target_dir.join("bpfel-unknown-none/release").join(bin);
         if let Err(e) = std::fs::copy(&object, out_dir.join(object_name)) {
@@ -67,5 +68,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    println!(
+        "cargo:bench_object={}",
+        out_dir.join("lb-bench.bpf.o").display()
+    );
     ExitCode::SUCCESS
 }

@@ -14,7 +14,6 @@
 //! - [`control`]: the operator's side: socket protocol, metrics, events,
 //!   hooks, man pages.
 
-pub mod bench_support;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -41,6 +41,12 @@ pub fn run() -> Result<()> {
         status.success(),
         "`cargo test --no-fail-fast` failed ({status}): see the failures above"
     );
+    // The benchmark's own tests (its frames and stamps), with the feature
+    // that builds it.
+    cmd(
+        "cargo",
+        &["test", "--package", "xtask", "--features", "bench"],
+    )?;
     println!("test: the Debian package");
     let deb = crate::dist::build()?;
     crate::dist::check(&deb)?;

@@ -21,7 +21,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::control::api::{Status, UplinkStatus};
+use crate::control::api::{QuotaStatus, Status, UplinkStatus};
 
 /// A status, as metric families.
 #[derive(Debug)]
@@ -55,16 +55,179 @@ fn family(
     Ok(())
 }
 
+/// A family with one sample per uplink: name, help, type, value.
+type UplinkFamily = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&UplinkStatus) -> f64,
+);
+
+/// The families with one sample per uplink, in the order they are exposed.
+const PER_UPLINK: &[UplinkFamily] = &[
+    (
+        "lb_uplink_in_service",
+        "1 while the uplink takes new flows (in service, or degraded), else 0",
+        MetricType::Gauge,
+        |u| f64::from(u8::from(u.state == "active")),
+    ),
+    (
+        "lb_uplink_health_up",
+        "1 while the uplink's probes say up or degraded, else 0",
+        MetricType::Gauge,
+        |u| f64::from(u8::from(u.health == "up" || u.health == "degraded")),
+    ),
+    (
+        "lb_uplink_transitions",
+        "Health transitions since lbd started",
+        MetricType::Counter,
+        |u| u.transitions as f64,
+    ),
+    (
+        "lb_uplink_weight",
+        "The uplink's weight",
+        MetricType::Gauge,
+        |u| f64::from(u.weight),
+    ),
+    (
+        "lb_uplink_buckets",
+        "Buckets of the table that send new flows to the uplink",
+        MetricType::Gauge,
+        |u| f64::from(u.buckets),
+    ),
+    (
+        "lb_uplink_loss_ratio",
+        "Probes lost over the recent window, 0 to 1",
+        MetricType::Gauge,
+        |u| u.loss_percent / 100.0,
+    ),
+    (
+        "lb_uplink_tx_packets",
+        "Packets the fast path sent out of the uplink",
+        MetricType::Counter,
+        |u| u.tx_packets as f64,
+    ),
+    (
+        "lb_uplink_tx_bytes",
+        "Bytes (whole frames) the fast path sent out of the uplink",
+        MetricType::Counter,
+        |u| u.tx_bytes as f64,
+    ),
+    (
+        "lb_uplink_rx_packets",
+        "Packets arriving on the uplink",
+        MetricType::Counter,
+        |u| u.rx_packets as f64,
+    ),
+    (
+        "lb_uplink_rx_bytes",
+        "Bytes arriving on the uplink",
+        MetricType::Counter,
+        |u| u.rx_bytes as f64,
+    ),
+    (
+        "lb_uplink_new_flows",
+        "Flows pinned to the uplink (new, or moved to it)",
+        MetricType::Counter,
+        |u| u.new_flows as f64,
+    ),
+    (
+        "lb_uplink_nat_failures",
+        "New flows dropped for want of a free NAT port",
+        MetricType::Counter,
+        |u| u.nat_failures as f64,
+    ),
+    (
+        "lb_uplink_replies",
+        "Replies translated back to a client",
+        MetricType::Counter,
+        |u| u.replies as f64,
+    ),
+    (
+        "lb_uplink_inbound_connections",
+        "Connections that came in on the uplink (port forwards, the router's own services)",
+        MetricType::Counter,
+        |u| u.inbound as f64,
+    ),
+    (
+        "lb_uplink_suspicions",
+        "Bursts of probes the traffic asked for (passive detection)",
+        MetricType::Counter,
+        |u| u.suspicions as f64,
+    ),
+    (
+        "lb_uplink_false_alarms",
+        "Bursts whose probes answered: the traffic's suspicion was false",
+        MetricType::Counter,
+        |u| u.false_alarms as f64,
+    ),
+    (
+        "lb_uplink_syn_retries",
+        "SYNs sent again without an answer on the uplink",
+        MetricType::Counter,
+        |u| u.syn_retries as f64,
+    ),
+    (
+        "lb_uplink_flows",
+        "Flows pinned to the uplink now",
+        MetricType::Gauge,
+        |u| u.flows as f64,
+    ),
+];
+
+/// A family with one sample for the whole router: name, help, type, value.
+type RouterFamily = (&'static str, &'static str, MetricType, fn(&Status) -> f64);
+
+const PER_ROUTER: &[RouterFamily] = &[
+    (
+        "lb_flows_expired",
+        "Flows removed after their idle timeout",
+        MetricType::Counter,
+        |s| s.flows_expired as f64,
+    ),
+    (
+        "lb_flows_evicted",
+        "Flows the full table evicted",
+        MetricType::Counter,
+        |s| s.flows_evicted as f64,
+    ),
+    (
+        "lb_guard_dropped_packets",
+        "Packets dropped on their way out of an uplink with a source that is not the uplink's own nor routed through it (BCP38)",
+        MetricType::Counter,
+        |s| s.guard_dropped as f64,
+    ),
+];
+
+/// A family with one sample per uplink that has a quota.
+type QuotaFamily = (&'static str, &'static str, fn(&QuotaStatus) -> f64);
+
+const PER_QUOTA: &[QuotaFamily] = &[
+    (
+        "lb_uplink_quota_bytes",
+        "The uplink's volume quota per period",
+        |q| q.limit_bytes as f64,
+    ),
+    (
+        "lb_uplink_quota_used_bytes",
+        "Bytes the uplink carried (both ways) in the current quota period",
+        |q| q.used_bytes as f64,
+    ),
+    (
+        "lb_uplink_quota_reached",
+        "1 while the uplink's quota is reached and its action in force",
+        |q| f64::from(u8::from(q.reached)),
+    ),
+];
+
 impl Collector for Snapshot {
+    /// The tables above, and the families whose labels say more than the
+    /// uplink (its lifecycle, a device, a reason) or whose samples may be
+    /// missing (round-trip times before the first probe answers).
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
-        let per_uplink = |value: fn(&UplinkStatus) -> f64| {
-            s.uplinks
-                .iter()
-                .map(move |u| (Snapshot::uplink_labels(u), value(u)))
-                .collect::<Vec<_>>()
-        };
         let e = &mut encoder;
+        let uplink = Snapshot::uplink_labels;
         family(
             e,
             "lb_build_info",
@@ -77,50 +240,24 @@ impl Collector for Snapshot {
         )?;
         family(
             e,
-            "lb_uplink_in_service",
-            "1 while the uplink takes new flows (in service, or degraded), else 0",
-            MetricType::Gauge,
-            per_uplink(|u| f64::from(u8::from(u.state == "active"))),
-        )?;
-        family(
-            e,
             "lb_uplink_lifecycle",
             "Where the uplink stands (1 for its current lifecycle)",
             MetricType::Gauge,
             s.uplinks.iter().map(|u| {
-                let mut labels = Snapshot::uplink_labels(u);
+                let mut labels = uplink(u);
                 labels.push(("lifecycle", u.lifecycle.clone()));
                 (labels, 1.0)
             }),
         )?;
-        family(
-            e,
-            "lb_uplink_health_up",
-            "1 while the uplink's probes say up or degraded, else 0",
-            MetricType::Gauge,
-            per_uplink(|u| f64::from(u8::from(u.health == "up" || u.health == "degraded"))),
-        )?;
-        family(
-            e,
-            "lb_uplink_transitions",
-            "Health transitions since lbd started",
-            MetricType::Counter,
-            per_uplink(|u| u.transitions as f64),
-        )?;
-        family(
-            e,
-            "lb_uplink_weight",
-            "The uplink's weight",
-            MetricType::Gauge,
-            per_uplink(|u| f64::from(u.weight)),
-        )?;
-        family(
-            e,
-            "lb_uplink_buckets",
-            "Buckets of the table that send new flows to the uplink",
-            MetricType::Gauge,
-            per_uplink(|u| f64::from(u.buckets)),
-        )?;
+        for &(name, help, kind, value) in PER_UPLINK {
+            family(
+                e,
+                name,
+                help,
+                kind,
+                s.uplinks.iter().map(|u| (uplink(u), value(u))),
+            )?;
+        }
         family(
             e,
             "lb_uplink_rtt_seconds",
@@ -128,7 +265,7 @@ impl Collector for Snapshot {
             MetricType::Gauge,
             s.uplinks
                 .iter()
-                .filter_map(|u| u.rtt_ms.map(|r| (Snapshot::uplink_labels(u), r / 1e3))),
+                .filter_map(|u| u.rtt_ms.map(|r| (uplink(u), r / 1e3))),
         )?;
         family(
             e,
@@ -137,71 +274,14 @@ impl Collector for Snapshot {
             MetricType::Gauge,
             s.uplinks
                 .iter()
-                .filter_map(|u| u.jitter_ms.map(|j| (Snapshot::uplink_labels(u), j / 1e3))),
+                .filter_map(|u| u.jitter_ms.map(|j| (uplink(u), j / 1e3))),
         )?;
-        family(
-            e,
-            "lb_uplink_loss_ratio",
-            "Probes lost over the recent window, 0 to 1",
-            MetricType::Gauge,
-            per_uplink(|u| u.loss_percent / 100.0),
-        )?;
-        for (name, help, value) in [
-            (
-                "lb_uplink_tx_packets",
-                "Packets the fast path sent out of the uplink",
-                (|u: &UplinkStatus| u.tx_packets as f64) as fn(&UplinkStatus) -> f64,
-            ),
-            (
-                "lb_uplink_tx_bytes",
-                "Bytes (whole frames) the fast path sent out of the uplink",
-                |u| u.tx_bytes as f64,
-            ),
-            (
-                "lb_uplink_rx_packets",
-                "Packets arriving on the uplink",
-                |u| u.rx_packets as f64,
-            ),
-            ("lb_uplink_rx_bytes", "Bytes arriving on the uplink", |u| {
-                u.rx_bytes as f64
-            }),
-            (
-                "lb_uplink_new_flows",
-                "Flows pinned to the uplink (new, or moved to it)",
-                |u| u.new_flows as f64,
-            ),
-            (
-                "lb_uplink_nat_failures",
-                "New flows dropped for want of a free NAT port",
-                |u| u.nat_failures as f64,
-            ),
-            (
-                "lb_uplink_replies",
-                "Replies translated back to a client",
-                |u| u.replies as f64,
-            ),
-            (
-                "lb_uplink_inbound_connections",
-                "Connections that came in on the uplink (port forwards, the router's own services)",
-                |u| u.inbound as f64,
-            ),
-            (
-                "lb_uplink_suspicions",
-                "Bursts of probes the traffic asked for (passive detection)",
-                |u| u.suspicions as f64,
-            ),
-            (
-                "lb_uplink_false_alarms",
-                "Bursts whose probes answered: the traffic's suspicion was false",
-                |u| u.false_alarms as f64,
-            ),
-            (
-                "lb_uplink_syn_retries",
-                "SYNs sent again without an answer on the uplink",
-                |u| u.syn_retries as f64,
-            ),
-        ] {
-            family(e, name, help, MetricType::Counter, per_uplink(value))?;
+        for &(name, help, value) in PER_QUOTA {
+            let samples = s
+                .uplinks
+                .iter()
+                .filter_map(|u| Some((uplink(u), value(u.quota.as_ref()?))));
+            family(e, name, help, MetricType::Gauge, samples)?;
         }
         // How lb's packets leave each device: 1 through its qdisc, 0 by XDP.
         let egress = s
@@ -222,40 +302,6 @@ impl Collector for Snapshot {
             MetricType::Gauge,
             egress,
         )?;
-        // Only the uplinks that have a quota.
-        let quota = |f: fn(&crate::control::api::QuotaStatus) -> f64| {
-            s.uplinks
-                .iter()
-                .filter_map(move |u| Some((Snapshot::uplink_labels(u), f(u.quota.as_ref()?))))
-        };
-        family(
-            e,
-            "lb_uplink_quota_bytes",
-            "The uplink's volume quota per period",
-            MetricType::Gauge,
-            quota(|q| q.limit_bytes as f64),
-        )?;
-        family(
-            e,
-            "lb_uplink_quota_used_bytes",
-            "Bytes the uplink carried (both ways) in the current quota period",
-            MetricType::Gauge,
-            quota(|q| q.used_bytes as f64),
-        )?;
-        family(
-            e,
-            "lb_uplink_quota_reached",
-            "1 while the uplink's quota is reached and its action in force",
-            MetricType::Gauge,
-            quota(|q| f64::from(u8::from(q.reached))),
-        )?;
-        family(
-            e,
-            "lb_uplink_flows",
-            "Flows pinned to the uplink now",
-            MetricType::Gauge,
-            per_uplink(|u| u.flows as f64),
-        )?;
         family(
             e,
             "lb_packets",
@@ -265,27 +311,9 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(reason, n)| (vec![("reason", reason.clone())], *n as f64)),
         )?;
-        family(
-            e,
-            "lb_flows_expired",
-            "Flows removed after their idle timeout",
-            MetricType::Counter,
-            [(Vec::new(), s.flows_expired as f64)],
-        )?;
-        family(
-            e,
-            "lb_flows_evicted",
-            "Flows the full table evicted",
-            MetricType::Counter,
-            [(Vec::new(), s.flows_evicted as f64)],
-        )?;
-        family(
-            e,
-            "lb_guard_dropped_packets",
-            "Packets dropped on their way out of an uplink with a source that is not the uplink's own nor routed through it (BCP38)",
-            MetricType::Counter,
-            [(Vec::new(), s.guard_dropped as f64)],
-        )?;
+        for &(name, help, kind, value) in PER_ROUTER {
+            family(e, name, help, kind, [(Vec::new(), value(s))])?;
+        }
         Ok(())
     }
 }

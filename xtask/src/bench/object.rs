@@ -15,7 +15,12 @@ use aya::{
     programs::{ProgramFd, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_daemon::bench_support::BENCH_OBJECT;
+
+/// The benchmark's XDP object (lb-ebpf's `lb-bench`: traffic generator,
+/// sinks, a bare redirect and a test-run harness), built beside lbd's and
+/// handed over by lb-daemon's build script (see build.rs). lbd never loads
+/// it.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BENCH_OBJECT"));
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_REDIRECT: u32 = 4;
