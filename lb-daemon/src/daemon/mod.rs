@@ -357,38 +357,38 @@ impl Daemon {
         if let Some(table) = adopted {
             daemon.adopt(table)?;
         }
-        // Off the async workers: a convergence may run `tc` (lb's shapers).
-        let mut changes = tokio::task::block_in_place(|| daemon.converge(&observed))?;
-        // Gateways are asked for (ARP) by the first convergence; give their
+        // Start is the view, then rounds: the first puts lb's nftables table
+        // (the guard) in place before any LAN port gets `lan_ingress`
+        // (`lans_open`), so nothing leaks from the first packet on.
+        let kernel = KernelLink {
+            handle,
+            changed: links.changed(),
+        };
+        let daemon = Mutex::new(daemon);
+        let say = |errors: Vec<String>| {
+            for error in errors {
+                log::warn!("routing: {error}; retrying on the next change");
+            }
+        };
+        say(round(&daemon, &kernel).await?);
+        // Gateways are asked for (ARP) by the first round; give their
         // answers a moment, so that lbd is ready with the uplinks that can
         // be. Modems that stay mute are waited for after start.
         let asked = Instant::now();
         while asked.elapsed() < START_GRACE / 2
-            && daemon
+            && lock(&daemon, "the daemon's state")?
                 .uplinks
                 .iter()
                 .any(|u| u.lifecycle() == Lifecycle::GatewayUnresolved)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let observed = Observed::take(&handle).await?;
-            changes = tokio::task::block_in_place(|| daemon.converge(&observed))?;
+            say(round(&daemon, &kernel).await?);
         }
-        let errors = routing::converge(&handle, changes.routing).await;
-        for error in &errors {
-            log::warn!("routing: {error}; retrying on the next change");
-        }
-        if errors.is_empty() {
-            daemon.slow_path_applied = changes.slow_path_uplink;
-        }
-        if let Some(wanted) = changes.slowpath {
-            // Before any program is attached: nothing may leak from the
-            // first packet on.
-            nftables::apply(&wanted)?;
-            daemon.slowpath = Some(wanted);
-        }
-        daemon.lans_open = true;
-        daemon.converge_lan_ports(&Observed::take(&handle).await?)?;
-        let changed = links.changed();
+        lock(&daemon, "the daemon's state")?.lans_open = true;
+        say(round(&daemon, &kernel).await?);
+        let daemon = daemon
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("the daemon's state is unusable after its start"))?;
         tokio::spawn(async move {
             if let Err(e) = links.run().await {
                 log::error!(
@@ -397,7 +397,7 @@ impl Daemon {
             }
         });
         let events = Events { health: health_rx };
-        Ok((daemon, events, KernelLink { handle, changed }))
+        Ok((daemon, events, kernel))
     }
 
     /// Take over the state of an adopted data plane: its live bucket

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lb_common::maps::uplink_state;
 
 use crate::{
@@ -388,10 +388,12 @@ impl Daemon {
     }
 }
 
-/// One round of the reconciler: read what the kernel holds, converge, and
-/// make the routing changes. Errors are the caller's to log: the next
-/// round (the next event, or a second later) tries again.
-pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
+/// One round of the reconciler: read what the kernel holds, converge every
+/// kind in order, lb's nftables table and then the routing outside the
+/// daemon's lock. Returns the routing changes that failed (for the caller
+/// to say; the next round tries them again); an error is a round that
+/// could not be made at all.
+pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<String>> {
     let observed = Observed::take(&link.handle).await?;
     let lock = || lock(daemon, "the daemon's state");
     // Off the async workers: a convergence may run `tc` (lb's shapers).
@@ -408,14 +410,15 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<()> {
         })?;
         lock()?.slowpath_applied(wanted, &counted);
     }
-    if !routing.is_empty() {
-        let errors = routing::converge(&link.handle, routing).await;
-        if !errors.is_empty() {
-            bail!("routing: {}", errors.join("; "));
-        }
+    let errors = if routing.is_empty() {
+        Vec::new()
+    } else {
+        routing::converge(&link.handle, routing).await
+    };
+    if errors.is_empty() {
+        lock()?.slow_path_applied = slow_path_uplink;
     }
-    lock()?.slow_path_applied = slow_path_uplink;
-    Ok(())
+    Ok(errors)
 }
 
 /// What a convergence leaves to be done outside the daemon's lock.

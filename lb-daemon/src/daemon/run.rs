@@ -198,7 +198,11 @@ async fn converge_forever(
             () = kernel.changed.notified() => {}
             _ = tick.tick() => {}
         }
-        match round(&daemon, &kernel).await {
+        let done = round(&daemon, &kernel).await.and_then(|errors| {
+            anyhow::ensure!(errors.is_empty(), "routing: {}", errors.join("; "));
+            Ok(())
+        });
+        match done {
             Ok(()) => {
                 if failing {
                     log::info!("converged again");
