@@ -79,7 +79,7 @@ pub struct Config {
     /// `[metrics] listen`: where Prometheus scrapes lbd; `None`: off.
     pub metrics: Option<std::net::SocketAddr>,
     /// `[passive]`: failure detection from the traffic lb forwards.
-    pub passive: crate::health::passive::PassiveConfig,
+    pub passive: PassiveConfig,
     /// At least one.
     pub lans: Vec<LanConfig>,
     /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
@@ -331,9 +331,9 @@ pub struct UplinkConfig {
     /// its link state only.
     pub probes: Vec<ProbeConfig>,
     /// A volume cap and what reaching it does.
-    pub quota: Option<crate::daemon::quota::QuotaConfig>,
+    pub quota: Option<QuotaConfig>,
     /// `[uplink.shape]`: rates lbd shapes this uplink's traffic to.
-    pub shape: crate::reconcile::egress::Shape,
+    pub shape: Shape,
     /// `routed`: prefixes routed to the router through this uplink (a
     /// public subnet for a DMZ): they leave it untranslated, and the
     /// guard lets them. No two uplinks' overlap.
@@ -367,6 +367,183 @@ impl fmt::Display for Routed {
 fn prefix_bits(addr: Ipv4Addr, len: u8) -> u32 {
     let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
     u32::from(addr) & mask
+}
+
+// ---------------------------------------------------------------------------
+// The configuration types that other parts act on (the passive listener,
+// quotas, shapers): their values, as the file gives them.
+
+/// `[passive]`: how the traffic is listened to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// Listen at all.
+    pub enabled: bool,
+    /// The shortest silence that raises suspicion.
+    pub floor: Duration,
+    /// The silence that raises suspicion, in round trips of the uplink's
+    /// probes (when they have measured one).
+    pub rtt_factor: u32,
+    /// Probes per target in a burst.
+    pub burst: u32,
+    /// How long a burst's probes may take to answer.
+    pub burst_timeout: Duration,
+    /// After passive evidence took an uplink down, it stays down at least
+    /// this long (whatever its probes say), so that flows are not moved
+    /// back and forth.
+    pub hold_down: Duration,
+    /// A SYN sent again without an answer moves to another uplink.
+    pub resteer_syn: bool,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            floor: Duration::from_millis(60),
+            rtt_factor: 4,
+            burst: 3,
+            burst_timeout: Duration::from_millis(50),
+            hold_down: Duration::from_secs(10),
+            resteer_syn: true,
+        }
+    }
+}
+
+impl PassiveConfig {
+    /// The silence that makes an uplink with round trip `rtt` suspect.
+    pub fn silence(&self, rtt: Option<Duration>) -> Duration {
+        rtt.map_or(self.floor, |rtt| (rtt * self.rtt_factor).max(self.floor))
+    }
+}
+
+/// How long one quota lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    /// Starts on `reset_day` (1 = Monday .. 7 = Sunday).
+    Week,
+    /// Starts on day `reset_day` (1..=28) of the month.
+    Month,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+}
+
+/// What reaching the quota does to the uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// No new flows; existing ones finish.
+    Drain,
+    /// Its flows move to other uplinks.
+    Disable,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Drain => "drain",
+            Action::Disable => "disable",
+        }
+    }
+}
+
+/// `quota = { bytes = "500GB", period = "month", reset_day = 1, action = "drain" }`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaConfig {
+    pub bytes: u64,
+    pub period: Period,
+    pub reset_day: u8,
+    pub action: Action,
+}
+
+/// Parse a volume: a number with a unit, decimal (`KB`, `MB`, `GB`, `TB`,
+/// as ISPs count) or binary (`KiB` .. `TiB`), or plain bytes (`B`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_size: u64 = match unit.trim() {
+        "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "" => {
+            return Err(format!(
+                "{text:?} has no unit: write e.g. \"500GB\" or \"2TiB\""
+            ))
+        }
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("expected a number and a unit like \"500GB\", got {text:?}"))?;
+    let bytes = value * unit_size as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is out of range (at least 1 byte)"));
+    }
+    Ok(bytes as u64)
+}
+
+pub const MIN_RATE: u64 = 64_000;
+pub const MAX_RATE: u64 = 100_000_000_000;
+
+/// `[uplink.shape]`: rates in bits per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shape {
+    pub upload: Option<u64>,
+    pub download: Option<u64>,
+}
+
+/// A rate as tc writes it: `20mbit`, `500kbit`, `1gbit`, `64000bit`
+/// (powers of 1000, as tc's; bytes units are refused, they are a classic
+/// slip).
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a rate such as \"20mbit\", got {text:?}"))?;
+    let scale = match unit {
+        "bit" => 1,
+        "kbit" => 1_000,
+        "mbit" => 1_000_000,
+        "gbit" => 1_000_000_000,
+        "" => return Err(format!("{text:?} has no unit: write \"{number}mbit\" or \"{number}kbit\"")),
+        "kbps" | "mbps" | "gbps" | "bps" => {
+            return Err(format!(
+                "{text:?}: tc's bps units are bytes per second; write bits, as ISPs sell them: \"{}{}bit\" is the same rate",
+                number.saturating_mul(8),
+                &unit[..unit.len() - 3]
+            ))
+        }
+        other => return Err(format!("unknown unit {other:?} in {text:?} (bit, kbit, mbit, gbit)")),
+    };
+    let rate = number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+        return Err(format!("{text:?} is outside 64kbit..=100gbit"));
+    }
+    Ok(rate)
 }
 
 /// `[uplink.health]`
@@ -1013,9 +1190,7 @@ impl Checker<'_> {
         let passive = raw
             .passive
             .as_ref()
-            .map_or_else(crate::health::passive::PassiveConfig::default, |p| {
-                self.passive(p)
-            });
+            .map_or_else(PassiveConfig::default, |p| self.passive(p));
 
         let mut lan_seen = Vec::new();
         let mut lans = Vec::new();
@@ -1080,8 +1255,8 @@ impl Checker<'_> {
         }
     }
 
-    fn passive(&mut self, raw: &RawPassive) -> crate::health::passive::PassiveConfig {
-        let d = crate::health::passive::PassiveConfig::default();
+    fn passive(&mut self, raw: &RawPassive) -> PassiveConfig {
+        let d = PassiveConfig::default();
         let s = "passive";
         let boolean = |v: &Value| match v {
             Value::Boolean(b) => Ok(*b),
@@ -1098,7 +1273,7 @@ impl Checker<'_> {
             })
         };
         let ms = Duration::from_millis;
-        crate::health::passive::PassiveConfig {
+        PassiveConfig {
             enabled: self
                 .field(&raw.enabled, s, "enabled", boolean)
                 .unwrap_or(d.enabled),
@@ -1661,8 +1836,7 @@ fn describe(value: &Value) -> String {
 
 /// `quota = { bytes = "500GB", period = "month", reset_day = 1, action = "drain" }`:
 /// `bytes` required; a month from day 1, a week from Monday (1); drain.
-fn parse_quota(value: &Value) -> Result<crate::daemon::quota::QuotaConfig, String> {
-    use crate::daemon::quota::{parse_bytes, Action, Period, QuotaConfig};
+fn parse_quota(value: &Value) -> Result<QuotaConfig, String> {
     const SHAPE: &str =
         "write quota = { bytes = \"500GB\", period = \"month\", reset_day = 1, action = \"drain\" }";
     let Value::Table(table) = value else {
@@ -1725,8 +1899,7 @@ fn parse_quota(value: &Value) -> Result<crate::daemon::quota::QuotaConfig, Strin
 }
 
 /// `[uplink.shape]` with `upload` and/or `download` rates (`"20mbit"`).
-fn parse_shape(value: &Value) -> Result<crate::reconcile::egress::Shape, String> {
-    use crate::reconcile::egress::{parse_rate, Shape};
+fn parse_shape(value: &Value) -> Result<Shape, String> {
     let Value::Table(table) = value else {
         return Err(format!(
             "expected a table, got {}; write [uplink.shape] with upload = \"20mbit\" and/or download = \"20mbit\"",
@@ -2187,7 +2360,7 @@ gateway = "100.64.2.1"
                 },
                 probes: vec![],
                 quota: None,
-                shape: crate::reconcile::egress::Shape::default(),
+                shape: Shape::default(),
                 routed: vec![],
             }]
         );
@@ -2429,11 +2602,11 @@ expect_status = 204
         let config = parse(&text, "lbd.toml").expect("valid");
         assert_eq!(
             config.uplinks[1].quota,
-            Some(crate::daemon::quota::QuotaConfig {
+            Some(QuotaConfig {
                 bytes: 500_000_000_000,
-                period: crate::daemon::quota::Period::Week,
+                period: Period::Week,
                 reset_day: 7,
-                action: crate::daemon::quota::Action::Disable,
+                action: Action::Disable,
             })
         );
         assert_eq!(config.uplinks[0].quota, None);
@@ -2453,17 +2626,14 @@ expect_status = 204
 
     #[test]
     fn passive_detection_parses_and_bad_values_are_named() {
-        assert_eq!(
-            ok(EXAMPLE).passive,
-            crate::health::passive::PassiveConfig::default()
-        );
+        assert_eq!(ok(EXAMPLE).passive, PassiveConfig::default());
         let text = format!(
             "{TWO}\n[passive]\nenabled = false\nfloor = \"100ms\"\nrtt_factor = 6\nburst = 2\nburst_timeout = \"80ms\"\nhold_down = \"30s\"\nresteer_syn = false\n"
         );
         let p = ok(&text).passive;
         assert_eq!(
             p,
-            crate::health::passive::PassiveConfig {
+            PassiveConfig {
                 enabled: false,
                 floor: Duration::from_millis(100),
                 rtt_factor: 6,
@@ -2497,15 +2667,12 @@ expect_status = 204
         let config = parse(&text, "lbd.toml").expect("valid");
         assert_eq!(
             config.uplinks[1].shape,
-            crate::reconcile::egress::Shape {
+            Shape {
                 upload: Some(20_000_000),
                 download: Some(100_000_000),
             }
         );
-        assert_eq!(
-            config.uplinks[0].shape,
-            crate::reconcile::egress::Shape::default()
-        );
+        assert_eq!(config.uplinks[0].shape, Shape::default());
         for (shape, says) in [
             (
                 "upload = \"20mbps\"",

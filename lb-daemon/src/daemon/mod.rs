@@ -53,13 +53,14 @@ use crate::{
     config::{ClassifierMode, Config, UplinkConfig},
     control::api::Reaction,
     control::hooks,
-    daemon::uplink::{Admin, Facts, Lifecycle},
+    daemon::uplink::{Admin, Lifecycle},
     dataplane::flows::FlowTables,
     dataplane::pins::{Found, Pins},
     dataplane::Dataplane,
     health::passive,
     health::probe::{self, Binding, UplinkProbe},
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
+    observe::facts::Facts,
     observe::kernel::Observed,
     observe::linkwatch::{LinkEvent, LinkWatch, Watchers},
     reconcile::attachments,
@@ -137,7 +138,7 @@ impl Drop for Running {
 }
 
 impl Uplink {
-    fn new(cfg: &UplinkConfig, index: usize, passive: passive::PassiveConfig) -> Self {
+    fn new(cfg: &UplinkConfig, index: usize, passive: crate::config::PassiveConfig) -> Self {
         Self {
             cfg: cfg.clone(),
             index: index as u32,

@@ -10,6 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::{
+    config::{Action, Period, QuotaConfig},
+    control::events::civil_from_days,
+};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -18,92 +22,6 @@ use serde::{Deserialize, Serialize};
 use super::*;
 
 const DAY: u64 = 24 * 60 * 60;
-
-/// How long one quota lasts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Day,
-    /// Starts on `reset_day` (1 = Monday .. 7 = Sunday).
-    Week,
-    /// Starts on day `reset_day` (1..=28) of the month.
-    Month,
-}
-
-impl Period {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Period::Day => "day",
-            Period::Week => "week",
-            Period::Month => "month",
-        }
-    }
-}
-
-/// What reaching the quota does to the uplink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// No new flows; existing ones finish.
-    Drain,
-    /// Its flows move to other uplinks.
-    Disable,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Drain => "drain",
-            Action::Disable => "disable",
-        }
-    }
-}
-
-/// `quota = { bytes = "500GB", period = "month", reset_day = 1, action = "drain" }`
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuotaConfig {
-    pub bytes: u64,
-    pub period: Period,
-    pub reset_day: u8,
-    pub action: Action,
-}
-
-/// Parse a volume: a number with a unit, decimal (`KB`, `MB`, `GB`, `TB`,
-/// as ISPs count) or binary (`KiB` .. `TiB`), or plain bytes (`B`).
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let unit_size: u64 = match unit.trim() {
-        "B" => 1,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        "" => {
-            return Err(format!(
-                "{text:?} has no unit: write e.g. \"500GB\" or \"2TiB\""
-            ))
-        }
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB"
-            ))
-        }
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("expected a number and a unit like \"500GB\", got {text:?}"))?;
-    let bytes = value * unit_size as f64;
-    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
-        return Err(format!("{text:?} is out of range (at least 1 byte)"));
-    }
-    Ok(bytes as u64)
-}
 
 /// A volume for people: "1.23 GB" (decimal units, as ISPs count).
 pub fn human(bytes: u64) -> String {
@@ -142,21 +60,6 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-/// The civil date (year, month, day) of a day number (days since
-/// 1970-01-01; Howard Hinnant's algorithm). Also dates `lbctl events`.
-pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 /// When (Unix seconds) the period holding `now` began.
@@ -479,6 +382,7 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_bytes;
 
     fn month(reset_day: u8) -> QuotaConfig {
         QuotaConfig {

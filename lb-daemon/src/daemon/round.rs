@@ -16,19 +16,10 @@ use anyhow::{Context, Result};
 use lb_common::maps::uplink_state;
 
 use crate::{
-    config::UplinkConfig,
-    control::api::Reaction,
-    daemon::uplink::{Facts, Lifecycle},
-    health::State as Health,
-    observe::kernel::Observed,
-    observe::netlink,
-    reconcile::attachments,
-    reconcile::buckets::Candidate,
-    reconcile::bypass,
-    reconcile::egress,
-    reconcile::nftables,
-    reconcile::routing,
-    reconcile::uplinks,
+    config::UplinkConfig, control::api::Reaction, daemon::uplink::Lifecycle,
+    health::State as Health, observe::facts::Facts, observe::kernel::Observed, observe::netlink,
+    reconcile::attachments, reconcile::buckets::Candidate, reconcile::bypass, reconcile::egress,
+    reconcile::nftables, reconcile::routing, reconcile::uplinks,
 };
 
 use super::*;
@@ -193,7 +184,7 @@ impl Daemon {
     /// Converge lb's shapers, and tell the data plane which devices'
     /// qdiscs its packets must pass (see `egress`).
     pub(super) fn converge_egress(&mut self, observed: &Observed) -> Result<()> {
-        let uplinks: Vec<(u32, &str, egress::Shape)> = self
+        let uplinks: Vec<(u32, &str, crate::config::Shape)> = self
             .uplinks
             .iter()
             .map(|u| (u.index, u.cfg.interface.as_str(), u.cfg.shape))

@@ -1,16 +1,17 @@
-//! One uplink as lbd sees it: what the kernel says about it (its
-//! [`Facts`]), and how far it is from carrying traffic (its [`Lifecycle`]),
-//! from which follows the state the data plane gets.
+//! One uplink as lbd sees it: how far it is from carrying traffic (its
+//! [`Lifecycle`]), from what the kernel says about it (its [`Facts`]), its
+//! health and the operator's say, and from that the state the data plane
+//! gets.
 //!
 //! Pure: no kernel, no data plane, no clock. The daemon gathers the facts
 //! (`kernel::Observed`) and the health (`health`), and acts on what this
 //! module concludes.
 
-use std::{fmt, net::Ipv4Addr};
+use std::fmt;
 
 use lb_common::maps::uplink_state;
 
-use crate::{config::Gateway, health::State as Health, observe::kernel::Observed};
+use crate::{health::State as Health, observe::facts::Facts};
 
 /// The operator's say over an uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,69 +29,6 @@ impl Admin {
             Admin::Disabled => "disabled",
             Admin::Drain => "drain",
         }
-    }
-}
-
-/// What the kernel says about an uplink, as far as lb needs it to send
-/// traffic through it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Facts {
-    /// Its interface, when it exists.
-    pub ifindex: Option<u32>,
-    pub mac: Option<[u8; 6]>,
-    pub mtu: u32,
-    /// Administratively up with carrier.
-    pub carrier: bool,
-    /// Its IPv4 address: the NAT source of its flows.
-    pub addr: Option<Ipv4Addr>,
-    /// Its next hop.
-    pub gateway: Option<Ipv4Addr>,
-    /// The gateway's Ethernet address.
-    pub gateway_mac: Option<[u8; 6]>,
-}
-
-impl Facts {
-    /// The facts of the uplink on interface `ifname` with `gateway`, as
-    /// `observed` has them. A gateway's Ethernet address the kernel no
-    /// longer holds (its entry was flushed with a carrier loss, or is being
-    /// re-resolved) is taken from `previous` while the gateway stays the
-    /// same: the last address that worked is the best guess.
-    pub fn observe(observed: &Observed, ifname: &str, gateway: Gateway, previous: &Facts) -> Facts {
-        let Some(link) = observed.link(ifname) else {
-            return Facts::default();
-        };
-        let addr = observed.address_of(link.index);
-        let gateway = match gateway {
-            Gateway::Fixed(ip) => Some(ip),
-            Gateway::Auto => observed.default_gateway(link.index),
-        };
-        let same_gateway = previous.ifindex == Some(link.index) && previous.gateway == gateway;
-        let gateway_mac = gateway
-            .and_then(|gw| observed.neighbour(link.index, gw))
-            .or(if same_gateway {
-                previous.gateway_mac
-            } else {
-                None
-            });
-        Facts {
-            ifindex: Some(link.index),
-            mac: link.mac,
-            mtu: link.mtu,
-            carrier: link.up,
-            addr,
-            gateway,
-            gateway_mac,
-        }
-    }
-
-    /// Everything needed to send through the uplink is known (whether it
-    /// works is health's business).
-    pub fn complete(&self) -> bool {
-        self.ifindex.is_some()
-            && self.mac.is_some()
-            && self.addr.is_some()
-            && self.gateway.is_some()
-            && self.gateway_mac.is_some()
     }
 }
 
@@ -183,9 +121,9 @@ pub fn lifecycle(admin: Admin, facts: &Facts, health: Option<Health>, proven: bo
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
-    use crate::observe::kernel::{Address, LinkFacts};
-    use crate::observe::netlink::Neighbour;
 
     const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 1);
 
@@ -269,49 +207,5 @@ mod tests {
         assert_eq!(Lifecycle::Draining.dataplane_state(), uplink_state::DRAIN);
         assert_eq!(Lifecycle::Probing.dataplane_state(), uplink_state::DOWN);
         assert_eq!(Lifecycle::Degraded.dataplane_state(), uplink_state::ACTIVE);
-    }
-
-    #[test]
-    fn facts_follow_the_kernel_and_keep_a_flushed_gateway_mac() {
-        let mut o = Observed {
-            links: vec![LinkFacts {
-                name: "wan1".into(),
-                index: 3,
-                mac: Some([2, 0, 0, 0, 0, 1]),
-                up: true,
-                mtu: 1500,
-                kind: Some("veth".into()),
-                master: None,
-                lower: None,
-            }],
-            addresses: vec![Address {
-                ifindex: 3,
-                addr: Ipv4Addr::new(100, 64, 1, 2),
-                prefix_len: 30,
-            }],
-            neighbours: vec![Neighbour {
-                ifindex: 3,
-                ip: GW,
-                mac: [2, 0, 0, 0, 0, 2],
-            }],
-            ..Observed::default()
-        };
-        let f = Facts::observe(&o, "wan1", Gateway::Fixed(GW), &Facts::default());
-        assert_eq!(f, ready());
-        assert_eq!(
-            Facts::observe(&o, "wan9", Gateway::Fixed(GW), &f),
-            Facts::default()
-        );
-        // Auto: no default route through wan1 yet.
-        assert_eq!(Facts::observe(&o, "wan1", Gateway::Auto, &f).gateway, None);
-        // The neighbour entry goes (carrier loss flushes it): kept.
-        o.neighbours.clear();
-        assert_eq!(
-            Facts::observe(&o, "wan1", Gateway::Fixed(GW), &f).gateway_mac,
-            f.gateway_mac
-        );
-        // Another gateway: not the old one's address.
-        let other = Gateway::Fixed(Ipv4Addr::new(100, 64, 1, 5));
-        assert_eq!(Facts::observe(&o, "wan1", other, &f).gateway_mac, None);
     }
 }

@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::HealthConfig;
-use crate::health::passive::{PassiveConfig, Suspicion};
 use crate::health::probe::{Probe, ProbeError};
 use crate::observe::linkwatch::LinkEvent;
+use crate::{config::PassiveConfig, health::passive::Suspicion};
 
 /// Time between two rounds of a burst.
 const BURST_SPACING: Duration = Duration::from_millis(10);

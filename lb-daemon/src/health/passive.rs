@@ -24,54 +24,13 @@
 
 use std::time::Duration;
 
+use crate::config::PassiveConfig;
+
 /// The longest wait between two bursts while suspicion keeps proving
 /// false.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// The wait after the first false suspicion; doubles with each further one.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-
-/// `[passive]`: how the traffic is listened to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PassiveConfig {
-    /// Listen at all.
-    pub enabled: bool,
-    /// The shortest silence that raises suspicion.
-    pub floor: Duration,
-    /// The silence that raises suspicion, in round trips of the uplink's
-    /// probes (when they have measured one).
-    pub rtt_factor: u32,
-    /// Probes per target in a burst.
-    pub burst: u32,
-    /// How long a burst's probes may take to answer.
-    pub burst_timeout: Duration,
-    /// After passive evidence took an uplink down, it stays down at least
-    /// this long (whatever its probes say), so that flows are not moved
-    /// back and forth.
-    pub hold_down: Duration,
-    /// A SYN sent again without an answer moves to another uplink.
-    pub resteer_syn: bool,
-}
-
-impl Default for PassiveConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            floor: Duration::from_millis(60),
-            rtt_factor: 4,
-            burst: 3,
-            burst_timeout: Duration::from_millis(50),
-            hold_down: Duration::from_secs(10),
-            resteer_syn: true,
-        }
-    }
-}
-
-impl PassiveConfig {
-    /// The silence that makes an uplink with round trip `rtt` suspect.
-    pub fn silence(&self, rtt: Option<Duration>) -> Duration {
-        rtt.map_or(self.floor, |rtt| (rtt * self.rtt_factor).max(self.floor))
-    }
-}
 
 /// One reading of an uplink's signals, all CPUs together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

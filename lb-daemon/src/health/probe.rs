@@ -1475,7 +1475,7 @@ mod tests {
                         probes: UplinkProbe::for_uplink(wan_a(), 0xfff4, &configs).expect("probes"),
                         initial: State::Up,
                         bursts: None,
-                        passive: crate::health::passive::PassiveConfig::default(),
+                        passive: crate::config::PassiveConfig::default(),
                     };
                     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(8);
                     let (snapshots, _) = tokio::sync::watch::channel(Snapshot::new(State::Up));

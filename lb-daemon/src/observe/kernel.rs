@@ -100,6 +100,16 @@ pub struct Rule {
     pub message: RuleMessage,
 }
 
+/// A qdisc as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qdisc {
+    pub ifindex: u32,
+    /// `major << 16 | minor`; the kernel's default qdiscs have 0.
+    pub handle: u32,
+    pub parent: u32,
+    pub kind: String,
+}
+
 /// What the kernel holds now.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
@@ -109,7 +119,7 @@ pub struct Observed {
     pub neighbours: Vec<Neighbour>,
     pub rules: Vec<Rule>,
     /// Every qdisc (root, ingress and inner ones).
-    pub qdiscs: Vec<crate::reconcile::egress::Qdisc>,
+    pub qdiscs: Vec<Qdisc>,
 }
 
 impl Observed {
@@ -340,13 +350,13 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
     })
 }
 
-fn qdisc(msg: &TcMessage) -> Option<crate::reconcile::egress::Qdisc> {
+fn qdisc(msg: &TcMessage) -> Option<Qdisc> {
     let number = |h: TcHandle| (u32::from(h.major) << 16) | u32::from(h.minor);
     let kind = msg.attributes.iter().find_map(|a| match a {
         TcAttribute::Kind(k) => Some(k.clone()),
         _ => None,
     })?;
-    Some(crate::reconcile::egress::Qdisc {
+    Some(Qdisc {
         ifindex: u32::try_from(msg.header.index).ok()?,
         handle: number(msg.header.handle),
         parent: number(msg.header.parent),

@@ -5,6 +5,7 @@
 //! connection (`conntrack`), over the netlink helpers they share.
 
 pub mod conntrack;
+pub mod facts;
 pub mod kernel;
 pub mod linkwatch;
 pub mod netlink;

@@ -16,6 +16,10 @@ use std::{
     process::Command,
 };
 
+use crate::config::{Shape, MIN_RATE};
+
+use crate::observe::kernel::Qdisc;
+
 use anyhow::{bail, Context, Result};
 use lb_common::egress::{self as common, path, Egress, SHAPER_MAJOR};
 
@@ -23,27 +27,6 @@ use lb_common::egress::{self as common, path, Egress, SHAPER_MAJOR};
 pub const ROOT: u32 = 0xffff_ffff;
 /// `TC_H_INGRESS`: the parent of an `ingress` (or `clsact`) qdisc.
 pub const INGRESS_PARENT: u32 = 0xffff_fff1;
-
-/// A qdisc as the kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Qdisc {
-    pub ifindex: u32,
-    /// `major << 16 | minor`; the kernel's default qdiscs have 0.
-    pub handle: u32,
-    pub parent: u32,
-    pub kind: String,
-}
-
-impl Qdisc {
-    fn handle_text(&self) -> String {
-        format!("{:x}:", self.handle >> 16)
-    }
-
-    /// lb's shaper: an HTB with handle `1b:`.
-    fn is_lbs(&self) -> bool {
-        self.kind == "htb" && self.handle >> 16 == SHAPER_MAJOR
-    }
-}
 
 /// The way out of one device, and why, for the data plane and `lbctl
 /// status`.
@@ -75,6 +58,18 @@ fn root(qdiscs: &[Qdisc], ifindex: u32) -> Option<&Qdisc> {
 /// and `noqueue` do not count.
 fn counts(q: &Qdisc) -> bool {
     q.handle != 0 && q.kind != "noqueue"
+}
+
+/// What lb reads of a qdisc.
+impl Qdisc {
+    fn handle_text(&self) -> String {
+        format!("{:x}:", self.handle >> 16)
+    }
+
+    /// lb's shaper: an HTB with handle `1b:`.
+    fn is_lbs(&self) -> bool {
+        self.kind == "htb" && self.handle >> 16 == SHAPER_MAJOR
+    }
 }
 
 /// How packets leave through `ifindex` (an uplink, or a LAN port that is
@@ -139,50 +134,6 @@ pub fn ingress_shaper(qdiscs: &[Qdisc], ifindex: u32, uplink: &str, iface: &str)
             )
         })
 }
-
-/// `[uplink.shape]`: rates in bits per second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Shape {
-    pub upload: Option<u64>,
-    pub download: Option<u64>,
-}
-
-/// A rate as tc writes it: `20mbit`, `500kbit`, `1gbit`, `64000bit`
-/// (powers of 1000, as tc's; bytes units are refused, they are a classic
-/// slip).
-pub fn parse_rate(text: &str) -> Result<u64, String> {
-    let t = text.trim().to_ascii_lowercase();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("expected a rate such as \"20mbit\", got {text:?}"))?;
-    let scale = match unit {
-        "bit" => 1,
-        "kbit" => 1_000,
-        "mbit" => 1_000_000,
-        "gbit" => 1_000_000_000,
-        "" => return Err(format!("{text:?} has no unit: write \"{number}mbit\" or \"{number}kbit\"")),
-        "kbps" | "mbps" | "gbps" | "bps" => {
-            return Err(format!(
-                "{text:?}: tc's bps units are bytes per second; write bits, as ISPs sell them: \"{}{}bit\" is the same rate",
-                number.saturating_mul(8),
-                &unit[..unit.len() - 3]
-            ))
-        }
-        other => return Err(format!("unknown unit {other:?} in {text:?} (bit, kbit, mbit, gbit)")),
-    };
-    let rate = number
-        .checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too large"))?;
-    if !(MIN_RATE..=MAX_RATE).contains(&rate) {
-        return Err(format!("{text:?} is outside 64kbit..=100gbit"));
-    }
-    Ok(rate)
-}
-
-pub const MIN_RATE: u64 = 64_000;
-pub const MAX_RATE: u64 = 100_000_000_000;
 
 /// The rate of a shaper's default class on a LAN device: traffic that is
 /// not lb's (bridged between ports, the router's own) is not limited.
@@ -644,6 +595,7 @@ fn tc_batch(lines: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_rate;
 
     fn q(ifindex: u32, handle: u32, parent: u32, kind: &str) -> Qdisc {
         Qdisc {

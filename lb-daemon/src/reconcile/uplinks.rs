@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use lb_common::maps::{uplink_state, UplinkInfo};
 
-use crate::{daemon::uplink::Facts, dataplane::Dataplane};
+use crate::{dataplane::Dataplane, observe::facts::Facts};
 
 /// The entry an uplink with `facts` should have, in `state`, with address
 /// epoch `epoch`, given what the data plane has (`written`): a full entry
