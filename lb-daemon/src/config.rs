@@ -147,6 +147,17 @@ pub enum ClassifierMode {
 }
 
 impl ClassifierMode {
+    /// The data plane's number for it (`lb_common::hash::mode`).
+    pub fn number(self) -> u32 {
+        match self {
+            ClassifierMode::FiveTuple => lb_common::hash::mode::FIVE_TUPLE,
+            ClassifierMode::SrcDstAddress => lb_common::hash::mode::SRC_DST_ADDRESS,
+            ClassifierMode::SrcAddress => lb_common::hash::mode::SRC_ADDRESS,
+        }
+    }
+}
+
+impl ClassifierMode {
     /// Every mode, in the order the documentation lists them.
     pub const ALL: [ClassifierMode; 3] = [Self::FiveTuple, Self::SrcDstAddress, Self::SrcAddress];
 

@@ -286,7 +286,7 @@ impl Daemon {
         }
         if old.balance != new.balance {
             self.dataplane
-                .set_classifier(self.dataplane.seed(), mode_number(new.balance.mode))?;
+                .set_classifier(self.dataplane.seed(), new.balance.mode.number())?;
             done.push(format!(
                 "classifier {} -> {} (new flows)",
                 old.balance.mode, new.balance.mode

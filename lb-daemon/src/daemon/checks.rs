@@ -1,11 +1,48 @@
 //! What lbd refuses about the machine before it touches anything (at
-//! start, and for `lbd --check`): a LAN given as a bridge port, routed
+//! start, and for `lbd --check`): routing tables and rule priorities that
+//! are someone else's, a LAN that is missing or given as a bridge port, routed
 //! prefixes that are a LAN's, uplinks with an ingress shaper, interfaces
 //! that cannot take redirected frames. Reads the kernel, changes nothing.
 
 use anyhow::{bail, Context, Result};
 
-use crate::{config::Config, observe::kernel::Observed, reconcile::egress};
+use crate::{
+    config::Config,
+    observe::kernel::Observed,
+    reconcile::{egress, routing},
+};
+
+/// Everything lbd refuses about the machine before it touches anything:
+/// routing tables or rule priorities of someone else's, a LAN interface
+/// that does not exist, and what [`check_machine`] checks besides.
+pub(super) fn refuse(config: &Config, observed: &Observed) -> Result<()> {
+    let clashes = routing::clashes(observed, &config.routing, config.uplinks.len());
+    if !clashes.is_empty() {
+        bail!("{}", clashes.join("; "));
+    }
+    for lan in &config.lans {
+        observed.link(&lan.interface).with_context(|| {
+            format!(
+                "LAN interface {} not found (see `ip link`; is lbd running in the right network namespace?)",
+                lan.interface
+            )
+        })?;
+    }
+    check_lans(config, observed)?;
+    check_xdp_targets(config, observed)?;
+    check_ingress_shapers(config, observed)?;
+    for u in &config.uplinks {
+        if observed.link(&u.interface).and_then(|l| l.kind.as_deref()) == Some("bridge") {
+            bail!(
+                "uplink {}: {} is a bridge, and XDP cannot send into a bridge; give lbd the \
+                 bridge's port towards the ISP instead",
+                u.name,
+                u.interface
+            );
+        }
+    }
+    Ok(())
+}
 
 /// What `lbd --check` can say of the machine besides the file: whether
 /// the uplinks and LAN ports that exist now can take redirected frames (as

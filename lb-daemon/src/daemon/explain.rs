@@ -158,7 +158,7 @@ impl Daemon {
         };
         let hash = lb_common::hash::classify(
             self.dataplane.seed(),
-            mode_number(self.config.balance.mode),
+            self.config.balance.mode.number(),
             &tuple,
         );
         let own = lb_common::hash::bucket(hash);

@@ -26,7 +26,7 @@ pub mod uplink;
 
 pub use actions::Reconfigured;
 pub use checks::check_machine;
-use checks::{check_ingress_shapers, check_lans, check_xdp_targets};
+use checks::refuse;
 use quota::quota_admin;
 pub use round::{round, Converged};
 pub use status::{FlowQuery, StatusDraft};
@@ -39,7 +39,6 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use lb_common::{
-    hash,
     maps::{uplink_state, UplinkInfo},
     table::Table,
 };
@@ -50,7 +49,7 @@ use tokio::{
 };
 
 use crate::{
-    config::{ClassifierMode, Config, UplinkConfig},
+    config::{Config, UplinkConfig},
     control::api::Reaction,
     control::hooks,
     daemon::uplink::{Admin, Lifecycle},
@@ -233,14 +232,6 @@ pub struct Daemon {
     quota_saved: Instant,
 }
 
-fn mode_number(mode: ClassifierMode) -> u32 {
-    match mode {
-        ClassifierMode::FiveTuple => hash::mode::FIVE_TUPLE,
-        ClassifierMode::SrcDstAddress => hash::mode::SRC_DST_ADDRESS,
-        ClassifierMode::SrcAddress => hash::mode::SRC_ADDRESS,
-    }
-}
-
 impl Daemon {
     /// Load the data plane, attach it to the LANs, converge once with what
     /// the kernel holds now, and start watching the kernel. Any subset of
@@ -261,31 +252,7 @@ impl Daemon {
             rtnetlink::new_connection().context("opening a netlink socket failed")?;
         tokio::spawn(conn);
         let observed = Observed::take(&handle).await?;
-        let clashes = routing::clashes(&observed, &config.routing, config.uplinks.len());
-        if !clashes.is_empty() {
-            bail!("{}", clashes.join("; "));
-        }
-        for lan in &config.lans {
-            observed.link(&lan.interface).with_context(|| {
-                format!(
-                    "LAN interface {} not found (see `ip link`; is lbd running in the right network namespace?)",
-                    lan.interface
-                )
-            })?;
-        }
-        check_lans(&config, &observed)?;
-        check_xdp_targets(&config, &observed)?;
-        check_ingress_shapers(&config, &observed)?;
-        for u in &config.uplinks {
-            if observed.link(&u.interface).and_then(|l| l.kind.as_deref()) == Some("bridge") {
-                bail!(
-                    "uplink {}: {} is a bridge, and XDP cannot send into a bridge; give lbd the \
-                     bridge's port towards the ISP instead",
-                    u.name,
-                    u.interface
-                );
-            }
-        }
+        refuse(&config, &observed)?;
 
         let pins = Pins::new(&config.daemon.bpffs);
         let found = pins.prepare()?;
@@ -310,7 +277,7 @@ impl Daemon {
         } else {
             rand::random()
         };
-        dataplane.set_classifier(seed, mode_number(config.balance.mode))?;
+        dataplane.set_classifier(seed, config.balance.mode.number())?;
         dataplane.set_nat_ports((config.nat.port_min, config.nat.port_max), local_ports)?;
         dataplane.set_resteer_syn(config.passive.enabled && config.passive.resteer_syn)?;
         let addrs = vec![Ipv4Addr::UNSPECIFIED; config.uplinks.len()];
