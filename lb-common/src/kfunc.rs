@@ -29,9 +29,10 @@ pub const ALL: [(u32, &str); 2] = [
     (CT_RELEASE_PLACEHOLDER, "bpf_ct_release"),
 ];
 
-/// The 8 bytes of a placeholder call of `placeholder`.
-pub const fn placeholder_call(placeholder: u32) -> [u8; 8] {
-    let imm = placeholder.to_le_bytes();
+/// The 8 bytes of a kfunc call whose immediate is `imm` (a placeholder,
+/// or a BTF id).
+pub const fn kfunc_call(imm: u32) -> [u8; 8] {
+    let imm = imm.to_le_bytes();
     [
         CALL_OPCODE,
         PSEUDO_KFUNC_CALL_REGS,
@@ -57,19 +58,7 @@ pub enum Binding {
 impl Binding {
     fn instruction(self) -> [u8; 8] {
         match self {
-            Binding::Kernel(id) => {
-                let imm = id.to_le_bytes();
-                [
-                    CALL_OPCODE,
-                    PSEUDO_KFUNC_CALL_REGS,
-                    0,
-                    0,
-                    imm[0],
-                    imm[1],
-                    imm[2],
-                    imm[3],
-                ]
-            }
+            Binding::Kernel(id) => kfunc_call(id),
             Binding::Absent => [MOV_IMM_R0, 0, 0, 0, 0, 0, 0, 0],
         }
     }
@@ -80,7 +69,7 @@ impl Binding {
 /// their section, and sections within the file, so only aligned offsets
 /// are looked at. Returns how many calls were rewritten.
 pub fn bind(object: &mut [u8], placeholder: u32, binding: Binding) -> usize {
-    let wanted = placeholder_call(placeholder);
+    let wanted = kfunc_call(placeholder);
     let with = binding.instruction();
     let mut count = 0;
     for insn in object.chunks_exact_mut(8) {
@@ -99,8 +88,8 @@ mod tests {
     #[test]
     fn placeholders_are_bound_to_the_kernels_id_or_to_nothing() {
         let mut object = [0u8; 40];
-        object[8..16].copy_from_slice(&placeholder_call(CT_LOOKUP_PLACEHOLDER));
-        object[24..32].copy_from_slice(&placeholder_call(CT_RELEASE_PLACEHOLDER));
+        object[8..16].copy_from_slice(&kfunc_call(CT_LOOKUP_PLACEHOLDER));
+        object[24..32].copy_from_slice(&kfunc_call(CT_RELEASE_PLACEHOLDER));
         assert_eq!(
             bind(
                 &mut object,
@@ -122,7 +111,7 @@ mod tests {
     #[test]
     fn a_placeholder_off_the_instruction_grid_is_not_an_instruction() {
         let mut object = [0u8; 24];
-        object[4..12].copy_from_slice(&placeholder_call(CT_LOOKUP_PLACEHOLDER));
+        object[4..12].copy_from_slice(&kfunc_call(CT_LOOKUP_PLACEHOLDER));
         assert_eq!(bind(&mut object, CT_LOOKUP_PLACEHOLDER, Binding::Absent), 0);
     }
 }

@@ -121,23 +121,9 @@ pub fn lifecycle(admin: Admin, facts: &Facts, health: Option<Health>, proven: bo
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
 
-    const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 1);
-
-    fn ready() -> Facts {
-        Facts {
-            ifindex: Some(3),
-            mac: Some([2, 0, 0, 0, 0, 1]),
-            mtu: 1500,
-            carrier: true,
-            addr: Some(Ipv4Addr::new(100, 64, 1, 2)),
-            gateway: Some(GW),
-            gateway_mac: Some([2, 0, 0, 0, 0, 2]),
-        }
-    }
+    use crate::observe::facts::fixtures::ready;
 
     #[test]
     fn the_first_missing_thing_is_the_state() {

@@ -69,18 +69,15 @@ impl Facts {
     }
 }
 
+/// An uplink's facts for tests here and in `daemon`.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use crate::observe::{
-        kernel::{Address, LinkFacts},
-        netlink::Neighbour,
-    };
 
-    const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 1);
+    pub const GW: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 1);
 
     /// The facts of an uplink ready to carry traffic.
-    fn ready() -> Facts {
+    pub fn ready() -> Facts {
         Facts {
             ifindex: Some(3),
             mac: Some([2, 0, 0, 0, 0, 1]),
@@ -91,6 +88,17 @@ mod tests {
             gateway_mac: Some([2, 0, 0, 0, 0, 2]),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::{
+        kernel::{Address, LinkFacts},
+        netlink::Neighbour,
+    };
+
+    use super::fixtures::{ready, GW};
 
     #[test]
     fn facts_follow_the_kernel_and_keep_a_flushed_gateway_mac() {
