@@ -1279,3 +1279,26 @@ fn a_connection_conntrack_holds_is_left_to_the_kernel_and_remembered() {
         assert_eq!(h.reason(reason::PASS_KERNEL_CONNECTION), 2);
     });
 }
+
+#[test]
+fn a_syn_sent_again_moves_to_another_uplink_once() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    h.dp.set_resteer_syn(true).expect("resteer on");
+    let syn = tcp(4321);
+    let (verdict, out) = h.lan(&syn);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let first = uplink_of(&out);
+    // No answer came, and the client sends its SYN again: it moves.
+    let (_, out) = h.lan(&syn);
+    let second = uplink_of(&out);
+    assert_ne!(second, first, "a SYN sent again moves to another uplink");
+    // Still no answer (late, or lost): it stays where it went, and its
+    // mapping there waits for the answer.
+    for _ in 0..3 {
+        let (_, out) = h.lan(&syn);
+        assert_eq!(uplink_of(&out), second, "a SYN moves once, never back");
+    }
+}
