@@ -136,6 +136,16 @@ pub mod uplink_state {
     pub fn keeps_flows(state: u32) -> bool {
         state == ACTIVE || state == DRAIN
     }
+
+    /// As `lbctl status` and the metrics say it.
+    pub const fn name(state: u32) -> &'static str {
+        match state {
+            ACTIVE => "active",
+            DRAIN => "drain",
+            DOWN => "down",
+            _ => "unused",
+        }
+    }
 }
 
 /// What the data plane needs to send a packet out of an uplink.

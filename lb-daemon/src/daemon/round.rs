@@ -36,11 +36,12 @@ impl Daemon {
             self.converge_uplink(i, facts)
                 .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
         }
+        // Uplink entries and states, then the bucket table (one step).
         self.converge_dataplane()?;
-
+        // Attachments: lan_ingress on the LAN ports (wan_ingress went on
+        // with each uplink's entry, above).
         self.converge_lan_ports(observed)?;
-        self.converge_egress(observed)?;
-
+        // Bypass: the destinations the kernel keeps.
         let uplink_ifindexes: Vec<u32> = self
             .uplinks
             .iter()
@@ -52,6 +53,8 @@ impl Daemon {
             &self.config.routing.lookup_tables,
         );
         self.bypass.converge(bypass, &mut self.dataplane)?;
+        // Qdiscs: each device's way out, and lb's shapers.
+        self.converge_egress(observed)?;
 
         let addrs: Vec<Ipv4Addr> = self
             .uplinks
@@ -71,6 +74,8 @@ impl Daemon {
             observed,
             self.local_ports,
         );
+        // Routes and rules, then nftables: made by the caller, outside the
+        // daemon's lock.
         Ok(Converged {
             routing: routing::changes(observed, &self.wanted_routing()),
             slow_path_uplink: self.slow_path_uplink(),
@@ -393,6 +398,11 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         slow_path_uplink,
         slowpath,
     } = tokio::task::block_in_place(|| lock()?.converge(&observed))?;
+    let errors = if routing.is_empty() {
+        Vec::new()
+    } else {
+        routing::converge(&link.handle, routing).await
+    };
     if let Some(wanted) = slowpath {
         let counted = tokio::task::block_in_place(|| {
             // The table may not be there (yet): nothing counted then.
@@ -401,11 +411,6 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         })?;
         lock()?.slowpath_applied(wanted, &counted);
     }
-    let errors = if routing.is_empty() {
-        Vec::new()
-    } else {
-        routing::converge(&link.handle, routing).await
-    };
     if errors.is_empty() {
         lock()?.slow_path_applied = slow_path_uplink;
     }

@@ -19,15 +19,6 @@ use crate::{
 
 use super::*;
 
-pub(super) fn state_name(state: u32) -> &'static str {
-    match state {
-        uplink_state::ACTIVE => "active",
-        uplink_state::DRAIN => "drain",
-        uplink_state::DOWN => "down",
-        _ => "unused",
-    }
-}
-
 impl Daemon {
     pub(super) fn egress_status(&self, device: &str) -> Option<EgressStatus> {
         self.egress.choices.get(device).map(|c| EgressStatus {
@@ -69,7 +60,7 @@ impl Daemon {
                 rtt_ms: stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 jitter_ms: stats.jitter.map(|d| d.as_secs_f64() * 1000.0),
                 loss_percent: stats.loss_percent(),
-                state: state_name(u.dataplane_state()).to_string(),
+                state: uplink_state::name(u.dataplane_state()).to_string(),
                 buckets: counts[u.index as usize],
                 tx_packets: s.tx_packets,
                 tx_bytes: s.tx_bytes,

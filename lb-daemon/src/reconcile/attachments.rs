@@ -148,3 +148,48 @@ fn log_attach(prog: &str, ifname: &str, mode: AttachMode) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::kernel::LinkFacts;
+
+    fn link(index: u32, name: &str, kind: &str, master: Option<u32>) -> LinkFacts {
+        LinkFacts {
+            name: name.into(),
+            index,
+            mac: None,
+            up: true,
+            mtu: 1500,
+            kind: Some(kind.into()),
+            master,
+            lower: None,
+        }
+    }
+
+    #[test]
+    fn lan_ingress_belongs_on_a_lans_own_interface_or_its_bridges_ports() {
+        let observed = Observed {
+            links: vec![
+                link(2, "br-lan", "bridge", None),
+                link(3, "lan0", "veth", Some(2)),
+                link(4, "lan1", "veth", Some(2)),
+                link(5, "guest", "veth", None),
+                link(6, "wan1", "veth", None),
+            ],
+            ..Observed::default()
+        };
+        let lans = |names: &[&str]| -> Vec<LanConfig> {
+            names
+                .iter()
+                .map(|n| LanConfig {
+                    interface: (*n).into(),
+                })
+                .collect()
+        };
+        let wanted = wanted_lan_ports(&lans(&["br-lan", "guest", "missing"]), &observed);
+        let names: Vec<&str> = wanted.values().map(String::as_str).collect();
+        assert_eq!(names, ["lan0", "lan1", "guest"]);
+        assert!(wanted_lan_ports(&lans(&["missing"]), &observed).is_empty());
+    }
+}
