@@ -126,6 +126,8 @@ fn metrics_pass_promtool_and_move_with_the_traffic() -> Result<()> {
         "lb_uplink_suspicions_total",
         "lb_uplink_false_alarms_total",
         "lb_uplink_syn_retries_total",
+        "lb_uplink_inbound_connections_total",
+        "lb_guard_dropped_packets_total",
     ] {
         ensure!(after.contains(family), "no {family} in {after}");
     }
