@@ -11,7 +11,7 @@
 use std::{
     net::Ipv4Addr,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
@@ -56,16 +56,27 @@ fn iperf_servers(lab: &mut Lab) -> Result<()> {
 /// first second, TCP's slow start, not counted): received bit/s. With
 /// `download`, the server sends.
 fn iperf(lab: &Lab, host: &str, port: u16, download: bool) -> Result<f64> {
-    let port = port.to_string();
+    let port_arg = port.to_string();
     let server = SERVER.to_string();
     let mut args = vec![
-        "timeout", "40", "iperf3", "-c", &server, "-p", &port, "-P", "8", "-t", "6", "-O", "1",
+        "timeout", "40", "iperf3", "-c", &server, "-p", &port_arg, "-P", "8", "-t", "6", "-O", "1",
         "-J",
     ];
     if download {
         args.push("-R");
     }
-    let out = lab.output(host, &args)?;
+    // iperf3's server closes its listening socket for a moment between
+    // two tests: a run that meets that moment is refused before it sends
+    // anything, and is tried again once the server listens again.
+    let deadline = Instant::now() + BOUND;
+    let out = loop {
+        let out = lab.output(host, &args)?;
+        let refused = String::from_utf8_lossy(&out.stdout).contains("Connection refused");
+        if !refused || Instant::now() >= deadline {
+            break out;
+        }
+        wait_tcp_listener(lab.ns("inet")?, port, BOUND)?;
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),
