@@ -23,10 +23,20 @@ pub const CT_LOOKUP_PLACEHOLDER: u32 = 0x6c62_0001;
 /// Placeholder of `bpf_ct_release`.
 pub const CT_RELEASE_PLACEHOLDER: u32 = 0x6c62_0002;
 
+/// Placeholders of the open-coded numeric iterator (Linux 6.4): a bounded
+/// loop whose body the verifier checks until it converges, not once per
+/// turn (the rule walk).
+pub const ITER_NEW_PLACEHOLDER: u32 = 0x6c62_0003;
+pub const ITER_NEXT_PLACEHOLDER: u32 = 0x6c62_0004;
+pub const ITER_DESTROY_PLACEHOLDER: u32 = 0x6c62_0005;
+
 /// The kfuncs the data plane calls: placeholder and the kernel's name.
-pub const ALL: [(u32, &str); 2] = [
+pub const ALL: [(u32, &str); 5] = [
     (CT_LOOKUP_PLACEHOLDER, "bpf_xdp_ct_lookup"),
     (CT_RELEASE_PLACEHOLDER, "bpf_ct_release"),
+    (ITER_NEW_PLACEHOLDER, "bpf_iter_num_new"),
+    (ITER_NEXT_PLACEHOLDER, "bpf_iter_num_next"),
+    (ITER_DESTROY_PLACEHOLDER, "bpf_iter_num_destroy"),
 ];
 
 /// The 8 bytes of a kfunc call whose immediate is `imm` (a placeholder,

@@ -11,9 +11,11 @@
 pub mod csum;
 pub mod egress;
 pub mod hash;
+pub mod icmp;
 pub mod kfunc;
 pub mod maps;
 pub mod nat;
+pub mod policy;
 pub mod reason;
 pub mod table;
 
@@ -27,6 +29,17 @@ pub const MAX_UPLINKS: u32 = 16;
 
 /// Most LAN interfaces one router can have.
 pub const MAX_LANS: u32 = 16;
+
+/// Most LAN ports (interfaces lb is attached to, a bridge's ports each)
+/// the rules can tell apart.
+pub const MAX_LAN_PORTS: u32 = 64;
+
+/// Room in the prefix-set trie: two sets of a million prefixes, so that a
+/// file of a million can be reloaded beside the one it replaces.
+pub const PREFIX_SET_ENTRIES: u32 = 2 * 1024 * 1024;
+
+/// Sticky clients remembered (LRU: the least recently used make room).
+pub const DEFAULT_STICKY_ENTRIES: u32 = 65_536;
 
 /// Bucket table value meaning "no uplink can take new flows": packets of new
 /// flows are dropped and counted rather than leaked to the kernel unNATed.

@@ -24,9 +24,15 @@ pub mod name {
     pub const EGRESS: &str = "EGRESS";
     pub const EGRESS_ANY: &str = "EGRESS_ANY";
     pub const SIGNALS: &str = "SIGNALS";
+    pub const RULES: &str = "RULES";
+    pub const POLICIES: &str = "POLICIES";
+    pub const PREFIX_SETS: &str = "PREFIX_SETS";
+    pub const STICKY: &str = "STICKY";
+    pub const LAN_CLASSES: &str = "LAN_CLASSES";
+    pub const POLICY_STATS: &str = "POLICY_STATS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 21] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -42,6 +48,12 @@ pub mod name {
         EGRESS,
         EGRESS_ANY,
         SIGNALS,
+        RULES,
+        POLICIES,
+        PREFIX_SETS,
+        STICKY,
+        LAN_CLASSES,
+        POLICY_STATS,
     ];
 }
 
@@ -49,7 +61,7 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
 /// Program names in the XDP object.
 pub mod program {
@@ -68,11 +80,12 @@ pub struct Settings {
     pub seed: u32,
     /// One of [`crate::hash::mode`].
     pub mode: u32,
-    /// Which of the two tables in the `BUCKETS` map is live (0 or 1). The
-    /// daemon writes the other one (one map write) and then flips this, so
-    /// a new table takes effect in one step and no packet ever sees half of
-    /// each.
-    pub active_table: u32,
+    /// Which of the two rule tables in the `RULES` map is live (0 or 1).
+    /// The daemon writes the other one (one map write) and then flips
+    /// this, so new rules take effect in one step and no packet ever sees
+    /// half of each. (Each policy's bucket tables flip the same way, in
+    /// its `POLICIES` entry.)
+    pub active_rules: u32,
     /// NAT source ports (host order, inclusive) a new mapping may take when
     /// the client's own port is not free.
     pub nat_port_min: u16,
@@ -84,6 +97,10 @@ pub struct Settings {
     pub local_port_max: u16,
     /// [`settings_flags`]: switches.
     pub flags: u32,
+    /// The policies (bits by index) one of whose uplinks takes new flows:
+    /// what the rules' fallbacks go by.
+    pub live_policies: u32,
+    pub _pad: u32,
 }
 
 /// Bits of [`Settings::flags`].
@@ -282,6 +299,32 @@ pub struct FragValue {
     pub dst_port: [u8; 2],
 }
 
+/// What the data plane knows of a LAN port (map `LAN_CLASSES`, by
+/// ifindex): what the rules match it by, and the router's address there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LanPort {
+    /// The LAN classes of the port (see `policy::Rule::lan_classes`).
+    pub classes: u32,
+    /// The router's IPv4 address on the port's LAN (a bridge's, for its
+    /// ports): the source of the ICMP errors sent there. Zero: unknown.
+    pub addr: [u8; 4],
+}
+
+/// Per-policy counters; one per CPU, summed by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    /// New flows the policy placed on one of its uplinks.
+    pub new_flows: u64,
+    /// New flows dropped by its `fallback = drop`.
+    pub dropped: u64,
+    /// New flows refused with an ICMP error by its `fallback = unreachable`.
+    pub unreachable: u64,
+    /// New flows placed by a sticky entry rather than by the hash.
+    pub sticky_hits: u64,
+}
+
 /// Per-uplink counters; one per CPU, summed by user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -303,7 +346,7 @@ pub struct UplinkStats {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Settings>() == 24);
+    assert!(core::mem::size_of::<Settings>() == 32);
     assert!(core::mem::size_of::<UplinkInfo>() == 32);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowValue>() == 16);
@@ -313,6 +356,8 @@ const _: () = {
     assert!(core::mem::size_of::<Signals>() == 40);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<PolicyStats>() == 32);
+    assert!(core::mem::size_of::<LanPort>() == 8);
     assert!(core::mem::size_of::<BucketTable>() == 4 * crate::BUCKETS as usize);
 };
 
@@ -331,5 +376,12 @@ mod pod {
     unsafe impl aya::Pod for super::NatValue {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::PolicyStats {}
+    unsafe impl aya::Pod for super::LanPort {}
     unsafe impl aya::Pod for crate::egress::Egress {}
+    unsafe impl aya::Pod for crate::policy::Rule {}
+    unsafe impl aya::Pod for crate::policy::RuleTable {}
+    unsafe impl aya::Pod for crate::policy::Policy {}
+    unsafe impl aya::Pod for crate::policy::StickyKey {}
+    unsafe impl aya::Pod for crate::policy::StickyValue {}
 }

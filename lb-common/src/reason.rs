@@ -42,9 +42,17 @@ pub const DROP_NAT_EXHAUSTED: u32 = 13;
 /// A packet of a connection the kernel's conntrack owns (the reply of a
 /// port forward): the kernel translates and routes it.
 pub const PASS_KERNEL_CONNECTION: u32 = 14;
+/// A new flow a `kernel` rule leaves to the kernel's routing.
+pub const PASS_POLICY_KERNEL: u32 = 15;
+/// A new flow whose policy has no uplink that takes new flows, dropped by
+/// its `fallback = drop`.
+pub const DROP_POLICY: u32 = 16;
+/// As `DROP_POLICY`, by `fallback = unreachable`: the client was sent an
+/// ICMP "host unreachable" (or, when one cannot be made, only dropped).
+pub const DROP_POLICY_UNREACHABLE: u32 = 17;
 
 /// Number of reasons.
-pub const COUNT: u32 = 15;
+pub const COUNT: u32 = 18;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -67,4 +75,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_too_big",
     "drop_nat_exhausted",
     "pass_kernel_connection",
+    "pass_policy_kernel",
+    "drop_policy",
+    "drop_policy_unreachable",
 ];

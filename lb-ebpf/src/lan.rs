@@ -12,22 +12,23 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash::{self, Tuple},
+    hash,
     maps::{
         settings_flags, tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo,
     },
     nat::{self, PORT_ATTEMPTS},
-    reason, table, KERNEL_OWNED, NO_UPLINK,
+    reason, KERNEL_OWNED, NO_UPLINK,
 };
 
 use crate::{
     conntrack, egress, frags,
-    maps::{BUCKETS, BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
+    maps::{BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{
         self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
         TCP_FIN, TCP_RST, TCP_SYN,
     },
+    policy::{self, tuple, Placement},
     rewrite, stats,
 };
 
@@ -80,6 +81,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     } else {
         match flow(ctx, &pkt, &key, existing, now) {
             Ok(found) => found,
+            Err(reason::DROP_POLICY_UNREACHABLE) => {
+                return Ok(policy::unreachable(ctx, &pkt).unwrap_or_else(stats::drop))
+            }
             Err(drop_reason) => return Ok(stats::drop(drop_reason)),
         }
     };
@@ -115,9 +119,10 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
 }
 
 /// The uplink and NAT port of this connection: its pinned ones while that
-/// uplink keeps flows; otherwise a new choice, pinned. `existing` is the
-/// flow table's entry for it, if any; `now` the coarse clock. `Err` is a
-/// drop reason.
+/// uplink keeps flows; otherwise a new choice (`policy::place`), pinned.
+/// `existing` is the flow table's entry for it, if any; `now` the coarse
+/// clock. `Err` is a drop reason ([`reason::DROP_POLICY_UNREACHABLE`]:
+/// answer the client with an ICMP error).
 #[inline(always)]
 fn flow(
     ctx: &XdpContext,
@@ -129,38 +134,32 @@ fn flow(
     let flags = parse::tcp_flags(ctx, pkt);
     let closing = flags & (TCP_FIN | TCP_RST) != 0;
 
+    // What is placed, and where it may not go. Placing is the one costly
+    // step (the rules), so every path below reaches it once, at one place.
+    let mut except = NO_UPLINK;
+    let mut moving = None;
     if let Some(flow) = existing {
         // SAFETY: a pointer into the map's value. A racing CPU may write the
         // same fields; at worst a timestamp or state update is lost.
         let (pinned, old_port, state) =
             unsafe { ((*flow).uplink, (*flow).nat_port, (*flow).tcp_state) };
-        if pinned == KERNEL_OWNED {
-            // SAFETY: as above.
-            unsafe {
-                (*flow).last_seen_ns = now;
-                if closing {
-                    (*flow).tcp_state = tcp_state::CLOSING;
-                }
-            }
-            return Ok((KERNEL_OWNED, old_port));
-        }
         let old_info = UPLINKS.get(pinned);
         // SAFETY: as above.
         let epoch = unsafe { (*flow).epoch };
-        let keeps =
-            old_info.is_some_and(|u| uplink_state::keeps_flows(u.state) && epoch == u.epoch as u8);
+        let keeps = pinned == KERNEL_OWNED
+            || old_info
+                .is_some_and(|u| uplink_state::keeps_flows(u.state) && epoch == u.epoch as u8);
         // A SYN again, and still no answer: that uplink may be what fails.
         // Nothing was committed yet, so it may try another one, once.
-        let retry = keeps && tcp_state::opening(state) && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let retry = keeps
+            && pinned != KERNEL_OWNED
+            && tcp_state::opening(state)
+            && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if retry {
             stats::syn_retry(pinned);
         }
-        let elsewhere = if retry && state == tcp_state::OPENING && resteer_syn() {
-            new_uplink_except(key, pinned)
-        } else {
-            None
-        };
-        if keeps && elsewhere.is_none() {
+        let resteer = retry && state == tcp_state::OPENING && resteer_syn();
+        if keeps && !resteer {
             unsafe {
                 (*flow).last_seen_ns = now;
                 if closing {
@@ -169,20 +168,65 @@ fn flow(
             }
             return Ok((pinned, old_port));
         }
+        if resteer {
+            except = pinned;
+        }
+        moving = Some((flow, pinned, old_info, old_port));
+    }
+
+    let state = if closing {
+        tcp_state::CLOSING
+    } else {
+        tcp_state::OPENING
+    };
+    let kernel = FlowValue {
+        last_seen_ns: now,
+        uplink: KERNEL_OWNED,
+        nat_port: [0; 2],
+        tcp_state: state,
+        epoch: 0,
+    };
+    if moving.is_none() && kernel_owns(ctx, key) {
+        // Remembered for the next packets; if another CPU was first, its
+        // entry says the same.
+        let _ = FLOWS.insert(key, &kernel, u64::from(BPF_NOEXIST));
+        return Ok((KERNEL_OWNED, [0; 2]));
+    }
+    let placed = policy::place(ctx, pkt, key, except, now);
+
+    if let Some((flow, pinned, old_info, old_port)) = moving {
         // Its uplink is gone, or has another address now, or its SYN goes
         // elsewhere: a new mapping on a live uplink, in place of the old
         // one. (After an address change the old reverse entry is keyed by
         // the old address: the collector removes it, as an orphan.)
-        let uplink = match elsewhere {
-            Some(uplink) => uplink,
-            None => new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?,
+        let uplink = match placed {
+            Placement::Uplink(uplink) => uplink,
+            // A retried SYN with nowhere else to go stays where it is.
+            _ if except != NO_UPLINK => {
+                unsafe { (*flow).last_seen_ns = now };
+                return Ok((pinned, old_port));
+            }
+            Placement::Kernel => {
+                // The rules now leave it to the kernel: its mapping goes,
+                // and so does the fast path.
+                if let Some(old) = old_info {
+                    let _ = NAT_REV.remove(&rev_key(key, old, old_port));
+                }
+                unsafe {
+                    (*flow).uplink = KERNEL_OWNED;
+                    (*flow).last_seen_ns = now;
+                }
+                return Ok((KERNEL_OWNED, [0; 2]));
+            }
+            Placement::Refused(why) => return Err(why),
+            Placement::Unreachable => return Err(reason::DROP_POLICY_UNREACHABLE),
         };
         let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
         if let Some(old) = old_info {
             let _ = NAT_REV.remove(&rev_key(key, old, old_port));
         }
         unsafe {
-            if elsewhere.is_some() {
+            if except != NO_UPLINK {
                 (*flow).tcp_state = tcp_state::OPENING_MOVED;
             }
             (*flow).uplink = uplink;
@@ -195,25 +239,18 @@ fn flow(
         return Ok((uplink, port));
     }
 
-    let state = if closing {
-        tcp_state::CLOSING
-    } else {
-        tcp_state::OPENING
+    let uplink = match placed {
+        Placement::Uplink(uplink) => uplink,
+        Placement::Kernel => {
+            // A `kernel` rule: remembered, so that its next packets are
+            // not classified again.
+            stats::count(reason::PASS_POLICY_KERNEL);
+            let _ = FLOWS.insert(key, &kernel, u64::from(BPF_NOEXIST));
+            return Ok((KERNEL_OWNED, [0; 2]));
+        }
+        Placement::Refused(why) => return Err(why),
+        Placement::Unreachable => return Err(reason::DROP_POLICY_UNREACHABLE),
     };
-    if kernel_owns(ctx, key) {
-        let value = FlowValue {
-            last_seen_ns: now,
-            uplink: KERNEL_OWNED,
-            nat_port: [0; 2],
-            tcp_state: state,
-            epoch: 0,
-        };
-        // Remembered for the next packets; if another CPU was first, its
-        // entry says the same.
-        let _ = FLOWS.insert(key, &value, u64::from(BPF_NOEXIST));
-        return Ok((KERNEL_OWNED, [0; 2]));
-    }
-    let uplink = new_uplink(key).ok_or(reason::DROP_NO_UPLINK)?;
     let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
     let value = FlowValue {
         last_seen_ns: now,
@@ -332,47 +369,10 @@ fn reserve_port(
     Err(reason::DROP_NAT_EXHAUSTED)
 }
 
-#[inline(always)]
-fn tuple(key: &FlowKey) -> Tuple {
-    Tuple {
-        src_addr: u32::from_be_bytes(key.src_addr),
-        dst_addr: u32::from_be_bytes(key.dst_addr),
-        src_port: u16::from_be_bytes(key.src_port),
-        dst_port: u16::from_be_bytes(key.dst_port),
-        proto: key.proto,
-    }
-}
-
 /// Whether a retried SYN may move (`[passive] resteer_syn`).
 #[inline(always)]
 fn resteer_syn() -> bool {
     SETTINGS
         .get(0)
         .is_some_and(|s| s.flags & settings_flags::RESTEER_SYN != 0)
-}
-
-/// The uplink a new connection goes to: its bucket's, or while that one
-/// cannot take new flows, another bucket's (`lb_common::table::steer`), so
-/// a state write alone moves traffic off a dead uplink.
-#[inline(always)]
-fn new_uplink(key: &FlowKey) -> Option<u32> {
-    new_uplink_except(key, NO_UPLINK)
-}
-
-/// As [`new_uplink`], never `except`.
-#[inline(always)]
-fn new_uplink_except(key: &FlowKey, except: u32) -> Option<u32> {
-    let settings = SETTINGS.get(0)?;
-    let table = BUCKETS.get(settings.active_table & 1)?;
-    let hash = hash::classify(settings.seed, settings.mode, &tuple(key));
-    table::steer(
-        hash,
-        |bucket| table.uplinks.get(bucket as usize).copied(),
-        |uplink| {
-            uplink != except
-                && UPLINKS.get(uplink).is_some_and(|info| {
-                    info.state == uplink_state::ACTIVE && info.ifindex != 0 && info.gw_mac != [0; 6]
-                })
-        },
-    )
 }

@@ -9,12 +9,14 @@
 #![feature(asm_experimental_arch)]
 
 mod conntrack;
+mod count;
 mod egress;
 mod frags;
 mod lan;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
 mod rewrite;
 mod stats;
 mod wan;

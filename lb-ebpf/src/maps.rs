@@ -9,10 +9,12 @@ use aya_ebpf::{
 use lb_common::{
     egress::Egress,
     maps::{
-        BucketTable, FlowKey, FlowValue, FragKey, FragValue, NatKey, NatValue, Settings, Signals,
-        UplinkInfo, UplinkStats,
+        BucketTable, FlowKey, FlowValue, FragKey, FragValue, LanPort, NatKey, NatValue,
+        PolicyStats, Settings, Signals, UplinkInfo, UplinkStats,
     },
-    reason, DEFAULT_MAX_FLOWS, FRAG_ENTRIES, MAX_LANS, MAX_UPLINKS,
+    policy::{Policy, RuleTable, StickyKey, StickyValue, MAX_POLICIES},
+    reason, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, MAX_LANS, MAX_LAN_PORTS,
+    MAX_UPLINKS, PREFIX_SET_ENTRIES,
 };
 
 /// Global knobs, one entry.
@@ -20,10 +22,40 @@ use lb_common::{
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// Bucket -> uplink index for new flows ([`lb_common::NO_UPLINK`]: none).
-/// Two whole tables, one map value each; `Settings::active_table` says
-/// which is live.
+/// Two whole tables per policy, one map value each (entries `2 * policy`
+/// and `2 * policy + 1`); the policy's `active_table` says which is live.
 #[map]
-pub static BUCKETS: Array<BucketTable> = Array::with_max_entries(2, 0);
+pub static BUCKETS: Array<BucketTable> = Array::with_max_entries(2 * MAX_POLICIES, 0);
+
+/// The operator's rules, compiled: two whole tables, one map value each;
+/// `Settings::active_rules` says which is live.
+#[map]
+pub static RULES: Array<RuleTable> = Array::with_max_entries(2, 0);
+
+/// Policy index -> its live bucket table, the uplinks that take its new
+/// flows, its fallback and stickiness.
+#[map]
+pub static POLICIES: Array<Policy> = Array::with_max_entries(MAX_POLICIES, 0);
+
+/// Every prefix of every set the rules use, in one trie: the value of a
+/// prefix has the bit of each set that holds it or a prefix covering it,
+/// so one lookup tells all the sets an address is in.
+#[map]
+pub static PREFIX_SETS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(PREFIX_SET_ENTRIES, 0);
+
+/// Sticky clients: (policy, client, destination network) -> its uplink.
+/// LRU: when full, the least recently used client loses its stickiness.
+#[map]
+pub static STICKY: LruHashMap<StickyKey, StickyValue> =
+    LruHashMap::with_max_entries(DEFAULT_STICKY_ENTRIES, 0);
+
+/// LAN port ifindex -> its LAN classes and the router's address there.
+#[map]
+pub static LAN_CLASSES: HashMap<u32, LanPort> = HashMap::with_max_entries(MAX_LAN_PORTS, 0);
+
+/// Per-CPU counters per policy.
+#[map]
+pub static POLICY_STATS: PerCpuArray<PolicyStats> = PerCpuArray::with_max_entries(MAX_POLICIES, 0);
 
 /// Uplink index -> how to send through it.
 #[map]

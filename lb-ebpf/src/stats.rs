@@ -6,6 +6,12 @@ use lb_common::maps::{FlowKey, Signals, UplinkStats};
 
 use crate::maps::{REASONS, SIGNALS, UPLINK_STATS};
 
+/// Count `reason` for a packet whose verdict is given elsewhere.
+#[inline(always)]
+pub fn count(reason: u32) {
+    bump_reason(reason);
+}
+
 #[inline(always)]
 fn bump_reason(reason: u32) {
     if let Some(n) = REASONS.get_ptr_mut(reason) {

@@ -56,6 +56,12 @@ enum Command {
         /// tcp, udp or icmp.
         #[arg(default_value = "tcp", value_parser = ["tcp", "udp", "icmp"])]
         proto: String,
+        /// The LAN port (or LAN) it comes in on, for rules on a LAN.
+        #[arg(long)]
+        lan: Option<String>,
+        /// Its DSCP (0-63), for rules on DSCP.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=63))]
+        dscp: Option<u8>,
     },
     /// Connections in the flow table: client, remote, NAT address and
     /// port, uplink, state, idle time.
@@ -114,7 +120,15 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Explain { src, dst, proto } => Request::Explain {
+        Command::Explain {
+            src,
+            dst,
+            proto,
+            lan,
+            dscp,
+        } => Request::Explain {
+            lan,
+            dscp,
             src: src.0,
             src_port: src.1,
             dst: dst.0,

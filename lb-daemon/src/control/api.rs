@@ -35,6 +35,12 @@ pub enum Request {
         dst_port: u16,
         /// IP protocol number (6, 17, 1).
         proto: u8,
+        /// The LAN port it comes in on, for rules on a LAN.
+        #[serde(default)]
+        lan: Option<String>,
+        /// Its DSCP, for rules on DSCP.
+        #[serde(default)]
+        dscp: Option<u8>,
     },
     /// The flow table, filtered, at most `limit` flows.
     Flows {
@@ -249,6 +255,12 @@ pub struct Explanation {
     pub uplink: Option<String>,
     /// The bucket its hash falls into, for a new flow.
     pub bucket: Option<u32>,
+    /// The policy that places it, for a new flow.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The `[[rule]]` (its number, from 1) that chose that policy.
+    #[serde(default)]
+    pub rule: Option<u32>,
     /// The reasons, for people.
     pub why: Vec<String>,
 }

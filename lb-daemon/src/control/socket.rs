@@ -167,6 +167,8 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
             dst,
             dst_port,
             proto,
+            lan,
+            dscp,
         } => {
             let key = lb_common::maps::FlowKey {
                 src_addr: src.octets(),
@@ -176,7 +178,7 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
                 proto,
                 _pad: [0; 3],
             };
-            match d.explain(&key) {
+            match d.explain(&key, &crate::daemon::On { lan, dscp }) {
                 Ok(e) => Response::Explained(e),
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use lb_common::{maps::uplink_state, table};
 
-use crate::reconcile::nftables;
+use crate::reconcile::{nftables, policies};
 
 use super::*;
 
@@ -78,6 +78,8 @@ impl Daemon {
             verdict: if kernel { "kernel" } else { "new" }.into(),
             uplink: None,
             bucket: None,
+            policy: None,
+            rule: None,
             why,
         }
     }
@@ -92,6 +94,7 @@ impl Daemon {
     pub fn explain(
         &self,
         key: &lb_common::maps::FlowKey,
+        on: &On,
     ) -> Result<crate::control::api::Explanation> {
         use crate::control::api::Explanation;
         let name = |i: u32| {
@@ -113,6 +116,8 @@ impl Daemon {
                     verdict: "existing".into(),
                     uplink: Some(name(flow.uplink)),
                     bucket: None,
+                    policy: None,
+                    rule: None,
                     why: vec![format!(
                         "a flow pinned to {} with NAT port {} ({})",
                         name(flow.uplink),
@@ -138,6 +143,8 @@ impl Daemon {
                 verdict: "kernel".into(),
                 uplink: None,
                 bucket: None,
+                policy: None,
+                rule: None,
                 why: vec![format!(
                     "{dst} is in {prefix}/{len}, which the kernel routes other than by a default route (or is the router's own): left to the kernel untouched"
                 )],
@@ -161,20 +168,75 @@ impl Daemon {
             self.config.balance.mode.number(),
             &tuple,
         );
+        let mut why = Vec::new();
+        if existing.is_some() {
+            why.push("its flow's uplink is down or has another address now: it moves".into());
+        }
+        let (policy, rule) = match self.explain_rules(&tuple, on, &mut why) {
+            Ok(placed) => placed,
+            Err(verdict) => {
+                return Ok(Explanation {
+                    verdict: verdict.into(),
+                    uplink: None,
+                    bucket: None,
+                    policy: None,
+                    rule: None,
+                    why,
+                })
+            }
+        };
+        let policy_name = policies::policy_name(&self.config, policy);
         let own = lb_common::hash::bucket(hash);
         let takes = |i: u32| {
             self.uplinks
                 .get(i as usize)
                 .is_some_and(|u| u.dataplane_state() == uplink_state::ACTIVE)
         };
-        let owner = |b: u32| self.buckets.table().get(b as usize).copied();
-        let mut why = Vec::new();
-        if existing.is_some() {
-            why.push("its flow's uplink is down or has another address now: it moves".into());
+        let written = self.dataplane.policy(policy).unwrap_or_default();
+        // The sticky entry the data plane would find first.
+        if let Some(skey) =
+            lb_common::policy::StickyKey::of(policy, written.sticky, key.src_addr, key.dst_addr)
+        {
+            let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+            let entry = self
+                .dataplane
+                .sticky_entries(now)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|(k, _)| *k == skey);
+            match entry {
+                Some((_, v)) if written.takes(v.uplink) && takes(v.uplink) => {
+                    why.push(format!(
+                        "policy {policy_name} is sticky: this client was placed on {} {} s ago \
+                         and stays there",
+                        name(v.uplink),
+                        now.saturating_sub(v.last_ns) / 1_000_000_000
+                    ));
+                    return Ok(Explanation {
+                        verdict: "new".into(),
+                        uplink: Some(name(v.uplink)),
+                        bucket: None,
+                        policy: Some(policy_name),
+                        rule,
+                        why,
+                    });
+                }
+                Some(_) => why.push(format!(
+                    "policy {policy_name} is sticky, but this client's uplink takes no new flows \
+                     of it now: it is placed anew, and its stickiness follows"
+                )),
+                None => why.push(format!(
+                    "policy {policy_name} is sticky: no entry for this client yet, the one made \
+                     now keeps its next flows with this one"
+                )),
+            }
         }
+        let table = self.buckets.table(policy);
+        let owner = |b: u32| table.get(b as usize).copied();
         let owner_of_own = owner(own).unwrap_or(lb_common::NO_UPLINK);
         why.push(format!(
-            "a new flow: its {} hash falls into bucket {own} of {}, which belongs to {}",
+            "a new flow of policy {policy_name}: its {} hash falls into bucket {own} of {}, which \
+             belongs to {}",
             self.config.balance.mode,
             lb_common::BUCKETS,
             if owner_of_own == lb_common::NO_UPLINK {
@@ -186,12 +248,7 @@ impl Daemon {
         let chosen = table::steer(hash, owner, takes);
         let verdict = match chosen {
             Some(u) if u == owner_of_own => {
-                why.push(format!(
-                    "{} takes new flows (weight {}, tier {}): it goes there",
-                    name(u),
-                    self.uplinks[u as usize].weight,
-                    self.uplinks[u as usize].cfg.tier
-                ));
+                why.push(format!("{} takes new flows: it goes there", name(u)));
                 "new"
             }
             Some(u) => {
@@ -210,9 +267,144 @@ impl Daemon {
             verdict: verdict.into(),
             uplink: chosen.map(name),
             bucket: Some(own),
+            policy: Some(policy_name),
+            rule,
             why,
         })
     }
+
+    /// Which policy the rules give a new flow, as the data plane decides
+    /// it (`lb_common::policy::decide` on the rules, prefix sets and
+    /// policy states it holds): `Ok((policy, [[rule]] number))`, or
+    /// `Err(verdict)` when a rule keeps it from any uplink.
+    fn explain_rules(
+        &self,
+        tuple: &lb_common::hash::Tuple,
+        on: &On,
+        why: &mut Vec<String>,
+    ) -> std::result::Result<(u32, Option<u32>), &'static str> {
+        use lb_common::policy::{decide, Decision, Packet};
+        let Some(compiled) = self.policies.compiled() else {
+            return Ok((lb_common::policy::DEFAULT_POLICY, None));
+        };
+        let rules = compiled.rules;
+        if rules.count == 0 {
+            return Ok((lb_common::policy::DEFAULT_POLICY, None));
+        }
+        let lan_classes = match &on.lan {
+            Some(port) => {
+                let ifindex = std::fs::read_to_string(format!("/sys/class/net/{port}/ifindex"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                let classes = self.dataplane.lan_ports().ok().and_then(|ports| {
+                    ports
+                        .into_iter()
+                        .find(|(i, _)| Some(*i) == ifindex)
+                        .map(|(_, p)| p.classes)
+                });
+                if classes.is_none() {
+                    why.push(format!(
+                        "{port} is not a LAN port lb is attached to: rules on a LAN do not match"
+                    ));
+                }
+                classes.unwrap_or(0)
+            }
+            None => 0,
+        };
+        let pkt = Packet {
+            src: tuple.src_addr,
+            dst: tuple.dst_addr,
+            src_port: tuple.src_port,
+            dst_port: tuple.dst_port,
+            proto: tuple.proto,
+            dscp: on.dscp.unwrap_or(0),
+            lan_classes,
+            src_sets: 0,
+            dst_sets: 0,
+        };
+        let sets = |addr: u32, side: u32| {
+            if rules.set_sides & side == 0 {
+                return 0;
+            }
+            self.dataplane
+                .sets_of(std::net::Ipv4Addr::from(addr))
+                .unwrap_or(0)
+        };
+        let pkt = Packet {
+            src_sets: sets(tuple.src_addr, lb_common::policy::SET_SRC),
+            dst_sets: sets(tuple.dst_addr, lb_common::policy::SET_DST),
+            ..pkt
+        };
+        let decision = decide(&rules, &pkt, self.dataplane.live_policies());
+        let origin = |i: u32| rules.rules.get(i as usize).map_or(0, |r| r.origin);
+        let line = |i: u32| {
+            self.config
+                .rules
+                .get(origin(i) as usize - 1)
+                .map_or(0, |r| r.line)
+        };
+        let name = |p: u32| policies::policy_name(&self.config, p);
+        if on.lan.is_none() && compiled.lan_names.iter().any(|_| true) {
+            why.push("no --lan given: rules on a LAN port are taken as not matching".into());
+        }
+        match decision {
+            Decision::Kernel { rule } => {
+                why.push(format!(
+                    "rule #{} (line {}) leaves it to the kernel's routing",
+                    origin(rule),
+                    line(rule)
+                ));
+                Err("kernel")
+            }
+            Decision::Drop { policy, rule } => {
+                why.push(format!(
+                    "rule #{} (line {}) sends it to policy {}, none of whose uplinks takes new \
+                     flows, and its fallback is drop: dropped and counted",
+                    origin(rule),
+                    line(rule),
+                    name(policy)
+                ));
+                Err("dropped")
+            }
+            Decision::Unreachable { policy, rule } => {
+                why.push(format!(
+                    "rule #{} (line {}) sends it to policy {}, none of whose uplinks takes new \
+                     flows, and its fallback is unreachable: the client is told host unreachable",
+                    origin(rule),
+                    line(rule),
+                    name(policy)
+                ));
+                Err("unreachable")
+            }
+            Decision::Policy {
+                policy,
+                rule: Some(rule),
+            } => {
+                why.push(format!(
+                    "rule #{} (line {}) matches: policy {}",
+                    origin(rule),
+                    line(rule),
+                    name(policy)
+                ));
+                Ok((policy, Some(origin(rule))))
+            }
+            Decision::Policy { policy, rule: None } => {
+                why.push(
+                    "no rule sends it elsewhere (or its policy fell back): the default policy"
+                        .into(),
+                );
+                Ok((policy, None))
+            }
+        }
+    }
+}
+
+/// What `lbctl explain` may say about a packet besides its addresses:
+/// the LAN port it comes in on and its DSCP.
+#[derive(Debug, Clone, Default)]
+pub struct On {
+    pub lan: Option<String>,
+    pub dscp: Option<u8>,
 }
 
 /// Whether `addr` is in `prefix/len`.

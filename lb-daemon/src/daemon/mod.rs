@@ -27,6 +27,7 @@ pub mod uplink;
 pub use actions::Reconfigured;
 pub use checks::check_machine;
 use checks::refuse;
+pub use explain::On;
 use quota::quota_admin;
 pub use round::{round, Converged};
 pub use status::{FlowQuery, StatusDraft};
@@ -67,6 +68,7 @@ use crate::{
     reconcile::bypass,
     reconcile::egress,
     reconcile::nftables,
+    reconcile::policies,
     reconcile::routing,
 };
 
@@ -190,8 +192,10 @@ pub struct Daemon {
     pub config: Config,
     pub uplinks: Vec<Uplink>,
     dataplane: Dataplane,
-    /// The bucket table, as written to the data plane.
+    /// Each policy's bucket table, as written to the data plane.
     buckets: buckets::Buckets,
+    /// The operator's rules and prefix sets, as written to the data plane.
+    policies: policies::Policies,
     /// The flow tables as the collector and `status` walk them, on handles
     /// of their own (see `flows`); the lock keeps the two walks apart (a
     /// walk beside deletions may see an entry twice).
@@ -296,6 +300,7 @@ impl Daemon {
             config,
             dataplane,
             buckets: buckets::Buckets::default(),
+            policies: policies::Policies::default(),
             flow_tables,
             bypass: bypass::Bypass::default(),
             flow_addrs: Vec::new(),
@@ -369,10 +374,10 @@ impl Daemon {
     }
 
     /// Take over the state of an adopted data plane: its live bucket
-    /// `table` (so that rebalancing moves nothing that need not move) and
+    /// `tables` (so that rebalancing moves nothing that need not move) and
     /// each uplink's entry (so that its flows keep their mappings).
-    fn adopt(&mut self, table: Table) -> Result<()> {
-        self.buckets = buckets::Buckets::adopted(table);
+    fn adopt(&mut self, tables: Vec<Table>) -> Result<()> {
+        self.buckets = buckets::Buckets::adopted(tables);
         for u in &mut self.uplinks {
             if let Some(info) = self.dataplane.pinned_uplink(u.index)? {
                 u.written = Some(info);

@@ -16,10 +16,21 @@ use anyhow::{Context, Result};
 use lb_common::maps::uplink_state;
 
 use crate::{
-    config::UplinkConfig, control::api::Reaction, daemon::uplink::Lifecycle,
-    health::State as Health, observe::facts::Facts, observe::kernel::Observed, observe::netlink,
-    reconcile::attachments, reconcile::buckets::Candidate, reconcile::bypass, reconcile::egress,
-    reconcile::nftables, reconcile::routing, reconcile::uplinks,
+    config::UplinkConfig,
+    control::api::Reaction,
+    daemon::uplink::Lifecycle,
+    health::State as Health,
+    observe::facts::Facts,
+    observe::kernel::Observed,
+    observe::netlink,
+    reconcile::attachments,
+    reconcile::buckets::{Candidate, PolicyWant},
+    reconcile::bypass,
+    reconcile::egress,
+    reconcile::nftables,
+    reconcile::policies,
+    reconcile::routing,
+    reconcile::uplinks,
 };
 
 use super::*;
@@ -36,10 +47,12 @@ impl Daemon {
             self.converge_uplink(i, facts)
                 .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
         }
-        // Uplink entries and states, then the bucket table (one step).
+        // Uplink entries and states, then the bucket tables (one step
+        // each), then the rules that send flows to them.
         self.converge_dataplane()?;
+        self.converge_rules()?;
         // Attachments: lan_ingress on the LAN ports (wan_ingress went on
-        // with each uplink's entry, above).
+        // with each uplink's entry, above), and what each is to the rules.
         self.converge_lan_ports(observed)?;
         // Bypass: the destinations the kernel keeps.
         let uplink_ifindexes: Vec<u32> = self
@@ -183,7 +196,37 @@ impl Daemon {
             return Ok(());
         }
         let wanted = attachments::wanted_lan_ports(&self.config.lans, observed);
-        self.attachments.converge_lans(wanted, &mut self.dataplane)
+        let mut facts = Vec::new();
+        for lan in &self.config.lans {
+            let addr = observed
+                .link(&lan.interface)
+                .and_then(|l| observed.address_of(l.index));
+            for (ifindex, name) in observed.lan_ports(&lan.interface) {
+                facts.push(policies::LanPortFacts {
+                    ifindex,
+                    names: vec![name, lan.interface.clone()],
+                    addr,
+                });
+            }
+        }
+        self.attachments
+            .converge_lans(wanted, &mut self.dataplane)?;
+        self.policies
+            .converge_lan_ports(&facts, &mut self.dataplane)
+    }
+
+    /// Write the operator's rules and prefix sets where they changed (see
+    /// `reconcile::policies`).
+    pub(super) fn converge_rules(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let written = self.policies.converge(&self.config, &mut self.dataplane)?;
+        if written > 0 {
+            log::info!(
+                "prefix sets: {written} trie entries written in {} ms",
+                started.elapsed().as_millis()
+            );
+        }
+        Ok(())
     }
 
     /// Converge lb's shapers, and tell the data plane which devices'
@@ -366,20 +409,42 @@ impl Daemon {
         Ok(())
     }
 
-    /// Rebalance the bucket table for the current states and weights (see
-    /// `reconcile::buckets`).
+    /// Rebalance each policy's bucket table for the current states and
+    /// weights (see `reconcile::buckets`): the default policy's from the
+    /// uplinks' own weights and tiers, each `[[policy]]`'s from its own.
     pub(super) fn converge_buckets(&mut self) -> Result<()> {
-        let candidates: Vec<Candidate> = self
-            .uplinks
-            .iter()
-            .map(|u| Candidate {
-                weight: u.weight,
-                tier: u.cfg.tier,
-                takes_new_flows: u.dataplane_state() == uplink_state::ACTIVE,
-                degraded: u.health == Some(Health::Degraded),
-            })
-            .collect();
-        self.buckets.converge(&candidates, &mut self.dataplane)?;
+        let candidate = |u: &Uplink, weight: u32, tier: u8| Candidate {
+            weight,
+            tier,
+            takes_new_flows: u.dataplane_state() == uplink_state::ACTIVE,
+            degraded: u.health == Some(Health::Degraded),
+        };
+        let mut wants = vec![PolicyWant {
+            candidates: self
+                .uplinks
+                .iter()
+                .map(|u| candidate(u, u.weight, u.cfg.tier))
+                .collect(),
+            fallback: lb_common::policy::fallback::DEFAULT,
+            sticky: lb_common::policy::sticky::NONE,
+            sticky_timeout_ns: 0,
+        }];
+        for p in &self.config.policies {
+            wants.push(PolicyWant {
+                candidates: self
+                    .uplinks
+                    .iter()
+                    .map(|u| match p.uplinks.iter().find(|m| m.name == u.cfg.name) {
+                        Some(m) => candidate(u, m.weight, m.tier),
+                        None => candidate(u, 0, 0),
+                    })
+                    .collect(),
+                fallback: p.fallback.number(),
+                sticky: p.sticky.map_or(0, |s| s.by.number()),
+                sticky_timeout_ns: p.sticky.map_or(0, |s| s.timeout.as_nanos() as u64),
+            });
+        }
+        self.buckets.converge(&wants, &mut self.dataplane)?;
         Ok(())
     }
 }

@@ -32,7 +32,7 @@ impl Daemon {
     /// walk of the flow table: [`StatusDraft::finish`] does that walk, so
     /// that the caller can do it after letting go of the daemon.
     pub fn status(&self) -> Result<StatusDraft> {
-        let counts = table::counts(self.buckets.table());
+        let counts = table::counts(self.buckets.table(lb_common::policy::DEFAULT_POLICY));
         let mut uplinks = Vec::new();
         for (i, u) in self.uplinks.iter().enumerate() {
             let s = self.dataplane.uplink_stats(u.index)?;

@@ -32,14 +32,24 @@ use aya::{
 use lb_common::{
     egress::Egress,
     maps::{
-        name, program, settings_flags, BucketTable, Settings, Signals, UplinkInfo, UplinkStats,
+        name, program, settings_flags, BucketTable, LanPort, PolicyStats, Settings, Signals,
+        UplinkInfo, UplinkStats,
     },
+    policy::{Policy, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY, MAX_POLICIES},
     reason,
     table::Table,
-    MAX_UPLINKS,
+    MAX_UPLINKS, NO_UPLINK,
 };
 
 use crate::{config::FlowConfig, dataplane::flows::FlowTables, dataplane::pins::Pins};
+
+/// The uplinks `table` gives new flows, as `Policy::takers` bits.
+pub fn takers(table: &Table) -> u32 {
+    table
+        .iter()
+        .filter(|&&u| u != NO_UPLINK && u < 32)
+        .fold(0, |bits, &u| bits | 1 << u)
+}
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -55,7 +65,9 @@ pub enum AttachMode {
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    active_table: u32,
+    /// What each policy's `POLICIES` entry says (its live bucket table
+    /// among them), as last written.
+    policies: [Policy; MAX_POLICIES as usize],
     settings: Settings,
     /// Where the maps and links are pinned, if they are.
     pins: Option<Pins>,
@@ -96,7 +108,7 @@ impl Dataplane {
             .context("loading the XDP object into the kernel failed (needs root, and a kernel with BPF and BTF)")?;
         let mut dp = Self {
             ebpf,
-            active_table: 0,
+            policies: [Policy::default(); MAX_POLICIES as usize],
             settings: Settings::default(),
             pins: pins.cloned(),
         };
@@ -112,21 +124,28 @@ impl Dataplane {
     }
 
     /// Take over the state a pinned data plane holds: the classifier
-    /// settings (its seed above all: flows keep hashing as before), which
-    /// bucket table is live, and that table.
-    pub fn adopt(&mut self) -> Result<Table> {
+    /// settings (its seed above all: flows keep hashing as before), and
+    /// each policy's entry and live bucket table.
+    pub fn adopt(&mut self) -> Result<Vec<Table>> {
         let settings = self
             .array::<Settings>(name::SETTINGS)?
             .get(&0, 0)
             .context("reading the pinned SETTINGS")?;
         self.settings = settings;
-        let active = settings.active_table & 1;
-        self.active_table = active;
-        let table = self
-            .array::<BucketTable>(name::BUCKETS)?
-            .get(&active, 0)
-            .context("reading the pinned bucket table")?;
-        Ok(table.uplinks)
+        let mut tables = Vec::new();
+        for p in 0..MAX_POLICIES {
+            let policy = self
+                .array::<Policy>(name::POLICIES)?
+                .get(&p, 0)
+                .context("reading the pinned POLICIES")?;
+            self.policies[p as usize] = policy;
+            let table = self
+                .array::<BucketTable>(name::BUCKETS)?
+                .get(&policy.table_index(p), 0)
+                .context("reading a pinned bucket table")?;
+            tables.push(table.uplinks);
+        }
+        Ok(tables)
     }
 
     /// The pinned entry of uplink `index`, if it has one.
@@ -359,26 +378,203 @@ impl Dataplane {
     }
 
     fn write_settings(&mut self) -> Result<()> {
-        let settings = Settings {
-            active_table: self.active_table,
-            ..self.settings
-        };
+        let settings = self.settings;
         self.array::<Settings>(name::SETTINGS)?
             .set(0, settings, 0)
             .context("writing SETTINGS")
     }
 
-    /// Make `table` the live bucket table in one step: write it into the
-    /// idle one of the two tables (one map write), then flip
-    /// `active_table`.
+    /// Make `table` the live bucket table of the default policy (see
+    /// [`Self::set_policy`]), taking new flows as `table` says.
     pub fn set_buckets(&mut self, table: &Table) -> Result<()> {
-        let idle = self.active_table ^ 1;
-        let value = BucketTable { uplinks: *table };
-        self.array::<BucketTable>(name::BUCKETS)?
-            .set(idle, value, 0)
-            .context("writing the bucket table")?;
-        self.active_table = idle;
+        let policy = Policy {
+            takers: takers(table),
+            ..self.policies[0]
+        };
+        self.set_policy(DEFAULT_POLICY, Some(table), policy)
+    }
+
+    /// Write `policy`'s entry; with `table`, make it the policy's live
+    /// bucket table in the same step: it goes into the idle one of the
+    /// policy's two tables (one map write), then the entry, which says
+    /// which is live, is written whole (one more).
+    pub fn set_policy(&mut self, index: u32, table: Option<&Table>, policy: Policy) -> Result<()> {
+        let slot = self
+            .policies
+            .get(index as usize)
+            .copied()
+            .with_context(|| format!("policy index {index} out of range (max {MAX_POLICIES})"))?;
+        let mut next = Policy {
+            active_table: slot.active_table,
+            ..policy
+        };
+        if let Some(table) = table {
+            next.active_table = slot.active_table ^ 1;
+            let value = BucketTable { uplinks: *table };
+            self.array::<BucketTable>(name::BUCKETS)?
+                .set(next.table_index(index), value, 0)
+                .context("writing a bucket table")?;
+        }
+        self.array::<Policy>(name::POLICIES)?
+            .set(index, next, 0)
+            .with_context(|| format!("writing policy {index}"))?;
+        self.policies[index as usize] = next;
+        // Right after the policy's own entry: the rules' fallbacks go by
+        // this (the data plane falls back on its own in between).
+        let bit = 1 << index;
+        let live = if next.takers != 0 {
+            self.settings.live_policies | bit
+        } else {
+            self.settings.live_policies & !bit
+        };
+        if live != self.settings.live_policies {
+            self.settings.live_policies = live;
+            self.write_settings()?;
+        }
+        Ok(())
+    }
+
+    /// The policies one of whose uplinks takes new flows (bits).
+    pub fn live_policies(&self) -> u32 {
+        self.settings.live_policies
+    }
+
+    /// What the data plane has of policy `index`.
+    pub fn policy(&self, index: u32) -> Option<Policy> {
+        self.policies.get(index as usize).copied()
+    }
+
+    /// Make `rules` the live rules in one step: the idle one of the two
+    /// rule tables is written (one map write), then `active_rules` flips.
+    pub fn set_rules(&mut self, rules: &RuleTable) -> Result<()> {
+        let idle = (self.settings.active_rules & 1) ^ 1;
+        self.array::<RuleTable>(name::RULES)?
+            .set(idle, *rules, 0)
+            .context("writing the rule table")?;
+        self.settings.active_rules = idle;
         self.write_settings()
+    }
+
+    /// The live rules.
+    pub fn rules(&mut self) -> Result<RuleTable> {
+        let active = self.settings.active_rules & 1;
+        self.array::<RuleTable>(name::RULES)?
+            .get(&active, 0)
+            .context("reading the rule table")
+    }
+
+    fn prefix_sets(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>> {
+        let m = self
+            .ebpf
+            .map_mut(name::PREFIX_SETS)
+            .context("map PREFIX_SETS missing")?;
+        LpmTrie::try_from(m).context("map PREFIX_SETS has an unexpected type")
+    }
+
+    /// Write prefix-trie entries: each prefix with the set bits it gets
+    /// (zero: remove it).
+    pub fn write_prefixes(&mut self, entries: &[((Ipv4Addr, u8), u32)]) -> Result<()> {
+        let mut trie = self.prefix_sets()?;
+        for &((addr, len), bits) in entries {
+            let key = Key::new(u32::from(len), addr.octets());
+            if bits == 0 {
+                missing_is_fine(trie.remove(&key))
+                    .with_context(|| format!("removing {addr}/{len} from the prefix sets"))?;
+            } else {
+                trie.insert(&key, bits, 0).with_context(|| {
+                    format!(
+                        "adding {addr}/{len} to the prefix sets (they hold at most {} prefixes \
+                         in all)",
+                        lb_common::PREFIX_SET_ENTRIES
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The prefix sets (bits) that hold `addr`: a longest-prefix lookup,
+    /// as the data plane's.
+    pub fn sets_of(&self, addr: Ipv4Addr) -> Result<u32> {
+        let m = self
+            .ebpf
+            .map(name::PREFIX_SETS)
+            .context("map PREFIX_SETS missing")?;
+        let trie: LpmTrie<&MapData, [u8; 4], u32> =
+            LpmTrie::try_from(m).context("map PREFIX_SETS has an unexpected type")?;
+        match trie.get(&Key::new(32, addr.octets()), 0) {
+            Ok(bits) => Ok(bits),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(e).context("looking into PREFIX_SETS"),
+        }
+    }
+
+    /// What LAN port `ifindex` is to the rules (`None`: forget it).
+    pub fn set_lan_port(&mut self, ifindex: u32, port: Option<LanPort>) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::LAN_CLASSES)
+            .context("map LAN_CLASSES missing")?;
+        let mut map: HashMap<&mut MapData, u32, LanPort> =
+            HashMap::try_from(m).context("map LAN_CLASSES has an unexpected type")?;
+        match port {
+            Some(p) => map
+                .insert(ifindex, p, 0)
+                .with_context(|| format!("writing LAN port {ifindex}")),
+            None => missing_is_fine(map.remove(&ifindex))
+                .with_context(|| format!("removing LAN port {ifindex}")),
+        }
+    }
+
+    /// What `LAN_CLASSES` holds now.
+    pub fn lan_ports(&self) -> Result<Vec<(u32, LanPort)>> {
+        let m = self
+            .ebpf
+            .map(name::LAN_CLASSES)
+            .context("map LAN_CLASSES missing")?;
+        let map: HashMap<&MapData, u32, LanPort> =
+            HashMap::try_from(m).context("map LAN_CLASSES has an unexpected type")?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading LAN_CLASSES")
+    }
+
+    /// Per-policy counters, summed over the CPUs.
+    pub fn policy_stats(&self, index: u32) -> Result<PolicyStats> {
+        let m = self
+            .ebpf
+            .map(name::POLICY_STATS)
+            .context("map POLICY_STATS missing")?;
+        let stats: PerCpuArray<&MapData, PolicyStats> =
+            PerCpuArray::try_from(m).context("map POLICY_STATS has an unexpected type")?;
+        let per_cpu = stats
+            .get(&index, 0)
+            .with_context(|| format!("reading POLICY_STATS[{index}]"))?;
+        Ok(per_cpu
+            .iter()
+            .fold(PolicyStats::default(), |a, s| PolicyStats {
+                new_flows: a.new_flows + s.new_flows,
+                dropped: a.dropped + s.dropped,
+                unreachable: a.unreachable + s.unreachable,
+                sticky_hits: a.sticky_hits + s.sticky_hits,
+            }))
+    }
+
+    /// Sticky entries per policy that still hold at `now_ns` (the data
+    /// plane's coarse clock), given each policy's timeout.
+    pub fn sticky_entries(&self, now_ns: u64) -> Result<Vec<(StickyKey, StickyValue)>> {
+        let m = self.ebpf.map(name::STICKY).context("map STICKY missing")?;
+        let map: HashMap<&MapData, StickyKey, StickyValue> =
+            HashMap::try_from(m).context("map STICKY has an unexpected type")?;
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                self.policies.get(k.policy as usize).is_some_and(|p| {
+                    lb_common::policy::sticky_holds(v.last_ns, now_ns, p.sticky_timeout_ns)
+                })
+            })
+            .collect())
     }
 
     /// Describe uplink `index` to the data plane: its device, addresses and

@@ -10,61 +10,109 @@
 
 use anyhow::Result;
 use lb_common::{
+    policy::{Policy, MAX_POLICIES},
     table::{self, Table},
     BUCKETS, MAX_UPLINKS,
 };
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{takers, Dataplane};
 
-/// The bucket table the data plane has, as lbd last wrote it.
+/// Each policy's bucket table as the data plane has it (index 0: the
+/// default policy), as lbd last wrote it.
 #[derive(Debug)]
 pub struct Buckets {
-    live: Table,
-    /// Whether the data plane has a table from this lbd (or adopted) yet.
-    written: bool,
+    live: Vec<Table>,
+    /// What each policy's entry says, once lbd (or the data plane it
+    /// adopted) wrote it.
+    written: Vec<Option<Policy>>,
 }
 
 impl Default for Buckets {
     fn default() -> Self {
         Self {
-            live: table::empty(),
-            written: false,
+            live: vec![table::empty(); MAX_POLICIES as usize],
+            written: vec![None; MAX_POLICIES as usize],
         }
     }
 }
 
+/// What one policy wants of the data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyWant {
+    /// By uplink index; an uplink not in the policy has weight 0.
+    pub candidates: Vec<Candidate>,
+    /// `lb_common::policy::fallback`.
+    pub fallback: u32,
+    /// `lb_common::policy::sticky`, and its timeout.
+    pub sticky: u32,
+    pub sticky_timeout_ns: u64,
+}
+
 impl Buckets {
-    /// The live table of an adopted data plane: rebalancing from it moves
-    /// nothing that need not move.
-    pub fn adopted(live: Table) -> Self {
-        Self {
-            live,
-            written: true,
+    /// The live tables of an adopted data plane: rebalancing from them
+    /// moves nothing that need not move.
+    pub fn adopted(tables: Vec<Table>) -> Self {
+        let mut out = Self::default();
+        for (slot, t) in out.live.iter_mut().zip(tables) {
+            *slot = t;
         }
+        out
     }
 
-    /// The table as the data plane has it.
-    pub fn table(&self) -> &Table {
-        &self.live
+    /// Policy `index`'s table as the data plane has it.
+    pub fn table(&self, index: u32) -> &Table {
+        self.live.get(index as usize).unwrap_or(&self.live[0])
     }
 
-    /// Rebalance for `candidates` (by uplink index), moving only the
-    /// buckets that must move, and make the result live if it changed (two
-    /// map writes). Returns how many buckets moved.
-    pub fn converge(
-        &mut self,
-        candidates: &[Candidate],
-        dataplane: &mut Dataplane,
-    ) -> Result<usize> {
-        let mut next = self.live;
-        let moved = table::rebalance(&mut next, &weights(candidates));
-        if moved > 0 || !self.written {
-            dataplane.set_buckets(&next)?;
-            self.written = true;
-            log::info!("bucket table updated: {moved} of {BUCKETS} buckets moved");
+    /// Rebalance each policy of `wants` (by policy index) for its
+    /// candidates, moving only the buckets that must move, and make each
+    /// result live if it changed (two map writes a policy). Policies past
+    /// `wants` get no uplink. Returns how many buckets moved in all.
+    pub fn converge(&mut self, wants: &[PolicyWant], dataplane: &mut Dataplane) -> Result<usize> {
+        let mut total = 0;
+        for index in 0..MAX_POLICIES as usize {
+            let want = wants.get(index);
+            if want.is_none() && self.written[index].is_none() {
+                continue;
+            }
+            let mut next = self.live[index];
+            let weights = want.map_or([0; MAX_UPLINKS as usize], |w| weights(&w.candidates));
+            let moved = table::rebalance(&mut next, &weights);
+            let policy = Policy {
+                active_table: 0,
+                takers: takers(&next),
+                fallback: want.map_or(0, |w| w.fallback),
+                sticky: want.map_or(0, |w| w.sticky),
+                sticky_timeout_ns: want.map_or(0, |w| w.sticky_timeout_ns),
+            };
+            let same_entry = self.written[index].is_some_and(|w| {
+                Policy {
+                    active_table: 0,
+                    ..w
+                } == policy
+            });
+            if moved > 0 || self.written[index].is_none() {
+                dataplane.set_policy(index as u32, Some(&next), policy)?;
+                log::info!(
+                    "bucket table{} updated: {moved} of {BUCKETS} buckets moved",
+                    if index == 0 {
+                        String::new()
+                    } else {
+                        format!(" of policy #{index}")
+                    }
+                );
+            } else if !same_entry {
+                dataplane.set_policy(index as u32, None, policy)?;
+            }
+            self.written[index] = if want.is_some() {
+                dataplane.policy(index as u32)
+            } else {
+                None
+            };
+            self.live[index] = next;
+            total += moved;
         }
-        self.live = next;
-        Ok(moved)
+        Ok(total)
     }
 }
 

@@ -3,13 +3,15 @@
 //! kernel holds, and how it converges there, writing only its own kind.
 //! A round (see `daemon`) converges them in this order, so that no packet
 //! sees a state that sends it to a dead uplink or out untranslated:
-//! uplink entries and states, bucket tables, attachments, bypass, qdiscs,
-//! routes and rules, nftables.
+//! uplink entries and states, bucket tables, the operator's rules and
+//! prefix sets, attachments (and what each LAN port is to the rules),
+//! bypass, qdiscs, routes and rules, nftables.
 
 pub mod attachments;
 pub mod buckets;
 pub mod bypass;
 pub mod egress;
 pub mod nftables;
+pub mod policies;
 pub mod routing;
 pub mod uplinks;

@@ -25,6 +25,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::{Spanned, Value};
 
+mod policy;
+
+pub use policy::{
+    read_prefix_file, AddressMatch, Fallback, PolicyConfig, PolicyUplink, Prefix, PrefixFile,
+    RuleAction, RuleConfig, Sticky, StickyBy,
+};
+
 /// Most uplinks the data plane can steer to.
 ///
 /// Must match `lb_common`'s `MAX_UPLINKS` (the size of the kernel's uplink
@@ -84,6 +91,13 @@ pub struct Config {
     pub lans: Vec<LanConfig>,
     /// 1..=[`MAX_UPLINKS`], in file order; names and interfaces are unique.
     pub uplinks: Vec<UplinkConfig>,
+    /// `[[policy]]`, in file order; names unique.
+    pub policies: Vec<PolicyConfig>,
+    /// `[[rule]]`, in file order: the first that matches wins.
+    pub rules: Vec<RuleConfig>,
+    /// What is allowed but surely not meant (a rule that can never
+    /// match): lbd logs them at start and reload.
+    pub warnings: Vec<Problem>,
     /// The file it was read from, as given: what checks against the
     /// machine (a LAN's prefixes) name in their messages.
     pub file: String,
@@ -915,6 +929,10 @@ struct RawConfig {
     lan: Vec<Spanned<RawLan>>,
     #[serde(default)]
     uplink: Vec<Spanned<RawUplink>>,
+    #[serde(default)]
+    policy: Vec<Spanned<policy::RawPolicy>>,
+    #[serde(default)]
+    rule: Vec<Spanned<policy::RawRule>>,
 }
 
 // `expecting` is what serde says when a key holds something else
@@ -1251,6 +1269,10 @@ impl Checker<'_> {
 
         self.cross_check(&lan_seen, &names, &interfaces);
         self.routed_apart(raw, &uplinks);
+        let uplink_names: Vec<String> = uplinks.iter().map(|u| u.name.clone()).collect();
+        let policies = self.policies(&raw.policy, &uplink_names);
+        let mut warnings = Vec::new();
+        let rules = self.rules(&raw.rule, &policies, &mut warnings);
 
         Config {
             daemon,
@@ -1262,6 +1284,9 @@ impl Checker<'_> {
             passive,
             lans,
             uplinks,
+            policies,
+            rules,
+            warnings,
             file: self.file.to_owned(),
         }
     }
@@ -2170,7 +2195,7 @@ fn parse_http_target(text: &str) -> Result<(SocketAddrV4, String, String), Strin
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../examples/lbd.toml");
+    const EXAMPLE: &str = include_str!("../../examples/lbd.toml");
 
     const MINIMAL: &str = r#"
 [[lan]]

@@ -1,0 +1,86 @@
+//! The ICMP "host unreachable" the data plane answers a refused new flow
+//! with (`fallback = unreachable`), so that the client gives up at once
+//! instead of retrying into silence (RFC 1122 3.2.2.1; Linux aborts a
+//! connecting TCP socket on it).
+//!
+//! The error quotes the offending packet's IPv4 header (without options)
+//! and the first eight bytes after it (RFC 792), which is how the client's
+//! stack finds the socket it is for. The data plane builds it in place:
+//! the quote already sits where it belongs once the frame has grown by the
+//! two new headers at its front.
+
+use crate::csum;
+
+/// Bytes quoted: an IPv4 header without options and eight bytes of
+/// transport header.
+pub const QUOTED_LEN: usize = IPV4_HDR_LEN + 8;
+/// IPv4 header without options.
+pub const IPV4_HDR_LEN: usize = 20;
+/// ICMP header.
+pub const ICMP_HDR_LEN: usize = 8;
+/// What goes in front of the quote: a new IPv4 header and the ICMP header.
+pub const HEADERS_LEN: usize = IPV4_HDR_LEN + ICMP_HDR_LEN;
+/// The whole error, IPv4 header to the end of the quote.
+pub const ERROR_LEN: usize = HEADERS_LEN + QUOTED_LEN;
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const CODE_HOST_UNREACH: u8 = 1;
+const IPPROTO_ICMP: u8 = 1;
+/// TOS of ICMP errors: precedence "internetwork control", as Linux sends
+/// them.
+const TOS_INTERNETWORK_CONTROL: u8 = 0xc0;
+/// TTL of the error: the client is one hop away, any sane value does.
+const TTL: u8 = 64;
+
+/// The IPv4 and ICMP headers of a "host unreachable" from `from` that
+/// quotes `quoted` (the offending packet's header and first eight bytes),
+/// addressed to that packet's source. Checksums filled in.
+pub fn host_unreachable(quoted: &[u8; QUOTED_LEN], from: [u8; 4]) -> [u8; HEADERS_LEN] {
+    let mut out = [0u8; HEADERS_LEN];
+    let total = (ERROR_LEN as u16).to_be_bytes();
+    out[0] = 0x45;
+    out[1] = TOS_INTERNETWORK_CONTROL;
+    out[2] = total[0];
+    out[3] = total[1];
+    // Identification 0, no fragment bits: it is far below any MTU.
+    out[8] = TTL;
+    out[9] = IPPROTO_ICMP;
+    out[12..16].copy_from_slice(&from);
+    out[16..20].copy_from_slice(&quoted[12..16]);
+    let ip = csum::checksum(&out[..IPV4_HDR_LEN], 0).to_be_bytes();
+    out[10] = ip[0];
+    out[11] = ip[1];
+
+    out[IPV4_HDR_LEN] = ICMP_DEST_UNREACH;
+    out[IPV4_HDR_LEN + 1] = CODE_HOST_UNREACH;
+    let icmp = csum::checksum(quoted, csum::sum(&out[IPV4_HDR_LEN..], 0)).to_be_bytes();
+    out[IPV4_HDR_LEN + 2] = icmp[0];
+    out[IPV4_HDR_LEN + 3] = icmp[1];
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_unreachable_verifies_and_quotes_the_packet() {
+        let mut quoted = [0u8; QUOTED_LEN];
+        quoted[0] = 0x45;
+        quoted[9] = 17;
+        quoted[12..16].copy_from_slice(&[10, 0, 0, 5]);
+        quoted[16..20].copy_from_slice(&[198, 51, 100, 10]);
+        quoted[20..24].copy_from_slice(&[0x9c, 0x40, 0x13, 0xc4]);
+        let h = host_unreachable(&quoted, [10, 0, 0, 1]);
+        assert!(csum::verifies(&h[..IPV4_HDR_LEN], 0), "IPv4 checksum");
+        let mut icmp = [0u8; ICMP_HDR_LEN + QUOTED_LEN];
+        icmp[..ICMP_HDR_LEN].copy_from_slice(&h[IPV4_HDR_LEN..]);
+        icmp[ICMP_HDR_LEN..].copy_from_slice(&quoted);
+        assert!(csum::verifies(&icmp, 0), "ICMP checksum");
+        assert_eq!(h[9], IPPROTO_ICMP);
+        assert_eq!(&h[12..16], &[10, 0, 0, 1], "from the router");
+        assert_eq!(&h[16..20], &[10, 0, 0, 5], "to the client");
+        assert_eq!(u16::from_be_bytes([h[2], h[3]]) as usize, ERROR_LEN);
+        assert_eq!((h[20], h[21]), (3, 1), "destination unreachable, host");
+    }
+}
