@@ -1302,3 +1302,145 @@ fn a_syn_sent_again_moves_to_another_uplink_once() {
         assert_eq!(uplink_of(&out), second, "a SYN moves once, never back");
     }
 }
+
+/// A table that gives every bucket to `uplink` (or to none).
+fn table_of(uplink: Option<u32>) -> Table {
+    let mut weights = [0u32; MAX_UPLINKS as usize];
+    if let Some(u) = uplink {
+        weights[u as usize] = 1;
+    }
+    let mut t: Table = table::empty();
+    table::rebalance(&mut t, &weights);
+    t
+}
+
+/// Policy `index` sends new flows to `uplink` only (none: it takes none),
+/// falling back as `fallback` says.
+fn set_policy(h: &mut Harness, index: u32, uplink: Option<u32>, fallback: u32) {
+    let t = table_of(uplink);
+    let policy = lb_common::policy::Policy {
+        takers: lb_daemon::dataplane::takers(&t),
+        fallback,
+        ..Default::default()
+    };
+    h.dp.set_policy(index, Some(&t), policy).expect("policy");
+}
+
+#[test]
+fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
+    use lb_common::policy::{fallback, Rule, RuleTable, ACTION_KERNEL, ANY, SET_DST};
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // Policy 1: uplink 2 only, dropping when it cannot; policy 2: uplink
+    // 1 only, answering "unreachable" when it cannot.
+    set_policy(&mut h, 1, Some(1), fallback::DROP);
+    set_policy(&mut h, 2, Some(0), fallback::UNREACHABLE);
+    // The server's /24 is in prefix set (bit) 2.
+    h.dp.write_prefixes(&[((Ipv4Addr::new(198, 51, 100, 0), 24), 2)])
+        .expect("prefixes");
+    let mut rules = RuleTable::empty();
+    let list = [
+        // DSCP EF goes to the kernel, whatever else it is.
+        Rule {
+            dscp: 46,
+            action: ACTION_KERNEL,
+            origin: 1,
+            ..ANY
+        },
+        // UDP to 50-60: policy 1.
+        Rule {
+            proto: 17,
+            dst_port_min: 50,
+            dst_port_max: 60,
+            action: 1,
+            fallback: fallback::DROP as u8,
+            origin: 2,
+            ..ANY
+        },
+        // TCP to the server's set: policy 2.
+        Rule {
+            proto: 6,
+            dst_set: 2,
+            action: 2,
+            fallback: fallback::UNREACHABLE as u8,
+            origin: 3,
+            ..ANY
+        },
+        // Shadowed by the one before: never reached for TCP to the set.
+        Rule {
+            proto: 6,
+            action: 1,
+            origin: 4,
+            ..ANY
+        },
+    ];
+    rules.rules[..list.len()].copy_from_slice(&list);
+    rules.count = list.len() as u32;
+    rules.set_sides = SET_DST;
+    h.dp.set_rules(&rules).expect("rules");
+
+    for port in 9600..9632u16 {
+        assert_eq!(
+            uplink_of(&h.lan(&udp(port, 64)).1),
+            2,
+            "UDP to 53: port {port}"
+        );
+        assert_eq!(
+            uplink_of(&h.lan(&tcp(port)).1),
+            1,
+            "TCP to the set: port {port}"
+        );
+    }
+    // DSCP: TOS 0xb8 is EF.
+    let mut ef = udp(9700, 64);
+    ef[15] = 0xb8;
+    let ip_check = ip_checksum(&{
+        let mut hdr = ef[14..34].to_vec();
+        hdr[10] = 0;
+        hdr[11] = 0;
+        hdr
+    });
+    ef[24..26].copy_from_slice(&ip_check.to_be_bytes());
+    let before = h.reason(reason::PASS_POLICY_KERNEL);
+    assert_eq!(h.lan(&ef).0, XDP_PASS, "EF is the kernel's");
+    assert_eq!(h.reason(reason::PASS_POLICY_KERNEL), before + 1);
+    assert_eq!(h.lan(&ef).0, XDP_PASS, "and remembered as such");
+
+    // Policy 1 loses its uplink: its new flows are dropped and counted,
+    // pinned ones stay.
+    set_policy(&mut h, 1, None, fallback::DROP);
+    let before = h.reason(reason::DROP_POLICY);
+    assert_eq!(h.lan(&udp(9800, 64)).0, XDP_DROP);
+    assert_eq!(h.reason(reason::DROP_POLICY), before + 1);
+    assert_eq!(
+        uplink_of(&h.lan(&udp(9600, 64)).1),
+        2,
+        "a pinned flow stays"
+    );
+    assert_eq!(h.dp.policy_stats(1).expect("stats").dropped, 1);
+
+    // Policy 2 loses its uplink: a new connection is told "host
+    // unreachable" on the port it came from.
+    set_policy(&mut h, 2, None, fallback::UNREACHABLE);
+    let syn = tcp(9801);
+    let (verdict, out) = h.lan(&syn);
+    assert_eq!(verdict, 3, "XDP_TX");
+    let icmp = SlicedPacket::from_ethernet(&out).expect("an Ethernet frame");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = icmp.net else {
+        panic!("not IPv4: {out:?}");
+    };
+    assert_eq!(ip.header().destination(), CLIENT);
+    assert_eq!(
+        ip.header().source(),
+        SERVER,
+        "no LAN address known: the server's"
+    );
+    assert_eq!(ip.header().protocol(), etherparse::IpNumber::ICMP);
+    assert_eq!(ip_checksum(&out[14..34]), 0, "IPv4 checksum verifies");
+    assert_eq!((out[34], out[35]), (3, 1), "destination unreachable, host");
+    assert_eq!(&out[42..62], &syn[14..34], "the SYN's header is quoted");
+    assert_eq!(&out[0..6], &CLIENT_MAC, "back to the client");
+    assert_eq!(h.dp.policy_stats(2).expect("stats").unreachable, 1);
+}

@@ -93,6 +93,10 @@ fn main() -> ExitCode {
         eprintln!("lbd: {}: {conflict}", args.config.display());
         return ExitCode::from(EXIT_CONFIG);
     }
+    // Allowed, but surely not meant: said before anything else.
+    for warning in &config.warnings {
+        eprintln!("lbd: warning: {warning}");
+    }
     if args.check {
         println!("{}: configuration is valid", args.config.display());
     }

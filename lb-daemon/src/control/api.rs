@@ -122,6 +122,28 @@ pub struct Status {
     /// How lb's replies leave each LAN port: XDP, or through a qdisc.
     #[serde(default)]
     pub lan_egress: Vec<EgressStatus>,
+    /// The default policy and each `[[policy]]`.
+    #[serde(default)]
+    pub policies: Vec<PolicyStatus>,
+}
+
+/// One policy in `lbctl status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyStatus {
+    pub name: String,
+    /// The uplinks its live table gives new flows.
+    pub taking: Vec<String>,
+    pub fallback: String,
+    /// New flows it placed on one of its uplinks.
+    pub new_flows: u64,
+    /// New flows its `fallback = drop` dropped.
+    pub dropped: u64,
+    /// New flows its `fallback = unreachable` refused with an ICMP error.
+    pub unreachable: u64,
+    /// New flows a sticky entry placed.
+    pub sticky_hits: u64,
+    /// Sticky entries that still hold.
+    pub sticky_entries: u64,
 }
 
 /// How lb's packets leave one device.

@@ -199,6 +199,47 @@ const PER_ROUTER: &[RouterFamily] = &[
     ),
 ];
 
+/// A family with one sample per policy: name, help, type, value.
+type PolicyFamily = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&crate::control::api::PolicyStatus) -> f64,
+);
+
+const PER_POLICY: &[PolicyFamily] = &[
+    (
+        "lb_policy_new_flows",
+        "New flows the policy placed on one of its uplinks",
+        MetricType::Counter,
+        |p| p.new_flows as f64,
+    ),
+    (
+        "lb_policy_dropped_flows",
+        "New flows dropped by the policy's fallback = drop",
+        MetricType::Counter,
+        |p| p.dropped as f64,
+    ),
+    (
+        "lb_policy_unreachable_flows",
+        "New flows refused with an ICMP error by the policy's fallback = unreachable",
+        MetricType::Counter,
+        |p| p.unreachable as f64,
+    ),
+    (
+        "lb_policy_sticky_hits",
+        "New flows a sticky entry of the policy placed",
+        MetricType::Counter,
+        |p| p.sticky_hits as f64,
+    ),
+    (
+        "lb_policy_sticky_entries",
+        "Sticky clients of the policy that still hold",
+        MetricType::Gauge,
+        |p| p.sticky_entries as f64,
+    ),
+];
+
 /// A family with one sample per uplink that has a quota.
 type QuotaFamily = (&'static str, &'static str, fn(&QuotaStatus) -> f64);
 
@@ -311,6 +352,17 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(reason, n)| (vec![("reason", reason.clone())], *n as f64)),
         )?;
+        for &(name, help, kind, value) in PER_POLICY {
+            family(
+                e,
+                name,
+                help,
+                kind,
+                s.policies
+                    .iter()
+                    .map(|p| (vec![("policy", p.name.clone())], value(p))),
+            )?;
+        }
         for &(name, help, kind, value) in PER_ROUTER {
             family(e, name, help, kind, [(Vec::new(), value(s))])?;
         }

@@ -284,6 +284,17 @@ impl Daemon {
                 self.quota_unsaved = true;
             }
         }
+        for warning in &new.warnings {
+            log::warn!("{warning}");
+        }
+        if old.policies != new.policies {
+            done.push(format!("policies ({})", new.policies.len()));
+        }
+        if old.rules != new.rules {
+            // The next round writes them: new flows only, established
+            // ones keep their uplinks.
+            done.push(format!("rules ({}; new flows)", new.rules.len()));
+        }
         if old.balance != new.balance {
             self.dataplane
                 .set_classifier(self.dataplane.seed(), new.balance.mode.number())?;

@@ -28,6 +28,35 @@ impl Daemon {
         })
     }
 
+    /// Each policy: what takes its new flows, and its counters.
+    fn policy_status(&self) -> Result<Vec<crate::control::api::PolicyStatus>> {
+        let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+        let sticky = self.dataplane.sticky_entries(now)?;
+        let mut out = Vec::new();
+        for index in 0..=self.config.policies.len() as u32 {
+            let Some(written) = self.dataplane.policy(index) else {
+                continue;
+            };
+            let stats = self.dataplane.policy_stats(index)?;
+            out.push(crate::control::api::PolicyStatus {
+                name: crate::reconcile::policies::policy_name(&self.config, index),
+                taking: self
+                    .uplinks
+                    .iter()
+                    .filter(|u| written.takes(u.index))
+                    .map(|u| u.cfg.name.clone())
+                    .collect(),
+                fallback: lb_common::policy::fallback::name(written.fallback).into(),
+                new_flows: stats.new_flows,
+                dropped: stats.dropped,
+                unreachable: stats.unreachable,
+                sticky_hits: stats.sticky_hits,
+                sticky_entries: sticky.iter().filter(|(k, _)| k.policy == index).count() as u64,
+            });
+        }
+        Ok(out)
+    }
+
     /// Everything `lbctl status` shows but the flow counts, which need a
     /// walk of the flow table: [`StatusDraft::finish`] does that walk, so
     /// that the caller can do it after letting go of the daemon.
@@ -124,6 +153,7 @@ impl Daemon {
                 .lan_ports()
                 .filter_map(|(_, name)| self.egress_status(name))
                 .collect(),
+            policies: self.policy_status()?,
         };
         Ok(StatusDraft {
             status,
