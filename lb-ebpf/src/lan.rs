@@ -84,6 +84,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
             Err(reason::DROP_POLICY_UNREACHABLE) => {
                 return Ok(policy::unreachable(ctx, &pkt).unwrap_or_else(stats::drop))
             }
+            Err(reason::PASS_POLICY_KERNEL) => return Err(reason::PASS_POLICY_KERNEL),
             Err(drop_reason) => return Ok(stats::drop(drop_reason)),
         }
     };
@@ -122,7 +123,8 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
 /// uplink keeps flows; otherwise a new choice (`policy::place`), pinned.
 /// `existing` is the flow table's entry for it, if any; `now` the coarse
 /// clock. `Err` is a drop reason ([`reason::DROP_POLICY_UNREACHABLE`]:
-/// answer the client with an ICMP error).
+/// answer the client with an ICMP error), or [`reason::PASS_POLICY_KERNEL`]
+/// (a pass: a `kernel` rule's new flow).
 #[inline(always)]
 fn flow(
     ctx: &XdpContext,
@@ -243,10 +245,9 @@ fn flow(
         Placement::Uplink(uplink) => uplink,
         Placement::Kernel => {
             // A `kernel` rule: remembered, so that its next packets are
-            // not classified again.
-            stats::count(reason::PASS_POLICY_KERNEL);
+            // not classified again (they count as the kernel's).
             let _ = FLOWS.insert(key, &kernel, u64::from(BPF_NOEXIST));
-            return Ok((KERNEL_OWNED, [0; 2]));
+            return Err(reason::PASS_POLICY_KERNEL);
         }
         Placement::Refused(why) => return Err(why),
         Placement::Unreachable => return Err(reason::DROP_POLICY_UNREACHABLE),

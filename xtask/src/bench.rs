@@ -13,7 +13,9 @@
 //! and runs that one, which does the work:
 //!
 //! - [`object`]: the lb-bench XDP object, the frames it stamps, test runs.
-//! - [`cost`]: ns per packet of each path through lb's programs.
+//! - [`cost`]: ns per packet of each path through lb's programs, rules
+//!   and prefix sets included.
+//! - [`prefixes`]: a million-prefix file loaded and reloaded.
 //! - [`forward`]: Mpps through the lab router, four ways.
 //! - [`latency`]: a ping's round trip beside saturating uploads, with the
 //!   router's shaper and without.
@@ -36,6 +38,8 @@ mod latency;
 mod object;
 #[cfg(feature = "bench")]
 mod picture;
+#[cfg(feature = "bench")]
+mod prefixes;
 #[cfg(feature = "bench")]
 mod report;
 
@@ -184,6 +188,8 @@ pub fn run(args: &Args) -> Result<()> {
             args.repeat
         );
         report.costs = Some(cost::measure(args.repeat, cpu)?);
+        println!("bench: a million-prefix file, loaded and reloaded");
+        report.prefixes = Some(prefixes::measure()?);
     }
     if args.measures(Part::Forward) {
         println!("bench: packets per second through the lab router");

@@ -206,6 +206,12 @@ fn main() -> ExitCode {
                     e.verdict,
                     e.uplink.map(|u| format!(" via {u}")).unwrap_or_default()
                 );
+                if let Some(policy) = &e.policy {
+                    match e.rule {
+                        Some(rule) => println!("  policy {policy}, by rule #{rule}"),
+                        None => println!("  policy {policy}"),
+                    }
+                }
                 for why in &e.why {
                     println!("  {why}");
                 }
@@ -452,6 +458,30 @@ fn print_status(s: &Status) {
     }
     if !s.kernel_destinations.is_empty() {
         println!("left to the kernel: {}", s.kernel_destinations.join(" "));
+    }
+    // The default policy alone is not worth a line until rules exist.
+    if s.policies.len() > 1 {
+        let policies: Vec<String> = s
+            .policies
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} -> {} ({} new flows, {} dropped, {} unreachable, {} sticky now; fallback {})",
+                    p.name,
+                    if p.taking.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        p.taking.join(",")
+                    },
+                    p.new_flows,
+                    p.dropped,
+                    p.unreachable,
+                    p.sticky_entries,
+                    p.fallback
+                )
+            })
+            .collect();
+        println!("policies: {}", policies.join("; "));
     }
     println!(
         "flows expired: {}, evicted (table full): {}",

@@ -28,6 +28,10 @@ pub const MAX_POLICIES: usize = lb_common::policy::MAX_POLICIES as usize - 1;
 pub const MAX_COMPILED_RULES: usize = lb_common::policy::MAX_RULES as usize;
 /// Most distinct LAN names the rules can use (bits of a LAN port's class).
 pub const MAX_LAN_NAMES: usize = 32;
+/// Most prefix sets (a side of a rule with several prefixes or files):
+/// the data plane has room for twice as many, so that each can be
+/// reloaded beside the one it replaces.
+pub const MAX_SETS: usize = lb_common::policy::MAX_SETS as usize / 2;
 /// Names a policy cannot have: they mean something else in a rule.
 const RESERVED: [&str; 2] = ["default", "kernel"];
 
@@ -425,6 +429,22 @@ impl Checker<'_> {
                 });
             }
             out.push(config);
+        }
+        let sets = out
+            .iter()
+            .flat_map(|r| [&r.src, &r.dst])
+            .filter(|m| m.files.len() + usize::from(m.inline.len() > 1) > 0)
+            .count();
+        if sets > MAX_SETS {
+            self.report(
+                raw.first().map(|r| r.span()).as_ref(),
+                "rule",
+                None,
+                format!(
+                    "the rules use {sets} prefix lists and files; at most {MAX_SETS} are \
+                     supported (merge some into one file)"
+                ),
+            );
         }
         if lan_names.len() > MAX_LAN_NAMES {
             self.report(

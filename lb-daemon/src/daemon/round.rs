@@ -82,11 +82,16 @@ impl Daemon {
             }
             self.flow_addrs = addrs;
         }
-        let slowpath = nftables::wanted(
-            self.uplinks.iter().map(|u| (&u.cfg, u.facts.ifindex)),
-            observed,
-            self.local_ports,
-        );
+        let slowpath = nftables::Wanted {
+            policy_rules: nftables::policy_rules(&self.config.rules, |name| {
+                policies::policy_index(&self.config, name)
+            }),
+            ..nftables::wanted(
+                self.uplinks.iter().map(|u| (&u.cfg, u.facts.ifindex)),
+                observed,
+                self.local_ports,
+            )
+        };
         // Routes and rules, then nftables: made by the caller, outside the
         // daemon's lock.
         Ok(Converged {
@@ -331,7 +336,43 @@ impl Daemon {
             .iter()
             .map(|l| l.interface.as_str())
             .collect();
-        routing::wanted(&self.config.routing, &ready, self.slow_path_uplink(), &lans)
+        let policies: Vec<(u32, usize)> = (1..=self.config.policies.len() as u32)
+            .filter_map(|p| Some((nftables::policy_mark(p), self.policy_slow_path_uplink(p)?)))
+            .collect();
+        routing::wanted(
+            &self.config.routing,
+            &ready,
+            self.slow_path_uplink(),
+            &lans,
+            &policies,
+        )
+    }
+
+    /// The uplink that carries policy `index`'s slow path: of its uplinks
+    /// in service with their table in place, the lowest tier (its own),
+    /// then the heaviest weight, then the first. `None` when none is: the
+    /// slow path's default uplink takes its connections then.
+    pub fn policy_slow_path_uplink(&self, index: u32) -> Option<usize> {
+        let policy = self.config.policies.get(index.checked_sub(1)? as usize)?;
+        self.uplinks
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| self.carries_slow_path(u))
+            .filter_map(|(i, u)| {
+                let m = policy.uplinks.iter().find(|m| m.name == u.cfg.name)?;
+                Some((i, m.tier, m.weight))
+            })
+            .min_by_key(|&(i, tier, weight)| (tier, std::cmp::Reverse(weight), i))
+            .map(|(i, _, _)| i)
+    }
+
+    /// Whether uplink `u` is in service with its table in place.
+    fn carries_slow_path(&self, u: &Uplink) -> bool {
+        let f = &u.facts;
+        u.dataplane_state() == uplink_state::ACTIVE
+            && f.carrier
+            && f.addr.is_some()
+            && f.gateway.is_some()
     }
 
     /// The uplink that carries the slow path: in service with its table in
@@ -341,13 +382,7 @@ impl Daemon {
         self.uplinks
             .iter()
             .enumerate()
-            .filter(|(_, u)| {
-                let f = &u.facts;
-                u.dataplane_state() == uplink_state::ACTIVE
-                    && f.carrier
-                    && f.addr.is_some()
-                    && f.gateway.is_some()
-            })
+            .filter(|(_, u)| self.carries_slow_path(u))
             .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
             .map(|(i, _)| i)
     }

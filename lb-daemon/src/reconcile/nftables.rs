@@ -47,6 +47,9 @@ const LEAKED: &str = "leaked";
 /// The bits of the packet and connection marks lbd uses: which uplink a
 /// connection came in on (`mark(index)`), for 1 to 255 uplinks.
 pub const MARK_MASK: u32 = 0x00ff_0000;
+/// The bits of the packet and connection marks that carry a new
+/// connection's policy (its index) on the slow path: `policy_mark`.
+pub const POLICY_MASK: u32 = 0x0f00_0000;
 /// Before routing and after conntrack (`mangle`).
 const INBOUND_PRIORITY: i32 = -150;
 /// The kernel's source NAT hook priority (`srcnat`).
@@ -61,6 +64,99 @@ pub fn mark(index: usize) -> u32 {
     ((index as u32 + 1) << MARK_MASK.trailing_zeros()) & MARK_MASK
 }
 
+/// The connmark and fwmark of the slow path's connections of policy
+/// `index` (within [`POLICY_MASK`]; the default policy has none).
+pub fn policy_mark(index: u32) -> u32 {
+    (index << POLICY_MASK.trailing_zeros()) & POLICY_MASK
+}
+
+/// One `[[rule]]` as the slow path has it: what it matches, in nft's
+/// words, and the mark of its policy (`None`: a `kernel` rule, or the
+/// default policy: no mark).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRule {
+    pub matches: String,
+    pub mark: Option<u32>,
+}
+
+/// The rules nftables can express, in order, for the slow path: what the
+/// kernel forwards from the LAN and what the router sends itself. A rule
+/// on prefix files, or on a bridge's port, cannot be (the kernel sees the
+/// bridge; a million-prefix set is the fast path's job): it ends the list
+/// there, since a packet it would take must not fall to a rule after it.
+/// `policy_index` gives a policy's index by name.
+pub fn policy_rules(
+    rules: &[crate::config::RuleConfig],
+    policy_index: impl Fn(&str) -> Option<u32>,
+) -> Vec<PolicyRule> {
+    use crate::config::RuleAction;
+    let mut out = Vec::new();
+    for rule in rules {
+        if !rule.src.files.is_empty() || !rule.dst.files.is_empty() {
+            break;
+        }
+        let mut m = Vec::new();
+        let list = |items: Vec<String>| {
+            if items.len() == 1 {
+                items.join("")
+            } else {
+                format!("{{ {} }}", items.join(", "))
+            }
+        };
+        if !rule.lan.is_empty() {
+            m.push(format!(
+                "iifname {}",
+                list(rule.lan.iter().map(|l| format!("\"{l}\"")).collect())
+            ));
+        }
+        let prefixes =
+            |p: &[crate::config::Prefix]| list(p.iter().map(|(a, l)| format!("{a}/{l}")).collect());
+        if !rule.src.inline.is_empty() {
+            m.push(format!("ip saddr {}", prefixes(&rule.src.inline)));
+        }
+        if !rule.dst.inline.is_empty() {
+            m.push(format!("ip daddr {}", prefixes(&rule.dst.inline)));
+        }
+        let ports = |r: &[(u16, u16)]| {
+            list(
+                r.iter()
+                    .map(|&(lo, hi)| {
+                        if lo == hi {
+                            lo.to_string()
+                        } else {
+                            format!("{lo}-{hi}")
+                        }
+                    })
+                    .collect(),
+            )
+        };
+        let has_ports = !rule.src_port.is_empty() || !rule.dst_port.is_empty();
+        match rule.proto {
+            Some(p) => m.push(format!("meta l4proto {p}")),
+            None if has_ports => m.push("meta l4proto { 6, 17 }".into()),
+            None => {}
+        }
+        if !rule.src_port.is_empty() {
+            m.push(format!("th sport {}", ports(&rule.src_port)));
+        }
+        if !rule.dst_port.is_empty() {
+            m.push(format!("th dport {}", ports(&rule.dst_port)));
+        }
+        if let Some(d) = rule.dscp {
+            m.push(format!("ip dscp {d}"));
+        }
+        let mark = match &rule.action {
+            RuleAction::Kernel => None,
+            RuleAction::Policy(name) => policy_index(name).filter(|&i| i != 0).map(policy_mark),
+        };
+        out.push(PolicyRule {
+            matches: m.join(" "),
+            mark,
+        });
+    }
+    out
+}
+
 /// The table for these uplinks (their configuration, and their interface
 /// now, if it exists) as the kernel has them now (`observed`): each may
 /// send from its own addresses and its routed prefixes. `ports`: the
@@ -71,6 +167,7 @@ pub fn wanted<'a>(
     ports: (u16, u16),
 ) -> Wanted {
     Wanted {
+        policy_rules: Vec::new(),
         uplinks: uplinks
             .map(|(cfg, ifindex)| UplinkRules {
                 interface: cfg.interface.clone(),
@@ -91,6 +188,9 @@ pub struct Wanted {
     pub uplinks: Vec<UplinkRules>,
     /// The router's own ephemeral ports (`ip_local_port_range`).
     pub ports: (u16, u16),
+    /// The operator's rules as the slow path has them (see
+    /// [`policy_rules`]).
+    pub policy_rules: Vec<PolicyRule>,
 }
 
 /// One uplink's part of the table.
@@ -130,6 +230,57 @@ fn inbound_counter(index: usize) -> String {
 }
 
 impl Wanted {
+    /// The slow path's policies: a new connection from the LAN (not from
+    /// an uplink) or from the router itself is classified by the rules
+    /// once, its policy kept in its connmark; every packet of its original
+    /// direction then carries the policy's mark, which lbd's rule
+    /// `fwmark` routes by that policy's uplink.
+    fn policy_chains(&self, s: &mut String) {
+        if self.policy_rules.is_empty() {
+            return;
+        }
+        let keep = !POLICY_MASK;
+        let _ = writeln!(s, "  chain classify {{");
+        for r in &self.policy_rules {
+            let _ = match r.mark {
+                Some(m) => writeln!(
+                    s,
+                    "    {} ct mark set ct mark & {keep:#010x} | {m:#010x} return",
+                    r.matches
+                ),
+                None => writeln!(s, "    {} return", r.matches),
+            };
+        }
+        let _ = writeln!(s, "  }}");
+        let mut marks: Vec<u32> = self.policy_rules.iter().filter_map(|r| r.mark).collect();
+        marks.sort_unstable();
+        marks.dedup();
+        let uplinks: Vec<String> = self
+            .uplinks
+            .iter()
+            .map(|u| format!("\"{}\"", u.interface))
+            .collect();
+        for (chain, hook, first) in [
+            (
+                "by_policy",
+                "type filter hook prerouting",
+                format!("iifname != {{ {} }} ", uplinks.join(", ")),
+            ),
+            ("by_policy_out", "type route hook output", String::new()),
+        ] {
+            let _ = writeln!(s, "  chain {chain} {{");
+            let _ = writeln!(s, "    {hook} priority {INBOUND_PRIORITY}; policy accept;");
+            let _ = writeln!(s, "    {first}ct state new jump classify");
+            for m in &marks {
+                let _ = writeln!(
+                    s,
+                    "    ct direction original ct mark & {POLICY_MASK:#010x} == {m:#010x} meta mark set meta mark & {keep:#010x} | {m:#010x}"
+                );
+            }
+            let _ = writeln!(s, "  }}");
+        }
+    }
+
     /// The whole table as an `nft -f` script: one transaction that
     /// replaces any earlier table (so no packet sees it half made).
     pub fn script(&self) -> String {
@@ -163,6 +314,8 @@ impl Wanted {
             );
         }
         let _ = writeln!(s, "  }}");
+
+        self.policy_chains(&mut s);
 
         let _ = writeln!(s, "  chain nat {{");
         let _ = writeln!(
@@ -327,6 +480,73 @@ mod tests {
                 },
             ],
             ports: (32768, 60999),
+            policy_rules: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_rules_nftables_can_express_mark_the_slow_path_by_policy() {
+        let config = crate::config::parse(
+            r#"
+[[lan]]
+interface = "br-lan"
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+[[uplink]]
+name = "isp2"
+interface = "wan2"
+[[policy]]
+name = "voip"
+uplinks = ["isp1"]
+[[rule]]
+proto = "udp"
+dst_port = [5060, "10000-20000"]
+policy = "voip"
+[[rule]]
+dst = ["203.0.113.0/24", "192.0.2.1"]
+dscp = 46
+policy = "kernel"
+[[rule]]
+src_port = 123
+lan = "br-lan"
+policy = "default"
+"#,
+            "lbd.toml",
+        )
+        .expect("valid");
+        let rules = policy_rules(&config.rules, |n| {
+            crate::reconcile::policies::policy_index(&config, n)
+        });
+        assert_eq!(
+            rules,
+            vec![
+                PolicyRule {
+                    matches: "meta l4proto 17 th dport { 5060, 10000-20000 }".into(),
+                    mark: Some(0x0100_0000)
+                },
+                PolicyRule {
+                    matches: "ip daddr { 203.0.113.0/24, 192.0.2.1/32 } ip dscp 46".into(),
+                    mark: None
+                },
+                PolicyRule {
+                    matches: "iifname \"br-lan\" meta l4proto { 6, 17 } th sport 123".into(),
+                    mark: None
+                },
+            ]
+        );
+        let script = Wanted {
+            policy_rules: rules,
+            ..wanted()
+        }
+        .script();
+        for line in [
+            "meta l4proto 17 th dport { 5060, 10000-20000 } ct mark set ct mark & 0xf0ffffff | 0x01000000 return",
+            "iifname != { \"wan1\", \"wan2\" } ct state new jump classify",
+            "type route hook output priority -150; policy accept;",
+            "ct direction original ct mark & 0x0f000000 == 0x01000000 meta mark set meta mark & 0xf0ffffff | 0x01000000",
+        ] {
+            assert!(script.contains(line), "{line}\n{script}");
         }
     }
 

@@ -27,7 +27,7 @@ use rtnetlink::{
 use crate::{
     config::RoutingConfig,
     observe::kernel::{Observed, MAIN_TABLE, ROUTE_PROTOCOL},
-    reconcile::nftables::{self, MARK_MASK},
+    reconcile::nftables::{self, MARK_MASK, POLICY_MASK},
 };
 
 /// The interface a rule's `iif` names for what the router itself sends.
@@ -59,9 +59,10 @@ pub enum Selector {
     /// `iif NAME`: what arrives on a LAN interface (`lo`: what the router
     /// itself sends).
     Iif(String),
-    /// `fwmark MARK/`[`MARK_MASK`]: the replies of the connections that
-    /// came in on an uplink.
-    Mark(u32),
+    /// `fwmark MARK/MASK`: the replies of the connections that came in on
+    /// an uplink ([`MARK_MASK`]), or the slow path's connections of a
+    /// policy ([`POLICY_MASK`]).
+    Mark { mark: u32, mask: u32 },
     /// Every packet, with routes of prefix length 0 (default routes)
     /// ignored (`suppress_prefixlength 0`): whatever the table routes more
     /// specifically than by default stays routed so.
@@ -74,8 +75,8 @@ impl std::fmt::Display for OwnedRule {
         match &self.selector {
             Selector::From(a) => write!(f, "{priority}: from {a} lookup {table}"),
             Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
-            Selector::Mark(m) => {
-                write!(f, "{priority}: fwmark {m:#x}/{MARK_MASK:#x} lookup {table}")
+            Selector::Mark { mark, mask } => {
+                write!(f, "{priority}: fwmark {mark:#x}/{mask:#x} lookup {table}")
             }
             Selector::AllButDefault => {
                 write!(f, "{priority}: lookup {table} suppress_prefixlength 0")
@@ -130,6 +131,7 @@ pub fn wanted(
     uplinks: &[Option<Ready>],
     slow_path: Option<usize>,
     lans: &[&str],
+    policies: &[(u32, usize)],
 ) -> Wanted {
     let mut wanted = Wanted::default();
     let later = routing.later_priorities();
@@ -155,7 +157,10 @@ pub fn wanted(
         });
         wanted.rules.insert(OwnedRule {
             priority: later.inbound,
-            selector: Selector::Mark(nftables::mark(i)),
+            selector: Selector::Mark {
+                mark: nftables::mark(i),
+                mask: MARK_MASK,
+            },
             table,
         });
     }
@@ -168,6 +173,20 @@ pub fn wanted(
             selector: Selector::AllButDefault,
             table: MAIN_TABLE,
         });
+    }
+    // The slow path's connections of a policy (marked by lb's table) go
+    // by that policy's best uplink in service, before the rest.
+    for &(mark, i) in policies {
+        if uplinks.get(i).is_some_and(Option::is_some) {
+            wanted.rules.insert(OwnedRule {
+                priority: later.inbound,
+                selector: Selector::Mark {
+                    mark,
+                    mask: POLICY_MASK,
+                },
+                table: routing.table(i),
+            });
+        }
     }
     if let Some(i) = slow_path {
         // The rest from the LAN, and what the router sends unbound, goes
@@ -257,7 +276,9 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
             (Some((source, 32)), None, None, None) => Some(Selector::From(source)),
             (None, Some(iif), None, None) => Some(Selector::Iif(iif.clone())),
             (None, None, Some(0), None) => Some(Selector::AllButDefault),
-            (None, None, None, Some((mark, MARK_MASK))) => Some(Selector::Mark(mark)),
+            (None, None, None, Some((mark, mask))) if mask == MARK_MASK || mask == POLICY_MASK => {
+                Some(Selector::Mark { mark, mask })
+            }
             _ => None,
         };
         let owned = selector.filter(|_| r.looks_up).map(|selector| OwnedRule {
@@ -320,12 +341,11 @@ pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
         let mut req = match &r.selector {
             Selector::From(source) => req.source_prefix(*source, 32),
             Selector::Iif(name) => req.input_interface(name.clone()),
-            Selector::Mark(mark) => {
+            Selector::Mark { mark, mask } => {
                 let mut req = req;
-                req.message_mut().attributes.extend([
-                    RuleAttribute::FwMark(*mark),
-                    RuleAttribute::FwMask(MARK_MASK),
-                ]);
+                req.message_mut()
+                    .attributes
+                    .extend([RuleAttribute::FwMark(*mark), RuleAttribute::FwMask(*mask)]);
                 req
             }
             Selector::AllButDefault => {
@@ -440,7 +460,13 @@ mod tests {
             addr: ip("100.64.2.2"),
             gateway: ip("100.64.2.1"),
         };
-        let w = wanted(&routing, &[None, Some(ready)], Some(1), &["br-lan"]);
+        let w = wanted(
+            &routing,
+            &[None, Some(ready)],
+            Some(1),
+            &["br-lan"],
+            &[(0x0100_0000, 1)],
+        );
         assert_eq!(w.routes.len(), 1, "only the ready uplink has a table");
         let rules: Vec<String> = w.rules.iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -449,13 +475,14 @@ mod tests {
                 "4001: from 100.64.2.2 lookup 4001",
                 "4016: lookup 254 suppress_prefixlength 0",
                 "4017: fwmark 0x20000/0xff0000 lookup 4001",
+                "4017: fwmark 0x1000000/0xf000000 lookup 4001",
                 "4018: iif br-lan lookup 4001",
                 "4018: iif lo lookup 4001",
             ]
         );
         // Nothing ready: nothing wanted, not even the main table's rule.
         assert_eq!(
-            wanted(&routing, &[None, None], None, &["br-lan"]),
+            wanted(&routing, &[None, None], None, &["br-lan"], &[]),
             Wanted::default()
         );
     }

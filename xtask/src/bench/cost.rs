@@ -14,6 +14,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{ensure, Context, Result};
+use lb_common::policy::{Policy, Rule, RuleTable, ANY, SET_DST};
 use lb_common::{
     hash,
     maps::{program, uplink_state, UplinkInfo},
@@ -21,7 +22,10 @@ use lb_common::{
     table::{self, Table},
     DEFAULT_MAX_FLOWS, MAX_UPLINKS,
 };
-use lb_daemon::dataplane::Dataplane;
+use lb_daemon::{
+    dataplane::Dataplane,
+    reconcile::policies::{trie, TrieEntry},
+};
 
 use super::object::{self, BenchObject, Stamp, Udp, XDP_PASS, XDP_REDIRECT};
 
@@ -86,6 +90,13 @@ pub const REPLY: &str = "reply inbound";
 pub const PASS_LOCAL: &str = "pass-through: to the router";
 pub const PASS_ARP: &str = "pass-through: ARP";
 pub const KERNEL_CONNECTION: &str = "a port forward's reply, after its first packet";
+pub const NEW_FLOW_RULES_16: &str = "new flow, no eviction, 16 rules";
+pub const NEW_FLOW_RULES_256: &str = "new flow, no eviction, 256 rules";
+pub const NEW_FLOW_RULES_SET: &str = "new flow, no eviction, 256 rules and a 1,000,000-prefix set";
+pub const ESTABLISHED_RULES: &str = "established outbound, 256 rules and a 1,000,000-prefix set";
+
+/// Prefixes of the set in the rules rows.
+pub const SET_PREFIXES: usize = 1_000_000;
 
 /// The connection conntrack holds for the kernel-connection path: a
 /// "LAN server" answering an "internet client" (over loopback, in the
@@ -308,6 +319,59 @@ fn measure_here(repeat: u32) -> Result<Costs> {
         &harness,
     )?);
 
+    drop(roomy);
+
+    // The same new flows with the operator's rules: none of them matches,
+    // so each new flow walks them all (each fails on its last field), and
+    // the last rows look the destination up in a million-prefix set.
+    let set = million_prefixes();
+    for (name, rules, with_set) in [
+        (NEW_FLOW_RULES_16, 16, false),
+        (NEW_FLOW_RULES_256, 256, false),
+        (NEW_FLOW_RULES_SET, 256, true),
+    ] {
+        let mut dp =
+            Dataplane::load(ROOMY_TABLE).context("a data plane with a large flow table")?;
+        configure(&mut dp)?;
+        with_rules(&mut dp, rules, with_set.then_some(&set))?;
+        let path = Path {
+            name,
+            warmup: 0,
+            ..new_flow.clone()
+        };
+        costs.push(measure_path(
+            &mut bench,
+            &mut dp,
+            &path,
+            ROOMY_REPEAT,
+            &harness,
+        )?);
+        if with_set {
+            // Established flows never look at the rules.
+            let (client_port, _) = flow_on_reply_uplink(&mut dp)?;
+            let frame = Udp {
+                src_mac: CLIENT_MAC,
+                dst_mac: ROUTER_LAN_MAC,
+                src: CLIENT,
+                dst: SERVER,
+                src_port: client_port,
+                dst_port: 53,
+                ttl: 64,
+            }
+            .frame();
+            let path = Path {
+                name: ESTABLISHED_RULES,
+                program: program::LAN_INGRESS,
+                stamp: Stamp::fixed(&frame)?,
+                frame,
+                verdict: XDP_REDIRECT,
+                expect: Expect::Forwarded { new_flows: false },
+                warmup: 0,
+            };
+            costs.push(measure_path(&mut bench, &mut dp, &path, repeat, &harness)?);
+        }
+    }
+
     Ok(Costs {
         runs: RUNS,
         harness_ns: harness.fixed.max(0) as u64,
@@ -436,6 +500,92 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
     let mut t: Table = table::empty();
     table::rebalance(&mut t, &weights);
     dp.set_buckets(&t)
+}
+
+/// `n` rules that every bench frame (UDP from the client to port 53)
+/// walks to the end: each matches it in all but its last field, its
+/// destination ports. With `set`, the last one asks for the destination
+/// to be in it (a million prefixes, none covering the frames'), so each
+/// new flow also pays a lookup in that trie.
+fn with_rules(dp: &mut Dataplane, n: u32, set: Option<&Vec<TrieEntry>>) -> Result<()> {
+    let uplink_2 = {
+        let mut w = [0u32; MAX_UPLINKS as usize];
+        w[1] = 1;
+        let mut t: Table = table::empty();
+        table::rebalance(&mut t, &w);
+        t
+    };
+    let policy = Policy {
+        takers: lb_daemon::dataplane::takers(&uplink_2),
+        ..Policy::default()
+    };
+    dp.set_policy(1, Some(&uplink_2), policy)?;
+    let mut rules = RuleTable::empty();
+    for (i, rule) in rules.rules.iter_mut().take(n as usize).enumerate() {
+        let port = 1000 + i as u16;
+        *rule = Rule {
+            src_addr: u32::from(CLIENT) & 0xffff_ff00,
+            src_mask: 0xffff_ff00,
+            proto: 17,
+            dst_port_min: port,
+            dst_port_max: port,
+            action: 1,
+            origin: i as u32 + 1,
+            ..ANY
+        };
+    }
+    rules.count = n;
+    if let Some(set) = set {
+        let started = std::time::Instant::now();
+        let entries: Vec<((Ipv4Addr, u8), u32)> = set
+            .iter()
+            .map(|&((a, l), bits)| ((Ipv4Addr::from(a), l), bits))
+            .collect();
+        dp.write_prefixes(&entries)?;
+        println!(
+            "  ({} prefixes written in {} ms)",
+            entries.len(),
+            started.elapsed().as_millis()
+        );
+        let last = rules.rules.get_mut(n as usize - 1).context("a last rule")?;
+        *last = Rule {
+            dst_set: 1,
+            dst_port_min: 0,
+            dst_port_max: u16::MAX,
+            ..*last
+        };
+        rules.set_sides = SET_DST;
+    }
+    dp.set_rules(&rules)
+}
+
+/// [`SET_PREFIXES`] prefixes (/16 to /32, most /24) spread over the
+/// address space, none covering the bench's destinations (198.18.0.0/15)
+/// or the LAN: the trie's entries, each in set bit 1.
+pub fn million_prefixes() -> Vec<TrieEntry> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut sets: Vec<(Ipv4Addr, u8)> = Vec::with_capacity(SET_PREFIXES);
+    while sets.len() < SET_PREFIXES {
+        // xorshift64*: reproducible, no dependency.
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let len = match (r >> 40) % 8 {
+            0 => 16 + ((r >> 44) % 8) as u8,
+            1 => 25 + ((r >> 44) % 8) as u8,
+            _ => 24,
+        };
+        let mask = u32::MAX << (32 - u32::from(len));
+        let addr = (r as u32) & mask;
+        let first = addr >> 24;
+        if first == 0 || first == 10 || first >= 224 || addr >> 17 == 0xc612 >> 1 {
+            continue;
+        }
+        sets.push((Ipv4Addr::from(addr), len));
+    }
+    let content = std::sync::Arc::new(sets);
+    trie([(1, &content)])
 }
 
 /// Open flows from the client until one is pinned to [`REPLY_UPLINK`];
