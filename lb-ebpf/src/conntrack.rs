@@ -10,19 +10,15 @@
 //! be NATed afresh by the fast path. It is asked on the new-flow path
 //! only; `lan` remembers the answer in the flow table.
 //!
-//! Why inline assembly: a kfunc call is a `call` whose source register
-//! says "kernel function" (`BPF_PSEUDO_KFUNC_CALL`) and whose immediate is
-//! that function's BTF id in the running kernel. Rust has no `__ksym`
-//! externs and aya 0.14 resolves none, so the call is written out with a
-//! placeholder id ([`lb_common::kfunc`]) that lbd replaces with the kernel's
-//! id before loading, or with `r0 = 0` (no connection) on a kernel without
-//! the kfuncs: then nothing is the kernel's, as before this existed.
-//! It never holds the reference it gets: every path releases it at once.
-
-use core::arch::asm;
+//! The calls go through `kfunc::call`: on a kernel without the kfuncs the
+//! lookup finds nothing, and nothing is the kernel's, as before this
+//! existed. It never holds the reference it gets: every path releases it
+//! at once.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::kfunc;
+use lb_common::kfunc::{CT_LOOKUP_PLACEHOLDER, CT_RELEASE_PLACEHOLDER};
+
+use crate::kfunc;
 
 /// `struct bpf_sock_tuple`'s IPv4 half: addresses and ports in network
 /// order.
@@ -72,45 +68,17 @@ pub fn tracks(
         dir: 0,
         reserved: [0; 2],
     };
-    let conn: u64;
-    // SAFETY: the call's arguments are what `bpf_xdp_ct_lookup` takes: the
-    // program's context, a tuple and options on the stack with their
-    // sizes. The kfunc clobbers r1-r5 (the calling convention) and returns
-    // in r0 a referenced `struct nf_conn *` or NULL.
-    unsafe {
-        asm!(
-            ".byte {call}, {pseudo}, 0, 0",
-            ".4byte {id}",
-            call = const kfunc::CALL_OPCODE,
-            pseudo = const kfunc::PSEUDO_KFUNC_CALL_REGS,
-            id = const kfunc::CT_LOOKUP_PLACEHOLDER,
-            inlateout("r1") ctx.ctx as u64 => _,
-            inlateout("r2") &tuple as *const SockTupleV4 as u64 => _,
-            inlateout("r3") core::mem::size_of::<SockTupleV4>() as u64 => _,
-            inlateout("r4") &mut opts as *mut CtOpts as u64 => _,
-            inlateout("r5") core::mem::size_of::<CtOpts>() as u64 => _,
-            lateout("r0") conn,
-        );
-    }
+    let conn = kfunc::call!(
+        CT_LOOKUP_PLACEHOLDER,
+        ctx.ctx as u64,
+        &tuple as *const SockTupleV4 as u64,
+        core::mem::size_of::<SockTupleV4>() as u64,
+        &mut opts as *mut CtOpts as u64,
+        core::mem::size_of::<CtOpts>() as u64,
+    );
     if conn == 0 {
         return false;
     }
-    // SAFETY: `conn` is the reference the lookup acquired; `bpf_ct_release`
-    // takes it back. Same clobbers as above.
-    unsafe {
-        asm!(
-            ".byte {call}, {pseudo}, 0, 0",
-            ".4byte {id}",
-            call = const kfunc::CALL_OPCODE,
-            pseudo = const kfunc::PSEUDO_KFUNC_CALL_REGS,
-            id = const kfunc::CT_RELEASE_PLACEHOLDER,
-            inlateout("r1") conn => _,
-            lateout("r0") _,
-            lateout("r2") _,
-            lateout("r3") _,
-            lateout("r4") _,
-            lateout("r5") _,
-        );
-    }
+    kfunc::call!(CT_RELEASE_PLACEHOLDER, conn);
     true
 }

@@ -7,9 +7,11 @@
 //! Where the kernel lacks the iterator, lbd binds its calls to "nothing":
 //! the loop then makes no turn at all.
 
-use core::{arch::asm, mem::MaybeUninit, ops::ControlFlow};
+use core::{mem::MaybeUninit, ops::ControlFlow};
 
-use lb_common::kfunc;
+use lb_common::kfunc::{ITER_DESTROY_PLACEHOLDER, ITER_NEW_PLACEHOLDER, ITER_NEXT_PLACEHOLDER};
+
+use crate::kfunc;
 
 /// Call `body` with 0, 1, ... up to `end - 1`, until it breaks.
 #[inline(always)]
@@ -18,41 +20,10 @@ pub fn up_to(end: u32, mut body: impl FnMut(u32) -> ControlFlow<()>) {
     // touch, never moved.
     let mut iter = MaybeUninit::<u64>::uninit();
     let at = iter.as_mut_ptr() as u64;
-    // SAFETY: the kfunc initialises the iterator in the 8 bytes at `at`.
-    unsafe {
-        asm!(
-            ".byte {call}, {pseudo}, 0, 0",
-            ".4byte {id}",
-            call = const kfunc::CALL_OPCODE,
-            pseudo = const kfunc::PSEUDO_KFUNC_CALL_REGS,
-            id = const kfunc::ITER_NEW_PLACEHOLDER,
-            inlateout("r1") at => _,
-            inlateout("r2") 0u64 => _,
-            inlateout("r3") u64::from(end) => _,
-            lateout("r0") _,
-            lateout("r4") _,
-            lateout("r5") _,
-        );
-    }
+    kfunc::call!(ITER_NEW_PLACEHOLDER, at, 0u64, u64::from(end));
     loop {
-        let next: u64;
-        // SAFETY: the iterator was made above; the result is a pointer to
-        // the next number, or null at the end.
-        unsafe {
-            asm!(
-                ".byte {call}, {pseudo}, 0, 0",
-                ".4byte {id}",
-                call = const kfunc::CALL_OPCODE,
-                pseudo = const kfunc::PSEUDO_KFUNC_CALL_REGS,
-                id = const kfunc::ITER_NEXT_PLACEHOLDER,
-                inlateout("r1") at => _,
-                lateout("r0") next,
-                lateout("r2") _,
-                lateout("r3") _,
-                lateout("r4") _,
-                lateout("r5") _,
-            );
-        }
+        // A pointer to the next number, or null at the end.
+        let next = kfunc::call!(ITER_NEXT_PLACEHOLDER, at);
         if next == 0 {
             break;
         }
@@ -62,20 +33,6 @@ pub fn up_to(end: u32, mut body: impl FnMut(u32) -> ControlFlow<()>) {
             break;
         }
     }
-    // SAFETY: every path out of the loop comes here, once.
-    unsafe {
-        asm!(
-            ".byte {call}, {pseudo}, 0, 0",
-            ".4byte {id}",
-            call = const kfunc::CALL_OPCODE,
-            pseudo = const kfunc::PSEUDO_KFUNC_CALL_REGS,
-            id = const kfunc::ITER_DESTROY_PLACEHOLDER,
-            inlateout("r1") at => _,
-            lateout("r0") _,
-            lateout("r2") _,
-            lateout("r3") _,
-            lateout("r4") _,
-            lateout("r5") _,
-        );
-    }
+    // Every path out of the loop comes here, once.
+    kfunc::call!(ITER_DESTROY_PLACEHOLDER, at);
 }

@@ -12,6 +12,7 @@ mod conntrack;
 mod count;
 mod egress;
 mod frags;
+mod kfunc;
 mod lan;
 mod maps;
 mod nat;
