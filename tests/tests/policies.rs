@@ -7,10 +7,15 @@
 //! only isp2 and drops when isp2 is out. Which uplink a flow left by is the
 //! NAT source address the server in inet sees (100.64.N.2 for ispN), and
 //! lbd's flow table (`lbctl flows --json`) must say the same.
+//!
+//! Then one lab each: a sticky policy keeps a client's new flows on one
+//! uplink until its timeout; a rule whose destinations are a file of
+//! 100,000 prefixes; a reload that gives a rule's policy another uplink
+//! (new flows move, established ones stay).
 
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -53,12 +58,7 @@ policy = "guest"
 "#;
 
 fn config() -> String {
-    LabConfig {
-        sections: POLICIES,
-        lans: &["br-lan"],
-        ..LabConfig::default()
-    }
-    .render()
+    config_with(POLICIES)
 }
 
 /// The uplink whose NAT address is `addr`.
@@ -95,29 +95,29 @@ impl Servers {
     }
 }
 
-/// One UDP flow from `client` (a fresh socket in the client namespace) to
-/// SERVER:`port`: lbctl explain is asked first (a new flow's policy, rule
-/// and uplink), then a datagram goes out, the server answers it, and the
-/// flow table is read. Returns (explanation, uplink the server saw it by,
-/// uplink in the flow table).
-fn voip_flow(
-    lab: &Lab,
-    lbd: &Lbd,
-    servers: &Servers,
-    port: u16,
-) -> Result<(Value, &'static str, String)> {
-    let client = udp_socket(lab.ns("client")?, SocketAddr::from(([0, 0, 0, 0], 0)))?;
-    let local = client.local_addr()?.port();
-    let src = format!("{CLIENT}:{local}");
-    let dst = format!("{SERVER}:{port}");
-    let explained: Value =
-        serde_json::from_str(&lbd.lbctl(&["explain", &src, &dst, "udp", "--json"])?)
-            .context("parsing lbctl explain --json")?;
+/// `lbctl explain SRC DST udp --json`, parsed.
+fn explain(lbd: &Lbd, src: &str, dst: &str) -> Result<Value> {
+    serde_json::from_str(&lbd.lbctl(&["explain", src, dst, "udp", "--json"])?)
+        .context("parsing lbctl explain --json")
+}
 
-    client.connect(SocketAddr::from((SERVER, port)))?;
-    client.set_read_timeout(Some(Duration::from_millis(500)))?;
+/// A fresh UDP socket in `host` (a LAN client), connected to SERVER:`port`:
+/// a new flow once it sends.
+fn client_socket(lab: &Lab, host: &str, port: u16) -> Result<UdpSocket> {
+    let s = udp_socket(lab.ns(host)?, SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    s.connect(SocketAddr::from((SERVER, port)))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    Ok(s)
+}
+
+/// A datagram from `client` (connected to SERVER:`port`) until the server
+/// on that port gets it (three tries), its answer back: the uplink it left
+/// by (the source the server saw).
+fn exchange(client: &UdpSocket, servers: &Servers, port: u16) -> Result<&'static str> {
+    let local = client.local_addr()?;
+    let message = format!("policies {}->{port}", local.port());
+    let what = format!("flow {local} -> {SERVER}:{port}");
     let server = servers.socket(port)?;
-    let message = format!("policies {local}->{port}");
     let mut buf = [0u8; 256];
     let mut seen = None;
     for _ in 0..3 {
@@ -134,18 +134,65 @@ fn voip_flow(
             break;
         }
     }
-    let peer = seen.with_context(|| format!("flow {src} -> {dst}: the server never saw it"))?;
-    let n = client
-        .recv(&mut buf)
-        .with_context(|| format!("flow {src} -> {dst}: no answer"))?;
-    ensure!(
-        &buf[..n] == message.as_bytes(),
-        "flow {src} -> {dst}: wrong answer"
-    );
+    let peer = seen.with_context(|| format!("{what}: the server never saw it"))?;
+    // Answers to earlier tries may come first.
+    loop {
+        let n = client
+            .recv(&mut buf)
+            .with_context(|| format!("{what}: no answer"))?;
+        if &buf[..n] == message.as_bytes() {
+            break;
+        }
+    }
     let SocketAddr::V4(peer) = peer else {
         bail!("an IPv6 peer {peer}")
     };
-    let via = uplink_of(*peer.ip())?;
+    uplink_of(*peer.ip())
+}
+
+/// Policy `name`'s entry in `lbctl status --json`.
+fn policy_status(lbd: &Lbd, name: &str) -> Result<Value> {
+    let status = lbd.status()?;
+    status["policies"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == name))
+        .cloned()
+        .with_context(|| format!("policy {name} not in status: {}", status["policies"]))
+}
+
+/// A counter of policy `name` in `lbctl status --json`.
+fn policy_counter(lbd: &Lbd, name: &str, counter: &str) -> Result<u64> {
+    policy_status(lbd, name)?[counter]
+        .as_u64()
+        .with_context(|| format!("policy {name} has no counter {counter}"))
+}
+
+/// The lab's configuration with `sections` (policies and rules).
+fn config_with(sections: &str) -> String {
+    LabConfig {
+        sections,
+        lans: &["br-lan"],
+        ..LabConfig::default()
+    }
+    .render()
+}
+
+/// One UDP flow from `client` (a fresh socket in the client namespace) to
+/// SERVER:`port`: lbctl explain is asked first (a new flow's policy, rule
+/// and uplink), then a datagram goes out, the server answers it, and the
+/// flow table is read. Returns (explanation, uplink the server saw it by,
+/// uplink in the flow table).
+fn voip_flow(
+    lab: &Lab,
+    lbd: &Lbd,
+    servers: &Servers,
+    port: u16,
+) -> Result<(Value, &'static str, String)> {
+    let client = client_socket(lab, "client", port)?;
+    let src = format!("{CLIENT}:{}", client.local_addr()?.port());
+    let dst = format!("{SERVER}:{port}");
+    let explained = explain(lbd, &src, &dst)?;
+    let via = exchange(&client, servers, port)?;
 
     let flows: Value = serde_json::from_str(&lbd.lbctl(&[
         "flows",
@@ -296,6 +343,303 @@ fn a_rule_whose_policy_is_down_with_fallback_drop_drops_and_counts() -> Result<(
     eprintln!(
         "guest: {GUEST_FLOWS} flows unanswered, drop_policy +{dropped}; client: 8 flows answered"
     );
+    lbd.stop(&mut lab)?;
+    leaks.check()
+}
+
+/// Destination ports of the policy tests below: each one a server of its
+/// own, so that a client's flows go to 50 different places.
+const PORTS: std::ops::Range<u16> = 7000..7050;
+/// Flows per batch in the sticky test.
+const STICKY_FLOWS: usize = 50;
+
+const STICKY: &str = r#"
+[[policy]]
+name = "bank"
+uplinks = ["isp1", "isp2"]
+sticky = { by = "src", timeout = "3s" }
+
+[[rule]]
+proto = "udp"
+dst_port = "7000-7999"
+policy = "bank"
+"#;
+const STICKY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The other uplink of the lab's two.
+fn other_than(uplink: &str) -> &'static str {
+    if uplink == "isp1" {
+        "isp2"
+    } else {
+        "isp1"
+    }
+}
+
+#[test]
+fn sticky_by_src_keeps_a_client_on_one_uplink_until_the_timeout() -> Result<()> {
+    if !require_root("sticky_by_src_keeps_a_client_on_one_uplink_until_the_timeout") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let ports: Vec<u16> = PORTS.collect();
+    let servers = Servers::start(&lab, &ports)?;
+    let lbd = Lbd::start(&mut lab, &config_with(STICKY))?;
+
+    // 50 new flows, one to each port: the first places the client, the
+    // other 49 follow it (the hash alone would spread them over both).
+    // Every socket stays open to the end, so that no later flow can reuse
+    // one's source port (and be an established flow rather than a new one).
+    let hits_before = policy_counter(&lbd, "bank", "sticky_hits")?;
+    let mut sockets = Vec::new();
+    let mut first = Vec::new();
+    let mut last_sent = Instant::now();
+    for &port in &ports {
+        let client = client_socket(&lab, "client", port)?;
+        last_sent = Instant::now();
+        first.push(exchange(&client, &servers, port)?);
+        sockets.push(client);
+    }
+    let stuck = first[0];
+    ensure!(
+        first.iter().all(|&u| u == stuck),
+        "the first {STICKY_FLOWS} flows left by more than one uplink: {first:?}"
+    );
+    let bank = policy_status(&lbd, "bank")?;
+    let hits = bank["sticky_hits"].as_u64().unwrap_or_default() - hits_before;
+    ensure!(
+        hits >= STICKY_FLOWS as u64 - 1,
+        "sticky_hits grew by {hits} over {STICKY_FLOWS} new flows: {bank}"
+    );
+    ensure!(bank["sticky_entries"] == 1, "one client, one entry: {bank}");
+    eprintln!("{STICKY_FLOWS} flows: all by {stuck}, sticky_hits +{hits}");
+
+    // The entry lasts its timeout from the client's last new flow, no less.
+    wait_for(
+        "the client's sticky entry to expire",
+        STICKY_TIMEOUT + Duration::from_secs(10),
+        || Ok(policy_counter(&lbd, "bank", "sticky_entries")? == 0),
+    )?;
+    let held = last_sent.elapsed();
+    ensure!(
+        held + Duration::from_millis(100) >= STICKY_TIMEOUT,
+        "the sticky entry went {held:?} after the client's last new flow"
+    );
+
+    // Expired, the client is placed anew by the hash: a new flow whose
+    // hash falls to the other uplink (lbctl explain says which: placed by
+    // its bucket, not by an entry) leaves by it, and the client's next
+    // new flows follow it there. (Not both uplinks within the second
+    // batch: its first flow makes a new entry that holds the rest.)
+    let other = other_than(stuck);
+    let hits_before = policy_counter(&lbd, "bank", "sticky_hits")?;
+    let mut second = Vec::new();
+    let mut tried = Vec::new();
+    let (port, client) = loop {
+        ensure!(
+            tried.len() < 64,
+            "no new flow of 64 would leave by {other}: {tried:?}"
+        );
+        let port = ports[tried.len() % ports.len()];
+        let client = client_socket(&lab, "client", port)?;
+        let src = format!("{CLIENT}:{}", client.local_addr()?.port());
+        let explained = explain(&lbd, &src, &format!("{SERVER}:{port}"))?;
+        ensure!(
+            explained["policy"] == "bank" && explained["rule"] == 1,
+            "explain {src}: {explained}"
+        );
+        ensure!(
+            explained["bucket"].is_u64(),
+            "explain {src}: still placed by a sticky entry: {explained}"
+        );
+        if explained["uplink"] == other {
+            break (port, client);
+        }
+        tried.push(explained["uplink"].clone());
+        sockets.push(client);
+    };
+    second.push(exchange(&client, &servers, port)?);
+    sockets.push(client);
+    for &port in ports.iter().skip(1) {
+        let client = client_socket(&lab, "client", port)?;
+        second.push(exchange(&client, &servers, port)?);
+        sockets.push(client);
+    }
+    ensure!(
+        second.iter().all(|&u| u == other),
+        "after the timeout, {STICKY_FLOWS} new flows (the first placed on {other}) left by {second:?}"
+    );
+    let bank = policy_status(&lbd, "bank")?;
+    let hits = bank["sticky_hits"].as_u64().unwrap_or_default() - hits_before;
+    ensure!(
+        hits >= STICKY_FLOWS as u64 - 1,
+        "sticky_hits grew by {hits} over the second {STICKY_FLOWS} new flows: {bank}"
+    );
+    eprintln!(
+        "after {held:?}: the entry expired; {STICKY_FLOWS} new flows by {other} (the first placed \
+         there by its hash), sticky_hits +{hits}"
+    );
+    drop(sockets);
+    lbd.stop(&mut lab)?;
+    leaks.check()
+}
+
+/// How many prefixes the partner file has.
+const PARTNER_PREFIXES: usize = 100_000;
+
+/// A file lbd reads, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A prefix file of `PARTNER_PREFIXES` lines: /24s from 20.0.0.0 on, and
+/// the server's /24 in the middle.
+fn partner_file(lab: &Lab) -> Result<Scratch> {
+    let path = std::env::temp_dir().join(format!("{}partners.txt", lab.prefix()));
+    let file = Scratch(path);
+    let mut text = String::from("# partners: one prefix a line\n");
+    for i in 0..PARTNER_PREFIXES - 1 {
+        if i == PARTNER_PREFIXES / 2 {
+            text += "198.51.100.0/24\n";
+        }
+        text += &format!("{}.{}.{}.0/24\n", 20 + i / 65536, (i / 256) % 256, i % 256);
+    }
+    std::fs::write(&file.0, text).with_context(|| format!("writing {}", file.0.display()))?;
+    Ok(file)
+}
+
+#[test]
+fn a_destination_in_a_100000_prefix_file_leaves_by_isp2_only() -> Result<()> {
+    if !require_root("a_destination_in_a_100000_prefix_file_leaves_by_isp2_only") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let file = partner_file(&lab)?;
+    let servers = Servers::start(&lab, &[OTHER_PORT])?;
+    let sections = format!(
+        "\n[[policy]]\nname = \"partner\"\nuplinks = [\"isp2\"]\n\n\
+         [[rule]]\ndst_file = \"{}\"\npolicy = \"partner\"\n",
+        file.0.display()
+    );
+    let lbd = Lbd::start(&mut lab, &config_with(&sections))?;
+
+    // Addresses in the file (the server's, the first and the last /24) are
+    // the partner's, one outside it the default policy's.
+    let src = format!("{CLIENT}:40000");
+    let last = PARTNER_PREFIXES - 2;
+    for dst in [
+        format!("{SERVER}:{OTHER_PORT}"),
+        "20.0.0.1:7000".to_string(),
+        format!(
+            "{}.{}.{}.9:7000",
+            20 + last / 65536,
+            (last / 256) % 256,
+            last % 256
+        ),
+    ] {
+        let explained = explain(&lbd, &src, &dst)?;
+        ensure!(
+            explained["policy"] == "partner" && explained["rule"] == 1,
+            "explain {src} -> {dst}: {explained}"
+        );
+        ensure!(
+            explained["uplink"] == "isp2",
+            "explain {src} -> {dst}: {explained}"
+        );
+    }
+    let outside = explain(&lbd, &src, "203.0.113.1:7000")?;
+    ensure!(
+        outside["policy"] == "default" && outside["rule"].is_null(),
+        "explain {src} -> 203.0.113.1:7000: {outside}"
+    );
+
+    let mut sockets = Vec::new();
+    let mut via = Vec::new();
+    for _ in 0..16 {
+        let client = client_socket(&lab, "client", OTHER_PORT)?;
+        via.push(exchange(&client, &servers, OTHER_PORT)?);
+        sockets.push(client);
+    }
+    ensure!(
+        via.iter().all(|&u| u == "isp2"),
+        "16 flows to the partner left by {via:?}"
+    );
+    let partner = policy_status(&lbd, "partner")?;
+    ensure!(
+        partner["new_flows"].as_u64().unwrap_or_default() >= 16,
+        "the partner policy counted fewer than 16 new flows: {partner}"
+    );
+    eprintln!("16 flows to a destination in {PARTNER_PREFIXES} prefixes: all by isp2");
+    drop(sockets);
+    lbd.stop(&mut lab)?;
+    leaks.check()
+}
+
+fn reload_config(uplink: &str) -> String {
+    config_with(&format!(
+        "\n[[policy]]\nname = \"p\"\nuplinks = [\"{uplink}\"]\n\n\
+         [[rule]]\nproto = \"udp\"\ndst_port = \"7000-7999\"\npolicy = \"p\"\n"
+    ))
+}
+
+#[test]
+fn a_reload_moves_new_flows_to_the_rules_new_policy_and_no_established_one() -> Result<()> {
+    if !require_root("a_reload_moves_new_flows_to_the_rules_new_policy_and_no_established_one") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let ports: Vec<u16> = PORTS.take(8).collect();
+    let servers = Servers::start(&lab, &ports)?;
+    let lbd = Lbd::start(&mut lab, &reload_config("isp1"))?;
+
+    // 8 long-lived "connections": sockets kept open, a datagram each way.
+    let mut established = Vec::new();
+    for &port in &ports {
+        let client = client_socket(&lab, "client", port)?;
+        let via = exchange(&client, &servers, port)?;
+        ensure!(
+            via == "isp1",
+            "flow to {port} before the reload left by {via}"
+        );
+        established.push((port, client));
+    }
+
+    lbd.write_config(&lab, &reload_config("isp2"))?;
+    let said = lbd.lbctl(&["reload"])?;
+    ensure!(said.contains("polic"), "reload said {said:?}");
+    // A reload may start lbd again in place: it may not answer for a while.
+    wait_for("policy p to take isp2 only", BOUND, || {
+        Ok(policy_status(&lbd, "p").is_ok_and(|p| p["taking"] == serde_json::json!(["isp2"])))
+    })?;
+
+    for (port, client) in &established {
+        let via = exchange(client, &servers, *port)?;
+        ensure!(
+            via == "isp1",
+            "established flow to {port} after the reload left by {via}"
+        );
+    }
+    let mut fresh = Vec::new();
+    for &port in &ports {
+        let client = client_socket(&lab, "client", port)?;
+        let via = exchange(&client, &servers, port)?;
+        ensure!(
+            via == "isp2",
+            "new flow to {port} after the reload left by {via}"
+        );
+        fresh.push(client);
+    }
+    eprintln!(
+        "reload ({}): 8 established flows still by isp1, 8 new ones by isp2",
+        said.trim()
+    );
+    drop((established, fresh));
     lbd.stop(&mut lab)?;
     leaks.check()
 }
