@@ -643,3 +643,58 @@ fn a_reload_moves_new_flows_to_the_rules_new_policy_and_no_established_one() -> 
     lbd.stop(&mut lab)?;
     leaks.check()
 }
+
+/// The slow path follows the rules nftables can say: what the router
+/// itself sends (its DNS forwarder, NTP, updates: a socket bound to no
+/// uplink) to the rule's ports leaves by the rule's policy's uplink, and
+/// what no rule takes by the slow path's own (isp1, the main table's).
+#[test]
+fn the_routers_own_traffic_follows_the_rules_by_its_policys_uplink() -> Result<()> {
+    if !require_root("the_routers_own_traffic_follows_the_rules_by_its_policys_uplink") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let ruled = 7000;
+    let unruled = 6000;
+    let servers = Servers::start(&lab, &[ruled, unruled])?;
+    let lbd = Lbd::start(&mut lab, &reload_config("isp2"))?;
+    wait_for("policy p to take isp2", BOUND, || {
+        Ok(policy_status(&lbd, "p").is_ok_and(|p| p["taking"] == serde_json::json!(["isp2"])))
+    })?;
+    // lbd's table and rules come with its rounds: the first exchange may
+    // still leave by the slow path's own uplink, so each is a new socket
+    // (a new connection) until the rule is in force.
+    let mut via = String::new();
+    wait_for(
+        "the router's own UDP to port 7000 to leave by isp2",
+        BOUND,
+        || {
+            let socket = client_socket(&lab, "router", ruled)?;
+            via = exchange(&socket, &servers, ruled)?.to_owned();
+            Ok(via == "isp2")
+        },
+    )?;
+    for _ in 0..4 {
+        let socket = client_socket(&lab, "router", ruled)?;
+        let via = exchange(&socket, &servers, ruled)?;
+        ensure!(
+            via == "isp2",
+            "the router's own UDP to {ruled} left by {via}"
+        );
+        let socket = client_socket(&lab, "router", unruled)?;
+        let via = exchange(&socket, &servers, unruled)?;
+        ensure!(
+            via == "isp1",
+            "the router's own UDP to {unruled} (no rule) left by {via}"
+        );
+    }
+    let rules = lab.exec("router", &["ip", "rule", "show"])?;
+    ensure!(
+        rules.contains("fwmark 0x1000000/0xf000000"),
+        "no policy rule: {rules}"
+    );
+    eprintln!("the router's own UDP: to {ruled} by isp2 (rule), to {unruled} by isp1");
+    lbd.stop(&mut lab)?;
+    leaks.check()
+}

@@ -436,10 +436,34 @@ fn send_error(target: Ipv4Addr, source: io::Error) -> ProbeError {
     }
 }
 
+/// Mark a probe socket's packets as lbd's own probes (`SO_MARK`): lb's
+/// slow-path rules never classify them, so a probe always leaves by the
+/// uplink it is bound to, whatever the operator's rules say.
+fn mark_probe(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let mark: u32 = crate::reconcile::nftables::PROBE_MARK;
+    // SAFETY: `mark` is a live u32, the size the kernel expects for
+    // SO_MARK, and the descriptor belongs to `socket`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A raw ICMP socket bound to the uplink's interface and address, that
 /// receives echo replies only.
 fn raw_icmp_socket(binding: &Binding) -> io::Result<Socket> {
     let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+    mark_probe(&socket)?;
     socket.bind_device(Some(binding.ifname.as_bytes()))?;
     socket.bind(&SocketAddrV4::new(binding.source, 0).into())?;
     let blocked: u32 = !(1 << ICMP_ECHO_REPLY);
@@ -573,6 +597,7 @@ fn parse_echo_reply(packet: &[u8]) -> Option<EchoReply> {
 fn bound_tcp(binding: &Binding) -> Result<TcpSocket, ProbeError> {
     let open = || -> io::Result<TcpSocket> {
         let socket = TcpSocket::new_v4()?;
+        mark_probe(&socket)?;
         socket.bind_device(Some(binding.ifname.as_bytes()))?;
         socket.bind(SocketAddr::V4(SocketAddrV4::new(binding.source, 0)))?;
         Ok(socket)
@@ -759,6 +784,7 @@ async fn bound_udp(binding: &Binding) -> Result<UdpSocket, ProbeError> {
     let socket = UdpSocket::bind(SocketAddrV4::new(binding.source, 0))
         .await
         .map_err(socket_error)?;
+    mark_probe(&socket).map_err(socket_error)?;
     socket
         .bind_device(Some(binding.ifname.as_bytes()))
         .map_err(socket_error)?;

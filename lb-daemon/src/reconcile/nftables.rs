@@ -50,6 +50,9 @@ pub const MARK_MASK: u32 = 0x00ff_0000;
 /// The bits of the packet and connection marks that carry a new
 /// connection's policy (its index) on the slow path: `policy_mark`.
 pub const POLICY_MASK: u32 = 0x0f00_0000;
+/// The mark of lbd's own probes (`SO_MARK`): never classified by the
+/// rules, so a probe leaves by the uplink it is bound to.
+pub const PROBE_MARK: u32 = 0x1000_0000;
 /// Before routing and after conntrack (`mangle`).
 const INBOUND_PRIORITY: i32 = -150;
 /// The kernel's source NAT hook priority (`srcnat`).
@@ -266,7 +269,11 @@ impl Wanted {
                 "type filter hook prerouting",
                 format!("iifname != {{ {} }} ", uplinks.join(", ")),
             ),
-            ("by_policy_out", "type route hook output", String::new()),
+            (
+                "by_policy_out",
+                "type route hook output",
+                format!("meta mark & {PROBE_MARK:#010x} == 0 "),
+            ),
         ] {
             let _ = writeln!(s, "  chain {chain} {{");
             let _ = writeln!(s, "    {hook} priority {INBOUND_PRIORITY}; policy accept;");
@@ -544,6 +551,7 @@ policy = "default"
             "meta l4proto 17 th dport { 5060, 10000-20000 } ct mark set ct mark & 0xf0ffffff | 0x01000000 return",
             "iifname != { \"wan1\", \"wan2\" } ct state new jump classify",
             "type route hook output priority -150; policy accept;",
+            "meta mark & 0x10000000 == 0 ct state new jump classify",
             "ct direction original ct mark & 0x0f000000 == 0x01000000 meta mark set meta mark & 0xf0ffffff | 0x01000000",
         ] {
             assert!(script.contains(line), "{line}\n{script}");

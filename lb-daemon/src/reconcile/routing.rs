@@ -54,7 +54,9 @@ pub struct OwnedRule {
 /// Which packets an owned rule is for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Selector {
-    /// `from ADDR/32`: an uplink's own traffic.
+    /// `from ADDR/32 fwmark 0/`[`POLICY_MASK`]: an uplink's own traffic,
+    /// unless the operator's rules gave it a policy (then the policy's
+    /// rule routes it).
     From(Ipv4Addr),
     /// `iif NAME`: what arrives on a LAN interface (`lo`: what the router
     /// itself sends).
@@ -73,7 +75,10 @@ impl std::fmt::Display for OwnedRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (priority, table) = (self.priority, self.table);
         match &self.selector {
-            Selector::From(a) => write!(f, "{priority}: from {a} lookup {table}"),
+            Selector::From(a) => write!(
+                f,
+                "{priority}: from {a} fwmark 0/{POLICY_MASK:#x} lookup {table}"
+            ),
             Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
             Selector::Mark { mark, mask } => {
                 write!(f, "{priority}: fwmark {mark:#x}/{mask:#x} lookup {table}")
@@ -273,7 +278,9 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
         .filter(|r| r.protocol == ROUTE_PROTOCOL)
     {
         let selector = match (r.source, &r.iif, r.suppress, r.fwmark) {
-            (Some((source, 32)), None, None, None) => Some(Selector::From(source)),
+            (Some((source, 32)), None, None, Some((0, POLICY_MASK))) => {
+                Some(Selector::From(source))
+            }
             (None, Some(iif), None, None) => Some(Selector::Iif(iif.clone())),
             (None, None, Some(0), None) => Some(Selector::AllButDefault),
             (None, None, None, Some((mark, mask))) if mask == MARK_MASK || mask == POLICY_MASK => {
@@ -339,7 +346,13 @@ pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
             .table_id(r.table)
             .priority(r.priority);
         let mut req = match &r.selector {
-            Selector::From(source) => req.source_prefix(*source, 32),
+            Selector::From(source) => {
+                let mut req = req.source_prefix(*source, 32);
+                req.message_mut()
+                    .attributes
+                    .extend([RuleAttribute::FwMark(0), RuleAttribute::FwMask(POLICY_MASK)]);
+                req
+            }
             Selector::Iif(name) => req.input_interface(name.clone()),
             Selector::Mark { mark, mask } => {
                 let mut req = req;
@@ -416,7 +429,7 @@ mod tests {
             source: Some((ip("100.64.1.2"), 32)),
             iif: None,
             suppress: None,
-            fwmark: None,
+            fwmark: Some((0, POLICY_MASK)),
             protocol: ROUTE_PROTOCOL,
             message: RuleMessage::default(),
         });
@@ -472,7 +485,7 @@ mod tests {
         assert_eq!(
             rules,
             [
-                "4001: from 100.64.2.2 lookup 4001",
+                "4001: from 100.64.2.2 fwmark 0/0xf000000 lookup 4001",
                 "4016: lookup 254 suppress_prefixlength 0",
                 "4017: fwmark 0x20000/0xff0000 lookup 4001",
                 "4017: fwmark 0x1000000/0xf000000 lookup 4001",
