@@ -2318,6 +2318,8 @@ gateway = "100.64.2.1"
                 if is_key
                     || rest.starts_with("[[uplink.probe]]")
                     || rest.starts_with("[uplink.shape]")
+                    || rest.starts_with("[[policy]]")
+                    || rest.starts_with("[[rule]]")
                 {
                     rest
                 } else {
@@ -2327,6 +2329,8 @@ gateway = "100.64.2.1"
             .collect::<Vec<_>>()
             .join("\n");
         let config = ok(&uncommented);
+        assert_eq!(config.policies.len(), 3);
+        assert_eq!(config.rules.len(), 5);
         assert_eq!(config.uplinks[0].shape.upload, Some(20_000_000));
         assert_eq!(config.uplinks[0].shape.download, Some(100_000_000));
         let isp2 = &config.uplinks[1];
