@@ -1340,6 +1340,20 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
     // The server's /24 is in prefix set (bit) 2.
     h.dp.write_prefixes(&[((Ipv4Addr::new(198, 51, 100, 0), 24), 2)])
         .expect("prefixes");
+    // Written in batches: removing a prefix that is not there is fine,
+    // and the rest of the batch still goes in.
+    let other = Ipv4Addr::new(192, 0, 2, 1);
+    h.dp.write_prefixes(&[
+        ((Ipv4Addr::new(203, 0, 113, 0), 24), 0),
+        ((Ipv4Addr::new(192, 0, 2, 0), 24), 0),
+        ((Ipv4Addr::new(192, 0, 2, 0), 25), 4),
+    ])
+    .expect("removing what is not there is fine");
+    assert_eq!(h.dp.sets_of(other).expect("lookup"), 4);
+    assert_eq!(h.dp.sets_of(Ipv4Addr::from(SERVER)).expect("lookup"), 2);
+    h.dp.write_prefixes(&[((Ipv4Addr::new(192, 0, 2, 0), 25), 0)])
+        .expect("removing");
+    assert_eq!(h.dp.sets_of(other).expect("lookup"), 0);
     let mut rules = RuleTable::empty();
     let list = [
         // DSCP EF goes to the kernel, whatever else it is.

@@ -5,6 +5,7 @@
 //! (`lb_common::maps`) but no policy: which uplink gets which buckets, or
 //! when an uplink is down, is decided elsewhere and handed in here.
 
+mod batch;
 pub mod flows;
 pub mod kfuncs;
 pub mod pins;
@@ -463,31 +464,50 @@ impl Dataplane {
             .context("reading the rule table")
     }
 
-    fn prefix_sets(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>> {
-        let m = self
-            .ebpf
-            .map_mut(name::PREFIX_SETS)
-            .context("map PREFIX_SETS missing")?;
-        LpmTrie::try_from(m).context("map PREFIX_SETS has an unexpected type")
+    /// The file descriptor of map `map`, for the batch calls.
+    fn fd(&self, map: &str) -> Result<std::os::fd::BorrowedFd<'_>> {
+        match self.ebpf.map(map) {
+            Some(Map::Array(data)) | Some(Map::LpmTrie(data)) => Ok(data.fd().as_fd()),
+            Some(_) => Err(anyhow!("map {map} has an unexpected type")),
+            None => Err(anyhow!("map {map} missing")),
+        }
     }
 
     /// Write prefix-trie entries: each prefix with the set bits it gets
-    /// (zero: remove it).
+    /// (zero: remove it). Many entries a system call (a million-prefix
+    /// file is a million entries); a prefix to remove that is not there
+    /// is fine.
     pub fn write_prefixes(&mut self, entries: &[((Ipv4Addr, u8), u32)]) -> Result<()> {
-        let mut trie = self.prefix_sets()?;
-        for &((addr, len), bits) in entries {
-            let key = Key::new(u32::from(len), addr.octets());
-            if bits == 0 {
-                missing_is_fine(trie.remove(&key))
-                    .with_context(|| format!("removing {addr}/{len} from the prefix sets"))?;
-            } else {
-                trie.insert(&key, bits, 0).with_context(|| {
-                    format!(
-                        "adding {addr}/{len} to the prefix sets (they hold at most {} prefixes \
-                         in all)",
-                        lb_common::PREFIX_SET_ENTRIES
-                    )
-                })?;
+        let key =
+            |&((addr, len), _): &((Ipv4Addr, u8), u32)| Key::new(u32::from(len), addr.octets());
+        let (gone, kept): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.1 == 0);
+        let keys: Vec<Key<[u8; 4]>> = kept.iter().map(|&e| key(e)).collect();
+        let values: Vec<u32> = kept.iter().map(|e| e.1).collect();
+        let fd = self.fd(name::PREFIX_SETS)?;
+        batch::update(&fd, &keys, &values).map_err(|e| {
+            let at = kept
+                .get(e.done)
+                .map_or_else(String::new, |((a, l), _)| format!(" {a}/{l}"));
+            anyhow!(
+                "adding{at} to the prefix sets: {} (they hold at most {} prefixes in all)",
+                e.error,
+                lb_common::PREFIX_SET_ENTRIES
+            )
+        })?;
+        let keys: Vec<Key<[u8; 4]>> = gone.iter().map(|&e| key(e)).collect();
+        let mut from = 0;
+        while from < keys.len() {
+            match batch::delete(&fd, &keys[from..]) {
+                Ok(()) => break,
+                // Not there: skip it, go on with the next.
+                Err(e) if e.error.raw_os_error() == Some(libc::ENOENT) => from += e.done + 1,
+                Err(e) => {
+                    return Err(anyhow!(
+                        "removing prefixes from the prefix sets: {} (at entry {})",
+                        e.error,
+                        from + e.done
+                    ))
+                }
             }
         }
         Ok(())
