@@ -40,14 +40,6 @@ pub struct BatchError {
     pub error: io::Error,
 }
 
-impl std::fmt::Display for BatchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stopped at entry {}: {}", self.done, self.error)
-    }
-}
-
-impl std::error::Error for BatchError {}
-
 /// Write `keys[i]` -> `values[i]` into the map `fd` (any flags: insert
 /// or replace).
 pub fn update<K: Pod, V: Pod>(
@@ -56,57 +48,52 @@ pub fn update<K: Pod, V: Pod>(
     values: &[V],
 ) -> Result<(), BatchError> {
     assert_eq!(keys.len(), values.len(), "one value per key");
-    let mut done = 0;
-    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
-        let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            values: v.as_ptr() as u64,
-            count: k.len() as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        call(BPF_MAP_UPDATE_BATCH, &mut attr, &mut done)?;
-    }
-    Ok(())
+    run(BPF_MAP_UPDATE_BATCH, fd, keys, Some(values))
 }
 
 /// Remove `keys` from the map `fd`. Every key must be there.
 pub fn delete<K: Pod>(fd: &impl AsRawFd, keys: &[K]) -> Result<(), BatchError> {
+    run::<K, u8>(BPF_MAP_DELETE_BATCH, fd, keys, None)
+}
+
+/// `cmd` on `keys` (and `values`, as many), a chunk a call.
+fn run<K: Pod, V: Pod>(
+    cmd: libc::c_long,
+    fd: &impl AsRawFd,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> Result<(), BatchError> {
     let mut done = 0;
-    for k in keys.chunks(CHUNK) {
+    for (i, chunk) in keys.chunks(CHUNK).enumerate() {
+        let values = values.map_or(0, |v| v[i * CHUNK..].as_ptr() as u64);
         let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            count: k.len() as u32,
+            keys: chunk.as_ptr() as u64,
+            values,
+            count: chunk.len() as u32,
             map_fd: fd.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        call(BPF_MAP_DELETE_BATCH, &mut attr, &mut done)?;
+        // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed;
+        // its pointers point at `count` keys (and values) borrowed for
+        // the call, of the map's key and value sizes (checked by the
+        // kernel against the map: a wrong size is EINVAL, never a stray
+        // read).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            // On failure the kernel says how many of this call it did.
+            return Err(BatchError {
+                done: done + attr.count as usize,
+                error: io::Error::last_os_error(),
+            });
+        }
+        done += attr.count as usize;
     }
-    Ok(())
-}
-
-/// One batch call; `done` counts the entries of all calls so far.
-fn call(cmd: libc::c_long, attr: &mut BatchAttr, done: &mut usize) -> Result<(), BatchError> {
-    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; its
-    // pointers point at `count` keys (and values) the caller borrows for
-    // the call, of the map's key and value sizes (checked by the kernel
-    // against the map: a wrong size is EINVAL, never a stray read).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        let error = io::Error::last_os_error();
-        // On failure the kernel says how many of this call it did.
-        return Err(BatchError {
-            done: *done + attr.count as usize,
-            error,
-        });
-    }
-    *done += attr.count as usize;
     Ok(())
 }

@@ -464,10 +464,10 @@ impl Dataplane {
             .context("reading the rule table")
     }
 
-    /// The file descriptor of map `map`, for the batch calls.
-    fn fd(&self, map: &str) -> Result<std::os::fd::BorrowedFd<'_>> {
+    /// The file descriptor of trie `map`, for the batch calls.
+    fn trie_fd(&self, map: &str) -> Result<std::os::fd::BorrowedFd<'_>> {
         match self.ebpf.map(map) {
-            Some(Map::Array(data)) | Some(Map::LpmTrie(data)) => Ok(data.fd().as_fd()),
+            Some(Map::LpmTrie(data)) => Ok(data.fd().as_fd()),
             Some(_) => Err(anyhow!("map {map} has an unexpected type")),
             None => Err(anyhow!("map {map} missing")),
         }
@@ -483,7 +483,7 @@ impl Dataplane {
         let (gone, kept): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.1 == 0);
         let keys: Vec<Key<[u8; 4]>> = kept.iter().map(|&e| key(e)).collect();
         let values: Vec<u32> = kept.iter().map(|e| e.1).collect();
-        let fd = self.fd(name::PREFIX_SETS)?;
+        let fd = self.trie_fd(name::PREFIX_SETS)?;
         batch::update(&fd, &keys, &values).map_err(|e| {
             let at = kept
                 .get(e.done)
