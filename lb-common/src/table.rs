@@ -148,13 +148,25 @@ pub fn steer(
     mut owner: impl FnMut(u32) -> Option<u32>,
     mut takes_new_flows: impl FnMut(u32) -> bool,
 ) -> Option<u32> {
-    for attempt in 0..=FALLBACK_TRIES {
-        match owner(hash::bucket_for(hash, attempt)) {
-            Some(uplink) if uplink != NO_UPLINK && takes_new_flows(uplink) => return Some(uplink),
-            _ => {}
-        }
-    }
-    None
+    (0..STEER_ATTEMPTS)
+        .find_map(|attempt| steer_at(hash, attempt, &mut owner, &mut takes_new_flows))
+}
+
+/// How many buckets [`steer`] tries: the flow's own and its fallbacks.
+pub const STEER_ATTEMPTS: u32 = FALLBACK_TRIES + 1;
+
+/// One turn of [`steer`]: the uplink of the flow's bucket for `attempt`
+/// (0 is its own bucket), if that uplink can take it. The data plane runs
+/// the turns in a loop the verifier checks once, rather than once a turn.
+#[inline(always)]
+pub fn steer_at(
+    hash: u32,
+    attempt: u32,
+    owner: impl FnOnce(u32) -> Option<u32>,
+    takes_new_flows: impl FnOnce(u32) -> bool,
+) -> Option<u32> {
+    owner(hash::bucket_for(hash, attempt))
+        .filter(|&uplink| uplink != NO_UPLINK && takes_new_flows(uplink))
 }
 
 /// How many buckets each uplink owns.

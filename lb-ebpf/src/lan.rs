@@ -7,6 +7,8 @@
 //! forwards what it did not parse, and never lets a packet out without its
 //! translation: no uplink or no free port means a counted drop.
 
+use core::ops::ControlFlow;
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key,
     programs::XdpContext,
@@ -21,7 +23,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, egress, frags,
+    conntrack, count, egress, frags,
     maps::{BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{
@@ -354,20 +356,29 @@ fn reserve_port(
         &tuple(key),
     );
     let client_port = u16::from_be_bytes(key.src_port);
-    for i in 0..PORT_ATTEMPTS {
+    // In a loop the verifier checks once, rather than once a turn.
+    let mut claimed = None;
+    count::up_to(PORT_ATTEMPTS, |i| {
         let Some(port) = nat::candidate(i, client_port, spread, settings) else {
-            continue;
+            return ControlFlow::Continue(());
         };
         let port = port.to_be_bytes();
         if NAT_REV
             .insert(&rev_key(key, info, port), &value, u64::from(BPF_NOEXIST))
             .is_ok()
         {
-            return Ok((port, info.epoch as u8));
+            claimed = Some(port);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    match claimed {
+        Some(port) => Ok((port, info.epoch as u8)),
+        None => {
+            stats::uplink(uplink, |s| s.nat_failures += 1);
+            Err(reason::DROP_NAT_EXHAUSTED)
         }
     }
-    stats::uplink(uplink, |s| s.nat_failures += 1);
-    Err(reason::DROP_NAT_EXHAUSTED)
 }
 
 /// Whether a retried SYN may move (`[passive] resteer_syn`).

@@ -161,11 +161,22 @@ fn within(
         }
     }
     let table = BUCKETS.get(info.table_index(policy))?;
-    let uplink = table::steer(
-        hash,
-        |bucket| table.uplinks.get(bucket as usize).copied(),
-        |uplink| uplink != except && takes_new(uplink),
-    )?;
+    // `table::steer`, its turns in a loop the verifier checks once.
+    let mut steered = None;
+    count::up_to(table::STEER_ATTEMPTS, |attempt| {
+        steered = table::steer_at(
+            hash,
+            attempt,
+            |bucket| table.uplinks.get(bucket as usize).copied(),
+            |uplink| uplink != except && takes_new(uplink),
+        );
+        if steered.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    let uplink = steered?;
     if let Some(skey) = &sticky {
         let value = StickyValue {
             last_ns: now,
