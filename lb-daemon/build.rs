@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         "../lb-ebpf/src",
         "../lb-ebpf/Cargo.toml",
         "../lb-ebpf/rust-toolchain.toml",
+        "../lb-ebpf/.cargo/config.toml",
         "../lb-common/src",
     ] {
         println!("cargo:rerun-if-changed={watched}");

@@ -34,9 +34,13 @@ pub const MAX_LANS: u32 = 16;
 /// the rules can tell apart.
 pub const MAX_LAN_PORTS: u32 = 64;
 
-/// Room in the prefix-set trie: two sets of a million prefixes, so that a
-/// file of a million can be reloaded beside the one it replaces.
-pub const PREFIX_SET_ENTRIES: u32 = 2 * 1024 * 1024;
+/// Most prefixes the rules can name on one side (source or destination),
+/// inline and from files together.
+pub const MAX_SIDE_PREFIXES: u32 = 1024 * 1024;
+
+/// Room in the prefix trie: both sides, and a new generation of the rules
+/// written beside the live one.
+pub const PREFIX_ENTRIES: u32 = 4 * MAX_SIDE_PREFIXES;
 
 /// Sticky clients remembered (LRU: the least recently used make room).
 pub const DEFAULT_STICKY_ENTRIES: u32 = 65_536;

@@ -26,13 +26,14 @@ pub mod name {
     pub const SIGNALS: &str = "SIGNALS";
     pub const RULES: &str = "RULES";
     pub const POLICIES: &str = "POLICIES";
-    pub const PREFIX_SETS: &str = "PREFIX_SETS";
+    pub const PREFIXES: &str = "PREFIXES";
+    pub const PORT_BITS: &str = "PORT_BITS";
     pub const STICKY: &str = "STICKY";
     pub const LAN_CLASSES: &str = "LAN_CLASSES";
     pub const POLICY_STATS: &str = "POLICY_STATS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -50,7 +51,8 @@ pub mod name {
         SIGNALS,
         RULES,
         POLICIES,
-        PREFIX_SETS,
+        PREFIXES,
+        PORT_BITS,
         STICKY,
         LAN_CLASSES,
         POLICY_STATS,
@@ -61,7 +63,7 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 3;
+pub const LAYOUT: u32 = 4;
 
 /// Program names in the XDP object.
 pub mod program {
@@ -80,11 +82,12 @@ pub struct Settings {
     pub seed: u32,
     /// One of [`crate::hash::mode`].
     pub mode: u32,
-    /// Which of the two rule tables in the `RULES` map is live (0 or 1).
-    /// The daemon writes the other one (one map write) and then flips
-    /// this, so new rules take effect in one step and no packet ever sees
-    /// half of each. (Each policy's bucket tables flip the same way, in
-    /// its `POLICIES` entry.)
+    /// Which generation of the compiled rules is live (0 or 1): its entry
+    /// of `RULES`, its half of `PORT_BITS`, its keys in `PREFIXES` and its
+    /// bits in each `LAN_CLASSES` entry. The daemon writes the other
+    /// generation whole and then flips this, so new rules take effect in
+    /// one step and no packet ever sees half of each. (Each policy's
+    /// bucket tables flip the same way, in its `POLICIES` entry.)
     pub active_rules: u32,
     /// NAT source ports (host order, inclusive) a new mapping may take when
     /// the client's own port is not free.
@@ -300,12 +303,12 @@ pub struct FragValue {
 }
 
 /// What the data plane knows of a LAN port (map `LAN_CLASSES`, by
-/// ifindex): what the rules match it by, and the router's address there.
+/// ifindex): the rules it matches, and the router's address there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LanPort {
-    /// The LAN classes of the port (see `policy::Rule::lan_classes`).
-    pub classes: u32,
+    /// The rules whose `lan` names the port, per rule generation.
+    pub rules: [crate::policy::RuleBits; 2],
     /// The router's IPv4 address on the port's LAN (a bridge's, for its
     /// ports): the source of the ICMP errors sent there. Zero: unknown.
     pub addr: [u8; 4],
@@ -357,7 +360,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<PolicyStats>() == 32);
-    assert!(core::mem::size_of::<LanPort>() == 8);
+    assert!(core::mem::size_of::<LanPort>() == 72);
     assert!(core::mem::size_of::<BucketTable>() == 4 * crate::BUCKETS as usize);
 };
 
@@ -384,4 +387,5 @@ mod pod {
     unsafe impl aya::Pod for crate::policy::Policy {}
     unsafe impl aya::Pod for crate::policy::StickyKey {}
     unsafe impl aya::Pod for crate::policy::StickyValue {}
+    unsafe impl aya::Pod for crate::policy::PrefixKey {}
 }

@@ -1,22 +1,37 @@
 //! Rules and policies: which policy a new flow belongs to.
 //!
-//! The operator's ordered `[[rule]]`s are compiled by lbd into a
-//! [`RuleTable`]; the data plane runs [`decide`] on each new flow (and on a
-//! flow whose uplink died), and `lbctl explain` runs the very same function
-//! on the same table. A rule matches on the LAN port a packet came in on,
-//! source and destination prefixes (one inline, or a prefix set: an LPM
-//! trie the caller looks into), protocol, port ranges and DSCP; the first
-//! that matches wins, and no match means the default policy.
-//!
-//! The walk is bounded by [`MAX_RULES`] and touches no map: the caller
-//! looks the packet's addresses up in the prefix trie once each (the
-//! value holds every set that covers the address) and reads which
-//! policies are live, so the kernel and user space differ only in where
-//! they read those from, and the walk costs the verifier little.
+//! The operator's ordered `[[rule]]`s are compiled by lbd into bit
+//! vectors, one bit per compiled rule (a packet classifier of the
+//! "bit-vector" kind): for each field, which rules a value of it matches.
+//! The rule table holds the small fields (protocol, DSCP) and what holds
+//! for any value; port arrays, the LAN ports' entries and two prefix tries
+//! (source, destination) hold the rest. A new flow costs one lookup per
+//! field, whatever the number of rules; the lowest bit set in all of them
+//! is the first rule that matches. [`decide`] does the arithmetic, and
+//! runs the same in XDP and in `lbctl explain`; lbd's compiler is checked
+//! against the rules' plain meaning by property tests.
 
-/// Most rules the data plane walks (compiled rules: one `[[rule]]` with
-/// several port ranges or LAN names is several).
+/// Most rules (compiled: one `[[rule]]` with several port ranges is
+/// several): the width of the bit vectors.
 pub const MAX_RULES: u32 = 256;
+
+/// 64-bit words of a [`RuleBits`].
+pub const RULE_WORDS: usize = MAX_RULES as usize / 64;
+
+/// One bit per compiled rule (rule `i`: bit `i % 64` of word `i / 64`).
+pub type RuleBits = [u64; RULE_WORDS];
+
+/// No rule.
+pub const NO_RULES: RuleBits = [0; RULE_WORDS];
+/// Every rule.
+pub const ALL_RULES: RuleBits = [u64::MAX; RULE_WORDS];
+
+/// Port-array entries per side, and the sides: `PORT_BITS[generation *
+/// PORT_GENERATION + side * PORTS + port]`.
+pub const PORTS: u32 = 65_536;
+pub const SRC_SIDE: u32 = 0;
+pub const DST_SIDE: u32 = 1;
+pub const PORT_GENERATION: u32 = 2 * PORTS;
 
 /// Most policies, the default one included; sizes the bucket tables.
 pub const MAX_POLICIES: u32 = 16;
@@ -27,19 +42,6 @@ pub const DEFAULT_POLICY: u32 = 0;
 
 /// [`Rule::action`] meaning "leave the flow to the kernel's routing".
 pub const ACTION_KERNEL: u32 = u32::MAX;
-
-/// [`Rule::src_set`] and [`Rule::dst_set`] value meaning "no prefix set".
-pub const NO_SET: u32 = 0;
-
-/// Most prefix sets at once (bits of a trie value). lbd keeps half free,
-/// so that any set can be reloaded beside the one it replaces.
-pub const MAX_SETS: u32 = 32;
-
-/// [`Rule::dscp`] value meaning "any DSCP" (DSCP is six bits).
-pub const ANY_DSCP: u8 = 0xff;
-
-/// [`Rule::proto`] value meaning "any protocol".
-pub const ANY_PROTO: u8 = 0;
 
 /// The IP protocol numbers rules with port ranges apply to.
 pub const IPPROTO_TCP: u8 = 6;
@@ -81,88 +83,110 @@ pub mod sticky {
     pub const DST_NET_BITS: u32 = 24;
 }
 
-/// One compiled rule. Every field has an "any" value, so a rule matches
-/// with one comparison per field and no field list to walk. Addresses and
-/// ports are in host order.
+/// What a compiled rule does once it is the first that matches.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
-    /// The source matches when `src & src_mask == src_addr` (mask 0: any).
-    pub src_addr: u32,
-    pub src_mask: u32,
-    pub dst_addr: u32,
-    pub dst_mask: u32,
-    /// The prefix set (its bit) the source and destination must be in
-    /// ([`NO_SET`]: no set).
-    pub src_set: u32,
-    pub dst_set: u32,
-    /// Inclusive port ranges (0..=65535: any). A rule with a narrower
-    /// range only matches TCP and UDP.
-    pub src_port_min: u16,
-    pub src_port_max: u16,
-    pub dst_port_min: u16,
-    pub dst_port_max: u16,
-    /// LAN classes (bits) the packet's LAN port must have one of; zero:
-    /// any port. lbd gives every LAN name a rule uses a bit, and each LAN
-    /// port (a bridge's ports too) the bits of the names it answers to.
-    pub lan_classes: u32,
     /// A policy index, or [`ACTION_KERNEL`].
     pub action: u32,
     /// The `[[rule]]` this was compiled from (its position, from 1), for
-    /// `explain` and the counters.
+    /// `explain`.
     pub origin: u32,
-    /// IP protocol number, or [`ANY_PROTO`].
-    pub proto: u8,
-    /// DSCP (0..=63), or [`ANY_DSCP`].
-    pub dscp: u8,
-    /// Its policy's [`fallback`] (copied here, so that the walk reads no
-    /// map for it).
+    /// Its policy's [`fallback`].
     pub fallback: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
-/// An empty rule, which matches everything.
-pub const ANY: Rule = Rule {
-    src_addr: 0,
-    src_mask: 0,
-    dst_addr: 0,
-    dst_mask: 0,
-    src_set: NO_SET,
-    dst_set: NO_SET,
-    src_port_min: 0,
-    src_port_max: u16::MAX,
-    dst_port_min: 0,
-    dst_port_max: u16::MAX,
-    lan_classes: 0,
-    action: DEFAULT_POLICY,
-    origin: 0,
-    proto: ANY_PROTO,
-    dscp: ANY_DSCP,
-    fallback: fallback::DEFAULT as u8,
-    _pad: 0,
-};
+/// [`RuleTable::lookups`] bits: the fields some rule constrains, whose
+/// maps a new flow must look into (the others match every rule).
+pub mod lookup {
+    pub const SRC: u32 = 1;
+    pub const DST: u32 = 2;
+    pub const PORTS: u32 = 4;
+    pub const LAN: u32 = 8;
+}
 
-/// The compiled rules, one map value: lbd replaces them all with one
-/// write, so a packet never sees half of an old list and half of a new.
+/// The compiled rules' table, one map value per generation: lbd writes a
+/// whole new generation (this, the port arrays, the tries' entries, the
+/// LAN ports') beside the live one, then flips `Settings::active_rules`,
+/// so a packet never sees half of an old list and half of a new.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleTable {
-    /// How many of `rules` are in use.
+    /// How many rules there are (bits at and past it are never set).
     pub count: u32,
-    /// Which sides' prefix sets the rules use ([`SET_SRC`], [`SET_DST`]):
-    /// the trie is asked only for those.
-    pub set_sides: u32,
+    /// [`lookup`] bits.
+    pub lookups: u32,
+    /// Rules with no constraint on the source, the destination, the ports
+    /// (they also take what has none: ICMP), the LAN port.
+    pub any_src: RuleBits,
+    pub any_dst: RuleBits,
+    pub any_ports: RuleBits,
+    pub any_lan: RuleBits,
+    /// Rules that decide even when their policy takes no new flows:
+    /// `kernel` rules, and rules whose policy's fallback is not `next`.
+    pub decisive: RuleBits,
+    /// Each policy's rules.
+    pub by_policy: [RuleBits; MAX_POLICIES as usize],
+    /// The rules each protocol number, and each DSCP, matches.
+    pub by_proto: [RuleBits; 256],
+    pub by_dscp: [RuleBits; 64],
     pub rules: [Rule; MAX_RULES as usize],
 }
 
 impl RuleTable {
+    /// No rules: every new flow goes to the default policy.
     pub const fn empty() -> Self {
         Self {
             count: 0,
-            set_sides: 0,
-            rules: [ANY; MAX_RULES as usize],
+            lookups: 0,
+            any_src: NO_RULES,
+            any_dst: NO_RULES,
+            any_ports: NO_RULES,
+            any_lan: NO_RULES,
+            decisive: NO_RULES,
+            by_policy: [NO_RULES; MAX_POLICIES as usize],
+            by_proto: [NO_RULES; 256],
+            by_dscp: [NO_RULES; 64],
+            rules: [Rule {
+                action: DEFAULT_POLICY,
+                origin: 0,
+                fallback: 0,
+                _pad: [0; 3],
+            }; MAX_RULES as usize],
         }
     }
+}
+
+/// Key of the prefix trie (map `PREFIXES`): a tag (generation and side,
+/// see [`PrefixKey::new`]) then the address, so that both sides and a new
+/// generation's entries share one trie beside the live ones. The LPM
+/// prefix length counts the tag's [`PrefixKey::TAG_BITS`] too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixKey {
+    /// Big-endian: the first 32 bits the trie compares.
+    pub tag: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+impl PrefixKey {
+    /// Bits of the key taken by the tag.
+    pub const TAG_BITS: u32 = 32;
+
+    /// The key of `addr` on `side` ([`SRC_SIDE`] or [`DST_SIDE`]) in
+    /// rule generation `generation` (0 or 1).
+    pub const fn new(generation: u32, side: u32, addr: [u8; 4]) -> Self {
+        Self {
+            tag: ((generation & 1) * 2 + (side & 1)).to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// The `PORT_BITS` entry of `port` on `side` in `generation`.
+pub const fn port_index(generation: u32, side: u32, port: u16) -> u32 {
+    (generation & 1) * PORT_GENERATION + (side & 1) * PORTS + port as u32
 }
 
 /// What the data plane needs to know of a policy (map `POLICIES`, by
@@ -245,71 +269,45 @@ pub fn sticky_holds(last_ns: u64, now_ns: u64, timeout_ns: u64) -> bool {
     now_ns.saturating_sub(last_ns) < timeout_ns
 }
 
-/// [`RuleTable::set_sides`] bits.
-pub const SET_SRC: u32 = 1;
-pub const SET_DST: u32 = 2;
+/// DSCP of a TOS byte (the low two bits are ECN).
+pub const fn dscp_of(tos: u8) -> u8 {
+    tos >> 2
+}
 
-/// A new flow's packet as the rules see it. Host order.
+/// Whether a protocol has ports the rules can match.
+pub const fn has_ports(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP
+}
+
+/// What a new flow's lookups found: for each field its map holds, the
+/// rules its value matches ([`NO_RULES`] when not looked up or not
+/// there). Copies, not references: the verifier then sees one kind of
+/// value whichever lookup hit, and merges the paths.
+///
+/// A field no rule constrains needs no lookup: every rule is in its
+/// `any_` vector. The ports are the exception, as a protocol without
+/// ports matches only the rules without ranges: when they are not looked
+/// up (no rule has a range, or the protocol has none), both are
+/// `any_ports` ([`Found::portless`]).
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Packet {
-    pub src: u32,
-    pub dst: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub proto: u8,
-    /// The top six bits of the IPv4 TOS byte.
-    pub dscp: u8,
-    /// The classes of the LAN port it came in on (see [`Rule::lan_classes`]).
-    pub lan_classes: u32,
-    /// The prefix sets (bits) its source and destination are in: one
-    /// trie lookup each, whose value already holds every set with a
-    /// prefix covering the address (see `reconcile::policies`).
-    pub src_sets: u32,
-    pub dst_sets: u32,
+pub struct Found {
+    pub src: RuleBits,
+    pub dst: RuleBits,
+    pub src_port: RuleBits,
+    pub dst_port: RuleBits,
+    pub lan: RuleBits,
 }
 
-impl Packet {
-    /// DSCP of a TOS byte (the low two bits are ECN).
-    pub const fn dscp_of(tos: u8) -> u8 {
-        tos >> 2
+impl Found {
+    /// Nothing found, and no ports looked up.
+    pub fn portless(table: &RuleTable) -> Self {
+        Self {
+            src_port: table.any_ports,
+            dst_port: table.any_ports,
+            ..Self::default()
+        }
     }
-}
-
-/// Whether `rule` matches `pkt`. One comparison per field, no lookup;
-/// the first that fails ends it (for the verifier too: each comparison
-/// adds one way out, not a doubling of the ways through).
-#[inline(always)]
-pub fn matches(rule: &Rule, pkt: &Packet) -> bool {
-    if pkt.src & rule.src_mask != rule.src_addr || pkt.dst & rule.dst_mask != rule.dst_addr {
-        return false;
-    }
-    if rule.proto != ANY_PROTO && rule.proto != pkt.proto {
-        return false;
-    }
-    if rule.dscp != ANY_DSCP && rule.dscp != pkt.dscp {
-        return false;
-    }
-    if rule.lan_classes != 0 && rule.lan_classes & pkt.lan_classes == 0 {
-        return false;
-    }
-    if rule.src_set != NO_SET && rule.src_set & pkt.src_sets == 0 {
-        return false;
-    }
-    if rule.dst_set != NO_SET && rule.dst_set & pkt.dst_sets == 0 {
-        return false;
-    }
-    let any_ports = rule.src_port_min == 0
-        && rule.src_port_max == u16::MAX
-        && rule.dst_port_min == 0
-        && rule.dst_port_max == u16::MAX;
-    if any_ports {
-        return true;
-    }
-    (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)
-        && pkt.src_port >= rule.src_port_min
-        && pkt.src_port <= rule.src_port_max
-        && pkt.dst_port >= rule.dst_port_min
-        && pkt.dst_port <= rule.dst_port_max
 }
 
 /// Where a new flow goes.
@@ -327,19 +325,48 @@ pub enum Decision {
     Unreachable { policy: u32, rule: u32 },
 }
 
-/// Decide where a new flow goes: the first rule that matches, with its
-/// policy's fallback applied when none of that policy's uplinks takes new
-/// flows (`next` goes on with the following rules). `live` has the bit of
-/// each policy one of whose uplinks takes new flows. The walk is bounded
-/// by [`MAX_RULES`] and reads nothing but the table. (The data plane walks
-/// with the kernel's own bounded counter and [`step`], the same steps.)
-pub fn decide(table: &RuleTable, pkt: &Packet, live: u32) -> Decision {
-    for i in 0..MAX_RULES {
-        if let Some(decision) = step(table, pkt, live, i) {
-            return decision;
+impl Decision {
+    const POLICY: u64 = 0;
+    const KERNEL: u64 = 1;
+    const DROP: u64 = 2;
+    const UNREACHABLE: u64 = 3;
+    const HAS_RULE: u64 = 1 << 56;
+
+    /// The decision in one 64-bit word, a BPF function's return register:
+    /// the kind in bits 0-7, the policy in 8-39, the rule in 40-55 and
+    /// whether there is one in bit 56.
+    pub const fn to_word(self) -> u64 {
+        let (kind, policy, rule) = match self {
+            Decision::Policy { policy, rule } => (Self::POLICY, policy, rule),
+            Decision::Kernel { rule } => (Self::KERNEL, 0, Some(rule)),
+            Decision::Drop { policy, rule } => (Self::DROP, policy, Some(rule)),
+            Decision::Unreachable { policy, rule } => (Self::UNREACHABLE, policy, Some(rule)),
+        };
+        let rule = match rule {
+            Some(r) => Self::HAS_RULE | ((r as u64 & 0xffff) << 40),
+            None => 0,
+        };
+        kind | (policy as u64) << 8 | rule
+    }
+
+    /// The decision [`Decision::to_word`] wrote.
+    pub const fn from_word(word: u64) -> Self {
+        let policy = (word >> 8) as u32;
+        let rule = ((word >> 40) & 0xffff) as u32;
+        match word & 0xff {
+            Self::KERNEL => Decision::Kernel { rule },
+            Self::DROP => Decision::Drop { policy, rule },
+            Self::UNREACHABLE => Decision::Unreachable { policy, rule },
+            _ => Decision::Policy {
+                policy,
+                rule: if word & Self::HAS_RULE != 0 {
+                    Some(rule)
+                } else {
+                    None
+                },
+            },
         }
     }
-    NO_MATCH
 }
 
 /// What no rule decided: the default policy.
@@ -348,38 +375,135 @@ pub const NO_MATCH: Decision = Decision::Policy {
     rule: None,
 };
 
-/// One step of [`decide`]'s walk, at rule `i`: `Some` ends the walk with
-/// that decision (past the last rule: [`NO_MATCH`]), `None` goes on.
+/// What the classifier knows of a new flow: its protocol, DSCP and what
+/// its lookups found. (The data plane keeps it in a per-CPU map: 170
+/// bytes are a third of a BPF stack.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub proto: u8,
+    pub dscp: u8,
+    pub found: Found,
+}
+
+/// Word `w` of the rules `flow` matches: the AND of every field's rules.
+/// No branch: the verifier walks it once.
 #[inline(always)]
-pub fn step(table: &RuleTable, pkt: &Packet, live: u32, i: u32) -> Option<Decision> {
-    if i >= table.count || i >= MAX_RULES {
-        return Some(NO_MATCH);
+fn matching_word(table: &RuleTable, flow: &Flow, w: usize) -> u64 {
+    let found = &flow.found;
+    (table.any_src[w] | found.src[w])
+        & (table.any_dst[w] | found.dst[w])
+        & (table.any_lan[w] | found.lan[w])
+        & found.src_port[w]
+        & found.dst_port[w]
+        & table.by_proto[flow.proto as usize][w]
+        & table.by_dscp[(flow.dscp & 0x3f) as usize][w]
+}
+
+/// The rules `flow` matches (for `explain`'s listing; [`decide`] needs
+/// only the first usable one).
+pub fn matching(table: &RuleTable, flow: &Flow) -> RuleBits {
+    let mut out = NO_RULES;
+    for (w, word) in out.iter_mut().enumerate() {
+        *word = matching_word(table, flow, w);
     }
-    let rule = table.rules.get(i as usize)?;
-    if !matches(rule, pkt) {
-        return None;
+    out
+}
+
+/// Decide where a new flow goes: the first rule that matches whose policy
+/// takes new flows, or which decides anyway (a `kernel` rule; a policy
+/// whose fallback is not `next`, then applied); none: the default policy.
+/// `live` has the bit of each policy one of whose uplinks takes new flows.
+/// A word of rules at a time: the first word with a usable match ends it.
+#[inline(always)]
+pub fn decide(table: &RuleTable, flow: &Flow, live: u32) -> Decision {
+    let usable = usable(table, live);
+    for (w, usable) in usable.iter().enumerate() {
+        let both = matching_word(table, flow, w) & usable;
+        if both != 0 {
+            return ruled(table, live, w as u32 * 64 + lowest_bit(both));
+        }
     }
+    NO_MATCH
+}
+
+/// The rules that can decide now: those whose policy is `live`, and those
+/// that decide whatever it is (`decisive`). Policy by policy, all words
+/// at once: few values are live at a time (the data plane's classifier
+/// and its caller share 512 bytes of stack).
+#[inline(always)]
+fn usable(table: &RuleTable, live: u32) -> RuleBits {
+    let mut usable = table.decisive;
+    for (p, rules) in table.by_policy.iter().enumerate() {
+        let on = 0u64.wrapping_sub(u64::from((live >> p) & 1));
+        for (word, rule_word) in usable.iter_mut().zip(rules) {
+            *word |= rule_word & on;
+        }
+    }
+    usable
+}
+
+/// What rule `i`, the first usable match, decides.
+#[inline(always)]
+fn ruled(table: &RuleTable, live: u32, i: u32) -> Decision {
+    if i >= table.count {
+        return NO_MATCH;
+    }
+    let Some(rule) = table.rules.get(i as usize) else {
+        return NO_MATCH;
+    };
     let policy = rule.action;
     if policy == ACTION_KERNEL {
-        return Some(Decision::Kernel { rule: i });
+        return Decision::Kernel { rule: i };
     }
     if policy < 32 && live & (1 << policy) != 0 {
-        return Some(Decision::Policy {
+        return Decision::Policy {
             policy,
             rule: Some(i),
-        });
+        };
     }
     match u32::from(rule.fallback) {
-        fallback::NEXT => None,
-        fallback::DROP => Some(Decision::Drop { policy, rule: i }),
-        fallback::UNREACHABLE => Some(Decision::Unreachable { policy, rule: i }),
-        _ => Some(NO_MATCH),
+        fallback::DROP => Decision::Drop { policy, rule: i },
+        fallback::UNREACHABLE => Decision::Unreachable { policy, rule: i },
+        _ => NO_MATCH,
+    }
+}
+
+/// The position of the lowest bit set in `x` (64 when none), in plain
+/// arithmetic: `trailing_zeros` compiles for BPF to a lookup in a table,
+/// whose computed index makes the verifier track every value leading to
+/// it exactly, and then it cannot merge the paths of a new flow.
+#[inline(always)]
+pub const fn lowest_bit(x: u64) -> u32 {
+    // The bits below the lowest one, counted (SWAR popcount).
+    let below = x.wrapping_sub(1) & !x;
+    let a = below - ((below >> 1) & 0x5555_5555_5555_5555);
+    let b = (a & 0x3333_3333_3333_3333) + ((a >> 2) & 0x3333_3333_3333_3333);
+    let c = (b + (b >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (c.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+}
+
+/// Whether rule `i`'s bit is set in `bits`.
+pub fn has_bit(bits: &RuleBits, i: usize) -> bool {
+    bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+/// Set rule `i`'s bit in `bits`.
+pub fn set_bit(bits: &mut RuleBits, i: usize) {
+    if let Some(w) = bits.get_mut(i / 64) {
+        *w |= 1 << (i % 64);
     }
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Rule>() == 48);
-    assert!(core::mem::size_of::<RuleTable>() == 8 + 48 * MAX_RULES as usize);
+    assert!(core::mem::size_of::<Rule>() == 12);
+    assert!(
+        core::mem::size_of::<RuleTable>()
+            == 8 + 32 * (5 + MAX_POLICIES as usize + 256 + 64) + 12 * MAX_RULES as usize
+    );
+    assert!(core::mem::size_of::<PrefixKey>() == 8);
+    assert!(PORT_GENERATION == 2 * PORTS);
+    assert!(MAX_RULES as usize == RULE_WORDS * 64);
     assert!(core::mem::size_of::<Policy>() == 24);
     assert!(core::mem::size_of::<StickyKey>() == 12);
     assert!(core::mem::size_of::<StickyValue>() == 16);
@@ -391,239 +515,199 @@ const _: () = {
 mod tests {
     use super::*;
 
-    fn table(rules: &[Rule]) -> RuleTable {
+    fn bits(rules: &[usize]) -> RuleBits {
+        let mut b = NO_RULES;
+        for &i in rules {
+            set_bit(&mut b, i);
+        }
+        b
+    }
+
+    /// A table of `n` rules to policies `actions` (fallbacks `fallbacks`),
+    /// matching any protocol and DSCP.
+    fn table(actions: &[u32], fallbacks: &[u32]) -> RuleTable {
         let mut t = RuleTable::empty();
-        t.count = rules.len() as u32;
-        t.rules[..rules.len()].copy_from_slice(rules);
+        t.count = actions.len() as u32;
+        for (i, (&a, &f)) in actions.iter().zip(fallbacks).enumerate() {
+            t.rules[i] = Rule {
+                action: a,
+                origin: i as u32 + 1,
+                fallback: f as u8,
+                _pad: [0; 3],
+            };
+            if a == ACTION_KERNEL || f != fallback::NEXT {
+                set_bit(&mut t.decisive, i);
+            }
+            if a != ACTION_KERNEL {
+                set_bit(&mut t.by_policy[a as usize], i);
+            }
+        }
+        let all = bits(&(0..actions.len()).collect::<std::vec::Vec<_>>());
+        t.by_proto = [all; 256];
+        t.by_dscp = [all; 64];
+        (t.any_src, t.any_dst, t.any_lan, t.any_ports) = (all, all, all, all);
         t
     }
 
-    fn pkt(src: [u8; 4], dst: [u8; 4], proto: u8, dst_port: u16) -> Packet {
-        Packet {
-            src: u32::from_be_bytes(src),
-            dst: u32::from_be_bytes(dst),
-            src_port: 40000,
-            dst_port,
-            proto,
-            dscp: 0,
-            lan_classes: 0,
-            src_sets: 0,
-            dst_sets: 0,
-        }
-    }
-
-    /// Every policy live.
-    const LIVE: u32 = u32::MAX;
-
-    fn prefix(addr: [u8; 4], len: u32) -> (u32, u32) {
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        (u32::from_be_bytes(addr) & mask, mask)
-    }
+    extern crate std;
 
     #[test]
     fn no_rules_is_the_default_policy() {
-        let d = decide(
-            &RuleTable::empty(),
-            &pkt([10, 0, 0, 1], [1, 1, 1, 1], 6, 443),
-            LIVE,
-        );
-        assert_eq!(
-            d,
-            Decision::Policy {
-                policy: DEFAULT_POLICY,
-                rule: None
-            }
-        );
-    }
-
-    #[test]
-    fn first_match_wins() {
-        let (a, m) = prefix([10, 0, 1, 0], 24);
-        let guests = Rule {
-            src_addr: a,
-            src_mask: m,
-            action: 2,
-            ..ANY
-        };
-        let voip = Rule {
-            proto: IPPROTO_UDP,
-            dst_port_min: 5060,
-            dst_port_max: 5060,
-            action: 1,
-            ..ANY
-        };
-        let t = table(&[voip, guests]);
-        let guest_sip = pkt([10, 0, 1, 7], [1, 1, 1, 1], IPPROTO_UDP, 5060);
-        assert_eq!(
-            decide(&t, &guest_sip, LIVE),
-            Decision::Policy {
-                policy: 1,
-                rule: Some(0)
-            }
-        );
-        let guest_web = pkt([10, 0, 1, 7], [1, 1, 1, 1], IPPROTO_TCP, 443);
-        assert_eq!(
-            decide(&t, &guest_web, LIVE),
-            Decision::Policy {
-                policy: 2,
-                rule: Some(1)
-            }
-        );
-        let office = pkt([10, 0, 0, 7], [1, 1, 1, 1], IPPROTO_TCP, 443);
-        assert_eq!(
-            decide(&t, &office, LIVE),
-            Decision::Policy {
-                policy: 0,
-                rule: None
-            }
-        );
-    }
-
-    #[test]
-    fn port_ranges_are_inclusive_and_only_for_tcp_and_udp() {
-        let rtp = Rule {
-            dst_port_min: 10000,
-            dst_port_max: 20000,
-            action: 1,
-            ..ANY
-        };
-        for (port, hit) in [(9999, false), (10000, true), (20000, true), (20001, false)] {
-            let p = pkt([10, 0, 0, 1], [1, 1, 1, 1], IPPROTO_UDP, port);
-            assert_eq!(matches(&rtp, &p), hit, "port {port}");
-        }
-        let mut icmp = pkt([10, 0, 0, 1], [1, 1, 1, 1], 1, 15000);
-        icmp.src_port = 15000;
-        assert!(!matches(&rtp, &icmp), "ICMP has no ports");
-        assert!(matches(&ANY, &icmp), "a rule without ports takes ICMP");
-    }
-
-    #[test]
-    fn dscp_and_lan_classes() {
-        let ef = Rule {
-            dscp: 46,
-            action: 1,
-            ..ANY
-        };
-        let mut p = pkt([10, 0, 0, 1], [1, 1, 1, 1], IPPROTO_UDP, 4000);
-        assert!(!matches(&ef, &p));
-        p.dscp = Packet::dscp_of(0xb8);
-        assert!(matches(&ef, &p), "TOS 0xb8 is EF (46)");
-        let guest_port = Rule {
-            lan_classes: 0b10,
-            action: 2,
-            ..ANY
-        };
-        p.lan_classes = 0b01;
-        assert!(!matches(&guest_port, &p));
-        p.lan_classes = 0b11;
-        assert!(matches(&guest_port, &p));
-    }
-
-    #[test]
-    fn sets_match_by_their_bit() {
-        let partner = Rule {
+        let t = RuleTable::empty();
+        let flow = Flow {
             proto: IPPROTO_TCP,
-            dst_set: 0b100,
-            action: 1,
-            ..ANY
+            dscp: 0,
+            found: Found::portless(&t),
         };
-        let t = table(&[partner]);
-        let mut p = pkt([10, 0, 0, 1], [192, 0, 2, 9], IPPROTO_TCP, 443);
-        p.dst_sets = 0b011;
+        assert_eq!(decide(&t, &flow, u32::MAX), NO_MATCH);
+    }
+
+    #[test]
+    fn fields_are_anded_and_the_lowest_rule_wins() {
+        let mut t = table(&[1, 2, 3], &[fallback::NEXT; 3]);
+        t.lookups = lookup::DST | lookup::PORTS;
+        // Rule 0 wants a destination in the trie, rule 1 port 5060, rule 2
+        // nothing.
+        t.any_dst = bits(&[1, 2]);
+        t.any_ports = bits(&[0, 2]);
+        let found = Found {
+            src_port: ALL_RULES,
+            dst_port: bits(&[0, 2]),
+            ..Found::default()
+        };
+        let udp = |found| Flow {
+            proto: IPPROTO_UDP,
+            dscp: 0,
+            found,
+        };
+        let m = matching(&t, &udp(found));
+        assert_eq!(m, bits(&[2]), "rule 0 misses the trie, rule 1 the port");
         assert_eq!(
-            decide(&t, &p, LIVE),
+            decide(&t, &udp(found), u32::MAX),
             Decision::Policy {
-                policy: 0,
-                rule: None
+                policy: 3,
+                rule: Some(2)
             }
         );
-        p.dst_sets = 0b110;
+        let found = Found {
+            dst: bits(&[0]),
+            dst_port: bits(&[0, 1, 2]),
+            ..found
+        };
         assert_eq!(
-            decide(&t, &p, LIVE),
+            decide(&t, &udp(found), u32::MAX),
             Decision::Policy {
                 policy: 1,
                 rule: Some(0)
             }
         );
-        p.src_sets = 0b100;
-        p.dst_sets = 0;
-        assert_eq!(
-            decide(&t, &p, LIVE),
-            Decision::Policy {
-                policy: 0,
-                rule: None
+        // ICMP has no ports: only the rules without any take it.
+        let icmp = Flow {
+            proto: 1,
+            found: Found {
+                dst: bits(&[0]),
+                ..Found::portless(&t)
             },
-            "the source's sets are not the destination's"
-        );
+            ..udp(found)
+        };
+        assert_eq!(matching(&t, &icmp), bits(&[0, 2]));
+    }
+
+    /// A flow that matches rules `m` of `t` (by its destination).
+    fn matching_only(t: &mut RuleTable, m: &RuleBits) -> Flow {
+        t.lookups |= lookup::DST;
+        t.any_dst = NO_RULES;
+        Flow {
+            proto: IPPROTO_TCP,
+            dscp: 0,
+            found: Found {
+                dst: *m,
+                ..Found::portless(t)
+            },
+        }
     }
 
     #[test]
     fn fallbacks() {
-        let p = pkt([10, 0, 0, 1], [1, 1, 1, 1], IPPROTO_TCP, 80);
-        let to = |action| Rule { action, ..ANY };
-        // Policy 1 is down; its rule comes first.
-        let dead = !0b10;
-        let with = |fb: u32| {
-            table(&[
-                Rule {
-                    fallback: fb as u8,
-                    ..to(1)
+        let m = ALL_RULES;
+        let dead_1 = !0b10;
+        for (fb, want) in [
+            (
+                fallback::NEXT,
+                Decision::Policy {
+                    policy: 2,
+                    rule: Some(1),
                 },
-                to(2),
-            ])
-        };
-        assert_eq!(
-            decide(&with(fallback::NEXT), &p, dead),
-            Decision::Policy {
-                policy: 2,
-                rule: Some(1)
-            }
-        );
-        assert_eq!(
-            decide(&with(fallback::DEFAULT), &p, dead),
-            Decision::Policy {
-                policy: 0,
-                rule: None
-            }
-        );
-        assert_eq!(
-            decide(&with(fallback::DROP), &p, dead),
-            Decision::Drop { policy: 1, rule: 0 }
-        );
-        assert_eq!(
-            decide(&with(fallback::UNREACHABLE), &p, dead),
-            Decision::Unreachable { policy: 1, rule: 0 }
-        );
-        let kernel = table(&[to(ACTION_KERNEL), to(1)]);
-        assert_eq!(decide(&kernel, &p, LIVE), Decision::Kernel { rule: 0 });
+            ),
+            (fallback::DEFAULT, NO_MATCH),
+            (fallback::DROP, Decision::Drop { policy: 1, rule: 0 }),
+            (
+                fallback::UNREACHABLE,
+                Decision::Unreachable { policy: 1, rule: 0 },
+            ),
+        ] {
+            let mut t = table(&[1, 2], &[fb, fallback::NEXT]);
+            let flow = matching_only(&mut t, &m);
+            assert_eq!(
+                decide(&t, &flow, dead_1),
+                want,
+                "fallback {}",
+                fallback::name(fb)
+            );
+        }
+        let mut t = table(&[ACTION_KERNEL, 1], &[fallback::NEXT; 2]);
+        let flow = matching_only(&mut t, &m);
+        assert_eq!(decide(&t, &flow, 0), Decision::Kernel { rule: 0 });
     }
 
     #[test]
-    fn the_walk_stops_at_the_count() {
-        let mut t = table(&[Rule {
-            proto: 99,
-            action: 1,
-            ..ANY
-        }]);
-        // A rule past the count, which would match, is never looked at.
-        t.rules[1] = Rule { action: 3, ..ANY };
-        let p = pkt([10, 0, 0, 1], [1, 1, 1, 1], IPPROTO_TCP, 80);
+    fn bits_past_the_count_never_decide() {
+        let mut t = table(&[1], &[fallback::NEXT]);
+        set_bit(&mut t.by_policy[3], 200);
+        let m = bits(&[200]);
+        let flow = matching_only(&mut t, &m);
+        assert_eq!(decide(&t, &flow, u32::MAX), NO_MATCH);
+        // The lowest usable bit, past the first word.
+        let mut t = table(&[1; 200], &[fallback::NEXT; 200]);
+        let m = bits(&[70, 130]);
+        let flow = matching_only(&mut t, &m);
         assert_eq!(
-            decide(&t, &p, LIVE),
+            decide(&t, &flow, 0b10),
             Decision::Policy {
-                policy: 0,
-                rule: None
+                policy: 1,
+                rule: Some(70)
             }
         );
-        t.count = u32::MAX;
-        assert_eq!(
-            decide(&t, &p, LIVE),
+        assert!(has_bit(&m, 130) && !has_bit(&m, 131) && !has_bit(&m, 999));
+    }
+
+    #[test]
+    fn the_lowest_bit_is_found_in_plain_arithmetic() {
+        assert_eq!(lowest_bit(0), 64);
+        for i in 0..64 {
+            assert_eq!(lowest_bit(1 << i), i);
+            assert_eq!(lowest_bit(u64::MAX << i), i);
+            assert_eq!(lowest_bit((1 << i) | (1 << 63)), i);
+        }
+    }
+
+    #[test]
+    fn a_decision_fits_one_word_and_back() {
+        for d in [
+            NO_MATCH,
             Decision::Policy {
-                policy: 3,
-                rule: Some(1)
+                policy: 15,
+                rule: Some(255),
             },
-            "a count beyond the table is bounded by it"
-        );
+            Decision::Kernel { rule: 0 },
+            Decision::Drop { policy: 3, rule: 7 },
+            Decision::Unreachable {
+                policy: 1,
+                rule: 200,
+            },
+        ] {
+            assert_eq!(Decision::from_word(d.to_word()), d);
+        }
     }
 
     #[test]

@@ -1326,9 +1326,58 @@ fn set_policy(h: &mut Harness, index: u32, uplink: Option<u32>, fallback: u32) {
     h.dp.set_policy(index, Some(&t), policy).expect("policy");
 }
 
+/// The rules of [`the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback`],
+/// with `server_net` the third rule's destination.
+fn policy_config(server_net: &str) -> lb_daemon::config::Config {
+    let text = format!(
+        r#"
+[[lan]]
+interface = "lan0"
+[[uplink]]
+name = "a"
+interface = "wan0"
+[[uplink]]
+name = "b"
+interface = "wan1"
+[[policy]]
+name = "one"
+uplinks = ["b"]
+fallback = "drop"
+[[policy]]
+name = "two"
+uplinks = ["a"]
+fallback = "unreachable"
+# DSCP EF goes to the kernel, whatever else it is.
+[[rule]]
+dscp = "EF"
+policy = "kernel"
+# UDP to 50-60: policy one.
+[[rule]]
+proto = "udp"
+dst_port = "50-60"
+policy = "one"
+# TCP to the server's network: policy two.
+[[rule]]
+proto = "tcp"
+dst = ["{server_net}", "203.0.113.0/24"]
+policy = "two"
+# Shadowed by the one before for TCP to the server's network.
+[[rule]]
+proto = "tcp"
+policy = "one"
+"#
+    );
+    lb_daemon::config::parse(&text, "lbd.toml").expect("a valid configuration")
+}
+
+/// lbd's compiler and converge write the rules (bit vectors, port
+/// entries, the prefix trie) as the data plane reads them: first match,
+/// port ranges, prefixes, DSCP to the kernel, fallbacks; a reload writes
+/// a new generation, flips to it and removes the old one's prefixes.
 #[test]
 fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
-    use lb_common::policy::{fallback, Rule, RuleTable, ACTION_KERNEL, ANY, SET_DST};
+    use lb_common::policy::{fallback, DST_SIDE};
+    use lb_daemon::reconcile::policies::Policies;
     if !is_root() {
         return;
     }
@@ -1337,63 +1386,13 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
     // 1 only, answering "unreachable" when it cannot.
     set_policy(&mut h, 1, Some(1), fallback::DROP);
     set_policy(&mut h, 2, Some(0), fallback::UNREACHABLE);
-    // The server's /24 is in prefix set (bit) 2.
-    h.dp.write_prefixes(&[((Ipv4Addr::new(198, 51, 100, 0), 24), 2)])
-        .expect("prefixes");
-    // Written in batches: removing a prefix that is not there is fine,
-    // and the rest of the batch still goes in.
-    let other = Ipv4Addr::new(192, 0, 2, 1);
-    h.dp.write_prefixes(&[
-        ((Ipv4Addr::new(203, 0, 113, 0), 24), 0),
-        ((Ipv4Addr::new(192, 0, 2, 0), 24), 0),
-        ((Ipv4Addr::new(192, 0, 2, 0), 25), 4),
-    ])
-    .expect("removing what is not there is fine");
-    assert_eq!(h.dp.sets_of(other).expect("lookup"), 4);
-    assert_eq!(h.dp.sets_of(Ipv4Addr::from(SERVER)).expect("lookup"), 2);
-    h.dp.write_prefixes(&[((Ipv4Addr::new(192, 0, 2, 0), 25), 0)])
-        .expect("removing");
-    assert_eq!(h.dp.sets_of(other).expect("lookup"), 0);
-    let mut rules = RuleTable::empty();
-    let list = [
-        // DSCP EF goes to the kernel, whatever else it is.
-        Rule {
-            dscp: 46,
-            action: ACTION_KERNEL,
-            origin: 1,
-            ..ANY
-        },
-        // UDP to 50-60: policy 1.
-        Rule {
-            proto: 17,
-            dst_port_min: 50,
-            dst_port_max: 60,
-            action: 1,
-            fallback: fallback::DROP as u8,
-            origin: 2,
-            ..ANY
-        },
-        // TCP to the server's set: policy 2.
-        Rule {
-            proto: 6,
-            dst_set: 2,
-            action: 2,
-            fallback: fallback::UNREACHABLE as u8,
-            origin: 3,
-            ..ANY
-        },
-        // Shadowed by the one before: never reached for TCP to the set.
-        Rule {
-            proto: 6,
-            action: 1,
-            origin: 4,
-            ..ANY
-        },
-    ];
-    rules.rules[..list.len()].copy_from_slice(&list);
-    rules.count = list.len() as u32;
-    rules.set_sides = SET_DST;
-    h.dp.set_rules(&rules).expect("rules");
+    let mut policies = Policies::default();
+    let first = h.dp.rule_generation();
+    let written = policies
+        .converge(&policy_config("198.51.100.0/24"), &mut h.dp)
+        .expect("rules");
+    assert_eq!(written, 2, "two destination prefixes");
+    assert_ne!(h.dp.rule_generation(), first, "a new generation is live");
 
     for port in 9600..9632u16 {
         assert_eq!(
@@ -1457,4 +1456,32 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
     assert_eq!(&out[42..62], &syn[14..34], "the SYN's header is quoted");
     assert_eq!(&out[0..6], &CLIENT_MAC, "back to the client");
     assert_eq!(h.dp.policy_stats(2).expect("stats").unreachable, 1);
+
+    // A reload moves the server's network out of rule 3: new TCP
+    // connections to it fall to rule 4 (policy 1, uplink 2, live again).
+    set_policy(&mut h, 1, Some(1), fallback::DROP);
+    let old = h.dp.rule_generation();
+    let server = Ipv4Addr::from(SERVER);
+    assert!(h
+        .dp
+        .prefix_rules(old, DST_SIDE, server)
+        .expect("lookup")
+        .is_some());
+    policies
+        .converge(&policy_config("192.0.2.0/24"), &mut h.dp)
+        .expect("rules again");
+    assert_ne!(h.dp.rule_generation(), old, "flipped");
+    assert_eq!(
+        h.dp.prefix_rules(old, DST_SIDE, server).expect("lookup"),
+        None,
+        "the old generation's prefixes are gone"
+    );
+    assert_eq!(uplink_of(&h.lan(&tcp(9900)).1), 2, "rule 4 now");
+    assert_eq!(
+        policies
+            .converge(&policy_config("192.0.2.0/24"), &mut h.dp)
+            .expect("unchanged"),
+        0,
+        "an unchanged reload writes nothing"
+    );
 }

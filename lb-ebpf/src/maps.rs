@@ -12,9 +12,12 @@ use lb_common::{
         BucketTable, FlowKey, FlowValue, FragKey, FragValue, LanPort, NatKey, NatValue,
         PolicyStats, Settings, Signals, UplinkInfo, UplinkStats,
     },
-    policy::{Policy, RuleTable, StickyKey, StickyValue, MAX_POLICIES},
+    policy::{
+        Flow, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, MAX_POLICIES,
+        PORT_GENERATION,
+    },
     reason, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, MAX_LANS, MAX_LAN_PORTS,
-    MAX_UPLINKS, PREFIX_SET_ENTRIES,
+    MAX_UPLINKS, PREFIX_ENTRIES,
 };
 
 /// Global knobs, one entry.
@@ -27,21 +30,27 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 pub static BUCKETS: Array<BucketTable> = Array::with_max_entries(2 * MAX_POLICIES, 0);
 
-/// The operator's rules, compiled: two whole tables, one map value each;
+/// The operator's rules, compiled: one whole table per generation;
 /// `Settings::active_rules` says which is live.
 #[map]
 pub static RULES: Array<RuleTable> = Array::with_max_entries(2, 0);
+
+/// Port -> the rules it matches, per generation and side
+/// (`lb_common::policy::port_index`).
+#[map]
+pub static PORT_BITS: Array<RuleBits> = Array::with_max_entries(2 * PORT_GENERATION, 0);
 
 /// Policy index -> its live bucket table, the uplinks that take its new
 /// flows, its fallback and stickiness.
 #[map]
 pub static POLICIES: Array<Policy> = Array::with_max_entries(MAX_POLICIES, 0);
 
-/// Every prefix of every set the rules use, in one trie: the value of a
-/// prefix has the bit of each set that holds it or a prefix covering it,
-/// so one lookup tells all the sets an address is in.
+/// Every prefix the rules name, inline or from files, per generation and
+/// side (`lb_common::policy::PrefixKey`): the value of a prefix has the
+/// bit of each rule that names it or a prefix covering it, so one
+/// longest-prefix lookup tells every rule an address matches.
 #[map]
-pub static PREFIX_SETS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(PREFIX_SET_ENTRIES, 0);
+pub static PREFIXES: LpmTrie<PrefixKey, RuleBits> = LpmTrie::with_max_entries(PREFIX_ENTRIES, 0);
 
 /// Sticky clients: (policy, client, destination network) -> its uplink.
 /// LRU: when full, the least recently used client loses its stickiness.
@@ -49,9 +58,16 @@ pub static PREFIX_SETS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(PREFIX
 pub static STICKY: LruHashMap<StickyKey, StickyValue> =
     LruHashMap::with_max_entries(DEFAULT_STICKY_ENTRIES, 0);
 
-/// LAN port ifindex -> its LAN classes and the router's address there.
+/// LAN port ifindex -> the rules that name it (per generation) and the
+/// router's address there.
 #[map]
 pub static LAN_CLASSES: HashMap<u32, LanPort> = HashMap::with_max_entries(MAX_LAN_PORTS, 0);
+
+/// Room for the flow being classified (one per CPU): the rules' bit
+/// vectors do not fit on the BPF stack beside the rest. Never pinned:
+/// nothing in it outlives a packet.
+#[map]
+pub static CLASSIFYING: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters per policy.
 #[map]

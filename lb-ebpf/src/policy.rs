@@ -2,10 +2,14 @@
 //! (`lb_common::policy::decide`, the same code `lbctl explain` runs), the
 //! policy's sticky entry or bucket table picks the uplink.
 //!
-//! Owns the reads of `RULES`, `POLICIES`, `PREFIX_SETS`, `STICKY` and
-//! `LAN_CLASSES`, and the ICMP error of `fallback = unreachable`. Only new
-//! flows (and flows that must move) come here: an established packet never
-//! pays for a rule.
+//! Owns the reads of `RULES`, `PORT_BITS`, `PREFIXES`, `POLICIES`,
+//! `STICKY` and `LAN_CLASSES`, and the ICMP error of `fallback =
+//! unreachable`. The rules cost a new flow one lookup per field they use
+//! (two prefix tries, two port entries, the LAN port), however many there
+//! are, and no loop. Only new flows (and flows that must move) come here:
+//! an established packet never pays for a rule.
+
+use core::ops::ControlFlow;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_TX, helpers::bpf_xdp_adjust_tail, maps::lpm_trie::Key,
@@ -16,18 +20,16 @@ use lb_common::{
     icmp,
     maps::{uplink_state, FlowKey, LanPort, PolicyStats},
     policy::{
-        self, fallback, sticky_holds, Decision, Packet, Policy, RuleTable, StickyKey, StickyValue,
-        DEFAULT_POLICY, SET_DST, SET_SRC,
+        self, fallback, lookup, port_index, sticky_holds, Decision, Found, Policy, PrefixKey,
+        RuleBits, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY, DST_SIDE, NO_RULES, SRC_SIDE,
     },
     reason, table, NO_UPLINK,
 };
 
-use core::ops::ControlFlow;
-
 use crate::{
-    count,
     maps::{
-        BUCKETS, LAN_CLASSES, POLICIES, POLICY_STATS, PREFIX_SETS, RULES, SETTINGS, STICKY, UPLINKS,
+        BUCKETS, CLASSIFYING, LAN_CLASSES, POLICIES, POLICY_STATS, PORT_BITS, PREFIXES, RULES,
+        SETTINGS, STICKY, UPLINKS,
     },
     parse::{self, EthHdr, Ipv4Packet},
     stats,
@@ -60,26 +62,7 @@ pub fn place(
     };
     let tuple = tuple(key);
     let hash = hash::classify(settings.seed, settings.mode, &tuple);
-    let decision = match RULES.get(settings.active_rules & 1) {
-        Some(rules) if rules.count > 0 => {
-            let view = packet(ctx, pkt, &tuple, rules);
-            let mut decision = policy::NO_MATCH;
-            count::up_to(policy::MAX_RULES, |i| {
-                match policy::step(rules, &view, settings.live_policies, i) {
-                    Some(d) => {
-                        decision = d;
-                        ControlFlow::Break(())
-                    }
-                    None => ControlFlow::Continue(()),
-                }
-            });
-            decision
-        }
-        _ => Decision::Policy {
-            policy: DEFAULT_POLICY,
-            rule: None,
-        },
-    };
+    let decision = decision(ctx, pkt, &tuple);
     let policy = match decision {
         Decision::Kernel { .. } => return Placement::Kernel,
         Decision::Drop { policy, .. } => {
@@ -127,6 +110,55 @@ pub fn place(
     }
 }
 
+/// What the rules decide for a new flow.
+#[inline(always)]
+fn decision(ctx: &XdpContext, pkt: &Ipv4Packet, tuple: &Tuple) -> Decision {
+    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
+    let tos = unsafe { (*pkt.ip).tos };
+    let addrs = u64::from(tuple.src_addr) << 32 | u64::from(tuple.dst_addr);
+    let ports = u64::from(tuple.src_port) << 16 | u64::from(tuple.dst_port);
+    let meta = u64::from(tuple.proto)
+        | u64::from(tos) << 8
+        | u64::from(ctx.ingress_ifindex() as u32) << 32;
+    Decision::from_word(lb_rules_decide(addrs, ports, meta))
+}
+
+/// [`decision`]'s work, as a global BPF function: one that takes and
+/// returns only scalars (the flow packed into three words, the decision
+/// into one) is checked by the verifier once, on its own, rather than
+/// once for every path of `lan_ingress` that reaches it; and it has a
+/// stack frame of its own for the rules' bit vectors.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn lb_rules_decide(addrs: u64, ports: u64, meta: u64) -> u64 {
+    let tuple = Tuple {
+        src_addr: (addrs >> 32) as u32,
+        dst_addr: addrs as u32,
+        src_port: (ports >> 16) as u16,
+        dst_port: ports as u16,
+        proto: meta as u8,
+    };
+    let tos = (meta >> 8) as u8;
+    let ifindex = (meta >> 32) as u32;
+    let Some(settings) = SETTINGS.get(0) else {
+        return policy::NO_MATCH.to_word();
+    };
+    let generation = settings.active_rules & 1;
+    let decision = match (RULES.get(generation), CLASSIFYING.get_ptr_mut(0)) {
+        (Some(rules), Some(flow)) if rules.count > 0 => {
+            // SAFETY: this CPU's slot, used by this program alone and
+            // only until it returns.
+            let flow = unsafe { &mut *flow };
+            flow.proto = tuple.proto;
+            flow.dscp = policy::dscp_of(tos);
+            find(&mut flow.found, ifindex, rules, generation, &tuple);
+            policy::decide(rules, flow, settings.live_policies)
+        }
+        _ => policy::NO_MATCH,
+    };
+    decision.to_word()
+}
+
 /// An uplink of `policy` for the flow: its sticky client's, while that
 /// holds, else its bucket's (`lb_common::table::steer`, so a state write
 /// alone moves new flows off a dead uplink).
@@ -163,7 +195,7 @@ fn within(
     let table = BUCKETS.get(info.table_index(policy))?;
     // `table::steer`, its turns in a loop the verifier checks once.
     let mut steered = None;
-    count::up_to(table::STEER_ATTEMPTS, |attempt| {
+    crate::count::up_to(table::STEER_ATTEMPTS, |attempt| {
         steered = table::steer_at(
             hash,
             attempt,
@@ -198,47 +230,61 @@ fn takes_new(uplink: u32) -> bool {
     })
 }
 
-/// The prefix sets (bits) that hold `addr` (host order).
+/// Into `out`, the rules of `generation` that `addr` (host order)
+/// matches on `side`: a longest-prefix lookup. (Results are written in
+/// place, never returned: the classifier's stack frame and the one that
+/// calls it must fit the kernel's 512 bytes together.)
 #[inline(always)]
-fn sets_of(addr: u32) -> u32 {
-    PREFIX_SETS
-        .get(&Key::new(32, addr.to_be_bytes()))
-        .copied()
-        .unwrap_or(0)
+fn by_prefix(out: &mut RuleBits, generation: u32, side: u32, addr: u32) {
+    let key = PrefixKey::new(generation, side, addr.to_be_bytes());
+    *out = match PREFIXES.get(Key::new(PrefixKey::TAG_BITS + 32, key)) {
+        Some(bits) => *bits,
+        None => NO_RULES,
+    };
 }
 
-/// The packet as the rules see it.
+/// Into `out`, the rules of `generation` that `port` matches on `side`.
 #[inline(always)]
-fn packet(ctx: &XdpContext, pkt: &Ipv4Packet, tuple: &Tuple, rules: &RuleTable) -> Packet {
-    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
-    let tos = unsafe { (*pkt.ip).tos };
-    let port = ctx.ingress_ifindex() as u32;
-    Packet {
-        src: tuple.src_addr,
-        dst: tuple.dst_addr,
-        src_port: tuple.src_port,
-        dst_port: tuple.dst_port,
-        proto: tuple.proto,
-        dscp: Packet::dscp_of(tos),
-        lan_classes: lan_port(port).map_or(0, |p| p.classes),
-        src_sets: if rules.set_sides & SET_SRC != 0 {
-            sets_of(tuple.src_addr)
-        } else {
-            0
-        },
-        dst_sets: if rules.set_sides & SET_DST != 0 {
-            sets_of(tuple.dst_addr)
-        } else {
-            0
-        },
+fn by_port(out: &mut RuleBits, generation: u32, side: u32, port: u16) {
+    *out = match PORT_BITS.get(port_index(generation, side, port)) {
+        Some(bits) => *bits,
+        None => NO_RULES,
+    };
+}
+
+/// What the flow's lookups find, into `found`: only the fields some rule
+/// constrains are looked up (the others as `Found::portless`).
+#[inline(always)]
+fn find(found: &mut Found, ifindex: u32, rules: &RuleTable, generation: u32, tuple: &Tuple) {
+    let wants = |flag: u32| rules.lookups & flag != 0;
+    found.src = NO_RULES;
+    found.dst = NO_RULES;
+    found.lan = NO_RULES;
+    found.src_port = rules.any_ports;
+    found.dst_port = rules.any_ports;
+    if wants(lookup::SRC) {
+        by_prefix(&mut found.src, generation, SRC_SIDE, tuple.src_addr);
+    }
+    if wants(lookup::DST) {
+        by_prefix(&mut found.dst, generation, DST_SIDE, tuple.dst_addr);
+    }
+    if wants(lookup::PORTS) && policy::has_ports(tuple.proto) {
+        by_port(&mut found.src_port, generation, SRC_SIDE, tuple.src_port);
+        by_port(&mut found.dst_port, generation, DST_SIDE, tuple.dst_port);
+    }
+    if wants(lookup::LAN) {
+        if let Some(p) = lan_port(ifindex) {
+            found.lan = p.rules[(generation & 1) as usize];
+        }
     }
 }
 
 /// What `LAN_CLASSES` says of LAN port `ifindex`.
 #[inline(always)]
-fn lan_port(ifindex: u32) -> Option<LanPort> {
-    // SAFETY: a copy out of the map's value; lbd writes whole entries.
-    LAN_CLASSES.get_ptr(&ifindex).map(|p| unsafe { *p })
+fn lan_port(ifindex: u32) -> Option<&'static LanPort> {
+    // SAFETY: a reference into the map's value, which lbd only replaces
+    // whole (the kernel frees an old value after the readers are gone).
+    unsafe { LAN_CLASSES.get(&ifindex) }
 }
 
 #[inline(always)]

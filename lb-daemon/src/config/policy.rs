@@ -26,12 +26,9 @@ pub const MAX_POLICIES: usize = lb_common::policy::MAX_POLICIES as usize - 1;
 /// Most rules once compiled (a `[[rule]]` with several port ranges is
 /// several); the data plane walks at most this many.
 pub const MAX_COMPILED_RULES: usize = lb_common::policy::MAX_RULES as usize;
-/// Most distinct LAN names the rules can use (bits of a LAN port's class).
-pub const MAX_LAN_NAMES: usize = 32;
-/// Most prefix sets (a side of a rule with several prefixes or files):
-/// the data plane has room for twice as many, so that each can be
-/// reloaded beside the one it replaces.
-pub const MAX_SETS: usize = lb_common::policy::MAX_SETS as usize / 2;
+/// Most prefixes the rules can name on one side (source or destination),
+/// inline and in files, a file counted once however many rules name it.
+pub const MAX_SIDE_PREFIXES: usize = lb_common::MAX_SIDE_PREFIXES as usize;
 /// Names a policy cannot have: they mean something else in a rule.
 const RESERVED: [&str; 2] = ["default", "kernel"];
 
@@ -316,7 +313,6 @@ impl Checker<'_> {
     ) -> Vec<RuleConfig> {
         let mut out: Vec<RuleConfig> = Vec::new();
         let mut compiled = 0;
-        let mut lan_names: Vec<String> = Vec::new();
         for (i, rule) in raw.iter().enumerate() {
             let table = rule.span();
             let r = rule.get_ref();
@@ -332,11 +328,6 @@ impl Checker<'_> {
                     })
                 })
                 .unwrap_or_default();
-            for l in &lan {
-                if !lan_names.contains(l) {
-                    lan_names.push(l.clone());
-                }
-            }
             let src = self.addresses(&r.src, &r.src_file, s, "src");
             let dst = self.addresses(&r.dst, &r.dst_file, s, "dst");
             let proto = self.field(&r.proto, s, "proto", parse_proto);
@@ -430,32 +421,34 @@ impl Checker<'_> {
             }
             out.push(config);
         }
-        let sets = out
-            .iter()
-            .flat_map(|r| [&r.src, &r.dst])
-            .filter(|m| m.files.len() + usize::from(m.inline.len() > 1) > 0)
-            .count();
-        if sets > MAX_SETS {
-            self.report(
-                raw.first().map(|r| r.span()).as_ref(),
-                "rule",
-                None,
-                format!(
-                    "the rules use {sets} prefix lists and files; at most {MAX_SETS} are \
-                     supported (merge some into one file)"
-                ),
-            );
-        }
-        if lan_names.len() > MAX_LAN_NAMES {
-            self.report(
-                raw.first().map(|r| r.span()).as_ref(),
-                "rule",
-                Some("lan"),
-                format!(
-                    "the rules name {} LAN interfaces; at most {MAX_LAN_NAMES} can be told apart",
-                    lan_names.len()
-                ),
-            );
+        for (side, of) in [
+            (
+                "src",
+                (|r: &RuleConfig| &r.src) as fn(&RuleConfig) -> &AddressMatch,
+            ),
+            ("dst", |r: &RuleConfig| &r.dst),
+        ] {
+            let mut files = std::collections::BTreeMap::new();
+            let mut inline = 0;
+            for m in out.iter().map(of) {
+                inline += m.inline.len();
+                for f in &m.files {
+                    files.insert(&f.path, f.prefixes.len());
+                }
+            }
+            let total = inline + files.values().sum::<usize>();
+            if total > MAX_SIDE_PREFIXES {
+                self.report(
+                    raw.first().map(|r| r.span()).as_ref(),
+                    "rule",
+                    Some(side),
+                    format!(
+                        "the rules name {total} {side} prefixes (inline and in files); at most \
+                         {MAX_SIDE_PREFIXES} fit in the data plane: shorten the files, or \
+                         merge prefixes into shorter ones"
+                    ),
+                );
+            }
         }
         out
     }

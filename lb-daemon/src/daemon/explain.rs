@@ -283,59 +283,67 @@ impl Daemon {
         on: &On,
         why: &mut Vec<String>,
     ) -> std::result::Result<(u32, Option<u32>), &'static str> {
-        use lb_common::policy::{decide, Decision, Packet};
+        use lb_common::policy::{
+            decide, lookup, Decision, Flow, Found, DST_SIDE, NO_RULES, SRC_SIDE,
+        };
         let Some(compiled) = self.policies.compiled() else {
             return Ok((lb_common::policy::DEFAULT_POLICY, None));
         };
-        let rules = compiled.rules;
+        let rules = &compiled.table;
         if rules.count == 0 {
             return Ok((lb_common::policy::DEFAULT_POLICY, None));
         }
-        let lan_classes = match &on.lan {
-            Some(port) => {
+        // The data plane's own maps, in the live generation, looked up as
+        // the data plane looks them up.
+        let dp = &self.dataplane;
+        let generation = dp.rule_generation();
+        let wants = |flag: u32| rules.lookups & flag != 0;
+        let lan = match (&on.lan, wants(lookup::LAN)) {
+            (Some(port), true) => {
                 let ifindex = std::fs::read_to_string(format!("/sys/class/net/{port}/ifindex"))
                     .ok()
                     .and_then(|s| s.trim().parse::<u32>().ok());
-                let classes = self.dataplane.lan_ports().ok().and_then(|ports| {
+                let found = dp.lan_ports().ok().and_then(|ports| {
                     ports
                         .into_iter()
                         .find(|(i, _)| Some(*i) == ifindex)
-                        .map(|(_, p)| p.classes)
+                        .map(|(_, p)| p.rules[generation as usize])
                 });
-                if classes.is_none() {
+                if found.is_none() {
                     why.push(format!(
                         "{port} is not a LAN port lb is attached to: rules on a LAN do not match"
                     ));
                 }
-                classes.unwrap_or(0)
+                found
             }
-            None => 0,
+            _ => None,
         };
-        let pkt = Packet {
-            src: tuple.src_addr,
-            dst: tuple.dst_addr,
-            src_port: tuple.src_port,
-            dst_port: tuple.dst_port,
+        let prefix = |side: u32, addr: u32| {
+            dp.prefix_rules(generation, side, std::net::Ipv4Addr::from(addr))
+                .ok()
+                .flatten()
+                .unwrap_or(NO_RULES)
+        };
+        let mut found = Found::portless(rules);
+        if wants(lookup::SRC) {
+            found.src = prefix(SRC_SIDE, tuple.src_addr);
+        }
+        if wants(lookup::DST) {
+            found.dst = prefix(DST_SIDE, tuple.dst_addr);
+        }
+        if wants(lookup::PORTS) && lb_common::policy::has_ports(tuple.proto) {
+            let port =
+                |side: u32, port: u16| dp.port_rules(generation, side, port).unwrap_or(NO_RULES);
+            found.src_port = port(SRC_SIDE, tuple.src_port);
+            found.dst_port = port(DST_SIDE, tuple.dst_port);
+        }
+        found.lan = lan.unwrap_or(NO_RULES);
+        let flow = Flow {
             proto: tuple.proto,
             dscp: on.dscp.unwrap_or(0),
-            lan_classes,
-            src_sets: 0,
-            dst_sets: 0,
+            found,
         };
-        let sets = |addr: u32, side: u32| {
-            if rules.set_sides & side == 0 {
-                return 0;
-            }
-            self.dataplane
-                .sets_of(std::net::Ipv4Addr::from(addr))
-                .unwrap_or(0)
-        };
-        let pkt = Packet {
-            src_sets: sets(tuple.src_addr, lb_common::policy::SET_SRC),
-            dst_sets: sets(tuple.dst_addr, lb_common::policy::SET_DST),
-            ..pkt
-        };
-        let decision = decide(&rules, &pkt, self.dataplane.live_policies());
+        let decision = decide(rules, &flow, dp.live_policies());
         let origin = |i: u32| rules.rules.get(i as usize).map_or(0, |r| r.origin);
         let line = |i: u32| {
             self.config
@@ -344,7 +352,7 @@ impl Daemon {
                 .map_or(0, |r| r.line)
         };
         let name = |p: u32| policies::policy_name(&self.config, p);
-        if on.lan.is_none() && compiled.lan_names.iter().any(|_| true) {
+        if on.lan.is_none() && !compiled.lan_names.is_empty() {
             why.push("no --lan given: rules on a LAN port are taken as not matching".into());
         }
         match decision {

@@ -36,7 +36,10 @@ use lb_common::{
         name, program, settings_flags, BucketTable, LanPort, PolicyStats, Settings, Signals,
         UplinkInfo, UplinkStats,
     },
-    policy::{Policy, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY, MAX_POLICIES},
+    policy::{
+        port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY,
+        DST_SIDE, MAX_POLICIES, SRC_SIDE,
+    },
     reason,
     table::Table,
     MAX_UPLINKS, NO_UPLINK,
@@ -445,88 +448,162 @@ impl Dataplane {
         self.policies.get(index as usize).copied()
     }
 
-    /// Make `rules` the live rules in one step: the idle one of the two
-    /// rule tables is written (one map write), then `active_rules` flips.
-    pub fn set_rules(&mut self, rules: &RuleTable) -> Result<()> {
-        let idle = (self.settings.active_rules & 1) ^ 1;
+    /// The live generation of the compiled rules (0 or 1).
+    pub fn rule_generation(&self) -> u32 {
+        self.settings.active_rules & 1
+    }
+
+    /// Write `generation`'s rule table (the idle generation's: the live
+    /// one is never written in place).
+    pub fn write_rule_table(&mut self, generation: u32, rules: &RuleTable) -> Result<()> {
         self.array::<RuleTable>(name::RULES)?
-            .set(idle, *rules, 0)
-            .context("writing the rule table")?;
-        self.settings.active_rules = idle;
+            .set(generation & 1, *rules, 0)
+            .context("writing the rule table")
+    }
+
+    /// Make `generation` the live rules: one write, after which every new
+    /// flow is classified by it alone.
+    pub fn flip_rules(&mut self, generation: u32) -> Result<()> {
+        self.settings.active_rules = generation & 1;
         self.write_settings()
     }
 
     /// The live rules.
     pub fn rules(&mut self) -> Result<RuleTable> {
-        let active = self.settings.active_rules & 1;
+        let live = self.rule_generation();
         self.array::<RuleTable>(name::RULES)?
-            .get(&active, 0)
+            .get(&live, 0)
             .context("reading the rule table")
     }
 
-    /// The file descriptor of trie `map`, for the batch calls.
-    fn trie_fd(&self, map: &str) -> Result<std::os::fd::BorrowedFd<'_>> {
+    /// The file descriptor of map `map`, for the batch calls.
+    fn fd(&self, map: &str) -> Result<std::os::fd::BorrowedFd<'_>> {
         match self.ebpf.map(map) {
-            Some(Map::LpmTrie(data)) => Ok(data.fd().as_fd()),
+            Some(Map::Array(data)) | Some(Map::LpmTrie(data)) => Ok(data.fd().as_fd()),
             Some(_) => Err(anyhow!("map {map} has an unexpected type")),
             None => Err(anyhow!("map {map} missing")),
         }
     }
 
-    /// Write prefix-trie entries: each prefix with the set bits it gets
-    /// (zero: remove it). Many entries a system call (a million-prefix
-    /// file is a million entries); a prefix to remove that is not there
-    /// is fine.
-    pub fn write_prefixes(&mut self, entries: &[((Ipv4Addr, u8), u32)]) -> Result<()> {
-        let key =
-            |&((addr, len), _): &((Ipv4Addr, u8), u32)| Key::new(u32::from(len), addr.octets());
-        let (gone, kept): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.1 == 0);
-        let keys: Vec<Key<[u8; 4]>> = kept.iter().map(|&e| key(e)).collect();
-        let values: Vec<u32> = kept.iter().map(|e| e.1).collect();
-        let fd = self.trie_fd(name::PREFIX_SETS)?;
-        batch::update(&fd, &keys, &values).map_err(|e| {
-            let at = kept
+    /// Write `generation`'s prefix entries of `side`: each prefix (network
+    /// in host order, length) with the rules it matches. One batch.
+    pub fn write_prefixes(
+        &mut self,
+        generation: u32,
+        side: u32,
+        entries: &[((u32, u8), RuleBits)],
+    ) -> Result<()> {
+        let keys: Vec<Key<PrefixKey>> = entries
+            .iter()
+            .map(|&((addr, len), _)| prefix_key(generation, side, addr, len))
+            .collect();
+        let values: Vec<RuleBits> = entries.iter().map(|e| e.1).collect();
+        batch::update(&self.fd(name::PREFIXES)?, &keys, &values).map_err(|e| {
+            let at = entries
                 .get(e.done)
-                .map_or_else(String::new, |((a, l), _)| format!(" {a}/{l}"));
+                .map_or_else(String::new, |&((a, l), _)| {
+                    format!(" at {}/{l}", Ipv4Addr::from(a))
+                });
             anyhow!(
-                "adding{at} to the prefix sets: {} (they hold at most {} prefixes in all)",
+                "writing the rules' prefixes{at}: {} (the trie holds at most {} prefixes a \
+                 side)",
                 e.error,
-                lb_common::PREFIX_SET_ENTRIES
+                lb_common::MAX_SIDE_PREFIXES
             )
-        })?;
-        let keys: Vec<Key<[u8; 4]>> = gone.iter().map(|&e| key(e)).collect();
-        let mut from = 0;
-        while from < keys.len() {
-            match batch::delete(&fd, &keys[from..]) {
-                Ok(()) => break,
-                // Not there: skip it, go on with the next.
-                Err(e) if e.error.raw_os_error() == Some(libc::ENOENT) => from += e.done + 1,
-                Err(e) => {
-                    return Err(anyhow!(
-                        "removing prefixes from the prefix sets: {} (at entry {})",
-                        e.error,
-                        from + e.done
-                    ))
-                }
-            }
-        }
-        Ok(())
+        })
     }
 
-    /// The prefix sets (bits) that hold `addr`: a longest-prefix lookup,
-    /// as the data plane's.
-    pub fn sets_of(&self, addr: Ipv4Addr) -> Result<u32> {
+    /// Remove `generation`'s prefixes `prefixes` of `side` (as written).
+    pub fn remove_prefixes(
+        &mut self,
+        generation: u32,
+        side: u32,
+        prefixes: impl Iterator<Item = (u32, u8)>,
+    ) -> Result<()> {
+        let keys: Vec<Key<PrefixKey>> = prefixes
+            .map(|(addr, len)| prefix_key(generation, side, addr, len))
+            .collect();
+        batch::delete(&self.fd(name::PREFIXES)?, &keys).map_err(|e| {
+            anyhow!(
+                "removing the rules' old prefixes: {} (at entry {})",
+                e.error,
+                e.done
+            )
+        })
+    }
+
+    /// Remove every prefix of `generation`, whoever wrote it: for an
+    /// adopted data plane, whose idle generation lbd knows nothing of.
+    pub fn clear_prefixes(&mut self, generation: u32) -> Result<usize> {
         let m = self
             .ebpf
-            .map(name::PREFIX_SETS)
-            .context("map PREFIX_SETS missing")?;
-        let trie: LpmTrie<&MapData, [u8; 4], u32> =
-            LpmTrie::try_from(m).context("map PREFIX_SETS has an unexpected type")?;
-        match trie.get(&Key::new(32, addr.octets()), 0) {
-            Ok(bits) => Ok(bits),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(0),
-            Err(e) => Err(e).context("looking into PREFIX_SETS"),
+            .map(name::PREFIXES)
+            .context("map PREFIXES missing")?;
+        let trie: LpmTrie<&MapData, PrefixKey, RuleBits> =
+            LpmTrie::try_from(m).context("map PREFIXES has an unexpected type")?;
+        let tags = [SRC_SIDE, DST_SIDE].map(|side| PrefixKey::new(generation, side, [0; 4]).tag);
+        let keys: Vec<Key<PrefixKey>> = trie
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| tags.contains(&k.data().tag))
+            .collect();
+        batch::delete(&self.fd(name::PREFIXES)?, &keys).map_err(|e| {
+            anyhow!(
+                "clearing the rules' idle prefixes: {} (at entry {})",
+                e.error,
+                e.done
+            )
+        })?;
+        Ok(keys.len())
+    }
+
+    /// The rules of `generation` that `addr` matches on `side`: a
+    /// longest-prefix lookup, as the data plane's.
+    pub fn prefix_rules(
+        &self,
+        generation: u32,
+        side: u32,
+        addr: Ipv4Addr,
+    ) -> Result<Option<RuleBits>> {
+        let m = self
+            .ebpf
+            .map(name::PREFIXES)
+            .context("map PREFIXES missing")?;
+        let trie: LpmTrie<&MapData, PrefixKey, RuleBits> =
+            LpmTrie::try_from(m).context("map PREFIXES has an unexpected type")?;
+        match trie.get(&prefix_key(generation, side, u32::from(addr), 32), 0) {
+            Ok(bits) => Ok(Some(bits)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking into PREFIXES"),
         }
+    }
+
+    /// Write `generation`'s port entries of `side`: `ports[p]` is the
+    /// rules port `p` matches. One batch.
+    pub fn write_ports(&mut self, generation: u32, side: u32, ports: &[RuleBits]) -> Result<()> {
+        let keys: Vec<u32> = (0..ports.len() as u32)
+            .map(|p| port_index(generation, side, p as u16))
+            .collect();
+        batch::update(&self.fd(name::PORT_BITS)?, &keys, ports).map_err(|e| {
+            anyhow!(
+                "writing the rules' ports: {} (at entry {})",
+                e.error,
+                e.done
+            )
+        })
+    }
+
+    /// The rules of `generation` that `port` matches on `side`.
+    pub fn port_rules(&self, generation: u32, side: u32, port: u16) -> Result<RuleBits> {
+        let m = self
+            .ebpf
+            .map(name::PORT_BITS)
+            .context("map PORT_BITS missing")?;
+        let ports: Array<&MapData, RuleBits> =
+            Array::try_from(m).context("map PORT_BITS has an unexpected type")?;
+        ports
+            .get(&port_index(generation, side, port), 0)
+            .context("reading PORT_BITS")
     }
 
     /// What LAN port `ifindex` is to the rules (`None`: forget it).
@@ -831,6 +908,14 @@ pub(crate) fn missing_is_fine(
         }
         other => other,
     }
+}
+
+/// The trie key of `addr/len` on `side` in `generation`.
+fn prefix_key(generation: u32, side: u32, addr: u32, len: u8) -> Key<PrefixKey> {
+    Key::new(
+        PrefixKey::TAG_BITS + u32::from(len),
+        PrefixKey::new(generation, side, addr.to_be_bytes()),
+    )
 }
 
 fn mask(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {

@@ -1,31 +1,30 @@
-//! Rules and policies as the data plane holds them: the compiled rule
-//! table (`lb_common::policy::RuleTable`), the prefix sets in their trie,
-//! and what each LAN port is to the rules.
+//! Rules and policies as the data plane holds them: the compiled rules
+//! (`lb_common::policy`'s bit vectors: a table, the port entries, the
+//! prefix trie's entries), and what each LAN port is to the rules.
 //!
-//! [`compile`] is pure: from the configuration to the rules, the sets they
-//! need and the LAN names they use; so is [`trie`], the entries of the
-//! one prefix trie all sets share, where each prefix's value has the bit
-//! of every set holding it or a prefix covering it (so the data plane
-//! learns every set an address is in from one lookup). [`Policies`]
-//! converges the data plane to them without a gap: new sets go in before
-//! the rules that use them, the rules flip in one write, and sets no rule
-//! uses any more go last. A set whose prefixes did not change keeps its
-//! bit, so a reload that leaves a million-prefix file alone costs nothing.
-//! Each policy's bucket table is `reconcile::buckets`'s.
+//! [`compile`] is pure: from the configuration to, for every field a rule
+//! can match, which rules each value of it matches. A prefix's entry
+//! carries the rules of every prefix covering it, so the data plane learns
+//! all the rules an address matches from one longest-prefix lookup. It is
+//! checked against the rules' plain meaning by a property test.
+//! [`Policies`] converges the data plane to it without a gap: the whole
+//! new generation is written beside the live one, one write flips to it,
+//! then the old generation's prefixes go. A reload that changes nothing
+//! costs nothing. Each policy's bucket table is `reconcile::buckets`'s.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use lb_common::{
     maps::LanPort,
     policy::{
-        Rule, RuleTable, ACTION_KERNEL, ANY, ANY_DSCP, ANY_PROTO, DEFAULT_POLICY, MAX_SETS, NO_SET,
-        SET_DST, SET_SRC,
+        lookup, set_bit, Rule, RuleBits, RuleTable, ACTION_KERNEL, DEFAULT_POLICY, DST_SIDE,
+        NO_RULES, PORTS, SRC_SIDE,
     },
 };
 
 use crate::{
-    config::{Config, Prefix, RuleAction, RuleConfig},
+    config::{AddressMatch, Config, RuleAction, RuleConfig},
     dataplane::Dataplane,
 };
 
@@ -53,114 +52,154 @@ pub fn policy_name(config: &Config, index: u32) -> String {
     }
 }
 
-/// The prefixes of one set, as the rules need it.
-pub type SetContent = Arc<Vec<Prefix>>;
+/// One entry of the prefix trie: (network in host order, length) and the
+/// rules it matches.
+pub type TrieEntry = ((u32, u8), RuleBits);
 
 /// What the configuration's rules compile to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compiled {
-    pub rules: RuleTable,
-    /// The prefix sets, by the bit the rules know them by.
-    pub sets: BTreeMap<u32, SetContent>,
-    /// The LAN names the rules use; name `i` is class bit `i`.
-    pub lan_names: Vec<String>,
+    pub table: RuleTable,
+    /// Per side ([`SRC_SIDE`], [`DST_SIDE`]): the trie's entries, sorted,
+    /// each with the rules of the prefixes covering it.
+    pub prefixes: [Vec<TrieEntry>; 2],
+    /// Per side: the rules each port matches ([`PORTS`] entries), or
+    /// empty when no rule has a port range.
+    pub ports: [Vec<RuleBits>; 2],
+    /// The LAN names the rules use, and the rules that use each.
+    pub lan_names: Vec<(String, RuleBits)>,
 }
 
-/// Compile the rules: one data-plane rule per pair of port ranges, each
-/// side's addresses inline (one prefix) or as a set (several, or files).
-/// `set_bit(content)` gives a set its bit (the caller keeps the bits of
-/// unchanged sets); `None` when there is none left, and the rule then
-/// matches nothing until there is.
-pub fn compile(config: &Config, mut set_bit: impl FnMut(&SetContent) -> Option<u32>) -> Compiled {
-    let mut rules = RuleTable::empty();
-    let mut sets = BTreeMap::new();
-    let mut lan_names: Vec<String> = Vec::new();
+/// Compile the rules: one data-plane rule per pair of port ranges, its
+/// bit set in every value of every field it matches.
+pub fn compile(config: &Config) -> Compiled {
+    let mut table = RuleTable::empty();
+    let mut prefixes: [Vec<TrieEntry>; 2] = [Vec::new(), Vec::new()];
+    let mut ranges: [Vec<(usize, (u16, u16))>; 2] = [Vec::new(), Vec::new()];
+    let mut lan_names: Vec<(String, RuleBits)> = Vec::new();
     let mut n = 0;
     for (origin, rule) in config.rules.iter().enumerate() {
-        let mut lan_classes = 0u32;
-        for name in &rule.lan {
-            let bit = match lan_names.iter().position(|l| l == name) {
-                Some(i) => i,
-                None => {
-                    lan_names.push(name.clone());
-                    lan_names.len() - 1
-                }
-            };
-            lan_classes |= 1 << (bit as u32 % 32);
-        }
-        let mut side = |m: &crate::config::AddressMatch| -> (u32, u32, u32) {
-            match (m.inline.as_slice(), m.files.is_empty()) {
-                ([], true) => (0, 0, NO_SET),
-                ([(addr, len)], true) => (u32::from(*addr), mask(*len), NO_SET),
-                (inline, _) => {
-                    let mut all: Vec<Prefix> = inline.to_vec();
-                    for f in &m.files {
-                        all.extend(f.prefixes.iter().copied());
-                    }
-                    let content = Arc::new(all);
-                    match set_bit(&content) {
-                        Some(bit) => {
-                            sets.insert(bit, content);
-                            (0, 0, bit)
-                        }
-                        // No bit: an address no packet has.
-                        None => (u32::MAX, u32::MAX, NO_SET),
-                    }
-                }
-            }
-        };
-        let (src_addr, src_mask, src_set) = side(&rule.src);
-        let (dst_addr, dst_mask, dst_set) = side(&rule.dst);
-        if src_set != NO_SET {
-            rules.set_sides |= SET_SRC;
-        }
-        if dst_set != NO_SET {
-            rules.set_sides |= SET_DST;
-        }
-        let base = Rule {
-            src_addr,
-            src_mask,
-            dst_addr,
-            dst_mask,
-            src_set,
-            dst_set,
-            lan_classes,
-            action: action(config, rule),
-            fallback: fallback(config, rule) as u8,
-            origin: origin as u32 + 1,
-            proto: rule.proto.unwrap_or(ANY_PROTO),
-            dscp: rule.dscp.unwrap_or(ANY_DSCP),
-            ..ANY
-        };
         let any = [(0, u16::MAX)];
-        let ranges = |r: &[(u16, u16)]| {
+        let or_any = |r: &[(u16, u16)]| {
             if r.is_empty() {
                 any.to_vec()
             } else {
                 r.to_vec()
             }
         };
-        for (sl, sh) in ranges(&rule.src_port) {
-            for (dl, dh) in ranges(&rule.dst_port) {
-                if let Some(slot) = rules.rules.get_mut(n) {
-                    *slot = Rule {
-                        src_port_min: sl,
-                        src_port_max: sh,
-                        dst_port_min: dl,
-                        dst_port_max: dh,
-                        ..base
-                    };
-                    n += 1;
+        for src_range in or_any(&rule.src_port) {
+            for dst_range in or_any(&rule.dst_port) {
+                if n >= table.rules.len() {
+                    // The configuration refuses more; never a panic here.
+                    continue;
+                }
+                let i = n;
+                n += 1;
+                table.rules[i] = Rule {
+                    action: action(config, rule),
+                    origin: origin as u32 + 1,
+                    fallback: fallback(config, rule) as u8,
+                    _pad: [0; 3],
+                };
+                if rule.action == RuleAction::Kernel
+                    || fallback(config, rule) != lb_common::policy::fallback::NEXT
+                {
+                    set_bit(&mut table.decisive, i);
+                }
+                if let Some(by) = table.by_policy.get_mut(table.rules[i].action as usize) {
+                    set_bit(by, i);
+                }
+                for (side, m, any) in [
+                    (SRC_SIDE, &rule.src, &mut table.any_src),
+                    (DST_SIDE, &rule.dst, &mut table.any_dst),
+                ] {
+                    if m.is_any() {
+                        set_bit(any, i);
+                    } else {
+                        add_prefixes(&mut prefixes[side as usize], m, i);
+                    }
+                }
+                if rule.src_port.is_empty() && rule.dst_port.is_empty() {
+                    set_bit(&mut table.any_ports, i);
+                }
+                ranges[SRC_SIDE as usize].push((i, src_range));
+                ranges[DST_SIDE as usize].push((i, dst_range));
+                if rule.lan.is_empty() {
+                    set_bit(&mut table.any_lan, i);
+                }
+                for name in &rule.lan {
+                    match lan_names.iter_mut().find(|(l, _)| l == name) {
+                        Some((_, bits)) => set_bit(bits, i),
+                        None => {
+                            let mut bits = NO_RULES;
+                            set_bit(&mut bits, i);
+                            lan_names.push((name.clone(), bits));
+                        }
+                    }
+                }
+                for (p, by) in table.by_proto.iter_mut().enumerate() {
+                    if rule.proto.is_none_or(|want| usize::from(want) == p) {
+                        set_bit(by, i);
+                    }
+                }
+                for (d, by) in table.by_dscp.iter_mut().enumerate() {
+                    if rule.dscp.is_none_or(|want| usize::from(want) == d) {
+                        set_bit(by, i);
+                    }
                 }
             }
         }
     }
-    rules.count = n as u32;
+    table.count = n as u32;
+    let rules = &config.rules;
+    for (flag, used) in [
+        (lookup::SRC, rules.iter().any(|r| !r.src.is_any())),
+        (lookup::DST, rules.iter().any(|r| !r.dst.is_any())),
+        (
+            lookup::PORTS,
+            rules
+                .iter()
+                .any(|r| !r.src_port.is_empty() || !r.dst_port.is_empty()),
+        ),
+        (lookup::LAN, rules.iter().any(|r| !r.lan.is_empty())),
+    ] {
+        if used {
+            table.lookups |= flag;
+        }
+    }
+    let ports = if table.lookups & lookup::PORTS != 0 {
+        ranges.map(|r| port_entries(&r))
+    } else {
+        [Vec::new(), Vec::new()]
+    };
     Compiled {
-        rules,
-        sets,
+        table,
+        prefixes: prefixes.map(trie),
+        ports,
         lan_names,
     }
+}
+
+/// Rule `i`'s prefixes of one side, inline and from files.
+fn add_prefixes(out: &mut Vec<TrieEntry>, m: &AddressMatch, i: usize) {
+    let mut bits = NO_RULES;
+    set_bit(&mut bits, i);
+    let all = m
+        .inline
+        .iter()
+        .chain(m.files.iter().flat_map(|f| f.prefixes.iter()));
+    out.extend(all.map(|&(a, l)| ((u32::from(a) & mask(l), l), bits)));
+}
+
+/// The rules each port matches, from each rule's range on this side.
+fn port_entries(ranges: &[(usize, (u16, u16))]) -> Vec<RuleBits> {
+    let mut ports = vec![NO_RULES; PORTS as usize];
+    for &(i, (lo, hi)) in ranges {
+        for p in &mut ports[usize::from(lo)..=usize::from(hi)] {
+            set_bit(p, i);
+        }
+    }
+    ports
 }
 
 fn action(config: &Config, rule: &RuleConfig) -> u32 {
@@ -184,28 +223,22 @@ fn fallback(config: &Config, rule: &RuleConfig) -> u32 {
     }
 }
 
-/// One entry of the prefix trie: (network, length) and its set bits.
-pub type TrieEntry = ((u32, u8), u32);
-
-/// The prefix trie's entries for `sets`, sorted: every prefix of every
-/// set, once, with the bits of all sets that hold it or a prefix covering
-/// it. A longest-prefix lookup then finds every set an address is in:
-/// any stored prefix covering the address covers the longest one too.
-pub fn trie<'a>(sets: impl IntoIterator<Item = (u32, &'a SetContent)>) -> Vec<TrieEntry> {
-    let mut own: Vec<TrieEntry> = Vec::new();
-    for (bit, content) in sets {
-        own.extend(content.iter().map(|&(a, l)| ((u32::from(a), l), bit)));
-    }
+/// The prefix trie's entries for `own` (each prefix with the rules that
+/// name it), sorted, each prefix once, with the rules of every prefix
+/// covering it too. A longest-prefix lookup then finds every rule an
+/// address matches: any stored prefix covering the address covers the
+/// longest one too.
+pub fn trie(mut own: Vec<TrieEntry>) -> Vec<TrieEntry> {
     own.sort_unstable_by_key(|e| e.0);
     let mut merged: Vec<TrieEntry> = Vec::with_capacity(own.len());
-    for (prefix, bit) in own {
+    for (prefix, bits) in own {
         match merged.last_mut() {
-            Some((p, bits)) if *p == prefix => *bits |= bit,
-            _ => merged.push((prefix, bit)),
+            Some((p, have)) if *p == prefix => or(have, &bits),
+            _ => merged.push((prefix, bits)),
         }
     }
     // Sorted by (network, length), a prefix comes after every prefix
-    // covering it: a stack of the covering ones carries their bits down.
+    // covering it: a stack of the covering ones carries their rules down.
     let mut stack: Vec<TrieEntry> = Vec::new();
     for entry in &mut merged {
         let ((addr, len), _) = *entry;
@@ -215,43 +248,18 @@ pub fn trie<'a>(sets: impl IntoIterator<Item = (u32, &'a SetContent)>) -> Vec<Tr
             }
             stack.pop();
         }
-        entry.1 |= stack.last().map_or(0, |e| e.1);
+        if let Some((_, covering)) = stack.last() {
+            or(&mut entry.1, covering);
+        }
         stack.push(*entry);
     }
     merged
 }
 
-/// What to write to go from trie `old` to trie `new` (both sorted): new
-/// or changed entries, and removed ones with bits 0.
-pub fn trie_changes(old: &[TrieEntry], new: &[TrieEntry]) -> Vec<((std::net::Ipv4Addr, u8), u32)> {
-    let mut out = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    let as_key = |(a, l): (u32, u8)| (std::net::Ipv4Addr::from(a), l);
-    while i < old.len() || j < new.len() {
-        match (old.get(i), new.get(j)) {
-            (Some(o), Some(n)) if o.0 == n.0 => {
-                if o.1 != n.1 {
-                    out.push((as_key(n.0), n.1));
-                }
-                i += 1;
-                j += 1;
-            }
-            (Some(o), Some(n)) if o.0 < n.0 => {
-                out.push((as_key(o.0), 0));
-                i += 1;
-            }
-            (Some(o), None) => {
-                out.push((as_key(o.0), 0));
-                i += 1;
-            }
-            (_, Some(n)) => {
-                out.push((as_key(n.0), n.1));
-                j += 1;
-            }
-            (None, None) => break,
-        }
+fn or(into: &mut RuleBits, from: &RuleBits) {
+    for (a, b) in into.iter_mut().zip(from) {
+        *a |= b;
     }
-    out
 }
 
 fn mask(len: u8) -> u32 {
@@ -267,31 +275,43 @@ pub struct LanPortFacts {
     pub addr: Option<Ipv4Addr>,
 }
 
-/// What each LAN port is to the data plane: its class bits for
-/// `lan_names`, and the router's address there.
-pub fn lan_ports(ports: &[LanPortFacts], lan_names: &[String]) -> BTreeMap<u32, LanPort> {
+/// What each LAN port is to the data plane: the rules that name it in
+/// each generation (`lan_names`, per generation), and the router's
+/// address there.
+pub fn lan_ports(
+    ports: &[LanPortFacts],
+    lan_names: &[Vec<(String, RuleBits)>; 2],
+) -> BTreeMap<u32, LanPort> {
     ports
         .iter()
         .map(|p| {
-            let classes = lan_names
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| p.names.contains(n))
-                .fold(0u32, |bits, (i, _)| bits | 1 << (i as u32 % 32));
+            let rules = lan_names.clone().map(|names| {
+                let mut bits = NO_RULES;
+                for (_, named) in names.iter().filter(|(n, _)| p.names.contains(n)) {
+                    or(&mut bits, named);
+                }
+                bits
+            });
             let addr = p.addr.map_or([0; 4], |a| a.octets());
-            (p.ifindex, LanPort { classes, addr })
+            (p.ifindex, LanPort { rules, addr })
         })
         .collect()
 }
 
-/// The rules, sets and LAN ports the data plane has, as lbd wrote them.
+/// The rules and LAN ports the data plane has, as lbd wrote them.
 #[derive(Debug, Default)]
 pub struct Policies {
-    /// The compiled rules last written (`None`: none yet).
+    /// The live generation's compiled rules (`None`: none written yet).
     written: Option<Compiled>,
-    /// The prefix trie as written.
-    trie: Vec<TrieEntry>,
+    /// Each generation's LAN names: what each half of a LAN port's entry
+    /// says.
+    lan_names: [Vec<(String, RuleBits)>; 2],
+    /// The LAN ports as last observed, and their entries as written.
+    lan_facts: Vec<LanPortFacts>,
     lan_ports: BTreeMap<u32, LanPort>,
+    /// Whether the idle generation is known to hold no prefix. Not at
+    /// first (an adopted data plane's may), nor after a failed write.
+    idle_clean: bool,
 }
 
 impl Policies {
@@ -300,63 +320,53 @@ impl Policies {
         self.written.as_ref()
     }
 
-    /// Make the data plane hold `config`'s rules: new sets first, then the
-    /// rules in one write, then the sets no rule uses any more. Returns
-    /// how many trie entries were written.
+    /// Make the data plane hold `config`'s rules: the idle generation is
+    /// written whole (prefixes, ports, LAN ports' halves, the table), one
+    /// write makes it live, then the old generation's prefixes go.
+    /// Returns how many prefix entries were written.
     pub fn converge(&mut self, config: &Config, dataplane: &mut Dataplane) -> Result<usize> {
-        let old_sets = self
-            .written
-            .as_ref()
-            .map(|c| c.sets.clone())
-            .unwrap_or_default();
-        let mut taken: u32 = old_sets.keys().fold(0, |a, b| a | b);
-        let mut short = false;
-        let compiled = compile(config, |content| {
-            if let Some((&bit, _)) = old_sets.iter().find(|(_, c)| *c == content) {
-                return Some(bit);
-            }
-            let free = (0..MAX_SETS).map(|i| 1u32 << i).find(|b| taken & b == 0);
-            match free {
-                Some(bit) => taken |= bit,
-                None => short = true,
-            }
-            free
-        });
-        if short {
-            return Err(anyhow!(
-                "the rules use more prefix sets than the data plane holds ({MAX_SETS}, half of \
-                 them kept free for reloads): merge some prefix lists into one file"
-            ));
-        }
+        let compiled = compile(config);
         if self.written.as_ref() == Some(&compiled) {
             return Ok(0);
         }
-        // Old and new sets side by side, then the rules, then the new ones
-        // alone.
-        let both = trie(
-            old_sets
-                .iter()
-                .chain(compiled.sets.iter())
-                .map(|(b, c)| (*b, c)),
-        );
-        let mut written = 0;
-        let changes = trie_changes(&self.trie, &both);
-        dataplane.write_prefixes(&changes)?;
-        written += changes.len();
-        self.trie = both;
-        if self.written.as_ref().map(|c| &c.rules) != Some(&compiled.rules) {
-            dataplane.set_rules(&compiled.rules)?;
-            log::info!(
-                "rules written: {} compiled from {} [[rule]]",
-                compiled.rules.count,
-                config.rules.len()
-            );
+        let live = dataplane.rule_generation();
+        let idle = live ^ 1;
+        if !self.idle_clean {
+            dataplane.clear_prefixes(idle)?;
         }
-        let only_new = trie(compiled.sets.iter().map(|(b, c)| (*b, c)));
-        let changes = trie_changes(&self.trie, &only_new);
-        dataplane.write_prefixes(&changes)?;
-        written += changes.len();
-        self.trie = only_new;
+        self.idle_clean = false;
+        let mut written = 0;
+        for side in [SRC_SIDE, DST_SIDE] {
+            let prefixes = &compiled.prefixes[side as usize];
+            dataplane.write_prefixes(idle, side, prefixes)?;
+            written += prefixes.len();
+            let ports = &compiled.ports[side as usize];
+            if !ports.is_empty() {
+                dataplane.write_ports(idle, side, ports)?;
+            }
+        }
+        self.lan_names[idle as usize] = compiled.lan_names.clone();
+        self.write_lan_ports(dataplane)?;
+        dataplane.write_rule_table(idle, &compiled.table)?;
+        dataplane.flip_rules(idle)?;
+        log::info!(
+            "rules written: {} compiled from {} [[rule]], {written} prefixes",
+            compiled.table.count,
+            config.rules.len()
+        );
+        // The old generation: no packet reads it any more.
+        match self.written.take() {
+            Some(old) => {
+                for side in [SRC_SIDE, DST_SIDE] {
+                    let prefixes = old.prefixes[side as usize].iter().map(|e| e.0);
+                    dataplane.remove_prefixes(live, side, prefixes)?;
+                }
+            }
+            None => {
+                dataplane.clear_prefixes(live)?;
+            }
+        }
+        self.idle_clean = true;
         self.written = Some(compiled);
         Ok(written)
     }
@@ -367,12 +377,13 @@ impl Policies {
         ports: &[LanPortFacts],
         dataplane: &mut Dataplane,
     ) -> Result<()> {
-        let names = self
-            .written
-            .as_ref()
-            .map(|c| c.lan_names.clone())
-            .unwrap_or_default();
-        let wanted = lan_ports(ports, &names);
+        self.lan_facts = ports.to_vec();
+        self.write_lan_ports(dataplane)
+    }
+
+    /// Write the LAN port entries that differ from what they should be.
+    fn write_lan_ports(&mut self, dataplane: &mut Dataplane) -> Result<()> {
+        let wanted = lan_ports(&self.lan_facts, &self.lan_names);
         for (ifindex, port) in &wanted {
             if self.lan_ports.get(ifindex) != Some(port) {
                 dataplane.set_lan_port(*ifindex, Some(*port))?;
@@ -391,46 +402,36 @@ impl Policies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse;
+    use lb_common::policy::{decide, has_bit, Decision, Flow, Found, IPPROTO_UDP};
+    use proptest::prelude::*;
 
-    fn set(prefixes: &[([u8; 4], u8)]) -> SetContent {
-        Arc::new(
-            prefixes
-                .iter()
-                .map(|&(a, l)| (Ipv4Addr::from(a), l))
-                .collect(),
-        )
+    fn entry(addr: [u8; 4], len: u8, rules: &[usize]) -> TrieEntry {
+        let mut bits = NO_RULES;
+        for &i in rules {
+            set_bit(&mut bits, i);
+        }
+        ((u32::from_be_bytes(addr), len), bits)
     }
 
     #[test]
-    fn the_trie_carries_covering_sets_down() {
-        let a = set(&[([10, 0, 0, 0], 8), ([192, 0, 2, 0], 24)]);
-        let b = set(&[([10, 1, 0, 0], 16), ([10, 0, 0, 0], 8)]);
-        let t = trie([(1, &a), (2, &b)]);
-        let get = |addr: [u8; 4], len: u8| {
-            t.iter()
-                .find(|e| e.0 == (u32::from_be_bytes(addr), len))
-                .map(|e| e.1)
-        };
-        assert_eq!(t.len(), 3, "{t:?}");
-        assert_eq!(get([10, 0, 0, 0], 8), Some(0b11));
+    fn the_trie_carries_covering_rules_down() {
+        let t = trie(vec![
+            entry([10, 0, 0, 0], 8, &[1]),
+            entry([192, 0, 2, 0], 24, &[1]),
+            entry([10, 1, 0, 0], 16, &[2]),
+            entry([10, 0, 0, 0], 8, &[2]),
+        ]);
         assert_eq!(
-            get([10, 1, 0, 0], 16),
-            Some(0b11),
-            "10/8 of set 1 covers it"
-        );
-        assert_eq!(get([192, 0, 2, 0], 24), Some(0b01));
-        let only_a = trie([(1, &a)]);
-        let changes = trie_changes(&t, &only_a);
-        assert_eq!(
-            changes,
+            t,
             vec![
-                ((Ipv4Addr::new(10, 0, 0, 0), 8), 0b01),
-                ((Ipv4Addr::new(10, 1, 0, 0), 16), 0)
-            ]
+                entry([10, 0, 0, 0], 8, &[1, 2]),
+                entry([10, 1, 0, 0], 16, &[1, 2]),
+                entry([192, 0, 2, 0], 24, &[1]),
+            ],
+            "10/8 of rule 1 covers 10.1/16"
         );
-        assert!(trie_changes(&t, &t).is_empty());
     }
-    use crate::config::parse;
 
     const BASE: &str = r#"
 [[lan]]
@@ -471,24 +472,31 @@ policy = \"kernel\"
             "lbd.toml",
         )
         .expect("valid");
-        let c = compile(&config, |_| Some(7));
-        assert_eq!(c.rules.count, 4);
-        let r = &c.rules.rules;
+        let c = compile(&config);
+        let t = &c.table;
+        assert_eq!(t.count, 4);
+        let actions: Vec<_> = t.rules[..4].iter().map(|r| (r.action, r.origin)).collect();
+        assert_eq!(actions, [(1, 1), (1, 1), (2, 2), (ACTION_KERNEL, 3)]);
         assert_eq!(
-            (r[0].dst_port_min, r[0].dst_port_max, r[0].action),
-            (5060, 5060, 1)
+            t.lookups,
+            lookup::SRC | lookup::DST | lookup::PORTS | lookup::LAN
         );
+        let dst_ports = &c.ports[DST_SIDE as usize];
+        assert!(has_bit(&dst_ports[5060], 0) && !has_bit(&dst_ports[5060], 1));
+        assert!(has_bit(&dst_ports[10000], 1) && !has_bit(&dst_ports[20001], 1));
+        assert!(
+            has_bit(&dst_ports[20001], 2),
+            "rules without ports match every port"
+        );
+        assert!(has_bit(&t.by_proto[17], 0) && !has_bit(&t.by_proto[6], 0));
+        assert!(has_bit(&t.any_ports, 2) && !has_bit(&t.any_ports, 0));
         assert_eq!(
-            (r[1].dst_port_min, r[1].dst_port_max, r[1].origin),
-            (10000, 20000, 1)
+            c.prefixes[SRC_SIDE as usize],
+            vec![entry([10, 0, 9, 0], 24, &[2])]
         );
-        assert_eq!(r[0].proto, 17);
-        assert_eq!((r[2].src_addr, r[2].src_mask), (0x0a00_0900, 0xffff_ff00));
-        assert_eq!((r[2].dst_set, r[2].action, r[2].lan_classes), (7, 2, 0b11));
-        assert_eq!((r[3].action, r[3].lan_classes), (ACTION_KERNEL, 0b01));
-        assert_eq!(c.sets[&7].len(), 2);
-        assert_eq!(c.lan_names, ["guest", "br-lan"]);
-        assert_eq!(c.rules.set_sides, SET_DST);
+        assert_eq!(c.prefixes[DST_SIDE as usize].len(), 2);
+        let names: Vec<_> = c.lan_names.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["guest", "br-lan"]);
 
         let ports = lan_ports(
             &[
@@ -503,10 +511,184 @@ policy = \"kernel\"
                     addr: None,
                 },
             ],
-            &c.lan_names,
+            &[c.lan_names.clone(), Vec::new()],
         );
-        assert_eq!(ports[&4].classes, 0b10);
+        let rules_of = |ifindex: u32| {
+            let bits = ports[&ifindex].rules[0];
+            (0..4).filter(|&i| has_bit(&bits, i)).collect::<Vec<_>>()
+        };
+        assert_eq!(rules_of(4), [2]);
+        assert_eq!(rules_of(5), [2, 3]);
         assert_eq!(ports[&4].addr, [10, 0, 0, 1]);
-        assert_eq!(ports[&5].classes, 0b01);
+        assert_eq!(ports[&5].rules[1], NO_RULES, "generation 1 has no rules");
+    }
+
+    /// A packet, as the property test below sees it.
+    #[derive(Debug, Clone)]
+    struct Packet {
+        lan: Vec<String>,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: u8,
+        src_port: u16,
+        dst_port: u16,
+        dscp: u8,
+    }
+
+    /// Whether `rule` matches `p`, read straight from the configuration.
+    fn plainly_matches(rule: &RuleConfig, p: &Packet) -> bool {
+        let within = |m: &AddressMatch, a: Ipv4Addr| {
+            m.is_any()
+                || m.inline
+                    .iter()
+                    .chain(m.files.iter().flat_map(|f| f.prefixes.iter()))
+                    .any(|&(n, l)| u32::from(a) & mask(l) == u32::from(n) & mask(l))
+        };
+        let in_ranges = |r: &[(u16, u16)], port: u16| {
+            r.is_empty() || r.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+        };
+        let ported = !rule.src_port.is_empty() || !rule.dst_port.is_empty();
+        (rule.lan.is_empty() || rule.lan.iter().any(|l| p.lan.contains(l)))
+            && within(&rule.src, p.src)
+            && within(&rule.dst, p.dst)
+            && rule.proto.is_none_or(|want| want == p.proto)
+            && rule.dscp.is_none_or(|want| want == p.dscp)
+            && (!ported
+                || (lb_common::policy::has_ports(p.proto)
+                    && in_ranges(&rule.src_port, p.src_port)
+                    && in_ranges(&rule.dst_port, p.dst_port)))
+    }
+
+    /// What the compiled rules decide for `p`, with the lookups done as
+    /// the data plane does them, every policy live.
+    fn compiled_decision(c: &Compiled, p: &Packet) -> Decision {
+        let longest = |side: u32, a: Ipv4Addr| {
+            c.prefixes[side as usize]
+                .iter()
+                .filter(|((n, l), _)| u32::from(a) & mask(*l) == *n)
+                .max_by_key(|((_, l), _)| *l)
+                .map(|e| e.1)
+        };
+        let port = |side: u32, port: u16| c.ports[side as usize].get(usize::from(port)).copied();
+        let facts = LanPortFacts {
+            ifindex: 1,
+            names: p.lan.clone(),
+            addr: None,
+        };
+        let lan = lan_ports(&[facts], &[c.lan_names.clone(), Vec::new()])[&1].rules[0];
+        let mut found = Found::portless(&c.table);
+        found.src = longest(SRC_SIDE, p.src).unwrap_or(NO_RULES);
+        found.dst = longest(DST_SIDE, p.dst).unwrap_or(NO_RULES);
+        found.lan = lan;
+        if c.table.lookups & lookup::PORTS != 0 && lb_common::policy::has_ports(p.proto) {
+            found.src_port = port(SRC_SIDE, p.src_port).unwrap_or(NO_RULES);
+            found.dst_port = port(DST_SIDE, p.dst_port).unwrap_or(NO_RULES);
+        }
+        let flow = Flow {
+            proto: p.proto,
+            dscp: p.dscp,
+            found,
+        };
+        decide(&c.table, &flow, u32::MAX)
+    }
+
+    const PREFIXES: [&str; 5] = [
+        "10.0.0.0/8",
+        "10.1.0.0/16",
+        "10.1.2.0/24",
+        "192.0.2.0/24",
+        "192.0.2.128/25",
+    ];
+    const ADDRESSES: [[u8; 4]; 6] = [
+        [10, 1, 2, 3],
+        [10, 1, 9, 9],
+        [10, 9, 9, 9],
+        [192, 0, 2, 1],
+        [192, 0, 2, 200],
+        [198, 51, 100, 1],
+    ];
+    const PORT_LISTS: [&str; 4] = ["[]", "[53]", "[5060, \"10000-20000\"]", "[\"80-89\"]"];
+    const PORTS_SEEN: [u16; 6] = [53, 80, 85, 443, 5060, 15000];
+
+    /// One `[[rule]]` section from choices.
+    fn rule_text(choice: [usize; 8]) -> String {
+        let mut out = String::from("[[rule]]\n");
+        let list = |mask: usize| {
+            let chosen: Vec<String> = PREFIXES
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, p)| format!("\"{p}\""))
+                .collect();
+            format!("[{}]", chosen.join(", "))
+        };
+        if !choice[0].is_multiple_of(4) {
+            out += &format!("src = {}\n", list(1 + choice[0] % 31));
+        }
+        if !choice[1].is_multiple_of(3) {
+            out += &format!("dst = {}\n", list(1 + choice[1] % 31));
+        }
+        let proto = ["", "tcp", "udp", "icmp"][choice[2] % 4];
+        if !proto.is_empty() {
+            out += &format!("proto = \"{proto}\"\n");
+        }
+        if proto != "icmp" {
+            let (s, d) = (PORT_LISTS[choice[3] % 4], PORT_LISTS[choice[4] % 4]);
+            if choice[3] % 3 == 1 && s != "[]" {
+                out += &format!("src_port = {s}\n");
+            }
+            if d != "[]" {
+                out += &format!("dst_port = {d}\n");
+            }
+        }
+        match choice[5] % 4 {
+            1 => out += "dscp = 46\n",
+            2 => out += "dscp = 0\n",
+            _ => {}
+        }
+        match choice[6] % 4 {
+            1 => out += "lan = \"guest\"\n",
+            2 => out += "lan = [\"br-lan\", \"guest\"]\n",
+            _ => {}
+        }
+        let policy = ["voip", "bulk", "kernel", "default"][choice[7] % 4];
+        out + &format!("policy = \"{policy}\"\n")
+    }
+
+    proptest! {
+        /// The compiled bit vectors, looked up as the data plane does,
+        /// pick the rule the configuration plainly says comes first.
+        #[test]
+        fn compiled_rules_decide_as_the_rules_read(
+            rules in proptest::collection::vec(any::<[usize; 8]>(), 0..12),
+            packets in proptest::collection::vec(any::<[usize; 8]>(), 20),
+        ) {
+            let text = BASE.to_owned() + &rules.iter().map(|c| rule_text(*c)).collect::<String>();
+            let config = parse(&text, "lbd.toml")
+                .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            let compiled = compile(&config);
+            for c in packets {
+                let p = Packet {
+                    lan: if c[0] % 2 == 0 { vec!["lan1".into(), "br-lan".into()] } else { vec!["guest".into()] },
+                    src: Ipv4Addr::from(ADDRESSES[c[1] % 6]),
+                    dst: Ipv4Addr::from(ADDRESSES[c[2] % 6]),
+                    proto: [6, IPPROTO_UDP, 1][c[3] % 3],
+                    src_port: PORTS_SEEN[c[4] % 6],
+                    dst_port: PORTS_SEEN[c[5] % 6],
+                    dscp: [0, 46, 10][c[6] % 3],
+                };
+                let first = config.rules.iter().position(|r| plainly_matches(r, &p));
+                let want = first.map(|i| (i as u32 + 1, action(&config, &config.rules[i])));
+                let got = match compiled_decision(&compiled, &p) {
+                    Decision::Policy { policy, rule: Some(r) } => {
+                        Some((compiled.table.rules[r as usize].origin, policy))
+                    }
+                    Decision::Kernel { rule } => Some((compiled.table.rules[rule as usize].origin, ACTION_KERNEL)),
+                    Decision::Policy { rule: None, .. } => None,
+                    other => return Err(TestCaseError::fail(format!("{other:?} with every policy live"))),
+                };
+                prop_assert_eq!(got, want, "{:?}\n{}", p, text);
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{ensure, Context, Result};
-use lb_common::policy::{Policy, Rule, RuleTable, ANY, SET_DST};
+use lb_common::policy::Policy;
 use lb_common::{
     hash,
     maps::{program, uplink_state, UplinkInfo},
@@ -22,10 +22,7 @@ use lb_common::{
     table::{self, Table},
     DEFAULT_MAX_FLOWS, MAX_UPLINKS,
 };
-use lb_daemon::{
-    dataplane::Dataplane,
-    reconcile::policies::{trie, TrieEntry},
-};
+use lb_daemon::{config, dataplane::Dataplane, reconcile::policies::Policies};
 
 use super::object::{self, BenchObject, Stamp, Udp, XDP_PASS, XDP_REDIRECT};
 
@@ -321,10 +318,13 @@ fn measure_here(repeat: u32) -> Result<Costs> {
 
     drop(roomy);
 
-    // The same new flows with the operator's rules: none of them matches,
-    // so each new flow walks them all (each fails on its last field), and
-    // the last rows look the destination up in a million-prefix set.
-    let set = million_prefixes();
+    // The same new flows with the operator's rules: none of them matches
+    // (each fails on its last field), and the last rows look the
+    // destination up in a million-prefix file's trie.
+    let dir = std::env::temp_dir().join(format!("lb-bench-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let set = dir.join("prefixes.txt");
+    super::prefixes::write_file(&set, million_prefixes().into_iter())?;
     for (name, rules, with_set) in [
         (NEW_FLOW_RULES_16, 16, false),
         (NEW_FLOW_RULES_256, 256, false),
@@ -333,7 +333,11 @@ fn measure_here(repeat: u32) -> Result<Costs> {
         let mut dp =
             Dataplane::load(ROOMY_TABLE).context("a data plane with a large flow table")?;
         configure(&mut dp)?;
-        with_rules(&mut dp, rules, with_set.then_some(&set))?;
+        let ruled = with_rules(&mut dp, &dir, rules, with_set.then_some(set.as_path()));
+        if let Err(e) = ruled {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         let path = Path {
             name,
             warmup: 0,
@@ -371,6 +375,7 @@ fn measure_here(repeat: u32) -> Result<Costs> {
             costs.push(measure_path(&mut bench, &mut dp, &path, repeat, &harness)?);
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
 
     Ok(Costs {
         runs: RUNS,
@@ -502,12 +507,18 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
     dp.set_buckets(&t)
 }
 
-/// `n` rules that every bench frame (UDP from the client to port 53)
-/// walks to the end: each matches it in all but its last field, its
-/// destination ports. With `set`, the last one asks for the destination
-/// to be in it (a million prefixes, none covering the frames'), so each
-/// new flow also pays a lookup in that trie.
-fn with_rules(dp: &mut Dataplane, n: u32, set: Option<&Vec<TrieEntry>>) -> Result<()> {
+/// `n` rules, compiled and written by lbd's own code, that no bench frame
+/// (UDP from the client to port 53) matches: each matches it in all but
+/// its destination port. With `set` (a prefix file in `dir`), the last
+/// one asks instead for the destination to be in it (a million prefixes,
+/// none covering the frames'), so each new flow also pays a lookup in
+/// that trie.
+fn with_rules(
+    dp: &mut Dataplane,
+    dir: &std::path::Path,
+    n: u32,
+    set: Option<&std::path::Path>,
+) -> Result<()> {
     let uplink_2 = {
         let mut w = [0u32; MAX_UPLINKS as usize];
         w[1] = 1;
@@ -520,51 +531,40 @@ fn with_rules(dp: &mut Dataplane, n: u32, set: Option<&Vec<TrieEntry>>) -> Resul
         ..Policy::default()
     };
     dp.set_policy(1, Some(&uplink_2), policy)?;
-    let mut rules = RuleTable::empty();
-    for (i, rule) in rules.rules.iter_mut().take(n as usize).enumerate() {
-        let port = 1000 + i as u16;
-        *rule = Rule {
-            src_addr: u32::from(CLIENT) & 0xffff_ff00,
-            src_mask: 0xffff_ff00,
-            proto: 17,
-            dst_port_min: port,
-            dst_port_max: port,
-            action: 1,
-            origin: i as u32 + 1,
-            ..ANY
-        };
+    let mut text = String::from(
+        "[[lan]]\ninterface = \"lo\"\n[[uplink]]\nname = \"a\"\ninterface = \"bench-a\"\n\
+         [[uplink]]\nname = \"b\"\ninterface = \"bench-b\"\n\
+         [[policy]]\nname = \"p\"\nuplinks = [\"b\"]\n",
+    );
+    let client_net = Ipv4Addr::from(u32::from(CLIENT) & 0xffff_ff00);
+    for i in 0..n {
+        text += &format!("[[rule]]\nsrc = \"{client_net}/24\"\nproto = \"udp\"\n");
+        match set {
+            Some(file) if i == n - 1 => text += &format!("dst_file = \"{}\"\n", file.display()),
+            _ => text += &format!("dst_port = {}\n", 1000 + i),
+        }
+        text += "policy = \"p\"\n";
     }
-    rules.count = n;
-    if let Some(set) = set {
-        let started = std::time::Instant::now();
-        let entries: Vec<((Ipv4Addr, u8), u32)> = set
-            .iter()
-            .map(|&((a, l), bits)| ((Ipv4Addr::from(a), l), bits))
-            .collect();
-        dp.write_prefixes(&entries)?;
+    let path = dir.join("lbd.toml");
+    std::fs::write(&path, text).context("writing the bench's rules")?;
+    let config = config::load(&path).context("reading the bench's rules")?;
+    let started = std::time::Instant::now();
+    let written = Policies::default().converge(&config, dp)?;
+    if set.is_some() {
         println!(
-            "  ({} prefixes written in {} ms)",
-            entries.len(),
+            "  ({written} prefixes written in {} ms)",
             started.elapsed().as_millis()
         );
-        let last = rules.rules.get_mut(n as usize - 1).context("a last rule")?;
-        *last = Rule {
-            dst_set: 1,
-            dst_port_min: 0,
-            dst_port_max: u16::MAX,
-            ..*last
-        };
-        rules.set_sides = SET_DST;
     }
-    dp.set_rules(&rules)
+    Ok(())
 }
 
 /// [`SET_PREFIXES`] prefixes (/16 to /32, most /24) spread over the
 /// address space, none covering the bench's destinations (198.18.0.0/15)
-/// or the LAN: the trie's entries, each in set bit 1.
-pub fn million_prefixes() -> Vec<TrieEntry> {
+/// or the LAN: (network, length).
+pub fn million_prefixes() -> Vec<(u32, u8)> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut sets: Vec<(Ipv4Addr, u8)> = Vec::with_capacity(SET_PREFIXES);
+    let mut sets: Vec<(u32, u8)> = Vec::with_capacity(SET_PREFIXES);
     while sets.len() < SET_PREFIXES {
         // xorshift64*: reproducible, no dependency.
         x ^= x >> 12;
@@ -582,10 +582,9 @@ pub fn million_prefixes() -> Vec<TrieEntry> {
         if first == 0 || first == 10 || first >= 224 || addr >> 17 == 0xc612 >> 1 {
             continue;
         }
-        sets.push((Ipv4Addr::from(addr), len));
+        sets.push((addr, len));
     }
-    let content = std::sync::Arc::new(sets);
-    trie([(1, &content)])
+    sets
 }
 
 /// Open flows from the client until one is pinned to [`REPLY_UPLINK`];

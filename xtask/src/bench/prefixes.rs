@@ -52,7 +52,7 @@ fn measure_in(dir: &std::path::Path) -> Result<PrefixLoad> {
     std::fs::write(&config_path, CONFIG).context("writing the bench configuration")?;
     let prefixes = dir.join("prefixes.txt");
     let set = million_prefixes();
-    write_file(&prefixes, set.iter().map(|e| e.0))?;
+    write_file(&prefixes, set.iter().copied())?;
 
     let mut dp = Dataplane::load(1024).context("loading a data plane")?;
     let mut policies = Policies::default();
@@ -68,7 +68,7 @@ fn measure_in(dir: &std::path::Path) -> Result<PrefixLoad> {
     // Another million: every address moved by one /24.
     write_file(
         &prefixes,
-        set.iter().map(|&((a, l), _)| {
+        set.iter().map(|&(a, l)| {
             (
                 a.wrapping_add(1 << 8) & (u32::MAX << (32 - u32::from(l))),
                 l,
@@ -97,7 +97,7 @@ fn measure_in(dir: &std::path::Path) -> Result<PrefixLoad> {
     Ok(load)
 }
 
-fn write_file(path: &std::path::Path, prefixes: impl Iterator<Item = (u32, u8)>) -> Result<()> {
+pub fn write_file(path: &std::path::Path, prefixes: impl Iterator<Item = (u32, u8)>) -> Result<()> {
     let mut out = std::io::BufWriter::new(
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
     );
