@@ -25,10 +25,18 @@ pub const CT_RELEASE_PLACEHOLDER: u32 = 0x6c62_0002;
 
 /// Placeholders of the open-coded numeric iterator (Linux 6.4): a bounded
 /// loop whose body the verifier checks until it converges, not once per
-/// turn (the rule walk).
+/// turn (the fallback buckets, the NAT port search).
 pub const ITER_NEW_PLACEHOLDER: u32 = 0x6c62_0003;
 pub const ITER_NEXT_PLACEHOLDER: u32 = 0x6c62_0004;
 pub const ITER_DESTROY_PLACEHOLDER: u32 = 0x6c62_0005;
+
+/// The kfuncs the data plane cannot do without: lbd refuses to load it
+/// on a kernel that lacks one.
+pub const REQUIRED: [&str; 3] = [
+    "bpf_iter_num_new",
+    "bpf_iter_num_next",
+    "bpf_iter_num_destroy",
+];
 
 /// The kfuncs the data plane calls: placeholder and the kernel's name.
 pub const ALL: [(u32, &str); 5] = [

@@ -182,6 +182,12 @@ impl PrefixKey {
             addr,
         }
     }
+
+    /// The rule generation the key belongs to (as [`PrefixKey::new`]
+    /// wrote it).
+    pub const fn generation(&self) -> u32 {
+        (u32::from_be_bytes(self.tag) >> 1) & 1
+    }
 }
 
 /// The `PORT_BITS` entry of `port` on `side` in `generation`.
@@ -708,6 +714,18 @@ mod tests {
         ] {
             assert_eq!(Decision::from_word(d.to_word()), d);
         }
+    }
+
+    #[test]
+    fn a_prefix_key_knows_its_generation() {
+        for generation in 0..2 {
+            for side in [SRC_SIDE, DST_SIDE] {
+                let key = PrefixKey::new(generation, side, [10, 0, 0, 0]);
+                assert_eq!(key.generation(), generation);
+            }
+        }
+        let sides = [SRC_SIDE, DST_SIDE].map(|s| PrefixKey::new(1, s, [0; 4]).tag);
+        assert_ne!(sides[0], sides[1], "the sides have tags of their own");
     }
 
     #[test]

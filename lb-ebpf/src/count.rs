@@ -1,11 +1,11 @@
 //! A bounded loop the verifier checks once: the kernel's open-coded
 //! numeric iterator (`bpf_iter_num_new`, `_next`, `_destroy`, Linux 6.4),
 //! called through placeholder kfunc instructions that lbd binds (see
-//! `lb_common::kfunc`). A plain loop of 256 turns is checked turn by turn,
-//! and the rule walk would not fit the verifier's budget that way.
+//! `lb_common::kfunc`). A plain loop is checked turn by turn, and
+//! lan_ingress's loops (the fallback buckets, the NAT port search) cost
+//! half the verifier's budget that way.
 //!
-//! Where the kernel lacks the iterator, lbd binds its calls to "nothing":
-//! the loop then makes no turn at all.
+//! lbd refuses to load the data plane on a kernel without the iterator.
 
 use core::{mem::MaybeUninit, ops::ControlFlow};
 

@@ -126,8 +126,10 @@ fn decision(ctx: &XdpContext, pkt: &Ipv4Packet, tuple: &Tuple) -> Decision {
 /// [`decision`]'s work, as a global BPF function: one that takes and
 /// returns only scalars (the flow packed into three words, the decision
 /// into one) is checked by the verifier once, on its own, rather than
-/// once for every path of `lan_ingress` that reaches it; and it has a
-/// stack frame of its own for the rules' bit vectors.
+/// once for every path of `lan_ingress` that reaches it. It is global
+/// because the object carries BTF (lb-ebpf/.cargo/config.toml). Its
+/// stack frame and lan_ingress's share the kernel's 512 bytes (128 and
+/// 360 today): its results are written in place, never held in copies.
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn lb_rules_decide(addrs: u64, ports: u64, meta: u64) -> u64 {

@@ -3,7 +3,9 @@
 //! The XDP object calls kernel functions (the conntrack lookup) through
 //! placeholder instructions (`lb_common::kfunc`); before it is loaded,
 //! each becomes a call of that function's id in this kernel's BTF, or,
-//! where the kernel lacks it, "found nothing". Owns that step and what it
+//! where the kernel lacks it, "found nothing" (the conntrack lookup), or
+//! a refusal to load (the numeric iterator, which lb cannot do without).
+//! Owns that step and what it
 //! found, for the logs and `lbctl status`. It never changes what a
 //! program does besides those instructions.
 
@@ -36,6 +38,15 @@ pub fn bind(object: &[u8]) -> Result<(Vec<u8>, Vec<&'static str>)> {
     }
     if let Err(e) = &btf {
         log::warn!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}");
+    }
+    // Without the numeric iterator the fallback buckets and the NAT port
+    // search would make no turn: every new flow would be dropped. Better
+    // to refuse to start, saying why.
+    if let Some(name) = absent.iter().find(|n| kfunc::REQUIRED.contains(n)) {
+        anyhow::bail!(
+            "this kernel lacks {name} (Linux 6.4 and later have it, with BTF at \
+             /sys/kernel/btf/vmlinux); lb's data plane cannot run without it"
+        );
     }
     Ok((bound, absent))
 }

@@ -38,7 +38,7 @@ use lb_common::{
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY,
-        DST_SIDE, MAX_POLICIES, SRC_SIDE,
+        MAX_POLICIES,
     },
     reason,
     table::Table,
@@ -532,29 +532,34 @@ impl Dataplane {
         })
     }
 
-    /// Remove every prefix of `generation`, whoever wrote it: for an
-    /// adopted data plane, whose idle generation lbd knows nothing of.
-    pub fn clear_prefixes(&mut self, generation: u32) -> Result<usize> {
+    /// Every prefix in the trie, whoever wrote it, by generation: one walk
+    /// (one system call a key: the trie has no batch lookup), for what
+    /// lbd did not write itself (a data plane it adopted, a write that
+    /// failed halfway).
+    pub fn prefixes_by_generation(&self) -> Result<[Vec<Key<PrefixKey>>; 2]> {
         let m = self
             .ebpf
             .map(name::PREFIXES)
             .context("map PREFIXES missing")?;
         let trie: LpmTrie<&MapData, PrefixKey, RuleBits> =
             LpmTrie::try_from(m).context("map PREFIXES has an unexpected type")?;
-        let tags = [SRC_SIDE, DST_SIDE].map(|side| PrefixKey::new(generation, side, [0; 4]).tag);
-        let keys: Vec<Key<PrefixKey>> = trie
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| tags.contains(&k.data().tag))
-            .collect();
-        batch::delete(&self.fd(name::PREFIXES)?, &keys).map_err(|e| {
+        let mut found = [Vec::new(), Vec::new()];
+        for key in trie.keys() {
+            let key = key.context("walking PREFIXES")?;
+            found[key.data().generation() as usize].push(key);
+        }
+        Ok(found)
+    }
+
+    /// Remove `keys` (found by [`Dataplane::prefixes_by_generation`]).
+    pub fn remove_prefix_keys(&mut self, keys: &[Key<PrefixKey>]) -> Result<()> {
+        batch::delete(&self.fd(name::PREFIXES)?, keys).map_err(|e| {
             anyhow!(
-                "clearing the rules' idle prefixes: {} (at entry {})",
+                "removing the rules' stray prefixes: {} (at entry {})",
                 e.error,
                 e.done
             )
-        })?;
-        Ok(keys.len())
+        })
     }
 
     /// The rules of `generation` that `addr` matches on `side`: a

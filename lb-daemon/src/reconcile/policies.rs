@@ -331,9 +331,15 @@ impl Policies {
         }
         let live = dataplane.rule_generation();
         let idle = live ^ 1;
-        if !self.idle_clean {
-            dataplane.clear_prefixes(idle)?;
-        }
+        // What this lbd did not write (an adopted data plane's prefixes,
+        // or what a failed write left in the idle generation), in one
+        // walk of the trie: empty on a fresh start.
+        let stray = if self.written.is_none() || !self.idle_clean {
+            dataplane.prefixes_by_generation()?
+        } else {
+            Default::default()
+        };
+        dataplane.remove_prefix_keys(&stray[idle as usize])?;
         self.idle_clean = false;
         let mut written = 0;
         for side in [SRC_SIDE, DST_SIDE] {
@@ -362,9 +368,7 @@ impl Policies {
                     dataplane.remove_prefixes(live, side, prefixes)?;
                 }
             }
-            None => {
-                dataplane.clear_prefixes(live)?;
-            }
+            None => dataplane.remove_prefix_keys(&stray[live as usize])?,
         }
         self.idle_clean = true;
         self.written = Some(compiled);
