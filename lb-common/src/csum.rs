@@ -12,6 +12,19 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// `a + b` in ones'-complement arithmetic (end-around carry). Never 0
+/// unless both are 0.
+#[inline(always)]
+pub fn add(a: u16, b: u16) -> u16 {
+    fold(u32::from(a) + u32::from(b))
+}
+
+/// `a - b` in ones'-complement arithmetic.
+#[inline(always)]
+pub fn sub(a: u16, b: u16) -> u16 {
+    add(a, !b)
+}
+
 /// The checksum after one 16-bit word of the covered data changed from `old`
 /// to `new` (RFC 1624, eqn. 3: `HC' = ~(~HC + ~m + m')`).
 #[inline(always)]

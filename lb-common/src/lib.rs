@@ -15,6 +15,7 @@ pub mod icmp;
 pub mod kfunc;
 pub mod maps;
 pub mod nat;
+pub mod npt;
 pub mod policy;
 pub mod reason;
 pub mod table;

@@ -469,6 +469,11 @@ pub(super) fn kernel_off(lab: &Lab) -> Result<()> {
         lab.exec("router", &["ip", "route", "flush", "table", n])?;
     }
     lab.exec("router", &["nft", "delete", "table", "ip", "lbbench"])?;
+    // The kernel's connections go too: the next ways send the same flows,
+    // and lb leaves a connection that conntrack holds to the kernel (as
+    // on a router, where it never takes over what it did not open), so
+    // lb's windows would measure the kernel's path.
+    lab.exec("router", &["conntrack", "-F"])?;
     Ok(())
 }
 
