@@ -115,7 +115,7 @@ impl Npt {
     }
 
     /// The prefix length.
-    pub const fn len(&self) -> u8 {
+    pub const fn prefix_len(&self) -> u8 {
         self.len
     }
 
