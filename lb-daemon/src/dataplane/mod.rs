@@ -523,13 +523,16 @@ impl Dataplane {
         let keys: Vec<Key<PrefixKey>> = prefixes
             .map(|(addr, len)| prefix_key(generation, side, addr, len))
             .collect();
-        batch::delete(&self.fd(name::PREFIXES)?, &keys).map_err(|e| {
-            anyhow!(
-                "removing the rules' old prefixes: {} (at entry {})",
-                e.error,
-                e.done
-            )
-        })
+        self.remove_prefix_keys(&keys)
+    }
+
+    /// The rules' prefix trie, to read.
+    fn prefix_trie(&self) -> Result<LpmTrie<&MapData, PrefixKey, RuleBits>> {
+        let m = self
+            .ebpf
+            .map(name::PREFIXES)
+            .context("map PREFIXES missing")?;
+        LpmTrie::try_from(m).context("map PREFIXES has an unexpected type")
     }
 
     /// Every prefix in the trie, whoever wrote it, by generation: one walk
@@ -537,12 +540,7 @@ impl Dataplane {
     /// lbd did not write itself (a data plane it adopted, a write that
     /// failed halfway).
     pub fn prefixes_by_generation(&self) -> Result<[Vec<Key<PrefixKey>>; 2]> {
-        let m = self
-            .ebpf
-            .map(name::PREFIXES)
-            .context("map PREFIXES missing")?;
-        let trie: LpmTrie<&MapData, PrefixKey, RuleBits> =
-            LpmTrie::try_from(m).context("map PREFIXES has an unexpected type")?;
+        let trie = self.prefix_trie()?;
         let mut found = [Vec::new(), Vec::new()];
         for key in trie.keys() {
             let key = key.context("walking PREFIXES")?;
@@ -551,11 +549,11 @@ impl Dataplane {
         Ok(found)
     }
 
-    /// Remove `keys` (found by [`Dataplane::prefixes_by_generation`]).
+    /// Remove `keys` from the rules' prefix trie; every one must be there.
     pub fn remove_prefix_keys(&mut self, keys: &[Key<PrefixKey>]) -> Result<()> {
         batch::delete(&self.fd(name::PREFIXES)?, keys).map_err(|e| {
             anyhow!(
-                "removing the rules' stray prefixes: {} (at entry {})",
+                "removing prefixes from the rules' trie: {} (at entry {})",
                 e.error,
                 e.done
             )
@@ -570,12 +568,7 @@ impl Dataplane {
         side: u32,
         addr: Ipv4Addr,
     ) -> Result<Option<RuleBits>> {
-        let m = self
-            .ebpf
-            .map(name::PREFIXES)
-            .context("map PREFIXES missing")?;
-        let trie: LpmTrie<&MapData, PrefixKey, RuleBits> =
-            LpmTrie::try_from(m).context("map PREFIXES has an unexpected type")?;
+        let trie = self.prefix_trie()?;
         match trie.get(&prefix_key(generation, side, u32::from(addr), 32), 0) {
             Ok(bits) => Ok(Some(bits)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
