@@ -662,24 +662,29 @@ fn the_routers_own_traffic_follows_the_rules_by_its_policys_uplink() -> Result<(
     wait_for("policy p to take isp2", BOUND, || {
         Ok(policy_status(&lbd, "p").is_ok_and(|p| p["taking"] == serde_json::json!(["isp2"])))
     })?;
-    // lbd's table and rules come with its rounds: the first exchange may
-    // still leave by the slow path's own uplink, so each is a new socket
-    // (a new connection) until the rule is in force.
-    let mut via = String::new();
+    // lbd's table and rules come with its rounds, and isp1 may enter
+    // service after isp2 (until then everything leaves by isp2): wait
+    // until one try sees the rule at work, the ruled port by isp2 and the
+    // other by isp1, each a new socket (a new connection). A datagram
+    // lost while the rules go in is "not yet" too.
+    let mut seen = String::new();
     wait_for(
-        "the router's own UDP to port 7000 to leave by isp2",
+        "the router's own UDP to 7000 to leave by isp2, and to 6000 by isp1",
         BOUND,
         || {
-            let socket = client_socket(&lab, "router", ruled)?;
-            // A datagram lost while lbd's rules go in is "not yet" too.
-            via = match exchange(&socket, &servers, ruled) {
-                Ok(via) => via.to_owned(),
-                Err(e) => format!("nowhere ({e:#})"),
+            let way = |port| -> Result<String> {
+                let socket = client_socket(&lab, "router", port)?;
+                Ok(match exchange(&socket, &servers, port) {
+                    Ok(via) => via.to_owned(),
+                    Err(e) => format!("nowhere ({e:#})"),
+                })
             };
-            Ok(via == "isp2")
+            let (to_ruled, to_unruled) = (way(ruled)?, way(unruled)?);
+            seen = format!("to {ruled} by {to_ruled}, to {unruled} by {to_unruled}");
+            Ok(to_ruled == "isp2" && to_unruled == "isp1")
         },
     )
-    .with_context(|| format!("the last try left by {via}"))?;
+    .with_context(|| format!("the last try: {seen}"))?;
     for _ in 0..4 {
         let socket = client_socket(&lab, "router", ruled)?;
         let via = exchange(&socket, &servers, ruled)?;
