@@ -1393,6 +1393,12 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
         .expect("rules");
     assert_eq!(written, 2, "two destination prefixes");
     assert_ne!(h.dp.rule_generation(), first, "a new generation is live");
+    let live = h.dp.rule_generation();
+    let again = policies
+        .converge(&policy_config("198.51.100.0/24"), &mut h.dp)
+        .expect("rules");
+    assert_eq!(again, 0, "the same rules again write nothing");
+    assert_eq!(h.dp.rule_generation(), live, "and flip nothing");
 
     for port in 9600..9632u16 {
         assert_eq!(

@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{AddressMatch, Config, RuleAction, RuleConfig},
+    config::{AddressMatch, Config, PolicyConfig, RuleAction, RuleConfig},
     dataplane::Dataplane,
 };
 
@@ -312,6 +312,10 @@ pub struct Policies {
     /// Whether the idle generation is known to hold no prefix. Not at
     /// first (an adopted data plane's may), nor after a failed write.
     idle_clean: bool,
+    /// The `[[policy]]` and `[[rule]]` sections `written` came from: a
+    /// round whose sections are the same compiles nothing (a million
+    /// prefixes take a while to compile, and rounds come every second).
+    source: Option<(Vec<PolicyConfig>, Vec<RuleConfig>)>,
 }
 
 impl Policies {
@@ -325,10 +329,19 @@ impl Policies {
     /// write makes it live, then the old generation's prefixes go.
     /// Returns how many prefix entries were written.
     pub fn converge(&mut self, config: &Config, dataplane: &mut Dataplane) -> Result<usize> {
-        let compiled = compile(config);
-        if self.written.as_ref() == Some(&compiled) {
+        if self
+            .source
+            .as_ref()
+            .is_some_and(|(policies, rules)| *policies == config.policies && *rules == config.rules)
+        {
             return Ok(0);
         }
+        let compiled = compile(config);
+        if self.written.as_ref() == Some(&compiled) {
+            self.source = Some((config.policies.clone(), config.rules.clone()));
+            return Ok(0);
+        }
+        self.source = None;
         let live = dataplane.rule_generation();
         let idle = live ^ 1;
         // What this lbd did not write (an adopted data plane's prefixes,
@@ -372,6 +385,7 @@ impl Policies {
         }
         self.idle_clean = true;
         self.written = Some(compiled);
+        self.source = Some((config.policies.clone(), config.rules.clone()));
         Ok(written)
     }
 
