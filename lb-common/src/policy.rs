@@ -314,6 +314,44 @@ impl Found {
             ..Self::default()
         }
     }
+
+    /// Do the lookups a new flow needs, into `self`: only those of fields
+    /// some rule constrains (`table.lookups`), the others as
+    /// [`Found::portless`]. `prefix(out, side, addr)` and `port(out,
+    /// side, port)` write the rules one lookup finds (or [`NO_RULES`]),
+    /// `lan(out)` those of the flow's LAN port. The data plane looks in
+    /// its maps, `lbctl explain` in the same maps, the tests in what lbd
+    /// compiled. Results are written in place: in XDP they live in a
+    /// per-CPU map, as they do not fit the BPF stack.
+    #[inline(always)]
+    pub fn look_up(
+        &mut self,
+        table: &RuleTable,
+        tuple: &crate::hash::Tuple,
+        mut prefix: impl FnMut(&mut RuleBits, u32, u32),
+        mut port: impl FnMut(&mut RuleBits, u32, u16),
+        lan: impl FnOnce(&mut RuleBits),
+    ) {
+        let wants = |flag: u32| table.lookups & flag != 0;
+        self.src = NO_RULES;
+        self.dst = NO_RULES;
+        self.lan = NO_RULES;
+        self.src_port = table.any_ports;
+        self.dst_port = table.any_ports;
+        if wants(lookup::SRC) {
+            prefix(&mut self.src, SRC_SIDE, tuple.src_addr);
+        }
+        if wants(lookup::DST) {
+            prefix(&mut self.dst, DST_SIDE, tuple.dst_addr);
+        }
+        if wants(lookup::PORTS) && has_ports(tuple.proto) {
+            port(&mut self.src_port, SRC_SIDE, tuple.src_port);
+            port(&mut self.dst_port, DST_SIDE, tuple.dst_port);
+        }
+        if wants(lookup::LAN) {
+            lan(&mut self.lan);
+        }
+    }
 }
 
 /// Where a new flow goes.
@@ -406,8 +444,8 @@ fn matching_word(table: &RuleTable, flow: &Flow, w: usize) -> u64 {
         & table.by_dscp[(flow.dscp & 0x3f) as usize][w]
 }
 
-/// The rules `flow` matches (for `explain`'s listing; [`decide`] needs
-/// only the first usable one).
+/// Every rule `flow` matches, whatever its policy's state (the tests'
+/// view of the vectors; [`decide`] needs only the first usable one).
 pub fn matching(table: &RuleTable, flow: &Flow) -> RuleBits {
     let mut out = NO_RULES;
     for (w, word) in out.iter_mut().enumerate() {

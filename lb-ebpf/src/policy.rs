@@ -20,8 +20,8 @@ use lb_common::{
     icmp,
     maps::{uplink_state, FlowKey, LanPort, PolicyStats},
     policy::{
-        self, fallback, lookup, port_index, sticky_holds, Decision, Found, Policy, PrefixKey,
-        RuleBits, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY, DST_SIDE, NO_RULES, SRC_SIDE,
+        self, fallback, port_index, sticky_holds, Decision, Policy, PrefixKey, RuleBits, StickyKey,
+        StickyValue, DEFAULT_POLICY, NO_RULES,
     },
     reason, table, NO_UPLINK,
 };
@@ -153,7 +153,17 @@ pub extern "C" fn lb_rules_decide(addrs: u64, ports: u64, meta: u64) -> u64 {
             let flow = unsafe { &mut *flow };
             flow.proto = tuple.proto;
             flow.dscp = policy::dscp_of(tos);
-            find(&mut flow.found, ifindex, rules, generation, &tuple);
+            flow.found.look_up(
+                rules,
+                &tuple,
+                |out, side, addr| by_prefix(out, generation, side, addr),
+                |out, side, port| by_port(out, generation, side, port),
+                |out| {
+                    if let Some(p) = lan_port(ifindex) {
+                        *out = p.rules[generation as usize];
+                    }
+                },
+            );
             policy::decide(rules, flow, settings.live_policies)
         }
         _ => policy::NO_MATCH,
@@ -252,33 +262,6 @@ fn by_port(out: &mut RuleBits, generation: u32, side: u32, port: u16) {
         Some(bits) => *bits,
         None => NO_RULES,
     };
-}
-
-/// What the flow's lookups find, into `found`: only the fields some rule
-/// constrains are looked up (the others as `Found::portless`).
-#[inline(always)]
-fn find(found: &mut Found, ifindex: u32, rules: &RuleTable, generation: u32, tuple: &Tuple) {
-    let wants = |flag: u32| rules.lookups & flag != 0;
-    found.src = NO_RULES;
-    found.dst = NO_RULES;
-    found.lan = NO_RULES;
-    found.src_port = rules.any_ports;
-    found.dst_port = rules.any_ports;
-    if wants(lookup::SRC) {
-        by_prefix(&mut found.src, generation, SRC_SIDE, tuple.src_addr);
-    }
-    if wants(lookup::DST) {
-        by_prefix(&mut found.dst, generation, DST_SIDE, tuple.dst_addr);
-    }
-    if wants(lookup::PORTS) && policy::has_ports(tuple.proto) {
-        by_port(&mut found.src_port, generation, SRC_SIDE, tuple.src_port);
-        by_port(&mut found.dst_port, generation, DST_SIDE, tuple.dst_port);
-    }
-    if wants(lookup::LAN) {
-        if let Some(p) = lan_port(ifindex) {
-            found.lan = p.rules[(generation & 1) as usize];
-        }
-    }
 }
 
 /// What `LAN_CLASSES` says of LAN port `ifindex`.

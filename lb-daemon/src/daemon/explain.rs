@@ -283,9 +283,7 @@ impl Daemon {
         on: &On,
         why: &mut Vec<String>,
     ) -> std::result::Result<(u32, Option<u32>), &'static str> {
-        use lb_common::policy::{
-            decide, lookup, Decision, Flow, Found, DST_SIDE, NO_RULES, SRC_SIDE,
-        };
+        use lb_common::policy::{decide, lookup, Decision, Flow, Found, NO_RULES};
         let Some(compiled) = self.policies.compiled() else {
             return Ok((lb_common::policy::DEFAULT_POLICY, None));
         };
@@ -318,26 +316,20 @@ impl Daemon {
             }
             _ => None,
         };
-        let prefix = |side: u32, addr: u32| {
-            dp.prefix_rules(generation, side, std::net::Ipv4Addr::from(addr))
-                .ok()
-                .flatten()
-                .unwrap_or(NO_RULES)
-        };
-        let mut found = Found::portless(rules);
-        if wants(lookup::SRC) {
-            found.src = prefix(SRC_SIDE, tuple.src_addr);
-        }
-        if wants(lookup::DST) {
-            found.dst = prefix(DST_SIDE, tuple.dst_addr);
-        }
-        if wants(lookup::PORTS) && lb_common::policy::has_ports(tuple.proto) {
-            let port =
-                |side: u32, port: u16| dp.port_rules(generation, side, port).unwrap_or(NO_RULES);
-            found.src_port = port(SRC_SIDE, tuple.src_port);
-            found.dst_port = port(DST_SIDE, tuple.dst_port);
-        }
-        found.lan = lan.unwrap_or(NO_RULES);
+        let mut found = Found::default();
+        found.look_up(
+            rules,
+            tuple,
+            |out, side, addr| {
+                *out = dp
+                    .prefix_rules(generation, side, std::net::Ipv4Addr::from(addr))
+                    .ok()
+                    .flatten()
+                    .unwrap_or(NO_RULES);
+            },
+            |out, side, port| *out = dp.port_rules(generation, side, port).unwrap_or(NO_RULES),
+            |out| *out = lan.unwrap_or(NO_RULES),
+        );
         let flow = Flow {
             proto: tuple.proto,
             dscp: on.dscp.unwrap_or(0),

@@ -594,14 +594,21 @@ policy = \"kernel\"
             addr: None,
         };
         let lan = lan_ports(&[facts], &[c.lan_names.clone(), Vec::new()])[&1].rules[0];
-        let mut found = Found::portless(&c.table);
-        found.src = longest(SRC_SIDE, p.src).unwrap_or(NO_RULES);
-        found.dst = longest(DST_SIDE, p.dst).unwrap_or(NO_RULES);
-        found.lan = lan;
-        if c.table.lookups & lookup::PORTS != 0 && lb_common::policy::has_ports(p.proto) {
-            found.src_port = port(SRC_SIDE, p.src_port).unwrap_or(NO_RULES);
-            found.dst_port = port(DST_SIDE, p.dst_port).unwrap_or(NO_RULES);
-        }
+        let tuple = lb_common::hash::Tuple {
+            src_addr: u32::from(p.src),
+            dst_addr: u32::from(p.dst),
+            src_port: p.src_port,
+            dst_port: p.dst_port,
+            proto: p.proto,
+        };
+        let mut found = Found::default();
+        found.look_up(
+            &c.table,
+            &tuple,
+            |out, side, addr| *out = longest(side, Ipv4Addr::from(addr)).unwrap_or(NO_RULES),
+            |out, side, p| *out = port(side, p).unwrap_or(NO_RULES),
+            |out| *out = lan,
+        );
         let flow = Flow {
             proto: p.proto,
             dscp: p.dscp,
