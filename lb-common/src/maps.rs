@@ -31,9 +31,13 @@ pub mod name {
     pub const STICKY: &str = "STICKY";
     pub const LAN_CLASSES: &str = "LAN_CLASSES";
     pub const POLICY_STATS: &str = "POLICY_STATS";
+    pub const UPLINKS6: &str = "UPLINKS6";
+    pub const FLOWS6: &str = "FLOWS6";
+    pub const BUCKETS6: &str = "BUCKETS6";
+    pub const BYPASS6: &str = "BYPASS6";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 26] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -56,6 +60,10 @@ pub mod name {
         STICKY,
         LAN_CLASSES,
         POLICY_STATS,
+        UPLINKS6,
+        FLOWS6,
+        BUCKETS6,
+        BYPASS6,
     ];
 }
 
@@ -63,7 +71,7 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 4;
+pub const LAYOUT: u32 = 5;
 
 /// Program names in the XDP object.
 pub mod program {
@@ -111,6 +119,10 @@ pub mod settings_flags {
     /// A SYN sent again for a connection still waiting for its answer
     /// moves to another uplink (a new mapping: nothing was committed).
     pub const RESTEER_SYN: u32 = 1;
+    /// IPv6 is balanced: the LAN carries a prefix lbd knows, and
+    /// `UPLINKS6` says how each uplink takes it. Without it, IPv6 is the
+    /// kernel's, as it would be without lb.
+    pub const IPV6: u32 = 2;
 }
 
 /// What the traffic says about one uplink's path, per CPU (map `SIGNALS`,
@@ -314,6 +326,61 @@ pub struct LanPort {
     pub addr: [u8; 4],
 }
 
+/// The IPv6 side of an uplink (map `UPLINKS6`, by uplink index). Its
+/// interface, own MAC and MTU are its `UPLINKS` entry's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Uplink6 {
+    /// One of [`uplink_state`], for IPv6 alone: an ISP's IPv6 can fail
+    /// while its IPv4 works.
+    pub state: u32,
+    /// MAC address of its IPv6 next hop (the router that advertised the
+    /// default route, usually by a link-local address).
+    pub gw_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The LAN's prefix to the uplink's own (RFC 6296); from the LAN's
+    /// prefix to itself on the uplink whose delegation the LAN carries.
+    pub out: crate::npt::Npt,
+    /// The uplink's prefix back to the LAN's.
+    pub back: crate::npt::Npt,
+}
+
+/// Key of the IPv6 flow table: a connection as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey6 {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// TCP/UDP source port, or the ICMPv6 echo identifier.
+    pub src_port: [u8; 2],
+    /// TCP/UDP destination port; zero for ICMPv6 echo.
+    pub dst_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the IPv6 flow table. NPTv6 is stateless, so there is no
+/// reverse table: a reply is translated back by its uplink's prefix and
+/// finds its flow, and with it the client's link, under the original key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue6 {
+    /// `bpf_ktime_get_coarse_ns` of the last packet seen, either way.
+    pub last_seen_ns: u64,
+    /// The uplink the flow is pinned to, or [`crate::KERNEL_OWNED`].
+    pub uplink: u32,
+    /// The LAN interface the client is on.
+    pub lan_ifindex: u32,
+    pub client_mac: [u8; 6],
+    /// The router's MAC on the client's LAN: a reply's new source.
+    pub lan_mac: [u8; 6],
+    /// The client's 802.1Q tag control, zero when untagged.
+    pub vlan_tci: [u8; 2],
+    /// One of [`tcp_state`]; zero for UDP and ICMPv6.
+    pub tcp_state: u8,
+    pub _pad: u8,
+}
+
 /// Per-policy counters; one per CPU, summed by user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -361,6 +428,9 @@ const _: () = {
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<PolicyStats>() == 32);
     assert!(core::mem::size_of::<LanPort>() == 72);
+    assert!(core::mem::size_of::<Uplink6>() == 76);
+    assert!(core::mem::size_of::<FlowKey6>() == 40);
+    assert!(core::mem::size_of::<FlowValue6>() == 32);
     assert!(core::mem::size_of::<BucketTable>() == 4 * crate::BUCKETS as usize);
 };
 
@@ -381,6 +451,9 @@ mod pod {
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::PolicyStats {}
     unsafe impl aya::Pod for super::LanPort {}
+    unsafe impl aya::Pod for super::Uplink6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::FlowValue6 {}
     unsafe impl aya::Pod for crate::egress::Egress {}
     unsafe impl aya::Pod for crate::policy::Rule {}
     unsafe impl aya::Pod for crate::policy::RuleTable {}

@@ -31,6 +31,8 @@ pub struct Npt {
     /// The first 64 bits of the new prefix, as big-endian words, zero
     /// outside the prefix.
     prefix: [u16; 4],
+    /// The first 64 bits of the prefix translated from, as `prefix`.
+    from: [u16; 4],
     /// Which bits of the first 64 the prefix covers.
     mask: [u16; 4],
     /// Added (ones' complement) to the adjustment word.
@@ -107,6 +109,7 @@ impl Npt {
         // adjustment word takes it back.
         Some(Self {
             prefix,
+            from: old,
             mask,
             adjustment: csum::sub(sum4(old), sum4(prefix)),
             len,
@@ -125,6 +128,22 @@ impl Npt {
         let mask = masks(len.min(MAX_PREFIX_LEN));
         let (a, f) = (words(addr), words(from));
         (0..4).all(|w| a[w] & mask[w] == f[w] & mask[w])
+    }
+
+    /// Whether `addr` is under the prefix this translates from.
+    #[inline(always)]
+    pub fn takes(&self, addr: &[u8; 16]) -> bool {
+        let a = words(addr);
+        (a[0] & self.mask[0]) == self.from[0]
+            && (a[1] & self.mask[1]) == self.from[1]
+            && (a[2] & self.mask[2]) == self.from[2]
+            && (a[3] & self.mask[3]) == self.from[3]
+    }
+
+    /// Whether the translation changes nothing (from a prefix to itself).
+    #[inline(always)]
+    pub fn is_identity(&self) -> bool {
+        self.from == self.prefix
     }
 
     /// Translate `addr` in place. The caller has checked that `addr` is
@@ -241,6 +260,7 @@ mod tests {
                 a[2 * w..2 * w + 2].copy_from_slice(&v.to_be_bytes());
             }
             prop_assert!(Npt::covers(&inside, len, &a));
+            prop_assert!(out.takes(&a));
             let original = a;
             match out.apply(&mut a) {
                 Ok(()) => {

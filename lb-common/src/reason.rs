@@ -4,7 +4,8 @@
 //! numbers are part of the contract between kernel and user space: append new
 //! reasons, never renumber. Every `XDP_DROP` the programs return has one.
 
-/// Not IPv4 (ARP, IPv6, LLDP, ...).
+/// Neither IPv4 nor IPv6 that lb balances (ARP, LLDP; IPv6 while lbd
+/// has no LAN prefix for it).
 pub const PASS_NOT_IPV4: u32 = 0;
 /// Shorter than the headers it claims, or a header field out of range.
 pub const PASS_MALFORMED: u32 = 1;
@@ -51,8 +52,13 @@ pub const DROP_POLICY: u32 = 16;
 /// ICMP "host unreachable" (or, when one cannot be made, only dropped).
 pub const DROP_POLICY_UNREACHABLE: u32 = 17;
 
+/// An IPv6 packet that would leave by an uplink with a source outside
+/// the LAN's prefix (a ULA, a prefix the ISP took back): dropped, never
+/// sent out with an address the ISP would not route back.
+pub const DROP_FOREIGN_SOURCE: u32 = 18;
+
 /// Number of reasons.
-pub const COUNT: u32 = 18;
+pub const COUNT: u32 = 19;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -78,4 +84,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_policy_kernel",
     "drop_policy",
     "drop_policy_unreachable",
+    "drop_foreign_source",
 ];

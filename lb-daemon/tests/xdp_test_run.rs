@@ -179,7 +179,8 @@ macro_rules! builder {
 builder!(
     etherparse::UdpHeader,
     etherparse::TcpHeader,
-    etherparse::Icmpv4Header
+    etherparse::Icmpv4Header,
+    etherparse::Icmpv6Header
 );
 
 /// Check what `lan_ingress` sent: byte for byte what the reference model
@@ -1490,4 +1491,314 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
         0,
         "an unchanged reload writes nothing"
     );
+}
+
+// ---------------------------------------------------------------------------
+// IPv6: NPTv6 per flow. The LAN carries uplink 1's delegated /64; flows
+// leaving by uplink 1 go untranslated, by uplink 2 with uplink 2's prefix.
+
+const LAN6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const ISP2_6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const CLIENT6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0,
+];
+const SERVER6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+fn gw6_mac(n: u8) -> [u8; 6] {
+    [0x02, 0xcc, 0, 0, n, 1]
+}
+
+/// The harness, with IPv6 balanced 1:1 over both uplinks.
+fn harness6() -> Harness {
+    use lb_common::{maps::Uplink6, npt::Npt};
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let to = [LAN6, ISP2_6];
+    for (i, prefix) in to.iter().enumerate() {
+        let six = Uplink6 {
+            state: uplink_state::ACTIVE,
+            gw_mac: gw6_mac(i as u8 + 1),
+            _pad: [0; 2],
+            out: Npt::new(LAN6, *prefix, 64).expect("npt"),
+            back: Npt::new(*prefix, LAN6, 64).expect("npt"),
+        };
+        h.dp.set_uplink6(i as u32, &six).expect("uplink6");
+    }
+    let mut t = table::empty();
+    let mut w = [0u32; MAX_UPLINKS as usize];
+    w[0] = 1;
+    w[1] = 1;
+    table::rebalance(&mut t, &w);
+    h.dp.set_buckets6(&t).expect("buckets6");
+    h.dp.set_ipv6(true).expect("ipv6 on");
+    h
+}
+
+fn udp6(src: [u8; 16], src_port: u16, hop_limit: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+        .ipv6(src, SERVER6, hop_limit)
+        .udp(src_port, 53);
+    build(b, b"query6")
+}
+
+/// RFC 6296 section 3.2 for a /64, written out on its own (not
+/// lb_common::npt): the new prefix, and the first interface-identifier
+/// word takes the difference of the two prefixes' ones'-complement sums.
+fn npt_reference(addr: [u8; 16], from: [u8; 16], to: [u8; 16]) -> [u8; 16] {
+    let sum = |a: &[u8]| fold(ones_complement_sum(a, 0));
+    let (s_from, s_to) = (sum(&from[..8]), sum(&to[..8]));
+    // from - to, in ones' complement: from + !to.
+    let adjustment = fold(u32::from(s_from) + u32::from(!s_to));
+    let word = u16::from_be_bytes([addr[8], addr[9]]);
+    let mut new = fold(u32::from(word) + u32::from(adjustment));
+    if new == 0xffff {
+        new = 0;
+    }
+    let mut out = addr;
+    out[..8].copy_from_slice(&to[..8]);
+    out[8..10].copy_from_slice(&new.to_be_bytes());
+    out
+}
+
+/// Whether the L4 checksum of an untagged IPv6 frame is valid.
+fn l4_checksum_ok6(frame: &[u8]) -> bool {
+    let (src, dst, nh) = (&frame[22..38], &frame[38..54], frame[20]);
+    let l4 = &frame[54..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(src);
+    pseudo.extend_from_slice(dst);
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, nh]);
+    fold(ones_complement_sum(l4, ones_complement_sum(&pseudo, 0))) == 0xffff
+}
+
+fn addr6(frame: &[u8], at: usize) -> [u8; 16] {
+    frame[at..at + 16].try_into().expect("16 bytes")
+}
+
+/// Send frames made by `make` until one leaves by uplink `n`; the frame
+/// and what left.
+fn out6_via(h: &mut Harness, n: u8, make: impl Fn(u16) -> Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    for port in 7000..7200u16 {
+        let frame = make(port);
+        let (verdict, out) = h.lan(&frame);
+        assert_eq!(verdict, XDP_REDIRECT, "an IPv6 flow is forwarded");
+        if out[0..6] == gw6_mac(n) {
+            return (frame, out);
+        }
+    }
+    panic!("no IPv6 flow landed on uplink {n}");
+}
+
+#[test]
+fn ipv6_flows_spread_and_leave_translated_by_the_other_uplink() {
+    if !is_root() {
+        return;
+    }
+    let mut h = harness6();
+    let mut by = [0u32; 2];
+    for port in 7000..7400u16 {
+        let frame = udp6(CLIENT6, port, 64);
+        let (verdict, out) = h.lan(&frame);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out[12..14], [0x86, 0xdd], "still IPv6");
+        assert_eq!(out[21], 63, "hop limit decremented");
+        assert!(l4_checksum_ok6(&out), "UDP checksum valid as it leaves");
+        let src = addr6(&out, 22);
+        if out[0..6] == gw6_mac(1) {
+            by[0] += 1;
+            assert_eq!(src, CLIENT6, "the LAN's own uplink: untranslated");
+            assert_eq!(out[6..12], uplink_info(1, 0).src_mac);
+        } else {
+            assert_eq!(out[0..6], gw6_mac(2), "to uplink 2's IPv6 next hop");
+            by[1] += 1;
+            assert_eq!(src, npt_reference(CLIENT6, LAN6, ISP2_6), "RFC 6296");
+            assert_eq!(
+                fold(ones_complement_sum(&src, 0)),
+                fold(ones_complement_sum(&CLIENT6, 0)),
+                "checksum-neutral"
+            );
+        }
+        // The same flow again: the same way out.
+        let (_, again) = h.lan(&frame);
+        assert_eq!(again, out, "a flow keeps its uplink");
+    }
+    assert!(
+        by[0] > 120 && by[1] > 120,
+        "400 flows spread over two uplinks 1:1: {by:?}"
+    );
+}
+
+#[test]
+fn ipv6_replies_echo_and_packet_too_big_come_back_to_the_client() {
+    if !is_root() {
+        return;
+    }
+    let mut h = harness6();
+    // wan_ingress test runs arrive on loopback, uplink 2's device.
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    let public = npt_reference(CLIENT6, LAN6, ISP2_6);
+
+    // TCP: out, the SYN-ACK back.
+    let tcp6 = |port: u16| {
+        build(
+            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv6(CLIENT6, SERVER6, 64)
+                .tcp(port, 443, 1000, 65535)
+                .syn(),
+            b"",
+        )
+    };
+    let (frame, _) = out6_via(&mut h, 2, tcp6);
+    let port = u16::from_be_bytes([frame[54], frame[55]]);
+    let reply = build(
+        PacketBuilder::ethernet2(gw6_mac(2), up.src_mac)
+            .ipv6(SERVER6, public, 60)
+            .tcp(443, port, 5000, 65535)
+            .syn()
+            .ack(1001),
+        b"",
+    );
+    let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
+    assert_eq!(verdict, XDP_REDIRECT, "the SYN-ACK goes to the LAN");
+    assert_eq!(back[0..6], CLIENT_MAC);
+    assert_eq!(back[6..12], ROUTER_LAN_MAC);
+    assert_eq!(addr6(&back, 38), CLIENT6, "back to the LAN's prefix");
+    assert_eq!(back[21], 59, "hop limit decremented");
+    assert!(l4_checksum_ok6(&back), "TCP checksum valid as it arrives");
+
+    // Packet Too Big from a router on the way, quoting the packet as it
+    // left: outer destination and quoted source become the client's.
+    let mut quoted = frame[14..].to_vec();
+    quoted[8..24].copy_from_slice(&public);
+    quoted[7] = 63;
+    let router: [u8; 16] = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0xfe, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    ];
+    let ptb = build(
+        PacketBuilder::ethernet2(gw6_mac(2), up.src_mac)
+            .ipv6(router, public, 60)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 }),
+        &quoted,
+    );
+    assert!(l4_checksum_ok6(&ptb), "the test's own error is valid");
+    let (verdict, back) = h.run(program::WAN_INGRESS, &ptb);
+    assert_eq!(verdict, XDP_REDIRECT, "Packet Too Big reaches the client");
+    assert_eq!(addr6(&back, 38), CLIENT6, "outer destination");
+    assert_eq!(addr6(&back, 54 + 8 + 8), CLIENT6, "quoted source");
+    assert_eq!(back[54], 2, "still Packet Too Big");
+    assert_eq!(back[58..62], 1280u32.to_be_bytes(), "its MTU kept");
+    assert!(l4_checksum_ok6(&back), "ICMPv6 checksum still valid");
+
+    // Echo: the identifier is the flow's port.
+    let echo = |id: u16| {
+        build(
+            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv6(CLIENT6, SERVER6, 64)
+                .icmpv6_echo_request(id, 1),
+            b"ping6",
+        )
+    };
+    let (frame, out) = out6_via(&mut h, 2, echo);
+    assert!(l4_checksum_ok6(&out), "echo request valid as it leaves");
+    let id = u16::from_be_bytes([frame[58], frame[59]]);
+    let reply = build(
+        PacketBuilder::ethernet2(gw6_mac(2), up.src_mac)
+            .ipv6(SERVER6, public, 60)
+            .icmpv6_echo_reply(id, 1),
+        b"ping6",
+    );
+    let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
+    assert_eq!(verdict, XDP_REDIRECT, "the echo reply goes to the LAN");
+    assert_eq!(addr6(&back, 38), CLIENT6);
+    assert!(l4_checksum_ok6(&back));
+
+    // Nothing of this flow: the router's own, the kernel's.
+    let stranger = build(
+        PacketBuilder::ethernet2(gw6_mac(2), up.src_mac)
+            .ipv6(SERVER6, public, 60)
+            .udp(53, 40_000),
+        b"?",
+    );
+    let before = h.reason(reason::PASS_NO_MAPPING);
+    assert_eq!(h.run(program::WAN_INGRESS, &stranger).0, XDP_PASS);
+    assert_eq!(h.reason(reason::PASS_NO_MAPPING), before + 1);
+}
+
+#[test]
+fn ipv6_the_fast_path_does_not_take_passes_and_foreign_sources_drop() {
+    if !is_root() {
+        return;
+    }
+    let mut h = harness6();
+    let link_local: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let ula: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let cases: [(&str, Vec<u8>, u32, u32); 3] = [
+        (
+            "link-local source",
+            udp6(link_local, 7000, 64),
+            XDP_PASS,
+            reason::PASS_LOCAL,
+        ),
+        (
+            "hop limit 1",
+            udp6(CLIENT6, 7000, 1),
+            XDP_PASS,
+            reason::PASS_TTL,
+        ),
+        (
+            "a ULA source",
+            udp6(ula, 7000, 64),
+            XDP_DROP,
+            reason::DROP_FOREIGN_SOURCE,
+        ),
+    ];
+    for (what, frame, verdict, why) in cases {
+        let before = h.reason(why);
+        let (got, out) = h.lan(&frame);
+        assert_eq!(got, verdict, "{what}");
+        assert_eq!(h.reason(why), before + 1, "{what}: counted");
+        if verdict == XDP_PASS {
+            assert_eq!(out, frame, "{what}: untouched");
+        }
+    }
+    // IPv6 not balanced (lbd knows no LAN prefix): the kernel's, as
+    // without lb.
+    h.dp.set_ipv6(false).expect("ipv6 off");
+    let frame = udp6(CLIENT6, 7001, 64);
+    let before = h.reason(reason::PASS_NOT_IPV4);
+    assert_eq!(h.lan(&frame), (XDP_PASS, frame));
+    assert_eq!(h.reason(reason::PASS_NOT_IPV4), before + 1);
+}
+
+#[test]
+fn ipv6_flows_move_off_an_uplink_whose_ipv6_died_and_ipv4_stays() {
+    if !is_root() {
+        return;
+    }
+    use lb_common::{maps::Uplink6, npt::Npt};
+    let mut h = harness6();
+    let (frame, _) = out6_via(&mut h, 2, |p| udp6(CLIENT6, p, 64));
+    // Uplink 2's IPv6 goes down (its IPv4 does not): one state write.
+    let down = Uplink6 {
+        state: uplink_state::DOWN,
+        gw_mac: gw6_mac(2),
+        _pad: [0; 2],
+        out: Npt::new(LAN6, ISP2_6, 64).expect("npt"),
+        back: Npt::new(ISP2_6, LAN6, 64).expect("npt"),
+    };
+    h.dp.set_uplink6(1, &down).expect("uplink6");
+    let (verdict, out) = h.lan(&frame);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out[0..6], gw6_mac(1), "the flow moved to uplink 1");
+    assert_eq!(addr6(&out, 22), CLIENT6, "untranslated there");
+    // New IPv6 flows all go to uplink 1; IPv4 still spreads.
+    let mut v4 = [0u32; 2];
+    for port in 7300..7400u16 {
+        assert_eq!(h.lan(&udp6(CLIENT6, port, 64)).1[0..6], gw6_mac(1));
+        v4[uplink_of(&h.lan(&udp(port, 64)).1) as usize - 1] += 1;
+    }
+    assert!(v4[0] > 0 && v4[1] > 0, "IPv4 keeps both uplinks: {v4:?}");
+    assert_eq!(h.dp.uplink_stats(1).expect("stats").moved_away, 1);
 }

@@ -30,6 +30,15 @@ struct SockTupleV4 {
     dport: [u8; 2],
 }
 
+/// `struct bpf_sock_tuple`'s IPv6 half.
+#[repr(C)]
+struct SockTupleV6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
 /// `struct bpf_ct_opts` in its first, 12-byte form: every kernel with the
 /// kfuncs takes this size (later ones also take 16, with a zone).
 #[repr(C)]
@@ -61,6 +70,34 @@ pub fn tracks(
         sport,
         dport,
     };
+    look_up(ctx, proto, &tuple)
+}
+
+/// [`tracks`] for IPv6: on a router without NAT66 this is above all a
+/// connection from the internet to a LAN host (the firewall let it in),
+/// whose answers must leave as they came, untranslated.
+#[inline(always)]
+pub fn tracks6(
+    ctx: &XdpContext,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+) -> bool {
+    let tuple = SockTupleV6 {
+        saddr: src,
+        daddr: dst,
+        sport,
+        dport,
+    };
+    look_up(ctx, proto, &tuple)
+}
+
+/// Ask conntrack for `tuple` (a `bpf_sock_tuple` half, whose size tells
+/// the kernel the family), releasing what it finds at once.
+#[inline(always)]
+fn look_up<T>(ctx: &XdpContext, proto: u8, tuple: &T) -> bool {
     let mut opts = CtOpts {
         netns_id: CURRENT_NETNS,
         error: 0,
@@ -71,8 +108,8 @@ pub fn tracks(
     let conn = kfunc::call!(
         CT_LOOKUP_PLACEHOLDER,
         ctx.ctx as u64,
-        &tuple as *const SockTupleV4 as u64,
-        core::mem::size_of::<SockTupleV4>() as u64,
+        tuple as *const T as u64,
+        core::mem::size_of::<T>() as u64,
         &mut opts as *mut CtOpts as u64,
         core::mem::size_of::<CtOpts>() as u64,
     );

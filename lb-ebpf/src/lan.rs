@@ -10,7 +10,9 @@
 use core::ops::ControlFlow;
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key,
+    bindings::{xdp_md, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use lb_common::{
@@ -36,6 +38,12 @@ use crate::{
 
 /// Don't-fragment bit of the IPv4 flags field.
 const IP_DF: u16 = 0x4000;
+
+/// [`ingress`], as a BPF function of its own (see `lan_ingress`).
+#[inline(never)]
+pub fn run(ctx: *mut xdp_md) -> u32 {
+    ingress(&XdpContext::new(ctx)).unwrap_or_else(stats::pass)
+}
 
 /// `Ok(verdict)` for packets the fast path handled (sent, or dropped with a
 /// counted reason), `Err(reason)` for packets the kernel should have.
@@ -110,7 +118,13 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         frags::remember(datagram, src_port, dst_port);
     }
     rewrite::decrement_ttl(&pkt);
-    let len = rewrite::untagged(ctx, &pkt, info.src_mac, info.gw_mac)?;
+    let len = rewrite::untagged(
+        ctx,
+        pkt.tagged(),
+        parse::ETH_P_IPV4,
+        info.src_mac,
+        info.gw_mac,
+    )?;
     stats::uplink(uplink, |s| {
         s.tx_packets += 1;
         s.tx_bytes += len as u64;

@@ -14,6 +14,7 @@ mod egress;
 mod frags;
 mod kfunc;
 mod lan;
+mod lan6;
 mod maps;
 mod nat;
 mod parse;
@@ -21,6 +22,7 @@ mod policy;
 mod rewrite;
 mod stats;
 mod wan;
+mod wan6;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -29,9 +31,15 @@ use aya_ebpf::{
 };
 
 /// Packets from LAN clients: steer each connection to an uplink and send it.
+/// Each family's path is its own BPF function: their stack frames are
+/// then alternatives, not one frame with room for both.
 #[xdp]
 pub fn lan_ingress(ctx: XdpContext) -> u32 {
-    lan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))
+    if parse::ether_type(&ctx) == parse::ETH_P_IPV6 {
+        lan6::run(ctx.ctx)
+    } else {
+        lan::run(ctx.ctx)
+    }
 }
 
 /// Packets arriving on an uplink: translate replies back to their clients.

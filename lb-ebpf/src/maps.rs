@@ -9,8 +9,8 @@ use aya_ebpf::{
 use lb_common::{
     egress::Egress,
     maps::{
-        BucketTable, FlowKey, FlowValue, FragKey, FragValue, LanPort, NatKey, NatValue,
-        PolicyStats, Settings, Signals, UplinkInfo, UplinkStats,
+        BucketTable, FlowKey, FlowKey6, FlowValue, FlowValue6, FragKey, FragValue, LanPort, NatKey,
+        NatValue, PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats,
     },
     policy::{
         Flow, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, MAX_POLICIES,
@@ -76,6 +76,26 @@ pub static POLICY_STATS: PerCpuArray<PolicyStats> = PerCpuArray::with_max_entrie
 /// Uplink index -> how to send through it.
 #[map]
 pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(MAX_UPLINKS, 0);
+
+/// Uplink index -> how it takes IPv6: its state for IPv6, its next hop,
+/// and the prefix translation both ways.
+#[map]
+pub static UPLINKS6: Array<Uplink6> = Array::with_max_entries(MAX_UPLINKS, 0);
+
+/// The bucket table for new IPv6 flows, built from the uplinks' IPv6
+/// states (one value: lbd replaces it whole).
+#[map]
+pub static BUCKETS6: Array<BucketTable> = Array::with_max_entries(1, 0);
+
+/// IPv6 connections and the uplink each is pinned to. Sized as `FLOWS`.
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, FlowValue6> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// IPv6 destinations the fast path leaves to the kernel (the router's
+/// addresses, the LAN's and other routed prefixes), by longest prefix.
+#[map]
+pub static BYPASS6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(256, 0);
 
 /// Interface index of an uplink -> its uplink index, for `wan_ingress`.
 #[map]

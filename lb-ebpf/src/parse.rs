@@ -10,12 +10,22 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::reason;
 
 pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6's fragment extension header.
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_PARAM_PROBLEM: u8 = 4;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
 /// "More fragments" flag of the IPv4 header's flags and offset field.
 const IP_MF: u16 = 0x2000;
 /// Fragment offset bits of the same field.
@@ -46,6 +56,16 @@ pub struct Ipv4Hdr {
     pub check: [u8; 2],
     pub src: [u8; 4],
     pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
 }
 
 /// TCP header up to the checksum.
@@ -138,6 +158,130 @@ impl Ipv4Packet {
     #[inline(always)]
     pub fn tagged(&self) -> bool {
         self.l3_off != size_of::<EthHdr>()
+    }
+}
+
+/// The network protocol of a frame, behind one VLAN tag at most; 0 for a
+/// frame too short to say. (A plain value rather than a `Result`: the
+/// verifier must never see a branch on a register the error path left
+/// unset.)
+#[inline(always)]
+pub fn ether_type(ctx: &XdpContext) -> u16 {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return 0;
+    };
+    // SAFETY: `ptr_at` checked the bounds.
+    let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+        return ether_type;
+    }
+    match ptr_at::<VlanHdr>(ctx, size_of::<EthHdr>()) {
+        // SAFETY: as above.
+        Ok(vlan) => u16::from_be_bytes(unsafe { (*vlan).ether_type }),
+        Err(_) => 0,
+    }
+}
+
+/// Where the headers of an IPv6 packet are. Only packets whose first
+/// next header is the transport's are parsed: the fast path takes no
+/// extension header (fragments, routing headers, ESP go to the kernel).
+pub struct Ipv6Packet {
+    /// Offset of the IPv6 header (14, or 18 behind a VLAN tag).
+    pub l3_off: usize,
+    /// Offset of the TCP/UDP/ICMPv6 header.
+    pub l4_off: usize,
+    pub ip: *mut Ipv6Hdr,
+    pub proto: u8,
+    /// 802.1Q tag control of a tagged frame, zero otherwise.
+    pub vlan_tci: [u8; 2],
+}
+
+impl Ipv6Packet {
+    /// Whether the packet carried an 802.1Q tag.
+    #[inline(always)]
+    pub fn tagged(&self) -> bool {
+        self.l3_off != size_of::<EthHdr>()
+    }
+}
+
+/// Parse Ethernet (one VLAN tag allowed) and IPv6 carrying TCP, UDP or
+/// ICMPv6 directly. `Err` is the reason to give it to the kernel.
+#[inline(always)]
+pub fn ipv6(ctx: &XdpContext) -> Result<Ipv6Packet, u32> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the bounds, for this and every read below.
+    let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    let mut l3_off = size_of::<EthHdr>();
+    let mut vlan_tci = [0, 0];
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: *const VlanHdr = ptr_at(ctx, l3_off)?;
+        ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
+        vlan_tci = unsafe { (*vlan).tci };
+        l3_off += size_of::<VlanHdr>();
+    }
+    if ether_type != ETH_P_IPV6 {
+        return Err(reason::PASS_NOT_IPV4);
+    }
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
+    if unsafe { (*ip).version_class_flow[0] } >> 4 != 6 {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let payload_len = usize::from(u16::from_be_bytes(unsafe { (*ip).payload_len }));
+    let l4_off = l3_off + size_of::<Ipv6Hdr>();
+    // A jumbogram (payload length 0) is never forwarded here either.
+    if payload_len == 0 || l4_off + payload_len > ctx.data_end() - ctx.data() {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let proto = unsafe { (*ip).next_header };
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6 => {}
+        IPPROTO_FRAGMENT => return Err(reason::PASS_FRAGMENT),
+        _ => return Err(reason::PASS_UNSUPPORTED),
+    }
+    Ok(Ipv6Packet {
+        l3_off,
+        l4_off,
+        ip,
+        proto,
+        vlan_tci,
+    })
+}
+
+/// Source and destination port of a TCP or UDP packet over IPv6, or the
+/// identifier (and zero) of an ICMPv6 echo of `echo_kind`.
+#[inline(always)]
+pub fn ports6(
+    ctx: &XdpContext,
+    pkt: &Ipv6Packet,
+    echo_kind: u8,
+) -> Result<([u8; 2], [u8; 2]), u32> {
+    match pkt.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, pkt.l4_off)?;
+            // SAFETY: bounds-checked; TCP and UDP share the port layout.
+            Ok(unsafe { ((*udp).src, (*udp).dst) })
+        }
+        _ => {
+            let icmp: *const IcmpHdr = ptr_at(ctx, pkt.l4_off)?;
+            // SAFETY: bounds-checked.
+            if unsafe { (*icmp).kind } != echo_kind {
+                return Err(reason::PASS_UNSUPPORTED);
+            }
+            Ok((unsafe { (*icmp).id }, [0, 0]))
+        }
+    }
+}
+
+/// TCP flags of a TCP packet over IPv6, zero for anything else.
+#[inline(always)]
+pub fn tcp_flags6(ctx: &XdpContext, pkt: &Ipv6Packet) -> u8 {
+    if pkt.proto != IPPROTO_TCP {
+        return 0;
+    }
+    match ptr_at::<TcpHdr>(ctx, pkt.l4_off) {
+        // SAFETY: bounds-checked.
+        Ok(tcp) => unsafe { (*tcp).flags },
+        Err(_) => 0,
     }
 }
 

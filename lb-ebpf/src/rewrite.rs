@@ -10,7 +10,7 @@ use core::mem::size_of;
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext, EbpfContext};
 use lb_common::{csum, reason};
 
-use crate::parse::{self, EthHdr, Ipv4Packet, VlanHdr, ETH_P_8021Q, ETH_P_IPV4};
+use crate::parse::{self, EthHdr, Ipv4Packet, Ipv6Packet, VlanHdr, ETH_P_8021Q};
 
 /// TTL minus one, with the header checksum updated incrementally: the TTL
 /// shares a 16-bit word with the protocol number.
@@ -27,45 +27,57 @@ pub fn decrement_ttl(pkt: &Ipv4Packet) {
     }
 }
 
-/// New Ethernet addresses, no VLAN tag (uplinks are untagged). Returns the
-/// frame's new length.
+/// Hop limit minus one (IPv6 has no header checksum).
+#[inline(always)]
+pub fn decrement_hop_limit(pkt: &Ipv6Packet) {
+    // SAFETY: `parse::ipv6` bounds-checked the IPv6 header.
+    unsafe { (*pkt.ip).hop_limit -= 1 };
+}
+
+/// New Ethernet addresses, no VLAN tag (uplinks are untagged), for a
+/// frame of `ether_type` that arrived `tagged` or not. Returns the frame's
+/// new length.
 #[inline(always)]
 pub fn untagged(
     ctx: &XdpContext,
-    pkt: &Ipv4Packet,
+    tagged: bool,
+    ether_type: u16,
     src: [u8; 6],
     dst: [u8; 6],
 ) -> Result<usize, u32> {
     // Write the new header where it starts once a tag is cut off.
-    let eth_off = if pkt.tagged() {
-        size_of::<VlanHdr>()
-    } else {
-        0
-    };
+    let eth_off = if tagged { size_of::<VlanHdr>() } else { 0 };
     let eth: *mut EthHdr = parse::ptr_at(ctx, eth_off)?;
     // SAFETY: bounds-checked by `ptr_at`.
     unsafe {
         (*eth).dst = dst;
         (*eth).src = src;
-        (*eth).ether_type = ETH_P_IPV4.to_be_bytes();
+        (*eth).ether_type = ether_type.to_be_bytes();
     }
-    if pkt.tagged() {
+    if tagged {
         adjust_head(ctx, size_of::<VlanHdr>() as i32)?;
     }
     Ok(ctx.data_end() - ctx.data())
 }
 
 /// New Ethernet addresses and, when `tci` is non-zero, an 802.1Q tag (the
-/// frame arrives untagged from an uplink). Returns the new length.
+/// frame, of `ether_type`, arrives untagged from an uplink). Returns the
+/// new length.
 #[inline(always)]
-pub fn tagged(ctx: &XdpContext, src: [u8; 6], dst: [u8; 6], tci: [u8; 2]) -> Result<usize, u32> {
+pub fn tagged(
+    ctx: &XdpContext,
+    ether_type: u16,
+    src: [u8; 6],
+    dst: [u8; 6],
+    tci: [u8; 2],
+) -> Result<usize, u32> {
     if tci != [0, 0] {
         adjust_head(ctx, -(size_of::<VlanHdr>() as i32))?;
         let vlan: *mut VlanHdr = parse::ptr_at(ctx, size_of::<EthHdr>())?;
         // SAFETY: bounds-checked by `ptr_at`.
         unsafe {
             (*vlan).tci = tci;
-            (*vlan).ether_type = ETH_P_IPV4.to_be_bytes();
+            (*vlan).ether_type = ether_type.to_be_bytes();
         }
     }
     let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
@@ -76,7 +88,7 @@ pub fn tagged(ctx: &XdpContext, src: [u8; 6], dst: [u8; 6], tci: [u8; 2]) -> Res
         (*eth).ether_type = if tci != [0, 0] {
             ETH_P_8021Q
         } else {
-            ETH_P_IPV4
+            ether_type
         }
         .to_be_bytes();
     }

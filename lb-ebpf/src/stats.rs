@@ -2,7 +2,10 @@
 //! Per-CPU arrays, so no atomics on the fast path; user space sums the CPUs.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::maps::{FlowKey, Signals, UplinkStats};
+use lb_common::{
+    hash,
+    maps::{FlowKey, FlowKey6, Signals, UplinkStats},
+};
 
 use crate::maps::{REASONS, SIGNALS, UPLINK_STATS};
 
@@ -64,10 +67,39 @@ fn bit(x: u32) -> u64 {
 /// A packet of flow `key` left by `uplink` at `now`.
 #[inline(always)]
 pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
-    let dst = u32::from_be_bytes(key.dst_addr);
     let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
         | u32::from(u16::from_be_bytes(key.dst_port));
-    let flow = dst ^ u32::from_be_bytes(key.src_addr) ^ ports ^ u32::from(key.proto);
+    let src = u32::from_be_bytes(key.src_addr);
+    sent_folded(
+        uplink,
+        now,
+        src,
+        u32::from_be_bytes(key.dst_addr),
+        ports,
+        key.proto,
+    );
+}
+
+/// A packet of IPv6 flow `key` left by `uplink` at `now`: the same
+/// signals, from its addresses folded to 32 bits.
+#[inline(always)]
+pub fn sent6(uplink: u32, now: u64, key: &FlowKey6) {
+    let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
+        | u32::from(u16::from_be_bytes(key.dst_port));
+    let src = hash::fold6(&key.src_addr);
+    sent_folded(
+        uplink,
+        now,
+        src,
+        hash::fold6(&key.dst_addr),
+        ports,
+        key.proto,
+    );
+}
+
+#[inline(always)]
+fn sent_folded(uplink: u32, now: u64, src: u32, dst: u32, ports: u32, proto: u8) {
+    let flow = dst ^ src ^ ports ^ u32::from(proto);
     signals(uplink, |s| {
         s.last_sent_ns = now;
         s.flows |= bit(flow);

@@ -38,6 +38,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         s.rx_bytes += len;
     });
 
+    if parse::ether_type(ctx) == parse::ETH_P_IPV6 {
+        return crate::wan6::ingress(ctx, uplink);
+    }
     let pkt = parse::ipv4(ctx)?;
     let info = UPLINKS.get(uplink).ok_or(reason::PASS_UNKNOWN_UPLINK)?;
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
@@ -134,7 +137,13 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         // count).
         stats::replied(uplink, now);
     }
-    rewrite::tagged(ctx, back.lan_mac, back.client_mac, back.vlan_tci)?;
+    rewrite::tagged(
+        ctx,
+        parse::ETH_P_IPV4,
+        back.lan_mac,
+        back.client_mac,
+        back.vlan_tci,
+    )?;
     stats::uplink(uplink, |s| s.replies += 1);
     Ok(egress::send(
         ctx,

@@ -11,7 +11,7 @@ pub mod kfuncs;
 pub mod pins;
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -34,7 +34,7 @@ use lb_common::{
     egress::Egress,
     maps::{
         name, program, settings_flags, BucketTable, LanPort, PolicyStats, Settings, Signals,
-        UplinkInfo, UplinkStats,
+        Uplink6, UplinkInfo, UplinkStats,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY,
@@ -90,7 +90,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(name::FLOWS, max_flows)
-            .map_max_entries(name::NAT_REV, max_flows);
+            .map_max_entries(name::NAT_REV, max_flows)
+            .map_max_entries(name::FLOWS6, max_flows);
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(p) => name::ALL.iter().map(|&m| (m, p.map(m))).collect(),
             None => Vec::new(),
@@ -827,6 +828,65 @@ impl Dataplane {
         self.write_settings()
     }
 
+    /// Balance IPv6 (lbd knows the LAN's prefix and the uplinks' entries
+    /// in `UPLINKS6` say how each takes it), or leave it to the kernel.
+    pub fn set_ipv6(&mut self, on: bool) -> Result<()> {
+        let flags = if on {
+            self.settings.flags | settings_flags::IPV6
+        } else {
+            self.settings.flags & !settings_flags::IPV6
+        };
+        if flags == self.settings.flags {
+            return Ok(());
+        }
+        self.settings.flags = flags;
+        self.write_settings()
+    }
+
+    /// Describe uplink `index`'s IPv6 side: its IPv6 state, next hop and
+    /// translations. (Its device is its `UPLINKS` entry's.)
+    pub fn set_uplink6(&mut self, index: u32, six: &Uplink6) -> Result<()> {
+        if index >= MAX_UPLINKS {
+            return Err(anyhow!(
+                "uplink index {index} out of range (max {MAX_UPLINKS})"
+            ));
+        }
+        self.array::<Uplink6>(name::UPLINKS6)?
+            .set(index, six, 0)
+            .context("writing UPLINKS6")
+    }
+
+    /// Make `table` the bucket table of new IPv6 flows (one map write: a
+    /// packet may see old and new buckets side by side, each valid).
+    pub fn set_buckets6(&mut self, table: &Table) -> Result<()> {
+        self.array::<BucketTable>(name::BUCKETS6)?
+            .set(0, BucketTable { uplinks: *table }, 0)
+            .context("writing BUCKETS6")
+    }
+
+    /// Leave IPv6 destinations in `addr/prefix_len` to the kernel.
+    pub fn add_bypass6(&mut self, addr: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        let key = Key::new(u32::from(prefix_len), mask6(addr, prefix_len).octets());
+        self.bypass6()?
+            .insert(&key, 1, 0)
+            .with_context(|| format!("adding {addr}/{prefix_len} to BYPASS6"))
+    }
+
+    /// Stop leaving IPv6 destinations in `addr/prefix_len` to the kernel.
+    pub fn remove_bypass6(&mut self, addr: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        let key = Key::new(u32::from(prefix_len), mask6(addr, prefix_len).octets());
+        missing_is_fine(self.bypass6()?.remove(&key))
+            .with_context(|| format!("removing {addr}/{prefix_len} from BYPASS6"))
+    }
+
+    fn bypass6(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 16], u32>> {
+        let m = self
+            .ebpf
+            .map_mut(name::BYPASS6)
+            .context("map BYPASS6 missing")?;
+        LpmTrie::try_from(m).context("map BYPASS6 has an unexpected type")
+    }
+
     /// Pass/drop counters by reason, summed over CPUs.
     pub fn reasons(&self) -> Result<[u64; reason::COUNT as usize]> {
         let m = self
@@ -914,6 +974,15 @@ fn prefix_key(generation: u32, side: u32, addr: u32, len: u8) -> Key<PrefixKey> 
         PrefixKey::TAG_BITS + u32::from(len),
         PrefixKey::new(generation, side, addr.to_be_bytes()),
     )
+}
+
+/// `addr` with the bits past `prefix_len` cleared.
+pub fn mask6(addr: Ipv6Addr, prefix_len: u8) -> Ipv6Addr {
+    let bits = u128::from(addr);
+    let mask = u128::MAX
+        .checked_shl(128 - u32::from(prefix_len.min(128)))
+        .unwrap_or(0);
+    Ipv6Addr::from(bits & mask)
 }
 
 fn mask(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {

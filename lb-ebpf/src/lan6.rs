@@ -1,0 +1,285 @@
+//! `lan_ingress` for IPv6: packets from clients, steered per connection
+//! as IPv4 ones are, and sent with their source prefix translated (NPTv6,
+//! `lb_common::npt`) unless they leave by the uplink whose prefix the LAN
+//! carries.
+//!
+//! Owns the IPv6 flow table's entries from the LAN side. There is no port
+//! to reserve: the translation is stateless and one-to-one, so a flow's
+//! uplink is all it pins. It never sends a packet whose source is outside
+//! the LAN's prefix (a counted drop), never translates what the kernel
+//! owns (link-local, multicast, the router's and routed destinations,
+//! connections conntrack tracks), and leaves everything it did not parse
+//! to the kernel.
+
+use core::ops::ControlFlow;
+
+use aya_ebpf::{
+    bindings::{xdp_md, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use lb_common::{
+    hash::{self, Tuple},
+    maps::{settings_flags, tcp_state, uplink_state, FlowKey6, FlowValue6},
+    reason, table, KERNEL_OWNED, NO_UPLINK,
+};
+
+use crate::{
+    conntrack, count, egress,
+    maps::{BUCKETS6, BYPASS6, FLOWS6, SETTINGS, TX_PORTS, UPLINKS, UPLINKS6},
+    parse::{
+        self, EthHdr, Ipv6Packet, ETH_P_IPV6, ICMPV6_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP,
+        TCP_FIN, TCP_RST,
+    },
+    rewrite, stats,
+};
+
+/// Length of the fixed IPv6 header, which the MTU counts.
+const IPV6_HDR_LEN: u32 = 40;
+
+/// [`ingress`], as a BPF function of its own (see `lan_ingress`).
+#[inline(never)]
+pub fn run(ctx: *mut xdp_md) -> u32 {
+    ingress(&XdpContext::new(ctx)).unwrap_or_else(stats::pass)
+}
+
+/// As `lan::ingress`: `Ok(verdict)` for packets the fast path handled,
+/// `Err(reason)` for the kernel's.
+#[inline(always)]
+pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
+    if !balanced() {
+        return Err(reason::PASS_NOT_IPV4);
+    }
+    let pkt = parse::ipv6(ctx)?;
+    let ip = pkt.ip;
+    // SAFETY: `parse::ipv6` bounds-checked the IPv6 header. The addresses
+    // are read straight into the key: 16-byte copies are what fills the
+    // BPF stack.
+    let mut key = FlowKey6 {
+        src_addr: unsafe { (*ip).src },
+        dst_addr: unsafe { (*ip).dst },
+        src_port: [0; 2],
+        dst_port: [0; 2],
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    // Neighbour discovery, router solicitations, multicast, anything
+    // link-local: the router's business.
+    if kernels_scope(&key.src_addr) || kernels_scope(&key.dst_addr) {
+        return Err(reason::PASS_LOCAL);
+    }
+    (key.src_port, key.dst_port) = parse::ports6(ctx, &pkt, ICMPV6_ECHO_REQUEST)?;
+    if unsafe { (*ip).hop_limit } <= 1 {
+        return Err(reason::PASS_TTL);
+    }
+    // SAFETY: reading the coarse monotonic clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let existing = FLOWS6.get_ptr_mut(&key);
+    if existing.is_none() && BYPASS6.get(Key::new(128, key.dst_addr)).is_some() {
+        return Err(reason::PASS_LOCAL);
+    }
+    let uplink = match flow(ctx, &pkt, &key, existing, now) {
+        Ok(uplink) => uplink,
+        Err(reason::PASS_KERNEL_CONNECTION) => return Err(reason::PASS_KERNEL_CONNECTION),
+        Err(drop_reason) => return Ok(stats::drop(drop_reason)),
+    };
+    if uplink == KERNEL_OWNED {
+        return Err(reason::PASS_KERNEL_CONNECTION);
+    }
+    let (Some(info), Some(six)) = (UPLINKS.get(uplink), UPLINKS6.get(uplink)) else {
+        return Ok(stats::drop(reason::DROP_NO_UPLINK));
+    };
+    // SAFETY: as above.
+    if u32::from(u16::from_be_bytes(unsafe { (*ip).payload_len })) + IPV6_HDR_LEN > info.mtu {
+        // IPv6 routers never fragment: the kernel answers Packet Too Big.
+        return Err(reason::PASS_TOO_BIG);
+    }
+    // The guard, for every packet: the LAN's prefix may have changed under
+    // an established flow, and nothing leaves with an address the uplink's
+    // ISP would not route back.
+    if !six.out.takes(&key.src_addr) {
+        return Ok(stats::drop(reason::DROP_FOREIGN_SOURCE));
+    }
+    // Checksum-neutral: no L4 checksum changes. In place, in the packet.
+    // SAFETY: as above.
+    if !six.out.is_identity() && six.out.apply(unsafe { &mut (*ip).src }).is_err() {
+        // An all-ones interface identifier: RFC 6296 leaves it alone.
+        return Ok(stats::drop(reason::DROP_FOREIGN_SOURCE));
+    }
+    rewrite::decrement_hop_limit(&pkt);
+    let len = rewrite::untagged(ctx, pkt.tagged(), ETH_P_IPV6, info.src_mac, six.gw_mac)?;
+    stats::uplink(uplink, |s| {
+        s.tx_packets += 1;
+        s.tx_bytes += len as u64;
+    });
+    stats::sent6(uplink, now, &key);
+    Ok(egress::send(
+        ctx,
+        info.ifindex,
+        uplink,
+        hash::fold6(&key.src_addr).to_be_bytes(),
+        || TX_PORTS.redirect(uplink, 0),
+    ))
+}
+
+/// Whether lbd balances IPv6 (it knows the LAN's prefix).
+#[inline(always)]
+fn balanced() -> bool {
+    SETTINGS
+        .get(0)
+        .is_some_and(|s| s.flags & settings_flags::IPV6 != 0)
+}
+
+/// Multicast (ff00::/8), link-local (fe80::/10) and the unspecified
+/// address: never forwarded by anyone, the kernel's.
+#[inline(always)]
+fn kernels_scope(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xff || (addr[0] == 0xfe && addr[1] & 0xc0 == 0x80) || addr == &[0; 16]
+}
+
+/// The uplink of this connection: its pinned one while that uplink keeps
+/// IPv6 flows; otherwise a new choice from the IPv6 bucket table, pinned.
+/// `Err` is a drop reason, or [`reason::PASS_KERNEL_CONNECTION`].
+#[inline(always)]
+fn flow(
+    ctx: &XdpContext,
+    pkt: &Ipv6Packet,
+    key: &FlowKey6,
+    existing: Option<*mut FlowValue6>,
+    now: u64,
+) -> Result<u32, u32> {
+    let closing = parse::tcp_flags6(ctx, pkt) & (TCP_FIN | TCP_RST) != 0;
+    if let Some(flow) = existing {
+        // SAFETY: a pointer into the map's value. A racing CPU may write
+        // the same fields; at worst a timestamp or state update is lost.
+        let pinned = unsafe { (*flow).uplink };
+        if pinned == KERNEL_OWNED || keeps(pinned) {
+            unsafe {
+                (*flow).last_seen_ns = now;
+                if closing {
+                    (*flow).tcp_state = tcp_state::CLOSING;
+                }
+            }
+            return Ok(pinned);
+        }
+        // Its uplink lost IPv6: the flow moves, and with NPTv6 the server
+        // sees a new address, as with IPv4 NAT.
+        let uplink = steer(key, pinned).ok_or(reason::DROP_NO_UPLINK)?;
+        unsafe {
+            (*flow).uplink = uplink;
+            (*flow).last_seen_ns = now;
+        }
+        stats::uplink(pinned, |s| s.moved_away += 1);
+        stats::uplink(uplink, |s| s.new_flows += 1);
+        return Ok(uplink);
+    }
+
+    let state = if closing {
+        tcp_state::CLOSING
+    } else {
+        tcp_state::OPENING
+    };
+    let eth: *const EthHdr = parse::ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let (client_mac, lan_mac) = unsafe { ((*eth).src, (*eth).dst) };
+    let mut value = FlowValue6 {
+        last_seen_ns: now,
+        uplink: KERNEL_OWNED,
+        lan_ifindex: ctx.ingress_ifindex() as u32,
+        client_mac,
+        lan_mac,
+        vlan_tci: pkt.vlan_tci,
+        tcp_state: state,
+        _pad: 0,
+    };
+    if kernel_owns(ctx, key) {
+        // Remembered for the next packets; if another CPU was first, its
+        // entry says the same.
+        let _ = FLOWS6.insert(key, &value, u64::from(BPF_NOEXIST));
+        return Err(reason::PASS_KERNEL_CONNECTION);
+    }
+    let uplink = steer(key, NO_UPLINK).ok_or(reason::DROP_NO_UPLINK)?;
+    // A source the uplinks do not translate is never pinned.
+    if !UPLINKS6
+        .get(uplink)
+        .is_some_and(|six| six.out.takes(&key.src_addr))
+    {
+        return Err(reason::DROP_FOREIGN_SOURCE);
+    }
+    value.uplink = uplink;
+    if FLOWS6.insert(key, &value, u64::from(BPF_NOEXIST)).is_err() {
+        // Another CPU pinned the same connection first: follow its choice.
+        // SAFETY: as above.
+        return match FLOWS6.get_ptr(key) {
+            Some(flow) => Ok(unsafe { (*flow).uplink }),
+            None => Err(reason::DROP_NO_UPLINK),
+        };
+    }
+    stats::uplink(uplink, |s| s.new_flows += 1);
+    Ok(uplink)
+}
+
+/// Whether conntrack already has `key`'s connection (TCP and UDP).
+#[inline(always)]
+fn kernel_owns(ctx: &XdpContext, key: &FlowKey6) -> bool {
+    (key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP)
+        && conntrack::tracks6(
+            ctx,
+            key.proto,
+            key.src_addr,
+            key.dst_addr,
+            key.src_port,
+            key.dst_port,
+        )
+}
+
+/// An uplink for a new IPv6 flow (or one that must move), never `except`:
+/// its bucket's in the IPv6 table, else the next buckets its hash picks
+/// (`lb_common::table::steer_at`), so that a state write alone moves new
+/// flows off an uplink whose IPv6 died.
+#[inline(always)]
+fn steer(key: &FlowKey6, except: u32) -> Option<u32> {
+    let settings = SETTINGS.get(0)?;
+    let tuple = Tuple {
+        src_addr: hash::fold6(&key.src_addr),
+        dst_addr: hash::fold6(&key.dst_addr),
+        src_port: u16::from_be_bytes(key.src_port),
+        dst_port: u16::from_be_bytes(key.dst_port),
+        proto: key.proto,
+    };
+    let hash = hash::classify(settings.seed, settings.mode, &tuple);
+    let table = BUCKETS6.get(0)?;
+    let mut steered = None;
+    count::up_to(table::STEER_ATTEMPTS, |attempt| {
+        steered = table::steer_at(
+            hash,
+            attempt,
+            |bucket| table.uplinks.get(bucket as usize).copied(),
+            |uplink| uplink != except && takes_new(uplink),
+        );
+        if steered.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    steered
+}
+
+/// Whether `uplink` takes new IPv6 flows now.
+#[inline(always)]
+fn takes_new(uplink: u32) -> bool {
+    UPLINKS6
+        .get(uplink)
+        .is_some_and(|six| six.state == uplink_state::ACTIVE && six.gw_mac != [0; 6])
+        && UPLINKS.get(uplink).is_some_and(|info| info.ifindex != 0)
+}
+
+/// Whether IPv6 flows pinned to `uplink` stay there.
+#[inline(always)]
+fn keeps(uplink: u32) -> bool {
+    UPLINKS6
+        .get(uplink)
+        .is_some_and(|six| uplink_state::keeps_flows(six.state))
+}
