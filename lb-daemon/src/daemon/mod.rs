@@ -67,6 +67,7 @@ use crate::{
     reconcile::buckets::{self},
     reconcile::bypass,
     reconcile::egress,
+    reconcile::ipv6::{self, Facts6},
     reconcile::nftables,
     reconcile::policies,
     reconcile::routing,
@@ -87,6 +88,9 @@ pub struct Uplink {
     pub admin: Admin,
     /// What the kernel says about it, as last observed.
     pub facts: Facts,
+    /// What the kernel says about its IPv6.
+    pub facts6: Facts6,
+    last_poke6: Option<Instant>,
     /// What its probes and link say; `None` while no monitor runs (its
     /// facts are incomplete).
     pub health: Option<Health>,
@@ -145,6 +149,8 @@ impl Uplink {
             index: index as u32,
             admin: Admin::Enabled,
             facts: Facts::default(),
+            facts6: Facts6::default(),
+            last_poke6: None,
             health: None,
             proven: false,
             weight: cfg.weight,
@@ -202,6 +208,11 @@ pub struct Daemon {
     flow_tables: Arc<Mutex<FlowTables>>,
     /// Destinations the data plane leaves to the kernel now.
     bypass: bypass::Bypass,
+    /// IPv6 as written to the data plane, and what the kernel's IPv6 view
+    /// last asked for (the LAN's prefix, the destinations it keeps).
+    ipv6: ipv6::Ipv6,
+    lan6: Option<ipv6::Prefix6>,
+    bypass6: std::collections::BTreeSet<ipv6::Prefix6>,
     /// The uplinks' addresses as the flow collector has them.
     flow_addrs: Vec<Ipv4Addr>,
     /// Where lb's programs are attached. `lan_ingress` only once the
@@ -303,6 +314,9 @@ impl Daemon {
             policies: policies::Policies::default(),
             flow_tables,
             bypass: bypass::Bypass::default(),
+            ipv6: ipv6::Ipv6::default(),
+            lan6: None,
+            bypass6: Default::default(),
             flow_addrs: Vec::new(),
             attachments: attachments::Attachments::default(),
             lans_open: false,
@@ -605,8 +619,13 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
 }
 
 /// An address, or `-`.
-fn text_or_none(addr: Option<Ipv4Addr>) -> String {
+fn text_or_none(addr: Option<impl std::fmt::Display>) -> String {
     addr.map_or_else(|| "-".into(), |a| a.to_string())
+}
+
+/// `2001:db8::/56`, or `-`.
+fn prefix6_text(prefix: Option<ipv6::Prefix6>) -> String {
+    prefix.map_or_else(|| "-".into(), |(p, len)| format!("{p}/{len}"))
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

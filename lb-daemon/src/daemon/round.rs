@@ -47,8 +47,9 @@ impl Daemon {
             self.converge_uplink(i, facts)
                 .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
         }
+        self.observe_ipv6(observed);
         // Uplink entries and states, then the bucket tables (one step
-        // each), then the rules that send flows to them.
+        // each), IPv6's too, then the rules that send flows to them.
         self.converge_dataplane()?;
         self.converge_rules()?;
         // Attachments: lan_ingress on the LAN ports (wan_ingress went on
@@ -394,7 +395,8 @@ impl Daemon {
     /// spreads the moved buckets by weight.
     pub fn converge_dataplane(&mut self) -> Result<()> {
         self.converge_uplink_entries()?;
-        self.converge_buckets()
+        self.converge_buckets()?;
+        self.converge_ipv6()
     }
 
     /// [`converge_dataplane`](Self::converge_dataplane), recording in uplink `index`'s `last_change`
@@ -410,6 +412,7 @@ impl Daemon {
         let states = Instant::now();
         let applied_monotonic_ns = monotonic_ns();
         self.converge_buckets()?;
+        self.converge_ipv6()?;
         let table = Instant::now();
         let micros = |d: Duration| d.as_micros() as u64;
         if let Some(u) = self.uplinks.get_mut(index) {
@@ -442,6 +445,105 @@ impl Daemon {
                 .with_context(|| format!("uplink {}", u.cfg.name))?;
         }
         Ok(())
+    }
+
+    /// Take in the kernel's IPv6 view: each uplink's IPv6 facts (its
+    /// delegation among them), the LAN's prefix, and the IPv6
+    /// destinations the kernel keeps; ask an unresolved next hop for its
+    /// address.
+    pub(super) fn observe_ipv6(&mut self, observed: &Observed) {
+        let v6 = &observed.v6;
+        let addrs: Vec<Option<std::net::Ipv6Addr>> = self
+            .uplinks
+            .iter()
+            .map(|u| u.facts.ifindex.and_then(|i| v6.address_of(i)).map(|a| a.0))
+            .collect();
+        let configured = vec![None; self.uplinks.len()];
+        let delegated = ipv6::delegations(&v6.delegations(), &addrs, &configured);
+        for (u, delegated) in self.uplinks.iter_mut().zip(&delegated) {
+            let facts = match u.facts.ifindex {
+                Some(ifindex) => Facts6::observe(v6, ifindex, *delegated, &u.facts6),
+                None => Facts6::default(),
+            };
+            if facts.delegated != u.facts6.delegated {
+                let said = format!(
+                    "delegated IPv6 prefix {} -> {}",
+                    prefix6_text(u.facts6.delegated),
+                    prefix6_text(facts.delegated)
+                );
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("prefix", Some(&u.cfg.name), said);
+            }
+            if facts.gateway != u.facts6.gateway {
+                let said = format!(
+                    "IPv6 gateway {} -> {}",
+                    text_or_none(u.facts6.gateway),
+                    text_or_none(facts.gateway)
+                );
+                log::info!("uplink {}: {said}", u.cfg.name);
+                self.history.say("gateway", Some(&u.cfg.name), said);
+            }
+            u.facts6 = facts;
+            if let (Some(ifindex), Some(gateway), None, true) = (
+                u.facts.ifindex,
+                facts.gateway,
+                facts.gateway_mac,
+                u.facts.carrier,
+            ) {
+                if u.last_poke6.is_none_or(|t| t.elapsed() >= POKE_EVERY) {
+                    u.last_poke6 = Some(Instant::now());
+                    if let Err(e) = netlink::poke6(&u.cfg.interface, ifindex, gateway) {
+                        log::debug!("uplink {}: asking for {gateway}: {e:#}", u.cfg.name);
+                    }
+                }
+            }
+        }
+        let lans: Vec<u32> = self
+            .config
+            .lans
+            .iter()
+            .filter_map(|l| observed.link(&l.interface).map(|l| l.index))
+            .collect();
+        self.lan6 = ipv6::lan_prefix(v6, &lans, &delegated);
+        let uplink_ifindexes: Vec<u32> = self
+            .uplinks
+            .iter()
+            .filter_map(|u| u.facts.ifindex)
+            .collect();
+        self.bypass6 = v6
+            .kernel_destinations(&uplink_ifindexes)
+            .into_iter()
+            .collect();
+    }
+
+    /// Each uplink's IPv6 entry for its state and IPv6 facts, the IPv6
+    /// bucket table, and the destinations the kernel keeps (see
+    /// `reconcile::ipv6`).
+    pub(super) fn converge_ipv6(&mut self) -> Result<()> {
+        let lan = self.lan6;
+        let sides: Vec<_> = self
+            .uplinks
+            .iter()
+            .map(|u| ipv6::side(lan, &u.facts6, u.dataplane_state(), true))
+            .collect();
+        let candidates: Vec<Candidate> = self
+            .uplinks
+            .iter()
+            .zip(&sides)
+            .map(|(u, side)| Candidate {
+                weight: u.weight,
+                tier: u.cfg.tier,
+                takes_new_flows: side.is_some_and(|s| s.state == uplink_state::ACTIVE),
+                degraded: u.health == Some(Health::Degraded),
+            })
+            .collect();
+        self.ipv6.converge(
+            lan,
+            &sides,
+            &candidates,
+            self.bypass6.clone(),
+            &mut self.dataplane,
+        )
     }
 
     /// Rebalance each policy's bucket table for the current states and

@@ -28,6 +28,7 @@ use rtnetlink::{
 };
 
 use crate::observe::{
+    kernel6::Observed6,
     linkwatch::is_up,
     netlink::{usable_neighbour, Neighbour},
 };
@@ -120,6 +121,8 @@ pub struct Observed {
     pub rules: Vec<Rule>,
     /// Every qdisc (root, ingress and inner ones).
     pub qdiscs: Vec<Qdisc>,
+    /// IPv6: addresses, routes, neighbours.
+    pub v6: Observed6,
 }
 
 impl Observed {
@@ -168,7 +171,9 @@ impl Observed {
             .try_collect()
             .await
             .context("listing qdiscs over netlink")?;
+        let v6 = Observed6::take(handle, &addresses).await?;
         Ok(Observed {
+            v6,
             links: links.iter().filter_map(link_facts).collect(),
             addresses: addresses
                 .iter()

@@ -192,7 +192,7 @@ pub struct LinkWatch {
 
 impl LinkWatch {
     /// Opens a netlink socket in the current network namespace and joins
-    /// the link, IPv4 address, IPv4 route and neighbour notification
+    /// the link, IPv4 and IPv6 address and route, and neighbour notification
     /// groups, and tc's (qdiscs). Nothing is read until [`run`](Self::run).
     pub fn subscribe() -> Result<Self, LinkWatchError> {
         let (connection, handle, messages) = rtnetlink::new_multicast_connection(&[
@@ -200,6 +200,8 @@ impl LinkWatch {
             MulticastGroup::Neigh,
             MulticastGroup::Ipv4Ifaddr,
             MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Ifaddr,
+            MulticastGroup::Ipv6Route,
             MulticastGroup::Tc,
         ])
         .map_err(LinkWatchError::Subscribe)?;

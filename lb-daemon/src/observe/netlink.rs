@@ -3,7 +3,7 @@
 //! first packet to it would), and binding a socket to an interface.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket},
     os::fd::AsRawFd,
 };
 
@@ -52,6 +52,15 @@ pub fn poke(ifname: &str, gateway: Ipv4Addr) -> Result<()> {
     let sock = UdpSocket::bind("0.0.0.0:0")?;
     bind_to_device(&sock, ifname)?;
     sock.send_to(&[], SocketAddrV4::new(gateway, 9))?;
+    Ok(())
+}
+
+/// As [`poke`], for an IPv6 next hop (neighbour discovery): its
+/// link-local address is scoped to `ifindex`.
+pub fn poke6(ifname: &str, ifindex: u32, gateway: Ipv6Addr) -> Result<()> {
+    let sock = UdpSocket::bind("[::]:0")?;
+    bind_to_device(&sock, ifname)?;
+    sock.send_to(&[], SocketAddrV6::new(gateway, 9, 0, ifindex))?;
     Ok(())
 }
 

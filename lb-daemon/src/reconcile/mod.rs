@@ -11,6 +11,7 @@ pub mod attachments;
 pub mod buckets;
 pub mod bypass;
 pub mod egress;
+pub mod ipv6;
 pub mod nftables;
 pub mod policies;
 pub mod routing;

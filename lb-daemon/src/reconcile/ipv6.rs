@@ -1,0 +1,376 @@
+//! IPv6: the prefix the LAN carries, each uplink's side (`UPLINKS6`: its
+//! IPv6 state, next hop and NPTv6 translations), the IPv6 bucket table
+//! and the IPv6 destinations the kernel keeps (`BYPASS6`).
+//!
+//! [`lan_prefix`], [`side`] and [`Ipv6::converge`]'s inputs are pure
+//! functions of the kernel's snapshot and the uplinks' states; converging
+//! writes only what changed. Without a LAN prefix IPv6 is not balanced at
+//! all and stays the kernel's, as it would be without lb. It never
+//! touches a flow: an uplink whose IPv6 dies is written down, and its
+//! flows move on their next packet.
+
+use std::{collections::BTreeSet, net::Ipv6Addr};
+
+use anyhow::{Context, Result};
+use lb_common::{
+    maps::{uplink_state, Uplink6},
+    npt::Npt,
+    table::{self, Table},
+};
+
+use crate::{
+    dataplane::Dataplane,
+    observe::kernel6::{mask6, within, Observed6},
+    reconcile::buckets::{weights, Candidate},
+};
+
+/// An IPv6 prefix.
+pub type Prefix6 = (Ipv6Addr, u8);
+
+/// What the kernel says about one uplink's IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Facts6 {
+    /// Its global address on the WAN link (SLAAC or DHCPv6).
+    pub addr: Option<Ipv6Addr>,
+    /// Its IPv6 next hop: the default route's, usually link-local.
+    pub gateway: Option<Ipv6Addr>,
+    pub gateway_mac: Option<[u8; 6]>,
+    /// The prefix delegated to the router through it (DHCPv6-PD).
+    pub delegated: Option<Prefix6>,
+}
+
+impl Facts6 {
+    /// The IPv6 facts of the uplink on `ifindex`, with `delegated` as its
+    /// delegation. A next hop's address the kernel no longer holds is
+    /// kept from `previous` while the next hop stays the same, as for
+    /// IPv4 (`Facts::observe`).
+    pub fn observe(
+        v6: &Observed6,
+        ifindex: u32,
+        delegated: Option<Prefix6>,
+        previous: &Facts6,
+    ) -> Facts6 {
+        let gateway = v6.default_gateway(ifindex);
+        let gateway_mac =
+            gateway
+                .and_then(|gw| v6.neighbour(ifindex, gw))
+                .or(if previous.gateway == gateway {
+                    previous.gateway_mac
+                } else {
+                    None
+                });
+        Facts6 {
+            addr: v6.address_of(ifindex).map(|(a, _)| a),
+            gateway,
+            gateway_mac,
+            delegated,
+        }
+    }
+}
+
+/// Which delegation each uplink has, from the router's delegations and
+/// the uplinks' WAN addresses: the delegation that shares the longest
+/// prefix with an uplink's address (an ISP delegates from the block its
+/// WAN addresses come from), each delegation to one uplink at most. An
+/// uplink whose `configured` prefix is set takes that one instead.
+pub fn delegations(
+    all: &[Prefix6],
+    addrs: &[Option<Ipv6Addr>],
+    configured: &[Option<Prefix6>],
+) -> Vec<Option<Prefix6>> {
+    let common = |a: Ipv6Addr, p: Ipv6Addr| (u128::from(a) ^ u128::from(p)).leading_zeros();
+    let mut out: Vec<Option<Prefix6>> = configured.to_vec();
+    out.resize(addrs.len(), None);
+    let mut free: Vec<Prefix6> = all
+        .iter()
+        .filter(|d| !configured.iter().flatten().any(|c| c == *d))
+        .copied()
+        .collect();
+    // Best matches first, so that two uplinks never claim one delegation.
+    let mut pairs: Vec<(u32, usize, Prefix6)> = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        if let Some(a) = addr {
+            for d in &free {
+                pairs.push((common(*a, d.0), i, *d));
+            }
+        }
+    }
+    pairs.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
+    for (score, i, d) in pairs {
+        // Less than a /32 in common: not the same ISP's block.
+        if score < 32 || out[i].is_some() || !free.contains(&d) {
+            continue;
+        }
+        out[i] = Some(d);
+        free.retain(|f| *f != d);
+    }
+    out
+}
+
+/// The prefix the LAN carries: the first LAN interface's global prefix
+/// that lies in an uplink's delegation, else its first global prefix
+/// (`lans` by ifindex). `None`: no IPv6 on the LAN, nothing to balance.
+pub fn lan_prefix(v6: &Observed6, lans: &[u32], delegated: &[Option<Prefix6>]) -> Option<Prefix6> {
+    let prefixes: Vec<Prefix6> = lans.iter().flat_map(|&i| v6.prefixes_of(i)).collect();
+    prefixes
+        .iter()
+        .find(|p| delegated.iter().flatten().any(|d| within(**p, *d)))
+        .or(prefixes.first())
+        .copied()
+}
+
+/// The prefix an uplink's flows take in place of the LAN's: the LAN's own
+/// when its delegation holds the LAN's prefix, else the same subnet of its
+/// own delegation (the LAN's bits past the delegation's length). `None`
+/// when it has no delegation, or one too long to hold the LAN's prefix.
+pub fn target(lan: Prefix6, delegated: Option<Prefix6>) -> Option<Prefix6> {
+    let d = delegated?;
+    if within(lan, d) {
+        return Some(lan);
+    }
+    if d.1 > lan.1 {
+        return None;
+    }
+    let host_bits = u128::MAX.checked_shr(u32::from(d.1)).unwrap_or(0);
+    let subnet = u128::from(lan.0) & host_bits;
+    Some((
+        mask6(Ipv6Addr::from(u128::from(d.0) & !host_bits | subnet), lan.1),
+        lan.1,
+    ))
+}
+
+/// Uplink `state` (its data-plane state for IPv4: operator and health)
+/// as IPv6 has it, given its IPv6 facts and the LAN's prefix: its entry,
+/// or `None` when it has none to give.
+pub fn side(lan: Option<Prefix6>, facts: &Facts6, state: u32, ipv6_up: bool) -> Option<Uplink6> {
+    let lan = lan?;
+    let to = target(lan, facts.delegated);
+    let (out, back) = match to {
+        Some(to) => (
+            Npt::new(lan.0.octets(), to.0.octets(), lan.1)?,
+            Npt::new(to.0.octets(), lan.0.octets(), lan.1)?,
+        ),
+        None => (Npt::default(), Npt::default()),
+    };
+    let ready = to.is_some() && facts.gateway_mac.is_some() && ipv6_up;
+    let state = match state {
+        uplink_state::ACTIVE | uplink_state::DRAIN if ready => state,
+        _ => uplink_state::DOWN,
+    };
+    Some(Uplink6 {
+        state,
+        gw_mac: facts.gateway_mac.unwrap_or_default(),
+        _pad: [0; 2],
+        out,
+        back,
+    })
+}
+
+/// IPv6 as the data plane has it, as lbd wrote it.
+#[derive(Debug)]
+pub struct Ipv6 {
+    on: bool,
+    lan: Option<Prefix6>,
+    written: Vec<Option<Uplink6>>,
+    table: Table,
+    table_written: bool,
+    bypass: BTreeSet<Prefix6>,
+}
+
+impl Default for Ipv6 {
+    fn default() -> Self {
+        Self {
+            on: false,
+            lan: None,
+            written: Vec::new(),
+            table: table::empty(),
+            table_written: false,
+            bypass: BTreeSet::new(),
+        }
+    }
+}
+
+impl Ipv6 {
+    /// The LAN's prefix, when IPv6 is balanced.
+    pub fn lan(&self) -> Option<Prefix6> {
+        self.lan.filter(|_| self.on)
+    }
+
+    /// Uplink `index`'s entry as written.
+    pub fn side(&self, index: usize) -> Option<Uplink6> {
+        self.written.get(index).copied().flatten()
+    }
+
+    /// Make the data plane hold `sides` (by uplink index), a bucket table
+    /// for `candidates`, and `bypass`; IPv6 is balanced while `lan` is
+    /// known. Order: entries, table, bypass, then the switch, so that the
+    /// first balanced packet finds everything in place; off goes first.
+    pub fn converge(
+        &mut self,
+        lan: Option<Prefix6>,
+        sides: &[Option<Uplink6>],
+        candidates: &[Candidate],
+        bypass: BTreeSet<Prefix6>,
+        dataplane: &mut Dataplane,
+    ) -> Result<()> {
+        let on = lan.is_some();
+        if !on && self.on {
+            dataplane.set_ipv6(false)?;
+            self.on = false;
+            log::info!("IPv6: the LAN carries no prefix; IPv6 is the kernel's");
+        }
+        if lan != self.lan {
+            if let Some((p, len)) = lan {
+                log::info!("IPv6: the LAN carries {p}/{len}");
+            }
+            self.lan = lan;
+        }
+        self.written
+            .resize(sides.len().max(self.written.len()), None);
+        for (i, want) in sides.iter().enumerate() {
+            if let Some(six) = want {
+                if self.written[i] != Some(*six) {
+                    dataplane
+                        .set_uplink6(i as u32, six)
+                        .with_context(|| format!("writing uplink #{i}'s IPv6 entry"))?;
+                    self.written[i] = Some(*six);
+                }
+            }
+        }
+        let mut next = self.table;
+        let moved = table::rebalance(&mut next, &weights(candidates));
+        if moved > 0 || !self.table_written {
+            dataplane.set_buckets6(&next)?;
+            self.table = next;
+            self.table_written = true;
+            if moved > 0 {
+                log::info!("IPv6 bucket table updated: {moved} buckets moved");
+            }
+        }
+        for &(addr, len) in bypass.difference(&self.bypass) {
+            dataplane.add_bypass6(addr, len)?;
+        }
+        for &(addr, len) in self.bypass.difference(&bypass) {
+            dataplane.remove_bypass6(addr, len)?;
+        }
+        self.bypass = bypass;
+        if on && !self.on {
+            dataplane.set_ipv6(true)?;
+            self.on = true;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::kernel6::fixtures::{ip6, router6};
+
+    #[test]
+    fn each_uplink_finds_its_delegation_and_the_lan_its_prefix() {
+        let o = router6();
+        let all = o.delegations();
+        let addrs = [
+            o.address_of(3).map(|a| a.0),
+            o.address_of(4).map(|a| a.0),
+            None,
+        ];
+        let d = delegations(&all, &addrs, &[None, None, None]);
+        assert_eq!(
+            d,
+            vec![
+                Some((ip6("2001:db8:1:100::"), 56)),
+                Some((ip6("2001:db8:2:200::"), 56)),
+                None
+            ]
+        );
+        assert_eq!(
+            lan_prefix(&o, &[2], &d),
+            Some((ip6("2001:db8:1:100::"), 64))
+        );
+        // A configured prefix wins, and is nobody else's.
+        let d = delegations(
+            &all,
+            &addrs,
+            &[Some((ip6("2001:db8:2:200::"), 56)), None, None],
+        );
+        assert_eq!(d[0], Some((ip6("2001:db8:2:200::"), 56)));
+        assert_eq!(
+            d[1],
+            Some((ip6("2001:db8:1:100::"), 56)),
+            "what is left, within the same /32 (one ISP's block)"
+        );
+    }
+
+    #[test]
+    fn an_uplink_takes_the_lans_subnet_of_its_own_delegation() {
+        let lan = (ip6("2001:db8:1:1ab::"), 64);
+        assert_eq!(target(lan, Some((ip6("2001:db8:1:100::"), 56))), Some(lan));
+        assert_eq!(
+            target(lan, Some((ip6("2001:db8:2:200::"), 56))),
+            Some((ip6("2001:db8:2:2ab::"), 64))
+        );
+        assert_eq!(
+            target(lan, Some((ip6("2001:db8:9:9::"), 64))),
+            Some((ip6("2001:db8:9:9::"), 64)),
+            "a /64 delegation is taken whole"
+        );
+        assert_eq!(
+            target((ip6("2001:db8:1::"), 48), Some((ip6("2001:db8:2::"), 56))),
+            None
+        );
+        assert_eq!(target(lan, None), None);
+    }
+
+    #[test]
+    fn an_uplinks_ipv6_is_down_without_a_next_hop_or_delegation() {
+        let lan = Some((ip6("2001:db8:1:100::"), 64));
+        let ready = Facts6 {
+            addr: Some(ip6("2001:db8:2:ffff::2")),
+            gateway: Some(ip6("fe80::2")),
+            gateway_mac: Some([2, 0, 0, 0, 2, 1]),
+            delegated: Some((ip6("2001:db8:2:200::"), 56)),
+        };
+        let six = side(lan, &ready, uplink_state::ACTIVE, true).expect("an entry");
+        assert_eq!(six.state, uplink_state::ACTIVE);
+        assert!(!six.out.is_identity());
+        let mut a = ip6("2001:db8:1:100::1234").octets();
+        six.out.apply(&mut a).expect("translates");
+        assert!(within(
+            (Ipv6Addr::from(a), 128),
+            (ip6("2001:db8:2:200::"), 64)
+        ));
+        for (what, facts, up) in [
+            (
+                "no next hop's MAC",
+                Facts6 {
+                    gateway_mac: None,
+                    ..ready
+                },
+                true,
+            ),
+            (
+                "no delegation",
+                Facts6 {
+                    delegated: None,
+                    ..ready
+                },
+                true,
+            ),
+            ("its IPv6 health down", ready, false),
+        ] {
+            let six = side(lan, &facts, uplink_state::ACTIVE, up).expect("an entry");
+            assert_eq!(six.state, uplink_state::DOWN, "{what}");
+        }
+        assert_eq!(
+            side(lan, &ready, uplink_state::DOWN, true).map(|s| s.state),
+            Some(uplink_state::DOWN),
+            "down for IPv4's reasons (carrier, operator) is down for IPv6"
+        );
+        assert_eq!(side(None, &ready, uplink_state::ACTIVE, true), None);
+    }
+}
