@@ -409,6 +409,28 @@ fn print_status(s: &Status) {
         })
         .collect();
     println!("gateways: {}", gateways.join("; "));
+    match &s.lan_prefix6 {
+        Some(lan) => {
+            let sides: Vec<String> = s
+                .uplinks
+                .iter()
+                .filter_map(|u| {
+                    let v6 = u.ipv6.as_ref()?;
+                    Some(format!(
+                        "{} {} as {} (delegated {}), via {} at {}",
+                        u.name,
+                        v6.state,
+                        v6.translated_to,
+                        v6.delegated,
+                        v6.gateway,
+                        v6.gateway_mac
+                    ))
+                })
+                .collect();
+            println!("ipv6: the LAN carries {lan}; {}", sides.join("; "));
+        }
+        None => println!("ipv6: not balanced (the LAN carries no global prefix): the kernel's"),
+    }
     let quotas: Vec<String> = s
         .uplinks
         .iter()

@@ -125,6 +125,26 @@ pub struct Status {
     /// The default policy and each `[[policy]]`.
     #[serde(default)]
     pub policies: Vec<PolicyStatus>,
+    /// The prefix the LAN carries, while IPv6 is balanced; none: IPv6 is
+    /// the kernel's.
+    #[serde(default)]
+    pub lan_prefix6: Option<String>,
+}
+
+/// An uplink's IPv6 in `lbctl status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ipv6Status {
+    /// active, drain or down, for IPv6 alone.
+    pub state: String,
+    /// Its global address on the WAN link.
+    pub address: String,
+    pub gateway: String,
+    pub gateway_mac: String,
+    /// The prefix delegated through it.
+    pub delegated: String,
+    /// The prefix its flows take in place of the LAN's (the LAN's own:
+    /// untranslated).
+    pub translated_to: String,
 }
 
 /// One policy in `lbctl status`.
@@ -232,6 +252,9 @@ pub struct UplinkStatus {
     pub false_alarms: u64,
     #[serde(default)]
     pub syn_retries: u64,
+    /// Its IPv6 side, while IPv6 is balanced.
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Status>,
 }
 
 /// An uplink's quota as `status` shows it.

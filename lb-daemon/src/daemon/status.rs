@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use lb_common::{maps::uplink_state, reason, table};
 
 use crate::{
-    control::api::{EgressStatus, QuotaStatus, Status, UplinkStatus},
+    control::api::{EgressStatus, Ipv6Status, QuotaStatus, Status, UplinkStatus},
     dataplane::flows::FlowTables,
     health::State as Health,
     reconcile::nftables,
@@ -55,6 +55,21 @@ impl Daemon {
             });
         }
         Ok(out)
+    }
+
+    /// Uplink `u`'s IPv6 as the data plane has it, while IPv6 is balanced.
+    fn ipv6_status(&self, u: &Uplink) -> Option<Ipv6Status> {
+        let lan = self.ipv6.lan()?;
+        let six = self.ipv6.side(u.index as usize)?;
+        let f = &u.facts6;
+        Some(Ipv6Status {
+            state: uplink_state::name(six.state).to_string(),
+            address: text_or_none(f.addr),
+            gateway: text_or_none(f.gateway),
+            gateway_mac: f.gateway_mac.map_or_else(|| "-".into(), |m| mac_text(&m)),
+            delegated: prefix6_text(f.delegated),
+            translated_to: prefix6_text(ipv6::target(lan, f.delegated)),
+        })
     }
 
     /// Everything `lbctl status` shows but the flow counts, which need a
@@ -117,6 +132,7 @@ impl Daemon {
                 suspicions: u.watch.bursts,
                 false_alarms: u.watch.false_alarms,
                 syn_retries: u.syn_retries,
+                ipv6: self.ipv6_status(u),
             });
         }
         let reasons = self.dataplane.reasons()?;
@@ -154,6 +170,7 @@ impl Daemon {
                 .filter_map(|(_, name)| self.egress_status(name))
                 .collect(),
             policies: self.policy_status()?,
+            lan_prefix6: self.ipv6.lan().map(|(p, l)| format!("{p}/{l}")),
         };
         Ok(StatusDraft {
             status,
