@@ -83,16 +83,31 @@ impl Daemon {
             }
             self.flow_addrs = addrs;
         }
-        let slowpath = nftables::Wanted {
+        let mut slowpath = nftables::Wanted {
             policy_rules: nftables::policy_rules(&self.config.rules, |name| {
                 policies::policy_index(&self.config, name)
             }),
+            lan6: self.ipv6.lan(),
             ..nftables::wanted(
                 self.uplinks.iter().map(|u| (&u.cfg, u.facts.ifindex)),
                 observed,
                 self.local_ports,
             )
         };
+        if let Some(lan) = slowpath.lan6 {
+            for (rules, u) in slowpath.uplinks.iter_mut().zip(&self.uplinks) {
+                let target = ipv6::target(lan, u.facts6.delegated);
+                rules.own6 = u
+                    .facts6
+                    .addr
+                    .map(|a| (a, 128))
+                    .into_iter()
+                    .chain(u.facts6.delegated)
+                    .chain(target)
+                    .collect();
+                rules.target6 = target.filter(|&t| t != lan);
+            }
+        }
         // Routes and rules, then nftables: made by the caller, outside the
         // daemon's lock.
         Ok(Converged {

@@ -1,7 +1,9 @@
-//! lb's nftables table, `ip lb`: the kernel's side of lb, for the traffic
-//! the fast path does not translate.
+//! lb's nftables tables, `ip lb` and `ip6 lb`: the kernel's side of lb,
+//! for the traffic the fast path does not translate.
 //!
-//! Owns exactly that table, and in it:
+//! Owns exactly those tables (`ip6 lb` only while IPv6 is balanced: the
+//! LAN's prefix translated to an uplink's, and the same guard, in
+//! [`Wanted::script6`]), and in `ip lb`:
 //! - **NAT** (`nat`, after the kernel's own source NAT hook priority): what
 //!   the kernel forwards out of an uplink (ESP, GRE, fragments, ICMP other
 //!   than echo, connections it owns) leaves masqueraded to that uplink's
@@ -32,7 +34,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Command, Stdio},
 };
 
@@ -171,6 +173,7 @@ pub fn wanted<'a>(
 ) -> Wanted {
     Wanted {
         policy_rules: Vec::new(),
+        lan6: None,
         uplinks: uplinks
             .map(|(cfg, ifindex)| UplinkRules {
                 interface: cfg.interface.clone(),
@@ -178,6 +181,8 @@ pub fn wanted<'a>(
                     .map(|i| observed.addresses_of(i))
                     .unwrap_or_default(),
                 routed: cfg.routed.iter().map(|r| (r.addr, r.len)).collect(),
+                own6: Vec::new(),
+                target6: None,
             })
             .collect(),
         ports,
@@ -194,6 +199,9 @@ pub struct Wanted {
     /// The operator's rules as the slow path has them (see
     /// [`policy_rules`]).
     pub policy_rules: Vec<PolicyRule>,
+    /// The prefix the LAN carries while IPv6 is balanced: the `ip6 lb`
+    /// table translates and guards IPv6 only then.
+    pub lan6: Option<(Ipv6Addr, u8)>,
 }
 
 /// One uplink's part of the table.
@@ -207,6 +215,12 @@ pub struct UplinkRules {
     /// Prefixes the operator declared as routed through it
     /// (`[[uplink]] routed`): they leave as they are.
     pub routed: Vec<(Ipv4Addr, u8)>,
+    /// IPv6 sources that may leave through it: its WAN address, its
+    /// delegation, and the prefix the LAN's is translated to there.
+    pub own6: Vec<(Ipv6Addr, u8)>,
+    /// The prefix the LAN's takes when the kernel sends LAN traffic out
+    /// of it (`None`: the LAN carries its own prefix, or it has none).
+    pub target6: Option<(Ipv6Addr, u8)>,
 }
 
 impl UplinkRules {
@@ -363,7 +377,58 @@ impl Wanted {
         }
         let _ = writeln!(s, "  }}");
         let _ = writeln!(s, "}}");
+        self.script6(&mut s);
         s
+    }
+
+    /// The `ip6 lb` table, in the same transaction: what the kernel
+    /// forwards from the LAN out of an uplink whose prefix is not the
+    /// LAN's gets that uplink's prefix (a stateful prefix translation, the
+    /// slow path's NPTv6), and the guard drops any other foreign source.
+    /// Link-local and unspecified sources (neighbour discovery, DHCPv6,
+    /// duplicate address detection) are every uplink's. Without a LAN
+    /// prefix, IPv6 is the kernel's as without lb: no table.
+    fn script6(&self, s: &mut String) {
+        let _ = writeln!(s, "table ip6 {TABLE}\ndelete table ip6 {TABLE}");
+        let Some((lan, len)) = self.lan6 else {
+            return;
+        };
+        let _ = writeln!(s, "table ip6 {TABLE} {{");
+        let _ = writeln!(s, "  counter {LEAKED} {{ }}");
+        let _ = writeln!(s, "  chain nat {{");
+        let _ = writeln!(
+            s,
+            "    type nat hook postrouting priority {NAT_PRIORITY}; policy accept;"
+        );
+        for u in &self.uplinks {
+            if let Some((to, to_len)) = u.target6 {
+                let _ = writeln!(
+                    s,
+                    "    oifname \"{}\" ip6 saddr {lan}/{len} snat ip6 prefix to ip6 saddr map {{ {lan}/{len} : {to}/{to_len} }}",
+                    u.interface
+                );
+            }
+        }
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  chain guard {{");
+        let _ = writeln!(
+            s,
+            "    type filter hook postrouting priority {GUARD_PRIORITY}; policy accept;"
+        );
+        for u in &self.uplinks {
+            let own: Vec<String> = ["fe80::/10".to_string(), "::/128".to_string()]
+                .into_iter()
+                .chain(u.own6.iter().map(|(a, l)| format!("{a}/{l}")))
+                .collect();
+            let _ = writeln!(
+                s,
+                "    oifname \"{}\" ip6 saddr != {{ {} }} counter name \"{LEAKED}\" drop",
+                u.interface,
+                own.join(", ")
+            );
+        }
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "}}");
     }
 }
 
@@ -448,24 +513,35 @@ impl Counted {
     }
 }
 
-/// The table's counters now (blocking: runs `nft`).
+/// The tables' counters now (blocking: runs `nft`); the `ip6` guard's
+/// drops count with the `ip` guard's.
 pub fn counted() -> Result<Counted> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "counters", "table", "ip", TABLE])
-        .output()
-        .context("running nft")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "nft list counters table ip {TABLE}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Counted::parse(&out.stdout)
+    let list = |family: &str| -> Result<Counted> {
+        let out = Command::new("nft")
+            .args(["-j", "list", "counters", "table", family, TABLE])
+            .output()
+            .context("running nft")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nft list counters table {family} {TABLE}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Counted::parse(&out.stdout)
+    };
+    let mut counted = list("ip")?;
+    // Absent while IPv6 is not balanced.
+    if let Ok(six) = list("ip6") {
+        counted.leaked += six.leaked;
+    }
+    Ok(counted)
 }
 
 /// Remove the table (`lbd --teardown`).
 pub fn remove() -> Result<()> {
-    nft_script(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
-        .context("removing lbd's nftables table `ip lb`")
+    nft_script(&format!(
+        "table ip {TABLE}\ndelete table ip {TABLE}\ntable ip6 {TABLE}\ndelete table ip6 {TABLE}\n"
+    ))
+    .context("removing lbd's nftables tables `ip lb` and `ip6 lb`")
 }
 
 #[cfg(test)]
@@ -479,16 +555,41 @@ mod tests {
                     interface: "wan1".into(),
                     addrs: vec![Ipv4Addr::new(100, 64, 1, 2)],
                     routed: vec![(Ipv4Addr::new(203, 0, 113, 8), 29)],
+                    ..UplinkRules::default()
                 },
                 UplinkRules {
                     interface: "wan2".into(),
                     addrs: Vec::new(),
                     routed: Vec::new(),
+                    ..UplinkRules::default()
                 },
             ],
             ports: (32768, 60999),
             policy_rules: Vec::new(),
+            lan6: None,
         }
+    }
+
+    #[test]
+    fn ipv6_is_translated_to_each_uplinks_prefix_and_guarded_only_while_balanced() {
+        let mut w = wanted();
+        let p = |s: &str, l: u8| (s.parse::<Ipv6Addr>().expect("address"), l);
+        assert!(
+            !w.script().contains("table ip6 lb {"),
+            "no LAN prefix: IPv6 is the kernel's"
+        );
+        w.lan6 = Some(p("2001:db8:1:100::", 64));
+        w.uplinks[0].own6 = vec![p("2001:db8:1:100::", 56)];
+        w.uplinks[1].own6 = vec![p("2001:db8:2:ffff::2", 128), p("2001:db8:2:200::", 56)];
+        w.uplinks[1].target6 = Some(p("2001:db8:2:200::", 64));
+        let s = w.script();
+        assert!(s.contains(
+            "oifname \"wan2\" ip6 saddr 2001:db8:1:100::/64 snat ip6 prefix to ip6 saddr map { 2001:db8:1:100::/64 : 2001:db8:2:200::/64 }"
+        ));
+        assert!(!s.contains("oifname \"wan1\" ip6 saddr 2001:db8:1:100::/64 snat"));
+        assert!(s.contains(
+            "oifname \"wan2\" ip6 saddr != { fe80::/10, ::/128, 2001:db8:2:ffff::2/128, 2001:db8:2:200::/56 } counter name \"leaked\" drop"
+        ));
     }
 
     #[test]
