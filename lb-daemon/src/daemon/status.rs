@@ -191,6 +191,11 @@ impl Daemon {
                 .iter()
                 .map(|u| (u.cfg.name.clone(), u.facts.addr))
                 .collect(),
+            npt6: self
+                .uplinks
+                .iter()
+                .map(|u| self.ipv6.side(u.index as usize).map(|s| s.out))
+                .collect(),
         }
     }
 }
@@ -199,6 +204,8 @@ impl Daemon {
 pub struct FlowQuery {
     tables: Arc<Mutex<FlowTables>>,
     uplinks: Vec<(String, Option<Ipv4Addr>)>,
+    /// Each uplink's IPv6 translation, by index.
+    npt6: Vec<Option<lb_common::npt::Npt>>,
 }
 
 impl FlowQuery {
@@ -245,6 +252,31 @@ impl FlowQuery {
             };
             out.push(crate::dataplane::flows::describe(
                 &key, &value, &name, addr, now,
+            ));
+        }
+        // IPv6 flows after, unless the question is about an IPv4 client.
+        let flows6 = if truncated || client.is_some() {
+            Vec::new()
+        } else {
+            tables.flows6()?
+        };
+        for (key, value) in flows6 {
+            walked += 1;
+            if wanted_uplink.is_some_and(|u| u != value.uplink) {
+                continue;
+            }
+            if out.len() == limit {
+                truncated = true;
+                break;
+            }
+            let name = match self.uplinks.get(value.uplink as usize) {
+                Some((name, _)) => name.clone(),
+                None if value.uplink == lb_common::KERNEL_OWNED => "kernel".into(),
+                None => format!("#{}", value.uplink),
+            };
+            let npt = self.npt6.get(value.uplink as usize).copied().flatten();
+            out.push(crate::dataplane::flows::describe6(
+                &key, &value, &name, npt, now,
             ));
         }
         Ok(crate::control::api::FlowList {

@@ -1,6 +1,7 @@
 //! The flow and NAT tables as the control plane sees them: counting flows
 //! per uplink, and collecting flows idle past their timeout with their NAT
-//! mappings, and mappings whose flow is gone.
+//! mappings, and mappings whose flow is gone; IPv6 flows (which have no
+//! mapping: NPTv6 is stateless) likewise.
 //!
 //! Works on handles of its own to the data plane's two tables (the same
 //! kernel maps, opened again), so that a walk, a syscall or two per entry,
@@ -15,13 +16,14 @@ use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, MapError};
-use lb_common::maps::{tcp_state, FlowKey, FlowValue, NatKey, NatValue};
+use lb_common::maps::{tcp_state, FlowKey, FlowKey6, FlowValue, FlowValue6, NatKey, NatValue};
 
 use crate::config::FlowConfig;
 
 pub struct FlowTables {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     nat: HashMap<MapData, NatKey, NatValue>,
+    flows6: HashMap<MapData, FlowKey6, FlowValue6>,
     /// Each uplink's NAT address, by uplink index.
     uplink_addrs: Vec<Ipv4Addr>,
     timeouts: FlowConfig,
@@ -30,17 +32,19 @@ pub struct FlowTables {
 }
 
 impl FlowTables {
-    /// Handles to the `FLOWS` and `NAT_REV` maps (see
+    /// Handles to the `FLOWS`, `NAT_REV` and `FLOWS6` maps (see
     /// [`Dataplane::flow_tables`](crate::dataplane::Dataplane::flow_tables)).
     pub fn new(
         flows: HashMap<MapData, FlowKey, FlowValue>,
         nat: HashMap<MapData, NatKey, NatValue>,
+        flows6: HashMap<MapData, FlowKey6, FlowValue6>,
         uplink_addrs: Vec<Ipv4Addr>,
         timeouts: FlowConfig,
     ) -> Self {
         Self {
             flows,
             nat,
+            flows6,
             uplink_addrs,
             timeouts,
             expired: 0,
@@ -86,11 +90,20 @@ impl FlowTables {
         }
     }
 
-    /// Flows pinned to each uplink now, by uplink index.
+    /// Every IPv6 flow, as the walk found it.
+    pub fn flows6(&self) -> Result<Vec<(FlowKey6, FlowValue6)>> {
+        self.flows6
+            .iter()
+            .map(|r| r.context("reading FLOWS6"))
+            .collect()
+    }
+
+    /// Flows of both families pinned to each uplink now, by uplink index.
     pub fn count_by_uplink(&self) -> Result<Vec<u64>> {
         let mut counts = vec![0u64; self.uplink_addrs.len()];
-        for (_, value) in self.flows()? {
-            if let Some(n) = counts.get_mut(value.uplink as usize) {
+        let uplinks = self.flows()?.into_iter().map(|(_, v)| v.uplink);
+        for uplink in uplinks.chain(self.flows6()?.into_iter().map(|(_, v)| v.uplink)) {
+            if let Some(n) = counts.get_mut(uplink as usize) {
                 *n += 1;
             }
         }
@@ -148,6 +161,14 @@ impl FlowTables {
                 ignore_missing(self.nat.remove(&rev)).context("removing from NAT_REV")?;
             }
         }
+        for (key, value) in self.flows6()? {
+            let idle = Duration::from_nanos(now_ns.saturating_sub(value.last_seen_ns));
+            if idle > self.timeout_of(key.proto, value.tcp_state) {
+                ignore_missing(self.flows6.remove(&key)).context("removing from FLOWS6")?;
+                removed += 1;
+                self.expired += 1;
+            }
+        }
         Ok(removed)
     }
 
@@ -168,8 +189,12 @@ impl FlowTables {
     /// Idle timeout of a flow: RFC 5382 for TCP (long once established,
     /// short while opening or closing), RFC 4787 for UDP.
     fn timeout(&self, key: &FlowKey, value: &FlowValue) -> Duration {
+        self.timeout_of(key.proto, value.tcp_state)
+    }
+
+    fn timeout_of(&self, proto: u8, tcp_state: u8) -> Duration {
         let t = &self.timeouts;
-        match (key.proto, value.tcp_state) {
+        match (proto, tcp_state) {
             (6, tcp_state::ESTABLISHED) => t.tcp_established_timeout,
             (6, _) => t.tcp_transitory_timeout,
             (17, _) => t.udp_timeout,
@@ -206,6 +231,47 @@ pub fn describe(
         client: format!("{}:{}", Ipv4Addr::from(key.src_addr), port(key.src_port)),
         remote: format!("{}:{}", Ipv4Addr::from(key.dst_addr), port(key.dst_port)),
         nat: format!("{nat}:{}", port(value.nat_port)),
+        uplink: uplink.to_string(),
+        state: state.to_string(),
+        idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+    }
+}
+
+/// How `lbctl flows` shows an IPv6 flow of uplink `uplink` (name), whose
+/// source `npt` translates (`None`: unknown); `now_ns` on the data
+/// plane's clock.
+pub fn describe6(
+    key: &FlowKey6,
+    value: &FlowValue6,
+    uplink: &str,
+    npt: Option<lb_common::npt::Npt>,
+    now_ns: u64,
+) -> crate::control::api::FlowEntry {
+    let port = |p: [u8; 2]| u16::from_be_bytes(p);
+    let at = |a: [u8; 16], p: [u8; 2]| format!("[{}]:{}", std::net::Ipv6Addr::from(a), port(p));
+    let proto = match key.proto {
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        58 => "icmpv6".to_string(),
+        n => n.to_string(),
+    };
+    let state = match (key.proto, value.tcp_state) {
+        (6, tcp_state::OPENING | tcp_state::OPENING_MOVED) => "opening",
+        (6, tcp_state::ESTABLISHED) => "established",
+        (6, _) => "closing",
+        _ => "active",
+    };
+    let mut public = key.src_addr;
+    let nat = match npt {
+        Some(n) if n.is_identity() => at(public, key.src_port),
+        Some(n) if n.apply(&mut public).is_ok() => at(public, key.src_port),
+        _ => "-".into(),
+    };
+    crate::control::api::FlowEntry {
+        proto,
+        client: at(key.src_addr, key.src_port),
+        remote: at(key.dst_addr, key.dst_port),
+        nat,
         uplink: uplink.to_string(),
         state: state.to_string(),
         idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,

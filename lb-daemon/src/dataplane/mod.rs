@@ -928,6 +928,7 @@ impl Dataplane {
         Ok(FlowTables::new(
             self.reopen(name::FLOWS)?,
             self.reopen(name::NAT_REV)?,
+            self.reopen(name::FLOWS6)?,
             uplink_addrs,
             timeouts,
         ))
