@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -336,6 +336,10 @@ impl LaterPriorities {
 pub struct LanConfig {
     /// A valid interface name, unique among LANs and uplinks.
     pub interface: String,
+    /// `prefix6`: the IPv6 prefix the LAN carries, when it is not one the
+    /// router's addresses show (/64 or shorter). `None`: found on the
+    /// interface.
+    pub prefix6: Option<(Ipv6Addr, u8)>,
 }
 
 /// `[[uplink]]`
@@ -363,6 +367,11 @@ pub struct UplinkConfig {
     /// public subnet for a DMZ): they leave it untranslated, and the
     /// guard lets them. No two uplinks' overlap.
     pub routed: Vec<Routed>,
+    /// `prefix6`: the IPv6 prefix the ISP delegates through it, when it is
+    /// static or lbd cannot tell which delegation is this uplink's (/64
+    /// or shorter; no two uplinks' overlap). `None`: followed from the
+    /// router's DHCPv6 client.
+    pub prefix6: Option<(Ipv6Addr, u8)>,
 }
 
 /// A prefix of `[[uplink]] routed`, and where the file gives it.
@@ -999,6 +1008,7 @@ struct RawRouting {
 #[serde(expecting = "a table", deny_unknown_fields)]
 struct RawLan {
     interface: Field,
+    prefix6: Field,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1012,6 +1022,7 @@ struct RawUplink {
     quota: Field,
     shape: Field,
     routed: Field,
+    prefix6: Field,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     probe: Vec<Spanned<RawProbe>>,
@@ -1269,6 +1280,7 @@ impl Checker<'_> {
 
         self.cross_check(&lan_seen, &names, &interfaces);
         self.routed_apart(raw, &uplinks);
+        self.prefixes6_apart(raw, &uplinks);
         let uplink_names: Vec<String> = uplinks.iter().map(|u| u.name.clone()).collect();
         let policies = self.policies(&raw.policy, &uplink_names);
         let mut warnings = Vec::new();
@@ -1327,6 +1339,32 @@ impl Checker<'_> {
             resteer_syn: self
                 .field(&raw.resteer_syn, s, "resteer_syn", boolean)
                 .unwrap_or(d.resteer_syn),
+        }
+    }
+
+    /// No IPv6 prefix delegated through two uplinks: a reply would not
+    /// know whose it is.
+    fn prefixes6_apart(&mut self, raw: &RawConfig, uplinks: &[UplinkConfig]) {
+        for (i, u) in uplinks.iter().enumerate() {
+            let Some((p, len)) = u.prefix6 else { continue };
+            let earlier = uplinks[..i].iter().enumerate().find(|(_, o)| {
+                o.prefix6.is_some_and(|(q, qlen)| {
+                    let shorter = len.min(qlen);
+                    mask6(p, shorter) == mask6(q, shorter)
+                })
+            });
+            if let Some((j, other)) = earlier {
+                let at = |k: usize| raw.uplink[k].get_ref().prefix6.as_ref().map(Spanned::span);
+                let line = at(j).map_or(0, |s| self.line(&s));
+                let (q, qlen) = other.prefix6.unwrap_or((p, len));
+                let message = format!(
+                    "{p}/{len} overlaps {q}/{qlen}, the prefix of uplink {:?} (line {line}); \
+                     an IPv6 prefix is delegated through one uplink",
+                    other.name
+                );
+                let section = uplink_label(i, raw.uplink[i].get_ref());
+                self.report(at(i).as_ref(), &section, Some("prefix6"), message);
+            }
         }
     }
 
@@ -1565,6 +1603,9 @@ impl Checker<'_> {
                 Ok(name.to_owned())
             },
         );
+        let prefix6 = self.field(&raw.get_ref().prefix6, &section, "prefix6", |v| {
+            parse_prefix6(as_str(v)?)
+        });
         let seen = match (&interface, &raw.get_ref().interface) {
             (Some(name), Some(field)) => Some((section, self.seen(name, field))),
             _ => None,
@@ -1572,6 +1613,7 @@ impl Checker<'_> {
         (
             LanConfig {
                 interface: interface.unwrap_or_default(),
+                prefix6,
             },
             seen,
         )
@@ -1649,6 +1691,8 @@ impl Checker<'_> {
             })
             .unwrap_or_default();
 
+        let prefix6 = self.field(&u.prefix6, s, "prefix6", |v| parse_prefix6(as_str(v)?));
+
         // Valid probes with their place in the file.
         let mut probes: Vec<(usize, ProbeConfig)> = Vec::new();
         for (i, probe) in u.probe.iter().enumerate() {
@@ -1692,6 +1736,7 @@ impl Checker<'_> {
             quota,
             shape,
             routed,
+            prefix6,
         };
         (config, name_seen, interface_seen)
     }
@@ -2058,6 +2103,37 @@ fn check_socket_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `ADDRESS/LENGTH` of IPv6, length 1..=64 (NPTv6 translates prefixes of
+/// a /64 or shorter: the interface identifier is the host's), no host bits
+/// set.
+fn parse_prefix6(text: &str) -> Result<(Ipv6Addr, u8), String> {
+    let bad = || format!("expected an IPv6 prefix like \"2001:db8:1::/56\", got {text:?}");
+    let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(1..=64).contains(&len) {
+        return Err(format!(
+            "{text:?}: the length must be between 1 and 64 (a network's prefix: hosts keep the \
+             other 64 bits)"
+        ));
+    }
+    let network = mask6(addr, len);
+    if network != addr {
+        return Err(format!(
+            "{text:?} has host bits set; the prefix is {network}/{len}"
+        ));
+    }
+    Ok((addr, len))
+}
+
+/// `addr` with the bits past `len` cleared.
+fn mask6(addr: Ipv6Addr, len: u8) -> Ipv6Addr {
+    let mask = u128::MAX
+        .checked_shl(128 - u32::from(len.min(128)))
+        .unwrap_or(0);
+    Ipv6Addr::from(u128::from(addr) & mask)
+}
+
 /// A gateway or probe target must be a unicast address.
 /// `ADDRESS/LENGTH`, length 1..=32, no host bits set.
 fn parse_prefix(text: &str) -> Result<(Ipv4Addr, u8), String> {
@@ -2278,7 +2354,8 @@ gateway = "100.64.2.1"
         assert_eq!(
             config.lans,
             [LanConfig {
-                interface: "br-lan".into()
+                interface: "br-lan".into(),
+                prefix6: None,
             }]
         );
         assert_eq!(config.routing, RoutingConfig::default());
@@ -2402,7 +2479,44 @@ gateway = "100.64.2.1"
                 quota: None,
                 shape: Shape::default(),
                 routed: vec![],
+                prefix6: None,
             }]
+        );
+    }
+
+    #[test]
+    fn ipv6_prefixes_are_networks_of_a_64_or_shorter_on_one_uplink() {
+        let text = format!("{TWO}prefix6 = \"2001:db8:2::/48\"\n");
+        let config = ok(&text);
+        assert_eq!(
+            config.uplinks[1].prefix6,
+            Some(("2001:db8:2::".parse().expect("address"), 48))
+        );
+        assert_eq!(config.uplinks[0].prefix6, None);
+        let long = format!("{TWO}prefix6 = \"2001:db8:2::/80\"\n");
+        assert_one(
+            &long,
+            line_of(&long, "prefix6"),
+            "prefix6",
+            "between 1 and 64",
+        );
+        let host = format!("{TWO}prefix6 = \"2001:db8:2::1/64\"\n");
+        assert_one(
+            &host,
+            line_of(&host, "prefix6"),
+            "prefix6",
+            "2001:db8:2::/64",
+        );
+        let lan = "[[lan]]\ninterface = \"br-lan\"\nprefix6 = \"2001:db8:1:100::/72\"\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\n";
+        assert_one(lan, line_of(lan, "prefix6"), "prefix6", "between 1 and 64");
+        let twice = format!(
+            "{TWO}prefix6 = \"2001:db8:2::/48\"\n[[uplink]]\nname = \"isp3\"\ninterface = \"wan3\"\nprefix6 = \"2001:db8:2:100::/56\"\n"
+        );
+        assert_one(
+            &twice,
+            line_of_nth(&twice, "prefix6", 1),
+            "prefix6",
+            "the prefix of uplink \"isp2\"",
         );
     }
 

@@ -473,7 +473,7 @@ impl Daemon {
             .iter()
             .map(|u| u.facts.ifindex.and_then(|i| v6.address_of(i)).map(|a| a.0))
             .collect();
-        let configured = vec![None; self.uplinks.len()];
+        let configured: Vec<_> = self.uplinks.iter().map(|u| u.cfg.prefix6).collect();
         let delegated = ipv6::delegations(&v6.delegations(), &addrs, &configured);
         for (u, delegated) in self.uplinks.iter_mut().zip(&delegated) {
             let facts = match u.facts.ifindex {
@@ -519,7 +519,12 @@ impl Daemon {
             .iter()
             .filter_map(|l| observed.link(&l.interface).map(|l| l.index))
             .collect();
-        self.lan6 = ipv6::lan_prefix(v6, &lans, &delegated);
+        self.lan6 = self
+            .config
+            .lans
+            .iter()
+            .find_map(|l| l.prefix6)
+            .or_else(|| ipv6::lan_prefix(v6, &lans, &delegated));
         let uplink_ifindexes: Vec<u32> = self
             .uplinks
             .iter()

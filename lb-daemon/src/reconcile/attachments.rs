@@ -183,6 +183,7 @@ mod tests {
             names
                 .iter()
                 .map(|n| LanConfig {
+                    prefix6: None,
                     interface: (*n).into(),
                 })
                 .collect()
