@@ -27,8 +27,9 @@ use aya_ebpf::{
 };
 
 /// Bytes of the frame that [`stamp`] rewrites: Ethernet, IPv4 without
-/// options and UDP (42), rounded up to whole 32-bit words.
-const HEADER_LEN: usize = 44;
+/// options and UDP (42), or Ethernet and IPv6's addresses (54: a reply's
+/// destination is rewritten there), rounded up to whole 32-bit words.
+const HEADER_LEN: usize = 56;
 /// Offsets in an untagged IPv4/UDP frame without IP options.
 const IP_CHECK: usize = 24;
 const IP_DST_LOW: usize = 32;
@@ -57,7 +58,7 @@ pub struct Stamp {
     pub addr_count: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Stamp>() == 68);
+const _: () = assert!(core::mem::size_of::<Stamp>() == 80);
 
 #[map]
 static STAMP: Array<Stamp> = Array::with_max_entries(1, 0);

@@ -11,20 +11,21 @@
 //! its cost subtracted. Every measurement checks lb's counters: each
 //! repetition must have taken the path it is reported under.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{ensure, Context, Result};
 use lb_common::policy::Policy;
 use lb_common::{
     hash,
-    maps::{program, uplink_state, UplinkInfo},
+    maps::{program, uplink_state, Uplink6, UplinkInfo},
+    npt::Npt,
     reason,
     table::{self, Table},
     DEFAULT_MAX_FLOWS, MAX_UPLINKS,
 };
 use lb_daemon::{config, dataplane::Dataplane, reconcile::policies::Policies};
 
-use super::object::{self, BenchObject, Stamp, Udp, XDP_PASS, XDP_REDIRECT};
+use super::object::{self, BenchObject, Stamp, Udp, Udp6, XDP_PASS, XDP_REDIRECT};
 
 /// Timed test runs per path; the median is reported.
 const RUNS: usize = 5;
@@ -36,6 +37,10 @@ const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 /// New flows go to 198.18.0.0/16 (RFC 2544's benchmarking range), one
 /// destination per 16,384 source ports, so none repeats within a run.
+const LAN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0x100, 0, 0, 0, 0);
+const ISP2_6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0x200, 0, 0, 0, 0);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0x100, 0x1234, 0x5678, 0x9abc, 0xdef0);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
 const FRESH_DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 const FRESH_PORTS: u16 = 16_384;
 const FRESH_ADDRS: u16 = 65_535;
@@ -90,6 +95,8 @@ pub const KERNEL_CONNECTION: &str = "a port forward's reply, after its first pac
 pub const NEW_FLOW_RULES_16: &str = "new flow, no eviction, 16 rules";
 pub const NEW_FLOW_RULES_256: &str = "new flow, no eviction, 256 rules";
 pub const NEW_FLOW_RULES_SET: &str = "new flow, no eviction, 256 rules and a 1,000,000-prefix set";
+pub const ESTABLISHED6: &str = "established outbound, IPv6 (NPTv6)";
+pub const REPLY6: &str = "reply inbound, IPv6 (NPTv6)";
 pub const ESTABLISHED_RULES: &str = "established outbound, 256 rules and a 1,000,000-prefix set";
 
 /// Prefixes of the set in the rules rows.
@@ -216,6 +223,7 @@ fn measure_here(repeat: u32) -> Result<Costs> {
     }
     .frame();
     let outbound = outbound.frame();
+    let (outbound6, reply6) = flow6_on_reply_uplink(&mut dp)?;
 
     // The harness alone, restoring a fixed frame and varying the flow.
     let nop = bench.xdp("bench_nop")?.fd()?.try_clone()?;
@@ -245,6 +253,24 @@ fn measure_here(repeat: u32) -> Result<Costs> {
             program: program::WAN_INGRESS,
             stamp: Stamp::fixed(&reply)?,
             frame: reply,
+            verdict: XDP_REDIRECT,
+            expect: Expect::Reply,
+            warmup: 0,
+        },
+        Path {
+            name: ESTABLISHED6,
+            program: program::LAN_INGRESS,
+            stamp: Stamp::fixed(&outbound6)?,
+            frame: outbound6,
+            verdict: XDP_REDIRECT,
+            expect: Expect::Forwarded { new_flows: false },
+            warmup: 0,
+        },
+        Path {
+            name: REPLY6,
+            program: program::WAN_INGRESS,
+            stamp: Stamp::fixed(&reply6)?,
+            frame: reply6,
             verdict: XDP_REDIRECT,
             expect: Expect::Reply,
             warmup: 0,
@@ -504,7 +530,63 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
     weights[..2].fill(1);
     let mut t: Table = table::empty();
     table::rebalance(&mut t, &weights);
-    dp.set_buckets(&t)
+    dp.set_buckets(&t)?;
+    // IPv6: the LAN carries uplink 0's prefix; uplink 1 translates.
+    for i in 0..2 {
+        let to = if i == 0 { LAN6 } else { ISP2_6 };
+        let six = Uplink6 {
+            state: uplink_state::ACTIVE,
+            gw_mac: uplink_info(i).gw_mac,
+            _pad: [0; 2],
+            out: Npt::new(LAN6.octets(), to.octets(), 64).context("a translation")?,
+            back: Npt::new(to.octets(), LAN6.octets(), 64).context("a translation")?,
+        };
+        dp.set_uplink6(i, &six)?;
+    }
+    dp.set_buckets6(&t)?;
+    dp.set_ipv6(true)
+}
+
+/// An IPv6 flow pinned to [`REPLY_UPLINK`] (translated there): its
+/// outbound frame, and a reply to it.
+fn flow6_on_reply_uplink(dp: &mut Dataplane) -> Result<(Vec<u8>, Vec<u8>)> {
+    let uplink = uplink_info(REPLY_UPLINK);
+    for port in 5000..5200u16 {
+        let frame = Udp6 {
+            src_mac: CLIENT_MAC,
+            dst_mac: ROUTER_LAN_MAC,
+            src: CLIENT6,
+            dst: SERVER6,
+            src_port: port,
+            dst_port: 53,
+            hop_limit: 64,
+        }
+        .frame();
+        let (verdict, out) = object::run_once(dp.xdp(program::LAN_INGRESS)?, &frame)?;
+        ensure!(
+            verdict == XDP_REDIRECT && out.len() >= 54,
+            "lan_ingress did not forward a new IPv6 flow (verdict {verdict})"
+        );
+        if out[6..12] == uplink.src_mac {
+            let public: [u8; 16] = out[22..38].try_into().context("an address")?;
+            ensure!(
+                public[..8] == ISP2_6.octets()[..8],
+                "the IPv6 flow left uplink {REPLY_UPLINK} untranslated"
+            );
+            let reply = Udp6 {
+                src_mac: uplink.gw_mac,
+                dst_mac: uplink.src_mac,
+                src: SERVER6,
+                dst: public.into(),
+                src_port: 53,
+                dst_port: port,
+                hop_limit: 60,
+            }
+            .frame();
+            return Ok((frame, reply));
+        }
+    }
+    anyhow::bail!("none of 200 IPv6 flows was pinned to uplink {REPLY_UPLINK}")
 }
 
 /// `n` rules, compiled and written by lbd's own code, that no bench frame

@@ -28,7 +28,7 @@ pub const XDP_REDIRECT: u32 = 4;
 /// Every frame the benchmark sends: 14 + 20 + 8 + 18 bytes of payload.
 pub const FRAME_LEN: usize = 60;
 /// Bytes the program rewrites, as in lb-ebpf/src/bench.rs.
-const HEADER_LEN: usize = 44;
+const HEADER_LEN: usize = 56;
 const IP: usize = 14;
 const IP_CHECK: usize = 24;
 const IP_DST_LOW: usize = 32;
@@ -49,7 +49,7 @@ pub struct Stamp {
     addr_count: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<Stamp>() == 68);
+const _: () = assert!(std::mem::size_of::<Stamp>() == 80);
 
 // SAFETY: `repr(C)`, only u32 fields, no padding (asserted size).
 unsafe impl aya::Pod for Stamp {}
@@ -179,6 +179,47 @@ impl Udp {
             c => c,
         };
         f[UDP_CHECK..UDP_CHECK + 2].copy_from_slice(&udp_check.to_be_bytes());
+        f
+    }
+}
+
+/// A UDP datagram over IPv6 as one Ethernet frame (no extension header;
+/// 80 bytes, IPv6's header being 20 bytes longer than IPv4's).
+pub struct Udp6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: std::net::Ipv6Addr,
+    pub dst: std::net::Ipv6Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub hop_limit: u8,
+}
+
+impl Udp6 {
+    /// The frame, its UDP checksum filled in.
+    pub fn frame(&self) -> Vec<u8> {
+        const L4: usize = 14 + 40;
+        let payload = 18;
+        let udp_len = (8 + payload) as u16;
+        let mut f = Vec::with_capacity(L4 + usize::from(udp_len));
+        f.extend(self.dst_mac);
+        f.extend(self.src_mac);
+        f.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend(udp_len.to_be_bytes());
+        f.extend([17, self.hop_limit]);
+        f.extend(self.src.octets());
+        f.extend(self.dst.octets());
+        f.extend(self.src_port.to_be_bytes());
+        f.extend(self.dst_port.to_be_bytes());
+        f.extend(udp_len.to_be_bytes());
+        f.extend([0, 0]);
+        f.extend((0..payload).map(|i| b'a' + (i % 26) as u8));
+        let sum = sum16(&f[22..L4]) + 17 + u32::from(udp_len) + sum16(&f[L4..]);
+        let check = match !fold(sum) {
+            0 => 0xffff,
+            c => c,
+        };
+        f[L4 + 6..L4 + 8].copy_from_slice(&check.to_be_bytes());
         f
     }
 }

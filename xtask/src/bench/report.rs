@@ -602,6 +602,19 @@ impl Report {
                 verdict(est <= ESTABLISHED_MAX_NS)
             );
         }
+        if let (Some(est), Some(est6), Some(reply6)) = (
+            ns(cost::ESTABLISHED),
+            ns(cost::ESTABLISHED6),
+            ns(cost::REPLY6),
+        ) {
+            let ratio = est6 as f64 / est.max(1) as f64;
+            let _ = writeln!(
+                md,
+                "- IPv6 with NPTv6: an established outbound packet costs {est6} ns, {ratio:.2}× \
+                 IPv4's\n  (target ≤ 1.2×: {}); a reply {reply6} ns.",
+                verdict(ratio <= 1.2)
+            );
+        }
         if let (Some(full), Some(roomy)) = (ns(cost::NEW_FLOW), ns(cost::NEW_FLOW_ROOMY)) {
             let _ = writeln!(
                 md,
