@@ -118,7 +118,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         ctx,
         info.ifindex,
         uplink,
-        hash::fold6(&key.src_addr).to_be_bytes(),
+        hash::xor6(&key.src_addr).to_be_bytes(),
         || TX_PORTS.redirect(uplink, 0),
     ))
 }

@@ -86,12 +86,12 @@ pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
 pub fn sent6(uplink: u32, now: u64, key: &FlowKey6) {
     let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
         | u32::from(u16::from_be_bytes(key.dst_port));
-    let src = hash::fold6(&key.src_addr);
+    let src = hash::xor6(&key.src_addr);
     sent_folded(
         uplink,
         now,
         src,
-        hash::fold6(&key.dst_addr),
+        hash::xor6(&key.dst_addr),
         ports,
         key.proto,
     );

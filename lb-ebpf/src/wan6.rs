@@ -131,7 +131,7 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
         ctx,
         back.lan_ifindex,
         uplink,
-        hash::fold6(&client).to_be_bytes(),
+        hash::xor6(&client).to_be_bytes(),
         || LAN_PORTS.redirect(back.lan_ifindex, 0),
     ))
 }
