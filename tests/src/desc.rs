@@ -22,7 +22,7 @@
 //! [link.a]
 //! host = "client"
 //! ifname = "eth0"
-//! address = "10.10.0.2/24"
+//! address = "10.10.0.2/24"     # or several: ["10.10.0.2/24", "2001:db8::2/64"]
 //! mtu = 1500                   # optional
 //! offload = { tso = false, gro = true }   # optional, `ethtool -K` features
 //! master = "br-lan"            # optional: a port of this host's bridge
@@ -132,7 +132,10 @@ impl fmt::Display for Link {
 pub struct End {
     pub host: String,
     pub ifname: String,
-    pub address: Option<Cidr>,
+    /// `address = "CIDR"` or `address = ["CIDR", ...]`: a dual-stack end
+    /// has one of each family.
+    #[serde(rename = "address", default, deserialize_with = "one_or_many")]
+    pub addresses: Vec<Cidr>,
     pub mtu: Option<u32>,
     /// A bridge of the same host (a `kind = "bridge"` iface) this end is a
     /// port of.
@@ -280,6 +283,27 @@ impl fmt::Display for Route {
     }
 }
 
+/// A link end's addresses may be written as one string or a list.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Cidr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Addresses {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match Addresses::deserialize(d)? {
+        Addresses::One(s) => vec![s],
+        Addresses::Many(list) => list,
+    };
+    texts
+        .into_iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+        })
+        .collect()
+}
+
 /// Sysctl values may be written as TOML integers or strings.
 fn sysctl_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     #[derive(Deserialize)]
@@ -406,7 +430,7 @@ impl LabDesc {
             .iter()
             .flat_map(|l| l.ends())
             .filter(|e| e.host == host && e.ifname == ifname)
-            .filter_map(|e| e.address);
+            .flat_map(|e| e.addresses.iter().copied());
         let on_ifaces = self
             .hosts
             .get(host)
@@ -512,6 +536,25 @@ mod tests {
     }
 
     #[test]
+    fn a_link_end_takes_a_list_of_addresses() -> Result<()> {
+        let dual = SMALL.replace(
+            r#"address = "10.0.0.1/30""#,
+            r#"address = ["10.0.0.1/30", "2001:db8::1/64"]"#,
+        );
+        let desc = LabDesc::parse(&dual)?;
+        assert_eq!(
+            desc.addresses("a", "eth0"),
+            vec!["10.0.0.1/30".parse::<Cidr>()?, "2001:db8::1/64".parse()?]
+        );
+        let error = error_of(&SMALL.replace(
+            r#"address = "10.0.0.1/30""#,
+            r#"address = ["10.0.0.1/30", "2001:db8::1/129"]"#,
+        ));
+        assert!(error.contains("prefix length 129"), "{error}");
+        Ok(())
+    }
+
+    #[test]
     fn shipped_labs_parse() -> Result<()> {
         // `default` has a second LAN (client2) that `routed` lacks.
         for (name, hosts) in [("default", 6), ("routed", 5)] {
@@ -526,6 +569,19 @@ mod tests {
         assert!(LabDesc::shipped("routed")?.hosts["isp1"]
             .routes
             .contains(&lan_route));
+        // The DHCP lab is dual-stack: each ISP's end of its uplink has both.
+        let dhcp = LabDesc::shipped("dhcp")?;
+        for n in 1..=3 {
+            let isp = format!("isp{n}");
+            assert_eq!(
+                dhcp.addresses(&isp, "down0"),
+                vec![
+                    format!("100.64.{n}.1/29").parse::<Cidr>()?,
+                    format!("2001:db8:{n}:ffff::1/64").parse()?
+                ],
+                "{isp}"
+            );
+        }
         Ok(())
     }
 

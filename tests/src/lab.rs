@@ -3,11 +3,13 @@
 //!
 //! Owns bringing a [`LabDesc`] up as namespaces named `{prefix}{host}`, and
 //! taking them down: on drop (also when a test panics), on a failed
-//! [`Lab::up`], or by prefix after a crash ([`Lab::down`]). Never touches
+//! [`Lab::up`], or by prefix after a crash ([`Lab::down`]); and the lab's
+//! files directory ([`Lab::files_dir`]), which goes with it. Never touches
 //! the host's own namespace: veth pairs are created directly inside their
 //! namespaces, and everything else is configured from within them.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -32,6 +34,12 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// How long an interface that was set up gets to become operational.
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where labs keep the files of the processes they run (configurations,
+/// leases, logs): `{temp}/lb-labs/{prefix}`, one directory per lab.
+fn files_root() -> PathBuf {
+    std::env::temp_dir().join("lb-labs")
+}
 
 /// A prefix no other lab of this or another test process uses, short enough
 /// that `{prefix}{host}` stays readable: `lbt{pid}x{n}-`.
@@ -114,6 +122,7 @@ impl Lab {
         for ns in &doomed {
             remove_namespace(ns)?;
         }
+        remove_files_dirs(prefix)?;
         Ok(doomed)
     }
 
@@ -250,6 +259,22 @@ impl Lab {
         &self.prefix
     }
 
+    /// The lab's own directory for the files of the processes it runs,
+    /// created on first use. It goes when the lab does (after its
+    /// processes have stopped), so that two labs never share a lease file
+    /// or a pid file, and nothing is left on the host.
+    pub fn files_dir(&self) -> Result<PathBuf> {
+        let dir = files_root().join(&self.prefix);
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "creating lab {}*'s files directory {}",
+                self.prefix,
+                dir.display()
+            )
+        })?;
+        Ok(dir)
+    }
+
     pub fn desc(&self) -> &LabDesc {
         &self.desc
     }
@@ -341,9 +366,11 @@ impl Lab {
     }
 
     /// Sets `host:ifname` administratively up or down. Taking a link down
-    /// makes the kernel delete the static routes through it, and it does not
-    /// put them back: on the way up, this re-adds the host's described
-    /// routes whose gateway lies on that interface.
+    /// makes the kernel delete the static routes through it, and its IPv6
+    /// addresses (unless `keep_addr_on_down`), and it does not put them
+    /// back: on the way up, this re-adds the interface's described
+    /// addresses, then the host's described routes whose gateway lies on
+    /// that interface.
     pub fn set_link_up(&self, host: &str, ifname: &str, up: bool) -> Result<()> {
         let state = if up { "up" } else { "down" };
         self.exec(host, &["ip", "link", "set", "dev", ifname, state])
@@ -352,6 +379,11 @@ impl Lab {
             return Ok(());
         }
         let subnets = self.desc.addresses(host, ifname);
+        for addr in &subnets {
+            // `replace`: an IPv4 address survives going down, and stays.
+            self.sh(host, &format!("ip addr replace {addr} dev {ifname}"))
+                .with_context(|| format!("restoring {addr} after {ifname} came up"))?;
+        }
         let routes = self
             .desc
             .hosts
@@ -470,6 +502,10 @@ impl Lab {
                     failures.push(format!("{e:#}"));
                 }
             }
+            // Last: the processes that wrote there have stopped.
+            if let Err(e) = remove_files_dir(&files_root().join(&self.prefix)) {
+                failures.push(format!("{e:#}"));
+            }
         }
         ensure!(
             failures.is_empty(),
@@ -528,6 +564,33 @@ fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes the files directories of the labs whose prefix starts with
+/// `prefix` (see [`Lab::files_dir`]).
+fn remove_files_dirs(prefix: &str) -> Result<()> {
+    let root = files_root();
+    let entries = match std::fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", root.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", root.display()))?;
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            remove_files_dir(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_files_dir(dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing lab files directory {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Kills what still runs in `ns` (never this process), then deletes it.

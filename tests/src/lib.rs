@@ -12,10 +12,13 @@
 //! - [`traffic`]: echo servers and multi-flow TCP/UDP clients.
 //! - [`stream`]: numbered UDP streams and a sink, for failover timing.
 //! - [`daemon`]: lbd running in a lab's router, and `lbctl` against it.
+//! - [`dhcp`]: DHCP (IPv4) servers and clients in the DHCP lab.
+//! - [`dhcp6`]: DHCPv6 with prefix delegation and RAs in the DHCP lab.
 
 pub mod daemon;
 pub mod desc;
 pub mod dhcp;
+pub mod dhcp6;
 pub mod lab;
 pub mod netns;
 pub mod observe;

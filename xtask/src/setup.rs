@@ -35,6 +35,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // (busybox's, as OpenWrt has).
     ("dnsmasq", "dnsmasq-base"),
     ("udhcpc", "udhcpc"),
+    // IPv6 in the DHCP lab (tests/src/dhcp6.rs): the ISPs' DHCPv6 server
+    // with prefix delegation, the router's DHCPv6 client, and router
+    // advertisements on both sides.
+    ("kea-dhcp6", "kea-dhcp6-server"),
+    ("dhcpcd", "dhcpcd-base"),
+    ("radvd", "radvd"),
     // Checks lbd's metrics as Prometheus would read them.
     ("promtool", "prometheus"),
     // Build and check the package: dpkg-deb, man, systemd-analyze verify.
