@@ -52,7 +52,7 @@ pub fn watch_flows(lab: &Lab, host: &str, ifname: &str) -> Result<FlowWatch> {
 }
 
 /// Starts counting the packets of any protocol that arrive on
-/// `host:ifname` with a source address in `prefix` (e.g. a LAN's, which
+/// `host:ifname` with a source address in `prefix`, IPv4 or IPv6 (e.g. a LAN's, which
 /// must never reach an ISP). `label` tells several such watches on one
 /// interface apart. [`FlowWatch::packets`] is the count.
 pub fn watch_sources(
@@ -62,14 +62,15 @@ pub fn watch_sources(
     label: &str,
     prefix: &str,
 ) -> Result<FlowWatch> {
+    let family = if prefix.contains(':') { "ip6" } else { "ip" };
     ensure!(
         prefix
             .chars()
-            .all(|c| c.is_ascii_digit() || c == '.' || c == '/'),
-        "not an IPv4 prefix: {prefix}"
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '/')),
+        "not an IP prefix: {prefix}"
     );
     let table = table_name(&format!("lb_src_{label}"), ifname)?;
-    let rule = format!(r#"ip saddr {prefix} counter name "arrived""#);
+    let rule = format!(r#"{family} saddr {prefix} counter name "arrived""#);
     install(lab, host, ifname, table, &rule)
 }
 
@@ -195,6 +196,62 @@ impl LanLeaks {
             ensure!(
                 leaked == 0,
                 "{leaked} packets with a LAN source address reached {isp}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Counters, on each ISP's side of its uplink, of IPv6 packets whose
+/// source is none of what that ISP gave the router (`allowed(isp)`: its
+/// address space, usually) nor link-local or unspecified: a LAN prefix
+/// leaving by another ISP than its own, a ULA, an address lb forgot to
+/// translate. Install it before traffic starts; [`Leaks6::check`] at the
+/// end.
+pub struct Leaks6(Vec<(String, FlowWatch)>);
+
+impl Leaks6 {
+    pub fn install(lab: &Lab, allowed: impl Fn(&str) -> Result<Vec<String>>) -> Result<Leaks6> {
+        let mut watches = Vec::new();
+        for link in &lab.desc().links {
+            let [a, b] = link.ends();
+            for (isp, other) in [(a, b), (b, a)] {
+                if !(isp.host.starts_with("isp") && other.host == "router") {
+                    continue;
+                }
+                let mut own = allowed(&isp.host)?;
+                own.extend(["fe80::/10".to_string(), "::/128".to_string()]);
+                for prefix in &own {
+                    ensure!(
+                        prefix
+                            .chars()
+                            .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '/'),
+                        "not an IPv6 prefix: {prefix}"
+                    );
+                }
+                let table = table_name("lb_src6", &isp.ifname)?;
+                let rule = format!(
+                    r#"ip6 saddr != {{ {} }} counter name "arrived""#,
+                    own.join(", ")
+                );
+                let w = install(lab, &isp.host, &isp.ifname, table, &rule)?;
+                watches.push((isp.host.clone(), w));
+            }
+        }
+        ensure!(
+            !watches.is_empty(),
+            "the lab has no ISP linked to the router"
+        );
+        Ok(Leaks6(watches))
+    }
+
+    /// Fails if any IPv6 packet with a foreign source reached an ISP.
+    pub fn check(&self) -> Result<()> {
+        for (isp, watch) in &self.0 {
+            let leaked = watch.packets()?;
+            ensure!(
+                leaked == 0,
+                "{leaked} IPv6 packets with a source {isp} did not give reached {isp}"
             );
         }
         Ok(())

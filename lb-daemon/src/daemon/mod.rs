@@ -91,6 +91,8 @@ pub struct Uplink {
     /// What the kernel says about its IPv6.
     pub facts6: Facts6,
     last_poke6: Option<Instant>,
+    /// Since when the kernel no longer shows its delegation (`ipv6::held`).
+    delegation_lost: Option<Instant>,
     /// What its probes and link say; `None` while no monitor runs (its
     /// facts are incomplete).
     pub health: Option<Health>,
@@ -151,6 +153,7 @@ impl Uplink {
             facts: Facts::default(),
             facts6: Facts6::default(),
             last_poke6: None,
+            delegation_lost: None,
             health: None,
             proven: false,
             weight: cfg.weight,

@@ -474,7 +474,12 @@ impl Daemon {
             .map(|u| u.facts.ifindex.and_then(|i| v6.address_of(i)).map(|a| a.0))
             .collect();
         let configured: Vec<_> = self.uplinks.iter().map(|u| u.cfg.prefix6).collect();
-        let delegated = ipv6::delegations(&v6.delegations(), &addrs, &configured);
+        let now = Instant::now();
+        let delegated: Vec<_> = ipv6::delegations(&v6.delegations(), &addrs, &configured)
+            .into_iter()
+            .zip(self.uplinks.iter_mut())
+            .map(|(seen, u)| ipv6::held(seen, u.facts6.delegated, &mut u.delegation_lost, now))
+            .collect();
         for (u, delegated) in self.uplinks.iter_mut().zip(&delegated) {
             let facts = match u.facts.ifindex {
                 Some(ifindex) => Facts6::observe(v6, ifindex, *delegated, &u.facts6),

@@ -9,7 +9,11 @@
 //! touches a flow: an uplink whose IPv6 dies is written down, and its
 //! flows move on their next packet.
 
-use std::{collections::BTreeSet, net::Ipv6Addr};
+use std::{
+    collections::BTreeSet,
+    net::Ipv6Addr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use lb_common::{
@@ -64,6 +68,38 @@ impl Facts6 {
             gateway,
             gateway_mac,
             delegated,
+        }
+    }
+}
+
+/// How long an uplink keeps a delegation the kernel stopped showing.
+/// dhcpcd deletes its reject route for a delegation and adds it back a
+/// few milliseconds later at every renewal: taken at its word, each
+/// renewal would take IPv6 off the uplink and move its flows. A lease
+/// that really ends is followed this much later; a new prefix at once.
+pub const DELEGATION_HOLD: Duration = Duration::from_secs(3);
+
+/// The delegation an uplink goes on with: `seen` (the kernel's now), or
+/// `previous` while it has been gone for less than [`DELEGATION_HOLD`].
+/// `lost_since` remembers since when it is gone.
+pub fn held(
+    seen: Option<Prefix6>,
+    previous: Option<Prefix6>,
+    lost_since: &mut Option<Instant>,
+    now: Instant,
+) -> Option<Prefix6> {
+    match (seen, previous) {
+        (None, Some(kept)) => {
+            let since = *lost_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < DELEGATION_HOLD {
+                return Some(kept);
+            }
+            *lost_since = None;
+            None
+        }
+        _ => {
+            *lost_since = None;
+            seen
         }
     }
 }
@@ -269,6 +305,30 @@ impl Ipv6 {
 mod tests {
     use super::*;
     use crate::observe::kernel6::fixtures::{ip6, router6};
+
+    #[test]
+    fn a_delegation_that_blinks_is_kept_and_one_that_ends_is_let_go() {
+        let (old, new) = (
+            (ip6("2001:db8:2:1000::"), 56),
+            (ip6("2001:db8:2:2000::"), 56),
+        );
+        let t0 = Instant::now();
+        let mut lost = None;
+        // dhcpcd's renewal: gone for a round, then back.
+        assert_eq!(held(None, Some(old), &mut lost, t0), Some(old));
+        assert_eq!(held(Some(old), Some(old), &mut lost, t0), Some(old));
+        assert_eq!(lost, None);
+        // Renumbering: the new prefix is taken at once.
+        assert_eq!(held(Some(new), Some(old), &mut lost, t0), Some(new));
+        // A lease that ends: kept for the hold, then gone.
+        assert_eq!(held(None, Some(new), &mut lost, t0), Some(new));
+        let later = t0 + DELEGATION_HOLD / 2;
+        assert_eq!(held(None, Some(new), &mut lost, later), Some(new));
+        let after = t0 + DELEGATION_HOLD;
+        assert_eq!(held(None, Some(new), &mut lost, after), None);
+        assert_eq!(held(None, None, &mut lost, after), None);
+        assert_eq!(lost, None);
+    }
 
     #[test]
     fn each_uplink_finds_its_delegation_and_the_lan_its_prefix() {

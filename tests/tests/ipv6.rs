@@ -1,0 +1,548 @@
+//! IPv6 balanced and failed over by lbd, in the DHCP lab with IPv6 as ISPs
+//! give it (`lb_tests::dhcp6`): each uplink's address, next hop and /56
+//! from Kea and radvd through dhcpcd, the LAN on a /64 of isp1's /56,
+//! the client on SLAAC. Flows that leave by isp1 go untranslated; flows
+//! that leave by isp2 take isp2's prefix (NPTv6) and come back.
+//!
+//! Every test checks, on each ISP's side, that no IPv6 packet came with a
+//! source that ISP did not give the router (the LAN's prefix by the wrong
+//! ISP, a ULA, an untranslated address), and that no IPv4 packet came
+//! with a LAN source. How fast lbd follows is printed, not judged: a
+//! bound here only says that a test must end.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use lb_tests::{
+    daemon::{LabConfig, Lbd},
+    dhcp,
+    dhcp6::{self, Dhcp6},
+    in_netns, require_root,
+    traffic::{
+        http_download, tcp_flows, tcp_upload, udp_flows, FlowResult, HttpFileServer, TcpEchoServer,
+        TcpSinkServer, UdpEchoServer,
+    },
+    unique_prefix, watch_flows, watch_sources, FlowWatch, Lab, LabDesc, LanLeaks, Leaks6,
+};
+use serde_json::Value;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// How long to wait for something that must happen: a bound for a test
+/// that must end, not a speed target.
+const BOUND: Duration = Duration::from_secs(20);
+const FLOW_TIMEOUT: Duration = Duration::from_secs(5);
+const PROBE: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"";
+
+/// A dual-stack router with lbd on isp1 and isp2, and its witnesses.
+struct Router {
+    lab: Lab,
+    v6: Dhcp6,
+    lbd: Lbd,
+    leaks: LanLeaks,
+    leaks6: Leaks6,
+}
+
+impl Router {
+    /// The DHCP lab with IPv4 and IPv6 leases on wan1 and wan2, lbd on
+    /// both with `extra` lines for each, waiting until lbd balances IPv6
+    /// over both.
+    fn up(extra: [&str; 2]) -> Result<Router> {
+        let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+        let leaks = LanLeaks::install(&lab)?;
+        let leaks6 = Leaks6::install(&lab, |isp| {
+            let n: u8 = isp
+                .strip_prefix("isp")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("{isp} is not named ispN"))?;
+            Ok(vec![dhcp6::isp_space(n).to_string()])
+        })?;
+        dhcp::start(&mut lab, &[1, 2])?;
+        let v6 = dhcp6::start(&mut lab, &[1, 2])?;
+        let (one, two) = (
+            format!("{}\n{PROBE}", extra[0]),
+            format!("{}\n{PROBE}", extra[1]),
+        );
+        let config = LabConfig {
+            lans: &["br-lan"],
+            uplinks: &[(1, &one), (2, &two)],
+            auto_gateway: true,
+            ..LabConfig::default()
+        }
+        .render();
+        let lbd = Lbd::start(&mut lab, &config)?;
+        let router = Router {
+            lab,
+            v6,
+            lbd,
+            leaks,
+            leaks6,
+        };
+        let took = router.wait_ipv6(&["isp1", "isp2"], BOUND)?;
+        eprintln!("lbd balanced IPv6 {took:?} after it answered");
+        Ok(router)
+    }
+
+    /// Waits until lbd balances IPv6 on the lab's LAN prefix with each of
+    /// `active` active; how long it took.
+    fn wait_ipv6(&self, active: &[&str], limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let lan = self.v6.lan.to_string();
+        loop {
+            let status = self.lbd.status()?;
+            let ready = status["lan_prefix6"] == lan.as_str()
+                && active.iter().all(|name| {
+                    uplink_of(&status, name).is_some_and(|u| u["ipv6"]["state"] == "active")
+                });
+            if ready {
+                return Ok(started.elapsed());
+            }
+            ensure!(
+                started.elapsed() < limit,
+                "lbd did not balance IPv6 on {lan} with {active:?} active within {limit:?}: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client(&self) -> Result<&str> {
+        self.lab.ns("client")
+    }
+
+    /// The witnesses' verdict, then lbd stopped.
+    fn finish(mut self) -> Result<()> {
+        self.leaks.check()?;
+        self.leaks6.check()?;
+        self.lbd.stop(&mut self.lab)
+    }
+}
+
+fn uplink_of<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["uplinks"]
+        .as_array()?
+        .iter()
+        .find(|u| u["name"] == name)
+}
+
+fn server(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(dhcp6::SERVER), port)
+}
+
+/// Watches of the flows that reach isp1 and isp2 from the router.
+fn watch_isps(lab: &Lab) -> Result<[FlowWatch; 2]> {
+    Ok([
+        watch_flows(lab, "isp1", "down0")?,
+        watch_flows(lab, "isp2", "down0")?,
+    ])
+}
+
+/// Which of `flows` each ISP saw; fails unless every flow reached exactly
+/// one. NPTv6 keeps ports, so an ISP sees the client's own (protocol,
+/// port); what else reaches an ISP (the router's DHCP) is left out.
+fn split(flows: &[(u8, u16)], watches: &[FlowWatch; 2]) -> Result<[BTreeSet<(u8, u16)>; 2]> {
+    let ours: BTreeSet<(u8, u16)> = flows.iter().copied().collect();
+    let seen = [
+        &watches[0].seen_flows()? & &ours,
+        &watches[1].seen_flows()? & &ours,
+    ];
+    let both: Vec<_> = seen[0].intersection(&seen[1]).collect();
+    ensure!(both.is_empty(), "flows seen by both ISPs: {both:?}");
+    let missing: Vec<_> = ours
+        .iter()
+        .filter(|f| !seen[0].contains(f) && !seen[1].contains(f))
+        .collect();
+    ensure!(missing.is_empty(), "flows no ISP saw: {missing:?}");
+    Ok(seen)
+}
+
+fn all_ok(what: &str, flows: &[FlowResult]) -> Result<()> {
+    let failed: Vec<String> = flows
+        .iter()
+        .filter_map(|f| f.outcome.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{what}: {} of {} flows failed, first: {:?}",
+        failed.len(),
+        flows.len(),
+        failed.first()
+    );
+    Ok(())
+}
+
+#[test]
+fn ipv6_flows_spread_by_weight_and_downloads_are_exact_through_a_translated_uplink() -> Result<()> {
+    const PER_PROTO: usize = 300;
+    const SIZE: usize = 20 * 1024 * 1024;
+    const DOWNLOADS: usize = 4;
+    const MOST_DOWNLOADS: usize = 16;
+    if !require_root(
+        "ipv6_flows_spread_by_weight_and_downloads_are_exact_through_a_translated_uplink",
+    ) {
+        return Ok(());
+    }
+    let router = Router::up(["", ""])?;
+    let lab = &router.lab;
+    let inet = lab.ns("inet")?;
+    let tcp = TcpEchoServer::start(inet, server(0))?;
+    let udp = UdpEchoServer::start(inet, server(0))?;
+    let watches = watch_isps(lab)?;
+
+    let client = router.client()?;
+    let mut flows = tcp_flows(client, tcp.local_addr(), PER_PROTO, FLOW_TIMEOUT)?;
+    all_ok("IPv6 TCP", &flows)?;
+    let udp_results = udp_flows(client, udp.local_addr(), PER_PROTO, FLOW_TIMEOUT)?;
+    all_ok("IPv6 UDP", &udp_results)?;
+    flows.extend(udp_results);
+    let ids: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
+    let seen = split(&ids, &watches)?;
+    let share = seen[0].len() as f64 / ids.len() as f64;
+    eprintln!(
+        "{} IPv6 flows: isp1 (untranslated) {}, isp2 (translated) {}; isp1 share {share:.3}",
+        ids.len(),
+        seen[0].len(),
+        seen[1].len()
+    );
+    ensure!(
+        (share - 0.5).abs() <= 0.10,
+        "isp1 carried {:.1}% of IPv6 flows, weights 1:1 ask for 50%",
+        share * 100.0
+    );
+
+    // Downloads, byte-exact, until one went through the translated
+    // uplink (each takes either with even odds: 16 all through isp1 would
+    // be one chance in 65536).
+    let dir = lab.files_dir()?;
+    let blob = dir.join("blob6");
+    let content: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4093) as u8).collect();
+    std::fs::write(&blob, &content).context("writing the download")?;
+    let http = HttpFileServer::start(inet, server(0), &blob)?;
+    let mut through = [0usize; 2];
+    for i in 0..MOST_DOWNLOADS {
+        if i >= DOWNLOADS && through[1] > 0 {
+            break;
+        }
+        watches[0].clear()?;
+        watches[1].clear()?;
+        let got = dir.join(format!("got6-{i}"));
+        let started = Instant::now();
+        let length = http_download(client, http.local_addr(), "/blob6", &got, BOUND)
+            .with_context(|| format!("IPv6 download {i}"))?;
+        let took = started.elapsed();
+        let arrived = std::fs::read(&got).context("reading what arrived")?;
+        ensure!(
+            length == SIZE as u64 && arrived == content,
+            "IPv6 download {i}: {} bytes arrived, not the {SIZE} served",
+            arrived.len()
+        );
+        let by = [watches[0].packets()?, watches[1].packets()?];
+        let uplink = usize::from(by[1] > by[0]);
+        through[uplink] += 1;
+        eprintln!(
+            "IPv6 download {i}: {SIZE} bytes exact in {took:?} through isp{} (packets up: {by:?})",
+            uplink + 1
+        );
+    }
+    ensure!(
+        through[1] > 0,
+        "no download went through the translated uplink (isp2) in {MOST_DOWNLOADS}"
+    );
+    router.finish()
+}
+
+/// UDP sockets of the client, each connected to `server` and held open,
+/// so that a flow can be sent on again after its uplink changes.
+struct Held {
+    sockets: Vec<(u16, UdpSocket)>,
+}
+
+impl Held {
+    fn open(ns: &str, server: SocketAddr, count: usize) -> Result<Held> {
+        let sockets = in_netns(ns, || {
+            (0..count)
+                .map(|_| -> Result<(u16, UdpSocket)> {
+                    let any: SocketAddr = if server.is_ipv6() {
+                        (Ipv6Addr::UNSPECIFIED, 0).into()
+                    } else {
+                        ([0, 0, 0, 0], 0).into()
+                    };
+                    let socket = UdpSocket::bind(any)?;
+                    socket.connect(server)?;
+                    Ok((socket.local_addr()?.port(), socket))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(Held { sockets })
+    }
+
+    /// Sends on flow `i` until its echo comes back, within `limit`.
+    fn echo(&self, i: usize, limit: Duration) -> Result<()> {
+        let (port, socket) = &self.sockets[i];
+        let deadline = Instant::now() + limit;
+        let message = format!("held flow {port}");
+        let mut buf = [0u8; 256];
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        loop {
+            // An ICMP error while the path changes is not the end.
+            let _ = socket.send(message.as_bytes());
+            if let Ok(n) = socket.recv(&mut buf) {
+                if &buf[..n] == message.as_bytes() {
+                    return Ok(());
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "flow from port {port}: no echo within {limit:?}"
+            );
+        }
+    }
+
+    fn echo_all(&self, limit: Duration) -> Result<()> {
+        (0..self.sockets.len()).try_for_each(|i| self.echo(i, limit))
+    }
+
+    fn ids(&self) -> Vec<(u8, u16)> {
+        self.sockets.iter().map(|(p, _)| (17, *p)).collect()
+    }
+}
+
+#[test]
+fn carrier_loss_moves_ipv6_and_ipv4_flows_to_the_other_uplink() -> Result<()> {
+    const FLOWS: usize = 40;
+    if !require_root("carrier_loss_moves_ipv6_and_ipv4_flows_to_the_other_uplink") {
+        return Ok(());
+    }
+    let router = Router::up(["", ""])?;
+    let lab = &router.lab;
+    let inet = lab.ns("inet")?;
+    let udp6 = UdpEchoServer::start(inet, server(0))?;
+    let udp4 = UdpEchoServer::start(inet, "198.51.100.10:0".parse()?)?;
+    let watches = watch_isps(lab)?;
+    let client = router.client()?;
+    let six = Held::open(client, udp6.local_addr(), FLOWS)?;
+    let four = Held::open(client, udp4.local_addr(), FLOWS)?;
+    six.echo_all(FLOW_TIMEOUT)?;
+    four.echo_all(FLOW_TIMEOUT)?;
+    let before = split(&six.ids(), &watches)?;
+    ensure!(
+        !before[1].is_empty(),
+        "no IPv6 flow of {FLOWS} took isp2: nothing to move"
+    );
+    let moving = before[1].len();
+
+    // isp2's end goes away: the router's wan2 loses its carrier.
+    watches[0].clear()?;
+    watches[1].clear()?;
+    let cut = Instant::now();
+    lab.set_link_up("isp2", "down0", false)?;
+    six.echo_all(BOUND)
+        .context("IPv6 flows after isp2's carrier loss")?;
+    let moved = cut.elapsed();
+    four.echo_all(BOUND)
+        .context("IPv4 flows after isp2's carrier loss")?;
+    let after = split(&six.ids(), &watches)?;
+    eprintln!("isp2's carrier lost: its {moving} IPv6 flows answered through isp1 {moved:?} later");
+    ensure!(
+        after[1].is_empty() && after[0].len() == FLOWS,
+        "after isp2's carrier loss isp1 saw {} and isp2 {} of {FLOWS} IPv6 flows",
+        after[0].len(),
+        after[1].len()
+    );
+    let status = router.lbd.status()?;
+    let isp2 = uplink_of(&status, "isp2").context("isp2 not in status")?;
+    ensure!(
+        isp2["ipv6"]["state"] != "active",
+        "isp2's IPv6 is still active without a carrier: {isp2}"
+    );
+    lab.set_link_up("isp2", "down0", true)?;
+    router.finish()
+}
+
+#[test]
+fn isp_renumbering_is_followed_and_the_old_prefix_never_leaves_again() -> Result<()> {
+    const FLOWS: usize = 60;
+    if !require_root("isp_renumbering_is_followed_and_the_old_prefix_never_leaves_again") {
+        return Ok(());
+    }
+    let mut router = Router::up(["", ""])?;
+    let old = router.v6.uplink(2)?.delegation;
+    let renumbered = {
+        let Router { lab, v6, .. } = &mut router;
+        dhcp6::renumber(lab, v6, 2)?
+    };
+    let since = Instant::now();
+    // lbd takes the new delegation (dhcpcd's reject route for it).
+    loop {
+        let status = router.lbd.status()?;
+        let isp2 = uplink_of(&status, "isp2").context("isp2 not in status")?;
+        if isp2["ipv6"]["delegated"] == renumbered.to_string().as_str()
+            && isp2["ipv6"]["state"] == "active"
+        {
+            break;
+        }
+        ensure!(
+            since.elapsed() < BOUND,
+            "lbd did not take isp2's new delegation {renumbered} within {BOUND:?}: {isp2}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "isp2 renumbered {old} -> {renumbered}: lbd followed {:?} after the router held it",
+        since.elapsed()
+    );
+
+    let lab = &router.lab;
+    let stale = watch_sources(lab, "isp2", "down0", "old", &old.to_string())?;
+    let inet = lab.ns("inet")?;
+    let udp = UdpEchoServer::start(inet, server(0))?;
+    let watches = watch_isps(lab)?;
+    let flows = udp_flows(router.client()?, udp.local_addr(), FLOWS, FLOW_TIMEOUT)?;
+    all_ok("IPv6 UDP after renumbering", &flows)?;
+    let ids: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
+    let seen = split(&ids, &watches)?;
+    ensure!(
+        !seen[1].is_empty(),
+        "no flow of {FLOWS} took isp2 after it renumbered"
+    );
+    let leaked = stale.packets()?;
+    ensure!(
+        leaked == 0,
+        "{leaked} packets left by isp2 with its old prefix {old}"
+    );
+    eprintln!(
+        "after renumbering: {} of {FLOWS} flows through isp2, none with {old}",
+        seen[1].len()
+    );
+    router.finish()
+}
+
+/// The Packet Too Big messages a namespace receives, read from a raw
+/// ICMPv6 socket there (which gets a copy of each): (MTU, the source of
+/// the packet it quotes). Stops reading when dropped.
+struct TooBigWatch {
+    got: std::sync::mpsc::Receiver<(u32, Ipv6Addr)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TooBigWatch {
+    fn start(ns: &str) -> Result<TooBigWatch> {
+        const PACKET_TOO_BIG: u8 = 2;
+        let socket = in_netns(ns, || {
+            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+                .context("opening a raw ICMPv6 socket")
+        })?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let socket = UdpSocket::from(socket); // for a plain `recv`
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tell, got) = std::sync::mpsc::channel();
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                // The message without its IPv6 header: type, code,
+                // checksum, MTU, then the quoted packet (its source at 8).
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                if n >= 8 + 40 && buf[0] == PACKET_TOO_BIG {
+                    let mtu = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                    let mut src = [0u8; 16];
+                    src.copy_from_slice(&buf[16..32]);
+                    if tell.send((mtu, Ipv6Addr::from(src))).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(TooBigWatch { got, stop })
+    }
+}
+
+impl Drop for TooBigWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_translated_uplink() -> Result<()> {
+    const SIZE: usize = 4 * 1024 * 1024;
+    const MTU: u32 = 1280;
+    /// A datagram that fits the LAN's 1500 bytes and not isp2's line.
+    const BIG: usize = 1400;
+    if !require_root("path_mtu_discovery_works_through_a_translated_uplink") {
+        return Ok(());
+    }
+    // isp1 is the backup: every new flow takes isp2, translated.
+    let router = Router::up(["tier = 2", "tier = 1"])?;
+    let lab = &router.lab;
+    // isp2's line to the internet carries 1280 bytes at most.
+    lab.exec("isp2", &["ip", "link", "set", "dev", "up0", "mtu", "1280"])?;
+    lab.exec("inet", &["ip", "link", "set", "dev", "isp2", "mtu", "1280"])?;
+    let inet = lab.ns("inet")?;
+    let udp = UdpEchoServer::start(inet, server(0))?;
+    let watches = watch_isps(lab)?;
+    let client = router.client()?;
+    let own = router.v6.client_address;
+
+    // A big datagram from the client: isp2 cannot forward it and tells
+    // the sender, whose address lb must give back to the client.
+    let too_big = TooBigWatch::start(client)?;
+    let socket = in_netns(client, || {
+        let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        s.connect(udp.local_addr())?;
+        Ok(s)
+    })?;
+    let started = Instant::now();
+    let (mtu, quoted) = loop {
+        socket
+            .send(&[0x5a; BIG])
+            .context("sending a big datagram")?;
+        match too_big.got.recv_timeout(Duration::from_millis(200)) {
+            Ok(seen) => break seen,
+            Err(_) => ensure!(
+                started.elapsed() < BOUND,
+                "the client saw no Packet Too Big for its {BIG}-byte datagram within {BOUND:?}"
+            ),
+        }
+    };
+    eprintln!(
+        "Packet Too Big at the client {:?} after its first big datagram: MTU {mtu}, quoting {quoted}",
+        started.elapsed()
+    );
+    ensure!(
+        mtu == MTU && quoted == own,
+        "the client's Packet Too Big says MTU {mtu} and quotes {quoted}; expected {MTU} and its own address {own}"
+    );
+    ensure!(
+        watches[1].packets()? > 0 && watches[0].packets()? == 0,
+        "the big datagrams did not go through isp2 alone: packets isp1 {}, isp2 {}",
+        watches[0].packets()?,
+        watches[1].packets()?
+    );
+
+    // TCP both ways through the narrow line.
+    let sink = TcpSinkServer::start(inet, server(0))?;
+    let sent = tcp_upload(client, sink.local_addr(), SIZE, BOUND)?;
+    ensure!(sent == SIZE as u64, "uploaded {sent} bytes of {SIZE}");
+    let dir = lab.files_dir()?;
+    let blob = dir.join("blob-mtu");
+    let content: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&blob, &content).context("writing the download")?;
+    let http = HttpFileServer::start(inet, server(0), &blob)?;
+    let got = dir.join("got-mtu");
+    http_download(client, http.local_addr(), "/blob-mtu", &got, BOUND)?;
+    ensure!(
+        std::fs::read(&got)? == content,
+        "the download through isp2 (MTU {MTU}) arrived different"
+    );
+    ensure!(
+        watches[0].packets()? == 0,
+        "{} packets took isp1, the backup, while isp2 was in service",
+        watches[0].packets()?
+    );
+    router.finish()
+}
