@@ -62,6 +62,22 @@ pub fn fold6(addr: &[u8; 16]) -> u32 {
     finish(mix(mix(mix(mix(0, w(0)), w(4)), w(8)), w(12)), 16)
 }
 
+impl Tuple {
+    /// An IPv6 connection as the classifier sees it: each address
+    /// [`fold6`]ed. The data plane and `lbctl explain` both build it here,
+    /// so that they can never fold differently.
+    #[inline(always)]
+    pub fn of6(src: &[u8; 16], dst: &[u8; 16], src_port: u16, dst_port: u16, proto: u8) -> Self {
+        Self {
+            src_addr: fold6(src),
+            dst_addr: fold6(dst),
+            src_port,
+            dst_port,
+            proto,
+        }
+    }
+}
+
 /// An IPv6 address cheaply folded to 32 bits (its words XORed): for what
 /// needs only to tell flows apart roughly on every packet (the passive
 /// signals' bit masks, a shaper's class), never for choosing an uplink.

@@ -55,6 +55,15 @@ pub const NO_UPLINK: u32 = u32::MAX;
 /// forward). Its packets go to the kernel, with no second lookup.
 pub const KERNEL_OWNED: u32 = u32::MAX - 1;
 
+/// Whether an IPv6 address is never forwarded by anyone and so always the
+/// kernel's: multicast (ff00::/8), link-local (fe80::/10) and the
+/// unspecified address (neighbour discovery, router solicitations).
+/// `lan_ingress` and `lbctl explain` both ask this.
+#[inline(always)]
+pub fn kernels_scope6(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xff || (addr[0] == 0xfe && addr[1] & 0xc0 == 0x80) || addr == &[0; 16]
+}
+
 /// Datagrams whose fragments the fast path follows at once (LRU: the
 /// oldest make room). Fragments of one datagram arrive within
 /// milliseconds of each other; this many is far more than in flight.

@@ -66,7 +66,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     };
     // Neighbour discovery, router solicitations, multicast, anything
     // link-local: the router's business.
-    if kernels_scope(&key.src_addr) || kernels_scope(&key.dst_addr) {
+    if lb_common::kernels_scope6(&key.src_addr) || lb_common::kernels_scope6(&key.dst_addr) {
         return Err(reason::PASS_LOCAL);
     }
     (key.src_port, key.dst_port) = parse::ports6(ctx, &pkt, ICMPV6_ECHO_REQUEST)?;
@@ -129,13 +129,6 @@ fn balanced() -> bool {
     SETTINGS
         .get(0)
         .is_some_and(|s| s.flags & settings_flags::IPV6 != 0)
-}
-
-/// Multicast (ff00::/8), link-local (fe80::/10) and the unspecified
-/// address: never forwarded by anyone, the kernel's.
-#[inline(always)]
-fn kernels_scope(addr: &[u8; 16]) -> bool {
-    addr[0] == 0xff || (addr[0] == 0xfe && addr[1] & 0xc0 == 0x80) || addr == &[0; 16]
 }
 
 /// The uplink of this connection: its pinned one while that uplink keeps
@@ -241,13 +234,13 @@ fn kernel_owns(ctx: &XdpContext, key: &FlowKey6) -> bool {
 #[inline(always)]
 fn steer(key: &FlowKey6, except: u32) -> Option<u32> {
     let settings = SETTINGS.get(0)?;
-    let tuple = Tuple {
-        src_addr: hash::fold6(&key.src_addr),
-        dst_addr: hash::fold6(&key.dst_addr),
-        src_port: u16::from_be_bytes(key.src_port),
-        dst_port: u16::from_be_bytes(key.dst_port),
-        proto: key.proto,
-    };
+    let tuple = Tuple::of6(
+        &key.src_addr,
+        &key.dst_addr,
+        u16::from_be_bytes(key.src_port),
+        u16::from_be_bytes(key.dst_port),
+        key.proto,
+    );
     let hash = hash::classify(settings.seed, settings.mode, &tuple);
     let table = BUCKETS6.get(0)?;
     let mut steered = None;

@@ -44,17 +44,19 @@ enum Command {
     /// flow (as SIGHUP does); an invalid file changes nothing.
     Reload,
     /// Where a connection goes, and why: an existing flow's uplink, left
-    /// to the kernel, or a new flow's bucket and uplink. Decided by the data
-    /// plane's own code on its own state.
+    /// to the kernel, or a new flow's bucket and uplink; for IPv6 also the
+    /// source it leaves with (its own, or its NPTv6 translation). Decided
+    /// by the data plane's own code on its own state.
     Explain {
-        /// The client: ADDRESS[:PORT] (ICMP echo: the identifier as port).
+        /// The client: ADDRESS[:PORT], an IPv6 address as [ADDRESS]:PORT or
+        /// bare (ICMP echo: the identifier as port).
         #[arg(value_parser = endpoint)]
-        src: (std::net::Ipv4Addr, u16),
-        /// The remote end: ADDRESS[:PORT].
+        src: (std::net::IpAddr, u16),
+        /// The remote end, of the client's family: ADDRESS[:PORT].
         #[arg(value_parser = endpoint)]
-        dst: (std::net::Ipv4Addr, u16),
-        /// tcp, udp or icmp.
-        #[arg(default_value = "tcp", value_parser = ["tcp", "udp", "icmp"])]
+        dst: (std::net::IpAddr, u16),
+        /// tcp, udp or icmp (ICMPv6 for IPv6 addresses; icmpv6 says so too).
+        #[arg(default_value = "tcp", value_parser = ["tcp", "udp", "icmp", "icmpv6"])]
         proto: String,
         /// The LAN port (or LAN) it comes in on, for rules on a LAN.
         #[arg(long)]
@@ -126,20 +128,31 @@ fn main() -> ExitCode {
             proto,
             lan,
             dscp,
-        } => Request::Explain {
-            lan,
-            dscp,
-            src: src.0,
-            src_port: src.1,
-            dst: dst.0,
-            // ICMP echo has no destination port.
-            dst_port: if proto == "icmp" { 0 } else { dst.1 },
-            proto: match proto.as_str() {
-                "udp" => 17,
-                "icmp" => 1,
-                _ => 6,
-            },
-        },
+        } => {
+            if src.0.is_ipv4() != dst.0.is_ipv4() {
+                eprintln!(
+                    "lbctl: explain {} to {}: give two IPv4 or two IPv6 addresses",
+                    src.0, dst.0
+                );
+                return ExitCode::from(2);
+            }
+            let icmp = proto.starts_with("icmp");
+            Request::Explain {
+                lan,
+                dscp,
+                src: src.0,
+                src_port: src.1,
+                dst: dst.0,
+                // ICMP echo has no destination port.
+                dst_port: if icmp { 0 } else { dst.1 },
+                proto: match proto.as_str() {
+                    "udp" => 17,
+                    _ if icmp && src.0.is_ipv6() => 58,
+                    _ if icmp => 1,
+                    _ => 6,
+                },
+            }
+        }
         Command::Events { follow } => {
             return events(&args.socket, follow, args.json);
         }
@@ -202,9 +215,10 @@ fn main() -> ExitCode {
                 }
             } else {
                 println!(
-                    "{}{}",
+                    "{}{}{}",
                     e.verdict,
-                    e.uplink.map(|u| format!(" via {u}")).unwrap_or_default()
+                    e.uplink.map(|u| format!(" via {u}")).unwrap_or_default(),
+                    e.source.map(|s| format!(" as {s}")).unwrap_or_default()
                 );
                 if let Some(policy) = &e.policy {
                     match e.rule {
@@ -294,16 +308,33 @@ fn watch(socket: &std::path::Path) -> ExitCode {
     }
 }
 
-/// `ADDRESS[:PORT]`, the port 0 when left out.
-fn endpoint(text: &str) -> Result<(std::net::Ipv4Addr, u16), String> {
+/// `ADDRESS[:PORT]` (IPv6: `[ADDRESS]:PORT`, or `ADDRESS` bare), the port
+/// 0 when left out.
+fn endpoint(text: &str) -> Result<(std::net::IpAddr, u16), String> {
+    let bad_port = |_| format!("expected a port (0-65535) after ':', got {text:?}");
+    if let Some(rest) = text.strip_prefix('[') {
+        let (addr, port) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("expected [IPv6 ADDRESS]:PORT, got {text:?}"))?;
+        let addr: std::net::Ipv6Addr = addr
+            .parse()
+            .map_err(|_| format!("expected an IPv6 address inside [ ], got {text:?}"))?;
+        let port = match port.strip_prefix(':') {
+            Some(p) => p.parse().map_err(bad_port)?,
+            None if port.is_empty() => 0,
+            None => return Err(format!("expected ':PORT' after ']', got {text:?}")),
+        };
+        return Ok((addr.into(), port));
+    }
+    // A bare IPv6 address has colons of its own.
+    if let Ok(addr) = text.parse::<std::net::Ipv6Addr>() {
+        return Ok((addr.into(), 0));
+    }
     let (addr, port) = text.split_once(':').unwrap_or((text, "0"));
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("expected an IPv4 ADDRESS[:PORT], got {text:?}"))?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("expected a port (0-65535) after ':', got {text:?}"))?;
-    Ok((addr, port))
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| {
+        format!("expected an IPv4 ADDRESS[:PORT] or an IPv6 [ADDRESS]:PORT, got {text:?}")
+    })?;
+    Ok((addr.into(), port.parse().map_err(bad_port)?))
 }
 
 /// `lbctl events [--follow]`: one line an event.
@@ -534,5 +565,32 @@ fn print_status(s: &Status) {
         .collect();
     if !nonzero.is_empty() {
         println!("to kernel / dropped: {}", nonzero.join(" "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint;
+
+    #[test]
+    fn endpoints_of_both_families() {
+        let ok = |t: &str| endpoint(t).map(|(a, p)| (a.to_string(), p));
+        assert_eq!(ok("10.10.0.2:5555"), Ok(("10.10.0.2".into(), 5555)));
+        assert_eq!(ok("10.10.0.2"), Ok(("10.10.0.2".into(), 0)));
+        assert_eq!(
+            ok("[2001:db8:1:1ab::10]:443"),
+            Ok(("2001:db8:1:1ab::10".into(), 443))
+        );
+        assert_eq!(ok("[2001:db8::1]"), Ok(("2001:db8::1".into(), 0)));
+        assert_eq!(ok("2001:db8::1"), Ok(("2001:db8::1".into(), 0)));
+        for bad in [
+            "10.10.0.2:x",
+            "[2001:db8::1]:70000",
+            "[2001:db8::1]443",
+            "[10.0.0.1]:1",
+            "host:80",
+        ] {
+            assert!(endpoint(bad).is_err(), "{bad}");
+        }
     }
 }

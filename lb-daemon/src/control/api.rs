@@ -29,11 +29,13 @@ pub enum Request {
     Reload,
     /// Where a connection goes, and why.
     Explain {
-        src: std::net::Ipv4Addr,
+        /// Both of one family. (Serialized as text, as the IPv4-only
+        /// request was: an older lbctl's IPv4 request still parses.)
+        src: std::net::IpAddr,
         src_port: u16,
-        dst: std::net::Ipv4Addr,
+        dst: std::net::IpAddr,
         dst_port: u16,
-        /// IP protocol number (6, 17, 1).
+        /// IP protocol number (6, 17, 1; 58 for ICMPv6).
         proto: u8,
         /// The LAN port it comes in on, for rules on a LAN.
         #[serde(default)]
@@ -223,8 +225,11 @@ pub struct UplinkStatus {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub new_flows: u64,
-    /// Flows pinned to this uplink now.
+    /// Flows pinned to this uplink now, both families.
     pub flows: u64,
+    /// Of `flows`, the IPv6 ones.
+    #[serde(default)]
+    pub flows_ipv6: u64,
     /// Connections that came in on it (port forwards, the router's own
     /// services), as lb's nftables table counts them.
     #[serde(default)]
@@ -306,6 +311,12 @@ pub struct Explanation {
     /// The `[[rule]]` (its number, from 1) that chose that policy.
     #[serde(default)]
     pub rule: Option<u32>,
+    /// The source address it leaves with (IPv6: its own when it leaves
+    /// untranslated, else its NPTv6 translation); none when not known
+    /// here (IPv4: the uplink's address, with a NAT port of the data
+    /// plane's choosing).
+    #[serde(default)]
+    pub source: Option<String>,
     /// The reasons, for people.
     pub why: Vec<String>,
 }

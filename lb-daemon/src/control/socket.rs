@@ -170,15 +170,36 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
             lan,
             dscp,
         } => {
-            let key = lb_common::maps::FlowKey {
-                src_addr: src.octets(),
-                dst_addr: dst.octets(),
-                src_port: src_port.to_be_bytes(),
-                dst_port: dst_port.to_be_bytes(),
-                proto,
-                _pad: [0; 3],
+            use std::net::IpAddr;
+            let explained = match (src, dst) {
+                (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                    let key = lb_common::maps::FlowKey {
+                        src_addr: src.octets(),
+                        dst_addr: dst.octets(),
+                        src_port: src_port.to_be_bytes(),
+                        dst_port: dst_port.to_be_bytes(),
+                        proto,
+                        _pad: [0; 3],
+                    };
+                    d.explain(&key, &crate::daemon::On { lan, dscp })
+                }
+                (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                    let key = lb_common::maps::FlowKey6 {
+                        src_addr: src.octets(),
+                        dst_addr: dst.octets(),
+                        src_port: src_port.to_be_bytes(),
+                        dst_port: dst_port.to_be_bytes(),
+                        proto,
+                        _pad: [0; 3],
+                    };
+                    d.explain6(&key)
+                }
+                _ => Err(anyhow::anyhow!(
+                    "explain {src} to {dst}: the two addresses are of different families; \
+                     give two IPv4 or two IPv6 addresses"
+                )),
             };
-            match d.explain(&key, &crate::daemon::On { lan, dscp }) {
+            match explained {
                 Ok(e) => Response::Explained(e),
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),

@@ -1,5 +1,8 @@
 //! `lbctl explain`: where a connection goes and why, decided by the data
-//! plane's own code on the data plane's own state. Reads only.
+//! plane's own code on the data plane's own state. Reads only. IPv6's
+//! answer is [`v6`]'s.
+
+mod v6;
 
 use std::net::Ipv4Addr;
 
@@ -11,24 +14,17 @@ use crate::reconcile::{nftables, policies};
 use super::*;
 
 impl Daemon {
-    /// What conntrack says of `key`'s connection, as an explanation of a
-    /// packet the data plane leaves to the kernel (`remembered`: its flow
-    /// table says so already); verdict "new" when conntrack has none.
+    /// What conntrack says of `tuple`'s connection (either family), as an
+    /// explanation of a packet the data plane leaves to the kernel
+    /// (`remembered`: its flow table says so already); verdict "new" when
+    /// conntrack has none.
     pub(super) fn kernel_connection(
         &self,
-        key: &lb_common::maps::FlowKey,
+        tuple: &crate::observe::conntrack::Tuple,
         remembered: bool,
     ) -> crate::control::api::Explanation {
         use crate::observe::conntrack;
-        let port = |p: [u8; 2]| u16::from_be_bytes(p);
-        let tuple = conntrack::Tuple {
-            src: key.src_addr.into(),
-            dst: key.dst_addr.into(),
-            src_port: port(key.src_port),
-            dst_port: port(key.dst_port),
-            proto: key.proto,
-        };
-        let found = conntrack::lookup(&tuple);
+        let found = conntrack::lookup(tuple);
         let mut why = Vec::new();
         if remembered {
             why.push(
@@ -80,7 +76,20 @@ impl Daemon {
             bucket: None,
             policy: None,
             rule: None,
+            source: None,
             why,
+        }
+    }
+
+    /// `key` as conntrack is asked about it.
+    fn conntrack_tuple(key: &lb_common::maps::FlowKey) -> crate::observe::conntrack::Tuple {
+        let port = |p: [u8; 2]| u16::from_be_bytes(p);
+        crate::observe::conntrack::Tuple {
+            src: Ipv4Addr::from(key.src_addr).into(),
+            dst: Ipv4Addr::from(key.dst_addr).into(),
+            src_port: port(key.src_port),
+            dst_port: port(key.dst_port),
+            proto: key.proto,
         }
     }
 
@@ -104,7 +113,7 @@ impl Daemon {
         };
         let existing = lock(&self.flow_tables, FLOW_TABLES)?.get(key)?;
         if existing.is_some_and(|f| f.uplink == lb_common::KERNEL_OWNED) {
-            return Ok(self.kernel_connection(key, true));
+            return Ok(self.kernel_connection(&Self::conntrack_tuple(key), true));
         }
         if let Some(flow) = existing {
             let uplink = self.uplinks.get(flow.uplink as usize);
@@ -118,6 +127,7 @@ impl Daemon {
                     bucket: None,
                     policy: None,
                     rule: None,
+                    source: None,
                     why: vec![format!(
                         "a flow pinned to {} with NAT port {} ({})",
                         name(flow.uplink),
@@ -145,13 +155,14 @@ impl Daemon {
                 bucket: None,
                 policy: None,
                 rule: None,
+                source: None,
                 why: vec![format!(
                     "{dst} is in {prefix}/{len}, which the kernel routes other than by a default route (or is the router's own): left to the kernel untouched"
                 )],
             });
         }
         if existing.is_none() && matches!(key.proto, 6 | 17) {
-            let explained = self.kernel_connection(key, false);
+            let explained = self.kernel_connection(&Self::conntrack_tuple(key), false);
             if explained.verdict == "kernel" {
                 return Ok(explained);
             }
@@ -181,6 +192,7 @@ impl Daemon {
                     bucket: None,
                     policy: None,
                     rule: None,
+                    source: None,
                     why,
                 })
             }
@@ -218,6 +230,7 @@ impl Daemon {
                         bucket: None,
                         policy: Some(policy_name),
                         rule,
+                        source: None,
                         why,
                     });
                 }
@@ -269,6 +282,7 @@ impl Daemon {
             bucket: Some(own),
             policy: Some(policy_name),
             rule,
+            source: None,
             why,
         })
     }

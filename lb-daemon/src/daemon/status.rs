@@ -112,6 +112,7 @@ impl Daemon {
                 rx_bytes: s.rx_bytes,
                 new_flows: s.new_flows,
                 flows: 0,
+                flows_ipv6: 0,
                 inbound: 0,
                 replies: s.replies,
                 nat_failures: s.nat_failures,
@@ -311,16 +312,17 @@ impl StatusDraft {
             uplink.inbound = counted.inbound(i);
         }
         let tables = lock(&self.tables, FLOW_TABLES)?;
-        let counts = tables.count_by_uplink()?;
-        for (uplink, n) in self.status.uplinks.iter_mut().zip(&counts) {
-            uplink.flows = *n;
+        let (v4, v6) = tables.count_by_uplink_and_family()?;
+        for ((uplink, n4), n6) in self.status.uplinks.iter_mut().zip(&v4).zip(&v6) {
+            uplink.flows = n4 + n6;
+            uplink.flows_ipv6 = *n6;
         }
         let expired = tables.expired();
         self.status.flows_expired = expired;
         self.status.flows_evicted = self
             .pinned
             .saturating_sub(expired)
-            .saturating_sub(counts.iter().sum());
+            .saturating_sub(v4.iter().chain(&v6).sum());
         Ok(self.status)
     }
 }

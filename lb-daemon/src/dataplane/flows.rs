@@ -98,16 +98,36 @@ impl FlowTables {
             .collect()
     }
 
+    /// The IPv6 flow of `key`, if the table has it.
+    pub fn get6(&self, key: &FlowKey6) -> Result<Option<FlowValue6>> {
+        match self.flows6.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading FLOWS6"),
+        }
+    }
+
     /// Flows of both families pinned to each uplink now, by uplink index.
     pub fn count_by_uplink(&self) -> Result<Vec<u64>> {
-        let mut counts = vec![0u64; self.uplink_addrs.len()];
-        let uplinks = self.flows()?.into_iter().map(|(_, v)| v.uplink);
-        for uplink in uplinks.chain(self.flows6()?.into_iter().map(|(_, v)| v.uplink)) {
-            if let Some(n) = counts.get_mut(uplink as usize) {
-                *n += 1;
+        let (v4, v6) = self.count_by_uplink_and_family()?;
+        Ok(v4.iter().zip(&v6).map(|(a, b)| a + b).collect())
+    }
+
+    /// Flows pinned to each uplink now, by uplink index: IPv4's, then
+    /// IPv6's.
+    pub fn count_by_uplink_and_family(&self) -> Result<(Vec<u64>, Vec<u64>)> {
+        let count = |uplinks: &mut dyn Iterator<Item = u32>| {
+            let mut counts = vec![0u64; self.uplink_addrs.len()];
+            for uplink in uplinks {
+                if let Some(n) = counts.get_mut(uplink as usize) {
+                    *n += 1;
+                }
             }
-        }
-        Ok(counts)
+            counts
+        };
+        let v4 = count(&mut self.flows()?.into_iter().map(|(_, v)| v.uplink));
+        let v6 = count(&mut self.flows6()?.into_iter().map(|(_, v)| v.uplink));
+        Ok((v4, v6))
     }
 
     /// Remove flows idle for longer than their timeout, with their NAT

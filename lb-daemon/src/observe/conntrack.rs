@@ -7,9 +7,10 @@
 //! forward (its original destination is not where the packet comes from),
 //! and the uplink it came in on (lbd's connmark, see `slowpath`). The
 //! request and the reading of the answer are pure and tested without a
-//! kernel. It never changes a connection.
+//! kernel. Both families: the tuple's addresses say which. It never
+//! changes a connection.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use netlink_sys::protocols::NETLINK_NETFILTER;
@@ -20,6 +21,7 @@ use crate::observe::nlmsg::{self, NLA_F_NESTED, NLM_F_REQUEST};
 const CT_GET: u16 = (1 << 8) | 1;
 const NFNETLINK_V0: u8 = 0;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_MARK: u16 = 8;
@@ -27,15 +29,17 @@ const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 
-/// One direction of a connection.
+/// One direction of a connection; both addresses of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuple {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -54,7 +58,7 @@ pub struct Connection {
 impl Connection {
     /// Whether its original destination was rewritten (DNAT: a port
     /// forward), and to what.
-    pub fn forwarded_to(&self) -> Option<(Ipv4Addr, u16)> {
+    pub fn forwarded_to(&self) -> Option<(IpAddr, u16)> {
         let to = (self.reply.src, self.reply.src_port);
         (to != (self.original.dst, self.original.dst_port)).then_some(to)
     }
@@ -63,9 +67,17 @@ impl Connection {
 /// The request for the connection `tuple` belongs to (either direction:
 /// conntrack finds a connection by the tuples of both).
 fn request(tuple: &Tuple, seq: u32) -> Vec<u8> {
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let (family, src, dst) = match tuple.src {
+        IpAddr::V4(_) => (AF_INET, CTA_IP_V4_SRC, CTA_IP_V4_DST),
+        IpAddr::V6(_) => (AF_INET6, CTA_IP_V6_SRC, CTA_IP_V6_DST),
+    };
     let ip = [
-        nlmsg::attribute(CTA_IP_V4_SRC, &tuple.src.octets()),
-        nlmsg::attribute(CTA_IP_V4_DST, &tuple.dst.octets()),
+        nlmsg::attribute(src, &octets(tuple.src)),
+        nlmsg::attribute(dst, &octets(tuple.dst)),
     ]
     .concat();
     let proto = [
@@ -83,7 +95,7 @@ fn request(tuple: &Tuple, seq: u32) -> Vec<u8> {
         CT_GET,
         NLM_F_REQUEST,
         seq,
-        [AF_INET, NFNETLINK_V0, 0, 0],
+        [family, NFNETLINK_V0, 0, 0],
         &[(CTA_TUPLE_ORIG | NLA_F_NESTED, &orig)],
     )
 }
@@ -91,14 +103,18 @@ fn request(tuple: &Tuple, seq: u32) -> Vec<u8> {
 /// A tuple from its nested attributes.
 fn tuple(value: &[u8]) -> Result<Tuple> {
     let mut t = Tuple {
-        src: Ipv4Addr::UNSPECIFIED,
-        dst: Ipv4Addr::UNSPECIFIED,
+        src: Ipv4Addr::UNSPECIFIED.into(),
+        dst: Ipv4Addr::UNSPECIFIED.into(),
         src_port: 0,
         dst_port: 0,
         proto: 0,
     };
-    let addr = |v: &[u8]| -> Result<Ipv4Addr> {
-        Ok(<[u8; 4]>::try_from(v.get(..4).context("a short address")?)?.into())
+    let addr = |v: &[u8]| -> Result<IpAddr> {
+        Ok(<[u8; 4]>::try_from(v.get(..4).context("a short IPv4 address")?)?.into())
+    };
+    let addr6 = |v: &[u8]| -> Result<IpAddr> {
+        let octets = <[u8; 16]>::try_from(v.get(..16).context("a short IPv6 address")?)?;
+        Ok(Ipv6Addr::from(octets).into())
     };
     let port = |v: &[u8]| -> Result<u16> {
         Ok(u16::from_be_bytes(
@@ -112,6 +128,8 @@ fn tuple(value: &[u8]) -> Result<Tuple> {
                     match k {
                         CTA_IP_V4_SRC => t.src = addr(v)?,
                         CTA_IP_V4_DST => t.dst = addr(v)?,
+                        CTA_IP_V6_SRC => t.src = addr6(v)?,
+                        CTA_IP_V6_DST => t.dst = addr6(v)?,
                         _ => {}
                     }
                 }
@@ -211,7 +229,10 @@ mod tests {
             (c.original, c.reply, c.mark),
             (original, reply, 0x0002_0000)
         );
-        assert_eq!(c.forwarded_to(), Some((Ipv4Addr::new(10, 10, 0, 2), 9000)));
+        assert_eq!(
+            c.forwarded_to(),
+            Some((Ipv4Addr::new(10, 10, 0, 2).into(), 9000))
+        );
         // A connection to the router itself is no forward.
         let own = Connection {
             original,
@@ -219,5 +240,44 @@ mod tests {
             mark: 0,
         };
         assert_eq!(own.forwarded_to(), None);
+    }
+
+    #[test]
+    fn an_ipv6_connection_is_asked_and_read_with_ipv6_attributes() {
+        let a = |s: &str| -> IpAddr { s.parse().expect("an address") };
+        let original = Tuple {
+            src: a("2001:db8:1:1ab::10"),
+            dst: a("2001:db8:ff::10"),
+            src_port: 40000,
+            dst_port: 443,
+            proto: 6,
+        };
+        let req = request(&original, 1);
+        // The family in the nfgenmsg (after the 16-byte netlink header).
+        assert_eq!(req[16], AF_INET6);
+        let orig_attr = nlmsg::reply_attributes(&req).expect("parses")[0].1.to_vec();
+        let reply = Tuple {
+            src: original.dst,
+            dst: original.src,
+            src_port: 443,
+            dst_port: 40000,
+            proto: 6,
+        };
+        let reply_attr = nlmsg::reply_attributes(&request(&reply, 1)).expect("parses")[0]
+            .1
+            .to_vec();
+        let answer = nlmsg::message(
+            0x100,
+            0,
+            1,
+            [AF_INET6, 0, 0, 0],
+            &[
+                (CTA_TUPLE_ORIG | NLA_F_NESTED, &orig_attr),
+                (CTA_TUPLE_REPLY | NLA_F_NESTED, &reply_attr),
+            ],
+        );
+        let c = connection(&answer).expect("reads");
+        assert_eq!((c.original, c.reply), (original, reply));
+        assert_eq!(c.forwarded_to(), None);
     }
 }

@@ -240,6 +240,16 @@ impl Ipv6 {
         self.written.get(index).copied().flatten()
     }
 
+    /// The IPv6 bucket table as written.
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// The IPv6 destinations the kernel keeps (`BYPASS6`), as written.
+    pub fn bypass(&self) -> &BTreeSet<Prefix6> {
+        &self.bypass
+    }
+
     /// Make the data plane hold `sides` (by uplink index), a bucket table
     /// for `candidates`, and `bypass`; IPv6 is balanced while `lan` is
     /// known. Order: entries, table, bypass, then the switch, so that the
