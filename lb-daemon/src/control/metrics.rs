@@ -175,6 +175,44 @@ const PER_UPLINK: &[UplinkFamily] = &[
     ),
 ];
 
+/// A family with one sample per uplink and address family, labelled
+/// `family="ipv4"` or `family="ipv6"`: name, help, and the value for each
+/// family (`None`: no sample, e.g. IPv6 while it is not balanced).
+///
+/// These are new families beside the older per-uplink ones, never a
+/// `family` label added to those: `lb_uplink_in_service{uplink="isp1"}`
+/// and `sum(lb_uplink_in_service)` must keep returning what dashboards and
+/// alerts were written against (one series an uplink; IPv4's state, which
+/// is the uplink's), and `lb_uplink_flows` keeps counting both families.
+/// Here `sum by (uplink) (lb_uplink_family_flows)` is `lb_uplink_flows`,
+/// and `lb_uplink_family_in_service{family="ipv4"}` is
+/// `lb_uplink_in_service`.
+type FamilyFamily = (
+    &'static str,
+    &'static str,
+    fn(&UplinkStatus) -> Option<f64>,
+    fn(&UplinkStatus) -> Option<f64>,
+);
+
+const PER_FAMILY: &[FamilyFamily] = &[
+    (
+        "lb_uplink_family_in_service",
+        "1 while the uplink takes new flows of the address family, else 0; no ipv6 sample while IPv6 is not balanced",
+        |u| Some(f64::from(u8::from(u.state == "active"))),
+        |u| {
+            u.ipv6
+                .as_ref()
+                .map(|six| f64::from(u8::from(six.state == "active")))
+        },
+    ),
+    (
+        "lb_uplink_family_flows",
+        "Flows of the address family pinned to the uplink now",
+        |u| Some(u.flows.saturating_sub(u.flows_ipv6) as f64),
+        |u| Some(u.flows_ipv6 as f64),
+    ),
+];
+
 /// A family with one sample for the whole router: name, help, type, value.
 type RouterFamily = (&'static str, &'static str, MetricType, fn(&Status) -> f64);
 
@@ -190,6 +228,12 @@ const PER_ROUTER: &[RouterFamily] = &[
         "Flows the full table evicted",
         MetricType::Counter,
         |s| s.flows_evicted as f64,
+    ),
+    (
+        "lb_ipv6_balanced",
+        "1 while lb balances IPv6 (it knows the prefix the LAN carries), else 0: IPv6 is the kernel's",
+        MetricType::Gauge,
+        |s| f64::from(u8::from(s.lan_prefix6.is_some())),
     ),
     (
         "lb_guard_dropped_packets",
@@ -298,6 +342,18 @@ impl Collector for Snapshot {
                 kind,
                 s.uplinks.iter().map(|u| (uplink(u), value(u))),
             )?;
+        }
+        for &(name, help, ipv4, ipv6) in PER_FAMILY {
+            let samples = s.uplinks.iter().flat_map(|u| {
+                [("ipv4", ipv4(u)), ("ipv6", ipv6(u))]
+                    .into_iter()
+                    .filter_map(move |(family, value)| {
+                        let mut labels = uplink(u);
+                        labels.push(("family", family.to_string()));
+                        Some((labels, value?))
+                    })
+            });
+            family(e, name, help, MetricType::Gauge, samples)?;
         }
         family(
             e,
@@ -441,4 +497,183 @@ async fn answer(mut stream: TcpStream, status: impl Fn() -> Result<Status>) -> R
     );
     stream.write_all(reply.as_bytes()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        process::{Command, Stdio},
+    };
+
+    use super::*;
+    use crate::control::api::Ipv6Status;
+
+    fn uplink(name: &str, flows: u64, flows_ipv6: u64, ipv6: Option<&str>) -> UplinkStatus {
+        UplinkStatus {
+            name: name.into(),
+            interface: format!("wan-{name}"),
+            address: "-".into(),
+            gateway: "-".into(),
+            gateway_config: "auto".into(),
+            lifecycle: "in service".into(),
+            table: 4000,
+            rule_priority: 4000,
+            gateway_mac: "-".into(),
+            weight: 1,
+            tier: 0,
+            admin: "enabled".into(),
+            health: "up".into(),
+            reason: "probes answer".into(),
+            transitions: 0,
+            rtt_ms: None,
+            jitter_ms: None,
+            loss_percent: 0.0,
+            state: "active".into(),
+            buckets: 2048,
+            tx_packets: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            rx_bytes: 0,
+            new_flows: 0,
+            flows,
+            flows_ipv6,
+            inbound: 0,
+            replies: 0,
+            nat_failures: 0,
+            last_change: None,
+            quota: None,
+            egress: None,
+            suspicions: 0,
+            false_alarms: 0,
+            syn_retries: 0,
+            ipv6: ipv6.map(|state| Ipv6Status {
+                state: state.into(),
+                address: "-".into(),
+                gateway: "-".into(),
+                gateway_mac: "-".into(),
+                delegated: "-".into(),
+                translated_to: "-".into(),
+            }),
+        }
+    }
+
+    fn status(uplinks: Vec<UplinkStatus>, lan_prefix6: Option<&str>) -> Status {
+        Status {
+            mode: "5-tuple".into(),
+            uplinks,
+            reasons: Vec::new(),
+            flows_expired: 0,
+            flows_evicted: 0,
+            pinned_at: "/sys/fs/bpf/lb".into(),
+            adopted_flows: None,
+            lan_ports: Vec::new(),
+            slow_path: None,
+            guard_dropped: 0,
+            kernel_destinations: Vec::new(),
+            lan_egress: Vec::new(),
+            policies: Vec::new(),
+            lan_prefix6: lan_prefix6.map(str::to_string),
+        }
+    }
+
+    /// `promtool check metrics` (Debian's prometheus package) on `text`.
+    fn promtool(text: &str) {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool runs (install Debian's prometheus package)");
+        child
+            .stdin
+            .take()
+            .expect("promtool's stdin")
+            .write_all(text.as_bytes())
+            .expect("promtool reads the metrics");
+        let out = child.wait_with_output().expect("promtool ends");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The sample of `series` (name and labels, as exposed), if any.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn ipv6_state_and_flows_have_a_family_label_and_the_older_series_stay_as_they_were() {
+        let text = render(status(
+            vec![
+                uplink("isp1", 10, 4, Some("active")),
+                uplink("isp2", 7, 0, Some("down")),
+            ],
+            Some("2001:db8:1:1ab::/64"),
+        ))
+        .expect("renders");
+        promtool(&text);
+        for (series, value) in [
+            (
+                r#"lb_uplink_family_in_service{uplink="isp1",family="ipv4"}"#,
+                1.0,
+            ),
+            (
+                r#"lb_uplink_family_in_service{uplink="isp1",family="ipv6"}"#,
+                1.0,
+            ),
+            (
+                r#"lb_uplink_family_in_service{uplink="isp2",family="ipv6"}"#,
+                0.0,
+            ),
+            (
+                r#"lb_uplink_family_flows{uplink="isp1",family="ipv4"}"#,
+                6.0,
+            ),
+            (
+                r#"lb_uplink_family_flows{uplink="isp1",family="ipv6"}"#,
+                4.0,
+            ),
+            (
+                r#"lb_uplink_family_flows{uplink="isp2",family="ipv6"}"#,
+                0.0,
+            ),
+            // Unchanged: one series an uplink, both families' flows.
+            (r#"lb_uplink_in_service{uplink="isp2"}"#, 1.0),
+            (r#"lb_uplink_flows{uplink="isp1"}"#, 10.0),
+            ("lb_ipv6_balanced", 1.0),
+        ] {
+            assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"lb_uplink_in_service{uplink="isp1",family"#),
+            "no label added to an older family"
+        );
+    }
+
+    #[test]
+    fn without_ipv6_balanced_there_is_no_ipv6_state_sample() {
+        let text = render(status(vec![uplink("isp1", 3, 0, None)], None)).expect("renders");
+        promtool(&text);
+        assert_eq!(sample(&text, "lb_ipv6_balanced"), Some(0.0));
+        assert_eq!(
+            sample(
+                &text,
+                r#"lb_uplink_family_in_service{uplink="isp1",family="ipv6"}"#
+            ),
+            None
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"lb_uplink_family_flows{uplink="isp1",family="ipv4"}"#
+            ),
+            Some(3.0)
+        );
+    }
 }
