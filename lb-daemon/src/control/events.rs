@@ -23,7 +23,8 @@ pub const KEPT: usize = 1000;
 pub struct Event {
     /// When, UTC, RFC 3339 with milliseconds.
     pub at: String,
-    /// `health`, `lifecycle`, `operator`, `address`, `gateway`, `daemon`.
+    /// `health`, `lifecycle`, `operator`, `address`, `gateway`, `prefix`
+    /// (a delegation), `ipv6` (an uplink's IPv6 state), `quota`, `daemon`.
     pub kind: String,
     /// The uplink it is about, if any.
     pub uplink: Option<String>,

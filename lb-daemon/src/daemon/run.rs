@@ -202,6 +202,9 @@ async fn converge_forever(
             anyhow::ensure!(errors.is_empty(), "routing: {}", errors.join("; "));
             Ok(())
         });
+        if let Ok(mut d) = daemon.lock() {
+            d.say_ipv6_changes();
+        }
         match done {
             Ok(()) => {
                 if failing {
@@ -215,6 +218,27 @@ async fn converge_forever(
                 failing = true;
             }
             Err(e) => log::debug!("converging failed again: {e:#}"),
+        }
+    }
+}
+
+impl Daemon {
+    /// Tell each uplink's IPv6 state change that the round wrote
+    /// (`reconcile::ipv6`), in the log and the events: IPv6 can go down
+    /// while IPv4 stays up (a lost delegation, an unresolved next hop),
+    /// and no other event says so.
+    // Here rather than in `converge_ipv6`, which another change holds
+    // now: a change written outside a round (the carrier fast path) is
+    // told after the next round, which that change itself asks for.
+    fn say_ipv6_changes(&mut self) {
+        let lan = self.ipv6.lan();
+        for change in self.ipv6.take_changes() {
+            let Some(u) = self.uplinks.get(change.index) else {
+                continue;
+            };
+            let said = crate::reconcile::ipv6::change_text(&change, &u.facts6, lan);
+            log::info!("uplink {}: {said}", u.cfg.name);
+            self.history.say("ipv6", Some(&u.cfg.name), said);
         }
     }
 }

@@ -205,12 +205,59 @@ pub fn side(lan: Option<Prefix6>, facts: &Facts6, state: u32, ipv6_up: bool) -> 
     })
 }
 
+/// An uplink's IPv6 state as written changed: an event for the operator
+/// ([`Ipv6::take_changes`], said with [`change_text`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change6 {
+    /// The uplink, by index.
+    pub index: usize,
+    /// Its state before (`None`: its first entry), and now.
+    pub from: Option<u32>,
+    pub to: u32,
+}
+
+/// What the operator is told of `change`, with the uplink's IPv6 `facts`
+/// and the LAN's prefix now: the states, and why. A state down with all
+/// its facts in place is down for its uplink's state (carrier, health,
+/// the operator), which other events tell.
+pub fn change_text(change: &Change6, facts: &Facts6, lan: Option<Prefix6>) -> String {
+    let from = change.from.map_or("-", uplink_state::name);
+    let why = match change.to {
+        uplink_state::DOWN => match (lan, facts.delegated, facts.gateway, facts.gateway_mac) {
+            (_, None, ..) => "no delegated prefix".to_string(),
+            (Some(lan), Some(d), ..) if target(lan, Some(d)).is_none() => format!(
+                "its delegation {}/{} cannot hold the LAN's prefix {}/{}",
+                d.0, d.1, lan.0, lan.1
+            ),
+            (_, _, None, _) => "no IPv6 default route through it".to_string(),
+            (_, _, Some(gw), None) => format!("its IPv6 next hop {gw} is not resolved"),
+            _ => "its state: carrier, health or operator".to_string(),
+        },
+        _ => match lan.and_then(|lan| Some((lan, target(lan, facts.delegated)?))) {
+            Some((lan, to)) if to == lan => {
+                format!(
+                    "untranslated: the LAN's prefix {}/{} is its own",
+                    lan.0, lan.1
+                )
+            }
+            Some((lan, to)) => format!(
+                "the LAN's {}/{} translated to {}/{}",
+                lan.0, lan.1, to.0, to.1
+            ),
+            None => "-".to_string(),
+        },
+    };
+    format!("IPv6 {from} -> {} ({why})", uplink_state::name(change.to))
+}
+
 /// IPv6 as the data plane has it, as lbd wrote it.
 #[derive(Debug)]
 pub struct Ipv6 {
     on: bool,
     lan: Option<Prefix6>,
     written: Vec<Option<Uplink6>>,
+    /// State changes written and not yet taken.
+    changes: Vec<Change6>,
     table: Table,
     table_written: bool,
     bypass: BTreeSet<Prefix6>,
@@ -222,6 +269,7 @@ impl Default for Ipv6 {
             on: false,
             lan: None,
             written: Vec::new(),
+            changes: Vec::new(),
             table: table::empty(),
             table_written: false,
             bypass: BTreeSet::new(),
@@ -238,6 +286,13 @@ impl Ipv6 {
     /// Uplink `index`'s entry as written.
     pub fn side(&self, index: usize) -> Option<Uplink6> {
         self.written.get(index).copied().flatten()
+    }
+
+    /// The uplinks' IPv6 state changes written since the last call,
+    /// oldest first: one event each. An uplink whose first entry is down
+    /// has nothing to tell.
+    pub fn take_changes(&mut self) -> Vec<Change6> {
+        std::mem::take(&mut self.changes)
     }
 
     /// The IPv6 bucket table as written.
@@ -282,6 +337,14 @@ impl Ipv6 {
                     dataplane
                         .set_uplink6(i as u32, six)
                         .with_context(|| format!("writing uplink #{i}'s IPv6 entry"))?;
+                    let from = self.written[i].map(|w| w.state);
+                    if from != Some(six.state) && (from, six.state) != (None, uplink_state::DOWN) {
+                        self.changes.push(Change6 {
+                            index: i,
+                            from,
+                            to: six.state,
+                        });
+                    }
                     self.written[i] = Some(*six);
                 }
             }
@@ -442,5 +505,65 @@ mod tests {
             "down for IPv4's reasons (carrier, operator) is down for IPv6"
         );
         assert_eq!(side(None, &ready, uplink_state::ACTIVE, true), None);
+    }
+
+    #[test]
+    fn an_ipv6_state_change_says_why() {
+        let lan = Some((ip6("2001:db8:1:1ab::"), 64));
+        let ready = Facts6 {
+            addr: Some(ip6("2001:db8:2:ffff::2")),
+            gateway: Some(ip6("fe80::2")),
+            gateway_mac: Some([2, 0, 0, 0, 2, 1]),
+            delegated: Some((ip6("2001:db8:2:200::"), 56)),
+        };
+        let up = Change6 {
+            index: 1,
+            from: Some(uplink_state::DOWN),
+            to: uplink_state::ACTIVE,
+        };
+        assert_eq!(
+            change_text(&up, &ready, lan),
+            "IPv6 down -> active (the LAN's 2001:db8:1:1ab::/64 translated to 2001:db8:2:2ab::/64)"
+        );
+        let own = Facts6 {
+            delegated: Some((ip6("2001:db8:1:100::"), 56)),
+            ..ready
+        };
+        assert!(change_text(&up, &own, lan)
+            .ends_with("(untranslated: the LAN's prefix 2001:db8:1:1ab::/64 is its own)"));
+        let down = Change6 {
+            from: Some(uplink_state::ACTIVE),
+            to: uplink_state::DOWN,
+            ..up
+        };
+        for (facts, why) in [
+            (
+                Facts6 {
+                    delegated: None,
+                    ..ready
+                },
+                "(no delegated prefix)",
+            ),
+            (
+                Facts6 {
+                    gateway: None,
+                    gateway_mac: None,
+                    ..ready
+                },
+                "(no IPv6 default route through it)",
+            ),
+            (
+                Facts6 {
+                    gateway_mac: None,
+                    ..ready
+                },
+                "(its IPv6 next hop fe80::2 is not resolved)",
+            ),
+            (ready, "(its state: carrier, health or operator)"),
+        ] {
+            let said = change_text(&down, &facts, lan);
+            assert!(said.starts_with("IPv6 active -> down "), "{said}");
+            assert!(said.ends_with(why), "{said}");
+        }
     }
 }
