@@ -71,7 +71,7 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 5;
+pub const LAYOUT: u32 = 6;
 
 /// Program names in the XDP object.
 pub mod program {
@@ -125,9 +125,19 @@ pub mod settings_flags {
     pub const IPV6: u32 = 2;
 }
 
-/// What the traffic says about one uplink's path, per CPU (map `SIGNALS`,
-/// by uplink index): read by lbd's passive failure detection. Times are
-/// `bpf_ktime_get_coarse_ns`.
+/// Slots of map `SIGNALS`: each uplink's IPv4 signals at its index, its
+/// IPv6 signals at [`signals6`] of it. Health is kept per family: an ISP's
+/// IPv6 often fails while its IPv4 works.
+pub const SIGNAL_SLOTS: u32 = 2 * crate::MAX_UPLINKS;
+
+/// The `SIGNALS` slot of `uplink`'s IPv6 traffic.
+pub const fn signals6(uplink: u32) -> u32 {
+    crate::MAX_UPLINKS + uplink
+}
+
+/// What the traffic says about one uplink's path in one family, per CPU
+/// (map `SIGNALS`, see [`SIGNAL_SLOTS`]): read by lbd's passive failure
+/// detection. Times are `bpf_ktime_get_coarse_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Signals {

@@ -10,7 +10,7 @@ use lb_common::{
     egress::Egress,
     maps::{
         BucketTable, FlowKey, FlowKey6, FlowValue, FlowValue6, FragKey, FragValue, LanPort, NatKey,
-        NatValue, PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats,
+        NatValue, PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, SIGNAL_SLOTS,
     },
     policy::{
         Flow, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, MAX_POLICIES,
@@ -138,7 +138,7 @@ pub static UPLINK_STATS: PerCpuArray<UplinkStats> = PerCpuArray::with_max_entrie
 /// Per-CPU, per uplink: what the traffic says about its path (replies,
 /// sends, flows waiting), for lbd's passive failure detection.
 #[map]
-pub static SIGNALS: PerCpuArray<Signals> = PerCpuArray::with_max_entries(MAX_UPLINKS, 0);
+pub static SIGNALS: PerCpuArray<Signals> = PerCpuArray::with_max_entries(SIGNAL_SLOTS, 0);
 
 /// Per-CPU count of packets per pass/drop reason.
 #[map]

@@ -4,7 +4,7 @@
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use lb_common::{
     hash,
-    maps::{FlowKey, FlowKey6, Signals, UplinkStats},
+    maps::{signals6, FlowKey, FlowKey6, Signals, UplinkStats},
 };
 
 use crate::maps::{REASONS, SIGNALS, UPLINK_STATS};
@@ -81,14 +81,15 @@ pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
 }
 
 /// A packet of IPv6 flow `key` left by `uplink` at `now`: the same
-/// signals, from its addresses folded to 32 bits.
+/// signals, in the uplink's IPv6 slot, from its addresses folded to 32
+/// bits.
 #[inline(always)]
 pub fn sent6(uplink: u32, now: u64, key: &FlowKey6) {
     let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
         | u32::from(u16::from_be_bytes(key.dst_port));
     let src = hash::xor6(&key.src_addr);
     sent_folded(
-        uplink,
+        signals6(uplink),
         now,
         src,
         hash::xor6(&key.dst_addr),
@@ -116,6 +117,12 @@ pub fn replied(uplink: u32, now: u64) {
         s.flows = 0;
         s.destinations = 0;
     });
+}
+
+/// An IPv6 reply came back through `uplink` at `now`.
+#[inline(always)]
+pub fn replied6(uplink: u32, now: u64) {
+    replied(signals6(uplink), now);
 }
 
 /// A SYN went again on `uplink` for a connection still waiting.

@@ -117,7 +117,7 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
                 (*flow).tcp_state = tcp_state::ESTABLISHED;
             }
         }
-        stats::replied(uplink, now);
+        stats::replied6(uplink, now);
     }
     rewrite::tagged(
         ctx,

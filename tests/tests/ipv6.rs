@@ -361,6 +361,89 @@ fn carrier_loss_moves_ipv6_and_ipv4_flows_to_the_other_uplink() -> Result<()> {
     router.finish()
 }
 
+/// An IPv6 probe beside the IPv4 one: the uplink's IPv6 health is its own.
+const PROBE6: &str = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"2001:db8:ff::10\"";
+
+/// The (protocol, port) pairs of `flows` that each ISP saw after `send`.
+fn seen_after(
+    watches: &[FlowWatch; 2],
+    send: impl FnOnce() -> Result<()>,
+) -> Result<[BTreeSet<(u8, u16)>; 2]> {
+    watches[0].clear()?;
+    watches[1].clear()?;
+    send()?;
+    Ok([watches[0].seen_flows()?, watches[1].seen_flows()?])
+}
+
+#[test]
+fn an_upstream_cut_of_ipv6_alone_moves_ipv6_flows_and_leaves_ipv4_flows_be() -> Result<()> {
+    const FLOWS: usize = 40;
+    if !require_root("an_upstream_cut_of_ipv6_alone_moves_ipv6_flows_and_leaves_ipv4_flows_be") {
+        return Ok(());
+    }
+    let router = Router::up([PROBE6, PROBE6])?;
+    let lab = &router.lab;
+    let inet = lab.ns("inet")?;
+    let udp6 = UdpEchoServer::start(inet, server(0))?;
+    let udp4 = UdpEchoServer::start(inet, "198.51.100.10:0".parse()?)?;
+    let watches = watch_isps(lab)?;
+    let client = router.client()?;
+    let six = Held::open(client, udp6.local_addr(), FLOWS)?;
+    let four = Held::open(client, udp4.local_addr(), FLOWS)?;
+    let four_before = seen_after(&watches, || four.echo_all(FLOW_TIMEOUT))?;
+    six.echo_all(FLOW_TIMEOUT)?;
+    let before = split(&six.ids(), &watches)?;
+    ensure!(
+        !before[1].is_empty() && !four_before[1].is_empty(),
+        "nothing to move or keep on isp2: IPv6 flows {:?}, IPv4 flows {:?} there",
+        before[1].len(),
+        four_before[1].len()
+    );
+
+    // isp2 stops forwarding IPv6, silently; its IPv4 goes on.
+    lab.exec(
+        "isp2",
+        &[
+            "nft",
+            "add table ip6 cut; add chain ip6 cut forward { type filter hook forward priority 0; policy drop; }",
+        ],
+    )?;
+    let cut = Instant::now();
+    let after = seen_after(&watches, || six.echo_all(BOUND))?;
+    let moved = cut.elapsed();
+    let ours: BTreeSet<(u8, u16)> = six.ids().into_iter().collect();
+    ensure!(
+        ours.is_subset(&after[0]),
+        "after isp2's IPv6 was cut, isp1 saw {} of the {FLOWS} IPv6 flows",
+        (&after[0] & &ours).len()
+    );
+    let status = router.lbd.status()?;
+    let isp2 = uplink_of(&status, "isp2").context("isp2 not in status")?;
+    eprintln!(
+        "isp2's IPv6 cut: its {} IPv6 flows answered through isp1 {moved:?} later; isp2 now: {} / IPv6 {}",
+        before[1].len(),
+        isp2["lifecycle"],
+        isp2["ipv6"]["state"]
+    );
+    ensure!(
+        isp2["lifecycle"] == "in service" && isp2["ipv6"]["state"] == "down",
+        "isp2 should be in service for IPv4 and down for IPv6: {isp2}"
+    );
+    let four_after = seen_after(&watches, || four.echo_all(FLOW_TIMEOUT))?;
+    ensure!(
+        four_after == four_before,
+        "IPv4 flows moved when only IPv6 was cut: before {four_before:?}, after {four_after:?}"
+    );
+
+    // IPv6 comes back: isp2 takes IPv6 flows again once its probes say so.
+    lab.exec("isp2", &["nft", "delete table ip6 cut"])?;
+    // Rise good rounds after probes that waited out their timeouts: a
+    // bound for a test that must end.
+    let back = router.wait_ipv6(&["isp1", "isp2"], 3 * BOUND)?;
+    eprintln!("isp2's IPv6 back in service {back:?} after the cut ended");
+    router.finish()
+}
+
 #[test]
 fn isp_renumbering_is_followed_and_the_old_prefix_never_leaves_again() -> Result<()> {
     const FLOWS: usize = 60;

@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -357,7 +357,8 @@ pub struct UplinkConfig {
     pub tier: u8,
     pub health: HealthConfig,
     /// Zero or more, no two the same; with none, the uplink's health follows
-    /// its link state only.
+    /// its link state only. Its IPv6 probes (of IPv6 targets) judge its
+    /// IPv6 apart; without any, its IPv6 follows its IPv4's health.
     pub probes: Vec<ProbeConfig>,
     /// A volume cap and what reaching it does.
     pub quota: Option<QuotaConfig>,
@@ -372,6 +373,17 @@ pub struct UplinkConfig {
     /// or shorter; no two uplinks' overlap). `None`: followed from the
     /// router's DHCPv6 client.
     pub prefix6: Option<(Ipv6Addr, u8)>,
+}
+
+impl UplinkConfig {
+    /// Its probes of one family: IPv6 (`ipv6`) or IPv4.
+    pub fn probes_of(&self, ipv6: bool) -> Vec<ProbeConfig> {
+        self.probes
+            .iter()
+            .filter(|p| p.kind.is_ipv6() == ipv6)
+            .cloned()
+            .collect()
+    }
 }
 
 /// A prefix of `[[uplink]] routed`, and where the file gives it.
@@ -626,27 +638,38 @@ pub struct ProbeConfig {
     pub kind: ProbeKind,
 }
 
-/// What a probe sends, and where. Addresses are IPv4 literals: probes never
+/// What a probe sends, and where. Addresses are IP literals: probes never
 /// resolve names, so that a DNS failure cannot look like an uplink failure.
+/// A probe of an IPv6 address judges the uplink's IPv6 alone, one of an
+/// IPv4 address its IPv4 (health is kept per family).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeKind {
     /// ICMP echo.
-    Icmp { target: Ipv4Addr },
+    Icmp { target: IpAddr },
     /// TCP connect (a SYN answered by SYN-ACK or RST counts as an answer).
-    Tcp { target: SocketAddrV4 },
+    Tcp { target: SocketAddr },
     /// HTTP/1.1 GET `path` with `Host: host`; answered when the status is
     /// `expect_status`.
     Http {
-        target: SocketAddrV4,
+        target: SocketAddr,
         host: String,
         path: String,
         expect_status: u16,
     },
     /// DNS query for the A record of `query`.
-    Dns { server: SocketAddrV4, query: String },
+    Dns { server: SocketAddr, query: String },
 }
 
 impl ProbeKind {
+    /// Whether it probes over IPv6 (and so judges the uplink's IPv6).
+    pub fn is_ipv6(&self) -> bool {
+        match self {
+            Self::Icmp { target } => target.is_ipv6(),
+            Self::Tcp { target } | Self::Http { target, .. } => target.is_ipv6(),
+            Self::Dns { server, .. } => server.is_ipv6(),
+        }
+    }
+
     /// The `kind` key's spelling.
     pub fn name(&self) -> &'static str {
         match self {
@@ -2193,53 +2216,87 @@ fn check_dns_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn parse_ipv4(text: &str, shape: &str) -> Result<Ipv4Addr, String> {
-    let ip: Ipv4Addr = text
+/// A probe target must be a unicast address; an IPv6 one also global or
+/// unique-local, since a link-local one would need an interface to mean
+/// anything.
+fn check_unicast_ip(ip: IpAddr) -> Result<(), String> {
+    let ip = match ip {
+        IpAddr::V4(v4) => return check_unicast(v4),
+        IpAddr::V6(v6) => v6,
+    };
+    let what = if ip.is_unspecified() {
+        "the unspecified address"
+    } else if ip.is_multicast() {
+        "a multicast address"
+    } else if ip.is_loopback() {
+        "the loopback address"
+    } else if ip.is_unicast_link_local() {
+        "link-local (it names no path beyond the uplink's link)"
+    } else if ip.to_ipv4_mapped().is_some() {
+        "an IPv4-mapped address (write the IPv4 address itself)"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{ip} is {what}; expected a unicast address"))
+}
+
+fn parse_ip(text: &str, shape: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = text
         .parse()
         .map_err(|_| format!("expected {shape}, got {text:?}"))?;
-    check_unicast(ip)?;
+    check_unicast_ip(ip)?;
     Ok(ip)
 }
 
-/// `IPv4:port`, or `IPv4` with `default_port` when there is one.
-fn parse_socket(
-    text: &str,
-    shape: &str,
-    default_port: Option<u16>,
-) -> Result<SocketAddrV4, String> {
+/// `IPv4:port` or `[IPv6]:port`, or the bare address with `default_port`
+/// when there is one.
+fn parse_socket(text: &str, shape: &str, default_port: Option<u16>) -> Result<SocketAddr, String> {
     let bad = || format!("expected {shape}, got {text:?}");
-    let addr = match (text.parse::<SocketAddrV4>(), default_port) {
+    let bare = |t: &str| -> Option<IpAddr> {
+        let inner = t.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+        inner.unwrap_or(t).parse().ok()
+    };
+    let addr = match (text.parse::<SocketAddr>(), default_port) {
         (Ok(addr), _) => addr,
-        (Err(_), Some(port)) => SocketAddrV4::new(text.parse().map_err(|_| bad())?, port),
+        (Err(_), Some(port)) => SocketAddr::new(bare(text).ok_or_else(bad)?, port),
         (Err(_), None) => return Err(bad()),
     };
     if addr.port() == 0 {
         return Err(format!("port 0 is not a valid target port, in {text:?}"));
     }
-    check_unicast(*addr.ip())?;
+    check_unicast_ip(addr.ip())?;
     Ok(addr)
 }
 
-fn parse_icmp_target(text: &str) -> Result<Ipv4Addr, String> {
-    parse_ipv4(text, "an IPv4 address like \"198.51.100.10\"")
+fn parse_icmp_target(text: &str) -> Result<IpAddr, String> {
+    parse_ip(
+        text,
+        "an IP address like \"198.51.100.10\" or \"2001:db8::10\"",
+    )
 }
 
-fn parse_tcp_target(text: &str) -> Result<SocketAddrV4, String> {
-    parse_socket(text, "IPv4:port like \"198.51.100.10:443\"", None)
-}
-
-fn parse_dns_target(text: &str) -> Result<SocketAddrV4, String> {
+fn parse_tcp_target(text: &str) -> Result<SocketAddr, String> {
     parse_socket(
         text,
-        "the resolver as IPv4[:port] like \"198.51.100.10\" or \"198.51.100.10:53\"",
+        "IPv4:port like \"198.51.100.10:443\" or [IPv6]:port like \"[2001:db8::10]:443\"",
+        None,
+    )
+}
+
+fn parse_dns_target(text: &str) -> Result<SocketAddr, String> {
+    parse_socket(
+        text,
+        "the resolver as an IP address with an optional port, like \"198.51.100.10\", \
+         \"198.51.100.10:53\" or \"[2001:db8::53]:53\"",
         Some(53),
     )
 }
 
-/// `http://IPv4[:port][/path]` into (address, Host header, path); the path
-/// defaults to `/`.
-fn parse_http_target(text: &str) -> Result<(SocketAddrV4, String, String), String> {
-    let shape = "http://IPv4[:port]/path like \"http://198.51.100.10/health\"";
+/// `http://IPv4[:port][/path]` or `http://[IPv6][:port][/path]` into
+/// (address, Host header, path); the path defaults to `/`.
+fn parse_http_target(text: &str) -> Result<(SocketAddr, String, String), String> {
+    let shape = "http://IP[:port]/path like \"http://198.51.100.10/health\" or \
+                 \"http://[2001:db8::10]/health\"";
     let Some(rest) = text.strip_prefix("http://") else {
         return Err(if text.starts_with("https://") {
             format!("https is not supported, use http://; got {text:?}")
@@ -2251,12 +2308,19 @@ fn parse_http_target(text: &str) -> Result<(SocketAddrV4, String, String), Strin
         Some(at) => rest.split_at(at),
         None => (rest, "/"),
     };
-    let host = authority
-        .split_once(':')
-        .map_or(authority, |(host, _)| host);
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(host, _)| host),
+        None => authority
+            .split_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
     let target = parse_socket(authority, shape, Some(80)).map_err(|e| {
-        if host.bytes().any(|b| b.is_ascii_alphabetic()) && !host.contains('@') {
-            format!("the host must be an IPv4 address (probes do not resolve names), got {host:?}")
+        // A name, not a mangled address: letters beyond hex digits.
+        let named = host
+            .bytes()
+            .any(|b| b.is_ascii_alphabetic() && !b.is_ascii_hexdigit());
+        if named && !host.contains('@') {
+            format!("the host must be an IP address (probes do not resolve names), got {host:?}")
         } else {
             e
         }
@@ -2362,7 +2426,7 @@ gateway = "100.64.2.1"
         assert_eq!(config.uplinks.len(), 3);
         let icmp = ProbeConfig {
             kind: ProbeKind::Icmp {
-                target: Ipv4Addr::new(198, 51, 100, 10),
+                target: Ipv4Addr::new(198, 51, 100, 10).into(),
             },
         };
         for (uplink, (name, interface)) in
@@ -2647,7 +2711,7 @@ expect_status = 204
         assert_eq!(
             uplink.probes[1].kind,
             ProbeKind::Http {
-                target: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80),
+                target: SocketAddr::from((Ipv4Addr::new(198, 51, 100, 10), 80)),
                 host: "198.51.100.10".into(),
                 path: "/".into(),
                 expect_status: 204,
@@ -3218,31 +3282,76 @@ expect_status = 204
     }
 
     #[test]
+    fn ipv6_probe_targets_are_read_and_judge_ipv6() {
+        for (kind, target, extra, want) in [
+            ("icmp", "2001:db8:ff::10", "", "icmp 2001:db8:ff::10"),
+            (
+                "tcp",
+                "[2001:db8:ff::10]:443",
+                "",
+                "tcp [2001:db8:ff::10]:443",
+            ),
+            (
+                "http",
+                "http://[2001:db8:ff::10]:8080/up",
+                "",
+                "http http://[2001:db8:ff::10]:8080/up (expect 200)",
+            ),
+            (
+                "dns",
+                "2001:db8:ff::53",
+                "query = \"example.com\"\n",
+                "dns [2001:db8:ff::53]:53 A example.com",
+            ),
+        ] {
+            let text = probe_text(kind, target, extra);
+            let config = parse(&text, "t.toml").expect(&text);
+            let probes = &config.uplinks[1].probes;
+            assert_eq!(probes[0].kind.to_string(), want);
+            assert!(probes[0].kind.is_ipv6());
+            assert_eq!(config.uplinks[1].probes_of(true).len(), 1);
+            assert!(config.uplinks[1].probes_of(false).is_empty());
+        }
+    }
+
+    #[test]
     fn bad_probe_targets_per_kind() {
         for (kind, target, says) in [
-            ("icmp", "198.51.100", "expected an IPv4 address"),
-            ("icmp", "198.51.100.10:80", "expected an IPv4 address"),
-            ("icmp", "example.com", "expected an IPv4 address"),
+            ("icmp", "198.51.100", "expected an IP address"),
+            ("icmp", "198.51.100.10:80", "expected an IP address"),
+            ("icmp", "example.com", "expected an IP address"),
             ("icmp", "255.255.255.255", "broadcast"),
+            ("icmp", "fe80::1", "link-local"),
+            ("icmp", "ff02::1", "multicast"),
+            ("icmp", "::1", "loopback"),
+            ("icmp", "::ffff:198.51.100.10", "IPv4-mapped"),
             ("tcp", "198.51.100.10", "expected IPv4:port"),
+            ("tcp", "2001:db8::10", "[IPv6]:port"),
             ("tcp", "198.51.100.10:0", "port 0"),
+            ("tcp", "[2001:db8::10]:0", "port 0"),
             ("tcp", "198.51.100.10:65536", "expected IPv4:port"),
             (
                 "http",
                 "198.51.100.10/health",
-                "expected http://IPv4[:port]/path",
+                "expected http://IP[:port]/path",
             ),
             ("http", "https://198.51.100.10/", "https is not supported"),
             ("http", "http://example.com/", "probes do not resolve names"),
             ("http", "http://198.51.100.10:x/", "expected http://"),
+            ("http", "http://[2001:db8::10/", "expected http://"),
             ("http", "http:///health", "expected http://"),
             (
                 "http",
                 "http://198.51.100.10/a b",
                 "the path cannot contain ' '",
             ),
-            ("dns", "198.51.100", "expected the resolver as IPv4[:port]"),
+            (
+                "dns",
+                "198.51.100",
+                "expected the resolver as an IP address",
+            ),
             ("dns", "dns.google", "expected the resolver"),
+            ("dns", "[ff02::fb]:5353", "multicast"),
             ("dns", "224.0.0.251:5353", "multicast"),
         ] {
             let extra = if kind == "dns" {

@@ -6,7 +6,7 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{bail, Result};
-use lb_common::maps::uplink_state;
+use lb_common::maps::{signals6, uplink_state};
 
 use crate::{
     config::{Config, UplinkConfig, MAX_WEIGHT},
@@ -26,6 +26,9 @@ impl Daemon {
         let Some(u) = self.uplinks.get_mut(event.uplink) else {
             return Ok(());
         };
+        if u.six.monitor.as_ref().map(|m| m.generation) == Some(event.generation) {
+            return self.on_health6(event, taken);
+        }
         if u.monitor.as_ref().map(|m| m.generation) != Some(event.generation) {
             // From a monitor that has since been replaced or stopped.
             return Ok(());
@@ -81,6 +84,40 @@ impl Daemon {
         Ok(())
     }
 
+    /// Apply a transition of uplink `event.uplink`'s IPv6 health: the
+    /// data plane first (its IPv6 entry and table), then log, history and
+    /// hooks (kind `health6`).
+    fn on_health6(&mut self, event: HealthEvent, taken: Instant) -> Result<()> {
+        let u = &mut self.uplinks[event.uplink];
+        let previous = u.six.health.map_or("-", Health::as_str);
+        let now = event.transition.to.as_str();
+        u.six.health = Some(event.transition.to);
+        u.six.reason = event.transition.reason.clone();
+        u.six.transitions += 1;
+        self.converge_dataplane_timed(event.uplink, event.at.into_std(), taken)?;
+        let u = &self.uplinks[event.uplink];
+        let reason = &event.transition.reason;
+        log::info!("uplink {}: IPv6 {previous} -> {now} ({reason})", u.cfg.name);
+        let said = format!("IPv6 {previous} -> {now}: {reason}");
+        self.history.say("health", Some(&u.cfg.name), said);
+        let hook = hooks::Event {
+            kind: "health6",
+            uplink: u.cfg.name.clone(),
+            interface: u.cfg.interface.clone(),
+            state: now.to_string(),
+            previous: previous.to_string(),
+            reason: reason.clone(),
+            rtt_ms: event.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            loss_percent: event.stats.loss_percent(),
+        };
+        hooks::run_all(
+            &self.config.daemon.hooks,
+            self.config.daemon.hook_timeout,
+            &hook,
+        );
+        Ok(())
+    }
+
     /// Listen to the traffic (every [`PASSIVE_INTERVAL`]): an uplink in
     /// service that has sent for a suspicious while without a reply gets a
     /// burst of probes from its monitor, which takes it down if nobody
@@ -96,52 +133,52 @@ impl Daemon {
             .iter()
             .map(|u| u.dataplane_state() == uplink_state::ACTIVE && u.health == Some(Health::Up))
             .collect();
+        let in_service6: Vec<bool> = self
+            .uplinks
+            .iter()
+            .map(|u| {
+                u.dataplane_state6() == uplink_state::ACTIVE && u.health6() == Some(Health::Up)
+            })
+            .collect();
+        let others = |up: &[bool], i: usize| up.iter().enumerate().any(|(j, &up)| j != i && up);
         // One burst at a time: two uplinks suspect at once (a probe target
         // gone) must not both be taken down on the same evidence.
-        let mut busy = self.uplinks.iter().any(|u| u.verdict.is_some());
+        let mut busy = self
+            .uplinks
+            .iter()
+            .any(|u| u.verdict.is_some() || u.six.verdict.is_some());
         for i in 0..self.uplinks.len() {
-            let sample = self.dataplane.signals(self.uplinks[i].index, now_ns)?;
-            let others = in_service.iter().enumerate().any(|(j, &up)| j != i && up);
+            let index = self.uplinks[i].index;
+            let sample = self.dataplane.signals(index, now_ns)?;
             let u = &mut self.uplinks[i];
             u.syn_retries = sample.syn_retries;
-            if let Some(rx) = &mut u.verdict {
-                match rx.try_recv() {
-                    Ok(answered) => {
-                        u.watch.verdict(answered, now_ns);
-                        u.verdict = None;
-                    }
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue,
-                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => u.verdict = None,
-                }
-            }
             // Without probes nothing could confirm a suspicion: passive
             // evidence alone never takes an uplink down.
-            let confirmable = !u.cfg.probes.is_empty();
-            let (Some(monitor), true, true, false, true) =
-                (&u.monitor, in_service[i], others, busy, confirmable)
-            else {
-                // Still watched, so that the silence is dated right.
-                u.watch.observe(&sample);
-                continue;
-            };
+            let may = in_service[i] && others(&in_service, i) && !u.cfg.probes.is_empty();
             let rtt = u.snapshot.as_ref().and_then(|s| s.borrow().stats.rtt);
-            let Some(suspicion) = u.watch.sample(&sample, rtt) else {
+            let listener = Listener {
+                name: &u.cfg.name,
+                family: "",
+                watch: &mut u.watch,
+                verdict: &mut u.verdict,
+                monitor: u.monitor.as_ref(),
+            };
+            busy |= listener.listen(&sample, rtt, may && !busy, now_ns);
+            if !u.probes_ipv6() {
                 continue;
-            };
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let burst = health::Burst {
-                suspicion,
-                verdict: tx,
-            };
-            if monitor.bursts.try_send(burst).is_ok() {
-                log::info!(
-                    "uplink {}: suspect ({}): probing it now",
-                    u.cfg.name,
-                    suspicion.describe()
-                );
-                u.verdict = Some(rx);
-                busy = true;
             }
+            let sample = self.dataplane.signals(signals6(index), now_ns)?;
+            let u = &mut self.uplinks[i];
+            let may = in_service6[i] && others(&in_service6, i);
+            let rtt = u.six.snapshot.as_ref().and_then(|s| s.borrow().stats.rtt);
+            let listener = Listener {
+                name: &u.cfg.name,
+                family: "IPv6 ",
+                watch: &mut u.six.watch,
+                verdict: &mut u.six.verdict,
+                monitor: u.six.monitor.as_ref(),
+            };
+            busy |= listener.listen(&sample, rtt, may && !busy, now_ns);
         }
         Ok(())
     }
@@ -273,8 +310,9 @@ impl Daemon {
             }
             if u.cfg.health != cfg.health || u.cfg.probes != cfg.probes {
                 done.push(format!("{}: health checks", cfg.name));
-                // A new monitor, starting from the health it had.
+                // New monitors, starting from the health they had.
                 u.monitor = None;
+                u.six.monitor = None;
             }
             u.cfg = cfg.clone();
         }
@@ -309,8 +347,11 @@ impl Daemon {
             for u in &mut self.uplinks {
                 u.watch = passive::Watch::new(new.passive);
                 u.verdict = None;
+                u.six.watch = passive::Watch::new(new.passive);
+                u.six.verdict = None;
                 // New monitors, with the new bursts, from the health they had.
                 u.monitor = None;
+                u.six.monitor = None;
             }
             done.push("[passive]".into());
         }
@@ -333,6 +374,7 @@ impl Daemon {
         self.config = new;
         for i in 0..self.uplinks.len() {
             self.converge_monitor(i)?;
+            self.converge_monitor6(i)?;
         }
         self.converge_dataplane()?;
         let said = if done.is_empty() {
@@ -353,4 +395,63 @@ pub enum Reconfigured {
     /// Changes lbd takes up only by starting again (it then adopts its own
     /// data plane: no flow is dropped): what they are.
     NeedsRestart(Vec<String>),
+}
+
+/// One family of one uplink, as passive detection listens to it.
+struct Listener<'a> {
+    name: &'a str,
+    /// "" for IPv4, "IPv6 " for IPv6, as logs say it.
+    family: &'static str,
+    watch: &'a mut passive::Watch,
+    verdict: &'a mut Option<tokio::sync::oneshot::Receiver<bool>>,
+    monitor: Option<&'a Running>,
+}
+
+impl Listener<'_> {
+    /// Takes in `sample` (what the data plane's signals say at `now_ns`)
+    /// and the verdict of a burst that is out; when `may_burst` and the
+    /// traffic is suspect, asks the monitor for a burst of probes. Whether
+    /// a burst went out.
+    fn listen(
+        self,
+        sample: &passive::Sample,
+        rtt: Option<std::time::Duration>,
+        may_burst: bool,
+        now_ns: u64,
+    ) -> bool {
+        if let Some(rx) = self.verdict {
+            match rx.try_recv() {
+                Ok(answered) => {
+                    self.watch.verdict(answered, now_ns);
+                    *self.verdict = None;
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return false,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => *self.verdict = None,
+            }
+        }
+        let (Some(monitor), true) = (self.monitor, may_burst) else {
+            // Still watched, so that the silence is dated right.
+            self.watch.observe(sample);
+            return false;
+        };
+        let Some(suspicion) = self.watch.sample(sample, rtt) else {
+            return false;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let burst = health::Burst {
+            suspicion,
+            verdict: tx,
+        };
+        if monitor.bursts.try_send(burst).is_err() {
+            return false;
+        }
+        log::info!(
+            "uplink {}: {}suspect ({}): probing it now",
+            self.name,
+            self.family,
+            suspicion.describe()
+        );
+        *self.verdict = Some(rx);
+        true
+    }
 }

@@ -126,6 +126,41 @@ pub struct Uplink {
     verdict: Option<tokio::sync::oneshot::Receiver<bool>>,
     /// SYNs sent again on it without an answer, as the data plane counts.
     syn_retries: u64,
+    /// Its IPv6 health, when it has IPv6 probes.
+    pub six: Health6,
+}
+
+/// An uplink's IPv6 health, kept apart from its IPv4's when the operator
+/// gave it IPv6 probes: an ISP's IPv6 often fails while its IPv4 works.
+/// Without IPv6 probes nothing here runs, and its IPv6 follows its IPv4's
+/// health.
+#[derive(Debug)]
+pub struct Health6 {
+    /// What its IPv6 probes and its link say; `None` while no monitor
+    /// runs (no IPv6 probes, or its IPv6 facts are incomplete).
+    pub health: Option<Health>,
+    /// The last IPv6 transition's reason.
+    pub reason: String,
+    pub snapshot: Option<watch::Receiver<Snapshot>>,
+    pub transitions: u64,
+    monitor: Option<Running>,
+    /// What its IPv6 traffic says, and the verdict of its burst.
+    watch: passive::Watch,
+    verdict: Option<tokio::sync::oneshot::Receiver<bool>>,
+}
+
+impl Health6 {
+    fn new(passive: crate::config::PassiveConfig) -> Self {
+        Self {
+            health: None,
+            reason: "no IPv6 probes: follows IPv4".into(),
+            snapshot: None,
+            transitions: 0,
+            monitor: None,
+            watch: passive::Watch::new(passive),
+            verdict: None,
+        }
+    }
 }
 
 /// A health monitor that runs.
@@ -171,6 +206,7 @@ impl Uplink {
             watch: passive::Watch::new(passive),
             verdict: None,
             syn_retries: 0,
+            six: Health6::new(passive),
         }
     }
 
@@ -181,6 +217,31 @@ impl Uplink {
     /// The state the data plane should have for this uplink.
     pub fn dataplane_state(&self) -> u32 {
         self.lifecycle().dataplane_state()
+    }
+
+    /// Whether its IPv6 has health of its own (IPv6 probes).
+    pub fn probes_ipv6(&self) -> bool {
+        self.cfg.probes.iter().any(|p| p.kind.is_ipv6())
+    }
+
+    /// The state its IPv6 gets before its IPv6 facts are looked at: its
+    /// own IPv4's without IPv6 probes; otherwise from the operator, the
+    /// link and its IPv6 health.
+    pub fn dataplane_state6(&self) -> u32 {
+        if self.probes_ipv6() {
+            uplink::state6(self.admin, self.facts.carrier, self.six.health)
+        } else {
+            self.dataplane_state()
+        }
+    }
+
+    /// Its IPv6 health as balancing sees it (for `degraded`).
+    pub fn health6(&self) -> Option<Health> {
+        if self.probes_ipv6() {
+            self.six.health
+        } else {
+            self.health
+        }
     }
 }
 
@@ -474,14 +535,14 @@ impl Daemon {
 
     /// Start, restart or stop uplink `i`'s health monitor as its facts
     /// call for: one runs while the facts are complete, bound to the
-    /// uplink's interface and address.
+    /// uplink's interface and address, with its IPv4 probes.
     fn converge_monitor(&mut self, i: usize) -> Result<()> {
         let late = self.started.elapsed() >= START_GRACE;
         let u = &mut self.uplinks[i];
         let wanted = match (u.facts.complete(), u.facts.addr) {
             (true, Some(source)) => Some(Binding {
                 ifname: u.cfg.interface.clone(),
-                source,
+                source: source.into(),
             }),
             _ => None,
         };
@@ -497,10 +558,11 @@ impl Daemon {
             self.watchers.unwatch(&u.cfg.interface);
             return Ok(());
         };
+        let probes = u.cfg.probes_of(false);
         // Uplinks ready at start, and uplinks without probes (they follow
         // their carrier), are in service at once; any other has to pass
         // `rise` good rounds. An address change keeps the health it had.
-        let initial = match (u.health, late && !u.cfg.probes.is_empty()) {
+        let initial = match (u.health, late && !probes.is_empty()) {
             (Some(health), _) => health,
             (None, false) => Health::Up,
             (None, true) => Health::Down,
@@ -513,16 +575,96 @@ impl Daemon {
                 format!("probing: {} good rounds needed", u.cfg.health.rise)
             };
         }
+        let subscriber = u.cfg.interface.clone();
+        let (running, snapshot) = self.spawn_monitor(i, binding, &probes, initial, &subscriber)?;
+        let u = &mut self.uplinks[i];
+        u.monitor = Some(running);
+        u.verdict = None;
+        u.health = Some(initial);
+        u.snapshot = Some(snapshot);
+        Ok(())
+    }
+
+    /// Start, restart or stop uplink `i`'s IPv6 health monitor: one runs
+    /// while it has IPv6 probes and IPv6 facts to probe from (an address,
+    /// and a next hop that answers), bound to its interface and IPv6
+    /// address.
+    fn converge_monitor6(&mut self, i: usize) -> Result<()> {
+        let late = self.started.elapsed() >= START_GRACE;
+        let u = &mut self.uplinks[i];
+        let probes = u.cfg.probes_of(true);
+        let f = &u.facts6;
+        let wanted = match (probes.is_empty(), u.facts.ifindex, f.addr, f.gateway_mac) {
+            (false, Some(_), Some(source), Some(_)) => Some(Binding {
+                ifname: u.cfg.interface.clone(),
+                source: source.into(),
+            }),
+            _ => None,
+        };
+        let subscriber = format!("{} (IPv6)", u.cfg.interface);
+        let Some(binding) = wanted else {
+            u.six.monitor = None;
+            u.six.health = None;
+            u.six.snapshot = None;
+            u.six.reason = if probes.is_empty() {
+                "no IPv6 probes: follows IPv4".into()
+            } else {
+                "waiting for its IPv6 address and next hop".into()
+            };
+            self.watchers.unwatch(&subscriber);
+            return Ok(());
+        };
+        if u.six.monitor.as_ref().map(|m| &m.binding) == Some(&binding) {
+            return Ok(());
+        }
+        // As for IPv4: ready at start, in service at once; later, it
+        // proves itself first; a new address keeps the health it had.
+        let initial = match u.six.health {
+            Some(health) => health,
+            None if late => Health::Down,
+            None => Health::Up,
+        };
+        if u.six.health.is_none() {
+            u.six.reason = if initial == Health::Up {
+                "ready".into()
+            } else {
+                format!("probing: {} good rounds needed", u.cfg.health.rise)
+            };
+        }
+        let (running, snapshot) = self.spawn_monitor(i, binding, &probes, initial, &subscriber)?;
+        let u = &mut self.uplinks[i];
+        u.six.monitor = Some(running);
+        u.six.verdict = None;
+        u.six.health = Some(initial);
+        u.six.snapshot = Some(snapshot);
+        Ok(())
+    }
+
+    /// A health monitor for uplink `i` running `probes` through `binding`
+    /// from `initial`, told of its interface's carrier as `subscriber`.
+    fn spawn_monitor(
+        &mut self,
+        i: usize,
+        binding: Binding,
+        probes: &[crate::config::ProbeConfig],
+        initial: Health,
+        subscriber: &str,
+    ) -> Result<(Running, watch::Receiver<Snapshot>)> {
         let ident = probe::icmp_identifier(i, self.local_ports).with_context(|| {
             "no ICMP identifier left in the local port range for its probes".to_string()
         })?;
-        let probes = UplinkProbe::for_uplink(binding.clone(), ident, &u.cfg.probes)
+        let u = &self.uplinks[i];
+        let probes = UplinkProbe::for_uplink(binding.clone(), ident, probes)
             .context("setting up its probes")?;
         self.generations += 1;
         let generation = self.generations;
         let (link_tx, link_rx) = mpsc::channel(8);
-        self.watchers
-            .watch(&u.cfg.interface, u.facts.carrier, link_tx.clone());
+        self.watchers.watch(
+            subscriber,
+            &u.cfg.interface,
+            u.facts.carrier,
+            link_tx.clone(),
+        );
         let (snap_tx, snap_rx) = watch::channel(Snapshot::new(initial));
         let (bursts_tx, bursts_rx) = mpsc::channel(1);
         let monitor = Monitor {
@@ -555,16 +697,13 @@ impl Daemon {
             self.health_tx.clone(),
             snap_tx,
         ));
-        u.monitor = Some(Running {
+        let running = Running {
             binding,
             generation,
             task,
             bursts: bursts_tx,
-        });
-        u.verdict = None;
-        u.health = Some(initial);
-        u.snapshot = Some(snap_rx);
-        Ok(())
+        };
+        Ok((running, snap_rx))
     }
 
     /// The recent events, and a line to the new ones.

@@ -48,6 +48,10 @@ impl Daemon {
                 .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
         }
         self.observe_ipv6(observed);
+        for i in 0..self.uplinks.len() {
+            self.converge_monitor6(i)
+                .with_context(|| format!("uplink {}: IPv6 probes", self.uplinks[i].cfg.name))?;
+        }
         // Uplink entries and states, then the bucket tables (one step
         // each), IPv6's too, then the rules that send flows to them.
         self.converge_dataplane()?;
@@ -549,7 +553,7 @@ impl Daemon {
         let sides: Vec<_> = self
             .uplinks
             .iter()
-            .map(|u| ipv6::side(lan, &u.facts6, u.dataplane_state(), true))
+            .map(|u| ipv6::side(lan, &u.facts6, u.dataplane_state6(), true))
             .collect();
         let candidates: Vec<Candidate> = self
             .uplinks
@@ -559,7 +563,7 @@ impl Daemon {
                 weight: u.weight,
                 tier: u.cfg.tier,
                 takes_new_flows: side.is_some_and(|s| s.state == uplink_state::ACTIVE),
-                degraded: u.health == Some(Health::Degraded),
+                degraded: u.health6() == Some(Health::Degraded),
             })
             .collect();
         self.ipv6.converge(

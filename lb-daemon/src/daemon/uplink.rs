@@ -119,6 +119,19 @@ pub fn lifecycle(admin: Admin, facts: &Facts, health: Option<Health>, proven: bo
     }
 }
 
+/// The state the data plane gets for the IPv6 of an uplink with IPv6
+/// probes of its own: in service while its link is up and its IPv6
+/// health is up (or degraded), whatever its IPv4 does.
+pub fn state6(admin: Admin, carrier: bool, health6: Option<Health>) -> u32 {
+    match (admin, carrier, health6) {
+        (Admin::Disabled, ..) | (_, false, _) | (_, _, None | Some(Health::Down)) => {
+            uplink_state::DOWN
+        }
+        (Admin::Drain, ..) => uplink_state::DRAIN,
+        (Admin::Enabled, ..) => uplink_state::ACTIVE,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +173,19 @@ mod tests {
             Lifecycle::GatewayUnresolved
         );
         assert_eq!(l(ready()), Lifecycle::InService);
+    }
+
+    #[test]
+    fn ipv6_with_probes_of_its_own_stands_apart() {
+        use uplink_state::{ACTIVE, DOWN, DRAIN};
+        let on = Admin::Enabled;
+        assert_eq!(state6(on, true, Some(Health::Up)), ACTIVE);
+        assert_eq!(state6(on, true, Some(Health::Degraded)), ACTIVE);
+        assert_eq!(state6(on, true, Some(Health::Down)), DOWN);
+        assert_eq!(state6(on, true, None), DOWN, "no monitor: not proven");
+        assert_eq!(state6(on, false, Some(Health::Up)), DOWN, "no carrier");
+        assert_eq!(state6(Admin::Drain, true, Some(Health::Up)), DRAIN);
+        assert_eq!(state6(Admin::Disabled, true, Some(Health::Up)), DOWN);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Health probes of one uplink, Netwatch style: ICMP echo, TCP connect,
-//! HTTP GET and DNS query, each sent from a socket bound to the uplink's
-//! interface (`SO_BINDTODEVICE`) and its IPv4 source address, so that a probe
-//! tests the path through that ISP and nothing else.
+//! HTTP GET and DNS query, over IPv4 or IPv6, each sent from a socket bound
+//! to the uplink's interface (`SO_BINDTODEVICE`) and its source address of
+//! that family, so that a probe tests the path through that ISP and
+//! nothing else.
 //!
-//! Owns the probe sockets, the wire formats (ICMP echo, a one-line HTTP/1.1
-//! request, a DNS query for an A record) and the matching of replies to the
-//! probes that caused them. One raw ICMP socket per uplink ([`Pinger`]) is
+//! Owns the probe sockets, the wire formats (ICMP and ICMPv6 echo, a
+//! one-line HTTP/1.1 request, a DNS query for an A record) and the matching
+//! of replies to the probes that caused them. One raw ICMP socket per
+//! uplink and family ([`Pinger`]) is
 //! shared by all of its ICMP targets; a receive task hands each echo reply to
 //! the probe waiting for its (identifier, sequence) when the reply also comes
 //! from that probe's target. Every probe is bounded by its timeout and returns
@@ -21,8 +23,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::io::{self, Read};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -52,14 +55,20 @@ const ECHO_PAYLOAD: &[u8; 16] = b"lb health probe\0";
 const ICMP_FILTER: libc::c_int = 1;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
+/// `ICMP6_FILTER` from `<netinet/icmp6.h>`: a 256-bit mask of the ICMPv6
+/// types a raw socket must not receive (a set bit blocks).
+const ICMP6_FILTER: libc::c_int = 1;
+const ICMP6_ECHO_REQUEST: u8 = 128;
+const ICMP6_ECHO_REPLY: u8 = 129;
 
 /// Where an uplink's probes leave from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
     /// The uplink's interface (`SO_BINDTODEVICE`).
     pub ifname: String,
-    /// The uplink's IPv4 address, the source of every probe.
-    pub source: Ipv4Addr,
+    /// The uplink's address of the probes' family, the source of every
+    /// probe.
+    pub source: IpAddr,
 }
 
 impl fmt::Display for Binding {
@@ -90,7 +99,7 @@ pub enum ProbeError {
     },
     #[error("connecting to {target} failed")]
     Connect {
-        target: SocketAddrV4,
+        target: SocketAddr,
         #[source]
         source: io::Error,
     },
@@ -102,18 +111,20 @@ pub enum ProbeError {
     },
     #[error("{target} answered HTTP status {got}, expected {expected}")]
     HttpStatus {
-        target: SocketAddrV4,
+        target: SocketAddr,
         got: u16,
         expected: u16,
     },
     #[error("{target} sent no HTTP status line")]
-    HttpNoStatus { target: SocketAddrV4 },
+    HttpNoStatus { target: SocketAddr },
     #[error("DNS server {server} answered with RCODE {rcode}")]
-    DnsRcode { server: SocketAddrV4, rcode: u8 },
+    DnsRcode { server: SocketAddr, rcode: u8 },
     #[error("cannot put {name:?} in a DNS query: {reason}")]
     DnsName { name: String, reason: &'static str },
+    #[error("probe {probe} is not of the family of {binding}")]
+    Family { probe: String, binding: String },
     #[error("HTTP probe of {target}: host and path must not contain line breaks")]
-    HttpRequest { target: SocketAddrV4 },
+    HttpRequest { target: SocketAddr },
     /// The [`Pinger`]'s receive task is gone (it only stops when the pinger
     /// is dropped).
     #[error("the ICMP receiver on {ifname} stopped")]
@@ -153,22 +164,22 @@ pub fn icmp_identifier(index: usize, local_ports: (u16, u16)) -> Option<u16> {
 pub enum UplinkProbe {
     Icmp {
         pinger: Arc<Pinger>,
-        target: Ipv4Addr,
+        target: IpAddr,
     },
     Tcp {
         binding: Arc<Binding>,
-        target: SocketAddrV4,
+        target: SocketAddr,
     },
     Http {
         binding: Arc<Binding>,
-        target: SocketAddrV4,
+        target: SocketAddr,
         host: String,
         path: String,
         expect_status: u16,
     },
     Dns {
         binding: Arc<Binding>,
-        server: SocketAddrV4,
+        server: SocketAddr,
         query: String,
     },
 }
@@ -186,6 +197,12 @@ impl UplinkProbe {
         let mut pinger = None;
         let mut out = Vec::with_capacity(probes.len());
         for probe in probes {
+            if probe.kind.is_ipv6() != binding.source.is_ipv6() {
+                return Err(ProbeError::Family {
+                    probe: probe.kind.to_string(),
+                    binding: binding.to_string(),
+                });
+            }
             out.push(match &probe.kind {
                 ProbeKind::Icmp { target } => {
                     let pinger = match &pinger {
@@ -301,6 +318,8 @@ pub struct Pinger {
 #[derive(Debug)]
 struct PingShared {
     socket: AsyncFd<Socket>,
+    /// ICMPv6 (on an IPv6 binding) rather than ICMP.
+    v6: bool,
     ident: u16,
     ifname: String,
     next_seq: AtomicU16,
@@ -311,7 +330,7 @@ struct PingShared {
 
 #[derive(Debug)]
 struct Waiter {
-    target: Ipv4Addr,
+    target: IpAddr,
     answered: oneshot::Sender<Instant>,
 }
 
@@ -353,6 +372,7 @@ impl Pinger {
             unsafe { AsyncFd::register(socket) }.map_err(|e| socket_error(e.into_parts().1))?;
         let shared = Arc::new(PingShared {
             socket,
+            v6: binding.source.is_ipv6(),
             ident,
             ifname: binding.ifname.clone(),
             next_seq: AtomicU16::new(rand::random()),
@@ -368,10 +388,14 @@ impl Pinger {
     }
 
     /// One echo request to `target`; the round-trip time of its reply.
-    pub async fn ping(&self, target: Ipv4Addr, timeout: Duration) -> Result<Duration, ProbeError> {
+    pub async fn ping(&self, target: IpAddr, timeout: Duration) -> Result<Duration, ProbeError> {
         let (answered, reply) = oneshot::channel();
         let registration = self.register(target, answered);
-        let request = echo_request(self.shared.ident, registration.seq);
+        let request = if self.shared.v6 {
+            echo_request6(self.shared.ident, registration.seq)
+        } else {
+            echo_request(self.shared.ident, registration.seq)
+        };
         let start = Instant::now();
         let exchange = async {
             self.send(&request, target).await?;
@@ -389,7 +413,7 @@ impl Pinger {
     }
 
     /// Takes the next free sequence number for a probe of `target`.
-    fn register(&self, target: Ipv4Addr, answered: oneshot::Sender<Instant>) -> Registration<'_> {
+    fn register(&self, target: IpAddr, answered: oneshot::Sender<Instant>) -> Registration<'_> {
         let mut waiting = self.shared.waiting();
         // Probes in flight are at most targets x timeout / interval (a few
         // dozen), far fewer than 65536 sequence numbers: this loop ends,
@@ -405,8 +429,8 @@ impl Pinger {
         }
     }
 
-    async fn send(&self, packet: &[u8], target: Ipv4Addr) -> Result<(), ProbeError> {
-        let to = SockAddr::from(SocketAddrV4::new(target, 0));
+    async fn send(&self, packet: &[u8], target: IpAddr) -> Result<(), ProbeError> {
+        let to = SockAddr::from(SocketAddr::new(target, 0));
         loop {
             let mut ready = self
                 .shared
@@ -429,7 +453,7 @@ impl Drop for Pinger {
     }
 }
 
-fn send_error(target: Ipv4Addr, source: io::Error) -> ProbeError {
+fn send_error(target: IpAddr, source: io::Error) -> ProbeError {
     ProbeError::Send {
         target: target.to_string(),
         source,
@@ -459,30 +483,57 @@ fn mark_probe(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
     }
 }
 
-/// A raw ICMP socket bound to the uplink's interface and address, that
-/// receives echo replies only.
+/// A raw ICMP (or ICMPv6, on an IPv6 binding) socket bound to the
+/// uplink's interface and address, that receives echo replies only.
 fn raw_icmp_socket(binding: &Binding) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+    let socket = match binding.source {
+        IpAddr::V4(_) => Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
+        IpAddr::V6(_) => Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?,
+    };
     mark_probe(&socket)?;
     socket.bind_device(Some(binding.ifname.as_bytes()))?;
-    socket.bind(&SocketAddrV4::new(binding.source, 0).into())?;
-    let blocked: u32 = !(1 << ICMP_ECHO_REPLY);
-    // SAFETY: `blocked` is a live u32, the size the kernel expects for
-    // ICMP_FILTER, and the descriptor belongs to `socket`.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_RAW,
-            ICMP_FILTER,
-            (&raw const blocked).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    socket.bind(&SocketAddr::new(binding.source, 0).into())?;
+    match binding.source {
+        IpAddr::V4(_) => {
+            let blocked: u32 = !(1 << ICMP_ECHO_REPLY);
+            set_filter(&socket, libc::SOL_RAW, ICMP_FILTER, &blocked)?;
+        }
+        IpAddr::V6(_) => {
+            let mut blocked = [u32::MAX; 8];
+            let reply = usize::from(ICMP6_ECHO_REPLY);
+            blocked[reply / 32] &= !(1 << (reply % 32));
+            set_filter(&socket, libc::IPPROTO_ICMPV6, ICMP6_FILTER, &blocked)?;
+        }
     }
     socket.set_nonblocking(true)?;
     Ok(socket)
+}
+
+/// Sets a raw socket's filter of ICMP types (`value`, as the kernel
+/// lays it out).
+fn set_filter<T>(
+    socket: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` is live for the call and `size_of::<T>()` long, the
+    // layout the kernel expects for this option (a u32 for ICMP_FILTER,
+    // eight for ICMP6_FILTER), and the descriptor belongs to `socket`.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The receive task: reads every ICMP packet of the socket and completes the
@@ -491,17 +542,14 @@ async fn receive_replies(shared: Arc<PingShared>) {
     let mut buf = [0u8; MAX_ICMP_PACKET];
     loop {
         let read = match shared.socket.readable().await {
-            Ok(mut ready) => match ready.try_io(|socket| {
-                let mut socket: &Socket = socket.get_ref();
-                socket.read(&mut buf)
-            }) {
+            Ok(mut ready) => match ready.try_io(|socket| recv_from(socket.get_ref(), &mut buf)) {
                 Ok(read) => read,
                 Err(_would_block) => continue,
             },
             Err(e) => Err(e),
         };
-        let len = match read {
-            Ok(len) => len,
+        let (len, from) = match read {
+            Ok(got) => got,
             Err(e) => {
                 // Errors on a raw socket are rare and transient (the
                 // interface went away for a moment); don't spin on them.
@@ -511,7 +559,15 @@ async fn receive_replies(shared: Arc<PingShared>) {
             }
         };
         let arrived = Instant::now();
-        let Some(reply) = buf.get(..len).and_then(parse_echo_reply) else {
+        let packet = buf.get(..len).unwrap_or_default();
+        let reply = match from {
+            // A raw ICMPv6 socket delivers the message alone, its checksum
+            // checked by the kernel; the source comes with it.
+            Some(IpAddr::V6(source)) if shared.v6 => parse_echo_reply6(packet, source),
+            _ if shared.v6 => None,
+            _ => parse_echo_reply(packet),
+        };
+        let Some(reply) = reply else {
             continue;
         };
         if reply.ident != shared.ident {
@@ -528,6 +584,15 @@ async fn receive_replies(shared: Arc<PingShared>) {
             }
         }
     }
+}
+
+/// One datagram of a raw socket, and the address it came from.
+fn recv_from(socket: &Socket, buf: &mut [u8]) -> io::Result<(usize, Option<IpAddr>)> {
+    // SAFETY: viewing initialised bytes as `MaybeUninit` is sound, and the
+    // kernel writes only initialised bytes into them.
+    let uninit = unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) };
+    let (len, from) = socket.recv_from(uninit)?;
+    Ok((len, from.as_socket().map(|a| a.ip())))
 }
 
 /// The internet checksum (RFC 1071) of `data`.
@@ -558,10 +623,21 @@ fn echo_request(ident: u16, seq: u16) -> Vec<u8> {
     packet
 }
 
+/// An ICMPv6 echo request; its checksum is the kernel's (it covers a
+/// pseudo-header the kernel chooses: a raw ICMPv6 socket always fills it).
+fn echo_request6(ident: u16, seq: u16) -> Vec<u8> {
+    let mut packet = Vec::with_capacity(8 + ECHO_PAYLOAD.len());
+    packet.extend_from_slice(&[ICMP6_ECHO_REQUEST, 0, 0, 0]);
+    packet.extend_from_slice(&ident.to_be_bytes());
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(ECHO_PAYLOAD);
+    packet
+}
+
 /// The fields of an echo reply that matter for matching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct EchoReply {
-    source: Ipv4Addr,
+    source: IpAddr,
     ident: u16,
     seq: u16,
 }
@@ -577,7 +653,7 @@ fn parse_echo_reply(packet: &[u8]) -> Option<EchoReply> {
     if version != 4 || ihl < 20 || header[9] != 1 || fragment != 0 || total_len < ihl {
         return None;
     }
-    let source = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+    let source = Ipv4Addr::new(header[12], header[13], header[14], header[15]).into();
     let icmp = packet.get(ihl..total_len)?;
     let (kind, code) = (*icmp.first()?, *icmp.get(1)?);
     if icmp.len() < 8 || kind != ICMP_ECHO_REPLY || code != 0 || checksum(icmp) != 0 {
@@ -590,16 +666,36 @@ fn parse_echo_reply(packet: &[u8]) -> Option<EchoReply> {
     })
 }
 
+/// Reads an ICMPv6 message as a raw ICMPv6 socket delivers it (no IPv6
+/// header; the kernel has checked its checksum) from `source`; `None`
+/// unless it is a whole echo reply.
+fn parse_echo_reply6(icmp: &[u8], source: Ipv6Addr) -> Option<EchoReply> {
+    let [kind, code, _, _, i0, i1, s0, s1, ..] = *icmp else {
+        return None;
+    };
+    if kind != ICMP6_ECHO_REPLY || code != 0 {
+        return None;
+    }
+    Some(EchoReply {
+        source: source.into(),
+        ident: u16::from_be_bytes([i0, i1]),
+        seq: u16::from_be_bytes([s0, s1]),
+    })
+}
+
 // ---------------------------------------------------------------------------
 // TCP and HTTP.
 
 /// A TCP socket bound to the uplink, not yet connected.
 fn bound_tcp(binding: &Binding) -> Result<TcpSocket, ProbeError> {
     let open = || -> io::Result<TcpSocket> {
-        let socket = TcpSocket::new_v4()?;
+        let socket = match binding.source {
+            IpAddr::V4(_) => TcpSocket::new_v4()?,
+            IpAddr::V6(_) => TcpSocket::new_v6()?,
+        };
         mark_probe(&socket)?;
         socket.bind_device(Some(binding.ifname.as_bytes()))?;
-        socket.bind(SocketAddr::V4(SocketAddrV4::new(binding.source, 0)))?;
+        socket.bind(SocketAddr::new(binding.source, 0))?;
         Ok(socket)
     };
     open().map_err(|source| ProbeError::Socket {
@@ -609,9 +705,9 @@ fn bound_tcp(binding: &Binding) -> Result<TcpSocket, ProbeError> {
     })
 }
 
-async fn connect(binding: &Binding, target: SocketAddrV4) -> Result<TcpStream, ProbeError> {
+async fn connect(binding: &Binding, target: SocketAddr) -> Result<TcpStream, ProbeError> {
     bound_tcp(binding)?
-        .connect(SocketAddr::V4(target))
+        .connect(target)
         .await
         .map_err(|source| ProbeError::Connect { target, source })
 }
@@ -621,7 +717,7 @@ async fn connect(binding: &Binding, target: SocketAddrV4) -> Result<TcpStream, P
 /// checks do, so that probing leaves no TIME_WAIT sockets behind.
 pub async fn tcp_connect(
     binding: &Binding,
-    target: SocketAddrV4,
+    target: SocketAddr,
     timeout: Duration,
 ) -> Result<Duration, ProbeError> {
     timed(timeout, async {
@@ -643,7 +739,7 @@ pub async fn tcp_connect(
 }
 
 /// The request of an HTTP probe: a GET of `path` with `Host: host`.
-fn http_request(target: SocketAddrV4, host: &str, path: &str) -> Result<Vec<u8>, ProbeError> {
+fn http_request(target: SocketAddr, host: &str, path: &str) -> Result<Vec<u8>, ProbeError> {
     if [host, path].iter().any(|s| s.contains(['\r', '\n'])) {
         return Err(ProbeError::HttpRequest { target });
     }
@@ -658,7 +754,7 @@ fn http_request(target: SocketAddrV4, host: &str, path: &str) -> Result<Vec<u8>,
 /// status line only, at most [`MAX_STATUS_LINE`] bytes.
 pub async fn http_get(
     binding: &Binding,
-    target: SocketAddrV4,
+    target: SocketAddr,
     host: &str,
     path: &str,
     expect_status: u16,
@@ -729,7 +825,7 @@ fn parse_status_line(head: &[u8]) -> Option<u16> {
 /// an error RCODE fails the probe.
 pub async fn dns_query(
     binding: &Binding,
-    server: SocketAddrV4,
+    server: SocketAddr,
     query: &str,
     timeout: Duration,
 ) -> Result<Duration, ProbeError> {
@@ -738,7 +834,7 @@ pub async fn dns_query(
     timed(timeout, async {
         let socket = bound_udp(binding).await?;
         socket
-            .connect(SocketAddr::V4(server))
+            .connect(server)
             .await
             .map_err(|source| ProbeError::Connect {
                 target: server,
@@ -781,7 +877,7 @@ async fn bound_udp(binding: &Binding) -> Result<UdpSocket, ProbeError> {
         binding: binding.to_string(),
         source,
     };
-    let socket = UdpSocket::bind(SocketAddrV4::new(binding.source, 0))
+    let socket = UdpSocket::bind(SocketAddr::new(binding.source, 0))
         .await
         .map_err(socket_error)?;
     mark_probe(&socket).map_err(socket_error)?;
@@ -904,7 +1000,7 @@ mod tests {
         assert_eq!(
             parse_echo_reply(&packet),
             Some(EchoReply {
-                source: TARGET,
+                source: TARGET.into(),
                 ident: 0xfff0,
                 seq: 7
             })
@@ -921,6 +1017,28 @@ mod tests {
         let mut padded = packet.clone();
         padded.extend_from_slice(&[0; 6]);
         assert!(parse_echo_reply(&padded).is_some());
+    }
+
+    #[test]
+    fn icmpv6_echo_requests_and_replies() {
+        let request = echo_request6(0xfff0, 7);
+        assert_eq!(&request[..8], &[128, 0, 0, 0, 0xff, 0xf0, 0, 7]);
+        assert_eq!(&request[8..], ECHO_PAYLOAD);
+        let from: Ipv6Addr = "2001:db8:ff::10".parse().expect("address");
+        let mut reply = request.clone();
+        reply[0] = ICMP6_ECHO_REPLY;
+        assert_eq!(
+            parse_echo_reply6(&reply, from),
+            Some(EchoReply {
+                source: from.into(),
+                ident: 0xfff0,
+                seq: 7
+            })
+        );
+        assert_eq!(parse_echo_reply6(&request, from), None, "a request");
+        assert_eq!(parse_echo_reply6(&reply[..7], from), None, "cut short");
+        reply[1] = 1;
+        assert_eq!(parse_echo_reply6(&reply, from), None, "a code");
     }
 
     #[test]
@@ -998,7 +1116,7 @@ mod tests {
 
     #[test]
     fn http_request_shape() {
-        let target = SocketAddrV4::new(TARGET, 80);
+        let target = SocketAddr::from((TARGET, 80));
         let request = http_request(target, "example.net", "/health?x=1").expect("valid");
         let text = String::from_utf8(request).expect("ASCII");
         assert!(text.starts_with("GET /health?x=1 HTTP/1.1\r\nHost: example.net\r\n"));
@@ -1103,19 +1221,19 @@ mod tests {
         fn wan_a() -> Binding {
             Binding {
                 ifname: "r0".into(),
-                source: Ipv4Addr::new(10, 201, 1, 2),
+                source: Ipv4Addr::new(10, 201, 1, 2).into(),
             }
         }
 
         fn wan_b() -> Binding {
             Binding {
                 ifname: "r1".into(),
-                source: Ipv4Addr::new(10, 201, 2, 2),
+                source: Ipv4Addr::new(10, 201, 2, 2).into(),
             }
         }
 
-        fn at(port: u16) -> SocketAddrV4 {
-            SocketAddrV4::new(FAR, port)
+        fn at(port: u16) -> SocketAddr {
+            SocketAddr::from((FAR, port))
         }
 
         /// The far end's servers, stopped (and their sockets closed) on drop.
@@ -1324,33 +1442,37 @@ mod tests {
             // Targets of one socket, at once: each gets its own reply, and
             // the silent one times out.
             let (far, gateway, nobody) = tokio::join!(
-                pinger.ping(FAR, TIMEOUT),
-                pinger.ping(GATEWAY_A, TIMEOUT),
-                pinger.ping(NOBODY, TIMEOUT),
+                pinger.ping(FAR.into(), TIMEOUT),
+                pinger.ping(GATEWAY_A.into(), TIMEOUT),
+                pinger.ping(NOBODY.into(), TIMEOUT),
             );
             let rtt = far.expect("far end answers");
             assert!(rtt < TIMEOUT, "{rtt:?}");
             gateway.expect("gateway answers");
             assert!(matches!(nobody, Err(ProbeError::Timeout(_))), "{nobody:?}");
             // Many probes of one target in flight are told apart by sequence.
-            let many = futures::future::join_all((0..20).map(|_| pinger.ping(FAR, TIMEOUT))).await;
+            let many =
+                futures::future::join_all((0..20).map(|_| pinger.ping(FAR.into(), TIMEOUT))).await;
             assert!(many.iter().all(Result::is_ok), "{many:?}");
             // A second pinger on the same interface, with another identifier,
             // sees the same replies and takes only its own.
             let second = Pinger::open(&wan_a(), 0xfff1).expect("raw socket on r0");
-            let (one, two) = tokio::join!(pinger.ping(FAR, TIMEOUT), second.ping(FAR, TIMEOUT));
+            let (one, two) = tokio::join!(
+                pinger.ping(FAR.into(), TIMEOUT),
+                second.ping(FAR.into(), TIMEOUT)
+            );
             one.expect("first pinger");
             two.expect("second pinger");
             assert!(pinger.shared.waiting().is_empty(), "no probe left behind");
             // Bound to r1, the far end is unreachable, although the router's
             // default route leads there through r0.
             let other = Pinger::open(&wan_b(), 0xfff2).expect("raw socket on r1");
-            let leaked = other.ping(FAR, TIMEOUT).await;
+            let leaked = other.ping(FAR.into(), TIMEOUT).await;
             assert!(leaked.is_err(), "{leaked:?}");
             // An address that is not the interface's is refused.
             let wrong = Binding {
                 ifname: "r0".into(),
-                source: Ipv4Addr::new(10, 201, 7, 7),
+                source: Ipv4Addr::new(10, 201, 7, 7).into(),
             };
             assert!(matches!(
                 Pinger::open(&wrong, 1),
@@ -1414,8 +1536,10 @@ mod tests {
 
         async fn uplink_probe_checks() {
             let configs = [
-                ProbeKind::Icmp { target: FAR },
-                ProbeKind::Icmp { target: GATEWAY_A },
+                ProbeKind::Icmp { target: FAR.into() },
+                ProbeKind::Icmp {
+                    target: GATEWAY_A.into(),
+                },
                 ProbeKind::Tcp {
                     target: at(TCP_PORT),
                 },
@@ -1479,10 +1603,10 @@ mod tests {
                 runtime.block_on(async move {
                     let links = LinkWatch::subscribe().expect("netlink");
                     let (link_tx, link_rx) = tokio::sync::mpsc::channel(8);
-                    links.watchers().watch("r0", true, link_tx);
+                    links.watchers().watch("r0", "r0", true, link_tx);
                     tokio::spawn(links.run());
                     let configs = [
-                        ProbeKind::Icmp { target: FAR },
+                        ProbeKind::Icmp { target: FAR.into() },
                         ProbeKind::Tcp {
                             target: at(TCP_PORT),
                         },

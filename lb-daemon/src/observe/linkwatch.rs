@@ -82,6 +82,8 @@ fn name_of(link: &LinkMessage) -> Option<&str> {
 }
 
 struct Watched {
+    /// The interface watched.
+    ifname: String,
     /// Its index when last seen (0: not seen yet).
     ifindex: u32,
     /// As last reported to (or believed by) the subscriber.
@@ -89,20 +91,22 @@ struct Watched {
     events: mpsc::Sender<LinkEvent>,
 }
 
-/// Who is told about which interface, by name. Shared between the watch
-/// and the daemon, which adds and removes subscribers as uplinks come and
-/// go.
+/// Who is told about which interface, by subscriber (an uplink's health
+/// monitor of one family: two may watch one interface). Shared between the
+/// watch and the daemon, which adds and removes subscribers as uplinks come
+/// and go.
 #[derive(Clone, Default)]
 pub struct Watchers(Arc<Mutex<HashMap<String, Watched>>>);
 
 impl Watchers {
     /// Reports carrier changes of interface `ifname` on `events` from now
-    /// on, in place of any earlier subscriber. `up` is what the subscriber
-    /// believes now.
-    pub fn watch(&self, ifname: &str, up: bool, events: mpsc::Sender<LinkEvent>) {
+    /// on, in place of what `subscriber` had before. `up` is what the
+    /// subscriber believes now.
+    pub fn watch(&self, subscriber: &str, ifname: &str, up: bool, events: mpsc::Sender<LinkEvent>) {
         self.lock().insert(
-            ifname.to_owned(),
+            subscriber.to_owned(),
             Watched {
+                ifname: ifname.to_owned(),
                 ifindex: 0,
                 up,
                 events,
@@ -110,9 +114,9 @@ impl Watchers {
         );
     }
 
-    /// Stops reporting on `ifname`.
-    pub fn unwatch(&self, ifname: &str) {
-        self.lock().remove(ifname);
+    /// Stops reporting to `subscriber`.
+    pub fn unwatch(&self, subscriber: &str) {
+        self.lock().remove(subscriber);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watched>> {
@@ -126,48 +130,48 @@ impl Watchers {
     }
 
     /// Records the state of interface `name` (index `ifindex`) and tells
-    /// its subscriber if it changed; forgets subscribers that are gone.
+    /// its subscribers if it changed; forgets subscribers that are gone.
     async fn update(&self, ifindex: u32, name: &str, up: bool) {
-        let send = {
+        let sends: Vec<_> = {
             let mut map = self.lock();
-            let Some(entry) = map.get_mut(name) else {
-                return;
-            };
-            if entry.events.is_closed() {
-                map.remove(name);
-                return;
-            }
-            entry.ifindex = ifindex;
-            if entry.up == up {
-                return;
-            }
-            entry.up = up;
+            map.retain(|_, w| !w.events.is_closed());
+            map.values_mut()
+                .filter(|w| w.ifname == name)
+                .filter_map(|w| {
+                    w.ifindex = ifindex;
+                    if w.up == up {
+                        return None;
+                    }
+                    w.up = up;
+                    let event = LinkEvent {
+                        ifindex,
+                        ifname: name.to_owned(),
+                        up,
+                        at: tokio::time::Instant::now(),
+                    };
+                    Some((w.events.clone(), event))
+                })
+                .collect()
+        };
+        if !sends.is_empty() {
             log::debug!(
                 "link {name} (index {ifindex}) is {}",
                 if up { "up" } else { "down" }
             );
-            (
-                entry.events.clone(),
-                LinkEvent {
-                    ifindex,
-                    ifname: name.to_owned(),
-                    up,
-                    at: tokio::time::Instant::now(),
-                },
-            )
-        };
-        // Sent without the lock: the subscriber may be slow.
-        let (events, event) = send;
-        let _ = events.send(event).await;
+        }
+        // Sent without the lock: a subscriber may be slow.
+        for (events, event) in sends {
+            let _ = events.send(event).await;
+        }
     }
 
-    /// An interface that is gone: down for its subscriber.
+    /// An interface that is gone: down for its subscribers.
     async fn gone(&self, ifindex: u32) {
         let name = self
             .lock()
-            .iter()
-            .find(|(_, w)| w.ifindex == ifindex)
-            .map(|(n, _)| n.clone());
+            .values()
+            .find(|w| w.ifindex == ifindex)
+            .map(|w| w.ifname.clone());
         if let Some(name) = name {
             self.update(ifindex, &name, false).await;
         }
@@ -295,7 +299,8 @@ async fn catch_up(handle: &Handle, watchers: &Watchers) -> Result<(), LinkWatchE
             current.insert(name.to_owned(), (link.header.index, is_up(&link)));
         }
     }
-    let names: Vec<String> = watchers.lock().keys().cloned().collect();
+    let names: std::collections::BTreeSet<String> =
+        watchers.lock().values().map(|w| w.ifname.clone()).collect();
     for name in names {
         let (ifindex, up) = current.get(&name).copied().unwrap_or((0, false));
         watchers.update(ifindex, &name, up).await;
@@ -488,7 +493,7 @@ mod tests {
                 let watch = LinkWatch::subscribe().expect("subscribed");
                 let (tx, mut rx) = mpsc::channel(16);
                 for (name, up) in &watched {
-                    watch.watchers().watch(name, *up, tx.clone());
+                    watch.watchers().watch(name, name, *up, tx.clone());
                 }
                 let running = tokio::spawn(watch.run());
                 ready_tx.send(()).expect("test waiting");
