@@ -426,7 +426,9 @@ fn an_upstream_cut_of_ipv6_alone_moves_ipv6_flows_and_leaves_ipv4_flows_be() -> 
         isp2["ipv6"]["state"]
     );
     ensure!(
-        isp2["lifecycle"] == "in service" && isp2["ipv6"]["state"] == "down",
+        isp2["lifecycle"] == "in service"
+            && isp2["ipv6"]["state"] == "down"
+            && isp2["ipv6"]["health"] == "down",
         "isp2 should be in service for IPv4 and down for IPv6: {isp2}"
     );
     let four_after = seen_after(&watches, || four.echo_all(FLOW_TIMEOUT))?;

@@ -447,8 +447,13 @@ fn print_status(s: &Status) {
                 .iter()
                 .filter_map(|u| {
                     let v6 = u.ipv6.as_ref()?;
+                    let health = if v6.health == "follows IPv4" {
+                        String::new()
+                    } else {
+                        format!(" (IPv6 health {}: {})", v6.health, v6.reason)
+                    };
                     Some(format!(
-                        "{} {} as {} (delegated {}), via {} at {}",
+                        "{} {}{health} as {} (delegated {}), via {} at {}",
                         u.name,
                         v6.state,
                         v6.translated_to,

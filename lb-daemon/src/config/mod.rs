@@ -2454,7 +2454,8 @@ gateway = "100.64.2.1"
                     return line;
                 };
                 let is_key = rest.split_once(" = ").is_some_and(|(key, _)| {
-                    key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    key.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
                 });
                 if is_key
                     || rest.starts_with("[[uplink.probe]]")
@@ -2475,7 +2476,10 @@ gateway = "100.64.2.1"
         assert_eq!(config.uplinks[0].shape.upload, Some(20_000_000));
         assert_eq!(config.uplinks[0].shape.download, Some(100_000_000));
         let isp2 = &config.uplinks[1];
-        assert_eq!(isp2.probes.len(), 4);
+        assert_eq!(isp2.probes.len(), 5);
+        assert!(isp2.probes[4].kind.is_ipv6());
+        assert!(config.uplinks[0].prefix6.is_some());
+        assert!(config.lans[0].prefix6.is_some());
         assert_eq!(
             isp2.probes[2].kind,
             ProbeKind::Http {

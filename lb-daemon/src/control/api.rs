@@ -147,6 +147,13 @@ pub struct Ipv6Status {
     /// The prefix its flows take in place of the LAN's (the LAN's own:
     /// untranslated).
     pub translated_to: String,
+    /// Its IPv6 health (up, degraded, down) when it has IPv6 probes;
+    /// `follows IPv4` without.
+    #[serde(default)]
+    pub health: String,
+    /// Why its IPv6 health is what it is.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// One policy in `lbctl status`.

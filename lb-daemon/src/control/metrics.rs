@@ -554,6 +554,8 @@ mod tests {
                 gateway_mac: "-".into(),
                 delegated: "-".into(),
                 translated_to: "-".into(),
+                health: "follows IPv4".into(),
+                reason: String::new(),
             }),
         }
     }

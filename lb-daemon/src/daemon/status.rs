@@ -69,6 +69,12 @@ impl Daemon {
             gateway_mac: f.gateway_mac.map_or_else(|| "-".into(), |m| mac_text(&m)),
             delegated: prefix6_text(f.delegated),
             translated_to: prefix6_text(ipv6::target(lan, f.delegated)),
+            health: match (u.probes_ipv6(), u.six.health) {
+                (false, _) => "follows IPv4".into(),
+                (true, Some(h)) => h.as_str().into(),
+                (true, None) => "-".into(),
+            },
+            reason: u.six.reason.clone(),
         })
     }
 
