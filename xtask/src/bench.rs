@@ -1,10 +1,11 @@
 //! `cargo xtask bench`: what lb costs per packet; how many packets per
 //! second a lab router forwards with lb, with the Linux kernel doing the
-//! same job (nftables PCC, policy routing, masquerade) and with a bare XDP
-//! redirect; latency under load with and without a shaper; and how fast lb
-//! fails over beside a Netwatch-style script, all
-//! in one run; prints the tables and writes BENCHMARKS.md. A benchmark, not
-//! a test: it reports what it measures, targets met or not.
+//! same job (nftables PCC, policy routing, masquerade; for IPv6 ip6tables'
+//! SNPT/DNPT beside lb's NPTv6) and with a bare XDP redirect; latency
+//! under load with and without a shaper; and how fast lb fails over beside
+//! a Netwatch-style script, all in one run; prints the tables and writes
+//! BENCHMARKS.md. A benchmark, not a test: it reports what it measures,
+//! targets met or not.
 //!
 //! The benchmark links lb-daemon (lb's data plane and the embedded lb-bench
 //! object), whose build script needs the eBPF toolchain that `cargo xtask
@@ -16,7 +17,8 @@
 //! - [`cost`]: ns per packet of each path through lb's programs, rules
 //!   and prefix sets included.
 //! - [`prefixes`]: a million-prefix file loaded and reloaded.
-//! - [`forward`]: Mpps through the lab router, four ways.
+//! - [`forward`]: Mpps through the lab router, four ways for IPv4 and two
+//!   for IPv6 (the kernel's and lb's, both translating).
 //! - [`latency`]: a ping's round trip beside saturating uploads, with the
 //!   router's shaper and without.
 //! - [`failover`]: failover times, lb beside a Netwatch-style script.

@@ -30,6 +30,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("traceroute", "traceroute"),
     ("conntrack", "conntrack"),
+    // The benchmark's kernel way for IPv6: SNPT/DNPT are xtables targets
+    // only (ip6tables on nftables' backend).
+    ("ip6tables", "iptables"),
     ("arping", "iputils-arping"),
     // The DHCP lab: a DHCP server in the ISPs, a DHCP client on the router
     // (busybox's, as OpenWrt has).

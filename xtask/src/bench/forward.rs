@@ -1,8 +1,23 @@
-//! Packets per second through the lab router, three ways in the same run on
+//! Packets per second through the lab router, every way in the same run on
 //! the same lab: the Linux kernel doing lb's job (nftables PCC marks, policy
-//! routing, masquerade), lb (lbd with its XDP data plane), and a bare XDP
-//! redirect (the lab's ceiling). Each round runs every way once, so drifting
-//! background load hits all three alike.
+//! routing, masquerade), lb (lbd with its XDP data plane), lb through the
+//! uplinks' qdiscs, and a bare XDP redirect (the lab's ceiling); and for
+//! IPv6, lb translating every flow (NPTv6) beside the kernel's best way to
+//! do that (ip6tables SNPT/DNPT, the same PCC marks, policy routing). Each
+//! round runs every way once, so drifting background load hits all alike.
+//!
+//! It owns the benchmark's lab (namespaces `lbb-*`) for the length of its
+//! run, and what it adds to it (IPv6 addresses, routes, rules, neighbours);
+//! it never leaves any of it behind, also when a step fails (the lab goes
+//! down with everything in it), and it never judges a speed: the report
+//! states the figures.
+//!
+//! IPv6 (the lab itself has none: [`add_ipv6`] gives it a static plan, as
+//! lbd's config can name prefixes when no DHCPv6 client says them): the
+//! LAN carries a ULA, which lbd is told of with `[[lan]] prefix6`, and
+//! each uplink has a delegation named with `[[uplink]] prefix6`. The LAN's
+//! prefix lies in neither, so both uplinks translate: every IPv6 packet
+//! measured takes lb's NPTv6 path, as every IPv4 packet takes its NAT.
 //!
 //! Traffic (DESIGN.md, "Facts about veth labs"): lb-bench's `bench_gen` runs
 //! as a live-frames test run from a thread in the client's namespace, pinned
@@ -19,20 +34,21 @@
 //! generator; the other CPU is whatever else the machine runs.
 
 use std::{
+    net::Ipv6Addr,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::programs::{xdp::XdpLinkId, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
-use lb_daemon::daemon::mac_text;
+use lb_daemon::{daemon::mac_text, reconcile::ipv6::target};
 use lb_tests::{
     daemon::{LabConfig, Lbd},
     in_netns, Lab, LabDesc,
 };
 
 use super::{
-    object::{self, BenchObject, Stamp, Udp},
+    object::{self, BenchObject, Stamp, Udp, Udp6},
     Args,
 };
 
@@ -49,6 +65,53 @@ const GEN_BATCH: u32 = 64;
 /// port range, so lb keeps them.
 const GEN_PORT_BASE: u16 = 10_000;
 const XDP_TX: u32 = 3;
+/// Hop limit of the generator's frames (IPv4's TTL is 64 too).
+const HOP_LIMIT: u8 = 64;
+
+/// The benchmark's IPv6 plan. The LAN: a ULA, named to lbd.
+const LAN6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0, 1, 0, 0, 0, 0), 64);
+const ROUTER_LAN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 1, 0, 0, 0, 1);
+/// The generator's first flow; flow n comes from the source whose 7th word
+/// is 0x1000 + n, to the destination whose 2nd word is 0xffff - n (the
+/// two move together so that every flow's UDP checksum holds: see
+/// `Stamp::flows6`). The destinations lie in 3fff::/16 (next to IPv6's
+/// documentation range, RFC 9637), which no route of the lab's covers:
+/// they leave by the default routes.
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 1, 0, 0, 0x1000, 2);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0xffff, 0, 0, 0, 0, 0, 0x10);
+/// Test runs of the IPv6 generator checked before the benchmark trusts it.
+const GEN6_CHECKS: u32 = 4;
+/// Uplink N's delegation, 2001:db8:N:100::/56, named to lbd (a DHCPv6 client
+/// would have said it with an `unreachable` route); its WAN address
+/// 2001:db8:N::2/64; its next hop fe80::1, the ISP router's link-local
+/// address as router advertisements give it.
+fn delegation(n: u16) -> (Ipv6Addr, u8) {
+    (Ipv6Addr::new(0x2001, 0xdb8, n, 0x100, 0, 0, 0, 0), 56)
+}
+fn wan6(n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, n, 0, 0, 0, 0, 2)
+}
+const WAN6_LEN: u8 = 64;
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+const UPLINKS: [u16; 2] = [1, 2];
+/// Metrics of the uplinks' IPv6 default routes in main: isp1 first, as in
+/// the IPv4 plan (1024 is the kernel's default for IPv6 routes).
+const METRICS6: [&str; 2] = ["1024", "1200"];
+/// How long lbd gets to balance IPv6 once it answers: a bound, so that a
+/// broken setup fails the benchmark instead of hanging it.
+const IPV6_READY: Duration = Duration::from_secs(10);
+
+/// The prefix the LAN's flows take by uplink `n`: lbd's own rule (the
+/// LAN's subnet bits within the delegation), so that both ways translate
+/// to the same prefix.
+fn translated(n: u16) -> Result<(Ipv6Addr, u8)> {
+    target(LAN6, Some(delegation(n)))
+        .with_context(|| format!("uplink {n}'s delegation cannot hold the LAN's prefix"))
+}
+
+fn text6((addr, len): (Ipv6Addr, u8)) -> String {
+    format!("{addr}/{len}")
+}
 
 /// The kernel's way (MikroTik's PCC in nftables): a new connection gets a
 /// conntrack mark from a hash of its 5-tuple, every packet takes its
@@ -69,6 +132,19 @@ table ip lbbench {
 }
 "#;
 
+/// The kernel's way for IPv6: the same PCC mark as IPv4's (so that only
+/// the translation differs); ip6tables adds SNPT/DNPT per uplink
+/// ([`kernel6_on`]), as nftables has no stateless prefix translation.
+const NFT_PCC6: &str = r#"
+table ip6 lbbench6 {
+    chain prerouting {
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "lan0" ct mark 0 ct mark set jhash ip6 saddr . ip6 daddr . udp sport . udp dport mod 2 offset 1
+        iifname "lan0" meta mark set ct mark
+    }
+}
+"#;
+
 /// One way of forwarding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Way {
@@ -78,10 +154,20 @@ pub enum Way {
     /// tc and the device's queue on every packet.
     LbQdisc,
     Bare,
+    /// IPv6, every flow translated (NPTv6) on its uplink.
+    Kernel6,
+    Lb6,
 }
 
 impl Way {
-    pub const ALL: [Way; 4] = [Way::Kernel, Way::Lb, Way::LbQdisc, Way::Bare];
+    pub const ALL: [Way; 6] = [
+        Way::Kernel,
+        Way::Lb,
+        Way::LbQdisc,
+        Way::Bare,
+        Way::Kernel6,
+        Way::Lb6,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -89,6 +175,8 @@ impl Way {
             Way::Lb => "lb (lbd, XDP)",
             Way::LbQdisc => "lb through the uplinks' qdisc (pfifo)",
             Way::Bare => "bare XDP redirect (lab ceiling)",
+            Way::Kernel6 => "IPv6: kernel (ip6tables SNPT/DNPT + nftables PCC + policy routing)",
+            Way::Lb6 => "IPv6: lb (lbd, XDP, NPTv6)",
         }
     }
 }
@@ -165,9 +253,12 @@ pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<
 struct Rig<'a> {
     lab: &'a mut Lab,
     cpu: usize,
-    /// `bench_gen` and the frame it starts from.
+    /// `bench_gen` and the frame it starts from, for IPv4 and for IPv6
+    /// (each its own object: its own stamp and sequence).
     gen: BenchObject,
     frame: Vec<u8>,
+    gen6: BenchObject,
+    frame6: Vec<u8>,
     client_eth0: u32,
     /// `bench_sink` on isp1's and isp2's down0 (each its own counter).
     sinks: [BenchObject; 2],
@@ -197,6 +288,7 @@ impl<'a> Rig<'a> {
             static_neighbour(lab, "router", &gateway, isp_mac, &dev)?;
         }
         static_neighbour(lab, "client", "10.10.0.1", &lan0, "eth0")?;
+        add_ipv6(lab, &lan0, &isp)?;
         // The kernel's way has no XDP program on lan0: without GRO, veth
         // would drop the generator's frames (DESIGN.md).
         lab.exec("router", &["ethtool", "-K", "lan0", "gro", "on"])?;
@@ -241,11 +333,43 @@ impl<'a> Rig<'a> {
         );
         object::check_ipv4_udp(&out).context("bench_gen's frame")?;
 
+        let frame6 = Udp6 {
+            src_mac: eth0,
+            dst_mac: lan0,
+            src: CLIENT6,
+            dst: SERVER6,
+            src_port: GEN_PORT_BASE,
+            dst_port: 9,
+            hop_limit: HOP_LIMIT,
+        }
+        .frame();
+        let mut gen6 = BenchObject::load(&["bench_gen"])?;
+        gen6.set_stamp(&Stamp::flows6(&frame6, flows)?)?;
+        // The IPv6 frames come from IPv4's writes laid over them: check a
+        // few as the kernel made them.
+        for run in 0..GEN6_CHECKS {
+            let (verdict, out) = object::run_once(gen6.xdp("bench_gen")?, &frame6)?;
+            ensure!(
+                verdict == XDP_TX,
+                "bench_gen (IPv6) returned {verdict}, not XDP_TX"
+            );
+            object::check_ipv6_udp(&out)
+                .with_context(|| format!("bench_gen's IPv6 frame, run {run}"))?;
+            let (src, _) = object::ipv6_addresses(&out)?;
+            ensure!(
+                lb_daemon::observe::kernel6::within((src, 128), LAN6),
+                "bench_gen's IPv6 frame, run {run}: source {src} outside {}",
+                text6(LAN6)
+            );
+        }
+
         Ok(Rig {
             lab,
             cpu,
             gen,
             frame,
+            gen6,
+            frame6,
             client_eth0,
             sinks,
             bare,
@@ -296,6 +420,30 @@ impl<'a> Rig<'a> {
                 let window = self.traffic(length, interrupted);
                 first_error(window, self.detach_bare(link))
             }
+            Way::Kernel6 => {
+                // Half-done rules are removed with the lab if this fails.
+                kernel6_on(self.lab)?;
+                let window = self.traffic6(length, interrupted);
+                first_error(window, kernel6_off(self.lab))
+            }
+            Way::Lb6 => {
+                // As the IPv4 way, with the prefixes named (no DHCPv6 here).
+                let lan = format!(
+                    "[[lan]]\ninterface = \"lan0\"\nprefix6 = \"{}\"\n",
+                    text6(LAN6)
+                );
+                let uplinks = UPLINKS.map(|n| format!("prefix6 = \"{}\"", text6(delegation(n))));
+                let config = LabConfig {
+                    sections: &lan,
+                    lans: &[],
+                    uplinks: &[(1, &uplinks[0]), (2, &uplinks[1])],
+                    ..LabConfig::default()
+                }
+                .render();
+                let lbd = Lbd::start(self.lab, &config)?;
+                let window = wait_ipv6(&lbd).and_then(|()| self.traffic6(length, interrupted));
+                first_error(window, lbd.stop(self.lab))
+            }
         }
     }
 
@@ -312,39 +460,125 @@ impl<'a> Rig<'a> {
     /// the teardown waits for an RCU grace period (about 20 ms here, idle),
     /// so the window is one long test run, sized from the warm-up's rate.
     fn traffic(&self, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
-        let gen = self.gen.xdp("bench_gen")?;
+        self.generate(&self.gen, &self.frame, length, interrupted)
+    }
+
+    /// [`Rig::traffic`] with the IPv6 generator.
+    fn traffic6(&self, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
+        self.generate(&self.gen6, &self.frame6, length, interrupted)
+    }
+
+    fn generate(
+        &self,
+        object: &BenchObject,
+        frame: &[u8],
+        length: Duration,
+        interrupted: &AtomicBool,
+    ) -> Result<Window> {
+        let gen = object.xdp("bench_gen")?;
         let (before, after) = in_netns(self.lab.ns("client")?, || {
             generator_thread(self.cpu)?;
-            let md = xdp_md(self.frame.len(), self.client_eth0);
+            let md = xdp_md(frame.len(), self.client_eth0);
             let start = Instant::now();
             let (mut frames, mut busy_ns) = (0u64, 0u64);
             while start.elapsed() < WARMUP {
-                let ns = live_run(gen, &self.frame, &md, GEN_CHUNK, interrupted)?;
+                let ns = live_run(gen, frame, &md, GEN_CHUNK, interrupted)?;
                 frames += u64::from(GEN_CHUNK);
                 busy_ns += ns * u64::from(GEN_CHUNK);
             }
             let rate = frames as f64 * 1e9 / busy_ns.max(1) as f64;
             let repeat =
                 (rate * length.as_secs_f64()).clamp(f64::from(GEN_CHUNK), f64::from(u32::MAX));
-            let before = self.sample()?;
-            live_run(gen, &self.frame, &md, repeat as u32, interrupted)?;
-            let after = self.sample()?;
+            let before = self.sample(object)?;
+            live_run(gen, frame, &md, repeat as u32, interrupted)?;
+            let after = self.sample(object)?;
             Ok((before, after))
         })?;
         after.since(&before, self.cpu)
     }
 
-    fn sample(&self) -> Result<Sample> {
+    fn sample(&self, gen: &BenchObject) -> Result<Sample> {
         Ok(Sample {
             at: Instant::now(),
             sinks: [
                 self.sinks[0].counter("SINK")?,
                 self.sinks[1].counter("SINK")?,
             ],
-            generated: self.gen.counter("SEQ")?,
+            generated: gen.counter("SEQ")?,
             cpus: cpu_times()?,
         })
     }
+}
+
+/// Give the lab the benchmark's IPv6 plan (see the constants): forwarding
+/// on the router, addresses without duplicate detection (nothing else
+/// holds them, and a tentative address cannot be used), a default route
+/// per uplink via the ISP's link-local address as in the IPv4 plan (isp1
+/// first), and static neighbours, since the sinks drop neighbour discovery.
+/// It all goes with the lab's namespaces.
+fn add_ipv6(lab: &Lab, lan0: &[u8; 6], isp: &[[u8; 6]; 2]) -> Result<()> {
+    lab.exec(
+        "router",
+        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+    )
+    .context("IPv6 forwarding on the router")?;
+    let lan_address = format!("{ROUTER_LAN6}/{}", LAN6.1);
+    let client_address = format!("{CLIENT6}/{}", LAN6.1);
+    let mut addresses = vec![
+        ("router", lan_address, "lan0".to_string()),
+        ("client", client_address, "eth0".to_string()),
+    ];
+    for n in UPLINKS {
+        addresses.push((
+            "router",
+            format!("{}/{WAN6_LEN}", wan6(n)),
+            format!("wan{n}"),
+        ));
+    }
+    for (host, address, dev) in &addresses {
+        lab.exec(
+            host,
+            &["ip", "-6", "address", "add", address, "dev", dev, "nodad"],
+        )
+        .with_context(|| format!("adding {address} to {host}:{dev}"))?;
+    }
+    let gateway = GATEWAY6.to_string();
+    for ((n, isp_mac), metric) in UPLINKS.iter().zip(isp).zip(METRICS6) {
+        let dev = format!("wan{n}");
+        static_neighbour(lab, "router", &gateway, isp_mac, &dev)?;
+        lab.exec(
+            "router",
+            &[
+                "ip", "-6", "route", "replace", "default", "via", &gateway, "dev", &dev, "metric",
+                metric,
+            ],
+        )
+        .with_context(|| format!("an IPv6 default route via {dev}"))?;
+    }
+    static_neighbour(lab, "client", &ROUTER_LAN6.to_string(), lan0, "eth0")
+}
+
+/// Wait until lbd balances IPv6 on the LAN's prefix with both uplinks
+/// active and translating to the prefixes the kernel's way uses too.
+fn wait_ipv6(lbd: &Lbd) -> Result<()> {
+    let lan = text6(LAN6);
+    let wanted: Vec<String> = UPLINKS
+        .iter()
+        .map(|&n| translated(n).map(text6))
+        .collect::<Result<_>>()?;
+    lb_tests::stream::wait_for(
+        "lbd to balance IPv6 over both uplinks, translated",
+        IPV6_READY,
+        || {
+            let status = lbd.status()?;
+            let uplinks = status["uplinks"].as_array().cloned().unwrap_or_default();
+            Ok(status["lan_prefix6"] == lan.as_str()
+                && uplinks.len() == wanted.len()
+                && uplinks.iter().zip(&wanted).all(|(u, to)| {
+                    u["ipv6"]["state"] == "active" && u["ipv6"]["translated_to"] == to.as_str()
+                }))
+        },
+    )
 }
 
 /// Wait until lbd sends through both uplinks' qdiscs.
@@ -443,13 +677,21 @@ fn live_run(
     }
 }
 
+/// Load nftables `rules` on the router, through a file named `name`.
+fn load_nft(lab: &Lab, name: &str, rules: &str) -> Result<()> {
+    let file = std::env::temp_dir().join(format!("{PREFIX}{name}"));
+    std::fs::write(&file, rules).with_context(|| format!("writing {}", file.display()))?;
+    let path = file.to_str().context("temporary directory is not UTF-8")?;
+    let loaded = lab
+        .exec("router", &["nft", "-f", path])
+        .map(drop)
+        .with_context(|| format!("loading {name} (is nf_conntrack available?)"));
+    let _ = std::fs::remove_file(&file);
+    loaded
+}
+
 pub(super) fn kernel_on(lab: &Lab) -> Result<()> {
-    let rules = std::env::temp_dir().join(format!("{PREFIX}pcc.nft"));
-    std::fs::write(&rules, NFT_PCC).with_context(|| format!("writing {}", rules.display()))?;
-    let path = rules.to_str().context("temporary directory is not UTF-8")?;
-    lab.exec("router", &["nft", "-f", path])
-        .context("loading the nftables PCC rules (is nf_conntrack available?)")?;
-    let _ = std::fs::remove_file(&rules);
+    load_nft(lab, "pcc.nft", NFT_PCC)?;
     for n in 1..=2 {
         let (n, gw, dev) = (n.to_string(), format!("100.64.{n}.1"), format!("wan{n}"));
         lab.exec(
@@ -474,6 +716,127 @@ pub(super) fn kernel_off(lab: &Lab) -> Result<()> {
     // on a router, where it never takes over what it did not open), so
     // lb's windows would measure the kernel's path.
     lab.exec("router", &["conntrack", "-F"])?;
+    Ok(())
+}
+
+/// The kernel's way for IPv6: PCC marks ([`NFT_PCC6`]), policy routing as
+/// for IPv4, and per uplink a stateless prefix translation to the prefix
+/// lb gives its flows: SNPT on the way out (mangle POSTROUTING), DNPT for
+/// replies (mangle PREROUTING; the benchmark sends none, but a router that
+/// translates has both).
+fn kernel6_on(lab: &Lab) -> Result<()> {
+    load_nft(lab, "pcc6.nft", NFT_PCC6)?;
+    let lan = text6(LAN6);
+    let gateway = GATEWAY6.to_string();
+    for n in UPLINKS {
+        let (table, dev) = (n.to_string(), format!("wan{n}"));
+        let to = text6(translated(n)?);
+        let rules: [&[&str]; 2] = [
+            &[
+                "-A",
+                "POSTROUTING",
+                "-o",
+                &dev,
+                "-s",
+                &lan,
+                "-j",
+                "SNPT",
+                "--src-pfx",
+                &lan,
+                "--dst-pfx",
+                &to,
+            ],
+            &[
+                "-A",
+                "PREROUTING",
+                "-i",
+                &dev,
+                "-d",
+                &to,
+                "-j",
+                "DNPT",
+                "--src-pfx",
+                &to,
+                "--dst-pfx",
+                &lan,
+            ],
+        ];
+        for rule in rules {
+            let mut args = vec!["ip6tables", "-t", "mangle"];
+            args.extend(rule);
+            lab.exec("router", &args)
+                .context("adding an ip6tables NPT rule (does the kernel have ip6t_NPT?)")?;
+        }
+        lab.exec(
+            "router",
+            &[
+                "ip", "-6", "route", "replace", "default", "via", &gateway, "dev", &dev, "table",
+                &table,
+            ],
+        )?;
+        lab.exec(
+            "router",
+            &["ip", "-6", "rule", "add", "fwmark", &table, "table", &table],
+        )?;
+    }
+    Ok(())
+}
+
+fn kernel6_off(lab: &Lab) -> Result<()> {
+    // Taken before the rules go, reported after: the teardown comes first.
+    let translated = snpt_counted(lab);
+    for n in UPLINKS {
+        let n = n.to_string();
+        lab.exec(
+            "router",
+            &["ip", "-6", "rule", "del", "fwmark", &n, "table", &n],
+        )?;
+        lab.exec("router", &["ip", "-6", "route", "flush", "table", &n])?;
+    }
+    // ip6tables' own table goes whole: flushed, its hooks would stay.
+    lab.exec("router", &["nft", "delete", "table", "ip6", "mangle"])?;
+    lab.exec("router", &["nft", "delete", "table", "ip6", "lbbench6"])?;
+    // As for IPv4 (`kernel_off`): lb leaves connections conntrack holds to
+    // the kernel.
+    lab.exec("router", &["conntrack", "-F", "-f", "ipv6"])?;
+    translated
+}
+
+/// That each uplink's SNPT rule translated packets: the kernel's IPv6 row
+/// measures its translation, not a path around it.
+fn snpt_counted(lab: &Lab) -> Result<()> {
+    let listing = lab.exec(
+        "router",
+        &[
+            "ip6tables",
+            "-t",
+            "mangle",
+            "-n",
+            "-v",
+            "-x",
+            "-L",
+            "POSTROUTING",
+        ],
+    )?;
+    // Rule lines: pkts bytes target prot opt in out source destination ...
+    let counts: Vec<(String, u64)> = listing
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(2) == Some(&"SNPT"))
+                .then(|| Some((f.get(6)?.to_string(), f.first()?.parse().ok()?)))
+                .flatten()
+        })
+        .collect();
+    for n in UPLINKS {
+        let dev = format!("wan{n}");
+        let packets = counts
+            .iter()
+            .find(|(out, _)| *out == dev)
+            .map(|&(_, p)| p)
+            .with_context(|| format!("no SNPT rule for {dev} in:\n{listing}"))?;
+        ensure!(packets > 0, "the SNPT rule for {dev} translated no packet");
+    }
     Ok(())
 }
 

@@ -6,6 +6,9 @@
 //! smallest Ethernet frame), built here with their checksums; the program
 //! varies the UDP source port and the low half of the IP destination and
 //! adds them into the checksums, so [`check_ipv4_udp`] verifies its work.
+//! The program knows only IPv4's offsets; [`Stamp::flows6`] lays an
+//! IPv6/UDP frame under them so that the same writes make IPv6 flows with
+//! right checksums ([`check_ipv6_udp`]).
 
 use std::net::Ipv4Addr;
 
@@ -34,6 +37,13 @@ const IP_CHECK: usize = 24;
 const IP_DST_LOW: usize = 32;
 const UDP: usize = 34;
 const UDP_CHECK: usize = 40;
+/// Offsets in an untagged IPv6/UDP frame without extension headers.
+const IP6_NEXT: usize = 20;
+const IP6_SRC: usize = 22;
+const IP6_DST: usize = 38;
+const UDP6: usize = 54;
+const IPPROTO_UDP: u8 = 17;
+const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 
 /// What the program stamps onto each frame: `Stamp` in
 /// lb-ebpf/src/bench.rs, field for field.
@@ -104,6 +114,61 @@ impl Stamp {
             port_count: u32::from(ports),
             addr_base: u32::from(addr_base),
             addr_count: u32::from(addrs),
+        })
+    }
+
+    /// Repetition `n` becomes flow `n` of `frame` (IPv6/UDP, as [`Udp6`]
+    /// builds it), through the program's IPv4 writes (lb-ebpf/src/bench.rs
+    /// has no IPv6 of its own, and the benchmark leaves lb-ebpf alone). In
+    /// an IPv6 frame those four 16-bit writes land in the addresses:
+    ///
+    /// - IPv4's checksum (24): the source's 2nd word. Its sum is made to
+    ///   give that word back, so the source stays in its /64;
+    /// - IPv4's destination low half (32): the source's 6th word, kept as
+    ///   it is (one "address");
+    /// - the UDP source port (34): the source's 7th word, which counts up
+    ///   from the frame's own, `flows` values: the flow;
+    /// - UDP's checksum (40): the destination's 2nd word. It gets the
+    ///   ones' complement of (sum + port), so it counts down as the source
+    ///   counts up, and the two together add the same into the UDP
+    ///   checksum (IPv6's pseudo-header holds both addresses) for every
+    ///   flow: the frame's own UDP checksum (past the stamped bytes) stays
+    ///   right. Flow 0 is `frame` itself.
+    pub fn flows6(frame: &[u8], flows: u16) -> Result<Stamp> {
+        ensure!(
+            frame.len() >= UDP6 + 8
+                && frame[12..14] == ETHERTYPE_IPV6
+                && frame[IP6_NEXT] == IPPROTO_UDP
+                && flows > 0,
+            "an IPv6 stamp needs an IPv6/UDP frame without extension headers and a flow"
+        );
+        let source_word = be16(frame, IP_CHECK);
+        let kept = be16(frame, IP_DST_LOW);
+        let first = be16(frame, UDP);
+        let destination_word = be16(frame, UDP_CHECK);
+        // The program writes !fold(ip_sum + addr); a sum that folds to
+        // 0xffff would give 0, not 0xffff.
+        ensure!(
+            source_word != 0xffff,
+            "the source's second word must not be ffff"
+        );
+        ensure!(
+            u32::from(first) + u32::from(flows) <= 0x1_0000,
+            "the source's seventh word would wrap around"
+        );
+        let mut f = frame.to_vec();
+        for field in [IP_CHECK, IP_DST_LOW, UDP, UDP_CHECK] {
+            f[field..field + 2].fill(0);
+        }
+        // x + !x is ones'-complement zero: fold(!w + !a + a) is !w.
+        Ok(Stamp {
+            header: words(&f[..HEADER_LEN]),
+            ip_sum: u32::from(!source_word) + u32::from(!kept),
+            udp_sum: u32::from(!destination_word) + u32::from(!first) + u32::from(!kept),
+            port_base: u32::from(first),
+            port_count: u32::from(flows),
+            addr_base: u32::from(kept),
+            addr_count: 1,
         })
     }
 }
@@ -256,6 +321,45 @@ pub fn check_ipv4_udp(frame: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether an IPv6/UDP frame's UDP checksum is right (IPv6 has no header
+/// checksum, and UDP's is mandatory).
+pub fn check_ipv6_udp(frame: &[u8]) -> Result<()> {
+    ensure!(
+        frame.len() >= UDP6 + 8
+            && frame[12..14] == ETHERTYPE_IPV6
+            && frame[IP6_NEXT] == IPPROTO_UDP,
+        "frame of {} bytes is no IPv6/UDP frame",
+        frame.len()
+    );
+    let udp_len = be16(frame, UDP6 + 4);
+    let end = UDP6 + usize::from(udp_len);
+    ensure!(
+        udp_len >= 8 && end <= frame.len(),
+        "UDP length {udp_len} does not fit the frame"
+    );
+    let sum = sum16(&frame[IP6_SRC..UDP6])
+        + u32::from(IPPROTO_UDP)
+        + u32::from(udp_len)
+        + sum16(&frame[UDP6..end]);
+    ensure!(
+        be16(frame, UDP6 + 6) != 0 && fold(sum) == 0xffff,
+        "UDP checksum wrong"
+    );
+    Ok(())
+}
+
+/// The source and destination of an IPv6 frame.
+pub fn ipv6_addresses(frame: &[u8]) -> Result<(std::net::Ipv6Addr, std::net::Ipv6Addr)> {
+    let field = |at: usize| -> Result<std::net::Ipv6Addr> {
+        let bytes: [u8; 16] = frame
+            .get(at..at + 16)
+            .and_then(|b| b.try_into().ok())
+            .context("frame too short for an IPv6 header")?;
+        Ok(bytes.into())
+    };
+    Ok((field(IP6_SRC)?, field(IP6_DST)?))
+}
+
 /// One loaded instance of the lb-bench object (each has its own maps).
 pub struct BenchObject {
     ebpf: Ebpf,
@@ -397,6 +501,56 @@ mod tests {
         let f = frame();
         assert_eq!(f.len(), FRAME_LEN);
         assert!(check_ipv4_udp(&f).is_ok());
+    }
+
+    /// What bench.rs's `stamp` does, in user space: flow `n` of `s` over
+    /// `frame`.
+    fn stamped(s: &Stamp, frame: &[u8], n: u32) -> Vec<u8> {
+        let mut f = frame.to_vec();
+        for (i, word) in s.header.iter().enumerate() {
+            f[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        let port = (s.port_base + n % s.port_count) & 0xffff;
+        let addr = (s.addr_base + (n / s.port_count) % s.addr_count.max(1)) & 0xffff;
+        let ip_check = !fold(s.ip_sum + addr);
+        let udp_check = match !fold(s.udp_sum + port + addr) {
+            0 => 0xffff,
+            c => c,
+        };
+        f[IP_DST_LOW..IP_DST_LOW + 2].copy_from_slice(&(addr as u16).to_be_bytes());
+        f[UDP..UDP + 2].copy_from_slice(&(port as u16).to_be_bytes());
+        f[IP_CHECK..IP_CHECK + 2].copy_from_slice(&ip_check.to_be_bytes());
+        f[UDP_CHECK..UDP_CHECK + 2].copy_from_slice(&udp_check.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn ipv6_flows_keep_their_prefix_and_checksum_and_are_all_distinct() {
+        let frame = Udp6 {
+            src_mac: [2, 0, 0, 0, 0, 2],
+            dst_mac: [2, 0, 0, 0, 0, 1],
+            src: "fd00:10:0:1::1000:2".parse().expect("address"),
+            dst: "3fff:ffff::10".parse().expect("address"),
+            src_port: 10_000,
+            dst_port: 9,
+            hop_limit: 64,
+        }
+        .frame();
+        assert!(check_ipv6_udp(&frame).is_ok());
+        const FLOWS: u16 = 4096;
+        let s = Stamp::flows6(&frame, FLOWS).expect("stamp");
+        assert_eq!(stamped(&s, &frame, 0), frame);
+        let mut seen = std::collections::BTreeSet::new();
+        for n in 0..u32::from(FLOWS) {
+            let f = stamped(&s, &frame, n);
+            check_ipv6_udp(&f).unwrap_or_else(|e| panic!("flow {n}: {e:#}"));
+            assert_eq!(f[IP6_SRC..IP6_SRC + 8], frame[IP6_SRC..IP6_SRC + 8]);
+            assert_eq!(f[IP6_DST..IP6_DST + 2], frame[IP6_DST..IP6_DST + 2]);
+            seen.insert(ipv6_addresses(&f).expect("addresses"));
+        }
+        assert_eq!(seen.len(), usize::from(FLOWS));
+        // The next round repeats the first.
+        assert_eq!(stamped(&s, &frame, u32::from(FLOWS)), frame);
     }
 
     /// What bench.rs's `stamp` does, in user space: flow 0 of a varied
