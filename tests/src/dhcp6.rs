@@ -785,12 +785,17 @@ pub fn wait_lan_prefix(lab: &Lab, delegation: Cidr) -> Result<Cidr> {
 
 /// Waits until the client has a SLAAC address in `lan`, and returns it.
 pub fn wait_slaac(lab: &Lab, lan: Cidr) -> Result<Ipv6Addr> {
+    wait_slaac_on(lab, "client", lan)
+}
+
+/// [`wait_slaac`] on LAN host `host` (its `eth0`).
+pub fn wait_slaac_on(lab: &Lab, host: &str, lan: Cidr) -> Result<Ipv6Addr> {
     let mut found = None;
     wait_for(
-        &format!("a SLAAC address in {lan} on the client"),
+        &format!("a SLAAC address in {lan} on {host}"),
         TIMEOUT,
         || {
-            found = global_addresses(lab, "client", "eth0")?
+            found = global_addresses(lab, host, "eth0")?
                 .into_iter()
                 .find_map(|c| match c.addr {
                     IpAddr::V6(a) if lan.contains(c.addr) => Some(a),
