@@ -2,7 +2,10 @@
 //!
 //! The lab's namespaces are named `lb-<host>` (tests use generated prefixes,
 //! so both can exist side by side). `run` owns the lab for its lifetime and
-//! tears it down on Ctrl-C; `lab up` leaves it up until `lab down`.
+//! tears it down on Ctrl-C; `lab up` leaves it up until `lab down`. `run` on
+//! the DHCP lab is dual-stack: the ISPs' DHCP and DHCPv6 servers and the
+//! router's clients are started as the tests start them (`lb_tests::dhcp`,
+//! `lb_tests::dhcp6`), so that lbd balances both families.
 
 use std::{
     path::Path,
@@ -22,6 +25,11 @@ pub const DEFAULT_LAB: &str = "dhcp";
 const PREFIX: &str = "lb-";
 /// How long lbd gets to come up and answer on its control socket.
 const LBD_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long lbd gets, once it answers, to balance IPv6 on every uplink.
+const IPV6_TIMEOUT: Duration = Duration::from_secs(30);
+/// The DHCP lab's uplinks: each gets an IPv4 lease and, from its ISP's
+/// Kea, an IPv6 address and a delegated prefix.
+const UPLINKS: [u8; 3] = [1, 2, 3];
 
 pub fn lab_up(name: &str) -> Result<()> {
     crate::setup::run()?;
@@ -147,15 +155,33 @@ pub fn run(lab_name: &str) -> Result<()> {
 
     println!("run: bringing up lab {lab_name}");
     let mut lab = bring_up(lab_name)?;
-    if lab_name == DEFAULT_LAB {
+    let v6 = if lab_name == DEFAULT_LAB {
         println!("run: starting the ISPs' DHCP servers and the router's DHCP clients");
-        lb_tests::dhcp::start(&mut lab, &[1, 2, 3])?;
-    }
+        lb_tests::dhcp::start(&mut lab, &UPLINKS)?;
+        println!(
+            "run: starting IPv6: the ISPs' Kea (DHCPv6 with prefix delegation) and radvd, the \
+             router's dhcpcd and the LAN's radvd"
+        );
+        let v6 = lb_tests::dhcp6::start(&mut lab, &UPLINKS)
+            .context("starting the DHCP lab's IPv6 (`cargo xtask setup` installs its tools)")?;
+        Some(v6)
+    } else {
+        None
+    };
     let router = lab.ns("router")?.to_string();
     // The router's network namespace with the host's bpffs, where lbd pins
     // its data plane.
     let pid = lab.spawn_net_only("router", &[path_str(&lbd)?, "--config", path_str(&config)?])?;
     wait_for_lbd(&lbctl)?;
+    if let Some(v6) = &v6 {
+        let lan = v6.lan.to_string();
+        let uplinks: Vec<String> = UPLINKS.iter().map(|n| format!("isp{n}")).collect();
+        match wait_for_ipv6(&lbctl, &lan, &uplinks) {
+            Ok(took) => println!("run: lbd balances IPv6 on {lan} ({took:.1?} after it answered)"),
+            // The lab stays up to be looked at: say what is missing.
+            Err(e) => println!("run: warning: {e:#}"),
+        }
+    }
 
     let status = Command::new(&lbctl)
         .arg("status")
@@ -164,6 +190,19 @@ pub fn run(lab_name: &str) -> Result<()> {
     print!("{}", String::from_utf8_lossy(&status.stdout));
     let client = lab.ns("client")?;
     let inet = lab.ns("inet")?;
+    if let Some(v6) = &v6 {
+        println!(
+            "
+IPv6: the client has {addr} (SLAAC in {lan}); the internet server is {server}.
+  ip netns exec {client} ping -c 3 {server}
+  {lbctl} explain [{addr}]:40000 [{server}]:443   # which uplink, and the source it leaves with
+  {lbctl} flows; {lbctl} events",
+            addr = v6.client_address,
+            lan = v6.lan,
+            server = lb_tests::dhcp6::SERVER,
+            lbctl = lbctl.display(),
+        );
+    }
     println!(
         "
 lb is running in namespace {router} with {config}.
@@ -196,6 +235,46 @@ Ctrl-C stops lbd and tears the lab down.",
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// Poll `lbctl --json status` until lbd balances IPv6 on `lan` with each
+/// of `uplinks` active for IPv6; how long it took.
+fn wait_for_ipv6(lbctl: &Path, lan: &str, uplinks: &[String]) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let out = Command::new(lbctl)
+            .args(["--json", "status"])
+            .output()
+            .context("running lbctl --json status")?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "reading lbctl --json status: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+        let inactive: Vec<&str> = uplinks
+            .iter()
+            .map(String::as_str)
+            .filter(|name| {
+                !status["uplinks"].as_array().is_some_and(|all| {
+                    all.iter()
+                        .any(|u| u["name"] == *name && u["ipv6"]["state"] == "active")
+                })
+            })
+            .collect();
+        if status["lan_prefix6"] == lan && inactive.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > IPV6_TIMEOUT {
+            bail!(
+                "lbd did not balance IPv6 within {IPV6_TIMEOUT:?}: the LAN's prefix is {} (the \
+                 lab gave {lan}), not active for IPv6: {}; see `lbctl status` and `lbctl events`",
+                status["lan_prefix6"],
+                inactive.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Poll `lbctl status` until lbd answers, with a bound.
