@@ -7,7 +7,7 @@
 //! blocking request-and-answer on a socket. `xdpcaps` and `conntrack` speak
 //! through it; rtnetlink's own crate speaks the rest.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use netlink_sys::{Socket, SocketAddr};
 
 pub const NLM_F_REQUEST: u16 = 0x1;
@@ -82,7 +82,9 @@ pub fn reply_attributes(reply: &[u8]) -> Result<Vec<(u16, &[u8])>> {
                 .context("a short netlink error")?
                 .try_into()?,
         );
-        bail!("{}", std::io::Error::from_raw_os_error(-errno));
+        // The io::Error itself, not its text: callers tell errnos apart
+        // (conntrack's ENOENT is "no such connection").
+        return Err(std::io::Error::from_raw_os_error(-errno).into());
     }
     attributes(msg.get(NLMSG_HEADER + FAMILY_HEADER..).unwrap_or_default())
 }
@@ -147,7 +149,13 @@ mod tests {
         error.extend_from_slice(&(-libc::ENODEV).to_ne_bytes());
         let len = error.len() as u32;
         error[0..4].copy_from_slice(&len.to_ne_bytes());
-        assert!(reply_attributes(&error).is_err());
+        let said = reply_attributes(&error).expect_err("an error");
+        assert_eq!(
+            said.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error),
+            Some(libc::ENODEV),
+            "the errno, for callers to tell apart"
+        );
         assert!(reply_attributes(&[1, 2, 3]).is_err(), "short");
     }
 }
