@@ -46,6 +46,14 @@ pub const PREFIX_ENTRIES: u32 = 4 * MAX_SIDE_PREFIXES;
 /// Sticky clients remembered (LRU: the least recently used make room).
 pub const DEFAULT_STICKY_ENTRIES: u32 = 65_536;
 
+/// The "MAC address" lbd writes for an L3 uplink (a tunnel, a raw-IP
+/// modem), as its own and as its next hop's: it has none, and the data
+/// plane's check that an uplink's next hop is known must still hold. A
+/// locally administered address no NIC has ("lb3"); its frames lose their
+/// Ethernet header on the way out (the hand-off path), so it is never
+/// sent.
+pub const NO_LINK_LAYER: [u8; 6] = [0x02, 0x6c, 0x62, 0x33, 0x00, 0x00];
+
 /// Bucket table value meaning "no uplink can take new flows": packets of new
 /// flows are dropped and counted rather than leaked to the kernel unNATed.
 pub const NO_UPLINK: u32 = u32::MAX;

@@ -80,6 +80,9 @@ pub mod program {
     /// The tc program that sends what the XDP programs hand over through
     /// the target device's qdisc (see `crate::egress`).
     pub const HANDOFF: &str = "handoff";
+    /// The tc program that translates replies on an L3 uplink (no
+    /// Ethernet header: XDP cannot serve it).
+    pub const WAN_INGRESS_L3: &str = "wan_ingress_l3";
 }
 
 /// Global knobs the daemon may change at run time (one entry, index 0).

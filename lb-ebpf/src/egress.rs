@@ -61,6 +61,32 @@ pub fn send(
     }
 }
 
+/// Send a packet that tc took in (a reply from an L3 uplink, its
+/// Ethernet header pushed) out of device `ifindex`, through its qdisc, as
+/// [`send`] does for XDP: to the bridge a shaped port names, in the class
+/// of `uplink` and `client`.
+#[inline(always)]
+pub fn send_tc(ctx: &TcContext, ifindex: u32, uplink: u32, client: [u8; 4]) -> i32 {
+    let any = EGRESS_ANY.get(0).is_some_and(|&n| n != 0);
+    // SAFETY: a lookup; the value is copied out at once.
+    let out = any
+        .then(|| unsafe { EGRESS.get(&ifindex) }.copied())
+        .flatten()
+        .unwrap_or_default();
+    let to = if out.ifindex != 0 {
+        out.ifindex
+    } else {
+        ifindex
+    };
+    let priority = egress::priority(out.shaper_major, uplink, client);
+    if priority != 0 {
+        // SAFETY: tc programs may write `priority`.
+        unsafe { (*ctx.skb.skb).priority = priority };
+    }
+    // SAFETY: no preconditions; it names the device and tc does the rest.
+    unsafe { bpf_redirect(to, 0) as i32 }
+}
+
 /// Write the note in front of the frame. `false` when the driver keeps no
 /// metadata.
 #[inline(always)]

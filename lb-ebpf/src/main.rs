@@ -55,6 +55,14 @@ pub fn handoff(ctx: TcContext) -> i32 {
     egress::carry(&ctx)
 }
 
+/// tc ingress of an L3 uplink (no Ethernet header: a tunnel, a raw-IP
+/// modem), where XDP cannot serve: `wan_ingress`'s translation, then out
+/// of the client's LAN port.
+#[classifier]
+pub fn wan_ingress_l3(ctx: TcContext) -> i32 {
+    wan::ingress_l3(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

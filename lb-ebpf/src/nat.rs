@@ -10,9 +10,9 @@
 use lb_common::csum;
 
 use crate::parse::{
-    ptr_at, IcmpHdr, Ipv4Hdr, Ipv4Packet, TcpHdr, UdpHdr, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    ptr_at, Frame, IcmpHdr, Ipv4Hdr, Ipv4Packet, TcpHdr, UdpHdr, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
-use aya_ebpf::programs::XdpContext;
 
 #[inline(always)]
 fn be16(b: [u8; 2]) -> u16 {
@@ -43,8 +43,8 @@ pub enum End {
 /// Rewrite one end's address and port (ICMP: the echo identifier) to
 /// `addr`/`port`, fixing the IP and L4 checksums.
 #[inline(always)]
-pub fn translate(
-    ctx: &XdpContext,
+pub fn translate<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     end: End,
     addr: [u8; 4],
@@ -130,7 +130,7 @@ pub struct Embedded {
 
 /// Parse the packet quoted by the ICMP error at `pkt.l4_off`.
 #[inline(always)]
-pub fn embedded(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
+pub fn embedded<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
     let ip_off = pkt.l4_off + core::mem::size_of::<IcmpHdr>();
     let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off)?;
     // SAFETY: bounds-checked, here and below.
@@ -169,8 +169,8 @@ pub fn embedded(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
 /// become `addr`/`port`. Fixes the quoted IP checksum, a quoted UDP
 /// checksum if present, the ICMP checksum and the outer IP checksum.
 #[inline(always)]
-pub fn translate_icmp_error(
-    ctx: &XdpContext,
+pub fn translate_icmp_error<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     inner: &Embedded,
     addr: [u8; 4],

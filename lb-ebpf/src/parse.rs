@@ -3,10 +3,18 @@
 //! [`ptr_at`] is the only bounds check in the crate: every header access goes
 //! through it, so the verifier sees the same idiom everywhere and no other
 //! module does pointer arithmetic on packet data.
+//!
+//! Parsing works on a [`Frame`]: an Ethernet frame in XDP, or, at tc on an
+//! L3 uplink (a tunnel, a raw-IP modem), an IP packet with no link-layer
+//! header at all ([`L3Packet`]).
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    helpers::{bpf_skb_change_head, bpf_skb_pull_data},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
 use lb_common::reason;
 
 pub const ETH_P_IPV4: u16 = 0x0800;
@@ -110,10 +118,106 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAM_PROBLEM: u8 = 12;
 
+/// A packet the data plane reads and rewrites in place.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The network protocol of a packet that starts with its IP header
+    /// (no link-layer header); `None` for an Ethernet frame.
+    fn l3_proto(&self) -> Option<u16>;
+    /// Move the packet's start by `delta` bytes (negative: room in front).
+    /// Every packet pointer taken before is stale afterwards.
+    fn adjust_head(&self, delta: i32) -> Result<(), u32>;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn l3_proto(&self) -> Option<u16> {
+        None
+    }
+
+    #[inline(always)]
+    fn adjust_head(&self, delta: i32) -> Result<(), u32> {
+        // SAFETY: the helper checks that the new head stays within the
+        // buffer.
+        if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(self.as_ptr().cast(), delta) } != 0 {
+            return Err(reason::PASS_MALFORMED);
+        }
+        Ok(())
+    }
+}
+
+/// A packet at tc ingress of an L3 device: its IP header first.
+pub struct L3Packet<'a> {
+    ctx: &'a TcContext,
+    proto: u16,
+}
+
+impl<'a> L3Packet<'a> {
+    /// The packet of `ctx`, made readable directly (its bytes pulled into
+    /// the linear part of the socket buffer); `None` for a protocol that
+    /// is not IP, or when it cannot be pulled.
+    #[inline(always)]
+    pub fn of(ctx: &'a TcContext) -> Option<L3Packet<'a>> {
+        let skb = ctx.skb.skb;
+        // SAFETY: reading the context's fields.
+        let (len, proto) = unsafe { ((*skb).len, u16::from_be((*skb).protocol as u16)) };
+        if proto != ETH_P_IPV4 && proto != ETH_P_IPV6 {
+            return None;
+        }
+        // SAFETY: the helper checks `len` against the packet.
+        if unsafe { bpf_skb_pull_data(skb.cast(), len) } != 0 {
+            return None;
+        }
+        Some(L3Packet { ctx, proto })
+    }
+}
+
+impl Frame for L3Packet<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn l3_proto(&self) -> Option<u16> {
+        Some(self.proto)
+    }
+
+    /// Only room in front (a link-layer header to push before sending the
+    /// packet to an Ethernet device); taking bytes off is never needed.
+    #[inline(always)]
+    fn adjust_head(&self, delta: i32) -> Result<(), u32> {
+        if delta > 0 {
+            return Err(reason::PASS_MALFORMED);
+        }
+        // SAFETY: the helper grows the buffer as needed and checks `len`.
+        if unsafe { bpf_skb_change_head(self.ctx.skb.skb.cast(), delta.unsigned_abs(), 0) } != 0 {
+            return Err(reason::PASS_MALFORMED);
+        }
+        Ok(())
+    }
+}
+
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet is
 /// long enough to hold it.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, u32> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Result<*mut T, u32> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -166,7 +270,10 @@ impl Ipv4Packet {
 /// verifier must never see a branch on a register the error path left
 /// unset.)
 #[inline(always)]
-pub fn ether_type(ctx: &XdpContext) -> u16 {
+pub fn ether_type<C: Frame>(ctx: &C) -> u16 {
+    if let Some(proto) = ctx.l3_proto() {
+        return proto;
+    }
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return 0;
     };
@@ -207,22 +314,13 @@ impl Ipv6Packet {
 /// Parse Ethernet (one VLAN tag allowed) and IPv6 carrying TCP, UDP or
 /// ICMPv6 directly. `Err` is the reason to give it to the kernel.
 #[inline(always)]
-pub fn ipv6(ctx: &XdpContext) -> Result<Ipv6Packet, u32> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: `ptr_at` checked the bounds, for this and every read below.
-    let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
-    let mut l3_off = size_of::<EthHdr>();
-    let mut vlan_tci = [0, 0];
-    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: *const VlanHdr = ptr_at(ctx, l3_off)?;
-        ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
-        vlan_tci = unsafe { (*vlan).tci };
-        l3_off += size_of::<VlanHdr>();
-    }
+pub fn ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, u32> {
+    let (ether_type, l3_off, vlan_tci) = link(ctx)?;
     if ether_type != ETH_P_IPV6 {
         return Err(reason::PASS_NOT_IPV4);
     }
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: `ptr_at` checked the bounds, for this and every read below.
     if unsafe { (*ip).version_class_flow[0] } >> 4 != 6 {
         return Err(reason::PASS_MALFORMED);
     }
@@ -250,8 +348,8 @@ pub fn ipv6(ctx: &XdpContext) -> Result<Ipv6Packet, u32> {
 /// Source and destination port of a TCP or UDP packet over IPv6, or the
 /// identifier (and zero) of an ICMPv6 echo of `echo_kind`.
 #[inline(always)]
-pub fn ports6(
-    ctx: &XdpContext,
+pub fn ports6<C: Frame>(
+    ctx: &C,
     pkt: &Ipv6Packet,
     echo_kind: u8,
 ) -> Result<([u8; 2], [u8; 2]), u32> {
@@ -274,7 +372,7 @@ pub fn ports6(
 
 /// TCP flags of a TCP packet over IPv6, zero for anything else.
 #[inline(always)]
-pub fn tcp_flags6(ctx: &XdpContext, pkt: &Ipv6Packet) -> u8 {
+pub fn tcp_flags6<C: Frame>(ctx: &C, pkt: &Ipv6Packet) -> u8 {
     if pkt.proto != IPPROTO_TCP {
         return 0;
     }
@@ -290,23 +388,14 @@ pub fn tcp_flags6(ctx: &XdpContext, pkt: &Ipv6Packet) -> u8 {
 /// header that does not fit the frame. Fragments are parsed like whole
 /// packets; [`Ipv4Packet::fragment`] says which they are.
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: `ptr_at` checked the bounds, for this and every read below.
-    let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
-    let mut l3_off = size_of::<EthHdr>();
-    let mut vlan_tci = [0, 0];
-    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: *const VlanHdr = ptr_at(ctx, l3_off)?;
-        ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
-        vlan_tci = unsafe { (*vlan).tci };
-        l3_off += size_of::<VlanHdr>();
-    }
+pub fn ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, u32> {
+    let (ether_type, l3_off, vlan_tci) = link(ctx)?;
     if ether_type != ETH_P_IPV4 {
         return Err(reason::PASS_NOT_IPV4);
     }
 
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: `ptr_at` checked the bounds, for this and every read below.
     let version_ihl = unsafe { (*ip).version_ihl };
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
@@ -335,10 +424,36 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, u32> {
     })
 }
 
+/// The link layer of a frame: its network protocol, where the network
+/// header starts and the 802.1Q tag control (zero when untagged). A
+/// packet without a link-layer header starts with its network header.
+#[inline(always)]
+fn link<C: Frame>(ctx: &C) -> Result<(u16, usize, [u8; 2]), u32> {
+    if let Some(proto) = ctx.l3_proto() {
+        return Ok((proto, 0, [0, 0]));
+    }
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the bounds, for this and every read below.
+    let mut ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    let mut l3_off = size_of::<EthHdr>();
+    let mut vlan_tci = [0, 0];
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: *const VlanHdr = ptr_at(ctx, l3_off)?;
+        ether_type = u16::from_be_bytes(unsafe { (*vlan).ether_type });
+        vlan_tci = unsafe { (*vlan).tci };
+        l3_off += size_of::<VlanHdr>();
+    }
+    Ok((ether_type, l3_off, vlan_tci))
+}
+
 /// Source and destination port of a TCP or UDP packet, or the identifier
 /// (and zero) of an ICMP echo of `echo_kind`; `Err` for anything else.
 #[inline(always)]
-pub fn ports(ctx: &XdpContext, pkt: &Ipv4Packet, echo_kind: u8) -> Result<([u8; 2], [u8; 2]), u32> {
+pub fn ports<C: Frame>(
+    ctx: &C,
+    pkt: &Ipv4Packet,
+    echo_kind: u8,
+) -> Result<([u8; 2], [u8; 2]), u32> {
     match pkt.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, pkt.l4_off)?;
@@ -360,7 +475,7 @@ pub fn ports(ctx: &XdpContext, pkt: &Ipv4Packet, echo_kind: u8) -> Result<([u8; 
 /// TCP flags of a TCP packet, zero for anything else (and for a later
 /// fragment, which has no TCP header).
 #[inline(always)]
-pub fn tcp_flags(ctx: &XdpContext, pkt: &Ipv4Packet) -> u8 {
+pub fn tcp_flags<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> u8 {
     if pkt.proto != IPPROTO_TCP || !pkt.has_l4() {
         return 0;
     }

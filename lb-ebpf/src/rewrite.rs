@@ -2,15 +2,16 @@
 //! addresses, and removing (towards an uplink) or adding (towards a tagged
 //! LAN client) an 802.1Q tag.
 //!
-//! Called last: after `bpf_xdp_adjust_head` every earlier packet pointer is
-//! stale, so nothing may touch the packet through one afterwards.
+//! Called last: after the head moves (`Frame::adjust_head`) every earlier
+//! packet pointer is stale, so nothing may touch the packet through one
+//! afterwards.
 
 use core::mem::size_of;
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext, EbpfContext};
-use lb_common::{csum, reason};
+use aya_ebpf::programs::XdpContext;
+use lb_common::csum;
 
-use crate::parse::{self, EthHdr, Ipv4Packet, Ipv6Packet, VlanHdr, ETH_P_8021Q};
+use crate::parse::{self, EthHdr, Frame, Ipv4Packet, Ipv6Packet, VlanHdr, ETH_P_8021Q};
 
 /// TTL minus one, with the header checksum updated incrementally: the TTL
 /// shares a 16-bit word with the protocol number.
@@ -55,24 +56,37 @@ pub fn untagged(
         (*eth).ether_type = ether_type.to_be_bytes();
     }
     if tagged {
-        adjust_head(ctx, size_of::<VlanHdr>() as i32)?;
+        ctx.adjust_head(size_of::<VlanHdr>() as i32)?;
     }
     Ok(ctx.data_end() - ctx.data())
 }
 
 /// New Ethernet addresses and, when `tci` is non-zero, an 802.1Q tag (the
-/// frame, of `ether_type`, arrives untagged from an uplink). Returns the
-/// new length.
+/// packet, of `ether_type`, arrives untagged from an uplink, or with no
+/// link-layer header at all from an L3 uplink: then the whole header is
+/// pushed in front). Returns the new length.
 #[inline(always)]
-pub fn tagged(
-    ctx: &XdpContext,
+pub fn tagged<C: Frame>(
+    ctx: &C,
     ether_type: u16,
     src: [u8; 6],
     dst: [u8; 6],
     tci: [u8; 2],
 ) -> Result<usize, u32> {
+    let tag = if tci != [0, 0] {
+        size_of::<VlanHdr>()
+    } else {
+        0
+    };
+    let link = if ctx.l3_proto().is_some() {
+        size_of::<EthHdr>()
+    } else {
+        0
+    };
+    if tag + link != 0 {
+        ctx.adjust_head(-((tag + link) as i32))?;
+    }
     if tci != [0, 0] {
-        adjust_head(ctx, -(size_of::<VlanHdr>() as i32))?;
         let vlan: *mut VlanHdr = parse::ptr_at(ctx, size_of::<EthHdr>())?;
         // SAFETY: bounds-checked by `ptr_at`.
         unsafe {
@@ -93,13 +107,4 @@ pub fn tagged(
         .to_be_bytes();
     }
     Ok(ctx.data_end() - ctx.data())
-}
-
-#[inline(always)]
-fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), u32> {
-    // SAFETY: the helper checks that the new head stays within the buffer.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), delta) } != 0 {
-        return Err(reason::PASS_MALFORMED);
-    }
-    Ok(())
 }

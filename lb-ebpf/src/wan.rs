@@ -5,9 +5,16 @@
 //! the client's LAN interface. Everything else, above all the router's own
 //! traffic (its probes, SSH, routing protocols), goes to the kernel
 //! untouched: this program never drops.
+//!
+//! The same translation serves L3 uplinks (tunnels, raw-IP modems), whose
+//! packets have no Ethernet header and reach lb at tc ingress rather than
+//! in XDP ([`ingress_l3`]): it pushes the LAN's Ethernet header in front
+//! and sends the packet out of the client's LAN port.
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext,
+    bindings::{xdp_action::XDP_PASS, TC_ACT_OK},
+    helpers::bpf_ktime_get_coarse_ns,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     maps::{tcp_state, FlowKey, NatKey},
@@ -19,15 +26,61 @@ use crate::{
     maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_BY_IFINDEX},
     nat::{self, End},
     parse::{
-        self, Fragment, IcmpHdr, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_PARAM_PROBLEM,
-        ICMP_TIME_EXCEEDED, IPPROTO_ICMP, TCP_FIN, TCP_RST, TCP_SYN,
+        self, Fragment, Frame, IcmpHdr, L3Packet, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
+        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, TCP_FIN, TCP_RST, TCP_SYN,
     },
     rewrite, stats,
 };
 
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
-    let ifindex = ctx.ingress_ifindex() as u32;
+    let uplink = arrived(ctx.ingress_ifindex() as u32, ctx)?;
+    if parse::ether_type(ctx) == parse::ETH_P_IPV6 {
+        return crate::wan6::ingress(ctx, uplink);
+    }
+    let back = translate(ctx, uplink)?;
+    Ok(egress::send(
+        ctx,
+        back.lan_ifindex,
+        uplink,
+        back.client_addr,
+        || LAN_PORTS.redirect(back.lan_ifindex, 0),
+    ))
+}
+
+/// tc ingress of an L3 uplink: a reply is translated, given the LAN's
+/// Ethernet header and sent out of its client's LAN port (through that
+/// port's qdisc). Everything else goes on to the kernel as it came.
+/// IPv6 over L3 uplinks is the kernel's.
+#[inline(always)]
+pub fn ingress_l3(ctx: &TcContext) -> i32 {
+    // SAFETY: reading the context's field.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(pkt) = L3Packet::of(ctx) else {
+        stats::count(reason::PASS_NOT_IPV4);
+        return TC_ACT_OK;
+    };
+    let sent = arrived(ifindex, &pkt).and_then(|uplink| {
+        if pkt.l3_proto() == Some(parse::ETH_P_IPV6) {
+            return Err(reason::PASS_NOT_IPV4);
+        }
+        let back = translate(&pkt, uplink)?;
+        Ok(egress::send_tc(
+            ctx,
+            back.lan_ifindex,
+            uplink,
+            back.client_addr,
+        ))
+    });
+    sent.unwrap_or_else(|reason| {
+        stats::count(reason);
+        TC_ACT_OK
+    })
+}
+
+/// Uplink on `ifindex`, with the packet counted.
+#[inline(always)]
+fn arrived<C: Frame>(ifindex: u32, ctx: &C) -> Result<u32, u32> {
     // SAFETY: a plain lookup; the value is copied out at once.
     let uplink = unsafe { UPLINK_BY_IFINDEX.get(&ifindex) }
         .copied()
@@ -37,10 +90,20 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         s.rx_packets += 1;
         s.rx_bytes += len;
     });
+    Ok(uplink)
+}
 
-    if parse::ether_type(ctx) == parse::ETH_P_IPV6 {
-        return crate::wan6::ingress(ctx, uplink);
-    }
+/// Where a translated reply goes.
+struct Back {
+    lan_ifindex: u32,
+    client_addr: [u8; 4],
+}
+
+/// Translate an IPv4 reply (or an ICMP error about a packet we sent) that
+/// arrived on `uplink` back to its client, with the client's link-layer
+/// header; `Err` is the reason to leave it to the kernel.
+#[inline(always)]
+fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     let pkt = parse::ipv4(ctx)?;
     let info = UPLINKS.get(uplink).ok_or(reason::PASS_UNKNOWN_UPLINK)?;
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
@@ -145,13 +208,10 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         back.vlan_tci,
     )?;
     stats::uplink(uplink, |s| s.replies += 1);
-    Ok(egress::send(
-        ctx,
-        back.lan_ifindex,
-        uplink,
-        back.client_addr,
-        || LAN_PORTS.redirect(back.lan_ifindex, 0),
-    ))
+    Ok(Back {
+        lan_ifindex: back.lan_ifindex,
+        client_addr: back.client_addr,
+    })
 }
 
 /// A reply keeps its flow alive and moves its TCP state along.

@@ -14,6 +14,7 @@
 //! - [`daemon`]: lbd running in a lab's router, and `lbctl` against it.
 //! - [`dhcp`]: DHCP (IPv4) servers and clients in the DHCP lab.
 //! - [`dhcp6`]: DHCPv6 with prefix delegation and RAs in the DHCP lab.
+//! - [`rawip`]: a raw-IP link (tun at both ends), an LTE modem's stand-in.
 
 pub mod daemon;
 pub mod desc;
@@ -22,6 +23,7 @@ pub mod dhcp6;
 pub mod lab;
 pub mod netns;
 pub mod observe;
+pub mod rawip;
 pub mod stream;
 pub mod traffic;
 

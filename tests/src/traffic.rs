@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -322,6 +322,63 @@ fn udp_echo(socket: UdpSocket, server: SocketAddr, i: usize, timeout: Duration) 
     Err(last_error
         .unwrap_or_else(|| anyhow::anyhow!("no time left to send"))
         .context(format!("no echo after {ATTEMPTS} tries in {timeout:?}")))
+}
+
+/// UDP sockets of a client, each connected to `server` and held open, so
+/// that a flow can be sent on again after its uplink changes.
+pub struct HeldUdp {
+    sockets: Vec<(u16, UdpSocket)>,
+}
+
+impl HeldUdp {
+    /// `count` sockets in namespace `ns`, each from its own port.
+    pub fn open(ns: &str, server: SocketAddr, count: usize) -> Result<HeldUdp> {
+        let sockets = in_netns(ns, || {
+            (0..count)
+                .map(|_| -> Result<(u16, UdpSocket)> {
+                    let any: SocketAddr = if server.is_ipv6() {
+                        (Ipv6Addr::UNSPECIFIED, 0).into()
+                    } else {
+                        ([0, 0, 0, 0], 0).into()
+                    };
+                    let socket = UdpSocket::bind(any)?;
+                    socket.connect(server)?;
+                    Ok((socket.local_addr()?.port(), socket))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(HeldUdp { sockets })
+    }
+
+    /// Sends on flow `i` until its echo comes back, within `limit`.
+    pub fn echo(&self, i: usize, limit: Duration) -> Result<()> {
+        let (port, socket) = &self.sockets[i];
+        let deadline = Instant::now() + limit;
+        let message = format!("held flow {port}");
+        let mut buf = [0u8; 256];
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        loop {
+            // An ICMP error while the path changes is not the end.
+            let _ = socket.send(message.as_bytes());
+            if let Ok(n) = socket.recv(&mut buf) {
+                if &buf[..n] == message.as_bytes() {
+                    return Ok(());
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "flow from port {port}: no echo within {limit:?}"
+            );
+        }
+    }
+
+    pub fn echo_all(&self, limit: Duration) -> Result<()> {
+        (0..self.sockets.len()).try_for_each(|i| self.echo(i, limit))
+    }
+
+    pub fn ids(&self) -> Vec<(u8, u16)> {
+        self.sockets.iter().map(|(p, _)| (17, *p)).collect()
+    }
 }
 
 /// A socket of `server`'s family bound to port 0, and the port it got.

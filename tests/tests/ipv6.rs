@@ -23,8 +23,8 @@ use lb_tests::{
     dhcp6::{self, Dhcp6},
     in_netns, require_root,
     traffic::{
-        http_download, tcp_flows, tcp_upload, udp_flows, FlowResult, HttpFileServer, TcpEchoServer,
-        TcpSinkServer, UdpEchoServer,
+        http_download, tcp_flows, tcp_upload, udp_flows, FlowResult, HeldUdp, HttpFileServer,
+        TcpEchoServer, TcpSinkServer, UdpEchoServer,
     },
     unique_prefix, watch_flows, watch_sources, FlowWatch, Lab, LabDesc, LanLeaks, Leaks6,
 };
@@ -265,62 +265,6 @@ fn ipv6_flows_spread_by_weight_and_downloads_are_exact_through_a_translated_upli
     router.finish()
 }
 
-/// UDP sockets of the client, each connected to `server` and held open,
-/// so that a flow can be sent on again after its uplink changes.
-struct Held {
-    sockets: Vec<(u16, UdpSocket)>,
-}
-
-impl Held {
-    fn open(ns: &str, server: SocketAddr, count: usize) -> Result<Held> {
-        let sockets = in_netns(ns, || {
-            (0..count)
-                .map(|_| -> Result<(u16, UdpSocket)> {
-                    let any: SocketAddr = if server.is_ipv6() {
-                        (Ipv6Addr::UNSPECIFIED, 0).into()
-                    } else {
-                        ([0, 0, 0, 0], 0).into()
-                    };
-                    let socket = UdpSocket::bind(any)?;
-                    socket.connect(server)?;
-                    Ok((socket.local_addr()?.port(), socket))
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        Ok(Held { sockets })
-    }
-
-    /// Sends on flow `i` until its echo comes back, within `limit`.
-    fn echo(&self, i: usize, limit: Duration) -> Result<()> {
-        let (port, socket) = &self.sockets[i];
-        let deadline = Instant::now() + limit;
-        let message = format!("held flow {port}");
-        let mut buf = [0u8; 256];
-        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-        loop {
-            // An ICMP error while the path changes is not the end.
-            let _ = socket.send(message.as_bytes());
-            if let Ok(n) = socket.recv(&mut buf) {
-                if &buf[..n] == message.as_bytes() {
-                    return Ok(());
-                }
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "flow from port {port}: no echo within {limit:?}"
-            );
-        }
-    }
-
-    fn echo_all(&self, limit: Duration) -> Result<()> {
-        (0..self.sockets.len()).try_for_each(|i| self.echo(i, limit))
-    }
-
-    fn ids(&self) -> Vec<(u8, u16)> {
-        self.sockets.iter().map(|(p, _)| (17, *p)).collect()
-    }
-}
-
 #[test]
 fn carrier_loss_moves_ipv6_and_ipv4_flows_to_the_other_uplink() -> Result<()> {
     const FLOWS: usize = 40;
@@ -334,8 +278,8 @@ fn carrier_loss_moves_ipv6_and_ipv4_flows_to_the_other_uplink() -> Result<()> {
     let udp4 = UdpEchoServer::start(inet, "198.51.100.10:0".parse()?)?;
     let watches = watch_isps(lab)?;
     let client = router.client()?;
-    let six = Held::open(client, udp6.local_addr(), FLOWS)?;
-    let four = Held::open(client, udp4.local_addr(), FLOWS)?;
+    let six = HeldUdp::open(client, udp6.local_addr(), FLOWS)?;
+    let four = HeldUdp::open(client, udp4.local_addr(), FLOWS)?;
     six.echo_all(FLOW_TIMEOUT)?;
     four.echo_all(FLOW_TIMEOUT)?;
     let before = split(&six.ids(), &watches)?;
@@ -400,8 +344,8 @@ fn an_upstream_cut_of_ipv6_alone_moves_ipv6_flows_and_leaves_ipv4_flows_be() -> 
     let udp4 = UdpEchoServer::start(inet, "198.51.100.10:0".parse()?)?;
     let watches = watch_isps(lab)?;
     let client = router.client()?;
-    let six = Held::open(client, udp6.local_addr(), FLOWS)?;
-    let four = Held::open(client, udp4.local_addr(), FLOWS)?;
+    let six = HeldUdp::open(client, udp6.local_addr(), FLOWS)?;
+    let four = HeldUdp::open(client, udp4.local_addr(), FLOWS)?;
     let four_before = seen_after(&watches, || four.echo_all(FLOW_TIMEOUT))?;
     six.echo_all(FLOW_TIMEOUT)?;
     let before = split(&six.ids(), &watches)?;

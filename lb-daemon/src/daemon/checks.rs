@@ -141,6 +141,15 @@ pub(super) fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<
         let Some(link) = observed.link(&ifname) else {
             continue;
         };
+        if link.l3 {
+            // No Ethernet header, no XDP into it: lb sends to it by its
+            // qdisc (lb's tc program) and takes its replies at tc ingress.
+            log::info!(
+                "{ifname}: an L3 device (no link-layer header): lb's packets reach it by the \
+                 hand-off path (tc), its replies are translated at its tc ingress"
+            );
+            continue;
+        }
         let features = caps
             .features(link.index)
             .with_context(|| format!("asking the kernel for the XDP features of {ifname}"))?;

@@ -196,6 +196,7 @@ impl Daemon {
         self.attachments.converge_uplink(
             &u.cfg.interface,
             facts.ifindex.filter(|_| facts.mac.is_some()),
+            facts.l3,
             &mut u.attached,
             &mut self.dataplane,
         )?;
@@ -290,6 +291,7 @@ impl Daemon {
                     ifindex: u.facts.ifindex?,
                     name: u.cfg.interface.clone(),
                     bridge: None,
+                    l3: u.facts.l3,
                 })
             })
             .collect();
@@ -304,6 +306,7 @@ impl Daemon {
                         ifindex,
                         name,
                         bridge,
+                        l3: false,
                     });
                 }
             }
@@ -341,11 +344,13 @@ impl Daemon {
             .map(|u| {
                 let f = &u.facts;
                 match (f.ifindex, f.addr, f.gateway, f.carrier) {
-                    (Some(ifindex), Some(addr), Some(gateway), true) => Some(routing::Ready {
-                        ifindex,
-                        addr,
-                        gateway,
-                    }),
+                    (Some(ifindex), Some(addr), gateway, true) if gateway.is_some() || f.l3 => {
+                        Some(routing::Ready {
+                            ifindex,
+                            addr,
+                            gateway,
+                        })
+                    }
                     _ => None,
                 }
             })

@@ -99,7 +99,7 @@ pub fn lifecycle(admin: Admin, facts: &Facts, health: Option<Health>, proven: bo
         Err(Lifecycle::WaitingCarrier)
     } else if facts.addr.is_none() {
         Err(Lifecycle::WaitingAddress)
-    } else if facts.gateway.is_none() {
+    } else if facts.gateway.is_none() && !facts.l3 {
         Err(Lifecycle::WaitingGateway)
     } else if facts.gateway_mac.is_none() {
         Err(Lifecycle::GatewayUnresolved)

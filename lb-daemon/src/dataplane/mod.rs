@@ -122,9 +122,11 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
         }
-        dp.handoff()?.load().with_context(|| {
-            format!("the kernel's verifier refused program {}", program::HANDOFF)
-        })?;
+        for prog in [program::HANDOFF, program::WAN_INGRESS_L3] {
+            dp.tc(prog)?
+                .load()
+                .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
+        }
         Ok(dp)
     }
 
@@ -240,9 +242,9 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The tc program that carries hand-offs through a device's qdisc.
-    fn handoff(&mut self) -> Result<&mut SchedClassifier> {
-        let prog = program::HANDOFF;
+    /// One of lb's tc programs: the hand-off ([`program::HANDOFF`]), or
+    /// the reply path of L3 uplinks ([`program::WAN_INGRESS_L3`]).
+    fn tc(&mut self, prog: &str) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(prog)
             .with_context(|| format!("program {prog} missing from the XDP object"))?
@@ -254,7 +256,11 @@ impl Dataplane {
     /// in line), beside an XDP program there: what XDP hands over arrives
     /// there. Pinned like the XDP attachments, and taken over the same way.
     pub fn attach_handoff(&mut self, interface: &str) -> Result<SchedClassifierLinkId> {
-        let prog = program::HANDOFF;
+        self.attach_tc(program::HANDOFF, interface)
+    }
+
+    /// Attach tc program `prog` to `interface`'s tc ingress, first in line.
+    pub fn attach_tc(&mut self, prog: &str, interface: &str) -> Result<SchedClassifierLinkId> {
         let pin = self.pins.as_ref().map(|p| p.link(prog, interface));
         if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
             let taken = PinnedLink::from_pin(pin)
@@ -262,7 +268,7 @@ impl Dataplane {
                 .and_then(|p| {
                     SchedClassifierLink::try_from(FdLink::from(p)).context("not a tc link")
                 })
-                .and_then(|link| Ok(self.handoff()?.attach_to_link(link)?));
+                .and_then(|link| Ok(self.tc(prog)?.attach_to_link(link)?));
             match taken {
                 Ok(link) => return Ok(link),
                 Err(e) => {
@@ -271,7 +277,7 @@ impl Dataplane {
                 }
             }
         }
-        let tc = self.handoff()?;
+        let tc = self.tc(prog)?;
         let link = tc
             .attach_with_options(
                 interface,
@@ -293,14 +299,21 @@ impl Dataplane {
 
     /// Detach the hand-off program from `interface`, pin and all.
     pub fn detach_handoff(&mut self, interface: &str, link: SchedClassifierLinkId) -> Result<()> {
+        self.detach_tc(program::HANDOFF, interface, link)
+    }
+
+    /// Detach tc program `prog` from `interface`, pin and all.
+    pub fn detach_tc(
+        &mut self,
+        prog: &str,
+        interface: &str,
+        link: SchedClassifierLinkId,
+    ) -> Result<()> {
         if let Some(pins) = &self.pins {
-            let _ = std::fs::remove_file(pins.link(program::HANDOFF, interface));
+            let _ = std::fs::remove_file(pins.link(prog, interface));
         }
-        if let Err(e) = self.handoff()?.detach(link) {
-            log::debug!(
-                "detaching {}: {e} (its interface may be gone)",
-                program::HANDOFF
-            );
+        if let Err(e) = self.tc(prog)?.detach(link) {
+            log::debug!("detaching {prog}: {e} (its interface may be gone)");
         }
         Ok(())
     }

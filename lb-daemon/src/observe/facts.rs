@@ -1,6 +1,12 @@
 //! What the kernel says about an uplink, as far as lb needs it to send
 //! traffic through it: its interface, MAC, MTU and carrier, its address,
 //! its gateway and the gateway's MAC, read from one snapshot. Pure.
+//!
+//! An L3 uplink (a tunnel, a raw-IP modem) has no link layer: no MAC, and
+//! no gateway to resolve (the kernel routes into the device itself). Its
+//! MAC and its gateway's are [`lb_common::NO_LINK_LAYER`], which the data
+//! plane takes as "known", and its packets leave without an Ethernet
+//! header (the hand-off path).
 
 use std::net::Ipv4Addr;
 
@@ -22,6 +28,8 @@ pub struct Facts {
     pub gateway: Option<Ipv4Addr>,
     /// The gateway's Ethernet address.
     pub gateway_mac: Option<[u8; 6]>,
+    /// It is an L3 device: no Ethernet header, no gateway needed.
+    pub l3: bool,
 }
 
 impl Facts {
@@ -35,6 +43,23 @@ impl Facts {
             return Facts::default();
         };
         let addr = observed.address_of(link.index);
+        if link.l3 {
+            return Facts {
+                ifindex: Some(link.index),
+                mac: Some(lb_common::NO_LINK_LAYER),
+                mtu: link.mtu,
+                carrier: link.up,
+                addr,
+                // A configured one is honoured (a point-to-point peer);
+                // none is needed.
+                gateway: match gateway {
+                    Gateway::Fixed(ip) => Some(ip),
+                    Gateway::Auto => observed.default_gateway(link.index),
+                },
+                gateway_mac: Some(lb_common::NO_LINK_LAYER),
+                l3: true,
+            };
+        }
         let gateway = match gateway {
             Gateway::Fixed(ip) => Some(ip),
             Gateway::Auto => observed.default_gateway(link.index),
@@ -55,6 +80,7 @@ impl Facts {
             addr,
             gateway,
             gateway_mac,
+            l3: false,
         }
     }
 
@@ -64,7 +90,7 @@ impl Facts {
         self.ifindex.is_some()
             && self.mac.is_some()
             && self.addr.is_some()
-            && self.gateway.is_some()
+            && (self.l3 || self.gateway.is_some())
             && self.gateway_mac.is_some()
     }
 }
@@ -86,6 +112,7 @@ pub(crate) mod fixtures {
             addr: Some(Ipv4Addr::new(100, 64, 1, 2)),
             gateway: Some(GW),
             gateway_mac: Some([2, 0, 0, 0, 0, 2]),
+            l3: false,
         }
     }
 }
@@ -112,6 +139,7 @@ mod tests {
                 kind: Some("veth".into()),
                 master: None,
                 lower: None,
+                l3: false,
             }],
             addresses: vec![Address {
                 ifindex: 3,
@@ -142,5 +170,41 @@ mod tests {
         // Another gateway: not the old one's address.
         let other = Gateway::Fixed(Ipv4Addr::new(100, 64, 1, 5));
         assert_eq!(Facts::observe(&o, "wan1", other, &f).gateway_mac, None);
+    }
+
+    #[test]
+    fn an_l3_uplink_needs_no_mac_and_no_gateway() {
+        let o = Observed {
+            links: vec![LinkFacts {
+                name: "lte0".into(),
+                index: 7,
+                mac: None,
+                up: true,
+                mtu: 1420,
+                kind: Some("tun".into()),
+                master: None,
+                lower: None,
+                l3: true,
+            }],
+            addresses: vec![Address {
+                ifindex: 7,
+                addr: Ipv4Addr::new(10, 77, 0, 2),
+                prefix_len: 30,
+            }],
+            ..Observed::default()
+        };
+        let f = Facts::observe(&o, "lte0", Gateway::Auto, &Facts::default());
+        assert!(f.l3 && f.complete(), "{f:?}");
+        assert_eq!(f.gateway, None);
+        assert_eq!(f.mac, Some(lb_common::NO_LINK_LAYER));
+        assert_eq!(f.gateway_mac, Some(lb_common::NO_LINK_LAYER));
+        assert_eq!(f.mtu, 1420);
+        let lifecycle = crate::daemon::uplink::lifecycle(
+            crate::daemon::uplink::Admin::Enabled,
+            &f,
+            Some(crate::health::State::Up),
+            true,
+        );
+        assert_eq!(lifecycle.as_str(), "in service");
     }
 }

@@ -16,7 +16,7 @@ use futures::TryStreamExt;
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkInfo, LinkMessage},
+        link::{LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
         },
@@ -56,6 +56,9 @@ pub struct LinkFacts {
     pub master: Option<u32>,
     /// The device it sits on (a VLAN's parent), when it has one.
     pub lower: Option<u32>,
+    /// It carries IP packets with no link-layer header (a tunnel such as
+    /// WireGuard or tun, a raw-IP modem, PPP): no MAC, no neighbours.
+    pub l3: bool,
 }
 
 /// An IPv4 address on an interface.
@@ -343,6 +346,10 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
             _ => {}
         }
     }
+    let l3 = matches!(
+        msg.header.link_layer_type,
+        LinkLayerType::None | LinkLayerType::Rawip | LinkLayerType::Ppp
+    );
     Some(LinkFacts {
         name: name?,
         index: msg.header.index,
@@ -352,6 +359,7 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
         kind,
         master,
         lower,
+        l3,
     })
 }
 
@@ -544,6 +552,7 @@ mod tests {
             kind: Some(kind.into()),
             master: None,
             lower,
+            l3: false,
         };
         o.links.push(link(LAN, "veth", None));
         o.links.push(link(VLAN, "vlan", Some(LAN)));

@@ -2,7 +2,9 @@
 //! LANs' frames arrive on (a LAN interface, or each port of a LAN bridge:
 //! XDP cannot redirect into a bridge), `wan_ingress` on every uplink whose
 //! interface exists, and the hand-off program (tc ingress) beside each,
-//! attached first: a frame XDP hands over must always find it.
+//! attached first: a frame XDP hands over must always find it. An L3
+//! uplink (no Ethernet header: a tunnel, a raw-IP modem) gets
+//! `wan_ingress_l3` at tc ingress instead: XDP frames are Ethernet frames.
 //!
 //! [`wanted_lan_ports`] is a function of the config and the snapshot;
 //! [`Attachments`] converges and remembers the links it holds. It never
@@ -38,6 +40,8 @@ pub struct Attachments {
     /// Why the hand-off program could not be attached somewhere, if it
     /// could not: no qdisc is honoured then.
     handoff_failed: Option<String>,
+    /// `wan_ingress_l3`'s, on L3 uplinks, by interface name.
+    l3_uplinks: BTreeMap<String, SchedClassifierLinkId>,
 }
 
 impl Attachments {
@@ -81,12 +85,14 @@ impl Attachments {
     }
 
     /// Attach `wan_ingress` to uplink interface `interface` (index
-    /// `ifindex`, `None` while it does not exist), unless `attached` says
-    /// it is there already; records it in `attached`.
+    /// `ifindex`, `None` while it does not exist), or `wan_ingress_l3` to
+    /// an `l3` one, unless `attached` says it is there already; records it
+    /// in `attached`.
     pub fn converge_uplink(
         &mut self,
         interface: &str,
         ifindex: Option<u32>,
+        l3: bool,
         attached: &mut Option<u32>,
         dataplane: &mut Dataplane,
     ) -> Result<()> {
@@ -94,6 +100,20 @@ impl Attachments {
             *attached = None;
             return Ok(());
         };
+        if *attached != Some(ifindex) && l3 {
+            if let Some(link) = self.l3_uplinks.remove(interface) {
+                dataplane.detach_tc(program::WAN_INGRESS_L3, interface, link)?;
+            }
+            let link = dataplane
+                .attach_tc(program::WAN_INGRESS_L3, interface)
+                .with_context(|| format!("uplink {interface} (an L3 device)"))?;
+            log::info!(
+                "attached {} to the tc ingress of {interface} (an L3 device: no XDP)",
+                program::WAN_INGRESS_L3
+            );
+            self.l3_uplinks.insert(interface.to_owned(), link);
+            *attached = Some(ifindex);
+        }
         if *attached != Some(ifindex) {
             self.attach_handoff(interface, dataplane);
             let (mode, _) = dataplane.attach(program::WAN_INGRESS, interface)?;
@@ -164,6 +184,7 @@ mod tests {
             kind: Some(kind.into()),
             master,
             lower: None,
+            l3: false,
         }
     }
 

@@ -99,6 +99,24 @@ pub fn decide_port(qdiscs: &[Qdisc], port: u32, bridge: u32) -> Choice {
     }
 }
 
+/// How packets leave through L3 uplink `ifindex` (a tunnel, a raw-IP
+/// modem): always by its qdisc, whatever it is, since `XDP_REDIRECT`
+/// cannot reach a device without `ndo_xdp_xmit`; lb's tc program sends
+/// them on without their Ethernet header.
+pub fn decide_l3(qdiscs: &[Qdisc], ifindex: u32) -> Choice {
+    match root(qdiscs, ifindex) {
+        Some(q) if q.is_lbs() => through(q, 0, "lb's shaper, on an L3 device"),
+        _ => Choice {
+            egress: Some(Egress {
+                path: path::QDISC,
+                shaper_major: 0,
+                ifindex: 0,
+            }),
+            why: "an L3 device: no XDP into it, its IP packets go by its qdisc".into(),
+        },
+    }
+}
+
 fn xdp(why: &str) -> Choice {
     Choice {
         egress: None,
@@ -426,6 +444,8 @@ pub struct Device {
     pub ifindex: u32,
     pub name: String,
     pub bridge: Option<u32>,
+    /// An L3 uplink (no Ethernet header): XDP cannot send into it.
+    pub l3: bool,
 }
 
 /// What lbd owns of egress, between two reconciles: the `EGRESS` map as
@@ -522,6 +542,7 @@ impl Owned {
             let choice = match (no_handoff, d.bridge) {
                 (Some(why), _) => xdp(&format!("lb's tc program is missing ({why})")),
                 (None, Some(bridge)) => decide_port(qdiscs, d.ifindex, bridge),
+                (None, None) if d.l3 => decide_l3(qdiscs, d.ifindex),
                 (None, None) => decide(qdiscs, d.ifindex),
             };
             seen.insert(d.ifindex);
@@ -629,6 +650,18 @@ mod tests {
         assert_eq!(ours.egress.map(|e| e.shaper_major), Some(SHAPER_MAJOR));
         // Another HTB is the operator's: honoured, never classified by lb.
         assert_eq!(decide(&qdiscs, 7).egress.map(|e| e.shaper_major), Some(0));
+    }
+
+    #[test]
+    fn an_l3_device_is_always_sent_to_through_its_qdisc() {
+        let none: Vec<Qdisc> = Vec::new();
+        assert_eq!(decide_l3(&none, 7).path(), "qdisc");
+        assert_eq!(decide_l3(&none, 7).egress.map(|e| e.shaper_major), Some(0));
+        let lbs = vec![q(7, SHAPER_MAJOR << 16, u32::MAX, "htb")];
+        assert_eq!(
+            decide_l3(&lbs, 7).egress.map(|e| e.shaper_major),
+            Some(SHAPER_MAJOR)
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use rtnetlink::{
     packet_route::{
-        route::{RouteMessage, RouteProtocol},
+        route::{RouteMessage, RouteProtocol, RouteScope},
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
     Handle, RouteMessageBuilder,
@@ -34,11 +34,11 @@ use crate::{
 const LOOPBACK: &str = "lo";
 
 /// A route lbd wants: in `table`, the default route via `gateway` on
-/// `ifindex`.
+/// `ifindex` (or into `ifindex` itself, an L3 uplink's, without one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OwnedRoute {
     pub table: u32,
-    pub gateway: Ipv4Addr,
+    pub gateway: Option<Ipv4Addr>,
     pub ifindex: u32,
 }
 
@@ -116,12 +116,13 @@ impl Changes {
 }
 
 /// An uplink that can have its table: its interface, address and gateway
-/// as the kernel has them now (and its carrier up).
+/// as the kernel has them now (and its carrier up); an L3 uplink needs no
+/// gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ready {
     pub ifindex: u32,
     pub addr: Ipv4Addr,
-    pub gateway: Ipv4Addr,
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// lbd's routing tables and rules as they should be: for each uplink
@@ -257,7 +258,7 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
         .filter(|r| r.protocol == ROUTE_PROTOCOL)
     {
         let owned = match (r.dst_len, r.gateway, r.oifs.as_slice()) {
-            (0, Some(gateway), &[ifindex]) => Some(OwnedRoute {
+            (0, gateway, &[ifindex]) => Some(OwnedRoute {
                 table: r.table,
                 gateway,
                 ifindex,
@@ -321,19 +322,23 @@ pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
         }
     }
     for r in changes.add_routes {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .table_id(r.table)
-            .gateway(r.gateway)
             .output_interface(r.ifindex)
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-            // The gateway is on the uplink's link by definition; the kernel
-            // need not look for a route to it in this table.
-            .onlink()
-            .build();
-        if let Err(e) = handle.route().add(msg).replace().execute().await {
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+        if let Some(gateway) = r.gateway {
+            // The gateway is on the uplink's link by definition; the
+            // kernel need not look for a route to it in this table.
+            msg = msg.gateway(gateway).onlink();
+        } else {
+            // Into the device itself (an L3 uplink): on its link.
+            msg = msg.scope(RouteScope::Link);
+        }
+        if let Err(e) = handle.route().add(msg.build()).replace().execute().await {
+            let via = r.gateway.map_or_else(|| "-".to_string(), |g| g.to_string());
             errors.push(format!(
-                "adding default via {} (ifindex {}) to table {}: {e}",
-                r.gateway, r.ifindex, r.table
+                "adding default via {via} (ifindex {}) to table {}: {e}",
+                r.ifindex, r.table
             ));
         }
     }
@@ -392,7 +397,7 @@ mod tests {
         let wanted = Wanted {
             routes: [OwnedRoute {
                 table: 4000,
-                gateway: ip("100.64.1.1"),
+                gateway: Some(ip("100.64.1.1")),
                 ifindex: WAN1,
             }]
             .into_iter()
@@ -471,7 +476,7 @@ mod tests {
         let ready = Ready {
             ifindex: WAN2,
             addr: ip("100.64.2.2"),
-            gateway: ip("100.64.2.1"),
+            gateway: Some(ip("100.64.2.1")),
         };
         let w = wanted(
             &routing,
