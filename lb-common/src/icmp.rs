@@ -1,7 +1,10 @@
-//! The ICMP "host unreachable" the data plane answers a refused new flow
-//! with (`fallback = unreachable`), so that the client gives up at once
-//! instead of retrying into silence (RFC 1122 3.2.2.1; Linux aborts a
-//! connecting TCP socket on it).
+//! The ICMP errors the data plane answers a client with itself: "host
+//! unreachable" for a refused new flow (`fallback = unreachable`), so that
+//! the client gives up at once instead of retrying into silence (RFC 1122
+//! 3.2.2.1; Linux aborts a connecting TCP socket on it), and
+//! "fragmentation needed" with the uplink's MTU for a packet with DF set
+//! that is too big for its uplink (RFC 1191: path MTU discovery), which
+//! XDP can neither send nor fragment.
 //!
 //! The error quotes the offending packet's IPv4 header (without options)
 //! and the first eight bytes after it (RFC 792), which is how the client's
@@ -25,6 +28,7 @@ pub const ERROR_LEN: usize = HEADERS_LEN + QUOTED_LEN;
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const CODE_HOST_UNREACH: u8 = 1;
+const CODE_FRAG_NEEDED: u8 = 4;
 const IPPROTO_ICMP: u8 = 1;
 /// TOS of ICMP errors: precedence "internetwork control", as Linux sends
 /// them.
@@ -35,7 +39,26 @@ const TTL: u8 = 64;
 /// The IPv4 and ICMP headers of a "host unreachable" from `from` that
 /// quotes `quoted` (the offending packet's header and first eight bytes),
 /// addressed to that packet's source. Checksums filled in.
+#[inline(always)]
 pub fn host_unreachable(quoted: &[u8; QUOTED_LEN], from: [u8; 4]) -> [u8; HEADERS_LEN] {
+    unreachable(quoted, from, CODE_HOST_UNREACH, 0)
+}
+
+/// As [`host_unreachable`], a "fragmentation needed and DF set" telling
+/// the next-hop MTU `mtu` (RFC 1191).
+#[inline(always)]
+pub fn fragmentation_needed(
+    quoted: &[u8; QUOTED_LEN],
+    from: [u8; 4],
+    mtu: u16,
+) -> [u8; HEADERS_LEN] {
+    unreachable(quoted, from, CODE_FRAG_NEEDED, mtu)
+}
+
+/// A "destination unreachable" of `code`, with `mtu` in the second half of
+/// the header's last word (zero but for fragmentation needed).
+#[inline(always)]
+fn unreachable(quoted: &[u8; QUOTED_LEN], from: [u8; 4], code: u8, mtu: u16) -> [u8; HEADERS_LEN] {
     let mut out = [0u8; HEADERS_LEN];
     let total = (ERROR_LEN as u16).to_be_bytes();
     out[0] = 0x45;
@@ -52,7 +75,8 @@ pub fn host_unreachable(quoted: &[u8; QUOTED_LEN], from: [u8; 4]) -> [u8; HEADER
     out[11] = ip[1];
 
     out[IPV4_HDR_LEN] = ICMP_DEST_UNREACH;
-    out[IPV4_HDR_LEN + 1] = CODE_HOST_UNREACH;
+    out[IPV4_HDR_LEN + 1] = code;
+    out[IPV4_HDR_LEN + 6..IPV4_HDR_LEN + 8].copy_from_slice(&mtu.to_be_bytes());
     let icmp = csum::checksum(quoted, csum::sum(&out[IPV4_HDR_LEN..], 0)).to_be_bytes();
     out[IPV4_HDR_LEN + 2] = icmp[0];
     out[IPV4_HDR_LEN + 3] = icmp[1];
@@ -82,5 +106,12 @@ mod tests {
         assert_eq!(&h[16..20], &[10, 0, 0, 5], "to the client");
         assert_eq!(u16::from_be_bytes([h[2], h[3]]) as usize, ERROR_LEN);
         assert_eq!((h[20], h[21]), (3, 1), "destination unreachable, host");
+        assert_eq!(&h[24..28], &[0; 4], "unused");
+
+        let f = fragmentation_needed(&quoted, [10, 0, 0, 1], 1420);
+        assert_eq!((f[20], f[21]), (3, 4), "fragmentation needed");
+        assert_eq!(u16::from_be_bytes([f[26], f[27]]), 1420, "next-hop MTU");
+        icmp[..ICMP_HDR_LEN].copy_from_slice(&f[IPV4_HDR_LEN..]);
+        assert!(csum::verifies(&icmp, 0), "ICMP checksum with the MTU");
     }
 }

@@ -32,8 +32,9 @@ pub const DROP_REDIRECT_FAILED: u32 = 9;
 
 /// A reply on an uplink that matches no NAT mapping: the router's own.
 pub const PASS_NO_MAPPING: u32 = 10;
-/// Larger than the uplink's MTU with DF set: the kernel answers with ICMP
-/// "fragmentation needed".
+/// Larger than the uplink's MTU with DF set, where the data plane cannot
+/// answer itself (an IPv6 packet, a tagged frame, IPv4 options): the
+/// kernel answers with ICMP "fragmentation needed" (or Packet Too Big).
 pub const PASS_TOO_BIG: u32 = 11;
 /// Larger than the uplink's MTU without DF: XDP cannot fragment, and the
 /// kernel would send it out unNATed.
@@ -57,8 +58,12 @@ pub const DROP_POLICY_UNREACHABLE: u32 = 17;
 /// sent out with an address the ISP would not route back.
 pub const DROP_FOREIGN_SOURCE: u32 = 18;
 
+/// Larger than the uplink's MTU with DF set: the client was sent ICMP
+/// "fragmentation needed" with the uplink's MTU (path MTU discovery).
+pub const TOLD_TOO_BIG: u32 = 19;
+
 /// Number of reasons.
-pub const COUNT: u32 = 19;
+pub const COUNT: u32 = 20;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -85,4 +90,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_policy",
     "drop_policy_unreachable",
     "drop_foreign_source",
+    "told_too_big",
 ];

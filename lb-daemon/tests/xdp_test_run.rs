@@ -1493,6 +1493,65 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
     );
 }
 
+/// A UDP datagram of `total` bytes of IPv4 (header included), with DF set
+/// or not.
+fn big_udp(src_port: u16, total: usize, df: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+        .ipv4(CLIENT, SERVER, 64)
+        .udp(src_port, 4000);
+    let mut frame = build(b, &vec![0x5a; total - 28]);
+    // The flags byte, whatever the builder chose: DF or nothing.
+    frame[20] = if df { 0x40 } else { 0 };
+    frame[24] = 0;
+    frame[25] = 0;
+    let check = ip_checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
+#[test]
+fn a_df_packet_too_big_for_its_uplink_is_answered_fragmentation_needed() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    for n in 1..=2u8 {
+        let info = UplinkInfo {
+            mtu: 1420,
+            ..uplink_info(n, uplink_state::ACTIVE)
+        };
+        h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
+    }
+    // Fits: forwarded.
+    assert_eq!(h.lan(&big_udp(7000, 1420, true)).0, XDP_REDIRECT);
+
+    let big = big_udp(7001, 1500, true);
+    let before = h.reason(reason::TOLD_TOO_BIG);
+    let (verdict, out) = h.lan(&big);
+    assert_eq!(verdict, 3, "XDP_TX: answered at once");
+    assert_eq!(h.reason(reason::TOLD_TOO_BIG), before + 1);
+    let icmp = SlicedPacket::from_ethernet(&out).expect("an Ethernet frame");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = icmp.net else {
+        panic!("not IPv4: {out:?}");
+    };
+    assert_eq!(ip.header().destination(), CLIENT);
+    assert_eq!(ip_checksum(&out[14..34]), 0, "IPv4 checksum verifies");
+    assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
+    assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1420, "the uplink's MTU");
+    assert_eq!(
+        fold(ones_complement_sum(&out[34..], 0)),
+        0xffff,
+        "ICMP checksum verifies"
+    );
+    assert_eq!(&out[42..62], &big[14..34], "the datagram's header is quoted");
+    assert_eq!(&out[0..6], &CLIENT_MAC, "back to the client");
+
+    // Without DF: XDP cannot fragment; dropped and counted.
+    let before = h.reason(reason::DROP_TOO_BIG);
+    assert_eq!(h.lan(&big_udp(7002, 1500, false)).0, XDP_DROP);
+    assert_eq!(h.reason(reason::DROP_TOO_BIG), before + 1);
+}
+
 // ---------------------------------------------------------------------------
 // IPv6: NPTv6 per flow. The LAN carries uplink 1's delegated /64; flows
 // leaving by uplink 1 go untranslated, by uplink 2 with uplink 2's prefix.

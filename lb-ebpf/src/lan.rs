@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash,
+    hash, icmp,
     maps::{
         settings_flags, tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo,
     },
@@ -25,7 +25,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, count, egress, frags,
+    answer, conntrack, count, egress, frags,
     maps::{BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{
@@ -105,10 +105,20 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(stats::drop(reason::DROP_NO_UPLINK));
     };
     if u32::from(u16::from_be_bytes(total_len)) > info.mtu {
-        // The kernel answers "fragmentation needed" for DF packets; without
-        // DF it would fragment and send them unNATed, so those are dropped.
+        // DF: the client is told the uplink's MTU, as the router on a
+        // narrower link must (RFC 1191); the kernel would route the
+        // packet by its own tables, maybe out of another uplink. Without
+        // DF it would fragment and send them by its own routing, so those
+        // are dropped.
         if u16::from_be_bytes(frag) & IP_DF != 0 {
-            return Err(reason::PASS_TOO_BIG);
+            let mtu = u16::try_from(info.mtu).unwrap_or(u16::MAX);
+            return answer::icmp_error(
+                ctx,
+                &pkt,
+                |quoted, from| icmp::fragmentation_needed(quoted, from, mtu),
+                reason::TOLD_TOO_BIG,
+            )
+            .or(Err(reason::PASS_TOO_BIG));
         }
         return Ok(stats::drop(reason::DROP_TOO_BIG));
     }

@@ -8,6 +8,7 @@
 // Kfunc calls are written out in assembly (see `conntrack`).
 #![feature(asm_experimental_arch)]
 
+mod answer;
 mod conntrack;
 mod count;
 mod egress;

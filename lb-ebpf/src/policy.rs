@@ -3,18 +3,15 @@
 //! policy's sticky entry or bucket table picks the uplink.
 //!
 //! Owns the reads of `RULES`, `PORT_BITS`, `PREFIXES`, `POLICIES`,
-//! `STICKY` and `LAN_CLASSES`, and the ICMP error of `fallback =
-//! unreachable`. The rules cost a new flow one lookup per field they use
+//! `STICKY` and `LAN_CLASSES`, and asks `answer` for the ICMP error of
+//! `fallback = unreachable`. The rules cost a new flow one lookup per field they use
 //! (two prefix tries, two port entries, the LAN port), however many there
 //! are, and no loop. Only new flows (and flows that must move) come here:
 //! an established packet never pays for a rule.
 
 use core::ops::ControlFlow;
 
-use aya_ebpf::{
-    bindings::xdp_action::XDP_TX, helpers::bpf_xdp_adjust_tail, maps::lpm_trie::Key,
-    programs::XdpContext, EbpfContext,
-};
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
     hash::{self, Tuple},
     icmp,
@@ -27,12 +24,12 @@ use lb_common::{
 };
 
 use crate::{
+    answer,
     maps::{
         BUCKETS, CLASSIFYING, LAN_CLASSES, POLICIES, POLICY_STATS, PORT_BITS, PREFIXES, RULES,
         SETTINGS, STICKY, UPLINKS,
     },
-    parse::{self, EthHdr, Ipv4Packet},
-    stats,
+    parse::Ipv4Packet,
 };
 
 /// Where a new flow goes.
@@ -266,7 +263,7 @@ fn by_port(out: &mut RuleBits, generation: u32, side: u32, port: u16) {
 
 /// What `LAN_CLASSES` says of LAN port `ifindex`.
 #[inline(always)]
-fn lan_port(ifindex: u32) -> Option<&'static LanPort> {
+pub fn lan_port(ifindex: u32) -> Option<&'static LanPort> {
     // SAFETY: a reference into the map's value, which lbd only replaces
     // whole (the kernel frees an old value after the readers are gone).
     unsafe { LAN_CLASSES.get(&ifindex) }
@@ -292,56 +289,14 @@ fn count(policy: u32, f: impl FnOnce(&mut PolicyStats)) {
     }
 }
 
-/// Answer the packet with an ICMP "host unreachable" from the router, sent
-/// back out of the port it came in on (`lb_common::icmp`). Untagged
-/// frames with an option-less IPv4 header only; others are only dropped.
-/// `Ok` is the verdict; `Err` a drop reason.
+/// Answer a new flow refused by `fallback = unreachable` with an ICMP
+/// "host unreachable" (see `answer`).
 #[inline(always)]
 pub fn unreachable(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<u32, u32> {
-    const ETH: usize = core::mem::size_of::<EthHdr>();
-    if pkt.tagged() || pkt.l3_off != ETH || pkt.l4_off != ETH + icmp::IPV4_HDR_LEN {
-        return Err(reason::DROP_POLICY_UNREACHABLE);
-    }
-    let eth: *const EthHdr = parse::ptr_at(ctx, 0)?;
-    let quoted: *const [u8; icmp::QUOTED_LEN] = parse::ptr_at(ctx, ETH)?;
-    // SAFETY: both bounds-checked by `ptr_at`.
-    let (client_mac, router_mac, quoted) = unsafe { ((*eth).src, (*eth).dst, *quoted) };
-    let port = ctx.ingress_ifindex() as u32;
-    let from = match lan_port(port).map(|p| p.addr) {
-        Some(addr) if addr != [0; 4] => addr,
-        // The router's address there is unknown: the error comes from
-        // where the client was going, which its stack accepts as well.
-        _ => [quoted[16], quoted[17], quoted[18], quoted[19]],
-    };
-    let headers = icmp::host_unreachable(&quoted, from);
-
-    // Grow the front by the two new headers: the old Ethernet header and
-    // the quote then sit right behind them, where the error needs them.
-    // SAFETY: the helper checks the room it is asked for.
-    if unsafe {
-        aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(icmp::HEADERS_LEN as i32))
-    } != 0
-    {
-        return Err(reason::DROP_POLICY_UNREACHABLE);
-    }
-    let len = ctx.data_end() - ctx.data();
-    let want = ETH + icmp::ERROR_LEN;
-    if len < want {
-        return Err(reason::DROP_POLICY_UNREACHABLE);
-    }
-    // SAFETY: shrinking by what is past the quote, checked above.
-    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, -((len - want) as i32)) } != 0 {
-        return Err(reason::DROP_POLICY_UNREACHABLE);
-    }
-    let new_eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
-    let front: *mut [u8; icmp::HEADERS_LEN] = parse::ptr_at(ctx, ETH)?;
-    // SAFETY: bounds-checked by `ptr_at`.
-    unsafe {
-        (*new_eth).dst = client_mac;
-        (*new_eth).src = router_mac;
-        (*new_eth).ether_type = parse::ETH_P_IPV4.to_be_bytes();
-        *front = headers;
-    }
-    stats::count(reason::DROP_POLICY_UNREACHABLE);
-    Ok(XDP_TX)
+    answer::icmp_error(
+        ctx,
+        pkt,
+        icmp::host_unreachable,
+        reason::DROP_POLICY_UNREACHABLE,
+    )
 }
