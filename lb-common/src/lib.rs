@@ -14,6 +14,7 @@ pub mod hash;
 pub mod icmp;
 pub mod kfunc;
 pub mod maps;
+pub mod mss;
 pub mod nat;
 pub mod npt;
 pub mod policy;

@@ -72,6 +72,7 @@ pub mod name {
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
 pub const LAYOUT: u32 = 6;
+// (6: also UplinkInfo's mtu and flags, and the told_too_big reason.)
 
 /// Program names in the XDP object.
 pub mod program {
@@ -126,6 +127,13 @@ pub mod settings_flags {
     /// `UPLINKS6` says how each uplink takes it. Without it, IPv6 is the
     /// kernel's, as it would be without lb.
     pub const IPV6: u32 = 2;
+}
+
+/// Values of [`UplinkInfo::flags`].
+pub mod uplink_flags {
+    /// Lower the MSS of SYNs leaving by it to what its MTU carries
+    /// (`crate::mss`).
+    pub const CLAMP_MSS: u16 = 1;
 }
 
 /// Slots of map `SIGNALS`: each uplink's IPv4 signals at its index, its
@@ -207,8 +215,10 @@ pub struct UplinkInfo {
     pub src_mac: [u8; 6],
     /// MAC address of the uplink's gateway: the new Ethernet destination.
     pub gw_mac: [u8; 6],
-    /// Largest IPv4 packet the uplink takes (its MTU).
-    pub mtu: u32,
+    /// Largest IP packet the uplink takes (its MTU).
+    pub mtu: u16,
+    /// [`uplink_flags`].
+    pub flags: u16,
     /// Bumped by the daemon whenever `addr` changes. A flow pinned under
     /// another epoch has a NAT mapping for an address the uplink no longer
     /// has: it is moved (given a new mapping) on its next packet, so that

@@ -45,6 +45,7 @@ fn uplink_info(n: u8, state: u32) -> UplinkInfo {
         src_mac: [0x02, 0xaa, 0, 0, n, 2],
         gw_mac: [0x02, 0xbb, 0, 0, n, 1],
         mtu: 1500,
+        flags: 0,
         epoch: 0,
     }
 }
@@ -1537,19 +1538,84 @@ fn a_df_packet_too_big_for_its_uplink_is_answered_fragmentation_needed() {
     assert_eq!(ip.header().destination(), CLIENT);
     assert_eq!(ip_checksum(&out[14..34]), 0, "IPv4 checksum verifies");
     assert_eq!((out[34], out[35]), (3, 4), "fragmentation needed");
-    assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1420, "the uplink's MTU");
+    assert_eq!(
+        u16::from_be_bytes([out[40], out[41]]),
+        1420,
+        "the uplink's MTU"
+    );
     assert_eq!(
         fold(ones_complement_sum(&out[34..], 0)),
         0xffff,
         "ICMP checksum verifies"
     );
-    assert_eq!(&out[42..62], &big[14..34], "the datagram's header is quoted");
+    assert_eq!(
+        &out[42..62],
+        &big[14..34],
+        "the datagram's header is quoted"
+    );
     assert_eq!(&out[0..6], &CLIENT_MAC, "back to the client");
 
     // Without DF: XDP cannot fragment; dropped and counted.
     let before = h.reason(reason::DROP_TOO_BIG);
     assert_eq!(h.lan(&big_udp(7002, 1500, false)).0, XDP_DROP);
     assert_eq!(h.reason(reason::DROP_TOO_BIG), before + 1);
+}
+
+#[test]
+fn a_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
+    use lb_common::maps::uplink_flags;
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    for (n, flags) in [(1u8, uplink_flags::CLAMP_MSS), (2, 0)] {
+        let info = UplinkInfo {
+            mtu: 1420,
+            flags,
+            ..uplink_info(n, uplink_state::ACTIVE)
+        };
+        h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
+    }
+    let syn = |port: u16| {
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv4(CLIENT, SERVER, 64)
+            .tcp(port, 443, 1000, 65535)
+            .syn()
+            .options(&[
+                etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+                etherparse::TcpOptionElement::WindowScale(7),
+            ])
+            .expect("options");
+        build(b, b"")
+    };
+    let mut seen = [false; 2];
+    for port in 8000..8100u16 {
+        let (verdict, out) = h.lan(&syn(port));
+        assert_eq!(verdict, XDP_REDIRECT);
+        let uplink = uplink_of(&out);
+        let sliced = SlicedPacket::from_ethernet(&out).expect("a frame");
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
+            panic!("not TCP");
+        };
+        let mss = tcp.options_iterator().find_map(|o| match o {
+            Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+            _ => None,
+        });
+        let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+            panic!("not IPv4");
+        };
+        let check = tcp
+            .calc_checksum_ipv4(ip.header().source(), ip.header().destination())
+            .expect("checksum");
+        assert_eq!(check, tcp.checksum(), "the TCP checksum verifies");
+        if uplink == 1 {
+            assert_eq!(mss, Some(1380), "clamped to 1420 - 40 on uplink 1");
+        } else {
+            assert_eq!(mss, Some(1460), "uplink 2 does not clamp");
+        }
+        seen[usize::from(uplink - 1)] = true;
+    }
+    assert_eq!(seen, [true, true], "both uplinks took SYNs");
 }
 
 // ---------------------------------------------------------------------------

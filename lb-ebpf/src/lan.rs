@@ -7,7 +7,7 @@
 //! forwards what it did not parse, and never lets a packet out without its
 //! translation: no uplink or no free port means a counted drop.
 
-use core::ops::ControlFlow;
+use core::{mem::size_of, ops::ControlFlow};
 
 use aya_ebpf::{
     bindings::{xdp_md, BPF_NOEXIST},
@@ -16,10 +16,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash, icmp,
+    csum, hash, icmp,
     maps::{
-        settings_flags, tcp_state, uplink_state, FlowKey, FlowValue, NatKey, NatValue, UplinkInfo,
+        settings_flags, tcp_state, uplink_flags, uplink_state, FlowKey, FlowValue, NatKey,
+        NatValue, UplinkInfo,
     },
+    mss,
     nat::{self, PORT_ATTEMPTS},
     reason, KERNEL_OWNED, NO_UPLINK,
 };
@@ -29,8 +31,8 @@ use crate::{
     maps::{BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{
-        self, EthHdr, Fragment, Ipv4Packet, ICMP_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
-        TCP_FIN, TCP_RST, TCP_SYN,
+        self, EthHdr, Fragment, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_ECHO_REQUEST, IPPROTO_TCP,
+        IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_HDR_LEN, TCP_RST, TCP_SYN,
     },
     policy::{self, tuple, Placement},
     rewrite, stats,
@@ -104,14 +106,14 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let Some(info) = UPLINKS.get(uplink) else {
         return Ok(stats::drop(reason::DROP_NO_UPLINK));
     };
-    if u32::from(u16::from_be_bytes(total_len)) > info.mtu {
+    if u16::from_be_bytes(total_len) > info.mtu {
         // DF: the client is told the uplink's MTU, as the router on a
         // narrower link must (RFC 1191); the kernel would route the
         // packet by its own tables, maybe out of another uplink. Without
         // DF it would fragment and send them by its own routing, so those
         // are dropped.
         if u16::from_be_bytes(frag) & IP_DF != 0 {
-            let mtu = u16::try_from(info.mtu).unwrap_or(u16::MAX);
+            let mtu = info.mtu;
             return answer::icmp_error(
                 ctx,
                 &pkt,
@@ -123,6 +125,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(stats::drop(reason::DROP_TOO_BIG));
     }
 
+    if info.flags & uplink_flags::CLAMP_MSS != 0 {
+        clamp_mss(ctx, &pkt, info.mtu);
+    }
     translate(ctx, &pkt, End::Source, info.addr, nat_port)?;
     if let Some(datagram) = &datagram {
         frags::remember(datagram, src_port, dst_port);
@@ -143,6 +148,39 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     Ok(egress::send(ctx, info.ifindex, uplink, src, || {
         TX_PORTS.redirect(uplink, 0)
     }))
+}
+
+/// Lower the MSS of a SYN (`lb_common::mss`) to what an uplink of MTU
+/// `mtu` carries, with the TCP checksum updated; anything else, and a SYN
+/// whose first option is not its MSS, is left as it is.
+#[inline(always)]
+fn clamp_mss(ctx: &XdpContext, pkt: &Ipv4Packet, mtu: u16) {
+    if pkt.proto != IPPROTO_TCP || !pkt.has_l4() {
+        return;
+    }
+    let Ok(tcp) = parse::ptr_at::<TcpHdr>(ctx, pkt.l4_off) else {
+        return;
+    };
+    // SAFETY: bounds-checked by `ptr_at`, here and below.
+    let (flags, data_off) = unsafe { ((*tcp).flags, usize::from((*tcp).off_res >> 4) * 4) };
+    if flags & TCP_SYN == 0 || data_off < size_of::<TcpOptHdr>() + TCP_HDR_LEN {
+        return;
+    }
+    let Ok(opt) = parse::ptr_at::<TcpOptHdr>(ctx, pkt.l4_off + TCP_HDR_LEN) else {
+        return;
+    };
+    let (kind, len, value) = unsafe { ((*opt).kind, (*opt).len, u16::from_be_bytes((*opt).value)) };
+    if kind != mss::KIND || len != mss::LEN {
+        return;
+    }
+    let Some(new) = mss::clamped(value, mtu, mss::IPV4_OVERHEAD) else {
+        return;
+    };
+    unsafe {
+        (*opt).value = new.to_be_bytes();
+        let check = csum::replace16(u16::from_be_bytes((*tcp).check), value, new);
+        (*tcp).check = check.to_be_bytes();
+    }
 }
 
 /// The uplink and NAT port of this connection: its pinned ones while that

@@ -91,7 +91,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         return Ok(stats::drop(reason::DROP_NO_UPLINK));
     };
     // SAFETY: as above.
-    if u32::from(u16::from_be_bytes(unsafe { (*ip).payload_len })) + IPV6_HDR_LEN > info.mtu {
+    if u32::from(u16::from_be_bytes(unsafe { (*ip).payload_len })) + IPV6_HDR_LEN
+        > u32::from(info.mtu)
+    {
         // IPv6 routers never fragment: the kernel answers Packet Too Big.
         return Err(reason::PASS_TOO_BIG);
     }

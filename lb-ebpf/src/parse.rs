@@ -89,6 +89,17 @@ pub struct TcpHdr {
     pub check: [u8; 2],
 }
 
+/// A TCP header without options.
+pub const TCP_HDR_LEN: usize = 20;
+
+/// A four-byte TCP option of kind and length and a 16-bit value (MSS).
+#[repr(C)]
+pub struct TcpOptHdr {
+    pub kind: u8,
+    pub len: u8,
+    pub value: [u8; 2],
+}
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;

@@ -44,6 +44,8 @@ pub struct End<'a> {
 /// devices.
 pub struct RawIpLink {
     ends: [Arc<File>; 2],
+    /// Whether the modem has its network: without, nothing passes.
+    connected: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     relay: Option<JoinHandle<()>>,
 }
@@ -71,20 +73,24 @@ impl RawIpLink {
             .try_into()
             .map_err(|_| anyhow::anyhow!("two ends expected"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicBool::new(true));
         let relay = {
-            let (a, b, stop) = (Arc::clone(&a_file), Arc::clone(&b_file), Arc::clone(&stop));
-            thread::spawn(move || relay(&a, &b, &stop))
+            let (a, b) = (Arc::clone(&a_file), Arc::clone(&b_file));
+            let (stop, connected) = (Arc::clone(&stop), Arc::clone(&connected));
+            thread::spawn(move || relay(&a, &b, &connected, &stop))
         };
         Ok(RawIpLink {
             ends: [a_file, b_file],
+            connected,
             stop,
             relay: Some(relay),
         })
     }
 
     /// The first end's carrier: down is what a modem that lost its network
-    /// shows the router.
+    /// shows the router; meanwhile nothing passes either way.
     pub fn set_carrier(&self, up: bool) -> Result<()> {
+        self.connected.store(up, Ordering::Relaxed);
         let on: libc::c_int = i32::from(up);
         // SAFETY: TUNSETCARRIER takes a pointer to an int, live for the
         // call; the descriptor is the tun device's.
@@ -131,8 +137,9 @@ fn open_tun(ifname: &str) -> Result<File> {
     Ok(file)
 }
 
-/// Copies every packet from each end to the other until `stop`.
-fn relay(a: &File, b: &File, stop: &AtomicBool) {
+/// Copies every packet from each end to the other until `stop`; while not
+/// `connected`, reads and drops them.
+fn relay(a: &File, b: &File, connected: &AtomicBool, stop: &AtomicBool) {
     let mut buf = vec![0u8; MAX_PACKET];
     let ms = libc::c_int::try_from(TICK.as_millis()).unwrap_or(libc::c_int::MAX);
     while !stop.load(Ordering::Relaxed) {
@@ -151,22 +158,27 @@ fn relay(a: &File, b: &File, stop: &AtomicBool) {
                 continue;
             }
             let src = if from == 0 { a } else { b };
-            if let Err(e) = pass_one(src, to, &mut buf) {
+            let on = connected.load(Ordering::Relaxed);
+            if let Err(e) = pass_one(src, on.then_some(to), &mut buf) {
                 eprintln!("raw-IP relay: {e:#}");
             }
         }
     }
 }
 
-/// One packet from `from` to `to`. A write refused because the other end
-/// has no carrier (or is down) loses the packet, as a modem would.
-fn pass_one(mut from: &File, mut to: &File, buf: &mut [u8]) -> Result<()> {
+/// One packet from `from` to `to` (`None`: dropped). A write refused
+/// because the other end has no carrier (or is down) loses the packet, as
+/// a modem would.
+fn pass_one(mut from: &File, to: Option<&File>, buf: &mut [u8]) -> Result<()> {
     let n = match from.read(buf) {
         Ok(n) => n,
         Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::WouldBlock => {
             return Ok(())
         }
         Err(e) => bail!("reading: {e}"),
+    };
+    let Some(mut to) = to else {
+        return Ok(());
     };
     match to.write(&buf[..n]) {
         Ok(_) => Ok(()),

@@ -373,6 +373,9 @@ pub struct UplinkConfig {
     /// or shorter; no two uplinks' overlap). `None`: followed from the
     /// router's DHCPv6 client.
     pub prefix6: Option<(Ipv6Addr, u8)>,
+    /// `clamp_mss`: lower the MSS of TCP SYNs leaving by it to what its
+    /// MTU carries (only when it is smaller than the SYN's).
+    pub clamp_mss: bool,
 }
 
 impl UplinkConfig {
@@ -1046,6 +1049,7 @@ struct RawUplink {
     shape: Field,
     routed: Field,
     prefix6: Field,
+    clamp_mss: Field,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     probe: Vec<Spanned<RawProbe>>,
@@ -1691,6 +1695,12 @@ impl Checker<'_> {
         let tier = self
             .field(&u.tier, s, "tier", |v| as_int(v, 0, MAX_TIER))
             .unwrap_or(0);
+        let clamp_mss = self
+            .field(&u.clamp_mss, s, "clamp_mss", |v| match v {
+                Value::Boolean(b) => Ok(*b),
+                other => Err(format!("expected true or false, got {}", describe(other))),
+            })
+            .unwrap_or(true);
         let quota = self.field(&u.quota, s, "quota", parse_quota);
         let shape = self
             .field(&u.shape, s, "shape", parse_shape)
@@ -1760,6 +1770,7 @@ impl Checker<'_> {
             shape,
             routed,
             prefix6,
+            clamp_mss,
         };
         (config, name_seen, interface_seen)
     }
@@ -2548,7 +2559,22 @@ gateway = "100.64.2.1"
                 shape: Shape::default(),
                 routed: vec![],
                 prefix6: None,
+                clamp_mss: true,
             }]
+        );
+    }
+
+    #[test]
+    fn mss_clamping_is_on_unless_turned_off() {
+        let config = ok(&format!("{TWO}clamp_mss = false\n"));
+        assert!(config.uplinks[0].clamp_mss);
+        assert!(!config.uplinks[1].clamp_mss);
+        let text = format!("{TWO}clamp_mss = 1\n");
+        assert_one(
+            &text,
+            line_of(&text, "clamp_mss"),
+            "clamp_mss",
+            "expected true or false",
         );
     }
 

@@ -219,6 +219,15 @@ impl Uplink {
         self.lifecycle().dataplane_state()
     }
 
+    /// The flags of its data-plane entry, from its configuration.
+    pub fn entry_flags(&self) -> u16 {
+        if self.cfg.clamp_mss {
+            lb_common::maps::uplink_flags::CLAMP_MSS
+        } else {
+            0
+        }
+    }
+
     /// Whether its IPv6 has health of its own (IPv6 probes).
     pub fn probes_ipv6(&self) -> bool {
         self.cfg.probes.iter().any(|p| p.kind.is_ipv6())

@@ -191,7 +191,8 @@ impl Daemon {
         let u = &mut self.uplinks[i];
 
         // The entry, with the state these facts call for, in one write.
-        let entry = uplinks::wanted(&facts, u.dataplane_state(), u.epoch, u.written);
+        let flags = u.entry_flags();
+        let entry = uplinks::wanted(&facts, u.dataplane_state(), u.epoch, flags, u.written);
         uplinks::converge(u.index, &mut u.written, entry, &mut self.dataplane)?;
         self.attachments.converge_uplink(
             &u.cfg.interface,
@@ -464,7 +465,14 @@ impl Daemon {
                 self.history.say("lifecycle", Some(&u.cfg.name), said);
                 u.lifecycle = lifecycle;
             }
-            let entry = uplinks::wanted(&u.facts, lifecycle.dataplane_state(), u.epoch, u.written);
+            let flags = u.entry_flags();
+            let entry = uplinks::wanted(
+                &u.facts,
+                lifecycle.dataplane_state(),
+                u.epoch,
+                flags,
+                u.written,
+            );
             uplinks::converge(u.index, &mut u.written, entry, &mut self.dataplane)
                 .with_context(|| format!("uplink {}", u.cfg.name))?;
         }

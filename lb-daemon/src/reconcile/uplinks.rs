@@ -23,6 +23,7 @@ pub fn wanted(
     facts: &Facts,
     state: u32,
     epoch: u32,
+    flags: u16,
     written: Option<UplinkInfo>,
 ) -> Option<UplinkInfo> {
     match (facts.ifindex, facts.mac) {
@@ -32,7 +33,8 @@ pub fn wanted(
             addr: facts.addr.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
             src_mac: mac,
             gw_mac: facts.gateway_mac.unwrap_or_default(),
-            mtu: facts.mtu,
+            mtu: u16::try_from(facts.mtu).unwrap_or(u16::MAX),
+            flags,
             epoch,
         }),
         _ => written.map(|info| UplinkInfo {
@@ -92,14 +94,14 @@ mod tests {
 
     #[test]
     fn an_uplink_without_its_interface_keeps_its_entry_down() {
-        let up = wanted(&facts(), uplink_state::ACTIVE, 1, None).expect("an entry");
+        let up = wanted(&facts(), uplink_state::ACTIVE, 1, 0, None).expect("an entry");
         assert_eq!(
             (up.ifindex, up.state, up.epoch),
             (3, uplink_state::ACTIVE, 1)
         );
         assert_eq!(up.addr, [100, 64, 1, 2]);
         let gone = Facts::default();
-        let down = wanted(&gone, uplink_state::ACTIVE, 1, Some(up)).expect("kept");
+        let down = wanted(&gone, uplink_state::ACTIVE, 1, 0, Some(up)).expect("kept");
         assert_eq!(
             down,
             UplinkInfo {
@@ -107,6 +109,6 @@ mod tests {
                 ..up
             }
         );
-        assert_eq!(wanted(&gone, uplink_state::ACTIVE, 1, None), None);
+        assert_eq!(wanted(&gone, uplink_state::ACTIVE, 1, 0, None), None);
     }
 }

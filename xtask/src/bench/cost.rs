@@ -505,6 +505,7 @@ fn uplink_info(index: u32) -> UplinkInfo {
         src_mac: [0x02, 0xaa, 0, 0, n, 2],
         gw_mac: [0x02, 0xbb, 0, 0, n, 1],
         mtu: 1500,
+        flags: 0,
         epoch: 0,
     }
 }
