@@ -21,6 +21,9 @@
 //!   for IPv6 (the kernel's and lb's, both translating).
 //! - [`latency`]: a ping's round trip beside saturating uploads, with the
 //!   router's shaper and without.
+//! - [`tcp`]: TCP goodput through the lab router (8 streams up, 8 down,
+//!   wire-size frames), the kernel's way, lb and a bare redirect, with
+//!   retransmits and every counter that says where frames were lost.
 //! - [`failover`]: failover times, lb beside a Netwatch-style script.
 //! - [`flows`]: `lbctl flows` on a table of a million flows.
 //! - [`picture`]: the failover as an SVG of per-uplink throughput.
@@ -44,6 +47,8 @@ mod picture;
 mod prefixes;
 #[cfg(feature = "bench")]
 mod report;
+#[cfg(feature = "bench")]
+mod tcp;
 
 use anyhow::Result;
 
@@ -89,6 +94,8 @@ pub enum Part {
     /// A ping's round trip beside saturating uploads, with and without a
     /// shaper.
     Latency,
+    /// TCP goodput, retransmits and drops through the lab router.
+    Tcp,
 }
 
 #[cfg(feature = "bench")]
@@ -206,6 +213,13 @@ pub fn run(args: &Args) -> Result<()> {
     if args.measures(Part::Latency) {
         println!("bench: latency under load, with and without a shaper");
         report.latency = latency::measure(args.failover_runs, &interrupted)?;
+    }
+    if args.measures(Part::Tcp) {
+        println!(
+            "bench: TCP goodput through the lab router ({} streams each way)",
+            tcp::STREAMS
+        );
+        report.tcp = tcp::measure(args.runs, args.seconds, &interrupted)?;
     }
     if args.measures(Part::Flows) {
         println!("bench: lbctl flows on {} flows", flows::FLOWS);

@@ -603,7 +603,13 @@ fn first_error(window: Result<Window>, teardown: Result<()>) -> Result<Window> {
 }
 
 /// `ip neigh replace IP lladdr MAC dev DEV nud permanent` on `host`.
-fn static_neighbour(lab: &Lab, host: &str, ip: &str, mac: &[u8; 6], dev: &str) -> Result<()> {
+pub(super) fn static_neighbour(
+    lab: &Lab,
+    host: &str,
+    ip: &str,
+    mac: &[u8; 6],
+    dev: &str,
+) -> Result<()> {
     let mac = mac_text(mac);
     let args = [
         "ip",
@@ -691,7 +697,13 @@ fn load_nft(lab: &Lab, name: &str, rules: &str) -> Result<()> {
 }
 
 pub(super) fn kernel_on(lab: &Lab) -> Result<()> {
-    load_nft(lab, "pcc.nft", NFT_PCC)?;
+    kernel_on_with(lab, "pcc.nft", NFT_PCC)
+}
+
+/// The kernel's way with PCC rules of the caller's (table `ip lbbench`, so
+/// that [`kernel_off`] removes them): its policy routing is the same.
+pub(super) fn kernel_on_with(lab: &Lab, name: &str, rules: &str) -> Result<()> {
+    load_nft(lab, name, rules)?;
     for n in 1..=2 {
         let (n, gw, dev) = (n.to_string(), format!("100.64.{n}.1"), format!("wan{n}"));
         lab.exec(
@@ -939,7 +951,7 @@ fn ticks_per_second() -> Result<f64> {
 }
 
 /// The MAC address of `host:ifname`.
-fn mac(lab: &Lab, host: &str, ifname: &str) -> Result<[u8; 6]> {
+pub(super) fn mac(lab: &Lab, host: &str, ifname: &str) -> Result<[u8; 6]> {
     let text = lab.exec(host, &["cat", &format!("/sys/class/net/{ifname}/address")])?;
     let bytes: Vec<u8> = text
         .trim()
@@ -953,7 +965,7 @@ fn mac(lab: &Lab, host: &str, ifname: &str) -> Result<[u8; 6]> {
 }
 
 /// The interface index of `host:ifname`, in its namespace.
-fn ifindex(lab: &Lab, host: &str, ifname: &str) -> Result<u32> {
+pub(super) fn ifindex(lab: &Lab, host: &str, ifname: &str) -> Result<u32> {
     let text = lab.exec(host, &["cat", &format!("/sys/class/net/{ifname}/ifindex")])?;
     text.trim()
         .parse()

@@ -43,6 +43,7 @@ pub struct Report {
     pub restarts: Vec<failover::Restart>,
     pub flows: Vec<super::flows::Listing>,
     pub latency: Vec<super::latency::WayRtts>,
+    pub tcp: Vec<super::tcp::WayRuns>,
 }
 
 /// The machine, as it was before the run.
@@ -103,6 +104,7 @@ impl Report {
             flows: Vec::new(),
             restarts: Vec::new(),
             latency: Vec::new(),
+            tcp: Vec::new(),
         })
     }
 
@@ -135,6 +137,9 @@ impl Report {
         }
         if !self.flows.is_empty() {
             self.flows_table(&mut md);
+        }
+        if !self.tcp.is_empty() {
+            self.tcp_table(&mut md);
         }
         self.meaning(&mut md);
         md
@@ -411,6 +416,101 @@ impl Report {
                 at(0.5),
                 at(0.95),
                 at(1.0)
+            );
+        }
+        md.push('\n');
+    }
+
+    /// TCP goodput, retransmits and where frames were lost, per way and
+    /// direction.
+    fn tcp_table(&self, md: &mut String) {
+        use super::tcp::{Direction, Way as TcpWay};
+        let _ = write!(
+            md,
+            "## TCP through the lab router\n\n\
+             Lab `default`; {streams} iperf3 streams from the client to the internet host\n\
+             (upload) and back (`-R`, download), {seconds} s a run, {runs} runs per way and\n\
+             direction, the ways taking turns. Wire-size frames: the senders have TSO\n\
+             and GSO off, the receivers GRO on; every host but the router sends\n\
+             through a qdisc, as a NIC's driver does (xtask/src/bench/tcp.rs says why).\n\
+             Medians, with the range; drops are per run (median, and the most in one\n\
+             run), by reason and where; a frame lost between two veth ends is\n\
+             counted once, at the sender's end.\n\n\
+             | way | direction | goodput, Gbit/s | retransmits per run | receiver's out-of-order queueings | D-SACKed segments | frames requeued by a busy veth | drops per run: median (most) |\n\
+             | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
+            streams = super::tcp::STREAMS,
+            seconds = self.args.seconds,
+            runs = self.args.runs,
+        );
+        for w in &self.tcp {
+            let goodput = Spread::of(&w.runs, |r| r.goodput / 1e9);
+            let retrans = Spread::of(&w.runs, |r| r.retransmits as f64);
+            let ofo = Spread::of(&w.runs, |r| r.reordering(w.direction).0 as f64);
+            let dsack = Spread::of(&w.runs, |r| r.reordering(w.direction).1 as f64);
+            let requeued = Spread::of(&w.runs, |r| r.requeued() as f64);
+            let drops: Vec<_> = w.runs.iter().map(|r| r.drops()).collect();
+            let mut reasons: Vec<&String> = drops.iter().flat_map(|d| d.keys()).collect();
+            reasons.sort();
+            reasons.dedup();
+            let mut cells: Vec<String> = reasons
+                .iter()
+                .map(|reason| {
+                    let per_run =
+                        Spread::of(&drops, |d| d.get(*reason).copied().unwrap_or(0) as f64);
+                    format!(
+                        "{reason}: {} ({})",
+                        thousands(per_run.median as u64),
+                        thousands(per_run.max as u64)
+                    )
+                })
+                .collect();
+            let passed: u64 = w.runs.iter().flat_map(|r| r.passed().into_values()).sum();
+            if w.way == TcpWay::Lb {
+                cells.push(format!("(lb gave the kernel {passed} packets in all runs)"));
+            }
+            if cells.is_empty() {
+                cells.push("none".into());
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} ({:.2}–{:.2}) | {} ({}–{}) | {} | {} | {} | {} |",
+                w.way.label(),
+                w.direction.label(),
+                goodput.median,
+                goodput.min,
+                goodput.max,
+                thousands(retrans.median as u64),
+                thousands(retrans.min as u64),
+                thousands(retrans.max as u64),
+                thousands(ofo.median as u64),
+                thousands(dsack.median as u64),
+                thousands(requeued.median as u64),
+                cells.join("; ")
+            );
+        }
+        md.push('\n');
+        let figure = |way: TcpWay, direction: Direction, f: &dyn Fn(&super::tcp::Run) -> f64| {
+            self.tcp
+                .iter()
+                .find(|w| w.way == way && w.direction == direction)
+                .map(|w| Spread::of(&w.runs, f).median)
+                .unwrap_or(f64::NAN)
+        };
+        for direction in Direction::ALL {
+            let goodput = |way| figure(way, direction, &|r| r.goodput);
+            let retrans = |way| figure(way, direction, &|r| r.retransmits as f64);
+            let (lb, kernel) = (goodput(TcpWay::Lb), goodput(TcpWay::Kernel));
+            let (lb_r, kernel_r) = (retrans(TcpWay::Lb), retrans(TcpWay::Kernel));
+            let _ = writeln!(
+                md,
+                "- {}: lb has {:.2}× the kernel's goodput (target: at least 1×: {}) and \
+                 {} retransmits per run against its {} (target: no more: {}).",
+                direction.label(),
+                lb / kernel,
+                verdict(lb >= kernel),
+                thousands(lb_r as u64),
+                thousands(kernel_r as u64),
+                verdict(lb_r <= kernel_r),
             );
         }
         md.push('\n');
