@@ -1447,7 +1447,7 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
     set_policy(&mut h, 2, None, fallback::UNREACHABLE);
     let syn = tcp(9801);
     let (verdict, out) = h.lan(&syn);
-    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(verdict, XDP_REDIRECT, "back out of its port");
     let icmp = SlicedPacket::from_ethernet(&out).expect("an Ethernet frame");
     let Some(etherparse::NetSlice::Ipv4(ip)) = icmp.net else {
         panic!("not IPv4: {out:?}");
@@ -1529,7 +1529,7 @@ fn a_df_packet_too_big_for_its_uplink_is_answered_fragmentation_needed() {
     let big = big_udp(7001, 1500, true);
     let before = h.reason(reason::TOLD_TOO_BIG);
     let (verdict, out) = h.lan(&big);
-    assert_eq!(verdict, 3, "XDP_TX: answered at once");
+    assert_eq!(verdict, XDP_REDIRECT, "answered at once, out of its port");
     assert_eq!(h.reason(reason::TOLD_TOO_BIG), before + 1);
     let icmp = SlicedPacket::from_ethernet(&out).expect("an Ethernet frame");
     let Some(etherparse::NetSlice::Ipv4(ip)) = icmp.net else {

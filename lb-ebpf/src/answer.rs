@@ -1,14 +1,19 @@
 //! ICMP errors the data plane sends a client itself, back out of the LAN
-//! port its packet came in on (`XDP_TX`): "host unreachable" for a new
+//! port its packet came in on: "host unreachable" for a new
 //! flow its policy refuses, "fragmentation needed" for a packet with DF
 //! set that is too big for its uplink. The headers come from
 //! `lb_common::icmp`; this module only makes room for them in the frame.
 //!
 //! Untagged frames with an option-less IPv4 header only: for others it
 //! gives up (`Err`), and the caller drops or passes the packet.
+//!
+//! Sent by `XDP_REDIRECT` to the port, as replies are, not `XDP_TX`: a
+//! veth delivers what `XDP_TX` sends only when something else wakes its
+//! peer (it kicks the peer's NAPI for a peer with an XDP program alone),
+//! while a redirect flushes; a NIC takes either.
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_TX,
+    bindings::xdp_action::XDP_REDIRECT,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
     EbpfContext,
@@ -16,13 +21,15 @@ use aya_ebpf::{
 use lb_common::icmp;
 
 use crate::{
+    maps::LAN_PORTS,
     parse::{self, EthHdr, Ipv4Packet},
     policy, stats,
 };
 
 /// Turn the frame into the ICMP error whose headers `headers` makes from
 /// the packet's quote and the router's address, from the router to the
-/// client, counted as `reason`. `Err(reason)` when it cannot be made.
+/// client, counted as `reason`. `Err(reason)`, the frame untouched, when
+/// it cannot be made; once the frame is changed, a failure drops it.
 #[inline(always)]
 pub fn icmp_error(
     ctx: &XdpContext,
@@ -39,6 +46,10 @@ pub fn icmp_error(
     // SAFETY: both bounds-checked by `ptr_at`.
     let (client_mac, router_mac, quoted) = unsafe { ((*eth).src, (*eth).dst, *quoted) };
     let port = ctx.ingress_ifindex() as u32;
+    // Chosen first: after this the frame is the error, or nothing.
+    if LAN_PORTS.redirect(port, 0) != Ok(XDP_REDIRECT) {
+        return Err(reason);
+    }
     let from = match policy::lan_port(port).map(|p| p.addr) {
         Some(addr) if addr != [0; 4] => addr,
         // The router's address there is unknown: the error comes from
@@ -56,14 +67,18 @@ pub fn icmp_error(
     let len = ctx.data_end() - ctx.data();
     let want = ETH + icmp::ERROR_LEN;
     if len < want {
-        return Err(reason);
+        return Ok(stats::drop(reason));
     }
     // SAFETY: shrinking by what is past the quote, checked above.
     if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, -((len - want) as i32)) } != 0 {
-        return Err(reason);
+        return Ok(stats::drop(reason));
     }
-    let new_eth: *mut EthHdr = parse::ptr_at(ctx, 0).map_err(|_| reason)?;
-    let out: *mut [u8; icmp::HEADERS_LEN] = parse::ptr_at(ctx, ETH).map_err(|_| reason)?;
+    let (Ok(new_eth), Ok(out)) = (
+        parse::ptr_at::<EthHdr>(ctx, 0),
+        parse::ptr_at::<[u8; icmp::HEADERS_LEN]>(ctx, ETH),
+    ) else {
+        return Ok(stats::drop(reason));
+    };
     // SAFETY: bounds-checked by `ptr_at`.
     unsafe {
         (*new_eth).dst = client_mac;
@@ -72,5 +87,5 @@ pub fn icmp_error(
         *out = front;
     }
     stats::count(reason);
-    Ok(XDP_TX)
+    Ok(XDP_REDIRECT)
 }

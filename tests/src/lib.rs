@@ -15,6 +15,7 @@
 //! - [`dhcp`]: DHCP (IPv4) servers and clients in the DHCP lab.
 //! - [`dhcp6`]: DHCPv6 with prefix delegation and RAs in the DHCP lab.
 //! - [`rawip`]: a raw-IP link (tun at both ends), an LTE modem's stand-in.
+//! - [`wireguard`]: a WireGuard uplink to a VPN provider (wireguard-go).
 
 pub mod daemon;
 pub mod desc;
@@ -26,6 +27,7 @@ pub mod observe;
 pub mod rawip;
 pub mod stream;
 pub mod traffic;
+pub mod wireguard;
 
 pub use desc::LabDesc;
 pub use lab::{unique_prefix, Lab, LinkStats, LAB_PREFIX, TEST_PREFIX_ROOT};

@@ -1,8 +1,10 @@
 //! Uplinks that are not Ethernet: an LTE modem in raw-IP mode, made of a
 //! tun device on the router (`lte0`, no link-layer header) and a relay to
 //! the mobile operator (here isp2's network, which routes it to the
-//! internet). lb sends to it by the hand-off path (XDP cannot redirect into
-//! an L3 device) and translates its replies at its tc ingress.
+//! internet); and a WireGuard tunnel to a VPN provider (`wireguard-go`,
+//! MTU 1420) riding over isp1. lb sends to them by the hand-off path (XDP
+//! cannot redirect into an L3 device) and translates their replies at
+//! their tc ingress.
 //!
 //! Each test checks what the ISPs saw, and that no packet with a LAN
 //! source reached them (the lab's ISP links and the modem's far end).
@@ -18,7 +20,9 @@ use lb_tests::{
     rawip::{End, RawIpLink},
     require_root,
     traffic::{http_download, udp_flows, HeldUdp, HttpFileServer, UdpEchoServer},
-    unique_prefix, watch_flows, watch_sources, FlowWatch, Lab, LabDesc, LanLeaks,
+    unique_prefix, watch_flows, watch_sources,
+    wireguard::{self, Tunnel},
+    FlowWatch, Lab, LabDesc, LanLeaks,
 };
 
 const SERVER_IP: &str = "198.51.100.10";
@@ -233,5 +237,235 @@ fn the_modems_carrier_loss_moves_its_flows_at_once_and_its_return_takes_new_ones
         "no new flow took the modem after it came back"
     );
     check_leaks(&leaks, &lte_leaks)?;
+    lbd.stop(&mut lab)
+}
+
+/// lbd balancing over isp2 (Ethernet) and the WireGuard tunnel, with an
+/// ICMP probe each; `wg_extra` and `isp2_extra` lines for each.
+fn wg_config(tunnel: &Tunnel, isp2_extra: &str, wg_extra: &str) -> String {
+    format!(
+        "[daemon]\nsocket = \"{{socket}}\"\nbpffs = \"{{bpffs}}\"\n\n\
+         [[lan]]\ninterface = \"lan0\"\n\n\
+         [[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n{isp2_extra}\n{PROBE}\n\
+         [[uplink]]\nname = \"wg\"\ninterface = \"{}\"\n{wg_extra}\n{PROBE}",
+        tunnel.ifname
+    )
+}
+
+/// The default lab with a WireGuard tunnel from the router to the VPN
+/// provider, and the counters of LAN sources reaching the ISPs and the
+/// provider.
+fn lab_with_tunnel() -> Result<(Lab, Tunnel, LanLeaks, FlowWatch)> {
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let tunnel = wireguard::start(&mut lab)?;
+    let vpn_leaks = watch_sources(&lab, "vpn", &tunnel.provider_ifname, "lan", "10.10.0.0/16")?;
+    Ok((lab, tunnel, leaks, vpn_leaks))
+}
+
+#[test]
+fn a_wireguard_uplink_takes_its_share_and_a_download_through_it_needs_no_pmtud() -> Result<()> {
+    const FLOWS: usize = 200;
+    const SIZE: usize = 20 * 1024 * 1024;
+    if !require_root("a_wireguard_uplink_takes_its_share_and_a_download_through_it_needs_no_pmtud")
+    {
+        return Ok(());
+    }
+    let (mut lab, tunnel, leaks, vpn_leaks) = lab_with_tunnel()?;
+    let lbd = Lbd::start(&mut lab, &wg_config(&tunnel, "", ""))?;
+    lbd.wait_lifecycle("isp2", "in service", BOUND)?;
+    lbd.wait_lifecycle("wg", "in service", BOUND)?;
+    let wg = lbd.uplink("wg")?;
+    eprintln!(
+        "the tunnel's uplink: {} via {} ({})",
+        wg["lifecycle"], wg["egress"]["path"], wg["egress"]["why"]
+    );
+
+    let inet = lab.ns("inet")?.to_string();
+    let server: SocketAddr = format!("{SERVER_IP}:0").parse()?;
+    let udp = UdpEchoServer::start(&inet, server)?;
+    let watches = [
+        watch_flows(&lab, "isp2", "down0")?,
+        watch_flows(&lab, "vpn", &tunnel.provider_ifname)?,
+    ];
+    let flows = udp_flows(lab.ns("client")?, udp.local_addr(), FLOWS, FLOW_TIMEOUT)?;
+    let failed = flows.iter().filter(|f| f.outcome.is_err()).count();
+    ensure!(failed == 0, "{failed} of {FLOWS} flows failed");
+    let per = [
+        watches[0].seen_flows()?.len(),
+        watches[1].seen_flows()?.len(),
+    ];
+    eprintln!("{FLOWS} UDP flows: isp2 {}, the tunnel {}", per[0], per[1]);
+    ensure!(
+        per[0] + per[1] == FLOWS,
+        "the ISP and the provider saw {per:?} flows of {FLOWS}"
+    );
+    let share = per[1] as f64 / FLOWS as f64;
+    ensure!(
+        (share - 0.5).abs() <= 0.10,
+        "the tunnel carried {:.1}% of flows, weights 1:1 ask for 50%",
+        share * 100.0
+    );
+    lbd.stop(&mut lab)?;
+
+    // The tunnel alone (isp2 its backup), and the provider's network eats
+    // "fragmentation needed", as too many do: only the clamped MSS lets
+    // the server's full-size segments through the tunnel.
+    lab.exec(
+        "vpn",
+        &[
+            "nft",
+            "add table ip nopmtud; \
+             add chain ip nopmtud out { type filter hook output priority 0; }; \
+             add rule ip nopmtud out icmp type destination-unreachable icmp code frag-needed drop",
+        ],
+    )?;
+    let lbd = Lbd::start(&mut lab, &wg_config(&tunnel, "tier = 1", ""))?;
+    lbd.wait_lifecycle("wg", "in service", BOUND)?;
+    let dir = lab.files_dir()?;
+    let blob = dir.join("blob-wg");
+    let content: Vec<u8> = (0..SIZE).map(|i| (i * 31 + i / 1021) as u8).collect();
+    std::fs::write(&blob, &content).context("writing the download")?;
+    let http = HttpFileServer::start(&inet, server, &blob)?;
+    watches[0].clear()?;
+    watches[1].clear()?;
+    let got = dir.join("got-wg");
+    let started = Instant::now();
+    http_download(
+        lab.ns("client")?,
+        http.local_addr(),
+        "/blob-wg",
+        &got,
+        3 * BOUND,
+    )
+    .context("downloading through the tunnel with PMTUD broken beyond it")?;
+    let took = started.elapsed();
+    ensure!(
+        std::fs::read(&got)? == content,
+        "the download through the tunnel arrived different"
+    );
+    ensure!(
+        watches[1].packets()? > 0 && watches[0].packets()? == 0,
+        "the download did not go through the tunnel alone: isp2 {} packets, the tunnel {}",
+        watches[0].packets()?,
+        watches[1].packets()?
+    );
+    eprintln!("{SIZE} bytes exact through the tunnel (MTU 1420, no PMTUD) in {took:?}");
+
+    // A datagram too big for the tunnel, with DF: the client is told the
+    // tunnel's MTU, and its kernel remembers it for the server.
+    let client = lab.ns("client")?.to_string();
+    let socket = lb_tests::in_netns(&client, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(udp.local_addr())?;
+        let on: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: IP_MTU_DISCOVER takes an int, live for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "IP_MTU_DISCOVER: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(s)
+    })?;
+    let told = Instant::now();
+    let learned = loop {
+        // 1472 bytes of payload: a 1500-byte datagram.
+        let _ = socket.send(&[0x5a; 1472]);
+        let route = lab.exec("client", &["ip", "-4", "route", "get", SERVER_IP])?;
+        if route.contains("mtu 1420") {
+            break route;
+        }
+        ensure!(
+            told.elapsed() < BOUND,
+            "the client never learned the tunnel's MTU: {}; lb told {} times; status: {}",
+            route.trim(),
+            lbd.reason("told_too_big")?,
+            lbd.uplink("wg")?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("the client learned: {}", learned.trim());
+    ensure!(
+        lbd.reason("told_too_big")? > 0,
+        "lb did not count its answer"
+    );
+    check_leaks(&leaks, &vpn_leaks)?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn an_upstream_cut_behind_the_tunnel_moves_its_flows_and_they_come_back() -> Result<()> {
+    const FLOWS: usize = 40;
+    if !require_root("an_upstream_cut_behind_the_tunnel_moves_its_flows_and_they_come_back") {
+        return Ok(());
+    }
+    let (mut lab, tunnel, leaks, vpn_leaks) = lab_with_tunnel()?;
+    let lbd = Lbd::start(&mut lab, &wg_config(&tunnel, "", ""))?;
+    lbd.wait_lifecycle("isp2", "in service", BOUND)?;
+    lbd.wait_lifecycle("wg", "in service", BOUND)?;
+    let inet = lab.ns("inet")?.to_string();
+    let udp = UdpEchoServer::start(&inet, format!("{SERVER_IP}:0").parse()?)?;
+    let watches = [
+        watch_flows(&lab, "isp2", "down0")?,
+        watch_flows(&lab, "vpn", &tunnel.provider_ifname)?,
+    ];
+    let held = HeldUdp::open(lab.ns("client")?, udp.local_addr(), FLOWS)?;
+    held.echo_all(FLOW_TIMEOUT)?;
+    let in_tunnel = watches[1].seen_flows()?.len();
+    ensure!(
+        in_tunnel > 0,
+        "no flow of {FLOWS} took the tunnel: nothing to move"
+    );
+
+    // The provider's network stops forwarding; the tunnel itself stays up.
+    lab.exec(
+        "vpn",
+        &[
+            "nft",
+            "add table ip cut; add chain ip cut forward { type filter hook forward priority 0; policy drop; }",
+        ],
+    )?;
+    watches[0].clear()?;
+    let cut = Instant::now();
+    held.echo_all(3 * BOUND)
+        .context("flows after the cut behind the tunnel")?;
+    let moved = cut.elapsed();
+    let wg = lbd.uplink("wg")?;
+    eprintln!(
+        "cut behind the tunnel: its {in_tunnel} flows answered through isp2 {moved:?} later; wg: {} ({})",
+        wg["lifecycle"], wg["reason"]
+    );
+    ensure!(
+        watches[0].seen_flows()?.len() == FLOWS,
+        "after the cut isp2 saw {} of {FLOWS} flows",
+        watches[0].seen_flows()?.len()
+    );
+    ensure!(
+        wg["lifecycle"] == "down",
+        "the tunnel's uplink is not down: {wg}"
+    );
+
+    lab.exec("vpn", &["nft", "delete table ip cut"])?;
+    lbd.wait_lifecycle("wg", "in service", 3 * BOUND)?;
+    watches[1].clear()?;
+    let flows = udp_flows(lab.ns("client")?, udp.local_addr(), FLOWS, FLOW_TIMEOUT)?;
+    ensure!(
+        flows.iter().all(|f| f.outcome.is_ok()),
+        "flows failed after the tunnel came back"
+    );
+    ensure!(
+        !watches[1].seen_flows()?.is_empty(),
+        "no new flow took the tunnel after it came back"
+    );
+    check_leaks(&leaks, &vpn_leaks)?;
     lbd.stop(&mut lab)
 }

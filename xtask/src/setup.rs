@@ -44,6 +44,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("kea-dhcp6", "kea-dhcp6-server"),
     ("dhcpcd", "dhcpcd-base"),
     ("radvd", "radvd"),
+    // A WireGuard uplink in the tunnel lab (tests/src/wireguard.rs):
+    // userspace WireGuard on a tun device, and `wg` to configure it.
+    ("wireguard-go", "wireguard-go"),
+    ("wg", "wireguard-tools"),
     // Checks lbd's metrics as Prometheus would read them.
     ("promtool", "prometheus"),
     // Build and check the package: dpkg-deb, man, systemd-analyze verify.
