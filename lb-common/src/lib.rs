@@ -10,6 +10,7 @@
 
 pub mod csum;
 pub mod egress;
+pub mod encap;
 pub mod hash;
 pub mod icmp;
 pub mod kfunc;

@@ -24,6 +24,8 @@ pub mod name {
     pub const EGRESS: &str = "EGRESS";
     pub const EGRESS_ANY: &str = "EGRESS_ANY";
     pub const SIGNALS: &str = "SIGNALS";
+    /// How each uplink wraps its packets (`crate::encap`), by index.
+    pub const ENCAP: &str = "ENCAP";
     pub const RULES: &str = "RULES";
     pub const POLICIES: &str = "POLICIES";
     pub const PREFIXES: &str = "PREFIXES";
@@ -37,7 +39,7 @@ pub mod name {
     pub const BYPASS6: &str = "BYPASS6";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -64,6 +66,7 @@ pub mod name {
         FLOWS6,
         BUCKETS6,
         BYPASS6,
+        ENCAP,
     ];
 }
 
@@ -134,6 +137,9 @@ pub mod uplink_flags {
     /// Lower the MSS of SYNs leaving by it to what its MTU carries
     /// (`crate::mss`).
     pub const CLAMP_MSS: u16 = 1;
+    /// Its packets are wrapped (a VLAN tag, a PPPoE session): its `ENCAP`
+    /// entry says how. Plain Ethernet uplinks never look there.
+    pub const WRAPPED: u16 = 2;
 }
 
 /// Slots of map `SIGNALS`: each uplink's IPv4 signals at its index, its

@@ -695,6 +695,97 @@ fn replies_are_translated_back_to_the_client() {
     assert_eq!(h.dp.uplink_stats(1).expect("stats").replies, 2);
 }
 
+/// `frame` (plain Ethernet) as a PPPoE session `session` on VLAN 7 has it.
+fn wrap_pppoe(frame: &[u8], session: u16, ppp_proto: u16) -> Vec<u8> {
+    let ip_len = (frame.len() - 14) as u16;
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&[0x81, 0x00, 0x00, 0x07, 0x88, 0x64, 0x11, 0x00]);
+    out.extend_from_slice(&session.to_be_bytes());
+    out.extend_from_slice(&(ip_len + 2).to_be_bytes());
+    out.extend_from_slice(&ppp_proto.to_be_bytes());
+    out.extend_from_slice(&frame[14..]);
+    out
+}
+
+#[test]
+fn a_pppoe_uplink_on_a_vlan_gets_its_headers_pushed_and_popped() {
+    use lb_common::{encap::Encap, maps::uplink_flags};
+    const SESSION: u16 = 0x1234;
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    h.dp.set_encap(
+        1,
+        &Encap {
+            vlan_tci: 7,
+            pppoe_session: SESSION,
+        },
+    )
+    .expect("encap");
+    let wrapped = UplinkInfo {
+        mtu: 1492,
+        flags: uplink_flags::WRAPPED,
+        ..uplink_info(2, uplink_state::ACTIVE)
+    };
+    h.dp.set_uplink(1, &wrapped).expect("uplink");
+
+    for proto in ["udp", "tcp"] {
+        // Out: the same translation as on plain Ethernet, in a PPPoE
+        // session frame on VLAN 7 of the right length.
+        let (frame, out) = (5000..5200u16)
+            .map(|p| if proto == "udp" { udp(p, 64) } else { tcp(p) })
+            .map(|f| {
+                let (verdict, out) = h.lan(&f);
+                assert_eq!(verdict, XDP_REDIRECT);
+                (f, out)
+            })
+            .find(|(_, out)| out[12..14] == [0x81, 0x00])
+            .expect("a flow on the PPPoE uplink");
+        assert_eq!(&out[0..12], &[wrapped.gw_mac, wrapped.src_mac].concat()[..]);
+        assert_eq!(&out[14..16], &[0x00, 0x07], "VLAN 7");
+        assert_eq!(
+            &out[16..20],
+            &[0x88, 0x64, 0x11, 0x00],
+            "a PPPoE session frame"
+        );
+        assert_eq!(&out[20..22], &SESSION.to_be_bytes(), "its session");
+        let ip_len = out.len() - 26;
+        assert_eq!(
+            u16::from_be_bytes([out[22], out[23]]) as usize,
+            ip_len + 2,
+            "the PPPoE length counts the PPP protocol and the packet"
+        );
+        assert_eq!(&out[24..26], &[0x00, 0x21], "PPP: IPv4");
+        let mut plain = out[..12].to_vec();
+        plain.extend_from_slice(&[0x08, 0x00]);
+        plain.extend_from_slice(&out[26..]);
+        let nat_port = assert_forwarded(&frame, &plain, &wrapped);
+
+        // Back: the session frame is the client's plain Ethernet frame.
+        let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+        let server_port = if proto == "udp" { 53 } else { 443 };
+        let reply = reply_to(proto, nat_port, server_port);
+        let (verdict, back) = h.run(program::WAN_INGRESS, &wrap_pppoe(&reply, SESSION, 0x0021));
+        assert_eq!(verdict, XDP_REDIRECT, "{proto}: the reply goes to the LAN");
+        assert_eq!(
+            back,
+            inbound_model(&reply, client_port, false),
+            "{proto}: as a plain reply would"
+        );
+    }
+    // Another session, and LCP: the kernel's, untouched.
+    let reply = reply_to("udp", 5000, 53);
+    for other in [
+        wrap_pppoe(&reply, SESSION + 1, 0x0021),
+        wrap_pppoe(&reply, SESSION, 0xc021),
+    ] {
+        let (verdict, back) = h.run(program::WAN_INGRESS, &other);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(back, other, "untouched");
+    }
+}
+
 #[test]
 fn client_ports_the_router_may_use_are_remapped_into_the_nat_range() {
     if !is_root() {

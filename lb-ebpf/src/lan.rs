@@ -16,7 +16,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    csum, hash, icmp,
+    csum,
+    encap::Encap,
+    hash, icmp,
     maps::{
         settings_flags, tcp_state, uplink_flags, uplink_state, FlowKey, FlowValue, NatKey,
         NatValue, UplinkInfo,
@@ -28,7 +30,7 @@ use lb_common::{
 
 use crate::{
     answer, conntrack, count, egress, frags,
-    maps::{BYPASS, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
+    maps::{BYPASS, ENCAP, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{
         self, EthHdr, Fragment, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_ECHO_REQUEST, IPPROTO_TCP,
@@ -133,13 +135,22 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         frags::remember(datagram, src_port, dst_port);
     }
     rewrite::decrement_ttl(&pkt);
-    let len = rewrite::untagged(
-        ctx,
-        pkt.tagged(),
-        parse::ETH_P_IPV4,
-        info.src_mac,
-        info.gw_mac,
-    )?;
+    let len = match wrapping(uplink, info) {
+        None => rewrite::untagged(
+            ctx,
+            pkt.tagged(),
+            parse::ETH_P_IPV4,
+            info.src_mac,
+            info.gw_mac,
+        )?,
+        Some(_) => wrap(
+            ctx,
+            uplink,
+            pkt.l3_off,
+            parse::ETH_P_IPV4,
+            usize::from(u16::from_be_bytes(total_len)),
+        )?,
+    };
     stats::uplink(uplink, |s| {
         s.tx_packets += 1;
         s.tx_bytes += len as u64;
@@ -148,6 +159,65 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     Ok(egress::send(ctx, info.ifindex, uplink, src, || {
         TX_PORTS.redirect(uplink, 0)
     }))
+}
+
+/// [`wrap_frame`], for `lan::ingress`: `Ok` is the frame's new length.
+#[inline(always)]
+pub fn wrap(
+    ctx: &XdpContext,
+    uplink: u32,
+    l3_off: usize,
+    ether_type: u16,
+    ip_len: usize,
+) -> Result<usize, u32> {
+    // Both under 2^16: one word each way.
+    let packed = (l3_off as u64) << 32 | u64::from(ether_type) << 16 | (ip_len as u64 & 0xffff);
+    let done = wrap_frame(ctx.ctx, uplink, packed);
+    usize::try_from(done).map_err(|_| reason::PASS_MALFORMED)
+}
+
+/// The headers of wrapped uplink `uplink` (`rewrite::wrapped`) in front of
+/// the IP packet at `packed`'s offset (its high word), of `packed`'s
+/// EtherType and length (its low words); the frame's new length, or -1.
+/// A BPF function of its own, taking and returning scalars: its stack
+/// frame is not added to `lan::run`'s, which the rules' share the
+/// kernel's 512 bytes with.
+#[inline(never)]
+fn wrap_frame(ctx: *mut xdp_md, uplink: u32, packed: u64) -> i64 {
+    let ctx = XdpContext::new(ctx);
+    let (l3_off, ether_type, ip_len) = (
+        (packed >> 32) as usize,
+        (packed >> 16) as u16,
+        (packed & 0xffff) as usize,
+    );
+    let Some(info) = UPLINKS.get(uplink) else {
+        return -1;
+    };
+    let Some(encap) = ENCAP.get(uplink) else {
+        return -1;
+    };
+    match rewrite::wrapped(
+        &ctx,
+        l3_off,
+        encap,
+        info.src_mac,
+        info.gw_mac,
+        ether_type,
+        ip_len,
+    ) {
+        Ok(len) => len as i64,
+        Err(_) => -1,
+    }
+}
+
+/// How uplink `uplink` wraps its packets, when it does (a VLAN tag, a
+/// PPPoE session); `None` for plain Ethernet, without a lookup.
+#[inline(always)]
+pub fn wrapping(uplink: u32, info: &UplinkInfo) -> Option<Encap> {
+    if info.flags & uplink_flags::WRAPPED == 0 {
+        return None;
+    }
+    ENCAP.get(uplink).copied().filter(|e| !e.is_empty())
 }
 
 /// Lower the MSS of a SYN (`lb_common::mss`) to what an uplink of MTU

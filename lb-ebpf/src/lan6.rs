@@ -97,6 +97,11 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         // IPv6 routers never fragment: the kernel answers Packet Too Big.
         return Err(reason::PASS_TOO_BIG);
     }
+    // IPv6 over a wrapped uplink (PPPoE, a VLAN) is the kernel's for now:
+    // lan6's stack frame has no room left for the push.
+    if crate::lan::wrapping(uplink, info).is_some() {
+        return Err(reason::PASS_UNSUPPORTED);
+    }
     // The guard, for every packet: the LAN's prefix may have changed under
     // an established flow, and nothing leaves with an address the uplink's
     // ISP would not route back.

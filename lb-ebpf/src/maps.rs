@@ -82,6 +82,11 @@ pub static UPLINKS: Array<UplinkInfo> = Array::with_max_entries(MAX_UPLINKS, 0);
 #[map]
 pub static UPLINKS6: Array<Uplink6> = Array::with_max_entries(MAX_UPLINKS, 0);
 
+/// How each uplink wraps its packets (a VLAN tag, a PPPoE session), by
+/// index; all zero for plain Ethernet.
+#[map]
+pub static ENCAP: Array<lb_common::encap::Encap> = Array::with_max_entries(MAX_UPLINKS, 0);
+
 /// The bucket table for new IPv6 flows, built from the uplinks' IPv6
 /// states (one value: lbd replaces it whole).
 #[map]

@@ -225,6 +225,55 @@ impl Frame for L3Packet<'_> {
     }
 }
 
+/// The IP packet inside a frame from a wrapped uplink (a VLAN tag, a PPPoE
+/// session: `lb_common::encap`), read as if it had no link-layer header:
+/// offsets count from its IP header. Moving its head moves the frame's,
+/// from the IP header: room for a new Ethernet header is made by dropping
+/// the uplink's.
+pub struct Inner<'a> {
+    ctx: &'a XdpContext,
+    /// Where the IP header starts in the frame; 0 once the head moved.
+    off: core::cell::Cell<usize>,
+    proto: u16,
+}
+
+impl<'a> Inner<'a> {
+    /// The packet of `ctx` whose IP header (of EtherType `proto`) starts
+    /// at `off`, at most `lb_common::encap::MAX_LEN`.
+    #[inline(always)]
+    pub fn new(ctx: &'a XdpContext, off: usize, proto: u16) -> Inner<'a> {
+        Inner {
+            ctx,
+            off: core::cell::Cell::new(off.min(lb_common::encap::MAX_LEN)),
+            proto,
+        }
+    }
+}
+
+impl Frame for Inner<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data() + self.off.get()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn l3_proto(&self) -> Option<u16> {
+        Some(self.proto)
+    }
+
+    #[inline(always)]
+    fn adjust_head(&self, delta: i32) -> Result<(), u32> {
+        Frame::adjust_head(self.ctx, self.off.get() as i32 + delta)?;
+        self.off.set(0);
+        Ok(())
+    }
+}
+
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet is
 /// long enough to hold it.
 #[inline(always)]

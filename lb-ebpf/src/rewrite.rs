@@ -9,7 +9,11 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::csum;
+use lb_common::{
+    csum,
+    encap::{self, Encap},
+    reason,
+};
 
 use crate::parse::{self, EthHdr, Frame, Ipv4Packet, Ipv6Packet, VlanHdr, ETH_P_8021Q};
 
@@ -57,6 +61,43 @@ pub fn untagged(
     }
     if tagged {
         ctx.adjust_head(size_of::<VlanHdr>() as i32)?;
+    }
+    Ok(ctx.data_end() - ctx.data())
+}
+
+/// The link-layer headers of a wrapped uplink (`encap`: a VLAN tag, a
+/// PPPoE session) in front of an IP packet of `ip_len` bytes and
+/// `ether_type`, which now starts at `l3_off` (behind the LAN's Ethernet
+/// header and maybe a tag). Returns the frame's new length.
+#[inline(always)]
+pub fn wrapped(
+    ctx: &XdpContext,
+    l3_off: usize,
+    encap: &Encap,
+    src: [u8; 6],
+    dst: [u8; 6],
+    ether_type: u16,
+    ip_len: usize,
+) -> Result<usize, u32> {
+    let header =
+        encap::header(encap, src, dst, ether_type, ip_len).ok_or(reason::PASS_MALFORMED)?;
+    let len = encap.len();
+    ctx.adjust_head(l3_off as i32 - len as i32)?;
+    // One fixed-size write per shape: the verifier checks each copy once.
+    macro_rules! put {
+        ($n:expr) => {{
+            let at: *mut [u8; $n] = parse::ptr_at(ctx, 0)?;
+            // SAFETY: `at` is bounds-checked by `ptr_at` for $n bytes, and
+            // `header` holds at least as many; they cannot overlap (one is
+            // on the stack, the other in the packet).
+            unsafe { core::ptr::copy_nonoverlapping(header.as_ptr(), at.cast::<u8>(), $n) };
+        }};
+    }
+    match len {
+        encap::ETH_LEN => put!(encap::ETH_LEN),
+        18 => put!(18),
+        22 => put!(22),
+        _ => put!(encap::MAX_LEN),
     }
     Ok(ctx.data_end() - ctx.data())
 }

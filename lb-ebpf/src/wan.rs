@@ -17,6 +17,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
+    encap::{self, Encap},
     maps::{tcp_state, FlowKey, NatKey},
     reason,
 };
@@ -26,7 +27,7 @@ use crate::{
     maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_BY_IFINDEX},
     nat::{self, End},
     parse::{
-        self, Fragment, Frame, IcmpHdr, L3Packet, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
+        self, Fragment, Frame, IcmpHdr, Inner, L3Packet, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
         ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, TCP_FIN, TCP_RST, TCP_SYN,
     },
     rewrite, stats,
@@ -35,10 +36,38 @@ use crate::{
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let uplink = arrived(ctx.ingress_ifindex() as u32, ctx)?;
+    let info = UPLINKS.get(uplink).ok_or(reason::PASS_UNKNOWN_UPLINK)?;
+    if let Some(encap) = crate::lan::wrapping(uplink, info) {
+        return ingress_wrapped(ctx, uplink, &encap);
+    }
     if parse::ether_type(ctx) == parse::ETH_P_IPV6 {
         return crate::wan6::ingress(ctx, uplink);
     }
     let back = translate(ctx, uplink)?;
+    Ok(egress::send(
+        ctx,
+        back.lan_ifindex,
+        uplink,
+        back.client_addr,
+        || LAN_PORTS.redirect(back.lan_ifindex, 0),
+    ))
+}
+
+/// A frame on a wrapped uplink (a VLAN tag, a PPPoE session): the IP
+/// packet inside it, translated as on any uplink, leaves with the LAN's
+/// Ethernet header in place of the uplink's. A frame that is not this
+/// uplink's session (PPPoE discovery, LCP, another VLAN) and IPv6 are the
+/// kernel's, untouched.
+#[inline(always)]
+fn ingress_wrapped(ctx: &XdpContext, uplink: u32, encap: &Encap) -> Result<u32, u32> {
+    let head: *const [u8; encap::MAX_LEN] = parse::ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let head = unsafe { *head };
+    let (off, proto) = encap::inner(encap, &head).ok_or(reason::PASS_UNSUPPORTED)?;
+    if proto != parse::ETH_P_IPV4 {
+        return Err(reason::PASS_NOT_IPV4);
+    }
+    let back = translate(&Inner::new(ctx, off, proto), uplink)?;
     Ok(egress::send(
         ctx,
         back.lan_ifindex,

@@ -869,6 +869,20 @@ impl Dataplane {
             .context("writing UPLINKS6")
     }
 
+    /// How uplink `index` wraps its packets (a VLAN tag, a PPPoE session).
+    /// The data plane looks only for an uplink whose entry has
+    /// `uplink_flags::WRAPPED`: write this first, then that entry.
+    pub fn set_encap(&mut self, index: u32, encap: &lb_common::encap::Encap) -> Result<()> {
+        if index >= MAX_UPLINKS {
+            return Err(anyhow!(
+                "uplink index {index} out of range (max {MAX_UPLINKS})"
+            ));
+        }
+        self.array::<lb_common::encap::Encap>(name::ENCAP)?
+            .set(index, encap, 0)
+            .context("writing ENCAP")
+    }
+
     /// Make `table` the bucket table of new IPv6 flows (one map write: a
     /// packet may see old and new buckets side by side, each valid).
     pub fn set_buckets6(&mut self, table: &Table) -> Result<()> {
