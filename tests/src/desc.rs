@@ -556,8 +556,9 @@ mod tests {
 
     #[test]
     fn shipped_labs_parse() -> Result<()> {
-        // `default` has a second LAN (client2) that `routed` lacks.
-        for (name, hosts) in [("default", 6), ("routed", 5)] {
+        // `default` has a second LAN (client2) and a VPN provider (vpn)
+        // that `routed` lacks.
+        for (name, hosts) in [("default", 7), ("routed", 5)] {
             let desc = LabDesc::shipped(name)?;
             assert_eq!(desc.hosts.len(), hosts, "{name}");
             assert_eq!(desc.links.len(), hosts, "{name}");
