@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -379,6 +379,61 @@ impl HeldUdp {
     pub fn ids(&self) -> Vec<(u8, u16)> {
         self.sockets.iter().map(|(p, _)| (17, *p)).collect()
     }
+}
+
+/// `count` UDP exchanges from address `from` in namespace `ns` with
+/// `target` (a port forward, a router's service), each from a port of its
+/// own (a new connection for conntrack, and a new flow for the data plane
+/// to judge on the way back). Each must be answered with its own message,
+/// from `target` itself, within `timeout`. Returns the failures.
+pub fn udp_answered(
+    ns: &str,
+    from: Ipv4Addr,
+    target: SocketAddrV4,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    const ATTEMPTS: u32 = 3;
+    let sockets = in_netns(ns, || {
+        (0..count)
+            .map(|_| {
+                let s = UdpSocket::bind((from, 0)).context("binding a UDP socket")?;
+                s.set_read_timeout(Some(timeout / ATTEMPTS))?;
+                Ok(s)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut failed = Vec::new();
+    for (i, socket) in sockets.iter().enumerate() {
+        let message = format!("lb-tests inbound {i} to {target}");
+        let port = socket.local_addr()?.port();
+        let mut outcome = Err(format!("no answer in {ATTEMPTS} tries"));
+        // Not a connected socket: an answer from any other address must be
+        // seen (and reported), not filtered out by the kernel.
+        'tries: for _ in 0..ATTEMPTS {
+            socket.send_to(message.as_bytes(), target)?;
+            let deadline = Instant::now() + timeout / ATTEMPTS;
+            let mut buf = [0u8; 1024];
+            while Instant::now() < deadline {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    break;
+                };
+                if &buf[..n] != message.as_bytes() {
+                    outcome = Err(format!("a stray answer from {from}"));
+                } else if from != SocketAddr::V4(target) {
+                    outcome = Err(format!("answered from {from}"));
+                    break 'tries;
+                } else {
+                    outcome = Ok(());
+                    break 'tries;
+                }
+            }
+        }
+        if let Err(e) = outcome {
+            failed.push(format!("UDP from port {port} to {target}: {e}"));
+        }
+    }
+    Ok(failed)
 }
 
 /// A socket of `server`'s family bound to port 0, and the port it got.

@@ -202,52 +202,8 @@ fn failures(flows: &[FlowResult]) -> Vec<String> {
         .collect()
 }
 
-/// `count` UDP exchanges from the internet host with `target`, each from
-/// a port of its own (a new connection for conntrack, and a new flow for
-/// the data plane to judge on the way back). Each must be answered with
-/// its own message, from `target` itself. Returns the failures.
 fn udp_inbound(lab: &Lab, target: SocketAddrV4, count: usize) -> Result<Vec<String>> {
-    const ATTEMPTS: u32 = 3;
-    let sockets = in_netns(lab.ns("inet")?, || {
-        (0..count)
-            .map(|_| {
-                let s = UdpSocket::bind((SERVER, 0)).context("binding a UDP socket on inet")?;
-                s.set_read_timeout(Some(FLOW / ATTEMPTS))?;
-                Ok(s)
-            })
-            .collect::<Result<Vec<_>>>()
-    })?;
-    let mut failed = Vec::new();
-    for (i, socket) in sockets.iter().enumerate() {
-        let message = format!("lb-tests inbound {i} to {target}");
-        let port = socket.local_addr()?.port();
-        let mut outcome = Err(format!("no answer in {ATTEMPTS} tries"));
-        // Not a connected socket: an answer from any other address must be
-        // seen (and reported), not filtered out by the kernel.
-        'tries: for _ in 0..ATTEMPTS {
-            socket.send_to(message.as_bytes(), target)?;
-            let deadline = Instant::now() + FLOW / ATTEMPTS;
-            let mut buf = [0u8; 1024];
-            while Instant::now() < deadline {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                    break;
-                };
-                if &buf[..n] != message.as_bytes() {
-                    outcome = Err(format!("a stray answer from {from}"));
-                } else if from != SocketAddr::V4(target) {
-                    outcome = Err(format!("answered from {from}"));
-                    break 'tries;
-                } else {
-                    outcome = Ok(());
-                    break 'tries;
-                }
-            }
-        }
-        if let Err(e) = outcome {
-            failed.push(format!("UDP from port {port} to {target}: {e}"));
-        }
-    }
-    Ok(failed)
+    lb_tests::traffic::udp_answered(lab.ns("inet")?, SERVER, target, count, FLOW)
 }
 
 /// `count` TCP connections from the internet host to `target`, each

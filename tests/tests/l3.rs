@@ -10,7 +10,7 @@
 //! source reached them (the lab's ISP links and the modem's far end).
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,10 @@ use lb_tests::{
     daemon::Lbd,
     rawip::{End, RawIpLink},
     require_root,
-    traffic::{http_download, udp_flows, HeldUdp, HttpFileServer, UdpEchoServer},
+    traffic::{
+        http_download, tcp_flows, udp_answered, udp_flows, HeldUdp, HttpFileServer, TcpEchoServer,
+        UdpEchoServer,
+    },
     unique_prefix, watch_flows, watch_sources,
     wireguard::{self, Tunnel},
     FlowWatch, Lab, LabDesc, LanLeaks,
@@ -467,5 +470,75 @@ fn an_upstream_cut_behind_the_tunnel_moves_its_flows_and_they_come_back() -> Res
         "no new flow took the tunnel after it came back"
     );
     check_leaks(&leaks, &vpn_leaks)?;
+    lbd.stop(&mut lab)
+}
+
+/// The operator's port forwards over the modem, as an operator writes them.
+const LTE_FORWARDS: &str = r#"
+table ip operator {
+    chain pre {
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "lte0" udp dport 9090 dnat to 10.10.0.2:9000
+        iifname "lte0" tcp dport 8080 dnat to 10.10.0.2:8000
+    }
+}
+"#;
+
+#[test]
+fn port_forwards_and_the_routers_services_answer_through_the_modem_they_came_in_on() -> Result<()> {
+    const COUNT: usize = 20;
+    if !require_root(
+        "port_forwards_and_the_routers_services_answer_through_the_modem_they_came_in_on",
+    ) {
+        return Ok(());
+    }
+    let (mut lab, _modem, leaks, lte_leaks) = lab_with_modem()?;
+    // An answer that left by isp1 with the modem's address would show here.
+    let wrong_way = watch_sources(&lab, "isp1", "down0", "lte", "10.77.0.2/32")?;
+    let file = lab.files_dir()?.join("operator.nft");
+    std::fs::write(&file, LTE_FORWARDS).context("writing the port forwards")?;
+    let path = file.to_str().context("a UTF-8 path")?.to_string();
+    lab.exec("router", &["nft", "-f", &path])?;
+    let lbd = Lbd::start(&mut lab, &config("", ""))?;
+    lbd.wait_lifecycle("isp1", "in service", BOUND)?;
+    lbd.wait_lifecycle("lte", "in service", BOUND)?;
+
+    let client = lab.ns("client")?.to_string();
+    let _udp = UdpEchoServer::start(&client, "10.10.0.2:9000".parse()?)?;
+    let _tcp = TcpEchoServer::start(&client, "10.10.0.2:8000".parse()?)?;
+    // The router's own service (a TCP one: an unbound UDP server answers
+    // from whatever address the main table picks, lb or not).
+    let router = lab.ns("router")?.to_string();
+    let _own = TcpEchoServer::start(&router, "0.0.0.0:7777".parse()?)?;
+
+    let inet = lab.ns("inet")?.to_string();
+    let from: std::net::Ipv4Addr = SERVER_IP.parse()?;
+    let modem: std::net::Ipv4Addr = "10.77.0.2".parse()?;
+    let mut failed = udp_answered(
+        &inet,
+        from,
+        SocketAddrV4::new(modem, 9090),
+        COUNT,
+        FLOW_TIMEOUT,
+    )?;
+    for port in [8080, 7777] {
+        let tcp = tcp_flows(&inet, SocketAddr::from((modem, port)), COUNT, FLOW_TIMEOUT)?;
+        failed.extend(
+            tcp.iter()
+                .filter_map(|f| f.outcome.as_ref().err().map(|e| format!("{e:#}"))),
+        );
+    }
+    ensure!(
+        failed.is_empty(),
+        "{} exchanges failed: {failed:?}",
+        failed.len()
+    );
+    let strays = wrong_way.packets()?;
+    ensure!(
+        strays == 0,
+        "{strays} packets with the modem's address left by isp1"
+    );
+    eprintln!("{COUNT} UDP and {COUNT} TCP exchanges through the modem's port forwards and {COUNT} TCP connections to the router's own service, each answered from the address it was sent to");
+    check_leaks(&leaks, &lte_leaks)?;
     lbd.stop(&mut lab)
 }
