@@ -63,16 +63,31 @@ impl Daemon {
             "uplink {}: {previous} -> {now} ({reason}){timing}",
             u.cfg.name,
         );
-        let (name, said) = (u.cfg.name.clone(), format!("{previous} -> {now}: {reason}"));
-        self.history.say("health", Some(&name), said);
+        let said = format!("{previous} -> {now}: {reason}");
+        self.tell_health("health", &event, previous, now, said);
+        Ok(())
+    }
+
+    /// Say a health transition of `event`'s uplink in the history (as
+    /// `said`) and to the hooks (as `kind`).
+    fn tell_health(
+        &mut self,
+        kind: &'static str,
+        event: &HealthEvent,
+        previous: &str,
+        now: &str,
+        said: String,
+    ) {
         let u = &self.uplinks[event.uplink];
+        let (name, interface) = (u.cfg.name.clone(), u.cfg.interface.clone());
+        self.history.say("health", Some(&name), said);
         let hook = hooks::Event {
-            kind: "health",
-            uplink: u.cfg.name.clone(),
-            interface: u.cfg.interface.clone(),
+            kind,
+            uplink: name,
+            interface,
             state: now.to_string(),
             previous: previous.to_string(),
-            reason: reason.clone(),
+            reason: event.transition.reason.clone(),
             rtt_ms: event.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
             loss_percent: event.stats.loss_percent(),
         };
@@ -81,7 +96,6 @@ impl Daemon {
             self.config.daemon.hook_timeout,
             &hook,
         );
-        Ok(())
     }
 
     /// Apply a transition of uplink `event.uplink`'s IPv6 health: the
@@ -99,22 +113,7 @@ impl Daemon {
         let reason = &event.transition.reason;
         log::info!("uplink {}: IPv6 {previous} -> {now} ({reason})", u.cfg.name);
         let said = format!("IPv6 {previous} -> {now}: {reason}");
-        self.history.say("health", Some(&u.cfg.name), said);
-        let hook = hooks::Event {
-            kind: "health6",
-            uplink: u.cfg.name.clone(),
-            interface: u.cfg.interface.clone(),
-            state: now.to_string(),
-            previous: previous.to_string(),
-            reason: reason.clone(),
-            rtt_ms: event.stats.rtt.map(|d| d.as_secs_f64() * 1000.0),
-            loss_percent: event.stats.loss_percent(),
-        };
-        hooks::run_all(
-            &self.config.daemon.hooks,
-            self.config.daemon.hook_timeout,
-            &hook,
-        );
+        self.tell_health("health6", &event, previous, now, said);
         Ok(())
     }
 
