@@ -20,8 +20,8 @@ use lb_tests::{
     rawip::{End, RawIpLink},
     require_root,
     traffic::{
-        http_download, tcp_flows, udp_answered, udp_flows, HeldUdp, HttpFileServer, TcpEchoServer,
-        UdpEchoServer,
+        http_download, tcp_flows, tcp_upload, udp_answered, udp_flows, HeldUdp, HttpFileServer,
+        TcpEchoServer, TcpSinkServer, UdpEchoServer,
     },
     unique_prefix, watch_flows, watch_sources,
     wireguard::{self, Tunnel},
@@ -539,6 +539,82 @@ fn port_forwards_and_the_routers_services_answer_through_the_modem_they_came_in_
         "{strays} packets with the modem's address left by isp1"
     );
     eprintln!("{COUNT} UDP and {COUNT} TCP exchanges through the modem's port forwards and {COUNT} TCP connections to the router's own service, each answered from the address it was sent to");
+    check_leaks(&leaks, &lte_leaks)?;
+    lbd.stop(&mut lab)
+}
+
+/// Bytes lb's shaper on the router's `dev` has sent (its root qdisc).
+fn qdisc_sent(lab: &Lab, dev: &str) -> Result<u64> {
+    let out = lab.exec(
+        "router",
+        &["tc", "-s", "-j", "qdisc", "show", "dev", dev, "root"],
+    )?;
+    let qdiscs: serde_json::Value = serde_json::from_str(&out).context("parsing tc -j")?;
+    qdiscs[0]["bytes"]
+        .as_u64()
+        .with_context(|| format!("no bytes in `tc -s -j qdisc show dev {dev}`: {out}"))
+}
+
+#[test]
+fn the_modems_shaper_holds_its_traffic_and_its_quota_drains_it() -> Result<()> {
+    const QUOTA: &str = "300KB";
+    const UPLOAD: usize = 512 * 1024;
+    if !require_root("the_modems_shaper_holds_its_traffic_and_its_quota_drains_it") {
+        return Ok(());
+    }
+    let (mut lab, _modem, leaks, lte_leaks) = lab_with_modem()?;
+    let state = lab.files_dir()?.join("state");
+    std::fs::create_dir_all(&state)?;
+    let lte = format!(
+        "quota = {{ bytes = \"{QUOTA}\", period = \"day\", action = \"drain\" }}\n\
+         [uplink.shape]\nupload = \"200mbit\"\ndownload = \"200mbit\"\n"
+    );
+    let text = config("tier = 1", &lte).replace(
+        "bpffs = \"{bpffs}\"\n",
+        &format!(
+            "bpffs = \"{{bpffs}}\"\nstate_dir = \"{}\"\n",
+            state.display()
+        ),
+    );
+    let lbd = Lbd::start(&mut lab, &text)?;
+    lbd.wait_lifecycle("lte", "in service", BOUND)?;
+    lb_tests::stream::wait_for("lte0's egress through lb's shaper", BOUND, || {
+        Ok(lbd.uplink("lte")?["egress"]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("lb's shaper")))
+    })?;
+
+    // An upload through the modem passes lb's shaper on lte0.
+    let inet = lab.ns("inet")?.to_string();
+    let sink = TcpSinkServer::start(&inet, format!("{SERVER_IP}:9300").parse()?)?;
+    let before = qdisc_sent(&lab, "lte0")?;
+    let sent = tcp_upload(lab.ns("client")?, sink.local_addr(), UPLOAD, BOUND)?;
+    ensure!(sent == UPLOAD as u64, "uploaded {sent} of {UPLOAD} bytes");
+    let through = qdisc_sent(&lab, "lte0")? - before;
+    eprintln!("{UPLOAD} bytes up through the modem: {through} bytes through lb's shaper on lte0");
+    ensure!(
+        through >= UPLOAD as u64,
+        "only {through} bytes passed lb's shaper on lte0 for a {UPLOAD}-byte upload"
+    );
+
+    // That was past its quota: drained, its new flows go to isp1.
+    lb_tests::stream::wait_for("the modem's quota reached", BOUND, || {
+        Ok(lbd.uplink("lte")?["quota"]["reached"].as_bool() == Some(true))
+    })?;
+    let lte = lbd.uplink("lte")?;
+    ensure!(lte["state"] == "drain", "lte after its quota: {lte}");
+    let new_before = lbd.uplink_counter("lte", "new_flows")?;
+    let udp = UdpEchoServer::start(&inet, format!("{SERVER_IP}:0").parse()?)?;
+    let flows = udp_flows(lab.ns("client")?, udp.local_addr(), 20, FLOW_TIMEOUT)?;
+    ensure!(
+        flows.iter().all(|f| f.outcome.is_ok()),
+        "flows failed after the drain"
+    );
+    ensure!(
+        lbd.uplink_counter("lte", "new_flows")? == new_before,
+        "a drained modem took new flows"
+    );
+    eprintln!("the modem after its quota: {}", lte["quota"]);
     check_leaks(&leaks, &lte_leaks)?;
     lbd.stop(&mut lab)
 }
