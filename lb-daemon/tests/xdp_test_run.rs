@@ -695,6 +695,66 @@ fn replies_are_translated_back_to_the_client() {
     assert_eq!(h.dp.uplink_stats(1).expect("stats").replies, 2);
 }
 
+#[test]
+fn when_an_uplinks_nat_ports_run_out_new_flows_are_refused_and_counted_never_mistranslated() {
+    const RANGE: (u16, u16) = (20_000, 20_003);
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    h.dp.set_nat_ports(RANGE, LOCAL_PORTS).expect("nat ports");
+    // Client ports in the router's own range: each flow needs a NAT port.
+    let mut taken = std::collections::BTreeSet::new();
+    let (mut forwarded, mut refused) = (0, Vec::new());
+    let before = h.reason(reason::DROP_NAT_EXHAUSTED);
+    for port in 40_000..40_040u16 {
+        let frame = udp(port, 64);
+        let (verdict, out) = h.lan(&frame);
+        match verdict {
+            XDP_REDIRECT => {
+                let uplink = uplink_of(&out);
+                let nat_port =
+                    assert_forwarded(&frame, &out, &uplink_info(uplink, uplink_state::ACTIVE));
+                assert!(
+                    (RANGE.0..=RANGE.1).contains(&nat_port),
+                    "flow {port}: NAT port {nat_port} outside {RANGE:?}"
+                );
+                assert!(
+                    taken.insert((uplink, nat_port)),
+                    "flow {port}: port {nat_port} of uplink {uplink} given twice"
+                );
+                forwarded += 1;
+            }
+            XDP_DROP => refused.push(port),
+            other => panic!("flow {port}: verdict {other}"),
+        }
+    }
+    let ports = usize::from(RANGE.1 - RANGE.0 + 1);
+    assert!(
+        forwarded <= 2 * ports,
+        "{forwarded} flows for {ports} ports on each of 2 uplinks"
+    );
+    assert!(forwarded >= ports, "only {forwarded} flows got a port");
+    assert_eq!(forwarded + refused.len(), 40);
+    assert_eq!(
+        h.reason(reason::DROP_NAT_EXHAUSTED) - before,
+        refused.len() as u64,
+        "every refusal counted as drop_nat_exhausted"
+    );
+    let failures: u64 = (0..2)
+        .map(|i| h.dp.uplink_stats(i).expect("stats").nat_failures)
+        .sum();
+    assert_eq!(
+        failures,
+        refused.len() as u64,
+        "and as its uplink's nat_failures"
+    );
+    // A refused flow that tries again is refused again, never given a
+    // port another flow holds.
+    let again = refused.first().expect("some flows were refused");
+    assert_eq!(h.lan(&udp(*again, 64)).0, XDP_DROP);
+}
+
 /// `frame` (plain Ethernet) as a PPPoE session `session` on VLAN 7 has it.
 fn wrap_pppoe(frame: &[u8], session: u16, ppp_proto: u16) -> Vec<u8> {
     let ip_len = (frame.len() - 14) as u16;
