@@ -19,6 +19,9 @@
 //! - [`prefixes`]: a million-prefix file loaded and reloaded.
 //! - [`forward`]: Mpps through the lab router, four ways for IPv4 and two
 //!   for IPv6 (the kernel's and lb's, both translating).
+//! - [`l3`]: Mpps and router time through an L3 uplink (a tun device, and
+//!   a `wireguard-go` tunnel for WireGuard's own cost), lb's hand-off path
+//!   beside the kernel's way.
 //! - [`latency`]: a ping's round trip beside saturating uploads, with the
 //!   router's shaper and without.
 //! - [`tcp`]: TCP goodput through the lab router (8 streams up, 8 down,
@@ -37,6 +40,8 @@ mod failover;
 mod flows;
 #[cfg(feature = "bench")]
 mod forward;
+#[cfg(feature = "bench")]
+mod l3;
 #[cfg(feature = "bench")]
 mod latency;
 #[cfg(feature = "bench")]
@@ -96,6 +101,8 @@ pub enum Part {
     Latency,
     /// TCP goodput, retransmits and drops through the lab router.
     Tcp,
+    /// Packets per second through an L3 uplink (tun, WireGuard).
+    L3,
 }
 
 #[cfg(feature = "bench")]
@@ -220,6 +227,10 @@ pub fn run(args: &Args) -> Result<()> {
             tcp::STREAMS
         );
         report.tcp = tcp::measure(args.runs, args.seconds, &interrupted)?;
+    }
+    if args.measures(Part::L3) {
+        println!("bench: packets per second through an L3 uplink (tun, wireguard-go)");
+        report.l3 = l3::measure(args, cpu, &interrupted)?;
     }
     if args.measures(Part::Flows) {
         println!("bench: lbctl flows on {} flows", flows::FLOWS);

@@ -56,15 +56,15 @@ use super::{
 const PREFIX: &str = "lbb-";
 const LAB: &str = "default";
 /// Traffic before each measured window: lb and conntrack learn the flows.
-const WARMUP: Duration = Duration::from_secs(1);
+pub(super) const WARMUP: Duration = Duration::from_secs(1);
 /// Frames per live-frames test run call, and per batch within it.
-const GEN_CHUNK: u32 = 1 << 16;
+pub(super) const GEN_CHUNK: u32 = 1 << 16;
 const GEN_BATCH: u32 = 64;
 /// The generator's flows: UDP from these source ports to the discard port
 /// of the internet host; outside both the NAT range and the router's own
 /// port range, so lb keeps them.
-const GEN_PORT_BASE: u16 = 10_000;
-const XDP_TX: u32 = 3;
+pub(super) const GEN_PORT_BASE: u16 = 10_000;
+pub(super) const XDP_TX: u32 = 3;
 /// Hop limit of the generator's frames (IPv4's TTL is 64 too).
 const HOP_LIMIT: u8 = 64;
 
@@ -629,7 +629,7 @@ pub(super) fn static_neighbour(
 }
 
 /// Pin the generator's thread to `cpu` and raise its priority.
-fn generator_thread(cpu: usize) -> Result<()> {
+pub(super) fn generator_thread(cpu: usize) -> Result<()> {
     super::pin_to_cpu(cpu)?;
     // Other work takes less of this CPU (see `prioritize`); the router's
     // softirq work runs in this thread's context, so it gains too.
@@ -651,7 +651,7 @@ fn generator_thread(cpu: usize) -> Result<()> {
 
 /// `struct xdp_md` for a frame of `len` bytes arriving on `ifindex`: data,
 /// data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+pub(super) fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
     [0, len as u32, 0, ifindex, 0, 0]
         .iter()
         .flat_map(|w| w.to_ne_bytes())
@@ -661,7 +661,7 @@ fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
 /// One live-frames test run of `bench_gen`: `repeat` frames, as if they
 /// arrived on the interface in `md`, each sent back out of it (`XDP_TX`).
 /// Returns the kernel's time per frame, in ns.
-fn live_run(
+pub(super) fn live_run(
     gen: &Xdp,
     frame: &[u8],
     md: &[u8],
@@ -897,15 +897,15 @@ impl Sample {
 
 /// One line of /proc/stat, in clock ticks.
 #[derive(Clone, Copy, Default)]
-struct CpuTimes {
-    total: u64,
-    idle: u64,
-    system: u64,
-    softirq: u64,
+pub(super) struct CpuTimes {
+    pub(super) total: u64,
+    pub(super) idle: u64,
+    pub(super) system: u64,
+    pub(super) softirq: u64,
 }
 
 impl CpuTimes {
-    fn since(&self, before: &CpuTimes) -> CpuTimes {
+    pub(super) fn since(&self, before: &CpuTimes) -> CpuTimes {
         CpuTimes {
             total: self.total - before.total,
             idle: self.idle - before.idle,
@@ -916,7 +916,7 @@ impl CpuTimes {
 }
 
 /// The "cpu" line, then one per CPU.
-fn cpu_times() -> Result<Vec<CpuTimes>> {
+pub(super) fn cpu_times() -> Result<Vec<CpuTimes>> {
     let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     text.lines()
         .filter(|l| l.starts_with("cpu"))
@@ -941,7 +941,7 @@ fn cpu_times() -> Result<Vec<CpuTimes>> {
         .collect()
 }
 
-fn ticks_per_second() -> Result<f64> {
+pub(super) fn ticks_per_second() -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if hz <= 0 {

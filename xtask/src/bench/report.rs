@@ -21,6 +21,9 @@ const VS_BARE_MIN: f64 = 0.60;
 /// IPv6's cost per packet against IPv4's, at most (issue 21: "within
 /// 20 %"; set for the established path, stated for router time too).
 const IPV6_OVER_IPV4_MAX: f64 = 1.2;
+/// Two rates closer than this (relative) count as the same: the L3
+/// table's words for a tunnel that limits both ways alike.
+const SAME_RATE: f64 = 0.1;
 /// The failover picture, beside BENCHMARKS.md.
 pub const FAILOVER_SVG: &str = "BENCHMARKS-failover.svg";
 
@@ -44,6 +47,7 @@ pub struct Report {
     pub flows: Vec<super::flows::Listing>,
     pub latency: Vec<super::latency::WayRtts>,
     pub tcp: Vec<super::tcp::WayRuns>,
+    pub l3: Vec<super::l3::WayResult>,
 }
 
 /// The machine, as it was before the run.
@@ -105,6 +109,7 @@ impl Report {
             restarts: Vec::new(),
             latency: Vec::new(),
             tcp: Vec::new(),
+            l3: Vec::new(),
         })
     }
 
@@ -140,6 +145,9 @@ impl Report {
         }
         if !self.tcp.is_empty() {
             self.tcp_table(&mut md);
+        }
+        if !self.l3.is_empty() {
+            self.l3_table(&mut md);
         }
         self.meaning(&mut md);
         md
@@ -308,6 +316,181 @@ impl Report {
             );
         }
         md.push('\n');
+    }
+
+    fn l3_table(&self, md: &mut String) {
+        use super::l3::{Device, Way as L3Way, Window as L3Window};
+        let far = self.l3.first().map_or(0, |r| r.far_cpu);
+        let qdisc = |device: Device| {
+            self.l3
+                .iter()
+                .find(|r| r.way.device == device)
+                .map_or("?", |r| r.qdisc.as_str())
+        };
+        let _ = write!(
+            md,
+            "## Through an L3 uplink (tun, WireGuard)\n\n\
+             The generator of the lab router's table ({flows} UDP flows of 60-byte\n\
+             frames from the client, `bench_gen` pinned to CPU {cpu}, the router's work in\n\
+             softirq on that CPU), into an uplink with no link layer. lb's way: lbd with that device as\n\
+             its one uplink (no gateway, no probes): `lan_ingress` rewrites, leaves a\n\
+             note and passes the frame, lb's tc program `handoff` on lan0 redirects it\n\
+             to the device's egress, where the device's qdisc (`{tun_q}` on the tun,\n\
+             `{wg_q}` on WireGuard's) and queue take it. The kernel's way: the PCC rules\n\
+             of the table above with one uplink (`jhash ... mod 1 offset 1`), `ip rule\n\
+             fwmark 1 table 1`, `default dev <device> table 1`, `masquerade` on the\n\
+             device. Each way ran {runs} windows of {secs} s (after 1 s of warm-up), the\n\
+             ways taking turns; conntrack is flushed after the kernel's ways.\n\n\
+             - **tun**: a tun device (MTU 1500, the kernel's default queue of 500)\n  \
+               standing in for a raw-IP modem. Its far end is a thread of the\n  \
+               benchmark on CPU {far} that reads each packet and drops it, spinning\n  \
+               while packets come: a relay that writes them on (the lab's raw-IP\n  \
+               modem) would be the bottleneck, and a reader that sleeps would charge\n  \
+               a wake-up to the router's CPU. The sink checks that both ways\n  \
+               translated (the packets leave with the tun's address).\n\
+             - **wireguard-go**: the lab's WireGuard uplink (`wireguard-go` on a tun,\n  \
+               MTU 1420, to the `vpn` host over isp1), its threads pinned to CPU {far}.\n  \
+               Its data messages (type 4) are counted and dropped on isp1 by an\n  \
+               nftables rule before conntrack; handshakes pass, so the session lasts.\n\n\
+             \"To the device\": packets the device took from the router per second,\n\
+             those its far end read and those its full queue dropped (the router's work\n\
+             is done either way): the router's rate. \"Out\": read by the sink, or\n\
+             encrypted datagrams that left. \"Lost before\": generated frames the device\n\
+             never took. Router and generator ns are softirq and system time on CPU\n\
+             {cpu} per packet the device took; wireguard-go ns is its user and system\n\
+             time (all threads) per datagram out. Replies are not measured: the\n\
+             outbound rate needs none (they take `wan_ingress_l3`, tested in\n\
+             `cargo xtask test`). lb's windows are checked to be lb's: lbd's count of\n\
+             packets it sent by the uplink covers what the device took.\n\n\
+             | way | Mpps to the device (median) | min | max | Mpps out | dropped at the device's queue | lost before | router ns/packet | generator ns/packet | wireguard-go ns/datagram | CPU {far} softirq ns/datagram | CPU {cpu}: softirq / system / other | CPU {far} busy |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            flows = thousands(u64::from(self.args.flows)),
+            cpu = self.cpu,
+            runs = self.args.runs,
+            secs = self.args.seconds,
+            tun_q = qdisc(Device::Tun),
+            wg_q = qdisc(Device::WireGuard),
+        );
+        for r in &self.l3 {
+            let w = &r.windows;
+            let mpps = Spread::of(w, |w| w.pps / 1e6);
+            let wg = r.way.device == Device::WireGuard;
+            let dash_or = |v: f64| {
+                if wg {
+                    format!("{v:.0}")
+                } else {
+                    "-".to_string()
+                }
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} % | {:.1} % | {:.0} | {:.0} | {} | {} | {:.0} % / {:.0} % / {:.0} % | {:.0} % |",
+                r.way.label(),
+                mpps.median,
+                mpps.min,
+                mpps.max,
+                Spread::of(w, |w| w.out_pps / 1e6).median,
+                Spread::of(w, |w| w.queue_drop_pct).median,
+                Spread::of(w, |w| (100.0 * (1.0 - w.pps / w.offered_pps.max(1.0))).max(0.0)).median,
+                Spread::of(w, |w| w.router_ns).median,
+                Spread::of(w, |w| w.generator_ns).median,
+                dash_or(Spread::of(w, |w| w.wireguard_ns).median),
+                dash_or(Spread::of(w, |w| w.far_softirq_ns).median),
+                Spread::of(w, |w| w.softirq_pct).median,
+                Spread::of(w, |w| w.system_pct).median,
+                Spread::of(w, |w| w.other_pct).median,
+                Spread::of(w, |w| w.far_busy_pct).median,
+            );
+        }
+        let median = |device, lb, figure: fn(&L3Window) -> f64| {
+            self.l3
+                .iter()
+                .find(|r| r.way == L3Way { device, lb })
+                .map_or(0.0, |r| Spread::of(&r.windows, figure).median)
+        };
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let (tun, wg) = (Device::Tun, Device::WireGuard);
+        let pps = |device, lb| median(device, lb, |w| w.pps / 1e6);
+        let out = |device, lb| median(device, lb, |w| w.out_pps / 1e6);
+        let router = |device, lb| median(device, lb, |w| w.router_ns);
+        let generator = |device, lb| median(device, lb, |w| w.generator_ns);
+        let _ = write!(
+            md,
+            "\n- tun, lb / kernel: **{:.2}×** the packets per second ({:.3} against {:.3}\n  \
+             Mpps); router time per packet {:.0} ns against {:.0} ns, **{:.2}×** less.\n  \
+             What limits the rate: generator and router share CPU {cpu}, so each rate\n  \
+             is about 1 / (generator + router time per packet; the generator's ~{:.0} ns\n  \
+             dilute the ratio). The sink, one thread on CPU {far} (which other work on\n  \
+             the machine shares), read {:.3} Mpps behind lb and {:.3} behind the\n  \
+             kernel's way{}.\n",
+            ratio(pps(tun, true), pps(tun, false)),
+            pps(tun, true),
+            pps(tun, false),
+            router(tun, true),
+            router(tun, false),
+            ratio(router(tun, false), router(tun, true)),
+            generator(tun, true),
+            out(tun, true),
+            out(tun, false),
+            if median(tun, true, |w| w.queue_drop_pct) < 1.0
+                && median(tun, false, |w| w.queue_drop_pct) < 1.0
+            {
+                ": it kept up (its queue dropped under 1 %)".to_string()
+            } else {
+                format!(
+                    ": less than the router handed over, so the device's full queue\n  \
+                     dropped the rest ({:.1} % and {:.1} %). The router's rate counts those as\n  \
+                     taken (its work was done), but a dropped packet is freed on the router's\n  \
+                     CPU instead of the sink's, which charges the way with more drops a\n  \
+                     little more router time",
+                    median(tun, true, |w| w.queue_drop_pct),
+                    median(tun, false, |w| w.queue_drop_pct),
+                )
+            },
+            cpu = self.cpu,
+        );
+        let _ = write!(
+            md,
+            "- What is the same for both ways, so that the ratios compare the\n  \
+             router's work alone: the generator and its CPU, the device, its qdisc and\n  \
+             queue, its far end (which never sleeps while packets come, so neither way\n  \
+             pays a wake-up per packet) and the far end's CPU; the kernel's way keeps\n  \
+             the PCC mark and policy rule it needs with several uplinks, as lb keeps\n  \
+             its balancing; conntrack starts empty for each way. What is not: each\n  \
+             way's own path (the kernel's GRO, netfilter and routing; lb's XDP\n  \
+             rewrite, an skb and the tc redirect).\n",
+        );
+        let wg_ns = |lb| median(wg, lb, |w| w.wireguard_ns + w.far_softirq_ns);
+        let share = |lb| ratio(wg_ns(lb), wg_ns(lb) + router(wg, lb));
+        let _ = write!(
+            md,
+            "- wireguard-go, lb / kernel: **{:.2}×** the datagrams out ({:.3} against\n  \
+             {:.3} Mpps); the router offered the tunnel {:.3} and {:.3} Mpps. What limits\n  \
+             it is wireguard-go on its one CPU ({far}): {:.0} ns of its own time per\n  \
+             datagram with lb and {:.0} ns with the kernel's way, plus {:.0} ns of\n  \
+             softirq there to send it, against the router's {:.0} ns (lb) and {:.0} ns\n  \
+             (kernel) per packet into the tunnel. Of the per-packet total (router +\n  \
+             WireGuard), WireGuard's userspace crypto and sending is **{:.0} %** with lb\n  \
+             and {:.0} % with the kernel's way{}.\n\n",
+            ratio(out(wg, true), out(wg, false)),
+            out(wg, true),
+            out(wg, false),
+            pps(wg, true),
+            pps(wg, false),
+            median(wg, true, |w| w.wireguard_ns),
+            median(wg, false, |w| w.wireguard_ns),
+            median(wg, true, |w| w.far_softirq_ns),
+            router(wg, true),
+            router(wg, false),
+            100.0 * share(true),
+            100.0 * share(false),
+            if (ratio(out(wg, true), out(wg, false)) - 1.0).abs() < SAME_RATE {
+                ":\n  through a userspace tunnel, lb's saving does not show in the rate;\n  \
+                 it shows as router CPU left for other traffic"
+            } else {
+                ""
+            },
+        );
     }
 
     fn failover_table(&self, md: &mut String) {
