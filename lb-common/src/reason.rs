@@ -32,12 +32,14 @@ pub const DROP_REDIRECT_FAILED: u32 = 9;
 
 /// A reply on an uplink that matches no NAT mapping: the router's own.
 pub const PASS_NO_MAPPING: u32 = 10;
-/// Larger than the uplink's MTU with DF set, where the data plane cannot
-/// answer itself (an IPv6 packet, a tagged frame, IPv4 options): the
-/// kernel answers with ICMP "fragmentation needed" (or Packet Too Big).
+/// Larger than the uplink's MTU: without DF, for the kernel to fragment;
+/// with DF where the data plane cannot answer itself (an IPv6 packet, a
+/// tagged frame, IPv4 options), for the kernel to answer with ICMP
+/// "fragmentation needed" (or Packet Too Big).
 pub const PASS_TOO_BIG: u32 = 11;
-/// Larger than the uplink's MTU without DF: XDP cannot fragment, and the
-/// kernel would send it out unNATed.
+/// Larger than the uplink's MTU without DF: XDP cannot fragment. No
+/// longer dropped (the kernel fragments it, and its slow path NATs it);
+/// kept so that the reasons keep their numbers.
 pub const DROP_TOO_BIG: u32 = 12;
 /// No free NAT port for a new flow.
 pub const DROP_NAT_EXHAUSTED: u32 = 13;

@@ -768,7 +768,7 @@ fn wrap_pppoe(frame: &[u8], session: u16, ppp_proto: u16) -> Vec<u8> {
 }
 
 #[test]
-fn a_pppoe_uplink_on_a_vlan_gets_its_headers_pushed_and_popped() {
+fn pppoe_and_vlan_uplinks_get_their_headers_pushed_and_popped() {
     use lb_common::{encap::Encap, maps::uplink_flags};
     const SESSION: u16 = 0x1234;
     if !is_root() {
@@ -834,6 +834,45 @@ fn a_pppoe_uplink_on_a_vlan_gets_its_headers_pushed_and_popped() {
             "{proto}: as a plain reply would"
         );
     }
+    // A VLAN-tagged WAN without PPPoE: the tag alone, both ways.
+    h.dp.set_encap(
+        1,
+        &Encap {
+            vlan_tci: 7,
+            pppoe_session: 0,
+        },
+    )
+    .expect("encap");
+    let (frame, out) = (6000..6200u16)
+        .map(|p| {
+            let f = udp(p, 64);
+            let (verdict, out) = h.lan(&f);
+            assert_eq!(verdict, XDP_REDIRECT);
+            (f, out)
+        })
+        .find(|(_, out)| out[12..14] == [0x81, 0x00])
+        .expect("a flow on the tagged uplink");
+    assert_eq!(&out[14..18], &[0x00, 0x07, 0x08, 0x00], "VLAN 7, IPv4");
+    let mut plain = out[..12].to_vec();
+    plain.extend_from_slice(&out[16..]);
+    let nat_port = assert_forwarded(&frame, &plain, &wrapped);
+    let reply = reply_to("udp", nat_port, 53);
+    let mut tagged = reply[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
+    tagged.extend_from_slice(&reply[12..]);
+    let (verdict, back) = h.run(program::WAN_INGRESS, &tagged);
+    assert_eq!(verdict, XDP_REDIRECT, "a tagged reply goes to the LAN");
+    let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+    assert_eq!(back, inbound_model(&reply, client_port, false));
+    h.dp.set_encap(
+        1,
+        &Encap {
+            vlan_tci: 7,
+            pppoe_session: SESSION,
+        },
+    )
+    .expect("encap");
+
     // Another session, and LCP: the kernel's, untouched.
     let reply = reply_to("udp", 5000, 53);
     for other in [
@@ -1706,10 +1745,10 @@ fn a_df_packet_too_big_for_its_uplink_is_answered_fragmentation_needed() {
     );
     assert_eq!(&out[0..6], &CLIENT_MAC, "back to the client");
 
-    // Without DF: XDP cannot fragment; dropped and counted.
-    let before = h.reason(reason::DROP_TOO_BIG);
-    assert_eq!(h.lan(&big_udp(7002, 1500, false)).0, XDP_DROP);
-    assert_eq!(h.reason(reason::DROP_TOO_BIG), before + 1);
+    // Without DF: XDP cannot fragment; the kernel does.
+    let before = h.reason(reason::PASS_TOO_BIG);
+    assert_eq!(h.lan(&big_udp(7002, 1500, false)).0, XDP_PASS);
+    assert_eq!(h.reason(reason::PASS_TOO_BIG), before + 1);
 }
 
 #[test]

@@ -112,8 +112,8 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         // DF: the client is told the uplink's MTU, as the router on a
         // narrower link must (RFC 1191); the kernel would route the
         // packet by its own tables, maybe out of another uplink. Without
-        // DF it would fragment and send them by its own routing, so those
-        // are dropped.
+        // DF the kernel fragments it, and its slow path NATs it: never
+        // dropped unheard.
         if u16::from_be_bytes(frag) & IP_DF != 0 {
             let mtu = info.mtu;
             return answer::icmp_error(
@@ -124,7 +124,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
             )
             .or(Err(reason::PASS_TOO_BIG));
         }
-        return Ok(stats::drop(reason::DROP_TOO_BIG));
+        return Err(reason::PASS_TOO_BIG);
     }
 
     if info.flags & uplink_flags::CLAMP_MSS != 0 {

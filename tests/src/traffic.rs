@@ -436,6 +436,47 @@ pub fn udp_answered(
     Ok(failed)
 }
 
+/// A raw IPv4 socket of protocol `proto` (ESP, GRE: what the fast path
+/// leaves to the kernel) in namespace `ns`.
+pub fn raw_socket(ns: &str, proto: i32) -> Result<Socket> {
+    in_netns(ns, || {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(proto)))?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(s)
+    })
+}
+
+/// The source addresses of the packets a raw `socket` receives, until one
+/// arrives or `wait` passes.
+pub fn raw_sources(socket: &Socket, wait: Duration) -> Result<Vec<Ipv4Addr>> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + wait;
+    while seen.is_empty() && Instant::now() < deadline {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            if let Some(SocketAddr::V4(from)) = from.as_socket() {
+                seen.push(*from.ip());
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// A few packets of protocol `proto` from namespace `ns` to `to`.
+pub fn send_raw(ns: &str, proto: i32, to: Ipv4Addr) -> Result<()> {
+    let socket = raw_socket(ns, proto)?;
+    // GRE: flags and protocol (IPv4), then a payload; ESP: SPI and
+    // sequence number, then a payload. Neither is ever decoded here.
+    let packet = b"\x00\x00\x08\x00lb leak test payload";
+    let to = SocketAddrV4::new(to, 0);
+    for _ in 0..5 {
+        socket
+            .send_to(packet, &to.into())
+            .with_context(|| format!("sending protocol {proto} from {ns}"))?;
+    }
+    Ok(())
+}
+
 /// A socket of `server`'s family bound to port 0, and the port it got.
 fn bound_socket(server: SocketAddr, ty: Type, proto: Protocol) -> Result<(Socket, u16)> {
     let socket = Socket::new(Domain::for_address(server), ty, Some(proto))

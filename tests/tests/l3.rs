@@ -618,3 +618,43 @@ fn the_modems_shaper_holds_its_traffic_and_its_quota_drains_it() -> Result<()> {
     check_leaks(&leaks, &lte_leaks)?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn what_the_kernel_forwards_leaves_by_the_modem_when_it_is_the_best_uplink() -> Result<()> {
+    const ESP: i32 = 50;
+    if !require_root("what_the_kernel_forwards_leaves_by_the_modem_when_it_is_the_best_uplink") {
+        return Ok(());
+    }
+    let (mut lab, _modem, leaks, lte_leaks) = lab_with_modem()?;
+    // The modem is the first tier: the slow path's uplink.
+    let lbd = Lbd::start(&mut lab, &config("tier = 1", ""))?;
+    lbd.wait_lifecycle("lte", "in service", BOUND)?;
+    let server: std::net::Ipv4Addr = SERVER_IP.parse()?;
+    let listener = lb_tests::traffic::raw_socket(lab.ns("inet")?, ESP)?;
+    // The slow path's routing follows a round after the uplink is in
+    // service: until then the main table (isp1) has it.
+    lb_tests::stream::wait_for("the slow path on the modem", BOUND, || {
+        Ok(lab
+            .exec("router", &["ip", "rule"])?
+            .lines()
+            .any(|l| l.contains("iif lan0 lookup 4001")))
+    })?;
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    while seen.is_empty() {
+        ensure!(
+            started.elapsed() < BOUND,
+            "no ESP from the client reached the server"
+        );
+        lb_tests::traffic::send_raw(lab.ns("client")?, ESP, server)?;
+        seen = lb_tests::traffic::raw_sources(&listener, Duration::from_millis(500))?;
+    }
+    eprintln!("ESP from the client arrived from {seen:?}");
+    ensure!(
+        seen.iter().all(|s| s.to_string() == "10.77.0.2"),
+        "ESP arrived from {seen:?}, not from the modem's address; rules:\n{}",
+        lab.exec("router", &["ip", "rule"])?
+    );
+    check_leaks(&leaks, &lte_leaks)?;
+    lbd.stop(&mut lab)
+}

@@ -7,8 +7,7 @@
 //! source address: there must be none.
 
 use std::{
-    mem::MaybeUninit,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -20,7 +19,7 @@ use lb_tests::{
     traffic::UdpEchoServer,
     unique_prefix, Lab, LabDesc, LanLeaks,
 };
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const UPLINK_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(100, 64, 1, 2), Ipv4Addr::new(100, 64, 2, 2)];
@@ -29,44 +28,17 @@ const ESP: i32 = 50;
 /// A bound for a test that must end, not a speed target.
 const BOUND: Duration = Duration::from_secs(10);
 
-/// A raw IP socket of protocol `proto` in namespace `ns`.
-fn raw(ns: &str, proto: i32) -> Result<Socket> {
-    in_netns(ns, || {
-        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(proto)))?;
-        s.set_read_timeout(Some(Duration::from_millis(200)))?;
-        Ok(s)
-    })
-}
-
-/// The source addresses of the packets that `socket` receives until one
-/// arrives or `wait` passes.
-fn sources(socket: &Socket, wait: Duration) -> Result<Vec<Ipv4Addr>> {
-    let mut seen = Vec::new();
-    let deadline = std::time::Instant::now() + wait;
-    while seen.is_empty() && std::time::Instant::now() < deadline {
-        let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
-        while let Ok((_, from)) = socket.recv_from(&mut buf) {
-            if let Some(SocketAddr::V4(from)) = from.as_socket() {
-                seen.push(*from.ip());
-            }
-        }
-    }
-    Ok(seen)
-}
-
 /// Send a few packets of protocol `proto` from the client to the server.
 fn send_from_client(lab: &Lab, proto: i32) -> Result<()> {
-    let socket = raw(lab.ns("client")?, proto)?;
-    // GRE: flags and protocol (IPv4), then a payload; ESP: SPI and
-    // sequence number, then a payload. Neither is ever decoded here.
-    let packet = b"\x00\x00\x08\x00lb leak test payload";
-    let to = SocketAddrV4::new(SERVER, 0);
-    for _ in 0..5 {
-        socket
-            .send_to(packet, &to.into())
-            .with_context(|| format!("sending protocol {proto} from the client"))?;
-    }
-    Ok(())
+    lb_tests::traffic::send_raw(lab.ns("client")?, proto, SERVER)
+}
+
+fn raw(ns: &str, proto: i32) -> Result<Socket> {
+    lb_tests::traffic::raw_socket(ns, proto)
+}
+
+fn sources(socket: &Socket, wait: Duration) -> Result<Vec<Ipv4Addr>> {
+    lb_tests::traffic::raw_sources(socket, wait)
 }
 
 #[test]

@@ -398,7 +398,7 @@ impl Daemon {
         u.dataplane_state() == uplink_state::ACTIVE
             && f.carrier
             && f.addr.is_some()
-            && f.gateway.is_some()
+            && (f.gateway.is_some() || f.l3)
     }
 
     /// The uplink that carries the slow path: in service with its table in
