@@ -65,18 +65,26 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         _pad: [0; 3],
     };
     // Neighbour discovery, router solicitations, multicast, anything
-    // link-local: the router's business.
-    if lb_common::kernels_scope6(&key.src_addr) || lb_common::kernels_scope6(&key.dst_addr) {
-        return Err(reason::PASS_LOCAL);
-    }
-    (key.src_port, key.dst_port) = parse::ports6(ctx, &pkt, ICMPV6_ECHO_REQUEST)?;
+    // link-local: the router's business. Never in the flow table, so a
+    // packet of a flow need not be asked (only a miss, and what the fast
+    // path does not parse).
+    let kernels = |key: &FlowKey6| {
+        lb_common::kernels_scope6(&key.src_addr) || lb_common::kernels_scope6(&key.dst_addr)
+    };
+    (key.src_port, key.dst_port) = match parse::ports6(ctx, &pkt, ICMPV6_ECHO_REQUEST) {
+        Ok(ports) => ports,
+        Err(_) if kernels(&key) => return Err(reason::PASS_LOCAL),
+        Err(e) => return Err(e),
+    };
     if unsafe { (*ip).hop_limit } <= 1 {
         return Err(reason::PASS_TTL);
     }
     // SAFETY: reading the coarse monotonic clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let existing = FLOWS6.get_ptr_mut(&key);
-    if existing.is_none() && BYPASS6.get(Key::new(128, key.dst_addr)).is_some() {
+    if existing.is_none()
+        && (kernels(&key) || BYPASS6.get(Key::new(128, key.dst_addr)).is_some())
+    {
         return Err(reason::PASS_LOCAL);
     }
     let uplink = match flow(ctx, &pkt, &key, existing, now) {
