@@ -82,9 +82,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     // SAFETY: reading the coarse monotonic clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let existing = FLOWS6.get_ptr_mut(&key);
-    if existing.is_none()
-        && (kernels(&key) || BYPASS6.get(Key::new(128, key.dst_addr)).is_some())
-    {
+    if existing.is_none() && (kernels(&key) || BYPASS6.get(Key::new(128, key.dst_addr)).is_some()) {
         return Err(reason::PASS_LOCAL);
     }
     let uplink = match flow(ctx, &pkt, &key, existing, now) {
