@@ -16,7 +16,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    egress::{self, path, HandOff, HANDOFF_MAGIC},
+    egress::{self, path, Egress, HandOff, HANDOFF_MAGIC},
     reason,
 };
 
@@ -37,19 +37,9 @@ pub fn send(
     client: [u8; 4],
     redirect: impl FnOnce() -> Result<u32, u32>,
 ) -> u32 {
-    let any = EGRESS_ANY.get(0).is_some_and(|&n| n != 0);
-    // SAFETY: a lookup; the value is copied out at once.
-    if let Some(out) = any
-        .then(|| unsafe { EGRESS.get(&ifindex) }.copied())
-        .flatten()
-    {
+    if let Some(out) = way_out(ifindex) {
         if out.path == path::QDISC {
-            let priority = egress::priority(out.shaper_major, uplink, client);
-            let to = if out.ifindex != 0 {
-                out.ifindex
-            } else {
-                ifindex
-            };
+            let (to, priority) = queue(&out, ifindex, uplink, client);
             if hand_off(ctx, to, priority) {
                 return XDP_PASS;
             }
@@ -67,18 +57,36 @@ pub fn send(
 /// of `uplink` and `client`.
 #[inline(always)]
 pub fn send_tc(ctx: &TcContext, ifindex: u32, uplink: u32, client: [u8; 4]) -> i32 {
+    let out = way_out(ifindex).unwrap_or_default();
+    let (to, priority) = queue(&out, ifindex, uplink, client);
+    redirect_tc(ctx, to, priority)
+}
+
+/// How lbd said to send out of `ifindex`, when it said anything.
+#[inline(always)]
+fn way_out(ifindex: u32) -> Option<Egress> {
     let any = EGRESS_ANY.get(0).is_some_and(|&n| n != 0);
     // SAFETY: a lookup; the value is copied out at once.
-    let out = any
-        .then(|| unsafe { EGRESS.get(&ifindex) }.copied())
+    any.then(|| unsafe { EGRESS.get(&ifindex) }.copied())
         .flatten()
-        .unwrap_or_default();
+}
+
+/// Where a packet for `ifindex` queues under `out` (the bridge of a
+/// shaped port, or the device itself) and in which class.
+#[inline(always)]
+fn queue(out: &Egress, ifindex: u32, uplink: u32, client: [u8; 4]) -> (u32, u32) {
     let to = if out.ifindex != 0 {
         out.ifindex
     } else {
         ifindex
     };
-    let priority = egress::priority(out.shaper_major, uplink, client);
+    (to, egress::priority(out.shaper_major, uplink, client))
+}
+
+/// tc's part: into device `to`'s egress (its qdisc), in class `priority`
+/// (0: the qdisc's choice).
+#[inline(always)]
+fn redirect_tc(ctx: &TcContext, to: u32, priority: u32) -> i32 {
     if priority != 0 {
         // SAFETY: tc programs may write `priority`.
         unsafe { (*ctx.skb.skb).priority = priority };
@@ -127,10 +135,5 @@ pub fn carry(ctx: &TcContext) -> i32 {
     if note.magic != HANDOFF_MAGIC {
         return TC_ACT_UNSPEC;
     }
-    if note.priority != 0 {
-        // SAFETY: tc programs may write `priority`.
-        unsafe { (*skb).priority = note.priority };
-    }
-    // SAFETY: no preconditions; it names the device and tc does the rest.
-    unsafe { bpf_redirect(note.ifindex, 0) as i32 }
+    redirect_tc(ctx, note.ifindex, note.priority)
 }

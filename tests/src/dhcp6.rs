@@ -120,12 +120,7 @@ pub fn within(inner: Cidr, outer: Cidr) -> bool {
 
 /// Fails, naming the package, if a real part is missing.
 pub fn require_tools() -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let missing: Vec<String> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .map(|(tool, package)| format!("`{tool}` (package {package})"))
-        .collect();
+    let missing = crate::netns::missing_tools(&TOOLS);
     ensure!(
         missing.is_empty(),
         "the IPv6 lab needs {}, not on PATH; `cargo xtask setup` installs them",

@@ -230,18 +230,24 @@ pub fn skipped(test: &str, reason: &str) {
     );
 }
 
+/// Those of `tools` ((command, Debian package)) that are not on PATH, as
+/// "`tool` (package P)" for a message.
+pub fn missing_tools(tools: &[(&str, &str)]) -> Vec<String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    tools
+        .iter()
+        .filter(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .map(|(tool, package)| format!("`{tool}` (package {package})"))
+        .collect()
+}
+
 fn missing_prerequisite() -> Option<String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
         return Some(format!("lab tests create network namespaces and need root (euid is {euid}); run them with sudo"));
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let missing: Vec<String> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .map(|(tool, package)| format!("`{tool}` (package {package})"))
-        .collect();
+    let missing = missing_tools(&TOOLS);
     (!missing.is_empty()).then(|| {
         format!(
             "not on PATH: {}; `cargo xtask setup` installs them",

@@ -39,12 +39,13 @@ pub struct Tunnel {
 
 /// `wg` and `wireguard-go` are there, or the error names them.
 pub fn require_tools() -> Result<()> {
-    for (tool, package) in [("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).exists()));
-        if !found {
-            bail!("{tool} is missing: install {package} (cargo xtask setup does)");
-        }
+    let missing =
+        crate::netns::missing_tools(&[("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")]);
+    if !missing.is_empty() {
+        bail!(
+            "the WireGuard uplink needs {}, not on PATH; `cargo xtask setup` installs them",
+            missing.join(", ")
+        );
     }
     Ok(())
 }

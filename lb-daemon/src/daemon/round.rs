@@ -344,14 +344,12 @@ impl Daemon {
             .iter()
             .map(|u| {
                 let f = &u.facts;
-                match (f.ifindex, f.addr, f.gateway, f.carrier) {
-                    (Some(ifindex), Some(addr), gateway, true) if gateway.is_some() || f.l3 => {
-                        Some(routing::Ready {
-                            ifindex,
-                            addr,
-                            gateway,
-                        })
-                    }
+                match (f.ifindex, f.addr) {
+                    (Some(ifindex), Some(addr)) if f.routable() => Some(routing::Ready {
+                        ifindex,
+                        addr,
+                        gateway: f.gateway,
+                    }),
                     _ => None,
                 }
             })
@@ -394,11 +392,7 @@ impl Daemon {
 
     /// Whether uplink `u` is in service with its table in place.
     fn carries_slow_path(&self, u: &Uplink) -> bool {
-        let f = &u.facts;
-        u.dataplane_state() == uplink_state::ACTIVE
-            && f.carrier
-            && f.addr.is_some()
-            && (f.gateway.is_some() || f.l3)
+        u.dataplane_state() == uplink_state::ACTIVE && u.facts.routable()
     }
 
     /// The uplink that carries the slow path: in service with its table in

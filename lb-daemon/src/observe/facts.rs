@@ -84,6 +84,13 @@ impl Facts {
         }
     }
 
+    /// Whether the kernel can route through it: up, with an address, and
+    /// a next hop (an L3 uplink needs none: its route goes into the
+    /// device). What lbd's table for it needs.
+    pub fn routable(&self) -> bool {
+        self.carrier && self.addr.is_some() && (self.gateway.is_some() || self.l3)
+    }
+
     /// Everything needed to send through the uplink is known (whether it
     /// works is health's business).
     pub fn complete(&self) -> bool {
