@@ -197,4 +197,19 @@ mod tests {
             "min {min:?} max {max:?}"
         );
     }
+
+    proptest::proptest! {
+        /// The data plane folds a flow key's addresses from whole words;
+        /// `lbctl` and the tests fold them byte by byte: the same values.
+        #[test]
+        fn a_keys_words_fold_as_its_bytes(src: [u8; 16], dst: [u8; 16], port: u16) {
+            let key = crate::maps::FlowKey6 {
+                src_addr: src,
+                dst_addr: dst,
+                src_port: port.to_be_bytes(),
+                ..Default::default()
+            };
+            proptest::prop_assert_eq!(key.folded(), (xor6(&src), xor6(&dst)));
+        }
+    }
 }

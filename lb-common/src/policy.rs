@@ -46,6 +46,9 @@ pub const ACTION_KERNEL: u32 = u32::MAX;
 /// The IP protocol numbers rules with port ranges apply to.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// A rule's `"icmp"`: ICMP, and for IPv6 flows ICMPv6, its counterpart.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// What a policy does with a new flow when none of its uplinks can take
 /// it ([`Policy::fallback`]).
@@ -81,6 +84,8 @@ pub mod sticky {
     /// The destination network of `SRC_DST_NET`: a /24, as most sites
     /// that tie a session to an address serve it from one.
     pub const DST_NET_BITS: u32 = 24;
+    /// The same for IPv6: a /48, the smallest prefix sites announce.
+    pub const DST_NET_BITS6: u32 = 48;
 }
 
 /// What a compiled rule does once it is the first that matches.
@@ -178,7 +183,7 @@ impl PrefixKey {
     /// rule generation `generation` (0 or 1).
     pub const fn new(generation: u32, side: u32, addr: [u8; 4]) -> Self {
         Self {
-            tag: ((generation & 1) * 2 + (side & 1)).to_be_bytes(),
+            tag: prefix_tag(generation, side),
             addr,
         }
     }
@@ -186,8 +191,94 @@ impl PrefixKey {
     /// The rule generation the key belongs to (as [`PrefixKey::new`]
     /// wrote it).
     pub const fn generation(&self) -> u32 {
-        (u32::from_be_bytes(self.tag) >> 1) & 1
+        tag_generation(self.tag)
     }
+}
+
+/// Key of the IPv6 prefix trie (map `PREFIXES6`): as [`PrefixKey`], with
+/// an IPv6 address. The families' prefixes live in tries of their own, so
+/// an IPv4 flow's lookup never finds a rule that names only IPv6 prefixes
+/// on that side, and the other way round: such a rule matches only its
+/// own family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixKey6 {
+    pub tag: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+impl PrefixKey6 {
+    /// The key of `addr` on `side` in rule generation `generation`.
+    pub const fn new(generation: u32, side: u32, addr: [u8; 16]) -> Self {
+        Self {
+            tag: prefix_tag(generation, side),
+            addr,
+        }
+    }
+
+    /// The rule generation the key belongs to.
+    pub const fn generation(&self) -> u32 {
+        tag_generation(self.tag)
+    }
+}
+
+/// One family's addresses as the prefix tries hold them (host-order
+/// integers: `u32` for IPv4, `u128` for IPv6), for lbd's compiler and
+/// writer: the same code builds both tries.
+pub trait TrieAddr: Copy + Ord + core::fmt::Debug {
+    /// The trie's key.
+    type Key: Copy;
+    /// Bits in an address.
+    const BITS: u8;
+    /// `self` with the bits past `len` cleared.
+    fn masked(self, len: u8) -> Self;
+    /// The key of `self` on `side` in `generation` (its LPM length is
+    /// [`PrefixKey::TAG_BITS`] + the prefix's).
+    fn key(self, generation: u32, side: u32) -> Self::Key;
+    /// The generation a key belongs to.
+    fn generation(key: &Self::Key) -> u32;
+}
+
+impl TrieAddr for u32 {
+    type Key = PrefixKey;
+    const BITS: u8 = 32;
+    fn masked(self, len: u8) -> Self {
+        self & u32::MAX
+            .checked_shl(32 - u32::from(len.min(32)))
+            .unwrap_or(0)
+    }
+    fn key(self, generation: u32, side: u32) -> PrefixKey {
+        PrefixKey::new(generation, side, self.to_be_bytes())
+    }
+    fn generation(key: &PrefixKey) -> u32 {
+        key.generation()
+    }
+}
+
+impl TrieAddr for u128 {
+    type Key = PrefixKey6;
+    const BITS: u8 = 128;
+    fn masked(self, len: u8) -> Self {
+        self & u128::MAX
+            .checked_shl(128 - u32::from(len.min(128)))
+            .unwrap_or(0)
+    }
+    fn key(self, generation: u32, side: u32) -> PrefixKey6 {
+        PrefixKey6::new(generation, side, self.to_be_bytes())
+    }
+    fn generation(key: &PrefixKey6) -> u32 {
+        key.generation()
+    }
+}
+
+/// The tag of a prefix key: generation and side, big-endian, so that the
+/// trie compares it first.
+const fn prefix_tag(generation: u32, side: u32) -> [u8; 4] {
+    ((generation & 1) * 2 + (side & 1)).to_be_bytes()
+}
+
+const fn tag_generation(tag: [u8; 4]) -> u32 {
+    (u32::from_be_bytes(tag) >> 1) & 1
 }
 
 /// The `PORT_BITS` entry of `port` on `side` in `generation`.
@@ -270,6 +361,38 @@ impl StickyKey {
     }
 }
 
+/// Key of the IPv6 sticky table: as [`StickyKey`], with IPv6 addresses
+/// (the destination network of `SRC_DST_NET` is a
+/// [`sticky::DST_NET_BITS6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StickyKey6 {
+    pub policy: u32,
+    pub src_addr: [u8; 16],
+    pub dst_net: [u8; 16],
+}
+
+impl StickyKey6 {
+    /// The sticky key of an IPv6 flow from `src` to `dst` under `policy`
+    /// with stickiness `by`; `None` when not sticky.
+    #[inline(always)]
+    pub fn of(policy: u32, by: u32, src: [u8; 16], dst: [u8; 16]) -> Option<Self> {
+        let dst_net = match by {
+            sticky::SRC => [0; 16],
+            sticky::SRC_DST_NET => {
+                let mask = u128::MAX << (128 - sticky::DST_NET_BITS6);
+                (u128::from_be_bytes(dst) & mask).to_be_bytes()
+            }
+            _ => return None,
+        };
+        Some(Self {
+            policy,
+            src_addr: src,
+            dst_net,
+        })
+    }
+}
+
 /// Whether a sticky entry last used at `last_ns` still holds at `now_ns`.
 pub fn sticky_holds(last_ns: u64, now_ns: u64, timeout_ns: u64) -> bool {
     now_ns.saturating_sub(last_ns) < timeout_ns
@@ -317,8 +440,9 @@ impl Found {
 
     /// Do the lookups a new flow needs, into `self`: only those of fields
     /// some rule constrains (`table.lookups`), the others as
-    /// [`Found::portless`]. `prefix(out, side, addr)` and `port(out,
-    /// side, port)` write the rules one lookup finds (or [`NO_RULES`]),
+    /// [`Found::portless`]. `prefix(out, side)` (the flow's address on
+    /// that side, in its family's trie) and `port(out, side, port)` write
+    /// the rules one lookup finds (or [`NO_RULES`]),
     /// `lan(out)` those of the flow's LAN port. The data plane looks in
     /// its maps, `lbctl explain` in the same maps, the tests in what lbd
     /// compiled. Results are written in place: in XDP they live in a
@@ -328,7 +452,7 @@ impl Found {
         &mut self,
         table: &RuleTable,
         tuple: &crate::hash::Tuple,
-        mut prefix: impl FnMut(&mut RuleBits, u32, u32),
+        mut prefix: impl FnMut(&mut RuleBits, u32),
         mut port: impl FnMut(&mut RuleBits, u32, u16),
         lan: impl FnOnce(&mut RuleBits),
     ) {
@@ -339,10 +463,10 @@ impl Found {
         self.src_port = table.any_ports;
         self.dst_port = table.any_ports;
         if wants(lookup::SRC) {
-            prefix(&mut self.src, SRC_SIDE, tuple.src_addr);
+            prefix(&mut self.src, SRC_SIDE);
         }
         if wants(lookup::DST) {
-            prefix(&mut self.dst, DST_SIDE, tuple.dst_addr);
+            prefix(&mut self.dst, DST_SIDE);
         }
         if wants(lookup::PORTS) && has_ports(tuple.proto) {
             port(&mut self.src_port, SRC_SIDE, tuple.src_port);
@@ -550,6 +674,8 @@ const _: () = {
     assert!(MAX_RULES as usize == RULE_WORDS * 64);
     assert!(core::mem::size_of::<Policy>() == 24);
     assert!(core::mem::size_of::<StickyKey>() == 12);
+    assert!(core::mem::size_of::<StickyKey6>() == 36);
+    assert!(core::mem::size_of::<PrefixKey6>() == 20);
     assert!(core::mem::size_of::<StickyValue>() == 16);
     assert!(MAX_POLICIES <= 32);
     assert!(crate::MAX_UPLINKS <= 32, "Policy::takers is a 32-bit set");
@@ -773,6 +899,26 @@ mod tests {
         let k = StickyKey::of(1, sticky::SRC, [10, 0, 0, 5], [203, 0, 113, 77]);
         assert_eq!(k.map(|k| k.dst_net), Some([0; 4]));
         assert_eq!(StickyKey::of(1, sticky::NONE, [0; 4], [0; 4]), None);
+        let dst: [u8; 16] = "2001:db8:1:2:3::9"
+            .parse::<core::net::Ipv6Addr>()
+            .expect("an address")
+            .octets();
+        let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let k = StickyKey6::of(2, sticky::SRC_DST_NET, src, dst).expect("sticky");
+        assert_eq!(
+            k.dst_net,
+            "2001:db8:1::"
+                .parse::<core::net::Ipv6Addr>()
+                .expect("an address")
+                .octets()
+        );
+        assert_eq!(
+            StickyKey6::of(2, sticky::SRC, src, dst)
+                .expect("sticky")
+                .dst_net,
+            [0; 16]
+        );
+        assert_eq!(StickyKey6::of(2, sticky::NONE, src, dst), None);
         assert!(sticky_holds(100, 150, 60));
         assert!(!sticky_holds(100, 160, 60));
         assert!(

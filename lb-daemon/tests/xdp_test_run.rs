@@ -21,7 +21,7 @@ use lb_common::{
 };
 use lb_daemon::{
     config::FlowConfig,
-    dataplane::{flows::FlowTables, Dataplane},
+    dataplane::{flows::FlowTables, Dataplane, Family},
 };
 
 const XDP_DROP: u32 = 1;
@@ -1515,7 +1515,8 @@ fn set_policy(h: &mut Harness, index: u32, uplink: Option<u32>, fallback: u32) {
         fallback,
         ..Default::default()
     };
-    h.dp.set_policy(index, Some(&t), policy).expect("policy");
+    h.dp.set_policy(Family::V4, index, Some(&t), policy)
+        .expect("policy");
 }
 
 /// The rules of [`the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback`],
@@ -1662,7 +1663,7 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
     let server = Ipv4Addr::from(SERVER);
     assert!(h
         .dp
-        .prefix_rules(old, DST_SIDE, server)
+        .prefix_rules(old, DST_SIDE, server.into())
         .expect("lookup")
         .is_some());
     policies
@@ -1670,7 +1671,8 @@ fn the_rules_place_new_flows_by_first_match_ports_sets_dscp_and_fallback() {
         .expect("rules again");
     assert_ne!(h.dp.rule_generation(), old, "flipped");
     assert_eq!(
-        h.dp.prefix_rules(old, DST_SIDE, server).expect("lookup"),
+        h.dp.prefix_rules(old, DST_SIDE, server.into())
+            .expect("lookup"),
         None,
         "the old generation's prefixes are gone"
     );
@@ -2116,4 +2118,131 @@ fn ipv6_flows_move_off_an_uplink_whose_ipv6_died_and_ipv4_stays() {
     }
     assert!(v4[0] > 0 && v4[1] > 0, "IPv4 keeps both uplinks: {v4:?}");
     assert_eq!(h.dp.uplink_stats(1).expect("stats").moved_away, 1);
+}
+
+/// A UDP datagram from the client to `dst`, port `dst_port`.
+fn udp6_to(dst: [u8; 16], src_port: u16, dst_port: u16) -> Vec<u8> {
+    build(
+        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv6(CLIENT6, dst, 64)
+            .udp(src_port, dst_port),
+        b"rule6",
+    )
+}
+
+/// IPv6 flows are placed by the same rules as IPv4 ones, on each
+/// policy's IPv6 side: a rule naming an IPv6 prefix matches IPv6 flows
+/// in it, a rule naming IPv4 prefixes only never matches one, "icmp"
+/// matches ICMPv6, and a policy whose IPv6 side takes nothing falls back
+/// for IPv6 while its IPv4 side still takes flows.
+#[test]
+fn ipv6_flows_follow_the_rules_on_each_policys_ipv6_side() {
+    use lb_common::policy::fallback;
+    use lb_daemon::reconcile::policies::Policies;
+    if !is_root() {
+        return;
+    }
+    let mut h = harness6();
+    let set6 = |h: &mut Harness, uplink: Option<u32>| {
+        let t = table_of(uplink);
+        let policy = lb_common::policy::Policy {
+            takers: lb_daemon::dataplane::takers(&t),
+            fallback: fallback::DROP,
+            ..Default::default()
+        };
+        h.dp.set_policy(Family::V6, 1, Some(&t), policy)
+            .expect("IPv6 policy");
+    };
+    // Policy 1 takes IPv4 by uplink 1 and IPv6 by uplink 2: which side a
+    // flow used shows in where it leaves.
+    set_policy(&mut h, 1, Some(0), fallback::DROP);
+    set6(&mut h, Some(1));
+    let mut net = SERVER6;
+    net[8..].fill(0);
+    let server_net = std::net::Ipv6Addr::from(net);
+    let text = format!(
+        r#"
+[[lan]]
+interface = "lan0"
+[[uplink]]
+name = "a"
+interface = "wan0"
+[[uplink]]
+name = "b"
+interface = "wan1"
+[[policy]]
+name = "one"
+uplinks = ["b"]
+fallback = "drop"
+# IPv4 only: never an IPv6 flow's.
+[[rule]]
+dst = "10.99.0.0/16"
+policy = "kernel"
+# ICMP, of either family: the kernel's.
+[[rule]]
+proto = "icmp"
+policy = "kernel"
+# UDP to the server's /64 and one IPv4 network: policy one.
+[[rule]]
+proto = "udp"
+dst = ["{server_net}/64", "203.0.113.0/24"]
+policy = "one"
+"#
+    );
+    let config = lb_daemon::config::parse(&text, "lbd.toml").expect("a valid configuration");
+    let written = Policies::default()
+        .converge(&config, &mut h.dp)
+        .expect("rules");
+    assert_eq!(written, 3, "two IPv4 prefixes and one IPv6");
+
+    // UDP to the server's /64: policy one's IPv6 side, uplink 2 alone.
+    for port in 8000..8040u16 {
+        let (verdict, out) = h.lan(&udp6_to(SERVER6, port, 53));
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out[0..6], gw6_mac(2), "policy one's IPv6 side: port {port}");
+        assert_eq!(addr6(&out, 22), npt_reference(CLIENT6, LAN6, ISP2_6));
+    }
+    assert_eq!(h.dp.policy_stats(1).expect("stats").new_flows, 40);
+    // Elsewhere: the default policy, both uplinks.
+    let mut other = SERVER6;
+    other[5] = 0xee;
+    let mut by = [0u32; 2];
+    for port in 8100..8200u16 {
+        let (verdict, out) = h.lan(&udp6_to(other, port, 53));
+        assert_eq!(verdict, XDP_REDIRECT);
+        by[usize::from(out[0..6] == gw6_mac(2))] += 1;
+    }
+    assert!(
+        by[0] > 20 && by[1] > 20,
+        "the default policy spreads: {by:?}"
+    );
+    // ICMPv6 echo: "icmp" is the kernel's, counted and remembered.
+    let echo = build(
+        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv6(CLIENT6, SERVER6, 64)
+            .icmpv6_echo_request(77, 1),
+        b"ping6",
+    );
+    let before = h.reason(reason::PASS_POLICY_KERNEL);
+    assert_eq!(h.lan(&echo).0, XDP_PASS, "ICMPv6 echo to the kernel");
+    assert_eq!(h.reason(reason::PASS_POLICY_KERNEL), before + 1);
+    assert_eq!(h.lan(&echo).0, XDP_PASS, "and remembered");
+    assert_eq!(h.reason(reason::PASS_POLICY_KERNEL), before + 1);
+
+    // Policy one's IPv6 side loses its uplink: new IPv6 flows of it are
+    // dropped and counted (its fallback), pinned ones stay; its IPv4
+    // side is untouched.
+    set6(&mut h, None);
+    assert_eq!(
+        h.dp.live_policies(Family::V6) & 2,
+        0,
+        "no longer live for IPv6"
+    );
+    assert_ne!(h.dp.live_policies(Family::V4) & 2, 0, "still live for IPv4");
+    let before = h.reason(reason::DROP_POLICY);
+    assert_eq!(h.lan(&udp6_to(SERVER6, 8300, 53)).0, XDP_DROP);
+    assert_eq!(h.reason(reason::DROP_POLICY), before + 1);
+    let (verdict, out) = h.lan(&udp6_to(SERVER6, 8000, 53));
+    assert_eq!(verdict, XDP_REDIRECT, "a pinned flow stays");
+    assert_eq!(out[0..6], gw6_mac(2));
 }

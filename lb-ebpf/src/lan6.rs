@@ -11,8 +11,6 @@
 //! connections conntrack tracks), and leaves everything it did not parse
 //! to the kernel.
 
-use core::ops::ControlFlow;
-
 use aya_ebpf::{
     bindings::{xdp_md, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
@@ -20,18 +18,17 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    hash::{self, Tuple},
     maps::{settings_flags, tcp_state, uplink_state, FlowKey6, FlowValue6},
-    reason, table, KERNEL_OWNED, NO_UPLINK,
+    reason, KERNEL_OWNED, NO_UPLINK,
 };
 
 use crate::{
-    conntrack, count, egress,
-    maps::{BUCKETS6, BYPASS6, FLOWS6, SETTINGS, TX_PORTS, UPLINKS, UPLINKS6},
+    conntrack, egress,
+    maps::{BYPASS6, FLOWS6, SETTINGS, TX_PORTS, UPLINKS, UPLINKS6},
     parse::{
-        self, EthHdr, Ipv6Packet, ETH_P_IPV6, ICMPV6_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP,
-        TCP_FIN, TCP_RST,
+        self, EthHdr, ETH_P_IPV6, ICMPV6_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST,
     },
+    policy::{self, Placement},
     rewrite, stats,
 };
 
@@ -85,10 +82,25 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if existing.is_none() && (kernels(&key) || BYPASS6.get(Key::new(128, key.dst_addr)).is_some()) {
         return Err(reason::PASS_LOCAL);
     }
-    let uplink = match flow(ctx, &pkt, &key, existing, now) {
-        Ok(uplink) => uplink,
-        Err(reason::PASS_KERNEL_CONNECTION) => return Err(reason::PASS_KERNEL_CONNECTION),
-        Err(drop_reason) => return Ok(stats::drop(drop_reason)),
+    let closing = parse::tcp_flags6(ctx, &pkt) & (TCP_FIN | TCP_RST) != 0;
+    let uplink = match existing.and_then(|flow| kept(flow, closing, now)) {
+        Some(uplink) => uplink,
+        None => {
+            // SAFETY: as above.
+            let class = unsafe { (*ip).version_class_flow };
+            let tclass = (class[0] << 4) | (class[1] >> 4);
+            let meta = u64::from(closing)
+                | u64::from(tclass) << 8
+                | u64::from(u16::from_be_bytes(pkt.vlan_tci)) << 16;
+            let flow = existing.unwrap_or(core::ptr::null_mut());
+            match unword(open(ctx.ctx, &key, flow, meta, now)) {
+                Ok(uplink) => uplink,
+                Err(pass @ (reason::PASS_KERNEL_CONNECTION | reason::PASS_POLICY_KERNEL)) => {
+                    return Err(pass)
+                }
+                Err(drop_reason) => return Ok(stats::drop(drop_reason)),
+            }
+        }
     };
     if uplink == KERNEL_OWNED {
         return Err(reason::PASS_KERNEL_CONNECTION);
@@ -131,7 +143,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         ctx,
         info.ifindex,
         uplink,
-        hash::xor6(&key.src_addr).to_be_bytes(),
+        key.folded().0.to_be_bytes(),
         || TX_PORTS.redirect(uplink, 0),
     ))
 }
@@ -144,48 +156,107 @@ fn balanced() -> bool {
         .is_some_and(|s| s.flags & settings_flags::IPV6 != 0)
 }
 
-/// The uplink of this connection: its pinned one while that uplink keeps
-/// IPv6 flows; otherwise a new choice from the IPv6 bucket table, pinned.
-/// `Err` is a drop reason, or [`reason::PASS_KERNEL_CONNECTION`].
+/// A flow's pinned uplink (or [`KERNEL_OWNED`]) while it keeps it, its
+/// entry touched; `None` when the flow must move. The established path:
+/// everything else is [`open`]'s.
 #[inline(always)]
-fn flow(
-    ctx: &XdpContext,
-    pkt: &Ipv6Packet,
-    key: &FlowKey6,
-    existing: Option<*mut FlowValue6>,
-    now: u64,
-) -> Result<u32, u32> {
-    let closing = parse::tcp_flags6(ctx, pkt) & (TCP_FIN | TCP_RST) != 0;
-    if let Some(flow) = existing {
-        // SAFETY: a pointer into the map's value. A racing CPU may write
-        // the same fields; at worst a timestamp or state update is lost.
+fn kept(flow: *mut FlowValue6, closing: bool, now: u64) -> Option<u32> {
+    // SAFETY: a pointer into the map's value. A racing CPU may write the
+    // same fields; at worst a timestamp or state update is lost.
+    let pinned = unsafe { (*flow).uplink };
+    if pinned != KERNEL_OWNED && !keeps(pinned) {
+        return None;
+    }
+    unsafe {
+        (*flow).last_seen_ns = now;
+        if closing {
+            (*flow).tcp_state = tcp_state::CLOSING;
+        }
+    }
+    Some(pinned)
+}
+
+/// A new flow's uplink, or a new one for `flow` (its entry; null for a
+/// connection not in the table) whose uplink lost IPv6: the rules and
+/// policies (`policy::place6`), pinned. `meta` packs whether the packet
+/// closes the connection (bit 0), its traffic class (bits 8-15) and its
+/// VLAN tag (16-31). Returns [`unword`]'s encoding of `Ok(uplink)` or
+/// `Err(reason)`: a drop reason, or [`reason::PASS_KERNEL_CONNECTION`] /
+/// [`reason::PASS_POLICY_KERNEL`] for the kernel's.
+///
+/// A BPF function of its own: the first packet's work (conntrack's
+/// question, the rules, the flow's entry) then takes a stack frame of
+/// its own, which the established path does not carry.
+#[inline(never)]
+fn open(ctx: *mut xdp_md, key: &FlowKey6, flow: *mut FlowValue6, meta: u64, now: u64) -> i64 {
+    let ctx = XdpContext::new(ctx);
+    let closing = meta & 1 != 0;
+    let tclass = (meta >> 8) as u8;
+    let placed = |except| policy::place6(&ctx, key, tclass, except, now);
+    let opened = if flow.is_null() {
+        first(
+            &ctx,
+            key,
+            closing,
+            (meta >> 16) as u16,
+            placed(NO_UPLINK),
+            now,
+        )
+    } else {
+        // SAFETY: a pointer into the map's value, as in `kept`.
         let pinned = unsafe { (*flow).uplink };
-        if pinned == KERNEL_OWNED || keeps(pinned) {
-            unsafe {
-                (*flow).last_seen_ns = now;
-                if closing {
-                    (*flow).tcp_state = tcp_state::CLOSING;
-                }
-            }
-            return Ok(pinned);
-        }
-        // Its uplink lost IPv6: the flow moves, and with NPTv6 the server
-        // sees a new address, as with IPv4 NAT.
-        let uplink = steer(key, pinned).ok_or(reason::DROP_NO_UPLINK)?;
-        unsafe {
-            (*flow).uplink = uplink;
-            (*flow).last_seen_ns = now;
-        }
+        moved(flow, pinned, placed(pinned), now)
+    };
+    match opened {
+        Ok(uplink) => i64::from(uplink),
+        Err(why) => -1 - i64::from(why),
+    }
+}
+
+/// What [`open`] returned.
+#[inline(always)]
+fn unword(word: i64) -> Result<u32, u32> {
+    if word >= 0 {
+        Ok(word as u32)
+    } else {
+        Err((-1 - word) as u32)
+    }
+}
+
+/// A flow whose uplink lost IPv6 moves where it is `placed`: with NPTv6
+/// the server sees a new address, as with IPv4 NAT.
+#[inline(always)]
+fn moved(flow: *mut FlowValue6, pinned: u32, placed: Placement, now: u64) -> Result<u32, u32> {
+    let uplink = match placed {
+        Placement::Uplink(uplink) => uplink,
+        // The rules now leave it to the kernel.
+        Placement::Kernel => KERNEL_OWNED,
+        Placement::Refused(why) => return Err(why),
+        Placement::Unreachable => return Err(reason::DROP_POLICY_UNREACHABLE),
+    };
+    // SAFETY: as in `kept`.
+    unsafe {
+        (*flow).uplink = uplink;
+        (*flow).last_seen_ns = now;
+    }
+    if uplink != KERNEL_OWNED {
         stats::uplink(pinned, |s| s.moved_away += 1);
         stats::uplink(uplink, |s| s.new_flows += 1);
-        return Ok(uplink);
     }
+    Ok(uplink)
+}
 
-    let state = if closing {
-        tcp_state::CLOSING
-    } else {
-        tcp_state::OPENING
-    };
+/// A connection's first packet: the kernel's if conntrack has it, else
+/// where it is `placed`, pinned.
+#[inline(always)]
+fn first(
+    ctx: &XdpContext,
+    key: &FlowKey6,
+    closing: bool,
+    vlan_tci: u16,
+    placed: Placement,
+    now: u64,
+) -> Result<u32, u32> {
     let eth: *const EthHdr = parse::ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked by `ptr_at`.
     let (client_mac, lan_mac) = unsafe { ((*eth).src, (*eth).dst) };
@@ -195,8 +266,12 @@ fn flow(
         lan_ifindex: ctx.ingress_ifindex() as u32,
         client_mac,
         lan_mac,
-        vlan_tci: pkt.vlan_tci,
-        tcp_state: state,
+        vlan_tci: vlan_tci.to_be_bytes(),
+        tcp_state: if closing {
+            tcp_state::CLOSING
+        } else {
+            tcp_state::OPENING
+        },
         _pad: 0,
     };
     if kernel_owns(ctx, key) {
@@ -205,7 +280,17 @@ fn flow(
         let _ = FLOWS6.insert(key, &value, u64::from(BPF_NOEXIST));
         return Err(reason::PASS_KERNEL_CONNECTION);
     }
-    let uplink = steer(key, NO_UPLINK).ok_or(reason::DROP_NO_UPLINK)?;
+    let uplink = match placed {
+        Placement::Uplink(uplink) => uplink,
+        Placement::Kernel => {
+            // A `kernel` rule: remembered, so that its next packets are
+            // not classified again.
+            let _ = FLOWS6.insert(key, &value, u64::from(BPF_NOEXIST));
+            return Err(reason::PASS_POLICY_KERNEL);
+        }
+        Placement::Refused(why) => return Err(why),
+        Placement::Unreachable => return Err(reason::DROP_POLICY_UNREACHABLE),
+    };
     // A source the uplinks do not translate is never pinned.
     if !UPLINKS6
         .get(uplink)
@@ -238,48 +323,6 @@ fn kernel_owns(ctx: &XdpContext, key: &FlowKey6) -> bool {
             key.src_port,
             key.dst_port,
         )
-}
-
-/// An uplink for a new IPv6 flow (or one that must move), never `except`:
-/// its bucket's in the IPv6 table, else the next buckets its hash picks
-/// (`lb_common::table::steer_at`), so that a state write alone moves new
-/// flows off an uplink whose IPv6 died.
-#[inline(always)]
-fn steer(key: &FlowKey6, except: u32) -> Option<u32> {
-    let settings = SETTINGS.get(0)?;
-    let tuple = Tuple::of6(
-        &key.src_addr,
-        &key.dst_addr,
-        u16::from_be_bytes(key.src_port),
-        u16::from_be_bytes(key.dst_port),
-        key.proto,
-    );
-    let hash = hash::classify(settings.seed, settings.mode, &tuple);
-    let table = BUCKETS6.get(0)?;
-    let mut steered = None;
-    count::up_to(table::STEER_ATTEMPTS, |attempt| {
-        steered = table::steer_at(
-            hash,
-            attempt,
-            |bucket| table.uplinks.get(bucket as usize).copied(),
-            |uplink| uplink != except && takes_new(uplink),
-        );
-        if steered.is_some() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    });
-    steered
-}
-
-/// Whether `uplink` takes new IPv6 flows now.
-#[inline(always)]
-fn takes_new(uplink: u32) -> bool {
-    UPLINKS6
-        .get(uplink)
-        .is_some_and(|six| six.state == uplink_state::ACTIVE && six.gw_mac != [0; 6])
-        && UPLINKS.get(uplink).is_some_and(|info| info.ifindex != 0)
 }
 
 /// Whether IPv6 flows pinned to `uplink` stay there.

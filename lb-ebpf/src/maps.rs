@@ -13,8 +13,8 @@ use lb_common::{
         NatValue, PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, SIGNAL_SLOTS,
     },
     policy::{
-        Flow, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, MAX_POLICIES,
-        PORT_GENERATION,
+        Flow, Policy, PrefixKey, PrefixKey6, RuleBits, RuleTable, StickyKey, StickyKey6,
+        StickyValue, MAX_POLICIES, PORT_GENERATION,
     },
     reason, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, MAX_LANS, MAX_LAN_PORTS,
     MAX_UPLINKS, PREFIX_ENTRIES,
@@ -52,10 +52,20 @@ pub static POLICIES: Array<Policy> = Array::with_max_entries(MAX_POLICIES, 0);
 #[map]
 pub static PREFIXES: LpmTrie<PrefixKey, RuleBits> = LpmTrie::with_max_entries(PREFIX_ENTRIES, 0);
 
+/// The IPv6 prefixes the rules name, as `PREFIXES` (an address is looked
+/// up in its own family's trie).
+#[map]
+pub static PREFIXES6: LpmTrie<PrefixKey6, RuleBits> = LpmTrie::with_max_entries(PREFIX_ENTRIES, 0);
+
 /// Sticky clients: (policy, client, destination network) -> its uplink.
 /// LRU: when full, the least recently used client loses its stickiness.
 #[map]
 pub static STICKY: LruHashMap<StickyKey, StickyValue> =
+    LruHashMap::with_max_entries(DEFAULT_STICKY_ENTRIES, 0);
+
+/// IPv6 sticky clients, as `STICKY`.
+#[map]
+pub static STICKY6: LruHashMap<StickyKey6, StickyValue> =
     LruHashMap::with_max_entries(DEFAULT_STICKY_ENTRIES, 0);
 
 /// LAN port ifindex -> the rules that name it (per generation) and the
@@ -68,6 +78,12 @@ pub static LAN_CLASSES: HashMap<u32, LanPort> = HashMap::with_max_entries(MAX_LA
 /// nothing in it outlives a packet.
 #[map]
 pub static CLASSIFYING: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// The addresses of the IPv6 flow being classified (source, then
+/// destination), one slot per CPU: the rules' BPF function takes scalars
+/// only, and 32 bytes of addresses are too many of them. Never pinned.
+#[map]
+pub static CLASSIFYING6: PerCpuArray<[[u8; 16]; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters per policy.
 #[map]
@@ -87,10 +103,16 @@ pub static UPLINKS6: Array<Uplink6> = Array::with_max_entries(MAX_UPLINKS, 0);
 #[map]
 pub static ENCAP: Array<lb_common::encap::Encap> = Array::with_max_entries(MAX_UPLINKS, 0);
 
-/// The bucket table for new IPv6 flows, built from the uplinks' IPv6
-/// states (one value: lbd replaces it whole).
+/// The bucket tables for new IPv6 flows, built from the uplinks' IPv6
+/// states: as `BUCKETS`, two per policy, the live one named by the
+/// policy's `POLICIES6` entry.
 #[map]
-pub static BUCKETS6: Array<BucketTable> = Array::with_max_entries(1, 0);
+pub static BUCKETS6: Array<BucketTable> = Array::with_max_entries(2 * MAX_POLICIES, 0);
+
+/// Policy index -> its IPv6 side: live IPv6 bucket table and the uplinks
+/// that take its new IPv6 flows (fallback and stickiness as `POLICIES`).
+#[map]
+pub static POLICIES6: Array<Policy> = Array::with_max_entries(MAX_POLICIES, 0);
 
 /// IPv6 connections and the uplink each is pinned to. Sized as `FLOWS`.
 #[map]

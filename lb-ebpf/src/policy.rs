@@ -3,22 +3,28 @@
 //! policy's sticky entry or bucket table picks the uplink.
 //!
 //! Owns the reads of `RULES`, `PORT_BITS`, `PREFIXES`, `POLICIES`,
-//! `STICKY` and `LAN_CLASSES`, and asks `answer` for the ICMP error of
-//! `fallback = unreachable`. The rules cost a new flow one lookup per field they use
-//! (two prefix tries, two port entries, the LAN port), however many there
-//! are, and no loop. Only new flows (and flows that must move) come here:
+//! `STICKY` and `LAN_CLASSES`, and their IPv6 sides (`PREFIXES6`,
+//! `POLICIES6`, `BUCKETS6`, `STICKY6`), and asks `answer` for the ICMP
+//! error of `fallback = unreachable`. One set of rules serves both
+//! families: a rule that names prefixes of one family only matches that
+//! family's flows. The rules cost a new flow one lookup per field they
+//! use (two prefix tries, two port entries, the LAN port), however many
+//! there are, and no loop. Only new flows (and flows that must move) come here:
 //! an established packet never pays for a rule.
 
 use core::ops::ControlFlow;
 
-use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{
+    maps::{lpm_trie::Key, Array, LruHashMap},
+    programs::XdpContext,
+};
 use lb_common::{
     hash::{self, Tuple},
     icmp,
-    maps::{uplink_state, FlowKey, LanPort, PolicyStats},
+    maps::{uplink_state, BucketTable, FlowKey, FlowKey6, LanPort, PolicyStats, Settings},
     policy::{
-        self, fallback, port_index, sticky_holds, Decision, Policy, PrefixKey, RuleBits, StickyKey,
-        StickyValue, DEFAULT_POLICY, NO_RULES,
+        self, fallback, port_index, sticky_holds, Decision, Policy, PrefixKey, PrefixKey6,
+        RuleBits, StickyKey, StickyKey6, StickyValue, DEFAULT_POLICY, NO_RULES,
     },
     reason, table, NO_UPLINK,
 };
@@ -26,8 +32,9 @@ use lb_common::{
 use crate::{
     answer,
     maps::{
-        BUCKETS, CLASSIFYING, LAN_CLASSES, POLICIES, POLICY_STATS, PORT_BITS, PREFIXES, RULES,
-        SETTINGS, STICKY, UPLINKS,
+        BUCKETS, BUCKETS6, CLASSIFYING, CLASSIFYING6, LAN_CLASSES, POLICIES, POLICIES6,
+        POLICY_STATS, PORT_BITS, PREFIXES, PREFIXES6, RULES, SETTINGS, STICKY, STICKY6, UPLINKS,
+        UPLINKS6,
     },
     parse::Ipv4Packet,
 };
@@ -42,6 +49,74 @@ pub enum Placement {
     Refused(u32),
     /// Nowhere, and the client is told (`fallback = unreachable`).
     Unreachable,
+}
+
+/// What placing differs in between IPv4 and IPv6 flows: each family has
+/// its own side of every policy (bucket tables and takers, as an uplink's
+/// IPv6 may be down while its IPv4 is up), its own sticky clients, and
+/// its own test of whether an uplink takes new flows. The rules, the
+/// policies' fallbacks and their counters are shared.
+pub trait Family {
+    type Key;
+    type Sticky: 'static;
+    fn policies() -> &'static Array<Policy>;
+    fn buckets() -> &'static Array<BucketTable>;
+    fn sticky() -> &'static LruHashMap<Self::Sticky, StickyValue>;
+    fn sticky_key(policy: u32, by: u32, key: &Self::Key) -> Option<Self::Sticky>;
+    fn takes_new(uplink: u32) -> bool;
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Key = FlowKey;
+    type Sticky = StickyKey;
+    #[inline(always)]
+    fn policies() -> &'static Array<Policy> {
+        &POLICIES
+    }
+    #[inline(always)]
+    fn buckets() -> &'static Array<BucketTable> {
+        &BUCKETS
+    }
+    #[inline(always)]
+    fn sticky() -> &'static LruHashMap<StickyKey, StickyValue> {
+        &STICKY
+    }
+    #[inline(always)]
+    fn sticky_key(policy: u32, by: u32, key: &FlowKey) -> Option<StickyKey> {
+        StickyKey::of(policy, by, key.src_addr, key.dst_addr)
+    }
+    #[inline(always)]
+    fn takes_new(uplink: u32) -> bool {
+        takes_new(uplink)
+    }
+}
+
+impl Family for V6 {
+    type Key = FlowKey6;
+    type Sticky = StickyKey6;
+    #[inline(always)]
+    fn policies() -> &'static Array<Policy> {
+        &POLICIES6
+    }
+    #[inline(always)]
+    fn buckets() -> &'static Array<BucketTable> {
+        &BUCKETS6
+    }
+    #[inline(always)]
+    fn sticky() -> &'static LruHashMap<StickyKey6, StickyValue> {
+        &STICKY6
+    }
+    #[inline(always)]
+    fn sticky_key(policy: u32, by: u32, key: &FlowKey6) -> Option<StickyKey6> {
+        StickyKey6::of(policy, by, key.src_addr, key.dst_addr)
+    }
+    #[inline(always)]
+    fn takes_new(uplink: u32) -> bool {
+        takes_new6(uplink)
+    }
 }
 
 /// Place a new flow (or one that must move) on an uplink, never `except`
@@ -59,7 +134,70 @@ pub fn place(
     };
     let tuple = tuple(key);
     let hash = hash::classify(settings.seed, settings.mode, &tuple);
-    let decision = decision(ctx, pkt, &tuple);
+    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
+    let tos = unsafe { (*pkt.ip).tos };
+    let addrs = u64::from(tuple.src_addr) << 32 | u64::from(tuple.dst_addr);
+    let decision = Decision::from_word(lb_rules_decide(
+        addrs,
+        packed_ports(&tuple),
+        packed_meta(ctx, &tuple, tos),
+    ));
+    placement::<V4>(decision, key, hash, except, now)
+}
+
+/// [`place`] for an IPv6 flow; `tclass` is its traffic class (whose DSCP
+/// the rules match as an IPv4 packet's).
+#[inline(always)]
+pub fn place6(ctx: &XdpContext, key: &FlowKey6, tclass: u8, except: u32, now: u64) -> Placement {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Placement::Refused(reason::DROP_NO_UPLINK);
+    };
+    let tuple = Tuple::of6(
+        &key.src_addr,
+        &key.dst_addr,
+        u16::from_be_bytes(key.src_port),
+        u16::from_be_bytes(key.dst_port),
+        key.proto,
+    );
+    let hash = hash::classify(settings.seed, settings.mode, &tuple);
+    let Some(addrs) = CLASSIFYING6.get_ptr_mut(0) else {
+        return Placement::Refused(reason::DROP_NO_UPLINK);
+    };
+    // SAFETY: this CPU's slot, read by `lb_rules_decide6` below and by
+    // nothing else before this program ends.
+    unsafe { *addrs = [key.src_addr, key.dst_addr] };
+    // The tuple's ports and protocol are the flow's own (its addresses are
+    // folded for hashing, and the rules look at the whole ones).
+    let decision = Decision::from_word(lb_rules_decide6(
+        packed_ports(&tuple),
+        packed_meta(ctx, &tuple, tclass),
+    ));
+    placement::<V6>(decision, key, hash, except, now)
+}
+
+#[inline(always)]
+fn packed_ports(tuple: &Tuple) -> u64 {
+    u64::from(tuple.src_port) << 16 | u64::from(tuple.dst_port)
+}
+
+/// The protocol, the TOS (traffic class) byte and the LAN port, in one
+/// word for the rules' BPF functions.
+#[inline(always)]
+fn packed_meta(ctx: &XdpContext, tuple: &Tuple, tos: u8) -> u64 {
+    u64::from(tuple.proto) | u64::from(tos) << 8 | u64::from(ctx.ingress_ifindex() as u32) << 32
+}
+
+/// Where the rules' `decision` puts a flow of family `F`: its policy's
+/// uplink, or what the policy's fallback says when none of them can take
+/// it any more.
+#[inline(always)]
+fn placement<F: Family>(
+    decision: Decision,
+    key: &F::Key,
+    hash: u32,
+    except: u32,
+    now: u64,
+) -> Placement {
     let policy = match decision {
         Decision::Kernel { .. } => return Placement::Kernel,
         Decision::Drop { policy, .. } => {
@@ -72,10 +210,10 @@ pub fn place(
         }
         Decision::Policy { policy, .. } => policy,
     };
-    let Some(info) = POLICIES.get(policy) else {
+    let Some(info) = F::policies().get(policy) else {
         return Placement::Refused(reason::DROP_NO_UPLINK);
     };
-    if let Some(uplink) = within(policy, info, key, hash, except, now) {
+    if let Some(uplink) = within::<F>(policy, info, key, hash, except, now) {
         count(policy, |s| s.new_flows += 1);
         return Placement::Uplink(uplink);
     }
@@ -92,9 +230,9 @@ pub fn place(
             Placement::Unreachable
         }
         _ if policy != DEFAULT_POLICY => {
-            let fallen = POLICIES
+            let fallen = F::policies()
                 .get(DEFAULT_POLICY)
-                .and_then(|d| within(DEFAULT_POLICY, d, key, hash, except, now));
+                .and_then(|d| within::<F>(DEFAULT_POLICY, d, key, hash, except, now));
             match fallen {
                 Some(uplink) => {
                     count(DEFAULT_POLICY, |s| s.new_flows += 1);
@@ -107,32 +245,60 @@ pub fn place(
     }
 }
 
-/// What the rules decide for a new flow.
-#[inline(always)]
-fn decision(ctx: &XdpContext, pkt: &Ipv4Packet, tuple: &Tuple) -> Decision {
-    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
-    let tos = unsafe { (*pkt.ip).tos };
-    let addrs = u64::from(tuple.src_addr) << 32 | u64::from(tuple.dst_addr);
-    let ports = u64::from(tuple.src_port) << 16 | u64::from(tuple.dst_port);
-    let meta = u64::from(tuple.proto)
-        | u64::from(tos) << 8
-        | u64::from(ctx.ingress_ifindex() as u32) << 32;
-    Decision::from_word(lb_rules_decide(addrs, ports, meta))
-}
-
-/// [`decision`]'s work, as a global BPF function: one that takes and
-/// returns only scalars (the flow packed into three words, the decision
-/// into one) is checked by the verifier once, on its own, rather than
-/// once for every path of `lan_ingress` that reaches it. It is global
-/// because the object carries BTF (lb-ebpf/.cargo/config.toml). Its
-/// stack frame and lan_ingress's share the kernel's 512 bytes (128 and
+/// What the rules decide for a new IPv4 flow, as a global BPF function:
+/// one that takes and returns only scalars (the flow packed into three
+/// words, the decision into one) is checked by the verifier once, on its
+/// own, rather than once for every path of `lan_ingress` that reaches it.
+/// It is global because the object carries BTF (lb-ebpf/.cargo/config.toml).
+/// Its stack frame and lan_ingress's share the kernel's 512 bytes (128 and
 /// 360 today): its results are written in place, never held in copies.
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn lb_rules_decide(addrs: u64, ports: u64, meta: u64) -> u64 {
+    let (src, dst) = ((addrs >> 32) as u32, addrs as u32);
+    classify(ports, meta, false, |out, generation, side| {
+        let addr = if side == policy::SRC_SIDE { src } else { dst };
+        let key = PrefixKey::new(generation, side, addr.to_be_bytes());
+        *out = match PREFIXES.get(Key::new(PrefixKey::TAG_BITS + 32, key)) {
+            Some(bits) => *bits,
+            None => NO_RULES,
+        };
+    })
+}
+
+/// [`lb_rules_decide`] for an IPv6 flow, whose addresses wait in this
+/// CPU's `CLASSIFYING6` slot (they would take four more words).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn lb_rules_decide6(ports: u64, meta: u64) -> u64 {
+    let Some(addrs) = CLASSIFYING6.get_ptr(0) else {
+        return policy::NO_MATCH.to_word();
+    };
+    classify(ports, meta, true, |out, generation, side| {
+        // SAFETY: this CPU's slot, written by `place6` just before.
+        let addr = unsafe { (*addrs)[(side & 1) as usize] };
+        let key = PrefixKey6::new(generation, side, addr);
+        *out = match PREFIXES6.get(Key::new(PrefixKey::TAG_BITS + 128, key)) {
+            Some(bits) => *bits,
+            None => NO_RULES,
+        };
+    })
+}
+
+/// The rules' decision for a flow (ports and protocol, TOS and LAN port
+/// packed as [`packed_ports`] and [`packed_meta`] say), whose addresses
+/// `prefix(out, generation, side)` looks up; `ipv6` picks the policies'
+/// IPv6 liveness.
+#[inline(always)]
+fn classify(
+    ports: u64,
+    meta: u64,
+    ipv6: bool,
+    mut prefix: impl FnMut(&mut RuleBits, u32, u32),
+) -> u64 {
     let tuple = Tuple {
-        src_addr: (addrs >> 32) as u32,
-        dst_addr: addrs as u32,
+        src_addr: 0,
+        dst_addr: 0,
         src_port: (ports >> 16) as u16,
         dst_port: ports as u16,
         proto: meta as u8,
@@ -153,7 +319,7 @@ pub extern "C" fn lb_rules_decide(addrs: u64, ports: u64, meta: u64) -> u64 {
             flow.found.look_up(
                 rules,
                 &tuple,
-                |out, side, addr| by_prefix(out, generation, side, addr),
+                |out, side| prefix(out, generation, side),
                 |out, side, port| by_port(out, generation, side, port),
                 |out| {
                     if let Some(p) = lan_port(ifindex) {
@@ -161,39 +327,49 @@ pub extern "C" fn lb_rules_decide(addrs: u64, ports: u64, meta: u64) -> u64 {
                     }
                 },
             );
-            policy::decide(rules, flow, settings.live_policies)
+            policy::decide(rules, flow, live(settings, ipv6))
         }
         _ => policy::NO_MATCH,
     };
     decision.to_word()
 }
 
+/// The policies one of whose uplinks takes new flows of the family.
+#[inline(always)]
+fn live(settings: &Settings, ipv6: bool) -> u32 {
+    if ipv6 {
+        settings.live_policies6
+    } else {
+        settings.live_policies
+    }
+}
+
 /// An uplink of `policy` for the flow: its sticky client's, while that
 /// holds, else its bucket's (`lb_common::table::steer`, so a state write
 /// alone moves new flows off a dead uplink).
 #[inline(always)]
-fn within(
+fn within<F: Family>(
     policy: u32,
     info: &Policy,
-    key: &FlowKey,
+    key: &F::Key,
     hash: u32,
     except: u32,
     now: u64,
 ) -> Option<u32> {
     let sticky = if except == NO_UPLINK {
-        StickyKey::of(policy, info.sticky, key.src_addr, key.dst_addr)
+        F::sticky_key(policy, info.sticky, key)
     } else {
         // A retried SYN is moving away from its uplink on purpose.
         None
     };
     if let Some(skey) = &sticky {
-        if let Some(entry) = STICKY.get_ptr_mut(skey) {
+        if let Some(entry) = F::sticky().get_ptr_mut(skey) {
             // SAFETY: a pointer into the map's value; a racing CPU may
             // write it too, at worst one timestamp is lost.
             let (last, uplink) = unsafe { ((*entry).last_ns, (*entry).uplink) };
             if sticky_holds(last, now, info.sticky_timeout_ns)
                 && info.takes(uplink)
-                && takes_new(uplink)
+                && F::takes_new(uplink)
             {
                 unsafe { (*entry).last_ns = now };
                 count(policy, |s| s.sticky_hits += 1);
@@ -201,7 +377,7 @@ fn within(
             }
         }
     }
-    let table = BUCKETS.get(info.table_index(policy))?;
+    let table = F::buckets().get(info.table_index(policy))?;
     // `table::steer`, its turns in a loop the verifier checks once.
     let mut steered = None;
     crate::count::up_to(table::STEER_ATTEMPTS, |attempt| {
@@ -209,7 +385,7 @@ fn within(
             hash,
             attempt,
             |bucket| table.uplinks.get(bucket as usize).copied(),
-            |uplink| uplink != except && takes_new(uplink),
+            |uplink| uplink != except && F::takes_new(uplink),
         );
         if steered.is_some() {
             ControlFlow::Break(())
@@ -226,7 +402,7 @@ fn within(
         };
         // A new entry, or one that expired or whose uplink died: the
         // client's stickiness follows it to its new uplink.
-        let _ = STICKY.insert(skey, &value, 0);
+        let _ = F::sticky().insert(skey, &value, 0);
     }
     Some(uplink)
 }
@@ -239,17 +415,14 @@ fn takes_new(uplink: u32) -> bool {
     })
 }
 
-/// Into `out`, the rules of `generation` that `addr` (host order)
-/// matches on `side`: a longest-prefix lookup. (Results are written in
-/// place, never returned: the classifier's stack frame and the one that
-/// calls it must fit the kernel's 512 bytes together.)
+/// Whether `uplink` takes new IPv6 flows now: its IPv6 is in service and
+/// its IPv6 next hop known, on a device that is there.
 #[inline(always)]
-fn by_prefix(out: &mut RuleBits, generation: u32, side: u32, addr: u32) {
-    let key = PrefixKey::new(generation, side, addr.to_be_bytes());
-    *out = match PREFIXES.get(Key::new(PrefixKey::TAG_BITS + 32, key)) {
-        Some(bits) => *bits,
-        None => NO_RULES,
-    };
+pub fn takes_new6(uplink: u32) -> bool {
+    UPLINKS6
+        .get(uplink)
+        .is_some_and(|six| six.state == uplink_state::ACTIVE && six.gw_mac != [0; 6])
+        && UPLINKS.get(uplink).is_some_and(|info| info.ifindex != 0)
 }
 
 /// Into `out`, the rules of `generation` that `port` matches on `side`.

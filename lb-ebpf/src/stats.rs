@@ -2,10 +2,7 @@
 //! Per-CPU arrays, so no atomics on the fast path; user space sums the CPUs.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::{
-    hash,
-    maps::{signals6, FlowKey, FlowKey6, Signals, UplinkStats},
-};
+use lb_common::maps::{signals6, FlowKey, FlowKey6, Signals, UplinkStats};
 
 use crate::maps::{REASONS, SIGNALS, UPLINK_STATS};
 
@@ -87,15 +84,8 @@ pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
 pub fn sent6(uplink: u32, now: u64, key: &FlowKey6) {
     let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
         | u32::from(u16::from_be_bytes(key.dst_port));
-    let src = hash::xor6(&key.src_addr);
-    sent_folded(
-        signals6(uplink),
-        now,
-        src,
-        hash::xor6(&key.dst_addr),
-        ports,
-        key.proto,
-    );
+    let (src, dst) = key.folded();
+    sent_folded(signals6(uplink), now, src, dst, ports, key.proto);
 }
 
 #[inline(always)]

@@ -523,14 +523,22 @@ fn print_status(s: &Status) {
             .policies
             .iter()
             .map(|p| {
-                format!(
-                    "{} -> {} ({} new flows, {} dropped, {} unreachable, {} sticky now; fallback {})",
-                    p.name,
-                    if p.taking.is_empty() {
+                let list = |l: &[String]| {
+                    if l.is_empty() {
                         "nothing".to_string()
                     } else {
-                        p.taking.join(",")
-                    },
+                        l.join(",")
+                    }
+                };
+                let six = if p.taking6 == p.taking || p.taking6.is_empty() {
+                    String::new()
+                } else {
+                    format!(", IPv6 -> {}", list(&p.taking6))
+                };
+                format!(
+                    "{} -> {}{six} ({} new flows, {} dropped, {} unreachable, {} sticky now; fallback {})",
+                    p.name,
+                    list(&p.taking),
                     p.new_flows,
                     p.dropped,
                     p.unreachable,

@@ -2161,7 +2161,7 @@ fn parse_prefix6(text: &str) -> Result<(Ipv6Addr, u8), String> {
 }
 
 /// `addr` with the bits past `len` cleared.
-fn mask6(addr: Ipv6Addr, len: u8) -> Ipv6Addr {
+pub(crate) fn mask6(addr: Ipv6Addr, len: u8) -> Ipv6Addr {
     let mask = u128::MAX
         .checked_shl(128 - u32::from(len.min(128)))
         .unwrap_or(0);

@@ -6,7 +6,7 @@
 //! plane: that is `reconcile::policies`, from these plain values.
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -112,8 +112,9 @@ pub enum RuleAction {
     Kernel,
 }
 
-/// A prefix: network address and length (0..=32).
-pub type Prefix = (Ipv4Addr, u8);
+/// A prefix: network address and length (0..=32 for IPv4, 0..=128 for
+/// IPv6).
+pub type Prefix = (IpAddr, u8);
 
 /// A prefix file, read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +136,25 @@ impl AddressMatch {
         self.inline.is_empty() && self.files.is_empty()
     }
 
+    /// Every prefix, inline and from files.
+    pub fn prefixes(&self) -> impl Iterator<Item = &Prefix> {
+        self.inline
+            .iter()
+            .chain(self.files.iter().flat_map(|f| f.prefixes.iter()))
+    }
+
+    /// Whether it names a prefix of that family (IPv6 when `ipv6`): a
+    /// side that names prefixes, none of one family, matches no flow of
+    /// that family.
+    pub fn has_family(&self, ipv6: bool) -> bool {
+        self.prefixes().any(|(a, _)| a.is_ipv6() == ipv6)
+    }
+
+    /// Whether it matches some address of that family.
+    pub fn admits(&self, ipv6: bool) -> bool {
+        self.is_any() || self.has_family(ipv6)
+    }
+
     /// Whether every address of `other` is in `self` (as far as can be
     /// told without reading the files: the same files, and inline
     /// prefixes each inside one of ours).
@@ -152,7 +172,7 @@ impl AddressMatch {
         let inline = other.inline.iter().all(|&(a, l)| {
             self.inline
                 .iter()
-                .any(|&(b, m)| m <= l && prefix_bits(a, m) == u32::from(b))
+                .any(|&(b, m)| m <= l && network(a, m) == b)
         });
         files && inline
     }
@@ -330,6 +350,24 @@ impl Checker<'_> {
                 .unwrap_or_default();
             let src = self.addresses(&r.src, &r.src_file, s, "src");
             let dst = self.addresses(&r.dst, &r.dst_file, s, "dst");
+            if !(src.admits(false) && dst.admits(false)) && !(src.admits(true) && dst.admits(true))
+            {
+                let span = r.dst.as_ref().or(r.dst_file.as_ref()).map(Spanned::span);
+                let (one, other) = if src.has_family(true) {
+                    ("IPv6", "IPv4")
+                } else {
+                    ("IPv4", "IPv6")
+                };
+                self.report(
+                    span.as_ref(),
+                    s,
+                    Some("dst"),
+                    format!(
+                        "src names only {one} prefixes and dst only {other} ones: no packet has \
+                         both, so the rule would never match; write one rule per family"
+                    ),
+                );
+            }
             let proto = self.field(&r.proto, s, "proto", parse_proto);
             let src_port = self
                 .field(&r.src_port, s, "src_port", parse_ports)
@@ -579,22 +617,30 @@ fn parse_sticky(v: &Value) -> Result<Sticky, String> {
     Ok(Sticky { by, timeout })
 }
 
-/// A prefix `A.B.C.D/N` (0..=32, no host bits) or an address (a /32).
+/// A prefix `A.B.C.D/N` or `2001:db8::/N` (no host bits), or an address
+/// (a /32 or a /128).
 fn parse_any_prefix(v: &Value) -> Result<Prefix, String> {
     prefix_of(as_str(v)?)
 }
 
 fn prefix_of(text: &str) -> Result<Prefix, String> {
-    let bad = || format!("expected a prefix like \"192.0.2.0/24\" or an address, got {text:?}");
-    let (addr, len) = match text.split_once('/') {
-        Some((a, l)) => (a, l.parse::<u8>().map_err(|_| bad())?),
-        None => (text, 32),
+    let bad = || {
+        format!(
+            "expected a prefix like \"192.0.2.0/24\" or \"2001:db8::/32\", or an address, got \
+             {text:?}"
+        )
     };
-    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-    if len > 32 {
-        return Err(format!("{text:?}: the length is at most 32"));
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a, Some(l.parse::<u8>().map_err(|_| bad())?)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let most = if addr.is_ipv6() { 128 } else { 32 };
+    let len = len.unwrap_or(most);
+    if len > most {
+        return Err(format!("{text:?}: the length is at most {most}"));
     }
-    let network = Ipv4Addr::from(prefix_bits(addr, len));
+    let network = network(addr, len);
     if network != addr {
         return Err(format!(
             "{text:?} has host bits set; the prefix is {network}/{len}"
@@ -625,15 +671,26 @@ pub fn read_prefix_file(path: &Path) -> Result<Vec<Prefix>, String> {
     Ok(out)
 }
 
-/// `"tcp"`, `"udp"`, `"icmp"` or a protocol number 1..=255.
+/// `addr` with the bits past `len` cleared, in its family.
+fn network(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => IpAddr::V4(prefix_bits(a, len).into()),
+        IpAddr::V6(a) => IpAddr::V6(super::mask6(a, len)),
+    }
+}
+
+/// `"tcp"`, `"udp"`, `"icmp"` (ICMP for IPv4, and ICMPv6 too),
+/// `"icmpv6"` or a protocol number 1..=255.
 fn parse_proto(v: &Value) -> Result<u8, String> {
     match v {
         Value::String(s) => match s.as_str() {
             "tcp" => Ok(6),
             "udp" => Ok(17),
-            "icmp" => Ok(1),
+            "icmp" => Ok(lb_common::policy::IPPROTO_ICMP),
+            "icmpv6" => Ok(lb_common::policy::IPPROTO_ICMPV6),
             other => Err(format!(
-                "expected \"tcp\", \"udp\", \"icmp\" or a protocol number, got {other:?}"
+                "expected \"tcp\", \"udp\", \"icmp\", \"icmpv6\" or a protocol number, got \
+                 {other:?}"
             )),
         },
         other => as_int(other, 1, 255),
@@ -807,6 +864,48 @@ policy = \"nowhere\"
     }
 
     #[test]
+    fn rules_take_ipv6_prefixes_and_refuse_one_that_mixes_families_apart() {
+        let c = parse(
+            &format!(
+                "{BASE}[[rule]]\nsrc = [\"10.0.0.0/8\", \"2001:db8:1::/48\"]\ndst = \
+                 \"2001:db8:ff::1\"\nproto = \"icmpv6\"\npolicy = \"kernel\"\n"
+            ),
+            "lbd.toml",
+        )
+        .expect("valid");
+        let rule = &c.rules[0];
+        assert_eq!(
+            rule.src.inline[1],
+            ("2001:db8:1::".parse().expect("v6"), 48)
+        );
+        assert_eq!(
+            rule.dst.inline[0],
+            ("2001:db8:ff::1".parse().expect("v6"), 128)
+        );
+        assert_eq!(rule.proto, Some(58));
+        assert!(rule.src.admits(true) && rule.src.admits(false));
+        assert!(rule.dst.admits(true) && !rule.dst.admits(false));
+        let p = problems(
+            "[[rule]]\nsrc = \"2001:db8::/32\"\ndst = \"192.0.2.0/24\"\npolicy = \"default\"\n",
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("lbd.toml:14: rule #1 key dst:")
+                    && m.contains("only IPv6")
+                    && m.contains("never match")),
+            "{p:?}"
+        );
+        let p = problems("[[rule]]\ndst = \"2001:db8::1/64\"\npolicy = \"default\"\n");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("host bits set; the prefix is 2001:db8::/64")),
+            "{p:?}"
+        );
+        let p = problems("[[rule]]\ndst = \"2001:db8::/129\"\npolicy = \"default\"\n");
+        assert!(p.iter().any(|m| m.contains("at most 128")), "{p:?}");
+    }
+
+    #[test]
     fn a_bad_prefix_file_names_its_line() {
         let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("valid");
@@ -828,8 +927,8 @@ policy = \"nowhere\"
         assert_eq!(
             *c.rules[0].dst.files[0].prefixes,
             vec![
-                (Ipv4Addr::new(192, 0, 2, 0), 24),
-                (Ipv4Addr::new(198, 51, 100, 7), 32)
+                (std::net::Ipv4Addr::new(192, 0, 2, 0).into(), 24),
+                (std::net::Ipv4Addr::new(198, 51, 100, 7).into(), 32)
             ]
         );
         let missing = format!("{BASE}[[rule]]\nsrc_file = \"absent.txt\"\npolicy = \"default\"\n");

@@ -162,6 +162,10 @@ pub struct PolicyStatus {
     pub name: String,
     /// The uplinks its live table gives new flows.
     pub taking: Vec<String>,
+    /// The uplinks its live IPv6 table gives new IPv6 flows (empty while
+    /// IPv6 is not balanced).
+    #[serde(default)]
+    pub taking6: Vec<String>,
     pub fallback: String,
     /// New flows it placed on one of its uplinks.
     pub new_flows: u64,

@@ -192,7 +192,7 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
                         proto,
                         _pad: [0; 3],
                     };
-                    d.explain6(&key)
+                    d.explain6(&key, &crate::daemon::On { lan, dscp })
                 }
                 _ => Err(anyhow::anyhow!(
                     "explain {src} to {dst}: the two addresses are of different families; \

@@ -183,7 +183,11 @@ impl Daemon {
         if existing.is_some() {
             why.push("its flow's uplink is down or has another address now: it moves".into());
         }
-        let (policy, rule) = match self.explain_rules(&tuple, on, &mut why) {
+        let addrs = (
+            Ipv4Addr::from(key.src_addr).into(),
+            Ipv4Addr::from(key.dst_addr).into(),
+        );
+        let (policy, rule) = match self.explain_rules(addrs, &tuple, on, &mut why) {
             Ok(placed) => placed,
             Err(verdict) => {
                 return Ok(Explanation {
@@ -204,7 +208,10 @@ impl Daemon {
                 .get(i as usize)
                 .is_some_and(|u| u.dataplane_state() == uplink_state::ACTIVE)
         };
-        let written = self.dataplane.policy(policy).unwrap_or_default();
+        let written = self
+            .dataplane
+            .policy(Family::V4, policy)
+            .unwrap_or_default();
         // The sticky entry the data plane would find first.
         if let Some(skey) =
             lb_common::policy::StickyKey::of(policy, written.sticky, key.src_addr, key.dst_addr)
@@ -287,12 +294,14 @@ impl Daemon {
         })
     }
 
-    /// Which policy the rules give a new flow, as the data plane decides
-    /// it (`lb_common::policy::decide` on the rules, prefix sets and
-    /// policy states it holds): `Ok((policy, [[rule]] number))`, or
-    /// `Err(verdict)` when a rule keeps it from any uplink.
-    fn explain_rules(
+    /// Which policy the rules give a new flow from `addrs.0` to `addrs.1`
+    /// (either family; `tuple` gives its ports and protocol), as the data
+    /// plane decides it (`lb_common::policy::decide` on the rules, prefix
+    /// sets and policy states it holds): `Ok((policy, [[rule]] number))`,
+    /// or `Err(verdict)` when a rule keeps it from any uplink.
+    pub(super) fn explain_rules(
         &self,
+        addrs: (std::net::IpAddr, std::net::IpAddr),
         tuple: &lb_common::hash::Tuple,
         on: &On,
         why: &mut Vec<String>,
@@ -334,9 +343,14 @@ impl Daemon {
         found.look_up(
             rules,
             tuple,
-            |out, side, addr| {
+            |out, side| {
+                let addr = if side == lb_common::policy::SRC_SIDE {
+                    addrs.0
+                } else {
+                    addrs.1
+                };
                 *out = dp
-                    .prefix_rules(generation, side, std::net::Ipv4Addr::from(addr))
+                    .prefix_rules(generation, side, addr)
                     .ok()
                     .flatten()
                     .unwrap_or(NO_RULES);
@@ -349,7 +363,12 @@ impl Daemon {
             dscp: on.dscp.unwrap_or(0),
             found,
         };
-        let decision = decide(rules, &flow, dp.live_policies());
+        let family = if addrs.0.is_ipv6() {
+            Family::V6
+        } else {
+            Family::V4
+        };
+        let decision = decide(rules, &flow, dp.live_policies(family));
         let origin = |i: u32| rules.rules.get(i as usize).map_or(0, |r| r.origin);
         let line = |i: u32| {
             self.config

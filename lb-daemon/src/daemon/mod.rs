@@ -56,7 +56,7 @@ use crate::{
     daemon::uplink::{Admin, Lifecycle},
     dataplane::flows::FlowTables,
     dataplane::pins::{Found, Pins},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Family},
     health::passive,
     health::probe::{self, Binding, UplinkProbe},
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
@@ -273,6 +273,8 @@ pub struct Daemon {
     dataplane: Dataplane,
     /// Each policy's bucket table, as written to the data plane.
     buckets: buckets::Buckets,
+    /// The same for new IPv6 flows.
+    buckets6: buckets::Buckets,
     /// The operator's rules and prefix sets, as written to the data plane.
     policies: policies::Policies,
     /// The flow tables as the collector and `status` walk them, on handles
@@ -383,7 +385,8 @@ impl Daemon {
                 .collect(),
             config,
             dataplane,
-            buckets: buckets::Buckets::default(),
+            buckets: buckets::Buckets::new(Family::V4),
+            buckets6: buckets::Buckets::new(Family::V6),
             policies: policies::Policies::default(),
             flow_tables,
             bypass: bypass::Bypass::default(),
@@ -463,8 +466,10 @@ impl Daemon {
     /// Take over the state of an adopted data plane: its live bucket
     /// `tables` (so that rebalancing moves nothing that need not move) and
     /// each uplink's entry (so that its flows keep their mappings).
-    fn adopt(&mut self, tables: Vec<Table>) -> Result<()> {
-        self.buckets = buckets::Buckets::adopted(tables);
+    fn adopt(&mut self, tables: [Vec<Table>; 2]) -> Result<()> {
+        let [four, six] = tables;
+        self.buckets = buckets::Buckets::adopted(Family::V4, four);
+        self.buckets6 = buckets::Buckets::adopted(Family::V6, six);
         for u in &mut self.uplinks {
             if let Some(info) = self.dataplane.pinned_uplink(u.index)? {
                 u.written = Some(info);

@@ -552,9 +552,10 @@ impl Daemon {
             .collect();
     }
 
-    /// Each uplink's IPv6 entry for its state and IPv6 facts, the IPv6
-    /// bucket table, and the destinations the kernel keeps (see
-    /// `reconcile::ipv6`).
+    /// Each uplink's IPv6 entry for its state and IPv6 facts, each
+    /// policy's IPv6 bucket table, and the destinations the kernel keeps
+    /// (see `reconcile::ipv6`). The tables go before the switch that turns
+    /// IPv6 balancing on, so that the first balanced packet finds them.
     pub(super) fn converge_ipv6(&mut self) -> Result<()> {
         let lan = self.lan6;
         let sides: Vec<_> = self
@@ -562,23 +563,22 @@ impl Daemon {
             .iter()
             .map(|u| ipv6::side(lan, &u.facts6, u.dataplane_state6(), true))
             .collect();
-        let candidates: Vec<Candidate> = self
-            .uplinks
+        let takes: Vec<bool> = sides
             .iter()
-            .zip(&sides)
-            .map(|(u, side)| Candidate {
-                weight: u.weight,
-                tier: u.cfg.tier,
-                takes_new_flows: side.is_some_and(|s| s.state == uplink_state::ACTIVE),
-                degraded: u.health6() == Some(Health::Degraded),
-            })
+            .map(|side| side.is_some_and(|s| s.state == uplink_state::ACTIVE))
             .collect();
+        let wants = self.policy_wants(|u| {
+            (
+                takes.get(u.index as usize).copied().unwrap_or(false),
+                u.health6() == Some(Health::Degraded),
+            )
+        });
         self.ipv6.converge(
             lan,
             &sides,
-            &candidates,
             self.bypass6.clone(),
             &mut self.dataplane,
+            |dataplane| self.buckets6.converge(&wants, dataplane).map(drop),
         )
     }
 
@@ -586,11 +586,28 @@ impl Daemon {
     /// weights (see `reconcile::buckets`): the default policy's from the
     /// uplinks' own weights and tiers, each `[[policy]]`'s from its own.
     pub(super) fn converge_buckets(&mut self) -> Result<()> {
-        let candidate = |u: &Uplink, weight: u32, tier: u8| Candidate {
-            weight,
-            tier,
-            takes_new_flows: u.dataplane_state() == uplink_state::ACTIVE,
-            degraded: u.health == Some(Health::Degraded),
+        let wants = self.policy_wants(|u| {
+            (
+                u.dataplane_state() == uplink_state::ACTIVE,
+                u.health == Some(Health::Degraded),
+            )
+        });
+        self.buckets.converge(&wants, &mut self.dataplane)?;
+        Ok(())
+    }
+
+    /// What each policy wants of one family's bucket tables, the default
+    /// policy first: `state(uplink)` says whether an uplink takes new
+    /// flows of the family, and whether it is degraded.
+    fn policy_wants(&self, state: impl Fn(&Uplink) -> (bool, bool)) -> Vec<PolicyWant> {
+        let candidate = |u: &Uplink, weight: u32, tier: u8| {
+            let (takes_new_flows, degraded) = state(u);
+            Candidate {
+                weight,
+                tier,
+                takes_new_flows,
+                degraded,
+            }
         };
         let mut wants = vec![PolicyWant {
             candidates: self
@@ -617,8 +634,7 @@ impl Daemon {
                 sticky_timeout_ns: p.sticky.map_or(0, |s| s.timeout.as_nanos() as u64),
             });
         }
-        self.buckets.converge(&wants, &mut self.dataplane)?;
-        Ok(())
+        wants
     }
 }
 

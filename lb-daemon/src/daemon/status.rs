@@ -32,11 +32,17 @@ impl Daemon {
     fn policy_status(&self) -> Result<Vec<crate::control::api::PolicyStatus>> {
         let now = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
         let sticky = self.dataplane.sticky_entries(now)?;
+        let sticky6 = self.dataplane.sticky_entries6(now)?;
         let mut out = Vec::new();
         for index in 0..=self.config.policies.len() as u32 {
-            let Some(written) = self.dataplane.policy(index) else {
+            let Some(written) = self.dataplane.policy(Family::V4, index) else {
                 continue;
             };
+            let written6 = self
+                .dataplane
+                .policy(Family::V6, index)
+                .filter(|_| self.ipv6.lan().is_some())
+                .unwrap_or_default();
             let stats = self.dataplane.policy_stats(index)?;
             out.push(crate::control::api::PolicyStatus {
                 name: crate::reconcile::policies::policy_name(&self.config, index),
@@ -46,12 +52,20 @@ impl Daemon {
                     .filter(|u| written.takes(u.index))
                     .map(|u| u.cfg.name.clone())
                     .collect(),
+                taking6: self
+                    .uplinks
+                    .iter()
+                    .filter(|u| written6.takes(u.index))
+                    .map(|u| u.cfg.name.clone())
+                    .collect(),
                 fallback: lb_common::policy::fallback::name(written.fallback).into(),
                 new_flows: stats.new_flows,
                 dropped: stats.dropped,
                 unreachable: stats.unreachable,
                 sticky_hits: stats.sticky_hits,
-                sticky_entries: sticky.iter().filter(|(k, _)| k.policy == index).count() as u64,
+                sticky_entries: (sticky.iter().filter(|(k, _)| k.policy == index).count()
+                    + sticky6.iter().filter(|(k, _)| k.policy == index).count())
+                    as u64,
             });
         }
         Ok(out)

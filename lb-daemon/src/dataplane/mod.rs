@@ -11,7 +11,7 @@ pub mod kfuncs;
 pub mod pins;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -37,8 +37,8 @@ use lb_common::{
         Uplink6, UplinkInfo, UplinkStats,
     },
     policy::{
-        port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyValue, DEFAULT_POLICY,
-        MAX_POLICIES,
+        port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
+        TrieAddr, DEFAULT_POLICY, MAX_POLICIES,
     },
     reason,
     table::Table,
@@ -67,11 +67,38 @@ pub enum AttachMode {
     Adopted,
 }
 
+/// An address family: each policy has a side for each (its bucket
+/// tables, the uplinks that take its new flows), as an uplink's IPv6 may
+/// be down while its IPv4 is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The maps of the family's policies: (entries, bucket tables).
+    fn maps(self) -> (&'static str, &'static str) {
+        match self {
+            Family::V4 => (name::POLICIES, name::BUCKETS),
+            Family::V6 => (name::POLICIES6, name::BUCKETS6),
+        }
+    }
+
+    /// "" or "IPv6 ", for messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "",
+            Family::V6 => "IPv6 ",
+        }
+    }
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
-    /// What each policy's `POLICIES` entry says (its live bucket table
-    /// among them), as last written.
-    policies: [Policy; MAX_POLICIES as usize],
+    /// What each policy's `POLICIES` and `POLICIES6` entries say (their
+    /// live bucket tables among them), as last written.
+    policies: [[Policy; MAX_POLICIES as usize]; 2],
     settings: Settings,
     /// Where the maps and links are pinned, if they are.
     pins: Option<Pins>,
@@ -113,7 +140,7 @@ impl Dataplane {
             .context("loading the XDP object into the kernel failed (needs root, and a kernel with BPF and BTF)")?;
         let mut dp = Self {
             ebpf,
-            policies: [Policy::default(); MAX_POLICIES as usize],
+            policies: [[Policy::default(); MAX_POLICIES as usize]; 2],
             settings: Settings::default(),
             pins: pins.cloned(),
         };
@@ -132,25 +159,28 @@ impl Dataplane {
 
     /// Take over the state a pinned data plane holds: the classifier
     /// settings (its seed above all: flows keep hashing as before), and
-    /// each policy's entry and live bucket table.
-    pub fn adopt(&mut self) -> Result<Vec<Table>> {
+    /// each policy's entries and live bucket tables, for each family.
+    pub fn adopt(&mut self) -> Result<[Vec<Table>; 2]> {
         let settings = self
             .array::<Settings>(name::SETTINGS)?
             .get(&0, 0)
             .context("reading the pinned SETTINGS")?;
         self.settings = settings;
-        let mut tables = Vec::new();
-        for p in 0..MAX_POLICIES {
-            let policy = self
-                .array::<Policy>(name::POLICIES)?
-                .get(&p, 0)
-                .context("reading the pinned POLICIES")?;
-            self.policies[p as usize] = policy;
-            let table = self
-                .array::<BucketTable>(name::BUCKETS)?
-                .get(&policy.table_index(p), 0)
-                .context("reading a pinned bucket table")?;
-            tables.push(table.uplinks);
+        let mut tables = [Vec::new(), Vec::new()];
+        for family in [Family::V4, Family::V6] {
+            let (policies, buckets) = family.maps();
+            for p in 0..MAX_POLICIES {
+                let policy = self
+                    .array::<Policy>(policies)?
+                    .get(&p, 0)
+                    .with_context(|| format!("reading the pinned {policies}"))?;
+                self.policies[family as usize][p as usize] = policy;
+                let table = self
+                    .array::<BucketTable>(buckets)?
+                    .get(&policy.table_index(p), 0)
+                    .with_context(|| format!("reading a pinned table of {buckets}"))?;
+                tables[family as usize].push(table.uplinks);
+            }
         }
         Ok(tables)
     }
@@ -405,20 +435,35 @@ impl Dataplane {
     /// Make `table` the live bucket table of the default policy (see
     /// [`Self::set_policy`]), taking new flows as `table` says.
     pub fn set_buckets(&mut self, table: &Table) -> Result<()> {
-        let policy = Policy {
-            takers: takers(table),
-            ..self.policies[0]
-        };
-        self.set_policy(DEFAULT_POLICY, Some(table), policy)
+        self.set_default_table(Family::V4, table)
     }
 
-    /// Write `policy`'s entry; with `table`, make it the policy's live
-    /// bucket table in the same step: it goes into the idle one of the
-    /// policy's two tables (one map write), then the entry, which says
-    /// which is live, is written whole (one more).
-    pub fn set_policy(&mut self, index: u32, table: Option<&Table>, policy: Policy) -> Result<()> {
-        let slot = self
-            .policies
+    /// The same for new IPv6 flows.
+    pub fn set_buckets6(&mut self, table: &Table) -> Result<()> {
+        self.set_default_table(Family::V6, table)
+    }
+
+    fn set_default_table(&mut self, family: Family, table: &Table) -> Result<()> {
+        let policy = Policy {
+            takers: takers(table),
+            ..self.policies[family as usize][0]
+        };
+        self.set_policy(family, DEFAULT_POLICY, Some(table), policy)
+    }
+
+    /// Write `policy`'s entry for `family`; with `table`, make it the
+    /// policy's live bucket table in the same step: it goes into the idle
+    /// one of the policy's two tables (one map write), then the entry,
+    /// which says which is live, is written whole (one more).
+    pub fn set_policy(
+        &mut self,
+        family: Family,
+        index: u32,
+        table: Option<&Table>,
+        policy: Policy,
+    ) -> Result<()> {
+        let (policies, buckets) = family.maps();
+        let slot = self.policies[family as usize]
             .get(index as usize)
             .copied()
             .with_context(|| format!("policy index {index} out of range (max {MAX_POLICIES})"))?;
@@ -429,37 +474,45 @@ impl Dataplane {
         if let Some(table) = table {
             next.active_table = slot.active_table ^ 1;
             let value = BucketTable { uplinks: *table };
-            self.array::<BucketTable>(name::BUCKETS)?
+            self.array::<BucketTable>(buckets)?
                 .set(next.table_index(index), value, 0)
-                .context("writing a bucket table")?;
+                .with_context(|| format!("writing a bucket table of {buckets}"))?;
         }
-        self.array::<Policy>(name::POLICIES)?
+        self.array::<Policy>(policies)?
             .set(index, next, 0)
-            .with_context(|| format!("writing policy {index}"))?;
-        self.policies[index as usize] = next;
+            .with_context(|| format!("writing policy {index} of {policies}"))?;
+        self.policies[family as usize][index as usize] = next;
         // Right after the policy's own entry: the rules' fallbacks go by
         // this (the data plane falls back on its own in between).
         let bit = 1 << index;
-        let live = if next.takers != 0 {
-            self.settings.live_policies | bit
-        } else {
-            self.settings.live_policies & !bit
+        let field = match family {
+            Family::V4 => &mut self.settings.live_policies,
+            Family::V6 => &mut self.settings.live_policies6,
         };
-        if live != self.settings.live_policies {
-            self.settings.live_policies = live;
+        let live = if next.takers != 0 {
+            *field | bit
+        } else {
+            *field & !bit
+        };
+        if live != *field {
+            *field = live;
             self.write_settings()?;
         }
         Ok(())
     }
 
-    /// The policies one of whose uplinks takes new flows (bits).
-    pub fn live_policies(&self) -> u32 {
-        self.settings.live_policies
+    /// The policies one of whose uplinks takes new flows of `family`
+    /// (bits).
+    pub fn live_policies(&self, family: Family) -> u32 {
+        match family {
+            Family::V4 => self.settings.live_policies,
+            Family::V6 => self.settings.live_policies6,
+        }
     }
 
-    /// What the data plane has of policy `index`.
-    pub fn policy(&self, index: u32) -> Option<Policy> {
-        self.policies.get(index as usize).copied()
+    /// What the data plane has of policy `index` for `family`.
+    pub fn policy(&self, family: Family, index: u32) -> Option<Policy> {
+        self.policies[family as usize].get(index as usize).copied()
     }
 
     /// The live generation of the compiled rules (0 or 1).
@@ -499,28 +552,31 @@ impl Dataplane {
         }
     }
 
-    /// Write `generation`'s prefix entries of `side`: each prefix (network
-    /// in host order, length) with the rules it matches. One batch.
-    pub fn write_prefixes(
+    /// Write `generation`'s prefix entries of `side` into the trie of
+    /// their family (`A`: `u32`, `u128`): each prefix (network in host
+    /// order, length) with the rules it matches. One batch.
+    pub fn write_prefixes<A: TrieAddr>(
         &mut self,
         generation: u32,
         side: u32,
-        entries: &[((u32, u8), RuleBits)],
-    ) -> Result<()> {
-        let keys: Vec<Key<PrefixKey>> = entries
+        entries: &[((A, u8), RuleBits)],
+    ) -> Result<()>
+    where
+        A::Key: aya::Pod,
+    {
+        let keys: Vec<Key<A::Key>> = entries
             .iter()
             .map(|&((addr, len), _)| prefix_key(generation, side, addr, len))
             .collect();
         let values: Vec<RuleBits> = entries.iter().map(|e| e.1).collect();
-        batch::update(&self.fd(name::PREFIXES)?, &keys, &values).map_err(|e| {
+        batch::update(&self.fd(trie_name::<A>())?, &keys, &values).map_err(|e| {
             let at = entries
                 .get(e.done)
-                .map_or_else(String::new, |&((a, l), _)| {
-                    format!(" at {}/{l}", Ipv4Addr::from(a))
-                });
+                .map_or_else(String::new, |&((a, l), _)| format!(" at {a:?}/{l}"));
             anyhow!(
-                "writing the rules' prefixes{at}: {} (the trie holds at most {} prefixes a \
-                 side)",
+                "writing the rules' prefixes to {}{at}: {} (the trie holds at most {} prefixes \
+                 a side)",
+                trie_name::<A>(),
                 e.error,
                 lb_common::MAX_SIDE_PREFIXES
             )
@@ -528,46 +584,60 @@ impl Dataplane {
     }
 
     /// Remove `generation`'s prefixes `prefixes` of `side` (as written).
-    pub fn remove_prefixes(
+    pub fn remove_prefixes<A: TrieAddr>(
         &mut self,
         generation: u32,
         side: u32,
-        prefixes: impl Iterator<Item = (u32, u8)>,
-    ) -> Result<()> {
-        let keys: Vec<Key<PrefixKey>> = prefixes
+        prefixes: impl Iterator<Item = (A, u8)>,
+    ) -> Result<()>
+    where
+        A::Key: aya::Pod,
+    {
+        let keys: Vec<Key<A::Key>> = prefixes
             .map(|(addr, len)| prefix_key(generation, side, addr, len))
             .collect();
-        self.remove_prefix_keys(&keys)
+        self.remove_prefix_keys::<A>(&keys)
     }
 
-    /// The rules' prefix trie, to read.
-    fn prefix_trie(&self) -> Result<LpmTrie<&MapData, PrefixKey, RuleBits>> {
+    /// A family's prefix trie, to read.
+    fn prefix_trie<A: TrieAddr>(&self) -> Result<LpmTrie<&MapData, A::Key, RuleBits>>
+    where
+        A::Key: aya::Pod,
+    {
+        let name = trie_name::<A>();
         let m = self
             .ebpf
-            .map(name::PREFIXES)
-            .context("map PREFIXES missing")?;
-        LpmTrie::try_from(m).context("map PREFIXES has an unexpected type")
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        LpmTrie::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
     }
 
-    /// Every prefix in the trie, whoever wrote it, by generation: one walk
-    /// (one system call a key: the trie has no batch lookup), for what
-    /// lbd did not write itself (a data plane it adopted, a write that
-    /// failed halfway).
-    pub fn prefixes_by_generation(&self) -> Result<[Vec<Key<PrefixKey>>; 2]> {
-        let trie = self.prefix_trie()?;
+    /// Every prefix in a family's trie, whoever wrote it, by generation:
+    /// one walk (one system call a key: the trie has no batch lookup),
+    /// for what lbd did not write itself (a data plane it adopted, a
+    /// write that failed halfway).
+    pub fn prefixes_by_generation<A: TrieAddr>(&self) -> Result<[Vec<Key<A::Key>>; 2]>
+    where
+        A::Key: aya::Pod,
+    {
+        let trie = self.prefix_trie::<A>()?;
         let mut found = [Vec::new(), Vec::new()];
         for key in trie.keys() {
-            let key = key.context("walking PREFIXES")?;
-            found[key.data().generation() as usize].push(key);
+            let key = key.with_context(|| format!("walking {}", trie_name::<A>()))?;
+            found[A::generation(&key.data()) as usize & 1].push(key);
         }
         Ok(found)
     }
 
-    /// Remove `keys` from the rules' prefix trie; every one must be there.
-    pub fn remove_prefix_keys(&mut self, keys: &[Key<PrefixKey>]) -> Result<()> {
-        batch::delete(&self.fd(name::PREFIXES)?, keys).map_err(|e| {
+    /// Remove `keys` from a family's prefix trie; every one must be there.
+    pub fn remove_prefix_keys<A: TrieAddr>(&mut self, keys: &[Key<A::Key>]) -> Result<()>
+    where
+        A::Key: aya::Pod,
+    {
+        batch::delete(&self.fd(trie_name::<A>())?, keys).map_err(|e| {
             anyhow!(
-                "removing prefixes from the rules' trie: {} (at entry {})",
+                "removing prefixes from {}: {} (at entry {})",
+                trie_name::<A>(),
                 e.error,
                 e.done
             )
@@ -575,18 +645,25 @@ impl Dataplane {
     }
 
     /// The rules of `generation` that `addr` matches on `side`: a
-    /// longest-prefix lookup, as the data plane's.
+    /// longest-prefix lookup in its family's trie, as the data plane's.
     pub fn prefix_rules(
         &self,
         generation: u32,
         side: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
     ) -> Result<Option<RuleBits>> {
-        let trie = self.prefix_trie()?;
-        match trie.get(&prefix_key(generation, side, u32::from(addr), 32), 0) {
+        let found = match addr {
+            IpAddr::V4(a) => self
+                .prefix_trie::<u32>()?
+                .get(&prefix_key(generation, side, u32::from(a), 32), 0),
+            IpAddr::V6(a) => self
+                .prefix_trie::<u128>()?
+                .get(&prefix_key(generation, side, u128::from(a), 128), 0),
+        };
+        match found {
             Ok(bits) => Ok(Some(bits)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("looking into PREFIXES"),
+            Err(e) => Err(e).context("looking into the rules' prefixes"),
         }
     }
 
@@ -672,14 +749,32 @@ impl Dataplane {
     /// Sticky entries per policy that still hold at `now_ns` (the data
     /// plane's coarse clock), given each policy's timeout.
     pub fn sticky_entries(&self, now_ns: u64) -> Result<Vec<(StickyKey, StickyValue)>> {
-        let m = self.ebpf.map(name::STICKY).context("map STICKY missing")?;
-        let map: HashMap<&MapData, StickyKey, StickyValue> =
-            HashMap::try_from(m).context("map STICKY has an unexpected type")?;
-        Ok(map
+        self.sticky_in(name::STICKY, Family::V4, now_ns, |k: &StickyKey| k.policy)
+    }
+
+    /// The same for IPv6 clients.
+    pub fn sticky_entries6(&self, now_ns: u64) -> Result<Vec<(StickyKey6, StickyValue)>> {
+        self.sticky_in(name::STICKY6, Family::V6, now_ns, |k: &StickyKey6| k.policy)
+    }
+
+    fn sticky_in<K: Pod>(
+        &self,
+        map: &str,
+        family: Family,
+        now_ns: u64,
+        policy_of: impl Fn(&K) -> u32,
+    ) -> Result<Vec<(K, StickyValue)>> {
+        let m = self
+            .ebpf
+            .map(map)
+            .with_context(|| format!("map {map} missing"))?;
+        let entries: HashMap<&MapData, K, StickyValue> =
+            HashMap::try_from(m).with_context(|| format!("map {map} has an unexpected type"))?;
+        Ok(entries
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, v)| {
-                self.policies.get(k.policy as usize).is_some_and(|p| {
+                self.policy(family, policy_of(k)).is_some_and(|p| {
                     lb_common::policy::sticky_holds(v.last_ns, now_ns, p.sticky_timeout_ns)
                 })
             })
@@ -883,14 +978,6 @@ impl Dataplane {
             .context("writing ENCAP")
     }
 
-    /// Make `table` the bucket table of new IPv6 flows (one map write: a
-    /// packet may see old and new buckets side by side, each valid).
-    pub fn set_buckets6(&mut self, table: &Table) -> Result<()> {
-        self.array::<BucketTable>(name::BUCKETS6)?
-            .set(0, BucketTable { uplinks: *table }, 0)
-            .context("writing BUCKETS6")
-    }
-
     /// Leave IPv6 destinations in `addr/prefix_len` to the kernel.
     pub fn add_bypass6(&mut self, addr: Ipv6Addr, prefix_len: u8) -> Result<()> {
         let key = Key::new(u32::from(prefix_len), mask6(addr, prefix_len).octets());
@@ -997,11 +1084,23 @@ pub(crate) fn missing_is_fine(
 }
 
 /// The trie key of `addr/len` on `side` in `generation`.
-fn prefix_key(generation: u32, side: u32, addr: u32, len: u8) -> Key<PrefixKey> {
+fn prefix_key<A: TrieAddr>(generation: u32, side: u32, addr: A, len: u8) -> Key<A::Key>
+where
+    A::Key: aya::Pod,
+{
     Key::new(
         PrefixKey::TAG_BITS + u32::from(len),
-        PrefixKey::new(generation, side, addr.to_be_bytes()),
+        addr.key(generation, side),
     )
+}
+
+/// The prefix trie of `A`'s family.
+fn trie_name<A: TrieAddr>() -> &'static str {
+    if A::BITS == 128 {
+        name::PREFIXES6
+    } else {
+        name::PREFIXES
+    }
 }
 
 /// `addr` with the bits past `prefix_len` cleared.

@@ -15,25 +15,17 @@ use lb_common::{
     BUCKETS, MAX_UPLINKS,
 };
 
-use crate::dataplane::{takers, Dataplane};
+use crate::dataplane::{takers, Dataplane, Family};
 
-/// Each policy's bucket table as the data plane has it (index 0: the
-/// default policy), as lbd last wrote it.
+/// Each policy's bucket table for one family as the data plane has it
+/// (index 0: the default policy), as lbd last wrote it.
 #[derive(Debug)]
 pub struct Buckets {
+    family: Family,
     live: Vec<Table>,
     /// What each policy's entry says, once lbd (or the data plane it
     /// adopted) wrote it.
     written: Vec<Option<Policy>>,
-}
-
-impl Default for Buckets {
-    fn default() -> Self {
-        Self {
-            live: vec![table::empty(); MAX_POLICIES as usize],
-            written: vec![None; MAX_POLICIES as usize],
-        }
-    }
 }
 
 /// What one policy wants of the data plane.
@@ -49,10 +41,19 @@ pub struct PolicyWant {
 }
 
 impl Buckets {
+    /// Nothing written yet.
+    pub fn new(family: Family) -> Self {
+        Self {
+            family,
+            live: vec![table::empty(); MAX_POLICIES as usize],
+            written: vec![None; MAX_POLICIES as usize],
+        }
+    }
+
     /// The live tables of an adopted data plane: rebalancing from them
     /// moves nothing that need not move.
-    pub fn adopted(tables: Vec<Table>) -> Self {
-        let mut out = Self::default();
+    pub fn adopted(family: Family, tables: Vec<Table>) -> Self {
+        let mut out = Self::new(family);
         for (slot, t) in out.live.iter_mut().zip(tables) {
             *slot = t;
         }
@@ -92,9 +93,10 @@ impl Buckets {
                 } == policy
             });
             if moved > 0 || self.written[index].is_none() {
-                dataplane.set_policy(index as u32, Some(&next), policy)?;
+                dataplane.set_policy(self.family, index as u32, Some(&next), policy)?;
                 log::info!(
-                    "bucket table{} updated: {moved} of {BUCKETS} buckets moved",
+                    "{}bucket table{} updated: {moved} of {BUCKETS} buckets moved",
+                    self.family.label(),
                     if index == 0 {
                         String::new()
                     } else {
@@ -102,10 +104,10 @@ impl Buckets {
                     }
                 );
             } else if !same_entry {
-                dataplane.set_policy(index as u32, None, policy)?;
+                dataplane.set_policy(self.family, index as u32, None, policy)?;
             }
             self.written[index] = if want.is_some() {
-                dataplane.policy(index as u32)
+                dataplane.policy(self.family, index as u32)
             } else {
                 None
             };

@@ -1,6 +1,7 @@
 //! IPv6: the prefix the LAN carries, each uplink's side (`UPLINKS6`: its
-//! IPv6 state, next hop and NPTv6 translations), the IPv6 bucket table
-//! and the IPv6 destinations the kernel keeps (`BYPASS6`).
+//! IPv6 state, next hop and NPTv6 translations), and the IPv6
+//! destinations the kernel keeps (`BYPASS6`); the policies' IPv6 bucket
+//! tables are `reconcile::buckets`'s, written in step with these.
 //!
 //! [`lan_prefix`], [`side`] and [`Ipv6::converge`]'s inputs are pure
 //! functions of the kernel's snapshot and the uplinks' states; converging
@@ -19,13 +20,11 @@ use anyhow::{Context, Result};
 use lb_common::{
     maps::{uplink_state, Uplink6},
     npt::Npt,
-    table::{self, Table},
 };
 
 use crate::{
     dataplane::Dataplane,
     observe::kernel6::{mask6, within, Observed6},
-    reconcile::buckets::{weights, Candidate},
 };
 
 /// An IPv6 prefix.
@@ -258,8 +257,6 @@ pub struct Ipv6 {
     written: Vec<Option<Uplink6>>,
     /// State changes written and not yet taken.
     changes: Vec<Change6>,
-    table: Table,
-    table_written: bool,
     bypass: BTreeSet<Prefix6>,
 }
 
@@ -270,8 +267,6 @@ impl Default for Ipv6 {
             lan: None,
             written: Vec::new(),
             changes: Vec::new(),
-            table: table::empty(),
-            table_written: false,
             bypass: BTreeSet::new(),
         }
     }
@@ -295,27 +290,23 @@ impl Ipv6 {
         std::mem::take(&mut self.changes)
     }
 
-    /// The IPv6 bucket table as written.
-    pub fn table(&self) -> &Table {
-        &self.table
-    }
-
     /// The IPv6 destinations the kernel keeps (`BYPASS6`), as written.
     pub fn bypass(&self) -> &BTreeSet<Prefix6> {
         &self.bypass
     }
 
-    /// Make the data plane hold `sides` (by uplink index), a bucket table
-    /// for `candidates`, and `bypass`; IPv6 is balanced while `lan` is
-    /// known. Order: entries, table, bypass, then the switch, so that the
-    /// first balanced packet finds everything in place; off goes first.
+    /// Make the data plane hold `sides` (by uplink index), the policies'
+    /// IPv6 bucket tables (`tables` writes them: `reconcile::buckets`), and
+    /// `bypass`; IPv6 is balanced while `lan` is known. Order: entries,
+    /// tables, bypass, then the switch, so that the first balanced packet
+    /// finds everything in place; off goes first.
     pub fn converge(
         &mut self,
         lan: Option<Prefix6>,
         sides: &[Option<Uplink6>],
-        candidates: &[Candidate],
         bypass: BTreeSet<Prefix6>,
         dataplane: &mut Dataplane,
+        tables: impl FnOnce(&mut Dataplane) -> Result<()>,
     ) -> Result<()> {
         let on = lan.is_some();
         if !on && self.on {
@@ -349,16 +340,7 @@ impl Ipv6 {
                 }
             }
         }
-        let mut next = self.table;
-        let moved = table::rebalance(&mut next, &weights(candidates));
-        if moved > 0 || !self.table_written {
-            dataplane.set_buckets6(&next)?;
-            self.table = next;
-            self.table_written = true;
-            if moved > 0 {
-                log::info!("IPv6 bucket table updated: {moved} buckets moved");
-            }
-        }
+        tables(dataplane)?;
         for &(addr, len) in bypass.difference(&self.bypass) {
             dataplane.add_bypass6(addr, len)?;
         }

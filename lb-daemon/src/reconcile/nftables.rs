@@ -114,8 +114,20 @@ pub fn policy_rules(
                 list(rule.lan.iter().map(|l| format!("\"{l}\"")).collect())
             ));
         }
-        let prefixes =
-            |p: &[crate::config::Prefix]| list(p.iter().map(|(a, l)| format!("{a}/{l}")).collect());
+        // This table is IPv4's: a rule's IPv6 prefixes are not its
+        // business, and a rule that names only IPv6 ones on a side never
+        // matches an IPv4 packet.
+        if !(rule.src.admits(false) && rule.dst.admits(false)) {
+            continue;
+        }
+        let prefixes = |p: &[crate::config::Prefix]| {
+            list(
+                p.iter()
+                    .filter(|(a, _)| a.is_ipv4())
+                    .map(|(a, l)| format!("{a}/{l}"))
+                    .collect(),
+            )
+        };
         if !rule.src.inline.is_empty() {
             m.push(format!("ip saddr {}", prefixes(&rule.src.inline)));
         }

@@ -12,14 +12,17 @@
 //! then the old generation's prefixes go. A reload that changes nothing
 //! costs nothing. Each policy's bucket table is `reconcile::buckets`'s.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::Result;
 use lb_common::{
     maps::LanPort,
     policy::{
-        lookup, set_bit, Rule, RuleBits, RuleTable, ACTION_KERNEL, DEFAULT_POLICY, DST_SIDE,
-        NO_RULES, PORTS, SRC_SIDE,
+        lookup, set_bit, Rule, RuleBits, RuleTable, TrieAddr, ACTION_KERNEL, DEFAULT_POLICY,
+        DST_SIDE, IPPROTO_ICMP, IPPROTO_ICMPV6, NO_RULES, PORTS, SRC_SIDE,
     },
 };
 
@@ -52,9 +55,9 @@ pub fn policy_name(config: &Config, index: u32) -> String {
     }
 }
 
-/// One entry of the prefix trie: (network in host order, length) and the
-/// rules it matches.
-pub type TrieEntry = ((u32, u8), RuleBits);
+/// One entry of a prefix trie: (network in host order, length) and the
+/// rules it matches; `A` is `u32` for the IPv4 trie, `u128` for IPv6's.
+pub type TrieEntry<A = u32> = ((A, u8), RuleBits);
 
 /// What the configuration's rules compile to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +66,8 @@ pub struct Compiled {
     /// Per side ([`SRC_SIDE`], [`DST_SIDE`]): the trie's entries, sorted,
     /// each with the rules of the prefixes covering it.
     pub prefixes: [Vec<TrieEntry>; 2],
+    /// The same for the IPv6 prefixes, in their own trie.
+    pub prefixes6: [Vec<TrieEntry<u128>>; 2],
     /// Per side: the rules each port matches ([`PORTS`] entries), or
     /// empty when no rule has a port range.
     pub ports: [Vec<RuleBits>; 2],
@@ -75,6 +80,7 @@ pub struct Compiled {
 pub fn compile(config: &Config) -> Compiled {
     let mut table = RuleTable::empty();
     let mut prefixes: [Vec<TrieEntry>; 2] = [Vec::new(), Vec::new()];
+    let mut prefixes6: [Vec<TrieEntry<u128>>; 2] = [Vec::new(), Vec::new()];
     let mut ranges: [Vec<(usize, (u16, u16))>; 2] = [Vec::new(), Vec::new()];
     let mut lan_names: Vec<(String, RuleBits)> = Vec::new();
     let mut n = 0;
@@ -116,7 +122,8 @@ pub fn compile(config: &Config) -> Compiled {
                     if m.is_any() {
                         set_bit(any, i);
                     } else {
-                        add_prefixes(&mut prefixes[side as usize], m, i);
+                        let side = side as usize;
+                        add_prefixes(&mut prefixes[side], &mut prefixes6[side], m, i);
                     }
                 }
                 if rule.src_port.is_empty() && rule.dst_port.is_empty() {
@@ -138,7 +145,7 @@ pub fn compile(config: &Config) -> Compiled {
                     }
                 }
                 for (p, by) in table.by_proto.iter_mut().enumerate() {
-                    if rule.proto.is_none_or(|want| usize::from(want) == p) {
+                    if rule.proto.is_none_or(|want| takes_proto(want, p as u8)) {
                         set_bit(by, i);
                     }
                 }
@@ -175,20 +182,35 @@ pub fn compile(config: &Config) -> Compiled {
     Compiled {
         table,
         prefixes: prefixes.map(trie),
+        prefixes6: prefixes6.map(trie),
         ports,
         lan_names,
     }
 }
 
-/// Rule `i`'s prefixes of one side, inline and from files.
-fn add_prefixes(out: &mut Vec<TrieEntry>, m: &AddressMatch, i: usize) {
+/// Whether a rule's protocol `want` takes a packet of protocol `proto`:
+/// the same number, or ICMPv6 for `"icmp"` (a rule about ICMP means both
+/// families' ICMP).
+fn takes_proto(want: u8, proto: u8) -> bool {
+    want == proto || (want == IPPROTO_ICMP && proto == IPPROTO_ICMPV6)
+}
+
+/// Rule `i`'s prefixes of one side, inline and from files, each into its
+/// family's trie.
+fn add_prefixes(
+    out: &mut Vec<TrieEntry>,
+    out6: &mut Vec<TrieEntry<u128>>,
+    m: &AddressMatch,
+    i: usize,
+) {
     let mut bits = NO_RULES;
     set_bit(&mut bits, i);
-    let all = m
-        .inline
-        .iter()
-        .chain(m.files.iter().flat_map(|f| f.prefixes.iter()));
-    out.extend(all.map(|&(a, l)| ((u32::from(a) & mask(l), l), bits)));
+    for &(a, l) in m.prefixes() {
+        match a {
+            IpAddr::V4(a) => out.push(((u32::from(a).masked(l), l), bits)),
+            IpAddr::V6(a) => out6.push(((u128::from(a).masked(l), l), bits)),
+        }
+    }
 }
 
 /// The rules each port matches, from each rule's range on this side.
@@ -228,9 +250,9 @@ fn fallback(config: &Config, rule: &RuleConfig) -> u32 {
 /// covering it too. A longest-prefix lookup then finds every rule an
 /// address matches: any stored prefix covering the address covers the
 /// longest one too.
-pub fn trie(mut own: Vec<TrieEntry>) -> Vec<TrieEntry> {
+pub fn trie<A: TrieAddr>(mut own: Vec<TrieEntry<A>>) -> Vec<TrieEntry<A>> {
     own.sort_unstable_by_key(|e| e.0);
-    let mut merged: Vec<TrieEntry> = Vec::with_capacity(own.len());
+    let mut merged: Vec<TrieEntry<A>> = Vec::with_capacity(own.len());
     for (prefix, bits) in own {
         match merged.last_mut() {
             Some((p, have)) if *p == prefix => or(have, &bits),
@@ -239,11 +261,11 @@ pub fn trie(mut own: Vec<TrieEntry>) -> Vec<TrieEntry> {
     }
     // Sorted by (network, length), a prefix comes after every prefix
     // covering it: a stack of the covering ones carries their rules down.
-    let mut stack: Vec<TrieEntry> = Vec::new();
+    let mut stack: Vec<TrieEntry<A>> = Vec::new();
     for entry in &mut merged {
         let ((addr, len), _) = *entry;
         while let Some(&((a, l), _)) = stack.last() {
-            if l <= len && addr & mask(l) == a {
+            if l <= len && addr.masked(l) == a {
                 break;
             }
             stack.pop();
@@ -260,10 +282,6 @@ fn or(into: &mut RuleBits, from: &RuleBits) {
     for (a, b) in into.iter_mut().zip(from) {
         *a |= b;
     }
-}
-
-fn mask(len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
 }
 
 /// One LAN port as the rules see it: the names it answers to (its own,
@@ -346,19 +364,25 @@ impl Policies {
         let idle = live ^ 1;
         // What this lbd did not write (an adopted data plane's prefixes,
         // or what a failed write left in the idle generation), in one
-        // walk of the trie: empty on a fresh start.
-        let stray = if self.written.is_none() || !self.idle_clean {
-            dataplane.prefixes_by_generation()?
+        // walk of each trie: empty on a fresh start.
+        let (stray, stray6) = if self.written.is_none() || !self.idle_clean {
+            (
+                dataplane.prefixes_by_generation::<u32>()?,
+                dataplane.prefixes_by_generation::<u128>()?,
+            )
         } else {
             Default::default()
         };
-        dataplane.remove_prefix_keys(&stray[idle as usize])?;
+        dataplane.remove_prefix_keys::<u32>(&stray[idle as usize])?;
+        dataplane.remove_prefix_keys::<u128>(&stray6[idle as usize])?;
         self.idle_clean = false;
         let mut written = 0;
         for side in [SRC_SIDE, DST_SIDE] {
             let prefixes = &compiled.prefixes[side as usize];
             dataplane.write_prefixes(idle, side, prefixes)?;
-            written += prefixes.len();
+            let prefixes6 = &compiled.prefixes6[side as usize];
+            dataplane.write_prefixes(idle, side, prefixes6)?;
+            written += prefixes.len() + prefixes6.len();
             let ports = &compiled.ports[side as usize];
             if !ports.is_empty() {
                 dataplane.write_ports(idle, side, ports)?;
@@ -379,9 +403,14 @@ impl Policies {
                 for side in [SRC_SIDE, DST_SIDE] {
                     let prefixes = old.prefixes[side as usize].iter().map(|e| e.0);
                     dataplane.remove_prefixes(live, side, prefixes)?;
+                    let prefixes6 = old.prefixes6[side as usize].iter().map(|e| e.0);
+                    dataplane.remove_prefixes(live, side, prefixes6)?;
                 }
             }
-            None => dataplane.remove_prefix_keys(&stray[live as usize])?,
+            None => {
+                dataplane.remove_prefix_keys::<u32>(&stray[live as usize])?;
+                dataplane.remove_prefix_keys::<u128>(&stray6[live as usize])?;
+            }
         }
         self.idle_clean = true;
         self.written = Some(compiled);
@@ -545,8 +574,8 @@ policy = \"kernel\"
     #[derive(Debug, Clone)]
     struct Packet {
         lan: Vec<String>,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         proto: u8,
         src_port: u16,
         dst_port: u16,
@@ -555,13 +584,8 @@ policy = \"kernel\"
 
     /// Whether `rule` matches `p`, read straight from the configuration.
     fn plainly_matches(rule: &RuleConfig, p: &Packet) -> bool {
-        let within = |m: &AddressMatch, a: Ipv4Addr| {
-            m.is_any()
-                || m.inline
-                    .iter()
-                    .chain(m.files.iter().flat_map(|f| f.prefixes.iter()))
-                    .any(|&(n, l)| u32::from(a) & mask(l) == u32::from(n) & mask(l))
-        };
+        let within =
+            |m: &AddressMatch, a: IpAddr| m.is_any() || m.prefixes().any(|&n| inside(a, n));
         let in_ranges = |r: &[(u16, u16)], port: u16| {
             r.is_empty() || r.iter().any(|&(lo, hi)| lo <= port && port <= hi)
         };
@@ -569,7 +593,9 @@ policy = \"kernel\"
         (rule.lan.is_empty() || rule.lan.iter().any(|l| p.lan.contains(l)))
             && within(&rule.src, p.src)
             && within(&rule.dst, p.dst)
-            && rule.proto.is_none_or(|want| want == p.proto)
+            && rule
+                .proto
+                .is_none_or(|want| want == p.proto || (want == 1 && p.proto == 58))
             && rule.dscp.is_none_or(|want| want == p.dscp)
             && (!ported
                 || (lb_common::policy::has_ports(p.proto)
@@ -580,12 +606,17 @@ policy = \"kernel\"
     /// What the compiled rules decide for `p`, with the lookups done as
     /// the data plane does them, every policy live.
     fn compiled_decision(c: &Compiled, p: &Packet) -> Decision {
-        let longest = |side: u32, a: Ipv4Addr| {
-            c.prefixes[side as usize]
+        let longest = |side: u32, a: IpAddr| match a {
+            IpAddr::V4(a) => c.prefixes[side as usize]
                 .iter()
-                .filter(|((n, l), _)| u32::from(a) & mask(*l) == *n)
+                .filter(|((n, l), _)| u32::from(a).masked(*l) == *n)
                 .max_by_key(|((_, l), _)| *l)
-                .map(|e| e.1)
+                .map(|e| e.1),
+            IpAddr::V6(a) => c.prefixes6[side as usize]
+                .iter()
+                .filter(|((n, l), _)| u128::from(a).masked(*l) == *n)
+                .max_by_key(|((_, l), _)| *l)
+                .map(|e| e.1),
         };
         let port = |side: u32, port: u16| c.ports[side as usize].get(usize::from(port)).copied();
         let facts = LanPortFacts {
@@ -595,8 +626,8 @@ policy = \"kernel\"
         };
         let lan = lan_ports(&[facts], &[c.lan_names.clone(), Vec::new()])[&1].rules[0];
         let tuple = lb_common::hash::Tuple {
-            src_addr: u32::from(p.src),
-            dst_addr: u32::from(p.dst),
+            src_addr: 0,
+            dst_addr: 0,
             src_port: p.src_port,
             dst_port: p.dst_port,
             proto: p.proto,
@@ -605,7 +636,10 @@ policy = \"kernel\"
         found.look_up(
             &c.table,
             &tuple,
-            |out, side, addr| *out = longest(side, Ipv4Addr::from(addr)).unwrap_or(NO_RULES),
+            |out, side| {
+                let addr = if side == SRC_SIDE { p.src } else { p.dst };
+                *out = longest(side, addr).unwrap_or(NO_RULES)
+            },
             |out, side, p| *out = port(side, p).unwrap_or(NO_RULES),
             |out| *out = lan,
         );
@@ -617,21 +651,35 @@ policy = \"kernel\"
         decide(&c.table, &flow, u32::MAX)
     }
 
-    const PREFIXES: [&str; 5] = [
+    /// Whether `a` is in prefix `n` (never across families).
+    fn inside(a: IpAddr, (n, l): (IpAddr, u8)) -> bool {
+        match (a, n) {
+            (IpAddr::V4(a), IpAddr::V4(n)) => u32::from(a).masked(l) == u32::from(n).masked(l),
+            (IpAddr::V6(a), IpAddr::V6(n)) => u128::from(a).masked(l) == u128::from(n).masked(l),
+            _ => false,
+        }
+    }
+
+    const PREFIXES: [&str; 7] = [
         "10.0.0.0/8",
         "10.1.0.0/16",
         "10.1.2.0/24",
         "192.0.2.0/24",
         "192.0.2.128/25",
+        "2001:db8::/32",
+        "2001:db8:1::/48",
     ];
-    const ADDRESSES: [[u8; 4]; 6] = [
-        [10, 1, 2, 3],
-        [10, 1, 9, 9],
-        [10, 9, 9, 9],
-        [192, 0, 2, 1],
-        [192, 0, 2, 200],
-        [198, 51, 100, 1],
+    /// Which of [`PREFIXES`] are IPv6.
+    const PREFIXES6: usize = 0b110_0000;
+    const ADDRESSES: [&str; 6] = [
+        "10.1.2.3",
+        "10.1.9.9",
+        "10.9.9.9",
+        "192.0.2.1",
+        "192.0.2.200",
+        "198.51.100.1",
     ];
+    const ADDRESSES6: [&str; 3] = ["2001:db8:1::5", "2001:db8:2::5", "2001:db9::5"];
     const PORT_LISTS: [&str; 4] = ["[]", "[53]", "[5060, \"10000-20000\"]", "[\"80-89\"]"];
     const PORTS_SEEN: [u16; 6] = [53, 80, 85, 443, 5060, 15000];
 
@@ -647,11 +695,29 @@ policy = \"kernel\"
                 .collect();
             format!("[{}]", chosen.join(", "))
         };
-        if !choice[0].is_multiple_of(4) {
-            out += &format!("src = {}\n", list(1 + choice[0] % 31));
+        let (src, mut dst) = (
+            (!choice[0].is_multiple_of(4)).then_some(1 + choice[0] % 127),
+            (!choice[1].is_multiple_of(3)).then_some(1 + choice[1] % 127),
+        );
+        // One family on one side and only the other on the other: lbd
+        // refuses that rule (it never matches), so it is not written.
+        let only = |mask: usize, six: bool| {
+            if six {
+                mask & !PREFIXES6 == 0
+            } else {
+                mask & PREFIXES6 == 0
+            }
+        };
+        if let (Some(s), Some(d)) = (src, dst) {
+            if only(s, true) && only(d, false) || only(s, false) && only(d, true) {
+                dst = None;
+            }
         }
-        if !choice[1].is_multiple_of(3) {
-            out += &format!("dst = {}\n", list(1 + choice[1] % 31));
+        if let Some(s) = src {
+            out += &format!("src = {}\n", list(s));
+        }
+        if let Some(d) = dst {
+            out += &format!("dst = {}\n", list(d));
         }
         let proto = ["", "tcp", "udp", "icmp"][choice[2] % 4];
         if !proto.is_empty() {
@@ -693,11 +759,16 @@ policy = \"kernel\"
                 .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
             let compiled = compile(&config);
             for c in packets {
+                let six = c[7] % 3 == 0;
+                let addr = |i: usize| -> IpAddr {
+                    let text = if six { ADDRESSES6[i % 3] } else { ADDRESSES[i % 6] };
+                    text.parse().expect("an address")
+                };
                 let p = Packet {
                     lan: if c[0] % 2 == 0 { vec!["lan1".into(), "br-lan".into()] } else { vec!["guest".into()] },
-                    src: Ipv4Addr::from(ADDRESSES[c[1] % 6]),
-                    dst: Ipv4Addr::from(ADDRESSES[c[2] % 6]),
-                    proto: [6, IPPROTO_UDP, 1][c[3] % 3],
+                    src: addr(c[1]),
+                    dst: addr(c[2]),
+                    proto: [6, IPPROTO_UDP, if six { 58 } else { 1 }][c[3] % 3],
                     src_port: PORTS_SEEN[c[4] % 6],
                     dst_port: PORTS_SEEN[c[5] % 6],
                     dscp: [0, 46, 10][c[6] % 3],

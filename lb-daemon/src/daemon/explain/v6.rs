@@ -2,8 +2,9 @@
 //! decided by the data plane's own code (`lb_common::kernels_scope6`,
 //! `lb_common::hash`, `lb_common::table::steer`, `lb_common::npt`) on the
 //! IPv6 state lbd wrote: the LAN's prefix, each uplink's `UPLINKS6`
-//! entry, the IPv6 bucket table and `BYPASS6`, and the flow `FLOWS6`
-//! holds.
+//! entry, the policies' IPv6 bucket tables and `BYPASS6`, and the flow
+//! `FLOWS6` holds; the rules' part is the IPv4 explanation's own
+//! (`explain_rules`), on the IPv6 prefix trie.
 //!
 //! [`decide`] is pure and follows `lb-ebpf/src/lan6.rs` step by step, in
 //! its order; everything it reads comes in a [`Plane6`], so that it is
@@ -40,8 +41,8 @@ pub struct Plane6<'a> {
     /// The classifier mode's number, and its name for people.
     pub mode: u32,
     pub mode_name: String,
-    /// The IPv6 bucket table.
-    pub table: &'a Table,
+    /// Each policy's IPv6 bucket table, by policy index.
+    pub tables: Vec<&'a Table>,
     /// Each uplink's `UPLINKS6` entry, by uplink index.
     pub sides: Vec<Option<Uplink6>>,
     /// Whether each uplink's `UPLINKS` entry has an interface (the data
@@ -79,9 +80,9 @@ impl Plane6<'_> {
             .is_some_and(|s| uplink_state::keeps_flows(s.state))
     }
 
-    /// `lan6::steer`: an uplink for a new (or moving) flow, never
-    /// `except`, with the flow's own bucket.
-    fn steer(&self, key: &FlowKey6, except: u32) -> (Option<u32>, u32) {
+    /// `policy::within`'s steering: an uplink of `table` for a new (or
+    /// moving) flow, never `except`, with the flow's own bucket.
+    fn steer(&self, table: &Table, key: &FlowKey6, except: u32) -> (Option<u32>, u32) {
         let tuple = Tuple::of6(
             &key.src_addr,
             &key.dst_addr,
@@ -90,7 +91,7 @@ impl Plane6<'_> {
             key.proto,
         );
         let hash = hash::classify(self.seed, self.mode, &tuple);
-        let owner = |b: u32| self.table.get(b as usize).copied();
+        let owner = |b: u32| table.get(b as usize).copied();
         let chosen = table::steer(hash, owner, |u| u != except && self.takes_new(u));
         (chosen, hash::bucket(hash))
     }
@@ -108,16 +109,23 @@ fn answer(verdict: &str, uplink: Option<String>, why: Vec<String>) -> Explanatio
     }
 }
 
+/// What the rules say of a flow: `Ok((policy index, its name, [[rule]]
+/// number))`, or `Err(verdict)` when a rule keeps it from any uplink (the
+/// reasons pushed into the `why` given).
+pub type Ruled = std::result::Result<(u32, String, Option<u32>), &'static str>;
+
 /// Where the connection `key` goes, as `lan_ingress` decides it for its
 /// next packet: `existing` is its `FLOWS6` entry, `conntrack(remembered)`
 /// what the kernel's connection tracking says of it (asked only where the
 /// data plane asks: for a remembered kernel connection, and for a new TCP
-/// or UDP flow).
+/// or UDP flow), `rules(why)` what the rules decide for it (asked for a
+/// flow that is new or moves).
 pub fn decide(
     plane: &Plane6,
     key: &FlowKey6,
     existing: Option<FlowValue6>,
     conntrack: impl FnOnce(bool) -> Explanation,
+    rules: impl FnOnce(&mut Vec<String>) -> Ruled,
 ) -> Explanation {
     let (src, dst) = (Ipv6Addr::from(key.src_addr), Ipv6Addr::from(key.dst_addr));
     let Some(lan) = plane.lan else {
@@ -163,6 +171,7 @@ pub fn decide(
     }
     let mut why = Vec::new();
     let mut bucket = None;
+    let mut ruled = None;
     let uplink = match existing {
         Some(flow) if flow.uplink == KERNEL_OWNED => return conntrack(true),
         Some(flow) if plane.keeps(flow.uplink) => {
@@ -185,14 +194,25 @@ pub fn decide(
                 }
                 why.extend(said.why);
             }
+            let (policy, policy_name, rule) = match rules(&mut why) {
+                Ok(placed) => placed,
+                Err(verdict) => return answer(verdict, None, why),
+            };
+            let Some(&table) = plane.tables.get(policy as usize) else {
+                why.push(format!(
+                    "policy #{policy} has no IPv6 table: dropped and counted"
+                ));
+                return answer("dropped", None, why);
+            };
+            ruled = Some((policy_name.clone(), rule));
             let except = existing.map_or(NO_UPLINK, |f| f.uplink);
-            let (chosen, own) = plane.steer(key, except);
+            let (chosen, own) = plane.steer(table, key, except);
             bucket = Some(own);
-            let owner = plane.table.get(own as usize).copied().unwrap_or(NO_UPLINK);
+            let owner = table.get(own as usize).copied().unwrap_or(NO_UPLINK);
             why.push(format!(
-                "a new IPv6 flow: its {} hash (each address folded to 32 bits) falls into \
-                 bucket {own} of {} of the IPv6 table, which belongs to {}; IPv6 flows take \
-                 the uplinks' own weights and tiers (rules and policies are IPv4's)",
+                "a new IPv6 flow of policy {policy_name}: its {} hash (each address folded to 32 \
+                 bits) falls into bucket {own} of {} of the policy's IPv6 table, which belongs \
+                 to {}",
                 plane.mode_name,
                 lb_common::BUCKETS,
                 if owner == NO_UPLINK {
@@ -217,6 +237,8 @@ pub fn decide(
                     );
                     return Explanation {
                         bucket,
+                        policy: Some(policy_name),
+                        rule,
                         ..answer("dropped", None, why)
                     };
                 }
@@ -289,8 +311,11 @@ pub fn decide(
             }
         }
     };
+    let (policy, rule) = ruled.map_or((None, None), |(p, r)| (Some(p), r));
     Explanation {
         bucket,
+        policy,
+        rule,
         source: Some(source.to_string()),
         ..answer(verdict, Some(name), why)
     }
@@ -298,15 +323,17 @@ pub fn decide(
 
 impl Daemon {
     /// [`decide`] on the data plane's IPv6 state and flow table, with
-    /// conntrack asked as the data plane asks it.
-    pub fn explain6(&self, key: &FlowKey6) -> Result<Explanation> {
+    /// conntrack and the rules asked as the data plane asks them.
+    pub fn explain6(&self, key: &FlowKey6, on: &On) -> Result<Explanation> {
         let existing = lock(&self.flow_tables, FLOW_TABLES)?.get6(key)?;
         let plane = Plane6 {
             lan: self.ipv6.lan(),
             seed: self.dataplane.seed(),
             mode: self.config.balance.mode.number(),
             mode_name: self.config.balance.mode.to_string(),
-            table: self.ipv6.table(),
+            tables: (0..lb_common::policy::MAX_POLICIES)
+                .map(|p| self.buckets6.table(p))
+                .collect(),
             sides: (0..self.uplinks.len()).map(|i| self.ipv6.side(i)).collect(),
             attached: self
                 .uplinks
@@ -323,9 +350,28 @@ impl Daemon {
             dst_port: u16::from_be_bytes(key.dst_port),
             proto: key.proto,
         };
-        Ok(decide(&plane, key, existing, |remembered| {
-            self.kernel_connection(&tuple, remembered)
-        }))
+        let folded = Tuple::of6(
+            &key.src_addr,
+            &key.dst_addr,
+            tuple.src_port,
+            tuple.dst_port,
+            key.proto,
+        );
+        Ok(decide(
+            &plane,
+            key,
+            existing,
+            |remembered| self.kernel_connection(&tuple, remembered),
+            |why| {
+                let (policy, rule) =
+                    self.explain_rules((tuple.src, tuple.dst), &folded, on, why)?;
+                Ok((
+                    policy,
+                    crate::reconcile::policies::policy_name(&self.config, policy),
+                    rule,
+                ))
+            },
+        ))
     }
 }
 
@@ -372,7 +418,7 @@ mod tests {
             seed: 0x5eed,
             mode: hash::mode::FIVE_TUPLE,
             mode_name: "5-tuple".into(),
-            table,
+            tables: vec![table],
             sides: sides(states),
             attached: vec![true, true],
             bypass,
@@ -399,6 +445,11 @@ mod tests {
         }
     }
 
+    /// No rules: the default policy.
+    fn defaults(_: &mut Vec<String>) -> Ruled {
+        Ok((0, "default".into(), None))
+    }
+
     /// Conntrack knows nothing of it.
     fn untracked(_: bool) -> Explanation {
         answer("new", None, Vec::new())
@@ -413,7 +464,7 @@ mod tests {
         let mut seen = [0u32; 2];
         for port in 0..400u16 {
             let k = key("2001:db8:1:1ab::10", 30000 + port, "2001:db8:ff::10");
-            let e = decide(&p, &k, None, untracked);
+            let e = decide(&p, &k, None, untracked, defaults);
             assert_eq!(e.verdict, "new", "{e:?}");
             // The data plane's own choice: the shared hash, fold and steer.
             let tuple = Tuple::of6(&k.src_addr, &k.dst_addr, 30000 + port, 443, 6);
@@ -455,20 +506,20 @@ mod tests {
         let (t, bypass) = (table_of([1, 1]), BTreeSet::new());
         let p = plane(&t, &bypass, [uplink_state::DOWN, uplink_state::ACTIVE]);
         let k = key("2001:db8:1:1ab::10", 40000, "2001:db8:ff::10");
-        let moved = decide(&p, &k, Some(pinned(0)), untracked);
+        let moved = decide(&p, &k, Some(pinned(0)), untracked, defaults);
         assert_eq!(
             (moved.verdict.as_str(), moved.uplink.as_deref()),
             ("new", Some("isp2"))
         );
         assert!(moved.why[0].contains("it moves"), "{:?}", moved.why);
-        let kept = decide(&p, &k, Some(pinned(1)), untracked);
+        let kept = decide(&p, &k, Some(pinned(1)), untracked, defaults);
         assert_eq!(
             (kept.verdict.as_str(), kept.uplink.as_deref(), kept.bucket),
             ("existing", Some("isp2"), None)
         );
         // No uplink at all: dropped, with the bucket it fell into.
         let none = plane(&t, &bypass, [uplink_state::DOWN; 2]);
-        let e = decide(&none, &k, None, untracked);
+        let e = decide(&none, &k, None, untracked, defaults);
         assert_eq!((e.verdict.as_str(), e.uplink), ("dropped", None));
         assert!(e.bucket.is_some());
     }
@@ -478,7 +529,8 @@ mod tests {
         let t = table_of([1, 1]);
         let bypass: BTreeSet<Prefix6> = [(ip6("2001:db8:99::"), 48)].into();
         let p = plane(&t, &bypass, ACTIVE);
-        let verdict = |p: &Plane6, k: &FlowKey6, existing| decide(p, k, existing, untracked);
+        let verdict =
+            |p: &Plane6, k: &FlowKey6, existing| decide(p, k, existing, untracked, defaults);
         let to = |dst: &str| key("2001:db8:1:1ab::10", 40000, dst);
         let e = verdict(&p, &to("2001:db8:99::1"), None);
         assert_eq!(e.verdict, "kernel");
@@ -502,9 +554,9 @@ mod tests {
             )
         };
         let k = to("2001:db8:ff::10");
-        let e = decide(&p, &k, Some(pinned(KERNEL_OWNED)), kernels);
+        let e = decide(&p, &k, Some(pinned(KERNEL_OWNED)), kernels, defaults);
         assert_eq!(e.why, ["conntrack (remembered: true)"]);
-        let e = decide(&p, &k, None, kernels);
+        let e = decide(&p, &k, None, kernels, defaults);
         assert_eq!(e.why, ["conntrack (remembered: false)"]);
     }
 
@@ -517,6 +569,7 @@ mod tests {
             &key("2001:db8:7::10", 40000, "2001:db8:ff::10"),
             None,
             untracked,
+            defaults,
         );
         assert_eq!(e.verdict, "dropped");
         assert!(e.uplink.is_some(), "the data plane steers it first");
