@@ -587,3 +587,253 @@ fn path_mtu_discovery_works_through_a_translated_uplink() -> Result<()> {
     );
     router.finish()
 }
+
+/// How long one exchange of the kernel's IPv6 waits for its echo: an
+/// attempt of a bounded poll, not a speed target.
+const ATTEMPT: Duration = Duration::from_millis(300);
+/// A datagram bigger than the LAN's 1500 bytes: the client sends it in
+/// fragments, which the fast path leaves to the kernel.
+const FRAGMENTED: usize = 3000;
+
+/// Traffic that is the kernel's to route: UDP exchanges of `size` bytes
+/// with `server` from namespace `ns`, each from a new socket. A socket of
+/// its own each time is a new connection for conntrack, whose NAT (none,
+/// or the prefix translation of the uplink it leaves by) is decided at its
+/// first packet and kept for its life.
+struct Exchange<'a> {
+    what: &'a str,
+    ns: &'a str,
+    server: SocketAddr,
+    size: usize,
+}
+
+/// Which ISP carried one exchange, and what the ISPs saw of it.
+#[derive(Debug)]
+struct Crossing {
+    /// The exchange's source port (the client's, or the router's).
+    port: u16,
+    /// Its packets (fragments included) at isp1 with the LAN's own prefix,
+    /// and at isp2 with the LAN's prefix translated to isp2's.
+    sources: [u64; 2],
+    /// Whether isp1 and isp2 saw its flow.
+    seen: [bool; 2],
+}
+
+impl Crossing {
+    /// The ISP (0: isp1, 1: isp2) that carried it, if exactly one did.
+    fn by(&self) -> Option<usize> {
+        match self.seen {
+            [true, false] => Some(0),
+            [false, true] => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// The witnesses of the kernel's IPv6: the flows each ISP sees, and the
+/// packets each sees with its own prefix for the LAN (isp1: the LAN's
+/// prefix, untranslated; isp2: the prefix lb translates it to there).
+struct KernelWatch {
+    flows: [FlowWatch; 2],
+    sources: [FlowWatch; 2],
+}
+
+impl KernelWatch {
+    fn install(lab: &Lab, lan: &str, translated: &str) -> Result<KernelWatch> {
+        Ok(KernelWatch {
+            flows: watch_isps(lab)?,
+            sources: [
+                watch_sources(lab, "isp1", "down0", "lan6", lan)?,
+                watch_sources(lab, "isp2", "down0", "to6", translated)?,
+            ],
+        })
+    }
+
+    /// One exchange: where it went if its echo came within [`ATTEMPT`],
+    /// else (the inner error) why not.
+    fn once(&self, ex: &Exchange) -> Result<Result<Crossing>> {
+        for w in self.flows.iter().chain(&self.sources) {
+            w.clear()?;
+        }
+        let server = ex.server;
+        let socket = in_netns(ex.ns, || {
+            let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).context("binding a UDP socket")?;
+            s.connect(server)
+                .with_context(|| format!("connecting a UDP socket to {server}"))?;
+            s.set_read_timeout(Some(ATTEMPT))?;
+            Ok(s)
+        })?;
+        let port = socket.local_addr()?.port();
+        let sent: Vec<u8> = (0..ex.size).map(|i| (i % 251) as u8).collect();
+        // The network may refuse (no route yet, an ICMPv6 error): that is
+        // an exchange that did not go through, not a failed test.
+        if let Err(e) = socket.send(&sent) {
+            return Ok(Err(anyhow::Error::new(e).context("sending")));
+        }
+        let mut back = vec![0u8; ex.size + 1];
+        match socket.recv(&mut back) {
+            Ok(n) if back[..n] == sent[..] => {}
+            Ok(n) => {
+                return Ok(Err(anyhow::anyhow!(
+                    "an echo of {n} bytes, not the {} sent",
+                    ex.size
+                )))
+            }
+            Err(e) => return Ok(Err(anyhow::Error::new(e).context("waiting for the echo"))),
+        }
+        let flow = (17, port);
+        Ok(Ok(Crossing {
+            port,
+            sources: [self.sources[0].packets()?, self.sources[1].packets()?],
+            seen: [
+                self.flows[0].seen_flows()?.contains(&flow),
+                self.flows[1].seen_flows()?.contains(&flow),
+            ],
+        }))
+    }
+
+    /// Exchanges until one goes through ISP `isp` (0: isp1), within
+    /// `limit` of `since`: that one, and how long after `since` it came.
+    fn until_through(
+        &self,
+        lab: &Lab,
+        ex: &Exchange,
+        isp: usize,
+        since: Instant,
+        limit: Duration,
+    ) -> Result<(Crossing, Duration)> {
+        loop {
+            let last = match self.once(ex)? {
+                Ok(c) if c.by() == Some(isp) => return Ok((c, since.elapsed())),
+                Ok(c) => format!("answered, not through isp{} alone: {c:?}", isp + 1),
+                Err(e) => format!("{e:#}"),
+            };
+            if since.elapsed() >= limit {
+                let rules = lab.exec("router", &["ip", "-6", "rule", "show"])?;
+                let routes = lab.exec(
+                    "router",
+                    &["ip", "-6", "route", "show", "table", "all", "proto", "251"],
+                )?;
+                anyhow::bail!(
+                    "{} did not go through isp{} within {limit:?}; the last: {last}\n\
+                     the router's IPv6 rules:\n{rules}lbd's IPv6 routes:\n{routes}",
+                    ex.what,
+                    isp + 1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_kernels_ipv6_leaves_by_the_best_uplink_in_service_and_moves_when_its_ipv6_is_cut(
+) -> Result<()> {
+    if !require_root(
+        "the_kernels_ipv6_leaves_by_the_best_uplink_in_service_and_moves_when_its_ipv6_is_cut",
+    ) {
+        return Ok(());
+    }
+    // isp2 is the best (tier 1; isp1, whose prefix the LAN carries, is the
+    // backup), which the main table's default routes (wan1's first, as
+    // dhcpcd put them) know nothing of: only lbd's IPv6 rules send the
+    // kernel's IPv6 there.
+    let router = Router::up([
+        &format!("tier = 2\n{PROBE6}"),
+        &format!("tier = 1\n{PROBE6}"),
+    ])?;
+    let lab = &router.lab;
+    let status = router.lbd.status()?;
+    let isp2 = uplink_of(&status, "isp2").context("isp2 not in status")?;
+    let translated = isp2["ipv6"]["translated_to"]
+        .as_str()
+        .with_context(|| format!("isp2 translates the LAN's prefix to nothing: {isp2}"))?
+        .to_string();
+    let lan = router.v6.lan.to_string();
+    let udp = UdpEchoServer::start(lab.ns("inet")?, server(0))?;
+    let watch = KernelWatch::install(lab, &lan, &translated)?;
+    let fragments = Exchange {
+        what: "a fragmented datagram from the client",
+        ns: router.client()?,
+        server: udp.local_addr(),
+        size: FRAGMENTED,
+    };
+    let own = Exchange {
+        what: "a datagram of the router's own",
+        ns: lab.ns("router")?,
+        server: udp.local_addr(),
+        size: 64,
+    };
+    let passed_before = router.lbd.reason("pass_fragment")?;
+
+    // Both in service: the client's fragments and the router's own
+    // datagrams leave by isp2, the LAN's prefix translated to isp2's.
+    // Polled: lbd routes by an uplink the round after `ip6 lb` translates
+    // for it.
+    let (c, took) = watch.until_through(lab, &fragments, 1, Instant::now(), BOUND)?;
+    eprintln!(
+        "both in service: the client's {FRAGMENTED}-byte datagram (port {}) went through isp2 with {translated} ({} packets there) {took:?} after lbd balanced IPv6",
+        c.port, c.sources[1]
+    );
+    ensure!(
+        c.sources[1] >= 2 && c.sources[0] == 0,
+        "the client's fragments reached isp2 with {translated} {} times and isp1 with {lan} {} times: {c:?}",
+        c.sources[1],
+        c.sources[0]
+    );
+    let passed = router
+        .lbd
+        .reason("pass_fragment")?
+        .saturating_sub(passed_before);
+    ensure!(
+        passed >= 2,
+        "the fast path left {passed} fragments to the kernel: the datagram was not the kernel's"
+    );
+    let (c, _) = watch.until_through(lab, &own, 1, Instant::now(), BOUND)?;
+    eprintln!(
+        "both in service: the router's own datagram (port {}) went through isp2",
+        c.port
+    );
+
+    // isp2 stops forwarding IPv6, silently; its IPv4 goes on.
+    lab.exec(
+        "isp2",
+        &[
+            "nft",
+            "add table ip6 cut; add chain ip6 cut forward { type filter hook forward priority 0; policy drop; }",
+        ],
+    )?;
+    let cut = Instant::now();
+    // Probes that wait out their timeouts, then a round: a bound for a
+    // test that must end.
+    let (c, moved) = watch.until_through(lab, &fragments, 0, cut, 3 * BOUND)?;
+    let status = router.lbd.status()?;
+    let isp2 = uplink_of(&status, "isp2").context("isp2 not in status")?;
+    eprintln!(
+        "isp2's IPv6 cut: the client's fragmented datagram (port {}) went through isp1 with {lan} ({} packets there) {moved:?} later; isp2 now: {} / IPv6 {}",
+        c.port, c.sources[0], isp2["lifecycle"], isp2["ipv6"]["state"]
+    );
+    ensure!(
+        c.sources[0] >= 2 && c.sources[1] == 0,
+        "after the cut the client's fragments reached isp1 with {lan} {} times and isp2 with {translated} {} times: {c:?}",
+        c.sources[0],
+        c.sources[1]
+    );
+    ensure!(
+        isp2["lifecycle"] == "in service" && isp2["ipv6"]["state"] == "down",
+        "isp2 should be in service for IPv4 and down for IPv6: {isp2}"
+    );
+    let (c, moved_own) = watch.until_through(lab, &own, 0, cut, 3 * BOUND)?;
+    eprintln!(
+        "isp2's IPv6 cut: the router's own datagram (port {}) went through isp1 {moved_own:?} after the cut",
+        c.port
+    );
+
+    // isp2's IPv6 comes back, and the kernel's IPv6 with it.
+    lab.exec("isp2", &["nft", "delete table ip6 cut"])?;
+    let back = Instant::now();
+    let (_, returned) = watch.until_through(lab, &fragments, 1, back, 3 * BOUND)?;
+    eprintln!(
+        "isp2's IPv6 back: the client's fragmented datagrams went through isp2 again {returned:?} after the cut ended"
+    );
+    router.finish()
+}

@@ -363,13 +363,26 @@ impl Daemon {
         let policies: Vec<(u32, usize)> = (1..=self.config.policies.len() as u32)
             .filter_map(|p| Some((nftables::policy_mark(p), self.policy_slow_path_uplink(p)?)))
             .collect();
-        routing::wanted(
+        let four = routing::wanted(
             &self.config.routing,
             &ready,
             self.slow_path_uplink(),
             &lans,
             &policies,
-        )
+        );
+        let ready6: Vec<Option<routing::Ready6>> = self.uplinks.iter().map(ready6).collect();
+        let six = routing::wanted6(
+            &self.config.routing,
+            &ready6,
+            self.slow_path_uplink6(),
+            &lans,
+            self.lan6,
+        );
+        routing::Wanted {
+            routes6: six.routes6,
+            rules6: six.rules6,
+            ..four
+        }
     }
 
     /// The uplink that carries policy `index`'s slow path: of its uplinks
@@ -405,6 +418,41 @@ impl Daemon {
             .filter(|(_, u)| self.carries_slow_path(u))
             .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
             .map(|(i, _)| i)
+    }
+
+    /// The uplink that carries the kernel's IPv6 (what the LAN sends
+    /// through the kernel, what the router sends unbound): of the uplinks
+    /// whose IPv6 is in service (its state as the data plane's IPv6 gets
+    /// it: operator, carrier, IPv6 health, next hop, delegation) with
+    /// their IPv6 table in place, and translated and guarded by lb's
+    /// `ip6 lb` table as put in place, the lowest tier, then the heaviest
+    /// weight, then the first, as for IPv4. `None` when none is: the main
+    /// table's default routes decide then, as without lbd.
+    pub fn slow_path_uplink6(&self) -> Option<usize> {
+        self.uplinks
+            .iter()
+            .enumerate()
+            .filter(|&(i, u)| {
+                let in_service = ipv6::side(self.lan6, &u.facts6, u.dataplane_state6(), true)
+                    .is_some_and(|s| s.state == uplink_state::ACTIVE);
+                in_service && ready6(u).is_some() && self.guards6(i, u)
+            })
+            .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
+            .map(|(i, _)| i)
+    }
+
+    /// Whether lb's `ip6 lb` table, as last put in place, translates the
+    /// LAN's prefix for uplink `i` (`u`) as its IPv6 facts now call for
+    /// (or leaves it be, on the uplink whose prefix it is) and guards it.
+    /// The table follows the routing in a round: until it has caught up
+    /// (the first round, a new delegation), the LAN's traffic must not be
+    /// routed out of `u`, where it would leave untranslated.
+    fn guards6(&self, i: usize, u: &Uplink) -> bool {
+        let (Some(table), Some(lan)) = (&self.slowpath, self.lan6) else {
+            return false;
+        };
+        let target = ipv6::target(lan, u.facts6.delegated).filter(|&t| t != lan);
+        table.lan6 == Some(lan) && table.uplinks.get(i).is_some_and(|r| r.target6 == target)
     }
 
     /// Push every uplink's state to the data plane, then the bucket table
@@ -678,6 +726,23 @@ pub struct Converged {
     pub slow_path_uplink: Option<usize>,
     /// lb's nftables table, when it must change.
     pub slowpath: Option<nftables::Wanted>,
+}
+
+/// Uplink `u`'s IPv6 as its IPv6 table needs it (see
+/// `reconcile::routing::wanted6`): its WAN IPv6 address and next hop, on
+/// a link with carrier (the kernel takes no route through a link that is
+/// down, and drops those it had).
+fn ready6(u: &Uplink) -> Option<routing::Ready6> {
+    let (f, six) = (&u.facts, &u.facts6);
+    match (f.ifindex, six.addr, six.gateway) {
+        (Some(ifindex), Some(addr), Some(gateway)) if f.carrier => Some(routing::Ready6 {
+            ifindex,
+            addr,
+            gateway,
+            delegated: six.delegated,
+        }),
+        _ => None,
+    }
 }
 
 /// Why an uplink waits, in the kernel's terms, for the operator; `None`

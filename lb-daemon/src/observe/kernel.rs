@@ -1,15 +1,18 @@
 //! The kernel state lbd observes: one [`Observed`] snapshot, taken
 //! whenever the kernel reports a change that may matter, of interfaces,
 //! IPv4 addresses, IPv4 routes of every table, IPv4 neighbours, IPv4 rules
-//! and qdiscs. Nothing is read once: the reconciler takes a new snapshot on
-//! every event and converges towards it.
+//! and qdiscs (IPv6's in `kernel6`). Nothing is read once: the reconciler
+//! takes a new snapshot on every event and converges towards it.
 //!
 //! The questions lbd asks of a snapshot (which gateway, which destinations
 //! the kernel keeps, which prefixes a LAN has) are pure functions, tested
 //! without a kernel. It never changes anything; `reconcile::routing` owns
 //! lbd's routes and rules.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
@@ -86,7 +89,8 @@ pub struct Route {
     pub message: RouteMessage,
 }
 
-/// An IPv4 rule, as far as lbd cares.
+/// A rule (IPv4's in [`Observed::rules`], IPv6's in `Observed6::rules`),
+/// as far as lbd cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub priority: u32,
@@ -94,7 +98,8 @@ pub struct Rule {
     /// blackhole, unreachable, prohibit).
     pub looks_up: bool,
     pub table: u32,
-    pub source: Option<(Ipv4Addr, u8)>,
+    /// `from PREFIX`, of the rule's family.
+    pub source: Option<(IpAddr, u8)>,
     pub iif: Option<String>,
     /// `suppress_prefixlength`, if set.
     pub suppress: Option<u32>,
@@ -185,7 +190,7 @@ impl Observed {
                     // `Local` is the address itself (`Address` is the peer's
                     // on point-to-point links such as PPPoE).
                     msg.attributes.iter().filter_map(move |a| match a {
-                        AddressAttribute::Local(std::net::IpAddr::V4(addr)) => Some(Address {
+                        AddressAttribute::Local(IpAddr::V4(addr)) => Some(Address {
                             ifindex,
                             addr: *addr,
                             prefix_len,
@@ -420,8 +425,12 @@ fn route(msg: RouteMessage) -> Option<Route> {
     Some(r)
 }
 
-fn rule(msg: RuleMessage) -> Option<Rule> {
-    if msg.header.family != AddressFamily::Inet {
+/// A rule as lbd sees it, of either family (each dump asks for one).
+pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
+    if !matches!(
+        msg.header.family,
+        AddressFamily::Inet | AddressFamily::Inet6
+    ) {
         return None;
     }
     let mut r = Rule {
@@ -439,9 +448,7 @@ fn rule(msg: RuleMessage) -> Option<Rule> {
         match attr {
             RuleAttribute::Priority(p) => r.priority = *p,
             RuleAttribute::Table(t) => r.table = *t,
-            RuleAttribute::Source(std::net::IpAddr::V4(a)) => {
-                r.source = Some((*a, msg.header.src_len));
-            }
+            RuleAttribute::Source(a) => r.source = Some((*a, msg.header.src_len)),
             RuleAttribute::Protocol(p) => r.protocol = protocol_number(*p),
             RuleAttribute::Iifname(n) => r.iif = Some(n.clone()),
             RuleAttribute::SuppressPrefixLen(n) => r.suppress = Some(*n),

@@ -1,10 +1,12 @@
 //! The kernel's IPv6 state that lbd observes: global addresses, IPv6
-//! routes of every table, IPv6 neighbours. Taken with the IPv4 snapshot
-//! (`kernel::Observed::take`), on the same events.
+//! routes of every table, IPv6 neighbours, IPv6 rules. Taken with the IPv4
+//! snapshot (`kernel::Observed::take`), on the same events.
 //!
 //! The questions asked of it (an uplink's IPv6 next hop, its delegated
 //! prefix, the prefix a LAN carries, which destinations the kernel keeps)
-//! are pure functions, tested without a kernel. Never changes anything.
+//! are pure functions, tested without a kernel. Never changes anything;
+//! `reconcile::routing` owns lbd's IPv6 routes and rules as it does the
+//! IPv4 ones.
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -17,10 +19,10 @@ use rtnetlink::{
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
         AddressFamily,
     },
-    Handle, RouteMessageBuilder,
+    Handle, IpVersion, RouteMessageBuilder,
 };
 
-use crate::observe::kernel::{LOCAL_TABLE, MAIN_TABLE, ROUTE_PROTOCOL};
+use crate::observe::kernel::{self, Rule, LOCAL_TABLE, MAIN_TABLE, ROUTE_PROTOCOL};
 
 /// A global IPv6 address on an interface (link-local ones are of no use
 /// to lb: nothing it forwards carries them).
@@ -42,6 +44,8 @@ pub struct Route6 {
     pub gateway: Option<Ipv6Addr>,
     pub oif: Option<u32>,
     pub priority: u32,
+    /// As dumped, for deleting it (lbd's own).
+    pub message: RouteMessage,
 }
 
 /// An IPv6 neighbour whose Ethernet address the kernel holds.
@@ -58,6 +62,7 @@ pub struct Observed6 {
     pub addresses: Vec<Address6>,
     pub routes: Vec<Route6>,
     pub neighbours: Vec<Neighbour6>,
+    pub rules: Vec<Rule>,
 }
 
 impl Observed6 {
@@ -82,10 +87,18 @@ impl Observed6 {
             .try_collect()
             .await
             .context("listing IPv6 neighbours over netlink")?;
+        let rules: Vec<_> = handle
+            .rule()
+            .get(IpVersion::V6)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing IPv6 rules over netlink")?;
         Ok(Observed6 {
             addresses: addresses.iter().flat_map(address6).collect(),
             routes: routes.iter().filter_map(route6).collect(),
             neighbours: neighbours.iter().filter_map(neighbour6).collect(),
+            rules: rules.into_iter().filter_map(kernel::rule).collect(),
         })
     }
 
@@ -247,6 +260,7 @@ fn route6(msg: &RouteMessage) -> Option<Route6> {
         gateway: None,
         oif: None,
         priority: 0,
+        message: msg.clone(),
     };
     for attr in &msg.attributes {
         match attr {
@@ -309,6 +323,7 @@ pub(crate) mod fixtures {
             gateway: via.map(ip6),
             oif,
             priority: 1024,
+            message: RouteMessage::default(),
         }
     }
 
@@ -390,6 +405,7 @@ pub(crate) mod fixtures {
                 ip: ip6("fe80::1"),
                 mac: [2, 0, 0, 0, 1, 1],
             }],
+            rules: Vec::new(),
         }
     }
 }

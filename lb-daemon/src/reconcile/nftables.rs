@@ -2,8 +2,8 @@
 //! for the traffic the fast path does not translate.
 //!
 //! Owns exactly those tables (`ip6 lb` only while IPv6 is balanced: the
-//! LAN's prefix translated to an uplink's, and the same guard, in
-//! [`Wanted::script6`]), and in `ip lb`:
+//! LAN's prefix translated to an uplink's, the same guard and the same
+//! inbound marks, in [`Wanted::script6`]), and in `ip lb`:
 //! - **NAT** (`nat`, after the kernel's own source NAT hook priority): what
 //!   the kernel forwards out of an uplink (ESP, GRE, fragments, ICMP other
 //!   than echo, connections it owns) leaves masqueraded to that uplink's
@@ -314,19 +314,15 @@ impl Wanted {
         }
     }
 
-    /// The whole table as an `nft -f` script: one transaction that
-    /// replaces any earlier table (so no packet sees it half made).
-    pub fn script(&self) -> String {
-        let mut s = String::new();
-        // Declared, then deleted, then built: the delete never fails.
-        let _ = writeln!(s, "table ip {TABLE}\ndelete table ip {TABLE}");
-        let _ = writeln!(s, "table ip {TABLE} {{");
-        let _ = writeln!(s, "  counter {LEAKED} {{ }}");
+    /// The counters and the chain that mark each connection arriving on
+    /// an uplink with that uplink, and its replies with the connection's
+    /// mark, for lbd's rule `fwmark` (of the table's family) to route them
+    /// out of it.
+    fn inbound_chain(&self, s: &mut String) {
         for i in 0..self.uplinks.len() {
             let _ = writeln!(s, "  counter {} {{ }}", inbound_counter(i));
         }
         let keep = !MARK_MASK;
-
         let _ = writeln!(s, "  chain inbound {{");
         let _ = writeln!(
             s,
@@ -347,6 +343,17 @@ impl Wanted {
             );
         }
         let _ = writeln!(s, "  }}");
+    }
+
+    /// The whole table as an `nft -f` script: one transaction that
+    /// replaces any earlier table (so no packet sees it half made).
+    pub fn script(&self) -> String {
+        let mut s = String::new();
+        // Declared, then deleted, then built: the delete never fails.
+        let _ = writeln!(s, "table ip {TABLE}\ndelete table ip {TABLE}");
+        let _ = writeln!(s, "table ip {TABLE} {{");
+        let _ = writeln!(s, "  counter {LEAKED} {{ }}");
+        self.inbound_chain(&mut s);
 
         self.policy_chains(&mut s);
 
@@ -398,8 +405,14 @@ impl Wanted {
     /// LAN's gets that uplink's prefix (a stateful prefix translation, the
     /// slow path's NPTv6), and the guard drops any other foreign source.
     /// Link-local and unspecified sources (neighbour discovery, DHCPv6,
-    /// duplicate address detection) are every uplink's. Without a LAN
-    /// prefix, IPv6 is the kernel's as without lb: no table.
+    /// duplicate address detection) are every uplink's. Inbound
+    /// connections are marked as in `ip lb`: the kernel's IPv6 leaves by
+    /// the slow path's uplink (lbd's IPv6 rules), and the replies of a
+    /// connection that came in on another (to a LAN host, under the LAN's
+    /// own prefix) must leave by that one, where their source is the
+    /// uplink's. The translation is by the interface a packet leaves, so it
+    /// applies whichever uplink the routing chose. Without a LAN prefix,
+    /// IPv6 is the kernel's as without lb: no table.
     fn script6(&self, s: &mut String) {
         let _ = writeln!(s, "table ip6 {TABLE}\ndelete table ip6 {TABLE}");
         let Some((lan, len)) = self.lan6 else {
@@ -407,6 +420,7 @@ impl Wanted {
         };
         let _ = writeln!(s, "table ip6 {TABLE} {{");
         let _ = writeln!(s, "  counter {LEAKED} {{ }}");
+        self.inbound_chain(s);
         let _ = writeln!(s, "  chain nat {{");
         let _ = writeln!(
             s,
@@ -525,8 +539,8 @@ impl Counted {
     }
 }
 
-/// The tables' counters now (blocking: runs `nft`); the `ip6` guard's
-/// drops count with the `ip` guard's.
+/// The tables' counters now (blocking: runs `nft`); the `ip6` table's
+/// count with the `ip` table's (drops, and inbound connections by uplink).
 pub fn counted() -> Result<Counted> {
     let list = |family: &str| -> Result<Counted> {
         let out = Command::new("nft")
@@ -543,7 +557,7 @@ pub fn counted() -> Result<Counted> {
     let mut counted = list("ip")?;
     // Absent while IPv6 is not balanced.
     if let Ok(six) = list("ip6") {
-        counted.leaked += six.leaked;
+        counted.add(&six);
     }
     Ok(counted)
 }
@@ -602,6 +616,15 @@ mod tests {
         assert!(s.contains(
             "oifname \"wan2\" ip6 saddr != { fe80::/10, ::/128, 2001:db8:2:ffff::2/128, 2001:db8:2:200::/56 } counter name \"leaked\" drop"
         ));
+        // Inbound connections are marked by uplink in `ip6 lb` too, for
+        // lbd's IPv6 rules `fwmark`.
+        let six = &s[s.find("table ip6 lb {").expect("an ip6 table")..];
+        for line in [
+            "iifname \"wan1\" ct state new ct mark set ct mark & 0xff00ffff | 0x00010000 counter name \"inbound_0\"",
+            "ct direction reply ct mark & 0x00ff0000 == 0x00020000 meta mark set meta mark & 0xff00ffff | 0x00020000",
+        ] {
+            assert!(six.contains(line), "{line}\n{six}");
+        }
     }
 
     #[test]

@@ -8,56 +8,142 @@
 //! the LAN sends through the kernel, and what the router itself sends, to
 //! the table of the uplink the slow path uses.
 //!
-//! [`wanted`] is a pure function of the view; [`changes`] compares it with
-//! what the kernel holds; [`converge`] makes the changes. Everything lbd
-//! adds carries the route protocol [`ROUTE_PROTOCOL`]: that is how it finds
-//! its own routes and rules again (after a crash, too) and how it knows
-//! never to touch anyone else's.
+//! IPv6 has the same, of its own ([`wanted6`]): per uplink with its IPv6
+//! address and next hop, an IPv6 table (the same number: tables are per
+//! family) and its rules, and the slow path's IPv6 rules to the table of
+//! the best uplink whose IPv6 is in service. What the fast path leaves to
+//! the kernel (fragments, ESP, extension headers, connections conntrack
+//! had) and the router's own IPv6 then follow health, not the main
+//! table's one default route from a router advertisement.
+//!
+//! [`wanted`] and [`wanted6`] are pure functions of the view; [`changes`]
+//! compares them with what the kernel holds; [`converge`] makes the
+//! changes. Everything lbd adds carries the route protocol
+//! [`ROUTE_PROTOCOL`]: that is how it finds its own routes and rules again
+//! (after a crash, too) and how it knows never to touch anyone else's.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use rtnetlink::{
     packet_route::{
         route::{RouteMessage, RouteProtocol, RouteScope},
         rule::{RuleAction, RuleAttribute, RuleMessage},
+        AddressFamily,
     },
     Handle, RouteMessageBuilder,
 };
 
 use crate::{
     config::RoutingConfig,
-    observe::kernel::{Observed, MAIN_TABLE, ROUTE_PROTOCOL},
-    reconcile::nftables::{self, MARK_MASK, POLICY_MASK},
+    observe::{
+        kernel::{Observed, Rule, MAIN_TABLE, ROUTE_PROTOCOL},
+        kernel6::within,
+    },
+    reconcile::{
+        ipv6::Prefix6,
+        nftables::{self, MARK_MASK, POLICY_MASK},
+    },
 };
 
 /// The interface a rule's `iif` names for what the router itself sends.
 const LOOPBACK: &str = "lo";
 
+/// What differs between lbd's IPv4 and IPv6 routes and rules: the family
+/// in the messages, a host's prefix length, and how a default route is
+/// said. Everything else is one code for both.
+pub trait Family: Copy + Ord + fmt::Display + fmt::Debug + Into<IpAddr> {
+    const FAMILY: AddressFamily;
+    /// A single address's prefix length (32, 128).
+    const HOST: u8;
+    /// `ip` if it is of this family.
+    fn of(ip: IpAddr) -> Option<Self>;
+    /// The message that adds route `r`.
+    fn route_message(r: &OwnedRoute<Self>) -> RouteMessage;
+}
+
+impl Family for Ipv4Addr {
+    const FAMILY: AddressFamily = AddressFamily::Inet;
+    const HOST: u8 = 32;
+
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn route_message(r: &OwnedRoute<Self>) -> RouteMessage {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(r.table)
+            .output_interface(r.ifindex)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+        match r.gateway {
+            // The gateway is on the uplink's link by definition; the
+            // kernel need not look for a route to it in this table.
+            Some(gateway) => msg.gateway(gateway).onlink(),
+            // Into the device itself (an L3 uplink): on its link.
+            None => msg.scope(RouteScope::Link),
+        }
+        .build()
+    }
+}
+
+impl Family for Ipv6Addr {
+    const FAMILY: AddressFamily = AddressFamily::Inet6;
+    const HOST: u8 = 128;
+
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+
+    fn route_message(r: &OwnedRoute<Self>) -> RouteMessage {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(r.table)
+            .output_interface(r.ifindex)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+        match r.gateway {
+            // Usually the ISP router's link-local address, which needs
+            // no route; a global one is on the link as IPv4's is.
+            Some(gateway) => msg.gateway(gateway).onlink(),
+            None => msg.scope(RouteScope::Link),
+        }
+        .build()
+    }
+}
+
 /// A route lbd wants: in `table`, the default route via `gateway` on
 /// `ifindex` (or into `ifindex` itself, an L3 uplink's, without one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OwnedRoute {
+pub struct OwnedRoute<A = Ipv4Addr> {
     pub table: u32,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<A>,
     pub ifindex: u32,
 }
 
 /// A rule lbd wants: at `priority`, what `selector` picks looks up
 /// `table`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OwnedRule {
+pub struct OwnedRule<A = Ipv4Addr> {
     pub priority: u32,
-    pub selector: Selector,
+    pub selector: Selector<A>,
     pub table: u32,
 }
 
 /// Which packets an owned rule is for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Selector {
-    /// `from ADDR/32 fwmark 0/`[`POLICY_MASK`]: an uplink's own traffic,
-    /// unless the operator's rules gave it a policy (then the policy's
-    /// rule routes it).
-    From(Ipv4Addr),
+pub enum Selector<A = Ipv4Addr> {
+    /// `from PREFIX fwmark 0/`[`POLICY_MASK`]: an uplink's own traffic
+    /// (its address: a host prefix; for IPv6 also a delegation), unless
+    /// the operator's rules gave it a policy (then the policy's rule
+    /// routes it).
+    From(A, u8),
     /// `iif NAME`: what arrives on a LAN interface (`lo`: what the router
     /// itself sends).
     Iif(String),
@@ -71,13 +157,18 @@ pub enum Selector {
     AllButDefault,
 }
 
-impl std::fmt::Display for OwnedRule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<A: Family> fmt::Display for OwnedRule<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (priority, table) = (self.priority, self.table);
         match &self.selector {
-            Selector::From(a) => write!(
+            // As `ip rule` says it: a host without its length.
+            Selector::From(a, len) if *len == A::HOST => write!(
                 f,
                 "{priority}: from {a} fwmark 0/{POLICY_MASK:#x} lookup {table}"
+            ),
+            Selector::From(a, len) => write!(
+                f,
+                "{priority}: from {a}/{len} fwmark 0/{POLICY_MASK:#x} lookup {table}"
             ),
             Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
             Selector::Mark { mark, mask } => {
@@ -90,27 +181,34 @@ impl std::fmt::Display for OwnedRule {
     }
 }
 
-/// lbd's routing, as it should be.
+/// lbd's routing, as it should be: IPv4's and IPv6's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Wanted {
     pub routes: BTreeSet<OwnedRoute>,
     pub rules: BTreeSet<OwnedRule>,
+    pub routes6: BTreeSet<OwnedRoute<Ipv6Addr>>,
+    pub rules6: BTreeSet<OwnedRule<Ipv6Addr>>,
 }
 
-/// What to change to get from what is to what is wanted.
+/// What to change to get from what is to what is wanted. What goes is
+/// removed by the kernel's own message, whatever its family.
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     pub add_routes: Vec<OwnedRoute>,
+    pub add_routes6: Vec<OwnedRoute<Ipv6Addr>>,
     pub del_routes: Vec<RouteMessage>,
     pub add_rules: Vec<OwnedRule>,
+    pub add_rules6: Vec<OwnedRule<Ipv6Addr>>,
     pub del_rules: Vec<RuleMessage>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.add_routes.is_empty()
+            && self.add_routes6.is_empty()
             && self.del_routes.is_empty()
             && self.add_rules.is_empty()
+            && self.add_rules6.is_empty()
             && self.del_rules.is_empty()
     }
 }
@@ -123,6 +221,17 @@ pub struct Ready {
     pub ifindex: u32,
     pub addr: Ipv4Addr,
     pub gateway: Option<Ipv4Addr>,
+}
+
+/// An uplink whose IPv6 can have its table: its interface, its WAN IPv6
+/// address and IPv6 next hop as the kernel has them now (its carrier up),
+/// and the prefix delegated through it, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready6 {
+    pub ifindex: u32,
+    pub addr: Ipv6Addr,
+    pub gateway: Ipv6Addr,
+    pub delegated: Option<Prefix6>,
 }
 
 /// lbd's routing tables and rules as they should be: for each uplink
@@ -158,7 +267,7 @@ pub fn wanted(
         });
         wanted.rules.insert(OwnedRule {
             priority: routing.priority(i),
-            selector: Selector::From(addr),
+            selector: Selector::From(addr, Ipv4Addr::HOST),
             table,
         });
         wanted.rules.insert(OwnedRule {
@@ -209,36 +318,135 @@ pub fn wanted(
     wanted
 }
 
+/// lbd's IPv6 tables and rules as they should be (the `routes6` and
+/// `rules6` of a [`Wanted`]; the rest empty). For each uplink `Ready6`
+/// (by index): its IPv6 table, with the default route through its IPv6
+/// next hop; `from <its WAN address>`, at its own priority as IPv4's
+/// (probes and sockets bound to it leave by it); the replies of the
+/// connections that came in on it (the `ip6 lb` table's mark); and `from
+/// <its delegation>` unless that delegation holds `lan`, the LAN's prefix.
+/// Then the main table without default routes, and the slow path's rules:
+/// what the LAN sends through the kernel and what the router sends by
+/// uplink `slow_path`'s table, the best whose IPv6 is in service (`None`:
+/// no rule, the main table's default routes decide, as without lbd).
+///
+/// A delegation's rule comes after the main table (a host of it talking
+/// to the LAN or a VPN stays routed so) and before the slow path: an ISP
+/// drops sources it did not delegate, so a host holding an address of
+/// that delegation (a LAN announcing several prefixes), or answering a
+/// connection made to one, can only be answered through it. The LAN's own
+/// prefix has none: its traffic is the slow path's, by the best uplink and
+/// translated there (`ip6 lb`), or it would never fail over.
+pub fn wanted6(
+    routing: &RoutingConfig,
+    uplinks: &[Option<Ready6>],
+    slow_path: Option<usize>,
+    lans: &[&str],
+    lan: Option<Prefix6>,
+) -> Wanted {
+    let mut wanted = Wanted::default();
+    let later = routing.later_priorities();
+    for (i, ready) in uplinks.iter().enumerate() {
+        let Some(Ready6 {
+            ifindex,
+            addr,
+            gateway,
+            delegated,
+        }) = *ready
+        else {
+            continue;
+        };
+        let table = routing.table(i);
+        wanted.routes6.insert(OwnedRoute {
+            table,
+            gateway: Some(gateway),
+            ifindex,
+        });
+        wanted.rules6.insert(OwnedRule {
+            priority: routing.priority(i),
+            selector: Selector::From(addr, Ipv6Addr::HOST),
+            table,
+        });
+        wanted.rules6.insert(OwnedRule {
+            priority: later.inbound,
+            selector: Selector::Mark {
+                mark: nftables::mark(i),
+                mask: MARK_MASK,
+            },
+            table,
+        });
+        if let Some(d) = delegated.filter(|&d| !lan.is_some_and(|lan| within(lan, d))) {
+            wanted.rules6.insert(OwnedRule {
+                priority: later.inbound,
+                selector: Selector::From(d.0, d.1),
+                table,
+            });
+        }
+    }
+    if !wanted.routes6.is_empty() {
+        // As for IPv4: the LAN, the delegations' unreachable routes,
+        // static and VPN routes first.
+        wanted.rules6.insert(OwnedRule {
+            priority: later.main,
+            selector: Selector::AllButDefault,
+            table: MAIN_TABLE,
+        });
+    }
+    if let Some(i) = slow_path.filter(|&i| uplinks.get(i).is_some_and(Option::is_some)) {
+        for iif in lans.iter().copied().chain([LOOPBACK]) {
+            wanted.rules6.insert(OwnedRule {
+                priority: later.slow_path,
+                selector: Selector::Iif(iif.to_owned()),
+                table: routing.table(i),
+            });
+        }
+    }
+    wanted
+}
+
 /// Routes and rules in the places lbd would use that are not lbd's: a
 /// table of its range with someone else's routes, or a rule at one of
-/// its priorities. Each is a sentence for the operator.
+/// its priorities, of either family. Each is a sentence for the operator.
 pub fn clashes(observed: &Observed, routing: &RoutingConfig, uplinks: usize) -> Vec<String> {
     let tables = routing.first_table..routing.first_table + uplinks as u32;
     let priorities = (routing.first_priority..routing.first_priority + uplinks as u32)
         .chain(routing.later_priorities().all());
+    let routes = observed
+        .routes
+        .iter()
+        .map(|r| (r.table, IpAddr::V4(r.dst), r.dst_len, r.protocol, ""))
+        .chain(
+            observed
+                .v6
+                .routes
+                .iter()
+                .map(|r| (r.table, IpAddr::V6(r.dst), r.dst_len, r.protocol, " -6")),
+        );
+    let rules = observed
+        .rules
+        .iter()
+        .map(|r| (r, ""))
+        .chain(observed.v6.rules.iter().map(|r| (r, " -6")));
     let mut out = Vec::new();
     for table in tables {
-        if let Some(r) = observed
-            .routes
-            .iter()
-            .find(|r| r.table == table && r.protocol != ROUTE_PROTOCOL)
+        if let Some((_, dst, len, protocol, ip)) = routes
+            .clone()
+            .find(|r| r.0 == table && r.3 != ROUTE_PROTOCOL)
         {
             out.push(format!(
-                "routing table {table} already holds routes lbd did not make (e.g. {}/{} \
-                 proto {}; `ip route show table {table}`); set [routing] first_table to a \
-                 free range",
-                r.dst, r.dst_len, r.protocol
+                "routing table {table} already holds routes lbd did not make (e.g. {dst}/{len} \
+                 proto {protocol}; `ip{ip} route show table {table}`); set [routing] first_table \
+                 to a free range"
             ));
         }
     }
     for priority in priorities {
-        if let Some(r) = observed
-            .rules
-            .iter()
-            .find(|r| r.priority == priority && r.protocol != ROUTE_PROTOCOL)
+        if let Some((r, ip)) = rules
+            .clone()
+            .find(|(r, _)| r.priority == priority && r.protocol != ROUTE_PROTOCOL)
         {
             out.push(format!(
-                "a rule at priority {priority} is not lbd's (it looks up table {}; `ip rule \
+                "a rule at priority {priority} is not lbd's (it looks up table {}; `ip{ip} rule \
                  show`); set [routing] first_priority to a free range",
                 r.table
             ));
@@ -247,63 +455,146 @@ pub fn clashes(observed: &Observed, routing: &RoutingConfig, uplinks: usize) -> 
     out
 }
 
+/// `r` (one of lbd's) as lbd would have wanted it, if it is of a kind lbd
+/// makes.
+fn owned_rule<A: Family>(r: &Rule) -> Option<OwnedRule<A>> {
+    let selector = match (r.source, &r.iif, r.suppress, r.fwmark) {
+        (Some((source, len)), None, None, Some((0, POLICY_MASK))) => {
+            Selector::From(A::of(source)?, len)
+        }
+        (None, Some(iif), None, None) => Selector::Iif(iif.clone()),
+        (None, None, Some(0), None) => Selector::AllButDefault,
+        (None, None, None, Some((mark, mask))) if mask == MARK_MASK || mask == POLICY_MASK => {
+            Selector::Mark { mark, mask }
+        }
+        _ => return None,
+    };
+    r.looks_up.then_some(OwnedRule {
+        priority: r.priority,
+        selector,
+        table: r.table,
+    })
+}
+
+/// Sorts what the kernel holds of lbd's (`held`: each as lbd would want
+/// it, `None` if lbd never makes such a thing, with the message that
+/// removes it) against `wanted`: what is not wanted goes to `remove`;
+/// returns what is wanted and missing.
+fn sort_out<'a, T: Ord + Clone, M: Clone + 'a>(
+    held: impl Iterator<Item = (Option<T>, &'a M)>,
+    wanted: &BTreeSet<T>,
+    remove: &mut Vec<M>,
+) -> Vec<T> {
+    let mut have = BTreeSet::new();
+    for (owned, message) in held {
+        match owned {
+            Some(o) if wanted.contains(&o) => {
+                have.insert(o);
+            }
+            _ => remove.push(message.clone()),
+        }
+    }
+    wanted.difference(&have).cloned().collect()
+}
+
 /// What to add and remove so that lbd's routes and rules are `wanted`:
 /// its own that are not wanted go, wanted ones that are missing come.
 pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
     let mut changes = Changes::default();
-    let mut have_routes = BTreeSet::new();
-    for r in observed
+    let ours = |protocol: u8| protocol == ROUTE_PROTOCOL;
+    let routes = observed
         .routes
         .iter()
-        .filter(|r| r.protocol == ROUTE_PROTOCOL)
-    {
-        let owned = match (r.dst_len, r.gateway, r.oifs.as_slice()) {
-            (0, gateway, &[ifindex]) => Some(OwnedRoute {
-                table: r.table,
-                gateway,
-                ifindex,
-            }),
-            _ => None,
-        };
-        match owned {
-            Some(o) if wanted.routes.contains(&o) => {
-                have_routes.insert(o);
-            }
-            _ => changes.del_routes.push(r.message.clone()),
-        }
-    }
-    let mut have_rules = BTreeSet::new();
-    for r in observed
+        .filter(|r| ours(r.protocol))
+        .map(|r| {
+            let owned = match (r.dst_len, r.gateway, r.oifs.as_slice()) {
+                (0, gateway, &[ifindex]) => Some(OwnedRoute {
+                    table: r.table,
+                    gateway,
+                    ifindex,
+                }),
+                _ => None,
+            };
+            (owned, &r.message)
+        });
+    changes.add_routes = sort_out(routes, &wanted.routes, &mut changes.del_routes);
+    let routes6 = observed
+        .v6
+        .routes
+        .iter()
+        .filter(|r| ours(r.protocol))
+        .map(|r| {
+            let owned = match (r.dst_len, r.gateway, r.oif) {
+                (0, gateway, Some(ifindex)) => Some(OwnedRoute {
+                    table: r.table,
+                    gateway,
+                    ifindex,
+                }),
+                _ => None,
+            };
+            (owned, &r.message)
+        });
+    changes.add_routes6 = sort_out(routes6, &wanted.routes6, &mut changes.del_routes);
+    let rules = observed
         .rules
         .iter()
-        .filter(|r| r.protocol == ROUTE_PROTOCOL)
-    {
-        let selector = match (r.source, &r.iif, r.suppress, r.fwmark) {
-            (Some((source, 32)), None, None, Some((0, POLICY_MASK))) => {
-                Some(Selector::From(source))
-            }
-            (None, Some(iif), None, None) => Some(Selector::Iif(iif.clone())),
-            (None, None, Some(0), None) => Some(Selector::AllButDefault),
-            (None, None, None, Some((mark, mask))) if mask == MARK_MASK || mask == POLICY_MASK => {
-                Some(Selector::Mark { mark, mask })
-            }
-            _ => None,
-        };
-        let owned = selector.filter(|_| r.looks_up).map(|selector| OwnedRule {
-            priority: r.priority,
-            selector,
-            table: r.table,
-        });
-        match owned {
-            Some(o) if wanted.rules.contains(&o) => {
-                have_rules.insert(o);
-            }
-            _ => changes.del_rules.push(r.message.clone()),
-        }
-    }
-    changes.add_routes = wanted.routes.difference(&have_routes).copied().collect();
-    changes.add_rules = wanted.rules.difference(&have_rules).cloned().collect();
+        .filter(|r| ours(r.protocol))
+        .map(|r| (owned_rule(r), &r.message));
+    changes.add_rules = sort_out(rules, &wanted.rules, &mut changes.del_rules);
+    let rules6 = observed
+        .v6
+        .rules
+        .iter()
+        .filter(|r| ours(r.protocol))
+        .map(|r| (owned_rule(r), &r.message));
+    changes.add_rules6 = sort_out(rules6, &wanted.rules6, &mut changes.del_rules);
     changes
+}
+
+/// Add route `r`; a failure is said in `errors`.
+async fn add_route<A: Family>(handle: &Handle, r: &OwnedRoute<A>, errors: &mut Vec<String>) {
+    let msg = A::route_message(r);
+    if let Err(e) = handle.route().add(msg).replace().execute().await {
+        let via = r.gateway.map_or_else(|| "-".to_string(), |g| g.to_string());
+        errors.push(format!(
+            "adding default via {via} (ifindex {}) to table {}: {e}",
+            r.ifindex, r.table
+        ));
+    }
+}
+
+/// Add rule `r`; a failure is said in `errors`.
+async fn add_rule<A: Family>(handle: &Handle, r: &OwnedRule<A>, errors: &mut Vec<String>) {
+    let mut req = handle
+        .rule()
+        .add()
+        .action(RuleAction::ToTable)
+        .table_id(r.table)
+        .priority(r.priority);
+    let msg = req.message_mut();
+    msg.header.family = A::FAMILY;
+    match &r.selector {
+        Selector::From(source, len) => {
+            msg.header.src_len = *len;
+            msg.attributes.extend([
+                RuleAttribute::Source((*source).into()),
+                RuleAttribute::FwMark(0),
+                RuleAttribute::FwMask(POLICY_MASK),
+            ]);
+        }
+        Selector::Iif(name) => msg.attributes.push(RuleAttribute::Iifname(name.clone())),
+        Selector::Mark { mark, mask } => msg
+            .attributes
+            .extend([RuleAttribute::FwMark(*mark), RuleAttribute::FwMask(*mask)]),
+        Selector::AllButDefault => msg.attributes.push(RuleAttribute::SuppressPrefixLen(0)),
+    }
+    msg.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::Other(
+            ROUTE_PROTOCOL,
+        )));
+    if let Err(e) = req.execute().await {
+        errors.push(format!("adding rule {r}: {e}"));
+    }
 }
 
 /// Make `changes`: removals first (an old rule for an address that moved
@@ -321,67 +612,17 @@ pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
             errors.push(format!("removing route {msg:?}: {e}"));
         }
     }
-    for r in changes.add_routes {
-        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .table_id(r.table)
-            .output_interface(r.ifindex)
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
-        if let Some(gateway) = r.gateway {
-            // The gateway is on the uplink's link by definition; the
-            // kernel need not look for a route to it in this table.
-            msg = msg.gateway(gateway).onlink();
-        } else {
-            // Into the device itself (an L3 uplink): on its link.
-            msg = msg.scope(RouteScope::Link);
-        }
-        if let Err(e) = handle.route().add(msg.build()).replace().execute().await {
-            let via = r.gateway.map_or_else(|| "-".to_string(), |g| g.to_string());
-            errors.push(format!(
-                "adding default via {via} (ifindex {}) to table {}: {e}",
-                r.ifindex, r.table
-            ));
-        }
+    for r in &changes.add_routes {
+        add_route(handle, r, &mut errors).await;
     }
-    for r in changes.add_rules {
-        let req = handle
-            .rule()
-            .add()
-            .v4()
-            .action(RuleAction::ToTable)
-            .table_id(r.table)
-            .priority(r.priority);
-        let mut req = match &r.selector {
-            Selector::From(source) => {
-                let mut req = req.source_prefix(*source, 32);
-                req.message_mut()
-                    .attributes
-                    .extend([RuleAttribute::FwMark(0), RuleAttribute::FwMask(POLICY_MASK)]);
-                req
-            }
-            Selector::Iif(name) => req.input_interface(name.clone()),
-            Selector::Mark { mark, mask } => {
-                let mut req = req;
-                req.message_mut()
-                    .attributes
-                    .extend([RuleAttribute::FwMark(*mark), RuleAttribute::FwMask(*mask)]);
-                req
-            }
-            Selector::AllButDefault => {
-                let mut req = req;
-                req.message_mut()
-                    .attributes
-                    .push(RuleAttribute::SuppressPrefixLen(0));
-                req
-            }
-        };
-        req.message_mut()
-            .attributes
-            .push(RuleAttribute::Protocol(RouteProtocol::Other(
-                ROUTE_PROTOCOL,
-            )));
-        if let Err(e) = req.execute().await {
-            errors.push(format!("adding rule {r}: {e}"));
-        }
+    for r in &changes.add_routes6 {
+        add_route(handle, r, &mut errors).await;
+    }
+    for r in &changes.add_rules {
+        add_rule(handle, r, &mut errors).await;
+    }
+    for r in &changes.add_rules6 {
+        add_rule(handle, r, &mut errors).await;
     }
     errors
 }
@@ -389,7 +630,11 @@ pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::kernel::{fixtures::*, Rule};
+    use crate::observe::{
+        kernel::{fixtures::*, Rule},
+        kernel6::fixtures::{ip6, route6, router6},
+    };
+    use rtnetlink::packet_route::route::RouteType;
 
     #[test]
     fn changes_replace_lbds_stale_routes_and_leave_others_alone() {
@@ -404,11 +649,12 @@ mod tests {
             .collect(),
             rules: [OwnedRule {
                 priority: 4000,
-                selector: Selector::From(ip("100.64.1.2")),
+                selector: Selector::From(ip("100.64.1.2"), 32),
                 table: 4000,
             }]
             .into_iter()
             .collect(),
+            ..Wanted::default()
         };
         let c = changes(&o, &wanted);
         assert_eq!(c.add_routes.len(), 1);
@@ -431,7 +677,7 @@ mod tests {
             priority: 4000,
             looks_up: true,
             table: 4000,
-            source: Some((ip("100.64.1.2"), 32)),
+            source: Some((ip("100.64.1.2").into(), 32)),
             iif: None,
             suppress: None,
             fwmark: Some((0, POLICY_MASK)),
@@ -502,6 +748,207 @@ mod tests {
         assert_eq!(
             wanted(&routing, &[None, None], None, &["br-lan"], &[]),
             Wanted::default()
+        );
+    }
+
+    /// wan1 (3) and wan2 (4) as `router6` has them: wan1's delegation
+    /// holds the LAN's prefix, wan2's is its own.
+    fn ready6() -> [Option<Ready6>; 2] {
+        [
+            Some(Ready6 {
+                ifindex: WAN1,
+                addr: ip6("2001:db8:1:ffff::2"),
+                gateway: ip6("fe80::1"),
+                delegated: Some((ip6("2001:db8:1:100::"), 56)),
+            }),
+            Some(Ready6 {
+                ifindex: WAN2,
+                addr: ip6("2001:db8:2:ffff::2"),
+                gateway: ip6("fe80::2"),
+                delegated: Some((ip6("2001:db8:2:200::"), 56)),
+            }),
+        ]
+    }
+
+    const LAN6: Option<Prefix6> = Some((Ipv6Addr::new(0x2001, 0xdb8, 1, 0x100, 0, 0, 0, 0), 64));
+
+    #[test]
+    fn each_uplink_with_ipv6_gets_its_table_and_rules_and_the_slow_path_the_best() {
+        let routing = RoutingConfig::default();
+        let w = wanted6(&routing, &ready6(), Some(1), &["br-lan"], LAN6);
+        assert!(w.routes.is_empty() && w.rules.is_empty(), "IPv6 alone");
+        assert_eq!(
+            w.routes6.iter().copied().collect::<Vec<_>>(),
+            [
+                OwnedRoute {
+                    table: 4000,
+                    gateway: Some(ip6("fe80::1")),
+                    ifindex: WAN1
+                },
+                OwnedRoute {
+                    table: 4001,
+                    gateway: Some(ip6("fe80::2")),
+                    ifindex: WAN2
+                },
+            ]
+        );
+        let rules: Vec<String> = w.rules6.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rules,
+            [
+                "4000: from 2001:db8:1:ffff::2 fwmark 0/0xf000000 lookup 4000",
+                "4001: from 2001:db8:2:ffff::2 fwmark 0/0xf000000 lookup 4001",
+                "4016: lookup 254 suppress_prefixlength 0",
+                // wan2's delegation, not wan1's: the LAN's prefix is the
+                // slow path's to send, by the best uplink.
+                "4017: from 2001:db8:2:200::/56 fwmark 0/0xf000000 lookup 4001",
+                "4017: fwmark 0x10000/0xff0000 lookup 4000",
+                "4017: fwmark 0x20000/0xff0000 lookup 4001",
+                "4018: iif br-lan lookup 4001",
+                "4018: iif lo lookup 4001",
+            ]
+        );
+        // Without a LAN prefix every delegation has its rule.
+        let w = wanted6(&routing, &ready6(), None, &["br-lan"], None);
+        assert!(w
+            .rules6
+            .iter()
+            .any(|r| r.selector == Selector::From(ip6("2001:db8:1:100::"), 56) && r.table == 4000));
+        // No uplink's IPv6 in service: no slow path rule, main decides.
+        assert!(!w
+            .rules6
+            .iter()
+            .any(|r| matches!(r.selector, Selector::Iif(_))));
+        // A slow path through an uplink without its table is none.
+        let [one, _] = ready6();
+        let w = wanted6(&routing, &[one, None], Some(1), &["br-lan"], LAN6);
+        assert_eq!(w.routes6.len(), 1);
+        assert!(!w
+            .rules6
+            .iter()
+            .any(|r| matches!(r.selector, Selector::Iif(_))));
+        // Nothing ready: nothing wanted, not even the main table's rule.
+        assert_eq!(
+            wanted6(&routing, &[None, None], Some(0), &["br-lan"], LAN6),
+            Wanted::default()
+        );
+    }
+
+    /// `r` as the kernel would report it.
+    fn held(r: &OwnedRule<Ipv6Addr>) -> Rule {
+        let (source, iif, suppress, fwmark) = match &r.selector {
+            Selector::From(a, len) => (
+                Some(((*a).into(), *len)),
+                None,
+                None,
+                Some((0, POLICY_MASK)),
+            ),
+            Selector::Iif(n) => (None, Some(n.clone()), None, None),
+            Selector::Mark { mark, mask } => (None, None, None, Some((*mark, *mask))),
+            Selector::AllButDefault => (None, None, Some(0), None),
+        };
+        Rule {
+            priority: r.priority,
+            looks_up: true,
+            table: r.table,
+            source,
+            iif,
+            suppress,
+            fwmark,
+            protocol: ROUTE_PROTOCOL,
+            message: RuleMessage::default(),
+        }
+    }
+
+    #[test]
+    fn changes_find_lbds_ipv6_routes_and_rules_and_leave_others_alone() {
+        let routing = RoutingConfig::default();
+        let wanted = wanted6(&routing, &ready6(), Some(0), &["br-lan"], LAN6);
+        let mut o = router();
+        o.v6 = router6();
+        // lbd's own from before: wan1's table via a next hop gone, and a
+        // slow path through wan2.
+        let mut stale = route6(0, "::", 0, RouteType::Unicast, Some("fe80::9"), Some(WAN1));
+        (stale.table, stale.protocol) = (4000, ROUTE_PROTOCOL);
+        o.v6.routes.push(stale);
+        o.v6.rules.push(held(&OwnedRule {
+            priority: 4018,
+            selector: Selector::Iif("br-lan".into()),
+            table: 4001,
+        }));
+        // Someone else's rule, and an IPv4 rule of lbd's: not IPv6's business.
+        o.v6.rules.push(Rule {
+            protocol: 0,
+            ..held(&OwnedRule {
+                priority: 100,
+                selector: Selector::Iif("wg0".into()),
+                table: 77,
+            })
+        });
+        let c = changes(&o, &wanted);
+        assert_eq!(c.add_routes6.len(), 2);
+        assert_eq!(c.add_rules6.len(), wanted.rules6.len());
+        assert_eq!(
+            (c.del_routes.len(), c.del_rules.len()),
+            (2, 1),
+            "lbd's IPv4 route too, not wanted here"
+        );
+        assert!(c.add_routes.is_empty() && c.add_rules.is_empty());
+
+        // Once all is there, nothing to do.
+        o.v6.routes.retain(|r| r.protocol != ROUTE_PROTOCOL);
+        for r in &wanted.routes6 {
+            let mut route = route6(r.table, "::", 0, RouteType::Unicast, None, Some(r.ifindex));
+            (route.gateway, route.protocol) = (r.gateway, ROUTE_PROTOCOL);
+            o.v6.routes.push(route);
+        }
+        o.v6.rules.retain(|r| r.protocol != ROUTE_PROTOCOL);
+        o.v6.rules.extend(wanted.rules6.iter().map(held));
+        o.routes.retain(|r| r.protocol != ROUTE_PROTOCOL);
+        assert!(changes(&o, &wanted).is_empty());
+
+        // Wanting nothing removes all of lbd's, and only lbd's.
+        let c = changes(&o, &Wanted::default());
+        assert_eq!(
+            (c.del_routes.len(), c.del_rules.len()),
+            (wanted.routes6.len(), wanted.rules6.len())
+        );
+    }
+
+    #[test]
+    fn clashes_name_foreign_ipv6_routes_and_rules_in_lbds_range() {
+        let routing = RoutingConfig::default();
+        let mut o = router();
+        o.routes.retain(|r| r.protocol != ROUTE_PROTOCOL);
+        o.v6 = router6();
+        assert!(clashes(&o, &routing, 2).is_empty());
+        o.v6.routes.push(route6(
+            4001,
+            "::",
+            0,
+            RouteType::Unicast,
+            Some("fe80::2"),
+            Some(WAN2),
+        ));
+        o.v6.rules.push(Rule {
+            protocol: 0,
+            ..held(&OwnedRule {
+                priority: 4016,
+                selector: Selector::AllButDefault,
+                table: 254,
+            })
+        });
+        let clashes = clashes(&o, &routing, 2);
+        assert_eq!(clashes.len(), 2, "{clashes:?}");
+        assert!(
+            clashes[0].contains("`ip -6 route show table 4001`"),
+            "{}",
+            clashes[0]
+        );
+        assert!(
+            clashes[1].contains("priority 4016") && clashes[1].contains("`ip -6 rule show`"),
+            "{}",
+            clashes[1]
         );
     }
 }
