@@ -83,9 +83,89 @@ fn unreachable(quoted: &[u8; QUOTED_LEN], from: [u8; 4], code: u8, mtu: u16) -> 
     out
 }
 
+/// IPv6 header.
+pub const IPV6_HDR_LEN: usize = 40;
+/// Bytes an ICMPv6 error of lb's quotes: the offending packet's IPv6
+/// header and eight bytes past it (RFC 4443 asks for as much as fits in
+/// 1280 bytes; this much is what a client's stack needs to find its
+/// socket, and keeps the error's size fixed).
+pub const QUOTED6_LEN: usize = IPV6_HDR_LEN + 8;
+/// What goes in front of the quote: a new IPv6 header and the ICMPv6
+/// header.
+pub const HEADERS6_LEN: usize = IPV6_HDR_LEN + ICMP_HDR_LEN;
+/// The whole ICMPv6 error, IPv6 header to the end of the quote.
+pub const ERROR6_LEN: usize = HEADERS6_LEN + QUOTED6_LEN;
+
+const ICMPV6_DEST_UNREACH: u8 = 1;
+/// "Address unreachable": Linux gives a connecting socket EHOSTUNREACH,
+/// as for IPv4's "host unreachable".
+const CODE6_ADDR_UNREACH: u8 = 3;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// The IPv6 and ICMPv6 headers of an "address unreachable" from `from`
+/// to `to` (the quoted packet's source), for a quote whose ones'-
+/// complement sum ([`csum::sum`] of its bytes) is `quote_sum`. Checksum
+/// filled in. The quote itself is never copied: in XDP it stays in the
+/// packet, summed there by the kernel (48 bytes more on the BPF stack do
+/// not fit beside the rest).
+#[inline(always)]
+pub fn address_unreachable6(quote_sum: u32, to: [u8; 16], from: [u8; 16]) -> [u8; HEADERS6_LEN] {
+    let mut out = [0u8; HEADERS6_LEN];
+    let payload = (ICMP_HDR_LEN + QUOTED6_LEN) as u16;
+    out[0] = 0x60;
+    out[4..6].copy_from_slice(&payload.to_be_bytes());
+    out[6] = IPPROTO_ICMPV6;
+    out[7] = TTL;
+    out[8..24].copy_from_slice(&from);
+    out[24..40].copy_from_slice(&to);
+    out[IPV6_HDR_LEN] = ICMPV6_DEST_UNREACH;
+    out[IPV6_HDR_LEN + 1] = CODE6_ADDR_UNREACH;
+    // The pseudo-header (both addresses, the length, the next header),
+    // the ICMPv6 header, the quote.
+    let pseudo = csum::sum(&out[8..40], u32::from(payload) + u32::from(IPPROTO_ICMPV6));
+    let all = csum::sum(&out[IPV6_HDR_LEN..], pseudo) + u32::from(csum::fold(quote_sum));
+    let check = (!csum::fold(all)).to_be_bytes();
+    out[IPV6_HDR_LEN + 2] = check[0];
+    out[IPV6_HDR_LEN + 3] = check[1];
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_unreachable_verifies_and_quotes_the_packet() {
+        let mut quoted = [0u8; QUOTED6_LEN];
+        quoted[0] = 0x60;
+        quoted[6] = 6;
+        let client = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let server = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
+        ];
+        quoted[8..24].copy_from_slice(&client);
+        quoted[24..40].copy_from_slice(&server);
+        quoted[40..44].copy_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
+        let h = address_unreachable6(csum::sum(&quoted, 0), client, server);
+        assert_eq!(h[0] >> 4, 6);
+        assert_eq!(h[6], IPPROTO_ICMPV6);
+        assert_eq!(&h[8..24], &server, "from where the client was going");
+        assert_eq!(&h[24..40], &client, "to the client");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([h[4], h[5]])),
+            ICMP_HDR_LEN + QUOTED6_LEN
+        );
+        assert_eq!((h[40], h[41]), (1, 3), "destination unreachable, address");
+        // Verified as a receiver does, written out here: the pseudo-header
+        // (source, destination, length, next header) then the message.
+        let mut whole = [0u8; 32 + 8 + ICMP_HDR_LEN + QUOTED6_LEN];
+        whole[..32].copy_from_slice(&h[8..40]);
+        whole[32..36].copy_from_slice(&56u32.to_be_bytes());
+        whole[39] = 58;
+        whole[40..48].copy_from_slice(&h[IPV6_HDR_LEN..]);
+        whole[48..].copy_from_slice(&quoted);
+        assert!(csum::verifies(&whole, 0), "ICMPv6 checksum");
+    }
 
     #[test]
     fn a_host_unreachable_verifies_and_quotes_the_packet() {

@@ -2143,11 +2143,11 @@ fn ipv6_flows_follow_the_rules_on_each_policys_ipv6_side() {
         return;
     }
     let mut h = harness6();
-    let set6 = |h: &mut Harness, uplink: Option<u32>| {
+    let set6 = |h: &mut Harness, uplink: Option<u32>, fallback: u32| {
         let t = table_of(uplink);
         let policy = lb_common::policy::Policy {
             takers: lb_daemon::dataplane::takers(&t),
-            fallback: fallback::DROP,
+            fallback,
             ..Default::default()
         };
         h.dp.set_policy(Family::V6, 1, Some(&t), policy)
@@ -2156,12 +2156,13 @@ fn ipv6_flows_follow_the_rules_on_each_policys_ipv6_side() {
     // Policy 1 takes IPv4 by uplink 1 and IPv6 by uplink 2: which side a
     // flow used shows in where it leaves.
     set_policy(&mut h, 1, Some(0), fallback::DROP);
-    set6(&mut h, Some(1));
+    set6(&mut h, Some(1), fallback::DROP);
     let mut net = SERVER6;
     net[8..].fill(0);
     let server_net = std::net::Ipv6Addr::from(net);
-    let text = format!(
-        r#"
+    let text = |fallback: &str| {
+        format!(
+            r#"
 [[lan]]
 interface = "lan0"
 [[uplink]]
@@ -2173,7 +2174,7 @@ interface = "wan1"
 [[policy]]
 name = "one"
 uplinks = ["b"]
-fallback = "drop"
+fallback = "{fallback}"
 # IPv4 only: never an IPv6 flow's.
 [[rule]]
 dst = "10.99.0.0/16"
@@ -2188,10 +2189,14 @@ proto = "udp"
 dst = ["{server_net}/64", "203.0.113.0/24"]
 policy = "one"
 "#
-    );
-    let config = lb_daemon::config::parse(&text, "lbd.toml").expect("a valid configuration");
-    let written = Policies::default()
-        .converge(&config, &mut h.dp)
+        )
+    };
+    let config = |fallback: &str| {
+        lb_daemon::config::parse(&text(fallback), "lbd.toml").expect("a valid configuration")
+    };
+    let mut policies = Policies::default();
+    let written = policies
+        .converge(&config("drop"), &mut h.dp)
         .expect("rules");
     assert_eq!(written, 3, "two IPv4 prefixes and one IPv6");
 
@@ -2232,7 +2237,7 @@ policy = "one"
     // Policy one's IPv6 side loses its uplink: new IPv6 flows of it are
     // dropped and counted (its fallback), pinned ones stay; its IPv4
     // side is untouched.
-    set6(&mut h, None);
+    set6(&mut h, None, fallback::DROP);
     assert_eq!(
         h.dp.live_policies(Family::V6) & 2,
         0,
@@ -2245,4 +2250,33 @@ policy = "one"
     let (verdict, out) = h.lan(&udp6_to(SERVER6, 8000, 53));
     assert_eq!(verdict, XDP_REDIRECT, "a pinned flow stays");
     assert_eq!(out[0..6], gw6_mac(2));
+
+    // With `fallback = unreachable` the client is told: ICMPv6 address
+    // unreachable, from where it was going, back out of its port.
+    set6(&mut h, None, fallback::UNREACHABLE);
+    policies
+        .converge(&config("unreachable"), &mut h.dp)
+        .expect("rules");
+    let refused = udp6_to(SERVER6, 8400, 53);
+    let before = h.reason(reason::DROP_POLICY_UNREACHABLE);
+    let (verdict, out) = h.lan(&refused);
+    assert_eq!(verdict, XDP_REDIRECT, "the error goes back out of the port");
+    assert_eq!(h.reason(reason::DROP_POLICY_UNREACHABLE), before + 1);
+    assert_eq!(out[0..6], CLIENT_MAC, "to the client");
+    assert_eq!(out[12..14], [0x86, 0xdd]);
+    assert_eq!(out[20], 58, "ICMPv6");
+    assert_eq!(addr6(&out, 22), SERVER6);
+    assert_eq!(addr6(&out, 38), CLIENT6);
+    assert_eq!(
+        (out[54], out[55]),
+        (1, 3),
+        "destination unreachable, address"
+    );
+    assert_eq!(out.len(), 14 + 40 + 8 + 48, "header and 8 bytes quoted");
+    assert_eq!(
+        &out[62..110],
+        &refused[14..62],
+        "the datagram's start is quoted"
+    );
+    assert!(l4_checksum_ok6(&out), "ICMPv6 checksum verifies");
 }

@@ -4,8 +4,9 @@
 //! set that is too big for its uplink. The headers come from
 //! `lb_common::icmp`; this module only makes room for them in the frame.
 //!
-//! Untagged frames with an option-less IPv4 header only: for others it
-//! gives up (`Err`), and the caller drops or passes the packet.
+//! Untagged frames with an option-less IPv4 header (or an IPv6 header)
+//! only: for others it gives up (`Err`), and the caller drops or passes
+//! the packet. IPv6 clients get ICMPv6 "address unreachable".
 //!
 //! Sent by `XDP_REDIRECT` to the port, as replies are, not `XDP_TX`: a
 //! veth delivers what `XDP_TX` sends only when something else wakes its
@@ -13,16 +14,16 @@
 //! while a redirect flushes; a NIC takes either.
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_REDIRECT,
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    bindings::{xdp_action::XDP_REDIRECT, xdp_md},
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::icmp;
+use lb_common::{csum, icmp, reason};
 
 use crate::{
     maps::LAN_PORTS,
-    parse::{self, EthHdr, Ipv4Packet},
+    parse::{self, EthHdr, Ipv4Packet, Ipv6Hdr},
     policy, stats,
 };
 
@@ -60,6 +61,9 @@ pub fn icmp_error(
 
     // Grow the front by the two new headers: the old Ethernet header and
     // the quote then sit right behind them, where the error needs them.
+    // (Written out here rather than through [`rebuild`]: so inlined,
+    // lan_ingress's stack frame stays within what the verifier allows
+    // beside the rules' function.)
     // SAFETY: the helper checks the room it is asked for.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(icmp::HEADERS_LEN as i32)) } != 0 {
         return Err(reason);
@@ -85,6 +89,117 @@ pub fn icmp_error(
         (*new_eth).src = router_mac;
         (*new_eth).ether_type = parse::ETH_P_IPV4.to_be_bytes();
         *out = front;
+    }
+    stats::count(reason);
+    Ok(XDP_REDIRECT)
+}
+
+/// `fallback = unreachable` for an IPv6 client: its new flow is refused
+/// with an ICMPv6 "address unreachable" from where it was going (the
+/// router may have no address on the client's prefix it could use),
+/// back out of its port; when that cannot be made, a counted drop. A BPF
+/// function of its own: `lan6::run`'s frame has no room for the quote.
+#[inline(never)]
+pub fn unreachable6(ctx: *mut xdp_md) -> u32 {
+    icmp6_error(&XdpContext::new(ctx), reason::DROP_POLICY_UNREACHABLE).unwrap_or_else(stats::drop)
+}
+
+/// As [`icmp_error`], an ICMPv6 "address unreachable" for an untagged
+/// frame.
+#[inline(always)]
+fn icmp6_error(ctx: &XdpContext, reason: u32) -> Result<u32, u32> {
+    const ETH: usize = core::mem::size_of::<EthHdr>();
+    let eth: *const EthHdr = parse::ptr_at(ctx, 0).map_err(|_| reason)?;
+    let ip: *const Ipv6Hdr = parse::ptr_at(ctx, ETH).map_err(|_| reason)?;
+    let quoted: *const [u8; icmp::QUOTED6_LEN] = parse::ptr_at(ctx, ETH).map_err(|_| reason)?;
+    // SAFETY: all bounds-checked by `ptr_at`.
+    let (client_mac, router_mac, ether_type, client, server) = unsafe {
+        (
+            (*eth).src,
+            (*eth).dst,
+            (*eth).ether_type,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    if u16::from_be_bytes(ether_type) != parse::ETH_P_IPV6 {
+        return Err(reason);
+    }
+    // The kernel sums the quote where it is (whole 32-bit words, in the
+    // machine's order: folded, then read as big-endian words).
+    // SAFETY: the helper reads the 48 bytes `ptr_at` checked.
+    let wsum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            quoted as *mut u32,
+            icmp::QUOTED6_LEN as u32,
+            0,
+        )
+    };
+    if wsum < 0 {
+        return Err(reason);
+    }
+    let folded = csum::fold(wsum as u32);
+    let quote_sum = u32::from(if cfg!(target_endian = "little") {
+        folded.swap_bytes()
+    } else {
+        folded
+    });
+    if LAN_PORTS.redirect(ctx.ingress_ifindex() as u32, 0) != Ok(XDP_REDIRECT) {
+        return Err(reason);
+    }
+    let front = icmp::address_unreachable6(quote_sum, client, server);
+    rebuild(
+        ctx,
+        (client_mac, router_mac),
+        parse::ETH_P_IPV6,
+        &front,
+        icmp::ERROR6_LEN,
+        reason,
+    )
+}
+
+/// Make the frame the error: grow its front by `front` (the old Ethernet
+/// header and the quote then sit right behind it, where the error needs
+/// them), cut it `error_len` past the Ethernet header, and write the new
+/// Ethernet header (back to the client) and `front`. Counted as `reason`;
+/// once the frame is changed, a failure drops it.
+#[inline(always)]
+fn rebuild<const N: usize>(
+    ctx: &XdpContext,
+    (client_mac, router_mac): ([u8; 6], [u8; 6]),
+    ether_type: u16,
+    front: &[u8; N],
+    error_len: usize,
+    reason: u32,
+) -> Result<u32, u32> {
+    const ETH: usize = core::mem::size_of::<EthHdr>();
+    // SAFETY: the helper checks the room it is asked for.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(N as i32)) } != 0 {
+        return Err(reason);
+    }
+    let len = ctx.data_end() - ctx.data();
+    let want = ETH + error_len;
+    if len < want {
+        return Ok(stats::drop(reason));
+    }
+    // SAFETY: shrinking by what is past the quote, checked above.
+    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, -((len - want) as i32)) } != 0 {
+        return Ok(stats::drop(reason));
+    }
+    let (Ok(new_eth), Ok(out)) = (
+        parse::ptr_at::<EthHdr>(ctx, 0),
+        parse::ptr_at::<[u8; N]>(ctx, ETH),
+    ) else {
+        return Ok(stats::drop(reason));
+    };
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe {
+        (*new_eth).dst = client_mac;
+        (*new_eth).src = router_mac;
+        (*new_eth).ether_type = ether_type.to_be_bytes();
+        *out = *front;
     }
     stats::count(reason);
     Ok(XDP_REDIRECT)

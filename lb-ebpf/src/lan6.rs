@@ -35,6 +35,12 @@ use crate::{
 /// Length of the fixed IPv6 header, which the MTU counts.
 const IPV6_HDR_LEN: u32 = 40;
 
+/// What [`run`] returns for a new flow its policy refuses with
+/// `fallback = unreachable`: not a verdict (those are 0-4), but "answer
+/// the client": `lan_ingress` calls `answer::unreachable6`, whose stack
+/// frame does not fit beside this one's.
+pub const ANSWER_UNREACHABLE: u32 = u32::MAX;
+
 /// [`ingress`], as a BPF function of its own (see `lan_ingress`).
 #[inline(never)]
 pub fn run(ctx: *mut xdp_md) -> u32 {
@@ -98,6 +104,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
                 Err(pass @ (reason::PASS_KERNEL_CONNECTION | reason::PASS_POLICY_KERNEL)) => {
                     return Err(pass)
                 }
+                Err(reason::DROP_POLICY_UNREACHABLE) => return Ok(ANSWER_UNREACHABLE),
                 Err(drop_reason) => return Ok(stats::drop(drop_reason)),
             }
         }

@@ -37,7 +37,10 @@ use aya_ebpf::{
 #[xdp]
 pub fn lan_ingress(ctx: XdpContext) -> u32 {
     if parse::ether_type(&ctx) == parse::ETH_P_IPV6 {
-        lan6::run(ctx.ctx)
+        match lan6::run(ctx.ctx) {
+            lan6::ANSWER_UNREACHABLE => answer::unreachable6(ctx.ctx),
+            verdict => verdict,
+        }
     } else {
         lan::run(ctx.ctx)
     }

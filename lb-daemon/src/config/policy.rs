@@ -350,8 +350,7 @@ impl Checker<'_> {
                 .unwrap_or_default();
             let src = self.addresses(&r.src, &r.src_file, s, "src");
             let dst = self.addresses(&r.dst, &r.dst_file, s, "dst");
-            if !(src.admits(false) && dst.admits(false)) && !(src.admits(true) && dst.admits(true))
-            {
+            if !(src.admits(false) && dst.admits(false) || src.admits(true) && dst.admits(true)) {
                 let span = r.dst.as_ref().or(r.dst_file.as_ref()).map(Spanned::span);
                 let (one, other) = if src.has_family(true) {
                     ("IPv6", "IPv4")

@@ -250,7 +250,7 @@ pub fn change_text(change: &Change6, facts: &Facts6, lan: Option<Prefix6>) -> St
 }
 
 /// IPv6 as the data plane has it, as lbd wrote it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Ipv6 {
     on: bool,
     lan: Option<Prefix6>,
@@ -258,18 +258,6 @@ pub struct Ipv6 {
     /// State changes written and not yet taken.
     changes: Vec<Change6>,
     bypass: BTreeSet<Prefix6>,
-}
-
-impl Default for Ipv6 {
-    fn default() -> Self {
-        Self {
-            on: false,
-            lan: None,
-            written: Vec::new(),
-            changes: Vec::new(),
-            bypass: BTreeSet::new(),
-        }
-    }
 }
 
 impl Ipv6 {

@@ -613,7 +613,7 @@ fn with_rules(
         takers: lb_daemon::dataplane::takers(&uplink_2),
         ..Policy::default()
     };
-    dp.set_policy(1, Some(&uplink_2), policy)?;
+    dp.set_policy(lb_daemon::dataplane::Family::V4, 1, Some(&uplink_2), policy)?;
     let mut text = String::from(
         "[[lan]]\ninterface = \"lo\"\n[[uplink]]\nname = \"a\"\ninterface = \"bench-a\"\n\
          [[uplink]]\nname = \"b\"\ninterface = \"bench-b\"\n\
