@@ -11,6 +11,28 @@
 //!
 //! Also owns the numbering of lb's shaper classes (HTB class ids), which
 //! the data plane writes into `skb->priority` and lbd creates with `tc`.
+//!
+//! A full ring. `XDP_REDIRECT` puts a frame straight into the target's
+//! transmit ring (a veth's: its peer's 256-slot receive ring), and when
+//! that ring is full the device map drops it: XDP has no queue to wait
+//! in and nothing pushes back. The kernel's own path meets a full device
+//! with its qdisc instead (the queue stops, the frame waits) or, on a
+//! veth without one, the receiving CPU's 1,000-packet backlog. So a
+//! device that lb's XDP feeds faster than it drains (a LAN client slower
+//! than the router, an uplink slower than the LAN) loses frames that the
+//! kernel would have queued, and TCP takes each loss for congestion.
+//! lb watches for it rather than guessing: the ring watch, a raw
+//! tracepoint program on `xdp_devmap_xmit` (fired by every device map
+//! flush, whatever the driver, with the frames it could not place),
+//! counts those frames per device in `RING_DROPS` (and as the
+//! `drop_ring_full` reason) for the devices lb sends to; lbd reads them
+//! every few milliseconds, and hands a device whose ring overflowed to
+//! its queue (the hand-off below) for a while, going back to
+//! `XDP_REDIRECT` after it, for longer each time the ring overflows
+//! again soon (hysteresis). XDP's speed while the device keeps up, the
+//! queue's manners while it does not. Batching cannot help: a full ring
+//! stays full whatever the batch; and a per-packet test in the data
+//! plane would cost every packet for what only a full ring needs.
 
 /// Values of [`Egress::path`].
 pub mod path {
@@ -50,6 +72,19 @@ pub struct HandOff {
 
 /// "lbH1".
 pub const HANDOFF_MAGIC: u32 = 0x6c62_4831;
+
+/// The kernel tracepoint the ring watch attaches to (as a raw tracepoint:
+/// no tracefs needed). Its arguments (Linux 5.8 and later): `from_dev`,
+/// `to_dev`, `sent`, `drops`, `err`.
+pub const RING_TRACEPOINT: &str = "xdp_devmap_xmit";
+/// Index of `to_dev` (a `struct net_device *`) among its arguments.
+pub const RING_ARG_TO_DEV: usize = 1;
+/// Index of `drops` (frames the flush could not place) among them.
+pub const RING_ARG_DROPS: usize = 3;
+/// The ring watch's global that lbd sets at load: the byte offset of
+/// `ifindex` in this kernel's `struct net_device` (from its BTF); 0 keeps
+/// the watch idle.
+pub const IFINDEX_OFFSET_GLOBAL: &str = "NETDEV_IFINDEX_OFFSET";
 
 /// Handle major of lb's HTB shapers (`1b:`), on uplinks and LAN ports.
 pub const SHAPER_MAJOR: u32 = 0x1b;

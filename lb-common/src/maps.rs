@@ -43,9 +43,13 @@ pub mod name {
     pub const POLICIES6: &str = "POLICIES6";
     pub const PREFIXES6: &str = "PREFIXES6";
     pub const STICKY6: &str = "STICKY6";
+    /// Frames `XDP_REDIRECT` could not put into a device's full ring, by
+    /// the device's ifindex (`crate::egress`): lbd makes an entry for each
+    /// device lb sends to, and the ring watch counts into it.
+    pub const RING_DROPS: &str = "RING_DROPS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 31] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -76,6 +80,7 @@ pub mod name {
         POLICIES6,
         PREFIXES6,
         STICKY6,
+        RING_DROPS,
     ];
 }
 
@@ -98,6 +103,10 @@ pub mod program {
     /// The tc program that translates replies on an L3 uplink (no
     /// Ethernet header: XDP cannot serve it).
     pub const WAN_INGRESS_L3: &str = "wan_ingress_l3";
+    /// The raw tracepoint program on `xdp_devmap_xmit` that counts the
+    /// frames a device map flush could not put into a full ring (see
+    /// `crate::egress`).
+    pub const RING_WATCH: &str = "ring_watch";
 }
 
 /// Global knobs the daemon may change at run time (one entry, index 0).

@@ -64,8 +64,16 @@ pub const DROP_FOREIGN_SOURCE: u32 = 18;
 /// "fragmentation needed" with the uplink's MTU (path MTU discovery).
 pub const TOLD_TOO_BIG: u32 = 19;
 
+/// Forwarded with `XDP_REDIRECT`, then dropped by the device map because
+/// the target's transmit ring (a veth's: its peer's receive ring) was
+/// full. Not a verdict of lb's programs: counted after them, by the ring
+/// watch (the `xdp_devmap_xmit` tracepoint), for the devices lb sends to;
+/// lbd hands a device's packets to its queue while its ring overflows
+/// (see `crate::egress`).
+pub const DROP_RING_FULL: u32 = 20;
+
 /// Number of reasons.
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 21;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -93,4 +101,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_policy_unreachable",
     "drop_foreign_source",
     "told_too_big",
+    "drop_ring_full",
 ];

@@ -6,24 +6,37 @@
 //! Owns the hand-off note and nothing else: the decision and the rewrite
 //! are done before `send` and are the same on both paths. Never drops what
 //! it cannot hand over: a driver without XDP metadata gets the XDP path.
+//!
+//! Also the ring watch (`watch`): what `XDP_REDIRECT` lost to a full ring,
+//! per device, for lbd to hand that device to its queue while it
+//! overflows (`lb_common::egress` says why).
 
-use core::mem::size_of;
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    mem::size_of,
+};
 
 use aya_ebpf::{
     bindings::{xdp_action::XDP_PASS, xdp_action::XDP_REDIRECT, TC_ACT_UNSPEC},
-    helpers::{bpf_redirect, bpf_xdp_adjust_meta},
-    programs::{TcContext, XdpContext},
+    helpers::{bpf_probe_read_kernel, bpf_redirect, bpf_xdp_adjust_meta},
+    programs::{RawTracePointContext, TcContext, XdpContext},
     EbpfContext,
 };
 use lb_common::{
-    egress::{self, path, Egress, HandOff, HANDOFF_MAGIC},
+    egress::{self, path, Egress, HandOff, HANDOFF_MAGIC, RING_ARG_DROPS, RING_ARG_TO_DEV},
     reason,
 };
 
 use crate::{
-    maps::{EGRESS, EGRESS_ANY},
+    maps::{EGRESS, EGRESS_ANY, RING_DROPS},
     stats,
 };
+
+/// Byte offset of `ifindex` in this kernel's `struct net_device`: lbd
+/// sets it at load from the kernel's BTF
+/// ([`lb_common::egress::IFINDEX_OFFSET_GLOBAL`]); 0 keeps the watch idle.
+#[no_mangle]
+static NETDEV_IFINDEX_OFFSET: u32 = 0;
 
 /// Send the rewritten frame out of device `ifindex`: `redirect` does it
 /// the XDP way; a device whose qdisc counts gets a hand-off instead.
@@ -136,4 +149,41 @@ pub fn carry(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     redirect_tc(ctx, note.ifindex, note.priority)
+}
+
+/// The ring watch, on the `xdp_devmap_xmit` tracepoint (every device map
+/// flush, on every CPU, whoever redirected): frames the flush could not
+/// put into the target's ring are added to the target's `RING_DROPS`
+/// entry, and counted as `drop_ring_full`, when lbd made one for it (a
+/// device lb sends to); flushes that placed everything cost one test.
+#[inline(always)]
+pub fn watch(ctx: &RawTracePointContext) -> i32 {
+    // `int drops`: the low 32 bits of its argument slot.
+    let drops = ctx.arg::<u64>(RING_ARG_DROPS) as u32 as i32;
+    if drops <= 0 {
+        return 0;
+    }
+    // SAFETY: a read of a global that the loader may have rewritten.
+    let offset = unsafe { core::ptr::read_volatile(&NETDEV_IFINDEX_OFFSET) };
+    if offset == 0 {
+        return 0;
+    }
+    let dev = ctx.arg::<u64>(RING_ARG_TO_DEV);
+    // SAFETY: the helper checks the address; a bad one is an error.
+    let ifindex = unsafe {
+        bpf_probe_read_kernel((dev.wrapping_add(u64::from(offset))) as usize as *const u32)
+    };
+    let Ok(ifindex) = ifindex else {
+        return 0;
+    };
+    let Some(count) = RING_DROPS.get_ptr_mut(ifindex) else {
+        return 0;
+    };
+    let drops = drops as u64;
+    // SAFETY: a map value; flushes on other CPUs add to it at the same
+    // time, hence the atomic add (BPF's `lock xadd`: the target has no
+    // `AtomicU64::fetch_add`).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, drops) };
+    stats::count_many(reason::DROP_RING_FULL, drops);
+    0
 }

@@ -7,6 +7,13 @@
 #![no_main]
 // Kfunc calls are written out in assembly (see `conntrack`).
 #![feature(asm_experimental_arch)]
+// The ring watch adds to a shared counter with BPF's atomic add, which the
+// target has only as an intrinsic (see `egress::watch`).
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics: the BPF target has no AtomicU64::fetch_add"
+)]
 
 mod answer;
 mod conntrack;
@@ -27,8 +34,8 @@ mod wan6;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, raw_tracepoint, xdp},
+    programs::{RawTracePointContext, TcContext, XdpContext},
 };
 
 /// Packets from LAN clients: steer each connection to an uplink and send it.
@@ -65,6 +72,13 @@ pub fn handoff(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn wan_ingress_l3(ctx: TcContext) -> i32 {
     wan::ingress_l3(&ctx)
+}
+
+/// Every device map flush: counts what `XDP_REDIRECT` lost to a full
+/// ring, per device lb sends to (see `egress::watch`).
+#[raw_tracepoint(tracepoint = "xdp_devmap_xmit")]
+pub fn ring_watch(ctx: RawTracePointContext) -> i32 {
+    egress::watch(&ctx)
 }
 
 #[cfg(not(test))]

@@ -180,3 +180,10 @@ pub static EGRESS: HashMap<u32, Egress> = HashMap::with_max_entries(MAX_UPLINKS 
 /// pays for a hash lookup in it, only for this array's.
 #[map]
 pub static EGRESS_ANY: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Frames `XDP_REDIRECT` could not put into a device's full ring, by
+/// ifindex: lbd makes the entries (the devices lb sends to), the ring
+/// watch adds to them (see `egress::watch`). Not per-CPU: it is written
+/// once per device map flush that dropped, not per packet.
+#[map]
+pub static RING_DROPS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_UPLINKS + MAX_LANS, 0);

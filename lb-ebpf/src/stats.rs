@@ -12,6 +12,18 @@ pub fn count(reason: u32) {
     bump_reason(reason);
 }
 
+/// Count `reason` `n` times (frames lost after the programs' verdict,
+/// counted by the ring watch).
+#[inline(always)]
+pub fn count_many(reason: u32, n: u64) {
+    if let Some(c) = REASONS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot; the ring watch fires from device map
+        // flushes, in the same softirq as the XDP programs on this CPU,
+        // never in the middle of one.
+        unsafe { *c += n };
+    }
+}
+
 #[inline(always)]
 fn bump_reason(reason: u32) {
     if let Some(n) = REASONS.get_ptr_mut(reason) {

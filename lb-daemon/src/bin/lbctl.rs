@@ -509,10 +509,19 @@ fn print_status(s: &Status) {
         .iter()
         .filter_map(|u| u.egress.as_ref())
         .chain(&s.lan_egress)
-        .map(|e| format!("{} by {} ({})", e.device, e.path, e.why))
+        .map(|e| match e.ring_drops {
+            Some(n) if n > 0 => format!(
+                "{} by {} ({}; {n} frames lost to its full ring)",
+                e.device, e.path, e.why
+            ),
+            _ => format!("{} by {} ({})", e.device, e.path, e.why),
+        })
         .collect();
     if !egress.is_empty() {
         println!("egress: {}", egress.join("; "));
+    }
+    if let Some(why) = &s.no_ring_watch {
+        println!("ring watch: none ({why}): a full ring drops what XDP_REDIRECT sends it");
     }
     if !s.kernel_destinations.is_empty() {
         println!("left to the kernel: {}", s.kernel_destinations.join(" "));

@@ -131,6 +131,10 @@ pub struct Status {
     /// the kernel's.
     #[serde(default)]
     pub lan_prefix6: Option<String>,
+    /// Why there is no ring watch (`lb_common::egress`), if there is none:
+    /// devices then keep the path their qdiscs decide, full ring or not.
+    #[serde(default)]
+    pub no_ring_watch: Option<String>,
 }
 
 /// An uplink's IPv6 in `lbctl status`.
@@ -185,8 +189,14 @@ pub struct EgressStatus {
     pub device: String,
     /// `xdp` (straight into the device) or `qdisc` (through its qdisc).
     pub path: String,
-    /// Why: the qdisc that counts, or why none does.
+    /// Why: the qdisc that counts, or why none does, or that its ring
+    /// overflowed (and for how long it takes its queue).
     pub why: String,
+    /// Frames `XDP_REDIRECT` lost to its full ring, as the ring watch
+    /// counted them (since the data plane was built); none when not
+    /// watched.
+    #[serde(default)]
+    pub ring_drops: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -399,6 +399,19 @@ impl Collector for Snapshot {
             MetricType::Gauge,
             egress,
         )?;
+        let ring_drops = s
+            .uplinks
+            .iter()
+            .filter_map(|u| u.egress.as_ref())
+            .chain(&s.lan_egress)
+            .filter_map(|out| Some((vec![("device", out.device.clone())], out.ring_drops? as f64)));
+        family(
+            e,
+            "lb_egress_ring_drops",
+            "Frames XDP_REDIRECT lost to the device's full ring (it then takes its queue for a while)",
+            MetricType::Counter,
+            ring_drops,
+        )?;
         family(
             e,
             "lb_packets",
@@ -576,6 +589,7 @@ mod tests {
             lan_egress: Vec::new(),
             policies: Vec::new(),
             lan_prefix6: lan_prefix6.map(str::to_string),
+            no_ring_watch: None,
         }
     }
 

@@ -19,6 +19,7 @@ mod checks;
 mod explain;
 pub mod quota;
 pub mod reload;
+mod rings;
 mod round;
 pub mod run;
 mod status;
@@ -357,6 +358,15 @@ impl Daemon {
             }
         }
         let mut dataplane = Dataplane::load_pinned(config.flows.max, Some(&pins))?;
+        match dataplane.attach_ring_watch() {
+            Ok(()) => log::info!(
+                "ring watch on tracepoint {}: a device whose ring XDP_REDIRECT overflows takes its queue for a while",
+                lb_common::egress::RING_TRACEPOINT
+            ),
+            Err(why) => log::warn!(
+                "no ring watch ({why}): each device keeps the path its qdiscs decide, and a full ring drops what XDP_REDIRECT sends it"
+            ),
+        }
         let adopted = if found == Found::Adoptable {
             Some(dataplane.adopt()?)
         } else {

@@ -45,6 +45,11 @@ const QUOTA_INTERVAL: Duration = Duration::from_secs(1);
 /// suspicion.
 const PASSIVE_INTERVAL: Duration = Duration::from_millis(10);
 
+/// How often the ring watch's counts are read (one map lookup per device
+/// lb sends to): how long a device's ring may overflow before it takes
+/// its queue (see `reconcile::overflow`).
+const RING_INTERVAL: Duration = Duration::from_millis(10);
+
 /// How often the reconciler converges without being woken by the kernel:
 /// a safety net, and the pace of asking for unresolved gateways.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -83,6 +88,8 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
     let mut quota = tokio::time::interval(QUOTA_INTERVAL);
     let mut passive = tokio::time::interval(PASSIVE_INTERVAL);
     passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut rings = tokio::time::interval(RING_INTERVAL);
+    rings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // The collection walks the whole flow table with one syscall per entry:
     // it runs off the async runtime, one at a time, on handles of its own,
     // without holding the daemon. On a big table a walk takes seconds
@@ -138,6 +145,12 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
             _ = passive.tick() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = d.passive_tick() {
                     log::warn!("passive detection: reading the data plane's signals failed: {e:#}");
+                },
+                Err(_) => break,
+            },
+            _ = rings.tick() => match daemon.lock() {
+                Ok(mut d) => if let Err(e) = d.ring_tick() {
+                    log::warn!("ring watch: reading or applying its counts failed: {e:#}");
                 },
                 Err(_) => break,
             },

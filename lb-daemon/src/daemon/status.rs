@@ -25,6 +25,7 @@ impl Daemon {
             device: device.to_owned(),
             path: c.path().to_owned(),
             why: c.why.clone(),
+            ring_drops: self.egress.ring_drops(device),
         })
     }
 
@@ -192,6 +193,7 @@ impl Daemon {
                 .collect(),
             policies: self.policy_status()?,
             lan_prefix6: self.ipv6.lan().map(|(p, l)| format!("{p}/{l}")),
+            no_ring_watch: self.dataplane.ring_watch().err().map(str::to_owned),
         };
         Ok(StatusDraft {
             status,

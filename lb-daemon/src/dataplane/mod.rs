@@ -9,6 +9,7 @@ mod batch;
 pub mod flows;
 pub mod kfuncs;
 pub mod pins;
+pub mod ringwatch;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -26,12 +27,12 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, RawTracePoint, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    egress::Egress,
+    egress::{Egress, IFINDEX_OFFSET_GLOBAL, RING_TRACEPOINT},
     maps::{
         name, program, settings_flags, BucketTable, LanPort, PolicyStats, Settings, Signals,
         Uplink6, UplinkInfo, UplinkStats,
@@ -54,6 +55,9 @@ pub fn takers(table: &Table) -> u32 {
         .filter(|&&u| u != NO_UPLINK && u < 32)
         .fold(0, |bits, &u| bits | 1 << u)
 }
+
+/// `BPF_NOEXIST`: an update that only creates.
+const BPF_NOEXIST: u64 = 1;
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -102,6 +106,8 @@ pub struct Dataplane {
     settings: Settings,
     /// Where the maps and links are pinned, if they are.
     pins: Option<Pins>,
+    /// The ring watch (see `ringwatch`): loaded (`Ok`), or why not.
+    ring_watch: std::result::Result<bool, String>,
 }
 
 impl Dataplane {
@@ -126,6 +132,12 @@ impl Dataplane {
         for (map, path) in &paths {
             loader.map_pin_path(map, path.as_path());
         }
+        // The ring watch reads `ifindex` where this kernel keeps it; 0
+        // (unknown) keeps it idle, and it is then neither loaded nor
+        // attached.
+        let ifindex_offset = ringwatch::bind();
+        let offset = *ifindex_offset.as_ref().unwrap_or(&0);
+        loader.override_global(IFINDEX_OFFSET_GLOBAL, &offset, true);
         let (object, absent) = crate::dataplane::kfuncs::bind(OBJECT)?;
         if !absent.is_empty() {
             log::warn!(
@@ -143,6 +155,7 @@ impl Dataplane {
             policies: [[Policy::default(); MAX_POLICIES as usize]; 2],
             settings: Settings::default(),
             pins: pins.cloned(),
+            ring_watch: ifindex_offset.map(|_| false).map_err(|e| format!("{e:#}")),
         };
         for prog in [program::LAN_INGRESS, program::WAN_INGRESS] {
             dp.xdp(prog)?
@@ -154,7 +167,99 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
         }
+        if dp.ring_watch.is_ok() {
+            if let Err(e) = dp.raw_tp(program::RING_WATCH).and_then(|p| {
+                p.load().with_context(|| {
+                    format!(
+                        "the kernel's verifier refused program {}",
+                        program::RING_WATCH
+                    )
+                })
+            }) {
+                dp.ring_watch = Err(format!("{e:#}"));
+            }
+        }
         Ok(dp)
+    }
+
+    fn raw_tp(&mut self, prog: &str) -> Result<&mut RawTracePoint> {
+        self.ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the XDP object"))?
+            .try_into()
+            .with_context(|| format!("program {prog} is not a raw tracepoint program"))
+    }
+
+    /// Attach the ring watch to its tracepoint (for as long as this data
+    /// plane is loaded: it is lbd's eyes, not part of forwarding, and is
+    /// not pinned). `Err` says why there is none: lb then forwards as
+    /// before, every device on the path its qdiscs decide.
+    pub fn attach_ring_watch(&mut self) -> std::result::Result<(), String> {
+        match &self.ring_watch {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(why) => return Err(why.clone()),
+        }
+        let attached = self
+            .raw_tp(program::RING_WATCH)
+            .and_then(|p| Ok(p.attach(RING_TRACEPOINT)?))
+            .with_context(|| format!("attaching the ring watch to tracepoint {RING_TRACEPOINT}"));
+        self.ring_watch = attached.map(|_| true).map_err(|e| format!("{e:#}"));
+        self.ring_watch.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    /// Whether the ring watch is attached (counting), or why not.
+    pub fn ring_watch(&self) -> std::result::Result<bool, &str> {
+        self.ring_watch.as_ref().copied().map_err(String::as_str)
+    }
+
+    /// Let the ring watch count for exactly the devices `ifindexes` (the
+    /// devices lb sends to): their `RING_DROPS` entries are made (a count
+    /// kept from before is kept), others removed.
+    pub fn watch_rings(&mut self, ifindexes: &[u32]) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::RING_DROPS)
+            .context("map RING_DROPS missing")?;
+        let mut map: HashMap<&mut MapData, u32, u64> =
+            HashMap::try_from(m).context("map RING_DROPS has an unexpected type")?;
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !ifindexes.contains(i))
+            .collect();
+        for ifindex in stale {
+            missing_is_fine(map.remove(&ifindex))
+                .with_context(|| format!("removing ifindex {ifindex} from RING_DROPS"))?;
+        }
+        for &ifindex in ifindexes {
+            match map.insert(ifindex, 0, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("adding ifindex {ifindex} to RING_DROPS"))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Frames `XDP_REDIRECT` lost to device `ifindex`'s full ring, as the
+    /// ring watch counted them; `None` when it has no entry.
+    pub fn ring_drops(&self, ifindex: u32) -> Result<Option<u64>> {
+        let m = self
+            .ebpf
+            .map(name::RING_DROPS)
+            .context("map RING_DROPS missing")?;
+        let map: HashMap<&MapData, u32, u64> =
+            HashMap::try_from(m).context("map RING_DROPS has an unexpected type")?;
+        match map.get(&ifindex, 0) {
+            Ok(n) => Ok(Some(n)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading RING_DROPS of ifindex {ifindex}")),
+        }
     }
 
     /// Take over the state a pinned data plane holds: the classifier

@@ -8,6 +8,11 @@
 //! pure functions, so every rule is unit-tested. Running `tc` is the only
 //! side effect, in [`apply`] and [`remove`]; it never touches a qdisc that
 //! lbd did not make (handle `1b:`).
+//!
+//! A device on the XDP path whose ring overflows (the ring watch counts
+//! what `XDP_REDIRECT` lost there) takes the hand-off too, for a while:
+//! `overflow` says for how long, [`Owned::ring_reading`] applies it
+//! between rounds, and a round keeps it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,6 +24,7 @@ use std::{
 use crate::config::{Shape, MIN_RATE};
 
 use crate::observe::kernel::Qdisc;
+use crate::reconcile::overflow::Overflow;
 
 use anyhow::{bail, Context, Result};
 use lb_common::egress::{self as common, path, Egress, SHAPER_MAJOR};
@@ -461,6 +467,17 @@ pub struct Owned {
     /// The leaf kind this kernel takes, once known.
     leaf: Option<Leaf>,
     warned: BTreeSet<String>,
+    /// Each device's way out as its qdiscs decide it (name, choice), by
+    /// ifindex, as of the last round: what an overflow overrides and
+    /// gives back.
+    base: BTreeMap<u32, (String, Choice)>,
+    /// Why lb's tc program is missing, if it is (nothing can be handed
+    /// off then), as of the last round.
+    no_handoff: Option<String>,
+    /// How each device's ring fares (see `overflow`).
+    overflow: Overflow,
+    /// The devices whose ring the data plane watches, as last told.
+    watched: Vec<u32>,
 }
 
 impl Owned {
@@ -538,6 +555,8 @@ impl Owned {
 
         let mut writes = Vec::new();
         let mut seen = BTreeSet::new();
+        self.no_handoff = no_handoff.map(str::to_owned);
+        self.base.clear();
         for d in devices {
             let choice = match (no_handoff, d.bridge) {
                 (Some(why), _) => xdp(&format!("lb's tc program is missing ({why})")),
@@ -546,23 +565,11 @@ impl Owned {
                 (None, None) => decide(qdiscs, d.ifindex),
             };
             seen.insert(d.ifindex);
-            if self.written.get(&d.ifindex).copied() != choice.egress {
-                writes.push((d.ifindex, choice.egress));
-                match choice.egress {
-                    Some(e) => self.written.insert(d.ifindex, e),
-                    None => self.written.remove(&d.ifindex),
-                };
-            }
-            if self.choices.get(&d.name) != Some(&choice) {
-                log::info!(
-                    "{}: lb's packets leave by {}: {}",
-                    d.name,
-                    choice.path(),
-                    choice.why
-                );
-                self.choices.insert(d.name.clone(), choice);
-            }
+            self.base.insert(d.ifindex, (d.name.clone(), choice));
+            writes.extend(self.choose(d.ifindex));
         }
+        let ifindexes: Vec<u32> = seen.iter().copied().collect();
+        self.overflow.track(&ifindexes);
         let gone: Vec<u32> = self
             .written
             .keys()
@@ -592,6 +599,86 @@ impl Owned {
     /// write, so that the next convergence mends exactly what differs.
     pub fn seed(&mut self, entries: impl IntoIterator<Item = (u32, Egress)>) {
         self.written = entries.into_iter().collect();
+    }
+
+    /// Device `ifindex`'s way out now: its qdiscs' choice, or its queue
+    /// while its ring overflows (when it would be XDP, and lb's tc program
+    /// is there to hand off to). Written where it changed: the write for
+    /// the data plane, if any.
+    fn choose(&mut self, ifindex: u32) -> Option<(u32, Option<Egress>)> {
+        let (name, base) = self.base.get(&ifindex)?.clone();
+        let overflowing = self
+            .overflow
+            .queued(ifindex)
+            .filter(|_| base.egress.is_none() && self.no_handoff.is_none());
+        let choice = match overflowing {
+            Some(why) => Choice {
+                egress: Some(Egress {
+                    path: path::QDISC,
+                    shaper_major: 0,
+                    ifindex: 0,
+                }),
+                why,
+            },
+            None => base,
+        };
+        let write = (self.written.get(&ifindex).copied() != choice.egress).then(|| {
+            match choice.egress {
+                Some(e) => self.written.insert(ifindex, e),
+                None => self.written.remove(&ifindex),
+            };
+            (ifindex, choice.egress)
+        });
+        if self.choices.get(&name) != Some(&choice) {
+            log::info!(
+                "{name}: lb's packets leave by {}: {}",
+                choice.path(),
+                choice.why
+            );
+            self.choices.insert(name, choice);
+        }
+        write
+    }
+
+    /// The ring watch's count for device `ifindex` (frames `XDP_REDIRECT`
+    /// lost to its full ring), read at `now`: the device takes its queue
+    /// when its ring overflowed, and XDP again when its hold is over. The
+    /// write for the data plane, if its way out changed.
+    pub fn ring_reading(
+        &mut self,
+        ifindex: u32,
+        count: u64,
+        now: std::time::Instant,
+    ) -> Option<(u32, Option<Egress>)> {
+        self.overflow.observe(ifindex, count, now)?;
+        self.choose(ifindex)
+    }
+
+    /// The devices lb sends to, when they changed since last asked: the
+    /// data plane's ring watch is to count for these.
+    pub fn rings_to_watch(&mut self) -> Option<Vec<u32>> {
+        let now = self.overflow.devices();
+        (now != self.watched).then(|| {
+            self.watched = now.clone();
+            now
+        })
+    }
+
+    /// The devices lb sends to, whose rings are watched.
+    pub fn ring_devices(&self) -> Vec<u32> {
+        self.overflow.devices()
+    }
+
+    /// Frames `XDP_REDIRECT` lost to `device`'s full ring, as last read.
+    pub fn ring_drops(&self, device: &str) -> Option<u64> {
+        let (&ifindex, _) = self.base.iter().find(|(_, (name, _))| name == device)?;
+        self.overflow.count(ifindex)
+    }
+
+    /// Forget the ring watch's entries as told (the data plane lost them):
+    /// they are made again.
+    pub fn rewatch(&mut self) {
+        self.watched.clear();
     }
 }
 

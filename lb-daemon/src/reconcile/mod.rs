@@ -5,7 +5,9 @@
 //! sees a state that sends it to a dead uplink or out untranslated:
 //! uplink entries and states, bucket tables, the operator's rules and
 //! prefix sets, attachments (and what each LAN port is to the rules),
-//! bypass, qdiscs, routes and rules, nftables.
+//! bypass, qdiscs, routes and rules, nftables. `overflow` is not a kind
+//! but the hysteresis of one of egress's inputs (a device's ring that
+//! overflows), pure like the rest.
 
 pub mod attachments;
 pub mod buckets;
@@ -13,6 +15,7 @@ pub mod bypass;
 pub mod egress;
 pub mod ipv6;
 pub mod nftables;
+pub mod overflow;
 pub mod policies;
 pub mod routing;
 pub mod uplinks;
