@@ -51,6 +51,12 @@ impl Router {
     /// both with `extra` lines for each, waiting until lbd balances IPv6
     /// over both.
     fn up(extra: [&str; 2]) -> Result<Router> {
+        Self::up_with(extra, "")
+    }
+
+    /// [`Router::up`], with whole `sections` (policies, rules) in lbd's
+    /// configuration.
+    fn up_with(extra: [&str; 2], sections: &str) -> Result<Router> {
         let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
         let leaks = LanLeaks::install(&lab)?;
         let leaks6 = Leaks6::install(&lab, |isp| {
@@ -70,6 +76,7 @@ impl Router {
             lans: &["br-lan"],
             uplinks: &[(1, &one), (2, &two)],
             auto_gateway: true,
+            sections,
             ..LabConfig::default()
         }
         .render();
@@ -835,5 +842,142 @@ fn the_kernels_ipv6_leaves_by_the_best_uplink_in_service_and_moves_when_its_ipv6
     eprintln!(
         "isp2's IPv6 back: the client's fragmented datagrams went through isp2 again {returned:?} after the cut ended"
     );
+    router.finish()
+}
+
+/// The operator's rules place IPv6 flows as they place IPv4 ones, each
+/// policy on its uplinks' IPv6: a rule on an IPv6 prefix and port sends
+/// its flows by isp2 alone, a rule on an IPv4 prefix leaves IPv6 flows to
+/// the default balance, and once isp2's IPv6 is down (its IPv4 still up)
+/// the policy's `fallback = "unreachable"` refuses new IPv6 connections
+/// at once with ICMPv6 (the client's connect fails with "no route to
+/// host") rather than sending them elsewhere or into silence.
+#[test]
+fn ipv6_flows_follow_the_rules_and_a_policy_without_ipv6_refuses_them_at_once() -> Result<()> {
+    const FLOWS: usize = 60;
+    const RULED: u16 = 40100;
+    const OTHER: u16 = 40101;
+    if !require_root("ipv6_flows_follow_the_rules_and_a_policy_without_ipv6_refuses_them_at_once") {
+        return Ok(());
+    }
+    let sections = format!(
+        "[[policy]]\nname = \"via-isp2\"\nuplinks = [\"isp2\"]\nfallback = \"unreachable\"\n\n\
+         [[rule]]\nproto = \"tcp\"\ndst = \"2001:db8:ff::/48\"\ndst_port = {RULED}\n\
+         policy = \"via-isp2\"\n\n\
+         [[rule]]\nproto = \"tcp\"\ndst = \"198.51.100.0/24\"\ndst_port = {OTHER}\n\
+         policy = \"via-isp2\"\n"
+    );
+    let router = Router::up_with([PROBE6, PROBE6], &sections)?;
+    let lab = &router.lab;
+    let inet = lab.ns("inet")?;
+    let ruled = TcpEchoServer::start(inet, server(RULED))?;
+    let other = TcpEchoServer::start(inet, server(OTHER))?;
+    let watches = watch_isps(lab)?;
+    let client = router.client()?;
+
+    let flows = tcp_flows(client, ruled.local_addr(), FLOWS, FLOW_TIMEOUT)?;
+    all_ok("IPv6 TCP flows the rule sends by isp2", &flows)?;
+    let these: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
+    let by = split(&these, &watches)?;
+    eprintln!(
+        "{FLOWS} IPv6 flows to port {RULED} (rule 1, policy via-isp2): isp1 {}, isp2 {}",
+        by[0].len(),
+        by[1].len()
+    );
+    ensure!(
+        by[0].is_empty() && by[1].len() == FLOWS,
+        "the rule's flows should all leave by isp2: isp1 {}, isp2 {}",
+        by[0].len(),
+        by[1].len()
+    );
+    watches[0].clear()?;
+    watches[1].clear()?;
+    let flows = tcp_flows(client, other.local_addr(), FLOWS, FLOW_TIMEOUT)?;
+    all_ok("IPv6 TCP flows no IPv6 rule takes", &flows)?;
+    let these: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
+    let by = split(&these, &watches)?;
+    eprintln!(
+        "{FLOWS} IPv6 flows to port {OTHER} (rule 2 names IPv4 only): isp1 {}, isp2 {}",
+        by[0].len(),
+        by[1].len()
+    );
+    ensure!(
+        !by[0].is_empty() && !by[1].is_empty(),
+        "an IPv4-only rule must leave IPv6 flows to the default balance: isp1 {}, isp2 {}",
+        by[0].len(),
+        by[1].len()
+    );
+    let status = router.lbd.status()?;
+    let policy = status["policies"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "via-isp2"))
+        .context("policy via-isp2 not in status")?;
+    ensure!(
+        policy["taking6"] == serde_json::json!(["isp2"]),
+        "status should show via-isp2 taking IPv6 flows by isp2: {policy}"
+    );
+
+    // isp2 stops forwarding IPv6, silently; its IPv4 goes on.
+    lab.exec(
+        "isp2",
+        &[
+            "nft",
+            "add table ip6 cut; add chain ip6 cut forward { type filter hook forward priority 0; policy drop; }",
+        ],
+    )?;
+    let cut = Instant::now();
+    loop {
+        let status = router.lbd.status()?;
+        let isp2 = uplink_of(&status, "isp2").context("isp2 not in status")?;
+        if isp2["ipv6"]["state"] == "down" {
+            break;
+        }
+        ensure!(
+            cut.elapsed() < 3 * BOUND,
+            "isp2's IPv6 not down {:?} after the cut: {isp2}",
+            cut.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("isp2's IPv6 down {:?} after the cut", cut.elapsed());
+    watches[0].clear()?;
+    let told = |status: &Value| {
+        status["reasons"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r[0] == "drop_policy_unreachable"))
+            .and_then(|r| r[1].as_u64())
+            .unwrap_or(0)
+    };
+    let told_before = told(&router.lbd.status()?);
+    let started = Instant::now();
+    let refused = tcp_flows(client, ruled.local_addr(), 10, FLOW_TIMEOUT)?;
+    let took = started.elapsed();
+    let answers = told(&router.lbd.status()?) - told_before;
+    for flow in &refused {
+        let Err(e) = &flow.outcome else {
+            anyhow::bail!("a new flow of via-isp2 was answered with its IPv6 down");
+        };
+        let text = format!("{e:#}");
+        ensure!(
+            text.contains("os error 113"),
+            "a refused flow should fail with EHOSTUNREACH (ICMPv6 address unreachable): {text}"
+        );
+    }
+    // On a veth the first answer comes back while connect() still holds
+    // its socket, and Linux keeps it as a soft error; the SYN sent again
+    // a second later is answered too, and that one ends the connection.
+    eprintln!(
+        "10 new IPv6 connections of via-isp2 refused in {took:?} in all, {answers} ICMPv6 \
+         answers sent"
+    );
+    ensure!(
+        answers >= 10,
+        "lb counted {answers} ICMPv6 answers for 10 refused connections"
+    );
+    let ids: BTreeSet<(u8, u16)> = refused.iter().map(FlowResult::flow).collect();
+    let leaked = &watches[0].seen_flows()? & &ids;
+    ensure!(leaked.is_empty(), "refused flows reached isp1: {leaked:?}");
+    let flows = tcp_flows(client, other.local_addr(), 10, FLOW_TIMEOUT)?;
+    all_ok("IPv6 TCP flows of the default policy after the cut", &flows)?;
     router.finish()
 }
