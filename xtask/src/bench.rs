@@ -24,6 +24,9 @@
 //!   beside the kernel's way.
 //! - [`latency`]: a ping's round trip beside saturating uploads, with the
 //!   router's shaper and without.
+//! - [`scale`]: Mpps through the lab router with its work spread over two
+//!   CPUs (multi-queue veth), beside one, for the kernel's way, lb and a
+//!   bare redirect.
 //! - [`tcp`]: TCP goodput through the lab router (8 streams up, 8 down,
 //!   wire-size frames), the kernel's way, lb and a bare redirect, with
 //!   retransmits and every counter that says where frames were lost.
@@ -52,6 +55,8 @@ mod picture;
 mod prefixes;
 #[cfg(feature = "bench")]
 mod report;
+#[cfg(feature = "bench")]
+mod scale;
 #[cfg(feature = "bench")]
 mod tcp;
 
@@ -103,6 +108,9 @@ pub enum Part {
     Tcp,
     /// Packets per second through an L3 uplink (tun, WireGuard).
     L3,
+    /// Packets per second with the router's work on one CPU and on two
+    /// (multi-queue veth), and the scaling.
+    Scale,
 }
 
 #[cfg(feature = "bench")]
@@ -231,6 +239,10 @@ pub fn run(args: &Args) -> Result<()> {
     if args.measures(Part::L3) {
         println!("bench: packets per second through an L3 uplink (tun, wireguard-go)");
         report.l3 = l3::measure(args, cpu, &interrupted)?;
+    }
+    if args.measures(Part::Scale) {
+        println!("bench: packets per second with the router's work on 1 CPU and on 2");
+        report.scale = Some(scale::measure(args, cpu, &interrupted)?);
     }
     if args.measures(Part::Flows) {
         println!("bench: lbctl flows on {} flows", flows::FLOWS);

@@ -249,17 +249,22 @@ pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<
     Ok(results)
 }
 
-/// The lab with the benchmark's programs in place.
-struct Rig<'a> {
-    lab: &'a mut Lab,
+/// The lab with the benchmark's programs in place (scale.rs drives it too,
+/// with generators of its own: [`Rig::generator`]).
+pub(super) struct Rig<'a> {
+    pub(super) lab: &'a mut Lab,
     cpu: usize,
+    /// The MACs of the generator's frames: the client's eth0, the router's
+    /// lan0.
+    eth0: [u8; 6],
+    lan0: [u8; 6],
     /// `bench_gen` and the frame it starts from, for IPv4 and for IPv6
     /// (each its own object: its own stamp and sequence).
     gen: BenchObject,
     frame: Vec<u8>,
     gen6: BenchObject,
     frame6: Vec<u8>,
-    client_eth0: u32,
+    pub(super) client_eth0: u32,
     /// `bench_sink` on isp1's and isp2's down0 (each its own counter).
     sinks: [BenchObject; 2],
     /// `bench_redirect`, attached to lan0 only for its own windows.
@@ -267,7 +272,7 @@ struct Rig<'a> {
 }
 
 impl<'a> Rig<'a> {
-    fn new(lab: &'a mut Lab, flows: u32, cpu: usize) -> Result<Rig<'a>> {
+    pub(super) fn new(lab: &'a mut Lab, flows: u32, cpu: usize) -> Result<Rig<'a>> {
         let flows = u16::try_from(flows)
             .ok()
             .filter(|&f| u32::from(GEN_PORT_BASE) + u32::from(f) <= 20_000)
@@ -313,25 +318,7 @@ impl<'a> Rig<'a> {
             Ok(())
         })?;
 
-        let frame = Udp {
-            src_mac: eth0,
-            dst_mac: lan0,
-            src: [10, 10, 0, 2].into(),
-            dst: [198, 51, 100, 10].into(),
-            src_port: GEN_PORT_BASE,
-            dst_port: 9,
-            ttl: 64,
-        }
-        .frame();
-        let mut gen = BenchObject::load(&["bench_gen"])?;
-        gen.set_stamp(&Stamp::flows(&frame, flows, 1)?)?;
-        // One ordinary test run: the generator's frames must be right.
-        let (verdict, out) = object::run_once(gen.xdp("bench_gen")?, &frame)?;
-        ensure!(
-            verdict == XDP_TX,
-            "bench_gen returned {verdict}, not XDP_TX"
-        );
-        object::check_ipv4_udp(&out).context("bench_gen's frame")?;
+        let (gen, frame) = generator(eth0, lan0, GEN_PORT_BASE, flows)?;
 
         let frame6 = Udp6 {
             src_mac: eth0,
@@ -366,6 +353,8 @@ impl<'a> Rig<'a> {
         Ok(Rig {
             lab,
             cpu,
+            eth0,
+            lan0,
             gen,
             frame,
             gen6,
@@ -379,9 +368,29 @@ impl<'a> Rig<'a> {
     /// Set `way` up, measure one window, and take `way` down again.
     fn window(&mut self, way: Way, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
         match way {
+            Way::Kernel6 | Way::Lb6 => self.with_way(way, |rig| rig.traffic6(length, interrupted)),
+            _ => self.with_way(way, |rig| rig.traffic(length, interrupted)),
+        }
+    }
+
+    /// `bench_gen` making `flows` flows from source ports `first_port`
+    /// on, as the rig's own generator does, and its first frame: for
+    /// generators of their own (one per CPU in scale.rs).
+    pub(super) fn generator(&self, first_port: u16, flows: u16) -> Result<(BenchObject, Vec<u8>)> {
+        generator(self.eth0, self.lan0, first_port, flows)
+    }
+
+    /// Set `way` up, run `measure` on the rig, and take `way` down again
+    /// (also when `measure` failed; its error first).
+    pub(super) fn with_way<T>(
+        &mut self,
+        way: Way,
+        measure: impl FnOnce(&Rig<'a>) -> Result<T>,
+    ) -> Result<T> {
+        match way {
             Way::Kernel => {
                 kernel_on(self.lab)?;
-                let window = self.traffic(length, interrupted);
+                let window = measure(self);
                 first_error(window, kernel_off(self.lab))
             }
             Way::Lb => {
@@ -389,7 +398,7 @@ impl<'a> Rig<'a> {
                 // every probe, which would take both uplinks down); all else
                 // default: 5-tuple, 65,536 flows, NAT 20000-29999, 1:1.
                 let lbd = Lbd::start(self.lab, &LabConfig::default().render())?;
-                let window = self.traffic(length, interrupted);
+                let window = measure(self);
                 first_error(window, lbd.stop(self.lab))
             }
             Way::LbQdisc => {
@@ -399,7 +408,7 @@ impl<'a> Rig<'a> {
                     self.lab.exec("router", &args)?;
                 }
                 let lbd = Lbd::start(self.lab, &LabConfig::default().render())?;
-                let window = wait_qdisc_path(&lbd).and_then(|()| self.traffic(length, interrupted));
+                let window = wait_qdisc_path(&lbd).and_then(|()| measure(self));
                 let stopped = lbd.stop(self.lab);
                 let mut removed = Ok(String::new());
                 for dev in ["wan1", "wan2"] {
@@ -417,13 +426,13 @@ impl<'a> Rig<'a> {
                         .attach("lan0", XdpMode::Driver)
                         .context("attaching bench_redirect to lan0 (native)")
                 })?;
-                let window = self.traffic(length, interrupted);
+                let window = measure(self);
                 first_error(window, self.detach_bare(link))
             }
             Way::Kernel6 => {
                 // Half-done rules are removed with the lab if this fails.
                 kernel6_on(self.lab)?;
-                let window = self.traffic6(length, interrupted);
+                let window = measure(self);
                 first_error(window, kernel6_off(self.lab))
             }
             Way::Lb6 => {
@@ -441,7 +450,7 @@ impl<'a> Rig<'a> {
                 }
                 .render();
                 let lbd = Lbd::start(self.lab, &config)?;
-                let window = wait_ipv6(&lbd).and_then(|()| self.traffic6(length, interrupted));
+                let window = wait_ipv6(&lbd).and_then(|()| measure(self));
                 first_error(window, lbd.stop(self.lab))
             }
         }
@@ -489,22 +498,27 @@ impl<'a> Rig<'a> {
             let rate = frames as f64 * 1e9 / busy_ns.max(1) as f64;
             let repeat =
                 (rate * length.as_secs_f64()).clamp(f64::from(GEN_CHUNK), f64::from(u32::MAX));
-            let before = self.sample(object)?;
+            let before = self.sample(&[object])?;
             live_run(gen, frame, &md, repeat as u32, interrupted)?;
-            let after = self.sample(object)?;
+            let after = self.sample(&[object])?;
             Ok((before, after))
         })?;
         after.since(&before, self.cpu)
     }
 
-    fn sample(&self, gen: &BenchObject) -> Result<Sample> {
+    /// The sinks' and generators' counters and the CPU times, now.
+    pub(super) fn sample(&self, gens: &[&BenchObject]) -> Result<Sample> {
+        let mut generated = 0;
+        for gen in gens {
+            generated += gen.counter("SEQ")?;
+        }
         Ok(Sample {
             at: Instant::now(),
             sinks: [
                 self.sinks[0].counter("SINK")?,
                 self.sinks[1].counter("SINK")?,
             ],
-            generated: gen.counter("SEQ")?,
+            generated,
             cpus: cpu_times()?,
         })
     }
@@ -596,10 +610,40 @@ fn wait_qdisc_path(lbd: &Lbd) -> Result<()> {
 
 /// The window, unless measuring it or taking its way down again failed
 /// (the measurement's error first).
-fn first_error(window: Result<Window>, teardown: Result<()>) -> Result<Window> {
+fn first_error<T>(window: Result<T>, teardown: Result<()>) -> Result<T> {
     let window = window?;
     teardown?;
     Ok(window)
+}
+
+/// `bench_gen` loaded to make `flows` UDP flows from the client (source
+/// ports `first_port` on, to the discard port of the internet host), and
+/// its first frame, checked with one ordinary test run.
+pub(super) fn generator(
+    eth0: [u8; 6],
+    lan0: [u8; 6],
+    first_port: u16,
+    flows: u16,
+) -> Result<(BenchObject, Vec<u8>)> {
+    let frame = Udp {
+        src_mac: eth0,
+        dst_mac: lan0,
+        src: [10, 10, 0, 2].into(),
+        dst: [198, 51, 100, 10].into(),
+        src_port: first_port,
+        dst_port: 9,
+        ttl: 64,
+    }
+    .frame();
+    let mut gen = BenchObject::load(&["bench_gen"])?;
+    gen.set_stamp(&Stamp::flows(&frame, flows, 1)?)?;
+    let (verdict, out) = object::run_once(gen.xdp("bench_gen")?, &frame)?;
+    ensure!(
+        verdict == XDP_TX,
+        "bench_gen returned {verdict}, not XDP_TX"
+    );
+    object::check_ipv4_udp(&out).context("bench_gen's frame")?;
+    Ok((gen, frame))
 }
 
 /// `ip neigh replace IP lladdr MAC dev DEV nud permanent` on `host`.
@@ -853,7 +897,7 @@ fn snpt_counted(lab: &Lab) -> Result<()> {
 }
 
 /// Counters and CPU times at one instant.
-struct Sample {
+pub(super) struct Sample {
     at: Instant,
     sinks: [u64; 2],
     generated: u64,
@@ -862,6 +906,13 @@ struct Sample {
 
 impl Sample {
     fn since(&self, before: &Sample, cpu: usize) -> Result<Window> {
+        self.since_on(before, &[cpu])
+    }
+
+    /// The window from `before` to this sample, with generators (and so the
+    /// router's softirq work) on `cpus`: their times are summed, and the
+    /// shares are of those CPUs' time together.
+    pub(super) fn since_on(&self, before: &Sample, cpus: &[usize]) -> Result<Window> {
         let secs = (self.at - before.at).as_secs_f64();
         let isp1 = self.sinks[0] - before.sinks[0];
         let isp2 = self.sinks[1] - before.sinks[1];
@@ -870,12 +921,16 @@ impl Sample {
         let generated = self.generated - before.generated;
         // cpus[0] is the "cpu" line (all CPUs), cpus[1 + n] is CPU n.
         let all = self.cpus[0].since(&before.cpus[0]);
-        let mine = self
-            .cpus
-            .get(1 + cpu)
-            .zip(before.cpus.get(1 + cpu))
-            .map(|(a, b)| a.since(b))
-            .with_context(|| format!("CPU {cpu} missing from /proc/stat"))?;
+        let mut mine = CpuTimes::default();
+        for &cpu in cpus {
+            let times = self
+                .cpus
+                .get(1 + cpu)
+                .zip(before.cpus.get(1 + cpu))
+                .map(|(a, b)| a.since(b))
+                .with_context(|| format!("CPU {cpu} missing from /proc/stat"))?;
+            mine = mine.plus(&times);
+        }
         let tick_ns = 1e9 / ticks_per_second()?;
         let pct = |part: u64, whole: u64| 100.0 * part as f64 / whole.max(1) as f64;
         Ok(Window {
@@ -905,6 +960,15 @@ pub(super) struct CpuTimes {
 }
 
 impl CpuTimes {
+    fn plus(&self, other: &CpuTimes) -> CpuTimes {
+        CpuTimes {
+            total: self.total + other.total,
+            idle: self.idle + other.idle,
+            system: self.system + other.system,
+            softirq: self.softirq + other.softirq,
+        }
+    }
+
     pub(super) fn since(&self, before: &CpuTimes) -> CpuTimes {
         CpuTimes {
             total: self.total - before.total,

@@ -48,10 +48,10 @@ use lb_tests::{daemon::Lbd, in_netns, wireguard, Lab, LabDesc};
 
 use super::{
     forward::{
-        cpu_times, generator_thread, live_run, mac, ticks_per_second, xdp_md, CpuTimes, GEN_CHUNK,
-        GEN_PORT_BASE, WARMUP, XDP_TX,
+        cpu_times, generator, generator_thread, live_run, mac, ticks_per_second, xdp_md, CpuTimes,
+        GEN_CHUNK, GEN_PORT_BASE, WARMUP,
     },
-    object::{self, BenchObject, Stamp, Udp},
+    object::BenchObject,
     Args,
 };
 
@@ -337,24 +337,7 @@ impl<'a> Rig<'a> {
         let wg_pid = wireguard_pid(&tunnel.ifname)?;
         pin_process(wg_pid, far_cpu)?;
 
-        let frame = Udp {
-            src_mac: eth0,
-            dst_mac: lan0,
-            src: [10, 10, 0, 2].into(),
-            dst: [198, 51, 100, 10].into(),
-            src_port: GEN_PORT_BASE,
-            dst_port: 9,
-            ttl: 64,
-        }
-        .frame();
-        let mut gen = BenchObject::load(&["bench_gen"])?;
-        gen.set_stamp(&Stamp::flows(&frame, flows, 1)?)?;
-        let (verdict, out) = object::run_once(gen.xdp("bench_gen")?, &frame)?;
-        ensure!(
-            verdict == XDP_TX,
-            "bench_gen returned {verdict}, not XDP_TX"
-        );
-        object::check_ipv4_udp(&out).context("bench_gen's frame")?;
+        let (gen, frame) = generator(eth0, lan0, GEN_PORT_BASE, flows)?;
 
         Ok(Rig {
             lab,

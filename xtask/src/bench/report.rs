@@ -48,6 +48,7 @@ pub struct Report {
     pub latency: Vec<super::latency::WayRtts>,
     pub tcp: Vec<super::tcp::WayRuns>,
     pub l3: Vec<super::l3::WayResult>,
+    pub scale: Option<super::scale::Scale>,
 }
 
 /// The machine, as it was before the run.
@@ -110,6 +111,7 @@ impl Report {
             latency: Vec::new(),
             tcp: Vec::new(),
             l3: Vec::new(),
+            scale: None,
         })
     }
 
@@ -148,6 +150,9 @@ impl Report {
         }
         if !self.l3.is_empty() {
             self.l3_table(&mut md);
+        }
+        if let Some(scale) = &self.scale {
+            scale.markdown(&mut md);
         }
         self.meaning(&mut md);
         md
