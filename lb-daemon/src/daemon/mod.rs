@@ -303,6 +303,8 @@ pub struct Daemon {
     counted_before: nftables::Counted,
     /// The slow path's uplink as the kernel's rules have it.
     slow_path_applied: Option<usize>,
+    /// The same for the kernel's IPv6.
+    slow_path6_applied: Option<usize>,
     watchers: Watchers,
     health_tx: mpsc::Sender<HealthEvent>,
     local_ports: (u16, u16),
@@ -410,6 +412,7 @@ impl Daemon {
             slowpath: None,
             counted_before: nftables::Counted::default(),
             slow_path_applied: None,
+            slow_path6_applied: None,
             watchers: links.watchers(),
             health_tx,
             local_ports,

@@ -22,7 +22,7 @@ use crate::{
     health::State as Health,
     observe::facts::Facts,
     observe::kernel::Observed,
-    observe::netlink,
+    observe::{conntrack, netlink},
     reconcile::attachments,
     reconcile::buckets::{Candidate, PolicyWant},
     reconcile::bypass,
@@ -117,6 +117,8 @@ impl Daemon {
         Ok(Converged {
             routing: routing::changes(observed, &self.wanted_routing()),
             slow_path_uplink: self.slow_path_uplink(),
+            slow_path_uplink6: self.slow_path_uplink6(),
+            lan6: self.lan6,
             slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
         })
     }
@@ -698,6 +700,8 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     let Converged {
         routing,
         slow_path_uplink,
+        slow_path_uplink6,
+        lan6,
         slowpath,
     } = tokio::task::block_in_place(|| lock()?.converge(&observed))?;
     let errors = if routing.is_empty() {
@@ -714,9 +718,41 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         lock()?.slowpath_applied(wanted, &counted);
     }
     if errors.is_empty() {
-        lock()?.slow_path_applied = slow_path_uplink;
+        let moved6 = {
+            let mut d = lock()?;
+            d.slow_path_applied = slow_path_uplink;
+            let before = std::mem::replace(&mut d.slow_path6_applied, slow_path_uplink6);
+            before.is_some() && before != slow_path_uplink6
+        };
+        if let (true, Some(lan)) = (moved6, lan6) {
+            tokio::task::block_in_place(|| forget_leaving6(lan));
+        }
     }
     Ok(errors)
+}
+
+/// The kernel's IPv6 now leaves by another uplink: the LAN's connections
+/// it forwarded are forgotten by conntrack, so that each one's next
+/// packet starts anew, translated for the new uplink. (A prefix SNAT
+/// keeps a connection's first translation whatever way it later leaves;
+/// the old one would leave by the new uplink with the old uplink's
+/// prefix, which the guard drops, until conntrack gave it up, minutes
+/// later. Forgetting costs nothing more: conntrack picks a connection up
+/// from its next packet.)
+fn forget_leaving6(lan: crate::reconcile::ipv6::Prefix6) {
+    let forgotten = conntrack::all6()
+        .map(|all| conntrack::leaving(&all, lan))
+        .and_then(|leaving| conntrack::forget(&leaving));
+    match forgotten {
+        Ok(n) => log::info!(
+            "IPv6 slow path moved: conntrack forgot {n} of the LAN's connections, to be \
+             translated for the new uplink"
+        ),
+        Err(e) => log::warn!(
+            "IPv6 slow path moved, but its old connections could not be forgotten: {e:#}; \
+             they recover when conntrack drops them"
+        ),
+    }
 }
 
 /// What a convergence leaves to be done outside the daemon's lock.
@@ -724,6 +760,9 @@ pub struct Converged {
     pub routing: routing::Changes,
     /// The slow path's uplink that `routing` puts in place.
     pub slow_path_uplink: Option<usize>,
+    /// The same for the kernel's IPv6, and the LAN's prefix then.
+    pub slow_path_uplink6: Option<usize>,
+    pub lan6: Option<crate::reconcile::ipv6::Prefix6>,
     /// lb's nftables table, when it must change.
     pub slowpath: Option<nftables::Wanted>,
 }

@@ -7,8 +7,14 @@
 //! forward (its original destination is not where the packet comes from),
 //! and the uplink it came in on (lbd's connmark, see `slowpath`). The
 //! request and the reading of the answer are pure and tested without a
-//! kernel. Both families: the tuple's addresses say which. It never
-//! changes a connection.
+//! kernel. Both families: the tuple's addresses say which.
+//!
+//! It changes a connection in one way only, [`forget`]: when lbd moves
+//! the kernel's IPv6 to another uplink, the LAN's connections the kernel
+//! translated for the old one are forgotten, so that their next packet
+//! starts a new connection, translated for the new uplink (IPv6's prefix
+//! translation, unlike IPv4's masquerade, never lets go of a connection
+//! whose way out changed).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -19,6 +25,8 @@ use crate::observe::nlmsg::{self, NLA_F_NESTED, NLM_F_REQUEST};
 
 /// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET`.
 const CT_GET: u16 = (1 << 8) | 1;
+/// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE`.
+const CT_DELETE: u16 = (1 << 8) | 2;
 const NFNETLINK_V0: u8 = 0;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -67,6 +75,12 @@ impl Connection {
 /// The request for the connection `tuple` belongs to (either direction:
 /// conntrack finds a connection by the tuples of both).
 fn request(tuple: &Tuple, seq: u32) -> Vec<u8> {
+    about(CT_GET, NLM_F_REQUEST, tuple, seq)
+}
+
+/// A message of `kind` about the connection whose original tuple is
+/// `tuple`.
+fn about(kind: u16, flags: u16, tuple: &Tuple, seq: u32) -> Vec<u8> {
     let octets = |a: IpAddr| match a {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
@@ -92,8 +106,8 @@ fn request(tuple: &Tuple, seq: u32) -> Vec<u8> {
     ]
     .concat();
     nlmsg::message(
-        CT_GET,
-        NLM_F_REQUEST,
+        kind,
+        flags,
         seq,
         [family, NFNETLINK_V0, 0, 0],
         &[(CTA_TUPLE_ORIG | NLA_F_NESTED, &orig)],
@@ -188,9 +202,108 @@ pub fn lookup(tuple: &Tuple) -> Result<Option<Connection>> {
     }
 }
 
+/// Every IPv6 connection conntrack holds (blocking: one dump).
+pub fn all6() -> Result<Vec<Connection>> {
+    let socket = nlmsg::open(NETLINK_NETFILTER).context("ctnetlink")?;
+    let request = nlmsg::message(
+        CT_GET,
+        NLM_F_REQUEST | nlmsg::NLM_F_DUMP,
+        1,
+        [AF_INET6, NFNETLINK_V0, 0, 0],
+        &[],
+    );
+    nlmsg::dump(&socket, &request)
+        .context("dumping conntrack's IPv6 connections")?
+        .iter()
+        .map(|m| connection(m))
+        .collect()
+}
+
+/// The LAN's connections the kernel forwards out: from `lan`'s prefix to
+/// a global address outside it (not the router, not the LAN itself).
+pub fn leaving(connections: &[Connection], lan: (Ipv6Addr, u8)) -> Vec<Tuple> {
+    let inside = |a: IpAddr| match a {
+        IpAddr::V6(a) => crate::observe::kernel6::within((a, 128), lan),
+        IpAddr::V4(_) => false,
+    };
+    let global = |a: IpAddr| match a {
+        IpAddr::V6(a) => !lb_common::kernels_scope6(&a.octets()),
+        IpAddr::V4(_) => false,
+    };
+    connections
+        .iter()
+        .map(|c| c.original)
+        .filter(|t| inside(t.src) && !inside(t.dst) && global(t.dst))
+        .collect()
+}
+
+/// Make conntrack forget each connection of `tuples` (by original
+/// tuple); one that is gone already is no error. Returns how many were
+/// forgotten.
+pub fn forget(tuples: &[Tuple]) -> Result<usize> {
+    let socket = nlmsg::open(NETLINK_NETFILTER).context("ctnetlink")?;
+    let mut forgotten = 0;
+    for (seq, t) in tuples.iter().enumerate() {
+        let msg = about(
+            CT_DELETE,
+            NLM_F_REQUEST | nlmsg::NLM_F_ACK,
+            t,
+            seq as u32 + 1,
+        );
+        match nlmsg::ask(&socket, &msg).and_then(|reply| nlmsg::reply_attributes(&reply).map(drop))
+        {
+            Ok(()) => forgotten += 1,
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.raw_os_error() == Some(libc::ENOENT)) => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "making conntrack forget {}:{} -> {}:{}",
+                        t.src, t.src_port, t.dst, t.dst_port
+                    )
+                })
+            }
+        }
+    }
+    Ok(forgotten)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lans_forwarded_ipv6_connections_are_told_from_the_rest() {
+        let a = |s: &str| -> IpAddr { s.parse().expect("an address") };
+        let c = |src: &str, dst: &str| {
+            let t = Tuple {
+                src: a(src),
+                dst: a(dst),
+                src_port: 1000,
+                dst_port: 2000,
+                proto: 50,
+            };
+            Connection {
+                original: t,
+                reply: t,
+                mark: 0,
+            }
+        };
+        let lan = ("2001:db8:1:1000::".parse().expect("v6"), 64);
+        let all = [
+            c("2001:db8:1:1000::5", "2001:db8:ff::10"),
+            c("2001:db8:1:1000::5", "2001:db8:1:1000::1"),
+            c("2001:db8:1:1000::5", "ff02::1"),
+            c("2001:db8:ff::10", "2001:db8:1:1000::5"),
+            c("2001:db8:1:ffff::2", "2001:db8:ff::10"),
+        ];
+        let out = leaving(&all, lan);
+        assert_eq!(out, [all[0].original], "only the LAN's, to the internet");
+        let req = about(CT_DELETE, NLM_F_REQUEST | nlmsg::NLM_F_ACK, &out[0], 1);
+        assert_eq!(u16::from_ne_bytes([req[4], req[5]]), CT_DELETE);
+        assert_eq!(req[16], AF_INET6);
+    }
 
     fn t(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Tuple {
         Tuple {

@@ -11,7 +11,12 @@ use anyhow::{Context, Result};
 use netlink_sys::{Socket, SocketAddr};
 
 pub const NLM_F_REQUEST: u16 = 0x1;
+/// Ask for an acknowledgement (an error message with errno 0).
+pub const NLM_F_ACK: u16 = 0x4;
+/// A dump: every object of the kind, in as many messages as it takes.
+pub const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 0x2;
+const NLMSG_DONE: u16 = 0x3;
 const NLMSG_HEADER: usize = 16;
 /// The family header after the netlink header (genl's command and version,
 /// nfnetlink's family, version and resource id).
@@ -82,6 +87,10 @@ pub fn reply_attributes(reply: &[u8]) -> Result<Vec<(u16, &[u8])>> {
                 .context("a short netlink error")?
                 .try_into()?,
         );
+        // Errno 0 is an acknowledgement (`NLM_F_ACK`): no attributes.
+        if errno == 0 {
+            return Ok(Vec::new());
+        }
         // The io::Error itself, not its text: callers tell errnos apart
         // (conntrack's ENOENT is "no such connection").
         return Err(std::io::Error::from_raw_os_error(-errno).into());
@@ -105,6 +114,47 @@ pub fn ask(socket: &Socket, msg: &[u8]) -> Result<Vec<u8>> {
     socket.send(msg, 0).context("sending a netlink request")?;
     let (reply, _) = socket.recv_from_full().context("reading a netlink reply")?;
     Ok(reply)
+}
+
+/// The messages in one datagram of a reply, each whole (headers too).
+pub fn messages(mut datagram: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while datagram.len() >= NLMSG_HEADER {
+        let len = u32::from_ne_bytes(datagram[0..4].try_into()?) as usize;
+        if len < NLMSG_HEADER {
+            anyhow::bail!("a netlink message of {len} bytes");
+        }
+        out.push(datagram.get(..len).context("a truncated netlink message")?);
+        datagram = datagram.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    Ok(out)
+}
+
+/// A message's type.
+fn kind(msg: &[u8]) -> u16 {
+    msg.get(4..6)
+        .map_or(0, |k| u16::from_ne_bytes([k[0], k[1]]))
+}
+
+/// Send the dump request `msg` and read every message of the answer up to
+/// the kernel's "done"; the kernel's error if it sends one.
+pub fn dump(socket: &Socket, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
+    socket
+        .send(msg, 0)
+        .context("sending a netlink dump request")?;
+    let mut out = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full().context("reading a netlink dump")?;
+        for m in messages(&datagram)? {
+            match kind(m) {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    reply_attributes(m)?;
+                }
+                _ => out.push(m.to_vec()),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +207,32 @@ mod tests {
             "the errno, for callers to tell apart"
         );
         assert!(reply_attributes(&[1, 2, 3]).is_err(), "short");
+    }
+
+    #[test]
+    fn an_acknowledgement_is_no_error() {
+        let ack = message(NLMSG_ERROR, 0, 1, 0i32.to_ne_bytes(), &[]);
+        assert_eq!(reply_attributes(&ack).expect("an ack").len(), 0);
+        let enoent = message(NLMSG_ERROR, 0, 1, (-libc::ENOENT).to_ne_bytes(), &[]);
+        let e = reply_attributes(&enoent).expect_err("an error");
+        assert_eq!(
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|e| e.raw_os_error()),
+            Some(libc::ENOENT)
+        );
+    }
+
+    #[test]
+    fn a_dumps_datagram_splits_into_its_messages() {
+        let a = message(0x100, 2, 1, [10, 0, 0, 0], &[(1, &[1, 2, 3])]);
+        let b = message(0x100, 2, 1, [10, 0, 0, 0], &[(2, &[4; 8])]);
+        let done = message(NLMSG_DONE, 2, 1, [0; 4], &[]);
+        let datagram = [a.clone(), b.clone(), done].concat();
+        let found = messages(&datagram).expect("splits");
+        assert_eq!(found, [&a[..], &b[..], &datagram[a.len() + b.len()..]]);
+        assert_eq!(kind(found[2]), NLMSG_DONE);
+        let mut bad = a.clone();
+        bad[0..4].copy_from_slice(&8u32.to_ne_bytes());
+        assert!(messages(&bad).is_err(), "a length below the header's");
     }
 }
