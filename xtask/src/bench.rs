@@ -27,6 +27,9 @@
 //! - [`scale`]: Mpps through the lab router with its work spread over two
 //!   CPUs (multi-queue veth), beside one, for the kernel's way, lb and a
 //!   bare redirect.
+//! - [`clients`]: 60,000 client addresses opening 200,000 flows through
+//!   lbd: new flows per second, the spread against the weights, NAT
+//!   failures, every translation checked, and the tables' memory.
 //! - [`tcp`]: TCP goodput through the lab router (8 streams up, 8 down,
 //!   wire-size frames), the kernel's way, lb and a bare redirect, with
 //!   retransmits and every counter that says where frames were lost.
@@ -35,6 +38,8 @@
 //! - [`picture`]: the failover as an SVG of per-uplink throughput.
 //! - [`report`]: the tables, and BENCHMARKS.md.
 
+#[cfg(feature = "bench")]
+mod clients;
 #[cfg(feature = "bench")]
 mod cost;
 #[cfg(feature = "bench")]
@@ -111,6 +116,9 @@ pub enum Part {
     /// Packets per second with the router's work on one CPU and on two
     /// (multi-queue veth), and the scaling.
     Scale,
+    /// 60,000 clients opening 200,000 flows: new flows per second, spread,
+    /// NAT failures, memory.
+    Clients,
 }
 
 #[cfg(feature = "bench")]
@@ -243,6 +251,14 @@ pub fn run(args: &Args) -> Result<()> {
     if args.measures(Part::Scale) {
         println!("bench: packets per second with the router's work on 1 CPU and on 2");
         report.scale = Some(scale::measure(args, cpu, &interrupted)?);
+    }
+    if args.measures(Part::Clients) {
+        println!(
+            "bench: {} clients opening {} flows through lbd",
+            clients::CLIENTS,
+            clients::FLOWS
+        );
+        report.clients = Some(clients::measure(args, cpu, &interrupted)?);
     }
     if args.measures(Part::Flows) {
         println!("bench: lbctl flows on {} flows", flows::FLOWS);

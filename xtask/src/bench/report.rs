@@ -49,6 +49,7 @@ pub struct Report {
     pub tcp: Vec<super::tcp::WayRuns>,
     pub l3: Vec<super::l3::WayResult>,
     pub scale: Option<super::scale::Scale>,
+    pub clients: Option<super::clients::Clients>,
 }
 
 /// The machine, as it was before the run.
@@ -112,6 +113,7 @@ impl Report {
             tcp: Vec::new(),
             l3: Vec::new(),
             scale: None,
+            clients: None,
         })
     }
 
@@ -153,6 +155,9 @@ impl Report {
         }
         if let Some(scale) = &self.scale {
             scale.markdown(&mut md);
+        }
+        if let Some(clients) = &self.clients {
+            clients.markdown(&mut md);
         }
         self.meaning(&mut md);
         md
