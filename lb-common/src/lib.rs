@@ -30,6 +30,13 @@ const _: () = assert!(BUCKETS.is_power_of_two());
 /// Most uplinks one router can have; sizes the per-uplink maps.
 pub const MAX_UPLINKS: u32 = 16;
 
+/// Interface indexes below this find their uplink in an array (map
+/// `UPLINK_AT_IFINDEX`: one load, where a hash lookup costs a reply about
+/// ten nanoseconds); a router's interfaces are numbered from 1 up, so all
+/// but a router with thousands of interfaces are there. Larger ones are
+/// in `UPLINK_BY_IFINDEX`, a hash map.
+pub const IFINDEX_SLOTS: u32 = 4096;
+
 /// Most LAN interfaces one router can have.
 pub const MAX_LANS: u32 = 16;
 

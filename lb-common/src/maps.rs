@@ -13,6 +13,9 @@ pub mod name {
     pub const BUCKETS: &str = "BUCKETS";
     pub const UPLINKS: &str = "UPLINKS";
     pub const UPLINK_BY_IFINDEX: &str = "UPLINK_BY_IFINDEX";
+    /// The same for interface indexes below [`crate::IFINDEX_SLOTS`], as an
+    /// array: uplink index + 1, 0 for none.
+    pub const UPLINK_AT_IFINDEX: &str = "UPLINK_AT_IFINDEX";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const LAN_PORTS: &str = "LAN_PORTS";
     pub const FLOWS: &str = "FLOWS";
@@ -91,7 +94,8 @@ pub mod name {
 pub const LAYOUT: u32 = 7;
 // (6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
-// per policy, Settings::live_policies6.)
+// per policy, Settings::live_policies6; NatValue::touched;
+// UPLINK_AT_IFINDEX.)
 
 /// Program names in the XDP object.
 pub mod program {
@@ -340,6 +344,22 @@ pub struct NatValue {
     pub lan_ifindex: u32,
     /// The uplink the mapping belongs to.
     pub uplink: u32,
+    /// When a reply last refreshed its flow's entry, in [`reply_tick`]s
+    /// (wrapping): a reply refreshes the flow table at most once a tick,
+    /// or at once when its TCP flags move the flow's state.
+    pub touched: u32,
+}
+
+/// A reply refreshes its flow's `last_seen_ns` at most once in 2^this
+/// nanoseconds of the coarse clock (2^28: 268 ms, well below the shortest
+/// flow timeout the configuration takes, 1 s): a busy download's replies
+/// then cost a few flow-table lookups a second, not one a packet.
+pub const REPLY_TICK_SHIFT: u32 = 28;
+
+/// `now_ns` in reply ticks (see [`NatValue::touched`]).
+#[inline(always)]
+pub const fn reply_tick(now_ns: u64) -> u32 {
+    (now_ns >> REPLY_TICK_SHIFT) as u32
 }
 
 /// Key of the fragment table: one IPv4 datagram in flight, as its
@@ -495,7 +515,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowValue>() == 16);
     assert!(core::mem::size_of::<NatKey>() == 16);
-    assert!(core::mem::size_of::<NatValue>() == 28);
+    assert!(core::mem::size_of::<NatValue>() == 32);
     assert!(core::mem::size_of::<UplinkStats>() == 64);
     assert!(core::mem::size_of::<Signals>() == 40);
     assert!(core::mem::size_of::<FragKey>() == 12);

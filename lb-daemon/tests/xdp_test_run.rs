@@ -2280,3 +2280,69 @@ policy = "one"
     );
     assert!(l4_checksum_ok6(&out), "ICMPv6 checksum verifies");
 }
+
+/// An uplink whose interface index is past the array's slots
+/// (`lb_common::IFINDEX_SLOTS`) is found in the hash map instead: its
+/// replies are translated back all the same, and once its index is
+/// forgotten they are the kernel's.
+#[test]
+fn an_uplink_with_a_large_interface_index_has_its_replies_translated() {
+    if !is_root() {
+        return;
+    }
+    in_new_netns(|| {
+        let big = lb_common::IFINDEX_SLOTS + 904;
+        run_here(&[
+            "ip",
+            "link",
+            "add",
+            "big0",
+            "index",
+            &big.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "big1",
+        ]);
+        run_here(&["ip", "link", "set", "big0", "up"]);
+        let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+        h.dp.set_uplink(
+            1,
+            &UplinkInfo {
+                ifindex: big,
+                ..uplink_info(2, uplink_state::ACTIVE)
+            },
+        )
+        .expect("uplink 2 on big0");
+        let (nat_port, frame, _) = out_via_uplink2(&mut h, |p| udp(p, 64));
+        let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+        // The xdp_md the run starts from: data, data_end, data_meta,
+        // ingress_ifindex, rx_queue_index, egress_ifindex.
+        let reply = reply_to("udp", nat_port, 53);
+        let on_big = |h: &mut Harness| {
+            let mut ctx = [0u8; 24];
+            ctx[4..8].copy_from_slice(&(reply.len() as u32).to_ne_bytes());
+            ctx[12..16].copy_from_slice(&big.to_ne_bytes());
+            let mut out = vec![0u8; reply.len() + 256];
+            let xdp = h.dp.xdp(program::WAN_INGRESS).expect("program");
+            let result = xdp
+                .test_run(TestRunOptions {
+                    data_in: Some(&reply),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
+                .expect("BPF_PROG_TEST_RUN on big0");
+            out.truncate(result.data_size_out as usize);
+            (result.return_value, out)
+        };
+        let (verdict, back) = on_big(&mut h);
+        assert_eq!(verdict, XDP_REDIRECT, "the reply on big0 goes to the LAN");
+        assert_eq!(back, inbound_model(&reply, client_port, false));
+        h.dp.forget_uplink_ifindex(big).expect("forget big0");
+        let before = h.reason(reason::PASS_UNKNOWN_UPLINK);
+        assert_eq!(on_big(&mut h).0, XDP_PASS, "no uplink on big0 any more");
+        assert_eq!(h.reason(reason::PASS_UNKNOWN_UPLINK), before + 1);
+    });
+}

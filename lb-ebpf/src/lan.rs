@@ -479,6 +479,7 @@ fn reserve_port(
         lan_mac,
         lan_ifindex: ctx.ingress_ifindex() as u32,
         uplink,
+        touched: 0,
     };
     // Where in the NAT range this flow starts looking: a second, differently
     // keyed hash of the connection.

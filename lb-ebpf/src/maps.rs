@@ -16,8 +16,8 @@ use lb_common::{
         Flow, Policy, PrefixKey, PrefixKey6, RuleBits, RuleTable, StickyKey, StickyKey6,
         StickyValue, MAX_POLICIES, PORT_GENERATION,
     },
-    reason, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, MAX_LANS, MAX_LAN_PORTS,
-    MAX_UPLINKS, PREFIX_ENTRIES,
+    reason, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, IFINDEX_SLOTS, MAX_LANS,
+    MAX_LAN_PORTS, MAX_UPLINKS, PREFIX_ENTRIES,
 };
 
 /// Global knobs, one entry.
@@ -124,9 +124,15 @@ pub static FLOWS6: LruHashMap<FlowKey6, FlowValue6> =
 #[map]
 pub static BYPASS6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(256, 0);
 
-/// Interface index of an uplink -> its uplink index, for `wan_ingress`.
+/// Interface index of an uplink -> its uplink index, for `wan_ingress`:
+/// for indexes from [`lb_common::IFINDEX_SLOTS`] up.
 #[map]
 pub static UPLINK_BY_IFINDEX: HashMap<u32, u32> = HashMap::with_max_entries(MAX_UPLINKS, 0);
+
+/// The same below [`lb_common::IFINDEX_SLOTS`], by array: uplink index +
+/// 1, 0 where no uplink is.
+#[map]
+pub static UPLINK_AT_IFINDEX: Array<u32> = Array::with_max_entries(IFINDEX_SLOTS, 0);
 
 /// Uplink index -> device, for `bpf_redirect_map`.
 #[map]

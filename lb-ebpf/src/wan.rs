@@ -18,13 +18,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     encap::{self, Encap},
-    maps::{tcp_state, FlowKey, NatKey},
-    reason,
+    maps::{reply_tick, tcp_state, FlowKey, NatKey},
+    reason, IFINDEX_SLOTS,
 };
 
 use crate::{
     egress, frags,
-    maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_BY_IFINDEX},
+    maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_AT_IFINDEX, UPLINK_BY_IFINDEX},
     nat::{self, End},
     parse::{
         self, Fragment, Frame, IcmpHdr, Inner, L3Packet, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
@@ -110,10 +110,15 @@ pub fn ingress_l3(ctx: &TcContext) -> i32 {
 /// Uplink on `ifindex`, with the packet counted.
 #[inline(always)]
 fn arrived<C: Frame>(ifindex: u32, ctx: &C) -> Result<u32, u32> {
-    // SAFETY: a plain lookup; the value is copied out at once.
-    let uplink = unsafe { UPLINK_BY_IFINDEX.get(&ifindex) }
-        .copied()
-        .ok_or(reason::PASS_UNKNOWN_UPLINK)?;
+    let uplink = if ifindex < IFINDEX_SLOTS {
+        UPLINK_AT_IFINDEX
+            .get(ifindex)
+            .and_then(|&n| n.checked_sub(1))
+    } else {
+        // SAFETY: a plain lookup; the value is copied out at once.
+        unsafe { UPLINK_BY_IFINDEX.get(&ifindex) }.copied()
+    }
+    .ok_or(reason::PASS_UNKNOWN_UPLINK)?;
     let len = (ctx.data_end() - ctx.data()) as u64;
     stats::uplink(uplink, |s| {
         s.rx_packets += 1;
@@ -199,10 +204,12 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
         };
         (key, None)
     };
-    // SAFETY: a lookup; the value is copied out at once.
-    let Some(back) = (unsafe { NAT_REV.get(&key) }).copied() else {
+    let Some(mapping) = NAT_REV.get_ptr_mut(&key) else {
         return Err(reason::PASS_NO_MAPPING);
     };
+    // SAFETY: a pointer into the map's value, copied out at once (its
+    // `touched` is written below; racing writers at worst both refresh).
+    let back = unsafe { *mapping };
     if ttl <= 1 {
         return Err(reason::PASS_TTL);
     }
@@ -224,7 +231,14 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     if inner.is_none() {
         // SAFETY: reading the coarse monotonic clock has no preconditions.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        touch_flow(&key, back.client_addr, back.client_port, flags, now);
+        // The flow's entry, at most once a tick, or when the flags move
+        // its state: an established reply then costs no lookup of it.
+        let tick = reply_tick(now);
+        if tick != back.touched || flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+            touch_flow(&key, back.client_addr, back.client_port, flags, now);
+            // SAFETY: as above.
+            unsafe { (*mapping).touched = tick };
+        }
         // An answer: the path works (ICMP errors say otherwise, and do not
         // count).
         stats::replied(uplink, now);

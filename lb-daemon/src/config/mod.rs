@@ -1223,6 +1223,22 @@ impl Checker<'_> {
         })
     }
 
+    /// A flow timeout: at least a second. The collector looks once a
+    /// second, and a reply refreshes its flow's entry at most every 268 ms
+    /// (`lb_common::maps::REPLY_TICK_SHIFT`): a shorter timeout would
+    /// collect flows that are not idle.
+    fn flow_timeout(&mut self, field: &Field, section: &str, key: &str) -> Option<Duration> {
+        self.field(field, section, key, |v| {
+            let d = parse_duration(as_str(v)?).map_err(|e| e.to_string())?;
+            if d < Duration::from_secs(1) {
+                return Err(format!(
+                    "{d:?} is shorter than a second, the shortest flow timeout lb keeps"
+                ));
+            }
+            Ok(d)
+        })
+    }
+
     fn config(&mut self, raw: &RawConfig) -> Config {
         let daemon = raw
             .daemon
@@ -1547,16 +1563,16 @@ impl Checker<'_> {
                 .field(&raw.max, s, "max", |v| as_int(v, MIN_FLOWS, MAX_FLOWS))
                 .unwrap_or(default.max),
             tcp_established_timeout: self
-                .duration(&raw.tcp_established_timeout, s, "tcp_established_timeout")
+                .flow_timeout(&raw.tcp_established_timeout, s, "tcp_established_timeout")
                 .unwrap_or(default.tcp_established_timeout),
             tcp_transitory_timeout: self
-                .duration(&raw.tcp_transitory_timeout, s, "tcp_transitory_timeout")
+                .flow_timeout(&raw.tcp_transitory_timeout, s, "tcp_transitory_timeout")
                 .unwrap_or(default.tcp_transitory_timeout),
             udp_timeout: self
-                .duration(&raw.udp_timeout, s, "udp_timeout")
+                .flow_timeout(&raw.udp_timeout, s, "udp_timeout")
                 .unwrap_or(default.udp_timeout),
             icmp_timeout: self
-                .duration(&raw.icmp_timeout, s, "icmp_timeout")
+                .flow_timeout(&raw.icmp_timeout, s, "icmp_timeout")
                 .unwrap_or(default.icmp_timeout),
         }
     }
@@ -2682,7 +2698,7 @@ max = 1024
 tcp_established_timeout = "3h"
 tcp_transitory_timeout = "30s"
 udp_timeout = "90s"
-icmp_timeout = "500ms"
+icmp_timeout = "2s"
 [nat]
 port_range = "1024-65535"
 [[lan]]
@@ -2721,7 +2737,7 @@ expect_status = 204
         );
         assert_eq!(config.flows.tcp_transitory_timeout, Duration::from_secs(30));
         assert_eq!(config.flows.udp_timeout, Duration::from_secs(90));
-        assert_eq!(config.flows.icmp_timeout, Duration::from_millis(500));
+        assert_eq!(config.flows.icmp_timeout, Duration::from_secs(2));
         assert_eq!((config.nat.port_min, config.nat.port_max), (1024, 65535));
         assert_eq!(config.lans.len(), 2);
         let uplink = &config.uplinks[0];
@@ -3135,6 +3151,8 @@ expect_status = 204
         ] {
             let text = format!("[flows]\nudp_timeout = {value}\n{TWO}");
             assert_one(&text, 2, "udp_timeout", says);
+            let text = format!("[flows]\nicmp_timeout = \"500ms\"\n{TWO}");
+            assert_one(&text, 2, "icmp_timeout", "shorter than a second");
             let text = format!("{TWO}[uplink.health]\nmax_rtt = {value}\n");
             let message = assert_one(&text, line_of(&text, "max_rtt"), "max_rtt", says);
             assert!(

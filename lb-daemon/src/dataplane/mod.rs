@@ -915,6 +915,11 @@ impl Dataplane {
                 .insert(info.ifindex, index, 0)
                 .context("writing UPLINK_BY_IFINDEX")?;
         }
+        if info.ifindex < lb_common::IFINDEX_SLOTS {
+            self.array::<u32>(name::UPLINK_AT_IFINDEX)?
+                .set(info.ifindex, index + 1, 0)
+                .context("writing UPLINK_AT_IFINDEX")?;
+        }
         self.array::<UplinkInfo>(name::UPLINKS)?
             .set(index, info, 0)
             .context("writing UPLINKS")
@@ -929,7 +934,13 @@ impl Dataplane {
             .context("map UPLINK_BY_IFINDEX missing")?;
         let mut by_ifindex: HashMap<_, u32, u32> =
             HashMap::try_from(m).context("map UPLINK_BY_IFINDEX has an unexpected type")?;
-        missing_is_fine(by_ifindex.remove(&ifindex)).context("removing from UPLINK_BY_IFINDEX")
+        missing_is_fine(by_ifindex.remove(&ifindex)).context("removing from UPLINK_BY_IFINDEX")?;
+        if ifindex < lb_common::IFINDEX_SLOTS {
+            self.array::<u32>(name::UPLINK_AT_IFINDEX)?
+                .set(ifindex, 0, 0)
+                .context("clearing UPLINK_AT_IFINDEX")?;
+        }
+        Ok(())
     }
 
     /// Change only the state of uplink `index`.
