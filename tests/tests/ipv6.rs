@@ -832,6 +832,11 @@ fn the_kernels_ipv6_leaves_by_the_best_uplink_in_service_and_moves_when_its_ipv6
         "both in service: the held connection (port {}) went through isp2",
         c.port
     );
+    let said = router.lbd.status()?["slow_path6"].clone();
+    ensure!(
+        said == "isp2",
+        "lbctl status says the kernel's IPv6 goes by {said}, not isp2"
+    );
 
     // isp2 stops forwarding IPv6, silently; its IPv4 goes on.
     lab.exec(
@@ -877,6 +882,11 @@ fn the_kernels_ipv6_leaves_by_the_best_uplink_in_service_and_moves_when_its_ipv6
     ensure!(
         c.sources[0] >= 2 && c.sources[1] == 0,
         "the held connection after the cut: {c:?}"
+    );
+    let said = router.lbd.status()?["slow_path6"].clone();
+    ensure!(
+        said == "isp1",
+        "after the cut lbctl status says the kernel's IPv6 goes by {said}, not isp1"
     );
 
     // isp2's IPv6 comes back, and the kernel's IPv6 with it.

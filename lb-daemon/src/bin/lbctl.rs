@@ -574,8 +574,13 @@ fn print_status(s: &Status) {
             inbound.join("; ")
         );
     }
+    let six = match (&s.lan_prefix6, &s.slow_path6) {
+        (Some(_), Some(u)) => format!(", IPv6 by {u}"),
+        (Some(_), None) => ", IPv6 by the main table".to_string(),
+        (None, _) => String::new(),
+    };
     println!(
-        "slow path (ESP, GRE, fragments, the router's own traffic): {}; guard: {} packets dropped on their way out of an uplink with a source not its own",
+        "slow path (ESP, GRE, fragments, the router's own traffic): {}{six}; guard: {} packets dropped on their way out of an uplink with a source not its own",
         s.slow_path.as_deref().unwrap_or("by the main table"),
         s.guard_dropped
     );

@@ -112,6 +112,10 @@ pub struct Status {
     /// uplink is in service (the main table decides then).
     #[serde(default)]
     pub slow_path: Option<String>,
+    /// The same for the kernel's IPv6 while IPv6 is balanced: the uplink
+    /// whose IPv6 is in service that lbd's IPv6 rules send it to.
+    #[serde(default)]
+    pub slow_path6: Option<String>,
     /// Packets lb's nftables guard dropped as they were about to leave an
     /// uplink with a source that is neither the uplink's own address nor
     /// a prefix routed through it (BCP38).

@@ -584,6 +584,7 @@ mod tests {
             adopted_flows: None,
             lan_ports: Vec::new(),
             slow_path: None,
+            slow_path6: None,
             guard_dropped: 0,
             kernel_destinations: Vec::new(),
             lan_egress: Vec::new(),

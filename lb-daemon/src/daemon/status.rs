@@ -173,6 +173,11 @@ impl Daemon {
             slow_path: self
                 .slow_path_applied
                 .map(|i| self.uplinks[i].cfg.name.clone()),
+            slow_path6: self
+                .slow_path6_applied
+                .filter(|_| self.ipv6.lan().is_some())
+                .and_then(|i| self.uplinks.get(i))
+                .map(|u| u.cfg.name.clone()),
             lan_ports: self
                 .attachments
                 .lan_ports()
