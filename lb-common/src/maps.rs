@@ -52,11 +52,12 @@ pub mod name {
     pub const RING_DROPS: &str = "RING_DROPS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 32] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
         UPLINK_BY_IFINDEX,
+        UPLINK_AT_IFINDEX,
         TX_PORTS,
         LAN_PORTS,
         FLOWS,
