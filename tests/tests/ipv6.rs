@@ -934,37 +934,34 @@ fn ipv6_flows_follow_the_rules_and_a_policy_without_ipv6_refuses_them_at_once() 
     let watches = watch_isps(lab)?;
     let client = router.client()?;
 
-    let flows = tcp_flows(client, ruled.local_addr(), FLOWS, FLOW_TIMEOUT)?;
-    all_ok("IPv6 TCP flows the rule sends by isp2", &flows)?;
-    let these: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
-    let by = split(&these, &watches)?;
-    eprintln!(
-        "{FLOWS} IPv6 flows to port {RULED} (rule 1, policy via-isp2): isp1 {}, isp2 {}",
-        by[0].len(),
-        by[1].len()
-    );
+    // FLOWS connections to `to`, all answered: how many each ISP saw.
+    let through = |to: SocketAddr, what: &str| -> Result<[usize; 2]> {
+        watches[0].clear()?;
+        watches[1].clear()?;
+        let flows = tcp_flows(client, to, FLOWS, FLOW_TIMEOUT)?;
+        all_ok(what, &flows)?;
+        let these: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
+        let by = split(&these, &watches)?;
+        eprintln!(
+            "{FLOWS} {what} (port {}): isp1 {}, isp2 {}",
+            to.port(),
+            by[0].len(),
+            by[1].len()
+        );
+        Ok([by[0].len(), by[1].len()])
+    };
+    let by = through(ruled.local_addr(), "IPv6 flows rule 1 sends by isp2")?;
     ensure!(
-        by[0].is_empty() && by[1].len() == FLOWS,
-        "the rule's flows should all leave by isp2: isp1 {}, isp2 {}",
-        by[0].len(),
-        by[1].len()
+        by == [0, FLOWS],
+        "the rule's flows should all leave by isp2: {by:?}"
     );
-    watches[0].clear()?;
-    watches[1].clear()?;
-    let flows = tcp_flows(client, other.local_addr(), FLOWS, FLOW_TIMEOUT)?;
-    all_ok("IPv6 TCP flows no IPv6 rule takes", &flows)?;
-    let these: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
-    let by = split(&these, &watches)?;
-    eprintln!(
-        "{FLOWS} IPv6 flows to port {OTHER} (rule 2 names IPv4 only): isp1 {}, isp2 {}",
-        by[0].len(),
-        by[1].len()
-    );
+    let by = through(
+        other.local_addr(),
+        "IPv6 flows of rule 2's port (an IPv4 rule)",
+    )?;
     ensure!(
-        !by[0].is_empty() && !by[1].is_empty(),
-        "an IPv4-only rule must leave IPv6 flows to the default balance: isp1 {}, isp2 {}",
-        by[0].len(),
-        by[1].len()
+        by[0] > 0 && by[1] > 0,
+        "an IPv4-only rule must leave IPv6 flows to the default balance: {by:?}"
     );
     let status = router.lbd.status()?;
     let policy = status["policies"]
