@@ -25,9 +25,11 @@
 //! tracepoint program on `xdp_devmap_xmit` (fired by every device map
 //! flush, whatever the driver, with the frames it could not place),
 //! counts those frames per device in `RING_DROPS` (and as the
-//! `drop_ring_full` reason) for the devices lb sends to; lbd reads them
+//! `drop_ring_full` reason) for the devices lb sends to (in lbd's network
+//! namespace: see [`RingBinding`]); lbd reads them
 //! every few milliseconds, and hands a device whose ring overflowed to
-//! its queue (the hand-off below) for a while, going back to
+//! its queue (the hand-off below; a device without one gets lb's
+//! [`QUEUE_MAJOR`]) for a while, going back to
 //! `XDP_REDIRECT` after it, for longer each time the ring overflows
 //! again soon (hysteresis). XDP's speed while the device keeps up, the
 //! queue's manners while it does not. Batching cannot help: a full ring
@@ -81,13 +83,44 @@ pub const RING_TRACEPOINT: &str = "xdp_devmap_xmit";
 pub const RING_ARG_TO_DEV: usize = 1;
 /// Index of `drops` (frames the flush could not place) among them.
 pub const RING_ARG_DROPS: usize = 3;
-/// The ring watch's global that lbd sets at load: the byte offset of
-/// `ifindex` in this kernel's `struct net_device` (from its BTF); 0 keeps
-/// the watch idle.
-pub const IFINDEX_OFFSET_GLOBAL: &str = "NETDEV_IFINDEX_OFFSET";
+/// The ring watch's global ([`RingBinding`]) that lbd sets at load.
+pub const RING_BINDING_GLOBAL: &str = "RING_BINDING";
+
+/// What the ring watch needs to know of the running kernel and of lbd,
+/// set at load (all zero keeps it idle). The tracepoint fires for every
+/// device map flush on the machine, in every network namespace, and an
+/// ifindex names a device only within its namespace: a flush counts only
+/// when its device is in lbd's namespace. Offsets come from the kernel's
+/// BTF (they change from build to build).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingBinding {
+    /// Byte offset of `ifindex` (an `int`) in `struct net_device`.
+    pub ifindex: u32,
+    /// Byte offset of the device's `struct net *` (`nd_net.net`) in it.
+    pub net: u32,
+    /// Byte offset of the namespace's inode number (`ns.inum`, an
+    /// `unsigned int`) in `struct net`.
+    pub inum: u32,
+    /// The inode number of lbd's network namespace (what `stat
+    /// /proc/self/ns/net` says).
+    pub netns: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<RingBinding>() == 16);
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, four u32s, no padding: every bit pattern is valid.
+unsafe impl aya::Pod for RingBinding {}
 
 /// Handle major of lb's HTB shapers (`1b:`), on uplinks and LAN ports.
 pub const SHAPER_MAJOR: u32 = 0x1b;
+/// Handle major of lb's queue (`1c:`): the FIFO lbd gives a device that
+/// has none (a veth's default is `noqueue`) when its ring overflows, so
+/// that the hand-off gets the backpressure a NIC's default queue gives:
+/// a full device stops the queue, the packet waits. It does not shape,
+/// and lb's packets take it only while their device overflows.
+pub const QUEUE_MAJOR: u32 = 0x1c;
 /// Class of everything that is not lb's forwarded traffic (the router's
 /// own, bridged LAN traffic): `1b:1`.
 pub const DEFAULT_MINOR: u32 = 0x1;

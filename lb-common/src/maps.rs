@@ -50,6 +50,10 @@ pub mod name {
     /// the device's ifindex (`crate::egress`): lbd makes an entry for each
     /// device lb sends to, and the ring watch counts into it.
     pub const RING_DROPS: &str = "RING_DROPS";
+    /// The ring watch's wake-ups for lbd (a BPF ring buffer of ifindexes:
+    /// a device whose ring just overflowed). Not pinned: each lbd reads
+    /// its own.
+    pub const RING_EVENTS: &str = "RING_EVENTS";
 
     /// Every map, for pinning them all.
     pub const ALL: [&str; 32] = [

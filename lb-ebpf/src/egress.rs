@@ -23,20 +23,28 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    egress::{self, path, Egress, HandOff, HANDOFF_MAGIC, RING_ARG_DROPS, RING_ARG_TO_DEV},
+    egress::{
+        self, path, Egress, HandOff, RingBinding, HANDOFF_MAGIC, RING_ARG_DROPS, RING_ARG_TO_DEV,
+    },
     reason,
 };
 
 use crate::{
-    maps::{EGRESS, EGRESS_ANY, RING_DROPS},
+    maps::{EGRESS, EGRESS_ANY, RING_DROPS, RING_EVENTS},
     stats,
 };
 
-/// Byte offset of `ifindex` in this kernel's `struct net_device`: lbd
-/// sets it at load from the kernel's BTF
-/// ([`lb_common::egress::IFINDEX_OFFSET_GLOBAL`]); 0 keeps the watch idle.
+/// Where this kernel keeps what the ring watch reads, and lbd's network
+/// namespace: lbd sets it at load from the kernel's BTF
+/// ([`lb_common::egress::RING_BINDING_GLOBAL`]); all zero keeps the watch
+/// idle.
 #[no_mangle]
-static NETDEV_IFINDEX_OFFSET: u32 = 0;
+static RING_BINDING: RingBinding = RingBinding {
+    ifindex: 0,
+    net: 0,
+    inum: 0,
+    netns: 0,
+};
 
 /// Send the rewritten frame out of device `ifindex`: `redirect` does it
 /// the XDP way; a device whose qdisc counts gets a hand-off instead.
@@ -152,10 +160,12 @@ pub fn carry(ctx: &TcContext) -> i32 {
 }
 
 /// The ring watch, on the `xdp_devmap_xmit` tracepoint (every device map
-/// flush, on every CPU, whoever redirected): frames the flush could not
-/// put into the target's ring are added to the target's `RING_DROPS`
-/// entry, and counted as `drop_ring_full`, when lbd made one for it (a
-/// device lb sends to); flushes that placed everything cost one test.
+/// flush, on every CPU, in every namespace, whoever redirected): frames
+/// the flush could not put into the target's ring are added to the
+/// target's `RING_DROPS` entry, and counted as `drop_ring_full`, when the
+/// target is in lbd's namespace and lbd made an entry for it (a device lb
+/// sends to), and lbd is woken (`RING_EVENTS`); flushes that placed
+/// everything cost one test.
 #[inline(always)]
 pub fn watch(ctx: &RawTracePointContext) -> i32 {
     // `int drops`: the low 32 bits of its argument slot.
@@ -164,16 +174,18 @@ pub fn watch(ctx: &RawTracePointContext) -> i32 {
         return 0;
     }
     // SAFETY: a read of a global that the loader may have rewritten.
-    let offset = unsafe { core::ptr::read_volatile(&NETDEV_IFINDEX_OFFSET) };
-    if offset == 0 {
+    let at = unsafe { core::ptr::read_volatile(&RING_BINDING) };
+    if at.ifindex == 0 {
         return 0;
     }
     let dev = ctx.arg::<u64>(RING_ARG_TO_DEV);
-    // SAFETY: the helper checks the address; a bad one is an error.
-    let ifindex = unsafe {
-        bpf_probe_read_kernel((dev.wrapping_add(u64::from(offset))) as usize as *const u32)
+    let Some(net) = read_kernel::<u64>(dev, at.net) else {
+        return 0;
     };
-    let Ok(ifindex) = ifindex else {
+    if read_kernel::<u32>(net, at.inum) != Some(at.netns) {
+        return 0;
+    }
+    let Some(ifindex) = read_kernel::<u32>(dev, at.ifindex) else {
         return 0;
     };
     let Some(count) = RING_DROPS.get_ptr_mut(ifindex) else {
@@ -185,5 +197,14 @@ pub fn watch(ctx: &RawTracePointContext) -> i32 {
     // `AtomicU64::fetch_add`).
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, drops) };
     stats::count_many(reason::DROP_RING_FULL, drops);
+    // Wake lbd; if its buffer is full, lbd is awake already.
+    let _ = RING_EVENTS.output::<u32>(ifindex, 0);
     0
+}
+
+/// The `T` at `offset` bytes into the kernel object at `base`.
+#[inline(always)]
+fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: the helper checks the address; a bad one is an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as usize as *const T) }.ok()
 }

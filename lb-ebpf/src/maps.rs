@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     egress::Egress,
@@ -193,3 +193,9 @@ pub static EGRESS_ANY: Array<u32> = Array::with_max_entries(1, 0);
 /// once per device map flush that dropped, not per packet.
 #[map]
 pub static RING_DROPS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_UPLINKS + MAX_LANS, 0);
+
+/// The ring watch's wake-ups for lbd: the ifindex of a device whose ring
+/// just overflowed, so that lbd hands it to its queue at once rather than
+/// at its next look (a full buffer loses wake-ups, never counts).
+#[map]
+pub static RING_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);

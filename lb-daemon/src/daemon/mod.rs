@@ -517,8 +517,8 @@ impl Daemon {
     }
 
     /// Remove everything lbd owns in the kernel (`lbd --teardown`): the
-    /// pinned data plane (its programs detach), the routing tables and
-    /// rules, and the nftables table.
+    /// pinned data plane (its programs detach), lb's shapers and queues,
+    /// the routing tables and rules, and the nftables table.
     pub async fn teardown(config: &Config) -> Result<()> {
         let (conn, handle, _) =
             rtnetlink::new_connection().context("opening a netlink socket failed")?;
@@ -533,6 +533,13 @@ impl Daemon {
         for device in devices {
             if let Some(link) = observed.link(device) {
                 egress::remove(device, &observed.qdiscs, link.index)?;
+                egress::remove_queue(device, &observed.qdiscs, link.index)?;
+            }
+            // A bridge's ports (a LAN without one is its own port).
+            for (ifindex, port) in observed.lan_ports(device) {
+                if port != device {
+                    egress::remove_queue(&port, &observed.qdiscs, ifindex)?;
+                }
             }
         }
         Self::remove_routing(&KernelLink {

@@ -1,17 +1,62 @@
-//! The ring watch's tick: every few milliseconds, what `XDP_REDIRECT` lost
-//! to each device's full ring, read from the data plane and handed to
-//! `egress` (its `overflow` hysteresis), which moves a device whose ring
-//! overflows to its queue and back. Like a health verdict, it changes the
-//! view and writes the data plane's part at once (the `EGRESS` entry), by
-//! the same owner that rounds write it with, so that a round keeps it.
+//! The ring watch's tick: what `XDP_REDIRECT` lost to each device's full
+//! ring, read from the data plane and handed to `egress` (its `overflow`
+//! hysteresis), which moves a device whose ring overflows to its queue and
+//! back. It runs when the watch wakes lbd (a ring just overflowed: a
+//! wake-up on `RING_EVENTS`) and every 100 ms (holds end; a wake-up lost
+//! to a full buffer is caught). Like a health verdict, it changes the view
+//! and writes the data plane's part at once (the `EGRESS` entry), by the
+//! same owner that rounds write it with, so that a round keeps it.
 
 use std::time::Instant;
 
 use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{unix::AsyncFd, Interest};
 
 use super::Daemon;
 
+/// The ring watch's wake-ups, as lbd waits for them.
+pub struct RingEvents(Option<AsyncFd<RingBuf<MapData>>>);
+
+impl RingEvents {
+    /// Until the ring watch says a ring overflowed (never, without one).
+    pub async fn next(&mut self) {
+        let Some(fd) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        match fd.readable_mut().await {
+            Ok(mut ready) => {
+                while ready.get_inner_mut().next().is_some() {}
+                ready.clear_ready();
+            }
+            Err(e) => {
+                log::warn!(
+                    "the ring watch's wake-ups failed ({e}): lbd looks every 100 ms instead"
+                );
+                self.0 = None;
+            }
+        }
+    }
+}
+
 impl Daemon {
+    /// The ring watch's wake-ups, for the one loop that waits for them.
+    pub fn ring_events(&mut self) -> RingEvents {
+        let events = self.dataplane.take_ring_events().and_then(|events| {
+            // SAFETY: the ring buffer owns its map's descriptor, open and
+            // the same for as long as it lives, and it lives in the AsyncFd.
+            unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+                .map_err(|e| {
+                    log::warn!(
+                        "waiting for the ring watch's wake-ups ({}): lbd looks every 100 ms instead",
+                        e.into_parts().1
+                    )
+                })
+                .ok()
+        });
+        RingEvents(events)
+    }
+
     pub fn ring_tick(&mut self) -> Result<()> {
         if self.dataplane.ring_watch() != Ok(true) {
             return Ok(());

@@ -46,9 +46,9 @@ const QUOTA_INTERVAL: Duration = Duration::from_secs(1);
 const PASSIVE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How often the ring watch's counts are read (one map lookup per device
-/// lb sends to): how long a device's ring may overflow before it takes
-/// its queue (see `reconcile::overflow`).
-const RING_INTERVAL: Duration = Duration::from_millis(10);
+/// lb sends to) besides when it wakes lbd: the resolution of a device's
+/// hold (see `reconcile::overflow`).
+const RING_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often the reconciler converges without being woken by the kernel:
 /// a safety net, and the pace of asking for unresolved gateways.
@@ -90,6 +90,10 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
     passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut rings = tokio::time::interval(RING_INTERVAL);
     rings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ring_events = match daemon.lock() {
+        Ok(mut d) => d.ring_events(),
+        Err(_) => anyhow::bail!("the daemon's state is unusable"),
+    };
     // The collection walks the whole flow table with one syscall per entry:
     // it runs off the async runtime, one at a time, on handles of its own,
     // without holding the daemon. On a big table a walk takes seconds
@@ -145,6 +149,12 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
             _ = passive.tick() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = d.passive_tick() {
                     log::warn!("passive detection: reading the data plane's signals failed: {e:#}");
+                },
+                Err(_) => break,
+            },
+            () = ring_events.next() => match daemon.lock() {
+                Ok(mut d) => if let Err(e) = d.ring_tick() {
+                    log::warn!("ring watch: reading or applying its counts failed: {e:#}");
                 },
                 Err(_) => break,
             },

@@ -21,7 +21,7 @@ use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{
         lpm_trie::Key, Array, DevMap, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData,
-        PerCpuArray,
+        PerCpuArray, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -32,7 +32,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    egress::{Egress, IFINDEX_OFFSET_GLOBAL, RING_TRACEPOINT},
+    egress::{Egress, RING_BINDING_GLOBAL, RING_TRACEPOINT},
     maps::{
         name, program, settings_flags, BucketTable, LanPort, PolicyStats, Settings, Signals,
         Uplink6, UplinkInfo, UplinkStats,
@@ -132,12 +132,12 @@ impl Dataplane {
         for (map, path) in &paths {
             loader.map_pin_path(map, path.as_path());
         }
-        // The ring watch reads `ifindex` where this kernel keeps it; 0
-        // (unknown) keeps it idle, and it is then neither loaded nor
-        // attached.
-        let ifindex_offset = ringwatch::bind();
-        let offset = *ifindex_offset.as_ref().unwrap_or(&0);
-        loader.override_global(IFINDEX_OFFSET_GLOBAL, &offset, true);
+        // The ring watch reads the device where this kernel keeps it, in
+        // lbd's namespace; unbound, it stays idle, and it is then neither
+        // loaded nor attached.
+        let binding = ringwatch::bind();
+        let bound = binding.as_ref().copied().unwrap_or_default();
+        loader.override_global(RING_BINDING_GLOBAL, &bound, true);
         let (object, absent) = crate::dataplane::kfuncs::bind(OBJECT)?;
         if !absent.is_empty() {
             log::warn!(
@@ -155,7 +155,7 @@ impl Dataplane {
             policies: [[Policy::default(); MAX_POLICIES as usize]; 2],
             settings: Settings::default(),
             pins: pins.cloned(),
-            ring_watch: ifindex_offset.map(|_| false).map_err(|e| format!("{e:#}")),
+            ring_watch: binding.map(|_| false).map_err(|e| format!("{e:#}")),
         };
         for prog in [program::LAN_INGRESS, program::WAN_INGRESS] {
             dp.xdp(prog)?
@@ -206,6 +206,22 @@ impl Dataplane {
             .with_context(|| format!("attaching the ring watch to tracepoint {RING_TRACEPOINT}"));
         self.ring_watch = attached.map(|_| true).map_err(|e| format!("{e:#}"));
         self.ring_watch.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    /// The ring watch's wake-ups (see `lb_common::maps::name::RING_EVENTS`),
+    /// for the one reader: `None` once taken, or without the watch.
+    pub fn take_ring_events(&mut self) -> Option<RingBuf<MapData>> {
+        if self.ring_watch != Ok(true) {
+            return None;
+        }
+        let map = self.ebpf.take_map(name::RING_EVENTS)?;
+        match RingBuf::try_from(map) {
+            Ok(events) => Some(events),
+            Err(e) => {
+                log::warn!("the ring watch's wake-ups cannot be read ({e}): lbd looks every 100 ms instead");
+                None
+            }
+        }
     }
 
     /// Whether the ring watch is attached (counting), or why not.

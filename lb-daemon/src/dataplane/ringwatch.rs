@@ -2,34 +2,40 @@
 //!
 //! The ring watch (`lb_common::egress`) is a raw tracepoint program on
 //! `xdp_devmap_xmit`: the kernel hands it the target device as a `struct
-//! net_device *` and the frames a device map flush dropped. It needs two
-//! facts the kernel's BTF holds: where `ifindex` sits in `struct
-//! net_device` (it changes from build to build), and that the tracepoint
-//! still takes its arguments in the order the program reads them. This
-//! module finds both in `/sys/kernel/btf/vmlinux` with a reader of its own
-//! (aya's BTF parser does not say where a member is), and says plainly
-//! when it cannot: lb then forwards as before, without the watch.
+//! net_device *` and the frames a device map flush dropped. It needs facts
+//! the kernel's BTF holds: where `ifindex` sits in `struct net_device`, and
+//! where the device's namespace and that namespace's inode number are (they
+//! change from build to build; the tracepoint fires in every namespace,
+//! and an ifindex means something only in its own), and that the
+//! tracepoint still takes its arguments in the order the program reads
+//! them. This module finds them in `/sys/kernel/btf/vmlinux` with a reader
+//! of its own (aya's BTF parser does not say where a member is), and says
+//! plainly when it cannot: lb then forwards as before, without the watch.
 //!
 //! Owns that reading and nothing else; `dataplane` loads and attaches.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt};
 
 use anyhow::{bail, ensure, Context, Result};
-use lb_common::egress::{RING_ARG_DROPS, RING_ARG_TO_DEV, RING_TRACEPOINT};
+use lb_common::egress::{RingBinding, RING_ARG_DROPS, RING_ARG_TO_DEV, RING_TRACEPOINT};
 
 /// Where the kernel publishes its BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
-/// The byte offset of `ifindex` in this kernel's `struct net_device`,
-/// after checking that the tracepoint takes `to_dev` and `drops` where the
-/// ring watch reads them.
-pub fn bind() -> Result<u32> {
+/// The ring watch's binding to this kernel and to lbd's network namespace.
+pub fn bind() -> Result<RingBinding> {
     let data = std::fs::read(VMLINUX).with_context(|| format!("reading {VMLINUX}"))?;
-    bind_to(&data)
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .context("reading lbd's network namespace (/proc/self/ns/net)")?
+        .ino();
+    Ok(RingBinding {
+        netns: u32::try_from(netns).context("a network namespace inode beyond 32 bits")?,
+        ..bind_to(&data)?
+    })
 }
 
-/// As [`bind`], on BTF `data`.
-pub fn bind_to(data: &[u8]) -> Result<u32> {
+/// As [`bind`], on BTF `data`, without the namespace.
+pub fn bind_to(data: &[u8]) -> Result<RingBinding> {
     let btf = Btf::parse(data)?;
     let params = btf
         .tracepoint_params(RING_TRACEPOINT)
@@ -50,14 +56,31 @@ pub fn bind_to(data: &[u8]) -> Result<u32> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let (offset, size) = btf
-        .member("net_device", "ifindex")
-        .context("struct net_device has no ifindex in the kernel's BTF")?;
-    ensure!(
-        size == 4 && offset % 4 == 0 && offset > 0,
-        "struct net_device's ifindex is {size} bytes at byte {offset}, not a 32-bit integer"
-    );
-    Ok(offset)
+    let field = |strukt: &str, path: &[&str], ok: &dyn Fn(u32) -> bool, what: &str| {
+        let (offset, ty) = btf.member(strukt, path).with_context(|| {
+            format!(
+                "struct {strukt} has no {} in the kernel's BTF",
+                path.join(".")
+            )
+        })?;
+        ensure!(
+            ok(ty) && offset > 0 && offset % 4 == 0,
+            "struct {strukt}'s {} is not {what} (at byte {offset})",
+            path.join(".")
+        );
+        Ok(offset)
+    };
+    Ok(RingBinding {
+        ifindex: field("net_device", &["ifindex"], &int, "a 32-bit integer")?,
+        net: field(
+            "net_device",
+            &["nd_net", "net"],
+            &|ty| btf.points_to(ty, "net"),
+            "a struct net pointer",
+        )?,
+        inum: field("net", &["ns", "inum"], &int, "a 32-bit integer")?,
+        netns: 0,
+    })
 }
 
 const MAGIC: u16 = 0xeb9f;
@@ -227,28 +250,38 @@ impl<'a> Btf<'a> {
         None
     }
 
-    /// The byte offset and size of member `member` of struct `name`,
-    /// looking into its anonymous structs and unions.
-    fn member(&self, name: &str, member: &str) -> Option<(u32, u32)> {
-        let t = self.named(name, kind::STRUCT)?;
-        self.find_member(t, member.as_bytes(), 0)
+    /// The byte offset and type of member `path` of struct `name` (a
+    /// member of a member, ...), looking into anonymous structs and unions
+    /// on the way.
+    fn member(&self, name: &str, path: &[&str]) -> Option<(u32, u32)> {
+        let mut t = self.named(name, kind::STRUCT)?;
+        let (mut bits, mut ty) = (0, 0);
+        for (i, step) in path.iter().enumerate() {
+            if i > 0 {
+                t = self
+                    .resolve(ty)
+                    .filter(|t| matches!(t.kind, kind::STRUCT | kind::UNION))?;
+            }
+            let (at, found) = self.find_member(t, step.as_bytes())?;
+            bits += at;
+            ty = found;
+        }
+        (bits % 8 == 0).then_some((bits / 8, ty))
     }
 
-    fn find_member(&self, t: &Type, member: &[u8], base_bits: u32) -> Option<(u32, u32)> {
+    /// Member `member` of `t` (in it, or in one of its anonymous members):
+    /// its offset in bits from `t`'s start, and its type.
+    fn find_member(&self, t: &Type, member: &[u8]) -> Option<(u32, u32)> {
         for &(name, ty, bits) in &t.members {
-            let inner = self.resolve(ty);
             if self.name(name) == member {
-                let size = match inner? {
-                    i if matches!(i.kind, kind::INT | kind::ENUM | kind::ENUM64) => i.size_or_type,
-                    _ => 0,
-                };
-                return Some(((base_bits + bits) / 8, size));
+                return Some((bits, ty));
             }
             if name == 0 {
-                if let Some(i) = inner.filter(|i| matches!(i.kind, kind::STRUCT | kind::UNION)) {
-                    if let Some(found) = self.find_member(i, member, base_bits + bits) {
-                        return Some(found);
-                    }
+                let inner = self
+                    .resolve(ty)
+                    .filter(|i| matches!(i.kind, kind::STRUCT | kind::UNION));
+                if let Some((at, found)) = inner.and_then(|i| self.find_member(i, member)) {
+                    return Some((bits + at, found));
                 }
             }
         }
@@ -356,9 +389,12 @@ mod tests {
     }
 
     /// int (1), net_device (2: a forward declaration, then 3: the struct,
-    /// its ifindex inside an anonymous union at byte 8, at byte 4 of it),
-    /// the union (4), a pointer to net_device (5), the tracepoint's
-    /// prototype (6) with `params`, the pointer to it (7), its typedef (8).
+    /// its ifindex inside an anonymous union at byte 8, at byte 4 of it,
+    /// and `nd_net` at byte 16, a struct (11) of one `net` pointer (12) to
+    /// struct net (13), whose `ns` at byte 8 is a struct (14) with `inum`
+    /// at byte 24), the union (4), a pointer to net_device (5), the
+    /// tracepoint's prototype (6) with `params`, the pointer to it (7),
+    /// its typedef (8).
     fn kernel(params: &[&str]) -> Vec<u8> {
         with_names(params, false)
     }
@@ -371,9 +407,9 @@ mod tests {
         b.ty(kind::INT, "int", 0, 4);
         b.words(&[32]);
         b.ty(7, "net_device", 0, 0);
-        b.ty(kind::STRUCT, "net_device", 2, 2496);
-        let pad = b.s("state");
-        b.words(&[pad, 1, 0, 0, 4, 64]);
+        b.ty(kind::STRUCT, "net_device", 3, 2496);
+        let (pad, nd_net) = (b.s("state"), b.s("nd_net"));
+        b.words(&[pad, 1, 0, 0, 4, 64, nd_net, 11, 128]);
         b.ty(kind::UNION, "", 2, 8);
         let (name, ifindex) = (b.s("name"), b.s("ifindex"));
         b.words(&[name, 1, 0, ifindex, 1, 32]);
@@ -389,24 +425,51 @@ mod tests {
         }
         b.ty(kind::PTR, "", 0, 6);
         b.ty(kind::TYPEDEF, "btf_trace_xdp_devmap_xmit", 0, 7);
+        // 9 and 10, as placeholders when there is no named prototype.
+        let func_name = if func {
+            "__bpf_trace_xdp_devmap_xmit"
+        } else {
+            ""
+        };
+        b.ty(kind::FUNC, func_name, 0, 10);
+        b.ty(
+            kind::FUNC_PROTO,
+            "",
+            if func { params.len() as u32 } else { 0 },
+            0,
+        );
         if func {
-            b.ty(kind::FUNC, "__bpf_trace_xdp_devmap_xmit", 0, 10);
-            b.ty(kind::FUNC_PROTO, "", params.len() as u32, 0);
             for p in params {
                 let n = b.s(p);
                 b.words(&[n, types(p)]);
             }
         }
+        b.ty(kind::STRUCT, "", 1, 8);
+        let net = b.s("net");
+        b.words(&[net, 12, 0]);
+        b.ty(kind::PTR, "", 0, 13);
+        b.ty(kind::STRUCT, "net", 1, 128);
+        let ns = b.s("ns");
+        b.words(&[ns, 14, 64]);
+        b.ty(kind::STRUCT, "ns_common", 1, 64);
+        let inum = b.s("inum");
+        b.words(&[inum, 1, 192]);
         b.bytes()
     }
 
     const PARAMS: [&str; 6] = ["__data", "from_dev", "to_dev", "sent", "drops", "err"];
 
     #[test]
-    fn finds_ifindex_inside_an_anonymous_union() {
-        assert_eq!(bind_to(&kernel(&PARAMS)).ok(), Some(12));
+    fn finds_ifindex_the_namespace_and_its_inode() {
+        let want = RingBinding {
+            ifindex: 12,
+            net: 16,
+            inum: 32,
+            netns: 0,
+        };
+        assert_eq!(bind_to(&kernel(&PARAMS)).ok(), Some(want));
         // As the kernel has it: names only on __bpf_trace_'s prototype.
-        assert_eq!(bind_to(&with_names(&PARAMS, true)).ok(), Some(12));
+        assert_eq!(bind_to(&with_names(&PARAMS, true)).ok(), Some(want));
     }
 
     #[test]

@@ -24,10 +24,10 @@ use std::{
 use crate::config::{Shape, MIN_RATE};
 
 use crate::observe::kernel::Qdisc;
-use crate::reconcile::overflow::Overflow;
+use crate::reconcile::overflow::{Change, Overflow};
 
 use anyhow::{bail, Context, Result};
-use lb_common::egress::{self as common, path, Egress, SHAPER_MAJOR};
+use lb_common::egress::{self as common, path, Egress, QUEUE_MAJOR, SHAPER_MAJOR};
 
 /// `TC_H_ROOT`: the parent of a root qdisc.
 pub const ROOT: u32 = 0xffff_ffff;
@@ -76,6 +76,21 @@ impl Qdisc {
     fn is_lbs(&self) -> bool {
         self.kind == "htb" && self.handle >> 16 == SHAPER_MAJOR
     }
+
+    /// lb's queue (handle `1c:`), given to a device whose ring overflowed.
+    fn is_lbq(&self) -> bool {
+        self.handle >> 16 == QUEUE_MAJOR
+    }
+}
+
+/// The kind of lb's queue: the kernel's default FIFO for a real device.
+const QUEUE_KIND: &str = "pfifo_fast";
+
+/// Whether `ifindex` has no queue of its own (`noqueue`, a veth's and a
+/// bridge's default): a packet handed to it meets a full device with
+/// nothing to wait in.
+fn queueless(qdiscs: &[Qdisc], ifindex: u32) -> bool {
+    root(qdiscs, ifindex).is_none_or(|q| q.kind == "noqueue")
 }
 
 /// How packets leave through `ifindex` (an uplink, or a LAN port that is
@@ -84,6 +99,11 @@ pub fn decide(qdiscs: &[Qdisc], ifindex: u32) -> Choice {
     match root(qdiscs, ifindex) {
         None => xdp("no qdisc"),
         Some(q) if q.is_lbs() => through(q, 0, "lb's shaper"),
+        Some(q) if q.is_lbq() => xdp(&format!(
+            "lb's queue ({} {}) holds lb's packets only while its ring overflows",
+            q.kind,
+            q.handle_text()
+        )),
         Some(q) if counts(q) => through(q, 0, "its qdisc"),
         Some(q) if q.handle == 0 => xdp(&format!(
             "the kernel's default qdisc ({}) does not shape",
@@ -431,6 +451,24 @@ pub fn remove(device: &str, qdiscs: &[Qdisc], ifindex: u32) -> Result<()> {
     Ok(())
 }
 
+/// Give `device` lb's queue (see [`QUEUE_MAJOR`]).
+fn add_queue(device: &str) -> Result<()> {
+    tc_batch(&format!(
+        "qdisc replace dev {device} root handle {QUEUE_MAJOR:x}: {QUEUE_KIND}\n"
+    ))
+    .with_context(|| format!("giving {device} lb's queue ({QUEUE_KIND} {QUEUE_MAJOR:x}:)"))
+}
+
+/// Remove lb's queue from `device`, if it has it: its default (`noqueue`)
+/// comes back. For `lbd --teardown`.
+pub fn remove_queue(device: &str, qdiscs: &[Qdisc], ifindex: u32) -> Result<()> {
+    if root(qdiscs, ifindex).is_some_and(Qdisc::is_lbq) {
+        tc_batch(&format!("qdisc del dev {device} root\n"))
+            .with_context(|| format!("removing lb's queue from {device}"))?;
+    }
+    Ok(())
+}
+
 /// Whether `ifindex` has lb's shaper now.
 pub fn has_lbs(qdiscs: &[Qdisc], ifindex: u32) -> bool {
     root(qdiscs, ifindex).is_some_and(Qdisc::is_lbs)
@@ -476,6 +514,9 @@ pub struct Owned {
     no_handoff: Option<String>,
     /// How each device's ring fares (see `overflow`).
     overflow: Overflow,
+    /// The devices without a queue of their own, as of the last round:
+    /// one that overflows gets lb's queue before its hand-off.
+    queueless: BTreeSet<u32>,
     /// The devices whose ring the data plane watches, as last told.
     watched: Vec<u32>,
 }
@@ -565,11 +606,17 @@ impl Owned {
                 (None, None) => decide(qdiscs, d.ifindex),
             };
             seen.insert(d.ifindex);
+            if queueless(qdiscs, d.ifindex) {
+                self.queueless.insert(d.ifindex);
+            } else {
+                self.queueless.remove(&d.ifindex);
+            }
             self.base.insert(d.ifindex, (d.name.clone(), choice));
             writes.extend(self.choose(d.ifindex));
         }
         let ifindexes: Vec<u32> = seen.iter().copied().collect();
         self.overflow.track(&ifindexes);
+        self.queueless.retain(|i| seen.contains(i));
         let gone: Vec<u32> = self
             .written
             .keys()
@@ -650,7 +697,19 @@ impl Owned {
         count: u64,
         now: std::time::Instant,
     ) -> Option<(u32, Option<Egress>)> {
-        self.overflow.observe(ifindex, count, now)?;
+        let change = self.overflow.observe(ifindex, count, now)?;
+        if matches!(change, Change::Queue { .. }) && self.queueless.remove(&ifindex) {
+            // A hand-off into a device with no queue would meet the same
+            // full ring with nothing to wait in.
+            if let Some((name, _)) = self.base.get(&ifindex) {
+                match add_queue(name) {
+                    Ok(()) => log::info!(
+                        "{name}: given lb's queue ({QUEUE_KIND} {QUEUE_MAJOR:x}:), for its ring overflows"
+                    ),
+                    Err(e) => log::warn!("{e:#}; its hand-off has no queue to wait in"),
+                }
+            }
+        }
         self.choose(ifindex)
     }
 
@@ -737,6 +796,20 @@ mod tests {
         assert_eq!(ours.egress.map(|e| e.shaper_major), Some(SHAPER_MAJOR));
         // Another HTB is the operator's: honoured, never classified by lb.
         assert_eq!(decide(&qdiscs, 7).egress.map(|e| e.shaper_major), Some(0));
+    }
+
+    #[test]
+    fn lbs_queue_leaves_the_xdp_path_and_marks_no_device_queueless() {
+        let qdiscs = [
+            q(2, QUEUE_MAJOR << 16, ROOT, QUEUE_KIND),
+            q(3, 0, ROOT, "noqueue"),
+        ];
+        let c = decide(&qdiscs, 2);
+        assert_eq!(c.path(), "xdp");
+        assert!(c.why.contains("lb's queue"), "{}", c.why);
+        assert!(!queueless(&qdiscs, 2));
+        assert!(queueless(&qdiscs, 3));
+        assert!(queueless(&qdiscs, 4), "no qdisc at all");
     }
 
     #[test]

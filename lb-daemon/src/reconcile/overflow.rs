@@ -9,11 +9,13 @@
 //! hold just served (the load that filled it is still there), the next
 //! hold is twice as long, up to [`MAX_HOLD`]; a device that stayed calm
 //! on XDP for as long as its last hold starts again from [`FIRST_HOLD`].
-//! So a bulk transfer into a slow device costs one burst of losses per
-//! hold, and fewer and fewer of them, not one per TCP window; and a
-//! device that overflowed once, in a burst, is back on XDP in a second.
-//! The same shape as passive detection's false alarms (1 s doubling to
-//! 60 s).
+//! Each return to XDP under a load that still overflows costs one burst
+//! of losses (what the ring drops before lbd hears of it), so the first
+//! hold is long enough for a transfer of a few seconds to pay one, and
+//! the doubling keeps a long one to a handful; a device that overflowed
+//! once, in a burst, is back on XDP in a few seconds, having lost
+//! nothing but the queue's cost per packet meanwhile. The same shape as
+//! passive detection's false alarms (1 s doubling to 60 s).
 
 use std::{
     collections::BTreeMap,
@@ -21,10 +23,10 @@ use std::{
 };
 
 /// The first hold of a device whose ring overflowed.
-pub const FIRST_HOLD: Duration = Duration::from_secs(1);
+pub const FIRST_HOLD: Duration = Duration::from_secs(4);
 /// The longest hold: how long a device whose ring overflows every time
 /// it comes back keeps its queue before it tries again.
-pub const MAX_HOLD: Duration = Duration::from_secs(64);
+pub const MAX_HOLD: Duration = Duration::from_secs(256);
 
 /// A change of a device's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,10 +173,13 @@ mod tests {
             .queued(3)
             .is_some_and(|why| why.contains("lost 120 frames")));
         // Counts while queued change nothing.
-        assert_eq!(o.observe(3, 130, t + ms(500)), None);
-        assert_eq!(o.observe(3, 130, t + ms(1010)), Some(Change::Xdp));
+        assert_eq!(o.observe(3, 130, t + FIRST_HOLD / 2), None);
+        assert_eq!(
+            o.observe(3, 130, t + ms(10) + FIRST_HOLD),
+            Some(Change::Xdp)
+        );
         assert_eq!(o.queued(3), None);
-        assert_eq!(o.observe(3, 130, t + ms(1020)), None);
+        assert_eq!(o.observe(3, 130, t + ms(20) + FIRST_HOLD), None);
     }
 
     #[test]
@@ -188,13 +193,17 @@ mod tests {
             count += 50;
             t += ms(10);
             match o.observe(3, count, t) {
-                Some(Change::Queue { hold, .. }) => holds.push(hold.as_secs()),
+                Some(Change::Queue { hold, .. }) => holds.push(hold),
                 other => panic!("expected an overflow, got {other:?}"),
             }
-            t += holds.last().map_or(FIRST_HOLD, |&s| Duration::from_secs(s));
+            t += holds.last().copied().unwrap_or(FIRST_HOLD);
             assert_eq!(o.observe(3, count, t), Some(Change::Xdp));
         }
-        assert_eq!(holds, [1, 2, 4, 8, 16, 32, 64, 64, 64]);
+        let want: Vec<Duration> = (0..9)
+            .map(|i| (FIRST_HOLD * 2u32.pow(i)).min(MAX_HOLD))
+            .collect();
+        assert_eq!(holds, want);
+        assert_eq!(holds.last(), Some(&MAX_HOLD));
     }
 
     #[test]
@@ -202,20 +211,22 @@ mod tests {
         let (mut o, t) = (Overflow::default(), Instant::now());
         o.track(&[3]);
         o.observe(3, 0, t);
-        o.observe(3, 10, t + ms(10));
-        assert_eq!(o.observe(3, 10, t + ms(1010)), Some(Change::Xdp));
+        o.observe(3, 10, t);
+        let back = t + FIRST_HOLD;
+        assert_eq!(o.observe(3, 10, back), Some(Change::Xdp));
         // Soon: doubled.
         assert_eq!(
-            o.observe(3, 20, t + ms(1500)),
+            o.observe(3, 20, back + ms(500)),
             Some(Change::Queue {
                 dropped: 10,
-                hold: Duration::from_secs(2)
+                hold: FIRST_HOLD * 2
             })
         );
-        assert_eq!(o.observe(3, 20, t + ms(3500)), Some(Change::Xdp));
-        // Calm on XDP for the 2 s it last held: the first hold again.
+        let back = back + ms(500) + FIRST_HOLD * 2;
+        assert_eq!(o.observe(3, 20, back), Some(Change::Xdp));
+        // Calm on XDP for as long as it last held: the first hold again.
         assert_eq!(
-            o.observe(3, 25, t + ms(5600)),
+            o.observe(3, 25, back + FIRST_HOLD * 2 + ms(1)),
             Some(Change::Queue {
                 dropped: 5,
                 hold: FIRST_HOLD
