@@ -1,7 +1,8 @@
 //! Bandwidth management: lb's packets pass the queues the operator put on
 //! an uplink or a LAN port (an SQM-style `tbf`), lb shapes per uplink when
 //! asked (`[uplink.shape]`), with a fair share per client, and an uplink
-//! without a shaper keeps the XDP path.
+//! without a shaper keeps the XDP path, until XDP_REDIRECT loses what it
+//! sends there: then lb's queue, for a while.
 //!
 //! Rates are the behaviour under test here, not the machine's speed: a
 //! shaper holds traffic to its configured rate on any machine that can go
@@ -19,7 +20,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     stream::wait_for,
-    traffic::wait_tcp_listener,
+    traffic::{tcp_upload, udp_socket, wait_tcp_listener, TcpSinkServer},
     unique_prefix, Lab, LabDesc, LanLeaks,
 };
 use serde_json::Value;
@@ -512,4 +513,92 @@ fn an_ingress_shaper_on_an_uplink_is_refused_at_start() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The ring watch: a device that loses what `XDP_REDIRECT` hands it takes
+/// lb's queue, for a while. A full ring is what loses frames under load;
+/// here, for a test that does not hang on a machine's speed, the device is
+/// made to lose every full-size frame instead (isp1's end of wan1 with a
+/// smaller MTU: the device map drops what is too big for the peer, as it
+/// drops what a full ring has no room for, and says so the same way). The
+/// lost frames are counted (`drop_ring_full`, and in status); wan1, which
+/// has no queue of its own (noqueue), is given lb's (pfifo_fast 1c:) and
+/// takes it, and status says why; with the MTU back, an upload completes
+/// whole, and once the hold is over wan1 is back on XDP. lbd's teardown
+/// removes lb's queue.
+#[test]
+fn a_device_that_loses_what_xdp_redirects_to_it_takes_lbs_queue() -> Result<()> {
+    if !require_root("a_device_that_loses_what_xdp_redirects_to_it_takes_lbs_queue") {
+        return Ok(());
+    }
+    /// Longer than a first hold (4 s) and a round: a bound, not a speed.
+    const HOLD_BOUND: Duration = Duration::from_secs(15);
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    lbd.lbctl(&["uplink", "disable", "isp2"])?;
+    wait_egress(&lbd, "wan1", "xdp")?;
+    let client = lab.ns("client")?.to_owned();
+
+    lab.exec("isp1", &["ip", "link", "set", "down0", "mtu", "1400"])?;
+    let lost_before = lbd.reason("drop_ring_full")?;
+    let socket = udp_socket(&client, (Ipv4Addr::UNSPECIFIED, 0).into())?;
+    let datagram = [0u8; 1450];
+    let why = wait_for_value("wan1 to take its queue", BOUND, || {
+        socket.send_to(&datagram, (SERVER, 9))?;
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(egress_of(&lbd, "wan1")?
+            .filter(|(p, _)| p == "qdisc")
+            .map(|(_, why)| why))
+    })?;
+    let lost = lbd.reason("drop_ring_full")? - lost_before;
+    eprintln!("wan1 by qdisc ({why}); {lost} frames XDP_REDIRECT lost there");
+    ensure!(lost > 0, "the ring watch counted nothing");
+    ensure!(why.contains("XDP_REDIRECT lost"), "wan1: {why}");
+    let qdiscs = lab.exec("router", &["tc", "qdisc", "show", "dev", "wan1"])?;
+    ensure!(
+        qdiscs.contains("pfifo_fast 1c:"),
+        "wan1 has not lb's queue: {qdiscs}"
+    );
+    let status = lbd.lbctl(&["status"])?;
+    ensure!(
+        status.contains("frames lost to its full ring"),
+        "lbctl status says nothing of wan1's lost frames: {status}"
+    );
+
+    // The device takes full-size frames again: through lb's queue while
+    // the hold lasts, by XDP after it.
+    lab.exec("isp1", &["ip", "link", "set", "down0", "mtu", "1500"])?;
+    let sink = TcpSinkServer::start(lab.ns("inet")?, (SERVER, 0).into())?;
+    let bytes = 1 << 20;
+    let got = tcp_upload(&client, sink.local_addr(), bytes, BOUND)?;
+    ensure!(got == bytes as u64, "the sink read {got} of {bytes} bytes");
+    wait_for("wan1 back on XDP", HOLD_BOUND, || {
+        Ok(egress_of(&lbd, "wan1")?.is_some_and(|(p, _)| p == "xdp"))
+    })?;
+    let got = tcp_upload(&client, sink.local_addr(), bytes, BOUND)?;
+    ensure!(got == bytes as u64, "the sink read {got} of {bytes} bytes");
+    leaks.check()?;
+    lbd.stop(&mut lab)?;
+    let qdiscs = lab.exec("router", &["tc", "qdisc", "show", "dev", "wan1"])?;
+    ensure!(
+        !qdiscs.contains(" 1c: "),
+        "lbd --teardown left lb's queue on wan1: {qdiscs}"
+    );
+    Ok(())
+}
+
+/// Polls `f` until it gives a value, for at most `limit`.
+fn wait_for_value<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        ensure!(Instant::now() < deadline, "waited {limit:?} for {what}");
+    }
 }

@@ -125,7 +125,7 @@ impl Overflow {
         let ring = self.rings.get(&ifindex)?;
         ring.queued_until.map(|_| {
             format!(
-                "its ring overflowed (XDP_REDIRECT lost {} frames): through its queue for {} s",
+                "its ring overflowed (XDP_REDIRECT lost {} frames to it): through its queue for {} s",
                 ring.dropped,
                 ring.hold.as_secs()
             )
