@@ -659,7 +659,12 @@ impl Report {
                 .collect();
             let passed: u64 = w.runs.iter().flat_map(|r| r.passed().into_values()).sum();
             if w.way == TcpWay::Lb {
-                cells.push(format!("(lb gave the kernel {passed} packets in all runs)"));
+                let watched = Spread::of(&w.runs, |r| r.ring_watch() as f64);
+                cells.push(format!(
+                    "(lb's ring watch saw {} frames a run lost to full rings, {} at most, and handed those devices to their queue; lb gave the kernel {passed} packets in all runs)",
+                    thousands(watched.median as u64),
+                    thousands(watched.max as u64)
+                ));
             }
             if cells.is_empty() {
                 cells.push("none".into());
