@@ -26,6 +26,9 @@ pub mod name {
     pub const FRAGS: &str = "FRAGS";
     pub const EGRESS: &str = "EGRESS";
     pub const EGRESS_ANY: &str = "EGRESS_ANY";
+    /// `EGRESS` for interface indexes below [`crate::IFINDEX_SLOTS`], as
+    /// an array (all zero: the XDP path).
+    pub const EGRESS_AT: &str = "EGRESS_AT";
     pub const SIGNALS: &str = "SIGNALS";
     /// How each uplink wraps its packets (`crate::encap`), by index.
     pub const ENCAP: &str = "ENCAP";
@@ -56,7 +59,7 @@ pub mod name {
     pub const RING_EVENTS: &str = "RING_EVENTS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 32] = [
+    pub const ALL: [&str; 33] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -72,6 +75,7 @@ pub mod name {
         FRAGS,
         EGRESS,
         EGRESS_ANY,
+        EGRESS_AT,
         SIGNALS,
         RULES,
         POLICIES,
@@ -100,7 +104,7 @@ pub const LAYOUT: u32 = 7;
 // (6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;
-// UPLINK_AT_IFINDEX.)
+// UPLINK_AT_IFINDEX; EGRESS_AT.)
 
 /// Program names in the XDP object.
 pub mod program {

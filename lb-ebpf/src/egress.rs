@@ -26,11 +26,11 @@ use lb_common::{
     egress::{
         self, path, Egress, HandOff, RingBinding, HANDOFF_MAGIC, RING_ARG_DROPS, RING_ARG_TO_DEV,
     },
-    reason,
+    reason, IFINDEX_SLOTS,
 };
 
 use crate::{
-    maps::{EGRESS, EGRESS_ANY, RING_DROPS, RING_EVENTS},
+    maps::{EGRESS, EGRESS_ANY, EGRESS_AT, RING_DROPS, RING_EVENTS},
     stats,
 };
 
@@ -86,6 +86,9 @@ pub fn send_tc(ctx: &TcContext, ifindex: u32, uplink: u32, client: [u8; 4]) -> i
 /// How lbd said to send out of `ifindex`, when it said anything.
 #[inline(always)]
 fn way_out(ifindex: u32) -> Option<Egress> {
+    if ifindex < IFINDEX_SLOTS {
+        return EGRESS_AT.get(ifindex).copied();
+    }
     let any = EGRESS_ANY.get(0).is_some_and(|&n| n != 0);
     // SAFETY: a lookup; the value is copied out at once.
     any.then(|| unsafe { EGRESS.get(&ifindex) }.copied())

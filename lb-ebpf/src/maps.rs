@@ -187,6 +187,13 @@ pub static EGRESS: HashMap<u32, Egress> = HashMap::with_max_entries(MAX_UPLINKS 
 #[map]
 pub static EGRESS_ANY: Array<u32> = Array::with_max_entries(1, 0);
 
+/// `EGRESS` for interface indexes below [`lb_common::IFINDEX_SLOTS`], by
+/// array (one load per packet, where the hash lookup cost ten
+/// nanoseconds on every packet while any device took its queue); all zero
+/// is the XDP path.
+#[map]
+pub static EGRESS_AT: Array<Egress> = Array::with_max_entries(IFINDEX_SLOTS, 0);
+
 /// Frames `XDP_REDIRECT` could not put into a device's full ring, by
 /// ifindex: lbd makes the entries (the devices lb sends to), the ring
 /// watch adds to them (see `egress::watch`). Not per-CPU: it is written

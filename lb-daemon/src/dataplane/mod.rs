@@ -487,7 +487,13 @@ impl Dataplane {
         let entries = map.keys().filter(Result::is_ok).count() as u32;
         self.array::<u32>(name::EGRESS_ANY)?
             .set(0, entries, 0)
-            .context("writing EGRESS_ANY")
+            .context("writing EGRESS_ANY")?;
+        if ifindex < lb_common::IFINDEX_SLOTS {
+            self.array::<Egress>(name::EGRESS_AT)?
+                .set(ifindex, egress.unwrap_or_default(), 0)
+                .with_context(|| format!("writing EGRESS_AT[{ifindex}]"))?;
+        }
+        Ok(())
     }
 
     /// What the `EGRESS` map holds now.
