@@ -62,6 +62,21 @@ pub fn fold6(addr: &[u8; 16]) -> u32 {
     finish(mix(mix(mix(mix(0, w(0)), w(4)), w(8)), w(12)), 16)
 }
 
+impl crate::maps::FlowKey6 {
+    /// This connection as the classifier sees it ([`Tuple::of6`]): one
+    /// place for the data plane and `lbctl explain` to make it.
+    #[inline(always)]
+    pub fn tuple(&self) -> Tuple {
+        Tuple::of6(
+            &self.src_addr,
+            &self.dst_addr,
+            u16::from_be_bytes(self.src_port),
+            u16::from_be_bytes(self.dst_port),
+            self.proto,
+        )
+    }
+}
+
 impl Tuple {
     /// An IPv6 connection as the classifier sees it: each address
     /// [`fold6`]ed. The data plane and `lbctl explain` both build it here,

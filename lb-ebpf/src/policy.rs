@@ -152,13 +152,7 @@ pub fn place6(ctx: &XdpContext, key: &FlowKey6, tclass: u8, except: u32, now: u6
     let Some(settings) = SETTINGS.get(0) else {
         return Placement::Refused(reason::DROP_NO_UPLINK);
     };
-    let tuple = Tuple::of6(
-        &key.src_addr,
-        &key.dst_addr,
-        u16::from_be_bytes(key.src_port),
-        u16::from_be_bytes(key.dst_port),
-        key.proto,
-    );
+    let tuple = key.tuple();
     let hash = hash::classify(settings.seed, settings.mode, &tuple);
     let Some(addrs) = CLASSIFYING6.get_ptr_mut(0) else {
         return Placement::Refused(reason::DROP_NO_UPLINK);

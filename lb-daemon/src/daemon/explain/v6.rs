@@ -16,7 +16,7 @@ use std::{collections::BTreeSet, net::Ipv6Addr};
 
 use anyhow::Result;
 use lb_common::{
-    hash::{self, Tuple},
+    hash,
     maps::{uplink_state, FlowKey6, FlowValue6, Uplink6},
     npt::Untranslatable,
     table::{self, Table},
@@ -83,13 +83,7 @@ impl Plane6<'_> {
     /// `policy::within`'s steering: an uplink of `table` for a new (or
     /// moving) flow, never `except`, with the flow's own bucket.
     fn steer(&self, table: &Table, key: &FlowKey6, except: u32) -> (Option<u32>, u32) {
-        let tuple = Tuple::of6(
-            &key.src_addr,
-            &key.dst_addr,
-            u16::from_be_bytes(key.src_port),
-            u16::from_be_bytes(key.dst_port),
-            key.proto,
-        );
+        let tuple = key.tuple();
         let hash = hash::classify(self.seed, self.mode, &tuple);
         let owner = |b: u32| table.get(b as usize).copied();
         let chosen = table::steer(hash, owner, |u| u != except && self.takes_new(u));
@@ -350,13 +344,7 @@ impl Daemon {
             dst_port: u16::from_be_bytes(key.dst_port),
             proto: key.proto,
         };
-        let folded = Tuple::of6(
-            &key.src_addr,
-            &key.dst_addr,
-            tuple.src_port,
-            tuple.dst_port,
-            key.proto,
-        );
+        let folded = key.tuple();
         Ok(decide(
             &plane,
             key,
@@ -380,7 +368,7 @@ mod tests {
     use super::*;
     use crate::observe::kernel6::within;
     use crate::reconcile::ipv6::{side, Facts6};
-    use lb_common::maps::tcp_state;
+    use lb_common::{hash::Tuple, maps::tcp_state};
 
     fn ip6(s: &str) -> Ipv6Addr {
         s.parse().expect("an IPv6 address")
