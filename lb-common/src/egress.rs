@@ -4,10 +4,17 @@
 //! `XDP_REDIRECT` skips the egress qdisc, so a device with a qdisc that
 //! shapes or queues (SQM's, an operator's `tbf`, lb's own shaper) is sent
 //! to differently: the XDP program makes the whole decision and rewrite as
-//! usual, then leaves a [`HandOff`] note in the frame's metadata and passes
-//! it up; lb's tc program on the same device reads the note and redirects
-//! the packet to the target's egress, where its qdisc sees it. One decision
+//! usual, then writes a [`Note`] in front of the frame and passes it up;
+//! lb's tc program on the same device reads the note and redirects the
+//! packet to the target's egress, where its qdisc sees it. One decision
 //! and one rewrite, in one place; tc only carries the result.
+//!
+//! The note travels as two 802.1Q tags (see [`note`]), not as XDP
+//! metadata: every driver and kernel that runs XDP can grow a frame's
+//! head, where metadata is a per-driver feature, and some kernels refuse
+//! the helper outright. The kernel takes the outer tag off by itself
+//! before tc runs; tc reads both and pops them, and the packet leaves as
+//! it was rewritten.
 //!
 //! Also owns the numbering of lb's shaper classes (HTB class ids), which
 //! the data plane writes into `skb->priority` and lbd creates with `tc`.
@@ -59,21 +66,80 @@ pub struct Egress {
     pub ifindex: u32,
 }
 
-/// The note `lan_ingress`/`wan_ingress` leave in front of a frame for lb's
-/// tc program: where it goes, and in which class.
-#[repr(C)]
+/// What lb's tc program needs of a packet handed over to it: the device
+/// it goes out of (its qdisc decides the rest, or the bridge its EGRESS
+/// entry names), and what picks its class on a device lb shapes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HandOff {
-    /// [`HANDOFF_MAGIC`]: metadata that something else left is not a note.
-    pub magic: u32,
-    /// The device to send it out of (its egress, through its qdisc).
+pub struct Note {
+    /// The device the XDP program would have redirected the packet to.
     pub ifindex: u32,
-    /// `skb->priority` to set: an HTB class id of lb's shaper, or 0.
-    pub priority: u32,
+    /// The uplink it leaves by or came back through.
+    pub uplink: u32,
+    /// The client's leaf ([`leaf`]).
+    pub leaf: u32,
 }
 
-/// "lbH1".
-pub const HANDOFF_MAGIC: u32 = 0x6c62_4831;
+/// The hand-off note on the wire of the stack: two 802.1Q tags between
+/// the MAC addresses and the rewritten frame's own EtherType (or its own
+/// tag). The outer one carries VID 4095, which 802.1Q reserves ("shall not
+/// be transmitted"): no tag on a received frame may have it, so lb's XDP
+/// programs drop any frame that does (`reason::DROP_RESERVED_VLAN`), and
+/// a frame that reaches lb's tc program with it was tagged by them. The
+/// note's 20 bits: the outer tag's priority bits the uplink, the inner
+/// tag's the leaf, the inner VID the interface index.
+pub mod note {
+    use super::{Note, LEAVES};
+    use crate::MAX_UPLINKS;
+
+    /// The tags' EtherType (TPID).
+    pub const TPID: u16 = 0x8100;
+    /// The reserved VID that marks the outer tag as a note.
+    pub const MARK: u16 = 0x0fff;
+    /// Bytes the note adds to the frame: two tags of four.
+    pub const LEN: usize = 8;
+    /// The VID field of a tag control word.
+    pub const VID_MASK: u16 = 0x0fff;
+    /// Where the priority bits (PCP and DEI) start in it.
+    const HIGH: u32 = 12;
+
+    /// Whether tag control `tci` of a frame's outer tag is a note's.
+    pub const fn marks(tci: u16) -> bool {
+        tci & VID_MASK == MARK
+    }
+
+    /// The tag control words (outer, inner) of `note`; `None` when it does
+    /// not fit (an interface index of 4095 or more, the reserved VID and
+    /// above: that device's packets take the XDP path).
+    pub const fn tags(note: &Note) -> Option<[u16; 2]> {
+        if note.ifindex == 0
+            || note.ifindex >= MARK as u32
+            || note.uplink >= MAX_UPLINKS
+            || note.leaf >= LEAVES
+        {
+            return None;
+        }
+        Some([
+            ((note.uplink << HIGH) | MARK as u32) as u16,
+            ((note.leaf << HIGH) | note.ifindex) as u16,
+        ])
+    }
+
+    /// The note that tags `outer` and `inner` carry; `None` when the outer
+    /// one is not a note's.
+    pub const fn read(outer: u16, inner: u16) -> Option<Note> {
+        if !marks(outer) || inner & VID_MASK == 0 {
+            return None;
+        }
+        Some(Note {
+            ifindex: (inner & VID_MASK) as u32,
+            uplink: (outer >> HIGH) as u32,
+            leaf: (inner >> HIGH) as u32,
+        })
+    }
+
+    const _: () = assert!(MAX_UPLINKS <= 1 << (16 - HIGH));
+    const _: () = assert!(LEAVES <= 1 << (16 - HIGH));
+}
 
 /// The kernel tracepoint the ring watch attaches to (as a raw tracepoint:
 /// no tracefs needed). Its arguments (Linux 5.8 and later): `from_dev`,
@@ -139,21 +205,29 @@ pub const fn leaf_minor(uplink: u32, client: u32) -> u32 {
     0x100 + 0x10 * uplink + client % LEAVES
 }
 
-/// The class id (`major:minor`) a packet of `uplink` from or to client
-/// `client` (its IPv4 address, network order) takes on a device shaped by
-/// lb (`shaper_major` non-zero); 0 elsewhere.
-pub fn priority(shaper_major: u32, uplink: u32, client: [u8; 4]) -> u32 {
+/// The leaf (`0..LEAVES`) of client `client` (its IPv4 address, network
+/// order; an IPv6 client's folded to 32 bits).
+pub const fn leaf(client: [u8; 4]) -> u32 {
+    // Fold the address so that neighbours land in different leaves.
+    let a = u32::from_be_bytes(client);
+    ((a ^ (a >> 8) ^ (a >> 16) ^ (a >> 24)) & 0xff) % LEAVES
+}
+
+/// The class id (`major:minor`) a packet of `uplink` in leaf `leaf` takes
+/// on a device shaped by lb (`shaper_major` non-zero); 0 elsewhere.
+pub const fn class(shaper_major: u32, uplink: u32, leaf: u32) -> u32 {
     if shaper_major == 0 {
         return 0;
     }
-    // Fold the address so that neighbours land in different leaves.
-    let a = u32::from_be_bytes(client);
-    let spread = (a ^ (a >> 8) ^ (a >> 16) ^ (a >> 24)) & 0xff;
-    (shaper_major << 16) | leaf_minor(uplink, spread)
+    (shaper_major << 16) | leaf_minor(uplink, leaf)
+}
+
+/// The class id of a packet of `uplink` from or to client `client`.
+pub const fn priority(shaper_major: u32, uplink: u32, client: [u8; 4]) -> u32 {
+    class(shaper_major, uplink, leaf(client))
 }
 
 const _: () = assert!(core::mem::size_of::<Egress>() == 12);
-const _: () = assert!(core::mem::size_of::<HandOff>() == 12);
 const _: () = assert!(crate::MAX_UPLINKS * 0x10 + 0x100 <= 0xffff);
 const _: () = assert!(uplink_minor(crate::MAX_UPLINKS - 1) < 0x100);
 
@@ -185,6 +259,57 @@ mod tests {
             priority(SHAPER_MAJOR, 0, [10, 10, 0, 2]),
             priority(SHAPER_MAJOR, 0, [10, 10, 0, 3])
         );
+    }
+
+    #[test]
+    fn a_note_reads_back_as_written_and_nothing_else_reads_as_one() {
+        for ifindex in [1, 2, 7, 300, crate::IFINDEX_SLOTS - 2] {
+            for uplink in [0, 1, crate::MAX_UPLINKS - 1] {
+                for leaf in [0, 5, LEAVES - 1] {
+                    let n = Note {
+                        ifindex,
+                        uplink,
+                        leaf,
+                    };
+                    let [outer, inner] = note::tags(&n).expect("fits");
+                    assert!(note::marks(outer));
+                    assert!(!note::marks(inner), "{n:?}");
+                    assert_eq!(note::read(outer, inner), Some(n));
+                }
+            }
+        }
+        // Real tags: any VID but the reserved one.
+        for vid in [0u16, 1, 100, 4094] {
+            assert!(!note::marks(vid) && !note::marks(0xe000 | vid));
+            assert_eq!(note::read(vid, 7), None);
+        }
+    }
+
+    #[test]
+    fn a_note_that_does_not_fit_is_not_written() {
+        let fits = Note {
+            ifindex: 5,
+            uplink: 1,
+            leaf: 2,
+        };
+        assert!(note::tags(&fits).is_some());
+        for n in [
+            Note {
+                ifindex: crate::IFINDEX_SLOTS - 1,
+                ..fits
+            },
+            Note { ifindex: 0, ..fits },
+            Note {
+                uplink: crate::MAX_UPLINKS,
+                ..fits
+            },
+            Note {
+                leaf: LEAVES,
+                ..fits
+            },
+        ] {
+            assert_eq!(note::tags(&n), None, "{n:?}");
+        }
     }
 
     #[test]

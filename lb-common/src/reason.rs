@@ -72,8 +72,14 @@ pub const TOLD_TOO_BIG: u32 = 19;
 /// (see `crate::egress`).
 pub const DROP_RING_FULL: u32 = 20;
 
+/// A frame whose outer 802.1Q tag has VID 4095, which the standard
+/// reserves and no device sends: lb's own hand-off note
+/// (`crate::egress::note`) uses it, so one arriving from outside could
+/// only be a forged note.
+pub const DROP_RESERVED_VLAN: u32 = 21;
+
 /// Number of reasons.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 22;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -102,4 +108,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_foreign_source",
     "told_too_big",
     "drop_ring_full",
+    "drop_reserved_vlan",
 ];

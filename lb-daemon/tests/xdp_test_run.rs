@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
 use lb_common::{
-    egress::{self, Egress, HandOff},
+    egress::{self, note, Egress, Note},
     hash,
     maps::{program, uplink_state, UplinkInfo},
     nat, reason,
@@ -1298,15 +1298,15 @@ fn fragments_follow_their_first_one_both_ways() {
     assert!(udp_checksum_ok(&[&back_first, &back_later], SERVER, CLIENT));
 }
 
-/// The note a handed-over frame carries in front of it, and the frame.
-fn hand_off_of(out: &[u8]) -> (HandOff, &[u8]) {
-    let word = |i: usize| u32::from_ne_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]);
-    let note = HandOff {
-        magic: word(0),
-        ifindex: word(4),
-        priority: word(8),
-    };
-    (note, &out[std::mem::size_of::<HandOff>()..])
+/// The note a handed-over frame carries (two tags behind its MAC
+/// addresses), and the frame without them.
+fn hand_off_of(out: &[u8]) -> (Note, Vec<u8>) {
+    let word = |i: usize| u16::from_be_bytes([out[i], out[i + 1]]);
+    assert_eq!(word(12), note::TPID, "the outer tag");
+    assert_eq!(word(16), note::TPID, "the inner tag");
+    let note = note::read(word(14), word(18)).expect("a note");
+    let frame = [&out[..12], &out[12 + note::LEN..]].concat();
+    (note, frame)
 }
 
 #[test]
@@ -1329,22 +1329,25 @@ fn a_device_whose_qdisc_counts_gets_the_same_frame_handed_to_tc() {
     let (verdict, out) = h.lan(&frame);
     assert_eq!(verdict, XDP_PASS, "handed to tc, not redirected");
     let (note, rewritten) = hand_off_of(&out);
-    let uplink = uplink_of(rewritten);
+    let uplink = uplink_of(&rewritten);
     assert_forwarded(
         &frame,
-        rewritten,
+        &rewritten,
         &uplink_info(uplink, uplink_state::ACTIVE),
     );
-    assert_eq!(note.magic, egress::HANDOFF_MAGIC);
-    assert_eq!(note.ifindex, 1, "to the uplink's device");
     assert_eq!(
-        note.priority,
-        egress::priority(egress::SHAPER_MAJOR, u32::from(uplink) - 1, CLIENT),
-        "in the client's leaf of its uplink's class"
+        note,
+        Note {
+            ifindex: 1,
+            uplink: u32::from(uplink) - 1,
+            leaf: egress::leaf(CLIENT),
+        },
+        "to the uplink's device, in the client's leaf of its uplink's class"
     );
 
-    // A reply to a LAN port whose bridge (ifindex 7) holds the shaper
-    // goes to the bridge, translated as ever.
+    // A reply to a LAN port whose bridge (ifindex 7) holds the shaper is
+    // handed over for the port (tc sends it on to the bridge), translated
+    // as ever.
     let (nat_port, sent, _) = {
         // Outbound again by the XDP path, to find a flow on uplink 2.
         h.dp.set_egress(1, None).expect("egress");
@@ -1366,15 +1369,48 @@ fn a_device_whose_qdisc_counts_gets_the_same_frame_handed_to_tc() {
     assert_eq!(verdict, XDP_PASS);
     let (note, rewritten) = hand_off_of(&back);
     assert_eq!(rewritten, inbound_model(&reply, client_port, false));
-    assert_eq!(note.ifindex, 7, "to the bridge");
     assert_eq!(
-        note.priority,
-        egress::priority(egress::SHAPER_MAJOR, 1, CLIENT)
+        note,
+        Note {
+            ifindex: 1,
+            uplink: 1,
+            leaf: egress::leaf(CLIENT),
+        }
     );
 
     // Back on the XDP path once the entry goes.
     h.dp.set_egress(1, None).expect("egress");
     assert_eq!(h.lan(&udp(7100, 64)).0, XDP_REDIRECT);
+}
+
+#[test]
+fn a_frame_tagged_as_a_note_from_outside_is_dropped_and_counted() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // A frame with a note's outer tag, as a LAN host or the ISP could
+    // forge it: were it passed, lb's tc program would send it on.
+    let forged = |frame: &[u8]| {
+        let n = Note {
+            ifindex: 1,
+            uplink: 0,
+            leaf: 0,
+        };
+        let [outer, inner] = note::tags(&n).expect("fits");
+        let tpid = note::TPID.to_be_bytes();
+        let tags = [&tpid[..], &outer.to_be_bytes(), &tpid, &inner.to_be_bytes()].concat();
+        [&frame[..12], &tags, &frame[12..]].concat()
+    };
+    let before = h.reason(reason::DROP_RESERVED_VLAN);
+    assert_eq!(h.lan(&forged(&udp(7200, 64))).0, XDP_DROP);
+    let reply = reply_to("udp", 20_000, 53);
+    assert_eq!(h.run(program::WAN_INGRESS, &forged(&reply)).0, XDP_DROP);
+    assert_eq!(h.reason(reason::DROP_RESERVED_VLAN) - before, 2);
+    // A real tag (any other VID) is not one.
+    let mut tagged = forged(&udp(7200, 64));
+    tagged[14..16].copy_from_slice(&100u16.to_be_bytes());
+    assert_ne!(h.lan(&tagged).0, XDP_DROP);
 }
 
 /// Run `f` on a thread of its own in a new, empty network namespace (with

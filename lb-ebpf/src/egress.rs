@@ -5,34 +5,35 @@
 //!
 //! Owns the hand-off note and nothing else: the decision and the rewrite
 //! are done before `send` and are the same on both paths. Never drops what
-//! it cannot hand over: a driver without XDP metadata gets the XDP path.
+//! it cannot hand over: a frame without headroom for the note, or bound
+//! for a device whose index the note cannot carry, gets the XDP path.
 //!
 //! Also the ring watch (`watch`): what `XDP_REDIRECT` lost to a full ring,
 //! per device, for lbd to hand that device to its queue while it
 //! overflows (`lb_common::egress` says why).
 
-use core::{
-    intrinsics::{atomic_xadd, AtomicOrdering},
-    mem::size_of,
-};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, xdp_action::XDP_REDIRECT, TC_ACT_UNSPEC},
-    helpers::{bpf_probe_read_kernel, bpf_redirect, bpf_xdp_adjust_meta},
+    bindings::{
+        xdp_action::XDP_PASS, xdp_action::XDP_REDIRECT, xdp_md, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
+    helpers::{bpf_probe_read_kernel, bpf_redirect, bpf_skb_vlan_pop},
     programs::{RawTracePointContext, TcContext, XdpContext},
-    EbpfContext,
 };
 use lb_common::{
-    egress::{
-        self, path, Egress, HandOff, RingBinding, HANDOFF_MAGIC, RING_ARG_DROPS, RING_ARG_TO_DEV,
-    },
+    egress::{self, note, path, Egress, Note, RingBinding, RING_ARG_DROPS, RING_ARG_TO_DEV},
     reason, IFINDEX_SLOTS,
 };
 
 use crate::{
     maps::{EGRESS, EGRESS_ANY, EGRESS_AT, RING_DROPS, RING_EVENTS},
+    parse::Frame,
     stats,
 };
+
+/// Bytes of the two MAC addresses, which stay in front of the note.
+const MACS: usize = 12;
 
 /// Where this kernel keeps what the ring watch reads, and lbd's network
 /// namespace: lbd sets it at load from the kernel's BTF
@@ -58,10 +59,14 @@ pub fn send(
     client: [u8; 4],
     redirect: impl FnOnce() -> Result<u32, u32>,
 ) -> u32 {
-    if let Some(out) = way_out(ifindex) {
-        if out.path == path::QDISC {
-            let (to, priority) = queue(&out, ifindex, uplink, client);
-            if hand_off(ctx, to, priority) {
+    if way_out(ifindex).is_some_and(|out| out.path == path::QDISC) {
+        let note = Note {
+            ifindex,
+            uplink,
+            leaf: egress::leaf(client),
+        };
+        if let Some([outer, inner]) = note::tags(&note) {
+            if hand_off(ctx.ctx, u64::from(outer) << 16 | u64::from(inner)) {
                 return XDP_PASS;
             }
         }
@@ -78,8 +83,7 @@ pub fn send(
 /// of `uplink` and `client`.
 #[inline(always)]
 pub fn send_tc(ctx: &TcContext, ifindex: u32, uplink: u32, client: [u8; 4]) -> i32 {
-    let out = way_out(ifindex).unwrap_or_default();
-    let (to, priority) = queue(&out, ifindex, uplink, client);
+    let (to, priority) = queue(ifindex, uplink, egress::leaf(client));
     redirect_tc(ctx, to, priority)
 }
 
@@ -95,16 +99,18 @@ fn way_out(ifindex: u32) -> Option<Egress> {
         .flatten()
 }
 
-/// Where a packet for `ifindex` queues under `out` (the bridge of a
-/// shaped port, or the device itself) and in which class.
+/// Where a packet for `ifindex` queues (the bridge of a shaped port, or
+/// the device itself) and in which class, for `uplink`'s client in leaf
+/// `leaf`.
 #[inline(always)]
-fn queue(out: &Egress, ifindex: u32, uplink: u32, client: [u8; 4]) -> (u32, u32) {
+fn queue(ifindex: u32, uplink: u32, leaf: u32) -> (u32, u32) {
+    let out = way_out(ifindex).unwrap_or_default();
     let to = if out.ifindex != 0 {
         out.ifindex
     } else {
         ifindex
     };
-    (to, egress::priority(out.shaper_major, uplink, client))
+    (to, egress::class(out.shaper_major, uplink, leaf))
 }
 
 /// tc's part: into device `to`'s egress (its qdisc), in class `priority`
@@ -119,47 +125,78 @@ fn redirect_tc(ctx: &TcContext, to: u32, priority: u32) -> i32 {
     unsafe { bpf_redirect(to, 0) as i32 }
 }
 
-/// Write the note in front of the frame. `false` when the driver keeps no
-/// metadata.
-#[inline(always)]
-fn hand_off(ctx: &XdpContext, ifindex: u32, priority: u32) -> bool {
-    const LEN: usize = size_of::<HandOff>();
-    // SAFETY: the helper checks that the metadata fits the headroom.
-    if unsafe { bpf_xdp_adjust_meta(ctx.as_ptr().cast(), -(LEN as i32)) } != 0 {
+/// Write the note (tag control words `tags`: the outer in bits 16..32,
+/// the inner in 0..16) in front of the frame's EtherType, behind its MAC
+/// addresses. `false`, and the frame as it was, when there is no room.
+/// A BPF function of its own, taking scalars: its few bytes of stack are
+/// not added to the callers' frames, which the rules fill.
+#[inline(never)]
+fn hand_off(ctx: *mut xdp_md, tags: u64) -> bool {
+    let ctx = XdpContext::new(ctx);
+    if ctx.adjust_head(-(note::LEN as i32)).is_err() {
         return false;
     }
-    let meta = ctx.metadata();
-    if meta + LEN > ctx.metadata_end() {
+    let start = ctx.data();
+    if start + note::LEN + MACS > ctx.data_end() {
+        // Cannot be (the frame had its Ethernet header): undo all the same.
+        let _ = ctx.adjust_head(note::LEN as i32);
         return false;
     }
-    // SAFETY: bounds-checked just above.
+    let at = start as *mut u8;
+    let [outer_hi, outer_lo, inner_hi, inner_lo] = (tags as u32).to_be_bytes();
+    let [tpid_hi, tpid_lo] = note::TPID.to_be_bytes();
+    // SAFETY: bounds-checked just above. The MAC addresses move to the
+    // new start: all read before any is written, as the two overlap.
     unsafe {
-        *(meta as *mut HandOff) = HandOff {
-            magic: HANDOFF_MAGIC,
-            ifindex,
-            priority,
-        };
+        let macs = core::ptr::read_unaligned(at.add(note::LEN) as *const [u8; MACS]);
+        core::ptr::write_unaligned(at as *mut [u8; MACS], macs);
+        core::ptr::write_unaligned(
+            at.add(MACS) as *mut [u8; note::LEN],
+            [
+                tpid_hi, tpid_lo, outer_hi, outer_lo, tpid_hi, tpid_lo, inner_hi, inner_lo,
+            ],
+        );
     }
     true
 }
 
 /// lb's tc program: a packet that carries a note goes out of the note's
-/// device, through its qdisc, in the note's class. Anything else goes on
-/// to whatever else the device has (tc's "next").
+/// device, through its qdisc, in its class. The kernel took the outer
+/// tag off already (into the packet's VLAN fields); the inner one follows
+/// it there when the outer is popped. Anything else goes on to whatever
+/// else the device has (tc's "next").
 #[inline(always)]
 pub fn carry(ctx: &TcContext) -> i32 {
+    let Some(outer) = vlan_tag(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    if !note::marks(outer) {
+        return TC_ACT_UNSPEC;
+    }
+    // SAFETY: the helper edits the packet it is given, nothing else.
+    if unsafe { bpf_skb_vlan_pop(ctx.skb.skb.cast()) } != 0 {
+        return TC_ACT_SHOT;
+    }
+    let Some(note) = vlan_tag(ctx).and_then(|inner| note::read(outer, inner)) else {
+        return TC_ACT_SHOT;
+    };
+    // The second pop leaves the rewritten frame as XDP wrote it (its own
+    // tag, if its device has one, goes back on when it is sent).
+    if unsafe { bpf_skb_vlan_pop(ctx.skb.skb.cast()) } != 0 {
+        return TC_ACT_SHOT;
+    }
+    let (to, priority) = queue(note.ifindex, note.uplink, note.leaf);
+    redirect_tc(ctx, to, priority)
+}
+
+/// The tag control word of the packet's (outermost) VLAN tag, which the
+/// kernel keeps beside the packet, when it has one.
+#[inline(always)]
+fn vlan_tag(ctx: &TcContext) -> Option<u16> {
     let skb = ctx.skb.skb;
-    // SAFETY: reading the context's packet pointers.
-    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
-    if meta + size_of::<HandOff>() > data {
-        return TC_ACT_UNSPEC;
-    }
-    // SAFETY: bounds-checked just above.
-    let note = unsafe { *(meta as *const HandOff) };
-    if note.magic != HANDOFF_MAGIC {
-        return TC_ACT_UNSPEC;
-    }
-    redirect_tc(ctx, note.ifindex, note.priority)
+    // SAFETY: reading the context's fields.
+    let (present, tci) = unsafe { ((*skb).vlan_present, (*skb).vlan_tci) };
+    (present != 0).then_some(tci as u16)
 }
 
 /// The ring watch, on the `xdp_devmap_xmit` tracepoint (every device map

@@ -37,12 +37,16 @@ use aya_ebpf::{
     macros::{classifier, raw_tracepoint, xdp},
     programs::{RawTracePointContext, TcContext, XdpContext},
 };
+use lb_common::reason;
 
 /// Packets from LAN clients: steer each connection to an uplink and send it.
 /// Each family's path is its own BPF function: their stack frames are
 /// then alternatives, not one frame with room for both.
 #[xdp]
 pub fn lan_ingress(ctx: XdpContext) -> u32 {
+    if parse::note_tagged(&ctx) {
+        return refuse_note();
+    }
     if parse::ether_type(&ctx) == parse::ETH_P_IPV6 {
         match lan6::run(ctx.ctx) {
             lan6::ANSWER_UNREACHABLE => answer::unreachable6(ctx.ctx),
@@ -56,7 +60,18 @@ pub fn lan_ingress(ctx: XdpContext) -> u32 {
 /// Packets arriving on an uplink: translate replies back to their clients.
 #[xdp]
 pub fn wan_ingress(ctx: XdpContext) -> u32 {
+    if parse::note_tagged(&ctx) {
+        return refuse_note();
+    }
     wan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))
+}
+
+/// Drop and count a frame that arrived with a hand-off note's tag (see
+/// `parse::note_tagged`). A BPF function of its own: the entry points keep
+/// no stack, as the call chains below them use all 512 bytes.
+#[inline(never)]
+fn refuse_note() -> u32 {
+    stats::drop(reason::DROP_RESERVED_VLAN)
 }
 
 /// tc ingress of the same devices: sends what the two programs above hand

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use lb_common::reason;
+use lb_common::{egress::note, reason};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -346,6 +346,27 @@ pub fn ether_type<C: Frame>(ctx: &C) -> u16 {
         // SAFETY: as above.
         Ok(vlan) => u16::from_be_bytes(unsafe { (*vlan).ether_type }),
         Err(_) => 0,
+    }
+}
+
+/// Whether the frame's outer tag is a hand-off note's (VID 4095, which
+/// 802.1Q reserves: see `lb_common::egress::note`). Only lb's own XDP
+/// programs write one, on the way to lb's tc program; one that arrives
+/// is forged.
+#[inline(always)]
+pub fn note_tagged(ctx: &XdpContext) -> bool {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: `ptr_at` checked the bounds.
+    let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+        return false;
+    }
+    match ptr_at::<VlanHdr>(ctx, size_of::<EthHdr>()) {
+        // SAFETY: as above.
+        Ok(vlan) => note::marks(u16::from_be_bytes(unsafe { (*vlan).tci })),
+        Err(_) => false,
     }
 }
 
