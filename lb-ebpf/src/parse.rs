@@ -8,7 +8,7 @@
 //! L3 uplink (a tunnel, a raw-IP modem), an IP packet with no link-layer
 //! header at all ([`L3Packet`]).
 
-use core::mem::size_of;
+use core::mem::{align_of, size_of};
 
 use aya_ebpf::{
     helpers::{bpf_skb_change_head, bpf_skb_pull_data},
@@ -39,20 +39,20 @@ const IP_MF: u16 = 0x2000;
 /// Fragment offset bits of the same field.
 const IP_OFFSET: u16 = 0x1fff;
 
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
     pub ether_type: [u8; 2],
 }
 
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct VlanHdr {
     pub tci: [u8; 2],
     pub ether_type: [u8; 2],
 }
 
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
@@ -66,7 +66,7 @@ pub struct Ipv4Hdr {
     pub dst: [u8; 4],
 }
 
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct Ipv6Hdr {
     pub version_class_flow: [u8; 4],
     pub payload_len: [u8; 2],
@@ -77,7 +77,7 @@ pub struct Ipv6Hdr {
 }
 
 /// TCP header up to the checksum.
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct TcpHdr {
     pub src: [u8; 2],
     pub dst: [u8; 2],
@@ -93,7 +93,7 @@ pub struct TcpHdr {
 pub const TCP_HDR_LEN: usize = 20;
 
 /// A four-byte TCP option of kind and length and a 16-bit value (MSS).
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct TcpOptHdr {
     pub kind: u8,
     pub len: u8,
@@ -105,7 +105,7 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct UdpHdr {
     pub src: [u8; 2],
     pub dst: [u8; 2],
@@ -115,7 +115,7 @@ pub struct UdpHdr {
 
 /// ICMP header with the echo identifier and sequence (for errors, those
 /// four bytes are unused or hold the next-hop MTU).
-#[repr(C)]
+#[repr(C, align(2))]
 pub struct IcmpHdr {
     pub kind: u8,
     pub code: u8,
@@ -275,12 +275,22 @@ impl Frame for Inner<'_> {
 }
 
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet is
-/// long enough to hold it.
+/// long enough to hold it and `offset` is aligned for a `T`.
+///
+/// The headers are declared 2-byte aligned, so that the compiler reads a
+/// 16-bit field, or an address, a half word at a time rather than a byte
+/// at a time. Every header lb reads sits at an even offset (Ethernet's 14
+/// bytes, tags and PPPoE's 4 and 8, IP options in 4-byte words) of a frame
+/// the kernel starts at an even address (behind its XDP headroom of 256
+/// bytes, or a driver's NET_IP_ALIGN of 0 or 2). The offset is checked
+/// here; the start cannot be (the verifier allows no arithmetic but
+/// addition on a packet pointer), and a wrong one would cost nothing on
+/// x86 and arm64, which load misaligned words.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Result<*mut T, u32> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
+    if start + offset + size_of::<T>() > end || offset % align_of::<T>() != 0 {
         return Err(reason::PASS_MALFORMED);
     }
     Ok((start + offset) as *mut T)
