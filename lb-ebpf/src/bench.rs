@@ -8,6 +8,12 @@
 //! - `bench_sink`: at the ISP ends; counts and drops.
 //! - `bench_redirect`: the lab's ceiling: only rewrites the MACs and
 //!   redirects LAN frames to an uplink, as bare as XDP forwarding gets.
+//! - `bench_queue`: the ceiling of any path through an uplink's qdisc: a
+//!   tc ingress program that rewrites the MACs as `bench_redirect` does
+//!   and redirects the frame into the uplink's egress (its qdisc), behind
+//!   `bench_nop` in XDP. What lb's hand-off costs beyond it is lb's own.
+//! - `bench_tap`: the generator's forwarder where frames are written into
+//!   a tap (kernels that refuse live-frames test runs).
 //! - `bench_run` / `bench_nop`: the harness for per-packet costs. A test run
 //!   repeats on one buffer and keeps what the program wrote, so `bench_run`
 //!   restores the frame from [`STAMP`] (and can make every repetition a new
@@ -20,10 +26,14 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
-    macros::{map, xdp},
+    bindings::{
+        xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+        TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::bpf_redirect,
+    macros::{classifier, map, xdp},
     maps::{Array, DevMap, PerCpuArray, ProgramArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 /// Bytes of the frame that [`stamp`] rewrites: Ethernet, IPv4 without
@@ -79,6 +89,10 @@ static MACS: Array<[u32; 3]> = Array::with_max_entries(2, 0);
 /// `bench_redirect`: per uplink, its device.
 #[map]
 static PORTS: DevMap = DevMap::with_max_entries(2, 0);
+
+/// `bench_queue`: per uplink, its device's ifindex.
+#[map]
+static QUEUES: Array<u32> = Array::with_max_entries(2, 0);
 
 /// `bench_run`: the program under test, in slot 0.
 #[map]
@@ -191,6 +205,43 @@ pub fn bench_redirect(ctx: XdpContext) -> u32 {
         unsafe { to.add(i).write(*word) };
     }
     PORTS.redirect(uplink, 0).unwrap_or(XDP_ABORTED)
+}
+
+/// LAN to uplink through the uplink's qdisc, as bare as that gets: the
+/// MACs of `bench_redirect`, then a redirect to the device's egress.
+#[classifier]
+pub fn bench_queue(ctx: TcContext) -> i32 {
+    let start = ctx.data();
+    if start + HEADER_LEN > ctx.data_end() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: within the first HEADER_LEN bytes, checked above.
+    let (ether_type, port_low) = unsafe {
+        (
+            ((start + 12) as *const [u8; 2]).read_unaligned(),
+            *((start + UDP_SRC + 1) as *const u8),
+        )
+    };
+    if ether_type != [0x08, 0x00] {
+        return TC_ACT_OK;
+    }
+    let uplink = u32::from(port_low & 1);
+    let (Some(macs), Some(&ifindex)) = (MACS.get(uplink), QUEUES.get(uplink)) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: within the checked header; an skb's data need not be
+    // word-aligned, hence unaligned writes.
+    unsafe { (start as *mut [u32; 3]).write_unaligned(*macs) };
+    // SAFETY: no preconditions; it names the device and tc does the rest.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// The tap generator's forwarder (xtask/src/bench/gen.rs): every frame
+/// written into the tap leaves, as it is, by the device in slot 0 of
+/// `PORTS` (the client's eth0), reaching its peer as an XDP frame.
+#[xdp]
+pub fn bench_tap(_ctx: XdpContext) -> u32 {
+    PORTS.redirect(0, 0).unwrap_or(XDP_ABORTED)
 }
 
 /// The per-packet cost harness: restore (and vary) the frame, then run the

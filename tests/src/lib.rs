@@ -27,6 +27,7 @@ pub mod observe;
 pub mod rawip;
 pub mod stream;
 pub mod traffic;
+pub mod tun;
 pub mod wireguard;
 
 pub use desc::LabDesc;

@@ -8,7 +8,7 @@
 //! Owns the two tun devices (they go when it is dropped: they are not
 //! persistent) and the relay. Never touches a device it did not create.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,16 +16,12 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::{lab::Lab, netns::in_netns};
+use crate::{lab::Lab, netns::in_netns, tun};
 
-/// `TUNSETIFF` from `<linux/if_tun.h>`: `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `TUNSETCARRIER`: `_IOW('T', 226, int)`.
 const TUNSETCARRIER: libc::c_ulong = 0x4004_54e2;
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_NO_PI: libc::c_short = 0x1000;
 /// How often the relay looks at its stop flag.
 const TICK: Duration = Duration::from_millis(100);
 /// Largest packet relayed (the tun devices' MTU is below it).
@@ -57,7 +53,7 @@ impl RawIpLink {
         let mut ends = Vec::new();
         for end in [a, b] {
             let ns = lab.ns(end.host)?;
-            let file = in_netns(ns, || open_tun(end.ifname))?;
+            let file = in_netns(ns, || tun::open(end.ifname, tun::Kind::Tun, false))?;
             let mtu = mtu.to_string();
             for cmd in [
                 vec!["ip", "link", "set", "dev", end.ifname, "mtu", &mtu],
@@ -111,30 +107,6 @@ impl Drop for RawIpLink {
             }
         }
     }
-}
-
-/// A new tun device `ifname` in the calling thread's namespace.
-fn open_tun(ifname: &str) -> Result<File> {
-    ensure!(
-        !ifname.is_empty() && ifname.len() < libc::IFNAMSIZ,
-        "tun device name {ifname:?}: 1 to 15 bytes"
-    );
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("opening /dev/net/tun (is the tun module there?)")?;
-    // struct ifreq: the name, then the flags (a short) in the union.
-    let mut req = [0u8; 40];
-    req[..ifname.len()].copy_from_slice(ifname.as_bytes());
-    req[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: `req` is a zeroed ifreq-sized buffer, live for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("creating tun device {ifname} (TUNSETIFF)"));
-    }
-    Ok(file)
 }
 
 /// Copies every packet from each end to the other until `stop`; while not

@@ -49,6 +49,8 @@ mod flows;
 #[cfg(feature = "bench")]
 mod forward;
 #[cfg(feature = "bench")]
+mod gen;
+#[cfg(feature = "bench")]
 mod l3;
 #[cfg(feature = "bench")]
 mod latency;
@@ -223,9 +225,24 @@ pub fn run(args: &Args) -> Result<()> {
         println!("bench: a million-prefix file, loaded and reloaded");
         report.prefixes = Some(prefixes::measure()?);
     }
+    let source = if args.measures(Part::Forward)
+        || args.measures(Part::L3)
+        || args.measures(Part::Scale)
+    {
+        let source = gen::Source::probe()?;
+        if let gen::Source::Tap(why) = &source {
+            println!(
+                "bench: this kernel refuses live-frames test runs ({why}): the generator writes its frames into a tap"
+            );
+        }
+        report.generator = Some(source.clone());
+        source
+    } else {
+        gen::Source::Live
+    };
     if args.measures(Part::Forward) {
         println!("bench: packets per second through the lab router");
-        report.ways = forward::measure(args, cpu, &interrupted)?;
+        report.ways = forward::measure(args, cpu, &source, &interrupted)?;
     }
     if args.measures(Part::Failover) {
         println!("bench: failover times: lb, a Netwatch-style script, the kernel alone");
@@ -246,11 +263,11 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if args.measures(Part::L3) {
         println!("bench: packets per second through an L3 uplink (tun, wireguard-go)");
-        report.l3 = l3::measure(args, cpu, &interrupted)?;
+        report.l3 = l3::measure(args, cpu, &source, &interrupted)?;
     }
     if args.measures(Part::Scale) {
         println!("bench: packets per second with the router's work on 1 CPU and on 2");
-        report.scale = Some(scale::measure(args, cpu, &interrupted)?);
+        report.scale = Some(scale::measure(args, cpu, &source, &interrupted)?);
     }
     if args.measures(Part::Clients) {
         println!(

@@ -50,6 +50,7 @@ use lb_tests::{
 
 use super::{
     forward::{generator_thread, mac, Rig, Sample, Window},
+    gen::Source,
     object::Udp,
     Args,
 };
@@ -130,7 +131,8 @@ pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Clie
     .with_context(|| format!("routing {CLIENT_NET} to the client"))?;
     let frames = frames(&lab)?;
     let eth0 = super::forward::ifindex(&lab, "client", "eth0")?;
-    let rig = Rig::new(&mut lab, args.flows, cpu)?;
+    // The rig's own generators are not used here: no live run is made.
+    let rig = Rig::new(&mut lab, args.flows, cpu, &Source::Live)?;
     let uplinks = format!("[flows]\nmax = {MAX_FLOWS}");
     let weights = WEIGHTS.map(|w| format!("weight = {w}"));
     let config = LabConfig {

@@ -21,7 +21,8 @@
 //!
 //! Traffic (DESIGN.md, "Facts about veth labs"): lb-bench's `bench_gen` runs
 //! as a live-frames test run from a thread in the client's namespace, pinned
-//! to one CPU; each `XDP_TX` leaves the client's eth0, so the router's lan0
+//! to one CPU (or its frames go through a tap where the kernel refuses
+//! that: gen.rs); each frame leaves the client's eth0, so the router's lan0
 //! receives it in NAPI on that same CPU, in softirq, right after each batch.
 //! The generator and the router thus share one CPU and the router paces the
 //! generator. `bench_sink` on each ISP's down0 counts and drops: pps is what
@@ -40,7 +41,11 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use aya::programs::{xdp::XdpLinkId, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use aya::programs::{
+    tc::{SchedClassifierLinkId, TcAttachOptions},
+    xdp::XdpLinkId,
+    LinkOrder, TcAttachType, XdpMode,
+};
 use lb_daemon::{daemon::mac_text, reconcile::ipv6::target};
 use lb_tests::{
     daemon::{LabConfig, Lbd},
@@ -48,6 +53,7 @@ use lb_tests::{
 };
 
 use super::{
+    gen::{Generator, Source},
     object::{self, BenchObject, Stamp, Udp, Udp6},
     Args,
 };
@@ -57,9 +63,6 @@ const PREFIX: &str = "lbb-";
 const LAB: &str = "default";
 /// Traffic before each measured window: lb and conntrack learn the flows.
 pub(super) const WARMUP: Duration = Duration::from_secs(1);
-/// Frames per live-frames test run call, and per batch within it.
-pub(super) const GEN_CHUNK: u32 = 1 << 16;
-const GEN_BATCH: u32 = 64;
 /// The generator's flows: UDP from these source ports to the discard port
 /// of the internet host; outside both the NAT range and the router's own
 /// port range, so lb keeps them.
@@ -154,17 +157,21 @@ pub enum Way {
     /// tc and the device's queue on every packet.
     LbQdisc,
     Bare,
+    /// The ceiling through the uplinks' qdisc: `bench_nop` in XDP, then
+    /// `bench_queue` in tc (new MACs, a redirect to the uplink's egress).
+    BareQdisc,
     /// IPv6, every flow translated (NPTv6) on its uplink.
     Kernel6,
     Lb6,
 }
 
 impl Way {
-    pub const ALL: [Way; 6] = [
+    pub const ALL: [Way; 7] = [
         Way::Kernel,
         Way::Lb,
         Way::LbQdisc,
         Way::Bare,
+        Way::BareQdisc,
         Way::Kernel6,
         Way::Lb6,
     ];
@@ -175,6 +182,7 @@ impl Way {
             Way::Lb => "lb (lbd, XDP)",
             Way::LbQdisc => "lb through the uplinks' qdisc (pfifo)",
             Way::Bare => "bare XDP redirect (lab ceiling)",
+            Way::BareQdisc => "bare tc redirect through the uplinks' qdisc (its ceiling)",
             Way::Kernel6 => "IPv6: kernel (ip6tables SNPT/DNPT + nftables PCC + policy routing)",
             Way::Lb6 => "IPv6: lb (lbd, XDP, NPTv6)",
         }
@@ -214,7 +222,12 @@ pub struct WayResult {
 
 /// Bring the lab up, measure every way `args.runs` times, and take the lab
 /// down again (also on error).
-pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<WayResult>> {
+pub fn measure(
+    args: &Args,
+    cpu: usize,
+    source: &Source,
+    interrupted: &AtomicBool,
+) -> Result<Vec<WayResult>> {
     // A lab left over from a crashed run would make `up` fail half-way.
     Lab::down(PREFIX)?;
     let desc = LabDesc::shipped(LAB).with_context(|| format!("loading lab {LAB}"))?;
@@ -227,7 +240,7 @@ pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<
         })
         .collect();
     {
-        let mut rig = Rig::new(&mut lab, args.flows, cpu)?;
+        let mut rig = Rig::new(&mut lab, args.flows, cpu, source)?;
         for round in 1..=args.runs {
             for result in &mut results {
                 ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
@@ -258,21 +271,28 @@ pub(super) struct Rig<'a> {
     /// lan0.
     eth0: [u8; 6],
     lan0: [u8; 6],
-    /// `bench_gen` and the frame it starts from, for IPv4 and for IPv6
-    /// (each its own object: its own stamp and sequence).
-    gen: BenchObject,
-    frame: Vec<u8>,
-    gen6: BenchObject,
-    frame6: Vec<u8>,
+    /// How the generators send.
+    source: Source,
+    /// The generators, for IPv4 and for IPv6 (each its own object: its
+    /// own stamp and sequence).
+    gen: Generator,
+    gen6: Generator,
     pub(super) client_eth0: u32,
     /// `bench_sink` on isp1's and isp2's down0 (each its own counter).
     sinks: [BenchObject; 2],
     /// `bench_redirect`, attached to lan0 only for its own windows.
     bare: BenchObject,
+    /// `bench_nop` and `bench_queue`, likewise.
+    bare_queue: BenchObject,
 }
 
 impl<'a> Rig<'a> {
-    pub(super) fn new(lab: &'a mut Lab, flows: u32, cpu: usize) -> Result<Rig<'a>> {
+    pub(super) fn new(
+        lab: &'a mut Lab,
+        flows: u32,
+        cpu: usize,
+        source: &Source,
+    ) -> Result<Rig<'a>> {
         let flows = u16::try_from(flows)
             .ok()
             .filter(|&f| u32::from(GEN_PORT_BASE) + u32::from(f) <= 20_000)
@@ -318,7 +338,12 @@ impl<'a> Rig<'a> {
             Ok(())
         })?;
 
-        let (gen, frame) = generator(eth0, lan0, GEN_PORT_BASE, flows)?;
+        let mut bare_queue = BenchObject::load(&["bench_nop", "bench_queue"])?;
+        for i in 0..2 {
+            bare_queue.set_queue(i as u32, wan_index[i], isp[i], wan[i])?;
+        }
+
+        let gen = generator(eth0, lan0, GEN_PORT_BASE, flows, source)?;
 
         let frame6 = Udp6 {
             src_mac: eth0,
@@ -350,18 +375,20 @@ impl<'a> Rig<'a> {
             );
         }
 
+        let gen6 = Generator::new(gen6, frame6, flows, source)?;
+
         Ok(Rig {
             lab,
             cpu,
             eth0,
             lan0,
+            source: source.clone(),
             gen,
-            frame,
             gen6,
-            frame6,
             client_eth0,
             sinks,
             bare,
+            bare_queue,
         })
     }
 
@@ -376,8 +403,8 @@ impl<'a> Rig<'a> {
     /// `bench_gen` making `flows` flows from source ports `first_port`
     /// on, as the rig's own generator does, and its first frame: for
     /// generators of their own (one per CPU in scale.rs).
-    pub(super) fn generator(&self, first_port: u16, flows: u16) -> Result<(BenchObject, Vec<u8>)> {
-        generator(self.eth0, self.lan0, first_port, flows)
+    pub(super) fn generator(&self, first_port: u16, flows: u16) -> Result<Generator> {
+        generator(self.eth0, self.lan0, first_port, flows, &self.source)
     }
 
     /// Set `way` up, run `measure` on the rig, and take `way` down again
@@ -402,22 +429,19 @@ impl<'a> Rig<'a> {
                 first_error(window, lbd.stop(self.lab))
             }
             Way::LbQdisc => {
-                for dev in ["wan1", "wan2"] {
-                    let mut args = vec!["tc", "qdisc", "add", "dev", dev];
-                    args.extend(QDISC);
-                    self.lab.exec("router", &args)?;
-                }
+                self.add_qdiscs()?;
                 let lbd = Lbd::start(self.lab, &LabConfig::default().render())?;
                 let window = wait_qdisc_path(&lbd).and_then(|()| measure(self));
                 let stopped = lbd.stop(self.lab);
-                let mut removed = Ok(String::new());
-                for dev in ["wan1", "wan2"] {
-                    removed = removed.and(
-                        self.lab
-                            .exec("router", &["tc", "qdisc", "del", "dev", dev, "root"]),
-                    );
-                }
-                first_error(window, stopped.and(removed.map(drop)))
+                first_error(window, stopped.and(self.remove_qdiscs()))
+            }
+            Way::BareQdisc => {
+                self.add_qdiscs()?;
+                let window = self.attach_bare_queue().and_then(|links| {
+                    let window = measure(self);
+                    first_error(window, self.detach_bare_queue(links))
+                });
+                first_error(window, self.remove_qdiscs())
             }
             Way::Bare => {
                 let bare = &mut self.bare;
@@ -456,6 +480,71 @@ impl<'a> Rig<'a> {
         }
     }
 
+    /// The operator's qdisc (`QDISC`) on both uplinks.
+    fn add_qdiscs(&mut self) -> Result<()> {
+        for dev in ["wan1", "wan2"] {
+            let mut args = vec!["tc", "qdisc", "add", "dev", dev];
+            args.extend(QDISC);
+            self.lab.exec("router", &args)?;
+        }
+        Ok(())
+    }
+
+    /// Both uplinks' qdiscs removed; the first error, after trying both.
+    fn remove_qdiscs(&mut self) -> Result<()> {
+        let mut removed = Ok(String::new());
+        for dev in ["wan1", "wan2"] {
+            removed = removed.and(
+                self.lab
+                    .exec("router", &["tc", "qdisc", "del", "dev", dev, "root"]),
+            );
+        }
+        removed.map(drop)
+    }
+
+    /// `bench_nop` on lan0's XDP and `bench_queue` on its tc ingress; if
+    /// the second fails, the first is detached again.
+    fn attach_bare_queue(&mut self) -> Result<(XdpLinkId, SchedClassifierLinkId)> {
+        let ns = self.lab.ns("router")?;
+        let queue = &mut self.bare_queue;
+        let xdp = in_netns(ns, || {
+            queue
+                .xdp_mut("bench_nop")?
+                .attach("lan0", XdpMode::Driver)
+                .context("attaching bench_nop to lan0 (native)")
+        })?;
+        let tc = in_netns(ns, || {
+            queue
+                .tc_mut("bench_queue")?
+                .attach_with_options(
+                    "lan0",
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .context("attaching bench_queue to lan0's tc ingress (TCX)")
+        });
+        match tc {
+            Ok(tc) => Ok((xdp, tc)),
+            Err(e) => {
+                let detached = queue.xdp_mut("bench_nop").and_then(|p| Ok(p.detach(xdp)?));
+                first_error(Err(e), detached)
+            }
+        }
+    }
+
+    fn detach_bare_queue(&mut self, (xdp, tc): (XdpLinkId, SchedClassifierLinkId)) -> Result<()> {
+        let queue = &mut self.bare_queue;
+        let tc = queue
+            .tc_mut("bench_queue")
+            .and_then(|p| Ok(p.detach(tc)?))
+            .context("detaching bench_queue from lan0");
+        let xdp = queue
+            .xdp_mut("bench_nop")
+            .and_then(|p| Ok(p.detach(xdp)?))
+            .context("detaching bench_nop from lan0");
+        tc.and(xdp)
+    }
+
     fn detach_bare(&mut self, link: XdpLinkId) -> Result<()> {
         self.bare
             .xdp_mut("bench_redirect")?
@@ -464,53 +553,37 @@ impl<'a> Rig<'a> {
     }
 
     /// Run the generator: warm up, then measure one window.
-    ///
-    /// Every live-frames test run sets up and tears down a page pool, and
-    /// the teardown waits for an RCU grace period (about 20 ms here, idle),
-    /// so the window is one long test run, sized from the warm-up's rate.
     fn traffic(&self, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
-        self.generate(&self.gen, &self.frame, length, interrupted)
+        self.generate(&self.gen, length, interrupted)
     }
 
     /// [`Rig::traffic`] with the IPv6 generator.
     fn traffic6(&self, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
-        self.generate(&self.gen6, &self.frame6, length, interrupted)
+        self.generate(&self.gen6, length, interrupted)
     }
 
     fn generate(
         &self,
-        object: &BenchObject,
-        frame: &[u8],
+        gen: &Generator,
         length: Duration,
         interrupted: &AtomicBool,
     ) -> Result<Window> {
-        let gen = object.xdp("bench_gen")?;
         let (before, after) = in_netns(self.lab.ns("client")?, || {
             generator_thread(self.cpu)?;
-            let md = xdp_md(frame.len(), self.client_eth0);
-            let start = Instant::now();
-            let (mut frames, mut busy_ns) = (0u64, 0u64);
-            while start.elapsed() < WARMUP {
-                let ns = live_run(gen, frame, &md, GEN_CHUNK, interrupted)?;
-                frames += u64::from(GEN_CHUNK);
-                busy_ns += ns * u64::from(GEN_CHUNK);
-            }
-            let rate = frames as f64 * 1e9 / busy_ns.max(1) as f64;
-            let repeat =
-                (rate * length.as_secs_f64()).clamp(f64::from(GEN_CHUNK), f64::from(u32::MAX));
-            let before = self.sample(&[object])?;
-            live_run(gen, frame, &md, repeat as u32, interrupted)?;
-            let after = self.sample(&[object])?;
+            let before = gen.send_for(self.client_eth0, WARMUP, length, interrupted, || {
+                self.sample(&[gen])
+            })?;
+            let after = self.sample(&[gen])?;
             Ok((before, after))
         })?;
         after.since(&before, self.cpu)
     }
 
     /// The sinks' and generators' counters and the CPU times, now.
-    pub(super) fn sample(&self, gens: &[&BenchObject]) -> Result<Sample> {
+    pub(super) fn sample(&self, gens: &[&Generator]) -> Result<Sample> {
         let mut generated = 0;
         for gen in gens {
-            generated += gen.counter("SEQ")?;
+            generated += gen.generated()?;
         }
         Ok(Sample {
             at: Instant::now(),
@@ -624,7 +697,8 @@ pub(super) fn generator(
     lan0: [u8; 6],
     first_port: u16,
     flows: u16,
-) -> Result<(BenchObject, Vec<u8>)> {
+    source: &Source,
+) -> Result<Generator> {
     let frame = Udp {
         src_mac: eth0,
         dst_mac: lan0,
@@ -643,7 +717,7 @@ pub(super) fn generator(
         "bench_gen returned {verdict}, not XDP_TX"
     );
     object::check_ipv4_udp(&out).context("bench_gen's frame")?;
-    Ok((gen, frame))
+    Generator::new(gen, frame, flows, source)
 }
 
 /// `ip neigh replace IP lladdr MAC dev DEV nud permanent` on `host`.
@@ -691,40 +765,6 @@ pub(super) fn generator_thread(cpu: usize) -> Result<()> {
             .with_context(|| format!("setting the generator's nice value to {}", super::NICE));
     }
     Ok(())
-}
-
-/// `struct xdp_md` for a frame of `len` bytes arriving on `ifindex`: data,
-/// data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-pub(super) fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
-    [0, len as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_ne_bytes())
-        .collect()
-}
-
-/// One live-frames test run of `bench_gen`: `repeat` frames, as if they
-/// arrived on the interface in `md`, each sent back out of it (`XDP_TX`).
-/// Returns the kernel's time per frame, in ns.
-pub(super) fn live_run(
-    gen: &Xdp,
-    frame: &[u8],
-    md: &[u8],
-    repeat: u32,
-    interrupted: &AtomicBool,
-) -> Result<u64> {
-    let run = gen.test_run(TestRunOptions {
-        data_in: Some(frame),
-        ctx_in: Some(md),
-        repeat,
-        attrs: TestRunAttrs::new().xdp_live_frames(GEN_BATCH),
-        ..TestRunOptions::default()
-    });
-    match run {
-        Ok(result) => Ok(result.duration.as_nanos() as u64),
-        // A signal (Ctrl-C) ends the run early with EINTR.
-        Err(_) if interrupted.load(Ordering::Relaxed) => bail!("interrupted"),
-        Err(e) => Err(e).context("live-frames test run of bench_gen"),
-    }
 }
 
 /// Load nftables `rules` on the router, through a file named `name`.

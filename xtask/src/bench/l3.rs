@@ -32,9 +32,9 @@
 //! that their work is not counted as the router's.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{ErrorKind, Read},
-    os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc,
@@ -44,14 +44,14 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use lb_tests::{daemon::Lbd, in_netns, wireguard, Lab, LabDesc};
+use lb_tests::{daemon::Lbd, in_netns, tun, wireguard, Lab, LabDesc};
 
 use super::{
     forward::{
-        cpu_times, generator, generator_thread, live_run, mac, ticks_per_second, xdp_md, CpuTimes,
-        GEN_CHUNK, GEN_PORT_BASE, WARMUP,
+        cpu_times, generator, generator_thread, mac, ticks_per_second, CpuTimes, GEN_PORT_BASE,
+        WARMUP,
     },
-    object::BenchObject,
+    gen::{Generator, Source},
     Args,
 };
 
@@ -95,10 +95,6 @@ const MAX_PACKET: usize = 65_536;
 /// must be in lb's own count (the rest would be the kernel's slow path).
 const LB_SHARE_MIN: f64 = 0.5;
 
-/// `TUNSETIFF` from `<linux/if_tun.h>`: `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_NO_PI: libc::c_short = 0x1000;
 /// Offset of the source address in an IPv4 header.
 const IPV4_SRC: usize = 12;
 
@@ -220,7 +216,12 @@ pub struct WayResult {
 
 /// Bring the lab up, measure every way `args.runs` times, and take the lab
 /// down again (also on error).
-pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<WayResult>> {
+pub fn measure(
+    args: &Args,
+    cpu: usize,
+    source: &Source,
+    interrupted: &AtomicBool,
+) -> Result<Vec<WayResult>> {
     wireguard::require_tools()?;
     let cpus = std::thread::available_parallelism()
         .context("counting CPUs")?
@@ -237,7 +238,7 @@ pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<
     let mut lab = Lab::up(&desc, PREFIX)?;
     let mut results = Vec::new();
     {
-        let mut rig = Rig::new(&mut lab, args.flows, cpu, far_cpu)?;
+        let mut rig = Rig::new(&mut lab, args.flows, cpu, far_cpu, source)?;
         for way in Way::ALL {
             results.push(WayResult {
                 way,
@@ -272,8 +273,7 @@ pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Vec<
 struct Rig<'a> {
     lab: &'a mut Lab,
     cpu: usize,
-    gen: BenchObject,
-    frame: Vec<u8>,
+    gen: Generator,
     client_eth0: u32,
     tun: TunSink,
     /// The router's WireGuard device and `wireguard-go`'s pid.
@@ -282,7 +282,13 @@ struct Rig<'a> {
 }
 
 impl<'a> Rig<'a> {
-    fn new(lab: &'a mut Lab, flows: u32, cpu: usize, far_cpu: usize) -> Result<Rig<'a>> {
+    fn new(
+        lab: &'a mut Lab,
+        flows: u32,
+        cpu: usize,
+        far_cpu: usize,
+        source: &Source,
+    ) -> Result<Rig<'a>> {
         let flows = u16::try_from(flows)
             .ok()
             .filter(|&f| u32::from(GEN_PORT_BASE) + u32::from(f) <= 20_000)
@@ -337,13 +343,12 @@ impl<'a> Rig<'a> {
         let wg_pid = wireguard_pid(&tunnel.ifname)?;
         pin_process(wg_pid, far_cpu)?;
 
-        let (gen, frame) = generator(eth0, lan0, GEN_PORT_BASE, flows)?;
+        let gen = generator(eth0, lan0, GEN_PORT_BASE, flows, source)?;
 
         Ok(Rig {
             lab,
             cpu,
             gen,
-            frame,
             client_eth0,
             tun,
             wg: tunnel.ifname,
@@ -408,26 +413,16 @@ impl<'a> Rig<'a> {
         first_error(window, lbd.stop(self.lab))
     }
 
-    /// Run the generator: warm up, then measure one window (one long test
-    /// run, sized from the warm-up's rate, as in forward.rs).
+    /// Run the generator: warm up, then measure one window (as in
+    /// forward.rs).
     fn traffic(&self, way: Way, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
-        let gen = self.gen.xdp("bench_gen")?;
-        let frame = &self.frame;
         let (before, after) = in_netns(self.lab.ns("client")?, || {
             generator_thread(self.cpu)?;
-            let md = xdp_md(frame.len(), self.client_eth0);
-            let start = Instant::now();
-            let (mut frames, mut busy_ns) = (0u64, 0u64);
-            while start.elapsed() < WARMUP {
-                let ns = live_run(gen, frame, &md, GEN_CHUNK, interrupted)?;
-                frames += u64::from(GEN_CHUNK);
-                busy_ns += ns * u64::from(GEN_CHUNK);
-            }
-            let rate = frames as f64 * 1e9 / busy_ns.max(1) as f64;
-            let repeat =
-                (rate * length.as_secs_f64()).clamp(f64::from(GEN_CHUNK), f64::from(u32::MAX));
-            let before = self.sample(way.device)?;
-            live_run(gen, frame, &md, repeat as u32, interrupted)?;
+            let before =
+                self.gen
+                    .send_for(self.client_eth0, WARMUP, length, interrupted, || {
+                        self.sample(way.device)
+                    })?;
             let after = self.sample(way.device)?;
             Ok((before, after))
         })?;
@@ -455,7 +450,7 @@ impl<'a> Rig<'a> {
             Device::WireGuard => Some(wg_counted(self.lab)?),
         };
         let at = Instant::now();
-        let generated = self.gen.counter("SEQ")?;
+        let generated = self.gen.generated()?;
         let cpus = cpu_times()?;
         let out = match out_by_command {
             Some(n) => n,
@@ -715,7 +710,7 @@ struct TunSink {
 
 impl TunSink {
     fn start(lab: &Lab, cpu: usize) -> Result<TunSink> {
-        let file = in_netns(lab.ns("router")?, || open_tun(TUN))?;
+        let file = in_netns(lab.ns("router")?, || tun::open(TUN, tun::Kind::Tun, true))?;
         let address = format!("{}/{TUN_PREFIX_LEN}", std::net::Ipv4Addr::from(TUN_ADDR));
         for cmd in [
             vec!["ip", "link", "set", "dev", TUN, "mtu", TUN_MTU],
@@ -756,32 +751,6 @@ impl Drop for TunSink {
             }
         }
     }
-}
-
-/// A new tun device `ifname` (bare IP packets, no packet information) in
-/// the calling thread's namespace, its file non-blocking.
-fn open_tun(ifname: &str) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/net/tun")
-        .context("opening /dev/net/tun (is the tun module there?)")?;
-    ensure!(
-        !ifname.is_empty() && ifname.len() < libc::IFNAMSIZ,
-        "tun device name {ifname:?}: 1 to 15 bytes"
-    );
-    // struct ifreq: the name, then the flags (a short) in the union.
-    let mut req = [0u8; 40];
-    req[..ifname.len()].copy_from_slice(ifname.as_bytes());
-    req[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: `req` is a zeroed ifreq-sized buffer, live for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("creating tun device {ifname} (TUNSETIFF)"));
-    }
-    Ok(file)
 }
 
 /// Read and drop every packet until `stop`.

@@ -12,15 +12,15 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{Array, DevMap, PerCpuArray, ProgramArray},
-    programs::{ProgramFd, TestRun, TestRunOptions, Xdp},
+    programs::{Program, ProgramFd, SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 
 /// The benchmark's XDP object (lb-ebpf's `lb-bench`: traffic generator,
-/// sinks, a bare redirect and a test-run harness), built beside lbd's and
+/// sinks, a bare redirect and its tc twin, a test-run harness), built beside lbd's and
 /// handed over by lb-daemon's build script (see build.rs). lbd never loads
 /// it.
 static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BENCH_OBJECT"));
@@ -372,12 +372,23 @@ impl BenchObject {
             .context("loading the lb-bench XDP object (needs root and a kernel with BTF)")?;
         let mut object = BenchObject { ebpf };
         for name in programs {
-            object
-                .xdp_mut(name)?
-                .load()
-                .with_context(|| format!("the verifier refused lb-bench program {name}"))?;
+            let loaded = match object.ebpf.program_mut(name) {
+                Some(Program::Xdp(p)) => p.load(),
+                Some(Program::SchedClassifier(p)) => p.load(),
+                Some(_) => bail!("lb-bench program {name} is neither XDP nor tc"),
+                None => bail!("program {name} missing from lb-bench"),
+            };
+            loaded.with_context(|| format!("the verifier refused lb-bench program {name}"))?;
         }
         Ok(object)
+    }
+
+    pub fn tc_mut(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from lb-bench"))?
+            .try_into()
+            .with_context(|| format!("lb-bench program {name} is not a tc program"))
     }
 
     pub fn xdp(&self, name: &str) -> Result<&Xdp> {
@@ -421,6 +432,37 @@ impl BenchObject {
         dst: [u8; 6],
         src: [u8; 6],
     ) -> Result<()> {
+        self.set_macs(index, dst, src)?;
+        self.set_port(index, ifindex)
+    }
+
+    /// Slot `index` of `PORTS` (`bench_redirect`'s uplinks, `bench_tap`'s
+    /// way out): device `ifindex`, resolved in the calling thread's
+    /// network namespace.
+    pub fn set_port(&mut self, index: u32, ifindex: u32) -> Result<()> {
+        let map = self.ebpf.map_mut("PORTS").context("map PORTS missing")?;
+        let mut ports = DevMap::try_from(map).context("map PORTS")?;
+        ports
+            .set(index, ifindex, None, 0)
+            .with_context(|| format!("adding ifindex {ifindex} to the device map"))
+    }
+
+    /// `bench_queue`'s uplink `index`: the device whose egress it
+    /// redirects to, and the frame's new destination and source MACs.
+    pub fn set_queue(
+        &mut self,
+        index: u32,
+        ifindex: u32,
+        dst: [u8; 6],
+        src: [u8; 6],
+    ) -> Result<()> {
+        self.set_macs(index, dst, src)?;
+        let map = self.ebpf.map_mut("QUEUES").context("map QUEUES missing")?;
+        let mut queues: Array<_, u32> = Array::try_from(map).context("map QUEUES")?;
+        queues.set(index, ifindex, 0).context("writing QUEUES")
+    }
+
+    fn set_macs(&mut self, index: u32, dst: [u8; 6], src: [u8; 6]) -> Result<()> {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&dst);
         macs[6..].copy_from_slice(&src);
@@ -428,12 +470,7 @@ impl BenchObject {
         let mut by_uplink: Array<_, [u32; 3]> = Array::try_from(map).context("map MACS")?;
         by_uplink
             .set(index, words::<3>(&macs), 0)
-            .context("writing MACS")?;
-        let map = self.ebpf.map_mut("PORTS").context("map PORTS missing")?;
-        let mut ports = DevMap::try_from(map).context("map PORTS")?;
-        ports
-            .set(index, ifindex, None, 0)
-            .with_context(|| format!("adding ifindex {ifindex} to the device map"))
+            .context("writing MACS")
     }
 
     /// A per-CPU counter (`SEQ` or `SINK`), summed over CPUs.

@@ -50,6 +50,8 @@ pub struct Report {
     pub l3: Vec<super::l3::WayResult>,
     pub scale: Option<super::scale::Scale>,
     pub clients: Option<super::clients::Clients>,
+    /// How the forwarding parts made their frames.
+    pub generator: Option<super::gen::Source>,
 }
 
 /// The machine, as it was before the run.
@@ -114,6 +116,7 @@ impl Report {
             l3: Vec::new(),
             scale: None,
             clients: None,
+            generator: None,
         })
     }
 
@@ -154,7 +157,7 @@ impl Report {
             self.l3_table(&mut md);
         }
         if let Some(scale) = &self.scale {
-            scale.markdown(&mut md);
+            scale.markdown(&mut md, &self.generator_note());
         }
         if let Some(clients) = &self.clients {
             clients.markdown(&mut md);
@@ -227,6 +230,15 @@ impl Report {
         md.push('\n');
     }
 
+    /// A paragraph on how the forwarding parts made their frames, when
+    /// not as their texts say (live frames); empty otherwise.
+    fn generator_note(&self) -> String {
+        match &self.generator {
+            Some(source @ super::gen::Source::Tap(_)) => format!("{}\n\n", source.describe()),
+            _ => String::new(),
+        }
+    }
+
     fn forward_table(&self, md: &mut String) {
         let _ = write!(
             md,
@@ -269,12 +281,14 @@ impl Report {
              CPU {cpu} that generator and router had, to take that other work out;\n\
              \"router\" and \"generator\" ns/frame are softirq and system time per\n\
              frame. \"Lost\": frames generated that no sink counted.\n\n\
+             {gen_note}\
              | way | Mpps (median) | min | max | Mpps per CPU | lost | to isp1 | router ns/frame | generator ns/frame | CPU {cpu}: softirq / system / other | all CPUs busy |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
             flows = thousands(u64::from(self.args.flows)),
             cpu = self.cpu,
             runs = self.args.runs,
             secs = self.args.seconds,
+            gen_note = self.generator_note(),
         );
         for result in &self.ways {
             let w = &result.windows;
@@ -372,12 +386,14 @@ impl Report {
              outbound rate needs none (they take `wan_ingress_l3`, tested in\n\
              `cargo xtask test`). lb's windows are checked to be lb's: lbd's count of\n\
              packets it sent by the uplink covers what the device took.\n\n\
+             {gen_note}\
              | way | Mpps to the device (median) | min | max | Mpps out | dropped at the device's queue | lost before | router ns/packet | generator ns/packet | wireguard-go ns/datagram | CPU {far} softirq ns/datagram | CPU {cpu}: softirq / system / other | CPU {far} busy |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
             flows = thousands(u64::from(self.args.flows)),
             cpu = self.cpu,
             runs = self.args.runs,
             secs = self.args.seconds,
+            gen_note = self.generator_note(),
             tun_q = qdisc(Device::Tun),
             wg_q = qdisc(Device::WireGuard),
         );
@@ -1060,6 +1076,35 @@ impl Report {
                 pps(Way::LbQdisc) / pps(Way::Kernel).max(1e-9),
                 qdisc - lb,
             );
+            let floor = router(Way::BareQdisc);
+            if floor > 0.0 {
+                // What any path through a qdisc pays over XDP_REDIRECT here,
+                // against what lb's hand-off pays over lb's XDP path.
+                let kernel_part = floor - bare;
+                let extra = qdisc - lb;
+                let _ = write!(
+                    md,
+                    "- The bare tc redirect through the same qdisc (new MACs in tc, no NAT, no
+                       lookup: the ceiling of any path through a qdisc here) spent {floor:.0} ns per
+                       frame, {kernel_part:.0} ns more than the bare XDP redirect: that is the kernel's
+                       part of the queue's cost (skb, tc, qdisc, transmit), which no program
+                       avoids. lb's hand-off adds {:.0} ns to it (its XDP work, the note's two
+                       tags and the hand-off program), against {:.0} ns on the XDP path. Of the
+                       {extra:.0} ns the queue adds to lb's path, {:.0} % are the kernel's: {}
+",
+                    qdisc - floor,
+                    lb - bare,
+                    100.0 * kernel_part / extra.max(1e-9),
+                    if kernel_part > extra / 2.0 {
+                        "halving the extra cost would need a queue path cheaper than the
+                           kernel's own, so it is not in lb's reach (target: halve it, or show
+                           why not: shown)."
+                    } else {
+                        "halving it is within lb's part (target: halve it, or show why not:
+                           open)."
+                    },
+                );
+            }
         }
         let (kernel6, lb6) = (router(Way::Kernel6), router(Way::Lb6));
         if lb6 > 0.0 {

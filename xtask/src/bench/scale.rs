@@ -38,17 +38,15 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_tests::{in_netns, Lab, LabDesc};
 
 use super::{
-    forward::{
-        generator_thread, live_run, xdp_md, Rig, Way, Window, GEN_CHUNK, GEN_PORT_BASE, WARMUP,
-    },
-    object::BenchObject,
+    forward::{generator_thread, Rig, Way, Window, GEN_PORT_BASE, WARMUP},
+    gen::{Generator, Source},
     Args,
 };
 
@@ -90,14 +88,18 @@ pub struct Scale {
 
 /// A generator: its object, its first frame, and its CPU.
 struct Gen {
-    object: BenchObject,
-    frame: Vec<u8>,
+    gen: Generator,
     cpu: usize,
 }
 
 /// Bring the multi-queue lab up, measure every way `args.runs` times with
 /// one CPU and with two, and take the lab down again (also on error).
-pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Scale> {
+pub fn measure(
+    args: &Args,
+    cpu: usize,
+    source: &Source,
+    interrupted: &AtomicBool,
+) -> Result<Scale> {
     let cpus = std::thread::available_parallelism()
         .context("counting CPUs")?
         .get();
@@ -132,16 +134,20 @@ pub fn measure(args: &Args, cpu: usize, interrupted: &AtomicBool) -> Result<Scal
         })
         .collect();
     {
-        let mut rig = Rig::new(&mut lab, args.flows, cpu)?;
-        let (object, frame) = rig.generator(GEN_PORT_BASE, flows)?;
-        let single = [Gen { object, frame, cpu }];
+        let mut rig = Rig::new(&mut lab, args.flows, cpu, source)?;
+        let single = [Gen {
+            gen: rig.generator(GEN_PORT_BASE, flows)?,
+            cpu,
+        }];
         // Each CPU its own part of the flows, as RSS would give them.
         let per_cpu = flows / QUEUES as u16;
         let mut both = Vec::new();
         for (n, &cpu) in spread.iter().enumerate() {
             let first = GEN_PORT_BASE + n as u16 * per_cpu;
-            let (object, frame) = rig.generator(first, per_cpu)?;
-            both.push(Gen { object, frame, cpu });
+            both.push(Gen {
+                gen: rig.generator(first, per_cpu)?,
+                cpu,
+            });
         }
         let length = Duration::from_secs(args.seconds);
         for round in 1..=args.runs {
@@ -290,10 +296,10 @@ fn sample_window(
         }
     }
     std::thread::sleep(SETTLE);
-    let objects: Vec<&BenchObject> = gens.iter().map(|g| &g.object).collect();
-    let before = rig.sample(&objects)?;
+    let generators: Vec<&Generator> = gens.iter().map(|g| &g.gen).collect();
+    let before = rig.sample(&generators)?;
     std::thread::sleep(length);
-    let after = rig.sample(&objects)?;
+    let after = rig.sample(&generators)?;
     let cpus: Vec<usize> = gens.iter().map(|g| g.cpu).collect();
     Ok((after.since_on(&before, &cpus)?, tids))
 }
@@ -310,30 +316,23 @@ fn generate(
     interrupted: &AtomicBool,
 ) -> Result<()> {
     generator_thread(gen.cpu)?;
-    let prog = gen.object.xdp("bench_gen")?;
-    let md = xdp_md(gen.frame.len(), rig.client_eth0);
-    let start = Instant::now();
-    let (mut frames, mut busy_ns) = (0u64, 0u64);
-    while start.elapsed() < WARMUP {
-        let ns = live_run(prog, &gen.frame, &md, GEN_CHUNK, interrupted)?;
-        frames += u64::from(GEN_CHUNK);
-        busy_ns += ns * u64::from(GEN_CHUNK);
-    }
-    let rate = frames as f64 * 1e9 / busy_ns.max(1) as f64;
-    // Twice what the window needs at the warm-up's rate: it is stopped
-    // long before it ends.
-    let repeat = (2.0 * rate * (SETTLE + length + WARMUP).as_secs_f64())
-        .clamp(f64::from(GEN_CHUNK), f64::from(u32::MAX));
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
-    // The window may have given up already: then nobody listens.
-    let _ = ready.send(tid);
-    match live_run(prog, &gen.frame, &md, repeat as u32, stopping) {
-        Ok(_) => Ok(()),
-        // Stopped by the window's signal (or by Ctrl-C, which the caller sees).
-        Err(_) if stopping.load(Ordering::Relaxed) => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("the generator on CPU {}", gen.cpu)),
-    }
+    // Twice what the window needs at the warm-up's rate: it is stopped
+    // long before it ends.
+    gen.gen
+        .send_until(
+            rig.client_eth0,
+            WARMUP,
+            SETTLE + length + WARMUP,
+            stopping,
+            interrupted,
+            // The window may have given up already: then nobody listens.
+            || {
+                let _ = ready.send(tid);
+            },
+        )
+        .with_context(|| format!("the generator on CPU {}", gen.cpu))
 }
 
 /// Interrupt the test run of thread `tid` of this process (its syscall
@@ -368,8 +367,10 @@ fn quiet_signal() -> Result<()> {
 }
 
 impl Scale {
-    /// The section of the report: the table and what it means.
-    pub fn markdown(&self, md: &mut String) {
+    /// The section of the report: the table and what it means;
+    /// `gen_note` says how the frames were
+    /// made, when not as the text says.
+    pub fn markdown(&self, md: &mut String, gen_note: &str) {
         use std::fmt::Write as _;
 
         let median = |windows: &[Window], figure: fn(&Window) -> f64| {
@@ -400,6 +401,7 @@ impl Scale {
              \"Scaling, others out\" divides each rate by the share of the measured\n\
              CPUs that other work left to the benchmark: the scaling had the lab had\n\
              the CPUs to itself.\n\n\
+             {gen_note}\
              | way | Mpps, 1 CPU | Mpps, {n} CPUs | scaling | scaling, others out | router ns/frame, 1 / {n} | generator ns/frame, 1 / {n} | other, 1 / {n} |\n\
              | --- | --- | --- | --- | --- | --- | --- | --- |\n",
             n = self.cpus.len(),
