@@ -1084,24 +1084,23 @@ impl Report {
                 let extra = qdisc - lb;
                 let _ = write!(
                     md,
-                    "- The bare tc redirect through the same qdisc (new MACs in tc, no NAT, no
-                       lookup: the ceiling of any path through a qdisc here) spent {floor:.0} ns per
-                       frame, {kernel_part:.0} ns more than the bare XDP redirect: that is the kernel's
-                       part of the queue's cost (skb, tc, qdisc, transmit), which no program
-                       avoids. lb's hand-off adds {:.0} ns to it (its XDP work, the note's two
-                       tags and the hand-off program), against {:.0} ns on the XDP path. Of the
-                       {extra:.0} ns the queue adds to lb's path, {:.0} % are the kernel's: {}
-",
+                    "- The bare tc redirect through the same qdisc (new MACs in tc, no NAT, no\n  \
+                     lookup: the ceiling of any path through a qdisc here) spent {floor:.0} ns per\n  \
+                     frame, {kernel_part:.0} ns more than the bare XDP redirect: that is the kernel's\n  \
+                     part of the queue's cost (skb, tc, qdisc, transmit), which no program\n  \
+                     avoids. lb's hand-off adds {:.0} ns to it (its XDP work, the note's two\n  \
+                     tags and the hand-off program), against {:.0} ns on the XDP path. Of the\n  \
+                     {extra:.0} ns the queue adds to lb's path, {:.0} % are the kernel's: {}\n",
                     qdisc - floor,
                     lb - bare,
                     100.0 * kernel_part / extra.max(1e-9),
                     if kernel_part > extra / 2.0 {
-                        "halving the extra cost would need a queue path cheaper than the
-                           kernel's own, so it is not in lb's reach (target: halve it, or show
-                           why not: shown)."
+                        "halving the extra cost would need a queue path cheaper than the\n  \
+                         kernel's own, so it is not in lb's reach (target: halve it, or show\n  \
+                         why not: shown)."
                     } else {
-                        "halving it is within lb's part (target: halve it, or show why not:
-                           open)."
+                        "halving it is within lb's part (target: halve it, or show why not:\n  \
+                         open)."
                     },
                 );
             }
