@@ -112,8 +112,8 @@ const LOOPBACK: u32 = 1;
 /// One generator: `bench_gen` with its stamp, and, for a tap, the frames
 /// it stamps and the program that forwards them.
 pub struct Generator {
-    pub object: BenchObject,
-    pub frame: Vec<u8>,
+    object: BenchObject,
+    frame: Vec<u8>,
     tap: Option<TapFrames>,
     /// Frames written into a tap so far.
     sent: AtomicU64,
@@ -174,18 +174,15 @@ impl Generator {
         interrupted: &AtomicBool,
         before: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let rate = self.warm_up(ifindex, warmup, interrupted)?;
+        let device = self.open_tap(ifindex)?;
+        let rate = self.warm_up(device.as_ref(), ifindex, warmup, interrupted)?;
         let sample = before()?;
-        match &self.tap {
-            None => {
-                let repeat = rate * length.as_secs_f64();
-                self.live(ifindex, repeat, interrupted)?;
-            }
-            Some(tap) => {
-                let device = Tap::open(tap, ifindex)?;
+        match &device {
+            None => self.live(ifindex, rate * length.as_secs_f64(), interrupted)?,
+            Some(device) => {
                 let end = Instant::now() + length;
                 while Instant::now() < end {
-                    self.tap_round(&device, &tap.frames, interrupted)?;
+                    self.tap_round(device, interrupted)?;
                 }
             }
         }
@@ -204,18 +201,18 @@ impl Generator {
         interrupted: &AtomicBool,
         started: impl FnOnce(),
     ) -> Result<()> {
-        let rate = self.warm_up(ifindex, warmup, interrupted)?;
+        let device = self.open_tap(ifindex)?;
+        let rate = self.warm_up(device.as_ref(), ifindex, warmup, interrupted)?;
         started();
-        match &self.tap {
+        match &device {
             None => match self.live(ifindex, 2.0 * rate * margin.as_secs_f64(), stopping) {
                 // Stopped by the caller's signal.
                 Err(_) if stopping.load(Ordering::Relaxed) => Ok(()),
                 other => other,
             },
-            Some(tap) => {
-                let device = Tap::open(tap, ifindex)?;
+            Some(device) => {
                 while !stopping.load(Ordering::Relaxed) {
-                    match self.tap_round(&device, &tap.frames, stopping) {
+                    match self.tap_round(device, stopping) {
                         Err(_) if stopping.load(Ordering::Relaxed) => break,
                         other => drop(other?),
                     }
@@ -225,11 +222,27 @@ impl Generator {
         }
     }
 
-    /// Send for `warmup`; the rate it reached, frames a second.
-    fn warm_up(&self, ifindex: u32, warmup: Duration, interrupted: &AtomicBool) -> Result<f64> {
+    /// The tap this generator sends through, new, leading to `ifindex`;
+    /// `None` for a live generator.
+    fn open_tap(&self, ifindex: u32) -> Result<Option<Tap<'_>>> {
+        self.tap
+            .as_ref()
+            .map(|tap| Tap::open(tap, ifindex))
+            .transpose()
+    }
+
+    /// Send for `warmup` (through `device`, or live as if from
+    /// `ifindex`); the rate it reached, frames a second.
+    fn warm_up(
+        &self,
+        device: Option<&Tap>,
+        ifindex: u32,
+        warmup: Duration,
+        interrupted: &AtomicBool,
+    ) -> Result<f64> {
         let start = Instant::now();
         let (mut frames, mut busy_ns) = (0u64, 0u64);
-        match &self.tap {
+        match device {
             None => {
                 let gen = self.object.xdp("bench_gen")?;
                 let md = xdp_md(self.frame.len(), ifindex);
@@ -239,10 +252,9 @@ impl Generator {
                     busy_ns += ns * u64::from(GEN_CHUNK);
                 }
             }
-            Some(tap) => {
-                let device = Tap::open(tap, ifindex)?;
+            Some(device) => {
                 while start.elapsed() < warmup {
-                    frames += self.tap_round(&device, &tap.frames, interrupted)?;
+                    frames += self.tap_round(device, interrupted)?;
                 }
                 busy_ns = start.elapsed().as_nanos() as u64;
             }
@@ -259,14 +271,14 @@ impl Generator {
     }
 
     /// Every frame once into the tap; counted as sent.
-    fn tap_round(&self, device: &Tap, frames: &[Vec<u8>], interrupted: &AtomicBool) -> Result<u64> {
+    fn tap_round(&self, device: &Tap, interrupted: &AtomicBool) -> Result<u64> {
         if interrupted.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
-        for frame in frames {
+        for frame in &device.frames.frames {
             device.write(frame)?;
         }
-        let sent = frames.len() as u64;
+        let sent = device.frames.frames.len() as u64;
         self.sent.fetch_add(sent, Ordering::Relaxed);
         Ok(sent)
     }
@@ -312,7 +324,8 @@ pub fn live_run(
 struct Tap<'a> {
     file: File,
     name: String,
-    forward: &'a Mutex<BenchObject>,
+    /// What it sends, and the program that forwards it.
+    frames: &'a TapFrames,
     link: Option<XdpLinkId>,
 }
 
@@ -324,7 +337,7 @@ impl<'a> Tap<'a> {
         let mut tap = Tap {
             file,
             name,
-            forward: &frames.forward,
+            frames,
             link: None,
         };
         set_up(&tap.name)?;
@@ -370,7 +383,7 @@ impl<'a> Tap<'a> {
 
 impl Drop for Tap<'_> {
     fn drop(&mut self) {
-        if let (Some(link), Ok(mut forward)) = (self.link.take(), self.forward.lock()) {
+        if let (Some(link), Ok(mut forward)) = (self.link.take(), self.frames.forward.lock()) {
             if let Ok(program) = forward.xdp_mut("bench_tap") {
                 // The device goes with its file next, and the program's
                 // attachment with it if this failed.

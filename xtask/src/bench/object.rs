@@ -20,9 +20,9 @@ use aya::{
 };
 
 /// The benchmark's XDP object (lb-ebpf's `lb-bench`: traffic generator,
-/// sinks, a bare redirect and its tc twin, a test-run harness), built beside lbd's and
-/// handed over by lb-daemon's build script (see build.rs). lbd never loads
-/// it.
+/// sinks, a bare redirect and its tc twin, a test-run harness), built
+/// beside lbd's and handed over by lb-daemon's build script (see
+/// build.rs). lbd never loads it.
 static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_BENCH_OBJECT"));
 
 pub const XDP_PASS: u32 = 2;
@@ -383,6 +383,7 @@ impl BenchObject {
         Ok(object)
     }
 
+    /// One of its tc programs (`bench_queue`).
     pub fn tc_mut(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(name)

@@ -86,7 +86,7 @@ pub struct Scale {
     pub ways: Vec<WayScale>,
 }
 
-/// A generator: its object, its first frame, and its CPU.
+/// A generator and its CPU.
 struct Gen {
     gen: Generator,
     cpu: usize,
@@ -318,8 +318,8 @@ fn generate(
     generator_thread(gen.cpu)?;
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
-    // Twice what the window needs at the warm-up's rate: it is stopped
-    // long before it ends.
+    // A live run is sized for the settle, the window and a warm-up's
+    // margin; it is stopped long before it ends.
     gen.gen
         .send_until(
             rig.client_eth0,
@@ -368,8 +368,7 @@ fn quiet_signal() -> Result<()> {
 
 impl Scale {
     /// The section of the report: the table and what it means;
-    /// `gen_note` says how the frames were
-    /// made, when not as the text says.
+    /// `gen_note` says how the frames were made, when not as the text says.
     pub fn markdown(&self, md: &mut String, gen_note: &str) {
         use std::fmt::Write as _;
 
