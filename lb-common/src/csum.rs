@@ -25,18 +25,42 @@ pub fn sub(a: u16, b: u16) -> u16 {
     add(a, !b)
 }
 
+/// What changing one 16-bit word of the covered data from `old` to `new`
+/// adds to a checksum's sum (RFC 1624, eqn. 3's `~m + m'`), unfolded: the
+/// deltas of several changes add up, and [`apply`] folds them once.
+#[inline(always)]
+pub fn delta16(old: u16, new: u16) -> u32 {
+    u32::from(!old) + u32::from(new)
+}
+
+/// [`delta16`] for a 32-bit field such as an IPv4 address.
+#[inline(always)]
+pub fn delta32(old: u32, new: u32) -> u32 {
+    delta16((old >> 16) as u16, (new >> 16) as u16) + delta16(old as u16, new as u16)
+}
+
+/// The checksum `check` after the changes whose deltas sum to `delta`
+/// (RFC 1624, eqn. 3: `HC' = ~(~HC + ~m + m')`, for every change at
+/// once). One fold gives the same bits as a fold after each change: both
+/// are the one non-zero ones'-complement value of the same sum, and two
+/// rounds of [`fold`] take any `u32` to 16 bits. Each delta is below
+/// 2^17, so thousands of them fit a `u32`.
+#[inline(always)]
+pub fn apply(check: u16, delta: u32) -> u16 {
+    !fold(u32::from(!check) + delta)
+}
+
 /// The checksum after one 16-bit word of the covered data changed from `old`
-/// to `new` (RFC 1624, eqn. 3: `HC' = ~(~HC + ~m + m')`).
+/// to `new`.
 #[inline(always)]
 pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
-    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
+    apply(check, delta16(old, new))
 }
 
 /// As [`replace16`], for a 32-bit field such as an IPv4 address.
 #[inline(always)]
 pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
-    let check = replace16(check, (old >> 16) as u16, (new >> 16) as u16);
-    replace16(check, old as u16, new as u16)
+    apply(check, delta32(old, new))
 }
 
 /// Ones'-complement sum of `data` (odd length padded with a zero byte), not
@@ -116,5 +140,44 @@ mod tests {
         let check = u16::from_be_bytes([hdr[10], hdr[11]]);
         hdr[10..12].copy_from_slice(&replace32(check, old, new).to_be_bytes());
         assert!(verifies(&hdr, 0));
+    }
+
+    proptest::proptest! {
+        /// Several words changed, their deltas applied at once: the bits
+        /// of changing them one at a time, and of a full recomputation.
+        #[test]
+        fn deltas_applied_at_once_match_one_at_a_time(
+            data in proptest::collection::vec(proptest::prelude::any::<u16>(), 4..32),
+            changes in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u16>()),
+                1..8,
+            ),
+        ) {
+            let mut words = data;
+            let bytes = |w: &[u16]| {
+                let mut b = [0u8; 64];
+                for (i, x) in w.iter().enumerate() {
+                    b[2 * i..2 * i + 2].copy_from_slice(&x.to_be_bytes());
+                }
+                (b, 2 * w.len())
+            };
+            // Word 0 holds the checksum.
+            words[0] = 0;
+            let (b, n) = bytes(&words);
+            words[0] = checksum(&b[..n], 0);
+            let mut one_at_a_time = words[0];
+            let mut delta = 0;
+            for (at, new) in changes {
+                let at = 1 + at.index(words.len() - 1);
+                one_at_a_time = replace16(one_at_a_time, words[at], new);
+                delta += delta16(words[at], new);
+                words[at] = new;
+            }
+            let at_once = apply(words[0], delta);
+            proptest::prop_assert_eq!(at_once, one_at_a_time);
+            words[0] = at_once;
+            let (b, n) = bytes(&words);
+            proptest::prop_assert!(verifies(&b[..n], 0));
+        }
     }
 }

@@ -11,7 +11,6 @@ use core::{mem::size_of, ops::ControlFlow};
 
 use aya_ebpf::{
     bindings::{xdp_md, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
@@ -29,7 +28,7 @@ use lb_common::{
 };
 
 use crate::{
-    answer, conntrack, count, egress, frags,
+    answer, clock, conntrack, count, egress, frags,
     maps::{BYPASS, ENCAP, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{translate, End},
     parse::{
@@ -81,8 +80,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    // SAFETY: reading the coarse monotonic clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now();
     let existing = FLOWS.get_ptr_mut(&key);
     // Destinations the kernel keeps are looked up only for packets of no
     // flow: a flow is only ever made for one it does not keep, so an

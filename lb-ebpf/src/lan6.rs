@@ -13,7 +13,6 @@
 
 use aya_ebpf::{
     bindings::{xdp_md, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
@@ -23,7 +22,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, egress,
+    clock, conntrack, egress,
     maps::{BYPASS6, FLOWS6, SETTINGS, TX_PORTS, UPLINKS, UPLINKS6},
     parse::{
         self, EthHdr, ETH_P_IPV6, ICMPV6_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST,
@@ -82,8 +81,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if unsafe { (*ip).hop_limit } <= 1 {
         return Err(reason::PASS_TTL);
     }
-    // SAFETY: reading the coarse monotonic clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now();
     let existing = FLOWS6.get_ptr_mut(&key);
     if existing.is_none() && (kernels(&key) || BYPASS6.get(Key::new(128, key.dst_addr)).is_some()) {
         return Err(reason::PASS_LOCAL);

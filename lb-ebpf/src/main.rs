@@ -16,6 +16,7 @@
 )]
 
 mod answer;
+mod clock;
 mod conntrack;
 mod count;
 mod egress;

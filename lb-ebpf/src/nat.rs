@@ -60,6 +60,10 @@ pub fn translate<C: Frame>(
             (*ip).dst
         }
     };
+    // What the address change adds to the sums that cover it (the IP
+    // header's, and TCP's or UDP's through their pseudo-header): worked
+    // out once, folded once per checksum.
+    let addr_delta = csum::delta32(be32(old_addr), be32(addr));
     // A later fragment has no transport header: its address alone changes
     // (the transport checksum, in the first fragment, covered it).
     let l4 = if pkt.has_l4() { pkt.proto } else { 0 };
@@ -74,8 +78,8 @@ pub fn translate<C: Frame>(
                 };
                 let old_port = *field;
                 *field = port;
-                let c = csum::replace32(be16((*tcp).check), be32(old_addr), be32(addr));
-                (*tcp).check = csum::replace16(c, be16(old_port), be16(port)).to_be_bytes();
+                let delta = addr_delta + csum::delta16(be16(old_port), be16(port));
+                (*tcp).check = csum::apply(be16((*tcp).check), delta).to_be_bytes();
             }
         }
         IPPROTO_UDP => {
@@ -89,8 +93,8 @@ pub fn translate<C: Frame>(
                 let old_port = *field;
                 *field = port;
                 if (*udp).check != [0, 0] {
-                    let c = csum::replace32(be16((*udp).check), be32(old_addr), be32(addr));
-                    (*udp).check = udp_sum(csum::replace16(c, be16(old_port), be16(port)));
+                    let delta = addr_delta + csum::delta16(be16(old_port), be16(port));
+                    (*udp).check = udp_sum(csum::apply(be16((*udp).check), delta));
                 }
             }
         }
@@ -111,7 +115,7 @@ pub fn translate<C: Frame>(
         } else {
             (*ip).dst = addr;
         }
-        (*ip).check = csum::replace32(be16((*ip).check), be32(old_addr), be32(addr)).to_be_bytes();
+        (*ip).check = csum::apply(be16((*ip).check), addr_delta).to_be_bytes();
     }
     Ok(())
 }

@@ -13,7 +13,6 @@
 
 use aya_ebpf::{
     bindings::{xdp_action::XDP_PASS, TC_ACT_OK},
-    helpers::bpf_ktime_get_coarse_ns,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -23,7 +22,7 @@ use lb_common::{
 };
 
 use crate::{
-    egress, frags,
+    clock, egress, frags,
     maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_AT_IFINDEX, UPLINK_BY_IFINDEX},
     nat::{self, End},
     parse::{
@@ -229,8 +228,7 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     }
     rewrite::decrement_ttl(&pkt);
     if inner.is_none() {
-        // SAFETY: reading the coarse monotonic clock has no preconditions.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = clock::now();
         // The flow's entry, at most once a tick, or when the flags move
         // its state: an established reply then costs no lookup of it.
         let tick = reply_tick(now);

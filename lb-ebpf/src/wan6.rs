@@ -8,7 +8,7 @@
 //! connection from the internet to a LAN host, neighbour discovery, router
 //! advertisements) goes to the kernel untouched. Never drops.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     hash,
     maps::{settings_flags, tcp_state, FlowKey6},
@@ -16,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    egress,
+    clock, egress,
     maps::{FLOWS6, LAN_PORTS, SETTINGS, UPLINKS6},
     parse::{
         self, IcmpHdr, Ipv6Hdr, Ipv6Packet, ETH_P_IPV6, ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REPLY,
@@ -105,8 +105,7 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
     }
     rewrite::decrement_hop_limit(&pkt);
     if quoted.is_none() {
-        // SAFETY: reading the coarse monotonic clock has no preconditions.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = clock::now();
         let flags = parse::tcp_flags6(ctx, &pkt);
         // SAFETY: as above.
         unsafe {
