@@ -1,8 +1,10 @@
 //! Internet checksum arithmetic (RFC 1071, incremental update per RFC 1624).
 //!
-//! Values are 16-bit words as read from the packet in network order and
-//! converted with `u16::from_be_bytes`; the results go back with
-//! `to_be_bytes`. Shared by the XDP programs and by the tests' reference
+//! Values are 16-bit words of the packet, all read in one byte order and
+//! the results written back in the same: the ones'-complement sum does
+//! not depend on it (RFC 1071, 2.B), so the XDP programs take the CPU's
+//! own order and skip the byte swaps, and the reference model takes
+//! network order. Shared by the XDP programs and by the tests' reference
 //! model; the tests also check against a full recomputation.
 
 #[inline(always)]

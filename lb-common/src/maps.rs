@@ -57,9 +57,14 @@ pub mod name {
     /// a device whose ring just overflowed). Not pinned: each lbd reads
     /// its own.
     pub const RING_EVENTS: &str = "RING_EVENTS";
+    /// `lan_ingress6`, which `lan_ingress` tail-calls for IPv6
+    /// ([`super::LAN6_SLOT`]). Pinned with the rest: a program array
+    /// forgets its programs when the last file that names it closes, and
+    /// the pinned `lan_ingress` goes on forwarding while lbd restarts.
+    pub const LAN6: &str = "LAN6";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 33] = [
+    pub const ALL: [&str; 34] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -93,6 +98,7 @@ pub mod name {
         PREFIXES6,
         STICKY6,
         RING_DROPS,
+        LAN6,
     ];
 }
 
@@ -104,12 +110,19 @@ pub const LAYOUT: u32 = 7;
 // (6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;
-// UPLINK_AT_IFINDEX; EGRESS_AT.)
+// UPLINK_AT_IFINDEX; EGRESS_AT. LAN6 came without a bump: a map that
+// is created when absent changes nothing an older one holds.)
+
+/// `LAN6`'s one slot: `lan_ingress6`.
+pub const LAN6_SLOT: u32 = 0;
 
 /// Program names in the XDP object.
 pub mod program {
     pub const LAN_INGRESS: &str = "lan_ingress";
     pub const WAN_INGRESS: &str = "wan_ingress";
+    /// `lan_ingress`'s IPv6 half, which it tail-calls (`LAN6`); never
+    /// attached itself.
+    pub const LAN_INGRESS6: &str = "lan_ingress6";
     /// The tc program that sends what the XDP programs hand over through
     /// the target device's qdisc (see `crate::egress`).
     pub const HANDOFF: &str = "handoff";

@@ -78,8 +78,13 @@ pub const DROP_RING_FULL: u32 = 20;
 /// only be a forged note.
 pub const DROP_RESERVED_VLAN: u32 = 21;
 
+/// An IPv6 frame on a LAN port while `lan_ingress6` was not in its
+/// slot (`LAN6`), which lbd fills before it attaches anything: the kernel
+/// has it.
+pub const PASS_NO_PROGRAM: u32 = 22;
+
 /// Number of reasons.
-pub const COUNT: u32 = 22;
+pub const COUNT: u32 = 23;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -109,4 +114,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "told_too_big",
     "drop_ring_full",
     "drop_reserved_vlan",
+    "pass_no_program",
 ];

@@ -42,12 +42,6 @@ use crate::{
 /// Don't-fragment bit of the IPv4 flags field.
 const IP_DF: u16 = 0x4000;
 
-/// [`ingress`], as a BPF function of its own (see `lan_ingress`).
-#[inline(never)]
-pub fn run(ctx: *mut xdp_md) -> u32 {
-    ingress(&XdpContext::new(ctx)).unwrap_or_else(stats::pass)
-}
-
 /// `Ok(verdict)` for packets the fast path handled (sent, or dropped with a
 /// counted reason), `Err(reason)` for packets the kernel should have.
 #[inline(always)]

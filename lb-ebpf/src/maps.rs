@@ -4,7 +4,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{
+        Array, DevMap, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf,
+    },
 };
 use lb_common::{
     egress::Egress,
@@ -19,6 +21,11 @@ use lb_common::{
     reason, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, IFINDEX_SLOTS, MAX_LANS,
     MAX_LAN_PORTS, MAX_UPLINKS, PREFIX_ENTRIES,
 };
+
+/// `lan_ingress6`, which `lan_ingress` tail-calls for IPv6, in slot
+/// [`lb_common::maps::LAN6_SLOT`].
+#[map]
+pub static LAN6: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Global knobs, one entry.
 #[map]

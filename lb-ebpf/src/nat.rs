@@ -14,21 +14,30 @@ use crate::parse::{
     IPPROTO_UDP,
 };
 
+// Checksum arithmetic takes the packet's words in the CPU's byte order
+// (`lb_common::csum` says why that gives the same bytes): `word16` and
+// `word32` read them so, `bytes` writes a checksum back.
+
 #[inline(always)]
-fn be16(b: [u8; 2]) -> u16 {
-    u16::from_be_bytes(b)
+fn word16(b: [u8; 2]) -> u16 {
+    u16::from_ne_bytes(b)
 }
 
 #[inline(always)]
-fn be32(b: [u8; 4]) -> u32 {
-    u32::from_be_bytes(b)
+fn word32(b: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(b)
+}
+
+#[inline(always)]
+fn bytes(c: u16) -> [u8; 2] {
+    c.to_ne_bytes()
 }
 
 /// A UDP checksum after an update: zero means "no checksum" on the wire, so
-/// a computed zero is sent as all ones.
+/// a computed zero is sent as all ones (in either byte order).
 #[inline(always)]
 fn udp_sum(c: u16) -> [u8; 2] {
-    if c == 0 { 0xffff_u16 } else { c }.to_be_bytes()
+    bytes(if c == 0 { 0xffff } else { c })
 }
 
 /// Which end of the packet a translation rewrites.
@@ -63,7 +72,7 @@ pub fn translate<C: Frame>(
     // What the address change adds to the sums that cover it (the IP
     // header's, and TCP's or UDP's through their pseudo-header): worked
     // out once, folded once per checksum.
-    let addr_delta = csum::delta32(be32(old_addr), be32(addr));
+    let addr_delta = csum::delta32(word32(old_addr), word32(addr));
     // A later fragment has no transport header: its address alone changes
     // (the transport checksum, in the first fragment, covered it).
     let l4 = if pkt.has_l4() { pkt.proto } else { 0 };
@@ -71,30 +80,38 @@ pub fn translate<C: Frame>(
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, pkt.l4_off)?;
             unsafe {
-                let field = if end == End::Source {
-                    &mut (*tcp).src
+                // Field by field, not through a reference: a `&mut [u8; 2]`
+                // is byte-aligned, and its store would be two byte stores.
+                let old_port = if end == End::Source {
+                    (*tcp).src
                 } else {
-                    &mut (*tcp).dst
+                    (*tcp).dst
                 };
-                let old_port = *field;
-                *field = port;
-                let delta = addr_delta + csum::delta16(be16(old_port), be16(port));
-                (*tcp).check = csum::apply(be16((*tcp).check), delta).to_be_bytes();
+                if end == End::Source {
+                    (*tcp).src = port;
+                } else {
+                    (*tcp).dst = port;
+                }
+                let delta = addr_delta + csum::delta16(word16(old_port), word16(port));
+                (*tcp).check = bytes(csum::apply(word16((*tcp).check), delta));
             }
         }
         IPPROTO_UDP => {
             let udp: *mut UdpHdr = ptr_at(ctx, pkt.l4_off)?;
             unsafe {
-                let field = if end == End::Source {
-                    &mut (*udp).src
+                let old_port = if end == End::Source {
+                    (*udp).src
                 } else {
-                    &mut (*udp).dst
+                    (*udp).dst
                 };
-                let old_port = *field;
-                *field = port;
-                if (*udp).check != [0, 0] {
-                    let delta = addr_delta + csum::delta16(be16(old_port), be16(port));
-                    (*udp).check = udp_sum(csum::apply(be16((*udp).check), delta));
+                if end == End::Source {
+                    (*udp).src = port;
+                } else {
+                    (*udp).dst = port;
+                }
+                if word16((*udp).check) != 0 {
+                    let delta = addr_delta + csum::delta16(word16(old_port), word16(port));
+                    (*udp).check = udp_sum(csum::apply(word16((*udp).check), delta));
                 }
             }
         }
@@ -103,8 +120,11 @@ pub fn translate<C: Frame>(
             unsafe {
                 let old_id = (*icmp).id;
                 (*icmp).id = port;
-                (*icmp).check =
-                    csum::replace16(be16((*icmp).check), be16(old_id), be16(port)).to_be_bytes();
+                (*icmp).check = bytes(csum::replace16(
+                    word16((*icmp).check),
+                    word16(old_id),
+                    word16(port),
+                ));
             }
         }
         _ => {}
@@ -115,7 +135,7 @@ pub fn translate<C: Frame>(
         } else {
             (*ip).dst = addr;
         }
-        (*ip).check = csum::apply(be16((*ip).check), addr_delta).to_be_bytes();
+        (*ip).check = bytes(csum::apply(word16((*ip).check), addr_delta));
     }
     Ok(())
 }
@@ -184,15 +204,19 @@ pub fn translate_icmp_error<C: Frame>(
     let inner_ip: *mut Ipv4Hdr = ptr_at(ctx, inner.ip_off)?;
     // SAFETY: bounds-checked by `ptr_at` (and `parse::ipv4` for `pkt.ip`).
     unsafe {
-        let mut icmp_c = be16((*icmp).check);
+        let mut icmp_c = word16((*icmp).check);
 
         // Quoted source address, and the quoted header's checksum.
         let old_inner_c = (*inner_ip).check;
         (*inner_ip).src = addr;
-        let inner_c = csum::replace32(be16(old_inner_c), be32(inner.src), be32(addr)).to_be_bytes();
+        let inner_c = bytes(csum::replace32(
+            word16(old_inner_c),
+            word32(inner.src),
+            word32(addr),
+        ));
         (*inner_ip).check = inner_c;
-        icmp_c = csum::replace32(icmp_c, be32(inner.src), be32(addr));
-        icmp_c = csum::replace16(icmp_c, be16(old_inner_c), be16(inner_c));
+        icmp_c = csum::replace32(icmp_c, word32(inner.src), word32(addr));
+        icmp_c = csum::replace16(icmp_c, word16(old_inner_c), word16(inner_c));
 
         // Quoted source port (or echo identifier).
         let port_off = if inner.proto == IPPROTO_ICMP {
@@ -202,27 +226,31 @@ pub fn translate_icmp_error<C: Frame>(
         };
         let port_field: *mut [u8; 2] = ptr_at(ctx, port_off)?;
         *port_field = port;
-        icmp_c = csum::replace16(icmp_c, be16(inner.src_port), be16(port));
+        icmp_c = csum::replace16(icmp_c, word16(inner.src_port), word16(port));
 
         // A quoted UDP checksum, when the quote reaches it and it is in use.
         if inner.proto == IPPROTO_UDP {
             if let Ok(udp) = ptr_at::<UdpHdr>(ctx, inner.l4_off) {
                 let old = (*udp).check;
                 if old != [0, 0] {
-                    let c = csum::replace32(be16(old), be32(inner.src), be32(addr));
-                    let new = udp_sum(csum::replace16(c, be16(inner.src_port), be16(port)));
+                    let c = csum::replace32(word16(old), word32(inner.src), word32(addr));
+                    let new = udp_sum(csum::replace16(c, word16(inner.src_port), word16(port)));
                     (*udp).check = new;
-                    icmp_c = csum::replace16(icmp_c, be16(old), be16(new));
+                    icmp_c = csum::replace16(icmp_c, word16(old), word16(new));
                 }
             }
         }
-        (*icmp).check = icmp_c.to_be_bytes();
+        (*icmp).check = bytes(icmp_c);
 
         // Outer destination.
         let ip = pkt.ip;
         let old_dst = (*ip).dst;
         (*ip).dst = addr;
-        (*ip).check = csum::replace32(be16((*ip).check), be32(old_dst), be32(addr)).to_be_bytes();
+        (*ip).check = bytes(csum::replace32(
+            word16((*ip).check),
+            word32(old_dst),
+            word32(addr),
+        ));
     }
     Ok(())
 }

@@ -18,17 +18,19 @@ use lb_common::{
 use crate::parse::{self, EthHdr, Frame, Ipv4Packet, Ipv6Packet, VlanHdr, ETH_P_8021Q};
 
 /// TTL minus one, with the header checksum updated incrementally: the TTL
-/// shares a 16-bit word with the protocol number.
+/// shares a 16-bit word with the protocol number. The sum is taken in the
+/// CPU's byte order, which gives the same bytes (`lb_common::csum`).
 #[inline(always)]
 pub fn decrement_ttl(pkt: &Ipv4Packet) {
     let ip = pkt.ip;
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
     unsafe {
-        let old = u16::from_be_bytes([(*ip).ttl, (*ip).proto]);
-        (*ip).ttl -= 1;
-        let new = u16::from_be_bytes([(*ip).ttl, (*ip).proto]);
-        let check = csum::replace16(u16::from_be_bytes((*ip).check), old, new);
-        (*ip).check = check.to_be_bytes();
+        let (ttl, proto) = ((*ip).ttl, (*ip).proto);
+        (*ip).ttl = ttl - 1;
+        let old = u16::from_ne_bytes([ttl, proto]);
+        let new = u16::from_ne_bytes([ttl - 1, proto]);
+        let check = csum::replace16(u16::from_ne_bytes((*ip).check), old, new);
+        (*ip).check = check.to_ne_bytes();
     }
 }
 

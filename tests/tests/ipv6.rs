@@ -272,6 +272,43 @@ fn ipv6_flows_spread_by_weight_and_downloads_are_exact_through_a_translated_upli
     router.finish()
 }
 
+/// IPv6 has a program of its own, `lan_ingress6`, that `lan_ingress`
+/// reaches by a tail call through a map. A program array forgets its
+/// programs when the last file naming it closes, so this checks that
+/// IPv6's fast path outlives lbd as IPv4's does: new IPv6 flows, with
+/// lbd killed, are still balanced over both uplinks (the kernel would
+/// send them all out of its one default route), and answered.
+#[test]
+fn ipv6_is_balanced_while_lbd_is_dead() -> Result<()> {
+    const FLOWS: usize = 40;
+    if !require_root("ipv6_is_balanced_while_lbd_is_dead") {
+        return Ok(());
+    }
+    let mut router = Router::up(["", ""])?;
+    let udp = UdpEchoServer::start(router.lab.ns("inet")?, server(0))?;
+    let watches = watch_isps(&router.lab)?;
+    router.lbd.kill(&mut router.lab)?;
+
+    let flows = udp_flows(router.client()?, udp.local_addr(), FLOWS, FLOW_TIMEOUT)?;
+    all_ok("IPv6 UDP with lbd killed", &flows)?;
+    let these: Vec<(u8, u16)> = flows.iter().map(FlowResult::flow).collect();
+    let by = split(&these, &watches)?;
+    eprintln!(
+        "{FLOWS} new IPv6 flows with lbd killed: isp1 {}, isp2 {}",
+        by[0].len(),
+        by[1].len()
+    );
+    ensure!(
+        !by[0].is_empty() && !by[1].is_empty(),
+        "with lbd killed, {FLOWS} new IPv6 flows all left by one uplink (isp1 {}, isp2 {}): \
+         lan_ingress did not reach lan_ingress6, and the kernel routed them",
+        by[0].len(),
+        by[1].len()
+    );
+    router.lbd.restart(&mut router.lab)?;
+    router.finish()
+}
+
 #[test]
 fn carrier_loss_moves_ipv6_and_ipv4_flows_to_the_other_uplink() -> Result<()> {
     const FLOWS: usize = 40;

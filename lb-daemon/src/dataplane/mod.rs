@@ -21,7 +21,7 @@ use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{
         lpm_trie::Key, Array, DevMap, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData,
-        PerCpuArray, RingBuf,
+        PerCpuArray, ProgramArray, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -35,7 +35,7 @@ use lb_common::{
     egress::{Egress, RING_BINDING_GLOBAL, RING_TRACEPOINT},
     maps::{
         name, program, settings_flags, BucketTable, LanPort, PolicyStats, Settings, Signals,
-        Uplink6, UplinkInfo, UplinkStats,
+        Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
@@ -157,11 +157,16 @@ impl Dataplane {
             pins: pins.cloned(),
             ring_watch: binding.map(|_| false).map_err(|e| format!("{e:#}")),
         };
-        for prog in [program::LAN_INGRESS, program::WAN_INGRESS] {
+        for prog in [
+            program::LAN_INGRESS6,
+            program::LAN_INGRESS,
+            program::WAN_INGRESS,
+        ] {
             dp.xdp(prog)?
                 .load()
                 .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
         }
+        dp.fill_lan6()?;
         for prog in [program::HANDOFF, program::WAN_INGRESS_L3] {
             dp.tc(prog)?
                 .load()
@@ -180,6 +185,23 @@ impl Dataplane {
             }
         }
         Ok(dp)
+    }
+
+    /// Put `lan_ingress6` into `LAN6`, where `lan_ingress` tail-calls it,
+    /// before anything is attached. A pinned `LAN6` held an earlier lbd's:
+    /// the pinned `lan_ingress` it still runs now reaches this one's, of
+    /// the same layout.
+    fn fill_lan6(&mut self) -> Result<()> {
+        let fd = self.xdp(program::LAN_INGRESS6)?.fd()?.try_clone()?;
+        let m = self
+            .ebpf
+            .map_mut(name::LAN6)
+            .with_context(|| format!("map {} missing", name::LAN6))?;
+        let mut slots = ProgramArray::try_from(m)
+            .with_context(|| format!("map {} has an unexpected type", name::LAN6))?;
+        slots
+            .set(LAN6_SLOT, &fd, 0)
+            .with_context(|| format!("putting {} into {}", program::LAN_INGRESS6, name::LAN6))
     }
 
     fn raw_tp(&mut self, prog: &str) -> Result<&mut RawTracePoint> {
