@@ -6,38 +6,42 @@
 //! verifier turns `bpf_jiffies64` into one load, where the clock is a
 //! helper call (three calls deep, each return paying the CPU's
 //! return-thunk mitigation: about a tenth of an established packet's
-//! cost). So each CPU keeps the last tick's pair and reads the clock again
-//! only when `jiffies` moved. The values are the helper's, to within the
-//! tick (a reader between the tick's two updates keeps the old clock for
-//! that tick), which is the coarse clock's resolution anyway. It owns no
-//! other time: lbd compares these stamps with `CLOCK_MONOTONIC_COARSE`.
+//! cost). So the programs keep the last tick's pair in a global, which
+//! they reach without a lookup, and read the clock again only when
+//! `jiffies` moved: a few hundred times a second, on whichever CPU sees
+//! the new tick first. The values are the helper's, to within the tick (a
+//! reader between the tick's two updates, or one that sees another CPU's
+//! new `jiffies` before its clock, keeps the old clock for a packet or a
+//! tick), which is the coarse clock's resolution anyway. It owns no other
+//! time: lbd compares these stamps with `CLOCK_MONOTONIC_COARSE`.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 
-use crate::maps::TICK;
-
-/// The last tick a CPU saw: its `jiffies`, and the coarse clock then.
+/// The last tick the programs saw: its `jiffies`, and the coarse clock
+/// then. Written clock first, `jiffies` second.
 #[repr(C)]
-pub struct Tick {
+struct Tick {
     jiffies: u64,
     ns: u64,
 }
 
+static mut TICK: Tick = Tick { jiffies: 0, ns: 0 };
+
 /// Now, on the coarse monotonic clock, in nanoseconds.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: neither helper has preconditions.
-    let jiffies = unsafe { bpf_jiffies64() };
-    let Some(tick) = TICK.get_ptr_mut(0) else {
-        return unsafe { bpf_ktime_get_coarse_ns() };
-    };
-    // SAFETY: this CPU's slot; only code on this CPU touches it, and XDP
-    // and tc programs do not preempt each other there.
+    // SAFETY: the helpers have no preconditions. `TICK` is shared by every
+    // CPU, hence the volatile accesses, one word at a time: a racing
+    // writer stores the same tick's values.
     unsafe {
-        if (*tick).jiffies != jiffies {
-            (*tick).ns = bpf_ktime_get_coarse_ns();
-            (*tick).jiffies = jiffies;
+        let jiffies = bpf_jiffies64();
+        let tick = &raw mut TICK;
+        if core::ptr::read_volatile(&raw const (*tick).jiffies) == jiffies {
+            return core::ptr::read_volatile(&raw const (*tick).ns);
         }
-        (*tick).ns
+        let ns = bpf_ktime_get_coarse_ns();
+        core::ptr::write_volatile(&raw mut (*tick).ns, ns);
+        core::ptr::write_volatile(&raw mut (*tick).jiffies, jiffies);
+        ns
     }
 }

@@ -180,11 +180,6 @@ pub static UPLINK_STATS: PerCpuArray<UplinkStats> = PerCpuArray::with_max_entrie
 #[map]
 pub static SIGNALS: PerCpuArray<Signals> = PerCpuArray::with_max_entries(SIGNAL_SLOTS, 0);
 
-/// Per-CPU: the last timer tick the programs saw, and the clock then
-/// (`crate::clock`). Scratch, never pinned: a new one starts empty.
-#[map]
-pub static TICK: PerCpuArray<crate::clock::Tick> = PerCpuArray::with_max_entries(1, 0);
-
 /// Per-CPU count of packets per pass/drop reason.
 #[map]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::CAPACITY, 0);
