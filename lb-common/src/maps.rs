@@ -106,12 +106,13 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 7;
+pub const LAYOUT: u32 = 8;
 // (6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;
 // UPLINK_AT_IFINDEX; EGRESS_AT. LAN6 came without a bump: a map that
-// is created when absent changes nothing an older one holds.)
+// is created when absent changes nothing an older one holds.
+// 8: tx_packets, tx_bytes and replies moved from UplinkStats to Signals.)
 
 /// `LAN6`'s one slot: `lan_ingress6`.
 pub const LAN6_SLOT: u32 = 0;
@@ -202,7 +203,10 @@ pub const fn signals6(uplink: u32) -> u32 {
 
 /// What the traffic says about one uplink's path in one family, per CPU
 /// (map `SIGNALS`, see [`SIGNAL_SLOTS`]): read by lbd's passive failure
-/// detection. Times are `bpf_ktime_get_coarse_ns`.
+/// detection. Times are the coarse monotonic clock's. It also holds the
+/// counters of the packets that set them (sent, replies), so that a
+/// forwarded packet looks up one per-CPU entry, not two; lbd adds them to
+/// the uplink's others ([`UplinkStats`]). One cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Signals {
@@ -216,6 +220,11 @@ pub struct Signals {
     pub destinations: u64,
     /// SYNs sent again for connections still waiting for their answer.
     pub syn_retries: u64,
+    /// Packets and bytes (whole frames) sent out of the uplink by XDP.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Replies translated back to a client (ICMP errors included).
+    pub replies: u64,
 }
 
 /// One bucket table, a single map value: the daemon replaces a whole table
@@ -511,13 +520,11 @@ pub struct PolicyStats {
     pub sticky_hits: u64,
 }
 
-/// Per-uplink counters; one per CPU, summed by user space.
+/// Per-uplink counters; one per CPU, summed by user space. What each
+/// forwarded packet counts is in [`Signals`], by family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UplinkStats {
-    /// Packets and bytes (whole frames) sent out of the uplink by XDP.
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
     /// Packets and bytes arriving on the uplink.
     pub rx_packets: u64,
     pub rx_bytes: u64,
@@ -527,8 +534,6 @@ pub struct UplinkStats {
     pub moved_away: u64,
     /// New flows that found no free NAT port on this uplink (dropped).
     pub nat_failures: u64,
-    /// Replies translated back to a client.
-    pub replies: u64,
 }
 
 const _: () = {
@@ -538,8 +543,8 @@ const _: () = {
     assert!(core::mem::size_of::<FlowValue>() == 16);
     assert!(core::mem::size_of::<NatKey>() == 16);
     assert!(core::mem::size_of::<NatValue>() == 32);
-    assert!(core::mem::size_of::<UplinkStats>() == 64);
-    assert!(core::mem::size_of::<Signals>() == 40);
+    assert!(core::mem::size_of::<UplinkStats>() == 40);
+    assert!(core::mem::size_of::<Signals>() == 64);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<PolicyStats>() == 32);

@@ -143,11 +143,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
             usize::from(u16::from_be_bytes(total_len)),
         )?,
     };
-    stats::uplink(uplink, |s| {
-        s.tx_packets += 1;
-        s.tx_bytes += len as u64;
-    });
-    stats::sent(uplink, now, &key);
+    stats::sent(uplink, now, &key, len);
     Ok(egress::send(ctx, info.ifindex, uplink, src, || {
         TX_PORTS.redirect(uplink, 0)
     }))

@@ -139,11 +139,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }
     rewrite::decrement_hop_limit(&pkt);
     let len = rewrite::untagged(ctx, pkt.tagged(), ETH_P_IPV6, info.src_mac, six.gw_mac)?;
-    stats::uplink(uplink, |s| {
-        s.tx_packets += 1;
-        s.tx_bytes += len as u64;
-    });
-    stats::sent6(uplink, now, &key);
+    stats::sent6(uplink, now, &key, len);
     Ok(egress::send(
         ctx,
         info.ifindex,

@@ -73,9 +73,9 @@ fn bit(x: u32) -> u64 {
     1 << (x.wrapping_mul(SPREAD) >> 26)
 }
 
-/// A packet of flow `key` left by `uplink` at `now`.
+/// A packet of flow `key`, `len` bytes, left by `uplink` at `now`.
 #[inline(always)]
-pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
+pub fn sent(uplink: u32, now: u64, key: &FlowKey, len: usize) {
     let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
         | u32::from(u16::from_be_bytes(key.dst_port));
     let src = u32::from_be_bytes(key.src_addr);
@@ -86,6 +86,7 @@ pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
         u32::from_be_bytes(key.dst_addr),
         ports,
         key.proto,
+        len,
     );
 }
 
@@ -93,38 +94,44 @@ pub fn sent(uplink: u32, now: u64, key: &FlowKey) {
 /// signals, in the uplink's IPv6 slot, from its addresses folded to 32
 /// bits.
 #[inline(always)]
-pub fn sent6(uplink: u32, now: u64, key: &FlowKey6) {
+pub fn sent6(uplink: u32, now: u64, key: &FlowKey6, len: usize) {
     let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
         | u32::from(u16::from_be_bytes(key.dst_port));
     let (src, dst) = key.folded();
-    sent_folded(signals6(uplink), now, src, dst, ports, key.proto);
+    sent_folded(signals6(uplink), now, src, dst, ports, key.proto, len);
 }
 
 #[inline(always)]
-fn sent_folded(uplink: u32, now: u64, src: u32, dst: u32, ports: u32, proto: u8) {
+fn sent_folded(slot: u32, now: u64, src: u32, dst: u32, ports: u32, proto: u8, len: usize) {
     let flow = dst ^ src ^ ports ^ u32::from(proto);
-    signals(uplink, |s| {
+    signals(slot, |s| {
         s.last_sent_ns = now;
         s.flows |= bit(flow);
         s.destinations |= bit(dst);
+        s.tx_packets += 1;
+        s.tx_bytes += len as u64;
     });
 }
 
-/// A reply came back through `uplink` at `now`: the path works; what sent
-/// before it was heard.
+/// A reply was translated back through `uplink` at `now`. One that
+/// `answers` (not an ICMP error about what was sent) says the path works:
+/// what sent before it was heard.
 #[inline(always)]
-pub fn replied(uplink: u32, now: u64) {
+pub fn replied(uplink: u32, now: u64, answers: bool) {
     signals(uplink, |s| {
-        s.last_reply_ns = now;
-        s.flows = 0;
-        s.destinations = 0;
+        s.replies += 1;
+        if answers {
+            s.last_reply_ns = now;
+            s.flows = 0;
+            s.destinations = 0;
+        }
     });
 }
 
 /// An IPv6 reply came back through `uplink` at `now`.
 #[inline(always)]
-pub fn replied6(uplink: u32, now: u64) {
-    replied(signals6(uplink), now);
+pub fn replied6(uplink: u32, now: u64, answers: bool) {
+    replied(signals6(uplink), now, answers);
 }
 
 /// A SYN went again on `uplink` for a connection still waiting.

@@ -227,8 +227,8 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
         )?,
     }
     rewrite::decrement_ttl(&pkt);
+    let now = clock::now();
     if inner.is_none() {
-        let now = clock::now();
         // The flow's entry, at most once a tick, or when the flags move
         // its state: an established reply then costs no lookup of it.
         let tick = reply_tick(now);
@@ -237,9 +237,6 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
             // SAFETY: as above.
             unsafe { (*mapping).touched = tick };
         }
-        // An answer: the path works (ICMP errors say otherwise, and do not
-        // count).
-        stats::replied(uplink, now);
     }
     rewrite::tagged(
         ctx,
@@ -248,7 +245,8 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
         back.client_mac,
         back.vlan_tci,
     )?;
-    stats::uplink(uplink, |s| s.replies += 1);
+    // An answer says the path works; an ICMP error says otherwise.
+    stats::replied(uplink, now, inner.is_none());
     Ok(Back {
         lan_ifindex: back.lan_ifindex,
         client_addr: back.client_addr,

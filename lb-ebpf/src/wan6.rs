@@ -104,8 +104,8 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
         }
     }
     rewrite::decrement_hop_limit(&pkt);
+    let now = clock::now();
     if quoted.is_none() {
-        let now = clock::now();
         let flags = parse::tcp_flags6(ctx, &pkt);
         // SAFETY: as above.
         unsafe {
@@ -116,7 +116,6 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
                 (*flow).tcp_state = tcp_state::ESTABLISHED;
             }
         }
-        stats::replied6(uplink, now);
     }
     rewrite::tagged(
         ctx,
@@ -125,7 +124,8 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
         back.client_mac,
         back.vlan_tci,
     )?;
-    stats::uplink(uplink, |s| s.replies += 1);
+    // An answer says the path works; an ICMP error says otherwise.
+    stats::replied6(uplink, now, quoted.is_none());
     Ok(egress::send(
         ctx,
         back.lan_ifindex,

@@ -34,8 +34,8 @@ use aya::{
 use lb_common::{
     egress::{Egress, RING_BINDING_GLOBAL, RING_TRACEPOINT},
     maps::{
-        name, program, settings_flags, BucketTable, LanPort, PolicyStats, Settings, Signals,
-        Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
+        name, program, settings_flags, signals6, BucketTable, LanPort, PolicyStats, Settings,
+        Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
@@ -96,6 +96,26 @@ impl Family {
             Family::V6 => "IPv6 ",
         }
     }
+}
+
+/// An uplink's counters, all CPUs and both families together (see
+/// [`Dataplane::uplink_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UplinkCounters {
+    /// Packets and bytes (whole frames) sent out of the uplink by XDP.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets and bytes arriving on the uplink.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Flows pinned to it (new, or moved here from a dead uplink).
+    pub new_flows: u64,
+    /// Flows moved away from it because it went down.
+    pub moved_away: u64,
+    /// New flows that found no free NAT port on it (dropped).
+    pub nat_failures: u64,
+    /// Replies translated back to a client.
+    pub replies: u64,
 }
 
 pub struct Dataplane {
@@ -1032,26 +1052,37 @@ impl Dataplane {
         LpmTrie::try_from(m).context("map BYPASS has an unexpected type")
     }
 
-    /// Counters of uplink `index`, summed over CPUs.
-    pub fn uplink_stats(&self, index: u32) -> Result<UplinkStats> {
+    /// Counters of uplink `index`, summed over CPUs: its `UPLINK_STATS`
+    /// entry, and what its packets counted in `SIGNALS` in each family.
+    pub fn uplink_stats(&self, index: u32) -> Result<UplinkCounters> {
         let m = self
             .ebpf
             .map(name::UPLINK_STATS)
             .context("map UPLINK_STATS missing")?;
         let stats: PerCpuArray<_, UplinkStats> = PerCpuArray::try_from(m)?;
         let per_cpu = stats.get(&index, 0).context("reading UPLINK_STATS")?;
-        Ok(per_cpu
-            .iter()
-            .fold(UplinkStats::default(), |a, s| UplinkStats {
-                tx_packets: a.tx_packets + s.tx_packets,
-                tx_bytes: a.tx_bytes + s.tx_bytes,
-                rx_packets: a.rx_packets + s.rx_packets,
-                rx_bytes: a.rx_bytes + s.rx_bytes,
-                new_flows: a.new_flows + s.new_flows,
-                moved_away: a.moved_away + s.moved_away,
-                nat_failures: a.nat_failures + s.nat_failures,
-                replies: a.replies + s.replies,
-            }))
+        let mut sum = UplinkCounters::default();
+        for s in per_cpu.iter() {
+            sum.rx_packets += s.rx_packets;
+            sum.rx_bytes += s.rx_bytes;
+            sum.new_flows += s.new_flows;
+            sum.moved_away += s.moved_away;
+            sum.nat_failures += s.nat_failures;
+        }
+        let m = self
+            .ebpf
+            .map(name::SIGNALS)
+            .context("map SIGNALS missing")?;
+        let signals: PerCpuArray<_, Signals> = PerCpuArray::try_from(m)?;
+        for slot in [index, signals6(index)] {
+            let per_cpu = signals.get(&slot, 0).context("reading SIGNALS")?;
+            for s in per_cpu.iter() {
+                sum.tx_packets += s.tx_packets;
+                sum.tx_bytes += s.tx_bytes;
+                sum.replies += s.replies;
+            }
+        }
+        Ok(sum)
     }
 
     /// What the traffic says about uplink `index`'s path, all CPUs
