@@ -57,8 +57,8 @@ pub mod name {
     /// a device whose ring just overflowed). Not pinned: each lbd reads
     /// its own.
     pub const RING_EVENTS: &str = "RING_EVENTS";
-    /// `lan_ingress6`, which `lan_ingress` tail-calls for IPv6
-    /// ([`super::LAN6_SLOT`]). Pinned with the rest: a program array
+    /// The IPv6 programs `lan_ingress` reaches by tail calls
+    /// ([`super::LAN6_SLOT`], [`super::UNREACHABLE6_SLOT`]). Pinned with the rest: a program array
     /// forgets its programs when the last file that names it closes, and
     /// the pinned `lan_ingress` goes on forwarding while lbd restarts.
     pub const LAN6: &str = "LAN6";
@@ -114,8 +114,11 @@ pub const LAYOUT: u32 = 8;
 // is created when absent changes nothing an older one holds.
 // 8: tx_packets, tx_bytes and replies moved from UplinkStats to Signals.)
 
-/// `LAN6`'s one slot: `lan_ingress6`.
+/// `LAN6`'s slots: `lan_ingress6`, which `lan_ingress` tail-calls, and
+/// `lan_unreachable6`, which `lan_ingress6` tail-calls.
 pub const LAN6_SLOT: u32 = 0;
+pub const UNREACHABLE6_SLOT: u32 = 1;
+pub const LAN6_SLOTS: u32 = 2;
 
 /// Program names in the XDP object.
 pub mod program {
@@ -124,6 +127,9 @@ pub mod program {
     /// `lan_ingress`'s IPv6 half, which it tail-calls (`LAN6`); never
     /// attached itself.
     pub const LAN_INGRESS6: &str = "lan_ingress6";
+    /// The ICMPv6 answer of a policy's `fallback = unreachable`, which
+    /// `lan_ingress6` tail-calls (`LAN6`); never attached itself.
+    pub const LAN_UNREACHABLE6: &str = "lan_unreachable6";
     /// The tc program that sends what the XDP programs hand over through
     /// the target device's qdisc (see `crate::egress`).
     pub const HANDOFF: &str = "handoff";

@@ -14,7 +14,7 @@
 //! while a redirect flushes; a NIC takes either.
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_REDIRECT, xdp_md},
+    bindings::xdp_action::XDP_REDIRECT,
     helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
     EbpfContext,
@@ -97,11 +97,12 @@ pub fn icmp_error(
 /// `fallback = unreachable` for an IPv6 client: its new flow is refused
 /// with an ICMPv6 "address unreachable" from where it was going (the
 /// router may have no address on the client's prefix it could use),
-/// back out of its port; when that cannot be made, a counted drop. A BPF
-/// function of its own: `lan6::run`'s frame has no room for the quote.
-#[inline(never)]
-pub fn unreachable6(ctx: *mut xdp_md) -> u32 {
-    icmp6_error(&XdpContext::new(ctx), reason::DROP_POLICY_UNREACHABLE).unwrap_or_else(stats::drop)
+/// back out of its port; when that cannot be made, a counted drop. The
+/// body of program `lan_unreachable6`: `lan_ingress6`'s frame has no room
+/// for the quote.
+#[inline(always)]
+pub fn unreachable6(ctx: &XdpContext) -> u32 {
+    icmp6_error(ctx, reason::DROP_POLICY_UNREACHABLE).unwrap_or_else(stats::drop)
 }
 
 /// As [`icmp_error`], an ICMPv6 "address unreachable" for an untagged

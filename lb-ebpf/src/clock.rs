@@ -1,6 +1,6 @@
 //! The fast path's clock: the kernel's coarse monotonic clock, as
-//! `bpf_ktime_get_coarse_ns` reads it, but asked once per tick per CPU
-//! rather than once per packet.
+//! `bpf_ktime_get_coarse_ns` reads it, but asked once per tick rather
+//! than once per packet.
 //!
 //! The coarse clock only moves on a timer tick, and so does `jiffies`; the
 //! verifier turns `bpf_jiffies64` into one load, where the clock is a

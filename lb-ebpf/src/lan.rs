@@ -168,7 +168,7 @@ pub fn wrap(
 /// the IP packet at `packed`'s offset (its high word), of `packed`'s
 /// EtherType and length (its low words); the frame's new length, or -1.
 /// A BPF function of its own, taking and returning scalars: its stack
-/// frame is not added to `lan::run`'s, which the rules' share the
+/// frame is not added to `lan_ingress`'s, which the rules' share the
 /// kernel's 512 bytes with.
 #[inline(never)]
 fn wrap_frame(ctx: *mut xdp_md, uplink: u32, packed: u64) -> i64 {

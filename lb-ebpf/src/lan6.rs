@@ -36,15 +36,8 @@ const IPV6_HDR_LEN: u32 = 40;
 
 /// What [`run`] returns for a new flow its policy refuses with
 /// `fallback = unreachable`: not a verdict (those are 0-4), but "answer
-/// the client": `lan_ingress` calls `answer::unreachable6`, whose stack
-/// frame does not fit beside this one's.
+/// the client": `lan_ingress6` tail-calls `lan_unreachable6`.
 pub const ANSWER_UNREACHABLE: u32 = u32::MAX;
-
-/// [`ingress`], as a BPF function of its own (see `lan_ingress`).
-#[inline(never)]
-pub fn run(ctx: *mut xdp_md) -> u32 {
-    ingress(&XdpContext::new(ctx)).unwrap_or_else(stats::pass)
-}
 
 /// As `lan::ingress`: `Ok(verdict)` for packets the fast path handled,
 /// `Err(reason)` for the kernel's.
@@ -139,12 +132,13 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }
     rewrite::decrement_hop_limit(&pkt);
     let len = rewrite::untagged(ctx, pkt.tagged(), ETH_P_IPV6, info.src_mac, six.gw_mac)?;
-    stats::sent6(uplink, now, &key, len);
+    let folded = key.folded();
+    stats::sent6(uplink, now, &key, folded, len);
     Ok(egress::send(
         ctx,
         info.ifindex,
         uplink,
-        key.folded().0.to_be_bytes(),
+        folded.0.to_be_bytes(),
         || TX_PORTS.redirect(uplink, 0),
     ))
 }

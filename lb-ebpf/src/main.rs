@@ -38,7 +38,10 @@ use aya_ebpf::{
     macros::{classifier, raw_tracepoint, xdp},
     programs::{RawTracePointContext, TcContext, XdpContext},
 };
-use lb_common::{maps::LAN6_SLOT, reason};
+use lb_common::{
+    maps::{LAN6_SLOT, UNREACHABLE6_SLOT},
+    reason,
+};
 
 use crate::maps::LAN6;
 
@@ -60,12 +63,28 @@ pub fn lan_ingress(ctx: XdpContext) -> u32 {
 }
 
 /// `lan_ingress`'s IPv6 half, reached only by its tail call (`LAN6`).
+/// The path is this program's own body, as IPv4's is `lan_ingress`'s; a
+/// new flow that its policy refuses is answered by `lan_unreachable6`,
+/// which it tail-calls in turn: the answer's stack frame (it quotes the
+/// packet) does not fit beside this one.
 #[xdp]
 pub fn lan_ingress6(ctx: XdpContext) -> u32 {
-    match lan6::run(ctx.ctx) {
-        lan6::ANSWER_UNREACHABLE => answer::unreachable6(ctx.ctx),
-        verdict => verdict,
+    match lan6::ingress(&ctx) {
+        Ok(lan6::ANSWER_UNREACHABLE) => {
+            // SAFETY: a tail call does not return when it succeeds.
+            let _ = unsafe { LAN6.tail_call(&ctx, UNREACHABLE6_SLOT) };
+            stats::drop(reason::DROP_POLICY_UNREACHABLE)
+        }
+        Ok(verdict) => verdict,
+        Err(reason) => stats::pass(reason),
     }
+}
+
+/// The ICMPv6 "address unreachable" of a policy's `fallback =
+/// unreachable`, reached only by `lan_ingress6`'s tail call (`LAN6`).
+#[xdp]
+pub fn lan_unreachable6(ctx: XdpContext) -> u32 {
+    answer::unreachable6(&ctx)
 }
 
 /// Tail-call `lan_ingress6`; should its slot be empty (lbd fills it at

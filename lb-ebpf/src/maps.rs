@@ -12,7 +12,8 @@ use lb_common::{
     egress::Egress,
     maps::{
         BucketTable, FlowKey, FlowKey6, FlowValue, FlowValue6, FragKey, FragValue, LanPort, NatKey,
-        NatValue, PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, SIGNAL_SLOTS,
+        NatValue, PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOTS,
+        SIGNAL_SLOTS,
     },
     policy::{
         Flow, Policy, PrefixKey, PrefixKey6, RuleBits, RuleTable, StickyKey, StickyKey6,
@@ -22,10 +23,11 @@ use lb_common::{
     MAX_LAN_PORTS, MAX_UPLINKS, PREFIX_ENTRIES,
 };
 
-/// `lan_ingress6`, which `lan_ingress` tail-calls for IPv6, in slot
-/// [`lb_common::maps::LAN6_SLOT`].
+/// The IPv6 programs reached by tail calls: `lan_ingress6` (from
+/// `lan_ingress`) and `lan_unreachable6` (from `lan_ingress6`), in the
+/// slots `lb_common::maps` names.
 #[map]
-pub static LAN6: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static LAN6: ProgramArray = ProgramArray::with_max_entries(LAN6_SLOTS, 0);
 
 /// Global knobs, one entry.
 #[map]

@@ -92,12 +92,12 @@ pub fn sent(uplink: u32, now: u64, key: &FlowKey, len: usize) {
 
 /// A packet of IPv6 flow `key` left by `uplink` at `now`: the same
 /// signals, in the uplink's IPv6 slot, from its addresses folded to 32
-/// bits.
+/// bits (`folded`: `key.folded()`, which the caller has already).
 #[inline(always)]
-pub fn sent6(uplink: u32, now: u64, key: &FlowKey6, len: usize) {
+pub fn sent6(uplink: u32, now: u64, key: &FlowKey6, folded: (u32, u32), len: usize) {
     let ports = u32::from(u16::from_be_bytes(key.src_port)) << 16
         | u32::from(u16::from_be_bytes(key.dst_port));
-    let (src, dst) = key.folded();
+    let (src, dst) = folded;
     sent_folded(signals6(uplink), now, src, dst, ports, key.proto, len);
 }
 

@@ -35,7 +35,7 @@ use lb_common::{
     egress::{Egress, RING_BINDING_GLOBAL, RING_TRACEPOINT},
     maps::{
         name, program, settings_flags, signals6, BucketTable, LanPort, PolicyStats, Settings,
-        Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
+        Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT, UNREACHABLE6_SLOT,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
@@ -178,6 +178,7 @@ impl Dataplane {
             ring_watch: binding.map(|_| false).map_err(|e| format!("{e:#}")),
         };
         for prog in [
+            program::LAN_UNREACHABLE6,
             program::LAN_INGRESS6,
             program::LAN_INGRESS,
             program::WAN_INGRESS,
@@ -207,21 +208,27 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Put `lan_ingress6` into `LAN6`, where `lan_ingress` tail-calls it,
-    /// before anything is attached. A pinned `LAN6` held an earlier lbd's:
-    /// the pinned `lan_ingress` it still runs now reaches this one's, of
-    /// the same layout.
+    /// Put the IPv6 programs into `LAN6`, where `lan_ingress` and
+    /// `lan_ingress6` tail-call them, before anything is attached. A pinned
+    /// `LAN6` held an earlier lbd's: the pinned `lan_ingress` it still runs
+    /// now reaches this one's, of the same layout.
     fn fill_lan6(&mut self) -> Result<()> {
-        let fd = self.xdp(program::LAN_INGRESS6)?.fd()?.try_clone()?;
-        let m = self
-            .ebpf
-            .map_mut(name::LAN6)
-            .with_context(|| format!("map {} missing", name::LAN6))?;
-        let mut slots = ProgramArray::try_from(m)
-            .with_context(|| format!("map {} has an unexpected type", name::LAN6))?;
-        slots
-            .set(LAN6_SLOT, &fd, 0)
-            .with_context(|| format!("putting {} into {}", program::LAN_INGRESS6, name::LAN6))
+        for (slot, prog) in [
+            (LAN6_SLOT, program::LAN_INGRESS6),
+            (UNREACHABLE6_SLOT, program::LAN_UNREACHABLE6),
+        ] {
+            let fd = self.xdp(prog)?.fd()?.try_clone()?;
+            let m = self
+                .ebpf
+                .map_mut(name::LAN6)
+                .with_context(|| format!("map {} missing", name::LAN6))?;
+            let mut slots = ProgramArray::try_from(m)
+                .with_context(|| format!("map {} has an unexpected type", name::LAN6))?;
+            slots
+                .set(slot, &fd, 0)
+                .with_context(|| format!("putting {prog} into {}", name::LAN6))?;
+        }
+        Ok(())
     }
 
     fn raw_tp(&mut self, prog: &str) -> Result<&mut RawTracePoint> {
