@@ -173,12 +173,13 @@ pub static LAN_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_LANS, 0);
 #[map]
 pub static BYPASS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(256, 0);
 
-/// Per-CPU counters per uplink.
+/// Per-CPU counters per uplink: what arrives, and the new-flow path's.
 #[map]
 pub static UPLINK_STATS: PerCpuArray<UplinkStats> = PerCpuArray::with_max_entries(MAX_UPLINKS, 0);
 
-/// Per-CPU, per uplink: what the traffic says about its path (replies,
-/// sends, flows waiting), for lbd's passive failure detection.
+/// Per-CPU, per uplink and family: what the traffic says about its path
+/// (replies, sends, flows waiting), for lbd's passive failure detection,
+/// and the counters of the packets that say it (sent, replies).
 #[map]
 pub static SIGNALS: PerCpuArray<Signals> = PerCpuArray::with_max_entries(SIGNAL_SLOTS, 0);
 

@@ -1,5 +1,8 @@
-//! Counting: per-uplink packet and byte counters and per-reason verdicts.
-//! Per-CPU arrays, so no atomics on the fast path; user space sums the CPUs.
+//! Counting: per-uplink packet and byte counters, passive detection's
+//! signals, and per-reason verdicts. Per-CPU arrays, so no atomics on the
+//! fast path; user space sums the CPUs. A forwarded packet touches one
+//! entry: its family's `SIGNALS` slot holds its counters beside its
+//! signals.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use lb_common::maps::{signals6, FlowKey, FlowKey6, Signals, UplinkStats};
