@@ -788,6 +788,37 @@ fn tcp_connect(
     Ok(stream)
 }
 
+/// Waits up to `timeout` until no TCP connection in namespace `ns` has
+/// local port `port` (`ss -tn`, any state but listening and TIME-WAIT):
+/// a one-test-at-a-time server such as iperf3's has finished with its
+/// last client and takes the next.
+pub fn wait_tcp_idle(ns: &str, port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let filter = format!("sport = :{port}");
+    loop {
+        let out = crate::netns::exec(
+            ns,
+            &[
+                "ss",
+                "-Htn",
+                "state",
+                "connected",
+                "exclude",
+                "time-wait",
+                &filter,
+            ],
+        )?;
+        if out.trim().is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "TCP port {port} in {ns} still has connections after {timeout:?}:\n{out}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits up to `timeout` until something in namespace `ns` listens on TCP
 /// `port` (`ss -ltn`): for servers started as separate programs.
 pub fn wait_tcp_listener(ns: &str, port: u16, timeout: Duration) -> Result<()> {

@@ -20,7 +20,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     stream::wait_for,
-    traffic::{tcp_upload, udp_socket, wait_tcp_listener, TcpSinkServer},
+    traffic::{tcp_upload, udp_socket, wait_tcp_idle, wait_tcp_listener, TcpSinkServer},
     unique_prefix, Lab, LabDesc, LanLeaks,
 };
 use serde_json::Value;
@@ -66,17 +66,22 @@ fn iperf(lab: &Lab, host: &str, port: u16, download: bool) -> Result<f64> {
     if download {
         args.push("-R");
     }
-    // iperf3's server closes its listening socket for a moment between
-    // two tests: a run that meets that moment is refused before it sends
-    // anything, and is tried again once the server listens again.
+    // iperf3's server runs one test at a time and finishes the last one a
+    // moment after its client has: a run that starts in that moment is
+    // refused ("Connection refused" while the server reopens its listening
+    // socket, "the server is busy" before), sends nothing, and is tried
+    // again once the server listens and holds no connection.
     let deadline = Instant::now() + BOUND;
     let out = loop {
+        let inet = lab.ns("inet")?;
+        wait_tcp_listener(inet, port, BOUND)?;
+        wait_tcp_idle(inet, port, BOUND)?;
         let out = lab.output(host, &args)?;
-        let refused = String::from_utf8_lossy(&out.stdout).contains("Connection refused");
+        let said = String::from_utf8_lossy(&out.stdout);
+        let refused = said.contains("Connection refused") || said.contains("server is busy");
         if !refused || Instant::now() >= deadline {
             break out;
         }
-        wait_tcp_listener(lab.ns("inet")?, port, BOUND)?;
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
