@@ -106,13 +106,15 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 8;
+pub const LAYOUT: u32 = 9;
 // (6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;
 // UPLINK_AT_IFINDEX; EGRESS_AT. LAN6 came without a bump: a map that
 // is created when absent changes nothing an older one holds.
-// 8: tx_packets, tx_bytes and replies moved from UplinkStats to Signals.)
+// 8: tx_packets, tx_bytes and replies moved from UplinkStats to Signals.
+// 9: Uplink6's translations (`npt::Npt`) hold their words as they
+// lie in memory.)
 
 /// `LAN6`'s slots: `lan_ingress6`, which `lan_ingress` tail-calls, and
 /// `lan_unreachable6`, which `lan_ingress6` tail-calls.
@@ -445,7 +447,8 @@ pub struct Uplink6 {
     /// MAC address of its IPv6 next hop (the router that advertised the
     /// default route, usually by a link-local address).
     pub gw_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// To the translations' 64-bit alignment.
+    pub _pad: [u8; 6],
     /// The LAN's prefix to the uplink's own (RFC 6296); from the LAN's
     /// prefix to itself on the uplink whose delegation the LAN carries.
     pub out: crate::npt::Npt,
@@ -555,7 +558,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<PolicyStats>() == 32);
     assert!(core::mem::size_of::<LanPort>() == 72);
-    assert!(core::mem::size_of::<Uplink6>() == 76);
+    assert!(core::mem::size_of::<Uplink6>() == 80);
     assert!(core::mem::size_of::<FlowKey6>() == 40);
     assert!(core::mem::size_of::<FlowValue6>() == 32);
     assert!(core::mem::size_of::<BucketTable>() == 4 * crate::BUCKETS as usize);

@@ -25,16 +25,21 @@ pub const MAX_PREFIX_LEN: u8 = 64;
 /// One direction of a translation: from one prefix to another of the
 /// same length. The reverse is another `Npt` ([`Npt::new`] with the
 /// prefixes swapped).
+///
+/// Every field holds its value as it lies in memory (the address's bytes
+/// in network order, read in the CPU's): masks and ones'-complement sums
+/// give the same bytes in either byte order (RFC 1071, 2.B), so neither
+/// side of a translation swaps a byte, and the prefix is one 64-bit
+/// operation, not four 16-bit ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Npt {
-    /// The first 64 bits of the new prefix, as big-endian words, zero
-    /// outside the prefix.
-    prefix: [u16; 4],
+    /// The first 64 bits of the new prefix, zero outside the prefix.
+    prefix: u64,
     /// The first 64 bits of the prefix translated from, as `prefix`.
-    from: [u16; 4],
-    /// Which bits of the first 64 the prefix covers.
-    mask: [u16; 4],
+    from: u64,
+    /// Which of the first 64 bits the prefix covers.
+    mask: u64,
     /// Added (ones' complement) to the adjustment word.
     adjustment: u16,
     /// The prefix length, 1 to [`MAX_PREFIX_LEN`].
@@ -53,39 +58,40 @@ pub enum Untranslatable {
     NoAdjustableWord,
 }
 
-/// The first 64 bits of `addr` as four big-endian words.
+/// The first 64 bits of `addr`, as they lie in memory.
 #[inline(always)]
-fn words(addr: &[u8; 16]) -> [u16; 4] {
-    [
-        u16::from_be_bytes([addr[0], addr[1]]),
-        u16::from_be_bytes([addr[2], addr[3]]),
-        u16::from_be_bytes([addr[4], addr[5]]),
-        u16::from_be_bytes([addr[6], addr[7]]),
-    ]
+fn head(addr: &[u8; 16]) -> u64 {
+    u64::from_ne_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ])
 }
 
-/// The masks of a `len`-bit prefix over four words.
+/// The 16-bit word of `addr` at byte `at`, as it lies in memory.
 #[inline(always)]
-fn masks(len: u8) -> [u16; 4] {
-    let mut out = [0u16; 4];
-    let mut w = 0;
-    while w < 4 {
-        let start = 16 * w as u32;
-        let bits = (len as u32).saturating_sub(start).min(16);
-        out[w] = if bits == 0 {
-            0
-        } else {
-            u16::MAX << (16 - bits)
-        };
-        w += 1;
+fn word(addr: &[u8; 16], at: usize) -> u16 {
+    u16::from_ne_bytes([addr[at], addr[at + 1]])
+}
+
+/// The mask of a `len`-bit prefix over the first 64 bits, as [`head`]
+/// reads it.
+#[inline(always)]
+fn mask(len: u8) -> u64 {
+    let mut bytes = [0u8; 8];
+    let mut i = 0;
+    while i < 8 {
+        let bits = (len as u32).saturating_sub(8 * i as u32).min(8);
+        bytes[i] = if bits == 0 { 0 } else { 0xff << (8 - bits) };
+        i += 1;
     }
-    out
+    u64::from_ne_bytes(bytes)
 }
 
-/// Ones'-complement sum of four words.
+/// Ones'-complement sum of the four 16-bit words of `head`.
 #[inline(always)]
-fn sum4(w: [u16; 4]) -> u16 {
-    csum::add(csum::add(w[0], w[1]), csum::add(w[2], w[3]))
+fn sum_head(head: u64) -> u16 {
+    let b = head.to_ne_bytes();
+    let w = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    csum::add(csum::add(w(0), w(2)), csum::add(w(4), w(6)))
 }
 
 impl Npt {
@@ -96,22 +102,16 @@ impl Npt {
         if len == 0 || len > MAX_PREFIX_LEN {
             return None;
         }
-        let mask = masks(len);
-        let from = words(&from);
-        let to = words(&to);
-        let mut old = [0u16; 4];
-        let mut prefix = [0u16; 4];
-        for w in 0..4 {
-            old[w] = from[w] & mask[w];
-            prefix[w] = to[w] & mask[w];
-        }
+        let mask = mask(len);
+        let old = head(&from) & mask;
+        let prefix = head(&to) & mask;
         // The prefix's words change the sum by `new - old`; the
         // adjustment word takes it back.
         Some(Self {
             prefix,
             from: old,
             mask,
-            adjustment: csum::sub(sum4(old), sum4(prefix)),
+            adjustment: csum::sub(sum_head(old), sum_head(prefix)),
             len,
             _pad: [0; 5],
         })
@@ -125,19 +125,14 @@ impl Npt {
     /// Whether `addr` is under the translation's source prefix (given
     /// as the same prefix the translation was made from: `from`).
     pub fn covers(from: &[u8; 16], len: u8, addr: &[u8; 16]) -> bool {
-        let mask = masks(len.min(MAX_PREFIX_LEN));
-        let (a, f) = (words(addr), words(from));
-        (0..4).all(|w| a[w] & mask[w] == f[w] & mask[w])
+        let mask = mask(len.min(MAX_PREFIX_LEN));
+        head(addr) & mask == head(from) & mask
     }
 
     /// Whether `addr` is under the prefix this translates from.
     #[inline(always)]
     pub fn takes(&self, addr: &[u8; 16]) -> bool {
-        let a = words(addr);
-        (a[0] & self.mask[0]) == self.from[0]
-            && (a[1] & self.mask[1]) == self.from[1]
-            && (a[2] & self.mask[2]) == self.from[2]
-            && (a[3] & self.mask[3]) == self.from[3]
+        head(addr) & self.mask == self.from
     }
 
     /// Whether the translation changes nothing (from a prefix to itself).
@@ -148,35 +143,37 @@ impl Npt {
 
     /// Translate `addr` in place. The caller has checked that `addr` is
     /// under the source prefix ([`Npt::covers`]); an address that is not
-    /// would be moved under the new prefix all the same.
+    /// would be moved under the new prefix all the same. For XDP, `addr`
+    /// is best a copy on the stack: its words are then read and written
+    /// whole, where a packet's bytes would go one by one.
     #[inline(always)]
     pub fn apply(&self, addr: &mut [u8; 16]) -> Result<(), Untranslatable> {
-        // Which word absorbs the difference (a byte offset).
+        // Which word absorbs the difference (a byte offset): the subnet
+        // word, outside any prefix of /48 or shorter, else the first word
+        // of the interface identifier that is not all ones.
         let at = if self.len <= 48 {
             6
+        } else if word(addr, 8) != 0xffff {
+            8
+        } else if word(addr, 10) != 0xffff {
+            10
+        } else if word(addr, 12) != 0xffff {
+            12
         } else {
-            match [8usize, 10, 12, 14]
-                .into_iter()
-                .find(|&i| u16::from_be_bytes([addr[i], addr[i + 1]]) != 0xffff)
-            {
-                Some(i) => i,
-                None => return Err(Untranslatable::NoAdjustableWord),
-            }
+            14
         };
-        let word = u16::from_be_bytes([addr[at], addr[at + 1]]);
-        if word == 0xffff {
+        let old = word(addr, at);
+        if old == 0xffff {
             return Err(Untranslatable::NoAdjustableWord);
         }
-        let mut adjusted = csum::add(word, self.adjustment);
+        let mut adjusted = csum::add(old, self.adjustment);
         if adjusted == 0xffff {
             adjusted = 0;
         }
-        let old = words(addr);
-        for w in 0..4 {
-            let new = (old[w] & !self.mask[w]) | self.prefix[w];
-            addr[2 * w..2 * w + 2].copy_from_slice(&new.to_be_bytes());
-        }
-        addr[at..at + 2].copy_from_slice(&adjusted.to_be_bytes());
+        // A /48 or shorter leaves bytes 6-7 (the adjusted word) alone.
+        let new = (head(addr) & !self.mask) | self.prefix;
+        addr[..8].copy_from_slice(&new.to_ne_bytes());
+        addr[at..at + 2].copy_from_slice(&adjusted.to_ne_bytes());
         Ok(())
     }
 }
@@ -252,12 +249,11 @@ mod tests {
             let out = Npt::new(inside, outside, len).expect("translation");
             let back = Npt::new(outside, inside, len).expect("translation");
             // An address under `inside` with `host`'s other bits.
-            let mask = masks(len);
+            // Bit by bit, independently of `mask`.
             let mut a = host;
-            for w in 0..4 {
-                let v = (u16::from_be_bytes([host[2 * w], host[2 * w + 1]]) & !mask[w])
-                    | (u16::from_be_bytes([inside[2 * w], inside[2 * w + 1]]) & mask[w]);
-                a[2 * w..2 * w + 2].copy_from_slice(&v.to_be_bytes());
+            for bit in 0..usize::from(len) {
+                let (byte, m) = (bit / 8, 0x80u8 >> (bit % 8));
+                a[byte] = (a[byte] & !m) | (inside[byte] & m);
             }
             prop_assert!(Npt::covers(&inside, len, &a));
             prop_assert!(out.takes(&a));
@@ -265,6 +261,16 @@ mod tests {
             match out.apply(&mut a) {
                 Ok(()) => {
                     prop_assert!(Npt::covers(&outside, len, &a));
+                    // Bit by bit: the prefix is `outside`'s; past it, only
+                    // one 16-bit word changed.
+                    for bit in 0..usize::from(len) {
+                        let (byte, m) = (bit / 8, 0x80u8 >> (bit % 8));
+                        prop_assert_eq!(a[byte] & m, outside[byte] & m, "bit {}", bit);
+                    }
+                    let changed = (usize::from(len).div_ceil(16)..8)
+                        .filter(|w| a[2 * w..2 * w + 2] != original[2 * w..2 * w + 2])
+                        .count();
+                    prop_assert!(changed <= 1, "{} words past the prefix changed", changed);
                     prop_assert_eq!(sum(&a), sum(&original));
                     back.apply(&mut a).expect("what went out comes back");
                     prop_assert_eq!(a, original);

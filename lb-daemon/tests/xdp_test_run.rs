@@ -1872,7 +1872,7 @@ fn harness6() -> Harness {
         let six = Uplink6 {
             state: uplink_state::ACTIVE,
             gw_mac: gw6_mac(i as u8 + 1),
-            _pad: [0; 2],
+            _pad: [0; 6],
             out: Npt::new(LAN6, *prefix, 64).expect("npt"),
             back: Npt::new(*prefix, LAN6, 64).expect("npt"),
         };
@@ -2137,7 +2137,7 @@ fn ipv6_flows_move_off_an_uplink_whose_ipv6_died_and_ipv4_stays() {
     let down = Uplink6 {
         state: uplink_state::DOWN,
         gw_mac: gw6_mac(2),
-        _pad: [0; 2],
+        _pad: [0; 6],
         out: Npt::new(LAN6, ISP2_6, 64).expect("npt"),
         back: Npt::new(ISP2_6, LAN6, 64).expect("npt"),
     };

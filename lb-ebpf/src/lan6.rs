@@ -124,11 +124,16 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if !six.out.takes(&key.src_addr) {
         return Ok(stats::drop(reason::DROP_FOREIGN_SOURCE));
     }
-    // Checksum-neutral: no L4 checksum changes. In place, in the packet.
-    // SAFETY: as above.
-    if !six.out.is_identity() && six.out.apply(unsafe { &mut (*ip).src }).is_err() {
-        // An all-ones interface identifier: RFC 6296 leaves it alone.
-        return Ok(stats::drop(reason::DROP_FOREIGN_SOURCE));
+    // Checksum-neutral: no L4 checksum changes. On the key's copy, whose
+    // words are aligned, then back into the packet.
+    if !six.out.is_identity() {
+        let mut src = key.src_addr;
+        if six.out.apply(&mut src).is_err() {
+            // An all-ones interface identifier: RFC 6296 leaves it alone.
+            return Ok(stats::drop(reason::DROP_FOREIGN_SOURCE));
+        }
+        // SAFETY: as above.
+        unsafe { (*ip).src = src };
     }
     rewrite::decrement_hop_limit(&pkt);
     let len = rewrite::untagged(ctx, pkt.tagged(), ETH_P_IPV6, info.src_mac, six.gw_mac)?;

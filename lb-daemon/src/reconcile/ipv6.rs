@@ -198,7 +198,7 @@ pub fn side(lan: Option<Prefix6>, facts: &Facts6, state: u32, ipv6_up: bool) -> 
     Some(Uplink6 {
         state,
         gw_mac: facts.gateway_mac.unwrap_or_default(),
-        _pad: [0; 2],
+        _pad: [0; 6],
         out,
         back,
     })
