@@ -10,7 +10,6 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    hash,
     maps::{settings_flags, tcp_state, FlowKey6},
     reason,
 };
@@ -130,7 +129,8 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
         ctx,
         back.lan_ifindex,
         uplink,
-        hash::xor6(&client).to_be_bytes(),
+        // The client's address, folded (`key.src_addr` is `client`).
+        key.folded().0.to_be_bytes(),
         || LAN_PORTS.redirect(back.lan_ifindex, 0),
     ))
 }
