@@ -54,6 +54,16 @@ const RING_INTERVAL: Duration = Duration::from_millis(100);
 /// a safety net, and the pace of asking for unresolved gateways.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long the reconciler lets a kernel event settle before its round.
+/// One change comes as a burst of messages (a carrier loss: the link's,
+/// then its routes', addresses' and neighbours'), which one round then
+/// reads; and the carrier's fast path (linkwatch, the uplink's health
+/// monitor, `Daemon::on_health`), woken by the burst's first message,
+/// reaches the data plane meanwhile instead of queueing behind a round's
+/// netlink dumps and convergence on the runtime's two workers and the
+/// daemon's lock (measured: 2.4 ms behind, 0.1 ms without).
+const SETTLE: Duration = Duration::from_millis(2);
+
 pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) -> Result<()> {
     log::info!("lbd {} starting", env!("CARGO_PKG_VERSION"));
     let socket = config.daemon.socket.clone();
@@ -218,7 +228,7 @@ async fn converge_forever(
         tokio::select! {
             biased;
             _ = stopping.changed() => return,
-            () = kernel.changed.notified() => {}
+            () = kernel.changed.notified() => tokio::time::sleep(SETTLE).await,
             _ = tick.tick() => {}
         }
         let done = round(&daemon, &kernel).await.and_then(|errors| {
