@@ -221,6 +221,36 @@ mod tests {
     }
 
     #[test]
+    fn an_adjusted_word_of_all_ones_is_written_as_zero() {
+        // RFC 6296's example pair, whose adjustment is worked out here
+        // from the prefixes' big-endian words: a subnet word that it
+        // brings to 0xffff leaves as 0 (the same in ones' complement, and
+        // the one that maps back).
+        let (from, to) = (addr("fd01:203:405::"), addr("2001:db8:1::"));
+        let be = |a: &[u8; 16], w: usize| u16::from_be_bytes([a[2 * w], a[2 * w + 1]]);
+        let sum = |a: &[u8; 16]| csum::add(csum::add(be(a, 0), be(a, 1)), be(a, 2));
+        let adjustment = csum::sub(sum(&from), sum(&to));
+        let mut before = from;
+        before[6..8].copy_from_slice(&(!adjustment).to_be_bytes());
+        let out = Npt::new(from, to, 48).expect("translation");
+        let mut a = before;
+        out.apply(&mut a).expect("translated");
+        assert_eq!(&a[6..8], &[0, 0], "{:?}", a);
+        let back = Npt::new(to, from, 48).expect("translation");
+        back.apply(&mut a).expect("maps back");
+        assert_eq!(a, before);
+    }
+
+    #[test]
+    fn a_48_whose_subnet_word_is_all_ones_is_not_translated() {
+        let npt = Npt::new(addr("2001:db8:1::"), addr("2001:db8:2::"), 48).expect("translation");
+        let mut a = addr("2001:db8:1:ffff::1");
+        let before = a;
+        assert_eq!(npt.apply(&mut a), Err(Untranslatable::NoAdjustableWord));
+        assert_eq!(a, before, "left as it was");
+    }
+
+    #[test]
     fn an_all_ones_host_part_is_not_translated() {
         let npt = Npt::new(addr("2001:db8:1::"), addr("2001:db8:2::"), 64).expect("translation");
         let mut a = addr("2001:db8:1::ffff:ffff:ffff:ffff");
@@ -267,10 +297,21 @@ mod tests {
                         let (byte, m) = (bit / 8, 0x80u8 >> (bit % 8));
                         prop_assert_eq!(a[byte] & m, outside[byte] & m, "bit {}", bit);
                     }
-                    let changed = (usize::from(len).div_ceil(16)..8)
-                        .filter(|w| a[2 * w..2 * w + 2] != original[2 * w..2 * w + 2])
-                        .count();
-                    prop_assert!(changed <= 1, "{} words past the prefix changed", changed);
+                    // Past it, every bit is the host's but those of the
+                    // one word RFC 6296 adjusts, chosen here on its own.
+                    let all_ones = |w: usize| original[2 * w..2 * w + 2] == [0xff, 0xff];
+                    let adjusted = if len <= 48 {
+                        3
+                    } else {
+                        (4..8).find(|&w| !all_ones(w)).expect("an adjustable word")
+                    };
+                    for bit in usize::from(len)..128 {
+                        if bit / 16 == adjusted {
+                            continue;
+                        }
+                        let (byte, m) = (bit / 8, 0x80u8 >> (bit % 8));
+                        prop_assert_eq!(a[byte] & m, original[byte] & m, "bit {}", bit);
+                    }
                     prop_assert_eq!(sum(&a), sum(&original));
                     back.apply(&mut a).expect("what went out comes back");
                     prop_assert_eq!(a, original);

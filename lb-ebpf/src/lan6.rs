@@ -124,16 +124,16 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if !six.out.takes(&key.src_addr) {
         return Ok(stats::drop(reason::DROP_FOREIGN_SOURCE));
     }
-    // Checksum-neutral: no L4 checksum changes. On the key's copy, whose
-    // words are aligned, then back into the packet.
+    // Checksum-neutral: no L4 checksum changes. On an aligned copy, read
+    // and written a word at a time, then back into the packet.
     if !six.out.is_identity() {
-        let mut src = key.src_addr;
-        if six.out.apply(&mut src).is_err() {
+        let mut src = Aligned6(key.src_addr);
+        if six.out.apply(&mut src.0).is_err() {
             // An all-ones interface identifier: RFC 6296 leaves it alone.
             return Ok(stats::drop(reason::DROP_FOREIGN_SOURCE));
         }
         // SAFETY: as above.
-        unsafe { (*ip).src = src };
+        unsafe { (*ip).src = src.0 };
     }
     rewrite::decrement_hop_limit(&pkt);
     let len = rewrite::untagged(ctx, pkt.tagged(), ETH_P_IPV6, info.src_mac, six.gw_mac)?;
@@ -147,6 +147,11 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         || TX_PORTS.redirect(uplink, 0),
     ))
 }
+
+/// An IPv6 address on the stack, aligned so that `npt` reads and writes
+/// it in whole words (a packet's bytes are only 2-aligned).
+#[repr(C, align(8))]
+struct Aligned6([u8; 16]);
 
 /// Whether lbd balances IPv6 (it knows the LAN's prefix).
 #[inline(always)]

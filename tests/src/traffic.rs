@@ -788,10 +788,12 @@ fn tcp_connect(
     Ok(stream)
 }
 
-/// Waits up to `timeout` until no TCP connection in namespace `ns` has
-/// local port `port` (`ss -tn`, any state but listening and TIME-WAIT):
-/// a one-test-at-a-time server such as iperf3's has finished with its
-/// last client and takes the next.
+/// Waits up to `timeout` until no TCP connection in namespace `ns` that
+/// the server still holds has local port `port` (`ss -tn`, established
+/// or closed by the client only): a one-test-at-a-time server such as
+/// iperf3's has finished with its last client and takes the next.
+/// Connections the server has closed itself (FIN-WAIT, LAST-ACK,
+/// TIME-WAIT) do not count: it is done with them.
 pub fn wait_tcp_idle(ns: &str, port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let filter = format!("sport = :{port}");
@@ -802,9 +804,9 @@ pub fn wait_tcp_idle(ns: &str, port: u16, timeout: Duration) -> Result<()> {
                 "ss",
                 "-Htn",
                 "state",
-                "connected",
-                "exclude",
-                "time-wait",
+                "established",
+                "state",
+                "close-wait",
                 &filter,
             ],
         )?;

@@ -64,7 +64,8 @@
 //! nothing in the backlog and 24,279 frames a run at the tail of lb's
 //! queue in front of the client instead: a queue pushes back on the stage
 //! before it, never on a sender two hops away, so a bottleneck behind the
-//! router costs TCP losses whatever forwards to it. The kernel's way loses
+//! router costs TCP losses whatever forwards to it, unless the forwarder
+//! is itself the slowest stage. The kernel's way loses
 //! little because it is the slowest stage, next to the senders, whose own
 //! queues push back on their sockets: its senders never outrun the client.
 //!
