@@ -242,21 +242,24 @@ mod tests {
     }
 
     #[test]
-    fn a_48_whose_subnet_word_is_all_ones_is_not_translated() {
-        let npt = Npt::new(addr("2001:db8:1::"), addr("2001:db8:2::"), 48).expect("translation");
-        let mut a = addr("2001:db8:1:ffff::1");
-        let before = a;
-        assert_eq!(npt.apply(&mut a), Err(Untranslatable::NoAdjustableWord));
-        assert_eq!(a, before, "left as it was");
-    }
-
-    #[test]
-    fn an_all_ones_host_part_is_not_translated() {
-        let npt = Npt::new(addr("2001:db8:1::"), addr("2001:db8:2::"), 64).expect("translation");
-        let mut a = addr("2001:db8:1::ffff:ffff:ffff:ffff");
-        let before = a;
-        assert_eq!(npt.apply(&mut a), Err(Untranslatable::NoAdjustableWord));
-        assert_eq!(a, before, "left as it was");
+    fn an_address_without_an_adjustable_word_is_left_alone() {
+        // A /48's subnet word of all ones; a /64's interface identifier of
+        // all ones.
+        for (len, host) in [
+            (48, "2001:db8:1:ffff::1"),
+            (64, "2001:db8:1::ffff:ffff:ffff:ffff"),
+        ] {
+            let npt =
+                Npt::new(addr("2001:db8:1::"), addr("2001:db8:2::"), len).expect("translation");
+            let mut a = addr(host);
+            let before = a;
+            assert_eq!(
+                npt.apply(&mut a),
+                Err(Untranslatable::NoAdjustableWord),
+                "{host}/{len}"
+            );
+            assert_eq!(a, before, "{host}/{len}: left as it was");
+        }
     }
 
     #[test]
