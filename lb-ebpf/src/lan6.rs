@@ -34,7 +34,7 @@ use crate::{
 /// Length of the fixed IPv6 header, which the MTU counts.
 const IPV6_HDR_LEN: u32 = 40;
 
-/// What [`run`] returns for a new flow its policy refuses with
+/// What [`ingress`] returns for a new flow its policy refuses with
 /// `fallback = unreachable`: not a verdict (those are 0-4), but "answer
 /// the client": `lan_ingress6` tail-calls `lan_unreachable6`.
 pub const ANSWER_UNREACHABLE: u32 = u32::MAX;
