@@ -29,6 +29,7 @@ pub mod stream;
 pub mod traffic;
 pub mod tun;
 pub mod wireguard;
+pub mod xdp;
 
 pub use desc::LabDesc;
 pub use lab::{unique_prefix, Lab, LinkStats, LAB_PREFIX, TEST_PREFIX_ROOT};

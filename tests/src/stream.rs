@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::{in_netns, Lab};
 
@@ -352,21 +352,7 @@ pub fn instant_of_monotonic_ns(ns: u64) -> Instant {
 /// number through NAT, which is how the sink tells the streams apart.
 pub fn port_on(lab: &Lab, sink: &Sink, want: [u8; 4], from: u16) -> Result<u16> {
     for port in from..from.saturating_add(64) {
-        let socket = client_socket(lab, port)?;
-        let mut msg = [0u8; 6];
-        msg[..2].copy_from_slice(&port.to_be_bytes());
-        msg[2..].copy_from_slice(&PROBE_SEQ.to_be_bytes());
-        socket.send_to(&msg, SINK)?;
-        let mut via = None;
-        wait_for(
-            "a probe datagram at the sink",
-            Duration::from_secs(10),
-            || {
-                via = sink.probe_via(port);
-                Ok(via.is_some())
-            },
-        )?;
-        if via == Some(want) {
+        if probe_via(lab, sink, port)? == want {
             return Ok(port);
         }
     }
@@ -374,6 +360,26 @@ pub fn port_on(lab: &Lab, sink: &Sink, want: [u8; 4], from: u16) -> Result<u16> 
         "no port in {from}..{} left through {want:?}",
         from.saturating_add(64)
     )
+}
+
+/// The NAT address through which a one-datagram probe from client port
+/// `port` reached the sink.
+pub fn probe_via(lab: &Lab, sink: &Sink, port: u16) -> Result<[u8; 4]> {
+    let socket = client_socket(lab, port)?;
+    let mut msg = [0u8; 6];
+    msg[..2].copy_from_slice(&port.to_be_bytes());
+    msg[2..].copy_from_slice(&PROBE_SEQ.to_be_bytes());
+    socket.send_to(&msg, SINK)?;
+    let mut via = None;
+    wait_for(
+        "a probe datagram at the sink",
+        Duration::from_secs(10),
+        || {
+            via = sink.probe_via(port);
+            Ok(via.is_some())
+        },
+    )?;
+    via.context("the sink forgot a probe it had")
 }
 
 /// Wait until `f` holds, polling every 10 ms, for at most `limit`.

@@ -17,8 +17,10 @@ use anyhow::{ensure, Result};
 use lb_tests::{
     daemon::{LabConfig, Lbd},
     dhcp, require_root,
-    stream::{port_on, wait_for, Sink, Stream},
-    unique_prefix, watch_sources, Lab, LabDesc, LanLeaks,
+    stream::{port_on, probe_via, wait_for, Sink, Stream},
+    unique_prefix, watch_sources,
+    xdp::ForeignXdp,
+    Lab, LabDesc, LanLeaks,
 };
 
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
@@ -88,6 +90,50 @@ fn boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come() 
     let joined = lbd.wait_lifecycle("isp3", "in service", BOUND)?;
     eprintln!("isp3 in service {joined:?} after its lease arrived");
     port_on(&lab, &sink, ISP3_NAT, 7200)?;
+
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn an_uplink_carrying_someone_elses_xdp_program_is_kept_out_while_the_others_serve() -> Result<()> {
+    if !require_root(
+        "an_uplink_carrying_someone_elses_xdp_program_is_kept_out_while_the_others_serve",
+    ) {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    dhcp::start(&mut lab, &[1, 2, 3])?;
+    // The operator's own filter on isp2's port: lbd cannot attach there.
+    let foreign = ForeignXdp::attach(&lab, "router", "wan2")?;
+
+    let lbd = Lbd::start(&mut lab, &config())?;
+    lbd.wait_lifecycle("isp1", "in service", BOUND)?;
+    lbd.wait_lifecycle("isp3", "in service", BOUND)?;
+    let isp2 = lbd.uplink("isp2")?;
+    eprintln!("isp2: {} ({})", isp2["lifecycle"], isp2["reason"]);
+    ensure!(isp2["lifecycle"] == "not set up", "isp2: {isp2}");
+    let reason = isp2["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("wan2") && reason.contains("XDP program"),
+        "isp2's reason names neither its interface nor what holds it: {reason}"
+    );
+    // New flows take the two uplinks lbd set up, and never isp2.
+    let sink = Sink::start(&lab)?;
+    for port in 7000..7016 {
+        let via = probe_via(&lab, &sink, port)?;
+        ensure!(
+            via == ISP1_NAT || via == ISP3_NAT,
+            "flow {port} left through {via:?}"
+        );
+    }
+
+    // The operator removes the filter: isp2 is set up and joins.
+    drop(foreign);
+    let joined = lbd.wait_lifecycle("isp2", "in service", BOUND)?;
+    eprintln!("isp2 in service {joined:?} after the other program left");
+    port_on(&lab, &sink, ISP2_NAT, 7100)?;
 
     leaks.check()?;
     lbd.stop(&mut lab)

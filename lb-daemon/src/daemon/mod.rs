@@ -129,6 +129,9 @@ pub struct Uplink {
     syn_retries: u64,
     /// Its IPv6 health, when it has IPv6 probes.
     pub six: Health6,
+    /// What lbd failed to set up for it in the last round, which keeps it
+    /// out of service (see [`Lifecycle::Faulty`]).
+    pub fault: Option<String>,
 }
 
 /// An uplink's IPv6 health, kept apart from its IPv4's when the operator
@@ -208,11 +211,18 @@ impl Uplink {
             verdict: None,
             syn_retries: 0,
             six: Health6::new(passive),
+            fault: None,
         }
     }
 
+    /// Where it stands; what the operator said first, then what lbd could
+    /// not set up, then what the kernel and its probes say.
     pub fn lifecycle(&self) -> Lifecycle {
-        uplink::lifecycle(self.admin, &self.facts, self.health, self.proven)
+        match uplink::lifecycle(self.admin, &self.facts, self.health, self.proven) {
+            Lifecycle::Disabled => Lifecycle::Disabled,
+            _ if self.fault.is_some() => Lifecycle::Faulty,
+            lifecycle => lifecycle,
+        }
     }
 
     /// The state the data plane should have for this uplink.

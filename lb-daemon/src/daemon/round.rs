@@ -41,16 +41,26 @@ impl Daemon {
     /// nftables table, if it must change, for the caller to make without
     /// holding the daemon.
     pub fn converge(&mut self, observed: &Observed) -> Result<Converged> {
+        // One uplink lbd cannot set up (someone else's XDP program on its
+        // interface, a probe that cannot bind) is kept out of service and
+        // said; the others, and the rest of the round, go on.
         for i in 0..self.uplinks.len() {
             let u = &self.uplinks[i];
             let facts = Facts::observe(observed, &u.cfg.interface, u.cfg.gateway, &u.facts);
-            self.converge_uplink(i, facts)
-                .with_context(|| format!("uplink {}", self.uplinks[i].cfg.name))?;
+            let done = self.converge_uplink(i, facts);
+            self.note_fault(i, done.err());
         }
         self.observe_ipv6(observed);
         for i in 0..self.uplinks.len() {
-            self.converge_monitor6(i)
-                .with_context(|| format!("uplink {}: IPv6 probes", self.uplinks[i].cfg.name))?;
+            if let Err(e) = self.converge_monitor6(i) {
+                let u = &mut self.uplinks[i];
+                let said = format!("IPv6 probes not started: {e:#}; tried again every round");
+                if u.six.reason != said {
+                    log::warn!("uplink {}: {said}", u.cfg.name);
+                    self.history.say("fault", Some(&u.cfg.name), said.clone());
+                    u.six.reason = said;
+                }
+            }
         }
         // Uplink entries and states, then the bucket tables (one step
         // each), IPv6's too, then the rules that send flows to them.
@@ -132,6 +142,33 @@ impl Daemon {
     ) {
         self.counted_before.add(counted);
         self.slowpath = Some(wanted);
+    }
+
+    /// Keep what uplink `i`'s convergence could not do (`None`: it did it
+    /// all), and say it when that changes: once, not once a round.
+    fn note_fault(&mut self, i: usize, error: Option<anyhow::Error>) {
+        let u = &mut self.uplinks[i];
+        let fault = error.map(|e| format!("{e:#}"));
+        if fault == u.fault {
+            return;
+        }
+        let said = match &fault {
+            Some(why) => {
+                let said =
+                    format!("not set up, so out of service (tried again every round): {why}");
+                log::warn!("uplink {}: {said}", u.cfg.name);
+                u.reason = why.clone();
+                said
+            }
+            None => {
+                let said = "set up".to_string();
+                log::info!("uplink {}: {said}", u.cfg.name);
+                u.reason = said.clone();
+                said
+            }
+        };
+        self.history.say("fault", Some(&u.cfg.name), said);
+        u.fault = fault;
     }
 
     /// Take in uplink `i`'s new facts: its data-plane entry, its XDP
@@ -500,7 +537,8 @@ impl Daemon {
     pub(super) fn converge_uplink_entries(&mut self) -> Result<()> {
         for u in &mut self.uplinks {
             let lifecycle = u.lifecycle();
-            if let Some(why) = waiting_reason(lifecycle, &u.cfg, &u.facts) {
+            let fault = u.fault.clone().filter(|_| lifecycle == Lifecycle::Faulty);
+            if let Some(why) = fault.or_else(|| waiting_reason(lifecycle, &u.cfg, &u.facts)) {
                 u.reason = why;
             }
             if lifecycle != u.lifecycle {

@@ -53,6 +53,9 @@ pub enum Lifecycle {
     /// The operator's doing.
     Disabled,
     Draining,
+    /// lbd could not set it up (its XDP attachment, its probes): kept out
+    /// of service, tried again every round. Its reason says what failed.
+    Faulty,
 }
 
 impl Lifecycle {
@@ -69,6 +72,7 @@ impl Lifecycle {
             Self::Down => "down",
             Self::Disabled => "disabled",
             Self::Draining => "draining",
+            Self::Faulty => "not set up",
         }
     }
 

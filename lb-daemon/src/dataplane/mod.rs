@@ -399,12 +399,24 @@ impl Dataplane {
         let xdp = self.xdp(prog)?;
         let (mode, link) = match xdp.attach(interface, XdpMode::Driver) {
             Ok(link) => (AttachMode::Native, link),
-            Err(native) => {
-                let link = xdp.attach(interface, XdpMode::Skb).with_context(|| {
-                    format!("attaching {prog} to {interface} failed in native mode ({native}) and in generic mode")
-                })?;
-                (AttachMode::Generic, link)
-            }
+            Err(native) => match xdp.attach(interface, XdpMode::Skb) {
+                Ok(link) => (AttachMode::Generic, link),
+                // The kernel gives a device one XDP program (per mode, and
+                // never one of each): someone else's holds the hook.
+                Err(generic) if [&native, &generic].iter().any(|e| taken(e)) => {
+                    anyhow::bail!(
+                        "{interface} already carries another XDP program, and a device takes \
+                         one: remove it (`ip link show dev {interface}` shows it, `ip link set \
+                         dev {interface} xdp off` removes one that `ip` attached) and lbd \
+                         attaches {prog} on its next round"
+                    )
+                }
+                Err(generic) => {
+                    return Err(anyhow!(generic)).with_context(|| {
+                        format!("attaching {prog} to {interface} failed in native mode ({native}) and in generic mode")
+                    })
+                }
+            },
         };
         let Some(pin) = pin else {
             return Ok((mode, link));
@@ -1318,4 +1330,14 @@ fn mask(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
         u32::MAX << (32 - u32::from(prefix_len.min(32)))
     };
     Ipv4Addr::from(bits & mask)
+}
+
+/// Whether an XDP attachment failed because the device's hook is taken
+/// (`EBUSY`: a program in that mode; `EEXIST`: one in the other mode).
+fn taken(e: &aya::programs::ProgramError) -> bool {
+    matches!(
+        e,
+        aya::programs::ProgramError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST))
+    )
 }
