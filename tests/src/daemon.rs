@@ -490,13 +490,16 @@ impl Lbd {
     /// `lbd --teardown` with this daemon's configuration (bounded: see
     /// [`run_lbd`]); its stdout.
     pub fn teardown(&self, lab: &Lab) -> Result<String> {
+        self.run_teardown(lab)?.ok().context("lbd --teardown")
+    }
+
+    /// `lbd --teardown` with this daemon's configuration, however it ends.
+    pub fn run_teardown(&self, lab: &Lab) -> Result<Ran> {
         run_lbd(
             lab,
             &["--teardown", "--config", path(&self.config)?],
             RUN_TIMEOUT,
-        )?
-        .ok()
-        .context("lbd --teardown")
+        )
     }
 
     fn wait_answering(&self) -> Result<()> {

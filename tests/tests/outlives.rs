@@ -339,6 +339,14 @@ fn teardown_removes_everything_and_another_layout_is_replaced() -> Result<()> {
         lbd.status()?["adopted_flows"].is_null(),
         "lbd adopted a data plane of another layout"
     );
+    // Beside a running lbd, a teardown is refused and removes nothing.
+    let refused = lbd.run_teardown(&lab)?.refusal();
+    ensure!(
+        refused.contains("lbd is running"),
+        "a teardown beside a running lbd: {refused:?}"
+    );
+    ensure!(pins.exists(), "a refused teardown removed the pins");
+    lbd.status().context("lbd after a refused teardown")?;
     lbd.stop_keeping(&mut lab)?;
     ensure!(
         lab.exec("router", &["ip", "link", "show", "dev", "wan1"])?

@@ -385,6 +385,19 @@ pub enum ClientError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "lbctl may not use lbd's control socket {path} ({source}): it is root's alone; run lbctl \
+         as root (sudo lbctl ...)"
+    )]
+    Forbidden {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "lbd did not answer at {path} within {after:?}: it may be busy (a walk of a large flow \
+         table); try again"
+    )]
+    Slow { path: String, after: Duration },
     #[error("talking to lbd at {path} failed: {source}")]
     Io {
         path: String,
@@ -420,14 +433,21 @@ pub fn call_stream(
     mut on: impl FnMut(Response) -> bool,
 ) -> Result<(), ClientError> {
     let path = socket.display().to_string();
-    let io = |source| ClientError::Io {
-        path: path.clone(),
-        source,
+    let io = |source: std::io::Error| match (source.kind(), timeout) {
+        // A read that timed out (`SO_RCVTIMEO` says EAGAIN).
+        (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(after)) => {
+            ClientError::Slow {
+                path: path.clone(),
+                after,
+            }
+        }
+        _ => ClientError::Io {
+            path: path.clone(),
+            source,
+        },
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::NotRunning {
-        path: path.clone(),
-        source,
-    })?;
+    let mut stream =
+        UnixStream::connect(socket).map_err(|source| connect_error(path.clone(), source))?;
     stream.set_read_timeout(timeout).map_err(io)?;
     let mut line = serde_json::to_vec(req).map_err(ClientError::BadReply)?;
     line.push(b'\n');
@@ -441,6 +461,50 @@ pub fn call_stream(
         let reply = serde_json::from_str(&reply).map_err(ClientError::BadReply)?;
         if !on(reply) {
             return Ok(());
+        }
+    }
+}
+
+/// Why connecting to the control socket at `path` failed, for the
+/// operator: not allowed, or no lbd there.
+fn connect_error(path: String, source: std::io::Error) -> ClientError {
+    match source.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::Forbidden { path, source },
+        _ => ClientError::NotRunning { path, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_lbctl_may_not_use_is_not_called_a_stopped_lbd() {
+        let path = "/run/lbd.sock".to_string();
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        let said = connect_error(path.clone(), denied).to_string();
+        assert!(said.contains("root") && said.contains("sudo"), "{said}");
+        let missing = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let said = connect_error(path, missing).to_string();
+        assert!(said.starts_with("lbd is not running"), "{said}");
+    }
+
+    #[test]
+    fn an_lbd_that_does_not_answer_in_time_is_called_slow() {
+        let dir = std::env::temp_dir().join(format!("lbctl-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        let socket = dir.join("lbd.sock");
+        let _ = std::fs::remove_file(&socket);
+        // Accepts (the kernel does, from the backlog) and never answers.
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("binding");
+        let after = Duration::from_millis(50);
+        let got = call_stream(&socket, &Request::Status, Some(after), |_| false);
+        let _ = std::fs::remove_dir_all(&dir);
+        match got {
+            Err(e @ ClientError::Slow { .. }) => {
+                assert!(e.to_string().contains("did not answer"), "{e}")
+            }
+            other => panic!("a silent lbd gave {other:?}"),
         }
     }
 }

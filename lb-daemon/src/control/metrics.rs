@@ -459,7 +459,13 @@ pub async fn serve(
         .with_context(|| format!("listening for metrics scrapes on {listen}"))?;
     log::info!("metrics on http://{listen}/metrics");
     loop {
-        let (stream, _) = listener.accept().await.context("accepting a scrape")?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                super::accept_failed("metrics", &e).await;
+                continue;
+            }
+        };
         let status = status.clone();
         tokio::spawn(async move {
             if let Err(e) = answer(stream, status).await {

@@ -191,6 +191,7 @@ impl Daemon {
             bail!("no uplink named {name:?} (uplinks: {})", known.join(", "));
         };
         let u = &mut self.uplinks[index];
+        let before = (u.admin, u.weight, u.reason.clone());
         let done = match action {
             UplinkAction::Enable => {
                 u.admin = Admin::Enabled;
@@ -213,7 +214,17 @@ impl Daemon {
             }
         };
         u.reason = format!("operator: {done}");
-        self.converge_dataplane_timed(index, taken, taken)?;
+        if let Err(e) = self.converge_dataplane_timed(index, taken, taken) {
+            // Refused means unchanged: the view goes back, and the data
+            // plane is written from it again (what the failed write had
+            // changed, if anything).
+            let u = &mut self.uplinks[index];
+            (u.admin, u.weight, u.reason) = before;
+            if let Err(again) = self.converge_dataplane() {
+                log::warn!("uplink {name}: putting the data plane back failed: {again:#}; tried again every round");
+            }
+            return Err(e.context(format!("uplink {name}: nothing changed")));
+        }
         log::info!("{done} (operator)");
         self.history.say("operator", Some(name), done.clone());
         Ok(done)
@@ -257,7 +268,17 @@ impl Daemon {
             return Ok(Reconfigured::NeedsRestart(restart));
         }
 
+        // The data plane's settings first, all or none: a reload refused
+        // here has changed nothing.
         let mut done = Vec::new();
+        let before = self.dataplane.settings();
+        if let Err(e) = self.write_settings(&new, &mut done) {
+            if let Err(undo) = self.dataplane.restore_settings(before) {
+                log::error!("reload: putting the data plane's settings back failed: {undo:#}");
+            }
+            return Err(e);
+        }
+        let old = &self.config;
         let reached: Vec<String> = self
             .quota
             .iter()
@@ -332,17 +353,7 @@ impl Daemon {
             // ones keep their uplinks.
             done.push(format!("rules ({}; new flows)", new.rules.len()));
         }
-        if old.balance != new.balance {
-            self.dataplane
-                .set_classifier(self.dataplane.seed(), new.balance.mode.number())?;
-            done.push(format!(
-                "classifier {} -> {} (new flows)",
-                old.balance.mode, new.balance.mode
-            ));
-        }
         if old.passive != new.passive {
-            self.dataplane
-                .set_resteer_syn(new.passive.enabled && new.passive.resteer_syn)?;
             for u in &mut self.uplinks {
                 u.watch = passive::Watch::new(new.passive);
                 u.verdict = None;
@@ -353,11 +364,6 @@ impl Daemon {
                 u.six.monitor = None;
             }
             done.push("[passive]".into());
-        }
-        if old.nat != new.nat {
-            self.dataplane
-                .set_nat_ports((new.nat.port_min, new.nat.port_max), self.local_ports)?;
-            done.push("NAT ports (new flows)".into());
         }
         if old.flows != new.flows {
             if let Ok(mut tables) = self.flow_tables.lock() {
@@ -370,12 +376,24 @@ impl Daemon {
         {
             done.push("hooks".into());
         }
+        // The view has changed: from here on a failure is the new
+        // configuration's to converge to, said and tried again every
+        // round, not a refusal.
         self.config = new;
         for i in 0..self.uplinks.len() {
-            self.converge_monitor(i)?;
-            self.converge_monitor6(i)?;
+            if let Err(e) = self.converge_monitor(i) {
+                self.note_fault(i, Some(e));
+            }
+            if let Err(e) = self.converge_monitor6(i) {
+                self.note_fault6(i, e);
+            }
         }
-        self.converge_dataplane()?;
+        if let Err(e) = self.converge_dataplane() {
+            log::warn!("reload: writing the data plane failed: {e:#}; tried again every round");
+            done.push(format!(
+                "the data plane not yet written ({e:#}; tried again every round)"
+            ));
+        }
         let said = if done.is_empty() {
             "reloaded: nothing changed".to_string()
         } else {
@@ -383,6 +401,32 @@ impl Daemon {
         };
         self.history.say("daemon", None, said);
         Ok(Reconfigured::Applied(done))
+    }
+}
+
+impl Daemon {
+    /// Write the settings a reload to `new` changes (the classifier,
+    /// re-steered SYNs, NAT ports), saying each in `done`.
+    fn write_settings(&mut self, new: &Config, done: &mut Vec<String>) -> Result<()> {
+        let old = &self.config;
+        if old.balance != new.balance {
+            self.dataplane
+                .set_classifier(self.dataplane.seed(), new.balance.mode.number())?;
+            done.push(format!(
+                "classifier {} -> {} (new flows)",
+                old.balance.mode, new.balance.mode
+            ));
+        }
+        if old.passive != new.passive {
+            self.dataplane
+                .set_resteer_syn(new.passive.enabled && new.passive.resteer_syn)?;
+        }
+        if old.nat != new.nat {
+            self.dataplane
+                .set_nat_ports((new.nat.port_min, new.nat.port_max), self.local_ports)?;
+            done.push("NAT ports (new flows)".into());
+        }
+        Ok(())
     }
 }
 

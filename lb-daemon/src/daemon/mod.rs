@@ -529,11 +529,26 @@ impl Daemon {
     /// Remove everything lbd owns in the kernel (`lbd --teardown`): the
     /// pinned data plane (its programs detach), lb's shapers and queues,
     /// the routing tables and rules, and the nftables table.
+    ///
+    /// Refused while an lbd answers on the control socket (it would build
+    /// it all again); otherwise it goes on past what it cannot remove and
+    /// names all of that at the end.
     pub async fn teardown(config: &Config) -> Result<()> {
+        let socket = &config.daemon.socket;
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!(
+                "lbd is running (its control socket {} answers) and would set everything up \
+                 again: stop it first (`systemctl stop lbd`), then tear down",
+                socket.display()
+            );
+        }
         let (conn, handle, _) =
             rtnetlink::new_connection().context("opening a netlink socket failed")?;
         tokio::spawn(conn);
-        Pins::new(&config.daemon.bpffs).remove()?;
+        let mut left = Vec::new();
+        if let Err(e) = Pins::new(&config.daemon.bpffs).remove() {
+            left.push(format!("{e:#}"));
+        }
         let observed = Observed::take(&handle).await?;
         let devices = config
             .uplinks
@@ -542,21 +557,39 @@ impl Daemon {
             .chain(config.lans.iter().map(|l| l.interface.as_str()));
         for device in devices {
             if let Some(link) = observed.link(device) {
-                egress::remove(device, &observed.qdiscs, link.index)?;
-                egress::remove_queue(device, &observed.qdiscs, link.index)?;
+                let shaper = egress::remove(device, &observed.qdiscs, link.index);
+                let queue = egress::remove_queue(device, &observed.qdiscs, link.index);
+                left.extend(
+                    [shaper, queue]
+                        .into_iter()
+                        .filter_map(|r| r.err())
+                        .map(|e| format!("{e:#}")),
+                );
             }
             // A bridge's ports (a LAN without one is its own port).
             for (ifindex, port) in observed.lan_ports(device) {
                 if port != device {
-                    egress::remove_queue(&port, &observed.qdiscs, ifindex)?;
+                    if let Err(e) = egress::remove_queue(&port, &observed.qdiscs, ifindex) {
+                        left.push(format!("{e:#}"));
+                    }
                 }
             }
         }
-        Self::remove_routing(&KernelLink {
+        let link = KernelLink {
             handle,
             changed: Arc::new(Notify::new()),
-        })
-        .await
+        };
+        if let Err(e) = Self::remove_routing(&link).await {
+            left.push(format!("{e:#}"));
+        }
+        if !left.is_empty() {
+            bail!(
+                "the teardown removed what it could, but not: {}; run it again once that is \
+                 fixed",
+                left.join("; ")
+            );
+        }
+        Ok(())
     }
 
     /// Remove lbd's routing tables and rules, and its nftables table (on
@@ -694,8 +727,12 @@ impl Daemon {
         initial: Health,
         subscriber: &str,
     ) -> Result<(Running, watch::Receiver<Snapshot>)> {
+        let (lo, hi) = self.local_ports;
         let ident = probe::icmp_identifier(i, self.local_ports).with_context(|| {
-            "no ICMP identifier left in the local port range for its probes".to_string()
+            format!(
+                "no ICMP identifier for its probes in the router's local port range {lo}-{hi} \
+                 (one per uplink, from its top): widen net.ipv4.ip_local_port_range"
+            )
         })?;
         let u = &self.uplinks[i];
         let probes = UplinkProbe::for_uplink(binding.clone(), ident, probes)

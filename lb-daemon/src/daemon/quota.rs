@@ -275,11 +275,22 @@ impl Daemon {
     pub fn account_quota(&mut self) -> Result<()> {
         let now = unix_now();
         let mut acted = false;
+        let mut failed = Vec::new();
         for i in 0..self.uplinks.len() {
             let Some(q) = self.uplinks[i].cfg.quota else {
                 continue;
             };
-            let s = self.dataplane.uplink_stats(self.uplinks[i].index)?;
+            // One uplink's counters that cannot be read hold up no other's.
+            let s = match self.dataplane.uplink_stats(self.uplinks[i].index) {
+                Ok(s) => s,
+                Err(e) => {
+                    failed.push(format!(
+                        "uplink {}: reading its byte counters: {e:#}",
+                        self.uplinks[i].cfg.name
+                    ));
+                    continue;
+                }
+            };
             let counter = s.tx_bytes.saturating_add(s.rx_bytes);
             let slot = self.uplinks[i].index;
             let usage = self
@@ -290,22 +301,26 @@ impl Daemon {
             let outcome = usage.account(&q, slot, counter, now);
             self.quota_unsaved |= *usage != before;
             if outcome != Outcome::Nothing {
-                self.quota_act(i, &q, outcome)?;
+                self.quota_act(i, &q, outcome);
                 acted = true;
             }
         }
         if self.quota_unsaved && (acted || self.quota_saved.elapsed() >= QUOTA_SAVE_INTERVAL) {
             self.save_quota();
         }
+        anyhow::ensure!(failed.is_empty(), "{}", failed.join("; "));
         Ok(())
     }
 
-    pub(super) fn quota_act(&mut self, i: usize, q: &QuotaConfig, outcome: Outcome) -> Result<()> {
+    /// Take the action `outcome` calls for on uplink `i`. Decided is done:
+    /// the view changes, the history and the hooks are told, and a data
+    /// plane that cannot be written now takes it from the next round.
+    pub(super) fn quota_act(&mut self, i: usize, q: &QuotaConfig, outcome: Outcome) {
         let taken = Instant::now();
         let u = &self.uplinks[i];
         let used = self.quota.get(&u.cfg.name).map_or(0, |usage| usage.used);
         let (admin, said) = match outcome {
-            Outcome::Nothing => return Ok(()),
+            Outcome::Nothing => return,
             Outcome::Reached => (
                 Some(quota_admin(q)),
                 format!(
@@ -332,13 +347,19 @@ impl Daemon {
         };
         let Some(admin) = admin else {
             self.history.say("quota", Some(&u.cfg.name), said);
-            return Ok(());
+            return;
         };
         let previous = u.admin.as_str();
         let u = &mut self.uplinks[i];
         u.admin = admin;
         u.reason = said.clone();
-        self.converge_dataplane_timed(i, taken, taken)?;
+        if let Err(e) = self.converge_dataplane_timed(i, taken, taken) {
+            log::warn!(
+                "uplink {}: writing the data plane for its quota failed: {e:#}; tried again \
+                 every round",
+                self.uplinks[i].cfg.name
+            );
+        }
         let u = &self.uplinks[i];
         match outcome {
             Outcome::Reached => log::warn!("uplink {}: {said}", u.cfg.name),
@@ -362,7 +383,6 @@ impl Daemon {
             &hook,
         );
         self.save_quota();
-        Ok(())
     }
 
     /// Write the usage file now (also on the way out).

@@ -53,13 +53,7 @@ impl Daemon {
         self.observe_ipv6(observed);
         for i in 0..self.uplinks.len() {
             if let Err(e) = self.converge_monitor6(i) {
-                let u = &mut self.uplinks[i];
-                let said = format!("IPv6 probes not started: {e:#}; tried again every round");
-                if u.six.reason != said {
-                    log::warn!("uplink {}: {said}", u.cfg.name);
-                    self.history.say("fault", Some(&u.cfg.name), said.clone());
-                    u.six.reason = said;
-                }
+                self.note_fault6(i, e);
             }
         }
         // Uplink entries and states, then the bucket tables (one step
@@ -146,7 +140,7 @@ impl Daemon {
 
     /// Keep what uplink `i`'s convergence could not do (`None`: it did it
     /// all), and say it when that changes: once, not once a round.
-    fn note_fault(&mut self, i: usize, error: Option<anyhow::Error>) {
+    pub(super) fn note_fault(&mut self, i: usize, error: Option<anyhow::Error>) {
         let u = &mut self.uplinks[i];
         let fault = error.map(|e| format!("{e:#}"));
         if fault == u.fault {
@@ -169,6 +163,18 @@ impl Daemon {
         };
         self.history.say("fault", Some(&u.cfg.name), said);
         u.fault = fault;
+    }
+
+    /// Say why uplink `i`'s IPv6 probes could not start, once: its IPv6
+    /// stays out of service (without health), its IPv4 is not concerned.
+    pub(super) fn note_fault6(&mut self, i: usize, error: anyhow::Error) {
+        let u = &mut self.uplinks[i];
+        let said = format!("IPv6 probes not started: {error:#}; tried again every round");
+        if u.six.reason != said {
+            log::warn!("uplink {}: {said}", u.cfg.name);
+            self.history.say("fault", Some(&u.cfg.name), said.clone());
+            u.six.reason = said;
+        }
     }
 
     /// Take in uplink `i`'s new facts: its data-plane entry, its XDP

@@ -155,7 +155,7 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
             // async workers, as the reload's file reading is.
             _ = quota.tick() => match daemon.lock() {
                 Ok(mut d) => if let Err(e) = tokio::task::block_in_place(|| d.account_quota()) {
-                    log::warn!("quota: reading the data plane's counters failed: {e:#}");
+                    log::warn!("quota: {e:#}; tried again in a second");
                 },
                 Err(_) => break,
             },
@@ -192,7 +192,7 @@ pub async fn run(config: Config, local_ports: (u16, u16), config_path: PathBuf) 
                 Ok((stream, _)) => {
                     tokio::spawn(serve(stream, daemon.clone(), kernel.changed.clone(), reloader.clone()));
                 }
-                Err(e) => log::warn!("control socket accept failed: {e}"),
+                Err(e) => crate::control::accept_failed("control socket", &e).await,
             },
         }
     }

@@ -250,7 +250,11 @@ impl FlowQuery {
                 self.uplinks
                     .iter()
                     .position(|(n, _)| n == name)
-                    .with_context(|| format!("no uplink named {name:?}"))? as u32,
+                    .with_context(|| {
+                        let known: Vec<&str> =
+                            self.uplinks.iter().map(|(n, _)| n.as_str()).collect();
+                        format!("no uplink named {name:?} (uplinks: {})", known.join(", "))
+                    })? as u32,
             ),
             None => None,
         };

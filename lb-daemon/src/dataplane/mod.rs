@@ -613,6 +613,17 @@ impl Dataplane {
             .with_context(|| format!("adding LAN ifindex {ifindex} to the device map"))
     }
 
+    /// The settings as last written (or being written).
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// Put `settings` back, as before a change that failed half-way.
+    pub fn restore_settings(&mut self, settings: Settings) -> Result<()> {
+        self.settings = settings;
+        self.write_settings()
+    }
+
     fn write_settings(&mut self) -> Result<()> {
         let settings = self.settings;
         self.array::<Settings>(name::SETTINGS)?

@@ -60,12 +60,14 @@ impl Attachments {
             .map(|(i, _)| *i)
             .collect();
         for ifindex in gone {
+            // Replies stop going to it first; should that fail, the port
+            // stays on the books and the next round tries again.
+            dataplane.remove_lan(ifindex)?;
             if let Some((name, link)) = self.lan_ports.remove(&ifindex) {
                 dataplane.detach(program::LAN_INGRESS, &name, link)?;
                 if let Some(link) = self.handoffs.remove(&name) {
                     dataplane.detach_handoff(&name, link)?;
                 }
-                dataplane.remove_lan(ifindex)?;
                 log::info!("LAN port {name} left: lan_ingress detached from it");
             }
         }

@@ -388,10 +388,16 @@ pub fn apply(shaper: &Shaper, leaf: Option<Leaf>, root_is_lbs: bool) -> Result<L
         remove_stale_classes(shaper)?;
         Ok(leaf)
     });
-    if built.is_err() && !root_is_lbs {
+    if built.is_err() {
         // Not half a shaper: a root without its classes would send
-        // everything through HTB's direct queue, unshaped, under lb's name.
+        // everything through HTB's direct queue, unshaped, under lb's name,
+        // and a rebuild in place stopped half-way would mix old rates with
+        // new ones. Gone, and built from scratch once more when it was a
+        // rebuild.
         let _ = tc_batch(&format!("qdisc del dev {} root\n", shaper.device));
+        if root_is_lbs {
+            return apply(shaper, leaf, false);
+        }
     }
     built.with_context(what)
 }
