@@ -647,7 +647,9 @@ impl Report {
              through a qdisc, as a NIC's driver does (xtask/src/bench/tcp.rs says why).\n\
              Medians, with the range; drops are per run (median, and the most in one\n\
              run), by reason and where; a frame lost between two veth ends is\n\
-             counted once, at the sender's end.\n\n\
+             counted once, at the sender's end, where veth put it: into its peer's\n\
+             ring (the peer runs NAPI and the packet is one GRO takes) or into the\n\
+             receiving CPU's backlog (1,000 packets shared by every hop on that CPU).\n\n\
              | way | direction | goodput, Gbit/s | retransmits per run | receiver's out-of-order queueings | D-SACKed segments | frames requeued by a busy veth | drops per run: median (most) |\n\
              | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
             streams = super::tcp::STREAMS,

@@ -76,7 +76,7 @@
 //! judges a speed: the report states the figures.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -145,6 +145,23 @@ const WATCHED: [(&str, &str); 10] = [
     ("inet", "isp1"),
     ("inet", "isp2"),
 ];
+/// The other end of each veth end of [`WATCHED`].
+fn peer(host: &str, dev: &str) -> Option<(&'static str, &'static str)> {
+    Some(match (host, dev) {
+        ("client", "eth0") => ("router", "lan0"),
+        ("router", "lan0") => ("client", "eth0"),
+        ("router", "wan1") => ("isp1", "down0"),
+        ("isp1", "down0") => ("router", "wan1"),
+        ("router", "wan2") => ("isp2", "down0"),
+        ("isp2", "down0") => ("router", "wan2"),
+        ("isp1", "up0") => ("inet", "isp1"),
+        ("inet", "isp1") => ("isp1", "up0"),
+        ("isp2", "up0") => ("inet", "isp2"),
+        ("inet", "isp2") => ("isp2", "up0"),
+        _ => return None,
+    })
+}
+
 /// The connections' ends, whose TCP counters (nstat) are read.
 const ENDS: [&str; 2] = ["client", "inet"];
 
@@ -197,16 +214,23 @@ pub struct Run {
     pub retransmits: u64,
     /// Every counter that moved, by where it is (see [`Counters`]).
     pub deltas: BTreeMap<String, u64>,
+    /// The veth ends (`HOST:DEV`) whose packets go into their peer's ring;
+    /// the others' go into the receiving CPU's backlog (see [`ring_ends`]).
+    pub ring_ends: BTreeSet<String>,
 }
 
 impl Run {
     /// Frames lost, by reason and where, from the counters that moved. A
     /// frame lost between two veth ends shows on both (the sender's
-    /// `tx_dropped`, the receiver's `rx_dropped`): the sender's count is
-    /// taken, and an XDP redirect's is told apart from a transmit's.
+    /// `tx_dropped`, the receiver's `rx_dropped`, and a backlog's loss in
+    /// softnet_stat too): the sender's count is taken, an XDP redirect's
+    /// told apart from a transmit's, and a transmit's placed by the path
+    /// veth gave it (its peer's ring, or the receiving CPU's backlog).
+    /// What the backlogs lost beyond the watched senders' is shown apart.
     pub fn drops(&self) -> BTreeMap<String, u64> {
         let mut drops = BTreeMap::new();
         let get = |name: &str| self.deltas.get(name).copied().unwrap_or(0);
+        let mut from_senders = 0;
         for (host, dev) in WATCHED {
             let at = format!("{host}:{dev}");
             let redirected = get(&format!("{at} ethtool tx_queue_0_xdp_xmit_errors"));
@@ -218,20 +242,34 @@ impl Run {
                 );
             }
             if dropped > redirected {
-                drops.insert(
-                    format!("{at} sending into its peer's full ring"),
-                    dropped - redirected,
-                );
+                let lost = dropped - redirected;
+                let into = if self.ring_ends.contains(&at) {
+                    "its peer's full ring"
+                } else {
+                    from_senders += lost;
+                    "the receiving CPU's full backlog"
+                };
+                drops.insert(format!("{at} sending into {into}"), lost);
             }
+        }
+        let backlogs: u64 = self
+            .deltas
+            .iter()
+            .filter(|(name, _)| name.starts_with("softnet ") && name.ends_with(" dropped"))
+            .map(|(_, &d)| d)
+            .sum();
+        if backlogs > from_senders {
+            drops.insert(
+                "a backlog full, from no watched veth end".to_string(),
+                backlogs - from_senders,
+            );
         }
         for (name, &d) in &self.deltas {
             let reason = if let Some(at) = name.strip_suffix(" qdisc drops") {
                 format!("{at}'s qdisc full")
-            } else if let Some(cpu) = name
-                .strip_prefix("softnet ")
-                .and_then(|n| n.strip_suffix(" dropped"))
-            {
-                format!("backlog full on {cpu}")
+            } else if name.starts_with("softnet ") {
+                // Counted above.
+                continue;
             } else if name == "lb drop_ring_full" {
                 // The same frames as the device's XDP_REDIRECT errors,
                 // counted again by lb's ring watch: see `ring_watch`.
@@ -504,6 +542,7 @@ impl<'a> Rig<'a> {
         interrupted: &AtomicBool,
     ) -> Result<Vec<(Direction, Run)>> {
         let mut runs = Vec::new();
+        let rings = ring_ends(self.lab)?;
         for direction in Direction::ALL {
             ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
             let before = Counters::read(self.lab, lbd)?;
@@ -516,6 +555,7 @@ impl<'a> Rig<'a> {
                     goodput: report.goodput,
                     retransmits: report.retransmits,
                     deltas: after.since(&before),
+                    ring_ends: rings.clone(),
                 },
             ));
         }
@@ -615,6 +655,36 @@ fn iperf3(lab: &Lab, direction: Direction, seconds: u64) -> Result<Iperf> {
             .as_u64()
             .context("iperf3 gave no sum_sent.retransmits")?,
     })
+}
+
+/// The veth ends (`HOST:DEV`) whose packets go into their peer's ring, as
+/// veth chooses (`veth_xmit`): the peer runs NAPI (an XDP program is
+/// attached, or GRO is on) and the packet is one GRO may take (the
+/// sender does no TSO). Every other packet goes into the receiving CPU's
+/// backlog, 1,000 packets shared by every hop on that CPU, which drops
+/// when full and pushes back on nobody; a full ring instead stops a
+/// sender's queue, or drops when it has none.
+fn ring_ends(lab: &Lab) -> Result<BTreeSet<String>> {
+    let offload = |host: &str, dev: &str, feature: &str| -> Result<bool> {
+        let shown = lab.exec(host, &["ethtool", "-k", dev])?;
+        Ok(shown
+            .lines()
+            .any(|l| l.trim() == format!("{feature}: on")))
+    };
+    let mut ends = BTreeSet::new();
+    for (host, dev) in WATCHED {
+        let (peer_host, peer_dev) =
+            peer(host, dev).with_context(|| format!("no peer known for {host}:{dev}"))?;
+        let json = lab.exec(peer_host, &["ip", "-j", "link", "show", "dev", peer_dev])?;
+        let shown: Value = serde_json::from_str(&json)
+            .with_context(|| format!("parsing ip -j link of {peer_host}:{peer_dev}"))?;
+        let napi = shown[0].get("xdp").is_some()
+            || offload(peer_host, peer_dev, "generic-receive-offload")?;
+        if napi && !offload(host, dev, "tcp-segmentation-offload")? {
+            ends.insert(format!("{host}:{dev}"));
+        }
+    }
+    Ok(ends)
 }
 
 /// Every counter read at one instant, by name: `HOST:DEV ethtool NAME`,
