@@ -23,7 +23,7 @@
 //! (after a crash, too) and how it knows never to touch anyone else's.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -196,10 +196,14 @@ pub struct Wanted {
 pub struct Changes {
     pub add_routes: Vec<OwnedRoute>,
     pub add_routes6: Vec<OwnedRoute<Ipv6Addr>>,
-    pub del_routes: Vec<RouteMessage>,
+    /// lbd's routes to remove: as `ip route` says them, and the message.
+    pub del_routes: Vec<(String, RouteMessage)>,
     pub add_rules: Vec<OwnedRule>,
     pub add_rules6: Vec<OwnedRule<Ipv6Addr>>,
-    pub del_rules: Vec<RuleMessage>,
+    /// lbd's rules to remove: as `ip rule` says them, and the message.
+    pub del_rules: Vec<(String, RuleMessage)>,
+    /// Interface names by index, to say the routes to add.
+    pub names: BTreeMap<u32, String>,
 }
 
 impl Changes {
@@ -481,17 +485,17 @@ fn owned_rule<A: Family>(r: &Rule) -> Option<OwnedRule<A>> {
 /// removes it) against `wanted`: what is not wanted goes to `remove`;
 /// returns what is wanted and missing.
 fn sort_out<'a, T: Ord + Clone, M: Clone + 'a>(
-    held: impl Iterator<Item = (Option<T>, &'a M)>,
+    held: impl Iterator<Item = (Option<T>, &'a M, String)>,
     wanted: &BTreeSet<T>,
-    remove: &mut Vec<M>,
+    remove: &mut Vec<(String, M)>,
 ) -> Vec<T> {
     let mut have = BTreeSet::new();
-    for (owned, message) in held {
+    for (owned, message, text) in held {
         match owned {
             Some(o) if wanted.contains(&o) => {
                 have.insert(o);
             }
-            _ => remove.push(message.clone()),
+            _ => remove.push((text, message.clone())),
         }
     }
     wanted.difference(&have).cloned().collect()
@@ -500,8 +504,21 @@ fn sort_out<'a, T: Ord + Clone, M: Clone + 'a>(
 /// What to add and remove so that lbd's routes and rules are `wanted`:
 /// its own that are not wanted go, wanted ones that are missing come.
 pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
-    let mut changes = Changes::default();
+    let mut changes = Changes {
+        names: observed
+            .links
+            .iter()
+            .map(|l| (l.index, l.name.clone()))
+            .collect(),
+        ..Changes::default()
+    };
     let ours = |protocol: u8| protocol == ROUTE_PROTOCOL;
+    let names = changes.names.clone();
+    let dev = |ifindex: u32| {
+        names
+            .get(&ifindex)
+            .map_or_else(|| format!(" dev #{ifindex}"), |n| format!(" dev {n}"))
+    };
     let routes = observed
         .routes
         .iter()
@@ -515,7 +532,15 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
                 }),
                 _ => None,
             };
-            (owned, &r.message)
+            let devs: String = r.oifs.iter().map(|&i| dev(i)).collect();
+            let text = route_text(
+                r.dst.into(),
+                r.dst_len,
+                r.gateway.map(Into::into),
+                &devs,
+                r.table,
+            );
+            (owned, &r.message, text)
         });
     changes.add_routes = sort_out(routes, &wanted.routes, &mut changes.del_routes);
     let routes6 = observed
@@ -532,35 +557,78 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
                 }),
                 _ => None,
             };
-            (owned, &r.message)
+            let devs = r.oif.map(dev).unwrap_or_default();
+            let text = route_text(
+                r.dst.into(),
+                r.dst_len,
+                r.gateway.map(Into::into),
+                &devs,
+                r.table,
+            );
+            (owned, &r.message, text)
         });
     changes.add_routes6 = sort_out(routes6, &wanted.routes6, &mut changes.del_routes);
     let rules = observed
         .rules
         .iter()
         .filter(|r| ours(r.protocol))
-        .map(|r| (owned_rule(r), &r.message));
+        .map(|r| (owned_rule(r), &r.message, rule_text(r)));
     changes.add_rules = sort_out(rules, &wanted.rules, &mut changes.del_rules);
     let rules6 = observed
         .v6
         .rules
         .iter()
         .filter(|r| ours(r.protocol))
-        .map(|r| (owned_rule(r), &r.message));
+        .map(|r| (owned_rule(r), &r.message, rule_text(r)));
     changes.add_rules6 = sort_out(rules6, &wanted.rules6, &mut changes.del_rules);
     changes
 }
 
-/// Add route `r`; a failure is said in `errors`.
-async fn add_route<A: Family>(handle: &Handle, r: &OwnedRoute<A>, errors: &mut Vec<String>) {
+/// Add route `r` (`names`: interfaces by index, to say it); a failure is
+/// said in `errors`.
+async fn add_route<A: Family>(
+    handle: &Handle,
+    r: &OwnedRoute<A>,
+    names: &BTreeMap<u32, String>,
+    errors: &mut Vec<String>,
+) {
     let msg = A::route_message(r);
     if let Err(e) = handle.route().add(msg).replace().execute().await {
-        let via = r.gateway.map_or_else(|| "-".to_string(), |g| g.to_string());
+        let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        let dev = names
+            .get(&r.ifindex)
+            .map_or_else(|| format!("#{} (gone?)", r.ifindex), Clone::clone);
         errors.push(format!(
-            "adding default via {via} (ifindex {}) to table {}: {e}",
-            r.ifindex, r.table
+            "adding default{via} dev {dev} to table {}: {e} (`ip route show table {}`)",
+            r.table, r.table
         ));
     }
+}
+
+/// A route as `ip route` says it: `DEST/LEN [via GATEWAY] DEVS table N`.
+fn route_text(dst: IpAddr, len: u8, gateway: Option<IpAddr>, devs: &str, table: u32) -> String {
+    let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+    format!("{dst}/{len}{via}{devs} table {table}")
+}
+
+/// A rule as `ip rule` says it: `PRIORITY: [from P] [iif N] [fwmark M/K]
+/// lookup T [suppress_prefixlength S]`.
+fn rule_text(r: &Rule) -> String {
+    let mut text = format!("{}:", r.priority);
+    if let Some((source, len)) = r.source {
+        text += &format!(" from {source}/{len}");
+    }
+    if let Some(iif) = &r.iif {
+        text += &format!(" iif {iif}");
+    }
+    if let Some((mark, mask)) = r.fwmark {
+        text += &format!(" fwmark {mark:#x}/{mask:#x}");
+    }
+    text += &format!(" lookup {}", r.table);
+    if let Some(s) = r.suppress {
+        text += &format!(" suppress_prefixlength {s}");
+    }
+    text
 }
 
 /// Add rule `r`; a failure is said in `errors`.
@@ -602,21 +670,21 @@ async fn add_rule<A: Family>(handle: &Handle, r: &OwnedRule<A>, errors: &mut Vec
 /// are returned together, for the next round to retry.
 pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
     let mut errors = Vec::new();
-    for msg in changes.del_rules {
-        if let Err(e) = handle.rule().del(msg.clone()).execute().await {
-            errors.push(format!("removing rule {msg:?}: {e}"));
+    for (text, msg) in changes.del_rules {
+        if let Err(e) = handle.rule().del(msg).execute().await {
+            errors.push(format!("removing rule {text} (`ip rule show`): {e}"));
         }
     }
-    for msg in changes.del_routes {
-        if let Err(e) = handle.route().del(msg.clone()).execute().await {
-            errors.push(format!("removing route {msg:?}: {e}"));
+    for (text, msg) in changes.del_routes {
+        if let Err(e) = handle.route().del(msg).execute().await {
+            errors.push(format!("removing route {text}: {e}"));
         }
     }
     for r in &changes.add_routes {
-        add_route(handle, r, &mut errors).await;
+        add_route(handle, r, &changes.names, &mut errors).await;
     }
     for r in &changes.add_routes6 {
-        add_route(handle, r, &mut errors).await;
+        add_route(handle, r, &changes.names, &mut errors).await;
     }
     for r in &changes.add_rules {
         add_rule(handle, r, &mut errors).await;
@@ -685,9 +753,19 @@ mod tests {
             message: RuleMessage::default(),
         });
         assert!(changes(&o2, &wanted).is_empty());
-        // Wanting nothing removes all of lbd's, and only lbd's.
+        // Wanting nothing removes all of lbd's, and only lbd's; said as
+        // `ip route` and `ip rule` say them.
         let c = changes(&o2, &Wanted::default());
         assert_eq!((c.del_routes.len(), c.del_rules.len()), (1, 1));
+        // (The fixture names no links: an interface by its index then.)
+        assert_eq!(
+            c.del_routes[0].0,
+            "0.0.0.0/0 via 100.64.1.1 dev #3 table 4000"
+        );
+        assert_eq!(
+            c.del_rules[0].0,
+            format!("4000: from 100.64.1.2/32 fwmark 0x0/{POLICY_MASK:#x} lookup 4000")
+        );
     }
 
     #[test]

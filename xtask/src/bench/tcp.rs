@@ -667,9 +667,7 @@ fn iperf3(lab: &Lab, direction: Direction, seconds: u64) -> Result<Iperf> {
 fn ring_ends(lab: &Lab) -> Result<BTreeSet<String>> {
     let offload = |host: &str, dev: &str, feature: &str| -> Result<bool> {
         let shown = lab.exec(host, &["ethtool", "-k", dev])?;
-        Ok(shown
-            .lines()
-            .any(|l| l.trim() == format!("{feature}: on")))
+        Ok(shown.lines().any(|l| l.trim() == format!("{feature}: on")))
     };
     let mut ends = BTreeSet::new();
     for (host, dev) in WATCHED {
