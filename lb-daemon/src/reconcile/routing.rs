@@ -524,22 +524,7 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
         .iter()
         .filter(|r| ours(r.protocol))
         .map(|r| {
-            let owned = match (r.dst_len, r.gateway, r.oifs.as_slice()) {
-                (0, gateway, &[ifindex]) => Some(OwnedRoute {
-                    table: r.table,
-                    gateway,
-                    ifindex,
-                }),
-                _ => None,
-            };
-            let devs: String = r.oifs.iter().map(|&i| dev(i)).collect();
-            let text = route_text(
-                r.dst.into(),
-                r.dst_len,
-                r.gateway.map(Into::into),
-                &devs,
-                r.table,
-            );
+            let (owned, text) = held(r.table, r.dst, r.dst_len, r.gateway, &r.oifs, &dev);
             (owned, &r.message, text)
         });
     changes.add_routes = sort_out(routes, &wanted.routes, &mut changes.del_routes);
@@ -549,22 +534,7 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
         .iter()
         .filter(|r| ours(r.protocol))
         .map(|r| {
-            let owned = match (r.dst_len, r.gateway, r.oif) {
-                (0, gateway, Some(ifindex)) => Some(OwnedRoute {
-                    table: r.table,
-                    gateway,
-                    ifindex,
-                }),
-                _ => None,
-            };
-            let devs = r.oif.map(dev).unwrap_or_default();
-            let text = route_text(
-                r.dst.into(),
-                r.dst_len,
-                r.gateway.map(Into::into),
-                &devs,
-                r.table,
-            );
+            let (owned, text) = held(r.table, r.dst, r.dst_len, r.gateway, r.oif.as_slice(), &dev);
             (owned, &r.message, text)
         });
     changes.add_routes6 = sort_out(routes6, &wanted.routes6, &mut changes.del_routes);
@@ -603,6 +573,30 @@ async fn add_route<A: Family>(
             r.table, r.table
         ));
     }
+}
+
+/// One of lbd's routes as the kernel holds it: as lbd would want it (a
+/// default route through one interface; `None` if lbd never makes such
+/// a route), and as `ip route` says it (`dev` names an interface).
+fn held<A: Copy + Into<IpAddr>>(
+    table: u32,
+    dst: A,
+    dst_len: u8,
+    gateway: Option<A>,
+    oifs: &[u32],
+    dev: &impl Fn(u32) -> String,
+) -> (Option<OwnedRoute<A>>, String) {
+    let owned = match (dst_len, oifs) {
+        (0, &[ifindex]) => Some(OwnedRoute {
+            table,
+            gateway,
+            ifindex,
+        }),
+        _ => None,
+    };
+    let devs: String = oifs.iter().map(|&i| dev(i)).collect();
+    let text = route_text(dst.into(), dst_len, gateway.map(Into::into), &devs, table);
+    (owned, text)
 }
 
 /// A route as `ip route` says it: `DEST/LEN [via GATEWAY] DEVS table N`.
