@@ -96,17 +96,18 @@ fn boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come() 
 }
 
 #[test]
-fn an_uplink_carrying_someone_elses_xdp_program_is_kept_out_while_the_others_serve() -> Result<()> {
-    if !require_root(
-        "an_uplink_carrying_someone_elses_xdp_program_is_kept_out_while_the_others_serve",
-    ) {
+fn someone_elses_xdp_programs_on_an_uplink_and_a_lan_port_hold_up_nothing_else() -> Result<()> {
+    if !require_root("someone_elses_xdp_programs_on_an_uplink_and_a_lan_port_hold_up_nothing_else")
+    {
         return Ok(());
     }
     let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
     let leaks = LanLeaks::install(&lab)?;
     dhcp::start(&mut lab, &[1, 2, 3])?;
-    // The operator's own filter on isp2's port: lbd cannot attach there.
-    let foreign = ForeignXdp::attach(&lab, "router", "wan2")?;
+    // The operator's own filters, on isp2's port and on client2's bridge
+    // port: lbd cannot attach there.
+    let on_wan2 = ForeignXdp::attach(&lab, "router", "wan2")?;
+    let on_lan1 = ForeignXdp::attach(&lab, "router", "lan1")?;
 
     let lbd = Lbd::start(&mut lab, &config())?;
     lbd.wait_lifecycle("isp1", "in service", BOUND)?;
@@ -119,6 +120,23 @@ fn an_uplink_carrying_someone_elses_xdp_program_is_kept_out_while_the_others_ser
         reason.contains("wan2") && reason.contains("XDP program"),
         "isp2's reason names neither its interface nor what holds it: {reason}"
     );
+    let status = lbd.status()?;
+    eprintln!(
+        "LAN ports: {}; not attached: {}",
+        status["lan_ports"], status["lan_faults"]
+    );
+    ensure!(
+        status["lan_ports"] == serde_json::json!(["lan0"]),
+        "lan_ingress on {}",
+        status["lan_ports"]
+    );
+    ensure!(
+        status["lan_faults"][0]
+            .as_str()
+            .is_some_and(|f| f.starts_with("lan1: ") && f.contains("XDP program")),
+        "lan1's fault: {}",
+        status["lan_faults"]
+    );
     // New flows take the two uplinks lbd set up, and never isp2.
     let sink = Sink::start(&lab)?;
     for port in 7000..7016 {
@@ -128,12 +146,21 @@ fn an_uplink_carrying_someone_elses_xdp_program_is_kept_out_while_the_others_ser
             "flow {port} left through {via:?}"
         );
     }
+    // client2, behind the port lb could not take, goes out the kernel's way.
+    lab.exec("client2", &["ping", "-c", "1", "-W", "5", "198.51.100.10"])?;
 
-    // The operator removes the filter: isp2 is set up and joins.
-    drop(foreign);
+    // The operator removes the filters: isp2 is set up and joins, and
+    // lan1 is lb's.
+    drop(on_wan2);
+    drop(on_lan1);
     let joined = lbd.wait_lifecycle("isp2", "in service", BOUND)?;
     eprintln!("isp2 in service {joined:?} after the other program left");
     port_on(&lab, &sink, ISP2_NAT, 7100)?;
+    wait_for("lan_ingress on lan1", BOUND, || {
+        let status = lbd.status()?;
+        Ok(status["lan_ports"] == serde_json::json!(["lan0", "lan1"])
+            && status["lan_faults"].as_array().is_some_and(Vec::is_empty))
+    })?;
 
     leaks.check()?;
     lbd.stop(&mut lab)

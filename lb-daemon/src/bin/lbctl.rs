@@ -265,7 +265,7 @@ fn watch(socket: &std::path::Path) -> ExitCode {
     let mut last: Option<(std::time::Instant, Status)> = None;
     loop {
         let status = match api::call(socket, &Request::Status) {
-            Ok(Response::Status(s)) => s,
+            Ok(Response::Status(s)) => *s,
             Ok(Response::Error { message }) => {
                 eprintln!("lbctl: {message}");
                 return ExitCode::from(1);
@@ -519,6 +519,9 @@ fn print_status(s: &Status) {
         .collect();
     if !egress.is_empty() {
         println!("egress: {}", egress.join("; "));
+    }
+    for fault in &s.lan_faults {
+        println!("LAN port not attached (its clients take the kernel's path): {fault}");
     }
     if let Some(why) = &s.no_ring_watch {
         println!("ring watch: none ({why}): a full ring drops what XDP_REDIRECT sends it");

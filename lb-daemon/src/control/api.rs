@@ -69,7 +69,7 @@ pub enum UplinkAction {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
-    Status(Status),
+    Status(Box<Status>),
     Flows(FlowList),
     /// The recent events, oldest first.
     Events(Vec<crate::control::events::Event>),
@@ -106,6 +106,10 @@ pub struct Status {
     /// a bridge's ports.
     #[serde(default)]
     pub lan_ports: Vec<String>,
+    /// LAN ports `lan_ingress` could not be attached to (`port: why`):
+    /// their clients take the kernel's path meanwhile.
+    #[serde(default)]
+    pub lan_faults: Vec<String>,
     /// The uplink that carries what the LAN sends through the kernel (ESP,
     /// GRE, fragments) and what the router itself sends unbound (its DNS
     /// forwarder, NTP, updates), as lbd's rules have it; none when no

@@ -589,6 +589,7 @@ mod tests {
             pinned_at: "/sys/fs/bpf/lb".into(),
             adopted_flows: None,
             lan_ports: Vec::new(),
+            lan_faults: Vec::new(),
             slow_path: None,
             slow_path6: None,
             guard_dropped: 0,

@@ -150,7 +150,7 @@ fn handle(req: Request, daemon: &Mutex<Daemon>) -> Response {
             // daemon, or health changes would wait for it.
             drop(d);
             match draft.and_then(|draft| draft.finish()) {
-                Ok(s) => Response::Status(s),
+                Ok(s) => Response::Status(Box::new(s)),
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),
                 },

@@ -183,6 +183,11 @@ impl Daemon {
                 .lan_ports()
                 .map(|(_, n)| n.to_owned())
                 .collect(),
+            lan_faults: self
+                .attachments
+                .lan_faults()
+                .map(|(port, why)| format!("{port}: {why}"))
+                .collect(),
             pinned_at: self.config.daemon.bpffs.display().to_string(),
             adopted_flows: self.adopted_flows,
             kernel_destinations: self

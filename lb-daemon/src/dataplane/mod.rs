@@ -405,8 +405,8 @@ impl Dataplane {
                 // never one of each): someone else's holds the hook.
                 Err(generic) if [&native, &generic].iter().any(|e| taken(e)) => {
                     anyhow::bail!(
-                        "{interface} already carries another XDP program, and a device takes \
-                         one: remove it (`ip link show dev {interface}` shows it, `ip link set \
+                        "{interface} already carries another XDP program (a device takes \
+                         one): remove it (`ip link show dev {interface}` shows it, `ip link set \
                          dev {interface} xdp off` removes one that `ip` attached) and lbd \
                          attaches {prog} on its next round"
                     )

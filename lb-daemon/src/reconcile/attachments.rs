@@ -42,6 +42,9 @@ pub struct Attachments {
     handoff_failed: Option<String>,
     /// `wan_ingress_l3`'s, on L3 uplinks, by interface name.
     l3_uplinks: BTreeMap<String, SchedClassifierLinkId>,
+    /// LAN ports `lan_ingress` could not be attached to, and why: their
+    /// clients' traffic takes the kernel's path meanwhile.
+    lan_faults: BTreeMap<String, String>,
 }
 
 impl Attachments {
@@ -71,19 +74,64 @@ impl Attachments {
                 log::info!("LAN port {name} left: lan_ingress detached from it");
             }
         }
+        // One port lbd cannot attach to (someone else's XDP program on
+        // it) holds up no other, nor the rest of the round: its clients
+        // take the kernel's path, as they would without lb, until it can.
+        self.lan_faults
+            .retain(|name, _| wanted.values().any(|n| n == name));
         for (ifindex, name) in wanted {
             if self.lan_ports.contains_key(&ifindex) {
                 continue;
             }
-            self.attach_handoff(&name, dataplane);
-            dataplane.add_lan(ifindex)?;
-            let (mode, link) = dataplane
-                .attach(program::LAN_INGRESS, &name)
-                .with_context(|| format!("LAN port {name}"))?;
-            log_attach(program::LAN_INGRESS, &name, mode);
-            self.lan_ports.insert(ifindex, (name, link));
+            match self.attach_lan(ifindex, &name, dataplane) {
+                Ok(link) => {
+                    if self.lan_faults.remove(&name).is_some() {
+                        log::info!("LAN port {name}: lan_ingress attached at last");
+                    }
+                    self.lan_ports.insert(ifindex, (name, link));
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    if self.lan_faults.get(&name) != Some(&why) {
+                        log::warn!(
+                            "LAN port {name}: lan_ingress not attached, so its clients take the \
+                             kernel's path (tried again every round): {why}"
+                        );
+                        self.lan_faults.insert(name, why);
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Attach `lan_ingress` to LAN port `name` (index `ifindex`), replies
+    /// allowed to it first; should the attachment fail, they are not.
+    fn attach_lan(
+        &mut self,
+        ifindex: u32,
+        name: &str,
+        dataplane: &mut Dataplane,
+    ) -> Result<XdpLinkId> {
+        self.attach_handoff(name, dataplane);
+        dataplane.add_lan(ifindex)?;
+        match dataplane.attach(program::LAN_INGRESS, name) {
+            Ok((mode, link)) => {
+                log_attach(program::LAN_INGRESS, name, mode);
+                Ok(link)
+            }
+            Err(e) => {
+                let _ = dataplane.remove_lan(ifindex);
+                Err(e)
+            }
+        }
+    }
+
+    /// LAN ports `lan_ingress` could not be attached to, with why.
+    pub fn lan_faults(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.lan_faults
+            .iter()
+            .map(|(n, why)| (n.as_str(), why.as_str()))
     }
 
     /// Attach `wan_ingress` to uplink interface `interface` (index
