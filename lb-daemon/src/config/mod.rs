@@ -52,6 +52,10 @@ pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_TIER: u8 = 7;
 /// Largest `rise` and `fall` count.
 pub const MAX_RISE_FALL: u32 = 1000;
+/// The shortest time between probe rounds: shorter floods the targets.
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// The shortest probe timeout: no path across the internet answers sooner.
+pub const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(10);
 /// A probe's timeout may be at most this many intervals.
 pub const MAX_TIMEOUT_INTERVALS: u32 = 10;
 /// Lowest port the NAT range may use: below are the well-known ports.
@@ -1223,6 +1227,26 @@ impl Checker<'_> {
         })
     }
 
+    /// A duration of at least `least`: shorter is taken for a typo (`1ms`
+    /// for `1s`) that would take every uplink down or flood its targets.
+    fn at_least(
+        &mut self,
+        field: &Field,
+        section: &str,
+        key: &str,
+        least: Duration,
+    ) -> Option<Duration> {
+        self.field(field, section, key, |v| {
+            let d = parse_duration(as_str(v)?).map_err(|e| e.to_string())?;
+            if d < least {
+                return Err(format!(
+                    "{d:?} is shorter than {least:?}, the least lb takes"
+                ));
+            }
+            Ok(d)
+        })
+    }
+
     /// A flow timeout: at least a second. The collector looks once a
     /// second, and a reply refreshes its flow's entry at most every 268 ms
     /// (`lb_common::maps::REPLY_TICK_SHIFT`): a shorter timeout would
@@ -1264,9 +1288,17 @@ impl Checker<'_> {
         let metrics = raw.metrics.as_ref().and_then(|m| {
             self.field(&m.listen, "metrics", "listen", |v| {
                 let text = as_str(v)?;
-                text.parse::<std::net::SocketAddr>().map_err(|_| {
-                    format!("expected ADDRESS:PORT like \"127.0.0.1:9725\", got {text:?}")
-                })
+                let expected = || {
+                    format!(
+                        "expected ADDRESS:PORT with a port other than 0, like \"127.0.0.1:9725\", \
+                         got {text:?}"
+                    )
+                };
+                match text.parse::<std::net::SocketAddr>() {
+                    // Port 0 is one the kernel picks: no scraper could find it.
+                    Ok(addr) if addr.port() != 0 => Ok(addr),
+                    _ => Err(expected()),
+                }
             })
         });
 
@@ -1279,6 +1311,18 @@ impl Checker<'_> {
         let mut lans = Vec::new();
         for (i, lan) in raw.lan.iter().enumerate() {
             let (config, seen) = self.lan(i, lan);
+            // lb translates one LAN prefix (NPTv6): a second would be
+            // ignored, so it is refused.
+            if config.prefix6.is_some() && lans.iter().any(|l: &LanConfig| l.prefix6.is_some()) {
+                let span = lan.get_ref().prefix6.as_ref().map(Spanned::span);
+                self.report(
+                    span.as_ref(),
+                    &format!("lan #{}", i + 1),
+                    Some("prefix6"),
+                    "a LAN before this one names its IPv6 prefix already; lb balances one \
+                     LAN prefix: name it on one [[lan]] only",
+                );
+            }
             lans.push(config);
             lan_seen.extend(seen);
         }
@@ -1795,8 +1839,8 @@ impl Checker<'_> {
         let section = format!("{uplink} health");
         let s = section.as_str();
         let default = HealthConfig::default();
-        let interval = self.duration(&raw.interval, s, "interval");
-        let timeout = self.duration(&raw.timeout, s, "timeout");
+        let interval = self.at_least(&raw.interval, s, "interval", MIN_PROBE_INTERVAL);
+        let timeout = self.at_least(&raw.timeout, s, "timeout", MIN_PROBE_TIMEOUT);
         let rise = self.field(&raw.rise, s, "rise", |v| as_int(v, 1, MAX_RISE_FALL));
         let fall = self.field(&raw.fall, s, "fall", |v| as_int(v, 1, MAX_RISE_FALL));
         // With no probes the quorum is unused, but only its default makes sense.
@@ -1814,10 +1858,30 @@ impl Checker<'_> {
                 )),
             }
         });
+        // 100 % lost could never be exceeded.
         let max_loss_percent = self.field(&raw.max_loss_percent, s, "max_loss_percent", |v| {
-            as_int(v, 0u8, 100)
+            as_int(v, 0u8, 99)
         });
         let max_rtt = self.duration(&raw.max_rtt, s, "max_rtt");
+        // An answer slower than the timeout counts as lost, so no round
+        // trip time can reach a limit at or above it.
+        let limit_timeout = timeout
+            .filter(|_| raw.timeout.is_some())
+            .unwrap_or(default.timeout);
+        if let (Some(rtt), Some(field)) = (max_rtt, &raw.max_rtt) {
+            if rtt >= limit_timeout {
+                self.report(
+                    Some(&field.span()),
+                    s,
+                    Some("max_rtt"),
+                    format!(
+                        "{rtt:?} is not below the probes' timeout ({limit_timeout:?}): an answer \
+                         that slow counts as lost, so this limit could never be reached; lower \
+                         it or raise timeout"
+                    ),
+                );
+            }
+        }
 
         let health = HealthConfig {
             interval: interval.unwrap_or(default.interval),
@@ -3104,6 +3168,61 @@ expect_status = 204
     }
 
     #[test]
+    fn settings_that_could_never_work_are_refused() {
+        // A port the kernel picks: no scraper finds it.
+        let text = format!("{TWO}\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+        assert_one(&text, line_of(&text, "listen"), "listen", "other than 0");
+        // Probe rounds that flood their targets, timeouts no path meets.
+        let text = format!("{TWO}[uplink.health]\ninterval = \"1ms\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "interval"),
+            "interval",
+            "shorter than 50ms",
+        );
+        let text = format!("{TWO}[uplink.health]\ntimeout = \"1ms\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "timeout"),
+            "timeout",
+            "shorter than 10ms",
+        );
+        // Limits that could never be crossed.
+        let text = format!("{TWO}[uplink.health]\ntimeout = \"500ms\"\nmax_rtt = \"500ms\"\n");
+        assert_one(
+            &text,
+            line_of(&text, "max_rtt"),
+            "max_rtt",
+            "never be reached",
+        );
+        let text = format!("{TWO}[uplink.health]\nmax_rtt = \"2s\"\n");
+        assert_one(&text, line_of(&text, "max_rtt"), "max_rtt", "timeout (1s)");
+        let text = format!("{TWO}[uplink.health]\nmax_loss_percent = 100\n");
+        assert_one(&text, line_of(&text, "max_loss"), "max_loss_percent", "99");
+        // And what is fine stays fine.
+        let text = format!("{TWO}[uplink.health]\ninterval = \"50ms\"\ntimeout = \"150ms\"\nmax_rtt = \"100ms\"\nmax_loss_percent = 99\n");
+        parse(&text, "t.toml").expect("valid health settings");
+    }
+
+    #[test]
+    fn only_one_lan_names_its_ipv6_prefix() {
+        let text = format!(
+            "[[lan]]\ninterface = \"guest0\"\nprefix6 = \"fd00:1::/64\"\n{}",
+            TWO.replacen(
+                "interface = \"lan0\"",
+                "interface = \"lan0\"\nprefix6 = \"fd00:2::/64\"",
+                1
+            )
+        );
+        assert_one(
+            &text,
+            line_of_nth(&text, "prefix6", 1),
+            "prefix6",
+            "one [[lan]] only",
+        );
+    }
+
+    #[test]
     fn routing_tables_and_priorities() {
         let config = parse(TWO, "lbd.toml").expect("valid");
         assert_eq!(config.routing, RoutingConfig::default());
@@ -3286,7 +3405,7 @@ expect_status = 204
             (
                 "max_loss_percent = 101",
                 "max_loss_percent",
-                "between 0 and 100, got 101",
+                "between 0 and 99, got 101",
             ),
             ("max_loss_percent = -1", "max_loss_percent", "got -1"),
         ] {
@@ -3308,7 +3427,7 @@ expect_status = 204
             "{TWO}[uplink.health]\ninterval = \"100ms\"\ntimeout = \"1s\"\n"
         ));
         // Only the interval set: the default timeout is too long for it.
-        let text = format!("{TWO}[uplink.health]\ninterval = \"10ms\"\n");
+        let text = format!("{TWO}[uplink.health]\ninterval = \"50ms\"\n");
         assert_one(
             &text,
             line_of(&text, "interval"),
@@ -3703,7 +3822,7 @@ port_range = "1-2"
 
     #[test]
     fn load_reads_a_file_and_names_it_in_problems() {
-        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("lb-config-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let good = dir.join("good.toml");
         std::fs::write(&good, EXAMPLE).expect("write");

@@ -906,7 +906,7 @@ policy = \"nowhere\"
 
     #[test]
     fn a_bad_prefix_file_names_its_line() {
-        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("lb-config-prefixes-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("valid");
         let file = dir.join("partners.txt");
         std::fs::write(&file, "# partners\n192.0.2.0/24\n\nfoo\n").expect("valid");
