@@ -630,7 +630,18 @@ fn reply_to(proto: &str, nat_port: u16, server_port: u16) -> Vec<u8> {
 /// one `wan_ingress` test runs can answer for); returns its NAT port and
 /// the frame that left.
 fn out_via_uplink2(h: &mut Harness, make: impl Fn(u16) -> Vec<u8>) -> (u16, Vec<u8>, Vec<u8>) {
-    for port in 5000..5200u16 {
+    out_via_uplink2_from(h, 5000, make)
+}
+
+/// As [`out_via_uplink2`], with client ports (or echo identifiers) from
+/// `first` on: in the router's own range ([`LOCAL_PORTS`]) they are
+/// mapped to another, which what comes back must undo.
+fn out_via_uplink2_from(
+    h: &mut Harness,
+    first: u16,
+    make: impl Fn(u16) -> Vec<u8>,
+) -> (u16, Vec<u8>, Vec<u8>) {
+    for port in first..first + 200 {
         let frame = make(port);
         let (verdict, out) = h.lan(&frame);
         assert_eq!(verdict, XDP_REDIRECT);
@@ -958,8 +969,11 @@ fn icmp_errors_about_natted_packets_reach_the_client() {
         return;
     }
     let mut h = Harness::new([uplink_state::ACTIVE; 2]);
-    let (nat_port, frame, out) = out_via_uplink2(&mut h, |p| udp(p, 64));
+    // A client port in the router's own range: the NAT maps it to
+    // another, and the quoted header must get it back.
+    let (nat_port, frame, out) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 1000, |p| udp(p, 64));
     let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+    assert_ne!(nat_port, client_port, "the client's port was mapped");
     let up = uplink_info(2, uplink_state::ACTIVE);
     // Time exceeded from a router beyond the ISP, quoting what left.
     let quoted = &out[14..14 + 28];
@@ -1008,7 +1022,11 @@ fn icmp_errors_about_natted_packets_reach_the_client() {
             lb_common::csum::verifies(&back[42..62], 0),
             "quoted IP checksum"
         );
-        let _ = nat_port;
+        assert_eq!(
+            u16::from_be_bytes([back[62], back[63]]),
+            client_port,
+            "ICMP {kind}/{code}: the quoted source port is the client's again"
+        );
     }
 }
 
@@ -1026,8 +1044,11 @@ fn ping_goes_out_and_its_reply_comes_back() {
             b"ping",
         )
     };
-    let (nat_id, frame, _) = out_via_uplink2(&mut h, echo);
+    // An identifier in the router's own range: mapped to another going
+    // out, and back to the client's coming in.
+    let (nat_id, frame, _) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 1000, echo);
     let id = u16::from_be_bytes([frame[38], frame[39]]);
+    assert_ne!(nat_id, id, "the echo identifier was mapped");
     let up = uplink_info(2, uplink_state::ACTIVE);
     let reply = build(
         PacketBuilder::ethernet2(up.gw_mac, up.src_mac)
@@ -1038,6 +1059,11 @@ fn ping_goes_out_and_its_reply_comes_back() {
     let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(back, inbound_model(&reply, id, false));
+    assert_eq!(
+        u16::from_be_bytes([back[38], back[39]]),
+        id,
+        "the reply carries the client's identifier"
+    );
 }
 
 #[test]

@@ -540,6 +540,27 @@ impl Lbd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// lbctl against this daemon, which must refuse: its exit code and
+    /// what it said on stderr.
+    pub fn lbctl_refused(&self, args: &[&str]) -> Result<(i32, String)> {
+        let out = Command::new(bin_dir().join("lbctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("running lbctl")?;
+        ensure!(
+            !out.status.success(),
+            "lbctl {} was accepted: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        let code = out.status.code().with_context(|| {
+            format!("lbctl {} ended by a signal: {}", args.join(" "), out.status)
+        })?;
+        Ok((code, String::from_utf8_lossy(&out.stderr).into_owned()))
+    }
+
     /// Start lbctl against this daemon and leave it running (`events
     /// --follow`), its stdout piped.
     pub fn lbctl_spawn(&self, args: &[&str]) -> Result<std::process::Child> {

@@ -161,6 +161,10 @@ fn flapping_upstream_gives_few_transitions() -> Result<()> {
     eprintln!(
         "flapping every 300 ms for 10 s: {flips} transitions of isp1; isp2 stream lost {lost2}"
     );
+    ensure!(
+        flips >= 1,
+        "isp1 never went down while its upstream was down half the time: health did not notice"
+    );
     ensure!(flips <= 4, "{flips} transitions: no hysteresis");
     ensure!(lost2 == 0, "isp2 stream lost {lost2}");
     drop(s2);
@@ -235,12 +239,26 @@ fn operator_toggles_and_tiers_act_in_the_data_plane() -> Result<()> {
     lbd.lbctl(&["uplink", "enable", "isp2"])?;
     lbd.lbctl(&["uplink", "weight", "isp1", "7"])?;
     ensure!(lbd.status()?["uplinks"][0]["weight"] == 7);
-    for bad in [
-        &["uplink", "disable", "nope"][..],
-        &["uplink", "weight", "isp1", "0"],
-        &["uplink", "weight", "isp1", "x"],
+    // lbd refuses (exit 1) what it cannot do; lbctl refuses (exit 2) what
+    // is no command; each says why.
+    for (bad, code, says) in [
+        (
+            &["uplink", "disable", "nope"][..],
+            1,
+            "no uplink named \"nope\"",
+        ),
+        (
+            &["uplink", "weight", "isp1", "0"],
+            2,
+            "0 is not in 1..=1000",
+        ),
+        (&["uplink", "weight", "isp1", "x"], 2, "invalid value 'x'"),
     ] {
-        ensure!(lbd.lbctl(bad).is_err(), "lbctl {bad:?} was accepted");
+        let (got, said) = lbd.lbctl_refused(bad)?;
+        ensure!(
+            got == code && said.contains(says),
+            "lbctl {bad:?}: exit {got} (wanted {code}), said {said:?} (wanted {says:?})"
+        );
     }
     leaks.check()?;
     lbd.stop(&mut lab)

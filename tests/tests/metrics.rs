@@ -203,9 +203,10 @@ fn lbctl_flows_lists_filters_and_stops_at_the_limit() -> Result<()> {
         five["flows"].as_array().map(Vec::len) == Some(5) && five["truncated"] == true,
         "--limit 5: {five}"
     );
+    let (code, said) = lbd.lbctl_refused(&["flows", "--uplink", "nope"])?;
     ensure!(
-        lbd.lbctl(&["flows", "--uplink", "nope"]).is_err(),
-        "an unknown uplink was accepted"
+        code == 1 && said.contains("no uplink named \"nope\" (uplinks: isp1, isp2)"),
+        "an unknown uplink: exit {code}, {said:?}"
     );
     println!("{}", lbd.lbctl(&["flows", "--limit", "3"])?);
     leaks.check()?;
@@ -269,7 +270,28 @@ fn events_tell_what_happened_and_follow_streams_them() -> Result<()> {
     }
     lab.set_link_up("isp1", "down0", true)?;
     leaks.check()?;
-    lbd.stop(&mut lab)
+
+    // A follower hears lbd go away, and says so (exit 3), once it has
+    // printed the history (it is connected then).
+    let mut last = lbd.lbctl_spawn(&["events", "--follow"])?;
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let out = last.stdout.take().context("the last follower's stdout")?;
+        std::io::BufReader::new(out).read_line(&mut first)?;
+    }
+    ensure!(!first.is_empty(), "the follower printed no history");
+    lbd.stop(&mut lab)?;
+    let mut ended = None;
+    lb_tests::stream::wait_for("the follower to end", Duration::from_secs(10), || {
+        ended = last.try_wait()?;
+        Ok(ended.is_some())
+    })?;
+    ensure!(
+        ended.and_then(|s| s.code()) == Some(3),
+        "a follower whose lbd stopped ended with {ended:?}"
+    );
+    Ok(())
 }
 
 #[test]
@@ -312,6 +334,24 @@ fn explain_predicts_where_connections_go() -> Result<()> {
         ensure!(
             again["verdict"] == "existing" && again["uplink"] == said["uplink"],
             "{again}"
+        );
+    }
+    // What names no connection is refused (exit 2), saying what to give.
+    for (bad, says) in [
+        (
+            &["explain", "10.10.0.2:5000", "198.51.100.10", "tcp"][..],
+            "give the remote port",
+        ),
+        (
+            &["explain", "10.10.0.2", "198.51.100.10", "icmpv6"],
+            "for IPv4 say icmp",
+        ),
+        (&["status", "--watch", "--json"], "give one of them"),
+    ] {
+        let (code, said) = lbd.lbctl_refused(bad)?;
+        ensure!(
+            code == 2 && said.contains(says),
+            "lbctl {bad:?}: exit {code}, {said:?}"
         );
     }
     // The router and the LAN are the kernel's.

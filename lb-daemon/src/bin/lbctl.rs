@@ -1,7 +1,7 @@
 //! lbctl: the operator's view of lbd.
 //!
 //! Exit codes: 0 success, 1 lbd refused the request or failed, 2 bad
-//! command line, 3 lbd not reachable.
+//! command line, 3 lbd not reachable (or gone, under `events --follow`).
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -109,6 +109,13 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     let request = match args.command {
+        Command::Status { watch: true } if args.json => {
+            eprintln!(
+                "lbctl: status --watch draws a table every second, --json prints one status: \
+                 give one of them"
+            );
+            return ExitCode::from(2);
+        }
         Command::Status { watch: true } => return watch(&args.socket),
         Command::Status { watch: false } => Request::Status,
         Command::Reload => Request::Reload,
@@ -137,6 +144,22 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let icmp = proto.starts_with("icmp");
+            if proto == "icmpv6" && src.0.is_ipv4() {
+                eprintln!(
+                    "lbctl: explain {} to {}: icmpv6 is IPv6's; for IPv4 say icmp",
+                    src.0, dst.0
+                );
+                return ExitCode::from(2);
+            }
+            // Balancing hashes the ports: a flow without them cannot exist.
+            if !icmp && dst.1 == 0 {
+                eprintln!(
+                    "lbctl: explain {proto} to {}: give the remote port (ADDRESS:PORT, or \
+                     [ADDRESS]:PORT for IPv6)",
+                    dst.0
+                );
+                return ExitCode::from(2);
+            }
             Request::Explain {
                 lan,
                 dscp,
@@ -373,6 +396,11 @@ fn events(socket: &std::path::Path, follow: bool, json: bool) -> ExitCode {
         follow
     });
     match (result, failed) {
+        // A follower reads until lbd hangs up: it stopped, or started again.
+        (Ok(()), None) if follow => {
+            eprintln!("lbctl: lbd closed the event stream (it stopped or started again)");
+            ExitCode::from(3)
+        }
         (Ok(()), None) => ExitCode::SUCCESS,
         (Ok(()), Some(message)) => {
             eprintln!("lbctl: {message}");
