@@ -1806,7 +1806,11 @@ impl Checker<'_> {
         }
 
         let health = match &u.health {
-            Some(h) => self.health(&section, h.get_ref(), u.probe.len()),
+            Some(h) => {
+                let ipv6 = probes.iter().filter(|(_, p)| p.kind.is_ipv6()).count();
+                let families = (probes.len() - ipv6, ipv6);
+                self.health(&section, h.get_ref(), u.probe.len(), families)
+            }
             None => HealthConfig::default(),
         };
 
@@ -1835,7 +1839,15 @@ impl Checker<'_> {
         (config, name_seen, interface_seen)
     }
 
-    fn health(&mut self, uplink: &str, raw: &RawHealth, probes: usize) -> HealthConfig {
+    /// `probes` counts the uplink's probes as written, `families` those
+    /// that parsed, IPv4's and IPv6's: each family's are judged apart.
+    fn health(
+        &mut self,
+        uplink: &str,
+        raw: &RawHealth,
+        probes: usize,
+        families: (usize, usize),
+    ) -> HealthConfig {
         let section = format!("{uplink} health");
         let s = section.as_str();
         let default = HealthConfig::default();
@@ -1843,8 +1855,13 @@ impl Checker<'_> {
         let timeout = self.at_least(&raw.timeout, s, "timeout", MIN_PROBE_TIMEOUT);
         let rise = self.field(&raw.rise, s, "rise", |v| as_int(v, 1, MAX_RISE_FALL));
         let fall = self.field(&raw.fall, s, "fall", |v| as_int(v, 1, MAX_RISE_FALL));
-        // With no probes the quorum is unused, but only its default makes sense.
-        let most = u32::try_from(probes.max(1)).unwrap_or(u32::MAX);
+        // With no probes the quorum is unused, but only its default makes
+        // sense. Each family's probes make their own rounds, so the
+        // quorum is met by one family's alone (probes that did not parse
+        // are reported already, and counted so as not to add to that).
+        let (ipv4, ipv6) = families;
+        let unparsed = probes.saturating_sub(ipv4 + ipv6);
+        let most = u32::try_from((ipv4.max(ipv6) + unparsed).max(1)).unwrap_or(u32::MAX);
         let quorum = self.field(&raw.quorum, s, "quorum", |v| {
             let n = as_int::<i64>(v, i64::MIN, i64::MAX)?;
             match u32::try_from(n) {
@@ -1852,6 +1869,10 @@ impl Checker<'_> {
                 _ if probes == 0 => Err(format!(
                     "must be 1 when the uplink has no probes (health then follows the link \
                      state), got {n}"
+                )),
+                _ if ipv4 > 0 && ipv6 > 0 => Err(format!(
+                    "must be between 1 and {most}, the probes of its larger family ({ipv4} \
+                     IPv4, {ipv6} IPv6: each family's rounds count its own), got {n}"
                 )),
                 _ => Err(format!(
                     "must be between 1 and the number of probes ({most}), got {n}"
@@ -3202,6 +3223,16 @@ expect_status = 204
         // And what is fine stays fine.
         let text = format!("{TWO}[uplink.health]\ninterval = \"50ms\"\ntimeout = \"150ms\"\nmax_rtt = \"100ms\"\nmax_loss_percent = 99\n");
         parse(&text, "t.toml").expect("valid health settings");
+    }
+
+    #[test]
+    fn a_quorum_is_met_by_one_familys_probes() {
+        let probes = "[[uplink.probe]]\nkind = \"icmp\"\ntarget = \"198.51.100.10\"\n\
+                      [[uplink.probe]]\nkind = \"icmp\"\ntarget = \"2001:db8:ff::10\"\n";
+        let text = format!("{TWO}[uplink.health]\nquorum = 2\n{probes}");
+        assert_one(&text, line_of(&text, "quorum"), "quorum", "1 IPv4, 1 IPv6");
+        let text = format!("{TWO}[uplink.health]\nquorum = 1\n{probes}");
+        parse(&text, "t.toml").expect("a quorum each family meets");
     }
 
     #[test]
