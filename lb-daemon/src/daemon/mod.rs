@@ -453,7 +453,7 @@ impl Daemon {
         let daemon = Mutex::new(daemon);
         let say = |errors: Vec<String>| {
             for error in errors {
-                log::warn!("routing: {error}; retrying on the next change");
+                log::warn!("{error}; retrying on the next change");
             }
         };
         say(round(&daemon, &kernel).await?);

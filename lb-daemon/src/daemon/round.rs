@@ -56,27 +56,13 @@ impl Daemon {
                 self.note_fault6(i, e);
             }
         }
-        // Uplink entries and states, then the bucket tables (one step
-        // each), IPv6's too, then the rules that send flows to them.
-        self.converge_dataplane()?;
-        self.converge_rules()?;
-        // Attachments: lan_ingress on the LAN ports (wan_ingress went on
-        // with each uplink's entry, above), and what each is to the rules.
-        self.converge_lan_ports(observed)?;
-        // Bypass: the destinations the kernel keeps.
-        let uplink_ifindexes: Vec<u32> = self
-            .uplinks
-            .iter()
-            .filter_map(|u| u.facts.ifindex)
-            .collect();
-        let bypass = bypass::wanted(
-            observed,
-            &uplink_ifindexes,
-            &self.config.routing.lookup_tables,
-        );
-        self.bypass.converge(bypass, &mut self.dataplane)?;
-        // Qdiscs: each device's way out, and lb's shapers.
-        self.converge_egress(observed)?;
+        // The data plane's kinds, in their order; should one fail, the
+        // kernel's side (routes, rules, nftables: the slow path every
+        // failover falls back on) is converged all the same.
+        let dataplane_error = self
+            .converge_dataplane_kinds(observed)
+            .err()
+            .map(|e| format!("{e:#}"));
 
         let addrs: Vec<Ipv4Addr> = self
             .uplinks
@@ -119,12 +105,39 @@ impl Daemon {
         // Routes and rules, then nftables: made by the caller, outside the
         // daemon's lock.
         Ok(Converged {
+            dataplane_error,
             routing: routing::changes(observed, &self.wanted_routing()),
             slow_path_uplink: self.slow_path_uplink(),
             slow_path_uplink6: self.slow_path_uplink6(),
             lan6: self.lan6,
             slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
         })
+    }
+
+    /// Converge the data plane's kinds after the uplinks', in the order
+    /// that keeps packets safe, stopping at the first that fails.
+    fn converge_dataplane_kinds(&mut self, observed: &Observed) -> Result<()> {
+        // Uplink entries and states, then the bucket tables (one step
+        // each), IPv6's too, then the rules that send flows to them.
+        self.converge_dataplane()?;
+        self.converge_rules()?;
+        // Attachments: lan_ingress on the LAN ports (wan_ingress went on
+        // with each uplink's entry), and what each is to the rules.
+        self.converge_lan_ports(observed)?;
+        // Bypass: the destinations the kernel keeps.
+        let uplink_ifindexes: Vec<u32> = self
+            .uplinks
+            .iter()
+            .filter_map(|u| u.facts.ifindex)
+            .collect();
+        let bypass = bypass::wanted(
+            observed,
+            &uplink_ifindexes,
+            &self.config.routing.lookup_tables,
+        );
+        self.bypass.converge(bypass, &mut self.dataplane)?;
+        // Qdiscs: each device's way out, and lb's shapers.
+        self.converge_egress(observed)
     }
 
     /// lb's nftables table was replaced by `wanted`; the one before had
@@ -734,25 +747,32 @@ impl Daemon {
 
 /// One round of the reconciler: read what the kernel holds, converge every
 /// kind in order, lb's nftables table and then the routing outside the
-/// daemon's lock. Returns the routing changes that failed (for the caller
-/// to say; the next round tries them again); an error is a round that
-/// could not be made at all.
+/// daemon's lock. Returns what failed (the data plane's part, routing
+/// changes: for the caller to say; the next round tries them again); an
+/// error is a round that could not be made at all.
 pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<String>> {
     let observed = Observed::take(&link.handle).await?;
     let lock = || lock(daemon, "the daemon's state");
     // Off the async workers: a convergence may run `tc` (lb's shapers).
     let Converged {
+        dataplane_error,
         routing,
         slow_path_uplink,
         slow_path_uplink6,
         lan6,
         slowpath,
     } = tokio::task::block_in_place(|| lock()?.converge(&observed))?;
-    let errors = if routing.is_empty() {
+    let routing_errors = if routing.is_empty() {
         Vec::new()
     } else {
         routing::converge(&link.handle, routing).await
     };
+    let routed = routing_errors.is_empty();
+    let errors: Vec<String> = dataplane_error
+        .map(|e| format!("data plane: {e}"))
+        .into_iter()
+        .chain(routing_errors.into_iter().map(|e| format!("routing: {e}")))
+        .collect();
     if let Some(wanted) = slowpath {
         let counted = tokio::task::block_in_place(|| {
             // The table may not be there (yet): nothing counted then.
@@ -761,7 +781,7 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         })?;
         lock()?.slowpath_applied(wanted, &counted);
     }
-    if errors.is_empty() {
+    if routed {
         let moved6 = {
             let mut d = lock()?;
             d.slow_path_applied = slow_path_uplink;
@@ -801,6 +821,8 @@ fn forget_leaving6(lan: crate::reconcile::ipv6::Prefix6) {
 
 /// What a convergence leaves to be done outside the daemon's lock.
 pub struct Converged {
+    /// What the data plane's part of the round could not do, if anything.
+    pub dataplane_error: Option<String>,
     pub routing: routing::Changes,
     /// The slow path's uplink that `routing` puts in place.
     pub slow_path_uplink: Option<usize>,

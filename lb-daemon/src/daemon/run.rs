@@ -241,7 +241,7 @@ async fn converge_forever(
             _ = tick.tick() => {}
         }
         let done = round(&daemon, &kernel).await.and_then(|errors| {
-            anyhow::ensure!(errors.is_empty(), "routing: {}", errors.join("; "));
+            anyhow::ensure!(errors.is_empty(), "{}", errors.join("; "));
             Ok(())
         });
         if let Ok(mut d) = daemon.lock() {
