@@ -275,11 +275,11 @@ fn events_tell_what_happened_and_follow_streams_them() -> Result<()> {
     // printed the history (it is connected then).
     let mut last = lbd.lbctl_spawn(&["events", "--follow"])?;
     let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let out = last.stdout.take().context("the last follower's stdout")?;
-        std::io::BufReader::new(out).read_line(&mut first)?;
-    }
+    // Held open to the end: what lbd says as it stops must find a reader
+    // (else the follower dies of SIGPIPE, not of lbd's going).
+    let mut printed =
+        std::io::BufReader::new(last.stdout.take().context("the last follower's stdout")?);
+    std::io::BufRead::read_line(&mut printed, &mut first)?;
     ensure!(!first.is_empty(), "the follower printed no history");
     lbd.stop(&mut lab)?;
     let mut ended = None;
@@ -291,6 +291,7 @@ fn events_tell_what_happened_and_follow_streams_them() -> Result<()> {
         ended.and_then(|s| s.code()) == Some(3),
         "a follower whose lbd stopped ended with {ended:?}"
     );
+    drop(printed);
     Ok(())
 }
 
