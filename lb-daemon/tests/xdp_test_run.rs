@@ -964,6 +964,42 @@ fn two_clients_with_one_source_port_get_two_mappings() {
 }
 
 #[test]
+fn a_flow_moved_by_its_uplinks_new_address_still_gets_its_replies() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let (_, frame, _) = out_via_uplink2(&mut h, |p| udp(p, 64));
+    // The ISP renumbers uplink 2: lbd writes its new address with the
+    // epoch bumped.
+    let mut renumbered = uplink_info(2, uplink_state::ACTIVE);
+    renumbered.addr = [100, 64, 2, 9];
+    renumbered.epoch = 1;
+    h.dp.set_uplink(1, &renumbered).expect("uplink");
+    // The flow's next packet takes a new mapping, under the new address
+    // (its bucket is uplink 2's still).
+    let (verdict, out) = h.lan(&frame);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(
+        &out[26..30],
+        &renumbered.addr,
+        "leaves with the new address"
+    );
+    let port = u16::from_be_bytes([out[34], out[35]]);
+    // The reply to that mapping reaches the client: the old mapping's
+    // removal took nothing of the new one's.
+    let reply = build(
+        PacketBuilder::ethernet2(renumbered.gw_mac, renumbered.src_mac)
+            .ipv4(SERVER, renumbered.addr, 60)
+            .udp(53, port),
+        b"answer",
+    );
+    let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
+    assert_eq!(verdict, XDP_REDIRECT, "the reply found no mapping");
+    assert_eq!(&back[30..34], &CLIENT);
+}
+
+#[test]
 fn icmp_errors_about_natted_packets_reach_the_client() {
     if !is_root() {
         return;

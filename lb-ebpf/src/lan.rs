@@ -321,8 +321,14 @@ fn flow(
     if let Some((flow, pinned, old_info, old_port)) = moving {
         // Its uplink is gone, or has another address now, or its SYN goes
         // elsewhere: a new mapping on a live uplink, in place of the old
-        // one. (After an address change the old reverse entry is keyed by
-        // the old address: the collector removes it, as an orphan.)
+        // one. The old reverse entry is keyed by the address it was made
+        // under, which is the uplink's now only while the epochs agree:
+        // after an address change that key would name nothing of this
+        // flow's (but maybe its new mapping, or another flow's), and the
+        // entry under the old address is left to the collector, as an
+        // orphan.
+        // SAFETY: as above; the flow's epoch is rewritten only below.
+        let old_info = old_info.filter(|u| unsafe { (*flow).epoch } == u.epoch as u8);
         let uplink = match placed {
             Placement::Uplink(uplink) => uplink,
             // A retried SYN with nowhere else to go stays where it is.
