@@ -1571,6 +1571,46 @@ fn a_connection_conntrack_holds_is_left_to_the_kernel_and_remembered() {
 }
 
 #[test]
+fn a_client_port_the_router_uses_to_the_same_server_is_not_kept() {
+    if !is_root() {
+        return;
+    }
+    in_new_netns(|| {
+        // The router's own socket (a WireGuard or NTP one, on a fixed port)
+        // talks from each uplink's address and port 5000 to the server's
+        // port 53; conntrack holds those connections.
+        run_here(&["nft", "add table ip t"]);
+        run_here(&[
+            "nft",
+            "add chain ip t out { type filter hook output priority 0; ct state new counter; }",
+        ]);
+        let server = Ipv4Addr::from(SERVER);
+        run_here(&["ip", "addr", "add", &format!("{server}/32"), "dev", "lo"]);
+        for n in 1..=2 {
+            let own = Ipv4Addr::from(uplink_info(n, uplink_state::ACTIVE).addr);
+            run_here(&["ip", "addr", "add", &format!("{own}/32"), "dev", "lo"]);
+            let socket = std::net::UdpSocket::bind((own, 5000)).expect("bind");
+            socket.send_to(b"own", (server, 53)).expect("send");
+        }
+
+        let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+        // A client from the same port to the same server: another port,
+        // or the server's answers to the router would be the client's.
+        let (verdict, out) = h.lan(&udp(5000, 64));
+        assert_eq!(verdict, XDP_REDIRECT);
+        let nat_port = u16::from_be_bytes([out[34], out[35]]);
+        assert!(
+            (NAT_PORTS.0..=NAT_PORTS.1).contains(&nat_port),
+            "client port 5000 left as {nat_port}, over the router's own connection"
+        );
+        // A port the router does not use is kept.
+        let (verdict, out) = h.lan(&udp(5001, 64));
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(u16::from_be_bytes([out[34], out[35]]), 5001);
+    });
+}
+
+#[test]
 fn a_syn_sent_again_moves_to_another_uplink_once() {
     if !is_root() {
         return;

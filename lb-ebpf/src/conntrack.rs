@@ -15,7 +15,7 @@
 //! existed. It never holds the reference it gets: every path releases it
 //! at once.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use lb_common::kfunc::{CT_LOOKUP_PLACEHOLDER, CT_RELEASE_PLACEHOLDER};
 
 use crate::kfunc;
@@ -71,6 +71,22 @@ pub fn tracks(
         dport,
     };
     look_up(ctx, proto, &tuple)
+}
+
+/// [`tracks`] as a BPF function of its own, for a caller whose stack frame
+/// has no room left for the lookup's tuple and options: they take a frame
+/// of their own. `ports` packs the source port (high half) and the
+/// destination port, network order each.
+#[inline(never)]
+pub fn tracks_in_own_frame(
+    ctx: *mut xdp_md,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: u32,
+) -> bool {
+    let [s0, s1, d0, d1] = ports.to_be_bytes();
+    tracks(&XdpContext::new(ctx), proto, src, dst, [s0, s1], [d0, d1])
 }
 
 /// [`tracks`] for IPv6: on a router without NAT66 this is above all a

@@ -483,9 +483,30 @@ fn reserve_port(
         &tuple(key),
     );
     let client_port = u16::from_be_bytes(key.src_port);
+    // The client's own port is kept only while the router holds no
+    // connection of its own from it to the same remote end (its
+    // WireGuard, IKE or NTP sockets keep fixed ports, outside its local
+    // range): that connection's answers would be taken for the client's.
+    let own_port_taken = nat::candidate(0, client_port, spread, settings).is_some()
+        && (key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP)
+        && conntrack::tracks_in_own_frame(
+            ctx.ctx,
+            key.proto,
+            info.addr,
+            key.dst_addr,
+            u32::from_be_bytes([
+                key.src_port[0],
+                key.src_port[1],
+                key.dst_port[0],
+                key.dst_port[1],
+            ]),
+        );
     // In a loop the verifier checks once, rather than once a turn.
     let mut claimed = None;
     count::up_to(PORT_ATTEMPTS, |i| {
+        if i == 0 && own_port_taken {
+            return ControlFlow::Continue(());
+        }
         let Some(port) = nat::candidate(i, client_port, spread, settings) else {
             return ControlFlow::Continue(());
         };
