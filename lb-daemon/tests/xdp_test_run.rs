@@ -1000,6 +1000,32 @@ fn a_flow_moved_by_its_uplinks_new_address_still_gets_its_replies() {
 }
 
 #[test]
+fn a_reply_still_tagged_on_a_plain_uplink_is_left_to_the_kernel() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let (nat_port, _, _) = out_via_uplink2(&mut h, |p| udp(p, 64));
+    // The reply to that mapping, but with an ISP's priority tag (VLAN 0)
+    // in front: its headers are not where the rewrite writes.
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    let tagged = build(
+        PacketBuilder::ethernet2(up.gw_mac, up.src_mac)
+            .single_vlan(etherparse::VlanId::try_new(0).expect("vlan id"))
+            .ipv4(SERVER, up.addr, 60)
+            .udp(53, nat_port),
+        b"answer",
+    );
+    let (verdict, back) = h.run(program::WAN_INGRESS, &tagged);
+    assert_eq!(verdict, XDP_PASS, "a tagged reply is the kernel's");
+    assert_eq!(back, tagged, "and goes to it untouched");
+    assert_eq!(h.reason(reason::PASS_UNSUPPORTED), 1);
+    // Untagged, the same reply is lb's.
+    let (verdict, _) = h.run(program::WAN_INGRESS, &reply_to("udp", nat_port, 53));
+    assert_eq!(verdict, XDP_REDIRECT);
+}
+
+#[test]
 fn icmp_errors_about_natted_packets_reach_the_client() {
     if !is_root() {
         return;

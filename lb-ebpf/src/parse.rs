@@ -333,6 +333,14 @@ impl Ipv4Packet {
     pub fn tagged(&self) -> bool {
         self.l3_off != size_of::<EthHdr>()
     }
+
+    /// Whether an Ethernet frame's tag is still in front of the packet
+    /// (never for a frame read past its wrapping, or without a link
+    /// layer: those start at the packet).
+    #[inline(always)]
+    pub fn behind_a_tag(&self) -> bool {
+        self.l3_off == size_of::<EthHdr>() + size_of::<VlanHdr>()
+    }
 }
 
 /// The network protocol of a frame, behind one VLAN tag at most; 0 for a
@@ -399,6 +407,14 @@ impl Ipv6Packet {
     #[inline(always)]
     pub fn tagged(&self) -> bool {
         self.l3_off != size_of::<EthHdr>()
+    }
+
+    /// Whether an Ethernet frame's tag is still in front of the packet
+    /// (never for a frame read past its wrapping, or without a link
+    /// layer: those start at the packet).
+    #[inline(always)]
+    pub fn behind_a_tag(&self) -> bool {
+        self.l3_off == size_of::<EthHdr>() + size_of::<VlanHdr>()
     }
 }
 

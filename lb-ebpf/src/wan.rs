@@ -138,6 +138,11 @@ struct Back {
 #[inline(always)]
 fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     let pkt = parse::ipv4(ctx)?;
+    // A tag still on the frame (an ISP's priority tag, VLAN 0): the
+    // rewrite below writes an untagged header, so the kernel's.
+    if pkt.behind_a_tag() {
+        return Err(reason::PASS_UNSUPPORTED);
+    }
     let info = UPLINKS.get(uplink).ok_or(reason::PASS_UNKNOWN_UPLINK)?;
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
     let (src, dst, ttl) = unsafe { ((*pkt.ip).src, (*pkt.ip).dst, (*pkt.ip).ttl) };

@@ -35,6 +35,10 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
         return Err(reason::PASS_NOT_IPV4);
     }
     let pkt = parse::ipv6(ctx)?;
+    // As IPv4's: a tagged frame is the kernel's.
+    if pkt.behind_a_tag() {
+        return Err(reason::PASS_UNSUPPORTED);
+    }
     let six = UPLINKS6.get(uplink).ok_or(reason::PASS_UNKNOWN_UPLINK)?;
     // SAFETY: `parse::ipv6` bounds-checked the IPv6 header.
     let (src, dst, hop_limit) = unsafe { ((*pkt.ip).src, (*pkt.ip).dst, (*pkt.ip).hop_limit) };
