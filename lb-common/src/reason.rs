@@ -83,8 +83,13 @@ pub const DROP_RESERVED_VLAN: u32 = 21;
 /// has it.
 pub const PASS_NO_PROGRAM: u32 = 22;
 
+/// A frame marked with lb's hand-off note at its device's tc ingress
+/// whose note could not be read or whose tags would not come off: its
+/// headers are rewritten already, so it cannot go on to the kernel.
+pub const DROP_BAD_NOTE: u32 = 23;
+
 /// Number of reasons.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 24;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -115,4 +120,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_ring_full",
     "drop_reserved_vlan",
     "pass_no_program",
+    "drop_bad_note",
 ];

@@ -175,18 +175,25 @@ pub fn carry(ctx: &TcContext) -> i32 {
     }
     // SAFETY: the helper edits the packet it is given, nothing else.
     if unsafe { bpf_skb_vlan_pop(ctx.skb.skb.cast()) } != 0 {
-        return TC_ACT_SHOT;
+        return bad_note();
     }
     let Some(note) = vlan_tag(ctx).and_then(|inner| note::read(outer, inner)) else {
-        return TC_ACT_SHOT;
+        return bad_note();
     };
     // The second pop leaves the rewritten frame as XDP wrote it (its own
     // tag, if its device has one, goes back on when it is sent).
     if unsafe { bpf_skb_vlan_pop(ctx.skb.skb.cast()) } != 0 {
-        return TC_ACT_SHOT;
+        return bad_note();
     }
     let (to, priority) = queue(note.ifindex, note.uplink, note.leaf);
     redirect_tc(ctx, to, priority)
+}
+
+/// A noted frame that cannot be carried: counted, and dropped.
+#[inline(always)]
+fn bad_note() -> i32 {
+    stats::count(reason::DROP_BAD_NOTE);
+    TC_ACT_SHOT
 }
 
 /// The tag control word of the packet's (outermost) VLAN tag, which the
