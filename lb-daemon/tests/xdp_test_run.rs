@@ -1522,6 +1522,16 @@ fn in_new_netns(f: impl FnOnce() + Send + 'static) {
 }
 
 /// Run a command in the calling thread's namespaces; it must succeed.
+/// Make the kernel track connections in this thread's namespace: a rule
+/// that needs conntrack does.
+fn track_connections_here() {
+    run_here(&["nft", "add table ip t"]);
+    run_here(&[
+        "nft",
+        "add chain ip t out { type filter hook output priority 0; ct state new counter; }",
+    ]);
+}
+
 fn run_here(args: &[&str]) {
     let out = std::process::Command::new(args[0])
         .args(&args[1..])
@@ -1545,13 +1555,8 @@ fn a_connection_conntrack_holds_is_left_to_the_kernel_and_remembered() {
         return;
     }
     in_new_netns(|| {
-        // A rule that needs conntrack makes the kernel track this
-        // namespace; one datagram over loopback is then a connection.
-        run_here(&["nft", "add table ip t"]);
-        run_here(&[
-            "nft",
-            "add chain ip t out { type filter hook output priority 0; ct state new counter; }",
-        ]);
+        // One datagram over loopback is then a connection.
+        track_connections_here();
         let (server, client) = ([127, 0, 0, 1], [127, 0, 0, 2]);
         let socket = std::net::UdpSocket::bind((Ipv4Addr::from(client), 40_000)).expect("bind");
         socket
@@ -1605,11 +1610,7 @@ fn a_client_port_the_router_uses_to_the_same_server_is_not_kept() {
         // The router's own socket (a WireGuard or NTP one, on a fixed port)
         // talks from each uplink's address and port 5000 to the server's
         // port 53; conntrack holds those connections.
-        run_here(&["nft", "add table ip t"]);
-        run_here(&[
-            "nft",
-            "add chain ip t out { type filter hook output priority 0; ct state new counter; }",
-        ]);
+        track_connections_here();
         let server = Ipv4Addr::from(SERVER);
         run_here(&["ip", "addr", "add", &format!("{server}/32"), "dev", "lo"]);
         for n in 1..=2 {

@@ -521,14 +521,19 @@ impl Lbd {
         &self.bpffs
     }
 
-    /// Run lbctl against this daemon; its stdout on success.
-    pub fn lbctl(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(bin_dir().join("lbctl"))
+    /// lbctl against this daemon, to its end.
+    fn run_lbctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(bin_dir().join("lbctl"))
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
             .output()
-            .context("running lbctl")?;
+            .context("running lbctl")
+    }
+
+    /// Run lbctl against this daemon; its stdout on success.
+    pub fn lbctl(&self, args: &[&str]) -> Result<String> {
+        let out = self.run_lbctl(args)?;
         if !out.status.success() {
             bail!(
                 "lbctl {} failed ({}): {}",
@@ -543,12 +548,7 @@ impl Lbd {
     /// lbctl against this daemon, which must refuse: its exit code and
     /// what it said on stderr.
     pub fn lbctl_refused(&self, args: &[&str]) -> Result<(i32, String)> {
-        let out = Command::new(bin_dir().join("lbctl"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .context("running lbctl")?;
+        let out = self.run_lbctl(args)?;
         ensure!(
             !out.status.success(),
             "lbctl {} was accepted: {}",
