@@ -8,7 +8,7 @@
 
 use std::{
     ffi::CString,
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 use anyhow::{Context, Result};
@@ -41,7 +41,7 @@ impl ForeignXdp {
             anyhow::ensure!(ifindex != 0, "no interface {dev} on {host}");
             let prog = load()?;
             let mut attr = [0u32; 32];
-            attr[0] = fd_number(&prog);
+            attr[0] = prog.as_raw_fd() as u32;
             attr[1] = ifindex;
             attr[2] = BPF_XDP;
             attr[3] = XDP_FLAGS_SKB_MODE;
@@ -65,11 +65,6 @@ fn load() -> Result<OwnedFd> {
     // prog_name[16] and prog_ifindex.
     attr[17] = BPF_XDP;
     bpf(BPF_PROG_LOAD, &mut attr).context("loading a pass-all XDP program")
-}
-
-fn fd_number(fd: &OwnedFd) -> u32 {
-    use std::os::fd::AsRawFd;
-    fd.as_raw_fd() as u32
 }
 
 /// The `bpf` system call with `attr` (zeroed past what the command reads),

@@ -21,8 +21,13 @@ use crate::{
 };
 
 /// Bind the control socket, refusing to start beside a running lbd.
+/// Whether an lbd answers on the control socket at `path`.
+pub fn answers(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
 pub fn bind_control_socket(path: &Path) -> Result<UnixListener> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    if answers(path) {
         bail!(
             "another lbd is already running (its control socket {} answers); stop it first",
             path.display()

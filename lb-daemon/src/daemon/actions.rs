@@ -272,7 +272,7 @@ impl Daemon {
         // here has changed nothing.
         let mut done = Vec::new();
         let before = self.dataplane.settings();
-        if let Err(e) = self.write_settings(&new, &mut done) {
+        if let Err(e) = self.reload_settings(&new, &mut done) {
             if let Err(undo) = self.dataplane.restore_settings(before) {
                 log::error!("reload: putting the data plane's settings back failed: {undo:#}");
             }
@@ -402,12 +402,10 @@ impl Daemon {
         self.history.say("daemon", None, said);
         Ok(Reconfigured::Applied(done))
     }
-}
 
-impl Daemon {
     /// Write the settings a reload to `new` changes (the classifier,
     /// re-steered SYNs, NAT ports), saying each in `done`.
-    fn write_settings(&mut self, new: &Config, done: &mut Vec<String>) -> Result<()> {
+    fn reload_settings(&mut self, new: &Config, done: &mut Vec<String>) -> Result<()> {
         let old = &self.config;
         if old.balance != new.balance {
             self.dataplane

@@ -535,7 +535,7 @@ impl Daemon {
     /// names all of that at the end.
     pub async fn teardown(config: &Config) -> Result<()> {
         let socket = &config.daemon.socket;
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if crate::control::socket::answers(socket) {
             bail!(
                 "lbd is running (its control socket {} answers) and would set everything up \
                  again: stop it first (`systemctl stop lbd`), then tear down",

@@ -504,16 +504,13 @@ fn sort_out<'a, T: Ord + Clone, M: Clone + 'a>(
 /// What to add and remove so that lbd's routes and rules are `wanted`:
 /// its own that are not wanted go, wanted ones that are missing come.
 pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
-    let mut changes = Changes {
-        names: observed
-            .links
-            .iter()
-            .map(|l| (l.index, l.name.clone()))
-            .collect(),
-        ..Changes::default()
-    };
+    let mut changes = Changes::default();
     let ours = |protocol: u8| protocol == ROUTE_PROTOCOL;
-    let names = changes.names.clone();
+    let names: BTreeMap<u32, String> = observed
+        .links
+        .iter()
+        .map(|l| (l.index, l.name.clone()))
+        .collect();
     let dev = |ifindex: u32| {
         names
             .get(&ifindex)
@@ -551,6 +548,7 @@ pub fn changes(observed: &Observed, wanted: &Wanted) -> Changes {
         .filter(|r| ours(r.protocol))
         .map(|r| (owned_rule(r), &r.message, rule_text(r)));
     changes.add_rules6 = sort_out(rules6, &wanted.rules6, &mut changes.del_rules);
+    changes.names = names;
     changes
 }
 
