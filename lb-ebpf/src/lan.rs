@@ -122,11 +122,13 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if info.flags & uplink_flags::CLAMP_MSS != 0 {
         clamp_mss(ctx, &pkt, info.mtu);
     }
+    // Before the translation, whose last step may leave packet pointers
+    // stale (`Frame::resum_l4`).
+    rewrite::decrement_ttl(&pkt);
     translate(ctx, &pkt, End::Source, info.addr, nat_port)?;
     if let Some(datagram) = &datagram {
         frags::remember(datagram, src_port, dst_port);
     }
-    rewrite::decrement_ttl(&pkt);
     let len = match wrapping(uplink, info) {
         None => rewrite::untagged(
             ctx,

@@ -33,6 +33,10 @@ fn bytes(c: u16) -> [u8; 2] {
     c.to_ne_bytes()
 }
 
+/// Where TCP's and UDP's checksums sit in their headers.
+const TCP_CHECK_OFF: usize = core::mem::offset_of!(TcpHdr, check);
+const UDP_CHECK_OFF: usize = core::mem::offset_of!(UdpHdr, check);
+
 /// A UDP checksum after an update: zero means "no checksum" on the wire, so
 /// a computed zero is sent as all ones (in either byte order).
 #[inline(always)]
@@ -50,7 +54,9 @@ pub enum End {
 }
 
 /// Rewrite one end's address and port (ICMP: the echo identifier) to
-/// `addr`/`port`, fixing the IP and L4 checksums.
+/// `addr`/`port`, fixing the IP and L4 checksums. Checks every bound
+/// before it writes: an `Err` leaves the packet as it came. Every packet
+/// pointer taken before is stale afterwards (`Frame::resum_l4`).
 #[inline(always)]
 pub fn translate<C: Frame>(
     ctx: &C,
@@ -59,64 +65,67 @@ pub fn translate<C: Frame>(
     addr: [u8; 4],
     port: [u8; 2],
 ) -> Result<(), u32> {
-    let ip = pkt.ip;
-    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header; L4 headers are
-    // checked by `ptr_at` below.
-    let old_addr = unsafe {
-        if end == End::Source {
-            (*ip).src
-        } else {
-            (*ip).dst
-        }
-    };
-    // What the address change adds to the sums that cover it (the IP
-    // header's, and TCP's or UDP's through their pseudo-header): worked
-    // out once, folded once per checksum.
-    let addr_delta = csum::delta32(word32(old_addr), word32(addr));
     // A later fragment has no transport header: its address alone changes
     // (the transport checksum, in the first fragment, covered it).
     let l4 = if pkt.has_l4() { pkt.proto } else { 0 };
     match l4 {
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, pkt.l4_off)?;
-            unsafe {
-                // Field by field, not through a reference: a `&mut [u8; 2]`
-                // is byte-aligned, and its store would be two byte stores.
-                let old_port = if end == End::Source {
-                    (*tcp).src
-                } else {
-                    (*tcp).dst
-                };
-                if end == End::Source {
+            let addr_delta = readdress(pkt, end, addr);
+            // SAFETY: bounds-checked by `ptr_at`. Field by field, not
+            // through a reference: a `&mut [u8; 2]` is byte-aligned, and its
+            // store would be two byte stores.
+            let (old_port, check) = unsafe {
+                let old = if end == End::Source {
+                    let old = (*tcp).src;
                     (*tcp).src = port;
+                    old
                 } else {
+                    let old = (*tcp).dst;
                     (*tcp).dst = port;
-                }
-                let delta = addr_delta + csum::delta16(word16(old_port), word16(port));
-                (*tcp).check = bytes(csum::apply(word16((*tcp).check), delta));
-            }
+                    old
+                };
+                (old, core::ptr::addr_of_mut!((*tcp).check))
+            };
+            let port_delta = csum::delta16(word16(old_port), word16(port));
+            ctx.resum_l4(
+                check,
+                pkt.l4_off + TCP_CHECK_OFF,
+                false,
+                addr_delta,
+                port_delta,
+            )
         }
         IPPROTO_UDP => {
             let udp: *mut UdpHdr = ptr_at(ctx, pkt.l4_off)?;
-            unsafe {
-                let old_port = if end == End::Source {
-                    (*udp).src
-                } else {
-                    (*udp).dst
-                };
-                if end == End::Source {
+            let addr_delta = readdress(pkt, end, addr);
+            // SAFETY: as for TCP.
+            let (old_port, check) = unsafe {
+                let old = if end == End::Source {
+                    let old = (*udp).src;
                     (*udp).src = port;
+                    old
                 } else {
+                    let old = (*udp).dst;
                     (*udp).dst = port;
-                }
-                if word16((*udp).check) != 0 {
-                    let delta = addr_delta + csum::delta16(word16(old_port), word16(port));
-                    (*udp).check = udp_sum(csum::apply(word16((*udp).check), delta));
-                }
-            }
+                    old
+                };
+                (old, core::ptr::addr_of_mut!((*udp).check))
+            };
+            let port_delta = csum::delta16(word16(old_port), word16(port));
+            ctx.resum_l4(
+                check,
+                pkt.l4_off + UDP_CHECK_OFF,
+                true,
+                addr_delta,
+                port_delta,
+            )
         }
         IPPROTO_ICMP => {
             let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4_off)?;
+            readdress(pkt, end, addr);
+            // SAFETY: bounds-checked by `ptr_at`. ICMP's checksum has no
+            // pseudo-header, and no device leaves it partial.
             unsafe {
                 let old_id = (*icmp).id;
                 (*icmp).id = port;
@@ -126,18 +135,37 @@ pub fn translate<C: Frame>(
                     word16(port),
                 ));
             }
+            Ok(())
         }
-        _ => {}
+        _ => {
+            readdress(pkt, end, addr);
+            Ok(())
+        }
     }
+}
+
+/// Rewrite one end's address in the IP header, with its checksum; returns
+/// what the change adds to the sums that cover the address (the IP
+/// header's, and TCP's or UDP's through their pseudo-header), worked out
+/// once and folded once per checksum.
+#[inline(always)]
+fn readdress(pkt: &Ipv4Packet, end: End, addr: [u8; 4]) -> u32 {
+    let ip = pkt.ip;
+    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
     unsafe {
-        if end == End::Source {
+        let old = if end == End::Source {
+            let old = (*ip).src;
             (*ip).src = addr;
+            old
         } else {
+            let old = (*ip).dst;
             (*ip).dst = addr;
-        }
-        (*ip).check = bytes(csum::apply(word16((*ip).check), addr_delta));
+            old
+        };
+        let delta = csum::delta32(word32(old), word32(addr));
+        (*ip).check = bytes(csum::apply(word16((*ip).check), delta));
+        delta
     }
-    Ok(())
 }
 
 /// The packet an ICMP error quotes: where its header is, and its fields.

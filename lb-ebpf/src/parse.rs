@@ -11,11 +11,12 @@
 use core::mem::{align_of, size_of};
 
 use aya_ebpf::{
-    helpers::{bpf_skb_change_head, bpf_skb_pull_data},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_l4_csum_replace, bpf_skb_change_head, bpf_skb_pull_data},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use lb_common::{egress::note, reason};
+use lb_common::{csum, egress::note, reason};
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -139,6 +140,36 @@ pub trait Frame {
     /// Move the packet's start by `delta` bytes (negative: room in front).
     /// Every packet pointer taken before is stale afterwards.
     fn adjust_head(&self, delta: i32) -> Result<(), u32>;
+
+    /// Account in the transport checksum at `check` (`off` bytes into the
+    /// packet) for a rewrite already made: `pseudo` is what it added to
+    /// the pseudo-header's sum (the addresses), `segment` what it added to
+    /// the segment's own bytes (the ports), both unfolded as
+    /// `lb_common::csum::delta16`/`delta32` give them. `udp`: a zero
+    /// checksum means none and stays zero, and a computed zero is sent as
+    /// all ones. Every packet pointer taken before is stale afterwards.
+    ///
+    /// A frame's checksum is complete, so it is updated in place.
+    #[inline(always)]
+    fn resum_l4(
+        &self,
+        check: *mut [u8; 2],
+        _off: usize,
+        udp: bool,
+        pseudo: u32,
+        segment: u32,
+    ) -> Result<(), u32> {
+        // SAFETY: the caller bounds-checked `check` (`ptr_at`).
+        unsafe {
+            let old = u16::from_ne_bytes(*check);
+            if udp && old == 0 {
+                return Ok(());
+            }
+            let new = csum::apply(old, pseudo + segment);
+            *check = if udp && new == 0 { 0xffff } else { new }.to_ne_bytes();
+        }
+        Ok(())
+    }
 }
 
 impl Frame for XdpContext {
@@ -220,6 +251,40 @@ impl Frame for L3Packet<'_> {
         // SAFETY: the helper grows the buffer as needed and checks `len`.
         if unsafe { bpf_skb_change_head(self.ctx.skb.skb.cast(), delta.unsigned_abs(), 0) } != 0 {
             return Err(reason::PASS_MALFORMED);
+        }
+        Ok(())
+    }
+
+    /// By the kernel's helper: a packet merged from several segments (GRO:
+    /// kernel WireGuard, a modem driver) carries a partial checksum, whose
+    /// field holds the pseudo-header's sum alone, for the device that sends
+    /// it on to finish; only an address change moves it. The helper knows
+    /// which kind of checksum the packet has (and keeps a complete one's
+    /// running sum right too).
+    #[inline(always)]
+    fn resum_l4(
+        &self,
+        _check: *mut [u8; 2],
+        off: usize,
+        udp: bool,
+        pseudo: u32,
+        segment: u32,
+    ) -> Result<(), u32> {
+        let skb = self.ctx.skb.skb.cast();
+        let keep_none = if udp {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        // A size of 0 in the flags: `to` is a sum to add, `from` unused.
+        for (diff, pseudo_hdr) in [(pseudo, u64::from(BPF_F_PSEUDO_HDR)), (segment, 0)] {
+            // SAFETY: the helper checks `off` against the packet.
+            let rc = unsafe {
+                bpf_l4_csum_replace(skb, off as u32, 0, u64::from(diff), pseudo_hdr | keep_none)
+            };
+            if rc != 0 {
+                return Err(reason::PASS_MALFORMED);
+            }
         }
         Ok(())
     }

@@ -219,6 +219,11 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     }
 
     let flags = parse::tcp_flags(ctx, &pkt);
+    // Before the translation, whose last step may leave packet pointers
+    // stale (`Frame::resum_l4`). A translation that fails has written
+    // nothing else: such a packet (its transport header cut short) goes to
+    // the kernel one hop older, which it no longer minds.
+    rewrite::decrement_ttl(&pkt);
     match &inner {
         Some(inner) => {
             nat::translate_icmp_error(ctx, &pkt, inner, back.client_addr, back.client_port)?
@@ -231,7 +236,6 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
             back.client_port,
         )?,
     }
-    rewrite::decrement_ttl(&pkt);
     let now = clock::now();
     if inner.is_none() {
         // The flow's entry, at most once a tick, or when the flags move

@@ -5,6 +5,12 @@
 //! firmware and the operator's network are between the router and the
 //! internet.
 //!
+//! Both tun devices are opened with offloads (`tun::Options::offloads`):
+//! packets cross them as the kernel holds them, large TCP segments with
+//! partial checksums included, the way a modem driver or a tunnel that
+//! merges segments (GRO; kernel WireGuard does) hands them to the router.
+//! The relay copies each packet with its `virtio_net_hdr` unchanged.
+//!
 //! Owns the two tun devices (they go when it is dropped: they are not
 //! persistent) and the relay. Never touches a device it did not create.
 
@@ -24,8 +30,9 @@ use crate::{lab::Lab, netns::in_netns, tun};
 const TUNSETCARRIER: libc::c_ulong = 0x4004_54e2;
 /// How often the relay looks at its stop flag.
 const TICK: Duration = Duration::from_millis(100);
-/// Largest packet relayed (the tun devices' MTU is below it).
-const MAX_PACKET: usize = 65_536;
+/// Largest packet relayed, with its `virtio_net_hdr`: a merged segment
+/// is at most an IP packet's 64 KiB.
+const MAX_PACKET: usize = 65_536 + tun::VNET_HDR_LEN;
 
 /// One end: a host, the tun device's name there and its address (with
 /// its prefix length, `10.77.0.2/30`).
@@ -53,7 +60,16 @@ impl RawIpLink {
         let mut ends = Vec::new();
         for end in [a, b] {
             let ns = lab.ns(end.host)?;
-            let file = in_netns(ns, || tun::open(end.ifname, tun::Kind::Tun, false))?;
+            let file = in_netns(ns, || {
+                tun::open(
+                    end.ifname,
+                    tun::Kind::Tun,
+                    tun::Options {
+                        nonblocking: false,
+                        offloads: true,
+                    },
+                )
+            })?;
             let mtu = mtu.to_string();
             for cmd in [
                 vec!["ip", "link", "set", "dev", end.ifname, "mtu", &mtu],

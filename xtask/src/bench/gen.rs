@@ -333,7 +333,14 @@ impl<'a> Tap<'a> {
     /// A new tap whose frames leave by `ifindex` (the client's eth0).
     fn open(frames: &'a TapFrames, ifindex: u32) -> Result<Tap<'a>> {
         let name = format!("lbgen{}", TAPS.fetch_add(1, Ordering::Relaxed));
-        let file = tun::open(&name, tun::Kind::Tap, true)?;
+        let file = tun::open(
+            &name,
+            tun::Kind::Tap,
+            tun::Options {
+                nonblocking: true,
+                offloads: false,
+            },
+        )?;
         let mut tap = Tap {
             file,
             name,

@@ -710,7 +710,16 @@ struct TunSink {
 
 impl TunSink {
     fn start(lab: &Lab, cpu: usize) -> Result<TunSink> {
-        let file = in_netns(lab.ns("router")?, || tun::open(TUN, tun::Kind::Tun, true))?;
+        let file = in_netns(lab.ns("router")?, || {
+            tun::open(
+                TUN,
+                tun::Kind::Tun,
+                tun::Options {
+                    nonblocking: true,
+                    offloads: false,
+                },
+            )
+        })?;
         let address = format!("{}/{TUN_PREFIX_LEN}", std::net::Ipv4Addr::from(TUN_ADDR));
         for cmd in [
             vec!["ip", "link", "set", "dev", TUN, "mtu", TUN_MTU],
