@@ -25,6 +25,7 @@
 //! address = "10.10.0.2/24"     # or several: ["10.10.0.2/24", "2001:db8::2/64"]
 //! mtu = 1500                   # optional
 //! offload = { tso = false, gro = true }   # optional, `ethtool -K` features
+//! queues = 2                   # optional: transmit and receive queues
 //! master = "br-lan"            # optional: a port of this host's bridge
 //!                              # (an iface with kind = "bridge")
 //! [link.b]
@@ -143,6 +144,8 @@ pub struct End {
     /// `ethtool -K` features: `tso = false` becomes `tso off`.
     #[serde(default)]
     pub offload: BTreeMap<String, bool>,
+    /// Transmit and receive queues; one of each if unsaid.
+    pub queues: Option<u32>,
 }
 
 /// `tc qdisc ... tbf rate RATE burst BURST latency LATENCY`, in tc's units.
@@ -395,6 +398,13 @@ impl LabDesc {
                 }
                 for feature in end.offload.keys() {
                     check_name("offload feature", feature, 64).with_context(what)?;
+                }
+                if let Some(queues) = end.queues {
+                    ensure!(
+                        (1..=64).contains(&queues),
+                        "{}: queues {queues} is outside 1..=64",
+                        what()
+                    );
                 }
             }
             if let Some(tbf) = &link.tbf {

@@ -194,9 +194,17 @@ impl Lab {
         let (a, b) = (&link.a, &link.b);
         let (a_ns, b_ns) = (self.ns(&a.host)?, self.ns(&b.host)?);
         // Both ends are born in their namespaces: the host's own never sees them.
+        // Said for both ends: an end left unsaid takes its peer's count.
+        let queues = |end: &crate::desc::End| {
+            let n = end.queues.unwrap_or(1);
+            format!(" numtxqueues {n} numrxqueues {n}")
+        };
         let veth = format!(
-            "link add {} netns {a_ns} type veth peer name {} netns {b_ns}",
-            a.ifname, b.ifname
+            "link add {} netns {a_ns}{} type veth peer name {} netns {b_ns}{}",
+            a.ifname,
+            queues(a),
+            b.ifname,
+            queues(b)
         );
         netns::run(Command::new("ip").args(veth.split_whitespace()))?;
         for end in link.ends() {

@@ -18,6 +18,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     dhcp, require_root,
     stream::{port_on, probe_via, wait_for, Sink, Stream},
+    traffic::{tcp_upload, TcpSinkServer},
     unique_prefix, watch_sources,
     xdp::ForeignXdp,
     Lab, LabDesc, LanLeaks,
@@ -162,6 +163,80 @@ fn someone_elses_xdp_programs_on_an_uplink_and_a_lan_port_hold_up_nothing_else()
             && status["lan_faults"].as_array().is_some_and(Vec::is_empty))
     })?;
 
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+#[test]
+fn a_lan_port_without_native_xdp_carries_a_clients_uploads_whole() -> Result<()> {
+    const SIZE: usize = 8 * 1024 * 1024;
+    if !require_root("a_lan_port_without_native_xdp_carries_a_clients_uploads_whole") {
+        return Ok(());
+    }
+    // client2's port (lan1) has no native XDP, as a Wi-Fi or USB port has
+    // none: its peer has more transmit queues than it has receive queues,
+    // which veth's native XDP refuses. lb's program runs there in generic
+    // mode, on socket buffers. The port merges segments (GRO), as Wi-Fi
+    // drivers do: a merged packet would carry a partial checksum that XDP
+    // cannot tell from a complete one, and be longer than the uplink's
+    // MTU. The kernel skips GRO on a device with a generic XDP program;
+    // this test holds it to that.
+    let mut desc = LabDesc::shipped("dhcp")?;
+    for end in desc.links.iter_mut().flat_map(|l| [&mut l.a, &mut l.b]) {
+        if end.host == "client2" {
+            end.queues = Some(2);
+        }
+    }
+    let mut lab = Lab::up(&desc, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    dhcp::start(&mut lab, &[1, 2, 3])?;
+    lab.exec("router", &["ethtool", "-K", "lan1", "gro", "on"])?;
+    // The ISPs' links finish checksums themselves, as a NIC does before the
+    // wire (a veth hands a partial one on, and the server trusts it): a
+    // packet translated with a wrong checksum then fails at the server, as
+    // it would on the internet.
+    for n in 1..=3 {
+        lab.exec(&format!("isp{n}"), &["ethtool", "-K", "up0", "tx", "off"])?;
+    }
+
+    let lbd = Lbd::start(&mut lab, &config())?;
+    for n in 1..=3 {
+        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
+    }
+    wait_for("lan_ingress on lan1", BOUND, || {
+        let status = lbd.status()?;
+        Ok(status["lan_ports"] == serde_json::json!(["lan0", "lan1"]))
+    })?;
+    let shown = lab.exec("router", &["ip", "link", "show", "dev", "lan1"])?;
+    ensure!(
+        shown.contains("xdpgeneric"),
+        "lb's program on lan1 is not in generic mode, so this test tests nothing: {shown}"
+    );
+
+    let inet = lab.ns("inet")?.to_string();
+    let server = TcpSinkServer::start(&inet, "198.51.100.10:0".parse()?)?;
+    let client2 = lab.ns("client2")?.to_string();
+    // Back to one queue, now that lb is attached: veth merges only what
+    // arrives on a queue the port has.
+    lab.exec("client2", &["ethtool", "-L", "eth0", "tx", "1", "rx", "1"])?;
+    // Several connections: they spread over the uplinks.
+    for upload in 0..4 {
+        let got = tcp_upload(&client2, server.local_addr(), SIZE, BOUND)?;
+        ensure!(
+            got == SIZE as u64,
+            "upload {upload} from client2: the server read {got} of {SIZE} bytes"
+        );
+    }
+    // Each crossed lb as packets of the uplink's size: none was merged.
+    let status = lbd.status()?;
+    for reason in ["told_too_big", "pass_too_big"] {
+        let n = status["reasons"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r[0] == reason))
+            .map_or(-1, |r| r[1].as_i64().unwrap_or(-1));
+        ensure!(n == 0, "{reason}: {n} (from status {status})");
+    }
+    eprintln!("4 uploads of {SIZE} bytes from client2 arrived whole");
     leaks.check()?;
     lbd.stop(&mut lab)
 }
