@@ -169,10 +169,13 @@ pub fn inbound(frame: &[u8], t: &Inbound, out: &mut [u8]) -> Option<usize> {
 
 /// Model of `wan_ingress` translating an ICMP error about a NATed packet:
 /// the outer destination and the embedded packet's source address and port
-/// go back to the client's; the embedded IP checksum is recomputed, an
-/// embedded UDP checksum updated, the outer ICMP checksum recomputed.
+/// go back to the client's; the embedded IP checksum is recomputed, the
+/// embedded transport checksum updated where quoted (a UDP one if in
+/// use), the outer ICMP checksum recomputed.
 pub fn icmp_error_inbound(frame: &[u8], t: &Inbound, out: &mut [u8]) -> Option<usize> {
     let (fr, len) = relink(frame, t, out)?;
+    // What the error quotes ends with the frame.
+    let out = &mut out[..len];
     out[fr.l3 + 16..fr.l3 + 20].copy_from_slice(&t.client_addr);
     let inner = fr.l4 + 8;
     let inner_l4 = inner + usize::from(out[inner] & 0x0f) * 4;
@@ -187,11 +190,27 @@ pub fn icmp_error_inbound(frame: &[u8], t: &Inbound, out: &mut [u8]) -> Option<u
     let old_port = u16::from_be_bytes([out[port_at], out[port_at + 1]]);
     out[port_at..port_at + 2].copy_from_slice(&t.client_port.to_be_bytes());
     fix_ip(out, inner);
-    if inner_proto == UDP && out.get(inner_l4 + 6..inner_l4 + 8)? != [0, 0] {
-        let c = u16::from_be_bytes([out[inner_l4 + 6], out[inner_l4 + 7]]);
-        let c = csum::replace32(c, old_addr, u32::from_be_bytes(t.client_addr));
-        let c = csum::replace16(c, old_port, t.client_port);
-        out[inner_l4 + 6..inner_l4 + 8].copy_from_slice(&c.to_be_bytes());
+    // The quoted transport checksum, where the quote holds it: UDP's (if
+    // in use) and TCP's cover the address (pseudo-header) and the port, an
+    // echo's its identifier.
+    let check_at = inner_l4
+        + match inner_proto {
+            UDP => 6,
+            TCP => 16,
+            _ => 2,
+        };
+    if let Some(field) = out.get(check_at..check_at + 2) {
+        let c = u16::from_be_bytes([field[0], field[1]]);
+        if !(inner_proto == UDP && c == 0) {
+            let mut c = csum::replace16(c, old_port, t.client_port);
+            if inner_proto != ICMP {
+                c = csum::replace32(c, old_addr, u32::from_be_bytes(t.client_addr));
+            }
+            if inner_proto == UDP && c == 0 {
+                c = 0xffff;
+            }
+            out[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
     }
     fix_ip(out, fr.l3);
     fix_l4(out, &fr);

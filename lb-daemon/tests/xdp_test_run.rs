@@ -1031,64 +1031,93 @@ fn icmp_errors_about_natted_packets_reach_the_client() {
         return;
     }
     let mut h = Harness::new([uplink_state::ACTIVE; 2]);
-    // A client port in the router's own range: the NAT maps it to
-    // another, and the quoted header must get it back.
-    let (nat_port, frame, out) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 1000, |p| udp(p, 64));
-    let client_port = u16::from_be_bytes([frame[34], frame[35]]);
-    assert_ne!(nat_port, client_port, "the client's port was mapped");
-    let up = uplink_info(2, uplink_state::ACTIVE);
-    // Time exceeded from a router beyond the ISP, quoting what left.
-    let quoted = &out[14..14 + 28];
-    for (kind, code) in [(11u8, 0u8), (3, 4), (3, 3)] {
-        let mut icmp = vec![
-            kind,
-            code,
-            0,
-            0,
-            0,
-            0,
-            if code == 4 { 0x05 } else { 0 },
-            if code == 4 { 0x78 } else { 0 },
-        ];
-        icmp.extend_from_slice(quoted);
-        let c = lb_common::csum::checksum(&icmp, 0);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        let b = PacketBuilder::ethernet2(up.gw_mac, up.src_mac).ipv4([100, 65, 2, 1], up.addr, 60);
-        let mut err = Vec::new();
-        b.write(&mut err, etherparse::IpNumber::ICMP, &icmp)
-            .expect("build");
-        let (verdict, back) = h.run(program::WAN_INGRESS, &err);
-        assert_eq!(
-            verdict, XDP_REDIRECT,
-            "ICMP {kind}/{code} goes to the client"
+    let echo = |id: u16| {
+        build(
+            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv4(CLIENT, SERVER, 64)
+                .icmpv4_echo_request(id, 1),
+            b"ping",
+        )
+    };
+    // A UDP datagram quoted as RFC 792 asks (its header and 8 bytes); a
+    // TCP SYN and an echo request quoted whole, as most routers quote.
+    // Each from a client port (or identifier) in the router's own range:
+    // the NAT maps it to another, and the quote must get it back.
+    type Make = Box<dyn Fn(u16) -> Vec<u8>>;
+    let flows: [(&str, Make, Option<usize>); 3] = [
+        ("UDP", Box::new(|p| udp(p, 64)), Some(28)),
+        ("TCP", Box::new(tcp), None),
+        ("echo", Box::new(echo), None),
+    ];
+    for (what, make, quote_len) in flows {
+        let (nat_port, frame, out) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 1000, make);
+        let port_at = if what == "echo" { 4 } else { 0 };
+        let client_port = u16::from_be_bytes([frame[34 + port_at], frame[35 + port_at]]);
+        assert_ne!(
+            nat_port, client_port,
+            "{what}: the client's port was mapped"
         );
-        assert_eq!(
-            back,
-            inbound_model(&err, client_port, true),
-            "ICMP {kind}/{code}: data plane and model agree"
-        );
-        // Independently: outer and quoted headers carry the client, and the
-        // ICMP checksum verifies.
-        assert_eq!(&back[30..34], &CLIENT);
-        assert_eq!(
-            &back[34 + 8 + 12..34 + 8 + 16],
-            &CLIENT,
-            "quoted source is the client"
-        );
-        let icmp_len = back.len() - 34;
-        assert!(
-            lb_common::csum::verifies(&back[34..34 + icmp_len], 0),
-            "ICMP checksum"
-        );
-        assert!(
-            lb_common::csum::verifies(&back[42..62], 0),
-            "quoted IP checksum"
-        );
-        assert_eq!(
-            u16::from_be_bytes([back[62], back[63]]),
-            client_port,
-            "ICMP {kind}/{code}: the quoted source port is the client's again"
-        );
+        let up = uplink_info(2, uplink_state::ACTIVE);
+        // From a router beyond the ISP, quoting what left.
+        let quoted = &out[14..14 + quote_len.unwrap_or(out.len() - 14)];
+        for (kind, code) in [(11u8, 0u8), (3, 4), (3, 3)] {
+            let mut icmp = vec![
+                kind,
+                code,
+                0,
+                0,
+                0,
+                0,
+                if code == 4 { 0x05 } else { 0 },
+                if code == 4 { 0x78 } else { 0 },
+            ];
+            icmp.extend_from_slice(quoted);
+            let c = lb_common::csum::checksum(&icmp, 0);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            let b =
+                PacketBuilder::ethernet2(up.gw_mac, up.src_mac).ipv4([100, 65, 2, 1], up.addr, 60);
+            let mut err = Vec::new();
+            b.write(&mut err, etherparse::IpNumber::ICMP, &icmp)
+                .expect("build");
+            let (verdict, back) = h.run(program::WAN_INGRESS, &err);
+            let this = format!("ICMP {kind}/{code} about {what}");
+            assert_eq!(verdict, XDP_REDIRECT, "{this} goes to the client");
+            assert_eq!(
+                back,
+                inbound_model(&err, client_port, true),
+                "{this}: data plane and model agree"
+            );
+            // Independently: outer and quoted headers carry the client, and
+            // the checksums verify.
+            assert_eq!(&back[30..34], &CLIENT);
+            assert_eq!(
+                &back[34 + 8 + 12..34 + 8 + 16],
+                &CLIENT,
+                "{this}: quoted source is the client"
+            );
+            assert!(
+                lb_common::csum::verifies(&back[34..], 0),
+                "{this}: ICMP checksum"
+            );
+            assert!(
+                lb_common::csum::verifies(&back[42..62], 0),
+                "{this}: quoted IP checksum"
+            );
+            assert_eq!(
+                u16::from_be_bytes([back[62 + port_at], back[63 + port_at]]),
+                client_port,
+                "{this}: the quoted source port is the client's again"
+            );
+            if quote_len.is_none() {
+                // Quoted whole: the client gets back the very segment it
+                // sent, its checksum included.
+                assert_eq!(
+                    &back[62..],
+                    &frame[34..],
+                    "{this}: the quoted segment is the client's own"
+                );
+            }
+        }
     }
 }
 

@@ -218,8 +218,9 @@ pub fn embedded<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
 
 /// Translate an ICMP error about a NATed packet back to the client: the
 /// outer destination, and the quoted packet's source address and port,
-/// become `addr`/`port`. Fixes the quoted IP checksum, a quoted UDP
-/// checksum if present, the ICMP checksum and the outer IP checksum.
+/// become `addr`/`port`. Fixes the quoted IP checksum, the quoted
+/// transport checksum if quoted (a UDP one if in use), the ICMP checksum
+/// and the outer IP checksum.
 #[inline(always)]
 pub fn translate_icmp_error<C: Frame>(
     ctx: &C,
@@ -256,17 +257,40 @@ pub fn translate_icmp_error<C: Frame>(
         *port_field = port;
         icmp_c = csum::replace16(icmp_c, word16(inner.src_port), word16(port));
 
-        // A quoted UDP checksum, when the quote reaches it and it is in use.
-        if inner.proto == IPPROTO_UDP {
-            if let Ok(udp) = ptr_at::<UdpHdr>(ctx, inner.l4_off) {
-                let old = (*udp).check;
-                if old != [0, 0] {
-                    let c = csum::replace32(word16(old), word32(inner.src), word32(addr));
-                    let new = udp_sum(csum::replace16(c, word16(inner.src_port), word16(port)));
-                    (*udp).check = new;
-                    icmp_c = csum::replace16(icmp_c, word16(old), word16(new));
-                }
-            }
+        // The quoted transport checksum, when the quote reaches it (RFC 792
+        // promises 8 bytes; most routers quote more): the client then gets
+        // back what it sent, as the kernel's NAT gives it.
+        let port_delta = csum::delta16(word16(inner.src_port), word16(port));
+        let addr_delta = csum::delta32(word32(inner.src), word32(addr));
+        let quoted_check: Option<*mut [u8; 2]> = match inner.proto {
+            IPPROTO_UDP => ptr_at::<UdpHdr>(ctx, inner.l4_off)
+                .ok()
+                .map(|udp| core::ptr::addr_of_mut!((*udp).check))
+                .filter(|check| **check != [0, 0]),
+            IPPROTO_TCP => ptr_at::<TcpHdr>(ctx, inner.l4_off)
+                .ok()
+                .map(|tcp| core::ptr::addr_of_mut!((*tcp).check)),
+            // An echo's identifier is in its own checksum, without a
+            // pseudo-header.
+            _ => ptr_at::<IcmpHdr>(ctx, inner.l4_off)
+                .ok()
+                .map(|echo| core::ptr::addr_of_mut!((*echo).check)),
+        };
+        if let Some(check) = quoted_check {
+            let old = *check;
+            let delta = if inner.proto == IPPROTO_ICMP {
+                port_delta
+            } else {
+                port_delta + addr_delta
+            };
+            let new = csum::apply(word16(old), delta);
+            let new = if inner.proto == IPPROTO_UDP {
+                udp_sum(new)
+            } else {
+                bytes(new)
+            };
+            *check = new;
+            icmp_c = csum::replace16(icmp_c, word16(old), word16(new));
         }
         (*icmp).check = bytes(icmp_c);
 
