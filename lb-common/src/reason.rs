@@ -88,8 +88,13 @@ pub const PASS_NO_PROGRAM: u32 = 22;
 /// headers are rewritten already, so it cannot go on to the kernel.
 pub const DROP_BAD_NOTE: u32 = 23;
 
+/// Translated, then a later step failed (the new link-layer header, the
+/// kernel's checksum helper on a tc path): half rewritten, the packet
+/// cannot go on to the kernel, which would take it for another.
+pub const DROP_UNFINISHED: u32 = 24;
+
 /// Number of reasons.
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 25;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -121,4 +126,36 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_reserved_vlan",
     "pass_no_program",
     "drop_bad_note",
+    "drop_unfinished",
 ];
+
+/// Whether `reason` is a drop: a path that gives up on a packet with a
+/// drop reason drops it, with any other it leaves it to the kernel.
+pub const fn drops(reason: u32) -> bool {
+    matches!(
+        reason,
+        DROP_NO_UPLINK
+            | DROP_REDIRECT_FAILED
+            | DROP_TOO_BIG
+            | DROP_NAT_EXHAUSTED
+            | DROP_POLICY
+            | DROP_POLICY_UNREACHABLE
+            | DROP_FOREIGN_SOURCE
+            | DROP_RING_FULL
+            | DROP_RESERVED_VLAN
+            | DROP_BAD_NOTE
+            | DROP_UNFINISHED
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drops_are_the_reasons_named_drop() {
+        for (reason, name) in (0..COUNT).zip(NAMES) {
+            assert_eq!(drops(reason), name.starts_with("drop_"), "{name}");
+        }
+    }
+}

@@ -136,15 +136,16 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
             parse::ETH_P_IPV4,
             info.src_mac,
             info.gw_mac,
-        )?,
+        ),
         Some(_) => wrap(
             ctx,
             uplink,
             pkt.l3_off,
             parse::ETH_P_IPV4,
             usize::from(u16::from_be_bytes(total_len)),
-        )?,
-    };
+        ),
+    }
+    .map_err(|_| reason::DROP_UNFINISHED)?;
     stats::sent(uplink, now, &key, len);
     Ok(egress::send(ctx, info.ifindex, uplink, src, || {
         TX_PORTS.redirect(uplink, 0)

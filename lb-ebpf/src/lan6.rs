@@ -136,7 +136,8 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         unsafe { (*ip).src = src.0 };
     }
     rewrite::decrement_hop_limit(&pkt);
-    let len = rewrite::untagged(ctx, pkt.tagged(), ETH_P_IPV6, info.src_mac, six.gw_mac)?;
+    let len = rewrite::untagged(ctx, pkt.tagged(), ETH_P_IPV6, info.src_mac, six.gw_mac)
+        .map_err(|_| reason::DROP_UNFINISHED)?;
     let folded = key.folded();
     stats::sent6(uplink, now, &key, folded, len);
     Ok(egress::send(

@@ -59,7 +59,7 @@ pub fn lan_ingress(ctx: XdpContext) -> u32 {
     if parse::ether_type(&ctx) == parse::ETH_P_IPV6 {
         return to_lan_ingress6(&ctx);
     }
-    lan::ingress(&ctx).unwrap_or_else(stats::pass)
+    lan::ingress(&ctx).unwrap_or_else(stats::give_up)
 }
 
 /// `lan_ingress`'s IPv6 half, reached only by its tail call (`LAN6`).
@@ -76,7 +76,7 @@ pub fn lan_ingress6(ctx: XdpContext) -> u32 {
             stats::drop(reason::DROP_POLICY_UNREACHABLE)
         }
         Ok(verdict) => verdict,
-        Err(reason) => stats::pass(reason),
+        Err(reason) => stats::give_up(reason),
     }
 }
 
@@ -104,7 +104,7 @@ pub fn wan_ingress(ctx: XdpContext) -> u32 {
     if parse::note_tagged(&ctx) {
         return refuse_note();
     }
-    wan::ingress(&ctx).unwrap_or_else(|reason| stats::pass(reason))
+    wan::ingress(&ctx).unwrap_or_else(stats::give_up)
 }
 
 /// Drop and count a frame that arrived with a hand-off note's tag (see

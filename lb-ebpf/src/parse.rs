@@ -283,7 +283,8 @@ impl Frame for L3Packet<'_> {
                 bpf_l4_csum_replace(skb, off as u32, 0, u64::from(diff), pseudo_hdr | keep_none)
             };
             if rc != 0 {
-                return Err(reason::PASS_MALFORMED);
+                // The address is rewritten already.
+                return Err(reason::DROP_UNFINISHED);
             }
         }
         Ok(())

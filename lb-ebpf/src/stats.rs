@@ -5,7 +5,10 @@
 //! signals.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::maps::{signals6, FlowKey, FlowKey6, Signals, UplinkStats};
+use lb_common::{
+    maps::{signals6, FlowKey, FlowKey6, Signals, UplinkStats},
+    reason,
+};
 
 use crate::maps::{REASONS, SIGNALS, UPLINK_STATS};
 
@@ -47,6 +50,18 @@ pub fn pass(reason: u32) -> u32 {
 pub fn drop(reason: u32) -> u32 {
     bump_reason(reason);
     XDP_DROP
+}
+
+/// Count `reason` for a packet the fast path gave up on: dropped if the
+/// reason is a drop (`reason::drops`: above all one already half
+/// rewritten), the kernel's otherwise.
+#[inline(always)]
+pub fn give_up(reason: u32) -> u32 {
+    if reason::drops(reason) {
+        drop(reason)
+    } else {
+        pass(reason)
+    }
 }
 
 /// Update the counters of `uplink` with `f`.

@@ -12,7 +12,7 @@
 //! and sends the packet out of the client's LAN port.
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, TC_ACT_OK},
+    bindings::{xdp_action::XDP_PASS, TC_ACT_OK, TC_ACT_SHOT},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -102,7 +102,11 @@ pub fn ingress_l3(ctx: &TcContext) -> i32 {
     });
     sent.unwrap_or_else(|reason| {
         stats::count(reason);
-        TC_ACT_OK
+        if reason::drops(reason) {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        }
     })
 }
 
@@ -253,7 +257,8 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
         back.lan_mac,
         back.client_mac,
         back.vlan_tci,
-    )?;
+    )
+    .map_err(|_| reason::DROP_UNFINISHED)?;
     // An answer says the path works; an ICMP error says otherwise.
     stats::replied(uplink, now, inner.is_none());
     Ok(Back {

@@ -126,7 +126,8 @@ pub fn ingress(ctx: &XdpContext, uplink: u32) -> Result<u32, u32> {
         back.lan_mac,
         back.client_mac,
         back.vlan_tci,
-    )?;
+    )
+    .map_err(|_| reason::DROP_UNFINISHED)?;
     // An answer says the path works; an ICMP error says otherwise.
     stats::replied6(uplink, now, quoted.is_none());
     Ok(egress::send(
