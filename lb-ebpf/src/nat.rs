@@ -231,7 +231,15 @@ pub fn translate_icmp_error<C: Frame>(
 ) -> Result<(), u32> {
     let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4_off)?;
     let inner_ip: *mut Ipv4Hdr = ptr_at(ctx, inner.ip_off)?;
-    // SAFETY: bounds-checked by `ptr_at` (and `parse::ipv4` for `pkt.ip`).
+    // The quoted source port (or echo identifier).
+    let port_off = if inner.proto == IPPROTO_ICMP {
+        inner.l4_off + 4
+    } else {
+        inner.l4_off
+    };
+    let port_field: *mut [u8; 2] = ptr_at(ctx, port_off)?;
+    // SAFETY: bounds-checked by `ptr_at` (and `parse::ipv4` for `pkt.ip`),
+    // all before the first write.
     unsafe {
         let mut icmp_c = word16((*icmp).check);
 
@@ -248,12 +256,6 @@ pub fn translate_icmp_error<C: Frame>(
         icmp_c = csum::replace16(icmp_c, word16(old_inner_c), word16(inner_c));
 
         // Quoted source port (or echo identifier).
-        let port_off = if inner.proto == IPPROTO_ICMP {
-            inner.l4_off + 4
-        } else {
-            inner.l4_off
-        };
-        let port_field: *mut [u8; 2] = ptr_at(ctx, port_off)?;
         *port_field = port;
         icmp_c = csum::replace16(icmp_c, word16(inner.src_port), word16(port));
 

@@ -149,7 +149,11 @@ pub trait Frame {
     /// checksum means none and stays zero, and a computed zero is sent as
     /// all ones. Every packet pointer taken before is stale afterwards.
     ///
-    /// A frame's checksum is complete, so it is updated in place.
+    /// A frame's checksum is complete, so it is updated in place. (In
+    /// generic mode XDP runs on a socket buffer, but the kernel merges no
+    /// segments (GRO) under a generic program, and the devices that would
+    /// hand over a partial checksum of their own, veth and tap, have
+    /// native XDP.)
     #[inline(always)]
     fn resum_l4(
         &self,
