@@ -454,6 +454,16 @@ impl Lab {
         })
     }
 
+    /// Polls, with a bound, until `host:ifname` and its peer are
+    /// operationally up again after something that restarts a device
+    /// (such as a change of its queues).
+    pub fn wait_up(&self, host: &str, ifname: &str) -> Result<()> {
+        match self.desc.peer(host, ifname) {
+            Some(peer) => self.wait_operational(&[(host, ifname), (&peer.host, &peer.ifname)]),
+            None => self.wait_operational(&[(host, ifname)]),
+        }
+    }
+
     /// Polls, with a bound, until each of `ifaces` is operationally up.
     fn wait_operational(&self, ifaces: &[(&str, &str)]) -> Result<()> {
         let deadline = Instant::now() + LINK_UP_TIMEOUT;

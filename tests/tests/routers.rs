@@ -219,6 +219,7 @@ fn a_lan_port_without_native_xdp_carries_a_clients_uploads_whole() -> Result<()>
     // Back to one queue, now that lb is attached: veth merges only what
     // arrives on a queue the port has.
     lab.exec("client2", &["ethtool", "-L", "eth0", "tx", "1", "rx", "1"])?;
+    lab.wait_up("client2", "eth0")?;
     // Several connections: they spread over the uplinks.
     for upload in 0..4 {
         let got = tcp_upload(&client2, server.local_addr(), SIZE, BOUND)?;
