@@ -97,6 +97,34 @@ fn boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come() 
 }
 
 #[test]
+fn an_uplinks_first_probes_find_the_routes_lbd_makes_for_them() -> Result<()> {
+    if !require_root("an_uplinks_first_probes_find_the_routes_lbd_makes_for_them") {
+        return Ok(());
+    }
+    // The main table has one default route (isp1's, from its DHCP client):
+    // a probe through isp2 or isp3 needs the table lbd makes for it.
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    dhcp::start(&mut lab, &[1, 2, 3])?;
+    let lbd = Lbd::start(&mut lab, &config())?;
+    for n in 1..=3 {
+        let name = format!("isp{n}");
+        lbd.wait_lifecycle(&name, "in service", BOUND)?;
+        // Its first answer: every probe before it was judged by then.
+        wait_for(&format!("{name}'s first answered probe"), BOUND, || {
+            Ok(!lbd.uplink(&name)?["rtt_ms"].is_null())
+        })?;
+    }
+    for n in 1..=3 {
+        let uplink = lbd.uplink(&format!("isp{n}"))?;
+        ensure!(
+            uplink["loss_percent"].as_f64() == Some(0.0),
+            "isp{n} lost probes on a healthy line: {uplink}"
+        );
+    }
+    lbd.stop(&mut lab)
+}
+
+#[test]
 fn someone_elses_xdp_programs_on_an_uplink_and_a_lan_port_hold_up_nothing_else() -> Result<()> {
     if !require_root("someone_elses_xdp_programs_on_an_uplink_and_a_lan_port_hold_up_nothing_else")
     {

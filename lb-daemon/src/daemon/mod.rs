@@ -320,6 +320,9 @@ pub struct Daemon {
     local_ports: (u16, u16),
     /// Monitors started so far (tells a late event of an old one apart).
     generations: u64,
+    /// Monitors started since the last round made its routes: let go
+    /// (`health::Monitor::start`) once it has.
+    held_monitors: Vec<tokio::sync::oneshot::Sender<()>>,
     /// When lbd started: uplinks ready within [`START_GRACE`] of it start
     /// optimistic (in service, taken down by `fall` bad rounds); uplinks
     /// that become ready later must first pass `rise` good rounds.
@@ -427,6 +430,7 @@ impl Daemon {
             health_tx,
             local_ports,
             generations: 0,
+            held_monitors: Vec::new(),
             started: Instant::now(),
             adopted_flows: None,
             history: crate::control::events::History::default(),
@@ -748,6 +752,8 @@ impl Daemon {
         );
         let (snap_tx, snap_rx) = watch::channel(Snapshot::new(initial));
         let (bursts_tx, bursts_rx) = mpsc::channel(1);
+        let (go, start) = tokio::sync::oneshot::channel();
+        self.held_monitors.push(go);
         let monitor = Monitor {
             uplink: i,
             generation,
@@ -757,6 +763,7 @@ impl Daemon {
             initial,
             bursts: Some(bursts_rx),
             passive: self.config.passive,
+            start: Some(start),
         };
         if !u.facts.carrier {
             let _ = link_tx.try_send(LinkEvent {
@@ -785,6 +792,15 @@ impl Daemon {
             bursts: bursts_tx,
         };
         Ok((running, snap_rx))
+    }
+
+    /// Let the monitors started since the last round probe: its routes
+    /// are made (or failed, which their probes will show).
+    pub fn release_monitors(&mut self) {
+        for go in self.held_monitors.drain(..) {
+            // A monitor already gone needs no word.
+            let _ = go.send(());
+        }
     }
 
     /// The recent events, and a line to the new ones.

@@ -768,6 +768,7 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         routing::converge(&link.handle, routing).await
     };
     let routed = routing_errors.is_empty();
+    lock()?.release_monitors();
     let errors: Vec<String> = dataplane_error
         .map(|e| format!("data plane: {e}"))
         .into_iter()

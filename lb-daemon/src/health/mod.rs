@@ -463,6 +463,10 @@ pub struct Monitor<P> {
     pub bursts: Option<mpsc::Receiver<Burst>>,
     /// The bursts' size and timeout, and the hold-down after one failed.
     pub passive: PassiveConfig,
+    /// Probing waits for this (or for one interval, should it never come):
+    /// the round that started the monitor makes the uplink's routes after
+    /// it, and a probe sent before them finds no route and counts as lost.
+    pub start: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// A suspicion to check with a burst of probes; the verdict (`true`: some
@@ -500,7 +504,13 @@ pub async fn run<P: Probe>(
         initial,
         mut bursts,
         passive,
+        start,
     } = monitor;
+    if let Some(start) = start {
+        // Either way it goes on: the round said so, or it failed before
+        // it could, and the probes will say what the uplink is worth.
+        let _ = tokio::time::timeout(config.interval, start).await;
+    }
     let mut machine = Machine::new(&config, probes.len(), initial);
     // The configuration guarantees a non-zero interval; `interval` would
     // panic on zero.
@@ -1042,6 +1052,7 @@ mod tests {
             initial,
             bursts: None,
             passive: PassiveConfig::default(),
+            start: None,
         };
         let task = tokio::spawn(run(monitor, link_rx, events_tx, snap_tx));
         Driven {
@@ -1119,6 +1130,7 @@ mod tests {
             initial: State::Up,
             bursts: Some(bursts_rx),
             passive,
+            start: None,
         };
         let task = tokio::spawn(run(monitor, link_rx, events_tx, snap_tx));
         let suspicion = Suspicion {
@@ -1298,6 +1310,56 @@ mod tests {
         );
         assert_eq!(d.snapshots.borrow().rounds, 0);
         d.task.abort();
+    }
+
+    /// A new monitor probes once the round that started it has made its
+    /// routes (`start`), or after one interval should that never be said.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_probe_waits_for_the_routes_of_its_round() {
+        let config = config();
+        for said in [true, false] {
+            let (fake, _) = Fake::new(Behaviour::Answer(MS * 5));
+            let (go, start) = tokio::sync::oneshot::channel();
+            let (_link, link_rx) = mpsc::channel(4);
+            let (events_tx, _events) = mpsc::channel(16);
+            let (snap_tx, mut snapshots) = watch::channel(Snapshot::new(State::Up));
+            let monitor = Monitor {
+                uplink: 0,
+                generation: 0,
+                name: "isp1".into(),
+                config,
+                probes: vec![fake],
+                initial: State::Up,
+                bursts: None,
+                passive: PassiveConfig::default(),
+                start: Some(start),
+            };
+            let task = tokio::spawn(run(monitor, link_rx, events_tx, snap_tx));
+            tokio::time::sleep(config.interval / 2).await;
+            assert_eq!(snapshots.borrow().rounds, 0, "probed before its routes");
+            let held = Instant::now();
+            // Unsaid, the round still holds the sender (a dropped one would
+            // let the monitor go at once).
+            let _unsaid = if said {
+                go.send(()).expect("the monitor waits");
+                None
+            } else {
+                Some(go)
+            };
+            while snapshots.borrow().rounds == 0 {
+                snapshots.changed().await.expect("the monitor runs");
+            }
+            let waited = Instant::now() - held;
+            if said {
+                assert!(waited <= MS * 10, "went {waited:?} after it was said");
+            } else {
+                assert!(
+                    waited >= config.interval / 2 - MS && waited <= config.interval,
+                    "unsaid, went {waited:?} after half an interval"
+                );
+            }
+            task.abort();
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -1626,6 +1626,7 @@ mod tests {
                         initial: State::Up,
                         bursts: None,
                         passive: crate::config::PassiveConfig::default(),
+                        start: None,
                     };
                     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(8);
                     let (snapshots, _) = tokio::sync::watch::channel(Snapshot::new(State::Up));
