@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal's disposition to its default, before any
     // thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let args = Args::parse();
+    let args = Args::parse_from(name_first(std::env::args_os().collect()));
     let request = match args.command {
         Command::Status { watch: true } if args.json => {
             eprintln!(
@@ -626,9 +626,72 @@ fn print_status(s: &Status) {
     }
 }
 
+/// `lbctl uplink isp2 disable`, as an operator may say it, read as
+/// `lbctl uplink disable isp2`: the name, then the verb, is swapped when
+/// the word after `uplink` is no verb and the one after it is.
+fn name_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const VERBS: [&str; 5] = ["enable", "disable", "drain", "weight", "help"];
+    let is_verb = |a: &std::ffi::OsString| a.to_str().is_some_and(|a| VERBS.contains(&a));
+    // The first word that is neither an option nor `--socket`'s value.
+    let mut i = 1;
+    while let Some(arg) = args.get(i).and_then(|a| a.to_str()) {
+        match arg {
+            "--socket" => i += 2,
+            a if a.starts_with('-') => i += 1,
+            _ => break,
+        }
+    }
+    if args.get(i).is_some_and(|a| a == "uplink") {
+        let (name, verb) = (i + 1, i + 2);
+        if args
+            .get(name)
+            .is_some_and(|a| !is_verb(a) && !a.to_string_lossy().starts_with('-'))
+            && args.get(verb).is_some_and(is_verb)
+        {
+            args.swap(name, verb);
+        }
+    }
+    args
+}
+
 #[cfg(test)]
 mod tests {
-    use super::endpoint;
+    use super::{endpoint, name_first};
+
+    #[test]
+    fn an_uplinks_name_may_come_before_its_verb() {
+        let read = |line: &str| -> String {
+            let args = line.split(' ').map(Into::into).collect();
+            let args: Vec<String> = name_first(args)
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            args.join(" ")
+        };
+        for (said, read_as) in [
+            ("lbctl uplink isp2 disable", "lbctl uplink disable isp2"),
+            ("lbctl uplink disable isp2", "lbctl uplink disable isp2"),
+            ("lbctl uplink isp2 weight 5", "lbctl uplink weight isp2 5"),
+            (
+                "lbctl --socket /run/x.sock uplink isp2 drain",
+                "lbctl --socket /run/x.sock uplink drain isp2",
+            ),
+            (
+                "lbctl --json uplink isp2 enable",
+                "lbctl --json uplink enable isp2",
+            ),
+            // Not an uplink command, or nothing to swap: as said.
+            ("lbctl status", "lbctl status"),
+            ("lbctl uplink isp2", "lbctl uplink isp2"),
+            ("lbctl uplink isp2 isp3", "lbctl uplink isp2 isp3"),
+            (
+                "lbctl explain uplink disable",
+                "lbctl explain uplink disable",
+            ),
+        ] {
+            assert_eq!(read(said), read_as, "{said}");
+        }
+    }
 
     #[test]
     fn endpoints_of_both_families() {

@@ -870,8 +870,10 @@ pub(super) fn waiting_reason(
                 "no gateway: no default route through {ifname} in any table, and none configured"
             )
         }
+        // Said at every start too, for the moment the kernel asks: "not
+        // yet", not "does not".
         Lifecycle::GatewayUnresolved => format!(
-            "gateway {} does not answer ARP on {ifname}",
+            "no answer yet to ARP for gateway {} on {ifname}",
             text_or_none(facts.gateway)
         ),
         _ => return None,
