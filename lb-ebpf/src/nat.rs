@@ -10,8 +10,8 @@
 use lb_common::csum;
 
 use crate::parse::{
-    ptr_at, Frame, IcmpHdr, Ipv4Hdr, Ipv4Packet, TcpHdr, UdpHdr, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    ptr_at, Field16, Frame, IcmpHdr, Ipv4Hdr, Ipv4Packet, TcpHdr, UdpHdr, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
 // Checksum arithmetic takes the packet's words in the CPU's byte order
@@ -69,57 +69,22 @@ pub fn translate<C: Frame>(
     // (the transport checksum, in the first fragment, covered it).
     let l4 = if pkt.has_l4() { pkt.proto } else { 0 };
     match l4 {
-        IPPROTO_TCP => {
-            let tcp: *mut TcpHdr = ptr_at(ctx, pkt.l4_off)?;
+        IPPROTO_TCP | IPPROTO_UDP => {
+            // Both begin with the two ports; their checksums sit apart.
+            let udp = l4 == IPPROTO_UDP;
+            let check_off = pkt.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };
+            let port_off = pkt.l4_off + if end == End::Source { 0 } else { 2 };
+            let field: *mut Field16 = ptr_at(ctx, port_off)?;
+            let check: *mut Field16 = ptr_at(ctx, check_off)?;
             let addr_delta = readdress(pkt, end, addr);
-            // SAFETY: bounds-checked by `ptr_at`. Field by field, not
-            // through a reference: a `&mut [u8; 2]` is byte-aligned, and its
-            // store would be two byte stores.
+            // SAFETY: bounds-checked by `ptr_at`.
             let (old_port, check) = unsafe {
-                let old = if end == End::Source {
-                    let old = (*tcp).src;
-                    (*tcp).src = port;
-                    old
-                } else {
-                    let old = (*tcp).dst;
-                    (*tcp).dst = port;
-                    old
-                };
-                (old, core::ptr::addr_of_mut!((*tcp).check))
+                let old = (*field).0;
+                (*field).0 = port;
+                (old, core::ptr::addr_of_mut!((*check).0))
             };
             let port_delta = csum::delta16(word16(old_port), word16(port));
-            ctx.resum_l4(
-                check,
-                pkt.l4_off + TCP_CHECK_OFF,
-                false,
-                addr_delta,
-                port_delta,
-            )
-        }
-        IPPROTO_UDP => {
-            let udp: *mut UdpHdr = ptr_at(ctx, pkt.l4_off)?;
-            let addr_delta = readdress(pkt, end, addr);
-            // SAFETY: as for TCP.
-            let (old_port, check) = unsafe {
-                let old = if end == End::Source {
-                    let old = (*udp).src;
-                    (*udp).src = port;
-                    old
-                } else {
-                    let old = (*udp).dst;
-                    (*udp).dst = port;
-                    old
-                };
-                (old, core::ptr::addr_of_mut!((*udp).check))
-            };
-            let port_delta = csum::delta16(word16(old_port), word16(port));
-            ctx.resum_l4(
-                check,
-                pkt.l4_off + UDP_CHECK_OFF,
-                true,
-                addr_delta,
-                port_delta,
-            )
+            ctx.resum_l4(check, check_off, udp, addr_delta, port_delta)
         }
         IPPROTO_ICMP => {
             let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4_off)?;

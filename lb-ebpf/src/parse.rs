@@ -77,6 +77,11 @@ pub struct Ipv6Hdr {
     pub dst: [u8; 16],
 }
 
+/// One 16-bit field of a header (a port, a checksum), read and written a
+/// half word at a time.
+#[repr(C, align(2))]
+pub struct Field16(pub [u8; 2]);
+
 /// TCP header up to the checksum.
 #[repr(C, align(2))]
 pub struct TcpHdr {
