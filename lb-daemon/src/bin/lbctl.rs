@@ -631,23 +631,23 @@ fn print_status(s: &Status) {
 /// the word after `uplink` is no verb and the one after it is.
 fn name_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     const VERBS: [&str; 5] = ["enable", "disable", "drain", "weight", "help"];
-    let is_verb = |a: &std::ffi::OsString| a.to_str().is_some_and(|a| VERBS.contains(&a));
-    // The first word that is neither an option nor `--socket`'s value.
+    // The words, by index: neither options nor `--socket`'s value.
+    let mut words = Vec::new();
     let mut i = 1;
-    while let Some(arg) = args.get(i).and_then(|a| a.to_str()) {
-        match arg {
-            "--socket" => i += 2,
-            a if a.starts_with('-') => i += 1,
-            _ => break,
+    while let Some(arg) = args.get(i) {
+        match arg.to_str() {
+            Some("--") => break,
+            Some("--socket") => i += 2,
+            Some(a) if a.starts_with('-') => i += 1,
+            _ => {
+                words.push(i);
+                i += 1;
+            }
         }
     }
-    if args.get(i).is_some_and(|a| a == "uplink") {
-        let (name, verb) = (i + 1, i + 2);
-        if args
-            .get(name)
-            .is_some_and(|a| !is_verb(a) && !a.to_string_lossy().starts_with('-'))
-            && args.get(verb).is_some_and(is_verb)
-        {
+    let is_verb = |i: usize| args[i].to_str().is_some_and(|a| VERBS.contains(&a));
+    if let [command, name, verb, ..] = words[..] {
+        if args[command] == "uplink" && !is_verb(name) && is_verb(verb) {
             args.swap(name, verb);
         }
     }
@@ -679,6 +679,14 @@ mod tests {
             (
                 "lbctl --json uplink isp2 enable",
                 "lbctl --json uplink enable isp2",
+            ),
+            (
+                "lbctl uplink --json isp2 enable",
+                "lbctl uplink --json enable isp2",
+            ),
+            (
+                "lbctl uplink isp2 --socket /run/x.sock drain",
+                "lbctl uplink drain --socket /run/x.sock isp2",
             ),
             // Not an uplink command, or nothing to swap: as said.
             ("lbctl status", "lbctl status"),

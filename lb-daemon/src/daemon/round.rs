@@ -768,19 +768,29 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         routing::converge(&link.handle, routing).await
     };
     let routed = routing_errors.is_empty();
-    lock()?.release_monitors();
     let errors: Vec<String> = dataplane_error
         .map(|e| format!("data plane: {e}"))
         .into_iter()
         .chain(routing_errors.into_iter().map(|e| format!("routing: {e}")))
         .collect();
-    if let Some(wanted) = slowpath {
-        let counted = tokio::task::block_in_place(|| {
+    let applied = match slowpath {
+        Some(wanted) => tokio::task::block_in_place(|| {
             // The table may not be there (yet): nothing counted then.
             let counted = nftables::counted().unwrap_or_default();
-            nftables::apply(&wanted).map(|()| counted)
-        })?;
-        lock()?.slowpath_applied(wanted, &counted);
+            nftables::apply(&wanted).map(|()| (wanted, counted))
+        })
+        .map(Some),
+        None => Ok(None),
+    };
+    {
+        let mut d = lock()?;
+        // The routes are made, and the guard knows the uplinks' addresses:
+        // new monitors may probe (should either have failed, the probes
+        // show it).
+        d.release_monitors();
+        if let Some((wanted, counted)) = applied? {
+            d.slowpath_applied(wanted, &counted);
+        }
     }
     if routed {
         let moved6 = {
