@@ -156,9 +156,12 @@ pub trait Frame {
     ///
     /// A frame's checksum is complete, so it is updated in place. (In
     /// generic mode XDP runs on a socket buffer, but the kernel merges no
-    /// segments (GRO) under a generic program, and the devices that would
-    /// hand over a partial checksum of their own, veth and tap, have
-    /// native XDP.)
+    /// segments (GRO) under a generic program. The devices that hand over
+    /// a local sender's partial checksum, veth and tap, have native XDP;
+    /// a veth whose peer's MTU exceeds a page, or whose peer has more
+    /// transmit queues than it has receive queues, refuses it, and lb on
+    /// such a port would mistranslate a peer's offloaded TCP: a known
+    /// limit.)
     #[inline(always)]
     fn resum_l4(
         &self,
