@@ -118,6 +118,15 @@ impl Attachments {
         match dataplane.attach(program::LAN_INGRESS, name) {
             Ok((mode, link)) => {
                 log_attach(program::LAN_INGRESS, name, mode);
+                if mode == AttachMode::Generic {
+                    // Generic XDP runs after the port's own checksum work:
+                    // a sender on this host (a container's veth, a VM's
+                    // tap) may hand over TCP with its checksum left to
+                    // offload, which lb's rewrite cannot see.
+                    log::warn!(
+                        "{name}: in generic mode lb needs complete checksums from the port's                          senders; a container or VM behind it must not offload them (`ethtool                          -K <its interface> tx off`), or its connections break"
+                    );
+                }
                 Ok(link)
             }
             Err(e) => {
