@@ -752,8 +752,23 @@ impl Daemon {
         );
         let (snap_tx, snap_rx) = watch::channel(Snapshot::new(initial));
         let (bursts_tx, bursts_rx) = mpsc::channel(1);
-        let (go, start) = tokio::sync::oneshot::channel();
-        self.held_monitors.push(go);
+        // Held until the round's routes are made: an Ethernet uplink's
+        // probe finds no way out before them. An L3 uplink's leaves by its
+        // device without them (the kernel takes a bound socket's
+        // destination as on link), and is sent at once: a WireGuard
+        // tunnel's first packet starts its handshake, which must leave by
+        // the operator's routes before this round's slow path points the
+        // router's own traffic at the tunnel, the only uplink in service
+        // until an Ethernet one has its gateway's address. (That the slow
+        // path may carry a tunnel's own transport into the tunnel is a
+        // known fault, not mended here.)
+        let start = if u.facts.l3 {
+            None
+        } else {
+            let (go, start) = tokio::sync::oneshot::channel();
+            self.held_monitors.push(go);
+            Some(start)
+        };
         let monitor = Monitor {
             uplink: i,
             generation,
@@ -763,7 +778,7 @@ impl Daemon {
             initial,
             bursts: Some(bursts_rx),
             passive: self.config.passive,
-            start: Some(start),
+            start,
         };
         if !u.facts.carrier {
             let _ = link_tx.try_send(LinkEvent {
