@@ -610,9 +610,21 @@ fn print_status(s: &Status) {
         (Some(_), None) => ", IPv6 by the main table".to_string(),
         (None, _) => String::new(),
     };
+    let by = |u: &Option<String>| u.clone().unwrap_or_else(|| "by the main table".into());
+    let paths = if s.own_path == s.slow_path {
+        format!(
+            "slow path (ESP, GRE, fragments, the router's own traffic): {}{six}",
+            by(&s.slow_path)
+        )
+    } else {
+        format!(
+            "slow path (ESP, GRE, fragments): {}{six}; the router's own traffic (never into a tunnel): {}",
+            by(&s.slow_path),
+            by(&s.own_path)
+        )
+    };
     println!(
-        "slow path (ESP, GRE, fragments, the router's own traffic): {}{six}; guard: {} packets dropped on their way out of an uplink with a source not its own",
-        s.slow_path.as_deref().unwrap_or("by the main table"),
+        "{paths}; guard: {} packets dropped on their way out of an uplink with a source not its own",
         s.guard_dropped
     );
     let nonzero: Vec<String> = s

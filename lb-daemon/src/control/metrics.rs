@@ -591,6 +591,7 @@ mod tests {
             lan_ports: Vec::new(),
             lan_faults: Vec::new(),
             slow_path: None,
+            own_path: None,
             slow_path6: None,
             guard_dropped: 0,
             kernel_destinations: Vec::new(),

@@ -313,6 +313,8 @@ pub struct Daemon {
     counted_before: nftables::Counted,
     /// The slow path's uplink as the kernel's rules have it.
     slow_path_applied: Option<usize>,
+    /// The same for the router's own traffic (no tunnel carries it).
+    own_path_applied: Option<usize>,
     /// The same for the kernel's IPv6.
     slow_path6_applied: Option<usize>,
     watchers: Watchers,
@@ -425,6 +427,7 @@ impl Daemon {
             slowpath: None,
             counted_before: nftables::Counted::default(),
             slow_path_applied: None,
+            own_path_applied: None,
             slow_path6_applied: None,
             watchers: links.watchers(),
             health_tx,
@@ -753,22 +756,13 @@ impl Daemon {
         let (snap_tx, snap_rx) = watch::channel(Snapshot::new(initial));
         let (bursts_tx, bursts_rx) = mpsc::channel(1);
         // Held until the round's routes are made: an Ethernet uplink's
-        // probe finds no way out before them. An L3 uplink's leaves by its
-        // device without them (the kernel takes a bound socket's
-        // destination as on link), and is sent at once: a WireGuard
-        // tunnel's first packet starts its handshake, which must leave by
-        // the operator's routes before this round's slow path points the
-        // router's own traffic at the tunnel, the only uplink in service
-        // until an Ethernet one has its gateway's address. (That the slow
-        // path may carry a tunnel's own transport into the tunnel is a
-        // known fault, not mended here.)
-        let start = if u.facts.l3 {
-            None
-        } else {
-            let (go, start) = tokio::sync::oneshot::channel();
-            self.held_monitors.push(go);
-            Some(start)
-        };
+        // probe finds no way out before them. (An L3 uplink's leaves by its
+        // device without them, the kernel taking a bound socket's
+        // destination as on link; a tunnel's first packet then starts its
+        // handshake, which leaves by the router's own path, never into the
+        // tunnel: `own_path_uplink`.)
+        let (go, start) = tokio::sync::oneshot::channel();
+        self.held_monitors.push(go);
         let monitor = Monitor {
             uplink: i,
             generation,
@@ -778,7 +772,7 @@ impl Daemon {
             initial,
             bursts: Some(bursts_rx),
             passive: self.config.passive,
-            start,
+            start: Some(start),
         };
         if !u.facts.carrier {
             let _ = link_tx.try_send(LinkEvent {

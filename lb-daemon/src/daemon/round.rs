@@ -108,6 +108,7 @@ impl Daemon {
             dataplane_error,
             routing: routing::changes(observed, &self.wanted_routing()),
             slow_path_uplink: self.slow_path_uplink(),
+            own_path_uplink: self.own_path_uplink(),
             slow_path_uplink6: self.slow_path_uplink6(),
             lan6: self.lan6,
             slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
@@ -424,7 +425,10 @@ impl Daemon {
         let four = routing::wanted(
             &self.config.routing,
             &ready,
-            self.slow_path_uplink(),
+            routing::SlowPath {
+                lan: self.slow_path_uplink(),
+                own: self.own_path_uplink(),
+            },
             &lans,
             &policies,
         );
@@ -474,6 +478,20 @@ impl Daemon {
             .iter()
             .enumerate()
             .filter(|(_, u)| self.carries_slow_path(u))
+            .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
+            .map(|(i, _)| i)
+    }
+
+    /// The uplink that carries what the router itself sends unbound: the
+    /// slow path's choice among the uplinks that are no tunnel (a tunnel's
+    /// own packets are the router's: sent into itself, they would be
+    /// lost, and its handshake with them). `None` when none is: the main
+    /// table decides then, as it does for the tunnel's packets.
+    pub fn own_path_uplink(&self) -> Option<usize> {
+        self.uplinks
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| !u.facts.tunnel && self.carries_slow_path(u))
             .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
             .map(|(i, _)| i)
     }
@@ -758,6 +776,7 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         dataplane_error,
         routing,
         slow_path_uplink,
+        own_path_uplink,
         slow_path_uplink6,
         lan6,
         slowpath,
@@ -796,6 +815,7 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         let moved6 = {
             let mut d = lock()?;
             d.slow_path_applied = slow_path_uplink;
+            d.own_path_applied = own_path_uplink;
             let before = std::mem::replace(&mut d.slow_path6_applied, slow_path_uplink6);
             before.is_some() && before != slow_path_uplink6
         };
@@ -837,6 +857,8 @@ pub struct Converged {
     pub routing: routing::Changes,
     /// The slow path's uplink that `routing` puts in place.
     pub slow_path_uplink: Option<usize>,
+    /// The uplink of the router's own traffic that it puts in place.
+    pub own_path_uplink: Option<usize>,
     /// The same for the kernel's IPv6, and the LAN's prefix then.
     pub slow_path_uplink6: Option<usize>,
     pub lan6: Option<crate::reconcile::ipv6::Prefix6>,

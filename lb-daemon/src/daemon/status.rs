@@ -173,6 +173,9 @@ impl Daemon {
             slow_path: self
                 .slow_path_applied
                 .map(|i| self.uplinks[i].cfg.name.clone()),
+            own_path: self
+                .own_path_applied
+                .map(|i| self.uplinks[i].cfg.name.clone()),
             slow_path6: self
                 .slow_path6_applied
                 .filter(|_| self.ipv6.lan().is_some())

@@ -30,7 +30,24 @@ pub struct Facts {
     pub gateway_mac: Option<[u8; 6]>,
     /// It is an L3 device: no Ethernet header, no gateway needed.
     pub l3: bool,
+    /// It is a tunnel (WireGuard, a tun device's VPN, GRE, IPIP): its own
+    /// packets are the router's own traffic, carried by another uplink.
+    pub tunnel: bool,
 }
+
+/// Device kinds (`ip -d link`) whose packets ride inside the router's own
+/// traffic: the kernel's tunnels, and tun devices, which a userspace VPN
+/// (wireguard-go, OpenVPN) drives through its own sockets.
+const TUNNEL_KINDS: [&str; 8] = [
+    "wireguard",
+    "tun",
+    "gre",
+    "ipip",
+    "sit",
+    "vti",
+    "ip6gre",
+    "ip6tnl",
+];
 
 impl Facts {
     /// The facts of the uplink on interface `ifname` with `gateway`, as
@@ -58,6 +75,10 @@ impl Facts {
                 },
                 gateway_mac: Some(lb_common::NO_LINK_LAYER),
                 l3: true,
+                tunnel: link
+                    .kind
+                    .as_deref()
+                    .is_some_and(|k| TUNNEL_KINDS.contains(&k)),
             };
         }
         let gateway = match gateway {
@@ -81,6 +102,7 @@ impl Facts {
             gateway,
             gateway_mac,
             l3: false,
+            tunnel: false,
         }
     }
 
@@ -120,6 +142,7 @@ pub(crate) mod fixtures {
             gateway: Some(GW),
             gateway_mac: Some([2, 0, 0, 0, 0, 2]),
             l3: false,
+            tunnel: false,
         }
     }
 }
@@ -213,5 +236,11 @@ mod tests {
             true,
         );
         assert_eq!(lifecycle.as_str(), "in service");
+        // A tun device is a VPN's: a tunnel. A modem's raw-IP device (its
+        // driver's, of no link kind) is not.
+        assert!(f.tunnel);
+        let mut modem = o.clone();
+        modem.links[0].kind = None;
+        assert!(!Facts::observe(&modem, "lte0", Gateway::Auto, &Facts::default()).tunnel);
     }
 }

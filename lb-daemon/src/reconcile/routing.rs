@@ -242,13 +242,13 @@ pub struct Ready6 {
 /// `Ready` (by index), its table, its rule for its own address and its
 /// rule for the replies of the connections that came in on it (by their
 /// mark); and the slow path's rules, which send what the LAN's clients
-/// send through the kernel to the internet (ESP, GRE, fragments) and what
-/// the router itself sends (its DNS forwarder, NTP, updates) by uplink
-/// `slow_path`.
+/// send through the kernel to the internet (ESP, GRE, fragments) by uplink
+/// `slow_path.lan`, and what the router itself sends (its DNS forwarder,
+/// NTP, updates, a tunnel's own packets) by `slow_path.own`.
 pub fn wanted(
     routing: &RoutingConfig,
     uplinks: &[Option<Ready>],
-    slow_path: Option<usize>,
+    slow_path: SlowPath,
     lans: &[&str],
     policies: &[(u32, usize)],
 ) -> Wanted {
@@ -307,11 +307,15 @@ pub fn wanted(
             });
         }
     }
-    if let Some(i) = slow_path {
-        // The rest from the LAN, and what the router sends unbound, goes
-        // by an uplink in service. (A socket bound to an uplink's address
-        // has its own rule above.)
-        for iif in lans.iter().copied().chain([LOOPBACK]) {
+    // The rest from the LAN, and what the router sends unbound, goes by
+    // an uplink in service. (A socket bound to an uplink's address has its
+    // own rule above.)
+    let sources = lans
+        .iter()
+        .map(|&lan| (lan, slow_path.lan))
+        .chain([(LOOPBACK, slow_path.own)]);
+    for (iif, uplink) in sources {
+        if let Some(i) = uplink {
             wanted.rules.insert(OwnedRule {
                 priority: later.slow_path,
                 selector: Selector::Iif(iif.to_owned()),
@@ -320,6 +324,25 @@ pub fn wanted(
         }
     }
     wanted
+}
+
+/// The uplinks of the slow path: the LAN's, and the router's own, which
+/// never goes into a tunnel (its own packets are the router's traffic: a
+/// tunnel would carry itself). `None`: the main table decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlowPath {
+    pub lan: Option<usize>,
+    pub own: Option<usize>,
+}
+
+impl SlowPath {
+    /// One uplink for both.
+    pub fn both(uplink: Option<usize>) -> SlowPath {
+        SlowPath {
+            lan: uplink,
+            own: uplink,
+        }
+    }
 }
 
 /// lbd's IPv6 tables and rules as they should be (the `routes6` and
@@ -797,7 +820,7 @@ mod tests {
         let w = wanted(
             &routing,
             &[None, Some(ready)],
-            Some(1),
+            SlowPath::both(Some(1)),
             &["br-lan"],
             &[(0x0100_0000, 1)],
         );
@@ -816,9 +839,34 @@ mod tests {
         );
         // Nothing ready: nothing wanted, not even the main table's rule.
         assert_eq!(
-            wanted(&routing, &[None, None], None, &["br-lan"], &[]),
+            wanted(
+                &routing,
+                &[None, None],
+                SlowPath::default(),
+                &["br-lan"],
+                &[]
+            ),
             Wanted::default()
         );
+        // The LAN's slow path by a tunnel, and no uplink for the router's
+        // own: main decides for it (the tunnel's own packets among them).
+        let w = wanted(
+            &routing,
+            &[None, Some(ready)],
+            SlowPath {
+                lan: Some(1),
+                own: None,
+            },
+            &["br-lan"],
+            &[],
+        );
+        let slow: Vec<String> = w
+            .rules
+            .iter()
+            .filter(|r| r.priority == 4018)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(slow, ["4018: iif br-lan lookup 4001"]);
     }
 
     /// wan1 (3) and wan2 (4) as `router6` has them: wan1's delegation
