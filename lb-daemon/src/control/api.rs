@@ -116,9 +116,9 @@ pub struct Status {
     /// uplink is in service (the main table decides then).
     #[serde(default)]
     pub slow_path: Option<String>,
-    /// The uplink that carries what the router itself sends unbound, when
-    /// not `slow_path`'s: a tunnel carries none of it (its own packets are
-    /// among it); none: the main table decides.
+    /// The uplink that carries what the router itself sends unbound: as
+    /// `slow_path`, but never a tunnel (its own packets are among it);
+    /// none: the main table decides.
     #[serde(default)]
     pub own_path: Option<String>,
     /// The same for the kernel's IPv6 while IPv6 is balanced: the uplink

@@ -30,24 +30,17 @@ pub struct Facts {
     pub gateway_mac: Option<[u8; 6]>,
     /// It is an L3 device: no Ethernet header, no gateway needed.
     pub l3: bool,
-    /// It is a tunnel (WireGuard, a tun device's VPN, GRE, IPIP): its own
-    /// packets are the router's own traffic, carried by another uplink.
+    /// It is a tunnel (WireGuard, a tun device's VPN): its own packets are
+    /// the router's own traffic, carried by another uplink.
     pub tunnel: bool,
 }
 
-/// Device kinds (`ip -d link`) whose packets ride inside the router's own
-/// traffic: the kernel's tunnels, and tun devices, which a userspace VPN
-/// (wireguard-go, OpenVPN) drives through its own sockets.
-const TUNNEL_KINDS: [&str; 8] = [
-    "wireguard",
-    "tun",
-    "gre",
-    "ipip",
-    "sit",
-    "vti",
-    "ip6gre",
-    "ip6tnl",
-];
+/// Device kinds (`ip -d link`) of L3 uplinks whose packets ride inside
+/// the router's own traffic: kernel WireGuard, and tun devices, which a
+/// userspace VPN (wireguard-go, OpenVPN) drives through its own sockets.
+/// (The kernel's GRE and IPIP devices are no L3 uplink here: their link
+/// types are their own.)
+const TUNNEL_KINDS: [&str; 2] = ["wireguard", "tun"];
 
 impl Facts {
     /// The facts of the uplink on interface `ifname` with `gateway`, as
