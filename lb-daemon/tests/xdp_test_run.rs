@@ -158,6 +158,16 @@ fn tcp(src_port: u16) -> Vec<u8> {
     build(b, b"")
 }
 
+/// A client's echo request with identifier `id`.
+fn echo(id: u16) -> Vec<u8> {
+    build(
+        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv4(CLIENT, SERVER, 64)
+            .icmpv4_echo_request(id, 1),
+        b"ping",
+    )
+}
+
 fn build<B: Builder>(b: B, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     b.write_to(&mut v, payload);
@@ -1043,14 +1053,6 @@ fn icmp_errors_about_natted_packets_reach_the_client() {
         return;
     }
     let mut h = Harness::new([uplink_state::ACTIVE; 2]);
-    let echo = |id: u16| {
-        build(
-            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
-                .ipv4(CLIENT, SERVER, 64)
-                .icmpv4_echo_request(id, 1),
-            b"ping",
-        )
-    };
     // A UDP datagram quoted as RFC 792 asks (its header and 8 bytes); a
     // TCP SYN and an echo request quoted whole, as most routers quote.
     // Each from a client port (or identifier) in the router's own range:
@@ -1146,14 +1148,6 @@ fn ping_goes_out_and_its_reply_comes_back() {
         return;
     }
     let mut h = Harness::new([uplink_state::ACTIVE; 2]);
-    let echo = |id: u16| {
-        build(
-            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
-                .ipv4(CLIENT, SERVER, 64)
-                .icmpv4_echo_request(id, 1),
-            b"ping",
-        )
-    };
     // An identifier in the router's own range: mapped to another going
     // out, and back to the client's coming in.
     let (nat_id, frame, _) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 1000, echo);

@@ -206,9 +206,18 @@ fn a_syn_sent_again_without_an_answer_moves_to_another_uplink() -> Result<()> {
     // 16 connections: each lands on isp1 or isp2 by its hash; all on isp2
     // happens once in 65,536 runs.
     const CONNECTIONS: usize = 16;
+    // How many connected; why the others did not, said for the record.
     let connect_all = |timeout: Duration| -> usize {
         (0..CONNECTIONS)
-            .filter(|_| tcp_connect_from(&client, local, echo.local_addr(), timeout).is_ok())
+            .filter(
+                |_| match tcp_connect_from(&client, local, echo.local_addr(), timeout) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        eprintln!("a connection failed: {e:#}");
+                        false
+                    }
+                },
+            )
             .count()
     };
     let before = counter(&lbd.uplink("isp1")?, "syn_retries")?;
