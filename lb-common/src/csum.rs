@@ -65,6 +65,17 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
     apply(check, delta32(old, new))
 }
 
+/// A UDP checksum as sent: zero means "no checksum" on the wire (RFC 768),
+/// so a computed zero goes out as all ones (in either byte order).
+#[inline(always)]
+pub fn udp(check: u16) -> u16 {
+    if check == 0 {
+        0xffff
+    } else {
+        check
+    }
+}
+
 /// Ones'-complement sum of `data` (odd length padded with a zero byte), not
 /// yet complemented. For building reference packets and for tests; the
 /// kernel side only ever updates incrementally.

@@ -93,10 +93,8 @@ fn fix_l4(f: &mut [u8], fr: &Frame) {
         TCP | UDP => csum::pseudo_header(src, dst, fr.proto, (end - fr.l4) as u16),
         _ => 0,
     };
-    let mut c = csum::checksum(&f[fr.l4..end], initial);
-    if fr.proto == UDP && c == 0 {
-        c = 0xffff;
-    }
+    let c = csum::checksum(&f[fr.l4..end], initial);
+    let c = if fr.proto == UDP { csum::udp(c) } else { c };
     f[fr.l4 + off..fr.l4 + off + 2].copy_from_slice(&c.to_be_bytes());
 }
 
@@ -206,8 +204,8 @@ pub fn icmp_error_inbound(frame: &[u8], t: &Inbound, out: &mut [u8]) -> Option<u
             if inner_proto != ICMP {
                 c = csum::replace32(c, old_addr, u32::from_be_bytes(t.client_addr));
             }
-            if inner_proto == UDP && c == 0 {
-                c = 0xffff;
+            if inner_proto == UDP {
+                c = csum::udp(c);
             }
             out[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
         }

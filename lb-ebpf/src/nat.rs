@@ -37,11 +37,10 @@ fn bytes(c: u16) -> [u8; 2] {
 const TCP_CHECK_OFF: usize = core::mem::offset_of!(TcpHdr, check);
 const UDP_CHECK_OFF: usize = core::mem::offset_of!(UdpHdr, check);
 
-/// A UDP checksum after an update: zero means "no checksum" on the wire, so
-/// a computed zero is sent as all ones (in either byte order).
+/// A UDP checksum after an update, as sent (`lb_common::csum::udp`).
 #[inline(always)]
 fn udp_sum(c: u16) -> [u8; 2] {
-    bytes(if c == 0 { 0xffff } else { c })
+    bytes(csum::udp(c))
 }
 
 /// Which end of the packet a translation rewrites.

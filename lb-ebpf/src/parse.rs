@@ -178,7 +178,7 @@ pub trait Frame {
                 return Ok(());
             }
             let new = csum::apply(old, pseudo + segment);
-            *check = if udp && new == 0 { 0xffff } else { new }.to_ne_bytes();
+            *check = if udp { csum::udp(new) } else { new }.to_ne_bytes();
         }
         Ok(())
     }

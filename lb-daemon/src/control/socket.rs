@@ -20,12 +20,12 @@ use crate::{
     daemon::{lock, reload::Reloader, Daemon},
 };
 
-/// Bind the control socket, refusing to start beside a running lbd.
 /// Whether an lbd answers on the control socket at `path`.
 pub fn answers(path: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
+/// Bind the control socket, refusing to start beside a running lbd.
 pub fn bind_control_socket(path: &Path) -> Result<UnixListener> {
     if answers(path) {
         bail!(

@@ -474,12 +474,7 @@ impl Daemon {
     /// place, the lowest tier, then the heaviest weight, then the first.
     /// `None` when none is: the main table decides then.
     pub fn slow_path_uplink(&self) -> Option<usize> {
-        self.uplinks
-            .iter()
-            .enumerate()
-            .filter(|(_, u)| self.carries_slow_path(u))
-            .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
-            .map(|(i, _)| i)
+        self.best_slow_path(|_| true)
     }
 
     /// The uplink that carries what the router itself sends unbound: the
@@ -488,10 +483,16 @@ impl Daemon {
     /// lost, and its handshake with them). `None` when none is: the main
     /// table decides then, as it does for the tunnel's packets.
     pub fn own_path_uplink(&self) -> Option<usize> {
+        self.best_slow_path(|u| !u.facts.tunnel)
+    }
+
+    /// Of the uplinks that may carry the slow path and `take`, the lowest
+    /// tier, then the heaviest weight, then the first.
+    fn best_slow_path(&self, take: impl Fn(&Uplink) -> bool) -> Option<usize> {
         self.uplinks
             .iter()
             .enumerate()
-            .filter(|(_, u)| !u.facts.tunnel && self.carries_slow_path(u))
+            .filter(|(_, u)| take(u) && self.carries_slow_path(u))
             .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
             .map(|(i, _)| i)
     }
