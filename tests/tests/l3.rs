@@ -479,6 +479,85 @@ fn an_upstream_cut_behind_the_tunnel_moves_its_flows_and_they_come_back() -> Res
     lbd.stop(&mut lab)
 }
 
+/// A VPN-first router (the tunnel the first tier, isp2 its backup): what
+/// the router itself sends unbound (its DNS forwarder, NTP) goes through
+/// the tunnel, as the LAN's traffic does, while the tunnel's own packets
+/// leave by isp2 beside it, also when wireguard-go sends them unbound
+/// (sent into the tunnel itself, they would be lost, and the tunnel with
+/// them).
+#[test]
+fn a_vpn_first_routers_own_traffic_goes_through_the_tunnel_and_the_tunnels_own_packets_by_a_line(
+) -> Result<()> {
+    const COUNT: usize = 10;
+    if !require_root("a_vpn_first_routers_own_traffic_goes_through_the_tunnel_and_the_tunnels_own_packets_by_a_line") {
+        return Ok(());
+    }
+    let (mut lab, tunnel, leaks, vpn_leaks) = lab_with_tunnel()?;
+    let lbd = Lbd::start(&mut lab, &wg_config(&tunnel, "tier = 1", ""))?;
+    lbd.wait_lifecycle("wg", "in service", BOUND)?;
+    lbd.wait_lifecycle("isp2", "in service", BOUND)?;
+    let port = tunnel.listen_port(&lab)?;
+    let apart = format!("wg (UDP {port})");
+    let asked = Instant::now();
+    loop {
+        let s = lbd.status()?;
+        if s["own_path"] == "wg" && s["tunnels_own_path"] == "isp2" && s["tunnels_own"][0] == apart
+        {
+            break;
+        }
+        ensure!(
+            asked.elapsed() < BOUND,
+            "lbd did not route the tunnel's own packets apart (UDP {port}) and the router's \
+             other traffic into the tunnel: own_path {}, tunnels_own {}, tunnels_own_path {}",
+            s["own_path"],
+            s["tunnels_own"],
+            s["tunnels_own_path"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let inet = lab.ns("inet")?.to_string();
+    let udp = UdpEchoServer::start(&inet, format!("{SERVER_IP}:0").parse()?)?;
+    let SocketAddr::V4(target) = udp.local_addr() else {
+        anyhow::bail!("the echo server is not on IPv4: {}", udp.local_addr());
+    };
+    let watches = [
+        watch_flows(&lab, "isp2", "down0")?,
+        watch_flows(&lab, "vpn", &tunnel.provider_ifname)?,
+    ];
+    // wireguard-go's next packets leave unbound: lbd's rule for them, not
+    // the router's own path, decides.
+    tunnel.forget_source(&lab)?;
+    let failed = udp_answered(
+        lab.ns("router")?,
+        std::net::Ipv4Addr::UNSPECIFIED,
+        target,
+        COUNT,
+        FLOW_TIMEOUT,
+    )?;
+    ensure!(
+        failed.is_empty(),
+        "{} of {COUNT} of the router's own datagrams went unanswered: {failed:?}; wg: {}",
+        failed.len(),
+        lbd.uplink("wg")?
+    );
+    let (outside, inside) = (watches[0].seen_flows()?, watches[1].seen_flows()?);
+    eprintln!(
+        "the router's own {COUNT} datagrams: {} flows in the tunnel; isp2 carried {outside:?} (the tunnel's own: UDP {port})",
+        inside.len()
+    );
+    ensure!(
+        inside.len() >= COUNT,
+        "the provider saw {} flows in the tunnel, the router sent {COUNT}",
+        inside.len()
+    );
+    ensure!(
+        outside.iter().all(|&flow| flow == (17, port)),
+        "isp2 carried {outside:?}: only the tunnel's own packets (UDP {port}) belong there"
+    );
+    check_leaks(&leaks, &vpn_leaks)?;
+    lbd.stop(&mut lab)
+}
+
 /// The operator's port forwards over the modem, as an operator writes them.
 const LTE_FORWARDS: &str = r#"
 table ip operator {

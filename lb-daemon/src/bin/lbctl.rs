@@ -611,18 +611,25 @@ fn print_status(s: &Status) {
         (None, _) => String::new(),
     };
     let by = |u: &Option<String>| u.clone().unwrap_or_else(|| "by the main table".into());
-    let paths = if s.own_path == s.slow_path {
+    let mut paths = if s.own_path == s.slow_path {
         format!(
             "slow path (ESP, GRE, fragments, the router's own traffic): {}{six}",
             by(&s.slow_path)
         )
     } else {
         format!(
-            "slow path (ESP, GRE, fragments): {}{six}; the router's own traffic (never into a tunnel): {}",
+            "slow path (ESP, GRE, fragments): {}{six}; the router's own traffic (not into a tunnel that is no WireGuard): {}",
             by(&s.slow_path),
             by(&s.own_path)
         )
     };
+    if !s.tunnels_own.is_empty() {
+        paths += &format!(
+            "; the tunnels' own packets ({}): {}",
+            s.tunnels_own.join(", "),
+            by(&s.tunnels_own_path)
+        );
+    }
     println!(
         "{paths}; guard: {} packets dropped on their way out of an uplink with a source not its own",
         s.guard_dropped

@@ -307,16 +307,19 @@ impl RoutingConfig {
     }
 
     /// The priorities of lbd's rules after every uplink's own, in order:
-    /// the main table without its default routes; the replies of inbound
-    /// connections, by their mark, to their uplink's table; the slow path
-    /// (the LAN's traffic that the kernel forwards, and the router's own)
-    /// to the table of the uplink the slow path uses.
+    /// the main table without its default routes; the tunnels' own
+    /// packets, to an uplink that is no tunnel (before anything that could
+    /// send them into one); the replies of inbound connections, by their
+    /// mark, to their uplink's table, and the policies' slow path; the
+    /// slow path (the LAN's traffic that the kernel forwards, and the
+    /// router's own) to the table of the uplink the slow path uses.
     pub fn later_priorities(&self) -> LaterPriorities {
         let first = self.first_priority + MAX_UPLINKS as u32;
         LaterPriorities {
             main: first,
-            inbound: first + 1,
-            slow_path: first + 2,
+            transport: first + 1,
+            inbound: first + 2,
+            slow_path: first + 3,
         }
     }
 }
@@ -325,13 +328,14 @@ impl RoutingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LaterPriorities {
     pub main: u32,
+    pub transport: u32,
     pub inbound: u32,
     pub slow_path: u32,
 }
 
 impl LaterPriorities {
-    pub fn all(self) -> [u32; 3] {
-        [self.main, self.inbound, self.slow_path]
+    pub fn all(self) -> [u32; 4] {
+        [self.main, self.transport, self.inbound, self.slow_path]
     }
 }
 
@@ -1656,8 +1660,8 @@ impl Checker<'_> {
         let first_priority = self
             .field(&raw.first_priority, s, "first_priority", |v| {
                 // Rules at 32766 and up are the main and default tables';
-                // lbd's take one per uplink and three after them.
-                as_int(v, 1, 32766 - span - 3)
+                // lbd's take one per uplink and four after them.
+                as_int(v, 1, 32766 - span - 4)
             })
             .unwrap_or(default.first_priority);
         let lookup_tables = self

@@ -116,11 +116,20 @@ pub struct Status {
     /// uplink is in service (the main table decides then).
     #[serde(default)]
     pub slow_path: Option<String>,
-    /// The uplink that carries what the router itself sends unbound: as
-    /// `slow_path`, but never a tunnel (its own packets are among it);
-    /// none: the main table decides.
+    /// The uplink that carries what else the router itself sends
+    /// unbound: as `slow_path`, but no tunnel while a tunnel's own packets
+    /// are not known apart (a tunnel that is no WireGuard); none: the main
+    /// table decides.
     #[serde(default)]
     pub own_path: Option<String>,
+    /// The tunnels whose own packets lbd routes apart, by their listen
+    /// port: `NAME (UDP PORT)`.
+    #[serde(default)]
+    pub tunnels_own: Vec<String>,
+    /// The uplink (never a tunnel) that carries them; none: the main
+    /// table's default route.
+    #[serde(default)]
+    pub tunnels_own_path: Option<String>,
     /// The same for the kernel's IPv6 while IPv6 is balanced: the uplink
     /// whose IPv6 is in service that lbd's IPv6 rules send it to.
     #[serde(default)]

@@ -592,6 +592,8 @@ mod tests {
             lan_faults: Vec::new(),
             slow_path: None,
             own_path: None,
+            tunnels_own: Vec::new(),
+            tunnels_own_path: None,
             slow_path6: None,
             guard_dropped: 0,
             kernel_destinations: Vec::new(),

@@ -64,6 +64,7 @@ use crate::{
     observe::facts::Facts,
     observe::kernel::Observed,
     observe::linkwatch::{LinkEvent, LinkWatch, Watchers},
+    observe::wireguard,
     reconcile::attachments,
     reconcile::buckets::{self},
     reconcile::bypass,
@@ -270,12 +271,13 @@ pub struct Events {
     pub health: mpsc::Receiver<HealthEvent>,
 }
 
-/// The reconciler's line to the kernel: a netlink handle, and the wake-up
-/// the kernel's events ring.
+/// The reconciler's line to the kernel: a netlink handle, the wake-up
+/// the kernel's events ring, and what `wg` said of the WireGuard uplinks.
 #[derive(Clone)]
 pub struct KernelLink {
     pub handle: Handle,
     pub changed: Arc<Notify>,
+    pub wireguard: Arc<wireguard::Ports>,
 }
 
 pub struct Daemon {
@@ -312,9 +314,7 @@ pub struct Daemon {
     /// What lb's nftables tables since replaced counted.
     counted_before: nftables::Counted,
     /// The slow path's uplink as the kernel's rules have it.
-    slow_path_applied: Option<usize>,
-    /// The same for the router's own traffic (no tunnel carries it).
-    own_path_applied: Option<usize>,
+    slow_path_applied: routing::SlowPath,
     /// The same for the kernel's IPv6.
     slow_path6_applied: Option<usize>,
     watchers: Watchers,
@@ -426,8 +426,7 @@ impl Daemon {
             egress: egress_owned,
             slowpath: None,
             counted_before: nftables::Counted::default(),
-            slow_path_applied: None,
-            own_path_applied: None,
+            slow_path_applied: routing::SlowPath::default(),
             slow_path6_applied: None,
             watchers: links.watchers(),
             health_tx,
@@ -456,6 +455,7 @@ impl Daemon {
         let kernel = KernelLink {
             handle,
             changed: links.changed(),
+            wireguard: Arc::default(),
         };
         let daemon = Mutex::new(daemon);
         let say = |errors: Vec<String>| {
@@ -585,6 +585,7 @@ impl Daemon {
         let link = KernelLink {
             handle,
             changed: Arc::new(Notify::new()),
+            wireguard: Arc::default(),
         };
         if let Err(e) = Self::remove_routing(&link).await {
             left.push(format!("{e:#}"));
@@ -759,8 +760,8 @@ impl Daemon {
         // probe finds no way out before them. (An L3 uplink's leaves by its
         // device without them, the kernel taking a bound socket's
         // destination as on link; a tunnel's first packet then starts its
-        // handshake, which leaves by the router's own path, never into the
-        // tunnel: `own_path_uplink`.)
+        // handshake, which leaves by an uplink that is no tunnel, or by
+        // the main table: `slow_path`.)
         let (go, start) = tokio::sync::oneshot::channel();
         self.held_monitors.push(go);
         let monitor = Monitor {

@@ -20,7 +20,7 @@ use crate::{
     control::api::Reaction,
     daemon::uplink::Lifecycle,
     health::State as Health,
-    observe::facts::Facts,
+    observe::facts::{self, Facts},
     observe::kernel::Observed,
     observe::{conntrack, netlink},
     reconcile::attachments,
@@ -107,8 +107,7 @@ impl Daemon {
         Ok(Converged {
             dataplane_error,
             routing: routing::changes(observed, &self.wanted_routing()),
-            slow_path_uplink: self.slow_path_uplink(),
-            own_path_uplink: self.own_path_uplink(),
+            slow_path: self.slow_path(),
             slow_path_uplink6: self.slow_path_uplink6(),
             lan6: self.lan6,
             slowpath: (self.slowpath.as_ref() != Some(&slowpath)).then_some(slowpath),
@@ -425,10 +424,7 @@ impl Daemon {
         let four = routing::wanted(
             &self.config.routing,
             &ready,
-            routing::SlowPath {
-                lan: self.slow_path_uplink(),
-                own: self.own_path_uplink(),
-            },
+            &self.slow_path(),
             &lans,
             &policies,
         );
@@ -470,31 +466,37 @@ impl Daemon {
         u.dataplane_state() == uplink_state::ACTIVE && u.facts.routable()
     }
 
-    /// The uplink that carries the slow path: in service with its table in
-    /// place, the lowest tier, then the heaviest weight, then the first.
+    /// The uplink that carries the slow path (see [`Daemon::slow_path`]).
     /// `None` when none is: the main table decides then.
     pub fn slow_path_uplink(&self) -> Option<usize> {
-        self.best_slow_path(|_| true)
+        self.slow_path().lan
     }
 
-    /// The uplink that carries what the router itself sends unbound: the
-    /// slow path's choice among the uplinks that are no tunnel (a tunnel's
-    /// own packets are the router's: sent into itself, they would be
-    /// lost, and its handshake with them). `None` when none is: the main
-    /// table decides then, as it does for the tunnel's packets.
-    pub fn own_path_uplink(&self) -> Option<usize> {
-        self.best_slow_path(|u| !u.facts.tunnel)
+    /// The uplinks of the slow path ([`routing::SlowPath::choose`]).
+    pub fn slow_path(&self) -> routing::SlowPath {
+        let candidates: Vec<routing::Candidate> = self
+            .uplinks
+            .iter()
+            .map(|u| routing::Candidate {
+                in_service: self.carries_slow_path(u),
+                tier: u.cfg.tier,
+                weight: u.weight,
+                tunnel: u.facts.tunnel,
+                transport_port: u.facts.transport_port,
+            })
+            .collect();
+        routing::SlowPath::choose(&candidates)
     }
 
-    /// Of the uplinks that may carry the slow path and `take`, the lowest
-    /// tier, then the heaviest weight, then the first.
-    fn best_slow_path(&self, take: impl Fn(&Uplink) -> bool) -> Option<usize> {
+    /// The uplinks' devices that are tunnels (`wg` is asked about them):
+    /// index and name.
+    fn tunnel_devices(&self, observed: &Observed) -> Vec<(u32, String)> {
         self.uplinks
             .iter()
-            .enumerate()
-            .filter(|(_, u)| take(u) && self.carries_slow_path(u))
-            .min_by_key(|(i, u)| (u.cfg.tier, std::cmp::Reverse(u.weight), *i))
-            .map(|(i, _)| i)
+            .filter_map(|u| observed.link(&u.cfg.interface))
+            .filter(|link| facts::is_tunnel(link))
+            .map(|link| (link.index, link.name.clone()))
+            .collect()
     }
 
     /// The uplink that carries the kernel's IPv6 (what the LAN sends
@@ -770,14 +772,15 @@ impl Daemon {
 /// changes: for the caller to say; the next round tries them again); an
 /// error is a round that could not be made at all.
 pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<String>> {
-    let observed = Observed::take(&link.handle).await?;
+    let mut observed = Observed::take(&link.handle).await?;
     let lock = || lock(daemon, "the daemon's state");
+    let tunnels = lock()?.tunnel_devices(&observed);
+    observed.wireguard_ports = link.wireguard.of(&tunnels).await;
     // Off the async workers: a convergence may run `tc` (lb's shapers).
     let Converged {
         dataplane_error,
         routing,
-        slow_path_uplink,
-        own_path_uplink,
+        slow_path,
         slow_path_uplink6,
         lan6,
         slowpath,
@@ -815,8 +818,7 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     if routed {
         let moved6 = {
             let mut d = lock()?;
-            d.slow_path_applied = slow_path_uplink;
-            d.own_path_applied = own_path_uplink;
+            d.slow_path_applied = slow_path;
             let before = std::mem::replace(&mut d.slow_path6_applied, slow_path_uplink6);
             before.is_some() && before != slow_path_uplink6
         };
@@ -856,10 +858,8 @@ pub struct Converged {
     /// What the data plane's part of the round could not do, if anything.
     pub dataplane_error: Option<String>,
     pub routing: routing::Changes,
-    /// The slow path's uplink that `routing` puts in place.
-    pub slow_path_uplink: Option<usize>,
-    /// The uplink of the router's own traffic that it puts in place.
-    pub own_path_uplink: Option<usize>,
+    /// The slow path's uplinks that `routing` puts in place.
+    pub slow_path: routing::SlowPath,
     /// The same for the kernel's IPv6, and the LAN's prefix then.
     pub slow_path_uplink6: Option<usize>,
     pub lan6: Option<crate::reconcile::ipv6::Prefix6>,

@@ -93,6 +93,11 @@ impl Daemon {
         })
     }
 
+    /// Uplink `index`'s name, if any.
+    fn name_of(&self, index: Option<usize>) -> Option<String> {
+        Some(self.uplinks.get(index?)?.cfg.name.clone())
+    }
+
     /// Everything `lbctl status` shows but the flow counts, which need a
     /// walk of the flow table: [`StatusDraft::finish`] does that walk, so
     /// that the caller can do it after letting go of the daemon.
@@ -170,12 +175,23 @@ impl Daemon {
                 .map(|(n, c)| (n.to_string(), c))
                 .collect(),
             guard_dropped: 0,
-            slow_path: self
+            slow_path: self.name_of(self.slow_path_applied.lan),
+            own_path: self.name_of(self.slow_path_applied.own),
+            tunnels_own: self
                 .slow_path_applied
-                .map(|i| self.uplinks[i].cfg.name.clone()),
-            own_path: self
-                .own_path_applied
-                .map(|i| self.uplinks[i].cfg.name.clone()),
+                .transport
+                .ports
+                .iter()
+                .map(|&port| {
+                    let tunnel = self
+                        .uplinks
+                        .iter()
+                        .find(|u| u.facts.transport_port == Some(port))
+                        .map_or("a tunnel", |u| u.cfg.name.as_str());
+                    format!("{tunnel} (UDP {port})")
+                })
+                .collect(),
+            tunnels_own_path: self.name_of(self.slow_path_applied.transport.uplink),
             slow_path6: self
                 .slow_path6_applied
                 .filter(|_| self.ipv6.lan().is_some())

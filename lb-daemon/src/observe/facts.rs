@@ -10,7 +10,10 @@
 
 use std::net::Ipv4Addr;
 
-use crate::{config::Gateway, observe::kernel::Observed};
+use crate::{
+    config::Gateway,
+    observe::kernel::{LinkFacts, Observed},
+};
 
 /// What the kernel says about an uplink, as far as lb needs it to send
 /// traffic through it.
@@ -33,6 +36,9 @@ pub struct Facts {
     /// It is a tunnel (WireGuard, a tun device's VPN): its own packets are
     /// the router's own traffic, carried by another uplink.
     pub tunnel: bool,
+    /// A WireGuard tunnel's listen port: the UDP port its own packets
+    /// leave from. `None`: not known (not WireGuard, or not yet asked).
+    pub transport_port: Option<u16>,
 }
 
 /// Device kinds (`ip -d link`) of L3 uplinks whose packets ride inside
@@ -41,6 +47,15 @@ pub struct Facts {
 /// (The kernel's GRE and IPIP devices are no L3 uplink here: their link
 /// types are their own.)
 const TUNNEL_KINDS: [&str; 2] = ["wireguard", "tun"];
+
+/// Whether `link` is an L3 uplink's tunnel (see [`TUNNEL_KINDS`]).
+pub fn is_tunnel(link: &LinkFacts) -> bool {
+    link.l3
+        && link
+            .kind
+            .as_deref()
+            .is_some_and(|k| TUNNEL_KINDS.contains(&k))
+}
 
 impl Facts {
     /// The facts of the uplink on interface `ifname` with `gateway`, as
@@ -68,10 +83,8 @@ impl Facts {
                 },
                 gateway_mac: Some(lb_common::NO_LINK_LAYER),
                 l3: true,
-                tunnel: link
-                    .kind
-                    .as_deref()
-                    .is_some_and(|k| TUNNEL_KINDS.contains(&k)),
+                tunnel: is_tunnel(link),
+                transport_port: observed.wireguard_ports.get(&link.index).copied(),
             };
         }
         let gateway = match gateway {
@@ -96,6 +109,7 @@ impl Facts {
             gateway_mac,
             l3: false,
             tunnel: false,
+            transport_port: None,
         }
     }
 
@@ -136,6 +150,7 @@ pub(crate) mod fixtures {
             gateway_mac: Some([2, 0, 0, 0, 0, 2]),
             l3: false,
             tunnel: false,
+            transport_port: None,
         }
     }
 }

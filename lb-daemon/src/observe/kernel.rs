@@ -10,7 +10,7 @@
 //! lbd's routes and rules.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -105,6 +105,13 @@ pub struct Rule {
     pub suppress: Option<u32>,
     /// `fwmark MARK/MASK`, if set.
     pub fwmark: Option<(u32, u32)>,
+    /// `ipproto N`, if set.
+    pub ip_proto: Option<u8>,
+    /// `sport FIRST-LAST`, if set.
+    pub sport: Option<(u16, u16)>,
+    /// It selects by something lbd never does (a destination, `oif`, a
+    /// destination port, a uid range, ...).
+    pub other: bool,
     pub protocol: u8,
     pub message: RuleMessage,
 }
@@ -131,6 +138,9 @@ pub struct Observed {
     pub qdiscs: Vec<Qdisc>,
     /// IPv6: addresses, routes, neighbours.
     pub v6: Observed6,
+    /// The listen ports of the WireGuard uplinks, by interface index
+    /// (`observe::wireguard`, asked after the dump).
+    pub wireguard_ports: BTreeMap<u32, u16>,
 }
 
 impl Observed {
@@ -203,6 +213,7 @@ impl Observed {
             neighbours: neighbours.iter().filter_map(usable_neighbour).collect(),
             rules: rules.into_iter().filter_map(rule).collect(),
             qdiscs: qdiscs.iter().filter_map(qdisc).collect(),
+            wireguard_ports: BTreeMap::new(),
         })
     }
 
@@ -441,6 +452,9 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
         iif: None,
         suppress: None,
         fwmark: None,
+        ip_proto: None,
+        sport: None,
+        other: msg.header.dst_len != 0,
         protocol: 0,
         message: msg.clone(),
     };
@@ -460,6 +474,14 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
                 let mark = r.fwmark.map_or(0, |(mark, _)| mark);
                 r.fwmark = Some((mark, *mask));
             }
+            RuleAttribute::IpProtocol(p) => r.ip_proto = Some(u8::from(*p)),
+            RuleAttribute::SourcePortRange(range) => r.sport = Some((range.start, range.end)),
+            RuleAttribute::Destination(_)
+            | RuleAttribute::Oifname(_)
+            | RuleAttribute::DestinationPortRange(_)
+            | RuleAttribute::UidRange(_)
+            | RuleAttribute::TunId(_)
+            | RuleAttribute::L3MDev(_) => r.other = true,
             _ => {}
         }
     }

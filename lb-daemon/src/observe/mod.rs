@@ -2,8 +2,9 @@
 //! links, addresses, routes, neighbours, rules and qdiscs (`kernel`, its
 //! IPv6 part in `kernel6`),
 //! the event stream that says when to take another (`linkwatch`), the
-//! XDP features of devices (`xdpcaps`), and conntrack's view of one
-//! connection (`conntrack`), over the netlink helpers they share.
+//! XDP features of devices (`xdpcaps`), conntrack's view of one
+//! connection (`conntrack`), over the netlink helpers they share; and
+//! WireGuard uplinks' listen ports (`wireguard`).
 
 pub mod conntrack;
 pub mod facts;
@@ -12,4 +13,5 @@ pub mod kernel6;
 pub mod linkwatch;
 pub mod netlink;
 pub mod nlmsg;
+pub mod wireguard;
 pub mod xdpcaps;

@@ -4,9 +4,11 @@
 //! uplink leave through it however many default routes main has), and a
 //! rule `fwmark <uplink's mark>` to it for the replies of connections that
 //! came in on that uplink (marked by lbd's nftables table); then the slow
-//! path's rules: the main table without default routes first, then what
-//! the LAN sends through the kernel, and what the router itself sends, to
-//! the table of the uplink the slow path uses.
+//! path's rules: the main table without default routes first, then the
+//! tunnels' own packets (a WireGuard uplink's, by its listen port) to the
+//! table of the best uplink that is no tunnel, then what the LAN sends
+//! through the kernel, and what the router itself sends, to the table of
+//! the uplink the slow path uses.
 //!
 //! IPv6 has the same, of its own ([`wanted6`]): per uplink with its IPv6
 //! address and next hop, an IPv6 table (the same number: tables are per
@@ -31,8 +33,8 @@ use std::{
 use rtnetlink::{
     packet_route::{
         route::{RouteMessage, RouteProtocol, RouteScope},
-        rule::{RuleAction, RuleAttribute, RuleMessage},
-        AddressFamily,
+        rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange},
+        AddressFamily, IpProtocol,
     },
     Handle, RouteMessageBuilder,
 };
@@ -147,6 +149,9 @@ pub enum Selector<A = Ipv4Addr> {
     /// `iif NAME`: what arrives on a LAN interface (`lo`: what the router
     /// itself sends).
     Iif(String),
+    /// `iif lo ipproto udp sport PORT`: a WireGuard tunnel's own packets,
+    /// which the router sends from the tunnel's listen port.
+    Transport(u16),
     /// `fwmark MARK/MASK`: the replies of the connections that came in on
     /// an uplink ([`MARK_MASK`]), or the slow path's connections of a
     /// policy ([`POLICY_MASK`]).
@@ -171,6 +176,10 @@ impl<A: Family> fmt::Display for OwnedRule<A> {
                 "{priority}: from {a}/{len} fwmark 0/{POLICY_MASK:#x} lookup {table}"
             ),
             Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
+            Selector::Transport(port) => write!(
+                f,
+                "{priority}: iif {LOOPBACK} ipproto udp sport {port} lookup {table}"
+            ),
             Selector::Mark { mark, mask } => {
                 write!(f, "{priority}: fwmark {mark:#x}/{mask:#x} lookup {table}")
             }
@@ -241,14 +250,15 @@ pub struct Ready6 {
 /// lbd's routing tables and rules as they should be: for each uplink
 /// `Ready` (by index), its table, its rule for its own address and its
 /// rule for the replies of the connections that came in on it (by their
-/// mark); and the slow path's rules, which send what the LAN's clients
-/// send through the kernel to the internet (ESP, GRE, fragments) by uplink
-/// `slow_path.lan`, and what the router itself sends (its DNS forwarder,
-/// NTP, updates, a tunnel's own packets) by `slow_path.own`.
+/// mark); and the slow path's rules, which send the tunnels' own packets
+/// by `slow_path.transport`, what the LAN's clients send through the
+/// kernel to the internet (ESP, GRE, fragments) by uplink `slow_path.lan`,
+/// and what else the router itself sends (its DNS forwarder, NTP, updates)
+/// by `slow_path.own`.
 pub fn wanted(
     routing: &RoutingConfig,
     uplinks: &[Option<Ready>],
-    slow_path: SlowPath,
+    slow_path: &SlowPath,
     lans: &[&str],
     policies: &[(u32, usize)],
 ) -> Wanted {
@@ -293,6 +303,22 @@ pub fn wanted(
             table: MAIN_TABLE,
         });
     }
+    // A tunnel's own packets never go into a tunnel, whatever a policy
+    // says of the router's traffic: by the best uplink that is none, or
+    // by the main table's default route while none is in service (as
+    // without lbd; the rules after this one could send them into the
+    // tunnel itself).
+    let carrier = slow_path
+        .transport
+        .uplink
+        .map_or(MAIN_TABLE, |i| routing.table(i));
+    for &port in &slow_path.transport.ports {
+        wanted.rules.insert(OwnedRule {
+            priority: later.transport,
+            selector: Selector::Transport(port),
+            table: carrier,
+        });
+    }
     // The slow path's connections of a policy (marked by lb's table) go
     // by that policy's best uplink in service, before the rest.
     for &(mark, i) in policies {
@@ -326,21 +352,81 @@ pub fn wanted(
     wanted
 }
 
-/// The uplinks of the slow path: the LAN's, and the router's own, which
-/// never goes into a tunnel (its own packets are the router's traffic: a
-/// tunnel would carry itself). `None`: the main table decides.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The uplinks of the slow path: the LAN's, the router's own, and the
+/// tunnels' own packets'. `None`: the main table decides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlowPath {
     pub lan: Option<usize>,
+    /// Enters a tunnel only when every tunnel's own packets have their
+    /// rule (`transport`): a tunnel would carry itself.
     pub own: Option<usize>,
+    pub transport: Transport,
+}
+
+/// The tunnels' own packets: the listen ports of the WireGuard uplinks,
+/// and the uplink (never a tunnel) that carries what leaves from them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transport {
+    pub ports: Vec<u16>,
+    /// `None`: the main table's default route.
+    pub uplink: Option<usize>,
+}
+
+/// An uplink as the slow path's choice sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// In service, with its table in place.
+    pub in_service: bool,
+    pub tier: u8,
+    pub weight: u32,
+    /// A tunnel (`observe::facts`), and its listen port if it is a
+    /// WireGuard one that `wg` told.
+    pub tunnel: bool,
+    pub transport_port: Option<u16>,
 }
 
 impl SlowPath {
-    /// One uplink for both.
+    /// The slow path's uplinks among `uplinks` (by index), each the
+    /// lowest tier in service, then the heaviest weight, then the first:
+    /// the LAN's, of all; the tunnels' own packets', of those that are no
+    /// tunnel (sent into a tunnel, they would be lost, and its handshake
+    /// with them); the router's other traffic, the LAN's while every
+    /// tunnel's own packets are known apart, and the tunnels' otherwise
+    /// (a tunnel that is no WireGuard, OpenVPN's, sends from ports lbd
+    /// does not know).
+    pub fn choose(uplinks: &[Candidate]) -> SlowPath {
+        let best = |take: fn(&Candidate) -> bool| {
+            uplinks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.in_service && take(c))
+                .min_by_key(|(i, c)| (c.tier, std::cmp::Reverse(c.weight), *i))
+                .map(|(i, _)| i)
+        };
+        let lan = best(|_| true);
+        let carrier = best(|c| !c.tunnel);
+        let mut ports: Vec<u16> = uplinks.iter().filter_map(|c| c.transport_port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let known_apart = uplinks
+            .iter()
+            .all(|c| !c.tunnel || c.transport_port.is_some());
+        SlowPath {
+            lan,
+            own: if known_apart { lan } else { carrier },
+            transport: Transport {
+                ports,
+                uplink: carrier,
+            },
+        }
+    }
+
+    /// One uplink for the LAN's and the router's own, no tunnel.
     pub fn both(uplink: Option<usize>) -> SlowPath {
         SlowPath {
             lan: uplink,
             own: uplink,
+            transport: Transport::default(),
         }
     }
 }
@@ -485,13 +571,24 @@ pub fn clashes(observed: &Observed, routing: &RoutingConfig, uplinks: usize) -> 
 /// `r` (one of lbd's) as lbd would have wanted it, if it is of a kind lbd
 /// makes.
 fn owned_rule<A: Family>(r: &Rule) -> Option<OwnedRule<A>> {
-    let selector = match (r.source, &r.iif, r.suppress, r.fwmark) {
-        (Some((source, len)), None, None, Some((0, POLICY_MASK))) => {
+    if r.other {
+        return None;
+    }
+    let udp = u8::from(IpProtocol::Udp);
+    let selector = match (r.source, &r.iif, r.suppress, r.fwmark, r.ip_proto, r.sport) {
+        (Some((source, len)), None, None, Some((0, POLICY_MASK)), None, None) => {
             Selector::From(A::of(source)?, len)
         }
-        (None, Some(iif), None, None) => Selector::Iif(iif.clone()),
-        (None, None, Some(0), None) => Selector::AllButDefault,
-        (None, None, None, Some((mark, mask))) if mask == MARK_MASK || mask == POLICY_MASK => {
+        (None, Some(iif), None, None, None, None) => Selector::Iif(iif.clone()),
+        (None, Some(iif), None, None, Some(p), Some((first, last)))
+            if iif == LOOPBACK && p == udp && first == last =>
+        {
+            Selector::Transport(first)
+        }
+        (None, None, Some(0), None, None, None) => Selector::AllButDefault,
+        (None, None, None, Some((mark, mask)), None, None)
+            if mask == MARK_MASK || mask == POLICY_MASK =>
+        {
             Selector::Mark { mark, mask }
         }
         _ => return None,
@@ -627,7 +724,7 @@ fn route_text(dst: IpAddr, len: u8, gateway: Option<IpAddr>, devs: &str, table: 
 }
 
 /// A rule as `ip rule` says it: `PRIORITY: [from P] [iif N] [fwmark M/K]
-/// lookup T [suppress_prefixlength S]`.
+/// [ipproto N] [sport A-B] lookup T [suppress_prefixlength S]`.
 fn rule_text(r: &Rule) -> String {
     let mut text = format!("{}:", r.priority);
     if let Some((source, len)) = r.source {
@@ -638,6 +735,12 @@ fn rule_text(r: &Rule) -> String {
     }
     if let Some((mark, mask)) = r.fwmark {
         text += &format!(" fwmark {mark:#x}/{mask:#x}");
+    }
+    if let Some(p) = r.ip_proto {
+        text += &format!(" ipproto {p}");
+    }
+    if let Some((first, last)) = r.sport {
+        text += &format!(" sport {first}-{last}");
     }
     text += &format!(" lookup {}", r.table);
     if let Some(s) = r.suppress {
@@ -666,6 +769,14 @@ async fn add_rule<A: Family>(handle: &Handle, r: &OwnedRule<A>, errors: &mut Vec
             ]);
         }
         Selector::Iif(name) => msg.attributes.push(RuleAttribute::Iifname(name.clone())),
+        Selector::Transport(port) => msg.attributes.extend([
+            RuleAttribute::Iifname(LOOPBACK.to_owned()),
+            RuleAttribute::IpProtocol(IpProtocol::Udp),
+            RuleAttribute::SourcePortRange(RulePortRange {
+                start: *port,
+                end: *port,
+            }),
+        ]),
         Selector::Mark { mark, mask } => msg
             .attributes
             .extend([RuleAttribute::FwMark(*mark), RuleAttribute::FwMask(*mask)]),
@@ -764,6 +875,9 @@ mod tests {
             iif: None,
             suppress: None,
             fwmark: Some((0, POLICY_MASK)),
+            ip_proto: None,
+            sport: None,
+            other: false,
             protocol: ROUTE_PROTOCOL,
             message: RuleMessage::default(),
         });
@@ -801,6 +915,9 @@ mod tests {
             iif: None,
             suppress: None,
             fwmark: None,
+            ip_proto: None,
+            sport: None,
+            other: false,
             protocol: 0,
             message: RuleMessage::default(),
         });
@@ -820,7 +937,7 @@ mod tests {
         let w = wanted(
             &routing,
             &[None, Some(ready)],
-            SlowPath::both(Some(1)),
+            &SlowPath::both(Some(1)),
             &["br-lan"],
             &[(0x0100_0000, 1)],
         );
@@ -831,10 +948,10 @@ mod tests {
             [
                 "4001: from 100.64.2.2 fwmark 0/0xf000000 lookup 4001",
                 "4016: lookup 254 suppress_prefixlength 0",
-                "4017: fwmark 0x20000/0xff0000 lookup 4001",
-                "4017: fwmark 0x1000000/0xf000000 lookup 4001",
-                "4018: iif br-lan lookup 4001",
-                "4018: iif lo lookup 4001",
+                "4018: fwmark 0x20000/0xff0000 lookup 4001",
+                "4018: fwmark 0x1000000/0xf000000 lookup 4001",
+                "4019: iif br-lan lookup 4001",
+                "4019: iif lo lookup 4001",
             ]
         );
         // Nothing ready: nothing wanted, not even the main table's rule.
@@ -842,7 +959,7 @@ mod tests {
             wanted(
                 &routing,
                 &[None, None],
-                SlowPath::default(),
+                &SlowPath::default(),
                 &["br-lan"],
                 &[]
             ),
@@ -853,9 +970,10 @@ mod tests {
         let w = wanted(
             &routing,
             &[None, Some(ready)],
-            SlowPath {
+            &SlowPath {
                 lan: Some(1),
                 own: None,
+                transport: Transport::default(),
             },
             &["br-lan"],
             &[],
@@ -863,10 +981,161 @@ mod tests {
         let slow: Vec<String> = w
             .rules
             .iter()
-            .filter(|r| r.priority == 4018)
+            .filter(|r| r.priority == 4019)
             .map(ToString::to_string)
             .collect();
-        assert_eq!(slow, ["4018: iif br-lan lookup 4001"]);
+        assert_eq!(slow, ["4019: iif br-lan lookup 4001"]);
+    }
+
+    #[test]
+    fn a_tunnels_own_packets_go_by_an_uplink_before_any_rule_that_could_send_them_into_it() {
+        let routing = RoutingConfig::default();
+        let ready = |n: u8| {
+            Some(Ready {
+                ifindex: u32::from(n) + 2,
+                addr: ip(&format!("100.64.{n}.2")),
+                gateway: Some(ip(&format!("100.64.{n}.1"))),
+            })
+        };
+        // Uplink 0 is a tunnel listening on 51820 and carries everything
+        // else of the router's, and a policy's; uplink 1 its packets.
+        let slow_path = SlowPath {
+            lan: Some(0),
+            own: Some(0),
+            transport: Transport {
+                ports: vec![51820],
+                uplink: Some(1),
+            },
+        };
+        let w = wanted(
+            &routing,
+            &[ready(1), ready(2)],
+            &slow_path,
+            &["br-lan"],
+            &[(0x0100_0000, 0)],
+        );
+        let after: Vec<String> = w
+            .rules
+            .iter()
+            .filter(|r| r.priority > 4016)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            after,
+            [
+                "4017: iif lo ipproto udp sport 51820 lookup 4001",
+                "4018: fwmark 0x10000/0xff0000 lookup 4000",
+                "4018: fwmark 0x20000/0xff0000 lookup 4001",
+                "4018: fwmark 0x1000000/0xf000000 lookup 4000",
+                "4019: iif br-lan lookup 4000",
+                "4019: iif lo lookup 4000",
+            ]
+        );
+        // No uplink but tunnels in service: the main table's default route.
+        let none = SlowPath {
+            transport: Transport {
+                ports: vec![51820],
+                uplink: None,
+            },
+            ..slow_path
+        };
+        let w = wanted(&routing, &[ready(1), None], &none, &[], &[]);
+        assert!(
+            w.rules.contains(&OwnedRule {
+                priority: 4017,
+                selector: Selector::Transport(51820),
+                table: MAIN_TABLE,
+            }),
+            "{:?}",
+            w.rules
+        );
+    }
+
+    #[test]
+    fn the_routers_own_traffic_enters_a_tunnel_only_when_every_tunnels_own_packets_are_known() {
+        let line = |tier| Candidate {
+            in_service: true,
+            tier,
+            weight: 1,
+            ..Candidate::default()
+        };
+        let tunnel = |port| Candidate {
+            tunnel: true,
+            transport_port: port,
+            ..line(0)
+        };
+        // A WireGuard tunnel first, a line its backup.
+        let p = SlowPath::choose(&[line(1), tunnel(Some(51820))]);
+        assert_eq!((p.lan, p.own), (Some(1), Some(1)));
+        assert_eq!(
+            p.transport,
+            Transport {
+                ports: vec![51820],
+                uplink: Some(0),
+            }
+        );
+        // Another tunnel whose own packets lbd cannot tell apart (no
+        // WireGuard): nothing of the router's goes into a tunnel.
+        let p = SlowPath::choose(&[line(1), tunnel(Some(51820)), tunnel(None)]);
+        assert_eq!(
+            (p.lan, p.own, p.transport.uplink),
+            (Some(1), Some(0), Some(0))
+        );
+        assert_eq!(p.transport.ports, [51820]);
+        // No line in service: the tunnel's packets take the main table.
+        let down = Candidate {
+            in_service: false,
+            ..line(1)
+        };
+        let p = SlowPath::choose(&[down, tunnel(Some(51820))]);
+        assert_eq!((p.lan, p.own, p.transport.uplink), (Some(1), Some(1), None));
+        // Lines only: one choice for all, no tunnel's rule.
+        let p = SlowPath::choose(&[line(1), line(0)]);
+        assert_eq!((p.lan, p.own), (Some(1), Some(1)));
+        assert!(p.transport.ports.is_empty());
+    }
+
+    #[test]
+    fn a_tunnels_rule_as_the_kernel_holds_it_is_known_again() {
+        let mut held = Rule {
+            priority: 4017,
+            looks_up: true,
+            table: 4001,
+            source: None,
+            iif: Some("lo".into()),
+            suppress: None,
+            fwmark: None,
+            ip_proto: Some(17),
+            sport: Some((51820, 51820)),
+            other: false,
+            protocol: ROUTE_PROTOCOL,
+            message: RuleMessage::default(),
+        };
+        assert_eq!(
+            owned_rule::<Ipv4Addr>(&held).map(|r| r.selector),
+            Some(Selector::Transport(51820))
+        );
+        assert_eq!(
+            rule_text(&held),
+            "4017: iif lo ipproto 17 sport 51820-51820 lookup 4001"
+        );
+        // A range, another protocol, or anything lbd never selects by is
+        // not lbd's rule, to be removed.
+        for change in [
+            |r: &mut Rule| r.sport = Some((1, 2)),
+            |r: &mut Rule| r.ip_proto = Some(6),
+            |r: &mut Rule| r.other = true,
+        ] {
+            let mut r = held.clone();
+            change(&mut r);
+            assert_eq!(owned_rule::<Ipv4Addr>(&r), None, "{r:?}");
+        }
+        held.ip_proto = None;
+        held.sport = None;
+        assert_eq!(
+            owned_rule::<Ipv4Addr>(&held).map(|r| r.selector),
+            Some(Selector::Iif("lo".into()))
+        );
     }
 
     /// wan1 (3) and wan2 (4) as `router6` has them: wan1's delegation
@@ -919,11 +1188,11 @@ mod tests {
                 "4016: lookup 254 suppress_prefixlength 0",
                 // wan2's delegation, not wan1's: the LAN's prefix is the
                 // slow path's to send, by the best uplink.
-                "4017: from 2001:db8:2:200::/56 fwmark 0/0xf000000 lookup 4001",
-                "4017: fwmark 0x10000/0xff0000 lookup 4000",
-                "4017: fwmark 0x20000/0xff0000 lookup 4001",
-                "4018: iif br-lan lookup 4001",
-                "4018: iif lo lookup 4001",
+                "4018: from 2001:db8:2:200::/56 fwmark 0/0xf000000 lookup 4001",
+                "4018: fwmark 0x10000/0xff0000 lookup 4000",
+                "4018: fwmark 0x20000/0xff0000 lookup 4001",
+                "4019: iif br-lan lookup 4001",
+                "4019: iif lo lookup 4001",
             ]
         );
         // Without a LAN prefix every delegation has its rule.
@@ -962,8 +1231,13 @@ mod tests {
                 Some((0, POLICY_MASK)),
             ),
             Selector::Iif(n) => (None, Some(n.clone()), None, None),
+            Selector::Transport(_) => (None, Some(LOOPBACK.into()), None, None),
             Selector::Mark { mark, mask } => (None, None, None, Some((*mark, *mask))),
             Selector::AllButDefault => (None, None, Some(0), None),
+        };
+        let port = match r.selector {
+            Selector::Transport(port) => Some((port, port)),
+            _ => None,
         };
         Rule {
             priority: r.priority,
@@ -973,6 +1247,9 @@ mod tests {
             iif,
             suppress,
             fwmark,
+            ip_proto: port.map(|_| u8::from(IpProtocol::Udp)),
+            sport: port,
+            other: false,
             protocol: ROUTE_PROTOCOL,
             message: RuleMessage::default(),
         }
@@ -990,7 +1267,7 @@ mod tests {
         (stale.table, stale.protocol) = (4000, ROUTE_PROTOCOL);
         o.v6.routes.push(stale);
         o.v6.rules.push(held(&OwnedRule {
-            priority: 4018,
+            priority: 4019,
             selector: Selector::Iif("br-lan".into()),
             table: 4001,
         }));

@@ -1,0 +1,168 @@
+//! WireGuard uplinks' own packets: the UDP port each WireGuard device
+//! sends its encrypted packets from (its listen port), as `wg show IFACE
+//! listen-port` says it for kernel WireGuard and wireguard-go alike. lbd
+//! routes what the router sends from that port by an uplink that is no
+//! tunnel (`reconcile::routing`), and the rest of the router's own traffic
+//! may then use the tunnel.
+//!
+//! Owns the answers, by interface index: a device keeps its port until it
+//! is made again (a new index), so `wg` runs once per device, and again
+//! after [`REFRESH`] (a `wg set IFACE listen-port` in between) or, for a
+//! device with no answer (no WireGuard: OpenVPN's tun; no `wg`; a
+//! wireguard-go not listening yet), after [`RETRY`]. Never changes a
+//! device.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use tokio::process::Command;
+
+/// How long an answer holds.
+const REFRESH: Duration = Duration::from_secs(30);
+/// How long no answer holds.
+const RETRY: Duration = Duration::from_secs(3);
+/// How long `wg` may take to answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The listen ports of WireGuard devices, as last asked.
+#[derive(Default)]
+pub struct Ports {
+    answers: Mutex<HashMap<u32, Answer>>,
+}
+
+#[derive(Clone, Copy)]
+struct Answer {
+    port: Option<u16>,
+    asked: Instant,
+}
+
+impl Ports {
+    /// The listen ports of `devices` (index, name) that are WireGuard, by
+    /// index; `wg` is asked about those not asked lately.
+    pub async fn of(&self, devices: &[(u32, String)]) -> BTreeMap<u32, u16> {
+        let due: Vec<&(u32, String)> = {
+            let answers = self.lock();
+            devices
+                .iter()
+                .filter(|(index, _)| answers.get(index).is_none_or(Answer::stale))
+                .collect()
+        };
+        for (index, name) in due {
+            let port = match ask(name).await {
+                Ok(port) => Some(port),
+                Err(why) => {
+                    log::debug!("{name}: no WireGuard listen port: {why}");
+                    None
+                }
+            };
+            let before = self.lock().insert(
+                *index,
+                Answer {
+                    port,
+                    asked: Instant::now(),
+                },
+            );
+            if before.map(|a| a.port) != Some(port) {
+                match port {
+                    Some(port) => log::info!(
+                        "{name}: WireGuard sends its own packets from UDP port {port}; they \
+                         leave by an uplink that is no tunnel, and the router's other traffic \
+                         may go through {name}"
+                    ),
+                    None => log::info!(
+                        "{name}: no WireGuard listen port known (`wg show {name} listen-port`); \
+                         the router's own traffic stays out of tunnels"
+                    ),
+                }
+            }
+        }
+        let mut answers = self.lock();
+        // Devices that are gone (or no uplink's now) are forgotten.
+        answers.retain(|index, _| devices.iter().any(|(i, _)| i == index));
+        answers
+            .iter()
+            .filter_map(|(&index, a)| Some((index, a.port?)))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Answer>> {
+        // The map holds plain values: one a panic left behind is still
+        // whole.
+        self.answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Answer {
+    fn stale(&self) -> bool {
+        let holds = if self.port.is_some() { REFRESH } else { RETRY };
+        self.asked.elapsed() >= holds
+    }
+}
+
+/// Device `name`'s listen port, as `wg` says it.
+async fn ask(name: &str) -> Result<u16, String> {
+    let out = Command::new("wg")
+        .args(["show", name, "listen-port"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(ASK_TIMEOUT, out)
+        .await
+        .map_err(|_| format!("`wg` did not answer within {ASK_TIMEOUT:?}"))?
+        .map_err(|e| format!("could not run `wg` (wireguard-tools): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`wg` says: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    listen_port(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The port in `wg show IFACE listen-port`'s answer: a number, 0 when the
+/// device does not listen (it then sends nothing of its own).
+fn listen_port(answer: &str) -> Result<u16, String> {
+    match answer.trim().parse::<u16>() {
+        Ok(0) => Err("it does not listen".into()),
+        Ok(port) => Ok(port),
+        Err(_) => Err(format!("unexpected answer {:?}", answer.trim())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listen_port_is_read_and_anything_else_refused() {
+        assert_eq!(listen_port("51820\n"), Ok(51820));
+        assert!(listen_port("0\n").is_err());
+        assert!(listen_port("").is_err());
+        assert!(listen_port("70000").is_err());
+        assert!(listen_port("interface: wg0").is_err());
+    }
+
+    #[tokio::test]
+    async fn devices_no_longer_asked_about_are_forgotten() {
+        let ports = Ports::default();
+        ports.lock().insert(
+            7,
+            Answer {
+                port: Some(51820),
+                asked: Instant::now(),
+            },
+        );
+        let known = ports.of(&[(7, "wg0".into())]).await;
+        assert_eq!(
+            known,
+            BTreeMap::from([(7, 51820)]),
+            "a fresh answer is kept"
+        );
+        assert!(ports.of(&[]).await.is_empty());
+        assert!(ports.lock().is_empty());
+    }
+}
