@@ -558,6 +558,76 @@ fn a_vpn_first_routers_own_traffic_goes_through_the_tunnel_and_the_tunnels_own_p
     lbd.stop(&mut lab)
 }
 
+/// A VPN-first router with two lines: when the line that carries the
+/// tunnel's own packets loses the internet, they move to the other line at
+/// once, and the tunnel comes back over it. (WireGuard sends from the
+/// address it last heard its peer on: left alone, it would go on sending
+/// by the dead line until a handshake of its own went unanswered.)
+#[test]
+fn the_tunnels_own_packets_move_to_the_other_line_when_theirs_fails() -> Result<()> {
+    const FLOWS: usize = 10;
+    if !require_root("the_tunnels_own_packets_move_to_the_other_line_when_theirs_fails") {
+        return Ok(());
+    }
+    let (mut lab, tunnel, leaks, vpn_leaks) = lab_with_tunnel()?;
+    let config = format!(
+        "[daemon]\nsocket = \"{{socket}}\"\nbpffs = \"{{bpffs}}\"\n\n\
+         [[lan]]\ninterface = \"lan0\"\n\n\
+         [[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\ntier = 1\n{PROBE}\n\
+         [[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\ntier = 1\n{PROBE}\n\
+         [[uplink]]\nname = \"wg\"\ninterface = \"{}\"\n{PROBE}",
+        tunnel.ifname
+    );
+    let lbd = Lbd::start(&mut lab, &config)?;
+    for name in ["isp1", "isp2", "wg"] {
+        lbd.wait_lifecycle(name, "in service", BOUND)?;
+    }
+    let port = tunnel.listen_port(&lab)?;
+    let on_isp1 = watch_flows(&lab, "isp1", "down0")?;
+    let inet = lab.ns("inet")?.to_string();
+    let udp = UdpEchoServer::start(&inet, format!("{SERVER_IP}:0").parse()?)?;
+    let held = HeldUdp::open(lab.ns("client")?, udp.local_addr(), FLOWS)?;
+    held.echo_all(FLOW_TIMEOUT)?;
+    let s = lbd.status()?;
+    ensure!(
+        s["tunnels_own_path"] == "isp1" && on_isp1.seen_flows()?.contains(&(17, port)),
+        "the tunnel's own packets (UDP {port}) do not go by isp1: lbd says {}, isp1 saw {:?}",
+        s["tunnels_own_path"],
+        on_isp1.seen_flows()?
+    );
+
+    let cut = Instant::now();
+    lab.set_link_up("isp1", "up0", false)?;
+    lbd.wait_lifecycle("isp1", "down", BOUND)?;
+    loop {
+        let s = lbd.status()?;
+        if s["tunnels_own_path"] == "isp2" {
+            break;
+        }
+        ensure!(
+            cut.elapsed() < 2 * BOUND,
+            "the tunnel's own packets did not move to isp2: {}",
+            s["tunnels_own_path"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    on_isp1.clear()?;
+    lbd.wait_lifecycle("wg", "in service", 4 * BOUND)?;
+    let back = cut.elapsed();
+    held.echo_all(FLOW_TIMEOUT)
+        .context("the flows after isp1 lost the internet")?;
+    let stuck = on_isp1.seen_flows()?;
+    eprintln!(
+        "isp1 cut: the tunnel in service again {back:?} after it; isp1 saw {stuck:?} after lbd moved the tunnel's own packets (UDP {port})"
+    );
+    ensure!(
+        !stuck.contains(&(17, port)),
+        "the tunnel's own packets (UDP {port}) still went to isp1 after lbd moved them to isp2"
+    );
+    check_leaks(&leaks, &vpn_leaks)?;
+    lbd.stop(&mut lab)
+}
+
 /// The operator's port forwards over the modem, as an operator writes them.
 const LTE_FORWARDS: &str = r#"
 table ip operator {

@@ -22,7 +22,7 @@ use crate::{
     health::State as Health,
     observe::facts::{self, Facts},
     observe::kernel::Observed,
-    observe::{conntrack, netlink},
+    observe::{conntrack, netlink, wireguard},
     reconcile::attachments,
     reconcile::buckets::{Candidate, PolicyWant},
     reconcile::bypass,
@@ -816,6 +816,33 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         }
     }
     if routed {
+        // The tunnels' own packets have another way out now: each
+        // WireGuard uplink is made to send its next one by it, before the
+        // new way is said to be in place.
+        let tunnels: Vec<String> = {
+            let d = lock()?;
+            if d.slow_path_applied.transport.uplink == slow_path.transport.uplink {
+                Vec::new()
+            } else {
+                d.uplinks
+                    .iter()
+                    .filter(|u| u.facts.transport_port.is_some())
+                    .map(|u| u.cfg.interface.clone())
+                    .collect()
+            }
+        };
+        for name in tunnels {
+            match wireguard::forget_sources(&name).await {
+                Ok(peers) => log::info!(
+                    "{name}: WireGuard's own packets take their new way out from the next one \
+                     ({peers} peers told to send unbound)"
+                ),
+                Err(e) => log::warn!(
+                    "{name}: could not make WireGuard send by its new way out ({e}); it keeps \
+                     its old one until a handshake of its own goes unanswered"
+                ),
+            }
+        }
         let moved6 = {
             let mut d = lock()?;
             d.slow_path_applied = slow_path;

@@ -9,8 +9,14 @@
 //! is made again (a new index), so `wg` runs once per device, and again
 //! after [`REFRESH`] (a `wg set IFACE listen-port` in between) or, for a
 //! device with no answer (no WireGuard: OpenVPN's tun; no `wg`; a
-//! wireguard-go not listening yet), after [`RETRY`]. Never changes a
-//! device.
+//! wireguard-go not listening yet), after [`RETRY`].
+//!
+//! WireGuard sends from the local address it last heard its peer on, so
+//! its packets would stay on a line lbd moved them off (the `from` rule of
+//! that line's address comes first) until a handshake of its own went
+//! unanswered, 15 to 20 s later. [`forget_sources`] makes it send its
+//! next packet unbound, by lbd's rule: the one change lbd makes to a
+//! tunnel, each peer's endpoint set again to what it is.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -106,21 +112,58 @@ impl Answer {
 
 /// Device `name`'s listen port, as `wg` says it.
 async fn ask(name: &str) -> Result<u16, String> {
-    let out = Command::new("wg")
-        .args(["show", name, "listen-port"])
-        .kill_on_drop(true)
-        .output();
+    listen_port(&wg(&["show", name, "listen-port"]).await?)
+}
+
+/// Makes WireGuard device `name` forget the local address it sends from
+/// (see above); returns how many peers it told.
+pub async fn forget_sources(name: &str) -> Result<usize, String> {
+    let shown = wg(&["show", name, "endpoints"]).await?;
+    let peers = endpoints(&shown);
+    if peers.is_empty() {
+        return Ok(0);
+    }
+    let mut args = vec!["set", name];
+    for (key, endpoint) in &peers {
+        args.extend(["peer", key.as_str(), "endpoint", endpoint.as_str()]);
+    }
+    wg(&args).await?;
+    Ok(peers.len())
+}
+
+/// `wg ARGS`' output, or why there is none.
+async fn wg(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("wg").args(args).kill_on_drop(true).output();
     let out = tokio::time::timeout(ASK_TIMEOUT, out)
         .await
         .map_err(|_| format!("`wg` did not answer within {ASK_TIMEOUT:?}"))?
         .map_err(|e| format!("could not run `wg` (wireguard-tools): {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "`wg` says: {}",
+            "`wg {}` says: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    listen_port(&String::from_utf8_lossy(&out.stdout))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The peers with an endpoint in `wg show IFACE endpoints`' answer (a
+/// line per peer: its public key, a tab, `ADDRESS:PORT` or `(none)`), as
+/// `wg set` takes them back. A line of any other shape is left out.
+fn endpoints(answer: &str) -> Vec<(String, String)> {
+    answer
+        .lines()
+        .filter_map(|line| {
+            let (key, endpoint) = line.split_once('\t')?;
+            let key_ok = key.len() == 44
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+            let endpoint_ok = endpoint.parse::<std::net::SocketAddr>().is_ok();
+            (key_ok && endpoint_ok).then(|| (key.to_owned(), endpoint.to_owned()))
+        })
+        .collect()
 }
 
 /// The port in `wg show IFACE listen-port`'s answer: a number, 0 when the
@@ -144,6 +187,26 @@ mod tests {
         assert!(listen_port("").is_err());
         assert!(listen_port("70000").is_err());
         assert!(listen_port("interface: wg0").is_err());
+    }
+
+    #[test]
+    fn peers_with_an_endpoint_are_read_and_anything_else_left_out() {
+        let key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        let answer = format!(
+            "{key}\t100.66.0.2:51820\n\
+             {key}\t[2001:db8::1]:51820\n\
+             {key}\t(none)\n\
+             {key}\t100.66.0.2:51820 --help\n\
+             short\t100.66.0.2:51820\n\
+             no tab here\n"
+        );
+        assert_eq!(
+            endpoints(&answer),
+            [
+                (key.to_owned(), "100.66.0.2:51820".to_owned()),
+                (key.to_owned(), "[2001:db8::1]:51820".to_owned()),
+            ]
+        );
     }
 
     #[tokio::test]
