@@ -33,7 +33,7 @@ pub struct Facts {
     pub gateway_mac: Option<[u8; 6]>,
     /// It is an L3 device: no Ethernet header, no gateway needed.
     pub l3: bool,
-    /// It is a tunnel (WireGuard, a tun device's VPN): its own packets are
+    /// It is a tunnel (WireGuard, a tun or tap device's VPN): its own packets are
     /// the router's own traffic, carried by another uplink.
     pub tunnel: bool,
     /// A WireGuard tunnel's listen port: the UDP port its own packets
@@ -41,20 +41,19 @@ pub struct Facts {
     pub transport_port: Option<u16>,
 }
 
-/// Device kinds (`ip -d link`) of L3 uplinks whose packets ride inside
-/// the router's own traffic: kernel WireGuard, and tun devices, which a
-/// userspace VPN (wireguard-go, OpenVPN) drives through its own sockets.
-/// (The kernel's GRE and IPIP devices are no L3 uplink here: their link
-/// types are their own.)
+/// Device kinds (`ip -d link`) of uplinks whose packets ride inside the
+/// router's own traffic: kernel WireGuard, and tun and tap devices (both
+/// of kind `tun`), which a userspace VPN (wireguard-go, OpenVPN, ZeroTier)
+/// drives through its own sockets; a tap is an Ethernet uplink, the rest
+/// L3 ones. (The kernel's GRE and IPIP devices are no uplink here: their
+/// link types are their own.)
 const TUNNEL_KINDS: [&str; 2] = ["wireguard", "tun"];
 
-/// Whether `link` is an L3 uplink's tunnel (see [`TUNNEL_KINDS`]).
+/// Whether `link` is a tunnel (see [`TUNNEL_KINDS`]).
 pub fn is_tunnel(link: &LinkFacts) -> bool {
-    link.l3
-        && link
-            .kind
-            .as_deref()
-            .is_some_and(|k| TUNNEL_KINDS.contains(&k))
+    link.kind
+        .as_deref()
+        .is_some_and(|k| TUNNEL_KINDS.contains(&k))
 }
 
 impl Facts {
@@ -108,8 +107,8 @@ impl Facts {
             gateway,
             gateway_mac,
             l3: false,
-            tunnel: false,
-            transport_port: None,
+            tunnel: is_tunnel(link),
+            transport_port: observed.wireguard_ports.get(&link.index).copied(),
         }
     }
 
@@ -250,5 +249,14 @@ mod tests {
         let mut modem = o.clone();
         modem.links[0].kind = None;
         assert!(!Facts::observe(&modem, "lte0", Gateway::Auto, &Facts::default()).tunnel);
+        // An OpenVPN or ZeroTier tap: an Ethernet uplink, and a tunnel.
+        let mut tap = o.clone();
+        tap.links[0].l3 = false;
+        tap.links[0].mac = Some([2, 0, 0, 0, 0, 7]);
+        let f = Facts::observe(&tap, "lte0", Gateway::Auto, &Facts::default());
+        assert!(!f.l3 && f.tunnel, "{f:?}");
+        // A veth or a NIC is not.
+        tap.links[0].kind = Some("veth".into());
+        assert!(!Facts::observe(&tap, "lte0", Gateway::Auto, &Facts::default()).tunnel);
     }
 }
