@@ -625,9 +625,9 @@ fn print_status(s: &Status) {
     };
     if !s.tunnels_own.is_empty() {
         paths += &format!(
-            "; the tunnels' own packets ({}): {}",
-            s.tunnels_own.join(", "),
-            by(&s.tunnels_own_path)
+            "; the tunnels' own packets: {} ({})",
+            by(&s.tunnels_own_path),
+            s.tunnels_own.join(", ")
         );
     }
     println!(

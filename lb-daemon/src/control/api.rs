@@ -123,7 +123,7 @@ pub struct Status {
     #[serde(default)]
     pub own_path: Option<String>,
     /// The tunnels whose own packets lbd routes apart, by their listen
-    /// port: `NAME (UDP PORT)`.
+    /// port: `NAME from UDP PORT`.
     #[serde(default)]
     pub tunnels_own: Vec<String>,
     /// The uplink (never a tunnel) that carries them; none: the main

@@ -188,7 +188,7 @@ impl Daemon {
                         .iter()
                         .find(|u| u.facts.transport_port == Some(port))
                         .map_or("a tunnel", |u| u.cfg.name.as_str());
-                    format!("{tunnel} (UDP {port})")
+                    format!("{tunnel} from UDP {port}")
                 })
                 .collect(),
             tunnels_own_path: self.name_of(self.slow_path_applied.transport.uplink),
