@@ -315,6 +315,9 @@ pub struct Daemon {
     counted_before: nftables::Counted,
     /// The slow path's uplink as the kernel's rules have it.
     slow_path_applied: routing::SlowPath,
+    /// Until when the rounds make the WireGuard uplinks send their own
+    /// packets afresh (`round`).
+    forget_sources_until: Option<Instant>,
     /// The same for the kernel's IPv6.
     slow_path6_applied: Option<usize>,
     watchers: Watchers,
@@ -427,6 +430,7 @@ impl Daemon {
             slowpath: None,
             counted_before: nftables::Counted::default(),
             slow_path_applied: routing::SlowPath::default(),
+            forget_sources_until: None,
             slow_path6_applied: None,
             watchers: links.watchers(),
             health_tx,
@@ -452,10 +456,11 @@ impl Daemon {
         // Start is the view, then rounds: the first puts lb's nftables table
         // (the guard) in place before any LAN port gets `lan_ingress`
         // (`lans_open`), so nothing leaks from the first packet on.
+        let changed = links.changed();
         let kernel = KernelLink {
             handle,
-            changed: links.changed(),
-            wireguard: Arc::default(),
+            wireguard: Arc::new(wireguard::Ports::new(Arc::clone(&changed))),
+            changed,
         };
         let daemon = Mutex::new(daemon);
         let say = |errors: Vec<String>| {
@@ -582,10 +587,11 @@ impl Daemon {
                 }
             }
         }
+        let changed = Arc::new(Notify::new());
         let link = KernelLink {
             handle,
-            changed: Arc::new(Notify::new()),
-            wireguard: Arc::default(),
+            wireguard: Arc::new(wireguard::Ports::new(Arc::clone(&changed))),
+            changed,
         };
         if let Err(e) = Self::remove_routing(&link).await {
             left.push(format!("{e:#}"));

@@ -466,12 +466,6 @@ impl Daemon {
         u.dataplane_state() == uplink_state::ACTIVE && u.facts.routable()
     }
 
-    /// The uplink that carries the slow path (see [`Daemon::slow_path`]).
-    /// `None` when none is: the main table decides then.
-    pub fn slow_path_uplink(&self) -> Option<usize> {
-        self.slow_path().lan
-    }
-
     /// The uplinks of the slow path ([`routing::SlowPath::choose`]).
     pub fn slow_path(&self) -> routing::SlowPath {
         let candidates: Vec<routing::Candidate> = self
@@ -505,13 +499,18 @@ impl Daemon {
     /// it: operator, carrier, IPv6 health, next hop, delegation) with
     /// their IPv6 table in place, and translated and guarded by lb's
     /// `ip6 lb` table as put in place, the lowest tier, then the heaviest
-    /// weight, then the first, as for IPv4. `None` when none is: the main
+    /// weight, then the first, as for IPv4. Never a tunnel (a tap with
+    /// IPv6): the router's own IPv6 takes this way, and lbd does not set a
+    /// tunnel's own IPv6 packets apart. `None` when none is: the main
     /// table's default routes decide then, as without lbd.
     pub fn slow_path_uplink6(&self) -> Option<usize> {
         self.uplinks
             .iter()
             .enumerate()
             .filter(|&(i, u)| {
+                if u.facts.tunnel {
+                    return false;
+                }
                 let in_service = ipv6::side(self.lan6, &u.facts6, u.dataplane_state6(), true)
                     .is_some_and(|s| s.state == uplink_state::ACTIVE);
                 in_service && ready6(u).is_some() && self.guards6(i, u)
@@ -775,7 +774,7 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     let mut observed = Observed::take(&link.handle).await?;
     let lock = || lock(daemon, "the daemon's state");
     let tunnels = lock()?.tunnel_devices(&observed);
-    observed.wireguard_ports = link.wireguard.of(&tunnels).await;
+    observed.wireguard_ports = link.wireguard.of(&tunnels);
     // Off the async workers: a convergence may run `tc` (lb's shapers).
     let Converged {
         dataplane_error,
@@ -818,25 +817,42 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     if routed {
         // The tunnels' own packets have another way out now: each
         // WireGuard uplink is made to send its next one by it, before the
-        // new way is said to be in place.
-        let tunnels: Vec<String> = {
-            let d = lock()?;
-            if d.slow_path_applied.transport.uplink == slow_path.transport.uplink {
-                Vec::new()
-            } else {
-                d.uplinks
-                    .iter()
-                    .filter(|u| u.facts.transport_port.is_some())
-                    .map(|u| u.cfg.interface.clone())
-                    .collect()
+        // new way is said to be in place; and again in the rounds of the
+        // next FORGET_SPAN, as a packet its peer sent before it heard
+        // from the new way makes WireGuard take the old one back.
+        let (tunnels, first) = {
+            let mut d = lock()?;
+            let now = Instant::now();
+            let first = d.slow_path_applied.transport != slow_path.transport;
+            if first {
+                d.forget_sources_until = Some(now + FORGET_SPAN);
+            }
+            match d.forget_sources_until {
+                Some(until) if now <= until => {
+                    let tunnels: Vec<String> = d
+                        .uplinks
+                        .iter()
+                        .filter(|u| u.facts.transport_port.is_some())
+                        .map(|u| u.cfg.interface.clone())
+                        .collect();
+                    (tunnels, first)
+                }
+                _ => {
+                    d.forget_sources_until = None;
+                    (Vec::new(), false)
+                }
             }
         };
-        for name in tunnels {
-            match wireguard::forget_sources(&name).await {
-                Ok(peers) => log::info!(
+        let told =
+            futures::future::join_all(tunnels.iter().map(|name| wireguard::forget_sources(name)))
+                .await;
+        for (name, told) in tunnels.iter().zip(told) {
+            match told {
+                Ok(peers) if first => log::info!(
                     "{name}: WireGuard's own packets take their new way out from the next one \
                      ({peers} peers told to send unbound)"
                 ),
+                Ok(_) => {}
                 Err(e) => log::warn!(
                     "{name}: could not make WireGuard send by its new way out ({e}); it keeps \
                      its old one until a handshake of its own goes unanswered"
@@ -855,6 +871,11 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     }
     Ok(errors)
 }
+
+/// How long after the tunnels' own packets got a new way out the rounds
+/// make each WireGuard uplink send by it again (see `round`): a round
+/// trip to its peer, with room to spare.
+const FORGET_SPAN: Duration = Duration::from_secs(3);
 
 /// The kernel's IPv6 now leaves by another uplink: the LAN's connections
 /// it forwarded are forgotten by conntrack, so that each one's next

@@ -23,7 +23,7 @@ use rtnetlink::{
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
         },
-        rule::{RuleAction, RuleAttribute, RuleMessage},
+        rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
         tc::{TcAttribute, TcHandle, TcMessage},
         AddressFamily,
     },
@@ -454,7 +454,9 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
         fwmark: None,
         ip_proto: None,
         sport: None,
-        other: msg.header.dst_len != 0,
+        other: msg.header.dst_len != 0
+            || msg.header.tos != 0
+            || msg.header.flags.contains(RuleFlags::Invert),
         protocol: 0,
         message: msg.clone(),
     };
@@ -481,6 +483,7 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
             | RuleAttribute::DestinationPortRange(_)
             | RuleAttribute::UidRange(_)
             | RuleAttribute::TunId(_)
+            | RuleAttribute::SuppressIfGroup(_)
             | RuleAttribute::L3MDev(_) => r.other = true,
             _ => {}
         }

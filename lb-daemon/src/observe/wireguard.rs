@@ -20,84 +20,127 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use tokio::process::Command;
+use tokio::{process::Command, sync::Notify};
 
-/// How long an answer holds.
-const REFRESH: Duration = Duration::from_secs(30);
-/// How long no answer holds.
+/// How long an answer holds: a `wg set IFACE listen-port` is followed
+/// within it (meanwhile the tunnel's packets, from a port lbd does not
+/// know, go where the router's own go).
+const REFRESH: Duration = Duration::from_secs(5);
+/// How long no answer, or a failed asking, holds.
 const RETRY: Duration = Duration::from_secs(3);
 /// How long `wg` may take to answer.
-const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+/// A known port is kept through this many failed askings in a row (a
+/// busy machine, a `wg` that timed out): only a device that keeps not
+/// answering loses it.
+const KEEP_THROUGH_FAILURES: u32 = 3;
 
-/// The listen ports of WireGuard devices, as last asked.
-#[derive(Default)]
+/// The listen ports of WireGuard devices, as last asked. `wg` is asked in
+/// the background: a round never waits for it.
 pub struct Ports {
-    answers: Mutex<HashMap<u32, Answer>>,
+    state: Mutex<State>,
+    /// Rung when an answer changed what is known: the reconciler's
+    /// wake-up, for a round that routes by it.
+    changed: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    answers: HashMap<u32, Answer>,
+    /// An asking is under way.
+    asking: bool,
 }
 
 #[derive(Clone, Copy)]
 struct Answer {
     port: Option<u16>,
     asked: Instant,
+    /// Failed askings since the last answer.
+    failures: u32,
 }
 
 impl Ports {
-    /// The listen ports of `devices` (index, name) that are WireGuard, by
-    /// index; `wg` is asked about those not asked lately.
-    pub async fn of(&self, devices: &[(u32, String)]) -> BTreeMap<u32, u16> {
-        let due: Vec<&(u32, String)> = {
-            let answers = self.lock();
-            devices
-                .iter()
-                .filter(|(index, _)| answers.get(index).is_none_or(Answer::stale))
-                .collect()
-        };
-        for (index, name) in due {
-            let port = match ask(name).await {
-                Ok(port) => Some(port),
-                Err(why) => {
-                    log::debug!("{name}: no WireGuard listen port: {why}");
-                    None
-                }
-            };
-            let before = self.lock().insert(
-                *index,
-                Answer {
-                    port,
-                    asked: Instant::now(),
-                },
-            );
-            if before.map(|a| a.port) != Some(port) {
-                match port {
-                    Some(port) => log::info!(
-                        "{name}: WireGuard sends its own packets from UDP port {port}; they \
-                         leave by an uplink that is no tunnel, and the router's other traffic \
-                         may go through {name}"
-                    ),
-                    None => log::info!(
-                        "{name}: no WireGuard listen port known (`wg show {name} listen-port`); \
-                         the router's own traffic stays out of tunnels"
-                    ),
-                }
-            }
+    /// Ports that ring `changed` when what they know changes.
+    pub fn new(changed: Arc<Notify>) -> Ports {
+        Ports {
+            state: Mutex::default(),
+            changed,
         }
-        let mut answers = self.lock();
+    }
+
+    /// The listen ports of `devices` (index, name) that are WireGuard, by
+    /// index, as known now; `wg` is asked in the background about those
+    /// not asked lately.
+    pub fn of(self: &Arc<Self>, devices: &[(u32, String)]) -> BTreeMap<u32, u16> {
+        let mut state = self.lock();
         // Devices that are gone (or no uplink's now) are forgotten.
-        answers.retain(|index, _| devices.iter().any(|(i, _)| i == index));
-        answers
+        state
+            .answers
+            .retain(|index, _| devices.iter().any(|(i, _)| i == index));
+        let due: Vec<(u32, String)> = devices
+            .iter()
+            .filter(|(index, _)| state.answers.get(index).is_none_or(Answer::stale))
+            .cloned()
+            .collect();
+        if !due.is_empty() && !state.asking {
+            state.asking = true;
+            let ports = Arc::clone(self);
+            tokio::spawn(async move { ports.ask_all(due).await });
+        }
+        state
+            .answers
             .iter()
             .filter_map(|(&index, a)| Some((index, a.port?)))
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Answer>> {
-        // The map holds plain values: one a panic left behind is still
+    /// Ask `wg` about `devices`, all at once, and keep the answers.
+    async fn ask_all(&self, devices: Vec<(u32, String)>) {
+        let asked = futures::future::join_all(devices.iter().map(|(_, name)| ask(name))).await;
+        let mut changed = false;
+        {
+            let mut state = self.lock();
+            for ((index, name), asked) in devices.iter().zip(asked) {
+                let before = state.answers.get(index).copied();
+                let answer = match asked {
+                    Ok(port) => Answer {
+                        port: Some(port),
+                        asked: Instant::now(),
+                        failures: 0,
+                    },
+                    Err(why) => {
+                        log::debug!("{name}: no WireGuard listen port: {why}");
+                        let failures = before.map_or(1, |b| b.failures + 1);
+                        Answer {
+                            port: before
+                                .and_then(|b| b.port)
+                                .filter(|_| failures < KEEP_THROUGH_FAILURES),
+                            asked: Instant::now(),
+                            failures,
+                        }
+                    }
+                };
+                state.answers.insert(*index, answer);
+                if before.map(|b| b.port) != Some(answer.port) {
+                    changed = true;
+                    say(name, answer.port);
+                }
+            }
+            state.asking = false;
+        }
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is plain values: one a panic left behind is still
         // whole.
-        self.answers
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -105,14 +148,27 @@ impl Ports {
 
 impl Answer {
     fn stale(&self) -> bool {
-        let holds = if self.port.is_some() { REFRESH } else { RETRY };
+        let holds = if self.port.is_some() && self.failures == 0 {
+            REFRESH
+        } else {
+            RETRY
+        };
         self.asked.elapsed() >= holds
     }
 }
 
-/// Device `name`'s listen port, as `wg` says it.
-async fn ask(name: &str) -> Result<u16, String> {
-    listen_port(&wg(&["show", name, "listen-port"]).await?)
+/// Tell the operator what lbd now knows of device `name`'s port.
+fn say(name: &str, port: Option<u16>) {
+    match port {
+        Some(port) => log::info!(
+            "{name}: WireGuard sends its own packets from UDP port {port}; they leave by an \
+             uplink that is no tunnel, and the router's other traffic may go through {name}"
+        ),
+        None => log::info!(
+            "{name}: no WireGuard listen port known (`wg show {name} listen-port`); the \
+             router's own traffic stays out of tunnels"
+        ),
+    }
 }
 
 /// Makes WireGuard device `name` forget the local address it sends from
@@ -123,12 +179,20 @@ pub async fn forget_sources(name: &str) -> Result<usize, String> {
     if peers.is_empty() {
         return Ok(0);
     }
+    // (A peer removed between the two calls would come back, endpoint
+    // only: this `wg` has no `update-only`. A reconfiguration racing lbd's
+    // failover is that rare.)
     let mut args = vec!["set", name];
     for (key, endpoint) in &peers {
         args.extend(["peer", key.as_str(), "endpoint", endpoint.as_str()]);
     }
     wg(&args).await?;
     Ok(peers.len())
+}
+
+/// Device `name`'s listen port, as `wg` says it.
+async fn ask(name: &str) -> Result<u16, String> {
+    listen_port(&wg(&["show", name, "listen-port"]).await?)
 }
 
 /// `wg ARGS`' output, or why there is none.
@@ -210,22 +274,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn devices_no_longer_asked_about_are_forgotten() {
-        let ports = Ports::default();
-        ports.lock().insert(
-            7,
-            Answer {
-                port: Some(51820),
-                asked: Instant::now(),
-            },
-        );
-        let known = ports.of(&[(7, "wg0".into())]).await;
+    async fn devices_no_longer_asked_about_are_forgotten_and_a_port_outlives_a_failed_asking() {
+        let ports = Arc::new(Ports::new(Arc::default()));
+        let fresh = |port, failures| Answer {
+            port,
+            asked: Instant::now(),
+            failures,
+        };
+        ports.lock().answers.insert(7, fresh(Some(51820), 0));
+        let known = ports.of(&[(7, "wg0".into())]);
         assert_eq!(
             known,
             BTreeMap::from([(7, 51820)]),
             "a fresh answer is kept"
         );
-        assert!(ports.of(&[]).await.is_empty());
-        assert!(ports.lock().is_empty());
+        assert!(!ports.lock().asking, "nothing to ask");
+        assert!(ports.of(&[]).is_empty());
+        assert!(ports.lock().answers.is_empty());
+
+        // A device no `wg` knows (none here by this name): its port is
+        // kept through failed askings, then given up.
+        let name = "lbt-no-such-wg";
+        ports.lock().answers.insert(8, fresh(Some(51820), 0));
+        for failures in 1..=KEEP_THROUGH_FAILURES {
+            ports.ask_all(vec![(8, name.into())]).await;
+            let answer = ports.lock().answers[&8];
+            assert_eq!(answer.failures, failures);
+            let kept = failures < KEEP_THROUGH_FAILURES;
+            assert_eq!(answer.port.is_some(), kept, "after {failures} failures");
+        }
     }
 }
