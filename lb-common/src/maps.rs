@@ -23,7 +23,9 @@ pub mod name {
     pub const BYPASS: &str = "BYPASS";
     pub const UPLINK_STATS: &str = "UPLINK_STATS";
     pub const REASONS: &str = "REASONS";
-    pub const FRAGS: &str = "FRAGS";
+    /// Fragmented datagrams in flight (the name changed with its value:
+    /// an older lbd's `FRAGS` held no time).
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const EGRESS: &str = "EGRESS";
     pub const EGRESS_ANY: &str = "EGRESS_ANY";
     /// `EGRESS` for interface indexes below [`crate::IFINDEX_SLOTS`], as
@@ -77,7 +79,7 @@ pub mod name {
         BYPASS,
         UPLINK_STATS,
         REASONS,
-        FRAGS,
+        FRAGMENTS,
         EGRESS,
         EGRESS_ANY,
         EGRESS_AT,
@@ -114,7 +116,9 @@ pub const LAYOUT: u32 = 9;
 // is created when absent changes nothing an older one holds.
 // 8: tx_packets, tx_bytes and replies moved from UplinkStats to Signals.
 // 9: Uplink6's translations (`npt::Npt`) hold their words as they
-// lie in memory.)
+// lie in memory. FRAGS became FRAGMENTS, with a time, without a bump: a
+// map under a new name is created, and the old one unpinned
+// (`Pins::prepare`), which drops only fragments in flight.)
 
 /// `LAN6`'s slots: `lan_ingress6`, which `lan_ingress` tail-calls, and
 /// `lan_unreachable6`, which `lan_ingress6` tail-calls.
@@ -420,8 +424,27 @@ pub struct FragKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragValue {
+    /// `bpf_ktime_get_coarse_ns` when the first fragment went through.
+    pub seen_ns: u64,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
+    pub _pad: [u8; 4],
+}
+
+/// How long a datagram's later fragments follow its first one: Linux's
+/// reassembly time (`ipfrag_time`, 30 s). A datagram is then given up by
+/// whoever reassembles it, and its identification may come back with
+/// another one, whose later fragments must not take its ports.
+pub const FRAGMENT_LIFETIME_NS: u64 = 30_000_000_000;
+
+impl FragValue {
+    /// Whether its datagram may still have fragments on the way at
+    /// `now_ns` (the same clock as `seen_ns`; a `now_ns` behind it, as
+    /// another CPU's coarse clock can be by a tick, is no time at all).
+    #[inline(always)]
+    pub fn current(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.seen_ns) <= FRAGMENT_LIFETIME_NS
+    }
 }
 
 /// What the data plane knows of a LAN port (map `LAN_CLASSES`, by
@@ -555,7 +578,7 @@ const _: () = {
     assert!(core::mem::size_of::<UplinkStats>() == 40);
     assert!(core::mem::size_of::<Signals>() == 64);
     assert!(core::mem::size_of::<FragKey>() == 12);
-    assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<FragValue>() == 16);
     assert!(core::mem::size_of::<PolicyStats>() == 32);
     assert!(core::mem::size_of::<LanPort>() == 72);
     assert!(core::mem::size_of::<Uplink6>() == 80);
@@ -593,4 +616,24 @@ mod pod {
     unsafe impl aya::Pod for crate::policy::PrefixKey {}
     unsafe impl aya::Pod for crate::policy::PrefixKey6 {}
     unsafe impl aya::Pod for crate::policy::StickyKey6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fragment_entry_holds_for_the_reassembly_time_and_no_longer() {
+        let seen_ns = 1_000_000_000_000;
+        let v = FragValue {
+            seen_ns,
+            ..FragValue::default()
+        };
+        assert!(v.current(seen_ns));
+        assert!(v.current(seen_ns + FRAGMENT_LIFETIME_NS));
+        assert!(!v.current(seen_ns + FRAGMENT_LIFETIME_NS + 1));
+        assert!(!v.current(u64::MAX));
+        // Another CPU's clock a tick behind.
+        assert!(v.current(seen_ns - 4_000_000));
+    }
 }

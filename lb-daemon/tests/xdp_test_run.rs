@@ -14,7 +14,7 @@ use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSl
 use lb_common::{
     egress::{self, note, Egress, Note},
     hash,
-    maps::{program, uplink_state, UplinkInfo},
+    maps::{program, uplink_state, FragValue, UplinkInfo, FRAGMENT_LIFETIME_NS},
     nat, reason,
     table::{self, Table},
     MAX_UPLINKS,
@@ -1426,6 +1426,73 @@ fn fragments_follow_their_first_one_both_ways() {
     }
     assert_eq!(back_first[36..38], 8800u16.to_be_bytes(), "client port");
     assert!(udp_checksum_ok(&[&back_first, &back_later], SERVER, CLIENT));
+}
+
+/// `CLOCK_MONOTONIC_COARSE` now: the data plane's clock.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn a_later_fragment_follows_its_first_one_for_the_reassembly_time_and_not_after() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let request = build(
+        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv4(CLIENT, SERVER, 64)
+            .udp(8800, 53),
+        &[0x5a_u8; 2000],
+    );
+    let (first, later) = fragments(&request, 1480);
+    let before = coarse_now_ns();
+    assert_eq!(h.lan(&first).0, XDP_REDIRECT);
+    let after = coarse_now_ns();
+    let mut table = h.dp.fragments().expect("the fragment table");
+    let entries: Vec<_> = table
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("reading the fragment table");
+    let [(datagram, remembered)] = entries[..] else {
+        panic!("one datagram in flight, not {}", entries.len());
+    };
+    assert_eq!(remembered.src_port, 8800u16.to_be_bytes());
+    assert!(
+        (before..=after).contains(&remembered.seen_ns),
+        "first fragment seen at {} ns, sent between {before} and {after}",
+        remembered.seen_ns
+    );
+
+    // The datagram's first fragment went by a little under the
+    // reassembly time ago: its later one follows it still.
+    let aged = |by: u64| FragValue {
+        seen_ns: coarse_now_ns().saturating_sub(by),
+        ..remembered
+    };
+    let second = 1_000_000_000;
+    table
+        .insert(datagram, aged(FRAGMENT_LIFETIME_NS - second), 0)
+        .expect("ageing the datagram");
+    assert_eq!(h.lan(&later).0, XDP_REDIRECT, "within the reassembly time");
+
+    // A little over it: the identification may be another datagram's by
+    // now, and a later fragment is the kernel's.
+    table
+        .insert(datagram, aged(FRAGMENT_LIFETIME_NS + second), 0)
+        .expect("ageing the datagram");
+    let passed = h.reason(reason::PASS_FRAGMENT);
+    assert_eq!(h.lan(&later).0, XDP_PASS, "past the reassembly time");
+    assert_eq!(h.reason(reason::PASS_FRAGMENT), passed + 1);
 }
 
 /// The note a handed-over frame carries (two tags behind its MAC

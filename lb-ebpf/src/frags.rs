@@ -5,19 +5,22 @@
 //! fragment tracking does the same). Both ways: `lan` for what clients
 //! send, `wan` for what comes back.
 //!
-//! Owns the `FRAGS` map's keys and values. A later fragment whose first one
-//! the fast path did not translate is not its business: it goes to the
+//! Owns the `FRAGMENTS` map's keys and values. A later fragment whose first one
+//! the fast path did not translate, or translated longer ago than a
+//! datagram lives ([`FRAGMENT_LIFETIME_NS`]: its identification may be
+//! another datagram's by now), is not its business: it goes to the
 //! kernel, which reassembles it with its first piece (that one went to the
 //! kernel too), or drops it when that never comes; lb's nftables guard
 //! keeps it from ever leaving un-NATed.
 
 use lb_common::{
-    maps::{FragKey, FragValue},
+    maps::{FragKey, FragValue, FRAGMENT_LIFETIME_NS},
     reason,
 };
 
 use crate::{
-    maps::FRAGS,
+    clock,
+    maps::FRAGMENTS,
     parse::{Fragment, Ipv4Packet, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -43,9 +46,9 @@ pub fn ports_of(pkt: &Ipv4Packet) -> Result<([u8; 2], [u8; 2]), u32> {
         return Err(reason::PASS_FRAGMENT);
     }
     // SAFETY: a lookup; the value is copied out at once.
-    match unsafe { FRAGS.get(&key(pkt)) } {
-        Some(v) => Ok((v.src_port, v.dst_port)),
-        None => Err(reason::PASS_FRAGMENT),
+    match unsafe { FRAGMENTS.get(&key(pkt)) } {
+        Some(v) if v.current(clock::now()) => Ok((v.src_port, v.dst_port)),
+        _ => Err(reason::PASS_FRAGMENT),
     }
 }
 
@@ -62,5 +65,11 @@ pub fn first(pkt: &Ipv4Packet) -> Option<FragKey> {
 pub fn remember(datagram: &FragKey, src_port: [u8; 2], dst_port: [u8; 2]) {
     // A full table evicts the oldest datagram: losing one is what a full
     // reassembly queue does too.
-    let _ = FRAGS.insert(datagram, &FragValue { src_port, dst_port }, 0);
+    let value = FragValue {
+        seen_ns: clock::now(),
+        src_port,
+        dst_port,
+        _pad: [0; 4],
+    };
+    let _ = FRAGMENTS.insert(datagram, &value, 0);
 }

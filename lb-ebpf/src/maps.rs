@@ -162,7 +162,8 @@ pub static NAT_REV: LruHashMap<NatKey, NatValue> =
 /// Datagrams being forwarded in fragments, both ways: the ports their
 /// first fragment carried (see `frags`).
 #[map]
-pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
 
 /// LAN interfaces by ifindex, for redirecting replies to clients.
 #[map]

@@ -34,8 +34,9 @@ use aya::{
 use lb_common::{
     egress::{Egress, RING_BINDING_GLOBAL, RING_TRACEPOINT},
     maps::{
-        name, program, settings_flags, signals6, BucketTable, LanPort, PolicyStats, Settings,
-        Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT, UNREACHABLE6_SLOT,
+        name, program, settings_flags, signals6, BucketTable, FragKey, FragValue, LanPort,
+        PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
+        UNREACHABLE6_SLOT,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
@@ -1267,6 +1268,12 @@ impl Dataplane {
             uplink_addrs,
             timeouts,
         ))
+    }
+
+    /// A handle of its own to the fragment table (datagrams in flight, by
+    /// the ports of their first fragment), to look into it.
+    pub fn fragments(&self) -> Result<HashMap<MapData, FragKey, FragValue>> {
+        self.reopen(name::FRAGMENTS)
     }
 
     /// A second handle to map `map` (the same kernel map, a new fd).

@@ -82,6 +82,7 @@ impl Pins {
                 )
             })?;
         }
+        self.unpin_strays()?;
         let mut replaced = Vec::new();
         let ours = self.dir();
         for entry in
@@ -103,6 +104,26 @@ impl Pins {
         } else {
             Found::Nothing
         })
+    }
+
+    /// Unpin the maps of this layout that no map of this lbd's has the
+    /// name of: one an lbd of this layout named otherwise (`FRAGS`, before
+    /// it held a time) is freed once no program uses it.
+    fn unpin_strays(&self) -> Result<()> {
+        let maps = self.dir().join("maps");
+        for entry in fs::read_dir(&maps).with_context(|| format!("listing {}", maps.display()))? {
+            let entry = entry?;
+            let known = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| name::ALL.contains(&n));
+            if !known {
+                let path = entry.path();
+                log::info!("{}: no map of this lbd's; unpinned", path.display());
+                fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Remove the whole pinned data plane: unpinning its links detaches
@@ -139,4 +160,26 @@ fn remove_tree(dir: &Path) -> Result<()> {
         }
     }
     fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_no_longer_named_is_unpinned_and_the_others_kept() {
+        let root = std::env::temp_dir().join(format!("lb-pins-{}", std::process::id()));
+        let pins = Pins::new(&root);
+        fs::create_dir_all(root.join(format!("v{LAYOUT}/maps"))).expect("mkdir");
+        for file in [name::FLOWS, "FRAGS"] {
+            fs::write(pins.map(file), b"").expect("write");
+        }
+        let found = pins.prepare();
+        let kept = pins.map(name::FLOWS).exists();
+        let stray = pins.map("FRAGS").exists();
+        let _ = fs::remove_dir_all(&root);
+        assert_eq!(found.expect("prepare"), Found::Adoptable);
+        assert!(kept, "FLOWS kept");
+        assert!(!stray, "FRAGS unpinned");
+    }
 }
