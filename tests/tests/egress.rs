@@ -531,7 +531,8 @@ fn an_ingress_shaper_on_an_uplink_is_refused_at_start() -> Result<()> {
 /// smaller MTU: the device map drops what is too big for the peer, as it
 /// drops what a full ring has no room for, and says so the same way). The
 /// lost frames are counted (`drop_ring_full`, and in status); wan1, which
-/// has no queue of its own (noqueue), is given lb's (pfifo_fast 1c:) and
+/// has no queue of its own (noqueue), is given lb's (1c:, pfifo_fast: a
+/// namespace's lbd sees no `net.core.default_qdisc`) and
 /// takes it, and status says why; with the MTU back, an upload completes
 /// whole, and once the hold is over wan1 is back on XDP. lbd's teardown
 /// removes lb's queue.

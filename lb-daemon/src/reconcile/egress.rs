@@ -83,8 +83,29 @@ impl Qdisc {
     }
 }
 
-/// The kind of lb's queue: the kernel's default FIFO for a real device.
+/// The kind of lb's queue when the system names none a device can take
+/// alone: the kernel's own default FIFO for a real device.
 const QUEUE_KIND: &str = "pfifo_fast";
+
+/// Where the system says which qdisc a real device gets.
+const DEFAULT_QDISC: &str = "/proc/sys/net/core/default_qdisc";
+
+/// The kind of lb's queue, from `net.core.default_qdisc` (`default`): what
+/// the operator's NICs get (`fq_codel` where systemd sets it, as on
+/// Debian), so that a device handed to lb's queue queues as they do, with
+/// their AQM; [`QUEUE_KIND`] for `noqueue` or a name that is not one.
+fn queue_kind(default: &str) -> &str {
+    let name = default.trim();
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if plain && name != "noqueue" {
+        name
+    } else {
+        QUEUE_KIND
+    }
+}
 
 /// Whether `ifindex` has no queue of its own (`noqueue`, a veth's and a
 /// bridge's default): a packet handed to it meets a full device with
@@ -457,12 +478,26 @@ pub fn remove(device: &str, qdiscs: &[Qdisc], ifindex: u32) -> Result<()> {
     Ok(())
 }
 
-/// Give `device` lb's queue (see [`QUEUE_MAJOR`]).
-fn add_queue(device: &str) -> Result<()> {
-    tc_batch(&format!(
-        "qdisc replace dev {device} root handle {QUEUE_MAJOR:x}: {QUEUE_KIND}\n"
-    ))
-    .with_context(|| format!("giving {device} lb's queue ({QUEUE_KIND} {QUEUE_MAJOR:x}:)"))
+/// Give `device` lb's queue (see [`QUEUE_MAJOR`]), of the system's
+/// default kind ([`queue_kind`]), or [`QUEUE_KIND`] where the kernel
+/// refuses that one; returns the kind it took.
+fn add_queue(device: &str) -> Result<String> {
+    let default = std::fs::read_to_string(DEFAULT_QDISC).unwrap_or_default();
+    let add = |kind: &str| {
+        tc_batch(&format!(
+            "qdisc replace dev {device} root handle {QUEUE_MAJOR:x}: {kind}\n"
+        ))
+        .with_context(|| format!("giving {device} lb's queue ({kind} {QUEUE_MAJOR:x}:)"))
+    };
+    let kind = queue_kind(&default);
+    match add(kind) {
+        Ok(()) => Ok(kind.to_owned()),
+        Err(e) if kind != QUEUE_KIND => {
+            log::warn!("{e:#}; {QUEUE_KIND} instead");
+            add(QUEUE_KIND).map(|()| QUEUE_KIND.to_owned())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Remove lb's queue from `device`, if it has it: its default (`noqueue`)
@@ -709,8 +744,8 @@ impl Owned {
             // full ring with nothing to wait in.
             if let Some((name, _)) = self.base.get(&ifindex) {
                 match add_queue(name) {
-                    Ok(()) => log::info!(
-                        "{name}: given lb's queue ({QUEUE_KIND} {QUEUE_MAJOR:x}:), for its ring overflows"
+                    Ok(kind) => log::info!(
+                        "{name}: given lb's queue ({kind} {QUEUE_MAJOR:x}:), for its ring overflows"
                     ),
                     Err(e) => log::warn!("{e:#}; its hand-off has no queue to wait in"),
                 }
@@ -816,6 +851,16 @@ mod tests {
         assert!(!queueless(&qdiscs, 2));
         assert!(queueless(&qdiscs, 3));
         assert!(queueless(&qdiscs, 4), "no qdisc at all");
+    }
+
+    #[test]
+    fn lbs_queue_is_of_the_systems_default_kind_when_that_is_one() {
+        assert_eq!(queue_kind("fq_codel\n"), "fq_codel");
+        assert_eq!(queue_kind("pfifo_fast\n"), "pfifo_fast");
+        assert_eq!(queue_kind("noqueue\n"), QUEUE_KIND);
+        assert_eq!(queue_kind(""), QUEUE_KIND, "unreadable");
+        assert_eq!(queue_kind("fq\nqdisc del dev eth0 root"), QUEUE_KIND);
+        assert_eq!(queue_kind("fq codel"), QUEUE_KIND);
     }
 
     #[test]
