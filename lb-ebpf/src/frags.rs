@@ -46,7 +46,7 @@ pub fn ports_of(pkt: &Ipv4Packet) -> Result<([u8; 2], [u8; 2]), u32> {
         return Err(reason::PASS_FRAGMENT);
     }
     // SAFETY: a lookup; the value is copied out at once.
-    match unsafe { FRAGMENTS.get(&key(pkt)) } {
+    match unsafe { FRAGMENTS.get(&key(pkt)).copied() } {
         Some(v) if v.current(clock::now()) => Ok((v.src_port, v.dst_port)),
         _ => Err(reason::PASS_FRAGMENT),
     }

@@ -272,12 +272,14 @@ pub struct Events {
 }
 
 /// The reconciler's line to the kernel: a netlink handle, the wake-up
-/// the kernel's events ring, and what `wg` said of the WireGuard uplinks.
+/// the kernel's events ring, what `wg` said of the WireGuard uplinks, and
+/// what it is told when their own packets move.
 #[derive(Clone)]
 pub struct KernelLink {
     pub handle: Handle,
     pub changed: Arc<Notify>,
     pub wireguard: Arc<wireguard::Ports>,
+    pub sources: Arc<wireguard::Sources>,
 }
 
 pub struct Daemon {
@@ -315,9 +317,6 @@ pub struct Daemon {
     counted_before: nftables::Counted,
     /// The slow path's uplink as the kernel's rules have it.
     slow_path_applied: routing::SlowPath,
-    /// Until when the rounds make the WireGuard uplinks send their own
-    /// packets afresh (`round`).
-    forget_sources_until: Option<Instant>,
     /// The same for the kernel's IPv6.
     slow_path6_applied: Option<usize>,
     watchers: Watchers,
@@ -430,7 +429,6 @@ impl Daemon {
             slowpath: None,
             counted_before: nftables::Counted::default(),
             slow_path_applied: routing::SlowPath::default(),
-            forget_sources_until: None,
             slow_path6_applied: None,
             watchers: links.watchers(),
             health_tx,
@@ -460,6 +458,7 @@ impl Daemon {
         let kernel = KernelLink {
             handle,
             wireguard: Arc::new(wireguard::Ports::new(Arc::clone(&changed))),
+            sources: Arc::default(),
             changed,
         };
         let daemon = Mutex::new(daemon);
@@ -591,6 +590,7 @@ impl Daemon {
         let link = KernelLink {
             handle,
             wireguard: Arc::new(wireguard::Ports::new(Arc::clone(&changed))),
+            sources: Arc::default(),
             changed,
         };
         if let Err(e) = Self::remove_routing(&link).await {

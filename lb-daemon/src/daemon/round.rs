@@ -22,7 +22,7 @@ use crate::{
     health::State as Health,
     observe::facts::{self, Facts},
     observe::kernel::Observed,
-    observe::{conntrack, netlink, wireguard},
+    observe::{conntrack, netlink},
     reconcile::attachments,
     reconcile::buckets::{Candidate, PolicyWant},
     reconcile::bypass,
@@ -774,7 +774,7 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     let mut observed = Observed::take(&link.handle).await?;
     let lock = || lock(daemon, "the daemon's state");
     let tunnels = lock()?.tunnel_devices(&observed);
-    observed.wireguard_ports = link.wireguard.of(&tunnels);
+    observed.wireguard_ports = link.wireguard.of(&tunnels).await;
     // Off the async workers: a convergence may run `tc` (lb's shapers).
     let Converged {
         dataplane_error,
@@ -816,49 +816,21 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     }
     if routed {
         // The tunnels' own packets have another way out now: each
-        // WireGuard uplink is made to send its next one by it, before the
-        // new way is said to be in place; and again in the rounds of the
-        // next FORGET_SPAN, as a packet its peer sent before it heard
-        // from the new way makes WireGuard take the old one back.
-        let (tunnels, first) = {
-            let mut d = lock()?;
-            let now = Instant::now();
-            let first = d.slow_path_applied.transport != slow_path.transport;
-            if first {
-                d.forget_sources_until = Some(now + FORGET_SPAN);
-            }
-            match d.forget_sources_until {
-                Some(until) if now <= until => {
-                    let tunnels: Vec<String> = d
-                        .uplinks
+        // WireGuard uplink is made to send its next one by it (in the
+        // background, and again for a while: `wireguard::Sources`).
+        let moved = lock()?.slow_path_applied.transport != slow_path.transport;
+        link.sources.after_round(moved, || {
+            lock().map_or_else(
+                |_| Vec::new(),
+                |d| {
+                    d.uplinks
                         .iter()
                         .filter(|u| u.facts.transport_port.is_some())
                         .map(|u| u.cfg.interface.clone())
-                        .collect();
-                    (tunnels, first)
-                }
-                _ => {
-                    d.forget_sources_until = None;
-                    (Vec::new(), false)
-                }
-            }
-        };
-        let told =
-            futures::future::join_all(tunnels.iter().map(|name| wireguard::forget_sources(name)))
-                .await;
-        for (name, told) in tunnels.iter().zip(told) {
-            match told {
-                Ok(peers) if first => log::info!(
-                    "{name}: WireGuard's own packets take their new way out from the next one \
-                     ({peers} peers told to send unbound)"
-                ),
-                Ok(_) => {}
-                Err(e) => log::warn!(
-                    "{name}: could not make WireGuard send by its new way out ({e}); it keeps \
-                     its old one until a handshake of its own goes unanswered"
-                ),
-            }
-        }
+                        .collect()
+                },
+            )
+        });
         let moved6 = {
             let mut d = lock()?;
             d.slow_path_applied = slow_path;
@@ -871,11 +843,6 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
     }
     Ok(errors)
 }
-
-/// How long after the tunnels' own packets got a new way out the rounds
-/// make each WireGuard uplink send by it again (see `round`): a round
-/// trip to its peer, with room to spare.
-const FORGET_SPAN: Duration = Duration::from_secs(3);
 
 /// The kernel's IPv6 now leaves by another uplink: the LAN's connections
 /// it forwarded are forgotten by conntrack, so that each one's next

@@ -82,7 +82,7 @@ impl Pins {
                 )
             })?;
         }
-        self.unpin_strays()?;
+        self.unpin_strays();
         let mut replaced = Vec::new();
         let ours = self.dir();
         for entry in
@@ -108,22 +108,31 @@ impl Pins {
 
     /// Unpin the maps of this layout that no map of this lbd's has the
     /// name of: one an lbd of this layout named otherwise (`FRAGS`, before
-    /// it held a time) is freed once no program uses it.
-    fn unpin_strays(&self) -> Result<()> {
+    /// it held a time) is freed once no program uses it. A map it cannot
+    /// unpin stays, said: it costs its memory, and nothing else.
+    fn unpin_strays(&self) {
         let maps = self.dir().join("maps");
-        for entry in fs::read_dir(&maps).with_context(|| format!("listing {}", maps.display()))? {
-            let entry = entry?;
+        let Ok(entries) = fs::read_dir(&maps) else {
+            return;
+        };
+        for entry in entries.flatten() {
             let known = entry
                 .file_name()
                 .to_str()
                 .is_some_and(|n| name::ALL.contains(&n));
-            if !known {
-                let path = entry.path();
-                log::info!("{}: no map of this lbd's; unpinned", path.display());
-                fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            let path = entry.path();
+            if known || path.is_dir() {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => log::info!("{}: no map of this lbd's; unpinned", path.display()),
+                Err(e) => log::warn!(
+                    "{}: no map of this lbd's, and it could not be unpinned ({e}); it keeps \
+                     its memory until the data plane is removed (`lbd --teardown`)",
+                    path.display()
+                ),
             }
         }
-        Ok(())
     }
 
     /// Remove the whole pinned data plane: unpinning its links detaches

@@ -73,23 +73,39 @@ impl Ports {
     }
 
     /// The listen ports of `devices` (index, name) that are WireGuard, by
-    /// index, as known now; `wg` is asked in the background about those
-    /// not asked lately.
-    pub fn of(self: &Arc<Self>, devices: &[(u32, String)]) -> BTreeMap<u32, u16> {
+    /// index. A device seen for the first time is asked about at once,
+    /// and waited for (at most [`ASK_TIMEOUT`]): the first round after a
+    /// start, or after a tunnel came up, routes its packets apart
+    /// already. Those not asked lately are asked in the background: a
+    /// refresh never holds a round.
+    pub async fn of(self: &Arc<Self>, devices: &[(u32, String)]) -> BTreeMap<u32, u16> {
+        let (new, stale) = {
+            let mut state = self.lock();
+            // Devices that are gone (or no uplink's now) are forgotten.
+            state
+                .answers
+                .retain(|index, _| devices.iter().any(|(i, _)| i == index));
+            let (new, known): (Vec<_>, Vec<_>) = devices
+                .iter()
+                .cloned()
+                .partition(|(index, _)| !state.answers.contains_key(index));
+            let stale: Vec<_> = known
+                .into_iter()
+                .filter(|(index, _)| state.answers.get(index).is_some_and(Answer::stale))
+                .collect();
+            (new, stale)
+        };
+        if !new.is_empty() {
+            self.ask_all(new).await;
+        }
         let mut state = self.lock();
-        // Devices that are gone (or no uplink's now) are forgotten.
-        state
-            .answers
-            .retain(|index, _| devices.iter().any(|(i, _)| i == index));
-        let due: Vec<(u32, String)> = devices
-            .iter()
-            .filter(|(index, _)| state.answers.get(index).is_none_or(Answer::stale))
-            .cloned()
-            .collect();
-        if !due.is_empty() && !state.asking {
+        if !stale.is_empty() && !state.asking {
             state.asking = true;
             let ports = Arc::clone(self);
-            tokio::spawn(async move { ports.ask_all(due).await });
+            tokio::spawn(async move {
+                ports.ask_all(stale).await;
+                ports.lock().asking = false;
+            });
         }
         state
             .answers
@@ -130,7 +146,6 @@ impl Ports {
                     say(name, answer.port);
                 }
             }
-            state.asking = false;
         }
         if changed {
             self.changed.notify_one();
@@ -168,6 +183,92 @@ fn say(name: &str, port: Option<u16>) {
             "{name}: no WireGuard listen port known (`wg show {name} listen-port`); the \
              router's own traffic stays out of tunnels"
         ),
+    }
+}
+
+/// How long after the tunnels' own packets got a new way out each
+/// WireGuard uplink is made to send afresh again and again: a packet its
+/// peer sent before it heard from the new way makes WireGuard take the
+/// old one back. A round trip to its peer, with room to spare.
+const FORGET_SPAN: Duration = Duration::from_secs(3);
+/// How often within [`FORGET_SPAN`]: each `wg set` is two processes, and
+/// a peer that roams between its `wg show` and its `wg set` gets its old
+/// endpoint back until it sends again.
+const FORGET_EVERY: Duration = Duration::from_millis(500);
+
+/// The forgetting of the WireGuard uplinks' sources ([`forget_sources`])
+/// after their own packets got a new way out: in the background, one at a
+/// time, at most every [`FORGET_EVERY`] for [`FORGET_SPAN`].
+#[derive(Default)]
+pub struct Sources {
+    state: Mutex<Forgetting>,
+}
+
+#[derive(Default)]
+struct Forgetting {
+    /// Until when the uplinks are made to send afresh.
+    until: Option<Instant>,
+    /// When they were last.
+    last: Option<Instant>,
+    /// A forgetting is under way.
+    busy: bool,
+}
+
+impl Forgetting {
+    /// Whether to make them send afresh at `now`; `moved`: their own
+    /// packets got a new way out since the last round.
+    fn due(&mut self, moved: bool, now: Instant) -> bool {
+        if moved {
+            self.until = Some(now + FORGET_SPAN);
+            self.last = None;
+        }
+        if self.until.is_none_or(|until| now > until) {
+            self.until = None;
+            return false;
+        }
+        if self.busy || self.last.is_some_and(|last| now < last + FORGET_EVERY) {
+            return false;
+        }
+        self.last = Some(now);
+        self.busy = true;
+        true
+    }
+}
+
+impl Sources {
+    /// After a round that routed the tunnels' own packets (`moved`: by
+    /// another way than the round before): make `devices` (their names,
+    /// asked only when due) send afresh, in the background, when due.
+    pub fn after_round(self: &Arc<Self>, moved: bool, devices: impl FnOnce() -> Vec<String>) {
+        if !self.lock().due(moved, Instant::now()) {
+            return;
+        }
+        let devices = devices();
+        let sources = Arc::clone(self);
+        tokio::spawn(async move {
+            let told = futures::future::join_all(devices.iter().map(|d| forget_sources(d))).await;
+            for (name, told) in devices.iter().zip(told) {
+                match told {
+                    Ok(peers) if moved => log::info!(
+                        "{name}: WireGuard's own packets take their new way out from the next \
+                         one ({peers} peers told to send unbound)"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => log::warn!(
+                        "{name}: could not make WireGuard send by its new way out ({e}); it \
+                         keeps its old one until a handshake of its own goes unanswered"
+                    ),
+                }
+            }
+            sources.lock().busy = false;
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Forgetting> {
+        // Plain values: one a panic left behind is still whole.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -282,14 +383,14 @@ mod tests {
             failures,
         };
         ports.lock().answers.insert(7, fresh(Some(51820), 0));
-        let known = ports.of(&[(7, "wg0".into())]);
+        let known = ports.of(&[(7, "wg0".into())]).await;
         assert_eq!(
             known,
             BTreeMap::from([(7, 51820)]),
             "a fresh answer is kept"
         );
         assert!(!ports.lock().asking, "nothing to ask");
-        assert!(ports.of(&[]).is_empty());
+        assert!(ports.of(&[]).await.is_empty());
         assert!(ports.lock().answers.is_empty());
 
         // A device no `wg` knows (none here by this name): its port is
@@ -303,5 +404,26 @@ mod tests {
             let kept = failures < KEEP_THROUGH_FAILURES;
             assert_eq!(answer.port.is_some(), kept, "after {failures} failures");
         }
+    }
+
+    #[test]
+    fn sources_are_forgotten_at_a_move_then_now_and_then_for_a_while() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut f = Forgetting::default();
+        assert!(!f.due(false, at(0)), "nothing moved yet");
+        assert!(f.due(true, at(0)), "a move: at once");
+        assert!(!f.due(false, at(10)), "under way");
+        f.busy = false;
+        assert!(!f.due(false, at(100)), "too soon after");
+        assert!(f.due(false, at(600)), "again, a while after");
+        f.busy = false;
+        assert!(f.due(true, at(700)), "another move: at once");
+        f.busy = false;
+        let end = 700 + FORGET_SPAN.as_millis() as u64;
+        assert!(f.due(false, at(end)), "until the span is over");
+        f.busy = false;
+        assert!(!f.due(false, at(end + 600)), "and no longer");
+        assert!(f.until.is_none());
     }
 }
