@@ -484,7 +484,11 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
             | RuleAttribute::UidRange(_)
             | RuleAttribute::TunId(_)
             | RuleAttribute::SuppressIfGroup(_)
-            | RuleAttribute::L3MDev(_) => r.other = true,
+            | RuleAttribute::L3MDev(_)
+            // What this netlink crate does not know (a newer kernel's
+            // DSCP, flow label or port masks) is a match lbd never sets:
+            // the kernel sends each only where a rule has it.
+            | RuleAttribute::Other(_) => r.other = true,
             _ => {}
         }
     }
@@ -553,6 +557,33 @@ pub(crate) mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::{fixtures::*, *};
+
+    #[test]
+    fn a_rule_that_matches_more_than_lbd_sets_is_someone_elses() {
+        let base = || {
+            let mut msg = RuleMessage::default();
+            msg.header.family = AddressFamily::Inet;
+            msg.header.action = RuleAction::ToTable;
+            msg.attributes = vec![RuleAttribute::Priority(4000), RuleAttribute::Table(4000)];
+            msg
+        };
+        let plain = rule(base()).expect("an IPv4 rule");
+        assert!(!plain.other && plain.looks_up);
+        assert_eq!((plain.priority, plain.table), (4000, 4000));
+
+        let mut tos = base();
+        tos.header.tos = 0x10;
+        let mut invert = base();
+        invert.header.flags |= RuleFlags::Invert;
+        // FRA_DSCP (23), which this netlink crate does not know.
+        let mut dscp = base();
+        dscp.attributes.push(RuleAttribute::Other(
+            rtnetlink::packet_core::DefaultNla::new(23, vec![10]),
+        ));
+        for (what, msg) in [("tos", tos), ("not", invert), ("dscp", dscp)] {
+            assert!(rule(msg).expect("an IPv4 rule").other, "{what}");
+        }
+    }
 
     #[test]
     fn the_gateway_is_the_default_routes_next_hop_in_any_table_but_lbds() {
