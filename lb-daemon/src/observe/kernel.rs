@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use rtnetlink::{
+    packet_core::{DefaultNla, Nla},
     packet_route::{
         address::AddressAttribute,
         link::{LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
@@ -484,15 +485,28 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
             | RuleAttribute::UidRange(_)
             | RuleAttribute::TunId(_)
             | RuleAttribute::SuppressIfGroup(_)
-            | RuleAttribute::L3MDev(_)
+            | RuleAttribute::L3MDev(_) => r.other = true,
             // What this netlink crate does not know (a newer kernel's
-            // DSCP, flow label or port masks) is a match lbd never sets:
-            // the kernel sends each only where a rule has it.
-            | RuleAttribute::Other(_) => r.other = true,
+            // DSCP, flow label, port masks) is a match lbd never sets.
+            RuleAttribute::Other(nla) if narrows(nla) => r.other = true,
             _ => {}
         }
     }
     Some(r)
+}
+
+/// Linux's `FRA_SPORT_MASK` and `FRA_DPORT_MASK` (6.15), which this
+/// netlink crate does not know.
+const FRA_SPORT_MASK: u16 = 28;
+const FRA_DPORT_MASK: u16 = 29;
+
+/// Whether `nla`, a rule attribute this netlink crate does not know, is a
+/// match of its own. A port mask of all ones is none: the kernel reports
+/// one with every port range set without a mask (lbd's `sport PORT`).
+fn narrows(nla: &DefaultNla) -> bool {
+    let mut value = vec![0; nla.value_len()];
+    nla.emit_value(&mut value);
+    !(matches!(nla.kind(), FRA_SPORT_MASK | FRA_DPORT_MASK) && value == [0xff, 0xff])
 }
 
 /// A router's snapshot and the means to make others, for tests here and
@@ -557,6 +571,7 @@ pub(crate) mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::{fixtures::*, *};
+    use rtnetlink::packet_route;
 
     #[test]
     fn a_rule_that_matches_more_than_lbd_sets_is_someone_elses() {
@@ -575,14 +590,32 @@ mod tests {
         tos.header.tos = 0x10;
         let mut invert = base();
         invert.header.flags |= RuleFlags::Invert;
-        // FRA_DSCP (23), which this netlink crate does not know.
-        let mut dscp = base();
-        dscp.attributes.push(RuleAttribute::Other(
-            rtnetlink::packet_core::DefaultNla::new(23, vec![10]),
-        ));
-        for (what, msg) in [("tos", tos), ("not", invert), ("dscp", dscp)] {
+        // Attributes this netlink crate does not know, as Linux 6.18
+        // sends them: FRA_DSCP (25); FRA_SPORT_MASK (28) of a mask.
+        let with = |kind: u16, value: &[u8]| {
+            let mut msg = base();
+            msg.attributes
+                .push(RuleAttribute::IpProtocol(packet_route::IpProtocol::Udp));
+            msg.attributes.push(RuleAttribute::SourcePortRange(
+                packet_route::rule::RulePortRange {
+                    start: 36762,
+                    end: 36762,
+                },
+            ));
+            msg.attributes
+                .push(RuleAttribute::Other(DefaultNla::new(kind, value.to_vec())));
+            rule(msg).expect("an IPv4 rule")
+        };
+        for (what, msg) in [("tos", tos), ("not", invert)] {
             assert!(rule(msg).expect("an IPv4 rule").other, "{what}");
         }
+        assert!(with(25, &[10]).other, "dscp");
+        assert!(with(FRA_SPORT_MASK, &[0xff, 0x00]).other, "a port mask");
+        // What the kernel says of lbd's own `sport PORT`: a mask of all
+        // ones, no match of its own.
+        let own = with(FRA_SPORT_MASK, &[0xff, 0xff]);
+        assert!(!own.other, "lbd's own transport rule");
+        assert_eq!(own.sport, Some((36762, 36762)));
     }
 
     #[test]
