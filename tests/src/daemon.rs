@@ -650,6 +650,41 @@ impl Lbd {
         )
     }
 
+    /// Wait until lbd has run `rounds` rounds in a row that changed no
+    /// route and no rule, at most `limit`: lbd and the kernel agree on
+    /// what lbd owns. A route or rule that lbd reads back as other than
+    /// it made it is removed and added again round after round, and this
+    /// fails, with the counts.
+    pub fn wait_steady(&self, rounds: u64, limit: Duration) -> Result<()> {
+        let read = || -> Result<(u64, u64)> {
+            let status = self.status()?;
+            let count = |key: &str| {
+                status[key]
+                    .as_u64()
+                    .with_context(|| format!("no {key} in lbctl status"))
+            };
+            Ok((count("rounds")?, count("routing_changes")?))
+        };
+        let start = Instant::now();
+        let mut since = read()?;
+        let mut last = since;
+        while start.elapsed() < limit {
+            last = read()?;
+            if last.1 != since.1 {
+                since = last;
+            } else if last.0 >= since.0 + rounds {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "lbd changed routes or rules within every {rounds} rounds for {limit:?}: {} changes \
+             in {} rounds so far (`ip monitor rule route` in the router shows which)",
+            last.1,
+            last.0
+        )
+    }
+
     /// Stop the daemon (SIGTERM, then SIGKILL after a grace period), and
     /// remove everything it left in the kernel (`lbd --teardown`).
     pub fn stop(self, lab: &mut Lab) -> Result<()> {

@@ -192,6 +192,9 @@ fn ipv6_flows_spread_by_weight_and_downloads_are_exact_through_a_translated_upli
         return Ok(());
     }
     let router = Router::up(["", ""])?;
+    // lbd's routes and rules of both families are read back as it made
+    // them: no round changes them again.
+    router.lbd.wait_steady(3, BOUND)?;
     let lab = &router.lab;
     let inet = lab.ns("inet")?;
     let tcp = TcpEchoServer::start(inet, server(0))?;

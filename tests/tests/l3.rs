@@ -525,6 +525,9 @@ fn a_vpn_first_routers_own_traffic_goes_through_the_tunnel_and_the_tunnels_own_p
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its rules, the tunnel's `sport PORT` among them, are read back as
+    // lbd made them: no round changes them again.
+    lbd.wait_steady(3, BOUND)?;
     let said = lbd.lbctl(&["status"])?;
     let paths = said.lines().find(|l| l.contains("slow path")).unwrap_or("");
     ensure!(

@@ -239,6 +239,9 @@ fn voip_udp_uses_only_its_uplink_and_fails_over() -> Result<()> {
     let leaks = LanLeaks::install(&lab)?;
     let servers = Servers::start(&lab, &VOIP_PORTS)?;
     let lbd = Lbd::start(&mut lab, &config())?;
+    // The policies' rules (by mark) are read back as lbd made them: no
+    // round changes them again. (A bound, not a speed: a few rounds.)
+    lbd.wait_steady(3, Duration::from_secs(20))?;
 
     // 16 flows, 4 to each port, from 16 source ports: all by isp1 (the
     // default policy would spread them over both uplinks).

@@ -157,6 +157,15 @@ pub struct Status {
     /// devices then keep the path their qdiscs decide, full ring or not.
     #[serde(default)]
     pub no_ring_watch: Option<String>,
+    /// Reconciler rounds since lbd started.
+    #[serde(default)]
+    pub rounds: u64,
+    /// Routes and rules lbd added or removed (or tried to) since it
+    /// started. A count that grows round after round, with nothing
+    /// changing, says that lbd and the kernel (or another program)
+    /// disagree about one of them.
+    #[serde(default)]
+    pub routing_changes: u64,
 }
 
 /// An uplink's IPv6 in `lbctl status`.

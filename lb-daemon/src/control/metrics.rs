@@ -218,6 +218,18 @@ type RouterFamily = (&'static str, &'static str, MetricType, fn(&Status) -> f64)
 
 const PER_ROUTER: &[RouterFamily] = &[
     (
+        "lb_reconcile_rounds",
+        "Reconciler rounds since lbd started",
+        MetricType::Counter,
+        |s| s.rounds as f64,
+    ),
+    (
+        "lb_routing_changes",
+        "Routes and rules lbd added or removed since it started; growing with nothing changing, it says lbd and the kernel or another program disagree",
+        MetricType::Counter,
+        |s| s.routing_changes as f64,
+    ),
+    (
         "lb_flows_expired",
         "Flows removed after their idle timeout",
         MetricType::Counter,
@@ -594,6 +606,8 @@ mod tests {
             own_path: None,
             tunnels_own: Vec::new(),
             tunnels_own_path: None,
+            rounds: 0,
+            routing_changes: 0,
             slow_path6: None,
             guard_dropped: 0,
             kernel_destinations: Vec::new(),

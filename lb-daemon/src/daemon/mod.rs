@@ -319,6 +319,9 @@ pub struct Daemon {
     slow_path_applied: routing::SlowPath,
     /// The same for the kernel's IPv6.
     slow_path6_applied: Option<usize>,
+    /// Rounds so far, and the routes and rules they changed (`Status`).
+    rounds: u64,
+    routing_changes: u64,
     watchers: Watchers,
     health_tx: mpsc::Sender<HealthEvent>,
     local_ports: (u16, u16),
@@ -430,6 +433,8 @@ impl Daemon {
             counted_before: nftables::Counted::default(),
             slow_path_applied: routing::SlowPath::default(),
             slow_path6_applied: None,
+            rounds: 0,
+            routing_changes: 0,
             watchers: links.watchers(),
             health_tx,
             local_ports,

@@ -784,11 +784,17 @@ pub async fn round(daemon: &Mutex<Daemon>, link: &KernelLink) -> Result<Vec<Stri
         lan6,
         slowpath,
     } = tokio::task::block_in_place(|| lock()?.converge(&observed))?;
+    let changes = routing.count() as u64;
     let routing_errors = if routing.is_empty() {
         Vec::new()
     } else {
         routing::converge(&link.handle, routing).await
     };
+    {
+        let mut d = lock()?;
+        d.rounds += 1;
+        d.routing_changes += changes;
+    }
     let routed = routing_errors.is_empty();
     let errors: Vec<String> = dataplane_error
         .map(|e| format!("data plane: {e}"))

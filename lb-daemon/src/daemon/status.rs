@@ -192,6 +192,8 @@ impl Daemon {
                 })
                 .collect(),
             tunnels_own_path: self.name_of(self.slow_path_applied.transport.uplink),
+            rounds: self.rounds,
+            routing_changes: self.routing_changes,
             slow_path6: self
                 .slow_path6_applied
                 .filter(|_| self.ipv6.lan().is_some())

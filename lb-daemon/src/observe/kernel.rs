@@ -468,7 +468,10 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
             RuleAttribute::Source(a) => r.source = Some((*a, msg.header.src_len)),
             RuleAttribute::Protocol(p) => r.protocol = protocol_number(*p),
             RuleAttribute::Iifname(n) => r.iif = Some(n.clone()),
-            RuleAttribute::SuppressPrefixLen(n) => r.suppress = Some(*n),
+            // The kernel says -1 of a rule without one (Linux 6.18 sends
+            // both attributes with every rule).
+            RuleAttribute::SuppressPrefixLen(n) => r.suppress = Some(*n).filter(|&n| n != UNSET),
+            RuleAttribute::SuppressIfGroup(group) if *group != UNSET => r.other = true,
             RuleAttribute::FwMark(m) => {
                 let mask = r.fwmark.map_or(u32::MAX, |(_, mask)| mask);
                 r.fwmark = Some((*m, mask));
@@ -484,7 +487,6 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
             | RuleAttribute::DestinationPortRange(_)
             | RuleAttribute::UidRange(_)
             | RuleAttribute::TunId(_)
-            | RuleAttribute::SuppressIfGroup(_)
             | RuleAttribute::L3MDev(_) => r.other = true,
             // What this netlink crate does not know (a newer kernel's
             // DSCP, flow label, port masks) is a match lbd never sets.
@@ -494,6 +496,10 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
     }
     Some(r)
 }
+
+/// A rule's `suppress_prefixlength` or `suppress_ifgroup` that is not
+/// set, as the kernel reports it (-1).
+const UNSET: u32 = u32::MAX;
 
 /// Linux's `FRA_SPORT_MASK` and `FRA_DPORT_MASK` (6.15), which this
 /// netlink crate does not know.
@@ -574,17 +580,35 @@ mod tests {
     use rtnetlink::packet_route;
 
     #[test]
-    fn a_rule_that_matches_more_than_lbd_sets_is_someone_elses() {
+    fn a_rule_is_read_as_the_kernel_says_it_and_more_than_lbd_sets_is_someone_elses() {
         let base = || {
             let mut msg = RuleMessage::default();
             msg.header.family = AddressFamily::Inet;
             msg.header.action = RuleAction::ToTable;
-            msg.attributes = vec![RuleAttribute::Priority(4000), RuleAttribute::Table(4000)];
+            // As Linux 6.18 sends it: `suppress_prefixlength` -1 (unset)
+            // with every rule.
+            msg.attributes = vec![
+                RuleAttribute::Priority(4000),
+                RuleAttribute::Table(4000),
+                RuleAttribute::SuppressPrefixLen(u32::MAX),
+            ];
             msg
         };
         let plain = rule(base()).expect("an IPv4 rule");
         assert!(!plain.other && plain.looks_up);
         assert_eq!((plain.priority, plain.table), (4000, 4000));
+        assert_eq!(plain.suppress, None, "-1 is no suppress_prefixlength");
+        let mut unset = base();
+        unset
+            .attributes
+            .push(RuleAttribute::SuppressIfGroup(u32::MAX));
+        assert!(!rule(unset).expect("an IPv4 rule").other, "-1 is no group");
+        let mut group = base();
+        group.attributes.push(RuleAttribute::SuppressIfGroup(5));
+        assert!(
+            rule(group).expect("an IPv4 rule").other,
+            "suppress_ifgroup 5"
+        );
 
         let mut tos = base();
         tos.header.tos = 0x10;

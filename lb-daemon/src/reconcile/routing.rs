@@ -217,12 +217,17 @@ pub struct Changes {
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.add_routes.is_empty()
-            && self.add_routes6.is_empty()
-            && self.del_routes.is_empty()
-            && self.add_rules.is_empty()
-            && self.add_rules6.is_empty()
-            && self.del_rules.is_empty()
+        self.count() == 0
+    }
+
+    /// How many routes and rules they add or remove.
+    pub fn count(&self) -> usize {
+        self.add_routes.len()
+            + self.add_routes6.len()
+            + self.del_routes.len()
+            + self.add_rules.len()
+            + self.add_rules6.len()
+            + self.del_rules.len()
     }
 }
 
