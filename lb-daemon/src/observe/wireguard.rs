@@ -212,26 +212,40 @@ struct Forgetting {
     last: Option<Instant>,
     /// A forgetting is under way.
     busy: bool,
+    /// A move no forgetting has started after yet (a move while one was
+    /// under way waits for the next round, which tells it at once).
+    unsaid: bool,
 }
 
 impl Forgetting {
-    /// Whether to make them send afresh at `now`; `moved`: their own
-    /// packets got a new way out since the last round.
-    fn due(&mut self, moved: bool, now: Instant) -> bool {
+    /// Whether to make them send afresh at `now` (`Some`: and whether a
+    /// move is news to say); `moved`: their own packets got a new way out
+    /// since the last round.
+    fn due(&mut self, moved: bool, now: Instant) -> Option<bool> {
         if moved {
             self.until = Some(now + FORGET_SPAN);
             self.last = None;
+            self.unsaid = true;
         }
         if self.until.is_none_or(|until| now > until) {
             self.until = None;
-            return false;
+            return None;
         }
         if self.busy || self.last.is_some_and(|last| now < last + FORGET_EVERY) {
-            return false;
+            return None;
         }
         self.last = Some(now);
         self.busy = true;
-        true
+        Some(std::mem::take(&mut self.unsaid))
+    }
+}
+
+/// Marks the forgetting under way as over when dropped.
+struct Done(Arc<Sources>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.lock().busy = false;
     }
 }
 
@@ -240,12 +254,15 @@ impl Sources {
     /// another way than the round before): make `devices` (their names,
     /// asked only when due) send afresh, in the background, when due.
     pub fn after_round(self: &Arc<Self>, moved: bool, devices: impl FnOnce() -> Vec<String>) {
-        if !self.lock().due(moved, Instant::now()) {
+        let Some(moved) = self.lock().due(moved, Instant::now()) else {
             return;
-        }
+        };
         let devices = devices();
-        let sources = Arc::clone(self);
+        // However the task ends (a panic, a runtime shutting down), the
+        // next forgetting may start.
+        let done = Done(Arc::clone(self));
         tokio::spawn(async move {
+            let _done = done;
             let told = futures::future::join_all(devices.iter().map(|d| forget_sources(d))).await;
             for (name, told) in devices.iter().zip(told) {
                 match told {
@@ -260,7 +277,6 @@ impl Sources {
                     ),
                 }
             }
-            sources.lock().busy = false;
         });
     }
 
@@ -411,19 +427,24 @@ mod tests {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         let mut f = Forgetting::default();
-        assert!(!f.due(false, at(0)), "nothing moved yet");
-        assert!(f.due(true, at(0)), "a move: at once");
-        assert!(!f.due(false, at(10)), "under way");
+        assert_eq!(f.due(false, at(0)), None, "nothing moved yet");
+        assert_eq!(f.due(true, at(0)), Some(true), "a move: at once, said");
+        assert_eq!(f.due(false, at(10)), None, "under way");
         f.busy = false;
-        assert!(!f.due(false, at(100)), "too soon after");
-        assert!(f.due(false, at(600)), "again, a while after");
+        assert_eq!(f.due(false, at(100)), None, "too soon after");
+        assert_eq!(f.due(false, at(600)), Some(false), "again, a while after");
         f.busy = false;
-        assert!(f.due(true, at(700)), "another move: at once");
+        assert_eq!(f.due(true, at(700)), Some(true), "another move: at once");
+        // A move while a forgetting is under way: told, and said, in the
+        // next round.
+        assert_eq!(f.due(true, at(710)), None, "under way");
         f.busy = false;
-        let end = 700 + FORGET_SPAN.as_millis() as u64;
-        assert!(f.due(false, at(end)), "until the span is over");
+        assert_eq!(f.due(false, at(720)), Some(true), "the next round");
         f.busy = false;
-        assert!(!f.due(false, at(end + 600)), "and no longer");
+        let end = 710 + FORGET_SPAN.as_millis() as u64;
+        assert_eq!(f.due(false, at(end)), Some(false), "until the span is over");
+        f.busy = false;
+        assert_eq!(f.due(false, at(end + 600)), None, "and no longer");
         assert!(f.until.is_none());
     }
 }
