@@ -235,6 +235,9 @@ fn a_restart_keeps_every_flow_with_its_mapping_and_loses_nothing() -> Result<()>
     port_on(&lab, &sink, [100, 64, 1, 2], 6600)?;
     lbd.restart(&mut lab)?;
     adopted_the_streams(&lbd)?;
+    // The rules and routes its predecessor left are read as its own: no
+    // round replaces them.
+    lbd.wait_steady(3, BOUND)?;
     running.still_flowing(&sink, 20, "after the restart")?;
     download.finish()?;
     drop(running);
