@@ -666,7 +666,8 @@ impl Lbd {
             Ok((count("rounds")?, count("routing_changes")?))
         };
         let start = Instant::now();
-        let mut since = read()?;
+        let first = read()?;
+        let mut since = first;
         let mut last = since;
         while start.elapsed() < limit {
             last = read()?;
@@ -677,6 +678,11 @@ impl Lbd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        ensure!(
+            last.0 > first.0,
+            "lbd completed no round in {limit:?} ({} so far): its log says why",
+            last.0
+        );
         bail!(
             "lbd changed routes or rules within every {rounds} rounds for {limit:?}: {} changes \
              in {} rounds so far (`ip monitor rule route` in the router shows which)",

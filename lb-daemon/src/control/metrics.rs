@@ -225,7 +225,7 @@ const PER_ROUTER: &[RouterFamily] = &[
     ),
     (
         "lb_routing_changes",
-        "Routes and rules lbd added or removed since it started; growing with nothing changing, it says lbd and the kernel or another program disagree",
+        "Routes and rules lbd added or removed (or tried to) since it started; growing with nothing changing, it says lbd and the kernel or another program disagree",
         MetricType::Counter,
         |s| s.routing_changes as f64,
     ),
