@@ -35,8 +35,6 @@ pub struct Tunnel {
     pub ifname: String,
     /// The provider's.
     pub provider_ifname: String,
-    /// The provider's public key: the router's peer.
-    provider_public: String,
 }
 
 impl Tunnel {
@@ -46,27 +44,6 @@ impl Tunnel {
         out.trim()
             .parse()
             .with_context(|| format!("`wg show {} listen-port` said {out:?}", self.ifname))
-    }
-
-    /// Sets the router's peer endpoint again, as a tunnel that roams or
-    /// restarts does: wireguard-go forgets the local address it last sent
-    /// from, and its next packets leave unbound, by the router's own
-    /// routing (until an answer tells it an address again).
-    pub fn forget_source(&self, lab: &Lab) -> Result<()> {
-        let endpoint = format!("{PROVIDER}:{PORT}");
-        lab.exec(
-            "router",
-            &[
-                "wg",
-                "set",
-                &self.ifname,
-                "peer",
-                &self.provider_public,
-                "endpoint",
-                &endpoint,
-            ],
-        )
-        .map(drop)
     }
 }
 
@@ -153,7 +130,6 @@ pub fn start(lab: &mut Lab) -> Result<Tunnel> {
     Ok(Tunnel {
         ifname,
         provider_ifname,
-        provider_public: provider_key.1,
     })
 }
 

@@ -543,9 +543,6 @@ fn a_vpn_first_routers_own_traffic_goes_through_the_tunnel_and_the_tunnels_own_p
         watch_flows(&lab, "isp2", "down0")?,
         watch_flows(&lab, "vpn", &tunnel.provider_ifname)?,
     ];
-    // wireguard-go's next packets leave unbound: lbd's rule for them, not
-    // the router's own path, decides.
-    tunnel.forget_source(&lab)?;
     let failed = udp_answered(
         lab.ns("router")?,
         std::net::Ipv4Addr::UNSPECIFIED,

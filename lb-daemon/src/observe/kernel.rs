@@ -469,7 +469,7 @@ pub(crate) fn rule(msg: RuleMessage) -> Option<Rule> {
             RuleAttribute::Protocol(p) => r.protocol = protocol_number(*p),
             RuleAttribute::Iifname(n) => r.iif = Some(n.clone()),
             // The kernel says -1 of a rule without one (Linux 6.18 sends
-            // both attributes with every rule).
+            // suppress_prefixlength so with every rule).
             RuleAttribute::SuppressPrefixLen(n) => r.suppress = Some(*n).filter(|&n| n != UNSET),
             RuleAttribute::SuppressIfGroup(group) if *group != UNSET => r.other = true,
             RuleAttribute::FwMark(m) => {

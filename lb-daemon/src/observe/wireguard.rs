@@ -102,9 +102,13 @@ impl Ports {
         if !stale.is_empty() && !state.asking {
             state.asking = true;
             let ports = Arc::clone(self);
+            let done = OnDrop({
+                let ports = Arc::clone(self);
+                move || ports.lock().asking = false
+            });
             tokio::spawn(async move {
+                let _done = done;
                 ports.ask_all(stale).await;
-                ports.lock().asking = false;
             });
         }
         state
@@ -240,12 +244,13 @@ impl Forgetting {
     }
 }
 
-/// Marks the forgetting under way as over when dropped.
-struct Done(Arc<Sources>);
+/// Runs its closure when dropped: a background task that holds it lets
+/// the next one start however it ends (a panic, a runtime shutting down).
+struct OnDrop<F: FnMut()>(F);
 
-impl Drop for Done {
+impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
-        self.0.lock().busy = false;
+        (self.0)()
     }
 }
 
@@ -258,9 +263,10 @@ impl Sources {
             return;
         };
         let devices = devices();
-        // However the task ends (a panic, a runtime shutting down), the
-        // next forgetting may start.
-        let done = Done(Arc::clone(self));
+        let done = OnDrop({
+            let sources = Arc::clone(self);
+            move || sources.lock().busy = false
+        });
         tokio::spawn(async move {
             let _done = done;
             let told = futures::future::join_all(devices.iter().map(|d| forget_sources(d))).await;
