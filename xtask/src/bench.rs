@@ -221,7 +221,8 @@ pub fn run(args: &Args) -> Result<()> {
             "bench: per-packet cost with BPF_PROG_TEST_RUN ({} repetitions each)",
             args.repeat
         );
-        report.costs = Some(cost::measure(args.repeat, cpu)?);
+        let flows = forward::generator_flows(args.flows)?;
+        report.costs = Some(cost::measure(args.repeat, flows, cpu)?);
         println!("bench: a million-prefix file, loaded and reloaded");
         report.prefixes = Some(prefixes::measure()?);
     }

@@ -42,6 +42,9 @@ const ISP2_6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0x200, 0, 0, 0, 0);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0x100, 0x1234, 0x5678, 0x9abc, 0xdef0);
 const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
 const FRESH_DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+/// The flows taken in turn go to one address past the new flows' (still
+/// RFC 2544's range), from the forwarding bench generator's ports.
+const IN_TURN_DST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const FRESH_PORTS: u16 = 16_384;
 const FRESH_ADDRS: u16 = 65_535;
 const NAT_PORTS: (u16, u16) = (20_000, 29_999);
@@ -76,6 +79,9 @@ pub struct Costs {
     pub harness_varied_ns: u64,
     /// Flow table size of the "no eviction" row.
     pub roomy_table: u32,
+    /// Flows of the "in turn" row: as many as the forwarding bench's
+    /// generator cycles through.
+    pub in_turn_flows: u16,
     pub paths: Vec<Cost>,
 }
 
@@ -98,6 +104,7 @@ pub const NEW_FLOW_RULES_SET: &str = "new flow, no eviction, 256 rules and a 1,0
 pub const ESTABLISHED6: &str = "established outbound, IPv6 (NPTv6)";
 pub const REPLY6: &str = "reply inbound, IPv6 (NPTv6)";
 pub const ESTABLISHED_RULES: &str = "established outbound, 256 rules and a 1,000,000-prefix set";
+pub const ESTABLISHED_IN_TURN: &str = "established outbound, the generator's flows in turn";
 
 /// Prefixes of the set in the rules rows.
 pub const SET_PREFIXES: usize = 1_000_000;
@@ -132,12 +139,12 @@ struct Path {
 }
 
 /// Measure every path, on a thread pinned to `cpu`.
-pub fn measure(repeat: u32, cpu: usize) -> Result<Costs> {
+pub fn measure(repeat: u32, flows: u16, cpu: usize) -> Result<Costs> {
     std::thread::scope(|s| {
         s.spawn(|| {
             super::pin_to_cpu(cpu)?;
             track_a_connection()?;
-            measure_here(repeat)
+            measure_here(repeat, flows)
         })
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -177,7 +184,7 @@ fn track_a_connection() -> Result<()> {
     Ok(())
 }
 
-fn measure_here(repeat: u32) -> Result<Costs> {
+fn measure_here(repeat: u32, in_turn_flows: u16) -> Result<Costs> {
     let mut dp = dataplane()?;
     let mut bench = BenchObject::load(&["bench_run", "bench_nop"])?;
     let (client_port, nat_port) = flow_on_reply_uplink(&mut dp)?;
@@ -219,6 +226,15 @@ fn measure_here(repeat: u32) -> Result<Costs> {
     let fresh = Udp {
         dst: FRESH_DST,
         src_port: 1024,
+        ..outbound
+    }
+    .frame();
+    // The forwarding bench's flows: as its generator sends them, one after
+    // the other, so that each packet finds its flow where the one before
+    // left no trace of it in the CPU's caches.
+    let in_turn = Udp {
+        dst: IN_TURN_DST,
+        src_port: super::forward::GEN_PORT_BASE,
         ..outbound
     }
     .frame();
@@ -303,6 +319,17 @@ fn measure_here(repeat: u32) -> Result<Costs> {
             verdict: XDP_PASS,
             expect: Expect::Passed(reason::PASS_KERNEL_CONNECTION),
             warmup: 1,
+        },
+        // One untimed round makes every flow; each timed repetition then
+        // finds the one the generator would send next.
+        Path {
+            name: ESTABLISHED_IN_TURN,
+            program: program::LAN_INGRESS,
+            stamp: Stamp::flows(&in_turn, in_turn_flows, 1)?,
+            frame: in_turn,
+            verdict: XDP_REDIRECT,
+            expect: Expect::Forwarded { new_flows: false },
+            warmup: u32::from(in_turn_flows),
         },
         // Last: it evicts the flows above from the full table.
         Path {
@@ -408,6 +435,7 @@ fn measure_here(repeat: u32) -> Result<Costs> {
         harness_ns: harness.fixed.max(0) as u64,
         harness_varied_ns: harness.varied.max(0) as u64,
         roomy_table: ROOMY_TABLE,
+        in_turn_flows,
         paths: costs,
     })
 }

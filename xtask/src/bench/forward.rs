@@ -68,6 +68,22 @@ pub(super) const WARMUP: Duration = Duration::from_secs(1);
 /// port range, so lb keeps them.
 pub(super) const GEN_PORT_BASE: u16 = 10_000;
 pub(super) const XDP_TX: u32 = 3;
+/// The first port of the NAT range in every lab lbd the benchmark runs.
+const NAT_RANGE_START: u16 = 20_000;
+
+/// `--flows` as the generator's count of source ports: at least one, and
+/// few enough to stay below the NAT range.
+pub(super) fn generator_flows(flows: u32) -> Result<u16> {
+    u16::try_from(flows)
+        .ok()
+        .filter(|&f| f > 0 && u32::from(GEN_PORT_BASE) + u32::from(f) <= u32::from(NAT_RANGE_START))
+        .with_context(|| {
+            format!(
+                "--flows {flows}: from 1 to {}",
+                NAT_RANGE_START - GEN_PORT_BASE
+            )
+        })
+}
 /// Hop limit of the generator's frames (IPv4's TTL is 64 too).
 const HOP_LIMIT: u8 = 64;
 
@@ -293,10 +309,7 @@ impl<'a> Rig<'a> {
         cpu: usize,
         source: &Source,
     ) -> Result<Rig<'a>> {
-        let flows = u16::try_from(flows)
-            .ok()
-            .filter(|&f| u32::from(GEN_PORT_BASE) + u32::from(f) <= 20_000)
-            .with_context(|| format!("--flows {flows}: at most {}", 20_000 - GEN_PORT_BASE))?;
+        let flows = generator_flows(flows)?;
         let lan0 = mac(lab, "router", "lan0")?;
         let eth0 = mac(lab, "client", "eth0")?;
         let wan = [mac(lab, "router", "wan1")?, mac(lab, "router", "wan2")?];
