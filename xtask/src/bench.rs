@@ -78,7 +78,8 @@ pub struct Args {
     /// Length of each window, in seconds.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
-    /// Distinct UDP flows the generator cycles through.
+    /// Distinct UDP flows the generator cycles through (and the per-packet
+    /// part's row of flows taken in turn).
     #[arg(long, default_value_t = 4096)]
     pub flows: u32,
     /// Repetitions of each BPF_PROG_TEST_RUN measurement.
