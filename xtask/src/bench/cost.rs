@@ -14,6 +14,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{ensure, Context, Result};
+use aya::programs::ProgramFd;
 use lb_common::policy::Policy;
 use lb_common::{
     hash,
@@ -28,7 +29,7 @@ use lb_daemon::{config, dataplane::Dataplane, reconcile::policies::Policies};
 use super::object::{self, BenchObject, Stamp, Udp, Udp6, XDP_PASS, XDP_REDIRECT};
 
 /// Timed test runs per path; the median is reported.
-const RUNS: usize = 5;
+const RUNS: usize = 7;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const ROUTER_LAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -243,15 +244,12 @@ fn measure_here(repeat: u32, in_turn_flows: u16) -> Result<Costs> {
 
     // The harness alone, restoring a fixed frame and varying the flow.
     let nop = bench.xdp("bench_nop")?.fd()?.try_clone()?;
-    bench.set_target(&nop)?;
-    let harness = Harness {
-        fixed: harness_cost(&mut bench, &Stamp::fixed(&outbound)?, &outbound, repeat)?,
-        varied: harness_cost(
-            &mut bench,
-            &Stamp::flows(&fresh, FRESH_PORTS, FRESH_ADDRS)?,
-            &fresh,
-            repeat,
-        )?,
+    let harness_frames = HarnessFrames {
+        fixed: (Stamp::fixed(&outbound)?, outbound.clone()),
+        varied: (
+            Stamp::flows(&fresh, FRESH_PORTS, FRESH_ADDRS)?,
+            fresh.clone(),
+        ),
     };
 
     let paths = [
@@ -342,10 +340,12 @@ fn measure_here(repeat: u32, in_turn_flows: u16) -> Result<Costs> {
             warmup: 2 * DEFAULT_MAX_FLOWS,
         },
     ];
-    let mut costs = Vec::new();
-    for path in &paths {
-        costs.push(measure_path(&mut bench, &mut dp, path, repeat, &harness)?);
-    }
+    let [ref warm @ .., ref new_flow] = paths;
+    let (harness, mut costs) =
+        measure_in_rounds(&mut bench, &mut dp, &nop, &harness_frames, warm, repeat)?;
+    costs.push(measure_path(
+        &mut bench, &mut dp, new_flow, repeat, &harness,
+    )?);
 
     // New flows again, into a table big enough never to evict: what the
     // eviction above costs. Fewer repetitions, so the table holds them all.
@@ -447,18 +447,81 @@ struct Harness {
     varied: i64,
 }
 
-fn harness_cost(bench: &mut BenchObject, stamp: &Stamp, frame: &[u8], repeat: u32) -> Result<i64> {
-    bench.set_stamp(stamp)?;
-    let mut ns = Vec::new();
-    for _ in 0..RUNS {
-        let (verdict, t) = object::time(bench.xdp("bench_run")?, frame, repeat)?;
-        ensure!(
-            verdict == XDP_PASS,
-            "the harness with bench_nop returned {verdict}"
-        );
-        ns.push(t as i64);
+/// The harness's frames: a fixed one, and one it makes a new flow of.
+struct HarnessFrames {
+    fixed: (Stamp, Vec<u8>),
+    varied: (Stamp, Vec<u8>),
+}
+
+impl Harness {
+    /// What the harness adds to `path`'s runs.
+    fn of(&self, path: &Path) -> i64 {
+        if path.stamp.varies() {
+            self.varied
+        } else {
+            self.fixed
+        }
     }
-    Ok(median(&ns))
+}
+
+/// Time `paths` in [`RUNS`] rounds, each of which times the harness alone
+/// (tail-calling `nop`) and then every path once, less that round's
+/// harness. A burst of load from elsewhere on this shared machine then
+/// lands on one round of every path, not on every run of one path. Returns
+/// the harness's medians, for the paths timed one by one after these.
+fn measure_in_rounds(
+    bench: &mut BenchObject,
+    dp: &mut Dataplane,
+    nop: &ProgramFd,
+    frames: &HarnessFrames,
+    paths: &[Path],
+    repeat: u32,
+) -> Result<(Harness, Vec<Cost>)> {
+    for path in paths {
+        aim(bench, dp, path)?;
+        warm_up(bench, path)?;
+    }
+    let (mut fixed, mut varied) = (Vec::new(), Vec::new());
+    let mut ns = vec![Vec::new(); paths.len()];
+    for _ in 0..RUNS {
+        bench.set_target(nop)?;
+        let round = Harness {
+            fixed: harness_run(bench, &frames.fixed, repeat)?,
+            varied: harness_run(bench, &frames.varied, repeat)?,
+        };
+        fixed.push(round.fixed);
+        varied.push(round.varied);
+        for (path, ns) in paths.iter().zip(&mut ns) {
+            aim(bench, dp, path)?;
+            ns.push(run(bench, dp, path, repeat)? - round.of(path));
+        }
+    }
+    let harness = Harness {
+        fixed: median(&fixed),
+        varied: median(&varied),
+    };
+    let costs = paths
+        .iter()
+        .zip(&ns)
+        .map(|(path, ns)| cost(path, repeat, ns))
+        .collect();
+    Ok((harness, costs))
+}
+
+/// One run of the harness alone on `(stamp, frame)`, `repeat` repetitions:
+/// ns per packet.
+fn harness_run(
+    bench: &mut BenchObject,
+    (stamp, frame): &(Stamp, Vec<u8>),
+    repeat: u32,
+) -> Result<i64> {
+    bench.set_stamp(stamp)?;
+    let (verdict, t) = object::time(bench.xdp("bench_run")?, frame, repeat)?;
+    ensure!(
+        verdict == XDP_PASS,
+        "the harness with bench_nop returned {verdict}"
+    );
+    Ok(t as i64)
 }
 
 /// Time `path` [`RUNS`] times, `repeat` repetitions each, checking lb's
@@ -470,36 +533,52 @@ fn measure_path(
     repeat: u32,
     harness: &Harness,
 ) -> Result<Cost> {
-    let fd = dp.xdp(path.program)?.fd()?.try_clone()?;
-    bench.set_target(&fd)?;
-    bench.set_stamp(&path.stamp)?;
-    let overhead = if path.stamp.varies() {
-        harness.varied
-    } else {
-        harness.fixed
-    };
-    let run = bench.xdp("bench_run")?;
-    if path.warmup > 0 {
-        object::time(run, &path.frame, path.warmup)
-            .with_context(|| format!("{}: warming up", path.name))?;
-    }
+    aim(bench, dp, path)?;
+    warm_up(bench, path)?;
     let mut ns = Vec::new();
     for _ in 0..RUNS {
-        let before = Counters::read(dp)?;
-        let (verdict, t) = object::time(run, &path.frame, repeat)?;
-        let after = Counters::read(dp)?;
-        ensure!(
-            verdict == path.verdict,
-            "{}: {} returned {verdict}, expected {}",
-            path.name,
-            path.program,
-            path.verdict
-        );
-        after
-            .check(&before, path.expect, u64::from(repeat))
-            .with_context(|| format!("{}: not every repetition took this path", path.name))?;
-        ns.push(t as i64 - overhead);
+        ns.push(run(bench, dp, path, repeat)? - harness.of(path));
     }
+    Ok(cost(path, repeat, &ns))
+}
+
+/// Point the harness at `path`'s program and frame.
+fn aim(bench: &mut BenchObject, dp: &mut Dataplane, path: &Path) -> Result<()> {
+    let fd = dp.xdp(path.program)?.fd()?.try_clone()?;
+    bench.set_target(&fd)?;
+    bench.set_stamp(&path.stamp)
+}
+
+/// `path`'s untimed repetitions, if it has any.
+fn warm_up(bench: &mut BenchObject, path: &Path) -> Result<()> {
+    if path.warmup > 0 {
+        object::time(bench.xdp("bench_run")?, &path.frame, path.warmup)
+            .with_context(|| format!("{}: warming up", path.name))?;
+    }
+    Ok(())
+}
+
+/// One timed run of `path` (the harness aimed at it): ns per packet,
+/// harness included, once lb's counters say every repetition took it.
+fn run(bench: &BenchObject, dp: &Dataplane, path: &Path, repeat: u32) -> Result<i64> {
+    let before = Counters::read(dp)?;
+    let (verdict, t) = object::time(bench.xdp("bench_run")?, &path.frame, repeat)?;
+    let after = Counters::read(dp)?;
+    ensure!(
+        verdict == path.verdict,
+        "{}: {} returned {verdict}, expected {}",
+        path.name,
+        path.program,
+        path.verdict
+    );
+    after
+        .check(&before, path.expect, u64::from(repeat))
+        .with_context(|| format!("{}: not every repetition took this path", path.name))?;
+    Ok(t as i64)
+}
+
+/// `path`'s cost from its runs' ns per packet (harness subtracted).
+fn cost(path: &Path, repeat: u32, ns: &[i64]) -> Cost {
     let cost = Cost {
         path: path.name,
         program: path.program,
@@ -509,12 +588,12 @@ fn measure_path(
             "XDP_REDIRECT"
         },
         repeat,
-        median_ns: median(&ns),
+        median_ns: median(ns),
         min_ns: ns.iter().copied().min().unwrap_or_default(),
         max_ns: ns.iter().copied().max().unwrap_or_default(),
     };
     println!("  {:<40} {:>5} ns/packet", cost.path, cost.median_ns);
-    Ok(cost)
+    cost
 }
 
 pub fn median(values: &[i64]) -> i64 {

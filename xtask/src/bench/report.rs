@@ -192,12 +192,15 @@ impl Report {
              lb's `lan_ingress` and `wan_ingress` as the verifier accepted them, with\n\
              their maps (65,536-entry flow table unless said otherwise, two uplinks),\n\
              no interfaces; median, min and max of {runs} test runs on CPU {cpu}.\n\
+             The rows above the new flows take turns: each of {runs} rounds times the\n\
+             harness alone and then each of them once, so that a burst of load from\n\
+             elsewhere on the machine lands on one round of every row.\n\
              A test run repeats the program on one buffer and keeps its rewrites\n\
              (after 63 repetitions a forwarded packet has TTL 1 and the rest would\n\
              time the TTL check), so a harness in lb-bench (`bench_run`) restores\n\
              the frame, or stamps a new flow, before it tail-calls lb. The harness alone (tail-calling\n\
              `bench_nop`: {fixed} ns/packet, {varied} ns when it stamps a new flow)\n\
-             is subtracted. lb's counters confirm that every repetition took the\n\
+             is subtracted (in the rounds, that round's). lb's counters confirm that every repetition took the\n\
              path it is listed under.\n\n\
              | path | program | verdict | repetitions per run | ns/packet | min | max |\n\
              | --- | --- | --- | ---: | ---: | ---: | ---: |\n",
