@@ -1172,13 +1172,14 @@ impl Report {
                 "- IPv6, every flow translated (NPTv6): the router spent {kernel6:.0} ns per frame\n  \
                  the kernel's way (ip6tables SNPT and DNPT, PCC marks, policy routing) and\n  \
                  {lb6:.0} ns with lb: router time alone gives lb / kernel = {:.1}× (IPv4:\n  \
-                 {:.1}×). lb's router time per IPv6 frame is {:+.0} ns from its IPv4 one\n  \
+                 {:.1}×). lb's router time per IPv6 frame is {:.0} ns {} its IPv4 one\n  \
                  (IPv6: a 40-byte header, 16-byte addresses to hash and look up, the\n  \
                  prefix rewrite with no checksum to touch; IPv4: the port NAT with its\n  \
                  checksum updates).\n",
                 kernel6 / lb6,
                 if lb > 0.0 { kernel / lb } else { 0.0 },
-                lb6 - lb,
+                (lb6 - lb).abs(),
+                if lb6 >= lb { "above" } else { "below" },
             );
         }
         let (vs_kernel, vs_bare) = self.ratios(|w: &Window| w.pps);
