@@ -36,15 +36,15 @@ const ROUTER_LAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
 const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-/// New flows go to 198.18.0.0/16 (RFC 2544's benchmarking range), one
-/// destination per 16,384 source ports, so none repeats within a run.
 const LAN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0x100, 0, 0, 0, 0);
 const ISP2_6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0x200, 0, 0, 0, 0);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0x100, 0x1234, 0x5678, 0x9abc, 0xdef0);
 const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
+/// New flows go to 198.18.0.0/16 (RFC 2544's benchmarking range), one
+/// destination per 16,384 source ports, so none repeats within a run.
 const FRESH_DST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
-/// The flows taken in turn go to one address past the new flows' (still
-/// RFC 2544's range), from the forwarding bench generator's ports.
+/// The flows taken in turn go to an address just past the new flows' /16
+/// (still RFC 2544's range), from the forwarding bench generator's ports.
 const IN_TURN_DST: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const FRESH_PORTS: u16 = 16_384;
 const FRESH_ADDRS: u16 = 65_535;
@@ -230,9 +230,9 @@ fn measure_here(repeat: u32, in_turn_flows: u16) -> Result<Costs> {
         ..outbound
     }
     .frame();
-    // The forwarding bench's flows: as its generator sends them, one after
-    // the other, so that each packet finds its flow where the one before
-    // left no trace of it in the CPU's caches.
+    // The forwarding bench's flows, one after the other, as its generator
+    // sends them: each flow was last touched as many packets before as
+    // there are flows.
     let in_turn = Udp {
         dst: IN_TURN_DST,
         src_port: super::forward::GEN_PORT_BASE,

@@ -1063,7 +1063,8 @@ impl Report {
             md,
             "- Per forwarded frame the router spent {kernel:.0} ns of softirq time the\n  \
              kernel's way, {lb:.0} ns with lb and {bare:.0} ns with the bare redirect: lb's own\n  \
-             work (parse, flow lookup, NAT rewrite with checksums, counters) adds\n  \
+             work (parse, flow lookup, NAT rewrite with checksums, counters, the\n  \
+             ring watch) adds\n  \
              about {:.0} ns to what any XDP forwarding through these veths costs.\n\
              - Generator and router share CPU {cpu} (that is what keeps the generator\n  \
              from overrunning the veth ring), so each rate is about 1 / (generator +\n  \
@@ -1095,18 +1096,24 @@ impl Report {
                 }
                 _ => "",
             };
-            let _ = writeln!(
+            let _ = write!(
                 md,
                 "- Of the {:.0} ns lb adds to the bare redirect, its program on these flows\n  \
                  taken in turn costs {program:.0} ns in a test run (the per-packet table;\n  \
-                 {warm:.0} ns on one flow), where nothing else competes for the CPU's caches.\n  \
-                 The other {:.0} ns are what a test run does not see: the flow table's\n  \
-                 memory, which here competes with every frame's own path (buffers, rings,\n  \
-                 the generator), and the ring watch, a tracepoint program run once per\n  \
-                 device-map flush{per_flush}.",
+                 {warm:.0} ns on one flow), where nothing else competes for the CPU's caches.",
                 lb - bare,
-                lb - bare - program,
             );
+            let beyond = lb - bare - program;
+            if beyond >= 1.0 {
+                let _ = write!(
+                    md,
+                    "\n  The other {beyond:.0} ns are what a test run does not see: the flow\n  \
+                     table's memory, which here competes with every frame's own path\n  \
+                     (buffers, rings, the generator), and the ring watch, a tracepoint\n  \
+                     program run once per device-map flush{per_flush}.",
+                );
+            }
+            md.push('\n');
             // What the router-time target leaves lb, against what its
             // program alone costs (BPF_PROG_TEST_RUN, above).
             let room = bare / ROUTER_VS_BARE_MIN - bare;
@@ -1172,14 +1179,17 @@ impl Report {
                 "- IPv6, every flow translated (NPTv6): the router spent {kernel6:.0} ns per frame\n  \
                  the kernel's way (ip6tables SNPT and DNPT, PCC marks, policy routing) and\n  \
                  {lb6:.0} ns with lb: router time alone gives lb / kernel = {:.1}× (IPv4:\n  \
-                 {:.1}×). lb's router time per IPv6 frame is {:.0} ns {} its IPv4 one\n  \
+                 {:.1}×). lb's router time per IPv6 frame is {} its IPv4 one\n  \
                  (IPv6: a 40-byte header, 16-byte addresses to hash and look up, the\n  \
                  prefix rewrite with no checksum to touch; IPv4: the port NAT with its\n  \
                  checksum updates).\n",
                 kernel6 / lb6,
                 if lb > 0.0 { kernel / lb } else { 0.0 },
-                (lb6 - lb).abs(),
-                if lb6 >= lb { "above" } else { "below" },
+                match (lb6 - lb).round() {
+                    0.0 => "the same as".to_string(),
+                    d if d > 0.0 => format!("{d:.0} ns above"),
+                    d => format!("{:.0} ns below", -d),
+                },
             );
         }
         let (vs_kernel, vs_bare) = self.ratios(|w: &Window| w.pps);
