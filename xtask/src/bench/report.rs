@@ -1149,18 +1149,31 @@ impl Report {
                 // against what lb's hand-off pays over lb's XDP path.
                 let kernel_part = floor - bare;
                 let extra = qdisc - lb;
+                // A noisy run can put the bare path above lb's own: say so
+                // rather than print a share over 100 % or a negative cost.
+                let added = if qdisc > floor {
+                    format!("adds {:.0} ns to it", qdisc - floor)
+                } else {
+                    "added nothing measurable to it in this run".to_string()
+                };
+                let share = if kernel_part >= extra {
+                    "all are the kernel's".to_string()
+                } else {
+                    format!(
+                        "{:.0} % are the kernel's",
+                        100.0 * kernel_part / extra.max(1e-9)
+                    )
+                };
                 let _ = write!(
                     md,
                     "- The bare tc redirect through the same qdisc (new MACs in tc, no NAT, no\n  \
                      lookup: the ceiling of any path through a qdisc here) spent {floor:.0} ns per\n  \
                      frame, {kernel_part:.0} ns more than the bare XDP redirect: that is the kernel's\n  \
                      part of the queue's cost (skb, tc, qdisc, transmit), which no program\n  \
-                     avoids. lb's hand-off adds {:.0} ns to it (its XDP work, the note's two\n  \
+                     avoids. lb's hand-off {added} (its XDP work, the note's two\n  \
                      tags and the hand-off program), against {:.0} ns on the XDP path. Of the\n  \
-                     {extra:.0} ns the queue adds to lb's path, {:.0} % are the kernel's: {}\n",
-                    qdisc - floor,
+                     {extra:.0} ns the queue adds to lb's path, {share}: {}\n",
                     lb - bare,
-                    100.0 * kernel_part / extra.max(1e-9),
                     if kernel_part > extra / 2.0 {
                         "halving the extra cost would need a queue path cheaper than the\n  \
                          kernel's own, so it is not in lb's reach (target: halve it, or show\n  \
