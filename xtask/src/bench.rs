@@ -61,6 +61,8 @@ mod picture;
 #[cfg(feature = "bench")]
 mod prefixes;
 #[cfg(feature = "bench")]
+mod profile;
+#[cfg(feature = "bench")]
 mod report;
 #[cfg(feature = "bench")]
 mod scale;
@@ -244,7 +246,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     if args.measures(Part::Forward) {
         println!("bench: packets per second through the lab router");
-        report.ways = forward::measure(args, cpu, &source, &interrupted)?;
+        (report.ways, report.profiles) = forward::measure(args, cpu, &source, &interrupted)?;
     }
     if args.measures(Part::Failover) {
         println!("bench: failover times: lb, a Netwatch-style script, the kernel alone");

@@ -25,6 +25,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ethtool", "ethtool"),
     ("iperf3", "iperf3"),
+    // The benchmark's profile of where the router's time per frame goes.
+    ("perf", "linux-perf"),
     ("tcpdump", "tcpdump"),
     ("bpftool", "bpftool"),
     ("ping", "iputils-ping"),

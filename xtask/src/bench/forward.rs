@@ -55,6 +55,7 @@ use lb_tests::{
 use super::{
     gen::{Generator, Source},
     object::{self, BenchObject, Stamp, Udp, Udp6},
+    profile::{self, Profile},
     Args,
 };
 
@@ -236,18 +237,20 @@ pub struct WayResult {
     pub windows: Vec<Window>,
 }
 
-/// Bring the lab up, measure every way `args.runs` times, and take the lab
-/// down again (also on error).
+/// Bring the lab up, measure every way `args.runs` times, profile lb and
+/// the bare redirect for one more window each, and take the lab down again
+/// (also on error).
 pub fn measure(
     args: &Args,
     cpu: usize,
     source: &Source,
     interrupted: &AtomicBool,
-) -> Result<Vec<WayResult>> {
+) -> Result<(Vec<WayResult>, Vec<Profile>)> {
     // A lab left over from a crashed run would make `up` fail half-way.
     Lab::down(PREFIX)?;
     let desc = LabDesc::shipped(LAB).with_context(|| format!("loading lab {LAB}"))?;
     let mut lab = Lab::up(&desc, PREFIX)?;
+    let mut profiles = Vec::new();
     let mut results: Vec<WayResult> = Way::ALL
         .iter()
         .map(|&way| WayResult {
@@ -272,10 +275,21 @@ pub fn measure(
                 result.windows.push(window);
             }
         }
+        for way in [Way::Lb, Way::Bare] {
+            ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
+            let length = Duration::from_secs(args.seconds);
+            let profile = profile::record(&mut rig, way, cpu, length, interrupted)?;
+            println!(
+                "  profiled: {:<52} {:>6.3} Mpps",
+                way.label(),
+                profile.pps / 1e6
+            );
+            profiles.push(profile);
+        }
         // The rig's programs detach here, before the lab goes.
     }
     drop(lab);
-    Ok(results)
+    Ok((results, profiles))
 }
 
 /// The lab with the benchmark's programs in place (scale.rs drives it too,
@@ -566,7 +580,7 @@ impl<'a> Rig<'a> {
     }
 
     /// Run the generator: warm up, then measure one window.
-    fn traffic(&self, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
+    pub(super) fn traffic(&self, length: Duration, interrupted: &AtomicBool) -> Result<Window> {
         self.generate(&self.gen, length, interrupted)
     }
 
