@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeMap,
     os::unix::process::ExitStatusExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::atomic::AtomicBool,
     time::{Duration, Instant},
@@ -170,7 +170,7 @@ impl Drop for Perf {
 }
 
 /// Each symbol's share of the samples in `file`, in percent.
-fn shares(file: &PathBuf) -> Result<Vec<(String, f64)>> {
+fn shares(file: &Path) -> Result<Vec<(String, f64)>> {
     let out = Command::new("perf")
         .args(["report", "--stdio", "--no-children", "--sort", "sym", "-q"])
         .args(["--percent-limit", PERCENT_LIMIT, "-i"])
