@@ -46,7 +46,7 @@ use aya::programs::{
     xdp::XdpLinkId,
     LinkOrder, TcAttachType, XdpMode,
 };
-use lb_daemon::{daemon::mac_text, reconcile::ipv6::target};
+use lb_daemon::{config, daemon::mac_text, reconcile::ipv6::target};
 use lb_tests::{
     daemon::{LabConfig, Lbd},
     in_netns, Lab, LabDesc,
@@ -69,24 +69,18 @@ pub(super) const WARMUP: Duration = Duration::from_secs(1);
 /// port range, so lb keeps them.
 pub(super) const GEN_PORT_BASE: u16 = 10_000;
 pub(super) const XDP_TX: u32 = 3;
-/// The first port of the NAT range in every lab lbd the benchmark runs.
-const NAT_RANGE_START: u16 = 20_000;
-
-/// `--flows` as the generator's count of source ports: at least one, and
-/// few enough to stay below the NAT range.
-pub(super) fn generator_flows(flows: u32) -> Result<u16> {
-    u16::try_from(flows)
-        .ok()
-        .filter(|&f| f > 0 && u32::from(GEN_PORT_BASE) + u32::from(f) <= u32::from(NAT_RANGE_START))
-        .with_context(|| {
-            format!(
-                "--flows {flows}: from 1 to {}",
-                NAT_RANGE_START - GEN_PORT_BASE
-            )
-        })
-}
 /// Hop limit of the generator's frames (IPv4's TTL is 64 too).
 const HOP_LIMIT: u8 = 64;
+
+/// `--flows` as the generator's count of source ports: at least one, and
+/// few enough to stay below the NAT range of the lab's lbd (the default).
+pub(super) fn generator_flows(flows: u32) -> Result<u16> {
+    let nat_start = config::DEFAULT_NAT_PORTS.0;
+    u16::try_from(flows)
+        .ok()
+        .filter(|&f| f > 0 && u32::from(GEN_PORT_BASE) + u32::from(f) <= u32::from(nat_start))
+        .with_context(|| format!("--flows {flows}: from 1 to {}", nat_start - GEN_PORT_BASE))
+}
 
 /// The benchmark's IPv6 plan. The LAN: a ULA, named to lbd.
 const LAN6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0, 1, 0, 0, 0, 0), 64);

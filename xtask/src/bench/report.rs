@@ -291,15 +291,13 @@ impl Report {
         );
         // The other symbols whose time differs most between the two.
         let grouped: Vec<&str> = GROUPS.iter().flat_map(|(_, s)| s.iter().copied()).collect();
-        let mut others: Vec<(&String, f64, f64)> = lb
-            .symbols
-            .keys()
-            .chain(bare.symbols.keys())
+        let symbols: std::collections::BTreeSet<&String> =
+            lb.symbols.keys().chain(bare.symbols.keys()).collect();
+        let mut others: Vec<(&String, f64, f64)> = symbols
+            .into_iter()
             .filter(|s| !grouped.contains(&s.as_str()))
             .map(|s| (s, lb.sum(&[s]), bare.sum(&[s])))
             .collect();
-        others.sort_by(|a, b| a.0.cmp(b.0));
-        others.dedup_by(|a, b| a.0 == b.0);
         others.sort_by(|a, b| (b.1 - b.2).abs().total_cmp(&(a.1 - a.2).abs()));
         let _ = write!(
             md,
