@@ -81,6 +81,21 @@ pub fn kernels_scope6(addr: &[u8; 16]) -> bool {
     addr[0] == 0xff || (addr[0] == 0xfe && addr[1] & 0xc0 == 0x80) || addr == &[0; 16]
 }
 
+/// Whether an IPv4 packet from `src` to `dst` is never the internet's and
+/// so always the kernel's (or the LAN's bridge's): to a group or to
+/// everyone (224.0.0.0/4, and 240.0.0.0/4 with 255.255.255.255: a DHCP
+/// client's discover, mDNS, SSDP), from or to a link-local address
+/// (169.254.0.0/16), from or to "this network" (0.0.0.0/8: a client that
+/// has no address yet) or loopback. Pinned to an uplink and NATed, a
+/// client's DHCP discover would leave for the ISP and never reach the
+/// router's own DHCP server. `lan_ingress` and `lbctl explain` both ask
+/// this.
+#[inline(always)]
+pub fn kernels_scope4(src: [u8; 4], dst: [u8; 4]) -> bool {
+    let never_routed = |a: [u8; 4]| a[0] == 0 || a[0] == 127 || (a[0] == 169 && a[1] == 254);
+    never_routed(src) || never_routed(dst) || src[0] >= 224 || dst[0] >= 224
+}
+
 /// Datagrams whose fragments the fast path follows at once (LRU: the
 /// oldest make room). Fragments of one datagram arrive within
 /// milliseconds of each other; this many is far more than in flight.
@@ -89,3 +104,30 @@ pub const FRAG_ENTRIES: u32 = 8192;
 /// Default size of the flow table (entries); the daemon overrides it from its
 /// configuration at load time.
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_no_uplink_carries_is_the_kernels() {
+        let client = [10, 10, 0, 2];
+        let server = [198, 51, 100, 10];
+        // A DHCP discover, mDNS, SSDP, a directed-to-everyone datagram.
+        assert!(kernels_scope4([0, 0, 0, 0], [255, 255, 255, 255]));
+        assert!(kernels_scope4(client, [224, 0, 0, 251]));
+        assert!(kernels_scope4(client, [239, 255, 255, 250]));
+        assert!(kernels_scope4(client, [255, 255, 255, 255]));
+        // Link-local both ways, loopback, a multicast source.
+        assert!(kernels_scope4([169, 254, 7, 1], server));
+        assert!(kernels_scope4(client, [169, 254, 0, 1]));
+        assert!(kernels_scope4(client, [127, 0, 0, 1]));
+        assert!(kernels_scope4([224, 0, 0, 1], server));
+        // The internet, and the neighbours of the ranges above.
+        assert!(!kernels_scope4(client, server));
+        assert!(!kernels_scope4(client, [223, 255, 255, 255]));
+        assert!(!kernels_scope4(client, [169, 253, 0, 1]));
+        assert!(!kernels_scope4(client, [1, 0, 0, 1]));
+        assert!(!kernels_scope4([100, 64, 0, 1], [128, 0, 0, 1]));
+    }
+}

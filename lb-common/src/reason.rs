@@ -14,7 +14,8 @@ pub const PASS_MALFORMED: u32 = 1;
 /// first piece, or drops it when that never comes), or of a protocol the
 /// fast path does not translate.
 pub const PASS_FRAGMENT: u32 = 2;
-/// For the router itself or another LAN subnet (the bypass table).
+/// For the router itself or another LAN subnet (the bypass table), or
+/// never routed (broadcast, multicast, link-local: `kernels_scope4`).
 pub const PASS_LOCAL: u32 = 3;
 /// TTL would expire here: the kernel answers with ICMP time exceeded.
 pub const PASS_TTL: u32 = 4;

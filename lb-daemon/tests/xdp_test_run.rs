@@ -421,6 +421,20 @@ fn what_the_fast_path_does_not_handle_passes_untouched() {
             .udp(7002, 22),
         b"",
     );
+    // A new client's DHCP discover, and an mDNS announcement: never an
+    // uplink's, whatever the routes say.
+    let discover = build(
+        PacketBuilder::ethernet2(CLIENT_MAC, [0xff; 6])
+            .ipv4([0; 4], [255; 4], 64)
+            .udp(68, 67),
+        b"discover",
+    );
+    let mdns = build(
+        PacketBuilder::ethernet2(CLIENT_MAC, [0x01, 0x00, 0x5e, 0, 0, 0xfb])
+            .ipv4(CLIENT, [224, 0, 0, 251], 255)
+            .udp(5353, 5353),
+        b"announce",
+    );
     let ttl_one = udp(7003, 1);
     let gre = {
         let mut f = full.clone();
@@ -428,7 +442,7 @@ fn what_the_fast_path_does_not_handle_passes_untouched() {
         f
     };
 
-    let cases: [(&str, &[u8], u32); 11] = [
+    let cases: [(&str, &[u8], u32); 13] = [
         ("ARP", &arp, reason::PASS_NOT_IPV4),
         ("IPv6", &ipv6, reason::PASS_NOT_IPV4),
         (
@@ -454,6 +468,8 @@ fn what_the_fast_path_does_not_handle_passes_untouched() {
         ),
         ("to the router", &to_router, reason::PASS_LOCAL),
         ("to another LAN host", &lan_neighbour, reason::PASS_LOCAL),
+        ("a DHCP discover", &discover, reason::PASS_LOCAL),
+        ("mDNS", &mdns, reason::PASS_LOCAL),
         ("TTL 1", &ttl_one, reason::PASS_TTL),
         ("GRE", &gre, reason::PASS_UNSUPPORTED),
     ];

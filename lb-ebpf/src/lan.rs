@@ -65,6 +65,13 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if ttl <= 1 {
         return Err(reason::PASS_TTL);
     }
+    // Broadcast, multicast, link-local, a client without an address yet:
+    // the LAN's, never the internet's. Asked before the flow table, so
+    // that a flow pinned by an older lb that did not ask lets go at once
+    // (a DHCP discover repeats with the same ports); a few compares.
+    if lb_common::kernels_scope4(src, dst) {
+        return Err(reason::PASS_LOCAL);
+    }
 
     let key = FlowKey {
         src_addr: src,

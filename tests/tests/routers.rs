@@ -9,20 +9,23 @@
 //! only says that a test must end.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use lb_tests::{
     daemon::{LabConfig, Lbd},
-    dhcp, require_root,
+    dhcp,
+    netns::in_netns,
+    require_root,
     stream::{port_on, probe_via, wait_for, Sink, Stream},
     traffic::{tcp_upload, TcpSinkServer},
     unique_prefix, watch_sources,
     xdp::ForeignXdp,
     Lab, LabDesc, LanLeaks,
 };
+use socket2::{Domain, Protocol, Socket, Type};
 
 const ISP1_NAT: [u8; 4] = [100, 64, 1, 2];
 const ISP2_NAT: [u8; 4] = [100, 64, 2, 2];
@@ -482,4 +485,139 @@ fn an_interface_that_cannot_take_redirected_frames_is_refused() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The router's DHCP server for the LAN, as OpenWrt's dnsmasq: leases
+/// 10.10.0.100-150 on `br-lan`, no DNS. Returns its pid.
+fn start_lan_dhcp_server(lab: &mut Lab) -> Result<u32> {
+    let server = [
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--port=0",
+        "--interface=br-lan",
+        "--bind-dynamic",
+        "--dhcp-range=10.10.0.100,10.10.0.150,255.255.255.0,2m",
+        "--dhcp-option=option:router,10.10.0.1",
+        "--dhcp-authoritative",
+        "--leasefile-ro",
+        "--pid-file",
+        "--user=root",
+        "--log-facility=-",
+    ];
+    lab.spawn("router", &server)
+        .context("starting the router's DHCP server for the LAN (dnsmasq)")
+}
+
+/// `client`'s datagram to the mDNS group (224.0.0.251:5353, TTL 255, as
+/// an announcement goes), read by `listener` on the same LAN: whether it
+/// arrived within `limit`.
+fn mdns_reaches(lab: &Lab, client: &str, listener: &str, limit: Duration) -> Result<bool> {
+    let group = Ipv4Addr::new(224, 0, 0, 251);
+    let listening = in_netns(lab.ns(listener)?, || {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5353).into())?;
+        socket.join_multicast_v4(&group, &Ipv4Addr::UNSPECIFIED)?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(UdpSocket::from(socket))
+    })?;
+    let sending = in_netns(lab.ns(client)?, || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.set_multicast_ttl_v4(255)?;
+        Ok(socket)
+    })?;
+    let hello = b"lb test: an mDNS announcement";
+    let until = Instant::now() + limit;
+    let mut buf = [0u8; 256];
+    // Sent again while unseen: a group join takes a moment to settle.
+    while Instant::now() < until {
+        sending.send_to(hello, (group, 5353))?;
+        if let Ok(n) = listening.recv(&mut buf) {
+            if &buf[..n] == hello {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+#[test]
+fn a_new_lan_client_gets_its_lease_from_the_router_and_its_broadcasts_stay_on_the_lan() -> Result<()>
+{
+    if !require_root(
+        "a_new_lan_client_gets_its_lease_from_the_router_and_its_broadcasts_stay_on_the_lan",
+    ) {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    dhcp::start(&mut lab, &[1, 2, 3])?;
+    let lbd = Lbd::start(&mut lab, &config())?;
+    for n in 1..=3 {
+        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
+    }
+    start_lan_dhcp_server(&mut lab)?;
+    let pinned = |lbd: &Lbd| -> Result<u64> {
+        (1..=3).try_fold(0, |sum, n| {
+            Ok(sum + lbd.uplink_counter(&format!("isp{n}"), "new_flows")?)
+        })
+    };
+    let pinned_before = pinned(&lbd)?;
+
+    // A laptop that joins the LAN: udhcpc broadcasts its discover from
+    // 0.0.0.0 to 255.255.255.255, and quits (-q) with a lease or fails
+    // (-n) after 10 tries 2 s apart. `/bin/true` as its hook: the test
+    // wants the lease, not the address on the interface.
+    let asked = Instant::now();
+    let out = lab.output(
+        "client2",
+        &[
+            "udhcpc",
+            "-f",
+            "-q",
+            "-n",
+            "-t",
+            "10",
+            "-T",
+            "2",
+            "-i",
+            "eth0",
+            "-s",
+            "/bin/true",
+        ],
+    )?;
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && said.contains("obtained"),
+        "client2 got no lease from the router's DHCP server while lbd ran ({}): {said}",
+        out.status
+    );
+    eprintln!(
+        "client2's lease took {:?}: {}",
+        asked.elapsed(),
+        said.trim()
+    );
+
+    // mDNS between the clients: a group on the LAN, never an uplink's.
+    ensure!(
+        mdns_reaches(&lab, "client", "client2", BOUND)?,
+        "client's mDNS announcement never reached client2 on the same bridge"
+    );
+    let pinned_after = pinned(&lbd)?;
+    eprintln!(
+        "flows pinned to an uplink meanwhile: {}; packets left to the kernel as local: {}",
+        pinned_after - pinned_before,
+        lbd.reason("pass_local")?
+    );
+    ensure!(
+        pinned_after == pinned_before,
+        "the fast path pinned {} flows to uplinks while the LAN's clients only asked for a \
+         lease and announced themselves",
+        pinned_after - pinned_before
+    );
+
+    leaks.check()?;
+    lbd.stop(&mut lab)
 }

@@ -97,7 +97,8 @@ impl Daemon {
     /// code (`lb_common::hash` and `lb_common::table::steer`) on the data
     /// plane's own state: its flow table, the destinations it leaves to
     /// the kernel, its seed, bucket table and uplink states. The order is
-    /// the data plane's: a pinned flow first, then the kernel's
+    /// the data plane's: what no uplink carries (`kernels_scope4`) first,
+    /// then a pinned flow, then the kernel's
     /// destinations, then the kernel's connections (conntrack, asked as
     /// the data plane asks it), then the bucket table.
     pub fn explain(
@@ -111,6 +112,23 @@ impl Daemon {
                 .get(i as usize)
                 .map_or_else(|| format!("#{i}"), |u| u.cfg.name.clone())
         };
+        if lb_common::kernels_scope4(key.src_addr, key.dst_addr) {
+            return Ok(Explanation {
+                verdict: "kernel".into(),
+                uplink: None,
+                bucket: None,
+                policy: None,
+                rule: None,
+                source: None,
+                why: vec![format!(
+                    "{} to {} is broadcast, multicast, link-local or from no address yet (a DHCP \
+                     discover, mDNS): the LAN's and the router's own business, never an \
+                     uplink's; left to the kernel",
+                    Ipv4Addr::from(key.src_addr),
+                    Ipv4Addr::from(key.dst_addr)
+                )],
+            });
+        }
         let existing = lock(&self.flow_tables, FLOW_TABLES)?.get(key)?;
         if existing.is_some_and(|f| f.uplink == lb_common::KERNEL_OWNED) {
             return Ok(self.kernel_connection(&Self::conntrack_tuple(key), true));
