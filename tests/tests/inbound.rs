@@ -417,6 +417,40 @@ fn the_routers_own_services_answer_through_the_uplink_they_were_reached_on() -> 
     router.finish()
 }
 
+#[test]
+fn the_lan_reaches_the_routers_own_services_at_every_uplinks_address() -> Result<()> {
+    if !require_root("the_lan_reaches_the_routers_own_services_at_every_uplinks_address") {
+        return Ok(());
+    }
+    // A laptop in the office opens the router's WireGuard server, web page
+    // or SSH by the public name, which resolves to an uplink's address:
+    // the answer goes back into the LAN, not to that uplink's ISP.
+    let router = Router::start()?;
+    let lab = &router.lab;
+    const PORT: u16 = 2222;
+    let _service = TcpEchoServer::start(lab.ns("router")?, (Ipv4Addr::UNSPECIFIED, PORT).into())?;
+    let mut failed = Vec::new();
+    for n in 1..=3 {
+        let addr = uplink_addr(n);
+        let flows = tcp_flows(
+            lab.ns("client")?,
+            SocketAddrV4::new(addr, PORT).into(),
+            5,
+            FLOW,
+        )?;
+        failed.extend(failures(&flows));
+        let target = addr.to_string();
+        if let Err(e) = lab.exec("client", &["ping", "-c", "1", "-W", "2", &target]) {
+            failed.push(format!("ping {target}: {e:#}"));
+        }
+    }
+    ensure!(
+        failed.is_empty(),
+        "the client could not reach the router's own service at its uplinks' addresses: {failed:?}"
+    );
+    router.finish()
+}
+
 /// DNS ids of the queries sent, so that an answer is told from a late one.
 static DNS_ID: AtomicU16 = AtomicU16::new(1);
 

@@ -474,6 +474,30 @@ fn reload_with_an_uplink_added_starts_again_without_dropping_a_flow() -> Result<
     let lbd = Lbd::start(&mut lab, &alone.render())?;
     let sink = lb_tests::stream::Sink::start(&lab)?;
     let (stream, via) = steady_stream(&lab, &sink, 8400)?;
+
+    // A LAN that is not there: the new lbd would refuse to start, so the
+    // reload is refused and this lbd goes on.
+    let missing_lan = LabConfig {
+        lans: &["lan0", "lan9"],
+        ..LabConfig::default()
+    };
+    lbd.write_config(&lab, &missing_lan.render())?;
+    let refused = lbd
+        .lbctl(&["reload"])
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    eprintln!("{refused}");
+    ensure!(
+        refused.contains("nothing changed") && refused.contains("lan9"),
+        "a reload the new lbd would refuse was not refused, naming the missing LAN: {refused:?}"
+    );
+    let status = lbd.status()?;
+    ensure!(
+        status["uplinks"].as_array().map(Vec::len) == Some(1),
+        "lbd changed after a refused reload: {status}"
+    );
+
     lbd.write_config(&lab, &LabConfig::default().render())?;
     let said = lbd.lbctl(&["reload"])?;
     eprintln!("{said}");

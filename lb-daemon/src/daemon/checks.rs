@@ -44,6 +44,17 @@ pub(super) fn refuse(config: &Config, observed: &Observed) -> Result<()> {
     Ok(())
 }
 
+/// [`refuse`], on what the kernel holds now: asked by a reload that
+/// starts lbd again, before it does, so that a configuration the new lbd
+/// would refuse never takes the place of a running one.
+pub(super) async fn refuse_now(config: &Config) -> Result<()> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket failed")?;
+    tokio::spawn(conn);
+    let observed = Observed::take(&handle).await?;
+    refuse(config, &observed)
+}
+
 /// What `lbd --check` can say of the machine besides the file: whether
 /// the uplinks and LAN ports that exist now can take redirected frames (as
 /// the start checks). Reads the kernel, changes nothing.

@@ -42,6 +42,7 @@ impl Reloader {
         if let Some(conflict) = config::nat_range_conflict(&new.nat, self.local_ports) {
             return refuse(format!("{}: {conflict}", self.path.display()));
         }
+        let checked = new.clone();
         let mut d = match lock(daemon, "the daemon's state") {
             Ok(d) => d,
             Err(e) => return refuse(format!("{e:#}")),
@@ -56,19 +57,30 @@ impl Reloader {
                 };
                 (Response::Done { message }, false)
             }
-            Ok(Reconfigured::NeedsRestart(what)) => (
-                {
-                    // The next lbd reads the quotas' usage from the file.
-                    d.save_quota();
-                    Response::Done {
-                    message: format!(
-                        "reloading by starting again, for {}: the new lbd adopts the data plane, no flow is dropped",
-                        what.join(", ")
-                    ),
-                    }
-                },
-                true,
-            ),
+            Ok(Reconfigured::NeedsRestart(what)) => {
+                let what = what.join(", ");
+                // The new lbd checks the machine as it starts and exits on
+                // a refusal, which would leave the data plane with nobody
+                // to fail it over: asked here first, without the lock.
+                drop(d);
+                let machine = match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => runtime.block_on(super::checks::refuse_now(&checked)),
+                    Err(e) => Err(anyhow::anyhow!("no runtime to ask the kernel on: {e}")),
+                };
+                if let Err(e) = machine {
+                    return refuse(format!("starting again for {what} would be refused: {e:#}"));
+                }
+                let mut d = match lock(daemon, "the daemon's state") {
+                    Ok(d) => d,
+                    Err(e) => return refuse(format!("{e:#}")),
+                };
+                // The next lbd reads the quotas' usage from the file.
+                d.save_quota();
+                let message = format!(
+                    "reloading by starting again, for {what}: the new lbd adopts the data plane, no flow is dropped"
+                );
+                (Response::Done { message }, true)
+            }
             Err(e) => refuse(format!("{e:#}")),
         }
     }

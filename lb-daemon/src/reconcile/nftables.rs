@@ -55,6 +55,12 @@ pub const POLICY_MASK: u32 = 0x0f00_0000;
 /// The mark of lbd's own probes (`SO_MARK`): never classified by the
 /// rules, so a probe leaves by the uplink it is bound to.
 pub const PROBE_MARK: u32 = 0x1000_0000;
+/// The connmark of the connections to the router itself that came in on
+/// an interface that is no uplink (a LAN, a VPN), and the fwmark of their
+/// replies: lbd's rules for each uplink's own address pass them by, so
+/// that the router answers a LAN client that reached it at an uplink's
+/// address (its public name) into the LAN, not to that uplink's ISP.
+pub const INSIDE_MARK: u32 = 0x2000_0000;
 /// Before routing and after conntrack (`mangle`).
 const INBOUND_PRIORITY: i32 = -150;
 /// The kernel's source NAT hook priority (`srcnat`).
@@ -317,7 +323,9 @@ impl Wanted {
     /// The counters and the chain that mark each connection arriving on
     /// an uplink with that uplink, and its replies with the connection's
     /// mark, for lbd's rule `fwmark` (of the table's family) to route them
-    /// out of it.
+    /// out of it; and the chains that mark the connections reaching the
+    /// router from inside ([`INSIDE_MARK`]) and the router's replies to
+    /// them.
     fn inbound_chain(&self, s: &mut String) {
         for i in 0..self.uplinks.len() {
             let _ = writeln!(s, "  counter {} {{ }}", inbound_counter(i));
@@ -342,6 +350,30 @@ impl Wanted {
                 "    ct direction reply ct mark & {MARK_MASK:#010x} == {mark:#010x} meta mark set meta mark & {keep:#010x} | {mark:#010x}"
             );
         }
+        if !self.uplinks.is_empty() {
+            let uplinks: Vec<String> = self
+                .uplinks
+                .iter()
+                .map(|u| format!("\"{}\"", u.interface))
+                .collect();
+            let _ = writeln!(
+                s,
+                "    iifname != {{ {} }} ct state new fib daddr type local ct mark set ct mark | {INSIDE_MARK:#010x}",
+                uplinks.join(", ")
+            );
+        }
+        let _ = writeln!(s, "  }}");
+        // The router's answers are its own packets: marked on the way out,
+        // before the routing that the mark changes.
+        let _ = writeln!(s, "  chain inside_replies {{");
+        let _ = writeln!(
+            s,
+            "    type route hook output priority {INBOUND_PRIORITY}; policy accept;"
+        );
+        let _ = writeln!(
+            s,
+            "    ct direction reply ct mark & {INSIDE_MARK:#010x} == {INSIDE_MARK:#010x} meta mark set meta mark | {INSIDE_MARK:#010x}"
+        );
         let _ = writeln!(s, "  }}");
     }
 

@@ -47,7 +47,7 @@ use crate::{
     },
     reconcile::{
         ipv6::Prefix6,
-        nftables::{self, MARK_MASK, POLICY_MASK},
+        nftables::{self, INSIDE_MARK, MARK_MASK, POLICY_MASK},
     },
 };
 
@@ -138,13 +138,17 @@ pub struct OwnedRule<A = Ipv4Addr> {
     pub table: u32,
 }
 
+/// The mark bits a `from` rule wants clear ([`Selector::From`]).
+pub const FROM_MASK: u32 = POLICY_MASK | INSIDE_MARK;
+
 /// Which packets an owned rule is for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Selector<A = Ipv4Addr> {
-    /// `from PREFIX fwmark 0/`[`POLICY_MASK`]: an uplink's own traffic
+    /// `from PREFIX fwmark 0/`[`FROM_MASK`]: an uplink's own traffic
     /// (its address: a host prefix; for IPv6 also a delegation), unless
     /// the operator's rules gave it a policy (then the policy's rule
-    /// routes it).
+    /// routes it) or it answers a connection from inside
+    /// ([`INSIDE_MARK`]: then the main table routes it back there).
     From(A, u8),
     /// `iif NAME`: what arrives on a LAN interface (`lo`: what the router
     /// itself sends).
@@ -169,11 +173,11 @@ impl<A: Family> fmt::Display for OwnedRule<A> {
             // As `ip rule` says it: a host without its length.
             Selector::From(a, len) if *len == A::HOST => write!(
                 f,
-                "{priority}: from {a} fwmark 0/{POLICY_MASK:#x} lookup {table}"
+                "{priority}: from {a} fwmark 0/{FROM_MASK:#x} lookup {table}"
             ),
             Selector::From(a, len) => write!(
                 f,
-                "{priority}: from {a}/{len} fwmark 0/{POLICY_MASK:#x} lookup {table}"
+                "{priority}: from {a}/{len} fwmark 0/{FROM_MASK:#x} lookup {table}"
             ),
             Selector::Iif(n) => write!(f, "{priority}: iif {n} lookup {table}"),
             Selector::Transport(port) => write!(
@@ -581,7 +585,7 @@ fn owned_rule<A: Family>(r: &Rule) -> Option<OwnedRule<A>> {
     }
     let udp = u8::from(IpProtocol::Udp);
     let selector = match (r.source, &r.iif, r.suppress, r.fwmark, r.ip_proto, r.sport) {
-        (Some((source, len)), None, None, Some((0, POLICY_MASK)), None, None) => {
+        (Some((source, len)), None, None, Some((0, FROM_MASK)), None, None) => {
             Selector::From(A::of(source)?, len)
         }
         (None, Some(iif), None, None, None, None) => Selector::Iif(iif.clone()),
@@ -770,7 +774,7 @@ async fn add_rule<A: Family>(handle: &Handle, r: &OwnedRule<A>, errors: &mut Vec
             msg.attributes.extend([
                 RuleAttribute::Source((*source).into()),
                 RuleAttribute::FwMark(0),
-                RuleAttribute::FwMask(POLICY_MASK),
+                RuleAttribute::FwMask(FROM_MASK),
             ]);
         }
         Selector::Iif(name) => msg.attributes.push(RuleAttribute::Iifname(name.clone())),
@@ -879,7 +883,7 @@ mod tests {
             source: Some((ip("100.64.1.2").into(), 32)),
             iif: None,
             suppress: None,
-            fwmark: Some((0, POLICY_MASK)),
+            fwmark: Some((0, FROM_MASK)),
             ip_proto: None,
             sport: None,
             other: false,
@@ -887,6 +891,15 @@ mod tests {
             message: RuleMessage::default(),
         });
         assert!(changes(&o2, &wanted).is_empty());
+        // The same rule as an lbd before INSIDE_MARK made it (its mask the
+        // policies' alone) is replaced: the router's answers into the LAN
+        // would take it.
+        let mut older = o2.clone();
+        if let Some(r) = older.rules.last_mut() {
+            r.fwmark = Some((0, POLICY_MASK));
+        }
+        let c = changes(&older, &wanted);
+        assert_eq!((c.add_rules.len(), c.del_rules.len()), (1, 1));
         // Wanting nothing removes all of lbd's, and only lbd's; said as
         // `ip route` and `ip rule` say them.
         let c = changes(&o2, &Wanted::default());
@@ -898,7 +911,7 @@ mod tests {
         );
         assert_eq!(
             c.del_rules[0].0,
-            format!("4000: from 100.64.1.2/32 fwmark 0x0/{POLICY_MASK:#x} lookup 4000")
+            format!("4000: from 100.64.1.2/32 fwmark 0x0/{FROM_MASK:#x} lookup 4000")
         );
     }
 
@@ -951,7 +964,7 @@ mod tests {
         assert_eq!(
             rules,
             [
-                "4001: from 100.64.2.2 fwmark 0/0xf000000 lookup 4001",
+                "4001: from 100.64.2.2 fwmark 0/0x2f000000 lookup 4001",
                 "4016: lookup 254 suppress_prefixlength 0",
                 "4018: fwmark 0x20000/0xff0000 lookup 4001",
                 "4018: fwmark 0x1000000/0xf000000 lookup 4001",
@@ -1188,12 +1201,12 @@ mod tests {
         assert_eq!(
             rules,
             [
-                "4000: from 2001:db8:1:ffff::2 fwmark 0/0xf000000 lookup 4000",
-                "4001: from 2001:db8:2:ffff::2 fwmark 0/0xf000000 lookup 4001",
+                "4000: from 2001:db8:1:ffff::2 fwmark 0/0x2f000000 lookup 4000",
+                "4001: from 2001:db8:2:ffff::2 fwmark 0/0x2f000000 lookup 4001",
                 "4016: lookup 254 suppress_prefixlength 0",
                 // wan2's delegation, not wan1's: the LAN's prefix is the
                 // slow path's to send, by the best uplink.
-                "4018: from 2001:db8:2:200::/56 fwmark 0/0xf000000 lookup 4001",
+                "4018: from 2001:db8:2:200::/56 fwmark 0/0x2f000000 lookup 4001",
                 "4018: fwmark 0x10000/0xff0000 lookup 4000",
                 "4018: fwmark 0x20000/0xff0000 lookup 4001",
                 "4019: iif br-lan lookup 4001",
@@ -1229,12 +1242,7 @@ mod tests {
     /// `r` as the kernel would report it.
     fn held(r: &OwnedRule<Ipv6Addr>) -> Rule {
         let (source, iif, suppress, fwmark) = match &r.selector {
-            Selector::From(a, len) => (
-                Some(((*a).into(), *len)),
-                None,
-                None,
-                Some((0, POLICY_MASK)),
-            ),
+            Selector::From(a, len) => (Some(((*a).into(), *len)), None, None, Some((0, FROM_MASK))),
             Selector::Iif(n) => (None, Some(n.clone()), None, None),
             Selector::Transport(_) => (None, Some(LOOPBACK.into()), None, None),
             Selector::Mark { mark, mask } => (None, None, None, Some((*mark, *mask))),
