@@ -451,6 +451,65 @@ fn the_lan_reaches_the_routers_own_services_at_every_uplinks_address() -> Result
     router.finish()
 }
 
+/// Sends `msg` from `socket` to `to` until the same comes back, for at
+/// most `limit`: whether it did.
+fn echoed(socket: &UdpSocket, to: SocketAddr, msg: &[u8], limit: Duration) -> Result<bool> {
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let until = Instant::now() + limit;
+    let mut buf = [0u8; 256];
+    while Instant::now() < until {
+        socket.send_to(msg, to)?;
+        while let Ok(n) = socket.recv(&mut buf) {
+            if &buf[..n] == msg {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+#[test]
+fn the_routers_own_sockets_on_a_nat_port_never_take_a_clients_answers() -> Result<()> {
+    if !require_root("the_routers_own_sockets_on_a_nat_port_never_take_a_clients_answers") {
+        return Ok(());
+    }
+    // A DNS forwarder (dnsmasq, unbound) picks its upstream source ports
+    // at random from 1024-65535, lb's NAT range among them. A client's
+    // flow to the same server, mapped to that port, must keep its
+    // answers, and the forwarder its own.
+    let router = Router::start()?;
+    let lab = &router.lab;
+    let server = SocketAddr::from((SERVER, 7000));
+    let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    const PORT: u16 = 20005;
+    let client = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, PORT))?))?;
+    ensure!(
+        echoed(&client, server, b"client, first", BOUND)?,
+        "the client's flow from port {PORT} got no answer"
+    );
+    // The router's own socket on the same port, from every uplink's
+    // address: one of them is where the client's flow is mapped.
+    let mut unanswered = Vec::new();
+    for n in 1..=3 {
+        let addr = uplink_addr(n);
+        let own = in_netns(lab.ns("router")?, || Ok(UdpSocket::bind((addr, PORT))?))?;
+        let msg = format!("the router, from {addr}");
+        if !echoed(&own, server, msg.as_bytes(), Duration::from_secs(3))? {
+            unanswered.push(addr);
+        }
+    }
+    ensure!(
+        unanswered.is_empty(),
+        "the router's own datagrams from port {PORT} of {unanswered:?} got no answer (a \
+         client's flow holds that port there)"
+    );
+    ensure!(
+        echoed(&client, server, b"client, again", BOUND)?,
+        "the client's flow from port {PORT} got no answer after the router used the port"
+    );
+    router.finish()
+}
+
 /// DNS ids of the queries sent, so that an answer is told from a late one.
 static DNS_ID: AtomicU16 = AtomicU16::new(1);
 

@@ -86,6 +86,7 @@ impl Daemon {
                 self.uplinks.iter().map(|u| (&u.cfg, u.facts.ifindex)),
                 observed,
                 self.local_ports,
+                (self.config.nat.port_min, self.config.nat.port_max),
             )
         };
         if let Some(lan) = slowpath.lan6 {

@@ -29,6 +29,9 @@
 //! The masquerade uses the router's own ephemeral port range: the fast path
 //! never takes a port there (see `lb_common::nat`), so a connection the
 //! kernel translates can never share a mapping with one XDP translates.
+//! For the same reason the router's own new connections that picked a
+//! port of the fast path's range themselves (a DNS forwarder's random
+//! upstream ports) leave from an ephemeral port instead.
 
 use std::{
     collections::BTreeMap,
@@ -183,13 +186,16 @@ pub fn policy_rules(
 /// The table for these uplinks (their configuration, and their interface
 /// now, if it exists) as the kernel has them now (`observed`): each may
 /// send from its own addresses and its routed prefixes. `ports`: the
-/// router's own ephemeral ports, for the masquerade.
+/// router's own ephemeral ports, for the masquerade; `nat_ports`: the fast
+/// path's (`[nat] port_range`).
 pub fn wanted<'a>(
     uplinks: impl Iterator<Item = (&'a UplinkConfig, Option<u32>)>,
     observed: &Observed,
     ports: (u16, u16),
+    nat_ports: (u16, u16),
 ) -> Wanted {
     Wanted {
+        nat_ports,
         policy_rules: Vec::new(),
         lan6: None,
         uplinks: uplinks
@@ -214,6 +220,9 @@ pub struct Wanted {
     pub uplinks: Vec<UplinkRules>,
     /// The router's own ephemeral ports (`ip_local_port_range`).
     pub ports: (u16, u16),
+    /// The fast path's NAT ports (`[nat] port_range`): the router's own
+    /// new connections never leave from one (`(0, 0)`: none).
+    pub nat_ports: (u16, u16),
     /// The operator's rules as the slow path has them (see
     /// [`policy_rules`]).
     pub policy_rules: Vec<PolicyRule>,
@@ -395,8 +404,22 @@ impl Wanted {
             "    type nat hook postrouting priority {NAT_PRIORITY}; policy accept;"
         );
         let (low, high) = self.ports;
+        let (nat_low, nat_high) = self.nat_ports;
         for u in &self.uplinks {
             let (iface, foreign) = (&u.interface, u.foreign_source());
+            // A socket of the router's own that picked a port of the fast
+            // path's range itself (a DNS forwarder's random upstream
+            // ports) leaves from one of the router's ephemeral ports: a
+            // client's flow may hold that port to the same server, and the
+            // fast path would take the answers for the client's.
+            if nat_high > 0 {
+                for a in &u.addrs {
+                    let _ = writeln!(
+                        s,
+                        "    oifname \"{iface}\" ip saddr {a} meta l4proto {{ tcp, udp }} th sport {nat_low}-{nat_high} snat to {a}:{low}-{high}"
+                    );
+                }
+            }
             // TCP and UDP ports into the router's own range; other
             // protocols (ESP, GRE, ICMP) have none to choose.
             let _ = writeln!(
@@ -623,6 +646,7 @@ mod tests {
                 },
             ],
             ports: (32768, 60999),
+            nat_ports: (20000, 29999),
             policy_rules: Vec::new(),
             lan6: None,
         }
@@ -746,8 +770,34 @@ policy = "default"
             script.contains("oifname \"wan2\" counter name \"leaked\" drop"),
             "{script}"
         );
+        // The router's own sockets leave from none of the fast path's
+        // ports, from each of an uplink's addresses.
+        assert!(
+            script.contains(
+                "oifname \"wan1\" ip saddr 100.64.1.2 meta l4proto { tcp, udp } th sport 20000-29999 snat to 100.64.1.2:32768-60999"
+            ),
+            "{script}"
+        );
+        assert_eq!(script.matches(" snat to ").count(), 1, "{script}");
         // Nothing of the LAN is needed.
         assert!(!script.contains("10.10."), "{script}");
+    }
+
+    #[test]
+    fn connections_to_the_router_from_inside_are_answered_inside() {
+        let script = wanted().script();
+        assert!(
+            script.contains(
+                "iifname != { \"wan1\", \"wan2\" } ct state new fib daddr type local ct mark set ct mark | 0x20000000"
+            ),
+            "{script}"
+        );
+        assert!(
+            script.contains(
+                "type route hook output priority -150; policy accept;\n    ct direction reply ct mark & 0x20000000 == 0x20000000 meta mark set meta mark | 0x20000000"
+            ),
+            "{script}"
+        );
     }
 
     #[test]
