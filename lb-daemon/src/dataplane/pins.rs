@@ -89,7 +89,7 @@ impl Pins {
             fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))?
         {
             let path = entry?.path();
-            if path == ours || !path.is_dir() {
+            if path == ours || !path.is_dir() || !is_layout_dir(&path) {
                 continue;
             }
             let flows = count_flows(&path.join("maps").join(name::FLOWS));
@@ -135,15 +135,42 @@ impl Pins {
         }
     }
 
-    /// Remove the whole pinned data plane: unpinning its links detaches
-    /// its programs, unpinning its maps frees them once no program holds
-    /// them.
+    /// Remove the whole pinned data plane, of every layout: unpinning its
+    /// links detaches its programs, unpinning its maps frees them once no
+    /// program holds them. The root goes too when nothing else is in it;
+    /// anything else there (another program's pins, if `bpffs` names a
+    /// directory others use) is left alone.
     pub fn remove(&self) -> Result<()> {
-        match fs::metadata(&self.root) {
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            _ => remove_tree(&self.root),
+        let entries = match fs::read_dir(&self.root) {
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            entries => entries.with_context(|| format!("listing {}", self.root.display()))?,
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() && is_layout_dir(&path) {
+                remove_tree(&path)?;
+            }
+        }
+        match fs::remove_dir(&self.root) {
+            Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => {
+                log::info!(
+                    "{} holds pins that are not lbd's: left in place",
+                    self.root.display()
+                );
+                Ok(())
+            }
+            removed => removed.with_context(|| format!("removing {}", self.root.display())),
         }
     }
+}
+
+/// Whether `path` is a data plane's directory (`vLAYOUT`): the only ones
+/// lbd ever removes under its root.
+fn is_layout_dir(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix('v'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Flows in a pinned flow table, if it can be read as one.
@@ -190,5 +217,38 @@ mod tests {
         assert_eq!(found.expect("prepare"), Found::Adoptable);
         assert!(kept, "FLOWS kept");
         assert!(!stray, "FRAGS unpinned");
+    }
+
+    #[test]
+    fn only_lbds_own_layout_directories_are_ever_removed() {
+        let root = std::env::temp_dir().join(format!("lb-pins-own-{}", std::process::id()));
+        let pins = Pins::new(&root);
+        // An older layout's data plane, and another program's pins beside
+        // it (a root shared by mistake, such as /sys/fs/bpf itself).
+        let older = root.join("v1/maps");
+        let foreign = root.join("cilium/maps");
+        for dir in [&older, &foreign] {
+            fs::create_dir_all(dir).expect("mkdir");
+        }
+        fs::write(foreign.join("policy"), b"").expect("write");
+        fs::write(root.join("vxlan_map"), b"").expect("write");
+        let found = pins.prepare();
+        let older_gone = !root.join("v1").exists();
+        let foreign_kept = foreign.join("policy").exists() && root.join("vxlan_map").exists();
+        let removed = pins.remove();
+        let ours_gone = !root.join(format!("v{LAYOUT}")).exists();
+        let foreign_still = foreign.join("policy").exists() && root.exists();
+        let _ = fs::remove_dir_all(&root);
+        assert!(
+            matches!(found.expect("prepare"), Found::Replaced(old) if old.len() == 1),
+            "only v1 replaced"
+        );
+        assert!(older_gone, "the older layout removed");
+        assert!(foreign_kept, "another program's pins kept by prepare");
+        removed.expect("remove");
+        assert!(ours_gone, "this layout removed by remove");
+        assert!(foreign_still, "another program's pins kept by remove");
+        assert!(is_layout_dir(Path::new("/x/v12")));
+        assert!(!is_layout_dir(Path::new("/x/v")) && !is_layout_dir(Path::new("/x/vx1")));
     }
 }
