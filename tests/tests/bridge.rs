@@ -97,3 +97,45 @@ fn clients_on_a_bridges_ports_are_balanced_and_natted_and_new_ports_followed() -
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+/// Whether `host:ifname` carries an XDP program, as `ip -d link` says.
+fn carries_xdp(lab: &Lab, host: &str, ifname: &str) -> Result<bool> {
+    Ok(lab
+        .exec(host, &["ip", "-d", "link", "show", "dev", ifname])?
+        .contains("prog/xdp"))
+}
+
+#[test]
+fn a_port_that_left_the_bridge_while_lbd_was_stopped_is_let_go_when_it_starts() -> Result<()> {
+    if !require_root("a_port_that_left_the_bridge_while_lbd_was_stopped_is_let_go_when_it_starts") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    let config = LabConfig {
+        lans: &["br-lan"],
+        ..LabConfig::default()
+    };
+    let mut lbd = Lbd::start(&mut lab, &config.render())?;
+    ensure!(
+        carries_xdp(&lab, "router", "lan2")?,
+        "lan_ingress is not on the bridge's port lan2"
+    );
+    // Stopped for an upgrade; meanwhile the operator takes lan2 off the
+    // LAN (for a second ISP's modem, say). The data plane stayed pinned.
+    lbd.stop_keeping(&mut lab)?;
+    lab.exec("router", &["ip", "link", "set", "dev", "lan2", "nomaster"])?;
+    lbd.restart(&mut lab)?;
+    wait_for("lbd's first round", BOUND, || {
+        Ok(lbd.status()?["lan_ports"].to_string().contains("lan1"))
+    })?;
+    ensure!(
+        !carries_xdp(&lab, "router", "lan2")?,
+        "lan_ingress stayed on lan2, which is no LAN port any more: {}",
+        lbd.status()?["lan_ports"]
+    );
+    ensure!(
+        carries_xdp(&lab, "router", "lan1")?,
+        "lan_ingress is gone from lan1, still a port of the bridge"
+    );
+    lbd.stop(&mut lab)
+}

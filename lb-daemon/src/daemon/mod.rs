@@ -394,6 +394,29 @@ impl Daemon {
         } else {
             None
         };
+        if adopted.is_some() {
+            // What the earlier lbd attached to interfaces that are no
+            // LAN port or uplink now goes, with the LAN port's entry:
+            // nobody else would ever detach it.
+            let lan_ports = attachments::wanted_lan_ports(&config.lans, &observed);
+            let keep: std::collections::BTreeSet<String> = lan_ports
+                .values()
+                .cloned()
+                .chain(config.uplinks.iter().map(|u| u.interface.clone()))
+                .collect();
+            let (released, failed) = dataplane.release_links_except(&keep);
+            for (prog, ifname) in released {
+                log::info!("{ifname} is no LAN port or uplink now: {prog} detached from it");
+                if let Some(link) = observed.link(&ifname) {
+                    if let Err(e) = dataplane.remove_lan(link.index) {
+                        log::warn!("{ifname}: {e:#}");
+                    }
+                }
+            }
+            for why in failed {
+                log::warn!("a link of the earlier lbd stays: {why}");
+            }
+        }
         let seed = if adopted.is_some() {
             dataplane.seed()
         } else {

@@ -602,6 +602,34 @@ impl Dataplane {
             .with_context(|| format!("removing LAN ifindex {ifindex} from the device map"))
     }
 
+    /// Unpin, and so detach, every link an earlier lbd pinned on an
+    /// interface not in `keep` (a port that left the bridge, a LAN or an
+    /// uplink taken out of the configuration while lbd was stopped); the
+    /// links of `keep`'s interfaces are taken over by the rounds. Returns
+    /// what it let go, as (program, interface), and what it could not,
+    /// with why.
+    pub fn release_links_except(
+        &mut self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> (Vec<(String, String)>, Vec<String>) {
+        let Some(pins) = &self.pins else {
+            return (Vec::new(), Vec::new());
+        };
+        let (mut released, mut failed) = (Vec::new(), Vec::new());
+        for (prog, ifname) in pins.links() {
+            if keep.contains(&ifname) {
+                continue;
+            }
+            let pin = pins.link(&prog, &ifname);
+            match PinnedLink::from_pin(&pin).map(PinnedLink::unpin) {
+                Ok(Ok(_)) => released.push((prog, ifname)),
+                Ok(Err(e)) => failed.push(format!("unpinning {}: {e}", pin.display())),
+                Err(e) => failed.push(format!("opening {}: {e}", pin.display())),
+            }
+        }
+        (released, failed)
+    }
+
     /// Let replies be redirected to LAN interface `ifindex`.
     pub fn add_lan(&mut self, ifindex: u32) -> Result<()> {
         let m = self

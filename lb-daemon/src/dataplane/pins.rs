@@ -71,6 +71,21 @@ impl Pins {
             .join(format!("{prog}@{}", ifname.replace('.', "%")))
     }
 
+    /// The links pinned in this layout, as (program, interface name).
+    pub fn links(&self) -> Vec<(String, String)> {
+        let Ok(entries) = fs::read_dir(self.dir().join("links")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let (prog, ifname) = name.split_once('@')?;
+                Some((prog.to_owned(), ifname.replace('%', ".")))
+            })
+            .collect()
+    }
+
     /// Make the directories, remove data planes of other layouts, and say
     /// what there was.
     pub fn prepare(&self) -> Result<Found> {
@@ -248,6 +263,12 @@ mod tests {
         removed.expect("remove");
         assert!(ours_gone, "this layout removed by remove");
         assert!(foreign_still, "another program's pins kept by remove");
+        let pins = Pins::new(&root);
+        let _ = fs::create_dir_all(root.join(format!("v{LAYOUT}/links")));
+        let _ = fs::write(pins.link("lan_ingress", "eth0.100"), b"");
+        let links = pins.links();
+        let _ = fs::remove_dir_all(&root);
+        assert_eq!(links, [("lan_ingress".to_string(), "eth0.100".to_string())]);
         assert!(is_layout_dir(Path::new("/x/v12")));
         assert!(!is_layout_dir(Path::new("/x/v")) && !is_layout_dir(Path::new("/x/vx1")));
     }
