@@ -7,7 +7,7 @@
 //! `cargo xtask test` (`LB_REQUIRE_PREREQUISITES`), and says so and skips
 //! under a plain `cargo test`.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
@@ -22,6 +22,7 @@ use lb_common::{
 use lb_daemon::{
     config::FlowConfig,
     dataplane::{flows::FlowTables, Dataplane, Family},
+    reconcile::bypass::Bypass,
 };
 
 const XDP_DROP: u32 = 1;
@@ -2640,4 +2641,61 @@ fn an_uplink_with_a_large_interface_index_has_its_replies_translated() {
         assert_eq!(on_big(&mut h).0, XDP_PASS, "no uplink on big0 any more");
         assert_eq!(h.reason(reason::PASS_UNKNOWN_UPLINK), before + 1);
     });
+}
+
+#[test]
+fn an_adopted_bypass_trie_converges_from_what_it_holds_and_a_full_one_blocks_no_other_prefix() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // The earlier lbd's: the LAN, the router's address there, and an
+    // uplink address of an old lease, which the new lbd no longer wants.
+    let old_lease = (Ipv4Addr::new(100, 64, 1, 3), 32);
+    h.dp.add_bypass(old_lease.0, old_lease.1).expect("bypass");
+    let held: BTreeSet<(Ipv4Addr, u8)> =
+        h.dp.bypass_prefixes()
+            .expect("read BYPASS")
+            .into_iter()
+            .collect();
+    assert!(held.contains(&old_lease) && held.contains(&(ROUTER_LAN, 32)));
+    let mut bypass = Bypass::adopted(held);
+    let lan = (Ipv4Addr::new(10, 10, 0, 0), 24);
+    let wanted: BTreeSet<_> = [lan, (ROUTER_LAN, 32), (Ipv4Addr::new(100, 64, 1, 2), 32)].into();
+    bypass
+        .converge(wanted.clone(), &mut h.dp)
+        .expect("converge");
+    let now: BTreeSet<_> =
+        h.dp.bypass_prefixes()
+            .expect("read BYPASS")
+            .into_iter()
+            .collect();
+    assert_eq!(
+        now, wanted,
+        "the old lease's address went, the new one came"
+    );
+
+    // More than the trie holds: what fits is written, the rest is said,
+    // and every prefix that fits is there.
+    let many: BTreeSet<_> = (0..300u32)
+        .map(|i| (Ipv4Addr::from(0x0a40_0000 + (i << 8)), 24))
+        .chain(wanted)
+        .collect();
+    let said = bypass.converge(many.clone(), &mut h.dp);
+    let now: BTreeSet<_> =
+        h.dp.bypass_prefixes()
+            .expect("read BYPASS")
+            .into_iter()
+            .collect();
+    assert!(said.is_err(), "a full trie is said");
+    assert!(
+        now.len() >= 250 && now.is_subset(&many),
+        "{} prefixes written",
+        now.len()
+    );
+    assert_eq!(
+        bypass.prefixes(),
+        &now,
+        "lbd's books say what the trie holds"
+    );
 }

@@ -430,6 +430,17 @@ impl Daemon {
         // An adopted data plane's egress entries, to converge from.
         let mut egress_owned = egress::Owned::default();
         egress_owned.seed(dataplane.egress_entries()?);
+        // An adopted data plane's destinations left to the kernel, to
+        // converge from: one the earlier lbd wrote and this one does not
+        // want (an old lease's address) goes.
+        let (bypass, ipv6) = if adopted.is_some() {
+            (
+                bypass::Bypass::adopted(dataplane.bypass_prefixes()?),
+                ipv6::Ipv6::adopted(dataplane.bypass6_prefixes()?),
+            )
+        } else {
+            Default::default()
+        };
         let (health_tx, health_rx) = mpsc::channel(64);
         let mut daemon = Self {
             uplinks: config
@@ -444,8 +455,8 @@ impl Daemon {
             buckets6: buckets::Buckets::new(Family::V6),
             policies: policies::Policies::default(),
             flow_tables,
-            bypass: bypass::Bypass::default(),
-            ipv6: ipv6::Ipv6::default(),
+            bypass,
+            ipv6,
             lan6: None,
             bypass6: Default::default(),
             flow_addrs: Vec::new(),

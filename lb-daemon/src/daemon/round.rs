@@ -136,9 +136,15 @@ impl Daemon {
             &uplink_ifindexes,
             &self.config.routing.lookup_tables,
         );
-        self.bypass.converge(bypass, &mut self.dataplane)?;
-        // Qdiscs: each device's way out, and lb's shapers.
-        self.converge_egress(observed)
+        let bypassed = self.bypass.converge(bypass, &mut self.dataplane);
+        // Qdiscs: each device's way out, and lb's shapers; whatever the
+        // bypass said (an L3 uplink's way out must not wait on a full
+        // trie).
+        let egress = self.converge_egress(observed);
+        match (bypassed, egress) {
+            (Err(b), Err(e)) => Err(anyhow::anyhow!("{b:#}; {e:#}")),
+            (b, e) => b.and(e),
+        }
     }
 
     /// lb's nftables table was replaced by `wanted`; the one before had

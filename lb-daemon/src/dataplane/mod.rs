@@ -1103,6 +1103,18 @@ impl Dataplane {
             .with_context(|| format!("removing {addr}/{prefix_len} from BYPASS"))
     }
 
+    /// What `BYPASS` holds now (an adopted data plane's, to converge
+    /// from).
+    pub fn bypass_prefixes(&self) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let m = self.ebpf.map(name::BYPASS).context("map BYPASS missing")?;
+        let trie: LpmTrie<&MapData, [u8; 4], u32> =
+            LpmTrie::try_from(m).context("map BYPASS has an unexpected type")?;
+        trie.keys()
+            .map(|k| k.map(|k| (Ipv4Addr::from(k.data()), k.prefix_len() as u8)))
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading BYPASS")
+    }
+
     fn bypass(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], u32>> {
         let m = self
             .ebpf
@@ -1241,6 +1253,20 @@ impl Dataplane {
         let key = Key::new(u32::from(prefix_len), mask6(addr, prefix_len).octets());
         missing_is_fine(self.bypass6()?.remove(&key))
             .with_context(|| format!("removing {addr}/{prefix_len} from BYPASS6"))
+    }
+
+    /// What `BYPASS6` holds now, as [`Dataplane::bypass_prefixes`].
+    pub fn bypass6_prefixes(&self) -> Result<Vec<(Ipv6Addr, u8)>> {
+        let m = self
+            .ebpf
+            .map(name::BYPASS6)
+            .context("map BYPASS6 missing")?;
+        let trie: LpmTrie<&MapData, [u8; 16], u32> =
+            LpmTrie::try_from(m).context("map BYPASS6 has an unexpected type")?;
+        trie.keys()
+            .map(|k| k.map(|k| (Ipv6Addr::from(k.data()), k.prefix_len() as u8)))
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading BYPASS6")
     }
 
     fn bypass6(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 16], u32>> {

@@ -31,25 +31,52 @@ pub struct Bypass {
 }
 
 impl Bypass {
-    /// Make the trie hold `wanted`: new prefixes added, gone ones removed.
+    /// What an adopted data plane's trie holds: what the earlier lbd wrote,
+    /// to converge from (a prefix it no longer wants is removed then).
+    pub fn adopted(prefixes: impl IntoIterator<Item = (Ipv4Addr, u8)>) -> Self {
+        Self {
+            written: prefixes.into_iter().collect(),
+        }
+    }
+
+    /// Make the trie hold `wanted`: gone prefixes removed, then new ones
+    /// added (room first: the trie is bounded). A prefix that cannot be
+    /// written holds up no other; the errors are said together.
     pub fn converge(
         &mut self,
         wanted: BTreeSet<(Ipv4Addr, u8)>,
         dataplane: &mut Dataplane,
     ) -> Result<()> {
-        let new: Vec<_> = wanted.difference(&self.written).copied().collect();
-        for (addr, len) in new {
-            dataplane.add_bypass(addr, len)?;
-            self.written.insert((addr, len));
-            log::debug!("{addr}/{len} is left to the kernel");
-        }
+        let mut errors = Vec::new();
         let gone: Vec<_> = self.written.difference(&wanted).copied().collect();
         for (addr, len) in gone {
-            dataplane.remove_bypass(addr, len)?;
-            self.written.remove(&(addr, len));
-            log::debug!("{addr}/{len} is no longer left to the kernel");
+            match dataplane.remove_bypass(addr, len) {
+                Ok(()) => {
+                    self.written.remove(&(addr, len));
+                    log::debug!("{addr}/{len} is no longer left to the kernel");
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
         }
-        Ok(())
+        let new: Vec<_> = wanted.difference(&self.written).copied().collect();
+        for (addr, len) in new {
+            match dataplane.add_bypass(addr, len) {
+                Ok(()) => {
+                    self.written.insert((addr, len));
+                    log::debug!("{addr}/{len} is left to the kernel");
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "{} of the destinations the kernel keeps: {}",
+                errors.len(),
+                errors.join("; ")
+            )
+        }
     }
 
     /// The prefixes left to the kernel now.

@@ -252,7 +252,9 @@ pub fn change_text(change: &Change6, facts: &Facts6, lan: Option<Prefix6>) -> St
 /// IPv6 as the data plane has it, as lbd wrote it.
 #[derive(Debug, Default)]
 pub struct Ipv6 {
-    on: bool,
+    /// The switch as written; `None` before the first convergence, which
+    /// writes it either way (an adopted data plane may hold it on).
+    on: Option<bool>,
     lan: Option<Prefix6>,
     written: Vec<Option<Uplink6>>,
     /// State changes written and not yet taken.
@@ -263,7 +265,16 @@ pub struct Ipv6 {
 impl Ipv6 {
     /// The LAN's prefix, when IPv6 is balanced.
     pub fn lan(&self) -> Option<Prefix6> {
-        self.lan.filter(|_| self.on)
+        self.lan.filter(|_| self.on == Some(true))
+    }
+
+    /// As an adopted data plane holds it: the earlier lbd's `BYPASS6`, to
+    /// converge from.
+    pub fn adopted(bypass: impl IntoIterator<Item = Prefix6>) -> Self {
+        Self {
+            bypass: bypass.into_iter().collect(),
+            ..Self::default()
+        }
     }
 
     /// Uplink `index`'s entry as written.
@@ -297,10 +308,12 @@ impl Ipv6 {
         tables: impl FnOnce(&mut Dataplane) -> Result<()>,
     ) -> Result<()> {
         let on = lan.is_some();
-        if !on && self.on {
+        if !on && self.on != Some(false) {
             dataplane.set_ipv6(false)?;
-            self.on = false;
-            log::info!("IPv6: the LAN carries no prefix; IPv6 is the kernel's");
+            if self.on.is_some() {
+                log::info!("IPv6: the LAN carries no prefix; IPv6 is the kernel's");
+            }
+            self.on = Some(false);
         }
         if lan != self.lan {
             if let Some((p, len)) = lan {
@@ -336,9 +349,9 @@ impl Ipv6 {
             dataplane.remove_bypass6(addr, len)?;
         }
         self.bypass = bypass;
-        if on && !self.on {
+        if on && self.on != Some(true) {
             dataplane.set_ipv6(true)?;
-            self.on = true;
+            self.on = Some(true);
         }
         Ok(())
     }
