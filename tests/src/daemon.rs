@@ -156,10 +156,22 @@ pub struct Ended {
 pub fn fill(config: &str, lab: &Lab, dir: &Path) -> (String, PathBuf, PathBuf) {
     let socket = dir.join("lbd.sock");
     let bpffs = Path::new("/sys/fs/bpf").join(format!("{}lb", lab.prefix()));
-    let text = config
+    let state = dir.join("state").display().to_string();
+    let mut text = config
         .replace("{socket}", &socket.display().to_string())
         .replace("{bpffs}", &bpffs.display().to_string())
-        .replace("{state}", &dir.join("state").display().to_string());
+        .replace("{state}", &state);
+    // Every lbd of a test keeps its state (quotas' usage, what the
+    // operator said) in its own directory, never in the host's
+    // /var/lib/lb, where one test's `lbctl uplink disable` would outlive
+    // it into the next.
+    if !text.contains("state_dir") {
+        text = text.replacen(
+            "[daemon]\n",
+            &format!("[daemon]\nstate_dir = \"{state}\"\n"),
+            1,
+        );
+    }
     (text, socket, bpffs)
 }
 

@@ -539,3 +539,59 @@ fn lbd_tells_systemd_it_is_ready_once_it_answers() -> Result<()> {
     );
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn what_the_operator_said_of_an_uplink_outlives_a_restart_until_the_file_changes() -> Result<()> {
+    if !require_root(
+        "what_the_operator_said_of_an_uplink_outlives_a_restart_until_the_file_changes",
+    ) {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let mut lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    // isp2 out for the modem's maintenance, isp1 given more of the load.
+    lbd.lbctl(&["uplink", "disable", "isp2"])?;
+    lbd.lbctl(&["uplink", "weight", "isp1", "3"])?;
+    let said = |lbd: &Lbd| -> Result<(String, String)> {
+        let status = lbd.status()?;
+        let (isp1, isp2) = (&status["uplinks"][0], &status["uplinks"][1]);
+        Ok((
+            format!("{}/{}", isp1["admin"], isp1["weight"]),
+            format!("{}/{}", isp2["admin"], isp2["weight"]),
+        ))
+    };
+    let before = said(&lbd)?;
+
+    // An upgrade: lbd stops and starts again.
+    lbd.stop_keeping(&mut lab)?;
+    lbd.restart(&mut lab)?;
+    let after = said(&lbd)?;
+    eprintln!("isp1, isp2 before the restart: {before:?}; after: {after:?}");
+    ensure!(
+        after == ("\"enabled\"/3".to_string(), "\"disabled\"/1".to_string()),
+        "what the operator said did not outlive the restart: {before:?} before, {after:?} after"
+    );
+
+    // The operator edits isp1's weight in the file: the file wins; isp2
+    // stays out until it is enabled.
+    let edited = LabConfig {
+        uplinks: &[(1, "weight = 2"), (2, "")],
+        ..LabConfig::default()
+    };
+    lbd.stop_keeping(&mut lab)?;
+    lbd.restart_with(&mut lab, &edited.render())?;
+    let edited_said = said(&lbd)?;
+    ensure!(
+        edited_said == ("\"enabled\"/2".to_string(), "\"disabled\"/1".to_string()),
+        "after the file's weight changed: {edited_said:?}"
+    );
+    lbd.lbctl(&["uplink", "enable", "isp2"])?;
+    lbd.stop_keeping(&mut lab)?;
+    lbd.restart(&mut lab)?;
+    let enabled = said(&lbd)?;
+    ensure!(
+        enabled.1 == "\"enabled\"/1",
+        "isp2 enabled before the restart came back {enabled:?}"
+    );
+    lbd.stop(&mut lab)
+}

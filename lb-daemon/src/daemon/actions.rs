@@ -227,7 +227,64 @@ impl Daemon {
         }
         log::info!("{done} (operator)");
         self.history.say("operator", Some(name), done.clone());
+        let u = &self.uplinks[index];
+        let (admin, weight, configured) = (u.admin, u.weight, u.cfg.weight);
+        self.said.record(name, admin, weight, configured);
+        self.save_said();
         Ok(done)
+    }
+
+    /// Put back what the operator said of each uplink before this lbd
+    /// started (`kept`). A file lbd cannot read is moved aside (and said):
+    /// the uplinks start as configured rather than lbd not starting.
+    pub(super) fn load_said(&mut self) {
+        let path = self.config.daemon.state_dir.join(kept::FILE);
+        self.said = match kept::load(&path) {
+            Ok(said) => said,
+            Err(e) => {
+                let aside = path.with_extension("bad");
+                let _ = std::fs::rename(&path, &aside);
+                log::error!("{e:#}; moved to {}", aside.display());
+                kept::Said::default()
+            }
+        };
+        let names: Vec<&str> = self.uplinks.iter().map(|u| u.cfg.name.as_str()).collect();
+        let before = self.said.uplinks.len();
+        self.said
+            .uplinks
+            .retain(|name, _| names.contains(&name.as_str()));
+        let mut forgot = self.said.uplinks.len() != before;
+        for u in &mut self.uplinks {
+            forgot |= self.said.forget_stale_weight(&u.cfg.name, u.cfg.weight);
+            let (admin, weight) = self.said.kept(&u.cfg.name, u.cfg.weight);
+            if let Some(admin) = admin {
+                u.admin = admin;
+                u.reason = format!(
+                    "operator: {} (kept from before lbd started)",
+                    admin.as_str()
+                );
+                log::info!("uplink {}: {}", u.cfg.name, u.reason);
+            }
+            if let Some(weight) = weight {
+                u.weight = weight;
+                log::info!(
+                    "uplink {}: weight {weight}, as the operator set it before lbd started",
+                    u.cfg.name
+                );
+            }
+        }
+        if forgot {
+            self.save_said();
+        }
+    }
+
+    /// Write what the operator said to the state directory; a failure is
+    /// said, and what was said holds until lbd stops.
+    pub(super) fn save_said(&self) {
+        let path = self.config.daemon.state_dir.join(kept::FILE);
+        if let Err(e) = kept::save(&path, &self.said) {
+            log::warn!("{e:#}: the operator's uplink commands hold until lbd stops, not after");
+        }
     }
 
     /// Take up configuration `new` (already validated whole). What can
@@ -288,6 +345,7 @@ impl Daemon {
         // Quotas removed: not reached any more, should they come back in
         // this period.
         let mut unreached = Vec::new();
+        let mut said_changed = false;
         for (u, cfg) in self.uplinks.iter_mut().zip(&new.uplinks) {
             if u.cfg.weight != cfg.weight {
                 done.push(format!(
@@ -295,6 +353,8 @@ impl Daemon {
                     cfg.name, u.cfg.weight, cfg.weight
                 ));
                 u.weight = cfg.weight;
+                // The file's new weight wins over the operator's.
+                said_changed |= self.said.forget_stale_weight(&cfg.name, cfg.weight);
             }
             if u.cfg.tier != cfg.tier {
                 done.push(format!("{}: tier {} -> {}", cfg.name, u.cfg.tier, cfg.tier));
@@ -380,6 +440,9 @@ impl Daemon {
         // configuration's to converge to, said and tried again every
         // round, not a refusal.
         self.config = new;
+        if said_changed {
+            self.save_said();
+        }
         for i in 0..self.uplinks.len() {
             if let Err(e) = self.converge_monitor(i) {
                 self.note_fault(i, Some(e));

@@ -17,6 +17,7 @@
 mod actions;
 mod checks;
 mod explain;
+pub mod kept;
 pub mod quota;
 pub mod reload;
 mod rings;
@@ -343,6 +344,9 @@ pub struct Daemon {
     quota: quota::Book,
     quota_unsaved: bool,
     quota_saved: Instant,
+    /// What the operator said of the uplinks (`lbctl uplink`), as kept in
+    /// the state directory.
+    said: kept::Said,
 }
 
 impl Daemon {
@@ -480,8 +484,10 @@ impl Daemon {
             quota: quota::Book::new(),
             quota_unsaved: false,
             quota_saved: Instant::now(),
+            said: kept::Said::default(),
         };
         daemon.load_quota();
+        daemon.load_said();
         daemon.history.say(
             "daemon",
             None,

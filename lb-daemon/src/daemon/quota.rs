@@ -14,7 +14,7 @@ use crate::{
     config::{Action, Period, QuotaConfig},
     control::events::civil_from_days,
 };
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 // The daemon's side of quotas (below the book): its view and its imports.
@@ -184,28 +184,12 @@ pub type Book = BTreeMap<String, Usage>;
 
 /// Read the usage file; none yet is an empty book.
 pub fn load(path: &Path) -> Result<Book> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a usage file lbd wrote (move it away to start counting afresh)",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Book::new()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    super::kept::read_json(path, "counting starts afresh")
 }
 
-/// Write the usage file whole or not at all (a new file renamed over the
-/// old one), so that a crash never leaves half of it.
+/// Write the usage file whole or not at all.
 pub fn save(path: &Path, book: &Book) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let text = serde_json::to_string_pretty(book).context("encoding the usage")?;
-    let new = path.with_extension("new");
-    std::fs::write(&new, text).with_context(|| format!("writing {}", new.display()))?;
-    std::fs::rename(&new, path).with_context(|| format!("replacing {}", path.display()))
+    super::kept::write_json(path, book)
 }
 
 /// How often the quotas' usage is written while it changes. What a crash
