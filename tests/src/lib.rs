@@ -35,5 +35,6 @@ pub use desc::LabDesc;
 pub use lab::{unique_prefix, Lab, LinkStats, LAB_PREFIX, TEST_PREFIX_ROOT};
 pub use netns::{in_netns, prerequisites_required, require_root, REQUIRE_PREREQUISITES};
 pub use observe::{
-    watch_echo_ids, watch_flows, watch_sources, EchoWatch, FlowWatch, LanLeaks, Leaks6,
+    watch_destinations, watch_echo_ids, watch_flows, watch_sources, EchoWatch, FlowWatch, LanLeaks,
+    Leaks6,
 };

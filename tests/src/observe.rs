@@ -62,6 +62,46 @@ pub fn watch_sources(
     label: &str,
     prefix: &str,
 ) -> Result<FlowWatch> {
+    watch_prefix(
+        lab,
+        host,
+        ifname,
+        &format!("lb_src_{label}"),
+        "saddr",
+        prefix,
+    )
+}
+
+/// As [`watch_sources`], by destination: the packets that arrive on
+/// `host:ifname` for an address in `prefix` (e.g. a branch office's
+/// network, which only an IPsec tunnel may carry).
+pub fn watch_destinations(
+    lab: &Lab,
+    host: &str,
+    ifname: &str,
+    label: &str,
+    prefix: &str,
+) -> Result<FlowWatch> {
+    watch_prefix(
+        lab,
+        host,
+        ifname,
+        &format!("lb_dst_{label}"),
+        "daddr",
+        prefix,
+    )
+}
+
+/// A count of the packets arriving on `host:ifname` whose address `field`
+/// (`saddr`, `daddr`) is in `prefix`, in the table `name`.
+fn watch_prefix(
+    lab: &Lab,
+    host: &str,
+    ifname: &str,
+    name: &str,
+    field: &str,
+    prefix: &str,
+) -> Result<FlowWatch> {
     let family = if prefix.contains(':') { "ip6" } else { "ip" };
     ensure!(
         prefix
@@ -69,8 +109,8 @@ pub fn watch_sources(
             .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '/')),
         "not an IP prefix: {prefix}"
     );
-    let table = table_name(&format!("lb_src_{label}"), ifname)?;
-    let rule = format!(r#"{family} saddr {prefix} counter name "arrived""#);
+    let table = table_name(name, ifname)?;
+    let rule = format!(r#"{family} {field} {prefix} counter name "arrived""#);
     install(lab, host, ifname, table, &rule)
 }
 

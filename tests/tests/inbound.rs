@@ -34,7 +34,8 @@ use lb_tests::{
     dhcp, in_netns, require_root,
     stream::wait_for,
     traffic::{tcp_flows, udp_flows, wait_tcp_listener, FlowResult, TcpEchoServer, UdpEchoServer},
-    unique_prefix, watch_flows, watch_sources, FlowWatch, Lab, LabDesc, LanLeaks,
+    unique_prefix, watch_destinations, watch_flows, watch_sources, FlowWatch, Lab, LabDesc,
+    LanLeaks,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -507,6 +508,90 @@ fn the_routers_own_sockets_on_a_nat_port_never_take_a_clients_answers() -> Resul
         echoed(&client, server, b"client, again", BOUND)?,
         "the client's flow from port {PORT} got no answer after the router used the port"
     );
+    router.finish()
+}
+
+#[test]
+fn what_an_ipsec_policy_encrypts_is_the_kernels_and_never_leaves_in_the_clear() -> Result<()> {
+    if !require_root("what_an_ipsec_policy_encrypts_is_the_kernels_and_never_leaves_in_the_clear") {
+        return Ok(());
+    }
+    let router = Router::start()?;
+    let lab = &router.lab;
+    const HQ: &str = "10.50.0.0/16";
+    let in_clear: Vec<FlowWatch> = (1..=3)
+        .map(|n| watch_destinations(lab, &format!("isp{n}"), "down0", "hq", HQ))
+        .collect::<Result<_>>()?;
+    let verdict = |dst: &str| -> Result<String> {
+        let said = router
+            .lbd
+            .lbctl(&["explain", "--json", "10.10.0.2:5000", dst, "udp"])?;
+        let said: serde_json::Value = serde_json::from_str(&said)?;
+        Ok(said["verdict"].as_str().unwrap_or_default().to_owned())
+    };
+    ensure!(
+        verdict("10.50.0.5:443")? == "new",
+        "before any IPsec policy, 10.50.0.5 is not balanced like the internet"
+    );
+    // The site-to-site tunnel to the head office, as strongSwan installs
+    // it: what the LAN sends to HQ's network goes through ESP to HQ's
+    // gateway. (No routes: the default route carries it.)
+    let policy = [
+        "src",
+        "10.10.0.0/24",
+        "dst",
+        HQ,
+        "dir",
+        "out",
+        "tmpl",
+        "src",
+        "100.64.1.2",
+        "dst",
+        "198.51.100.20",
+        "proto",
+        "esp",
+        "mode",
+        "tunnel",
+    ];
+    let mut add = vec!["ip", "xfrm", "policy", "add"];
+    add.extend_from_slice(&policy);
+    lab.exec("router", &add)?;
+    wait_for("lbd to leave HQ's network to the kernel", BOUND, || {
+        Ok(verdict("10.50.0.5:443")? == "kernel")
+    })?;
+
+    let (pinned, passed) = (
+        router.counters("new_flows")?,
+        router.lbd.reason("pass_local")?,
+    );
+    let client = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, 0))?))?;
+    for _ in 0..20 {
+        client.send_to(b"to HQ", (Ipv4Addr::new(10, 50, 0, 5), 443))?;
+    }
+    wait_for(
+        "the data plane to hand the 20 datagrams to the kernel",
+        BOUND,
+        || Ok(router.lbd.reason("pass_local")? >= passed + 20),
+    )?;
+    let seen: Vec<u64> = in_clear
+        .iter()
+        .map(FlowWatch::packets)
+        .collect::<Result<_>>()?;
+    ensure!(
+        router.counters("new_flows")? == pinned && seen.iter().all(|&n| n == 0),
+        "the LAN's datagrams to HQ were balanced ({:?} -> {:?} new flows) or reached the ISPs \
+         in the clear ({seen:?})",
+        pinned,
+        router.counters("new_flows")?
+    );
+
+    // The tunnel goes: HQ's network is the internet's again.
+    let mut delete = vec!["ip", "xfrm", "policy", "delete"];
+    delete.extend_from_slice(&policy[..6]);
+    lab.exec("router", &delete)?;
+    wait_for("lbd to balance HQ's network again", BOUND, || {
+        Ok(verdict("10.50.0.5:443")? == "new")
+    })?;
     router.finish()
 }
 

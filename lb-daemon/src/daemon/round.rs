@@ -680,9 +680,14 @@ impl Daemon {
             .iter()
             .filter_map(|u| u.facts.ifindex)
             .collect();
+        let ipsec = observed.ipsec.iter().filter_map(|&(addr, len)| match addr {
+            std::net::IpAddr::V6(a) => Some((crate::observe::kernel6::mask6(a, len), len)),
+            std::net::IpAddr::V4(_) => None,
+        });
         self.bypass6 = v6
             .kernel_destinations(&uplink_ifindexes)
             .into_iter()
+            .chain(ipsec)
             .collect();
     }
 

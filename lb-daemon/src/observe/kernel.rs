@@ -142,6 +142,9 @@ pub struct Observed {
     /// The listen ports of the WireGuard uplinks, by interface index
     /// (`observe::wireguard`, asked after the dump).
     pub wireguard_ports: BTreeMap<u32, u16>,
+    /// The destinations of the IPsec policies that encrypt what leaves
+    /// (`observe::xfrm`), both families.
+    pub ipsec: Vec<(IpAddr, u8)>,
 }
 
 impl Observed {
@@ -191,8 +194,12 @@ impl Observed {
             .await
             .context("listing qdiscs over netlink")?;
         let v6 = Observed6::take(handle, &addresses).await?;
+        let ipsec = tokio::task::spawn_blocking(super::xfrm::kept_destinations)
+            .await
+            .context("asking for the IPsec policies")??;
         Ok(Observed {
             v6,
+            ipsec,
             links: links.iter().filter_map(link_facts).collect(),
             addresses: addresses
                 .iter()

@@ -15,3 +15,4 @@ pub mod netlink;
 pub mod nlmsg;
 pub mod wireguard;
 pub mod xdpcaps;
+pub mod xfrm;

@@ -2,26 +2,45 @@
 //! addresses, and everything the main table (and `[routing]
 //! lookup_tables`) routes other than by a default route, unless it leaves
 //! through an uplink (connected LAN subnets, static and VPN routes). The
-//! data plane looks them up for packets of no flow only (`BYPASS`).
+//! data plane looks them up for packets of no flow only (`BYPASS`). And
+//! what an IPsec policy encrypts: the kernel's, wherever it is routed.
 //!
 //! [`wanted`] is a function of the kernel's snapshot; [`Bypass::converge`]
 //! writes the difference to the data plane's trie and remembers what it
 //! wrote. It never touches a flow.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::Result;
 
 use crate::{dataplane::Dataplane, observe::kernel::Observed};
 
 /// The destinations the kernel keeps, given the uplinks' interfaces (their
-/// routes are the internet's, NATed like the rest).
+/// routes are the internet's, NATed like the rest), and those an IPsec
+/// policy encrypts, whatever the routes say (`observe::xfrm`).
 pub fn wanted(
     observed: &Observed,
     uplink_ifindexes: &[u32],
     lookup_tables: &[u32],
 ) -> BTreeSet<(Ipv4Addr, u8)> {
-    observed.kernel_destinations(uplink_ifindexes, lookup_tables)
+    let mut kept = observed.kernel_destinations(uplink_ifindexes, lookup_tables);
+    kept.extend(observed.ipsec.iter().filter_map(|&(addr, len)| match addr {
+        IpAddr::V4(a) => Some((masked(a, len), len)),
+        IpAddr::V6(_) => None,
+    }));
+    kept
+}
+
+/// `addr` with the bits past `len` cleared (a policy may name its prefix
+/// by any address in it).
+fn masked(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0);
+    Ipv4Addr::from(u32::from(addr) & mask)
 }
 
 /// What the data plane's bypass trie holds, as lbd wrote it.

@@ -72,6 +72,13 @@ const NAT_PRIORITY: i32 = 100;
 /// leaves with.
 const GUARD_PRIORITY: i32 = 110;
 
+/// The first rule of the NAT and guard chains: a packet routed into an
+/// IPsec policy (`rt ipsec exists`) is seen there before its encryption,
+/// with its LAN source, and must keep it (the policy's selector names the
+/// LAN); the encrypted packet, from the uplink's address, passes both
+/// chains again.
+const IPSEC_AS_IT_IS: &str = "    rt ipsec exists accept\n";
+
 /// The connmark and fwmark of the connections that came in on uplink
 /// `index` (within [`MARK_MASK`]).
 pub fn mark(index: usize) -> u32 {
@@ -403,6 +410,7 @@ impl Wanted {
             s,
             "    type nat hook postrouting priority {NAT_PRIORITY}; policy accept;"
         );
+        s.push_str(IPSEC_AS_IT_IS);
         let (low, high) = self.ports;
         let (nat_low, nat_high) = self.nat_ports;
         for u in &self.uplinks {
@@ -435,6 +443,7 @@ impl Wanted {
             s,
             "    type filter hook postrouting priority {GUARD_PRIORITY}; policy accept;"
         );
+        s.push_str(IPSEC_AS_IT_IS);
         for u in &self.uplinks {
             let (iface, foreign) = (&u.interface, u.foreign_source());
             // A DHCP client asking for its first lease has no address yet
@@ -481,6 +490,7 @@ impl Wanted {
             s,
             "    type nat hook postrouting priority {NAT_PRIORITY}; policy accept;"
         );
+        s.push_str(IPSEC_AS_IT_IS);
         for u in &self.uplinks {
             if let Some((to, to_len)) = u.target6 {
                 let _ = writeln!(
@@ -496,6 +506,7 @@ impl Wanted {
             s,
             "    type filter hook postrouting priority {GUARD_PRIORITY}; policy accept;"
         );
+        s.push_str(IPSEC_AS_IT_IS);
         for u in &self.uplinks {
             let own: Vec<String> = ["fe80::/10".to_string(), "::/128".to_string()]
                 .into_iter()
@@ -779,6 +790,9 @@ policy = "default"
             "{script}"
         );
         assert_eq!(script.matches(" snat to ").count(), 1, "{script}");
+        // What an IPsec policy takes keeps its source, past the NAT and
+        // the guard.
+        assert_eq!(script.matches(IPSEC_AS_IT_IS).count(), 2, "{script}");
         // Nothing of the LAN is needed.
         assert!(!script.contains("10.10."), "{script}");
     }
