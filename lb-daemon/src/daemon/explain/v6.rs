@@ -157,8 +157,9 @@ pub fn decide(
                 "kernel",
                 None,
                 vec![format!(
-                    "{dst} is in {prefix}/{len}, which the kernel routes other than by a \
-                     default route (or is the router's own): left to the kernel untouched"
+                    "{dst} is in {prefix}/{len}, which the kernel keeps (the router's own, \
+                     routed other than by a default route, or taken by an IPsec policy): left \
+                     to the kernel untouched"
                 )],
             );
         }
