@@ -1686,9 +1686,14 @@ fn a_connection_conntrack_holds_is_left_to_the_kernel_and_remembered() {
         return;
     }
     in_new_netns(|| {
-        // One datagram over loopback is then a connection.
+        // One datagram over loopback is then a connection. Between two
+        // addresses put on it: loopback's own 127/8 never comes from a LAN
+        // and is the kernel's before any conntrack lookup.
         track_connections_here();
-        let (server, client) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+        let (server, client) = ([192, 0, 2, 1], [192, 0, 2, 2]);
+        for addr in ["192.0.2.1/32", "192.0.2.2/32"] {
+            run_here(&["ip", "addr", "add", addr, "dev", "lo"]);
+        }
         let socket = std::net::UdpSocket::bind((Ipv4Addr::from(client), 40_000)).expect("bind");
         socket
             .send_to(b"in", (Ipv4Addr::from(server), 9000))
