@@ -424,3 +424,46 @@ fn a_gateway_that_moves_to_another_mac_is_followed() -> Result<()> {
     leaks.check()?;
     lbd.stop(&mut lab)
 }
+
+#[test]
+fn an_uplink_down_when_lbd_restarts_stays_out_until_its_probes_say_otherwise() -> Result<()> {
+    if !require_root("an_uplink_down_when_lbd_restarts_stays_out_until_its_probes_say_otherwise") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let mut lbd = Lbd::start(&mut lab, &config("", "", ""))?;
+    for name in ["isp1", "isp2"] {
+        lbd.wait_lifecycle(name, "in service", BOUND)?;
+    }
+    // isp2's line dies upstream, and lbd notices.
+    lab.set_link_up("isp2", "up0", false)?;
+    wait_for("isp2 out of service", BOUND, || {
+        Ok(lbd.uplink("isp2")?["lifecycle"] != "in service")
+    })?;
+    // An upgrade restarts lbd meanwhile: the new one adopts a data plane
+    // with isp2 down, and must not send new flows there until its probes
+    // say it works (they cannot: it is still dead).
+    lbd.stop_keeping(&mut lab)?;
+    lbd.restart(&mut lab)?;
+    let watched = Instant::now();
+    let mut seen = Vec::new();
+    // Longer than the fall rounds (3 of a second) that an optimistic
+    // start would take to find the line dead again.
+    while watched.elapsed() < Duration::from_secs(4) {
+        let isp2 = lbd.uplink("isp2")?;
+        if isp2["lifecycle"] == "in service" {
+            seen.push(format!("{:?}: {}", watched.elapsed(), isp2["reason"]));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        seen.is_empty(),
+        "isp2, dead when lbd restarted, was in service after it: {seen:?}"
+    );
+    // The line comes back: in service after its good rounds.
+    lab.set_link_up("isp2", "up0", true)?;
+    lbd.wait_lifecycle("isp2", "in service", Duration::from_secs(30))?;
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}

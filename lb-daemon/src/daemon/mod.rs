@@ -118,6 +118,11 @@ pub struct Uplink {
     /// The interface and address an adopted data plane had for it, until
     /// the first convergence has compared them with the kernel's.
     adopted: Option<(u32, [u8; 4])>,
+    /// The adopted data plane had it down: its first monitor starts from
+    /// down too, and it must pass `rise` good rounds before new flows go
+    /// there (it may still be dead; the start's optimism is for uplinks
+    /// nobody knows anything of).
+    adopted_down: bool,
     /// The interface `wan_ingress` is attached to.
     attached: Option<u32>,
     monitor: Option<Running>,
@@ -205,6 +210,7 @@ impl Uplink {
             epoch: 0,
             written: None,
             adopted: None,
+            adopted_down: false,
             attached: None,
             monitor: None,
             last_poke: None,
@@ -554,6 +560,7 @@ impl Daemon {
                 u.written = Some(info);
                 u.epoch = info.epoch;
                 u.adopted = Some((info.ifindex, info.addr));
+                u.adopted_down = info.state == uplink_state::DOWN;
             }
         }
         // Uplinks the configuration no longer has: down, so that their
@@ -698,7 +705,8 @@ impl Daemon {
         // Uplinks ready at start, and uplinks without probes (they follow
         // their carrier), are in service at once; any other has to pass
         // `rise` good rounds. An address change keeps the health it had.
-        let initial = match (u.health, late && !probes.is_empty()) {
+        let doubtful = (late || std::mem::take(&mut u.adopted_down)) && !probes.is_empty();
+        let initial = match (u.health, doubtful) {
             (Some(health), _) => health,
             (None, false) => Health::Up,
             (None, true) => Health::Down,
