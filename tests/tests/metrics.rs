@@ -402,6 +402,14 @@ fn unbroken(
     Ok(())
 }
 
+/// What `lbctl reload` said when it was refused; empty if it was not.
+fn reload_refusal(lbd: &Lbd) -> String {
+    lbd.lbctl(&["reload"])
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default()
+}
+
 #[test]
 fn reload_applies_changes_in_place_and_refuses_a_bad_file() -> Result<()> {
     if !require_root("reload_applies_changes_in_place_and_refuses_a_bad_file") {
@@ -431,11 +439,7 @@ fn reload_applies_changes_in_place_and_refuses_a_bad_file() -> Result<()> {
 
     // A bad file: refused with what --check says, nothing changed.
     lbd.write_config(&lab, &weighted("weight = \"x\""))?;
-    let refused = lbd
-        .lbctl(&["reload"])
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
+    let refused = reload_refusal(&lbd);
     eprintln!("{refused}");
     ensure!(
         refused.contains("nothing changed")
@@ -482,11 +486,7 @@ fn reload_with_an_uplink_added_starts_again_without_dropping_a_flow() -> Result<
         ..LabConfig::default()
     };
     lbd.write_config(&lab, &missing_lan.render())?;
-    let refused = lbd
-        .lbctl(&["reload"])
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
+    let refused = reload_refusal(&lbd);
     eprintln!("{refused}");
     ensure!(
         refused.contains("nothing changed") && refused.contains("lan9"),

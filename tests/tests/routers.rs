@@ -47,6 +47,19 @@ fn config() -> String {
     .render()
 }
 
+/// The dhcp lab with its leases, the LAN's leak watch, and lbd ([`config`])
+/// with all three uplinks in service.
+fn in_service() -> Result<(Lab, LanLeaks, Lbd)> {
+    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    dhcp::start(&mut lab, &[1, 2, 3])?;
+    let lbd = Lbd::start(&mut lab, &config())?;
+    for n in 1..=3 {
+        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
+    }
+    Ok((lab, leaks, lbd))
+}
+
 #[test]
 fn boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come() -> Result<()> {
     if !require_root("boots_with_a_mute_modem_and_a_missing_lease_and_takes_them_in_as_they_come") {
@@ -342,13 +355,7 @@ fn carrier_loss_and_return_need_no_help() -> Result<()> {
     if !require_root("carrier_loss_and_return_need_no_help") {
         return Ok(());
     }
-    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
-    let leaks = LanLeaks::install(&lab)?;
-    dhcp::start(&mut lab, &[1, 2, 3])?;
-    let lbd = Lbd::start(&mut lab, &config())?;
-    for n in 1..=3 {
-        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
-    }
+    let (mut lab, leaks, lbd) = in_service()?;
     lab.set_link_up("isp1", "down0", false)?;
     lbd.wait_lifecycle("isp1", "waiting for carrier", BOUND)?;
     let table = lbd.uplink("isp1")?["table"].to_string();
@@ -550,13 +557,7 @@ fn a_new_lan_client_gets_its_lease_from_the_router_and_its_broadcasts_stay_on_th
     ) {
         return Ok(());
     }
-    let mut lab = Lab::up(&LabDesc::shipped("dhcp")?, &unique_prefix())?;
-    let leaks = LanLeaks::install(&lab)?;
-    dhcp::start(&mut lab, &[1, 2, 3])?;
-    let lbd = Lbd::start(&mut lab, &config())?;
-    for n in 1..=3 {
-        lbd.wait_lifecycle(&format!("isp{n}"), "in service", BOUND)?;
-    }
+    let (mut lab, leaks, lbd) = in_service()?;
     start_lan_dhcp_server(&mut lab)?;
     let pinned = |lbd: &Lbd| -> Result<u64> {
         (1..=3).try_fold(0, |sum, n| {

@@ -13,6 +13,23 @@ use crate::reconcile::{nftables, policies};
 
 use super::*;
 
+/// An explanation with only a verdict, maybe an uplink, and why.
+fn answer(
+    verdict: &str,
+    uplink: Option<String>,
+    why: Vec<String>,
+) -> crate::control::api::Explanation {
+    crate::control::api::Explanation {
+        verdict: verdict.into(),
+        uplink,
+        bucket: None,
+        policy: None,
+        rule: None,
+        source: None,
+        why,
+    }
+}
+
 impl Daemon {
     /// What conntrack says of `tuple`'s connection (either family), as an
     /// explanation of a packet the data plane leaves to the kernel
@@ -113,21 +130,17 @@ impl Daemon {
                 .map_or_else(|| format!("#{i}"), |u| u.cfg.name.clone())
         };
         if lb_common::kernels_scope4(key.src_addr, key.dst_addr) {
-            return Ok(Explanation {
-                verdict: "kernel".into(),
-                uplink: None,
-                bucket: None,
-                policy: None,
-                rule: None,
-                source: None,
-                why: vec![format!(
+            return Ok(answer(
+                "kernel",
+                None,
+                vec![format!(
                     "{} to {} is broadcast, multicast, link-local or from no address yet (a DHCP \
                      discover, mDNS): the LAN's and the router's own business, never an \
                      uplink's; left to the kernel",
                     Ipv4Addr::from(key.src_addr),
                     Ipv4Addr::from(key.dst_addr)
                 )],
-            });
+            ));
         }
         let existing = lock(&self.flow_tables, FLOW_TABLES)?.get(key)?;
         if existing.is_some_and(|f| f.uplink == lb_common::KERNEL_OWNED) {
@@ -167,17 +180,9 @@ impl Daemon {
             .filter(|(p, l)| contains(*p, *l, dst))
             .max_by_key(|(_, l)| *l)
         {
-            return Ok(Explanation {
-                verdict: "kernel".into(),
-                uplink: None,
-                bucket: None,
-                policy: None,
-                rule: None,
-                source: None,
-                why: vec![format!(
+            return Ok(answer("kernel", None, vec![format!(
                     "{dst} is in {prefix}/{len}, which the kernel keeps (the router's own, routed other than by a default route, or taken by an IPsec policy): left to the kernel untouched"
-                )],
-            });
+                )]));
         }
         if existing.is_none() && matches!(key.proto, 6 | 17) {
             let explained = self.kernel_connection(&Self::conntrack_tuple(key), false);
@@ -207,17 +212,7 @@ impl Daemon {
         );
         let (policy, rule) = match self.explain_rules(addrs, &tuple, on, &mut why) {
             Ok(placed) => placed,
-            Err(verdict) => {
-                return Ok(Explanation {
-                    verdict: verdict.into(),
-                    uplink: None,
-                    bucket: None,
-                    policy: None,
-                    rule: None,
-                    source: None,
-                    why,
-                })
-            }
+            Err(verdict) => return Ok(answer(verdict, None, why)),
         };
         let policy_name = policies::policy_name(&self.config, policy);
         let own = lb_common::hash::bucket(hash);

@@ -91,18 +91,6 @@ impl Plane6<'_> {
     }
 }
 
-fn answer(verdict: &str, uplink: Option<String>, why: Vec<String>) -> Explanation {
-    Explanation {
-        verdict: verdict.into(),
-        uplink,
-        bucket: None,
-        policy: None,
-        rule: None,
-        source: None,
-        why,
-    }
-}
-
 /// What the rules say of a flow: `Ok((policy index, its name, [[rule]]
 /// number))`, or `Err(verdict)` when a rule keeps it from any uplink (the
 /// reasons pushed into the `why` given).
