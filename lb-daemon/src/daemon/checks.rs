@@ -1,8 +1,9 @@
 //! What lbd refuses about the machine before it touches anything (at
 //! start, and for `lbd --check`): routing tables and rule priorities that
 //! are someone else's, a LAN that is missing or given as a bridge port, routed
-//! prefixes that are a LAN's, uplinks with an ingress shaper, interfaces
-//! that cannot take redirected frames. Reads the kernel, changes nothing.
+//! prefixes that are a LAN's, uplinks with an ingress shaper; and says
+//! which interfaces take no redirected frames (lb's packets reach them by
+//! their qdisc). Reads the kernel, changes nothing.
 
 use anyhow::{bail, Context, Result};
 
@@ -131,11 +132,12 @@ pub(super) fn check_ingress_shapers(config: &Config, observed: &Observed) -> Res
     Ok(())
 }
 
-/// Refuse an interface lb would redirect into (an uplink, a LAN port) that
-/// the kernel says cannot take redirected frames: every packet sent there
-/// would be lost without a word. Interfaces that do not exist yet are
-/// checked by nobody (they are waited for); a kernel without the netdev
-/// family (before 6.3) cannot say, and nothing is checked.
+/// Say which interfaces lb would redirect into (an uplink, a LAN port)
+/// the kernel says take no redirected frames: lb's packets reach those by
+/// their qdisc (`reconcile::egress`), slower than XDP, and the operator is
+/// told how to give them the fast way. Interfaces that do not exist yet
+/// are said by nobody; a kernel without the netdev family (before 6.3)
+/// cannot say.
 pub(super) fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<()> {
     let Some(mut caps) = crate::observe::xdpcaps::XdpCaps::open()? else {
         log::info!("the kernel does not report XDP features (before Linux 6.3): redirect targets not checked");
@@ -147,7 +149,6 @@ pub(super) fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<
         .iter()
         .flat_map(|l| observed.lan_ports(&l.interface))
         .map(|(_, name)| name);
-    let mut refused = Vec::new();
     for ifname in uplinks.chain(lan_ports) {
         let Some(link) = observed.link(&ifname) else {
             continue;
@@ -164,14 +165,11 @@ pub(super) fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<
         let features = caps
             .features(link.index)
             .with_context(|| format!("asking the kernel for the XDP features of {ifname}"))?;
-        refused.extend(crate::observe::xdpcaps::refusal(
-            &ifname,
-            link.kind.as_deref(),
-            features,
-        ));
-    }
-    if !refused.is_empty() {
-        bail!("{}", refused.join("; "));
+        if let Some(said) =
+            crate::observe::xdpcaps::slow_way(&ifname, link.kind.as_deref(), features)
+        {
+            log::warn!("{said}");
+        }
     }
     Ok(())
 }

@@ -348,16 +348,33 @@ impl Daemon {
                 None => self.egress.unsay(&key),
             }
         }
+        // Which devices take no XDP redirects, as the kernel says now (a
+        // veth's answer moves with its peer's GRO); a kernel that cannot
+        // say (before 6.3) has every device take them, as before.
+        let mut caps = match crate::observe::xdpcaps::XdpCaps::open() {
+            Ok(caps) => caps,
+            Err(e) => {
+                log::debug!("XDP features not asked: {e:#}");
+                None
+            }
+        };
+        let mut no_redirect = |ifindex: u32| {
+            caps.as_mut()
+                .and_then(|c| c.features(ifindex).ok())
+                .is_some_and(|f| f & crate::observe::xdpcaps::NDO_XMIT == 0)
+        };
         let mut devices: Vec<egress::Device> = self
             .uplinks
             .iter()
             .filter(|u| u.attached.is_some())
             .filter_map(|u| {
+                let ifindex = u.facts.ifindex?;
                 Some(egress::Device {
-                    ifindex: u.facts.ifindex?,
+                    ifindex,
                     name: u.cfg.interface.clone(),
                     bridge: None,
                     l3: u.facts.l3,
+                    no_redirect: !u.facts.l3 && no_redirect(ifindex),
                 })
             })
             .collect();
@@ -373,6 +390,7 @@ impl Daemon {
                         name,
                         bridge,
                         l3: false,
+                        no_redirect: no_redirect(ifindex),
                     });
                 }
             }

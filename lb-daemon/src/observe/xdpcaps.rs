@@ -1,8 +1,10 @@
 //! What the kernel says each device can do with XDP: the `netdev` generic
 //! netlink family's `xdp-features` (Linux 6.3 and later). lbd redirects
 //! into its uplinks and LAN ports; a device that cannot take redirected
-//! frames (`NDO_XMIT`) would drop every one of them without a word, so lbd
-//! refuses it, by name, and says what to do.
+//! frames (`NDO_XMIT`: a Wi-Fi radio, a DSA switch port, a veth whose peer
+//! has neither GRO nor XDP) would drop every one of them without a word,
+//! so lb sends to it by its qdisc instead (`reconcile::egress`), and lbd
+//! says so, by name, with the way to the fast path.
 //!
 //! Owns a blocking generic netlink socket for two requests: the family's
 //! id, then one device's features (messages built and read by `nlmsg`).
@@ -90,9 +92,10 @@ impl XdpCaps {
     }
 }
 
-/// Why frames redirected into `ifname` (of kind `kind`) would be lost, and
-/// what to do; `None` when `features` say it takes them.
-pub fn refusal(ifname: &str, kind: Option<&str>, features: u64) -> Option<String> {
+/// What it means that frames redirected into `ifname` (of kind `kind`)
+/// would be lost there, and how to give it the fast way; `None` when
+/// `features` say it takes them.
+pub fn slow_way(ifname: &str, kind: Option<&str>, features: u64) -> Option<String> {
     if features & NDO_XMIT != 0 {
         return None;
     }
@@ -101,10 +104,10 @@ pub fn refusal(ifname: &str, kind: Option<&str>, features: u64) -> Option<String
             "switch GRO on at its peer (`ethtool -K <peer of {ifname}> gro on`), or attach an XDP program there"
         ),
         Some("bridge") => "give lbd the bridge's ports instead".to_string(),
-        _ => "its driver has no XDP redirect target (ndo_xdp_xmit); use a NIC whose driver has".to_string(),
+        _ => "use a NIC whose driver has an XDP redirect target (ndo_xdp_xmit)".to_string(),
     };
     Some(format!(
-        "{ifname} cannot take frames redirected by XDP (the kernel's xdp-features lack ndo-xmit): every packet lb sent there would be lost; {what}"
+        "{ifname} takes no frames redirected by XDP (the kernel's xdp-features lack ndo-xmit): lb's packets reach it by its qdisc, through lb's tc program, slower than XDP; for the fast way, {what}"
     ))
 }
 
@@ -113,13 +116,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_device_without_ndo_xmit_is_refused_with_what_to_do() {
-        assert_eq!(refusal("wan1", Some("veth"), NDO_XMIT | 3), None);
-        let veth = refusal("wan1", Some("veth"), 3).expect("refused");
+    fn a_device_without_ndo_xmit_is_said_with_the_way_to_the_fast_path() {
+        assert_eq!(slow_way("wan1", Some("veth"), NDO_XMIT | 3), None);
+        let veth = slow_way("wan1", Some("veth"), 3).expect("said");
         assert!(veth.contains("wan1") && veth.contains("gro on"), "{veth}");
-        let nic = refusal("eth1", None, 0).expect("refused");
+        let nic = slow_way("eth1", None, 0).expect("said");
         assert!(
-            nic.contains("eth1") && nic.contains("ndo_xdp_xmit"),
+            nic.contains("eth1") && nic.contains("ndo_xdp_xmit") && nic.contains("by its qdisc"),
             "{nic}"
         );
     }

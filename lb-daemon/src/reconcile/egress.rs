@@ -164,6 +164,29 @@ pub fn decide_l3(qdiscs: &[Qdisc], ifindex: u32) -> Choice {
     }
 }
 
+/// How packets leave through a device whose driver takes no frames
+/// redirected by XDP (no `ndo_xdp_xmit`: a Wi-Fi radio, a DSA switch
+/// port, a veth whose peer has neither GRO nor an XDP program): always by
+/// a qdisc, its bridge's or its own, whatever it is; lb's tc program sends
+/// them on.
+pub fn decide_unredirectable(qdiscs: &[Qdisc], ifindex: u32, bridge: Option<u32>) -> Choice {
+    let choice = match bridge {
+        Some(bridge) => decide_port(qdiscs, ifindex, bridge),
+        None => decide(qdiscs, ifindex),
+    };
+    if choice.egress.is_some() {
+        return choice;
+    }
+    Choice {
+        egress: Some(Egress {
+            path: path::QDISC,
+            shaper_major: 0,
+            ifindex: 0,
+        }),
+        why: "its driver takes no frames redirected by XDP (no ndo_xdp_xmit)".into(),
+    }
+}
+
 fn xdp(why: &str) -> Choice {
     Choice {
         egress: None,
@@ -531,6 +554,9 @@ pub struct Device {
     pub bridge: Option<u32>,
     /// An L3 uplink (no Ethernet header): XDP cannot send into it.
     pub l3: bool,
+    /// Its driver takes no frames redirected by XDP (`observe::xdpcaps`):
+    /// lb's packets reach it by its qdisc only.
+    pub no_redirect: bool,
 }
 
 /// What lbd owns of egress, between two reconciles: the `EGRESS` map as
@@ -642,8 +668,9 @@ impl Owned {
         for d in devices {
             let choice = match (no_handoff, d.bridge) {
                 (Some(why), _) => xdp(&format!("lb's tc program is missing ({why})")),
-                (None, Some(bridge)) => decide_port(qdiscs, d.ifindex, bridge),
                 (None, None) if d.l3 => decide_l3(qdiscs, d.ifindex),
+                (None, bridge) if d.no_redirect => decide_unredirectable(qdiscs, d.ifindex, bridge),
+                (None, Some(bridge)) => decide_port(qdiscs, d.ifindex, bridge),
                 (None, None) => decide(qdiscs, d.ifindex),
             };
             seen.insert(d.ifindex);
@@ -873,6 +900,27 @@ mod tests {
             decide_l3(&lbs, 7).egress.map(|e| e.shaper_major),
             Some(SHAPER_MAJOR)
         );
+    }
+
+    #[test]
+    fn a_device_without_xdp_redirects_is_always_sent_to_through_a_qdisc() {
+        let none: Vec<Qdisc> = Vec::new();
+        let c = decide_unredirectable(&none, 7, None);
+        assert_eq!(c.path(), "qdisc");
+        assert!(c.why.contains("ndo_xdp_xmit"), "{}", c.why);
+        // A qdisc of its own, or its bridge's shaper, is still the one used.
+        let tbf = vec![q(7, 0x8001_0000, ROOT, "tbf")];
+        assert!(decide_unredirectable(&tbf, 7, None).why.contains("tbf"));
+        let bridged = vec![q(10, SHAPER_MAJOR << 16, ROOT, "htb")];
+        assert_eq!(
+            decide_unredirectable(&bridged, 7, Some(10))
+                .egress
+                .map(|e| e.ifindex),
+            Some(10)
+        );
+        // lb's own queue, or the kernel's default: by the port itself.
+        let default = vec![q(7, 0, ROOT, "pfifo_fast")];
+        assert_eq!(decide_unredirectable(&default, 7, Some(10)).path(), "qdisc");
     }
 
     #[test]
