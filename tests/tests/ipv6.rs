@@ -1077,3 +1077,52 @@ fn ipv6_flows_follow_the_rules_and_a_policy_without_ipv6_refuses_them_at_once() 
     all_ok("IPv6 TCP flows of the default policy after the cut", &flows)?;
     router.finish()
 }
+
+#[test]
+fn the_lan_reaches_the_routers_own_services_at_its_uplinks_ipv6_addresses() -> Result<()> {
+    if !require_root("the_lan_reaches_the_routers_own_services_at_its_uplinks_ipv6_addresses") {
+        return Ok(());
+    }
+    // As for IPv4 (inbound.rs): the router's answers to a LAN client that
+    // reached it at an uplink's global address go back into the LAN.
+    let router = Router::up(["", ""])?;
+    const PORT: u16 = 2222;
+    let _service = TcpEchoServer::start(
+        router.lab.ns("router")?,
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT)),
+    )?;
+    // An answer sent to an ISP may find its way back (the ISPs route the
+    // delegations to the router): none may leave by an uplink at all.
+    let at_isps = watch_isps(&router.lab)?;
+    let status = router.lbd.status()?;
+    let mut failed = Vec::new();
+    for name in ["isp1", "isp2"] {
+        let addr: Ipv6Addr = uplink_of(&status, name)
+            .and_then(|u| u["ipv6"]["address"].as_str())
+            .with_context(|| format!("{name} has no IPv6 address: {status}"))?
+            .parse()?;
+        let flows = tcp_flows(
+            router.client()?,
+            SocketAddr::from((addr, PORT)),
+            5,
+            FLOW_TIMEOUT,
+        )?;
+        failed.extend(flows.iter().filter_map(|f| {
+            f.outcome
+                .as_ref()
+                .err()
+                .map(|e| format!("{name} {addr}: {e:#}"))
+        }));
+    }
+    ensure!(
+        failed.is_empty(),
+        "the client could not reach the router's own service at its uplinks' IPv6 addresses: {failed:?}"
+    );
+    for (isp, watch) in ["isp1", "isp2"].iter().zip(&at_isps) {
+        ensure!(
+            !watch.seen_flows()?.contains(&(6, PORT)),
+            "the router's answers to the LAN reached {isp}"
+        );
+    }
+    router.finish()
+}
