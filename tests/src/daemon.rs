@@ -69,8 +69,17 @@ impl Default for LabConfig<'_> {
 
 impl LabConfig<'_> {
     pub fn render(&self) -> String {
+        // Every lbd of a test keeps its state (quotas' usage, what the
+        // operator said) in its own directory, never in the host's
+        // /var/lib/lb, where one test's `lbctl uplink disable` would
+        // outlive it into the next.
+        let state = if self.daemon.contains("state_dir") {
+            ""
+        } else {
+            "state_dir = \"{state}\"\n"
+        };
         let mut text = format!(
-            "[daemon]\nsocket = \"{{socket}}\"\nbpffs = \"{{bpffs}}\"\n{}\n{}\n",
+            "[daemon]\nsocket = \"{{socket}}\"\nbpffs = \"{{bpffs}}\"\n{state}{}\n{}\n",
             self.daemon, self.sections
         );
         for lan in self.lans {
@@ -156,22 +165,10 @@ pub struct Ended {
 pub fn fill(config: &str, lab: &Lab, dir: &Path) -> (String, PathBuf, PathBuf) {
     let socket = dir.join("lbd.sock");
     let bpffs = Path::new("/sys/fs/bpf").join(format!("{}lb", lab.prefix()));
-    let state = dir.join("state").display().to_string();
-    let mut text = config
+    let text = config
         .replace("{socket}", &socket.display().to_string())
         .replace("{bpffs}", &bpffs.display().to_string())
-        .replace("{state}", &state);
-    // Every lbd of a test keeps its state (quotas' usage, what the
-    // operator said) in its own directory, never in the host's
-    // /var/lib/lb, where one test's `lbctl uplink disable` would outlive
-    // it into the next.
-    if !text.contains("state_dir") {
-        text = text.replacen(
-            "[daemon]\n",
-            &format!("[daemon]\nstate_dir = \"{state}\"\n"),
-            1,
-        );
-    }
+        .replace("{state}", &dir.join("state").display().to_string());
     (text, socket, bpffs)
 }
 
