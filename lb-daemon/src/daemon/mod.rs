@@ -118,11 +118,12 @@ pub struct Uplink {
     /// The interface and address an adopted data plane had for it, until
     /// the first convergence has compared them with the kernel's.
     adopted: Option<(u32, [u8; 4])>,
-    /// The adopted data plane had it down: its first monitor starts from
-    /// down too, and it must pass `rise` good rounds before new flows go
-    /// there (it may still be dead; the start's optimism is for uplinks
-    /// nobody knows anything of).
-    adopted_down: bool,
+    /// The adopted data plane had it down, on this interface (by index):
+    /// its first monitor starts from down too, and it must pass `rise`
+    /// good rounds before new flows go there (it may still be dead; the
+    /// start's optimism is for uplinks nobody knows anything of). Another
+    /// interface now (uplinks reordered in the file) knows nothing of it.
+    adopted_down: Option<u32>,
     /// The interface `wan_ingress` is attached to.
     attached: Option<u32>,
     monitor: Option<Running>,
@@ -210,7 +211,7 @@ impl Uplink {
             epoch: 0,
             written: None,
             adopted: None,
-            adopted_down: false,
+            adopted_down: None,
             attached: None,
             monitor: None,
             last_poke: None,
@@ -408,15 +409,27 @@ impl Daemon {
             // What the earlier lbd attached to interfaces that are no
             // LAN port or uplink now goes, with the LAN port's entry:
             // nobody else would ever detach it.
+            // By program and interface: a port that left the bridge for
+            // an uplink keeps no `lan_ingress`, which would hold its
+            // `wan_ingress` off.
+            use lb_common::maps::program::{HANDOFF, LAN_INGRESS, WAN_INGRESS, WAN_INGRESS_L3};
             let lan_ports = attachments::wanted_lan_ports(&config.lans, &observed);
-            let keep: std::collections::BTreeSet<String> = lan_ports
+            let keep: std::collections::BTreeSet<(String, String)> = lan_ports
                 .values()
-                .cloned()
-                .chain(config.uplinks.iter().map(|u| u.interface.clone()))
+                .flat_map(|port| [LAN_INGRESS, HANDOFF].map(|p| (p.to_owned(), port.clone())))
+                .chain(config.uplinks.iter().flat_map(|u| {
+                    [WAN_INGRESS, WAN_INGRESS_L3, HANDOFF]
+                        .map(|p| (p.to_owned(), u.interface.clone()))
+                }))
                 .collect();
             let (released, failed) = dataplane.release_links_except(&keep);
             for (prog, ifname) in released {
-                log::info!("{ifname} is no LAN port or uplink now: {prog} detached from it");
+                log::info!(
+                    "{ifname}: {prog} detached, as it is no LAN port or uplink of that kind now"
+                );
+                if prog != LAN_INGRESS {
+                    continue;
+                }
                 if let Some(link) = observed.link(&ifname) {
                     if let Err(e) = dataplane.remove_lan(link.index) {
                         log::warn!("{ifname}: {e:#}");
@@ -560,7 +573,7 @@ impl Daemon {
                 u.written = Some(info);
                 u.epoch = info.epoch;
                 u.adopted = Some((info.ifindex, info.addr));
-                u.adopted_down = info.state == uplink_state::DOWN;
+                u.adopted_down = (info.state == uplink_state::DOWN).then_some(info.ifindex);
             }
         }
         // Uplinks the configuration no longer has: down, so that their
@@ -705,7 +718,11 @@ impl Daemon {
         // Uplinks ready at start, and uplinks without probes (they follow
         // their carrier), are in service at once; any other has to pass
         // `rise` good rounds. An address change keeps the health it had.
-        let doubtful = (late || std::mem::take(&mut u.adopted_down)) && !probes.is_empty();
+        let was_down = u
+            .adopted_down
+            .take()
+            .is_some_and(|i| u.facts.ifindex == Some(i));
+        let doubtful = (late || was_down) && !probes.is_empty();
         let initial = match (u.health, doubtful) {
             (Some(health), _) => health,
             (None, false) => Health::Up,

@@ -7,7 +7,7 @@
 //! ([`Daemon::converge_dataplane`]); the kernel's part follows in the next round.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -89,6 +89,11 @@ impl Daemon {
                 (self.config.nat.port_min, self.config.nat.port_max),
             )
         };
+        slowpath.transport_ports = self
+            .uplinks
+            .iter()
+            .filter_map(|u| u.facts.transport_port)
+            .collect();
         if let Some(lan) = slowpath.lan6 {
             for (rules, u) in slowpath.uplinks.iter_mut().zip(&self.uplinks) {
                 let target = ipv6::target(lan, u.facts6.delegated);
@@ -137,6 +142,15 @@ impl Daemon {
             &self.config.routing.lookup_tables,
         );
         let bypassed = self.bypass.converge(bypass, &mut self.dataplane);
+        let added6 = self.ipv6.take_added();
+        if let Ok(added) = &bypassed {
+            let kept: Vec<(IpAddr, u8)> = added
+                .iter()
+                .map(|&(a, len)| (IpAddr::V4(a), len))
+                .chain(added6.into_iter().map(|(a, len)| (IpAddr::V6(a), len)))
+                .collect();
+            self.forget_flows_to(kept);
+        }
         // Qdiscs: each device's way out, and lb's shapers; whatever the
         // bypass said (an L3 uplink's way out must not wait on a full
         // trie).
@@ -144,6 +158,39 @@ impl Daemon {
         match (bypassed, egress) {
             (Err(b), Err(e)) => Err(anyhow::anyhow!("{b:#}; {e:#}")),
             (b, e) => b.and(e),
+        }
+    }
+
+    /// Let go of the flows pinned to destinations in `kept` (prefixes the
+    /// kernel has just come to keep: a route, an IPsec policy that came
+    /// after them), off the reconciler: the walk of a big flow table
+    /// takes seconds.
+    fn forget_flows_to(&self, kept: Vec<(IpAddr, u8)>) {
+        if kept.is_empty() {
+            return;
+        }
+        let tables = Arc::clone(&self.flow_tables);
+        let forget = move || {
+            let forgot = tables
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the flow tables' lock is poisoned"))
+                .and_then(|mut t| t.forget_to(&kept));
+            match forgot {
+                Ok(0) => {}
+                Ok(n) => log::info!(
+                    "{n} flows to destinations the kernel keeps now ({}) let go: their next \
+                     packets are the kernel's",
+                    kept.iter()
+                        .map(|(a, len)| format!("{a}/{len}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(e) => log::warn!("letting go of the flows to {kept:?}: {e:#}"),
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(forget)),
+            Err(_) => forget(),
         }
     }
 
@@ -698,10 +745,14 @@ impl Daemon {
             .iter()
             .filter_map(|u| u.facts.ifindex)
             .collect();
-        let ipsec = observed.ipsec.iter().filter_map(|&(addr, len)| match addr {
-            std::net::IpAddr::V6(a) => Some((crate::observe::kernel6::mask6(a, len), len)),
-            std::net::IpAddr::V4(_) => None,
-        });
+        let ipsec = observed
+            .ipsec
+            .iter()
+            .flatten()
+            .filter_map(|&(addr, len)| match addr {
+                std::net::IpAddr::V6(a) => Some((crate::observe::kernel6::mask6(a, len), len)),
+                std::net::IpAddr::V4(_) => None,
+            });
         self.bypass6 = v6
             .kernel_destinations(&uplink_ifindexes)
             .into_iter()

@@ -10,9 +10,14 @@
 //! collection that removed nothing 69 ms; a full 65,536-flow table takes
 //! about three times that.)
 //! It never adds a flow or a mapping (the data plane does) and never
-//! changes one; it only removes.
+//! changes one; it only removes (idle ones, and those to destinations the
+//! kernel has come to keep).
 
-use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, MapError};
@@ -190,6 +195,49 @@ impl FlowTables {
             }
         }
         Ok(removed)
+    }
+
+    /// Remove the flows to a destination in `kept` (prefixes the kernel
+    /// has just come to keep: a new route, an IPsec policy), with their
+    /// mappings: their next packet finds no flow and goes to the kernel,
+    /// rather than on to the ISP by the uplink it was pinned to. Returns
+    /// how many went.
+    pub fn forget_to(&mut self, kept: &[(IpAddr, u8)]) -> Result<usize> {
+        let within = |addr: IpAddr| {
+            kept.iter().any(|&(prefix, len)| match (prefix, addr) {
+                (IpAddr::V4(p), IpAddr::V4(a)) => {
+                    let mask = u32::MAX
+                        .checked_shl(32 - u32::from(len.min(32)))
+                        .unwrap_or(0);
+                    u32::from(a) & mask == u32::from(p) & mask
+                }
+                (IpAddr::V6(p), IpAddr::V6(a)) => {
+                    let mask = u128::MAX
+                        .checked_shl(128 - u32::from(len.min(128)))
+                        .unwrap_or(0);
+                    u128::from(a) & mask == u128::from(p) & mask
+                }
+                _ => false,
+            })
+        };
+        let mut forgot = 0;
+        for (key, value) in self.flows()? {
+            if !within(IpAddr::from(key.dst_addr)) {
+                continue;
+            }
+            ignore_missing(self.flows.remove(&key)).context("removing from FLOWS")?;
+            if let Some(rev) = self.rev_key(&key, &value) {
+                ignore_missing(self.nat.remove(&rev)).context("removing from NAT_REV")?;
+            }
+            forgot += 1;
+        }
+        for (key, _) in self.flows6()? {
+            if within(IpAddr::from(key.dst_addr)) {
+                ignore_missing(self.flows6.remove(&key)).context("removing from FLOWS6")?;
+                forgot += 1;
+            }
+        }
+        Ok(forgot)
     }
 
     /// The reverse NAT key of a flow: its uplink's address and NAT port,

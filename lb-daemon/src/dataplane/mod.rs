@@ -602,22 +602,21 @@ impl Dataplane {
             .with_context(|| format!("removing LAN ifindex {ifindex} from the device map"))
     }
 
-    /// Unpin, and so detach, every link an earlier lbd pinned on an
-    /// interface not in `keep` (a port that left the bridge, a LAN or an
-    /// uplink taken out of the configuration while lbd was stopped); the
-    /// links of `keep`'s interfaces are taken over by the rounds. Returns
-    /// what it let go, as (program, interface), and what it could not,
-    /// with why.
+    /// Unpin, and so detach, every link an earlier lbd pinned that is not
+    /// in `keep` (program, interface): a port that left the bridge, a LAN
+    /// or an uplink taken out of the configuration while lbd was stopped;
+    /// the links of `keep` are taken over by the rounds. Returns what it
+    /// let go, as (program, interface), and what it could not, with why.
     pub fn release_links_except(
         &mut self,
-        keep: &std::collections::BTreeSet<String>,
+        keep: &std::collections::BTreeSet<(String, String)>,
     ) -> (Vec<(String, String)>, Vec<String>) {
         let Some(pins) = &self.pins else {
             return (Vec::new(), Vec::new());
         };
         let (mut released, mut failed) = (Vec::new(), Vec::new());
         for (prog, ifname) in pins.links() {
-            if keep.contains(&ifname) {
+            if keep.contains(&(prog.clone(), ifname.clone())) {
                 continue;
             }
             let pin = pins.link(&prog, &ifname);

@@ -143,8 +143,9 @@ pub struct Observed {
     /// (`observe::wireguard`, asked after the dump).
     pub wireguard_ports: BTreeMap<u32, u16>,
     /// The destinations of the IPsec policies that encrypt what leaves
-    /// (`observe::xfrm`), both families.
-    pub ipsec: Vec<(IpAddr, u8)>,
+    /// (`observe::xfrm`), both families; `None`: the kernel has no XFRM
+    /// netlink (or lbd may not ask it).
+    pub ipsec: Option<Vec<(IpAddr, u8)>>,
 }
 
 impl Observed {

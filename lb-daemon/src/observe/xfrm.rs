@@ -8,9 +8,12 @@
 //! functions, tested without a kernel). Reads only; a kernel without
 //! XFRM's netlink family has no policies.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::observe::nlmsg;
 
@@ -36,25 +39,46 @@ const ACTION_BLOCK: u8 = 1;
 /// `XFRMA_TMPL`: the transforms a policy applies (ESP, AH): present on
 /// the policies that encrypt; absent on pass-through ones.
 const XFRMA_TMPL: u16 = 5;
+/// `XFRMA_MARK` (`struct xfrm_mark`: value, then mask) and `XFRMA_IF_ID`:
+/// a policy that only takes what carries the mark, or what is routed into
+/// its XFRM interface.
+const XFRMA_MARK: u16 = 21;
+const XFRMA_IF_ID: u16 = 31;
 const NLMSG_HEADER: usize = 16;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
+/// Set once the kernel said it has no XFRM netlink (or lbd may not ask
+/// it): not asked again, since each try may have the kernel look for the
+/// module.
+static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
 /// The destination prefixes of the outbound policies that encrypt or
-/// block, as the kernel holds them now; none where the kernel has no
-/// XFRM netlink. An error is an error: an empty answer would hand the
-/// branch office's traffic to the fast path for a round.
-pub fn kept_destinations() -> Result<Vec<(IpAddr, u8)>> {
+/// block, as the kernel holds them now; `None` where the kernel has no
+/// XFRM netlink or lbd may not ask it (`lbd --check` as a user): nothing
+/// to keep, and no IPsec for lb's nftables table to let by. An error is
+/// an error: an empty answer would hand the head office's traffic to the
+/// fast path for a round.
+pub fn kept_destinations() -> Result<Option<Vec<(IpAddr, u8)>>> {
+    if UNAVAILABLE.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    let errno = |e: &anyhow::Error| {
+        e.chain()
+            .find_map(|c| c.downcast_ref::<std::io::Error>())
+            .and_then(std::io::Error::raw_os_error)
+    };
+    let unavailable = |e: &anyhow::Error| {
+        matches!(
+            errno(e),
+            Some(libc::EPROTONOSUPPORT | libc::EPERM | libc::EACCES)
+        )
+    };
     let socket = match nlmsg::open(NETLINK_XFRM) {
         Ok(socket) => socket,
-        // A kernel built without XFRM_USER: it has no policies to keep.
-        Err(e)
-            if e.root_cause()
-                .downcast_ref::<std::io::Error>()
-                .and_then(std::io::Error::raw_os_error)
-                == Some(libc::EPROTONOSUPPORT) =>
-        {
-            return Ok(Vec::new())
+        Err(e) if unavailable(&e) => {
+            UNAVAILABLE.store(true, Ordering::Relaxed);
+            return Ok(None);
         }
         Err(e) => return Err(e.context("opening an XFRM netlink socket")),
     };
@@ -64,11 +88,20 @@ pub fn kept_destinations() -> Result<Vec<(IpAddr, u8)>> {
     request.extend_from_slice(&(nlmsg::NLM_F_REQUEST | nlmsg::NLM_F_DUMP).to_ne_bytes());
     request.extend_from_slice(&1u32.to_ne_bytes());
     request.extend_from_slice(&0u32.to_ne_bytes());
-    let messages = nlmsg::dump(&socket, &request).context("dumping the IPsec policies")?;
-    Ok(messages
-        .iter()
-        .filter_map(|m| kept_destination(m))
-        .collect())
+    let messages = match nlmsg::dump(&socket, &request) {
+        Ok(messages) => messages,
+        Err(e) if unavailable(&e) => {
+            UNAVAILABLE.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
+        Err(e) => return Err(e.context("dumping the IPsec policies")),
+    };
+    Ok(Some(
+        messages
+            .iter()
+            .filter_map(|m| kept_destination(m))
+            .collect(),
+    ))
 }
 
 /// The destination prefix of one policy message, if it is an outbound
@@ -84,6 +117,16 @@ fn kept_destination(msg: &[u8]) -> Option<(IpAddr, u8)> {
         return None;
     }
     let attrs = nlmsg::attributes(msg.get(NLMSG_HEADER + POLICY_INFO_LEN..)?).ok()?;
+    // A route-based tunnel's policy (an XFRM interface's `if_id`, a VTI's
+    // mark) takes only what is routed into its device, whose routes the
+    // kernel keeps already; its selector is often everything (0.0.0.0/0).
+    let route_based = attrs.iter().any(|(kind, value)| {
+        *kind == XFRMA_IF_ID
+            || (*kind == XFRMA_MARK && value.get(4..8).is_some_and(|m| m != [0; 4]))
+    });
+    if route_based {
+        return None;
+    }
     let encrypts = attrs.iter().any(|(kind, _)| *kind == XFRMA_TMPL);
     if !encrypts && info[ACTION] != ACTION_BLOCK {
         return None;
@@ -122,6 +165,13 @@ mod tests {
         msg.extend_from_slice(&XFRM_MSG_NEWPOLICY.to_ne_bytes());
         msg.extend_from_slice(&[0; 10]);
         msg.extend_from_slice(&info);
+        msg
+    }
+
+    /// `msg` with its netlink length set to what it holds.
+    fn fixed_len(mut msg: Vec<u8>) -> Vec<u8> {
+        let len = msg.len() as u32;
+        msg[..4].copy_from_slice(&len.to_ne_bytes());
         msg
     }
 
@@ -166,5 +216,19 @@ mod tests {
             None
         );
         assert_eq!(kept_destination(&branch[..100]), None);
+        // Route-based tunnels' policies: by XFRM interface, or by mark.
+        let mut if_id = policy(&[0; 4], 0, AF_INET, POLICY_OUT, 0, true);
+        if_id.extend_from_slice(&nlmsg::attribute(XFRMA_IF_ID, &7u32.to_ne_bytes()));
+        assert_eq!(kept_destination(&fixed_len(if_id)), None);
+        let mut marked = policy(&[0; 4], 0, AF_INET, POLICY_OUT, 0, true);
+        marked.extend_from_slice(&nlmsg::attribute(
+            XFRMA_MARK,
+            &[1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        ));
+        assert_eq!(kept_destination(&fixed_len(marked)), None);
+        // A mark attribute with no mask marks nothing.
+        let mut unmarked = policy(&[10, 50, 0, 0], 16, AF_INET, POLICY_OUT, 0, true);
+        unmarked.extend_from_slice(&nlmsg::attribute(XFRMA_MARK, &[0; 8]));
+        assert!(kept_destination(&fixed_len(unmarked)).is_some());
     }
 }

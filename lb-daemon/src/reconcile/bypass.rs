@@ -27,10 +27,16 @@ pub fn wanted(
     lookup_tables: &[u32],
 ) -> BTreeSet<(Ipv4Addr, u8)> {
     let mut kept = observed.kernel_destinations(uplink_ifindexes, lookup_tables);
-    kept.extend(observed.ipsec.iter().filter_map(|&(addr, len)| match addr {
-        IpAddr::V4(a) => Some((masked(a, len), len)),
-        IpAddr::V6(_) => None,
-    }));
+    kept.extend(
+        observed
+            .ipsec
+            .iter()
+            .flatten()
+            .filter_map(|&(addr, len)| match addr {
+                IpAddr::V4(a) => Some((masked(a, len), len)),
+                IpAddr::V6(_) => None,
+            }),
+    );
     kept
 }
 
@@ -58,14 +64,18 @@ impl Bypass {
         }
     }
 
-    /// Make the trie hold `wanted`: gone prefixes removed, then new ones
-    /// added (room first: the trie is bounded). A prefix that cannot be
-    /// written holds up no other; the errors are said together.
+    /// Make the trie hold `wanted`: new prefixes added, then gone ones
+    /// removed (a covering prefix that replaces a narrower one leaves no
+    /// gap), then what found no room added again. A prefix that cannot be
+    /// written holds up no other; the errors are said together. Returns
+    /// the prefixes added (whose pinned flows the caller lets go).
     pub fn converge(
         &mut self,
         wanted: BTreeSet<(Ipv4Addr, u8)>,
         dataplane: &mut Dataplane,
-    ) -> Result<()> {
+    ) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let mut added = Vec::new();
+        let first = self.add_new(&wanted, dataplane, &mut added);
         let mut errors = Vec::new();
         let gone: Vec<_> = self.written.difference(&wanted).copied().collect();
         for (addr, len) in gone {
@@ -77,18 +87,11 @@ impl Bypass {
                 Err(e) => errors.push(format!("{e:#}")),
             }
         }
-        let new: Vec<_> = wanted.difference(&self.written).copied().collect();
-        for (addr, len) in new {
-            match dataplane.add_bypass(addr, len) {
-                Ok(()) => {
-                    self.written.insert((addr, len));
-                    log::debug!("{addr}/{len} is left to the kernel");
-                }
-                Err(e) => errors.push(format!("{e:#}")),
-            }
+        if !first.is_empty() {
+            errors.extend(self.add_new(&wanted, dataplane, &mut added));
         }
         if errors.is_empty() {
-            Ok(())
+            Ok(added)
         } else {
             anyhow::bail!(
                 "{} of the destinations the kernel keeps: {}",
@@ -96,6 +99,29 @@ impl Bypass {
                 errors.join("; ")
             )
         }
+    }
+
+    /// Add what of `wanted` the trie lacks, each added into `added`; the
+    /// errors of those that could not be.
+    fn add_new(
+        &mut self,
+        wanted: &BTreeSet<(Ipv4Addr, u8)>,
+        dataplane: &mut Dataplane,
+        added: &mut Vec<(Ipv4Addr, u8)>,
+    ) -> Vec<String> {
+        let new: Vec<_> = wanted.difference(&self.written).copied().collect();
+        let mut errors = Vec::new();
+        for (addr, len) in new {
+            match dataplane.add_bypass(addr, len) {
+                Ok(()) => {
+                    self.written.insert((addr, len));
+                    added.push((addr, len));
+                    log::debug!("{addr}/{len} is left to the kernel");
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        errors
     }
 
     /// The prefixes left to the kernel now.

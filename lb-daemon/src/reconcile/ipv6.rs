@@ -260,6 +260,8 @@ pub struct Ipv6 {
     /// State changes written and not yet taken.
     changes: Vec<Change6>,
     bypass: BTreeSet<Prefix6>,
+    /// Prefixes added to `BYPASS6` and not yet taken (`take_added`).
+    added: Vec<Prefix6>,
 }
 
 impl Ipv6 {
@@ -287,6 +289,12 @@ impl Ipv6 {
     /// has nothing to tell.
     pub fn take_changes(&mut self) -> Vec<Change6> {
         std::mem::take(&mut self.changes)
+    }
+
+    /// The prefixes added to `BYPASS6` since the last call: flows pinned
+    /// to destinations there are to be let go.
+    pub fn take_added(&mut self) -> Vec<Prefix6> {
+        std::mem::take(&mut self.added)
     }
 
     /// The IPv6 destinations the kernel keeps (`BYPASS6`), as written.
@@ -342,8 +350,11 @@ impl Ipv6 {
             }
         }
         tables(dataplane)?;
+        // Added before the gone ones go: a covering prefix that replaces a
+        // narrower one leaves no gap.
         for &(addr, len) in bypass.difference(&self.bypass) {
             dataplane.add_bypass6(addr, len)?;
+            self.added.push((addr, len));
         }
         for &(addr, len) in self.bypass.difference(&bypass) {
             dataplane.remove_bypass6(addr, len)?;

@@ -203,6 +203,8 @@ pub fn wanted<'a>(
 ) -> Wanted {
     Wanted {
         nat_ports,
+        transport_ports: Vec::new(),
+        ipsec: observed.ipsec.is_some(),
         policy_rules: Vec::new(),
         lan6: None,
         uplinks: uplinks
@@ -228,8 +230,14 @@ pub struct Wanted {
     /// The router's own ephemeral ports (`ip_local_port_range`).
     pub ports: (u16, u16),
     /// The fast path's NAT ports (`[nat] port_range`): the router's own
-    /// new connections never leave from one (`(0, 0)`: none).
+    /// new connections never leave from one (`(0, 0)`: none)...
     pub nat_ports: (u16, u16),
+    /// ...but for the listen ports of the WireGuard uplinks, whose peers
+    /// expect them.
+    pub transport_ports: Vec<u16>,
+    /// The kernel does IPsec (its XFRM netlink answered): what an IPsec
+    /// policy takes passes lb's NAT and guard as it is.
+    pub ipsec: bool,
     /// The operator's rules as the slow path has them (see
     /// [`policy_rules`]).
     pub policy_rules: Vec<PolicyRule>,
@@ -342,7 +350,7 @@ impl Wanted {
     /// out of it; and the chains that mark the connections reaching the
     /// router from inside ([`INSIDE_MARK`]) and the router's replies to
     /// them.
-    fn inbound_chain(&self, s: &mut String) {
+    fn inbound_chain(&self, s: &mut String, six: bool) {
         for i in 0..self.uplinks.len() {
             let _ = writeln!(s, "  counter {} {{ }}", inbound_counter(i));
         }
@@ -366,7 +374,19 @@ impl Wanted {
                 "    ct direction reply ct mark & {MARK_MASK:#010x} == {mark:#010x} meta mark set meta mark & {keep:#010x} | {mark:#010x}"
             );
         }
-        if !self.uplinks.is_empty() {
+        // Connections to an uplink's own address (the router's public
+        // name) from anywhere but an uplink.
+        let (family, addrs): (&str, Vec<String>) = if six {
+            let wan = self.uplinks.iter().flat_map(|u| &u.own6);
+            let wan = wan
+                .filter(|(_, len)| *len == 128)
+                .map(|(a, _)| a.to_string());
+            ("ip6", wan.collect())
+        } else {
+            let wan = self.uplinks.iter().flat_map(|u| &u.addrs);
+            ("ip", wan.map(Ipv4Addr::to_string).collect())
+        };
+        if !addrs.is_empty() {
             let uplinks: Vec<String> = self
                 .uplinks
                 .iter()
@@ -374,8 +394,9 @@ impl Wanted {
                 .collect();
             let _ = writeln!(
                 s,
-                "    iifname != {{ {} }} ct state new fib daddr type local ct mark set ct mark | {INSIDE_MARK:#010x}",
-                uplinks.join(", ")
+                "    iifname != {{ {} }} {family} daddr {{ {} }} ct state new ct mark set ct mark | {INSIDE_MARK:#010x}",
+                uplinks.join(", "),
+                addrs.join(", ")
             );
         }
         let _ = writeln!(s, "  }}");
@@ -401,7 +422,7 @@ impl Wanted {
         let _ = writeln!(s, "table ip {TABLE}\ndelete table ip {TABLE}");
         let _ = writeln!(s, "table ip {TABLE} {{");
         let _ = writeln!(s, "  counter {LEAKED} {{ }}");
-        self.inbound_chain(&mut s);
+        self.inbound_chain(&mut s, false);
 
         self.policy_chains(&mut s);
 
@@ -410,7 +431,9 @@ impl Wanted {
             s,
             "    type nat hook postrouting priority {NAT_PRIORITY}; policy accept;"
         );
-        s.push_str(IPSEC_AS_IT_IS);
+        if self.ipsec {
+            s.push_str(IPSEC_AS_IT_IS);
+        }
         let (low, high) = self.ports;
         let (nat_low, nat_high) = self.nat_ports;
         for u in &self.uplinks {
@@ -421,10 +444,17 @@ impl Wanted {
             // client's flow may hold that port to the same server, and the
             // fast path would take the answers for the client's.
             if nat_high > 0 {
+                let kept = if self.transport_ports.is_empty() {
+                    String::new()
+                } else {
+                    let ports: Vec<String> =
+                        self.transport_ports.iter().map(u16::to_string).collect();
+                    format!("th sport != {{ {} }} ", ports.join(", "))
+                };
                 for a in &u.addrs {
                     let _ = writeln!(
                         s,
-                        "    oifname \"{iface}\" ip saddr {a} meta l4proto {{ tcp, udp }} th sport {nat_low}-{nat_high} snat to {a}:{low}-{high}"
+                        "    oifname \"{iface}\" ip saddr {a} meta l4proto {{ tcp, udp }} th sport {nat_low}-{nat_high} {kept}snat to {a}:{low}-{high}"
                     );
                 }
             }
@@ -443,7 +473,9 @@ impl Wanted {
             s,
             "    type filter hook postrouting priority {GUARD_PRIORITY}; policy accept;"
         );
-        s.push_str(IPSEC_AS_IT_IS);
+        if self.ipsec {
+            s.push_str(IPSEC_AS_IT_IS);
+        }
         for u in &self.uplinks {
             let (iface, foreign) = (&u.interface, u.foreign_source());
             // A DHCP client asking for its first lease has no address yet
@@ -484,13 +516,15 @@ impl Wanted {
         };
         let _ = writeln!(s, "table ip6 {TABLE} {{");
         let _ = writeln!(s, "  counter {LEAKED} {{ }}");
-        self.inbound_chain(s);
+        self.inbound_chain(s, true);
         let _ = writeln!(s, "  chain nat {{");
         let _ = writeln!(
             s,
             "    type nat hook postrouting priority {NAT_PRIORITY}; policy accept;"
         );
-        s.push_str(IPSEC_AS_IT_IS);
+        if self.ipsec {
+            s.push_str(IPSEC_AS_IT_IS);
+        }
         for u in &self.uplinks {
             if let Some((to, to_len)) = u.target6 {
                 let _ = writeln!(
@@ -506,7 +540,9 @@ impl Wanted {
             s,
             "    type filter hook postrouting priority {GUARD_PRIORITY}; policy accept;"
         );
-        s.push_str(IPSEC_AS_IT_IS);
+        if self.ipsec {
+            s.push_str(IPSEC_AS_IT_IS);
+        }
         for u in &self.uplinks {
             let own: Vec<String> = ["fe80::/10".to_string(), "::/128".to_string()]
                 .into_iter()
@@ -658,6 +694,8 @@ mod tests {
             ],
             ports: (32768, 60999),
             nat_ports: (20000, 29999),
+            transport_ports: vec![25000],
+            ipsec: true,
             policy_rules: Vec::new(),
             lan6: None,
         }
@@ -785,7 +823,7 @@ policy = "default"
         // ports, from each of an uplink's addresses.
         assert!(
             script.contains(
-                "oifname \"wan1\" ip saddr 100.64.1.2 meta l4proto { tcp, udp } th sport 20000-29999 snat to 100.64.1.2:32768-60999"
+                "oifname \"wan1\" ip saddr 100.64.1.2 meta l4proto { tcp, udp } th sport 20000-29999 th sport != { 25000 } snat to 100.64.1.2:32768-60999"
             ),
             "{script}"
         );
@@ -793,6 +831,14 @@ policy = "default"
         // What an IPsec policy takes keeps its source, past the NAT and
         // the guard.
         assert_eq!(script.matches(IPSEC_AS_IT_IS).count(), 2, "{script}");
+        let without = Wanted {
+            ipsec: false,
+            ..wanted()
+        };
+        assert!(
+            !without.script().contains("rt ipsec"),
+            "a kernel without XFRM"
+        );
         // Nothing of the LAN is needed.
         assert!(!script.contains("10.10."), "{script}");
     }
@@ -802,7 +848,7 @@ policy = "default"
         let script = wanted().script();
         assert!(
             script.contains(
-                "iifname != { \"wan1\", \"wan2\" } ct state new fib daddr type local ct mark set ct mark | 0x20000000"
+                "iifname != { \"wan1\", \"wan2\" } ip daddr { 100.64.1.2 } ct state new ct mark set ct mark | 0x20000000"
             ),
             "{script}"
         );
