@@ -181,12 +181,14 @@ fn config_with(sections: &str) -> String {
 /// SERVER:`port`: lbctl explain is asked first (a new flow's policy, rule
 /// and uplink), then a datagram goes out, the server answers it, and the
 /// flow table is read. Returns (explanation, uplink the server saw it by,
-/// uplink in the flow table).
+/// uplink in the flow table). The socket goes into `held`, so that no
+/// later flow gets its port (and so an earlier flow's pinned entry).
 fn voip_flow(
     lab: &Lab,
     lbd: &Lbd,
     servers: &Servers,
     port: u16,
+    held: &mut Vec<UdpSocket>,
 ) -> Result<(Value, &'static str, String)> {
     let client = client_socket(lab, "client", port)?;
     let src = format!("{CLIENT}:{}", client.local_addr()?.port());
@@ -210,6 +212,7 @@ fn voip_flow(
         .find(|f| f["proto"] == "udp" && f["client"] == src.as_str() && f["remote"] == dst.as_str())
         .with_context(|| format!("flow {src} -> {dst} not in the flow table: {flows}"))?;
     let table = entry["uplink"].as_str().unwrap_or_default().to_string();
+    held.push(client);
     Ok((explained, via, table))
 }
 
@@ -245,9 +248,10 @@ fn voip_udp_uses_only_its_uplink_and_fails_over() -> Result<()> {
 
     // 16 flows, 4 to each port, from 16 source ports: all by isp1 (the
     // default policy would spread them over both uplinks).
+    let mut held = Vec::new();
     for i in 0..16 {
         let port = VOIP_PORTS[i % VOIP_PORTS.len()];
-        let (explained, via, table) = voip_flow(&lab, &lbd, &servers, port)?;
+        let (explained, via, table) = voip_flow(&lab, &lbd, &servers, port, &mut held)?;
         check_flow(
             &explained,
             via,
@@ -264,7 +268,7 @@ fn voip_udp_uses_only_its_uplink_and_fails_over() -> Result<()> {
         Ok(lbd.uplink("isp1")?["state"] == "down")
     })?;
     for i in 0..8 {
-        let (explained, via, table) = voip_flow(&lab, &lbd, &servers, 5060)?;
+        let (explained, via, table) = voip_flow(&lab, &lbd, &servers, 5060, &mut held)?;
         check_flow(
             &explained,
             via,
