@@ -2704,3 +2704,119 @@ fn an_adopted_bypass_trie_converges_from_what_it_holds_and_a_full_one_blocks_no_
         "lbd's books say what the trie holds"
     );
 }
+
+#[test]
+fn a_clients_icmp_error_about_a_reply_leaves_by_its_flows_uplink_translated() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    let up = uplink_info(2, uplink_state::ACTIVE);
+    type Make = Box<dyn Fn(u16) -> Vec<u8>>;
+    let flows: [(&str, Make, u16); 2] = [
+        ("UDP", Box::new(|p| udp(p, 64)), 53),
+        ("TCP", Box::new(tcp), 443),
+    ];
+    for (what, make, server_port) in flows {
+        let (nat_port, frame, _) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 2000, make);
+        let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+        // The remote end's answer as it reached the client, quoted whole
+        // by the client's "port unreachable" (its socket has gone).
+        let reply = if what == "UDP" {
+            build(
+                PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
+                    .ipv4(SERVER, CLIENT, 63)
+                    .udp(server_port, client_port),
+                b"a late answer",
+            )
+        } else {
+            build(
+                PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
+                    .ipv4(SERVER, CLIENT, 63)
+                    .tcp(server_port, client_port, 7, 65535)
+                    .syn()
+                    .ack(1001),
+                b"",
+            )
+        };
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&reply[14..]);
+        let c = lb_common::csum::checksum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut err = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv4(CLIENT, SERVER, 64)
+            .write(&mut err, etherparse::IpNumber::ICMP, &icmp)
+            .expect("build");
+
+        let (verdict, sent) = h.lan(&err);
+        let this = format!("the client's ICMP error about a {what} reply");
+        assert_eq!(verdict, XDP_REDIRECT, "{this} leaves by an uplink");
+        assert_eq!(&sent[0..6], &up.gw_mac, "{this}: to uplink 2's gateway");
+        assert_eq!(&sent[6..12], &up.src_mac, "{this}: from uplink 2's MAC");
+        assert_eq!(&sent[26..30], &up.addr, "{this}: from uplink 2's address");
+        assert_eq!(&sent[30..34], &SERVER, "{this}: to the remote end");
+        assert_eq!(sent[22], 63, "{this}: one hop older");
+        assert_eq!(
+            &sent[34 + 8 + 16..34 + 8 + 20],
+            &up.addr,
+            "{this}: the quote's destination is the flow's mapping"
+        );
+        assert_eq!(
+            u16::from_be_bytes([sent[64], sent[65]]),
+            nat_port,
+            "{this}: the quoted destination port is the NAT port"
+        );
+        assert!(
+            lb_common::csum::verifies(&sent[14..34], 0),
+            "{this}: IP checksum"
+        );
+        assert!(
+            lb_common::csum::verifies(&sent[34..], 0),
+            "{this}: ICMP checksum"
+        );
+        assert!(
+            lb_common::csum::verifies(&sent[42..62], 0),
+            "{this}: quoted IP checksum"
+        );
+        // The quoted segment's own checksum, against its new pseudo-header:
+        // the remote end recognises what it sent.
+        let quoted_l4 = &sent[62..];
+        let proto = if what == "UDP" { 17u8 } else { 6 };
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&SERVER);
+        pseudo.extend_from_slice(&up.addr);
+        pseudo.extend_from_slice(&[0, proto]);
+        pseudo.extend_from_slice(&(quoted_l4.len() as u16).to_be_bytes());
+        pseudo.extend_from_slice(quoted_l4);
+        assert!(
+            lb_common::csum::verifies(&pseudo, 0),
+            "{this}: quoted {what} checksum"
+        );
+    }
+    // An error about nothing lb carries is the kernel's.
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(
+        &build(
+            PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
+                .ipv4(SERVER, CLIENT, 63)
+                .udp(9999, 4242),
+            b"?",
+        )[14..],
+    );
+    let c = lb_common::csum::checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+        .ipv4(CLIENT, SERVER, 64)
+        .write(&mut err, etherparse::IpNumber::ICMP, &icmp)
+        .expect("build");
+    let before = h.reason(reason::PASS_NO_MAPPING);
+    let (verdict, out) = h.lan(&err);
+    assert_eq!(
+        (verdict, out),
+        (XDP_PASS, err),
+        "no flow: the kernel's, untouched"
+    );
+    assert_eq!(h.reason(reason::PASS_NO_MAPPING), before + 1);
+}

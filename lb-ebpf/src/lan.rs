@@ -30,9 +30,10 @@ use lb_common::{
 use crate::{
     answer, clock, conntrack, count, egress, frags,
     maps::{BYPASS, ENCAP, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
-    nat::{translate, End},
+    nat::{embedded, translate, translate_icmp_error, End},
     parse::{
-        self, EthHdr, Fragment, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_ECHO_REQUEST, IPPROTO_TCP,
+        self, EthHdr, Fragment, IcmpHdr, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_DEST_UNREACH,
+        ICMP_ECHO_REQUEST, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP,
         IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_HDR_LEN, TCP_RST, TCP_SYN,
     },
     policy::{self, tuple, Placement},
@@ -47,6 +48,9 @@ const IP_DF: u16 = 0x4000;
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let pkt = parse::ipv4(ctx)?;
+    if let Some(handled) = icmp_error(ctx, &pkt) {
+        return handled;
+    }
     let (src_port, dst_port) = match pkt.fragment {
         Fragment::Later => frags::ports_of(&pkt)?,
         _ => parse::ports(ctx, &pkt, ICMP_ECHO_REQUEST)?,
@@ -155,6 +159,89 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     .map_err(|_| reason::DROP_UNFINISHED)?;
     stats::sent(uplink, now, &key, len);
     Ok(egress::send(ctx, info.ifindex, uplink, src, || {
+        TX_PORTS.redirect(uplink, 0)
+    }))
+}
+
+/// An ICMP error a client sends about a reply the fast path brought it (a
+/// closed port's "port unreachable" to a late answer, a router on the
+/// LAN's "fragmentation needed"): translated as its flow's packets are,
+/// and sent by its flow's uplink. `None` for anything else. The kernel
+/// has no connection of its own for it, so without this lb's guard would
+/// drop it at the uplink, as a LAN source.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> Option<Result<u32, u32>> {
+    if pkt.proto != IPPROTO_ICMP || !pkt.has_l4() {
+        return None;
+    }
+    // SAFETY: bounds-checked by `ptr_at`.
+    let kind = parse::ptr_at::<IcmpHdr>(ctx, pkt.l4_off)
+        .ok()
+        .map(|h| unsafe { (*h).kind })?;
+    if !matches!(
+        kind,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+    ) {
+        return None;
+    }
+    Some(forward_icmp_error(ctx, pkt))
+}
+
+/// [`icmp_error`]'s work, for an ICMP error.
+#[inline(always)]
+fn forward_icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<u32, u32> {
+    if pkt.fragment != Fragment::Whole {
+        return Err(reason::PASS_FRAGMENT);
+    }
+    let inner = embedded(ctx, pkt)?;
+    if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
+        return Err(reason::PASS_UNSUPPORTED);
+    }
+    // The quote is a reply the client got: from the remote end to it.
+    let key = FlowKey {
+        src_addr: inner.dst,
+        dst_addr: inner.src,
+        src_port: inner.dst_port,
+        dst_port: inner.src_port,
+        proto: inner.proto,
+        _pad: [0; 3],
+    };
+    let flow = FLOWS.get_ptr(&key).ok_or(reason::PASS_NO_MAPPING)?;
+    // SAFETY: a pointer into the map's value, copied out at once.
+    let (uplink, nat_port, epoch) = unsafe { ((*flow).uplink, (*flow).nat_port, (*flow).epoch) };
+    if uplink == KERNEL_OWNED {
+        return Err(reason::PASS_KERNEL_CONNECTION);
+    }
+    let info = UPLINKS.get(uplink).ok_or(reason::PASS_NO_MAPPING)?;
+    // Its flow moves on its next packet: the error has no mapping now.
+    if !uplink_state::keeps_flows(info.state) || epoch != info.epoch as u8 {
+        return Err(reason::PASS_NO_MAPPING);
+    }
+    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
+    let (ttl, total_len) = unsafe { ((*pkt.ip).ttl, (*pkt.ip).total_len) };
+    if ttl <= 1 {
+        return Err(reason::PASS_TTL);
+    }
+    rewrite::decrement_ttl(pkt);
+    translate_icmp_error(ctx, pkt, &inner, End::Source, info.addr, nat_port)?;
+    match wrapping(uplink, info) {
+        None => rewrite::untagged(
+            ctx,
+            pkt.tagged(),
+            parse::ETH_P_IPV4,
+            info.src_mac,
+            info.gw_mac,
+        ),
+        Some(_) => wrap(
+            ctx,
+            uplink,
+            pkt.l3_off,
+            parse::ETH_P_IPV4,
+            usize::from(u16::from_be_bytes(total_len)),
+        ),
+    }
+    .map_err(|_| reason::DROP_UNFINISHED)?;
+    Ok(egress::send(ctx, info.ifindex, uplink, inner.dst, || {
         TX_PORTS.redirect(uplink, 0)
     }))
 }

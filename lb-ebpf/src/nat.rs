@@ -180,54 +180,67 @@ pub fn embedded<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
     })
 }
 
-/// Translate an ICMP error about a NATed packet back to the client: the
-/// outer destination, and the quoted packet's source address and port,
-/// become `addr`/`port`. Fixes the quoted IP checksum, the quoted
-/// transport checksum if quoted (a UDP one if in use), the ICMP checksum
-/// and the outer IP checksum.
+/// Translate an ICMP error about a NATed flow: `end` is the outer end
+/// rewritten to `addr`, and the quoted packet's other end (address and
+/// port) with it. [`End::Destination`]: an error from the internet about a
+/// packet the client sent (the quote's source) goes back to the client.
+/// [`End::Source`]: a client's error about a reply it got (the quote's
+/// destination) goes out as from the uplink. Fixes the quoted IP checksum,
+/// the quoted transport checksum if quoted (a UDP one if in use), the ICMP
+/// checksum and the outer IP checksum. An echo is quoted with its
+/// identifier as its source port, so only [`End::Destination`] takes one.
 #[inline(always)]
 pub fn translate_icmp_error<C: Frame>(
     ctx: &C,
     pkt: &Ipv4Packet,
     inner: &Embedded,
+    end: End,
     addr: [u8; 4],
     port: [u8; 2],
 ) -> Result<(), u32> {
+    if end == End::Source && inner.proto == IPPROTO_ICMP {
+        return Err(lb_common::reason::PASS_UNSUPPORTED);
+    }
+    // The quoted end: the other one than the outer.
+    let (quoted_addr, quoted_port, port_off) = match end {
+        End::Destination if inner.proto == IPPROTO_ICMP => {
+            (inner.src, inner.src_port, inner.l4_off + 4)
+        }
+        End::Destination => (inner.src, inner.src_port, inner.l4_off),
+        End::Source => (inner.dst, inner.dst_port, inner.l4_off + 2),
+    };
     let icmp: *mut IcmpHdr = ptr_at(ctx, pkt.l4_off)?;
     let inner_ip: *mut Ipv4Hdr = ptr_at(ctx, inner.ip_off)?;
-    // The quoted source port (or echo identifier).
-    let port_off = if inner.proto == IPPROTO_ICMP {
-        inner.l4_off + 4
-    } else {
-        inner.l4_off
-    };
     let port_field: *mut [u8; 2] = ptr_at(ctx, port_off)?;
     // SAFETY: bounds-checked by `ptr_at` (and `parse::ipv4` for `pkt.ip`),
     // all before the first write.
     unsafe {
         let mut icmp_c = word16((*icmp).check);
 
-        // Quoted source address, and the quoted header's checksum.
+        // Quoted address, and the quoted header's checksum.
         let old_inner_c = (*inner_ip).check;
-        (*inner_ip).src = addr;
+        match end {
+            End::Destination => (*inner_ip).src = addr,
+            End::Source => (*inner_ip).dst = addr,
+        }
         let inner_c = bytes(csum::replace32(
             word16(old_inner_c),
-            word32(inner.src),
+            word32(quoted_addr),
             word32(addr),
         ));
         (*inner_ip).check = inner_c;
-        icmp_c = csum::replace32(icmp_c, word32(inner.src), word32(addr));
+        icmp_c = csum::replace32(icmp_c, word32(quoted_addr), word32(addr));
         icmp_c = csum::replace16(icmp_c, word16(old_inner_c), word16(inner_c));
 
-        // Quoted source port (or echo identifier).
+        // Quoted port (or echo identifier).
         *port_field = port;
-        icmp_c = csum::replace16(icmp_c, word16(inner.src_port), word16(port));
+        icmp_c = csum::replace16(icmp_c, word16(quoted_port), word16(port));
 
         // The quoted transport checksum, when the quote reaches it (RFC 792
         // promises 8 bytes; most routers quote more): the client then gets
         // back what it sent, as the kernel's NAT gives it.
-        let port_delta = csum::delta16(word16(inner.src_port), word16(port));
-        let addr_delta = csum::delta32(word32(inner.src), word32(addr));
+        let port_delta = csum::delta16(word16(quoted_port), word16(port));
+        let addr_delta = csum::delta32(word32(quoted_addr), word32(addr));
         let quoted_check: Option<*mut [u8; 2]> = match inner.proto {
             IPPROTO_UDP => ptr_at::<UdpHdr>(ctx, inner.l4_off)
                 .ok()
@@ -260,13 +273,15 @@ pub fn translate_icmp_error<C: Frame>(
         }
         (*icmp).check = bytes(icmp_c);
 
-        // Outer destination.
+        // The outer end.
         let ip = pkt.ip;
-        let old_dst = (*ip).dst;
-        (*ip).dst = addr;
+        let old = match end {
+            End::Destination => core::mem::replace(&mut (*ip).dst, addr),
+            End::Source => core::mem::replace(&mut (*ip).src, addr),
+        };
         (*ip).check = bytes(csum::replace32(
             word16((*ip).check),
-            word32(old_dst),
+            word32(old),
             word32(addr),
         ));
     }

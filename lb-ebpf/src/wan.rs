@@ -229,9 +229,14 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     // the kernel one hop older, which it no longer minds.
     rewrite::decrement_ttl(&pkt);
     match &inner {
-        Some(inner) => {
-            nat::translate_icmp_error(ctx, &pkt, inner, back.client_addr, back.client_port)?
-        }
+        Some(inner) => nat::translate_icmp_error(
+            ctx,
+            &pkt,
+            inner,
+            End::Destination,
+            back.client_addr,
+            back.client_port,
+        )?,
         None => nat::translate(
             ctx,
             &pkt,

@@ -823,6 +823,84 @@ fn drain_sources(socket: &Socket, into: &mut Vec<Ipv4Addr>) {
     }
 }
 
+/// The ICMP errors waiting on raw socket `socket`, as (outer source,
+/// type, code, quoted destination address and port), read without
+/// blocking longer than its timeout.
+fn drain_icmp_errors(socket: &Socket, into: &mut Vec<(Ipv4Addr, u8, u8, SocketAddrV4)>) {
+    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
+    while let Ok((n, _)) = socket.recv_from(&mut buf) {
+        // SAFETY: the kernel wrote the first `n` bytes.
+        let packet: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let ihl = usize::from(packet.first().copied().unwrap_or(0) & 0x0f) * 4;
+        let Some(icmp) = packet.get(ihl..) else {
+            continue;
+        };
+        let quoted_ihl = usize::from(icmp.get(8).copied().unwrap_or(0) & 0x0f) * 4;
+        let (Some(src), Some(qdst), Some(qport)) = (
+            packet.get(12..16),
+            icmp.get(8 + 16..8 + 20),
+            icmp.get(8 + quoted_ihl + 2..8 + quoted_ihl + 4),
+        ) else {
+            continue;
+        };
+        let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+        into.push((
+            addr(src),
+            icmp[0],
+            icmp[1],
+            SocketAddrV4::new(addr(qdst), u16::from_be_bytes([qport[0], qport[1]])),
+        ));
+    }
+}
+
+#[test]
+fn a_clients_port_unreachable_about_a_late_answer_reaches_the_server_from_the_flows_address(
+) -> Result<()> {
+    if !require_root(
+        "a_clients_port_unreachable_about_a_late_answer_reaches_the_server_from_the_flows_address",
+    ) {
+        return Ok(());
+    }
+    let router = Router::start()?;
+    let lab = &router.lab;
+    let icmp = raw(lab.ns("inet")?, 1)?;
+    let server = in_netns(lab.ns("inet")?, || {
+        let s = UdpSocket::bind((SERVER, 7100))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(s)
+    })?;
+    // A DNS client that gave up: its query went out, its socket is gone
+    // when the answer comes.
+    let client = in_netns(lab.ns("client")?, || Ok(UdpSocket::bind((CLIENT, 0))?))?;
+    client.send_to(b"query", (SERVER, 7100))?;
+    let mut buf = [0u8; 64];
+    let (_, mapping) = server.recv_from(&mut buf)?;
+    let SocketAddr::V4(mapping) = mapping else {
+        anyhow::bail!("the query came from {mapping}");
+    };
+    drop(client);
+    server.send_to(b"a late answer", mapping)?;
+    let mut seen = Vec::new();
+    wait_for("the client's port unreachable at the server", BOUND, || {
+        drain_icmp_errors(&icmp, &mut seen);
+        Ok(seen
+            .iter()
+            .any(|&(_, kind, code, _)| (kind, code) == (3, 3)))
+    })?;
+    eprintln!("the query left as {mapping}; ICMP errors at the server: {seen:?}");
+    ensure!(
+        seen.iter()
+            .filter(|&&(_, kind, code, _)| (kind, code) == (3, 3))
+            .all(|&(from, _, _, quoted)| from == *mapping.ip() && quoted == mapping),
+        "the port unreachable reached the server from another address than the flow's \
+         mapping {mapping}, or quoting another: {seen:?}"
+    );
+    router.finish()
+}
+
 #[test]
 fn esp_and_gre_from_a_lan_without_addresses_leave_natted_or_are_dropped_and_counted() -> Result<()>
 {
