@@ -2667,9 +2667,13 @@ fn an_adopted_bypass_trie_converges_from_what_it_holds_and_a_full_one_blocks_no_
     let mut bypass = Bypass::adopted(held);
     let lan = (Ipv4Addr::new(10, 10, 0, 0), 24);
     let wanted: BTreeSet<_> = [lan, (ROUTER_LAN, 32), (Ipv4Addr::new(100, 64, 1, 2), 32)].into();
-    bypass
-        .converge(wanted.clone(), &mut h.dp)
-        .expect("converge");
+    let (added, done) = bypass.converge(wanted.clone(), &mut h.dp);
+    done.expect("converge");
+    assert_eq!(
+        added,
+        [(Ipv4Addr::new(100, 64, 1, 2), 32)],
+        "only the new one is added"
+    );
     let now: BTreeSet<_> =
         h.dp.bypass_prefixes()
             .expect("read BYPASS")
@@ -2686,13 +2690,17 @@ fn an_adopted_bypass_trie_converges_from_what_it_holds_and_a_full_one_blocks_no_
         .map(|i| (Ipv4Addr::from(0x0a40_0000 + (i << 8)), 24))
         .chain(wanted)
         .collect();
-    let said = bypass.converge(many.clone(), &mut h.dp);
+    let (added, said) = bypass.converge(many.clone(), &mut h.dp);
     let now: BTreeSet<_> =
         h.dp.bypass_prefixes()
             .expect("read BYPASS")
             .into_iter()
             .collect();
     assert!(said.is_err(), "a full trie is said");
+    assert!(
+        !added.is_empty(),
+        "what fitted is said as added, beside the error"
+    );
     assert!(
         now.len() >= 250 && now.is_subset(&many),
         "{} prefixes written",
@@ -2792,6 +2800,34 @@ fn a_clients_icmp_error_about_a_reply_leaves_by_its_flows_uplink_translated() {
         assert!(
             lb_common::csum::verifies(&pseudo, 0),
             "{this}: quoted {what} checksum"
+        );
+    }
+    // An error about a flow of lb's, but to another address than its
+    // remote end: the kernel's (which relates it to nothing).
+    {
+        let (_, frame, _) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 3000, |p| udp(p, 64));
+        let client_port = u16::from_be_bytes([frame[34], frame[35]]);
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(
+            &build(
+                PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
+                    .ipv4(SERVER, CLIENT, 63)
+                    .udp(53, client_port),
+                b"!",
+            )[14..],
+        );
+        let c = lb_common::csum::checksum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut elsewhere = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv4(CLIENT, [203, 0, 113, 9], 64)
+            .write(&mut elsewhere, etherparse::IpNumber::ICMP, &icmp)
+            .expect("build");
+        let (verdict, out) = h.lan(&elsewhere);
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, elsewhere),
+            "an error sent elsewhere than its flow's remote end: the kernel's, untouched"
         );
     }
     // An error about nothing lb carries is the kernel's.

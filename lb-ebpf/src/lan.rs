@@ -29,6 +29,7 @@ use lb_common::{
 
 use crate::{
     answer, clock, conntrack, count, egress, frags,
+    lan6::{unword, word},
     maps::{BYPASS, ENCAP, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{embedded, translate, translate_icmp_error, End},
     parse::{
@@ -48,8 +49,8 @@ const IP_DF: u16 = 0x4000;
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let pkt = parse::ipv4(ctx)?;
-    if let Some(handled) = icmp_error(ctx, &pkt) {
-        return handled;
+    if is_icmp_error(ctx, &pkt) {
+        return unword(forward_icmp_error(ctx.ctx));
     }
     let (src_port, dst_port) = match pkt.fragment {
         Fragment::Later => frags::ports_of(&pkt)?,
@@ -163,38 +164,53 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     }))
 }
 
+/// Whether `pkt` is an ICMP error (destination unreachable, time
+/// exceeded, parameter problem): [`forward_icmp_error`]'s.
+#[inline(always)]
+fn is_icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> bool {
+    if pkt.proto != IPPROTO_ICMP || !pkt.has_l4() {
+        return false;
+    }
+    // SAFETY: bounds-checked by `ptr_at`.
+    parse::ptr_at::<IcmpHdr>(ctx, pkt.l4_off).is_ok_and(|h| {
+        matches!(
+            unsafe { (*h).kind },
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+        )
+    })
+}
+
 /// An ICMP error a client sends about a reply the fast path brought it (a
 /// closed port's "port unreachable" to a late answer, a router on the
 /// LAN's "fragmentation needed"): translated as its flow's packets are,
-/// and sent by its flow's uplink. `None` for anything else. The kernel
-/// has no connection of its own for it, so without this lb's guard would
-/// drop it at the uplink, as a LAN source.
-#[inline(always)]
-fn icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> Option<Result<u32, u32>> {
-    if pkt.proto != IPPROTO_ICMP || !pkt.has_l4() {
-        return None;
-    }
-    // SAFETY: bounds-checked by `ptr_at`.
-    let kind = parse::ptr_at::<IcmpHdr>(ctx, pkt.l4_off)
-        .ok()
-        .map(|h| unsafe { (*h).kind })?;
-    if !matches!(
-        kind,
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
-    ) {
-        return None;
-    }
-    Some(forward_icmp_error(ctx, pkt))
+/// and sent by its flow's uplink; [`word`]'s encoding of the verdict, or
+/// of the reason it is the kernel's. The kernel has no connection of its
+/// own for it, so without this lb's guard would drop it at the uplink, as
+/// a LAN source. A BPF function of its own: its stack frame is not added
+/// to `lan_ingress`'s.
+#[inline(never)]
+fn forward_icmp_error(ctx: *mut xdp_md) -> i64 {
+    let ctx = XdpContext::new(ctx);
+    word(parse::ipv4(&ctx).and_then(|pkt| icmp_error_out(&ctx, &pkt)))
 }
 
-/// [`icmp_error`]'s work, for an ICMP error.
+/// [`forward_icmp_error`]'s work.
 #[inline(always)]
-fn forward_icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<u32, u32> {
+fn icmp_error_out(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<u32, u32> {
     if pkt.fragment != Fragment::Whole {
         return Err(reason::PASS_FRAGMENT);
     }
     let inner = embedded(ctx, pkt)?;
     if inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP {
+        return Err(reason::PASS_UNSUPPORTED);
+    }
+    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
+    let (dst, ttl, total_len) = unsafe { ((*pkt.ip).dst, (*pkt.ip).ttl, (*pkt.ip).total_len) };
+    // To the remote end it is about, as conntrack wants of an error it
+    // relates to a connection: a LAN host may not send ICMP elsewhere
+    // under the uplink's address. (Its source is not asked: a router on
+    // the LAN may be the one that tells.)
+    if dst != inner.src {
         return Err(reason::PASS_UNSUPPORTED);
     }
     // The quote is a reply the client got: from the remote end to it.
@@ -217,29 +233,28 @@ fn forward_icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<u32, u32> {
     if !uplink_state::keeps_flows(info.state) || epoch != info.epoch as u8 {
         return Err(reason::PASS_NO_MAPPING);
     }
-    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
-    let (ttl, total_len) = unsafe { ((*pkt.ip).ttl, (*pkt.ip).total_len) };
     if ttl <= 1 {
         return Err(reason::PASS_TTL);
     }
+    // A long quote may not fit a narrower uplink: the kernel's, as any
+    // packet too big.
+    if u16::from_be_bytes(total_len) > info.mtu {
+        return Err(reason::PASS_TOO_BIG);
+    }
+    // An uplink that wraps its packets (a VLAN tag, PPPoE) would need
+    // `wrap_frame`, whose stack frame does not fit beside this one's.
+    if wrapping(uplink, info).is_some() {
+        return Err(reason::PASS_UNSUPPORTED);
+    }
     rewrite::decrement_ttl(pkt);
     translate_icmp_error(ctx, pkt, &inner, End::Source, info.addr, nat_port)?;
-    match wrapping(uplink, info) {
-        None => rewrite::untagged(
-            ctx,
-            pkt.tagged(),
-            parse::ETH_P_IPV4,
-            info.src_mac,
-            info.gw_mac,
-        ),
-        Some(_) => wrap(
-            ctx,
-            uplink,
-            pkt.l3_off,
-            parse::ETH_P_IPV4,
-            usize::from(u16::from_be_bytes(total_len)),
-        ),
-    }
+    rewrite::untagged(
+        ctx,
+        pkt.tagged(),
+        parse::ETH_P_IPV4,
+        info.src_mac,
+        info.gw_mac,
+    )
     .map_err(|_| reason::DROP_UNFINISHED)?;
     Ok(egress::send(ctx, info.ifindex, uplink, inner.dst, || {
         TX_PORTS.redirect(uplink, 0)

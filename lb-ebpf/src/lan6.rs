@@ -213,15 +213,22 @@ fn open(ctx: *mut xdp_md, key: &FlowKey6, flow: *mut FlowValue6, meta: u64, now:
         let pinned = unsafe { (*flow).uplink };
         moved(flow, pinned, placed(pinned), now)
     };
-    match opened {
-        Ok(uplink) => i64::from(uplink),
+    word(opened)
+}
+
+/// A result as one word, for a BPF function's return: `Ok` as itself
+/// (non-negative), `Err(why)` as `-1 - why`.
+#[inline(always)]
+pub fn word(result: Result<u32, u32>) -> i64 {
+    match result {
+        Ok(value) => i64::from(value),
         Err(why) => -1 - i64::from(why),
     }
 }
 
-/// What [`open`] returned.
+/// What [`word`] made of a result.
 #[inline(always)]
-fn unword(word: i64) -> Result<u32, u32> {
+pub fn unword(word: i64) -> Result<u32, u32> {
     if word >= 0 {
         Ok(word as u32)
     } else {

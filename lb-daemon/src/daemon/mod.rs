@@ -418,8 +418,19 @@ impl Daemon {
                 .values()
                 .flat_map(|port| [LAN_INGRESS, HANDOFF].map(|p| (p.to_owned(), port.clone())))
                 .chain(config.uplinks.iter().flat_map(|u| {
-                    [WAN_INGRESS, WAN_INGRESS_L3, HANDOFF]
+                    // An Ethernet uplink's XDP program, or an L3 one's tc
+                    // program (an interface not there now keeps either).
+                    let l3 = observed.link(&u.interface).map(|l| l.l3);
+                    let ingress = [
+                        (l3 != Some(true), WAN_INGRESS),
+                        (l3 != Some(false), WAN_INGRESS_L3),
+                    ];
+                    ingress
+                        .into_iter()
+                        .filter_map(|(keep, p)| keep.then_some(p))
+                        .chain([HANDOFF])
                         .map(|p| (p.to_owned(), u.interface.clone()))
+                        .collect::<Vec<_>>()
                 }))
                 .collect();
             let (released, failed) = dataplane.release_links_except(&keep);

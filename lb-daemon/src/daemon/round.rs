@@ -141,16 +141,18 @@ impl Daemon {
             &uplink_ifindexes,
             &self.config.routing.lookup_tables,
         );
-        let bypassed = self.bypass.converge(bypass, &mut self.dataplane);
-        let added6 = self.ipv6.take_added();
-        if let Ok(added) = &bypassed {
-            let kept: Vec<(IpAddr, u8)> = added
-                .iter()
-                .map(|&(a, len)| (IpAddr::V4(a), len))
-                .chain(added6.into_iter().map(|(a, len)| (IpAddr::V6(a), len)))
-                .collect();
-            self.forget_flows_to(kept);
-        }
+        let (added, bypassed) = self.bypass.converge(bypass, &mut self.dataplane);
+        let kept: Vec<(IpAddr, u8)> = added
+            .into_iter()
+            .map(|(a, len)| (IpAddr::V4(a), len))
+            .chain(
+                self.ipv6
+                    .take_added()
+                    .into_iter()
+                    .map(|(a, len)| (IpAddr::V6(a), len)),
+            )
+            .collect();
+        self.forget_flows_to(kept);
         // Qdiscs: each device's way out, and lb's shapers; whatever the
         // bypass said (an L3 uplink's way out must not wait on a full
         // trie).

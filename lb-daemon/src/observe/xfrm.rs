@@ -48,10 +48,11 @@ const NLMSG_HEADER: usize = 16;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// Set once the kernel said it has no XFRM netlink (or lbd may not ask
-/// it): not asked again, since each try may have the kernel look for the
-/// module.
+/// Set once the kernel said it has no XFRM netlink: not asked again,
+/// since each try may have the kernel look for the module.
 static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+/// Set once lbd was told it may not ask (said once, asked again).
+static REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// The destination prefixes of the outbound policies that encrypt or
 /// block, as the kernel holds them now; `None` where the kernel has no
@@ -68,18 +69,27 @@ pub fn kept_destinations() -> Result<Option<Vec<(IpAddr, u8)>>> {
             .find_map(|c| c.downcast_ref::<std::io::Error>())
             .and_then(std::io::Error::raw_os_error)
     };
-    let unavailable = |e: &anyhow::Error| {
-        matches!(
-            errno(e),
-            Some(libc::EPROTONOSUPPORT | libc::EPERM | libc::EACCES)
-        )
+    // No XFRM netlink: no IPsec to keep, now or later. Not allowed to ask
+    // (`lbd --check` as a user): said once, nothing kept this time.
+    let cannot = |e: &anyhow::Error| match errno(e) {
+        Some(libc::EPROTONOSUPPORT) => {
+            UNAVAILABLE.store(true, Ordering::Relaxed);
+            true
+        }
+        Some(libc::EPERM | libc::EACCES) => {
+            if !REFUSED.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "the kernel's IPsec policies could not be read ({e:#}): what they encrypt \
+                     is not kept from the fast path until they can (lbd needs CAP_NET_ADMIN)"
+                );
+            }
+            true
+        }
+        _ => false,
     };
     let socket = match nlmsg::open(NETLINK_XFRM) {
         Ok(socket) => socket,
-        Err(e) if unavailable(&e) => {
-            UNAVAILABLE.store(true, Ordering::Relaxed);
-            return Ok(None);
-        }
+        Err(e) if cannot(&e) => return Ok(None),
         Err(e) => return Err(e.context("opening an XFRM netlink socket")),
     };
     let mut request = Vec::with_capacity(NLMSG_HEADER);
@@ -90,10 +100,7 @@ pub fn kept_destinations() -> Result<Option<Vec<(IpAddr, u8)>>> {
     request.extend_from_slice(&0u32.to_ne_bytes());
     let messages = match nlmsg::dump(&socket, &request) {
         Ok(messages) => messages,
-        Err(e) if unavailable(&e) => {
-            UNAVAILABLE.store(true, Ordering::Relaxed);
-            return Ok(None);
-        }
+        Err(e) if cannot(&e) => return Ok(None),
         Err(e) => return Err(e.context("dumping the IPsec policies")),
     };
     Ok(Some(

@@ -68,12 +68,13 @@ impl Bypass {
     /// removed (a covering prefix that replaces a narrower one leaves no
     /// gap), then what found no room added again. A prefix that cannot be
     /// written holds up no other; the errors are said together. Returns
-    /// the prefixes added (whose pinned flows the caller lets go).
+    /// the prefixes added (whose pinned flows the caller lets go), even
+    /// when some could not be.
     pub fn converge(
         &mut self,
         wanted: BTreeSet<(Ipv4Addr, u8)>,
         dataplane: &mut Dataplane,
-    ) -> Result<Vec<(Ipv4Addr, u8)>> {
+    ) -> (Vec<(Ipv4Addr, u8)>, Result<()>) {
         let mut added = Vec::new();
         let first = self.add_new(&wanted, dataplane, &mut added);
         let mut errors = Vec::new();
@@ -90,15 +91,16 @@ impl Bypass {
         if !first.is_empty() {
             errors.extend(self.add_new(&wanted, dataplane, &mut added));
         }
-        if errors.is_empty() {
-            Ok(added)
+        let result = if errors.is_empty() {
+            Ok(())
         } else {
-            anyhow::bail!(
+            Err(anyhow::anyhow!(
                 "{} of the destinations the kernel keeps: {}",
                 errors.len(),
                 errors.join("; ")
-            )
-        }
+            ))
+        };
+        (added, result)
     }
 
     /// Add what of `wanted` the trie lacks, each added into `added`; the
