@@ -2713,6 +2713,21 @@ fn an_adopted_bypass_trie_converges_from_what_it_holds_and_a_full_one_blocks_no_
     );
 }
 
+/// The client's "port unreachable" to `to`, quoting `reply` (a frame as
+/// the client got it) whole.
+fn client_port_unreachable(to: [u8; 4], reply: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&reply[14..]);
+    let c = lb_common::csum::checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+        .ipv4(CLIENT, to, 64)
+        .write(&mut err, etherparse::IpNumber::ICMP, &icmp)
+        .expect("build");
+    err
+}
+
 #[test]
 fn a_clients_icmp_error_about_a_reply_leaves_by_its_flows_uplink_translated() {
     if !is_root() {
@@ -2747,15 +2762,7 @@ fn a_clients_icmp_error_about_a_reply_leaves_by_its_flows_uplink_translated() {
                 b"",
             )
         };
-        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-        icmp.extend_from_slice(&reply[14..]);
-        let c = lb_common::csum::checksum(&icmp, 0);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        let mut err = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
-            .ipv4(CLIENT, SERVER, 64)
-            .write(&mut err, etherparse::IpNumber::ICMP, &icmp)
-            .expect("build");
+        let err = client_port_unreachable(SERVER, &reply);
 
         let (verdict, sent) = h.lan(&err);
         let this = format!("the client's ICMP error about a {what} reply");
@@ -2807,22 +2814,13 @@ fn a_clients_icmp_error_about_a_reply_leaves_by_its_flows_uplink_translated() {
     {
         let (_, frame, _) = out_via_uplink2_from(&mut h, LOCAL_PORTS.0 + 3000, |p| udp(p, 64));
         let client_port = u16::from_be_bytes([frame[34], frame[35]]);
-        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-        icmp.extend_from_slice(
-            &build(
-                PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
-                    .ipv4(SERVER, CLIENT, 63)
-                    .udp(53, client_port),
-                b"!",
-            )[14..],
+        let reply = build(
+            PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
+                .ipv4(SERVER, CLIENT, 63)
+                .udp(53, client_port),
+            b"!",
         );
-        let c = lb_common::csum::checksum(&icmp, 0);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        let mut elsewhere = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
-            .ipv4(CLIENT, [203, 0, 113, 9], 64)
-            .write(&mut elsewhere, etherparse::IpNumber::ICMP, &icmp)
-            .expect("build");
+        let elsewhere = client_port_unreachable([203, 0, 113, 9], &reply);
         let (verdict, out) = h.lan(&elsewhere);
         assert_eq!(
             (verdict, out),
@@ -2831,22 +2829,13 @@ fn a_clients_icmp_error_about_a_reply_leaves_by_its_flows_uplink_translated() {
         );
     }
     // An error about nothing lb carries is the kernel's.
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(
-        &build(
-            PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
-                .ipv4(SERVER, CLIENT, 63)
-                .udp(9999, 4242),
-            b"?",
-        )[14..],
+    let reply = build(
+        PacketBuilder::ethernet2(ROUTER_LAN_MAC, CLIENT_MAC)
+            .ipv4(SERVER, CLIENT, 63)
+            .udp(9999, 4242),
+        b"?",
     );
-    let c = lb_common::csum::checksum(&icmp, 0);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut err = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
-        .ipv4(CLIENT, SERVER, 64)
-        .write(&mut err, etherparse::IpNumber::ICMP, &icmp)
-        .expect("build");
+    let err = client_port_unreachable(SERVER, &reply);
     let before = h.reason(reason::PASS_NO_MAPPING);
     let (verdict, out) = h.lan(&err);
     assert_eq!(

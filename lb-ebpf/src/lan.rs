@@ -33,9 +33,8 @@ use crate::{
     maps::{BYPASS, ENCAP, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
     nat::{embedded, translate, translate_icmp_error, End},
     parse::{
-        self, EthHdr, Fragment, IcmpHdr, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_DEST_UNREACH,
-        ICMP_ECHO_REQUEST, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_TCP,
-        IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_HDR_LEN, TCP_RST, TCP_SYN,
+        self, EthHdr, Fragment, IcmpHdr, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_ECHO_REQUEST,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_HDR_LEN, TCP_RST, TCP_SYN,
     },
     policy::{self, tuple, Placement},
     rewrite, stats,
@@ -172,12 +171,7 @@ fn is_icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> bool {
         return false;
     }
     // SAFETY: bounds-checked by `ptr_at`.
-    parse::ptr_at::<IcmpHdr>(ctx, pkt.l4_off).is_ok_and(|h| {
-        matches!(
-            unsafe { (*h).kind },
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
-        )
-    })
+    parse::ptr_at::<IcmpHdr>(ctx, pkt.l4_off).is_ok_and(|h| parse::icmp_error(unsafe { (*h).kind }))
 }
 
 /// An ICMP error a client sends about a reply the fast path brought it (a

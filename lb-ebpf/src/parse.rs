@@ -135,6 +135,16 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAM_PROBLEM: u8 = 12;
 
+/// Whether an ICMP message of type `kind` is an error that quotes a packet
+/// (destination unreachable, time exceeded, parameter problem).
+#[inline(always)]
+pub fn icmp_error(kind: u8) -> bool {
+    matches!(
+        kind,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+    )
+}
+
 /// A packet the data plane reads and rewrites in place.
 pub trait Frame {
     fn data(&self) -> usize;

@@ -161,10 +161,7 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     } else {
         ICMP_ECHO_REPLY
     };
-    let error = matches!(
-        icmp_kind,
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
-    );
+    let error = parse::icmp_error(icmp_kind);
     if error && pkt.fragment != Fragment::Whole {
         // Errors are small; a fragmented one is not worth a fast path.
         return Err(reason::PASS_FRAGMENT);
