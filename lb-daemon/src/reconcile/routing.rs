@@ -203,6 +203,9 @@ pub struct Wanted {
     pub rules6: BTreeSet<OwnedRule<Ipv6Addr>>,
 }
 
+/// One of lbd's rules to remove: as `ip rule` says it, and the message.
+pub type RuleRemoval = (String, RuleMessage);
+
 /// What to change to get from what is to what is wanted. What goes is
 /// removed by the kernel's own message, whatever its family.
 #[derive(Debug, Clone, Default)]
@@ -214,7 +217,7 @@ pub struct Changes {
     pub add_rules: Vec<OwnedRule>,
     pub add_rules6: Vec<OwnedRule<Ipv6Addr>>,
     /// lbd's rules to remove: as `ip rule` says them, and the message.
-    pub del_rules: Vec<(String, RuleMessage)>,
+    pub del_rules: Vec<RuleRemoval>,
     /// Interface names by index, to say the routes to add.
     pub names: BTreeMap<u32, String>,
 }
@@ -800,12 +803,26 @@ async fn add_rule<A: Family>(handle: &Handle, r: &OwnedRule<A>, errors: &mut Vec
     }
 }
 
-/// Make `changes`: removals first (an old rule for an address that moved
-/// must not outlive it), then additions. Every step is tried; the errors
-/// are returned together, for the next round to retry.
+/// Which of lbd's rules to remove go before the additions: those of an
+/// address (`from`), since an old rule for an address that moved must not
+/// outlive it. The rest go after, so that no packet finds neither the old
+/// rule nor its successor (a slow path that moves to another uplink: the
+/// old `iif` rule, at the same priority, is asked first while both are
+/// there).
+fn removal_order(del_rules: Vec<RuleRemoval>) -> (Vec<RuleRemoval>, Vec<RuleRemoval>) {
+    del_rules
+        .into_iter()
+        .partition(|(_, msg)| msg.header.src_len > 0)
+}
+
+/// Make `changes`: the removals of rules for addresses and of routes
+/// first, then the additions, then the other removals
+/// ([`removal_order`]). Every step is tried; the errors are returned
+/// together, for the next round to retry.
 pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
     let mut errors = Vec::new();
-    for (text, msg) in changes.del_rules {
+    let (first, last) = removal_order(changes.del_rules);
+    for (text, msg) in first {
         if let Err(e) = handle.rule().del(msg).execute().await {
             errors.push(format!("removing rule {text} (`ip rule show`): {e}"));
         }
@@ -827,6 +844,11 @@ pub async fn converge(handle: &Handle, changes: Changes) -> Vec<String> {
     for r in &changes.add_rules6 {
         add_rule(handle, r, &mut errors).await;
     }
+    for (text, msg) in last {
+        if let Err(e) = handle.rule().del(msg).execute().await {
+            errors.push(format!("removing rule {text} (`ip rule show`): {e}"));
+        }
+    }
     errors
 }
 
@@ -838,6 +860,20 @@ mod tests {
         kernel6::fixtures::{ip6, route6, router6},
     };
     use rtnetlink::packet_route::route::RouteType;
+
+    #[test]
+    fn rules_of_an_address_go_before_the_additions_and_the_rest_after() {
+        let rule = |src_len: u8| {
+            let mut msg = RuleMessage::default();
+            msg.header.src_len = src_len;
+            (format!("/{src_len}"), msg)
+        };
+        let (first, last) = removal_order(vec![rule(0), rule(32), rule(0), rule(56)]);
+        let said =
+            |v: &[(String, RuleMessage)]| v.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>();
+        assert_eq!(said(&first), ["/32", "/56"]);
+        assert_eq!(said(&last), ["/0", "/0"]);
+    }
 
     #[test]
     fn changes_replace_lbds_stale_routes_and_leave_others_alone() {
