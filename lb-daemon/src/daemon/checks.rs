@@ -30,7 +30,7 @@ pub(super) fn refuse(config: &Config, observed: &Observed) -> Result<()> {
         })?;
     }
     check_lans(config, observed)?;
-    check_xdp_targets(config, observed)?;
+    say_slow_targets(config, observed);
     check_ingress_shapers(config, observed)?;
     for u in &config.uplinks {
         if observed.link(&u.interface).and_then(|l| l.kind.as_deref()) == Some("bridge") {
@@ -56,16 +56,17 @@ pub(super) async fn refuse_now(config: &Config) -> Result<()> {
     refuse(config, &observed)
 }
 
-/// What `lbd --check` can say of the machine besides the file: whether
-/// the uplinks and LAN ports that exist now can take redirected frames (as
-/// the start checks). Reads the kernel, changes nothing.
+/// What `lbd --check` can say of the machine besides the file, as the
+/// start does: a LAN given as a bridge port, an uplink's ingress shaper
+/// (refused), and which uplinks and LAN ports take no redirected frames
+/// (said). Reads the kernel, changes nothing.
 pub async fn check_machine(config: &Config) -> Result<()> {
     let (conn, handle, _) =
         rtnetlink::new_connection().context("opening a netlink socket failed")?;
     tokio::spawn(conn);
     let observed = Observed::take(&handle).await?;
     check_lans(config, &observed)?;
-    check_xdp_targets(config, &observed)?;
+    say_slow_targets(config, &observed);
     check_ingress_shapers(config, &observed)
 }
 
@@ -138,10 +139,10 @@ pub(super) fn check_ingress_shapers(config: &Config, observed: &Observed) -> Res
 /// told how to give them the fast way. Interfaces that do not exist yet
 /// are said by nobody; a kernel without the netdev family (before 6.3)
 /// cannot say.
-pub(super) fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<()> {
-    let Some(mut caps) = crate::observe::xdpcaps::XdpCaps::open()? else {
+pub(super) fn say_slow_targets(config: &Config, observed: &Observed) {
+    let Some(features) = &observed.xdp_features else {
         log::info!("the kernel does not report XDP features (before Linux 6.3): redirect targets not checked");
-        return Ok(());
+        return;
     };
     let uplinks = config.uplinks.iter().map(|u| u.interface.clone());
     let lan_ports = config
@@ -162,14 +163,13 @@ pub(super) fn check_xdp_targets(config: &Config, observed: &Observed) -> Result<
             );
             continue;
         }
-        let features = caps
-            .features(link.index)
-            .with_context(|| format!("asking the kernel for the XDP features of {ifname}"))?;
+        let Some(&features) = features.get(&link.index) else {
+            continue;
+        };
         if let Some(said) =
             crate::observe::xdpcaps::slow_way(&ifname, link.kind.as_deref(), features)
         {
             log::warn!("{said}");
         }
     }
-    Ok(())
 }

@@ -397,21 +397,9 @@ impl Daemon {
                 None => self.egress.unsay(&key),
             }
         }
-        // Which devices take no XDP redirects, as the kernel says now (a
-        // veth's answer moves with its peer's GRO); a kernel that cannot
-        // say (before 6.3) has every device take them, as before.
-        let mut caps = match crate::observe::xdpcaps::XdpCaps::open() {
-            Ok(caps) => caps,
-            Err(e) => {
-                log::debug!("XDP features not asked: {e:#}");
-                None
-            }
-        };
-        let mut no_redirect = |ifindex: u32| {
-            caps.as_mut()
-                .and_then(|c| c.features(ifindex).ok())
-                .is_some_and(|f| f & crate::observe::xdpcaps::NDO_XMIT == 0)
-        };
+        // Which devices take no XDP redirects, as the kernel says in this
+        // round's observation (a veth's answer moves with its peer's GRO).
+        let no_redirect = |ifindex: u32| observed.no_redirect(ifindex);
         let mut devices: Vec<egress::Device> = self
             .uplinks
             .iter()

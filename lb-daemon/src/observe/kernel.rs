@@ -146,6 +146,9 @@ pub struct Observed {
     /// (`observe::xfrm`), both families; `None`: the kernel has no XFRM
     /// netlink (or lbd may not ask it).
     pub ipsec: Option<Vec<(IpAddr, u8)>>,
+    /// The XDP features of each device with a link layer, by index
+    /// (`observe::xdpcaps`); `None`: the kernel cannot say (before 6.3).
+    pub xdp_features: Option<BTreeMap<u32, u64>>,
 }
 
 impl Observed {
@@ -198,10 +201,17 @@ impl Observed {
         let ipsec = tokio::task::spawn_blocking(super::xfrm::kept_destinations)
             .await
             .context("asking for the IPsec policies")??;
+        let links: Vec<LinkFacts> = links.iter().filter_map(link_facts).collect();
+        let ethernet: Vec<u32> = links.iter().filter(|l| !l.l3).map(|l| l.index).collect();
+        let xdp_features =
+            tokio::task::spawn_blocking(move || super::xdpcaps::features_of(&ethernet))
+                .await
+                .context("asking for the devices' XDP features")??;
         Ok(Observed {
             v6,
             ipsec,
-            links: links.iter().filter_map(link_facts).collect(),
+            xdp_features,
+            links,
             addresses: addresses
                 .iter()
                 .flat_map(|msg| {
@@ -279,6 +289,15 @@ impl Observed {
             })
             .min_by_key(|r| (r.table != MAIN_TABLE, r.priority))
             .and_then(|r| r.gateway)
+    }
+
+    /// Whether the kernel says device `ifindex` takes no frames redirected
+    /// by XDP (no `ndo_xdp_xmit`); `false` where it cannot say.
+    pub fn no_redirect(&self, ifindex: u32) -> bool {
+        self.xdp_features
+            .as_ref()
+            .and_then(|f| f.get(&ifindex))
+            .is_some_and(|f| f & super::xdpcaps::NDO_XMIT == 0)
     }
 
     /// The Ethernet address the kernel holds for `ip` on `ifindex`.

@@ -10,6 +10,8 @@
 //! id, then one device's features (messages built and read by `nlmsg`).
 //! Never changes anything.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket};
 
@@ -90,6 +92,21 @@ impl XdpCaps {
         let bytes: [u8; 8] = value.get(..8).context("a short xdp-features")?.try_into()?;
         Ok(u64::from_ne_bytes(bytes))
     }
+}
+
+/// The XDP features of each of `ifindexes` the kernel answers for; `None`
+/// when the kernel cannot say (no netdev family: before 6.3). A device
+/// gone between the dump and the question is left out.
+pub fn features_of(ifindexes: &[u32]) -> Result<Option<BTreeMap<u32, u64>>> {
+    let Some(mut caps) = XdpCaps::open()? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        ifindexes
+            .iter()
+            .filter_map(|&i| caps.features(i).ok().map(|f| (i, f)))
+            .collect(),
+    ))
 }
 
 /// What it means that frames redirected into `ifname` (of kind `kind`)
