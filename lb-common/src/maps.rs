@@ -64,9 +64,14 @@ pub mod name {
     /// forgets its programs when the last file that names it closes, and
     /// the pinned `lan_ingress` goes on forwarding while lbd restarts.
     pub const LAN6: &str = "LAN6";
+    /// The router's own MAC addresses on each LAN port, by the port's
+    /// ifindex ([`super::RouterMacs`]). Came without a layout bump: a map
+    /// created when absent changes nothing an older one holds, and a port
+    /// without an entry is served as before.
+    pub const ROUTER_MACS: &str = "ROUTER_MACS";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 34] = [
+    pub const ALL: [&str; 35] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -101,6 +106,7 @@ pub mod name {
         STICKY6,
         RING_DROPS,
         LAN6,
+        ROUTER_MACS,
     ];
 }
 
@@ -459,6 +465,58 @@ pub struct LanPort {
     pub addr: [u8; 4],
 }
 
+/// How many MAC addresses of the router one LAN port's entry holds.
+pub const MAX_ROUTER_MACS: usize = 16;
+
+/// The MAC addresses a LAN port's clients reach the router at (map
+/// `ROUTER_MACS`, by the port's ifindex): its LAN interface's (a bridge's),
+/// the bridge's ports' (the bridge takes frames to them as its own), and
+/// those of the devices on top of it (a VLAN, a VRRP macvlan). A new flow
+/// is pinned only from a frame to one of them: a frame to another MAC
+/// (a second gateway on the LAN, a VPN box the clients route a network
+/// through) is the bridge's to forward, as the kernel would never route
+/// it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouterMacs {
+    /// How many of `macs` hold one.
+    pub len: u32,
+    pub macs: [[u8; 6]; MAX_ROUTER_MACS],
+}
+
+impl RouterMacs {
+    /// The entry for `macs` (duplicates once), or `None` when there are
+    /// more than [`MAX_ROUTER_MACS`] different ones: such a port is better
+    /// left without an entry (every frame served, as before) than with
+    /// one that misses the router's own.
+    pub fn new(macs: impl IntoIterator<Item = [u8; 6]>) -> Option<Self> {
+        let mut entry = RouterMacs::default();
+        for mac in macs {
+            // A group or unset address is no device's own.
+            if mac[0] & 1 != 0 || mac == [0; 6] || entry.holds(&mac) {
+                continue;
+            }
+            *entry.macs.get_mut(entry.len as usize)? = mac;
+            entry.len += 1;
+        }
+        Some(entry)
+    }
+
+    /// Whether `mac` is one of the router's. A group address (broadcast,
+    /// multicast) never is: the kernel routes no such frame either.
+    #[inline(always)]
+    pub fn holds(&self, mac: &[u8; 6]) -> bool {
+        let mut i = 0;
+        while i < MAX_ROUTER_MACS && i < self.len as usize {
+            if self.macs[i] == *mac {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
 /// The IPv6 side of an uplink (map `UPLINKS6`, by uplink index). Its
 /// interface, own MAC and MTU are its `UPLINKS` entry's.
 #[repr(C)]
@@ -581,6 +639,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragValue>() == 16);
     assert!(core::mem::size_of::<PolicyStats>() == 32);
     assert!(core::mem::size_of::<LanPort>() == 72);
+    assert!(core::mem::size_of::<RouterMacs>() == 100);
     assert!(core::mem::size_of::<Uplink6>() == 80);
     assert!(core::mem::size_of::<FlowKey6>() == 40);
     assert!(core::mem::size_of::<FlowValue6>() == 32);
@@ -599,6 +658,7 @@ mod pod {
     unsafe impl aya::Pod for super::UplinkStats {}
     unsafe impl aya::Pod for super::Signals {}
     unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::RouterMacs {}
     unsafe impl aya::Pod for super::NatValue {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
@@ -635,5 +695,31 @@ mod tests {
         assert!(!v.current(u64::MAX));
         // Another CPU's clock a tick behind.
         assert!(v.current(seen_ns - 4_000_000));
+    }
+
+    #[test]
+    fn a_ports_entry_holds_the_routers_macs_once_and_no_group_address() {
+        let bridge = [0x02, 0, 0, 0, 0, 1];
+        let port = [0x02, 0, 0, 0, 0, 2];
+        let vrrp = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x07];
+        let entry = RouterMacs::new([bridge, port, bridge, [0xff; 6], [0; 6], vrrp])
+            .expect("three MACs fit");
+        assert_eq!(entry.len, 3);
+        for mac in [bridge, port, vrrp] {
+            assert!(entry.holds(&mac));
+        }
+        // Another host's (a second gateway's), broadcast, IPv4 multicast.
+        for mac in [[0x02, 0, 0, 0, 0, 9], [0xff; 6], [0x01, 0, 0x5e, 0, 0, 1]] {
+            assert!(!entry.holds(&mac));
+        }
+        // An empty entry holds nothing.
+        assert!(!RouterMacs::default().holds(&bridge));
+    }
+
+    #[test]
+    fn a_port_with_more_macs_than_an_entry_holds_gets_none() {
+        let macs = (0..=MAX_ROUTER_MACS as u8).map(|i| [0x02, 0, 0, 0, 0, i]);
+        assert!(RouterMacs::new(macs.clone().take(MAX_ROUTER_MACS)).is_some());
+        assert!(RouterMacs::new(macs).is_none());
     }
 }

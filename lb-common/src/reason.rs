@@ -94,8 +94,14 @@ pub const DROP_BAD_NOTE: u32 = 23;
 /// cannot go on to the kernel, which would take it for another.
 pub const DROP_UNFINISHED: u32 = 24;
 
+/// A connection's first packet in a frame addressed to another host's MAC
+/// (a second gateway on the LAN: a VPN box or another router the client
+/// routes through), seen on a bridge port: the bridge's to forward, never
+/// lb's to pin (`maps::RouterMacs`).
+pub const PASS_ELSEWHERE: u32 = 25;
+
 /// Number of reasons.
-pub const COUNT: u32 = 25;
+pub const COUNT: u32 = 26;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -128,6 +134,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_no_program",
     "drop_bad_note",
     "drop_unfinished",
+    "pass_elsewhere",
 ];
 
 /// Whether `reason` is a drop: a path that gives up on a packet with a

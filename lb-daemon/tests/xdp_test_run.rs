@@ -14,7 +14,7 @@ use etherparse::{IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSl
 use lb_common::{
     egress::{self, note, Egress, Note},
     hash,
-    maps::{program, uplink_state, FragValue, UplinkInfo, FRAGMENT_LIFETIME_NS},
+    maps::{program, uplink_state, FragValue, RouterMacs, UplinkInfo, FRAGMENT_LIFETIME_NS},
     nat, reason,
     table::{self, Table},
     MAX_UPLINKS,
@@ -1000,6 +1000,57 @@ fn two_clients_with_one_source_port_get_two_mappings() {
         );
         assert_eq!(u16::from_be_bytes([back[36], back[37]]), client_port);
     }
+}
+
+#[test]
+fn a_frame_to_another_gateways_mac_is_left_to_the_bridge_and_pins_nothing() {
+    if !is_root() {
+        return;
+    }
+    let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+    // The router's MACs on the test runs' port (loopback, ifindex 1).
+    let macs = RouterMacs::new([ROUTER_LAN_MAC]).expect("one MAC fits");
+    h.dp.set_router_macs(1, Some(macs)).expect("router MACs");
+    // A client that routes the head office's 10.50.0.0/16 through a VPN
+    // box on the LAN: to the box's MAC, an address lb does not keep.
+    const VPN_BOX_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+    let to = |mac: [u8; 6], port: u16| {
+        build(
+            PacketBuilder::ethernet2(CLIENT_MAC, mac)
+                .ipv4(CLIENT, [10, 50, 0, 1], 64)
+                .udp(port, 53),
+            b"q",
+        )
+    };
+    let before = h.reason(reason::PASS_ELSEWHERE);
+    for frame in [
+        to(VPN_BOX_MAC, 7000),
+        to([0xff; 6], 7001),
+        to([0x01, 0, 0x5e, 0, 0, 1], 7002),
+    ] {
+        let (verdict, out) = h.lan(&frame);
+        assert_eq!(
+            verdict, XDP_PASS,
+            "a frame not to the router is the bridge's"
+        );
+        assert_eq!(out, frame, "and untouched");
+    }
+    assert_eq!(h.reason(reason::PASS_ELSEWHERE) - before, 3);
+    assert!(
+        h.flow_tables().flows().expect("flows").is_empty(),
+        "no flow is pinned for them"
+    );
+    // The same client's frame to the router is balanced as ever.
+    let frame = to(ROUTER_LAN_MAC, 7000);
+    let (verdict, out) = h.lan(&frame);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let up = uplink_info(uplink_of(&out), uplink_state::ACTIVE);
+    assert_forwarded(&frame, &out, &up);
+    // A port without an entry (an older lbd wrote none) is served as
+    // before.
+    h.dp.set_router_macs(1, None).expect("forget");
+    let frame = to(VPN_BOX_MAC, 7003);
+    assert_eq!(h.lan(&frame).0, XDP_REDIRECT);
 }
 
 #[test]

@@ -30,7 +30,7 @@ use lb_common::{
 use crate::{
     answer, clock, conntrack, count, egress, frags,
     lan6::{unword, word},
-    maps::{BYPASS, ENCAP, FLOWS, NAT_REV, SETTINGS, TX_PORTS, UPLINKS},
+    maps::{BYPASS, ENCAP, FLOWS, NAT_REV, ROUTER_MACS, SETTINGS, TX_PORTS, UPLINKS},
     nat::{embedded, translate, translate_icmp_error, End},
     parse::{
         self, EthHdr, Fragment, IcmpHdr, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_ECHO_REQUEST,
@@ -92,6 +92,11 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     // established packet pays one lookup, not two.
     if existing.is_none() && BYPASS.get(Key::new(32, dst)).is_some() {
         return Err(reason::PASS_LOCAL);
+    }
+    // Nor is a flow made from a frame the router was not sent (a second
+    // gateway's, seen on a bridge port): the bridge forwards it.
+    if existing.is_none() && elsewhere(ctx.ctx) {
+        return Err(reason::PASS_ELSEWHERE);
     }
     let (uplink, nat_port) = if pkt.fragment == Fragment::Later {
         later_fragment(existing, now)?
@@ -161,6 +166,22 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     Ok(egress::send(ctx, info.ifindex, uplink, src, || {
         TX_PORTS.redirect(uplink, 0)
     }))
+}
+
+/// Whether the frame is addressed to another MAC than the router's on
+/// its port (`RouterMacs`): a second gateway on the LAN, whose frames a
+/// bridge port sees too. A port without an entry (an older lbd wrote
+/// none) is served as before. A BPF function of its own, asked on a
+/// connection's first packet only: its frame is not added to the caller's.
+#[inline(never)]
+pub fn elsewhere(ctx: *mut xdp_md) -> bool {
+    let ctx = XdpContext::new(ctx);
+    let Ok(eth) = parse::ptr_at::<EthHdr>(&ctx, 0) else {
+        return false;
+    };
+    // SAFETY: a map value, read at once; `ptr_at` bounds-checked `eth`.
+    unsafe { ROUTER_MACS.get(&(ctx.ingress_ifindex() as u32)) }
+        .is_some_and(|macs| !macs.holds(unsafe { &(*eth).dst }))
 }
 
 /// Whether `pkt` is an ICMP error (destination unreachable, time

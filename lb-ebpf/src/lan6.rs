@@ -79,6 +79,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if existing.is_none() && (kernels(&key) || BYPASS6.get(Key::new(128, key.dst_addr)).is_some()) {
         return Err(reason::PASS_LOCAL);
     }
+    if existing.is_none() && crate::lan::elsewhere(ctx.ctx) {
+        return Err(reason::PASS_ELSEWHERE);
+    }
     let closing = parse::tcp_flags6(ctx, &pkt) & (TCP_FIN | TCP_RST) != 0;
     let uplink = match existing.and_then(|flow| kept(flow, closing, now)) {
         Some(uplink) => uplink,

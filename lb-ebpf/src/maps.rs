@@ -12,8 +12,8 @@ use lb_common::{
     egress::Egress,
     maps::{
         BucketTable, FlowKey, FlowKey6, FlowValue, FlowValue6, FragKey, FragValue, LanPort, NatKey,
-        NatValue, PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOTS,
-        SIGNAL_SLOTS,
+        NatValue, PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo, UplinkStats,
+        LAN6_SLOTS, SIGNAL_SLOTS,
     },
     policy::{
         Flow, Policy, PrefixKey, PrefixKey6, RuleBits, RuleTable, StickyKey, StickyKey6,
@@ -168,6 +168,11 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
 /// LAN interfaces by ifindex, for redirecting replies to clients.
 #[map]
 pub static LAN_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_LANS, 0);
+
+/// The router's own MACs on each LAN port, by the port's ifindex: a new
+/// flow is pinned only from a frame to one of them (`lan::elsewhere`).
+#[map]
+pub static ROUTER_MACS: HashMap<u32, RouterMacs> = HashMap::with_max_entries(MAX_LAN_PORTS, 0);
 
 /// Destinations the fast path leaves to the kernel (router addresses, LAN
 /// subnets), by longest prefix.

@@ -139,3 +139,66 @@ fn a_port_that_left_the_bridge_while_lbd_was_stopped_is_let_go_when_it_starts() 
     );
     lbd.stop(&mut lab)
 }
+
+/// A clinic's LAN with a second gateway: a VPN box beside the router
+/// (client3, on lan3) that carries the head office's 10.50.0.0/16, which
+/// the clients route through it (as DHCP option 121 tells them). Their
+/// frames to the box cross the router's bridge, where lan_ingress sees
+/// them: they are the bridge's to forward, never NATed out of an ISP.
+#[test]
+fn frames_to_a_second_gateway_on_the_lan_are_bridged_not_balanced() -> Result<()> {
+    if !require_root("frames_to_a_second_gateway_on_the_lan_are_bridged_not_balanced") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    lab.exec(
+        "router",
+        &["ip", "link", "set", "dev", "lan3", "master", "br-lan"],
+    )?;
+    // The box's side of its tunnel, and the client's route through it.
+    lab.exec(
+        "client3",
+        &["ip", "addr", "add", "10.50.0.1/16", "dev", "lo"],
+    )?;
+    lab.exec(
+        "client",
+        &["ip", "route", "add", "10.50.0.0/16", "via", "10.10.0.4"],
+    )?;
+    let config = LabConfig {
+        lans: &["br-lan"],
+        ..LabConfig::default()
+    };
+    let lbd = Lbd::start(&mut lab, &config.render())?;
+    wait_for("lbd on lan3", BOUND, || {
+        Ok(lbd.status()?["lan_ports"].to_string().contains("lan3"))
+    })?;
+
+    let head_office: SocketAddr = "10.50.0.1:7000".parse()?;
+    let _echo = UdpEchoServer::start(lab.ns("client3")?, head_office)?;
+    let (pinned, passed) = (new_flows(&lbd)?, lbd.reason("pass_elsewhere")?);
+    flows_answered(&lab, "client", head_office, 20)?;
+    let (pinned, passed) = (
+        new_flows(&lbd)? - pinned,
+        lbd.reason("pass_elsewhere")? - passed,
+    );
+    eprintln!("20 flows to the head office through the VPN box: {pinned} pinned, {passed} frames left to the bridge");
+    ensure!(
+        pinned == 0,
+        "{pinned} flows to the VPN box's network were pinned to an ISP"
+    );
+    ensure!(
+        passed >= 20,
+        "only {passed} frames counted as pass_elsewhere"
+    );
+
+    // The internet, through the router, is balanced as before.
+    let server: SocketAddr = "198.51.100.10:7000".parse()?;
+    let _inet = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    let before = new_flows(&lbd)?;
+    flows_answered(&lab, "client", server, 20)?;
+    ensure!(
+        new_flows(&lbd)? - before >= 20,
+        "the client's internet flows did not take the fast path"
+    );
+    lbd.stop(&mut lab)
+}

@@ -73,6 +73,7 @@ use crate::{
     reconcile::ipv6::{self, Facts6},
     reconcile::nftables,
     reconcile::policies,
+    reconcile::router_macs,
     reconcile::routing,
 };
 
@@ -316,6 +317,8 @@ pub struct Daemon {
     /// Where lb's programs are attached. `lan_ingress` only once the
     /// slow path's guard is in place (`lans_open`).
     attachments: attachments::Attachments,
+    /// The router's own MACs on each LAN port, as written.
+    router_macs: router_macs::RouterMacs,
     lans_open: bool,
     /// Each device's way out (XDP or its qdisc) and lb's shapers.
     egress: egress::Owned,
@@ -495,6 +498,7 @@ impl Daemon {
             bypass6: Default::default(),
             flow_addrs: Vec::new(),
             attachments: attachments::Attachments::default(),
+            router_macs: router_macs::RouterMacs::default(),
             lans_open: false,
             egress: egress_owned,
             slowpath: None,

@@ -352,8 +352,13 @@ impl Daemon {
         }
         self.attachments
             .converge_lans(wanted, &mut self.dataplane)?;
+        // Neither holds up the other.
+        let macs = self
+            .router_macs
+            .converge(&self.config.lans, observed, &mut self.dataplane);
         self.policies
-            .converge_lan_ports(&facts, &mut self.dataplane)
+            .converge_lan_ports(&facts, &mut self.dataplane)?;
+        macs
     }
 
     /// Write the operator's rules and prefix sets where they changed (see

@@ -35,7 +35,7 @@ use lb_common::{
     egress::{Egress, RING_BINDING_GLOBAL, RING_TRACEPOINT},
     maps::{
         name, program, settings_flags, signals6, BucketTable, FragKey, FragValue, LanPort,
-        PolicyStats, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
+        PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
         UNREACHABLE6_SLOT,
     },
     policy::{
@@ -937,6 +937,36 @@ impl Dataplane {
             None => missing_is_fine(map.remove(&ifindex))
                 .with_context(|| format!("removing LAN port {ifindex}")),
         }
+    }
+
+    /// The router's MACs on LAN port `ifindex` (`None`: forget the port).
+    pub fn set_router_macs(&mut self, ifindex: u32, macs: Option<RouterMacs>) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(name::ROUTER_MACS)
+            .context("map ROUTER_MACS missing")?;
+        let mut map: HashMap<&mut MapData, u32, RouterMacs> =
+            HashMap::try_from(m).context("map ROUTER_MACS has an unexpected type")?;
+        match macs {
+            Some(macs) => map
+                .insert(ifindex, macs, 0)
+                .with_context(|| format!("writing the router's MACs on LAN port {ifindex}")),
+            None => missing_is_fine(map.remove(&ifindex))
+                .with_context(|| format!("removing the router's MACs on LAN port {ifindex}")),
+        }
+    }
+
+    /// What `ROUTER_MACS` holds now.
+    pub fn router_macs(&self) -> Result<Vec<(u32, RouterMacs)>> {
+        let m = self
+            .ebpf
+            .map(name::ROUTER_MACS)
+            .context("map ROUTER_MACS missing")?;
+        let map: HashMap<&MapData, u32, RouterMacs> =
+            HashMap::try_from(m).context("map ROUTER_MACS has an unexpected type")?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading ROUTER_MACS")
     }
 
     /// What `LAN_CLASSES` holds now.

@@ -17,5 +17,6 @@ pub mod ipv6;
 pub mod nftables;
 pub mod overflow;
 pub mod policies;
+pub mod router_macs;
 pub mod routing;
 pub mod uplinks;
