@@ -10,7 +10,7 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     stream::wait_for,
-    traffic::{udp_flows, UdpEchoServer},
+    traffic::{udp_flows, HeldUdp, UdpEchoServer},
     unique_prefix, Lab, LabDesc, LanLeaks,
 };
 
@@ -199,6 +199,78 @@ fn frames_to_a_second_gateway_on_the_lan_are_bridged_not_balanced() -> Result<()
     ensure!(
         new_flows(&lbd)? - before >= 20,
         "the client's internet flows did not take the fast path"
+    );
+    lbd.stop(&mut lab)
+}
+
+/// A client that roams to another port of the bridge (a phone walking
+/// from one access point to another on a second router port) keeps its
+/// connections: the bridge hears it on the new port from its first ARP
+/// request there, and lbd sends its flows' replies after it.
+#[test]
+fn a_client_that_roams_to_another_bridge_port_keeps_its_flows() -> Result<()> {
+    if !require_root("a_client_that_roams_to_another_bridge_port_keeps_its_flows") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("bridge")?, &unique_prefix())?;
+    // The second access point's port: the client's other radio, as it
+    // were (its Wi-Fi keeps its MAC across access points).
+    let client_ns = lab.ns("client")?.to_string();
+    lab.exec(
+        "router",
+        &[
+            "ip", "link", "add", "lan4", "type", "veth", "peer", "name", "eth1", "netns",
+            &client_ns,
+        ],
+    )?;
+    lab.exec(
+        "router",
+        &["ip", "link", "set", "dev", "lan4", "master", "br-lan", "up"],
+    )?;
+    // Offloads as the lab's other clients have them (a wire carries no
+    // partial checksums).
+    lab.exec(
+        "client",
+        &[
+            "ethtool", "-K", "eth1", "tso", "off", "gso", "off", "tx", "off", "gro", "on",
+        ],
+    )?;
+    let config = LabConfig {
+        lans: &["br-lan"],
+        ..LabConfig::default()
+    };
+    let lbd = Lbd::start(&mut lab, &config.render())?;
+    wait_for("lbd on lan4", BOUND, || {
+        Ok(lbd.status()?["lan_ports"].to_string().contains("lan4"))
+    })?;
+
+    let server: SocketAddr = "198.51.100.10:7000".parse()?;
+    let _echo = UdpEchoServer::start(lab.ns("inet")?, server)?;
+    let held = HeldUdp::open(&client_ns, server, 8)?;
+    held.echo_all(BOUND)?;
+    let pinned = new_flows(&lbd)?;
+
+    // It roams: gone from lan1, heard on lan4, same MAC and address.
+    let mac = lab.exec("client", &["cat", "/sys/class/net/eth0/address"])?;
+    for step in [
+        vec!["ip", "link", "set", "dev", "eth0", "down"],
+        vec!["ip", "link", "set", "dev", "eth1", "address", mac.trim()],
+        vec!["ip", "addr", "add", "10.10.0.2/24", "dev", "eth1"],
+        vec!["ip", "link", "set", "dev", "eth1", "up"],
+        vec!["ip", "route", "add", "default", "via", "10.10.0.1"],
+    ] {
+        lab.exec("client", &step)?;
+    }
+    held.echo_all(BOUND)?;
+    let repinned = new_flows(&lbd)? - pinned;
+    eprintln!("8 held flows answered after the roam; {repinned} flows pinned anew");
+    ensure!(
+        repinned == 0,
+        "{repinned} flows were pinned again: the held flows were not followed, but replaced"
+    );
+    ensure!(
+        lbd.stderr().contains("roamed"),
+        "lbd did not say that a client roamed"
     );
     lbd.stop(&mut lab)
 }

@@ -73,6 +73,7 @@ use crate::{
     reconcile::ipv6::{self, Facts6},
     reconcile::nftables,
     reconcile::policies,
+    reconcile::roaming,
     reconcile::router_macs,
     reconcile::routing,
 };
@@ -319,6 +320,8 @@ pub struct Daemon {
     attachments: attachments::Attachments,
     /// The router's own MACs on each LAN port, as written.
     router_macs: router_macs::RouterMacs,
+    /// Where each LAN bridge's clients were last round.
+    roaming: roaming::Roaming,
     lans_open: bool,
     /// Each device's way out (XDP or its qdisc) and lb's shapers.
     egress: egress::Owned,
@@ -499,6 +502,7 @@ impl Daemon {
             flow_addrs: Vec::new(),
             attachments: attachments::Attachments::default(),
             router_macs: router_macs::RouterMacs::default(),
+            roaming: roaming::Roaming::default(),
             lans_open: false,
             egress: egress_owned,
             slowpath: None,

@@ -7,6 +7,7 @@
 //! ([`Daemon::converge_dataplane`]); the kernel's part follows in the next round.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     sync::Mutex,
     time::{Duration, Instant},
@@ -130,6 +131,9 @@ impl Daemon {
         // Attachments: lan_ingress on the LAN ports (wan_ingress went on
         // with each uplink's entry), and what each is to the rules.
         self.converge_lan_ports(observed)?;
+        // Clients that roamed to another port of their bridge.
+        let moves = self.roaming.moves(&self.config.lans, observed);
+        self.follow_clients(moves);
         // Bypass: the destinations the kernel keeps.
         let uplink_ifindexes: Vec<u32> = self
             .uplinks
@@ -165,34 +169,92 @@ impl Daemon {
 
     /// Let go of the flows pinned to destinations in `kept` (prefixes the
     /// kernel has just come to keep: a route, an IPsec policy that came
-    /// after them), off the reconciler: the walk of a big flow table
-    /// takes seconds.
+    /// after them).
     fn forget_flows_to(&self, kept: Vec<(IpAddr, u8)>) {
         if kept.is_empty() {
             return;
         }
-        let tables = Arc::clone(&self.flow_tables);
-        let forget = move || {
-            let forgot = tables
-                .lock()
-                .map_err(|_| anyhow::anyhow!("the flow tables' lock is poisoned"))
-                .and_then(|mut t| t.forget_to(&kept));
-            match forgot {
+        let what = kept
+            .iter()
+            .map(|(a, len)| format!("{a}/{len}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.walk_flow_tables(
+            move |t| t.forget_to(&kept),
+            move |forgot| match forgot {
                 Ok(0) => {}
                 Ok(n) => log::info!(
-                    "{n} flows to destinations the kernel keeps now ({}) let go: their next \
-                     packets are the kernel's",
-                    kept.iter()
-                        .map(|(a, len)| format!("{a}/{len}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    "{n} flows to destinations the kernel keeps now ({what}) let go: their next \
+                     packets are the kernel's"
                 ),
-                Err(e) => log::warn!("letting go of the flows to {kept:?}: {e:#}"),
-            }
+                Err(e) => log::warn!("letting go of the flows to {what}: {e:#}"),
+            },
+        );
+    }
+
+    /// Send the replies of clients heard on another port of their LAN's
+    /// bridge out of that port (see `reconcile::roaming`).
+    fn follow_clients(&self, moves: Vec<roaming::Move>) {
+        if moves.is_empty() {
+            return;
+        }
+        let names: BTreeMap<u32, String> = self
+            .attachments
+            .lan_ports()
+            .map(|(i, name)| (i, name.to_string()))
+            .collect();
+        self.walk_flow_tables(
+            move |t| {
+                let asked: Vec<([u8; 6], &[u32], u32)> = moves
+                    .iter()
+                    .map(|m| (m.mac, m.ports.as_slice(), m.to))
+                    .collect();
+                let followed = t.follow(&asked)?;
+                let roamed: Vec<String> = moves
+                    .iter()
+                    .zip(&followed)
+                    .filter(|(_, &n)| n > 0)
+                    .map(|(m, n)| {
+                        let port = names
+                            .get(&m.to)
+                            .cloned()
+                            .unwrap_or_else(|| m.to.to_string());
+                        format!("{} to {port}, {n} flows", mac_text(&m.mac))
+                    })
+                    .collect();
+                if !roamed.is_empty() {
+                    log::info!(
+                        "clients that roamed: {}; their flows' replies follow them",
+                        roamed.join("; ")
+                    );
+                }
+                Ok(followed.iter().sum())
+            },
+            |followed| {
+                if let Err(e) = followed {
+                    log::warn!("following the clients that roamed: {e:#}");
+                }
+            },
+        );
+    }
+
+    /// Run `work` on the flow tables off the reconciler (the walk of a big
+    /// table takes seconds), and say what it did.
+    fn walk_flow_tables(
+        &self,
+        work: impl FnOnce(&mut FlowTables) -> Result<usize> + Send + 'static,
+        say: impl FnOnce(Result<usize>) + Send + 'static,
+    ) {
+        let tables = Arc::clone(&self.flow_tables);
+        let walk = move || {
+            say(tables
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the flow tables' lock is poisoned"))
+                .and_then(|mut t| work(&mut t)))
         };
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(forget)),
-            Err(_) => forget(),
+            Ok(runtime) => drop(runtime.spawn_blocking(walk)),
+            Err(_) => walk(),
         }
     }
 

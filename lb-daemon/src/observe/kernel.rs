@@ -34,7 +34,7 @@ use rtnetlink::{
 use crate::observe::{
     kernel6::Observed6,
     linkwatch::is_up,
-    netlink::{usable_neighbour, Neighbour},
+    netlink::{bridge_entry, usable_neighbour, BridgeEntry, Neighbour},
 };
 
 /// The route protocol number on lbd's routes and rules (`ip route show proto
@@ -134,6 +134,8 @@ pub struct Observed {
     pub addresses: Vec<Address>,
     pub routes: Vec<Route>,
     pub neighbours: Vec<Neighbour>,
+    /// The bridges' forwarding entries: which port each MAC is behind.
+    pub bridge_entries: Vec<BridgeEntry>,
     pub rules: Vec<Rule>,
     /// Every qdisc (root, ingress and inner ones).
     pub qdiscs: Vec<Qdisc>,
@@ -183,6 +185,14 @@ impl Observed {
             .try_collect()
             .await
             .context("listing neighbours over netlink")?;
+        let bridge_entries: Vec<_> = handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing the bridges' forwarding entries over netlink")?;
         let rules: Vec<RuleMessage> = handle
             .rule()
             .get(IpVersion::V4)
@@ -230,6 +240,7 @@ impl Observed {
                 .collect(),
             routes: routes.into_iter().filter_map(route).collect(),
             neighbours: neighbours.iter().filter_map(usable_neighbour).collect(),
+            bridge_entries: bridge_entries.iter().filter_map(bridge_entry).collect(),
             rules: rules.into_iter().filter_map(rule).collect(),
             qdiscs: qdiscs.iter().filter_map(qdisc).collect(),
             wireguard_ports: BTreeMap::new(),

@@ -7,7 +7,8 @@
 //!   anything else.
 //! - It wakes the reconciler ([`LinkWatch::changed`]) on anything that may
 //!   change what lbd observes: interfaces appearing, going or changing,
-//!   addresses, routes, and neighbours on watched interfaces. The reconciler
+//!   addresses, routes, neighbours on watched interfaces, and what bridges learn
+//!   (a MAC heard on a port, or on another one). The reconciler
 //!   then reads the whole picture again (`kernel::Observed`); these events
 //!   say only *that* something changed.
 //!
@@ -30,7 +31,7 @@ use futures::channel::mpsc::UnboundedReceiver;
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, State};
-use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::proto::Connection;
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::{Handle, MulticastGroup};
@@ -279,6 +280,14 @@ impl LinkWatch {
                 // uplink's (its gateway's) matter.
                 RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n)
                     if watchers.has_index(n.header.ifindex) =>
+                {
+                    changed.notify_one();
+                }
+                // A bridge learned a MAC, or heard it on another port (a
+                // client that roamed between two of the LAN's ports):
+                // the bridge says so once, not for every frame.
+                RouteNetlinkMessage::NewNeighbour(n)
+                    if n.header.family == AddressFamily::Bridge =>
                 {
                     changed.notify_one();
                 }

@@ -8,8 +8,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use rtnetlink::packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+use rtnetlink::packet_route::{
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
+    AddressFamily,
 };
 
 /// An IPv4 neighbour whose Ethernet address the kernel holds.
@@ -43,6 +46,45 @@ pub fn usable_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
         ifindex: msg.header.ifindex,
         ip: ip?,
         mac: mac?,
+    })
+}
+
+/// Where a bridge last heard a MAC address: one entry of its forwarding
+/// database, as the bridge learned it from a frame (or an operator fixed
+/// it), never one of its own addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BridgeEntry {
+    /// The bridge.
+    pub bridge: u32,
+    pub mac: [u8; 6],
+    /// The port the MAC is behind.
+    pub port: u32,
+}
+
+/// The bridge forwarding entry in `msg` (family `AF_BRIDGE`), if it is a
+/// bridge's (not a device's own list) and not the bridge's own address.
+pub fn bridge_entry(msg: &NeighbourMessage) -> Option<BridgeEntry> {
+    // The bridge's entries name it (`NDA_MASTER`); a device's own list
+    // (`NTF_SELF`) does not. The kernel sets no flag that tells them apart.
+    if msg.header.family != AddressFamily::Bridge
+        || msg.header.state == NeighbourState::Permanent
+        || msg.header.flags.contains(NeighbourFlags::Own)
+    {
+        return None;
+    }
+    let mut bridge = None;
+    let mut mac = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Controller(b) => bridge = Some(*b),
+            NeighbourAttribute::LinkLayerAddress(b) => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some(BridgeEntry {
+        bridge: bridge?,
+        mac: mac?,
+        port: msg.header.ifindex,
     })
 }
 
@@ -147,5 +189,57 @@ mod tests {
             usable_neighbour(&entry(NeighbourState::Reachable, short)),
             None
         );
+    }
+
+    #[test]
+    fn a_bridges_learned_entries_are_read_and_its_own_and_devices_lists_are_not() {
+        let mac = [2, 0, 0, 0, 0, 7];
+        let fdb = |state, flags, attrs: Vec<NeighbourAttribute>| {
+            let mut msg = entry(state, attrs);
+            msg.header.family = AddressFamily::Bridge;
+            msg.header.flags = flags;
+            msg
+        };
+        let attrs = || {
+            vec![
+                NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+                NeighbourAttribute::Controller(2),
+            ]
+        };
+        let learned = Some(BridgeEntry {
+            bridge: 2,
+            mac,
+            port: 4,
+        });
+        for state in [
+            NeighbourState::Reachable,
+            NeighbourState::Stale,
+            NeighbourState::Noarp,
+        ] {
+            let msg = fdb(state, NeighbourFlags::Controller, attrs());
+            assert_eq!(bridge_entry(&msg), learned, "{state:?}");
+        }
+        // The bridge's own address, a device's own list, no bridge named,
+        // and an IPv4 neighbour.
+        let own = fdb(
+            NeighbourState::Permanent,
+            NeighbourFlags::Controller,
+            attrs(),
+        );
+        let device = fdb(NeighbourState::Reachable, NeighbourFlags::Own, attrs());
+        let unnamed = fdb(
+            NeighbourState::Reachable,
+            NeighbourFlags::empty(),
+            vec![NeighbourAttribute::LinkLayerAddress(mac.to_vec())],
+        );
+        let mut inet = fdb(
+            NeighbourState::Reachable,
+            NeighbourFlags::Controller,
+            attrs(),
+        );
+        inet.header.family = AddressFamily::Inet;
+        for msg in [own, device, unnamed, inet] {
+            assert_eq!(bridge_entry(&msg), None, "{msg:?}");
+        }
     }
 }

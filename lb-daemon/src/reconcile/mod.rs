@@ -17,6 +17,7 @@ pub mod ipv6;
 pub mod nftables;
 pub mod overflow;
 pub mod policies;
+pub mod roaming;
 pub mod router_macs;
 pub mod routing;
 pub mod uplinks;
