@@ -114,8 +114,18 @@ pub mod name {
 /// meanings). A data plane pinned by an lbd of another layout is never
 /// adopted: its maps would be misread. Bump it with any change to a type
 /// below or to what a map holds.
-pub const LAYOUT: u32 = 9;
-// (6: also UplinkInfo's mtu and flags, and the told_too_big reason.
+pub const LAYOUT: u32 = 10;
+
+/// The earlier layouts whose flow tables (`FLOWS`, `NAT_REV`, `FLOWS6`:
+/// their keys, values and what they mean) are this one's, and whose
+/// connections a start therefore carries over into a new data plane.
+/// Keep it with [`LAYOUT`]: a bump that leaves the flow tables alone adds
+/// the layout before it.
+pub const CARRIES_FLOWS_FROM: &[u32] = &[9];
+// (10: NAT_REV is a plain hash table, twice the flow table's size
+// (`nat_entries`), no longer an LRU one; its entries are as before, and a
+// start carries them over from 9 (`CARRIES_FLOWS_FROM`).
+// 6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;
 // UPLINK_AT_IFINDEX; EGRESS_AT. LAN6 came without a bump: a map that
@@ -397,6 +407,18 @@ pub struct NatValue {
     /// (wrapping): a reply refreshes the flow table at most once a tick,
     /// or at once when its TCP flags move the flow's state.
     pub touched: u32,
+}
+
+/// `NAT_REV`'s size for a flow table of `max_flows` entries: twice. It
+/// is a plain hash table, which never evicts: an LRU one would, when
+/// full, evict the mapping of a live flow whose replies are rare, and
+/// give its port to another flow to the same server, which would then
+/// get the first one's replies. The flow table evicts instead (its
+/// mapping stays until the collector sees it orphaned), and the room
+/// beyond one mapping per flow holds those orphans. Full all the same,
+/// a new flow finds no port, a counted drop: never a shared mapping.
+pub const fn nat_entries(max_flows: u32) -> u32 {
+    max_flows.saturating_mul(2)
 }
 
 /// A reply refreshes its flow's `last_seen_ns` at most once in 2^this

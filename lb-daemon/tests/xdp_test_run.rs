@@ -21,7 +21,11 @@ use lb_common::{
 };
 use lb_daemon::{
     config::FlowConfig,
-    dataplane::{flows::FlowTables, Dataplane, Family},
+    dataplane::{
+        flows::FlowTables,
+        pins::{Found, Pins},
+        Dataplane, Family,
+    },
     reconcile::bypass::Bypass,
 };
 
@@ -90,7 +94,11 @@ struct Harness {
 
 impl Harness {
     fn new(states: [u32; 2]) -> Self {
-        let mut dp = Dataplane::load(1024).expect("load the XDP object");
+        Self::on(Dataplane::load(1024).expect("load the XDP object"), states)
+    }
+
+    /// The same set-up on a data plane loaded otherwise (pinned).
+    fn on(mut dp: Dataplane, states: [u32; 2]) -> Self {
         dp.set_classifier(0x1234_5678, hash::mode::FIVE_TUPLE)
             .expect("settings");
         dp.set_nat_ports(NAT_PORTS, LOCAL_PORTS).expect("nat ports");
@@ -1053,6 +1061,138 @@ fn a_frame_to_another_gateways_mac_is_left_to_the_bridge_and_pins_nothing() {
     assert_eq!(h.lan(&frame).0, XDP_REDIRECT);
 }
 
+/// A pinned data plane under a bpffs directory of the test's own, gone
+/// when it ends (also on failure).
+struct PinnedRoot(std::path::PathBuf);
+
+impl PinnedRoot {
+    fn new(test: &str) -> Self {
+        let root =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/lb-{test}-{}", std::process::id()));
+        let _ = Pins::new(&root).remove();
+        Self(root)
+    }
+
+    fn pins(&self) -> Pins {
+        Pins::new(&self.0)
+    }
+}
+
+impl Drop for PinnedRoot {
+    fn drop(&mut self) {
+        let _ = self.pins().remove();
+    }
+}
+
+/// `count` UDP flows from as many client ports, through a pinned data
+/// plane at `root` of `max` flows: each flow's NAT port, by client port.
+fn flows_through(root: &PinnedRoot, max: u32, count: u16) -> Vec<(u16, u16, u8)> {
+    let pins = root.pins();
+    let (_, carry) = pins.prepare(max).expect("prepare");
+    assert!(carry.is_none(), "nothing to carry yet");
+    let dp = Dataplane::load_pinned(max, Some(&pins)).expect("load pinned");
+    let mut h = Harness::on(dp, [uplink_state::ACTIVE; 2]);
+    (0..count)
+        .map(|i| {
+            let port = 6000 + i;
+            let (verdict, out) = h.lan(&udp(port, 64));
+            assert_eq!(verdict, XDP_REDIRECT);
+            let up = uplink_info(uplink_of(&out), uplink_state::ACTIVE);
+            (
+                port,
+                assert_forwarded(&udp(port, 64), &out, &up),
+                uplink_of(&out),
+            )
+        })
+        .collect()
+}
+
+/// The replies to `flows`' mappings reach their clients through `h`
+/// (those of uplink 2's flows: the test runs' uplinks share loopback,
+/// which the data plane takes for uplink 2's).
+fn replies_reach_their_clients(h: &mut Harness, flows: &[(u16, u16, u8)]) {
+    let second: Vec<_> = flows.iter().filter(|f| f.2 == 2).collect();
+    assert!(!second.is_empty(), "no flow took uplink 2");
+    for &&(client_port, nat_port, _) in &second {
+        let reply = reply_to("udp", nat_port, 53);
+        let (verdict, back) = h.run(program::WAN_INGRESS, &reply);
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the reply to {nat_port} is translated"
+        );
+        assert_eq!(u16::from_be_bytes([back[36], back[37]]), client_port);
+    }
+}
+
+#[test]
+fn an_upgrade_to_a_new_layout_carries_the_flows_over() {
+    if !is_root() {
+        return;
+    }
+    let root = PinnedRoot::new("carry-layout");
+    let flows = flows_through(&root, 1024, 50);
+    // As an lbd of the layout before would have left it.
+    let ours = root.0.join(format!("v{}", lb_common::maps::LAYOUT));
+    let older = root
+        .0
+        .join(format!("v{}", lb_common::maps::CARRIES_FLOWS_FROM[0]));
+    std::fs::rename(&ours, &older).expect("rename");
+
+    let pins = root.pins();
+    let (found, carry) = pins.prepare(1024).expect("prepare");
+    let carry = carry.expect("the older layout's flow tables are carried");
+    assert_eq!(
+        found,
+        Found::Nothing,
+        "the older layout's other maps are not read"
+    );
+    assert!(!older.exists(), "the older directory is removed");
+    let mut dp = Dataplane::load_pinned(1024, Some(&pins)).expect("load pinned");
+    let copied = carry.copy_into(&mut dp);
+    assert!(
+        copied.contains(&("FLOWS", 50, 0)) && copied.contains(&("NAT_REV", 50, 0)),
+        "{copied:?}"
+    );
+    // A second copy adds nothing that is there.
+    assert!(carry.copy_into(&mut dp).iter().all(|c| c.1 == 0));
+    let mut h = Harness::on(dp, [uplink_state::ACTIVE; 2]);
+    replies_reach_their_clients(&mut h, &flows);
+    // And each flow keeps its mapping.
+    for &(client_port, nat_port, _) in &flows {
+        let (_, out) = h.lan(&udp(client_port, 64));
+        let up = uplink_info(uplink_of(&out), uplink_state::ACTIVE);
+        assert_eq!(assert_forwarded(&udp(client_port, 64), &out, &up), nat_port);
+    }
+}
+
+#[test]
+fn a_new_flows_max_makes_new_tables_and_carries_the_flows_over() {
+    if !is_root() {
+        return;
+    }
+    let root = PinnedRoot::new("carry-size");
+    let flows = flows_through(&root, 1024, 50);
+    let pins = root.pins();
+    let (found, carry) = pins.prepare(4096).expect("prepare");
+    let carry = carry.expect("tables of another size are carried");
+    assert_eq!(
+        found,
+        Found::Adoptable,
+        "the rest of the data plane is adopted"
+    );
+    let mut dp = Dataplane::load_pinned(4096, Some(&pins)).expect("load pinned");
+    let copied = carry.copy_into(&mut dp);
+    assert!(copied.contains(&("FLOWS", 50, 0)), "{copied:?}");
+    drop(carry);
+    let mut h = Harness::on(dp, [uplink_state::ACTIVE; 2]);
+    replies_reach_their_clients(&mut h, &flows);
+    // The new size holds: the next start finds nothing to carry.
+    drop(h);
+    let (found, carry) = root.pins().prepare(4096).expect("prepare");
+    assert_eq!(found, Found::Adoptable);
+    assert!(carry.is_none(), "the tables are the configured size now");
+}
+
 #[test]
 fn a_flow_moved_by_its_uplinks_new_address_still_gets_its_replies() {
     if !is_root() {
@@ -1294,29 +1434,44 @@ fn wan_traffic_without_a_mapping_and_ttl_one_go_to_the_kernel() {
 }
 
 #[test]
-fn a_full_flow_table_evicts_and_counts() {
+fn a_full_flow_table_evicts_and_counts_and_a_full_nat_table_refuses_never_shares() {
     if !is_root() {
         return;
     }
     let mut h = Harness::new([uplink_state::ACTIVE; 2]);
-    // The harness's table holds 1024 flows; push 4096 distinct ones.
-    for i in 0..4096u32 {
-        let frame = build(
+    let flow = |i: u32| {
+        build(
             PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
                 .ipv4([10, 10, (i >> 8) as u8 + 1, i as u8], SERVER, 64)
                 .udp(5000, 53),
             b"q",
-        );
-        assert_eq!(h.lan(&frame).0, XDP_REDIRECT, "flow {i} forwarded");
+        )
+    };
+    // The harness's flow table holds 1024 flows, its NAT table twice as
+    // many mappings: 2048 distinct flows fill both.
+    let mappings = lb_common::maps::nat_entries(1024);
+    for i in 0..mappings {
+        assert_eq!(h.lan(&flow(i)).0, XDP_REDIRECT, "flow {i} forwarded");
     }
     let now = h.flow_tables().flows().expect("flows").len() as u64;
     let evicted = h.dp.pinned_flows(2).expect("pinned") - now;
     assert!(now <= 1024, "{now} flows in a 1024-entry table");
     assert_eq!(
         evicted + now,
-        4096,
+        u64::from(mappings),
         "every flow is either in the table or counted as evicted"
     );
+    // The evicted flows' mappings stay until the collector sees them
+    // orphaned: one more flow finds no port, and is refused, counted,
+    // rather than given a mapping a live flow still has.
+    let refused = h.reason(reason::DROP_NAT_EXHAUSTED);
+    assert_eq!(h.lan(&flow(mappings)).0, XDP_DROP);
+    assert_eq!(h.reason(reason::DROP_NAT_EXHAUSTED), refused + 1);
+    // The collector frees the orphans, and new flows go again.
+    h.flow_tables()
+        .collect_expired(coarse_now_ns())
+        .expect("collect");
+    assert_eq!(h.lan(&flow(mappings)).0, XDP_REDIRECT);
 }
 
 #[test]

@@ -11,9 +11,9 @@ use aya_ebpf::{
 use lb_common::{
     egress::Egress,
     maps::{
-        BucketTable, FlowKey, FlowKey6, FlowValue, FlowValue6, FragKey, FragValue, LanPort, NatKey,
-        NatValue, PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo, UplinkStats,
-        LAN6_SLOTS, SIGNAL_SLOTS,
+        nat_entries, BucketTable, FlowKey, FlowKey6, FlowValue, FlowValue6, FragKey, FragValue,
+        LanPort, NatKey, NatValue, PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo,
+        UplinkStats, LAN6_SLOTS, SIGNAL_SLOTS,
     },
     policy::{
         Flow, Policy, PrefixKey, PrefixKey6, RuleBits, RuleTable, StickyKey, StickyKey6,
@@ -153,11 +153,13 @@ pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_UPLINKS, 0);
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Replies as they arrive on an uplink -> the client they go back to. Same
-/// size as `FLOWS`; entries are made and removed together with their flow.
+/// Replies as they arrive on an uplink -> the client they go back to.
+/// Entries are made with their flow and removed with it. Not LRU, twice
+/// `FLOWS`'s size (`lb_common::maps::nat_entries`): a live mapping is
+/// never evicted to make room for another.
 #[map]
-pub static NAT_REV: LruHashMap<NatKey, NatValue> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+pub static NAT_REV: HashMap<NatKey, NatValue> =
+    HashMap::with_max_entries(nat_entries(DEFAULT_MAX_FLOWS), 0);
 
 /// Datagrams being forwarded in fragments, both ways: the ports their
 /// first fragment carried (see `frags`).

@@ -305,6 +305,93 @@ fn a_restart_with_another_configuration_keeps_the_flows() -> Result<()> {
     lbd.stop(&mut lab)
 }
 
+/// The flow table's size is fixed when it is made: a restart with
+/// another `[flows] max` makes new tables, and carries every flow over
+/// with its mapping.
+#[test]
+fn a_restart_with_another_flows_max_resizes_the_tables_and_keeps_the_flows() -> Result<()> {
+    if !require_root("a_restart_with_another_flows_max_resizes_the_tables_and_keeps_the_flows") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let small = LabConfig {
+        sections: "[flows]\nmax = 4096\n",
+        ..LabConfig::default()
+    };
+    let mut lbd = Lbd::start(&mut lab, &small.render())?;
+    let sink = Sink::start(&lab)?;
+    let running = start_streams(&lab, &sink)?;
+    lbd.stop_keeping(&mut lab)?;
+    let big = LabConfig {
+        sections: "[flows]\nmax = 16384\n",
+        ..LabConfig::default()
+    };
+    lbd.restart_with(&mut lab, &big.render())?;
+    running.still_flowing(&sink, 20, "after a restart with a bigger flow table")?;
+    let said = lbd.stderr();
+    ensure!(
+        said.contains("flow tables carried from") && said.contains("another [flows] max"),
+        "lbd did not say it carried the flow tables over"
+    );
+    let layout = std::fs::read_dir(lbd.bpffs())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .context("no data plane directory under lbd's bpffs root")?;
+    let table = layout.join("maps/FLOWS");
+    let flows = lab.exec_net_only(
+        "router",
+        &[
+            "bpftool",
+            "map",
+            "show",
+            "pinned",
+            table.to_str().context("path")?,
+        ],
+    )?;
+    ensure!(
+        flows.contains("max_entries 16384"),
+        "the pinned flow table was not remade: {flows}"
+    );
+    drop(running);
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+/// An upgrade to an lbd of the next layout (one that carries the flow
+/// tables over): the data plane it finds is not its own, yet every flow
+/// goes on with its mapping, and its links are taken over, not cut.
+#[test]
+fn an_upgrade_to_another_layout_keeps_the_flows() -> Result<()> {
+    if !require_root("an_upgrade_to_another_layout_keeps_the_flows") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let mut lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    let sink = Sink::start(&lab)?;
+    let running = start_streams(&lab, &sink)?;
+    lbd.stop_keeping(&mut lab)?;
+    // As the lbd of the layout before would have left it.
+    let ours = lbd.bpffs().join(format!("v{}", lb_common::maps::LAYOUT));
+    let older = lbd
+        .bpffs()
+        .join(format!("v{}", lb_common::maps::CARRIES_FLOWS_FROM[0]));
+    std::fs::rename(&ours, &older)?;
+    lbd.restart(&mut lab)?;
+    running.still_flowing(&sink, 20, "after the upgrade")?;
+    ensure!(!older.exists(), "the older data plane was left in place");
+    ensure!(
+        lbd.stderr().contains("flow tables carried from"),
+        "lbd did not say it carried the flow tables over"
+    );
+    new_flows_balanced(&lab)?;
+    drop(running);
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
 #[test]
 fn teardown_removes_everything_and_another_layout_is_replaced() -> Result<()> {
     if !require_root("teardown_removes_everything_and_another_layout_is_replaced") {

@@ -56,6 +56,7 @@ use crate::{
     control::api::Reaction,
     control::hooks,
     daemon::uplink::{Admin, Lifecycle},
+    dataplane::carry::{Carry, Copied},
     dataplane::flows::FlowTables,
     dataplane::pins::{Found, Pins},
     dataplane::{Dataplane, Family},
@@ -320,6 +321,10 @@ pub struct Daemon {
     attachments: attachments::Attachments,
     /// The router's own MACs on each LAN port, as written.
     router_macs: router_macs::RouterMacs,
+    /// An earlier data plane's flow tables, carried into this one at
+    /// start and once more when lan_ingress has taken over its links (the
+    /// flows its programs made in between), then let go.
+    carry: Option<Carry>,
     /// Where each LAN bridge's clients were last round.
     roaming: roaming::Roaming,
     lans_open: bool,
@@ -385,7 +390,7 @@ impl Daemon {
         refuse(&config, &observed)?;
 
         let pins = Pins::new(&config.daemon.bpffs);
-        let found = pins.prepare()?;
+        let (found, carry) = pins.prepare(config.flows.max)?;
         if let Found::Replaced(old) = &found {
             for (dir, flows) in old {
                 let flows =
@@ -397,6 +402,9 @@ impl Daemon {
             }
         }
         let mut dataplane = Dataplane::load_pinned(config.flows.max, Some(&pins))?;
+        if let Some(carry) = &carry {
+            say_carried(carry, &carry.copy_into(&mut dataplane), "carried", true);
+        }
         match dataplane.attach_ring_watch() {
             Ok(()) => log::info!(
                 "ring watch on tracepoint {}: a device whose ring XDP_REDIRECT overflows takes its queue for a while",
@@ -411,7 +419,7 @@ impl Daemon {
         } else {
             None
         };
-        if adopted.is_some() {
+        if adopted.is_some() || carry.is_some() {
             // What the earlier lbd attached to interfaces that are no
             // LAN port or uplink now goes, with the LAN port's entry:
             // nobody else would ever detach it.
@@ -502,6 +510,7 @@ impl Daemon {
             flow_addrs: Vec::new(),
             attachments: attachments::Attachments::default(),
             router_macs: router_macs::RouterMacs::default(),
+            carry,
             roaming: roaming::Roaming::default(),
             lans_open: false,
             egress: egress_owned,
@@ -970,6 +979,28 @@ fn text_or_none(addr: Option<impl std::fmt::Display>) -> String {
 /// `2001:db8::/56`, or `-`.
 fn prefix6_text(prefix: Option<ipv6::Prefix6>) -> String {
     prefix.map_or_else(|| "-".into(), |(p, len)| format!("{p}/{len}"))
+}
+
+/// Say what a copy of the earlier data plane's flow tables did.
+/// (The first copy is always said; a later one when it added any.)
+fn say_carried(carry: &Carry, copied: &Copied, how: &str, first: bool) {
+    let text = |pick: fn(&(&str, u64, u64)) -> u64| {
+        copied
+            .iter()
+            .map(|c| format!("{} {}", c.0, pick(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if first || copied.iter().any(|c| c.1 > 0) {
+        log::info!("flow tables {how} from {}: {}", carry.from, text(|c| c.1));
+    }
+    if copied.iter().any(|c| c.2 > 0) {
+        log::warn!(
+            "flow tables from {}: no room for {} (a smaller [flows] max): those connections start anew",
+            carry.from,
+            text(|c| c.2)
+        );
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

@@ -131,6 +131,14 @@ impl Daemon {
         // Attachments: lan_ingress on the LAN ports (wan_ingress went on
         // with each uplink's entry), and what each is to the rules.
         self.converge_lan_ports(observed)?;
+        // The earlier data plane's programs are swapped out now: the
+        // flows they made since the start's copy.
+        if self.lans_open {
+            if let Some(carry) = self.carry.take() {
+                let copied = carry.copy_into(&mut self.dataplane);
+                say_carried(&carry, &copied, "carried since the start", false);
+            }
+        }
         // Clients that roamed to another port of their bridge.
         let moves = self.roaming.moves(&self.config.lans, observed);
         self.follow_clients(moves);

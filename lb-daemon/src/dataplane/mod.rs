@@ -6,6 +6,7 @@
 //! when an uplink is down, is decided elsewhere and handed in here.
 
 mod batch;
+pub mod carry;
 pub mod flows;
 pub mod kfuncs;
 pub mod pins;
@@ -34,9 +35,9 @@ use aya::{
 use lb_common::{
     egress::{Egress, RING_BINDING_GLOBAL, RING_TRACEPOINT},
     maps::{
-        name, program, settings_flags, signals6, BucketTable, FragKey, FragValue, LanPort,
-        PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo, UplinkStats, LAN6_SLOT,
-        UNREACHABLE6_SLOT,
+        name, nat_entries, program, settings_flags, signals6, BucketTable, FragKey, FragValue,
+        LanPort, PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo, UplinkStats,
+        LAN6_SLOT, UNREACHABLE6_SLOT,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
@@ -144,7 +145,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(name::FLOWS, max_flows)
-            .map_max_entries(name::NAT_REV, max_flows)
+            .map_max_entries(name::NAT_REV, nat_entries(max_flows))
             .map_max_entries(name::FLOWS6, max_flows);
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(p) => name::ALL.iter().map(|&m| (m, p.map(m))).collect(),

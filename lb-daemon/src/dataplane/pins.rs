@@ -6,8 +6,13 @@
 //! layout adopts it: the same maps, so the same flows, NAT mappings,
 //! classifier seed and counters, and its programs swapped into the pinned
 //! links atomically. A directory of another layout is never read by the
-//! new programs: its flows are counted, it is removed (which detaches its
-//! programs), and a new data plane is built.
+//! new programs: a new data plane is built, and the old one removed. If
+//! its flow tables hold what this lbd's do (`maps::CARRIES_FLOWS_FROM`),
+//! they are carried into the new ones (`carry`), and its links are moved
+//! into this layout's directory, so that the new programs are swapped
+//! into them as into its own: its connections go on. Otherwise its flows
+//! are counted and let go. Flow tables of this layout whose size is not
+//! the configured one are carried the same way into new ones.
 //!
 //! Owns those paths and their removal; `dataplane` does the loading and
 //! attaching. Never touches anything outside `ROOT`.
@@ -23,7 +28,9 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::links::PinnedLink,
 };
-use lb_common::maps::{name, FlowKey, FlowValue, LAYOUT};
+use lb_common::maps::{name, nat_entries, FlowKey, FlowValue, CARRIES_FLOWS_FROM, LAYOUT};
+
+use super::carry::Carry;
 
 /// The pinned data plane's directories.
 #[derive(Debug, Clone)]
@@ -87,8 +94,9 @@ impl Pins {
     }
 
     /// Make the directories, remove data planes of other layouts, and say
-    /// what there was.
-    pub fn prepare(&self) -> Result<Found> {
+    /// what there was; with the flow tables to carry into a new data
+    /// plane of `max_flows` flows, if any.
+    pub fn prepare(&self, max_flows: u32) -> Result<(Found, Option<Carry>)> {
         for dir in [self.dir().join("maps"), self.dir().join("links")] {
             fs::create_dir_all(&dir).with_context(|| {
                 format!(
@@ -99,25 +107,87 @@ impl Pins {
         }
         self.unpin_strays();
         let mut replaced = Vec::new();
+        let mut carry = None;
         let ours = self.dir();
         for entry in
             fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))?
         {
             let path = entry?.path();
-            if path == ours || !path.is_dir() || !is_layout_dir(&path) {
+            if path == ours || !path.is_dir() {
                 continue;
             }
-            let flows = count_flows(&path.join("maps").join(name::FLOWS));
+            let Some(layout) = layout_of(&path) else {
+                continue;
+            };
+            if carry.is_none() && CARRIES_FLOWS_FROM.contains(&layout) {
+                carry = Carry::open(&path.join("maps"), path.display().to_string());
+                if carry.is_some() {
+                    self.take_links_of(&path);
+                }
+            }
+            let flows = if carry.is_some() {
+                None
+            } else {
+                count_flows(&path.join("maps").join(name::FLOWS))
+            };
             remove_tree(&path)?;
-            replaced.push((path.display().to_string(), flows));
+            if carry.is_none() {
+                replaced.push((path.display().to_string(), flows));
+            }
         }
-        if !replaced.is_empty() {
-            return Ok(Found::Replaced(replaced));
+        if carry.is_none() && self.flow_tables_resized(max_flows) {
+            let maps = self.dir().join("maps");
+            carry = Carry::open(&maps, format!("{} (another [flows] max)", maps.display()));
+            for table in [name::FLOWS, name::NAT_REV, name::FLOWS6] {
+                let _ = fs::remove_file(maps.join(table));
+            }
         }
-        Ok(if self.map(name::FLOWS).exists() {
+        let found = if !replaced.is_empty() {
+            Found::Replaced(replaced)
+        } else if self.map(name::FLOWS).exists()
+            || (carry.is_some() && self.map(name::SETTINGS).exists())
+        {
             Found::Adoptable
         } else {
             Found::Nothing
+        };
+        Ok((found, carry))
+    }
+
+    /// Move the links pinned in the data plane at `dir` (another layout's)
+    /// into this layout's directory, where this lbd takes them over: its
+    /// programs are swapped in, with no moment without one. A link that
+    /// cannot be moved goes with its directory.
+    fn take_links_of(&self, dir: &Path) {
+        let Ok(entries) = fs::read_dir(dir.join("links")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let to = self.dir().join("links").join(entry.file_name());
+            if let Err(e) = fs::rename(entry.path(), &to) {
+                log::warn!(
+                    "{}: not moved to {} ({e}); it is detached, and attached anew",
+                    entry.path().display(),
+                    to.display()
+                );
+            }
+        }
+    }
+
+    /// Whether this layout's pinned flow tables were made for another
+    /// number of flows than `max_flows` (an operator changed `[flows]
+    /// max`). A table that cannot be asked counts as the right size.
+    fn flow_tables_resized(&self, max_flows: u32) -> bool {
+        [
+            (name::FLOWS, max_flows),
+            (name::NAT_REV, nat_entries(max_flows)),
+            (name::FLOWS6, max_flows),
+        ]
+        .into_iter()
+        .any(|(table, wanted)| {
+            MapData::from_pin(self.map(table))
+                .and_then(|m| m.info())
+                .is_ok_and(|info| info.max_entries() != wanted)
         })
     }
 
@@ -182,10 +252,16 @@ impl Pins {
 /// Whether `path` is a data plane's directory (`vLAYOUT`): the only ones
 /// lbd ever removes under its root.
 fn is_layout_dir(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix('v'))
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    layout_of(path).is_some()
+}
+
+/// The layout of the data plane whose directory is `path` (`vLAYOUT`).
+fn layout_of(path: &Path) -> Option<u32> {
+    let n = path.file_name()?.to_str()?.strip_prefix('v')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 /// Flows in a pinned flow table, if it can be read as one.
@@ -225,7 +301,7 @@ mod tests {
         for file in [name::FLOWS, "FRAGS"] {
             fs::write(pins.map(file), b"").expect("write");
         }
-        let found = pins.prepare();
+        let found = pins.prepare(1024).map(|(found, _)| found);
         let kept = pins.map(name::FLOWS).exists();
         let stray = pins.map("FRAGS").exists();
         let _ = fs::remove_dir_all(&root);
@@ -247,7 +323,7 @@ mod tests {
         }
         fs::write(foreign.join("policy"), b"").expect("write");
         fs::write(root.join("vxlan_map"), b"").expect("write");
-        let found = pins.prepare();
+        let found = pins.prepare(1024).map(|(found, _)| found);
         let older_gone = !root.join("v1").exists();
         let foreign_kept = foreign.join("policy").exists() && root.join("vxlan_map").exists();
         let removed = pins.remove();
