@@ -48,6 +48,13 @@ pub const MAX_LAN_PORTS: u32 = 64;
 /// inline and from files together.
 pub const MAX_SIDE_PREFIXES: u32 = 1024 * 1024;
 
+/// Room in each bypass trie (`BYPASS`, `BYPASS6`): the destinations the
+/// kernel keeps (LAN subnets, the router's addresses, VPN and routed
+/// prefixes, IPsec policies'). A trie takes memory per entry written, so
+/// the room costs nothing until used; a router with a VPN's few thousand
+/// routes fits.
+pub const BYPASS_ENTRIES: u32 = 16384;
+
 /// Room in the prefix trie: both sides, and a new generation of the rules
 /// written beside the live one.
 pub const PREFIX_ENTRIES: u32 = 4 * MAX_SIDE_PREFIXES;

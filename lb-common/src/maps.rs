@@ -124,7 +124,9 @@ pub const LAYOUT: u32 = 10;
 pub const CARRIES_FLOWS_FROM: &[u32] = &[9];
 // (10: NAT_REV is a plain hash table, twice the flow table's size
 // (`nat_entries`), no longer an LRU one; its entries are as before, and a
-// start carries them over from 9 (`CARRIES_FLOWS_FROM`).
+// start carries them over from 9 (`CARRIES_FLOWS_FROM`). Room for more:
+// BYPASS and BYPASS6 (`BYPASS_ENTRIES`, was 256), LAN_PORTS, EGRESS and
+// RING_DROPS (every LAN port, `MAX_LAN_PORTS`, not `MAX_LANS`). ROUTER_MACS.
 // 6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;

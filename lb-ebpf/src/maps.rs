@@ -19,7 +19,7 @@ use lb_common::{
         Flow, Policy, PrefixKey, PrefixKey6, RuleBits, RuleTable, StickyKey, StickyKey6,
         StickyValue, MAX_POLICIES, PORT_GENERATION,
     },
-    reason, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, IFINDEX_SLOTS, MAX_LANS,
+    reason, BYPASS_ENTRIES, DEFAULT_MAX_FLOWS, DEFAULT_STICKY_ENTRIES, FRAG_ENTRIES, IFINDEX_SLOTS,
     MAX_LAN_PORTS, MAX_UPLINKS, PREFIX_ENTRIES,
 };
 
@@ -131,7 +131,7 @@ pub static FLOWS6: LruHashMap<FlowKey6, FlowValue6> =
 /// IPv6 destinations the fast path leaves to the kernel (the router's
 /// addresses, the LAN's and other routed prefixes), by longest prefix.
 #[map]
-pub static BYPASS6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(256, 0);
+pub static BYPASS6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(BYPASS_ENTRIES, 0);
 
 /// Interface index of an uplink -> its uplink index, for `wan_ingress`:
 /// for indexes from [`lb_common::IFINDEX_SLOTS`] up.
@@ -169,7 +169,7 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
 
 /// LAN interfaces by ifindex, for redirecting replies to clients.
 #[map]
-pub static LAN_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_LANS, 0);
+pub static LAN_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_LAN_PORTS, 0);
 
 /// The router's own MACs on each LAN port, by the port's ifindex: a new
 /// flow is pinned only from a frame to one of them (`lan::elsewhere`).
@@ -179,7 +179,7 @@ pub static ROUTER_MACS: HashMap<u32, RouterMacs> = HashMap::with_max_entries(MAX
 /// Destinations the fast path leaves to the kernel (router addresses, LAN
 /// subnets), by longest prefix.
 #[map]
-pub static BYPASS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(256, 0);
+pub static BYPASS: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(BYPASS_ENTRIES, 0);
 
 /// Per-CPU counters per uplink: what arrives, and the new-flow path's.
 #[map]
@@ -198,7 +198,7 @@ pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::CAP
 /// Devices whose qdisc lb's packets pass, by ifindex (see
 /// `lb_common::egress`). No entry: the XDP path.
 #[map]
-pub static EGRESS: HashMap<u32, Egress> = HashMap::with_max_entries(MAX_UPLINKS + MAX_LANS, 0);
+pub static EGRESS: HashMap<u32, Egress> = HashMap::with_max_entries(MAX_UPLINKS + MAX_LAN_PORTS, 0);
 
 /// How many entries `EGRESS` has (one entry): while none, not a packet
 /// pays for a hash lookup in it, only for this array's.
@@ -217,7 +217,8 @@ pub static EGRESS_AT: Array<Egress> = Array::with_max_entries(IFINDEX_SLOTS, 0);
 /// watch adds to them (see `egress::watch`). Not per-CPU: it is written
 /// once per device map flush that dropped, not per packet.
 #[map]
-pub static RING_DROPS: HashMap<u32, u64> = HashMap::with_max_entries(MAX_UPLINKS + MAX_LANS, 0);
+pub static RING_DROPS: HashMap<u32, u64> =
+    HashMap::with_max_entries(MAX_UPLINKS + MAX_LAN_PORTS, 0);
 
 /// The ring watch's wake-ups for lbd: the ifindex of a device whose ring
 /// just overflowed, so that lbd hands it to its queue at once rather than
