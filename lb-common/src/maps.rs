@@ -116,15 +116,26 @@ pub mod name {
 /// below or to what a map holds.
 pub const LAYOUT: u32 = 10;
 
-/// The earlier layouts whose flow tables (`FLOWS`, `NAT_REV`, `FLOWS6`:
-/// their keys, values and what they mean) are this one's, and whose
-/// connections a start therefore carries over into a new data plane.
-/// Keep it with [`LAYOUT`]: a bump that leaves the flow tables alone adds
-/// the layout before it.
-pub const CARRIES_FLOWS_FROM: &[u32] = &[9];
+/// The earlier layouts a start migrates rather than replaces, each with
+/// the maps whose definition (kind or size) changed since: those are made
+/// anew, the flow tables among them carried over, the others filled again
+/// by lbd; every other map, and every link, is adopted as it is. Only a
+/// layout whose maps all still hold what they held may be listed. Keep it
+/// with [`LAYOUT`].
+pub const MIGRATES_FROM: &[(u32, &[&str])] = &[(
+    9,
+    &[
+        name::NAT_REV,
+        name::BYPASS,
+        name::BYPASS6,
+        name::LAN_PORTS,
+        name::EGRESS,
+        name::RING_DROPS,
+    ],
+)];
 // (10: NAT_REV is a plain hash table, twice the flow table's size
 // (`nat_entries`), no longer an LRU one; its entries are as before, and a
-// start carries them over from 9 (`CARRIES_FLOWS_FROM`). Room for more:
+// start migrates 9 (`MIGRATES_FROM`). Room for more:
 // BYPASS and BYPASS6 (`BYPASS_ENTRIES`, was 256), LAN_PORTS, EGRESS and
 // RING_DROPS (every LAN port, `MAX_LAN_PORTS`, not `MAX_LANS`). ROUTER_MACS.
 // 6: also UplinkInfo's mtu and flags, and the told_too_big reason.

@@ -100,8 +100,14 @@ pub const DROP_UNFINISHED: u32 = 24;
 /// lb's to pin (`maps::RouterMacs`).
 pub const PASS_ELSEWHERE: u32 = 25;
 
+/// A new flow found no room in the NAT table (full of the mappings of
+/// flows the flow table evicted, until lbd's collector frees them; lbd
+/// may not be running): the kernel's slow path NATs it, from the router's
+/// own ports, which lb's never are.
+pub const PASS_NAT_FULL: u32 = 26;
+
 /// Number of reasons.
-pub const COUNT: u32 = 26;
+pub const COUNT: u32 = 27;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -135,6 +141,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_bad_note",
     "drop_unfinished",
     "pass_elsewhere",
+    "pass_nat_full",
 ];
 
 /// Whether `reason` is a drop: a path that gives up on a packet with a

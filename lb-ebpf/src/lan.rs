@@ -40,6 +40,9 @@ use crate::{
     rewrite, stats,
 };
 
+/// What a map insert returns when the table has no room (`-E2BIG`).
+const E2BIG: i32 = -7;
+
 /// Don't-fragment bit of the IPv4 flags field.
 const IP_DF: u16 = 0x4000;
 
@@ -106,7 +109,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
             Err(reason::DROP_POLICY_UNREACHABLE) => {
                 return Ok(policy::unreachable(ctx, &pkt).unwrap_or_else(stats::drop))
             }
-            Err(reason::PASS_POLICY_KERNEL) => return Err(reason::PASS_POLICY_KERNEL),
+            Err(pass @ (reason::PASS_POLICY_KERNEL | reason::PASS_NAT_FULL)) => return Err(pass),
             Err(drop_reason) => return Ok(stats::drop(drop_reason)),
         }
     };
@@ -630,6 +633,7 @@ fn reserve_port(
         );
     // In a loop the verifier checks once, rather than once a turn.
     let mut claimed = None;
+    let mut full = false;
     count::up_to(PORT_ATTEMPTS, |i| {
         if i == 0 && own_port_taken {
             return ControlFlow::Continue(());
@@ -638,17 +642,26 @@ fn reserve_port(
             return ControlFlow::Continue(());
         };
         let port = port.to_be_bytes();
-        if NAT_REV
-            .insert(&rev_key(key, info, port), &value, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            claimed = Some(port);
-            return ControlFlow::Break(());
+        match NAT_REV.insert(&rev_key(key, info, port), &value, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                claimed = Some(port);
+                ControlFlow::Break(())
+            }
+            // No room in the table at all (mappings of evicted flows wait
+            // for lbd's collector, which may not be running): no port will
+            // do.
+            Err(E2BIG) => {
+                full = true;
+                ControlFlow::Break(())
+            }
+            Err(_) => ControlFlow::Continue(()),
         }
-        ControlFlow::Continue(())
     });
     match claimed {
         Some(port) => Ok((port, info.epoch as u8)),
+        // The kernel's slow path NATs it, from ports lb never uses: the
+        // office stays online whatever the table holds.
+        None if full => Err(reason::PASS_NAT_FULL),
         None => {
             stats::uplink(uplink, |s| s.nat_failures += 1);
             Err(reason::DROP_NAT_EXHAUSTED)

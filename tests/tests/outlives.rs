@@ -331,7 +331,7 @@ fn a_restart_with_another_flows_max_resizes_the_tables_and_keeps_the_flows() -> 
     running.still_flowing(&sink, 20, "after a restart with a bigger flow table")?;
     let said = lbd.stderr();
     ensure!(
-        said.contains("flow tables carried from") && said.contains("another [flows] max"),
+        said.contains("flow tables carried (tables of another [flows] max)"),
         "lbd did not say it carried the flow tables over"
     );
     let layout = std::fs::read_dir(lbd.bpffs())?
@@ -377,13 +377,14 @@ fn an_upgrade_to_another_layout_keeps_the_flows() -> Result<()> {
     let ours = lbd.bpffs().join(format!("v{}", lb_common::maps::LAYOUT));
     let older = lbd
         .bpffs()
-        .join(format!("v{}", lb_common::maps::CARRIES_FLOWS_FROM[0]));
+        .join(format!("v{}", lb_common::maps::MIGRATES_FROM[0].0));
     std::fs::rename(&ours, &older)?;
     lbd.restart(&mut lab)?;
     running.still_flowing(&sink, 20, "after the upgrade")?;
     ensure!(!older.exists(), "the older data plane was left in place");
     ensure!(
-        lbd.stderr().contains("flow tables carried from"),
+        lbd.stderr()
+            .contains("flow tables carried (the data plane of layout"),
         "lbd did not say it carried the flow tables over"
     );
     new_flows_balanced(&lab)?;

@@ -403,7 +403,7 @@ impl Daemon {
         }
         let mut dataplane = Dataplane::load_pinned(config.flows.max, Some(&pins))?;
         if let Some(carry) = &carry {
-            say_carried(carry, &carry.copy_into(&mut dataplane), "carried", true);
+            say_carried(carry, &carry.copy_into(&dataplane), "carried", true);
         }
         match dataplane.attach_ring_watch() {
             Ok(()) => log::info!(
@@ -419,7 +419,7 @@ impl Daemon {
         } else {
             None
         };
-        if adopted.is_some() || carry.is_some() {
+        if adopted.is_some() {
             // What the earlier lbd attached to interfaces that are no
             // LAN port or uplink now goes, with the LAN port's entry:
             // nobody else would ever detach it.
@@ -510,9 +510,13 @@ impl Daemon {
             flow_addrs: Vec::new(),
             attachments: attachments::Attachments::default(),
             router_macs: router_macs::RouterMacs::default(),
+            // Carried flow tables: the earlier lbd's guard is in place,
+            // and lan_ingress is to take over its links in the first
+            // round, with wan_ingress, so that no reply meets a table its
+            // flow is not in for longer than that round.
+            lans_open: carry.is_some(),
             carry,
             roaming: roaming::Roaming::default(),
-            lans_open: false,
             egress: egress_owned,
             slowpath: None,
             counted_before: nftables::Counted::default(),
@@ -992,12 +996,12 @@ fn say_carried(carry: &Carry, copied: &Copied, how: &str, first: bool) {
             .join(", ")
     };
     if first || copied.iter().any(|c| c.1 > 0) {
-        log::info!("flow tables {how} from {}: {}", carry.from, text(|c| c.1));
+        log::info!("flow tables {how} ({}): {}", carry.why, text(|c| c.1));
     }
     if copied.iter().any(|c| c.2 > 0) {
         log::warn!(
-            "flow tables from {}: no room for {} (a smaller [flows] max): those connections start anew",
-            carry.from,
+            "flow tables ({}): no room for {} (a smaller [flows] max): those connections start anew",
+            carry.why,
             text(|c| c.2)
         );
     }

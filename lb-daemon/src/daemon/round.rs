@@ -135,8 +135,9 @@ impl Daemon {
         // flows they made since the start's copy.
         if self.lans_open {
             if let Some(carry) = self.carry.take() {
-                let copied = carry.copy_into(&mut self.dataplane);
+                let copied = carry.copy_into(&self.dataplane);
                 say_carried(&carry, &copied, "carried since the start", false);
+                carry.finish();
             }
         }
         // Clients that roamed to another port of their bridge.

@@ -1,21 +1,25 @@
-//! Carrying the flow tables (`FLOWS`, `NAT_REV`, `FLOWS6`) of an earlier
-//! data plane into a new one, so that a start that cannot adopt the old
-//! one whole keeps the connections it carried: an upgrade to another
-//! layout, or a `[flows] max` that changed (a map's size is fixed when
-//! it is made, and a pinned one is reused as it is).
+//! Carrying flow tables (`FLOWS`, `NAT_REV`, `FLOWS6`) that had to be
+//! made anew into the new ones, so that a start that cannot keep them as
+//! they are keeps their connections all the same: an upgrade whose layout
+//! remade one (`maps::MIGRATES_FROM`), or a `[flows] max` that changed (a
+//! map's size is fixed when it is made, and a pinned one is reused as it
+//! is).
 //!
-//! The old tables are held open by descriptor (their pins go; the old
-//! programs keep using them until the new ones are swapped into the
-//! links), copied into the new ones once the new data plane is loaded,
-//! and copied again once the new programs have taken over, for the flows
-//! the old ones made in between. A copy never overwrites an entry the new
-//! data plane made itself. A table whose key or value size differs from
-//! this lbd's is not carried (said, not guessed at); neither is one the
-//! new table has no room for.
+//! `pins` moves the old tables' pins into the data plane's `carry`
+//! directory before the new data plane is loaded; they stay there, and
+//! the old programs keep using them, until the new programs are swapped
+//! into the links. The entries are copied once the new data plane is
+//! loaded, and again once its programs have taken over (the flows the old
+//! ones made in between); then the directory goes. A start that fails in
+//! between finds them there again. A copy never overwrites an entry the
+//! new data plane made, and carries a NAT mapping only with its flow (a
+//! smaller table keeps as many flows as fit, each with its mapping). A
+//! table whose key or value size is not this lbd's is not carried: said,
+//! not guessed at.
 //!
 //! Owns nothing of the new data plane's but the entries it adds.
 
-use std::path::Path;
+use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -26,10 +30,11 @@ use lb_common::maps::{name, FlowKey, FlowKey6, FlowValue, FlowValue6, NatKey, Na
 
 use super::Dataplane;
 
-/// The flow tables of an earlier data plane, held open.
+/// Flow tables to carry, held open from their pins in `dir`.
 pub struct Carry {
-    /// Where they were pinned, for the log.
-    pub from: String,
+    dir: PathBuf,
+    /// Why they are carried, for the log.
+    pub why: String,
     tables: Vec<(&'static str, Map)>,
 }
 
@@ -41,59 +46,100 @@ pub type Copied = Vec<(&'static str, u64, u64)>;
 const BPF_NOEXIST: u64 = 1;
 
 impl Carry {
-    /// The flow tables pinned in `maps` (a data plane's `maps`
-    /// directory), opened: each one that is there and is a map. Their
-    /// pins are left to the caller.
-    pub fn open(maps: &Path, from: String) -> Option<Carry> {
+    /// The flow tables pinned in `dir`, opened; `None` when none is.
+    pub fn open(dir: PathBuf, why: String) -> Option<Carry> {
         let tables: Vec<(&'static str, Map)> = [name::FLOWS, name::NAT_REV, name::FLOWS6]
             .into_iter()
             .filter_map(|table| {
-                let data = MapData::from_pin(maps.join(table)).ok()?;
+                let data = MapData::from_pin(dir.join(table)).ok()?;
                 Some((table, Map::from_map_data(data).ok()?))
             })
             .collect();
-        (!tables.is_empty()).then_some(Carry { from, tables })
+        (!tables.is_empty()).then_some(Carry { dir, why, tables })
     }
 
-    /// Copy every entry the new data plane does not have yet into it. A
-    /// table that cannot be carried is said and skipped: the others go on.
-    pub fn copy_into(&self, dataplane: &mut Dataplane) -> Copied {
+    /// Copy every entry the new data plane does not have yet into it:
+    /// the flows first, then the mappings of the flows it has. A table
+    /// that cannot be carried is said and skipped: the others go on.
+    pub fn copy_into(&self, dataplane: &Dataplane) -> Copied {
         let mut copied = Vec::new();
-        for (table, old) in &self.tables {
-            let Some(new) = dataplane.ebpf.map_mut(table) else {
+        for table in [name::FLOWS, name::FLOWS6, name::NAT_REV] {
+            let Some((_, old)) = self.tables.iter().find(|(t, _)| *t == table) else {
                 continue;
             };
-            let done = match *table {
-                name::FLOWS => copy::<FlowKey, FlowValue>(old, new),
-                name::NAT_REV => copy::<NatKey, NatValue>(old, new),
-                _ => copy::<FlowKey6, FlowValue6>(old, new),
+            let done = match table {
+                name::FLOWS => dataplane
+                    .reopen::<FlowKey, FlowValue>(table)
+                    .and_then(|mut new| copy(old, &mut new, |_, _| true)),
+                name::FLOWS6 => dataplane
+                    .reopen::<FlowKey6, FlowValue6>(table)
+                    .and_then(|mut new| copy(old, &mut new, |_, _| true)),
+                _ => dataplane
+                    .reopen::<FlowKey, FlowValue>(name::FLOWS)
+                    .and_then(|flows| {
+                        let mut new = dataplane.reopen::<NatKey, NatValue>(table)?;
+                        copy(old, &mut new, |k: &NatKey, v: &NatValue| owns(&flows, k, v))
+                    }),
             };
             match done {
-                Ok((added, lost)) => copied.push((*table, added, lost)),
+                Ok((added, lost)) => copied.push((table, added, lost)),
                 Err(e) => log::warn!(
-                    "{table} of the data plane at {} is not carried: {e:#}; its connections \
-                     start anew",
-                    self.from
+                    "{table} ({}) is not carried: {e:#}; its connections start anew",
+                    self.why
                 ),
             }
         }
         copied
     }
+
+    /// Let the old tables go: their pins are removed, and the maps freed
+    /// once no program holds them.
+    pub fn finish(self) {
+        let Carry { dir, tables, .. } = self;
+        drop(tables);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            log::warn!(
+                "{}: the carried flow tables stay pinned ({e}); `lbd --teardown` removes them",
+                dir.display()
+            );
+        }
+    }
 }
 
-/// Copy `old`'s entries missing in `new`: the number added, and the
-/// number that found no room.
-fn copy<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<(u64, u64)> {
+/// Whether mapping `k` -> `v` is the one its flow in `flows` has (the
+/// flow table may have let the flow go, or given it another mapping).
+fn owns(flows: &HashMap<MapData, FlowKey, FlowValue>, k: &NatKey, v: &NatValue) -> bool {
+    let key = FlowKey {
+        src_addr: v.client_addr,
+        dst_addr: k.remote_addr,
+        src_port: v.client_port,
+        dst_port: k.remote_port,
+        proto: k.proto,
+        _pad: [0; 3],
+    };
+    flows
+        .get(&key, 0)
+        .is_ok_and(|f| f.uplink == v.uplink && f.nat_port == k.nat_port)
+}
+
+/// Copy `old`'s entries that `wanted` and that are missing in `new`: the
+/// number added, and the number that found no room.
+fn copy<K: Pod, V: Pod>(
+    old: &Map,
+    new: &mut HashMap<MapData, K, V>,
+    wanted: impl Fn(&K, &V) -> bool,
+) -> Result<(u64, u64)> {
     let old: HashMap<&MapData, K, V> = HashMap::try_from(old)
         .context("the earlier table is no hash table of this lbd's key and value sizes")?;
-    let mut new: HashMap<&mut MapData, K, V> =
-        HashMap::try_from(new).context("the new table is no hash table")?;
     let (mut added, mut lost) = (0, 0);
     for entry in old.iter() {
         // An entry removed while the walk runs is simply not there.
         let Ok((key, value)) = entry else {
             continue;
         };
+        if !wanted(&key, &value) {
+            continue;
+        }
         match new.insert(key, value, BPF_NOEXIST) {
             Ok(()) => added += 1,
             Err(MapError::SyscallError(e)) => match e.io_error.raw_os_error() {

@@ -5,14 +5,14 @@
 //! pin exists, whatever happens to lbd). A starting lbd that finds its own
 //! layout adopts it: the same maps, so the same flows, NAT mappings,
 //! classifier seed and counters, and its programs swapped into the pinned
-//! links atomically. A directory of another layout is never read by the
-//! new programs: a new data plane is built, and the old one removed. If
-//! its flow tables hold what this lbd's do (`maps::CARRIES_FLOWS_FROM`),
-//! they are carried into the new ones (`carry`), and its links are moved
-//! into this layout's directory, so that the new programs are swapped
-//! into them as into its own: its connections go on. Otherwise its flows
-//! are counted and let go. Flow tables of this layout whose size is not
-//! the configured one are carried the same way into new ones.
+//! links atomically. A data plane of a layout this one migrates
+//! (`maps::MIGRATES_FROM`) is renamed into this layout's directory and
+//! adopted the same way, the maps whose definition changed made anew
+//! (the flow tables among them carried over: `carry`). Flow tables of
+//! another size than the configured one are made anew and carried the
+//! same way. A directory of any other layout is never read by the new
+//! programs: its flows are counted, it is removed (which detaches its
+//! programs), and a new data plane is built.
 //!
 //! Owns those paths and their removal; `dataplane` does the loading and
 //! attaching. Never touches anything outside `ROOT`.
@@ -28,7 +28,7 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::links::PinnedLink,
 };
-use lb_common::maps::{name, nat_entries, FlowKey, FlowValue, CARRIES_FLOWS_FROM, LAYOUT};
+use lb_common::maps::{name, nat_entries, FlowKey, FlowValue, LAYOUT, MIGRATES_FROM};
 
 use super::carry::Carry;
 
@@ -93,10 +93,12 @@ impl Pins {
             .collect()
     }
 
-    /// Make the directories, remove data planes of other layouts, and say
-    /// what there was; with the flow tables to carry into a new data
-    /// plane of `max_flows` flows, if any.
+    /// Make the directories, remove data planes of other layouts (or
+    /// migrate one, `maps::MIGRATES_FROM`), and say what there was; with
+    /// the flow tables to carry into the new data plane of `max_flows`
+    /// flows, if any.
     pub fn prepare(&self, max_flows: u32) -> Result<(Found, Option<Carry>)> {
+        let migrated = self.migrate()?;
         for dir in [self.dir().join("maps"), self.dir().join("links")] {
             fs::create_dir_all(&dir).with_context(|| {
                 format!(
@@ -107,46 +109,46 @@ impl Pins {
         }
         self.unpin_strays();
         let mut replaced = Vec::new();
-        let mut carry = None;
         let ours = self.dir();
         for entry in
             fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))?
         {
             let path = entry?.path();
-            if path == ours || !path.is_dir() {
+            if path == ours || !path.is_dir() || !is_layout_dir(&path) {
                 continue;
             }
-            let Some(layout) = layout_of(&path) else {
-                continue;
-            };
-            if carry.is_none() && CARRIES_FLOWS_FROM.contains(&layout) {
-                carry = Carry::open(&path.join("maps"), path.display().to_string());
-                if carry.is_some() {
-                    self.take_links_of(&path);
-                }
-            }
-            let flows = if carry.is_some() {
-                None
-            } else {
-                count_flows(&path.join("maps").join(name::FLOWS))
-            };
+            let flows = count_flows(&path.join("maps").join(name::FLOWS));
             remove_tree(&path)?;
-            if carry.is_none() {
-                replaced.push((path.display().to_string(), flows));
+            replaced.push((path.display().to_string(), flows));
+        }
+        // Maps made anew: those the migrated layout had otherwise, and
+        // flow tables of another size. The flow tables among them wait in
+        // `carry` to be copied; the rest are filled again by lbd.
+        let mut remade: Vec<&str> = migrated.map(|(_, maps)| maps.to_vec()).unwrap_or_default();
+        remade.extend(self.resized_flow_tables(max_flows));
+        let carry_dir = self.dir().join("carry");
+        for map in remade {
+            let (pin, held) = (self.map(map), carry_dir.join(map));
+            let is_flows = [name::FLOWS, name::NAT_REV, name::FLOWS6].contains(&map);
+            if is_flows && !held.exists() && pin.exists() {
+                fs::create_dir_all(&carry_dir)
+                    .with_context(|| format!("creating {}", carry_dir.display()))?;
+                fs::rename(&pin, &held)
+                    .with_context(|| format!("moving {} to {}", pin.display(), held.display()))?;
+            } else {
+                // A table an interrupted start left in `carry` is the one
+                // with the flows; the newer one goes.
+                let _ = fs::remove_file(&pin);
             }
         }
-        if carry.is_none() && self.flow_tables_resized(max_flows) {
-            let maps = self.dir().join("maps");
-            carry = Carry::open(&maps, format!("{} (another [flows] max)", maps.display()));
-            for table in [name::FLOWS, name::NAT_REV, name::FLOWS6] {
-                let _ = fs::remove_file(maps.join(table));
-            }
-        }
+        let why = match migrated {
+            Some((layout, _)) => format!("the data plane of layout {layout}"),
+            None => "tables of another [flows] max".to_string(),
+        };
+        let carry = Carry::open(carry_dir, why);
         let found = if !replaced.is_empty() {
             Found::Replaced(replaced)
-        } else if self.map(name::FLOWS).exists()
-            || (carry.is_some() && self.map(name::SETTINGS).exists())
-        {
+        } else if self.map(name::SETTINGS).exists() {
             Found::Adoptable
         } else {
             Found::Nothing
@@ -154,41 +156,49 @@ impl Pins {
         Ok((found, carry))
     }
 
-    /// Move the links pinned in the data plane at `dir` (another layout's)
-    /// into this layout's directory, where this lbd takes them over: its
-    /// programs are swapped in, with no moment without one. A link that
-    /// cannot be moved goes with its directory.
-    fn take_links_of(&self, dir: &Path) {
-        let Ok(entries) = fs::read_dir(dir.join("links")) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let to = self.dir().join("links").join(entry.file_name());
-            if let Err(e) = fs::rename(entry.path(), &to) {
-                log::warn!(
-                    "{}: not moved to {} ({e}); it is detached, and attached anew",
-                    entry.path().display(),
-                    to.display()
-                );
-            }
+    /// A data plane of a layout this one migrates (`MIGRATES_FROM`), when
+    /// there is none of this layout: renamed into this layout's
+    /// directory, links and maps with it (its programs stay attached, to
+    /// be swapped out as an adopted data plane's are). Its layout, and
+    /// the maps this layout makes anew.
+    fn migrate(&self) -> Result<Option<(u32, &'static [&'static str])>> {
+        if self.map(name::SETTINGS).exists() {
+            return Ok(None);
         }
+        for &(layout, remade) in MIGRATES_FROM {
+            let older = self.root.join(format!("v{layout}"));
+            if !older.join("maps").join(name::SETTINGS).exists() {
+                continue;
+            }
+            // Only directories this layout's start made, empty.
+            if self.dir().exists() {
+                remove_tree(&self.dir())?;
+            }
+            fs::rename(&older, self.dir()).with_context(|| {
+                format!("moving {} to {}", older.display(), self.dir().display())
+            })?;
+            return Ok(Some((layout, remade)));
+        }
+        Ok(None)
     }
 
-    /// Whether this layout's pinned flow tables were made for another
+    /// This layout's pinned flow tables that were made for another
     /// number of flows than `max_flows` (an operator changed `[flows]
     /// max`). A table that cannot be asked counts as the right size.
-    fn flow_tables_resized(&self, max_flows: u32) -> bool {
+    fn resized_flow_tables(&self, max_flows: u32) -> Vec<&'static str> {
         [
             (name::FLOWS, max_flows),
             (name::NAT_REV, nat_entries(max_flows)),
             (name::FLOWS6, max_flows),
         ]
         .into_iter()
-        .any(|(table, wanted)| {
+        .filter(|&(table, wanted)| {
             MapData::from_pin(self.map(table))
                 .and_then(|m| m.info())
                 .is_ok_and(|info| info.max_entries() != wanted)
         })
+        .map(|(table, _)| table)
+        .collect()
     }
 
     /// Unpin the maps of this layout that no map of this lbd's has the
@@ -298,7 +308,7 @@ mod tests {
         let root = std::env::temp_dir().join(format!("lb-pins-{}", std::process::id()));
         let pins = Pins::new(&root);
         fs::create_dir_all(root.join(format!("v{LAYOUT}/maps"))).expect("mkdir");
-        for file in [name::FLOWS, "FRAGS"] {
+        for file in [name::SETTINGS, name::FLOWS, "FRAGS"] {
             fs::write(pins.map(file), b"").expect("write");
         }
         let found = pins.prepare(1024).map(|(found, _)| found);
