@@ -20,6 +20,7 @@ use crate::{
     config::UplinkConfig,
     control::api::Reaction,
     daemon::uplink::Lifecycle,
+    dataplane::flows::Roamed,
     health::State as Health,
     observe::facts::{self, Facts},
     observe::kernel::Observed,
@@ -214,9 +215,14 @@ impl Daemon {
             .collect();
         self.walk_flow_tables(
             move |t| {
-                let asked: Vec<([u8; 6], &[u32], u32)> = moves
+                let asked: Vec<Roamed> = moves
                     .iter()
-                    .map(|m| (m.mac, m.ports.as_slice(), m.to))
+                    .map(|m| Roamed {
+                        mac: m.mac,
+                        ports: &m.ports,
+                        to: m.to,
+                        generation: m.generation,
+                    })
                     .collect();
                 let followed = t.follow(&asked)?;
                 let roamed: Vec<String> = moves
@@ -421,12 +427,13 @@ impl Daemon {
                 });
             }
         }
-        self.attachments
-            .converge_lans(wanted, &mut self.dataplane)?;
-        // Neither holds up the other.
+        // The router's MACs before the ports' programs, so that a new
+        // port's first frame is asked; neither holds up the other.
         let macs = self
             .router_macs
             .converge(&self.config.lans, observed, &mut self.dataplane);
+        self.attachments
+            .converge_lans(wanted, &mut self.dataplane)?;
         self.policies
             .converge_lan_ports(&facts, &mut self.dataplane)?;
         macs

@@ -35,6 +35,8 @@ pub struct FlowTables {
     timeouts: FlowConfig,
     /// Flows removed as expired so far.
     expired: u64,
+    /// The generation of the last move followed, per client MAC.
+    followed: std::collections::HashMap<[u8; 6], u64>,
 }
 
 impl FlowTables {
@@ -54,6 +56,7 @@ impl FlowTables {
             uplink_addrs,
             timeouts,
             expired: 0,
+            followed: Default::default(),
         }
     }
 
@@ -241,42 +244,90 @@ impl FlowTables {
         Ok(forgot)
     }
 
-    /// Point the replies of every flow of each client in `moves` (its MAC,
-    /// its bridge's ports, the port it is heard on now) that came in by
-    /// another of those ports at the new one (`reconcile::roaming`). One
-    /// walk of each table for all of them; the number of flows changed
-    /// per client, both families. An entry the data plane removed
-    /// meanwhile stays removed; one it touched meanwhile loses at most
-    /// that touch.
-    pub fn follow(&mut self, moves: &[([u8; 6], &[u32], u32)]) -> Result<Vec<usize>> {
-        let mover = |client_mac: [u8; 6], lan_ifindex: u32| {
-            moves.iter().position(|&(mac, ports, to)| {
-                client_mac == mac && lan_ifindex != to && ports.contains(&lan_ifindex)
+    /// Point the replies of every flow of each client in `moves` (its
+    /// MAC, its bridge's ports, the port it is heard on now, and the
+    /// move's generation) that came in by another of those ports at the
+    /// new one (`reconcile::roaming`). One walk of each table for all of
+    /// them; the number of flows changed per client, both families. A move
+    /// older than one already followed for the same MAC is skipped (walks
+    /// may run out of order). Each entry is read again just before it is
+    /// written, and only its port changes: what the data plane wrote
+    /// meanwhile stays. Untagged flows only: a tagged one's port carries
+    /// its VLAN, which another port may not.
+    pub fn follow(&mut self, moves: &[Roamed]) -> Result<Vec<usize>> {
+        let moves: Vec<Option<&Roamed>> = moves
+            .iter()
+            .map(|m| {
+                let newest = self.followed.get(&m.mac).is_none_or(|&g| g <= m.generation);
+                newest.then_some(m)
+            })
+            .collect();
+        for m in moves.iter().flatten() {
+            self.followed.insert(m.mac, m.generation);
+        }
+        if self.followed.len() > FOLLOWED_KEPT {
+            self.followed.clear();
+        }
+        let mover = |client_mac: [u8; 6], lan_ifindex: u32, tagged: bool| {
+            moves.iter().position(|m| {
+                m.is_some_and(|m| {
+                    !tagged
+                        && client_mac == m.mac
+                        && lan_ifindex != m.to
+                        && m.ports.contains(&lan_ifindex)
+                })
             })
         };
+        let to = |i: usize| moves[i].map_or(0, |m| m.to);
         let mut followed = vec![0; moves.len()];
-        let mappings: Vec<(usize, NatKey, NatValue)> = self
+        let mappings: Vec<(usize, NatKey)> = self
             .nat
             .iter()
             .filter_map(|entry| entry.ok())
-            .filter_map(|(k, v)| Some((mover(v.client_mac, v.lan_ifindex)?, k, v)))
+            .filter_map(|(k, v)| {
+                Some((mover(v.client_mac, v.lan_ifindex, v.vlan_tci != [0; 2])?, k))
+            })
             .collect();
-        for (i, key, mut value) in mappings {
-            value.lan_ifindex = moves[i].2;
+        for (i, key) in mappings {
+            let Some(mut value) = now_or_gone(self.nat.get(&key, 0))? else {
+                continue;
+            };
+            if mover(
+                value.client_mac,
+                value.lan_ifindex,
+                value.vlan_tci != [0; 2],
+            ) != Some(i)
+            {
+                continue;
+            }
+            value.lan_ifindex = to(i);
             if only_if_there(self.nat.insert(key, value, BPF_EXIST))
                 .context("writing to NAT_REV")?
             {
                 followed[i] += 1;
             }
         }
-        let flows6: Vec<(usize, FlowKey6, FlowValue6)> = self
+        let flows6: Vec<(usize, FlowKey6)> = self
             .flows6
             .iter()
             .filter_map(|entry| entry.ok())
-            .filter_map(|(k, v)| Some((mover(v.client_mac, v.lan_ifindex)?, k, v)))
+            .filter_map(|(k, v)| {
+                Some((mover(v.client_mac, v.lan_ifindex, v.vlan_tci != [0; 2])?, k))
+            })
             .collect();
-        for (i, key, mut value) in flows6 {
-            value.lan_ifindex = moves[i].2;
+        for (i, key) in flows6 {
+            let Some(mut value) = now_or_gone(self.flows6.get(&key, 0))? else {
+                continue;
+            };
+            if mover(
+                value.client_mac,
+                value.lan_ifindex,
+                value.vlan_tci != [0; 2],
+            ) != Some(i)
+            {
+                continue;
+            }
+            value.lan_ifindex = to(i);
             if only_if_there(self.flows6.insert(key, value, BPF_EXIST))
                 .context("writing to FLOWS6")?
             {
@@ -394,6 +445,29 @@ pub fn describe6(
 
 /// A delete that finds nothing is fine: the kernel's LRU (or the data
 /// plane itself) got there first.
+/// A client heard on another port of its LAN's bridge, to follow.
+pub struct Roamed<'a> {
+    pub mac: [u8; 6],
+    /// Every port of its bridge.
+    pub ports: &'a [u32],
+    /// The port it is heard on now.
+    pub to: u32,
+    /// Its move's generation (`reconcile::roaming::Move`).
+    pub generation: u64,
+}
+
+/// How many clients' last followed moves are remembered.
+const FOLLOWED_KEPT: usize = 4096;
+
+/// An entry as read now, `None` if the data plane removed it.
+fn now_or_gone<V>(r: Result<V, MapError>) -> Result<Option<V>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).context("reading a flow table"),
+    }
+}
+
 /// `BPF_EXIST`: write an entry only if it is still there.
 const BPF_EXIST: u64 = 2;
 

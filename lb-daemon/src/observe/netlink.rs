@@ -59,6 +59,8 @@ pub struct BridgeEntry {
     pub mac: [u8; 6],
     /// The port the MAC is behind.
     pub port: u32,
+    /// The VLAN of the entry, on a bridge that filters VLANs.
+    pub vlan: Option<u16>,
 }
 
 /// The bridge forwarding entry in `msg` (family `AF_BRIDGE`), if it is a
@@ -74,10 +76,12 @@ pub fn bridge_entry(msg: &NeighbourMessage) -> Option<BridgeEntry> {
     }
     let mut bridge = None;
     let mut mac = None;
+    let mut vlan = None;
     for attr in &msg.attributes {
         match attr {
             NeighbourAttribute::Controller(b) => bridge = Some(*b),
             NeighbourAttribute::LinkLayerAddress(b) => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
+            NeighbourAttribute::Vlan(v) => vlan = Some(*v),
             _ => {}
         }
     }
@@ -85,6 +89,7 @@ pub fn bridge_entry(msg: &NeighbourMessage) -> Option<BridgeEntry> {
         bridge: bridge?,
         mac: mac?,
         port: msg.header.ifindex,
+        vlan,
     })
 }
 
@@ -210,6 +215,7 @@ mod tests {
             bridge: 2,
             mac,
             port: 4,
+            vlan: None,
         });
         for state in [
             NeighbourState::Reachable,

@@ -23,6 +23,9 @@ use crate::{config::LanConfig, observe::kernel::Observed};
 /// A client heard on another port of its LAN's bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {
+    /// Increases with every round that finds moves: the walks that follow
+    /// them may run out of order, and an older one must not undo a newer.
+    pub generation: u64,
     pub mac: [u8; 6],
     /// The port it is behind now.
     pub to: u32,
@@ -36,7 +39,14 @@ pub struct Move {
 pub struct Roaming {
     /// By (bridge, MAC): its port. `None` before the first round.
     seen: Option<BTreeMap<(u32, [u8; 6]), u32>>,
+    /// Rounds that found moves so far.
+    generation: u64,
 }
+
+/// How many MACs the bridges no longer hold are remembered (each where it
+/// was last heard): beyond it, only those they hold now (a guest network
+/// whose phones each come with a random MAC would grow it forever).
+const REMEMBERED: usize = 4096;
 
 impl Roaming {
     /// The clients of the LAN bridges that are behind another port than
@@ -63,6 +73,12 @@ impl Roaming {
             let Some(ports) = bridges.get(&e.bridge) else {
                 continue;
             };
+            // On a bridge that filters VLANs, a port may carry the LAN
+            // tagged and another untagged: a flow's replies cannot just
+            // change ports. Such clients' flows are not followed.
+            if e.vlan.is_some() {
+                continue;
+            }
             if !ports.contains(&e.port) {
                 continue;
             }
@@ -79,22 +95,30 @@ impl Roaming {
         // roamed before lbd's round saw it where it was: its flows are
         // asked too (a new device has none, and all the round's moves
         // share one walk of the tables).
-        let moves = match &self.seen {
+        let generation = self.generation + 1;
+        let moves: Vec<Move> = match &self.seen {
             None => Vec::new(),
             Some(before) => now
                 .iter()
                 .filter(|(key, port)| before.get(key) != Some(*port))
                 .map(|(&(bridge, mac), &to)| Move {
+                    generation,
                     mac,
                     to,
                     ports: bridges.get(&bridge).cloned().unwrap_or_default(),
                 })
                 .collect(),
         };
+        if !moves.is_empty() {
+            self.generation = generation;
+        }
         // A MAC the bridge forgot (aged out) is remembered where it was:
         // its next entry, on another port, is still a move.
         let mut seen = self.seen.take().unwrap_or_default();
         seen.retain(|(bridge, _), _| bridges.contains_key(bridge));
+        if seen.len() > REMEMBERED {
+            seen.retain(|key, _| now.contains_key(key));
+        }
         seen.extend(now);
         self.seen = Some(seen);
         moves
@@ -138,6 +162,7 @@ mod tests {
                     bridge: if port == 6 { 5 } else { 2 },
                     mac,
                     port,
+                    vlan: None,
                 })
                 .collect(),
             ..Observed::default()
@@ -167,6 +192,7 @@ mod tests {
         assert_eq!(
             moves,
             [Move {
+                generation: 1,
                 mac: PHONE,
                 to: 3,
                 ports: vec![3, 4]
@@ -182,6 +208,7 @@ mod tests {
         let moves = roaming.moves(&lans(), &observed(&[(PHONE, 3), (LAPTOP, 3), (TABLET, 4)]));
         assert_eq!(moves.len(), 1);
         assert_eq!((moves[0].mac, moves[0].to), (TABLET, 4));
+        assert_eq!(moves[0].generation, 2, "a later round's moves are newer");
         // Aged out, then back on Wi-Fi: still a move.
         assert!(roaming.moves(&lans(), &observed(&[(LAPTOP, 3)])).is_empty());
         let moves = roaming.moves(&lans(), &observed(&[(PHONE, 4), (LAPTOP, 3)]));

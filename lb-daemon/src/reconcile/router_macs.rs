@@ -23,37 +23,52 @@ pub fn wanted(
     lans: &[LanConfig],
     observed: &Observed,
 ) -> (BTreeMap<u32, maps::RouterMacs>, Vec<(String, usize)>) {
-    let mut per_port: BTreeMap<u32, (String, BTreeSet<[u8; 6]>)> = BTreeMap::new();
+    // Per port: its name, the router's own MACs, its bridge's ports'.
+    type Macs = BTreeSet<[u8; 6]>;
+    let mut per_port: BTreeMap<u32, (String, Macs, Macs)> = BTreeMap::new();
     for lan in lans {
         let Some(link) = observed.link(&lan.interface) else {
             continue;
         };
-        // The LAN interface's own, its bridge ports' (a bridge takes a
-        // frame to any of them as its own) and those of the devices on
-        // top of it (a VLAN, a VRRP macvlan).
-        let macs: BTreeSet<[u8; 6]> = observed
+        // The LAN interface's own and those of the devices on top of it
+        // (a VLAN, a VRRP macvlan): the addresses clients are given.
+        let own: BTreeSet<[u8; 6]> = observed
             .links
             .iter()
-            .filter(|l| {
-                l.index == link.index || l.master == Some(link.index) || l.lower == Some(link.index)
-            })
+            .filter(|l| l.index == link.index || l.lower == Some(link.index))
+            .filter_map(|l| l.mac)
+            .collect();
+        // A bridge's ports' too, as room allows (the bridge takes a frame
+        // to any of them as its own, but no client is told of them).
+        let ports: BTreeSet<[u8; 6]> = observed
+            .links
+            .iter()
+            .filter(|l| l.master == Some(link.index))
             .filter_map(|l| l.mac)
             .collect();
         for (ifindex, name) in observed.lan_ports(&lan.interface) {
-            let entry = per_port.entry(ifindex).or_insert((name, BTreeSet::new()));
-            entry.1.extend(&macs);
+            let entry = per_port
+                .entry(ifindex)
+                .or_insert((name, BTreeSet::new(), BTreeSet::new()));
+            entry.1.extend(&own);
+            entry.2.extend(&ports);
         }
     }
     let mut entries = BTreeMap::new();
     let mut unfit = Vec::new();
-    for (ifindex, (name, macs)) in per_port {
-        match maps::RouterMacs::new(macs.iter().copied()) {
-            Some(entry) if entry.len > 0 => {
-                entries.insert(ifindex, entry);
-            }
-            // No MAC known yet: nothing to tell frames apart by.
-            Some(_) => {}
-            None => unfit.push((name, macs.len())),
+    for (ifindex, (name, own, ports)) in per_port {
+        if own.len() > MAX_ROUTER_MACS {
+            unfit.push((name, own.len()));
+            continue;
+        }
+        let room = MAX_ROUTER_MACS - own.len();
+        let macs = own
+            .iter()
+            .chain(ports.iter().filter(|m| !own.contains(*m)).take(room))
+            .copied();
+        // None without any MAC known yet: nothing to tell frames apart by.
+        if let Some(entry) = maps::RouterMacs::new(macs).filter(|e| e.len > 0) {
+            entries.insert(ifindex, entry);
         }
     }
     (entries, unfit)
@@ -177,10 +192,32 @@ mod tests {
     }
 
     #[test]
-    fn a_port_with_too_many_macs_gets_no_entry_and_is_named() {
+    fn the_ports_own_macs_give_way_first_and_too_many_of_the_routers_leave_no_entry() {
+        // A bridge hosting many taps: its ports' MACs fill what room is
+        // left beside the bridge's.
         let mut links = vec![link(2, "br-lan", "bridge", None, None)];
         links.extend(
-            (0..MAX_ROUTER_MACS as u32).map(|i| link(10 + i, "port", "veth", Some(2), None)),
+            (0..2 * MAX_ROUTER_MACS as u32).map(|i| link(10 + i, "tap", "tun", Some(2), None)),
+        );
+        let observed = Observed {
+            links,
+            ..Observed::default()
+        };
+        let (entries, unfit) = wanted(&lans(&["br-lan"]), &observed);
+        assert!(unfit.is_empty());
+        let entry = entries[&10];
+        assert_eq!(entry.len as usize, MAX_ROUTER_MACS);
+        assert!(
+            entry.holds(&[0x02, 0, 0, 0, 0, 2]),
+            "the bridge's own is kept"
+        );
+        // More addresses clients are given than an entry holds: none.
+        let mut links = vec![
+            link(2, "br-lan", "bridge", None, None),
+            link(3, "lan1", "veth", Some(2), None),
+        ];
+        links.extend(
+            (0..MAX_ROUTER_MACS as u32).map(|i| link(40 + i, "vrrp", "macvlan", None, Some(2))),
         );
         let observed = Observed {
             links,
@@ -188,7 +225,6 @@ mod tests {
         };
         let (entries, unfit) = wanted(&lans(&["br-lan"]), &observed);
         assert!(entries.is_empty());
-        assert_eq!(unfit.len(), MAX_ROUTER_MACS);
-        assert_eq!(unfit[0].1, MAX_ROUTER_MACS + 1);
+        assert_eq!(unfit, [("lan1".to_string(), MAX_ROUTER_MACS + 1)]);
     }
 }
