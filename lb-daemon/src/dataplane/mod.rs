@@ -139,13 +139,24 @@ impl Dataplane {
         Self::load_pinned(max_flows, None)
     }
 
+    /// As [`Self::load`], with a NAT table of `nat` entries rather than
+    /// [`nat_entries`]`(max_flows)` (the benchmark's: a table it fills
+    /// faster than any collector would empty it).
+    pub fn load_sized(max_flows: u32, nat: u32) -> Result<Self> {
+        Self::load_with(max_flows, nat, None)
+    }
+
     /// Load the object and both programs; with `pins`, onto the maps
     /// pinned there (created and pinned if absent).
     pub fn load_pinned(max_flows: u32, pins: Option<&Pins>) -> Result<Self> {
+        Self::load_with(max_flows, nat_entries(max_flows), pins)
+    }
+
+    fn load_with(max_flows: u32, nat: u32, pins: Option<&Pins>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(name::FLOWS, max_flows)
-            .map_max_entries(name::NAT_REV, nat_entries(max_flows))
+            .map_max_entries(name::NAT_REV, nat)
             .map_max_entries(name::FLOWS6, max_flows);
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(p) => name::ALL.iter().map(|&m| (m, p.map(m))).collect(),

@@ -220,8 +220,9 @@ impl Report {
         for p in &c.paths {
             let path = match p.path {
                 cost::NEW_FLOW => {
-                    "new flow: each repetition a new one; the tables are full, so each \
-                                   insert evicts the least recently used entry"
+                    "new flow: each repetition a new one; the flow table is full, so each \
+                                   insert evicts its least recently used flow (the NAT table, \
+                                   which never evicts, has room, as lbd's collector keeps it)"
                         .to_string()
                 }
                 cost::NEW_FLOW_ROOMY => format!(
