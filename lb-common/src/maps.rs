@@ -117,27 +117,19 @@ pub mod name {
 pub const LAYOUT: u32 = 10;
 
 /// The earlier layouts a start migrates rather than replaces, each with
-/// the maps whose definition (kind or size) changed since: those are made
-/// anew, the flow tables among them carried over, the others filled again
-/// by lbd; every other map, and every link, is adopted as it is. Only a
-/// layout whose maps all still hold what they held may be listed. Keep it
-/// with [`LAYOUT`].
-pub const MIGRATES_FROM: &[(u32, &[&str])] = &[(
-    9,
-    &[
-        name::NAT_REV,
-        name::BYPASS,
-        name::BYPASS6,
-        name::LAN_PORTS,
-        name::EGRESS,
-        name::RING_DROPS,
-    ],
-)];
+/// the flow tables whose definition (kind or size) changed since: those
+/// are made anew and their entries carried over; every other map, and
+/// every link, is adopted as it is. Only a layout whose other maps all
+/// still hold what they held, and whose changed maps are all flow tables,
+/// may be listed (another remade map would meet the new programs empty).
+/// Keep it with [`LAYOUT`].
+pub const MIGRATES_FROM: &[(u32, &[&str])] = &[(9, &[name::NAT_REV])];
 // (10: NAT_REV is a plain hash table, twice the flow table's size
 // (`nat_entries`), no longer an LRU one; its entries are as before, and a
-// start migrates 9 (`MIGRATES_FROM`). Room for more:
-// BYPASS and BYPASS6 (`BYPASS_ENTRIES`, was 256), LAN_PORTS, EGRESS and
-// RING_DROPS (every LAN port, `MAX_LAN_PORTS`, not `MAX_LANS`). ROUTER_MACS.
+// start migrates 9 (`MIGRATES_FROM`). Room for more, for data planes
+// made new (a migrated one keeps its maps' sizes): BYPASS and BYPASS6
+// (`BYPASS_ENTRIES`, was 256), LAN_PORTS, EGRESS and RING_DROPS (every
+// LAN port, `MAX_LAN_PORTS`, not `MAX_LANS`). ROUTER_MACS, created.
 // 6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;

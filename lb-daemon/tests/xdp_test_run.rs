@@ -1480,11 +1480,16 @@ fn a_full_flow_table_evicts_and_counts_and_a_full_nat_table_passes_to_the_kernel
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, frame, "untouched");
     assert_eq!(h.reason(reason::PASS_NAT_FULL), passed + 1);
-    // The collector frees the orphans, and new flows go again.
+    // The collector frees the orphans, and new flows go again; the one
+    // the kernel took stays the kernel's (its server knows it by the
+    // kernel's port).
     h.flow_tables()
         .collect_expired(coarse_now_ns())
         .expect("collect");
-    assert_eq!(h.lan(&flow(mappings)).0, XDP_REDIRECT);
+    assert_eq!(h.lan(&flow(mappings + 1)).0, XDP_REDIRECT);
+    let kernels = h.reason(reason::PASS_KERNEL_CONNECTION);
+    assert_eq!(h.lan(&frame).0, XDP_PASS);
+    assert_eq!(h.reason(reason::PASS_KERNEL_CONNECTION), kernels + 1);
 }
 
 #[test]

@@ -481,7 +481,28 @@ fn flow(
             Placement::Refused(why) => return Err(why),
             Placement::Unreachable => return Err(reason::DROP_POLICY_UNREACHABLE),
         };
-        let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
+        let (port, epoch) = match reserve_port(ctx, pkt, key, uplink) {
+            Ok(found) => found,
+            // No room for a new mapping: a retried SYN keeps its place...
+            Err(reason::PASS_NAT_FULL) if except != NO_UPLINK => {
+                unsafe { (*flow).last_seen_ns = now };
+                return Ok((pinned, old_port));
+            }
+            // ...and a flow that must move goes to the kernel for good,
+            // as a `kernel` rule's does, never back to the fast path with
+            // a mapping the server has not seen.
+            Err(reason::PASS_NAT_FULL) => {
+                if let Some(old) = old_info {
+                    let _ = NAT_REV.remove(&rev_key(key, old, old_port));
+                }
+                unsafe {
+                    (*flow).uplink = KERNEL_OWNED;
+                    (*flow).last_seen_ns = now;
+                }
+                return Err(reason::PASS_NAT_FULL);
+            }
+            Err(why) => return Err(why),
+        };
         if let Some(old) = old_info {
             let _ = NAT_REV.remove(&rev_key(key, old, old_port));
         }
@@ -510,7 +531,16 @@ fn flow(
         Placement::Refused(why) => return Err(why),
         Placement::Unreachable => return Err(reason::DROP_POLICY_UNREACHABLE),
     };
-    let (port, epoch) = reserve_port(ctx, pkt, key, uplink)?;
+    let (port, epoch) = match reserve_port(ctx, pkt, key, uplink) {
+        Ok(found) => found,
+        // The kernel's from its first packet on: remembered, so that it
+        // stays the kernel's when room comes back.
+        Err(reason::PASS_NAT_FULL) => {
+            let _ = FLOWS.insert(key, &kernel, u64::from(BPF_NOEXIST));
+            return Err(reason::PASS_NAT_FULL);
+        }
+        Err(why) => return Err(why),
+    };
     let value = FlowValue {
         last_seen_ns: now,
         uplink,

@@ -391,6 +391,12 @@ impl Daemon {
 
         let pins = Pins::new(&config.daemon.bpffs);
         let (found, carry) = pins.prepare(config.flows.max)?;
+        // An earlier lbd's lan_ingress still attached: its guard is in
+        // place too.
+        let lan_links_pinned = pins
+            .links()
+            .iter()
+            .any(|(prog, _)| prog == lb_common::maps::program::LAN_INGRESS);
         if let Found::Replaced(old) = &found {
             for (dir, flows) in old {
                 let flows =
@@ -465,10 +471,11 @@ impl Daemon {
                 log::warn!("a link of the earlier lbd stays: {why}");
             }
         }
-        let seed = if adopted.is_some() {
-            dataplane.seed()
-        } else {
-            rand::random()
+        // A seed of 0 is no earlier lbd's choice: a start that failed
+        // after the maps were made left them zeroed.
+        let seed = match dataplane.seed() {
+            seed if adopted.is_some() && seed != 0 => seed,
+            _ => rand::random(),
         };
         dataplane.set_classifier(seed, config.balance.mode.number())?;
         dataplane.set_nat_ports((config.nat.port_min, config.nat.port_max), local_ports)?;
@@ -510,11 +517,11 @@ impl Daemon {
             flow_addrs: Vec::new(),
             attachments: attachments::Attachments::default(),
             router_macs: router_macs::RouterMacs::default(),
-            // Carried flow tables: the earlier lbd's guard is in place,
-            // and lan_ingress is to take over its links in the first
-            // round, with wan_ingress, so that no reply meets a table its
-            // flow is not in for longer than that round.
-            lans_open: carry.is_some(),
+            // Carried flow tables, with the earlier lbd's lan_ingress
+            // attached (and so its guard in place): lan_ingress takes over
+            // its links in the first round, with wan_ingress, so that no
+            // reply meets a table its flow is not in for longer than that.
+            lans_open: carry.is_some() && lan_links_pinned,
             carry,
             roaming: roaming::Roaming::default(),
             egress: egress_owned,

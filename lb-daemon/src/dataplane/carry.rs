@@ -23,7 +23,7 @@ use std::{fs, path::PathBuf};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{HashMap, IterableMap, Map, MapData, MapError},
     Pod,
 };
 use lb_common::maps::{name, FlowKey, FlowKey6, FlowValue, FlowValue6, NatKey, NatValue};
@@ -70,15 +70,15 @@ impl Carry {
             let done = match table {
                 name::FLOWS => dataplane
                     .reopen::<FlowKey, FlowValue>(table)
-                    .and_then(|mut new| copy(old, &mut new, |_, _| true)),
+                    .and_then(|mut new| copy_flows(old, &mut new)),
                 name::FLOWS6 => dataplane
                     .reopen::<FlowKey6, FlowValue6>(table)
-                    .and_then(|mut new| copy(old, &mut new, |_, _| true)),
+                    .and_then(|mut new| copy_flows(old, &mut new)),
                 _ => dataplane
                     .reopen::<FlowKey, FlowValue>(name::FLOWS)
-                    .and_then(|flows| {
+                    .and_then(|mut flows| {
                         let mut new = dataplane.reopen::<NatKey, NatValue>(table)?;
-                        copy(old, &mut new, |k: &NatKey, v: &NatValue| owns(&flows, k, v))
+                        copy_mappings(old, &mut new, &mut flows)
                     }),
             };
             match done {
@@ -106,49 +106,105 @@ impl Carry {
     }
 }
 
-/// Whether mapping `k` -> `v` is the one its flow in `flows` has (the
-/// flow table may have let the flow go, or given it another mapping).
-fn owns(flows: &HashMap<MapData, FlowKey, FlowValue>, k: &NatKey, v: &NatValue) -> bool {
-    let key = FlowKey {
+/// Whether mapping `k` -> `v` is the one its flow (`flow`, in `flows`)
+/// has (the flow table may have let the flow go, or given it another).
+fn owns(
+    flows: &HashMap<MapData, FlowKey, FlowValue>,
+    flow: &FlowKey,
+    k: &NatKey,
+    v: &NatValue,
+) -> bool {
+    flows
+        .get(flow, 0)
+        .is_ok_and(|f| f.uplink == v.uplink && f.nat_port == k.nat_port)
+}
+
+/// Copy `old`'s flows missing in `new`, as many as `new` has room for
+/// (an LRU table would make room by evicting the new data plane's own):
+/// the number added, and the number left out.
+fn copy_flows<K: Pod, V: Pod>(old: &Map, new: &mut HashMap<MapData, K, V>) -> Result<(u64, u64)> {
+    let old: HashMap<&MapData, K, V> = HashMap::try_from(old)
+        .context("the earlier table is no hash table of this lbd's key and value sizes")?;
+    let size = u64::from(new.map().info()?.max_entries());
+    let mut room = size.saturating_sub(new.keys().count() as u64);
+    let (mut added, mut lost) = (0, 0);
+    for (key, value) in old.iter().flatten() {
+        if room == 0 {
+            lost += 1;
+            continue;
+        }
+        match insert(new, key, value)? {
+            Some(true) => {
+                added += 1;
+                room -= 1;
+            }
+            Some(false) => {}
+            None => lost += 1,
+        }
+    }
+    Ok((added, lost))
+}
+
+/// Copy `old`'s mappings whose flow `flows` holds with them and that are
+/// missing in `new`. A mapping the new data plane gave meanwhile to
+/// another flow (the same server, the same port) costs the carried flow
+/// its entry: its next packet makes a new one, never shares. The number
+/// added, and the number that found no room.
+fn copy_mappings(
+    old: &Map,
+    new: &mut HashMap<MapData, NatKey, NatValue>,
+    flows: &mut HashMap<MapData, FlowKey, FlowValue>,
+) -> Result<(u64, u64)> {
+    let old: HashMap<&MapData, NatKey, NatValue> = HashMap::try_from(old)
+        .context("the earlier table is no hash table of this lbd's key and value sizes")?;
+    let (mut added, mut lost) = (0, 0);
+    for (key, value) in old.iter().flatten() {
+        let flow = flow_of(&key, &value);
+        if !owns(flows, &flow, &key, &value) {
+            continue;
+        }
+        match insert(new, key, value)? {
+            Some(true) => added += 1,
+            Some(false) => {
+                let same = new.get(&key, 0).is_ok_and(|t| {
+                    t.client_addr == value.client_addr && t.client_port == value.client_port
+                });
+                if !same {
+                    let _ = flows.remove(&flow);
+                }
+            }
+            None => lost += 1,
+        }
+    }
+    Ok((added, lost))
+}
+
+/// The flow a mapping belongs to.
+fn flow_of(k: &NatKey, v: &NatValue) -> FlowKey {
+    FlowKey {
         src_addr: v.client_addr,
         dst_addr: k.remote_addr,
         src_port: v.client_port,
         dst_port: k.remote_port,
         proto: k.proto,
         _pad: [0; 3],
-    };
-    flows
-        .get(&key, 0)
-        .is_ok_and(|f| f.uplink == v.uplink && f.nat_port == k.nat_port)
+    }
 }
 
-/// Copy `old`'s entries that `wanted` and that are missing in `new`: the
-/// number added, and the number that found no room.
-fn copy<K: Pod, V: Pod>(
-    old: &Map,
+/// Insert an entry that is not there: `Some(true)` added, `Some(false)`
+/// there already, `None` no room.
+fn insert<K: Pod, V: Pod>(
     new: &mut HashMap<MapData, K, V>,
-    wanted: impl Fn(&K, &V) -> bool,
-) -> Result<(u64, u64)> {
-    let old: HashMap<&MapData, K, V> = HashMap::try_from(old)
-        .context("the earlier table is no hash table of this lbd's key and value sizes")?;
-    let (mut added, mut lost) = (0, 0);
-    for entry in old.iter() {
-        // An entry removed while the walk runs is simply not there.
-        let Ok((key, value)) = entry else {
-            continue;
-        };
-        if !wanted(&key, &value) {
-            continue;
-        }
-        match new.insert(key, value, BPF_NOEXIST) {
-            Ok(()) => added += 1,
-            Err(MapError::SyscallError(e)) => match e.io_error.raw_os_error() {
-                Some(libc::EEXIST) => {}
-                Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC) => lost += 1,
-                _ => return Err(MapError::SyscallError(e).into()),
-            },
-            Err(e) => return Err(e.into()),
-        }
+    key: K,
+    value: V,
+) -> Result<Option<bool>> {
+    match new.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => Ok(Some(true)),
+        Err(MapError::SyscallError(e)) => match e.io_error.raw_os_error() {
+            Some(libc::EEXIST) => Ok(Some(false)),
+            Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC) => Ok(None),
+            _ => Err(MapError::SyscallError(e).into()),
+        },
+        Err(e) => Err(e.into()),
     }
-    Ok((added, lost))
 }

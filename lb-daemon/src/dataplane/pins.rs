@@ -126,6 +126,8 @@ impl Pins {
         // `carry` to be copied; the rest are filled again by lbd.
         let mut remade: Vec<&str> = migrated.map(|(_, maps)| maps.to_vec()).unwrap_or_default();
         remade.extend(self.resized_flow_tables(max_flows));
+        remade.sort_unstable();
+        remade.dedup();
         let carry_dir = self.dir().join("carry");
         for map in remade {
             let (pin, held) = (self.map(map), carry_dir.join(map));
@@ -184,20 +186,25 @@ impl Pins {
 
     /// This layout's pinned flow tables that were made for another
     /// number of flows than `max_flows` (an operator changed `[flows]
-    /// max`). A table that cannot be asked counts as the right size.
+    /// max`), or as another kind of table (a migration that stopped
+    /// half-way left an earlier layout's). A table that cannot be asked
+    /// counts as right.
     fn resized_flow_tables(&self, max_flows: u32) -> Vec<&'static str> {
+        use aya::maps::MapType;
         [
-            (name::FLOWS, max_flows),
-            (name::NAT_REV, nat_entries(max_flows)),
-            (name::FLOWS6, max_flows),
+            (name::FLOWS, max_flows, MapType::LruHash),
+            (name::NAT_REV, nat_entries(max_flows), MapType::Hash),
+            (name::FLOWS6, max_flows, MapType::LruHash),
         ]
         .into_iter()
-        .filter(|&(table, wanted)| {
+        .filter(|&(table, wanted, kind)| {
             MapData::from_pin(self.map(table))
                 .and_then(|m| m.info())
-                .is_ok_and(|info| info.max_entries() != wanted)
+                .is_ok_and(|info| {
+                    info.max_entries() != wanted || info.map_type().is_ok_and(|t| t != kind)
+                })
         })
-        .map(|(table, _)| table)
+        .map(|(table, _, _)| table)
         .collect()
     }
 
