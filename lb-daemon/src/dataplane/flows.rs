@@ -21,7 +21,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData, MapError};
+use aya::{
+    maps::{HashMap, MapData, MapError},
+    Pod,
+};
 use lb_common::maps::{tcp_state, FlowKey, FlowKey6, FlowValue, FlowValue6, NatKey, NatValue};
 
 use crate::config::FlowConfig;
@@ -268,7 +271,9 @@ impl FlowTables {
         if self.followed.len() > FOLLOWED_KEPT {
             self.followed.clear();
         }
-        let mover = |client_mac: [u8; 6], lan_ifindex: u32, tagged: bool| {
+        // Which move an entry's client takes, if any.
+        let mover = |v: &dyn OnLanPort| {
+            let (client_mac, lan_ifindex, tagged) = v.on_lan_port();
             moves.iter().position(|m| {
                 m.is_some_and(|m| {
                     !tagged
@@ -278,62 +283,10 @@ impl FlowTables {
                 })
             })
         };
-        let to = |i: usize| moves[i].map_or(0, |m| m.to);
+        let to: Vec<u32> = moves.iter().map(|m| m.map_or(0, |m| m.to)).collect();
         let mut followed = vec![0; moves.len()];
-        let mappings: Vec<(usize, NatKey)> = self
-            .nat
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter_map(|(k, v)| {
-                Some((mover(v.client_mac, v.lan_ifindex, v.vlan_tci != [0; 2])?, k))
-            })
-            .collect();
-        for (i, key) in mappings {
-            let Some(mut value) = now_or_gone(self.nat.get(&key, 0))? else {
-                continue;
-            };
-            if mover(
-                value.client_mac,
-                value.lan_ifindex,
-                value.vlan_tci != [0; 2],
-            ) != Some(i)
-            {
-                continue;
-            }
-            value.lan_ifindex = to(i);
-            if only_if_there(self.nat.insert(key, value, BPF_EXIST))
-                .context("writing to NAT_REV")?
-            {
-                followed[i] += 1;
-            }
-        }
-        let flows6: Vec<(usize, FlowKey6)> = self
-            .flows6
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter_map(|(k, v)| {
-                Some((mover(v.client_mac, v.lan_ifindex, v.vlan_tci != [0; 2])?, k))
-            })
-            .collect();
-        for (i, key) in flows6 {
-            let Some(mut value) = now_or_gone(self.flows6.get(&key, 0))? else {
-                continue;
-            };
-            if mover(
-                value.client_mac,
-                value.lan_ifindex,
-                value.vlan_tci != [0; 2],
-            ) != Some(i)
-            {
-                continue;
-            }
-            value.lan_ifindex = to(i);
-            if only_if_there(self.flows6.insert(key, value, BPF_EXIST))
-                .context("writing to FLOWS6")?
-            {
-                followed[i] += 1;
-            }
-        }
+        move_port(&mut self.nat, &mover, &to, &mut followed).context("NAT_REV")?;
+        move_port(&mut self.flows6, &mover, &to, &mut followed).context("FLOWS6")?;
         Ok(followed)
     }
 
@@ -454,6 +407,60 @@ pub struct Roamed<'a> {
     pub to: u32,
     /// Its move's generation (`reconcile::roaming::Move`).
     pub generation: u64,
+}
+
+/// An entry that names the LAN port its replies leave by.
+trait OnLanPort {
+    /// The client's MAC, the port, and whether the client is tagged.
+    fn on_lan_port(&self) -> ([u8; 6], u32, bool);
+    fn set_lan_port(&mut self, ifindex: u32);
+}
+
+impl OnLanPort for NatValue {
+    fn on_lan_port(&self) -> ([u8; 6], u32, bool) {
+        (self.client_mac, self.lan_ifindex, self.vlan_tci != [0; 2])
+    }
+    fn set_lan_port(&mut self, ifindex: u32) {
+        self.lan_ifindex = ifindex;
+    }
+}
+
+impl OnLanPort for FlowValue6 {
+    fn on_lan_port(&self) -> ([u8; 6], u32, bool) {
+        (self.client_mac, self.lan_ifindex, self.vlan_tci != [0; 2])
+    }
+    fn set_lan_port(&mut self, ifindex: u32) {
+        self.lan_ifindex = ifindex;
+    }
+}
+
+/// [`FlowTables::follow`]'s walk of one table: each entry whose client
+/// `mover` says takes move `i`, read again and written with port `to[i]`,
+/// counted in `followed[i]`.
+fn move_port<K: Pod, V: Pod + OnLanPort>(
+    map: &mut HashMap<MapData, K, V>,
+    mover: &dyn Fn(&dyn OnLanPort) -> Option<usize>,
+    to: &[u32],
+    followed: &mut [usize],
+) -> Result<()> {
+    let found: Vec<(usize, K)> = map
+        .iter()
+        .filter_map(|entry| entry.ok())
+        .filter_map(|(k, v)| Some((mover(&v)?, k)))
+        .collect();
+    for (i, key) in found {
+        let Some(mut value) = now_or_gone(map.get(&key, 0))? else {
+            continue;
+        };
+        if mover(&value) != Some(i) {
+            continue;
+        }
+        value.set_lan_port(to[i]);
+        if only_if_there(map.insert(key, value, BPF_EXIST)).context("writing")? {
+            followed[i] += 1;
+        }
+    }
+    Ok(())
 }
 
 /// How many clients' last followed moves are remembered.
