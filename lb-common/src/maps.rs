@@ -392,6 +392,21 @@ pub struct NatKey {
     pub _pad: [u8; 3],
 }
 
+impl NatKey {
+    /// The flow (its `FLOWS` key) that mapping `self` -> `back` belongs
+    /// to: the client's end from the value, the server's from the key.
+    pub const fn flow(&self, back: &NatValue) -> FlowKey {
+        FlowKey {
+            src_addr: back.client_addr,
+            dst_addr: self.remote_addr,
+            src_port: back.client_port,
+            dst_port: self.remote_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Value of the reverse NAT table: where a reply goes back to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -42,9 +42,6 @@ pub struct Carry {
 /// found no room).
 pub type Copied = Vec<(&'static str, u64, u64)>;
 
-/// `BPF_NOEXIST`: a copy only creates.
-const BPF_NOEXIST: u64 = 1;
-
 impl Carry {
     /// The flow tables pinned in `dir`, opened; `None` when none is.
     pub fn open(dir: PathBuf, why: String) -> Option<Carry> {
@@ -159,7 +156,7 @@ fn copy_mappings(
         .context("the earlier table is no hash table of this lbd's key and value sizes")?;
     let (mut added, mut lost) = (0, 0);
     for (key, value) in old.iter().flatten() {
-        let flow = flow_of(&key, &value);
+        let flow = key.flow(&value);
         if !owns(flows, &flow, &key, &value) {
             continue;
         }
@@ -179,18 +176,6 @@ fn copy_mappings(
     Ok((added, lost))
 }
 
-/// The flow a mapping belongs to.
-fn flow_of(k: &NatKey, v: &NatValue) -> FlowKey {
-    FlowKey {
-        src_addr: v.client_addr,
-        dst_addr: k.remote_addr,
-        src_port: v.client_port,
-        dst_port: k.remote_port,
-        proto: k.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// Insert an entry that is not there: `Some(true)` added, `Some(false)`
 /// there already, `None` no room.
 fn insert<K: Pod, V: Pod>(
@@ -198,7 +183,7 @@ fn insert<K: Pod, V: Pod>(
     key: K,
     value: V,
 ) -> Result<Option<bool>> {
-    match new.insert(key, value, BPF_NOEXIST) {
+    match new.insert(key, value, super::BPF_NOEXIST) {
         Ok(()) => Ok(Some(true)),
         Err(MapError::SyscallError(e)) => match e.io_error.raw_os_error() {
             Some(libc::EEXIST) => Ok(Some(false)),

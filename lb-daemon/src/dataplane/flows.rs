@@ -176,14 +176,7 @@ impl FlowTables {
             if live.contains(&rev) {
                 continue;
             }
-            let key = FlowKey {
-                src_addr: back.client_addr,
-                dst_addr: rev.remote_addr,
-                src_port: back.client_port,
-                dst_port: rev.remote_port,
-                proto: rev.proto,
-                _pad: [0; 3],
-            };
+            let key = rev.flow(&back);
             let current = match self.flows.get(&key, 0) {
                 Ok(value) => Some(value),
                 Err(MapError::KeyNotFound) => None,
@@ -456,7 +449,7 @@ fn move_port<K: Pod, V: Pod + OnLanPort>(
             continue;
         }
         value.set_lan_port(to[i]);
-        if only_if_there(map.insert(key, value, BPF_EXIST)).context("writing")? {
+        if only_if_there(map.insert(key, value, super::BPF_EXIST)).context("writing")? {
             followed[i] += 1;
         }
     }
@@ -474,9 +467,6 @@ fn now_or_gone<V>(r: Result<V, MapError>) -> Result<Option<V>> {
         Err(e) => Err(e).context("reading a flow table"),
     }
 }
-
-/// `BPF_EXIST`: write an entry only if it is still there.
-const BPF_EXIST: u64 = 2;
 
 /// Whether a `BPF_EXIST` write found its entry (`false`: the data plane
 /// removed it meanwhile).

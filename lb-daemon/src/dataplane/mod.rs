@@ -60,6 +60,8 @@ pub fn takers(table: &Table) -> u32 {
 
 /// `BPF_NOEXIST`: an update that only creates.
 const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: an update that only changes an entry still there.
+const BPF_EXIST: u64 = 2;
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
@@ -936,62 +938,65 @@ impl Dataplane {
 
     /// What LAN port `ifindex` is to the rules (`None`: forget it).
     pub fn set_lan_port(&mut self, ifindex: u32, port: Option<LanPort>) -> Result<()> {
-        let m = self
-            .ebpf
-            .map_mut(name::LAN_CLASSES)
-            .context("map LAN_CLASSES missing")?;
-        let mut map: HashMap<&mut MapData, u32, LanPort> =
-            HashMap::try_from(m).context("map LAN_CLASSES has an unexpected type")?;
-        match port {
-            Some(p) => map
-                .insert(ifindex, p, 0)
-                .with_context(|| format!("writing LAN port {ifindex}")),
-            None => missing_is_fine(map.remove(&ifindex))
-                .with_context(|| format!("removing LAN port {ifindex}")),
-        }
+        self.set_port_entry(name::LAN_CLASSES, ifindex, port, "LAN port")
     }
 
     /// The router's MACs on LAN port `ifindex` (`None`: forget the port).
     pub fn set_router_macs(&mut self, ifindex: u32, macs: Option<RouterMacs>) -> Result<()> {
-        let m = self
-            .ebpf
-            .map_mut(name::ROUTER_MACS)
-            .context("map ROUTER_MACS missing")?;
-        let mut map: HashMap<&mut MapData, u32, RouterMacs> =
-            HashMap::try_from(m).context("map ROUTER_MACS has an unexpected type")?;
-        match macs {
-            Some(macs) => map
-                .insert(ifindex, macs, 0)
-                .with_context(|| format!("writing the router's MACs on LAN port {ifindex}")),
-            None => missing_is_fine(map.remove(&ifindex))
-                .with_context(|| format!("removing the router's MACs on LAN port {ifindex}")),
-        }
+        self.set_port_entry(
+            name::ROUTER_MACS,
+            ifindex,
+            macs,
+            "the router's MACs on LAN port",
+        )
     }
 
     /// What `ROUTER_MACS` holds now.
     pub fn router_macs(&self) -> Result<Vec<(u32, RouterMacs)>> {
-        let m = self
-            .ebpf
-            .map(name::ROUTER_MACS)
-            .context("map ROUTER_MACS missing")?;
-        let map: HashMap<&MapData, u32, RouterMacs> =
-            HashMap::try_from(m).context("map ROUTER_MACS has an unexpected type")?;
-        map.iter()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading ROUTER_MACS")
+        self.port_entries(name::ROUTER_MACS)
     }
 
     /// What `LAN_CLASSES` holds now.
     pub fn lan_ports(&self) -> Result<Vec<(u32, LanPort)>> {
+        self.port_entries(name::LAN_CLASSES)
+    }
+
+    /// Write (`Some`) or remove (`None`) the entry of LAN port `ifindex`
+    /// in hash map `map`; `what` says what it is, in errors.
+    fn set_port_entry<V: Pod>(
+        &mut self,
+        map: &str,
+        ifindex: u32,
+        value: Option<V>,
+        what: &str,
+    ) -> Result<()> {
         let m = self
             .ebpf
-            .map(name::LAN_CLASSES)
-            .context("map LAN_CLASSES missing")?;
-        let map: HashMap<&MapData, u32, LanPort> =
-            HashMap::try_from(m).context("map LAN_CLASSES has an unexpected type")?;
-        map.iter()
+            .map_mut(map)
+            .with_context(|| format!("map {map} missing"))?;
+        let mut entries: HashMap<&mut MapData, u32, V> =
+            HashMap::try_from(m).with_context(|| format!("map {map} has an unexpected type"))?;
+        match value {
+            Some(v) => entries
+                .insert(ifindex, v, 0)
+                .with_context(|| format!("writing {what} {ifindex}")),
+            None => missing_is_fine(entries.remove(&ifindex))
+                .with_context(|| format!("removing {what} {ifindex}")),
+        }
+    }
+
+    /// Every entry of hash map `map`, by LAN port.
+    fn port_entries<V: Pod>(&self, map: &str) -> Result<Vec<(u32, V)>> {
+        let m = self
+            .ebpf
+            .map(map)
+            .with_context(|| format!("map {map} missing"))?;
+        let entries: HashMap<&MapData, u32, V> =
+            HashMap::try_from(m).with_context(|| format!("map {map} has an unexpected type"))?;
+        entries
+            .iter()
             .collect::<Result<Vec<_>, _>>()
-            .context("reading LAN_CLASSES")
+            .with_context(|| format!("reading {map}"))
     }
 
     /// Per-policy counters, summed over the CPUs.

@@ -65,6 +65,25 @@ pub struct LinkFacts {
     pub l3: bool,
 }
 
+#[cfg(test)]
+impl LinkFacts {
+    /// A link for tests: up, with carrier, MTU 1500, no MAC, on no other
+    /// device.
+    pub fn sample(index: u32, name: &str, kind: &str, master: Option<u32>) -> Self {
+        LinkFacts {
+            name: name.into(),
+            index,
+            mac: None,
+            up: true,
+            mtu: 1500,
+            kind: Some(kind.into()),
+            master,
+            lower: None,
+            l3: false,
+        }
+    }
+}
+
 /// An IPv4 address on an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Address {

@@ -234,17 +234,7 @@ mod tests {
     use crate::observe::kernel::LinkFacts;
 
     fn link(index: u32, name: &str, kind: &str, master: Option<u32>) -> LinkFacts {
-        LinkFacts {
-            name: name.into(),
-            index,
-            mac: None,
-            up: true,
-            mtu: 1500,
-            kind: Some(kind.into()),
-            master,
-            lower: None,
-            l3: false,
-        }
+        LinkFacts::sample(index, name, kind, master)
     }
 
     #[test]

@@ -140,15 +140,9 @@ mod tests {
         lower: Option<u32>,
     ) -> LinkFacts {
         LinkFacts {
-            name: name.into(),
-            index,
             mac: Some([0x02, 0, 0, 0, 0, index as u8]),
-            up: true,
-            mtu: 1500,
-            kind: Some(kind.into()),
-            master,
             lower,
-            l3: false,
+            ..LinkFacts::sample(index, name, kind, master)
         }
     }
 
