@@ -52,6 +52,17 @@ pub fn apply(check: u16, delta: u32) -> u16 {
     !fold(u32::from(!check) + delta)
 }
 
+/// What taking one off an IPv4 TTL adds to the header's sum, whatever the
+/// TTL (as long as it is at least 1): the TTL is the first byte of its
+/// 16-bit word, which therefore drops by the word `[1, 0]` read in the
+/// same byte order, and `~m + (m - d)` is `~d` for any `m >= d` (RFC 1624;
+/// RFC 1141 used the same constant). A constant, so a forwarded packet's
+/// TTL and its address change share one update of the header checksum.
+#[inline(always)]
+pub fn ttl_decrement(word: fn([u8; 2]) -> u16) -> u32 {
+    delta16(word([1, 0]), 0)
+}
+
 /// The checksum after one 16-bit word of the covered data changed from `old`
 /// to `new`.
 #[inline(always)]
@@ -139,6 +150,51 @@ mod tests {
             let mut zeroed = hdr;
             zeroed[10..12].fill(0);
             assert_eq!(checksum(&zeroed, 0).to_be_bytes(), [hdr[10], hdr[11]]);
+        }
+    }
+
+    #[test]
+    fn the_ttl_delta_is_the_same_for_every_ttl_and_adds_to_an_address_change() {
+        let mut hdr = HDR;
+        let c = checksum(&hdr, 0);
+        hdr[10..12].copy_from_slice(&c.to_be_bytes());
+        let new_src: u32 = 0x6440_0102;
+        for ttl in 1..=255u8 {
+            let mut h = hdr;
+            h[8] = ttl;
+            let c = checksum(
+                &{
+                    let mut z = h;
+                    z[10..12].fill(0);
+                    z
+                },
+                0,
+            );
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            let old_src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+            h[8] = ttl - 1;
+            h[12..16].copy_from_slice(&new_src.to_be_bytes());
+            let check = u16::from_be_bytes([h[10], h[11]]);
+            let delta = delta32(old_src, new_src) + ttl_decrement(u16::from_be_bytes);
+            h[10..12].copy_from_slice(&apply(check, delta).to_be_bytes());
+            assert!(verifies(&h, 0), "ttl {ttl}");
+            // In the other byte order, as the XDP programs read words.
+            let mut le = hdr;
+            le[8] = ttl;
+            let c = checksum(
+                &{
+                    let mut z = le;
+                    z[10..12].fill(0);
+                    z
+                },
+                0,
+            );
+            le[10..12].copy_from_slice(&c.to_be_bytes());
+            le[8] = ttl - 1;
+            let check = u16::from_le_bytes([le[10], le[11]]);
+            le[10..12]
+                .copy_from_slice(&apply(check, ttl_decrement(u16::from_le_bytes)).to_le_bytes());
+            assert!(verifies(&le, 0), "ttl {ttl}, little-endian words");
         }
     }
 

@@ -141,9 +141,6 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if info.flags & uplink_flags::CLAMP_MSS != 0 {
         clamp_mss(ctx, &pkt, info.mtu);
     }
-    // Before the translation, whose last step may leave packet pointers
-    // stale (`Frame::resum_l4`).
-    rewrite::decrement_ttl(&pkt);
     translate(ctx, &pkt, End::Source, info.addr, nat_port)?;
     if let Some(datagram) = &datagram {
         frags::remember(datagram, src_port, dst_port);
@@ -264,7 +261,6 @@ fn icmp_error_out(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<u32, u32> {
     if wrapping(uplink, info).is_some() {
         return Err(reason::PASS_UNSUPPORTED);
     }
-    rewrite::decrement_ttl(pkt);
     translate_icmp_error(ctx, pkt, &inner, End::Source, info.addr, nat_port)?;
     rewrite::untagged(
         ctx,

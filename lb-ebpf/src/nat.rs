@@ -53,9 +53,11 @@ pub enum End {
 }
 
 /// Rewrite one end's address and port (ICMP: the echo identifier) to
-/// `addr`/`port`, fixing the IP and L4 checksums. Checks every bound
-/// before it writes: an `Err` leaves the packet as it came. Every packet
-/// pointer taken before is stale afterwards (`Frame::resum_l4`).
+/// `addr`/`port`, and take one off the TTL (every translated packet is
+/// forwarded; the caller checked that the TTL allows it), fixing the IP
+/// and L4 checksums. Checks every bound before it writes: an `Err` leaves
+/// the packet as it came. Every packet pointer taken before is stale
+/// afterwards (`Frame::resum_l4`).
 #[inline(always)]
 pub fn translate<C: Frame>(
     ctx: &C,
@@ -108,9 +110,10 @@ pub fn translate<C: Frame>(
     }
 }
 
-/// Rewrite one end's address in the IP header, with its checksum; returns
-/// what the change adds to the sums that cover the address (the IP
-/// header's, and TCP's or UDP's through their pseudo-header), worked out
+/// Rewrite one end's address in the IP header and take one off the TTL,
+/// with one update of the header checksum; returns what the address
+/// change adds to the sums that cover it (the IP header's, and TCP's or
+/// UDP's through their pseudo-header, which holds no TTL), worked out
 /// once and folded once per checksum.
 #[inline(always)]
 fn readdress(pkt: &Ipv4Packet, end: End, addr: [u8; 4]) -> u32 {
@@ -118,16 +121,14 @@ fn readdress(pkt: &Ipv4Packet, end: End, addr: [u8; 4]) -> u32 {
     // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
     unsafe {
         let old = if end == End::Source {
-            let old = (*ip).src;
-            (*ip).src = addr;
-            old
+            core::mem::replace(&mut (*ip).src, addr)
         } else {
-            let old = (*ip).dst;
-            (*ip).dst = addr;
-            old
+            core::mem::replace(&mut (*ip).dst, addr)
         };
+        (*ip).ttl = (*ip).ttl.wrapping_sub(1);
         let delta = csum::delta32(word32(old), word32(addr));
-        (*ip).check = bytes(csum::apply(word16((*ip).check), delta));
+        let header = delta + csum::ttl_decrement(word16);
+        (*ip).check = bytes(csum::apply(word16((*ip).check), header));
         delta
     }
 }
@@ -187,7 +188,7 @@ pub fn embedded<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
 /// [`End::Source`]: a client's error about a reply it got (the quote's
 /// destination) goes out as from the uplink. Fixes the quoted IP checksum,
 /// the quoted transport checksum if quoted (a UDP one if in use), the ICMP
-/// checksum and the outer IP checksum. An echo is quoted with its
+/// checksum and the outer IP checksum, and takes one off the outer TTL. An echo is quoted with its
 /// identifier as its source port, so only [`End::Destination`] takes one.
 #[inline(always)]
 pub fn translate_icmp_error<C: Frame>(
@@ -272,18 +273,8 @@ pub fn translate_icmp_error<C: Frame>(
             icmp_c = csum::replace16(icmp_c, word16(old), word16(new));
         }
         (*icmp).check = bytes(icmp_c);
-
-        // The outer end.
-        let ip = pkt.ip;
-        let old = match end {
-            End::Destination => core::mem::replace(&mut (*ip).dst, addr),
-            End::Source => core::mem::replace(&mut (*ip).src, addr),
-        };
-        (*ip).check = bytes(csum::replace32(
-            word16((*ip).check),
-            word32(old),
-            word32(addr),
-        ));
     }
+    // The outer end, and its TTL.
+    readdress(pkt, end, addr);
     Ok(())
 }

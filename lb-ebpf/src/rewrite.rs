@@ -1,4 +1,5 @@
-//! Link-layer rewriting for forwarding: TTL and IP checksum, Ethernet
+//! Link-layer rewriting for forwarding: the IPv6 hop limit (IPv4's TTL
+//! goes with the translation's checksum update, `nat`), Ethernet
 //! addresses, and removing (towards an uplink) or adding (towards a tagged
 //! LAN client) an 802.1Q tag.
 //!
@@ -10,29 +11,11 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    csum,
     encap::{self, Encap},
     reason,
 };
 
 use crate::parse::{self, EthHdr, Frame, Ipv4Packet, Ipv6Packet, VlanHdr, ETH_P_8021Q};
-
-/// TTL minus one, with the header checksum updated incrementally: the TTL
-/// shares a 16-bit word with the protocol number. The sum is taken in the
-/// CPU's byte order, which gives the same bytes (`lb_common::csum`).
-#[inline(always)]
-pub fn decrement_ttl(pkt: &Ipv4Packet) {
-    let ip = pkt.ip;
-    // SAFETY: `parse::ipv4` bounds-checked the IPv4 header.
-    unsafe {
-        let (ttl, proto) = ((*ip).ttl, (*ip).proto);
-        (*ip).ttl = ttl - 1;
-        let old = u16::from_ne_bytes([ttl, proto]);
-        let new = u16::from_ne_bytes([ttl - 1, proto]);
-        let check = csum::replace16(u16::from_ne_bytes((*ip).check), old, new);
-        (*ip).check = check.to_ne_bytes();
-    }
-}
 
 /// Hop limit minus one (IPv6 has no header checksum).
 #[inline(always)]

@@ -220,11 +220,8 @@ fn translate<C: Frame>(ctx: &C, uplink: u32) -> Result<Back, u32> {
     }
 
     let flags = parse::tcp_flags(ctx, &pkt);
-    // Before the translation, whose last step may leave packet pointers
-    // stale (`Frame::resum_l4`). A translation that fails has written
-    // nothing else: such a packet (its transport header cut short) goes to
-    // the kernel one hop older, which it no longer minds.
-    rewrite::decrement_ttl(&pkt);
+    // A translation that fails has written nothing: such a packet (its
+    // transport header cut short) goes to the kernel as it came.
     match &inner {
         Some(inner) => nat::translate_icmp_error(
             ctx,
