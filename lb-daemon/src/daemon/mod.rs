@@ -65,7 +65,7 @@ use crate::{
     health::{self, HealthEvent, Monitor, Snapshot, State as Health},
     observe::facts::Facts,
     observe::kernel::Observed,
-    observe::linkwatch::{LinkEvent, LinkWatch, Watchers},
+    observe::linkwatch::{Bridges, LinkEvent, LinkWatch, Watchers},
     observe::wireguard,
     reconcile::attachments,
     reconcile::buckets::{self},
@@ -327,6 +327,8 @@ pub struct Daemon {
     carry: Option<Carry>,
     /// Where each LAN bridge's clients were last round.
     roaming: roaming::Roaming,
+    /// The LAN bridges whose forwarding entries wake a round (linkwatch's).
+    lan_bridges: Bridges,
     lans_open: bool,
     /// Each device's way out (XDP or its qdisc) and lb's shapers.
     egress: egress::Owned,
@@ -524,6 +526,7 @@ impl Daemon {
             lans_open: carry.is_some() && lan_links_pinned,
             carry,
             roaming: roaming::Roaming::default(),
+            lan_bridges: links.bridges(),
             egress: egress_owned,
             slowpath: None,
             counted_before: nftables::Counted::default(),

@@ -141,7 +141,10 @@ impl Daemon {
                 carry.finish();
             }
         }
-        // Clients that roamed to another port of their bridge.
+        // Clients that roamed to another port of their bridge; only these
+        // bridges' news wake a round.
+        self.lan_bridges
+            .follow(roaming::lan_bridges(&self.config.lans, observed).into_keys());
         let moves = self.roaming.moves(&self.config.lans, observed);
         self.follow_clients(moves);
         // Bypass: the destinations the kernel keeps.

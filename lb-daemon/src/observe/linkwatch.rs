@@ -23,7 +23,7 @@
 //! It never polls, never changes anything, and never judges an uplink's
 //! health: `health` and the daemon decide what events mean.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -31,11 +31,14 @@ use futures::channel::mpsc::UnboundedReceiver;
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, State};
-use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::packet_route::neighbour::NeighbourMessage;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::proto::Connection;
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::{mpsc, Notify};
+
+use super::netlink::bridge_entry;
 
 /// A watched interface went up or down.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +182,34 @@ impl Watchers {
     }
 }
 
+/// The bridges whose forwarding entries wake the reconciler: the LAN
+/// bridges whose clients lbd follows when they roam (`reconcile::roaming`).
+/// What other bridges learn (a container bridge, a VM's) is not lbd's
+/// business, and a busy one would wake a round for every MAC it hears.
+/// Empty until the daemon's first round names them (that round reads
+/// every entry anyway).
+#[derive(Clone, Default)]
+pub struct Bridges(Arc<Mutex<BTreeSet<u32>>>);
+
+impl Bridges {
+    /// From now on, the bridges (ifindexes) to wake the reconciler for.
+    pub fn follow(&self, bridges: impl IntoIterator<Item = u32>) {
+        *self.lock() = bridges.into_iter().collect();
+    }
+
+    /// Whether `msg`, a neighbour message, is a forwarding entry lbd
+    /// follows: on one of these bridges, untagged (roaming leaves a
+    /// VLAN-filtering bridge's clients alone).
+    fn wakes_for(&self, msg: &NeighbourMessage) -> bool {
+        bridge_entry(msg).is_some_and(|e| e.vlan.is_none() && self.lock().contains(&e.bridge))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        // A set of numbers stays consistent whatever a panicking holder did.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 type Messages = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
 
 /// The subscription, who is told about which interface, and the
@@ -192,6 +223,7 @@ pub struct LinkWatch {
     handle: Handle,
     messages: Messages,
     watchers: Watchers,
+    bridges: Bridges,
     changed: Arc<Notify>,
 }
 
@@ -215,6 +247,7 @@ impl LinkWatch {
             handle,
             messages,
             watchers: Watchers::default(),
+            bridges: Bridges::default(),
             changed: Arc::new(Notify::new()),
         })
     }
@@ -222,6 +255,12 @@ impl LinkWatch {
     /// The subscribers to carrier changes, for adding and removing them.
     pub fn watchers(&self) -> Watchers {
         self.watchers.clone()
+    }
+
+    /// The bridges whose forwarding entries wake the reconciler, for the
+    /// daemon to name.
+    pub fn bridges(&self) -> Bridges {
+        self.bridges.clone()
     }
 
     /// Notified (one stored wake-up, however many events) when anything
@@ -238,6 +277,7 @@ impl LinkWatch {
             handle,
             mut messages,
             watchers,
+            bridges,
             changed,
         } = self;
         // Ends by itself once `handle` and `messages` are dropped.
@@ -283,12 +323,10 @@ impl LinkWatch {
                 {
                     changed.notify_one();
                 }
-                // A bridge learned a MAC, or heard it on another port (a
-                // client that roamed between two of the LAN's ports):
+                // A LAN bridge learned a MAC, or heard it on another port
+                // (a client that roamed between two of the LAN's ports):
                 // the bridge says so once, not for every frame.
-                RouteNetlinkMessage::NewNeighbour(n)
-                    if n.header.family == AddressFamily::Bridge =>
-                {
+                RouteNetlinkMessage::NewNeighbour(n) if bridges.wakes_for(n) => {
                     changed.notify_one();
                 }
                 _ => {}
@@ -475,6 +513,38 @@ mod tests {
         assert!(!is_up(&link(up_flags, vec![LinkAttribute::Carrier(0)])));
         assert_eq!(name_of(&link(up_flags, vec![name])), Some("wan1"));
         assert_eq!(name_of(&link(up_flags, vec![])), None);
+    }
+
+    #[test]
+    fn only_the_lan_bridges_untagged_entries_wake_a_round() {
+        use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourState};
+        use rtnetlink::packet_route::AddressFamily;
+        let fdb = |bridge: u32, vlan: Option<u16>| {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = AddressFamily::Bridge;
+            msg.header.ifindex = 5;
+            msg.header.state = NeighbourState::Reachable;
+            msg.attributes = vec![
+                NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 0x42]),
+                NeighbourAttribute::Controller(bridge),
+            ];
+            msg.attributes.extend(vlan.map(NeighbourAttribute::Vlan));
+            msg
+        };
+        let bridges = Bridges::default();
+        assert!(!bridges.wakes_for(&fdb(3, None)), "none named yet");
+        bridges.follow([3]);
+        assert!(bridges.wakes_for(&fdb(3, None)), "the LAN bridge");
+        assert!(
+            !bridges.wakes_for(&fdb(9, None)),
+            "another bridge (docker0)"
+        );
+        assert!(!bridges.wakes_for(&fdb(3, Some(10))), "a VLAN's entry");
+        let mut ip_neighbour = fdb(3, None);
+        ip_neighbour.header.family = AddressFamily::Inet;
+        assert!(!bridges.wakes_for(&ip_neighbour), "an IPv4 neighbour");
+        bridges.follow([]);
+        assert!(!bridges.wakes_for(&fdb(3, None)), "no longer a LAN");
     }
 
     /// A link watch in `ns` with subscribers for `watched` (name, believed

@@ -52,19 +52,7 @@ impl Roaming {
     /// The clients of the LAN bridges that are behind another port than
     /// last round.
     pub fn moves(&mut self, lans: &[LanConfig], observed: &Observed) -> Vec<Move> {
-        let bridges: BTreeMap<u32, Vec<u32>> = lans
-            .iter()
-            .filter_map(|lan| observed.link(&lan.interface))
-            .filter(|link| link.kind.as_deref() == Some("bridge"))
-            .map(|link| {
-                let ports = observed
-                    .lan_ports(&link.name)
-                    .into_iter()
-                    .map(|(ifindex, _)| ifindex)
-                    .collect();
-                (link.index, ports)
-            })
-            .collect();
+        let bridges = lan_bridges(lans, observed);
         // A MAC the bridge holds behind two ports (two VLANs) says
         // nothing about where its flows' replies belong: left out.
         let mut now = BTreeMap::new();
@@ -123,6 +111,23 @@ impl Roaming {
         self.seen = Some(seen);
         moves
     }
+}
+
+/// The LANs that are bridges, by ifindex, with their ports' ifindexes:
+/// the bridges whose clients are followed.
+pub fn lan_bridges(lans: &[LanConfig], observed: &Observed) -> BTreeMap<u32, Vec<u32>> {
+    lans.iter()
+        .filter_map(|lan| observed.link(&lan.interface))
+        .filter(|link| link.kind.as_deref() == Some("bridge"))
+        .map(|link| {
+            let ports = observed
+                .lan_ports(&link.name)
+                .into_iter()
+                .map(|(ifindex, _)| ifindex)
+                .collect();
+            (link.index, ports)
+        })
+        .collect()
 }
 
 #[cfg(test)]
