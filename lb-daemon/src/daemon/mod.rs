@@ -329,6 +329,8 @@ pub struct Daemon {
     roaming: roaming::Roaming,
     /// The LAN bridges whose forwarding entries wake a round (linkwatch's).
     lan_bridges: Bridges,
+    /// Roaming clients' moves waiting for the walk that follows them.
+    roamers: Arc<Mutex<roaming::Waiting>>,
     lans_open: bool,
     /// Each device's way out (XDP or its qdisc) and lb's shapers.
     egress: egress::Owned,
@@ -527,6 +529,7 @@ impl Daemon {
             carry,
             roaming: roaming::Roaming::default(),
             lan_bridges: links.bridges(),
+            roamers: Arc::default(),
             egress: egress_owned,
             slowpath: None,
             counted_before: nftables::Counted::default(),

@@ -206,9 +206,11 @@ impl Daemon {
     }
 
     /// Send the replies of clients heard on another port of their LAN's
-    /// bridge out of that port (see `reconcile::roaming`).
+    /// bridge out of that port (see `reconcile::roaming`): by the walk that
+    /// runs, or by one started here.
     fn follow_clients(&self, moves: Vec<roaming::Move>) {
-        if moves.is_empty() {
+        let waiting = Arc::clone(&self.roamers);
+        if !lock_waiting(&waiting).add(moves) {
             return;
         }
         let names: BTreeMap<u32, String> = self
@@ -216,40 +218,18 @@ impl Daemon {
             .lan_ports()
             .map(|(i, name)| (i, name.to_string()))
             .collect();
+        let gave_up = Arc::clone(&waiting);
         self.walk_flow_tables(
             move |t| {
-                let asked: Vec<Roamed> = moves
-                    .iter()
-                    .map(|m| Roamed {
-                        mac: m.mac,
-                        ports: &m.ports,
-                        to: m.to,
-                        generation: m.generation,
-                    })
-                    .collect();
-                let followed = t.follow(&asked)?;
-                let roamed: Vec<String> = moves
-                    .iter()
-                    .zip(&followed)
-                    .filter(|(_, &n)| n > 0)
-                    .map(|(m, n)| {
-                        let port = names
-                            .get(&m.to)
-                            .cloned()
-                            .unwrap_or_else(|| m.to.to_string());
-                        format!("{} to {port}, {n} flows", mac_text(&m.mac))
-                    })
-                    .collect();
-                if !roamed.is_empty() {
-                    log::info!(
-                        "clients that roamed: {}; their flows' replies follow them",
-                        roamed.join("; ")
-                    );
+                let mut total = 0;
+                while let Some(moves) = lock_waiting(&waiting).take() {
+                    total += follow_walk(t, &moves, &names)?;
                 }
-                Ok(followed.iter().sum())
+                Ok(total)
             },
-            |followed| {
+            move |followed| {
                 if let Err(e) = followed {
+                    lock_waiting(&gave_up).give_up();
                     log::warn!("following the clients that roamed: {e:#}");
                 }
             },
@@ -1089,4 +1069,48 @@ pub(super) fn waiting_reason(
         ),
         _ => return None,
     })
+}
+
+/// The moves waiting for a walk, whatever a panicking holder did (a list
+/// and a flag stay consistent).
+fn lock_waiting(w: &Mutex<roaming::Waiting>) -> std::sync::MutexGuard<'_, roaming::Waiting> {
+    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One walk of the flow tables for `moves`, said in the log; how many
+/// flows followed.
+fn follow_walk(
+    t: &mut FlowTables,
+    moves: &[roaming::Move],
+    names: &BTreeMap<u32, String>,
+) -> Result<usize> {
+    let asked: Vec<Roamed> = moves
+        .iter()
+        .map(|m| Roamed {
+            mac: m.mac,
+            ports: &m.ports,
+            to: m.to,
+            generation: m.generation,
+        })
+        .collect();
+    let followed = t.follow(&asked)?;
+    let roamed: Vec<String> = moves
+        .iter()
+        .zip(&followed)
+        .filter(|(_, &n)| n > 0)
+        .map(|(m, n)| {
+            let port = names
+                .get(&m.to)
+                .cloned()
+                .unwrap_or_else(|| m.to.to_string());
+            format!("{} to {port}, {n} flows", mac_text(&m.mac))
+        })
+        .collect();
+    if !roamed.is_empty() {
+        log::info!(
+            "clients that roamed: {}; their flows' replies follow them",
+            roamed.join("; ")
+        );
+    }
+    Ok(followed.iter().sum())
 }

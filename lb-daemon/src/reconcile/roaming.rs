@@ -113,6 +113,49 @@ impl Roaming {
     }
 }
 
+/// Moves waiting for the walk of the flow tables that follows them. One
+/// walk runs at a time and takes every move that waits when it starts, so
+/// that rounds finding moves while a big table is walked (each walk takes
+/// seconds at a million flows) add to the next walk instead of queueing
+/// walks of their own. A client that moves again before its walk keeps
+/// its newest move only.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    moves: Vec<Move>,
+    walking: bool,
+}
+
+impl Waiting {
+    /// Adds `moves`; whether the caller is to start a walk (none runs).
+    pub fn add(&mut self, moves: Vec<Move>) -> bool {
+        for m in moves {
+            self.moves.retain(|w| w.mac != m.mac);
+            self.moves.push(m);
+        }
+        if self.walking || self.moves.is_empty() {
+            return false;
+        }
+        self.walking = true;
+        true
+    }
+
+    /// The moves for the running walk to follow next; `None` ends it.
+    pub fn take(&mut self) -> Option<Vec<Move>> {
+        if self.moves.is_empty() {
+            self.walking = false;
+            return None;
+        }
+        Some(std::mem::take(&mut self.moves))
+    }
+
+    /// The running walk failed: what waits is dropped with it (the next
+    /// moves start a walk again).
+    pub fn give_up(&mut self) {
+        self.moves.clear();
+        self.walking = false;
+    }
+}
+
 /// The LANs that are bridges, by ifindex, with their ports' ifindexes:
 /// the bridges whose clients are followed.
 pub fn lan_bridges(lans: &[LanConfig], observed: &Observed) -> BTreeMap<u32, Vec<u32>> {
@@ -218,5 +261,34 @@ mod tests {
         // Another bridge's client (not a LAN) and a MAC behind two ports.
         let moves = roaming.moves(&lans(), &observed(&[(LAPTOP, 3), (LAPTOP, 4)]));
         assert!(moves.is_empty(), "{moves:?}");
+    }
+
+    #[test]
+    fn one_walk_at_a_time_takes_every_waiting_move_the_newest_per_client() {
+        let to = |mac, to, generation| Move {
+            generation,
+            mac,
+            to,
+            ports: vec![3, 4, 5],
+        };
+        let mut waiting = Waiting::default();
+        assert!(!waiting.add(Vec::new()), "nothing to walk for");
+        assert!(waiting.add(vec![to(PHONE, 4, 1)]), "starts a walk");
+        assert_eq!(waiting.take(), Some(vec![to(PHONE, 4, 1)]));
+        // Rounds during the walk add to the next one; the phone moved on.
+        assert!(!waiting.add(vec![to(PHONE, 5, 2), to(LAPTOP, 4, 2)]));
+        assert!(!waiting.add(vec![to(PHONE, 3, 3)]));
+        assert_eq!(
+            waiting.take(),
+            Some(vec![to(LAPTOP, 4, 2), to(PHONE, 3, 3)])
+        );
+        assert_eq!(waiting.take(), None, "the walk ends");
+        assert!(waiting.add(vec![to(PHONE, 4, 4)]), "the next starts one");
+        waiting.give_up();
+        assert_eq!(waiting.take(), None);
+        assert!(
+            waiting.add(vec![to(LAPTOP, 5, 5)]),
+            "after a failed walk too"
+        );
     }
 }
