@@ -13,8 +13,11 @@
 //! Pure: [`Roaming::moves`] compares where each LAN client's MAC is now
 //! with where it was last round (a MAC new since then counts: it may
 //! have moved before a round saw it). The walk of the flow tables that follows
-//! is `dataplane::flows`'. Moves while lbd was not running are not seen:
-//! the first round only learns where everyone is.
+//! is `dataplane::flows`'; [`Waiting`] keeps the moves that rounds find
+//! while a walk runs for the next one. Only the LAN bridges' events wake
+//! a round ([`lan_bridges`] names them to the link watch). Moves while
+//! lbd was not running are not seen: the first round only learns where
+//! everyone is.
 
 use std::collections::{BTreeMap, BTreeSet};
 
