@@ -56,8 +56,9 @@ pub enum End {
 /// `addr`/`port`, and take one off the TTL (every translated packet is
 /// forwarded; the caller checked that the TTL allows it), fixing the IP
 /// and L4 checksums. Checks every bound before it writes: an `Err` leaves
-/// the packet as it came. Every packet pointer taken before is stale
-/// afterwards (`Frame::resum_l4`).
+/// the packet as it came, but for one of tc's checksum helpers failing in
+/// the last step (`Frame::resum_l4`), whose packet the caller drops. Every
+/// packet pointer taken before is stale afterwards.
 #[inline(always)]
 pub fn translate<C: Frame>(
     ctx: &C,

@@ -218,18 +218,22 @@ impl Daemon {
             .lan_ports()
             .map(|(i, name)| (i, name.to_string()))
             .collect();
-        let gave_up = Arc::clone(&waiting);
+        // Until it ends by finding nothing waiting, the walk is running:
+        // should it fail, panic or never run, the flag is let go with it.
+        let mut walk = Walking {
+            waiting,
+            ended: false,
+        };
         self.walk_flow_tables(
             move |t| {
                 let mut total = 0;
-                while let Some(moves) = lock_waiting(&waiting).take() {
+                while let Some(moves) = walk.take() {
                     total += follow_walk(t, &moves, &names)?;
                 }
                 Ok(total)
             },
-            move |followed| {
+            |followed| {
                 if let Err(e) = followed {
-                    lock_waiting(&gave_up).give_up();
                     log::warn!("following the clients that roamed: {e:#}");
                 }
             },
@@ -1069,6 +1073,31 @@ pub(super) fn waiting_reason(
         ),
         _ => return None,
     })
+}
+
+/// A walk for the clients that roamed, from its start to its end.
+struct Walking {
+    waiting: Arc<Mutex<roaming::Waiting>>,
+    /// It ended by finding nothing waiting (which let go of the flag).
+    ended: bool,
+}
+
+impl Walking {
+    /// The moves to follow next, the lock held only to take them (rounds
+    /// add while this walks); `None` ends the walk.
+    fn take(&mut self) -> Option<Vec<roaming::Move>> {
+        let next = lock_waiting(&self.waiting).take();
+        self.ended = next.is_none();
+        next
+    }
+}
+
+impl Drop for Walking {
+    fn drop(&mut self) {
+        if !self.ended {
+            lock_waiting(&self.waiting).give_up();
+        }
+    }
 }
 
 /// The moves waiting for a walk, whatever a panicking holder did (a list

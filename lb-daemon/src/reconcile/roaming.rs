@@ -121,7 +121,9 @@ impl Roaming {
 /// that rounds finding moves while a big table is walked (each walk takes
 /// seconds at a million flows) add to the next walk instead of queueing
 /// walks of their own. A client that moves again before its walk keeps
-/// its newest move only.
+/// its newest move only (a client by its MAC and its bridge's ports: the
+/// same MAC on another LAN is another client). A walk that failed leaves
+/// what waits for the next round to start again.
 #[derive(Debug, Default)]
 pub struct Waiting {
     moves: Vec<Move>,
@@ -129,10 +131,12 @@ pub struct Waiting {
 }
 
 impl Waiting {
-    /// Adds `moves`; whether the caller is to start a walk (none runs).
+    /// Adds `moves` (maybe none); whether the caller is to start a walk:
+    /// moves wait and none runs.
     pub fn add(&mut self, moves: Vec<Move>) -> bool {
         for m in moves {
-            self.moves.retain(|w| w.mac != m.mac);
+            self.moves
+                .retain(|w| (w.mac, &w.ports) != (m.mac, &m.ports));
             self.moves.push(m);
         }
         if self.walking || self.moves.is_empty() {
@@ -151,10 +155,9 @@ impl Waiting {
         Some(std::mem::take(&mut self.moves))
     }
 
-    /// The running walk failed: what waits is dropped with it (the next
-    /// moves start a walk again).
+    /// The running walk failed (or never ran): the moves it had taken are
+    /// lost with it; those that wait start the next walk.
     pub fn give_up(&mut self) {
-        self.moves.clear();
         self.walking = false;
     }
 }
@@ -286,12 +289,19 @@ mod tests {
             Some(vec![to(LAPTOP, 4, 2), to(PHONE, 3, 3)])
         );
         assert_eq!(waiting.take(), None, "the walk ends");
-        assert!(waiting.add(vec![to(PHONE, 4, 4)]), "the next starts one");
+        // The same MAC on another LAN's bridge is another client.
+        let elsewhere = Move {
+            ports: vec![7, 8],
+            ..to(PHONE, 8, 4)
+        };
+        assert!(waiting.add(vec![to(PHONE, 4, 4), elsewhere.clone()]));
+        assert_eq!(waiting.take(), Some(vec![to(PHONE, 4, 4), elsewhere]));
+        // A walk fails; what rounds added meanwhile waits for the next.
+        assert!(!waiting.add(vec![to(LAPTOP, 5, 5)]));
         waiting.give_up();
+        assert!(waiting.add(Vec::new()), "the next round starts a walk");
+        assert_eq!(waiting.take(), Some(vec![to(LAPTOP, 5, 5)]));
         assert_eq!(waiting.take(), None);
-        assert!(
-            waiting.add(vec![to(LAPTOP, 5, 5)]),
-            "after a failed walk too"
-        );
+        assert!(!waiting.add(Vec::new()), "nothing waits");
     }
 }
