@@ -1136,13 +1136,34 @@ fn an_upgrade_from_a_layout_it_migrates_keeps_the_flows_and_their_mappings() {
     let ours = root.0.join(format!("v{}", lb_common::maps::LAYOUT));
     let older = root.0.join(format!("v{older_layout}"));
     std::fs::rename(&ours, &older).expect("rename");
+    // Layout 9's bypass trie had room for 256 prefixes.
+    let small_trie = older.join("maps").join("BYPASS");
+    std::fs::remove_file(&small_trie).expect("unpin the bypass trie");
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&small_trie)
+        .args([
+            "type", "lpm_trie", "key", "8", "value", "4", "entries", "256",
+        ])
+        .args(["name", "BYPASS", "flags", "1"])
+        .status()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(made.success(), "bpftool map create: {made}");
 
     let pins = root.pins();
     let (found, carry) = pins.prepare(1024).expect("prepare");
     assert_eq!(found, Found::Adoptable, "the older data plane is adopted");
+    assert!(
+        !ours.join("maps").join("BYPASS").exists(),
+        "a bypass trie with less room is made anew"
+    );
     assert!(!older.exists(), "and moved");
     let carry = carry.expect("a remade flow table is carried");
     let dp = Dataplane::load_pinned(1024, Some(&pins)).expect("load pinned");
+    let trie = aya::maps::MapData::from_pin(ours.join("maps").join("BYPASS"))
+        .and_then(|m| m.info())
+        .expect("the new bypass trie is pinned");
+    assert_eq!(trie.max_entries(), lb_common::BYPASS_ENTRIES);
     let copied = carry.copy_into(&dp);
     if remade.contains(&"NAT_REV") {
         assert!(copied.contains(&("NAT_REV", 50, 0)), "{copied:?}");

@@ -379,9 +379,37 @@ fn an_upgrade_to_another_layout_keeps_the_flows() -> Result<()> {
         .bpffs()
         .join(format!("v{}", lb_common::maps::MIGRATES_FROM[0].0));
     std::fs::rename(&ours, &older)?;
+    // Its bypass trie had room for 256 prefixes (the programs running
+    // keep theirs: only the pin is replaced).
+    let trie = older.join("maps/BYPASS");
+    std::fs::remove_file(&trie)?;
+    let trie = trie.to_str().context("path")?;
+    lab.exec_net_only(
+        "router",
+        &[
+            "bpftool", "map", "create", trie, "type", "lpm_trie", "key", "8", "value", "4",
+            "entries", "256", "name", "BYPASS", "flags", "1",
+        ],
+    )?;
     lbd.restart(&mut lab)?;
     running.still_flowing(&sink, 20, "after the upgrade")?;
     ensure!(!older.exists(), "the older data plane was left in place");
+    let shown = lab.exec_net_only(
+        "router",
+        &[
+            "bpftool",
+            "-j",
+            "map",
+            "show",
+            "pinned",
+            &ours.join("maps/BYPASS").to_string_lossy(),
+        ],
+    )?;
+    let room: serde_json::Value = serde_json::from_str(&shown).context("bpftool's JSON")?;
+    ensure!(
+        room["max_entries"] == lb_common::BYPASS_ENTRIES,
+        "the bypass trie kept the older layout's room: {shown}"
+    );
     ensure!(
         lbd.stderr()
             .contains("flow tables carried (the data plane of layout"),

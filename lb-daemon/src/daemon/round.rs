@@ -129,6 +129,20 @@ impl Daemon {
         // each), IPv6's too, then the rules that send flows to them.
         self.converge_dataplane()?;
         self.converge_rules()?;
+        // Bypass: the destinations the kernel keeps. Before lan_ingress
+        // takes over its ports, so that it never meets a trie this round
+        // has not written (one made anew at start is empty: `pins`).
+        let uplink_ifindexes: Vec<u32> = self
+            .uplinks
+            .iter()
+            .filter_map(|u| u.facts.ifindex)
+            .collect();
+        let bypass = bypass::wanted(
+            observed,
+            &uplink_ifindexes,
+            &self.config.routing.lookup_tables,
+        );
+        let (added, bypassed) = self.bypass.converge(bypass, &mut self.dataplane);
         // Attachments: lan_ingress on the LAN ports (wan_ingress went on
         // with each uplink's entry), and what each is to the rules.
         self.converge_lan_ports(observed)?;
@@ -147,18 +161,6 @@ impl Daemon {
             .follow(roaming::lan_bridges(&self.config.lans, observed).into_keys());
         let moves = self.roaming.moves(&self.config.lans, observed);
         self.follow_clients(moves);
-        // Bypass: the destinations the kernel keeps.
-        let uplink_ifindexes: Vec<u32> = self
-            .uplinks
-            .iter()
-            .filter_map(|u| u.facts.ifindex)
-            .collect();
-        let bypass = bypass::wanted(
-            observed,
-            &uplink_ifindexes,
-            &self.config.routing.lookup_tables,
-        );
-        let (added, bypassed) = self.bypass.converge(bypass, &mut self.dataplane);
         let kept: Vec<(IpAddr, u8)> = added
             .into_iter()
             .map(|(a, len)| (IpAddr::V4(a), len))

@@ -10,7 +10,8 @@
 //! adopted the same way, the maps whose definition changed made anew
 //! (the flow tables among them carried over: `carry`). Flow tables of
 //! another size than the configured one are made anew and carried the
-//! same way. A directory of any other layout is never read by the new
+//! same way; bypass tries smaller than this layout's are made anew, empty
+//! (lbd fills them before its `lan_ingress` takes over). A directory of any other layout is never read by the new
 //! programs: its flows are counted, it is removed (which detaches its
 //! programs), and a new data plane is built.
 //!
@@ -29,6 +30,7 @@ use aya::{
     programs::links::PinnedLink,
 };
 use lb_common::maps::{name, nat_entries, FlowKey, FlowValue, LAYOUT, MIGRATES_FROM};
+use lb_common::BYPASS_ENTRIES;
 
 use super::carry::Carry;
 
@@ -126,6 +128,7 @@ impl Pins {
         // `carry` to be copied; the rest are filled again by lbd.
         let mut remade: Vec<&str> = migrated.map(|(_, maps)| maps.to_vec()).unwrap_or_default();
         remade.extend(self.resized_flow_tables(max_flows));
+        remade.extend(self.small_bypass_tries());
         remade.sort_unstable();
         remade.dedup();
         let carry_dir = self.dir().join("carry");
@@ -206,6 +209,23 @@ impl Pins {
         })
         .map(|(table, _, _)| table)
         .collect()
+    }
+
+    /// This layout's pinned bypass tries that hold fewer prefixes than
+    /// [`BYPASS_ENTRIES`] (an earlier layout's, 256, kept by a
+    /// migration): made anew, empty, they get their room. Only
+    /// `lan_ingress` reads them, and the round that takes it over writes
+    /// them first (IPv6's in the data plane's step, IPv4's before the LAN
+    /// ports); the programs before keep the old ones until then.
+    fn small_bypass_tries(&self) -> Vec<&'static str> {
+        [name::BYPASS, name::BYPASS6]
+            .into_iter()
+            .filter(|&trie| {
+                MapData::from_pin(self.map(trie))
+                    .and_then(|m| m.info())
+                    .is_ok_and(|info| info.max_entries() < BYPASS_ENTRIES)
+            })
+            .collect()
     }
 
     /// Unpin the maps of this layout that no map of this lbd's has the
