@@ -309,6 +309,8 @@ pub struct Daemon {
     flow_tables: Arc<Mutex<FlowTables>>,
     /// Destinations the data plane leaves to the kernel now.
     bypass: bypass::Bypass,
+    /// Prefixes added to it whose pinned flows are not let go yet.
+    bypass_added: Vec<(Ipv4Addr, u8)>,
     /// IPv6 as written to the data plane, and what the kernel's IPv6 view
     /// last asked for (the LAN's prefix, the destinations it keeps).
     ipv6: ipv6::Ipv6,
@@ -515,6 +517,7 @@ impl Daemon {
             policies: policies::Policies::default(),
             flow_tables,
             bypass,
+            bypass_added: Vec::new(),
             ipv6,
             lan6: None,
             bypass6: Default::default(),

@@ -129,9 +129,10 @@ impl Daemon {
         // each), IPv6's too, then the rules that send flows to them.
         self.converge_dataplane()?;
         self.converge_rules()?;
-        // Bypass: the destinations the kernel keeps. Before lan_ingress
-        // takes over its ports, so that it never meets a trie this round
-        // has not written (one made anew at start is empty: `pins`).
+        // Bypass: the destinations the kernel keeps (IPv4's; IPv6's went
+        // with the data plane's step). Before lan_ingress takes over its
+        // ports, so that it never meets a trie this round has not written
+        // (one made anew at start is empty: `pins`).
         let uplink_ifindexes: Vec<u32> = self
             .uplinks
             .iter()
@@ -143,6 +144,9 @@ impl Daemon {
             &self.config.routing.lookup_tables,
         );
         let (added, bypassed) = self.bypass.converge(bypass, &mut self.dataplane);
+        // Their pinned flows are let go below, or by the next round should
+        // this one stop before.
+        self.bypass_added.extend(added);
         // Attachments: lan_ingress on the LAN ports (wan_ingress went on
         // with each uplink's entry), and what each is to the rules.
         self.converge_lan_ports(observed)?;
@@ -161,7 +165,7 @@ impl Daemon {
             .follow(roaming::lan_bridges(&self.config.lans, observed).into_keys());
         let moves = self.roaming.moves(&self.config.lans, observed);
         self.follow_clients(moves);
-        let kept: Vec<(IpAddr, u8)> = added
+        let kept: Vec<(IpAddr, u8)> = std::mem::take(&mut self.bypass_added)
             .into_iter()
             .map(|(a, len)| (IpAddr::V4(a), len))
             .chain(
