@@ -130,6 +130,15 @@ impl Roaming {
             seen.retain(|key, _| now.contains_key(key));
             self.forgot |= seen.len() < before;
         }
+        // Where the watch heard a MAC this round's dump does not show (it
+        // came after the dump, or aged out since): where it was, for the
+        // next round to compare with.
+        for e in &heard.entries {
+            let on_lan = bridges.get(&e.bridge).is_some_and(|p| p.contains(&e.port));
+            if on_lan && e.vlan.is_none() {
+                seen.insert((e.bridge, e.mac), e.port);
+            }
+        }
         seen.extend(now);
         self.seen = Some(seen);
         moves
@@ -313,6 +322,22 @@ mod tests {
         );
         assert_eq!(moves.len(), 1);
         assert_eq!((moves[0].mac, moves[0].to), (TABLET, 4));
+        // One heard after a round's dump, on a port it then leaves: a
+        // move in the next round.
+        const WATCH: [u8; 6] = [0x02, 0, 0, 0, 0, 0x45];
+        let before_dump = observed(&[(PHONE, 3), (LAPTOP, 3)]);
+        assert!(fresh
+            .moves(&lans(), &before_dump, &heard(&[(WATCH, 3)], false))
+            .is_empty());
+        let moves = fresh.moves(
+            &lans(),
+            &observed(&[(PHONE, 3), (LAPTOP, 3), (WATCH, 4)]),
+            &heard(&[(WATCH, 4)], false),
+        );
+        assert_eq!(
+            moves.iter().map(|m| (m.mac, m.to)).collect::<Vec<_>>(),
+            [(WATCH, 4)]
+        );
         // And when the watch may have missed something, every new one.
         let moves = roaming.moves(&lans(), &with_tablet, &heard(&[], true));
         assert_eq!(moves.len(), 1);
