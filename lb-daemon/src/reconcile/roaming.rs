@@ -130,13 +130,15 @@ impl Roaming {
             seen.retain(|key, _| now.contains_key(key));
             self.forgot |= seen.len() < before;
         }
-        // Where the watch heard a MAC this round's dump does not show (it
-        // came after the dump, or aged out since): where it was, for the
-        // next round to compare with.
+        // Where the watch first heard a MAC that neither an earlier round
+        // nor this round's dump holds (it came after the dump): where it
+        // was, for the next round to compare with. A MAC a round knows
+        // keeps the port the rounds saw: an event after this round's dump
+        // is the next round's news.
         for e in &heard.entries {
             let on_lan = bridges.get(&e.bridge).is_some_and(|p| p.contains(&e.port));
             if on_lan && e.vlan.is_none() {
-                seen.insert((e.bridge, e.mac), e.port);
+                seen.entry((e.bridge, e.mac)).or_insert(e.port);
             }
         }
         seen.extend(now);
@@ -337,6 +339,21 @@ mod tests {
         assert_eq!(
             moves.iter().map(|m| (m.mac, m.to)).collect::<Vec<_>>(),
             [(WATCH, 4)]
+        );
+        // A known client whose old entry is gone from a dump taken before
+        // its new one was heard: the next round still sees the move.
+        let moved_late = observed(&[(PHONE, 3), (WATCH, 4)]);
+        assert!(fresh
+            .moves(&lans(), &moved_late, &heard(&[(LAPTOP, 4)], false))
+            .is_empty());
+        let moves = fresh.moves(
+            &lans(),
+            &observed(&[(PHONE, 3), (LAPTOP, 4), (WATCH, 4)]),
+            &Heard::default(),
+        );
+        assert_eq!(
+            moves.iter().map(|m| (m.mac, m.to)).collect::<Vec<_>>(),
+            [(LAPTOP, 4)]
         );
         // And when the watch may have missed something, every new one.
         let moves = roaming.moves(&lans(), &with_tablet, &heard(&[], true));
