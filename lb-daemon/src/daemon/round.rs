@@ -163,8 +163,7 @@ impl Daemon {
         // bridges' news wake a round.
         self.lan_bridges
             .follow(roaming::lan_bridges(&self.config.lans, observed).into_keys());
-        let heard = self.lan_bridges.take_heard();
-        let moves = self.roaming.moves(&self.config.lans, observed, &heard);
+        let moves = self.roaming.moves(&self.config.lans, observed);
         self.follow_clients(moves);
         let kept: Vec<(IpAddr, u8)> = std::mem::take(&mut self.bypass_added)
             .into_iter()

@@ -38,7 +38,7 @@ use rtnetlink::sys::SocketAddr;
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::{mpsc, Notify};
 
-use super::netlink::{bridge_entry, BridgeEntry};
+use super::netlink::bridge_entry;
 
 /// A watched interface went up or down.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,71 +187,25 @@ impl Watchers {
 /// What other bridges learn (a container bridge, a VM's) is not lbd's
 /// business, and a busy one would wake a round for every MAC it hears.
 /// Empty until the daemon's first round names them (that round reads
-/// every entry anyway). Also what those bridges said between two rounds
-/// ([`Heard`]): a MAC that a round's dump shows for the first time was
-/// either heard there first (a new device, whose flows, if any, are all
-/// on that port) or somewhere else before.
+/// every entry anyway).
 #[derive(Clone, Default)]
-pub struct Bridges(Arc<Mutex<Followed>>);
-
-#[derive(Default)]
-struct Followed {
-    bridges: BTreeSet<u32>,
-    heard: Heard,
-}
-
-/// The LAN bridges' entries the watch heard since they were last taken,
-/// in order, and whether some may be missing: the socket overflowed, or
-/// more came than [`HEARD_KEPT`].
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Heard {
-    pub entries: Vec<BridgeEntry>,
-    pub missed: bool,
-}
-
-/// How many entries wait for a round: a round a second takes them, and
-/// a bridge says a MAC once when it learns it, not once a frame.
-pub const HEARD_KEPT: usize = 4096;
+pub struct Bridges(Arc<Mutex<BTreeSet<u32>>>);
 
 impl Bridges {
     /// From now on, the bridges (ifindexes) to wake the reconciler for.
     pub fn follow(&self, bridges: impl IntoIterator<Item = u32>) {
-        self.lock().bridges = bridges.into_iter().collect();
-    }
-
-    /// What was heard since the last call.
-    pub fn take_heard(&self) -> Heard {
-        std::mem::take(&mut self.lock().heard)
+        *self.lock() = bridges.into_iter().collect();
     }
 
     /// Whether `msg`, a neighbour message, is a forwarding entry lbd
     /// follows: on one of these bridges, untagged (roaming leaves a
-    /// VLAN-filtering bridge's clients alone). Such an entry is kept for
-    /// the next round.
+    /// VLAN-filtering bridge's clients alone).
     fn wakes_for(&self, msg: &NeighbourMessage) -> bool {
-        let Some(entry) = bridge_entry(msg) else {
-            return false;
-        };
-        let mut followed = self.lock();
-        if entry.vlan.is_some() || !followed.bridges.contains(&entry.bridge) {
-            return false;
-        }
-        let heard = &mut followed.heard;
-        if heard.entries.len() < HEARD_KEPT {
-            heard.entries.push(entry);
-        } else {
-            heard.missed = true;
-        }
-        true
+        bridge_entry(msg).is_some_and(|e| e.vlan.is_none() && self.lock().contains(&e.bridge))
     }
 
-    /// Events may have been lost (the socket's buffer overflowed).
-    fn missed(&self) {
-        self.lock().heard.missed = true;
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Followed> {
-        // A set and a list stay consistent whatever a panicking holder did.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        // A set of numbers stays consistent whatever a panicking holder did.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -340,7 +294,6 @@ impl LinkWatch {
                     log::warn!(
                         "netlink events were lost (socket buffer full); re-reading the kernel's state"
                     );
-                    bridges.missed();
                     catch_up(&handle, &watchers).await?;
                     changed.notify_one();
                 }
@@ -590,17 +543,6 @@ mod tests {
         let mut ip_neighbour = fdb(3, None);
         ip_neighbour.header.family = AddressFamily::Inet;
         assert!(!bridges.wakes_for(&ip_neighbour), "an IPv4 neighbour");
-        let heard = bridges.take_heard();
-        assert_eq!(heard.entries.len(), 1, "the LAN bridge's alone");
-        assert!(heard.entries.iter().all(|e| e.bridge == 3 && e.port == 5));
-        assert!(!heard.missed);
-        assert_eq!(bridges.take_heard(), Heard::default(), "taken");
-        for _ in 0..=HEARD_KEPT {
-            bridges.wakes_for(&fdb(3, None));
-        }
-        let heard = bridges.take_heard();
-        assert_eq!(heard.entries.len(), HEARD_KEPT);
-        assert!(heard.missed, "more than are kept: some missed");
         bridges.follow([]);
         assert!(!bridges.wakes_for(&fdb(3, None)), "no longer a LAN");
     }

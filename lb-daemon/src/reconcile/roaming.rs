@@ -11,11 +11,8 @@
 //! traffic.
 //!
 //! Pure: [`Roaming::moves`] compares where each LAN client's MAC is now
-//! with where it was last round. A MAC new since then is a move only if
-//! the link watch heard it on another port first (it roamed before a
-//! round saw it), or if the watch may have missed that: a new device has
-//! no flows elsewhere, and asking the flow tables for it would cost a
-//! walk of them for every phone that joins. The walk of the flow tables that follows
+//! with where it was last round (a MAC new since then counts: it may
+//! have moved before a round saw it). The walk of the flow tables that follows
 //! is `dataplane::flows`'; [`Waiting`] keeps the moves that rounds find
 //! while a walk runs for the next one. Only the LAN bridges' events wake
 //! a round ([`lan_bridges`] names them to the link watch). Moves while
@@ -24,10 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{
-    config::LanConfig,
-    observe::{kernel::Observed, linkwatch::Heard},
-};
+use crate::{config::LanConfig, observe::kernel::Observed};
 
 /// A client heard on another port of its LAN's bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,9 +44,6 @@ pub struct Roaming {
     seen: Option<BTreeMap<(u32, [u8; 6]), u32>>,
     /// Rounds that found moves so far.
     generation: u64,
-    /// `seen` once forgot MACs (beyond [`REMEMBERED`]): a MAC new to it
-    /// may be one it forgot, so each is asked for.
-    forgot: bool,
 }
 
 /// How many MACs the bridges no longer hold are remembered (each where it
@@ -62,8 +53,8 @@ const REMEMBERED: usize = 4096;
 
 impl Roaming {
     /// The clients of the LAN bridges that are behind another port than
-    /// last round; `heard`: what the link watch heard since then.
-    pub fn moves(&mut self, lans: &[LanConfig], observed: &Observed, heard: &Heard) -> Vec<Move> {
+    /// last round.
+    pub fn moves(&mut self, lans: &[LanConfig], observed: &Observed) -> Vec<Move> {
         let bridges = lan_bridges(lans, observed);
         // A MAC the bridge holds behind two ports (two VLANs) says
         // nothing about where its flows' replies belong: left out.
@@ -91,25 +82,16 @@ impl Roaming {
         for key in &twice {
             now.remove(key);
         }
-        // A MAC new since the last round is a move only if it was heard
-        // on another port before (it roamed before a round saw it where it
-        // was), or if what was heard may not be all.
-        let unsure = heard.missed || self.forgot;
-        let heard_at = |key: &(u32, [u8; 6]), port: u32| {
-            heard
-                .entries
-                .iter()
-                .any(|e| (e.bridge, e.mac) == *key && e.port != port)
-        };
+        // A MAC heard for the first time since the first round may have
+        // roamed before lbd's round saw it where it was: its flows are
+        // asked too (a new device has none, and all the round's moves
+        // share one walk of the tables).
         let generation = self.generation + 1;
         let moves: Vec<Move> = match &self.seen {
             None => Vec::new(),
             Some(before) => now
                 .iter()
-                .filter(|(key, &port)| match before.get(key) {
-                    Some(&was) => was != port,
-                    None => unsure || heard_at(key, port),
-                })
+                .filter(|(key, port)| before.get(key) != Some(*port))
                 .map(|(&(bridge, mac), &to)| Move {
                     generation,
                     mac,
@@ -126,20 +108,7 @@ impl Roaming {
         let mut seen = self.seen.take().unwrap_or_default();
         seen.retain(|(bridge, _), _| bridges.contains_key(bridge));
         if seen.len() > REMEMBERED {
-            let before = seen.len();
             seen.retain(|key, _| now.contains_key(key));
-            self.forgot |= seen.len() < before;
-        }
-        // Where the watch first heard a MAC that neither an earlier round
-        // nor this round's dump holds (it came after the dump): where it
-        // was, for the next round to compare with. A MAC a round knows
-        // keeps the port the rounds saw: an event after this round's dump
-        // is the next round's news.
-        for e in &heard.entries {
-            let on_lan = bridges.get(&e.bridge).is_some_and(|p| p.contains(&e.port));
-            if on_lan && e.vlan.is_none() {
-                seen.entry((e.bridge, e.mac)).or_insert(e.port);
-            }
         }
         seen.extend(now);
         self.seen = Some(seen);
@@ -256,26 +225,14 @@ mod tests {
         let mut roaming = Roaming::default();
         // The first round learns where everyone is.
         assert!(roaming
-            .moves(
-                &lans(),
-                &observed(&[(PHONE, 4), (LAPTOP, 3)]),
-                &Heard::default()
-            )
+            .moves(&lans(), &observed(&[(PHONE, 4), (LAPTOP, 3)]))
             .is_empty());
         assert!(roaming
-            .moves(
-                &lans(),
-                &observed(&[(PHONE, 4), (LAPTOP, 3)]),
-                &Heard::default()
-            )
+            .moves(&lans(), &observed(&[(PHONE, 4), (LAPTOP, 3)]))
             .is_empty());
         // The phone walks from the router's Wi-Fi to the access point on
         // lan1.
-        let moves = roaming.moves(
-            &lans(),
-            &observed(&[(PHONE, 3), (LAPTOP, 3)]),
-            &Heard::default(),
-        );
+        let moves = roaming.moves(&lans(), &observed(&[(PHONE, 3), (LAPTOP, 3)]));
         assert_eq!(
             moves,
             [Move {
@@ -287,88 +244,18 @@ mod tests {
         );
         // Said once.
         assert!(roaming
-            .moves(
-                &lans(),
-                &observed(&[(PHONE, 3), (LAPTOP, 3)]),
-                &Heard::default()
-            )
+            .moves(&lans(), &observed(&[(PHONE, 3), (LAPTOP, 3)]))
             .is_empty());
-        // A device seen for the first time, heard nowhere else: new, no
-        // flows of its own elsewhere.
+        // A device heard for the first time since: asked too (it may have
+        // moved before a round saw it).
         const TABLET: [u8; 6] = [0x02, 0, 0, 0, 0, 0x44];
-        let with_tablet = observed(&[(PHONE, 3), (LAPTOP, 3), (TABLET, 4)]);
-        let heard = |entries: &[([u8; 6], u32)], missed| Heard {
-            entries: observed(entries).bridge_entries,
-            missed,
-        };
-        let mut fresh = Roaming::default();
-        fresh.moves(
-            &lans(),
-            &observed(&[(PHONE, 3), (LAPTOP, 3)]),
-            &Heard::default(),
-        );
-        assert!(fresh
-            .moves(&lans(), &with_tablet, &heard(&[(TABLET, 4)], false))
-            .is_empty());
-        // One heard on another port before this round's dump: a move.
-        let mut fresh = Roaming::default();
-        fresh.moves(
-            &lans(),
-            &observed(&[(PHONE, 3), (LAPTOP, 3)]),
-            &Heard::default(),
-        );
-        let moves = fresh.moves(
-            &lans(),
-            &with_tablet,
-            &heard(&[(TABLET, 3), (TABLET, 4)], false),
-        );
-        assert_eq!(moves.len(), 1);
-        assert_eq!((moves[0].mac, moves[0].to), (TABLET, 4));
-        // One heard after a round's dump, on a port it then leaves: a
-        // move in the next round.
-        const WATCH: [u8; 6] = [0x02, 0, 0, 0, 0, 0x45];
-        let before_dump = observed(&[(PHONE, 3), (LAPTOP, 3)]);
-        assert!(fresh
-            .moves(&lans(), &before_dump, &heard(&[(WATCH, 3)], false))
-            .is_empty());
-        let moves = fresh.moves(
-            &lans(),
-            &observed(&[(PHONE, 3), (LAPTOP, 3), (WATCH, 4)]),
-            &heard(&[(WATCH, 4)], false),
-        );
-        assert_eq!(
-            moves.iter().map(|m| (m.mac, m.to)).collect::<Vec<_>>(),
-            [(WATCH, 4)]
-        );
-        // A known client whose old entry is gone from a dump taken before
-        // its new one was heard: the next round still sees the move.
-        let moved_late = observed(&[(PHONE, 3), (WATCH, 4)]);
-        assert!(fresh
-            .moves(&lans(), &moved_late, &heard(&[(LAPTOP, 4)], false))
-            .is_empty());
-        let moves = fresh.moves(
-            &lans(),
-            &observed(&[(PHONE, 3), (LAPTOP, 4), (WATCH, 4)]),
-            &Heard::default(),
-        );
-        assert_eq!(
-            moves.iter().map(|m| (m.mac, m.to)).collect::<Vec<_>>(),
-            [(LAPTOP, 4)]
-        );
-        // And when the watch may have missed something, every new one.
-        let moves = roaming.moves(&lans(), &with_tablet, &heard(&[], true));
+        let moves = roaming.moves(&lans(), &observed(&[(PHONE, 3), (LAPTOP, 3), (TABLET, 4)]));
         assert_eq!(moves.len(), 1);
         assert_eq!((moves[0].mac, moves[0].to), (TABLET, 4));
         assert_eq!(moves[0].generation, 2, "a later round's moves are newer");
         // Aged out, then back on Wi-Fi: still a move.
-        assert!(roaming
-            .moves(&lans(), &observed(&[(LAPTOP, 3)]), &Heard::default())
-            .is_empty());
-        let moves = roaming.moves(
-            &lans(),
-            &observed(&[(PHONE, 4), (LAPTOP, 3)]),
-            &Heard::default(),
-        );
+        assert!(roaming.moves(&lans(), &observed(&[(LAPTOP, 3)])).is_empty());
+        let moves = roaming.moves(&lans(), &observed(&[(PHONE, 4), (LAPTOP, 3)]));
         assert_eq!(moves.len(), 1);
         assert_eq!(moves[0].to, 4);
     }
@@ -376,17 +263,9 @@ mod tests {
     #[test]
     fn other_bridges_and_macs_behind_two_ports_are_no_moves() {
         let mut roaming = Roaming::default();
-        roaming.moves(
-            &lans(),
-            &observed(&[(PHONE, 6), (LAPTOP, 3)]),
-            &Heard::default(),
-        );
+        roaming.moves(&lans(), &observed(&[(PHONE, 6), (LAPTOP, 3)]));
         // Another bridge's client (not a LAN) and a MAC behind two ports.
-        let moves = roaming.moves(
-            &lans(),
-            &observed(&[(LAPTOP, 3), (LAPTOP, 4)]),
-            &Heard::default(),
-        );
+        let moves = roaming.moves(&lans(), &observed(&[(LAPTOP, 3), (LAPTOP, 4)]));
         assert!(moves.is_empty(), "{moves:?}");
     }
 
