@@ -127,10 +127,10 @@ pub const MIGRATES_FROM: &[(u32, &[&str])] = &[(9, &[name::NAT_REV])];
 // (10: NAT_REV is a plain hash table, twice the flow table's size
 // (`nat_entries`), no longer an LRU one; its entries are as before, and a
 // start migrates 9 (`MIGRATES_FROM`). Room for more: BYPASS and BYPASS6
-// (`BYPASS_ENTRIES`, was 256; a smaller BYPASS is made anew on any
-// start, and refilled before lan_ingress takes over), and, for data planes
-// made new (a migrated one keeps their sizes), BYPASS6, LAN_PORTS, EGRESS
-// and RING_DROPS (every LAN port, `MAX_LAN_PORTS`, not `MAX_LANS`).
+// (`BYPASS_ENTRIES`, was 256; a smaller one is made anew on any start:
+// BYPASS refilled before lan_ingress takes over, BYPASS6 copied at load),
+// and, for data planes made new (a migrated one keeps their sizes),
+// LAN_PORTS, EGRESS and RING_DROPS (every LAN port, `MAX_LAN_PORTS`, not `MAX_LANS`).
 // ROUTER_MACS, created.
 // 6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair

@@ -1149,6 +1149,27 @@ fn an_upgrade_from_a_layout_it_migrates_keeps_the_flows_and_their_mappings() {
         .status()
         .expect("bpftool (cargo xtask setup installs it)");
     assert!(made.success(), "bpftool map create: {made}");
+    // And its IPv6 one, holding a prefix (2001:db8:77::/48) the running
+    // programs keep reading.
+    let small_trie6 = older.join("maps").join("BYPASS6");
+    std::fs::remove_file(&small_trie6).expect("unpin the IPv6 bypass trie");
+    let bpftool = |args: &[&str]| {
+        let done = std::process::Command::new("bpftool")
+            .args(args)
+            .status()
+            .expect("bpftool");
+        assert!(done.success(), "bpftool {args:?}: {done}");
+    };
+    let trie6 = small_trie6.to_str().expect("path");
+    bpftool(&[
+        "map", "create", trie6, "type", "lpm_trie", "key", "20", "value", "4", "entries", "256",
+        "name", "BYPASS6", "flags", "1",
+    ]);
+    let mut update = vec!["map", "update", "pinned", trie6, "key", "48", "0", "0", "0"];
+    update.extend(["0x20", "0x01", "0x0d", "0xb8", "0", "0x77"]);
+    update.extend(["0"; 10]);
+    update.extend(["value", "1", "0", "0", "0"]);
+    bpftool(&update);
 
     let pins = root.pins();
     let (found, carry) = pins.prepare(1024).expect("prepare");
@@ -1164,6 +1185,19 @@ fn an_upgrade_from_a_layout_it_migrates_keeps_the_flows_and_their_mappings() {
         .and_then(|m| m.info())
         .expect("the new bypass trie is pinned");
     assert_eq!(trie.max_entries(), lb_common::BYPASS_ENTRIES);
+    let trie6 = aya::maps::MapData::from_pin(ours.join("maps").join("BYPASS6"))
+        .and_then(|m| m.info())
+        .expect("the new IPv6 bypass trie is pinned");
+    assert_eq!(trie6.max_entries(), lb_common::BYPASS_ENTRIES);
+    assert_eq!(
+        dp.bypass6_prefixes().expect("BYPASS6"),
+        [("2001:db8:77::".parse().expect("address"), 48)],
+        "the IPv6 trie's prefixes are copied before lan_ingress6 can read it"
+    );
+    assert!(
+        !pins.carried("BYPASS6").exists(),
+        "the old IPv6 trie is let go"
+    );
     let copied = carry.copy_into(&dp);
     if remade.contains(&"NAT_REV") {
         assert!(copied.contains(&("NAT_REV", 50, 0)), "{copied:?}");

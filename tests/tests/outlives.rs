@@ -391,25 +391,38 @@ fn an_upgrade_to_another_layout_keeps_the_flows() -> Result<()> {
             "entries", "256", "name", "BYPASS", "flags", "1",
         ],
     )?;
+    let trie6 = older.join("maps/BYPASS6");
+    std::fs::remove_file(&trie6)?;
+    let trie6 = trie6.to_str().context("path")?;
+    lab.exec_net_only(
+        "router",
+        &[
+            "bpftool", "map", "create", trie6, "type", "lpm_trie", "key", "20", "value", "4",
+            "entries", "256", "name", "BYPASS6", "flags", "1",
+        ],
+    )?;
     lbd.restart(&mut lab)?;
     running.still_flowing(&sink, 20, "after the upgrade")?;
     ensure!(!older.exists(), "the older data plane was left in place");
-    let shown = lab.exec_net_only(
-        "router",
-        &[
-            "bpftool",
-            "-j",
-            "map",
-            "show",
-            "pinned",
-            &ours.join("maps/BYPASS").to_string_lossy(),
-        ],
-    )?;
-    let room: serde_json::Value = serde_json::from_str(&shown).context("bpftool's JSON")?;
-    ensure!(
-        room["max_entries"] == lb_common::BYPASS_ENTRIES,
-        "the bypass trie kept the older layout's room: {shown}"
-    );
+    for trie in ["BYPASS", "BYPASS6"] {
+        let pinned = ours.join("maps").join(trie);
+        let shown = lab.exec_net_only(
+            "router",
+            &[
+                "bpftool",
+                "-j",
+                "map",
+                "show",
+                "pinned",
+                &pinned.to_string_lossy(),
+            ],
+        )?;
+        let room: serde_json::Value = serde_json::from_str(&shown).context("bpftool's JSON")?;
+        ensure!(
+            room["max_entries"] == lb_common::BYPASS_ENTRIES,
+            "{trie} kept the older layout's room: {shown}"
+        );
+    }
     ensure!(
         lbd.stderr()
             .contains("flow tables carried (the data plane of layout"),

@@ -192,6 +192,9 @@ impl Dataplane {
             pins: pins.cloned(),
             ring_watch: binding.map(|_| false).map_err(|e| format!("{e:#}")),
         };
+        if let Some(pins) = pins {
+            dp.copy_small_bypass6(pins)?;
+        }
         for prog in [
             program::LAN_UNREACHABLE6,
             program::LAN_INGRESS6,
@@ -221,6 +224,42 @@ impl Dataplane {
             }
         }
         Ok(dp)
+    }
+
+    /// The prefixes of the IPv6 bypass trie that `Pins::prepare` left in
+    /// `carry` (it had less room than this layout's), copied into this
+    /// one's before `fill_lan6`: from then on the running `lan_ingress`
+    /// tail-calls this data plane's `lan_ingress6`, which must not meet an
+    /// empty trie. The old trie's pin goes once copied; what does not fit
+    /// (nothing: the new trie is larger) the first round writes again.
+    fn copy_small_bypass6(&mut self, pins: &Pins) -> Result<()> {
+        let held = pins.carried(name::BYPASS6);
+        let Ok(data) = MapData::from_pin(&held) else {
+            return Ok(());
+        };
+        let old: LpmTrie<MapData, [u8; 16], u32> = Map::from_map_data(data)
+            .map_err(anyhow::Error::from)
+            .and_then(|m| LpmTrie::try_from(m).map_err(anyhow::Error::from))
+            .context("the carried BYPASS6 is no IPv6 trie")?;
+        let entries = old
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the carried BYPASS6")?;
+        let mut new = self.bypass6()?;
+        for (key, value) in &entries {
+            new.insert(key, *value, 0)
+                .context("copying the carried BYPASS6")?;
+        }
+        std::fs::remove_file(&held).with_context(|| format!("unpinning {}", held.display()))?;
+        if let Some(dir) = held.parent() {
+            // Left to `Carry::finish` when flow tables wait beside it.
+            let _ = std::fs::remove_dir(dir);
+        }
+        log::info!(
+            "BYPASS6 made anew with room for more: {} prefixes copied from the one before",
+            entries.len()
+        );
+        Ok(())
     }
 
     /// Put the IPv6 programs into `LAN6`, where `lan_ingress` and

@@ -10,8 +10,9 @@
 //! adopted the same way, the maps whose definition changed made anew
 //! (the flow tables among them carried over: `carry`). Flow tables of
 //! another size than the configured one are made anew and carried the
-//! same way; an IPv4 bypass trie smaller than this layout's is made anew,
-//! empty (lbd fills it before its `lan_ingress` takes over). A directory of any other layout is never read by the new
+//! same way; bypass tries smaller than this layout's are made anew (the
+//! IPv4 one empty, filled before lbd's `lan_ingress` takes over; the IPv6
+//! one with the old one's prefixes, copied at load). A directory of any other layout is never read by the new
 //! programs: its flows are counted, it is removed (which detaches its
 //! programs), and a new data plane is built.
 //!
@@ -128,14 +129,14 @@ impl Pins {
         // `carry` to be copied; the rest are filled again by lbd.
         let mut remade: Vec<&str> = migrated.map(|(_, maps)| maps.to_vec()).unwrap_or_default();
         remade.extend(self.resized_flow_tables(max_flows));
-        remade.extend(self.small_bypass_trie());
+        remade.extend(self.small_bypass_tries());
         remade.sort_unstable();
         remade.dedup();
         let carry_dir = self.dir().join("carry");
         for map in remade {
             let (pin, held) = (self.map(map), carry_dir.join(map));
-            let is_flows = [name::FLOWS, name::NAT_REV, name::FLOWS6].contains(&map);
-            if is_flows && !held.exists() && pin.exists() {
+            let copied = [name::FLOWS, name::NAT_REV, name::FLOWS6, name::BYPASS6].contains(&map);
+            if copied && !held.exists() && pin.exists() {
                 fs::create_dir_all(&carry_dir)
                     .with_context(|| format!("creating {}", carry_dir.display()))?;
                 fs::rename(&pin, &held)
@@ -211,20 +212,29 @@ impl Pins {
         .collect()
     }
 
-    /// This layout's pinned IPv4 bypass trie when it holds fewer prefixes
-    /// than [`BYPASS_ENTRIES`] (an earlier layout's, 256, kept by a
-    /// migration): made anew, empty, it gets its room. Only `lan_ingress`
-    /// reads it, and the round that takes `lan_ingress` over writes it
-    /// first; the programs before keep the old one until then. Not IPv6's:
-    /// the running `lan_ingress` tail-calls the new `lan_ingress6` from the
-    /// moment it is loaded, which would meet an empty trie until the first
-    /// round; a migrated `BYPASS6` keeps its room until the data plane is
-    /// made new.
-    fn small_bypass_trie(&self) -> Option<&'static str> {
-        MapData::from_pin(self.map(name::BYPASS))
-            .and_then(|m| m.info())
-            .is_ok_and(|info| info.max_entries() < BYPASS_ENTRIES)
-            .then_some(name::BYPASS)
+    /// This layout's pinned bypass tries that hold fewer prefixes than
+    /// [`BYPASS_ENTRIES`] (an earlier layout's, 256, kept by a migration):
+    /// made anew, they get their room. `BYPASS` is made empty: only
+    /// `lan_ingress` reads it, and the round that takes `lan_ingress` over
+    /// writes it first; the programs before keep the old one until then.
+    /// `BYPASS6` waits in `carry`, and the load copies its prefixes into
+    /// the new one ([`Self::carried`]) before it puts the new
+    /// `lan_ingress6` where the running `lan_ingress` tail-calls it.
+    fn small_bypass_tries(&self) -> Vec<&'static str> {
+        [name::BYPASS, name::BYPASS6]
+            .into_iter()
+            .filter(|&trie| {
+                MapData::from_pin(self.map(trie))
+                    .and_then(|m| m.info())
+                    .is_ok_and(|info| info.max_entries() < BYPASS_ENTRIES)
+            })
+            .collect()
+    }
+
+    /// Where map `map` of the data plane before waits to be copied, when
+    /// it does (`prepare`).
+    pub fn carried(&self, map: &str) -> PathBuf {
+        self.dir().join("carry").join(map)
     }
 
     /// Unpin the maps of this layout that no map of this lbd's has the
