@@ -234,17 +234,31 @@ impl Dataplane {
     /// (nothing: the new trie is larger) the first round writes again.
     fn copy_small_bypass6(&mut self, pins: &Pins) -> Result<()> {
         let held = pins.carried(name::BYPASS6);
-        let Ok(data) = MapData::from_pin(&held) else {
+        if !held.exists() {
             return Ok(());
-        };
-        let old: LpmTrie<MapData, [u8; 16], u32> = Map::from_map_data(data)
+        }
+        // One that cannot be read is let go rather than tried at every
+        // start: the first round writes the trie (its prefixes are the
+        // kernel's routes), and until then IPv6 is balanced without it.
+        let read = MapData::from_pin(&held)
             .map_err(anyhow::Error::from)
-            .and_then(|m| LpmTrie::try_from(m).map_err(anyhow::Error::from))
-            .context("the carried BYPASS6 is no IPv6 trie")?;
-        let entries = old
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading the carried BYPASS6")?;
+            .and_then(|data| Map::from_map_data(data).map_err(anyhow::Error::from))
+            .and_then(|m| {
+                let old: LpmTrie<MapData, [u8; 16], u32> = LpmTrie::try_from(m)?;
+                old.iter()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::from)
+            });
+        let entries = match read {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!(
+                    "{}: not copied ({e:#}); the first round writes BYPASS6 again",
+                    held.display()
+                );
+                Vec::new()
+            }
+        };
         let mut new = self.bypass6()?;
         for (key, value) in &entries {
             new.insert(key, *value, 0)
