@@ -379,28 +379,21 @@ fn an_upgrade_to_another_layout_keeps_the_flows() -> Result<()> {
         .bpffs()
         .join(format!("v{}", lb_common::maps::MIGRATES_FROM[0].0));
     std::fs::rename(&ours, &older)?;
-    // Its bypass trie had room for 256 prefixes (the programs running
-    // keep theirs: only the pin is replaced).
-    let trie = older.join("maps/BYPASS");
-    std::fs::remove_file(&trie)?;
-    let trie = trie.to_str().context("path")?;
-    lab.exec_net_only(
-        "router",
-        &[
-            "bpftool", "map", "create", trie, "type", "lpm_trie", "key", "8", "value", "4",
-            "entries", "256", "name", "BYPASS", "flags", "1",
-        ],
-    )?;
-    let trie6 = older.join("maps/BYPASS6");
-    std::fs::remove_file(&trie6)?;
-    let trie6 = trie6.to_str().context("path")?;
-    lab.exec_net_only(
-        "router",
-        &[
-            "bpftool", "map", "create", trie6, "type", "lpm_trie", "key", "20", "value", "4",
-            "entries", "256", "name", "BYPASS6", "flags", "1",
-        ],
-    )?;
+    // Its bypass tries had room for 256 prefixes (the programs running
+    // keep theirs: only the pins are replaced). Keys: a prefix length and
+    // an IPv4 or IPv6 address.
+    for (name, key) in [("BYPASS", "8"), ("BYPASS6", "20")] {
+        let trie = older.join("maps").join(name);
+        std::fs::remove_file(&trie)?;
+        let trie = trie.to_str().context("path")?;
+        lab.exec_net_only(
+            "router",
+            &[
+                "bpftool", "map", "create", trie, "type", "lpm_trie", "key", key, "value", "4",
+                "entries", "256", "name", name, "flags", "1",
+            ],
+        )?;
+    }
     lbd.restart(&mut lab)?;
     running.still_flowing(&sink, 20, "after the upgrade")?;
     ensure!(!older.exists(), "the older data plane was left in place");
