@@ -153,24 +153,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_ttl_delta_is_the_same_for_every_ttl_and_adds_to_an_address_change() {
-        let mut hdr = HDR;
+    /// `hdr` with TTL `ttl` and its checksum computed afresh.
+    fn with_ttl(mut hdr: [u8; 20], ttl: u8) -> [u8; 20] {
+        hdr[8] = ttl;
+        hdr[10..12].fill(0);
         let c = checksum(&hdr, 0);
         hdr[10..12].copy_from_slice(&c.to_be_bytes());
+        hdr
+    }
+
+    #[test]
+    fn the_ttl_delta_is_the_same_for_every_ttl_and_adds_to_an_address_change() {
         let new_src: u32 = 0x6440_0102;
         for ttl in 1..=255u8 {
-            let mut h = hdr;
-            h[8] = ttl;
-            let c = checksum(
-                &{
-                    let mut z = h;
-                    z[10..12].fill(0);
-                    z
-                },
-                0,
-            );
-            h[10..12].copy_from_slice(&c.to_be_bytes());
+            let mut h = with_ttl(HDR, ttl);
             let old_src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
             h[8] = ttl - 1;
             h[12..16].copy_from_slice(&new_src.to_be_bytes());
@@ -179,17 +175,7 @@ mod tests {
             h[10..12].copy_from_slice(&apply(check, delta).to_be_bytes());
             assert!(verifies(&h, 0), "ttl {ttl}");
             // In the other byte order, as the XDP programs read words.
-            let mut le = hdr;
-            le[8] = ttl;
-            let c = checksum(
-                &{
-                    let mut z = le;
-                    z[10..12].fill(0);
-                    z
-                },
-                0,
-            );
-            le[10..12].copy_from_slice(&c.to_be_bytes());
+            let mut le = with_ttl(HDR, ttl);
             le[8] = ttl - 1;
             let check = u16::from_le_bytes([le[10], le[11]]);
             le[10..12]

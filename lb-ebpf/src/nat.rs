@@ -189,8 +189,9 @@ pub fn embedded<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> Result<Embedded, u32> {
 /// [`End::Source`]: a client's error about a reply it got (the quote's
 /// destination) goes out as from the uplink. Fixes the quoted IP checksum,
 /// the quoted transport checksum if quoted (a UDP one if in use), the ICMP
-/// checksum and the outer IP checksum, and takes one off the outer TTL. An echo is quoted with its
-/// identifier as its source port, so only [`End::Destination`] takes one.
+/// checksum and the outer IP checksum, and takes one off the outer TTL.
+/// An echo is quoted with its identifier as its source port, so only
+/// [`End::Destination`] takes one.
 #[inline(always)]
 pub fn translate_icmp_error<C: Frame>(
     ctx: &C,

@@ -12,9 +12,10 @@
 //! another size than the configured one are made anew and carried the
 //! same way; bypass tries smaller than this layout's are made anew (the
 //! IPv4 one empty, filled before lbd's `lan_ingress` takes over; the IPv6
-//! one with the old one's prefixes, copied at load). A directory of any other layout is never read by the new
-//! programs: its flows are counted, it is removed (which detaches its
-//! programs), and a new data plane is built.
+//! one with the old one's prefixes, copied at load). A directory of any
+//! other layout is never read by the new programs: its flows are counted,
+//! it is removed (which detaches its programs), and a new data plane is
+//! built.
 //!
 //! Owns those paths and their removal; `dataplane` does the loading and
 //! attaching. Never touches anything outside `ROOT`.
@@ -132,13 +133,12 @@ impl Pins {
         remade.extend(self.small_bypass_tries());
         remade.sort_unstable();
         remade.dedup();
-        let carry_dir = self.dir().join("carry");
         for map in remade {
-            let (pin, held) = (self.map(map), carry_dir.join(map));
+            let (pin, held) = (self.map(map), self.carried(map));
             let copied = [name::FLOWS, name::NAT_REV, name::FLOWS6, name::BYPASS6].contains(&map);
             if copied && !held.exists() && pin.exists() {
-                fs::create_dir_all(&carry_dir)
-                    .with_context(|| format!("creating {}", carry_dir.display()))?;
+                let dir = self.carry_dir();
+                fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
                 fs::rename(&pin, &held)
                     .with_context(|| format!("moving {} to {}", pin.display(), held.display()))?;
             } else {
@@ -151,7 +151,7 @@ impl Pins {
             Some((layout, _)) => format!("the data plane of layout {layout}"),
             None => "tables of another [flows] max".to_string(),
         };
-        let carry = Carry::open(carry_dir, why);
+        let carry = Carry::open(self.carry_dir(), why);
         let found = if !replaced.is_empty() {
             Found::Replaced(replaced)
         } else if self.map(name::SETTINGS).exists() {
@@ -234,7 +234,12 @@ impl Pins {
     /// Where map `map` of the data plane before waits to be copied, when
     /// it does (`prepare`).
     pub fn carried(&self, map: &str) -> PathBuf {
-        self.dir().join("carry").join(map)
+        self.carry_dir().join(map)
+    }
+
+    /// Where the maps of the data plane before wait to be copied.
+    fn carry_dir(&self) -> PathBuf {
+        self.dir().join("carry")
     }
 
     /// Unpin the maps of this layout that no map of this lbd's has the
