@@ -30,6 +30,34 @@ pub const ITER_NEW_PLACEHOLDER: u32 = 0x6c62_0003;
 pub const ITER_NEXT_PLACEHOLDER: u32 = 0x6c62_0004;
 pub const ITER_DESTROY_PLACEHOLDER: u32 = 0x6c62_0005;
 
+/// Placeholders of the kfuncs that write a connection into conntrack
+/// (Linux 6.1): the hand-over of a datagram the kernel must fragment
+/// (see [`HAND_OVER`]).
+pub const CT_ALLOC_PLACEHOLDER: u32 = 0x6c62_0006;
+pub const CT_INSERT_PLACEHOLDER: u32 = 0x6c62_0007;
+pub const CT_SET_NAT_PLACEHOLDER: u32 = 0x6c62_0008;
+
+/// The kfuncs a hand-over needs, all or none: a connection allocated but
+/// never inserted would be a reference the verifier refuses to leave
+/// held. Where one is missing, lbd binds the allocation to "found
+/// nothing" too, and the hand-over is never made.
+pub const HAND_OVER: [&str; 3] = [
+    "bpf_xdp_ct_alloc",
+    "bpf_ct_set_nat_info",
+    "bpf_ct_insert_entry",
+];
+
+/// `BPF_STX | BPF_MEM | BPF_W`: a 32-bit store from a register.
+pub const STORE_W_OPCODE: u8 = 0x63;
+/// `BPF_JMP | BPF_JA` with offset 0: an instruction that does nothing.
+const NOP: [u8; 8] = [0x05, 0, 0, 0, 0, 0, 0, 0];
+
+/// Placeholder offset of the hand-over's store into the new connection's
+/// `mark` (`struct nf_conn`'s layout differs from build to build, and the
+/// verifier lets a program write that one member only, at its exact
+/// offset): lbd replaces it with the offset the kernel's BTF gives.
+pub const CONN_MARK_PLACEHOLDER: u16 = 0x6c62;
+
 /// The kfuncs the data plane cannot do without: lbd refuses to load it
 /// on a kernel that lacks one.
 pub const REQUIRED: [&str; 3] = [
@@ -39,12 +67,15 @@ pub const REQUIRED: [&str; 3] = [
 ];
 
 /// The kfuncs the data plane calls: placeholder and the kernel's name.
-pub const ALL: [(u32, &str); 5] = [
+pub const ALL: [(u32, &str); 8] = [
     (CT_LOOKUP_PLACEHOLDER, "bpf_xdp_ct_lookup"),
     (CT_RELEASE_PLACEHOLDER, "bpf_ct_release"),
     (ITER_NEW_PLACEHOLDER, "bpf_iter_num_new"),
     (ITER_NEXT_PLACEHOLDER, "bpf_iter_num_next"),
     (ITER_DESTROY_PLACEHOLDER, "bpf_iter_num_destroy"),
+    (CT_ALLOC_PLACEHOLDER, "bpf_xdp_ct_alloc"),
+    (CT_INSERT_PLACEHOLDER, "bpf_ct_insert_entry"),
+    (CT_SET_NAT_PLACEHOLDER, "bpf_ct_set_nat_info"),
 ];
 
 /// The 8 bytes of a kfunc call whose immediate is `imm` (a placeholder,
@@ -99,6 +130,25 @@ pub fn bind(object: &mut [u8], placeholder: u32, binding: Binding) -> usize {
     count
 }
 
+/// Rewrite every 32-bit store at the placeholder offset `placeholder` in
+/// `object` to store at `offset`, or, with `None` (the kernel's BTF does
+/// not say where the member is), to do nothing. Returns how many
+/// instructions were rewritten.
+pub fn bind_store(object: &mut [u8], placeholder: u16, offset: Option<u16>) -> usize {
+    let mut count = 0;
+    for insn in object.chunks_exact_mut(8) {
+        let at = u16::from_le_bytes([insn[2], insn[3]]);
+        if insn[0] == STORE_W_OPCODE && at == placeholder && insn[4..] == [0; 4] {
+            match offset {
+                Some(off) => insn[2..4].copy_from_slice(&off.to_le_bytes()),
+                None => insn.copy_from_slice(&NOP),
+            }
+            count += 1;
+        }
+    }
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +174,24 @@ mod tests {
         assert_eq!(object[24..32], [0xb7, 0, 0, 0, 0, 0, 0, 0]);
         // Bound once, nothing is left to bind.
         assert_eq!(bind(&mut object, CT_LOOKUP_PLACEHOLDER, Binding::Absent), 0);
+    }
+
+    #[test]
+    fn the_mark_store_is_bound_to_the_kernels_offset_or_to_nothing() {
+        // `*(u32 *)(r6 + 0x6c62) = r1`, and a store elsewhere.
+        let store = [STORE_W_OPCODE, 0x16, 0x62, 0x6c, 0, 0, 0, 0];
+        let other = [STORE_W_OPCODE, 0x16, 0x08, 0x00, 0, 0, 0, 0];
+        let mut object = [store, other, store].concat();
+        assert_eq!(
+            bind_store(&mut object, CONN_MARK_PLACEHOLDER, Some(0x90)),
+            2
+        );
+        assert_eq!(object[..8], [0x63, 0x16, 0x90, 0, 0, 0, 0, 0]);
+        assert_eq!(object[8..16], other);
+        let mut object = [store, other].concat();
+        assert_eq!(bind_store(&mut object, CONN_MARK_PLACEHOLDER, None), 1);
+        assert_eq!(object[..8], NOP);
+        assert_eq!(object[8..16], other);
     }
 
     #[test]

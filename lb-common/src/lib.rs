@@ -15,6 +15,7 @@ pub mod hash;
 pub mod icmp;
 pub mod kfunc;
 pub mod maps;
+pub mod marks;
 pub mod mss;
 pub mod nat;
 pub mod npt;

@@ -69,9 +69,13 @@ pub mod name {
     /// created when absent changes nothing an older one holds, and a port
     /// without an entry is served as before.
     pub const ROUTER_MACS: &str = "ROUTER_MACS";
+    /// The program `lan_ingress` tail-calls for a UDP datagram too big
+    /// for its uplink without DF ([`super::TOO_BIG_SLOT`]). Pinned as
+    /// `LAN6` is; came without a layout bump, as `ROUTER_MACS` did.
+    pub const TOO_BIG: &str = "TOO_BIG";
 
     /// Every map, for pinning them all.
-    pub const ALL: [&str; 35] = [
+    pub const ALL: [&str; 36] = [
         SETTINGS,
         BUCKETS,
         UPLINKS,
@@ -107,6 +111,7 @@ pub mod name {
         RING_DROPS,
         LAN6,
         ROUTER_MACS,
+        TOO_BIG,
     ];
 }
 
@@ -149,6 +154,10 @@ pub const LAN6_SLOT: u32 = 0;
 pub const UNREACHABLE6_SLOT: u32 = 1;
 pub const LAN6_SLOTS: u32 = 2;
 
+/// `TOO_BIG`'s one slot: `lan_too_big`, which `lan_ingress` tail-calls.
+pub const TOO_BIG_SLOT: u32 = 0;
+pub const TOO_BIG_SLOTS: u32 = 1;
+
 /// Program names in the XDP object.
 pub mod program {
     pub const LAN_INGRESS: &str = "lan_ingress";
@@ -159,6 +168,10 @@ pub mod program {
     /// The ICMPv6 answer of a policy's `fallback = unreachable`, which
     /// `lan_ingress6` tail-calls (`LAN6`); never attached itself.
     pub const LAN_UNREACHABLE6: &str = "lan_unreachable6";
+    /// The hand-over to the kernel of a UDP datagram too big for its
+    /// uplink without DF, which `lan_ingress` tail-calls (`TOO_BIG`);
+    /// never attached itself.
+    pub const LAN_TOO_BIG: &str = "lan_too_big";
     /// The tc program that sends what the XDP programs hand over through
     /// the target device's qdisc (see `crate::egress`).
     pub const HANDOFF: &str = "handoff";

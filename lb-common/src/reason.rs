@@ -33,14 +33,15 @@ pub const DROP_REDIRECT_FAILED: u32 = 9;
 
 /// A reply on an uplink that matches no NAT mapping: the router's own.
 pub const PASS_NO_MAPPING: u32 = 10;
-/// Larger than the uplink's MTU: without DF, for the kernel to fragment;
-/// with DF where the data plane cannot answer itself (an IPv6 packet, a
+/// Larger than the uplink's MTU: without DF, for the kernel to fragment
+/// and translate itself, where it cannot be handed over
+/// (`HANDED_TOO_BIG`); with DF where the data plane cannot answer itself (an IPv6 packet, a
 /// tagged frame, IPv4 options), for the kernel to answer with ICMP
 /// "fragmentation needed" (or Packet Too Big).
 pub const PASS_TOO_BIG: u32 = 11;
 /// Larger than the uplink's MTU without DF: XDP cannot fragment. No
-/// longer dropped (the kernel fragments it, and its slow path NATs it);
-/// kept so that the reasons keep their numbers.
+/// longer dropped (the kernel fragments it: `HANDED_TOO_BIG`); kept so
+/// that the reasons keep their numbers.
 pub const DROP_TOO_BIG: u32 = 12;
 /// No free NAT port for a new flow.
 pub const DROP_NAT_EXHAUSTED: u32 = 13;
@@ -106,8 +107,15 @@ pub const PASS_ELSEWHERE: u32 = 25;
 /// own ports, which lb's never are.
 pub const PASS_NAT_FULL: u32 = 26;
 
+/// A UDP datagram of a fast-path flow, too big for its uplink and without
+/// DF, handed to the kernel to fragment, with the flow's translation (its
+/// uplink's address, its NAT port) and uplink written into conntrack
+/// first: it leaves as the flow's other datagrams do. (Where that cannot
+/// be done, `PASS_TOO_BIG`: the kernel's slow path translates it.)
+pub const HANDED_TOO_BIG: u32 = 27;
+
 /// Number of reasons.
-pub const COUNT: u32 = 27;
+pub const COUNT: u32 = 28;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -142,6 +150,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_unfinished",
     "pass_elsewhere",
     "pass_nat_full",
+    "handed_too_big",
 ];
 
 /// Whether `reason` is a drop: a path that gives up on a packet with a

@@ -2272,8 +2272,12 @@ fn big_udp(src_port: u16, total: usize, df: bool) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
         .ipv4(CLIENT, SERVER, 64)
         .udp(src_port, 4000);
-    let mut frame = build(b, &vec![0x5a; total - 28]);
-    // The flags byte, whatever the builder chose: DF or nothing.
+    with_df(build(b, &vec![0x5a; total - 28]), df)
+}
+
+/// `frame` (IPv4, untagged) with DF as `df` says, whatever the builder
+/// chose, and its header checksum made again.
+fn with_df(mut frame: Vec<u8>, df: bool) -> Vec<u8> {
     frame[20] = if df { 0x40 } else { 0 };
     frame[24] = 0;
     frame[25] = 0;
@@ -2326,11 +2330,88 @@ fn a_df_packet_too_big_for_its_uplink_is_answered_fragmentation_needed() {
         "the datagram's header is quoted"
     );
     assert_eq!(&out[0..6], &CLIENT_MAC, "back to the client");
+}
 
-    // Without DF: XDP cannot fragment; the kernel does.
-    let before = h.reason(reason::PASS_TOO_BIG);
-    assert_eq!(h.lan(&big_udp(7002, 1500, false)).0, XDP_PASS);
-    assert_eq!(h.reason(reason::PASS_TOO_BIG), before + 1);
+/// Without DF, XDP cannot fragment; the kernel does. A UDP datagram goes
+/// to it untouched, its connection written into conntrack first as the
+/// fast path translates its flow (its uplink's address, its NAT port),
+/// marked with that uplink: the kernel's NAT then gives the fragments
+/// the flow's source, and lbd's table routes them out of the flow's
+/// uplink. A later big datagram finds the connection there.
+#[test]
+fn a_datagram_too_big_without_df_is_handed_over_with_its_translation() {
+    use lb_daemon::observe::conntrack::{self, Tuple};
+    if !is_root() {
+        return;
+    }
+    in_new_netns(|| {
+        track_connections_here();
+        let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+        for n in 1..=2u8 {
+            let info = UplinkInfo {
+                mtu: 1420,
+                ..uplink_info(n, uplink_state::ACTIVE)
+            };
+            h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
+        }
+        let big = big_udp(7002, 1500, false);
+        for sent in 1..=2 {
+            let (verdict, out) = h.lan(&big);
+            assert_eq!(verdict, XDP_PASS, "the kernel fragments it");
+            assert_eq!(out, big, "untouched");
+            assert_eq!(h.reason(reason::HANDED_TOO_BIG), sent);
+        }
+        assert_eq!(h.reason(reason::PASS_TOO_BIG), 0);
+        let key = lb_common::maps::FlowKey {
+            src_addr: CLIENT,
+            dst_addr: SERVER,
+            src_port: 7002u16.to_be_bytes(),
+            dst_port: 4000u16.to_be_bytes(),
+            proto: 17,
+            _pad: [0; 3],
+        };
+        let flow = h
+            .flow_tables()
+            .get(&key)
+            .expect("read FLOWS")
+            .expect("the datagram made a flow");
+        let tuple = Tuple {
+            src: Ipv4Addr::from(CLIENT).into(),
+            dst: Ipv4Addr::from(SERVER).into(),
+            src_port: 7002,
+            dst_port: 4000,
+            proto: 17,
+        };
+        let conn = conntrack::lookup(&tuple)
+            .expect("ask conntrack")
+            .expect("conntrack has the handed-over connection");
+        let uplink_addr = Ipv4Addr::new(100, 64, flow.uplink as u8 + 1, 2);
+        assert_eq!(conn.original, tuple);
+        assert_eq!(
+            (conn.reply.dst, conn.reply.dst_port),
+            (uplink_addr.into(), u16::from_be_bytes(flow.nat_port)),
+            "translated as the flow is: {conn:?}"
+        );
+        assert_eq!(
+            (conn.reply.src, conn.reply.src_port),
+            (tuple.dst, tuple.dst_port),
+            "its destination kept"
+        );
+        assert_eq!(conn.mark, lb_common::marks::handed(flow.uplink));
+
+        // TCP has no such hand-over (its connection's state is the
+        // kernel's to follow): the kernel's slow path has it, as before.
+        let tcp = {
+            let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv4(CLIENT, SERVER, 64)
+                .tcp(7003, 80, 1, 65_535)
+                .syn();
+            with_df(build(b, &vec![0x5a; 1500 - 40]), false)
+        };
+        assert_eq!(h.lan(&tcp).0, XDP_PASS);
+        assert_eq!(h.reason(reason::PASS_TOO_BIG), 1);
+        assert_eq!(h.reason(reason::HANDED_TOO_BIG), 2);
+    });
 }
 
 #[test]

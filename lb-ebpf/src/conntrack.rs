@@ -10,15 +10,24 @@
 //! be NATed afresh by the fast path. It is asked on the new-flow path
 //! only; `lan` remembers the answer in the flow table.
 //!
+//! And it writes one kind of connection in: [`hand_over`], a fast-path
+//! UDP flow whose datagram only the kernel can send (too big for the
+//! uplink, without DF: the kernel fragments it), translated as the fast
+//! path translates the flow, so that the kernel's NAT gives it the same
+//! source.
+//!
 //! The calls go through `kfunc::call`: on a kernel without the kfuncs the
 //! lookup finds nothing, and nothing is the kernel's, as before this
-//! existed. It never holds the reference it gets: every path releases it
-//! at once.
+//! existed; without the ones that write, nothing is written. It never
+//! holds the reference it gets: every path releases it at once.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use lb_common::kfunc::{CT_LOOKUP_PLACEHOLDER, CT_RELEASE_PLACEHOLDER};
+use lb_common::kfunc::{
+    CONN_MARK_PLACEHOLDER, CT_ALLOC_PLACEHOLDER, CT_INSERT_PLACEHOLDER, CT_LOOKUP_PLACEHOLDER,
+    CT_RELEASE_PLACEHOLDER, CT_SET_NAT_PLACEHOLDER,
+};
 
-use crate::kfunc;
+use crate::{kfunc, parse::IPPROTO_UDP};
 
 /// `struct bpf_sock_tuple`'s IPv4 half: addresses and ports in network
 /// order.
@@ -52,6 +61,23 @@ struct CtOpts {
 
 /// `BPF_F_CURRENT_NETNS`: the network namespace of the receiving device.
 const CURRENT_NETNS: i32 = -1;
+
+/// `enum nf_nat_manip_type`: which end a translation rewrites.
+const NAT_MANIP_SRC: u64 = 0;
+const NAT_MANIP_DST: u64 = 1;
+
+/// `union nf_inet_addr`: an IPv4 address in its first four bytes.
+#[repr(C)]
+struct InetAddr([u8; 16]);
+
+impl InetAddr {
+    #[inline(always)]
+    fn v4(addr: [u8; 4]) -> Self {
+        let mut all = [0; 16];
+        all[..4].copy_from_slice(&addr);
+        InetAddr(all)
+    }
+}
 
 /// Whether conntrack tracks the connection of a `proto` (TCP or UDP)
 /// packet from `src:sport` to `dst:dport`, as either of its directions.
@@ -134,4 +160,97 @@ fn look_up<T>(ctx: &XdpContext, proto: u8, tuple: &T) -> bool {
     }
     kfunc::call!(CT_RELEASE_PLACEHOLDER, conn);
     true
+}
+
+/// One UDP datagram's connection, for [`hand_over`]: the client's end
+/// and the remote end as the datagram carries them, and the fast path's
+/// translation of the client's end. Addresses and ports in network
+/// order.
+pub struct Handed {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub nat_addr: [u8; 4],
+    pub nat_port: [u8; 2],
+}
+
+/// Write `conn`'s connection into conntrack as a new one, its source
+/// translated to the fast path's `nat_addr:nat_port` (and its destination
+/// kept: no rule of the kernel's is asked for it), with connmark `mark`
+/// (`lb_common::marks::handed`). Whether it is there now, translated:
+/// `false` when conntrack already had it (the kernel translates it as it
+/// did) or could not take it. A BPF function of its own: its tuple, options
+/// and addresses take a frame of their own.
+#[inline(never)]
+pub fn hand_over(ctx: *mut xdp_md, conn: &Handed, mark: u32) -> bool {
+    let tuple = SockTupleV4 {
+        saddr: conn.src,
+        daddr: conn.dst,
+        sport: conn.sport,
+        dport: conn.dport,
+    };
+    let mut opts = CtOpts {
+        netns_id: CURRENT_NETNS,
+        error: 0,
+        l4proto: IPPROTO_UDP,
+        dir: 0,
+        reserved: [0; 2],
+    };
+    let new = kfunc::call!(
+        CT_ALLOC_PLACEHOLDER,
+        ctx as u64,
+        &tuple as *const SockTupleV4 as u64,
+        core::mem::size_of::<SockTupleV4>() as u64,
+        &mut opts as *mut CtOpts as u64,
+        core::mem::size_of::<CtOpts>() as u64,
+    );
+    if new == 0 {
+        return false;
+    }
+    let source = InetAddr::v4(conn.nat_addr);
+    let translated = kfunc::call!(
+        CT_SET_NAT_PLACEHOLDER,
+        new,
+        &source as *const InetAddr as u64,
+        u64::from(u16::from_be_bytes(conn.nat_port)),
+        NAT_MANIP_SRC,
+    ) == 0;
+    let destination = InetAddr::v4(conn.dst);
+    let kept = kfunc::call!(
+        CT_SET_NAT_PLACEHOLDER,
+        new,
+        &destination as *const InetAddr as u64,
+        u64::from(u16::from_be_bytes(conn.dport)),
+        NAT_MANIP_DST,
+    ) == 0;
+    // Untranslated, it must not be routed as the flow's either: the
+    // kernel's own NAT and routing take it, as without a hand-over.
+    if translated && kept {
+        set_mark(new, mark);
+    }
+    // An allocated connection is only ever let go of by inserting it.
+    let inserted = kfunc::call!(CT_INSERT_PLACEHOLDER, new);
+    if inserted == 0 {
+        return false;
+    }
+    kfunc::call!(CT_RELEASE_PLACEHOLDER, inserted);
+    translated && kept
+}
+
+/// `conn->mark = mark` on a connection not yet inserted: the only member
+/// of `struct nf_conn` the verifier lets a program write, at the offset
+/// lbd binds from the kernel's BTF (`lb_common::kfunc::bind_store`).
+#[inline(always)]
+fn set_mark(conn: u64, mark: u32) {
+    // SAFETY: `conn` is a connection the allocation returned (not null);
+    // the verifier checks the store against its BTF type at load.
+    unsafe {
+        core::arch::asm!(
+            "*(u32 *)({conn} + {off}) = {mark}",
+            conn = in(reg) conn,
+            mark = in(reg) u64::from(mark),
+            off = const CONN_MARK_PLACEHOLDER,
+        );
+    }
 }

@@ -6,7 +6,7 @@
 //! kernel's id before loading, or with `r0 = 0` ("found nothing") on a
 //! kernel without the function.
 
-/// Call the kfunc of `placeholder` with its one, three or five
+/// Call the kfunc of `placeholder` with its one, three, four or five
 /// arguments; evaluates to its return value (`r0`). The other argument
 /// registers are only clobbered, never set: the verifier's view of a loop
 /// around the call stays the smallest it can be.
@@ -20,6 +20,11 @@ macro_rules! call {
         $crate::kfunc::call!(@asm $placeholder;
             inlateout("r1") $r1 => _, inlateout("r2") $r2 => _, inlateout("r3") $r3 => _,
             lateout("r4") _, lateout("r5") _)
+    };
+    ($placeholder:path, $r1:expr, $r2:expr, $r3:expr, $r4:expr $(,)?) => {
+        $crate::kfunc::call!(@asm $placeholder;
+            inlateout("r1") $r1 => _, inlateout("r2") $r2 => _, inlateout("r3") $r3 => _,
+            inlateout("r4") $r4 => _, lateout("r5") _)
     };
     ($placeholder:path, $r1:expr, $r2:expr, $r3:expr, $r4:expr, $r5:expr $(,)?) => {
         $crate::kfunc::call!(@asm $placeholder;

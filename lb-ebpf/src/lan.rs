@@ -20,7 +20,7 @@ use lb_common::{
     hash, icmp,
     maps::{
         settings_flags, tcp_state, uplink_flags, uplink_state, FlowKey, FlowValue, NatKey,
-        NatValue, UplinkInfo,
+        NatValue, UplinkInfo, TOO_BIG_SLOT,
     },
     mss,
     nat::{self, PORT_ATTEMPTS},
@@ -30,7 +30,7 @@ use lb_common::{
 use crate::{
     answer, clock, conntrack, count, egress, frags,
     lan6::{unword, word},
-    maps::{BYPASS, ENCAP, FLOWS, NAT_REV, ROUTER_MACS, SETTINGS, TX_PORTS, UPLINKS},
+    maps::{BYPASS, ENCAP, FLOWS, NAT_REV, ROUTER_MACS, SETTINGS, TOO_BIG, TX_PORTS, UPLINKS},
     nat::{embedded, translate, translate_icmp_error, End},
     parse::{
         self, EthHdr, Fragment, IcmpHdr, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_ECHO_REQUEST,
@@ -123,8 +123,14 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         // DF: the client is told the uplink's MTU, as the router on a
         // narrower link must (RFC 1191); the kernel would route the
         // packet by its own tables, maybe out of another uplink. Without
-        // DF the kernel fragments it, and its slow path NATs it: never
-        // dropped unheard.
+        // DF the kernel fragments it: a UDP datagram is handed over with
+        // its flow's translation (`handover`); anything else its slow
+        // path NATs. Never dropped unheard.
+        if u16::from_be_bytes(frag) & IP_DF == 0 && pkt.proto == IPPROTO_UDP {
+            // SAFETY: a tail call does not return when it succeeds.
+            let _ = unsafe { TOO_BIG.tail_call(ctx, TOO_BIG_SLOT) };
+            return Err(reason::PASS_TOO_BIG);
+        }
         if u16::from_be_bytes(frag) & IP_DF != 0 {
             let mtu = info.mtu;
             return answer::icmp_error(

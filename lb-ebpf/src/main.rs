@@ -21,6 +21,7 @@ mod conntrack;
 mod count;
 mod egress;
 mod frags;
+mod handover;
 mod kfunc;
 mod lan;
 mod lan6;
@@ -85,6 +86,14 @@ pub fn lan_ingress6(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lan_unreachable6(ctx: XdpContext) -> u32 {
     answer::unreachable6(&ctx)
+}
+
+/// A UDP datagram too big for its uplink without DF, handed to the
+/// kernel to fragment with its flow's translation (see `handover`);
+/// reached only by `lan_ingress`'s tail call (`TOO_BIG`).
+#[xdp]
+pub fn lan_too_big(ctx: XdpContext) -> u32 {
+    handover::too_big(&ctx)
 }
 
 /// Tail-call `lan_ingress6`; should its slot be empty (lbd fills it at

@@ -13,7 +13,7 @@ use lb_common::{
     maps::{
         nat_entries, BucketTable, FlowKey, FlowKey6, FlowValue, FlowValue6, FragKey, FragValue,
         LanPort, NatKey, NatValue, PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo,
-        UplinkStats, LAN6_SLOTS, SIGNAL_SLOTS,
+        UplinkStats, LAN6_SLOTS, SIGNAL_SLOTS, TOO_BIG_SLOTS,
     },
     policy::{
         Flow, Policy, PrefixKey, PrefixKey6, RuleBits, RuleTable, StickyKey, StickyKey6,
@@ -28,6 +28,11 @@ use lb_common::{
 /// slots `lb_common::maps` names.
 #[map]
 pub static LAN6: ProgramArray = ProgramArray::with_max_entries(LAN6_SLOTS, 0);
+
+/// `lan_too_big`, which `lan_ingress` tail-calls for a UDP datagram too
+/// big for its uplink without DF (see `handover`).
+#[map]
+pub static TOO_BIG: ProgramArray = ProgramArray::with_max_entries(TOO_BIG_SLOTS, 0);
 
 /// Global knobs, one entry.
 #[map]

@@ -215,6 +215,114 @@ impl UdpEchoServer {
     }
 }
 
+/// Answers every UDP datagram with what it saw of it: its length and the
+/// address it came from (`"LEN ADDR:PORT"`), until dropped. A NAT test's
+/// witness of the source each datagram of a flow left with.
+#[derive(Debug)]
+pub struct UdpPeerServer {
+    addr: SocketAddr,
+    _thread: Stopper,
+}
+
+impl UdpPeerServer {
+    /// Binds `addr` (port 0 picks one) in namespace `ns`.
+    pub fn start(ns: &str, addr: SocketAddr) -> Result<UdpPeerServer> {
+        let socket = in_netns(ns, || {
+            UdpSocket::bind(addr)
+                .with_context(|| format!("UDP peer server: binding {addr} in {ns}"))
+        })?;
+        socket.set_read_timeout(Some(TICK))?;
+        let addr = socket.local_addr()?;
+        let thread = Stopper::start(move |stop| {
+            let mut buf = [0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match socket.recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        if let Err(e) = socket.send_to(format!("{n} {peer}").as_bytes(), peer) {
+                            eprintln!("UDP peer server: replying to {peer}: {e}");
+                        }
+                    }
+                    Err(e) if is_timeout(&e) => {}
+                    Err(e) => eprintln!("UDP peer server: receive failed: {e}"),
+                }
+            }
+        });
+        Ok(UdpPeerServer {
+            addr,
+            _thread: thread,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Send a datagram of `len` bytes from `socket` to a [`UdpPeerServer`] at
+/// `server` and return what it saw: the length and the source. Sent again
+/// (the same size) until answered, `limit` in all.
+pub fn udp_seen_by(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    len: usize,
+    limit: Duration,
+) -> Result<(usize, SocketAddr)> {
+    let deadline = Instant::now() + limit;
+    let datagram = vec![0x5a; len];
+    let mut buf = [0u8; 128];
+    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+    loop {
+        socket
+            .send_to(&datagram, server)
+            .with_context(|| format!("sending {len} bytes to {server}"))?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == server => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let parsed = text
+                    .split_once(' ')
+                    .and_then(|(l, a)| Some((l.parse().ok()?, a.parse().ok()?)));
+                // An answer to an earlier, smaller datagram is not this one's.
+                match parsed {
+                    Some((seen, source)) if seen == len => return Ok((seen, source)),
+                    Some(_) => {}
+                    None => anyhow::bail!("the peer server answered {text:?}"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(e).context("waiting for the peer server's answer"),
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no answer from {server} to a datagram of {len} bytes within {limit:?}"
+        );
+    }
+}
+
+/// A UDP socket in namespace `ns` whose datagrams never carry DF
+/// (`IP_PMTUDISC_DONT`, as Windows sends UDP): one too big for a link on
+/// the way is fragmented there, not refused.
+pub fn udp_socket_without_df(ns: &str) -> Result<UdpSocket> {
+    let socket = udp_socket(ns, (Ipv4Addr::UNSPECIFIED, 0).into())?;
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket, and an int option of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        r == 0,
+        "setting IP_MTU_DISCOVER: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(socket)
+}
+
 /// Opens `count` TCP connections from `ns` to `server`, each from its own
 /// kernel-chosen source port, and checks that a short message on each comes
 /// back. All sockets are bound before the first connect and held open until

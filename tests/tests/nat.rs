@@ -28,8 +28,9 @@ use lb_tests::{
     daemon::{LabConfig, Lbd},
     require_root,
     traffic::{
-        http_download, tcp_connect_from, tcp_flows, tcp_upload, udp_flows, udp_socket,
-        wait_tcp_listener, HttpFileServer, Proto, TcpEchoServer, TcpSinkServer, UdpEchoServer,
+        http_download, tcp_connect_from, tcp_flows, tcp_upload, udp_flows, udp_seen_by, udp_socket,
+        udp_socket_without_df, wait_tcp_listener, HttpFileServer, Proto, TcpEchoServer,
+        TcpSinkServer, UdpEchoServer, UdpPeerServer,
     },
     unique_prefix, watch_echo_ids, watch_flows, FlowWatch, Lab, LabDesc, LanLeaks,
 };
@@ -652,6 +653,69 @@ fn path_mtu_discovery_through_nat() -> Result<()> {
     ensure!(
         route.contains("mtu 1400"),
         "the client did not learn the path MTU: {route}"
+    );
+    leaks.check()?;
+    lbd.stop(&mut lab)
+}
+
+/// 6b. A UDP datagram too big for its uplink, without DF (as Windows sends
+///    UDP): XDP cannot fragment it, the kernel does, and the datagram
+///    leaves as its flow's others do: from the same address and port, out
+///    of the same uplink. Both uplinks are narrower than the LAN (1400
+///    bytes), and flows are opened until some leave by isp2, which the
+///    main table's default route does not name.
+#[test]
+fn a_datagram_too_big_without_df_leaves_as_its_flow_does() -> Result<()> {
+    /// A datagram of 1472 bytes is a 1500-byte packet: the LAN's MTU.
+    const BIG: usize = 1472;
+    const SMALL: usize = 100;
+    if !require_root("a_datagram_too_big_without_df_leaves_as_its_flow_does") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let mut lab = lab_up()?;
+    let leaks = LanLeaks::install(&lab)?;
+    for uplink in BOTH {
+        let wan = format!("wan{}", uplink.n);
+        lab.exec("router", &["ip", "link", "set", "dev", &wan, "mtu", "1400"])?;
+        lab.exec(
+            uplink.isp,
+            &["ip", "link", "set", "dev", "down0", "mtu", "1400"],
+        )?;
+    }
+    let lbd = Lbd::start(&mut lab, &config(&BOTH, &["lan0"]))?;
+    let peer = UdpPeerServer::start(lab.ns("inet")?, server(ECHO_PORT))?;
+    let client = lab.ns("client")?.to_owned();
+    let mut sources = std::collections::BTreeSet::new();
+    let mut flows = 0;
+    while sources.len() < 2 {
+        ensure!(
+            flows < 64,
+            "{flows} flows all left by {sources:?}: none took the other uplink"
+        );
+        let socket = udp_socket_without_df(&client)?;
+        let (_, small) = udp_seen_by(&socket, peer.local_addr(), SMALL, FLOW_TIMEOUT)?;
+        let (_, big) = udp_seen_by(&socket, peer.local_addr(), BIG, FLOW_TIMEOUT)
+            .with_context(|| format!("flow {flows}; status: {:?}", lbd.status()))?;
+        ensure!(
+            big == small,
+            "flow {flows}: its small datagram left from {small}, its big one from {big}"
+        );
+        // And the flow goes on as it was.
+        let (_, again) = udp_seen_by(&socket, peer.local_addr(), SMALL, FLOW_TIMEOUT)?;
+        ensure!(again == small, "flow {flows}: from {small}, then {again}");
+        ensure!(
+            NAT_PORTS.contains(&small.port()) || small.port() == socket.local_addr()?.port(),
+            "flow {flows} left from {small}: not the fast path's translation"
+        );
+        sources.insert(small.ip());
+        flows += 1;
+    }
+    let handed = lbd.reason("handed_too_big")?;
+    eprintln!("{flows} flows, by {sources:?}: each big datagram left as its flow's small ones ({handed} handed over)");
+    ensure!(
+        handed >= flows,
+        "lbd counts {handed} datagrams handed over, for {flows} flows' big ones"
     );
     leaks.check()?;
     lbd.stop(&mut lab)

@@ -61,7 +61,19 @@ impl Daemon {
                     .as_ref()
                     .map_or_else(String::new, |u| format!(", arrived on {u}"));
                 let o = &c.original;
+                let handed = c.mark & nftables::HANDED_MARK != 0;
                 why.push(match c.forwarded_to() {
+                    _ if handed => format!(
+                        "a flow of the fast path from {}:{} to {}:{}, handed to the kernel with \
+                         its translation when one of its datagrams was too big for {} without \
+                         DF: the kernel fragments and translates it as the fast path did, and \
+                         sends it out of that uplink",
+                        o.src,
+                        o.src_port,
+                        o.dst,
+                        o.dst_port,
+                        uplink.as_deref().unwrap_or("its uplink")
+                    ),
                     Some((addr, p)) => format!(
                         "port forward to {addr}:{p} of {}:{} from {}:{}{came}: the kernel \
                          translates it back and sends it out {}",

@@ -6,6 +6,7 @@
 //! when an uplink is down, is decided elsewhere and handed in here.
 
 mod batch;
+mod btf;
 pub mod carry;
 pub mod flows;
 pub mod kfuncs;
@@ -37,7 +38,7 @@ use lb_common::{
     maps::{
         name, nat_entries, program, settings_flags, signals6, BucketTable, FragKey, FragValue,
         LanPort, PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo, UplinkStats,
-        LAN6_SLOT, UNREACHABLE6_SLOT,
+        LAN6_SLOT, TOO_BIG_SLOT, UNREACHABLE6_SLOT,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
@@ -173,17 +174,25 @@ impl Dataplane {
         let binding = ringwatch::bind();
         let bound = binding.as_ref().copied().unwrap_or_default();
         loader.override_global(RING_BINDING_GLOBAL, &bound, true);
-        let (object, absent) = crate::dataplane::kfuncs::bind(OBJECT)?;
-        if !absent.is_empty() {
+        let bound = crate::dataplane::kfuncs::bind(OBJECT)?;
+        let lookup = ["bpf_xdp_ct_lookup", "bpf_ct_release"];
+        if bound.absent.iter().any(|n| lookup.contains(n)) {
             log::warn!(
                 "this kernel's BTF lacks {}: the fast path cannot ask conntrack, so replies of \
                  port forwards are taken for new flows (a kernel with CONFIG_NF_CONNTRACK=y and \
                  BTF has them)",
-                absent.join(" and ")
+                bound.absent.join(" and ")
+            );
+        }
+        if let Some(why) = &bound.no_hand_over {
+            log::warn!(
+                "{why}: a UDP datagram too big for its uplink without DF is fragmented and \
+                 translated by the kernel's slow path, from another port than its flow's (Linux \
+                 6.1 and later, with CONFIG_NF_CONNTRACK_MARK, have what the fast path needs)"
             );
         }
         let ebpf = loader
-            .load(&object)
+            .load(&bound.object)
             .context("loading the XDP object into the kernel failed (needs root, and a kernel with BPF and BTF)")?;
         let mut dp = Self {
             ebpf,
@@ -198,6 +207,7 @@ impl Dataplane {
         for prog in [
             program::LAN_UNREACHABLE6,
             program::LAN_INGRESS6,
+            program::LAN_TOO_BIG,
             program::LAN_INGRESS,
             program::WAN_INGRESS,
         ] {
@@ -205,7 +215,7 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("the kernel's verifier refused program {prog}"))?;
         }
-        dp.fill_lan6()?;
+        dp.fill_tail_calls()?;
         for prog in [program::HANDOFF, program::WAN_INGRESS_L3] {
             dp.tc(prog)?
                 .load()
@@ -228,7 +238,7 @@ impl Dataplane {
 
     /// The prefixes of the IPv6 bypass trie that `Pins::prepare` left in
     /// `carry` (it had less room than this layout's), copied into this
-    /// one's before `fill_lan6`: from then on the running `lan_ingress`
+    /// one's before `fill_tail_calls`: from then on the running `lan_ingress`
     /// tail-calls this data plane's `lan_ingress6`, which must not meet an
     /// empty trie. The old trie's pin goes once copied; what does not fit
     /// (nothing: the new trie is larger) the first round writes again.
@@ -276,25 +286,27 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Put the IPv6 programs into `LAN6`, where `lan_ingress` and
-    /// `lan_ingress6` tail-call them, before anything is attached. A pinned
-    /// `LAN6` held an earlier lbd's: the pinned `lan_ingress` it still runs
-    /// now reaches this one's, of the same layout.
-    fn fill_lan6(&mut self) -> Result<()> {
-        for (slot, prog) in [
-            (LAN6_SLOT, program::LAN_INGRESS6),
-            (UNREACHABLE6_SLOT, program::LAN_UNREACHABLE6),
+    /// Put the programs `lan_ingress` and `lan_ingress6` tail-call into
+    /// their program arrays (`LAN6`, `TOO_BIG`), before anything is
+    /// attached. A pinned array held an earlier lbd's: the pinned
+    /// `lan_ingress` it still runs now reaches this one's, of the same
+    /// layout.
+    fn fill_tail_calls(&mut self) -> Result<()> {
+        for (map, slot, prog) in [
+            (name::LAN6, LAN6_SLOT, program::LAN_INGRESS6),
+            (name::LAN6, UNREACHABLE6_SLOT, program::LAN_UNREACHABLE6),
+            (name::TOO_BIG, TOO_BIG_SLOT, program::LAN_TOO_BIG),
         ] {
             let fd = self.xdp(prog)?.fd()?.try_clone()?;
             let m = self
                 .ebpf
-                .map_mut(name::LAN6)
-                .with_context(|| format!("map {} missing", name::LAN6))?;
+                .map_mut(map)
+                .with_context(|| format!("map {map} missing"))?;
             let mut slots = ProgramArray::try_from(m)
-                .with_context(|| format!("map {} has an unexpected type", name::LAN6))?;
+                .with_context(|| format!("map {map} has an unexpected type"))?;
             slots
                 .set(slot, &fd, 0)
-                .with_context(|| format!("putting {prog} into {}", name::LAN6))?;
+                .with_context(|| format!("putting {prog} into {map}"))?;
         }
         Ok(())
     }

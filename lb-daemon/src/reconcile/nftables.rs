@@ -50,8 +50,13 @@ pub const TABLE: &str = "lb";
 /// The guard's counter of dropped packets.
 const LEAKED: &str = "leaked";
 /// The bits of the packet and connection marks lbd uses: which uplink a
-/// connection came in on (`mark(index)`), for 1 to 255 uplinks.
-pub const MARK_MASK: u32 = 0x00ff_0000;
+/// connection came in on (`mark(index)`), or which uplink the kernel must
+/// send a connection the data plane handed over out of, for 1 to 255
+/// uplinks.
+pub const MARK_MASK: u32 = lb_common::marks::UPLINK_MASK;
+/// The connmark bit of a connection the data plane handed to the kernel,
+/// its translation written into conntrack (`lb_common::marks`).
+pub const HANDED_MARK: u32 = lb_common::marks::HANDED;
 /// The bits of the packet and connection marks that carry a new
 /// connection's policy (its index) on the slow path: `policy_mark`.
 pub const POLICY_MASK: u32 = 0x0f00_0000;
@@ -82,7 +87,7 @@ const IPSEC_AS_IT_IS: &str = "    rt ipsec exists accept\n";
 /// The connmark and fwmark of the connections that came in on uplink
 /// `index` (within [`MARK_MASK`]).
 pub fn mark(index: usize) -> u32 {
-    ((index as u32 + 1) << MARK_MASK.trailing_zeros()) & MARK_MASK
+    lb_common::marks::uplink(index as u32)
 }
 
 /// The connmark and fwmark of the slow path's connections of policy
@@ -333,7 +338,11 @@ impl Wanted {
         ] {
             let _ = writeln!(s, "  chain {chain} {{");
             let _ = writeln!(s, "    {hook} priority {INBOUND_PRIORITY}; policy accept;");
-            let _ = writeln!(s, "    {first}ct state new jump classify");
+            // A connection the data plane handed over has its uplink.
+            let _ = writeln!(
+                s,
+                "    {first}ct state new ct mark & {HANDED_MARK:#010x} == 0 jump classify"
+            );
             for m in &marks {
                 let _ = writeln!(
                     s,
@@ -373,6 +382,17 @@ impl Wanted {
                 s,
                 "    ct direction reply ct mark & {MARK_MASK:#010x} == {mark:#010x} meta mark set meta mark & {keep:#010x} | {mark:#010x}"
             );
+            // A datagram the data plane handed over (too big for its
+            // uplink, without DF: the kernel fragments it) leaves by the
+            // flow's uplink, as its translation in conntrack says.
+            if !six {
+                let handed = HANDED_MARK | mark;
+                let _ = writeln!(
+                    s,
+                    "    ct direction original ct mark & {:#010x} == {handed:#010x} meta mark set meta mark & {keep:#010x} | {mark:#010x}",
+                    HANDED_MARK | MARK_MASK
+                );
+            }
         }
         // Connections to an uplink's own address (the router's public
         // name) from anywhere but an uplink.
@@ -790,9 +810,9 @@ policy = "default"
         .script();
         for line in [
             "meta l4proto 17 th dport { 5060, 10000-20000 } ct mark set ct mark & 0xf0ffffff | 0x01000000 return",
-            "iifname != { \"wan1\", \"wan2\" } ct state new jump classify",
+            "iifname != { \"wan1\", \"wan2\" } ct state new ct mark & 0x40000000 == 0 jump classify",
             "type route hook output priority -150; policy accept;",
-            "meta mark & 0x10000000 == 0 ct state new jump classify",
+            "meta mark & 0x10000000 == 0 ct state new ct mark & 0x40000000 == 0 jump classify",
             "ct direction original ct mark & 0x0f000000 == 0x01000000 meta mark set meta mark & 0xf0ffffff | 0x01000000",
         ] {
             assert!(script.contains(line), "{line}\n{script}");
@@ -876,6 +896,16 @@ policy = "default"
                 "ct direction reply ct mark & 0x00ff0000 == 0x00020000 meta mark set meta mark & 0xff00ffff | 0x00020000"
             ),
             "{script}"
+        );
+        // A datagram the data plane handed over leaves by its flow's
+        // uplink; IPv6 has no such hand-over (no router fragments it).
+        let handed = "ct direction original ct mark & 0x40ff0000 == 0x40020000 meta mark set meta mark & 0xff00ffff | 0x00020000";
+        assert!(script.contains(handed), "{script}");
+        assert_eq!(
+            script
+                .matches("ct direction original ct mark & 0x40ff0000")
+                .count(),
+            2
         );
     }
 
