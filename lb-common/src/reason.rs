@@ -114,8 +114,15 @@ pub const PASS_NAT_FULL: u32 = 26;
 /// be done, `PASS_TOO_BIG`: the kernel's slow path translates it.)
 pub const HANDED_TOO_BIG: u32 = 27;
 
+/// Forwarded with `XDP_REDIRECT`, then dropped by the device map because
+/// the target refused the whole flush (the device, or a veth's peer, is
+/// down: the flush's error is set). Counted by the ring watch beside
+/// `DROP_RING_FULL` and never taken for it: a queue would not help a
+/// device that takes nothing.
+pub const DROP_TARGET_DOWN: u32 = 28;
+
 /// Number of reasons.
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 29;
 /// Size of the `REASONS` map: room for reasons to come, so that adding
 /// one does not change the pinned map (nor the layout).
 pub const CAPACITY: u32 = 32;
@@ -151,6 +158,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_elsewhere",
     "pass_nat_full",
     "handed_too_big",
+    "drop_target_down",
 ];
 
 /// Whether `reason` is a drop: a path that gives up on a packet with a
@@ -166,6 +174,7 @@ pub const fn drops(reason: u32) -> bool {
             | DROP_POLICY_UNREACHABLE
             | DROP_FOREIGN_SOURCE
             | DROP_RING_FULL
+            | DROP_TARGET_DOWN
             | DROP_RESERVED_VLAN
             | DROP_BAD_NOTE
             | DROP_UNFINISHED

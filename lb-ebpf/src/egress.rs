@@ -22,7 +22,9 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TcContext, XdpContext},
 };
 use lb_common::{
-    egress::{self, note, path, Egress, Note, RingBinding, RING_ARG_DROPS, RING_ARG_TO_DEV},
+    egress::{
+        self, note, path, Egress, Note, RingBinding, RING_ARG_DROPS, RING_ARG_ERR, RING_ARG_TO_DEV,
+    },
     reason, IFINDEX_SLOTS,
 };
 
@@ -212,7 +214,9 @@ fn vlan_tag(ctx: &TcContext) -> Option<u16> {
 /// target's `RING_DROPS` entry, and counted as `drop_ring_full`, when the
 /// target is in lbd's namespace and lbd made an entry for it (a device lb
 /// sends to), and lbd is woken (`RING_EVENTS`); flushes that placed
-/// everything cost one test.
+/// everything cost one test. A flush the target refused whole (it is
+/// down) is no full ring: counted as `drop_target_down`, and lbd is not
+/// woken, since a queue would not help.
 #[inline(always)]
 pub fn watch(ctx: &RawTracePointContext) -> i32 {
     // `int drops`: the low 32 bits of its argument slot.
@@ -220,6 +224,7 @@ pub fn watch(ctx: &RawTracePointContext) -> i32 {
     if drops <= 0 {
         return 0;
     }
+    let refused = ctx.arg::<u64>(RING_ARG_ERR) as u32 as i32 != 0;
     // SAFETY: a read of a global that the loader may have rewritten.
     let at = unsafe { core::ptr::read_volatile(&RING_BINDING) };
     if at.ifindex == 0 {
@@ -239,6 +244,10 @@ pub fn watch(ctx: &RawTracePointContext) -> i32 {
         return 0;
     };
     let drops = drops as u64;
+    if refused {
+        stats::count_many(reason::DROP_TARGET_DOWN, drops);
+        return 0;
+    }
     // SAFETY: a map value; flushes on other CPUs add to it at the same
     // time, hence the atomic add (BPF's `lock xadd`: the target has no
     // `AtomicU64::fetch_add`).

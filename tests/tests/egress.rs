@@ -10,6 +10,7 @@
 //! slowest lab machine forwards.
 
 use std::{
+    io::ErrorKind,
     net::Ipv4Addr,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -596,6 +597,59 @@ fn a_device_that_loses_what_xdp_redirects_to_it_takes_lbs_queue() -> Result<()> 
         "lbd --teardown left lb's queue on wan1: {qdiscs}"
     );
     Ok(())
+}
+
+/// A LAN port whose peer went down refuses whatever `XDP_REDIRECT` sends
+/// it (a flush's error is set): that is no full ring. The client's flow
+/// is made, its end goes down, and the server goes on answering: the
+/// answers lost at lan0 are counted as `drop_target_down`, never as
+/// `drop_ring_full`, and lan0 keeps XDP, its queue unasked for.
+#[test]
+fn a_lan_port_whose_peer_is_down_is_not_taken_for_a_full_ring() -> Result<()> {
+    if !require_root("a_lan_port_whose_peer_is_down_is_not_taken_for_a_full_ring") {
+        return Ok(());
+    }
+    let mut lab = Lab::up(&LabDesc::shipped("default")?, &unique_prefix())?;
+    let leaks = LanLeaks::install(&lab)?;
+    let lbd = Lbd::start(&mut lab, &LabConfig::default().render())?;
+    wait_egress(&lbd, "lan0", "xdp")?;
+    let far = udp_socket(lab.ns("inet")?, (SERVER, 0).into())?;
+    far.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let near = udp_socket(lab.ns("client")?, (Ipv4Addr::UNSPECIFIED, 0).into())?;
+    let mut buf = [0u8; 64];
+    let mapped = wait_for_value("the client's datagram at the server", BOUND, || {
+        near.send_to(b"hello", far.local_addr()?)?;
+        match far.recv_from(&mut buf) {
+            Ok((_, from)) => Ok(Some(from)),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
+            Err(e) => Err(e).context("the server's socket"),
+        }
+    })?;
+    lab.exec("client", &["ip", "link", "set", "dev", "eth0", "down"])?;
+    let (down_before, full_before) = (
+        lbd.reason("drop_target_down")?,
+        lbd.reason("drop_ring_full")?,
+    );
+    wait_for("answers to the client lost at lan0, counted", BOUND, || {
+        for _ in 0..16 {
+            far.send_to(b"answer", mapped)?;
+        }
+        Ok(lbd.reason("drop_target_down")? > down_before)
+    })?;
+    let (down, full) = (
+        lbd.reason("drop_target_down")? - down_before,
+        lbd.reason("drop_ring_full")? - full_before,
+    );
+    eprintln!("lan0, its peer down: {down} frames refused, {full} lost to a full ring");
+    // Counted by the same program at the same moment: no race.
+    ensure!(
+        full == 0,
+        "{full} frames to a port that is down were taken for a full ring"
+    );
+    let (path, why) = egress_of(&lbd, "lan0")?.context("lan0's way out")?;
+    ensure!(path == "xdp", "lan0 took its {path}: {why}");
+    leaks.check()?;
+    lbd.stop(&mut lab)
 }
 
 /// Polls `f` until it gives a value, for at most `limit`.

@@ -17,7 +17,9 @@
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{ensure, Context, Result};
-use lb_common::egress::{RingBinding, RING_ARG_DROPS, RING_ARG_TO_DEV, RING_TRACEPOINT};
+use lb_common::egress::{
+    RingBinding, RING_ARG_DROPS, RING_ARG_ERR, RING_ARG_TO_DEV, RING_TRACEPOINT,
+};
 
 use super::btf::{Btf, VMLINUX};
 
@@ -47,8 +49,10 @@ pub fn bind_to(data: &[u8]) -> Result<RingBinding> {
     let device = |ty: u32| btf.points_to(ty, "net_device");
     let int = |ty: u32| btf.int_size(ty) == Some(4);
     ensure!(
-        is(RING_ARG_TO_DEV, "to_dev", &device) && is(RING_ARG_DROPS, "drops", &int),
-        "tracepoint {RING_TRACEPOINT} takes ({}), not to_dev and drops where lb reads them",
+        is(RING_ARG_TO_DEV, "to_dev", &device)
+            && is(RING_ARG_DROPS, "drops", &int)
+            && is(RING_ARG_ERR, "err", &int),
+        "tracepoint {RING_TRACEPOINT} takes ({}), not to_dev, drops and err where lb reads them",
         params
             .iter()
             .map(|(n, _)| n.as_str())
@@ -193,7 +197,7 @@ mod tests {
         let e = bind_to(&kernel(&old)).err().map(|e| e.to_string());
         assert!(
             e.as_deref()
-                .is_some_and(|e| e.contains("not to_dev and drops")),
+                .is_some_and(|e| e.contains("not to_dev, drops and err")),
             "{e:?}"
         );
     }
