@@ -36,16 +36,32 @@ pub const ITER_DESTROY_PLACEHOLDER: u32 = 0x6c62_0005;
 pub const CT_ALLOC_PLACEHOLDER: u32 = 0x6c62_0006;
 pub const CT_INSERT_PLACEHOLDER: u32 = 0x6c62_0007;
 pub const CT_SET_NAT_PLACEHOLDER: u32 = 0x6c62_0008;
+/// Placeholders of the kfuncs that time a connection out: a new one
+/// whose translation failed (born expired), an inserted one whose
+/// translation is no longer its flow's (expired at once).
+pub const CT_SET_TIMEOUT_PLACEHOLDER: u32 = 0x6c62_0009;
+pub const CT_CHANGE_TIMEOUT_PLACEHOLDER: u32 = 0x6c62_000a;
 
 /// The kfuncs a hand-over needs, all or none: a connection allocated but
-/// never inserted would be a reference the verifier refuses to leave
-/// held. Where one is missing, lbd binds the allocation to "found
-/// nothing" too, and the hand-over is never made.
-pub const HAND_OVER: [&str; 3] = [
+/// never inserted, or inserted and never released, would be a reference
+/// the verifier refuses to leave held. Where one is missing, lbd binds
+/// the allocation to "found nothing" too, and the hand-over is never
+/// made.
+pub const HAND_OVER: [&str; 7] = [
+    "bpf_xdp_ct_lookup",
+    "bpf_ct_release",
     "bpf_xdp_ct_alloc",
     "bpf_ct_set_nat_info",
     "bpf_ct_insert_entry",
+    "bpf_ct_set_timeout",
+    "bpf_ct_change_timeout",
 ];
+
+/// The calls that make a hand-over happen (an allocation, and the expiry
+/// of a connection whose translation is stale): bound to "found nothing"
+/// when it cannot be made, so that the data plane then leaves conntrack
+/// as it finds it.
+pub const HAND_OVER_CALLS: [u32; 2] = [CT_ALLOC_PLACEHOLDER, CT_CHANGE_TIMEOUT_PLACEHOLDER];
 
 /// `BPF_STX | BPF_MEM | BPF_W`: a 32-bit store from a register.
 pub const STORE_W_OPCODE: u8 = 0x63;
@@ -67,7 +83,7 @@ pub const REQUIRED: [&str; 3] = [
 ];
 
 /// The kfuncs the data plane calls: placeholder and the kernel's name.
-pub const ALL: [(u32, &str); 8] = [
+pub const ALL: [(u32, &str); 10] = [
     (CT_LOOKUP_PLACEHOLDER, "bpf_xdp_ct_lookup"),
     (CT_RELEASE_PLACEHOLDER, "bpf_ct_release"),
     (ITER_NEW_PLACEHOLDER, "bpf_iter_num_new"),
@@ -76,6 +92,8 @@ pub const ALL: [(u32, &str); 8] = [
     (CT_ALLOC_PLACEHOLDER, "bpf_xdp_ct_alloc"),
     (CT_INSERT_PLACEHOLDER, "bpf_ct_insert_entry"),
     (CT_SET_NAT_PLACEHOLDER, "bpf_ct_set_nat_info"),
+    (CT_SET_TIMEOUT_PLACEHOLDER, "bpf_ct_set_timeout"),
+    (CT_CHANGE_TIMEOUT_PLACEHOLDER, "bpf_ct_change_timeout"),
 ];
 
 /// The 8 bytes of a kfunc call whose immediate is `imm` (a placeholder,

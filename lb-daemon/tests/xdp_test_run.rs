@@ -2347,6 +2347,11 @@ fn a_datagram_too_big_without_df_is_handed_over_with_its_translation() {
     in_new_netns(|| {
         track_connections_here();
         let mut h = Harness::new([uplink_state::ACTIVE; 2]);
+        assert_eq!(
+            h.dp.no_hand_over(),
+            None,
+            "this kernel cannot have a datagram handed over"
+        );
         for n in 1..=2u8 {
             let info = UplinkInfo {
                 mtu: 1420,
@@ -2370,11 +2375,6 @@ fn a_datagram_too_big_without_df_is_handed_over_with_its_translation() {
             proto: 17,
             _pad: [0; 3],
         };
-        let flow = h
-            .flow_tables()
-            .get(&key)
-            .expect("read FLOWS")
-            .expect("the datagram made a flow");
         let tuple = Tuple {
             src: Ipv4Addr::from(CLIENT).into(),
             dst: Ipv4Addr::from(SERVER).into(),
@@ -2382,22 +2382,43 @@ fn a_datagram_too_big_without_df_is_handed_over_with_its_translation() {
             dst_port: 4000,
             proto: 17,
         };
-        let conn = conntrack::lookup(&tuple)
-            .expect("ask conntrack")
-            .expect("conntrack has the handed-over connection");
-        let uplink_addr = Ipv4Addr::new(100, 64, flow.uplink as u8 + 1, 2);
-        assert_eq!(conn.original, tuple);
-        assert_eq!(
-            (conn.reply.dst, conn.reply.dst_port),
-            (uplink_addr.into(), u16::from_be_bytes(flow.nat_port)),
-            "translated as the flow is: {conn:?}"
-        );
-        assert_eq!(
-            (conn.reply.src, conn.reply.src_port),
-            (tuple.dst, tuple.dst_port),
-            "its destination kept"
-        );
-        assert_eq!(conn.mark, lb_common::marks::handed(flow.uplink));
+        // Conntrack holds the connection as the flow table has the flow.
+        let as_flow = |h: &Harness| {
+            let flow = h
+                .flow_tables()
+                .get(&key)
+                .expect("read FLOWS")
+                .expect("the datagram made a flow");
+            let conn = conntrack::lookup(&tuple)
+                .expect("ask conntrack")
+                .expect("conntrack has the handed-over connection");
+            let uplink_addr = Ipv4Addr::new(100, 64, flow.uplink as u8 + 1, 2);
+            assert_eq!(conn.original, tuple);
+            assert_eq!(
+                (conn.reply.dst, conn.reply.dst_port),
+                (uplink_addr.into(), u16::from_be_bytes(flow.nat_port)),
+                "translated as the flow is: {conn:?}"
+            );
+            assert_eq!(
+                (conn.reply.src, conn.reply.src_port),
+                (tuple.dst, tuple.dst_port),
+                "its destination kept"
+            );
+            assert_eq!(conn.mark, lb_common::marks::handed(flow.uplink));
+            flow.uplink
+        };
+        let first = as_flow(&h);
+
+        // The flow's uplink goes down: the flow moves, and its next big
+        // datagram finds the connection translated for the old uplink. It
+        // is timed out and written anew, for the new one.
+        h.dp.set_uplink_state(first, uplink_state::DOWN)
+            .expect("uplink down");
+        let (verdict, _) = h.lan(&big);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(h.reason(reason::HANDED_TOO_BIG), 3);
+        let moved = as_flow(&h);
+        assert_ne!(moved, first, "the flow moved");
 
         // TCP has no such hand-over (its connection's state is the
         // kernel's to follow): the kernel's slow path has it, as before.
@@ -2410,7 +2431,7 @@ fn a_datagram_too_big_without_df_is_handed_over_with_its_translation() {
         };
         assert_eq!(h.lan(&tcp).0, XDP_PASS);
         assert_eq!(h.reason(reason::PASS_TOO_BIG), 1);
-        assert_eq!(h.reason(reason::HANDED_TOO_BIG), 2);
+        assert_eq!(h.reason(reason::HANDED_TOO_BIG), 3);
     });
 }
 

@@ -23,8 +23,9 @@
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use lb_common::kfunc::{
-    CONN_MARK_PLACEHOLDER, CT_ALLOC_PLACEHOLDER, CT_INSERT_PLACEHOLDER, CT_LOOKUP_PLACEHOLDER,
-    CT_RELEASE_PLACEHOLDER, CT_SET_NAT_PLACEHOLDER,
+    CONN_MARK_PLACEHOLDER, CT_ALLOC_PLACEHOLDER, CT_CHANGE_TIMEOUT_PLACEHOLDER,
+    CT_INSERT_PLACEHOLDER, CT_LOOKUP_PLACEHOLDER, CT_RELEASE_PLACEHOLDER, CT_SET_NAT_PLACEHOLDER,
+    CT_SET_TIMEOUT_PLACEHOLDER,
 };
 
 use crate::{kfunc, parse::IPPROTO_UDP};
@@ -140,6 +141,18 @@ pub fn tracks6(
 /// the kernel the family), releasing what it finds at once.
 #[inline(always)]
 fn look_up<T>(ctx: &XdpContext, proto: u8, tuple: &T) -> bool {
+    let conn = find(ctx, proto, tuple);
+    if conn == 0 {
+        return false;
+    }
+    kfunc::call!(CT_RELEASE_PLACEHOLDER, conn);
+    true
+}
+
+/// The connection conntrack holds for `tuple`, held (the caller releases
+/// it), or 0.
+#[inline(always)]
+fn find<T>(ctx: &XdpContext, proto: u8, tuple: &T) -> u64 {
     let mut opts = CtOpts {
         netns_id: CURRENT_NETNS,
         error: 0,
@@ -147,19 +160,14 @@ fn look_up<T>(ctx: &XdpContext, proto: u8, tuple: &T) -> bool {
         dir: 0,
         reserved: [0; 2],
     };
-    let conn = kfunc::call!(
+    kfunc::call!(
         CT_LOOKUP_PLACEHOLDER,
         ctx.ctx as u64,
         tuple as *const T as u64,
         core::mem::size_of::<T>() as u64,
         &mut opts as *mut CtOpts as u64,
         core::mem::size_of::<CtOpts>() as u64,
-    );
-    if conn == 0 {
-        return false;
-    }
-    kfunc::call!(CT_RELEASE_PLACEHOLDER, conn);
-    true
+    )
 }
 
 /// One UDP datagram's connection, for [`hand_over`]: the client's end
@@ -175,21 +183,49 @@ pub struct Handed {
     pub nat_port: [u8; 2],
 }
 
-/// Write `conn`'s connection into conntrack as a new one, its source
-/// translated to the fast path's `nat_addr:nat_port` (and its destination
-/// kept: no rule of the kernel's is asked for it), with connmark `mark`
-/// (`lb_common::marks::handed`). Whether it is there now, translated:
-/// `false` when conntrack already had it (the kernel translates it as it
-/// did) or could not take it. A BPF function of its own: its tuple, options
-/// and addresses take a frame of their own.
+/// See that conntrack translates `conn`'s connection as the fast path
+/// translates its flow: source `nat_addr:nat_port` (and its destination
+/// kept: no rule of the kernel's is asked for it), connmark `mark`
+/// (`lb_common::marks::handed`). A connection conntrack already has is
+/// kept if it is translated so (an earlier datagram of the flow handed
+/// it over), and timed out at once if not (the flow moved since, or the
+/// kernel translated a datagram of it itself): its next lookup lets go
+/// of it, and this one's writes the connection anew. Whether conntrack
+/// now translates it as the flow: `false` when it could not be made so,
+/// and the kernel has the datagram as it would without lb. A BPF function
+/// of its own: its tuples, options and addresses take a frame of their
+/// own.
 #[inline(never)]
 pub fn hand_over(ctx: *mut xdp_md, conn: &Handed, mark: u32) -> bool {
-    let tuple = SockTupleV4 {
+    let xdp = XdpContext::new(ctx);
+    let original = SockTupleV4 {
         saddr: conn.src,
         daddr: conn.dst,
         sport: conn.sport,
         dport: conn.dport,
     };
+    let existing = find(&xdp, IPPROTO_UDP, &original);
+    if existing != 0 {
+        // Translated as the flow is, its replies come to the flow's
+        // address and port.
+        let current = tracks(
+            &xdp,
+            IPPROTO_UDP,
+            conn.dst,
+            conn.nat_addr,
+            conn.dport,
+            conn.nat_port,
+        );
+        if !current {
+            kfunc::call!(CT_CHANGE_TIMEOUT_PLACEHOLDER, existing, 0);
+        }
+        kfunc::call!(CT_RELEASE_PLACEHOLDER, existing);
+        // Still there after a lookup, which lets go of an expired one: in
+        // use elsewhere this moment (or lbd left the hand-over off).
+        if current || look_up(&xdp, IPPROTO_UDP, &original) {
+            return current;
+        }
+    }
     let mut opts = CtOpts {
         netns_id: CURRENT_NETNS,
         error: 0,
@@ -200,7 +236,7 @@ pub fn hand_over(ctx: *mut xdp_md, conn: &Handed, mark: u32) -> bool {
     let new = kfunc::call!(
         CT_ALLOC_PLACEHOLDER,
         ctx as u64,
-        &tuple as *const SockTupleV4 as u64,
+        &original as *const SockTupleV4 as u64,
         core::mem::size_of::<SockTupleV4>() as u64,
         &mut opts as *mut CtOpts as u64,
         core::mem::size_of::<CtOpts>() as u64,
@@ -224,12 +260,16 @@ pub fn hand_over(ctx: *mut xdp_md, conn: &Handed, mark: u32) -> bool {
         u64::from(u16::from_be_bytes(conn.dport)),
         NAT_MANIP_DST,
     ) == 0;
-    // Untranslated, it must not be routed as the flow's either: the
-    // kernel's own NAT and routing take it, as without a hand-over.
     if translated && kept {
         set_mark(new, mark);
+    } else {
+        // An allocated connection is only ever let go of by inserting it;
+        // inserted, conntrack never translates it afresh (it counts as
+        // translated once inserted). So it is born expired: its first
+        // lookup lets go of it, and the kernel's own NAT and routing take
+        // the datagram, as without a hand-over.
+        kfunc::call!(CT_SET_TIMEOUT_PLACEHOLDER, new, 0);
     }
-    // An allocated connection is only ever let go of by inserting it.
     let inserted = kfunc::call!(CT_INSERT_PLACEHOLDER, new);
     if inserted == 0 {
         return false;

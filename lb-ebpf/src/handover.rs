@@ -70,11 +70,6 @@ fn hand_over(ctx: &XdpContext) -> Result<(), u32> {
     if !uplink_state::keeps_flows(info.state) || epoch != info.epoch as u8 {
         return Err(reason::PASS_TOO_BIG);
     }
-    // An earlier datagram of the flow handed it over already: conntrack
-    // translates this one as it did that one.
-    if conntrack::tracks(ctx, IPPROTO_UDP, src, dst, sport, dport) {
-        return Ok(());
-    }
     let conn = Handed {
         src,
         dst,

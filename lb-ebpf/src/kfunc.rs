@@ -6,14 +6,18 @@
 //! kernel's id before loading, or with `r0 = 0` ("found nothing") on a
 //! kernel without the function.
 
-/// Call the kfunc of `placeholder` with its one, three, four or five
-/// arguments; evaluates to its return value (`r0`). The other argument
+/// Call the kfunc of `placeholder` with its one to five arguments; evaluates to its return value (`r0`). The other argument
 /// registers are only clobbered, never set: the verifier's view of a loop
 /// around the call stays the smallest it can be.
 macro_rules! call {
     ($placeholder:path, $r1:expr $(,)?) => {
         $crate::kfunc::call!(@asm $placeholder;
             inlateout("r1") $r1 => _, lateout("r2") _, lateout("r3") _,
+            lateout("r4") _, lateout("r5") _)
+    };
+    ($placeholder:path, $r1:expr, $r2:expr $(,)?) => {
+        $crate::kfunc::call!(@asm $placeholder;
+            inlateout("r1") $r1 => _, inlateout("r2") $r2 => _, lateout("r3") _,
             lateout("r4") _, lateout("r5") _)
     };
     ($placeholder:path, $r1:expr, $r2:expr, $r3:expr $(,)?) => {

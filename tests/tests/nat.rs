@@ -684,6 +684,12 @@ fn a_datagram_too_big_without_df_leaves_as_its_flow_does() -> Result<()> {
         )?;
     }
     let lbd = Lbd::start(&mut lab, &config(&BOTH, &["lan0"]))?;
+    let status = lbd.status()?;
+    ensure!(
+        status["no_hand_over"].is_null(),
+        "lbd cannot hand a datagram over on this kernel: {}",
+        status["no_hand_over"]
+    );
     let peer = UdpPeerServer::start(lab.ns("inet")?, server(ECHO_PORT))?;
     let client = lab.ns("client")?.to_owned();
     let mut sources = std::collections::BTreeSet::new();

@@ -554,6 +554,13 @@ fn print_status(s: &Status) {
     if let Some(why) = &s.no_ring_watch {
         println!("ring watch: none ({why}): a full ring drops what XDP_REDIRECT sends it");
     }
+    if let Some(why) = &s.no_hand_over {
+        println!(
+            "too-big datagrams: not handed over ({why}): a UDP datagram too big for its uplink \
+             without DF leaves translated by the kernel's slow path, from another port than its \
+             flow's"
+        );
+    }
     if !s.kernel_destinations.is_empty() {
         println!("left to the kernel: {}", s.kernel_destinations.join(" "));
     }

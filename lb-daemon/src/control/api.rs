@@ -157,6 +157,11 @@ pub struct Status {
     /// devices then keep the path their qdiscs decide, full ring or not.
     #[serde(default)]
     pub no_ring_watch: Option<String>,
+    /// Why a UDP datagram too big for its uplink without DF is not handed
+    /// to the kernel with its flow's translation (`handed_too_big`), if
+    /// it is not: the kernel's slow path then translates it.
+    #[serde(default)]
+    pub no_hand_over: Option<String>,
     /// Reconciler rounds since lbd started.
     #[serde(default)]
     pub rounds: u64,

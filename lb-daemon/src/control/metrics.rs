@@ -615,6 +615,7 @@ mod tests {
             policies: Vec::new(),
             lan_prefix6: lan_prefix6.map(str::to_string),
             no_ring_watch: None,
+            no_hand_over: None,
         }
     }
 

@@ -66,8 +66,9 @@ impl Daemon {
                     _ if handed => format!(
                         "a flow of the fast path from {}:{} to {}:{}, handed to the kernel with \
                          its translation when one of its datagrams was too big for {} without \
-                         DF: the kernel fragments and translates it as the fast path did, and \
-                         sends it out of that uplink",
+                         DF: the kernel fragments and translates what reaches it (that datagram, \
+                         or the whole flow once the flow table has let go of it) as the fast \
+                         path did, and sends it out of that uplink",
                         o.src,
                         o.src_port,
                         o.dst,

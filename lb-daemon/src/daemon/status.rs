@@ -225,6 +225,7 @@ impl Daemon {
             policies: self.policy_status()?,
             lan_prefix6: self.ipv6.lan().map(|(p, l)| format!("{p}/{l}")),
             no_ring_watch: self.dataplane.ring_watch().err().map(str::to_owned),
+            no_hand_over: self.dataplane.no_hand_over().map(str::to_owned),
         };
         Ok(StatusDraft {
             status,

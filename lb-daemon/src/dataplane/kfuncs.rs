@@ -14,7 +14,7 @@
 
 use anyhow::{Context, Result};
 use aya_obj::btf::{Btf as KernelBtf, BtfKind};
-use lb_common::kfunc::{self, Binding, CONN_MARK_PLACEHOLDER, CT_ALLOC_PLACEHOLDER, HAND_OVER};
+use lb_common::kfunc::{self, Binding, CONN_MARK_PLACEHOLDER, HAND_OVER, HAND_OVER_CALLS};
 
 use super::btf::{Btf, VMLINUX};
 
@@ -84,13 +84,14 @@ pub fn bind(object: &[u8]) -> Result<Bound> {
 
 /// Rewrite `object`'s placeholders as `bindings` say, and the hand-over's
 /// store into `mark` to `mark` (its offset). Without it, the store does
-/// nothing and the hand-over's allocation finds nothing, whatever its
-/// binding: the hand-over is never made (and an allocated connection
+/// nothing and the calls that make a hand-over (`HAND_OVER_CALLS`) find
+/// nothing, whatever their bindings: the hand-over is never made, and
+/// conntrack is left as the data plane finds it (an allocated connection
 /// left uninserted would be refused by the verifier).
 fn apply(object: &mut [u8], bindings: &[(u32, &str, Binding)], mark: Option<u16>) -> Result<()> {
     for &(placeholder, name, binding) in bindings {
         let binding = match mark {
-            None if placeholder == CT_ALLOC_PLACEHOLDER => Binding::Absent,
+            None if HAND_OVER_CALLS.contains(&placeholder) => Binding::Absent,
             _ => binding,
         };
         let calls = kfunc::bind(object, placeholder, binding);
@@ -99,7 +100,11 @@ fn apply(object: &mut [u8], bindings: &[(u32, &str, Binding)], mark: Option<u16>
             "the XDP object has no call of {name} to bind (was it built from this source?)"
         );
     }
-    kfunc::bind_store(object, CONN_MARK_PLACEHOLDER, mark);
+    anyhow::ensure!(
+        kfunc::bind_store(object, CONN_MARK_PLACEHOLDER, mark) > 0,
+        "the XDP object has no store into a connection's mark to bind (was it built from this \
+         source?)"
+    );
     Ok(())
 }
 
@@ -153,17 +158,31 @@ mod tests {
 
     #[test]
     fn without_the_marks_offset_the_hand_over_is_never_made() {
+        use lb_common::kfunc::{CT_ALLOC_PLACEHOLDER, CT_LOOKUP_PLACEHOLDER};
+        let lookup = kfunc::kfunc_call(CT_LOOKUP_PLACEHOLDER);
         let alloc = kfunc::kfunc_call(CT_ALLOC_PLACEHOLDER);
         let store = [kfunc::STORE_W_OPCODE, 0x16, 0x62, 0x6c, 0, 0, 0, 0];
-        let bindings = [(CT_ALLOC_PLACEHOLDER, "bpf_xdp_ct_alloc", Binding::Kernel(7))];
-        let mut object = [alloc, store].concat();
+        let bindings = [
+            (
+                CT_LOOKUP_PLACEHOLDER,
+                "bpf_xdp_ct_lookup",
+                Binding::Kernel(6),
+            ),
+            (CT_ALLOC_PLACEHOLDER, "bpf_xdp_ct_alloc", Binding::Kernel(7)),
+        ];
+        let mut object = [lookup, alloc, store].concat();
         apply(&mut object, &bindings, Some(136)).expect("bound");
-        assert_eq!(object[..8], kfunc::kfunc_call(7));
-        assert_eq!(object[8..], [0x63, 0x16, 136, 0, 0, 0, 0, 0]);
-        let mut object = [alloc, store].concat();
+        assert_eq!(object[8..16], kfunc::kfunc_call(7));
+        assert_eq!(object[16..], [0x63, 0x16, 136, 0, 0, 0, 0, 0]);
+        let mut object = [lookup, alloc, store].concat();
         apply(&mut object, &bindings, None).expect("bound");
-        // `r0 = 0`: the allocation finds nothing; the store does nothing.
-        assert_eq!(object[..8], [0xb7, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(object[8..], [0x05, 0, 0, 0, 0, 0, 0, 0]);
+        // The lookup is still asked; `r0 = 0`: the allocation finds
+        // nothing; the store does nothing.
+        assert_eq!(object[..8], kfunc::kfunc_call(6));
+        assert_eq!(object[8..16], [0xb7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(object[16..], [0x05, 0, 0, 0, 0, 0, 0, 0]);
+        // An object without the store was not built from this source.
+        let mut object = [lookup, alloc].concat();
+        assert!(apply(&mut object, &bindings, None).is_err());
     }
 }

@@ -133,6 +133,9 @@ pub struct Dataplane {
     pins: Option<Pins>,
     /// The ring watch (see `ringwatch`): loaded (`Ok`), or why not.
     ring_watch: std::result::Result<bool, String>,
+    /// Why a UDP datagram too big for its uplink without DF cannot be
+    /// handed to the kernel with its flow's translation, if it cannot.
+    no_hand_over: Option<String>,
 }
 
 impl Dataplane {
@@ -188,7 +191,8 @@ impl Dataplane {
             log::warn!(
                 "{why}: a UDP datagram too big for its uplink without DF is fragmented and \
                  translated by the kernel's slow path, from another port than its flow's (Linux \
-                 6.1 and later, with CONFIG_NF_CONNTRACK_MARK, have what the fast path needs)"
+                 6.1 and later have what the fast path needs, with conntrack, its NAT and \
+                 CONFIG_NF_CONNTRACK_MARK built in: lbd finds the kfuncs in vmlinux's BTF only)"
             );
         }
         let ebpf = loader
@@ -200,6 +204,7 @@ impl Dataplane {
             settings: Settings::default(),
             pins: pins.cloned(),
             ring_watch: binding.map(|_| false).map_err(|e| format!("{e:#}")),
+            no_hand_over: bound.no_hand_over.clone(),
         };
         if let Some(pins) = pins {
             dp.copy_small_bypass6(pins)?;
@@ -354,6 +359,13 @@ impl Dataplane {
     }
 
     /// Whether the ring watch is attached (counting), or why not.
+    /// Why a UDP datagram too big for its uplink without DF is not handed
+    /// to the kernel with its flow's translation here, if it is not (see
+    /// `kfuncs`).
+    pub fn no_hand_over(&self) -> Option<&str> {
+        self.no_hand_over.as_deref()
+    }
+
     pub fn ring_watch(&self) -> std::result::Result<bool, &str> {
         self.ring_watch.as_ref().copied().map_err(String::as_str)
     }

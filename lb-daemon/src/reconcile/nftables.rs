@@ -18,7 +18,10 @@
 //!   server) is counted and marked with its uplink in conntrack (connmark);
 //!   the packets of its reply direction carry that mark, and lbd's rule
 //!   `fwmark` (see `kernel`) routes them out of the uplink they came in
-//!   on, whatever the main table says.
+//!   on, whatever the main table says. A connection the data plane handed
+//!   over (a UDP datagram too big for its uplink without DF, its
+//!   translation written into conntrack: [`HANDED_MARK`]) is routed the
+//!   same way out of its flow's uplink, and never classified by policy.
 //!
 //! Built whole from [`Wanted`] as an `nft -f` script (the syntax operators
 //! know), replaced in one transaction when it changes, deleted when lbd is

@@ -3,7 +3,9 @@
 //! to it (mwan3's approach: probes and the router's own sockets bound to an
 //! uplink leave through it however many default routes main has), and a
 //! rule `fwmark <uplink's mark>` to it for the replies of connections that
-//! came in on that uplink (marked by lbd's nftables table); then the slow
+//! came in on that uplink, and for the datagrams the data plane handed to
+//! the kernel to fragment with that uplink's translation (both marked by
+//! lbd's nftables table); then the slow
 //! path's rules: the main table without default routes first, then the
 //! tunnels' own packets (a WireGuard uplink's, by its listen port) to the
 //! table of the best uplink that is no tunnel, then what the LAN sends
