@@ -244,22 +244,8 @@ pub fn hand_over(ctx: *mut xdp_md, conn: &Handed, mark: u32) -> bool {
     if new == 0 {
         return false;
     }
-    let source = InetAddr::v4(conn.nat_addr);
-    let translated = kfunc::call!(
-        CT_SET_NAT_PLACEHOLDER,
-        new,
-        &source as *const InetAddr as u64,
-        u64::from(u16::from_be_bytes(conn.nat_port)),
-        NAT_MANIP_SRC,
-    ) == 0;
-    let destination = InetAddr::v4(conn.dst);
-    let kept = kfunc::call!(
-        CT_SET_NAT_PLACEHOLDER,
-        new,
-        &destination as *const InetAddr as u64,
-        u64::from(u16::from_be_bytes(conn.dport)),
-        NAT_MANIP_DST,
-    ) == 0;
+    let translated = set_nat(new, conn.nat_addr, conn.nat_port, NAT_MANIP_SRC);
+    let kept = set_nat(new, conn.dst, conn.dport, NAT_MANIP_DST);
     if translated && kept {
         set_mark(new, mark);
     } else {
@@ -276,6 +262,20 @@ pub fn hand_over(ctx: *mut xdp_md, conn: &Handed, mark: u32) -> bool {
     }
     kfunc::call!(CT_RELEASE_PLACEHOLDER, inserted);
     translated && kept
+}
+
+/// Translate end `manip` of the new connection `new` to `addr:port`
+/// (network order): whether conntrack took it.
+#[inline(always)]
+fn set_nat(new: u64, addr: [u8; 4], port: [u8; 2], manip: u64) -> bool {
+    let addr = InetAddr::v4(addr);
+    kfunc::call!(
+        CT_SET_NAT_PLACEHOLDER,
+        new,
+        &addr as *const InetAddr as u64,
+        u64::from(u16::from_be_bytes(port)),
+        manip,
+    ) == 0
 }
 
 /// `conn->mark = mark` on a connection not yet inserted: the only member

@@ -184,26 +184,8 @@ pub struct UdpEchoServer {
 impl UdpEchoServer {
     /// Binds `addr` (port 0 picks one) in namespace `ns`.
     pub fn start(ns: &str, addr: SocketAddr) -> Result<UdpEchoServer> {
-        let socket = in_netns(ns, || {
-            UdpSocket::bind(addr)
-                .with_context(|| format!("UDP echo server: binding {addr} in {ns}"))
-        })?;
-        socket.set_read_timeout(Some(TICK))?;
-        let addr = socket.local_addr()?;
-        let thread = Stopper::start(move |stop| {
-            let mut buf = [0u8; 64 * 1024];
-            while !stop.load(Ordering::Relaxed) {
-                match socket.recv_from(&mut buf) {
-                    Ok((n, peer)) => {
-                        if let Err(e) = socket.send_to(&buf[..n], peer) {
-                            eprintln!("UDP echo server: replying to {peer}: {e}");
-                        }
-                    }
-                    Err(e) if is_timeout(&e) => {}
-                    Err(e) => eprintln!("UDP echo server: receive failed: {e}"),
-                }
-            }
-        });
+        let (addr, thread) =
+            serve_udp(ns, addr, "UDP echo server", |datagram, _| datagram.to_vec())?;
         Ok(UdpEchoServer {
             addr,
             _thread: thread,
@@ -213,6 +195,37 @@ impl UdpEchoServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
+}
+
+/// A UDP server on `addr` in namespace `ns` (`what`, for its messages),
+/// on a thread of its own until the `Stopper` is dropped: each datagram
+/// gets `answer(datagram, sender)` back. Its address (the port picked).
+fn serve_udp(
+    ns: &str,
+    addr: SocketAddr,
+    what: &'static str,
+    answer: impl Fn(&[u8], SocketAddr) -> Vec<u8> + Send + 'static,
+) -> Result<(SocketAddr, Stopper)> {
+    let socket = in_netns(ns, || {
+        UdpSocket::bind(addr).with_context(|| format!("{what}: binding {addr} in {ns}"))
+    })?;
+    socket.set_read_timeout(Some(TICK))?;
+    let addr = socket.local_addr()?;
+    let thread = Stopper::start(move |stop| {
+        let mut buf = [0u8; 64 * 1024];
+        while !stop.load(Ordering::Relaxed) {
+            match socket.recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    if let Err(e) = socket.send_to(&answer(&buf[..n], peer), peer) {
+                        eprintln!("{what}: replying to {peer}: {e}");
+                    }
+                }
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => eprintln!("{what}: receive failed: {e}"),
+            }
+        }
+    });
+    Ok((addr, thread))
 }
 
 /// Answers every UDP datagram with what it saw of it: its length and the
@@ -227,26 +240,9 @@ pub struct UdpPeerServer {
 impl UdpPeerServer {
     /// Binds `addr` (port 0 picks one) in namespace `ns`.
     pub fn start(ns: &str, addr: SocketAddr) -> Result<UdpPeerServer> {
-        let socket = in_netns(ns, || {
-            UdpSocket::bind(addr)
-                .with_context(|| format!("UDP peer server: binding {addr} in {ns}"))
+        let (addr, thread) = serve_udp(ns, addr, "UDP peer server", |datagram, peer| {
+            format!("{} {peer}", datagram.len()).into_bytes()
         })?;
-        socket.set_read_timeout(Some(TICK))?;
-        let addr = socket.local_addr()?;
-        let thread = Stopper::start(move |stop| {
-            let mut buf = [0u8; 64 * 1024];
-            while !stop.load(Ordering::Relaxed) {
-                match socket.recv_from(&mut buf) {
-                    Ok((n, peer)) => {
-                        if let Err(e) = socket.send_to(format!("{n} {peer}").as_bytes(), peer) {
-                            eprintln!("UDP peer server: replying to {peer}: {e}");
-                        }
-                    }
-                    Err(e) if is_timeout(&e) => {}
-                    Err(e) => eprintln!("UDP peer server: receive failed: {e}"),
-                }
-            }
-        });
         Ok(UdpPeerServer {
             addr,
             _thread: thread,
