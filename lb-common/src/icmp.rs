@@ -102,6 +102,10 @@ const ICMPV6_DEST_UNREACH: u8 = 1;
 const CODE6_ADDR_UNREACH: u8 = 3;
 const IPPROTO_ICMPV6: u8 = 58;
 
+/// ICMPv6 "Packet Too Big" (RFC 4443 3.2): its MTU in the four bytes
+/// after the checksum.
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+
 /// The IPv6 and ICMPv6 headers of an "address unreachable" from `from`
 /// to `to` (the quoted packet's source), for a quote whose ones'-
 /// complement sum ([`csum::sum`] of its bytes) is `quote_sum`. Checksum
@@ -110,6 +114,46 @@ const IPPROTO_ICMPV6: u8 = 58;
 /// not fit beside the rest).
 #[inline(always)]
 pub fn address_unreachable6(quote_sum: u32, to: [u8; 16], from: [u8; 16]) -> [u8; HEADERS6_LEN] {
+    error6(
+        ICMPV6_DEST_UNREACH,
+        CODE6_ADDR_UNREACH,
+        [0; 4],
+        quote_sum,
+        to,
+        from,
+    )
+}
+
+/// As [`address_unreachable6`], a "Packet Too Big" that tells `to` the
+/// path's `mtu`: an IPv6 router never fragments, it says this instead.
+#[inline(always)]
+pub fn packet_too_big6(
+    quote_sum: u32,
+    to: [u8; 16],
+    from: [u8; 16],
+    mtu: u32,
+) -> [u8; HEADERS6_LEN] {
+    error6(
+        ICMPV6_PACKET_TOO_BIG,
+        0,
+        mtu.to_be_bytes(),
+        quote_sum,
+        to,
+        from,
+    )
+}
+
+/// The headers of an ICMPv6 error of `kind` and `code`, whose four bytes
+/// after the checksum are `rest`; see [`address_unreachable6`].
+#[inline(always)]
+fn error6(
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote_sum: u32,
+    to: [u8; 16],
+    from: [u8; 16],
+) -> [u8; HEADERS6_LEN] {
     let mut out = [0u8; HEADERS6_LEN];
     let payload = (ICMP_HDR_LEN + QUOTED6_LEN) as u16;
     out[0] = 0x60;
@@ -118,8 +162,9 @@ pub fn address_unreachable6(quote_sum: u32, to: [u8; 16], from: [u8; 16]) -> [u8
     out[7] = TTL;
     out[8..24].copy_from_slice(&from);
     out[24..40].copy_from_slice(&to);
-    out[IPV6_HDR_LEN] = ICMPV6_DEST_UNREACH;
-    out[IPV6_HDR_LEN + 1] = CODE6_ADDR_UNREACH;
+    out[IPV6_HDR_LEN] = kind;
+    out[IPV6_HDR_LEN + 1] = code;
+    out[IPV6_HDR_LEN + 4..IPV6_HDR_LEN + 8].copy_from_slice(&rest);
     // The pseudo-header (both addresses, the length, the next header),
     // the ICMPv6 header, the quote.
     let pseudo = csum::sum(&out[8..40], u32::from(payload) + u32::from(IPPROTO_ICMPV6));
@@ -158,6 +203,30 @@ mod tests {
         assert_eq!((h[40], h[41]), (1, 3), "destination unreachable, address");
         // Verified as a receiver does, written out here: the pseudo-header
         // (source, destination, length, next header) then the message.
+        let mut whole = [0u8; 32 + 8 + ICMP_HDR_LEN + QUOTED6_LEN];
+        whole[..32].copy_from_slice(&h[8..40]);
+        whole[32..36].copy_from_slice(&56u32.to_be_bytes());
+        whole[39] = 58;
+        whole[40..48].copy_from_slice(&h[IPV6_HDR_LEN..]);
+        whole[48..].copy_from_slice(&quoted);
+        assert!(csum::verifies(&whole, 0), "ICMPv6 checksum");
+    }
+
+    #[test]
+    fn a_packet_too_big_says_the_mtu_and_verifies() {
+        let mut quoted = [0u8; QUOTED6_LEN];
+        quoted[0] = 0x60;
+        quoted[6] = 17;
+        let client = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let server = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
+        ];
+        quoted[8..24].copy_from_slice(&client);
+        quoted[24..40].copy_from_slice(&server);
+        let h = packet_too_big6(csum::sum(&quoted, 0), client, server, 1492);
+        assert_eq!((h[40], h[41]), (2, 0), "packet too big");
+        assert_eq!(u32::from_be_bytes([h[44], h[45], h[46], h[47]]), 1492);
+        assert_eq!(&h[24..40], &client, "to the client");
         let mut whole = [0u8; 32 + 8 + ICMP_HDR_LEN + QUOTED6_LEN];
         whole[..32].copy_from_slice(&h[8..40]);
         whole[32..36].copy_from_slice(&56u32.to_be_bytes());

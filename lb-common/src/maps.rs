@@ -69,9 +69,11 @@ pub mod name {
     /// created when absent changes nothing an older one holds, and a port
     /// without an entry is served as before.
     pub const ROUTER_MACS: &str = "ROUTER_MACS";
-    /// The program `lan_ingress` tail-calls for a UDP datagram too big
-    /// for its uplink without DF ([`super::TOO_BIG_SLOT`]). Pinned as
-    /// `LAN6` is; came without a layout bump, as `ROUTER_MACS` did.
+    /// The programs `lan_ingress` and `lan_ingress6` tail-call for a
+    /// packet too big for its uplink: a UDP datagram without DF
+    /// ([`super::TOO_BIG_SLOT`]), an IPv6 packet
+    /// ([`super::TOO_BIG6_SLOT`]). Pinned as `LAN6` is; came without a
+    /// layout bump, as `ROUTER_MACS` did.
     pub const TOO_BIG: &str = "TOO_BIG";
 
     /// Every map, for pinning them all.
@@ -154,9 +156,11 @@ pub const LAN6_SLOT: u32 = 0;
 pub const UNREACHABLE6_SLOT: u32 = 1;
 pub const LAN6_SLOTS: u32 = 2;
 
-/// `TOO_BIG`'s one slot: `lan_too_big`, which `lan_ingress` tail-calls.
+/// `TOO_BIG`'s slots: `lan_too_big`, which `lan_ingress` tail-calls, and
+/// `lan_too_big6`, which `lan_ingress6` tail-calls.
 pub const TOO_BIG_SLOT: u32 = 0;
-pub const TOO_BIG_SLOTS: u32 = 1;
+pub const TOO_BIG6_SLOT: u32 = 1;
+pub const TOO_BIG_SLOTS: u32 = 2;
 
 /// Program names in the XDP object.
 pub mod program {
@@ -172,6 +176,10 @@ pub mod program {
     /// uplink without DF, which `lan_ingress` tail-calls (`TOO_BIG`);
     /// never attached itself.
     pub const LAN_TOO_BIG: &str = "lan_too_big";
+    /// The ICMPv6 "Packet Too Big" for a packet too big for its flow's
+    /// uplink, which `lan_ingress6` tail-calls (`TOO_BIG`); never attached
+    /// itself.
+    pub const LAN_TOO_BIG6: &str = "lan_too_big6";
     /// The tc program that sends what the XDP programs hand over through
     /// the target device's qdisc (see `crate::egress`).
     pub const HANDOFF: &str = "handoff";

@@ -35,9 +35,9 @@ pub const DROP_REDIRECT_FAILED: u32 = 9;
 pub const PASS_NO_MAPPING: u32 = 10;
 /// Larger than the uplink's MTU: without DF, for the kernel to fragment
 /// and translate itself, where it cannot be handed over
-/// (`HANDED_TOO_BIG`); with DF where the data plane cannot answer itself (an IPv6 packet, a
-/// tagged frame, IPv4 options), for the kernel to answer with ICMP
-/// "fragmentation needed" (or Packet Too Big).
+/// (`HANDED_TOO_BIG`); with DF (or IPv6) where the data plane cannot
+/// answer itself (a tagged frame, IPv4 options), for the kernel to answer
+/// with ICMP "fragmentation needed" (or Packet Too Big).
 pub const PASS_TOO_BIG: u32 = 11;
 /// Larger than the uplink's MTU without DF: XDP cannot fragment. No
 /// longer dropped (the kernel fragments it: `HANDED_TOO_BIG`); kept so
@@ -62,8 +62,9 @@ pub const DROP_POLICY_UNREACHABLE: u32 = 17;
 /// sent out with an address the ISP would not route back.
 pub const DROP_FOREIGN_SOURCE: u32 = 18;
 
-/// Larger than the uplink's MTU with DF set: the client was sent ICMP
-/// "fragmentation needed" with the uplink's MTU (path MTU discovery).
+/// Larger than the uplink's MTU with DF set (any IPv6 packet): the client
+/// was sent ICMP "fragmentation needed" (ICMPv6 "Packet Too Big") with
+/// the uplink's MTU (path MTU discovery).
 pub const TOLD_TOO_BIG: u32 = 19;
 
 /// Forwarded with `XDP_REDIRECT`, then dropped by the device map because

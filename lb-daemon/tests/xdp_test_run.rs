@@ -2590,6 +2590,57 @@ fn out6_via(h: &mut Harness, n: u8, make: impl Fn(u16) -> Vec<u8>) -> (Vec<u8>, 
     panic!("no IPv6 flow landed on uplink {n}");
 }
 
+/// An IPv6 packet too big for its flow's uplink is answered at once with
+/// ICMPv6 "Packet Too Big" and that uplink's MTU, out of the port it came
+/// in on (IPv6 routers never fragment): the kernel would route it by its
+/// own rules, maybe out of the other uplink, and never tell the client.
+#[test]
+fn an_ipv6_packet_too_big_for_its_uplink_is_answered_packet_too_big() {
+    if !is_root() {
+        return;
+    }
+    let mut h = harness6();
+    for n in 1..=2u8 {
+        let info = UplinkInfo {
+            mtu: 1400,
+            ..uplink_info(n, uplink_state::ACTIVE)
+        };
+        h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
+    }
+    let sized = |port: u16, len: usize| {
+        build(
+            PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+                .ipv6(CLIENT6, SERVER6, 64)
+                .udp(port, 443),
+            &vec![0x5a; len - 48],
+        )
+    };
+    // Fits (1400 bytes of IPv6): forwarded.
+    let (verdict, out) = h.lan(&sized(7300, 1400));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_ne!(out[0..6], CLIENT_MAC, "forwarded, not answered");
+
+    let big = sized(7300, 1500);
+    let (verdict, out) = h.lan(&big);
+    assert_eq!(verdict, XDP_REDIRECT, "answered at once, out of its port");
+    assert_eq!(h.reason(reason::TOLD_TOO_BIG), 1);
+    assert_eq!(h.reason(reason::PASS_TOO_BIG), 0);
+    assert_eq!(out[0..6], CLIENT_MAC, "back to the client");
+    assert_eq!(out[6..12], ROUTER_LAN_MAC);
+    assert_eq!(out[12..14], [0x86, 0xdd]);
+    assert_eq!(out[20], 58, "ICMPv6");
+    assert_eq!(addr6(&out, 38), CLIENT6, "to the client");
+    assert_eq!(addr6(&out, 22), SERVER6, "from where it was going");
+    assert_eq!((out[54], out[55]), (2, 0), "Packet Too Big");
+    assert_eq!(
+        u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
+        1400
+    );
+    assert_eq!(&out[62..110], &big[14..62], "the packet's start, quoted");
+    assert_eq!(out.len(), 110, "headers and a 48-byte quote");
+    assert!(l4_checksum_ok6(&out), "ICMPv6 checksum valid");
+}
+
 #[test]
 fn ipv6_flows_spread_and_leave_translated_by_the_other_uplink() {
     if !is_root() {

@@ -1,12 +1,13 @@
 //! ICMP errors the data plane sends a client itself, back out of the LAN
 //! port its packet came in on: "host unreachable" for a new
 //! flow its policy refuses, "fragmentation needed" for a packet with DF
-//! set that is too big for its uplink. The headers come from
+//! set that is too big for its uplink (for IPv6, "Packet Too Big"). The headers come from
 //! `lb_common::icmp`; this module only makes room for them in the frame.
 //!
 //! Untagged frames with an option-less IPv4 header (or an IPv6 header)
 //! only: for others it gives up (`Err`), and the caller drops or passes
-//! the packet. IPv6 clients get ICMPv6 "address unreachable".
+//! the packet. IPv6 clients get ICMPv6 "address unreachable" and "Packet
+//! Too Big".
 //!
 //! Sent by `XDP_REDIRECT` to the port, as replies are, not `XDP_TX`: a
 //! veth delivers what `XDP_TX` sends only when something else wakes its
@@ -102,13 +103,24 @@ pub fn icmp_error(
 /// for the quote.
 #[inline(always)]
 pub fn unreachable6(ctx: &XdpContext) -> u32 {
-    icmp6_error(ctx, reason::DROP_POLICY_UNREACHABLE).unwrap_or_else(stats::drop)
+    icmp6_error(
+        ctx,
+        icmp::address_unreachable6,
+        reason::DROP_POLICY_UNREACHABLE,
+    )
+    .unwrap_or_else(stats::drop)
 }
 
-/// As [`icmp_error`], an ICMPv6 "address unreachable" for an untagged
-/// frame.
+/// As [`icmp_error`], for an untagged IPv6 frame: the error whose headers
+/// `headers` makes from the quote's sum, the client's address and where
+/// it was going (the error's source: the router may have no address on
+/// the client's prefix).
 #[inline(always)]
-fn icmp6_error(ctx: &XdpContext, reason: u32) -> Result<u32, u32> {
+pub fn icmp6_error(
+    ctx: &XdpContext,
+    headers: impl FnOnce(u32, [u8; 16], [u8; 16]) -> [u8; icmp::HEADERS6_LEN],
+    reason: u32,
+) -> Result<u32, u32> {
     const ETH: usize = core::mem::size_of::<EthHdr>();
     let eth: *const EthHdr = parse::ptr_at(ctx, 0).map_err(|_| reason)?;
     let ip: *const Ipv6Hdr = parse::ptr_at(ctx, ETH).map_err(|_| reason)?;
@@ -150,7 +162,7 @@ fn icmp6_error(ctx: &XdpContext, reason: u32) -> Result<u32, u32> {
     if LAN_PORTS.redirect(ctx.ingress_ifindex() as u32, 0) != Ok(XDP_REDIRECT) {
         return Err(reason);
     }
-    let front = icmp::address_unreachable6(quote_sum, client, server);
+    let front = headers(quote_sum, client, server);
     rebuild(
         ctx,
         (client_mac, router_mac),

@@ -17,12 +17,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
+    icmp,
     maps::{settings_flags, tcp_state, uplink_state, FlowKey6, FlowValue6},
     reason, KERNEL_OWNED, NO_UPLINK,
 };
 
 use crate::{
-    clock, conntrack, egress,
+    answer, clock, conntrack, egress,
     maps::{BYPASS6, FLOWS6, SETTINGS, TX_PORTS, UPLINKS, UPLINKS6},
     parse::{
         self, EthHdr, ETH_P_IPV6, ICMPV6_ECHO_REQUEST, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_RST,
@@ -38,6 +39,11 @@ const IPV6_HDR_LEN: u32 = 40;
 /// `fallback = unreachable`: not a verdict (those are 0-4), but "answer
 /// the client": `lan_ingress6` tail-calls `lan_unreachable6`.
 pub const ANSWER_UNREACHABLE: u32 = u32::MAX;
+
+/// What [`ingress`] returns for a packet too big for its flow's uplink:
+/// "tell the client" (Packet Too Big): `lan_ingress6` tail-calls
+/// `lan_too_big6` ([`too_big`]), as its frame has no room for the quote.
+pub const ANSWER_TOO_BIG: u32 = u32::MAX - 1;
 
 /// As `lan::ingress`: `Ok(verdict)` for packets the fast path handled,
 /// `Err(reason)` for the kernel's.
@@ -113,8 +119,10 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     if u32::from(u16::from_be_bytes(unsafe { (*ip).payload_len })) + IPV6_HDR_LEN
         > u32::from(info.mtu)
     {
-        // IPv6 routers never fragment: the kernel answers Packet Too Big.
-        return Err(reason::PASS_TOO_BIG);
+        // IPv6 routers never fragment: the client is told the uplink's
+        // MTU. The kernel would route the packet by its own rules, maybe
+        // out of another uplink under another prefix, and never tell.
+        return Ok(ANSWER_TOO_BIG);
     }
     // IPv6 over a wrapped uplink (PPPoE, a VLAN) is the kernel's for now:
     // lan6's stack frame has no room left for the push.
@@ -347,4 +355,40 @@ fn keeps(uplink: u32) -> bool {
     UPLINKS6
         .get(uplink)
         .is_some_and(|six| uplink_state::keeps_flows(six.state))
+}
+
+/// The body of `lan_too_big6`: a packet too big for its flow's uplink
+/// (`ANSWER_TOO_BIG`) is answered with ICMPv6 "Packet Too Big" and that
+/// uplink's MTU, back out of its port (`told_too_big`); where that cannot
+/// be made (a tagged frame, the flow gone), the kernel has it
+/// (`pass_too_big`).
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext) -> u32 {
+    tell_too_big(ctx).unwrap_or_else(stats::give_up)
+}
+
+#[inline(always)]
+fn tell_too_big(ctx: &XdpContext) -> Result<u32, u32> {
+    let pkt = parse::ipv6(ctx)?;
+    let ip = pkt.ip;
+    let (src_port, dst_port) = parse::ports6(ctx, &pkt, ICMPV6_ECHO_REQUEST)?;
+    // SAFETY: `parse::ipv6` bounds-checked the IPv6 header.
+    let key = FlowKey6 {
+        src_addr: unsafe { (*ip).src },
+        dst_addr: unsafe { (*ip).dst },
+        src_port,
+        dst_port,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let flow = FLOWS6.get_ptr(&key).ok_or(reason::PASS_TOO_BIG)?;
+    // SAFETY: a pointer into the map's value, read at once.
+    let uplink = unsafe { (*flow).uplink };
+    let mtu = u32::from(UPLINKS.get(uplink).ok_or(reason::PASS_TOO_BIG)?.mtu);
+    answer::icmp6_error(
+        ctx,
+        |quote_sum, client, server| icmp::packet_too_big6(quote_sum, client, server, mtu),
+        reason::TOLD_TOO_BIG,
+    )
+    .or(Err(reason::PASS_TOO_BIG))
 }

@@ -40,11 +40,11 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TcContext, XdpContext},
 };
 use lb_common::{
-    maps::{LAN6_SLOT, UNREACHABLE6_SLOT},
+    maps::{LAN6_SLOT, TOO_BIG6_SLOT, UNREACHABLE6_SLOT},
     reason,
 };
 
-use crate::maps::LAN6;
+use crate::maps::{LAN6, TOO_BIG};
 
 /// Packets from LAN clients: steer each connection to an uplink and send it.
 /// IPv4's path is this program's own body (a BPF call costs a return, and
@@ -66,8 +66,9 @@ pub fn lan_ingress(ctx: XdpContext) -> u32 {
 /// `lan_ingress`'s IPv6 half, reached only by its tail call (`LAN6`).
 /// The path is this program's own body, as IPv4's is `lan_ingress`'s; a
 /// new flow that its policy refuses is answered by `lan_unreachable6`,
-/// which it tail-calls in turn: the answer's stack frame (it quotes the
-/// packet) does not fit beside this one.
+/// and a packet too big for its uplink by `lan_too_big6`, which it
+/// tail-calls in turn: an answer's stack frame (it quotes the packet)
+/// does not fit beside this one.
 #[xdp]
 pub fn lan_ingress6(ctx: XdpContext) -> u32 {
     match lan6::ingress(&ctx) {
@@ -75,6 +76,11 @@ pub fn lan_ingress6(ctx: XdpContext) -> u32 {
             // SAFETY: a tail call does not return when it succeeds.
             let _ = unsafe { LAN6.tail_call(&ctx, UNREACHABLE6_SLOT) };
             stats::drop(reason::DROP_POLICY_UNREACHABLE)
+        }
+        Ok(lan6::ANSWER_TOO_BIG) => {
+            // SAFETY: as above.
+            let _ = unsafe { TOO_BIG.tail_call(&ctx, TOO_BIG6_SLOT) };
+            stats::pass(reason::PASS_TOO_BIG)
         }
         Ok(verdict) => verdict,
         Err(reason) => stats::give_up(reason),
@@ -94,6 +100,13 @@ pub fn lan_unreachable6(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lan_too_big(ctx: XdpContext) -> u32 {
     handover::too_big(&ctx)
+}
+
+/// An IPv6 packet too big for its flow's uplink, answered "Packet Too
+/// Big"; reached only by `lan_ingress6`'s tail call (`TOO_BIG`).
+#[xdp]
+pub fn lan_too_big6(ctx: XdpContext) -> u32 {
+    lan6::too_big(&ctx)
 }
 
 /// Tail-call `lan_ingress6`; should its slot be empty (lbd fills it at

@@ -29,8 +29,9 @@ use lb_common::{
 #[map]
 pub static LAN6: ProgramArray = ProgramArray::with_max_entries(LAN6_SLOTS, 0);
 
-/// `lan_too_big`, which `lan_ingress` tail-calls for a UDP datagram too
-/// big for its uplink without DF (see `handover`).
+/// `lan_too_big` and `lan_too_big6`, which `lan_ingress` and
+/// `lan_ingress6` tail-call for a packet too big for its uplink (see
+/// `handover`, `lan6::too_big`).
 #[map]
 pub static TOO_BIG: ProgramArray = ProgramArray::with_max_entries(TOO_BIG_SLOTS, 0);
 

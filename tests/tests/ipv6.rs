@@ -635,6 +635,83 @@ fn path_mtu_discovery_works_through_a_translated_uplink() -> Result<()> {
     router.finish()
 }
 
+/// A router's own uplink narrower than the LAN (isp2's line, 1400 bytes):
+/// an IPv6 packet too big for it is answered by the router with "Packet
+/// Too Big" and that MTU, as IPv6 routers must. The flows go by isp2 (a
+/// rule), the kernel's own IPv6 by isp1 (the tiers): a packet left to the
+/// kernel would leave by isp1, under isp1's prefix, and the client would
+/// never learn. A TCP upload through isp2 then completes.
+#[test]
+fn an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big() -> Result<()> {
+    const SIZE: usize = 2 * 1024 * 1024;
+    const MTU: u32 = 1400;
+    const RULED: u16 = 40200;
+    /// A datagram that fits the LAN's 1500 bytes and not isp2's line.
+    const BIG: usize = 1440;
+    if !require_root("an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big") {
+        return Ok(());
+    }
+    let sections = format!(
+        "[[policy]]\nname = \"via-isp2\"\nuplinks = [\"isp2\"]\n\n\
+         [[rule]]\nproto = \"udp\"\ndst_port = {RULED}\npolicy = \"via-isp2\"\n\n\
+         [[rule]]\nproto = \"tcp\"\ndst_port = {RULED}\npolicy = \"via-isp2\"\n"
+    );
+    let router = Router::up_with(["tier = 1", "tier = 2"], &sections)?;
+    let lab = &router.lab;
+    lab.exec(
+        "router",
+        &["ip", "link", "set", "dev", "wan2", "mtu", "1400"],
+    )?;
+    lab.exec(
+        "isp2",
+        &["ip", "link", "set", "dev", "down0", "mtu", "1400"],
+    )?;
+    let inet = lab.ns("inet")?;
+    let udp = UdpEchoServer::start(inet, server(RULED))?;
+    let client = router.client()?;
+    let own = router.v6.client_address;
+
+    let too_big = TooBigWatch::start(client)?;
+    let socket = in_netns(client, || {
+        let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        s.connect(udp.local_addr())?;
+        Ok(s)
+    })?;
+    // Until lbd has seen wan2's new MTU, a big datagram is sent by XDP
+    // and lost at wan2: sent again until answered.
+    let started = Instant::now();
+    let (mtu, quoted) = loop {
+        socket
+            .send(&[0x5a; BIG])
+            .context("sending a big datagram")?;
+        match too_big.got.recv_timeout(Duration::from_millis(200)) {
+            Ok(seen) => break seen,
+            Err(_) => ensure!(
+                started.elapsed() < BOUND,
+                "the client saw no Packet Too Big for its {BIG}-byte datagram within {BOUND:?}; \
+                 status: {}",
+                router.lbd.status()?
+            ),
+        }
+    };
+    eprintln!(
+        "Packet Too Big at the client {:?} after its first big datagram: MTU {mtu}, quoting {quoted}",
+        started.elapsed()
+    );
+    ensure!(
+        mtu == MTU && quoted == own,
+        "the client's Packet Too Big says MTU {mtu} and quotes {quoted}; expected {MTU} and its own address {own}"
+    );
+    let told = router.lbd.reason("told_too_big")?;
+    ensure!(told > 0, "lbd counts no told_too_big");
+
+    let sink = TcpSinkServer::start(inet, server(RULED))?;
+    let sent = tcp_upload(client, sink.local_addr(), SIZE, BOUND)
+        .with_context(|| format!("uploading through isp2 (MTU {MTU})"))?;
+    ensure!(sent == SIZE as u64, "uploaded {sent} bytes of {SIZE}");
+    router.finish()
+}
+
 /// How long one exchange of the kernel's IPv6 waits for its echo: an
 /// attempt of a bounded poll, not a speed target.
 const ATTEMPT: Duration = Duration::from_millis(300);

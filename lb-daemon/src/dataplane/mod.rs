@@ -38,7 +38,7 @@ use lb_common::{
     maps::{
         name, nat_entries, program, settings_flags, signals6, BucketTable, FragKey, FragValue,
         LanPort, PolicyStats, RouterMacs, Settings, Signals, Uplink6, UplinkInfo, UplinkStats,
-        LAN6_SLOT, TOO_BIG_SLOT, UNREACHABLE6_SLOT,
+        LAN6_SLOT, TOO_BIG6_SLOT, TOO_BIG_SLOT, UNREACHABLE6_SLOT,
     },
     policy::{
         port_index, Policy, PrefixKey, RuleBits, RuleTable, StickyKey, StickyKey6, StickyValue,
@@ -213,6 +213,7 @@ impl Dataplane {
             program::LAN_UNREACHABLE6,
             program::LAN_INGRESS6,
             program::LAN_TOO_BIG,
+            program::LAN_TOO_BIG6,
             program::LAN_INGRESS,
             program::WAN_INGRESS,
         ] {
@@ -301,6 +302,7 @@ impl Dataplane {
             (name::LAN6, LAN6_SLOT, program::LAN_INGRESS6),
             (name::LAN6, UNREACHABLE6_SLOT, program::LAN_UNREACHABLE6),
             (name::TOO_BIG, TOO_BIG_SLOT, program::LAN_TOO_BIG),
+            (name::TOO_BIG, TOO_BIG6_SLOT, program::LAN_TOO_BIG6),
         ] {
             let fd = self.xdp(prog)?.fd()?.try_clone()?;
             let m = self
