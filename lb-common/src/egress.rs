@@ -150,8 +150,8 @@ pub const RING_ARG_TO_DEV: usize = 1;
 /// Index of `drops` (frames the flush could not place) among them.
 pub const RING_ARG_DROPS: usize = 3;
 /// Index of `err` among them: set when the target refused the whole
-/// flush (it, or a veth's peer, is down), zero when its ring was full or
-/// a frame too big for it.
+/// flush (a veth whose peer is down, a NIC with no XDP transmit queue for
+/// the CPU), zero when its ring was full or a frame too big for it.
 pub const RING_ARG_ERR: usize = 4;
 /// The ring watch's global ([`RingBinding`]) that lbd sets at load.
 pub const RING_BINDING_GLOBAL: &str = "RING_BINDING";

@@ -116,11 +116,12 @@ pub const PASS_NAT_FULL: u32 = 26;
 pub const HANDED_TOO_BIG: u32 = 27;
 
 /// Forwarded with `XDP_REDIRECT`, then dropped by the device map because
-/// the target refused the whole flush (the device, or a veth's peer, is
-/// down: the flush's error is set). Counted by the ring watch beside
-/// `DROP_RING_FULL` and never taken for it: a queue would not help a
-/// device that takes nothing.
-pub const DROP_TARGET_DOWN: u32 = 28;
+/// the target refused the whole flush (the flush's error is set: a veth
+/// whose peer is down, a NIC with no XDP transmit queue for this CPU).
+/// Counted by the ring watch beside `DROP_RING_FULL`, in the same
+/// per-device count; lbd tells a device without carrier (no queue would
+/// help) from one whose queue may (see `crate::egress`).
+pub const DROP_TARGET_REFUSED: u32 = 28;
 
 /// Number of reasons.
 pub const COUNT: u32 = 29;
@@ -159,7 +160,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "pass_elsewhere",
     "pass_nat_full",
     "handed_too_big",
-    "drop_target_down",
+    "drop_target_refused",
 ];
 
 /// Whether `reason` is a drop: a path that gives up on a packet with a
@@ -175,7 +176,7 @@ pub const fn drops(reason: u32) -> bool {
             | DROP_POLICY_UNREACHABLE
             | DROP_FOREIGN_SOURCE
             | DROP_RING_FULL
-            | DROP_TARGET_DOWN
+            | DROP_TARGET_REFUSED
             | DROP_RESERVED_VLAN
             | DROP_BAD_NOTE
             | DROP_UNFINISHED

@@ -2599,10 +2599,11 @@ fn an_ipv6_packet_too_big_for_its_uplink_is_answered_packet_too_big() {
     if !is_root() {
         return;
     }
+    const MTUS: [u16; 2] = [1400, 1450];
     let mut h = harness6();
     for n in 1..=2u8 {
         let info = UplinkInfo {
-            mtu: 1400,
+            mtu: MTUS[usize::from(n - 1)],
             ..uplink_info(n, uplink_state::ACTIVE)
         };
         h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
@@ -2615,10 +2616,14 @@ fn an_ipv6_packet_too_big_for_its_uplink_is_answered_packet_too_big() {
             &vec![0x5a; len - 48],
         )
     };
-    // Fits (1400 bytes of IPv6): forwarded.
+    // Fits (1400 bytes of IPv6): forwarded, by the uplink whose MTU the
+    // answer must carry.
     let (verdict, out) = h.lan(&sized(7300, 1400));
     assert_eq!(verdict, XDP_REDIRECT);
-    assert_ne!(out[0..6], CLIENT_MAC, "forwarded, not answered");
+    let by = (1..=2u8)
+        .find(|&n| out[0..6] == gw6_mac(n))
+        .expect("forwarded by an uplink");
+    let mtu = u32::from(MTUS[usize::from(by - 1)]);
 
     let big = sized(7300, 1500);
     let (verdict, out) = h.lan(&big);
@@ -2634,11 +2639,21 @@ fn an_ipv6_packet_too_big_for_its_uplink_is_answered_packet_too_big() {
     assert_eq!((out[54], out[55]), (2, 0), "Packet Too Big");
     assert_eq!(
         u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
-        1400
+        mtu,
+        "the MTU of the flow's own uplink"
     );
     assert_eq!(&out[62..110], &big[14..62], "the packet's start, quoted");
     assert_eq!(out.len(), 110, "headers and a 48-byte quote");
     assert!(l4_checksum_ok6(&out), "ICMPv6 checksum valid");
+
+    // A tagged frame cannot be answered here: the kernel's, untouched.
+    let mut tagged = big.clone();
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    let (verdict, out) = h.lan(&tagged);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, tagged);
+    assert_eq!(h.reason(reason::PASS_TOO_BIG), 1);
+    assert_eq!(h.reason(reason::TOLD_TOO_BIG), 1);
 }
 
 #[test]

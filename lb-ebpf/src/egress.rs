@@ -214,9 +214,10 @@ fn vlan_tag(ctx: &TcContext) -> Option<u16> {
 /// target's `RING_DROPS` entry, and counted as `drop_ring_full`, when the
 /// target is in lbd's namespace and lbd made an entry for it (a device lb
 /// sends to), and lbd is woken (`RING_EVENTS`); flushes that placed
-/// everything cost one test. A flush the target refused whole (it is
-/// down) is no full ring: counted as `drop_target_down`, and lbd is not
-/// woken, since a queue would not help.
+/// everything cost one test. A flush the target refused whole (its error
+/// set) is counted as `drop_target_refused` instead, in the same entry:
+/// lbd tells a device without carrier, which no queue would help, from
+/// one whose queue may.
 #[inline(always)]
 pub fn watch(ctx: &RawTracePointContext) -> i32 {
     // `int drops`: the low 32 bits of its argument slot.
@@ -244,15 +245,16 @@ pub fn watch(ctx: &RawTracePointContext) -> i32 {
         return 0;
     };
     let drops = drops as u64;
-    if refused {
-        stats::count_many(reason::DROP_TARGET_DOWN, drops);
-        return 0;
-    }
     // SAFETY: a map value; flushes on other CPUs add to it at the same
     // time, hence the atomic add (BPF's `lock xadd`: the target has no
     // `AtomicU64::fetch_add`).
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, drops) };
-    stats::count_many(reason::DROP_RING_FULL, drops);
+    let why = if refused {
+        reason::DROP_TARGET_REFUSED
+    } else {
+        reason::DROP_RING_FULL
+    };
+    stats::count_many(why, drops);
     // Wake lbd; if its buffer is full, lbd is awake already.
     let _ = RING_EVENTS.output::<u32>(ifindex, 0);
     0

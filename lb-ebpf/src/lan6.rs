@@ -34,6 +34,8 @@ use crate::{
 
 /// Length of the fixed IPv6 header, which the MTU counts.
 const IPV6_HDR_LEN: u32 = 40;
+/// The smallest MTU an IPv6 link may have (RFC 8200).
+const IPV6_MIN_MTU: u32 = 1280;
 
 /// What [`ingress`] returns for a new flow its policy refuses with
 /// `fallback = unreachable`: not a verdict (those are 0-4), but "answer
@@ -385,6 +387,11 @@ fn tell_too_big(ctx: &XdpContext) -> Result<u32, u32> {
     // SAFETY: a pointer into the map's value, read at once.
     let uplink = unsafe { (*flow).uplink };
     let mtu = u32::from(UPLINKS.get(uplink).ok_or(reason::PASS_TOO_BIG)?.mtu);
+    // Below IPv6's minimum the client would refuse it (and the kernel
+    // soon takes IPv6 off such a device): the kernel's.
+    if mtu < IPV6_MIN_MTU {
+        return Err(reason::PASS_TOO_BIG);
+    }
     answer::icmp6_error(
         ctx,
         |quote_sum, client, server| icmp::packet_too_big6(quote_sum, client, server, mtu),

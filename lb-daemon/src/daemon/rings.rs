@@ -74,6 +74,20 @@ impl Daemon {
                 self.egress.rewatch();
                 continue;
             };
+            // A device without carrier (a LAN port whose client went
+            // away) loses whatever is sent to it: no full ring, and its
+            // queue would not help. Asked only when frames were lost; a
+            // device lbd cannot ask about is taken to have carrier.
+            let carries = || crate::observe::netlink::carries(ifindex).unwrap_or(true);
+            if self.egress.ring_rose(ifindex, count) && !carries() {
+                if let Some((name, lost)) = self.egress.ring_lost_while_down(ifindex, count) {
+                    log::info!(
+                        "{name}: XDP_REDIRECT lost {lost} frames to it while it had no carrier \
+                         (not a full ring: its path stays)"
+                    );
+                }
+                continue;
+            }
             if let Some((ifindex, out)) = self.egress.ring_reading(ifindex, count, now) {
                 if let Err(e) = self.dataplane.set_egress(ifindex, out) {
                     // Mend from what the map really holds, as a round does.

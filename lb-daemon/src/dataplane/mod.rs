@@ -298,11 +298,14 @@ impl Dataplane {
     /// `lan_ingress` it still runs now reaches this one's, of the same
     /// layout.
     fn fill_tail_calls(&mut self) -> Result<()> {
+        // Callees first: a running caller (the pinned `lan_ingress` of an
+        // earlier lbd, this one's `lan_ingress6` once in place) never
+        // meets an empty slot of this layout's.
         for (map, slot, prog) in [
-            (name::LAN6, LAN6_SLOT, program::LAN_INGRESS6),
-            (name::LAN6, UNREACHABLE6_SLOT, program::LAN_UNREACHABLE6),
             (name::TOO_BIG, TOO_BIG_SLOT, program::LAN_TOO_BIG),
             (name::TOO_BIG, TOO_BIG6_SLOT, program::LAN_TOO_BIG6),
+            (name::LAN6, UNREACHABLE6_SLOT, program::LAN_UNREACHABLE6),
+            (name::LAN6, LAN6_SLOT, program::LAN_INGRESS6),
         ] {
             let fd = self.xdp(prog)?.fd()?.try_clone()?;
             let m = self

@@ -1,6 +1,7 @@
 //! Small netlink and socket helpers: which neighbour entries are usable,
 //! provoking ARP resolution of a gateway (by sending it a datagram, as any
-//! first packet to it would), and binding a socket to an interface.
+//! first packet to it would), binding a socket to an interface, and
+//! whether an interface has carrier now.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket},
@@ -131,8 +132,80 @@ pub fn bind_to_device(sock: &impl AsRawFd, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// `RTM_GETLINK`.
+const RTM_GETLINK: u16 = 18;
+/// `IFF_UP` and `IFF_LOWER_UP` in `ifinfomsg`'s flags.
+const IFF_UP: u32 = 0x1;
+const IFF_LOWER_UP: u32 = 0x1_0000;
+
+/// Whether interface `ifindex` is up with carrier this moment (asked of
+/// the kernel, blocking: one request). For the ring watch's readings,
+/// which come between rounds.
+pub fn carries(ifindex: u32) -> Result<bool> {
+    let socket =
+        super::nlmsg::open(netlink_sys::protocols::NETLINK_ROUTE).context("netlink (route)")?;
+    let reply = super::nlmsg::ask(&socket, &get_link(ifindex))?;
+    link_carries(&reply).with_context(|| format!("reading interface {ifindex}'s link"))
+}
+
+/// The request for link `ifindex`: the netlink header, then `ifinfomsg`
+/// (family, type, index, flags, change), no attributes.
+fn get_link(ifindex: u32) -> Vec<u8> {
+    const LEN: u32 = 16 + 16;
+    let mut msg = Vec::with_capacity(LEN as usize);
+    msg.extend_from_slice(&LEN.to_ne_bytes());
+    msg.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+    msg.extend_from_slice(&super::nlmsg::NLM_F_REQUEST.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[0; 4]);
+    msg.extend_from_slice(&ifindex.to_ne_bytes());
+    msg.extend_from_slice(&[0; 8]);
+    msg
+}
+
+/// Whether the link in `reply` (a `RTM_NEWLINK`, or the kernel's error)
+/// is up with carrier.
+fn link_carries(reply: &[u8]) -> Result<bool> {
+    // An error (no such device) comes as attributes' error.
+    let flags = match reply.get(4..6).map(|k| u16::from_ne_bytes([k[0], k[1]])) {
+        Some(super::nlmsg::NLMSG_ERROR) => {
+            super::nlmsg::reply_attributes(reply)?;
+            anyhow::bail!("an acknowledgement where a link was asked for");
+        }
+        _ => reply.get(24..28).context("a short link message")?,
+    };
+    let flags = u32::from_ne_bytes([flags[0], flags[1], flags[2], flags[3]]);
+    Ok(flags & IFF_UP != 0 && flags & IFF_LOWER_UP != 0)
+}
+
 #[cfg(test)]
 mod tests {
+    /// A `RTM_NEWLINK` answer with `flags`.
+    fn new_link(flags: u32) -> Vec<u8> {
+        let mut m = get_link(3);
+        m[4..6].copy_from_slice(&16u16.to_ne_bytes());
+        m[24..28].copy_from_slice(&flags.to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn a_link_carries_when_up_with_its_lower_layer_up() {
+        let ask = get_link(3);
+        assert_eq!(ask.len(), 32);
+        assert_eq!(ask[20..24], 3u32.to_ne_bytes(), "the index in ifinfomsg");
+        assert!(link_carries(&new_link(IFF_UP | IFF_LOWER_UP | 0x40)).expect("read"));
+        assert!(
+            !link_carries(&new_link(IFF_UP)).expect("read"),
+            "no carrier"
+        );
+        assert!(
+            !link_carries(&new_link(IFF_LOWER_UP)).expect("read"),
+            "down"
+        );
+        assert!(link_carries(&new_link(IFF_UP)[..20]).is_err(), "cut short");
+    }
+
     use super::*;
 
     fn entry(state: NeighbourState, attributes: Vec<NeighbourAttribute>) -> NeighbourMessage {

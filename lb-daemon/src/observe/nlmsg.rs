@@ -15,7 +15,7 @@ pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
 /// A dump: every object of the kind, in as many messages as it takes.
 pub const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 0x2;
+pub const NLMSG_ERROR: u16 = 0x2;
 const NLMSG_DONE: u16 = 0x3;
 const NLMSG_HEADER: usize = 16;
 /// The family header after the netlink header (genl's command and version,

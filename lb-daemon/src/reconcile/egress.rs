@@ -781,6 +781,24 @@ impl Owned {
         self.choose(ifindex)
     }
 
+    /// Whether device `ifindex`'s ring watch count says frames were lost
+    /// since the last reading.
+    pub fn ring_rose(&self, ifindex: u32, count: u64) -> bool {
+        self.overflow.rose(ifindex, count)
+    }
+
+    /// Device `ifindex`'s count read while it has no carrier: no full
+    /// ring, its path stays (see `Overflow::lost_while_down`). Its name and
+    /// what it lost, the first time in an episode.
+    pub fn ring_lost_while_down(&mut self, ifindex: u32, count: u64) -> Option<(String, u64)> {
+        let lost = self.overflow.lost_while_down(ifindex, count)?;
+        let name = self
+            .base
+            .get(&ifindex)
+            .map_or_else(|| format!("interface {ifindex}"), |(n, _)| n.clone());
+        Some((name, lost))
+    }
+
     /// The devices lb sends to, when they changed since last asked: the
     /// data plane's ring watch is to count for these.
     pub fn rings_to_watch(&mut self) -> Option<Vec<u32>> {

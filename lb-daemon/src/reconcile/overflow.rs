@@ -49,6 +49,8 @@ struct Ring {
     back_at: Option<Instant>,
     /// What the last overflow lost (for the reason shown).
     dropped: u64,
+    /// Its count last rose while it had no carrier (said once an episode).
+    down: bool,
 }
 
 impl Default for Ring {
@@ -59,6 +61,7 @@ impl Default for Ring {
             hold: FIRST_HOLD,
             back_at: None,
             dropped: 0,
+            down: false,
         }
     }
 }
@@ -97,6 +100,7 @@ impl Overflow {
         let ring = self.rings.get_mut(&ifindex)?;
         let new = ring.seen.map(|seen| count.saturating_sub(seen));
         ring.seen = Some(count);
+        ring.down = false;
         if let Some(until) = ring.queued_until {
             if now < until {
                 return None;
@@ -135,6 +139,27 @@ impl Overflow {
     /// The last count read for `ifindex`.
     pub fn count(&self, ifindex: u32) -> Option<u64> {
         self.rings.get(&ifindex)?.seen
+    }
+
+    /// Whether `count` for `ifindex` says frames were lost since the last
+    /// reading.
+    pub fn rose(&self, ifindex: u32, count: u64) -> bool {
+        self.rings
+            .get(&ifindex)
+            .and_then(|r| r.seen)
+            .is_some_and(|seen| count > seen)
+    }
+
+    /// Device `ifindex`'s count read while it has no carrier (a LAN port
+    /// whose client just went away): the frames were lost to a device
+    /// that could take none, not to a full ring, and its queue would not
+    /// help. Counting goes on from `count`; its path stays as it is. How
+    /// many were lost, the first time in an episode (for the log).
+    pub fn lost_while_down(&mut self, ifindex: u32, count: u64) -> Option<u64> {
+        let ring = self.rings.get_mut(&ifindex)?;
+        let lost = count.saturating_sub(ring.seen.unwrap_or(count));
+        ring.seen = Some(count);
+        (!std::mem::replace(&mut ring.down, true)).then_some(lost)
     }
 }
 
@@ -241,5 +266,27 @@ mod tests {
         assert!(!o.track(&[4, 3]));
         assert!(o.track(&[4]));
         assert_eq!(o.devices(), [4]);
+    }
+
+    #[test]
+    fn frames_lost_while_a_device_has_no_carrier_never_make_it_take_its_queue() {
+        let mut o = Overflow::default();
+        o.track(&[7]);
+        let t = Instant::now();
+        assert_eq!(o.observe(7, 100, t), None, "where counting starts");
+        assert!(o.rose(7, 116));
+        assert_eq!(o.lost_while_down(7, 116), Some(16), "said once");
+        assert_eq!(o.lost_while_down(7, 130), None, "not again");
+        assert_eq!(o.queued(7), None);
+        // Back with carrier, an overflow counts from where the last
+        // reading left off.
+        assert!(!o.rose(7, 130));
+        assert_eq!(
+            o.observe(7, 135, t),
+            Some(Change::Queue {
+                dropped: 5,
+                hold: FIRST_HOLD
+            })
+        );
     }
 }
