@@ -32,7 +32,8 @@
 //! tracepoint program on `xdp_devmap_xmit` (fired by every device map
 //! flush, whatever the driver, with the frames it could not place),
 //! counts those frames per device in `RING_DROPS` (and as the
-//! `drop_ring_full` reason) for the devices lb sends to (in lbd's network
+//! `drop_ring_full` reason; `drop_target_refused` where the device refused
+//! the whole flush) for the devices lb sends to (in lbd's network
 //! namespace: see [`RingBinding`]); lbd reads them
 //! every few milliseconds, and hands a device whose ring overflowed to
 //! its queue (the hand-off below; a device without one gets lb's

@@ -210,14 +210,15 @@ fn vlan_tag(ctx: &TcContext) -> Option<u16> {
 
 /// The ring watch, on the `xdp_devmap_xmit` tracepoint (every device map
 /// flush, on every CPU, in every namespace, whoever redirected): frames
-/// the flush could not put into the target's ring are added to the
-/// target's `RING_DROPS` entry, and counted as `drop_ring_full`, when the
+/// the flush could not put into the target's ring (or that it refused)
+/// are added to the target's `RING_DROPS` entry, and counted as
+/// `drop_ring_full`, when the
 /// target is in lbd's namespace and lbd made an entry for it (a device lb
 /// sends to), and lbd is woken (`RING_EVENTS`); flushes that placed
 /// everything cost one test. A flush the target refused whole (its error
-/// set) is counted as `drop_target_refused` instead, in the same entry:
-/// lbd tells a device without carrier, which no queue would help, from
-/// one whose queue may.
+/// set) is counted as `drop_target_refused` instead, in the same entry,
+/// and wakes no one: lbd's tick reads it, and tells a device without
+/// carrier, which no queue would help, from one whose queue may.
 #[inline(always)]
 pub fn watch(ctx: &RawTracePointContext) -> i32 {
     // `int drops`: the low 32 bits of its argument slot.
@@ -255,8 +256,12 @@ pub fn watch(ctx: &RawTracePointContext) -> i32 {
         reason::DROP_RING_FULL
     };
     stats::count_many(why, drops);
-    // Wake lbd; if its buffer is full, lbd is awake already.
-    let _ = RING_EVENTS.output::<u32>(ifindex, 0);
+    // Wake lbd for a full ring (if its buffer is full, lbd is awake
+    // already). A refused flush waits for lbd's tick: a device without
+    // carrier goes on refusing for as long as traffic comes.
+    if !refused {
+        let _ = RING_EVENTS.output::<u32>(ifindex, 0);
+    }
     0
 }
 

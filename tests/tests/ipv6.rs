@@ -711,6 +711,13 @@ fn an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big() -> Result<(
 
     // TCP learns it anew: the client forgets what the datagram taught it.
     lab.exec("client", &["ip", "-6", "route", "flush", "cache"])?;
+    let target = udp.local_addr().ip().to_string();
+    let route = lab.exec("client", &["ip", "-6", "route", "get", &target])?;
+    ensure!(
+        !route.contains(&format!("mtu {MTU}")),
+        "flushing the client's route cache left the path MTU it learnt (Linux 5.3 and \
+         iproute2 of its time flush IPv6 exceptions): {route}"
+    );
     let sink = TcpSinkServer::start(inet, server(RULED))?;
     let sent = tcp_upload(client, sink.local_addr(), SIZE, BOUND)
         .with_context(|| format!("uploading through isp2 (MTU {MTU})"))?;

@@ -228,9 +228,9 @@ pub struct EgressStatus {
     /// Why: the qdisc that counts, or why none does, or that its ring
     /// overflowed (and for how long it takes its queue).
     pub why: String,
-    /// Frames `XDP_REDIRECT` lost to its full ring, as the ring watch
-    /// counted them (since the data plane was built); none when not
-    /// watched.
+    /// Frames `XDP_REDIRECT` lost at it (to its full ring, or refused by
+    /// it), as the ring watch counted them (since the data plane was
+    /// built); none when not watched.
     #[serde(default)]
     pub ring_drops: Option<u64>,
 }

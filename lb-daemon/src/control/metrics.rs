@@ -420,7 +420,7 @@ impl Collector for Snapshot {
         family(
             e,
             "lb_egress_ring_drops",
-            "Frames XDP_REDIRECT lost to the device's full ring (it then takes its queue for a while)",
+            "Frames XDP_REDIRECT lost at the device: to its full ring (it then takes its queue for a while), or refused by it (without carrier, its path stays)",
             MetricType::Counter,
             ring_drops,
         )?;

@@ -1,13 +1,17 @@
-//! The ring watch's tick: what `XDP_REDIRECT` lost to each device's full
-//! ring, read from the data plane and handed to `egress` (its `overflow`
+//! The ring watch's tick: what `XDP_REDIRECT` lost at each device, read
+//! from the data plane and handed to `egress` (its `overflow`
 //! hysteresis), which moves a device whose ring overflows to its queue and
-//! back. It runs when the watch wakes lbd (a ring just overflowed: a
+//! back. Frames lost at a device without carrier (a LAN port whose client
+//! went away) are no full ring: said, and its path left alone. It runs when the watch wakes lbd (a ring just overflowed: a
 //! wake-up on `RING_EVENTS`) and every 100 ms (holds end; a wake-up lost
 //! to a full buffer is caught). Like a health verdict, it changes the view
 //! and writes the data plane's part at once (the `EGRESS` entry), by the
 //! same owner that rounds write it with, so that a round keeps it.
 
-use std::time::Instant;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -76,11 +80,13 @@ impl Daemon {
             };
             // A device without carrier (a LAN port whose client went
             // away) loses whatever is sent to it: no full ring, and its
-            // queue would not help. Asked only when frames were lost; a
-            // device lbd cannot ask about is taken to have carrier.
-            let carries = || crate::observe::netlink::carries(ifindex).unwrap_or(true);
-            if self.egress.ring_rose(ifindex, count) && !carries() {
-                if let Some((name, lost)) = self.egress.ring_lost_while_down(ifindex, count) {
+            // queue would not help. Asked only when frames were lost.
+            if self.egress.ring_rose(ifindex, count) && !carries(ifindex) {
+                let name = self
+                    .egress
+                    .ring_device_name(ifindex)
+                    .map_or_else(|| format!("interface {ifindex}"), str::to_owned);
+                if let Some(lost) = self.egress.ring_lost_while_down(ifindex, count, now) {
                     log::info!(
                         "{name}: XDP_REDIRECT lost {lost} frames to it while it had no carrier \
                          (not a full ring: its path stays)"
@@ -99,4 +105,18 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// Whether device `ifindex` has carrier; a device lbd cannot ask about
+/// is taken to have it (its lost frames then count as a full ring's, as
+/// before lbd asked), said once. Blocking, one netlink request: asked
+/// only of a device whose count rose, at most once a tick each.
+fn carries(ifindex: u32) -> bool {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    tokio::task::block_in_place(|| crate::observe::netlink::carries(ifindex)).unwrap_or_else(|e| {
+        if !SAID.swap(true, Ordering::Relaxed) {
+            log::warn!("{e:#}: frames lost at a device are taken for a full ring's");
+        }
+        true
+    })
 }

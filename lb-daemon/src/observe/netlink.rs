@@ -140,7 +140,9 @@ const IFF_LOWER_UP: u32 = 0x1_0000;
 
 /// Whether interface `ifindex` is up with carrier this moment (asked of
 /// the kernel, blocking: one request). For the ring watch's readings,
-/// which come between rounds.
+/// which come between rounds. Its flags, not its operational state nor a
+/// link event: those follow a carrier change up to a second later
+/// (the kernel's link watch), its `IFF_LOWER_UP` at once.
 pub fn carries(ifindex: u32) -> Result<bool> {
     let socket =
         super::nlmsg::open(netlink_sys::protocols::NETLINK_ROUTE).context("netlink (route)")?;

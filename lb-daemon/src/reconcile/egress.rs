@@ -787,16 +787,21 @@ impl Owned {
         self.overflow.rose(ifindex, count)
     }
 
-    /// Device `ifindex`'s count read while it has no carrier: no full
-    /// ring, its path stays (see `Overflow::lost_while_down`). Its name and
-    /// what it lost, the first time in an episode.
-    pub fn ring_lost_while_down(&mut self, ifindex: u32, count: u64) -> Option<(String, u64)> {
-        let lost = self.overflow.lost_while_down(ifindex, count)?;
-        let name = self
-            .base
-            .get(&ifindex)
-            .map_or_else(|| format!("interface {ifindex}"), |(n, _)| n.clone());
-        Some((name, lost))
+    /// Device `ifindex`'s count read at `now` while it has no carrier: no
+    /// full ring, its path stays (see `Overflow::lost_while_down`). What it
+    /// lost since last said, when it is time to say it.
+    pub fn ring_lost_while_down(
+        &mut self,
+        ifindex: u32,
+        count: u64,
+        now: std::time::Instant,
+    ) -> Option<u64> {
+        self.overflow.lost_while_down(ifindex, count, now)
+    }
+
+    /// The name of device `ifindex`, as lb sends to it.
+    pub fn ring_device_name(&self, ifindex: u32) -> Option<&str> {
+        self.base.get(&ifindex).map(|(name, _)| name.as_str())
     }
 
     /// The devices lb sends to, when they changed since last asked: the

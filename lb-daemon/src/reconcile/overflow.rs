@@ -28,6 +28,9 @@ pub const FIRST_HOLD: Duration = Duration::from_secs(4);
 /// it comes back keeps its queue before it tries again.
 pub const MAX_HOLD: Duration = Duration::from_secs(256);
 
+/// How often lbd says again that a device without carrier loses frames.
+pub const DOWN_SAID_EVERY: Duration = Duration::from_secs(60);
+
 /// A change of a device's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -49,8 +52,10 @@ struct Ring {
     back_at: Option<Instant>,
     /// What the last overflow lost (for the reason shown).
     dropped: u64,
-    /// Its count last rose while it had no carrier (said once an episode).
-    down: bool,
+    /// When frames lost while it had no carrier were last said, and how
+    /// many were lost since.
+    down_said: Option<Instant>,
+    down_lost: u64,
 }
 
 impl Default for Ring {
@@ -61,7 +66,8 @@ impl Default for Ring {
             hold: FIRST_HOLD,
             back_at: None,
             dropped: 0,
-            down: false,
+            down_said: None,
+            down_lost: 0,
         }
     }
 }
@@ -93,14 +99,13 @@ impl Overflow {
         self.rings.keys().copied().collect()
     }
 
-    /// Device `ifindex`'s count (frames lost to its full ring, ever) read
+    /// Device `ifindex`'s count (frames lost at it, ever) read
     /// at `now`: the change of its path this calls for, if any. The first
     /// reading only sets where counting starts (the count outlives lbd).
     pub fn observe(&mut self, ifindex: u32, count: u64, now: Instant) -> Option<Change> {
         let ring = self.rings.get_mut(&ifindex)?;
         let new = ring.seen.map(|seen| count.saturating_sub(seen));
         ring.seen = Some(count);
-        ring.down = false;
         if let Some(until) = ring.queued_until {
             if now < until {
                 return None;
@@ -150,16 +155,25 @@ impl Overflow {
             .is_some_and(|seen| count > seen)
     }
 
-    /// Device `ifindex`'s count read while it has no carrier (a LAN port
-    /// whose client just went away): the frames were lost to a device
-    /// that could take none, not to a full ring, and its queue would not
-    /// help. Counting goes on from `count`; its path stays as it is. How
-    /// many were lost, the first time in an episode (for the log).
-    pub fn lost_while_down(&mut self, ifindex: u32, count: u64) -> Option<u64> {
+    /// Device `ifindex`'s count read at `now` while it has no carrier (a
+    /// LAN port whose client just went away): the frames were lost to a
+    /// device that could take none, not to a full ring, and its queue
+    /// would not help. Counting goes on from `count`; its path stays as it
+    /// is. How many were lost since last said, when it is time to say it
+    /// again (at most every [`DOWN_SAID_EVERY`]: a client that left can
+    /// have traffic sent after it for minutes).
+    pub fn lost_while_down(&mut self, ifindex: u32, count: u64, now: Instant) -> Option<u64> {
         let ring = self.rings.get_mut(&ifindex)?;
-        let lost = count.saturating_sub(ring.seen.unwrap_or(count));
+        ring.down_lost += count.saturating_sub(ring.seen.unwrap_or(count));
         ring.seen = Some(count);
-        (!std::mem::replace(&mut ring.down, true)).then_some(lost)
+        if ring
+            .down_said
+            .is_some_and(|said| now.duration_since(said) < DOWN_SAID_EVERY)
+        {
+            return None;
+        }
+        ring.down_said = Some(now);
+        Some(std::mem::take(&mut ring.down_lost))
     }
 }
 
@@ -275,14 +289,21 @@ mod tests {
         let t = Instant::now();
         assert_eq!(o.observe(7, 100, t), None, "where counting starts");
         assert!(o.rose(7, 116));
-        assert_eq!(o.lost_while_down(7, 116), Some(16), "said once");
-        assert_eq!(o.lost_while_down(7, 130), None, "not again");
+        assert_eq!(o.lost_while_down(7, 116, t), Some(16), "said");
+        assert_eq!(o.lost_while_down(7, 130, t), None, "not again at once");
+        assert_eq!(o.observe(7, 130, t), None, "a quiet tick");
+        let later = t + DOWN_SAID_EVERY;
+        assert_eq!(
+            o.lost_while_down(7, 131, later),
+            Some(15),
+            "said again a while later, with all it lost since"
+        );
         assert_eq!(o.queued(7), None);
         // Back with carrier, an overflow counts from where the last
         // reading left off.
-        assert!(!o.rose(7, 130));
+        assert!(!o.rose(7, 131));
         assert_eq!(
-            o.observe(7, 135, t),
+            o.observe(7, 136, later),
             Some(Change::Queue {
                 dropped: 5,
                 hold: FIRST_HOLD
