@@ -179,61 +179,60 @@ fn error6(
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_address_unreachable_verifies_and_quotes_the_packet() {
+    const CLIENT: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+    const SERVER: [u8; 16] = [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
+    ];
+
+    /// The start of a packet from the client to the server, of `proto`,
+    /// with its ports: what an error quotes.
+    fn quote6(proto: u8) -> [u8; QUOTED6_LEN] {
         let mut quoted = [0u8; QUOTED6_LEN];
         quoted[0] = 0x60;
-        quoted[6] = 6;
-        let client = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
-        let server = [
-            0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
-        ];
-        quoted[8..24].copy_from_slice(&client);
-        quoted[24..40].copy_from_slice(&server);
+        quoted[6] = proto;
+        quoted[8..24].copy_from_slice(&CLIENT);
+        quoted[24..40].copy_from_slice(&SERVER);
         quoted[40..44].copy_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
-        let h = address_unreachable6(csum::sum(&quoted, 0), client, server);
+        quoted
+    }
+
+    /// Whether the ICMPv6 error of headers `h` and quote `quoted` verifies
+    /// as a receiver checks it, written out here: the pseudo-header
+    /// (source, destination, length, next header) then the message.
+    fn verifies6(h: &[u8; HEADERS6_LEN], quoted: &[u8; QUOTED6_LEN]) -> bool {
+        let mut whole = [0u8; 32 + 8 + ICMP_HDR_LEN + QUOTED6_LEN];
+        whole[..32].copy_from_slice(&h[8..40]);
+        whole[32..36].copy_from_slice(&56u32.to_be_bytes());
+        whole[39] = 58;
+        whole[40..48].copy_from_slice(&h[IPV6_HDR_LEN..]);
+        whole[48..].copy_from_slice(quoted);
+        csum::verifies(&whole, 0)
+    }
+
+    #[test]
+    fn an_address_unreachable_verifies_and_quotes_the_packet() {
+        let quoted = quote6(6);
+        let h = address_unreachable6(csum::sum(&quoted, 0), CLIENT, SERVER);
         assert_eq!(h[0] >> 4, 6);
         assert_eq!(h[6], IPPROTO_ICMPV6);
-        assert_eq!(&h[8..24], &server, "from where the client was going");
-        assert_eq!(&h[24..40], &client, "to the client");
+        assert_eq!(&h[8..24], &SERVER, "from where the client was going");
+        assert_eq!(&h[24..40], &CLIENT, "to the client");
         assert_eq!(
             usize::from(u16::from_be_bytes([h[4], h[5]])),
             ICMP_HDR_LEN + QUOTED6_LEN
         );
         assert_eq!((h[40], h[41]), (1, 3), "destination unreachable, address");
-        // Verified as a receiver does, written out here: the pseudo-header
-        // (source, destination, length, next header) then the message.
-        let mut whole = [0u8; 32 + 8 + ICMP_HDR_LEN + QUOTED6_LEN];
-        whole[..32].copy_from_slice(&h[8..40]);
-        whole[32..36].copy_from_slice(&56u32.to_be_bytes());
-        whole[39] = 58;
-        whole[40..48].copy_from_slice(&h[IPV6_HDR_LEN..]);
-        whole[48..].copy_from_slice(&quoted);
-        assert!(csum::verifies(&whole, 0), "ICMPv6 checksum");
+        assert!(verifies6(&h, &quoted), "ICMPv6 checksum");
     }
 
     #[test]
     fn a_packet_too_big_says_the_mtu_and_verifies() {
-        let mut quoted = [0u8; QUOTED6_LEN];
-        quoted[0] = 0x60;
-        quoted[6] = 17;
-        let client = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
-        let server = [
-            0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
-        ];
-        quoted[8..24].copy_from_slice(&client);
-        quoted[24..40].copy_from_slice(&server);
-        let h = packet_too_big6(csum::sum(&quoted, 0), client, server, 1492);
+        let quoted = quote6(17);
+        let h = packet_too_big6(csum::sum(&quoted, 0), CLIENT, SERVER, 1492);
         assert_eq!((h[40], h[41]), (2, 0), "packet too big");
         assert_eq!(u32::from_be_bytes([h[44], h[45], h[46], h[47]]), 1492);
-        assert_eq!(&h[24..40], &client, "to the client");
-        let mut whole = [0u8; 32 + 8 + ICMP_HDR_LEN + QUOTED6_LEN];
-        whole[..32].copy_from_slice(&h[8..40]);
-        whole[32..36].copy_from_slice(&56u32.to_be_bytes());
-        whole[39] = 58;
-        whole[40..48].copy_from_slice(&h[IPV6_HDR_LEN..]);
-        whole[48..].copy_from_slice(&quoted);
-        assert!(csum::verifies(&whole, 0), "ICMPv6 checksum");
+        assert_eq!(&h[24..40], &CLIENT, "to the client");
+        assert!(verifies6(&h, &quoted), "ICMPv6 checksum");
     }
 
     #[test]

@@ -549,6 +549,45 @@ impl TooBigWatch {
     }
 }
 
+impl TooBigWatch {
+    /// Send datagrams of `size` bytes on `socket` until a Packet Too Big
+    /// comes for one, for at most [`BOUND`]: the MTU it says and the
+    /// source it quotes. `status` says what lbd shows, for a failure.
+    fn wait(
+        &self,
+        socket: &UdpSocket,
+        size: usize,
+        status: impl Fn() -> String,
+    ) -> Result<(u32, Ipv6Addr)> {
+        let started = Instant::now();
+        loop {
+            match socket.send(&vec![0x5a; size]) {
+                Ok(_) => {}
+                // A connected socket that was told already (its error is
+                // EMSGSIZE once a Packet Too Big came): the watch has it.
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
+                Err(e) => return Err(e).context("sending a big datagram"),
+            }
+            match self.got.recv_timeout(Duration::from_millis(200)) {
+                Ok((mtu, quoted)) => {
+                    eprintln!(
+                        "Packet Too Big at the client {:?} after its first big datagram: \
+                         MTU {mtu}, quoting {quoted}",
+                        started.elapsed()
+                    );
+                    return Ok((mtu, quoted));
+                }
+                Err(_) => ensure!(
+                    started.elapsed() < BOUND,
+                    "the client saw no Packet Too Big for its {size}-byte datagram within \
+                     {BOUND:?}; {}",
+                    status()
+                ),
+            }
+        }
+    }
+}
+
 impl Drop for TooBigWatch {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -584,23 +623,7 @@ fn path_mtu_discovery_works_through_a_translated_uplink() -> Result<()> {
         s.connect(udp.local_addr())?;
         Ok(s)
     })?;
-    let started = Instant::now();
-    let (mtu, quoted) = loop {
-        socket
-            .send(&[0x5a; BIG])
-            .context("sending a big datagram")?;
-        match too_big.got.recv_timeout(Duration::from_millis(200)) {
-            Ok(seen) => break seen,
-            Err(_) => ensure!(
-                started.elapsed() < BOUND,
-                "the client saw no Packet Too Big for its {BIG}-byte datagram within {BOUND:?}"
-            ),
-        }
-    };
-    eprintln!(
-        "Packet Too Big at the client {:?} after its first big datagram: MTU {mtu}, quoting {quoted}",
-        started.elapsed()
-    );
+    let (mtu, quoted) = too_big.wait(&socket, BIG, String::new)?;
     ensure!(
         mtu == MTU && quoted == own,
         "the client's Packet Too Big says MTU {mtu} and quotes {quoted}; expected {MTU} and its own address {own}"
@@ -679,29 +702,12 @@ fn an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big() -> Result<(
     })?;
     // Until lbd has seen wan2's new MTU, a big datagram is sent by XDP
     // and lost at wan2: sent again until answered.
-    let started = Instant::now();
-    let (mtu, quoted) = loop {
-        match socket.send(&[0x5a; BIG]) {
-            Ok(_) => {}
-            // The connected socket was told already (its error is
-            // EMSGSIZE once a Packet Too Big came): the watch has it too.
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
-            Err(e) => return Err(e).context("sending a big datagram"),
-        }
-        match too_big.got.recv_timeout(Duration::from_millis(200)) {
-            Ok(seen) => break seen,
-            Err(_) => ensure!(
-                started.elapsed() < BOUND,
-                "the client saw no Packet Too Big for its {BIG}-byte datagram within {BOUND:?}; \
-                 status: {}",
-                router.lbd.status()?
-            ),
-        }
-    };
-    eprintln!(
-        "Packet Too Big at the client {:?} after its first big datagram: MTU {mtu}, quoting {quoted}",
-        started.elapsed()
-    );
+    let (mtu, quoted) = too_big.wait(&socket, BIG, || {
+        router
+            .lbd
+            .status()
+            .map_or_else(|e| format!("{e:#}"), |s| s.to_string())
+    })?;
     ensure!(
         mtu == MTU && quoted == own,
         "the client's Packet Too Big says MTU {mtu} and quotes {quoted}; expected {MTU} and its own address {own}"
