@@ -2590,6 +2590,63 @@ fn out6_via(h: &mut Harness, n: u8, make: impl Fn(u16) -> Vec<u8>) -> (Vec<u8>, 
     panic!("no IPv6 flow landed on uplink {n}");
 }
 
+/// An IPv6 SYN leaving by a narrower uplink that clamps has its MSS
+/// lowered to that uplink's MTU less 60 bytes of headers, its TCP
+/// checksum still valid after the prefix translation; by an uplink that
+/// does not clamp, it leaves as it came.
+#[test]
+fn an_ipv6_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
+    use lb_common::maps::uplink_flags;
+    if !is_root() {
+        return;
+    }
+    let mut h = harness6();
+    for (n, flags) in [(1u8, uplink_flags::CLAMP_MSS), (2, 0)] {
+        let info = UplinkInfo {
+            mtu: 1420,
+            flags,
+            ..uplink_info(n, uplink_state::ACTIVE)
+        };
+        h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
+    }
+    let syn = |port: u16| {
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
+            .ipv6(CLIENT6, SERVER6, 64)
+            .tcp(port, 443, 1000, 65535)
+            .syn()
+            .options(&[
+                etherparse::TcpOptionElement::MaximumSegmentSize(1440),
+                etherparse::TcpOptionElement::WindowScale(7),
+            ])
+            .expect("options");
+        build(b, b"")
+    };
+    let mut seen = [false; 2];
+    for port in 8000..8100u16 {
+        let (verdict, out) = h.lan(&syn(port));
+        assert_eq!(verdict, XDP_REDIRECT);
+        let by = (1..=2u8)
+            .find(|&n| out[0..6] == gw6_mac(n))
+            .expect("forwarded by an uplink");
+        assert!(l4_checksum_ok6(&out), "the TCP checksum verifies");
+        let sliced = SlicedPacket::from_ethernet(&out).expect("a frame");
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
+            panic!("not TCP");
+        };
+        let mss = tcp.options_iterator().find_map(|o| match o {
+            Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+            _ => None,
+        });
+        if by == 1 {
+            assert_eq!(mss, Some(1360), "clamped to 1420 - 60 on uplink 1");
+        } else {
+            assert_eq!(mss, Some(1440), "uplink 2 does not clamp");
+        }
+        seen[usize::from(by - 1)] = true;
+    }
+    assert_eq!(seen, [true, true], "both uplinks took SYNs");
+}
+
 /// An IPv6 packet too big for its flow's uplink is answered at once with
 /// ICMPv6 "Packet Too Big" and that uplink's MTU, out of the port it came
 /// in on (IPv6 routers never fragment): the kernel would route it by its

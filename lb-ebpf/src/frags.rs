@@ -7,14 +7,14 @@
 //!
 //! Owns the `FRAGMENTS` map's keys and values. A later fragment whose first one
 //! the fast path did not translate, or translated longer ago than a
-//! datagram lives ([`FRAGMENT_LIFETIME_NS`]: its identification may be
+//! datagram lives ([`lb_common::maps::FRAGMENT_LIFETIME_NS`]: its identification may be
 //! another datagram's by now), is not its business: it goes to the
 //! kernel, which reassembles it with its first piece (that one went to the
 //! kernel too), or drops it when that never comes; lb's nftables guard
 //! keeps it from ever leaving un-NATed.
 
 use lb_common::{
-    maps::{FragKey, FragValue, FRAGMENT_LIFETIME_NS},
+    maps::{FragKey, FragValue},
     reason,
 };
 

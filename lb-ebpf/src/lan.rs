@@ -7,7 +7,7 @@
 //! forwards what it did not parse, and never lets a packet out without its
 //! translation: no uplink or no free port means a counted drop.
 
-use core::{mem::size_of, ops::ControlFlow};
+use core::ops::ControlFlow;
 
 use aya_ebpf::{
     bindings::{xdp_md, BPF_NOEXIST},
@@ -15,7 +15,6 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    csum,
     encap::Encap,
     hash, icmp,
     maps::{
@@ -33,8 +32,8 @@ use crate::{
     maps::{BYPASS, ENCAP, FLOWS, NAT_REV, ROUTER_MACS, SETTINGS, TOO_BIG, TX_PORTS, UPLINKS},
     nat::{embedded, translate, translate_icmp_error, End},
     parse::{
-        self, EthHdr, Fragment, IcmpHdr, Ipv4Packet, TcpHdr, TcpOptHdr, ICMP_ECHO_REQUEST,
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_HDR_LEN, TCP_RST, TCP_SYN,
+        self, EthHdr, Fragment, IcmpHdr, Ipv4Packet, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     policy::{self, tuple, Placement},
     rewrite, stats,
@@ -144,8 +143,8 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         return Err(reason::PASS_TOO_BIG);
     }
 
-    if info.flags & uplink_flags::CLAMP_MSS != 0 {
-        clamp_mss(ctx, &pkt, info.mtu);
+    if info.flags & uplink_flags::CLAMP_MSS != 0 && pkt.proto == IPPROTO_TCP && pkt.has_l4() {
+        crate::mss::clamp(ctx, pkt.l4_off, info.mtu, mss::IPV4_OVERHEAD);
     }
     translate(ctx, &pkt, End::Source, info.addr, nat_port)?;
     if let Some(datagram) = &datagram {
@@ -338,39 +337,6 @@ pub fn wrapping(uplink: u32, info: &UplinkInfo) -> Option<Encap> {
         return None;
     }
     ENCAP.get(uplink).copied().filter(|e| !e.is_empty())
-}
-
-/// Lower the MSS of a SYN (`lb_common::mss`) to what an uplink of MTU
-/// `mtu` carries, with the TCP checksum updated; anything else, and a SYN
-/// whose first option is not its MSS, is left as it is.
-#[inline(always)]
-fn clamp_mss(ctx: &XdpContext, pkt: &Ipv4Packet, mtu: u16) {
-    if pkt.proto != IPPROTO_TCP || !pkt.has_l4() {
-        return;
-    }
-    let Ok(tcp) = parse::ptr_at::<TcpHdr>(ctx, pkt.l4_off) else {
-        return;
-    };
-    // SAFETY: bounds-checked by `ptr_at`, here and below.
-    let (flags, data_off) = unsafe { ((*tcp).flags, usize::from((*tcp).off_res >> 4) * 4) };
-    if flags & TCP_SYN == 0 || data_off < size_of::<TcpOptHdr>() + TCP_HDR_LEN {
-        return;
-    }
-    let Ok(opt) = parse::ptr_at::<TcpOptHdr>(ctx, pkt.l4_off + TCP_HDR_LEN) else {
-        return;
-    };
-    let (kind, len, value) = unsafe { ((*opt).kind, (*opt).len, u16::from_be_bytes((*opt).value)) };
-    if kind != mss::KIND || len != mss::LEN {
-        return;
-    }
-    let Some(new) = mss::clamped(value, mtu, mss::IPV4_OVERHEAD) else {
-        return;
-    };
-    unsafe {
-        (*opt).value = new.to_be_bytes();
-        let check = csum::replace16(u16::from_be_bytes((*tcp).check), value, new);
-        (*tcp).check = check.to_be_bytes();
-    }
 }
 
 /// The uplink and NAT port of this connection: its pinned ones while that

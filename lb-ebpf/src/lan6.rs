@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     icmp,
-    maps::{settings_flags, tcp_state, uplink_state, FlowKey6, FlowValue6},
+    maps::{settings_flags, tcp_state, uplink_flags, uplink_state, FlowKey6, FlowValue6},
     reason, KERNEL_OWNED, NO_UPLINK,
 };
 
@@ -130,6 +130,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     // lan6's stack frame has no room left for the push.
     if crate::lan::wrapping(uplink, info).is_some() {
         return Err(reason::PASS_UNSUPPORTED);
+    }
+    if info.flags & uplink_flags::CLAMP_MSS != 0 && pkt.proto == IPPROTO_TCP {
+        crate::mss::clamp(ctx, pkt.l4_off, info.mtu, lb_common::mss::IPV6_OVERHEAD);
     }
     // The guard, for every packet: the LAN's prefix may have changed under
     // an established flow, and nothing leaves with an address the uplink's

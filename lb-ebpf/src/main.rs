@@ -26,6 +26,7 @@ mod kfunc;
 mod lan;
 mod lan6;
 mod maps;
+mod mss;
 mod nat;
 mod parse;
 mod policy;

@@ -15,7 +15,7 @@ use lb_common::{
     reason,
 };
 
-use crate::parse::{self, EthHdr, Frame, Ipv4Packet, Ipv6Packet, VlanHdr, ETH_P_8021Q};
+use crate::parse::{self, EthHdr, Frame, Ipv6Packet, VlanHdr, ETH_P_8021Q};
 
 /// Hop limit minus one (IPv6 has no header checksum).
 #[inline(always)]

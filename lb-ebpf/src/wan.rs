@@ -26,8 +26,8 @@ use crate::{
     maps::{FLOWS, LAN_PORTS, NAT_REV, UPLINKS, UPLINK_AT_IFINDEX, UPLINK_BY_IFINDEX},
     nat::{self, End},
     parse::{
-        self, Fragment, Frame, IcmpHdr, Inner, L3Packet, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
-        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, TCP_FIN, TCP_RST, TCP_SYN,
+        self, Fragment, Frame, IcmpHdr, Inner, L3Packet, ICMP_ECHO_REPLY, IPPROTO_ICMP, TCP_FIN,
+        TCP_RST, TCP_SYN,
     },
     rewrite, stats,
 };
