@@ -2592,8 +2592,8 @@ fn out6_via(h: &mut Harness, n: u8, make: impl Fn(u16) -> Vec<u8>) -> (Vec<u8>, 
 
 /// An IPv6 SYN leaving by a narrower uplink that clamps has its MSS
 /// lowered to that uplink's MTU less 60 bytes of headers, its TCP
-/// checksum still valid after the prefix translation; by an uplink that
-/// does not clamp, it leaves as it came.
+/// checksum still valid after the prefix translation (uplink 2
+/// translates); by an uplink that does not clamp, it leaves as it came.
 #[test]
 fn an_ipv6_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
     use lb_common::maps::uplink_flags;
@@ -2601,7 +2601,7 @@ fn an_ipv6_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
         return;
     }
     let mut h = harness6();
-    for (n, flags) in [(1u8, uplink_flags::CLAMP_MSS), (2, 0)] {
+    for (n, flags) in [(1u8, 0), (2, uplink_flags::CLAMP_MSS)] {
         let info = UplinkInfo {
             mtu: 1420,
             flags,
@@ -2637,10 +2637,15 @@ fn an_ipv6_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
             Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
             _ => None,
         });
-        if by == 1 {
-            assert_eq!(mss, Some(1360), "clamped to 1420 - 60 on uplink 1");
+        if by == 2 {
+            assert_eq!(mss, Some(1360), "clamped to 1420 - 60 on uplink 2");
+            assert_eq!(
+                addr6(&out, 22),
+                npt_reference(CLIENT6, LAN6, ISP2_6),
+                "and translated"
+            );
         } else {
-            assert_eq!(mss, Some(1440), "uplink 2 does not clamp");
+            assert_eq!(mss, Some(1440), "uplink 1 does not clamp");
         }
         seen[usize::from(by - 1)] = true;
     }
