@@ -583,7 +583,8 @@ impl RouterMacs {
 }
 
 /// The IPv6 side of an uplink (map `UPLINKS6`, by uplink index). Its
-/// interface, own MAC and MTU are its `UPLINKS` entry's.
+/// interface and own MAC are its `UPLINKS` entry's; its MTU too, unless
+/// its IPv6 has a smaller one ([`Uplink6::mtu`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Uplink6 {
@@ -593,13 +594,30 @@ pub struct Uplink6 {
     /// MAC address of its IPv6 next hop (the router that advertised the
     /// default route, usually by a link-local address).
     pub gw_mac: [u8; 6],
+    /// The interface's IPv6 MTU where it is smaller than its link's (a
+    /// router advertisement's MTU option, an operator's sysctl); 0: the
+    /// link's. Carved from padding without a layout bump: an older lbd's
+    /// entries hold 0 there.
+    pub ipv6_mtu: u16,
     /// To the translations' 64-bit alignment.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 4],
     /// The LAN's prefix to the uplink's own (RFC 6296); from the LAN's
     /// prefix to itself on the uplink whose delegation the LAN carries.
     pub out: crate::npt::Npt,
     /// The uplink's prefix back to the LAN's.
     pub back: crate::npt::Npt,
+}
+
+impl Uplink6 {
+    /// The MTU its IPv6 packets must fit, for a link of MTU `link`.
+    #[inline(always)]
+    pub fn mtu(&self, link: u16) -> u16 {
+        if self.ipv6_mtu != 0 && self.ipv6_mtu < link {
+            self.ipv6_mtu
+        } else {
+            link
+        }
+    }
 }
 
 /// Key of the IPv6 flow table: a connection as the client sent it.
@@ -746,6 +764,20 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_mtu_counts_only_below_the_links() {
+        let six = |ipv6_mtu| Uplink6 {
+            ipv6_mtu,
+            ..Uplink6::default()
+        };
+        assert_eq!(six(0).mtu(1500), 1500, "none said: the link's");
+        assert_eq!(six(1480).mtu(1500), 1480, "a router advertisement's");
+        assert_eq!(six(9000).mtu(1500), 1500, "never above the link's");
+        // Where the field sits: the translations keep their offset.
+        assert_eq!(core::mem::offset_of!(Uplink6, ipv6_mtu), 10);
+        assert_eq!(core::mem::offset_of!(Uplink6, out), 16);
+    }
 
     #[test]
     fn a_fragment_entry_holds_for_the_reassembly_time_and_no_longer() {

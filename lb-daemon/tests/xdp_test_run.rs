@@ -2518,7 +2518,8 @@ fn harness6() -> Harness {
         let six = Uplink6 {
             state: uplink_state::ACTIVE,
             gw_mac: gw6_mac(i as u8 + 1),
-            _pad: [0; 6],
+            ipv6_mtu: 0,
+            _pad: [0; 4],
             out: Npt::new(LAN6, *prefix, 64).expect("npt"),
             back: Npt::new(*prefix, LAN6, 64).expect("npt"),
         };
@@ -2716,6 +2717,28 @@ fn an_ipv6_packet_too_big_for_its_uplink_is_answered_packet_too_big() {
     assert_eq!(out, tagged);
     assert_eq!(h.reason(reason::PASS_TOO_BIG), 1);
     assert_eq!(h.reason(reason::TOLD_TOO_BIG), 1);
+
+    // The uplink's IPv6 MTU below its link's (a router advertisement's MTU
+    // option): a packet that fits the link but not it is answered with it.
+    let prefix = [LAN6, ISP2_6][usize::from(by - 1)];
+    let six = lb_common::maps::Uplink6 {
+        state: uplink_state::ACTIVE,
+        gw_mac: gw6_mac(by),
+        ipv6_mtu: 1300,
+        _pad: [0; 4],
+        out: lb_common::npt::Npt::new(LAN6, prefix, 64).expect("npt"),
+        back: lb_common::npt::Npt::new(prefix, LAN6, 64).expect("npt"),
+    };
+    h.dp.set_uplink6(u32::from(by - 1), &six).expect("uplink6");
+    let (verdict, out) = h.lan(&sized(7300, 1350));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out[0..6], CLIENT_MAC, "answered, not forwarded");
+    assert_eq!(
+        u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
+        1300,
+        "the uplink's IPv6 MTU"
+    );
+    assert_eq!(h.reason(reason::TOLD_TOO_BIG), 2);
 }
 
 #[test]
@@ -2911,7 +2934,8 @@ fn ipv6_flows_move_off_an_uplink_whose_ipv6_died_and_ipv4_stays() {
     let down = Uplink6 {
         state: uplink_state::DOWN,
         gw_mac: gw6_mac(2),
-        _pad: [0; 6],
+        ipv6_mtu: 0,
+        _pad: [0; 4],
         out: Npt::new(LAN6, ISP2_6, 64).expect("npt"),
         back: Npt::new(ISP2_6, LAN6, 64).expect("npt"),
     };

@@ -117,10 +117,9 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let (Some(info), Some(six)) = (UPLINKS.get(uplink), UPLINKS6.get(uplink)) else {
         return Ok(stats::drop(reason::DROP_NO_UPLINK));
     };
+    let mtu = six.mtu(info.mtu);
     // SAFETY: as above.
-    if u32::from(u16::from_be_bytes(unsafe { (*ip).payload_len })) + IPV6_HDR_LEN
-        > u32::from(info.mtu)
-    {
+    if u32::from(u16::from_be_bytes(unsafe { (*ip).payload_len })) + IPV6_HDR_LEN > u32::from(mtu) {
         // IPv6 routers never fragment: the client is told the uplink's
         // MTU. The kernel would route the packet by its own rules, maybe
         // out of another uplink under another prefix, and never tell.
@@ -132,7 +131,7 @@ pub fn ingress(ctx: &XdpContext) -> Result<u32, u32> {
         return Err(reason::PASS_UNSUPPORTED);
     }
     if info.flags & uplink_flags::CLAMP_MSS != 0 && pkt.proto == IPPROTO_TCP {
-        crate::mss::clamp(ctx, pkt.l4_off, info.mtu, lb_common::mss::IPV6_OVERHEAD);
+        crate::mss::clamp(ctx, pkt.l4_off, mtu, lb_common::mss::IPV6_OVERHEAD);
     }
     // The guard, for every packet: the LAN's prefix may have changed under
     // an established flow, and nothing leaves with an address the uplink's
@@ -364,7 +363,7 @@ fn keeps(uplink: u32) -> bool {
 
 /// The body of `lan_too_big6`: a packet too big for its flow's uplink
 /// (`ANSWER_TOO_BIG`) is answered with ICMPv6 "Packet Too Big" and that
-/// uplink's MTU, back out of its port (`told_too_big`); where that cannot
+/// uplink's IPv6 MTU, back out of its port (`told_too_big`); where that cannot
 /// be made (a tagged frame, the flow gone), the kernel has it
 /// (`pass_too_big`).
 #[inline(always)]
@@ -389,7 +388,10 @@ fn tell_too_big(ctx: &XdpContext) -> Result<u32, u32> {
     let flow = FLOWS6.get_ptr(&key).ok_or(reason::PASS_TOO_BIG)?;
     // SAFETY: a pointer into the map's value, read at once.
     let uplink = unsafe { (*flow).uplink };
-    let mtu = u32::from(UPLINKS.get(uplink).ok_or(reason::PASS_TOO_BIG)?.mtu);
+    let (Some(info), Some(six)) = (UPLINKS.get(uplink), UPLINKS6.get(uplink)) else {
+        return Err(reason::PASS_TOO_BIG);
+    };
+    let mtu = u32::from(six.mtu(info.mtu));
     // Below IPv6's minimum the client would refuse it (and the kernel
     // soon takes IPv6 off such a device): the kernel's.
     if mtu < IPV6_MIN_MTU {

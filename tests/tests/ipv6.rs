@@ -666,14 +666,44 @@ fn path_mtu_discovery_works_through_a_translated_uplink() -> Result<()> {
 /// never learn. A TCP upload through isp2 then completes.
 #[test]
 fn an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big() -> Result<()> {
-    const SIZE: usize = 2 * 1024 * 1024;
-    const MTU: u32 = 1400;
-    const RULED: u16 = 40200;
-    /// A datagram that fits the LAN's 1500 bytes and not isp2's line.
-    const BIG: usize = 1440;
     if !require_root("an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big") {
         return Ok(());
     }
+    tells_packet_too_big(|lab| {
+        lab.exec(
+            "router",
+            &["ip", "link", "set", "dev", "wan2", "mtu", "1400"],
+        )?;
+        lab.exec(
+            "isp2",
+            &["ip", "link", "set", "dev", "down0", "mtu", "1400"],
+        )?;
+        Ok(())
+    })
+}
+
+/// The same where only isp2's IPv6 is narrower (its interface's IPv6 MTU,
+/// as a router advertisement's MTU option sets it; the link stays at
+/// 1500): lb answers with the IPv6 MTU.
+#[test]
+fn an_uplinks_ipv6_mtu_below_its_links_tells_the_client_packet_too_big() -> Result<()> {
+    if !require_root("an_uplinks_ipv6_mtu_below_its_links_tells_the_client_packet_too_big") {
+        return Ok(());
+    }
+    tells_packet_too_big(|lab| {
+        lab.exec("router", &["sysctl", "-qw", "net.ipv6.conf.wan2.mtu=1400"])?;
+        Ok(())
+    })
+}
+
+/// The body of the two tests above: `narrow` makes isp2's IPv6 carry
+/// 1400 bytes at most.
+fn tells_packet_too_big(narrow: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
+    const SIZE: usize = 2 * 1024 * 1024;
+    const MTU: u32 = 1400;
+    const RULED: u16 = 40200;
+    /// A datagram that fits the LAN's 1500 bytes and not isp2's 1400.
+    const BIG: usize = 1440;
     let sections = format!(
         "[[policy]]\nname = \"via-isp2\"\nuplinks = [\"isp2\"]\n\n\
          [[rule]]\nproto = \"udp\"\ndst_port = {RULED}\npolicy = \"via-isp2\"\n\n\
@@ -681,14 +711,7 @@ fn an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big() -> Result<(
     );
     let router = Router::up_with(["tier = 1", "tier = 2"], &sections)?;
     let lab = &router.lab;
-    lab.exec(
-        "router",
-        &["ip", "link", "set", "dev", "wan2", "mtu", "1400"],
-    )?;
-    lab.exec(
-        "isp2",
-        &["ip", "link", "set", "dev", "down0", "mtu", "1400"],
-    )?;
+    narrow(lab)?;
     let inet = lab.ns("inet")?;
     let udp = UdpEchoServer::start(inet, server(RULED))?;
     let client = router.client()?;
@@ -700,8 +723,8 @@ fn an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big() -> Result<(
         s.connect(udp.local_addr())?;
         Ok(s)
     })?;
-    // Until lbd has seen wan2's new MTU, a big datagram is sent by XDP
-    // and lost at wan2: sent again until answered.
+    // Until lbd has seen isp2's new MTU, a big datagram is sent by XDP
+    // (and lost at wan2, or forwarded beyond): sent again until answered.
     let (mtu, quoted) = too_big.wait(&socket, BIG, || {
         router
             .lbd

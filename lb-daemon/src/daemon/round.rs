@@ -758,7 +758,14 @@ impl Daemon {
             .collect();
         for (u, delegated) in self.uplinks.iter_mut().zip(&delegated) {
             let facts = match u.facts.ifindex {
-                Some(ifindex) => Facts6::observe(v6, ifindex, *delegated, &u.facts6),
+                Some(ifindex) => {
+                    let mtu = observed
+                        .links
+                        .iter()
+                        .find(|l| l.index == ifindex)
+                        .and_then(|l| l.ipv6_mtu);
+                    Facts6::observe(v6, ifindex, *delegated, mtu, &u.facts6)
+                }
                 None => Facts6::default(),
             };
             if facts.delegated != u.facts6.delegated {

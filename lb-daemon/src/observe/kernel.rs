@@ -20,7 +20,7 @@ use rtnetlink::{
     packet_core::{DefaultNla, Nla},
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
+        link::{AfSpecInet6, AfSpecUnspec, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
         },
@@ -54,6 +54,9 @@ pub struct LinkFacts {
     /// Administratively up, with carrier (see `linkwatch::is_up`).
     pub up: bool,
     pub mtu: u32,
+    /// Its IPv6 MTU (`net.ipv6.conf.<it>.mtu`: a router advertisement's
+    /// MTU option sets it), when it has IPv6.
+    pub ipv6_mtu: Option<u32>,
     /// Its kind (`bridge`, `veth`, ...), when the kernel says.
     pub kind: Option<String>,
     /// The bridge (or bond) it is a port of.
@@ -76,6 +79,7 @@ impl LinkFacts {
             mac: None,
             up: true,
             mtu: 1500,
+            ipv6_mtu: None,
             kind: Some(kind.into()),
             master,
             lower: None,
@@ -401,6 +405,7 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
     let mut name = None;
     let mut mac = None;
     let mut mtu = 1500;
+    let mut ipv6_mtu = None;
     let mut kind = None;
     let mut master = None;
     let mut lower = None;
@@ -409,6 +414,7 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Address(b) => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
             LinkAttribute::Mtu(m) => mtu = *m,
+            LinkAttribute::AfSpecUnspec(families) => ipv6_mtu = ipv6_mtu_of(families),
             LinkAttribute::Controller(m) => master = Some(*m),
             LinkAttribute::Link(l) => lower = Some(*l),
             LinkAttribute::LinkInfo(infos) => {
@@ -430,10 +436,22 @@ fn link_facts(msg: &LinkMessage) -> Option<LinkFacts> {
         mac,
         up: is_up(msg),
         mtu,
+        ipv6_mtu,
         kind,
         master,
         lower,
         l3,
+    })
+}
+
+/// The IPv6 MTU in a link's per-family attributes, if it has IPv6.
+fn ipv6_mtu_of(families: &[AfSpecUnspec]) -> Option<u32> {
+    families.iter().find_map(|f| match f {
+        AfSpecUnspec::Inet6(attrs) => attrs.iter().find_map(|a| match a {
+            AfSpecInet6::DevConf(conf) => u32::try_from(conf.mtu6).ok().filter(|&m| m > 0),
+            _ => None,
+        }),
+        _ => None,
     })
 }
 
@@ -637,6 +655,21 @@ mod tests {
     use rtnetlink::packet_route;
 
     #[test]
+    fn a_links_ipv6_mtu_is_read_from_its_inet6_settings() {
+        let mut conf = rtnetlink::packet_route::link::Inet6DevConf::default();
+        conf.mtu6 = 1480;
+        let families = [
+            AfSpecUnspec::Inet(Vec::new()),
+            AfSpecUnspec::Inet6(vec![AfSpecInet6::DevConf(conf)]),
+        ];
+        assert_eq!(ipv6_mtu_of(&families), Some(1480));
+        assert_eq!(ipv6_mtu_of(&families[..1]), None, "no IPv6");
+        conf.mtu6 = 0;
+        let unset = [AfSpecUnspec::Inet6(vec![AfSpecInet6::DevConf(conf)])];
+        assert_eq!(ipv6_mtu_of(&unset), None);
+    }
+
+    #[test]
     fn a_rule_is_read_as_the_kernel_says_it_and_more_than_lbd_sets_is_someone_elses() {
         let base = || {
             let mut msg = RuleMessage::default();
@@ -726,6 +759,7 @@ mod tests {
             mac: None,
             up: true,
             mtu: 1500,
+            ipv6_mtu: None,
             kind: Some(kind.into()),
             master: None,
             lower,

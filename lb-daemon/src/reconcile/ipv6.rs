@@ -40,17 +40,20 @@ pub struct Facts6 {
     pub gateway_mac: Option<[u8; 6]>,
     /// The prefix delegated to the router through it (DHCPv6-PD).
     pub delegated: Option<Prefix6>,
+    /// Its interface's IPv6 MTU (a router advertisement's MTU option).
+    pub mtu: Option<u32>,
 }
 
 impl Facts6 {
     /// The IPv6 facts of the uplink on `ifindex`, with `delegated` as its
-    /// delegation. A next hop's address the kernel no longer holds is
+    /// delegation and `mtu` as its interface's IPv6 MTU. A next hop's address the kernel no longer holds is
     /// kept from `previous` while the next hop stays the same, as for
     /// IPv4 (`Facts::observe`).
     pub fn observe(
         v6: &Observed6,
         ifindex: u32,
         delegated: Option<Prefix6>,
+        mtu: Option<u32>,
         previous: &Facts6,
     ) -> Facts6 {
         let gateway = v6.default_gateway(ifindex);
@@ -67,6 +70,7 @@ impl Facts6 {
             gateway,
             gateway_mac,
             delegated,
+            mtu,
         }
     }
 }
@@ -198,7 +202,9 @@ pub fn side(lan: Option<Prefix6>, facts: &Facts6, state: u32, ipv6_up: bool) -> 
     Some(Uplink6 {
         state,
         gw_mac: facts.gateway_mac.unwrap_or_default(),
-        _pad: [0; 6],
+        // Above what 16 bits hold, no link is narrower.
+        ipv6_mtu: facts.mtu.map_or(0, |m| u16::try_from(m).unwrap_or(0)),
+        _pad: [0; 4],
         out,
         back,
     })
@@ -461,6 +467,7 @@ mod tests {
             gateway: Some(ip6("fe80::2")),
             gateway_mac: Some([2, 0, 0, 0, 2, 1]),
             delegated: Some((ip6("2001:db8:2:200::"), 56)),
+            mtu: None,
         };
         let six = side(lan, &ready, uplink_state::ACTIVE, true).expect("an entry");
         assert_eq!(six.state, uplink_state::ACTIVE);
@@ -509,6 +516,7 @@ mod tests {
             gateway: Some(ip6("fe80::2")),
             gateway_mac: Some([2, 0, 0, 0, 2, 1]),
             delegated: Some((ip6("2001:db8:2:200::"), 56)),
+            mtu: None,
         };
         let up = Change6 {
             index: 1,

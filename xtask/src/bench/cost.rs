@@ -660,7 +660,8 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
         let six = Uplink6 {
             state: uplink_state::ACTIVE,
             gw_mac: uplink_info(i).gw_mac,
-            _pad: [0; 6],
+            ipv6_mtu: 0,
+            _pad: [0; 4],
             out: Npt::new(LAN6.octets(), to.octets(), 64).context("a translation")?,
             back: Npt::new(to.octets(), LAN6.octets(), 64).context("a translation")?,
         };

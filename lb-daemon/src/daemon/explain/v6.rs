@@ -373,6 +373,7 @@ mod tests {
             gateway: Some(ip6("fe80::1")),
             gateway_mac: Some([2, 0, 0, 0, n as u8, 1]),
             delegated: Some((Ipv6Addr::new(0x2001, 0xdb8, n, 0x100, 0, 0, 0, 0), 56)),
+            mtu: None,
         };
         vec![
             side(Some(LAN), &facts(1), states[0], true),
