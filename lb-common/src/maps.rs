@@ -138,7 +138,9 @@ pub const MIGRATES_FROM: &[(u32, &[&str])] = &[(9, &[name::NAT_REV])];
 // BYPASS refilled before lan_ingress takes over, BYPASS6 copied at load),
 // and, for data planes made new (a migrated one keeps their sizes),
 // LAN_PORTS, EGRESS and RING_DROPS (every LAN port, `MAX_LAN_PORTS`, not `MAX_LANS`).
-// ROUTER_MACS, created.
+// ROUTER_MACS, created. Then, without a bump: TOO_BIG, created;
+// Uplink6::ipv6_mtu, carved from its padding, whose zero (what every
+// earlier lbd wrote there) means "the link's MTU", as before.
 // 6: also UplinkInfo's mtu and flags, and the told_too_big reason.
 // 7: IPv6 policies: POLICIES6, PREFIXES6, STICKY6, a BUCKETS6 table pair
 // per policy, Settings::live_policies6; NatValue::touched;

@@ -683,8 +683,8 @@ fn an_uplink_narrower_than_the_lan_tells_the_client_packet_too_big() -> Result<(
 }
 
 /// The same where only isp2's IPv6 is narrower (its interface's IPv6 MTU,
-/// as a router advertisement's MTU option sets it; the link stays at
-/// 1500): lb answers with the IPv6 MTU.
+/// as the kernel sets it from a router advertisement's MTU option; the
+/// link stays at 1500): lb answers with the IPv6 MTU.
 #[test]
 fn an_uplinks_ipv6_mtu_below_its_links_tells_the_client_packet_too_big() -> Result<()> {
     if !require_root("an_uplinks_ipv6_mtu_below_its_links_tells_the_client_packet_too_big") {
@@ -696,7 +696,44 @@ fn an_uplinks_ipv6_mtu_below_its_links_tells_the_client_packet_too_big() -> Resu
     })
 }
 
-/// The body of the two tests above: `narrow` makes isp2's IPv6 carry
+/// The same where a router advertisement's MTU option lands as dhcpcd
+/// puts it: on the default route it installs, the interface's IPv6 MTU
+/// left at 1500.
+#[test]
+fn an_mtu_on_an_uplinks_ipv6_default_route_tells_the_client_packet_too_big() -> Result<()> {
+    if !require_root("an_mtu_on_an_uplinks_ipv6_default_route_tells_the_client_packet_too_big") {
+        return Ok(());
+    }
+    tells_packet_too_big(|lab| {
+        let route = lab.exec(
+            "router",
+            &["ip", "-6", "route", "show", "default", "dev", "wan2"],
+        )?;
+        let word_after = |key: &str| {
+            let mut words = route.split_whitespace();
+            words
+                .find(|w| *w == key)
+                .and(words.next())
+                .map(str::to_owned)
+        };
+        let via = word_after("via").with_context(|| format!("no next hop in {route:?}"))?;
+        let mut args = vec![
+            "ip", "-6", "route", "change", "default", "via", &via, "dev", "wan2",
+        ];
+        let (proto, metric) = (word_after("proto"), word_after("metric"));
+        if let Some(p) = &proto {
+            args.extend(["proto", p]);
+        }
+        if let Some(m) = &metric {
+            args.extend(["metric", m]);
+        }
+        args.extend(["mtu", "1400"]);
+        lab.exec("router", &args)?;
+        Ok(())
+    })
+}
+
+/// The body of the three tests above: `narrow` makes isp2's IPv6 carry
 /// 1400 bytes at most.
 fn tells_packet_too_big(narrow: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
     const SIZE: usize = 2 * 1024 * 1024;

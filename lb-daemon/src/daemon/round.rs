@@ -759,11 +759,18 @@ impl Daemon {
         for (u, delegated) in self.uplinks.iter_mut().zip(&delegated) {
             let facts = match u.facts.ifindex {
                 Some(ifindex) => {
-                    let mtu = observed
+                    // The interface's IPv6 MTU, or its default route's
+                    // (where dhcpcd puts a router advertisement's),
+                    // whichever is smaller.
+                    let link = observed
                         .links
                         .iter()
                         .find(|l| l.index == ifindex)
                         .and_then(|l| l.ipv6_mtu);
+                    let mtu = [link, v6.default_route_mtu(ifindex)]
+                        .into_iter()
+                        .flatten()
+                        .min();
                     Facts6::observe(v6, ifindex, *delegated, mtu, &u.facts6)
                 }
                 None => Facts6::default(),
@@ -776,6 +783,20 @@ impl Daemon {
                 );
                 log::info!("uplink {}: {said}", u.cfg.name);
                 self.history.say("prefix", Some(&u.cfg.name), said);
+            }
+            // Said when it changes, or first seen below the link's.
+            let said_before = u.facts6.mtu.is_some();
+            if facts.mtu != u.facts6.mtu
+                && (said_before || facts.mtu.is_some_and(|m| m < u.facts.mtu))
+            {
+                let mtu =
+                    |m: Option<u32>| m.map_or_else(|| "the link's".to_string(), |m| m.to_string());
+                log::info!(
+                    "uplink {}: IPv6 MTU {} -> {}",
+                    u.cfg.name,
+                    mtu(u.facts6.mtu),
+                    mtu(facts.mtu)
+                );
             }
             if facts.gateway != u.facts6.gateway {
                 let said = format!(

@@ -16,7 +16,7 @@ use rtnetlink::{
     packet_route::{
         address::{AddressAttribute, AddressFlags},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType},
         AddressFamily,
     },
     Handle, IpVersion, RouteMessageBuilder,
@@ -128,6 +128,30 @@ impl Observed6 {
     /// (as a router advertisement or a DHCPv6 client installs it: usually
     /// the ISP router's link-local address), in any table but lbd's own.
     pub fn default_gateway(&self, ifindex: u32) -> Option<Ipv6Addr> {
+        self.default_route(ifindex).and_then(|r| r.gateway)
+    }
+
+    /// The MTU that default route carries, if it has one: where a router
+    /// advertisement's MTU option lands when a DHCPv6 client (dhcpcd)
+    /// handles advertisements itself, rather than in the interface's IPv6
+    /// MTU.
+    pub fn default_route_mtu(&self, ifindex: u32) -> Option<u32> {
+        self.default_route(ifindex)?
+            .message
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
+                    RouteMetric::Mtu(mtu) => Some(*mtu).filter(|&m| m > 0),
+                    _ => None,
+                }),
+                _ => None,
+            })
+    }
+
+    /// The kernel's IPv6 default route through `ifindex` (see
+    /// [`Observed6::default_gateway`]).
+    fn default_route(&self, ifindex: u32) -> Option<&Route6> {
         self.routes
             .iter()
             .filter(|r| {
@@ -138,7 +162,6 @@ impl Observed6 {
                     && r.gateway.is_some()
             })
             .min_by_key(|r| (r.table != MAIN_TABLE, r.priority))
-            .and_then(|r| r.gateway)
     }
 
     /// The Ethernet address the kernel holds for `ip` on `ifindex`.
