@@ -2437,44 +2437,25 @@ fn a_datagram_too_big_without_df_is_handed_over_with_its_translation() {
 
 #[test]
 fn a_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
-    use lb_common::maps::uplink_flags;
     if !is_root() {
         return;
     }
     let mut h = Harness::new([uplink_state::ACTIVE; 2]);
-    for (n, flags) in [(1u8, uplink_flags::CLAMP_MSS), (2, 0)] {
-        let info = UplinkInfo {
-            mtu: 1420,
-            flags,
-            ..uplink_info(n, uplink_state::ACTIVE)
-        };
-        h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
-    }
+    narrow_uplinks(&mut h, 1);
     let syn = |port: u16| {
-        let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
-            .ipv4(CLIENT, SERVER, 64)
-            .tcp(port, 443, 1000, 65535)
-            .syn()
-            .options(&[
-                etherparse::TcpOptionElement::MaximumSegmentSize(1460),
-                etherparse::TcpOptionElement::WindowScale(7),
-            ])
-            .expect("options");
-        build(b, b"")
+        let ip = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC).ipv4(CLIENT, SERVER, 64);
+        syn_with_mss(ip, port, 1460)
     };
     let mut seen = [false; 2];
     for port in 8000..8100u16 {
         let (verdict, out) = h.lan(&syn(port));
         assert_eq!(verdict, XDP_REDIRECT);
         let uplink = uplink_of(&out);
+        let mss = mss_of(&out);
         let sliced = SlicedPacket::from_ethernet(&out).expect("a frame");
         let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
             panic!("not TCP");
         };
-        let mss = tcp.options_iterator().find_map(|o| match o {
-            Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
-            _ => None,
-        });
         let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
             panic!("not IPv4");
         };
@@ -2591,36 +2572,62 @@ fn out6_via(h: &mut Harness, n: u8, make: impl Fn(u16) -> Vec<u8>) -> (Vec<u8>, 
     panic!("no IPv6 flow landed on uplink {n}");
 }
 
+/// Both uplinks at MTU 1420, uplink `clamping` (1 or 2) clamping MSS.
+fn narrow_uplinks(h: &mut Harness, clamping: u8) {
+    use lb_common::maps::uplink_flags;
+    for n in 1..=2u8 {
+        let info = UplinkInfo {
+            mtu: 1420,
+            flags: if n == clamping {
+                uplink_flags::CLAMP_MSS
+            } else {
+                0
+            },
+            ..uplink_info(n, uplink_state::ACTIVE)
+        };
+        h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
+    }
+}
+
+/// A SYN from port `port` to 443 over `ip`, announcing MSS `mss` first.
+fn syn_with_mss(ip: etherparse::PacketBuilderStep<IpHeaders>, port: u16, mss: u16) -> Vec<u8> {
+    let b = ip
+        .tcp(port, 443, 1000, 65535)
+        .syn()
+        .options(&[
+            etherparse::TcpOptionElement::MaximumSegmentSize(mss),
+            etherparse::TcpOptionElement::WindowScale(7),
+        ])
+        .expect("options");
+    build(b, b"")
+}
+
+/// The MSS a TCP frame announces, if any.
+fn mss_of(frame: &[u8]) -> Option<u16> {
+    let sliced = SlicedPacket::from_ethernet(frame).expect("a frame");
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
+        panic!("not TCP");
+    };
+    tcp.options_iterator().find_map(|o| match o {
+        Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+        _ => None,
+    })
+}
+
 /// An IPv6 SYN leaving by a narrower uplink that clamps has its MSS
 /// lowered to that uplink's MTU less 60 bytes of headers, its TCP
 /// checksum still valid after the prefix translation (uplink 2
 /// translates); by an uplink that does not clamp, it leaves as it came.
 #[test]
 fn an_ipv6_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
-    use lb_common::maps::uplink_flags;
     if !is_root() {
         return;
     }
     let mut h = harness6();
-    for (n, flags) in [(1u8, 0), (2, uplink_flags::CLAMP_MSS)] {
-        let info = UplinkInfo {
-            mtu: 1420,
-            flags,
-            ..uplink_info(n, uplink_state::ACTIVE)
-        };
-        h.dp.set_uplink(u32::from(n - 1), &info).expect("uplink");
-    }
+    narrow_uplinks(&mut h, 2);
     let syn = |port: u16| {
-        let b = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC)
-            .ipv6(CLIENT6, SERVER6, 64)
-            .tcp(port, 443, 1000, 65535)
-            .syn()
-            .options(&[
-                etherparse::TcpOptionElement::MaximumSegmentSize(1440),
-                etherparse::TcpOptionElement::WindowScale(7),
-            ])
-            .expect("options");
-        build(b, b"")
+        let ip = PacketBuilder::ethernet2(CLIENT_MAC, ROUTER_LAN_MAC).ipv6(CLIENT6, SERVER6, 64);
+        syn_with_mss(ip, port, 1440)
     };
     let mut seen = [false; 2];
     for port in 8000..8100u16 {
@@ -2630,14 +2637,7 @@ fn an_ipv6_syn_leaving_by_a_narrower_uplink_has_its_mss_clamped() {
             .find(|&n| out[0..6] == gw6_mac(n))
             .expect("forwarded by an uplink");
         assert!(l4_checksum_ok6(&out), "the TCP checksum verifies");
-        let sliced = SlicedPacket::from_ethernet(&out).expect("a frame");
-        let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
-            panic!("not TCP");
-        };
-        let mss = tcp.options_iterator().find_map(|o| match o {
-            Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
-            _ => None,
-        });
+        let mss = mss_of(&out);
         if by == 2 {
             assert_eq!(mss, Some(1360), "clamped to 1420 - 60 on uplink 2");
             assert_eq!(

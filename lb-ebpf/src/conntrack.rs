@@ -63,6 +63,21 @@ struct CtOpts {
 /// `BPF_F_CURRENT_NETNS`: the network namespace of the receiving device.
 const CURRENT_NETNS: i32 = -1;
 
+impl CtOpts {
+    /// Options for a connection of `proto` in the receiving device's
+    /// namespace.
+    #[inline(always)]
+    fn here(proto: u8) -> Self {
+        CtOpts {
+            netns_id: CURRENT_NETNS,
+            error: 0,
+            l4proto: proto,
+            dir: 0,
+            reserved: [0; 2],
+        }
+    }
+}
+
 /// `enum nf_nat_manip_type`: which end a translation rewrites.
 const NAT_MANIP_SRC: u64 = 0;
 const NAT_MANIP_DST: u64 = 1;
@@ -153,13 +168,7 @@ fn look_up<T>(ctx: &XdpContext, proto: u8, tuple: &T) -> bool {
 /// it), or 0.
 #[inline(always)]
 fn find<T>(ctx: &XdpContext, proto: u8, tuple: &T) -> u64 {
-    let mut opts = CtOpts {
-        netns_id: CURRENT_NETNS,
-        error: 0,
-        l4proto: proto,
-        dir: 0,
-        reserved: [0; 2],
-    };
+    let mut opts = CtOpts::here(proto);
     kfunc::call!(
         CT_LOOKUP_PLACEHOLDER,
         ctx.ctx as u64,
@@ -226,13 +235,7 @@ pub fn hand_over(ctx: *mut xdp_md, conn: &Handed, mark: u32) -> bool {
             return current;
         }
     }
-    let mut opts = CtOpts {
-        netns_id: CURRENT_NETNS,
-        error: 0,
-        l4proto: IPPROTO_UDP,
-        dir: 0,
-        reserved: [0; 2],
-    };
+    let mut opts = CtOpts::here(IPPROTO_UDP);
     let new = kfunc::call!(
         CT_ALLOC_PLACEHOLDER,
         ctx as u64,
