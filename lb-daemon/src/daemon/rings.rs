@@ -2,9 +2,10 @@
 //! from the data plane and handed to `egress` (its `overflow`
 //! hysteresis), which moves a device whose ring overflows to its queue and
 //! back. Frames lost at a device without carrier (a LAN port whose client
-//! went away) are no full ring: said, and its path left alone. It runs when the watch wakes lbd (a ring just overflowed: a
-//! wake-up on `RING_EVENTS`) and every 100 ms (holds end; a wake-up lost
-//! to a full buffer is caught). Like a health verdict, it changes the view
+//! went away) are no full ring: said, and its path left alone. It runs
+//! when the watch wakes lbd (a ring just overflowed: a wake-up on
+//! `RING_EVENTS`) and every 100 ms (holds end; a wake-up lost to a full
+//! buffer is caught). Like a health verdict, it changes the view
 //! and writes the data plane's part at once (the `EGRESS` entry), by the
 //! same owner that rounds write it with, so that a round keeps it.
 
